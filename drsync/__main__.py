@@ -1,0 +1,5 @@
+import sys
+
+from drsync.cli import main
+
+sys.exit(main())

@@ -1,0 +1,261 @@
+"""Applying a manifest to a local target directory (restore is a delta).
+
+Plan first (pure: :func:`plan_apply` compares the manifest with what the
+target holds), then stage, then commit:
+
+1. every file to (re)write is built in ``<target>/.drsync-staging`` from
+   verified chunks; a damaged or missing chunk aborts here and the target is
+   untouched;
+2. one ``syncfs`` makes the staged data durable (instead of one fsync per file);
+3. extra paths are removed, directories made, staged files renamed into place,
+   links made, modes, owners and mtimes set; a second ``syncfs`` ends it.
+
+Files whose type, size and mtime already match are left alone (``checksum``
+re-hashes them too). Paths matching ``exclude`` are neither written nor
+removed (light backups leave bulk data alone).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat as st
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from drsync import fsutil
+from drsync.capture import RESERVED_NAMES, _Walked, walk
+from drsync.errors import IntegrityError, UsageError
+from drsync.pathglob import compile_globs
+from drsync.repository import chunks
+from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, content_digest, validate
+
+STAGING = ".drsync-staging"
+
+
+class ChunkSource(Protocol):
+    def read_chunk(self, chunk_id: bytes) -> bytes: ...
+
+    def has_chunk(self, chunk_id: bytes) -> bool: ...
+
+
+@dataclass
+class ApplyPlan:
+    write: list[Entry] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+    mkdir: list[Entry] = field(default_factory=list)
+    link: list[Entry] = field(default_factory=list)
+    fix_meta: list[Entry] = field(default_factory=list)
+    unchanged: int = 0
+    dirs: list[Entry] = field(default_factory=list)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(e.size for e in self.write)
+
+
+@dataclass
+class ApplyResult:
+    written_files: int = 0
+    written_bytes: int = 0
+    unchanged_files: int = 0
+    removed: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def plan_apply(entries: list[Entry], existing: dict[str, _Walked], *,
+               excluded: Callable[[str], bool] = lambda p: False,
+               same_content: Callable[[Entry, _Walked], bool] | None = None,
+               structure_only: bool = False) -> ApplyPlan:
+    """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some."""
+    plan = ApplyPlan()
+    wanted: dict[str, Entry] = {}
+    for e in entries:
+        if excluded(e.path) or (structure_only and e.type == FILE):
+            continue
+        wanted[e.path] = e
+    for path, have in existing.items():
+        if excluded(path) or (structure_only and have.type == FILE):
+            continue
+        want = wanted.get(path)
+        if want is None or want.type != have.type:
+            plan.remove.append(path)
+    removed = set(plan.remove)
+    for path, e in wanted.items():
+        have = existing.get(path)
+        if have is not None and path in removed:
+            have = None
+        if e.type == DIR:
+            plan.dirs.append(e)
+            if have is None:
+                plan.mkdir.append(e)
+        elif e.type == SYMLINK:
+            if have is None or os.fsdecode(have.target or "") != e.target:
+                plan.link.append(e)
+            else:
+                plan.unchanged += 1
+        else:
+            if (have is not None and have.size == e.size and have.mtime_ns == e.mtime_ns
+                    and (same_content is None or same_content(e, have))):
+                plan.unchanged += 1
+                if have.mode != e.mode or (os.geteuid() == 0 and (have.uid, have.gid) != (e.uid, e.gid)):
+                    plan.fix_meta.append(e)
+            else:
+                plan.write.append(e)
+    # Remove children before parents; create parents before children.
+    plan.remove.sort(key=lambda p: p.count("/"), reverse=True)
+    plan.mkdir.sort(key=lambda e: e.path)
+    plan.dirs.sort(key=lambda e: e.path.count("/"), reverse=True)
+    return plan
+
+
+def _same_content(e: Entry, have: _Walked) -> bool:
+    """Re-hash an existing file and compare with the manifest (``--checksum``)."""
+    ids: list[bytes] = []
+    try:
+        with open(have.abspath, "rb", buffering=0) as f:
+            for data in chunks.cut_stream(f):
+                ids.append(chunks.chunk_id(data))
+    except OSError:
+        return False
+    return content_digest(ids) == content_digest(e.chunks)
+
+
+def apply_manifest(manifest: Manifest, source: ChunkSource, target: str, *, what: str = "snapshot",
+                   exclude: tuple[str, ...] = (), checksum: bool = False, structure_only: bool = False,
+                   progress: Callable[[int], None] | None = None,
+                   on_total: Callable[[int], None] | None = None, workers: int = 4) -> ApplyResult:
+    validate(manifest, what)
+    target = os.path.abspath(target)
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise UsageError(f"target {target} exists and is not a directory; name a directory")
+    entries = list(manifest.entries())
+    # Every chunk must be present before anything on the target changes.
+    for e in entries:
+        if e.type == FILE and not structure_only:
+            for cid in e.chunks:
+                if not source.has_chunk(cid):
+                    raise IntegrityError(f"{what}: {e.path}: chunk {cid.hex()[:16]} is missing from the "
+                                         f"repository; nothing was changed")
+    os.makedirs(target, exist_ok=True)
+    existing = {w.path: w for w in walk(target)} if os.listdir(target) else {}
+    plan = plan_apply(entries, existing, excluded=compile_globs(exclude),
+                      same_content=_same_content if checksum else None, structure_only=structure_only)
+    if on_total:
+        on_total(plan.write_bytes)
+
+    staging = os.path.join(target, STAGING)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.mkdir(staging, 0o700)
+    staged: dict[str, str] = {}
+    try:
+        def stage(item: tuple[int, Entry]) -> None:
+            n, e = item
+            tmp = os.path.join(staging, str(n))
+            _write_file(tmp, e, source, what, progress)
+            staged[e.path] = tmp
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool:
+            list(pool.map(stage, enumerate(plan.write)))
+        fsutil.syncfs(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    result = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
+                         unchanged_files=plan.unchanged)
+    _commit(target, plan, staged, existing)
+    result.removed = len(plan.remove)
+    shutil.rmtree(staging, ignore_errors=True)
+    fsutil.syncfs(target)
+    return result
+
+
+def _write_file(tmp: str, e: Entry, source: ChunkSource, what: str,
+                progress: Callable[[int], None] | None) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        for cid in e.chunks:
+            try:
+                data = source.read_chunk(cid)
+            except IntegrityError as err:
+                raise IntegrityError(f"{what}: {e.path}: {err}; nothing was changed") from None
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if progress:
+                progress(len(data))
+        _set_meta_fd(fd, e)
+    finally:
+        os.close(fd)
+    os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
+
+
+def _set_meta_fd(fd: int, e: Entry) -> None:
+    if os.geteuid() == 0:
+        os.fchown(fd, e.uid, e.gid)
+    os.fchmod(fd, e.mode)
+
+
+def _commit(target: str, plan: ApplyPlan, staged: dict[str, str], existing: dict[str, _Walked]) -> None:
+    def full(path: str) -> str:
+        return os.path.join(target, *path.split("/"))
+
+    # Directories we write into must be writable by us until the end.
+    for e in plan.dirs:
+        have = existing.get(e.path)
+        if have is not None and have.type == DIR and (have.mode & 0o700) != 0o700:
+            os.chmod(full(e.path), have.mode | 0o700)
+    for path in plan.remove:
+        p = full(path)
+        if os.path.isdir(p) and not os.path.islink(p):
+            _rmtree_forcing(p)
+        else:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+    for e in plan.mkdir:
+        os.makedirs(full(e.path), 0o700, exist_ok=True)
+    for e in plan.write:
+        os.replace(staged[e.path], full(e.path))
+    for e in plan.link:
+        p = full(e.path)
+        tmp = fsutil.temp_name(p)
+        os.symlink(e.target or "", tmp)
+        os.replace(tmp, p)
+        if os.geteuid() == 0:
+            os.lchown(p, e.uid, e.gid)
+        os.utime(p, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+    for e in plan.fix_meta:
+        p = full(e.path)
+        if os.geteuid() == 0:
+            os.lchown(p, e.uid, e.gid)
+        os.chmod(p, e.mode)
+    # Deepest directories first, so setting a child's times does not disturb its parent's.
+    for e in plan.dirs:
+        p = full(e.path)
+        if os.geteuid() == 0:
+            os.lchown(p, e.uid, e.gid)
+        s = os.lstat(p)
+        if st.S_IMODE(s.st_mode) != e.mode:
+            os.chmod(p, e.mode)
+        if s.st_mtime_ns != e.mtime_ns:
+            os.utime(p, ns=(e.mtime_ns, e.mtime_ns))
+
+
+def _rmtree_forcing(path: str) -> None:
+    def onerror(func, p, exc):  # type: ignore[no-untyped-def]
+        os.chmod(os.path.dirname(p), 0o700)
+        func(p)
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+__all__ = ["RESERVED_NAMES", "ApplyPlan", "ApplyResult", "ChunkSource", "apply_manifest", "plan_apply"]

@@ -1,0 +1,278 @@
+"""Portable backups: a snapshot pulled out into a self-contained directory.
+
+A backup directory is a one-snapshot drsync repository (same documented
+format) plus ``backup.json`` (what it is) and ``CHECKSUMS.b3`` (a BLAKE3 line
+per file). It is built under ``.partial-*`` and renamed into place only when
+complete and synced, so an interrupted creation never looks like a backup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import blake3
+
+from drsync import fsutil
+from drsync.apply import ApplyResult, apply_manifest
+from drsync.config import KeepPolicy
+from drsync.errors import IntegrityError, NotFound, UsageError
+from drsync.pathglob import compile_globs
+from drsync.repository import chunks
+from drsync.repository.manifest import FILE, Manifest
+from drsync.repository.repo import Repository, VerifyReport
+from drsync.repository.snapshots import iso, parse_iso
+from drsync.retention import RetentionDecision, plan_retention
+from drsync.storage.local import LocalStorage
+
+BACKUP_META = "backup.json"
+CHECKSUMS = "CHECKSUMS.b3"
+BACKUP_FORMAT = 1
+MODES = ("full", "light", "dataless")
+
+
+@dataclass
+class BackupInfo:
+    id: str
+    path: str
+    mode: str
+    created_at: float
+    snapshot: dict[str, Any]
+    excluded: list[str] = field(default_factory=list)
+    files: int = 0
+    bytes: int = 0
+    stored_bytes: int = 0
+    format: int = BACKUP_FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        doc["created_at"] = iso(self.created_at)
+        return doc
+
+
+def _read_meta(path: str) -> BackupInfo:
+    meta = os.path.join(path, BACKUP_META)
+    if not os.path.isdir(path):
+        raise NotFound(f"backup {path} does not exist")
+    try:
+        with open(meta, "rb") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path} is not a complete drsync backup (no {BACKUP_META})") from None
+    except ValueError as e:
+        raise IntegrityError(f"{meta} is damaged: {e}") from None
+    if int(doc.get("format", 0)) > BACKUP_FORMAT:
+        raise UsageError(f"backup {path} has format {doc['format']}, newer than this drsync understands; "
+                         f"upgrade drsync")
+    try:
+        doc["created_at"] = parse_iso(doc["created_at"])
+        doc["path"] = os.path.abspath(path)
+        return BackupInfo(**doc)
+    except (KeyError, TypeError, ValueError) as e:
+        raise IntegrityError(f"{meta} is damaged: {e}") from None
+
+
+def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
+                  light_exclude: tuple[str, ...] = (),
+                  progress: Callable[[int], None] | None = None,
+                  on_total: Callable[[int], None] | None = None) -> BackupInfo:
+    if mode not in MODES:
+        raise UsageError(f"backup mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "light" and not light_exclude:
+        raise UsageError("a light backup needs [backups] light_exclude globs in the config (the bulk data "
+                         "it leaves out)")
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise UsageError(f"backup destination {dest} is a file; name a directory")
+    with repo.lock(exclusive=False, wait_s=30.0):
+        info = repo.find_snapshot(ref)
+        manifest = repo.load_manifest(info)
+        excluded: list[str] = []
+        if mode == "light":
+            match = compile_globs(light_exclude)
+            paths = manifest.table.column("path").to_pylist()
+            manifest = manifest.filter_paths([not match(p) for p in paths])
+            excluded = list(light_exclude)
+        created = time.time()
+        backup_id = f"{datetime.fromtimestamp(created, UTC):%Y%m%dT%H%M%SZ}-{info.id}-{mode}"
+        os.makedirs(dest, exist_ok=True)
+        final = os.path.join(dest, backup_id)
+        if os.path.exists(final):
+            raise UsageError(f"backup {final} exists already")
+        partial = os.path.join(dest, f".partial-{backup_id}-{secrets.token_hex(4)}")
+        try:
+            binfo = _build(repo, info, manifest, partial, backup_id, mode, excluded, created,
+                           progress, on_total)
+            fsutil.syncfs(partial)
+            os.rename(partial, final)
+            fsutil.fsync_dir(dest)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    binfo.path = os.path.abspath(final)
+    return binfo
+
+
+def _build(repo: Repository, info: Any, manifest: Manifest, partial: str, backup_id: str, mode: str,
+           excluded: list[str], created: float, progress: Callable[[int], None] | None,
+           on_total: Callable[[int], None] | None) -> BackupInfo:
+    storage = LocalStorage(partial, create=True)
+    brepo = Repository.init(storage, cluster_id=info.cluster_id, release=info.release)
+    writer = brepo.chunk_writer()
+    if mode != "dataless":
+        needed: dict[bytes, None] = {}  # ordered: manifest order keeps a file's chunks together
+        for chunk_list in manifest.table.column("chunks").to_pylist():
+            for cid in chunk_list or ():
+                needed[cid] = None
+        if on_total:
+            on_total(manifest.total_bytes())
+        for cid in needed:
+            loc, stored = repo.read_stored(cid)
+            chunks.decode(loc.encoding, stored, loc.raw_length, cid)  # never export a damaged chunk
+            writer.add_stored(cid, loc.encoding, stored, loc.raw_length)
+            if progress:
+                progress(loc.raw_length)
+        writer.flush()
+    manifest_bytes = manifest.to_bytes()
+    snap = dataclasses.replace(info, manifest_hash=blake3.blake3(manifest_bytes).hexdigest(),
+                               files=manifest.file_count(), bytes=manifest.total_bytes())
+    brepo.commit_snapshot(snap, manifest_bytes)
+    binfo = BackupInfo(id=backup_id, path=partial, mode=mode, created_at=created, snapshot=info.to_json(),
+                       excluded=excluded, files=snap.files, bytes=snap.bytes,
+                       stored_bytes=writer.new_stored_bytes)
+    doc = binfo.to_json()
+    doc.pop("path")
+    fsutil.atomic_write(os.path.join(partial, BACKUP_META), json.dumps(doc, indent=1).encode(), durable=False)
+    lines = [f"{_hash_file(os.path.join(partial, rel))}  {rel}\n" for rel in _files(partial)]
+    fsutil.atomic_write(os.path.join(partial, CHECKSUMS), "".join(lines).encode(), durable=False)
+    return binfo
+
+
+def _files(root: str) -> list[str]:
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+            if rel != CHECKSUMS and not f.startswith(".tmp-"):
+                out.append(rel)
+    return sorted(out)
+
+
+def _hash_file(path: str) -> str:
+    h = blake3.blake3()
+    with open(path, "rb") as f:
+        while block := f.read(4 * 1024 * 1024):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class BackupVerifyReport:
+    backup: str
+    damaged_backup_files: list[dict[str, str]] = field(default_factory=list)
+    repository: VerifyReport | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged_backup_files and (self.repository is None or self.repository.ok)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"backup": self.backup, "ok": self.ok, "damaged_backup_files": self.damaged_backup_files,
+                "repository": self.repository.as_dict() if self.repository else None}
+
+
+def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -> BackupVerifyReport:
+    _read_meta(path)
+    report = BackupVerifyReport(os.path.abspath(path))
+    listed: dict[str, str] = {}
+    try:
+        with open(os.path.join(path, CHECKSUMS), encoding="utf-8") as f:
+            for line in f:
+                digest, _, rel = line.rstrip("\n").partition("  ")
+                listed[rel] = digest
+    except FileNotFoundError:
+        report.damaged_backup_files.append({"file": CHECKSUMS, "reason": "missing"})
+    except (UnicodeDecodeError, ValueError):
+        report.damaged_backup_files.append({"file": CHECKSUMS, "reason": "unreadable"})
+    present = set(_files(path))
+    for rel, digest in sorted(listed.items()):
+        if rel not in present:
+            report.damaged_backup_files.append({"file": rel, "reason": "missing"})
+        elif _hash_file(os.path.join(path, rel)) != digest:
+            report.damaged_backup_files.append({"file": rel, "reason": "checksum mismatch"})
+    for rel in sorted(present - set(listed)):
+        report.damaged_backup_files.append({"file": rel, "reason": "not listed in the checksum file"})
+    repo = Repository.open(LocalStorage(path))
+    report.repository = repo.verify(on_progress=progress)
+    return report
+
+
+def restore_backup(path: str, target: str, *, checksum: bool = False,
+                   progress: Callable[[int], None] | None = None,
+                   on_total: Callable[[int], None] | None = None) -> tuple[BackupInfo, ApplyResult]:
+    """Restore onto any data root: a backup is portable across clusters and releases."""
+    meta = _read_meta(path)
+    repo = Repository.open(LocalStorage(path))
+    snaps = repo.list_snapshots()
+    if len(snaps) != 1:
+        raise IntegrityError(f"backup {path} should hold one snapshot, it holds {len(snaps)}")
+    manifest = repo.load_manifest(snaps[0])
+    result = apply_manifest(manifest, repo, target, what=f"backup {meta.id}", checksum=checksum,
+                            exclude=tuple(meta.excluded), structure_only=meta.mode == "dataless",
+                            progress=progress, on_total=on_total)
+    if meta.mode == "dataless":
+        result.warnings.append("dataless backup: directories and links restored, file contents are not "
+                               "in this backup")
+    return meta, result
+
+
+def list_backups(dest: str) -> tuple[list[BackupInfo], list[str]]:
+    """Complete backups (oldest first) and the names of incomplete leftovers."""
+    if not os.path.isdir(dest):
+        raise NotFound(f"backup directory {dest} does not exist")
+    done, partial = [], []
+    for name in sorted(os.listdir(dest)):
+        p = os.path.join(dest, name)
+        if not os.path.isdir(p):
+            continue
+        if name.startswith((".partial-", ".deleting-")):
+            partial.append(name)
+        elif os.path.exists(os.path.join(p, BACKUP_META)):
+            done.append(_read_meta(p))
+    done.sort(key=lambda b: (b.created_at, b.id))
+    return done, partial
+
+
+def prune_backups(dest: str, policy: KeepPolicy, *, dry_run: bool = False) -> list[RetentionDecision]:
+    if policy.is_empty():
+        raise UsageError("give at least one --keep-* option; pruning with no policy would delete everything")
+    backups, leftovers = list_backups(dest)
+    decisions = plan_retention([(b.id, b.created_at) for b in backups], policy)
+    if dry_run:
+        return decisions
+    for d in decisions:
+        if not d.keep:
+            _remove_dir(dest, d.id)
+    for name in leftovers:
+        shutil.rmtree(os.path.join(dest, name), ignore_errors=True)
+    fsutil.fsync_dir(dest)
+    return decisions
+
+
+def _remove_dir(dest: str, name: str) -> None:
+    # Rename first: a prune cut short leaves a '.deleting-' directory, never a half backup.
+    doomed = os.path.join(dest, f".deleting-{name}")
+    os.rename(os.path.join(dest, name), doomed)
+    fsutil.fsync_dir(dest)
+    shutil.rmtree(doomed)
+
+
+__all__ = ["FILE", "BackupInfo", "create_backup", "list_backups", "prune_backups", "restore_backup",
+           "verify_backup"]

@@ -1,0 +1,532 @@
+"""The ``drsync`` command line: parsing, tables, ``--json``, progress, exit codes.
+
+Nothing imports this module. Every command takes ``--config FILE`` (or
+``DRSYNC_CONFIG``); one-shot commands can instead take ``--repo`` and
+``--source``/``--target``. Errors print one line to stderr and exit with the
+code DESIGN.md fixes; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from drsync import __version__, backup, engine
+from drsync.config import Config, KeepPolicy, SnapshotsConfig, load_config, parse_duration
+from drsync.errors import EXIT_FAILED, EXIT_INTEGRITY, EXIT_USAGE, ConfigError, DrsyncError, UsageError
+from drsync.repository.lock import remove_locks
+from drsync.repository.manifest import diff as diff_manifests
+from drsync.repository.snapshots import iso
+
+
+@dataclass
+class Invocation:
+    config: Config | None
+    repo: str | None
+    json: bool
+    debug: bool
+
+    def repo_url(self) -> str:
+        if self.repo:
+            return self.repo
+        if self.config:
+            return self.config.cluster.repository
+        raise UsageError("name the repository: --repo URL, or --config FILE with [cluster] repository")
+
+    def open_repo(self) -> engine.Repository:
+        return engine.open_repository(self.repo_url())
+
+    def data_url(self, given: str | None, what: str = "--source") -> str:
+        if given:
+            return given
+        if self.config:
+            return self.config.cluster.data
+        raise UsageError(f"name the data root: {what} URL, or --config FILE with [cluster] data")
+
+    @property
+    def snapshots(self) -> SnapshotsConfig:
+        return self.config.snapshots if self.config else SnapshotsConfig()
+
+
+def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--config, --repo, --json, --debug on every command, turned into an Invocation."""
+
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="DRSYNC_CONFIG",
+                  help="TOML configuration file (or DRSYNC_CONFIG).")
+    @click.option("--repo", "repo", metavar="URL", help="Repository URL (instead of --config).")
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+    @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+    @functools.wraps(fn)
+    def wrapper(config_path: str | None, repo: str | None, as_json: bool, debug: bool, **kw: Any) -> Any:
+        _STATE["debug"] = debug or _STATE.get("debug", False)
+        cfg = load_config(config_path) if config_path else None
+        return fn(Invocation(cfg, repo, as_json, debug), **kw)
+
+    return wrapper
+
+
+_STATE: dict[str, bool] = {}
+
+
+def emit(inv: Invocation, doc: Any, human: Callable[[], None]) -> None:
+    if inv.json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    else:
+        human()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for h in headers:
+        t.add_column(h, overflow="fold")
+    for r in rows:
+        t.add_row(*r)
+    Console(width=200 if not sys.stdout.isatty() else None, highlight=False).print(t)
+
+
+@contextmanager
+def progress(label: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """(advance, set_total) callbacks; a live bar only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield (lambda n: None), (lambda n: None)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield (lambda n: bar.advance(task, n)), (lambda n: bar.update(task, total=n))
+
+
+# --- commands -------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="drsync")
+def cli() -> None:
+    """drsync: snapshots, portable backups and a standby cluster kept in sync."""
+
+
+@cli.command("init")
+@_common
+@click.option("--cluster-id", help="The cluster this repository belongs to.")
+@click.option("--release", help="The release the cluster runs.")
+def init_cmd(inv: Invocation, cluster_id: str | None, release: str | None) -> None:
+    """Create a repository."""
+    cluster_id = cluster_id or (inv.config.cluster.id if inv.config else None)
+    release = release or (inv.config.cluster.release if inv.config else None)
+    if not cluster_id or not release:
+        raise UsageError("init needs --cluster-id and --release (or --config with [cluster] id and release)")
+    repo = engine.init_repository(inv.repo_url(), cluster_id=cluster_id, release=release)
+    doc = {"repository": repo.storage.url, "id": repo.config.id, "cluster_id": cluster_id, "release": release}
+    emit(inv, doc, lambda: click.echo(f"created repository {repo.storage.url} for cluster {cluster_id} "
+                                      f"(release {release})"))
+
+
+@cli.group("snapshot")
+def snapshot_grp() -> None:
+    """Capture, inspect, restore and delete snapshots."""
+
+
+def _snap_row(s: Any, now: float) -> list[str]:
+    exp = s.expires_at
+    expires = "-" if exp is None else ("expired" if exp <= now else iso(exp) or "")
+    return [s.id, s.name or "-", s.kind, iso(s.captured_at) or "", str(s.files), _size(s.bytes), expires]
+
+
+@snapshot_grp.command("create")
+@_common
+@click.option("--source", metavar="URL", help="Data root to capture (instead of [cluster] data).")
+@click.option("--name", default="", help="A name to find the snapshot by.")
+@click.option("--reason", default="", help="Why it was taken (kept with the snapshot).")
+@click.option("--ttl", default=None, metavar="DURATION", help="Delete after this long, e.g. 7d.")
+def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str, ttl: str | None) -> None:
+    """Capture the data root."""
+    try:
+        ttl_s = parse_duration(ttl, "--ttl") if ttl is not None else None
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    cfg = inv.snapshots
+    req = engine.SnapshotRequest(
+        data_root=inv.data_url(source), name=name, reason=reason, ttl_s=ttl_s,
+        hooks=engine.Hooks(cfg.pre_hook, cfg.post_hook, cfg.hook_timeout), reread_attempts=cfg.reread_attempts)
+    repo = inv.open_repo()
+    with progress("snapshot") as (advance, total):
+        info = engine.create_snapshot(repo, req, progress=advance, on_total=total)
+    doc = {"id": info.id, "name": info.name, "files": info.files, "bytes": info.bytes,
+           "new_bytes": info.new_bytes, "duration_s": info.duration_s, "captured_at": iso(info.captured_at),
+           "reason": info.reason, "ttl_s": info.ttl_s, "parent": info.parent, "warnings": info.warnings}
+
+    def human() -> None:
+        click.echo(f"snapshot {info.id} taken: {info.files} files, {_size(info.bytes)}, "
+                   f"{_size(info.new_bytes)} new, in {info.duration_s:.2f}s")
+        for w in info.warnings:
+            click.echo(f"  warning: {w}")
+
+    emit(inv, doc, human)
+
+
+@snapshot_grp.command("list")
+@_common
+def snapshot_list(inv: Invocation) -> None:
+    """List snapshots, oldest first."""
+    snaps = inv.open_repo().list_snapshots()
+    now = time.time()
+    emit(inv, [s.to_json() for s in snaps], lambda: _table(
+        ["ID", "NAME", "KIND", "CAPTURED", "FILES", "SIZE", "EXPIRES"], [_snap_row(s, now) for s in snaps]))
+
+
+@snapshot_grp.command("show")
+@_common
+@click.argument("snapshot_id")
+@click.option("--files", is_flag=True, help="List every path too.")
+def snapshot_show(inv: Invocation, snapshot_id: str, files: bool) -> None:
+    """Show one snapshot (ID, unique prefix, name or 'latest')."""
+    repo = inv.open_repo()
+    info = repo.find_snapshot(snapshot_id)
+    doc = info.to_json()
+    manifest = repo.load_manifest(info) if files else None
+    if manifest is not None:
+        doc["entries"] = [{"path": e.path, "type": e.type, "mode": oct(e.mode), "size": e.size,
+                           "mtime_ns": e.mtime_ns, "target": e.target} for e in manifest.entries()]
+
+    def human() -> None:
+        for k in ("id", "name", "reason", "kind", "captured_at", "expires_at", "cluster_id", "release",
+                  "source", "parent", "files", "bytes", "new_bytes", "duration_s"):
+            v = doc.get(k)
+            click.echo(f"{k:12} {_size(v) if k in ('bytes', 'new_bytes') else ('-' if v in (None, '') else v)}")
+        for w in info.warnings:
+            click.echo(f"warning      {w}")
+        if manifest is not None:
+            _table(["TYPE", "MODE", "SIZE", "PATH"],
+                   [[e["type"], e["mode"], str(e["size"]), e["path"] + (f" -> {e['target']}" if e["target"]
+                                                                        else "")] for e in doc["entries"]])
+
+    emit(inv, doc, human)
+
+
+@snapshot_grp.command("diff")
+@_common
+@click.argument("a")
+@click.argument("b")
+def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
+    """Paths added, removed and changed from snapshot A to snapshot B."""
+    repo = inv.open_repo()
+    sa, sb = repo.find_snapshot(a), repo.find_snapshot(b)
+    d = diff_manifests(repo.load_manifest(sa), repo.load_manifest(sb))
+    doc = {"from": sa.id, "to": sb.id, **d.as_dict()}
+
+    def human() -> None:
+        for mark, paths in (("+", d.added), ("-", d.removed), ("M", d.changed)):
+            for p in paths:
+                click.echo(f"{mark} {p}")
+        click.echo(f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed")
+
+    emit(inv, doc, human)
+
+
+@snapshot_grp.command("delete")
+@_common
+@click.argument("snapshot_ids", nargs=-1, required=True)
+@click.option("--no-prune", is_flag=True, help="Keep unreferenced chunks (run 'drsync repo gc' later).")
+def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bool) -> None:
+    """Delete snapshots and free the chunks nothing else uses."""
+    infos, report = engine.delete_snapshots(inv.open_repo(), list(snapshot_ids), prune=not no_prune)
+    doc = {"deleted": [i.id for i in infos], "gc": report.as_dict() if report else None}
+
+    def human() -> None:
+        click.echo(f"deleted {', '.join(i.id for i in infos)}")
+        if report:
+            click.echo(f"freed {_size(report.freed_bytes)} ({report.deleted_packs} packs deleted, "
+                       f"{report.repacked_packs} repacked)")
+
+    emit(inv, doc, human)
+
+
+@snapshot_grp.command("restore")
+@_common
+@click.argument("snapshot_id")
+@click.option("--target", metavar="URL", help="Where to restore (default: the cluster's data root).")
+@click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
+def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, checksum: bool) -> None:
+    """Restore a snapshot onto the same cluster (same cluster id and release)."""
+    repo = inv.open_repo()
+    cluster_id = inv.config.cluster.id if inv.config else repo.config.cluster_id
+    release = inv.config.cluster.release if inv.config else repo.config.release
+    dest = inv.data_url(target, "--target")
+    with progress("restore") as (advance, total):
+        info, result = engine.restore_snapshot(repo, snapshot_id, dest, cluster_id=cluster_id,
+                                               release=release, checksum=checksum, progress=advance,
+                                               on_total=total)
+    doc = {"snapshot": info.id, "target": dest, **result.as_dict()}
+    emit(inv, doc, lambda: click.echo(
+        f"restored snapshot {info.id} to {dest}: {result.written_files} files written "
+        f"({_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed"))
+
+
+@snapshot_grp.command("expire")
+@_common
+@click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
+def snapshot_expire(inv: Invocation, dry_run: bool) -> None:
+    """Delete snapshots past their TTL, and periodic ones beyond [snapshots] keep."""
+    res = engine.expire_snapshots(inv.open_repo(), inv.snapshots.keep, dry_run=dry_run)
+    doc = {"deleted": [s.id for s in res.deleted], "kept": [s.id for s in res.kept], "dry_run": dry_run,
+           "gc": res.gc.as_dict() if res.gc else None}
+    verb = "would delete" if dry_run else "deleted"
+    emit(inv, doc, lambda: click.echo(
+        f"{verb} {len(res.deleted)} snapshot(s){': ' if res.deleted else ''}"
+        f"{', '.join(s.id for s in res.deleted)}; kept {len(res.kept)}"))
+
+
+@cli.group("backup")
+def backup_grp() -> None:
+    """Portable backups: create, restore, verify, list, prune."""
+
+
+def _backup_dest(inv: Invocation, dest: str | None) -> str:
+    if dest:
+        return dest
+    if inv.config and inv.config.backups.destination:
+        return inv.config.backups.destination
+    raise UsageError("name the backup directory: --dest DIR, or [backups] destination in the config")
+
+
+@backup_grp.command("create")
+@_common
+@click.option("--snapshot", "snapshot_id", required=True, help="Snapshot ID, name or 'latest'.")
+@click.option("--dest", metavar="DIR", help="Directory that holds backups (default [backups] destination).")
+@click.option("--mode", type=click.Choice(backup.MODES), default=None,
+              help="full, light (without bulk data) or dataless (metadata only).")
+def backup_create(inv: Invocation, snapshot_id: str, dest: str | None, mode: str | None) -> None:
+    """Pull a snapshot out as a self-contained, portable backup."""
+    cfg = inv.config.backups if inv.config else None
+    mode = mode or (cfg.mode if cfg else "full")
+    with progress("backup") as (advance, total):
+        info = backup.create_backup(inv.open_repo(), snapshot_id, _backup_dest(inv, dest), mode=mode,
+                                    light_exclude=cfg.light_exclude if cfg else (), progress=advance,
+                                    on_total=total)
+    emit(inv, info.to_json(), lambda: click.echo(
+        f"backup {info.path} created ({info.mode}): {info.files} files, {_size(info.bytes)}, "
+        f"{_size(info.stored_bytes)} stored"))
+
+
+@backup_grp.command("restore")
+@_common
+@click.argument("backup_dir")
+@click.option("--target", required=True, metavar="URL", help="Data root to restore onto (any cluster).")
+@click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
+def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool) -> None:
+    """Restore a backup onto any data root."""
+    dest = engine.local_path(target, "target")
+    with progress("restore") as (advance, total):
+        meta, result = backup.restore_backup(backup_dir, dest, checksum=checksum, progress=advance,
+                                             on_total=total)
+    doc = {"backup": meta.id, "target": dest, **result.as_dict()}
+
+    def human() -> None:
+        click.echo(f"restored backup {meta.id} to {dest}: {result.written_files} files written "
+                   f"({_size(result.written_bytes)}), {result.unchanged_files} unchanged, "
+                   f"{result.removed} removed")
+        for w in result.warnings:
+            click.echo(f"  note: {w}")
+
+    emit(inv, doc, human)
+
+
+def _report_damage(problems: list[str], damaged_files: list[dict[str, str]], what: str) -> None:
+    for p in problems:
+        click.echo(f"  {p}", err=True)
+    for d in damaged_files:
+        where = f"snapshot {d['snapshot']}: " if "snapshot" in d else ""
+        click.echo(f"  {where}{d.get('path') or d.get('file')}: {d['reason']}", err=True)
+    raise _Exit(EXIT_INTEGRITY, f"{what}: {len(damaged_files) + len(problems)} problem(s) found; see above")
+
+
+class _Exit(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@backup_grp.command("verify")
+@_common
+@click.argument("backup_dir")
+def backup_verify(inv: Invocation, backup_dir: str) -> None:
+    """Re-read and re-hash a whole backup; exit 3 on corruption."""
+    with progress("verify") as (advance, _total):
+        report = backup.verify_backup(backup_dir, progress=advance)
+    if inv.json:
+        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        if not report.ok:
+            raise _Exit(EXIT_INTEGRITY, f"backup {backup_dir} is damaged")
+        return
+    if report.ok:
+        r = report.repository
+        click.echo(f"backup {backup_dir} is intact ({r.chunks if r else 0} chunks verified)")
+        return
+    repo_report = report.repository
+    problems = list(repo_report.problems) if repo_report else []
+    files = [{"file": d["file"], "reason": d["reason"]} for d in report.damaged_backup_files]
+    files += repo_report.damaged_files if repo_report else []
+    _report_damage(problems, files, f"backup {backup_dir} is damaged")
+
+
+@backup_grp.command("list")
+@_common
+@click.argument("dest", required=False)
+def backup_list(inv: Invocation, dest: str | None) -> None:
+    """List the backups in a backup directory."""
+    backups, leftovers = backup.list_backups(_backup_dest(inv, dest))
+    doc = {"backups": [b.to_json() for b in backups], "incomplete": leftovers}
+
+    def human() -> None:
+        _table(["BACKUP", "SNAPSHOT", "MODE", "CREATED", "FILES", "SIZE", "STORED"],
+               [[b.id, b.snapshot.get("id", "?"), b.mode, iso(b.created_at) or "", str(b.files), _size(b.bytes),
+                 _size(b.stored_bytes)] for b in backups])
+        if leftovers:
+            click.echo(f"{len(leftovers)} incomplete leftover(s), removed by 'drsync backup prune': "
+                       f"{', '.join(leftovers)}")
+
+    emit(inv, doc, human)
+
+
+@backup_grp.command("prune")
+@_common
+@click.argument("dest", required=False)
+@click.option("--keep-last", type=click.IntRange(0), default=0)
+@click.option("--keep-hourly", type=click.IntRange(0), default=0)
+@click.option("--keep-daily", type=click.IntRange(0), default=0)
+@click.option("--keep-weekly", type=click.IntRange(0), default=0)
+@click.option("--keep-monthly", type=click.IntRange(0), default=0)
+@click.option("--keep-yearly", type=click.IntRange(0), default=0)
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+def backup_prune(inv: Invocation, dest: str | None, keep_last: int, keep_hourly: int, keep_daily: int,
+                 keep_weekly: int, keep_monthly: int, keep_yearly: int, dry_run: bool) -> None:
+    """Remove backups that the retention policy does not keep (restic's rules)."""
+    policy = KeepPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
+    if policy.is_empty() and inv.config:
+        policy = inv.config.backups.keep
+    decisions = backup.prune_backups(_backup_dest(inv, dest), policy, dry_run=dry_run)
+    doc = {"dry_run": dry_run, "keep": [{"id": d.id, "reasons": d.reasons} for d in decisions if d.keep],
+           "remove": [d.id for d in decisions if not d.keep]}
+
+    def human() -> None:
+        for d in decisions:
+            click.echo(f"{'keep  ' if d.keep else 'remove'} {d.id} {' '.join(d.reasons)}")
+        n = sum(1 for d in decisions if not d.keep)
+        click.echo(f"{'would remove' if dry_run else 'removed'} {n} backup(s), kept {len(decisions) - n}")
+
+    emit(inv, doc, human)
+
+
+@cli.group("repo")
+def repo_grp() -> None:
+    """Repository maintenance: verify, gc, unlock."""
+
+
+@repo_grp.command("verify")
+@_common
+def repo_verify(inv: Invocation) -> None:
+    """Re-read and re-hash every chunk; exit 3 on corruption."""
+    repo = inv.open_repo()
+    with progress("verify") as (advance, _total):
+        report = engine.verify_repository(repo, progress=advance)
+    if inv.json:
+        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        if not report.ok:
+            raise _Exit(EXIT_INTEGRITY, f"repository {repo.storage.url} is damaged")
+        return
+    if report.ok:
+        click.echo(f"repository {repo.storage.url} is intact: {report.packs} packs, {report.chunks} chunks, "
+                   f"{report.snapshots} snapshots verified")
+        return
+    problems = list(report.problems) + [f"chunk {c[:16]}: {r}" for c, r in report.damaged_chunks.items()]
+    _report_damage(problems, report.damaged_files, f"repository {repo.storage.url} is damaged")
+
+
+@repo_grp.command("gc")
+@_common
+@click.option("--dry-run", is_flag=True)
+def repo_gc(inv: Invocation, dry_run: bool) -> None:
+    """Delete chunks that no snapshot references."""
+    report = engine.gc_repository(inv.open_repo(), dry_run=dry_run)
+    emit(inv, report.as_dict(), lambda: click.echo(
+        f"{'would free' if dry_run else 'freed'} {_size(report.freed_bytes)}: {report.deleted_packs} packs "
+        f"deleted, {report.repacked_packs} repacked, {report.live_chunks} live chunks kept"))
+
+
+@repo_grp.command("unlock")
+@_common
+@click.option("--all", "all_locks", is_flag=True, help="Remove every lock, not only stale ones.")
+def repo_unlock(inv: Invocation, all_locks: bool) -> None:
+    """Remove stale locks (of processes that are gone)."""
+    repo = inv.open_repo()
+    removed = remove_locks(repo.storage, all_locks=all_locks)
+    emit(inv, {"removed": [lk.describe() for lk in removed]},
+         lambda: click.echo(f"removed {len(removed)} lock(s)" + "".join(f"\n  {lk.describe()}" for lk in removed)))
+
+
+# --- entry point ------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _STATE.clear()
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="drsync", standalone_mode=False)
+        return 0
+    except _Exit as e:
+        click.echo(f"drsync: error: {e}", err=True)
+        return e.code
+    except DrsyncError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"drsync: error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("drsync: interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"drsync: error: {e.format_message()}", err=True)
+        return EXIT_USAGE if e.exit_code == 2 else e.exit_code
+    except KeyboardInterrupt:
+        click.echo("drsync: interrupted", err=True)
+        return 130
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        from drsync.fsutil import describe_os_error
+
+        click.echo(f"drsync: error: {describe_os_error(e, 'the operation')}", err=True)
+        return EXIT_FAILED
+    except Exception as e:  # a bug: say so plainly, and how to get the details
+        if debug:
+            traceback.print_exc()
+        click.echo(f"drsync: internal error: {type(e).__name__}: {e}; rerun with --debug for details",
+                   err=True)
+        return EXIT_FAILED

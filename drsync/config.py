@@ -1,0 +1,280 @@
+"""Typed configuration (TOML) with strict validation.
+
+Only ``[cluster]`` is required. Any unknown key or wrong type is a
+:class:`ConfigError` (exit 2) that names the key, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drsync.errors import ConfigError
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
+
+
+def parse_duration(value: str | int | float, what: str = "duration") -> float:
+    """Seconds from ``"90s"``, ``"5m"``, ``"1.5h"``, ``"7d"`` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a duration like '5m', got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"{what}: a duration cannot be negative ({value})")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}: expected a duration like '5m', got {type(value).__name__}")
+    m = _DURATION_RE.match(value)
+    if not m:
+        raise ConfigError(f"{what}: {value!r} is not a duration; write e.g. '30s', '5m', '1h' or '7d'")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+# --- field converters: each takes (value, dotted key) and returns the typed value.
+
+
+def _str(v: Any, key: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"{key}: expected a string, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _nonempty_str(v: Any, key: str) -> str:
+    s = _str(v, key)
+    if not s.strip():
+        raise ConfigError(f"{key}: must not be empty")
+    return s
+
+
+def _int(v: Any, key: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{key}: expected an integer, got {type(v).__name__} {v!r}")
+    if v < 0:
+        raise ConfigError(f"{key}: must not be negative ({v})")
+    return v
+
+
+def _duration(v: Any, key: str) -> float:
+    return parse_duration(v, key)
+
+
+def _str_list(v: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ConfigError(f"{key}: expected a list of strings, got {v!r}")
+    return tuple(v)
+
+
+def _choice(*choices: str) -> Callable[[Any, str], str]:
+    def convert(v: Any, key: str) -> str:
+        s = _str(v, key)
+        if s not in choices:
+            raise ConfigError(f"{key}: {s!r} is not one of {', '.join(choices)}")
+        return s
+
+    return convert
+
+
+@dataclass(frozen=True)
+class KeepPolicy:
+    """Retention counts, restic's semantics (see :mod:`drsync.retention`)."""
+
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+
+    def is_empty(self) -> bool:
+        return not any(dataclasses.astuple(self))
+
+
+def _keep(v: Any, key: str) -> KeepPolicy:
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{key}: expected a table like {{ last = 3, daily = 7 }}, got {v!r}")
+    allowed = {f.name for f in dataclasses.fields(KeepPolicy)}
+    values = {}
+    for k, x in v.items():
+        if k not in allowed:
+            raise ConfigError(f"{key}.{k}: unknown key; allowed: {', '.join(sorted(allowed))}")
+        values[k] = _int(x, f"{key}.{k}")
+    return KeepPolicy(**values)
+
+
+def _conv(fn: Callable[[Any, str], Any]) -> dict[str, Any]:
+    return {"convert": fn}
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    id: str = field(metadata=_conv(_nonempty_str))
+    release: str = field(metadata=_conv(_nonempty_str))
+    data: str = field(metadata=_conv(_nonempty_str))
+    repository: str = field(metadata=_conv(_nonempty_str))
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str = field(default_factory=socket.gethostname, metadata=_conv(_nonempty_str))
+    listen: str = field(default="127.0.0.1:7420", metadata=_conv(_nonempty_str))
+    advertise: str = field(default="", metadata=_conv(_str))
+    metrics: str = field(default="127.0.0.1:9420", metadata=_conv(_str))
+    role: str = field(default="auto", metadata=_conv(_choice("auto", "primary", "standby")))
+    state_dir: str = field(default="", metadata=_conv(_str))
+
+
+@dataclass(frozen=True)
+class CoordinationConfig:
+    zookeeper: str = field(default="127.0.0.1:2181", metadata=_conv(_nonempty_str))
+    group: str = field(default="default", metadata=_conv(_nonempty_str))
+    session_timeout: float = field(default=10.0, metadata=_conv(_duration))
+    failover: str = field(default="manual", metadata=_conv(_choice("manual", "automatic")))
+    max_lag_on_failover: float = field(default=900.0, metadata=_conv(_duration))
+    username: str = field(default="", metadata=_conv(_str))
+    password: str = field(default="", metadata=_conv(_str))
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    interval: float = field(default=300.0, metadata=_conv(_duration))
+    standbys: tuple[str, ...] = field(default=(), metadata=_conv(_str_list))
+
+
+@dataclass(frozen=True)
+class SnapshotsConfig:
+    interval: float = field(default=3600.0, metadata=_conv(_duration))
+    keep: KeepPolicy = field(default_factory=lambda: KeepPolicy(last=3, hourly=24, daily=7),
+                             metadata=_conv(_keep))
+    pre_hook: str = field(default="", metadata=_conv(_str))
+    post_hook: str = field(default="", metadata=_conv(_str))
+    hook_timeout: float = field(default=300.0, metadata=_conv(_duration))
+    reread_attempts: int = field(default=3, metadata=_conv(_int))
+
+
+@dataclass(frozen=True)
+class BackupsConfig:
+    interval: float = field(default=86400.0, metadata=_conv(_duration))
+    mode: str = field(default="full", metadata=_conv(_choice("full", "light", "dataless")))
+    light_exclude: tuple[str, ...] = field(default=(), metadata=_conv(_str_list))
+    destination: str = field(default="", metadata=_conv(_str))
+    keep: KeepPolicy = field(default_factory=lambda: KeepPolicy(last=3, daily=7, weekly=4, monthly=6),
+                             metadata=_conv(_keep))
+
+
+@dataclass(frozen=True)
+class DrillsConfig:
+    interval: float = field(default=86400.0, metadata=_conv(_duration))
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    ca: str = field(default="", metadata=_conv(_str))
+    cert: str = field(default="", metadata=_conv(_str))
+    key: str = field(default="", metadata=_conv(_str))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca or self.cert or self.key)
+
+
+@dataclass(frozen=True)
+class Config:
+    cluster: ClusterConfig
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
+    backups: BackupsConfig = field(default_factory=BackupsConfig)
+    drills: DrillsConfig = field(default_factory=DrillsConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    path: Path | None = None
+
+
+_SECTIONS: dict[str, type] = {
+    "cluster": ClusterConfig,
+    "agent": AgentConfig,
+    "coordination": CoordinationConfig,
+    "replication": ReplicationConfig,
+    "snapshots": SnapshotsConfig,
+    "backups": BackupsConfig,
+    "drills": DrillsConfig,
+    "tls": TLSConfig,
+}
+
+
+def _build_section(name: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[{name}]: expected a table, got {type(table).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{name}.{key}: unknown key; allowed in [{name}]: {', '.join(sorted(fields))}")
+        values[key] = fields[key].metadata["convert"](raw, f"{name}.{key}")
+    missing = [f.name for f in fields.values()
+               if f.name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"[{name}] is missing required key(s): {', '.join(missing)}")
+    return cls(**values)
+
+
+def config_from_dict(doc: Mapping[str, Any], *, base_dir: Path | None = None,
+                     path: Path | None = None) -> Config:
+    """Validate a parsed TOML document. Relative paths resolve against ``base_dir``."""
+    for section in doc:
+        if section not in _SECTIONS:
+            raise ConfigError(f"[{section}]: unknown section; allowed: {', '.join(_SECTIONS)}")
+    if "cluster" not in doc:
+        raise ConfigError("[cluster] is missing; it needs id, release, data and repository")
+    sections = {name: _build_section(name, cls, doc[name]) for name, cls in _SECTIONS.items()
+                if name in doc}
+    cfg = Config(**sections, path=path)
+    if base_dir is not None:
+        cfg = _resolve_paths(cfg, base_dir)
+    tls = cfg.tls
+    if tls.enabled and not (tls.ca and tls.cert and tls.key):
+        raise ConfigError("[tls] needs all of ca, cert and key, or none of them")
+    return cfg
+
+
+def _resolve(value: str, base_dir: Path) -> str:
+    if not value or "://" in value or Path(value).is_absolute():
+        return value
+    return str((base_dir / value).resolve())
+
+
+def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
+    cluster = dataclasses.replace(cfg.cluster, data=_resolve(cfg.cluster.data, base_dir),
+                                  repository=_resolve(cfg.cluster.repository, base_dir))
+    backups = dataclasses.replace(cfg.backups, destination=_resolve(cfg.backups.destination, base_dir))
+    tls = dataclasses.replace(cfg.tls, ca=_resolve(cfg.tls.ca, base_dir),
+                              cert=_resolve(cfg.tls.cert, base_dir), key=_resolve(cfg.tls.key, base_dir))
+    agent = dataclasses.replace(cfg.agent, state_dir=_resolve(cfg.agent.state_dir, base_dir))
+    return dataclasses.replace(cfg, cluster=cluster, backups=backups, tls=tls, agent=agent)
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    return config_from_dict(doc, base_dir=p.resolve().parent, path=p)

@@ -1,0 +1,214 @@
+"""Snapshot operations: what the command line and the agent call.
+
+Each function takes the repository lock it needs, runs hooks, and turns the
+pieces (capture, apply, repository) into one operation with one result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import blake3
+
+from drsync.apply import ApplyResult, apply_manifest
+from drsync.capture import capture
+from drsync.config import KeepPolicy
+from drsync.errors import OperationFailed, RefusedError, UsageError
+from drsync.repository.repo import GcReport, Repository, VerifyReport
+from drsync.repository.snapshots import SnapshotInfo, new_snapshot_id
+from drsync.retention import plan_retention
+from drsync.storage import open_storage
+
+log = logging.getLogger("drsync.engine")
+
+LOCK_WAIT_S = 30.0
+
+
+def local_path(url: str, what: str) -> str:
+    """A local directory from a path or file:// URL (HDFS data roots come with the HDFS backend)."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if "://" in url:
+        raise UsageError(f"{what} {url}: only local paths are supported by this command")
+    return url
+
+
+def open_repository(url: str) -> Repository:
+    return Repository.open(open_storage(url))
+
+
+def init_repository(url: str, *, cluster_id: str, release: str) -> Repository:
+    return Repository.init(open_storage(url, create=True), cluster_id=cluster_id, release=release)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    pre: str = ""
+    post: str = ""
+    timeout_s: float = 300.0
+
+
+def _run_hook(kind: str, command: str, env: dict[str, str], timeout_s: float) -> None:
+    try:
+        proc = subprocess.run(command, shell=True, env={**os.environ, **env}, timeout=timeout_s,
+                              capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        raise OperationFailed(f"{kind} hook {shlex.quote(command)} did not finish within "
+                              f"{timeout_s:.0f}s") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        last = f": {detail[-1]}" if detail else ""
+        raise OperationFailed(f"{kind} hook {shlex.quote(command)} exited with {proc.returncode}{last}")
+
+
+@dataclass
+class SnapshotRequest:
+    data_root: str
+    name: str = ""
+    reason: str = ""
+    ttl_s: float | None = None
+    kind: str = "manual"
+    hooks: Hooks = field(default_factory=Hooks)
+    reread_attempts: int = 3
+
+
+def create_snapshot(repo: Repository, req: SnapshotRequest, *,
+                    progress: Callable[[int], None] | None = None,
+                    on_total: Callable[[int], None] | None = None) -> SnapshotInfo:
+    root = os.path.abspath(local_path(req.data_root, "data root"))
+    if not os.path.isdir(root):
+        what = "is not a directory" if os.path.exists(root) else "does not exist"
+        raise UsageError(f"data root {root} {what}")
+    exclude = frozenset({getattr(repo.storage, "root", "")}) - {""}
+    hook_env = {"DRSYNC_DATA": root, "DRSYNC_SNAPSHOT_NAME": req.name, "DRSYNC_REPOSITORY": repo.storage.url}
+    with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
+        parent = _parent_of(repo, root)
+        parent_manifest = repo.load_manifest(parent) if parent else None
+        if req.hooks.pre:
+            _run_hook("pre-snapshot", req.hooks.pre, hook_env, req.hooks.timeout_s)
+        started = time.monotonic()
+        captured_at = time.time()
+        writer = repo.chunk_writer()
+        post_error: OperationFailed | None = None
+        try:
+            try:
+                result = capture(root, writer, parent=parent_manifest,
+                                 parent_captured_at=parent.captured_at if parent else None,
+                                 reread_attempts=req.reread_attempts, exclude=exclude,
+                                 progress=progress, on_total=on_total)
+            finally:
+                if req.hooks.post:
+                    try:
+                        _run_hook("post-snapshot", req.hooks.post, hook_env, req.hooks.timeout_s)
+                    except OperationFailed as e:
+                        post_error = e
+            writer.flush()
+        except BaseException:
+            writer.abort()
+            raise
+        manifest_bytes = result.manifest.to_bytes()
+        info = SnapshotInfo(
+            id=new_snapshot_id(), captured_at=captured_at, cluster_id=repo.config.cluster_id,
+            release=repo.config.release, manifest_hash=blake3.blake3(manifest_bytes).hexdigest(),
+            name=req.name, reason=req.reason, kind=req.kind, ttl_s=req.ttl_s, source=root,
+            parent=parent.id if parent else None, files=result.files, bytes=result.bytes,
+            new_bytes=writer.new_bytes, duration_s=round(time.monotonic() - started, 3),
+            warnings=result.warnings)
+        repo.commit_snapshot(info, manifest_bytes)
+    for w in result.warnings:
+        log.warning("snapshot %s: %s", info.id, w)
+    if post_error is not None:
+        raise OperationFailed(f"snapshot {info.id} was taken, but {post_error}")
+    return info
+
+
+def _parent_of(repo: Repository, root: str) -> SnapshotInfo | None:
+    candidates = [s for s in repo.list_snapshots() if s.source == root
+                  and s.cluster_id == repo.config.cluster_id]
+    return candidates[-1] if candidates else None
+
+
+def check_same_cluster(info: SnapshotInfo, cluster_id: str, release: str) -> None:
+    problems = []
+    if info.cluster_id != cluster_id:
+        problems.append(f"cluster id {info.cluster_id!r}, this cluster is {cluster_id!r}")
+    if info.release != release:
+        problems.append(f"release {info.release!r}, this cluster runs {release!r}")
+    if problems:
+        raise RefusedError(
+            f"snapshot {info.id} has {' and '.join(problems)}: a snapshot restores only onto the same "
+            f"cluster and release; to move data, pull a backup ('drsync backup create --snapshot "
+            f"{info.id} --dest DIR') and restore it with 'drsync backup restore'")
+
+
+def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str, release: str,
+                     checksum: bool = False, progress: Callable[[int], None] | None = None,
+                     on_total: Callable[[int], None] | None = None) -> tuple[SnapshotInfo, ApplyResult]:
+    target = local_path(target, "target")
+    with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
+        info = repo.find_snapshot(ref)
+        check_same_cluster(info, cluster_id, release)
+        manifest = repo.load_manifest(info)
+        result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
+                                progress=progress, on_total=on_total)
+    return info, result
+
+
+def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True) -> tuple[list[SnapshotInfo],
+                                                                                        GcReport | None]:
+    with repo.lock(exclusive=True, wait_s=LOCK_WAIT_S):
+        infos = [repo.find_snapshot(r) for r in refs]
+        for info in infos:
+            repo.delete_snapshot(info)
+        report = repo.gc() if prune else None
+    return infos, report
+
+
+@dataclass
+class ExpireResult:
+    deleted: list[SnapshotInfo]
+    kept: list[SnapshotInfo]
+    gc: GcReport | None
+
+
+def plan_expiry(snaps: list[SnapshotInfo], keep: KeepPolicy, now: float) -> list[SnapshotInfo]:
+    """Snapshots to delete: any past its TTL, and periodic ones the keep policy does not keep.
+
+    Manual snapshots live until their TTL or an explicit delete.
+    """
+    doomed = {s.id for s in snaps if s.is_expired(now)}
+    periodic = [s for s in snaps if s.kind in ("periodic", "cycle") and s.id not in doomed]
+    if periodic and not keep.is_empty():
+        decisions = plan_retention([(s.id, s.captured_at) for s in periodic], keep)
+        doomed |= {d.id for d in decisions if not d.keep}
+    return [s for s in snaps if s.id in doomed]
+
+
+def expire_snapshots(repo: Repository, keep: KeepPolicy, *, now: float | None = None,
+                     dry_run: bool = False) -> ExpireResult:
+    now = time.time() if now is None else now
+    with repo.lock(exclusive=not dry_run, wait_s=LOCK_WAIT_S):
+        snaps = repo.list_snapshots()
+        doomed = plan_expiry(snaps, keep, now)
+        if dry_run:
+            return ExpireResult(doomed, [s for s in snaps if s not in doomed], None)
+        for s in doomed:
+            repo.delete_snapshot(s)
+        report = repo.gc() if doomed else None
+    return ExpireResult(doomed, [s for s in snaps if s not in doomed], report)
+
+
+def gc_repository(repo: Repository, *, dry_run: bool = False) -> GcReport:
+    with repo.lock(exclusive=not dry_run, wait_s=LOCK_WAIT_S):
+        return repo.gc(dry_run=dry_run)
+
+
+def verify_repository(repo: Repository, *, progress: Callable[[int], None] | None = None) -> VerifyReport:
+    with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
+        return repo.verify(on_progress=progress)

@@ -1,0 +1,57 @@
+"""The error hierarchy. Every error an operator can meet carries its exit code.
+
+Exit codes are a contract (DESIGN.md): 0 ok, 1 operation failed, 2 usage or
+configuration error, 3 integrity error, 4 refused for safety. The command line
+prints ``str(error)`` as one line; messages therefore name what is wrong and
+what to do about it.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTEGRITY = 3
+EXIT_REFUSED = 4
+
+
+class DrsyncError(Exception):
+    """Base of all errors drsync reports to a human."""
+
+    exit_code = EXIT_FAILED
+
+
+class OperationFailed(DrsyncError):
+    """The operation could not be done (I/O error, lock held, hook failed...)."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(DrsyncError):
+    """Bad arguments, bad configuration, missing repository, wrong target."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(UsageError):
+    """The configuration file is malformed, has an unknown key or a wrong type."""
+
+
+class IntegrityError(DrsyncError):
+    """Stored data does not match its hash, or a stored structure is malformed."""
+
+    exit_code = EXIT_INTEGRITY
+
+
+class RefusedError(DrsyncError):
+    """Refused for safety: wrong cluster or release, fenced, too much lag."""
+
+    exit_code = EXIT_REFUSED
+
+
+class LockedError(OperationFailed):
+    """The repository is locked by another process."""
+
+
+class NotFound(UsageError):
+    """A snapshot, backup or repository that was named does not exist."""

@@ -1,0 +1,112 @@
+"""Local filesystem helpers for durable, atomic writes.
+
+Durability on POSIX needs three steps: fsync the file, rename it into place,
+fsync the directory that holds the name. ``syncfs`` flushes a whole
+filesystem in one call, which is how drsync batches the fsyncs of many small
+files (one flush instead of one per file).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+
+from drsync.errors import OperationFailed
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dirs(paths: Iterable[str | os.PathLike[str]]) -> None:
+    for p in sorted({os.fspath(p) for p in paths}):
+        fsync_dir(p)
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Flush every dirty page of the filesystem holding ``path`` (Linux syncfs(2))."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _syncfs is not None:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), os.fspath(path))
+        else:  # pragma: no cover - non-Linux fallback
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def temp_name(final: str | os.PathLike[str]) -> str:
+    p = os.fspath(final)
+    d, base = os.path.split(p)
+    return os.path.join(d, f".tmp-{secrets.token_hex(6)}-{base}")
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, durable: bool = True,
+                 exclusive: bool = False, mode: int = 0o644) -> None:
+    """Write ``data`` so that ``path`` is either the old content or the new one.
+
+    With ``exclusive`` the call fails with FileExistsError when ``path`` exists;
+    the final step is then a hard link, which is atomic and never overwrites.
+    """
+    p = os.fspath(path)
+    os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
+    tmp = temp_name(p)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if exclusive:
+            os.link(tmp, p)
+            os.unlink(tmp)
+        else:
+            os.rename(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if durable:
+        fsync_dir(os.path.dirname(p) or ".")
+
+
+def describe_os_error(e: OSError, action: str) -> OperationFailed:
+    """One line for an operator, with a hint for the common causes."""
+    hint = ""
+    if e.errno == errno.ENOSPC:
+        hint = "; free some space and run the command again"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        hint = "; check the permissions of that path"
+    elif e.errno == errno.EROFS:
+        hint = "; the filesystem is read-only"
+    where = f" {e.filename}" if e.filename else ""
+    return OperationFailed(f"{action} failed:{where}: {e.strerror or e}{hint}")
+
+
+def is_within(root: Path, candidate: Path) -> bool:
+    try:
+        candidate.relative_to(root)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,165 @@
+"""Repository locks, restic style: one small file per holder under ``locks/``.
+
+Shared locks (snapshot create, restore, verify) may coexist; an exclusive lock
+(delete, garbage collection) excludes everyone. A lock is stale when its
+process is gone (same host) or it has not been refreshed for ``STALE_AFTER``;
+stale locks are removed by the next locker, so a crash never wedges a
+repository. Holders refresh their lock in the background.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from drsync.errors import LockedError
+from drsync.repository import format as fmt
+from drsync.storage import ObjectMissing, Storage
+
+STALE_AFTER = 30 * 60.0
+REFRESH_EVERY = 5 * 60.0
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (guards against pid reuse), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return "?"
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    now = _process_start(pid)
+    if now is None:
+        return False
+    return start is None or now == "?" or now == start
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    name: str
+    host: str
+    pid: int
+    exclusive: bool
+    command: str
+    created: float
+    refreshed: float
+    start: str | None
+
+    def describe(self) -> str:
+        kind = "exclusive" if self.exclusive else "shared"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.created))
+        return f"{kind} lock by pid {self.pid} on {self.host} ({self.command}) since {since} UTC"
+
+    def is_stale(self, now: float) -> bool:
+        if now - self.refreshed > STALE_AFTER:
+            return True
+        return self.host == socket.gethostname() and not _pid_alive(self.pid, self.start)
+
+
+def read_locks(storage: Storage) -> list[LockInfo]:
+    out = []
+    for obj in storage.list(fmt.LOCKS_DIR):
+        try:
+            doc = json.loads(storage.read(obj.name))
+            out.append(LockInfo(obj.name, doc["host"], int(doc["pid"]), bool(doc["exclusive"]),
+                                doc.get("command", "?"), float(doc["created"]), float(doc["refreshed"]),
+                                doc.get("start")))
+        except ObjectMissing:
+            continue
+        except (ValueError, KeyError, TypeError):
+            # An unreadable lock file is treated as a fresh foreign lock would be:
+            # it blocks, and 'drsync repo unlock' removes it.
+            out.append(LockInfo(obj.name, "?", 0, True, "unreadable lock file", obj.mtime, obj.mtime, None))
+    return out
+
+
+class RepositoryLock:
+    def __init__(self, storage: Storage, *, exclusive: bool, wait_s: float = 0.0) -> None:
+        self.storage = storage
+        self.exclusive = exclusive
+        self.wait_s = wait_s
+        self.name = f"{fmt.LOCKS_DIR}{secrets.token_hex(16)}.json"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._created = 0.0
+
+    def _doc(self) -> bytes:
+        pid = os.getpid()
+        return json.dumps({
+            "host": socket.gethostname(), "pid": pid, "start": _process_start(pid),
+            "exclusive": self.exclusive, "command": " ".join(os.path.basename(a) for a in sys.argv[:3]),
+            "created": self._created, "refreshed": time.time(),
+        }).encode()
+
+    def acquire(self) -> RepositoryLock:
+        deadline = time.monotonic() + self.wait_s
+        delay = 0.05
+        while True:
+            conflict = self._try_once()
+            if conflict is None:
+                break
+            if time.monotonic() >= deadline:
+                raise LockedError(
+                    f"repository {self.storage.url} is locked: {conflict.describe()}; wait for it to "
+                    f"finish, or if that process is gone run 'drsync repo unlock'")
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))  # backoff between attempts
+            delay = min(delay * 2, 1.0)
+        self._thread = threading.Thread(target=self._refresh_loop, name="drsync-lock-refresh", daemon=True)
+        self._thread.start()
+        return self
+
+    def _try_once(self) -> LockInfo | None:
+        now = time.time()
+        for lock in read_locks(self.storage):
+            if lock.is_stale(now):
+                self.storage.delete(lock.name)
+        self._created = time.time()
+        self.storage.write(self.name, self._doc(), durable=True, exclusive=True)
+        for lock in read_locks(self.storage):
+            if lock.name == self.name or lock.is_stale(time.time()):
+                continue
+            if self.exclusive or lock.exclusive:
+                self.storage.delete(self.name)
+                return lock
+        return None
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(REFRESH_EVERY):
+            try:
+                self.storage.write(self.name, self._doc(), durable=True)
+            except Exception:  # a failed refresh is retried; staleness takes 30 minutes
+                continue
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.storage.delete(self.name)
+
+    def __enter__(self) -> RepositoryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def remove_locks(storage: Storage, *, all_locks: bool = False) -> list[LockInfo]:
+    """Remove stale locks (or every lock with ``all_locks``); returns what was removed."""
+    removed = []
+    now = time.time()
+    for lock in read_locks(storage):
+        if all_locks or lock.is_stale(now):
+            storage.delete(lock.name)
+            removed.append(lock)
+    return removed

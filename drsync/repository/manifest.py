@@ -1,0 +1,236 @@
+"""The manifest: the table of one snapshot, stored as Parquet.
+
+One row per path below the data root (the root itself is not a row), sorted
+by path. Files carry their chunk list; ``content`` is the BLAKE3 of the
+concatenated chunk ids, so two manifests diff as a join on scalar columns.
+Everything here is pure: building, validating and diffing tables.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import blake3
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from drsync.errors import IntegrityError
+from drsync.repository import format as fmt
+
+FILE, DIR, SYMLINK = "file", "dir", "symlink"
+TYPES = (FILE, DIR, SYMLINK)
+
+SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("type", pa.string()),
+    ("mode", pa.uint32()),
+    ("uid", pa.uint32()),
+    ("gid", pa.uint32()),
+    ("size", pa.int64()),
+    ("mtime_ns", pa.int64()),
+    ("ctime_ns", pa.int64()),
+    ("inode", pa.uint64()),
+    ("target", pa.string()),
+    ("content", pa.binary(fmt.ID_LEN)),
+    ("chunks", pa.list_(pa.binary(fmt.ID_LEN))),
+    ("chunk_sizes", pa.list_(pa.uint32())),
+], metadata={b"drsync.format": str(fmt.FORMAT_VERSION).encode()})
+
+EMPTY_CONTENT = blake3.blake3(b"").digest()
+
+
+def content_digest(chunk_ids: list[bytes]) -> bytes:
+    return blake3.blake3(b"".join(chunk_ids)).digest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    type: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    target: str | None
+    chunks: list[bytes]
+    chunk_sizes: list[int]
+
+
+class Manifest:
+    """An immutable, path-sorted Arrow table following :data:`SCHEMA`."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    @classmethod
+    def empty(cls) -> Manifest:
+        return cls(SCHEMA.empty_table())
+
+    @classmethod
+    def from_columns(cls, columns: dict[str, list | pa.Array]) -> Manifest:
+        table = pa.table({name: columns[name] for name in SCHEMA.names}, schema=SCHEMA)
+        return cls(sort_by_path(table))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        pq.write_table(self.table, buf, compression="zstd", row_group_size=256 * 1024)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, what: str = "manifest") -> Manifest:
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise IntegrityError(f"{what} is damaged or truncated: {e}") from None
+        meta = table.schema.metadata or {}
+        version = meta.get(b"drsync.format", b"?").decode()
+        if not version.isdigit():
+            raise IntegrityError(f"{what} is not a drsync manifest")
+        if int(version) > fmt.FORMAT_VERSION:
+            raise IntegrityError(f"{what} uses manifest format {version}, newer than this drsync "
+                                 f"understands ({fmt.FORMAT_VERSION}); upgrade drsync")
+        if table.schema.remove_metadata() != SCHEMA.remove_metadata():
+            raise IntegrityError(f"{what} does not have the manifest columns")
+        return cls(table)
+
+    def entries(self) -> Iterator[Entry]:
+        t = self.table
+        cols = {n: t.column(n).to_pylist() for n in
+                ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target", "chunks", "chunk_sizes")}
+        for i in range(t.num_rows):
+            yield Entry(cols["path"][i], cols["type"][i], cols["mode"][i], cols["uid"][i], cols["gid"][i],
+                        cols["size"][i], cols["mtime_ns"][i], cols["target"][i],
+                        cols["chunks"][i] or [], cols["chunk_sizes"][i] or [])
+
+    def chunk_ids(self) -> set[bytes]:
+        flat = pc.list_flatten(self.table.column("chunks"))
+        return set(pc.unique(flat).to_pylist())
+
+    def total_bytes(self) -> int:
+        files = self.table.filter(pc.equal(self.table.column("type"), FILE))
+        return int(pc.sum(files.column("size")).as_py() or 0)
+
+    def file_count(self) -> int:
+        return int(pc.sum(pc.equal(self.table.column("type"), FILE)).as_py() or 0)
+
+    def filter_paths(self, keep_mask: list[bool]) -> Manifest:
+        return Manifest(self.table.filter(pa.array(keep_mask, pa.bool_())))
+
+
+def sort_by_path(table: pa.Table) -> pa.Table:
+    return table.take(pc.sort_indices(table, sort_keys=[("path", "ascending")]))
+
+
+def _safe_relpath(path: str) -> bool:
+    if not path or path.startswith("/") or "\x00" in path or "\\" in path:
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
+def symlink_stays_inside(path: str, target: str) -> bool:
+    """True when a link at ``path`` pointing to ``target`` resolves inside the root (lexically)."""
+    if not target or target.startswith("/") or "\x00" in target:
+        return False
+    joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+    return joined != ".." and not joined.startswith("../") and not joined.startswith("/")
+
+
+def validate(manifest: Manifest, what: str = "manifest") -> None:
+    """Refuse a manifest that could write outside the root or is inconsistent.
+
+    Checked before anything touches a target, so bad input changes nothing.
+    """
+    t = manifest.table
+    paths = t.column("path").to_pylist()
+    types = t.column("type").to_pylist()
+    sizes = t.column("size").to_pylist()
+    targets = t.column("target").to_pylist()
+    chunk_counts = pc.list_value_length(t.column("chunks")).to_pylist()
+    size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
+    sums = _list_sums(t.column("chunk_sizes"))
+    kinds: dict[str, str] = {}
+    for i, path in enumerate(paths):
+        if path is None or not _safe_relpath(path):
+            raise IntegrityError(f"{what}: unsafe path {path!r} (absolute, empty or with '..'); refusing it")
+        typ = types[i]
+        if typ not in TYPES:
+            raise IntegrityError(f"{what}: {path}: unknown entry type {typ!r}")
+        if path in kinds:
+            raise IntegrityError(f"{what}: {path} appears twice")
+        kinds[path] = typ
+        if typ == SYMLINK and not symlink_stays_inside(path, targets[i] or ""):
+            raise IntegrityError(f"{what}: symlink {path} -> {targets[i]} points outside the data root")
+        if (chunk_counts[i] or 0) != (size_counts[i] or 0):
+            raise IntegrityError(f"{what}: {path}: chunk list and chunk sizes differ in length")
+        if typ == FILE and sums[i] != sizes[i]:
+            raise IntegrityError(f"{what}: {path}: chunks add up to {sums[i]} bytes, size says {sizes[i]}")
+    for path in paths:
+        parent = posixpath.dirname(path)
+        if parent and kinds.get(parent) != DIR:
+            raise IntegrityError(f"{what}: {path} has no parent directory entry {parent!r}")
+
+
+def _list_sums(col: pa.ChunkedArray) -> list[int]:
+    out: list[int] = []
+    for chunk in col.chunks:
+        offsets = chunk.offsets.to_pylist()
+        values = chunk.values.cast(pa.int64())
+        cums = [0]
+        acc = 0
+        for v in values.to_pylist():
+            acc += v
+            cums.append(acc)
+        out.extend(cums[offsets[i + 1]] - cums[offsets[i]] for i in range(len(chunk)))
+    return out
+
+
+# --- diff ------------------------------------------------------------------
+
+_COMPARED = ("type", "mode", "size", "mtime_ns", "target", "content")
+
+
+@dataclass(frozen=True)
+class ManifestDiff:
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"added": self.added, "removed": self.removed, "changed": self.changed}
+
+
+def diff(old: Manifest, new: Manifest) -> ManifestDiff:
+    """Paths added, removed and changed from ``old`` to ``new``: a join on ``path``."""
+    cols = ["path", *_COMPARED]
+    a = old.table.select(cols)
+    b = new.table.select(cols)
+    joined = a.join(b, keys="path", join_type="full outer", left_suffix="_a", right_suffix="_b",
+                    coalesce_keys=True)
+    path = joined.column("path")
+    in_a = pc.is_valid(joined.column("type_a"))
+    in_b = pc.is_valid(joined.column("type_b"))
+    added = pc.and_(pc.invert(in_a), in_b)
+    removed = pc.and_(in_a, pc.invert(in_b))
+    both = pc.and_(in_a, in_b)
+    differs = None
+    for c in _COMPARED:
+        x, y = joined.column(f"{c}_a"), joined.column(f"{c}_b")
+        # Treat null == null as equal (symlink target of files, content of dirs).
+        ne = pc.fill_null(pc.not_equal(x, y), False)
+        one_null = pc.xor(pc.is_null(x), pc.is_null(y))
+        ne = pc.or_(ne, one_null)
+        differs = ne if differs is None else pc.or_(differs, ne)
+    changed = pc.and_(both, differs) if differs is not None else both
+
+    def pick(mask: pa.ChunkedArray) -> list[str]:
+        return sorted(pc.filter(path, mask).to_pylist())
+
+    return ManifestDiff(pick(added), pick(removed), pick(changed))

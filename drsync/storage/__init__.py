@@ -1,0 +1,97 @@
+"""Storage: the one small interface every place a repository can live implements.
+
+A storage holds named blobs (``"packs/3f/3fa0….pack"``, ``"config.json"``).
+Names are relative, slash-separated and never contain ``..``. Writes are
+atomic: a blob is either absent or complete under its name. ``durable=True``
+means the blob survives a crash once the call returns; ``durable=False`` lets a
+caller batch many writes and make them durable with one :meth:`Storage.sync`.
+
+Implementations: :class:`~drsync.storage.local.LocalStorage` (a directory) and
+:class:`~drsync.storage.memory.MemoryStorage` (an in-memory double that also
+models crashes). Both pass ``tests/test_storage_conformance.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from drsync.errors import OperationFailed, UsageError
+
+
+class ObjectMissing(OperationFailed):
+    """A named blob does not exist."""
+
+
+class ObjectExists(OperationFailed):
+    """An exclusive write found the name already taken."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    name: str
+    size: int
+    mtime: float
+
+
+class BlobWriter(Protocol):
+    """A blob being written; invisible under its name until :meth:`commit`."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def commit(self, *, durable: bool = True) -> None: ...
+
+    def abort(self) -> None: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+@runtime_checkable
+class Storage(Protocol):
+    url: str
+
+    def read(self, name: str) -> bytes: ...
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes: ...
+
+    def write(self, name: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> None: ...
+
+    def writer(self, name: str) -> BlobWriter: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def list(self, prefix: str = "") -> list[StoredObject]: ...
+
+    def sync(self, names: Iterable[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def check_name(name: str) -> str:
+    """Reject names that could escape the storage root."""
+    if not name or name.startswith("/") or "\\" in name or "\x00" in name:
+        raise ValueError(f"invalid storage name {name!r}")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise ValueError(f"invalid storage name {name!r}")
+    return name
+
+
+def open_storage(url: str, *, create: bool = False) -> Storage:
+    """Open the storage a URL names: a plain path, ``file://PATH`` or ``memory://NAME``."""
+    from drsync.storage.local import LocalStorage
+    from drsync.storage.memory import MemoryStorage
+
+    if url.startswith("memory://"):
+        return MemoryStorage.named(url[len("memory://"):])
+    if url.startswith("file://"):
+        return LocalStorage(url[len("file://"):], create=create)
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        if scheme == "hdfs":
+            raise UsageError(f"{url}: HDFS storage is not available in this build yet; use a local path")
+        raise UsageError(f"{url}: unknown storage scheme {scheme!r}; use a path or file://PATH")
+    return LocalStorage(url, create=create)

@@ -1,0 +1,198 @@
+"""A storage that is a directory on a local (or locally mounted) filesystem."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from drsync import fsutil
+from drsync.errors import UsageError
+from drsync.storage import ObjectExists, ObjectMissing, StoredObject, check_name
+
+_FD_CACHE_SIZE = 64
+
+
+class LocalBlobWriter:
+    def __init__(self, storage: LocalStorage, name: str) -> None:
+        self._storage = storage
+        self._final = storage._path(name)
+        os.makedirs(os.path.dirname(self._final), exist_ok=True)
+        self._tmp = fsutil.temp_name(self._final)
+        self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._size = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fd is not None, "writer already closed"
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+            self._size += n
+
+    def commit(self, *, durable: bool = True) -> None:
+        assert self._fd is not None, "writer already closed"
+        try:
+            if durable:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        os.rename(self._tmp, self._final)
+        if durable:
+            fsutil.fsync_dir(os.path.dirname(self._final))
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+
+
+class LocalStorage:
+    """Blobs are files below ``root``; temp files start with ``.tmp-`` and are never listed."""
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = False) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.url = self.root
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise UsageError(f"{self.root} is a file, not a directory")
+        if create:
+            os.makedirs(self.root, exist_ok=True)
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fd_lock = threading.Lock()
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, *check_name(name).split("/"))
+
+    def read(self, name: str) -> bytes:
+        try:
+            with open(self._path(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise ObjectMissing(f"{self.root}: {name} is missing") from None
+
+    def _fd(self, name: str) -> int:
+        with self._fd_lock:
+            fd = self._fds.get(name)
+            if fd is not None:
+                self._fds.move_to_end(name)
+                return fd
+            try:
+                fd = os.open(self._path(name), os.O_RDONLY)
+            except FileNotFoundError:
+                raise ObjectMissing(f"{self.root}: {name} is missing") from None
+            self._fds[name] = fd
+            while len(self._fds) > _FD_CACHE_SIZE:
+                _, old = self._fds.popitem(last=False)
+                os.close(old)
+            return fd
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        fd = self._fd(name)
+        data = os.pread(fd, length, offset)
+        if len(data) < length:
+            # Short read: either the blob is truncated, or another process replaced it
+            # under our cached descriptor. Retry once on a fresh descriptor.
+            self._forget(name)
+            fd = self._fd(name)
+            data = os.pread(fd, length, offset)
+        return data
+
+    def _forget(self, name: str) -> None:
+        with self._fd_lock:
+            fd = self._fds.pop(name, None)
+            if fd is not None:
+                os.close(fd)
+
+    def write(self, name: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> None:
+        try:
+            fsutil.atomic_write(self._path(name), data, durable=durable, exclusive=exclusive)
+        except FileExistsError:
+            raise ObjectExists(f"{self.root}: {name} exists already") from None
+
+    def writer(self, name: str) -> LocalBlobWriter:
+        return LocalBlobWriter(self, name)
+
+    def delete(self, name: str) -> None:
+        self._forget(name)
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self._path(name))
+
+    def list(self, prefix: str = "") -> list[StoredObject]:
+        """Blobs whose name starts with ``prefix`` (a folder, e.g. ``"packs/"``)."""
+        base = self.root
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = os.path.join(base, *folder.split("/")) if folder else base
+        out: list[StoredObject] = []
+        if not os.path.isdir(start):
+            return out
+        stack = [start]
+        while stack:
+            d = stack.pop()
+            try:
+                it = os.scandir(d)
+            except FileNotFoundError:
+                continue
+            with it:
+                for e in it:
+                    if e.name.startswith(".tmp-"):
+                        continue
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                        continue
+                    rel = os.path.relpath(e.path, base).replace(os.sep, "/")
+                    if rel.startswith(prefix):
+                        st = e.stat(follow_symlinks=False)
+                        out.append(StoredObject(rel, st.st_size, st.st_mtime))
+        out.sort(key=lambda o: o.name)
+        return out
+
+    def sync(self, names: Iterable[str]) -> None:
+        dirs = set()
+        for name in names:
+            p = self._path(name)
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dirs.add(os.path.dirname(p))
+        fsutil.fsync_dirs(dirs)
+
+    def remove_temp_files(self, older_than_s: float = 3600.0) -> int:
+        """Delete leftovers of interrupted writes (``.tmp-*`` files)."""
+        import time
+
+        removed = 0
+        now = time.time()
+        for dirpath, _dirs, files in os.walk(self.root):
+            for f in files:
+                if f.startswith(".tmp-"):
+                    p = os.path.join(dirpath, f)
+                    try:
+                        if now - os.stat(p).st_mtime >= older_than_s:
+                            os.unlink(p)
+                            removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
