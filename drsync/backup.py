@@ -27,6 +27,7 @@ from drsync.config import KeepPolicy
 from drsync.errors import IntegrityError, NotFound, UsageError
 from drsync.pathglob import compile_globs
 from drsync.repository import chunks
+from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import FILE, Manifest
 from drsync.repository.repo import Repository, VerifyReport
 from drsync.repository.snapshots import iso, parse_iso
@@ -91,7 +92,7 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
                          "it leaves out)")
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise UsageError(f"backup destination {dest} is a file; name a directory")
-    with repo.lock(exclusive=False, wait_s=30.0):
+    with repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
         info = repo.find_snapshot(ref)
         manifest = repo.load_manifest(info)
         excluded: list[str] = []

@@ -176,7 +176,8 @@ def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str,
     with progress("snapshot") as (advance, total):
         info = engine.create_snapshot(repo, req, progress=advance, on_total=total)
     doc = {"id": info.id, "name": info.name, "files": info.files, "bytes": info.bytes,
-           "new_bytes": info.new_bytes, "duration_s": info.duration_s, "captured_at": iso(info.captured_at),
+           "new_bytes": info.new_bytes, "read_bytes": info.read_bytes, "reused_files": info.reused_files,
+           "duration_s": info.duration_s, "captured_at": iso(info.captured_at),
            "reason": info.reason, "ttl_s": info.ttl_s, "parent": info.parent, "warnings": info.warnings}
 
     def human() -> None:

@@ -20,6 +20,7 @@ from drsync.apply import ApplyResult, apply_manifest
 from drsync.capture import capture
 from drsync.config import KeepPolicy
 from drsync.errors import OperationFailed, RefusedError, UsageError
+from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.repo import GcReport, Repository, VerifyReport
 from drsync.repository.snapshots import SnapshotInfo, new_snapshot_id
 from drsync.retention import plan_retention
@@ -27,7 +28,7 @@ from drsync.storage import open_storage
 
 log = logging.getLogger("drsync.engine")
 
-LOCK_WAIT_S = 30.0
+LOCK_WAIT_S = DEFAULT_WAIT_S
 
 
 def local_path(url: str, what: str) -> str:
@@ -118,7 +119,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
             release=repo.config.release, manifest_hash=blake3.blake3(manifest_bytes).hexdigest(),
             name=req.name, reason=req.reason, kind=req.kind, ttl_s=req.ttl_s, source=root,
             parent=parent.id if parent else None, files=result.files, bytes=result.bytes,
-            new_bytes=writer.new_bytes, duration_s=round(time.monotonic() - started, 3),
+            new_bytes=writer.new_bytes, read_bytes=result.read_bytes, reused_files=result.reused_files,
+            duration_s=round(time.monotonic() - started, 3),
             warnings=result.warnings)
         repo.commit_snapshot(info, manifest_bytes)
     for w in result.warnings:

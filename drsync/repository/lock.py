@@ -24,6 +24,8 @@ from drsync.storage import ObjectMissing, Storage
 
 STALE_AFTER = 30 * 60.0
 REFRESH_EVERY = 5 * 60.0
+# How long a command waits for a conflicting lock before giving up (DRSYNC_LOCK_WAIT seconds).
+DEFAULT_WAIT_S = float(os.environ.get("DRSYNC_LOCK_WAIT", "30"))
 
 
 def _process_start(pid: int) -> str | None:

@@ -42,6 +42,8 @@ class SnapshotInfo:
     files: int = 0
     bytes: int = 0
     new_bytes: int = 0
+    read_bytes: int = 0
+    reused_files: int = 0
     duration_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
     format: int = fmt.FORMAT_VERSION

@@ -103,6 +103,14 @@ class MemoryStorage:
                     raise ObjectMissing(f"{self.url}: {name} is missing")
                 self._durable[name] = self._blobs[name]
 
+    def clone(self) -> MemoryStorage:
+        """An independent copy (same blobs, same durability), to replay a scenario."""
+        other = MemoryStorage(self.url)
+        with self._lock:
+            other._blobs = dict(self._blobs)
+            other._durable = dict(self._durable)
+        return other
+
     def crash(self) -> None:
         """Forget every write that was never made durable, as a power loss would."""
         with self._lock:

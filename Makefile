@@ -1,0 +1,49 @@
+# drsync: every target sets up what it needs itself, on a fresh Debian machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages: rsync is the peer in benchmarks.
+DEB_PACKAGES := rsync
+
+.PHONY: help venv system-deps test lint demo bench reliability clean
+
+help:
+	@echo "make demo    - set up and run the snapshot/backup demo on generated data"
+	@echo "make test    - install what the tests need and run them"
+	@echo "make bench   - drsync against rsync on the same generated data (slow)"
+	@echo "make lint    - ruff"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check drsync tests bench
+
+test: $(STAMP) system-deps lint
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+bench: $(STAMP) system-deps
+	$(PY) bench/bench.py
+
+reliability: $(STAMP) system-deps
+	DRSYNC_CRASH_TRIALS=40 $(PY) -m pytest -q tests/test_crash.py tests/test_lock.py
+
+clean:
+	rm -rf $(VENV) demo-work bench-work .pytest_cache

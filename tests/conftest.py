@@ -1,0 +1,107 @@
+"""Shared fixtures: the real CLI in a subprocess, generated data trees, repositories."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self):  # type: ignore[no-untyped-def]
+        return json.loads(self.out)
+
+
+def run_drsync(*args: str | os.PathLike[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+               timeout: float = 300) -> Result:
+    """Run the installed CLI as a real process (exit codes, stdout and stderr as users see them)."""
+    proc = subprocess.run([sys.executable, "-m", "drsync", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def drsync() -> Callable[..., Result]:
+    return run_drsync
+
+
+def make_tree(root: Path, *, seed: int = 1, files: int = 30, big: int = 2) -> None:
+    """A small data tree with what restores must get right: modes, empty dirs, links, big files."""
+    rnd = random.Random(seed)
+    (root / "catalog").mkdir(parents=True, exist_ok=True)
+    (root / "tables" / "orders").mkdir(parents=True, exist_ok=True)
+    (root / "empty" / "deeper").mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        p = root / "catalog" / f"f{i:03}.txt"
+        p.write_text(f"file {i} " * rnd.randrange(1, 200))
+    for i in range(big):
+        (root / "tables" / "orders" / f"part-{i}.bin").write_bytes(rnd.randbytes(3 * 1024 * 1024 + i * 4097))
+    (root / "catalog" / "empty-file").write_bytes(b"")
+    secret = root / "catalog" / "secret.txt"
+    secret.write_text("only the owner reads this\n")
+    secret.chmod(0o600)
+    script = root / "catalog" / "run.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    os.symlink("../catalog/f000.txt", root / "tables" / "link-to-f000")
+    os.symlink("orders", root / "tables" / "orders-link")
+    os.utime(root / "catalog" / "f001.txt", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    (root / "empty").chmod(0o750)
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Everything a restore must reproduce: type, mode, mtime, content or link target."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if rel.startswith(".drsync"):
+                continue
+            st = p.lstat()
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p), st.st_mtime_ns)
+            elif p.is_dir():
+                out[rel] = ("dir", st.st_mode & 0o7777, st.st_mtime_ns)
+            else:
+                out[rel] = ("file", st.st_mode & 0o7777, st.st_mtime_ns, p.read_bytes())
+    return out
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    make_tree(root)
+    return root
+
+
+@pytest.fixture
+def repo_url(tmp_path: Path, drsync) -> str:  # type: ignore[no-untyped-def]
+    url = str(tmp_path / "repo")
+    r = drsync("init", "--repo", url, "--cluster-id", "east", "--release", "6.2.1")
+    assert r.code == 0, r.err
+    return url
+
+
+def age_tree(root: Path, seconds: int = 10) -> None:
+    """Move every mtime into the past, so nothing counts as 'racily' modified during a capture."""
+    for dirpath, dirs, files in os.walk(root, topdown=False):
+        for name in files + dirs:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9), follow_symlinks=False)

@@ -1,0 +1,92 @@
+"""Repository locks: writers exclude each other, crashed holders never wedge a repository."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from drsync.errors import LockedError
+from drsync.repository import format as fmt
+from drsync.repository.lock import STALE_AFTER, RepositoryLock, read_locks, remove_locks
+from drsync.storage.local import LocalStorage
+from drsync.storage.memory import MemoryStorage
+from tests.conftest import make_tree, run_drsync
+
+
+def test_shared_locks_coexist_exclusive_excludes() -> None:
+    s = MemoryStorage()
+    with RepositoryLock(s, exclusive=False), RepositoryLock(s, exclusive=False):
+        assert len(read_locks(s)) == 2
+        with pytest.raises(LockedError, match="locked: shared lock by pid"):
+            RepositoryLock(s, exclusive=True).acquire()
+    with RepositoryLock(s, exclusive=True), pytest.raises(LockedError, match="exclusive lock by pid"):
+        RepositoryLock(s, exclusive=False).acquire()
+    assert read_locks(s) == []
+
+
+def _foreign_lock(s: MemoryStorage, *, host: str, pid: int, refreshed: float) -> None:
+    s.write(f"{fmt.LOCKS_DIR}other.json", json.dumps({
+        "host": host, "pid": pid, "exclusive": True, "command": "drsync snapshot delete",
+        "created": refreshed, "refreshed": refreshed}).encode())
+
+
+def test_lock_of_dead_local_process_is_stale_and_removed() -> None:
+    s = MemoryStorage()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _foreign_lock(s, host=socket.gethostname(), pid=dead.pid, refreshed=time.time())
+    with RepositoryLock(s, exclusive=True):
+        assert [lk.pid for lk in read_locks(s)] != [dead.pid]
+
+
+def test_fresh_foreign_lock_blocks_old_one_does_not() -> None:
+    s = MemoryStorage()
+    _foreign_lock(s, host="elsewhere", pid=1, refreshed=time.time())
+    with pytest.raises(LockedError, match=r"on elsewhere.*drsync repo unlock"):
+        RepositoryLock(s, exclusive=False).acquire()
+    _foreign_lock(s, host="elsewhere", pid=1, refreshed=time.time() - STALE_AFTER - 60)
+    with RepositoryLock(s, exclusive=False):
+        pass
+
+
+def test_lock_wait_succeeds_once_holder_leaves() -> None:
+    s = MemoryStorage()
+    holder = RepositoryLock(s, exclusive=True).acquire()
+    import threading
+
+    threading.Timer(0.3, holder.release).start()
+    with RepositoryLock(s, exclusive=True, wait_s=10):
+        pass
+
+
+def test_unlock_all_removes_live_locks() -> None:
+    s = MemoryStorage()
+    RepositoryLock(s, exclusive=True).acquire()
+    assert remove_locks(s) == []  # our own live lock is not stale
+    assert len(remove_locks(s, all_locks=True)) == 1
+
+
+def test_concurrent_cli_writers_are_serialised(tmp_path: Path) -> None:
+    """A held exclusive lock makes a concurrent delete fail cleanly (exit 1, one line)."""
+    data = tmp_path / "data"
+    make_tree(data, files=3, big=1)
+    repo = tmp_path / "repo"
+    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    assert run_drsync("snapshot", "create", "--repo", repo, "--source", data).code == 0
+    storage = LocalStorage(repo)
+    # A foreign host's fresh exclusive lock: drsync must not wait forever nor break it.
+    storage.write(f"{fmt.LOCKS_DIR}foreign.json", json.dumps({
+        "host": "db-7", "pid": 4242, "exclusive": True, "command": "drsync repo gc",
+        "created": time.time(), "refreshed": time.time()}).encode())
+    r = run_drsync("snapshot", "delete", "latest", "--repo", repo, env={"DRSYNC_LOCK_WAIT": "0"})
+    assert r.code == 1
+    assert r.err.count("\n") == 1 and "locked: exclusive lock by pid 4242 on db-7" in r.err
+    assert len(run_drsync("snapshot", "list", "--repo", repo, "--json").json()) == 1
+    assert run_drsync("repo", "unlock", "--repo", repo, "--all").code == 0
+    assert run_drsync("snapshot", "delete", "latest", "--repo", repo).code == 0

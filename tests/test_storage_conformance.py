@@ -1,0 +1,149 @@
+"""One conformance suite that every storage backend passes."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from drsync.storage import ObjectExists, ObjectMissing, Storage, check_name, open_storage
+from drsync.storage.local import LocalStorage
+from drsync.storage.memory import MemoryStorage
+
+
+@pytest.fixture(params=["local", "memory"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "local":
+        return LocalStorage(tmp_path / "store", create=True)
+    return MemoryStorage()
+
+
+def test_is_a_storage(storage: Storage) -> None:
+    assert isinstance(storage, Storage)
+
+
+def test_write_read_roundtrip(storage: Storage) -> None:
+    storage.write("a/b/c.bin", b"hello world")
+    assert storage.read("a/b/c.bin") == b"hello world"
+    assert storage.read_range("a/b/c.bin", 6, 5) == b"world"
+    assert storage.exists("a/b/c.bin")
+    assert not storage.exists("a/b/other")
+
+
+def test_overwrite_replaces_whole_blob(storage: Storage) -> None:
+    storage.write("x", b"long old content")
+    storage.write("x", b"new")
+    assert storage.read("x") == b"new"
+
+
+def test_exclusive_write_never_overwrites(storage: Storage) -> None:
+    storage.write("lock", b"mine", exclusive=True)
+    with pytest.raises(ObjectExists):
+        storage.write("lock", b"theirs", exclusive=True)
+    assert storage.read("lock") == b"mine"
+
+
+def test_missing_blob_is_a_clear_error(storage: Storage) -> None:
+    with pytest.raises(ObjectMissing):
+        storage.read("nope")
+    storage.delete("nope")  # deleting what is not there is fine
+
+
+def test_writer_is_invisible_until_commit(storage: Storage) -> None:
+    w = storage.writer("packs/aa/p1")
+    w.write(b"abc")
+    w.write(memoryview(b"def"))
+    assert w.size == 6
+    assert not storage.exists("packs/aa/p1")
+    assert [o.name for o in storage.list("packs/")] == []
+    w.commit(durable=False)
+    assert storage.read("packs/aa/p1") == b"abcdef"
+    storage.sync(["packs/aa/p1"])
+
+
+def test_aborted_writer_leaves_nothing(storage: Storage) -> None:
+    w = storage.writer("packs/bb/p2")
+    w.write(b"partial")
+    w.abort()
+    assert not storage.exists("packs/bb/p2")
+    assert storage.list("") == []
+
+
+def test_list_by_prefix_sorted_with_sizes(storage: Storage) -> None:
+    storage.write("snapshots/b.json", b"22")
+    storage.write("snapshots/a.json", b"1")
+    storage.write("index/x", b"333")
+    listed = storage.list("snapshots/")
+    assert [(o.name, o.size) for o in listed] == [("snapshots/a.json", 1), ("snapshots/b.json", 2)]
+    assert {o.name for o in storage.list("")} == {"snapshots/a.json", "snapshots/b.json", "index/x"}
+
+
+def test_delete(storage: Storage) -> None:
+    storage.write("d/e", b"x")
+    storage.delete("d/e")
+    assert not storage.exists("d/e")
+    with pytest.raises(ObjectMissing):
+        storage.read("d/e")
+
+
+@pytest.mark.parametrize("bad", ["", "/abs", "a/../b", "..", "a//b", "./a", "a\\b"])
+def test_names_that_escape_are_refused(storage: Storage, bad: str) -> None:
+    with pytest.raises(ValueError):
+        check_name(bad)
+    with pytest.raises(ValueError):
+        storage.write(bad, b"x")
+
+
+def test_concurrent_exclusive_writes_have_one_winner(storage: Storage) -> None:
+    wins: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def attempt(n: int) -> None:
+        barrier.wait()
+        try:
+            storage.write("race", str(n).encode(), exclusive=True)
+            wins.append(n)
+        except ObjectExists:
+            pass
+
+    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert storage.read("race") == str(wins[0]).encode()
+
+
+def test_memory_crash_forgets_only_non_durable_writes() -> None:
+    m = MemoryStorage()
+    m.write("durable", b"1", durable=True)
+    m.write("volatile", b"2", durable=False)
+    m.write("synced", b"3", durable=False)
+    m.sync(["synced"])
+    m.crash()
+    assert m.exists("durable") and m.exists("synced")
+    assert not m.exists("volatile")
+
+
+def test_local_temp_files_are_not_listed(tmp_path: Path) -> None:
+    s = LocalStorage(tmp_path / "s", create=True)
+    w = s.writer("packs/cc/p3")
+    w.write(b"x")
+    assert s.list("") == []
+    w.abort()
+
+
+def test_open_storage_urls(tmp_path: Path) -> None:
+    assert isinstance(open_storage(str(tmp_path)), LocalStorage)
+    assert isinstance(open_storage(f"file://{tmp_path}"), LocalStorage)
+    assert open_storage("memory://shared") is open_storage("memory://shared")
+    from drsync.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown storage scheme"):
+        open_storage("s3://bucket/x")
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        open_storage(str(f))
