@@ -86,6 +86,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, _Walked], *,
         if want is None or want.type != have.type:
             plan.remove.append(path)
     removed = set(plan.remove)
+    # Removing a directory removes what is inside it: list only the top-most paths.
+    plan.remove = [p for p in plan.remove if not any(a in removed for a in _ancestors(p))]
     for path, e in wanted.items():
         have = existing.get(path)
         if have is not None and path in removed:
@@ -97,8 +99,6 @@ def plan_apply(entries: list[Entry], existing: dict[str, _Walked], *,
         elif e.type == SYMLINK:
             if have is None or os.fsdecode(have.target or "") != e.target:
                 plan.link.append(e)
-            else:
-                plan.unchanged += 1
         else:
             if (have is not None and have.size == e.size and have.mtime_ns == e.mtime_ns
                     and (same_content is None or same_content(e, have))):
@@ -112,6 +112,11 @@ def plan_apply(entries: list[Entry], existing: dict[str, _Walked], *,
     plan.mkdir.sort(key=lambda e: e.path)
     plan.dirs.sort(key=lambda e: e.path.count("/"), reverse=True)
     return plan
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _same_content(e: Entry, have: _Walked) -> bool:

@@ -1,0 +1,235 @@
+"""Snapshots through the real CLI: JSON contracts, exact restores, refusals and bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import blake3
+import pyarrow as pa
+
+from drsync.repository import format as fmt
+from drsync.repository.manifest import Manifest
+from drsync.storage.local import LocalStorage
+from tests.conftest import age_tree, tree_state
+
+
+def write_config(tmp_path: Path, *, cluster_id: str = "east", release: str = "6.2.1", extra: str = "",
+                 name: str = "drsync.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(f'[cluster]\nid = "{cluster_id}"\nrelease = "{release}"\ndata = "data"\n'
+                 f'repository = "repo"\n{extra}')
+    return p
+
+
+def snapshot(drsync, repo: str, data: Path, *extra: str) -> dict:  # type: ignore[no-untyped-def]
+    r = drsync("snapshot", "create", "--repo", repo, "--source", data, "--json", *extra)
+    assert r.code == 0, r.err
+    return r.json()
+
+
+def test_create_list_show_diff_json(drsync, repo_url: str, tree: Path) -> None:  # type: ignore[no-untyped-def]
+    first = snapshot(drsync, repo_url, tree, "--name", "nightly", "--reason", "before upgrade")
+    assert {"id", "name", "files", "bytes", "new_bytes", "duration_s"} <= set(first)
+    assert first["name"] == "nightly" and first["files"] == 35
+    assert first["bytes"] == sum(p.stat().st_size for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
+    assert first["new_bytes"] > 0
+    (tree / "catalog" / "f005.txt").write_text("edited")
+    (tree / "catalog" / "added.txt").write_text("new file")
+    (tree / "catalog" / "f006.txt").unlink()
+    second = snapshot(drsync, repo_url, tree)
+    listed = drsync("snapshot", "list", "--repo", repo_url, "--json").json()
+    assert [s["id"] for s in listed] == [first["id"], second["id"]]
+    assert listed[0]["reason"] == "before upgrade" and listed[0]["cluster_id"] == "east"
+    shown = drsync("snapshot", "show", "nightly", "--repo", repo_url, "--json", "--files").json()
+    assert shown["id"] == first["id"]
+    paths = {e["path"]: e for e in shown["entries"]}
+    assert paths["tables/link-to-f000"]["target"] == "../catalog/f000.txt"
+    assert paths["catalog/secret.txt"]["mode"] == oct(0o600)
+    d = drsync("snapshot", "diff", first["id"], second["id"], "--repo", repo_url, "--json").json()
+    assert d["added"] == ["catalog/added.txt"]
+    assert d["removed"] == ["catalog/f006.txt"]
+    assert "catalog/f005.txt" in d["changed"]
+    human = drsync("snapshot", "diff", "nightly", "latest", "--repo", repo_url)
+    assert "+ catalog/added.txt" in human.out and "1 added, 1 removed" in human.out
+
+
+def test_restore_is_exact_and_a_delta(drsync, repo_url: str, tree: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    age_tree(tree)
+    snap = snapshot(drsync, repo_url, tree)
+    expected = tree_state(tree)
+    out = tmp_path / "out"
+    r = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", out, "--json")
+    assert r.code == 0, r.err
+    assert tree_state(out) == expected  # contents, modes, mtimes, empty dirs, links
+    # Unchanged files are left alone: a second restore writes nothing.
+    inode = (out / "catalog" / "f010.txt").stat().st_ino
+    again = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", out, "--json").json()
+    assert again["written_files"] == 0 and again["unchanged_files"] == 35
+    assert (out / "catalog" / "f010.txt").stat().st_ino == inode
+    # Damage the target in every way; restore puts back exactly the snapshot.
+    (out / "catalog" / "f011.txt").write_text("scribbled")
+    (out / "catalog" / "extra.txt").write_text("not in the snapshot")
+    (out / "stray" / "deep").mkdir(parents=True)
+    (out / "stray" / "deep" / "x").write_text("x")
+    (out / "empty" / "deeper").rmdir()
+    (out / "catalog" / "run.sh").chmod(0o600)
+    (out / "tables" / "link-to-f000").unlink()
+    (out / "tables" / "link-to-f000").write_text("was a link")
+    fixed = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", out, "--json").json()
+    assert tree_state(out) == expected
+    assert fixed["written_files"] == 1 and fixed["removed"] == 3
+    assert not (out / ".drsync-staging").exists()
+
+
+def test_restore_refuses_another_cluster_or_release(drsync, tmp_path: Path, tree: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = write_config(tmp_path)
+    assert drsync("init", "--config", cfg).code == 0
+    snap = drsync("snapshot", "create", "--config", cfg, "--json").json()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious").write_text("keep me")
+    before = tree_state(out)
+    for kwargs, word in (({"cluster_id": "west"}, "cluster id 'east', this cluster is 'west'"),
+                         ({"release": "6.3.0"}, "release '6.2.1', this cluster runs '6.3.0'")):
+        other = write_config(tmp_path, name="other.toml", **kwargs)
+        r = drsync("snapshot", "restore", snap["id"], "--config", other, "--target", out)
+        assert r.code == 4, r.err
+        assert word in r.err and "drsync backup create" in r.err
+        assert r.err.count("\n") == 1
+        assert tree_state(out) == before
+
+
+def test_restore_of_corrupt_chunk_exits_3_and_changes_nothing(drsync, repo_url: str, tree: Path,  # type: ignore[no-untyped-def]
+                                                              tmp_path: Path) -> None:
+    snap = snapshot(drsync, repo_url, tree)
+    storage = LocalStorage(repo_url)
+    pack = max(storage.list(fmt.PACKS_DIR), key=lambda o: o.size)
+    raw = bytearray(storage.read(pack.name))
+    raw[1000] ^= 0x55
+    storage.write(pack.name, bytes(raw))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "catalog").mkdir()
+    (out / "catalog" / "f000.txt").write_text("old")
+    before = tree_state(out)
+    r = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", out)
+    assert r.code == 3, r.err
+    assert f"snapshot {snap['id']}: tables/orders/part-" in r.err and "does not match its hash" in r.err
+    assert tree_state(out) == before
+    v = drsync("repo", "verify", "--repo", repo_url)
+    assert v.code == 3 and "tables/orders/part-" in v.err
+
+
+def _rewrite_manifest(repo: str, snap_id: str, change) -> None:  # type: ignore[no-untyped-def]
+    storage = LocalStorage(repo)
+    m = Manifest.from_bytes(storage.read(fmt.manifest_name(snap_id)))
+    data = change(m)
+    storage.write(fmt.manifest_name(snap_id), data)
+    import json
+
+    doc = json.loads(storage.read(fmt.snapshot_name(snap_id)))
+    doc["manifest_hash"] = blake3.blake3(data).hexdigest()
+    storage.write(fmt.snapshot_name(snap_id), json.dumps(doc).encode())
+
+
+def test_hostile_manifest_paths_are_refused(drsync, repo_url: str, tree: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for victim, evil, word in (("catalog/f000.txt", "../escaped.txt", "unsafe path"),
+                               ("catalog/f001.txt", "/tmp/abs.txt", "unsafe path")):
+        def change(m: Manifest, victim: str = victim, evil: str = evil) -> bytes:
+            paths = m.table.column("path").to_pylist()
+            paths[paths.index(victim)] = evil
+            t = m.table.set_column(0, "path", pa.array(paths, pa.string()))
+            return Manifest(t).to_bytes()
+
+        snap = snapshot(drsync, repo_url, tree)
+        _rewrite_manifest(repo_url, snap["id"], change)
+        out = tmp_path / "out"
+        r = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", out)
+        assert r.code == 3 and word in r.err, r.err
+        assert not out.exists() and not (tmp_path / "escaped.txt").exists()
+
+    def link_out(m: Manifest) -> bytes:
+        targets = m.table.column("target").to_pylist()
+        paths = m.table.column("path").to_pylist()
+        targets[paths.index("tables/link-to-f000")] = "../../../etc/passwd"
+        idx = m.table.schema.get_field_index("target")
+        return Manifest(m.table.set_column(idx, "target", pa.array(targets, pa.string()))).to_bytes()
+
+    snap = snapshot(drsync, repo_url, tree)
+    _rewrite_manifest(repo_url, snap["id"], link_out)
+    r = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", tmp_path / "out2")
+    assert r.code == 3 and "points outside the data root" in r.err
+
+
+def test_truncated_manifest_is_reported(drsync, repo_url: str, tree: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    snap = snapshot(drsync, repo_url, tree)
+    p = Path(repo_url) / "manifests" / f"{snap['id']}.parquet"
+    p.write_bytes(p.read_bytes()[:100])
+    r = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", tmp_path / "out")
+    assert r.code == 3 and "manifest is damaged" in r.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_errors(drsync, tmp_path: Path, repo_url: str, tree: Path) -> None:  # type: ignore[no-untyped-def]
+    # Missing repository.
+    r = drsync("snapshot", "list", "--repo", tmp_path / "nowhere")
+    assert r.code == 2 and "no drsync repository at" in r.err and "Traceback" not in r.err
+    # Target that is a file.
+    snap = snapshot(drsync, repo_url, tree)
+    f = tmp_path / "afile"
+    f.write_text("x")
+    r = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", f)
+    assert r.code == 2 and "is not a directory" in r.err and f.read_text() == "x"
+    # Unknown config key and wrong type: exit 2, one line naming the key.
+    cfg = write_config(tmp_path, extra="[snapshots]\nintervall = '1h'\n")
+    r = drsync("snapshot", "list", "--config", cfg)
+    assert r.code == 2 and "snapshots.intervall: unknown key" in r.err and r.err.count("\n") == 1
+    cfg = write_config(tmp_path, extra="[replication]\ninterval = 5\nstandbys = 3\n")
+    r = drsync("snapshot", "list", "--config", cfg)
+    assert r.code == 2 and "replication.standbys" in r.err
+    # Bad TTL, unknown snapshot, missing data root.
+    assert drsync("snapshot", "create", "--repo", repo_url, "--source", tree, "--ttl", "soon").code == 2
+    r = drsync("snapshot", "show", "nope", "--repo", repo_url)
+    assert r.code == 2 and "no snapshot 'nope'" in r.err
+    r = drsync("snapshot", "create", "--repo", repo_url, "--source", tmp_path / "missing")
+    assert r.code == 2 and "does not exist" in r.err
+    # Usage errors from the parser are exit 2 as well; --debug adds the traceback.
+    assert drsync("snapshot", "restore").code == 2
+    r = drsync("snapshot", "list", "--repo", tmp_path / "nowhere", "--debug")
+    assert "Traceback" in r.err
+
+
+def test_delete_and_ttl_expiry(drsync, repo_url: str, tree: Path) -> None:  # type: ignore[no-untyped-def]
+    keep = snapshot(drsync, repo_url, tree, "--name", "keep")
+    gone = snapshot(drsync, repo_url, tree, "--ttl", "0s")
+    later = snapshot(drsync, repo_url, tree, "--ttl", "30d")
+    listed = drsync("snapshot", "list", "--repo", repo_url)
+    assert "expired" in listed.out
+    dry = drsync("snapshot", "expire", "--repo", repo_url, "--json", "--dry-run").json()
+    assert dry["deleted"] == [gone["id"]]
+    assert len(drsync("snapshot", "list", "--repo", repo_url, "--json").json()) == 3
+    res = drsync("snapshot", "expire", "--repo", repo_url, "--json").json()
+    assert res["deleted"] == [gone["id"]]
+    ids = [s["id"] for s in drsync("snapshot", "list", "--repo", repo_url, "--json").json()]
+    assert ids == [keep["id"], later["id"]]
+    d = drsync("snapshot", "delete", "keep", "--repo", repo_url, "--json")
+    assert d.code == 0 and d.json()["deleted"] == [keep["id"]]
+    assert drsync("repo", "verify", "--repo", repo_url).code == 0
+
+
+def test_repository_inside_data_root_is_not_captured(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "data"
+    (data / "x").mkdir(parents=True)
+    (data / "x" / "f").write_text("payload")
+    repo = data / ".drsync"
+    assert drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    snap = drsync("snapshot", "create", "--repo", repo, "--source", data, "--json").json()
+    entries = drsync("snapshot", "show", snap["id"], "--repo", repo, "--json", "--files").json()["entries"]
+    assert sorted(e["path"] for e in entries) == ["x", "x/f"]
+
+
+def test_progress_is_silent_when_stderr_is_not_a_terminal(drsync, repo_url: str, tree: Path) -> None:  # type: ignore[no-untyped-def]
+    r = drsync("snapshot", "create", "--repo", repo_url, "--source", tree)
+    assert r.code == 0 and r.err == ""
+    assert os.environ.get("TERM") is None or True
