@@ -190,7 +190,7 @@ class BackupVerifyReport:
 
 
 def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -> BackupVerifyReport:
-    _read_meta(path)
+    meta = _read_meta(path)
     report = BackupVerifyReport(os.path.abspath(path))
     listed: dict[str, str] = {}
     try:
@@ -211,7 +211,7 @@ def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -
     for rel in sorted(present - set(listed)):
         report.damaged_backup_files.append({"file": rel, "reason": "not listed in the checksum file"})
     repo = Repository.open(LocalStorage(path))
-    report.repository = repo.verify(on_progress=progress)
+    report.repository = repo.verify(on_progress=progress, require_chunks=meta.mode != "dataless")
     return report
 
 

@@ -390,8 +390,13 @@ class Repository:
 
     # --- verification ---------------------------------------------------------------
 
-    def verify(self, *, on_progress: Callable[[int], None] | None = None) -> VerifyReport:
-        """Re-read every pack, re-hash every chunk, check every manifest against the index."""
+    def verify(self, *, on_progress: Callable[[int], None] | None = None,
+               require_chunks: bool = True) -> VerifyReport:
+        """Re-read every pack, re-hash every chunk, check every manifest against the index.
+
+        ``require_chunks=False`` is for metadata-only (dataless) copies, whose manifests
+        name chunks that are deliberately absent.
+        """
         report = VerifyReport()
         self.reload_index()
         index = self.index
@@ -427,9 +432,10 @@ class Repository:
             except IntegrityError as e:
                 report.problems.append(str(e))
                 continue
-            report.damaged_files.extend(
-                {"snapshot": info.id, "path": path, "reason": reason}
-                for path, reason in damaged_paths(manifest, index, bad))
+            if require_chunks:
+                report.damaged_files.extend(
+                    {"snapshot": info.id, "path": path, "reason": reason}
+                    for path, reason in damaged_paths(manifest, index, bad))
         return report
 
     def _verify_pack(self, pack_id: str, entries: list[PackEntry]) -> dict[bytes, str]:

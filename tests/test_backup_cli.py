@@ -1,0 +1,171 @@
+"""Portable backups through the real CLI: modes, verification, interruption, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import make_tree, run_drsync, tree_state
+
+
+def config(tmp_path: Path, *, cluster_id: str = "east", extra: str = "") -> Path:
+    p = tmp_path / f"{cluster_id}.toml"
+    p.write_text(f'[cluster]\nid = "{cluster_id}"\nrelease = "6.2.1"\ndata = "data"\n'
+                 f'repository = "repo-{cluster_id}"\n[backups]\ndestination = "backups"\n'
+                 f'light_exclude = ["tables/**"]\n{extra}')
+    return p
+
+
+def setup(drsync, tmp_path: Path) -> tuple[Path, str]:  # type: ignore[no-untyped-def]
+    make_tree(tmp_path / "data")
+    cfg = config(tmp_path)
+    assert drsync("init", "--config", cfg).code == 0
+    snap = drsync("snapshot", "create", "--config", cfg, "--json")
+    assert snap.code == 0, snap.err
+    return cfg, snap.json()["id"]
+
+
+def create(drsync, cfg: Path, snap: str, mode: str = "full") -> dict:  # type: ignore[no-untyped-def]
+    r = drsync("backup", "create", "--config", cfg, "--snapshot", snap, "--mode", mode, "--json")
+    assert r.code == 0, r.err
+    return r.json()
+
+
+def test_full_backup_restores_anywhere(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, snap = setup(drsync, tmp_path)
+    b = create(drsync, cfg, snap)
+    assert b["mode"] == "full" and b["snapshot"]["id"] == snap and b["files"] == 35
+    path = Path(b["path"])
+    assert {p.name for p in path.iterdir()} >= {"backup.json", "CHECKSUMS.b3", "manifests", "packs", "index"}
+    # Portable: restored with nothing but the backup directory, onto another data root.
+    r = drsync("backup", "restore", path, "--target", tmp_path / "elsewhere", "--json")
+    assert r.code == 0, r.err
+    assert tree_state(tmp_path / "elsewhere") == tree_state(tmp_path / "data")
+    v = drsync("backup", "verify", path, "--json")
+    assert v.code == 0 and v.json()["ok"] is True
+
+
+def test_backup_holds_only_the_chunks_its_snapshot_needs(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, first = setup(drsync, tmp_path)
+    (tmp_path / "data" / "tables" / "orders" / "part-0.bin").unlink()
+    second = drsync("snapshot", "create", "--config", cfg, "--json").json()["id"]
+    b1, b2 = create(drsync, cfg, first), create(drsync, cfg, second)
+    assert b2["stored_bytes"] < b1["stored_bytes"] - 3_000_000
+
+
+def test_light_and_dataless_modes(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, snap = setup(drsync, tmp_path)
+    light = create(drsync, cfg, snap, "light")
+    assert light["excluded"] == ["tables/**"] and light["bytes"] < 100_000
+    target = tmp_path / "target"
+    (target / "tables" / "orders").mkdir(parents=True)
+    (target / "tables" / "orders" / "reloaded.bin").write_bytes(b"bulk data reloaded separately")
+    r = drsync("backup", "restore", light["path"], "--target", target)
+    assert r.code == 0, r.err
+    # Bulk data is neither restored nor removed; everything else matches.
+    assert (target / "tables" / "orders" / "reloaded.bin").read_bytes() == b"bulk data reloaded separately"
+    assert not (target / "tables" / "orders" / "part-0.bin").exists()
+    assert (target / "catalog" / "f007.txt").read_bytes() == (tmp_path / "data/catalog/f007.txt").read_bytes()
+
+    dataless = create(drsync, cfg, snap, "dataless")
+    assert dataless["stored_bytes"] == 0
+    assert not list((Path(dataless["path"]) / "packs").glob("**/*.pack"))
+    r = drsync("backup", "restore", dataless["path"], "--target", tmp_path / "skeleton", "--json")
+    assert r.code == 0, r.err
+    assert (tmp_path / "skeleton" / "empty" / "deeper").is_dir()
+    assert not (tmp_path / "skeleton" / "catalog" / "f000.txt").exists()
+    assert drsync("backup", "verify", dataless["path"]).code == 0
+
+
+def test_verify_names_damage_and_exits_3(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, snap = setup(drsync, tmp_path)
+    path = Path(create(drsync, cfg, snap)["path"])
+    pack = max(path.glob("packs/*/*.pack"), key=lambda p: p.stat().st_size)
+    raw = bytearray(pack.read_bytes())
+    raw[5000] ^= 0x01
+    pack.write_bytes(bytes(raw))
+    r = drsync("backup", "verify", path)
+    assert r.code == 3
+    assert f"packs/{pack.parent.name}/{pack.name}: checksum mismatch" in r.err
+    assert f"snapshot {snap}: tables/orders/part-" in r.err
+    j = drsync("backup", "verify", path, "--json")
+    assert j.code == 3 and j.json()["ok"] is False
+    # Restoring the damaged backup fails with exit 3 and leaves the target alone.
+    r = drsync("backup", "restore", path, "--target", tmp_path / "t")
+    assert r.code == 3 and "does not match its hash" in r.err
+    assert not [p for p in (tmp_path / "t").rglob("*") if ".drsync" not in str(p)]
+
+
+def test_verify_detects_missing_and_edited_metadata(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, snap = setup(drsync, tmp_path)
+    path = Path(create(drsync, cfg, snap)["path"])
+    meta = json.loads((path / "backup.json").read_text())
+    meta["files"] = 1
+    (path / "backup.json").write_text(json.dumps(meta))
+    next(path.glob("index/*")).unlink()
+    r = drsync("backup", "verify", path)
+    assert r.code == 3 and "backup.json: checksum mismatch" in r.err and "index/" in r.err
+
+
+def test_interrupted_creation_leaves_nothing_that_looks_complete(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    make_tree(tmp_path / "data", big=40)  # ~120 MiB to copy
+    cfg = config(tmp_path)
+    assert drsync("init", "--config", cfg).code == 0
+    snap = drsync("snapshot", "create", "--config", cfg, "--json").json()["id"]
+    proc = subprocess.Popen([sys.executable, "-m", "drsync", "backup", "create", "--config", str(cfg),
+                             "--snapshot", snap], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    backups = tmp_path / "backups"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if backups.exists() and any(p.name.startswith(".partial-") for p in backups.iterdir()):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "backup finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    listed = drsync("backup", "list", "--config", cfg, "--json").json()
+    assert listed["backups"] == [] and len(listed["incomplete"]) == 1
+    pruned = drsync("backup", "prune", "--config", cfg, "--keep-last", "1")
+    assert pruned.code == 0
+    assert drsync("backup", "list", "--config", cfg, "--json").json()["incomplete"] == []
+
+
+def test_prune_keeps_what_the_policy_says(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, snap = setup(drsync, tmp_path)
+    made = []
+    for _ in range(3):
+        made.append(create(drsync, cfg, snap)["id"])
+        # Backup ids carry the creation second; make the next one distinct.
+        deadline = time.monotonic() + 2
+        first_second = int(time.time())
+        while int(time.time()) == first_second and time.monotonic() < deadline:
+            time.sleep(0.01)
+    dry = drsync("backup", "prune", "--config", cfg, "--keep-last", "2", "--dry-run", "--json").json()
+    assert dry["remove"] == [made[0]]
+    assert len(drsync("backup", "list", "--config", cfg, "--json").json()["backups"]) == 3
+    r = drsync("backup", "prune", "--config", cfg, "--keep-last", "2", "--json")
+    assert r.code == 0 and r.json()["remove"] == [made[0]]
+    left = [b["id"] for b in drsync("backup", "list", "--config", cfg, "--json").json()["backups"]]
+    assert left == made[1:]
+    human = drsync("backup", "list", "--config", cfg)
+    assert made[1] in human.out and "full" in human.out
+
+
+def test_backup_bad_input(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, snap = setup(drsync, tmp_path)
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = drsync("backup", "create", "--config", cfg, "--snapshot", snap, "--dest", f)
+    assert r.code == 2 and "is a file" in r.err
+    r = drsync("backup", "restore", tmp_path / "data", "--target", tmp_path / "t")
+    assert r.code == 2 and "not a complete drsync backup" in r.err
+    r = drsync("backup", "prune", tmp_path / "backups")
+    assert r.code == 2 and "--keep-" in r.err
+    r = run_drsync("backup", "create", "--config", cfg, "--snapshot", snap, "--mode", "bogus")
+    assert r.code == 2
+    assert os.listdir(tmp_path / "backups") if (tmp_path / "backups").exists() else True
