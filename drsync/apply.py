@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from drsync import fsutil
-from drsync.capture import RESERVED_NAMES, _Walked, walk
 from drsync.errors import IntegrityError, UsageError
 from drsync.pathglob import compile_globs
 from drsync.repository import chunks
 from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, content_digest, validate
+from drsync.tree import LocalEntry, scan_tree
 
 STAGING = ".drsync-staging"
 
@@ -68,9 +68,9 @@ class ApplyResult:
         return dict(self.__dict__)
 
 
-def plan_apply(entries: list[Entry], existing: dict[str, _Walked], *,
+def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                excluded: Callable[[str], bool] = lambda p: False,
-               same_content: Callable[[Entry, _Walked], bool] | None = None,
+               same_content: Callable[[Entry, LocalEntry], bool] | None = None,
                structure_only: bool = False) -> ApplyPlan:
     """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some."""
     plan = ApplyPlan()
@@ -119,7 +119,7 @@ def _ancestors(path: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _same_content(e: Entry, have: _Walked) -> bool:
+def _same_content(e: Entry, have: LocalEntry) -> bool:
     """Re-hash an existing file and compare with the manifest (``--checksum``)."""
     ids: list[bytes] = []
     try:
@@ -148,7 +148,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str, *, what
                     raise IntegrityError(f"{what}: {e.path}: chunk {cid.hex()[:16]} is missing from the "
                                          f"repository; nothing was changed")
     os.makedirs(target, exist_ok=True)
-    existing = {w.path: w for w in walk(target)} if os.listdir(target) else {}
+    existing = scan_tree(target).entries() if os.listdir(target) else {}
     plan = plan_apply(entries, existing, excluded=compile_globs(exclude),
                       same_content=_same_content if checksum else None, structure_only=structure_only)
     if on_total:
@@ -208,7 +208,7 @@ def _set_meta_fd(fd: int, e: Entry) -> None:
     os.fchmod(fd, e.mode)
 
 
-def _commit(target: str, plan: ApplyPlan, staged: dict[str, str], existing: dict[str, _Walked]) -> None:
+def _commit(target: str, plan: ApplyPlan, staged: dict[str, str], existing: dict[str, LocalEntry]) -> None:
     def full(path: str) -> str:
         return os.path.join(target, *path.split("/"))
 
@@ -263,4 +263,4 @@ def _rmtree_forcing(path: str) -> None:
     shutil.rmtree(path, onerror=onerror)
 
 
-__all__ = ["RESERVED_NAMES", "ApplyPlan", "ApplyResult", "ChunkSource", "apply_manifest", "plan_apply"]
+__all__ = ["ApplyPlan", "ApplyResult", "ChunkSource", "apply_manifest", "plan_apply"]

@@ -1,8 +1,8 @@
 """Capturing a local data root into a manifest and new chunks.
 
 Files whose (size, mtime, ctime, inode) match the parent snapshot reuse its
-chunk list without being read, unless they were "racy" (modified within a
-second of the parent's capture, when a same-tick rewrite could hide). Other
+chunk list without being read, unless they were "racy" (modified within two
+seconds of the parent's capture, when a same-tick rewrite could hide). Other
 files are read, cut, hashed and stored by a small pool of threads (the
 compiled cores release the GIL). A file that changes while it is read is read
 again, a bounded number of times, then reported in ``warnings``.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import stat as st
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,12 +20,10 @@ import pyarrow as pa
 
 from drsync.errors import UsageError
 from drsync.repository import chunks
-from drsync.repository.manifest import DIR, EMPTY_CONTENT, FILE, SCHEMA, SYMLINK, Manifest, content_digest
-from drsync.repository.manifest import symlink_stays_inside as _inside
+from drsync.repository.manifest import EMPTY_CONTENT, FILE, SCHEMA, Manifest, content_digest, sort_by_path
 from drsync.repository.repo import ChunkWriter
+from drsync.tree import TreeScan, scan_tree
 
-# Names at the top of a data root that belong to drsync itself (staging of an apply).
-RESERVED_NAMES = frozenset({".drsync-staging", ".drsync-trash"})
 # Files up to this size are read with one call and cut in memory.
 _SMALL_FILE = 8 * 1024 * 1024
 # Reading tasks are batched so that tiny files do not pay one executor round trip each.
@@ -46,22 +44,79 @@ class CaptureResult:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _Walked:
-    path: str
-    abspath: str
-    type: str
-    mode: int
-    uid: int
-    gid: int
+@dataclass(slots=True)
+class _ReadFile:
+    """What reading one file produced (metadata from the fstat taken after the read)."""
+
+    chunks: list[bytes]
+    chunk_sizes: list[int]
+    content: bytes
     size: int
     mtime_ns: int
     ctime_ns: int
     inode: int
-    target: str | None = None
-    chunks: list[bytes] = field(default_factory=list)
-    chunk_sizes: list[int] = field(default_factory=list)
-    content: bytes | None = None
+    mode: int
+    uid: int
+    gid: int
+    problem: str | None = None
+
+
+def _stable(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns,
+                                                                   b.st_ino)
+
+
+def _read_one(abspath: str, writer: ChunkWriter, attempts: int, progress: ProgressFn | None) -> _ReadFile | str:
+    """Read, cut and store one file. Returns what was read, or "vanished"/a problem string."""
+    result: _ReadFile | None = None
+    for _attempt in range(attempts + 1):
+        try:
+            fd = os.open(abspath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return "vanished"
+        except OSError as e:
+            return f"cannot be read ({e.strerror})"
+        try:
+            before = os.fstat(fd)
+            if not st.S_ISREG(before.st_mode):
+                return "vanished"
+            ids: list[bytes] = []
+            sizes: list[int] = []
+            for data in _pieces(fd, before.st_size):
+                cid = chunks.chunk_id(data)
+                writer.add(cid, data)
+                ids.append(cid)
+                sizes.append(len(data))
+                if progress:
+                    progress(len(data))
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        total = sum(sizes)
+        result = _ReadFile(ids, sizes, content_digest(ids) if ids else EMPTY_CONTENT, total, after.st_mtime_ns,
+                           after.st_ctime_ns, after.st_ino, st.S_IMODE(after.st_mode), after.st_uid, after.st_gid)
+        if _stable(before, after) and total == after.st_size:
+            return result
+    assert result is not None
+    result.problem = f"changed while being read ({attempts + 1} attempts); captured as last read"
+    return result
+
+
+def _pieces(fd: int, size_hint: int) -> Iterator[memoryview]:
+    if size_hint <= _SMALL_FILE:
+        parts = []
+        while True:
+            # Ask for one byte more than expected: growth shows without an extra call.
+            b = os.read(fd, max(size_hint + 1, 65536))
+            if not b:
+                break
+            parts.append(b)
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        if buf:
+            yield from chunks.cut_buffer(buf)
+        return
+    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+        yield from chunks.cut_stream(f)
 
 
 class _ParentView:
@@ -78,129 +133,21 @@ class _ParentView:
         self.inode = t.column("inode").to_pylist()
         self.racy_after = int(captured_at * 1e9) - _RACY_NS
 
-    def unchanged(self, w: _Walked) -> int | None:
-        i = self.row.get(w.path)
-        if i is None or self.type[i] != FILE:
-            return None
-        if (self.size[i] == w.size and self.mtime[i] == w.mtime_ns and self.ctime[i] == w.ctime_ns
-                and self.inode[i] == w.inode and self.mtime[i] < self.racy_after):
-            return i
-        return None
-
-
-def walk(root: str, exclude: frozenset[str] = frozenset(),
-         warnings: list[str] | None = None) -> list[_Walked]:
-    """Every entry below ``root`` (not following links), in no particular order."""
-    out: list[_Walked] = []
-    stack = [("", root)]
-    while stack:
-        rel_dir, abs_dir = stack.pop()
-        try:
-            it = os.scandir(abs_dir)
-        except FileNotFoundError:
-            continue  # removed while we walked: it is simply not in this snapshot
-        except PermissionError:
-            if warnings is not None:
-                warnings.append(f"{rel_dir or '.'}: permission denied; not captured")
-            continue
-        with it:
-            for e in it:
-                rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
-                if (not rel_dir and e.name in RESERVED_NAMES) or e.path in exclude:
-                    continue
-                try:
-                    s = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                m = s.st_mode
-                if st.S_ISDIR(m):
-                    typ = DIR
-                    stack.append((rel, e.path))
-                elif st.S_ISREG(m):
-                    typ = FILE
-                elif st.S_ISLNK(m):
-                    typ = SYMLINK
-                else:
-                    if warnings is not None:
-                        warnings.append(f"{rel}: special file (fifo, socket or device) not captured")
-                    continue
-                w = _Walked(rel, e.path, typ, st.S_IMODE(m), s.st_uid, s.st_gid,
-                            s.st_size if typ == FILE else 0, s.st_mtime_ns, s.st_ctime_ns, s.st_ino)
-                if typ == SYMLINK:
-                    try:
-                        w.target = os.readlink(e.path)
-                    except FileNotFoundError:
-                        continue
-                    if not _inside(rel, w.target):
-                        if warnings is not None:
-                            warnings.append(f"{rel}: symlink to {w.target} leaves the data root; not captured")
-                        continue
-                out.append(w)
-    return out
-
-
-def _stable(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns,
-                                                                   b.st_ino)
-
-
-def _read_one(w: _Walked, writer: ChunkWriter, attempts: int, progress: ProgressFn | None) -> str | None:
-    """Read, cut and store one file; fill ``w``. Returns a warning, or None."""
-    for _attempt in range(attempts + 1):
-        try:
-            fd = os.open(w.abspath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return "vanished"
-        except OSError as e:
-            return f"cannot be read ({e.strerror})"
-        try:
-            before = os.fstat(fd)
-            if not st.S_ISREG(before.st_mode):
-                return "vanished"
-            ids: list[bytes] = []
-            sizes: list[int] = []
-            if before.st_size <= _SMALL_FILE:
-                buf = _read_all(fd, before.st_size)
-                pieces = chunks.cut_buffer(buf) if buf else iter(())
-            else:
-                f = os.fdopen(os.dup(fd), "rb", buffering=0)
-                pieces = _closing(chunks.cut_stream(f), f)
-            for data in pieces:
-                cid = chunks.chunk_id(data)
-                writer.add(cid, data)
-                ids.append(cid)
-                sizes.append(len(data))
-                if progress:
-                    progress(len(data))
-            after = os.fstat(fd)
-        finally:
-            os.close(fd)
-        total = sum(sizes)
-        w.chunks, w.chunk_sizes = ids, sizes
-        w.content = content_digest(ids) if ids else EMPTY_CONTENT
-        w.size, w.mtime_ns, w.ctime_ns, w.inode = total, after.st_mtime_ns, after.st_ctime_ns, after.st_ino
-        w.mode, w.uid, w.gid = st.S_IMODE(after.st_mode), after.st_uid, after.st_gid
-        if _stable(before, after) and total == after.st_size:
-            return None
-    return f"changed while being read ({attempts + 1} attempts); captured as last read"
-
-
-def _closing(it, f):  # type: ignore[no-untyped-def]
-    try:
-        yield from it
-    finally:
-        f.close()
-
-
-def _read_all(fd: int, size_hint: int) -> bytes:
-    parts = []
-    want = size_hint + 1  # one byte more reveals growth without a second call
-    while True:
-        b = os.read(fd, max(want, 65536))
-        if not b:
-            break
-        parts.append(b)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    def reusable_rows(self, scan: TreeScan) -> list[int]:
+        """For each scanned entry, the parent row whose chunks it can reuse, or -1."""
+        out = [-1] * len(scan)
+        row_get = self.row.get
+        ptype, psize, pmtime, pctime, pinode = self.type, self.size, self.mtime, self.ctime, self.inode
+        racy = self.racy_after
+        for k, (path, typ, size, mtime, ctime, ino) in enumerate(zip(
+                scan.path, scan.type, scan.size, scan.mtime_ns, scan.ctime_ns, scan.inode, strict=True)):
+            if typ != FILE:
+                continue
+            i = row_get(path)
+            if (i is not None and ptype[i] == FILE and psize[i] == size and pmtime[i] == mtime
+                    and pctime[i] == ctime and pinode[i] == ino and mtime < racy):
+                out[k] = i
+        return out
 
 
 def capture(root: str, writer: ChunkWriter, *, parent: Manifest | None = None,
@@ -212,84 +159,95 @@ def capture(root: str, writer: ChunkWriter, *, parent: Manifest | None = None,
         raise UsageError(f"data root {root} does not exist")
     if not os.path.isdir(root):
         raise UsageError(f"data root {root} is not a directory")
-    warnings: list[str] = []
-    entries = walk(os.path.abspath(root), exclude, warnings)
+    scan = scan_tree(root, exclude)
+    warnings = list(scan.warnings)
     pv = _ParentView(parent, parent_captured_at or 0.0) if parent is not None and len(parent) else None
-
-    reused: list[tuple[_Walked, int]] = []
-    others: list[_Walked] = []
-    to_read: list[_Walked] = []
-    for w in entries:
-        i = pv.unchanged(w) if pv is not None and w.type == FILE else None
-        if i is not None:
-            reused.append((w, i))
-            continue
-        others.append(w)
-        if w.type == FILE:
-            to_read.append(w)
+    parent_row = pv.reusable_rows(scan) if pv is not None else [-1] * len(scan)
+    to_read = [k for k in range(len(scan)) if scan.type[k] == FILE and parent_row[k] < 0]
     if on_total:
-        on_total(sum(w.size for w in to_read))
+        on_total(sum(scan.size[k] for k in to_read))
 
-    read_bytes = 0
-    vanished: set[str] = set()
+    read: dict[int, _ReadFile] = {}
+    gone: set[int] = set()
     if to_read:
-        batches: list[list[_Walked]] = [[]]
+        batches: list[list[int]] = [[]]
         acc = 0
-        for w in sorted(to_read, key=lambda x: x.size, reverse=True):
+        for k in sorted(to_read, key=lambda k: scan.size[k], reverse=True):
             if len(batches[-1]) >= _BATCH_FILES or acc >= _BATCH_BYTES:
                 batches.append([])
                 acc = 0
-            batches[-1].append(w)
-            acc += w.size
+            batches[-1].append(k)
+            acc += scan.size[k]
 
-        def run(batch: list[_Walked]) -> list[tuple[_Walked, str | None]]:
-            return [(w, _read_one(w, writer, reread_attempts, progress)) for w in batch]
+        def run(batch: list[int]) -> list[tuple[int, _ReadFile | str]]:
+            return [(k, _read_one(scan.abspath(k), writer, reread_attempts, progress)) for k in batch]
 
         n = workers or min(4, (os.cpu_count() or 2) + 1)
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="drsync-capture") as pool:
             for results in pool.map(run, batches):
-                for w, problem in results:
-                    if problem == "vanished":
-                        vanished.add(w.path)
-                    elif problem:
-                        warnings.append(f"{w.path}: {problem}")
-                    read_bytes += w.size
-    if vanished:
-        # A directory entry of a vanished file is harmless; the file itself is not captured.
-        others = [w for w in others if w.path not in vanished]
+                for k, got in results:
+                    if isinstance(got, str):
+                        if got != "vanished":
+                            warnings.append(f"{scan.path[k]}: {got}; not captured")
+                        gone.add(k)
+                        continue
+                    if got.problem:
+                        warnings.append(f"{scan.path[k]}: {got.problem}")
+                    read[k] = got
 
-    tables = []
-    if reused:
-        assert pv is not None
-        idx = pa.array([i for _, i in reused], pa.int64())
-        from_parent = pv.table.take(idx)
-        ws = [w for w, _ in reused]
-        tables.append(pa.table({
-            "path": [w.path for w in ws], "type": [FILE] * len(ws), "mode": [w.mode for w in ws],
-            "uid": [w.uid for w in ws], "gid": [w.gid for w in ws], "size": [w.size for w in ws],
-            "mtime_ns": [w.mtime_ns for w in ws], "ctime_ns": [w.ctime_ns for w in ws],
-            "inode": [w.inode for w in ws], "target": pa.nulls(len(ws), pa.string()),
-            "content": from_parent.column("content"), "chunks": from_parent.column("chunks"),
-            "chunk_sizes": from_parent.column("chunk_sizes"),
-        }, schema=SCHEMA))
-    if others:
-        tables.append(pa.table({
-            "path": [w.path for w in others], "type": [w.type for w in others],
-            "mode": [w.mode for w in others], "uid": [w.uid for w in others],
-            "gid": [w.gid for w in others], "size": [w.size for w in others],
-            "mtime_ns": [w.mtime_ns for w in others], "ctime_ns": [w.ctime_ns for w in others],
-            "inode": [w.inode for w in others], "target": [w.target for w in others],
-            "content": [w.content if w.type == FILE else None for w in others],
-            "chunks": [w.chunks for w in others], "chunk_sizes": [w.chunk_sizes for w in others],
-        }, schema=SCHEMA))
-    if tables:
-        table = pa.concat_tables(tables)
-        from drsync.repository.manifest import sort_by_path
+    keep = [k for k in range(len(scan)) if k not in gone]
+    table = _build_table(scan, keep, parent_row, read, pv)
+    files = sum(1 for k in keep if scan.type[k] == FILE)
+    total = sum(read[k].size if k in read else scan.size[k] for k in keep if scan.type[k] == FILE)
+    return CaptureResult(Manifest(table), files=files, bytes=total,
+                         read_bytes=sum(r.size for r in read.values()),
+                         reused_files=sum(1 for k in keep if parent_row[k] >= 0), warnings=warnings)
 
-        manifest = Manifest(sort_by_path(table).combine_chunks())
+
+def _build_table(scan: TreeScan, keep: list[int], parent_row: list[int], read: dict[int, _ReadFile],
+                 pv: _ParentView | None) -> pa.Table:
+    """The path-sorted manifest table. Chunk columns of reused files come from the parent.
+
+    The chunk lists of unchanged files never become Python objects: one Arrow
+    ``take`` over (parent rows + fresh rows) assembles the three chunk columns.
+    """
+    fresh = [k for k in keep if parent_row[k] < 0]
+    fresh_tbl = pa.table({
+        "content": pa.array([read[k].content if k in read else None for k in fresh],
+                            SCHEMA.field("content").type),
+        "chunks": pa.array([read[k].chunks if k in read else [] for k in fresh], SCHEMA.field("chunks").type),
+        "chunk_sizes": pa.array([read[k].chunk_sizes if k in read else [] for k in fresh],
+                                SCHEMA.field("chunk_sizes").type),
+    })
+    if pv is None or len(fresh) == len(keep):
+        data = fresh_tbl
     else:
-        manifest = Manifest.empty()
-    files = len(reused) + sum(1 for w in others if w.type == FILE)
-    total = sum(w.size for w, _ in reused) + sum(w.size for w in others if w.type == FILE)
-    return CaptureResult(manifest, files=files, bytes=total, read_bytes=read_bytes,
-                         reused_files=len(reused), warnings=warnings)
+        offset = pv.table.num_rows
+        take: list[int] = []
+        n_fresh = 0
+        for k in keep:
+            i = parent_row[k]
+            if i >= 0:
+                take.append(i)
+            else:
+                take.append(offset + n_fresh)
+                n_fresh += 1
+        base = pv.table.select(["content", "chunks", "chunk_sizes"])
+        data = pa.concat_tables([base, fresh_tbl]).take(pa.array(take, pa.int64()))
+
+    def col(values: list, name: str) -> list:  # type: ignore[type-arg]
+        if len(keep) == len(values) and not read:
+            return values
+        return [read[k].__getattribute__(name) if k in read else values[k] for k in keep]
+
+    table = pa.table({
+        "path": [scan.path[k] for k in keep] if len(keep) != len(scan) else scan.path,
+        "type": [scan.type[k] for k in keep] if len(keep) != len(scan) else scan.type,
+        "mode": col(scan.mode, "mode"), "uid": col(scan.uid, "uid"), "gid": col(scan.gid, "gid"),
+        "size": col(scan.size, "size"), "mtime_ns": col(scan.mtime_ns, "mtime_ns"),
+        "ctime_ns": col(scan.ctime_ns, "ctime_ns"), "inode": col(scan.inode, "inode"),
+        "target": [scan.target[k] for k in keep] if len(keep) != len(scan) else scan.target,
+        "content": data.column("content"), "chunks": data.column("chunks"),
+        "chunk_sizes": data.column("chunk_sizes"),
+    }, schema=SCHEMA)
+    return sort_by_path(table).combine_chunks()

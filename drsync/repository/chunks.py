@@ -64,7 +64,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 def encode(data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
     """Return (encoding, stored bytes). Incompressible chunks are stored raw."""
     n = len(data)
-    if n >= 4 * fmt.COMPRESS_SAMPLE:
+    if n >= 2 * fmt.COMPRESS_SAMPLE:
         sample = _compressor().compress(data[: fmt.COMPRESS_SAMPLE])
         if len(sample) > fmt.COMPRESS_SAMPLE * fmt.COMPRESS_SAMPLE_RATIO:
             return fmt.ENC_RAW, data

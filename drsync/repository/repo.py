@@ -62,7 +62,8 @@ class ChunkWriter:
     def __init__(self, repo: Repository, *, index: ChunkIndex | None = None,
                  pack_target: int = fmt.PACK_TARGET_SIZE) -> None:
         self.repo = repo
-        self._index = repo.index if index is None else index
+        # The repository's index loads lazily: a capture where nothing changed never needs it.
+        self._given_index = index
         self._pack_target = pack_target
         self._lock = threading.Lock()
         self._pack: PackWriter | None = None
@@ -71,6 +72,10 @@ class ChunkWriter:
         self._pending: set[bytes] = set()
         self.new_bytes = 0
         self.new_stored_bytes = 0
+
+    @property
+    def _index(self) -> ChunkIndex:
+        return self.repo.index if self._given_index is None else self._given_index
 
     def has(self, chunk_id: bytes) -> bool:
         return chunk_id in self._index or chunk_id in self._pending

@@ -1,0 +1,236 @@
+"""drsync against rsync, side by side in one run on the same generated data.
+
+Prints wall times, ratios (drsync / rsync) and each drsync process's peak
+memory. Targets come from DESIGN.md; a figure that misses its target is
+marked, not hidden. Run with `make bench` (not part of `make test`).
+
+    python bench/bench.py [--work DIR] [--big-mib 1024] [--small-files 100000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DRSYNC = [sys.executable, "-m", "drsync"]
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_mib: float
+    out: str
+
+
+def run(cmd: list[str], *, cwd: Path | None = None) -> Run:
+    """Run a command; wall time and the child's own peak RSS (from wait4)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = proc.stdout.read() if proc.stdout else b""
+    err = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code != 0:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed with {code}: {err.decode(errors='replace')}")
+    return Run(seconds, usage.ru_maxrss / 1024, out.decode())
+
+
+def drop_caches() -> bool:
+    """Drop the page cache so that runs start cold, when the machine allows it."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def gen_big(root: Path, mib: int, files: int = 256) -> None:
+    root.mkdir(parents=True)
+    per = mib * 1024 * 1024 // files
+    for i in range(files):
+        with open(root / f"part-{i:04}.bin", "wb") as f:
+            f.write(os.urandom(per))
+
+
+def gen_small(root: Path, count: int) -> None:
+    rnd = random.Random(42)
+    per_dir = 1000
+    for d in range((count + per_dir - 1) // per_dir):
+        sub = root / f"d{d:04}"
+        sub.mkdir(parents=True)
+        for i in range(min(per_dir, count - d * per_dir)):
+            with open(sub / f"f{i:05}.dat", "wb") as f:
+                f.write(rnd.randbytes(rnd.randrange(256, 4096)))
+
+
+def age(root: Path) -> None:
+    """Push mtimes 10 s into the past, as on a cluster whose files were written earlier."""
+    past = time.time() - 10
+    for dirpath, dirs, files in os.walk(root):
+        for n in files + dirs:
+            os.utime(os.path.join(dirpath, n), (past, past), follow_symlinks=False)
+
+
+def change_one_percent(root: Path) -> int:
+    """Overwrite 1 % of the bytes, spread over a few files, in place. Returns bytes changed."""
+    files = sorted(root.rglob("*.bin"))
+    total = sum(f.stat().st_size for f in files)
+    budget = total // 100
+    changed = 0
+    rnd = random.Random(7)
+    for f in rnd.sample(files, k=max(1, len(files) // 25)):
+        if changed >= budget:
+            break
+        n = min(budget - changed, f.stat().st_size // 4)
+        with open(f, "r+b") as fh:
+            fh.seek(rnd.randrange(0, f.stat().st_size - n))
+            fh.write(os.urandom(n))
+        changed += n
+    return changed
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+        self.results: dict[str, object] = {}
+
+    def add(self, what: str, drsync_s: float, peer_s: float | None, target: float | None,
+            peak_mib: float, note: str = "") -> None:
+        ratio = drsync_s / peer_s if peer_s else None
+        verdict = ""
+        if target is not None and ratio is not None:
+            verdict = "met" if ratio <= target else "MISSED"
+        self.rows.append((what, f"{drsync_s:7.2f}s" + (f" vs {peer_s:7.2f}s" if peer_s else " " * 13),
+                          (f"{ratio:5.2f}x" if ratio is not None else "  -  ")
+                          + (f" (target <= {target}x {verdict})" if target is not None else ""),
+                          f"{peak_mib:6.0f} MiB {note}"))
+        self.results[what] = {"drsync_s": round(drsync_s, 3), "rsync_s": round(peer_s, 3) if peer_s else None,
+                              "ratio": round(ratio, 3) if ratio else None, "target": target,
+                              "peak_mib": round(peak_mib, 1), "note": note}
+
+    def print(self) -> None:
+        print()
+        print(f"{'measurement':52} {'drsync vs rsync':24} {'ratio':36} peak memory")
+        for r in self.rows:
+            print(f"{r[0]:52} {r[1]:24} {r[2]:36} {r[3]}")
+
+
+def bench(work: Path, big_mib: int, small_files: int) -> Report:
+    rep = Report()
+    cold = drop_caches()
+    print(f"page cache can be dropped: {cold} (otherwise every run reads a warm cache)")
+
+    def fresh_repo(name: str) -> Path:
+        repo = work / name
+        shutil.rmtree(repo, ignore_errors=True)
+        run([*DRSYNC, "init", "--repo", str(repo), "--cluster-id", "bench", "--release", "1"])
+        return repo
+
+    def snapshot(repo: Path, src: Path) -> tuple[Run, dict]:
+        drop_caches()
+        r = run([*DRSYNC, "snapshot", "create", "--repo", str(repo), "--source", str(src), "--json"])
+        return r, json.loads(r.out)
+
+    def rsync_copy(src: Path, dst: Path) -> Run:
+        shutil.rmtree(dst, ignore_errors=True)
+        drop_caches()
+        return run(["rsync", "-a", "--fsync", f"{src}/", f"{dst}/"])
+
+    # --- 1 GiB of incompressible data in 256 files -----------------------------------
+    big = work / "big"
+    print(f"generating {big_mib} MiB in 256 files ...")
+    gen_big(big, big_mib)
+    age(big)
+    os.sync()
+    peer = rsync_copy(big, work / "big-rsync")
+    repo = fresh_repo("repo-big")
+    first, doc = snapshot(repo, big)
+    rep.add(f"first snapshot, {big_mib} MiB in 256 files", first.seconds, peer.seconds, 1.0, first.peak_mib)
+    again, doc2 = snapshot(repo, big)
+    rep.add("  unchanged re-snapshot", again.seconds, None, None, again.peak_mib,
+            f"(read {doc2['read_bytes']} B)")
+    shutil.rmtree(work / "big-out", ignore_errors=True)
+    drop_caches()
+    restore = run([*DRSYNC, "snapshot", "restore", doc["id"], "--repo", str(repo), "--target",
+                   str(work / "big-out")])
+    rep.add("  restore to a new directory", restore.seconds, peer.seconds, 1.0, restore.peak_mib)
+    changed = change_one_percent(big)
+    inc, doc3 = snapshot(repo, big)
+    rep.add(f"  snapshot after changing 1 % ({changed >> 20} MiB)", inc.seconds, None, None, inc.peak_mib,
+            f"(new {doc3['new_bytes'] / (1 << 20):.1f} MiB = "
+            f"{100 * doc3['new_bytes'] / max(1, doc3['bytes']):.2f} % of the data)")
+    drop_caches()
+    peer_inc = run(["rsync", "-a", "--fsync", f"{big}/", f"{work / 'big-rsync'}/"])
+    drop_caches()
+    restore_inc = run([*DRSYNC, "snapshot", "restore", doc3["id"], "--repo", str(repo), "--target",
+                       str(work / "big-out")])
+    rep.add("  delta restore of the 1 % change", restore_inc.seconds, peer_inc.seconds, 0.5,
+            restore_inc.peak_mib)
+    shutil.rmtree(work / "big-out", ignore_errors=True)
+    shutil.rmtree(work / "big-rsync", ignore_errors=True)
+
+    # --- 100,000 small files -------------------------------------------------------------
+    small = work / "small"
+    print(f"generating {small_files} small files ...")
+    gen_small(small, small_files)
+    age(small)
+    os.sync()
+    peer = rsync_copy(small, work / "small-rsync")
+    drop_caches()
+    peer_noop = run(["rsync", "-a", "--fsync", f"{small}/", f"{work / 'small-rsync'}/"])
+    repo = fresh_repo("repo-small")
+    first, doc = snapshot(repo, small)
+    rep.add(f"first snapshot, {small_files} small files", first.seconds, peer.seconds, None, first.peak_mib)
+    again, doc2 = snapshot(repo, small)
+    rep.add("  unchanged re-snapshot (target <= 1 s)", again.seconds, peer_noop.seconds, 0.5, again.peak_mib,
+            f"[{'met' if again.seconds <= 1.0 else 'MISSED'} 1 s; in-process {doc2['duration_s']:.2f}s]")
+    shutil.rmtree(work / "small-out", ignore_errors=True)
+    drop_caches()
+    restore = run([*DRSYNC, "snapshot", "restore", doc["id"], "--repo", str(repo), "--target",
+                   str(work / "small-out")])
+    rep.add("  restore to a new directory", restore.seconds, peer.seconds, 0.5, restore.peak_mib)
+    drop_caches()
+    noop = run([*DRSYNC, "snapshot", "restore", doc["id"], "--repo", str(repo), "--target",
+                str(work / "small-out")])
+    rep.add("  no-change restore (delta)", noop.seconds, peer_noop.seconds, 0.5, noop.peak_mib)
+    return rep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=ROOT / "bench-work")
+    ap.add_argument("--big-mib", type=int, default=1024)
+    ap.add_argument("--small-files", type=int, default=100_000)
+    ap.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
+    ap.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = ap.parse_args()
+    if args.quick:
+        args.big_mib, args.small_files = 64, 5000
+    if shutil.which("rsync") is None:
+        raise SystemExit("bench: rsync is not installed (make bench installs it)")
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    try:
+        rep = bench(args.work, args.big_mib, args.small_files)
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
+    rep.print()
+    if args.json:
+        args.json.write_text(json.dumps(rep.results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
