@@ -159,14 +159,14 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str, *, what
     os.mkdir(staging, 0o700)
     staged: dict[str, str] = {}
     try:
-        def stage(item: tuple[int, Entry]) -> None:
-            n, e = item
-            tmp = os.path.join(staging, str(n))
-            _write_file(tmp, e, source, what, progress)
-            staged[e.path] = tmp
+        def stage(batch: list[tuple[int, Entry]]) -> None:
+            for n, e in batch:
+                tmp = os.path.join(staging, str(n))
+                _write_file(tmp, e, source, what, progress)
+                staged[e.path] = tmp
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool:
-            list(pool.map(stage, enumerate(plan.write)))
+            list(pool.map(stage, _batches(list(enumerate(plan.write)))))
         fsutil.syncfs(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -179,6 +179,20 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str, *, what
     shutil.rmtree(staging, ignore_errors=True)
     fsutil.syncfs(target)
     return result
+
+
+def _batches(items: list[tuple[int, Entry]], max_files: int = 256,
+             max_bytes: int = 32 * 1024 * 1024) -> list[list[tuple[int, Entry]]]:
+    """Group small files so that each pool task carries enough work to pay for itself."""
+    out: list[list[tuple[int, Entry]]] = [[]]
+    acc = 0
+    for item in items:
+        if out[-1] and (len(out[-1]) >= max_files or acc >= max_bytes):
+            out.append([])
+            acc = 0
+        out[-1].append(item)
+        acc += item[1].size
+    return out
 
 
 def _write_file(tmp: str, e: Entry, source: ChunkSource, what: str,
