@@ -232,4 +232,46 @@ def test_repository_inside_data_root_is_not_captured(drsync, tmp_path: Path) -> 
 def test_progress_is_silent_when_stderr_is_not_a_terminal(drsync, repo_url: str, tree: Path) -> None:  # type: ignore[no-untyped-def]
     r = drsync("snapshot", "create", "--repo", repo_url, "--source", tree)
     assert r.code == 0 and r.err == ""
-    assert os.environ.get("TERM") is None or True
+
+
+def test_truncated_pack_is_an_integrity_error(drsync, repo_url: str, tree: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    snap = snapshot(drsync, repo_url, tree)
+    storage = LocalStorage(repo_url)
+    pack = max(storage.list(fmt.PACKS_DIR), key=lambda o: o.size)
+    full = Path(repo_url) / pack.name
+    full.write_bytes(full.read_bytes()[: pack.size // 2])
+    v = drsync("repo", "verify", "--repo", repo_url, "--json")
+    assert v.code == 3
+    report = v.json()
+    assert report["ok"] is False and any("trailer" in p or "truncated" in p for p in report["problems"])
+    assert {d["snapshot"] for d in report["damaged_files"]} == {snap["id"]}
+    r = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", tmp_path / "out")
+    assert r.code == 3 and "truncated" in r.err
+    assert not [p for p in (tmp_path / "out").rglob("*")]
+
+
+def test_progress_bar_only_on_a_terminal(repo_url: str, tree: Path) -> None:
+    """With stderr on a pseudo-terminal a progress bar is drawn there; stdout stays clean JSON."""
+    import json
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "drsync", "snapshot", "create", "--repo", repo_url,
+                             "--source", str(tree), "--json"], stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            block = os.read(master, 65536)
+        except OSError:
+            break
+        if not block:
+            break
+        drawn += block
+    out, _ = proc.communicate()
+    os.close(master)
+    assert proc.returncode == 0
+    assert json.loads(out)["files"] == 35
+    assert b"snapshot" in drawn and "━".encode() in drawn  # the bar itself
