@@ -147,6 +147,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str, *, what
                 if not source.has_chunk(cid):
                     raise IntegrityError(f"{what}: {e.path}: chunk {cid.hex()[:16]} is missing from the "
                                          f"repository; nothing was changed")
+    created_target = not os.path.exists(target)
     os.makedirs(target, exist_ok=True)
     existing = scan_tree(target).entries() if os.listdir(target) else {}
     plan = plan_apply(entries, existing, excluded=compile_globs(exclude),
@@ -169,7 +170,10 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str, *, what
             list(pool.map(stage, _batches(list(enumerate(plan.write)))))
         fsutil.syncfs(target)
     except BaseException:
+        # Nothing was committed: leave the target as it was (including not existing at all).
         shutil.rmtree(staging, ignore_errors=True)
+        if created_target:
+            shutil.rmtree(target, ignore_errors=True)
         raise
 
     result = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,

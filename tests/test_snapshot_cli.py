@@ -247,7 +247,7 @@ def test_truncated_pack_is_an_integrity_error(drsync, repo_url: str, tree: Path,
     assert {d["snapshot"] for d in report["damaged_files"]} == {snap["id"]}
     r = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", tmp_path / "out")
     assert r.code == 3 and "truncated" in r.err
-    assert not [p for p in (tmp_path / "out").rglob("*")]
+    assert not (tmp_path / "out").exists()
 
 
 def test_progress_bar_only_on_a_terminal(repo_url: str, tree: Path) -> None:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
@@ -67,9 +68,12 @@ class ChunkWriter:
         self._pack_target = pack_target
         self._lock = threading.Lock()
         self._pack: PackWriter | None = None
-        self._written_packs: list[str] = []
         self._new: list[tuple[bytes, ChunkLocation]] = []
         self._pending: set[bytes] = set()
+        # Finished packs are synced by a background thread while capture goes on, so the
+        # disk writes back as we go instead of in one burst at the end.
+        self._syncer: ThreadPoolExecutor | None = None
+        self._syncs: list[Future[None]] = []
         self.new_bytes = 0
         self.new_stored_bytes = 0
 
@@ -107,22 +111,33 @@ class ChunkWriter:
     def _finish_pack(self) -> None:
         assert self._pack is not None
         self._pack.finish(durable=False)
-        self._written_packs.append(self._pack.name)
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drsync-packsync")
+        self._syncs.append(self._syncer.submit(self.repo.storage.sync, [self._pack.name]))
         self._pack = None
 
+    def _wait_syncs(self) -> None:
+        syncs, self._syncs = self._syncs, []
+        try:
+            for f in syncs:
+                f.result()
+        finally:
+            if self._syncer is not None:
+                self._syncer.shutdown(wait=True)
+                self._syncer = None
+
     def seal(self) -> list[tuple[bytes, ChunkLocation]]:
-        """Close the open pack and make all packs of the session durable (one batched sync).
+        """Close the open pack and make all packs of the session durable.
 
         Returns the new index rows; the caller writes them into an index file.
         """
         with self._lock:
             if self._pack is not None:
                 self._finish_pack()
-            self.repo.storage.sync(self._written_packs)
+            self._wait_syncs()
             rows = list(self._new)
             self._new.clear()
             self._pending.clear()
-            self._written_packs.clear()
             return rows
 
     def flush(self) -> None:
@@ -140,6 +155,10 @@ class ChunkWriter:
             if self._pack is not None:
                 self._pack.abort()
                 self._pack = None
+            try:
+                self._wait_syncs()
+            except Exception:  # the session is being abandoned; its packs are garbage anyway
+                pass
 
 
 @dataclass
