@@ -103,6 +103,8 @@ def _read_one(abspath: str, writer: ChunkWriter, attempts: int, progress: Progre
 
 
 def _pieces(fd: int, size_hint: int) -> Iterator[memoryview]:
+    if size_hint >= 1 << 20:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead on a cold cache
     if size_hint <= _SMALL_FILE:
         parts = []
         while True:
