@@ -7,7 +7,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: rsync is the peer in benchmarks.
 DEB_PACKAGES := rsync
 
-.PHONY: help venv system-deps test lint demo bench reliability clean
+.PHONY: help venv system-deps test lint demo bench reliability proto clean
 
 help:
 	@echo "make demo    - set up and run the snapshot/backup demo on generated data"
@@ -31,7 +31,7 @@ system-deps:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check drsync tests bench
+	$(VENV)/bin/ruff check drsync tests bench scripts
 
 test: $(STAMP) system-deps lint
 	$(PY) -m pytest -q tests
@@ -44,6 +44,9 @@ bench: $(STAMP) system-deps
 
 reliability: $(STAMP) system-deps
 	DRSYNC_CRASH_TRIALS=40 $(PY) -m pytest -q tests/test_crash.py tests/test_lock.py
+
+proto: $(STAMP)
+	$(PY) scripts/gen_proto.py
 
 clean:
 	rm -rf $(VENV) demo-work bench-work .pytest_cache

@@ -17,6 +17,7 @@ removed (light backups leave bulk data alone).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat as st
@@ -134,7 +135,8 @@ def _same_content(e: Entry, have: LocalEntry) -> bool:
 def apply_manifest(manifest: Manifest, source: ChunkSource, target: str, *, what: str = "snapshot",
                    exclude: tuple[str, ...] = (), checksum: bool = False, structure_only: bool = False,
                    progress: Callable[[int], None] | None = None,
-                   on_total: Callable[[int], None] | None = None, workers: int = 4) -> ApplyResult:
+                   on_total: Callable[[int], None] | None = None, workers: int = 4,
+                   journal: str | None = None, on_committed: Callable[[], None] | None = None) -> ApplyResult:
     validate(manifest, what)
     target = os.path.abspath(target)
     if os.path.lexists(target) and not os.path.isdir(target):
@@ -177,12 +179,63 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str, *, what
         raise
 
     result = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
-                         unchanged_files=plan.unchanged)
-    _commit(target, plan, staged, existing)
-    result.removed = len(plan.remove)
+                         unchanged_files=plan.unchanged, removed=len(plan.remove))
+    if journal:
+        # From here on the apply only moves forward: a restart replays the journal.
+        fsutil.atomic_write(journal, json.dumps(_plan_to_json(plan, staged)).encode(), durable=True)
+    _commit(target, plan, staged)
     shutil.rmtree(staging, ignore_errors=True)
     fsutil.syncfs(target)
+    if on_committed:
+        on_committed()  # before the journal goes: a crash here replays the commit, then this again
+    if journal:
+        os.unlink(journal)
+        fsutil.fsync_dir(os.path.dirname(journal))
     return result
+
+
+_ENTRY_FIELDS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target")
+
+
+def _plan_to_json(plan: ApplyPlan, staged: dict[str, str]) -> dict[str, object]:
+    def ent(e: Entry) -> list[object]:
+        return [getattr(e, f) for f in _ENTRY_FIELDS]
+
+    return {"remove": plan.remove, "mkdir": [ent(e) for e in plan.mkdir], "write": [ent(e) for e in plan.write],
+            "link": [ent(e) for e in plan.link], "fix_meta": [ent(e) for e in plan.fix_meta],
+            "dirs": [ent(e) for e in plan.dirs], "staged": staged}
+
+
+def _plan_from_json(doc: dict) -> tuple[ApplyPlan, dict[str, str]]:  # type: ignore[type-arg]
+    def ent(row: list) -> Entry:  # type: ignore[type-arg]
+        return Entry(*row, chunks=[], chunk_sizes=[])
+
+    plan = ApplyPlan(write=[ent(r) for r in doc["write"]], remove=list(doc["remove"]),
+                     mkdir=[ent(r) for r in doc["mkdir"]], link=[ent(r) for r in doc["link"]],
+                     fix_meta=[ent(r) for r in doc["fix_meta"]], dirs=[ent(r) for r in doc["dirs"]])
+    return plan, dict(doc["staged"])
+
+
+def recover_apply(target: str, journal: str) -> bool:
+    """Finish or roll back an apply that was interrupted. True when one was finished.
+
+    With a journal the staged files were complete and durable: replay the commit.
+    Without one the apply never started changing the target: drop the staging area.
+    """
+    target = os.path.abspath(target)
+    staging = os.path.join(target, STAGING)
+    if os.path.exists(journal):
+        with open(journal, "rb") as f:
+            plan, staged = _plan_from_json(json.loads(f.read()))
+        _commit(target, plan, staged)
+        shutil.rmtree(staging, ignore_errors=True)
+        fsutil.syncfs(target)
+        os.unlink(journal)
+        fsutil.fsync_dir(os.path.dirname(journal))
+        return True
+    if os.path.exists(staging):
+        shutil.rmtree(staging, ignore_errors=True)
+    return False
 
 
 def _batches(items: list[tuple[int, Entry]], max_files: int = 256,
@@ -226,15 +279,19 @@ def _set_meta_fd(fd: int, e: Entry) -> None:
     os.fchmod(fd, e.mode)
 
 
-def _commit(target: str, plan: ApplyPlan, staged: dict[str, str], existing: dict[str, LocalEntry]) -> None:
+def _commit(target: str, plan: ApplyPlan, staged: dict[str, str]) -> None:
+    """Make the target equal the plan. Idempotent, so a journaled apply can be run again."""
     def full(path: str) -> str:
         return os.path.join(target, *path.split("/"))
 
     # Directories we write into must be writable by us until the end.
     for e in plan.dirs:
-        have = existing.get(e.path)
-        if have is not None and have.type == DIR and (have.mode & 0o700) != 0o700:
-            os.chmod(full(e.path), have.mode | 0o700)
+        try:
+            s = os.lstat(full(e.path))
+        except FileNotFoundError:
+            continue
+        if st.S_ISDIR(s.st_mode) and (s.st_mode & 0o700) != 0o700:
+            os.chmod(full(e.path), st.S_IMODE(s.st_mode) | 0o700)
     for path in plan.remove:
         p = full(path)
         if os.path.isdir(p) and not os.path.islink(p):
@@ -247,7 +304,12 @@ def _commit(target: str, plan: ApplyPlan, staged: dict[str, str], existing: dict
     for e in plan.mkdir:
         os.makedirs(full(e.path), 0o700, exist_ok=True)
     for e in plan.write:
-        os.replace(staged[e.path], full(e.path))
+        try:
+            os.replace(staged[e.path], full(e.path))
+        except FileNotFoundError:
+            if not os.path.exists(full(e.path)):
+                raise
+            # Already moved by the interrupted run this one completes.
     for e in plan.link:
         p = full(e.path)
         tmp = fsutil.temp_name(p)

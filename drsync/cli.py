@@ -489,6 +489,27 @@ def repo_unlock(inv: Invocation, all_locks: bool) -> None:
          lambda: click.echo(f"removed {len(removed)} lock(s)" + "".join(f"\n  {lk.describe()}" for lk in removed)))
 
 
+@cli.command("agent")
+@_common
+def agent_cmd(inv: Invocation) -> None:
+    """Run the agent for this cluster (gRPC server and, as primary, the shipping loop)."""
+    import signal
+
+    from drsync.agent.loop import Agent
+
+    if inv.config is None:
+        raise UsageError("drsync agent needs --config FILE")
+    c = inv.config
+    logging.getLogger().setLevel(logging.INFO)
+    for h in logging.getLogger().handlers:
+        h.setFormatter(logging.Formatter(
+            f"%(asctime)s %(levelname)s group={c.coordination.group} agent={c.agent.name} %(name)s: %(message)s"))
+    agent = Agent(c)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop.set())
+    agent.run()
+
+
 # --- entry point ------------------------------------------------------------------
 
 

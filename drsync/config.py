@@ -62,6 +62,12 @@ def _int(v: Any, key: str) -> int:
     return v
 
 
+def _bool(v: Any, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}: expected true or false, got {v!r}")
+    return v
+
+
 def _duration(v: Any, key: str) -> float:
     return parse_duration(v, key)
 
@@ -129,6 +135,7 @@ class AgentConfig:
     metrics: str = field(default="127.0.0.1:9420", metadata=_conv(_str))
     role: str = field(default="auto", metadata=_conv(_choice("auto", "primary", "standby")))
     state_dir: str = field(default="", metadata=_conv(_str))
+    allow_insecure_remote: bool = field(default=False, metadata=_conv(_bool))
 
 
 @dataclass(frozen=True)

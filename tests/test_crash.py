@@ -189,11 +189,16 @@ def test_kill_9_during_snapshot_create_and_delete(tmp_path: Path) -> None:
     keep_id = first.json()["id"]
     for trial in range(TRIALS):
         (data / "tables" / "orders" / f"grow-{trial}.bin").write_bytes(os.urandom(24 << 20))
-        for args in (["snapshot", "create"], ["snapshot", "delete", "latest"]):
-            if args[1] == "delete" and trial % 2 == 0:
-                continue
-            proc = subprocess.Popen([sys.executable, "-m", "drsync", *args, "--repo", repo,
-                                     *(["--source", str(data)] if args[1] == "create" else [])],
+        for action in ("create", "delete"):
+            if action == "create":
+                args = ["snapshot", "create", "--source", str(data)]
+            else:
+                others = [s["id"] for s in run_drsync("snapshot", "list", "--repo", repo, "--json").json()
+                          if s["id"] != keep_id]
+                if trial % 2 == 0 or not others:
+                    continue
+                args = ["snapshot", "delete", others[-1]]
+            proc = subprocess.Popen([sys.executable, "-m", "drsync", *args, "--repo", repo],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             delay = 0.05 + 0.15 * ((trial * 7) % 5)  # kill at different moments
             deadline = time.monotonic() + delay

@@ -1,0 +1,122 @@
+"""The agent: one process beside one cluster, with a fixed role (ZooKeeper roles come later).
+
+The primary's pass is :meth:`Agent.run_cycle`, which returns a readable
+decision; :meth:`Agent.run` is the loop with backoff around it. The standby
+serves shipments and, before anything else, finishes or rolls back an apply
+that a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from drsync import engine
+from drsync.agent.primary import ship_snapshot
+from drsync.agent.standby import StandbyReceiver, StateFile
+from drsync.config import Config
+from drsync.errors import DrsyncError, RefusedError, UsageError
+from drsync.repository.repo import Repository
+from drsync.storage import open_storage
+from drsync.transport.grpc import GrpcStandbyLink, ReplicationServicer, start_server
+
+log = logging.getLogger("drsync.agent")
+
+
+@dataclass
+class CycleDecision:
+    """What one pass of the primary did, in words an operator can read in a log."""
+
+    action: str
+    snapshot: str = ""
+    shipped: dict[str, str] = field(default_factory=dict)  # standby -> outcome
+    ok: bool = True
+
+    def __str__(self) -> str:
+        parts = [self.action] + ([f"snapshot {self.snapshot}"] if self.snapshot else [])
+        parts += [f"{t}: {o}" for t, o in self.shipped.items()]
+        return "; ".join(parts)
+
+
+class Agent:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.name = cfg.agent.name
+        self.role = cfg.agent.role
+        if self.role == "auto":
+            raise UsageError("agent.role = auto needs ZooKeeper coordination, which this build does not have "
+                             "yet; set agent.role = \"primary\" or \"standby\"")
+        self.repo = Repository.open(open_storage(cfg.cluster.repository))
+        state_dir = cfg.agent.state_dir or os.path.join(engine.local_path(cfg.cluster.repository, "repository"),
+                                                        "agent")
+        self.state_file = StateFile(state_dir)
+        self.receiver: StandbyReceiver | None = None
+        if self.role == "standby":
+            self.receiver = StandbyReceiver(self.repo, engine.local_path(cfg.cluster.data, "data root"),
+                                            self.state_file, agent=self.name)
+            if self.receiver.recover():
+                log.warning("agent %s: finished an apply that was interrupted", self.name)
+            self.state = self.receiver.state
+        else:
+            self.state = self.state_file.load()
+            if self.state.epoch == 0:  # a static primary starts the epoch sequence
+                self.state.epoch = 1
+                self.state_file.save(self.state)
+        tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
+        self.tls = tls
+        self.server = start_server(
+            ReplicationServicer(self.receiver, agent=self.name, role=self.role, cluster_id=cfg.cluster.id,
+                                release=cfg.cluster.release),
+            cfg.agent.listen, tls=tls, allow_insecure_remote=cfg.agent.allow_insecure_remote)
+        self.stop = threading.Event()
+
+    def run_cycle(self) -> CycleDecision:
+        """Snapshot, then ship to every standby what it lacks."""
+        assert self.role == "primary"
+        snaps = self.cfg.snapshots
+        req = engine.SnapshotRequest(self.cfg.cluster.data, kind="cycle", reason="replication cycle",
+                                     hooks=engine.Hooks(snaps.pre_hook, snaps.post_hook, snaps.hook_timeout),
+                                     reread_attempts=snaps.reread_attempts)
+        info = engine.create_snapshot(self.repo, req)
+        decision = CycleDecision("shipped", info.id)
+        for target in self.cfg.replication.standbys:
+            link = GrpcStandbyLink(target, tls=self.tls)
+            try:
+                res = ship_snapshot(self.repo, info, link, epoch=self.state.epoch, sender=self.name)
+                decision.shipped[target] = (f"applied ({res.missing_chunks}/{res.chunks} chunks sent, "
+                                            f"{res.shipped_bytes} B in {res.duration_s:.2f}s)")
+            except RefusedError as e:
+                decision.shipped[target] = f"refused: {e}"
+                decision.ok = False
+            except DrsyncError as e:
+                decision.shipped[target] = f"failed: {e}"
+                decision.ok = False
+            finally:
+                link.close()
+        return decision
+
+    def run(self) -> None:
+        """Serve; as primary, run a cycle every replication.interval, backing off after failures."""
+        log.info("agent %s running as %s on %s", self.name, self.role, self.cfg.agent.listen)
+        backoff = 1.0
+        while not self.stop.is_set():
+            if self.role != "primary":
+                self.stop.wait(1.0)
+                continue
+            started = time.monotonic()
+            try:
+                decision = self.run_cycle()
+            except DrsyncError as e:
+                decision = CycleDecision(f"cycle failed: {e}", ok=False)
+            log.info("agent %s: %s", self.name, decision)
+            if decision.ok:
+                backoff = 1.0
+                wait = max(0.0, self.cfg.replication.interval - (time.monotonic() - started))
+            else:
+                wait = min(backoff, self.cfg.replication.interval)
+                backoff = min(backoff * 2, 60.0)
+            self.stop.wait(wait)
+        self.server.stop(grace=2).wait()

@@ -1,0 +1,173 @@
+"""The standby side of a shipment: fencing, missing chunks, verified storage, atomic apply.
+
+Transport-free: the gRPC servicer (drsync.transport.grpc) turns requests into
+calls on :class:`StandbyReceiver`, and its exceptions into status codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import blake3
+
+from drsync import fsutil
+from drsync.apply import ApplyResult, apply_manifest, recover_apply
+from drsync.errors import IntegrityError, RefusedError
+from drsync.repository import chunks
+from drsync.repository.manifest import Manifest
+from drsync.repository.repo import Repository
+from drsync.repository.snapshots import SnapshotInfo
+from drsync.transport import ReceivedChunk
+
+log = logging.getLogger("drsync.agent.standby")
+
+
+class FencedError(RefusedError):
+    """A shipment carries an epoch lower than the highest this agent has seen."""
+
+
+@dataclass
+class AgentState:
+    """What an agent remembers across restarts (state_dir/state.json)."""
+
+    epoch: int = 0
+    applied_snapshot: str = ""
+    applied_captured_at: float = 0.0
+    applied_at: float = 0.0
+
+
+class StateFile:
+    def __init__(self, state_dir: str) -> None:
+        self.dir = state_dir
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, "state.json")
+        self.journal = os.path.join(state_dir, "apply.journal")
+        self._lock = threading.Lock()
+
+    def load(self) -> AgentState:
+        try:
+            with open(self.path, "rb") as f:
+                return AgentState(**json.loads(f.read()))
+        except FileNotFoundError:
+            return AgentState()
+
+    def save(self, state: AgentState) -> None:
+        with self._lock:
+            fsutil.atomic_write(self.path, json.dumps(asdict(state)).encode(), durable=True)
+
+
+class StandbyReceiver:
+    def __init__(self, repo: Repository, data_root: str, state: StateFile, *, agent: str) -> None:
+        self.repo = repo
+        self.data_root = data_root
+        self.state_file = state
+        self.agent = agent
+        self.state = state.load()
+        self._commit_lock = threading.Lock()
+
+    def recover(self) -> bool:
+        """Finish an apply a crash interrupted, before serving anything (safety rule 2)."""
+        pending = os.path.join(self.state_file.dir, "applying.json")
+        doc = None
+        if os.path.exists(pending):
+            with open(pending, "rb") as f:
+                doc = json.loads(f.read())
+        finished = recover_apply(self.data_root, self.state_file.journal)
+        if finished and doc is not None:
+            self._record_applied(doc["snapshot"], doc["captured_at"])
+        # Without a journal the apply either never changed the root or was recorded already.
+        if doc is not None:
+            os.unlink(pending)
+        return finished
+
+    # --- fencing ------------------------------------------------------------------
+
+    def check_epoch(self, epoch: int) -> None:
+        """Refuse a lower epoch than seen; remember a higher one (durably, before acting on it)."""
+        if epoch < self.state.epoch:
+            raise FencedError(f"shipment epoch {epoch} is lower than epoch {self.state.epoch} this standby has "
+                              f"seen; the sender is fenced and must not act as primary")
+        if epoch > self.state.epoch:
+            self.state.epoch = epoch
+            self.state_file.save(self.state)
+
+    # --- the three steps ----------------------------------------------------------
+
+    def missing(self, epoch: int, ids: list[bytes]) -> list[bytes]:
+        self.check_epoch(epoch)
+        index = self.repo.index
+        return [i for i in ids if i not in index]
+
+    def receive(self, batches: Iterator[tuple[int, list[ReceivedChunk]]]) -> tuple[int, int, int]:
+        """Store uploaded chunks, each checked against its id. Durable when this returns."""
+        writer = self.repo.chunk_writer()
+        received = stored = stored_bytes = 0
+        try:
+            for epoch, batch in batches:
+                self.check_epoch(epoch)
+                for c in batch:
+                    received += 1
+                    chunks.decode(c.encoding, c.data, c.raw_length, c.id)  # IntegrityError if it lies
+                    if writer.add_stored(c.id, c.encoding, c.data, c.raw_length):
+                        stored += 1
+                        stored_bytes += len(c.data)
+        finally:
+            # What arrived intact is kept even if the stream broke: the retry sends only the rest.
+            writer.flush()
+        return received, stored, stored_bytes
+
+    def commit(self, epoch: int, snapshot_doc: bytes, manifest_bytes: bytes) -> tuple[SnapshotInfo, ApplyResult]:
+        with self._commit_lock:
+            self.check_epoch(epoch)
+            info = SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document")
+            if blake3.blake3(manifest_bytes).hexdigest() != info.manifest_hash:
+                raise IntegrityError(f"snapshot {info.id}: the manifest arrived damaged or truncated "
+                                     f"(hash mismatch); it was not applied")
+            manifest = Manifest.from_bytes(manifest_bytes, f"manifest of snapshot {info.id}")
+            missing = [c for c in manifest.chunk_ids() if not self.repo.has_chunk(c)]
+            if missing:
+                raise IntegrityError(f"snapshot {info.id} names {len(missing)} chunk(s) the standby never "
+                                     f"received (first {missing[0].hex()[:16]}); it was not applied")
+            known = {s.id for s in self.repo.list_snapshots()}
+            with self.repo.lock(exclusive=False, wait_s=30.0):
+                if info.id not in known:
+                    self.repo.commit_snapshot(info, manifest_bytes)
+                pending = os.path.join(self.state_file.dir, "applying.json")
+                fsutil.atomic_write(pending, json.dumps({"snapshot": info.id,
+                                                         "captured_at": info.captured_at}).encode())
+                result = apply_manifest(
+                    manifest, self.repo, self.data_root, what=f"snapshot {info.id}",
+                    journal=self.state_file.journal,
+                    on_committed=lambda: self._record_applied(info.id, info.captured_at))
+                os.unlink(pending)
+            log.info("applied snapshot %s (%d files written, %d removed)", info.id, result.written_files,
+                     result.removed)
+            return info, result
+
+    def _record_applied(self, snapshot_id: str, captured_at: float) -> None:
+        self.state.applied_snapshot = snapshot_id
+        self.state.applied_captured_at = captured_at
+        self.state.applied_at = time.time()
+        self.state_file.save(self.state)
+
+    def lag_s(self, now: float | None = None) -> float | None:
+        if not self.state.applied_snapshot:
+            return None
+        return max(0.0, (now or time.time()) - self.state.applied_captured_at)
+
+
+def batched(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    for x in items:
+        batch.append(x)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,219 @@
+"""gRPC server and client: the only module of drsync that imports grpc.
+
+The servicer translates requests into :class:`Receiver` calls and its
+errors into status codes (FAILED_PRECONDITION for fencing and refusals,
+INVALID_ARGUMENT for data that does not match its hash); the client does the
+reverse, so the agent layer only ever sees drsync errors.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError, UsageError
+from drsync.transport import CommitOutcome, ReceivedChunk, Receiver, StandbyHello
+from drsync.transport.pb import drsync_pb2 as pb
+from drsync.transport.pb import drsync_pb2_grpc as pb_grpc
+
+# Upload messages are ~1 MiB plus at most one 1 MiB chunk; the limit leaves room, and
+# anything larger is refused by gRPC itself (RESOURCE_EXHAUSTED) before we see it.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 20_000)]
+
+
+def _abort(context: grpc.ServicerContext, e: Exception) -> None:
+    if isinstance(e, RefusedError):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    if isinstance(e, IntegrityError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, DrsyncError):
+        context.abort(grpc.StatusCode.INTERNAL, str(e))
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+class ReplicationServicer(pb_grpc.ReplicationServicer):
+    def __init__(self, receiver: Receiver | None, *, agent: str, role: str, cluster_id: str,
+                 release: str) -> None:
+        self.receiver = receiver
+        self.agent, self.role, self.cluster_id, self.release = agent, role, cluster_id, release
+
+    def _receiver(self, context: grpc.ServicerContext) -> Receiver:
+        if self.receiver is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"agent {self.agent} is {self.role}, not a standby; it accepts no shipments")
+        assert self.receiver is not None
+        return self.receiver
+
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
+        st = self.receiver.state if self.receiver is not None else None
+        return pb.HelloReply(agent=self.agent, role=self.role, cluster_id=self.cluster_id, release=self.release,
+                             epoch=st.epoch if st else 0, applied_snapshot=st.applied_snapshot if st else "",
+                             applied_captured_at=st.applied_captured_at if st else 0.0,
+                             applied_at=st.applied_at if st else 0.0)
+
+    def Negotiate(self, request_iterator: Iterator[pb.ChunkIds],
+                  context: grpc.ServicerContext) -> Iterator[pb.ChunkIds]:
+        rx = self._receiver(context)
+        try:
+            for req in request_iterator:
+                yield pb.ChunkIds(epoch=req.epoch, ids=rx.missing(req.epoch, list(req.ids)))
+        except DrsyncError as e:
+            _abort(context, e)
+
+    def Upload(self, request_iterator: Iterator[pb.ChunkBatch], context: grpc.ServicerContext) -> pb.UploadReply:
+        rx = self._receiver(context)
+
+        def batches() -> Iterator[tuple[int, list[ReceivedChunk]]]:
+            for req in request_iterator:
+                yield req.epoch, [ReceivedChunk(c.id, c.encoding, c.raw_length, c.data) for c in req.chunks]
+
+        try:
+            received, stored, stored_bytes = rx.receive(batches())
+        except DrsyncError as e:
+            _abort(context, e)
+        return pb.UploadReply(received=received, stored=stored, stored_bytes=stored_bytes)
+
+    def Commit(self, request_iterator: Iterator[pb.CommitPart], context: grpc.ServicerContext) -> pb.CommitReply:
+        rx = self._receiver(context)
+        epoch, doc, pieces = None, b"", []
+        for part in request_iterator:
+            if epoch is None:
+                epoch, doc = part.epoch, part.snapshot
+            elif part.epoch != epoch:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "commit parts carry different epochs")
+            pieces.append(part.manifest)
+        if epoch is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty commit")
+        try:
+            info, result = rx.commit(int(epoch or 0), doc, b"".join(pieces))
+        except DrsyncError as e:
+            _abort(context, e)
+        return pb.CommitReply(snapshot=info.id, written_files=result.written_files, removed=result.removed,
+                              applied_at=rx.state.applied_at)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def start_server(servicer: ReplicationServicer, listen: str, *, tls: tuple[str, str, str] | None = None,
+                 allow_insecure_remote: bool = False) -> grpc.Server:
+    """Serve replication and the standard health service on ``listen`` (host:port)."""
+    host = listen.rsplit(":", 1)[0]
+    if tls is None and not _is_loopback(host) and not allow_insecure_remote:
+        raise UsageError(f"agent.listen {listen} is not a loopback address and [tls] is not configured; "
+                         f"configure mutual TLS, or set agent.allow_insecure_remote = true")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_OPTIONS)
+    pb_grpc.add_ReplicationServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("drsync.v1.Replication", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if tls is not None:
+        ca, cert, key = tls
+        creds = grpc.ssl_server_credentials([(_read(key), _read(cert))], root_certificates=_read(ca),
+                                            require_client_auth=True)
+        port = server.add_secure_port(listen, creds)
+    else:
+        port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OperationFailed(f"cannot listen on {listen} (address in use or not available)")
+    server.start()
+    return server
+
+
+def _translate(e: grpc.RpcError, target: str) -> DrsyncError:
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return RefusedError(f"standby {target} refused: {details}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return IntegrityError(f"standby {target} rejected the data: {details}")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return OperationFailed(f"standby {target} is unreachable ({details}); will retry")
+    return OperationFailed(f"standby {target}: {code.name if code else 'error'}: {details}")
+
+
+class GrpcStandbyLink:
+    """A :class:`~drsync.transport.StandbyLink` over gRPC."""
+
+    def __init__(self, target: str, *, tls: tuple[str, str, str] | None = None, timeout_s: float = 3600) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        if tls is not None:
+            ca, cert, key = tls
+            creds = grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
+                                                 certificate_chain=_read(cert))
+            self.channel = grpc.secure_channel(target, creds, options=_OPTIONS)
+        else:
+            self.channel = grpc.insecure_channel(target, options=_OPTIONS)
+        self.stub = pb_grpc.ReplicationStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def hello(self, sender: str, epoch: int, timeout_s: float = 10) -> StandbyHello:
+        try:
+            r = self.stub.Hello(pb.HelloRequest(sender=sender, epoch=epoch), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise _translate(e, self.target) from None
+        return StandbyHello(r.agent, r.role, r.cluster_id, r.release, r.epoch, r.applied_snapshot,
+                            r.applied_captured_at, r.applied_at)
+
+    def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
+        try:
+            for reply in self.stub.Negotiate((pb.ChunkIds(epoch=epoch, ids=b) for b in batches),
+                                             timeout=self.timeout_s):
+                yield list(reply.ids)
+        except grpc.RpcError as e:
+            raise _translate(e, self.target) from None
+
+    def upload(self, epoch: int, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]:
+        msgs = (pb.ChunkBatch(epoch=epoch, chunks=[pb.Chunk(id=c.id, encoding=c.encoding, raw_length=c.raw_length,
+                                                            data=c.data) for c in b]) for b in batches)
+        try:
+            r = self.stub.Upload(msgs, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise _translate(e, self.target) from None
+        return r.received, r.stored, r.stored_bytes
+
+    def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes]) -> CommitOutcome:
+        def parts() -> Iterator[pb.CommitPart]:
+            first = True
+            for piece in pieces:
+                if first:
+                    yield pb.CommitPart(epoch=epoch, sender=sender, snapshot=snapshot_doc, manifest=piece)
+                    first = False
+                else:
+                    yield pb.CommitPart(epoch=epoch, manifest=piece)
+
+        try:
+            r = self.stub.Commit(parts(), timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise _translate(e, self.target) from None
+        return CommitOutcome(r.snapshot, r.written_files, r.removed, r.applied_at)
+
+    def health(self, timeout_s: float = 5) -> bool:
+        try:
+            r = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                                timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return r.status == health_pb2.HealthCheckResponse.SERVING
