@@ -146,3 +146,34 @@ def test_kill_9_standby_during_shipping_then_recover(pair: Pair) -> None:
         assert tree_state(pair.standby_data) == tree_state(expected)
         pair.start("primary")
         wait_for(pair.in_sync, f"the standby to catch up after kill {trial}")
+
+
+def test_bad_shipments_are_refused_and_change_nothing(pair: Pair) -> None:
+    from drsync.errors import IntegrityError
+    from drsync.repository import chunks
+    from drsync.transport import ReceivedChunk
+
+    pair.start("standby")
+    (pair.standby_data / "keep.txt").write_text("the last good state")
+    before = tree_state(pair.standby_data)
+    link = GrpcStandbyLink(pair.standby_addr)
+    try:
+        # A chunk whose bytes do not match its id.
+        good = b"payload" * 1000
+        lie = ReceivedChunk(chunks.chunk_id(good), 0, len(good), b"x" * len(good))
+        with pytest.raises(IntegrityError, match="does not match its hash"):
+            link.upload(1, iter([[lie]]))
+        assert list(link.missing(1, iter([[lie.id]]))) == [[lie.id]]  # nothing was stored
+        # A commit whose manifest names a chunk that was never sent.
+        prod_repo = pair.tmp / "primary-repo"
+        snap = run_drsync("snapshot", "create", "--config", pair.primary_cfg, "--json").json()
+        doc = (prod_repo / "snapshots" / f"{snap['id']}.json").read_bytes()
+        manifest = (prod_repo / "manifests" / f"{snap['id']}.parquet").read_bytes()
+        with pytest.raises(IntegrityError, match="never received"):
+            link.commit(1, "test", doc, iter([manifest]))
+        # A truncated manifest.
+        with pytest.raises(IntegrityError, match="damaged or truncated"):
+            link.commit(1, "test", doc, iter([manifest[: len(manifest) // 2]]))
+    finally:
+        link.close()
+    assert tree_state(pair.standby_data) == before
