@@ -14,7 +14,6 @@ import errno
 import os
 import secrets
 from collections.abc import Iterable
-from pathlib import Path
 
 from drsync.errors import OperationFailed
 
@@ -103,10 +102,3 @@ def describe_os_error(e: OSError, action: str) -> OperationFailed:
     where = f" {e.filename}" if e.filename else ""
     return OperationFailed(f"{action} failed:{where}: {e.strerror or e}{hint}")
 
-
-def is_within(root: Path, candidate: Path) -> bool:
-    try:
-        candidate.relative_to(root)
-    except ValueError:
-        return False
-    return True

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from drsync.errors import IntegrityError, NotFound, OperationFailed, UsageError
+from drsync.errors import IntegrityError, NotFound, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.lock import RepositoryLock
@@ -495,18 +495,3 @@ def damaged_paths(manifest: Manifest, index: ChunkIndex,
                 yield entry.path, f"chunk {cid.hex()[:16]} is missing from the repository"
                 break
 
-
-def require_space(storage: Storage, needed: int) -> None:
-    """Refuse up front when a local target clearly cannot hold ``needed`` bytes."""
-    import os
-    import shutil
-
-    root = getattr(storage, "root", None)
-    if root is None:
-        return
-    probe = root
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe) or "/"
-    free = shutil.disk_usage(probe).free
-    if needed > free:
-        raise OperationFailed(f"{root} has {free / 2**20:.0f} MiB free but needs {needed / 2**20:.0f} MiB")

@@ -173,24 +173,6 @@ class LocalStorage:
             dirs.add(os.path.dirname(p))
         fsutil.fsync_dirs(dirs)
 
-    def remove_temp_files(self, older_than_s: float = 3600.0) -> int:
-        """Delete leftovers of interrupted writes (``.tmp-*`` files)."""
-        import time
-
-        removed = 0
-        now = time.time()
-        for dirpath, _dirs, files in os.walk(self.root):
-            for f in files:
-                if f.startswith(".tmp-"):
-                    p = os.path.join(dirpath, f)
-                    try:
-                        if now - os.stat(p).st_mtime >= older_than_s:
-                            os.unlink(p)
-                            removed += 1
-                    except FileNotFoundError:
-                        pass
-        return removed
-
     def close(self) -> None:
         with self._fd_lock:
             for fd in self._fds.values():
