@@ -72,6 +72,20 @@ def _duration(v: Any, key: str) -> float:
     return parse_duration(v, key)
 
 
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?(?:/s)?\s*$")
+_RATE_UNITS = {None: 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def _rate(v: Any, key: str) -> float:
+    """Bytes per second from ``"50MiB/s"``, ``"100MB"`` or a number; 0 means unlimited."""
+    if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
+        return float(v)
+    m = _RATE_RE.match(v) if isinstance(v, str) else None
+    if not m:
+        raise ConfigError(f"{key}: {v!r} is not a rate; write e.g. '50MiB/s' or 0 for unlimited")
+    return float(m.group(1)) * _RATE_UNITS[m.group(2)]
+
+
 def _str_list(v: Any, key: str) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ConfigError(f"{key}: expected a list of strings, got {v!r}")
@@ -153,6 +167,7 @@ class CoordinationConfig:
 class ReplicationConfig:
     interval: float = field(default=300.0, metadata=_conv(_duration))
     standbys: tuple[str, ...] = field(default=(), metadata=_conv(_str_list))
+    bandwidth_limit: float = field(default=0.0, metadata=_conv(_rate))  # bytes/s; 0 = unlimited
 
 
 @dataclass(frozen=True)

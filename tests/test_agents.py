@@ -41,6 +41,7 @@ class Pair:
         self.standby_port = free_port()
         self.standby_addr = f"127.0.0.1:{self.standby_port}"
         self.procs: dict[str, subprocess.Popen] = {}
+        self.metrics: dict[str, str] = {}
         make_tree(self.prod, files=20, big=2)
         self.standby_data.mkdir()
         self.standby_cfg = self._config("standby", "standby", self.standby_data, self.standby_port)
@@ -49,9 +50,11 @@ class Pair:
 
     def _config(self, name: str, role: str, data: Path, port: int, extra: str = "") -> Path:
         p = self.tmp / f"{name}.toml"
+        self.metrics[name] = f"127.0.0.1:{free_port()}"
         p.write_text(f'[cluster]\nid = "analytics"\nrelease = "6.2.1"\ndata = "{data}"\n'
                      f'repository = "{self.tmp / (name + "-repo")}"\n'
-                     f'[agent]\nname = "{name}"\nrole = "{role}"\nlisten = "127.0.0.1:{port}"\n{extra}')
+                     f'[agent]\nname = "{name}"\nrole = "{role}"\nlisten = "127.0.0.1:{port}"\n'
+                     f'metrics = "{self.metrics[name]}"\n{extra}')
         assert run_drsync("init", "--config", p).code == 0
         return p
 
@@ -177,3 +180,48 @@ def test_bad_shipments_are_refused_and_change_nothing(pair: Pair) -> None:
     finally:
         link.close()
     assert tree_state(pair.standby_data) == before
+
+
+def scrape(address: str) -> dict[str, float]:
+    """name{labels} -> value, from a real HTTP scrape, parsed by Prometheus' own text parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(body):
+        for s in fam.samples:
+            if s.labels.get("group") == "default" and s.labels.get("agent") in ("primary", "standby"):
+                out[s.name] = s.value
+    return out
+
+
+def test_metrics_report_lag_and_shipping(pair: Pair) -> None:
+    import math
+
+    pair.start("standby")
+    before = scrape(pair.metrics["standby"])
+    assert before["drsync_is_primary"] == 0 and math.isnan(before["drsync_replication_lag_seconds"])
+    pair.start("primary")
+    wait_for(pair.in_sync, "the first shipment")
+    wait_for(lambda: scrape(pair.metrics["primary"]).get("drsync_shipped_bytes_total", 0) > 0,
+             "the primary to count shipped bytes")
+    p = scrape(pair.metrics["primary"])
+    s = scrape(pair.metrics["standby"])
+    assert p["drsync_is_primary"] == 1 and p["drsync_epoch"] == 1 and s["drsync_epoch"] == 1
+    assert p["drsync_snapshot_duration_seconds_count"] >= 1 and p["drsync_ship_duration_seconds_count"] >= 1
+    assert p["drsync_last_snapshot_timestamp_seconds"] > 0
+    assert 0 <= s["drsync_replication_lag_seconds"] < 60
+    assert s["drsync_last_applied_snapshot_timestamp_seconds"] > 0
+    # Unchanged data ships nothing new: deduplicated bytes grow, shipped bytes stay.
+    shipped = p["drsync_shipped_bytes_total"]
+    wait_for(lambda: scrape(pair.metrics["primary"])["drsync_deduplicated_bytes_total"] > 0,
+             "a cycle over unchanged data")
+    assert scrape(pair.metrics["primary"])["drsync_shipped_bytes_total"] == shipped
+    # With the standby gone, shipments fail and the primary's view of the lag keeps growing.
+    pair.kill("standby")
+    wait_for(lambda: scrape(pair.metrics["primary"])["drsync_ship_failures_total"] >= 1, "a failed shipment")
+    lag1 = scrape(pair.metrics["primary"])["drsync_replication_lag_seconds"]
+    wait_for(lambda: scrape(pair.metrics["primary"])["drsync_replication_lag_seconds"] > lag1 + 1,
+             "the lag to grow while the standby is down")

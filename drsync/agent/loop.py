@@ -19,6 +19,7 @@ from drsync.agent.primary import ship_snapshot
 from drsync.agent.standby import StandbyReceiver, StateFile
 from drsync.config import Config
 from drsync.errors import DrsyncError, RefusedError, UsageError
+from drsync.metrics import AgentMetrics, new_registry, serve
 from drsync.repository.repo import Repository
 from drsync.storage import open_storage
 from drsync.transport.grpc import GrpcStandbyLink, ReplicationServicer, start_server
@@ -65,6 +66,20 @@ class Agent:
             if self.state.epoch == 0:  # a static primary starts the epoch sequence
                 self.state.epoch = 1
                 self.state_file.save(self.state)
+        self.metrics = AgentMetrics(new_registry(), group=cfg.coordination.group, agent=self.name)
+        self.metrics.is_primary.set(1 if self.role == "primary" else 0)
+        self.metrics.epoch.set_function(lambda: self.state.epoch)  # read live: shipments can raise it
+        # Capture time of the newest snapshot each standby has applied (primary's view).
+        self.standby_applied: dict[str, float] = {}
+        if self.receiver is not None:
+            receiver = self.receiver
+            self.metrics.track_applied(lambda: receiver.state.applied_captured_at or None)
+        else:
+            self.metrics.track_applied(self._oldest_standby_applied)
+        latest = self.repo.list_snapshots()
+        if latest:
+            self.metrics.last_snapshot.set(latest[-1].captured_at)
+        self.metrics_server = serve(self.metrics.registry, cfg.agent.metrics) if cfg.agent.metrics else None
         tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
         self.tls = tls
         self.server = start_server(
@@ -72,6 +87,12 @@ class Agent:
                                 release=cfg.cluster.release),
             cfg.agent.listen, tls=tls, allow_insecure_remote=cfg.agent.allow_insecure_remote)
         self.stop = threading.Event()
+
+    def _oldest_standby_applied(self) -> float | None:
+        standbys = self.cfg.replication.standbys
+        if not standbys or any(t not in self.standby_applied for t in standbys):
+            return None
+        return min(self.standby_applied[t] for t in standbys) or None
 
     def run_cycle(self) -> CycleDecision:
         """Snapshot, then ship to every standby what it lacks."""
@@ -81,19 +102,31 @@ class Agent:
                                      hooks=engine.Hooks(snaps.pre_hook, snaps.post_hook, snaps.hook_timeout),
                                      reread_attempts=snaps.reread_attempts)
         info = engine.create_snapshot(self.repo, req)
+        self.metrics.last_snapshot.set(info.captured_at)
+        self.metrics.snapshot_duration.observe(info.duration_s)
         decision = CycleDecision("shipped", info.id)
         for target in self.cfg.replication.standbys:
             link = GrpcStandbyLink(target, tls=self.tls)
             try:
-                res = ship_snapshot(self.repo, info, link, epoch=self.state.epoch, sender=self.name)
+                hello = link.hello(self.name, self.state.epoch)
+                if hello.applied_snapshot:
+                    self.standby_applied[target] = hello.applied_captured_at
+                res = ship_snapshot(self.repo, info, link, epoch=self.state.epoch, sender=self.name,
+                                    bandwidth_bps=self.cfg.replication.bandwidth_limit)
+                self.standby_applied[target] = info.captured_at
+                self.metrics.ship_duration.observe(res.duration_s)
+                self.metrics.shipped_bytes.inc(res.shipped_bytes)
+                self.metrics.deduplicated_bytes.inc(res.deduplicated_bytes)
                 decision.shipped[target] = (f"applied ({res.missing_chunks}/{res.chunks} chunks sent, "
                                             f"{res.shipped_bytes} B in {res.duration_s:.2f}s)")
             except RefusedError as e:
                 decision.shipped[target] = f"refused: {e}"
                 decision.ok = False
+                self.metrics.ship_failures.inc()
             except DrsyncError as e:
                 decision.shipped[target] = f"failed: {e}"
                 decision.ok = False
+                self.metrics.ship_failures.inc()
             finally:
                 link.close()
         return decision
@@ -120,3 +153,5 @@ class Agent:
                 backoff = min(backoff * 2, 60.0)
             self.stop.wait(wait)
         self.server.stop(grace=2).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()

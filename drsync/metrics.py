@@ -1,0 +1,79 @@
+"""Prometheus metrics of one agent: the only module that imports prometheus_client.
+
+Metrics live in a registry passed in (never module globals), carry the
+``group`` and ``agent`` labels, and use base units (seconds, bytes). Lag is
+computed when scraped, from the capture time of the newest applied snapshot,
+so it keeps growing while shipments fail instead of freezing at its last value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from drsync.errors import OperationFailed
+
+PREFIX = "drsync_"
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry, *, group: str, agent: str) -> None:
+        self.registry = registry
+        labels = ["group", "agent"]
+        values = {"group": group, "agent": agent}
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=registry).labels(**values)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=registry).labels(**values)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=_DURATION_BUCKETS,
+                             registry=registry).labels(**values)
+
+        self.is_primary = gauge("is_primary", "1 when this agent acts as primary")
+        self.epoch = gauge("epoch", "Highest fencing epoch this agent has seen")
+        self.replication_lag = gauge("replication_lag_seconds",
+                                     "Now minus the capture time of the newest snapshot applied on the standby")
+        self.last_snapshot = gauge("last_snapshot_timestamp_seconds", "Capture time of the newest snapshot taken")
+        self.last_applied = gauge("last_applied_snapshot_timestamp_seconds",
+                                  "Capture time of the newest snapshot applied on the standby")
+        self.snapshot_duration = histogram("snapshot_duration_seconds", "Time to capture a snapshot")
+        self.ship_duration = histogram("ship_duration_seconds", "Time to negotiate, ship and commit a snapshot")
+        self.shipped_bytes = counter("shipped_bytes", "Stored bytes sent to standbys")
+        self.deduplicated_bytes = counter("deduplicated_bytes",
+                                          "Bytes of shipped snapshots the standby already had")
+        self.ship_failures = counter("ship_failures", "Shipments that failed or were refused")
+        self.backup_last_success = gauge("backup_last_success_timestamp_seconds", "Time of the last good backup")
+        self._applied_at: Callable[[], float | None] = lambda: None
+        self.replication_lag.set_function(self._lag)
+        self.last_applied.set_function(lambda: self._applied_at() or 0.0)
+
+    def track_applied(self, captured_at: Callable[[], float | None]) -> None:
+        """Where to read the capture time of the newest applied snapshot (None before the first)."""
+        self._applied_at = captured_at
+
+    def _lag(self) -> float:
+        captured = self._applied_at()
+        if not captured:
+            return float("nan")  # nothing applied yet: no lag to speak of, and no false "all good"
+        return max(0.0, time.time() - captured)
+
+
+def serve(registry: CollectorRegistry, address: str) -> object:
+    """Serve /metrics on ``host:port``; returns the server (``.shutdown()`` stops it)."""
+    host, _, port = address.rpartition(":")
+    try:
+        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    except (OSError, ValueError) as e:
+        raise OperationFailed(f"cannot serve metrics on {address}: {e}; set agent.metrics to a free "
+                              f"host:port") from None
+    return server
+
+
+def new_registry() -> CollectorRegistry:
+    return CollectorRegistry()
