@@ -489,6 +489,28 @@ def repo_unlock(inv: Invocation, all_locks: bool) -> None:
          lambda: click.echo(f"removed {len(removed)} lock(s)" + "".join(f"\n  {lk.describe()}" for lk in removed)))
 
 
+@cli.command("status")
+@_common
+def status_cmd(inv: Invocation) -> None:
+    """Who is primary, the epoch, and every agent's role, lag and applied snapshot."""
+    from drsync.agent.status import collect_status
+
+    if inv.config is None:
+        raise UsageError("drsync status needs --config FILE (the agent's configuration)")
+    doc = collect_status(inv.config)
+
+    def human() -> None:
+        click.echo(f"group {doc['group']}: primary {doc['primary'] or '(none)'}, epoch {doc['epoch']}")
+        _table(["AGENT", "ROLE", "ADDRESS", "LAG", "APPLIED SNAPSHOT"],
+               [[a["name"] or "?", a["role"] if a["reachable"] else "unreachable", a["address"],
+                 "-" if a["lag_s"] is None else f"{a['lag_s']:.1f}s", a["applied_snapshot"] or "-"]
+                for a in doc["agents"]])
+        last = doc["last_snapshot"]
+        click.echo(f"last snapshot here: {last['id']} at {last['captured_at']}" if last else "no snapshot here yet")
+
+    emit(inv, doc, human)
+
+
 @cli.command("agent")
 @_common
 def agent_cmd(inv: Invocation) -> None:

@@ -225,3 +225,25 @@ def test_metrics_report_lag_and_shipping(pair: Pair) -> None:
     lag1 = scrape(pair.metrics["primary"])["drsync_replication_lag_seconds"]
     wait_for(lambda: scrape(pair.metrics["primary"])["drsync_replication_lag_seconds"] > lag1 + 1,
              "the lag to grow while the standby is down")
+
+
+def test_status_shows_the_pair(pair: Pair) -> None:
+    pair.start("standby")
+    pair.start("primary")
+    wait_for(pair.in_sync, "the first shipment")
+    wait_for(lambda: run_drsync("status", "--config", pair.primary_cfg, "--json").json()["agents"][1]["lag_s"]
+             is not None, "the standby to report an applied snapshot")
+    doc = run_drsync("status", "--config", pair.primary_cfg, "--json").json()
+    assert doc["group"] == "default" and doc["primary"] == "primary" and doc["epoch"] == 1
+    by_name = {a["name"]: a for a in doc["agents"]}
+    assert by_name["primary"]["role"] == "primary"
+    assert by_name["standby"]["role"] == "standby" and by_name["standby"]["address"] == pair.standby_addr
+    assert by_name["standby"]["applied_snapshot"] and 0 <= by_name["standby"]["lag_s"] < 60
+    assert doc["last_snapshot"]["id"]
+    human = run_drsync("status", "--config", pair.primary_cfg)
+    assert "primary primary, epoch 1" in human.out and pair.standby_addr in human.out
+    # With the standby down, status still answers and says so.
+    pair.kill("standby")
+    doc = run_drsync("status", "--config", pair.primary_cfg, "--json").json()
+    down = next(a for a in doc["agents"] if a["address"] == pair.standby_addr)
+    assert down["reachable"] is False and doc["primary"] == "primary"
