@@ -247,3 +247,36 @@ def test_status_shows_the_pair(pair: Pair) -> None:
     doc = run_drsync("status", "--config", pair.primary_cfg, "--json").json()
     down = next(a for a in doc["agents"] if a["address"] == pair.standby_addr)
     assert down["reachable"] is False and doc["primary"] == "primary"
+
+
+def test_commit_refusals_epoch_cluster_and_oversized(pair: Pair) -> None:
+    import json as _json
+
+    from drsync.errors import OperationFailed
+    from drsync.transport import ReceivedChunk
+
+    pair.start("standby")
+    snap = run_drsync("snapshot", "create", "--config", pair.primary_cfg, "--json").json()
+    repo = pair.tmp / "primary-repo"
+    doc = (repo / "snapshots" / f"{snap['id']}.json").read_bytes()
+    manifest = (repo / "manifests" / f"{snap['id']}.parquet").read_bytes()
+    before = tree_state(pair.standby_data)
+    link = GrpcStandbyLink(pair.standby_addr)
+    try:
+        assert link.hello("t", 4).epoch == 0
+        list(link.missing(4, iter([[b"\x00" * 32]])))
+        # A commit from an older epoch names both epochs.
+        with pytest.raises(RefusedError, match="epoch 2 is lower than epoch 4"):
+            link.commit(2, "old-primary", doc, iter([manifest]))
+        # A snapshot of another cluster or release is refused.
+        other = _json.loads(doc)
+        other["release"] = "7.0.0"
+        with pytest.raises(RefusedError, match="release '7.0.0'"):
+            link.commit(4, "t", _json.dumps(other).encode(), iter([manifest]))
+        # An oversized message is cut off by the transport's explicit limit.
+        huge = ReceivedChunk(b"\x02" * 32, 0, 9 << 20, b"\x00" * (9 << 20))
+        with pytest.raises(OperationFailed, match="RESOURCE_EXHAUSTED|larger than max"):
+            link.upload(4, iter([[huge]]))
+    finally:
+        link.close()
+    assert tree_state(pair.standby_data) == before

@@ -126,6 +126,12 @@ class StandbyReceiver:
         with self._commit_lock:
             self.check_epoch(epoch)
             info = SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document")
+            cfg = self.repo.config
+            if (info.cluster_id, info.release) != (cfg.cluster_id, cfg.release):
+                raise RefusedError(
+                    f"snapshot {info.id} is from cluster {info.cluster_id!r} release {info.release!r}, but this "
+                    f"standby keeps cluster {cfg.cluster_id!r} release {cfg.release!r}; check "
+                    f"replication.standbys on the primary, or upgrade both clusters to the same release")
             if blake3.blake3(manifest_bytes).hexdigest() != info.manifest_hash:
                 raise IntegrityError(f"snapshot {info.id}: the manifest arrived damaged or truncated "
                                      f"(hash mismatch); it was not applied")
