@@ -513,7 +513,8 @@ def status_cmd(inv: Invocation) -> None:
 
 @cli.command("agent")
 @_common
-def agent_cmd(inv: Invocation) -> None:
+@click.option("--once", is_flag=True, help="Primary only: run one replication cycle and exit (1 if it failed).")
+def agent_cmd(inv: Invocation, once: bool) -> None:
     """Run the agent for this cluster (gRPC server and, as primary, the shipping loop)."""
     import signal
 
@@ -526,7 +527,21 @@ def agent_cmd(inv: Invocation) -> None:
     for h in logging.getLogger().handlers:
         h.setFormatter(logging.Formatter(
             f"%(asctime)s %(levelname)s group={c.coordination.group} agent={c.agent.name} %(name)s: %(message)s"))
-    agent = Agent(c)
+    if once and c.agent.role != "primary":
+        raise UsageError("--once runs one replication cycle; it needs agent.role = \"primary\"")
+    if once:
+        logging.getLogger().setLevel(logging.WARNING)
+    agent = Agent(c, serve_network=not once)  # a one-shot cycle must not collide with a running agent
+    if once:
+        try:
+            decision = agent.run_cycle()
+        finally:
+            agent.close()
+        emit(inv, {"ok": decision.ok, "snapshot": decision.snapshot, "shipped": decision.shipped},
+             lambda: click.echo(str(decision)))
+        if not decision.ok:
+            raise _Exit(EXIT_FAILED, "the replication cycle did not reach every standby; see above")
+        return
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stop.set())
     agent.run()

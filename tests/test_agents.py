@@ -280,3 +280,15 @@ def test_commit_refusals_epoch_cluster_and_oversized(pair: Pair) -> None:
     finally:
         link.close()
     assert tree_state(pair.standby_data) == before
+
+
+def test_agent_once_runs_one_cycle(pair: Pair) -> None:
+    pair.start("standby")
+    r = run_drsync("agent", "--config", pair.primary_cfg, "--once", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["ok"] is True and pair.standby_addr in doc["shipped"] and pair.in_sync()
+    pair.kill("standby")
+    r = run_drsync("agent", "--config", pair.primary_cfg, "--once")
+    assert r.code == 1 and "unreachable" in r.out
+    assert run_drsync("agent", "--config", pair.standby_cfg, "--once").code == 2

@@ -43,7 +43,7 @@ class CycleDecision:
 
 
 class Agent:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, serve_network: bool = True) -> None:
         self.cfg = cfg
         self.name = cfg.agent.name
         self.role = cfg.agent.role
@@ -79,13 +79,15 @@ class Agent:
         latest = self.repo.list_snapshots()
         if latest:
             self.metrics.last_snapshot.set(latest[-1].captured_at)
-        self.metrics_server = serve(self.metrics.registry, cfg.agent.metrics) if cfg.agent.metrics else None
+        self.metrics_server = (serve(self.metrics.registry, cfg.agent.metrics)
+                               if cfg.agent.metrics and serve_network else None)
         tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
         self.tls = tls
         self.server = start_server(
             ReplicationServicer(self.receiver, agent=self.name, role=self.role, cluster_id=cfg.cluster.id,
                                 release=cfg.cluster.release),
-            cfg.agent.listen, tls=tls, allow_insecure_remote=cfg.agent.allow_insecure_remote)
+            cfg.agent.listen, tls=tls, allow_insecure_remote=cfg.agent.allow_insecure_remote,
+        ) if serve_network else None
         self.stop = threading.Event()
 
     def _oldest_standby_applied(self) -> float | None:
@@ -152,6 +154,12 @@ class Agent:
                 wait = min(backoff, self.cfg.replication.interval)
                 backoff = min(backoff * 2, 60.0)
             self.stop.wait(wait)
-        self.server.stop(grace=2).wait()
+        self.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=2).wait()
+            self.server = None
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+            self.metrics_server = None
