@@ -135,8 +135,7 @@ class Report:
             print(f"{r[0]:52} {r[1]:24} {r[2]:36} {r[3]}")
 
 
-def bench(work: Path, big_mib: int, small_files: int) -> Report:
-    rep = Report()
+def bench(work: Path, big_mib: int, small_files: int, rep: Report) -> Report:
     cold = drop_caches()
     print(f"page cache can be dropped: {cold} (otherwise every run reads a warm cache)")
 
@@ -229,6 +228,151 @@ def bench(work: Path, big_mib: int, small_files: int) -> Report:
     return rep
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RsyncDaemon:
+    """rsync's daemon on loopback, the peer for agent-to-agent syncs."""
+
+    def __init__(self, work: Path) -> None:
+        self.root = work / "rsyncd"
+        self.root.mkdir()
+        self.port = free_port()
+        conf = work / "rsyncd.conf"
+        conf.write_text(f"port = {self.port}\nuse chroot = false\npid file = {work / 'rsyncd.pid'}\n"
+                        f"[bench]\npath = {self.root}\nread only = false\nuid = root\ngid = root\n")
+        self.proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}"])
+        import socket
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise SystemExit("bench: the rsync daemon did not start")
+
+    def sync(self, src: Path, dest: str) -> Run:
+        drop_caches()
+        return run(["rsync", "-a", "--fsync", f"{src}/", f"rsync://127.0.0.1:{self.port}/bench/{dest}/"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+class AgentPair:
+    """A standby agent process and a primary configuration whose cycles run with --once."""
+
+    def __init__(self, work: Path, name: str, data: Path) -> None:
+        from drsync.transport.grpc import GrpcStandbyLink
+
+        self.dir = work / name
+        self.dir.mkdir()
+        (self.dir / "standby-data").mkdir()
+        port = free_port()
+        self.standby_data = self.dir / "standby-data"
+        self.standby = self._config("standby", "standby", self.standby_data, port, "")
+        self.primary = self._config("primary", "primary", data, free_port(),
+                                    f'[replication]\nstandbys = ["127.0.0.1:{port}"]\n')
+        with open(self.dir / "standby.log", "ab") as log:
+            self.proc = subprocess.Popen([*DRSYNC, "agent", "--config", str(self.standby)], stdout=log, stderr=log)
+        link = GrpcStandbyLink(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 30
+        while not link.health(timeout_s=1):
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the standby agent did not start")
+        link.close()
+
+    def _config(self, name: str, role: str, data: Path, port: int, extra: str) -> Path:
+        p = self.dir / f"{name}.toml"
+        p.write_text(f'[cluster]\nid = "bench"\nrelease = "1"\ndata = "{data}"\n'
+                     f'repository = "{self.dir / (name + "-repo")}"\n[agent]\nname = "{name}"\nrole = "{role}"\n'
+                     f'listen = "127.0.0.1:{port}"\nmetrics = ""\n{extra}')
+        run([*DRSYNC, "init", "--config", str(p)])
+        return p
+
+    def cycle(self) -> tuple[Run, dict]:
+        drop_caches()
+        r = run([*DRSYNC, "agent", "--config", str(self.primary), "--once", "--json"])
+        doc = json.loads(r.out)
+        return r, next(iter(doc["results"].values()))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def bench_agents(work: Path, big_mib: int, sync_files: int, noop_files: int, rep: Report) -> None:
+    daemon = RsyncDaemon(work)
+    pairs: list[AgentPair] = []
+    try:
+        big = work / "a-big"
+        print(f"agents: generating {big_mib} MiB in 256 files ...")
+        gen_big(big, big_mib)
+        age(big)
+        peers, cycles = [], []
+        for i in range(ROUNDS):
+            peers.append(daemon.sync(big, f"big-{i}"))
+            pair = AgentPair(work, f"pair-big-{i}", big)
+            pairs.append(pair)
+            cycles.append(pair.cycle()[0])
+        peer, cyc = median(peers), median(cycles)
+        rep.add(f"agents: full sync, {big_mib} MiB in 256 files (median of {ROUNDS})", cyc.seconds, peer.seconds,
+                1.0, max(c.peak_mib for c in cycles), "(snapshot + ship + apply)")
+        changed = change_one_percent(big)
+        peer_inc = daemon.sync(big, f"big-{ROUNDS - 1}")
+        inc, figures = pairs[-1].cycle()
+        rep.add(f"  incremental after changing 1 % ({changed >> 20} MiB)", inc.seconds, peer_inc.seconds, 0.5,
+                inc.peak_mib, f"(shipped {figures['shipped_bytes'] / (1 << 20):.1f} MiB = "
+                f"{100 * figures['shipped_bytes'] / (big_mib << 20):.2f} % of the data, target <= 1.5 %)")
+        for p in pairs:
+            p.stop()
+        pairs.clear()
+        shutil.rmtree(big)
+
+        small = work / "a-small"
+        print(f"agents: generating {sync_files} small files ...")
+        gen_small(small, sync_files)
+        age(small)
+        peer = daemon.sync(small, "small")
+        pair = AgentPair(work, "pair-small", small)
+        pairs.append(pair)
+        cyc, _ = pair.cycle()
+        rep.add(f"agents: full sync, {sync_files} small files", cyc.seconds, peer.seconds, 0.5, cyc.peak_mib)
+        pair.stop()
+        pairs.clear()
+        shutil.rmtree(small)
+
+        many = work / "a-many"
+        print(f"agents: generating {noop_files} small files ...")
+        gen_small(many, noop_files)
+        age(many)
+        daemon.sync(many, "many")
+        pair = AgentPair(work, "pair-many", many)
+        pairs.append(pair)
+        pair.cycle()
+        noop_peer = run(["rsync", "-a", "--fsync", f"{many}/", f"rsync://127.0.0.1:{daemon.port}/bench/many/"])
+        noop, _ = run_warm_cycle(pair)
+        rep.add(f"agents: no-change cycle, {noop_files} small files (warm)", noop.seconds, noop_peer.seconds, 0.5,
+                noop.peak_mib, f"[{'met' if noop.seconds <= 1.0 else 'MISSED'} 1 s]")
+    finally:
+        for p in pairs:
+            p.stop()
+        daemon.stop()
+
+
+def run_warm_cycle(pair: AgentPair) -> tuple[Run, dict]:
+    """A cycle without dropping caches: a data root scanned every few minutes stays cached."""
+    r = run([*DRSYNC, "agent", "--config", str(pair.primary), "--once", "--json"])
+    return r, json.loads(r.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-work")
@@ -236,15 +380,21 @@ def main() -> None:
     ap.add_argument("--small-files", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
+    ap.add_argument("--only", choices=("snapshots", "agents"), help="run one part only")
     args = ap.parse_args()
+    sync_files, noop_files = 20_000, args.small_files
     if args.quick:
-        args.big_mib, args.small_files = 64, 5000
+        args.big_mib, args.small_files, sync_files, noop_files = 64, 5000, 2000, 5000
     if shutil.which("rsync") is None:
         raise SystemExit("bench: rsync is not installed (make bench installs it)")
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
+    rep = Report()
     try:
-        rep = bench(args.work, args.big_mib, args.small_files)
+        if args.only != "agents":
+            bench(args.work, args.big_mib, args.small_files, rep)
+        if args.only != "snapshots":
+            bench_agents(args.work, args.big_mib, sync_files, noop_files, rep)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     rep.print()

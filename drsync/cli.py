@@ -537,7 +537,8 @@ def agent_cmd(inv: Invocation, once: bool) -> None:
             decision = agent.run_cycle()
         finally:
             agent.close()
-        emit(inv, {"ok": decision.ok, "snapshot": decision.snapshot, "shipped": decision.shipped},
+        emit(inv, {"ok": decision.ok, "snapshot": decision.snapshot, "shipped": decision.shipped,
+                   "results": decision.results},
              lambda: click.echo(str(decision)))
         if not decision.ok:
             raise _Exit(EXIT_FAILED, "the replication cycle did not reach every standby; see above")

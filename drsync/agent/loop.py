@@ -33,7 +33,8 @@ class CycleDecision:
 
     action: str
     snapshot: str = ""
-    shipped: dict[str, str] = field(default_factory=dict)  # standby -> outcome
+    shipped: dict[str, str] = field(default_factory=dict)  # standby -> outcome, in words
+    results: dict[str, dict[str, float]] = field(default_factory=dict)  # standby -> figures
     ok: bool = True
 
     def __str__(self) -> str:
@@ -121,6 +122,9 @@ class Agent:
                 self.metrics.deduplicated_bytes.inc(res.deduplicated_bytes)
                 decision.shipped[target] = (f"applied ({res.missing_chunks}/{res.chunks} chunks sent, "
                                             f"{res.shipped_bytes} B in {res.duration_s:.2f}s)")
+                decision.results[target] = {"chunks": res.chunks, "missing_chunks": res.missing_chunks,
+                                            "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
+                                            "deduplicated_bytes": res.deduplicated_bytes}
             except RefusedError as e:
                 decision.shipped[target] = f"refused: {e}"
                 decision.ok = False
