@@ -292,3 +292,49 @@ def test_agent_once_runs_one_cycle(pair: Pair) -> None:
     r = run_drsync("agent", "--config", pair.primary_cfg, "--once")
     assert r.code == 1 and "unreachable" in r.out
     assert run_drsync("agent", "--config", pair.standby_cfg, "--once").code == 2
+
+
+def _phase(pair: Pair) -> str | None:
+    """Which step of a shipment the standby is in, seen from its files."""
+    state_dir = pair.tmp / "standby-repo" / "agent"
+    if (state_dir / "applying.json").exists():
+        return "apply"
+    packs = pair.tmp / "standby-repo" / "packs"
+    if packs.exists() and any(p.name.startswith(".tmp-") for p in packs.rglob(".tmp-*")):
+        return "upload"
+    return None
+
+
+@pytest.mark.parametrize("phase", ["upload", "apply"])
+def test_kill_9_standby_in_each_phase(pair: Pair, phase: str) -> None:
+    pair.start("standby")
+    pair.start("primary")
+    wait_for(pair.in_sync, "the first shipment")
+    kills = 0
+    for attempt in range(12):
+        if kills >= 2:
+            break
+        (pair.prod / "tables" / "orders" / f"grow-{attempt}.bin").write_bytes(os.urandom(48 << 20))
+        # Wait for the standby to enter the phase (or the cycle to finish without us seeing it).
+        deadline = time.monotonic() + 30
+        seen = None
+        while time.monotonic() < deadline and not pair.in_sync():
+            seen = _phase(pair)
+            if seen == phase:
+                break
+        if seen != phase:
+            continue
+        pair.kill("standby")
+        kills += 1
+        pair.kill("primary", signal.SIGTERM)
+        pair.start("standby")  # recovers before it serves
+        link = GrpcStandbyLink(pair.standby_addr)
+        applied = link.hello("test", 1).applied_snapshot
+        link.close()
+        expected = pair.tmp / f"expected-{phase}-{attempt}"
+        r = run_drsync("snapshot", "restore", applied, "--config", pair.standby_cfg, "--target", expected)
+        assert r.code == 0, r.err
+        assert tree_state(pair.standby_data) == tree_state(expected), f"mixed state after a kill in {phase}"
+        pair.start("primary")
+        wait_for(pair.in_sync, f"catching up after a kill during {phase}")
+    assert kills >= 1, f"never caught the standby during {phase}"
