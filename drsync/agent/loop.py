@@ -20,6 +20,7 @@ from drsync.agent.standby import StandbyReceiver, StateFile
 from drsync.config import Config
 from drsync.errors import DrsyncError, RefusedError, UsageError
 from drsync.metrics import AgentMetrics, new_registry, serve
+from drsync.repository.manifest import Manifest
 from drsync.repository.repo import Repository
 from drsync.storage import open_storage
 from drsync.transport.grpc import GrpcStandbyLink, ReplicationServicer, start_server
@@ -97,6 +98,12 @@ class Agent:
             return None
         return min(self.standby_applied[t] for t in standbys) or None
 
+    def _manifest_if_known(self, snapshot_id: str) -> Manifest | None:
+        try:
+            return self.repo.load_manifest(self.repo.find_snapshot(snapshot_id))
+        except DrsyncError:
+            return None  # gone from this repository (expired): negotiate everything
+
     def run_cycle(self) -> CycleDecision:
         """Snapshot, then ship to every standby what it lacks."""
         assert self.role == "primary"
@@ -112,10 +119,12 @@ class Agent:
             link = GrpcStandbyLink(target, tls=self.tls)
             try:
                 hello = link.hello(self.name, self.state.epoch)
+                applied = None
                 if hello.applied_snapshot:
                     self.standby_applied[target] = hello.applied_captured_at
+                    applied = self._manifest_if_known(hello.applied_snapshot)
                 res = ship_snapshot(self.repo, info, link, epoch=self.state.epoch, sender=self.name,
-                                    bandwidth_bps=self.cfg.replication.bandwidth_limit)
+                                    bandwidth_bps=self.cfg.replication.bandwidth_limit, applied=applied)
                 self.standby_applied[target] = info.captured_at
                 self.metrics.ship_duration.observe(res.duration_s)
                 self.metrics.shipped_bytes.inc(res.shipped_bytes)

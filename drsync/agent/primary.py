@@ -12,8 +12,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from drsync.agent.standby import batched
 from drsync.repository import format as fmt
+from drsync.repository.manifest import Manifest, diff
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.transport import CommitOutcome, ReceivedChunk, StandbyLink
@@ -38,18 +42,50 @@ class ShipResult:
     applied: CommitOutcome
 
 
+def chunk_sizes(manifest: Manifest) -> dict[bytes, int]:
+    """Every chunk id of a manifest with its raw size."""
+    t = manifest.table
+    ids = pc.list_flatten(t.column("chunks")).to_pylist()
+    sizes = pc.list_flatten(t.column("chunk_sizes")).to_pylist()
+    return dict(zip(ids, sizes, strict=True))
+
+
+def chunks_to_negotiate(new: Manifest, applied: Manifest | None) -> list[bytes]:
+    """Which chunk ids to ask the standby about. Pure.
+
+    A standby holds every chunk of the snapshot it applied, so only the files
+    added or changed since then can bring chunks it lacks. Without a known
+    applied snapshot, ask about all of them. (If the standby lost chunks anyway,
+    its commit check refuses and the next attempt negotiates everything.)
+    """
+    if applied is None:
+        return sorted(new.chunk_ids())
+    d = diff(applied, new)
+    touched = set(d.added) | set(d.changed)
+    if not touched:
+        return []
+    t = new.table
+    mask = pc.is_in(t.column("path"), value_set=pa.array(sorted(touched), pa.string()))
+    return sorted(set(pc.list_flatten(t.filter(mask).column("chunks")).to_pylist()) - applied.chunk_ids())
+
+
 def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int, sender: str,
-                  bandwidth_bps: float = 0.0) -> ShipResult:
-    """Negotiate, upload the missing chunks, commit. Raises on any refusal; safe to retry."""
+                  bandwidth_bps: float = 0.0, applied: Manifest | None = None) -> ShipResult:
+    """Negotiate, upload the missing chunks, commit. Raises on any refusal; safe to retry.
+
+    ``applied`` is the manifest the standby says it has applied, when the
+    primary still has it: negotiation then covers only what changed since.
+    """
     start = time.monotonic()
     manifest_bytes = repo.storage.read(fmt.manifest_name(info.id))
     manifest = repo.load_manifest(info)
-    ids = sorted(manifest.chunk_ids())
+    sizes = chunk_sizes(manifest)
+    ask = chunks_to_negotiate(manifest, applied)
     missing: list[bytes] = []
-    for reply in link.missing(epoch, batched(ids, NEGOTIATE_BATCH)):
-        missing.extend(reply)
-    index = repo.index
-    total_bytes = sum(loc.raw_length for loc in (index.get(i) for i in ids) if loc is not None)
+    if ask:
+        for reply in link.missing(epoch, batched(ask, NEGOTIATE_BATCH)):
+            missing.extend(reply)
+    total_bytes = sum(sizes.values())
     shipped = 0
 
     def chunk_batches() -> Iterator[list[ReceivedChunk]]:
@@ -77,6 +113,6 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     pieces = (manifest_bytes[i:i + COMMIT_PIECE_BYTES] for i in range(0, max(1, len(manifest_bytes)),
                                                                         COMMIT_PIECE_BYTES))
     outcome = link.commit(epoch, sender, info.to_bytes(), pieces)
-    missing_raw = sum(loc.raw_length for loc in (index.get(i) for i in missing) if loc is not None)
-    return ShipResult(info.id, len(ids), len(missing), shipped, total_bytes - missing_raw,
+    missing_raw = sum(sizes.get(i, 0) for i in missing)
+    return ShipResult(info.id, len(sizes), len(missing), shipped, total_bytes - missing_raw,
                       round(time.monotonic() - start, 3), outcome)

@@ -18,9 +18,9 @@ import blake3
 
 from drsync import fsutil
 from drsync.apply import ApplyResult, apply_manifest, recover_apply
-from drsync.errors import IntegrityError, RefusedError
+from drsync.errors import DrsyncError, IntegrityError, RefusedError
 from drsync.repository import chunks
-from drsync.repository.manifest import Manifest
+from drsync.repository.manifest import Manifest, diff
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.transport import ReceivedChunk
@@ -144,6 +144,11 @@ class StandbyReceiver:
             with self.repo.lock(exclusive=False, wait_s=30.0):
                 if info.id not in known:
                     self.repo.commit_snapshot(info, manifest_bytes)
+                if self._same_as_applied(manifest):
+                    # Nothing changed since the applied snapshot: the root already holds it.
+                    self._record_applied(info.id, info.captured_at)
+                    log.info("snapshot %s has the content of the applied one; nothing to apply", info.id)
+                    return info, ApplyResult(unchanged_files=manifest.file_count())
                 pending = os.path.join(self.state_file.dir, "applying.json")
                 fsutil.atomic_write(pending, json.dumps({"snapshot": info.id,
                                                          "captured_at": info.captured_at}).encode())
@@ -155,6 +160,16 @@ class StandbyReceiver:
             log.info("applied snapshot %s (%d files written, %d removed)", info.id, result.written_files,
                      result.removed)
             return info, result
+
+    def _same_as_applied(self, manifest: Manifest) -> bool:
+        if not self.state.applied_snapshot:
+            return False
+        try:
+            applied = self.repo.load_manifest(self.repo.find_snapshot(self.state.applied_snapshot))
+        except DrsyncError:
+            return False
+        d = diff(applied, manifest)
+        return not (d.added or d.removed or d.changed)
 
     def _record_applied(self, snapshot_id: str, captured_at: float) -> None:
         self.state.applied_snapshot = snapshot_id
