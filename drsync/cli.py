@@ -523,10 +523,14 @@ def agent_cmd(inv: Invocation, once: bool) -> None:
     if inv.config is None:
         raise UsageError("drsync agent needs --config FILE")
     c = inv.config
-    logging.getLogger().setLevel(logging.INFO)
-    for h in logging.getLogger().handlers:
-        h.setFormatter(logging.Formatter(
-            f"%(asctime)s %(levelname)s group={c.coordination.group} agent={c.agent.name} %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s group={c.coordination.group} agent={c.agent.name} %(name)s: %(message)s"))
+    root.addHandler(handler)
     if once and c.agent.role != "primary":
         raise UsageError("--once runs one replication cycle; it needs agent.role = \"primary\"")
     if once:

@@ -338,3 +338,69 @@ def test_kill_9_standby_in_each_phase(pair: Pair, phase: str) -> None:
         pair.start("primary")
         wait_for(pair.in_sync, f"catching up after a kill during {phase}")
     assert kills >= 1, f"never caught the standby during {phase}"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB filesystem (tmpfs) for the standby's data root."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_standby_disk_full_mid_apply_keeps_last_good_snapshot(pair: Pair, small_disk: Path) -> None:
+    # Point the standby's data root at the small filesystem.
+    pair.standby_data = small_disk / "data"
+    pair.standby_data.mkdir()
+    text = pair.standby_cfg.read_text().replace(str(pair.tmp / "standby-data"), str(pair.standby_data))
+    pair.standby_cfg.write_text(text)
+    pair.start("standby")
+    pair.start("primary")
+    wait_for(pair.in_sync, "the first shipment")
+    good = tree_state(pair.standby_data)
+    big = pair.prod / "tables" / "too-big.bin"
+    big.write_bytes(os.urandom(30 << 20))
+    wait_for(lambda: "No space left" in (pair.tmp / "primary.log").read_text(errors="replace"),
+             "the primary to report the standby's full disk")
+    assert tree_state(pair.standby_data) == good  # still the last good snapshot
+    assert not (pair.standby_data / ".drsync-staging").exists()
+    # Once production no longer needs the space, the next cycle goes through.
+    big.unlink()
+    (pair.prod / "catalog" / "after.txt").write_text("fits")
+    wait_for(pair.in_sync, "the standby to recover after the disk-full failures")
+
+
+def test_interrupted_upload_resumes_with_what_is_missing(pair: Pair) -> None:
+    """Chunks that arrived before a stream broke stay; the retry sends only the rest."""
+    from drsync.repository import chunks as chunking
+    from drsync.transport import ReceivedChunk
+
+    pair.start("standby")
+    blobs = [os.urandom(200_000) for _ in range(6)]
+    sent = [ReceivedChunk(chunking.chunk_id(b), 0, len(b), b) for b in blobs]
+    ids = [c.id for c in sent]
+
+    def breaks_after_two_batches():  # type: ignore[no-untyped-def]
+        yield sent[0:2]
+        yield sent[2:4]
+        raise ConnectionError("the network went away")
+
+    link = GrpcStandbyLink(pair.standby_addr)
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - any transport failure will do
+            link.upload(1, breaks_after_two_batches())
+        # How many batches crossed before the break depends on timing; at least the first did.
+        wait_for(lambda: len(next(iter(link.missing(1, iter([ids])))) ) <= 4,
+                 "the standby to keep the chunks that arrived")
+        still = set(next(iter(link.missing(1, iter([ids])))))
+        assert still >= set(ids[4:])
+        link.upload(1, iter([[c for c in sent if c.id in still]]))
+        assert next(iter(link.missing(1, iter([ids])))) == []
+    finally:
+        link.close()

@@ -18,7 +18,8 @@ import blake3
 
 from drsync import fsutil
 from drsync.apply import ApplyResult, apply_manifest, recover_apply
-from drsync.errors import DrsyncError, IntegrityError, RefusedError
+from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
+from drsync.fsutil import describe_os_error
 from drsync.repository import chunks
 from drsync.repository.manifest import Manifest, diff
 from drsync.repository.repo import Repository
@@ -70,6 +71,7 @@ class StandbyReceiver:
         self.agent = agent
         self.state = state.load()
         self._commit_lock = threading.Lock()
+        self.broken = ""
 
     def recover(self) -> bool:
         """Finish an apply a crash interrupted, before serving anything (safety rule 2)."""
@@ -87,6 +89,19 @@ class StandbyReceiver:
         return finished
 
     # --- fencing ------------------------------------------------------------------
+
+    def _after_failed_apply(self) -> None:
+        """An apply failed while this agent keeps running: never leave a half-applied root behind.
+
+        Before the journal was written nothing changed, so there is nothing to do. After it,
+        roll forward now; if even that fails, refuse shipments until an operator steps in.
+        """
+        try:
+            self.recover()
+        except Exception as e:
+            self.broken = (f"an apply failed half-way and could not be completed ({e}); fix the cause, then "
+                           f"restart the agent, which completes it first")
+            log.error("%s", self.broken)
 
     def check_epoch(self, epoch: int) -> None:
         """Refuse a lower epoch than seen; remember a higher one (durably, before acting on it)."""
@@ -124,6 +139,8 @@ class StandbyReceiver:
 
     def commit(self, epoch: int, snapshot_doc: bytes, manifest_bytes: bytes) -> tuple[SnapshotInfo, ApplyResult]:
         with self._commit_lock:
+            if self.broken:
+                raise OperationFailed(f"standby {self.agent} needs recovery: {self.broken}")
             self.check_epoch(epoch)
             info = SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document")
             cfg = self.repo.config
@@ -152,10 +169,16 @@ class StandbyReceiver:
                 pending = os.path.join(self.state_file.dir, "applying.json")
                 fsutil.atomic_write(pending, json.dumps({"snapshot": info.id,
                                                          "captured_at": info.captured_at}).encode())
-                result = apply_manifest(
-                    manifest, self.repo, self.data_root, what=f"snapshot {info.id}",
-                    journal=self.state_file.journal,
-                    on_committed=lambda: self._record_applied(info.id, info.captured_at))
+                try:
+                    result = apply_manifest(
+                        manifest, self.repo, self.data_root, what=f"snapshot {info.id}",
+                        journal=self.state_file.journal,
+                        on_committed=lambda: self._record_applied(info.id, info.captured_at))
+                except BaseException as e:
+                    self._after_failed_apply()
+                    if isinstance(e, OSError):
+                        raise describe_os_error(e, f"applying snapshot {info.id} on the standby") from None
+                    raise
                 os.unlink(pending)
             log.info("applied snapshot %s (%d files written, %d removed)", info.id, result.written_files,
                      result.removed)
