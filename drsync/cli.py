@@ -542,7 +542,7 @@ def agent_cmd(inv: Invocation, once: bool) -> None:
         finally:
             agent.close()
         emit(inv, {"ok": decision.ok, "snapshot": decision.snapshot, "shipped": decision.shipped,
-                   "results": decision.results},
+                   "results": decision.results, "duration_s": decision.duration_s},
              lambda: click.echo(str(decision)))
         if not decision.ok:
             raise _Exit(EXIT_FAILED, "the replication cycle did not reach every standby; see above")

@@ -37,6 +37,7 @@ class CycleDecision:
     shipped: dict[str, str] = field(default_factory=dict)  # standby -> outcome, in words
     results: dict[str, dict[str, float]] = field(default_factory=dict)  # standby -> figures
     ok: bool = True
+    duration_s: float = 0.0
 
     def __str__(self) -> str:
         parts = [self.action] + ([f"snapshot {self.snapshot}"] if self.snapshot else [])
@@ -107,6 +108,12 @@ class Agent:
     def run_cycle(self) -> CycleDecision:
         """Snapshot, then ship to every standby what it lacks."""
         assert self.role == "primary"
+        started = time.monotonic()
+        decision = self._cycle()
+        decision.duration_s = round(time.monotonic() - started, 3)
+        return decision
+
+    def _cycle(self) -> CycleDecision:
         snaps = self.cfg.snapshots
         req = engine.SnapshotRequest(self.cfg.cluster.data, kind="cycle", reason="replication cycle",
                                      hooks=engine.Hooks(snaps.pre_hook, snaps.post_hook, snaps.hook_timeout),

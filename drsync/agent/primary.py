@@ -42,6 +42,13 @@ class ShipResult:
     applied: CommitOutcome
 
 
+def pacing_delay(sent_bytes: int, rate_bps: float, elapsed_s: float) -> float:
+    """How long to wait so that ``sent_bytes`` over the whole transfer stays within ``rate_bps``. Pure."""
+    if rate_bps <= 0:
+        return 0.0
+    return max(0.0, sent_bytes / rate_bps - elapsed_s)
+
+
 def chunk_sizes(manifest: Manifest) -> dict[bytes, int]:
     """Every chunk id of a manifest with its raw size."""
     t = manifest.table
@@ -101,10 +108,9 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
             if size >= UPLOAD_MESSAGE_BYTES:
                 yield batch
                 batch, size = [], 0
-                if bandwidth_bps > 0:  # simple pacing: never ahead of the allowed rate
-                    ahead = shipped / bandwidth_bps - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                delay = pacing_delay(shipped, bandwidth_bps, time.monotonic() - started)
+                if delay > 0:
+                    time.sleep(delay)  # bandwidth limit: wait until the rate allows the next message
         if batch:
             yield batch
 
