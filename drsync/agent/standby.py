@@ -123,6 +123,7 @@ class StandbyReceiver:
         """Store uploaded chunks, each checked against its id. Durable when this returns."""
         writer = self.repo.chunk_writer()
         received = stored = stored_bytes = 0
+        started = time.monotonic()
         try:
             for epoch, batch in batches:
                 self.check_epoch(epoch)
@@ -135,9 +136,12 @@ class StandbyReceiver:
         finally:
             # What arrived intact is kept even if the stream broke: the retry sends only the rest.
             writer.flush()
+            log.info("received %d chunks, stored %d (%.1f MiB) in %.2fs", received, stored, stored_bytes / 2**20,
+                     time.monotonic() - started)
         return received, stored, stored_bytes
 
     def commit(self, epoch: int, snapshot_doc: bytes, manifest_bytes: bytes) -> tuple[SnapshotInfo, ApplyResult]:
+        started = time.monotonic()
         with self._commit_lock:
             if self.broken:
                 raise OperationFailed(f"standby {self.agent} needs recovery: {self.broken}")
@@ -180,8 +184,8 @@ class StandbyReceiver:
                         raise describe_os_error(e, f"applying snapshot {info.id} on the standby") from None
                     raise
                 os.unlink(pending)
-            log.info("applied snapshot %s (%d files written, %d removed)", info.id, result.written_files,
-                     result.removed)
+            log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id, result.written_files,
+                     result.removed, time.monotonic() - started)
             return info, result
 
     def _same_as_applied(self, manifest: Manifest) -> bool:
