@@ -24,8 +24,9 @@ from drsync.transport import CommitOutcome, ReceivedChunk, StandbyLink
 
 # Negotiation batches: 8,192 ids are 256 KiB of ids per message.
 NEGOTIATE_BATCH = 8192
-# Upload messages carry about this many stored bytes (Python gRPC streams best
-# with 256 KiB - 1 MiB messages on loopback; see DESIGN.md).
+# Upload messages carry about this many stored bytes. Measured on loopback with
+# bench/messages.py (2026-11-24, 2 cores): 256 KiB 0.67 GB/s, 512 KiB 0.87,
+# 1 MiB 1.06, 2 MiB 0.93, 4 MiB 0.95. The transport's limit is set to 8 MiB.
 UPLOAD_MESSAGE_BYTES = 1024 * 1024
 # Manifest pieces in a commit stream.
 COMMIT_PIECE_BYTES = 1024 * 1024
