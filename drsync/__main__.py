@@ -1,5 +1,3 @@
-import sys
+from drsync.cli import run
 
-from drsync.cli import main
-
-sys.exit(main())
+run()

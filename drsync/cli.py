@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -539,6 +540,7 @@ def agent_cmd(inv: Invocation, once: bool) -> None:
     if once:
         try:
             decision = agent.run_cycle()
+            agent.maintain()
         finally:
             agent.close()
         emit(inv, {"ok": decision.ok, "snapshot": decision.snapshot, "shipped": decision.shipped,
@@ -594,3 +596,19 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"drsync: internal error: {type(e).__name__}: {e}; rerun with --debug for details",
                    err=True)
         return EXIT_FAILED
+
+
+def run() -> None:
+    """Console entry point: run, then leave without native teardown.
+
+    Everything drsync writes is flushed and synced before a command returns. Skipping
+    the interpreter's finalisation avoids a rare abort ("terminate called without an
+    active exception") when C++ thread pools of pyarrow or grpc are torn down at exit,
+    which would otherwise turn a clean exit code into SIGABRT.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+

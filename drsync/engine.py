@@ -193,16 +193,19 @@ def plan_expiry(snaps: list[SnapshotInfo], keep: KeepPolicy, now: float) -> list
 
 
 def expire_snapshots(repo: Repository, keep: KeepPolicy, *, now: float | None = None,
-                     dry_run: bool = False) -> ExpireResult:
+                     dry_run: bool = False, protect: frozenset[str] = frozenset(),
+                     collect: bool = True) -> ExpireResult:
+    """Apply TTLs and the keep policy. ``protect`` names snapshots that must stay (e.g. the
+    one a standby has applied); ``collect=False`` leaves garbage collection for later."""
     now = time.time() if now is None else now
     with repo.lock(exclusive=not dry_run, wait_s=LOCK_WAIT_S):
         snaps = repo.list_snapshots()
-        doomed = plan_expiry(snaps, keep, now)
+        doomed = [s for s in plan_expiry(snaps, keep, now) if s.id not in protect]
         if dry_run:
             return ExpireResult(doomed, [s for s in snaps if s not in doomed], None)
         for s in doomed:
             repo.delete_snapshot(s)
-        report = repo.gc() if doomed else None
+        report = repo.gc() if doomed and collect else None
     return ExpireResult(doomed, [s for s in snaps if s not in doomed], report)
 
 

@@ -404,3 +404,26 @@ def test_interrupted_upload_resumes_with_what_is_missing(pair: Pair) -> None:
         assert next(iter(link.missing(1, iter([ids])))) == []
     finally:
         link.close()
+
+
+def test_cycle_snapshots_follow_the_retention_policy_on_both_sides(pair: Pair) -> None:
+    for cfg in (pair.primary_cfg, pair.standby_cfg):
+        cfg.write_text(cfg.read_text() + "[snapshots]\nkeep = { last = 2 }\n")
+    pair.start("standby")
+    manual = run_drsync("snapshot", "create", "--config", pair.primary_cfg, "--name", "keep-me", "--json").json()
+    for n in range(5):
+        (pair.prod / "catalog" / f"cycle-{n}.txt").write_text(f"cycle {n}")
+        r = run_drsync("agent", "--config", pair.primary_cfg, "--once", "--json")
+        assert r.code == 0, r.err
+    assert pair.in_sync()
+    prod = run_drsync("snapshot", "list", "--config", pair.primary_cfg, "--json").json()
+    standby = run_drsync("snapshot", "list", "--config", pair.standby_cfg, "--json").json()
+    # Manual snapshots live on; cycle snapshots are kept by the policy (2 newest), on both sides.
+    assert manual["id"] in [s["id"] for s in prod]
+    assert len([s for s in prod if s["kind"] == "cycle"]) == 2
+    assert len(standby) == 2
+    link = GrpcStandbyLink(pair.standby_addr)
+    applied = link.hello("t", 1).applied_snapshot
+    link.close()
+    assert applied == standby[-1]["id"]
+    assert run_drsync("repo", "verify", "--config", pair.standby_cfg).code == 0

@@ -27,6 +27,9 @@ from drsync.transport.grpc import GrpcStandbyLink, ReplicationServicer, start_se
 
 log = logging.getLogger("drsync.agent")
 
+# Garbage collection reads every kept manifest; once an hour is plenty.
+GC_EVERY_S = 3600.0
+
 
 @dataclass
 class CycleDecision:
@@ -60,7 +63,7 @@ class Agent:
         self.receiver: StandbyReceiver | None = None
         if self.role == "standby":
             self.receiver = StandbyReceiver(self.repo, engine.local_path(cfg.cluster.data, "data root"),
-                                            self.state_file, agent=self.name)
+                                            self.state_file, agent=self.name, keep=cfg.snapshots.keep)
             if self.receiver.recover():
                 log.warning("agent %s: finished an apply that was interrupted", self.name)
             self.state = self.receiver.state
@@ -74,6 +77,8 @@ class Agent:
         self.metrics.epoch.set_function(lambda: self.state.epoch)  # read live: shipments can raise it
         # Capture time of the newest snapshot each standby has applied (primary's view).
         self.standby_applied: dict[str, float] = {}
+        self.standby_snapshot: dict[str, str] = {}  # standby -> the snapshot id it has applied
+        self._last_gc = 0.0
         if self.receiver is not None:
             receiver = self.receiver
             self.metrics.track_applied(lambda: receiver.state.applied_captured_at or None)
@@ -129,10 +134,12 @@ class Agent:
                 applied = None
                 if hello.applied_snapshot:
                     self.standby_applied[target] = hello.applied_captured_at
+                    self.standby_snapshot[target] = hello.applied_snapshot
                     applied = self._manifest_if_known(hello.applied_snapshot)
                 res = ship_snapshot(self.repo, info, link, epoch=self.state.epoch, sender=self.name,
                                     bandwidth_bps=self.cfg.replication.bandwidth_limit, applied=applied)
                 self.standby_applied[target] = info.captured_at
+                self.standby_snapshot[target] = info.id
                 self.metrics.ship_duration.observe(res.duration_s)
                 self.metrics.shipped_bytes.inc(res.shipped_bytes)
                 self.metrics.deduplicated_bytes.inc(res.deduplicated_bytes)
@@ -167,6 +174,7 @@ class Agent:
             except DrsyncError as e:
                 decision = CycleDecision(f"cycle failed: {e}", ok=False)
             log.info("agent %s: %s", self.name, decision)
+            self.maintain()
             if decision.ok:
                 backoff = 1.0
                 wait = max(0.0, self.cfg.replication.interval - (time.monotonic() - started))
@@ -175,6 +183,20 @@ class Agent:
                 backoff = min(backoff * 2, 60.0)
             self.stop.wait(wait)
         self.close()
+
+    def maintain(self) -> None:
+        """Retention for cycle snapshots ([snapshots] keep); garbage collection at most hourly."""
+        collect = time.monotonic() - self._last_gc >= GC_EVERY_S
+        try:
+            res = engine.expire_snapshots(self.repo, self.cfg.snapshots.keep, collect=collect,
+                                          protect=frozenset(self.standby_snapshot.values()))
+        except DrsyncError as e:
+            log.warning("agent %s: retention skipped: %s", self.name, e)
+            return
+        if res.gc is not None:
+            self._last_gc = time.monotonic()
+        if res.deleted:
+            log.info("agent %s: expired %d snapshot(s)", self.name, len(res.deleted))
 
     def close(self) -> None:
         if self.server is not None:

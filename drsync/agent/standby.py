@@ -18,6 +18,8 @@ import blake3
 
 from drsync import fsutil
 from drsync.apply import ApplyResult, apply_manifest, recover_apply
+from drsync.config import KeepPolicy
+from drsync.engine import expire_snapshots
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
 from drsync.fsutil import describe_os_error
 from drsync.repository import chunks
@@ -64,7 +66,8 @@ class StateFile:
 
 
 class StandbyReceiver:
-    def __init__(self, repo: Repository, data_root: str, state: StateFile, *, agent: str) -> None:
+    def __init__(self, repo: Repository, data_root: str, state: StateFile, *, agent: str,
+                 keep: KeepPolicy | None = None) -> None:
         self.repo = repo
         self.data_root = data_root
         self.state_file = state
@@ -72,6 +75,8 @@ class StandbyReceiver:
         self.state = state.load()
         self._commit_lock = threading.Lock()
         self.broken = ""
+        self.keep = keep
+        self._last_gc = 0.0
 
     def recover(self) -> bool:
         """Finish an apply a crash interrupted, before serving anything (safety rule 2)."""
@@ -168,25 +173,44 @@ class StandbyReceiver:
                 if self._same_as_applied(manifest):
                     # Nothing changed since the applied snapshot: the root already holds it.
                     self._record_applied(info.id, info.captured_at)
+                    result = ApplyResult(unchanged_files=manifest.file_count())
                     log.info("snapshot %s has the content of the applied one; nothing to apply", info.id)
-                    return info, ApplyResult(unchanged_files=manifest.file_count())
-                pending = os.path.join(self.state_file.dir, "applying.json")
-                fsutil.atomic_write(pending, json.dumps({"snapshot": info.id,
-                                                         "captured_at": info.captured_at}).encode())
-                try:
-                    result = apply_manifest(
-                        manifest, self.repo, self.data_root, what=f"snapshot {info.id}",
-                        journal=self.state_file.journal,
-                        on_committed=lambda: self._record_applied(info.id, info.captured_at))
-                except BaseException as e:
-                    self._after_failed_apply()
-                    if isinstance(e, OSError):
-                        raise describe_os_error(e, f"applying snapshot {info.id} on the standby") from None
-                    raise
-                os.unlink(pending)
-            log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id, result.written_files,
-                     result.removed, time.monotonic() - started)
+                else:
+                    result = self._apply(info, manifest)
+                    log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id,
+                             result.written_files, result.removed, time.monotonic() - started)
+            self._maintain()  # outside the shared lock: retention takes the exclusive one
             return info, result
+
+    def _apply(self, info: SnapshotInfo, manifest: Manifest) -> ApplyResult:
+        pending = os.path.join(self.state_file.dir, "applying.json")
+        fsutil.atomic_write(pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at}).encode())
+        try:
+            result = apply_manifest(
+                manifest, self.repo, self.data_root, what=f"snapshot {info.id}", journal=self.state_file.journal,
+                on_committed=lambda: self._record_applied(info.id, info.captured_at))
+        except BaseException as e:
+            self._after_failed_apply()
+            if isinstance(e, OSError):
+                raise describe_os_error(e, f"applying snapshot {info.id} on the standby") from None
+            raise
+        os.unlink(pending)
+        return result
+
+    def _maintain(self) -> None:
+        """Retention of received snapshots, under the commit lock so that GC never races a shipment's
+        commit; the applied snapshot is always kept. GC runs at most hourly."""
+        if self.keep is None:
+            return
+        collect = time.monotonic() - self._last_gc >= 3600.0
+        try:
+            res = expire_snapshots(self.repo, self.keep, protect=frozenset({self.state.applied_snapshot}),
+                                   collect=collect)
+        except DrsyncError as e:
+            log.warning("retention skipped: %s", e)
+            return
+        if res.gc is not None:
+            self._last_gc = time.monotonic()
 
     def _same_as_applied(self, manifest: Manifest) -> bool:
         if not self.state.applied_snapshot:
