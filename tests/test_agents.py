@@ -80,6 +80,16 @@ class Pair:
     def in_sync(self) -> bool:
         return tree_state(self.standby_data) == tree_state(self.prod)
 
+    def assert_root_is_applied_snapshot(self, label: str) -> None:
+        """The standby's root holds exactly the snapshot it records as applied: never a mix."""
+        link = GrpcStandbyLink(self.standby_addr)
+        applied = link.hello("test", 1).applied_snapshot
+        link.close()
+        expected = self.tmp / f"expected-{label}"
+        r = run_drsync("snapshot", "restore", applied, "--config", self.standby_cfg, "--target", expected)
+        assert r.code == 0, r.err
+        assert tree_state(self.standby_data) == tree_state(expected), f"mixed state after a kill ({label})"
+
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
@@ -140,13 +150,7 @@ def test_kill_9_standby_during_shipping_then_recover(pair: Pair) -> None:
         # Restarted, the standby first finishes or rolls back the interrupted apply: its root
         # then holds exactly the snapshot it records as applied, never a mix.
         pair.start("standby")
-        link = GrpcStandbyLink(pair.standby_addr)
-        applied = link.hello("test", 1).applied_snapshot
-        link.close()
-        expected = pair.tmp / f"expected-{trial}"
-        r = run_drsync("snapshot", "restore", applied, "--config", pair.standby_cfg, "--target", expected)
-        assert r.code == 0, r.err
-        assert tree_state(pair.standby_data) == tree_state(expected)
+        pair.assert_root_is_applied_snapshot(f"random-{trial}")
         pair.start("primary")
         wait_for(pair.in_sync, f"the standby to catch up after kill {trial}")
 
@@ -328,13 +332,7 @@ def test_kill_9_standby_in_each_phase(pair: Pair, phase: str) -> None:
         kills += 1
         pair.kill("primary", signal.SIGTERM)
         pair.start("standby")  # recovers before it serves
-        link = GrpcStandbyLink(pair.standby_addr)
-        applied = link.hello("test", 1).applied_snapshot
-        link.close()
-        expected = pair.tmp / f"expected-{phase}-{attempt}"
-        r = run_drsync("snapshot", "restore", applied, "--config", pair.standby_cfg, "--target", expected)
-        assert r.code == 0, r.err
-        assert tree_state(pair.standby_data) == tree_state(expected), f"mixed state after a kill in {phase}"
+        pair.assert_root_is_applied_snapshot(f"{phase}-{attempt}")
         pair.start("primary")
         wait_for(pair.in_sync, f"catching up after a kill during {phase}")
     assert kills >= 1, f"never caught the standby during {phase}"
