@@ -4,8 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages: rsync is the peer in benchmarks.
-DEB_PACKAGES := rsync
+# Debian packages: rsync is the peer in benchmarks; ZooKeeper (Java 17 is on the machine)
+# coordinates agents and runs in tests as throwaway servers.
+DEB_PACKAGES := rsync zookeeper
 
 .PHONY: help venv system-deps test lint demo bench reliability proto clean
 

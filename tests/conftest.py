@@ -105,3 +105,37 @@ def age_tree(root: Path, seconds: int = 10) -> None:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
             os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9), follow_symlinks=False)
+
+
+# --- real ZooKeeper ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def zk_server():  # type: ignore[no-untyped-def]
+    """One standalone ZooKeeper for the whole run; tests keep apart by group name."""
+    from tests.zk import ZkCluster, zookeeper_available
+
+    if not zookeeper_available():
+        pytest.fail("ZooKeeper is not installed: run the tests with make test, which installs it")
+    cluster = ZkCluster.create(1).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def zk_ensemble():  # type: ignore[no-untyped-def]
+    """A fresh 3-node ensemble, for tests that kill servers."""
+    from tests.zk import ZkCluster
+
+    cluster = ZkCluster.create(3).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def group(request: pytest.FixtureRequest) -> str:
+    """A ZooKeeper group name unique to the test."""
+    import re
+    import uuid
+
+    return re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]

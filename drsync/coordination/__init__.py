@@ -1,0 +1,143 @@
+"""Coordination: who is primary, the fencing epoch, and the group's shared records.
+
+One small interface, :class:`Coordinator`, with ZooKeeper behind it
+(``drsync.coordination.zookeeper``, the only module that imports kazoo). The
+agent layer decides what to do from the plain records defined here; the rules
+that turn a :class:`GroupView` into a role live in :mod:`drsync.agent.roles`.
+
+The contract (DESIGN.md, "ZooKeeper layout"), under ``/drsync/<group>``:
+
+- ``epoch`` (persistent): ``epoch``, ``promoted_by``, ``at`` (and ``reason``).
+  It changes only by a versioned compare-and-set, and ``promoted_by`` names the
+  one agent allowed to hold ``primary`` at that epoch.
+- ``primary`` (ephemeral): ``agent``, ``address``, ``epoch``, ``since``. Taken
+  only in a transaction that checks the ``epoch`` node's version, so a claim can
+  never survive a promotion that happened in between.
+- ``agents/<name>`` (ephemeral): each running agent's role, address, cluster,
+  release, applied snapshot and lag.
+- ``state`` (persistent): the last snapshot a standby applied.
+- ``switchover`` (persistent, transient): a planned hand-over being carried out.
+- ``drills/<seq>`` (persistent sequential): drill reports.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from drsync.errors import OperationFailed, RefusedError
+
+
+class SessionState(enum.Enum):
+    CONNECTED = "connected"
+    SUSPENDED = "suspended"  # connection lost; the session (and its ephemeral nodes) may still be alive
+    LOST = "lost"  # the session expired: every ephemeral node of this agent is gone
+
+
+@dataclass(frozen=True)
+class Epoch:
+    epoch: int = 0
+    promoted_by: str = ""
+    at: float = 0.0
+    reason: str = ""
+    version: int = -1  # the node's version for compare-and-set; -1 while the node does not exist
+
+    def doc(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "promoted_by": self.promoted_by, "at": self.at, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class PrimaryClaim:
+    agent: str
+    address: str
+    epoch: int
+    since: float
+    mine: bool = False  # held by this coordinator's own session
+
+    def doc(self) -> dict[str, Any]:
+        return {"agent": self.agent, "address": self.address, "epoch": self.epoch, "since": self.since}
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """One consistent-enough read of the group: what role decisions are made from."""
+
+    session: SessionState
+    epoch: Epoch
+    primary: PrimaryClaim | None
+    switchover: dict[str, Any] | None = None
+    agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class CoordinationUnavailable(OperationFailed):
+    """ZooKeeper cannot be reached (or has no quorum) right now."""
+
+
+class EpochConflict(RefusedError):
+    """The epoch changed between reading and writing it: somebody else promoted meanwhile."""
+
+
+class PrimaryTaken(RefusedError):
+    """Another agent holds the primary node."""
+
+
+class Coordinator(Protocol):
+    """Everything the agent and the command line need from ZooKeeper."""
+
+    group: str
+
+    @property
+    def state(self) -> SessionState: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def add_listener(self, callback: Callable[[SessionState], None]) -> None:
+        """Called (from another thread, must not block) on every session state change."""
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Called (from another thread, must not block) when ``epoch``, ``primary`` or ``switchover`` change."""
+
+    def read_epoch(self) -> Epoch: ...
+
+    def read_primary(self) -> PrimaryClaim | None: ...
+
+    def view(self) -> GroupView:
+        """Epoch, primary and pending switchover, read fresh from the server."""
+
+    def promote(self, expected: Epoch, agent: str, reason: str) -> Epoch:
+        """Compare-and-set the epoch to ``expected.epoch + 1`` naming ``agent``; EpochConflict if it moved."""
+
+    def claim_primary(self, epoch: Epoch, agent: str, address: str) -> PrimaryClaim:
+        """Take ``primary`` at ``epoch`` if the epoch node is still at ``epoch.version`` (removing a stale
+        claim of a lower epoch in the same transaction). EpochConflict or PrimaryTaken otherwise."""
+
+    def release_primary(self, agent: str) -> None:
+        """Delete ``primary`` if this session holds it."""
+
+    def hand_over(self, expected: Epoch, from_agent: str, to_agent: str) -> Epoch:
+        """Switchover: in one transaction bump the epoch naming ``to_agent`` and drop our primary claim."""
+
+    def register(self, name: str, record: dict[str, Any]) -> None:
+        """Create or update this agent's ephemeral ``agents/<name>`` record."""
+
+    def agents(self) -> dict[str, dict[str, Any]]: ...
+
+    def write_state(self, doc: dict[str, Any]) -> None: ...
+
+    def read_state(self) -> dict[str, Any] | None: ...
+
+    def request_switchover(self, doc: dict[str, Any]) -> None:
+        """Create the ``switchover`` node; OperationFailed if one is already pending."""
+
+    def update_switchover(self, doc: dict[str, Any] | None) -> None:
+        """Rewrite the pending switchover (progress, result), or remove it (None)."""
+
+    def read_switchover(self) -> dict[str, Any] | None: ...
+
+    def add_drill(self, report: dict[str, Any], keep: int) -> str: ...
+
+    def drills(self, limit: int) -> list[dict[str, Any]]: ...

@@ -1,0 +1,413 @@
+"""The Coordinator over ZooKeeper: the only module of drsync that imports kazoo.
+
+Holding the ``primary`` node follows kazoo's lock recipes: the node is
+ephemeral, so it dies with the session; every claim is a multi-op transaction
+guarded by the ``epoch`` node's version, so a promotion in between makes the
+claim fail instead of producing a second primary; and callers are told about
+SUSPENDED as well as LOST, because a suspended primary cannot know whether its
+session (and therefore its claim) still exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionClosedError,
+    ConnectionLoss,
+    NoAuthError,
+    NodeExistsError,
+    NoNodeError,
+    OperationTimeoutError,
+    SessionExpiredError,
+    ZookeeperError,
+)
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.retry import KazooRetry
+from kazoo.security import ACL, Id, Permissions, make_digest_acl
+
+from drsync.coordination import (
+    CoordinationUnavailable,
+    Epoch,
+    EpochConflict,
+    GroupView,
+    PrimaryClaim,
+    PrimaryTaken,
+    SessionState,
+)
+from drsync.errors import OperationFailed, UsageError
+
+log = logging.getLogger("drsync.coordination")
+
+T = TypeVar("T")
+_STATES = {KazooState.CONNECTED: SessionState.CONNECTED, KazooState.SUSPENDED: SessionState.SUSPENDED,
+           KazooState.LOST: SessionState.LOST}
+
+
+def _zk_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """kazoo's exceptions become drsync errors with a sentence an operator can act on."""
+
+    @functools.wraps(fn)
+    def wrapper(self: ZooKeeperCoordinator, *args: Any, **kw: Any) -> T:
+        try:
+            return fn(self, *args, **kw)
+        except NoAuthError:
+            raise UsageError(f"ZooKeeper refused access to {self.base} (its ACL names other credentials); check "
+                             f"coordination.username and coordination.password") from None
+        except (ConnectionLoss, SessionExpiredError, ConnectionClosedError, OperationTimeoutError,
+                KazooTimeoutError) as e:
+            raise CoordinationUnavailable(f"ZooKeeper at {self.hosts} is unavailable ({type(e).__name__}); the "
+                                          f"ensemble may have lost quorum; will retry") from None
+        except ZookeeperError as e:
+            raise OperationFailed(f"ZooKeeper error on {self.base}: {type(e).__name__}") from None
+
+    return wrapper
+
+
+def _load(data: bytes | None) -> dict[str, Any]:
+    try:
+        doc = json.loads(data or b"{}")
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _dump(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+class ZooKeeperCoordinator:
+    def __init__(self, hosts: str, group: str, *, session_timeout_s: float = 10.0, username: str = "",
+                 password: str = "", connect_timeout_s: float | None = None) -> None:
+        self.hosts = hosts
+        self.group = group
+        self.base = f"/drsync/{group}"
+        self.connect_timeout_s = connect_timeout_s if connect_timeout_s is not None else max(5.0, session_timeout_s)
+        auth, acl = None, None
+        if username:
+            auth = [("digest", f"{username}:{password}")]
+            acl = [make_digest_acl(username, password, all=True)]
+        self._acl = acl
+        self.zk = KazooClient(hosts=hosts, timeout=session_timeout_s, auth_data=auth, default_acl=acl,
+                              connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0),
+                              logger=logging.getLogger("drsync.coordination.kazoo"))
+        self._state = SessionState.LOST
+        self._listeners: list[Callable[[SessionState], None]] = []
+        self._change: list[Callable[[], None]] = []
+        self._watching = False
+        self._lock = threading.Lock()
+        self.zk.add_listener(self._on_state)
+
+    # --- session ------------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def session_timeout_s(self) -> float:
+        """The timeout the server granted (it may differ from the one asked for)."""
+        return float(getattr(self.zk, "_session_timeout", 0) or 0) / 1000.0
+
+    def _on_state(self, state: str) -> None:
+        new = _STATES.get(state, SessionState.SUSPENDED)
+        self._state = new
+        for cb in list(self._listeners):
+            try:
+                cb(new)
+            except Exception:  # a listener must never kill kazoo's event thread
+                log.exception("session listener failed")
+
+    def add_listener(self, callback: Callable[[SessionState], None]) -> None:
+        self._listeners.append(callback)
+
+    def start(self) -> None:
+        try:
+            self.zk.start(timeout=self.connect_timeout_s)
+        except KazooTimeoutError:
+            self.zk.stop()
+            raise CoordinationUnavailable(
+                f"cannot reach ZooKeeper at {self.hosts} within {self.connect_timeout_s:.0f}s; check "
+                f"coordination.zookeeper and that the ensemble has quorum") from None
+        self._state = SessionState.CONNECTED if self.zk.connected else self._state
+        self._ensure_layout()
+
+    @_zk_errors
+    def _ensure_layout(self) -> None:
+        if self.zk.chroot and not self.zk.exists("/"):
+            raise UsageError(f"the ZooKeeper chroot {self.zk.chroot} does not exist; create it first "
+                             f"(zkCli.sh create {self.zk.chroot}) or remove it from coordination.zookeeper")
+        if not self.zk.exists("/drsync"):
+            # Shared by every group: anyone may read it and add a group below, nobody may change it.
+            acl = [ACL(Permissions.READ | Permissions.CREATE, Id("world", "anyone"))] if self._acl else None
+            try:
+                self.zk.create("/drsync", b"", acl=acl)
+            except NodeExistsError:
+                pass
+        for path in (self.base, f"{self.base}/agents", f"{self.base}/drills"):
+            self.zk.ensure_path(path)
+        self.zk.get(self.base)  # with ACLs: fails now, with a clear message, if the credentials are wrong
+
+    def close(self) -> None:
+        try:
+            self.zk.stop()
+            self.zk.close()
+        except Exception:
+            pass
+        self._state = SessionState.LOST
+
+    def _mine(self, stat: Any) -> bool:
+        cid = self.zk.client_id
+        return bool(cid) and stat.ephemeralOwner == cid[0]
+
+    # --- watches ------------------------------------------------------------------
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._change.append(callback)
+        with self._lock:
+            if self._watching:
+                return
+            self._watching = True
+        for name in ("epoch", "primary", "switchover"):
+            self.zk.DataWatch(f"{self.base}/{name}", self._fire)
+
+    def _fire(self, data: bytes | None, stat: Any, event: Any = None) -> None:
+        for cb in list(self._change):
+            try:
+                cb()
+            except Exception:
+                log.exception("change callback failed")
+
+    # --- epoch and primary ----------------------------------------------------------
+
+    @_zk_errors
+    def read_epoch(self) -> Epoch:
+        try:
+            data, stat = self.zk.get(f"{self.base}/epoch")
+        except NoNodeError:
+            return Epoch()
+        d = _load(data)
+        return Epoch(int(d.get("epoch", 0)), str(d.get("promoted_by", "")), float(d.get("at", 0.0)),
+                     str(d.get("reason", "")), stat.version)
+
+    @_zk_errors
+    def read_primary(self) -> PrimaryClaim | None:
+        try:
+            data, stat = self.zk.get(f"{self.base}/primary")
+        except NoNodeError:
+            return None
+        d = _load(data)
+        return PrimaryClaim(str(d.get("agent", "")), str(d.get("address", "")), int(d.get("epoch", 0)),
+                            float(d.get("since", 0.0)), self._mine(stat))
+
+    @_zk_errors
+    def view(self) -> GroupView:
+        return GroupView(self._state, self.read_epoch(), self.read_primary(), self.read_switchover())
+
+    @_zk_errors
+    def promote(self, expected: Epoch, agent: str, reason: str) -> Epoch:
+        new = Epoch(expected.epoch + 1, agent, time.time(), reason)
+        path = f"{self.base}/epoch"
+        try:
+            if expected.version < 0:
+                self.zk.create(path, _dump(new.doc()))
+                version = 0
+            else:
+                version = self.zk.set(path, _dump(new.doc()), version=expected.version).version
+        except (NodeExistsError, BadVersionError):
+            raise EpochConflict(f"the epoch of group {self.group} changed while promoting (somebody else "
+                                f"promoted at the same time); run drsync status and retry if still needed") from None
+        return Epoch(new.epoch, new.promoted_by, new.at, new.reason, version)
+
+    @_zk_errors
+    def claim_primary(self, epoch: Epoch, agent: str, address: str) -> PrimaryClaim:
+        path = f"{self.base}/primary"
+        claim = PrimaryClaim(agent, address, epoch.epoch, time.time(), True)
+        tx = self.zk.transaction()
+        tx.check(f"{self.base}/epoch", epoch.version)
+        try:
+            data, stat = self.zk.get(path)
+        except NoNodeError:
+            pass
+        else:
+            held = _load(data)
+            if self._mine(stat) and held.get("agent") == agent and held.get("epoch") == epoch.epoch:
+                if self.read_epoch().version != epoch.version:
+                    raise EpochConflict(f"taking the primary node: the epoch of group {self.group} changed "
+                                        f"meanwhile (a promotion happened); nothing was changed")
+                return PrimaryClaim(agent, str(held.get("address", "")), epoch.epoch,
+                                    float(held.get("since", 0.0)), True)
+            stale = int(held.get("epoch", 0)) < epoch.epoch or held.get("agent") == agent
+            if not stale:
+                raise PrimaryTaken(f"agent {held.get('agent')} holds the primary node at epoch {held.get('epoch')}")
+            # A claim of an older epoch (a fenced primary), or of this agent's previous session.
+            tx.delete(path, stat.version)
+        tx.create(path, _dump(claim.doc()), ephemeral=True)
+        self._commit(tx, "taking the primary node")
+        return claim
+
+    def _commit(self, tx: Any, what: str) -> None:
+        results = tx.commit()
+        failures = [r for r in results if isinstance(r, Exception)]
+        if not failures:
+            return
+        first = next((r for r in failures if type(r).__name__ != "RolledBackError"), failures[0])
+        if isinstance(first, BadVersionError):
+            raise EpochConflict(f"{what}: the epoch of group {self.group} changed meanwhile (a promotion "
+                                f"happened); nothing was changed")
+        if isinstance(first, NodeExistsError):
+            raise PrimaryTaken(f"{what}: another agent took the primary node first; nothing was changed")
+        if isinstance(first, NoNodeError):
+            raise EpochConflict(f"{what}: a node changed meanwhile; nothing was changed")
+        raise first
+
+    @_zk_errors
+    def release_primary(self, agent: str) -> None:
+        path = f"{self.base}/primary"
+        try:
+            data, stat = self.zk.get(path)
+        except NoNodeError:
+            return
+        if self._mine(stat) and _load(data).get("agent") == agent:
+            try:
+                self.zk.delete(path, version=stat.version)
+            except (NoNodeError, BadVersionError):
+                pass
+
+    @_zk_errors
+    def hand_over(self, expected: Epoch, from_agent: str, to_agent: str) -> Epoch:
+        new = Epoch(expected.epoch + 1, to_agent, time.time(), f"switchover from {from_agent}")
+        tx = self.zk.transaction()
+        tx.set_data(f"{self.base}/epoch", _dump(new.doc()), expected.version)
+        try:
+            _data, stat = self.zk.get(f"{self.base}/primary")
+            if self._mine(stat):
+                tx.delete(f"{self.base}/primary", stat.version)
+        except NoNodeError:
+            pass
+        self._commit(tx, "handing over")
+        return Epoch(new.epoch, new.promoted_by, new.at, new.reason, expected.version + 1)
+
+    # --- records ----------------------------------------------------------------------
+
+    @_zk_errors
+    def register(self, name: str, record: dict[str, Any]) -> None:
+        path = f"{self.base}/agents/{name}"
+        data = _dump(record)
+        try:
+            stat = self.zk.exists(path)
+            if stat is not None and self._mine(stat):
+                self.zk.set(path, data, version=stat.version)
+                return
+            if stat is not None:
+                # The record of this agent's previous session (restarted before it expired).
+                log.warning("replacing the record of agent %s left by an earlier session", name)
+                self.zk.delete(path, version=stat.version)
+            self.zk.create(path, data, ephemeral=True)
+        except (NodeExistsError, NoNodeError, BadVersionError):
+            pass  # raced with the expiry of the old record: the next registration settles it
+
+    @_zk_errors
+    def agents(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            names = self.zk.get_children(f"{self.base}/agents")
+        except NoNodeError:
+            return out
+        for name in sorted(names):
+            try:
+                data, _ = self.zk.get(f"{self.base}/agents/{name}")
+            except NoNodeError:
+                continue
+            out[name] = _load(data)
+        return out
+
+    def _put(self, path: str, doc: dict[str, Any]) -> None:
+        try:
+            self.zk.set(path, _dump(doc))
+        except NoNodeError:
+            try:
+                self.zk.create(path, _dump(doc))
+            except NodeExistsError:
+                self.zk.set(path, _dump(doc))
+
+    def _get(self, path: str) -> dict[str, Any] | None:
+        try:
+            data, _ = self.zk.get(path)
+        except NoNodeError:
+            return None
+        return _load(data)
+
+    @_zk_errors
+    def write_state(self, doc: dict[str, Any]) -> None:
+        self._put(f"{self.base}/state", doc)
+
+    @_zk_errors
+    def read_state(self) -> dict[str, Any] | None:
+        return self._get(f"{self.base}/state")
+
+    @_zk_errors
+    def request_switchover(self, doc: dict[str, Any]) -> None:
+        try:
+            self.zk.create(f"{self.base}/switchover", _dump(doc))
+        except NodeExistsError:
+            pending = self._get(f"{self.base}/switchover") or {}
+            raise OperationFailed(f"a switchover to {pending.get('to')} requested at {pending.get('requested_at')} "
+                                  f"is still pending; wait for it, or cancel it with drsync switchover "
+                                  f"--cancel") from None
+
+    @_zk_errors
+    def update_switchover(self, doc: dict[str, Any] | None) -> None:
+        path = f"{self.base}/switchover"
+        if doc is None:
+            try:
+                self.zk.delete(path)
+            except NoNodeError:
+                pass
+            return
+        try:
+            self.zk.set(path, _dump(doc))
+        except NoNodeError:
+            pass  # cancelled meanwhile
+
+    @_zk_errors
+    def read_switchover(self) -> dict[str, Any] | None:
+        return self._get(f"{self.base}/switchover")
+
+    @_zk_errors
+    def add_drill(self, report: dict[str, Any], keep: int) -> str:
+        path = self.zk.create(f"{self.base}/drills/drill-", _dump(report), sequence=True)
+        children = sorted(self.zk.get_children(f"{self.base}/drills"))
+        for old in children[:-keep] if keep > 0 else []:
+            try:
+                self.zk.delete(f"{self.base}/drills/{old}")
+            except NoNodeError:
+                pass
+        return str(path).rsplit("/", 1)[-1]
+
+    @_zk_errors
+    def drills(self, limit: int) -> list[dict[str, Any]]:
+        try:
+            children = sorted(self.zk.get_children(f"{self.base}/drills"))
+        except NoNodeError:
+            return []
+        out = []
+        for name in children[-limit:] if limit > 0 else []:
+            doc = self._get(f"{self.base}/drills/{name}")
+            if doc is not None:
+                out.append({"seq": name, **doc})
+        return out
+
+
+def from_config(zookeeper: str, group: str, *, session_timeout_s: float, username: str, password: str,
+                connect_timeout_s: float | None = None) -> ZooKeeperCoordinator:
+    return ZooKeeperCoordinator(zookeeper, group, session_timeout_s=session_timeout_s, username=username,
+                                password=password, connect_timeout_s=connect_timeout_s)

@@ -1,0 +1,128 @@
+"""The ZooKeeper coordinator against a real server: compare-and-set epochs, the guarded primary claim,
+ephemeral records, ACLs and chroot."""
+
+from __future__ import annotations
+
+import pytest
+
+from drsync.coordination import CoordinationUnavailable, Epoch, EpochConflict, PrimaryTaken, SessionState
+from drsync.coordination.zookeeper import ZooKeeperCoordinator
+from drsync.errors import UsageError
+
+
+def coord(hosts: str, group: str, **kw: object) -> ZooKeeperCoordinator:
+    c = ZooKeeperCoordinator(hosts, group, session_timeout_s=4.0, **kw)  # type: ignore[arg-type]
+    c.start()
+    return c
+
+
+def test_epoch_is_a_compare_and_set(zk_server, group: str) -> None:
+    a, b = coord(zk_server.hosts, group), coord(zk_server.hosts, group)
+    try:
+        e0 = a.read_epoch()
+        assert e0 == Epoch()
+        e1 = a.promote(e0, "east", "first")
+        assert (e1.epoch, e1.promoted_by) == (1, "east")
+        with pytest.raises(EpochConflict):
+            b.promote(e0, "west", "stale read")  # b read the epoch before a's promotion
+        seen = b.read_epoch()
+        assert (seen.epoch, seen.promoted_by, seen.version) == (1, "east", e1.version)
+        e2 = b.promote(seen, "west", "manual")
+        with pytest.raises(EpochConflict):
+            a.promote(e1, "east", "again")
+        assert a.read_epoch().epoch == e2.epoch == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_primary_claim_is_guarded_by_the_epoch_and_dies_with_the_session(zk_server, group: str) -> None:
+    a, b = coord(zk_server.hosts, group), coord(zk_server.hosts, group)
+    try:
+        e1 = a.promote(a.read_epoch(), "east", "first")
+        claim = a.claim_primary(e1, "east", "127.0.0.1:1")
+        assert claim.mine and b.read_primary() == claim.__class__("east", "127.0.0.1:1", 1, claim.since, False)
+        with pytest.raises(PrimaryTaken):
+            b.claim_primary(e1, "west", "127.0.0.1:2")  # same epoch, another agent: no
+        # A promotion between reading the epoch and claiming makes the claim fail, and changes nothing.
+        e2 = b.promote(e1, "west", "forced")
+        with pytest.raises(EpochConflict):
+            a.claim_primary(e1, "east", "127.0.0.1:1")
+        assert b.read_primary().agent == "east"  # type: ignore[union-attr]
+        # The promoted agent replaces the fenced claim of the lower epoch in one transaction.
+        won = b.claim_primary(e2, "west", "127.0.0.1:2")
+        assert (won.agent, won.epoch) == ("west", 2)
+        assert a.read_primary() == won.__class__("west", "127.0.0.1:2", 2, won.since, False)
+        a.release_primary("east")  # not a's node any more: nothing happens
+        assert a.read_primary().agent == "west"  # type: ignore[union-attr]
+        b.close()  # the session ends: its ephemeral claim goes with it
+        assert a.read_primary() is None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_records_state_and_drills(zk_server, group: str) -> None:
+    a, b = coord(zk_server.hosts, group), coord(zk_server.hosts, group)
+    try:
+        a.register("east", {"role": "primary", "address": "x"})
+        b.register("west", {"role": "standby", "address": "y", "lag_s": 3.5})
+        a.register("east", {"role": "primary", "address": "x2"})
+        assert a.agents() == {"east": {"role": "primary", "address": "x2"},
+                              "west": {"role": "standby", "address": "y", "lag_s": 3.5}}
+        b.write_state({"snapshot": "s1", "epoch": 1})
+        assert a.read_state() == {"snapshot": "s1", "epoch": 1}
+        for i in range(5):
+            a.add_drill({"n": i, "passed": True}, keep=3)
+        assert [d["n"] for d in b.drills(10)] == [2, 3, 4]
+        b.close()
+        assert list(a.agents()) == ["east"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_session_states_reach_listeners(zk_server, group: str) -> None:
+    a = coord(zk_server.hosts, group)
+    seen: list[SessionState] = []
+    a.add_listener(seen.append)
+    assert a.state is SessionState.CONNECTED
+    a.close()
+    assert a.state is SessionState.LOST
+
+
+def test_digest_acls_keep_other_clients_out(zk_server, group: str) -> None:
+    owner = coord(zk_server.hosts, group, username="drsync", password="s3cret")
+    try:
+        owner.promote(owner.read_epoch(), "east", "first")
+        with pytest.raises(UsageError, match="check coordination.username"):
+            coord(zk_server.hosts, group)  # no credentials
+        with pytest.raises(UsageError, match="ACL"):
+            coord(zk_server.hosts, group, username="drsync", password="wrong")
+        other = coord(zk_server.hosts, group, username="drsync", password="s3cret")
+        assert other.read_epoch().epoch == 1
+        other.close()
+    finally:
+        owner.close()
+
+
+def test_chroot_in_the_connect_string(zk_server, group: str) -> None:
+    root = coord(zk_server.hosts, group)
+    root.zk.ensure_path(f"/tenants/{group}")
+    try:
+        inside = coord(f"{zk_server.hosts}/tenants/{group}", "g")
+        inside.promote(inside.read_epoch(), "east", "first")
+        inside.close()
+        assert root.zk.exists(f"/tenants/{group}/drsync/g/epoch") is not None
+        with pytest.raises(UsageError, match="chroot"):
+            coord(f"{zk_server.hosts}/no/such/{group}", "g")
+    finally:
+        root.close()
+
+
+def test_unreachable_zookeeper_is_one_clear_error() -> None:
+    from tests.zk import free_port
+
+    c = ZooKeeperCoordinator(f"127.0.0.1:{free_port()}", "g", session_timeout_s=2.0, connect_timeout_s=1.0)
+    with pytest.raises(CoordinationUnavailable, match="cannot reach ZooKeeper"):
+        c.start()
