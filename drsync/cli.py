@@ -501,15 +501,60 @@ def status_cmd(inv: Invocation) -> None:
     doc = collect_status(inv.config)
 
     def human() -> None:
-        click.echo(f"group {doc['group']}: primary {doc['primary'] or '(none)'}, epoch {doc['epoch']}")
+        click.echo(f"group {doc['group']}: primary {doc['primary'] or '(none)'}, epoch {doc['epoch']}"
+                   + (f" (promoted {doc['promoted_at']}: {doc['promotion_reason']})" if doc.get("promoted_at")
+                      else ""))
         _table(["AGENT", "ROLE", "ADDRESS", "LAG", "APPLIED SNAPSHOT"],
-               [[a["name"] or "?", a["role"] if a["reachable"] else "unreachable", a["address"],
+               [[a["name"] or "?", a["role"] if a["reachable"] else "unreachable", a["address"] or "-",
                  "-" if a["lag_s"] is None else f"{a['lag_s']:.1f}s", a["applied_snapshot"] or "-"]
                 for a in doc["agents"]])
+        if doc.get("switchover"):
+            sw = doc["switchover"]
+            click.echo(f"switchover to {sw.get('to')}: {sw.get('status')}")
         last = doc["last_snapshot"]
         click.echo(f"last snapshot here: {last['id']} at {last['captured_at']}" if last else "no snapshot here yet")
 
     emit(inv, doc, human)
+
+
+@cli.command("promote")
+@_common
+@click.option("--force", is_flag=True, help="Fence a primary whose session is still alive (it is stepped down).")
+@click.option("--accept-data-loss", is_flag=True, help="Promote even when the lag exceeds max_lag_on_failover.")
+@click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the agent to confirm it acts as primary.")
+def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, wait_s: float) -> None:
+    """Make this config's agent the primary of its group (exit 4 when refused for safety)."""
+    from drsync.agent.control import promote
+
+    doc = promote(_need_config(inv, "promote"), force=force, accept_data_loss=accept_data_loss, wait_s=wait_s)
+    emit(inv, doc, lambda: click.echo(doc["message"]))
+
+
+@cli.command("switchover")
+@_common
+@click.option("--to", "to", metavar="AGENT", help="The standby that becomes primary (default: this config's agent, "
+              "or the only standby).")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Seconds to wait (coordination."
+              "switchover_timeout).")
+@click.option("--cancel", is_flag=True, help="Withdraw a pending switchover request.")
+def switchover_cmd(inv: Invocation, to: str | None, timeout_s: float | None, cancel: bool) -> None:
+    """Planned hand-over with zero data loss: final snapshot shipped and applied, then the roles swap."""
+    from drsync.agent.control import switchover
+
+    doc = switchover(_need_config(inv, "switchover"), to=to, timeout_s=timeout_s, cancel=cancel)
+    if cancel:
+        emit(inv, doc, lambda: click.echo("switchover request withdrawn" if doc["cancelled"] else
+                                          "no switchover was pending"))
+        return
+    emit(inv, doc, lambda: click.echo(f"switched over from {doc['from']} to {doc['to']} at epoch {doc['epoch']} "
+                                      f"(final snapshot {doc['final_snapshot']}, {doc['took_s']:.1f}s)"))
+
+
+def _need_config(inv: Invocation, what: str) -> Config:
+    if inv.config is None:
+        raise UsageError(f"drsync {what} needs --config FILE (the agent's configuration)")
+    return inv.config
 
 
 @cli.command("agent")

@@ -161,6 +161,13 @@ class CoordinationConfig:
     max_lag_on_failover: float = field(default=900.0, metadata=_conv(_duration))
     username: str = field(default="", metadata=_conv(_str))
     password: str = field(default="", metadata=_conv(_str))
+    # Automatic failover waits this long after the primary node vanished (it vanishes one
+    # session timeout after the primary died), and never repeats within the cooldown.
+    failover_grace: float = field(default=1.0, metadata=_conv(_duration))
+    failover_cooldown: float = field(default=300.0, metadata=_conv(_duration))
+    # Run on the primary before a switchover's final snapshot (e.g. put production read-only).
+    switchover_hook: str = field(default="", metadata=_conv(_str))
+    switchover_timeout: float = field(default=600.0, metadata=_conv(_duration))
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class Hooks:
     timeout_s: float = 300.0
 
 
-def _run_hook(kind: str, command: str, env: dict[str, str], timeout_s: float) -> None:
+def run_hook(kind: str, command: str, env: dict[str, str], timeout_s: float) -> None:
     try:
         proc = subprocess.run(command, shell=True, env={**os.environ, **env}, timeout=timeout_s,
                               capture_output=True, text=True)
@@ -92,7 +92,7 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
         parent = _parent_of(repo, root)
         parent_manifest = repo.load_manifest(parent) if parent else None
         if req.hooks.pre:
-            _run_hook("pre-snapshot", req.hooks.pre, hook_env, req.hooks.timeout_s)
+            run_hook("pre-snapshot", req.hooks.pre, hook_env, req.hooks.timeout_s)
         started = time.monotonic()
         captured_at = time.time()
         writer = repo.chunk_writer()
@@ -106,7 +106,7 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
             finally:
                 if req.hooks.post:
                     try:
-                        _run_hook("post-snapshot", req.hooks.post, hook_env, req.hooks.timeout_s)
+                        run_hook("post-snapshot", req.hooks.post, hook_env, req.hooks.timeout_s)
                     except OperationFailed as e:
                         post_error = e
             writer.flush()

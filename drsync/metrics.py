@@ -37,6 +37,8 @@ class AgentMetrics:
 
         self.is_primary = gauge("is_primary", "1 when this agent acts as primary")
         self.epoch = gauge("epoch", "Highest fencing epoch this agent has seen")
+        self.zookeeper_connected = gauge("zookeeper_connected",
+                                         "1 while this agent's ZooKeeper session is connected (agent.role = auto)")
         self.replication_lag = gauge("replication_lag_seconds",
                                      "Now minus the capture time of the newest snapshot applied on the standby")
         self.last_snapshot = gauge("last_snapshot_timestamp_seconds", "Capture time of the newest snapshot taken")

@@ -1,24 +1,40 @@
-"""The agent: one process beside one cluster, with a fixed role (ZooKeeper roles come later).
+"""The agent: one process beside one cluster.
 
-The primary's pass is :meth:`Agent.run_cycle`, which returns a readable
-decision; :meth:`Agent.run` is the loop with backoff around it. The standby
-serves shipments and, before anything else, finishes or rolls back an apply
-that a crash interrupted.
+With ``agent.role = auto`` ZooKeeper decides the role: every pass of the loop
+first calls :meth:`Agent.coordinate`, which reads the group, decides with
+:func:`drsync.agent.roles.decide_role` and carries the decision out (take the
+primary node, pause, step down, promote itself under automatic failover, carry
+out a switchover). Then, while acting as primary, :meth:`Agent.run_cycle`
+snapshots and ships; it returns a readable decision. :meth:`Agent.run` is the
+loop with backoff around both. A fixed role (``primary`` / ``standby``) skips
+coordination.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from drsync import engine
 from drsync.agent.primary import ship_snapshot
-from drsync.agent.standby import StandbyReceiver, StateFile
+from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
+from drsync.agent.standby import FencedError, StandbyReceiver, StateFile
 from drsync.config import Config
-from drsync.errors import DrsyncError, RefusedError, UsageError
+from drsync.coordination import (
+    CoordinationUnavailable,
+    Coordinator,
+    Epoch,
+    EpochConflict,
+    GroupView,
+    PrimaryTaken,
+    SessionState,
+)
+from drsync.errors import DrsyncError, OperationFailed, RefusedError
 from drsync.metrics import AgentMetrics, new_registry, serve
 from drsync.repository.manifest import Manifest
 from drsync.repository.repo import Repository
@@ -29,6 +45,11 @@ log = logging.getLogger("drsync.agent")
 
 # Garbage collection reads every kept manifest; once an hour is plenty.
 GC_EVERY_S = 3600.0
+# How often the loop looks at ZooKeeper (watches wake it sooner), and refreshes its record.
+COORDINATE_EVERY_S = 0.5
+REGISTER_EVERY_S = 5.0
+# Snapshots that keep a former primary's data root before it is overwritten as a standby.
+REJOIN_SNAPSHOT_TTL_S = 7 * 86400.0
 
 
 @dataclass
@@ -48,22 +69,72 @@ class CycleDecision:
         return "; ".join(parts)
 
 
+def state_dir_of(cfg: Config) -> str:
+    return cfg.agent.state_dir or os.path.join(engine.local_path(cfg.cluster.repository, "repository"), "agent")
+
+
+class StateDirLock:
+    """One agent per state directory: a second one would share its epoch and its apply journal."""
+
+    def __init__(self, state_dir: str) -> None:
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, "agent.pid")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise OperationFailed(f"another drsync agent (pid {holder}) is running with state directory "
+                                  f"{state_dir}; stop it first") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    @staticmethod
+    def held(state_dir: str) -> bool:
+        """Whether a running agent holds this state directory (for the command line)."""
+        path = os.path.join(state_dir, "agent.pid")
+        if not os.path.exists(path):
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_coordinator(cfg: Config, *, connect_timeout_s: float | None = None) -> Coordinator:
+    from drsync.coordination.zookeeper import from_config
+
+    c = cfg.coordination
+    return from_config(c.zookeeper, c.group, session_timeout_s=c.session_timeout, username=c.username,
+                       password=c.password, connect_timeout_s=connect_timeout_s)
+
+
 class Agent:
-    def __init__(self, cfg: Config, *, serve_network: bool = True) -> None:
+    def __init__(self, cfg: Config, *, serve_network: bool = True, coordinator: Coordinator | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.agent.name
         self.role = cfg.agent.role
-        if self.role == "auto":
-            raise UsageError("agent.role = auto needs ZooKeeper coordination, which this build does not have "
-                             "yet; set agent.role = \"primary\" or \"standby\"")
+        self.auto = self.role == "auto"
+        self.address = cfg.agent.advertise or cfg.agent.listen
         self.repo = Repository.open(open_storage(cfg.cluster.repository))
-        state_dir = cfg.agent.state_dir or os.path.join(engine.local_path(cfg.cluster.repository, "repository"),
-                                                        "agent")
+        self.data_root = engine.local_path(cfg.cluster.data, "data root")
+        state_dir = state_dir_of(cfg)
+        self.dir_lock = StateDirLock(state_dir) if serve_network else None
         self.state_file = StateFile(state_dir)
         self.receiver: StandbyReceiver | None = None
-        if self.role == "standby":
-            self.receiver = StandbyReceiver(self.repo, engine.local_path(cfg.cluster.data, "data root"),
-                                            self.state_file, agent=self.name, keep=cfg.snapshots.keep)
+        if self.role in ("standby", "auto"):
+            self.receiver = StandbyReceiver(self.repo, self.data_root, self.state_file, agent=self.name,
+                                            keep=cfg.snapshots.keep)
             if self.receiver.recover():
                 log.warning("agent %s: finished an apply that was interrupted", self.name)
             self.state = self.receiver.state
@@ -72,37 +143,68 @@ class Agent:
             if self.state.epoch == 0:  # a static primary starts the epoch sequence
                 self.state.epoch = 1
                 self.state_file.save(self.state)
+        # What this agent does right now: "primary" or "standby". With ZooKeeper it starts as a
+        # standby that refuses shipments until it has heard from the group.
+        self.acting = "primary" if self.role == "primary" else "standby"
+        self.paused = False
         self.metrics = AgentMetrics(new_registry(), group=cfg.coordination.group, agent=self.name)
-        self.metrics.is_primary.set(1 if self.role == "primary" else 0)
+        self.metrics.is_primary.set(1 if self.acting == "primary" else 0)
         self.metrics.epoch.set_function(lambda: self.state.epoch)  # read live: shipments can raise it
-        # Capture time of the newest snapshot each standby has applied (primary's view).
-        self.standby_applied: dict[str, float] = {}
-        self.standby_snapshot: dict[str, str] = {}  # standby -> the snapshot id it has applied
+        self.metrics.zookeeper_connected.set(0)
+        self.standby_applied: dict[str, float] = {}  # standby address -> capture time of its applied snapshot
+        self.standby_snapshot: dict[str, str] = {}  # standby address -> the snapshot id it has applied
         self._last_gc = 0.0
-        if self.receiver is not None:
-            receiver = self.receiver
-            self.metrics.track_applied(lambda: receiver.state.applied_captured_at or None)
-        else:
-            self.metrics.track_applied(self._oldest_standby_applied)
+        self.metrics.track_applied(self._applied_captured_at)
         latest = self.repo.list_snapshots()
         if latest:
             self.metrics.last_snapshot.set(latest[-1].captured_at)
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        # Coordination state.
+        self.coord: Coordinator | None = None
+        self.policy = FailoverPolicy(cfg.coordination.failover == "automatic", cfg.coordination.max_lag_on_failover,
+                                     cfg.coordination.failover_grace, cfg.coordination.failover_cooldown)
+        self.view: GroupView | None = None
+        self.last_decision: RoleDecision | None = None
+        self._primary_absent_since: float | None = None
+        self._registered: tuple[Any, ...] = ()
+        self._registered_at = 0.0
+        self._state_written = ""
+        self._next_cycle = 0.0
+        self.registered_standbys: list[str] = []
+        self._started = False
+        self._skip_rejoin_snapshot = False
+        if self.auto:
+            assert self.receiver is not None
+            self.receiver.refusal = (f"agent {self.name} has not joined its group in ZooKeeper yet; "
+                                     f"it accepts shipments once it knows its role")
+            self.receiver.epoch_floor = self._zk_epoch
+            self.receiver.on_applied = self.wake.set  # publish the new applied snapshot at once
+            self.coord = coordinator or open_coordinator(cfg, connect_timeout_s=2.0)
+            self.coord.add_listener(self._on_session)
         self.metrics_server = (serve(self.metrics.registry, cfg.agent.metrics)
                                if cfg.agent.metrics and serve_network else None)
-        tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
-        self.tls = tls
+        self.tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
         self.server = start_server(
-            ReplicationServicer(self.receiver, agent=self.name, role=self.role, cluster_id=cfg.cluster.id,
-                                release=cfg.cluster.release),
-            cfg.agent.listen, tls=tls, allow_insecure_remote=cfg.agent.allow_insecure_remote,
+            ReplicationServicer(self.receiver, agent=self.name, role=lambda: self.acting,
+                                cluster_id=cfg.cluster.id, release=cfg.cluster.release),
+            cfg.agent.listen, tls=self.tls, allow_insecure_remote=cfg.agent.allow_insecure_remote,
         ) if serve_network else None
-        self.stop = threading.Event()
 
-    def _oldest_standby_applied(self) -> float | None:
-        standbys = self.cfg.replication.standbys
-        if not standbys or any(t not in self.standby_applied for t in standbys):
+    # --- small helpers ----------------------------------------------------------------
+
+    def _applied_captured_at(self) -> float | None:
+        if self.acting == "standby" and self.receiver is not None:
+            return self.receiver.state.applied_captured_at or None
+        targets = self.registered_standbys if self.auto else list(self.cfg.replication.standbys)
+        if not targets or any(t not in self.standby_applied for t in targets):
             return None
-        return min(self.standby_applied[t] for t in standbys) or None
+        return min(self.standby_applied[t] for t in targets) or None
+
+    def lag_s(self) -> float | None:
+        if self.receiver is None or not self.receiver.state.applied_snapshot:
+            return None
+        return max(0.0, time.time() - self.receiver.state.applied_captured_at)
 
     def _manifest_if_known(self, snapshot_id: str) -> Manifest | None:
         try:
@@ -110,15 +212,227 @@ class Agent:
         except DrsyncError:
             return None  # gone from this repository (expired): negotiate everything
 
-    def run_cycle(self) -> CycleDecision:
+    def _on_session(self, state: SessionState) -> None:
+        # Called from kazoo's thread: record and wake the loop, never block here.
+        self.metrics.zookeeper_connected.set(1 if state is SessionState.CONNECTED else 0)
+        if state is not SessionState.CONNECTED and self.acting == "primary":
+            self.paused = True  # stop shipping at once; the loop decides the rest
+        self.wake.set()
+
+    def _zk_epoch(self) -> int:
+        """The group's epoch for fencing a commit; the last one known when ZooKeeper is unreachable."""
+        assert self.coord is not None
+        try:
+            return self.coord.read_epoch().epoch
+        except DrsyncError:
+            return self.view.epoch.epoch if self.view is not None else 0
+
+    # --- coordination -------------------------------------------------------------------
+
+    def coordinate(self) -> RoleDecision | None:
+        """Read the group, decide this agent's role, and carry the decision out."""
+        if self.coord is None:
+            return None
+        coord = self.coord
+        if not self._started:
+            try:
+                coord.start()
+                self._started = True
+                coord.on_change(self.wake.set)
+                self.metrics.zookeeper_connected.set(1)
+            except CoordinationUnavailable as e:
+                self.metrics.zookeeper_connected.set(0)
+                return self._decide(GroupView(SessionState.LOST, Epoch(), None), note=str(e))
+        try:
+            view = coord.view()
+        except CoordinationUnavailable:
+            state = coord.state if coord.state is not SessionState.CONNECTED else SessionState.SUSPENDED
+            last = self.view or GroupView(state, Epoch(), None)
+            return self._decide(GroupView(state, last.epoch, last.primary if state is SessionState.SUSPENDED
+                                          else None))
+        self.view = view
+        now = time.monotonic()
+        if view.primary is None:
+            self._primary_absent_since = self._primary_absent_since or now
+        else:
+            self._primary_absent_since = None
+        if self.acting == "standby" and self.receiver is not None:
+            self.receiver.observe_epoch(view.epoch.epoch)
+        try:
+            agents = coord.agents()
+        except DrsyncError:
+            agents = {}
+        self.registered_standbys = sorted(r.get("address", "") for n, r in agents.items()
+                                          if n != self.name and r.get("role") == "standby" and r.get("address"))
+        decision = self._decide(view, agents=agents)
+        if self.acting == "primary" and view.switchover and not self.paused:
+            self._carry_out_switchover(view)
+        try:
+            self._publish()
+        except DrsyncError as e:
+            log.debug("could not publish this agent's record: %s", e)
+        return decision
+
+    def _decide(self, view: GroupView, *, agents: dict[str, dict[str, Any]] | None = None,
+                note: str = "") -> RoleDecision:
+        absent = time.monotonic() - self._primary_absent_since if self._primary_absent_since else 0.0
+        decision = decide_role(self.name, view, acting_primary=self.acting == "primary", policy=self.policy,
+                               primary_absent_s=absent, lag_s=self.lag_s(),
+                               rank=candidate_rank(self.name, agents or {}), now=time.time())
+        if decision != self.last_decision:
+            level = logging.INFO if decision.action in ("standby", "act-primary") else logging.WARNING
+            log.log(level, "agent %s: %s%s", self.name, decision, f" [{note}]" if note else "")
+            self.last_decision = decision
+        if decision.action == "act-primary":
+            self.paused = False
+        elif decision.action == "pause":
+            self.paused = True
+        elif decision.action == "step-down":
+            self._step_down(decision.reason)
+        elif decision.action == "claim":
+            self._become_primary(view.epoch)
+        elif decision.action == "promote-self":
+            self._promote_self(view.epoch)
+        elif decision.action == "standby" and self.acting == "standby" and view.session is not SessionState.LOST:
+            self._serve_as_standby(view)
+        return decision
+
+    def _become_primary(self, epoch: Epoch) -> None:
+        assert self.coord is not None and self.receiver is not None
+        rx = self.receiver
+        with rx.commit_lock:  # an apply in flight finishes first: a promotion sees a whole snapshot
+            rx.refusal = f"agent {self.name} is taking over as primary at epoch {epoch.epoch}; it accepts no shipments"
+            rx.observe_epoch(epoch.epoch)
+            if rx.broken:
+                log.error("agent %s cannot become primary: %s", self.name, rx.broken)
+                return
+            rx.recover()
+            try:
+                self.coord.claim_primary(epoch, self.name, self.address)
+            except (EpochConflict, PrimaryTaken, CoordinationUnavailable) as e:
+                log.warning("agent %s: could not take the primary node: %s", self.name, e)
+                rx.refusal = ""
+                return
+            self.acting = "primary"
+            self.paused = False
+            self.state.last_role = "primary"
+            self.state_file.save(self.state)
+        self.metrics.is_primary.set(1)
+        self._next_cycle = 0.0  # snapshot (and ship, once a standby registers) right away
+        log.warning("agent %s is now PRIMARY at epoch %d", self.name, epoch.epoch)
+        self._publish(force=True)
+        self.wake.set()
+
+    def _promote_self(self, epoch: Epoch) -> None:
+        assert self.coord is not None
+        try:
+            new = self.coord.promote(epoch, self.name, "automatic failover")
+        except (EpochConflict, CoordinationUnavailable) as e:
+            log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
+            return
+        log.warning("agent %s: automatic failover: promoted to epoch %d", self.name, new.epoch)
+        self._become_primary(new)
+
+    def _step_down(self, reason: str) -> None:
+        was_primary = self.acting == "primary"
+        self.acting = "standby"
+        self.paused = False
+        self.metrics.is_primary.set(0)
+        if self.coord is not None:
+            try:
+                self.coord.release_primary(self.name)
+            except DrsyncError:
+                pass  # the session is gone or going: the node goes with it
+        if was_primary:
+            log.warning("agent %s stepped down as primary: %s", self.name, reason)
+
+    def _serve_as_standby(self, view: GroupView) -> None:
+        """Accept shipments; first keep the data root of a former primary as a snapshot."""
+        assert self.receiver is not None
+        if self.receiver.refusal == "":
+            return
+        if view.epoch.epoch == 0:
+            self.receiver.refusal = f"group {self.coord.group if self.coord else ''} has no primary yet"
+            return
+        keep_root = self.state.last_role == "primary" or (not self.state.applied_snapshot and
+                                                          has_data(self.data_root))
+        if keep_root and not self._skip_rejoin_snapshot:
+            try:
+                info = engine.create_snapshot(self.repo, engine.SnapshotRequest(
+                    self.cfg.cluster.data, name=f"before-rejoin-epoch-{view.epoch.epoch}",
+                    reason=(f"data root of {self.name} kept before it rejoined as a standby of "
+                            f"{view.primary.agent if view.primary else view.epoch.promoted_by} at epoch "
+                            f"{view.epoch.epoch}"),
+                    ttl_s=REJOIN_SNAPSHOT_TTL_S, kind="manual"))
+            except DrsyncError as e:
+                log.error("agent %s: not rejoining as standby yet: could not keep its data root first: %s",
+                          self.name, e)
+                return
+            log.warning("agent %s rejoins as standby; its data root was kept as snapshot %s (%s)", self.name,
+                        info.id, info.name)
+        self.state.last_role = "standby"
+        self.state_file.save(self.state)
+        self.receiver.refusal = ""
+
+    def _publish(self, force: bool = False) -> None:
+        """Keep agents/<name> (and, after an apply, the group's state node) current."""
+        if self.coord is None or self.coord.state is not SessionState.CONNECTED:
+            return
+        st = self.state
+        lag = self.lag_s() if self.acting == "standby" else None
+        key = (self.acting, self.paused, st.epoch, st.applied_snapshot)
+        now = time.monotonic()
+        if force or key != self._registered or now - self._registered_at >= REGISTER_EVERY_S:
+            self.coord.register(self.name, {
+                "role": "primary" if self.acting == "primary" and not self.paused else
+                        ("paused" if self.acting == "primary" else "standby"),
+                "address": self.address, "cluster_id": self.cfg.cluster.id, "release": self.cfg.cluster.release,
+                "epoch": st.epoch, "applied_snapshot": st.applied_snapshot or None,
+                "applied_captured_at": st.applied_captured_at or None,
+                "lag_s": round(lag, 3) if lag is not None else None, "heartbeat": time.time(), "pid": os.getpid()})
+            self._registered, self._registered_at = key, now
+        if self.acting == "standby" and st.applied_snapshot and st.applied_snapshot != self._state_written:
+            self.coord.write_state({"snapshot": st.applied_snapshot, "captured_at": st.applied_captured_at,
+                                    "applied_at": st.applied_at, "epoch": st.epoch, "agent": self.name})
+            self._state_written = st.applied_snapshot
+
+    def _guard(self, final: bool) -> None:
+        """Raise FencedError unless this agent may still act as primary (checked during shipping)."""
+        if self.acting != "primary" or self.paused:
+            raise FencedError(f"agent {self.name} is no longer acting as primary; shipment abandoned")
+        if self.coord is None:
+            return
+        if self.coord.state is not SessionState.CONNECTED:
+            raise FencedError("the ZooKeeper session is not connected; shipment abandoned until it is confirmed")
+        if final:  # before a commit: a fresh read, so a promotion elsewhere fences us here too
+            try:
+                view = self.coord.view()
+            except CoordinationUnavailable as e:
+                raise FencedError(f"cannot confirm the primary claim before committing: {e}") from None
+            p = view.primary
+            if not (p is not None and p.mine and p.agent == self.name and p.epoch == self.state.epoch
+                    and view.epoch.epoch == self.state.epoch):
+                self.paused = True
+                self.wake.set()
+                raise FencedError(f"the primary claim at epoch {self.state.epoch} is gone (group epoch "
+                                  f"{view.epoch.epoch}, primary {p.agent if p else 'none'}); not committing")
+
+    # --- the primary's cycle ---------------------------------------------------------------
+
+    def targets(self) -> list[str]:
+        return list(self.registered_standbys) if self.auto else list(self.cfg.replication.standbys)
+
+    def run_cycle(self, targets: list[str] | None = None) -> CycleDecision:
         """Snapshot, then ship to every standby what it lacks."""
-        assert self.role == "primary"
+        if self.acting != "primary":
+            raise RefusedError(f"agent {self.name} is not the primary; it takes no replication cycle")
         started = time.monotonic()
-        decision = self._cycle()
+        decision = self._cycle(self.targets() if targets is None else targets)
         decision.duration_s = round(time.monotonic() - started, 3)
         return decision
 
-    def _cycle(self) -> CycleDecision:
+    def _cycle(self, targets: list[str]) -> CycleDecision:
+        self._guard(False)
         snaps = self.cfg.snapshots
         req = engine.SnapshotRequest(self.cfg.cluster.data, kind="cycle", reason="replication cycle",
                                      hooks=engine.Hooks(snaps.pre_hook, snaps.post_hook, snaps.hook_timeout),
@@ -126,8 +440,8 @@ class Agent:
         info = engine.create_snapshot(self.repo, req)
         self.metrics.last_snapshot.set(info.captured_at)
         self.metrics.snapshot_duration.observe(info.duration_s)
-        decision = CycleDecision("shipped", info.id)
-        for target in self.cfg.replication.standbys:
+        decision = CycleDecision("shipped" if targets else "snapshot only (no standby registered)", info.id)
+        for target in targets:
             link = GrpcStandbyLink(target, tls=self.tls)
             try:
                 hello = link.hello(self.name, self.state.epoch)
@@ -137,7 +451,8 @@ class Agent:
                     self.standby_snapshot[target] = hello.applied_snapshot
                     applied = self._manifest_if_known(hello.applied_snapshot)
                 res = ship_snapshot(self.repo, info, link, epoch=self.state.epoch, sender=self.name,
-                                    bandwidth_bps=self.cfg.replication.bandwidth_limit, applied=applied)
+                                    bandwidth_bps=self.cfg.replication.bandwidth_limit, applied=applied,
+                                    guard=self._guard)
                 self.standby_applied[target] = info.captured_at
                 self.standby_snapshot[target] = info.id
                 self.metrics.ship_duration.observe(res.duration_s)
@@ -152,6 +467,8 @@ class Agent:
                 decision.shipped[target] = f"refused: {e}"
                 decision.ok = False
                 self.metrics.ship_failures.inc()
+                if isinstance(e, FencedError):
+                    break  # this agent is fenced: ship to nobody else either
             except DrsyncError as e:
                 decision.shipped[target] = f"failed: {e}"
                 decision.ok = False
@@ -160,28 +477,88 @@ class Agent:
                 link.close()
         return decision
 
+    # --- switchover ----------------------------------------------------------------------------
+
+    def _carry_out_switchover(self, view: GroupView) -> None:
+        """Planned hand-over: hook, final snapshot shipped and applied, then the roles swap."""
+        assert self.coord is not None
+        req = view.switchover or {}
+        if req.get("status") != "requested" or req.get("from") not in (None, "", self.name):
+            return
+        to = str(req.get("to", ""))
+        doc = dict(req)
+        agents = self.coord.agents()
+        target = agents.get(to)
+        if to == self.name or target is None or target.get("role") != "standby" or not target.get("address"):
+            doc.update(status="failed", error=f"agent {to!r} is not a registered standby of group "
+                                              f"{self.coord.group}; nothing was changed")
+            self.coord.update_switchover(doc)
+            return
+        doc.update({"status": "running", "from": self.name, "started_at": time.time()})
+        self.coord.update_switchover(doc)
+        log.warning("agent %s: switchover to %s started", self.name, to)
+        try:
+            hook = self.cfg.coordination.switchover_hook
+            if hook:
+                engine.run_hook("pre-switchover", hook, {"DRSYNC_SWITCHOVER_TO": to, "DRSYNC_DATA": self.data_root},
+                                self.cfg.snapshots.hook_timeout)
+            cycle = self.run_cycle([str(target["address"])])
+            if not cycle.ok:
+                raise OperationFailed(f"the final snapshot did not reach {to}: "
+                                      f"{cycle.shipped.get(str(target['address']), 'not shipped')}")
+            self._guard(True)
+            with_epoch = self.coord.read_epoch()
+            new = self.coord.hand_over(with_epoch, self.name, to)
+        except DrsyncError as e:
+            doc.update(status="failed", error=f"{e}; {self.name} stays primary" +
+                       (" (the pre-switchover hook has run: undo what it did)" if
+                        self.cfg.coordination.switchover_hook else ""))
+            self.coord.update_switchover(doc)
+            log.error("agent %s: switchover to %s failed: %s", self.name, to, e)
+            return
+        # The final snapshot holds everything: nothing to keep before rejoining.
+        self._step_down(f"switchover to {to} at epoch {new.epoch}")
+        self.state.last_role = "standby"
+        self._skip_rejoin_snapshot = True
+        self.state_file.save(self.state)
+        doc.update(status="handed-over", epoch=new.epoch, final_snapshot=cycle.snapshot, handed_over_at=time.time())
+        self.coord.update_switchover(doc)
+        log.warning("agent %s: switchover: handed over to %s at epoch %d after final snapshot %s", self.name, to,
+                    new.epoch, cycle.snapshot)
+
+    # --- the loop ------------------------------------------------------------------------------
+
     def run(self) -> None:
-        """Serve; as primary, run a cycle every replication.interval, backing off after failures."""
-        log.info("agent %s running as %s on %s", self.name, self.role, self.cfg.agent.listen)
+        """Coordinate; as primary, run a cycle every replication.interval, backing off after failures."""
+        log.info("agent %s running (role %s) on %s", self.name, self.role, self.cfg.agent.listen)
         backoff = 1.0
         while not self.stop.is_set():
-            if self.role != "primary":
-                self.stop.wait(1.0)
-                continue
-            started = time.monotonic()
+            self.wake.clear()
             try:
-                decision = self.run_cycle()
+                self.coordinate()
             except DrsyncError as e:
-                decision = CycleDecision(f"cycle failed: {e}", ok=False)
-            log.info("agent %s: %s", self.name, decision)
-            self.maintain()
-            if decision.ok:
-                backoff = 1.0
-                wait = max(0.0, self.cfg.replication.interval - (time.monotonic() - started))
-            else:
-                wait = min(backoff, self.cfg.replication.interval)
-                backoff = min(backoff * 2, 60.0)
-            self.stop.wait(wait)
+                log.warning("agent %s: coordination pass failed: %s", self.name, e)
+            if self.acting == "primary" and not self.paused and time.monotonic() >= self._next_cycle:
+                started = time.monotonic()
+                try:
+                    decision = self.run_cycle()
+                except DrsyncError as e:
+                    decision = CycleDecision(f"cycle failed: {e}", ok=False)
+                log.info("agent %s: %s", self.name, decision)
+                self.maintain()
+                if decision.ok:
+                    backoff = 1.0
+                    self._next_cycle = started + self.cfg.replication.interval
+                else:
+                    self._next_cycle = time.monotonic() + min(backoff, self.cfg.replication.interval)
+                    backoff = min(backoff * 2, 60.0)
+                continue  # coordinate again right after a cycle
+            wait = COORDINATE_EVERY_S if self.auto else 1.0
+            if self.acting == "primary":
+                wait = max(0.01, min(wait, self._next_cycle - time.monotonic()))
+            self.wake.wait(wait)
+            if self.stop.is_set():
+                break
         self.close()
 
     def maintain(self) -> None:
@@ -189,7 +566,8 @@ class Agent:
         collect = time.monotonic() - self._last_gc >= GC_EVERY_S
         try:
             res = engine.expire_snapshots(self.repo, self.cfg.snapshots.keep, collect=collect,
-                                          protect=frozenset(self.standby_snapshot.values()))
+                                          protect=frozenset(self.standby_snapshot.values()) |
+                                          {self.state.applied_snapshot} - {""})
         except DrsyncError as e:
             log.warning("agent %s: retention skipped: %s", self.name, e)
             return
@@ -205,3 +583,19 @@ class Agent:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server = None
+        if self.coord is not None:
+            if self.acting == "primary":
+                self._step_down("agent stopping")
+            self.coord.close()
+            self.coord = None
+        if self.dir_lock is not None:
+            self.dir_lock.release()
+            self.dir_lock = None
+
+
+def has_data(root: str) -> bool:
+    try:
+        with os.scandir(root) as it:
+            return any(not e.name.startswith(".drsync") for e in it)
+    except OSError:
+        return False

@@ -9,7 +9,7 @@ interrupted shipment's retry sends only what is still missing.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -78,12 +78,16 @@ def chunks_to_negotiate(new: Manifest, applied: Manifest | None) -> list[bytes]:
 
 
 def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int, sender: str,
-                  bandwidth_bps: float = 0.0, applied: Manifest | None = None) -> ShipResult:
+                  bandwidth_bps: float = 0.0, applied: Manifest | None = None,
+                  guard: Callable[[bool], None] | None = None) -> ShipResult:
     """Negotiate, upload the missing chunks, commit. Raises on any refusal; safe to retry.
 
     ``applied`` is the manifest the standby says it has applied, when the
     primary still has it: negotiation then covers only what changed since.
+    ``guard(final)`` raises when the sender may no longer act as primary; it is
+    called before each upload message and (with ``final=True``) before the commit.
     """
+    check = guard or (lambda final: None)
     start = time.monotonic()
     manifest_bytes = repo.storage.read(fmt.manifest_name(info.id))
     manifest = repo.load_manifest(info)
@@ -102,6 +106,8 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
         size = 0
         started = time.monotonic()
         for cid in missing:
+            if size == 0:
+                check(False)
             loc, stored = repo.read_stored(cid)
             batch.append(ReceivedChunk(cid, loc.encoding, loc.raw_length, stored))
             size += len(stored)
@@ -119,6 +125,7 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
         link.upload(epoch, chunk_batches())
     pieces = (manifest_bytes[i:i + COMMIT_PIECE_BYTES] for i in range(0, max(1, len(manifest_bytes)),
                                                                         COMMIT_PIECE_BYTES))
+    check(True)
     outcome = link.commit(epoch, sender, info.to_bytes(), pieces)
     missing_raw = sum(sizes.get(i, 0) for i in missing)
     return ShipResult(info.id, len(sizes), len(missing), shipped, total_bytes - missing_raw,

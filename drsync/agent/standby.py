@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import blake3
@@ -43,6 +43,7 @@ class AgentState:
     applied_snapshot: str = ""
     applied_captured_at: float = 0.0
     applied_at: float = 0.0
+    last_role: str = ""  # the role this agent last acted in (auto role): "primary" or "standby"
 
 
 class StateFile:
@@ -56,7 +57,9 @@ class StateFile:
     def load(self) -> AgentState:
         try:
             with open(self.path, "rb") as f:
-                return AgentState(**json.loads(f.read()))
+                doc = json.loads(f.read())
+            known = set(AgentState.__dataclass_fields__)
+            return AgentState(**{k: v for k, v in doc.items() if k in known})
         except FileNotFoundError:
             return AgentState()
 
@@ -73,10 +76,17 @@ class StandbyReceiver:
         self.state_file = state
         self.agent = agent
         self.state = state.load()
-        self._commit_lock = threading.Lock()
+        # Held for a whole commit (store + apply): a promotion takes it to wait for an apply in flight.
+        self.commit_lock = threading.Lock()
         self.broken = ""
         self.keep = keep
         self._last_gc = 0.0
+        # With ZooKeeper roles: whether shipments are accepted now (not while primary or promoting),
+        # and where to read the group's current epoch before committing.
+        self.refusal = ""
+        self.epoch_floor: Callable[[], int] | None = None
+        self.on_applied: Callable[[], None] = lambda: None
+        self._epoch_lock = threading.Lock()
 
     def recover(self) -> bool:
         """Finish an apply a crash interrupted, before serving anything (safety rule 2)."""
@@ -108,14 +118,27 @@ class StandbyReceiver:
                            f"restart the agent, which completes it first")
             log.error("%s", self.broken)
 
-    def check_epoch(self, epoch: int) -> None:
-        """Refuse a lower epoch than seen; remember a higher one (durably, before acting on it)."""
+    def observe_epoch(self, epoch: int) -> None:
+        """Raise the fencing floor to an epoch seen elsewhere (ZooKeeper), durably."""
+        with self._epoch_lock:
+            if epoch > self.state.epoch:
+                self.state.epoch = epoch
+                self.state_file.save(self.state)
+
+    def check_epoch(self, epoch: int, *, fresh: bool = False) -> None:
+        """Refuse a lower epoch than seen; remember a higher one (durably, before acting on it).
+
+        ``fresh`` also asks ZooKeeper for the group's epoch (before a commit), so that a
+        promotion this standby has not heard of yet through its watch still fences the sender.
+        """
+        if self.refusal:
+            raise RefusedError(self.refusal)
+        if fresh and self.epoch_floor is not None:
+            self.observe_epoch(self.epoch_floor())
         if epoch < self.state.epoch:
             raise FencedError(f"shipment epoch {epoch} is lower than epoch {self.state.epoch} this standby has "
                               f"seen; the sender is fenced and must not act as primary")
-        if epoch > self.state.epoch:
-            self.state.epoch = epoch
-            self.state_file.save(self.state)
+        self.observe_epoch(epoch)
 
     # --- the three steps ----------------------------------------------------------
 
@@ -147,10 +170,10 @@ class StandbyReceiver:
 
     def commit(self, epoch: int, snapshot_doc: bytes, manifest_bytes: bytes) -> tuple[SnapshotInfo, ApplyResult]:
         started = time.monotonic()
-        with self._commit_lock:
+        with self.commit_lock:
             if self.broken:
                 raise OperationFailed(f"standby {self.agent} needs recovery: {self.broken}")
-            self.check_epoch(epoch)
+            self.check_epoch(epoch, fresh=True)
             info = SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document")
             cfg = self.repo.config
             if (info.cluster_id, info.release) != (cfg.cluster_id, cfg.release):
@@ -227,6 +250,7 @@ class StandbyReceiver:
         self.state.applied_captured_at = captured_at
         self.state.applied_at = time.time()
         self.state_file.save(self.state)
+        self.on_applied()
 
     def lag_s(self, now: float | None = None) -> float | None:
         if not self.state.applied_snapshot:

@@ -1,4 +1,9 @@
-"""The group view for ``drsync status`` (static roles: this agent and its configured standbys)."""
+"""The group view for ``drsync status``.
+
+With ZooKeeper roles it comes from the group's nodes (so it works while the
+primary is down); with fixed roles, from asking this agent and its configured
+standbys over gRPC.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,58 @@ from drsync.transport.grpc import GrpcStandbyLink
 
 
 def collect_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any]:
+    if cfg.agent.role == "auto":
+        return collect_group_status(cfg)
+    return collect_pair_status(cfg, timeout_s=timeout_s)
+
+
+def _last_snapshot(cfg: Config) -> dict[str, Any] | None:
+    try:
+        snaps = Repository.open(open_storage(cfg.cluster.repository)).list_snapshots()
+    except DrsyncError:
+        return None
+    if not snaps:
+        return None
+    return {"id": snaps[-1].id, "captured_at": iso(snaps[-1].captured_at), "kind": snaps[-1].kind}
+
+
+def collect_group_status(cfg: Config) -> dict[str, Any]:
+    """The group as ZooKeeper records it: primary, epoch, and every running agent's record."""
+    from drsync.agent.loop import open_coordinator
+
+    coord = open_coordinator(cfg)
+    coord.start()
+    try:
+        view = coord.view()
+        records = coord.agents()
+        state = coord.read_state()
+        drills = coord.drills(1)
+    finally:
+        coord.close()
+    now = time.time()
+    primary = view.primary
+    agents = []
+    for name, r in records.items():
+        captured = r.get("applied_captured_at")
+        role = r.get("role", "unknown")
+        agents.append({
+            "name": name, "role": role, "address": r.get("address"), "epoch": r.get("epoch"),
+            "lag_s": round(now - float(captured), 3) if captured and role == "standby" else None,
+            "applied_snapshot": r.get("applied_snapshot"), "cluster_id": r.get("cluster_id"),
+            "release": r.get("release"), "heartbeat_age_s": round(now - float(r.get("heartbeat") or now), 3),
+            "reachable": True})
+    if primary is not None and primary.agent not in records:
+        agents.append({"name": primary.agent, "role": "primary", "address": primary.address, "epoch": primary.epoch,
+                       "lag_s": None, "applied_snapshot": None, "reachable": True})
+    return {"group": cfg.coordination.group, "primary": primary.agent if primary else None,
+            "epoch": view.epoch.epoch, "promoted_by": view.epoch.promoted_by or None,
+            "promoted_at": iso(view.epoch.at) if view.epoch.at else None, "promotion_reason": view.epoch.reason or None,
+            "primary_since": iso(primary.since) if primary else None, "agents": agents, "state": state,
+            "switchover": view.switchover, "last_snapshot": _last_snapshot(cfg),
+            "last_drill": drills[-1] if drills else None}
+
+
+def collect_pair_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any]:
     """Ask every agent of the pair who it is; works while some of them are down."""
     tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
     addresses = [cfg.agent.listen, *[a for a in cfg.replication.standbys if a != cfg.agent.listen]]
@@ -35,13 +92,7 @@ def collect_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any]:
         finally:
             link.close()
     primaries = [a["name"] for a in agents if a["role"] == "primary"]
-    last_snapshot = None
-    try:
-        snaps = Repository.open(open_storage(cfg.cluster.repository)).list_snapshots()
-        if snaps:
-            last_snapshot = {"id": snaps[-1].id, "captured_at": iso(snaps[-1].captured_at), "kind": snaps[-1].kind}
-    except DrsyncError:
-        pass
+    last_snapshot = _last_snapshot(cfg)
     epochs = [a["epoch"] for a in agents if a["epoch"] is not None]
     return {"group": cfg.coordination.group, "primary": primaries[0] if len(primaries) == 1 else None,
             "epoch": max(epochs) if epochs else None, "agents": agents, "last_snapshot": last_snapshot,

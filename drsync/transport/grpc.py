@@ -9,8 +9,9 @@ reverse, so the agent layer only ever sees drsync errors.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +20,8 @@ from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedE
 from drsync.transport import CommitOutcome, ReceivedChunk, Receiver, StandbyHello
 from drsync.transport.pb import drsync_pb2 as pb
 from drsync.transport.pb import drsync_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 # Upload messages are ~1 MiB plus at most one 1 MiB chunk; the limit leaves room, and
 # anything larger is refused by gRPC itself (RESOURCE_EXHAUSTED) before we see it.
@@ -39,13 +42,19 @@ def _abort(context: grpc.ServicerContext, e: Exception) -> None:
 
 
 class ReplicationServicer(pb_grpc.ReplicationServicer):
-    def __init__(self, receiver: Receiver | None, *, agent: str, role: str, cluster_id: str,
+    def __init__(self, receiver: Receiver | None, *, agent: str, role: str | Callable[[], str], cluster_id: str,
                  release: str) -> None:
         self.receiver = receiver
-        self.agent, self.role, self.cluster_id, self.release = agent, role, cluster_id, release
+        self._role = role
+        self.agent, self.cluster_id, self.release = agent, cluster_id, release
+
+    @property
+    def role(self) -> str:
+        """This agent's role now (with ZooKeeper roles it changes at run time)."""
+        return self._role() if callable(self._role) else self._role
 
     def _receiver(self, context: grpc.ServicerContext) -> Receiver:
-        if self.receiver is None:
+        if self.receiver is None or self.role != "standby":
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"agent {self.agent} is {self.role}, not a standby; it accepts no shipments")
         assert self.receiver is not None
@@ -151,6 +160,16 @@ def _translate(e: grpc.RpcError, target: str) -> DrsyncError:
     return OperationFailed(f"standby {target}: {code.name if code else 'error'}: {details}")
 
 
+def _keeping(failed: list[DrsyncError], messages: Iterator[T]) -> Iterator[T]:
+    """Pass messages through, keeping a drsync error raised while producing them (grpc would only
+    report "Exception iterating requests"), so the caller sees the real reason."""
+    try:
+        yield from messages
+    except DrsyncError as e:
+        failed.append(e)
+        raise
+
+
 class GrpcStandbyLink:
     """A :class:`~drsync.transport.StandbyLink` over gRPC."""
 
@@ -178,20 +197,22 @@ class GrpcStandbyLink:
                             r.applied_captured_at, r.applied_at)
 
     def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
+        failed: list[DrsyncError] = []
         try:
-            for reply in self.stub.Negotiate((pb.ChunkIds(epoch=epoch, ids=b) for b in batches),
+            for reply in self.stub.Negotiate(_keeping(failed, (pb.ChunkIds(epoch=epoch, ids=b) for b in batches)),
                                              timeout=self.timeout_s):
                 yield list(reply.ids)
         except grpc.RpcError as e:
-            raise _translate(e, self.target) from None
+            raise (failed[0] if failed else _translate(e, self.target)) from None
 
     def upload(self, epoch: int, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]:
         msgs = (pb.ChunkBatch(epoch=epoch, chunks=[pb.Chunk(id=c.id, encoding=c.encoding, raw_length=c.raw_length,
                                                             data=c.data) for c in b]) for b in batches)
+        failed: list[DrsyncError] = []
         try:
-            r = self.stub.Upload(msgs, timeout=self.timeout_s)
+            r = self.stub.Upload(_keeping(failed, msgs), timeout=self.timeout_s)
         except grpc.RpcError as e:
-            raise _translate(e, self.target) from None
+            raise (failed[0] if failed else _translate(e, self.target)) from None
         return r.received, r.stored, r.stored_bytes
 
     def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes]) -> CommitOutcome:

@@ -1,0 +1,125 @@
+"""Which role an agent takes, decided from what ZooKeeper says: pure functions, no I/O.
+
+The rules (DESIGN.md safety rule 1 and "ZooKeeper layout"):
+
+- The ``epoch`` node names the one agent (``promoted_by``) allowed to be
+  primary at that epoch. Only that agent may take the ``primary`` node, and
+  it acts as primary only while it holds the node, at the current epoch,
+  with a connected session.
+- A primary whose session is SUSPENDED pauses (it cannot know whether its
+  claim still exists); when the session is LOST it steps down, and after
+  reconnecting it decides again from a fresh read.
+- Nobody makes itself primary except by a promotion. Under
+  ``failover = automatic`` a standby promotes itself only after the primary
+  node has been gone for the grace period (longer for standbys further
+  behind), within the lag limit, and not within the cooldown after the last
+  promotion, so that a flapping primary cannot cause ping-pong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from drsync.coordination import GroupView, SessionState
+
+# Extra wait per rank for standbys that are further behind, so the most
+# up-to-date one normally wins an automatic failover.
+RANK_DELAY_S = 1.0
+
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    automatic: bool = False
+    max_lag_s: float = 900.0
+    grace_s: float = 1.0
+    cooldown_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class RoleDecision:
+    action: str  # act-primary | claim | pause | step-down | standby | promote-self
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.action} ({self.reason})"
+
+
+def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: FailoverPolicy,
+                primary_absent_s: float, lag_s: float | None, rank: int, now: float) -> RoleDecision:
+    """What this agent should do now. ``primary_absent_s`` is how long the primary node has been
+    seen missing; ``lag_s`` this agent's lag (None before it applied anything); ``rank`` its place
+    among the standbys ordered by how up to date they are (0 = the newest)."""
+    if view.session is SessionState.SUSPENDED:
+        if acting_primary:
+            return RoleDecision("pause", "ZooKeeper connection suspended: no shipping and no role actions "
+                                         "until the session is confirmed")
+        return RoleDecision("standby", "ZooKeeper connection suspended")
+    if view.session is SessionState.LOST:
+        if acting_primary:
+            return RoleDecision("step-down", "ZooKeeper session lost: the primary claim is gone")
+        return RoleDecision("standby", "no ZooKeeper session")
+    epoch, primary = view.epoch, view.primary
+    if epoch.epoch > 0 and epoch.promoted_by == me:
+        if primary is not None and primary.agent == me and primary.epoch == epoch.epoch and primary.mine:
+            return RoleDecision("act-primary", f"holding the primary node at epoch {epoch.epoch}")
+        if primary is None or primary.epoch < epoch.epoch or primary.agent == me:
+            return RoleDecision("claim", f"epoch {epoch.epoch} names this agent")
+        return RoleDecision("standby", f"agent {primary.agent} holds the primary node at epoch {primary.epoch}, "
+                                       f"not below epoch {epoch.epoch}")
+    if acting_primary or (primary is not None and primary.mine):
+        who = epoch.promoted_by or "nobody"
+        return RoleDecision("step-down", f"epoch {epoch.epoch} names {who}, not this agent")
+    if primary is not None or epoch.epoch == 0 or not policy.automatic:
+        return RoleDecision("standby", f"primary {primary.agent} at epoch {primary.epoch}" if primary else
+                            "no primary; waiting for drsync promote" if epoch.epoch == 0 or not policy.automatic
+                            else "waiting")
+    # Automatic failover candidates only from here on.
+    if lag_s is None:
+        return RoleDecision("standby", "primary gone, but this agent has applied nothing: not eligible")
+    if lag_s > policy.max_lag_s:
+        return RoleDecision("standby", f"primary gone, but lag {lag_s:.0f}s exceeds max_lag_on_failover "
+                                       f"{policy.max_lag_s:.0f}s: automatic failover refused, promote by hand "
+                                       f"with --accept-data-loss if acceptable")
+    if now - epoch.at < policy.cooldown_s:
+        return RoleDecision("standby", f"primary gone, but the last promotion was {now - epoch.at:.0f}s ago "
+                                       f"(cooldown {policy.cooldown_s:.0f}s)")
+    wait = policy.grace_s + rank * RANK_DELAY_S
+    if primary_absent_s < wait:
+        return RoleDecision("standby", f"primary gone for {primary_absent_s:.1f}s of {wait:.1f}s grace")
+    return RoleDecision("promote-self", f"primary gone for {primary_absent_s:.1f}s, lag {lag_s:.1f}s within "
+                                        f"{policy.max_lag_s:.0f}s")
+
+
+def promotion_refusal(*, lag_s: float | None, applied_captured_at: float, max_lag_s: float,
+                      accept_data_loss: bool, first_promotion: bool) -> str | None:
+    """Why a manual promotion must be refused for its lag, or None. Pure."""
+    if first_promotion or accept_data_loss:
+        return None
+    if lag_s is None:
+        return ("this agent has never applied a snapshot: promoting it would lose all of the primary's data; "
+                "rerun with --accept-data-loss only if that is intended")
+    if lag_s > max_lag_s:
+        return (f"lag is {format_span(lag_s)} (the last applied snapshot was captured {format_span(lag_s)} ago), "
+                f"over max_lag_on_failover {format_span(max_lag_s)}: promoting would lose every change made on "
+                f"the primary in the last {format_span(lag_s)}; rerun with --accept-data-loss to promote anyway")
+    return None
+
+
+def format_span(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def candidate_rank(me: str, agents: dict[str, dict[str, object]]) -> int:
+    """This agent's place among registered standbys, newest applied snapshot first. Pure."""
+    def captured(name: str) -> float:
+        v = agents.get(name, {}).get("applied_captured_at")
+        return float(v) if isinstance(v, (int, float)) else 0.0
+
+    standbys = sorted((n for n, r in agents.items() if r.get("role") == "standby" or n == me),
+                      key=lambda n: (-captured(n), n))
+    return standbys.index(me) if me in standbys else len(standbys)

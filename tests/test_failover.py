@@ -1,0 +1,305 @@
+"""Roles from real ZooKeeper: promotion, fencing, failback, switchover, automatic failover.
+
+Every agent is a real `drsync agent` process with agent.role = auto; ZooKeeper is
+the Debian package's server. Each test tries to break safety rule 1 (one
+primary per epoch) or 2 (a standby root is always a whole snapshot).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drsync.errors import RefusedError
+from drsync.transport.grpc import GrpcStandbyLink
+from tests.conftest import run_drsync, tree_state
+from tests.group import Group, PrimaryWatcher, scrape, wait_for
+
+
+@pytest.fixture
+def make_group(tmp_path: Path, zk_server, group: str) -> Iterator:  # type: ignore[no-untyped-def]
+    made: list[Group] = []
+
+    def make(names: list[str], hosts: str | None = None, **kw: object) -> Group:
+        g = Group(tmp_path, hosts or zk_server.hosts, group, names, **kw)  # type: ignore[arg-type]
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        g.stop_all()
+
+
+def bootstrap(g: Group, primary: str = "east") -> None:
+    """Start every agent, make ``primary`` the first primary, wait until every standby is in sync."""
+    for name in g.names:
+        g.start(name)
+    r = g.promote(primary)
+    assert r.code == 0, r.err
+    for name in g.names:
+        if name != primary:
+            wait_for(lambda n=name: g.in_sync(primary, n) and g.record(n).get("applied_snapshot"),
+                     f"{name} to apply production")
+
+
+def assert_root_is_snapshot(g: Group, name: str, snapshot: str) -> None:
+    expected = g.tmp / f"expected-{name}-{snapshot}"
+    r = run_drsync("snapshot", "restore", snapshot, "--config", g.cfg[name], "--target", expected)
+    assert r.code == 0, r.err
+    assert tree_state(g.data[name]) == tree_state(expected), f"{name}'s root is not snapshot {snapshot}"
+
+
+def test_first_promotion_status_and_refusals(make_group) -> None:  # type: ignore[no-untyped-def]
+    g = make_group(["east", "west"])
+    g.start("east")
+    g.start("west")
+    st = g.status("west")
+    assert st["primary"] is None and st["epoch"] == 0
+    assert {a["name"]: a["role"] for a in st["agents"]} == {"east": "standby", "west": "standby"}
+    # The empty standby cannot become the first primary by mistake: it would overwrite production.
+    r = g.promote("west")
+    assert r.code == 4 and "empty" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert g.coord.read_epoch().epoch == 0
+    r = g.promote("east")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["epoch"] == 1 and doc["primary_confirmed"] and doc["reason"] == "first promotion"
+    assert g.primary() == ("east", 1)
+    wait_for(lambda: g.in_sync("east", "west"), "west to apply production")
+    wait_for(lambda: g.record("west").get("applied_snapshot"), "west to publish its applied snapshot")
+    st = g.status("west")
+    roles = {a["name"]: a for a in st["agents"]}
+    assert st["primary"] == "east" and st["epoch"] == 1 and st["promoted_by"] == "east"
+    assert roles["east"]["role"] == "primary" and roles["west"]["role"] == "standby"
+    assert 0 <= roles["west"]["lag_s"] < 60 and roles["west"]["applied_snapshot"]
+    state = g.coord.read_state()
+    assert state is not None and state["agent"] == "west" and state["epoch"] == 1
+    human = g.drsync("west", "status")
+    assert human.code == 0 and "primary east, epoch 1" in human.out
+    # Promoting again is a no-op; promoting the standby while the primary lives needs --force.
+    again = g.promote("east")
+    assert again.code == 0 and again.json()["promoted"] is False
+    r = g.promote("west")
+    assert r.code == 4 and "switchover" in r.err and "--force" in r.err, r.err
+    assert g.primary() == ("east", 1)
+    m = scrape(g.metrics["east"], g.group, "east")
+    assert m["drsync_is_primary"] == 1 and m["drsync_zookeeper_connected"] == 1 and m["drsync_epoch"] == 1
+    m = scrape(g.metrics["west"], g.group, "west")
+    assert m["drsync_is_primary"] == 0 and m["drsync_epoch"] == 1
+    # A standby refuses shipments while it is primary: the primary accepts none.
+    link = GrpcStandbyLink(g.addr["east"])
+    try:
+        with pytest.raises(RefusedError, match="not a standby"):
+            list(link.missing(1, iter([[b"\x00" * 32]])))
+    finally:
+        link.close()
+
+
+def test_kill_9_primary_promote_standby_then_failback(make_group) -> None:  # type: ignore[no-untyped-def]
+    g = make_group(["east", "west"])
+    watcher = PrimaryWatcher(g.hosts, g.group)
+    bootstrap(g)
+    applied = g.record("west")["applied_snapshot"]
+    wait_for(lambda: g.hello("west").applied_snapshot == applied, "west's applied snapshot")
+    g.kill("east")  # kill -9: its session (and primary node) outlive it for the session timeout
+    (g.data["east"] / "catalog" / "unshipped.txt").write_text("written after the last shipment\n")
+    r = g.promote("west")
+    assert r.code == 4 and "--force" in r.err, r.err  # the dead primary's session is still alive
+    r = g.promote("west", "--force")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["epoch"] == 2 and doc["forced"] and doc["previous_primary"] == "east"
+    assert g.primary() == ("west", 2)
+    # What the new primary serves is exactly the last snapshot it applied: nothing newer is claimed.
+    applied_at_promotion = doc["applied_snapshot"]
+    assert applied_at_promotion == g.hello("west").applied_snapshot
+    assert_root_is_snapshot(g, "west", applied_at_promotion)
+    assert not (g.data["west"] / "catalog" / "unshipped.txt").exists()
+    # The new primary works: its changes are the new production.
+    (g.data["west"] / "catalog" / "after-failover.txt").write_text("new production write\n")
+    shipped_before = scrape(g.metrics["west"], g.group, "west").get("drsync_shipped_bytes_total", 0.0)
+    # The old primary comes back: it sees a higher epoch and another primary, and rejoins as standby.
+    g.start("east")
+    g.wait_role("east", "standby")
+    wait_for(lambda: g.in_sync("west", "east"), "east to resync from west")
+    assert g.primary() == ("west", 2)
+    assert g.hello("east").epoch == 2
+    # Its resync was incremental: far less than the ~3.5 MiB data set crossed the wire.
+    shipped = scrape(g.metrics["west"], g.group, "west")["drsync_shipped_bytes_total"] - shipped_before
+    assert shipped < 256 * 1024, f"failback shipped {shipped} bytes"
+    # The write east never shipped was not silently dropped: it is kept in a snapshot on east.
+    snaps = g.drsync("east", "snapshot", "list", "--json").json()
+    kept = [s for s in snaps if s["name"].startswith("before-rejoin-epoch-2")]
+    assert len(kept) == 1
+    restored = g.tmp / "kept"
+    assert g.drsync("east", "snapshot", "restore", kept[0]["id"], "--target", str(restored)).code == 0
+    assert (restored / "catalog" / "unshipped.txt").read_text() == "written after the last shipment\n"
+    # One primary per epoch, epochs only ever grow.
+    watcher.close()
+    assert watcher.epochs == sorted(watcher.epochs) and watcher.epochs[-1] == 2
+    holders: dict[int, set[str]] = {}
+    for p in watcher.primary:
+        if p is not None:
+            holders.setdefault(p[1], set()).add(p[0])
+    assert holders == {1: {"east"}, 2: {"west"}}
+
+
+def test_promote_refuses_lag_over_the_limit(make_group) -> None:  # type: ignore[no-untyped-def]
+    g = make_group(["east", "west"], extra='max_lag_on_failover = "3s"')
+    bootstrap(g)
+    g.kill("east", signal.SIGTERM)  # a clean stop: its primary node goes at once
+    wait_for(lambda: g.primary() is None, "the primary node to go")
+    wait_for(lambda: g.hello("west").applied_captured_at < time.time() - 3.5, "the lag to pass the limit")
+    r = g.promote("west")
+    assert r.code == 4, r.err
+    assert "lag is" in r.err and "max_lag_on_failover 3s" in r.err and "--accept-data-loss" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert g.coord.read_epoch().epoch == 1 and g.primary() is None  # nothing changed
+    r = g.promote("west", "--accept-data-loss")
+    assert r.code == 0, r.err
+    assert r.json()["data_loss_accepted"] is True and g.primary() == ("west", 2)
+
+
+@pytest.mark.parametrize("when", ["idle", "mid-shipment"])
+def test_frozen_primary_is_fenced_after_promotion(make_group, when: str) -> None:  # type: ignore[no-untyped-def]
+    """SIGSTOP the primary past its session timeout, promote a standby, SIGCONT: the old primary
+    must not act as primary, and its late shipments are refused."""
+    g = make_group(["east", "west", "north"], session_timeout="2s", replication='bandwidth_limit = "2MiB/s"')
+    watcher = PrimaryWatcher(g.hosts, g.group)
+    bootstrap(g)
+    east_pid = g.procs["east"].pid
+    if when == "mid-shipment":
+        # 6 MiB at 2 MiB/s: east is uploading to its standbys for seconds when it freezes.
+        def big_captured() -> bool:
+            snaps = g.drsync("east", "snapshot", "list", "--json").json()
+            return any(s["files"] > 24 and s["kind"] == "cycle" for s in snaps)
+
+        (g.data["east"] / "tables" / "big.bin").write_bytes(__import__("os").urandom(6 * 1024 * 1024))
+        wait_for(big_captured, "east to snapshot the big file", timeout=30)
+        time.sleep(0.5)  # not a condition stand-in: lets the upload stream get under way before the freeze
+    g.procs["east"].send_signal(signal.SIGSTOP)
+    # Production changes while its agent is frozen: if east shipped after waking, north would get this.
+    (g.data["east"] / "catalog" / "late.txt").write_text("must never reach a standby after the promotion\n")
+    wait_for(lambda: g.primary() is None, "the frozen primary's session to expire", timeout=30)
+    r = g.promote("west")
+    assert r.code == 0, r.err
+    wait_for(lambda: g.record("north").get("epoch") == 2, "north to learn epoch 2")
+    assert g.hello("north").epoch == 2
+    log_before = len(g.log("east"))
+    north_before = len(g.log("north"))
+    g.procs["east"].send_signal(signal.SIGCONT)
+    g.wait_role("east", "standby")
+    woke = g.log("east")[log_before:]
+    assert "stepped down" in woke or "standby" in woke
+    assert not (g.data["north"] / "catalog" / "late.txt").exists()
+    # North follows the new primary, and an epoch-1 shipment is refused outright.
+    (g.data["west"] / "catalog" / "from-west.txt").write_text("new primary\n")
+    wait_for(lambda: (g.data["north"] / "catalog" / "from-west.txt").exists(), "north to follow west")
+    link = GrpcStandbyLink(g.addr["north"])
+    try:
+        with pytest.raises(RefusedError, match="epoch 1 is lower than epoch 2"):
+            list(link.missing(1, iter([[b"\x00" * 32]])))
+    finally:
+        link.close()
+    # Everything north applied once it knew epoch 2 came from west, none from the woken east.
+    sources = {s["id"]: s["source"] for s in g.drsync("north", "snapshot", "list", "--json").json()}
+    applied_after = [line.split("applied snapshot ", 1)[1].split()[0] for line in
+                     g.log("north")[north_before:].splitlines() if "applied snapshot " in line]
+    assert applied_after and {sources[i] for i in applied_after} == {str(g.data["west"])}
+    m = scrape(g.metrics["east"], g.group, "east")
+    assert m["drsync_is_primary"] == 0 and m["drsync_epoch"] == 2
+    assert g.procs["east"].pid == east_pid and g.procs["east"].poll() is None  # the same process, still running
+    watcher.close()
+    assert [p for p in watcher.primary if p is not None and p[0] == "east" and p[1] >= 2] == []
+
+
+def test_switchover_hands_over_with_zero_loss(make_group) -> None:  # type: ignore[no-untyped-def]
+    marker = "readonly.marker"
+    g = make_group(["east", "west"], interval="1h",
+                   extra=f'switchover_hook = "touch $DRSYNC_DATA/../{marker}"')
+    bootstrap(g)
+    # Writes after the last cycle: a switchover must carry them over (interval 1h: no cycle will).
+    (g.data["east"] / "catalog" / "last-minute.txt").write_text("written just before the switchover\n")
+    (g.data["east"] / "catalog" / "f005.txt").unlink()
+    r = g.drsync("west", "switchover", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["from"] == "east" and doc["to"] == "west" and doc["epoch"] == 2
+    assert (g.tmp / marker).exists()  # the pre-switchover hook ran on the primary
+    assert g.primary() == ("west", 2)
+    assert g.in_sync("east", "west")  # zero loss: everything production had is on the new primary
+    assert_root_is_snapshot(g, "west", doc["final_snapshot"])
+    g.wait_role("east", "standby")
+    assert g.coord.read_switchover() is None
+    # No safety snapshot was needed: the final snapshot holds everything east had.
+    names = [s["name"] for s in g.drsync("east", "snapshot", "list", "--json").json()]
+    assert not any(n.startswith("before-rejoin") for n in names)
+    # And replication now runs the other way.
+    (g.data["west"] / "catalog" / "after.txt").write_text("written on the new primary\n")
+    r = g.drsync("west", "switchover", "--to", "west")
+    assert r.code == 2 and "already the primary" in r.err
+
+
+def test_switchover_to_an_unknown_agent_changes_nothing(make_group) -> None:  # type: ignore[no-untyped-def]
+    g = make_group(["east", "west"])
+    bootstrap(g)
+    r = g.drsync("east", "switchover", "--to", "nobody")
+    assert r.code == 4 and "not a running standby" in r.err
+    assert g.primary() == ("east", 1) and g.coord.read_switchover() is None
+
+
+def test_automatic_failover_across_repeated_trials(make_group) -> None:  # type: ignore[no-untyped-def]
+    """Kill -9 whoever is primary, again and again: the standby takes over by itself, the old one
+    rejoins; never two primaries at one epoch, never an epoch going backwards."""
+    trials = int(__import__("os").environ.get("DRSYNC_FAILOVER_TRIALS", "3"))
+    g = make_group(["east", "west"], session_timeout="2s", failover="automatic",
+                   extra='failover_cooldown = "0s"')
+    watcher = PrimaryWatcher(g.hosts, g.group)
+    bootstrap(g)
+    current, other = "east", "west"
+    acted: list[tuple[str, int]] = []
+    for trial in range(trials):
+        epoch = g.coord.read_epoch().epoch
+        wait_for(lambda o=other: g.record(o).get("role") == "standby" and g.record(o).get("applied_snapshot"),
+                 f"{other} to be a caught-up standby (trial {trial})")
+        g.kill(current)
+        wait_for(lambda o=other, e=epoch: g.primary() == (o, e + 1), f"{other} to take over (trial {trial})",
+                 timeout=30)
+        acted.append((other, epoch + 1))
+        (g.data[other] / "catalog" / f"trial-{trial}.txt").write_text(f"written by {other} in trial {trial}\n")
+        g.start(current)
+        g.wait_role(current, "standby")
+        wait_for(lambda c=current, o=other: g.in_sync(o, c), f"{current} to resync (trial {trial})")
+        current, other = other, current
+    watcher.close()
+    assert watcher.epochs == sorted(watcher.epochs) and len(set(watcher.epochs)) == len(watcher.epochs)
+    holders: dict[int, set[str]] = {}
+    for p in watcher.primary:
+        if p is not None:
+            holders.setdefault(p[1], set()).add(p[0])
+    assert all(len(v) == 1 for v in holders.values()), holders
+    assert [(next(iter(holders[e])), e) for _, e in acted] == acted
+    # Each agent says, in its own log, that it became primary exactly at the epochs ZooKeeper gave it.
+    for name in g.names:
+        became = [int(line.rsplit(" ", 1)[1]) for line in g.log(name).splitlines()
+                  if "is now PRIMARY at epoch" in line]
+        assert sorted(became) == sorted(e for e, who in holders.items() if name in who)
+
+
+def test_flapping_primary_does_not_cause_ping_pong(make_group) -> None:  # type: ignore[no-untyped-def]
+    """After an automatic failover, the cooldown keeps the next one from happening at once."""
+    g = make_group(["east", "west"], session_timeout="2s", failover="automatic",
+                   extra='failover_cooldown = "1h"')
+    bootstrap(g)
+    # The first promotion is recent: within the cooldown, a dead primary is not replaced automatically.
+    g.kill("east")
+    wait_for(lambda: g.primary() is None, "the primary's session to expire", timeout=30)
+    wait_for(lambda: "cooldown" in g.log("west"), "west to explain why it does not take over")
+    assert g.primary() is None and g.coord.read_epoch().epoch == 1
+    # An operator can still promote by hand.
+    r = g.promote("west")
+    assert r.code == 0 and g.primary() == ("west", 2), r.err
