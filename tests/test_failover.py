@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from drsync.coordination import SessionState
 from drsync.errors import RefusedError
 from drsync.transport.grpc import GrpcStandbyLink
 from tests.conftest import run_drsync, tree_state
@@ -303,3 +304,38 @@ def test_flapping_primary_does_not_cause_ping_pong(make_group) -> None:  # type:
     # An operator can still promote by hand.
     r = g.promote("west")
     assert r.code == 0 and g.primary() == ("west", 2), r.err
+
+
+def test_zookeeper_leader_kill_and_quorum_loss(tmp_path: Path, zk_ensemble, group: str) -> None:  # type: ignore[no-untyped-def]
+    g = Group(tmp_path, zk_ensemble.hosts, group, ["east", "west"], session_timeout="6s")
+    try:
+        bootstrap(g)
+        # Kill the ensemble's leader: the other two elect a new one and replication goes on.
+        leader = zk_ensemble.leader()
+        assert leader is not None and leader.mode() == "leader"
+        zk_ensemble.kill(leader)
+        (g.data["east"] / "catalog" / "during-election.txt").write_text("after the leader died\n")
+        wait_for(lambda: g.in_sync("east", "west"), "replication to continue after the leader died", timeout=90)
+        wait_for(lambda: zk_ensemble.leader() is not None, "a new ZooKeeper leader")
+        assert g.primary() == ("east", 1)
+        # Lose quorum: nothing can be decided, so no promotion happens, and nothing breaks.
+        survivor = [n for n in zk_ensemble.nodes if n.proc is not None]
+        zk_ensemble.kill(survivor[0])
+        wait_for(lambda: scrape(g.metrics["east"], g.group, "east")["drsync_zookeeper_connected"] == 0,
+                 "east to notice that ZooKeeper is gone", timeout=30)
+        wait_for(lambda: scrape(g.metrics["east"], g.group, "east")["drsync_is_primary"] == 0,
+                 "east to pause as primary")
+        r = g.promote("west", "--force")
+        assert r.code == 1 and "ZooKeeper" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+        applied = g.hello("west").applied_snapshot
+        assert_root_is_snapshot(g, "west", applied)
+        (g.data["east"] / "catalog" / "during-outage.txt").write_text("written while ZooKeeper had no quorum\n")
+        # Quorum back: the same primary at the same epoch carries on.
+        zk_ensemble.start_node(survivor[0])
+        zk_ensemble.wait_serving([survivor[0]], timeout_s=60)
+        wait_for(lambda: g.in_sync("east", "west"), "replication to resume with quorum back", timeout=90)
+        wait_for(lambda: g.coord.state is SessionState.CONNECTED, "the test's own client to reconnect")
+        assert g.primary() == ("east", 1) and g.coord.read_epoch().epoch == 1
+        assert scrape(g.metrics["east"], g.group, "east")["drsync_is_primary"] == 1
+    finally:
+        g.stop_all()

@@ -285,8 +285,10 @@ class Agent:
             self.last_decision = decision
         if decision.action == "act-primary":
             self.paused = False
+            self.metrics.is_primary.set(1)
         elif decision.action == "pause":
             self.paused = True
+            self.metrics.is_primary.set(0)  # it does not act as primary while paused
         elif decision.action == "step-down":
             self._step_down(decision.reason)
         elif decision.action == "claim":
@@ -585,7 +587,10 @@ class Agent:
             self.metrics_server = None
         if self.coord is not None:
             if self.acting == "primary":
-                self._step_down("agent stopping")
+                if self.coord.state is SessionState.CONNECTED:
+                    self._step_down("agent stopping")  # hand the node back now, not one session timeout later
+                else:
+                    self.acting = "standby"  # without a connection the session (and node) simply expires
             self.coord.close()
             self.coord = None
         if self.dir_lock is not None:

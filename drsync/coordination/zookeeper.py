@@ -57,6 +57,10 @@ def _zk_errors(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def wrapper(self: ZooKeeperCoordinator, *args: Any, **kw: Any) -> T:
+        if self._state is not SessionState.CONNECTED:
+            # kazoo would queue the request until it reconnects: fail now instead, the caller retries.
+            raise CoordinationUnavailable(f"not connected to ZooKeeper at {self.hosts} ({self._state.value}); "
+                                          f"the ensemble may have lost quorum; will retry")
         try:
             return fn(self, *args, **kw)
         except NoAuthError:
@@ -96,6 +100,7 @@ class ZooKeeperCoordinator:
             auth = [("digest", f"{username}:{password}")]
             acl = [make_digest_acl(username, password, all=True)]
         self._acl = acl
+        self.op_timeout_s = max(2.0, session_timeout_s)
         self.zk = KazooClient(hosts=hosts, timeout=session_timeout_s, auth_data=auth, default_acl=acl,
                               connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0),
                               logger=logging.getLogger("drsync.coordination.kazoo"))
@@ -138,23 +143,28 @@ class ZooKeeperCoordinator:
                 f"cannot reach ZooKeeper at {self.hosts} within {self.connect_timeout_s:.0f}s; check "
                 f"coordination.zookeeper and that the ensemble has quorum") from None
         self._state = SessionState.CONNECTED if self.zk.connected else self._state
-        self._ensure_layout()
+        try:
+            self._ensure_layout()
+        except Exception:
+            self.close()
+            raise
 
     @_zk_errors
     def _ensure_layout(self) -> None:
-        if self.zk.chroot and not self.zk.exists("/"):
+        if self.zk.chroot and not self._w(self.zk.exists_async("/")):
             raise UsageError(f"the ZooKeeper chroot {self.zk.chroot} does not exist; create it first "
                              f"(zkCli.sh create {self.zk.chroot}) or remove it from coordination.zookeeper")
-        if not self.zk.exists("/drsync"):
+        if not self._w(self.zk.exists_async("/drsync")):
             # Shared by every group: anyone may read it and add a group below, nobody may change it.
             acl = [ACL(Permissions.READ | Permissions.CREATE, Id("world", "anyone"))] if self._acl else None
             try:
-                self.zk.create("/drsync", b"", acl=acl)
+                self._w(self.zk.create_async("/drsync", b"", acl=acl))
             except NodeExistsError:
                 pass
         for path in (self.base, f"{self.base}/agents", f"{self.base}/drills"):
-            self.zk.ensure_path(path)
-        self.zk.get(self.base)  # with ACLs: fails now, with a clear message, if the credentials are wrong
+            self._w(self.zk.ensure_path_async(path))
+        # With ACLs this fails now, with a clear message, when the credentials are wrong.
+        self._w(self.zk.get_async(self.base))
 
     def close(self) -> None:
         try:
@@ -163,6 +173,10 @@ class ZooKeeperCoordinator:
         except Exception:
             pass
         self._state = SessionState.LOST
+
+    def _w(self, result: Any) -> Any:
+        """Wait for an asynchronous kazoo call, but never longer than the session timeout."""
+        return result.get(timeout=self.op_timeout_s)
 
     def _mine(self, stat: Any) -> bool:
         cid = self.zk.client_id
@@ -191,7 +205,7 @@ class ZooKeeperCoordinator:
     @_zk_errors
     def read_epoch(self) -> Epoch:
         try:
-            data, stat = self.zk.get(f"{self.base}/epoch")
+            data, stat = self._w(self.zk.get_async(f"{self.base}/epoch"))
         except NoNodeError:
             return Epoch()
         d = _load(data)
@@ -201,7 +215,7 @@ class ZooKeeperCoordinator:
     @_zk_errors
     def read_primary(self) -> PrimaryClaim | None:
         try:
-            data, stat = self.zk.get(f"{self.base}/primary")
+            data, stat = self._w(self.zk.get_async(f"{self.base}/primary"))
         except NoNodeError:
             return None
         d = _load(data)
@@ -218,10 +232,10 @@ class ZooKeeperCoordinator:
         path = f"{self.base}/epoch"
         try:
             if expected.version < 0:
-                self.zk.create(path, _dump(new.doc()))
+                self._w(self.zk.create_async(path, _dump(new.doc())))
                 version = 0
             else:
-                version = self.zk.set(path, _dump(new.doc()), version=expected.version).version
+                version = self._w(self.zk.set_async(path, _dump(new.doc()), version=expected.version)).version
         except (NodeExistsError, BadVersionError):
             raise EpochConflict(f"the epoch of group {self.group} changed while promoting (somebody else "
                                 f"promoted at the same time); run drsync status and retry if still needed") from None
@@ -234,7 +248,7 @@ class ZooKeeperCoordinator:
         tx = self.zk.transaction()
         tx.check(f"{self.base}/epoch", epoch.version)
         try:
-            data, stat = self.zk.get(path)
+            data, stat = self._w(self.zk.get_async(path))
         except NoNodeError:
             pass
         else:
@@ -255,7 +269,7 @@ class ZooKeeperCoordinator:
         return claim
 
     def _commit(self, tx: Any, what: str) -> None:
-        results = tx.commit()
+        results = self._w(tx.commit_async())
         failures = [r for r in results if isinstance(r, Exception)]
         if not failures:
             return
@@ -273,12 +287,12 @@ class ZooKeeperCoordinator:
     def release_primary(self, agent: str) -> None:
         path = f"{self.base}/primary"
         try:
-            data, stat = self.zk.get(path)
+            data, stat = self._w(self.zk.get_async(path))
         except NoNodeError:
             return
         if self._mine(stat) and _load(data).get("agent") == agent:
             try:
-                self.zk.delete(path, version=stat.version)
+                self._w(self.zk.delete_async(path, version=stat.version))
             except (NoNodeError, BadVersionError):
                 pass
 
@@ -288,7 +302,7 @@ class ZooKeeperCoordinator:
         tx = self.zk.transaction()
         tx.set_data(f"{self.base}/epoch", _dump(new.doc()), expected.version)
         try:
-            _data, stat = self.zk.get(f"{self.base}/primary")
+            _data, stat = self._w(self.zk.get_async(f"{self.base}/primary"))
             if self._mine(stat):
                 tx.delete(f"{self.base}/primary", stat.version)
         except NoNodeError:
@@ -303,15 +317,15 @@ class ZooKeeperCoordinator:
         path = f"{self.base}/agents/{name}"
         data = _dump(record)
         try:
-            stat = self.zk.exists(path)
+            stat = self._w(self.zk.exists_async(path))
             if stat is not None and self._mine(stat):
-                self.zk.set(path, data, version=stat.version)
+                self._w(self.zk.set_async(path, data, version=stat.version))
                 return
             if stat is not None:
                 # The record of this agent's previous session (restarted before it expired).
                 log.warning("replacing the record of agent %s left by an earlier session", name)
-                self.zk.delete(path, version=stat.version)
-            self.zk.create(path, data, ephemeral=True)
+                self._w(self.zk.delete_async(path, version=stat.version))
+            self._w(self.zk.create_async(path, data, ephemeral=True))
         except (NodeExistsError, NoNodeError, BadVersionError):
             pass  # raced with the expiry of the old record: the next registration settles it
 
@@ -319,12 +333,12 @@ class ZooKeeperCoordinator:
     def agents(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         try:
-            names = self.zk.get_children(f"{self.base}/agents")
+            names = self._w(self.zk.get_children_async(f"{self.base}/agents"))
         except NoNodeError:
             return out
         for name in sorted(names):
             try:
-                data, _ = self.zk.get(f"{self.base}/agents/{name}")
+                data, _ = self._w(self.zk.get_async(f"{self.base}/agents/{name}"))
             except NoNodeError:
                 continue
             out[name] = _load(data)
@@ -332,16 +346,16 @@ class ZooKeeperCoordinator:
 
     def _put(self, path: str, doc: dict[str, Any]) -> None:
         try:
-            self.zk.set(path, _dump(doc))
+            self._w(self.zk.set_async(path, _dump(doc)))
         except NoNodeError:
             try:
-                self.zk.create(path, _dump(doc))
+                self._w(self.zk.create_async(path, _dump(doc)))
             except NodeExistsError:
-                self.zk.set(path, _dump(doc))
+                self._w(self.zk.set_async(path, _dump(doc)))
 
     def _get(self, path: str) -> dict[str, Any] | None:
         try:
-            data, _ = self.zk.get(path)
+            data, _ = self._w(self.zk.get_async(path))
         except NoNodeError:
             return None
         return _load(data)
@@ -357,7 +371,7 @@ class ZooKeeperCoordinator:
     @_zk_errors
     def request_switchover(self, doc: dict[str, Any]) -> None:
         try:
-            self.zk.create(f"{self.base}/switchover", _dump(doc))
+            self._w(self.zk.create_async(f"{self.base}/switchover", _dump(doc)))
         except NodeExistsError:
             pending = self._get(f"{self.base}/switchover") or {}
             raise OperationFailed(f"a switchover to {pending.get('to')} requested at {pending.get('requested_at')} "
@@ -369,12 +383,12 @@ class ZooKeeperCoordinator:
         path = f"{self.base}/switchover"
         if doc is None:
             try:
-                self.zk.delete(path)
+                self._w(self.zk.delete_async(path))
             except NoNodeError:
                 pass
             return
         try:
-            self.zk.set(path, _dump(doc))
+            self._w(self.zk.set_async(path, _dump(doc)))
         except NoNodeError:
             pass  # cancelled meanwhile
 
@@ -384,11 +398,11 @@ class ZooKeeperCoordinator:
 
     @_zk_errors
     def add_drill(self, report: dict[str, Any], keep: int) -> str:
-        path = self.zk.create(f"{self.base}/drills/drill-", _dump(report), sequence=True)
-        children = sorted(self.zk.get_children(f"{self.base}/drills"))
+        path = self._w(self.zk.create_async(f"{self.base}/drills/drill-", _dump(report), sequence=True))
+        children = sorted(self._w(self.zk.get_children_async(f"{self.base}/drills")))
         for old in children[:-keep] if keep > 0 else []:
             try:
-                self.zk.delete(f"{self.base}/drills/{old}")
+                self._w(self.zk.delete_async(f"{self.base}/drills/{old}"))
             except NoNodeError:
                 pass
         return str(path).rsplit("/", 1)[-1]
@@ -396,7 +410,7 @@ class ZooKeeperCoordinator:
     @_zk_errors
     def drills(self, limit: int) -> list[dict[str, Any]]:
         try:
-            children = sorted(self.zk.get_children(f"{self.base}/drills"))
+            children = sorted(self._w(self.zk.get_children_async(f"{self.base}/drills")))
         except NoNodeError:
             return []
         out = []
