@@ -1,0 +1,100 @@
+"""The role rules as pure functions: every branch of decide_role, the lag refusal, candidate ranking."""
+
+from __future__ import annotations
+
+import pytest
+
+from drsync.agent.roles import (
+    FailoverPolicy,
+    candidate_rank,
+    decide_role,
+    format_span,
+    promotion_refusal,
+)
+from drsync.coordination import Epoch, GroupView, PrimaryClaim, SessionState
+
+NOW = 1_800_000_000.0
+AUTO = FailoverPolicy(automatic=True, max_lag_s=60, grace_s=2, cooldown_s=300)
+
+
+def view(epoch: int = 3, by: str = "east", primary: PrimaryClaim | None = None,
+         session: SessionState = SessionState.CONNECTED, at: float = NOW - 3600) -> GroupView:
+    return GroupView(session, Epoch(epoch, by, at, "manual", 7), primary)
+
+
+def decide(me: str, v: GroupView, *, acting: bool = False, policy: FailoverPolicy = AUTO, absent: float = 0.0,
+           lag: float | None = 5.0, rank: int = 0) -> str:
+    return decide_role(me, v, acting_primary=acting, policy=policy, primary_absent_s=absent, lag_s=lag,
+                       rank=rank, now=NOW).action
+
+
+def test_a_primary_pauses_on_suspended_and_steps_down_on_lost() -> None:
+    held = PrimaryClaim("east", "a", 3, NOW, mine=True)
+    assert decide("east", view(primary=held, session=SessionState.SUSPENDED), acting=True) == "pause"
+    assert decide("east", view(primary=held, session=SessionState.LOST), acting=True) == "step-down"
+    assert decide("west", view(session=SessionState.SUSPENDED)) == "standby"
+    assert decide("west", view(session=SessionState.LOST)) == "standby"
+
+
+def test_only_the_agent_the_epoch_names_takes_or_keeps_the_primary_node() -> None:
+    assert decide("east", view(primary=PrimaryClaim("east", "a", 3, NOW, mine=True)), acting=True) == "act-primary"
+    assert decide("east", view(primary=None)) == "claim"
+    # A fenced claim of a lower epoch, or this agent's own node from an earlier session, is replaced.
+    assert decide("east", view(primary=PrimaryClaim("west", "b", 2, NOW))) == "claim"
+    assert decide("east", view(primary=PrimaryClaim("east", "a", 3, NOW, mine=False))) == "claim"
+    # Somebody else holding the node at this epoch is never overridden.
+    assert decide("east", view(primary=PrimaryClaim("west", "b", 3, NOW))) == "standby"
+    # The epoch names another agent: whoever acts as primary, or holds the node, steps down.
+    assert decide("west", view(primary=PrimaryClaim("west", "b", 2, NOW, mine=True))) == "step-down"
+    assert decide("west", view(primary=None), acting=True) == "step-down"
+    assert decide("west", view(primary=PrimaryClaim("east", "a", 3, NOW))) == "standby"
+
+
+def test_a_new_group_waits_for_a_promotion() -> None:
+    assert decide("east", view(epoch=0, by=""), absent=1e6) == "standby"
+
+
+def test_manual_failover_never_promotes_by_itself() -> None:
+    assert decide("west", view(), policy=FailoverPolicy(automatic=False), absent=1e6) == "standby"
+
+
+def test_automatic_failover_waits_for_the_grace_and_respects_lag_and_cooldown() -> None:
+    assert decide("west", view(), absent=1.0) == "standby"
+    assert decide("west", view(), absent=2.0) == "promote-self"
+    assert decide("west", view(), absent=2.5, rank=1) == "standby"  # a standby further behind waits longer
+    assert decide("west", view(), absent=3.0, rank=1) == "promote-self"
+    assert decide("west", view(), absent=60, lag=61) == "standby"
+    assert decide("west", view(), absent=60, lag=None) == "standby"
+    assert decide("west", view(at=NOW - 10), absent=60) == "standby"  # promoted 10 s ago: cooldown
+    assert decide("west", view(primary=PrimaryClaim("east", "a", 3, NOW)), absent=60) == "standby"
+    reason = decide_role("west", view(), acting_primary=False, policy=AUTO, primary_absent_s=60, lag_s=90,
+                         rank=0, now=NOW).reason
+    assert "lag 90s exceeds max_lag_on_failover 60s" in reason and "--accept-data-loss" in reason
+
+
+def test_promotion_refusal_names_the_lag_and_what_would_be_lost() -> None:
+    msg = promotion_refusal(lag_s=1250, applied_captured_at=NOW - 1250, max_lag_s=900, accept_data_loss=False,
+                            first_promotion=False)
+    assert msg is not None and "lag is 20m50s" in msg and "15m00s" in msg and "--accept-data-loss" in msg
+    assert promotion_refusal(lag_s=1250, applied_captured_at=0, max_lag_s=900, accept_data_loss=True,
+                             first_promotion=False) is None
+    assert promotion_refusal(lag_s=10, applied_captured_at=0, max_lag_s=900, accept_data_loss=False,
+                             first_promotion=False) is None
+    never = promotion_refusal(lag_s=None, applied_captured_at=0, max_lag_s=900, accept_data_loss=False,
+                              first_promotion=False)
+    assert never is not None and "never applied" in never
+    assert promotion_refusal(lag_s=None, applied_captured_at=0, max_lag_s=900, accept_data_loss=False,
+                             first_promotion=True) is None
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59.4, "59s"), (61, "1m01s"), (7260, "2h01m")])
+def test_format_span(seconds: float, text: str) -> None:
+    assert format_span(seconds) == text
+
+
+def test_candidate_rank_prefers_the_newest_applied_snapshot() -> None:
+    agents = {"east": {"role": "primary", "applied_captured_at": None},
+              "west": {"role": "standby", "applied_captured_at": NOW - 30},
+              "north": {"role": "standby", "applied_captured_at": NOW - 5},
+              "south": {"role": "standby"}}
+    assert [candidate_rank(n, agents) for n in ("north", "west", "south")] == [0, 1, 2]
