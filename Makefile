@@ -46,6 +46,7 @@ bench: $(STAMP) system-deps
 reliability: $(STAMP) system-deps
 	DRSYNC_CRASH_TRIALS=40 $(PY) -m pytest -q tests/test_crash.py tests/test_lock.py
 	DRSYNC_CRASH_TRIALS=40 $(PY) -m pytest -q tests/test_agents.py -k kill_9
+	DRSYNC_FAILOVER_TRIALS=15 $(PY) -m pytest -q tests/test_failover.py
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

@@ -123,7 +123,7 @@ class Report:
         self.rows.append((what, f"{drsync_s:7.2f}s" + (f" vs {peer_s:7.2f}s" if peer_s else " " * 13),
                           (f"{ratio:5.2f}x" if ratio is not None else "  -  ")
                           + (f" (target <= {target}x {verdict})" if target is not None else ""),
-                          f"{peak_mib:6.0f} MiB {note}"))
+                          f"{peak_mib:6.0f} MiB {note}" if peak_mib else f"{'-':>10} {note}"))
         self.results[what] = {"drsync_s": round(drsync_s, 3), "rsync_s": round(peer_s, 3) if peer_s else None,
                               "ratio": round(ratio, 3) if ratio else None, "target": target,
                               "peak_mib": round(peak_mib, 1), "note": note}
@@ -377,6 +377,84 @@ def run_warm_cycle(pair: AgentPair) -> tuple[Run, dict]:
     return r, {**next(iter(doc["results"].values())), "cycle_s": doc["duration_s"]}
 
 
+def bench_failover(work: Path, trials: int, session_timeout_s: float, rep: Report) -> None:
+    """Promotion and automatic failover times against a real ZooKeeper, medians over ``trials``."""
+    import signal
+    import statistics
+
+    sys.path.insert(0, str(ROOT))
+    from tests.group import Group, wait_for
+    from tests.zk import ZkCluster
+
+    zk = ZkCluster.create(1, base=str(work / "zk")).start()
+    try:
+        # Manual: kill -9 the primary, `drsync promote --force` on the standby; the clock stops when
+        # the command returns, which it does once the new primary's own record says "primary".
+        (work / "manual").mkdir()
+        g = Group(work / "manual", zk.hosts, "bench-manual", ["east", "west"],
+                  session_timeout=f"{session_timeout_s}s")
+        walls, inside = [], []
+        try:
+            for name in g.names:
+                g.start(name)
+            assert g.promote("east").code == 0
+            wait_for(lambda: g.in_sync("east", "west"), "the first sync")
+            current, other = "east", "west"
+            for _ in range(trials):
+                wait_for(lambda o=other: g.record(o).get("applied_snapshot") and g.record(o).get("role") == "standby",
+                         "a caught-up standby")
+                g.kill(current)
+                t0 = time.monotonic()
+                r = g.promote(other, "--force")
+                walls.append(time.monotonic() - t0)
+                if r.code != 0:
+                    raise SystemExit(f"bench: promote failed: {r.err}")
+                inside.append(r.json()["took_s"])
+                g.start(current)
+                g.wait_role(current, "standby")
+                wait_for(lambda c=current, o=other: g.in_sync(o, c), "the old primary to resync")
+                current, other = other, current
+        finally:
+            g.stop_all()
+        note = "met" if statistics.median(walls) <= 2.0 else "MISSED"
+        rep.add(f"manual promotion, command to primary ({trials} trials)", statistics.median(walls), None, None, 0,
+                f"target <= 2 s {note}; {statistics.median(inside):.2f}s inside the command")
+        # Automatic: kill -9 the primary; the clock stops when ZooKeeper names the standby primary.
+        (work / "auto").mkdir()
+        g = Group(work / "auto", zk.hosts, "bench-auto", ["east", "west"], session_timeout=f"{session_timeout_s}s",
+                  failover="automatic", extra='failover_cooldown = "0s"')
+        times = []
+        try:
+            for name in g.names:
+                g.start(name)
+            assert g.promote("east").code == 0
+            current, other = "east", "west"
+            for _ in range(trials):
+                wait_for(lambda o=other: g.record(o).get("applied_snapshot") and g.record(o).get("role") == "standby",
+                         "a caught-up standby")
+                epoch = g.coord.read_epoch().epoch
+                g.procs[current].send_signal(signal.SIGKILL)
+                t0 = time.monotonic()
+                wait_for(lambda o=other, e=epoch: g.primary() == (o, e + 1), "the automatic failover", timeout=120,
+                         step=0.01)
+                times.append(time.monotonic() - t0)
+                g.procs.pop(current).wait()
+                g.start(current)
+                g.wait_role(current, "standby")
+                wait_for(lambda c=current, o=other: g.in_sync(o, c), "the old primary to resync")
+                current, other = other, current
+        finally:
+            g.stop_all()
+        limit = session_timeout_s + 2.0
+        note = "met" if statistics.median(times) <= limit else "MISSED"
+        rep.add(f"automatic failover, kill -9 to new primary ({trials} trials)", statistics.median(times), None, None,
+                0, f"target <= session timeout {session_timeout_s:.0f}s + 2 s {note}")
+        rep.results["failover_trials"] = {"manual_wall_s": [round(x, 3) for x in walls],
+                                          "manual_inside_s": inside, "automatic_s": [round(x, 3) for x in times]}
+    finally:
+        zk.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-work")
@@ -384,7 +462,9 @@ def main() -> None:
     ap.add_argument("--small-files", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
-    ap.add_argument("--only", choices=("snapshots", "agents"), help="run one part only")
+    ap.add_argument("--only", choices=("snapshots", "agents", "failover"), help="run one part only")
+    ap.add_argument("--trials", type=int, default=5, help="failover trials (medians are reported)")
+    ap.add_argument("--session-timeout", type=float, default=4.0, help="ZooKeeper session timeout for failover")
     args = ap.parse_args()
     sync_files, noop_files = 20_000, args.small_files
     if args.quick:
@@ -395,10 +475,12 @@ def main() -> None:
     args.work.mkdir(parents=True)
     rep = Report()
     try:
-        if args.only != "agents":
+        if args.only in (None, "snapshots"):
             bench(args.work, args.big_mib, args.small_files, rep)
-        if args.only != "snapshots":
+        if args.only in (None, "agents"):
             bench_agents(args.work, args.big_mib, sync_files, noop_files, rep)
+        if args.only in (None, "failover"):
+            bench_failover(args.work, 3 if args.quick else args.trials, args.session_timeout, rep)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     rep.print()
