@@ -34,7 +34,7 @@ class Group:
 
     def __init__(self, tmp: Path, hosts: str, group: str, names: list[str], *, session_timeout: str = "4s",
                  failover: str = "manual", extra: str = "", interval: str = "1s", data: bool = True,
-                 replication: str = "") -> None:
+                 replication: str = "", auth: tuple[str, str] = ("", "")) -> None:
         self.tmp, self.hosts, self.group, self.names = tmp, hosts, group, names
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.data: dict[str, Path] = {}
@@ -60,7 +60,7 @@ class Group:
                 f'[replication]\ninterval = "{interval}"\n{replication}\n')
             assert run_drsync("init", "--config", p).code == 0
             self.cfg[name] = p
-        self.coord = ZooKeeperCoordinator(hosts, group, session_timeout_s=10.0)
+        self.coord = ZooKeeperCoordinator(hosts, group, session_timeout_s=10.0, username=auth[0], password=auth[1])
         self.coord.start()
 
     # --- processes ------------------------------------------------------------------

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from drsync.coordination import SessionState
-from drsync.errors import RefusedError
+from drsync.coordination.zookeeper import ZooKeeperCoordinator
+from drsync.errors import RefusedError, UsageError
 from drsync.transport.grpc import GrpcStandbyLink
 from tests.conftest import run_drsync, tree_state
 from tests.group import Group, PrimaryWatcher, scrape, wait_for
@@ -339,3 +340,24 @@ def test_zookeeper_leader_kill_and_quorum_loss(tmp_path: Path, zk_ensemble, grou
         assert scrape(g.metrics["east"], g.group, "east")["drsync_is_primary"] == 1
     finally:
         g.stop_all()
+
+
+def test_acls_end_to_end_and_secrets_stay_out_of_logs(make_group) -> None:  # type: ignore[no-untyped-def]
+    secret = "zk-s3cret-value"
+    g = make_group(["east", "west"], extra=f'username = "drsync"\npassword = "{secret}"', auth=("drsync", secret))
+    bootstrap(g)
+    assert g.primary() == ("east", 1)
+    # A client without the credentials is kept out of the group's nodes.
+    with pytest.raises(UsageError, match="ACL"):
+        ZooKeeperCoordinator(g.hosts, g.group).start()
+    # A config with the wrong password gets one clear line and exit 2.
+    bad = g.tmp / "bad.toml"
+    bad.write_text(g.cfg["west"].read_text().replace(secret, "wrong"))
+    r = run_drsync("status", "--config", bad)
+    assert r.code == 2 and "check coordination.username and coordination.password" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1 and "wrong" not in r.err
+    good = g.drsync("west", "status", "--json")
+    assert good.code == 0 and '"primary": "east"' in good.out
+    for name in g.names:
+        assert secret not in g.log(name)
+    assert secret not in __import__("urllib.request").request.urlopen(f"http://{g.metrics['east']}/metrics").read().decode()
