@@ -7,8 +7,12 @@ primary per epoch) or 2 (a standby root is always a whole snapshot).
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +22,9 @@ from drsync.coordination import SessionState
 from drsync.coordination.zookeeper import ZooKeeperCoordinator
 from drsync.errors import RefusedError, UsageError
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import run_drsync, tree_state
+from tests.conftest import make_tree, run_drsync, tree_state
 from tests.group import Group, PrimaryWatcher, scrape, wait_for
+from tests.zk import ZkCluster, free_port
 
 
 @pytest.fixture
@@ -180,7 +185,7 @@ def test_frozen_primary_is_fenced_after_promotion(make_group, when: str) -> None
             snaps = g.drsync("east", "snapshot", "list", "--json").json()
             return any(s["files"] > 24 and s["kind"] == "cycle" for s in snaps)
 
-        (g.data["east"] / "tables" / "big.bin").write_bytes(__import__("os").urandom(6 * 1024 * 1024))
+        (g.data["east"] / "tables" / "big.bin").write_bytes(os.urandom(6 * 1024 * 1024))
         wait_for(big_captured, "east to snapshot the big file", timeout=30)
         time.sleep(0.5)  # not a condition stand-in: lets the upload stream get under way before the freeze
     g.procs["east"].send_signal(signal.SIGSTOP)
@@ -257,7 +262,7 @@ def test_switchover_to_an_unknown_agent_changes_nothing(make_group) -> None:  # 
 def test_automatic_failover_across_repeated_trials(make_group) -> None:  # type: ignore[no-untyped-def]
     """Kill -9 whoever is primary, again and again: the standby takes over by itself, the old one
     rejoins; never two primaries at one epoch, never an epoch going backwards."""
-    trials = int(__import__("os").environ.get("DRSYNC_FAILOVER_TRIALS", "3"))
+    trials = int(os.environ.get("DRSYNC_FAILOVER_TRIALS", "3"))
     g = make_group(["east", "west"], session_timeout="2s", failover="automatic",
                    extra='failover_cooldown = "0s"')
     watcher = PrimaryWatcher(g.hosts, g.group)
@@ -360,4 +365,36 @@ def test_acls_end_to_end_and_secrets_stay_out_of_logs(make_group) -> None:  # ty
     assert good.code == 0 and '"primary": "east"' in good.out
     for name in g.names:
         assert secret not in g.log(name)
-    assert secret not in __import__("urllib.request").request.urlopen(f"http://{g.metrics['east']}/metrics").read().decode()
+    assert secret not in urllib.request.urlopen(f"http://{g.metrics['east']}/metrics").read().decode()
+
+
+def test_agent_started_before_zookeeper_joins_when_it_comes_up(tmp_path: Path, group: str) -> None:
+    zk = ZkCluster.create(1)  # configured, not started yet
+    try:
+        zk_started = False
+        data = tmp_path / "east-data"
+        make_tree(data, files=5, big=0)
+        cfg = tmp_path / "east.toml"
+        cfg.write_text(f'[cluster]\nid = "a"\nrelease = "1"\ndata = "{data}"\nrepository = "{tmp_path / "repo"}"\n'
+                       f'[agent]\nname = "east"\nlisten = "127.0.0.1:{free_port()}"\n'
+                       f'metrics = ""\n[coordination]\nzookeeper = "{zk.hosts}"\ngroup = "{group}"\n')
+        assert run_drsync("init", "--config", cfg).code == 0
+        log = tmp_path / "east.log"
+        with open(log, "ab") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg)], stdout=f, stderr=f)
+        try:
+            wait_for(lambda: "cannot reach ZooKeeper" in log.read_text(), "the agent to report ZooKeeper missing")
+            assert proc.poll() is None  # it keeps running and retrying
+            zk.start()
+            zk_started = True
+            watcher = ZooKeeperCoordinator(zk.hosts, group)
+            watcher.start()
+            wait_for(lambda: "east" in watcher.agents(), "the agent to register once ZooKeeper is up", timeout=60)
+            assert watcher.agents()["east"]["role"] == "standby"
+            watcher.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        assert proc.returncode == 0 and zk_started
+    finally:
+        zk.stop()
