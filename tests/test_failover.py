@@ -398,3 +398,24 @@ def test_agent_started_before_zookeeper_joins_when_it_comes_up(tmp_path: Path, g
         assert proc.returncode == 0 and zk_started
     finally:
         zk.stop()
+
+
+def test_fenced_primary_with_unshipped_writes_is_reset_on_rejoin(make_group) -> None:  # type: ignore[no-untyped-def]
+    """A primary fenced with writes it never shipped must not keep them in its root as a standby, even
+    when the new primary's content equals the snapshot it had applied long before."""
+    g = make_group(["east", "west"], interval="1h")
+    bootstrap(g)
+    r = g.promote("west", "--force")
+    assert r.code == 0, r.err
+    g.wait_role("east", "standby")
+    wait_for(lambda: g.in_sync("west", "east") and g.record("east").get("applied_snapshot"), "east to follow west")
+    (g.data["west"] / "catalog" / "never-shipped.txt").write_text("west wrote this and was fenced\n")
+    r = g.promote("east", "--force")
+    assert r.code == 0, r.err
+    g.wait_role("west", "standby")
+    wait_for(lambda: g.hello("west").applied_snapshot and g.in_sync("east", "west"),
+             "west's root to become east's snapshot", timeout=30)
+    assert not (g.data["west"] / "catalog" / "never-shipped.txt").exists()
+    assert_root_is_snapshot(g, "west", g.hello("west").applied_snapshot)
+    kept = [s for s in g.drsync("west", "snapshot", "list", "--json").json() if s["name"] == "before-rejoin-epoch-3"]
+    assert len(kept) == 1

@@ -262,8 +262,11 @@ class Agent:
             agents = coord.agents()
         except DrsyncError:
             agents = {}
+        previous = set(self.registered_standbys)
         self.registered_standbys = sorted(r.get("address", "") for n, r in agents.items()
                                           if n != self.name and r.get("role") == "standby" and r.get("address"))
+        if self.acting == "primary" and set(self.registered_standbys) - previous:
+            self._next_cycle = 0.0  # a standby (re)joined: ship to it now, not one interval later
         decision = self._decide(view, agents=agents)
         if self.acting == "primary" and view.switchover and not self.paused:
             self._carry_out_switchover(view)
@@ -372,6 +375,9 @@ class Agent:
                 return
             log.warning("agent %s rejoins as standby; its data root was kept as snapshot %s (%s)", self.name,
                         info.id, info.name)
+            # Whatever it applied as a standby before, its root has moved on since: forget it, so
+            # that the next shipment is applied in full (never skipped as "same content").
+            self.state.applied_snapshot, self.state.applied_captured_at, self.state.applied_at = "", 0.0, 0.0
         self.state.last_role = "standby"
         self.state_file.save(self.state)
         self.receiver.refusal = ""
@@ -522,6 +528,10 @@ class Agent:
         self._step_down(f"switchover to {to} at epoch {new.epoch}")
         self.state.last_role = "standby"
         self._skip_rejoin_snapshot = True
+        # The root holds the final snapshot (the hook kept production still): it is what is applied here.
+        self.state.applied_snapshot = cycle.snapshot
+        self.state.applied_captured_at = self.standby_applied.get(str(target["address"]), time.time())
+        self.state.applied_at = time.time()
         self.state_file.save(self.state)
         doc.update(status="handed-over", epoch=new.epoch, final_snapshot=cycle.snapshot, handed_over_at=time.time())
         self.coord.update_switchover(doc)
