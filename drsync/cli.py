@@ -513,6 +513,12 @@ def status_cmd(inv: Invocation) -> None:
             click.echo(f"switchover to {sw.get('to')}: {sw.get('status')}")
         last = doc["last_snapshot"]
         click.echo(f"last snapshot here: {last['id']} at {last['captured_at']}" if last else "no snapshot here yet")
+        d = doc.get("last_drill")
+        if d:
+            click.echo(f"last drill: #{d.get('number')} by {d.get('agent')} at {iso(d.get('started_at') or 0)}: "
+                       f"{'passed' if d.get('passed') else 'FAILED'}, RPO {d.get('rpo_s')} s, RTO {d.get('rto_s')} s")
+        else:
+            click.echo("no drill yet (drsync drill run on a standby)")
 
     emit(inv, doc, human)
 
@@ -549,6 +555,51 @@ def switchover_cmd(inv: Invocation, to: str | None, timeout_s: float | None, can
         return
     emit(inv, doc, lambda: click.echo(f"switched over from {doc['from']} to {doc['to']} at epoch {doc['epoch']} "
                                       f"(final snapshot {doc['final_snapshot']}, {doc['took_s']:.1f}s)"))
+
+
+@cli.group("drill")
+def drill_grp() -> None:
+    """Rehearsals on the standby: verify, trial-restore, time a dry-run promotion."""
+
+
+@drill_grp.command("run")
+@_common
+@click.option("--full", is_flag=True, help="Verify every chunk, whatever drills.sample says.")
+def drill_run(inv: Invocation, full: bool) -> None:
+    """Run a drill now on this standby; exit 1 when it fails."""
+    from drsync.agent.drill import run_drill
+    from drsync.agent.loop import open_coordinator, state_dir_of
+
+    cfg = _need_config(inv, "drill run")
+    open_coord = None
+    is_primary = False
+    if cfg.agent.role == "auto":
+        def open_coord() -> Any:
+            return open_coordinator(cfg)
+
+        coord = open_coord()
+        coord.start()
+        try:
+            primary = coord.read_primary()
+        finally:
+            coord.close()
+        is_primary = primary is not None and primary.agent == cfg.agent.name
+    report = run_drill(cfg, state_dir=state_dir_of(cfg), open_coord=open_coord, full=full or None,
+                       is_primary=is_primary)
+    doc = report.as_dict()
+
+    def human() -> None:
+        click.echo(f"drill {report.number} on snapshot {report.snapshot or '-'}: "
+                   f"{'passed' if report.passed else 'FAILED'}")
+        for s in report.steps:
+            click.echo(f"  {'ok  ' if s.passed else 'FAIL'} {s.name:10} {s.duration_s:8.2f}s  {s.detail}")
+        click.echo(f"  RPO {report.rpo_s if report.rpo_s is not None else '-'} s, "
+                   f"RTO {report.rto_s if report.rto_s is not None else '-'} s ({report.rto_basis or 'not estimated'})")
+
+    emit(inv, doc, human)
+    if not report.passed:
+        first = next(s for s in report.steps if not s.passed)
+        raise _Exit(EXIT_FAILED, f"drill {report.number} failed at {first.name}: {first.detail}")
 
 
 def _need_config(inv: Invocation, what: str) -> Config:

@@ -198,9 +198,20 @@ class BackupsConfig:
                              metadata=_conv(_keep))
 
 
+def _fraction(v: Any, key: str) -> float:
+    if isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1:
+        return float(v)
+    raise ConfigError(f"{key}: expected a number above 0 and at most 1 (the share of chunks to check), "
+                      f"got {v!r}")
+
+
 @dataclass(frozen=True)
 class DrillsConfig:
-    interval: float = field(default=86400.0, metadata=_conv(_duration))
+    interval: float = field(default=86400.0, metadata=_conv(_duration))  # 0 = only `drsync drill run`
+    sample: float = field(default=1.0, metadata=_conv(_fraction))  # share of chunks verified per drill
+    full_every: int = field(default=7, metadata=_conv(_int))  # with a sample: every Nth drill checks all
+    keep: int = field(default=30, metadata=_conv(_int))  # reports kept (state dir and ZooKeeper)
+    scratch: str = field(default="", metadata=_conv(_str))  # trial-restore directory (default: state dir)
 
 
 @dataclass(frozen=True)

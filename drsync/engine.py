@@ -194,11 +194,12 @@ def plan_expiry(snaps: list[SnapshotInfo], keep: KeepPolicy, now: float) -> list
 
 def expire_snapshots(repo: Repository, keep: KeepPolicy, *, now: float | None = None,
                      dry_run: bool = False, protect: frozenset[str] = frozenset(),
-                     collect: bool = True) -> ExpireResult:
+                     collect: bool = True, lock_wait_s: float | None = None) -> ExpireResult:
     """Apply TTLs and the keep policy. ``protect`` names snapshots that must stay (e.g. the
-    one a standby has applied); ``collect=False`` leaves garbage collection for later."""
+    one a standby has applied); ``collect=False`` leaves garbage collection for later;
+    ``lock_wait_s=0`` gives up at once when the repository is in use (retention can wait)."""
     now = time.time() if now is None else now
-    with repo.lock(exclusive=not dry_run, wait_s=LOCK_WAIT_S):
+    with repo.lock(exclusive=not dry_run, wait_s=LOCK_WAIT_S if lock_wait_s is None else lock_wait_s):
         snaps = repo.list_snapshots()
         doomed = [s for s in plan_expiry(snaps, keep, now) if s.id not in protect]
         if dry_run:

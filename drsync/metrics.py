@@ -8,10 +8,12 @@ so it keeps growing while shipments fail instead of freezing at its last value.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from drsync.errors import OperationFailed
 
@@ -51,6 +53,14 @@ class AgentMetrics:
                                           "Bytes of shipped snapshots the standby already had")
         self.ship_failures = counter("ship_failures", "Shipments that failed or were refused")
         self.backup_last_success = gauge("backup_last_success_timestamp_seconds", "Time of the last good backup")
+        self.drill_last_success = gauge("drill_last_success_timestamp_seconds", "Time of the last passed drill")
+        self.drill_last_result = gauge("drill_last_result", "1 when the last drill passed, 0 when it failed")
+        self.drill_rto = gauge("drill_rto_seconds", "Recovery time estimated by the last drill")
+        self.drill_rpo = gauge("drill_rpo_seconds", "Data-loss window (lag) measured by the last drill")
+        # Before the first backup or drill there is no value to report: NaN, never a false "long ago".
+        for g in (self.backup_last_success, self.drill_last_success, self.drill_last_result, self.drill_rto,
+                  self.drill_rpo):
+            g.set(float("nan"))
         self._applied_at: Callable[[], float | None] = lambda: None
         self.replication_lag.set_function(self._lag)
         self.last_applied.set_function(lambda: self._applied_at() or 0.0)
@@ -66,14 +76,49 @@ class AgentMetrics:
         return max(0.0, time.time() - captured)
 
 
-def serve(registry: CollectorRegistry, address: str) -> object:
-    """Serve /metrics on ``host:port``; returns the server (``.shutdown()`` stops it)."""
+class _Handler(BaseHTTPRequestHandler):
+    registry: CollectorRegistry
+    pages: Mapping[str, Callable[[], tuple[str, bytes]]]
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/metrics":
+                ctype, body = CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            elif path in self.pages:
+                ctype, body = self.pages[path]()
+            else:
+                self.send_error(404, "not found: try /metrics or /")
+                return
+        except Exception as e:  # a broken page must not take the metrics endpoint down
+            self.send_error(500, f"{type(e).__name__}: {e}")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # scrapes are not worth a log line each
+        pass
+
+
+def serve(registry: CollectorRegistry, address: str,
+          pages: Mapping[str, Callable[[], tuple[str, bytes]]] | None = None) -> ThreadingHTTPServer:
+    """Serve /metrics (and ``pages``: path -> (content type, body)) on ``host:port``.
+
+    Returns the server; ``.shutdown()`` stops it.
+    """
     host, _, port = address.rpartition(":")
+    handler = type("Handler", (_Handler,), {"registry": registry, "pages": dict(pages or {})})
     try:
-        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+        server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), handler)
     except (OSError, ValueError) as e:
         raise OperationFailed(f"cannot serve metrics on {address}: {e}; set agent.metrics to a free "
                               f"host:port") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="drsync-metrics", daemon=True).start()
     return server
 
 

@@ -13,14 +13,18 @@ coordination.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from drsync import engine
+from drsync import backup, engine
+from drsync.agent import statuspage
+from drsync.agent.drill import drills_dir, load_reports, run_drill
 from drsync.agent.primary import ship_snapshot
 from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
 from drsync.agent.standby import FencedError, StandbyReceiver, StateFile
@@ -50,6 +54,9 @@ COORDINATE_EVERY_S = 0.5
 REGISTER_EVERY_S = 5.0
 # Snapshots that keep a former primary's data root before it is overwritten as a standby.
 REJOIN_SNAPSHOT_TTL_S = 7 * 86400.0
+# The status page's lag chart: one sample every few seconds, kept in memory for some hours.
+LAG_SAMPLE_S = 5.0
+LAG_WINDOW_S = 6 * 3600.0
 
 
 @dataclass
@@ -150,7 +157,8 @@ class Agent:
         self.metrics = AgentMetrics(new_registry(), group=cfg.coordination.group, agent=self.name)
         self.metrics.is_primary.set(1 if self.acting == "primary" else 0)
         self.metrics.epoch.set_function(lambda: self.state.epoch)  # read live: shipments can raise it
-        self.metrics.zookeeper_connected.set(0)
+        # Only agents with ZooKeeper roles have a session to report; NaN never trips an alert.
+        self.metrics.zookeeper_connected.set(0 if self.auto else float("nan"))
         self.standby_applied: dict[str, float] = {}  # standby address -> capture time of its applied snapshot
         self.standby_snapshot: dict[str, str] = {}  # standby address -> the snapshot id it has applied
         self._last_gc = 0.0
@@ -174,15 +182,29 @@ class Agent:
         self.registered_standbys: list[str] = []
         self._started = False
         self._skip_rejoin_snapshot = False
+        self._agents: dict[str, dict[str, Any]] = {}
+        # What the status page shows: lag samples, recent cycles (primary) or applies (standby), drills.
+        self.lag_history: deque[tuple[float, float | None]] = deque(maxlen=int(LAG_WINDOW_S / LAG_SAMPLE_S))
+        self._last_lag_sample = 0.0
+        self.cycles: deque[dict[str, Any]] = deque(maxlen=20)
+        self.state_dir = state_dir
+        self._drill_thread: threading.Thread | None = None
+        self._drills_mtime = -1
+        self._last_backup = 0.0
+        self._born = time.time()
+        self._refresh_drill_metrics()
+        self._init_backup_metric()
+        if self.receiver is not None:
+            self.receiver.on_applied = self._on_applied
         if self.auto:
             assert self.receiver is not None
             self.receiver.refusal = (f"agent {self.name} has not joined its group in ZooKeeper yet; "
                                      f"it accepts shipments once it knows its role")
             self.receiver.epoch_floor = self._zk_epoch
-            self.receiver.on_applied = self.wake.set  # publish the new applied snapshot at once
             self.coord = coordinator or open_coordinator(cfg, connect_timeout_s=2.0)
             self.coord.add_listener(self._on_session)
-        self.metrics_server = (serve(self.metrics.registry, cfg.agent.metrics)
+        pages = {"/": self._page_html, "/status": self._page_html, "/status.json": self._page_json}
+        self.metrics_server = (serve(self.metrics.registry, cfg.agent.metrics, pages)
                                if cfg.agent.metrics and serve_network else None)
         self.tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
         self.server = start_server(
@@ -200,6 +222,159 @@ class Agent:
         if not targets or any(t not in self.standby_applied for t in targets):
             return None
         return min(self.standby_applied[t] for t in targets) or None
+
+    def _on_applied(self) -> None:
+        st = self.state
+        self.cycles.append({"at": time.time(), "snapshot": st.applied_snapshot, "ok": True,
+                            "summary": f"applied (captured {time.time() - st.applied_captured_at:.1f}s before)"})
+        self.wake.set()  # publish the new applied snapshot at once
+
+    def current_lag(self) -> float | None:
+        captured = self._applied_captured_at()
+        return max(0.0, time.time() - captured) if captured else None
+
+    def _sample_lag(self) -> None:
+        now = time.time()
+        if now - self._last_lag_sample >= LAG_SAMPLE_S:
+            self._last_lag_sample = now
+            self.lag_history.append((now, self.current_lag()))
+
+    # --- drills and backups ---------------------------------------------------------------
+
+    def _refresh_drill_metrics(self) -> None:
+        """Drill gauges from the newest report (a drill run from the command line counts too)."""
+        try:
+            mtime = os.stat(drills_dir(self.state_dir)).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self._drills_mtime:
+            return
+        self._drills_mtime = mtime
+        reports = load_reports(self.state_dir)
+        if not reports:
+            return
+        last = reports[-1]
+        m = self.metrics
+        m.drill_last_result.set(1 if last.get("passed") else 0)
+        passed = [r for r in reports if r.get("passed")]
+        if passed:
+            m.drill_last_success.set(float(passed[-1].get("finished_at") or 0.0))
+        m.drill_rto.set(float("nan") if last.get("rto_s") is None else float(last["rto_s"]))
+        m.drill_rpo.set(float("nan") if last.get("rpo_s") is None else float(last["rpo_s"]))
+
+    def _drill_due(self) -> bool:
+        interval = self.cfg.drills.interval
+        if interval <= 0 or self.acting != "standby" or not self.state.applied_snapshot:
+            return False
+        if self._drill_thread is not None and self._drill_thread.is_alive():
+            return False
+        # The first drill comes one interval after the agent started, not at once: a restart or a
+        # fresh standby must not start a full trial restore by surprise.
+        last = load_reports(self.state_dir, 1)
+        since = float(last[-1].get("started_at", 0.0)) if last else self._born
+        return time.time() - since >= interval
+
+    def _start_drill(self) -> None:
+        def drill() -> None:
+            try:
+                report = run_drill(self.cfg, state_dir=self.state_dir,
+                                   open_coord=(lambda: open_coordinator(self.cfg)) if self.auto else None,
+                                   is_primary=self.acting == "primary")
+            except DrsyncError as e:
+                log.warning("agent %s: drill could not run: %s", self.name, e)
+                return
+            if report.passed:
+                log.info("agent %s: drill %d passed on snapshot %s (RPO %s s, RTO %s s)", self.name, report.number,
+                         report.snapshot, report.rpo_s, report.rto_s)
+            else:
+                log.error("agent %s: drill %d FAILED on snapshot %s: %s", self.name, report.number, report.snapshot,
+                          "; ".join(f"{s.name}: {s.detail}" for s in report.steps if not s.passed))
+            self.wake.set()
+
+        self._drill_thread = threading.Thread(target=drill, name="drsync-drill", daemon=True)
+        self._drill_thread.start()
+
+    def _init_backup_metric(self) -> None:
+        dest = self.cfg.backups.destination
+        if not dest or not os.path.isdir(dest):
+            return
+        try:
+            done, _ = backup.list_backups(dest)
+        except DrsyncError:
+            return
+        if done:
+            self._last_backup = done[-1].created_at
+            self.metrics.backup_last_success.set(done[-1].created_at)
+
+    def _maybe_backup(self) -> None:
+        """[backups]: pull the newest snapshot out as a portable backup every interval, then prune."""
+        b = self.cfg.backups
+        if not b.destination or self.acting != "primary" or time.time() - self._last_backup < b.interval:
+            return
+        snaps = self.repo.list_snapshots()
+        if not snaps:
+            return
+        try:
+            os.makedirs(b.destination, exist_ok=True)
+            info = backup.create_backup(self.repo, snaps[-1].id, b.destination, mode=b.mode,
+                                        light_exclude=b.light_exclude)
+            backup.prune_backups(b.destination, b.keep)
+        except (DrsyncError, OSError) as e:
+            self._last_backup = time.time() - b.interval + min(b.interval, 600.0)  # retry in 10 minutes
+            log.error("agent %s: backup of snapshot %s failed: %s", self.name, snaps[-1].id, e)
+            return
+        self._last_backup = info.created_at
+        self.metrics.backup_last_success.set(info.created_at)
+        log.info("agent %s: backup %s (%s) of snapshot %s written to %s", self.name, info.id, b.mode, snaps[-1].id,
+                 b.destination)
+
+    # --- the status page --------------------------------------------------------------------
+
+    def status_doc(self) -> dict[str, Any]:
+        now = time.time()
+        view = self.view
+        if self.auto:
+            agents = []
+            for name, r in sorted(self._agents.items()):
+                captured = r.get("applied_captured_at")
+                agents.append({"name": name, "role": r.get("role"), "address": r.get("address"),
+                               "epoch": r.get("epoch"), "applied_snapshot": r.get("applied_snapshot"),
+                               "lag_s": round(now - float(captured), 3) if captured and r.get("role") == "standby"
+                               else None})
+            primary = view.primary.agent if view is not None and view.primary is not None else None
+            epoch = view.epoch.epoch if view is not None else self.state.epoch
+            zk = self.coord.state.value if self.coord is not None else "closed"
+        else:
+            agents = [{"name": self.name, "role": self.acting, "address": self.address, "epoch": self.state.epoch,
+                       "applied_snapshot": self.state.applied_snapshot or None,
+                       "lag_s": self.current_lag() if self.acting == "standby" else None}]
+            for t in self.cfg.replication.standbys if self.acting == "primary" else ():
+                agents.append({"name": t, "role": "standby", "address": t, "epoch": None,
+                               "applied_snapshot": self.standby_snapshot.get(t),
+                               "lag_s": round(now - self.standby_applied[t], 3) if t in self.standby_applied
+                               else None})
+            primary = self.name if self.acting == "primary" else None
+            epoch, zk = self.state.epoch, "not used (fixed roles)"
+        try:
+            snaps = self.repo.list_snapshots()[-5:]
+        except DrsyncError:
+            snaps = []
+        drills = [{k: r.get(k) for k in ("number", "started_at", "passed", "rpo_s", "rto_s", "snapshot")} |
+                  {"steps": [{"name": s.get("name"), "passed": s.get("passed"), "detail": s.get("detail")}
+                             for s in r.get("steps", [])]} for r in load_reports(self.state_dir, 10)]
+        return {"group": self.cfg.coordination.group, "agent": self.name,
+                "role": self.acting + (" (paused)" if self.paused else ""), "epoch": epoch, "primary": primary,
+                "zookeeper": zk, "agents": agents, "lag_s": self.current_lag(),
+                "lag_history": list(self.lag_history), "lag_window_s": LAG_WINDOW_S,
+                "snapshots": [{"id": s.id, "kind": s.kind, "captured_at": s.captured_at, "files": s.files,
+                               "bytes": s.bytes} for s in reversed(snaps)],
+                "cycles": list(reversed(self.cycles)), "drills": drills}
+
+    def _page_html(self) -> tuple[str, bytes]:
+        return "text/html; charset=utf-8", statuspage.render(self.status_doc()).encode()
+
+    def _page_json(self) -> tuple[str, bytes]:
+        return "application/json", json.dumps(self.status_doc(), default=str).encode()
 
     def lag_s(self) -> float | None:
         if self.receiver is None or not self.receiver.state.applied_snapshot:
@@ -267,6 +442,7 @@ class Agent:
                                           if n != self.name and r.get("role") == "standby" and r.get("address"))
         if self.acting == "primary" and set(self.registered_standbys) - previous:
             self._next_cycle = 0.0  # a standby (re)joined: ship to it now, not one interval later
+        self._agents = agents
         decision = self._decide(view, agents=agents)
         if self.acting == "primary" and view.switchover and not self.paused:
             self._carry_out_switchover(view)
@@ -550,6 +726,10 @@ class Agent:
                 self.coordinate()
             except DrsyncError as e:
                 log.warning("agent %s: coordination pass failed: %s", self.name, e)
+            self._sample_lag()
+            self._refresh_drill_metrics()
+            if self._drill_due():
+                self._start_drill()
             if self.acting == "primary" and not self.paused and time.monotonic() >= self._next_cycle:
                 started = time.monotonic()
                 try:
@@ -557,7 +737,10 @@ class Agent:
                 except DrsyncError as e:
                     decision = CycleDecision(f"cycle failed: {e}", ok=False)
                 log.info("agent %s: %s", self.name, decision)
+                self.cycles.append({"at": time.time(), "snapshot": decision.snapshot, "ok": decision.ok,
+                                    "summary": str(decision)})
                 self.maintain()
+                self._maybe_backup()
                 if decision.ok:
                     backoff = 1.0
                     self._next_cycle = started + self.cfg.replication.interval

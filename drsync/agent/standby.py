@@ -227,8 +227,10 @@ class StandbyReceiver:
             return
         collect = time.monotonic() - self._last_gc >= 3600.0
         try:
+            # Never wait for the lock here: a shipment's commit is waiting for this to return,
+            # and a drill reading the repository must not hold replication up.
             res = expire_snapshots(self.repo, self.keep, protect=frozenset({self.state.applied_snapshot}),
-                                   collect=collect)
+                                   collect=collect, lock_wait_s=0)
         except DrsyncError as e:
             log.warning("retention skipped: %s", e)
             return

@@ -94,6 +94,10 @@ def collect_pair_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any
     primaries = [a["name"] for a in agents if a["role"] == "primary"]
     last_snapshot = _last_snapshot(cfg)
     epochs = [a["epoch"] for a in agents if a["epoch"] is not None]
+    from drsync.agent.drill import load_reports
+    from drsync.agent.loop import state_dir_of
+
+    drills = load_reports(state_dir_of(cfg), 1)
     return {"group": cfg.coordination.group, "primary": primaries[0] if len(primaries) == 1 else None,
             "epoch": max(epochs) if epochs else None, "agents": agents, "last_snapshot": last_snapshot,
-            "last_drill": None}
+            "last_drill": drills[-1] if drills else None}

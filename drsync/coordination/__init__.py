@@ -140,4 +140,7 @@ class Coordinator(Protocol):
 
     def add_drill(self, report: dict[str, Any], keep: int) -> str: ...
 
+    def rehearse_promotion(self, agent: str) -> None:
+        """Everything a promotion does but taking over: a versioned compare-and-set on a rehearsal node."""
+
     def drills(self, limit: int) -> list[dict[str, Any]]: ...

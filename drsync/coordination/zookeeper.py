@@ -408,6 +408,21 @@ class ZooKeeperCoordinator:
         return str(path).rsplit("/", 1)[-1]
 
     @_zk_errors
+    def rehearse_promotion(self, agent: str) -> None:
+        path = f"{self.base}/rehearsal"
+        doc = _dump({"agent": agent, "at": time.time()})
+        try:
+            _data, stat = self._w(self.zk.get_async(path))
+            self._w(self.zk.set_async(path, doc, version=stat.version))
+        except NoNodeError:
+            try:
+                self._w(self.zk.create_async(path, doc))
+            except NodeExistsError:
+                pass  # another rehearsal created it first: the write path works all the same
+        except BadVersionError:
+            pass  # a concurrent rehearsal won the compare-and-set: it was checked all the same
+
+    @_zk_errors
     def drills(self, limit: int) -> list[dict[str, Any]]:
         try:
             children = sorted(self._w(self.zk.get_children_async(f"{self.base}/drills")))

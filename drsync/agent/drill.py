@@ -1,0 +1,296 @@
+"""Drills: prove on the standby that it could take over right now.
+
+A drill (1) verifies the chunks of the last applied snapshot (all, or a
+sample with a full pass every ``drills.full_every`` drills), (2) restores that
+snapshot into a scratch directory and compares it with the manifest and with
+the standby's data root, (3) times a dry-run promotion against ZooKeeper
+(session, epoch and primary reads, a compare-and-set on a rehearsal node:
+everything but taking over), and (4) records the RPO (the lag at drill time)
+and an estimated RTO. It only reads the repository and the data root, and
+cleans its scratch space; it refuses to restore where the disk is too small.
+
+Reports are JSON: returned to the caller, kept under the agent's state dir
+(``drills/``, newest ``drills.keep``) and in ZooKeeper (``drills/<seq>``).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from drsync import engine, fsutil
+from drsync.agent.standby import StateFile
+from drsync.apply import apply_manifest, plan_apply
+from drsync.config import Config
+from drsync.coordination import Coordinator
+from drsync.errors import DrsyncError, IntegrityError, UsageError
+from drsync.repository.manifest import FILE, Manifest
+from drsync.repository.repo import Repository
+from drsync.tree import scan_tree
+
+# Room left free beyond the restored bytes (metadata, staging, the filesystem's own needs).
+SCRATCH_MARGIN_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class DrillStep:
+    name: str
+    passed: bool
+    duration_s: float
+    detail: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DrillReport:
+    agent: str
+    group: str
+    started_at: float
+    snapshot: str | None = None
+    captured_at: float | None = None
+    finished_at: float = 0.0
+    passed: bool = False
+    steps: list[DrillStep] = field(default_factory=list)
+    rpo_s: float | None = None
+    rto_s: float | None = None
+    rto_basis: str = ""
+    number: int = 0
+    full_verify: bool = True
+    zookeeper_seq: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- pure planning -------------------------------------------------------------------------
+
+
+def verify_all_this_time(number: int, sample: float, full_every: int) -> bool:
+    """Whether drill ``number`` (1, 2, ...) verifies every chunk rather than a sample. Pure."""
+    return sample >= 1.0 or full_every <= 1 or number % full_every == 0
+
+
+def sample_chunks(chunk_ids: list[bytes], fraction: float, seed: int) -> list[bytes]:
+    """A reproducible sample of at least one chunk (of a non-empty list). Pure."""
+    if fraction >= 1.0 or not chunk_ids:
+        return list(chunk_ids)
+    k = max(1, round(len(chunk_ids) * fraction))
+    return sorted(random.Random(seed).sample(sorted(chunk_ids), k))
+
+
+def scratch_needed(manifest: Manifest) -> int:
+    return manifest.total_bytes() + SCRATCH_MARGIN_BYTES
+
+
+def estimate_rto(promotion_s: float, *, automatic: bool, session_timeout_s: float, grace_s: float) -> tuple[float,
+                                                                                                          str]:
+    """Estimated time to recover: detection (automatic failover only) plus a promotion. Pure."""
+    if automatic:
+        return (round(session_timeout_s + grace_s + promotion_s, 3),
+                f"session timeout {session_timeout_s:g}s + grace {grace_s:g}s + promotion {promotion_s:.3f}s")
+    return round(promotion_s, 3), f"promotion {promotion_s:.3f}s once an operator runs drsync promote"
+
+
+# --- the steps ---------------------------------------------------------------------------------
+
+
+def _files_of_chunk(manifest: Manifest, chunk_id: bytes) -> list[str]:
+    return [e.path for e in manifest.entries() if chunk_id in e.chunks][:3]
+
+
+def verify_step(repo: Repository, manifest: Manifest, snapshot: str, *, full: bool, fraction: float,
+                seed: int) -> DrillStep:
+    started = time.monotonic()
+    ids = sorted(manifest.chunk_ids())
+    chosen = ids if full else sample_chunks(ids, fraction, seed)
+    bad: list[str] = []
+    checked_bytes = 0
+    for cid in chosen:
+        try:
+            checked_bytes += len(repo.read_chunk(cid))
+        except IntegrityError as e:
+            bad.append(f"{', '.join(_files_of_chunk(manifest, cid)) or '?'}: {e}")
+    figures = {"chunks": len(ids), "checked": len(chosen), "checked_bytes": checked_bytes, "damaged": len(bad)}
+    if bad:
+        return DrillStep("verify", False, round(time.monotonic() - started, 3),
+                         f"{len(bad)} damaged chunk(s) in snapshot {snapshot}; first: {bad[0]}; run drsync repo "
+                         f"verify and re-ship from the primary", figures)
+    what = "all" if full else f"a {fraction:.0%} sample:"
+    return DrillStep("verify", True, round(time.monotonic() - started, 3),
+                     f"{what} {len(chosen)} of {len(ids)} chunks intact", figures)
+
+
+def _compare_trees(expected: str, actual: str, manifest: Manifest) -> list[str]:
+    """Differences between a trial restore and the data root: metadata by plan, then content."""
+    scan = scan_tree(actual).entries()
+    scan = {p: e for p, e in scan.items() if not p.startswith(".drsync")}
+    plan = plan_apply(list(manifest.entries()), scan)
+    diffs = [f"{e.path} differs" for e in plan.write[:5]] + [f"{p} should not exist" for p in plan.remove[:5]]
+    diffs += [f"{e.path} is missing" for e in (plan.mkdir + plan.link)[:5]]
+    diffs += [f"{e.path} has other metadata" for e in plan.fix_meta[:5]]
+    if diffs:
+        return diffs
+    for e in manifest.entries():
+        if e.type == FILE and not filecmp.cmp(os.path.join(expected, e.path), os.path.join(actual, e.path),
+                                              shallow=False):
+            diffs.append(f"{e.path}: content differs")
+            if len(diffs) >= 5:
+                break
+    return diffs
+
+
+def restore_step(repo: Repository, manifest: Manifest, snapshot: str, *, scratch_dir: str, data_root: str,
+                 applied_now: Callable[[], str]) -> DrillStep:
+    started = time.monotonic()
+    os.makedirs(scratch_dir, exist_ok=True)
+    need, free = scratch_needed(manifest), shutil.disk_usage(scratch_dir).free
+    figures: dict[str, Any] = {"bytes": manifest.total_bytes(), "files": manifest.file_count(), "free": free}
+    if free < need:
+        return DrillStep("restore", False, round(time.monotonic() - started, 3),
+                         f"refused: the trial restore needs {need} bytes in {scratch_dir} but only {free} are free; "
+                         f"point drills.scratch at a larger disk", figures)
+    target = os.path.join(scratch_dir, f"drill-{os.getpid()}-{int(time.time())}")
+    try:
+        apply_manifest(manifest, repo, target, what=f"drill restore of snapshot {snapshot}")
+        mismatch = _compare_trees(target, target, manifest)  # the restore against the manifest
+        if mismatch:
+            return DrillStep("restore", False, round(time.monotonic() - started, 3),
+                             f"the trial restore does not match the manifest of {snapshot}: {mismatch[0]}", figures)
+        # The data root against the restore; a snapshot applied meanwhile makes the comparison moot.
+        before = applied_now()
+        diffs = _compare_trees(target, data_root, manifest) if before == snapshot else []
+        moved = applied_now() != snapshot
+        figures["root_compared"] = not moved
+        if moved:
+            return DrillStep("restore", True, round(time.monotonic() - started, 3),
+                             f"restored {snapshot} intact; the standby applied a newer snapshot meanwhile, so its "
+                             f"root was not compared", figures)
+        if diffs:
+            return DrillStep("restore", False, round(time.monotonic() - started, 3),
+                             f"the standby's data root differs from its applied snapshot {snapshot}: "
+                             f"{'; '.join(diffs[:3])}", figures)
+        return DrillStep("restore", True, round(time.monotonic() - started, 3),
+                         f"restored {figures['files']} files ({figures['bytes']} bytes) of {snapshot}; they match the "
+                         f"manifest and the standby's data root", figures)
+    except DrsyncError as e:
+        return DrillStep("restore", False, round(time.monotonic() - started, 3), f"trial restore failed: {e}",
+                         figures)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def promotion_step(open_coord: Callable[[], Coordinator] | None, agent: str) -> DrillStep:
+    started = time.monotonic()
+    if open_coord is None:
+        return DrillStep("promotion", True, 0.0, "fixed roles: promotion is a configuration change; not rehearsed",
+                         {"rehearsed": False})
+    try:
+        coord = open_coord()
+        coord.start()
+        try:
+            epoch = coord.read_epoch()
+            primary = coord.read_primary()
+            coord.rehearse_promotion(agent)
+        finally:
+            coord.close()
+    except DrsyncError as e:
+        return DrillStep("promotion", False, round(time.monotonic() - started, 3),
+                         f"a promotion now would fail: {e}", {"rehearsed": True})
+    took = round(time.monotonic() - started, 3)
+    who = primary.agent if primary else "none"
+    return DrillStep("promotion", True, took, f"dry-run promotion in {took:.3f}s (epoch {epoch.epoch}, primary {who})",
+                     {"rehearsed": True, "epoch": epoch.epoch, "primary": primary.agent if primary else None})
+
+
+# --- the drill ---------------------------------------------------------------------------------
+
+
+def drills_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, "drills")
+
+
+def load_reports(state_dir: str, limit: int = 0) -> list[dict[str, Any]]:
+    d = drills_dir(state_dir)
+    try:
+        names = sorted(n for n in os.listdir(d) if n.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names[-limit:] if limit else names:
+        try:
+            with open(os.path.join(d, n), "rb") as f:
+                out.append(json.loads(f.read()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _save(state_dir: str, report: DrillReport, keep: int) -> None:
+    d = drills_dir(state_dir)
+    os.makedirs(d, exist_ok=True)
+    fsutil.atomic_write(os.path.join(d, f"drill-{report.number:08d}.json"),
+                        json.dumps(report.as_dict(), indent=1).encode(), durable=True)
+    names = sorted(n for n in os.listdir(d) if n.endswith(".json"))
+    for old in names[:-keep] if keep > 0 else []:
+        try:
+            os.unlink(os.path.join(d, old))
+        except FileNotFoundError:
+            pass
+
+
+def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinator] | None,
+              full: bool | None = None, is_primary: bool = False) -> DrillReport:
+    """Run one drill on this standby and record it. Never changes the repository or the data root."""
+    if is_primary or cfg.agent.role == "primary":
+        raise UsageError(f"drills run on a standby; {cfg.agent.name} is the primary of group "
+                         f"{cfg.coordination.group}")
+    previous = load_reports(state_dir, 1)
+    number = int(previous[-1].get("number", 0)) + 1 if previous else 1
+    report = DrillReport(cfg.agent.name, cfg.coordination.group, time.time(), number=number)
+    state_file = StateFile(state_dir)
+    state = state_file.load()
+    report.full_verify = full if full is not None else verify_all_this_time(number, cfg.drills.sample,
+                                                                            cfg.drills.full_every)
+    if not state.applied_snapshot:
+        report.steps.append(DrillStep("applied", False, 0.0, "this standby has not applied any snapshot yet: there "
+                                                             "is nothing it could take over with"))
+    else:
+        report.snapshot, report.captured_at = state.applied_snapshot, state.applied_captured_at
+        report.rpo_s = round(max(0.0, report.started_at - state.applied_captured_at), 3)
+        repo = engine.open_repository(cfg.cluster.repository)
+        with repo.lock(exclusive=False, wait_s=engine.LOCK_WAIT_S):  # GC must not move packs under the drill
+            manifest = repo.load_manifest(repo.find_snapshot(state.applied_snapshot))
+            report.steps.append(verify_step(repo, manifest, state.applied_snapshot, full=report.full_verify,
+                                            fraction=cfg.drills.sample, seed=number))
+            scratch = cfg.drills.scratch or os.path.join(state_dir, "drill-scratch")
+            report.steps.append(restore_step(repo, manifest, state.applied_snapshot, scratch_dir=scratch,
+                                             data_root=engine.local_path(cfg.cluster.data, "data root"),
+                                             applied_now=lambda: state_file.load().applied_snapshot))
+    promo = promotion_step(open_coord, cfg.agent.name)
+    report.steps.append(promo)
+    if promo.passed:
+        report.rto_s, report.rto_basis = estimate_rto(
+            promo.duration_s, automatic=cfg.coordination.failover == "automatic" and open_coord is not None,
+            session_timeout_s=cfg.coordination.session_timeout, grace_s=cfg.coordination.failover_grace)
+    report.passed = all(s.passed for s in report.steps)
+    report.finished_at = time.time()
+    _save(state_dir, report, cfg.drills.keep)
+    if open_coord is not None:
+        try:
+            coord = open_coord()
+            coord.start()
+            try:
+                report.zookeeper_seq = coord.add_drill(report.as_dict(), cfg.drills.keep)
+            finally:
+                coord.close()
+            _save(state_dir, report, cfg.drills.keep)
+        except DrsyncError:
+            pass  # kept locally; ZooKeeper gets the next one
+    return report

@@ -1,0 +1,103 @@
+"""The status page an agent serves next to /metrics: plain HTML and an inline SVG chart, no JavaScript.
+
+:func:`render` is pure: it turns the agent's status document (the same one
+served as /status.json) into a page, so tests can call it directly and the
+browser test checks what an operator actually sees.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+from drsync.agent.roles import format_span
+
+CHART_W, CHART_H = 720, 180
+
+
+def _e(v: Any) -> str:
+    return html.escape("-" if v is None or v == "" else str(v))
+
+
+def _when(ts: float | None, now: float) -> str:
+    if not ts:
+        return "-"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
+    return f"{stamp} UTC ({format_span(max(0.0, now - ts))} ago)"
+
+
+def _lag(v: float | None) -> str:
+    return "-" if v is None else format_span(v)
+
+
+def lag_chart(points: list[tuple[float, float | None]], now: float, window_s: float) -> str:
+    """An SVG polyline of lag over the last ``window_s`` seconds. Pure."""
+    pts = [(t, v) for t, v in points if v is not None and t >= now - window_s]
+    if not pts:
+        return '<p class="muted" id="lag-chart-empty">no lag samples yet</p>'
+    top = max(max(v for _, v in pts) * 1.1, 1.0)
+    coords = " ".join(f"{(t - (now - window_s)) / window_s * CHART_W:.1f},{CHART_H - v / top * CHART_H:.1f}"
+                      for t, v in pts)
+    return (f'<svg id="lag-chart" width="{CHART_W}" height="{CHART_H + 20}" role="img" '
+            f'aria-label="replication lag over the last {format_span(window_s)}">'
+            f'<rect x="0" y="0" width="{CHART_W}" height="{CHART_H}" fill="#f6f8fa" stroke="#d0d7de"/>'
+            f'<polyline fill="none" stroke="#0969da" stroke-width="2" points="{coords}"/>'
+            f'<text x="4" y="14" font-size="12">max {_e(format_span(top))}</text>'
+            f'<text x="4" y="{CHART_H + 16}" font-size="12">{_e(format_span(window_s))} ago</text>'
+            f'<text x="{CHART_W - 30}" y="{CHART_H + 16}" font-size="12">now</text></svg>')
+
+
+def render(doc: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    rows = "".join(
+        f'<tr class="agent" data-agent="{_e(a.get("name"))}"><td>{_e(a.get("name"))}</td>'
+        f'<td class="role role-{_e(a.get("role"))}">{_e(a.get("role"))}</td><td>{_e(a.get("address"))}</td>'
+        f'<td>{_e(a.get("epoch"))}</td><td class="lag">{_e(_lag(a.get("lag_s")))}</td>'
+        f'<td>{_e(a.get("applied_snapshot"))}</td></tr>' for a in doc.get("agents", []))
+    snaps = "".join(
+        f'<tr><td>{_e(s.get("id"))}</td><td>{_e(s.get("kind"))}</td><td>{_e(_when(s.get("captured_at"), now))}</td>'
+        f'<td>{_e(s.get("files"))}</td><td>{_e(s.get("bytes"))}</td></tr>' for s in doc.get("snapshots", []))
+    ships = "".join(
+        f'<tr class="{"ok" if c.get("ok") else "bad"}"><td>{_e(_when(c.get("at"), now))}</td>'
+        f'<td>{_e(c.get("snapshot"))}</td><td>{_e(c.get("summary"))}</td></tr>' for c in doc.get("cycles", []))
+    drills = "".join(
+        f'<tr class="drill {"ok" if d.get("passed") else "bad"}"><td>{_e(d.get("number"))}</td>'
+        f'<td>{_e(_when(d.get("started_at"), now))}</td><td>{"passed" if d.get("passed") else "FAILED"}</td>'
+        f'<td>{_e(_lag(d.get("rpo_s")))}</td><td>{_e(d.get("rto_s"))}s</td>'
+        f'<td>{_e("; ".join(s["name"] + ": " + s["detail"] for s in d.get("steps", []) if not s.get("passed")))}'
+        f'</td></tr>' for d in reversed(doc.get("drills", [])))
+    primary = doc.get("primary") or "none"
+    window = float(doc.get("lag_window_s", 6 * 3600))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
+<title>drsync {_e(doc.get("group"))}: {_e(doc.get("agent"))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #1f2328; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+td, th {{ border-bottom: 1px solid #d0d7de; padding: 0.3em 0.8em; text-align: left; font-size: 14px; }}
+.role-primary {{ font-weight: bold; color: #1a7f37; }} .bad td {{ color: #cf222e; }} .muted {{ color: #656d76; }}
+.summary span {{ margin-right: 2em; }}
+</style></head><body>
+<h1>drsync group <span id="group">{_e(doc.get("group"))}</span></h1>
+<p class="summary"><span>primary: <b id="primary">{_e(primary)}</b></span>
+<span>epoch: <b id="epoch">{_e(doc.get("epoch"))}</b></span>
+<span>this agent: <b id="agent">{_e(doc.get("agent"))}</b> (<span id="role">{_e(doc.get("role"))}</span>)</span>
+<span>ZooKeeper: <b id="zookeeper">{_e(doc.get("zookeeper"))}</b></span></p>
+<h2>Agents</h2>
+<table id="agents"><tr><th>agent</th><th>role</th><th>address</th><th>epoch</th><th>lag</th><th>applied snapshot</th>
+</tr>{rows}</table>
+<h2>Replication lag, last {_e(format_span(window))}</h2>
+<p>now: <b id="lag-now">{_e(_lag(doc.get("lag_s")))}</b></p>
+{lag_chart([(p[0], p[1]) for p in doc.get("lag_history", [])], now, window)}
+<h2>Last snapshots</h2>
+<table id="snapshots"><tr><th>id</th><th>kind</th><th>captured</th><th>files</th><th>bytes</th></tr>{snaps}</table>
+<h2>Last shipments</h2>
+<table id="shipments"><tr><th>when</th><th>snapshot</th><th>outcome</th></tr>{ships}</table>
+<h2>Drills</h2>
+<table id="drills"><tr><th>#</th><th>when</th><th>result</th><th>RPO</th><th>RTO</th><th>problems</th></tr>{drills}
+</table>
+<p class="muted">generated {_e(_when(now, now))}; JSON at <a href="status.json">status.json</a>, metrics at
+<a href="metrics">metrics</a></p>
+</body></html>
+"""
