@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: rsync is the peer in benchmarks; ZooKeeper (Java 17 is on the machine)
-# coordinates agents and runs in tests as throwaway servers.
-DEB_PACKAGES := rsync zookeeper
+# coordinates agents and runs in tests as throwaway servers; prometheus brings promtool for
+# the alert rules' unit tests; chromium loads the status page in tests.
+DEB_PACKAGES := rsync zookeeper prometheus chromium
 
 .PHONY: help venv system-deps test lint demo bench reliability proto clean
 
@@ -29,7 +30,8 @@ system-deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+		--no-install-recommends $$missing >/dev/null; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check drsync tests bench scripts

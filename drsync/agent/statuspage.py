@@ -32,19 +32,22 @@ def _lag(v: float | None) -> str:
 
 
 def lag_chart(points: list[tuple[float, float | None]], now: float, window_s: float) -> str:
-    """An SVG polyline of lag over the last ``window_s`` seconds. Pure."""
+    """An SVG polyline of lag over the last ``window_s`` seconds (or since the first sample). Pure."""
     pts = [(t, v) for t, v in points if v is not None and t >= now - window_s]
     if not pts:
         return '<p class="muted" id="lag-chart-empty">no lag samples yet</p>'
+    start = min(t for t, _ in pts)
+    span = max(now - start, 60.0)  # a young agent's history fills the chart instead of a sliver at its edge
     top = max(max(v for _, v in pts) * 1.1, 1.0)
-    coords = " ".join(f"{(t - (now - window_s)) / window_s * CHART_W:.1f},{CHART_H - v / top * CHART_H:.1f}"
-                      for t, v in pts)
+    xy = [((t - (now - span)) / span * CHART_W, CHART_H - v / top * CHART_H) for t, v in pts]
+    coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#0969da"/>' for x, y in xy[-200:])
     return (f'<svg id="lag-chart" width="{CHART_W}" height="{CHART_H + 20}" role="img" '
-            f'aria-label="replication lag over the last {format_span(window_s)}">'
+            f'aria-label="replication lag over the last {format_span(span)}">'
             f'<rect x="0" y="0" width="{CHART_W}" height="{CHART_H}" fill="#f6f8fa" stroke="#d0d7de"/>'
-            f'<polyline fill="none" stroke="#0969da" stroke-width="2" points="{coords}"/>'
+            f'<polyline fill="none" stroke="#0969da" stroke-width="2" points="{coords}"/>{dots}'
             f'<text x="4" y="14" font-size="12">max {_e(format_span(top))}</text>'
-            f'<text x="4" y="{CHART_H + 16}" font-size="12">{_e(format_span(window_s))} ago</text>'
+            f'<text x="4" y="{CHART_H + 16}" font-size="12">{_e(format_span(span))} ago</text>'
             f'<text x="{CHART_W - 30}" y="{CHART_H + 16}" font-size="12">now</text></svg>')
 
 
@@ -77,7 +80,7 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #1f2328; }}
 table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
 td, th {{ border-bottom: 1px solid #d0d7de; padding: 0.3em 0.8em; text-align: left; font-size: 14px; }}
 .role-primary {{ font-weight: bold; color: #1a7f37; }} .bad td {{ color: #cf222e; }} .muted {{ color: #656d76; }}
-.summary span {{ margin-right: 2em; }}
+.summary > span {{ margin-right: 2em; }}
 </style></head><body>
 <h1>drsync group <span id="group">{_e(doc.get("group"))}</span></h1>
 <p class="summary"><span>primary: <b id="primary">{_e(primary)}</b></span>
