@@ -108,7 +108,18 @@ def test_the_agent_runs_drills_on_its_schedule(tmp_path: Path, zk_server, group:
         for name in g.names:
             g.start(name)
         assert g.promote("east").code == 0
-        wait_for(lambda: len(g.coord.drills(10)) >= 3, "three scheduled drills", timeout=90)
+        # Production keeps changing while the drills run: replication goes on undisturbed.
+        applied: set[str] = set()
+
+        def drills_done() -> bool:
+            applied.add(g.hello("west").applied_snapshot)
+            n = len(applied)
+            (g.data["east"] / "catalog" / f"change-{n}.txt").write_text(f"change {n}\n")
+            return len(g.coord.drills(10)) >= 3
+
+        wait_for(drills_done, "three scheduled drills", timeout=90, step=0.3)
+        assert len(applied) >= 4, applied  # west kept applying new snapshots meanwhile
+        wait_for(lambda: g.in_sync("east", "west"), "west to catch up with the last change")
         drills = g.coord.drills(10)
         assert all(d["agent"] == "west" and d["passed"] for d in drills)  # never on the primary
         assert [d["full_verify"] for d in drills[:3]] == [False, True, False]

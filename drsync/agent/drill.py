@@ -275,7 +275,7 @@ def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinat
                                              applied_now=lambda: state_file.load().applied_snapshot))
     promo = promotion_step(open_coord, cfg.agent.name)
     report.steps.append(promo)
-    if promo.passed:
+    if promo.passed and promo.figures.get("rehearsed"):
         report.rto_s, report.rto_basis = estimate_rto(
             promo.duration_s, automatic=cfg.coordination.failover == "automatic" and open_coord is not None,
             session_timeout_s=cfg.coordination.session_timeout, grace_s=cfg.coordination.failover_grace)

@@ -18,6 +18,7 @@ The contract (DESIGN.md, "ZooKeeper layout"), under ``/drsync/<group>``:
 - ``state`` (persistent): the last snapshot a standby applied.
 - ``switchover`` (persistent, transient): a planned hand-over being carried out.
 - ``drills/<seq>`` (persistent sequential): drill reports.
+- ``rehearsal`` (persistent): written by drills' dry-run promotions, never read for decisions.
 """
 
 from __future__ import annotations
