@@ -377,7 +377,7 @@ def run_warm_cycle(pair: AgentPair) -> tuple[Run, dict]:
     return r, {**next(iter(doc["results"].values())), "cycle_s": doc["duration_s"]}
 
 
-def bench_failover(work: Path, trials: int, session_timeout_s: float, rep: Report) -> None:
+def bench_failover(work: Path, trials: int, session_timeout_s: float, drill_mib: int, rep: Report) -> None:
     """Promotion and automatic failover times against a real ZooKeeper, medians over ``trials``."""
     import signal
     import statistics
@@ -449,6 +449,31 @@ def bench_failover(work: Path, trials: int, session_timeout_s: float, rep: Repor
         note = "met" if statistics.median(times) <= limit else "MISSED"
         rep.add(f"automatic failover, kill -9 to new primary ({trials} trials)", statistics.median(times), None, None,
                 0, f"target <= session timeout {session_timeout_s:.0f}s + 2 s {note}")
+        # A full drill (every chunk verified, trial restore, root comparison) on a standby holding the
+        # big data set: what a scheduled drill costs on this machine.
+        (work / "drill").mkdir()
+        g = Group(work / "drill", zk.hosts, "bench-drill", ["east", "west"], data=False,
+                  session_timeout=f"{session_timeout_s}s")
+        try:
+            shutil.rmtree(g.data["east"])
+            gen_big(g.data["east"], drill_mib)
+            for name in g.names:
+                g.start(name)
+            assert g.promote("east").code == 0
+            wait_for(lambda: g.in_sync("east", "west"), "the standby to sync the drill data", timeout=600)
+            t0 = time.monotonic()
+            r = g.drsync("west", "drill", "run", "--full", "--json")
+            wall = time.monotonic() - t0
+            if r.code != 0:
+                raise SystemExit(f"bench: drill failed: {r.err}")
+            doc = json.loads(r.out)
+            steps = {st["name"]: st["duration_s"] for st in doc["steps"]}
+            rep.add(f"full drill on a {drill_mib} MiB standby", wall, None, None, 0,
+                    f"verify {steps['verify']:.2f}s, restore+compare {steps['restore']:.2f}s, "
+                    f"dry-run promotion {steps['promotion'] * 1000:.0f} ms; RTO estimate {doc['rto_s']}s")
+            rep.results["drill"] = {"wall_s": round(wall, 3), "steps": steps, "rto_s": doc["rto_s"]}
+        finally:
+            g.stop_all()
         rep.results["failover_trials"] = {"manual_wall_s": [round(x, 3) for x in walls],
                                           "manual_inside_s": inside, "automatic_s": [round(x, 3) for x in times]}
     finally:
@@ -480,7 +505,8 @@ def main() -> None:
         if args.only in (None, "agents"):
             bench_agents(args.work, args.big_mib, sync_files, noop_files, rep)
         if args.only in (None, "failover"):
-            bench_failover(args.work, 3 if args.quick else args.trials, args.session_timeout, rep)
+            bench_failover(args.work, 3 if args.quick else args.trials, args.session_timeout,
+                           64 if args.quick else args.big_mib, rep)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     rep.print()
