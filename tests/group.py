@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from drsync.coordination import SessionState
 from drsync.coordination.zookeeper import ZooKeeperCoordinator
 from drsync.transport.grpc import GrpcStandbyLink
 from tests.conftest import Result, make_tree, run_drsync, tree_state
@@ -97,12 +98,17 @@ class Group:
     def promote(self, name: str, *flags: str) -> Result:
         return self.drsync(name, "promote", "--json", *flags)
 
+    def connected(self) -> ZooKeeperCoordinator:
+        """The test's own client, once connected (after a ZooKeeper server died it reconnects to another)."""
+        wait_for(lambda: self.coord.state is SessionState.CONNECTED, "the test's ZooKeeper client to reconnect")
+        return self.coord
+
     def primary(self) -> tuple[str, int] | None:
-        p = self.coord.read_primary()
+        p = self.connected().read_primary()
         return (p.agent, p.epoch) if p else None
 
     def record(self, name: str) -> dict[str, Any]:
-        return self.coord.agents().get(name, {})
+        return self.connected().agents().get(name, {})
 
     def wait_role(self, name: str, role: str, timeout: float = 60) -> None:
         wait_for(lambda: self.record(name).get("role") == role, f"agent {name} to report role {role}", timeout)
