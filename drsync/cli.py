@@ -96,13 +96,14 @@ def _size(n: float) -> str:
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(box=None, pad_edge=False, header_style="bold")
     for h in headers:
         t.add_column(h, overflow="fold")
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*(escape(c) for c in r))  # cells are data, never rich markup ("[cluster]" must show)
     Console(width=200 if not sys.stdout.isatty() else None, highlight=False).print(t)
 
 
@@ -600,6 +601,32 @@ def drill_run(inv: Invocation, full: bool) -> None:
     if not report.passed:
         first = next(s for s in report.steps if not s.passed)
         raise _Exit(EXIT_FAILED, f"drill {report.number} failed at {first.name}: {first.detail}")
+
+
+@cli.group("config")
+def config_grp() -> None:
+    """Configuration."""
+
+
+@config_grp.command("check")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), envvar="DRSYNC_CONFIG",
+              help="TOML configuration file (or DRSYNC_CONFIG).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True,
+              help="Seconds to wait for ZooKeeper and each peer agent.")
+def config_check(config_path: str, as_json: bool, debug: bool, timeout_s: float) -> None:
+    """Validate a config, its data root and repository, ZooKeeper and the peer agents; list every problem."""
+    from drsync.agent.configcheck import check_config
+
+    checks = check_config(config_path, timeout_s=timeout_s)
+    failed = [c for c in checks if not c.ok]
+    inv = Invocation(None, None, as_json, debug)
+    emit(inv, {"ok": not failed, "checks": [c.as_dict() for c in checks]},
+         lambda: _table(["CHECK", "RESULT", "DETAIL"], [[c.name, "ok" if c.ok else "FAIL", c.detail] for c in checks]))
+    if failed:
+        code = EXIT_USAGE if any(c.kind == "config" for c in failed) else EXIT_FAILED
+        raise _Exit(code, f"{len(failed)} problem(s) in {config_path}; first: {failed[0].name}: {failed[0].detail}")
 
 
 def _need_config(inv: Invocation, what: str) -> Config:

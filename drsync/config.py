@@ -303,7 +303,43 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
     return dataclasses.replace(cfg, cluster=cluster, backups=backups, tls=tls, agent=agent)
 
 
-def load_config(path: str | Path) -> Config:
+def config_problems(doc: Mapping[str, Any]) -> list[str]:
+    """Every problem of a parsed config document at once (``drsync config check``); [] when valid."""
+    problems: list[str] = []
+    for section in doc:
+        if section not in _SECTIONS:
+            problems.append(f"[{section}]: unknown section; allowed: {', '.join(_SECTIONS)}")
+    if "cluster" not in doc:
+        problems.append("[cluster] is missing; it needs id, release, data and repository")
+    for name, cls in _SECTIONS.items():
+        if name not in doc:
+            continue
+        table = doc[name]
+        if not isinstance(table, Mapping):
+            problems.append(f"[{name}]: expected a table, got {type(table).__name__}")
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, raw in table.items():
+            if key not in fields:
+                problems.append(f"{name}.{key}: unknown key; allowed in [{name}]: {', '.join(sorted(fields))}")
+                continue
+            try:
+                fields[key].metadata["convert"](raw, f"{name}.{key}")
+            except ConfigError as e:
+                problems.append(str(e))
+        missing = [f.name for f in fields.values() if f.name not in table and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            problems.append(f"[{name}] is missing required key(s): {', '.join(missing)}")
+    tls = doc.get("tls")
+    if isinstance(tls, Mapping) and any(tls.get(k) for k in ("ca", "cert", "key")) and not all(
+            tls.get(k) for k in ("ca", "cert", "key")):
+        problems.append("[tls] needs all of ca, cert and key, or none of them")
+    return problems
+
+
+def read_config_document(path: str | Path) -> dict[str, Any]:
+    """The parsed TOML of a config file (ConfigError when unreadable or not TOML)."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -312,9 +348,14 @@ def load_config(path: str | Path) -> Config:
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
     try:
-        doc = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    doc = read_config_document(p)
     return config_from_dict(doc, base_dir=p.resolve().parent, path=p)

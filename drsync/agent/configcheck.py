@@ -1,0 +1,149 @@
+"""``drsync config check``: validate a config and the world it points at, reporting every problem at once.
+
+Checks, in order: the file (TOML, every key and type), the cluster (data root,
+repository and its cluster id and release), the agent's state directory,
+listen and metrics addresses, TLS files, ZooKeeper (reachable, credentials,
+the group's nodes) and the peer agents (reachable over gRPC, same cluster id
+and release). Later checks that depend on a failed one are skipped, not
+reported as failures of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from drsync import engine
+from drsync.agent.loop import StateDirLock, open_coordinator, state_dir_of
+from drsync.config import Config, config_from_dict, config_problems, read_config_document
+from drsync.errors import ConfigError, DrsyncError
+from drsync.transport.grpc import GrpcStandbyLink
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    kind: str = "environment"  # config | environment | network
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _bindable(address: str) -> str | None:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host.strip("[]") or "127.0.0.1", int(port)))
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
+    checks: list[Check] = []
+    try:
+        doc = read_config_document(path)
+    except ConfigError as e:
+        return [Check("config file", False, str(e), "config")]
+    problems = config_problems(doc)
+    if problems:
+        return [Check("config", False, p, "config") for p in problems]
+    cfg = config_from_dict(doc, base_dir=Path(path).resolve().parent, path=Path(path))
+    checks.append(Check("config", True, f"{path}: every key valid (agent {cfg.agent.name}, role {cfg.agent.role})",
+                        "config"))
+    checks += _check_cluster(cfg)
+    running = StateDirLock.held(state_dir_of(cfg))
+    checks += _check_agent(cfg, running)
+    checks += _check_peers(cfg, timeout_s)
+    return checks
+
+
+def _check_cluster(cfg: Config) -> list[Check]:
+    out = []
+    try:
+        root = engine.local_path(cfg.cluster.data, "data root")
+        ok = os.path.isdir(root)
+        out.append(Check("data root", ok, f"{root} is a directory" if ok else
+                         f"{root} does not exist or is not a directory; create it or fix cluster.data"))
+    except DrsyncError as e:
+        out.append(Check("data root", False, str(e)))
+    try:
+        repo = engine.open_repository(cfg.cluster.repository)
+        c = repo.config
+        same = (c.cluster_id, c.release) == (cfg.cluster.id, cfg.cluster.release)
+        out.append(Check("repository", same, f"{cfg.cluster.repository}: cluster {c.cluster_id!r} release "
+                         f"{c.release!r}" + ("" if same else f", but the config says cluster {cfg.cluster.id!r} "
+                                                              f"release {cfg.cluster.release!r}")))
+    except DrsyncError as e:
+        out.append(Check("repository", False, f"{e} (drsync init --config creates it)"))
+    return out
+
+
+def _check_agent(cfg: Config, running: bool) -> list[Check]:
+    out = []
+    state_dir = state_dir_of(cfg)
+    writable = os.access(state_dir if os.path.isdir(state_dir) else os.path.dirname(state_dir) or ".", os.W_OK)
+    out.append(Check("state directory", writable, f"{state_dir} is writable" if writable else
+                     f"{state_dir} is not writable by this user; fix its ownership or set agent.state_dir"))
+    for what, address in (("listen address", cfg.agent.listen), ("metrics address", cfg.agent.metrics)):
+        if not address:
+            continue
+        problem = None if running else _bindable(address)
+        out.append(Check(what, problem is None, f"{address}" + (" (in use by the running agent)" if running else
+                                                               " is free") if problem is None else
+                         f"cannot listen on {address}: {problem}"))
+    if cfg.tls.enabled:
+        missing = [p for p in (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if not os.access(p, os.R_OK)]
+        out.append(Check("tls files", not missing, "ca, cert and key are readable" if not missing else
+                         f"cannot read {', '.join(missing)}"))
+    elif cfg.agent.listen.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "::1", "[::1]") and \
+            not cfg.agent.allow_insecure_remote:
+        out.append(Check("tls", False, f"agent.listen {cfg.agent.listen} is not loopback and [tls] is not set: the "
+                                       f"agent will refuse to start; configure mutual TLS", "config"))
+    return out
+
+
+def _check_peers(cfg: Config, timeout_s: float) -> list[Check]:
+    out: list[Check] = []
+    tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
+    peers: list[tuple[str, str]] = []
+    if cfg.agent.role == "auto":
+        coord = open_coordinator(cfg, connect_timeout_s=timeout_s)
+        started = time.monotonic()
+        try:
+            coord.start()
+            view = coord.view()
+            agents = coord.agents()
+            took = time.monotonic() - started
+            who = view.primary.agent if view.primary else "none yet (drsync promote)"
+            out.append(Check("zookeeper", True, f"{cfg.coordination.zookeeper}: group {cfg.coordination.group}, "
+                             f"epoch {view.epoch.epoch}, primary {who} ({took * 1000:.0f} ms)", "network"))
+            peers = [(n, str(r.get("address"))) for n, r in agents.items() if n != cfg.agent.name and r.get("address")]
+            if not peers:
+                out.append(Check("peers", True, "no other agent of the group is registered right now", "network"))
+        except DrsyncError as e:
+            out.append(Check("zookeeper", False, str(e), "network"))
+        finally:
+            coord.close()
+    else:
+        peers = [(a, a) for a in cfg.replication.standbys] if cfg.agent.role == "primary" else []
+    for name, address in peers:
+        link = GrpcStandbyLink(address, tls=tls)
+        try:
+            h = link.hello(f"config-check:{cfg.agent.name}", 0, timeout_s=timeout_s)
+            same = (h.cluster_id, h.release) == (cfg.cluster.id, cfg.cluster.release)
+            out.append(Check(f"peer {name}", same, f"{address}: {h.agent} ({h.role}), cluster {h.cluster_id!r} "
+                             f"release {h.release!r}" + ("" if same else " — differs from this cluster: shipments "
+                                                                           "between them will be refused"), "network"))
+        except DrsyncError as e:
+            out.append(Check(f"peer {name}", False, str(e), "network"))
+        finally:
+            link.close()
+    return out

@@ -1,0 +1,51 @@
+"""drsync config check: every problem at once, against real ZooKeeper and real peer agents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import run_drsync
+from tests.group import Group, wait_for
+from tests.zk import free_port
+
+
+def test_every_config_problem_is_reported_at_once(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[cluster]\nid = "x"\nrelease = 3\ndata = "/nonexistent"\n[agent]\nnmae = "typo"\n'
+                   'role = "leader"\n[coordination]\nsession_timeout = "ten seconds"\n[tls]\nca = "ca.pem"\n')
+    r = run_drsync("config", "check", "--config", cfg, "--json")
+    assert r.code == 2
+    details = [c["detail"] for c in json.loads(r.out)["checks"]]
+    for expected in ("cluster.release", "missing required key(s): repository", "agent.nmae: unknown key",
+                     "agent.role", "coordination.session_timeout", "[tls] needs all of ca, cert and key"):
+        assert any(expected in d for d in details), (expected, details)
+    assert len(r.err.strip().splitlines()) == 1 and "6 problem(s)" in r.err
+    human = run_drsync("config", "check", "--config", cfg)
+    assert "[cluster] is missing" in human.out  # brackets are shown, not eaten as markup
+
+
+def test_a_healthy_group_checks_out_and_problems_are_named(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"])
+    try:
+        for name in g.names:
+            g.start(name)
+        assert g.promote("east").code == 0
+        wait_for(lambda: g.record("west").get("applied_snapshot"), "west to sync")
+        r = run_drsync("config", "check", "--config", g.cfg["west"], "--json")
+        assert r.code == 0, r.out + r.err
+        checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
+        assert checks["zookeeper"]["ok"] and "primary east" in checks["zookeeper"]["detail"]
+        assert checks["peer east"]["ok"] and "(primary)" in checks["peer east"]["detail"]
+        assert checks["repository"]["ok"] and "in use by the running agent" in checks["listen address"]["detail"]
+        # The same config with the wrong release, and ZooKeeper somewhere nobody listens.
+        bad = tmp_path / "west-bad.toml"
+        bad.write_text(g.cfg["west"].read_text().replace('release = "6.2.1"', 'release = "7.0"')
+                       .replace(zk_server.hosts, f"127.0.0.1:{free_port()}"))
+        r = run_drsync("config", "check", "--config", bad, "--json", "--timeout", "1")
+        assert r.code == 1, r.out + r.err
+        checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
+        assert not checks["repository"]["ok"] and "release '7.0'" in checks["repository"]["detail"]
+        assert not checks["zookeeper"]["ok"] and "cannot reach ZooKeeper" in checks["zookeeper"]["detail"]
+    finally:
+        g.stop_all()
