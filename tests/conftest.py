@@ -139,3 +139,13 @@ def group(request: pytest.FixtureRequest) -> str:
     import uuid
 
     return re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """The reliability suite's table: scenario, trials, faults injected, violations, data lost."""
+    from tests import reliability
+
+    if reliability.RESULTS:
+        terminalreporter.write_sep("=", "reliability")
+        for line in reliability.table():
+            terminalreporter.write_line(line)

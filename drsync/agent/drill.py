@@ -266,13 +266,18 @@ def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinat
         report.rpo_s = round(max(0.0, report.started_at - state.applied_captured_at), 3)
         repo = engine.open_repository(cfg.cluster.repository)
         with repo.lock(exclusive=False, wait_s=engine.LOCK_WAIT_S):  # GC must not move packs under the drill
-            manifest = repo.load_manifest(repo.find_snapshot(state.applied_snapshot))
-            report.steps.append(verify_step(repo, manifest, state.applied_snapshot, full=report.full_verify,
-                                            fraction=cfg.drills.sample, seed=number))
-            scratch = cfg.drills.scratch or os.path.join(state_dir, "drill-scratch")
-            report.steps.append(restore_step(repo, manifest, state.applied_snapshot, scratch_dir=scratch,
-                                             data_root=engine.local_path(cfg.cluster.data, "data root"),
-                                             applied_now=lambda: state_file.load().applied_snapshot))
+            try:
+                manifest: Manifest | None = repo.load_manifest(repo.find_snapshot(state.applied_snapshot))
+            except DrsyncError as e:
+                manifest = None
+                report.steps.append(DrillStep("verify", False, 0.0, f"the applied snapshot cannot be read: {e}"))
+            if manifest is not None:
+                report.steps.append(verify_step(repo, manifest, state.applied_snapshot, full=report.full_verify,
+                                                fraction=cfg.drills.sample, seed=number))
+                scratch = cfg.drills.scratch or os.path.join(state_dir, "drill-scratch")
+                report.steps.append(restore_step(repo, manifest, state.applied_snapshot, scratch_dir=scratch,
+                                                 data_root=engine.local_path(cfg.cluster.data, "data root"),
+                                                 applied_now=lambda: state_file.load().applied_snapshot))
     promo = promotion_step(open_coord, cfg.agent.name)
     report.steps.append(promo)
     if promo.passed and promo.figures.get("rehearsed"):

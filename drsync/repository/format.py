@@ -6,6 +6,8 @@ the reader the old version, or chunks stop deduplicating across repositories.
 
 from __future__ import annotations
 
+import re
+
 FORMAT_VERSION = 1
 REPOSITORY_KIND = "drsync-repository"
 
@@ -47,6 +49,14 @@ LOCKS_DIR = "locks/"
 
 def pack_name(pack_id: str) -> str:
     return f"{PACKS_DIR}{pack_id[:2]}/{pack_id}.pack"
+
+
+_SNAPSHOT_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+
+
+def is_valid_snapshot_id(snapshot_id: str) -> bool:
+    """Snapshot ids name files: letters, digits, '-' and '_' only (no '/', no '..')."""
+    return bool(_SNAPSHOT_ID.match(snapshot_id))
 
 
 def snapshot_name(snapshot_id: str) -> str:

@@ -91,7 +91,7 @@ class Manifest:
         except (pa.ArrowInvalid, OSError) as e:
             raise IntegrityError(f"{what} is damaged or truncated: {e}") from None
         meta = table.schema.metadata or {}
-        version = meta.get(b"drsync.format", b"?").decode()
+        version = meta.get(b"drsync.format", b"?").decode(errors="replace")
         if not version.isdigit():
             raise IntegrityError(f"{what} is not a drsync manifest")
         if int(version) > fmt.FORMAT_VERSION:
@@ -99,6 +99,12 @@ class Manifest:
                                  f"understands ({fmt.FORMAT_VERSION}); upgrade drsync")
         if table.schema.remove_metadata() != SCHEMA.remove_metadata():
             raise IntegrityError(f"{what} does not have the manifest columns")
+        try:
+            # Parquet does not check that strings are UTF-8 or that lists are consistent; a damaged or
+            # hostile manifest must fail here, with a clear error, not later inside a restore.
+            table.validate(full=True)
+        except pa.ArrowInvalid as e:
+            raise IntegrityError(f"{what} is damaged: {e}") from None
         return cls(table)
 
     def entries(self) -> Iterator[Entry]:

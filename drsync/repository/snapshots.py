@@ -75,8 +75,33 @@ class SnapshotInfo:
                                      f"({fmt.FORMAT_VERSION}); upgrade drsync")
             doc.pop("expires_at", None)
             doc["captured_at"] = parse_iso(doc["captured_at"])
-            return cls(**doc)
+            info = cls(**doc)
         except IntegrityError:
             raise
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
             raise IntegrityError(f"{what} is damaged: {e}") from None
+        info.check_types(what)
+        return info
+
+    def check_types(self, what: str) -> None:
+        """Every field has its type (a document from a peer or a damaged disk may say anything)."""
+        def bad(name: str) -> IntegrityError:
+            return IntegrityError(f"{what} is damaged: {name} has the wrong type or form ({getattr(self, name)!r})")
+
+        for name in ("id", "cluster_id", "release", "manifest_hash", "name", "reason", "kind", "source"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name)
+        for name in ("files", "bytes", "new_bytes", "read_bytes", "reused_files", "format"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise bad(name)
+        for name in ("duration_s", "ttl_s"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
+                raise bad(name)
+        if self.parent is not None and not isinstance(self.parent, str):
+            raise bad("parent")
+        if not isinstance(self.warnings, list) or not all(isinstance(w, str) for w in self.warnings):
+            raise bad("warnings")
+        if not fmt.is_valid_snapshot_id(self.id):  # it becomes a file name: never a path
+            raise bad("id")

@@ -1,0 +1,46 @@
+"""The reliability suite's settings and its result table (printed at the end of the pytest run).
+
+``DRSYNC_RELIABILITY=full`` (make reliability) runs every scenario with many
+trials; the default short level runs a few of each inside make test.
+``DRSYNC_SEED`` replays a run: every scenario draws its faults from it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+LEVEL = os.environ.get("DRSYNC_RELIABILITY", "short")
+SEED = int(os.environ.get("DRSYNC_SEED", "20261124"))
+_TRIALS = {
+    "short": {"kill": 4, "bitflip": 6, "diskfull": 1, "network": 3, "fuzz": 40},
+    "full": {"kill": 50, "bitflip": 40, "diskfull": 5, "network": 20, "fuzz": 400},
+}
+
+
+def trials(scenario: str) -> int:
+    return _TRIALS.get(LEVEL, _TRIALS["short"])[scenario]
+
+
+@dataclass
+class ScenarioResult:
+    scenario: str
+    trials: int
+    faults: int
+    violations: int
+    lost: int
+    seed: int
+
+
+RESULTS: list[ScenarioResult] = []
+
+
+def record(scenario: str, trials: int, faults: int, violations: int, lost: int) -> None:
+    RESULTS.append(ScenarioResult(scenario, trials, faults, violations, lost, SEED))
+
+
+def table() -> list[str]:
+    lines = [f"reliability ({LEVEL}, seed {SEED}; replay with DRSYNC_SEED={SEED})",
+             f"{'scenario':44} {'trials':>7} {'faults':>7} {'violations':>11} {'data lost':>10}"]
+    lines += [f"{r.scenario:44} {r.trials:7d} {r.faults:7d} {r.violations:11d} {r.lost:10d}" for r in RESULTS]
+    return lines

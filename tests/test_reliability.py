@@ -1,0 +1,402 @@
+"""The reliability suite: randomised fault trials that try to lose data or break the safety rules.
+
+Every scenario draws its faults from one printed seed (tests/reliability.py),
+checks the safety rules of DESIGN.md after every trial, counts violations and
+lost data instead of stopping at the first, and asserts both are zero at the
+end. `make test` runs a short version; `make reliability` the full one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drsync.repository import format as fmt
+from drsync.repository.repo import Repository
+from drsync.storage.local import LocalStorage
+from drsync.transport.grpc import GrpcStandbyLink
+from tests.conftest import run_drsync, tree_state
+from tests.faultproxy import FaultProxy
+from tests.group import Group, PrimaryWatcher
+from tests.reliability import SEED, record, trials
+from tests.test_agents import Pair, wait_for
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    p = Pair(tmp_path)
+    yield p
+    p.stop_all()
+
+
+def hello(address: str):  # type: ignore[no-untyped-def]
+    link = GrpcStandbyLink(address)
+    try:
+        return link.hello("reliability", 0)
+    finally:
+        link.close()
+
+
+def root_is_whole_snapshot(cfg: Path, root: Path, snapshot: str, scratch: Path) -> bool:
+    """Safety rule 2: the data root is exactly the snapshot recorded as applied."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    r = run_drsync("snapshot", "restore", snapshot, "--config", cfg, "--target", scratch)
+    return r.code == 0 and tree_state(root) == tree_state(scratch)
+
+
+def random_change(rnd: random.Random, root: Path, n: int) -> None:
+    kind = rnd.choice(["big", "small", "delete", "rewrite"])
+    if kind == "big":
+        (root / "tables" / "orders" / f"r-{n}.bin").write_bytes(rnd.randbytes(rnd.randrange(1, 12) << 20))
+    elif kind == "small":
+        for i in range(rnd.randrange(1, 40)):
+            (root / "catalog" / f"r-{n}-{i}.txt").write_text(f"trial {n} file {i}\n" * rnd.randrange(1, 50))
+    else:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+        if files:
+            victim = rnd.choice(files)
+            if kind == "delete":
+                victim.unlink()
+            else:
+                victim.write_bytes(rnd.randbytes(rnd.randrange(1, 2 << 20)))
+
+
+def test_kill_9_either_agent_at_random_moments(pair: Pair) -> None:
+    """kill -9 of the primary or the standby during snapshot, upload, commit or apply."""
+    rnd = random.Random(SEED)
+    n = trials("kill")
+    pair.start("standby")
+    pair.start("primary")
+    wait_for(pair.in_sync, "the first shipment")
+    violations = lost = 0
+    for trial in range(n):
+        random_change(rnd, pair.prod, trial)
+        acked = hello(pair.standby_addr).applied_captured_at  # what the standby has acknowledged so far
+        victim = rnd.choice(["primary", "standby"])
+        time.sleep(rnd.uniform(0.0, 1.5))  # the random moment of the cycle is the point of the trial
+        pair.kill(victim)
+        pair.start(victim)
+        h = hello(pair.standby_addr)
+        if h.applied_captured_at < acked:
+            lost += 1
+        if h.applied_snapshot and not root_is_whole_snapshot(pair.standby_cfg, pair.standby_data, h.applied_snapshot,
+                                                            pair.tmp / "scratch"):
+            violations += 1
+        wait_for(pair.in_sync, f"the next cycle to complete after trial {trial} (seed {SEED})", timeout=120)
+    record("kill -9 primary/standby at random moments", n, n, violations, lost)
+    assert violations == 0 and lost == 0, f"seed {SEED}: {violations} torn roots, {lost} lost acknowledgements"
+
+
+def _flip(path: Path, offset: int) -> int:
+    data = bytearray(path.read_bytes())
+    old = data[offset]
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+    return old
+
+
+def _unflip(path: Path, offset: int, old: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] = old
+    path.write_bytes(bytes(data))
+
+
+def test_bit_flips_on_both_sides_are_always_detected(pair: Pair) -> None:
+    """A flipped bit in a chunk or a manifest, on either side: verify, drills and restore all catch it."""
+    rnd = random.Random(SEED + 1)
+    n = trials("bitflip")
+    pair.start("standby")
+    pair.start("primary")
+    wait_for(pair.in_sync, "the first shipment")
+    pair.stop_all()
+    # What the standby records as applied once it is stopped (drills check that one).
+    applied = json.loads((pair.tmp / "standby-repo" / "agent" / "state.json").read_text())["applied_snapshot"]
+    sides = {"primary": (pair.primary_cfg, pair.tmp / "primary-repo"),
+             "standby": (pair.standby_cfg, pair.tmp / "standby-repo")}
+    missed = 0
+    for trial in range(n):
+        side = rnd.choice(sorted(sides))
+        cfg, repo_dir = sides[side]
+        repo = Repository.open(LocalStorage(str(repo_dir)))
+        snap = repo.find_snapshot(applied) if side == "standby" else repo.list_snapshots()[-1]
+        if rnd.random() < 0.7:
+            cid = rnd.choice(sorted(repo.load_manifest(snap).chunk_ids()))
+            loc = repo.index.get(cid)
+            assert loc is not None
+            path = repo_dir / fmt.pack_name(loc.pack_id)
+            offset = loc.offset + rnd.randrange(loc.stored_length)
+            what = f"chunk {cid.hex()[:12]} in pack {loc.pack_id}"
+        else:
+            path = repo_dir / fmt.manifest_name(snap.id)
+            offset = rnd.randrange(path.stat().st_size)
+            what = f"manifest of {snap.id}"
+        old = _flip(path, offset)
+        try:
+            v = run_drsync("repo", "verify", "--config", cfg)
+            checks = {"verify": v.code == 3}
+            target = pair.tmp / f"restore-{trial}"
+            r = run_drsync("snapshot", "restore", snap.id, "--config", cfg, "--target", target)
+            checks["restore"] = r.code == 3 and not (target.exists() and any(target.iterdir()))
+            if side == "standby":
+                d = run_drsync("drill", "run", "--config", cfg, "--json")
+                checks["drill"] = d.code == 1 and json.loads(d.out)["passed"] is False
+            if not all(checks.values()):
+                missed += 1
+                print(f"seed {SEED} trial {trial}: a flipped bit in {what} ({side}) went unnoticed by "
+                      f"{[k for k, ok in checks.items() if not ok]}: verify {v.code} {v.err.strip()[:200]}; "
+                      f"restore {r.code} {r.err.strip()[:200]}; drill {d.code if side == 'standby' else '-'} "
+                      f"{d.err.strip()[:300] if side == 'standby' else ''}")
+        finally:
+            _unflip(path, offset, old)
+        assert run_drsync("repo", "verify", "--config", cfg).code == 0  # and the undone flip is clean again
+    record("bit flips in chunks and manifests, both sides", n, n, missed, 0)
+    assert missed == 0, f"seed {SEED}: {missed} undetected bit flips"
+
+
+def test_disk_full_on_the_standby_during_apply(pair: Pair, tmp_path: Path) -> None:
+    rnd = random.Random(SEED + 2)
+    n = trials("diskfull")
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        pair.standby_data = mnt / "data"
+        pair.standby_data.mkdir()
+        pair.standby_cfg.write_text(pair.standby_cfg.read_text().replace(str(tmp_path / "standby-data"),
+                                                                         str(pair.standby_data)))
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the first shipment")
+        violations = 0
+        for trial in range(n):
+            before = hello(pair.standby_addr).applied_snapshot
+            failures = pair_log(pair, "primary").count("failed:")
+            big = pair.prod / "tables" / f"too-big-{trial}.bin"
+            big.write_bytes(rnd.randbytes(rnd.randrange(26, 40) << 20))
+            wait_for(lambda f=failures: pair_log(pair, "primary").count("failed:") > f, "an apply to fail", 60)
+            h = hello(pair.standby_addr)  # the standby is alive and serves
+            if h.applied_snapshot != before or not root_is_whole_snapshot(pair.standby_cfg, pair.standby_data,
+                                                                          before, tmp_path / "scratch"):
+                violations += 1
+            if "No space left" not in pair_log(pair, "primary") and "space" not in pair_log(pair, "primary"):
+                violations += 1  # the error must say what is wrong
+            big.unlink()
+            wait_for(pair.in_sync, f"recovery once space returns (trial {trial})", 60)
+        record("disk full on the standby during apply", n, n, violations, 0)
+        assert violations == 0
+    finally:
+        pair.stop_all()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def pair_log(pair: Pair, name: str) -> str:
+    return (pair.tmp / f"{name}.log").read_text(errors="replace")
+
+
+def test_network_faults_between_agents_and_to_zookeeper(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
+    """Drop, delay and cut the primary's shipments and its ZooKeeper connection: never two primaries,
+    never a torn apply, and replication resumes."""
+    rnd = random.Random(SEED + 3)
+    n = trials("network")
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"], session_timeout="2s")
+    ship = FaultProxy(g.addr["west"])
+    zk = FaultProxy(zk_server.hosts.split(",")[0])
+    g.cfg["west"].write_text(g.cfg["west"].read_text().replace('role = "auto"\n',
+                                                               f'role = "auto"\nadvertise = "{ship.address}"\n'))
+    g.cfg["east"].write_text(g.cfg["east"].read_text().replace(f'zookeeper = "{zk_server.hosts}"',
+                                                               f'zookeeper = "{zk.address}"'))
+    watcher = PrimaryWatcher(zk_server.hosts, group)
+    violations = faults = 0
+    try:
+        g.start("east")
+        g.start("west")
+        assert g.promote("east").code == 0
+        wait_for(lambda: g.in_sync("east", "west"), "the first shipment")
+        for trial in range(n):
+            random_change(rnd, g.data["east"], trial)
+            proxy, mode = rnd.choice([(ship, "drop"), (ship, "cut"), (ship, "delay"), (zk, "drop"), (zk, "cut")])
+            proxy.set(mode, delay_s=0.2)
+            faults += 1
+            time.sleep(rnd.uniform(0.5, 3.5))  # how long the fault lasts is the point of the trial
+            proxy.set("pass")
+            if mode == "drop":
+                proxy.set("cut")  # connections held in the black hole are dead to their peers: drop them
+                proxy.set("pass")
+            applied = g.hello("west").applied_snapshot
+            if applied and not root_is_whole_snapshot(g.cfg["west"], g.data["west"], applied, tmp_path / "scratch"):
+                violations += 1
+            wait_for(lambda: g.in_sync("east", "west"), f"replication to resume after trial {trial} (seed {SEED})",
+                     timeout=120)
+        holders: dict[int, set[str]] = {}
+        for p in watcher.primary:
+            if p is not None:
+                holders.setdefault(p[1], set()).add(p[0])
+        violations += sum(1 for v in holders.values() if len(v) > 1)  # split brain
+        violations += sum(1 for who in holders.values() if "west" in who)  # nobody promoted west
+        violations += int(watcher.epochs != sorted(watcher.epochs))
+    finally:
+        watcher.close()
+        g.stop_all()
+        ship.close()
+        zk.close()
+    record("network faults (agents and ZooKeeper)", n, faults, violations, 0)
+    assert violations == 0, f"seed {SEED}: {violations} violations"
+
+
+# --- fuzzing every parser and handler that takes outside input -----------------------------------
+
+def _fuzz_settings():  # type: ignore[no-untyped-def]
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=trials("fuzz"), deadline=None, database=None, derandomize=True,
+                    suppress_health_check=list(HealthCheck))
+
+
+def test_fuzz_manifests_configs_and_documents(tmp_path: Path) -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from drsync.config import config_from_dict
+    from drsync.errors import DrsyncError
+    from drsync.repository.manifest import Manifest, validate
+    from drsync.repository.snapshots import SnapshotInfo
+
+    counted = {"n": 0}
+    valid = Manifest.from_columns({"path": ["a", "a/b"], "type": ["dir", "file"], "mode": [0o755, 0o644],
+                                   "uid": [0, 0], "gid": [0, 0], "size": [0, 3], "mtime_ns": [0, 0],
+                                   "ctime_ns": [0, 0], "inode": [0, 0], "content": [None, None],
+                                   "target": [None, None], "chunks": [[], [b"\x01" * 32]],
+                                   "chunk_sizes": [[], [3]]}).to_bytes()
+
+    @_fuzz_settings()
+    @given(st.one_of(st.binary(max_size=2048),
+                     st.tuples(st.integers(0, len(valid) - 1), st.integers(1, 255)).map(
+                         lambda t: valid[:t[0]] + bytes([valid[t[0]] ^ t[1]]) + valid[t[0] + 1:])))
+    def manifests(data: bytes) -> None:
+        counted["n"] += 1
+        try:
+            validate(Manifest.from_bytes(data, "fuzzed manifest"), "fuzzed manifest")
+        except DrsyncError:
+            pass
+
+    paths = st.text(alphabet="ab/.\x00 ", min_size=0, max_size=12)
+
+    @_fuzz_settings()
+    @given(st.lists(st.tuples(paths, st.sampled_from(["file", "dir", "symlink", "x"]), paths), max_size=5))
+    def manifest_paths(rows: list[tuple[str, str, str]]) -> None:
+        counted["n"] += 1
+        try:
+            m = Manifest.from_columns({
+                "path": [r[0] for r in rows], "type": [r[1] for r in rows], "mode": [0o644] * len(rows),
+                "uid": [0] * len(rows), "gid": [0] * len(rows), "size": [0] * len(rows),
+                "mtime_ns": [0] * len(rows), "ctime_ns": [0] * len(rows), "inode": [0] * len(rows),
+                "content": [None] * len(rows), "target": [r[2] for r in rows], "chunks": [[] for _ in rows],
+                "chunk_sizes": [[] for _ in rows]})
+            validate(m, "fuzzed manifest")
+        except DrsyncError:
+            return
+        for r in rows:  # what validation lets through never leaves the root
+            assert not r[0].startswith("/") and ".." not in r[0].split("/")
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
+                        st.text(max_size=20), st.lists(st.text(max_size=5), max_size=3))
+    sections = st.sampled_from(["cluster", "agent", "coordination", "replication", "snapshots", "backups",
+                                "drills", "tls", "bogus"])
+    keys = st.sampled_from(["id", "release", "data", "repository", "name", "role", "listen", "interval", "keep",
+                            "session_timeout", "failover", "sample", "full_every", "ca", "mode", "zookeeper"])
+
+    @_fuzz_settings()
+    @given(st.dictionaries(sections, st.one_of(scalars, st.dictionaries(keys, scalars, max_size=6)), max_size=5))
+    def configs(doc: dict) -> None:  # type: ignore[type-arg]
+        counted["n"] += 1
+        try:
+            config_from_dict(doc)
+        except DrsyncError:
+            pass
+
+    @_fuzz_settings()
+    @given(st.one_of(st.binary(max_size=512), st.dictionaries(st.sampled_from(
+        ["id", "captured_at", "cluster_id", "release", "manifest_hash", "format", "kind", "files"]), scalars,
+        max_size=8).map(lambda d: json.dumps(d).encode())))
+    def snapshot_docs(data: bytes) -> None:
+        counted["n"] += 1
+        try:
+            SnapshotInfo.from_bytes(data, "fuzzed snapshot document")
+        except DrsyncError:
+            pass
+
+    for fuzz in (manifests, manifest_paths, configs, snapshot_docs):
+        fuzz()
+    record("fuzz: manifests, paths, configs, snapshot docs", counted["n"], counted["n"], 0, 0)
+
+
+def test_fuzz_the_standby_rpc_handlers(pair: Pair) -> None:
+    """Random shipments over real gRPC: only clean refusals, and the standby keeps serving and stays whole."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from drsync.errors import DrsyncError
+    from drsync.transport import ReceivedChunk
+
+    pair.start("standby")
+    before = tree_state(pair.standby_data)
+    counted = {"n": 0}
+    link = GrpcStandbyLink(pair.standby_addr)
+    ids = st.binary(min_size=0, max_size=40)
+    chunk = st.builds(ReceivedChunk, ids, st.integers(-1, 4), st.integers(-5, 1 << 21), st.binary(max_size=256))
+
+    @_fuzz_settings()
+    @given(st.integers(0, 3), st.lists(ids, max_size=4), st.lists(chunk, max_size=3), st.binary(max_size=300),
+           st.binary(max_size=300))
+    def shipments(epoch: int, ask: list[bytes], upload: list[ReceivedChunk], doc: bytes, manifest: bytes) -> None:
+        counted["n"] += 1
+        for call in (lambda: list(link.missing(epoch, iter([ask]))),
+                     lambda: link.upload(epoch, iter([upload])),
+                     lambda: link.commit(epoch, "fuzzer", doc, iter([manifest]))):
+            try:
+                call()
+            except DrsyncError:
+                pass
+
+    try:
+        shipments()
+    finally:
+        link.close()
+    assert GrpcStandbyLink(pair.standby_addr).health()
+    assert tree_state(pair.standby_data) == before  # nothing fuzzed was ever applied
+    assert pair.procs["standby"].poll() is None
+    record("fuzz: standby gRPC handlers", counted["n"], counted["n"], 0, 0)
+
+
+def test_reliability_table_is_printed_with_the_seed() -> None:
+    from tests import reliability
+
+    lines = reliability.table()
+    assert str(SEED) in lines[0] and "violations" in lines[1]
+    assert os.environ.get("DRSYNC_SEED", str(SEED)) == str(SEED)
+
+
+
+
+
+def test_snapshot_documents_cannot_name_paths() -> None:
+    """A snapshot id from a peer becomes a file name: one that is a path is refused before any write."""
+    from drsync.errors import IntegrityError
+    from drsync.repository.snapshots import SnapshotInfo
+
+    doc = {"id": "../../outside", "captured_at": "2026-11-24T10:00:00Z", "cluster_id": "a", "release": "1",
+           "manifest_hash": "00"}
+    with pytest.raises(IntegrityError, match="id has the wrong type or form"):
+        SnapshotInfo.from_bytes(json.dumps(doc).encode(), "shipped snapshot document")
+    doc["id"] = "0123456789abcdef"
+    assert SnapshotInfo.from_bytes(json.dumps(doc).encode(), "ok").id == "0123456789abcdef"
