@@ -111,6 +111,33 @@ def age_tree(root: Path, seconds: int = 10) -> None:
 
 
 @pytest.fixture(scope="session")
+def webhdfs_cluster():  # type: ignore[no-untyped-def]
+    """One WebHDFS server (two namenodes, the second active, and a datanode) for the run."""
+    from tests.webhdfs import WebHdfsCluster
+
+    cluster = WebHdfsCluster(namenodes=2)
+    cluster.active = 1  # the first namenode is the standby: every client exercises HA failover
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def webhdfs(webhdfs_cluster, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """The shared WebHDFS server, reset to a healthy state, with a directory of this test's own."""
+    import uuid
+
+    c = webhdfs_cluster
+    c.safe_mode, c.active, c.require_token, c.snapshot_diff, c.list_limit = False, 1, False, True, 1000
+    c.on_request = None
+    c.test_dir = f"/t/{uuid.uuid4().hex[:10]}"
+    c.mkdirs(c.test_dir)
+    yield c
+    c.on_request = None
+    c.safe_mode = False
+    c.active = 1
+
+
+@pytest.fixture(scope="session")
 def zk_server():  # type: ignore[no-untyped-def]
     """One standalone ZooKeeper for the whole run; tests keep apart by group name."""
     from tests.zk import ZkCluster, zookeeper_available

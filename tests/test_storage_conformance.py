@@ -12,10 +12,13 @@ from drsync.storage.local import LocalStorage
 from drsync.storage.memory import MemoryStorage
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "hdfs"])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     if request.param == "local":
         return LocalStorage(tmp_path / "store", create=True)
+    if request.param == "hdfs":
+        cluster = request.getfixturevalue("webhdfs")
+        return open_storage(cluster.url(f"{cluster.test_dir}/store"), create=True)
     return MemoryStorage()
 
 
@@ -143,6 +146,8 @@ def test_open_storage_urls(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="unknown storage scheme"):
         open_storage("s3://bucket/x")
+    with pytest.raises(UsageError, match="is not host:port"):
+        open_storage("hdfs://namenode/x")
     f = tmp_path / "afile"
     f.write_text("x")
     with pytest.raises(UsageError, match="is a file"):

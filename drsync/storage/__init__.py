@@ -6,9 +6,10 @@ atomic: a blob is either absent or complete under its name. ``durable=True``
 means the blob survives a crash once the call returns; ``durable=False`` lets a
 caller batch many writes and make them durable with one :meth:`Storage.sync`.
 
-Implementations: :class:`~drsync.storage.local.LocalStorage` (a directory) and
-:class:`~drsync.storage.memory.MemoryStorage` (an in-memory double that also
-models crashes). Both pass ``tests/test_storage_conformance.py``.
+Implementations: :class:`~drsync.storage.local.LocalStorage` (a directory),
+:class:`~drsync.storage.hdfs.HdfsStorage` (a directory on HDFS, over WebHDFS)
+and :class:`~drsync.storage.memory.MemoryStorage` (an in-memory double that
+also models crashes). All pass ``tests/test_storage_conformance.py``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def check_name(name: str) -> str:
 
 
 def open_storage(url: str, *, create: bool = False) -> Storage:
-    """Open the storage a URL names: a plain path, ``file://PATH`` or ``memory://NAME``."""
+    """Open the storage a URL names: a plain path, ``file://PATH``, ``hdfs://NN:PORT[,NN2:PORT]/PATH`` or
+    ``memory://NAME``."""
     from drsync.storage.local import LocalStorage
     from drsync.storage.memory import MemoryStorage
 
@@ -91,7 +93,10 @@ def open_storage(url: str, *, create: bool = False) -> Storage:
         return LocalStorage(url[len("file://"):], create=create)
     if "://" in url:
         scheme = url.split("://", 1)[0]
-        if scheme == "hdfs":
-            raise UsageError(f"{url}: HDFS storage is not available in this build yet; use a local path")
-        raise UsageError(f"{url}: unknown storage scheme {scheme!r}; use a path or file://PATH")
+        if scheme in ("hdfs", "webhdfs", "swebhdfs"):
+            from drsync.storage.hdfs import HdfsStorage
+
+            return HdfsStorage(url, create=create)
+        raise UsageError(f"{url}: unknown storage scheme {scheme!r}; use a path, file://PATH or "
+                         f"hdfs://namenode:9870/PATH")
     return LocalStorage(url, create=create)

@@ -1,0 +1,598 @@
+"""HDFS through WebHDFS: the one module that imports the ``hdfs`` package (HdfsCLI).
+
+Three things live here:
+
+* :func:`parse_hdfs_url` — ``hdfs://nn1:9870[,nn2:9870]/path[?user=NAME]`` into
+  namenode HTTP addresses, a path and the user to act as (DESIGN.md, "Words");
+* :class:`HdfsFs` — one WebHDFS client with drsync's error model: the
+  ``RemoteException`` a namenode or datanode answers with becomes a one-line
+  drsync error (permission denied, quota exceeded, safe mode, no active
+  namenode...); calls are retried only where retrying helps (safe mode, a
+  standby or unreachable namenode during a failover, ``RetriableException``),
+  for a bounded time;
+* :class:`HdfsStorage` — the repository :class:`~drsync.storage.Storage` on
+  HDFS: every blob is written under a temporary name and renamed into place.
+
+Durability: a WebHDFS ``CREATE`` returns once the datanode pipeline has closed
+the file, i.e. every replica acknowledged every packet (hflush on close), so
+``durable`` needs no extra call and :meth:`HdfsStorage.sync` has nothing to do.
+
+Authentication: ``?user=NAME`` for clusters without security (``user.name``);
+a delegation token from the environment variable ``DRSYNC_HDFS_TOKEN`` (never
+from the URL, which appears in logs); ``?auth=kerberos`` uses the package's
+Kerberos extension when ``requests-kerberos`` is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, BinaryIO, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import hdfs
+import requests
+import urllib3
+
+from drsync.errors import OperationFailed, UsageError
+from drsync.storage import ObjectExists, ObjectMissing, StoredObject, check_name
+
+log = logging.getLogger("drsync.hdfs")
+
+SCHEMES = {"hdfs": "http", "webhdfs": "http", "swebhdfs": "https"}
+# How long a call keeps retrying through safe mode or a namenode failover.
+DEFAULT_RETRY_S = float(os.environ.get("DRSYNC_HDFS_RETRY_S", "60"))
+# Pieces of a streaming write queued for the HTTP upload thread (each up to a chunk, ~1 MiB).
+_WRITE_QUEUE = 8
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HdfsLocation:
+    namenodes: tuple[str, ...]  # "http://host:port", in the order given
+    path: str                   # absolute, normalised, no trailing slash (except "/")
+    user: str | None = None
+    kerberos: bool = False
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(n.split("://", 1)[1] for n in self.namenodes)
+        scheme = "swebhdfs" if self.namenodes[0].startswith("https:") else "hdfs"
+        query = f"?user={self.user}" if self.user else ""
+        return f"{scheme}://{hosts}{self.path}{query}"
+
+    def child(self, path: str) -> HdfsLocation:
+        return HdfsLocation(self.namenodes, path, self.user, self.kerberos)
+
+
+def is_hdfs_url(url: str) -> bool:
+    return url.split("://", 1)[0] in SCHEMES if "://" in url else False
+
+
+def parse_hdfs_url(url: str) -> HdfsLocation:
+    """Parse an HDFS URL; a malformed one is a usage error that says what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise UsageError(f"{url}: not an HDFS URL; write hdfs://namenode:9870/path")
+    if not parts.netloc:
+        raise UsageError(f"{url}: no namenode; write hdfs://namenode:9870/path (the WebHDFS HTTP port)")
+    namenodes = []
+    for hostport in parts.netloc.split(","):
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"{url}: {hostport!r} is not host:port; give each namenode's WebHDFS HTTP "
+                             f"address, e.g. nn1:9870,nn2:9870")
+        namenodes.append(f"{SCHEMES[parts.scheme]}://{host}:{port}")
+    path = posixpath.normpath(parts.path or "/")
+    if not path.startswith("/") or path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    if ".." in path.split("/"):
+        raise UsageError(f"{url}: the path may not contain '..'")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = set(query) - {"user", "auth"}
+    if unknown:
+        raise UsageError(f"{url}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                         f"an HDFS URL takes ?user=NAME and ?auth=kerberos")
+    user = query.get("user", [None])[-1] or None
+    auth = query.get("auth", [""])[-1]
+    if auth not in ("", "simple", "kerberos"):
+        raise UsageError(f"{url}: auth={auth} is not known; use auth=kerberos or leave it out")
+    return HdfsLocation(tuple(namenodes), path, user, auth == "kerberos")
+
+
+# --- the error model -------------------------------------------------------------------------
+
+_RETRYABLE = {"SafeModeException", "RetriableException", "StandbyException"}
+_QUOTA = {"DSQuotaExceededException", "NSQuotaExceededException", "QuotaExceededException"}
+
+
+class HdfsError(OperationFailed):
+    """An HDFS operation failed; ``exception`` is the Java exception's simple class name, if any."""
+
+    def __init__(self, message: str, exception: str | None = None) -> None:
+        super().__init__(message)
+        self.exception = exception
+
+
+class HdfsPermissionDenied(HdfsError):
+    pass
+
+
+class HdfsQuotaExceeded(HdfsError):
+    pass
+
+
+class HdfsUnavailable(HdfsError):
+    """No namenode answered as active (all down, all standby, or in safe mode) within the retry window."""
+
+
+def _explain(exc: str | None, message: str, action: str, path: str, fs: HdfsFs) -> HdfsError:
+    """Turn a WebHDFS RemoteException (class name + message) into one line for an operator."""
+    where = f"{fs.location.url.split('?')[0].rsplit(fs.location.path, 1)[0]}{path}"
+    first = message.strip().splitlines()[0] if message else ""
+    if exc == "AccessControlException" or exc == "SecurityException":
+        who = fs.location.user or "the current user"
+        return HdfsPermissionDenied(f"HDFS permission denied: cannot {action} {where} as {who} ({first}); "
+                                    f"grant that user access or set ?user= in the URL", exc)
+    if exc in _QUOTA:
+        return HdfsQuotaExceeded(f"HDFS quota exceeded while trying to {action} {where} ({first}); raise the "
+                                 f"quota (hdfs dfsadmin -setSpaceQuota) or free space, then run again", exc)
+    if exc == "SafeModeException":
+        return HdfsUnavailable(f"HDFS namenode is in safe mode, cannot {action} {where}; wait until it leaves "
+                               f"safe mode (hdfs dfsadmin -safemode get), then run again", exc)
+    if exc == "StandbyException":
+        return HdfsUnavailable(f"no active HDFS namenode among {', '.join(fs.location.namenodes)} (all answered "
+                               f"as standby) to {action} {where}; check the namenodes' HA state", exc)
+    if exc == "FileNotFoundException":
+        return HdfsError(f"{where} does not exist on HDFS (cannot {action} it)", exc)
+    if exc == "FileAlreadyExistsException":
+        return HdfsError(f"{where} exists already on HDFS (cannot {action} it)", exc)
+    if exc == "SnapshotException":
+        return HdfsError(f"HDFS snapshot operation failed: cannot {action} {where} ({first})", exc)
+    if exc is None and "Authentication failure" in message:
+        return HdfsPermissionDenied(f"HDFS authentication failed to {action} {where}; check the delegation token "
+                                    f"(DRSYNC_HDFS_TOKEN) or the Kerberos ticket", exc)
+    name = f"{exc}: " if exc else ""
+    return HdfsError(f"HDFS could not {action} {where}: {name}{first or 'no details'}", exc)
+
+
+def _unreachable(err: Exception, action: str, path: str, fs: HdfsFs) -> HdfsUnavailable:
+    return HdfsUnavailable(f"cannot reach an HDFS namenode/datanode to {action} {path} "
+                           f"({', '.join(fs.location.namenodes)}): {type(err).__name__}; check the address and "
+                           f"that WebHDFS is enabled (dfs.webhdfs.enabled)")
+
+
+class _DrsyncClient(hdfs.InsecureClient):
+    """The package's client plus the WebHDFS operations it has no method for.
+
+    The package names an operation by its attribute (``_list_status_batch`` is
+    ``op=LISTSTATUS_BATCH`` after removing underscores), so these declarations
+    are the whole implementation; they inherit its namenode HA rotation.
+    """
+
+    _list_status_batch = hdfs.client._Request("GET")  # type: ignore[attr-defined]
+    _get_snapshot_diff = hdfs.client._Request("GET")  # type: ignore[attr-defined]
+
+
+class _TokenClient(hdfs.TokenClient):
+    _list_status_batch = hdfs.client._Request("GET")  # type: ignore[attr-defined]
+    _get_snapshot_diff = hdfs.client._Request("GET")  # type: ignore[attr-defined]
+
+
+# The package's name mangling drops every underscore; LISTSTATUS_BATCH keeps one.
+_OP_FIX = {"LISTSTATUSBATCH": "LISTSTATUS_BATCH"}
+
+
+class _Session(requests.Session):
+    """Puts back the underscore the package's op-name mangling removes (``LISTSTATUS_BATCH``)."""
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        params = kwargs.get("params")
+        if isinstance(params, dict) and params.get("op") in _OP_FIX:
+            params["op"] = _OP_FIX[params["op"]]
+        return super().request(method, url, *args, **kwargs)
+
+
+class HdfsFs:
+    """A WebHDFS client for one HDFS, with drsync's errors and bounded retries."""
+
+    def __init__(self, location: HdfsLocation, *, retry_s: float | None = None, timeout_s: float = 60.0) -> None:
+        self.location = location
+        self.retry_s = DEFAULT_RETRY_S if retry_s is None else retry_s
+        urls = ";".join(location.namenodes)
+        session = _Session()
+        token = os.environ.get("DRSYNC_HDFS_TOKEN")
+        self.client: Any
+        if location.kerberos:
+            try:
+                from hdfs.ext.kerberos import KerberosClient
+            except ImportError:
+                raise UsageError("auth=kerberos needs the requests-kerberos package: "
+                                 "pip install 'hdfs[kerberos]'") from None
+            self.client = KerberosClient(urls, session=session, timeout=timeout_s)
+        elif token:
+            self.client = _TokenClient(urls, token, session=session, timeout=timeout_s)
+        else:
+            self.client = _DrsyncClient(urls, user=location.user or "drsync", session=session, timeout=timeout_s)
+        # HdfsCLI logs every request at INFO; an agent's log is for operators.
+        logging.getLogger("hdfs").setLevel(logging.WARNING)
+
+    # Every call goes through here: translate errors, retry what retrying can fix.
+    def _call(self, action: str, path: str, fn: Callable[[], T], *, retry: bool = True) -> T:
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.1
+        while True:
+            try:
+                return fn()
+            except hdfs.util.HdfsError as e:
+                exc = getattr(e, "exception", None)
+                err = _explain(exc, str(e.message if hasattr(e, "message") else e), action, path, self)
+                if not (retry and exc in _RETRYABLE):
+                    raise err from None
+            except (requests.ConnectionError, requests.Timeout) as e:
+                err = _unreachable(e, action, path, self)
+                if not retry:
+                    raise err from None
+            if time.monotonic() + delay > deadline:
+                raise err
+            log.info("%s; retrying in %.1fs", err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    # --- metadata ---
+
+    def status(self, path: str) -> dict[str, Any] | None:
+        """GETFILESTATUS, or None when the path does not exist."""
+        return self._call("stat", path, lambda: self.client.status(path, strict=False))
+
+    def list_dir(self, path: str) -> Iterator[dict[str, Any]]:
+        """The children's FileStatus objects, paged with LISTSTATUS_BATCH (plain LISTSTATUS where unsupported)."""
+        after = ""
+        while True:
+            try:
+                res = self._call("list", path, lambda a=after: self.client._list_status_batch(  # type: ignore[misc]
+                    path, startAfter=a or None))
+            except HdfsError as e:
+                if e.exception in ("IllegalArgumentException", "UnsupportedOperationException") and not after:
+                    listed = self._call("list", path, lambda: self.client.list(path, status=True))
+                    yield from (s for _, s in listed)
+                    return
+                raise
+            doc = res.json()["DirectoryListing"]
+            entries = doc["partialListing"]["FileStatuses"]["FileStatus"]
+            yield from entries
+            if not doc.get("remainingEntries") or not entries:
+                return
+            after = entries[-1]["pathSuffix"]
+
+    def mkdirs(self, path: str, permission: int | None = None) -> None:
+        perm = f"{permission:o}" if permission is not None else None
+        self._call("create directory", path, lambda: self.client.makedirs(path, permission=perm))
+
+    def rename(self, src: str, dst: str) -> bool:
+        """RENAME; False when the namenode refused (destination exists, source missing)."""
+        def go() -> bool:
+            res = self.client._rename(src, destination=dst)
+            return bool(res.json()["boolean"])
+        return self._call("rename", f"{src} to {dst}", go)
+
+    def delete(self, path: str, *, recursive: bool = False) -> bool:
+        return self._call("delete", path, lambda: self.client.delete(path, recursive=recursive))
+
+    def set_permission(self, path: str, mode: int) -> None:
+        self._call("set permissions of", path, lambda: self.client.set_permission(path, f"{mode & 0o1777:o}"))
+
+    def set_times(self, path: str, mtime_ns: int) -> None:
+        ms = mtime_ns // 1_000_000
+        self._call("set times of", path, lambda: self.client.set_times(path, modification_time=ms))
+
+    # --- data ---
+
+    @contextmanager
+    def open(self, path: str, offset: int = 0, length: int | None = None) -> Iterator[BinaryIO]:
+        """OPEN (redirected to a datanode), streamed: the body is read as the caller reads."""
+        opened: list[Any] = []
+
+        def go() -> BinaryIO:
+            cm = self.client.read(path, offset=offset, length=length)
+            raw = cm.__enter__()  # sends the request: errors surface inside the retry loop
+            opened.append(cm)
+            return raw  # type: ignore[no-any-return]
+
+        raw = self._call("read", path, go)
+        try:
+            yield raw
+        except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as e:
+            raise _unreachable(e, "read", path, self) from None
+        finally:
+            try:
+                opened[0].__exit__(None, None, None)
+            except Exception:  # closing a response that already failed
+                pass
+
+    def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        def go() -> bytes:
+            with self.client.read(path, offset=offset, length=length) as r:
+                return r.read()
+        return self._call("read", path, go)
+
+    def write(self, path: str, data: bytes, *, overwrite: bool = False, permission: int | None = None) -> None:
+        """CREATE with the whole body (small blobs); retried as a whole, since the body is at hand."""
+        perm = f"{permission:o}" if permission is not None else None
+        self._call("write", path, lambda: self.client.write(path, data=data, overwrite=overwrite,
+                                                            permission=perm))
+
+    def writer(self, path: str, *, overwrite: bool = False, permission: int | None = None) -> StreamingWrite:
+        return StreamingWrite(self, path, overwrite=overwrite, permission=permission)
+
+    # --- snapshots ---
+
+    def create_snapshot(self, directory: str, name: str) -> str:
+        return self._call("create snapshot in", directory,
+                          lambda: self.client.create_snapshot(directory, snapshotname=name))
+
+    def delete_snapshot(self, directory: str, name: str) -> None:
+        self._call("delete snapshot of", directory, lambda: self.client.delete_snapshot(directory, name))
+
+    def list_snapshots(self, directory: str) -> list[str]:
+        """Snapshot names of a snapshottable directory (listing its ``.snapshot`` folder)."""
+        try:
+            return [s["pathSuffix"] for s in self.list_dir(posixpath.join(directory, ".snapshot"))]
+        except HdfsError as e:
+            if e.exception in ("FileNotFoundException", "SnapshotException"):
+                return []
+            raise
+
+    def snapshot_diff(self, directory: str, old: str, new: str) -> list[dict[str, str]] | None:
+        """GETSNAPSHOTDIFF entries (type, sourcePath, targetPath), or None where the namenode lacks it."""
+        try:
+            res = self._call("compare snapshots of", directory, lambda: self.client._get_snapshot_diff(
+                directory, oldsnapshotname=old, snapshotname=new))
+        except HdfsError as e:
+            if e.exception in ("IllegalArgumentException", "UnsupportedOperationException"):
+                return None
+            raise
+        return list(res.json()["SnapshotDiffReport"]["diffList"])
+
+
+class StreamingWrite:
+    """A WebHDFS CREATE whose body is fed piece by piece from the caller's thread.
+
+    The namenode's 307 gives the datanode URL; a thread streams a chunked PUT
+    there from a bounded queue, so memory stays at a few pieces whatever the
+    file size (the package's own writer queues without bound).
+    """
+
+    def __init__(self, fs: HdfsFs, path: str, *, overwrite: bool, permission: int | None) -> None:
+        self.fs = fs
+        self.path = path
+        self.size = 0
+        perm = f"{permission:o}" if permission is not None else None
+        res = fs._call("create", path, lambda: fs.client._create(path, overwrite=overwrite, permission=perm))
+        self._location = res.headers["location"]
+        self._queue: queue.Queue[bytes | None] = queue.Queue(_WRITE_QUEUE)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._upload, name="drsync-hdfs-write", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def _body(self) -> Iterator[bytes]:
+        while True:
+            piece = self._queue.get()
+            if piece is None:
+                return
+            yield piece
+
+    def _upload(self) -> None:
+        try:
+            res = self.fs.client._session.put(self._location, data=self._body(), timeout=self.fs.client._timeout,
+                                              headers={"content-type": "application/octet-stream"})
+            if not res.ok:
+                err = hdfs.client._to_error(res)  # type: ignore[attr-defined]
+                self._error = _explain(getattr(err, "exception", None), str(err), "write", self.path, self.fs)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            self._error = _unreachable(e, "write", self.path, self.fs)
+        except BaseException as e:  # handed to the writing thread
+            self._error = e
+        finally:
+            # Unblock a producer waiting on a full queue after the upload stopped early.
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise ValueError("write after close")
+        piece = bytes(data)
+        while True:
+            if self._error is not None or not self._thread.is_alive():
+                self._finish()
+            try:
+                self._queue.put(piece, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self.size += len(piece)
+
+    def _finish(self) -> None:
+        """Signal the end of the body, wait for the datanode's answer, raise what went wrong."""
+        self._closed = True
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Finish the upload; raises what the datanode answered if it failed."""
+        self._finish()
+
+    def abort(self) -> None:
+        try:
+            self._finish()
+        except BaseException:  # aborting anyway
+            pass
+
+
+class HdfsBlobWriter:
+    def __init__(self, storage: HdfsStorage, name: str) -> None:
+        self._storage = storage
+        self._final = storage._path(name)
+        self._tmp = _temp_name(self._final)
+        self._w = storage.fs.writer(self._tmp)
+
+    @property
+    def size(self) -> int:
+        return self._w.size
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._w.write(data)
+
+    def commit(self, *, durable: bool = True) -> None:
+        try:
+            self._w.close()
+            self._storage._publish(self._tmp, self._final, exclusive=False)
+        except BaseException:
+            self._storage.fs.delete(self._tmp)
+            raise
+
+    def abort(self) -> None:
+        self._w.abort()
+        try:
+            self._storage.fs.delete(self._tmp)
+        except HdfsError:
+            pass  # the temp name is ignored by listings and removed by gc
+
+
+def _temp_name(final: str) -> str:
+    d, base = posixpath.split(final)
+    return posixpath.join(d, f".tmp-{secrets.token_hex(6)}-{base}")
+
+
+class HdfsStorage:
+    """Blobs are files below an HDFS directory; temp files start with ``.tmp-`` and are never listed."""
+
+    def __init__(self, location: HdfsLocation | str, *, create: bool = False, fs: HdfsFs | None = None) -> None:
+        self.location = parse_hdfs_url(location) if isinstance(location, str) else location
+        self.fs = fs or HdfsFs(self.location)
+        self.root = self.location.path
+        self.url = self.location.url
+        st = self.fs.status(self.root)
+        if st is not None and st["type"] != "DIRECTORY":
+            raise UsageError(f"{self.url} is a file, not a directory")
+        if create and st is None:
+            self.fs.mkdirs(self.root)
+
+    def _path(self, name: str) -> str:
+        return posixpath.join(self.root, check_name(name))
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.fs.read(self._path(name))
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                raise ObjectMissing(f"{self.url}: {name} is missing") from None
+            raise
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        try:
+            return self.fs.read(self._path(name), offset=offset, length=length)
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                raise ObjectMissing(f"{self.url}: {name} is missing") from None
+            raise
+
+    def _publish(self, tmp: str, final: str, *, exclusive: bool) -> None:
+        """Rename a complete temp file into place.
+
+        WebHDFS RENAME never replaces an existing file, which makes exclusive
+        writes atomic for free. A replacing write moves the old file aside
+        first: readers may briefly see the name missing, never a torn blob.
+        """
+        parent = posixpath.dirname(final)
+        for _attempt in range(3):
+            if self.fs.rename(tmp, final):
+                return
+            if self.fs.status(tmp) is None and self.fs.status(final) is not None:
+                return  # a retried RENAME whose first attempt went through
+            if self.fs.status(parent) is None:
+                self.fs.mkdirs(parent)
+                continue
+            if exclusive:
+                self.fs.delete(tmp)
+                raise ObjectExists(f"{self.url}: {posixpath.relpath(final, self.root)} exists already")
+            old = _temp_name(final)
+            if self.fs.rename(final, old):
+                try:
+                    if self.fs.rename(tmp, final):
+                        return
+                finally:
+                    self.fs.delete(old)
+        raise HdfsError(f"HDFS refused to rename {tmp} to {final}; check that the directory is writable")
+
+    def write(self, name: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> None:
+        final = self._path(name)
+        tmp = _temp_name(final)
+        try:
+            self.fs.write(tmp, bytes(data))
+            self._publish(tmp, final, exclusive=exclusive)
+        except BaseException:
+            try:
+                self.fs.delete(tmp)
+            except HdfsError:
+                pass
+            raise
+
+    def writer(self, name: str) -> HdfsBlobWriter:
+        return HdfsBlobWriter(self, name)
+
+    def delete(self, name: str) -> None:
+        self.fs.delete(self._path(name))
+
+    def exists(self, name: str) -> bool:
+        return self.fs.status(self._path(name)) is not None
+
+    def list(self, prefix: str = "") -> list[StoredObject]:
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = posixpath.join(self.root, folder) if folder else self.root
+        out: list[StoredObject] = []
+        stack = [(folder, start)]
+        while stack:
+            rel_dir, d = stack.pop()
+            try:
+                children = list(self.fs.list_dir(d))
+            except HdfsError as e:
+                if e.exception == "FileNotFoundException":
+                    continue
+                raise
+            for s in children:
+                name = s["pathSuffix"]
+                if name.startswith(".tmp-"):
+                    continue
+                rel = f"{rel_dir}/{name}" if rel_dir else name
+                if s["type"] == "DIRECTORY":
+                    stack.append((rel, posixpath.join(d, name)))
+                elif rel.startswith(prefix):
+                    out.append(StoredObject(rel, int(s["length"]), s["modificationTime"] / 1000.0))
+        out.sort(key=lambda o: o.name)
+        return out
+
+    def sync(self, names: Iterable[str]) -> None:
+        """Nothing to do: a closed HDFS file is on every replica's datanode already."""
+
+    def close(self) -> None:
+        self.fs.client._session.close()
