@@ -1,4 +1,4 @@
-"""Applying a manifest to a local target directory (restore is a delta).
+"""Applying a manifest to a target data root, local or HDFS (restore is a delta).
 
 Plan first (pure: :func:`plan_apply` compares the manifest with what the
 target holds), then stage, then commit:
@@ -6,34 +6,37 @@ target holds), then stage, then commit:
 1. every file to (re)write is built in ``<target>/.drsync-staging`` from
    verified chunks; a damaged or missing chunk aborts here and the target is
    untouched;
-2. one ``syncfs`` makes the staged data durable (instead of one fsync per file);
+2. the staged data is made durable at once (one ``syncfs`` locally; a closed
+   HDFS file is on its datanodes already);
 3. extra paths are removed, directories made, staged files renamed into place,
-   links made, modes, owners and mtimes set; a second ``syncfs`` ends it.
+   links made, modes, owners and mtimes set (the root's
+   :meth:`~drsync.dataroot.DataRoot.commit`), then flushed again.
 
+With a journal (the standby's apply) step 3 is recorded first, so a restart
+replays it: the target ends as the old snapshot or the new one, never a mix.
 Files whose type, size and mtime already match are left alone (``checksum``
-re-hashes them too). Paths matching ``exclude`` are neither written nor
-removed (light backups leave bulk data alone).
+re-hashes them too); mtimes compare at the coarser precision of the two
+storages (HDFS keeps milliseconds). Paths matching ``exclude`` are neither
+written nor removed (light backups leave bulk data alone).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import stat as st
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from drsync import fsutil
-from drsync.errors import IntegrityError, UsageError
+from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
+from drsync.errors import IntegrityError
 from drsync.pathglob import compile_globs
-from drsync.repository import chunks
-from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, content_digest, validate
-from drsync.tree import LocalEntry, scan_tree
+from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, validate
+from drsync.tree import LocalEntry
 
-STAGING = ".drsync-staging"
+__all__ = ["STAGING", "ApplyPlan", "ApplyResult", "ChunkSource", "apply_manifest", "plan_apply", "recover_apply"]
 
 
 class ChunkSource(Protocol):
@@ -72,8 +75,14 @@ class ApplyResult:
 def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                excluded: Callable[[str], bool] = lambda p: False,
                same_content: Callable[[Entry, LocalEntry], bool] | None = None,
-               structure_only: bool = False) -> ApplyPlan:
-    """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some."""
+               structure_only: bool = False, compare_owner: bool = False,
+               mtime_resolution_ns: int = 1) -> ApplyPlan:
+    """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some.
+
+    ``compare_owner``: the target can set owners, so a differing owner is fixed.
+    ``mtime_resolution_ns``: the coarser precision of the manifest's source and the target.
+    """
+    res = max(1, mtime_resolution_ns)
     plan = ApplyPlan()
     wanted: dict[str, Entry] = {}
     for e in entries:
@@ -101,10 +110,11 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             if have is None or os.fsdecode(have.target or "") != e.target:
                 plan.link.append(e)
         else:
-            if (have is not None and have.size == e.size and have.mtime_ns == e.mtime_ns
+            if (have is not None and have.size == e.size and have.mtime_ns // res == e.mtime_ns // res
                     and (same_content is None or same_content(e, have))):
                 plan.unchanged += 1
-                if have.mode != e.mode or (os.geteuid() == 0 and (have.uid, have.gid) != (e.uid, e.gid)):
+                owner_differs = compare_owner and e.uid != UNKNOWN_ID and (have.uid, have.gid) != (e.uid, e.gid)
+                if have.mode != e.mode or owner_differs:
                     plan.fix_meta.append(e)
             else:
                 plan.write.append(e)
@@ -120,27 +130,28 @@ def _ancestors(path: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _same_content(e: Entry, have: LocalEntry) -> bool:
-    """Re-hash an existing file and compare with the manifest (``--checksum``)."""
-    ids: list[bytes] = []
-    try:
-        with open(have.abspath, "rb", buffering=0) as f:
-            for data in chunks.cut_stream(f):
-                ids.append(chunks.chunk_id(data))
-    except OSError:
-        return False
-    return content_digest(ids) == content_digest(e.chunks)
+def comparison_resolution(manifest: Manifest, root: DataRoot) -> int:
+    """The precision at which the manifest's times and the root's can be compared."""
+    return max(root.mtime_resolution_ns, _manifest_resolution(manifest))
 
 
-def apply_manifest(manifest: Manifest, source: ChunkSource, target: str, *, what: str = "snapshot",
+def _manifest_resolution(manifest: Manifest) -> int:
+    """1 ms when every time in the manifest is whole milliseconds (captured on HDFS), else 1 ns."""
+    import pyarrow.compute as pc
+
+    col = manifest.table.column("mtime_ns")
+    if len(col) and pc.all(pc.equal(pc.cast(pc.remainder(col, 1_000_000), "int64"), 0)).as_py():
+        return 1_000_000
+    return 1
+
+
+def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRoot, *, what: str = "snapshot",
                    exclude: tuple[str, ...] = (), checksum: bool = False, structure_only: bool = False,
                    progress: Callable[[int], None] | None = None,
                    on_total: Callable[[int], None] | None = None, workers: int = 4,
                    journal: str | None = None, on_committed: Callable[[], None] | None = None) -> ApplyResult:
     validate(manifest, what)
-    target = os.path.abspath(target)
-    if os.path.lexists(target) and not os.path.isdir(target):
-        raise UsageError(f"target {target} exists and is not a directory; name a directory")
+    root = open_data_root(target) if isinstance(target, str) else target
     entries = list(manifest.entries())
     # Every chunk must be present before anything on the target changes.
     for e in entries:
@@ -149,49 +160,67 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str, *, what
                 if not source.has_chunk(cid):
                     raise IntegrityError(f"{what}: {e.path}: chunk {cid.hex()[:16]} is missing from the "
                                          f"repository; nothing was changed")
-    created_target = not os.path.exists(target)
-    os.makedirs(target, exist_ok=True)
-    existing = scan_tree(target).entries() if os.listdir(target) else {}
+    created_target = root.prepare_target()
+    existing = root.existing()
+    # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
+    # milliseconds, and so does anything applied to HDFS.
+    resolution = comparison_resolution(manifest, root)
     plan = plan_apply(entries, existing, excluded=compile_globs(exclude),
-                      same_content=_same_content if checksum else None, structure_only=structure_only)
+                      same_content=root.same_content if checksum else None, structure_only=structure_only,
+                      compare_owner=root.owners_settable(), mtime_resolution_ns=resolution)
+    skipped_links = []
+    if plan.link and not root.supports_symlinks:
+        skipped_links, plan.link = plan.link, []
     if on_total:
         on_total(plan.write_bytes)
 
-    staging = os.path.join(target, STAGING)
-    shutil.rmtree(staging, ignore_errors=True)
-    os.mkdir(staging, 0o700)
     staged: dict[str, str] = {}
     try:
+        root.reset_staging()
+
         def stage(batch: list[tuple[int, Entry]]) -> None:
             for n, e in batch:
-                tmp = os.path.join(staging, str(n))
-                _write_file(tmp, e, source, what, progress)
-                staged[e.path] = tmp
+                staged[e.path] = root.write_staged(n, e, _chunk_data(e, source, what, progress))
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool:
             list(pool.map(stage, _batches(list(enumerate(plan.write)))))
-        fsutil.syncfs(target)
+        root.flush()
     except BaseException:
         # Nothing was committed: leave the target as it was (including not existing at all).
-        shutil.rmtree(staging, ignore_errors=True)
+        root.drop_staging()
         if created_target:
-            shutil.rmtree(target, ignore_errors=True)
+            root.remove_root()
         raise
 
     result = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
                          unchanged_files=plan.unchanged, removed=len(plan.remove))
+    if skipped_links:
+        result.warnings.append(f"{len(skipped_links)} symlink(s) not made: {root.url} cannot hold symlinks "
+                               f"(e.g. {skipped_links[0].path})")
     if journal:
         # From here on the apply only moves forward: a restart replays the journal.
         fsutil.atomic_write(journal, json.dumps(_plan_to_json(plan, staged)).encode(), durable=True)
-    _commit(target, plan, staged)
-    shutil.rmtree(staging, ignore_errors=True)
-    fsutil.syncfs(target)
+    root.commit(plan, staged)
+    root.drop_staging()
+    root.flush()
     if on_committed:
         on_committed()  # before the journal goes: a crash here replays the commit, then this again
     if journal:
         os.unlink(journal)
         fsutil.fsync_dir(os.path.dirname(journal))
     return result
+
+
+def _chunk_data(e: Entry, source: ChunkSource, what: str,
+                progress: Callable[[int], None] | None) -> Iterator[bytes]:
+    for cid in e.chunks:
+        try:
+            data = source.read_chunk(cid)
+        except IntegrityError as err:
+            raise IntegrityError(f"{what}: {e.path}: {err}; nothing was changed") from None
+        if progress:
+            progress(len(data))
+        yield data
 
 
 _ENTRY_FIELDS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target")
@@ -216,25 +245,23 @@ def _plan_from_json(doc: dict) -> tuple[ApplyPlan, dict[str, str]]:  # type: ign
     return plan, dict(doc["staged"])
 
 
-def recover_apply(target: str, journal: str) -> bool:
+def recover_apply(target: str | DataRoot, journal: str) -> bool:
     """Finish or roll back an apply that was interrupted. True when one was finished.
 
     With a journal the staged files were complete and durable: replay the commit.
     Without one the apply never started changing the target: drop the staging area.
     """
-    target = os.path.abspath(target)
-    staging = os.path.join(target, STAGING)
+    root = open_data_root(target) if isinstance(target, str) else target
     if os.path.exists(journal):
         with open(journal, "rb") as f:
             plan, staged = _plan_from_json(json.loads(f.read()))
-        _commit(target, plan, staged)
-        shutil.rmtree(staging, ignore_errors=True)
-        fsutil.syncfs(target)
+        root.commit(plan, staged)
+        root.drop_staging()
+        root.flush()
         os.unlink(journal)
         fsutil.fsync_dir(os.path.dirname(journal))
         return True
-    if os.path.exists(staging):
-        shutil.rmtree(staging, ignore_errors=True)
+    root.drop_staging()
     return False
 
 
@@ -250,97 +277,3 @@ def _batches(items: list[tuple[int, Entry]], max_files: int = 256,
         out[-1].append(item)
         acc += item[1].size
     return out
-
-
-def _write_file(tmp: str, e: Entry, source: ChunkSource, what: str,
-                progress: Callable[[int], None] | None) -> None:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        for cid in e.chunks:
-            try:
-                data = source.read_chunk(cid)
-            except IntegrityError as err:
-                raise IntegrityError(f"{what}: {e.path}: {err}; nothing was changed") from None
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            if progress:
-                progress(len(data))
-        _set_meta_fd(fd, e)
-    finally:
-        os.close(fd)
-    os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
-
-
-def _set_meta_fd(fd: int, e: Entry) -> None:
-    if os.geteuid() == 0:
-        os.fchown(fd, e.uid, e.gid)
-    os.fchmod(fd, e.mode)
-
-
-def _commit(target: str, plan: ApplyPlan, staged: dict[str, str]) -> None:
-    """Make the target equal the plan. Idempotent, so a journaled apply can be run again."""
-    def full(path: str) -> str:
-        return os.path.join(target, *path.split("/"))
-
-    # Directories we write into must be writable by us until the end.
-    for e in plan.dirs:
-        try:
-            s = os.lstat(full(e.path))
-        except FileNotFoundError:
-            continue
-        if st.S_ISDIR(s.st_mode) and (s.st_mode & 0o700) != 0o700:
-            os.chmod(full(e.path), st.S_IMODE(s.st_mode) | 0o700)
-    for path in plan.remove:
-        p = full(path)
-        if os.path.isdir(p) and not os.path.islink(p):
-            _rmtree_forcing(p)
-        else:
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-    for e in plan.mkdir:
-        os.makedirs(full(e.path), 0o700, exist_ok=True)
-    for e in plan.write:
-        try:
-            os.replace(staged[e.path], full(e.path))
-        except FileNotFoundError:
-            if not os.path.exists(full(e.path)):
-                raise
-            # Already moved by the interrupted run this one completes.
-    for e in plan.link:
-        p = full(e.path)
-        tmp = fsutil.temp_name(p)
-        os.symlink(e.target or "", tmp)
-        os.replace(tmp, p)
-        if os.geteuid() == 0:
-            os.lchown(p, e.uid, e.gid)
-        os.utime(p, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
-    for e in plan.fix_meta:
-        p = full(e.path)
-        if os.geteuid() == 0:
-            os.lchown(p, e.uid, e.gid)
-        os.chmod(p, e.mode)
-    # Deepest directories first, so setting a child's times does not disturb its parent's.
-    for e in plan.dirs:
-        p = full(e.path)
-        if os.geteuid() == 0:
-            os.lchown(p, e.uid, e.gid)
-        s = os.lstat(p)
-        if st.S_IMODE(s.st_mode) != e.mode:
-            os.chmod(p, e.mode)
-        if s.st_mtime_ns != e.mtime_ns:
-            os.utime(p, ns=(e.mtime_ns, e.mtime_ns))
-
-
-def _rmtree_forcing(path: str) -> None:
-    def onerror(func, p, exc):  # type: ignore[no-untyped-def]
-        os.chmod(os.path.dirname(p), 0o700)
-        func(p)
-
-    shutil.rmtree(path, onerror=onerror)
-
-
-__all__ = ["ApplyPlan", "ApplyResult", "ChunkSource", "apply_manifest", "plan_apply"]

@@ -1,31 +1,29 @@
-"""Capturing a local data root into a manifest and new chunks.
+"""Capturing a data root (local or HDFS) into a manifest and new chunks.
 
 Files whose (size, mtime, ctime, inode) match the parent snapshot reuse its
 chunk list without being read, unless they were "racy" (modified within two
 seconds of the parent's capture, when a same-tick rewrite could hide). Other
 files are read, cut, hashed and stored by a small pool of threads (the
-compiled cores release the GIL). A file that changes while it is read is read
-again, a bounded number of times, then reported in ``warnings``.
+compiled cores release the GIL). On a live tree a file that changes while it
+is read is read again, a bounded number of times, then reported in
+``warnings``; from a frozen view (an HDFS snapshot) nothing can change.
 """
 
 from __future__ import annotations
 
 import os
-import stat as st
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from drsync.errors import UsageError
+from drsync.dataroot import DataRoot, FrozenRoot, open_data_root
 from drsync.repository import chunks
 from drsync.repository.manifest import EMPTY_CONTENT, FILE, SCHEMA, Manifest, content_digest, sort_by_path
 from drsync.repository.repo import ChunkWriter
-from drsync.tree import TreeScan, scan_tree
+from drsync.tree import TreeScan
 
-# Files up to this size are read with one call and cut in memory.
-_SMALL_FILE = 8 * 1024 * 1024
 # Reading tasks are batched so that tiny files do not pay one executor round trip each.
 _BATCH_FILES = 256
 _BATCH_BYTES = 32 * 1024 * 1024
@@ -61,64 +59,38 @@ class _ReadFile:
     problem: str | None = None
 
 
-def _stable(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns,
-                                                                   b.st_ino)
-
-
-def _read_one(abspath: str, writer: ChunkWriter, attempts: int, progress: ProgressFn | None) -> _ReadFile | str:
+def _read_one(view: FrozenRoot, rel: str, writer: ChunkWriter, attempts: int,
+              progress: ProgressFn | None) -> _ReadFile | str:
     """Read, cut and store one file. Returns what was read, or "vanished"/a problem string."""
     result: _ReadFile | None = None
     for _attempt in range(attempts + 1):
         try:
-            fd = os.open(abspath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with view.open_file(rel) as f:
+                before = f.before
+                ids: list[bytes] = []
+                sizes: list[int] = []
+                for data in f.pieces():
+                    cid = chunks.chunk_id(data)
+                    writer.add(cid, data)
+                    ids.append(cid)
+                    sizes.append(len(data))
+                    if progress:
+                        progress(len(data))
+                after = f.after()
         except FileNotFoundError:
             return "vanished"
         except OSError as e:
-            return f"cannot be read ({e.strerror})"
-        try:
-            before = os.fstat(fd)
-            if not st.S_ISREG(before.st_mode):
-                return "vanished"
-            ids: list[bytes] = []
-            sizes: list[int] = []
-            for data in _pieces(fd, before.st_size):
-                cid = chunks.chunk_id(data)
-                writer.add(cid, data)
-                ids.append(cid)
-                sizes.append(len(data))
-                if progress:
-                    progress(len(data))
-            after = os.fstat(fd)
-        finally:
-            os.close(fd)
+            return f"cannot be read ({e.strerror or e})"
         total = sum(sizes)
-        result = _ReadFile(ids, sizes, content_digest(ids) if ids else EMPTY_CONTENT, total, after.st_mtime_ns,
-                           after.st_ctime_ns, after.st_ino, st.S_IMODE(after.st_mode), after.st_uid, after.st_gid)
-        if _stable(before, after) and total == after.st_size:
+        result = _ReadFile(ids, sizes, content_digest(ids) if ids else EMPTY_CONTENT, total, after.mtime_ns,
+                           after.ctime_ns, after.inode, after.mode, after.uid, after.gid)
+        same = (before.size, before.mtime_ns, before.ctime_ns, before.inode) == (
+            after.size, after.mtime_ns, after.ctime_ns, after.inode)
+        if same and total == after.size:
             return result
     assert result is not None
     result.problem = f"changed while being read ({attempts + 1} attempts); captured as last read"
     return result
-
-
-def _pieces(fd: int, size_hint: int) -> Iterator[memoryview]:
-    if size_hint >= 1 << 20:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead on a cold cache
-    if size_hint <= _SMALL_FILE:
-        parts = []
-        while True:
-            # Ask for one byte more than expected: growth shows without an extra call.
-            b = os.read(fd, max(size_hint + 1, 65536))
-            if not b:
-                break
-            parts.append(b)
-        buf = parts[0] if len(parts) == 1 else b"".join(parts)
-        if buf:
-            yield from chunks.cut_buffer(buf)
-        return
-    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-        yield from chunks.cut_stream(f)
 
 
 class _ParentView:
@@ -152,16 +124,38 @@ class _ParentView:
         return out
 
 
-def capture(root: str, writer: ChunkWriter, *, parent: Manifest | None = None,
+def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | None = None,
             parent_captured_at: float | None = None, reread_attempts: int = 3,
             exclude: frozenset[str] = frozenset(), workers: int | None = None,
-            progress: ProgressFn | None = None, on_total: Callable[[int], None] | None = None) -> CaptureResult:
-    """Capture ``root``. New chunks go to ``writer``; the caller flushes and commits."""
-    if not os.path.exists(root):
-        raise UsageError(f"data root {root} does not exist")
-    if not os.path.isdir(root):
-        raise UsageError(f"data root {root} is not a directory")
-    scan = scan_tree(root, exclude)
+            progress: ProgressFn | None = None, on_total: Callable[[int], None] | None = None,
+            captured_at: float | None = None) -> CaptureResult:
+    """Capture ``root``. New chunks go to ``writer``; the caller flushes and commits.
+
+    ``captured_at`` and ``parent_captured_at`` name the frozen views (HDFS
+    snapshots) of this capture and of the parent's, so that the next capture
+    can ask the namenode what changed since.
+    """
+    data_root = open_data_root(root) if isinstance(root, str) else root
+    data_root.check_capturable()
+    tag = _tag(captured_at)
+    parent_tag = _tag(parent_captured_at) if parent is not None and parent_captured_at else None
+    with data_root.frozen(tag, parent_tag, parent) as view:
+        result = _capture_view(view, writer, parent=parent, parent_captured_at=parent_captured_at,
+                               reread_attempts=0 if view.consistent else reread_attempts, exclude=exclude,
+                               workers=workers, progress=progress, on_total=on_total)
+        result.warnings[:0] = view.notes
+    return result
+
+
+def _tag(at: float | None) -> str:
+    return str(int((at or 0) * 1000))
+
+
+def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | None,
+                  parent_captured_at: float | None, reread_attempts: int, exclude: frozenset[str],
+                  workers: int | None, progress: ProgressFn | None,
+                  on_total: Callable[[int], None] | None) -> CaptureResult:
+    scan = view.scan(exclude)
     warnings = list(scan.warnings)
     pv = _ParentView(parent, parent_captured_at or 0.0) if parent is not None and len(parent) else None
     parent_row = pv.reusable_rows(scan) if pv is not None else [-1] * len(scan)
@@ -182,7 +176,7 @@ def capture(root: str, writer: ChunkWriter, *, parent: Manifest | None = None,
             acc += scan.size[k]
 
         def run(batch: list[int]) -> list[tuple[int, _ReadFile | str]]:
-            return [(k, _read_one(scan.abspath(k), writer, reread_attempts, progress)) for k in batch]
+            return [(k, _read_one(view, scan.path[k], writer, reread_attempts, progress)) for k in batch]
 
         n = workers or min(4, (os.cpu_count() or 2) + 1)
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="drsync-capture") as pool:

@@ -342,7 +342,7 @@ def backup_create(inv: Invocation, snapshot_id: str, dest: str | None, mode: str
 @click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
 def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool) -> None:
     """Restore a backup onto any data root."""
-    dest = engine.local_path(target, "target")
+    dest = engine.data_root_url(target)
     with progress("restore") as (advance, total):
         meta, result = backup.restore_backup(backup_dir, dest, checksum=checksum, progress=advance,
                                              on_total=total)

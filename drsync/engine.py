@@ -19,6 +19,7 @@ import blake3
 from drsync.apply import ApplyResult, apply_manifest
 from drsync.capture import capture
 from drsync.config import KeepPolicy
+from drsync.dataroot import is_remote_url, open_data_root
 from drsync.errors import OperationFailed, RefusedError, UsageError
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.repo import GcReport, Repository, VerifyReport
@@ -32,12 +33,17 @@ LOCK_WAIT_S = DEFAULT_WAIT_S
 
 
 def local_path(url: str, what: str) -> str:
-    """A local directory from a path or file:// URL (HDFS data roots come with the HDFS backend)."""
+    """A local directory from a path or file:// URL, for what must be local (the agent's state)."""
     if url.startswith("file://"):
         return url[len("file://"):]
     if "://" in url:
-        raise UsageError(f"{what} {url}: only local paths are supported by this command")
+        raise UsageError(f"{what} {url} is not a local path; set agent.state_dir to a local directory")
     return url
+
+
+def data_root_url(url: str) -> str:
+    """The canonical form of a data root: an absolute path, or an HDFS URL as drsync writes it."""
+    return open_data_root(url).url
 
 
 def open_repository(url: str) -> Repository:
@@ -82,11 +88,13 @@ class SnapshotRequest:
 def create_snapshot(repo: Repository, req: SnapshotRequest, *,
                     progress: Callable[[int], None] | None = None,
                     on_total: Callable[[int], None] | None = None) -> SnapshotInfo:
-    root = os.path.abspath(local_path(req.data_root, "data root"))
-    if not os.path.isdir(root):
-        what = "is not a directory" if os.path.exists(root) else "does not exist"
-        raise UsageError(f"data root {root} {what}")
-    exclude = frozenset({getattr(repo.storage, "root", "")}) - {""}
+    data_root = open_data_root(req.data_root)
+    data_root.check_capturable()
+    root = data_root.url
+    # A repository kept inside the data root (on the same storage) is not part of the cluster's data.
+    repo_root = getattr(repo.storage, "root", "")
+    same_kind = is_remote_url(repo.storage.url) == is_remote_url(root)
+    exclude = frozenset({repo_root}) if repo_root and same_kind else frozenset()
     hook_env = {"DRSYNC_DATA": root, "DRSYNC_SNAPSHOT_NAME": req.name, "DRSYNC_REPOSITORY": repo.storage.url}
     with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
         parent = _parent_of(repo, root)
@@ -99,10 +107,10 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
         post_error: OperationFailed | None = None
         try:
             try:
-                result = capture(root, writer, parent=parent_manifest,
+                result = capture(data_root, writer, parent=parent_manifest,
                                  parent_captured_at=parent.captured_at if parent else None,
                                  reread_attempts=req.reread_attempts, exclude=exclude,
-                                 progress=progress, on_total=on_total)
+                                 progress=progress, on_total=on_total, captured_at=captured_at)
             finally:
                 if req.hooks.post:
                     try:
@@ -152,7 +160,6 @@ def check_same_cluster(info: SnapshotInfo, cluster_id: str, release: str) -> Non
 def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str, release: str,
                      checksum: bool = False, progress: Callable[[int], None] | None = None,
                      on_total: Callable[[int], None] | None = None) -> tuple[SnapshotInfo, ApplyResult]:
-    target = local_path(target, "target")
     with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
         info = repo.find_snapshot(ref)
         check_same_cluster(info, cluster_id, release)

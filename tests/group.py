@@ -120,6 +120,16 @@ class Group:
         finally:
             link.close()
 
+    def wait_serving(self, name: str, timeout: float = 60) -> None:
+        """Until the agent answers over gRPC (after a kill -9 its old ZooKeeper node lingers a while)."""
+        def answers() -> bool:
+            try:
+                self.hello(name)
+                return True
+            except Exception:
+                return False
+        wait_for(answers, f"agent {name} to serve", timeout)
+
     def in_sync(self, source: str, target: str) -> bool:
         return tree_state(self.data[source]) == tree_state(self.data[target])
 

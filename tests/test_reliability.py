@@ -242,6 +242,7 @@ def test_network_faults_between_agents_and_to_zookeeper(tmp_path: Path, zk_serve
             ship.set("cut")
             g.kill("west")
             g.start("west")
+            g.wait_serving("west")
             applied = g.hello("west").applied_snapshot
             if applied and not root_is_whole_snapshot(g.cfg["west"], g.data["west"], applied, tmp_path / "scratch"):
                 violations += 1

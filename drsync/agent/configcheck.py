@@ -20,6 +20,7 @@ from typing import Any
 from drsync import engine
 from drsync.agent.loop import StateDirLock, open_coordinator, state_dir_of
 from drsync.config import Config, config_from_dict, config_problems, read_config_document
+from drsync.dataroot import open_data_root
 from drsync.errors import ConfigError, DrsyncError
 from drsync.transport.grpc import GrpcStandbyLink
 
@@ -68,10 +69,9 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
 def _check_cluster(cfg: Config) -> list[Check]:
     out = []
     try:
-        root = engine.local_path(cfg.cluster.data, "data root")
-        ok = os.path.isdir(root)
-        out.append(Check("data root", ok, f"{root} is a directory" if ok else
-                         f"{root} does not exist or is not a directory; create it or fix cluster.data"))
+        root = open_data_root(cfg.cluster.data)
+        root.check_capturable()
+        out.append(Check("data root", True, f"{root.url} is a directory"))
     except DrsyncError as e:
         out.append(Check("data root", False, str(e)))
     try:

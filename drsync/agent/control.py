@@ -66,7 +66,7 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
                                f"session is alive; for a planned hand-over use drsync switchover, or rerun with "
                                f"--force to fence it")
         first = view.epoch.epoch == 0
-        data_root = engine.local_path(cfg.cluster.data, "data root")
+        data_root = engine.data_root_url(cfg.cluster.data)
         if first and not accept_data_loss and not has_data(data_root):
             raise RefusedError(f"group {cfg.coordination.group} has no primary yet and data root {data_root} is "
                                f"empty: the first promotion makes this agent the production side; run it with the "

@@ -38,6 +38,7 @@ from drsync.coordination import (
     PrimaryTaken,
     SessionState,
 )
+from drsync.dataroot import open_data_root
 from drsync.errors import DrsyncError, OperationFailed, RefusedError
 from drsync.metrics import AgentMetrics, new_registry, serve
 from drsync.repository.manifest import Manifest
@@ -134,7 +135,7 @@ class Agent:
         self.auto = self.role == "auto"
         self.address = cfg.agent.advertise or cfg.agent.listen
         self.repo = Repository.open(open_storage(cfg.cluster.repository))
-        self.data_root = engine.local_path(cfg.cluster.data, "data root")
+        self.data_root = engine.data_root_url(cfg.cluster.data)
         state_dir = state_dir_of(cfg)
         self.dir_lock = StateDirLock(state_dir) if serve_network else None
         self.state_file = StateFile(state_dir)
@@ -792,8 +793,9 @@ class Agent:
 
 
 def has_data(root: str) -> bool:
+    """Whether a data root holds anything besides drsync's own files (an empty one is never promoted
+    over production by mistake)."""
     try:
-        with os.scandir(root) as it:
-            return any(not e.name.startswith(".drsync") for e in it)
-    except OSError:
+        return open_data_root(root).has_data()
+    except (OSError, DrsyncError):
         return False

@@ -1,0 +1,149 @@
+"""Data roots: the cluster's directory tree, which snapshots capture and applies change.
+
+A data root lives on a local filesystem (:class:`~drsync.dataroot.local.LocalDataRoot`)
+or on HDFS (:class:`~drsync.dataroot.hdfs.HdfsDataRoot`). Capture and apply
+(``drsync/capture.py``, ``drsync/apply.py``) hold the logic and talk to a root
+only through :class:`DataRoot`: scan it into columns, read a file as pieces with
+its version before and after, stage files, commit a plan. What differs between
+storages is here: how a consistent view is frozen (an HDFS snapshot; on a local
+filesystem re-reading files that change), the precision of modification times
+(HDFS keeps milliseconds), and whether owners can be set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from drsync.tree import LocalEntry, TreeScan
+
+if TYPE_CHECKING:
+    from drsync.apply import ApplyPlan
+    from drsync.repository.manifest import Entry, Manifest
+
+# (uid_t)-1: the owner is not known (HDFS keeps user names, not ids); chown(2) leaves such an id alone.
+UNKNOWN_ID = 0xFFFFFFFF
+STAGING = ".drsync-staging"
+
+
+@dataclass(frozen=True, slots=True)
+class FileVersion:
+    """What identifies one version of a file: if any of it changes, the bytes may have changed."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    mode: int
+    uid: int
+    gid: int
+
+
+class OpenFile(Protocol):
+    """A file being read for a capture."""
+
+    before: FileVersion
+
+    def pieces(self) -> Iterator[memoryview | bytes]:
+        """The content cut into content-defined chunks (FastCDC), read as a stream."""
+        ...
+
+    def after(self) -> FileVersion:
+        """The version once read: equal to ``before`` when nothing changed meanwhile."""
+        ...
+
+
+class DataRoot(Protocol):
+    url: str
+    # Modification times are kept to this precision (1 ns locally, 1 ms on HDFS): an apply
+    # compares times at the coarser precision of the manifest's source and the target.
+    mtime_resolution_ns: int
+    supports_symlinks: bool
+
+    # --- capture ---
+    def check_capturable(self) -> None:
+        """Raise UsageError when the root is missing or not a directory."""
+        ...
+
+    def frozen(self, tag: str, parent_tag: str | None = None,
+               parent: Manifest | None = None) -> AbstractContextManager[FrozenRoot]:
+        """A consistent read-only view for one capture (an HDFS snapshot where possible)."""
+        ...
+
+    def has_data(self) -> bool:
+        """Whether the root holds anything besides drsync's own files."""
+        ...
+
+    # --- apply ---
+    def prepare_target(self) -> bool:
+        """Make sure the root exists as a directory; True when it had to be created."""
+        ...
+
+    def existing(self) -> dict[str, LocalEntry]:
+        ...
+
+    def same_content(self, e: Entry, have: LocalEntry) -> bool:
+        """Re-hash an existing file and compare it with the manifest (``--checksum``)."""
+        ...
+
+    def owners_settable(self) -> bool:
+        ...
+
+    def reset_staging(self) -> None:
+        ...
+
+    def write_staged(self, n: int, e: Entry, data: Iterable[bytes]) -> str:
+        """Write one file into the staging area with its mode and mtime; returns its staged name."""
+        ...
+
+    def flush(self) -> None:
+        """Make everything staged or committed so far durable."""
+        ...
+
+    def drop_staging(self) -> None:
+        ...
+
+    def remove_root(self) -> None:
+        ...
+
+    def commit(self, plan: ApplyPlan, staged: dict[str, str]) -> None:
+        """Make the root equal the plan. Idempotent: a journaled apply may run it again."""
+        ...
+
+
+class FrozenRoot(Protocol):
+    """A read-only view of a data root for the length of one capture."""
+
+    consistent: bool  # True when nothing can change under the capture (an HDFS snapshot)
+    notes: list[str]
+
+    def scan(self, exclude: frozenset[str]) -> TreeScan:
+        ...
+
+    def open_file(self, rel: str) -> AbstractContextManager[OpenFile]:
+        """Open for reading; FileNotFoundError when it vanished, OSError when it cannot be read."""
+        ...
+
+
+def is_remote_url(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def open_data_root(url: str) -> DataRoot:
+    """The data root a config or a command line names: a path, ``file://PATH`` or an HDFS URL."""
+    from drsync.errors import UsageError
+
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        if scheme in ("hdfs", "webhdfs", "swebhdfs"):
+            from drsync.dataroot.hdfs import HdfsDataRoot
+
+            return HdfsDataRoot(url)
+        raise UsageError(f"{url}: unknown data root scheme {scheme!r}; use a path or hdfs://namenode:9870/PATH")
+    from drsync.dataroot.local import LocalDataRoot
+
+    return LocalDataRoot(url)

@@ -1,0 +1,378 @@
+"""A data root on HDFS, through WebHDFS (:mod:`drsync.storage.hdfs` holds the client).
+
+Capture: when the root is snapshottable, each capture takes an HDFS snapshot
+``drsync-<capture time in ms>`` and reads ``<root>/.snapshot/<name>``, which
+nothing can change; otherwise it reads the live tree and re-reads files that
+change (the local rules), and says so once in the log. Where the namenode has
+``GETSNAPSHOTDIFF``, the snapshot of the previous capture is kept as the base
+of the next one, and the next capture lists only the directories the diff
+touches: unchanged subtrees come from the parent manifest without a walk.
+Other drsync snapshots are deleted once a capture succeeds (a crashed
+capture's leftover goes after an hour, so a concurrent capture keeps its own).
+
+Apply: files are staged under ``<root>/.drsync-staging``, then renamed into
+place (WebHDFS RENAME never replaces a file, so the old one is deleted first;
+a journaled apply replays this idempotently). HDFS keeps modification times in
+milliseconds and owners as names: owners are not replicated onto HDFS, and
+symlinks (disabled in Hadoop) are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import posixpath
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion
+from drsync.errors import UsageError
+from drsync.repository import chunks
+from drsync.repository.manifest import DIR, FILE, SYMLINK, content_digest, symlink_stays_inside
+from drsync.storage.hdfs import HdfsError, HdfsFs, HdfsPermissionDenied, parse_hdfs_url
+from drsync.tree import RESERVED_NAMES, LocalEntry, TreeScan
+
+if TYPE_CHECKING:
+    from drsync.apply import ApplyPlan
+    from drsync.repository.manifest import Entry, Manifest
+
+log = logging.getLogger("drsync.hdfs")
+
+SNAPSHOT_PREFIX = "drsync-"
+STALE_SNAPSHOT_MS = 3600_000
+_TYPES = {"FILE": FILE, "DIRECTORY": DIR, "SYMLINK": SYMLINK}
+_warned_not_snapshottable: set[str] = set()
+
+
+def _version(s: dict[str, Any]) -> FileVersion:
+    mtime = int(s["modificationTime"]) * 1_000_000
+    return FileVersion(int(s["length"]), mtime, mtime, int(s.get("fileId", 0)), int(s["permission"], 8),
+                       UNKNOWN_ID, UNKNOWN_ID)
+
+
+class HdfsOpenFile:
+    def __init__(self, fs: HdfsFs, path: str, before: dict[str, Any], raw: Any, frozen: bool) -> None:
+        self._fs, self._path, self._raw, self._frozen = fs, path, raw, frozen
+        self.before = _version(before)
+
+    def pieces(self) -> Iterator[memoryview | bytes]:
+        yield from chunks.cut_stream(self._raw)
+
+    def after(self) -> FileVersion:
+        if self._frozen:
+            return self.before  # a snapshot cannot change
+        s = self._fs.status(self._path)
+        if s is None:
+            raise FileNotFoundError(self._path)
+        return _version(s)
+
+
+class _Reuse:
+    """What a snapshot diff says about the tree: where to look, and what the parent manifest still covers."""
+
+    def __init__(self, diff: list[dict[str, str]], parent: Manifest) -> None:
+        self.look: set[str] = set()    # touched paths and their ancestors: list these directories
+        self.fresh: set[str] = set()   # created or renamed-in subtrees: walk them whole
+        for d in diff:
+            for key in ("sourcePath", "targetPath"):
+                p = (d.get(key) or "").strip("/")
+                if p in ("", "."):
+                    continue
+                parts = p.split("/")
+                self.look.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+            if d.get("type") in ("CREATE", "RENAME"):
+                target = (d.get("targetPath") if d.get("type") == "RENAME" else d.get("sourcePath")) or ""
+                self.fresh.add(target.strip("/"))
+        t = parent.table
+        cols = {c: t.column(c).to_pylist() for c in ("path", "type", "mode", "uid", "gid", "size", "mtime_ns",
+                                                     "ctime_ns", "inode", "target")}
+        self.cols = cols
+        self.paths: list[str] = cols["path"]
+        self.dirs = {p for p, ty in zip(cols["path"], cols["type"], strict=True) if ty == DIR}
+
+    def reusable(self, rel: str) -> bool:
+        """True when the directory ``rel`` is untouched and the parent manifest has its subtree."""
+        if rel in self.look or rel not in self.dirs:
+            return False
+        parts = rel.split("/")
+        return not any("/".join(parts[:i]) in self.fresh for i in range(1, len(parts) + 1))
+
+    def add_subtree(self, scan: TreeScan, rel: str) -> None:
+        prefix = rel + "/"
+        i = bisect.bisect_left(self.paths, prefix)
+        c = self.cols
+        while i < len(self.paths) and self.paths[i].startswith(prefix):
+            scan.path.append(c["path"][i])
+            scan.type.append(c["type"][i])
+            scan.mode.append(c["mode"][i])
+            scan.uid.append(c["uid"][i])
+            scan.gid.append(c["gid"][i])
+            scan.size.append(c["size"][i])
+            scan.mtime_ns.append(c["mtime_ns"][i])
+            scan.ctime_ns.append(c["ctime_ns"][i])
+            scan.inode.append(c["inode"][i])
+            scan.target.append(c["target"][i])
+            i += 1
+
+
+class HdfsFrozenRoot:
+    def __init__(self, fs: HdfsFs, path: str, live_root: str, *, consistent: bool,
+                 reuse: _Reuse | None = None) -> None:
+        self.fs, self.path, self.live_root = fs, path, live_root
+        self.consistent = consistent
+        self.reuse = reuse
+        self.notes: list[str] = []
+        self.listed_dirs = 0  # how many directories the scan listed (the diff's saving shows here)
+
+    def scan(self, exclude: frozenset[str]) -> TreeScan:
+        return walk(self.fs, self.path, exclude=exclude, live_root=self.live_root, reuse=self.reuse,
+                    counter=self)
+
+    @contextmanager
+    def open_file(self, rel: str) -> Iterator[HdfsOpenFile]:
+        path = posixpath.join(self.path, rel)
+        try:
+            before = self.fs.status(path)
+            if before is None or before["type"] != "FILE":
+                raise FileNotFoundError(errno.ENOENT, "vanished", path)
+            with self.fs.open(path) as raw:
+                yield HdfsOpenFile(self.fs, path, before, raw, self.consistent)
+        except HdfsPermissionDenied as e:
+            raise PermissionError(errno.EACCES, f"permission denied ({e})", path) from None
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                raise FileNotFoundError(errno.ENOENT, "vanished", path) from None
+            raise
+
+
+def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_root: str | None = None,
+         reuse: _Reuse | None = None, counter: HdfsFrozenRoot | None = None) -> TreeScan:
+    """Every entry below ``top`` as scan columns (paths relative to ``top``)."""
+    scan = TreeScan(top)
+    base = live_root or top
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            children = list(fs.list_dir(posixpath.join(top, rel_dir) if rel_dir else top))
+        except HdfsPermissionDenied:
+            scan.warnings.append(f"{rel_dir or '.'}: permission denied; not captured")
+            continue
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                continue
+            raise
+        if counter is not None:
+            counter.listed_dirs += 1
+        for s in children:
+            name = s["pathSuffix"]
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            if (not rel_dir and name in RESERVED_NAMES) or (exclude and posixpath.join(base, rel) in exclude):
+                continue
+            typ = _TYPES.get(s["type"])
+            if typ is None:
+                scan.warnings.append(f"{rel}: unknown HDFS type {s['type']}; not captured")
+                continue
+            target = None
+            if typ == SYMLINK:
+                target = s.get("symlink") or ""
+                if not symlink_stays_inside(rel, target):
+                    scan.warnings.append(f"{rel}: symlink to {target} leaves the data root; not captured")
+                    continue
+            v = _version(s)
+            scan.path.append(rel)
+            scan.type.append(typ)
+            scan.mode.append(v.mode)
+            scan.uid.append(UNKNOWN_ID)
+            scan.gid.append(UNKNOWN_ID)
+            scan.size.append(v.size if typ == FILE else 0)
+            scan.mtime_ns.append(v.mtime_ns)
+            scan.ctime_ns.append(v.ctime_ns)
+            scan.inode.append(v.inode)
+            scan.target.append(target)
+            if typ == DIR:
+                if reuse is not None and reuse.reusable(rel):
+                    reuse.add_subtree(scan, rel)
+                else:
+                    stack.append(rel)
+    return scan
+
+
+class HdfsDataRoot:
+    mtime_resolution_ns = 1_000_000
+    supports_symlinks = False
+
+    def __init__(self, url: str, *, fs: HdfsFs | None = None) -> None:
+        self.location = parse_hdfs_url(url)
+        self.fs = fs or HdfsFs(self.location)
+        self.root = self.location.path
+        self.url = self.location.url
+        self.last_view: HdfsFrozenRoot | None = None
+
+    def _p(self, rel: str) -> str:
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    # --- capture ---
+
+    def check_capturable(self) -> None:
+        s = self.fs.status(self.root)
+        if s is None:
+            raise UsageError(f"data root {self.url} does not exist")
+        if s["type"] != "DIRECTORY":
+            raise UsageError(f"data root {self.url} is not a directory")
+
+    @contextmanager
+    def frozen(self, tag: str, parent_tag: str | None = None,
+               parent: Manifest | None = None) -> Iterator[HdfsFrozenRoot]:
+        name = SNAPSHOT_PREFIX + tag
+        try:
+            existing = self._drsync_snapshots()
+            self.fs.create_snapshot(self.root, name)
+        except HdfsError as e:
+            if e.exception not in ("SnapshotException", "AccessControlException", "FileNotFoundException"):
+                raise
+            if self.url not in _warned_not_snapshottable:
+                _warned_not_snapshottable.add(self.url)
+                log.warning("data root %s is not snapshottable (%s); capturing the live tree, re-reading files "
+                            "that change. For consistent captures: hdfs dfsadmin -allowSnapshot %s",
+                            self.url, str(e).split(" (", 1)[-1].rstrip(")"), self.root)
+            view = HdfsFrozenRoot(self.fs, self.root, self.root, consistent=False)
+            self.last_view = view
+            yield view
+            return
+        base = SNAPSHOT_PREFIX + parent_tag if parent_tag else None
+        reuse = None
+        diff_supported = False
+        if base is not None and parent is not None and base in existing:
+            diff = self.fs.snapshot_diff(self.root, base, name)
+            if diff is not None:
+                diff_supported = True
+                reuse = _Reuse(diff, parent)
+        elif existing or parent is not None:
+            diff_supported = self.fs.snapshot_diff(self.root, name, name) is not None
+        view = HdfsFrozenRoot(self.fs, posixpath.join(self.root, ".snapshot", name), self.root, consistent=True,
+                              reuse=reuse)
+        self.last_view = view
+        ok = False
+        try:
+            yield view
+            ok = True
+        finally:
+            self._tidy(name, keep=ok and diff_supported, base=base, existing=existing)
+
+    def _drsync_snapshots(self) -> list[str]:
+        return [n for n in self.fs.list_snapshots(self.root) if n.startswith(SNAPSHOT_PREFIX)]
+
+    def _tidy(self, name: str, *, keep: bool, base: str | None, existing: list[str]) -> None:
+        """Drop this capture's snapshot unless it is the next base; drop the old base and stale leftovers."""
+        now_ms = int(time.time() * 1000)
+        doomed = [] if keep else [name]
+        for n in existing:
+            stamp = n[len(SNAPSHOT_PREFIX):]
+            stale = stamp.isdigit() and now_ms - int(stamp) > STALE_SNAPSHOT_MS
+            if n != name and ((keep and n == base) or stale):
+                doomed.append(n)
+        for n in doomed:
+            try:
+                self.fs.delete_snapshot(self.root, n)
+            except HdfsError as e:
+                log.warning("could not delete HDFS snapshot %s of %s: %s", n, self.url, e)
+
+    def has_data(self) -> bool:
+        try:
+            return any(not s["pathSuffix"].startswith(".drsync") for s in self.fs.list_dir(self.root))
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                return False
+            raise
+
+    # --- apply ---
+
+    def prepare_target(self) -> bool:
+        s = self.fs.status(self.root)
+        if s is not None and s["type"] != "DIRECTORY":
+            raise UsageError(f"target {self.url} exists and is not a directory; name a directory")
+        if s is None:
+            self.fs.mkdirs(self.root)
+            return True
+        return False
+
+    def existing(self) -> dict[str, LocalEntry]:
+        scan = walk(self.fs, self.root)
+        return {scan.path[k]: LocalEntry(scan.path[k], self._p(scan.path[k]), scan.type[k], scan.mode[k],
+                                         scan.uid[k], scan.gid[k], scan.size[k], scan.mtime_ns[k], scan.target[k])
+                for k in range(len(scan))}
+
+    def same_content(self, e: Entry, have: LocalEntry) -> bool:
+        ids: list[bytes] = []
+        try:
+            with self.fs.open(self._p(have.path)) as raw:
+                for data in chunks.cut_stream(raw):
+                    ids.append(chunks.chunk_id(data))
+        except HdfsError:
+            return False
+        return content_digest(ids) == content_digest(e.chunks)
+
+    def owners_settable(self) -> bool:
+        return False
+
+    @property
+    def _staging(self) -> str:
+        return self._p(STAGING)
+
+    def reset_staging(self) -> None:
+        self.fs.delete(self._staging, recursive=True)
+        self.fs.mkdirs(self._staging, 0o700)
+
+    def write_staged(self, n: int, e: Entry, data: Iterable[bytes]) -> str:
+        path = posixpath.join(self._staging, str(n))
+        w = self.fs.writer(path, overwrite=True)
+        try:
+            for piece in data:
+                w.write(piece)
+        except BaseException:
+            w.abort()
+            raise
+        w.close()
+        # The namenode applies its umask at CREATE; the manifest's mode is set afterwards.
+        self.fs.set_permission(path, e.mode)
+        self.fs.set_times(path, e.mtime_ns)
+        return path
+
+    def flush(self) -> None:
+        """Nothing to do: a closed HDFS file is on its datanodes, and namenode edits are logged."""
+
+    def drop_staging(self) -> None:
+        self.fs.delete(self._staging, recursive=True)
+
+    def remove_root(self) -> None:
+        self.fs.delete(self.root, recursive=True)
+
+    def commit(self, plan: ApplyPlan, staged: dict[str, str]) -> None:
+        fs = self.fs
+        # HDFS checks permissions for owners too: directories we write into must be writable until the end.
+        for e in plan.dirs:
+            if (e.mode & 0o700) != 0o700 and fs.status(self._p(e.path)) is not None:
+                fs.set_permission(self._p(e.path), e.mode | 0o700)
+        for path in plan.remove:
+            fs.delete(self._p(path), recursive=True)
+        for e in plan.mkdir:
+            fs.mkdirs(self._p(e.path), 0o700)
+        for e in plan.write:
+            src, dst = staged[e.path], self._p(e.path)
+            if fs.status(src) is None:
+                if fs.status(dst) is None:
+                    raise HdfsError(f"staged file {src} for {dst} is gone; the apply cannot be completed")
+                continue  # moved already by the interrupted run this one completes
+            fs.delete(dst)  # RENAME never replaces: remove the old version first
+            if not fs.rename(src, dst):
+                raise HdfsError(f"HDFS refused to rename {src} to {dst}; check that the directory is writable")
+        for e in plan.fix_meta:
+            fs.set_permission(self._p(e.path), e.mode)
+        # Deepest directories first, so setting a child's times does not disturb its parent's.
+        for e in plan.dirs:
+            fs.set_permission(self._p(e.path), e.mode)
+            fs.set_times(self._p(e.path), e.mtime_ns)
