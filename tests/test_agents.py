@@ -15,7 +15,8 @@ import pytest
 
 from drsync.errors import RefusedError
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import make_tree, run_drsync, tree_state
+from tests.conftest import run_drsync, tree_state
+from tests.sites import LocalSite, Site, make_site, same_tree
 
 
 def free_port() -> int:
@@ -34,27 +35,35 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60) -> None:
 
 
 class Pair:
-    def __init__(self, tmp: Path) -> None:
+    """A primary and a standby agent; each cluster's data root and repository live on a site
+    (a local directory by default, or HDFS)."""
+
+    def __init__(self, tmp: Path, prod_site: Site | None = None, standby_site: Site | None = None) -> None:
         self.tmp = tmp
-        self.prod = tmp / "prod-data"
+        self.prod_site: Site = prod_site or LocalSite(tmp)
+        self.standby_site: Site = standby_site or LocalSite(tmp)
+        self.prod = tmp / "prod-data"  # the paths, when the site is local
         self.standby_data = tmp / "standby-data"
         self.standby_port = free_port()
         self.standby_addr = f"127.0.0.1:{self.standby_port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.metrics: dict[str, str] = {}
-        make_tree(self.prod, files=20, big=2)
-        self.standby_data.mkdir()
-        self.standby_cfg = self._config("standby", "standby", self.standby_data, self.standby_port)
-        self.primary_cfg = self._config("primary", "primary", self.prod, free_port(),
+        self.prod_site.make_tree("prod-data", files=20, big=2)
+        if self.standby_site.kind == "local":
+            self.standby_data.mkdir()
+        self.standby_cfg = self._config("standby", "standby", self.standby_site, "standby-data", self.standby_port)
+        self.primary_cfg = self._config("primary", "primary", self.prod_site, "prod-data", free_port(),
                                         f'[replication]\ninterval = "1s"\nstandbys = ["{self.standby_addr}"]\n')
 
-    def _config(self, name: str, role: str, data: Path, port: int, extra: str = "") -> Path:
+    def _config(self, name: str, role: str, site: Site, data: str, port: int, extra: str = "") -> Path:
         p = self.tmp / f"{name}.toml"
         self.metrics[name] = f"127.0.0.1:{free_port()}"
-        p.write_text(f'[cluster]\nid = "analytics"\nrelease = "6.2.1"\ndata = "{data}"\n'
-                     f'repository = "{self.tmp / (name + "-repo")}"\n'
+        # The agent's own state (journal, lock) is always local; it sits beside a local repository.
+        state = f'state_dir = "{self.tmp / (name + "-state")}"\n' if site.kind != "local" else ""
+        p.write_text(f'[cluster]\nid = "analytics"\nrelease = "6.2.1"\ndata = "{site.url(data)}"\n'
+                     f'repository = "{site.url(name + "-repo")}"\n'
                      f'[agent]\nname = "{name}"\nrole = "{role}"\nlisten = "127.0.0.1:{port}"\n'
-                     f'metrics = "{self.metrics[name]}"\n{extra}')
+                     f'metrics = "{self.metrics[name]}"\n{state}{extra}')
         assert run_drsync("init", "--config", p).code == 0
         return p
 
@@ -78,7 +87,9 @@ class Pair:
             self.kill(name, signal.SIGTERM)
 
     def in_sync(self) -> bool:
-        return tree_state(self.standby_data) == tree_state(self.prod)
+        if self.prod_site.kind == self.standby_site.kind == "local":  # tests may move the local roots
+            return tree_state(self.standby_data) == tree_state(self.prod)
+        return same_tree(self.standby_site, "standby-data", self.prod_site, "prod-data")
 
     def assert_root_is_applied_snapshot(self, label: str) -> None:
         """The standby's root holds exactly the snapshot it records as applied: never a mix."""
@@ -88,24 +99,36 @@ class Pair:
         expected = self.tmp / f"expected-{label}"
         r = run_drsync("snapshot", "restore", applied, "--config", self.standby_cfg, "--target", expected)
         assert r.code == 0, r.err
-        assert tree_state(self.standby_data) == tree_state(expected), f"mixed state after a kill ({label})"
+        assert same_tree(self.standby_site, "standby-data", LocalSite(self.tmp), f"expected-{label}"), \
+            f"mixed state after a kill ({label})"
+
+
+# Where production and the standby keep their data and repositories: (production, standby).
+STORAGES = {"local": ("local", "local"), "to-hdfs": ("local", "hdfs"), "from-hdfs": ("hdfs", "local"),
+            "hdfs": ("hdfs", "hdfs")}
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    p = Pair(tmp_path)
+def pair(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Pair]:
+    """Local on both sides, unless a test asks for other storages with indirect parametrisation."""
+    kinds = STORAGES[getattr(request, "param", "local")]
+    cluster = request.getfixturevalue("webhdfs") if "hdfs" in kinds else None
+    sites = [make_site(k, tmp_path, cluster) for k in kinds]
+    p = Pair(tmp_path, *sites)
     yield p
     p.stop_all()
 
 
+@pytest.mark.parametrize("pair", list(STORAGES), indirect=True)
 def test_primary_ships_and_standby_applies(pair: Pair) -> None:
     pair.start("standby")
     pair.start("primary")
     wait_for(pair.in_sync, "the standby to match production")
     # Keep changing production: the standby follows.
-    (pair.prod / "catalog" / "f003.txt").write_text("changed on production")
-    (pair.prod / "catalog" / "new.bin").write_bytes(os.urandom(300_000))
-    (pair.prod / "tables" / "orders" / "part-1.bin").unlink()
+    pair.prod_site.write("prod-data", "catalog/f003.txt", b"changed on production")
+    pair.prod_site.write("prod-data", "catalog/new.bin", os.urandom(300_000))
+    pair.prod_site.remove("prod-data", "tables/orders/part-1.bin")
+    pair.prod_site.chmod("prod-data", "catalog/f004.txt", 0o640)
     wait_for(pair.in_sync, "the standby to follow a change")
     link = GrpcStandbyLink(pair.standby_addr)
     hello = link.hello("test", 1)
@@ -300,16 +323,22 @@ def test_agent_once_runs_one_cycle(pair: Pair) -> None:
 
 def _phase(pair: Pair) -> str | None:
     """Which step of a shipment the standby is in, seen from its files."""
-    state_dir = pair.tmp / "standby-repo" / "agent"
+    local = pair.standby_site.kind == "local"
+    state_dir = pair.tmp / "standby-repo" / "agent" if local else pair.tmp / "standby-state"
     if (state_dir / "applying.json").exists():
         return "apply"
+    if not local:
+        return "upload" if any(".tmp-" in p for p in pair.standby_site.paths("standby-repo")) else None
     packs = pair.tmp / "standby-repo" / "packs"
     if packs.exists() and any(p.name.startswith(".tmp-") for p in packs.rglob(".tmp-*")):
         return "upload"
     return None
 
 
-@pytest.mark.parametrize("phase", ["upload", "apply"])
+# An upload to HDFS is over too fast to be caught from outside; its atomicity is the repository
+# storage's (tests/test_storage_conformance.py). The apply onto HDFS is caught and killed.
+@pytest.mark.parametrize(("phase", "pair"), [("upload", "local"), ("apply", "local"), ("apply", "to-hdfs")],
+                         indirect=["pair"])
 def test_kill_9_standby_in_each_phase(pair: Pair, phase: str) -> None:
     pair.start("standby")
     pair.start("primary")
@@ -323,10 +352,15 @@ def test_kill_9_standby_in_each_phase(pair: Pair, phase: str) -> None:
         # Wait for the standby to enter the phase (or the cycle to finish without us seeing it).
         deadline = time.monotonic() + 30
         seen = None
-        while time.monotonic() < deadline and not pair.in_sync():
+        next_sync_check = time.monotonic() + 1
+        while time.monotonic() < deadline:
             seen = _phase(pair)
             if seen == phase:
                 break
+            if time.monotonic() > next_sync_check:  # comparing trees is slow on HDFS: not every poll
+                if pair.in_sync():
+                    break
+                next_sync_check = time.monotonic() + 1
         if seen != phase:
             continue
         pair.kill("standby")

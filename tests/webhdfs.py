@@ -332,6 +332,7 @@ def _bool(v: str | None, default: bool = False) -> bool:
 
 class _Base(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms stalls
     cluster: WebHdfsCluster
     index: int
 
