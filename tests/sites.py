@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any, Protocol
 
-from tests.conftest import make_tree, tree_state
+from tests.conftest import age_tree, make_tree, tree_state
 
 State = dict[str, tuple]
 
@@ -36,6 +36,10 @@ class Site(Protocol):
     def state(self, name: str) -> State: ...
 
     def paths(self, name: str) -> list[str]: ...
+
+    def age(self, name: str, seconds: int = 10) -> None:
+        """Move every mtime into the past, so nothing counts as 'racily' modified during a capture."""
+        ...
 
 
 def _digest(data: bytes) -> str:
@@ -67,6 +71,9 @@ class LocalSite:
 
     def chmod(self, name: str, rel: str, mode: int) -> None:
         (self.base / name / rel).chmod(mode)
+
+    def age(self, name: str, seconds: int = 10) -> None:
+        age_tree(self.base / name, seconds)
 
     def paths(self, name: str) -> list[str]:
         root = self.base / name
@@ -137,6 +144,15 @@ class HdfsSite:
 
     def chmod(self, name: str, rel: str, mode: int) -> None:
         self._fs().set_permission(f"{self.path(name)}/{rel}", mode)
+
+    def age(self, name: str, seconds: int = 10) -> None:
+        from drsync.dataroot.hdfs import walk
+
+        fs = self._fs()
+        root = self.path(name)
+        scan = walk(fs, root)
+        for k in sorted(range(len(scan)), key=lambda k: -scan.path[k].count("/")):
+            fs.set_times(f"{root}/{scan.path[k]}", scan.mtime_ns[k] - seconds * 10**9)
 
     def paths(self, name: str) -> list[str]:
         from drsync.dataroot.hdfs import walk

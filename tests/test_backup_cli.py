@@ -10,7 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import make_tree, run_drsync, tree_state
+from tests.sites import make_site, same_tree
 
 
 def config(tmp_path: Path, *, cluster_id: str = "east", extra: str = "") -> Path:
@@ -169,3 +172,25 @@ def test_backup_bad_input(drsync, tmp_path: Path) -> None:  # type: ignore[no-un
     r = run_drsync("backup", "create", "--config", cfg, "--snapshot", snap, "--mode", "bogus")
     assert r.code == 2
     assert os.listdir(tmp_path / "backups") if (tmp_path / "backups").exists() else True
+
+
+STORAGE_PAIRS = [("local", "local"), ("hdfs", "hdfs"), ("hdfs", "local"), ("local", "hdfs")]
+
+
+@pytest.mark.parametrize(("source", "target"), STORAGE_PAIRS, ids=[f"{a}-to-{b}" for a, b in STORAGE_PAIRS])
+def test_backup_pulled_onto_local_disk_restores_onto_any_storage(drsync, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                 request: pytest.FixtureRequest,
+                                                                 source: str, target: str) -> None:
+    cluster = request.getfixturevalue("webhdfs") if "hdfs" in (source, target) else None
+    src, dst = make_site(source, tmp_path / "src", cluster), make_site(target, tmp_path / "dst", cluster)
+    src.make_tree("data")
+    repo = src.url("repo")
+    assert drsync("init", "--repo", repo, "--cluster-id", "east", "--release", "6.2.1").code == 0
+    snap = drsync("snapshot", "create", "--repo", repo, "--source", src.url("data"), "--json").json()["id"]
+    made = drsync("backup", "create", "--repo", repo, "--snapshot", snap, "--dest", tmp_path / "backups", "--json")
+    assert made.code == 0, made.err
+    path = made.json()["path"]
+    assert Path(path).is_dir() and drsync("backup", "verify", path).code == 0
+    r = drsync("backup", "restore", path, "--target", dst.url("restored"), "--json")
+    assert r.code == 0, r.err
+    assert same_tree(src, "data", dst, "restored")
