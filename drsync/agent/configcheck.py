@@ -60,8 +60,13 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
     checks.append(Check("config", True, f"{path}: every key valid (agent {cfg.agent.name}, role {cfg.agent.role})",
                         "config"))
     checks += _check_cluster(cfg)
-    running = StateDirLock.held(state_dir_of(cfg))
-    checks += _check_agent(cfg, running)
+    try:
+        state_dir: str | None = state_dir_of(cfg)
+    except DrsyncError as e:
+        state_dir = None
+        checks.append(Check("state directory", False, str(e), "config"))
+    running = state_dir is not None and StateDirLock.held(state_dir)
+    checks += _check_agent(cfg, running, state_dir)
     checks += _check_peers(cfg, timeout_s)
     return checks
 
@@ -86,12 +91,12 @@ def _check_cluster(cfg: Config) -> list[Check]:
     return out
 
 
-def _check_agent(cfg: Config, running: bool) -> list[Check]:
+def _check_agent(cfg: Config, running: bool, state_dir: str | None) -> list[Check]:
     out = []
-    state_dir = state_dir_of(cfg)
-    writable = os.access(state_dir if os.path.isdir(state_dir) else os.path.dirname(state_dir) or ".", os.W_OK)
-    out.append(Check("state directory", writable, f"{state_dir} is writable" if writable else
-                     f"{state_dir} is not writable by this user; fix its ownership or set agent.state_dir"))
+    if state_dir is not None:
+        writable = os.access(state_dir if os.path.isdir(state_dir) else os.path.dirname(state_dir) or ".", os.W_OK)
+        out.append(Check("state directory", writable, f"{state_dir} is writable" if writable else
+                         f"{state_dir} is not writable by this user; fix its ownership or set agent.state_dir"))
     for what, address in (("listen address", cfg.agent.listen), ("metrics address", cfg.agent.metrics)):
         if not address:
             continue

@@ -251,7 +251,7 @@ class HdfsDataRoot:
             if diff is not None:
                 diff_supported = True
                 reuse = _Reuse(diff, parent)
-        elif existing or parent is not None:
+        else:  # one cheap call tells whether keeping this snapshot as the next base would pay
             diff_supported = self.fs.snapshot_diff(self.root, name, name) is not None
         view = HdfsFrozenRoot(self.fs, posixpath.join(self.root, ".snapshot", name), self.root, consistent=True,
                               reuse=reuse)

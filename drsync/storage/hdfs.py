@@ -91,11 +91,11 @@ def parse_hdfs_url(url: str) -> HdfsLocation:
             raise UsageError(f"{url}: {hostport!r} is not host:port; give each namenode's WebHDFS HTTP "
                              f"address, e.g. nn1:9870,nn2:9870")
         namenodes.append(f"{SCHEMES[parts.scheme]}://{host}:{port}")
+    if ".." in (parts.path or "").split("/"):
+        raise UsageError(f"{url}: the path may not contain '..'")
     path = posixpath.normpath(parts.path or "/")
     if not path.startswith("/") or path.startswith("//"):
         path = "/" + path.lstrip("/")
-    if ".." in path.split("/"):
-        raise UsageError(f"{url}: the path may not contain '..'")
     query = parse_qs(parts.query, keep_blank_values=True)
     unknown = set(query) - {"user", "auth"}
     if unknown:
@@ -222,8 +222,9 @@ class HdfsFs:
             self.client = _TokenClient(urls, token, session=session, timeout=timeout_s)
         else:
             self.client = _DrsyncClient(urls, user=location.user or "drsync", session=session, timeout=timeout_s)
-        # HdfsCLI logs every request at INFO; an agent's log is for operators.
-        logging.getLogger("hdfs").setLevel(logging.WARNING)
+        # HdfsCLI logs every request at INFO and raw error bodies at ERROR; drsync reports every
+        # failure itself, in one line, so the package stays quiet.
+        logging.getLogger("hdfs").setLevel(logging.CRITICAL)
 
     # Every call goes through here: translate errors, retry what retrying can fix.
     def _call(self, action: str, path: str, fn: Callable[[], T], *, retry: bool = True) -> T:
