@@ -412,3 +412,92 @@ def test_snapshot_documents_cannot_name_paths() -> None:
         SnapshotInfo.from_bytes(json.dumps(doc).encode(), "shipped snapshot document")
     doc["id"] = "0123456789abcdef"
     assert SnapshotInfo.from_bytes(json.dumps(doc).encode(), "ok").id == "0123456789abcdef"
+
+
+def test_fuzz_webhdfs_responses() -> None:
+    """Whatever a namenode or datanode answers, the HDFS client ends in a drsync error, never a crash."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from drsync.dataroot.hdfs import walk
+    from drsync.errors import DrsyncError
+    from drsync.storage.hdfs import HdfsFs, HdfsStorage, parse_hdfs_url
+
+    answer: dict[str, object] = {"status": 200, "body": b"", "location": None}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def _any(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            elif self.headers.get("Transfer-Encoding") == "chunked":
+                while (size := int(self.rfile.readline().strip() or b"0", 16)) != 0:
+                    self.rfile.read(size + 2)
+                self.rfile.readline()
+            body = answer["body"]
+            assert isinstance(body, bytes)
+            self.send_response(int(answer["status"]))  # type: ignore[call-overload]
+            if answer["location"]:
+                self.send_header("Location", str(answer["location"]))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_DELETE = _any
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    here = f"http://127.0.0.1:{srv.server_address[1]}"
+    fs = HdfsFs(parse_hdfs_url(f"hdfs://127.0.0.1:{srv.server_address[1]}/r?user=f"), retry_s=0, timeout_s=5)
+    counted = {"n": 0, "errors": 0}
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2, 2**40), st.text(max_size=8),
+                       st.sampled_from(["FILE", "DIRECTORY", "SYMLINK", "755", "9", "../x", "a/b"]))
+    status_doc = st.fixed_dictionaries({}, optional={
+        k: scalar for k in ("pathSuffix", "type", "length", "modificationTime", "permission", "fileId", "symlink")})
+    docs = st.one_of(
+        st.binary(max_size=64),
+        st.builds(lambda s: {"FileStatus": s}, status_doc),
+        st.builds(lambda e, r: {"DirectoryListing": {"partialListing": {"FileStatuses": {"FileStatus": e}},
+                                                     "remainingEntries": r}}, st.lists(status_doc, max_size=3),
+                  scalar),
+        st.builds(lambda e, m: {"RemoteException": {"exception": e, "message": m}},
+                  st.sampled_from(["StandbyException", "SafeModeException", "AccessControlException",
+                                   "FileNotFoundException", "DSQuotaExceededException", "Weird", 7]), scalar),
+        st.builds(lambda b: {"boolean": b}, scalar),
+        st.builds(lambda d: {"SnapshotDiffReport": {"diffList": d}},
+                  st.lists(st.fixed_dictionaries({}, optional={"type": scalar, "sourcePath": scalar}), max_size=2)),
+        st.dictionaries(st.text(max_size=6), scalar, max_size=3),
+    ).map(lambda d: d if isinstance(d, bytes) else json.dumps(d).encode())
+    calls = [
+        lambda: fs.status("/r/x"), lambda: list(fs.list_dir("/r")), lambda: fs.read("/r/x"),
+        lambda: fs.write("/r/x", b"data"), lambda: fs.rename("/r/a", "/r/b"), lambda: fs.mkdirs("/r/d"),
+        lambda: fs.delete("/r/x"), lambda: fs.create_snapshot("/r", "s"), lambda: fs.snapshot_diff("/r", "a", "b"),
+        lambda: walk(fs, "/r"), lambda: HdfsStorage(fs.location, fs=fs).list("p/"),
+    ]
+
+    @_fuzz_settings()
+    @given(st.sampled_from([200, 201, 307, 400, 401, 403, 404, 500]), docs, st.booleans(), st.integers(0, 10))
+    def responses(status: int, body: bytes, redirect: bool, which: int) -> None:
+        counted["n"] += 1
+        answer.update(status=status, body=body, location=f"{here}/webhdfs/v1/dn" if redirect else None)
+        try:
+            calls[which]()
+        except DrsyncError:
+            counted["errors"] += 1
+
+    try:
+        responses()
+    finally:
+        srv.shutdown()
+    assert counted["errors"] > 0  # the fuzzer did reach the error paths
+    record("fuzz: WebHDFS responses", counted["n"], counted["n"], 0, 0)

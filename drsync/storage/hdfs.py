@@ -110,6 +110,28 @@ def parse_hdfs_url(url: str) -> HdfsLocation:
 
 # --- the error model -------------------------------------------------------------------------
 
+_STATUS_TYPES = {"FILE", "DIRECTORY", "SYMLINK"}
+
+
+def _checked_status(s: Any) -> dict[str, Any]:
+    """A FileStatus as the spec describes it, or ValueError: the fields drsync relies on, typed."""
+    if not isinstance(s, dict):
+        raise ValueError("FileStatus is not an object")
+    name, typ = s.get("pathSuffix", ""), s.get("type")
+    if not isinstance(name, str) or "/" in name or name in (".", "..") or typ not in _STATUS_TYPES:
+        raise ValueError("malformed FileStatus")
+    for key in ("length", "modificationTime"):
+        v = s.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"malformed FileStatus {key}")
+    perm = s.get("permission", "0")
+    if not isinstance(perm, str) or not perm or any(c not in "01234567" for c in perm) or int(perm, 8) > 0o7777:
+        raise ValueError("malformed FileStatus permission")
+    if not isinstance(s.get("fileId", 0), int) or not isinstance(s.get("symlink", ""), str):
+        raise ValueError("malformed FileStatus")
+    return s
+
+
 _RETRYABLE = {"SafeModeException", "RetriableException", "StandbyException"}
 _QUOTA = {"DSQuotaExceededException", "NSQuotaExceededException", "QuotaExceededException"}
 
@@ -242,6 +264,13 @@ class HdfsFs:
                 err = _unreachable(e, action, path, self)
                 if not retry:
                     raise err from None
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError,
+                    requests.RequestException) as e:
+                # Not what the WebHDFS spec says a namenode answers: a proxy, another service on that
+                # port, or a broken server. Never a traceback, and not worth retrying.
+                raise HdfsError(f"HDFS answered something drsync cannot read to {action} {path} "
+                                f"({type(e).__name__}); check that {', '.join(self.location.namenodes)} "
+                                f"are WebHDFS endpoints") from None
             if time.monotonic() + delay > deadline:
                 raise err
             log.info("%s; retrying in %.1fs", err, delay)
@@ -252,26 +281,36 @@ class HdfsFs:
 
     def status(self, path: str) -> dict[str, Any] | None:
         """GETFILESTATUS, or None when the path does not exist."""
-        return self._call("stat", path, lambda: self.client.status(path, strict=False))
+        def go() -> dict[str, Any] | None:
+            s = self.client.status(path, strict=False)
+            return None if s is None else _checked_status(s)
+        return self._call("stat", path, go)
 
     def list_dir(self, path: str) -> Iterator[dict[str, Any]]:
         """The children's FileStatus objects, paged with LISTSTATUS_BATCH (plain LISTSTATUS where unsupported)."""
         after = ""
+
+        def page(start: str) -> tuple[list[dict[str, Any]], int]:
+            doc = self.client._list_status_batch(path, startAfter=start or None).json()["DirectoryListing"]
+            entries = [_checked_status(s) for s in doc["partialListing"]["FileStatuses"]["FileStatus"]]
+            return entries, int(doc.get("remainingEntries") or 0)
+
         while True:
             try:
-                res = self._call("list", path, lambda a=after: self.client._list_status_batch(  # type: ignore[misc]
-                    path, startAfter=a or None))
+                entries, remaining = self._call("list", path, lambda a=after: page(a))  # type: ignore[misc]
             except HdfsError as e:
                 if e.exception in ("IllegalArgumentException", "UnsupportedOperationException") and not after:
-                    listed = self._call("list", path, lambda: self.client.list(path, status=True))
-                    yield from (s for _, s in listed)
+                    listed = self._call("list", path, lambda: [_checked_status(s) for _, s in
+                                                               self.client.list(path, status=True)])
+                    yield from listed
                     return
                 raise
-            doc = res.json()["DirectoryListing"]
-            entries = doc["partialListing"]["FileStatuses"]["FileStatus"]
             yield from entries
-            if not doc.get("remainingEntries") or not entries:
+            if not remaining or not entries:
                 return
+            if entries[-1]["pathSuffix"] <= after:
+                raise HdfsError(f"HDFS listing of {path} does not advance past {after!r}; the namenode's "
+                                f"LISTSTATUS_BATCH answer is broken")
             after = entries[-1]["pathSuffix"]
 
     def mkdirs(self, path: str, permission: int | None = None) -> None:
@@ -338,7 +377,7 @@ class HdfsFs:
 
     def create_snapshot(self, directory: str, name: str) -> str:
         return self._call("create snapshot in", directory,
-                          lambda: self.client.create_snapshot(directory, snapshotname=name))
+                          lambda: str(self.client.create_snapshot(directory, snapshotname=name)))
 
     def delete_snapshot(self, directory: str, name: str) -> None:
         self._call("delete snapshot of", directory, lambda: self.client.delete_snapshot(directory, name))
@@ -354,14 +393,21 @@ class HdfsFs:
 
     def snapshot_diff(self, directory: str, old: str, new: str) -> list[dict[str, str]] | None:
         """GETSNAPSHOTDIFF entries (type, sourcePath, targetPath), or None where the namenode lacks it."""
+        def go() -> list[dict[str, str]]:
+            doc = self.client._get_snapshot_diff(directory, oldsnapshotname=old, snapshotname=new).json()
+            entries = doc["SnapshotDiffReport"]["diffList"]
+            if not isinstance(entries, list) or not all(
+                    isinstance(d, dict) and d.get("type") in ("CREATE", "MODIFY", "DELETE", "RENAME")
+                    and isinstance(d.get("sourcePath", ""), str) and isinstance(d.get("targetPath") or "", str)
+                    for d in entries):
+                raise ValueError("malformed diffList")
+            return entries
         try:
-            res = self._call("compare snapshots of", directory, lambda: self.client._get_snapshot_diff(
-                directory, oldsnapshotname=old, snapshotname=new))
+            return self._call("compare snapshots of", directory, go)
         except HdfsError as e:
             if e.exception in ("IllegalArgumentException", "UnsupportedOperationException"):
                 return None
             raise
-        return list(res.json()["SnapshotDiffReport"]["diffList"])
 
 
 class StreamingWrite:
@@ -377,8 +423,8 @@ class StreamingWrite:
         self.path = path
         self.size = 0
         perm = f"{permission:o}" if permission is not None else None
-        res = fs._call("create", path, lambda: fs.client._create(path, overwrite=overwrite, permission=perm))
-        self._location = res.headers["location"]
+        self._location: str = fs._call("create", path, lambda: fs.client._create(
+            path, overwrite=overwrite, permission=perm).headers["location"])
         self._queue: queue.Queue[bytes | None] = queue.Queue(_WRITE_QUEUE)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._upload, name="drsync-hdfs-write", daemon=True)
@@ -401,8 +447,9 @@ class StreamingWrite:
                 self._error = _explain(getattr(err, "exception", None), str(err), "write", self.path, self.fs)
         except (requests.ConnectionError, requests.Timeout) as e:
             self._error = _unreachable(e, "write", self.path, self.fs)
-        except BaseException as e:  # handed to the writing thread
-            self._error = e
+        except Exception as e:  # handed to the writing thread, as a drsync error
+            self._error = HdfsError(f"HDFS datanode write of {self.path} failed: {type(e).__name__}; check the "
+                                    f"datanodes' WebHDFS endpoints")
         finally:
             # Unblock a producer waiting on a full queue after the upload stopped early.
             while True:
