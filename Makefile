@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check drsync tests bench scripts
 
 test: $(STAMP) system-deps lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 demo: $(STAMP)
 	bash scripts/demo.sh
