@@ -325,3 +325,26 @@ def test_agent_status_json_on_hdfs(webhdfs, tmp_path: Path) -> None:  # type: ig
     check = run_drsync("config", "check", "--config", cfg, "--json")
     doc = json.loads(check.out)
     assert any(c["name"] == "data root" and c["ok"] for c in doc["checks"]), doc
+
+
+def test_drill_on_an_hdfs_standby_compares_its_root(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_agents import Pair, wait_for
+
+    pair = Pair(tmp_path, LocalSite(tmp_path), make_site("hdfs", tmp_path, webhdfs))
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the HDFS standby to match production")
+        pair.kill("primary", 15)  # nothing moves while the standby's root is examined
+        r = run_drsync("drill", "run", "--config", pair.standby_cfg, "--json")
+        assert r.code == 0, r.err
+        steps = {s["name"]: s for s in json.loads(r.out)["steps"]}
+        assert steps["restore"]["passed"] and steps["restore"]["figures"]["root_compared"] is True
+        # Someone writes to the standby's root by hand: the drill names the file.
+        pair.standby_site.write("standby-data", "catalog/f002.txt", b"edited on the standby")
+        r = run_drsync("drill", "run", "--config", pair.standby_cfg, "--json")
+        assert r.code == 1
+        restore = {s["name"]: s for s in json.loads(r.out)["steps"]}["restore"]
+        assert restore["passed"] is False and "catalog/f002.txt" in restore["detail"]
+    finally:
+        pair.stop_all()

@@ -135,7 +135,9 @@ def _compare_trees(expected: str, actual: str, manifest: Manifest) -> list[str]:
     plan = plan_apply(list(manifest.entries()), scan, compare_owner=root.owners_settable(),
                       mtime_resolution_ns=comparison_resolution(manifest, root))
     diffs = [f"{e.path} differs" for e in plan.write[:5]] + [f"{p} should not exist" for p in plan.remove[:5]]
-    diffs += [f"{e.path} is missing" for e in (plan.mkdir + plan.link)[:5]]
+    # Symlinks an apply could not make (HDFS has them disabled) were reported then; not a difference now.
+    links = plan.link if root.supports_symlinks else []
+    diffs += [f"{e.path} is missing" for e in (plan.mkdir + links)[:5]]
     diffs += [f"{e.path} has other metadata" for e in plan.fix_meta[:5]]
     if diffs:
         return diffs
