@@ -480,6 +480,64 @@ def bench_failover(work: Path, trials: int, session_timeout_s: float, drill_mib:
         zk.stop()
 
 
+def bench_hdfs(work: Path, files: int, rep: Report) -> None:
+    """Capture on HDFS with and without GETSNAPSHOTDIFF, and an apply onto HDFS.
+
+    Against tests/webhdfs.py (Hadoop is not installable here), so the figures
+    show drsync's round trips, not a real cluster's speed; the "peer" column
+    is drsync's own full walk of the same snapshot.
+    """
+    sys.path.insert(0, str(ROOT))
+    from drsync.storage.hdfs import HdfsFs, parse_hdfs_url
+    from tests.webhdfs import WebHdfsCluster
+
+    cluster = WebHdfsCluster(namenodes=2)
+    cluster.active = 1
+    try:
+        cluster.mkdirs("/prod/data")
+        cluster.allow_snapshot("/prod/data")
+        fs = HdfsFs(parse_hdfs_url(cluster.url("/")))
+        rnd = random.Random(5)
+        dirs = max(1, files // 20)
+        for i in range(files):
+            fs.write(f"/prod/data/d{i % dirs:04}/f{i:06}", rnd.randbytes(rnd.randrange(100, 4000)))
+        # Old enough that nothing is re-read as "racily" modified.
+        past = int((time.time() - 60) * 1000) * 1_000_000
+        for i in range(files):
+            fs.set_times(f"/prod/data/d{i % dirs:04}/f{i:06}", past)
+        repo = cluster.url("/prod/.drsync")
+        run([*DRSYNC, "init", "--repo", repo, "--cluster-id", "b", "--release", "1"])
+        snap = [*DRSYNC, "snapshot", "create", "--repo", repo, "--source", cluster.url("/prod/data"), "--json"]
+        first = run(snap)
+        rep.add(f"HDFS first snapshot, {files} files in {dirs} dirs", first.seconds, None, None, first.peak_mib,
+                "(WebHDFS test server)")
+
+        def listings(label: str) -> int:
+            return sum(1 for op, p in cluster.requests[label_at[label]:] if op == "LISTSTATUS_BATCH"
+                       and "/.snapshot/" in p)
+
+        label_at: dict[str, int] = {}
+        fs.write(f"/prod/data/d0000/f{0:06}", b"changed", overwrite=True)
+        label_at["diff"] = len(cluster.requests)
+        with_diff = run(snap)
+        n_diff = listings("diff")
+        cluster.snapshot_diff = False
+        fs.write(f"/prod/data/d0001/f{1:06}", b"changed", overwrite=True)
+        label_at["full"] = len(cluster.requests)
+        full = run(snap)
+        n_full = listings("full")
+        cluster.snapshot_diff = True
+        rep.add("HDFS snapshot after 1 change: snapshot diff vs full walk", with_diff.seconds, full.seconds, None,
+                with_diff.peak_mib, f"directories listed {n_diff} vs {n_full}")
+        sid = json.loads(full.out)["id"]
+        restore = run([*DRSYNC, "snapshot", "restore", sid, "--repo", repo, "--target", cluster.url("/standby/data")])
+        rep.add(f"HDFS restore onto HDFS, {files} files", restore.seconds, None, None, restore.peak_mib)
+        local = run([*DRSYNC, "snapshot", "restore", sid, "--repo", repo, "--target", str(work / "from-hdfs")])
+        rep.add(f"HDFS restore onto a local disk, {files} files", local.seconds, None, None, local.peak_mib)
+    finally:
+        cluster.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-work")
@@ -487,7 +545,8 @@ def main() -> None:
     ap.add_argument("--small-files", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
-    ap.add_argument("--only", choices=("snapshots", "agents", "failover"), help="run one part only")
+    ap.add_argument("--only", choices=("snapshots", "agents", "failover", "hdfs"), help="run one part only")
+    ap.add_argument("--hdfs-files", type=int, default=2000, help="files in the HDFS part")
     ap.add_argument("--trials", type=int, default=5, help="failover trials (medians are reported)")
     ap.add_argument("--session-timeout", type=float, default=4.0, help="ZooKeeper session timeout for failover")
     args = ap.parse_args()
@@ -507,6 +566,8 @@ def main() -> None:
         if args.only in (None, "failover"):
             bench_failover(args.work, 3 if args.quick else args.trials, args.session_timeout,
                            64 if args.quick else args.big_mib, rep)
+        if args.only in (None, "hdfs"):
+            bench_hdfs(args.work, 200 if args.quick else args.hdfs_files, rep)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     rep.print()

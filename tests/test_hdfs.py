@@ -233,7 +233,7 @@ def test_snapshot_diff_walks_only_what_changed_and_equals_a_full_walk(webhdfs) -
     repo = _repo()
     at = time.time() - 30  # older than the racy window, so unchanged files are reused
     result = _capture(root, repo, at=at)
-    assert webhdfs.snapshots(site.path("data")) == [f"drsync-{int(at * 1000)}"]  # kept as the next base
+    assert [n.rsplit("-", 2)[0] for n in webhdfs.snapshots(site.path("data"))] == [f"drsync-{int(at * 1000)}"]
     fs = HdfsFs(parse_hdfs_url(site.url("")))
     for step in range(4):
         # Change a few things of every kind.
@@ -254,7 +254,7 @@ def test_snapshot_diff_walks_only_what_changed_and_equals_a_full_walk(webhdfs) -
         webhdfs.snapshot_diff = True
         cols = ["path", "type", "mode", "size", "mtime_ns", "content"]
         assert result.manifest.table.select(cols).equals(full.manifest.table.select(cols)), f"step {step}"
-        assert webhdfs.snapshots(site.path("data")) == [f"drsync-{int(at * 1000)}"]
+        assert [n.rsplit("-", 2)[0] for n in webhdfs.snapshots(site.path("data"))] == [f"drsync-{int(at * 1000)}"]
 
 
 def test_unsnapshottable_root_falls_back_and_says_so_once(webhdfs, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
@@ -274,12 +274,25 @@ def test_leftover_snapshots_of_crashed_captures_are_removed(webhdfs) -> None:  #
     site.write("data", "a.txt", b"x")
     webhdfs.allow_snapshot(site.path("data"))
     fs = HdfsFs(parse_hdfs_url(site.url("")))
-    stale = f"drsync-{int((time.time() - 7200) * 1000)}"
-    fs.create_snapshot(site.path("data"), stale)  # a capture killed two hours ago
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname().replace("-", "_")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    now = int(time.time() * 1000)
+    fs.create_snapshot(site.path("data"), f"drsync-{now - 7_200_000}-otherhost-1")  # two hours ago, elsewhere
+    fs.create_snapshot(site.path("data"), f"drsync-{now - 5_000}-{host}-{gone}")  # killed a moment ago, here
+    fs.create_snapshot(site.path("data"), f"drsync-{now - 4_000}-{host}-{os.getpid()}")  # still capturing
     fs.create_snapshot(site.path("data"), "operators-own")
     at = time.time()
     _capture(HdfsDataRoot(site.url("data")), _repo(), at=at)
-    assert webhdfs.snapshots(site.path("data")) == [f"drsync-{int(at * 1000)}", "operators-own"]
+    left = webhdfs.snapshots(site.path("data"))
+    assert f"drsync-{now - 4_000}-{host}-{os.getpid()}" in left and "operators-own" in left
+    assert [n for n in left if n.startswith(f"drsync-{int(at * 1000)}-")], left
+    assert len(left) == 3, left
 
 
 # --- faults during replication ---------------------------------------------------------------

@@ -1,14 +1,15 @@
 """A data root on HDFS, through WebHDFS (:mod:`drsync.storage.hdfs` holds the client).
 
 Capture: when the root is snapshottable, each capture takes an HDFS snapshot
-``drsync-<capture time in ms>`` and reads ``<root>/.snapshot/<name>``, which
+``drsync-<capture time in ms>-<host>-<pid>`` and reads ``<root>/.snapshot/<name>``, which
 nothing can change; otherwise it reads the live tree and re-reads files that
 change (the local rules), and says so once in the log. Where the namenode has
 ``GETSNAPSHOTDIFF``, the snapshot of the previous capture is kept as the base
 of the next one, and the next capture lists only the directories the diff
 touches: unchanged subtrees come from the parent manifest without a walk.
-Other drsync snapshots are deleted once a capture succeeds (a crashed
-capture's leftover goes after an hour, so a concurrent capture keeps its own).
+The base it replaces is deleted once a capture succeeds, and so is every
+leftover of a crashed capture (its process is gone, or it is over an hour
+old); a capture running concurrently keeps its own.
 
 Apply: files are staged under ``<root>/.drsync-staging``, then renamed into
 place (WebHDFS RENAME never replaces a file, so the old one is deleted first;
@@ -22,7 +23,9 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
+import os
 import posixpath
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -45,6 +48,33 @@ SNAPSHOT_PREFIX = "drsync-"
 STALE_SNAPSHOT_MS = 3600_000
 _TYPES = {"FILE": FILE, "DIRECTORY": DIR, "SYMLINK": SYMLINK}
 _warned_not_snapshottable: set[str] = set()
+
+
+_HOST = socket.gethostname().replace("-", "_") or "host"
+
+
+def _stamp(name: str) -> str:
+    """The capture time (ms) in a drsync snapshot's name: ``drsync-<ms>-<host>-<pid>``."""
+    return name[len(SNAPSHOT_PREFIX):].split("-", 1)[0]
+
+
+def _leftover(name: str, now_ms: int) -> bool:
+    stamp = _stamp(name)
+    if not stamp.isdigit():
+        return False  # not one of ours after all: leave it alone
+    if now_ms - int(stamp) > STALE_SNAPSHOT_MS:
+        return True
+    rest = name[len(SNAPSHOT_PREFIX) + len(stamp) + 1:]
+    host, _, pid = rest.rpartition("-")
+    if host != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True  # its capture crashed
+    except PermissionError:
+        return False
+    return False
 
 
 def _version(s: dict[str, Any]) -> FileVersion:
@@ -227,7 +257,7 @@ class HdfsDataRoot:
     @contextmanager
     def frozen(self, tag: str, parent_tag: str | None = None,
                parent: Manifest | None = None) -> Iterator[HdfsFrozenRoot]:
-        name = SNAPSHOT_PREFIX + tag
+        name = f"{SNAPSHOT_PREFIX}{tag}-{_HOST}-{os.getpid()}"
         try:
             existing = self._drsync_snapshots()
             self.fs.create_snapshot(self.root, name)
@@ -243,10 +273,11 @@ class HdfsDataRoot:
             self.last_view = view
             yield view
             return
-        base = SNAPSHOT_PREFIX + parent_tag if parent_tag else None
+        bases = [n for n in existing if parent_tag and _stamp(n) == parent_tag]
+        base = bases[0] if bases else None
         reuse = None
         diff_supported = False
-        if base is not None and parent is not None and base in existing:
+        if base is not None and parent is not None:
             diff = self.fs.snapshot_diff(self.root, base, name)
             if diff is not None:
                 diff_supported = True
@@ -261,19 +292,27 @@ class HdfsDataRoot:
             yield view
             ok = True
         finally:
-            self._tidy(name, keep=ok and diff_supported, base=base, existing=existing)
+            self._tidy(name, ok=ok, keep=ok and diff_supported, base=base, existing=existing)
 
     def _drsync_snapshots(self) -> list[str]:
         return [n for n in self.fs.list_snapshots(self.root) if n.startswith(SNAPSHOT_PREFIX)]
 
-    def _tidy(self, name: str, *, keep: bool, base: str | None, existing: list[str]) -> None:
-        """Drop this capture's snapshot unless it is the next base; drop the old base and stale leftovers."""
+    def _tidy(self, name: str, *, ok: bool, keep: bool, base: str | None, existing: list[str]) -> None:
+        """Drop this capture's snapshot unless it is the next base, the base it replaces, and leftovers.
+
+        A leftover is a drsync snapshot whose capture is over: taken on this host by a process that
+        is gone (a crash), or over an hour old. A capture running concurrently keeps its own; a
+        failed capture keeps the base, which the next attempt still diffs against.
+        """
         now_ms = int(time.time() * 1000)
         doomed = [] if keep else [name]
         for n in existing:
-            stamp = n[len(SNAPSHOT_PREFIX):]
-            stale = stamp.isdigit() and now_ms - int(stamp) > STALE_SNAPSHOT_MS
-            if n != name and ((keep and n == base) or stale):
+            if n == name:
+                continue
+            if n == base:
+                if ok:
+                    doomed.append(n)  # superseded by this capture's snapshot (or by a full walk)
+            elif _leftover(n, now_ms):
                 doomed.append(n)
         for n in doomed:
             try:
