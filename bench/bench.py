@@ -494,7 +494,8 @@ def bench_hdfs(work: Path, files: int, rep: Report) -> None:
     cluster = WebHdfsCluster(namenodes=2)
     cluster.active = 1
     try:
-        cluster.mkdirs("/prod/data")
+        for d in ("/prod", "/prod/data", "/standby"):
+            cluster.mkdirs(d)
         cluster.allow_snapshot("/prod/data")
         fs = HdfsFs(parse_hdfs_url(cluster.url("/")))
         rnd = random.Random(5)
