@@ -162,6 +162,7 @@ class HdfsSite:
     def state(self, name: str) -> State:
         """Read over WebHDFS, so that the same works against a real namenode."""
         from drsync.dataroot.hdfs import walk
+        from drsync.storage.hdfs import HdfsError
 
         fs = self._fs()
         root = self.path(name)
@@ -175,8 +176,14 @@ class HdfsSite:
             mtime_ms = scan.mtime_ns[k] // 1_000_000
             if scan.type[k] == "dir":
                 out[rel] = ("dir", scan.mode[k], mtime_ms)
-            else:
-                out[rel] = ("file", scan.mode[k], mtime_ms, _digest(fs.read(f"{root}/{rel}")))
+                continue
+            try:
+                data = _digest(fs.read(f"{root}/{rel}"))
+            except HdfsError as e:  # changed under the walk (an apply is renaming files in): not settled
+                if e.exception != "FileNotFoundException":
+                    raise
+                data = "vanished while read"
+            out[rel] = ("file", scan.mode[k], mtime_ms, data)
         return out
 
 
