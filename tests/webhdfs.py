@@ -463,6 +463,7 @@ class _NamenodeHandler(_Base):
 
     # GET
     def op_GET_GETFILESTATUS(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Status of a File/Directory: a ``FileStatus`` object, 404 FileNotFoundException if absent."""
         node = self.cluster._resolve(path)
         self._json({"FileStatus": node.status("")})
 
@@ -488,6 +489,7 @@ class _NamenodeHandler(_Base):
             node.children[n].status(n) for n in page]}}, "remainingEntries": len(names) - len(page)}})
 
     def op_GET_OPEN(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Open and Read a File: a 307 to a datanode, which serves ``offset``/``length``."""
         node = self.cluster._resolve(path)
         if node.type != "FILE":
             raise RemoteError("FileNotFoundException", f"Path is not a file: {path}")
@@ -495,6 +497,7 @@ class _NamenodeHandler(_Base):
         self._redirect(path, params, user)
 
     def op_GET_GETHOMEDIRECTORY(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Get Home Directory: ``{"Path": "/user/<user>"}``."""
         self._json({"Path": f"/user/{user}"})
 
     def op_GET_GETSNAPSHOTDIFF(self, path: str, params: dict[str, str], user: str) -> None:
@@ -522,6 +525,7 @@ class _NamenodeHandler(_Base):
 
     # PUT
     def op_PUT_CREATE(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Create and Write to a File, step 1: a 307 to a datanode; the data goes there (step 2)."""
         c = self.cluster
         c._make_parents(path, user)
         parent, name = c._parent(path)
@@ -532,6 +536,7 @@ class _NamenodeHandler(_Base):
         self._redirect(path, params, user)
 
     def op_PUT_MKDIRS(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Make a Directory: ``{"boolean": true}``, parents included."""
         perm = int(params.get("permission") or "755", 8)
         c = self.cluster
         c._mkdirs(path, user, perm)
@@ -568,11 +573,13 @@ class _NamenodeHandler(_Base):
         self._json({"boolean": True})
 
     def op_PUT_SETPERMISSION(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Set Permission: owner or superuser only; empty 200."""
         node = self._own(path, user)
         node.permission = int(params.get("permission") or "755", 8)
         self._reply(200)
 
     def op_PUT_SETOWNER(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Set Owner: changing the owner needs the superuser; empty 200."""
         node = self._own(path, user)
         if user != self.cluster.superuser and params.get("owner"):
             raise RemoteError("AccessControlException", "Non-super user cannot change owner")
@@ -581,6 +588,7 @@ class _NamenodeHandler(_Base):
         self._reply(200)
 
     def op_PUT_SETTIMES(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Set Access or Modification Time: -1 keeps a time; empty 200."""
         node = self._own(path, user)
         mtime = int(params.get("modificationtime", "-1"))
         atime = int(params.get("accesstime", "-1"))
@@ -601,6 +609,7 @@ class _NamenodeHandler(_Base):
         return node
 
     def op_PUT_ALLOWSNAPSHOT(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Allow Snapshot: superuser only (hdfs dfsadmin -allowSnapshot)."""
         if user != self.cluster.superuser:
             raise RemoteError("AccessControlException", "Superuser privilege is required")
         self.cluster._resolve(path).snapshottable = True
@@ -621,6 +630,7 @@ class _NamenodeHandler(_Base):
         self._json({"Path": f"{path.rstrip('/')}/.snapshot/{name}"})
 
     def op_PUT_RENAMESNAPSHOT(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Rename Snapshot: empty 200."""
         node = self._own(path, user)
         old, new = params.get("oldsnapshotname", ""), params.get("snapshotname", "")
         if old not in node.snapshots:
@@ -630,6 +640,7 @@ class _NamenodeHandler(_Base):
 
     # POST
     def op_POST_APPEND(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Append to a File: a 307 to a datanode, like CREATE."""
         node = self.cluster._resolve(path)
         self.cluster._check(user, node, 2, path, "append")
         self._redirect(path, params, user)
@@ -659,6 +670,7 @@ class _NamenodeHandler(_Base):
         self._json({"boolean": True})
 
     def op_DELETE_DELETESNAPSHOT(self, path: str, params: dict[str, str], user: str) -> None:
+        """Spec § Delete Snapshot: empty 200; SnapshotException for an unknown name."""
         node = self._own(path, user)
         name = params.get("snapshotname", "")
         if node.snapshots.pop(name, None) is None:
