@@ -361,3 +361,25 @@ def test_drill_on_an_hdfs_standby_compares_its_root(webhdfs, tmp_path: Path) -> 
         assert restore["passed"] is False and "catalog/f002.txt" in restore["detail"]
     finally:
         pair.stop_all()
+
+
+def test_pack_reads_come_from_read_ahead_windows(webhdfs) -> None:  # type: ignore[no-untyped-def]
+    import random
+
+    from drsync.storage import ObjectMissing
+    from drsync.storage.hdfs import HdfsStorage
+
+    rnd = random.Random(3)
+    store = HdfsStorage(webhdfs.url(f"{webhdfs.test_dir}/repo"), create=True)
+    data = rnd.randbytes(10 << 20)
+    store.write("packs/ab/p.pack", data)
+    ranges = [(o, rnd.randrange(1, 300_000)) for o in sorted(rnd.randrange(0, len(data)) for _ in range(200))]
+    ranges += [((4 << 20) - 10, 20), (len(data) - 5, 5), (len(data) - 5, 50)]
+    before = len(webhdfs.requests)
+    for offset, length in ranges:
+        assert store.read_range("packs/ab/p.pack", offset, length) == data[offset:offset + length]
+    opens = [p for op, p in webhdfs.requests[before:] if op == "OPEN"]
+    assert len(opens) <= 10, f"{len(opens)} OPENs for {len(ranges)} chunk reads in pack order"
+    store.delete("packs/ab/p.pack")
+    with pytest.raises(ObjectMissing):
+        store.read_range("packs/ab/p.pack", 0, 10)

@@ -32,6 +32,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ SCHEMES = {"hdfs": "http", "webhdfs": "http", "swebhdfs": "https"}
 DEFAULT_RETRY_S = float(os.environ.get("DRSYNC_HDFS_RETRY_S", "60"))
 # Pieces of a streaming write queued for the HTTP upload thread (each up to a chunk, ~1 MiB).
 _WRITE_QUEUE = 8
+# Pack reads: windows of this size, this many kept (at most 32 MiB per repository).
+_READ_WINDOW = 4 << 20
+_READ_WINDOWS = 8
 T = TypeVar("T")
 
 
@@ -544,9 +548,26 @@ class HdfsStorage:
             raise UsageError(f"{self.url} is a file, not a directory")
         if create and st is None:
             self.fs.mkdirs(self.root)
+        # Read-ahead windows of packs (immutable: named by their content). A restore reads chunk
+        # after chunk, mostly in pack order; one OPEN per window instead of one per chunk.
+        self._windows: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._windows_lock = threading.Lock()
 
     def _path(self, name: str) -> str:
         return posixpath.join(self.root, check_name(name))
+
+    def _cached(self, name: str, offset: int, length: int) -> bytes | None:
+        with self._windows_lock:
+            for (n, start), data in self._windows.items():
+                if n == name and start <= offset and offset + length <= start + len(data):
+                    self._windows.move_to_end((n, start))
+                    return data[offset - start: offset - start + length]
+        return None
+
+    def _forget(self, name: str) -> None:
+        with self._windows_lock:
+            for key in [k for k in self._windows if k[0] == name]:
+                del self._windows[key]
 
     def read(self, name: str) -> bytes:
         try:
@@ -558,13 +579,27 @@ class HdfsStorage:
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         try:
-            return self.fs.read(self._path(name), offset=offset, length=length)
+            if not name.startswith("packs/") or length >= _READ_WINDOW:
+                return self.fs.read(self._path(name), offset=offset, length=length)
+            got = self._cached(name, offset, length)
+            if got is not None:
+                return got
+            window = self.fs.read(self._path(name), offset=offset, length=_READ_WINDOW)
+            with self._windows_lock:
+                self._windows[(name, offset)] = window
+                while len(self._windows) > _READ_WINDOWS:
+                    self._windows.popitem(last=False)
+            return window[:length]
         except HdfsError as e:
             if e.exception == "FileNotFoundException":
                 raise ObjectMissing(f"{self.url}: {name} is missing") from None
             raise
 
     def _publish(self, tmp: str, final: str, *, exclusive: bool) -> None:
+        self._forget(posixpath.relpath(final, self.root))
+        self._publish_renamed(tmp, final, exclusive=exclusive)
+
+    def _publish_renamed(self, tmp: str, final: str, *, exclusive: bool) -> None:
         """Rename a complete temp file into place.
 
         WebHDFS RENAME never replaces an existing file, which makes exclusive
@@ -609,6 +644,7 @@ class HdfsStorage:
         return HdfsBlobWriter(self, name)
 
     def delete(self, name: str) -> None:
+        self._forget(name)
         self.fs.delete(self._path(name))
 
     def exists(self, name: str) -> bool:
