@@ -11,7 +11,8 @@ the others answer ``StandbyException``), ``set_quota`` (a space quota that
 fails a datanode write midway with ``DSQuotaExceededException``), ``tokens``
 (delegation tokens; with ``require_token`` an anonymous call gets 401),
 ``snapshot_diff`` (False: the op is unknown, as on namenodes before 3.0),
-``list_limit`` (entries per ``LISTSTATUS_BATCH`` page, ``dfs.ls.limit``) and
+``list_limit`` (entries per ``LISTSTATUS_BATCH`` page, ``dfs.ls.limit``),
+``latency_s`` (a modelled round trip per namenode call, for benchmarks) and
 ``on_request`` (a hook run before every namenode request).
 
 What only a real namenode can show is listed in tests/test_hdfs_real.py.
@@ -123,6 +124,7 @@ class WebHdfsCluster:
         self.require_token = False
         self.snapshot_diff = True
         self.list_limit = 1000
+        self.latency_s = 0.0  # added to every namenode call, like a network round trip (benchmarks)
         self.on_request: Callable[[str, str], None] | None = None
         self.requests: list[tuple[str, str]] = []
         self._servers: list[ThreadingHTTPServer] = []
@@ -434,6 +436,8 @@ class _NamenodeHandler(_Base):
             path, params = self._request()
             op = params.get("op", "").upper()
             c.requests.append((op, path))
+            if c.latency_s:
+                time.sleep(c.latency_s)  # the modelled round trip itself, not a wait for a condition
             if c.on_request:
                 c.on_request(op, path)
             if self.index != c.active:

@@ -27,9 +27,10 @@ import os
 import posixpath
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion
 from drsync.errors import UsageError
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from drsync.repository.manifest import Entry, Manifest
 
 log = logging.getLogger("drsync.hdfs")
+T = TypeVar("T")
 
 SNAPSHOT_PREFIX = "drsync-"
 STALE_SNAPSHOT_MS = 3600_000
@@ -391,27 +393,52 @@ class HdfsDataRoot:
         self.fs.delete(self.root, recursive=True)
 
     def commit(self, plan: ApplyPlan, staged: dict[str, str]) -> None:
+        """Each step's calls are independent of each other, so they go to the namenode side by side:
+        an apply on HDFS is bound by round trips, not by the namenode's work."""
         fs = self.fs
-        # HDFS checks permissions for owners too: directories we write into must be writable until the end.
-        for e in plan.dirs:
+
+        def writable(e: Entry) -> None:
+            # HDFS checks permissions for owners too: directories we write into must stay writable.
             if (e.mode & 0o700) != 0o700 and fs.status(self._p(e.path)) is not None:
                 fs.set_permission(self._p(e.path), e.mode | 0o700)
-        for path in plan.remove:
-            fs.delete(self._p(path), recursive=True)
-        for e in plan.mkdir:
-            fs.mkdirs(self._p(e.path), 0o700)
-        for e in plan.write:
+
+        def move(e: Entry) -> None:
             src, dst = staged[e.path], self._p(e.path)
             if fs.status(src) is None:
                 if fs.status(dst) is None:
                     raise HdfsError(f"staged file {src} for {dst} is gone; the apply cannot be completed")
-                continue  # moved already by the interrupted run this one completes
+                return  # moved already by the interrupted run this one completes
             fs.delete(dst)  # RENAME never replaces: remove the old version first
             if not fs.rename(src, dst):
                 raise HdfsError(f"HDFS refused to rename {src} to {dst}; check that the directory is writable")
-        for e in plan.fix_meta:
-            fs.set_permission(self._p(e.path), e.mode)
-        # Deepest directories first, so setting a child's times does not disturb its parent's.
-        for e in plan.dirs:
+
+        def finish_dir(e: Entry) -> None:
             fs.set_permission(self._p(e.path), e.mode)
             fs.set_times(self._p(e.path), e.mtime_ns)
+
+        _side_by_side(writable, plan.dirs)
+        _side_by_side(lambda p: fs.delete(self._p(p), recursive=True), plan.remove)  # top-most paths only
+        _side_by_side(lambda e: fs.mkdirs(self._p(e.path), 0o700), plan.mkdir)  # MKDIRS makes parents too
+        _side_by_side(move, plan.write)
+        _side_by_side(lambda e: fs.set_permission(self._p(e.path), e.mode), plan.fix_meta)
+        # Deepest directories first (a directory's mode may take away what its children's calls need).
+        by_depth: dict[int, list[Entry]] = {}
+        for e in plan.dirs:
+            by_depth.setdefault(e.path.count("/"), []).append(e)
+        for depth in sorted(by_depth, reverse=True):
+            _side_by_side(finish_dir, by_depth[depth])
+
+
+# Namenode calls in flight at once while committing an apply (DRSYNC_HDFS_WORKERS to tune).
+_COMMIT_WORKERS = max(1, int(os.environ.get("DRSYNC_HDFS_WORKERS", "8")))
+
+
+def _side_by_side(fn: Callable[[T], object], items: list[T]) -> None:
+    """Run ``fn`` over independent items on a few threads; the first error is raised."""
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=_COMMIT_WORKERS, thread_name_prefix="drsync-hdfs-commit") as pool:
+        for f in [pool.submit(fn, item) for item in items]:
+            f.result()
