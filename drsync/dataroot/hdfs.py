@@ -242,7 +242,6 @@ class HdfsDataRoot:
         self.fs = fs or HdfsFs(self.location)
         self.root = self.location.path
         self.url = self.location.url
-        self.last_view: HdfsFrozenRoot | None = None
 
     def _p(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
@@ -272,7 +271,6 @@ class HdfsDataRoot:
                             "that change. For consistent captures: hdfs dfsadmin -allowSnapshot %s",
                             self.url, str(e).split(" (", 1)[-1].rstrip(")"), self.root)
             view = HdfsFrozenRoot(self.fs, self.root, self.root, consistent=False)
-            self.last_view = view
             yield view
             return
         bases = [n for n in existing if parent_tag and _stamp(n) == parent_tag]
@@ -288,11 +286,12 @@ class HdfsDataRoot:
             diff_supported = self.fs.snapshot_diff(self.root, name, name) is not None
         view = HdfsFrozenRoot(self.fs, posixpath.join(self.root, ".snapshot", name), self.root, consistent=True,
                               reuse=reuse)
-        self.last_view = view
         ok = False
         try:
             yield view
             ok = True
+            log.info("captured %s from HDFS snapshot %s: %d directories listed%s", self.url, name, view.listed_dirs,
+                     f" (the rest unchanged since {base}, by GETSNAPSHOTDIFF)" if reuse is not None else "")
         finally:
             self._tidy(name, ok=ok, keep=ok and diff_supported, base=base, existing=existing)
 
