@@ -383,3 +383,12 @@ def test_pack_reads_come_from_read_ahead_windows(webhdfs) -> None:  # type: igno
     store.delete("packs/ab/p.pack")
     with pytest.raises(ObjectMissing):
         store.read_range("packs/ab/p.pack", 0, 10)
+
+
+def test_kerberos_without_its_package_is_a_usage_error() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("requests_kerberos") is not None:
+        pytest.skip("requests-kerberos is installed here; this checks the message given without it")
+    r = run_drsync("init", "--repo", "hdfs://127.0.0.1:9/x?auth=kerberos", "--cluster-id", "e", "--release", "1")
+    assert r.code == 2 and "pip install 'hdfs[kerberos]'" in r.err and r.err.count("\n") == 1

@@ -196,21 +196,24 @@ def _unreachable(err: Exception, action: str, path: str, fs: HdfsFs) -> HdfsUnav
                            f"that WebHDFS is enabled (dfs.webhdfs.enabled)")
 
 
-class _DrsyncClient(hdfs.InsecureClient):
-    """The package's client plus the WebHDFS operations it has no method for.
+class _ExtraOps(hdfs.Client):
+    """The WebHDFS operations the package has no method for, mixed into each of its clients.
 
-    The package names an operation by its attribute (``_list_status_batch`` is
-    ``op=LISTSTATUS_BATCH`` after removing underscores), so these declarations
-    are the whole implementation; they inherit its namenode HA rotation.
+    The package names an operation by its attribute, upper-cased without
+    underscores (``_get_snapshot_diff`` is ``op=GETSNAPSHOTDIFF``), so these
+    declarations are the whole implementation, with its namenode HA rotation.
     """
 
     _list_status_batch = hdfs.client._Request("GET")  # type: ignore[attr-defined]
     _get_snapshot_diff = hdfs.client._Request("GET")  # type: ignore[attr-defined]
 
 
-class _TokenClient(hdfs.TokenClient):
-    _list_status_batch = hdfs.client._Request("GET")  # type: ignore[attr-defined]
-    _get_snapshot_diff = hdfs.client._Request("GET")  # type: ignore[attr-defined]
+class _DrsyncClient(_ExtraOps, hdfs.InsecureClient):
+    pass
+
+
+class _TokenClient(_ExtraOps, hdfs.TokenClient):
+    pass
 
 
 # The package's name mangling drops every underscore; LISTSTATUS_BATCH keeps one.
@@ -243,7 +246,11 @@ class HdfsFs:
             except ImportError:
                 raise UsageError("auth=kerberos needs the requests-kerberos package: "
                                  "pip install 'hdfs[kerberos]'") from None
-            self.client = KerberosClient(urls, session=session, timeout=timeout_s)
+
+            class _KerberosClient(_ExtraOps, KerberosClient):  # type: ignore[misc, valid-type]
+                pass
+
+            self.client = _KerberosClient(urls, session=session, timeout=timeout_s)
         elif token:
             self.client = _TokenClient(urls, token, session=session, timeout=timeout_s)
         else:
