@@ -36,9 +36,24 @@ def _version(s: os.stat_result) -> FileVersion:
 
 
 class LocalOpenFile:
-    def __init__(self, fd: int, before: os.stat_result) -> None:
-        self._fd = fd
+    """An open file and its version; its own context manager (the capture opens one per file read)."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            before = os.fstat(self._fd)
+            if not st.S_ISREG(before.st_mode):
+                raise FileNotFoundError(path)  # replaced by something else: not the file we scanned
+        except BaseException:
+            os.close(self._fd)
+            raise
         self.before = _version(before)
+
+    def __enter__(self) -> LocalOpenFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
 
     def pieces(self) -> Iterator[memoryview | bytes]:
         fd, size_hint = self._fd, self.before.size
@@ -75,16 +90,8 @@ class LocalFrozenRoot:
     def scan(self, exclude: frozenset[str]) -> TreeScan:
         return scan_tree(self.root, exclude)
 
-    @contextmanager
-    def open_file(self, rel: str) -> Iterator[LocalOpenFile]:
-        fd = os.open(os.path.join(self.root, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            before = os.fstat(fd)
-            if not st.S_ISREG(before.st_mode):
-                raise FileNotFoundError(rel)  # replaced by something else: not the file we scanned
-            yield LocalOpenFile(fd, before)
-        finally:
-            os.close(fd)
+    def open_file(self, rel: str) -> LocalOpenFile:
+        return LocalOpenFile(os.path.join(self.root, rel))
 
 
 class LocalDataRoot:
