@@ -54,6 +54,15 @@ class ApplyPlan:
     fix_meta: list[Entry] = field(default_factory=list)
     unchanged: int = 0
     dirs: list[Entry] = field(default_factory=list)
+    # Directories whose metadata the commit must set: new ones, ones whose mode or mtime differ,
+    # and parents of anything written, removed, linked or made (their mtime moves). None: all of them.
+    touched_dirs: set[str] | None = None
+
+    def dirs_to_finish(self) -> list[Entry]:
+        """``dirs`` (deepest first) limited to the touched ones."""
+        if self.touched_dirs is None:
+            return self.dirs
+        return [e for e in self.dirs if e.path in self.touched_dirs]
 
     @property
     def write_bytes(self) -> int:
@@ -83,6 +92,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     ``mtime_resolution_ns``: the coarser precision of the manifest's source and the target.
     """
     res = max(1, mtime_resolution_ns)
+    touched: set[str] = set()
     plan = ApplyPlan()
     wanted: dict[str, Entry] = {}
     for e in entries:
@@ -106,6 +116,9 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             plan.dirs.append(e)
             if have is None:
                 plan.mkdir.append(e)
+                touched.add(path)
+            elif have.mode != e.mode or have.mtime_ns // res != e.mtime_ns // res:
+                touched.add(path)
         elif e.type == SYMLINK:
             if have is None or os.fsdecode(have.target or "") != e.target:
                 plan.link.append(e)
@@ -118,6 +131,9 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                     plan.fix_meta.append(e)
             else:
                 plan.write.append(e)
+    touched.update(p.rpartition("/")[0] for p in plan.remove)
+    touched.update(e.path.rpartition("/")[0] for e in (*plan.write, *plan.link, *plan.mkdir))
+    plan.touched_dirs = touched
     # Remove children before parents; create parents before children.
     plan.remove.sort(key=lambda p: p.count("/"), reverse=True)
     plan.mkdir.sort(key=lambda e: e.path)
@@ -232,7 +248,8 @@ def _plan_to_json(plan: ApplyPlan, staged: dict[str, str]) -> dict[str, object]:
 
     return {"remove": plan.remove, "mkdir": [ent(e) for e in plan.mkdir], "write": [ent(e) for e in plan.write],
             "link": [ent(e) for e in plan.link], "fix_meta": [ent(e) for e in plan.fix_meta],
-            "dirs": [ent(e) for e in plan.dirs], "staged": staged}
+            "dirs": [ent(e) for e in plan.dirs], "staged": staged,
+            "touched_dirs": sorted(plan.touched_dirs) if plan.touched_dirs is not None else None}
 
 
 def _plan_from_json(doc: dict) -> tuple[ApplyPlan, dict[str, str]]:  # type: ignore[type-arg]
@@ -242,6 +259,8 @@ def _plan_from_json(doc: dict) -> tuple[ApplyPlan, dict[str, str]]:  # type: ign
     plan = ApplyPlan(write=[ent(r) for r in doc["write"]], remove=list(doc["remove"]),
                      mkdir=[ent(r) for r in doc["mkdir"]], link=[ent(r) for r in doc["link"]],
                      fix_meta=[ent(r) for r in doc["fix_meta"]], dirs=[ent(r) for r in doc["dirs"]])
+    touched = doc.get("touched_dirs")  # journals of earlier versions have none: finish every directory
+    plan.touched_dirs = set(touched) if touched is not None else None
     return plan, dict(doc["staged"])
 
 

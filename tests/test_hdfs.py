@@ -392,3 +392,25 @@ def test_kerberos_without_its_package_is_a_usage_error() -> None:
         pytest.skip("requests-kerberos is installed here; this checks the message given without it")
     r = run_drsync("init", "--repo", "hdfs://127.0.0.1:9/x?auth=kerberos", "--cluster-id", "e", "--release", "1")
     assert r.code == 2 and "pip install 'hdfs[kerberos]'" in r.err and r.err.count("\n") == 1
+
+
+def test_a_small_change_applied_onto_hdfs_touches_only_its_directory(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    local = LocalSite(tmp_path)
+    for d in range(40):
+        local.write("data", f"d{d:02}/f", b"x" * d)
+    local.age("data")
+    repo = str(tmp_path / "repo")
+    assert run_drsync("init", "--repo", repo, "--cluster-id", "e", "--release", "1").code == 0
+    site = HdfsSite(webhdfs, webhdfs.test_dir)
+
+    def restore_counting() -> int:
+        snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()
+        before = len(webhdfs.requests)
+        assert run_drsync("snapshot", "restore", snap["id"], "--repo", repo, "--target", site.url("sb")).code == 0
+        assert same_tree(local, "data", site, "sb")
+        return sum(1 for op, _ in webhdfs.requests[before:] if op in ("SETTIMES", "SETPERMISSION"))
+
+    first = restore_counting()
+    assert first >= 2 * 40  # every directory and file gets its mode and time
+    local.write("data", "d07/f", b"changed")
+    assert restore_counting() <= 4  # the file, and its one directory

@@ -54,3 +54,32 @@ def test_bandwidth_limit_config() -> None:
     cfg = config_from_dict({"cluster": {"id": "c", "release": "1", "data": "/d", "repository": "/r"},
                             "replication": {"bandwidth_limit": "50MiB/s"}})
     assert cfg.replication.bandwidth_limit == 50 * 1024 * 1024
+
+
+def _entry(path: str, typ: str = "file", mode: int = 0o644, mtime: int = 10**18, size: int = 1):  # type: ignore[no-untyped-def]
+    from drsync.repository.manifest import Entry
+
+    return Entry(path, typ, mode, 0, 0, size if typ == "file" else 0, mtime, None, [], [])
+
+
+def _have(e):  # type: ignore[no-untyped-def]
+    from drsync.tree import LocalEntry
+
+    return LocalEntry(e.path, "/x/" + e.path, e.type, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.target)
+
+
+def test_apply_plan_touches_only_directories_it_changes() -> None:
+    from drsync.apply import plan_apply
+
+    tree = [_entry(f"d{i}", "dir", 0o755) for i in range(50)] + [_entry(f"d{i}/f", size=5) for i in range(50)]
+    existing = {e.path: _have(e) for e in tree}
+    assert plan_apply(tree, existing).dirs_to_finish() == []  # nothing changed: no directory call at all
+    changed = [e for e in tree if e.path not in ("d3/f", "d9/f")] + [_entry("d3/f", size=6), _entry("d7/new")]
+    existing["d20"] = _have(_entry("d20", "dir", 0o700))  # someone chmodded a directory
+    existing["d40/stray"] = _have(_entry("d40/stray"))
+    plan = plan_apply(changed, existing)
+    assert sorted(plan.touched_dirs or ()) == ["d20", "d3", "d40", "d7", "d9"]
+    assert {e.path for e in plan.dirs_to_finish()} == {"d3", "d7", "d9", "d20", "d40"}
+    # Times compare at the coarser precision: a millisecond-rounded copy is not a change.
+    ms = {e.path: _have(_entry(e.path, e.type, e.mode, e.mtime_ns // 10**6 * 10**6, e.size)) for e in tree}
+    assert plan_apply(tree, ms, mtime_resolution_ns=10**6).dirs_to_finish() == []
