@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from drsync.dataroot import DataRoot, FrozenRoot, open_data_root
+from drsync.dataroot import DataRoot, FileVersion, FrozenRoot, open_data_root
 from drsync.repository import chunks
 from drsync.repository.manifest import EMPTY_CONTENT, FILE, SCHEMA, Manifest, content_digest, sort_by_path
 from drsync.repository.repo import ChunkWriter
@@ -44,18 +44,12 @@ class CaptureResult:
 
 @dataclass(slots=True)
 class _ReadFile:
-    """What reading one file produced (metadata from the fstat taken after the read)."""
+    """What reading one file produced: its version as seen after the read, sized by what was read."""
 
     chunks: list[bytes]
     chunk_sizes: list[int]
     content: bytes
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    inode: int
-    mode: int
-    uid: int
-    gid: int
+    version: FileVersion
     problem: str | None = None
 
 
@@ -82,8 +76,7 @@ def _read_one(view: FrozenRoot, rel: str, writer: ChunkWriter, attempts: int,
         except OSError as e:
             return f"cannot be read ({e.strerror or e})"
         total = sum(sizes)
-        result = _ReadFile(ids, sizes, content_digest(ids) if ids else EMPTY_CONTENT, total, after.mtime_ns,
-                           after.ctime_ns, after.inode, after.mode, after.uid, after.gid)
+        result = _ReadFile(ids, sizes, content_digest(ids) if ids else EMPTY_CONTENT, after._replace(size=total))
         same = (before.size, before.mtime_ns, before.ctime_ns, before.inode) == (
             after.size, after.mtime_ns, after.ctime_ns, after.inode)
         if same and total == after.size:
@@ -194,9 +187,9 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     keep = [k for k in range(len(scan)) if k not in gone]
     table = _build_table(scan, keep, parent_row, read, pv)
     files = sum(1 for k in keep if scan.type[k] == FILE)
-    total = sum(read[k].size if k in read else scan.size[k] for k in keep if scan.type[k] == FILE)
+    total = sum(read[k].version.size if k in read else scan.size[k] for k in keep if scan.type[k] == FILE)
     return CaptureResult(Manifest(table), files=files, bytes=total,
-                         read_bytes=sum(r.size for r in read.values()),
+                         read_bytes=sum(r.version.size for r in read.values()),
                          reused_files=sum(1 for k in keep if parent_row[k] >= 0), warnings=warnings)
 
 
@@ -234,7 +227,7 @@ def _build_table(scan: TreeScan, keep: list[int], parent_row: list[int], read: d
     def col(values: list, name: str) -> list:  # type: ignore[type-arg]
         if len(keep) == len(values) and not read:
             return values
-        return [read[k].__getattribute__(name) if k in read else values[k] for k in keep]
+        return [getattr(read[k].version, name) if k in read else values[k] for k in keep]
 
     table = pa.table({
         "path": [scan.path[k] for k in keep] if len(keep) != len(scan) else scan.path,

@@ -33,6 +33,8 @@ class Site(Protocol):
 
     def chmod(self, name: str, rel: str, mode: int) -> None: ...
 
+    def set_mtime(self, name: str, rel: str, mtime_ns: int) -> None: ...
+
     def state(self, name: str) -> State: ...
 
     def paths(self, name: str) -> list[str]: ...
@@ -71,6 +73,9 @@ class LocalSite:
 
     def chmod(self, name: str, rel: str, mode: int) -> None:
         (self.base / name / rel).chmod(mode)
+
+    def set_mtime(self, name: str, rel: str, mtime_ns: int) -> None:
+        os.utime(self.base / name / rel, ns=(mtime_ns, mtime_ns))
 
     def age(self, name: str, seconds: int = 10) -> None:
         age_tree(self.base / name, seconds)
@@ -144,6 +149,9 @@ class HdfsSite:
 
     def chmod(self, name: str, rel: str, mode: int) -> None:
         self._fs().set_permission(f"{self.path(name)}/{rel}", mode)
+
+    def set_mtime(self, name: str, rel: str, mtime_ns: int) -> None:
+        self._fs().set_times(f"{self.path(name)}/{rel}", mtime_ns)
 
     def age(self, name: str, seconds: int = 10) -> None:
         from drsync.dataroot.hdfs import walk

@@ -206,9 +206,9 @@ def test_capture_reads_a_frozen_snapshot_while_the_cluster_writes(webhdfs) -> No
     def writer_during_capture(op: str, path: str) -> None:
         if op == "OPEN" and "/.snapshot/" in path:
             webhdfs.on_request = None
-            threading.Thread(target=lambda: fs.write(f"{site.path('data')}/b.txt", b"written during the capture",
-                                                     overwrite=True)).start()
-            time.sleep(0.2)
+            # Done before this OPEN is answered (the hook runs outside the namespace lock; the write is
+            # served by another server thread): the live file changes in the middle of the capture.
+            fs.write(f"{site.path('data')}/b.txt", b"written during the capture", overwrite=True)
 
     webhdfs.on_request = writer_during_capture
     root = HdfsDataRoot(site.url("data"))

@@ -312,3 +312,24 @@ def test_snapshot_restore_and_delta_on_every_storage(drsync, tmp_path: Path, req
     assert fixed["written_files"] == 2 and fixed["removed"] == 2
     assert not any(p.startswith(".drsync-staging") for p in dst.paths("out"))
     assert drsync("repo", "verify", "--repo", repo).code == 0
+
+
+@pytest.mark.parametrize("target", ["local", "hdfs"])
+def test_checksum_restore_finds_changes_hidden_behind_size_and_mtime(drsync, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                     request: pytest.FixtureRequest,
+                                                                     target: str) -> None:
+    cluster = request.getfixturevalue("webhdfs") if target == "hdfs" else None
+    src, dst = make_site("local", tmp_path / "src", None), make_site(target, tmp_path / "dst", cluster)
+    src.make_tree("data")
+    repo = src.url("repo")
+    assert drsync("init", "--repo", repo, "--cluster-id", "east", "--release", "6.2.1").code == 0
+    snap = snapshot(drsync, repo, src.url("data"))["id"]
+    assert drsync("snapshot", "restore", snap, "--repo", repo, "--target", dst.url("out")).code == 0
+    original = tmp_path / "src" / "data" / "catalog" / "f002.txt"
+    dst.write("out", "catalog/f002.txt", b"X" * original.stat().st_size)  # same size ...
+    dst.set_mtime("out", "catalog/f002.txt", original.stat().st_mtime_ns)  # ... and the same time
+    plain = drsync("snapshot", "restore", snap, "--repo", repo, "--target", dst.url("out"), "--json").json()
+    assert plain["written_files"] == 0 and not same_tree(src, "data", dst, "out")
+    checked = drsync("snapshot", "restore", snap, "--repo", repo, "--target", dst.url("out"), "--checksum",
+                     "--json").json()
+    assert checked["written_files"] == 1 and same_tree(src, "data", dst, "out")

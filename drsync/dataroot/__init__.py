@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol
 
+from drsync.repository import chunks
+from drsync.repository.manifest import content_digest
+from drsync.storage import HDFS_SCHEMES
 from drsync.tree import LocalEntry, TreeScan
 
 if TYPE_CHECKING:
@@ -127,6 +130,12 @@ class FrozenRoot(Protocol):
         ...
 
 
+def stream_matches(f: BinaryIO, e: Entry) -> bool:
+    """Whether a file's bytes, cut and hashed as a capture would, are the manifest entry's content."""
+    ids = [chunks.chunk_id(data) for data in chunks.cut_stream(f)]
+    return content_digest(ids) == content_digest(e.chunks)
+
+
 def is_remote_url(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
@@ -139,7 +148,7 @@ def open_data_root(url: str) -> DataRoot:
         url = url[len("file://"):]
     if "://" in url:
         scheme = url.split("://", 1)[0]
-        if scheme in ("hdfs", "webhdfs", "swebhdfs"):
+        if scheme in HDFS_SCHEMES:
             from drsync.dataroot.hdfs import HdfsDataRoot
 
             return HdfsDataRoot(url)

@@ -32,10 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion
+from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.errors import UsageError
 from drsync.repository import chunks
-from drsync.repository.manifest import DIR, FILE, SYMLINK, content_digest, symlink_stays_inside
+from drsync.repository.manifest import DIR, FILE, SYMLINK, symlink_stays_inside
 from drsync.storage.hdfs import HdfsError, HdfsFs, HdfsPermissionDenied, parse_hdfs_url
 from drsync.tree import RESERVED_NAMES, LocalEntry, TreeScan
 
@@ -341,20 +341,14 @@ class HdfsDataRoot:
         return False
 
     def existing(self) -> dict[str, LocalEntry]:
-        scan = walk(self.fs, self.root)
-        return {scan.path[k]: LocalEntry(scan.path[k], self._p(scan.path[k]), scan.type[k], scan.mode[k],
-                                         scan.uid[k], scan.gid[k], scan.size[k], scan.mtime_ns[k], scan.target[k])
-                for k in range(len(scan))}
+        return walk(self.fs, self.root).entries()
 
     def same_content(self, e: Entry, have: LocalEntry) -> bool:
-        ids: list[bytes] = []
         try:
             with self.fs.open(self._p(have.path)) as raw:
-                for data in chunks.cut_stream(raw):
-                    ids.append(chunks.chunk_id(data))
+                return stream_matches(raw, e)
         except HdfsError:
             return False
-        return content_digest(ids) == content_digest(e.chunks)
 
     def owners_settable(self) -> bool:
         return False

@@ -17,10 +17,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from drsync import fsutil
-from drsync.dataroot import STAGING, FileVersion
+from drsync.dataroot import STAGING, FileVersion, stream_matches
 from drsync.errors import UsageError
 from drsync.repository import chunks
-from drsync.repository.manifest import content_digest
 from drsync.tree import LocalEntry, TreeScan, scan_tree
 
 if TYPE_CHECKING:
@@ -134,14 +133,11 @@ class LocalDataRoot:
         return scan_tree(self.root).entries() if os.listdir(self.root) else {}
 
     def same_content(self, e: Entry, have: LocalEntry) -> bool:
-        ids: list[bytes] = []
         try:
             with open(have.abspath, "rb", buffering=0) as f:
-                for data in chunks.cut_stream(f):
-                    ids.append(chunks.chunk_id(data))
+                return stream_matches(f, e)
         except OSError:
             return False
-        return content_digest(ids) == content_digest(e.chunks)
 
     def owners_settable(self) -> bool:
         return os.geteuid() == 0

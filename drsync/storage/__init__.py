@@ -81,6 +81,10 @@ def check_name(name: str) -> str:
     return name
 
 
+# URL schemes of HDFS (WebHDFS over HTTP, or over HTTPS for swebhdfs).
+HDFS_SCHEMES = {"hdfs": "http", "webhdfs": "http", "swebhdfs": "https"}
+
+
 def open_storage(url: str, *, create: bool = False) -> Storage:
     """Open the storage a URL names: a plain path, ``file://PATH``, ``hdfs://NN:PORT[,NN2:PORT]/PATH`` or
     ``memory://NAME``."""
@@ -93,7 +97,7 @@ def open_storage(url: str, *, create: bool = False) -> Storage:
         return LocalStorage(url[len("file://"):], create=create)
     if "://" in url:
         scheme = url.split("://", 1)[0]
-        if scheme in ("hdfs", "webhdfs", "swebhdfs"):
+        if scheme in HDFS_SCHEMES:
             from drsync.storage.hdfs import HdfsStorage
 
             return HdfsStorage(url, create=create)

@@ -44,11 +44,10 @@ import requests
 import urllib3
 
 from drsync.errors import OperationFailed, UsageError
-from drsync.storage import ObjectExists, ObjectMissing, StoredObject, check_name
+from drsync.storage import HDFS_SCHEMES, ObjectExists, ObjectMissing, StoredObject, check_name
 
 log = logging.getLogger("drsync.hdfs")
 
-SCHEMES = {"hdfs": "http", "webhdfs": "http", "swebhdfs": "https"}
 # How long a call keeps retrying through safe mode or a namenode failover.
 DEFAULT_RETRY_S = float(os.environ.get("DRSYNC_HDFS_RETRY_S", "60"))
 # Pieces of a streaming write queued for the HTTP upload thread (each up to a chunk, ~1 MiB).
@@ -73,18 +72,11 @@ class HdfsLocation:
         query = f"?user={self.user}" if self.user else ""
         return f"{scheme}://{hosts}{self.path}{query}"
 
-    def child(self, path: str) -> HdfsLocation:
-        return HdfsLocation(self.namenodes, path, self.user, self.kerberos)
-
-
-def is_hdfs_url(url: str) -> bool:
-    return url.split("://", 1)[0] in SCHEMES if "://" in url else False
-
 
 def parse_hdfs_url(url: str) -> HdfsLocation:
     """Parse an HDFS URL; a malformed one is a usage error that says what is wrong."""
     parts = urlsplit(url)
-    if parts.scheme not in SCHEMES:
+    if parts.scheme not in HDFS_SCHEMES:
         raise UsageError(f"{url}: not an HDFS URL; write hdfs://namenode:9870/path")
     if not parts.netloc:
         raise UsageError(f"{url}: no namenode; write hdfs://namenode:9870/path (the WebHDFS HTTP port)")
@@ -94,7 +86,7 @@ def parse_hdfs_url(url: str) -> HdfsLocation:
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise UsageError(f"{url}: {hostport!r} is not host:port; give each namenode's WebHDFS HTTP "
                              f"address, e.g. nn1:9870,nn2:9870")
-        namenodes.append(f"{SCHEMES[parts.scheme]}://{host}:{port}")
+        namenodes.append(f"{HDFS_SCHEMES[parts.scheme]}://{host}:{port}")
     if ".." in (parts.path or "").split("/"):
         raise UsageError(f"{url}: the path may not contain '..'")
     path = posixpath.normpath(parts.path or "/")
