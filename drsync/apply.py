@@ -31,7 +31,7 @@ from typing import Protocol
 
 from drsync import fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
-from drsync.errors import IntegrityError
+from drsync.errors import IntegrityError, UsageError
 from drsync.pathglob import compile_globs
 from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, validate
 from drsync.tree import LocalEntry
@@ -45,8 +45,15 @@ class ChunkSource(Protocol):
     def has_chunk(self, chunk_id: bytes) -> bool: ...
 
 
+OTHER = "other"  # a fifo, socket or device in the target: never in a manifest, always replaced
+
+
 @dataclass
 class ApplyPlan:
+    """What a commit does, in this order: open up ``unlock``, move ``remove`` into the trash
+    (top-most paths only; a path whose type changes is removed and made anew), make ``mkdir``,
+    rename ``write`` into place, make ``link``, fix ``fix_meta``, finish ``dirs`` deepest first."""
+
     write: list[Entry] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
     mkdir: list[Entry] = field(default_factory=list)
@@ -57,6 +64,10 @@ class ApplyPlan:
     # Directories whose metadata the commit must set: new ones, ones whose mode or mtime differ,
     # and parents of anything written, removed, linked or made (their mtime moves). None: all of them.
     touched_dirs: set[str] | None = None
+    # Existing directories the commit changes but lacking owner rwx: opened up first, finished last.
+    unlock: list[str] = field(default_factory=list)
+    # Snapshot paths left alone because drsync's own files (repository, state) are there.
+    protected_skipped: list[str] = field(default_factory=list)
 
     def dirs_to_finish(self) -> list[Entry]:
         """``dirs`` (deepest first) limited to the touched ones."""
@@ -85,24 +96,41 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                excluded: Callable[[str], bool] = lambda p: False,
                same_content: Callable[[Entry, LocalEntry], bool] | None = None,
                structure_only: bool = False, compare_owner: bool = False,
-               mtime_resolution_ns: int = 1) -> ApplyPlan:
+               mtime_resolution_ns: int = 1, protected: frozenset[str] = frozenset()) -> ApplyPlan:
     """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some.
 
     ``compare_owner``: the target can set owners, so a differing owner is fixed.
     ``mtime_resolution_ns``: the coarser precision of the manifest's source and the target.
+    ``protected``: paths of drsync's own (a repository or state directory inside the target): they and
+    everything below are neither written nor removed, and their parents stay directories.
+    Raises :class:`UsageError` when the snapshot has a file or link where a protected path's parent is.
     """
     res = max(1, mtime_resolution_ns)
+    holders = {a for p in protected for a in _ancestors(p)}
+
+    def is_protected(path: str) -> bool:
+        return bool(protected) and (path in protected or any(a in protected for a in _ancestors(path)))
+
     touched: set[str] = set()
     plan = ApplyPlan()
     wanted: dict[str, Entry] = {}
     for e in entries:
         if excluded(e.path) or (structure_only and e.type == FILE):
             continue
+        if is_protected(e.path):
+            plan.protected_skipped.append(e.path)
+            continue
+        if e.path in holders and e.type != DIR:
+            raise UsageError(f"the snapshot has a {e.type} at {e.path}, where drsync's own files lie inside the "
+                             f"target ({sorted(protected)[0]}); move the repository and state directory out of "
+                             f"the data root")
         wanted[e.path] = e
     for path, have in existing.items():
-        if excluded(path) or (structure_only and have.type == FILE):
+        if excluded(path) or (structure_only and have.type == FILE) or is_protected(path):
             continue
         want = wanted.get(path)
+        if path in holders and have.type == DIR:
+            continue  # holds drsync's own files: kept whatever the snapshot says
         if want is None or want.type != have.type:
             plan.remove.append(path)
     removed = set(plan.remove)
@@ -133,6 +161,10 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                 plan.write.append(e)
     touched.update(p.rpartition("/")[0] for p in plan.remove)
     touched.update(e.path.rpartition("/")[0] for e in (*plan.write, *plan.link, *plan.mkdir))
+    touched.discard("")
+    # A directory we change but may not write into is opened up for the commit and finished after it.
+    plan.unlock = sorted(p for p in touched if (h := existing.get(p)) is not None and h.type == DIR
+                         and p not in removed and (h.mode & 0o700) != 0o700)
     plan.touched_dirs = touched
     # Remove children before parents; create parents before children.
     plan.remove.sort(key=lambda p: p.count("/"), reverse=True)
@@ -165,7 +197,17 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    exclude: tuple[str, ...] = (), checksum: bool = False, structure_only: bool = False,
                    progress: Callable[[int], None] | None = None,
                    on_total: Callable[[int], None] | None = None, workers: int = 4,
-                   journal: str | None = None, on_committed: Callable[[], None] | None = None) -> ApplyResult:
+                   journal: str | None = None, on_committed: Callable[[], None] | None = None,
+                   protect: tuple[str, ...] = ()) -> ApplyResult:
+    """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
+
+    ``journal``: a local file for the commit's journal (the standby keeps it in its state
+    directory); without one the root keeps it in its staging area, so that an interrupted restore is
+    completed by the next apply or restore onto the same target. ``protect``: paths (local paths or
+    URLs) of drsync's own files that may lie inside the target; they are left alone.
+    Raises IntegrityError (missing or damaged chunks, bad manifest), UsageError (a target that
+    cannot hold the snapshot: mount points in the way, protected paths), OperationFailed (I/O).
+    """
     validate(manifest, what)
     root = open_data_root(target) if isinstance(target, str) else target
     entries = list(manifest.entries())
@@ -177,13 +219,18 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                     raise IntegrityError(f"{what}: {e.path}: chunk {cid.hex()[:16]} is missing from the "
                                          f"repository; nothing was changed")
     created_target = root.prepare_target()
+    log_ = _journal_for(root, journal)
+    # An earlier apply onto this target that was cut short is completed first.
+    _finish_interrupted(root, log_)
+    protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
     existing = root.existing()
     # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
     # milliseconds, and so does anything applied to HDFS.
     resolution = comparison_resolution(manifest, root)
     plan = plan_apply(entries, existing, excluded=compile_globs(exclude),
                       same_content=root.same_content if checksum else None, structure_only=structure_only,
-                      compare_owner=root.owners_settable(), mtime_resolution_ns=resolution)
+                      compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected)
+    root.check_plan(plan)
     skipped_links = []
     if plan.link and not root.supports_symlinks:
         skipped_links, plan.link = plan.link, []
@@ -192,7 +239,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
 
     staged: dict[str, str] = {}
     try:
-        root.reset_staging()
+        root.reset_staging(plan)
 
         def stage(batch: list[tuple[int, Entry]]) -> None:
             for n, e in batch:
@@ -201,6 +248,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool:
             list(pool.map(stage, _batches(list(enumerate(plan.write)))))
         root.flush()
+        # From here on the apply only moves forward: a restart replays the journal.
+        log_.save(json.dumps({"phase": "commit", **_plan_to_json(plan, staged)}).encode())
     except BaseException:
         # Nothing was committed: leave the target as it was (including not existing at all).
         root.drop_staging()
@@ -213,18 +262,78 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     if skipped_links:
         result.warnings.append(f"{len(skipped_links)} symlink(s) not made: {root.url} cannot hold symlinks "
                                f"(e.g. {skipped_links[0].path})")
-    if journal:
-        # From here on the apply only moves forward: a restart replays the journal.
-        fsutil.atomic_write(journal, json.dumps(_plan_to_json(plan, staged)).encode(), durable=True)
+    if plan.protected_skipped:
+        result.warnings.append(f"{len(plan.protected_skipped)} path(s) of the snapshot left alone because drsync's "
+                               f"own files are there (e.g. {plan.protected_skipped[0]})")
     root.commit(plan, staged)
-    root.drop_staging()
-    root.flush()
-    if on_committed:
-        on_committed()  # before the journal goes: a crash here replays the commit, then this again
-    if journal:
-        os.unlink(journal)
-        fsutil.fsync_dir(os.path.dirname(journal))
+    _close(root, log_, on_committed)
     return result
+
+
+class Journal(Protocol):
+    """Where a commit's plan is kept until it is done: written durably and atomically."""
+
+    def load(self) -> bytes | None: ...
+
+    def save(self, data: bytes) -> None: ...
+
+    def remove(self) -> None: ...
+
+
+class FileJournal:
+    """A journal in a local file (the standby's state directory, or a local root's staging area)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> bytes | None:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def save(self, data: bytes) -> None:
+        fsutil.atomic_write(self.path, data, durable=True)
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return
+        fsutil.fsync_dir(os.path.dirname(self.path) or ".")
+
+
+def _journal_for(root: DataRoot, journal: str | None) -> Journal:
+    return FileJournal(journal) if journal else root.journal()
+
+
+def _close(root: DataRoot, log_: Journal, on_committed: Callable[[], None] | None) -> None:
+    """After the commit: durable, marked done, reported, then the staging area and journal go."""
+    root.flush()
+    log_.save(json.dumps({"phase": "done"}).encode())
+    if on_committed:
+        on_committed()  # before the journal goes: a crash here replays the close, then this again
+    root.drop_staging()
+    log_.remove()
+    root.drop_staging()  # the in-root journal's directory, now empty
+
+
+def _finish_interrupted(root: DataRoot, log_: Journal) -> bool:
+    raw = log_.load()
+    if raw is None:
+        return False
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        # Written atomically, so a damaged journal is not ours to guess at.
+        raise IntegrityError(f"apply journal of {root.url} is damaged; restore the target from a snapshot "
+                             f"into an empty directory") from None
+    if doc.get("phase", "commit") == "commit":
+        plan, staged = _plan_from_json(doc)
+        root.commit(plan, staged)
+    _close(root, log_, None)
+    return True
 
 
 def _chunk_data(e: Entry, source: ChunkSource, what: str,
@@ -248,7 +357,7 @@ def _plan_to_json(plan: ApplyPlan, staged: dict[str, str]) -> dict[str, object]:
 
     return {"remove": plan.remove, "mkdir": [ent(e) for e in plan.mkdir], "write": [ent(e) for e in plan.write],
             "link": [ent(e) for e in plan.link], "fix_meta": [ent(e) for e in plan.fix_meta],
-            "dirs": [ent(e) for e in plan.dirs], "staged": staged,
+            "dirs": [ent(e) for e in plan.dirs], "staged": staged, "unlock": plan.unlock,
             "touched_dirs": sorted(plan.touched_dirs) if plan.touched_dirs is not None else None}
 
 
@@ -258,27 +367,24 @@ def _plan_from_json(doc: dict) -> tuple[ApplyPlan, dict[str, str]]:  # type: ign
 
     plan = ApplyPlan(write=[ent(r) for r in doc["write"]], remove=list(doc["remove"]),
                      mkdir=[ent(r) for r in doc["mkdir"]], link=[ent(r) for r in doc["link"]],
-                     fix_meta=[ent(r) for r in doc["fix_meta"]], dirs=[ent(r) for r in doc["dirs"]])
+                     fix_meta=[ent(r) for r in doc["fix_meta"]], dirs=[ent(r) for r in doc["dirs"]],
+                     unlock=list(doc.get("unlock", [])))
     touched = doc.get("touched_dirs")  # journals of earlier versions have none: finish every directory
     plan.touched_dirs = set(touched) if touched is not None else None
     return plan, dict(doc["staged"])
 
 
-def recover_apply(target: str | DataRoot, journal: str) -> bool:
-    """Finish or roll back an apply that was interrupted. True when one was finished.
+def recover_apply(target: str | DataRoot, journal: str | None = None) -> bool:
+    """Finish an apply that was interrupted. True when one was finished.
 
-    With a journal the staged files were complete and durable: replay the commit.
-    Without one the apply never started changing the target: drop the staging area.
+    With a journal in the commit phase the staged files were complete and durable: the commit is
+    replayed (every step of it may run again any number of times). Without one the apply never
+    started changing the target: the staging area is dropped.
     """
     root = open_data_root(target) if isinstance(target, str) else target
-    if os.path.exists(journal):
-        with open(journal, "rb") as f:
-            plan, staged = _plan_from_json(json.loads(f.read()))
-        root.commit(plan, staged)
-        root.drop_staging()
-        root.flush()
-        os.unlink(journal)
-        fsutil.fsync_dir(os.path.dirname(journal))
+    if root.missing():
+        return False
+    if _finish_interrupted(root, _journal_for(root, journal)):
         return True
     root.drop_staging()
     return False

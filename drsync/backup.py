@@ -227,7 +227,7 @@ def restore_backup(path: str, target: str, *, checksum: bool = False,
     manifest = repo.load_manifest(snaps[0])
     result = apply_manifest(manifest, repo, target, what=f"backup {meta.id}", checksum=checksum,
                             exclude=tuple(meta.excluded), structure_only=meta.mode == "dataless",
-                            progress=progress, on_total=on_total)
+                            progress=progress, on_total=on_total, protect=(path,))
     if meta.mode == "dataless":
         result.warnings.append("dataless backup: directories and links restored, file contents are not "
                                "in this backup")

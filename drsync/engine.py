@@ -165,7 +165,7 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
         check_same_cluster(info, cluster_id, release)
         manifest = repo.load_manifest(info)
         result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
-                                progress=progress, on_total=on_total)
+                                progress=progress, on_total=on_total, protect=(repo.storage.url,))
     return info, result
 
 

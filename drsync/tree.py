@@ -12,10 +12,10 @@ import os
 import stat as st
 from dataclasses import dataclass, field
 
-from drsync.repository.manifest import DIR, FILE, SYMLINK, symlink_stays_inside
+from drsync.repository.manifest import DIR, FILE, RESERVED_NAME, SYMLINK, escaping_links, symlink_stays_inside
 
-# Names at the top of a data root that belong to drsync itself (staging of an apply).
-RESERVED_NAMES = frozenset({".drsync-staging"})
+# Names that belong to drsync itself (the staging area of an apply), at any depth.
+RESERVED_NAMES = frozenset({RESERVED_NAME})
 
 
 @dataclass
@@ -45,6 +45,20 @@ class TreeScan:
 
     def entries(self) -> dict[str, LocalEntry]:
         return {self.path[k]: self.entry(k) for k in range(len(self))}
+
+    def drop_escaping_links(self) -> None:
+        """Leave out links that reach outside the root through other links (the manifest rule)."""
+        links = {self.path[k]: self.target[k] for k in range(len(self)) if self.type[k] == SYMLINK}
+        bad = set(escaping_links(links)) if links else set()  # type: ignore[arg-type]
+        if not bad:
+            return
+        keep = [k for k in range(len(self)) if self.path[k] not in bad]
+        for name in ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "inode", "target"):
+            col = getattr(self, name)
+            setattr(self, name, [col[k] for k in keep])
+        for p in sorted(bad):
+            self.warnings.append(f"{p}: symlink to {links[p]} leads outside the data root through other "
+                                 f"links; not captured")
 
 
 @dataclass(slots=True)
@@ -87,7 +101,11 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
         with it:
             for e in it:
                 name = e.name
-                if (not rel_dir and name in RESERVED_NAMES) or (exclude and e.path in exclude):
+                if name in RESERVED_NAMES:
+                    if rel_dir:
+                        warn(f"{prefix}{name}: the name is reserved for drsync's staging area; not captured")
+                    continue
+                if exclude and e.path in exclude:
                     continue
                 try:
                     s = e.stat(follow_symlinks=False)
@@ -123,4 +141,5 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
                 ctime_a(s.st_ctime_ns)
                 inode_a(s.st_ino)
                 target_a(target)
+    scan.drop_escaping_links()
     return scan

@@ -211,7 +211,8 @@ class StandbyReceiver:
         try:
             result = apply_manifest(
                 manifest, self.repo, self.data_root, what=f"snapshot {info.id}", journal=self.state_file.journal,
-                on_committed=lambda: self._record_applied(info.id, info.captured_at))
+                on_committed=lambda: self._record_applied(info.id, info.captured_at),
+                protect=(self.repo.storage.url, self.state_file.dir))
         except BaseException as e:
             self._after_failed_apply()
             if isinstance(e, OSError):

@@ -22,7 +22,7 @@ from drsync.storage import HDFS_SCHEMES
 from drsync.tree import LocalEntry, TreeScan
 
 if TYPE_CHECKING:
-    from drsync.apply import ApplyPlan
+    from drsync.apply import ApplyPlan, Journal
     from drsync.repository.manifest import Entry, Manifest
 
 # (uid_t)-1: the owner is not known (HDFS keeps user names, not ids); chown(2) leaves such an id alone.
@@ -84,7 +84,17 @@ class DataRoot(Protocol):
         """Make sure the root exists as a directory; True when it had to be created."""
         ...
 
+    def missing(self) -> bool:
+        """Whether the root does not exist (as a directory)."""
+        ...
+
+    def relative_inside(self, path: str) -> str | None:
+        """``path`` (a local path or URL) relative to the root when it lies inside it, else None.
+        Raises UsageError when it is the root itself."""
+        ...
+
     def existing(self) -> dict[str, LocalEntry]:
+        """Every entry of the target (links wherever they point, special files as ``other``)."""
         ...
 
     def same_content(self, e: Entry, have: LocalEntry) -> bool:
@@ -94,7 +104,17 @@ class DataRoot(Protocol):
     def owners_settable(self) -> bool:
         ...
 
-    def reset_staging(self) -> None:
+    def check_plan(self, plan: ApplyPlan) -> None:
+        """Refuse, before anything changes, a plan the commit could not carry out (UsageError or
+        OperationFailed naming the path): mount points in the way, directories this user cannot write."""
+        ...
+
+    def journal(self) -> Journal:
+        """Where an apply without a journal of its own keeps it: in the root's staging area."""
+        ...
+
+    def reset_staging(self, plan: ApplyPlan) -> None:
+        """Empty staging areas for the plan (one per filesystem it writes to)."""
         ...
 
     def write_staged(self, n: int, e: Entry, data: Iterable[bytes]) -> str:
@@ -106,13 +126,15 @@ class DataRoot(Protocol):
         ...
 
     def drop_staging(self) -> None:
+        """Remove the staging areas and the trash, keeping only an in-root journal if there is one."""
         ...
 
     def remove_root(self) -> None:
         ...
 
     def commit(self, plan: ApplyPlan, staged: dict[str, str]) -> None:
-        """Make the root equal the plan. Idempotent: a journaled apply may run it again."""
+        """Make the root equal the plan. Every step is idempotent: after a crash at any instant,
+        a journaled apply runs it again, any number of times, to the same end."""
         ...
 
 

@@ -202,7 +202,11 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
         for s in children:
             name = s["pathSuffix"]
             rel = f"{rel_dir}/{name}" if rel_dir else name
-            if (not rel_dir and name in RESERVED_NAMES) or (exclude and posixpath.join(base, rel) in exclude):
+            if name in RESERVED_NAMES:
+                if rel_dir:
+                    scan.warnings.append(f"{rel}: the name is reserved for drsync's staging area; not captured")
+                continue
+            if exclude and posixpath.join(base, rel) in exclude:
                 continue
             typ = _TYPES.get(s["type"])
             if typ is None:
@@ -230,6 +234,7 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
                     reuse.add_subtree(scan, rel)
                 else:
                     stack.append(rel)
+    scan.drop_escaping_links()
     return scan
 
 
@@ -340,6 +345,22 @@ class HdfsDataRoot:
             return True
         return False
 
+    def missing(self) -> bool:
+        s = self.fs.status(self.root)
+        return s is None or s["type"] != "DIRECTORY"
+
+    def relative_inside(self, path: str) -> str | None:
+        if "://" not in path or path.startswith("file://"):
+            return None
+        try:
+            other = parse_hdfs_url(path).path
+        except (UsageError, ValueError):
+            return None
+        top = self.root.rstrip("/")
+        if other.rstrip("/") == top:
+            raise UsageError(f"{path} is the target itself; drsync's own files cannot be the data root")
+        return other[len(top) + 1:].strip("/") if other.startswith(top + "/") else None
+
     def existing(self) -> dict[str, LocalEntry]:
         return walk(self.fs, self.root).entries()
 
@@ -353,13 +374,19 @@ class HdfsDataRoot:
     def owners_settable(self) -> bool:
         return False
 
+    def check_plan(self, plan: ApplyPlan) -> None:
+        """Nothing to refuse up front: HDFS has no mount points or symlinks to go through."""
+
+    def journal(self) -> HdfsJournal:
+        return HdfsJournal(self.fs, self._staging)
+
     @property
     def _staging(self) -> str:
         return self._p(STAGING)
 
-    def reset_staging(self) -> None:
+    def reset_staging(self, plan: ApplyPlan) -> None:
         self.fs.delete(self._staging, recursive=True)
-        self.fs.mkdirs(self._staging, 0o700)
+        self.fs.mkdirs(posixpath.join(self._staging, "trash"), 0o700)
 
     def write_staged(self, n: int, e: Entry, data: Iterable[bytes]) -> str:
         path = posixpath.join(self._staging, str(n))
@@ -380,14 +407,29 @@ class HdfsDataRoot:
         """Nothing to do: a closed HDFS file is on its datanodes, and namenode edits are logged."""
 
     def drop_staging(self) -> None:
-        self.fs.delete(self._staging, recursive=True)
+        """The staging area goes, except a journal still in it (the caller removes that, then calls again)."""
+        try:
+            children = list(self.fs.list_dir(self._staging))
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                return
+            raise
+        names = [c["pathSuffix"] for c in children]
+        journals = [n for n in names if n.startswith(HdfsJournal.PREFIX)]
+        if not journals:
+            self.fs.delete(self._staging, recursive=True)
+            return
+        _side_by_side(lambda n: self.fs.delete(posixpath.join(self._staging, n), recursive=True),
+                      [n for n in names if n not in journals])
 
     def remove_root(self) -> None:
         self.fs.delete(self.root, recursive=True)
 
     def commit(self, plan: ApplyPlan, staged: dict[str, str]) -> None:
         """Each step's calls are independent of each other, so they go to the namenode side by side:
-        an apply on HDFS is bound by round trips, not by the namenode's work."""
+        an apply on HDFS is bound by round trips, not by the namenode's work. Each call checks what is
+        done already, so a replay after a crash at any instant ends in the same tree: what goes away is
+        renamed into the numbered trash (present there = done), staged files are moved unless gone."""
         fs = self.fs
 
         def writable(e: Entry) -> None:
@@ -395,13 +437,30 @@ class HdfsDataRoot:
             if (e.mode & 0o700) != 0o700 and fs.status(self._p(e.path)) is not None:
                 fs.set_permission(self._p(e.path), e.mode | 0o700)
 
+        def trash(item: tuple[int, str]) -> None:
+            k, path = item
+            dst = posixpath.join(self._staging, "trash", str(k))
+            if fs.status(dst) is not None:
+                return  # moved by the run this one completes
+            if fs.status(self._p(path)) is None:
+                fs.mkdirs(dst, 0o700)  # gone already: mark the step done all the same
+            elif not fs.rename(self._p(path), dst):
+                raise HdfsError(f"HDFS refused to move {self._p(path)} aside; check that its directory is writable")
+
+        def make_dir(e: Entry) -> None:
+            s = fs.status(self._p(e.path))
+            if s is None:
+                fs.mkdirs(self._p(e.path), 0o700)
+            elif s["type"] != "DIRECTORY":
+                raise HdfsError(f"{self._p(e.path)} appeared during the apply and is not a directory")
+
         def move(e: Entry) -> None:
             src, dst = staged[e.path], self._p(e.path)
             if fs.status(src) is None:
                 if fs.status(dst) is None:
                     raise HdfsError(f"staged file {src} for {dst} is gone; the apply cannot be completed")
                 return  # moved already by the interrupted run this one completes
-            fs.delete(dst)  # RENAME never replaces: remove the old version first
+            fs.delete(dst)  # RENAME never replaces: remove the old version of the same file first
             if not fs.rename(src, dst):
                 raise HdfsError(f"HDFS refused to rename {src} to {dst}; check that the directory is writable")
 
@@ -413,16 +472,71 @@ class HdfsDataRoot:
         # two per directory of the tree.
         finish = plan.dirs_to_finish()
         _side_by_side(writable, finish)
-        _side_by_side(lambda p: fs.delete(self._p(p), recursive=True), plan.remove)  # top-most paths only
-        _side_by_side(lambda e: fs.mkdirs(self._p(e.path), 0o700), plan.mkdir)  # MKDIRS makes parents too
+        _side_by_side(trash, list(enumerate(plan.remove)))  # top-most paths only
+        for depth_group in _by_depth(plan.mkdir, deepest_first=False):
+            _side_by_side(make_dir, depth_group)
         _side_by_side(move, plan.write)
         _side_by_side(lambda e: fs.set_permission(self._p(e.path), e.mode), plan.fix_meta)
         # Deepest directories first (a directory's mode may take away what its children's calls need).
-        by_depth: dict[int, list[Entry]] = {}
-        for e in finish:
-            by_depth.setdefault(e.path.count("/"), []).append(e)
-        for depth in sorted(by_depth, reverse=True):
-            _side_by_side(finish_dir, by_depth[depth])
+        for depth_group in _by_depth(finish, deepest_first=True):
+            _side_by_side(finish_dir, depth_group)
+
+
+def _by_depth(entries: list[Entry], *, deepest_first: bool) -> list[list[Entry]]:
+    groups: dict[int, list[Entry]] = {}
+    for e in entries:
+        groups.setdefault(e.path.count("/"), []).append(e)
+    return [groups[d] for d in sorted(groups, reverse=deepest_first)]
+
+
+class HdfsJournal:
+    """An apply's journal on HDFS, where RENAME never replaces: each save is a new numbered file,
+    written completely before the older ones are deleted; the newest one that parses is current."""
+
+    PREFIX = "journal."
+
+    def __init__(self, fs: HdfsFs, directory: str) -> None:
+        self.fs = fs
+        self.dir = directory
+
+    def _names(self) -> list[tuple[int, str]]:
+        try:
+            out = []
+            for c in self.fs.list_dir(self.dir):
+                n = c["pathSuffix"]
+                if n.startswith(self.PREFIX) and n[len(self.PREFIX):].isdigit():
+                    out.append((int(n[len(self.PREFIX):]), n))
+            return sorted(out)
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                return []
+            raise
+
+    def load(self) -> bytes | None:
+        import json
+
+        for _, name in reversed(self._names()):
+            with self.fs.open(posixpath.join(self.dir, name)) as raw:
+                data = raw.read()
+            try:
+                json.loads(data)
+            except ValueError:
+                continue  # cut short while written: the one before is current
+            return data
+        return None
+
+    def save(self, data: bytes) -> None:
+        names = self._names()
+        seq = names[-1][0] + 1 if names else 1
+        w = self.fs.writer(posixpath.join(self.dir, f"{self.PREFIX}{seq}"), overwrite=False)
+        w.write(data)
+        w.close()
+        for _, old in names:
+            self.fs.delete(posixpath.join(self.dir, old))
+
+    def remove(self) -> None:
+        for _, name in self._names():
+            self.fs.delete(posixpath.join(self.dir, name))
 
 
 # Namenode calls in flight at once while committing an apply (DRSYNC_HDFS_WORKERS to tune).

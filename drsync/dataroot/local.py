@@ -10,6 +10,7 @@ fsync per file.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat as st
 from collections.abc import Iterable, Iterator
@@ -18,12 +19,14 @@ from typing import TYPE_CHECKING
 
 from drsync import fsutil
 from drsync.dataroot import STAGING, FileVersion, stream_matches
-from drsync.errors import UsageError
+from drsync.dataroot.beneath import Beneath
+from drsync.errors import OperationFailed, UsageError
 from drsync.repository import chunks
+from drsync.repository.manifest import DIR, FILE, SYMLINK
 from drsync.tree import LocalEntry, TreeScan, scan_tree
 
 if TYPE_CHECKING:
-    from drsync.apply import ApplyPlan
+    from drsync.apply import ApplyPlan, FileJournal
     from drsync.repository.manifest import Entry, Manifest
 
 # Files up to this size are read with one call and cut in memory.
@@ -100,6 +103,14 @@ class LocalDataRoot:
     def __init__(self, path: str) -> None:
         self.root = os.path.abspath(path)
         self.url = self.root
+        self._mount_list: list[str] | None = None
+        self._staging_fds: dict[str, int] = {}
+
+    @property
+    def _mounts(self) -> list[str]:
+        if self._mount_list is None:
+            self._mount_list = self.mount_points()
+        return self._mount_list
 
     # --- capture ---
 
@@ -129,12 +140,32 @@ class LocalDataRoot:
         os.makedirs(self.root, exist_ok=True)
         return created
 
+    def missing(self) -> bool:
+        return not os.path.isdir(self.root)
+
+    def relative_inside(self, path: str) -> str | None:
+        if "://" in path and not path.startswith("file://"):
+            return None
+        real = os.path.realpath(path.removeprefix("file://"))
+        top = os.path.realpath(self.root)
+        if real == top:
+            raise UsageError(f"{path} is the target itself; drsync's own files cannot be the data root")
+        if not real.startswith(top.rstrip("/") + "/"):
+            return None
+        return real[len(top.rstrip("/")) + 1:]
+
+    def mount_points(self) -> list[str]:
+        """Filesystems mounted inside the root, as relative paths (deepest first)."""
+        return _mounts_below(os.path.realpath(self.root))
+
     def existing(self) -> dict[str, LocalEntry]:
-        return scan_tree(self.root).entries() if os.listdir(self.root) else {}
+        return scan_target(self.root, {"", *self.mount_points()})
 
     def same_content(self, e: Entry, have: LocalEntry) -> bool:
         try:
-            with open(have.abspath, "rb", buffering=0) as f:
+            with Beneath(self.root) as fs:
+                fd = fs.open_read(have.path)
+            with os.fdopen(fd, "rb", buffering=0) as f:
                 return stream_matches(f, e)
         except OSError:
             return False
@@ -142,17 +173,66 @@ class LocalDataRoot:
     def owners_settable(self) -> bool:
         return os.geteuid() == 0
 
-    @property
-    def _staging(self) -> str:
-        return os.path.join(self.root, STAGING)
+    def journal(self) -> FileJournal:
+        from drsync.apply import FileJournal
 
-    def reset_staging(self) -> None:
-        shutil.rmtree(self._staging, ignore_errors=True)
-        os.mkdir(self._staging, 0o700)
+        return FileJournal(os.path.join(self.root, STAGING, JOURNAL_NAME))
+
+    def _domain(self, rel: str) -> str:
+        """The mount point (relative; "" for the root's own filesystem) holding ``rel``."""
+        for m in self._mounts:
+            if rel.startswith(m + "/"):
+                return m
+        return ""
+
+    @staticmethod
+    def _staging_of(domain: str) -> str:
+        return f"{domain}/{STAGING}" if domain else STAGING
+
+    def check_plan(self, plan: ApplyPlan) -> None:
+        """Refuse up front what the commit could not do: move a mount point, or change a directory
+        this user may not write (unless it owns it and can open it up)."""
+        self._mount_list = self.mount_points()
+        moved = [*plan.remove, *(e.path for e in plan.write), *(e.path for e in plan.link)]
+        mounts = set(self._mounts)
+        for p in moved:
+            hit = p if p in mounts else next((m for m in self._mounts if m.startswith(p + "/")), None)
+            if hit is not None:
+                raise UsageError(f"a filesystem is mounted at {os.path.join(self.root, hit)}, where the snapshot "
+                                 f"has no directory (it would replace {p}); unmount it or restore elsewhere; "
+                                 f"nothing was changed")
+        if os.geteuid() == 0:
+            return
+        me = os.geteuid()
+        for d in sorted({"", *(plan.touched_dirs or ())}):
+            full = os.path.join(self.root, d) if d else self.root
+            try:
+                s = os.lstat(full)
+            except FileNotFoundError:
+                continue
+            if st.S_ISDIR(s.st_mode) and s.st_uid != me and not os.access(full, os.W_OK | os.X_OK):
+                raise OperationFailed(f"target directory {full}: permission denied (owned by uid {s.st_uid}); "
+                                      f"run drsync as the owner of the data root or as root; nothing was changed")
+
+    def reset_staging(self, plan: ApplyPlan) -> None:
+        used = {""} | {self._domain(p) for p in (*plan.remove, *(e.path for e in (*plan.write, *plan.link)))}
+        with Beneath(self.root) as fs:
+            for d in sorted(used):
+                rel = self._staging_of(d)
+                fs.remove_tree(rel)
+                fs.mkdir(rel, 0o700)
+                fs.mkdir(f"{rel}/trash", 0o700)
+                # Making the staging area moved the mount point's mtime: the commit sets it back.
+                if d and plan.touched_dirs is not None:
+                    plan.touched_dirs.add(d)
+        with Beneath(self.root) as fs:
+            for d in sorted(used):
+                self._staging_fds[d] = os.dup(fs.dir_fd(self._staging_of(d)))
 
     def write_staged(self, n: int, e: Entry, data: Iterable[bytes]) -> str:
-        tmp = os.path.join(self._staging, str(n))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        domain = self._domain(e.path)
+        dfd = self._staging_fds[domain]
+        fd = os.open(str(n), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
             for piece in data:
                 view = memoryview(piece)
@@ -162,81 +242,185 @@ class LocalDataRoot:
             if os.geteuid() == 0:
                 os.fchown(fd, e.uid, e.gid)
             os.fchmod(fd, e.mode)
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
         finally:
             os.close(fd)
-        os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
-        return tmp
+        return f"{self._staging_of(domain)}/{n}"
 
     def flush(self) -> None:
-        fsutil.syncfs(self.root)
+        """One syncfs per filesystem the apply touches (the root's and each mount point's)."""
+        for d in ["", *self._mounts]:
+            full = os.path.join(self.root, d) if d else self.root
+            if os.path.isdir(full):
+                fsutil.syncfs(full)
 
     def drop_staging(self) -> None:
-        shutil.rmtree(self._staging, ignore_errors=True)
+        for fd in self._staging_fds.values():
+            os.close(fd)
+        self._staging_fds = {}
+        if self.missing():
+            return
+        with Beneath(self.root) as fs:
+            for d in ["", *self.mount_points()]:
+                rel = self._staging_of(d)
+                s = fs.lstat(rel)
+                if s is None:
+                    continue
+                if not st.S_ISDIR(s.st_mode):
+                    fs.unlink(rel)
+                    continue
+                dfd = fs.dir_fd(rel)
+                keep = d == ""
+                with os.scandir(dfd) as it:
+                    names = [x.name for x in it]
+                for name in names:
+                    if not (keep and name == JOURNAL_NAME):
+                        fs.remove_tree(f"{rel}/{name}")
+                if not (keep and JOURNAL_NAME in names):
+                    fs.forget(rel)
+                    fs.remove_tree(rel)
 
     def remove_root(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def commit(self, plan: ApplyPlan, staged: dict[str, str]) -> None:
-        target = self.root
+        """Every step checks what is already done, so a replay after a crash at any instant, any
+        number of times, ends in the same tree: paths that go away are renamed into the trash under
+        a number (present there = done), directories are made unless they exist, staged files are
+        renamed unless already gone, links are made unless right, metadata is set again."""
         root_owner = os.geteuid() == 0
+        with Beneath(self.root) as fs:
+            for path in plan.unlock:
+                s = fs.lstat(path)
+                if s is not None and st.S_ISDIR(s.st_mode) and (s.st_mode & 0o700) != 0o700:
+                    fs.chmod(path, st.S_IMODE(s.st_mode) | 0o700)
+            for k, path in enumerate(plan.remove):
+                trash = f"{self._staging_of(self._domain(path))}/trash/{k}"
+                if fs.lstat(trash) is not None:
+                    continue  # moved by the run this one completes
+                if fs.lstat(path) is None:
+                    fs.mkdir(trash)  # gone already: mark the step done all the same
+                else:
+                    fs.rename(path, trash)
+            for e in plan.mkdir:
+                s = fs.lstat(e.path)
+                if s is None:
+                    fs.mkdir(e.path, 0o700)
+                elif not st.S_ISDIR(s.st_mode):
+                    raise OperationFailed(f"{os.path.join(self.root, e.path)} appeared during the apply and is not "
+                                          f"a directory; stop what writes into the target and run again")
+            for e in plan.write:
+                src = staged[e.path]
+                if fs.lstat(src) is None:
+                    s = fs.lstat(e.path)
+                    if s is None or not st.S_ISREG(s.st_mode):
+                        raise OperationFailed(f"staged file {src} for {e.path} is gone; the apply cannot be "
+                                              f"completed; restore the target from a snapshot")
+                    continue  # moved already by the interrupted run this one completes
+                fs.rename(src, e.path)
+            for k, e in enumerate(plan.link):
+                s = fs.lstat(e.path)
+                if s is None or not st.S_ISLNK(s.st_mode) or fs.readlink(e.path) != e.target:
+                    tmp = f"{self._staging_of(self._domain(e.path))}/L{k}"
+                    fs.remove_tree(tmp)
+                    fs.symlink(e.target or "", tmp)
+                    fs.rename(tmp, e.path)
+                if root_owner:
+                    fs.chown(e.path, e.uid, e.gid)
+                fs.utime(e.path, e.mtime_ns)
+            for e in plan.fix_meta:
+                if root_owner:
+                    fs.chown(e.path, e.uid, e.gid)
+                fs.chmod(e.path, e.mode)
+            # Deepest directories first, so setting a child's times does not disturb its parent's.
+            for e in plan.dirs_to_finish():
+                if root_owner:
+                    fs.chown(e.path, e.uid, e.gid)
+                s = fs.lstat(e.path)
+                if s is None or not st.S_ISDIR(s.st_mode):
+                    raise OperationFailed(f"{os.path.join(self.root, e.path)} is not a directory after the "
+                                          f"commit; stop what writes into the target and run again")
+                if st.S_IMODE(s.st_mode) != e.mode:
+                    fs.chmod(e.path, e.mode)
+                if s.st_mtime_ns != e.mtime_ns:
+                    fs.utime(e.path, e.mtime_ns)
 
-        def full(path: str) -> str:
-            return os.path.join(target, *path.split("/"))
 
-        # Directories we write into must be writable by us until the end.
-        for e in plan.dirs:
+JOURNAL_NAME = "journal.json"
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mounts_below(real_root: str) -> list[str]:
+    """Mount points strictly inside ``real_root`` (from /proc/self/mountinfo), deepest first."""
+    prefix = real_root.rstrip("/") + "/"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            points = [_unescape_mountinfo(line.split()[4]) for line in f if len(line.split()) > 4]
+    except OSError:
+        return []
+    rel = {p[len(prefix):] for p in points if p.startswith(prefix)}
+    return sorted(rel, key=lambda p: (-p.count("/"), p))
+
+
+def scan_target(root: str, domain_tops: set[str]) -> dict[str, LocalEntry]:
+    """Every entry of an apply's target, whatever it is: links wherever they point, special files
+    (type ``other``), so that the plan replaces rather than follows them. drsync's staging areas
+    (``.drsync-staging`` at the top of the root and of each mount point) are left out. A directory
+    this user owns but cannot list is opened for the listing and set back; one it cannot list and
+    does not own is an error naming it (raised before anything changes)."""
+    from drsync.apply import OTHER
+
+    out: dict[str, LocalEntry] = {}
+    me = os.geteuid()
+    stack = [("", root)]
+    while stack:
+        rel_dir, abs_dir = stack.pop()
+        try:
+            names = _list_dir(abs_dir, me)
+        except FileNotFoundError:
+            continue
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        for name in names:
+            if name == STAGING and rel_dir in domain_tops:
+                continue
+            full = os.path.join(abs_dir, name)
             try:
-                s = os.lstat(full(e.path))
+                s = os.lstat(full)
             except FileNotFoundError:
                 continue
-            if st.S_ISDIR(s.st_mode) and (s.st_mode & 0o700) != 0o700:
-                os.chmod(full(e.path), st.S_IMODE(s.st_mode) | 0o700)
-        for path in plan.remove:
-            p = full(path)
-            if os.path.isdir(p) and not os.path.islink(p):
-                _rmtree_forcing(p)
+            m = s.st_mode
+            rel = prefix + name
+            target = None
+            if st.S_ISREG(m):
+                typ = FILE
+            elif st.S_ISDIR(m):
+                typ = DIR
+                stack.append((rel, full))
+            elif st.S_ISLNK(m):
+                typ, target = SYMLINK, os.readlink(full)
             else:
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
-        for e in plan.mkdir:
-            os.makedirs(full(e.path), 0o700, exist_ok=True)
-        for e in plan.write:
-            try:
-                os.replace(staged[e.path], full(e.path))
-            except FileNotFoundError:
-                if not os.path.exists(full(e.path)):
-                    raise
-                # Already moved by the interrupted run this one completes.
-        for e in plan.link:
-            p = full(e.path)
-            tmp = fsutil.temp_name(p)
-            os.symlink(e.target or "", tmp)
-            os.replace(tmp, p)
-            if root_owner:
-                os.lchown(p, e.uid, e.gid)
-            os.utime(p, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
-        for e in plan.fix_meta:
-            p = full(e.path)
-            if root_owner:
-                os.lchown(p, e.uid, e.gid)
-            os.chmod(p, e.mode)
-        # Deepest directories first, so setting a child's times does not disturb its parent's.
-        for e in plan.dirs:
-            p = full(e.path)
-            if root_owner:
-                os.lchown(p, e.uid, e.gid)
-            s = os.lstat(p)
-            if st.S_IMODE(s.st_mode) != e.mode:
-                os.chmod(p, e.mode)
-            if s.st_mtime_ns != e.mtime_ns:
-                os.utime(p, ns=(e.mtime_ns, e.mtime_ns))
+                typ = OTHER
+            out[rel] = LocalEntry(rel, full, typ, m & 0o7777, s.st_uid, s.st_gid, s.st_size if typ == FILE else 0,
+                                  s.st_mtime_ns, target)
+    return out
 
 
-def _rmtree_forcing(path: str) -> None:
-    def onerror(func, p, exc):  # type: ignore[no-untyped-def]
-        os.chmod(os.path.dirname(p), 0o700)
-        func(p)
-
-    shutil.rmtree(path, onerror=onerror)
+def _list_dir(path: str, me: int) -> list[str]:
+    try:
+        return os.listdir(path)
+    except PermissionError:
+        s = os.lstat(path)
+        if s.st_uid != me:
+            raise OperationFailed(f"target directory {path}: cannot be listed (permission denied, owned by uid "
+                                  f"{s.st_uid}); run drsync as the owner of the data root or as root; nothing was "
+                                  f"changed") from None
+    # Ours: open it for the listing and set its mode back (the commit sets the snapshot's mode).
+    mode = st.S_IMODE(s.st_mode)
+    os.chmod(path, mode | 0o500)
+    try:
+        return os.listdir(path)
+    finally:
+        os.chmod(path, mode)

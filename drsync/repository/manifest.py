@@ -135,18 +135,82 @@ def sort_by_path(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(table, sort_keys=[("path", "ascending")]))
 
 
-def _safe_relpath(path: str) -> bool:
-    if not path or path.startswith("/") or "\x00" in path or "\\" in path:
-        return False
-    return all(part not in ("", ".", "..") for part in path.split("/"))
+# The name drsync stages an apply under, at the top of a target and of every filesystem mounted
+# inside it. It is reserved at any depth: capture skips it (and says so), and a manifest naming it is
+# refused, so a staged file can never collide with a snapshot's path.
+RESERVED_NAME = ".drsync-staging"
+
+
+def unsafe_path_reason(path: str) -> str | None:
+    """Why ``path`` cannot be a manifest path (None when it can): the one rule for every side."""
+    if not path:
+        return "empty path"
+    if path.startswith("/"):
+        return "absolute path"
+    if "\x00" in path:
+        return "NUL byte in path"
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            return "empty, '.' or '..' component"
+        if part == RESERVED_NAME:
+            return f"{RESERVED_NAME} is reserved for drsync's staging area"
+    return None
 
 
 def symlink_stays_inside(path: str, target: str) -> bool:
-    """True when a link at ``path`` pointing to ``target`` resolves inside the root (lexically)."""
+    """True when a link at ``path`` pointing to ``target`` resolves inside the root (lexically).
+
+    Lexical only: a chain through other links can still leave the root; :func:`escaping_links`
+    resolves a whole set of links through each other."""
     if not target or target.startswith("/") or "\x00" in target:
         return False
     joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
     return joined != ".." and not joined.startswith("../") and not joined.startswith("/")
+
+
+_LOOP = ("\x00loop",)  # a link that resolves through itself: the kernel says ELOOP, nothing is reached
+
+
+def escaping_links(links: dict[str, str]) -> list[str]:
+    """The links (path -> target) that resolve outside the root when followed as the kernel would.
+
+    Each component of a target is resolved against the tree the links describe: a component that
+    is itself a link is replaced by where that link leads before ``..`` applies, so ``d/b -> ..``
+    makes ``a -> d/b/..`` leave the root although it looks inside. Each link is resolved once
+    (memoised), so hostile chains cost linear time; loops resolve to nothing and do not escape.
+    """
+    memo: dict[str, tuple[str, ...] | None] = {}
+
+    def resolve(p: str) -> tuple[str, ...] | None:
+        if p in memo:
+            return memo[p]
+        memo[p] = _LOOP  # in progress: reaching it again is a loop
+        r = walk(tuple(p.split("/")[:-1]), links[p])
+        memo[p] = r
+        return r
+
+    def walk(start: tuple[str, ...], target: str) -> tuple[str, ...] | None:
+        if not target or target.startswith("/") or "\x00" in target:
+            return None
+        cur = list(start)
+        for comp in target.split("/"):
+            if comp in ("", "."):
+                continue
+            if comp == "..":
+                if not cur:
+                    return None
+                cur.pop()
+                continue
+            cur.append(comp)
+            key = "/".join(cur)
+            if key in links:
+                r = resolve(key)
+                if r is None or r == _LOOP:
+                    return r
+                cur = list(r)
+        return tuple(cur)
+
+    return sorted(p for p in links if resolve(p) is None)
 
 
 def validate(manifest: Manifest, what: str = "manifest") -> None:
@@ -163,17 +227,21 @@ def validate(manifest: Manifest, what: str = "manifest") -> None:
     size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
     sums = _list_sums(t.column("chunk_sizes"))
     kinds: dict[str, str] = {}
+    links: dict[str, str] = {}
     for i, path in enumerate(paths):
-        if path is None or not _safe_relpath(path):
-            raise IntegrityError(f"{what}: unsafe path {path!r} (absolute, empty or with '..'); refusing it")
+        reason = "missing path" if path is None else unsafe_path_reason(path)
+        if reason:
+            raise IntegrityError(f"{what}: unsafe path {path!r} ({reason}); refusing it")
         typ = types[i]
         if typ not in TYPES:
             raise IntegrityError(f"{what}: {path}: unknown entry type {typ!r}")
         if path in kinds:
             raise IntegrityError(f"{what}: {path} appears twice")
         kinds[path] = typ
-        if typ == SYMLINK and not symlink_stays_inside(path, targets[i] or ""):
-            raise IntegrityError(f"{what}: symlink {path} -> {targets[i]} points outside the data root")
+        if typ == SYMLINK:
+            if not symlink_stays_inside(path, targets[i] or ""):
+                raise IntegrityError(f"{what}: symlink {path} -> {targets[i]} points outside the data root")
+            links[path] = targets[i]
         if (chunk_counts[i] or 0) != (size_counts[i] or 0):
             raise IntegrityError(f"{what}: {path}: chunk list and chunk sizes differ in length")
         if typ == FILE and sums[i] != sizes[i]:
@@ -182,6 +250,11 @@ def validate(manifest: Manifest, what: str = "manifest") -> None:
         parent = posixpath.dirname(path)
         if parent and kinds.get(parent) != DIR:
             raise IntegrityError(f"{what}: {path} has no parent directory entry {parent!r}")
+    escaping = escaping_links(links)
+    if escaping:
+        p = escaping[0]
+        raise IntegrityError(f"{what}: symlink {p} -> {links[p]} leads outside the data root through other "
+                             f"links of the snapshot; refusing it")
 
 
 def _list_sums(col: pa.ChunkedArray) -> list[int]:
