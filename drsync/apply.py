@@ -162,9 +162,14 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     touched.update(p.rpartition("/")[0] for p in plan.remove)
     touched.update(e.path.rpartition("/")[0] for e in (*plan.write, *plan.link, *plan.mkdir))
     touched.discard("")
-    # A directory we change but may not write into is opened up for the commit and finished after it.
-    plan.unlock = sorted(p for p in touched if (h := existing.get(p)) is not None and h.type == DIR
+    # A directory we change, or pass through to reach one, but may not write into or search is opened
+    # up for the commit and finished after it.
+    reach = set(touched)
+    for p in touched:
+        reach.update(_ancestors(p))
+    plan.unlock = sorted(p for p in reach if (h := existing.get(p)) is not None and h.type == DIR
                          and p not in removed and (h.mode & 0o700) != 0o700)
+    touched.update(plan.unlock)
     plan.touched_dirs = touched
     # Remove children before parents; create parents before children.
     plan.remove.sort(key=lambda p: p.count("/"), reverse=True)

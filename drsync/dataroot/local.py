@@ -208,8 +208,8 @@ class LocalDataRoot:
             full = os.path.join(self.root, d) if d else self.root
             try:
                 s = os.lstat(full)
-            except FileNotFoundError:
-                continue
+            except (FileNotFoundError, PermissionError):
+                continue  # behind a directory that is itself checked (the plan opens up what it passes)
             if st.S_ISDIR(s.st_mode) and s.st_uid != me and not os.access(full, os.W_OK | os.X_OK):
                 raise OperationFailed(f"target directory {full}: permission denied (owned by uid {s.st_uid}); "
                                       f"run drsync as the owner of the data root or as root; nothing was changed")
@@ -266,6 +266,9 @@ class LocalDataRoot:
                 s = fs.lstat(rel)
                 if s is None:
                     continue
+                # The mount point is a directory of the snapshot: removing the staging area must not
+                # move the mtime the commit gave it.
+                top = fs.lstat(d) if d else None
                 if not st.S_ISDIR(s.st_mode):
                     fs.unlink(rel)
                     continue
@@ -279,6 +282,8 @@ class LocalDataRoot:
                 if not (keep and JOURNAL_NAME in names):
                     fs.forget(rel)
                     fs.remove_tree(rel)
+                if top is not None:
+                    fs.utime(d, top.st_mtime_ns)
 
     def remove_root(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -301,7 +306,7 @@ class LocalDataRoot:
                 if fs.lstat(path) is None:
                     fs.mkdir(trash)  # gone already: mark the step done all the same
                 else:
-                    fs.rename(path, trash)
+                    _move_aside(fs, path, trash)
             for e in plan.mkdir:
                 s = fs.lstat(e.path)
                 if s is None:
@@ -349,6 +354,19 @@ class LocalDataRoot:
 JOURNAL_NAME = "journal.json"
 
 
+def _move_aside(fs: Beneath, path: str, trash: str) -> None:
+    """Rename into the trash; a directory this user owns but may not write (moving a directory to
+    another parent rewrites its ``..``) is opened up first."""
+    try:
+        fs.rename(path, trash)
+    except PermissionError:
+        s = fs.lstat(path)
+        if s is None or not st.S_ISDIR(s.st_mode) or s.st_uid != os.geteuid():
+            raise
+        fs.chmod(path, st.S_IMODE(s.st_mode) | 0o700)
+        fs.rename(path, trash)
+
+
 def _unescape_mountinfo(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -369,17 +387,28 @@ def scan_target(root: str, domain_tops: set[str]) -> dict[str, LocalEntry]:
     """Every entry of an apply's target, whatever it is: links wherever they point, special files
     (type ``other``), so that the plan replaces rather than follows them. drsync's staging areas
     (``.drsync-staging`` at the top of the root and of each mount point) are left out. A directory
-    this user owns but cannot list is opened for the listing and set back; one it cannot list and
-    does not own is an error naming it (raised before anything changes)."""
-    from drsync.apply import OTHER
-
+    this user owns but cannot list is opened for the scan and set back after it; one it cannot list
+    and does not own is an error naming it (raised before anything changes)."""
     out: dict[str, LocalEntry] = {}
     me = os.geteuid()
+    opened: list[tuple[str, int]] = []
+    try:
+        _scan_into(out, root, domain_tops, me, opened)
+    finally:
+        for path, mode in reversed(opened):
+            os.chmod(path, mode)
+    return out
+
+
+def _scan_into(out: dict[str, LocalEntry], root: str, domain_tops: set[str], me: int,
+               opened: list[tuple[str, int]]) -> None:
+    from drsync.apply import OTHER
+
     stack = [("", root)]
     while stack:
         rel_dir, abs_dir = stack.pop()
         try:
-            names = _list_dir(abs_dir, me)
+            names = _list_dir(abs_dir, me, opened)
         except FileNotFoundError:
             continue
         prefix = f"{rel_dir}/" if rel_dir else ""
@@ -405,10 +434,9 @@ def scan_target(root: str, domain_tops: set[str]) -> dict[str, LocalEntry]:
                 typ = OTHER
             out[rel] = LocalEntry(rel, full, typ, m & 0o7777, s.st_uid, s.st_gid, s.st_size if typ == FILE else 0,
                                   s.st_mtime_ns, target)
-    return out
 
 
-def _list_dir(path: str, me: int) -> list[str]:
+def _list_dir(path: str, me: int, opened: list[tuple[str, int]]) -> list[str]:
     try:
         return os.listdir(path)
     except PermissionError:
@@ -417,10 +445,8 @@ def _list_dir(path: str, me: int) -> list[str]:
             raise OperationFailed(f"target directory {path}: cannot be listed (permission denied, owned by uid "
                                   f"{s.st_uid}); run drsync as the owner of the data root or as root; nothing was "
                                   f"changed") from None
-    # Ours: open it for the listing and set its mode back (the commit sets the snapshot's mode).
-    mode = st.S_IMODE(s.st_mode)
-    os.chmod(path, mode | 0o500)
-    try:
-        return os.listdir(path)
-    finally:
-        os.chmod(path, mode)
+    # Ours: opened for the scan (and what lies below it), its mode set back when the scan ends; the
+    # commit opens what it changes again and finishes with the snapshot's mode.
+    opened.append((path, st.S_IMODE(s.st_mode)))
+    os.chmod(path, st.S_IMODE(s.st_mode) | 0o500)
+    return os.listdir(path)
