@@ -83,6 +83,8 @@ class SnapshotRequest:
     kind: str = "manual"
     hooks: Hooks = field(default_factory=Hooks)
     reread_attempts: int = 3
+    # Local paths of drsync's own inside the data root (the agent's state directory): left out.
+    exclude_paths: tuple[str, ...] = ()
 
 
 def create_snapshot(repo: Repository, req: SnapshotRequest, *,
@@ -95,6 +97,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
     repo_root = getattr(repo.storage, "root", "")
     same_kind = is_remote_url(repo.storage.url) == is_remote_url(root)
     exclude = frozenset({repo_root}) if repo_root and same_kind else frozenset()
+    if not is_remote_url(root):
+        exclude |= {os.path.abspath(p) for p in req.exclude_paths}
     hook_env = {"DRSYNC_DATA": root, "DRSYNC_SNAPSHOT_NAME": req.name, "DRSYNC_REPOSITORY": repo.storage.url}
     with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
         parent = _parent_of(repo, root)

@@ -66,6 +66,7 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
         state_dir = None
         checks.append(Check("state directory", False, str(e), "config"))
     running = state_dir is not None and StateDirLock.held(state_dir)
+    checks += _check_nesting(cfg, state_dir)
     checks += _check_agent(cfg, running, state_dir)
     checks += _check_peers(cfg, timeout_s)
     return checks
@@ -89,6 +90,23 @@ def _check_cluster(cfg: Config) -> list[Check]:
     except DrsyncError as e:
         out.append(Check("repository", False, f"{e} (drsync init --config creates it)"))
     return out
+
+
+def _check_nesting(cfg: Config, state_dir: str | None) -> list[Check]:
+    """Say what of drsync's own lies inside the data root: snapshots skip it and applies leave it alone,
+    but the snapshot may not hold a file where it lives (a standby then refuses to apply)."""
+    try:
+        root = open_data_root(cfg.cluster.data)
+        nested = [(what, p, rel) for what, p in (("repository", cfg.cluster.repository), ("state directory",
+                                                                                          state_dir or ""))
+                  if p and (rel := root.relative_inside(p))]
+    except DrsyncError as e:
+        return [Check("nesting", False, str(e), "config")]
+    if not nested:
+        return [Check("nesting", True, "the repository and state directory are outside the data root")]
+    return [Check("nesting", True, f"{what} {p} is inside the data root at {rel}: snapshots leave it out and "
+                  f"applies and restores leave it alone; production must not have a file at {rel} or a parent of it")
+            for what, p, rel in nested]
 
 
 def _check_agent(cfg: Config, running: bool, state_dir: str | None) -> list[Check]:

@@ -545,7 +545,7 @@ class Agent:
                     reason=(f"data root of {self.name} kept before it rejoined as a standby of "
                             f"{view.primary.agent if view.primary else view.epoch.promoted_by} at epoch "
                             f"{view.epoch.epoch}"),
-                    ttl_s=REJOIN_SNAPSHOT_TTL_S, kind="manual"))
+                    ttl_s=REJOIN_SNAPSHOT_TTL_S, kind="manual", exclude_paths=(self.state_file.dir,)))
             except DrsyncError as e:
                 log.error("agent %s: not rejoining as standby yet: could not keep its data root first: %s",
                           self.name, e)
@@ -621,7 +621,7 @@ class Agent:
         snaps = self.cfg.snapshots
         req = engine.SnapshotRequest(self.cfg.cluster.data, kind="cycle", reason="replication cycle",
                                      hooks=engine.Hooks(snaps.pre_hook, snaps.post_hook, snaps.hook_timeout),
-                                     reread_attempts=snaps.reread_attempts)
+                                     reread_attempts=snaps.reread_attempts, exclude_paths=(self.state_file.dir,))
         info = engine.create_snapshot(self.repo, req)
         self.metrics.last_snapshot.set(info.captured_at)
         self.metrics.snapshot_duration.observe(info.duration_s)
