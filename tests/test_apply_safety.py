@@ -9,6 +9,7 @@ changed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -491,3 +492,60 @@ def test_a_mount_point_the_snapshot_would_replace_is_refused(tmp_path: Path, mou
     assert code == 2, err
     assert "mounted" in err and len(err.strip().splitlines()) == 1
     assert full_state(target) == before
+
+
+def test_agents_whose_repository_and_state_live_inside_their_data_roots(tmp_path: Path) -> None:
+    """The standby's first apply keeps its repository, its state and its journal; production's
+    snapshots leave its own out; config check says what is nested where."""
+    from tests.conftest import make_tree
+    from tests.group import wait_for as wait_until
+    from tests.zk import free_port
+
+    prod, standby = tmp_path / "prod", tmp_path / "standby"
+    make_tree(prod, files=5, big=1)
+    (standby / "stale").mkdir(parents=True)
+    (standby / "stale" / "f").write_bytes(b"the standby's old content\n")
+    port = free_port()
+
+    def config(name: str, data: Path, role: str, extra: str = "") -> Path:
+        p = tmp_path / f"{name}.toml"
+        p.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{data}"\nrepository = "{data}/.drsync"\n'
+                     f'[agent]\nname = "{name}"\nrole = "{role}"\nstate_dir = "{data}/var/drsync-state"\n'
+                     f'listen = "127.0.0.1:{port if role == "standby" else free_port()}"\n'
+                     f'metrics = "127.0.0.1:{free_port()}"\n{extra}')
+        assert run_drsync("init", "--config", p).code == 0
+        return p
+
+    scfg = config("standby", standby, "standby")
+    pcfg = config("primary", prod, "primary", f'[replication]\nstandbys = ["127.0.0.1:{port}"]\n')
+    (prod / "var").mkdir(exist_ok=True)
+    check = run_drsync("config", "check", "--config", scfg, "--json")
+    nesting = [c["detail"] for c in check.json()["checks"] if c["name"] == "nesting"]
+    assert any("repository" in d and "inside the data root at .drsync" in d for d in nesting), nesting
+    assert any("state directory" in d and "var/drsync-state" in d for d in nesting), nesting
+    log = open(tmp_path / "standby.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(scfg)], stdout=log, stderr=log)
+    try:
+        wait_until(lambda: (standby / "var" / "drsync-state" / "agent.pid").exists(), "the standby to start")
+        r = run_drsync("agent", "--config", pcfg, "--once", "--json")
+        assert r.code == 0, r.out + r.err
+        state = json.loads((standby / "var" / "drsync-state" / "state.json").read_bytes())
+        assert state["applied_snapshot"]
+        assert run_drsync("repo", "verify", "--config", scfg).code == 0
+        assert not (standby / "stale").exists()
+        # Production's snapshot holds neither its repository nor its state.
+        from drsync.repository.repo import Repository
+        from drsync.storage.local import LocalStorage
+
+        prod_repo = Repository.open(LocalStorage(str(prod / ".drsync")))
+        manifest = prod_repo.load_manifest(prod_repo.find_snapshot(state["applied_snapshot"]))
+        paths = manifest.table.column("path").to_pylist()
+        assert "var" in paths and "catalog" in paths
+        assert not any(p.startswith((".drsync", "var/drsync-state")) for p in paths)
+        assert sorted(os.listdir(standby / "var")) == ["drsync-state"]
+        assert {k: v for k, v in tree_state(standby).items() if not k.startswith("var")} == \
+            {k: v for k, v in tree_state(prod).items() if not k.startswith("var")}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
