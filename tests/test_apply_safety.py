@@ -523,8 +523,9 @@ def test_agents_whose_repository_and_state_live_inside_their_data_roots(tmp_path
     nesting = [c["detail"] for c in check.json()["checks"] if c["name"] == "nesting"]
     assert any("repository" in d and "inside the data root at .drsync" in d for d in nesting), nesting
     assert any("state directory" in d and "var/drsync-state" in d for d in nesting), nesting
-    log = open(tmp_path / "standby.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(scfg)], stdout=log, stderr=log)
+    with open(tmp_path / "standby.log", "ab") as log:  # the child keeps its own copy of the fd
+        proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(scfg)],
+                                stdout=log, stderr=log)
     try:
         wait_until(lambda: (standby / "var" / "drsync-state" / "agent.pid").exists(), "the standby to start")
         r = run_drsync("agent", "--config", pcfg, "--once", "--json")
@@ -548,4 +549,3 @@ def test_agents_whose_repository_and_state_live_inside_their_data_roots(tmp_path
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        log.close()
