@@ -595,8 +595,8 @@ def test_kill_9_standby_agent_at_steps_of_its_commit(tmp_path: Path) -> None:
     """A real standby agent, started through the driver, killed -9 at a step of its commit, then
     restarted normally: its root is the previous or the new snapshot (the one it records as
     applied) and replication goes on. A few steps normally; every step with DRSYNC_RELIABILITY=full."""
-    from tests.test_agents import Pair, wait_for
     from drsync.transport.grpc import GrpcStandbyLink
+    from tests.test_agents import Pair, wait_for
 
     specs = dict(zip("AB", versions(links=True), strict=True))
     want = {k: expected_local(v) for k, v in specs.items()}
