@@ -659,10 +659,8 @@ def test_kill_9_standby_agent_at_steps_of_its_commit(tmp_path: Path) -> None:
             points = {to: list(range(1, counts[to]["total"] + 1)) for to in ("B", "A")}
         else:
             points = {"B": [1, counts["B"]["commit"]], "A": [counts["A"]["commit"] // 2]}
-        trials = [(to, n) for pair_ in zip(points["B"], points["A"], strict=False) for to, n in
-                  zip("BA", pair_, strict=True)]
-        longer = "B" if len(points["B"]) > len(points["A"]) else "A"
-        trials += [(longer, n) for n in points[longer][min(len(points["A"]), len(points["B"])):]]
+        trials = [(to, points[to][i]) for i in range(max(map(len, points.values()))) for to in ("B", "A")
+                  if i < len(points[to])]
         for to, n in trials:
             if held == to:  # ship the other version first, without a kill
                 ship("A" if to == "B" else "B", 0)
