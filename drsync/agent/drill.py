@@ -128,12 +128,14 @@ def verify_step(repo: Repository, manifest: Manifest, snapshot: str, *, full: bo
                      f"{what} {len(chosen)} of {len(ids)} chunks intact", figures)
 
 
-def _compare_trees(expected: str, actual: str, manifest: Manifest) -> list[str]:
-    """Differences between a trial restore and the data root: metadata by plan, then content."""
+def _compare_trees(expected: str, actual: str, manifest: Manifest, own: tuple[str, ...] = ()) -> list[str]:
+    """Differences between a trial restore and the data root: metadata by plan, then content.
+    ``own``: drsync's files that may lie inside the data root (repository, state), not compared."""
     root = open_data_root(actual)
     scan = {p: e for p, e in root.existing().items() if not p.startswith(".drsync")}
+    protected = frozenset(r for r in (root.relative_inside(p) for p in own) if r)
     plan = plan_apply(list(manifest.entries()), scan, compare_owner=root.owners_settable(),
-                      mtime_resolution_ns=comparison_resolution(manifest, root))
+                      mtime_resolution_ns=comparison_resolution(manifest, root), protected=protected)
     diffs = [f"{e.path} differs" for e in plan.write[:5]] + [f"{p} should not exist" for p in plan.remove[:5]]
     # Symlinks an apply could not make (HDFS has them disabled) were reported then; not a difference now.
     links = plan.link if root.supports_symlinks else []
@@ -157,7 +159,7 @@ def _compare_trees(expected: str, actual: str, manifest: Manifest) -> list[str]:
 
 
 def restore_step(repo: Repository, manifest: Manifest, snapshot: str, *, scratch_dir: str, data_root: str,
-                 applied_now: Callable[[], str]) -> DrillStep:
+                 applied_now: Callable[[], str], own: tuple[str, ...] = ()) -> DrillStep:
     started = time.monotonic()
     os.makedirs(scratch_dir, exist_ok=True)
     need, free = scratch_needed(manifest), shutil.disk_usage(scratch_dir).free
@@ -175,7 +177,8 @@ def restore_step(repo: Repository, manifest: Manifest, snapshot: str, *, scratch
                              f"the trial restore does not match the manifest of {snapshot}: {mismatch[0]}", figures)
         # The data root against the restore; a snapshot applied meanwhile makes the comparison moot.
         before = applied_now()
-        diffs = _compare_trees(target, data_root, manifest) if before == snapshot else []
+        diffs = (_compare_trees(target, data_root, manifest, (repo.storage.url, *own))
+                 if before == snapshot else [])
         moved = applied_now() != snapshot
         figures["root_compared"] = not moved
         if moved:
@@ -287,7 +290,8 @@ def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinat
                 scratch = cfg.drills.scratch or os.path.join(state_dir, "drill-scratch")
                 report.steps.append(restore_step(repo, manifest, state.applied_snapshot, scratch_dir=scratch,
                                                  data_root=engine.data_root_url(cfg.cluster.data),
-                                                 applied_now=lambda: state_file.load().applied_snapshot))
+                                                 applied_now=lambda: state_file.load().applied_snapshot,
+                                                 own=(state_dir, scratch)))
     promo = promotion_step(open_coord, cfg.agent.name)
     report.steps.append(promo)
     if promo.passed and promo.figures.get("rehearsed"):
