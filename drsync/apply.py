@@ -52,13 +52,15 @@ OTHER = "other"  # a fifo, socket or device in the target: never in a manifest, 
 class ApplyPlan:
     """What a commit does, in this order: open up ``unlock``, move ``remove`` into the trash
     (top-most paths only; a path whose type changes is removed and made anew), make ``mkdir``,
-    rename ``write`` into place, make ``link``, fix ``fix_meta``, finish ``dirs`` deepest first."""
+    rename ``write`` into place, link ``hardlink`` members to their group's first file, make ``link``,
+    fix ``fix_meta``, finish ``dirs`` deepest first."""
 
     write: list[Entry] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
     mkdir: list[Entry] = field(default_factory=list)
     link: list[Entry] = field(default_factory=list)
     fix_meta: list[Entry] = field(default_factory=list)
+    hardlink: list[Entry] = field(default_factory=list)
     unchanged: int = 0
     dirs: list[Entry] = field(default_factory=list)
     # Directories whose metadata the commit must set: new ones, ones whose mode or mtime differ,
@@ -96,10 +98,12 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                excluded: Callable[[str], bool] = lambda p: False,
                same_content: Callable[[Entry, LocalEntry], bool] | None = None,
                structure_only: bool = False, compare_owner: bool = False,
-               mtime_resolution_ns: int = 1, protected: frozenset[str] = frozenset()) -> ApplyPlan:
+               mtime_resolution_ns: int = 1, protected: frozenset[str] = frozenset(),
+               compare_xattrs: bool = False) -> ApplyPlan:
     """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some.
 
     ``compare_owner``: the target can set owners, so a differing owner is fixed.
+    ``compare_xattrs``: the target keeps extended attributes, so differing ones are fixed.
     ``mtime_resolution_ns``: the coarser precision of the manifest's source and the target.
     ``protected``: paths of drsync's own (a repository or state directory inside the target): they and
     everything below are neither written nor removed, and their parents stay directories.
@@ -134,33 +138,51 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
         if want is None or want.type != have.type:
             plan.remove.append(path)
     removed = set(plan.remove)
+    leaders = {e.hardlink for e in wanted.values() if e.hardlink is not None}
+    rewritten: set[str] = set()
     # Removing a directory removes what is inside it: list only the top-most paths.
     plan.remove = [p for p in plan.remove if not any(a in removed for a in _ancestors(p))]
     for path, e in wanted.items():
         have = existing.get(path)
         if have is not None and path in removed:
             have = None
+        xattrs_differ = compare_xattrs and have is not None and have.xattrs != e.xattrs
         if e.type == DIR:
             plan.dirs.append(e)
             if have is None:
                 plan.mkdir.append(e)
                 touched.add(path)
-            elif have.mode != e.mode or have.mtime_ns // res != e.mtime_ns // res:
+            elif have.mode != e.mode or have.mtime_ns // res != e.mtime_ns // res or xattrs_differ:
                 touched.add(path)
         elif e.type == SYMLINK:
             if have is None or os.fsdecode(have.target or "") != e.target:
                 plan.link.append(e)
+        elif e.hardlink is not None and e.hardlink in wanted:
+            continue  # decided below, once its group's first file is
         else:
-            if (have is not None and have.size == e.size and have.mtime_ns // res == e.mtime_ns // res
-                    and (same_content is None or same_content(e, have))):
+            # A file that shares its inode with paths the snapshot does not link it to is written anew.
+            stray_link = have is not None and have.nlink > 1 and path not in leaders
+            if (have is not None and not stray_link and have.size == e.size
+                    and have.mtime_ns // res == e.mtime_ns // res and (same_content is None or same_content(e, have))):
                 plan.unchanged += 1
                 owner_differs = compare_owner and e.uid != UNKNOWN_ID and (have.uid, have.gid) != (e.uid, e.gid)
-                if have.mode != e.mode or owner_differs:
+                if have.mode != e.mode or owner_differs or xattrs_differ:
                     plan.fix_meta.append(e)
             else:
                 plan.write.append(e)
+                rewritten.add(path)
+    for path, e in wanted.items():
+        if e.type != FILE or e.hardlink is None or e.hardlink not in wanted:
+            continue
+        have = existing.get(path)
+        lead = existing.get(e.hardlink)
+        if (have is not None and path not in removed and lead is not None and e.hardlink not in rewritten
+                and have.type == FILE and have.ino and have.ino == lead.ino):
+            plan.unchanged += 1
+        else:
+            plan.hardlink.append(e)
     touched.update(p.rpartition("/")[0] for p in plan.remove)
-    touched.update(e.path.rpartition("/")[0] for e in (*plan.write, *plan.link, *plan.mkdir))
+    touched.update(e.path.rpartition("/")[0] for e in (*plan.write, *plan.link, *plan.mkdir, *plan.hardlink))
     touched.discard("")
     # A directory we change, or pass through to reach one, but may not write into or search is opened
     # up for the commit and finished after it.
@@ -192,7 +214,7 @@ def _manifest_resolution(manifest: Manifest) -> int:
     """1 ms when every time in the manifest is whole milliseconds (captured on HDFS), else 1 ns."""
     import pyarrow.compute as pc
 
-    col = manifest.table.column("mtime_ns")
+    col = manifest.table.column("mtime_nsec")
     if len(col) and pc.all(pc.equal(pc.cast(pc.remainder(col, 1_000_000), "int64"), 0)).as_py():
         return 1_000_000
     return 1
@@ -234,7 +256,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     resolution = comparison_resolution(manifest, root)
     plan = plan_apply(entries, existing, excluded=compile_globs(exclude),
                       same_content=root.same_content if checksum else None, structure_only=structure_only,
-                      compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected)
+                      compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
+                      compare_xattrs=root.supports_xattrs)
     root.check_plan(plan)
     skipped_links = []
     if plan.link and not root.supports_symlinks:
@@ -271,6 +294,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         result.warnings.append(f"{len(plan.protected_skipped)} path(s) of the snapshot left alone because drsync's "
                                f"own files are there (e.g. {plan.protected_skipped[0]})")
     root.commit(plan, staged)
+    result.warnings.extend(root.warnings)
     _close(root, log_, on_committed)
     return result
 
@@ -358,22 +382,27 @@ _ENTRY_FIELDS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "targ
 
 def _plan_to_json(plan: ApplyPlan, staged: dict[str, str]) -> dict[str, object]:
     def ent(e: Entry) -> list[object]:
-        return [getattr(e, f) for f in _ENTRY_FIELDS]
+        return [*(getattr(e, f) for f in _ENTRY_FIELDS), e.xattrs.hex() if e.xattrs is not None else None,
+                e.hardlink, e.sparse]
 
     return {"remove": plan.remove, "mkdir": [ent(e) for e in plan.mkdir], "write": [ent(e) for e in plan.write],
             "link": [ent(e) for e in plan.link], "fix_meta": [ent(e) for e in plan.fix_meta],
             "dirs": [ent(e) for e in plan.dirs], "staged": staged, "unlock": plan.unlock,
+            "hardlink": [ent(e) for e in plan.hardlink],
             "touched_dirs": sorted(plan.touched_dirs) if plan.touched_dirs is not None else None}
 
 
 def _plan_from_json(doc: dict) -> tuple[ApplyPlan, dict[str, str]]:  # type: ignore[type-arg]
     def ent(row: list) -> Entry:  # type: ignore[type-arg]
-        return Entry(*row, chunks=[], chunk_sizes=[])
+        base = row[:len(_ENTRY_FIELDS)]
+        xattrs, hardlink, sparse = [*row[len(_ENTRY_FIELDS):], None, None, False][:3]
+        return Entry(*base, chunks=[], chunk_sizes=[], xattrs=bytes.fromhex(xattrs) if xattrs else None,
+                     hardlink=hardlink, sparse=bool(sparse))
 
     plan = ApplyPlan(write=[ent(r) for r in doc["write"]], remove=list(doc["remove"]),
                      mkdir=[ent(r) for r in doc["mkdir"]], link=[ent(r) for r in doc["link"]],
                      fix_meta=[ent(r) for r in doc["fix_meta"]], dirs=[ent(r) for r in doc["dirs"]],
-                     unlock=list(doc.get("unlock", [])))
+                     unlock=list(doc.get("unlock", [])), hardlink=[ent(r) for r in doc.get("hardlink", [])])
     touched = doc.get("touched_dirs")  # journals of earlier versions have none: finish every directory
     plan.touched_dirs = set(touched) if touched is not None else None
     return plan, dict(doc["staged"])

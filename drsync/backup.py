@@ -98,7 +98,7 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
         excluded: list[str] = []
         if mode == "light":
             match = compile_globs(light_exclude)
-            paths = manifest.table.column("path").to_pylist()
+            paths = manifest.pycolumn("path")
             manifest = manifest.filter_paths([not match(p) for p in paths])
             excluded = list(light_exclude)
         created = time.time()

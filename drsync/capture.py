@@ -19,8 +19,20 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from drsync.dataroot import DataRoot, FileVersion, FrozenRoot, open_data_root
+from drsync.errors import OperationFailed
 from drsync.repository import chunks
-from drsync.repository.manifest import EMPTY_CONTENT, FILE, SCHEMA, Manifest, content_digest, sort_by_path
+from drsync.repository.manifest import (
+    DIR,
+    EMPTY_CONTENT,
+    FILE,
+    SCHEMA,
+    SYMLINK,
+    Manifest,
+    content_digest,
+    printable,
+    sort_by_path,
+    table_from_columns,
+)
 from drsync.repository.repo import ChunkWriter
 from drsync.tree import TreeScan
 
@@ -40,6 +52,10 @@ class CaptureResult:
     read_bytes: int = 0
     reused_files: int = 0
     warnings: list[str] = field(default_factory=list)
+    # Paths that exist but could not be read: kept at their last captured version (marked stale).
+    stale: int = 0
+    # Paths that could not be captured at all (and had no earlier version): left out, reported.
+    skipped: int = 0
 
 
 @dataclass(slots=True)
@@ -92,13 +108,28 @@ class _ParentView:
     def __init__(self, parent: Manifest, captured_at: float) -> None:
         t = parent.table
         self.table = t
-        self.row = {p: i for i, p in enumerate(t.column("path").to_pylist())}
+        self.paths = parent.pycolumn("path")
+        self.row = {p: i for i, p in enumerate(self.paths)}
         self.type = t.column("type").to_pylist()
         self.size = t.column("size").to_pylist()
-        self.mtime = t.column("mtime_ns").to_pylist()
+        self.mtime = parent.pycolumn("mtime_ns")
         self.ctime = t.column("ctime_ns").to_pylist()
         self.inode = t.column("inode").to_pylist()
         self.racy_after = int(captured_at * 1e9) - _RACY_NS
+
+    def rows_kept_for(self, scan: TreeScan, lost: list[str]) -> list[int]:
+        """Parent rows to keep (stale) for paths that exist but could not be read: unreadable entries
+        and everything below directories that could not be listed, unless the scan has them."""
+        have = set(scan.path)
+        out: set[int] = set()
+        for rel in lost:
+            i = self.row.get(rel)
+            if i is not None and rel not in have:
+                out.add(i)
+        for rel in scan.unlisted:
+            prefix = f"{rel}/" if rel else ""
+            out.update(i for i, p in enumerate(self.paths) if p.startswith(prefix) and p not in have)
+        return sorted(out)
 
     def reusable_rows(self, scan: TreeScan) -> list[int]:
         """For each scanned entry, the parent row whose chunks it can reuse, or -1."""
@@ -121,12 +152,15 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Non
             parent_captured_at: float | None = None, reread_attempts: int = 3,
             exclude: frozenset[str] = frozenset(), workers: int | None = None,
             progress: ProgressFn | None = None, on_total: Callable[[int], None] | None = None,
-            captured_at: float | None = None) -> CaptureResult:
+            captured_at: float | None = None, allow_empty: bool = False) -> CaptureResult:
     """Capture ``root``. New chunks go to ``writer``; the caller flushes and commits.
 
     ``captured_at`` and ``parent_captured_at`` name the frozen views (HDFS
     snapshots) of this capture and of the parent's, so that the next capture
-    can ask the namenode what changed since.
+    can ask the namenode what changed since. A path that exists but cannot be
+    read keeps its version from ``parent``, marked stale (a read error is never
+    a deletion). Raises OperationFailed when the root is empty but ``parent``
+    was not (an unmounted volume looks like this), unless ``allow_empty``.
     """
     data_root = open_data_root(root) if isinstance(root, str) else root
     data_root.check_capturable()
@@ -137,6 +171,10 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Non
                                reread_attempts=0 if view.consistent else reread_attempts, exclude=exclude,
                                workers=workers, progress=progress, on_total=on_total)
         result.warnings[:0] = view.notes
+    if not allow_empty and parent is not None and len(parent) and not len(result.manifest):
+        raise OperationFailed(f"data root {data_root.url} is empty, but the last snapshot held {len(parent)} "
+                              f"paths: is its volume mounted? Nothing was captured; if it is empty on purpose, "
+                              f"run 'drsync snapshot create --allow-empty'")
     return result
 
 
@@ -158,6 +196,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
 
     read: dict[int, _ReadFile] = {}
     gone: set[int] = set()
+    lost = list(scan.unreadable)  # exist, but could not be read: never a deletion
     if to_read:
         batches: list[list[int]] = [[]]
         acc = 0
@@ -177,28 +216,63 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                 for k, got in results:
                     if isinstance(got, str):
                         if got != "vanished":
-                            warnings.append(f"{scan.path[k]}: {got}; not captured")
+                            lost.append(scan.path[k])
+                            warnings.append(f"{printable(scan.path[k])}: {got}; its last captured version "
+                                            f"is kept")
                         gone.add(k)
                         continue
                     if got.problem:
-                        warnings.append(f"{scan.path[k]}: {got.problem}")
+                        warnings.append(f"{printable(scan.path[k])}: {got.problem}")
                     read[k] = got
 
     keep = [k for k in range(len(scan)) if k not in gone]
-    table = _build_table(scan, keep, parent_row, read, pv)
+    xattrs = _attributes(view, scan, keep, parent_row, pv, warnings)
+    stale_rows = pv.rows_kept_for(scan, lost) if pv is not None else []
+    # Left out for good: unreadable paths with no earlier version, unlisted directories with no earlier content.
+    skipped = sum(1 for p in lost if pv is None or p not in pv.row) + sum(
+        1 for d in scan.unlisted if pv is None or not any(p.startswith(f"{d}/" if d else "") for p in pv.row))
+    table = _build_table(scan, keep, parent_row, read, pv, xattrs, stale_rows)
     files = sum(1 for k in keep if scan.type[k] == FILE)
     total = sum(read[k].version.size if k in read else scan.size[k] for k in keep if scan.type[k] == FILE)
     return CaptureResult(Manifest(table), files=files, bytes=total,
                          read_bytes=sum(r.version.size for r in read.values()),
-                         reused_files=sum(1 for k in keep if parent_row[k] >= 0), warnings=warnings)
+                         reused_files=sum(1 for k in keep if parent_row[k] >= 0 and scan.type[k] == FILE),
+                         warnings=warnings,
+                         stale=len(stale_rows), skipped=skipped)
+
+
+def _attributes(view: FrozenRoot, scan: TreeScan, keep: list[int], parent_row: list[int],
+                pv: _ParentView | None, warnings: list[str]) -> dict[int, bytes | None]:
+    """Extended attributes of the kept entries that need reading: files read anew and directories
+    whose ctime moved (changing an attribute moves the ctime). Reused files take the parent's;
+    symlinks carry none (Linux refuses user attributes on links)."""
+    out: dict[int, bytes | None] = {}
+    for k in keep:
+        typ = scan.type[k]
+        if typ == SYMLINK or (typ == FILE and parent_row[k] >= 0):
+            continue
+        if typ == DIR and pv is not None:
+            i = pv.row.get(scan.path[k])
+            if i is not None and pv.type[i] == DIR and pv.ctime[i] == scan.ctime_ns[k]:
+                parent_row[k] = i  # unchanged directory: its attributes come from the parent
+                continue
+        blob, problem = view.xattrs(scan.path[k])
+        if problem:
+            warnings.append(f"{printable(scan.path[k])}: {problem}")
+        out[k] = blob
+    return out
+
+
+_CARRIED = ("content", "chunks", "chunk_sizes", "xattrs")
 
 
 def _build_table(scan: TreeScan, keep: list[int], parent_row: list[int], read: dict[int, _ReadFile],
-                 pv: _ParentView | None) -> pa.Table:
-    """The path-sorted manifest table. Chunk columns of reused files come from the parent.
+                 pv: _ParentView | None, xattrs: dict[int, bytes | None], stale_rows: list[int]) -> pa.Table:
+    """The path-sorted manifest table. Chunk and attribute columns of reused entries come from the parent.
 
     The chunk lists of unchanged files never become Python objects: one Arrow
-    ``take`` over (parent rows + fresh rows) assembles the three chunk columns.
+    ``take`` over (parent rows + fresh rows) assembles the carried columns.
+    Directories reuse a parent row for their attributes only (they have no chunks).
     """
     fresh = [k for k in keep if parent_row[k] < 0]
     fresh_tbl = pa.table({
@@ -207,6 +281,7 @@ def _build_table(scan: TreeScan, keep: list[int], parent_row: list[int], read: d
         "chunks": pa.array([read[k].chunks if k in read else [] for k in fresh], SCHEMA.field("chunks").type),
         "chunk_sizes": pa.array([read[k].chunk_sizes if k in read else [] for k in fresh],
                                 SCHEMA.field("chunk_sizes").type),
+        "xattrs": pa.array([xattrs.get(k) for k in fresh], pa.binary()),
     })
     if pv is None or len(fresh) == len(keep):
         data = fresh_tbl
@@ -221,7 +296,7 @@ def _build_table(scan: TreeScan, keep: list[int], parent_row: list[int], read: d
             else:
                 take.append(offset + n_fresh)
                 n_fresh += 1
-        base = pv.table.select(["content", "chunks", "chunk_sizes"])
+        base = pv.table.select(list(_CARRIED))
         data = pa.concat_tables([base, fresh_tbl]).take(pa.array(take, pa.int64()))
 
     def col(values: list, name: str) -> list:  # type: ignore[type-arg]
@@ -229,14 +304,43 @@ def _build_table(scan: TreeScan, keep: list[int], parent_row: list[int], read: d
             return values
         return [getattr(read[k].version, name) if k in read else values[k] for k in keep]
 
-    table = pa.table({
-        "path": [scan.path[k] for k in keep] if len(keep) != len(scan) else scan.path,
-        "type": [scan.type[k] for k in keep] if len(keep) != len(scan) else scan.type,
+    def pick(values: list) -> list:  # type: ignore[type-arg]
+        return [values[k] for k in keep] if len(keep) != len(scan) else values
+
+    paths, types = pick(scan.path), pick(scan.type)
+    sizes = col(scan.size, "size")
+    table = table_from_columns({
+        "path": paths, "type": types,
         "mode": col(scan.mode, "mode"), "uid": col(scan.uid, "uid"), "gid": col(scan.gid, "gid"),
-        "size": col(scan.size, "size"), "mtime_ns": col(scan.mtime_ns, "mtime_ns"),
+        "size": sizes, "mtime_ns": col(scan.mtime_ns, "mtime_ns"),
         "ctime_ns": col(scan.ctime_ns, "ctime_ns"), "inode": col(scan.inode, "inode"),
-        "target": [scan.target[k] for k in keep] if len(keep) != len(scan) else scan.target,
+        "target": pick(scan.target),
         "content": data.column("content"), "chunks": data.column("chunks"),
-        "chunk_sizes": data.column("chunk_sizes"),
-    }, schema=SCHEMA)
+        "chunk_sizes": data.column("chunk_sizes"), "xattrs": data.column("xattrs"),
+        "hardlink": _hardlinks(scan, keep, paths, types),
+        "sparse": [t == FILE and b * 512 < s for t, b, s in zip(types, pick(scan.blocks), sizes, strict=True)],
+    })
+    if stale_rows and pv is not None:
+        old = pv.table.take(pa.array(stale_rows, pa.int64()))
+        old = old.set_column(old.schema.get_field_index("stale"), "stale",
+                             pa.array([True] * old.num_rows, pa.bool_()))
+        # A kept file's hard-link leader may be gone from this capture: keep the copy, not the link.
+        old = old.set_column(old.schema.get_field_index("hardlink"), "hardlink", pa.nulls(old.num_rows, pa.binary()))
+        table = pa.concat_tables([table, old])
     return sort_by_path(table).combine_chunks()
+
+
+def _hardlinks(scan: TreeScan, keep: list[int], paths: list[str], types: list[str]) -> list[str | None]:
+    """For each kept entry, the first path (in manifest order) of its hard-link group, or None."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for j, k in enumerate(keep):
+        if types[j] == FILE and scan.nlink[k] > 1:
+            groups.setdefault((scan.dev[k], scan.inode[k]), []).append(j)
+    out: list[str | None] = [None] * len(keep)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda j: os.fsencode(paths[j]))
+        for j in members[1:]:
+            out[j] = paths[members[0]]
+    return out

@@ -102,3 +102,24 @@ def describe_os_error(e: OSError, action: str) -> OperationFailed:
     where = f" {e.filename}" if e.filename else ""
     return OperationFailed(f"{action} failed:{where}: {e.strerror or e}{hint}")
 
+
+
+# Paths longer than this are opened one component at a time (PATH_MAX is 4096 bytes on Linux).
+LONG_PATH = 3072
+
+
+def open_beneath(root: str, rel: str, flags: int = os.O_RDONLY) -> int:
+    """Open ``root/rel`` one component at a time from ``root``, never following a symlink on the
+    way or at the end: works for paths longer than PATH_MAX. The caller closes the descriptor."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parts = [p for p in rel.split("/") if p]
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        if not parts:
+            return os.dup(fd)
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)

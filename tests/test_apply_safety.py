@@ -540,7 +540,7 @@ def test_agents_whose_repository_and_state_live_inside_their_data_roots(tmp_path
 
         prod_repo = Repository.open(LocalStorage(str(prod / ".drsync")))
         manifest = prod_repo.load_manifest(prod_repo.find_snapshot(state["applied_snapshot"]))
-        paths = manifest.table.column("path").to_pylist()
+        paths = manifest.pycolumn("path")
         assert "var" in paths and "catalog" in paths
         assert not any(p.startswith((".drsync", "var/drsync-state")) for p in paths)
         assert sorted(os.listdir(standby / "var")) == ["drsync-state"]

@@ -213,7 +213,7 @@ def test_capture_reads_a_frozen_snapshot_while_the_cluster_writes(webhdfs) -> No
     webhdfs.on_request = writer_during_capture
     root = HdfsDataRoot(site.url("data"))
     result = _capture(root, _repo(), at=time.time())
-    sizes = dict(zip(result.manifest.table.column("path").to_pylist(),
+    sizes = dict(zip(result.manifest.pycolumn("path"),
                      result.manifest.table.column("size").to_pylist(), strict=True))
     assert sizes == {"a.txt": 6, "b.txt": 6}, "the capture saw the snapshot, not the live tree"
     assert result.warnings == []
@@ -266,7 +266,7 @@ def test_unsnapshottable_root_falls_back_and_says_so_once(webhdfs, caplog: pytes
         _capture(root, _repo(), at=time.time())
     said = [r for r in caplog.records if "is not snapshottable" in r.getMessage()]
     assert len(said) == 1 and "hdfs dfsadmin -allowSnapshot" in said[0].getMessage()
-    assert first.manifest.table.column("path").to_pylist() == ["a.txt"]
+    assert first.manifest.pycolumn("path") == ["a.txt"]
 
 
 def test_leftover_snapshots_of_crashed_captures_are_removed(webhdfs) -> None:  # type: ignore[no-untyped-def]

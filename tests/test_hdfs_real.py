@@ -115,7 +115,7 @@ def test_capture_uses_a_native_snapshot_when_allowed(webhdfs) -> None:  # type: 
     at = time.time()
     result = capture(HdfsDataRoot(site.url("data")), w, captured_at=at)
     w.flush()
-    assert result.manifest.table.column("path").to_pylist() == ["a.txt"]
+    assert result.manifest.pycolumn("path") == ["a.txt"]
     left = [n for n in webhdfs.fs.list_snapshots(site.path("data")) if n.startswith(SNAPSHOT_PREFIX)]
     assert len(left) <= 1 and all(n.startswith(f"{SNAPSHOT_PREFIX}{int(at * 1000)}-") for n in left)
     for n in left:

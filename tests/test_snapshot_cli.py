@@ -139,9 +139,9 @@ def test_hostile_manifest_paths_are_refused(drsync, repo_url: str, tree: Path, t
     for victim, evil, word in (("catalog/f000.txt", "../escaped.txt", "unsafe path"),
                                ("catalog/f001.txt", "/tmp/abs.txt", "unsafe path")):
         def change(m: Manifest, victim: str = victim, evil: str = evil) -> bytes:
-            paths = m.table.column("path").to_pylist()
+            paths = m.pycolumn("path")
             paths[paths.index(victim)] = evil
-            t = m.table.set_column(0, "path", pa.array(paths, pa.string()))
+            t = m.table.set_column(0, "path", pa.array([p.encode() for p in paths], pa.binary()))
             return Manifest(t).to_bytes()
 
         snap = snapshot(drsync, repo_url, tree)
@@ -152,11 +152,12 @@ def test_hostile_manifest_paths_are_refused(drsync, repo_url: str, tree: Path, t
         assert not out.exists() and not (tmp_path / "escaped.txt").exists()
 
     def link_out(m: Manifest) -> bytes:
-        targets = m.table.column("target").to_pylist()
-        paths = m.table.column("path").to_pylist()
+        targets = m.pycolumn("target")
+        paths = m.pycolumn("path")
         targets[paths.index("tables/link-to-f000")] = "../../../etc/passwd"
         idx = m.table.schema.get_field_index("target")
-        return Manifest(m.table.set_column(idx, "target", pa.array(targets, pa.string()))).to_bytes()
+        new = pa.array([t and t.encode() for t in targets], pa.binary())
+        return Manifest(m.table.set_column(idx, "target", new)).to_bytes()
 
     snap = snapshot(drsync, repo_url, tree)
     _rewrite_manifest(repo_url, snap["id"], link_out)

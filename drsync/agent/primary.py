@@ -8,6 +8,7 @@ interrupted shipment's retry sends only what is still missing.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ def chunks_to_negotiate(new: Manifest, applied: Manifest | None) -> list[bytes]:
     if not touched:
         return []
     t = new.table
-    mask = pc.is_in(t.column("path"), value_set=pa.array(sorted(touched), pa.string()))
+    mask = pc.is_in(t.column("path"), value_set=pa.array(sorted(os.fsencode(p) for p in touched), pa.binary()))
     return sorted(set(pc.list_flatten(t.filter(mask).column("chunks")).to_pylist()) - applied.chunk_ids())
 
 

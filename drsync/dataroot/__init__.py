@@ -64,6 +64,9 @@ class DataRoot(Protocol):
     # compares times at the coarser precision of the manifest's source and the target.
     mtime_resolution_ns: int
     supports_symlinks: bool
+    supports_xattrs: bool
+    # What an apply could not carry onto this root (attributes it does not keep): reported, not fatal.
+    warnings: list[str]
 
     # --- capture ---
     def check_capturable(self) -> None:
@@ -149,6 +152,10 @@ class FrozenRoot(Protocol):
 
     def open_file(self, rel: str) -> AbstractContextManager[OpenFile]:
         """Open for reading; FileNotFoundError when it vanished, OSError when it cannot be read."""
+        ...
+
+    def xattrs(self, rel: str) -> tuple[bytes | None, str | None]:
+        """Extended attributes (ACLs included) encoded for the manifest, and a problem to report."""
         ...
 
 

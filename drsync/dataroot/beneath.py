@@ -113,6 +113,12 @@ class Beneath:
         pfd, name = self._at(rel)
         os.mkdir(name, mode, dir_fd=pfd)
 
+    def link(self, existing: str, rel: str) -> None:
+        """A hard link at ``rel`` to the file ``existing`` (neither followed if a symlink)."""
+        sfd, sname = self._at(existing)
+        dfd, dname = self._at(rel)
+        os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+
     def symlink(self, target: str, rel: str) -> None:
         pfd, name = self._at(rel)
         os.symlink(target, name, dir_fd=pfd)

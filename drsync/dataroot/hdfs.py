@@ -118,9 +118,8 @@ class _Reuse:
             if d.get("type") in ("CREATE", "RENAME"):
                 target = (d.get("targetPath") if d.get("type") == "RENAME" else d.get("sourcePath")) or ""
                 self.fresh.add(target.strip("/"))
-        t = parent.table
-        cols = {c: t.column(c).to_pylist() for c in ("path", "type", "mode", "uid", "gid", "size", "mtime_ns",
-                                                     "ctime_ns", "inode", "target")}
+        cols = {c: parent.pycolumn(c) for c in ("path", "type", "mode", "uid", "gid", "size", "mtime_ns",
+                                                "ctime_ns", "inode", "target")}
         self.cols = cols
         self.paths: list[str] = cols["path"]
         self.dirs = {p for p, ty in zip(cols["path"], cols["type"], strict=True) if ty == DIR}
@@ -147,6 +146,9 @@ class _Reuse:
             scan.ctime_ns.append(c["ctime_ns"][i])
             scan.inode.append(c["inode"][i])
             scan.target.append(c["target"][i])
+            scan.nlink.append(1)
+            scan.dev.append(0)
+            scan.blocks.append((c["size"][i] + 511) // 512)
             i += 1
 
 
@@ -162,6 +164,10 @@ class HdfsFrozenRoot:
     def scan(self, exclude: frozenset[str]) -> TreeScan:
         return walk(self.fs, self.path, exclude=exclude, live_root=self.live_root, reuse=self.reuse,
                     counter=self)
+
+    def xattrs(self, rel: str) -> tuple[bytes | None, str | None]:
+        """Not carried on HDFS (WebHDFS GETXATTRS exists; documented as not replicated)."""
+        return None, None
 
     @contextmanager
     def open_file(self, rel: str) -> Iterator[HdfsOpenFile]:
@@ -191,7 +197,9 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
         try:
             children = list(fs.list_dir(posixpath.join(top, rel_dir) if rel_dir else top))
         except HdfsPermissionDenied:
-            scan.warnings.append(f"{rel_dir or '.'}: permission denied; not captured")
+            scan.unlisted.append(rel_dir)
+            scan.warnings.append(f"{rel_dir or '.'}: cannot be listed (permission denied); its last captured "
+                                 f"content is kept")
             continue
         except HdfsError as e:
             if e.exception == "FileNotFoundException":
@@ -229,6 +237,9 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
             scan.ctime_ns.append(v.ctime_ns)
             scan.inode.append(v.inode)
             scan.target.append(target)
+            scan.nlink.append(1)
+            scan.dev.append(0)
+            scan.blocks.append((v.size + 511) // 512 if typ == FILE else 0)
             if typ == DIR:
                 if reuse is not None and reuse.reusable(rel):
                     reuse.add_subtree(scan, rel)
@@ -241,8 +252,10 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
 class HdfsDataRoot:
     mtime_resolution_ns = 1_000_000
     supports_symlinks = False
+    supports_xattrs = False
 
     def __init__(self, url: str, *, fs: HdfsFs | None = None) -> None:
+        self.warnings: list[str] = []
         self.location = parse_hdfs_url(url)
         self.fs = fs or HdfsFs(self.location)
         self.root = self.location.path
@@ -375,7 +388,17 @@ class HdfsDataRoot:
         return False
 
     def check_plan(self, plan: ApplyPlan) -> None:
-        """Nothing to refuse up front: HDFS has no mount points or symlinks to go through."""
+        """Nothing to refuse up front: HDFS has no mount points or symlinks to go through. What HDFS
+        does not keep is reported: hard links are written as copies, extended attributes are not set."""
+        if plan.hardlink:
+            self.warnings.append(f"{len(plan.hardlink)} hard link(s) written as copies: HDFS has no hard links "
+                                 f"(e.g. {plan.hardlink[0].path})")
+            plan.write.extend(plan.hardlink)
+            plan.hardlink = []
+        with_xattrs = sum(1 for e in (*plan.write, *plan.dirs) if e.xattrs)
+        if with_xattrs:
+            self.warnings.append(f"extended attributes of {with_xattrs} path(s) not set: drsync does not carry "
+                                 f"them onto HDFS")
 
     def journal(self) -> HdfsJournal:
         return HdfsJournal(self.fs, self._staging)
@@ -389,6 +412,7 @@ class HdfsDataRoot:
         self.fs.mkdirs(posixpath.join(self._staging, "trash"), 0o700)
 
     def write_staged(self, n: int, e: Entry, data: Iterable[bytes]) -> str:
+        """Returns the staged file's path relative to the root (a journal stays valid wherever the root is)."""
         path = posixpath.join(self._staging, str(n))
         w = self.fs.writer(path, overwrite=True)
         try:
@@ -401,7 +425,7 @@ class HdfsDataRoot:
         # The namenode applies its umask at CREATE; the manifest's mode is set afterwards.
         self.fs.set_permission(path, e.mode)
         self.fs.set_times(path, e.mtime_ns)
-        return path
+        return f"{STAGING}/{n}"
 
     def flush(self) -> None:
         """Nothing to do: a closed HDFS file is on its datanodes, and namenode edits are logged."""
@@ -455,7 +479,7 @@ class HdfsDataRoot:
                 raise HdfsError(f"{self._p(e.path)} appeared during the apply and is not a directory")
 
         def move(e: Entry) -> None:
-            src, dst = staged[e.path], self._p(e.path)
+            src, dst = self._p(staged[e.path]), self._p(e.path)
             if fs.status(src) is None:
                 if fs.status(dst) is None:
                     raise HdfsError(f"staged file {src} for {dst} is gone; the apply cannot be completed")

@@ -9,6 +9,7 @@ fsync per file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -22,8 +23,8 @@ from drsync.dataroot import STAGING, FileVersion, stream_matches
 from drsync.dataroot.beneath import Beneath
 from drsync.errors import OperationFailed, UsageError
 from drsync.repository import chunks
-from drsync.repository.manifest import DIR, FILE, SYMLINK
-from drsync.tree import LocalEntry, TreeScan, scan_tree
+from drsync.repository.manifest import DIR, FILE, SYMLINK, decode_xattrs, printable
+from drsync.tree import LocalEntry, TreeScan, read_xattrs, scan_tree
 
 if TYPE_CHECKING:
     from drsync.apply import ApplyPlan, FileJournal
@@ -40,8 +41,8 @@ def _version(s: os.stat_result) -> FileVersion:
 class LocalOpenFile:
     """An open file and its version; its own context manager (the capture opens one per file read)."""
 
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def __init__(self, path: str, fd: int | None = None) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC) if fd is None else fd
         try:
             before = os.fstat(self._fd)
             if not st.S_ISREG(before.st_mode):
@@ -92,17 +93,28 @@ class LocalFrozenRoot:
     def scan(self, exclude: frozenset[str]) -> TreeScan:
         return scan_tree(self.root, exclude)
 
+    def xattrs(self, rel: str) -> tuple[bytes | None, str | None]:
+        path = os.path.join(self.root, rel)
+        if len(path) > fsutil.LONG_PATH:
+            return None, "extended attributes not captured (path longer than PATH_MAX)"
+        return read_xattrs(path)
+
     def open_file(self, rel: str) -> LocalOpenFile:
-        return LocalOpenFile(os.path.join(self.root, rel))
+        path = os.path.join(self.root, rel)
+        if len(path) > fsutil.LONG_PATH:
+            return LocalOpenFile(path, fsutil.open_beneath(self.root, rel))
+        return LocalOpenFile(path)
 
 
 class LocalDataRoot:
     mtime_resolution_ns = 1
     supports_symlinks = True
+    supports_xattrs = True
 
     def __init__(self, path: str) -> None:
         self.root = os.path.abspath(path)
         self.url = self.root
+        self.warnings: list[str] = []
         self._mount_list: list[str] | None = None
         self._staging_fds: dict[str, int] = {}
 
@@ -191,8 +203,15 @@ class LocalDataRoot:
 
     def check_plan(self, plan: ApplyPlan) -> None:
         """Refuse up front what the commit could not do: move a mount point, or change a directory
-        this user may not write (unless it owns it and can open it up)."""
+        this user may not write (unless it owns it and can open it up). A hard link that would span
+        two filesystems mounted in the target is written as a copy instead (and reported)."""
         self._mount_list = self.mount_points()
+        across = [e for e in plan.hardlink if self._domain(e.path) != self._domain(e.hardlink or "")]
+        if across:
+            plan.hardlink = [e for e in plan.hardlink if e not in across]
+            plan.write.extend(across)
+            self.warnings.append(f"{len(across)} hard link(s) would span two filesystems and were written as "
+                                 f"copies (e.g. {printable(across[0].path)})")
         moved = [*plan.remove, *(e.path for e in plan.write), *(e.path for e in plan.link)]
         mounts = set(self._mounts)
         for p in moved:
@@ -215,7 +234,8 @@ class LocalDataRoot:
                                       f"run drsync as the owner of the data root or as root; nothing was changed")
 
     def reset_staging(self, plan: ApplyPlan) -> None:
-        used = {""} | {self._domain(p) for p in (*plan.remove, *(e.path for e in (*plan.write, *plan.link)))}
+        used = {""} | {self._domain(p) for p in (*plan.remove, *(e.path for e in (*plan.write, *plan.link,
+                                                                                     *plan.hardlink)))}
         with Beneath(self.root) as fs:
             for d in sorted(used):
                 rel = self._staging_of(d)
@@ -235,13 +255,19 @@ class LocalDataRoot:
         fd = os.open(str(n), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
             for piece in data:
+                if e.sparse and _all_zero(piece):
+                    os.lseek(fd, len(piece), os.SEEK_CUR)  # a hole, as the file had
+                    continue
                 view = memoryview(piece)
                 while view:
                     k = os.write(fd, view)
                     view = view[k:]
+            if e.sparse:
+                os.ftruncate(fd, e.size)
             if os.geteuid() == 0:
                 os.fchown(fd, e.uid, e.gid)
-            os.fchmod(fd, e.mode)
+            self._set_xattrs(fd, e)
+            os.fchmod(fd, e.mode)  # after the ACL: the mode's group bits are the ACL mask
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
         finally:
             os.close(fd)
@@ -323,6 +349,18 @@ class LocalDataRoot:
                                               f"completed; restore the target from a snapshot")
                     continue  # moved already by the interrupted run this one completes
                 fs.rename(src, e.path)
+            for k, e in enumerate(plan.hardlink):
+                lead = e.hardlink or ""
+                s, ls = fs.lstat(e.path), fs.lstat(lead)
+                if ls is None or not st.S_ISREG(ls.st_mode):
+                    raise OperationFailed(f"{os.path.join(self.root, lead)} is missing after the commit placed it; "
+                                          f"stop what writes into the target and run again")
+                if s is not None and (s.st_ino, s.st_dev) == (ls.st_ino, ls.st_dev):
+                    continue  # linked already
+                tmp = f"{self._staging_of(self._domain(e.path))}/H{k}"
+                fs.remove_tree(tmp)
+                fs.link(lead, tmp)
+                fs.rename(tmp, e.path)
             for k, e in enumerate(plan.link):
                 s = fs.lstat(e.path)
                 if s is None or not st.S_ISLNK(s.st_mode) or fs.readlink(e.path) != e.target:
@@ -336,6 +374,7 @@ class LocalDataRoot:
             for e in plan.fix_meta:
                 if root_owner:
                     fs.chown(e.path, e.uid, e.gid)
+                self._set_xattrs_at(fs, e)
                 fs.chmod(e.path, e.mode)
             # Deepest directories first, so setting a child's times does not disturb its parent's.
             for e in plan.dirs_to_finish():
@@ -345,10 +384,43 @@ class LocalDataRoot:
                 if s is None or not st.S_ISDIR(s.st_mode):
                     raise OperationFailed(f"{os.path.join(self.root, e.path)} is not a directory after the "
                                           f"commit; stop what writes into the target and run again")
+                self._set_xattrs_at(fs, e)
                 if st.S_IMODE(s.st_mode) != e.mode:
                     fs.chmod(e.path, e.mode)
                 if s.st_mtime_ns != e.mtime_ns:
                     fs.utime(e.path, e.mtime_ns)
+
+    def _set_xattrs_at(self, fs: Beneath, e: Entry) -> None:
+        try:
+            fd = fs.open_read(e.path) if e.type == FILE else os.open(
+                e.path.rpartition("/")[2], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=fs.dir_fd(e.path.rpartition("/")[0]))
+        except PermissionError:
+            self.warnings.append(f"{printable(e.path)}: extended attributes not set (cannot open it)")
+            return
+        try:
+            self._set_xattrs(fd, e)
+        finally:
+            os.close(fd)
+
+    def _set_xattrs(self, fd: int, e: Entry) -> None:
+        """Make the file's extended attributes (ACLs included) exactly the manifest's."""
+        want = dict(decode_xattrs(e.xattrs))
+        try:
+            have = {os.fsencode(n) for n in os.listxattr(fd)}
+        except OSError as err:
+            if want:
+                self.warnings.append(f"{printable(e.path)}: extended attributes not set ({err.strerror or err})")
+            return
+        for name in have - set(want):
+            with contextlib.suppress(OSError):
+                os.removexattr(fd, name)
+        for name, value in want.items():
+            try:
+                os.setxattr(fd, name, value)
+            except OSError as err:
+                self.warnings.append(f"{printable(e.path)}: extended attribute {printable(os.fsdecode(name))} "
+                                     f"not set ({err.strerror or err})")
 
 
 JOURNAL_NAME = "journal.json"
@@ -369,6 +441,11 @@ def _move_aside(fs: Beneath, path: str, trash: str) -> None:
 
 def _unescape_mountinfo(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _all_zero(piece: bytes | memoryview) -> bool:
+    """Whether a chunk is all zero bytes (one calloc and a memcmp that stops at the first data byte)."""
+    return bytes(piece) == bytes(len(piece)) if isinstance(piece, memoryview) else piece == bytes(len(piece))
 
 
 def _mounts_below(real_root: str) -> list[str]:
@@ -432,8 +509,9 @@ def _scan_into(out: dict[str, LocalEntry], root: str, domain_tops: set[str], me:
                 typ, target = SYMLINK, os.readlink(full)
             else:
                 typ = OTHER
+            xattrs = read_xattrs(full)[0] if typ in (FILE, DIR) and len(full) <= fsutil.LONG_PATH else None
             out[rel] = LocalEntry(rel, full, typ, m & 0o7777, s.st_uid, s.st_gid, s.st_size if typ == FILE else 0,
-                                  s.st_mtime_ns, target)
+                                  s.st_mtime_ns, target, s.st_ino, xattrs, s.st_nlink)
 
 
 def _list_dir(path: str, me: int, opened: list[tuple[str, int]]) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 REPOSITORY_KIND = "drsync-repository"
 
 # FastCDC 2020, normalized chunking level 1, sizes avg/4 .. avg*4. The average

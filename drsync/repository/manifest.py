@@ -9,7 +9,9 @@ Everything here is pure: building, validating and diffing tables.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,27 +26,97 @@ from drsync.repository import format as fmt
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 TYPES = (FILE, DIR, SYMLINK)
 
+# Version 2: paths and link targets are bytes (any name a POSIX filesystem holds), times are seconds
+# plus nanoseconds (any time, before 1970 and after 2262), and files carry extended attributes (POSIX
+# ACLs among them), their hard-link group, whether they are sparse, and whether they are stale.
 SCHEMA = pa.schema([
-    ("path", pa.string()),
+    ("path", pa.binary()),
     ("type", pa.string()),
     ("mode", pa.uint32()),
     ("uid", pa.uint32()),
     ("gid", pa.uint32()),
     ("size", pa.int64()),
-    ("mtime_ns", pa.int64()),
+    ("mtime_s", pa.int64()),
+    ("mtime_nsec", pa.uint32()),
     ("ctime_ns", pa.int64()),
     ("inode", pa.uint64()),
-    ("target", pa.string()),
+    ("target", pa.binary()),
     ("content", pa.binary(fmt.ID_LEN)),
     ("chunks", pa.list_(pa.binary(fmt.ID_LEN))),
     ("chunk_sizes", pa.list_(pa.uint32())),
+    ("xattrs", pa.binary()),
+    ("hardlink", pa.binary()),
+    ("sparse", pa.bool_()),
+    ("stale", pa.bool_()),
 ], metadata={b"drsync.format": str(fmt.FORMAT_VERSION).encode()})
 
+# Version 1 (drsync before 2026-12): UTF-8 paths, int64 nanosecond times, no attributes. Still read.
+SCHEMA_V1 = pa.schema([
+    ("path", pa.string()), ("type", pa.string()), ("mode", pa.uint32()), ("uid", pa.uint32()),
+    ("gid", pa.uint32()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("ctime_ns", pa.int64()),
+    ("inode", pa.uint64()), ("target", pa.string()), ("content", pa.binary(fmt.ID_LEN)),
+    ("chunks", pa.list_(pa.binary(fmt.ID_LEN))), ("chunk_sizes", pa.list_(pa.uint32())),
+])
+
 EMPTY_CONTENT = blake3.blake3(b"").digest()
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def content_digest(chunk_ids: list[bytes]) -> bytes:
     return blake3.blake3(b"".join(chunk_ids)).digest()
+
+
+def encode_name(name: str | None) -> bytes | None:
+    """A path or link target as the bytes the filesystem holds (str paths use surrogateescape)."""
+    return None if name is None else os.fsencode(name)
+
+
+def decode_name(raw: bytes | None) -> str | None:
+    """Bytes from a manifest as drsync's str form of a path: lossless (undecodable bytes become
+    lone surrogates, as ``os.fsdecode`` does), so ``encode_name(decode_name(b)) == b``."""
+    return None if raw is None else raw.decode("utf-8", "surrogateescape")
+
+
+def printable(name: str) -> str:
+    """A path for a terminal or a log line: undecodable bytes shown as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def split_ns(values: list[int]) -> tuple[list[int], list[int]]:
+    """Nanosecond times as (seconds, nanoseconds) columns; floor division keeps times before 1970 exact."""
+    return [v // 1_000_000_000 for v in values], [v % 1_000_000_000 for v in values]
+
+
+def clamp_int64(values: list[int]) -> list[int]:
+    lo, hi = _INT64
+    return [v if lo <= v <= hi else (lo if v < lo else hi) for v in values]
+
+
+def encode_xattrs(pairs: list[tuple[bytes, bytes]] | None) -> bytes | None:
+    """Extended attributes as one deterministic blob: sorted (name, value), each length-prefixed."""
+    if not pairs:
+        return None
+    out = bytearray()
+    for name, value in sorted(pairs):
+        out += struct.pack(">HI", len(name), len(value)) + name + value
+    return bytes(out)
+
+
+def decode_xattrs(blob: bytes | None) -> list[tuple[bytes, bytes]]:
+    """Inverse of :func:`encode_xattrs`; IntegrityError when the blob is malformed."""
+    pairs: list[tuple[bytes, bytes]] = []
+    i = 0
+    raw = blob or b""
+    while i < len(raw):
+        if i + 6 > len(raw):
+            raise IntegrityError("extended attributes are truncated")
+        nl, vl = struct.unpack_from(">HI", raw, i)
+        i += 6
+        if i + nl + vl > len(raw):
+            raise IntegrityError("extended attributes are truncated")
+        pairs.append((raw[i:i + nl], raw[i + nl:i + nl + vl]))
+        i += nl + vl
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -59,6 +131,14 @@ class Entry:
     target: str | None
     chunks: list[bytes]
     chunk_sizes: list[int]
+    xattrs: bytes | None = None
+    hardlink: str | None = None  # path of the first file of this file's hard-link group
+    sparse: bool = False
+    stale: bool = False
+
+
+# Python-level columns a caller may give (from_columns) or read (pycolumn): names are str, times ns.
+_DEFAULTS = {"xattrs": None, "hardlink": None, "sparse": False, "stale": False}
 
 
 class Manifest:
@@ -73,8 +153,9 @@ class Manifest:
 
     @classmethod
     def from_columns(cls, columns: dict[str, list | pa.Array]) -> Manifest:
-        table = pa.table({name: columns[name] for name in SCHEMA.names}, schema=SCHEMA)
-        return cls(sort_by_path(table))
+        """Build from Python-level columns: ``path``/``target``/``hardlink`` as str, ``mtime_ns`` as int
+        nanoseconds; the attribute columns may be left out (none)."""
+        return cls(sort_by_path(table_from_columns(columns)))
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -97,24 +178,38 @@ class Manifest:
         if int(version) > fmt.FORMAT_VERSION:
             raise IntegrityError(f"{what} uses manifest format {version}, newer than this drsync "
                                  f"understands ({fmt.FORMAT_VERSION}); upgrade drsync")
-        if table.schema.remove_metadata() != SCHEMA.remove_metadata():
-            raise IntegrityError(f"{what} does not have the manifest columns")
         try:
             # Parquet does not check that strings are UTF-8 or that lists are consistent; a damaged or
             # hostile manifest must fail here, with a clear error, not later inside a restore.
             table.validate(full=True)
         except pa.ArrowInvalid as e:
             raise IntegrityError(f"{what} is damaged: {e}") from None
+        bare = table.schema.remove_metadata()
+        if int(version) == 1 and bare == SCHEMA_V1:
+            return cls(_upgrade_v1(table))
+        if bare != SCHEMA.remove_metadata():
+            raise IntegrityError(f"{what} does not have the manifest columns")
         return cls(table)
 
-    def entries(self) -> Iterator[Entry]:
+    def pycolumn(self, name: str) -> list:  # type: ignore[type-arg]
+        """One column as Python values: names as str (lossless), ``mtime_ns`` as int nanoseconds."""
         t = self.table
-        cols = {n: t.column(n).to_pylist() for n in
-                ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target", "chunks", "chunk_sizes")}
-        for i in range(t.num_rows):
+        if name in ("path", "target", "hardlink"):
+            return [None if b is None else b.decode("utf-8", "surrogateescape") for b in t.column(name).to_pylist()]
+        if name == "mtime_ns":
+            secs, nsec = t.column("mtime_s").to_pylist(), t.column("mtime_nsec").to_pylist()
+            return [a * 1_000_000_000 + b for a, b in zip(secs, nsec, strict=True)]
+        return t.column(name).to_pylist()
+
+    def entries(self) -> Iterator[Entry]:
+        cols = {n: self.pycolumn(n) for n in
+                ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target", "chunks", "chunk_sizes",
+                 "xattrs", "hardlink", "sparse", "stale")}
+        for i in range(self.table.num_rows):
             yield Entry(cols["path"][i], cols["type"][i], cols["mode"][i], cols["uid"][i], cols["gid"][i],
                         cols["size"][i], cols["mtime_ns"][i], cols["target"][i],
-                        cols["chunks"][i] or [], cols["chunk_sizes"][i] or [])
+                        cols["chunks"][i] or [], cols["chunk_sizes"][i] or [], cols["xattrs"][i],
+                        cols["hardlink"][i], bool(cols["sparse"][i]), bool(cols["stale"][i]))
 
     def chunk_ids(self) -> set[bytes]:
         flat = pc.list_flatten(self.table.column("chunks"))
@@ -127,8 +222,56 @@ class Manifest:
     def file_count(self) -> int:
         return int(pc.sum(pc.equal(self.table.column("type"), FILE)).as_py() or 0)
 
+    def stale_count(self) -> int:
+        return int(pc.sum(pc.cast(self.table.column("stale"), pa.int64())).as_py() or 0)
+
     def filter_paths(self, keep_mask: list[bool]) -> Manifest:
         return Manifest(self.table.filter(pa.array(keep_mask, pa.bool_())))
+
+
+def table_from_columns(columns: dict[str, list | pa.Array]) -> pa.Table:
+    """An (unsorted) manifest table from Python-level columns (see :meth:`Manifest.from_columns`)."""
+    n = len(columns["path"])
+
+    def names(key: str) -> list[bytes | None] | pa.Array:
+        v = columns.get(key)
+        if v is None:
+            return [None] * n
+        if isinstance(v, pa.Array | pa.ChunkedArray):
+            return v
+        return [None if x is None else (x if isinstance(x, bytes) else os.fsencode(x)) for x in v]
+
+    if "mtime_s" in columns:
+        secs, nsec = columns["mtime_s"], columns["mtime_nsec"]
+    else:
+        secs, nsec = split_ns(list(columns["mtime_ns"]))
+    cols: dict[str, object] = {
+        "path": names("path"), "target": names("target"), "hardlink": names("hardlink"),
+        "mtime_s": secs, "mtime_nsec": nsec,
+        "ctime_ns": clamp_int64(list(columns["ctime_ns"])) if not isinstance(columns["ctime_ns"], pa.Array |
+                                                                            pa.ChunkedArray) else columns["ctime_ns"],
+    }
+    for name in SCHEMA.names:
+        if name not in cols:
+            cols[name] = columns[name] if name in columns else [_DEFAULTS[name]] * n
+    return pa.table({name: cols[name] for name in SCHEMA.names}, schema=SCHEMA)
+
+
+def _upgrade_v1(table: pa.Table) -> pa.Table:
+    """A version-1 manifest in the version-2 columns (the upgrade path: old snapshots stay readable)."""
+    n = table.num_rows
+    s, nsec = split_ns(table.column("mtime_ns").to_pylist())
+    cols = {
+        "path": pc.cast(table.column("path"), pa.binary()), "type": table.column("type"),
+        "mode": table.column("mode"), "uid": table.column("uid"), "gid": table.column("gid"),
+        "size": table.column("size"), "mtime_s": pa.array(s, pa.int64()), "mtime_nsec": pa.array(nsec, pa.uint32()),
+        "ctime_ns": table.column("ctime_ns"), "inode": table.column("inode"),
+        "target": pc.cast(table.column("target"), pa.binary()), "content": table.column("content"),
+        "chunks": table.column("chunks"), "chunk_sizes": table.column("chunk_sizes"),
+        "xattrs": pa.nulls(n, pa.binary()), "hardlink": pa.nulls(n, pa.binary()),
+        "sparse": pa.array([False] * n, pa.bool_()), "stale": pa.array([False] * n, pa.bool_()),
+    }
+    return pa.table(cols, schema=SCHEMA)
 
 
 def sort_by_path(table: pa.Table) -> pa.Table:
@@ -219,10 +362,11 @@ def validate(manifest: Manifest, what: str = "manifest") -> None:
     Checked before anything touches a target, so bad input changes nothing.
     """
     t = manifest.table
-    paths = t.column("path").to_pylist()
+    paths = manifest.pycolumn("path")
     types = t.column("type").to_pylist()
     sizes = t.column("size").to_pylist()
-    targets = t.column("target").to_pylist()
+    targets = manifest.pycolumn("target")
+    hardlinks = manifest.pycolumn("hardlink")
     chunk_counts = pc.list_value_length(t.column("chunks")).to_pylist()
     size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
     sums = _list_sums(t.column("chunk_sizes"))
@@ -231,7 +375,7 @@ def validate(manifest: Manifest, what: str = "manifest") -> None:
     for i, path in enumerate(paths):
         reason = "missing path" if path is None else unsafe_path_reason(path)
         if reason:
-            raise IntegrityError(f"{what}: unsafe path {path!r} ({reason}); refusing it")
+            raise IntegrityError(f"{what}: unsafe path {printable(path) if path else path!r} ({reason}); refusing it")
         typ = types[i]
         if typ not in TYPES:
             raise IntegrityError(f"{what}: {path}: unknown entry type {typ!r}")
@@ -246,6 +390,13 @@ def validate(manifest: Manifest, what: str = "manifest") -> None:
             raise IntegrityError(f"{what}: {path}: chunk list and chunk sizes differ in length")
         if typ == FILE and sums[i] != sizes[i]:
             raise IntegrityError(f"{what}: {path}: chunks add up to {sums[i]} bytes, size says {sizes[i]}")
+    linked = {paths[i] for i in range(len(paths)) if hardlinks[i] is not None}
+    for i, path in enumerate(paths):
+        lead = hardlinks[i]
+        if lead is not None and (types[i] != FILE or kinds.get(lead) != FILE or lead in linked
+                                 or encode_name(lead) >= encode_name(path)):  # type: ignore[operator]
+            raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, which is not an "
+                                 f"earlier file of the snapshot without a link of its own")
     for path in paths:
         parent = posixpath.dirname(path)
         if parent and kinds.get(parent) != DIR:
@@ -273,7 +424,7 @@ def _list_sums(col: pa.ChunkedArray) -> list[int]:
 
 # --- diff ------------------------------------------------------------------
 
-_COMPARED = ("type", "mode", "size", "mtime_ns", "target", "content")
+_COMPARED = ("type", "mode", "size", "mtime_s", "mtime_nsec", "target", "content", "xattrs", "hardlink")
 
 
 @dataclass(frozen=True)
@@ -310,6 +461,6 @@ def diff(old: Manifest, new: Manifest) -> ManifestDiff:
     changed = pc.and_(both, differs) if differs is not None else both
 
     def pick(mask: pa.ChunkedArray) -> list[str]:
-        return sorted(pc.filter(path, mask).to_pylist())
+        return [decode_name(p) for p in sorted(pc.filter(path, mask).to_pylist())]  # type: ignore[misc]
 
     return ManifestDiff(pick(added), pick(removed), pick(changed))
