@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -139,6 +140,9 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             plan.remove.append(path)
     removed = set(plan.remove)
     leaders = {e.hardlink for e in wanted.values() if e.hardlink is not None}
+    # How many paths of the target share each multiply-linked inode: more links than that live
+    # outside the target, and such a file is replaced, never changed in place.
+    inside_links = Counter(h.ino for h in existing.values() if h.type == FILE and h.nlink > 1)
     rewritten: set[str] = set()
     # Removing a directory removes what is inside it: list only the top-most paths.
     plan.remove = [p for p in plan.remove if not any(a in removed for a in _ancestors(p))]
@@ -161,7 +165,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             continue  # decided below, once its group's first file is
         else:
             # A file that shares its inode with paths the snapshot does not link it to is written anew.
-            stray_link = have is not None and have.nlink > 1 and path not in leaders
+            stray_link = have is not None and have.nlink > 1 and (
+                path not in leaders or have.nlink > inside_links[have.ino])
             if (have is not None and not stray_link and have.size == e.size
                     and have.mtime_ns // res == e.mtime_ns // res and (same_content is None or same_content(e, have))):
                 plan.unchanged += 1
@@ -245,6 +250,9 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                 if not source.has_chunk(cid):
                     raise IntegrityError(f"{what}: {e.path}: chunk {cid.hex()[:16]} is missing from the "
                                          f"repository; nothing was changed")
+    for p in protect:
+        if root.lies_within(p):
+            raise UsageError(f"target {root.url} lies inside drsync's own {p}; restore to a directory outside it")
     created_target = root.prepare_target()
     log_ = _journal_for(root, journal)
     # An earlier apply onto this target that was cut short is completed first.

@@ -164,7 +164,11 @@ def _snap_row(s: Any, now: float) -> list[str]:
 @click.option("--name", default="", help="A name to find the snapshot by.")
 @click.option("--reason", default="", help="Why it was taken (kept with the snapshot).")
 @click.option("--ttl", default=None, metavar="DURATION", help="Delete after this long, e.g. 7d.")
-def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str, ttl: str | None) -> None:
+@click.option("--allow-empty", is_flag=True,
+              help="Capture an empty data root although the last snapshot was not (it deletes everything "
+                   "on standbys).")
+def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str, ttl: str | None,
+                    allow_empty: bool) -> None:
     """Capture the data root."""
     try:
         ttl_s = parse_duration(ttl, "--ttl") if ttl is not None else None
@@ -173,14 +177,16 @@ def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str,
     cfg = inv.snapshots
     req = engine.SnapshotRequest(
         data_root=inv.data_url(source), name=name, reason=reason, ttl_s=ttl_s,
-        hooks=engine.Hooks(cfg.pre_hook, cfg.post_hook, cfg.hook_timeout), reread_attempts=cfg.reread_attempts)
+        hooks=engine.Hooks(cfg.pre_hook, cfg.post_hook, cfg.hook_timeout), reread_attempts=cfg.reread_attempts,
+        exclude_paths=_own_paths(inv), allow_empty=allow_empty)
     repo = inv.open_repo()
     with progress("snapshot") as (advance, total):
         info = engine.create_snapshot(repo, req, progress=advance, on_total=total)
     doc = {"id": info.id, "name": info.name, "files": info.files, "bytes": info.bytes,
            "new_bytes": info.new_bytes, "read_bytes": info.read_bytes, "reused_files": info.reused_files,
            "duration_s": info.duration_s, "captured_at": iso(info.captured_at),
-           "reason": info.reason, "ttl_s": info.ttl_s, "parent": info.parent, "warnings": info.warnings}
+           "reason": info.reason, "ttl_s": info.ttl_s, "parent": info.parent, "warnings": info.warnings,
+           "stale_paths": info.stale_paths, "skipped_paths": info.skipped_paths}
 
     def human() -> None:
         click.echo(f"snapshot {info.id} taken: {info.files} files, {_size(info.bytes)}, "
@@ -268,6 +274,18 @@ def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bo
     emit(inv, doc, human)
 
 
+def _own_paths(inv: Invocation) -> tuple[str, ...]:
+    """drsync's own files that a config puts inside the data root (the agent's state directory)."""
+    if inv.config is None:
+        return ()
+    from drsync.agent.loop import state_dir_of
+
+    try:
+        return (state_dir_of(inv.config),)
+    except DrsyncError:
+        return ()
+
+
 @snapshot_grp.command("restore")
 @_common
 @click.argument("snapshot_id")
@@ -282,7 +300,7 @@ def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, chec
     with progress("restore") as (advance, total):
         info, result = engine.restore_snapshot(repo, snapshot_id, dest, cluster_id=cluster_id,
                                                release=release, checksum=checksum, progress=advance,
-                                               on_total=total)
+                                               on_total=total, protect=_own_paths(inv))
     doc = {"snapshot": info.id, "target": dest, **result.as_dict()}
     emit(inv, doc, lambda: click.echo(
         f"restored snapshot {info.id} to {dest}: {result.written_files} files written "

@@ -85,6 +85,8 @@ class SnapshotRequest:
     reread_attempts: int = 3
     # Local paths of drsync's own inside the data root (the agent's state directory): left out.
     exclude_paths: tuple[str, ...] = ()
+    # Capture an empty root although the parent snapshot was not empty (else refused: unmounted?).
+    allow_empty: bool = False
 
 
 def create_snapshot(repo: Repository, req: SnapshotRequest, *,
@@ -114,7 +116,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
                 result = capture(data_root, writer, parent=parent_manifest,
                                  parent_captured_at=parent.captured_at if parent else None,
                                  reread_attempts=req.reread_attempts, exclude=exclude,
-                                 progress=progress, on_total=on_total, captured_at=captured_at)
+                                 progress=progress, on_total=on_total, captured_at=captured_at,
+                                 allow_empty=req.allow_empty)
             finally:
                 if req.hooks.post:
                     try:
@@ -133,10 +136,13 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
             parent=parent.id if parent else None, files=result.files, bytes=result.bytes,
             new_bytes=writer.new_bytes, read_bytes=result.read_bytes, reused_files=result.reused_files,
             duration_s=round(time.monotonic() - started, 3),
-            warnings=result.warnings)
+            warnings=_first(result.warnings), stale_paths=result.stale, skipped_paths=result.skipped)
         repo.commit_snapshot(info, manifest_bytes)
-    for w in result.warnings:
+    for w in _first(result.warnings):
         log.warning("snapshot %s: %s", info.id, w)
+    if result.stale or result.skipped:
+        log.warning("snapshot %s: %d path(s) could not be read and keep their last captured version (stale), "
+                    "%d could not be captured at all", info.id, result.stale, result.skipped)
     if post_error is not None:
         raise OperationFailed(f"snapshot {info.id} was taken, but {post_error}")
     return info
@@ -161,15 +167,21 @@ def check_same_cluster(info: SnapshotInfo, cluster_id: str, release: str) -> Non
             f"{info.id} --dest DIR') and restore it with 'drsync backup restore'")
 
 
+def _first(warnings: list[str], n: int = 20) -> list[str]:
+    """The first warnings, and how many more (a tree with a million unreadable files stays readable)."""
+    return warnings if len(warnings) <= n else [*warnings[:n], f"... and {len(warnings) - n} more"]
+
+
 def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str, release: str,
                      checksum: bool = False, progress: Callable[[int], None] | None = None,
-                     on_total: Callable[[int], None] | None = None) -> tuple[SnapshotInfo, ApplyResult]:
+                     on_total: Callable[[int], None] | None = None,
+                     protect: tuple[str, ...] = ()) -> tuple[SnapshotInfo, ApplyResult]:
     with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
         info = repo.find_snapshot(ref)
         check_same_cluster(info, cluster_id, release)
         manifest = repo.load_manifest(info)
         result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
-                                progress=progress, on_total=on_total, protect=(repo.storage.url,))
+                                progress=progress, on_total=on_total, protect=(repo.storage.url, *protect))
     return info, result
 
 

@@ -77,13 +77,15 @@ def craft_manifest(repo: str, snap: str, rows: list[dict]) -> None:  # type: ign
     as someone able to write the repository (or a damaged shipment) could."""
     import blake3
 
-    from drsync.repository.manifest import SCHEMA, Manifest
+    from drsync.repository.manifest import Manifest
 
-    cols: dict[str, list] = {n: [] for n in SCHEMA.names}  # type: ignore[type-arg]
+    names = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "inode", "target", "content",
+             "chunks", "chunk_sizes")
+    cols: dict[str, list] = {n: [] for n in names}  # type: ignore[type-arg]
     for r in rows:
         full = {"mode": 0o755, "uid": 0, "gid": 0, "size": 0, "mtime_ns": 10**18, "ctime_ns": 10**18,
                 "inode": 1, "target": None, "content": None, "chunks": [], "chunk_sizes": []} | r
-        for n in SCHEMA.names:
+        for n in names:
             cols[n].append(full[n])
     data = Manifest.from_columns(cols).to_bytes()
     Path(repo, "manifests", f"{snap}.parquet").write_bytes(data)

@@ -96,6 +96,10 @@ class DataRoot(Protocol):
         Raises UsageError when it is the root itself."""
         ...
 
+    def lies_within(self, path: str) -> bool:
+        """Whether the root is ``path`` (a local path or URL) or lies inside it."""
+        ...
+
     def existing(self) -> dict[str, LocalEntry]:
         """Every entry of the target (links wherever they point, special files as ``other``)."""
         ...

@@ -59,6 +59,7 @@ class Beneath:
             self._fds.move_to_end(rel)
             return fd
         parent, _, name = rel.rpartition("/")
+        _plain(name, rel)
         pfd = self.dir_fd(parent)
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
@@ -81,6 +82,7 @@ class Beneath:
 
     def _at(self, rel: str) -> tuple[int, str]:
         parent, _, name = rel.rpartition("/")
+        _plain(name, rel)
         return self.dir_fd(parent), name
 
     # --- queries ------------------------------------------------------------------------
@@ -153,7 +155,7 @@ class Beneath:
     def open_read(self, rel: str) -> int:
         """An existing file opened for reading, never through a link; the caller closes it."""
         pfd, name = self._at(rel)
-        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd)
 
     def remove_tree(self, rel: str) -> None:
         """Remove ``rel`` and everything below it, never following a link; a directory we
@@ -168,6 +170,13 @@ class Beneath:
             os.rmdir(name, dir_fd=pfd)
         else:
             os.unlink(name, dir_fd=pfd)
+
+
+def _plain(name: str, rel: str) -> None:
+    """A path component must name an entry of its directory: never '', '.' or '..' (which would
+    leave the directory without any symlink being involved)."""
+    if name in ("", ".", "..") or "\x00" in name:
+        raise EscapeRefused(errno.EINVAL, "not a plain name below the target; drsync does not go there", rel)
 
 
 def _open_dir_forcing(pfd: int, name: str) -> int:

@@ -374,6 +374,16 @@ class HdfsDataRoot:
             raise UsageError(f"{path} is the target itself; drsync's own files cannot be the data root")
         return other[len(top) + 1:].strip("/") if other.startswith(top + "/") else None
 
+    def lies_within(self, path: str) -> bool:
+        if "://" not in path or path.startswith("file://"):
+            return False
+        try:
+            other = parse_hdfs_url(path).path.rstrip("/")
+        except (UsageError, ValueError):
+            return False
+        top = self.root.rstrip("/")
+        return top == other or top.startswith(other + "/")
+
     def existing(self) -> dict[str, LocalEntry]:
         return walk(self.fs, self.root).entries()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import stat as st
 from collections.abc import Iterable, Iterator
@@ -27,7 +28,7 @@ from drsync.repository.manifest import DIR, FILE, SYMLINK, decode_xattrs, printa
 from drsync.tree import LocalEntry, TreeScan, read_xattrs, scan_tree
 
 if TYPE_CHECKING:
-    from drsync.apply import ApplyPlan, FileJournal
+    from drsync.apply import ApplyPlan
     from drsync.repository.manifest import Entry, Manifest
 
 # Files up to this size are read with one call and cut in memory.
@@ -117,6 +118,8 @@ class LocalDataRoot:
         self.warnings: list[str] = []
         self._mount_list: list[str] | None = None
         self._staging_fds: dict[str, int] = {}
+        self._mtimes_before: dict[str, int] = {}
+        self._committed = False
 
     @property
     def _mounts(self) -> list[str]:
@@ -166,6 +169,13 @@ class LocalDataRoot:
             return None
         return real[len(top.rstrip("/")) + 1:]
 
+    def lies_within(self, path: str) -> bool:
+        if "://" in path and not path.startswith("file://"):
+            return False
+        other = os.path.realpath(path.removeprefix("file://")).rstrip("/")
+        top = os.path.realpath(self.root)
+        return top == other or top.startswith(other + "/")
+
     def mount_points(self) -> list[str]:
         """Filesystems mounted inside the root, as relative paths (deepest first)."""
         return _mounts_below(os.path.realpath(self.root))
@@ -185,10 +195,8 @@ class LocalDataRoot:
     def owners_settable(self) -> bool:
         return os.geteuid() == 0
 
-    def journal(self) -> FileJournal:
-        from drsync.apply import FileJournal
-
-        return FileJournal(os.path.join(self.root, STAGING, JOURNAL_NAME))
+    def journal(self) -> RootJournal:
+        return RootJournal(self.root)
 
     def _domain(self, rel: str) -> str:
         """The mount point (relative; "" for the root's own filesystem) holding ``rel``."""
@@ -220,24 +228,48 @@ class LocalDataRoot:
                 raise UsageError(f"a filesystem is mounted at {os.path.join(self.root, hit)}, where the snapshot "
                                  f"has no directory (it would replace {p}); unmount it or restore elsewhere; "
                                  f"nothing was changed")
-        if os.geteuid() == 0:
-            return
-        me = os.geteuid()
-        for d in sorted({"", *(plan.touched_dirs or ())}):
-            full = os.path.join(self.root, d) if d else self.root
-            try:
-                s = os.lstat(full)
-            except (FileNotFoundError, PermissionError):
-                continue  # behind a directory that is itself checked (the plan opens up what it passes)
-            if st.S_ISDIR(s.st_mode) and s.st_uid != me and not os.access(full, os.W_OK | os.X_OK):
-                raise OperationFailed(f"target directory {full}: permission denied (owned by uid {s.st_uid}); "
-                                      f"run drsync as the owner of the data root or as root; nothing was changed")
+        changed = [*plan.remove, *(e.path for e in (*plan.write, *plan.hardlink, *plan.link, *plan.fix_meta))]
+        dirs = sorted({"", *(plan.touched_dirs or ())})
+        with Beneath(self.root) as fs:
+            for rel in [*dirs, *changed]:
+                if _frozen(fs, rel):
+                    raise OperationFailed(f"{os.path.join(self.root, rel)} is immutable or append-only (chattr); "
+                                          f"clear the flag (chattr -i -a) or restore elsewhere; nothing was changed")
+            if os.geteuid() == 0:
+                return
+            me = os.geteuid()
+            finish = {e.path for e in plan.dirs_to_finish()}
+            meta = {e.path for e in plan.fix_meta}
+            for rel in [*dirs, *changed]:
+                try:
+                    s = fs.lstat(rel)
+                    parent = fs.lstat(rel.rpartition("/")[0]) if rel else None
+                except PermissionError:
+                    continue  # behind a directory that is itself checked (the plan opens up what it passes)
+                if s is None or s.st_uid == me:
+                    continue
+                full = os.path.join(self.root, rel) if rel else self.root
+                why = None
+                if st.S_ISDIR(s.st_mode) and rel in dirs and not os.access(full, os.W_OK | os.X_OK):
+                    why = "cannot be written"
+                elif rel in finish or rel in meta:
+                    why = "its mode and times can only be set by its owner"
+                elif parent is not None and parent.st_mode & st.S_ISVTX and parent.st_uid != me:
+                    why = "it lies in a sticky directory of another user"
+                if why:
+                    raise OperationFailed(f"{full}: permission denied (owned by uid {s.st_uid}; {why}); run drsync "
+                                          f"as the owner of the data root or as root; nothing was changed")
 
     def reset_staging(self, plan: ApplyPlan) -> None:
         used = {""} | {self._domain(p) for p in (*plan.remove, *(e.path for e in (*plan.write, *plan.link,
                                                                                      *plan.hardlink)))}
         with Beneath(self.root) as fs:
             for d in sorted(used):
+                # Making the staging area moves the directory's mtime: an apply that fails before its
+                # commit sets it back to this.
+                before = fs.lstat(d) if d else os.fstat(fs.root_fd)
+                if before is not None:
+                    self._mtimes_before[d] = before.st_mtime_ns
                 rel = self._staging_of(d)
                 fs.remove_tree(rel)
                 fs.mkdir(rel, 0o700)
@@ -293,8 +325,11 @@ class LocalDataRoot:
                 if s is None:
                     continue
                 # The mount point is a directory of the snapshot: removing the staging area must not
-                # move the mtime the commit gave it.
+                # move the mtime the commit gave it, or (before a commit) the one it had.
                 top = fs.lstat(d) if d else None
+                top_ns = top.st_mtime_ns if top is not None else None
+                if not self._committed and d in self._mtimes_before:
+                    top_ns = self._mtimes_before[d]
                 if not st.S_ISDIR(s.st_mode):
                     fs.unlink(rel)
                     continue
@@ -308,8 +343,11 @@ class LocalDataRoot:
                 if not (keep and JOURNAL_NAME in names):
                     fs.forget(rel)
                     fs.remove_tree(rel)
-                if top is not None:
-                    fs.utime(d, top.st_mtime_ns)
+                if top_ns is not None:
+                    if d:
+                        fs.utime(d, top_ns)
+                    else:
+                        os.utime(fs.root_fd, ns=(top_ns, top_ns))
 
     def remove_root(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -319,13 +357,23 @@ class LocalDataRoot:
         number of times, ends in the same tree: paths that go away are renamed into the trash under
         a number (present there = done), directories are made unless they exist, staged files are
         renamed unless already gone, links are made unless right, metadata is set again."""
+        at = [""]
+        self._committed = True  # from here on the staging area's removal keeps what the commit set
+        try:
+            self._commit(plan, staged, at)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, os.path.join(self.root, at[0])) from None
+
+    def _commit(self, plan: ApplyPlan, staged: dict[str, str], at: list[str]) -> None:
         root_owner = os.geteuid() == 0
         with Beneath(self.root) as fs:
             for path in plan.unlock:
+                at[0] = path
                 s = fs.lstat(path)
                 if s is not None and st.S_ISDIR(s.st_mode) and (s.st_mode & 0o700) != 0o700:
                     fs.chmod(path, st.S_IMODE(s.st_mode) | 0o700)
             for k, path in enumerate(plan.remove):
+                at[0] = path
                 trash = f"{self._staging_of(self._domain(path))}/trash/{k}"
                 if fs.lstat(trash) is not None:
                     continue  # moved by the run this one completes
@@ -334,6 +382,7 @@ class LocalDataRoot:
                 else:
                     _move_aside(fs, path, trash)
             for e in plan.mkdir:
+                at[0] = e.path
                 s = fs.lstat(e.path)
                 if s is None:
                     fs.mkdir(e.path, 0o700)
@@ -341,6 +390,7 @@ class LocalDataRoot:
                     raise OperationFailed(f"{os.path.join(self.root, e.path)} appeared during the apply and is not "
                                           f"a directory; stop what writes into the target and run again")
             for e in plan.write:
+                at[0] = e.path
                 src = staged[e.path]
                 if fs.lstat(src) is None:
                     s = fs.lstat(e.path)
@@ -350,6 +400,7 @@ class LocalDataRoot:
                     continue  # moved already by the interrupted run this one completes
                 fs.rename(src, e.path)
             for k, e in enumerate(plan.hardlink):
+                at[0] = e.path
                 lead = e.hardlink or ""
                 s, ls = fs.lstat(e.path), fs.lstat(lead)
                 if ls is None or not st.S_ISREG(ls.st_mode):
@@ -362,6 +413,7 @@ class LocalDataRoot:
                 fs.link(lead, tmp)
                 fs.rename(tmp, e.path)
             for k, e in enumerate(plan.link):
+                at[0] = e.path
                 s = fs.lstat(e.path)
                 if s is None or not st.S_ISLNK(s.st_mode) or fs.readlink(e.path) != e.target:
                     tmp = f"{self._staging_of(self._domain(e.path))}/L{k}"
@@ -372,12 +424,14 @@ class LocalDataRoot:
                     fs.chown(e.path, e.uid, e.gid)
                 fs.utime(e.path, e.mtime_ns)
             for e in plan.fix_meta:
+                at[0] = e.path
                 if root_owner:
                     fs.chown(e.path, e.uid, e.gid)
                 self._set_xattrs_at(fs, e)
                 fs.chmod(e.path, e.mode)
             # Deepest directories first, so setting a child's times does not disturb its parent's.
             for e in plan.dirs_to_finish():
+                at[0] = e.path
                 if root_owner:
                     fs.chown(e.path, e.uid, e.gid)
                 s = fs.lstat(e.path)
@@ -424,6 +478,73 @@ class LocalDataRoot:
 
 
 JOURNAL_NAME = "journal.json"
+_FS_IOC_GETFLAGS = 0x80086601
+_FROZEN_FLAGS = 0x10 | 0x20  # FS_IMMUTABLE_FL | FS_APPEND_FL
+
+
+def _frozen(fs: Beneath, rel: str) -> bool:
+    """Whether an existing file or directory carries the immutable or append-only flag."""
+    import fcntl
+
+    try:
+        fd = fs.open_read(rel) if rel else os.dup(fs.root_fd)
+    except OSError:
+        return False  # missing, a link, or unreadable to us: nothing a flag check can tell
+    try:
+        buf = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 8)
+    except OSError:
+        return False  # the filesystem has no such flags
+    finally:
+        os.close(fd)
+    return bool(int.from_bytes(buf[:4], "little") & _FROZEN_FLAGS)
+
+
+class RootJournal:
+    """The journal of an apply that has none of its own, in the target's staging area. Read and
+    written only through descriptors that follow no link, and only if it is a regular file: whoever
+    can write the target must not be able to point drsync at another journal or another place."""
+
+    REL = f"{STAGING}/{JOURNAL_NAME}"
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def load(self) -> bytes | None:
+        try:
+            with Beneath(self.root) as fs:
+                pfd, name = fs.dir_fd(STAGING), JOURNAL_NAME
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd)
+        except OSError:
+            return None  # none, or not ours (a link, or no staging directory): the apply resets it
+        try:
+            if not st.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return f.read()
+        finally:
+            os.close(fd)
+
+    def save(self, data: bytes) -> None:
+        with Beneath(self.root) as fs:
+            tmp = f"{STAGING}/{JOURNAL_NAME}.{secrets.token_hex(6)}"
+            fd = fs.create(tmp)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fs.rename(tmp, self.REL)
+            os.fsync(fs.dir_fd(STAGING))
+
+    def remove(self) -> None:
+        with Beneath(self.root) as fs:
+            try:
+                fs.unlink(self.REL)
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            os.fsync(fs.dir_fd(STAGING))
 
 
 def _move_aside(fs: Beneath, path: str, trash: str) -> None:

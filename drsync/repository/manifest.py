@@ -282,6 +282,8 @@ def sort_by_path(table: pa.Table) -> pa.Table:
 # inside it. It is reserved at any depth: capture skips it (and says so), and a manifest naming it is
 # refused, so a staged file can never collide with a snapshot's path.
 RESERVED_NAME = ".drsync-staging"
+NAME_MAX = 255      # bytes in one path component (Linux, HDFS)
+TARGET_MAX = 4095   # bytes in a symlink's target (PATH_MAX - 1)
 
 
 def unsafe_path_reason(path: str) -> str | None:
@@ -297,6 +299,8 @@ def unsafe_path_reason(path: str) -> str | None:
             return "empty, '.' or '..' component"
         if part == RESERVED_NAME:
             return f"{RESERVED_NAME} is reserved for drsync's staging area"
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            return f"a name longer than {NAME_MAX} bytes"
     return None
 
 
@@ -367,6 +371,7 @@ def validate(manifest: Manifest, what: str = "manifest") -> None:
     sizes = t.column("size").to_pylist()
     targets = manifest.pycolumn("target")
     hardlinks = manifest.pycolumn("hardlink")
+    modes = t.column("mode").to_pylist()
     chunk_counts = pc.list_value_length(t.column("chunks")).to_pylist()
     size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
     sums = _list_sums(t.column("chunk_sizes"))
@@ -382,7 +387,11 @@ def validate(manifest: Manifest, what: str = "manifest") -> None:
         if path in kinds:
             raise IntegrityError(f"{what}: {path} appears twice")
         kinds[path] = typ
+        if modes[i] is None or modes[i] > 0o7777:
+            raise IntegrityError(f"{what}: {printable(path)}: mode {modes[i]!r} is not a permission mode")
         if typ == SYMLINK:
+            if len((targets[i] or "").encode("utf-8", "surrogateescape")) > TARGET_MAX:
+                raise IntegrityError(f"{what}: symlink {printable(path)}: target longer than {TARGET_MAX} bytes")
             if not symlink_stays_inside(path, targets[i] or ""):
                 raise IntegrityError(f"{what}: symlink {path} -> {targets[i]} points outside the data root")
             links[path] = targets[i]

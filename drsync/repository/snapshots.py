@@ -47,6 +47,8 @@ class SnapshotInfo:
     duration_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
     format: int = fmt.FORMAT_VERSION
+    stale_paths: int = 0    # paths that exist but could not be read: kept at their last version
+    skipped_paths: int = 0  # paths that could not be captured at all (reported in warnings)
 
     @property
     def expires_at(self) -> float | None:
@@ -91,7 +93,8 @@ class SnapshotInfo:
         for name in ("id", "cluster_id", "release", "manifest_hash", "name", "reason", "kind", "source"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name)
-        for name in ("files", "bytes", "new_bytes", "read_bytes", "reused_files", "format"):
+        for name in ("files", "bytes", "new_bytes", "read_bytes", "reused_files", "format", "stale_paths",
+                     "skipped_paths"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise bad(name)
