@@ -117,10 +117,10 @@ class _ParentView:
         self.inode = t.column("inode").to_pylist()
         self.racy_after = int(captured_at * 1e9) - _RACY_NS
 
-    def rows_kept_for(self, scan: TreeScan, lost: list[str]) -> list[int]:
+    def rows_kept_for(self, scan: TreeScan, kept: list[int], lost: list[str]) -> list[int]:
         """Parent rows to keep (stale) for paths that exist but could not be read: unreadable entries
-        and everything below directories that could not be listed, unless the scan has them."""
-        have = set(scan.path)
+        and everything below directories that could not be listed, unless the capture has them."""
+        have = {scan.path[k] for k in kept}
         out: set[int] = set()
         for rel in lost:
             i = self.row.get(rel)
@@ -227,7 +227,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
 
     keep = [k for k in range(len(scan)) if k not in gone]
     xattrs = _attributes(view, scan, keep, parent_row, pv, warnings)
-    stale_rows = pv.rows_kept_for(scan, lost) if pv is not None else []
+    stale_rows = pv.rows_kept_for(scan, keep, lost) if pv is not None else []
     # Left out for good: unreadable paths with no earlier version, unlisted directories with no earlier content.
     skipped = sum(1 for p in lost if pv is None or p not in pv.row) + sum(
         1 for d in scan.unlisted if pv is None or not any(p.startswith(f"{d}/" if d else "") for p in pv.row))

@@ -8,7 +8,9 @@ code DESIGN.md fixes; ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
+import codecs
 import functools
+import io
 import json
 import logging
 import os
@@ -698,7 +700,23 @@ def agent_cmd(inv: Invocation, once: bool) -> None:
 # --- entry point ------------------------------------------------------------------
 
 
+def _printable_errors(err: UnicodeError) -> tuple[str, int]:
+    """Encode-error handler for the terminal: a path byte that is not UTF-8 (kept as a lone surrogate,
+    as os.fsdecode does) prints as ``\\xNN``, anything else unencodable as a backslash escape."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    bad = err.object[err.start:err.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else
+                   c.encode("ascii", "backslashreplace").decode() for c in bad), err.end
+
+
+codecs.register_error("drsync-printable", _printable_errors)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="drsync-printable")
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _STATE.clear()

@@ -46,6 +46,11 @@ class AgentMetrics:
         self.last_snapshot = gauge("last_snapshot_timestamp_seconds", "Capture time of the newest snapshot taken")
         self.last_applied = gauge("last_applied_snapshot_timestamp_seconds",
                                   "Capture time of the newest snapshot applied on the standby")
+        self.snapshot_stale_paths = gauge(
+            "snapshot_stale_paths", "Paths that exist but could not be read in the newest snapshot (kept at their "
+                                    "last captured version, never deleted)")
+        self.snapshot_skipped_paths = gauge("snapshot_skipped_paths",
+                                            "Paths the newest snapshot could not capture at all")
         self.snapshot_duration = histogram("snapshot_duration_seconds", "Time to capture a snapshot")
         self.ship_duration = histogram("ship_duration_seconds", "Time to negotiate, ship and commit a snapshot")
         self.shipped_bytes = counter("shipped_bytes", "Stored bytes sent to standbys")

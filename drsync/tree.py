@@ -205,11 +205,13 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
     return scan
 
 
-def read_xattrs(path: str) -> tuple[bytes | None, str | None]:
+def read_xattrs(path: str | int) -> tuple[bytes | None, str | None]:
     """A file's or directory's extended attributes (POSIX ACLs included, as ``system.posix_acl_*``),
-    encoded for the manifest, and a problem to report (None when all were read)."""
+    encoded for the manifest, and a problem to report (None when all were read). ``path`` may be
+    an open descriptor (for paths longer than PATH_MAX)."""
+    follow = isinstance(path, int)  # a descriptor is the entry itself
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.ENOENT):
             return None, None
@@ -217,7 +219,7 @@ def read_xattrs(path: str) -> tuple[bytes | None, str | None]:
     pairs: list[tuple[bytes, bytes]] = []
     for name in names:
         try:
-            pairs.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)))
+            pairs.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=follow)))
         except OSError as e:
             if e.errno != errno.ENODATA:  # removed meanwhile
                 return None, f"extended attribute {name} cannot be read ({e.strerror or e})"

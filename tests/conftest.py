@@ -100,11 +100,12 @@ def repo_url(tmp_path: Path, drsync) -> str:  # type: ignore[no-untyped-def]
 
 def age_tree(root: Path, seconds: int = 10) -> None:
     """Move every mtime into the past, so nothing counts as 'racily' modified during a capture."""
-    for dirpath, dirs, files in os.walk(root, topdown=False):
+    # Through directory descriptors, bottom up: works for any name and for paths beyond PATH_MAX.
+    for _dirpath, dirs, files, dfd in os.fwalk(os.fsencode(root), topdown=False):
         for name in files + dirs:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9), follow_symlinks=False)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9), dir_fd=dfd,
+                     follow_symlinks=False)
 
 
 # --- real ZooKeeper ------------------------------------------------------------------

@@ -624,6 +624,8 @@ class Agent:
                                      reread_attempts=snaps.reread_attempts, exclude_paths=(self.state_file.dir,))
         info = engine.create_snapshot(self.repo, req)
         self.metrics.last_snapshot.set(info.captured_at)
+        self.metrics.snapshot_stale_paths.set(info.stale_paths)
+        self.metrics.snapshot_skipped_paths.set(info.skipped_paths)
         self.metrics.snapshot_duration.observe(info.duration_s)
         decision = CycleDecision("shipped" if targets else "snapshot only (no standby registered)", info.id)
         for target in targets:

@@ -96,9 +96,16 @@ class LocalFrozenRoot:
 
     def xattrs(self, rel: str) -> tuple[bytes | None, str | None]:
         path = os.path.join(self.root, rel)
-        if len(path) > fsutil.LONG_PATH:
-            return None, "extended attributes not captured (path longer than PATH_MAX)"
-        return read_xattrs(path)
+        if len(path) <= fsutil.LONG_PATH:
+            return read_xattrs(path)
+        try:
+            fd = fsutil.open_beneath(self.root, rel, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            return None, f"extended attributes cannot be read ({e.strerror or e})"
+        try:
+            return read_xattrs(fd)
+        finally:
+            os.close(fd)
 
     def open_file(self, rel: str) -> LocalOpenFile:
         path = os.path.join(self.root, rel)
@@ -287,13 +294,12 @@ class LocalDataRoot:
         fd = os.open(str(n), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
             for piece in data:
-                if e.sparse and _all_zero(piece):
-                    os.lseek(fd, len(piece), os.SEEK_CUR)  # a hole, as the file had
-                    continue
-                view = memoryview(piece)
-                while view:
-                    k = os.write(fd, view)
-                    view = view[k:]
+                for view in _data_runs(piece) if e.sparse else (memoryview(piece),):
+                    if view.readonly and len(view) and view.obj is _HOLE:
+                        os.lseek(fd, len(view), os.SEEK_CUR)  # a hole, as the file had
+                        continue
+                    while view:
+                        view = view[os.write(fd, view):]
             if e.sparse:
                 os.ftruncate(fd, e.size)
             if os.geteuid() == 0:
@@ -564,9 +570,29 @@ def _unescape_mountinfo(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _all_zero(piece: bytes | memoryview) -> bool:
-    """Whether a chunk is all zero bytes (one calloc and a memcmp that stops at the first data byte)."""
-    return bytes(piece) == bytes(len(piece)) if isinstance(piece, memoryview) else piece == bytes(len(piece))
+_BLOCK = 4096
+_ZERO_BLOCK = bytes(_BLOCK)
+_HOLE = bytes(1 << 20)  # views of this object stand for holes
+
+
+def _data_runs(piece: bytes | memoryview) -> Iterator[memoryview]:
+    """A sparse file's chunk as runs of data and of holes (views of ``_HOLE``), block by block, so that
+    a restored sparse file is allocated where the original was, to 4 KiB."""
+    raw = bytes(piece)  # bytes compare with memcmp; memoryviews element by element
+    view = memoryview(raw)
+    if raw == bytes(len(raw)):
+        for at in range(0, len(view), len(_HOLE)):
+            yield memoryview(_HOLE)[:min(len(_HOLE), len(view) - at)]
+        return
+    start = 0  # of the current data run
+    for at in range(0, len(view), _BLOCK):
+        if raw[at:at + _BLOCK] == _ZERO_BLOCK:
+            if at > start:
+                yield view[start:at]
+            yield memoryview(_HOLE)[:_BLOCK]
+            start = at + _BLOCK
+    if start < len(view):
+        yield view[start:]
 
 
 def _mounts_below(real_root: str) -> list[str]:
@@ -586,38 +612,47 @@ def scan_target(root: str, domain_tops: set[str]) -> dict[str, LocalEntry]:
     (type ``other``), so that the plan replaces rather than follows them. drsync's staging areas
     (``.drsync-staging`` at the top of the root and of each mount point) are left out. A directory
     this user owns but cannot list is opened for the scan and set back after it; one it cannot list
-    and does not own is an error naming it (raised before anything changes)."""
+    and does not own is an error naming it (raised before anything changes). Directories are read
+    through descriptors, so paths beyond PATH_MAX are scanned too."""
     out: dict[str, LocalEntry] = {}
-    me = os.geteuid()
     opened: list[tuple[str, int]] = []
-    try:
-        _scan_into(out, root, domain_tops, me, opened)
-    finally:
-        for path, mode in reversed(opened):
-            os.chmod(path, mode)
+    with Beneath(root) as fs:
+        try:
+            _scan_into(out, fs, domain_tops, os.geteuid(), opened)
+        finally:
+            for rel, mode in reversed(opened):
+                with contextlib.suppress(OSError):
+                    if rel:
+                        fs.chmod(rel, mode)
+                    else:
+                        os.fchmod(fs.root_fd, mode)
     return out
 
 
-def _scan_into(out: dict[str, LocalEntry], root: str, domain_tops: set[str], me: int,
+def _scan_into(out: dict[str, LocalEntry], fs: Beneath, domain_tops: set[str], me: int,
                opened: list[tuple[str, int]]) -> None:
     from drsync.apply import OTHER
 
-    stack = [("", root)]
+    stack = [""]
     while stack:
-        rel_dir, abs_dir = stack.pop()
+        rel_dir = stack.pop()
         try:
-            names = _list_dir(abs_dir, me, opened)
+            dfd = _open_listable(fs, rel_dir, me, opened)
+            names = os.listdir(dfd)
         except FileNotFoundError:
             continue
         prefix = f"{rel_dir}/" if rel_dir else ""
         for name in names:
             if name == STAGING and rel_dir in domain_tops:
                 continue
-            full = os.path.join(abs_dir, name)
             try:
-                s = os.lstat(full)
+                s = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            except PermissionError:
+                raise OperationFailed(f"target directory {os.path.join(fs.root, rel_dir)}: its entries cannot be "
+                                      f"examined (permission denied); run drsync as the owner of the data root or "
+                                      f"as root; nothing was changed") from None
             m = s.st_mode
             rel = prefix + name
             target = None
@@ -625,27 +660,49 @@ def _scan_into(out: dict[str, LocalEntry], root: str, domain_tops: set[str], me:
                 typ = FILE
             elif st.S_ISDIR(m):
                 typ = DIR
-                stack.append((rel, full))
+                stack.append(rel)
             elif st.S_ISLNK(m):
-                typ, target = SYMLINK, os.readlink(full)
+                typ, target = SYMLINK, os.readlink(name, dir_fd=dfd)
             else:
                 typ = OTHER
-            xattrs = read_xattrs(full)[0] if typ in (FILE, DIR) and len(full) <= fsutil.LONG_PATH else None
-            out[rel] = LocalEntry(rel, full, typ, m & 0o7777, s.st_uid, s.st_gid, s.st_size if typ == FILE else 0,
-                                  s.st_mtime_ns, target, s.st_ino, xattrs, s.st_nlink)
+            xattrs = _xattrs_at(dfd, name) if typ in (FILE, DIR) else None
+            out[rel] = LocalEntry(rel, os.path.join(fs.root, rel), typ, m & 0o7777, s.st_uid, s.st_gid,
+                                  s.st_size if typ == FILE else 0, s.st_mtime_ns, target, s.st_ino, xattrs,
+                                  s.st_nlink)
 
 
-def _list_dir(path: str, me: int, opened: list[tuple[str, int]]) -> list[str]:
+def _xattrs_at(dfd: int, name: str) -> bytes | None:
     try:
-        return os.listdir(path)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None  # unreadable to us: compared as having none
+    try:
+        return read_xattrs(fd)[0]
+    finally:
+        os.close(fd)
+
+
+def _open_listable(fs: Beneath, rel: str, me: int, opened: list[tuple[str, int]]) -> int:
+    """The directory's descriptor; one this user owns but cannot read is opened up (and noted)."""
+    try:
+        fd = fs.dir_fd(rel)
+        s = os.fstat(fd)
+        if s.st_uid != me or me == 0 or (s.st_mode & 0o500) == 0o500:
+            return fd  # readable; searching it is checked entry by entry
     except PermissionError:
-        s = os.lstat(path)
-        if s.st_uid != me:
-            raise OperationFailed(f"target directory {path}: cannot be listed (permission denied, owned by uid "
-                                  f"{s.st_uid}); run drsync as the owner of the data root or as root; nothing was "
-                                  f"changed") from None
+        s = fs.lstat(rel) if rel else os.fstat(fs.root_fd)
+    full = os.path.join(fs.root, rel)
+    if s is None:
+        raise FileNotFoundError(full)
+    if s.st_uid != me:
+        raise OperationFailed(f"target directory {full}: cannot be listed (permission denied, owned by uid "
+                              f"{s.st_uid}); run drsync as the owner of the data root or as root; nothing was "
+                              f"changed") from None
     # Ours: opened for the scan (and what lies below it), its mode set back when the scan ends; the
     # commit opens what it changes again and finishes with the snapshot's mode.
-    opened.append((path, st.S_IMODE(s.st_mode)))
-    os.chmod(path, st.S_IMODE(s.st_mode) | 0o500)
-    return os.listdir(path)
+    opened.append((rel, st.S_IMODE(s.st_mode)))
+    if rel:
+        fs.chmod(rel, st.S_IMODE(s.st_mode) | 0o500)
+        return fs.dir_fd(rel)
+    os.fchmod(fs.root_fd, st.S_IMODE(s.st_mode) | 0o500)
+    return fs.root_fd
