@@ -47,6 +47,18 @@ class SnapshotInfo:
     duration_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
     format: int = fmt.FORMAT_VERSION
+    # Position in this repository's history, given by Repository.commit_snapshot: 1 + the highest
+    # seq in the repository. 0 = unknown (a document written before drsync numbered snapshots).
+    seq: int = 0
+
+    @property
+    def order_key(self) -> tuple[int, float, str]:
+        """Where this snapshot sorts in its repository, oldest first: by ``seq``, never by the clock.
+
+        Documents without a seq (0) come before every numbered one, among themselves by capture
+        time. Two commits that overlapped may share a seq; capture time and id order them.
+        """
+        return (self.seq, self.captured_at, self.id)
 
     @property
     def expires_at(self) -> float | None:
@@ -63,7 +75,11 @@ class SnapshotInfo:
         return doc
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), indent=1, sort_keys=True).encode()
+        """The snapshot document. Without a seq (0) it has no ``seq`` key, as older versions wrote it."""
+        doc = self.to_json()
+        if not self.seq:
+            del doc["seq"]
+        return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str) -> SnapshotInfo:
@@ -91,10 +107,12 @@ class SnapshotInfo:
         for name in ("id", "cluster_id", "release", "manifest_hash", "name", "reason", "kind", "source"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name)
-        for name in ("files", "bytes", "new_bytes", "read_bytes", "reused_files", "format"):
+        for name in ("files", "bytes", "new_bytes", "read_bytes", "reused_files", "format", "seq"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise bad(name)
+        if self.seq < 0:
+            raise bad("seq")
         for name in ("duration_s", "ttl_s"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
