@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: rsync is the peer in benchmarks; ZooKeeper (Java 17 is on the machine)
 # coordinates agents and runs in tests as throwaway servers; prometheus brings promtool for
-# the alert rules' unit tests; chromium loads the status page in tests.
-DEB_PACKAGES := rsync zookeeper prometheus chromium
+# the alert rules' unit tests; chromium loads the status page in tests; faketime runs the CLI
+# with its clock a day off (tests/test_snapshot_order.py).
+DEB_PACKAGES := rsync zookeeper prometheus chromium faketime
 
 .PHONY: help venv system-deps test lint demo bench reliability proto clean
 

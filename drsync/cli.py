@@ -157,7 +157,8 @@ def snapshot_grp() -> None:
 def _snap_row(s: Any, now: float) -> list[str]:
     exp = s.expires_at
     expires = "-" if exp is None else ("expired" if exp <= now else iso(exp) or "")
-    return [s.id, s.name or "-", s.kind, iso(s.captured_at) or "", str(s.files), _size(s.bytes), expires]
+    return [str(s.seq) if s.seq else "-", s.id, s.name or "-", s.kind, iso(s.captured_at) or "", str(s.files),
+            _size(s.bytes), expires]
 
 
 @snapshot_grp.command("create")
@@ -186,7 +187,7 @@ def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str,
         info = engine.create_snapshot(repo, req, progress=advance, on_total=total)
     doc = {"id": info.id, "name": info.name, "files": info.files, "bytes": info.bytes,
            "new_bytes": info.new_bytes, "read_bytes": info.read_bytes, "reused_files": info.reused_files,
-           "duration_s": info.duration_s, "captured_at": iso(info.captured_at),
+           "duration_s": info.duration_s, "seq": info.seq, "captured_at": iso(info.captured_at),
            "reason": info.reason, "ttl_s": info.ttl_s, "parent": info.parent, "warnings": info.warnings,
            "stale_paths": info.stale_paths, "skipped_paths": info.skipped_paths}
 
@@ -202,11 +203,14 @@ def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str,
 @snapshot_grp.command("list")
 @_common
 def snapshot_list(inv: Invocation) -> None:
-    """List snapshots, oldest first."""
+    """List snapshots, oldest first: in sequence order (SEQ), whatever their capture times say.
+
+    SEQ is '-' (JSON: 0) for snapshots taken before drsync numbered them; they come first.
+    """
     snaps = inv.open_repo().list_snapshots()
     now = time.time()
     emit(inv, [s.to_json() for s in snaps], lambda: _table(
-        ["ID", "NAME", "KIND", "CAPTURED", "FILES", "SIZE", "EXPIRES"], [_snap_row(s, now) for s in snaps]))
+        ["SEQ", "ID", "NAME", "KIND", "CAPTURED", "FILES", "SIZE", "EXPIRES"], [_snap_row(s, now) for s in snaps]))
 
 
 @snapshot_grp.command("show")
@@ -224,9 +228,11 @@ def snapshot_show(inv: Invocation, snapshot_id: str, files: bool) -> None:
                            "mtime_ns": e.mtime_ns, "target": e.target} for e in manifest.entries()]
 
     def human() -> None:
-        for k in ("id", "name", "reason", "kind", "captured_at", "expires_at", "cluster_id", "release",
+        for k in ("id", "seq", "name", "reason", "kind", "captured_at", "expires_at", "cluster_id", "release",
                   "source", "parent", "files", "bytes", "new_bytes", "duration_s"):
             v = doc.get(k)
+            if k == "seq" and not v:
+                v = None  # taken before drsync numbered snapshots
             click.echo(f"{k:12} {_size(v) if k in ('bytes', 'new_bytes') else ('-' if v in (None, '') else v)}")
         for w in info.warnings:
             click.echo(f"warning      {w}")

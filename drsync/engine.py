@@ -91,7 +91,14 @@ class SnapshotRequest:
 
 def create_snapshot(repo: Repository, req: SnapshotRequest, *,
                     progress: Callable[[int], None] | None = None,
-                    on_total: Callable[[int], None] | None = None) -> SnapshotInfo:
+                    on_total: Callable[[int], None] | None = None,
+                    clock: Callable[[], float] = time.time) -> SnapshotInfo:
+    """Capture ``req.data_root`` into ``repo`` as its newest snapshot (the next sequence number).
+
+    ``clock`` gives the capture time (Unix seconds) and is the wall clock; a test passes a
+    skewed one to play a machine whose clock is wrong. Nothing orders snapshots by that time:
+    the parent is the newest snapshot by sequence, and so is the new one once committed.
+    """
     data_root = open_data_root(req.data_root)
     data_root.check_capturable()
     root = data_root.url
@@ -108,7 +115,7 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
         if req.hooks.pre:
             run_hook("pre-snapshot", req.hooks.pre, hook_env, req.hooks.timeout_s)
         started = time.monotonic()
-        captured_at = time.time()
+        captured_at = clock()
         writer = repo.chunk_writer()
         post_error: OperationFailed | None = None
         try:
@@ -137,7 +144,7 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
             new_bytes=writer.new_bytes, read_bytes=result.read_bytes, reused_files=result.reused_files,
             duration_s=round(time.monotonic() - started, 3),
             warnings=_first(result.warnings), stale_paths=result.stale, skipped_paths=result.skipped)
-        repo.commit_snapshot(info, manifest_bytes)
+        info = repo.commit_snapshot(info, manifest_bytes)
     for w in _first(result.warnings):
         log.warning("snapshot %s: %s", info.id, w)
     if result.stale or result.skipped:
@@ -149,6 +156,7 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
 
 
 def _parent_of(repo: Repository, root: str) -> SnapshotInfo | None:
+    """The newest snapshot (by sequence) of this data root and cluster: what the capture compares with."""
     candidates = [s for s in repo.list_snapshots() if s.source == root
                   and s.cluster_id == repo.config.cluster_id]
     return candidates[-1] if candidates else None
@@ -205,12 +213,15 @@ class ExpireResult:
 def plan_expiry(snaps: list[SnapshotInfo], keep: KeepPolicy, now: float) -> list[SnapshotInfo]:
     """Snapshots to delete: any past its TTL, and periodic ones the keep policy does not keep.
 
-    Manual snapshots live until their TTL or an explicit delete.
+    Manual snapshots live until their TTL or an explicit delete. "Newest" (``keep.last``, and
+    which snapshot of an hour or day stands for it) is the sequence order; capture times only
+    say which hour or day a snapshot belongs to.
     """
     doomed = {s.id for s in snaps if s.is_expired(now)}
-    periodic = [s for s in snaps if s.kind in ("periodic", "cycle") and s.id not in doomed]
+    periodic = sorted((s for s in snaps if s.kind in ("periodic", "cycle") and s.id not in doomed),
+                      key=lambda s: s.order_key)
     if periodic and not keep.is_empty():
-        decisions = plan_retention([(s.id, s.captured_at) for s in periodic], keep)
+        decisions = plan_retention([(s.id, s.captured_at) for s in periodic], keep, in_order=True)
         doomed |= {d.id for d in decisions if not d.keep}
     return [s for s in snaps if s.id in doomed]
 

@@ -399,3 +399,81 @@ def test_an_odd_tree_replicates_through_a_real_agent_pair(tmp_path: Path) -> Non
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run production's agent as a user that cannot read")
+def test_unreadable_paths_on_production_never_delete_the_standbys_copies(open_tmp: Path) -> None:  # noqa: F811
+    """A real pair: production's agent (as an unprivileged user) loses read access to a file and a
+    directory; the standby keeps its copies and the primary's metric counts the stale paths."""
+    import signal
+    import urllib.request
+
+    from drsync.cli import main
+    from tests.group import wait_for
+    from tests.zk import free_port
+
+    base = open_tmp
+    prod, standby = base / "prod", base / "standby"
+    (prod / "private").mkdir(parents=True)
+    (prod / "private" / "inner.txt").write_bytes(b"in a directory production will lock\n")
+    (prod / "secret.txt").write_bytes(b"a file production will make unreadable\n")
+    (prod / "plain.txt").write_bytes(b"plain\n")
+    standby.mkdir()
+    port, metrics = free_port(), f"127.0.0.1:{free_port()}"
+
+    def config(name: str, data: Path, role: str, extra: str = "") -> Path:
+        p = base / f"{name}.toml"
+        p.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{data}"\nrepository = "{base / name}-repo"\n'
+                     f'[agent]\nname = "{name}"\nrole = "{role}"\n'
+                     f'listen = "127.0.0.1:{port if role == "standby" else free_port()}"\n'
+                     f'metrics = "{metrics if role == "primary" else "127.0.0.1:" + str(free_port())}"\n{extra}')
+        assert run_drsync("init", "--config", p).code == 0
+        return p
+
+    scfg = config("standby", standby, "standby")
+    pcfg = config("primary", prod, "primary", f'[replication]\ninterval = "1s"\nstandbys = ["127.0.0.1:{port}"]\n')
+    subprocess.run(["chown", "-R", "65534:65534", prod, base / "primary-repo", pcfg], check=True)
+    with open(base / "standby.log", "ab") as log:
+        sproc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(scfg)],
+                                 stdout=log, stderr=log)
+    wait_for(lambda: (base / "standby-repo" / "agent" / "agent.pid").exists(), "the standby to start")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - production's agent, as nobody
+        code = 1
+        try:
+            fd = os.open(base / "primary.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            code = main(["agent", "--config", str(pcfg)])
+        finally:
+            os._exit(code)
+
+    def stale_metric() -> float | None:
+        try:
+            text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=2).read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("drsync_snapshot_stale_paths{"):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    try:
+        wait_for(lambda: (standby / "plain.txt").exists() and (standby / "secret.txt").exists(),
+                 "the first shipment to apply", timeout=120)
+        os.chmod(prod / "secret.txt", 0)
+        os.chmod(prod / "private", 0)
+        (prod / "plain.txt").write_bytes(b"plain, changed after\n")
+        wait_for(lambda: stale_metric() == 2, "the primary to report 2 stale paths", timeout=120)
+        wait_for(lambda: (standby / "plain.txt").read_bytes() == b"plain, changed after\n",
+                 "the change to reach the standby", timeout=120)
+        assert (standby / "secret.txt").read_bytes() == b"a file production will make unreadable\n"
+        assert (standby / "private" / "inner.txt").read_bytes() == b"in a directory production will lock\n"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        sproc.terminate()
+        sproc.wait(timeout=30)

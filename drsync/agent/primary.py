@@ -8,6 +8,7 @@ interrupted shipment's retry sends only what is still missing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -127,7 +128,10 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     pieces = (manifest_bytes[i:i + COMMIT_PIECE_BYTES] for i in range(0, max(1, len(manifest_bytes)),
                                                                         COMMIT_PIECE_BYTES))
     check(True)
-    outcome = link.commit(epoch, sender, info.to_bytes(), pieces)
+    # A seq is a position in one repository: the standby numbers what it receives itself. The
+    # document goes without it, as before snapshots were numbered, so a standby that runs the
+    # previous version during a rolling upgrade still reads it.
+    outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces)
     missing_raw = sum(sizes.get(i, 0) for i in missing)
     return ShipResult(info.id, len(sizes), len(missing), shipped, total_bytes - missing_raw,
                       round(time.monotonic() - start, 3), outcome)

@@ -189,10 +189,11 @@ class StandbyReceiver:
             if missing:
                 raise IntegrityError(f"snapshot {info.id} names {len(missing)} chunk(s) the standby never "
                                      f"received (first {missing[0].hex()[:16]}); it was not applied")
-            known = {s.id for s in self.repo.list_snapshots()}
+            known = {s.id: s for s in self.repo.list_snapshots()}
             with self.repo.lock(exclusive=False, wait_s=30.0):
-                if info.id not in known:
-                    self.repo.commit_snapshot(info, manifest_bytes)
+                # Stored with this repository's next sequence number (arrival order), whatever
+                # seq the sender's document carries; a retried commit keeps the stored one.
+                info = known[info.id] if info.id in known else self.repo.commit_snapshot(info, manifest_bytes)
                 if self._same_as_applied(manifest):
                     # Nothing changed since the applied snapshot: the root already holds it.
                     self._record_applied(info.id, info.captured_at)

@@ -8,6 +8,7 @@ before a crash and never referenced is removed by garbage collection.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import threading
@@ -34,6 +35,10 @@ from drsync.repository.packs import (
 )
 from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.storage import ObjectMissing, Storage
+
+# Serialises numbering and writing snapshot documents within this process (an agent's cycle,
+# its receiver and its drills share one process). See Repository.commit_snapshot.
+_COMMIT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -286,6 +291,8 @@ class Repository:
     # --- snapshots ---------------------------------------------------------------
 
     def list_snapshots(self) -> list[SnapshotInfo]:
+        """Every snapshot, oldest first in the repository's own order (``SnapshotInfo.order_key``:
+        sequence numbers, not capture times, which a wrong clock can put anywhere)."""
         out = []
         for obj in self.storage.list(fmt.SNAPSHOTS_DIR):
             if not obj.name.endswith(".json"):
@@ -294,11 +301,14 @@ class Repository:
                 out.append(SnapshotInfo.from_bytes(self.storage.read(obj.name), f"snapshot {obj.name}"))
             except ObjectMissing:
                 continue
-        out.sort(key=lambda s: (s.captured_at, s.id))
+        out.sort(key=lambda s: s.order_key)
         return out
 
     def find_snapshot(self, ref: str) -> SnapshotInfo:
-        """A snapshot by id, unique id prefix, name (newest of that name) or ``latest``."""
+        """A snapshot by id, unique id prefix, name (newest of that name) or ``latest``.
+
+        Newest means last in :meth:`list_snapshots` order (sequence numbers, not capture times).
+        """
         snaps = self.list_snapshots()
         if not snaps:
             raise NotFound(f"repository {self.storage.url} has no snapshots yet")
@@ -328,9 +338,20 @@ class Repository:
         return Manifest.from_bytes(data, f"manifest of snapshot {info.id}")
 
     def commit_snapshot(self, info: SnapshotInfo, manifest_bytes: bytes) -> SnapshotInfo:
-        """Write manifest then snapshot document, each durable. The document is the commit point."""
+        """Write manifest then snapshot document, each durable. The document is the commit point.
+
+        The snapshot gets this repository's next sequence number (1 + the highest one here),
+        whatever ``info.seq`` says: a snapshot shipped from a primary is numbered in the order
+        it arrives. Returns the committed document (with its seq). The caller holds a shared
+        repository lock, which other committers may hold too: within one process the
+        numbering is serialised; two processes committing at the same instant may both take
+        the same number, and ``SnapshotInfo.order_key`` then orders that pair by capture time.
+        """
         self.storage.write(fmt.manifest_name(info.id), manifest_bytes, durable=True)
-        self.storage.write(fmt.snapshot_name(info.id), info.to_bytes(), durable=True, exclusive=True)
+        with _COMMIT_LOCK:
+            seq = 1 + max((s.seq for s in self.list_snapshots()), default=0)
+            info = dataclasses.replace(info, seq=seq)
+            self.storage.write(fmt.snapshot_name(info.id), info.to_bytes(), durable=True, exclusive=True)
         return info
 
     def delete_snapshot(self, info: SnapshotInfo) -> None:

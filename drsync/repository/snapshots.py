@@ -49,6 +49,18 @@ class SnapshotInfo:
     format: int = fmt.FORMAT_VERSION
     stale_paths: int = 0    # paths that exist but could not be read: kept at their last version
     skipped_paths: int = 0  # paths that could not be captured at all (reported in warnings)
+    # Position in this repository's history, given by Repository.commit_snapshot: 1 + the highest
+    # seq in the repository. 0 = unknown (a document written before drsync numbered snapshots).
+    seq: int = 0
+
+    @property
+    def order_key(self) -> tuple[int, float, str]:
+        """Where this snapshot sorts in its repository, oldest first: by ``seq``, never by the clock.
+
+        Documents without a seq (0) come before every numbered one, among themselves by capture
+        time. Two commits that overlapped may share a seq; capture time and id order them.
+        """
+        return (self.seq, self.captured_at, self.id)
 
     @property
     def expires_at(self) -> float | None:
@@ -65,7 +77,11 @@ class SnapshotInfo:
         return doc
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), indent=1, sort_keys=True).encode()
+        """The snapshot document. Without a seq (0) it has no ``seq`` key, as older versions wrote it."""
+        doc = self.to_json()
+        if not self.seq:
+            del doc["seq"]
+        return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str) -> SnapshotInfo:
@@ -94,10 +110,12 @@ class SnapshotInfo:
             if not isinstance(getattr(self, name), str):
                 raise bad(name)
         for name in ("files", "bytes", "new_bytes", "read_bytes", "reused_files", "format", "stale_paths",
-                     "skipped_paths"):
+                     "skipped_paths", "seq"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise bad(name)
+        if self.seq < 0:
+            raise bad("seq")
         for name in ("duration_s", "ttl_s"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
