@@ -401,6 +401,21 @@ def test_an_odd_tree_replicates_through_a_real_agent_pair(tmp_path: Path) -> Non
         proc.wait(timeout=30)
 
 
+def preload_everything() -> None:
+    """Import every drsync module and what they import lazily, before a fork that drops privileges."""
+    import importlib
+    import pkgutil
+
+    import drsync
+
+    for mod in pkgutil.walk_packages(drsync.__path__, "drsync."):
+        if not mod.name.endswith(("_pb2_grpc", ".__main__")):
+            importlib.import_module(mod.name)
+    for name in ("fcntl", "filecmp", "json", "pyarrow.compute", "signal", "grpc._utilities", "encodings.idna",
+                 "urllib.request", "http.server"):
+        importlib.import_module(name)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run production's agent as a user that cannot read")
 def test_unreadable_paths_on_production_never_delete_the_standbys_copies(open_tmp: Path) -> None:  # noqa: F811
     """A real pair: production's agent (as an unprivileged user) loses read access to a file and a
@@ -437,6 +452,7 @@ def test_unreadable_paths_on_production_never_delete_the_standbys_copies(open_tm
         sproc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(scfg)],
                                  stdout=log, stderr=log)
     wait_for(lambda: (base / "standby-repo" / "agent" / "agent.pid").exists(), "the standby to start")
+    preload_everything()  # the child cannot read this interpreter's library once it is nobody
     pid = os.fork()
     if pid == 0:  # pragma: no cover - production's agent, as nobody
         code = 1
@@ -477,3 +493,5 @@ def test_unreadable_paths_on_production_never_delete_the_standbys_copies(open_tm
         os.waitpid(pid, 0)
         sproc.terminate()
         sproc.wait(timeout=30)
+        for name in ("primary.log", "standby.log"):  # shown when the test fails
+            print(f"--- {name}\n" + (base / name).read_text(errors="replace")[-3000:])
