@@ -26,7 +26,6 @@ from drsync.repository.manifest import (
     EMPTY_CONTENT,
     FILE,
     SCHEMA,
-    SYMLINK,
     Manifest,
     content_digest,
     printable,
@@ -67,6 +66,8 @@ class _ReadFile:
     content: bytes
     version: FileVersion
     problem: str | None = None
+    xattrs: bytes | None = None
+    xattr_problem: str | None = None
 
 
 def _read_one(view: FrozenRoot, rel: str, writer: ChunkWriter, attempts: int,
@@ -87,12 +88,14 @@ def _read_one(view: FrozenRoot, rel: str, writer: ChunkWriter, attempts: int,
                     if progress:
                         progress(len(data))
                 after = f.after()
+                xattrs, xattr_problem = f.xattrs()
         except FileNotFoundError:
             return "vanished"
         except OSError as e:
             return f"cannot be read ({e.strerror or e})"
         total = sum(sizes)
-        result = _ReadFile(ids, sizes, content_digest(ids) if ids else EMPTY_CONTENT, after._replace(size=total))
+        result = _ReadFile(ids, sizes, content_digest(ids) if ids else EMPTY_CONTENT, after._replace(size=total),
+                           xattrs=xattrs, xattr_problem=xattr_problem)
         same = (before.size, before.mtime_ns, before.ctime_ns, before.inode) == (
             after.size, after.mtime_ns, after.ctime_ns, after.inode)
         if same and total == after.size:
@@ -223,10 +226,12 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                         continue
                     if got.problem:
                         warnings.append(f"{printable(scan.path[k])}: {got.problem}")
+                    if got.xattr_problem:
+                        warnings.append(f"{printable(scan.path[k])}: {got.xattr_problem}")
                     read[k] = got
 
     keep = [k for k in range(len(scan)) if k not in gone]
-    xattrs = _attributes(view, scan, keep, parent_row, pv, warnings)
+    xattrs = _attributes(view, scan, keep, parent_row, pv, read, warnings)
     stale_rows = pv.rows_kept_for(scan, keep, lost) if pv is not None else []
     # Left out for good: unreadable paths with no earlier version, unlisted directories with no earlier content.
     skipped = sum(1 for p in lost if pv is None or p not in pv.row) + sum(
@@ -242,14 +247,16 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
 
 
 def _attributes(view: FrozenRoot, scan: TreeScan, keep: list[int], parent_row: list[int],
-                pv: _ParentView | None, warnings: list[str]) -> dict[int, bytes | None]:
-    """Extended attributes of the kept entries that need reading: files read anew and directories
-    whose ctime moved (changing an attribute moves the ctime). Reused files take the parent's;
-    symlinks carry none (Linux refuses user attributes on links)."""
-    out: dict[int, bytes | None] = {}
+                pv: _ParentView | None, read: dict[int, _ReadFile],
+                warnings: list[str]) -> dict[int, bytes | None]:
+    """Extended attributes of the kept entries: files read anew brought theirs (read from the open
+    file, in the reading threads); directories whose ctime moved are read here (changing an attribute
+    moves the ctime). Reused files and unchanged directories take the parent's; symlinks carry none
+    (Linux refuses user attributes on links)."""
+    out: dict[int, bytes | None] = {k: r.xattrs for k, r in read.items() if r.xattrs is not None}
     for k in keep:
         typ = scan.type[k]
-        if typ == SYMLINK or (typ == FILE and parent_row[k] >= 0):
+        if typ != DIR:
             continue
         if typ == DIR and pv is not None:
             i = pv.row.get(scan.path[k])

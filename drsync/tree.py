@@ -152,7 +152,7 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
                             warn(f"{printable(prefix + name)}: the name is reserved for drsync's staging area; "
                                  f"not captured")
                         continue
-                    full = os.path.join(abs_dir, name)
+                    full = e.path if fd is None else os.path.join(abs_dir, name)
                     if exclude and full in exclude:
                         continue
                     rel = prefix + name

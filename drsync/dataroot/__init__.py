@@ -57,6 +57,10 @@ class OpenFile(Protocol):
         """The version once read: equal to ``before`` when nothing changed meanwhile."""
         ...
 
+    def xattrs(self) -> tuple[bytes | None, str | None]:
+        """Extended attributes (ACLs included) encoded for the manifest, and a problem to report."""
+        ...
+
 
 class DataRoot(Protocol):
     url: str

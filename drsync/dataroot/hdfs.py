@@ -101,6 +101,9 @@ class HdfsOpenFile:
             raise FileNotFoundError(self._path)
         return _version(s)
 
+    def xattrs(self) -> tuple[bytes | None, str | None]:
+        return None, None
+
 
 class _Reuse:
     """What a snapshot diff says about the tree: where to look, and what the parent manifest still covers."""

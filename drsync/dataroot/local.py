@@ -81,6 +81,9 @@ class LocalOpenFile:
     def after(self) -> FileVersion:
         return _version(os.fstat(self._fd))
 
+    def xattrs(self) -> tuple[bytes | None, str | None]:
+        return read_xattrs(self._fd)
+
 
 class LocalFrozenRoot:
     """The live tree: a local filesystem has no snapshot drsync can take, so capture re-reads what changes."""

@@ -82,13 +82,25 @@ def printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def split_ns(values: list[int]) -> tuple[list[int], list[int]]:
-    """Nanosecond times as (seconds, nanoseconds) columns; floor division keeps times before 1970 exact."""
+def split_ns(values: list[int]) -> tuple[list[int] | pa.Array, list[int] | pa.Array]:
+    """Nanosecond times as (seconds, nanoseconds) columns; floor division keeps times before 1970 exact.
+    Times that fit int64 (1677..2262, nearly all) are split by Arrow kernels, the rest in Python."""
+    lo, hi = _INT64
+    if values and lo <= min(values) and max(values) <= hi:
+        ns = pa.array(values, pa.int64())
+        secs = pc.divide(ns, 1_000_000_000)  # truncates toward zero
+        rem = pc.subtract(ns, pc.multiply(secs, 1_000_000_000))
+        neg = pc.less(rem, 0)
+        secs = pc.if_else(neg, pc.subtract(secs, 1), secs)
+        rem = pc.if_else(neg, pc.add(rem, 1_000_000_000), rem)
+        return secs, pc.cast(rem, pa.uint32())
     return [v // 1_000_000_000 for v in values], [v % 1_000_000_000 for v in values]
 
 
 def clamp_int64(values: list[int]) -> list[int]:
     lo, hi = _INT64
+    if not values or (lo <= min(values) and max(values) <= hi):
+        return values
     return [v if lo <= v <= hi else (lo if v < lo else hi) for v in values]
 
 
@@ -239,6 +251,9 @@ def table_from_columns(columns: dict[str, list | pa.Array]) -> pa.Table:
             return [None] * n
         if isinstance(v, pa.Array | pa.ChunkedArray):
             return v
+        if v and all(type(x) is str for x in v):
+            # One encode and one split in C: NUL never occurs in a name.
+            return "\0".join(v).encode("utf-8", "surrogateescape").split(b"\0")  # type: ignore[arg-type]
         return [None if x is None else (x if isinstance(x, bytes) else os.fsencode(x)) for x in v]
 
     if "mtime_s" in columns:
