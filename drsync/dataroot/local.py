@@ -668,8 +668,14 @@ def _scan_into(out: dict[str, LocalEntry], fs: Beneath, domain_tops: set[str], m
                 typ, target = SYMLINK, os.readlink(name, dir_fd=dfd)
             else:
                 typ = OTHER
-            xattrs = _xattrs_at(dfd, name) if typ in (FILE, DIR) else None
-            out[rel] = LocalEntry(rel, os.path.join(fs.root, rel), typ, m & 0o7777, s.st_uid, s.st_gid,
+            full = os.path.join(fs.root, rel)
+            if typ not in (FILE, DIR):
+                xattrs = None
+            elif len(full) <= fsutil.LONG_PATH:
+                xattrs = read_xattrs(full)[0]  # one llistxattr for the many entries that have none
+            else:
+                xattrs = _xattrs_at(dfd, name)
+            out[rel] = LocalEntry(rel, full, typ, m & 0o7777, s.st_uid, s.st_gid,
                                   s.st_size if typ == FILE else 0, s.st_mtime_ns, target, s.st_ino, xattrs,
                                   s.st_nlink)
 
