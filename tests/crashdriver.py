@@ -3,12 +3,14 @@
 No fault hooks live in production code: this module wraps, in its own process only, the
 mutating functions of the ``os`` module (rename, replace, mkdir, unlink, rmdir, symlink, chmod,
 fchmod, chown, fchown, utime) and of :class:`drsync.storage.hdfs.HdfsFs` (delete, rename,
-mkdirs, set_permission, set_times). Calls are counted only while the process is inside a
-data root's ``commit`` or inside ``drsync.apply._close`` (the journal's "done" record, the
-staging area's removal, the journal's removal). Right before the ``kill_at``-th counted call
-the process sends itself SIGKILL: nothing after that point runs, no ``finally``, no flush.
-With ``kill_at`` 0 nothing is killed and the counts are written to ``count_file`` (JSON)
-each time an apply's close ends.
+mkdirs, set_permission, set_times). Calls are counted only inside an apply or a recovery, each
+labelled with the innermost region it is made in: ``stage`` (``apply_manifest`` before its commit:
+the target's scan, the staging area, the journal's "commit" record), ``commit`` (a data root's
+``commit``), ``close`` (``drsync.apply._close``: the journal's "done", the staging area's removal,
+the journal's removal) or ``recover`` (the rest of ``recover_apply``). Right before the
+``kill_at``-th counted call the process sends itself SIGKILL: nothing after that point runs, no
+``finally``, no flush. With ``kill_at`` 0 nothing is killed, and each time a close ends the counts
+so far (per region, with every step described) are written to ``count_file`` (JSON).
 
 Usage (from the project's root directory, so that ``tests`` is importable)::
 
@@ -19,12 +21,15 @@ Usage (from the project's root directory, so that ``tests`` is importable)::
         code or null}. The children share the server's process group.
     python -m tests.crashdriver run JOB_JSON
         One job in this very process.
-    python -m tests.crashdriver agent --kill-at N [--count-file F] [--note-file F] -- DRSYNC_ARGS...
-        The drsync command line (e.g. ``agent --config standby.toml``) with the hooks installed.
+    python -m tests.crashdriver agent --kill-at N [--count-file F] [--note-file F] [--count-recovery] \
+            -- DRSYNC_ARGS...
+        The drsync command line (e.g. ``agent --config standby.toml``) with the hooks installed; the
+        apply an agent completes at start is not counted unless --count-recovery is given.
 
 A job: {"op": "apply" | "recover", "target": URL, "journal": path or null, "kill_at": N,
-"count_file": path or null, "note_file": path or null, "hdfs_workers": n or null, and for
-"apply" "repo": URL and "snapshot": id}. "apply" applies the snapshot as the standby does
+"count_file": path or null, "note_file": path or null (where the killed step is described),
+"hdfs_workers": n or null, "uid"/"gid": the user to run as (after the imports), and for "apply"
+"repo": URL and "snapshot": id}. "apply" applies the snapshot as the standby does
 (``apply_manifest(..., journal=...)``); "recover" runs ``recover_apply(target, journal)``.
 """
 
@@ -54,46 +59,53 @@ def _short(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 
 class Counter:
-    """Counts mutating calls made inside the commit's region and kills the process at one of them."""
+    """Counts mutating calls made inside the watched regions and kills the process at one of them.
+
+    Regions nest: ``stage`` is a whole ``apply_manifest`` (what it does before the commit: the
+    target's scan, the staging area, the journal's "commit" record), ``commit`` a data root's
+    commit, ``close`` what follows it, ``recover`` a whole ``recover_apply``. A call counts for
+    the innermost region it is made in."""
 
     def __init__(self, kill_at: int, count_file: str | None, note_file: str | None) -> None:
         self.kill_at = kill_at
         self.count_file = count_file
         self.note_file = note_file
         self.lock = threading.Lock()
-        self.depth = 0
-        self.region = ""
+        self.stack: list[str] = []
         self.n = 0
-        self.by_region = {"commit": 0, "close": 0}
+        self.by_region = {"stage": 0, "commit": 0, "close": 0, "recover": 0}
         self.applies = 0
         self.steps: list[str] = []
+        self.paused = False  # an agent's recovery at start, when it is not what is being killed
 
     def tick(self, what: str) -> None:
-        if self.depth == 0:
+        if not self.stack or self.paused:
             return
         with self.lock:
             self.n += 1
-            self.by_region[self.region] += 1
-            self.steps.append(what)
+            region = self.stack[-1]
+            self.by_region[region] += 1
+            self.steps.append(f"{region}: {what}")
             if self.n == self.kill_at:
                 if self.note_file:
                     with open(self.note_file, "w") as f:
-                        f.write(f"{self.region} step {self.n}: {what}\n")
+                        f.write(f"step {self.n} ({region}) {what}\n")
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def enter(self, region: str) -> None:
+        if self.paused:
+            return
         with self.lock:
-            if self.depth == 0:
-                self.region = region
-                if region == "commit":
-                    self.applies += 1
-            self.depth += 1
+            if region == "commit":
+                self.applies += 1
+            self.stack.append(region)
 
     def leave(self) -> None:
+        if self.paused:
+            return
         with self.lock:
-            self.depth -= 1
-            done = self.depth == 0 and self.region == "close"
-        if done and self.count_file:
+            region = self.stack.pop()
+        if region == "close" and self.count_file:
             doc = {"total": self.n, **self.by_region, "applies": self.applies, "steps": self.steps}
             tmp = f"{self.count_file}.tmp"
             with open(tmp, "w") as f:
@@ -101,8 +113,9 @@ class Counter:
             _replace(tmp, self.count_file)
 
 
-def install(counter: Counter) -> None:
-    """Wrap the mutating calls and the commit region (this process only)."""
+def install(counter: Counter, *, count_recovery: bool = True) -> None:
+    """Wrap the mutating calls and the commit region (this process only). Without ``count_recovery``
+    the commit an agent replays at start (``StandbyReceiver.recover``) is neither counted nor killed."""
     import drsync.apply as apply_mod
     from drsync.dataroot.hdfs import HdfsDataRoot
     from drsync.dataroot.local import LocalDataRoot
@@ -141,26 +154,54 @@ def install(counter: Counter) -> None:
     LocalDataRoot.commit = region("commit", LocalDataRoot.commit)  # type: ignore[method-assign]
     HdfsDataRoot.commit = region("commit", HdfsDataRoot.commit)  # type: ignore[method-assign]
     apply_mod._close = region("close", apply_mod._close)
+    import drsync.agent.standby  # noqa: F401 - holds the functions by name: patched below too
+
+    for name, kind in (("apply_manifest", "stage"), ("recover_apply", "recover")):
+        original = getattr(apply_mod, name)
+        wrapped = region(kind, original)
+        for mod in list(sys.modules.values()):
+            if mod is not None and mod.__name__.startswith("drsync") and getattr(mod, name, None) is original:
+                setattr(mod, name, wrapped)
+    if not count_recovery:
+        from drsync.agent.standby import StandbyReceiver
+
+        recover = StandbyReceiver.recover
+
+        @functools.wraps(recover)
+        def uncounted(self: Any) -> bool:
+            counter.paused = True
+            try:
+                return recover(self)
+            finally:
+                counter.paused = False
+
+        StandbyReceiver.recover = uncounted  # type: ignore[method-assign]
 
 
 def run_job(job: dict[str, Any]) -> None:
-    from drsync.apply import apply_manifest, recover_apply
+    import drsync.apply as apply_mod
+    from drsync.repository.repo import Repository
+    from drsync.storage import open_storage
 
     if job.get("hdfs_workers"):
         import drsync.dataroot.hdfs as hdfs_root
 
         hdfs_root._COMMIT_WORKERS = int(job["hdfs_workers"])
     install(Counter(int(job.get("kill_at", 0)), job.get("count_file"), job.get("note_file")))
+    if job.get("uid") is not None:
+        # The apply as another user, whose target it is. Imports are done: that user may not be
+        # able to read the interpreter's own files.
+        os.setgroups([])
+        os.setgid(int(job["gid"]))
+        os.setuid(int(job["uid"]))
+        os.chdir("/")
     if job["op"] == "apply":
-        from drsync.repository.repo import Repository
-        from drsync.storage import open_storage
-
         repo = Repository.open(open_storage(job["repo"]))
         info = repo.find_snapshot(job["snapshot"])
-        apply_manifest(repo.load_manifest(info), repo, job["target"], what=f"snapshot {info.id}",
-                       journal=job.get("journal"))
+        apply_mod.apply_manifest(repo.load_manifest(info), repo, job["target"], what=f"snapshot {info.id}",
+                                 journal=job.get("journal"))
     elif job["op"] == "recover":
-        recover_apply(job["target"], job.get("journal"))
+        apply_mod.recover_apply(job["target"], job.get("journal"))
     else:
         raise ValueError(f"unknown op {job['op']!r}")
 
@@ -182,6 +223,14 @@ def _child(job: dict[str, Any]) -> None:
 
 def serve() -> None:
     # Everything a job needs is imported before the first fork; nothing here starts a thread.
+    import concurrent.futures.thread
+    import tomllib
+
+    import pyarrow.compute
+    import pyarrow.dataset
+    import pyarrow.parquet
+
+    import drsync.agent.standby
     import drsync.apply
     import drsync.dataroot.hdfs
     import drsync.dataroot.local
@@ -189,6 +238,8 @@ def serve() -> None:
     import drsync.storage
     import drsync.storage.hdfs
     import drsync.storage.local  # noqa: F401
+
+    del concurrent, tomllib, pyarrow
 
     out = sys.stdout
     for line in sys.stdin:
@@ -213,10 +264,12 @@ def agent(argv: list[str]) -> None:
     p.add_argument("--kill-at", type=int, default=0)
     p.add_argument("--count-file")
     p.add_argument("--note-file")
+    p.add_argument("--count-recovery", action="store_true",
+                   help="also count (and kill in) the apply an agent completes at start")
     p.add_argument("drsync_args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     args = a.drsync_args[1:] if a.drsync_args[:1] == ["--"] else a.drsync_args
-    install(Counter(a.kill_at, a.count_file, a.note_file))
+    install(Counter(a.kill_at, a.count_file, a.note_file), count_recovery=a.count_recovery)
     from drsync.cli import run
 
     sys.argv = ["drsync", *args]
