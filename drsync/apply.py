@@ -255,7 +255,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             raise UsageError(f"target {root.url} lies inside drsync's own {p}; restore to a directory outside it")
     created_target = root.prepare_target()
     log_ = _journal_for(root, journal)
-    # An earlier apply onto this target that was cut short is completed first.
+    # An earlier apply onto this target that was cut short is completed (or undone) first.
+    root.settle()
     _finish_interrupted(root, log_)
     protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
     existing = root.existing()
@@ -345,10 +346,13 @@ def _journal_for(root: DataRoot, journal: str | None) -> Journal:
     return FileJournal(journal) if journal else root.journal()
 
 
-def _close(root: DataRoot, log_: Journal, on_committed: Callable[[], None] | None) -> None:
-    """After the commit: durable, marked done, reported, then the staging area and journal go."""
-    root.flush()
-    log_.save(json.dumps({"phase": "done"}).encode())
+def _close(root: DataRoot, log_: Journal, on_committed: Callable[[], None] | None, *, done: bool = False) -> None:
+    """After the commit: durable, sealed, marked done, reported, then the staging area and journal go.
+    ``done``: the journal says so already (a replay): the seal it recorded must not be taken again."""
+    if not done:
+        root.flush()
+        root.seal()
+        log_.save(json.dumps({"phase": "done"}).encode())
     if on_committed:
         on_committed()  # before the journal goes: a crash here replays the close, then this again
     root.drop_staging()
@@ -366,10 +370,11 @@ def _finish_interrupted(root: DataRoot, log_: Journal) -> bool:
         # Written atomically, so a damaged journal is not ours to guess at.
         raise IntegrityError(f"apply journal of {root.url} is damaged; restore the target from a snapshot "
                              f"into an empty directory") from None
-    if doc.get("phase", "commit") == "commit":
+    done = doc.get("phase", "commit") == "done"
+    if not done:
         plan, staged = _plan_from_json(doc)
         root.commit(plan, staged)
-    _close(root, log_, None)
+    _close(root, log_, None, done=done)
     return True
 
 
@@ -426,6 +431,7 @@ def recover_apply(target: str | DataRoot, journal: str | None = None) -> bool:
     root = open_data_root(target) if isinstance(target, str) else target
     if root.missing():
         return False
+    root.settle()
     if _finish_interrupted(root, _journal_for(root, journal)):
         return True
     root.drop_staging()

@@ -143,6 +143,14 @@ class DataRoot(Protocol):
     def remove_root(self) -> None:
         ...
 
+    def settle(self) -> None:
+        """Set back what a scan killed half-way left changed (modes it opened up to list)."""
+        ...
+
+    def seal(self) -> None:
+        """After a commit: record what removing the staging areas must leave (the mtimes the commit set)."""
+        ...
+
     def commit(self, plan: ApplyPlan, staged: dict[str, str]) -> None:
         """Make the root equal the plan. Every step is idempotent: after a crash at any instant,
         a journaled apply runs it again, any number of times, to the same end."""

@@ -462,6 +462,12 @@ class HdfsDataRoot:
     def remove_root(self) -> None:
         self.fs.delete(self.root, recursive=True)
 
+    def settle(self) -> None:
+        """Nothing to set back: an HDFS scan never changes modes."""
+
+    def seal(self) -> None:
+        """Nothing to record: the staging area's removal moves only the root's own mtime on HDFS."""
+
     def commit(self, plan: ApplyPlan, staged: dict[str, str]) -> None:
         """Each step's calls are independent of each other, so they go to the namenode side by side:
         an apply on HDFS is bound by round trips, not by the namenode's work. Each call checks what is

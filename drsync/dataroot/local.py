@@ -10,6 +10,7 @@ fsync per file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -128,8 +129,6 @@ class LocalDataRoot:
         self.warnings: list[str] = []
         self._mount_list: list[str] | None = None
         self._staging_fds: dict[str, int] = {}
-        self._mtimes_before: dict[str, int] = {}
-        self._committed = False
 
     @property
     def _mounts(self) -> list[str]:
@@ -274,15 +273,20 @@ class LocalDataRoot:
         used = {""} | {self._domain(p) for p in (*plan.remove, *(e.path for e in (*plan.write, *plan.link,
                                                                                      *plan.hardlink)))}
         with Beneath(self.root) as fs:
+            # Making a staging area moves its directory's mtime: the times they had are recorded
+            # durably first, and an apply that ends before its commit (failed, or killed and
+            # recovered) sets them back.
+            record = _read_record(fs)
+            record["mtimes"] = {d: (fs.lstat(d) if d else os.fstat(fs.root_fd)).st_mtime_ns  # type: ignore[union-attr]
+                                for d in sorted(used) if not d or fs.lstat(d) is not None}
+            _write_record(fs, record)
             for d in sorted(used):
-                # Making the staging area moves the directory's mtime: an apply that fails before its
-                # commit sets it back to this.
-                before = fs.lstat(d) if d else os.fstat(fs.root_fd)
-                if before is not None:
-                    self._mtimes_before[d] = before.st_mtime_ns
                 rel = self._staging_of(d)
-                fs.remove_tree(rel)
-                fs.mkdir(rel, 0o700)
+                if d:
+                    fs.remove_tree(rel)
+                    fs.mkdir(rel, 0o700)
+                else:
+                    _empty_keeping(fs, rel, {RECORD_NAME})
                 fs.mkdir(f"{rel}/trash", 0o700)
                 # Making the staging area moved the mount point's mtime: the commit sets it back.
                 if d and plan.touched_dirs is not None:
@@ -322,41 +326,64 @@ class LocalDataRoot:
                 fsutil.syncfs(full)
 
     def drop_staging(self) -> None:
+        """Remove the staging areas (the root's journal stays until its caller removes it), setting
+        each staging area's directory back to the mtime in the record: the one it had before the
+        apply, or after a commit the one the commit gave it (see :meth:`seal`)."""
         for fd in self._staging_fds.values():
             os.close(fd)
         self._staging_fds = {}
         if self.missing():
             return
         with Beneath(self.root) as fs:
-            for d in ["", *self.mount_points()]:
+            mtimes = _read_record(fs).get("mtimes", {})
+            for d in self.mount_points():
                 rel = self._staging_of(d)
-                s = fs.lstat(rel)
-                if s is None:
-                    continue
-                # The mount point is a directory of the snapshot: removing the staging area must not
-                # move the mtime the commit gave it, or (before a commit) the one it had.
-                top = fs.lstat(d) if d else None
-                top_ns = top.st_mtime_ns if top is not None else None
-                if not self._committed and d in self._mtimes_before:
-                    top_ns = self._mtimes_before[d]
-                if not st.S_ISDIR(s.st_mode):
-                    fs.unlink(rel)
-                    continue
-                dfd = fs.dir_fd(rel)
-                keep = d == ""
-                with os.scandir(dfd) as it:
-                    names = [x.name for x in it]
-                for name in names:
-                    if not (keep and name == JOURNAL_NAME):
-                        fs.remove_tree(f"{rel}/{name}")
-                if not (keep and JOURNAL_NAME in names):
+                if fs.lstat(rel) is not None:
                     fs.forget(rel)
                     fs.remove_tree(rel)
-                if top_ns is not None:
-                    if d:
-                        fs.utime(d, top_ns)
+                if d in mtimes and fs.lstat(d) is not None:
+                    with contextlib.suppress(OSError):  # a read-only mount: nothing there moved either
+                        fs.utime(d, mtimes[d])
+            s = fs.lstat(STAGING)
+            if s is not None and not st.S_ISDIR(s.st_mode):
+                fs.unlink(STAGING)
+            elif s is not None:
+                _empty_keeping(fs, STAGING, {JOURNAL_NAME, RECORD_NAME})
+                with contextlib.suppress(FileNotFoundError):
+                    fs.unlink(f"{STAGING}/{RECORD_NAME}")  # last: a replay needs it until here
+                if fs.lstat(f"{STAGING}/{JOURNAL_NAME}") is None:
+                    fs.forget(STAGING)
+                    fs.remove_tree(STAGING)
+            if "" in mtimes:
+                os.utime(fs.root_fd, ns=(mtimes[""], mtimes[""]))
+
+    def seal(self) -> None:
+        """After a commit, before its journal says done: record the mtimes the commit gave the
+        directories holding staging areas, so that removing those areas (even replayed after a
+        crash half-way) ends with them."""
+        with Beneath(self.root) as fs:
+            record = _read_record(fs)
+            record["mtimes"] = {d: fs.lstat(d).st_mtime_ns for d in self.mount_points()  # type: ignore[union-attr]
+                                if fs.lstat(self._staging_of(d)) is not None and fs.lstat(d) is not None}
+            _write_record(fs, record)
+
+    def settle(self) -> None:
+        """Set back directory modes a scan opened up and was killed before restoring."""
+        if self.missing():
+            return
+        with Beneath(self.root) as fs:
+            record = _read_record(fs)
+            if not record.get("modes"):
+                return
+            for rel, mode in record["modes"].items():
+                s = fs.lstat(rel) if rel else os.fstat(fs.root_fd)
+                if s is not None and st.S_ISDIR(s.st_mode):
+                    if rel:
+                        fs.chmod(rel, mode)
                     else:
-                        os.utime(fs.root_fd, ns=(top_ns, top_ns))
+                        os.fchmod(fs.root_fd, mode)
+            record["modes"] = {}
+            _write_record(fs, record)
 
     def remove_root(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -367,7 +394,6 @@ class LocalDataRoot:
         a number (present there = done), directories are made unless they exist, staged files are
         renamed unless already gone, links are made unless right, metadata is set again."""
         at = [""]
-        self._committed = True  # from here on the staging area's removal keeps what the commit set
         try:
             self._commit(plan, staged, at)
         except OSError as e:
@@ -487,6 +513,63 @@ class LocalDataRoot:
 
 
 JOURNAL_NAME = "journal.json"
+# What an apply must set back if it ends before its commit (modes a scan opened, mtimes staging moved).
+RECORD_NAME = "restore.json"
+
+
+def _read_record(fs: Beneath) -> dict[str, dict[str, int]]:
+    try:
+        fd = os.open(RECORD_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=fs.dir_fd(STAGING))
+    except OSError:
+        return {}
+    try:
+        if not st.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        with os.fdopen(os.dup(fd), "rb") as f:
+            doc = json.loads(f.read())
+    except ValueError:
+        return {}  # written atomically; anything else is not ours
+    finally:
+        os.close(fd)
+    return {k: {str(p): int(v) for p, v in doc.get(k, {}).items()} for k in ("modes", "mtimes")}
+
+
+def _write_record(fs: Beneath, doc: dict[str, dict[str, int]]) -> None:
+    """Durably, atomically, into the root's staging area (made a real directory if it is not one)."""
+    s = fs.lstat(STAGING)
+    if s is not None and not st.S_ISDIR(s.st_mode):
+        fs.unlink(STAGING)
+        s = None
+    if s is None:
+        fs.mkdir(STAGING, 0o700)
+    tmp = f"{STAGING}/{RECORD_NAME}.{secrets.token_hex(6)}"
+    fd = fs.create(tmp)
+    try:
+        data = memoryview(json.dumps(doc).encode())
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fs.rename(tmp, f"{STAGING}/{RECORD_NAME}")
+    os.fsync(fs.dir_fd(STAGING))
+
+
+def _empty_keeping(fs: Beneath, rel: str, keep: set[str]) -> None:
+    """Make ``rel`` an empty real directory but for the names in ``keep``."""
+    s = fs.lstat(rel)
+    if s is not None and not st.S_ISDIR(s.st_mode):
+        fs.unlink(rel)
+        s = None
+    if s is None:
+        fs.mkdir(rel, 0o700)
+        return
+    with os.scandir(fs.dir_fd(rel)) as it:
+        names = [x.name for x in it]
+    for name in names:
+        if name not in keep:
+            fs.remove_tree(f"{rel}/{name}")
 _FS_IOC_GETFLAGS = 0x80086601
 _FROZEN_FLAGS = 0x10 | 0x20  # FS_IMMUTABLE_FL | FS_APPEND_FL
 
@@ -629,6 +712,10 @@ def scan_target(root: str, domain_tops: set[str]) -> dict[str, LocalEntry]:
                         fs.chmod(rel, mode)
                     else:
                         os.fchmod(fs.root_fd, mode)
+            if opened:
+                record = _read_record(fs)
+                record["modes"] = {}
+                _write_record(fs, record)
     return out
 
 
@@ -707,9 +794,13 @@ def _open_listable(fs: Beneath, rel: str, me: int, opened: list[tuple[str, int]]
         raise OperationFailed(f"target directory {full}: cannot be listed (permission denied, owned by uid "
                               f"{s.st_uid}); run drsync as the owner of the data root or as root; nothing was "
                               f"changed") from None
-    # Ours: opened for the scan (and what lies below it), its mode set back when the scan ends; the
-    # commit opens what it changes again and finishes with the snapshot's mode.
+    # Ours: opened for the scan (and what lies below it), its mode set back when the scan ends (or,
+    # after a kill, by the next apply's settle); the commit opens what it changes again and finishes
+    # with the snapshot's mode.
     opened.append((rel, st.S_IMODE(s.st_mode)))
+    record = _read_record(fs)
+    record.setdefault("modes", {}).setdefault(rel, st.S_IMODE(s.st_mode))
+    _write_record(fs, record)
     if rel:
         fs.chmod(rel, st.S_IMODE(s.st_mode) | 0o500)
         return fs.dir_fd(rel)

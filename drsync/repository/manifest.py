@@ -252,8 +252,10 @@ def table_from_columns(columns: dict[str, list | pa.Array]) -> pa.Table:
         if isinstance(v, pa.Array | pa.ChunkedArray):
             return v
         if v and all(type(x) is str for x in v):
-            # One encode and one split in C: NUL never occurs in a name.
-            return "\0".join(v).encode("utf-8", "surrogateescape").split(b"\0")  # type: ignore[arg-type]
+            # One encode and one split in C (NUL never occurs in a name; a hostile one falls through).
+            parts = "\0".join(v).encode("utf-8", "surrogateescape").split(b"\0")  # type: ignore[arg-type]
+            if len(parts) == n:
+                return parts
         return [None if x is None else (x if isinstance(x, bytes) else os.fsencode(x)) for x in v]
 
     if "mtime_s" in columns:
