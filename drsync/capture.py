@@ -11,6 +11,7 @@ is read is read again, a bounded number of times, then reported in
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +27,10 @@ from drsync.repository.manifest import (
     EMPTY_CONTENT,
     FILE,
     SCHEMA,
+    SYMLINK,
     Manifest,
     content_digest,
+    escaping_links,
     printable,
     sort_by_path,
     table_from_columns,
@@ -122,16 +125,22 @@ class _ParentView:
 
     def rows_kept_for(self, scan: TreeScan, kept: list[int], lost: list[str]) -> list[int]:
         """Parent rows to keep (stale) for paths that exist but could not be read: unreadable entries
-        and everything below directories that could not be listed, unless the capture has them."""
+        and everything below them, and everything below directories that could not be listed,
+        unless the capture has it."""
         have = {scan.path[k] for k in kept}
+        keys = self.table.column("path").to_pylist()  # bytes, sorted: subtrees are ranges
         out: set[int] = set()
         for rel in lost:
             i = self.row.get(rel)
             if i is not None and rel not in have:
                 out.add(i)
-        for rel in scan.unlisted:
-            prefix = f"{rel}/" if rel else ""
-            out.update(i for i, p in enumerate(self.paths) if p.startswith(prefix) and p not in have)
+        for rel in (*lost, *scan.unlisted):
+            prefix = os.fsencode(rel) + b"/" if rel else b""
+            i = bisect.bisect_left(keys, prefix)
+            while i < len(keys) and keys[i].startswith(prefix):
+                if self.paths[i] not in have:
+                    out.add(i)
+                i += 1
         return sorted(out)
 
     def reusable_rows(self, scan: TreeScan) -> list[int]:
@@ -174,10 +183,10 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Non
                                reread_attempts=0 if view.consistent else reread_attempts, exclude=exclude,
                                workers=workers, progress=progress, on_total=on_total)
         result.warnings[:0] = view.notes
-    if not allow_empty and parent is not None and len(parent) and not len(result.manifest):
-        raise OperationFailed(f"data root {data_root.url} is empty, but the last snapshot held {len(parent)} "
-                              f"paths: is its volume mounted? Nothing was captured; if it is empty on purpose, "
-                              f"run 'drsync snapshot create --allow-empty'")
+    if not allow_empty and parent is not None and parent.file_count() and not result.manifest.file_count():
+        raise OperationFailed(f"data root {data_root.url} holds no files, but the last snapshot held "
+                              f"{parent.file_count()}: is its volume mounted? Nothing was captured; if it is empty "
+                              f"on purpose, run 'drsync snapshot create --allow-empty'")
     return result
 
 
@@ -237,6 +246,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     skipped = sum(1 for p in lost if pv is None or p not in pv.row) + sum(
         1 for d in scan.unlisted if pv is None or not any(p.startswith(f"{d}/" if d else "") for p in pv.row))
     table = _build_table(scan, keep, parent_row, read, pv, xattrs, stale_rows)
+    table = _without_escaping_links(table, warnings)
     files = sum(1 for k in keep if scan.type[k] == FILE)
     total = sum(read[k].version.size if k in read else scan.size[k] for k in keep if scan.type[k] == FILE)
     return CaptureResult(Manifest(table), files=files, bytes=total,
@@ -244,6 +254,23 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                          reused_files=sum(1 for k in keep if parent_row[k] >= 0 and scan.type[k] == FILE),
                          warnings=warnings,
                          stale=len(stale_rows), skipped=skipped)
+
+
+def _without_escaping_links(table: pa.Table, warnings: list[str]) -> pa.Table:
+    """Leave out links that, with the kept (stale) rows merged in, resolve outside the root: what a
+    capture writes always passes the manifest rule its restore applies."""
+    while True:
+        m = Manifest(table)
+        types = table.column("type").to_pylist()
+        paths, targets = m.pycolumn("path"), m.pycolumn("target")
+        links = {p: t for p, t, ty in zip(paths, targets, types, strict=True) if ty == SYMLINK}
+        bad = set(escaping_links(links)) if links else set()
+        if not bad:
+            return table
+        for p in sorted(bad):
+            warnings.append(f"{printable(p)}: symlink to {printable(links[p] or '')} leads outside the data root "
+                            f"through other links; not captured")
+        table = table.filter(pa.array([p not in bad for p in paths], pa.bool_()))
 
 
 def _attributes(view: FrozenRoot, scan: TreeScan, keep: list[int], parent_row: list[int],
@@ -256,16 +283,26 @@ def _attributes(view: FrozenRoot, scan: TreeScan, keep: list[int], parent_row: l
     out: dict[int, bytes | None] = {k: r.xattrs for k, r in read.items() if r.xattrs is not None}
     for k in keep:
         typ = scan.type[k]
+        if typ == SYMLINK:
+            blob, _ = view.xattrs(scan.path[k])
+            if blob:
+                warnings.append(f"{printable(scan.path[k])}: extended attributes of a symlink are not carried")
+            continue
         if typ != DIR:
             continue
-        if typ == DIR and pv is not None:
-            i = pv.row.get(scan.path[k])
-            if i is not None and pv.type[i] == DIR and pv.ctime[i] == scan.ctime_ns[k]:
-                parent_row[k] = i  # unchanged directory: its attributes come from the parent
-                continue
+        i = pv.row.get(scan.path[k]) if pv is not None else None
+        same_dir = i is not None and pv is not None and pv.type[i] == DIR
+        if same_dir and pv is not None and i is not None and pv.ctime[i] == scan.ctime_ns[k]:
+            parent_row[k] = i  # unchanged directory: its attributes come from the parent
+            continue
         blob, problem = view.xattrs(scan.path[k])
         if problem:
-            warnings.append(f"{printable(scan.path[k])}: {problem}")
+            # Unreadable attributes are not removed attributes: keep the last captured ones.
+            warnings.append(f"{printable(scan.path[k])}: {problem}" + ("; the last captured ones are kept"
+                                                                       if same_dir else ""))
+            if same_dir and i is not None:
+                parent_row[k] = i
+                continue
         out[k] = blob
     return out
 
@@ -316,6 +353,7 @@ def _build_table(scan: TreeScan, keep: list[int], parent_row: list[int], read: d
 
     paths, types = pick(scan.path), pick(scan.type)
     sizes = col(scan.size, "size")
+    links = _hardlinks(scan, keep, paths, types)
     table = table_from_columns({
         "path": paths, "type": types,
         "mode": col(scan.mode, "mode"), "uid": col(scan.uid, "uid"), "gid": col(scan.gid, "gid"),
@@ -324,17 +362,37 @@ def _build_table(scan: TreeScan, keep: list[int], parent_row: list[int], read: d
         "target": pick(scan.target),
         "content": data.column("content"), "chunks": data.column("chunks"),
         "chunk_sizes": data.column("chunk_sizes"), "xattrs": data.column("xattrs"),
-        "hardlink": _hardlinks(scan, keep, paths, types),
+        "hardlink": links,
         "sparse": [t == FILE and b * 512 < s for t, b, s in zip(types, pick(scan.blocks), sizes, strict=True)],
     })
     if stale_rows and pv is not None:
         old = pv.table.take(pa.array(stale_rows, pa.int64()))
         old = old.set_column(old.schema.get_field_index("stale"), "stale",
                              pa.array([True] * old.num_rows, pa.bool_()))
-        # A kept file's hard-link leader may be gone from this capture: keep the copy, not the link.
-        old = old.set_column(old.schema.get_field_index("hardlink"), "hardlink", pa.nulls(old.num_rows, pa.binary()))
+        # Multiply-linked files of this capture by inode, to the first path of their group.
+        groups = {scan.inode[k]: os.fsencode(links[j] or paths[j]) for j, k in enumerate(keep)
+                  if types[j] == FILE and scan.nlink[k] > 1}
+        old = old.set_column(old.schema.get_field_index("hardlink"), "hardlink",
+                             pa.array(_stale_links(old, groups), pa.binary()))
         table = pa.concat_tables([table, old])
     return sort_by_path(table).combine_chunks()
+
+
+def _stale_links(old: pa.Table, leader_of_inode: dict[int, bytes]) -> list[bytes | None]:
+    """Hard links of kept (stale) rows: a stale file whose inode is a multiply-linked file's of this
+    capture joins that file's group (whose first path is read today, so the group has today's
+    content); one whose last leader is stale too keeps that link; any other stands alone."""
+    stale_paths = set(old.column("path").to_pylist())
+    out: list[bytes | None] = []
+    for link, ino, typ in zip(old.column("hardlink").to_pylist(), old.column("inode").to_pylist(),
+                              old.column("type").to_pylist(), strict=True):
+        if typ != FILE:
+            out.append(None)
+        elif ino in leader_of_inode:
+            out.append(leader_of_inode[ino])
+        else:
+            out.append(link if link in stale_paths else None)
+    return out
 
 
 def _hardlinks(scan: TreeScan, keep: list[int], paths: list[str], types: list[str]) -> list[str | None]:

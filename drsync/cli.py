@@ -29,6 +29,7 @@ from drsync.config import Config, KeepPolicy, SnapshotsConfig, load_config, pars
 from drsync.errors import EXIT_FAILED, EXIT_INTEGRITY, EXIT_USAGE, ConfigError, DrsyncError, UsageError
 from drsync.repository.lock import remove_locks
 from drsync.repository.manifest import diff as diff_manifests
+from drsync.repository.manifest import printable
 from drsync.repository.snapshots import iso
 
 
@@ -235,11 +236,14 @@ def snapshot_show(inv: Invocation, snapshot_id: str, files: bool) -> None:
                 v = None  # taken before drsync numbered snapshots
             click.echo(f"{k:12} {_size(v) if k in ('bytes', 'new_bytes') else ('-' if v in (None, '') else v)}")
         for w in info.warnings:
-            click.echo(f"warning      {w}")
+            click.echo(f"warning      {printable(w)}")
         if manifest is not None:
+            def shown(e: dict[str, Any]) -> str:
+                link = f" -> {printable(e['target'])}" if e["target"] else ""
+                return printable(e["path"]) + link
+
             _table(["TYPE", "MODE", "SIZE", "PATH"],
-                   [[e["type"], e["mode"], str(e["size"]), e["path"] + (f" -> {e['target']}" if e["target"]
-                                                                        else "")] for e in doc["entries"]])
+                   [[e["type"], e["mode"], str(e["size"]), shown(e)] for e in doc["entries"]])
 
     emit(inv, doc, human)
 
@@ -258,7 +262,7 @@ def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
     def human() -> None:
         for mark, paths in (("+", d.added), ("-", d.removed), ("M", d.changed)):
             for p in paths:
-                click.echo(f"{mark} {p}")
+                click.echo(f"{mark} {printable(p)}")
         click.echo(f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed")
 
     emit(inv, doc, human)
@@ -732,12 +736,12 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=args, prog_name="drsync", standalone_mode=False)
         return 0
     except _Exit as e:
-        click.echo(f"drsync: error: {e}", err=True)
+        click.echo(f"drsync: error: {printable(str(e))}", err=True)
         return e.code
     except DrsyncError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"drsync: error: {e}", err=True)
+        click.echo(f"drsync: error: {printable(str(e))}", err=True)
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("drsync: interrupted", err=True)
@@ -753,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         from drsync.fsutil import describe_os_error
 
-        click.echo(f"drsync: error: {describe_os_error(e, 'the operation')}", err=True)
+        click.echo(f"drsync: error: {printable(str(describe_os_error(e, 'the operation')))}", err=True)
         return EXIT_FAILED
     except Exception as e:  # a bug: say so plainly, and how to get the details
         if debug:

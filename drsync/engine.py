@@ -19,7 +19,7 @@ import blake3
 from drsync.apply import ApplyResult, apply_manifest
 from drsync.capture import capture
 from drsync.config import KeepPolicy
-from drsync.dataroot import is_remote_url, open_data_root
+from drsync.dataroot import DataRoot, open_data_root
 from drsync.errors import OperationFailed, RefusedError, UsageError
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.repo import GcReport, Repository, VerifyReport
@@ -102,12 +102,9 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
     data_root = open_data_root(req.data_root)
     data_root.check_capturable()
     root = data_root.url
-    # A repository kept inside the data root (on the same storage) is not part of the cluster's data.
-    repo_root = getattr(repo.storage, "root", "")
-    same_kind = is_remote_url(repo.storage.url) == is_remote_url(root)
-    exclude = frozenset({repo_root}) if repo_root and same_kind else frozenset()
-    if not is_remote_url(root):
-        exclude |= {os.path.abspath(p) for p in req.exclude_paths}
+    # A repository or agent state kept inside the data root is not part of the cluster's data. Where
+    # it lies is decided on the real filesystem (symlinks resolved), not by comparing path strings.
+    exclude = frozenset(r for r in (_inside(data_root, p) for p in (repo.storage.url, *req.exclude_paths)) if r)
     hook_env = {"DRSYNC_DATA": root, "DRSYNC_SNAPSHOT_NAME": req.name, "DRSYNC_REPOSITORY": repo.storage.url}
     with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
         parent = _parent_of(repo, root)
@@ -173,6 +170,13 @@ def check_same_cluster(info: SnapshotInfo, cluster_id: str, release: str) -> Non
             f"snapshot {info.id} has {' and '.join(problems)}: a snapshot restores only onto the same "
             f"cluster and release; to move data, pull a backup ('drsync backup create --snapshot "
             f"{info.id} --dest DIR') and restore it with 'drsync backup restore'")
+
+
+def _inside(root: DataRoot, path: str) -> str | None:
+    try:
+        return root.relative_inside(path)
+    except UsageError:
+        return None  # the data root itself: nothing to leave out of it
 
 
 def _first(warnings: list[str], n: int = 20) -> list[str]:

@@ -106,7 +106,8 @@ class LocalEntry:
 
 
 def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
-    """Every entry below ``root``; special files and links leaving the root become warnings.
+    """Every entry below ``root`` but the relative paths in ``exclude`` (and what lies below them);
+    special files and links leaving the root become warnings.
 
     Names are str with undecodable bytes kept as surrogates (``os.fsdecode``), so any name
     the filesystem holds is captured exactly. Directories deeper than ``PATH_MAX`` are listed
@@ -153,9 +154,9 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
                                  f"not captured")
                         continue
                     full = e.path if fd is None else os.path.join(abs_dir, name)
-                    if exclude and full in exclude:
-                        continue
                     rel = prefix + name
+                    if exclude and rel in exclude:
+                        continue
                     try:
                         s = e.stat(follow_symlinks=False)
                     except FileNotFoundError:

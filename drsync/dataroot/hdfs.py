@@ -193,7 +193,6 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
          reuse: _Reuse | None = None, counter: HdfsFrozenRoot | None = None) -> TreeScan:
     """Every entry below ``top`` as scan columns (paths relative to ``top``)."""
     scan = TreeScan(top)
-    base = live_root or top
     stack = [""]
     while stack:
         rel_dir = stack.pop()
@@ -217,7 +216,7 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
                 if rel_dir:
                     scan.warnings.append(f"{rel}: the name is reserved for drsync's staging area; not captured")
                 continue
-            if exclude and posixpath.join(base, rel) in exclude:
+            if exclude and rel in exclude:
                 continue
             typ = _TYPES.get(s["type"])
             if typ is None:

@@ -44,7 +44,9 @@ class LocalOpenFile:
     """An open file and its version; its own context manager (the capture opens one per file read)."""
 
     def __init__(self, path: str, fd: int | None = None) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC) if fd is None else fd
+        # O_NONBLOCK: a file replaced by a fifo since the scan must not stall the capture (the type
+        # check below then drops it); reads of regular files ignore the flag.
+        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC) if fd is None else fd
         try:
             before = os.fstat(self._fd)
             if not st.S_ISREG(before.st_mode):
@@ -114,7 +116,7 @@ class LocalFrozenRoot:
     def open_file(self, rel: str) -> LocalOpenFile:
         path = os.path.join(self.root, rel)
         if len(path) > fsutil.LONG_PATH:
-            return LocalOpenFile(path, fsutil.open_beneath(self.root, rel))
+            return LocalOpenFile(path, fsutil.open_beneath(self.root, rel, os.O_RDONLY | os.O_NONBLOCK))
         return LocalOpenFile(path)
 
 

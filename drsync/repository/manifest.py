@@ -77,9 +77,14 @@ def decode_name(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", "surrogateescape")
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {0x0A: "\\n", 0x09: "\\t",
+                                                                                   0x0D: "\\r"}
+
+
 def printable(name: str) -> str:
-    """A path for a terminal or a log line: undecodable bytes shown as ``\\xNN``."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A path for a terminal or a log line, on one line: undecodable bytes shown as ``\\xNN``, control
+    characters (newlines, escape sequences) as ``\\n``, ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").translate(_CONTROLS)
 
 
 def split_ns(values: list[int]) -> tuple[list[int] | pa.Array, list[int] | pa.Array]:
@@ -419,10 +424,9 @@ def validate(manifest: Manifest, what: str = "manifest") -> None:
     linked = {paths[i] for i in range(len(paths)) if hardlinks[i] is not None}
     for i, path in enumerate(paths):
         lead = hardlinks[i]
-        if lead is not None and (types[i] != FILE or kinds.get(lead) != FILE or lead in linked
-                                 or encode_name(lead) >= encode_name(path)):  # type: ignore[operator]
-            raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, which is not an "
-                                 f"earlier file of the snapshot without a link of its own")
+        if lead is not None and (types[i] != FILE or kinds.get(lead) != FILE or lead in linked or lead == path):
+            raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, which is not another "
+                                 f"file of the snapshot without a link of its own")
     for path in paths:
         parent = posixpath.dirname(path)
         if parent and kinds.get(parent) != DIR:
