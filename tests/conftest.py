@@ -73,13 +73,16 @@ def tree_state(root: Path) -> dict[str, tuple]:
             rel = p.relative_to(root).as_posix()
             if rel.startswith(".drsync"):
                 continue
-            st = p.lstat()
-            if p.is_symlink():
-                out[rel] = ("link", os.readlink(p), st.st_mtime_ns)
-            elif p.is_dir():
-                out[rel] = ("dir", st.st_mode & 0o7777, st.st_mtime_ns)
-            else:
-                out[rel] = ("file", st.st_mode & 0o7777, st.st_mtime_ns, p.read_bytes())
+            try:
+                st = p.lstat()
+                if p.is_symlink():
+                    out[rel] = ("link", os.readlink(p), st.st_mtime_ns)
+                elif p.is_dir():
+                    out[rel] = ("dir", st.st_mode & 0o7777, st.st_mtime_ns)
+                else:
+                    out[rel] = ("file", st.st_mode & 0o7777, st.st_mtime_ns, p.read_bytes())
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # moved away while we walked (an apply in flight): the caller compares again
     return out
 
 
