@@ -71,6 +71,8 @@ class ApplyPlan:
     unlock: list[str] = field(default_factory=list)
     # Snapshot paths left alone because drsync's own files (repository, state) are there.
     protected_skipped: list[str] = field(default_factory=list)
+    # Paths of ``write``, ``hardlink`` and ``link`` that exist in the target (replaced, not created).
+    replaces: list[str] = field(default_factory=list)
 
     def dirs_to_finish(self) -> list[Entry]:
         """``dirs`` (deepest first) limited to the touched ones."""
@@ -186,6 +188,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             plan.unchanged += 1
         else:
             plan.hardlink.append(e)
+    plan.replaces = [e.path for e in (*plan.write, *plan.hardlink, *plan.link)
+                     if e.path in existing and e.path not in removed]
     touched.update(p.rpartition("/")[0] for p in plan.remove)
     touched.update(e.path.rpartition("/")[0] for e in (*plan.write, *plan.link, *plan.mkdir, *plan.hardlink))
     touched.discard("")

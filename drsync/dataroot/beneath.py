@@ -103,13 +103,15 @@ class Beneath:
 
     # --- changes ------------------------------------------------------------------------
 
-    def rename(self, src: str, dst: str) -> None:
-        """Atomically move ``src`` to ``dst`` (replacing a file or symlink there)."""
+    def rename(self, src: str, dst: str, *, directory: bool = True) -> None:
+        """Atomically move ``src`` to ``dst`` (replacing a file or symlink there). ``directory=False``
+        says ``src`` is not a directory, so no cached descriptor can lie below it (the hot path)."""
         sfd, sname = self._at(src)
         dfd, dname = self._at(dst)
         os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
-        self.forget(src)
-        self.forget(dst)
+        if directory:
+            self.forget(src)
+            self.forget(dst)
 
     def mkdir(self, rel: str, mode: int = 0o700) -> None:
         pfd, name = self._at(rel)

@@ -239,7 +239,8 @@ class LocalDataRoot:
                 raise UsageError(f"a filesystem is mounted at {os.path.join(self.root, hit)}, where the snapshot "
                                  f"has no directory (it would replace {p}); unmount it or restore elsewhere; "
                                  f"nothing was changed")
-        changed = [*plan.remove, *(e.path for e in (*plan.write, *plan.hardlink, *plan.link, *plan.fix_meta))]
+        # What exists and will change: new paths need only their directory to be writable.
+        changed = [*plan.remove, *plan.replaces, *(e.path for e in plan.fix_meta)]
         dirs = sorted({"", *(plan.touched_dirs or ())})
         with Beneath(self.root) as fs:
             for rel in [*dirs, *changed]:
@@ -435,7 +436,7 @@ class LocalDataRoot:
                         raise OperationFailed(f"staged file {src} for {e.path} is gone; the apply cannot be "
                                               f"completed; restore the target from a snapshot")
                     continue  # moved already by the interrupted run this one completes
-                fs.rename(src, e.path)
+                fs.rename(src, e.path, directory=False)
             for k, e in enumerate(plan.hardlink):
                 at[0] = e.path
                 lead = e.hardlink or ""
@@ -448,7 +449,7 @@ class LocalDataRoot:
                 tmp = f"{self._staging_of(self._domain(e.path))}/H{k}"
                 fs.remove_tree(tmp)
                 fs.link(lead, tmp)
-                fs.rename(tmp, e.path)
+                fs.rename(tmp, e.path, directory=False)
             for k, e in enumerate(plan.link):
                 at[0] = e.path
                 s = fs.lstat(e.path)
@@ -456,7 +457,7 @@ class LocalDataRoot:
                     tmp = f"{self._staging_of(self._domain(e.path))}/L{k}"
                     fs.remove_tree(tmp)
                     fs.symlink(e.target or "", tmp)
-                    fs.rename(tmp, e.path)
+                    fs.rename(tmp, e.path, directory=False)
                 if root_owner:
                     fs.chown(e.path, e.uid, e.gid)
                 fs.utime(e.path, e.mtime_ns)
