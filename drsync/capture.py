@@ -246,7 +246,8 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     skipped = sum(1 for p in lost if pv is None or p not in pv.row) + sum(
         1 for d in scan.unlisted if pv is None or not any(p.startswith(f"{d}/" if d else "") for p in pv.row))
     table = _build_table(scan, keep, parent_row, read, pv, xattrs, stale_rows)
-    table = _without_escaping_links(table, warnings)
+    if stale_rows:  # the scan left escaping links out; merged stale links could make new ones
+        table = _without_escaping_links(table, warnings)
     files = sum(1 for k in keep if scan.type[k] == FILE)
     total = sum(read[k].version.size if k in read else scan.size[k] for k in keep if scan.type[k] == FILE)
     return CaptureResult(Manifest(table), files=files, bytes=total,
@@ -281,8 +282,9 @@ def _attributes(view: FrozenRoot, scan: TreeScan, keep: list[int], parent_row: l
     moves the ctime). Reused files and unchanged directories take the parent's; symlinks carry none
     (Linux refuses user attributes on links)."""
     out: dict[int, bytes | None] = {k: r.xattrs for k, r in read.items() if r.xattrs is not None}
-    for k in keep:
-        typ = scan.type[k]
+    types = scan.type
+    for k in [k for k in keep if types[k] != FILE]:
+        typ = types[k]
         if typ == SYMLINK:
             blob, _ = view.xattrs(scan.path[k])
             if blob:
@@ -398,9 +400,9 @@ def _stale_links(old: pa.Table, leader_of_inode: dict[int, bytes]) -> list[bytes
 def _hardlinks(scan: TreeScan, keep: list[int], paths: list[str], types: list[str]) -> list[str | None]:
     """For each kept entry, the first path (in manifest order) of its hard-link group, or None."""
     groups: dict[tuple[int, int], list[int]] = {}
-    for j, k in enumerate(keep):
-        if types[j] == FILE and scan.nlink[k] > 1:
-            groups.setdefault((scan.dev[k], scan.inode[k]), []).append(j)
+    nlink = scan.nlink
+    for j, k in [(j, k) for j, k in enumerate(keep) if nlink[k] > 1 and types[j] == FILE]:
+        groups.setdefault((scan.dev[k], scan.inode[k]), []).append(j)
     out: list[str | None] = [None] * len(keep)
     for members in groups.values():
         if len(members) < 2:
