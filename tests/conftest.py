@@ -87,6 +87,20 @@ def tree_state(root: Path) -> dict[str, tuple]:
 
 
 @pytest.fixture
+def open_tmp():  # type: ignore[no-untyped-def]
+    """A scratch directory every user can reach (pytest's own is private to root)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="drsync-users-"))
+    base.chmod(0o755)
+    yield base
+    subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True, check=False)
+    subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
 def tree(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     make_tree(root)

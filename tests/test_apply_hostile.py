@@ -13,14 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, age_tree, run_drsync, tree_state
+from tests.users import NOBODY, run_as_nobody
 
-NOBODY = 65534
 STAGING = ".drsync-staging"
 
 
@@ -93,44 +92,6 @@ def craft_manifest(repo: str, snap: str, rows: list[dict]) -> None:  # type: ign
     doc = json.loads(doc_path.read_bytes())
     doc["manifest_hash"] = blake3.blake3(data).hexdigest()
     doc_path.write_text(json.dumps(doc))
-
-
-def run_as_nobody(*args: str | os.PathLike[str]) -> tuple[int, str]:
-    """The CLI in a forked child that became uid 65534 (it does not exec: the interpreter may sit
-    where that user cannot reach). Returns the exit code and stderr."""
-    from drsync.cli import main
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.dup2(w, 2)
-            sys.stderr = os.fdopen(2, "w", buffering=1)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            os.chdir("/")
-            code = main([str(a) for a in args])
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        err = f.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), err
-
-
-@pytest.fixture
-def open_tmp():  # type: ignore[no-untyped-def]
-    """A scratch directory every user can reach (pytest's own is private to root)."""
-    base = Path(tempfile.mkdtemp(prefix="drsync-hostile-"))
-    base.chmod(0o755)
-    yield base
-    subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True, check=False)
-    subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def simple_source(base: Path) -> Path:

@@ -13,8 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from drsync.errors import IntegrityError
 from drsync.repository.manifest import Manifest, escaping_links, validate
 from drsync.tree import LocalEntry, scan_tree
 from tests.conftest import age_tree, run_drsync, tree_state
+from tests.users import NOBODY, pair_configs, run_as_nobody, start_agent
 
 
 def full_state(path: Path) -> dict[str, tuple]:
@@ -253,46 +252,6 @@ def test_plan_replaces_special_files_and_links_it_cannot_follow() -> None:
 
 # --- 4. permissions -----------------------------------------------------------------------
 
-NOBODY = 65534
-
-
-def run_as_nobody(*args: str | os.PathLike[str]) -> tuple[int, str]:
-    """The CLI in a forked child that became another user (its interpreter may sit where that user
-    cannot reach, so the child does not exec). Returns the exit code and what it wrote to stderr."""
-    from drsync.cli import main
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.dup2(w, 2)
-            sys.stderr = os.fdopen(2, "w", buffering=1)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            os.chdir("/")
-            code = main([str(a) for a in args])
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        err = f.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), err
-
-
-@pytest.fixture
-def open_tmp():  # type: ignore[no-untyped-def]
-    """A scratch directory every user can reach (pytest's own is private to root)."""
-    base = Path(tempfile.mkdtemp(prefix="drsync-perm-"))
-    base.chmod(0o755)
-    yield base
-    subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)
-    shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run drsync as another user")
 def test_permission_problems_are_one_line_errors_or_worked_around(open_tmp: Path) -> None:
     tmp_path = open_tmp
@@ -499,33 +458,18 @@ def test_agents_whose_repository_and_state_live_inside_their_data_roots(tmp_path
     snapshots leave its own out; config check says what is nested where."""
     from tests.conftest import make_tree
     from tests.group import wait_for as wait_until
-    from tests.zk import free_port
 
     prod, standby = tmp_path / "prod", tmp_path / "standby"
     make_tree(prod, files=5, big=1)
     (standby / "stale").mkdir(parents=True)
     (standby / "stale" / "f").write_bytes(b"the standby's old content\n")
-    port = free_port()
-
-    def config(name: str, data: Path, role: str, extra: str = "") -> Path:
-        p = tmp_path / f"{name}.toml"
-        p.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{data}"\nrepository = "{data}/.drsync"\n'
-                     f'[agent]\nname = "{name}"\nrole = "{role}"\nstate_dir = "{data}/var/drsync-state"\n'
-                     f'listen = "127.0.0.1:{port if role == "standby" else free_port()}"\n'
-                     f'metrics = "127.0.0.1:{free_port()}"\n{extra}')
-        assert run_drsync("init", "--config", p).code == 0
-        return p
-
-    scfg = config("standby", standby, "standby")
-    pcfg = config("primary", prod, "primary", f'[replication]\nstandbys = ["127.0.0.1:{port}"]\n')
+    scfg, pcfg = pair_configs(tmp_path, prod, standby, nested=True)
     (prod / "var").mkdir(exist_ok=True)
     check = run_drsync("config", "check", "--config", scfg, "--json")
     nesting = [c["detail"] for c in check.json()["checks"] if c["name"] == "nesting"]
     assert any("repository" in d and "inside the data root at .drsync" in d for d in nesting), nesting
     assert any("state directory" in d and "var/drsync-state" in d for d in nesting), nesting
-    with open(tmp_path / "standby.log", "ab") as log:  # the child keeps its own copy of the fd
-        proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(scfg)],
-                                stdout=log, stderr=log)
+    proc = start_agent(scfg, tmp_path / "standby.log")
     try:
         wait_until(lambda: (standby / "var" / "drsync-state" / "agent.pid").exists(), "the standby to start")
         r = run_drsync("agent", "--config", pcfg, "--once", "--json")

@@ -13,8 +13,6 @@ import json
 import os
 import stat as st
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,7 +26,7 @@ from drsync.repository.manifest import SCHEMA_V1, Manifest
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
 from tests.conftest import age_tree, run_drsync
-from tests.test_apply_safety import open_tmp, run_as_nobody  # noqa: F401  (fixture)
+from tests.users import give_to_nobody, pair_configs, preload_everything, run_as_nobody, start_agent
 
 NS = 1_000_000_000
 YEAR_2400 = 13_569_465_600 * NS + 123_456_789
@@ -202,7 +200,7 @@ def test_diff_and_listings_show_undecodable_names_without_failing(tmp_path: Path
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to capture as a user that cannot read")
-def test_unreadable_paths_keep_their_last_version(open_tmp: Path) -> None:  # noqa: F811
+def test_unreadable_paths_keep_their_last_version(open_tmp: Path) -> None:
     base = open_tmp
     src = base / "src"
     (src / "private").mkdir(parents=True)
@@ -210,7 +208,7 @@ def test_unreadable_paths_keep_their_last_version(open_tmp: Path) -> None:  # no
     (src / "secret.txt").write_bytes(b"a file that will become unreadable\n")
     (src / "plain.txt").write_bytes(b"plain\n")
     repo = base / "repo"
-    subprocess.run(["chown", "-R", "65534:65534", base], check=True)
+    give_to_nobody(base)
     code, err = run_as_nobody("init", "--repo", repo, "--cluster-id", "c", "--release", "1")
     assert code == 0, err
     code, err = run_as_nobody("snapshot", "create", "--repo", repo, "--source", src)
@@ -364,27 +362,12 @@ def test_capture_refuses_to_delete_on_an_unmounted_root_in_process(tmp_path: Pat
 
 def test_an_odd_tree_replicates_through_a_real_agent_pair(tmp_path: Path) -> None:
     from tests.group import wait_for
-    from tests.zk import free_port
 
     prod, standby = tmp_path / "prod", tmp_path / "standby"
     odd_tree(prod)
     standby.mkdir()
-    port = free_port()
-
-    def config(name: str, data: Path, role: str, extra: str = "") -> Path:
-        p = tmp_path / f"{name}.toml"
-        p.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{data}"\nrepository = "{tmp_path / name}-repo"\n'
-                     f'[agent]\nname = "{name}"\nrole = "{role}"\n'
-                     f'listen = "127.0.0.1:{port if role == "standby" else free_port()}"\n'
-                     f'metrics = "127.0.0.1:{free_port()}"\n{extra}')
-        assert run_drsync("init", "--config", p).code == 0
-        return p
-
-    scfg = config("standby", standby, "standby")
-    pcfg = config("primary", prod, "primary", f'[replication]\nstandbys = ["127.0.0.1:{port}"]\n')
-    with open(tmp_path / "standby.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(scfg)],
-                                stdout=log, stderr=log)
+    scfg, pcfg = pair_configs(tmp_path, prod, standby)
+    proc = start_agent(scfg, tmp_path / "standby.log")
     try:
         wait_for(lambda: (tmp_path / "standby-repo" / "agent" / "agent.pid").exists(), "the standby to start")
         r = run_drsync("agent", "--config", pcfg, "--once", "--json")
@@ -401,23 +384,8 @@ def test_an_odd_tree_replicates_through_a_real_agent_pair(tmp_path: Path) -> Non
         proc.wait(timeout=30)
 
 
-def preload_everything() -> None:
-    """Import every drsync module and what they import lazily, before a fork that drops privileges."""
-    import importlib
-    import pkgutil
-
-    import drsync
-
-    for mod in pkgutil.walk_packages(drsync.__path__, "drsync."):
-        if not mod.name.endswith(("_pb2_grpc", ".__main__")):
-            importlib.import_module(mod.name)
-    for name in ("fcntl", "filecmp", "json", "pyarrow.compute", "signal", "grpc._utilities", "encodings.idna",
-                 "urllib.request", "http.server"):
-        importlib.import_module(name)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run production's agent as a user that cannot read")
-def test_unreadable_paths_on_production_never_delete_the_standbys_copies(open_tmp: Path) -> None:  # noqa: F811
+def test_unreadable_paths_on_production_never_delete_the_standbys_copies(open_tmp: Path) -> None:
     """A real pair: production's agent (as an unprivileged user) loses read access to a file and a
     directory; the standby keeps its copies and the primary's metric counts the stale paths."""
     import signal
@@ -434,23 +402,10 @@ def test_unreadable_paths_on_production_never_delete_the_standbys_copies(open_tm
     (prod / "secret.txt").write_bytes(b"a file production will make unreadable\n")
     (prod / "plain.txt").write_bytes(b"plain\n")
     standby.mkdir()
-    port, metrics = free_port(), f"127.0.0.1:{free_port()}"
-
-    def config(name: str, data: Path, role: str, extra: str = "") -> Path:
-        p = base / f"{name}.toml"
-        p.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{data}"\nrepository = "{base / name}-repo"\n'
-                     f'[agent]\nname = "{name}"\nrole = "{role}"\n'
-                     f'listen = "127.0.0.1:{port if role == "standby" else free_port()}"\n'
-                     f'metrics = "{metrics if role == "primary" else "127.0.0.1:" + str(free_port())}"\n{extra}')
-        assert run_drsync("init", "--config", p).code == 0
-        return p
-
-    scfg = config("standby", standby, "standby")
-    pcfg = config("primary", prod, "primary", f'[replication]\ninterval = "1s"\nstandbys = ["127.0.0.1:{port}"]\n')
-    subprocess.run(["chown", "-R", "65534:65534", prod, base / "primary-repo", pcfg], check=True)
-    with open(base / "standby.log", "ab") as log:
-        sproc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(scfg)],
-                                 stdout=log, stderr=log)
+    metrics = f"127.0.0.1:{free_port()}"
+    scfg, pcfg = pair_configs(base, prod, standby, primary_extra='interval = "1s"\n', primary_metrics=metrics)
+    give_to_nobody(prod, base / "primary-repo", pcfg)
+    sproc = start_agent(scfg, base / "standby.log")
     wait_for(lambda: (base / "standby-repo" / "agent" / "agent.pid").exists(), "the standby to start")
     preload_everything()  # the child cannot read this interpreter's library once it is nobody
     pid = os.fork()

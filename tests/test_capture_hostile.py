@@ -20,10 +20,9 @@ from drsync import engine
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
 from tests.conftest import run_drsync
-from tests.test_apply_safety import open_tmp, run_as_nobody  # noqa: F401  (fixture)
-from tests.test_capture_any_tree import exact_state, preload_everything
+from tests.test_capture_any_tree import exact_state
+from tests.users import NOBODY, give_to_nobody, pair_configs, preload_everything, run_as_nobody, start_agent
 
-NOBODY = 65534
 NS = 1_000_000_000
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to act as another user, mount, chattr)")
 
@@ -40,15 +39,11 @@ def manifest_of(repo: str, ref: str) -> dict[str, object]:
     return {e.path: e for e in m.entries()}
 
 
-def give_to_nobody(*paths: Path) -> None:
-    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", *map(str, paths)], check=True)
-
-
 # --- promise 3: unreadable is never deleted -------------------------------------------------------
 
 
 @needs_root
-def test_a_directory_readable_but_not_searchable_keeps_everything_below_it(open_tmp: Path) -> None:  # noqa: F811
+def test_a_directory_readable_but_not_searchable_keeps_everything_below_it(open_tmp: Path) -> None:
     """A directory of mode 0o444 can be listed but not searched: its entries cannot be examined.
     A subdirectory's content must stay in the snapshot (stale), not vanish."""
     base = open_tmp
@@ -74,11 +69,10 @@ def test_a_directory_readable_but_not_searchable_keeps_everything_below_it(open_
 
 
 @needs_root
-def test_a_readable_but_unsearchable_directory_never_deletes_on_a_real_standby(open_tmp: Path) -> None:  # noqa: F811
+def test_a_readable_but_unsearchable_directory_never_deletes_on_a_real_standby(open_tmp: Path) -> None:
     """The same through a real pair: production's agent (as nobody) runs one cycle after a directory
     lost its search bit; the standby must keep the files below it."""
     from tests.group import wait_for
-    from tests.zk import free_port
 
     base = open_tmp
     prod, standby = base / "prod", base / "standby"
@@ -86,23 +80,9 @@ def test_a_readable_but_unsearchable_directory_never_deletes_on_a_real_standby(o
     (prod / "d" / "sub" / "f").write_bytes(b"must survive on the standby\n")
     (prod / "plain").write_bytes(b"plain\n")
     standby.mkdir()
-    port = free_port()
-
-    def config(name: str, data: Path, role: str, extra: str = "") -> Path:
-        p = base / f"{name}.toml"
-        p.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{data}"\nrepository = "{base / name}-repo"\n'
-                     f'[agent]\nname = "{name}"\nrole = "{role}"\n'
-                     f'listen = "127.0.0.1:{port if role == "standby" else free_port()}"\n'
-                     f'metrics = "127.0.0.1:{free_port()}"\n{extra}')
-        assert run_drsync("init", "--config", p).code == 0
-        return p
-
-    scfg = config("standby", standby, "standby")
-    pcfg = config("primary", prod, "primary", f'[replication]\nstandbys = ["127.0.0.1:{port}"]\n')
+    scfg, pcfg = pair_configs(base, prod, standby)
     give_to_nobody(prod, base / "primary-repo", pcfg)
-    with open(base / "standby.log", "ab") as log:
-        sproc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(scfg)],
-                                 stdout=log, stderr=log)
+    sproc = start_agent(scfg, base / "standby.log")
     preload_everything()
     try:
         wait_for(lambda: (base / "standby-repo" / "agent" / "agent.pid").exists(), "the standby to start")
@@ -121,7 +101,7 @@ def test_a_readable_but_unsearchable_directory_never_deletes_on_a_real_standby(o
 
 
 @needs_root
-def test_an_unreadable_directory_keeps_its_extended_attributes(open_tmp: Path) -> None:  # noqa: F811
+def test_an_unreadable_directory_keeps_its_extended_attributes(open_tmp: Path) -> None:
     """user.* attributes of a directory the agent cannot read are a read error, not a removal:
     the directory keeps its last captured attributes."""
     base = open_tmp
@@ -142,7 +122,7 @@ def test_an_unreadable_directory_keeps_its_extended_attributes(open_tmp: Path) -
 
 
 @needs_root
-def test_an_unreadable_hard_link_leader_keeps_its_group(open_tmp: Path) -> None:  # noqa: F811
+def test_an_unreadable_hard_link_leader_keeps_its_group(open_tmp: Path) -> None:
     """Three names of one inode; the first (in byte order) sits in a directory that becomes unlistable.
     Its last captured version was one inode with the other two: a restore gives that back."""
     base = open_tmp
@@ -167,7 +147,7 @@ def test_an_unreadable_hard_link_leader_keeps_its_group(open_tmp: Path) -> None:
 
 
 @needs_root
-def test_an_unreadable_root_keeps_everything_stale(open_tmp: Path) -> None:  # noqa: F811
+def test_an_unreadable_root_keeps_everything_stale(open_tmp: Path) -> None:
     """Held: a root the agent cannot list keeps every path of the last snapshot, flagged stale."""
     base = open_tmp
     src, repo = base / "src", str(base / "repo")
@@ -269,7 +249,7 @@ def test_a_file_replaced_by_a_fifo_during_capture_does_not_stall_it(tmp_path: Pa
 
 
 @needs_root
-def test_capture_never_writes_a_snapshot_its_restore_refuses(open_tmp: Path) -> None:  # noqa: F811
+def test_capture_never_writes_a_snapshot_its_restore_refuses(open_tmp: Path) -> None:
     """A stale link kept from the last snapshot (``locked/l -> ..``, in a directory that became
     unlistable) and a new link through it (``a -> locked/l/..``) make a manifest that leaves the
     root. Whatever capture accepts, verify, backup and restore must accept (or capture must leave

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat as st
 from collections import OrderedDict
 
@@ -153,6 +154,22 @@ class Beneath:
         pfd, name = self._at(rel)
         return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                        dir_fd=pfd)
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        """Replace ``rel`` with ``data`` durably and atomically: a new file beside it, fsynced, renamed
+        over it, then the directory fsynced."""
+        parent = rel.rpartition("/")[0]
+        tmp = f"{rel}.{secrets.token_hex(6)}"
+        fd = self.create(tmp)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.rename(tmp, rel, directory=False)
+        os.fsync(self.dir_fd(parent))
 
     def open_read(self, rel: str) -> int:
         """An existing file opened for reading, never through a link; the caller closes it."""

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 import stat as st
 from collections.abc import Iterable, Iterator
@@ -540,33 +539,24 @@ def _read_record(fs: Beneath) -> dict[str, dict[str, int]]:
 
 def _write_record(fs: Beneath, doc: dict[str, dict[str, int]]) -> None:
     """Durably, atomically, into the root's staging area (made a real directory if it is not one)."""
-    s = fs.lstat(STAGING)
-    if s is not None and not st.S_ISDIR(s.st_mode):
-        fs.unlink(STAGING)
-        s = None
-    if s is None:
-        fs.mkdir(STAGING, 0o700)
-    tmp = f"{STAGING}/{RECORD_NAME}.{secrets.token_hex(6)}"
-    fd = fs.create(tmp)
-    try:
-        data = memoryview(json.dumps(doc).encode())
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fs.rename(tmp, f"{STAGING}/{RECORD_NAME}")
-    os.fsync(fs.dir_fd(STAGING))
+    _real_dir(fs, STAGING)
+    fs.write_atomic(f"{STAGING}/{RECORD_NAME}", json.dumps(doc).encode())
+
+
+def _real_dir(fs: Beneath, rel: str) -> bool:
+    """Make ``rel`` a real directory (replacing a file or link there); True when it was one already."""
+    s = fs.lstat(rel)
+    if s is not None and st.S_ISDIR(s.st_mode):
+        return True
+    if s is not None:
+        fs.unlink(rel)
+    fs.mkdir(rel, 0o700)
+    return False
 
 
 def _empty_keeping(fs: Beneath, rel: str, keep: set[str]) -> None:
     """Make ``rel`` an empty real directory but for the names in ``keep``."""
-    s = fs.lstat(rel)
-    if s is not None and not st.S_ISDIR(s.st_mode):
-        fs.unlink(rel)
-        s = None
-    if s is None:
-        fs.mkdir(rel, 0o700)
+    if not _real_dir(fs, rel):
         return
     with os.scandir(fs.dir_fd(rel)) as it:
         names = [x.name for x in it]
@@ -621,17 +611,7 @@ class RootJournal:
 
     def save(self, data: bytes) -> None:
         with Beneath(self.root) as fs:
-            tmp = f"{STAGING}/{JOURNAL_NAME}.{secrets.token_hex(6)}"
-            fd = fs.create(tmp)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fs.rename(tmp, self.REL)
-            os.fsync(fs.dir_fd(STAGING))
+            fs.write_atomic(self.REL, data)
 
     def remove(self) -> None:
         with Beneath(self.root) as fs:
