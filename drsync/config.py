@@ -168,6 +168,21 @@ class CoordinationConfig:
     # Run on the primary before a switchover's final snapshot (e.g. put production read-only).
     switchover_hook: str = field(default="", metadata=_conv(_str))
     switchover_timeout: float = field(default=600.0, metadata=_conv(_duration))
+    # A switchover repeats its final capture until one finds no change, at most this many times.
+    switchover_quiesce_attempts: int = field(default=5, metadata=_conv(_int))
+    # Fencing (safety rule 7). fence_command runs on a standby before it promotes itself (and before
+    # `drsync promote` over an earlier primary) and must exit 0; "none" is the operator's explicit
+    # choice to promote without fencing. demote_command runs on a primary's agent as soon as it can no
+    # longer prove its claim (session lost, suspended past the session timeout, or fenced).
+    fence_command: str = field(default="", metadata=_conv(_str))
+    fence_timeout: float = field(default=60.0, metadata=_conv(_duration))
+    demote_command: str = field(default="", metadata=_conv(_str))
+    demote_timeout: float = field(default=60.0, metadata=_conv(_duration))
+
+    @property
+    def fencing(self) -> bool:
+        """Whether a fence command is configured (not empty and not the explicit "none")."""
+        return self.fence_command.strip() not in ("", "none")
 
 
 @dataclass(frozen=True)
@@ -175,6 +190,9 @@ class ReplicationConfig:
     interval: float = field(default=300.0, metadata=_conv(_duration))
     standbys: tuple[str, ...] = field(default=(), metadata=_conv(_str_list))
     bandwidth_limit: float = field(default=0.0, metadata=_conv(_rate))  # bytes/s; 0 = unlimited
+    # A snapshot that would remove more than this share of the standby's files (or empty its root)
+    # is stored but not applied until `drsync apply --confirm` (safety rule 8).
+    max_delete_fraction: float = field(default=0.5, metadata=_conv(lambda v, k: _fraction(v, k, "files")))
 
 
 @dataclass(frozen=True)
@@ -198,11 +216,10 @@ class BackupsConfig:
                              metadata=_conv(_keep))
 
 
-def _fraction(v: Any, key: str) -> float:
+def _fraction(v: Any, key: str, of: str = "chunks to check") -> float:
     if isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1:
         return float(v)
-    raise ConfigError(f"{key}: expected a number above 0 and at most 1 (the share of chunks to check), "
-                      f"got {v!r}")
+    raise ConfigError(f"{key}: expected a number above 0 and at most 1 (the share of {of}), got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -219,6 +236,8 @@ class TLSConfig:
     ca: str = field(default="", metadata=_conv(_str))
     cert: str = field(default="", metadata=_conv(_str))
     key: str = field(default="", metadata=_conv(_str))
+    # Certificate names (subject CN or a SAN) allowed to call this agent; empty = any cert of the CA.
+    allowed_peers: tuple[str, ...] = field(default=(), metadata=_conv(_str_list))
 
     @property
     def enabled(self) -> bool:
@@ -285,6 +304,19 @@ def config_from_dict(doc: Mapping[str, Any], *, base_dir: Path | None = None,
     if tls.enabled and not (tls.ca and tls.cert and tls.key):
         raise ConfigError("[tls] needs all of ca, cert and key, or none of them")
     return cfg
+
+
+def fencing_problem(cfg: Config) -> str | None:
+    """Why this config must not run an agent with automatic failover, or None (safety rule 7)."""
+    c = cfg.coordination
+    if c.failover == "automatic" and cfg.agent.role == "auto" and not c.fence_command.strip():
+        return ("coordination.failover = \"automatic\" needs coordination.fence_command: a command that stops "
+                "production's writers and must succeed before this standby promotes itself; write "
+                "fence_command = \"none\" to promote without fencing on purpose (see docs/operations.md, "
+                "\"Fencing\")")
+    if cfg.tls.allowed_peers and not cfg.tls.enabled:
+        return "tls.allowed_peers needs [tls] ca, cert and key: peers are known by their certificates"
+    return None
 
 
 def _resolve(value: str, base_dir: Path) -> str:

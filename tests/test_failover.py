@@ -264,7 +264,7 @@ def test_automatic_failover_across_repeated_trials(make_group) -> None:  # type:
     rejoins; never two primaries at one epoch, never an epoch going backwards."""
     trials = int(os.environ.get("DRSYNC_FAILOVER_TRIALS", "3"))
     g = make_group(["east", "west"], session_timeout="2s", failover="automatic",
-                   extra='failover_cooldown = "0s"')
+                   extra='failover_cooldown = "0s"\nfence_command = "none"')
     watcher = PrimaryWatcher(g.hosts, g.group)
     bootstrap(g)
     current, other = "east", "west"
@@ -300,7 +300,7 @@ def test_automatic_failover_across_repeated_trials(make_group) -> None:  # type:
 def test_flapping_primary_does_not_cause_ping_pong(make_group) -> None:  # type: ignore[no-untyped-def]
     """After an automatic failover, the cooldown keeps the next one from happening at once."""
     g = make_group(["east", "west"], session_timeout="2s", failover="automatic",
-                   extra='failover_cooldown = "1h"')
+                   extra='failover_cooldown = "1h"\nfence_command = "none"')
     bootstrap(g)
     # The first promotion is recent: within the cooldown, a dead primary is not replaced automatically.
     g.kill("east")

@@ -33,7 +33,7 @@ from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.retention import plan_retention
 from drsync.storage.local import LocalStorage
-from drsync.transport import CommitOutcome, ReceivedChunk, StandbyHello
+from drsync.transport import Caller, CommitOutcome, ReceivedChunk, StandbyHello
 from tests.conftest import Result, run_drsync
 
 DAY = 86400.0
@@ -254,15 +254,20 @@ class LocalLink:
                             st.applied_captured_at, st.applied_at)
 
     def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
+        caller = Caller("primary", epoch)
+        self.rx.admit(caller)
         for b in batches:
-            yield self.rx.missing(epoch, b)
+            yield self.rx.missing(caller, b)
 
     def upload(self, epoch: int, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]:
-        return self.rx.receive((epoch, b) for b in batches)
+        caller = Caller("primary", epoch)
+        self.rx.admit(caller)
+        return self.rx.receive(caller, batches)
 
-    def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes]) -> CommitOutcome:
+    def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
+               sender_seq: int = 0) -> CommitOutcome:
         self.docs.append(snapshot_doc)
-        info, result = self.rx.commit(epoch, snapshot_doc, b"".join(pieces))
+        info, result = self.rx.commit(Caller(sender, epoch), snapshot_doc, b"".join(pieces), sender_seq)
         return CommitOutcome(info.id, result.written_files, result.removed, self.rx.state.applied_at)
 
 
@@ -295,11 +300,11 @@ def test_a_standby_orders_what_it_receives_by_arrival(tmp_path: Path) -> None:
     manifest = primary.storage.read(fmt.manifest_name(d.id))
     claimed = SnapshotInfo.from_bytes(primary.storage.read(fmt.snapshot_name(d.id)), "doc")
     assert claimed.seq == 4
-    info, _ = rx.commit(1, dataclasses.replace(claimed, seq=999).to_bytes(), manifest)
+    info, _ = rx.commit(Caller("primary", 1), dataclasses.replace(claimed, seq=999).to_bytes(), manifest)
     assert info.seq == 4 and standby.find_snapshot("latest").id == d.id
     assert [s.seq for s in standby.list_snapshots()] == [1, 2, 3, 4]
     # The same shipment again (a retried commit) keeps its number.
-    info, _ = rx.commit(1, primary.storage.read(fmt.snapshot_name(d.id)), manifest)
+    info, _ = rx.commit(Caller("primary", 1), primary.storage.read(fmt.snapshot_name(d.id)), manifest)
     assert info.seq == 4 and len(standby.list_snapshots()) == 4
 
 

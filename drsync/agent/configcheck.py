@@ -19,7 +19,7 @@ from typing import Any
 
 from drsync import engine
 from drsync.agent.loop import StateDirLock, open_coordinator, state_dir_of
-from drsync.config import Config, config_from_dict, config_problems, read_config_document
+from drsync.config import Config, config_from_dict, config_problems, fencing_problem, read_config_document
 from drsync.dataroot import open_data_root
 from drsync.errors import ConfigError, DrsyncError
 from drsync.transport.grpc import GrpcStandbyLink
@@ -59,6 +59,14 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
     cfg = config_from_dict(doc, base_dir=Path(path).resolve().parent, path=Path(path))
     checks.append(Check("config", True, f"{path}: every key valid (agent {cfg.agent.name}, role {cfg.agent.role})",
                         "config"))
+    fencing = fencing_problem(cfg)
+    c = cfg.coordination
+    checks.append(Check("fencing", fencing is None, fencing or (
+        f"failover {c.failover}; " + ("fence_command set" if c.fencing else
+                                      "fence_command = \"none\" (promotions do not fence production)"
+                                      if c.fence_command.strip() == "none" else "no fence_command") +
+        ("; demote_command set" if c.demote_command.strip() else
+         "; no demote_command (an ex-primary rejoins only after drsync rejoin)")), "config"))
     checks += _check_cluster(cfg)
     try:
         state_dir: str | None = state_dir_of(cfg)

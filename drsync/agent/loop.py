@@ -28,7 +28,7 @@ from drsync.agent.drill import drills_dir, load_reports, run_drill
 from drsync.agent.primary import ship_snapshot
 from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
 from drsync.agent.standby import FencedError, StandbyReceiver, StateFile
-from drsync.config import Config
+from drsync.config import Config, fencing_problem
 from drsync.coordination import (
     CoordinationUnavailable,
     Coordinator,
@@ -39,7 +39,7 @@ from drsync.coordination import (
     SessionState,
 )
 from drsync.dataroot import open_data_root
-from drsync.errors import DrsyncError, OperationFailed, RefusedError
+from drsync.errors import DrsyncError, OperationFailed, RefusedError, UsageError
 from drsync.metrics import AgentMetrics, new_registry, serve
 from drsync.repository.manifest import Manifest
 from drsync.repository.repo import Repository
@@ -129,6 +129,9 @@ def open_coordinator(cfg: Config, *, connect_timeout_s: float | None = None) -> 
 
 class Agent:
     def __init__(self, cfg: Config, *, serve_network: bool = True, coordinator: Coordinator | None = None) -> None:
+        problem = fencing_problem(cfg)
+        if problem:
+            raise UsageError(problem)
         self.cfg = cfg
         self.name = cfg.agent.name
         self.role = cfg.agent.role
@@ -143,6 +146,7 @@ class Agent:
         if self.role in ("standby", "auto"):
             self.receiver = StandbyReceiver(self.repo, self.data_root, self.state_file, agent=self.name,
                                             keep=cfg.snapshots.keep)
+            self.receiver.trust_request_epochs = bool(cfg.tls.allowed_peers)
             if self.receiver.recover():
                 log.warning("agent %s: finished an apply that was interrupted", self.name)
             self.state = self.receiver.state
@@ -201,7 +205,7 @@ class Agent:
             assert self.receiver is not None
             self.receiver.refusal = (f"agent {self.name} has not joined its group in ZooKeeper yet; "
                                      f"it accepts shipments once it knows its role")
-            self.receiver.epoch_floor = self._zk_epoch
+            self.receiver.group_epoch = self._zk_epoch
             self.coord = coordinator or open_coordinator(cfg, connect_timeout_s=2.0)
             self.coord.add_listener(self._on_session)
         pages = {"/": self._page_html, "/status": self._page_html, "/status.json": self._page_json}
@@ -210,7 +214,8 @@ class Agent:
         self.tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
         self.server = start_server(
             ReplicationServicer(self.receiver, agent=self.name, role=lambda: self.acting,
-                                cluster_id=cfg.cluster.id, release=cfg.cluster.release),
+                                cluster_id=cfg.cluster.id, release=cfg.cluster.release,
+                                allowed_peers=cfg.tls.allowed_peers, epoch=lambda: self.state.epoch),
             cfg.agent.listen, tls=self.tls, allow_insecure_remote=cfg.agent.allow_insecure_remote,
         ) if serve_network else None
 
@@ -395,13 +400,14 @@ class Agent:
             self.paused = True  # stop shipping at once; the loop decides the rest
         self.wake.set()
 
-    def _zk_epoch(self) -> int:
-        """The group's epoch for fencing a commit; the last one known when ZooKeeper is unreachable."""
-        assert self.coord is not None
-        try:
-            return self.coord.read_epoch().epoch
-        except DrsyncError:
-            return self.view.epoch.epoch if self.view is not None else 0
+    def _zk_epoch(self) -> tuple[int, str]:
+        """The group's epoch and the agent it names, read fresh (CoordinationUnavailable when it cannot be:
+        a shipment is then refused, never judged from a cached epoch)."""
+        coord = self.coord
+        if coord is None:
+            raise CoordinationUnavailable("this agent has no ZooKeeper session")
+        e = coord.read_epoch()
+        return e.epoch, e.promoted_by
 
     # --- coordination -------------------------------------------------------------------
 
@@ -629,7 +635,7 @@ class Agent:
         self.metrics.snapshot_duration.observe(info.duration_s)
         decision = CycleDecision("shipped" if targets else "snapshot only (no standby registered)", info.id)
         for target in targets:
-            link = GrpcStandbyLink(target, tls=self.tls)
+            link = GrpcStandbyLink(target, tls=self.tls, sender=self.name)
             try:
                 hello = link.hello(self.name, self.state.epoch)
                 applied = None

@@ -131,7 +131,7 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     # A seq is a position in one repository: the standby numbers what it receives itself. The
     # document goes without it, as before snapshots were numbered, so a standby that runs the
     # previous version during a rolling upgrade still reads it.
-    outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces)
+    outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces, sender_seq=info.seq)
     missing_raw = sum(sizes.get(i, 0) for i in missing)
     return ShipResult(info.id, len(sizes), len(missing), shipped, total_bytes - missing_raw,
                       round(time.monotonic() - start, 3), outcome)

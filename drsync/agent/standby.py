@@ -26,7 +26,7 @@ from drsync.repository import chunks
 from drsync.repository.manifest import Manifest, diff
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
-from drsync.transport import ReceivedChunk
+from drsync.transport import Caller, ReceivedChunk
 
 log = logging.getLogger("drsync.agent.standby")
 
@@ -84,7 +84,13 @@ class StandbyReceiver:
         # With ZooKeeper roles: whether shipments are accepted now (not while primary or promoting),
         # and where to read the group's current epoch before committing.
         self.refusal = ""
-        self.epoch_floor: Callable[[], int] | None = None
+        # With ZooKeeper roles: reads the group's (epoch, agent the epoch names) fresh from ZooKeeper;
+        # raises DrsyncError when it cannot. None with fixed roles.
+        self.group_epoch: Callable[[], tuple[int, str]] | None = None
+        self.last_contact: Caller | None = None  # the newest request from a primary (clock sample)
+        # Fixed roles only: a request may raise the floor when its certificate was checked against
+        # tls.allowed_peers (set by the agent); an anonymous peer never can.
+        self.trust_request_epochs = False
         self.on_applied: Callable[[], None] = lambda: None
         self._epoch_lock = threading.Lock()
 
@@ -125,36 +131,61 @@ class StandbyReceiver:
                 self.state.epoch = epoch
                 self.state_file.save(self.state)
 
-    def check_epoch(self, epoch: int, *, fresh: bool = False) -> None:
-        """Refuse a lower epoch than seen; remember a higher one (durably, before acting on it).
+    def greet(self, caller: Caller) -> None:
+        """A Hello: no fencing (it only reads), but a sample of the caller's clock."""
+        self.last_contact = caller
 
-        ``fresh`` also asks ZooKeeper for the group's epoch (before a commit), so that a
-        promotion this standby has not heard of yet through its watch still fences the sender.
+    def admit(self, caller: Caller) -> None:
+        """May ``caller`` ship now? Raises RefusedError (FencedError for a wrong epoch or sender).
+
+        With ZooKeeper roles (safety rule 1) the group's epoch is read fresh: the
+        caller's epoch must equal it and the caller must be the agent it names, and
+        when ZooKeeper cannot be read the shipment is refused (never judged from a
+        cached epoch). The stored floor only ever follows ZooKeeper. With fixed roles
+        the floor is never raised by a request; identity comes from tls.allowed_peers.
         """
         if self.refusal:
             raise RefusedError(self.refusal)
-        if fresh and self.epoch_floor is not None:
-            self.observe_epoch(self.epoch_floor())
-        if epoch < self.state.epoch:
-            raise FencedError(f"shipment epoch {epoch} is lower than epoch {self.state.epoch} this standby has "
-                              f"seen; the sender is fenced and must not act as primary")
-        self.observe_epoch(epoch)
+        if self.group_epoch is not None:
+            try:
+                epoch, named = self.group_epoch()
+            except DrsyncError as e:
+                who = caller.sender or "the sender"
+                raise RefusedError(f"cannot read the group's epoch from ZooKeeper to confirm {who} may ship ({e}); "
+                                   f"refused until it can be read") from None
+            self.observe_epoch(epoch)
+            if caller.epoch != epoch or caller.sender != named:
+                who = caller.sender or "an unnamed sender"
+                if caller.epoch < epoch:
+                    raise FencedError(f"shipment epoch {caller.epoch} from {who} is lower than epoch {epoch} "
+                                      f"ZooKeeper names ({named}); the sender is fenced and must not act as primary")
+                raise FencedError(f"shipment from {who} at epoch {caller.epoch} refused: ZooKeeper names "
+                                  f"{named or 'nobody'} at epoch {epoch}; only that agent may ship")
+        self._check_floor(caller)
+        if self.group_epoch is None and self.trust_request_epochs and caller.epoch > self.state.epoch:
+            self.observe_epoch(caller.epoch)  # fixed roles, caller proven by tls.allowed_peers
+        self.last_contact = caller
+
+    def _check_floor(self, caller: Caller) -> None:
+        if caller.epoch < self.state.epoch:
+            raise FencedError(f"shipment epoch {caller.epoch} is lower than epoch {self.state.epoch} this standby "
+                              f"has seen; the sender is fenced and must not act as primary")
 
     # --- the three steps ----------------------------------------------------------
 
-    def missing(self, epoch: int, ids: list[bytes]) -> list[bytes]:
-        self.check_epoch(epoch)
+    def missing(self, caller: Caller, ids: list[bytes]) -> list[bytes]:
+        self._check_floor(caller)
         index = self.repo.index
         return [i for i in ids if i not in index]
 
-    def receive(self, batches: Iterator[tuple[int, list[ReceivedChunk]]]) -> tuple[int, int, int]:
+    def receive(self, caller: Caller, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]:
         """Store uploaded chunks, each checked against its id. Durable when this returns."""
         writer = self.repo.chunk_writer()
         received = stored = stored_bytes = 0
         started = time.monotonic()
         try:
-            for epoch, batch in batches:
-                self.check_epoch(epoch)
+            for batch in batches:
+                self._check_floor(caller)  # a promotion seen meanwhile (watch) fences the rest of the stream
                 for c in batch:
                     received += 1
                     chunks.decode(c.encoding, c.data, c.raw_length, c.id)  # IntegrityError if it lies
@@ -168,12 +199,13 @@ class StandbyReceiver:
                      time.monotonic() - started)
         return received, stored, stored_bytes
 
-    def commit(self, epoch: int, snapshot_doc: bytes, manifest_bytes: bytes) -> tuple[SnapshotInfo, ApplyResult]:
+    def commit(self, caller: Caller, snapshot_doc: bytes, manifest_bytes: bytes,
+               sender_seq: int = 0) -> tuple[SnapshotInfo, ApplyResult]:
         started = time.monotonic()
         with self.commit_lock:
             if self.broken:
                 raise OperationFailed(f"standby {self.agent} needs recovery: {self.broken}")
-            self.check_epoch(epoch, fresh=True)
+            self.admit(caller)  # again, fresh, under the lock a promotion takes
             info = SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document")
             cfg = self.repo.config
             if (info.cluster_id, info.release) != (cfg.cluster_id, cfg.release):

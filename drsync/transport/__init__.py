@@ -21,6 +21,24 @@ class ReceivedChunk:
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who sent one request, as the receiving agent knows it.
+
+    ``sender`` and ``epoch`` are what the request claims; ``peer_names`` are the
+    names in the caller's TLS certificate (empty without TLS), checked against
+    ``tls.allowed_peers`` by the transport before any receiver method runs.
+    ``sent_at`` is the sender's clock and ``received_at`` the receiver's, both
+    Unix seconds: one sample of the clock offset between the two machines.
+    """
+
+    sender: str
+    epoch: int
+    sent_at: float = 0.0
+    received_at: float = 0.0
+    peer_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class StandbyHello:
     agent: str
     role: str
@@ -30,6 +48,10 @@ class StandbyHello:
     applied_snapshot: str
     applied_captured_at: float
     applied_at: float
+    # Clock figures of the exchange, NTP-style (seconds; 0.0 when the standby does not send them):
+    # the standby's clock minus the caller's, and the round trip.
+    clock_offset_s: float = 0.0
+    round_trip_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -41,7 +63,8 @@ class CommitOutcome:
 
 
 class StandbyLink(Protocol):
-    """How a primary reaches one standby."""
+    """How a primary reaches one standby. Every request carries the sending agent's name (given
+    when the link is made) and its clock."""
 
     target: str
 
@@ -51,16 +74,27 @@ class StandbyLink(Protocol):
 
     def upload(self, epoch: int, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]: ...
 
-    def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes]) -> CommitOutcome: ...
+    def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
+               sender_seq: int = 0) -> CommitOutcome: ...
 
 
 class Receiver(Protocol):
-    """What a standby does with a shipment (implemented by the agent's StandbyReceiver)."""
+    """What a standby does with a shipment (implemented by the agent's StandbyReceiver).
+
+    ``admit`` is the fencing check made once at the start of every shipping
+    request (Negotiate, Upload, Commit): it raises RefusedError when the caller
+    may not ship now. ``greet`` sees every Hello (no fencing: Hello only reads).
+    """
 
     state: Any
 
-    def missing(self, epoch: int, ids: list[bytes]) -> list[bytes]: ...
+    def greet(self, caller: Caller) -> None: ...
 
-    def receive(self, batches: Iterator[tuple[int, list[ReceivedChunk]]]) -> tuple[int, int, int]: ...
+    def admit(self, caller: Caller) -> None: ...
 
-    def commit(self, epoch: int, snapshot_doc: bytes, manifest_bytes: bytes) -> tuple[Any, Any]: ...
+    def missing(self, caller: Caller, ids: list[bytes]) -> list[bytes]: ...
+
+    def receive(self, caller: Caller, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]: ...
+
+    def commit(self, caller: Caller, snapshot_doc: bytes, manifest_bytes: bytes,
+               sender_seq: int = 0) -> tuple[Any, Any]: ...

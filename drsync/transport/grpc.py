@@ -9,6 +9,8 @@ reverse, so the agent layer only ever sees drsync errors.
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import TypeVar
@@ -17,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError, UsageError
-from drsync.transport import CommitOutcome, ReceivedChunk, Receiver, StandbyHello
+from drsync.transport import Caller, CommitOutcome, ReceivedChunk, Receiver, StandbyHello
 from drsync.transport.pb import drsync_pb2 as pb
 from drsync.transport.pb import drsync_pb2_grpc as pb_grpc
 
@@ -32,6 +34,8 @@ _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 
 
 def _abort(context: grpc.ServicerContext, e: Exception) -> None:
+    if isinstance(e, PeerNotAllowed):
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
     if isinstance(e, RefusedError):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     if isinstance(e, IntegrityError):
@@ -41,12 +45,43 @@ def _abort(context: grpc.ServicerContext, e: Exception) -> None:
     context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
 
+class PeerNotAllowed(RefusedError):
+    """The caller's certificate names none of ``tls.allowed_peers``."""
+
+
+def peer_names(context: grpc.ServicerContext) -> tuple[str, ...]:
+    """The subject CN and SAN names of the caller's TLS certificate (empty without TLS)."""
+    auth = context.auth_context() or {}
+    names: list[str] = []
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        for v in auth.get(key, ()):
+            name = v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
 class ReplicationServicer(pb_grpc.ReplicationServicer):
+    """Serves Hello to any caller the TLS layer let in; shipping RPCs only to ``allowed_peers``
+    (certificate names; empty = any certificate of the CA) and only through ``Receiver.admit``."""
+
     def __init__(self, receiver: Receiver | None, *, agent: str, role: str | Callable[[], str], cluster_id: str,
-                 release: str) -> None:
+                 release: str, allowed_peers: tuple[str, ...] = (), epoch: Callable[[], int] | None = None) -> None:
         self.receiver = receiver
+        self._epoch = epoch
         self._role = role
         self.agent, self.cluster_id, self.release = agent, cluster_id, release
+        self.allowed_peers = tuple(allowed_peers)
+
+    def _caller(self, context: grpc.ServicerContext, sender: str, epoch: int, sent_at: float) -> Caller:
+        received = time.time()
+        names = peer_names(context)
+        if self.allowed_peers and not set(names) & set(self.allowed_peers):
+            shown = ", ".join(names) or "no certificate name"
+            _abort(context, PeerNotAllowed(
+                f"agent {self.agent} accepts shipments only from {', '.join(self.allowed_peers)} "
+                f"(tls.allowed_peers); the caller's certificate names {shown}"))
+        return Caller(sender, int(epoch), float(sent_at), received, names)
 
     @property
     def role(self) -> str:
@@ -61,51 +96,75 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         return self.receiver
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
+        received = time.time()
         st = self.receiver.state if self.receiver is not None else None
+        if self.receiver is not None:
+            self.receiver.greet(Caller(request.sender, int(request.epoch), request.sent_at, received,
+                                       peer_names(context)))
         return pb.HelloReply(agent=self.agent, role=self.role, cluster_id=self.cluster_id, release=self.release,
-                             epoch=st.epoch if st else 0, applied_snapshot=st.applied_snapshot if st else "",
+                             epoch=self._epoch() if self._epoch else st.epoch if st else 0, applied_snapshot=st.applied_snapshot if st else "",
                              applied_captured_at=st.applied_captured_at if st else 0.0,
-                             applied_at=st.applied_at if st else 0.0)
+                             applied_at=st.applied_at if st else 0.0, received_at=received, replied_at=time.time())
+
+    def _same_caller(self, context: grpc.ServicerContext, first: Caller, sender: str, epoch: int) -> None:
+        if (sender, int(epoch)) != (first.sender, first.epoch):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"one request stream carries two senders or epochs "
+                                                            f"({first.sender}@{first.epoch}, {sender}@{epoch})")
 
     def Negotiate(self, request_iterator: Iterator[pb.ChunkIds],
                   context: grpc.ServicerContext) -> Iterator[pb.ChunkIds]:
         rx = self._receiver(context)
+        caller: Caller | None = None
         try:
             for req in request_iterator:
-                yield pb.ChunkIds(epoch=req.epoch, ids=rx.missing(req.epoch, list(req.ids)))
+                if caller is None:
+                    caller = self._caller(context, req.sender, req.epoch, req.sent_at)
+                    rx.admit(caller)
+                self._same_caller(context, caller, req.sender, req.epoch)
+                yield pb.ChunkIds(epoch=req.epoch, ids=rx.missing(caller, list(req.ids)))
         except DrsyncError as e:
             _abort(context, e)
 
     def Upload(self, request_iterator: Iterator[pb.ChunkBatch], context: grpc.ServicerContext) -> pb.UploadReply:
         rx = self._receiver(context)
+        first = next(request_iterator, None)
+        if first is None:
+            return pb.UploadReply(replied_at=time.time())
+        caller = self._caller(context, first.sender, first.epoch, first.sent_at)
 
-        def batches() -> Iterator[tuple[int, list[ReceivedChunk]]]:
-            for req in request_iterator:
-                yield req.epoch, [ReceivedChunk(c.id, c.encoding, c.raw_length, c.data) for c in req.chunks]
+        def batches() -> Iterator[list[ReceivedChunk]]:
+            for r in itertools.chain([first], request_iterator):
+                self._same_caller(context, caller, r.sender, r.epoch)
+                yield [ReceivedChunk(c.id, c.encoding, c.raw_length, c.data) for c in r.chunks]
 
         try:
-            received, stored, stored_bytes = rx.receive(batches())
+            rx.admit(caller)
+            received, stored, stored_bytes = rx.receive(caller, batches())
         except DrsyncError as e:
             _abort(context, e)
-        return pb.UploadReply(received=received, stored=stored, stored_bytes=stored_bytes)
+        return pb.UploadReply(received=received, stored=stored, stored_bytes=stored_bytes, replied_at=time.time())
 
     def Commit(self, request_iterator: Iterator[pb.CommitPart], context: grpc.ServicerContext) -> pb.CommitReply:
         rx = self._receiver(context)
-        epoch, doc, pieces = None, b"", []
+        caller: Caller | None = None
+        doc, seq, pieces = b"", 0, []
         for part in request_iterator:
-            if epoch is None:
-                epoch, doc = part.epoch, part.snapshot
-            elif part.epoch != epoch:
+            if caller is None:
+                caller = self._caller(context, part.sender, part.epoch, part.sent_at)
+                doc, seq = part.snapshot, part.sender_seq
+            elif part.epoch != caller.epoch:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "commit parts carry different epochs")
             pieces.append(part.manifest)
-        if epoch is None:
+        if caller is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty commit")
+        assert caller is not None
         try:
-            info, result = rx.commit(int(epoch or 0), doc, b"".join(pieces))
+            rx.admit(caller)
+            info, result = rx.commit(caller, doc, b"".join(pieces), int(seq))
         except DrsyncError as e:
             _abort(context, e)
         return pb.CommitReply(snapshot=info.id, written_files=result.written_files, removed=result.removed,
-                              applied_at=rx.state.applied_at)
+                              applied_at=rx.state.applied_at, replied_at=time.time())
 
 
 def _is_loopback(host: str) -> bool:
@@ -151,7 +210,7 @@ def start_server(servicer: ReplicationServicer, listen: str, *, tls: tuple[str, 
 def _translate(e: grpc.RpcError, target: str) -> DrsyncError:
     code = e.code() if hasattr(e, "code") else None
     details = e.details() if hasattr(e, "details") else str(e)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
+    if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
         return RefusedError(f"standby {target} refused: {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return IntegrityError(f"standby {target} rejected the data: {details}")
@@ -173,8 +232,10 @@ def _keeping(failed: list[DrsyncError], messages: Iterator[T]) -> Iterator[T]:
 class GrpcStandbyLink:
     """A :class:`~drsync.transport.StandbyLink` over gRPC."""
 
-    def __init__(self, target: str, *, tls: tuple[str, str, str] | None = None, timeout_s: float = 3600) -> None:
+    def __init__(self, target: str, *, tls: tuple[str, str, str] | None = None, timeout_s: float = 3600,
+                 sender: str = "") -> None:
         self.target = target
+        self.sender = sender  # this agent's name, carried by every request
         self.timeout_s = timeout_s
         if tls is not None:
             ca, cert, key = tls
@@ -189,25 +250,32 @@ class GrpcStandbyLink:
         self.channel.close()
 
     def hello(self, sender: str, epoch: int, timeout_s: float = 10) -> StandbyHello:
+        sent = time.time()
         try:
-            r = self.stub.Hello(pb.HelloRequest(sender=sender, epoch=epoch), timeout=timeout_s)
+            r = self.stub.Hello(pb.HelloRequest(sender=sender, epoch=epoch, sent_at=sent), timeout=timeout_s)
         except grpc.RpcError as e:
             raise _translate(e, self.target) from None
+        back = time.time()
+        offset = rtt = 0.0
+        if r.received_at and r.replied_at:  # NTP: offset = ((t1 - t0) + (t2 - t3)) / 2
+            offset = ((r.received_at - sent) + (r.replied_at - back)) / 2
+            rtt = max(0.0, (back - sent) - (r.replied_at - r.received_at))
         return StandbyHello(r.agent, r.role, r.cluster_id, r.release, r.epoch, r.applied_snapshot,
-                            r.applied_captured_at, r.applied_at)
+                            r.applied_captured_at, r.applied_at, offset, rtt)
 
     def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
         failed: list[DrsyncError] = []
+        msgs = (pb.ChunkIds(epoch=epoch, ids=b, sender=self.sender, sent_at=time.time()) for b in batches)
         try:
-            for reply in self.stub.Negotiate(_keeping(failed, (pb.ChunkIds(epoch=epoch, ids=b) for b in batches)),
-                                             timeout=self.timeout_s):
+            for reply in self.stub.Negotiate(_keeping(failed, msgs), timeout=self.timeout_s):
                 yield list(reply.ids)
         except grpc.RpcError as e:
             raise (failed[0] if failed else _translate(e, self.target)) from None
 
     def upload(self, epoch: int, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]:
-        msgs = (pb.ChunkBatch(epoch=epoch, chunks=[pb.Chunk(id=c.id, encoding=c.encoding, raw_length=c.raw_length,
-                                                            data=c.data) for c in b]) for b in batches)
+        msgs = (pb.ChunkBatch(epoch=epoch, sender=self.sender, sent_at=time.time(),
+                              chunks=[pb.Chunk(id=c.id, encoding=c.encoding, raw_length=c.raw_length, data=c.data)
+                                      for c in b]) for b in batches)
         failed: list[DrsyncError] = []
         try:
             r = self.stub.Upload(_keeping(failed, msgs), timeout=self.timeout_s)
@@ -215,12 +283,14 @@ class GrpcStandbyLink:
             raise (failed[0] if failed else _translate(e, self.target)) from None
         return r.received, r.stored, r.stored_bytes
 
-    def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes]) -> CommitOutcome:
+    def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
+               sender_seq: int = 0) -> CommitOutcome:
         def parts() -> Iterator[pb.CommitPart]:
             first = True
             for piece in pieces:
                 if first:
-                    yield pb.CommitPart(epoch=epoch, sender=sender, snapshot=snapshot_doc, manifest=piece)
+                    yield pb.CommitPart(epoch=epoch, sender=sender, snapshot=snapshot_doc, manifest=piece,
+                                        sent_at=time.time(), sender_seq=sender_seq)
                     first = False
                 else:
                     yield pb.CommitPart(epoch=epoch, manifest=piece)
