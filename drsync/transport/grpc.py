@@ -98,11 +98,12 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
         received = time.time()
         st = self.receiver.state if self.receiver is not None else None
+        epoch = self._epoch() if self._epoch else st.epoch if st else 0
         if self.receiver is not None:
             self.receiver.greet(Caller(request.sender, int(request.epoch), request.sent_at, received,
                                        peer_names(context)))
         return pb.HelloReply(agent=self.agent, role=self.role, cluster_id=self.cluster_id, release=self.release,
-                             epoch=self._epoch() if self._epoch else st.epoch if st else 0, applied_snapshot=st.applied_snapshot if st else "",
+                             epoch=epoch, applied_snapshot=st.applied_snapshot if st else "",
                              applied_captured_at=st.applied_captured_at if st else 0.0,
                              applied_at=st.applied_at if st else 0.0, received_at=received, replied_at=time.time())
 
