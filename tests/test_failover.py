@@ -206,9 +206,9 @@ def test_frozen_primary_is_fenced_after_promotion(make_group, when: str) -> None
     # North follows the new primary, and an epoch-1 shipment is refused outright.
     (g.data["west"] / "catalog" / "from-west.txt").write_text("new primary\n")
     wait_for(lambda: (g.data["north"] / "catalog" / "from-west.txt").exists(), "north to follow west")
-    link = GrpcStandbyLink(g.addr["north"])
+    link = GrpcStandbyLink(g.addr["north"], sender="east")
     try:
-        with pytest.raises(RefusedError, match="epoch 1 is lower than epoch 2"):
+        with pytest.raises(RefusedError, match="epoch 1 from east is lower than epoch 2"):
             list(link.missing(1, iter([[b"\x00" * 32]])))
     finally:
         link.close()
