@@ -539,6 +539,14 @@ def status_cmd(inv: Invocation) -> None:
                [[a["name"] or "?", a["role"] if a["reachable"] else "unreachable", a["address"] or "-",
                  "-" if a["lag_s"] is None else f"{a['lag_s']:.1f}s", a["applied_snapshot"] or "-"]
                 for a in doc["agents"]])
+        m = doc.get("maintenance")
+        if m:
+            click.echo(f"MAINTENANCE: agent {m['agent']} (primary of epoch {m.get('epoch')}) stopped on purpose "
+                       f"since {m['since']} ({m.get('reason')}): no automatic promotion until it is back")
+        waiting = [a for a in doc["agents"] if a.get("role") == "ex-primary"]
+        for a in waiting:
+            click.echo(f"agent {a['name']} is an ex-primary waiting to rejoin: demote_command has not succeeded; "
+                       f"once its production writers are stopped, run drsync rejoin with its config")
         if doc.get("switchover"):
             sw = doc["switchover"]
             click.echo(f"switchover to {sw.get('to')}: {sw.get('status')}")
@@ -556,15 +564,36 @@ def status_cmd(inv: Invocation) -> None:
 
 @cli.command("promote")
 @_common
-@click.option("--force", is_flag=True, help="Fence a primary whose session is still alive (it is stepped down).")
+@click.option("--force", is_flag=True, help="Promote although a primary's session is alive (it is stepped down) "
+              "or its agent is stopped for maintenance.")
 @click.option("--accept-data-loss", is_flag=True, help="Promote even when the lag exceeds max_lag_on_failover.")
+@click.option("--no-fence", is_flag=True, help="Do not run coordination.fence_command: you stopped the old "
+              "primary's production writers yourself.")
 @click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
               help="Seconds to wait for the agent to confirm it acts as primary.")
-def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, wait_s: float) -> None:
-    """Make this config's agent the primary of its group (exit 4 when refused for safety)."""
+def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: bool, wait_s: float) -> None:
+    """Make this config's agent the primary of its group (exit 4 when refused for safety).
+
+    Over an earlier primary, coordination.fence_command runs first and must succeed."""
     from drsync.agent.control import promote
 
-    doc = promote(_need_config(inv, "promote"), force=force, accept_data_loss=accept_data_loss, wait_s=wait_s)
+    doc = promote(_need_config(inv, "promote"), force=force, accept_data_loss=accept_data_loss, wait_s=wait_s,
+                  no_fence=no_fence)
+    emit(inv, doc, lambda: click.echo(doc["message"]))
+
+
+@cli.command("rejoin")
+@_common
+@click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the running agent to report itself a standby.")
+def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
+    """Let this ex-primary rejoin as a standby: you confirm its production writers are stopped.
+
+    Needed when demote_command is not configured or did not succeed. Its data root is kept as a
+    'before-rejoin' snapshot first, then follows the primary."""
+    from drsync.agent.control import rejoin
+
+    doc = rejoin(_need_config(inv, "rejoin"), wait_s=wait_s)
     emit(inv, doc, lambda: click.echo(doc["message"]))
 
 

@@ -44,6 +44,8 @@ class AgentState:
     applied_captured_at: float = 0.0
     applied_at: float = 0.0
     last_role: str = ""  # the role this agent last acted in (auto role): "primary" or "standby"
+    # An ex-primary whose demote_command succeeded after it lost its claim: it may rejoin as standby.
+    demoted: bool = False
 
 
 class StateFile:
