@@ -734,6 +734,8 @@ def agent_cmd(inv: Invocation, once: bool) -> None:
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stop.set())
     agent.run()
+    if agent.fatal is not None:
+        raise agent.fatal
 
 
 # --- entry point ------------------------------------------------------------------

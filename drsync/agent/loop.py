@@ -13,11 +13,14 @@ coordination.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +36,7 @@ from drsync.config import Config, fencing_problem
 from drsync.coordination import (
     CoordinationUnavailable,
     Coordinator,
+    DuplicateAgent,
     Epoch,
     EpochConflict,
     GroupView,
@@ -80,6 +84,39 @@ class CycleDecision:
 
 def state_dir_of(cfg: Config) -> str:
     return cfg.agent.state_dir or os.path.join(engine.local_path(cfg.cluster.repository, "repository"), "agent")
+
+
+def _host_lock_dir() -> str:
+    for d in (os.environ.get("DRSYNC_LOCK_DIR", ""), "/run/lock", tempfile.gettempdir()):
+        if d and os.path.isdir(d) and os.access(d, os.W_OK):
+            return d
+    return tempfile.gettempdir()
+
+
+class HostLock:
+    """One running agent per data root and per repository on this host (a lock file named after the
+    resolved location in /run/lock; nothing is written into production's data root)."""
+
+    def __init__(self, what: str, location: str, state_dir: str) -> None:
+        key = location if "://" in location else os.path.realpath(location)
+        self.path = os.path.join(_host_lock_dir(), f"drsync-{hashlib.sha256(key.encode()).hexdigest()[:20]}.lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0).decode(errors="replace").split("\n")
+            os.close(self.fd)
+            pid, other = [*holder, "?", "?"][:2]
+            raise OperationFailed(f"another drsync agent (pid {pid or '?'}, state directory {other or '?'}) already "
+                                  f"serves {what} {key}: two agents must never share a data root or repository; "
+                                  f"stop it, or point this config at its own") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n{state_dir}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class StateDirLock:
@@ -142,6 +179,9 @@ class Agent:
         self.data_root = engine.data_root_url(cfg.cluster.data)
         state_dir = state_dir_of(cfg)
         self.dir_lock = StateDirLock(state_dir) if serve_network else None
+        self.host_locks = [HostLock(what, where, state_dir) for what, where in
+                           (("data root", self.data_root), ("repository", cfg.cluster.repository))] \
+            if serve_network else []
         self.state_file = StateFile(state_dir)
         self.receiver: StandbyReceiver | None = None
         if self.role in ("standby", "auto"):
@@ -156,6 +196,10 @@ class Agent:
             if self.state.epoch == 0:  # a static primary starts the epoch sequence
                 self.state.epoch = 1
                 self.state_file.save(self.state)
+        if not self.state.agent_id:
+            self.state.agent_id = uuid.uuid4().hex
+            self.state_file.save(self.state)
+        self.fatal: DrsyncError | None = None  # set when the agent must stop (its run() then returns)
         # What this agent does right now: "primary" or "standby". With ZooKeeper it starts as a
         # standby that refuses shipments until it has heard from the group.
         self.acting = "primary" if self.role == "primary" else "standby"
@@ -440,6 +484,16 @@ class Agent:
             except CoordinationUnavailable as e:
                 self.metrics.zookeeper_connected.set(0)
                 return self._decide(GroupView(SessionState.LOST, Epoch(), None), note=str(e))
+        if not self._registered:
+            # Prove this agent's name is its own before deciding anything (two configs with one name).
+            try:
+                self._publish(force=True)
+            except DuplicateAgent as e:
+                self._stop_fatally(e)
+                return None
+            except DrsyncError as e:
+                log.warning("agent %s: cannot register in ZooKeeper yet: %s", self.name, e)
+                return None
         try:
             view = coord.view()
         except CoordinationUnavailable:
@@ -453,6 +507,7 @@ class Agent:
             self._primary_absent_since = self._primary_absent_since or now
         else:
             self._primary_absent_since = None
+            self._fence_backoff, self._fence_retry_at = 5.0, 0.0  # a new outage starts a new backoff
             self._last_primary = {"agent": view.primary.agent, "address": view.primary.address,
                                   "epoch": view.primary.epoch}
         if self.acting == "standby" and self.receiver is not None:
@@ -472,9 +527,18 @@ class Agent:
             self._carry_out_switchover(view)
         try:
             self._publish()
+        except DuplicateAgent as e:
+            self._stop_fatally(e)
         except DrsyncError as e:
             log.debug("could not publish this agent's record: %s", e)
         return decision
+
+    def _stop_fatally(self, e: DrsyncError) -> None:
+        log.error("agent %s stops: %s", self.name, e)
+        if self.acting == "primary":
+            self._step_down(str(e))
+        self.fatal = e
+        self.stop.set()
 
     def _decide(self, view: GroupView, *, agents: dict[str, dict[str, Any]] | None = None,
                 note: str = "") -> RoleDecision:
@@ -728,7 +792,7 @@ class Agent:
                 "epoch": st.epoch, "applied_snapshot": st.applied_snapshot or None,
                 "applied_captured_at": st.applied_captured_at or None,
                 "lag_s": round(lag, 3) if lag is not None else None, "heartbeat": time.time(), "pid": os.getpid(),
-                "waiting_to_rejoin": self.holding_ex_primary or None})
+                "waiting_to_rejoin": self.holding_ex_primary or None, "agent_id": st.agent_id})
             self._registered, self._registered_at = key, now
         if self.acting == "standby" and st.applied_snapshot and st.applied_snapshot != self._state_written:
             self.coord.write_state({"snapshot": st.applied_snapshot, "captured_at": st.applied_captured_at,
@@ -992,6 +1056,9 @@ class Agent:
         if self.dir_lock is not None:
             self.dir_lock.release()
             self.dir_lock = None
+        for lock in self.host_locks:
+            lock.release()
+        self.host_locks = []
 
 
 def has_data(root: str) -> bool:

@@ -46,6 +46,9 @@ class AgentState:
     last_role: str = ""  # the role this agent last acted in (auto role): "primary" or "standby"
     # An ex-primary whose demote_command succeeded after it lost its claim: it may rejoin as standby.
     demoted: bool = False
+    # This agent's identity in its group, made at its first start: two configs with one agent.name
+    # are two agents, and the second one is refused.
+    agent_id: str = ""
 
 
 class StateFile:

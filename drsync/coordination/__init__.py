@@ -87,6 +87,12 @@ class PrimaryTaken(RefusedError):
     """Another agent holds the primary node."""
 
 
+class DuplicateAgent(OperationFailed):
+    """Another live agent is registered under this agent's name (with another agent id)."""
+
+    exit_code = 2  # a configuration mistake: two configs with one agent.name
+
+
 class Coordinator(Protocol):
     """Everything the agent and the command line need from ZooKeeper."""
 
@@ -138,7 +144,9 @@ class Coordinator(Protocol):
     def read_maintenance(self) -> dict[str, Any] | None: ...
 
     def register(self, name: str, record: dict[str, Any]) -> None:
-        """Create or update this agent's ephemeral ``agents/<name>`` record."""
+        """Create or update this agent's ephemeral ``agents/<name>`` record. ``record["agent_id"]`` is the
+        agent's persistent identity: a live record of the name with another id is another agent
+        (DuplicateAgent); one with the same id is this agent's previous session and is replaced."""
 
     def agents(self) -> dict[str, dict[str, Any]]: ...
 

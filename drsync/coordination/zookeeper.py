@@ -36,6 +36,7 @@ from kazoo.security import ACL, Id, Permissions, make_digest_acl
 
 from drsync.coordination import (
     CoordinationUnavailable,
+    DuplicateAgent,
     Epoch,
     EpochConflict,
     GroupView,
@@ -350,8 +351,14 @@ class ZooKeeperCoordinator:
                 self._w(self.zk.set_async(path, data, version=stat.version))
                 return
             if stat is not None:
+                held = self._get(path) or {}
+                if held.get("agent_id") and held.get("agent_id") != record.get("agent_id"):
+                    raise DuplicateAgent(
+                        f"another agent is already registered as {name!r} in group {self.group} (address "
+                        f"{held.get('address')}, pid {held.get('pid')}, agent id {held.get('agent_id')}): agent "
+                        f"names must be unique in a group; give this agent its own agent.name (or stop the other)")
                 # The record of this agent's previous session (restarted before it expired).
-                log.warning("replacing the record of agent %s left by an earlier session", name)
+                log.warning("replacing the record of agent %s left by its own earlier session", name)
                 self._w(self.zk.delete_async(path, version=stat.version))
             self._w(self.zk.create_async(path, data, ephemeral=True))
         except (NodeExistsError, NoNodeError, BadVersionError):
