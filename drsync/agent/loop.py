@@ -592,6 +592,10 @@ class Agent:
             self.acting = "primary"
             self.paused = False
             self.holding_ex_primary = ""
+            if self.state.demoted and self.state.last_role == "primary":
+                log.warning("agent %s: primary again at epoch %d, but demote_command ran while its claim could "
+                            "not be proven: production may be read-only; undo what demote_command did",
+                            self.name, epoch.epoch)
             self.state.last_role = "primary"
             self.state.demoted = False
             self.state_file.save(self.state)
