@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 from drsync import __version__, backup, engine
+from drsync.apply import ApplyResult
 from drsync.config import Config, KeepPolicy, SnapshotsConfig, load_config, parse_duration
 from drsync.errors import EXIT_FAILED, EXIT_INTEGRITY, EXIT_USAGE, ConfigError, DrsyncError, UsageError
 from drsync.repository.lock import remove_locks
@@ -303,7 +304,11 @@ def _own_paths(inv: Invocation) -> tuple[str, ...]:
 @click.argument("snapshot_id")
 @click.option("--target", metavar="URL", help="Where to restore (default: the cluster's data root).")
 @click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
-def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, checksum: bool) -> None:
+@click.option("--delete-extra", is_flag=True, help="Remove what the snapshot lacks from a target that is not "
+              "this cluster's data root (refused otherwise).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be written and removed.")
+def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, checksum: bool, delete_extra: bool,
+                     dry_run: bool) -> None:
     """Restore a snapshot onto the same cluster (same cluster id and release)."""
     repo = inv.open_repo()
     cluster_id = inv.config.cluster.id if inv.config else repo.config.cluster_id
@@ -312,11 +317,37 @@ def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, chec
     with progress("restore") as (advance, total):
         info, result = engine.restore_snapshot(repo, snapshot_id, dest, cluster_id=cluster_id,
                                                release=release, checksum=checksum, progress=advance,
-                                               on_total=total, protect=_own_paths(inv))
-    doc = {"snapshot": info.id, "target": dest, **result.as_dict()}
-    emit(inv, doc, lambda: click.echo(
-        f"restored snapshot {info.id} to {dest}: {result.written_files} files written "
-        f"({_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed"))
+                                               on_total=total, protect=_own_paths(inv), dry_run=dry_run,
+                                               extra=_extra_rule(inv, dest, delete_extra))
+    doc = {"snapshot": info.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
+    emit(inv, doc, lambda: _report_restore(f"snapshot {info.id}", dest, result))
+
+
+def _extra_rule(inv: Invocation, dest: str, delete_extra: bool) -> str | None:
+    """Removing what a snapshot lacks is allowed on the cluster's own data root, or with --delete-extra."""
+    if delete_extra:
+        return None
+    if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
+        return None
+    return "rerun with --delete-extra to remove them"
+
+
+def _report_restore(what: str, dest: str, result: ApplyResult) -> None:
+    if result.planned is not None:
+        click.echo(f"dry run: restoring {what} to {dest} would write {result.written_files} files "
+                   f"({_size(result.written_bytes)}), leave {result.unchanged_files} unchanged and remove "
+                   f"{result.removed}; nothing was changed")
+        for kind in ("remove", "write", "mkdir", "link"):
+            paths = result.planned.get(kind, [])
+            for p in paths[:20]:
+                click.echo(f"  {kind:6} {printable(p)}")
+            if len(paths) > 20:
+                click.echo(f"  {kind:6} ... and {len(paths) - 20} more (--json lists all)")
+        return
+    click.echo(f"restored {what} to {dest}: {result.written_files} files written "
+               f"({_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed")
+    for w in result.warnings:
+        click.echo(f"  note: {w}")
 
 
 @snapshot_grp.command("expire")
@@ -370,22 +401,19 @@ def backup_create(inv: Invocation, snapshot_id: str, dest: str | None, mode: str
 @click.argument("backup_dir")
 @click.option("--target", required=True, metavar="URL", help="Data root to restore onto (any cluster).")
 @click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
-def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool) -> None:
+@click.option("--delete-extra", is_flag=True, help="Remove what the backup lacks from a target that is not "
+              "this cluster's data root (refused otherwise).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be written and removed.")
+def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool, delete_extra: bool,
+                   dry_run: bool) -> None:
     """Restore a backup onto any data root."""
     dest = engine.data_root_url(target)
     with progress("restore") as (advance, total):
         meta, result = backup.restore_backup(backup_dir, dest, checksum=checksum, progress=advance,
-                                             on_total=total)
-    doc = {"backup": meta.id, "target": dest, **result.as_dict()}
-
-    def human() -> None:
-        click.echo(f"restored backup {meta.id} to {dest}: {result.written_files} files written "
-                   f"({_size(result.written_bytes)}), {result.unchanged_files} unchanged, "
-                   f"{result.removed} removed")
-        for w in result.warnings:
-            click.echo(f"  note: {w}")
-
-    emit(inv, doc, human)
+                                             on_total=total, dry_run=dry_run,
+                                             extra=_extra_rule(inv, dest, delete_extra))
+    doc = {"backup": meta.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
+    emit(inv, doc, lambda: _report_restore(f"backup {meta.id}", dest, result))
 
 
 def _report_damage(problems: list[str], damaged_files: list[dict[str, str]], what: str) -> None:
