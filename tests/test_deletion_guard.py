@@ -7,10 +7,21 @@ The planning function is tested directly; the rest with real agent processes (a 
 
 from __future__ import annotations
 
+import json
+import signal
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import blake3
+import pytest
 
 from drsync.guard import deletion_guard, removed_files
 from drsync.repository.manifest import Manifest
+from tests.conftest import run_drsync, tree_state
+from tests.group import scrape, wait_for
+from tests.test_agents import Pair
 
 
 def manifest(entries: dict[str, str | tuple[str, str]]) -> Manifest:
@@ -99,3 +110,194 @@ def test_guard_does_not_count_renames() -> None:
     # A moved link keeps its target.
     assert removed_files(manifest({"l": ("symlink", "t")}), manifest({"m": ("symlink", "t")}))[:2] == (1, 0)
     assert removed_files(manifest({"l": ("symlink", "t")}), manifest({"m": ("symlink", "u")}))[:2] == (1, 1)
+
+
+# --- with real agents: a fixed-role pair ------------------------------------------------------------
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    p = Pair(tmp_path)
+    with open(p.standby_cfg, "a") as f:
+        f.write("[snapshots]\nkeep = { last = 2 }\n")  # retention bites at once on the standby
+    yield p
+    p.stop_all()
+
+
+def held_metrics(pair: Pair) -> tuple[float, float]:
+    m = scrape(pair.metrics["standby"], "default", "standby")
+    return m["drsync_apply_held"], m["drsync_apply_held_deletions"]
+
+
+def apply_state(pair: Pair) -> dict[str, Any]:
+    r = run_drsync("apply", "--json", "--config", pair.standby_cfg)
+    assert r.code == 0, r.err
+    return r.json()  # type: ignore[no-any-return]
+
+
+def standby_snapshots(pair: Pair) -> list[str]:
+    r = run_drsync("snapshot", "list", "--json", "--config", pair.standby_cfg)
+    assert r.code == 0, r.err
+    return [s["id"] for s in r.json()]
+
+
+def non_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_symlink() or not p.is_dir())
+
+
+def bootstrap(pair: Pair) -> dict[str, tuple]:
+    """Both agents running, the standby in sync after a few shipments; returns its root's state."""
+    pair.start("standby")
+    pair.start("primary")
+    wait_for(pair.in_sync, "the standby to match production")
+    for i in range(3):  # a few good snapshots on the standby, for retention to work on
+        (pair.prod / "catalog" / f"extra-{i}.txt").write_text(f"extra {i}")
+        wait_for(pair.in_sync, f"the standby to follow change {i}")
+    return tree_state(pair.standby_data)
+
+
+def test_an_emptied_production_root_is_held_until_confirmed(pair: Pair) -> None:
+    good = bootstrap(pair)
+    assert held_metrics(pair) == (0, 0)
+    before = apply_state(pair)
+    assert before["held"] is False and before["applied_snapshot"]
+    applied = before["applied_snapshot"]
+    # Production loses everything but one file (an emptied root itself is never captured: see
+    # test_capture); its next shipment would remove all the other files.
+    keep = pair.prod / "catalog" / "f000.txt"
+    total = len(non_dirs(pair.prod))
+    for p in non_dirs(pair.prod):
+        if p != keep:
+            p.unlink()
+    wait_for(lambda: held_metrics(pair)[0] == 1, "the standby to hold the shipment")
+    state = apply_state(pair)
+    held = state["snapshot"]
+    assert state["held"] and held and state["applied"] == applied and state["files"] == total
+    assert state["removed"] == total - 1
+    pct = f"{(total - 1) / total:.1%}"
+    assert f"would remove {total - 1:,} of {total:,} files ({pct}, over replication.max_delete_fraction 0.5)" \
+        in state["message"]
+    assert f"drsync apply --confirm {held}" in state["message"]
+    assert held_metrics(pair) == (1, total - 1)
+    # Stored, not applied: the root is exactly the last applied snapshot.
+    assert held in standby_snapshots(pair)
+    assert tree_state(pair.standby_data) == good
+    # The primary was told, in one line, and logged it as a warning.
+    wait_for(lambda: any("WARNING" in line and f"snapshot {held} would remove" in line and "held, not applied"
+                         in line for line in (pair.tmp / "primary.log").read_text().splitlines()),
+             "the refusal in the primary's log")
+    standby_log = (pair.tmp / "standby.log").read_text()
+    assert any("WARNING" in line and "held, not applied" in line for line in standby_log.splitlines())
+    # Later shipments are stored and refused too; the hold stays on the first one; retention
+    # ([snapshots] keep last = 2) expires nothing meanwhile.
+    kept = standby_snapshots(pair)
+    wait_for(lambda: apply_state(pair)["refused"] >= 4, "more shipments to arrive while held")
+    now = standby_snapshots(pair)
+    assert set(kept) <= set(now) and len(now) > len(kept) >= 3
+    assert apply_state(pair)["snapshot"] == held
+    assert tree_state(pair.standby_data) == good
+    # Nor can an operator expire or collect by mistake.
+    r = run_drsync("snapshot", "expire", "--config", pair.standby_cfg)
+    assert r.code == 4 and "held by the deletion guard" in r.err and "Traceback" not in r.err
+    assert run_drsync("repo", "gc", "--config", pair.standby_cfg).code == 4
+    assert set(kept) <= set(standby_snapshots(pair))
+    # Confirming anything but the held snapshot is refused, and changes nothing.
+    for wrong in ("WRONG", applied):
+        r = run_drsync("apply", "--confirm", wrong, "--config", pair.standby_cfg)
+        assert r.code == 4, r.err
+        assert r.err.count("\n") == 1 and f"snapshot {wrong} is not the one held" in r.err, r.err
+        assert "Traceback" not in r.err
+    assert tree_state(pair.standby_data) == good and held_metrics(pair)[0] == 1
+    # The operator confirms the one held: the running agent applies it.
+    r = run_drsync("apply", "--confirm", held, "--json", "--config", pair.standby_cfg)
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["ok"] and doc["via"] == "agent" and doc["result"]["applied"] == held
+    assert doc["result"]["removed"] >= total - 1
+    assert [p.relative_to(pair.standby_data) for p in non_dirs(pair.standby_data)] == \
+        [keep.relative_to(pair.prod)]
+    wait_for(pair.in_sync, "the standby to follow production again")
+    assert held_metrics(pair) == (0, 0)
+    assert apply_state(pair)["held"] is False
+    # Applies go on as before.
+    (pair.prod / "catalog" / "after.txt").write_text("after the confirmation")
+    wait_for(pair.in_sync, "a later change to be applied")
+    assert held_metrics(pair)[0] == 0
+
+
+def test_a_60_percent_deletion_is_held_across_a_restart_and_operator_holds(pair: Pair) -> None:
+    good = bootstrap(pair)
+    files = non_dirs(pair.prod)
+    doomed = files[: int(len(files) * 0.6) + 1]
+    for p in doomed:
+        p.unlink()
+    wait_for(lambda: held_metrics(pair)[0] == 1, "the standby to hold the shipment")
+    held = apply_state(pair)["snapshot"]
+    assert apply_state(pair)["removed"] == len(doomed)
+    assert tree_state(pair.standby_data) == good
+    # The hold is durable: a restarted standby still holds, and still refuses.
+    pair.kill("standby")
+    pair.start("standby")
+    assert held_metrics(pair) == (1, len(doomed))
+    state = apply_state(pair)
+    assert state["snapshot"] == held
+    refused = state["refused"]
+    wait_for(lambda: apply_state(pair)["refused"] > refused, "a refusal after the restart")
+    assert tree_state(pair.standby_data) == good
+    r = run_drsync("status", "--config", pair.standby_cfg)
+    assert r.code == 0 and f"APPLY HELD on standby: snapshot {held} would remove" in r.out, r.out + r.err
+    page = json.loads(urllib.request.urlopen(f"http://{pair.metrics['standby']}/status.json", timeout=10).read())
+    assert page["apply_hold"]["snapshot"] == held
+    assert run_drsync("apply", "--confirm", held, "--config", pair.standby_cfg).code == 0
+    wait_for(pair.in_sync, "the confirmed snapshot to be applied")
+    assert held_metrics(pair) == (0, 0)
+
+    # An operator's hold, with the agent running: shipments are stored, none applied.
+    r = run_drsync("apply", "--hold", "--config", pair.standby_cfg)
+    assert r.code == 0 and "holds applies" in r.out, r.err
+    wait_for(lambda: held_metrics(pair) == (1, 0), "the operator's hold in the metrics")
+    synced = tree_state(pair.standby_data)
+    (pair.prod / "catalog" / "during-hold.txt").write_text("written while the standby holds")
+    wait_for(lambda: apply_state(pair)["refused"] >= 2, "shipments refused while held")
+    assert tree_state(pair.standby_data) == synced
+    assert apply_state(pair)["operator_hold"] is True
+    wait_for(lambda: "drsync apply --resume" in (pair.tmp / "primary.log").read_text(),
+             "the primary to be told why")
+    r = run_drsync("apply", "--resume", "--json", "--config", pair.standby_cfg)
+    assert r.code == 0, r.err
+    assert r.json()["via"] == "agent"
+    wait_for(pair.in_sync, "applies to resume")
+    wait_for(lambda: held_metrics(pair) == (0, 0), "the hold to be lifted in the metrics")
+    assert apply_state(pair)["held"] is False
+
+
+def test_hold_and_resume_with_the_standby_agent_stopped(pair: Pair) -> None:
+    bootstrap(pair)
+    pair.kill("standby", signal.SIGTERM)
+    # No agent runs: the command line takes the state directory itself.
+    r = run_drsync("apply", "--hold", "--json", "--config", pair.standby_cfg)
+    assert r.code == 0, r.err
+    assert r.json()["via"] == "direct"
+    assert apply_state(pair)["operator_hold"] is True
+    pair.start("standby")
+    assert held_metrics(pair) == (1, 0)
+    synced = tree_state(pair.standby_data)
+    (pair.prod / "catalog" / "during-hold.txt").write_text("written while the standby holds")
+    wait_for(lambda: apply_state(pair)["refused"] >= 1, "a shipment refused while held")
+    assert tree_state(pair.standby_data) == synced
+    pair.kill("primary", signal.SIGTERM)
+    pair.kill("standby", signal.SIGTERM)
+    # Resumed without the agent: the snapshot stored while held is applied here and now.
+    r = run_drsync("apply", "--resume", "--json", "--config", pair.standby_cfg)
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["via"] == "direct" and doc["result"]["applied"], doc
+    assert pair.in_sync()
+    assert apply_state(pair)["held"] is False
+    # Nothing held: confirming is refused (exit 4), resuming again changes nothing (exit 0).
+    r = run_drsync("apply", "--confirm", doc["result"]["applied"], "--config", pair.standby_cfg)
+    assert r.code == 4 and "no snapshot is held" in r.err
+    assert run_drsync("apply", "--resume", "--config", pair.standby_cfg).code == 0
+    assert run_drsync("apply", "--hold", "--resume", "--config", pair.standby_cfg).code == 2
+    pair.start("standby")
+    assert held_metrics(pair) == (0, 0)
