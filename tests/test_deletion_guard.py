@@ -8,6 +8,7 @@ The planning function is tested directly; the rest with real agent processes (a 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import urllib.request
 from collections.abc import Iterator
@@ -301,3 +302,23 @@ def test_hold_and_resume_with_the_standby_agent_stopped(pair: Pair) -> None:
     assert run_drsync("apply", "--hold", "--resume", "--config", pair.standby_cfg).code == 2
     pair.start("standby")
     assert held_metrics(pair) == (0, 0)
+
+
+def test_a_request_nobody_picks_up_is_withdrawn_and_reported(tmp_path: Path) -> None:
+    """An agent holds the state directory but never serves requests (here: this test holds its lock):
+    the command gives up after --wait, withdraws its request, and says that nothing was done."""
+    from drsync.agent.loop import StateDirLock, state_dir_of
+    from drsync.agent.requests import requests_dir
+    from drsync.config import load_config
+
+    p = Pair(tmp_path)
+    state_dir = state_dir_of(load_config(str(p.standby_cfg)))
+    lock = StateDirLock(state_dir)
+    try:
+        r = run_drsync("apply", "--hold", "--wait", "0.5", "--config", p.standby_cfg)
+    finally:
+        lock.release()
+    assert r.code == 1 and "did not pick the request up" in r.err and "nothing was done" in r.err, r.err
+    assert r.err.count("\n") == 1
+    assert os.listdir(requests_dir(state_dir)) == []
+    assert apply_state(p)["held"] is False

@@ -103,6 +103,10 @@ def carry_out(agent: Agent, name: str, args: dict[str, Any], request_id: str = "
         result = handler(agent, args)
     except DrsyncError as e:
         return Reply(request_id, name, False, e.exit_code, str(e), agent=agent.name, done_at=time.time())
+    except Exception as e:  # a bug must not take the agent's loop down: say so, with the details in its log
+        log.exception("agent %s: request %s (%s) failed", agent.name, request_id or "(direct)", name)
+        return Reply(request_id, name, False, EXIT_FAILED, f"internal error carrying out {name}: "
+                     f"{type(e).__name__}: {e}; see the agent's log", agent=agent.name, done_at=time.time())
     return Reply(request_id, name, True, EXIT_OK, str(result.get("message", "done")), result, agent.name,
                  time.time())
 
