@@ -142,6 +142,14 @@ def standby_snapshots(pair: Pair) -> list[str]:
     return [s["id"] for s in r.json()]
 
 
+def stored_with(pair: Pair, path: str) -> bool:
+    """Whether the newest snapshot the standby stored (and refused) holds ``path``."""
+    r = run_drsync("snapshot", "show", "latest", "--files", "--json", "--config", pair.standby_cfg)
+    assert r.code == 0, r.err
+    doc = r.json()
+    return doc["id"] == apply_state(pair)["latest"] and path in [e["path"] for e in doc["entries"]]
+
+
 def non_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_symlink() or not p.is_dir())
 
@@ -284,7 +292,7 @@ def test_hold_and_resume_with_the_standby_agent_stopped(pair: Pair) -> None:
     assert held_metrics(pair) == (1, 0)
     synced = tree_state(pair.standby_data)
     (pair.prod / "catalog" / "during-hold.txt").write_text("written while the standby holds")
-    wait_for(lambda: apply_state(pair)["refused"] >= 1, "a shipment refused while held")
+    wait_for(lambda: stored_with(pair, "catalog/during-hold.txt"), "the change to be stored and refused")
     assert tree_state(pair.standby_data) == synced
     pair.kill("primary", signal.SIGTERM)
     pair.kill("standby", signal.SIGTERM)
