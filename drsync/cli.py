@@ -27,7 +27,15 @@ import click
 from drsync import __version__, backup, engine
 from drsync.apply import ApplyResult
 from drsync.config import Config, KeepPolicy, SnapshotsConfig, load_config, parse_duration
-from drsync.errors import EXIT_FAILED, EXIT_INTEGRITY, EXIT_USAGE, ConfigError, DrsyncError, UsageError
+from drsync.errors import (
+    EXIT_FAILED,
+    EXIT_INTEGRITY,
+    EXIT_USAGE,
+    ConfigError,
+    DrsyncError,
+    RefusedError,
+    UsageError,
+)
 from drsync.repository.lock import remove_locks
 from drsync.repository.manifest import diff as diff_manifests
 from drsync.repository.manifest import printable
@@ -275,6 +283,7 @@ def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
 @click.option("--no-prune", is_flag=True, help="Keep unreferenced chunks (run 'drsync repo gc' later).")
 def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bool) -> None:
     """Delete snapshots and free the chunks nothing else uses."""
+    _refuse_while_held(inv, "delete snapshots")
     infos, report = engine.delete_snapshots(inv.open_repo(), list(snapshot_ids), prune=not no_prune)
     doc = {"deleted": [i.id for i in infos], "gc": report.as_dict() if report else None}
 
@@ -285,6 +294,36 @@ def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bo
                        f"{report.repacked_packs} repacked)")
 
     emit(inv, doc, human)
+
+
+def _hold_of(inv: Invocation) -> Any:
+    """The apply hold (deletion guard or operator) of the standby agent that keeps this repository, if any.
+
+    Found in the agent's state directory: the config's, or the default one inside a local ``--repo``."""
+    from drsync.agent.loop import state_dir_of
+    from drsync.agent.standby import HoldFile
+
+    try:
+        if inv.config is not None:
+            state_dir = state_dir_of(inv.config)
+        else:
+            state_dir = os.path.join(engine.local_path(inv.repo_url(), "repository"), "agent")
+    except DrsyncError:
+        return None
+    hold = HoldFile(state_dir).load()
+    return hold if hold.active else None
+
+
+def _refuse_while_held(inv: Invocation, what: str) -> None:
+    """While a standby holds applies back, its older snapshots are what an operator may need: keep them."""
+    hold = _hold_of(inv)
+    if hold is None:
+        return
+    why = (f"snapshot {hold.snapshot} is held by the deletion guard" if hold.snapshot else
+           "applies are held (drsync apply --hold)")
+    raise RefusedError(f"will not {what} in this repository while {why}: the snapshots it keeps may be the "
+                       f"good copy; settle the hold first (drsync apply --confirm or --resume, with the "
+                       f"standby's config)")
 
 
 def _own_paths(inv: Invocation) -> tuple[str, ...]:
@@ -355,6 +394,8 @@ def _report_restore(what: str, dest: str, result: ApplyResult) -> None:
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
 def snapshot_expire(inv: Invocation, dry_run: bool) -> None:
     """Delete snapshots past their TTL, and periodic ones beyond [snapshots] keep."""
+    if not dry_run:
+        _refuse_while_held(inv, "expire snapshots")
     res = engine.expire_snapshots(inv.open_repo(), inv.snapshots.keep, dry_run=dry_run)
     doc = {"deleted": [s.id for s in res.deleted], "kept": [s.id for s in res.kept], "dry_run": dry_run,
            "gc": res.gc.as_dict() if res.gc else None}
@@ -532,6 +573,8 @@ def repo_verify(inv: Invocation) -> None:
 @click.option("--dry-run", is_flag=True)
 def repo_gc(inv: Invocation, dry_run: bool) -> None:
     """Delete chunks that no snapshot references."""
+    if not dry_run:
+        _refuse_while_held(inv, "collect garbage")
     report = engine.gc_repository(inv.open_repo(), dry_run=dry_run)
     emit(inv, report.as_dict(), lambda: click.echo(
         f"{'would free' if dry_run else 'freed'} {_size(report.freed_bytes)}: {report.deleted_packs} packs "
@@ -575,6 +618,12 @@ def status_cmd(inv: Invocation) -> None:
         for a in waiting:
             click.echo(f"agent {a['name']} is an ex-primary waiting to rejoin: demote_command has not succeeded; "
                        f"once its production writers are stopped, run drsync rejoin with its config")
+        for a in doc["agents"]:
+            h = a.get("apply_hold")
+            if h:
+                click.echo(f"APPLY HELD on {a['name']}: " + (h.get("message") or "") +
+                           (" (applies held by an operator: drsync apply --resume)" if h.get("operator_hold")
+                            else ""))
         if doc.get("switchover"):
             sw = doc["switchover"]
             click.echo(f"switchover to {sw.get('to')}: {sw.get('status')}")
@@ -720,6 +769,57 @@ def _need_config(inv: Invocation, what: str) -> Config:
     if inv.config is None:
         raise UsageError(f"drsync {what} needs --config FILE (the agent's configuration)")
     return inv.config
+
+
+@cli.command("apply")
+@_common
+@click.option("--confirm", "confirm", metavar="SNAPSHOT", help="Apply the snapshot the deletion guard holds.")
+@click.option("--hold", "hold", is_flag=True, help="Store shipments but apply none until --resume.")
+@click.option("--resume", "resume", is_flag=True, help="Lift a hold set with --hold.")
+@click.option("--wait", "wait_s", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the running agent to carry the request out.")
+def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wait_s: float) -> None:
+    """On a standby: show what holds applies back; confirm a held snapshot; hold and resume applies."""
+    from drsync.agent.loop import state_dir_of
+    from drsync.agent.requests import submit
+    from drsync.agent.standby import HoldFile, StateFile
+
+    cfg = _need_config(inv, "apply")
+    chosen = [n for n, v in (("--confirm", confirm is not None), ("--hold", hold), ("--resume", resume)) if v]
+    if len(chosen) > 1:
+        raise UsageError(f"choose one of {', '.join(chosen)}")
+    if cfg.agent.role == "primary":
+        raise UsageError(f"agent {cfg.agent.name} is a primary (agent.role); run drsync apply with the "
+                         f"standby's config")
+    if chosen:
+        name, args = (("apply-confirm", {"snapshot": confirm}) if confirm is not None else
+                      ("apply-hold", {}) if hold else ("apply-resume", {}))
+        reply = submit(cfg, name, args, wait_s=wait_s)
+        doc = {"action": name, **reply.as_dict()}
+        if not reply.ok:
+            if inv.json:
+                click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+            raise _Exit(reply.exit_code, reply.message)
+        emit(inv, doc, lambda: click.echo(reply.message))
+        return
+    state_dir = state_dir_of(cfg)
+    h = HoldFile(state_dir).load()
+    applied = StateFile(state_dir).load().applied_snapshot
+    doc = {"agent": cfg.agent.name, "applied_snapshot": applied or None, **h.as_dict()}
+
+    def human() -> None:
+        click.echo(f"standby {cfg.agent.name}: applied snapshot {applied or '(none)'}")
+        if h.operator_since:
+            click.echo(f"applies held since {iso(h.operator_since)} (drsync apply --hold); "
+                       f"'drsync apply --resume' lifts it")
+        if h.snapshot:
+            click.echo(f"held by the deletion guard since {iso(h.held_at)}: {h.message}")
+        if h.active and h.latest:
+            click.echo(f"{h.refused} shipment(s) stored and refused while held; newest {h.latest}")
+        if not h.active:
+            click.echo("nothing is held: shipments are applied as they arrive")
+
+    emit(inv, doc, human)
 
 
 @cli.command("agent")

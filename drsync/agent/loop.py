@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drsync import backup, engine
-from drsync.agent import statuspage
+from drsync.agent import requests, statuspage
 from drsync.agent.drill import drills_dir, load_reports, run_drill
 from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
 from drsync.agent.primary import ship_snapshot
@@ -186,7 +186,8 @@ class Agent:
         self.receiver: StandbyReceiver | None = None
         if self.role in ("standby", "auto"):
             self.receiver = StandbyReceiver(self.repo, self.data_root, self.state_file, agent=self.name,
-                                            keep=cfg.snapshots.keep)
+                                            keep=cfg.snapshots.keep,
+                                            max_delete_fraction=cfg.replication.max_delete_fraction)
             self.receiver.trust_request_epochs = bool(cfg.tls.allowed_peers)
             if self.receiver.recover():
                 log.warning("agent %s: finished an apply that was interrupted", self.name)
@@ -253,6 +254,7 @@ class Agent:
         self._born = time.time()
         self._refresh_drill_metrics()
         self._init_backup_metric()
+        self._track_hold()
         if self.receiver is not None:
             self.receiver.on_applied = self._on_applied
         if self.auto:
@@ -388,6 +390,31 @@ class Agent:
         log.info("agent %s: backup %s (%s) of snapshot %s written to %s", self.name, info.id, b.mode, snaps[-1].id,
                  b.destination)
 
+    # --- operator requests and the apply hold (deletion guard) ---------------------------------
+
+    def serve_requests(self) -> None:
+        """Carry out the operator requests the command line left in the state directory (drsync apply...)."""
+        try:
+            requests.serve_pending(self.state_dir, self)
+        except OSError as e:
+            log.error("agent %s: cannot read operator requests in %s: %s", self.name, self.state_dir, e)
+
+    def _track_hold(self) -> None:
+        rx = self.receiver
+        if rx is None:
+            self.metrics.apply_held.set(0)
+            self.metrics.apply_held_deletions.set(0)
+            return
+        self.metrics.apply_held.set_function(lambda: 1 if rx.hold.active else 0)
+        self.metrics.apply_held_deletions.set_function(lambda: rx.hold.removed if rx.hold.snapshot else 0)
+
+    def hold_summary(self) -> dict[str, Any] | None:
+        """What holds applies back on this standby (None when nothing does)."""
+        rx = self.receiver
+        if rx is None or not rx.hold.active:
+            return None
+        return rx.hold.as_dict()
+
     # --- the status page --------------------------------------------------------------------
 
     def status_doc(self) -> dict[str, Any]:
@@ -428,7 +455,7 @@ class Agent:
                 "lag_history": list(self.lag_history), "lag_window_s": LAG_WINDOW_S,
                 "snapshots": [{"id": s.id, "kind": s.kind, "captured_at": s.captured_at, "files": s.files,
                                "bytes": s.bytes} for s in reversed(snaps)],
-                "cycles": list(reversed(self.cycles)), "drills": drills}
+                "cycles": list(reversed(self.cycles)), "drills": drills, "apply_hold": self.hold_summary()}
 
     def _page_html(self) -> tuple[str, bytes]:
         return "text/html; charset=utf-8", statuspage.render(self.status_doc()).encode()
@@ -796,7 +823,8 @@ class Agent:
                 "epoch": st.epoch, "applied_snapshot": st.applied_snapshot or None,
                 "applied_captured_at": st.applied_captured_at or None,
                 "lag_s": round(lag, 3) if lag is not None else None, "heartbeat": time.time(), "pid": os.getpid(),
-                "waiting_to_rejoin": self.holding_ex_primary or None, "agent_id": st.agent_id})
+                "waiting_to_rejoin": self.holding_ex_primary or None, "agent_id": st.agent_id,
+                "apply_hold": self.hold_summary()})
             self._registered, self._registered_at = key, now
         if self.acting == "standby" and st.applied_snapshot and st.applied_snapshot != self._state_written:
             self.coord.write_state({"snapshot": st.applied_snapshot, "captured_at": st.applied_captured_at,
@@ -988,6 +1016,7 @@ class Agent:
                 log.warning("agent %s: coordination pass failed: %s", self.name, e)
             self._sample_lag()
             self._refresh_drill_metrics()
+            self.serve_requests()
             if self._drill_due():
                 self._start_drill()
             if self.acting == "primary" and not self.paused and time.monotonic() >= self._next_cycle:
@@ -996,7 +1025,7 @@ class Agent:
                     decision = self.run_cycle()
                 except DrsyncError as e:
                     decision = CycleDecision(f"cycle failed: {e}", ok=False)
-                log.info("agent %s: %s", self.name, decision)
+                log.log(logging.INFO if decision.ok else logging.WARNING, "agent %s: %s", self.name, decision)
                 self.cycles.append({"at": time.time(), "snapshot": decision.snapshot, "ok": decision.ok,
                                     "summary": str(decision)})
                 self.maintain()

@@ -67,7 +67,7 @@ def collect_group_status(cfg: Config) -> dict[str, Any]:
             "lag_s": round(now - float(captured), 3) if captured and role == "standby" else None,
             "applied_snapshot": r.get("applied_snapshot"), "cluster_id": r.get("cluster_id"),
             "release": r.get("release"), "heartbeat_age_s": round(now - float(r.get("heartbeat") or now), 3),
-            "waiting_to_rejoin": r.get("waiting_to_rejoin"),
+            "waiting_to_rejoin": r.get("waiting_to_rejoin"), "apply_hold": r.get("apply_hold"),
             "reachable": True})
     if primary is not None and primary.agent not in records:
         agents.append({"name": primary.agent, "role": "primary", "address": primary.address, "epoch": primary.epoch,
@@ -109,6 +109,11 @@ def collect_pair_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any
     from drsync.agent.loop import state_dir_of
 
     drills = load_reports(state_dir_of(cfg), 1)
+    from drsync.agent.standby import HoldFile
+
+    hold = HoldFile(state_dir_of(cfg)).load()  # this config's agent: its hold is in its state directory
+    for a in agents:
+        a["apply_hold"] = hold.as_dict() if a["address"] == cfg.agent.listen and hold.active else None
     return {"group": cfg.coordination.group, "primary": primaries[0] if len(primaries) == 1 else None,
             "epoch": max(epochs) if epochs else None, "agents": agents, "last_snapshot": last_snapshot,
             "last_drill": drills[-1] if drills else None}
