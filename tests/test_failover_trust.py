@@ -9,7 +9,6 @@ README.md, docs/operations.md, DESIGN.md and `drsync --help`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 
 from drsync.errors import DrsyncError, RefusedError
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import ROOT, make_tree, run_drsync, tree_state
+from tests.conftest import ROOT, run_drsync, tree_state
 from tests.group import Group, PrimaryWatcher, pid_alive, scrape, wait_for
 from tests.test_agents import Pair
 from tests.test_tls import make_ca, make_cert
@@ -516,6 +515,49 @@ def test_switchover_with_a_running_writer_is_aborted_or_loses_nothing(make_group
     before_return = {n for n, t in writer.written_with_times() if t < returned}
     lost = [n for n in lost_files(writer, [g.data["west"], *recovered]) if n in before_return]
     assert lost == [], f"switchover succeeded and silently lost {lost}"
+
+
+def test_switchover_then_old_primarys_writer_keeps_writing_loses_nothing(make_group, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An intermittent writer (quiet longer than a capture) fools the quiescence proof. After the
+    hand-over it keeps writing on the old primary for a few seconds, as a real production would until
+    someone stops it: the old primary's root is live production, so whatever it wrote must end up on
+    the new primary or in a before-rejoin snapshot — never silently overwritten by an apply."""
+    g = make_group(["east", "west"], interval="1s")
+    bootstrap(g)
+    writer = Writer(tmp_path, g.data["east"], period=1.5)
+    try:
+        r = g.drsync("west", "switchover", "--json", "--timeout", "40")
+        if r.code != 0:
+            assert r.code == 1 and "did not stop changing" in r.err and one_clean_line(r.err), (r.code, r.err)
+            return
+        assert g.primary() == ("west", 2)
+        n = len(writer.written())
+        wait_for(lambda: len(writer.written()) >= n + 3, "the writer to write on the old primary after hand-over")
+        time.sleep(2)  # let production keep writing while east follows west: the fault lasts
+    finally:
+        writer.stop()
+    wait_for(lambda: g.record("east").get("role") in ("standby", "ex-primary"), "east to settle")
+    if g.record("east").get("role") == "standby":
+        wait_for(lambda: g.in_sync("west", "east"), "east to follow west")
+    recovered = [restore(g, "east", s["id"], tmp_path / f"recovered-{i}")
+                 for i, s in enumerate(before_rejoin_snapshots(g, "east"))]
+    lost = lost_files(writer, [g.data["west"], g.data["east"], *recovered])
+    assert lost == [], (f"{len(lost)} of {len(writer.written())} files the writer wrote on the old primary are "
+                        f"nowhere: {lost}; east role {g.record('east').get('role')}, "
+                        f"before-rejoin snapshots {[s['name'] for s in before_rejoin_snapshots(g, 'east')]}")
+
+
+def test_rejoin_run_against_the_live_primary_is_refused(make_group) -> None:  # type: ignore[no-untyped-def]
+    """An operator runs `drsync rejoin` with production's config by mistake: refused in one line
+    (exit 4 or 2), the primary stays primary at the same epoch and its root is untouched."""
+    g = make_group(["east", "west"], interval="1h")
+    bootstrap(g)
+    (g.data["east"] / "catalog" / "fresh.txt").write_text("not shipped yet\n")
+    before = tree_state(g.data["east"])
+    r = g.drsync("east", "rejoin", "--wait", "5")
+    assert r.code in (2, 4) and one_clean_line(r.err), (r.code, r.out, r.err)
+    assert g.primary() == ("east", 1) and g.record("east").get("role") == "primary"
+    assert tree_state(g.data["east"]) == before
 
 
 # --- a newcomer following README's "Roles from ZooKeeper" ------------------------------

@@ -611,6 +611,7 @@ class Agent:
             rx.recover()
             try:
                 self.coord.claim_primary(epoch, self.name, self.address)
+                rx.release_on_promotion()
             except (EpochConflict, PrimaryTaken, CoordinationUnavailable) as e:
                 log.warning("agent %s: could not take the primary node: %s", self.name, e)
                 rx.refusal = ""

@@ -351,6 +351,17 @@ class StandbyReceiver:
         log.warning("%s", message)
         return message
 
+    def release_on_promotion(self) -> None:
+        """A promoted standby serves its applied snapshot: holds on what it stored are moot. Caller holds
+        commit_lock. The held snapshots stay in the repository."""
+        if self.hold.active:
+            held = self.hold.snapshot or self.hold.latest
+            self.hold.operator_since = 0.0
+            self._release_guard(f"agent {self.agent} was promoted at its applied snapshot "
+                                f"{self.state.applied_snapshot or '(none)'}; the held snapshot {held} stays in its "
+                                f"repository")
+            self.hold_file.save(self.hold)
+
     def _release_guard(self, why: str) -> None:
         if not self.hold.snapshot:
             return
