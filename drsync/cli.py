@@ -646,16 +646,19 @@ def status_cmd(inv: Invocation) -> None:
 @click.option("--accept-data-loss", is_flag=True, help="Promote even when the lag exceeds max_lag_on_failover.")
 @click.option("--no-fence", is_flag=True, help="Do not run coordination.fence_command: you stopped the old "
               "primary's production writers yourself.")
+@click.option("--promote-empty-root", is_flag=True, help="Promote although this agent's data root is empty: the "
+              "group's production becomes an empty tree (other agents' deletion guards hold that shipment).")
 @click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
               help="Seconds to wait for the agent to confirm it acts as primary.")
-def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: bool, wait_s: float) -> None:
+def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: bool, promote_empty_root: bool,
+                wait_s: float) -> None:
     """Make this config's agent the primary of its group (exit 4 when refused for safety).
 
     Over an earlier primary, coordination.fence_command runs first and must succeed."""
     from drsync.agent.control import promote
 
     doc = promote(_need_config(inv, "promote"), force=force, accept_data_loss=accept_data_loss, wait_s=wait_s,
-                  no_fence=no_fence)
+                  no_fence=no_fence, promote_empty_root=promote_empty_root)
     emit(inv, doc, lambda: click.echo(doc["message"]))
 
 

@@ -106,3 +106,29 @@ def test_two_agents_never_share_a_data_root_or_repository(grp: Group, tmp_path: 
     assert r.returncode != 0 and "two agents must never share a data root or repository" in r.stderr, r.stderr
     assert str(g.procs["east"].pid) in r.stderr
     assert tree_state(g.data["east"]) == before
+
+
+def test_an_empty_standby_promoted_over_production_empties_nothing(grp: Group) -> None:
+    """An empty standby cannot become production by --force --accept-data-loss; with the explicit
+    --promote-empty-root it can, and production's root, when its agent rejoins, is held by the
+    deletion guard instead of being emptied."""
+    g = grp
+    g.start("east")
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.drsync("east", "snapshot", "list", "--json").json(), "east's first snapshot")
+    g.kill("east")
+    production = tree_state(g.data["east"])
+    g.start("west")  # empty, never applied anything
+    r = g.promote("west", "--force", "--accept-data-loss")
+    assert r.code == 4 and "is empty" in r.err and "--promote-empty-root" not in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1 and g.coord.read_epoch().epoch == 1
+    r = g.promote("west", "--force", "--promote-empty-root", "--accept-data-loss")
+    assert r.code == 0, r.err
+    g.start("east")
+    g.wait_role("east", "ex-primary")
+    assert g.drsync("east", "rejoin").code == 0
+    g.wait_role("east", "standby")
+    held = wait_for(lambda: (g.drsync("east", "apply", "--json").json() or {}).get("held") and
+                    g.drsync("east", "apply", "--json").json(), "east to hold the emptying shipment")
+    assert tree_state(g.data["east"]) == production
+    assert held["snapshot"] and "drsync apply --confirm" in held["message"]

@@ -58,7 +58,7 @@ def _when(ts: object) -> str:
 
 
 def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
-            wait_s: float = 30.0, no_fence: bool = False) -> dict[str, Any]:
+            wait_s: float = 30.0, no_fence: bool = False, promote_empty_root: bool = False) -> dict[str, Any]:
     """Make this config's agent the primary. Raises RefusedError (exit 4) when unsafe."""
     _require_auto(cfg, "promote")
     started = time.monotonic()
@@ -82,10 +82,16 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
                                f"to promote {me} anyway (fence_command runs first)")
         first = view.epoch.epoch == 0
         data_root = engine.data_root_url(cfg.cluster.data)
-        if first and not accept_data_loss and not has_data(data_root):
-            raise RefusedError(f"group {cfg.coordination.group} has no primary yet and data root {data_root} is "
-                               f"empty: the first promotion makes this agent the production side; run it with the "
-                               f"production cluster's config (or --accept-data-loss if it is meant to start empty)")
+        if not promote_empty_root and not has_data(data_root):
+            # Never suggested as a way out: an empty production makes every standby delete its data.
+            if first:
+                raise RefusedError(f"group {cfg.coordination.group} has no primary yet and data root {data_root} is "
+                                   f"empty: the first promotion makes this agent the production side; run it with "
+                                   f"the production cluster's config")
+            raise RefusedError(f"data root {data_root} of {me} is empty, and group {cfg.coordination.group} has had "
+                               f"a primary (epoch {view.epoch.epoch}): promoting it would make an empty tree "
+                               f"production; restore this cluster's data first (drsync snapshot restore or backup "
+                               f"restore), then promote")
         state_dir = state_dir_of(cfg)
         state = StateFile(state_dir).load()
         lag = max(0.0, time.time() - state.applied_captured_at) if state.applied_snapshot else None

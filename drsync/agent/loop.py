@@ -790,6 +790,7 @@ class Agent:
             # that the next shipment is applied in full (never skipped as "same content").
             if not self._switchover_final:
                 self.state.applied_snapshot, self.state.applied_captured_at, self.state.applied_at = "", 0.0, 0.0
+                self.state.guard_baseline = info.id  # the first shipment may not empty what was kept
         self.state.last_role = "standby"
         self.state.demoted = False
         self.state_file.save(self.state)

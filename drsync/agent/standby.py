@@ -51,6 +51,9 @@ class AgentState:
     # This agent's identity in its group, made at its first start: two configs with one agent.name
     # are two agents, and the second one is refused.
     agent_id: str = ""
+    # While nothing is applied: a snapshot of what the root held when this agent (re)joined as a standby
+    # (its before-rejoin snapshot); the deletion guard judges the first shipment against it.
+    guard_baseline: str = ""
 
 
 class StateFile:
@@ -321,12 +324,14 @@ class StandbyReceiver:
             log.info("snapshot %s has the content of the applied one; nothing to apply", info.id)
             self._release_guard(f"snapshot {info.id} has the content of the applied snapshot again")
             return ApplyResult(unchanged_files=manifest.file_count())
-        hold = deletion_guard(applied, manifest, self.max_delete_fraction) if applied is not None else None
+        base = applied if applied is not None else self._baseline_manifest()
+        hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
         if hold is not None:
             h = self.hold
             if not h.snapshot:  # the hold stays on the first held snapshot (the one an operator inspects)
                 h.snapshot, h.captured_at, h.applied, h.held_at = (info.id, info.captured_at,
-                                                                   self.state.applied_snapshot, time.time())
+                                                                   self.state.applied_snapshot or
+                                                                   self.state.guard_baseline, time.time())
                 h.files, h.removed = hold.files, hold.removed
             what = (f"snapshot {info.id} {hold.describe()}: held, not applied" if h.snapshot == info.id else
                     f"snapshot {info.id} {hold.describe()}: stored, not applied (snapshot {h.snapshot} is held "
@@ -373,6 +378,16 @@ class StandbyReceiver:
             self.hold.latest, self.hold.refused = "", 0
         self.hold_file.save(self.hold)
         log.warning("deletion guard: the hold on snapshot %s is lifted: %s", held, why)
+
+    def _baseline_manifest(self) -> Manifest | None:
+        """What the root held when this agent (re)joined, while nothing is applied yet (an ex-primary's
+        live production data): emptying it is held like any other mass deletion (safety rule 8)."""
+        if self.state.applied_snapshot or not self.state.guard_baseline:
+            return None
+        try:
+            return self.repo.load_manifest(self.repo.find_snapshot(self.state.guard_baseline))
+        except DrsyncError:
+            return None
 
     def _applied_manifest(self) -> Manifest | None:
         if not self.state.applied_snapshot:
