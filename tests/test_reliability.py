@@ -450,6 +450,12 @@ class Writer:
         return set(self.log.read_text().split()) if self.log.exists() else set()
 
 
+def _held(g: Group, name: str) -> str:
+    """The snapshot the deletion guard holds on ``name`` ("" when none)."""
+    r = g.drsync(name, "apply", "--json")
+    return str(r.json().get("snapshot") or "") if r.code == 0 and r.json().get("held") else ""
+
+
 def _kept_snapshots(g: Group, name: str, scratch: Path) -> set[str]:
     """File names under writes/ in every before-rejoin snapshot of ``name``."""
     found: set[str] = set()
@@ -529,6 +535,13 @@ def test_agent_stops_kills_and_freezes_under_automatic_failover(tmp_path: Path, 
                 g.start(current)
             g.wait_role(current, "standby", timeout=90)  # demote_command succeeded: it rejoins by itself
             writer.stop()  # the fence killed it already; make sure
+            # Its root held the writer's unshipped files: when they are many next to the rest, the deletion
+            # guard holds the resync (they are kept in the before-rejoin snapshot); an operator confirms it.
+            wait_for(lambda c=current, o=other: g.in_sync(o, c) or _held(g, c), f"{current} to resync or hold "
+                     f"(trial {trial})", timeout=90)
+            if not g.in_sync(other, current) and _held(g, current):
+                held = _held(g, current)
+                assert g.drsync(current, "apply", "--confirm", held).code == 0
             wait_for(lambda c=current, o=other: g.in_sync(o, c), f"{current} to resync (trial {trial})", timeout=90)
             # Kept means on the new primary, or in a before-rejoin snapshot of either agent (writes
             # after an earlier failover's last shipment stay in that earlier ex-primary's snapshot).
