@@ -32,9 +32,9 @@ from typing import Protocol
 
 from drsync import fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
-from drsync.errors import IntegrityError, UsageError
+from drsync.errors import IntegrityError, RefusedError, UsageError
 from drsync.pathglob import compile_globs
-from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, validate
+from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, printable, validate
 from drsync.tree import LocalEntry
 
 __all__ = ["STAGING", "ApplyPlan", "ApplyResult", "ChunkSource", "apply_manifest", "plan_apply", "recover_apply"]
@@ -92,6 +92,8 @@ class ApplyResult:
     unchanged_files: int = 0
     removed: int = 0
     warnings: list[str] = field(default_factory=list)
+    # Only for a dry run: what would be written, removed, made and linked (paths), nothing changed.
+    planned: dict[str, list[str]] | None = None
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -234,8 +236,14 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    progress: Callable[[int], None] | None = None,
                    on_total: Callable[[int], None] | None = None, workers: int = 4,
                    journal: str | None = None, on_committed: Callable[[], None] | None = None,
-                   protect: tuple[str, ...] = ()) -> ApplyResult:
+                   protect: tuple[str, ...] = (), dry_run: bool = False,
+                   extra: str | None = None) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
+
+    ``dry_run``: plan only and report it in ``ApplyResult.planned``; the target is not touched.
+    ``extra``: when set, the target is not the cluster's own data root and removing what the
+    snapshot lacks is refused (RefusedError, nothing changed) with this hint about how to allow it
+    (e.g. ``"rerun with --delete-extra"``).
 
     ``journal``: a local file for the commit's journal (the standby keeps it in its state
     directory); without one the root keeps it in its staging area, so that an interrupted restore is
@@ -257,13 +265,17 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     for p in protect:
         if root.lies_within(p):
             raise UsageError(f"target {root.url} lies inside drsync's own {p}; restore to a directory outside it")
-    created_target = root.prepare_target()
-    log_ = _journal_for(root, journal)
-    # An earlier apply onto this target that was cut short is completed (or undone) first.
-    root.settle()
-    _finish_interrupted(root, log_)
+    if dry_run:
+        created_target, log_ = False, None
+        existing = {} if root.missing() else root.existing()
+    else:
+        created_target = root.prepare_target()
+        log_ = _journal_for(root, journal)
+        # An earlier apply onto this target that was cut short is completed (or undone) first.
+        root.settle()
+        _finish_interrupted(root, log_)
+        existing = root.existing()
     protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
-    existing = root.existing()
     # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
     # milliseconds, and so does anything applied to HDFS.
     resolution = comparison_resolution(manifest, root)
@@ -271,6 +283,23 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                       same_content=root.same_content if checksum else None, structure_only=structure_only,
                       compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
                       compare_xattrs=root.supports_xattrs)
+    known = {e.path for e in entries} if extra is not None and plan.remove else set()
+    foreign = [p for p in plan.remove if p not in known] if known or (extra is not None and plan.remove) else []
+    if foreign:
+        shown = ", ".join(printable(p) for p in foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                                               if len(foreign) > 3 else "")
+        if not dry_run:
+            if created_target:
+                root.remove_root()
+            raise RefusedError(f"{what}: {root.url} holds {len(foreign)} path(s) the snapshot does not "
+                               f"({shown}) and is not this cluster's data root: nothing was changed; {extra}, "
+                               f"or restore into an empty directory")
+    if dry_run:
+        return ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
+                           unchanged_files=plan.unchanged, removed=len(plan.remove),
+                           planned={"write": [e.path for e in plan.write], "remove": list(plan.remove),
+                                    "mkdir": [e.path for e in plan.mkdir], "link": [e.path for e in plan.link]})
+    assert log_ is not None
     root.check_plan(plan)
     skipped_links = []
     if plan.link and not root.supports_symlinks:

@@ -25,8 +25,17 @@ from typing import Any
 import click
 
 from drsync import __version__, backup, engine
+from drsync.apply import ApplyResult
 from drsync.config import Config, KeepPolicy, SnapshotsConfig, load_config, parse_duration
-from drsync.errors import EXIT_FAILED, EXIT_INTEGRITY, EXIT_USAGE, ConfigError, DrsyncError, UsageError
+from drsync.errors import (
+    EXIT_FAILED,
+    EXIT_INTEGRITY,
+    EXIT_USAGE,
+    ConfigError,
+    DrsyncError,
+    RefusedError,
+    UsageError,
+)
 from drsync.repository.lock import remove_locks
 from drsync.repository.manifest import diff as diff_manifests
 from drsync.repository.manifest import printable
@@ -274,6 +283,7 @@ def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
 @click.option("--no-prune", is_flag=True, help="Keep unreferenced chunks (run 'drsync repo gc' later).")
 def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bool) -> None:
     """Delete snapshots and free the chunks nothing else uses."""
+    _refuse_while_held(inv, "delete snapshots")
     infos, report = engine.delete_snapshots(inv.open_repo(), list(snapshot_ids), prune=not no_prune)
     doc = {"deleted": [i.id for i in infos], "gc": report.as_dict() if report else None}
 
@@ -284,6 +294,36 @@ def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bo
                        f"{report.repacked_packs} repacked)")
 
     emit(inv, doc, human)
+
+
+def _hold_of(inv: Invocation) -> Any:
+    """The apply hold (deletion guard or operator) of the standby agent that keeps this repository, if any.
+
+    Found in the agent's state directory: the config's, or the default one inside a local ``--repo``."""
+    from drsync.agent.loop import state_dir_of
+    from drsync.agent.standby import HoldFile
+
+    try:
+        if inv.config is not None:
+            state_dir = state_dir_of(inv.config)
+        else:
+            state_dir = os.path.join(engine.local_path(inv.repo_url(), "repository"), "agent")
+    except DrsyncError:
+        return None
+    hold = HoldFile(state_dir).load()
+    return hold if hold.active else None
+
+
+def _refuse_while_held(inv: Invocation, what: str) -> None:
+    """While a standby holds applies back, its older snapshots are what an operator may need: keep them."""
+    hold = _hold_of(inv)
+    if hold is None:
+        return
+    why = (f"snapshot {hold.snapshot} is held by the deletion guard" if hold.snapshot else
+           "applies are held (drsync apply --hold)")
+    raise RefusedError(f"will not {what} in this repository while {why}: the snapshots it keeps may be the "
+                       f"good copy; settle the hold first (drsync apply --confirm or --resume, with the "
+                       f"standby's config)")
 
 
 def _own_paths(inv: Invocation) -> tuple[str, ...]:
@@ -303,7 +343,11 @@ def _own_paths(inv: Invocation) -> tuple[str, ...]:
 @click.argument("snapshot_id")
 @click.option("--target", metavar="URL", help="Where to restore (default: the cluster's data root).")
 @click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
-def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, checksum: bool) -> None:
+@click.option("--delete-extra", is_flag=True, help="Remove what the snapshot lacks from a target that is not "
+              "this cluster's data root (refused otherwise).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be written and removed.")
+def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, checksum: bool, delete_extra: bool,
+                     dry_run: bool) -> None:
     """Restore a snapshot onto the same cluster (same cluster id and release)."""
     repo = inv.open_repo()
     cluster_id = inv.config.cluster.id if inv.config else repo.config.cluster_id
@@ -312,11 +356,37 @@ def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, chec
     with progress("restore") as (advance, total):
         info, result = engine.restore_snapshot(repo, snapshot_id, dest, cluster_id=cluster_id,
                                                release=release, checksum=checksum, progress=advance,
-                                               on_total=total, protect=_own_paths(inv))
-    doc = {"snapshot": info.id, "target": dest, **result.as_dict()}
-    emit(inv, doc, lambda: click.echo(
-        f"restored snapshot {info.id} to {dest}: {result.written_files} files written "
-        f"({_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed"))
+                                               on_total=total, protect=_own_paths(inv), dry_run=dry_run,
+                                               extra=_extra_rule(inv, dest, delete_extra))
+    doc = {"snapshot": info.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
+    emit(inv, doc, lambda: _report_restore(f"snapshot {info.id}", dest, result))
+
+
+def _extra_rule(inv: Invocation, dest: str, delete_extra: bool) -> str | None:
+    """Removing what a snapshot lacks is allowed on the cluster's own data root, or with --delete-extra."""
+    if delete_extra:
+        return None
+    if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
+        return None
+    return "rerun with --delete-extra to remove them"
+
+
+def _report_restore(what: str, dest: str, result: ApplyResult) -> None:
+    if result.planned is not None:
+        click.echo(f"dry run: restoring {what} to {dest} would write {result.written_files} files "
+                   f"({_size(result.written_bytes)}), leave {result.unchanged_files} unchanged and remove "
+                   f"{result.removed}; nothing was changed")
+        for kind in ("remove", "write", "mkdir", "link"):
+            paths = result.planned.get(kind, [])
+            for p in paths[:20]:
+                click.echo(f"  {kind:6} {printable(p)}")
+            if len(paths) > 20:
+                click.echo(f"  {kind:6} ... and {len(paths) - 20} more (--json lists all)")
+        return
+    click.echo(f"restored {what} to {dest}: {result.written_files} files written "
+               f"({_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed")
+    for w in result.warnings:
+        click.echo(f"  note: {w}")
 
 
 @snapshot_grp.command("expire")
@@ -324,6 +394,8 @@ def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, chec
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
 def snapshot_expire(inv: Invocation, dry_run: bool) -> None:
     """Delete snapshots past their TTL, and periodic ones beyond [snapshots] keep."""
+    if not dry_run:
+        _refuse_while_held(inv, "expire snapshots")
     res = engine.expire_snapshots(inv.open_repo(), inv.snapshots.keep, dry_run=dry_run)
     doc = {"deleted": [s.id for s in res.deleted], "kept": [s.id for s in res.kept], "dry_run": dry_run,
            "gc": res.gc.as_dict() if res.gc else None}
@@ -370,22 +442,19 @@ def backup_create(inv: Invocation, snapshot_id: str, dest: str | None, mode: str
 @click.argument("backup_dir")
 @click.option("--target", required=True, metavar="URL", help="Data root to restore onto (any cluster).")
 @click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
-def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool) -> None:
+@click.option("--delete-extra", is_flag=True, help="Remove what the backup lacks from a target that is not "
+              "this cluster's data root (refused otherwise).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be written and removed.")
+def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool, delete_extra: bool,
+                   dry_run: bool) -> None:
     """Restore a backup onto any data root."""
     dest = engine.data_root_url(target)
     with progress("restore") as (advance, total):
         meta, result = backup.restore_backup(backup_dir, dest, checksum=checksum, progress=advance,
-                                             on_total=total)
-    doc = {"backup": meta.id, "target": dest, **result.as_dict()}
-
-    def human() -> None:
-        click.echo(f"restored backup {meta.id} to {dest}: {result.written_files} files written "
-                   f"({_size(result.written_bytes)}), {result.unchanged_files} unchanged, "
-                   f"{result.removed} removed")
-        for w in result.warnings:
-            click.echo(f"  note: {w}")
-
-    emit(inv, doc, human)
+                                             on_total=total, dry_run=dry_run,
+                                             extra=_extra_rule(inv, dest, delete_extra))
+    doc = {"backup": meta.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
+    emit(inv, doc, lambda: _report_restore(f"backup {meta.id}", dest, result))
 
 
 def _report_damage(problems: list[str], damaged_files: list[dict[str, str]], what: str) -> None:
@@ -504,6 +573,8 @@ def repo_verify(inv: Invocation) -> None:
 @click.option("--dry-run", is_flag=True)
 def repo_gc(inv: Invocation, dry_run: bool) -> None:
     """Delete chunks that no snapshot references."""
+    if not dry_run:
+        _refuse_while_held(inv, "collect garbage")
     report = engine.gc_repository(inv.open_repo(), dry_run=dry_run)
     emit(inv, report.as_dict(), lambda: click.echo(
         f"{'would free' if dry_run else 'freed'} {_size(report.freed_bytes)}: {report.deleted_packs} packs "
@@ -539,6 +610,20 @@ def status_cmd(inv: Invocation) -> None:
                [[a["name"] or "?", a["role"] if a["reachable"] else "unreachable", a["address"] or "-",
                  "-" if a["lag_s"] is None else f"{a['lag_s']:.1f}s", a["applied_snapshot"] or "-"]
                 for a in doc["agents"]])
+        m = doc.get("maintenance")
+        if m:
+            click.echo(f"MAINTENANCE: agent {m['agent']} (primary of epoch {m.get('epoch')}) stopped on purpose "
+                       f"since {m['since']} ({m.get('reason')}): no automatic promotion until it is back")
+        waiting = [a for a in doc["agents"] if a.get("role") == "ex-primary"]
+        for a in waiting:
+            click.echo(f"agent {a['name']} is an ex-primary waiting to rejoin: demote_command has not succeeded; "
+                       f"once its production writers are stopped, run drsync rejoin with its config")
+        for a in doc["agents"]:
+            h = a.get("apply_hold")
+            if h:
+                click.echo(f"APPLY HELD on {a['name']}: " + (h.get("message") or "") +
+                           (" (applies held by an operator: drsync apply --resume)" if h.get("operator_hold")
+                            else ""))
         if doc.get("switchover"):
             sw = doc["switchover"]
             click.echo(f"switchover to {sw.get('to')}: {sw.get('status')}")
@@ -556,15 +641,39 @@ def status_cmd(inv: Invocation) -> None:
 
 @cli.command("promote")
 @_common
-@click.option("--force", is_flag=True, help="Fence a primary whose session is still alive (it is stepped down).")
+@click.option("--force", is_flag=True, help="Promote although a primary's session is alive (it is stepped down) "
+              "or its agent is stopped for maintenance.")
 @click.option("--accept-data-loss", is_flag=True, help="Promote even when the lag exceeds max_lag_on_failover.")
+@click.option("--no-fence", is_flag=True, help="Do not run coordination.fence_command: you stopped the old "
+              "primary's production writers yourself.")
+@click.option("--promote-empty-root", is_flag=True, help="Promote although this agent's data root is empty: the "
+              "group's production becomes an empty tree (other agents' deletion guards hold that shipment).")
 @click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
               help="Seconds to wait for the agent to confirm it acts as primary.")
-def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, wait_s: float) -> None:
-    """Make this config's agent the primary of its group (exit 4 when refused for safety)."""
+def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: bool, promote_empty_root: bool,
+                wait_s: float) -> None:
+    """Make this config's agent the primary of its group (exit 4 when refused for safety).
+
+    Over an earlier primary, coordination.fence_command runs first and must succeed."""
     from drsync.agent.control import promote
 
-    doc = promote(_need_config(inv, "promote"), force=force, accept_data_loss=accept_data_loss, wait_s=wait_s)
+    doc = promote(_need_config(inv, "promote"), force=force, accept_data_loss=accept_data_loss, wait_s=wait_s,
+                  no_fence=no_fence, promote_empty_root=promote_empty_root)
+    emit(inv, doc, lambda: click.echo(doc["message"]))
+
+
+@cli.command("rejoin")
+@_common
+@click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the running agent to report itself a standby.")
+def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
+    """Let this ex-primary rejoin as a standby: you confirm its production writers are stopped.
+
+    Needed when demote_command is not configured or did not succeed. Its data root is kept as a
+    'before-rejoin' snapshot first, then follows the primary."""
+    from drsync.agent.control import rejoin
+
+    doc = rejoin(_need_config(inv, "rejoin"), wait_s=wait_s)
     emit(inv, doc, lambda: click.echo(doc["message"]))
 
 
@@ -665,6 +774,57 @@ def _need_config(inv: Invocation, what: str) -> Config:
     return inv.config
 
 
+@cli.command("apply")
+@_common
+@click.option("--confirm", "confirm", metavar="SNAPSHOT", help="Apply the snapshot the deletion guard holds.")
+@click.option("--hold", "hold", is_flag=True, help="Store shipments but apply none until --resume.")
+@click.option("--resume", "resume", is_flag=True, help="Lift a hold set with --hold.")
+@click.option("--wait", "wait_s", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the running agent to carry the request out.")
+def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wait_s: float) -> None:
+    """On a standby: show what holds applies back; confirm a held snapshot; hold and resume applies."""
+    from drsync.agent.loop import state_dir_of
+    from drsync.agent.requests import submit
+    from drsync.agent.standby import HoldFile, StateFile
+
+    cfg = _need_config(inv, "apply")
+    chosen = [n for n, v in (("--confirm", confirm is not None), ("--hold", hold), ("--resume", resume)) if v]
+    if len(chosen) > 1:
+        raise UsageError(f"choose one of {', '.join(chosen)}")
+    if cfg.agent.role == "primary":
+        raise UsageError(f"agent {cfg.agent.name} is a primary (agent.role); run drsync apply with the "
+                         f"standby's config")
+    if chosen:
+        name, args = (("apply-confirm", {"snapshot": confirm}) if confirm is not None else
+                      ("apply-hold", {}) if hold else ("apply-resume", {}))
+        reply = submit(cfg, name, args, wait_s=wait_s)
+        doc = {"action": name, **reply.as_dict()}
+        if not reply.ok:
+            if inv.json:
+                click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+            raise _Exit(reply.exit_code, reply.message)
+        emit(inv, doc, lambda: click.echo(reply.message))
+        return
+    state_dir = state_dir_of(cfg)
+    h = HoldFile(state_dir).load()
+    applied = StateFile(state_dir).load().applied_snapshot
+    doc = {"agent": cfg.agent.name, "applied_snapshot": applied or None, **h.as_dict()}
+
+    def human() -> None:
+        click.echo(f"standby {cfg.agent.name}: applied snapshot {applied or '(none)'}")
+        if h.operator_since:
+            click.echo(f"applies held since {iso(h.operator_since)} (drsync apply --hold); "
+                       f"'drsync apply --resume' lifts it")
+        if h.snapshot:
+            click.echo(f"held by the deletion guard since {iso(h.held_at)}: {h.message}")
+        if h.active and h.latest:
+            click.echo(f"{h.refused} shipment(s) stored and refused while held; newest {h.latest}")
+        if not h.active:
+            click.echo("nothing is held: shipments are applied as they arrive")
+
+    emit(inv, doc, human)
+
+
 @cli.command("agent")
 @_common
 @click.option("--once", is_flag=True, help="Primary only: run one replication cycle and exit (1 if it failed).")
@@ -705,6 +865,8 @@ def agent_cmd(inv: Invocation, once: bool) -> None:
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stop.set())
     agent.run()
+    if agent.fatal is not None:
+        raise agent.fatal
 
 
 # --- entry point ------------------------------------------------------------------

@@ -187,13 +187,17 @@ def _first(warnings: list[str], n: int = 20) -> list[str]:
 def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str, release: str,
                      checksum: bool = False, progress: Callable[[int], None] | None = None,
                      on_total: Callable[[int], None] | None = None,
-                     protect: tuple[str, ...] = ()) -> tuple[SnapshotInfo, ApplyResult]:
+                     protect: tuple[str, ...] = (), dry_run: bool = False,
+                     extra: str | None = None) -> tuple[SnapshotInfo, ApplyResult]:
+    """Restore snapshot ``ref`` onto ``target`` (see :func:`drsync.apply.apply_manifest` for ``dry_run``
+    and ``extra``)."""
     with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
         info = repo.find_snapshot(ref)
         check_same_cluster(info, cluster_id, release)
         manifest = repo.load_manifest(info)
         result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
-                                progress=progress, on_total=on_total, protect=(repo.storage.url, *protect))
+                                progress=progress, on_total=on_total, protect=(repo.storage.url, *protect),
+                                dry_run=dry_run, extra=extra)
     return info, result
 
 

@@ -63,6 +63,10 @@ class AgentMetrics:
         self.drill_last_result = gauge("drill_last_result", "1 when the last drill passed, 0 when it failed")
         self.drill_rto = gauge("drill_rto_seconds", "Recovery time estimated by the last drill")
         self.drill_rpo = gauge("drill_rpo_seconds", "Data-loss window (lag) measured by the last drill")
+        self.apply_held = gauge("apply_held", "1 while this standby holds applies back (a snapshot held by the "
+                                              "deletion guard, or drsync apply --hold), else 0")
+        self.apply_held_deletions = gauge("apply_held_deletions", "Files the snapshot held by the deletion guard "
+                                                                  "would remove (0 when none is held)")
         # Before the first backup or drill there is no value to report: NaN, never a false "long ago".
         for g in (self.backup_last_success, self.drill_last_success, self.drill_last_result, self.drill_rto,
                   self.drill_rpo):

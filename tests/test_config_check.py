@@ -49,3 +49,25 @@ def test_a_healthy_group_checks_out_and_problems_are_named(tmp_path: Path, zk_se
         assert not checks["zookeeper"]["ok"] and "cannot reach ZooKeeper" in checks["zookeeper"]["detail"]
     finally:
         g.stop_all()
+
+
+def test_automatic_failover_without_a_fence_is_refused_by_check_and_at_start(tmp_path: Path) -> None:
+    """Safety rule 7: automatic failover must fence production first, unless the operator wrote "none"."""
+    base = (f'[cluster]\nid = "x"\nrelease = "1"\ndata = "{tmp_path}/data"\nrepository = "{tmp_path}/repo"\n'
+            f'[agent]\nname = "west"\nlisten = "127.0.0.1:{free_port()}"\nmetrics = ""\n'
+            f'[coordination]\nzookeeper = "127.0.0.1:{free_port()}"\nfailover = "automatic"\n')
+    (tmp_path / "data").mkdir()
+    cfg = tmp_path / "auto.toml"
+    cfg.write_text(base)
+    assert run_drsync("init", "--config", cfg).code == 0
+    r = run_drsync("config", "check", "--config", cfg, "--json")
+    checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
+    assert r.code == 2 and not checks["fencing"]["ok"] and "fence_command" in checks["fencing"]["detail"]
+    r = run_drsync("agent", "--config", cfg)
+    assert r.code == 2 and "fence_command" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert "Traceback" not in r.err
+    # The explicit choice is accepted (and config check says what it means).
+    cfg.write_text(base + 'fence_command = "none"\n')
+    r = run_drsync("config", "check", "--config", cfg, "--json")
+    checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
+    assert checks["fencing"]["ok"] and "do not fence" in checks["fencing"]["detail"]

@@ -126,3 +126,46 @@ def test_unreachable_zookeeper_is_one_clear_error() -> None:
     c = ZooKeeperCoordinator(f"127.0.0.1:{free_port()}", "g", session_timeout_s=2.0, connect_timeout_s=1.0)
     with pytest.raises(CoordinationUnavailable, match="cannot reach ZooKeeper"):
         c.start()
+
+
+def test_hand_over_uses_the_version_of_the_claim_and_a_promotion_in_between_wins(zk_server, group: str) -> None:
+    """Switchover's compare-and-set: a promotion after the claim was taken (even one that the primary
+    has not noticed yet) makes the hand-over fail and change nothing; the promotion stands."""
+    east, operator = coord(zk_server.hosts, group), coord(zk_server.hosts, group)
+    try:
+        e1 = east.promote(east.read_epoch(), "east", "first")
+        east.claim_primary(e1, "east", "127.0.0.1:1")
+        forced = operator.promote(operator.read_epoch(), "north", "forced")
+        with pytest.raises(EpochConflict, match="nothing was changed"):
+            east.hand_over(e1, "east", "west")
+        now = operator.read_epoch()
+        assert (now.epoch, now.promoted_by, now.version) == (2, "north", forced.version)
+        # Without the claim (released, or lost with the session) there is nothing to hand over either.
+        e2b = operator.read_epoch()
+        east.release_primary("east")
+        with pytest.raises(EpochConflict, match="no longer holds the primary node"):
+            east.hand_over(e2b, "east", "west")
+        assert operator.read_epoch() == now
+        # With the claim and no promotion in between, the hand-over is one transaction.
+        e3 = east.promote(now, "east", "back")
+        east.claim_primary(e3, "east", "127.0.0.1:1")
+        done = east.hand_over(e3, "east", "west")
+        assert (done.epoch, done.promoted_by) == (4, "west") and operator.read_primary() is None
+    finally:
+        east.close()
+        operator.close()
+
+
+def test_maintenance_marker_round_trip(zk_server, group: str) -> None:
+    a, b = coord(zk_server.hosts, group), coord(zk_server.hosts, group)
+    try:
+        assert a.view().maintenance is None
+        a.set_maintenance({"agent": "east", "since": 1.0, "reason": "agent stopped"})
+        a.close()  # persistent: it outlives the session that wrote it
+        assert b.view().maintenance == {"agent": "east", "since": 1.0, "reason": "agent stopped"}
+        b.clear_maintenance("west")  # somebody else's marker: left alone
+        assert b.read_maintenance() is not None
+        b.clear_maintenance("east")
+        assert b.read_maintenance() is None
+    finally:
+        b.close()

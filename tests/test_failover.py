@@ -129,8 +129,15 @@ def test_kill_9_primary_promote_standby_then_failback(make_group) -> None:  # ty
     # The new primary works: its changes are the new production.
     (g.data["west"] / "catalog" / "after-failover.txt").write_text("new production write\n")
     shipped_before = scrape(g.metrics["west"], g.group, "west").get("drsync_shipped_bytes_total", 0.0)
-    # The old primary comes back: it sees a higher epoch and another primary, and rejoins as standby.
+    # The old primary comes back: it sees a higher epoch and another primary. Without a demote_command
+    # nothing proves its production writers stopped: it keeps its root untouched until an operator says so.
     g.start("east")
+    g.wait_role("east", "ex-primary")
+    assert (g.data["east"] / "catalog" / "unshipped.txt").exists()
+    waiting = {a["name"]: a for a in g.status("west")["agents"]}["east"]
+    assert waiting["role"] == "ex-primary" and "drsync rejoin" in waiting["waiting_to_rejoin"]
+    r = g.drsync("east", "rejoin", "--json")
+    assert r.code == 0 and r.json()["rejoined"] is True, r.err
     g.wait_role("east", "standby")
     wait_for(lambda: g.in_sync("west", "east"), "east to resync from west")
     assert g.primary() == ("west", 2)
@@ -158,17 +165,21 @@ def test_kill_9_primary_promote_standby_then_failback(make_group) -> None:  # ty
 def test_promote_refuses_lag_over_the_limit(make_group) -> None:  # type: ignore[no-untyped-def]
     g = make_group(["east", "west"], extra='max_lag_on_failover = "3s"')
     bootstrap(g)
-    g.kill("east", signal.SIGTERM)  # a clean stop: its primary node goes at once
+    g.kill("east", signal.SIGTERM)  # a clean stop: its primary node goes at once, a maintenance marker stays
     wait_for(lambda: g.primary() is None, "the primary node to go")
-    wait_for(lambda: g.hello("west").applied_captured_at < time.time() - 3.5, "the lag to pass the limit")
+    assert g.coord.read_maintenance()["agent"] == "east"
     r = g.promote("west")
+    assert r.code == 4 and "stopped on purpose" in r.err and "--force" in r.err, r.err
+    wait_for(lambda: g.hello("west").applied_captured_at < time.time() - 3.5, "the lag to pass the limit")
+    r = g.promote("west", "--force")
     assert r.code == 4, r.err
     assert "lag is" in r.err and "max_lag_on_failover 3s" in r.err and "--accept-data-loss" in r.err
     assert len(r.err.strip().splitlines()) == 1
     assert g.coord.read_epoch().epoch == 1 and g.primary() is None  # nothing changed
-    r = g.promote("west", "--accept-data-loss")
+    r = g.promote("west", "--force", "--accept-data-loss")
     assert r.code == 0, r.err
     assert r.json()["data_loss_accepted"] is True and g.primary() == ("west", 2)
+    assert g.coord.read_maintenance() is None  # the new primary superseded the marker
 
 
 @pytest.mark.parametrize("when", ["idle", "mid-shipment"])
@@ -199,16 +210,16 @@ def test_frozen_primary_is_fenced_after_promotion(make_group, when: str) -> None
     log_before = len(g.log("east"))
     north_before = len(g.log("north"))
     g.procs["east"].send_signal(signal.SIGCONT)
-    g.wait_role("east", "standby")
+    g.wait_role("east", "ex-primary")  # no demote_command: it waits for drsync rejoin
     woke = g.log("east")[log_before:]
     assert "stepped down" in woke or "standby" in woke
     assert not (g.data["north"] / "catalog" / "late.txt").exists()
     # North follows the new primary, and an epoch-1 shipment is refused outright.
     (g.data["west"] / "catalog" / "from-west.txt").write_text("new primary\n")
     wait_for(lambda: (g.data["north"] / "catalog" / "from-west.txt").exists(), "north to follow west")
-    link = GrpcStandbyLink(g.addr["north"])
+    link = GrpcStandbyLink(g.addr["north"], sender="east")
     try:
-        with pytest.raises(RefusedError, match="epoch 1 is lower than epoch 2"):
+        with pytest.raises(RefusedError, match="epoch 1 from east is lower than epoch 2"):
             list(link.missing(1, iter([[b"\x00" * 32]])))
     finally:
         link.close()
@@ -264,7 +275,9 @@ def test_automatic_failover_across_repeated_trials(make_group) -> None:  # type:
     rejoins; never two primaries at one epoch, never an epoch going backwards."""
     trials = int(os.environ.get("DRSYNC_FAILOVER_TRIALS", "3"))
     g = make_group(["east", "west"], session_timeout="2s", failover="automatic",
-                   extra='failover_cooldown = "0s"\nfence_command = "none"')
+                   extra='failover_cooldown = "0s"\n'
+                         'fence_command = "echo $DRSYNC_FENCE_AGENT >> $DRSYNC_DATA/../fenced.log"\n'
+                         'demote_command = "echo $DRSYNC_AGENT $DRSYNC_REASON >> $DRSYNC_DATA/../demoted.log"')
     watcher = PrimaryWatcher(g.hosts, g.group)
     bootstrap(g)
     current, other = "east", "west"
@@ -283,6 +296,11 @@ def test_automatic_failover_across_repeated_trials(make_group) -> None:  # type:
         wait_for(lambda c=current, o=other: g.in_sync(o, c), f"{current} to resync (trial {trial})")
         current, other = other, current
     watcher.close()
+    # Each takeover fenced the agent it replaced first; each ex-primary demoted itself before rejoining.
+    fenced = (g.tmp / "fenced.log").read_text().split()
+    assert len(fenced) == trials and fenced == (["east", "west"] * trials)[:trials]
+    demoted = (g.tmp / "demoted.log").read_text().splitlines()
+    assert [line.split()[0] for line in demoted] == fenced and all(line.endswith("rejoin") for line in demoted)
     assert watcher.epochs == sorted(watcher.epochs) and len(set(watcher.epochs)) == len(watcher.epochs)
     holders: dict[int, set[str]] = {}
     for p in watcher.primary:
@@ -407,11 +425,15 @@ def test_fenced_primary_with_unshipped_writes_is_reset_on_rejoin(make_group) -> 
     bootstrap(g)
     r = g.promote("west", "--force")
     assert r.code == 0, r.err
+    g.wait_role("east", "ex-primary")
+    assert g.drsync("east", "rejoin").code == 0
     g.wait_role("east", "standby")
     wait_for(lambda: g.in_sync("west", "east") and g.record("east").get("applied_snapshot"), "east to follow west")
     (g.data["west"] / "catalog" / "never-shipped.txt").write_text("west wrote this and was fenced\n")
     r = g.promote("east", "--force")
     assert r.code == 0, r.err
+    g.wait_role("west", "ex-primary")
+    assert g.drsync("west", "rejoin").code == 0
     g.wait_role("west", "standby")
     wait_for(lambda: g.hello("west").applied_snapshot and g.in_sync("east", "west"),
              "west's root to become east's snapshot", timeout=30)

@@ -110,7 +110,7 @@ def test_permission_denied_is_one_clear_line_and_changes_nothing(webhdfs, tmp_pa
     site.write("locked", "keep.txt", b"theirs")
     webhdfs.chmod(site.path("locked"), 0o555, owner="hdfs")
     before = site.state("locked")
-    r = run_drsync("snapshot", "restore", snap, "--repo", repo, "--target", site.url("locked"))
+    r = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", site.url("locked"))
     assert r.code == 1 and r.err.count("\n") == 1, r.err
     assert "HDFS permission denied" in r.err and "as drsync" in r.err and "grant that user access" in r.err
     assert site.state("locked") == before
@@ -126,7 +126,7 @@ def test_quota_exceeded_mid_write_leaves_nothing_half_written(webhdfs, tmp_path:
     site.write("standby", "old.txt", b"the last good state")
     webhdfs.set_quota(site.path("standby"), 4 << 20)  # the first big file fits, the second does not
     before = site.state("standby")
-    r = run_drsync("snapshot", "restore", snap, "--repo", repo, "--target", site.url("standby"))
+    r = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", site.url("standby"))
     assert r.code == 1 and "HDFS quota exceeded" in r.err and "setSpaceQuota" in r.err, r.err
     assert site.state("standby") == before
     assert not any(p.startswith(".drsync-staging") for p in site.paths("standby"))
@@ -140,7 +140,8 @@ def test_quota_exceeded_mid_write_leaves_nothing_half_written(webhdfs, tmp_path:
     assert run_drsync("snapshot", "list", "--repo", hrepo, "--json").json() == []
     # Space comes back: everything works again.
     webhdfs.set_quota(site.path("standby"), -1)
-    assert run_drsync("snapshot", "restore", snap, "--repo", repo, "--target", site.url("standby")).code == 0
+    assert run_drsync("snapshot", "restore", "--delete-extra",
+                      snap, "--repo", repo, "--target", site.url("standby")).code == 0
     assert same_tree(local, "data", site, "standby")
 
 
@@ -406,7 +407,8 @@ def test_a_small_change_applied_onto_hdfs_touches_only_its_directory(webhdfs, tm
     def restore_counting() -> int:
         snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()
         before = len(webhdfs.requests)
-        assert run_drsync("snapshot", "restore", snap["id"], "--repo", repo, "--target", site.url("sb")).code == 0
+        assert run_drsync("snapshot", "restore", "--delete-extra",
+                          snap["id"], "--repo", repo, "--target", site.url("sb")).code == 0
         assert same_tree(local, "data", site, "sb")
         return sum(1 for op, _ in webhdfs.requests[before:] if op in ("SETTIMES", "SETPERMISSION"))
 

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -388,6 +389,167 @@ def test_fuzz_the_standby_rpc_handlers(pair: Pair) -> None:
     assert tree_state(pair.standby_data) == before  # nothing fuzzed was ever applied
     assert pair.procs["standby"].poll() is None
     record("fuzz: standby gRPC handlers", counted["n"], counted["n"], 0, 0)
+
+
+WRITER = """
+import os, sys, time
+root, log, pidfile = sys.argv[1], sys.argv[2], sys.argv[3]
+with open(pidfile, "w") as f:
+    f.write(str(os.getpid()))
+os.makedirs(os.path.join(root, "writes"), exist_ok=True)
+n = 0
+while True:
+    name = f"w-{os.getpid()}-{n}.txt"
+    with open(os.path.join(root, "writes", name), "w") as f:
+        f.write(f"write {n} of writer {os.getpid()}\\n")
+        f.flush()
+        os.fsync(f.fileno())
+    with open(log, "a") as f:  # logged only once the file is durable: a logged write must never be lost
+        f.write(name + "\\n")
+    n += 1
+    time.sleep(0.02)
+"""
+
+FENCE = """#!/bin/sh
+# The trial's fence: 'ok' stops production's writer for sure (kills it by pid), 'fail' cannot reach it.
+dir=$(dirname "$0")
+if [ "$(cat "$dir/fence-mode")" = ok ]; then
+    kill -9 "$(cat "$dir/writer.pid")" 2>/dev/null
+    echo "$DRSYNC_FENCE_AGENT $DRSYNC_EPOCH" >> "$dir/fenced.log"
+    exit 0
+fi
+echo "fence target unreachable" >&2
+exit 1
+"""
+
+
+class Writer:
+    """Production's application: a process that keeps writing files into the primary's data root."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.log = tmp / "writer.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, root: Path) -> None:
+        import sys
+
+        self.stop()
+        pidfile = self.tmp / "writer.pid"
+        pidfile.unlink(missing_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(self.log), str(pidfile)])
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the writer to start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def written(self) -> set[str]:
+        return set(self.log.read_text().split()) if self.log.exists() else set()
+
+
+def _kept_snapshots(g: Group, name: str, scratch: Path) -> set[str]:
+    """File names under writes/ in every before-rejoin snapshot of ``name``."""
+    found: set[str] = set()
+    for s in g.drsync(name, "snapshot", "list", "--json").json():
+        if s["name"].startswith("before-rejoin"):
+            target = scratch / s["id"]
+            if not target.exists():
+                assert g.drsync(name, "snapshot", "restore", s["id"], "--target", str(target)).code == 0
+            found |= {p.name for p in (target / "writes").glob("*")} if (target / "writes").exists() else set()
+    return found
+
+
+def test_agent_stops_kills_and_freezes_under_automatic_failover(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
+    """Safety rule 7 with production writing: SIGTERM, kill -9 or SIGSTOP of the primary's agent, with a
+    fence that works or fails. A promotion without a successful fence, a promotion after a clean stop,
+    two primaries at one epoch, or a write that is neither on the new primary nor kept on the old one
+    count as violations / lost data."""
+    rnd = random.Random(SEED + 7)
+    n = trials("fencing")
+    fence = tmp_path / "fence.sh"
+    fence.write_text(FENCE)
+    (tmp_path / "fence-mode").write_text("ok")
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"], session_timeout="2s", failover="automatic",
+              extra=f'failover_cooldown = "0s"\nfence_command = "sh {fence}"\nfence_timeout = "10s"\n'
+                    f'demote_command = "true"')
+    watcher = PrimaryWatcher(zk_server.hosts, group)
+    writer = Writer(tmp_path)
+    violations = lost = faults = 0
+    current, other = "east", "west"
+    try:
+        g.start("east")
+        g.start("west")
+        assert g.promote("east").code == 0
+        wait_for(lambda: g.in_sync("east", "west"), "the first shipment")
+        writer.start(g.data[current])
+        for trial in range(n):
+            fault = rnd.choice(["sigterm", "kill9-fence-fails", "kill9", "freeze"])
+            print(f"trial {trial}: {fault} of {current}")
+            faults += 1
+            epoch = g.coord.read_epoch().epoch
+            fenced_before = len((tmp_path / "fenced.log").read_text().split("\n")) if \
+                (tmp_path / "fenced.log").exists() else 1
+            wait_for(lambda o=other: g.record(o).get("role") == "standby" and g.record(o).get("applied_snapshot"),
+                     f"{other} to be a caught-up standby (trial {trial}, seed {SEED})")
+            if fault == "sigterm":
+                g.kill(current, signal.SIGTERM)
+                wait_for(lambda o=other: "stopped on purpose" in g.log(o), f"{other} to see the maintenance marker")
+                violations += int(g.coord.read_epoch().epoch != epoch)
+                g.start(current)
+                wait_for(lambda c=current, e=epoch: g.primary() == (c, e), f"{current} back as primary")
+                violations += int(g.coord.read_maintenance() is not None)
+                continue
+            if fault == "kill9-fence-fails":
+                (tmp_path / "fence-mode").write_text("fail")
+                before = g.log(other).count("automatic failover refused")
+                g.kill(current)
+                wait_for(lambda o=other, b=before: g.log(o).count("automatic failover refused") >= b + 2,
+                         f"{other} to try the failing fence twice", timeout=90)
+                violations += int(g.coord.read_epoch().epoch != epoch)  # no promotion without a fence
+                (tmp_path / "fence-mode").write_text("ok")
+                g.start(current)
+                wait_for(lambda c=current: g.primary() is not None, "a primary again")
+                if g.primary() == (current, epoch):
+                    continue
+                # The fence now works and the standby got there first: a real failover after all.
+            elif fault == "kill9":
+                g.kill(current)
+            else:
+                g.procs[current].send_signal(signal.SIGSTOP)
+            wait_for(lambda o=other, e=epoch: g.primary() == (o, e + 1), f"{other} to take over (trial {trial})",
+                     timeout=60)
+            fenced_now = len((tmp_path / "fenced.log").read_text().split("\n"))
+            violations += int(fenced_now <= fenced_before)  # promoted without a successful fence
+            if fault == "freeze":
+                g.procs[current].send_signal(signal.SIGCONT)
+            else:
+                g.start(current)
+            g.wait_role(current, "standby", timeout=90)  # demote_command succeeded: it rejoins by itself
+            writer.stop()  # the fence killed it already; make sure
+            wait_for(lambda c=current, o=other: g.in_sync(o, c), f"{current} to resync (trial {trial})", timeout=90)
+            # Kept means on the new primary, or in a before-rejoin snapshot of either agent (writes
+            # after an earlier failover's last shipment stay in that earlier ex-primary's snapshot).
+            have = {p.name for p in (g.data[other] / "writes").glob("*")}
+            for name in g.names:
+                have |= _kept_snapshots(g, name, tmp_path / "scratch")
+            lost += len(writer.written() - have)
+            current, other = other, current
+            writer.start(g.data[current])
+        holders: dict[int, set[str]] = {}
+        for p in watcher.primary:
+            if p is not None:
+                holders.setdefault(p[1], set()).add(p[0])
+        violations += sum(1 for v in holders.values() if len(v) > 1)
+        violations += int(watcher.epochs != sorted(watcher.epochs))
+    finally:
+        writer.stop()
+        watcher.close()
+        g.stop_all()
+    record("agent stop/kill/freeze, automatic failover", n, faults, violations, lost)
+    assert violations == 0 and lost == 0, f"{violations} violations, {lost} writes lost (seed {SEED})"
 
 
 def test_reliability_table_is_printed_with_the_seed() -> None:

@@ -120,3 +120,16 @@ def test_candidate_rank_ignores_capture_times_from_skewed_clocks() -> None:
                                                                           "applied_position": [3, 5]},
               "c": {"role": "standby", "applied_position": "3/5"}}
     assert [candidate_rank(n, agents) for n in ("a", "b", "c")] == [0, 1, 2]
+
+
+def test_a_maintenance_marker_stops_automatic_promotion_but_not_the_named_agent() -> None:
+    import dataclasses
+
+    marked = dataclasses.replace(view(), maintenance={"agent": "east", "since": NOW - 60, "reason": "agent stopped"})
+    # Everything else says "promote": the primary has been gone long enough, lag within the limit.
+    assert decide("west", view(), absent=60) == "promote-self"
+    d = decide_role("west", marked, acting_primary=False, policy=AUTO, primary_absent_s=60, lag_s=5.0, rank=0,
+                    epoch_age_s=3600)
+    assert d.action == "standby" and "stopped on purpose" in d.reason and "east" in d.reason
+    # The agent the epoch names takes its claim back when it returns.
+    assert decide("east", marked) == "claim"

@@ -19,6 +19,7 @@ from typing import Any
 
 from drsync import engine
 from drsync.agent.loop import StateDirLock, open_coordinator, state_dir_of
+from drsync.agent.standby import StateFile
 from drsync.config import Config, config_from_dict, config_problems, fencing_problem, read_config_document
 from drsync.dataroot import open_data_root
 from drsync.errors import ConfigError, DrsyncError
@@ -157,6 +158,14 @@ def _check_peers(cfg: Config, timeout_s: float) -> list[Check]:
             out.append(Check("zookeeper", True, f"{cfg.coordination.zookeeper}: group {cfg.coordination.group}, "
                              f"epoch {view.epoch.epoch}, primary {who} ({took * 1000:.0f} ms)", "network"))
             peers = [(n, str(r.get("address"))) for n, r in agents.items() if n != cfg.agent.name and r.get("address")]
+            mine = agents.get(cfg.agent.name)
+            if mine is not None:
+                my_id = StateFile(state_dir_of(cfg)).load().agent_id
+                other = mine.get("agent_id") and mine.get("agent_id") != my_id
+                out.append(Check("agent name", not other, (
+                    f"another agent is registered as {cfg.agent.name!r} (address {mine.get('address')}, agent id "
+                    f"{mine.get('agent_id')}); this config's agent would be refused: give it its own agent.name")
+                    if other else f"{cfg.agent.name!r} is registered by this agent", "network"))
             if not peers:
                 out.append(Check("peers", True, "no other agent of the group is registered right now", "network"))
         except DrsyncError as e:

@@ -11,11 +11,13 @@ applied, then one transaction that bumps the epoch and drops its claim).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from drsync import engine
+from drsync.agent.fencing import approve_rejoin, fence_env, run_command
 from drsync.agent.loop import StateDirLock, has_data, open_coordinator, state_dir_of
 from drsync.agent.roles import format_span, promotion_refusal
 from drsync.agent.standby import StandbyReceiver, StateFile, state_lag_s
@@ -48,8 +50,15 @@ def _wait(cond: Callable[[], bool], timeout_s: float, step_s: float = 0.02) -> b
         time.sleep(step_s)  # polling ZooKeeper for the agent's own confirmation
 
 
+def _when(ts: object) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(float(ts)))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "an unknown time"
+
+
 def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
-            wait_s: float = 30.0) -> dict[str, Any]:
+            wait_s: float = 30.0, no_fence: bool = False, promote_empty_root: bool = False) -> dict[str, Any]:
     """Make this config's agent the primary. Raises RefusedError (exit 4) when unsafe."""
     _require_auto(cfg, "promote")
     started = time.monotonic()
@@ -65,12 +74,24 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
             raise RefusedError(f"agent {primary.agent} is primary at epoch {primary.epoch} and its ZooKeeper "
                                f"session is alive; for a planned hand-over use drsync switchover, or rerun with "
                                f"--force to fence it")
+        maintenance = view.maintenance
+        if maintenance and maintenance.get("agent") != me and not force:
+            raise RefusedError(f"primary {maintenance.get('agent')}'s agent was stopped on purpose at "
+                               f"{_when(maintenance.get('since'))} ({maintenance.get('reason') or 'maintenance'}): "
+                               f"production is probably still running; start its agent again, or rerun with --force "
+                               f"to promote {me} anyway (fence_command runs first)")
         first = view.epoch.epoch == 0
         data_root = engine.data_root_url(cfg.cluster.data)
-        if first and not accept_data_loss and not has_data(data_root):
-            raise RefusedError(f"group {cfg.coordination.group} has no primary yet and data root {data_root} is "
-                               f"empty: the first promotion makes this agent the production side; run it with the "
-                               f"production cluster's config (or --accept-data-loss if it is meant to start empty)")
+        if not promote_empty_root and not has_data(data_root):
+            # Never suggested as a way out: an empty production makes every standby delete its data.
+            if first:
+                raise RefusedError(f"group {cfg.coordination.group} has no primary yet and data root {data_root} is "
+                                   f"empty: the first promotion makes this agent the production side; run it with "
+                                   f"the production cluster's config")
+            raise RefusedError(f"data root {data_root} of {me} is empty, and group {cfg.coordination.group} has had "
+                               f"a primary (epoch {view.epoch.epoch}): promoting it would make an empty tree "
+                               f"production; restore this cluster's data first (drsync snapshot restore or backup "
+                               f"restore), then promote")
         state_dir = state_dir_of(cfg)
         state = StateFile(state_dir).load()
         lag = state_lag_s(state)  # on the primary's clock, with the offset the agent last estimated
@@ -85,6 +106,22 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
             repo = Repository.open(open_storage(cfg.cluster.repository))
             StandbyReceiver(repo, data_root, StateFile(state_dir), agent=me).recover()
         reason = "first promotion" if first else ("forced" if primary is not None else "manual")
+        fenced = None
+        old = primary.agent if primary is not None else view.epoch.promoted_by
+        if not first and old and old != me and cfg.coordination.fencing and not no_fence:
+            address = primary.address if primary is not None else str(
+                coord.agents().get(old, {}).get("address") or "")
+            result = run_command("fence_command", cfg.coordination.fence_command, fence_env(
+                group=cfg.coordination.group, agent=me, fenced_agent=old, fenced_address=address,
+                epoch=view.epoch.epoch, data=engine.data_root_url(cfg.cluster.data)), cfg.coordination.fence_timeout)
+            if not result.ok:
+                raise RefusedError(f"not promoted: {result.summary()}; {old}'s production writers may still run; "
+                                   f"fix the fence, or stop them by hand and rerun with --no-fence")
+            fenced = True
+            view2 = coord.view()  # the fence took time: promote only over the group as it was
+            if view2.epoch.version != view.epoch.version:
+                raise RefusedError(f"the group changed while fence_command ran (epoch {view2.epoch.epoch} now names "
+                                   f"{view2.epoch.promoted_by}); nothing was promoted; run drsync status")
         new = coord.promote(view.epoch, me, reason)
         doc: dict[str, Any] = {
             "agent": me, "epoch": new.epoch, "promoted": True, "reason": reason,
@@ -92,6 +129,8 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
             "forced": primary is not None, "lag_s": round(lag, 3) if lag is not None else None,
             "applied_snapshot": state.applied_snapshot or None,
             "data_loss_accepted": accept_data_loss and not first,
+            "fenced": fenced if fenced is not None else ("skipped (--no-fence)" if no_fence else
+                                                         "not configured" if not cfg.coordination.fencing else None),
         }
         if not agent_running:
             doc.update(took_s=round(time.monotonic() - started, 3), primary_confirmed=False,
@@ -175,3 +214,34 @@ def switchover(cfg: Config, *, to: str | None = None, timeout_s: float | None = 
     finally:
         coord.close()
 
+
+
+def rejoin(cfg: Config, *, wait_s: float = 30.0) -> dict[str, Any]:
+    """An operator's word that this ex-primary's production writers are stopped: it may rejoin as a
+    standby (its data root is kept as a snapshot first, then overwritten by the primary's)."""
+    _require_auto(cfg, "rejoin")
+    me = cfg.agent.name
+    state_dir = state_dir_of(cfg)
+    state = StateFile(state_dir).load()
+    coord = _connected(cfg)
+    try:
+        view = coord.view()
+        if view.epoch.promoted_by == me:
+            raise RefusedError(f"epoch {view.epoch.epoch} names {me}: it is this group's primary, not an ex-primary; "
+                               f"nothing to rejoin")
+        if state.last_role != "primary":
+            raise UsageError(f"agent {me} is not waiting to rejoin (it last acted as {state.last_role or 'nothing'}); "
+                             f"nothing to do")
+        approve_rejoin(state_dir, {"at": time.time(), "epoch": view.epoch.epoch,
+                                   "by": os.environ.get("USER") or str(os.getuid())})
+        if not StateDirLock.held(state_dir):
+            return {"agent": me, "rejoined": False, "approved": True,
+                    "message": f"recorded; agent {me} is not running: it rejoins as a standby of "
+                               f"{view.epoch.promoted_by} when it starts"}
+        if not _wait(lambda: coord.agents().get(me, {}).get("role") == "standby", wait_s, 0.1):
+            raise OperationFailed(f"the rejoin of {me} is recorded, but its agent did not report itself a standby "
+                                  f"within {wait_s:.0f}s; check its log")
+        return {"agent": me, "rejoined": True, "approved": True,
+                "message": f"{me} rejoined as a standby of {view.epoch.promoted_by} at epoch {view.epoch.epoch}"}
+    finally:
+        coord.close()

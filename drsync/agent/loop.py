@@ -13,18 +13,22 @@ coordination.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from drsync import backup, engine
-from drsync.agent import clock, statuspage
+from drsync.agent import clock, requests, statuspage
 from drsync.agent.drill import drills_dir, load_reports, run_drill
+from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
 from drsync.agent.primary import ship_snapshot
 from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
 from drsync.agent.standby import FencedError, StandbyReceiver, StateFile
@@ -32,6 +36,7 @@ from drsync.config import Config, fencing_problem
 from drsync.coordination import (
     CoordinationUnavailable,
     Coordinator,
+    DuplicateAgent,
     Epoch,
     EpochConflict,
     GroupView,
@@ -41,7 +46,7 @@ from drsync.coordination import (
 from drsync.dataroot import open_data_root
 from drsync.errors import DrsyncError, OperationFailed, RefusedError, UsageError
 from drsync.metrics import AgentMetrics, new_registry, serve
-from drsync.repository.manifest import Manifest
+from drsync.repository.manifest import Manifest, diff, printable
 from drsync.repository.repo import Repository
 from drsync.storage import open_storage
 from drsync.transport.grpc import GrpcStandbyLink, ReplicationServicer, start_server
@@ -79,6 +84,39 @@ class CycleDecision:
 
 def state_dir_of(cfg: Config) -> str:
     return cfg.agent.state_dir or os.path.join(engine.local_path(cfg.cluster.repository, "repository"), "agent")
+
+
+def _host_lock_dir() -> str:
+    for d in (os.environ.get("DRSYNC_LOCK_DIR", ""), "/run/lock", tempfile.gettempdir()):
+        if d and os.path.isdir(d) and os.access(d, os.W_OK):
+            return d
+    return tempfile.gettempdir()
+
+
+class HostLock:
+    """One running agent per data root and per repository on this host (a lock file named after the
+    resolved location in /run/lock; nothing is written into production's data root)."""
+
+    def __init__(self, what: str, location: str, state_dir: str) -> None:
+        key = location if "://" in location else os.path.realpath(location)
+        self.path = os.path.join(_host_lock_dir(), f"drsync-{hashlib.sha256(key.encode()).hexdigest()[:20]}.lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0).decode(errors="replace").split("\n")
+            os.close(self.fd)
+            pid, other = [*holder, "?", "?"][:2]
+            raise OperationFailed(f"another drsync agent (pid {pid or '?'}, state directory {other or '?'}) already "
+                                  f"serves {what} {key}: two agents must never share a data root or repository; "
+                                  f"stop it, or point this config at its own") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n{state_dir}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class StateDirLock:
@@ -141,11 +179,15 @@ class Agent:
         self.data_root = engine.data_root_url(cfg.cluster.data)
         state_dir = state_dir_of(cfg)
         self.dir_lock = StateDirLock(state_dir) if serve_network else None
+        self.host_locks = [HostLock(what, where, state_dir) for what, where in
+                           (("data root", self.data_root), ("repository", cfg.cluster.repository))] \
+            if serve_network else []
         self.state_file = StateFile(state_dir)
         self.receiver: StandbyReceiver | None = None
         if self.role in ("standby", "auto"):
             self.receiver = StandbyReceiver(self.repo, self.data_root, self.state_file, agent=self.name,
-                                            keep=cfg.snapshots.keep)
+                                            keep=cfg.snapshots.keep,
+                                            max_delete_fraction=cfg.replication.max_delete_fraction)
             self.receiver.trust_request_epochs = bool(cfg.tls.allowed_peers)
             if self.receiver.recover():
                 log.warning("agent %s: finished an apply that was interrupted", self.name)
@@ -155,6 +197,10 @@ class Agent:
             if self.state.epoch == 0:  # a static primary starts the epoch sequence
                 self.state.epoch = 1
                 self.state_file.save(self.state)
+        if not self.state.agent_id:
+            self.state.agent_id = uuid.uuid4().hex
+            self.state_file.save(self.state)
+        self.fatal: DrsyncError | None = None  # set when the agent must stop (its run() then returns)
         # What this agent does right now: "primary" or "standby". With ZooKeeper it starts as a
         # standby that refuses shipments until it has heard from the group.
         self.acting = "primary" if self.role == "primary" else "standby"
@@ -186,8 +232,17 @@ class Agent:
         self._next_cycle = 0.0
         self.registered_standbys: list[str] = []
         self._started = False
-        self._skip_rejoin_snapshot = False
         self._agents: dict[str, dict[str, Any]] = {}
+        # Fencing and rejoining (safety rule 7).
+        self.claim: Epoch | None = None  # the epoch (with its node version) the primary claim was taken at
+        self._suspended_since: float | None = None  # monotonic; while a primary's session is not connected
+        self._demote_retry_at = 0.0
+        self._demote_backoff = 5.0
+        self._fence_retry_at = 0.0
+        self._fence_backoff = 5.0
+        self._last_primary: dict[str, Any] = {}  # the last primary claim seen (whom a fence command fences)
+        self._switchover_final = ""  # the final snapshot of a switchover this agent handed over with
+        self.holding_ex_primary = ""  # why this ex-primary does not rejoin as standby yet ("" = it may)
         # What the status page shows: lag samples, recent cycles (primary) or applies (standby), drills.
         self.lag_history: deque[tuple[float, float | None]] = deque(maxlen=int(LAG_WINDOW_S / LAG_SAMPLE_S))
         self._last_lag_sample = 0.0
@@ -199,6 +254,7 @@ class Agent:
         self._born = time.time()
         self._refresh_drill_metrics()
         self._init_backup_metric()
+        self._track_hold()
         if self.receiver is not None:
             self.receiver.on_applied = self._on_applied
         if self.auto:
@@ -337,6 +393,31 @@ class Agent:
         log.info("agent %s: backup %s (%s) of snapshot %s written to %s", self.name, info.id, b.mode, snaps[-1].id,
                  b.destination)
 
+    # --- operator requests and the apply hold (deletion guard) ---------------------------------
+
+    def serve_requests(self) -> None:
+        """Carry out the operator requests the command line left in the state directory (drsync apply...)."""
+        try:
+            requests.serve_pending(self.state_dir, self)
+        except OSError as e:
+            log.error("agent %s: cannot read operator requests in %s: %s", self.name, self.state_dir, e)
+
+    def _track_hold(self) -> None:
+        rx = self.receiver
+        if rx is None:
+            self.metrics.apply_held.set(0)
+            self.metrics.apply_held_deletions.set(0)
+            return
+        self.metrics.apply_held.set_function(lambda: 1 if rx.hold.active else 0)
+        self.metrics.apply_held_deletions.set_function(lambda: rx.hold.removed if rx.hold.snapshot else 0)
+
+    def hold_summary(self) -> dict[str, Any] | None:
+        """What holds applies back on this standby (None when nothing does)."""
+        rx = self.receiver
+        if rx is None or not rx.hold.active:
+            return None
+        return rx.hold.as_dict()
+
     # --- the status page --------------------------------------------------------------------
 
     def status_doc(self) -> dict[str, Any]:
@@ -378,7 +459,7 @@ class Agent:
                 "lag_history": list(self.lag_history), "lag_window_s": LAG_WINDOW_S,
                 "snapshots": [{"id": s.id, "kind": s.kind, "captured_at": s.captured_at, "files": s.files,
                                "bytes": s.bytes} for s in reversed(snaps)],
-                "cycles": list(reversed(self.cycles)), "drills": drills}
+                "cycles": list(reversed(self.cycles)), "drills": drills, "apply_hold": self.hold_summary()}
 
     def _page_html(self) -> tuple[str, bytes]:
         return "text/html; charset=utf-8", statuspage.render(self.status_doc()).encode()
@@ -416,6 +497,10 @@ class Agent:
         self.metrics.zookeeper_connected.set(1 if state is SessionState.CONNECTED else 0)
         if state is not SessionState.CONNECTED and self.acting == "primary":
             self.paused = True  # stop shipping at once; the loop decides the rest
+            if self._suspended_since is None:
+                self._suspended_since = time.monotonic()
+        elif state is SessionState.CONNECTED:
+            self._suspended_since = None
         self.wake.set()
 
     def _zk_epoch(self) -> tuple[int, str]:
@@ -434,6 +519,7 @@ class Agent:
         if self.coord is None:
             return None
         coord = self.coord
+        self._check_suspended()
         if not self._started:
             try:
                 coord.start()
@@ -443,6 +529,16 @@ class Agent:
             except CoordinationUnavailable as e:
                 self.metrics.zookeeper_connected.set(0)
                 return self._decide(GroupView(SessionState.LOST, Epoch(), None), note=str(e))
+        if not self._registered:
+            # Prove this agent's name is its own before deciding anything (two configs with one name).
+            try:
+                self._publish(force=True)
+            except DuplicateAgent as e:
+                self._stop_fatally(e)
+                return None
+            except DrsyncError as e:
+                log.warning("agent %s: cannot register in ZooKeeper yet: %s", self.name, e)
+                return None
         try:
             view = coord.view()
         except CoordinationUnavailable:
@@ -456,6 +552,9 @@ class Agent:
             self._primary_absent_since = self._primary_absent_since or now
         else:
             self._primary_absent_since = None
+            self._fence_backoff, self._fence_retry_at = 5.0, 0.0  # a new outage starts a new backoff
+            self._last_primary = {"agent": view.primary.agent, "address": view.primary.address,
+                                  "epoch": view.primary.epoch}
         if self.acting == "standby" and self.receiver is not None:
             self.receiver.observe_epoch(view.epoch.epoch)
         try:
@@ -473,9 +572,18 @@ class Agent:
             self._carry_out_switchover(view)
         try:
             self._publish()
+        except DuplicateAgent as e:
+            self._stop_fatally(e)
         except DrsyncError as e:
             log.debug("could not publish this agent's record: %s", e)
         return decision
+
+    def _stop_fatally(self, e: DrsyncError) -> None:
+        log.error("agent %s stops: %s", self.name, e)
+        if self.acting == "primary":
+            self._step_down(str(e))
+        self.fatal = e
+        self.stop.set()
 
     def _decide(self, view: GroupView, *, agents: dict[str, dict[str, Any]] | None = None,
                 note: str = "") -> RoleDecision:
@@ -488,13 +596,19 @@ class Agent:
             log.log(level, "agent %s: %s%s", self.name, decision, f" [{note}]" if note else "")
             self.last_decision = decision
         if decision.action == "act-primary":
+            if self.paused and self.state.demoted:
+                log.warning("agent %s: primary again at epoch %d, but demote_command ran while its claim could "
+                            "not be proven: production may be read-only; undo what demote_command did",
+                            self.name, self.state.epoch)
+                self.state.demoted = False
+                self.state_file.save(self.state)
             self.paused = False
             self.metrics.is_primary.set(1)
         elif decision.action == "pause":
             self.paused = True
             self.metrics.is_primary.set(0)  # it does not act as primary while paused
         elif decision.action == "step-down":
-            self._step_down(decision.reason)
+            self._step_down(decision.reason, demote="lost" if view.session is SessionState.LOST else "fenced")
         elif decision.action == "claim":
             self._become_primary(view.epoch)
         elif decision.action == "promote-self":
@@ -515,14 +629,27 @@ class Agent:
             rx.recover()
             try:
                 self.coord.claim_primary(epoch, self.name, self.address)
+                rx.release_on_promotion()
             except (EpochConflict, PrimaryTaken, CoordinationUnavailable) as e:
                 log.warning("agent %s: could not take the primary node: %s", self.name, e)
                 rx.refusal = ""
                 return
+            self.claim = epoch
             self.acting = "primary"
             self.paused = False
+            self.holding_ex_primary = ""
+            if self.state.demoted and self.state.last_role == "primary":
+                log.warning("agent %s: primary again at epoch %d, but demote_command ran while its claim could "
+                            "not be proven: production may be read-only; undo what demote_command did",
+                            self.name, epoch.epoch)
             self.state.last_role = "primary"
+            self.state.demoted = False
             self.state_file.save(self.state)
+        try:
+            # A new primary supersedes any maintenance marker (its own from a restart, or an old primary's).
+            self.coord.clear_maintenance()
+        except DrsyncError as e:
+            log.warning("agent %s: could not remove the maintenance marker: %s", self.name, e)
         self.metrics.is_primary.set(1)
         self._next_cycle = 0.0  # snapshot (and ship, once a standby registers) right away
         log.warning("agent %s is now PRIMARY at epoch %d", self.name, epoch.epoch)
@@ -530,19 +657,82 @@ class Agent:
         self.wake.set()
 
     def _promote_self(self, epoch: Epoch) -> None:
+        """Automatic failover: fence production first (fence_command must succeed), then promote."""
         assert self.coord is not None
+        if time.monotonic() < self._fence_retry_at:
+            return
+        c = self.cfg.coordination
+        if c.fencing:
+            old = self._last_primary if self._last_primary.get("agent") == epoch.promoted_by else {}
+            address = str(old.get("address") or self._agents.get(epoch.promoted_by, {}).get("address") or "")
+            log.warning("agent %s: primary %s gone: running fence_command before promoting itself", self.name,
+                        epoch.promoted_by)
+            result = run_command("fence_command", c.fence_command, fence_env(
+                group=c.group, agent=self.name, fenced_agent=epoch.promoted_by, fenced_address=address,
+                epoch=epoch.epoch, data=self.data_root), c.fence_timeout)
+            if not result.ok:
+                self._fence_retry_at = time.monotonic() + self._fence_backoff
+                log.error("agent %s: automatic failover refused: %s; production's writers may still run, so this "
+                          "agent does not promote itself (next try in %.0fs); fix the fence, or fence production "
+                          "by hand and run drsync promote", self.name, result.summary(), self._fence_backoff)
+                self._fence_backoff = min(self._fence_backoff * 2, 300.0)
+                return
+            self._fence_backoff = 5.0
+            try:  # the fence took time: promote only if the group is still as it was
+                view = self.coord.view()
+            except CoordinationUnavailable as e:
+                log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
+                return
+            if view.primary is not None or view.epoch.version != epoch.version or view.maintenance:
+                log.warning("agent %s: automatic failover abandoned: the group changed while fencing", self.name)
+                return
         try:
-            new = self.coord.promote(epoch, self.name, "automatic failover")
+            new = self.coord.promote(epoch, self.name, "automatic failover" +
+                                     (" after fence_command succeeded" if c.fencing else " (fence_command = none)"))
         except (EpochConflict, CoordinationUnavailable) as e:
             log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
             return
         log.warning("agent %s: automatic failover: promoted to epoch %d", self.name, new.epoch)
         self._become_primary(new)
 
-    def _step_down(self, reason: str) -> None:
+    def _check_suspended(self) -> None:
+        """A primary suspended for longer than the session timeout may have lost its claim: demote."""
+        since = self._suspended_since
+        if self.acting == "primary" and since is not None and \
+                time.monotonic() - since > self.cfg.coordination.session_timeout:
+            self._demote("suspended")
+
+    def _demote(self, reason: str) -> bool:
+        """Run demote_command once for this loss of the claim (retried with backoff when it fails).
+        True when production is confirmed demoted."""
+        if self.state.demoted:
+            return True
+        command = self.cfg.coordination.demote_command.strip()
+        if not command:
+            return False
+        if time.monotonic() < self._demote_retry_at:
+            return False
+        c = self.cfg.coordination
+        log.warning("agent %s: cannot prove its primary claim (%s): running demote_command", self.name, reason)
+        result = run_command("demote_command", command, demote_env(
+            group=c.group, agent=self.name, epoch=self.state.epoch, reason=reason, data=self.data_root),
+            c.demote_timeout)
+        if not result.ok:
+            self._demote_retry_at = time.monotonic() + self._demote_backoff
+            self._demote_backoff = min(self._demote_backoff * 2, 300.0)
+            log.error("agent %s: %s; production may still be writing; retrying in %.0fs", self.name,
+                      result.summary(), self._demote_backoff)
+            return False
+        self._demote_backoff = 5.0
+        self.state.demoted = True
+        self.state_file.save(self.state)
+        return True
+
+    def _step_down(self, reason: str, *, demote: str = "") -> None:
         was_primary = self.acting == "primary"
         self.acting = "standby"
         self.paused = False
+        self.claim = None
         self.metrics.is_primary.set(0)
         if self.coord is not None:
             try:
@@ -551,6 +741,25 @@ class Agent:
                 pass  # the session is gone or going: the node goes with it
         if was_primary:
             log.warning("agent %s stepped down as primary: %s", self.name, reason)
+            if demote:
+                self._demote(demote)
+
+    def _rejoin_blocker(self) -> str:
+        """Why this ex-primary may not overwrite its data root as a standby yet ("" = it may).
+
+        Its writers may still run (safety rule 7) unless demote_command succeeded, an operator ran
+        drsync rejoin, or it handed over by switchover (an operator's request, quiescence proven)."""
+        if self.state.last_role != "primary" or self.state.demoted or self._switchover_final:
+            return ""
+        if rejoin_approved(self.state_dir):
+            return ""
+        if self._demote("rejoin"):
+            return ""
+        how = ("demote_command has not succeeded" if self.cfg.coordination.demote_command.strip() else
+               "no demote_command is configured")
+        return (f"agent {self.name} was primary at epoch {self.state.epoch} and its production writers are not "
+                f"confirmed stopped ({how}): it keeps its data root untouched and does not rejoin as a standby until "
+                f"demote_command succeeds or an operator runs drsync rejoin")
 
     def _serve_as_standby(self, view: GroupView) -> None:
         """Accept shipments; first keep the data root of a former primary as a snapshot."""
@@ -560,29 +769,64 @@ class Agent:
         if view.epoch.epoch == 0:
             self.receiver.refusal = f"group {self.coord.group if self.coord else ''} has no primary yet"
             return
+        blocker = self._rejoin_blocker()
+        if blocker:
+            if blocker != self.holding_ex_primary:
+                log.warning("agent %s: %s", self.name, blocker)
+            self.holding_ex_primary = blocker
+            self.receiver.refusal = blocker
+            return
+        self.holding_ex_primary = ""
         keep_root = self.state.last_role == "primary" or (not self.state.applied_snapshot and
                                                           has_data(self.data_root))
-        if keep_root and not self._skip_rejoin_snapshot:
+        if keep_root:
             try:
                 info = engine.create_snapshot(self.repo, engine.SnapshotRequest(
                     self.cfg.cluster.data, name=f"before-rejoin-epoch-{view.epoch.epoch}",
                     reason=(f"data root of {self.name} kept before it rejoined as a standby of "
                             f"{view.primary.agent if view.primary else view.epoch.promoted_by} at epoch "
                             f"{view.epoch.epoch}"),
-                    ttl_s=REJOIN_SNAPSHOT_TTL_S, kind="manual", exclude_paths=(self.state_file.dir,)))
+                    ttl_s=REJOIN_SNAPSHOT_TTL_S, kind="manual", exclude_paths=(self.state_file.dir,),
+                    allow_empty=True))
             except DrsyncError as e:
                 log.error("agent %s: not rejoining as standby yet: could not keep its data root first: %s",
                           self.name, e)
                 return
-            log.warning("agent %s rejoins as standby; its data root was kept as snapshot %s (%s)", self.name,
-                        info.id, info.name)
+            if self._switchover_final and self._same_content(info.id, self._switchover_final):
+                # Nothing was written after the switchover's final snapshot: no second copy needed.
+                engine.delete_snapshots(self.repo, [info.id], prune=False)
+                log.info("agent %s rejoins as standby after the switchover; nothing changed since its final "
+                         "snapshot %s", self.name, self._switchover_final)
+            elif self._switchover_final:
+                log.warning("agent %s rejoins as standby: its data root changed after the switchover's final "
+                            "snapshot %s; the changes are kept in snapshot %s (%s): compare them with drsync "
+                            "snapshot diff", self.name, self._switchover_final, info.id, info.name)
+            else:
+                log.warning("agent %s rejoins as standby; its data root was kept as snapshot %s (%s)", self.name,
+                            info.id, info.name)
             # Whatever it applied as a standby before, its root has moved on since: forget it, so
             # that the next shipment is applied in full (never skipped as "same content").
-            self.state.applied_snapshot, self.state.applied_captured_at, self.state.applied_at = "", 0.0, 0.0
-            self.state.applied_position = []
+            if not self._switchover_final:
+                self.state.applied_snapshot, self.state.applied_captured_at, self.state.applied_at = "", 0.0, 0.0
+                self.state.applied_position = []
+                self.state.guard_baseline = info.id  # the first shipment may not empty what was kept
         self.state.last_role = "standby"
+        self.state.demoted = False
         self.state_file.save(self.state)
+        clear_rejoin_approval(self.state_dir)
+        self._switchover_final = ""
         self.receiver.refusal = ""
+
+    def _same_content(self, a: str, b: str) -> bool:
+        try:
+            return not self._changed_paths(a, b)
+        except DrsyncError:
+            return False
+
+    def _role_word(self) -> str:
+        if self.acting == "primary":
+            return "paused" if self.paused else "primary"
+        return "ex-primary" if self.holding_ex_primary else "standby"
 
     def _publish(self, force: bool = False) -> None:
         """Keep agents/<name> (and, after an apply, the group's state node) current."""
@@ -590,17 +834,19 @@ class Agent:
             return
         st = self.state
         lag = self.lag_s() if self.acting == "standby" else None
-        key = (self.acting, self.paused, st.epoch, st.applied_snapshot)
+        role = self._role_word()
+        key = (role, st.epoch, st.applied_snapshot)
         now = time.monotonic()
         if force or key != self._registered or now - self._registered_at >= REGISTER_EVERY_S:
             self.coord.register(self.name, {
-                "role": "primary" if self.acting == "primary" and not self.paused else
-                        ("paused" if self.acting == "primary" else "standby"),
-                "address": self.address, "cluster_id": self.cfg.cluster.id, "release": self.cfg.cluster.release,
+                "role": role, "address": self.address, "cluster_id": self.cfg.cluster.id,
+                "release": self.cfg.cluster.release,
                 "epoch": st.epoch, "applied_snapshot": st.applied_snapshot or None,
                 "applied_captured_at": st.applied_captured_at or None,
                 "applied_position": st.applied_position or None, "clock_offset_s": round(st.clock_offset_s, 3),
-                "lag_s": round(lag, 3) if lag is not None else None, "heartbeat": time.time(), "pid": os.getpid()})
+                "lag_s": round(lag, 3) if lag is not None else None, "heartbeat": time.time(), "pid": os.getpid(),
+                "waiting_to_rejoin": self.holding_ex_primary or None, "agent_id": st.agent_id,
+                "apply_hold": self.hold_summary()})
             self._registered, self._registered_at = key, now
         if self.acting == "standby" and st.applied_snapshot and st.applied_snapshot != self._state_written:
             self.coord.write_state({"snapshot": st.applied_snapshot, "captured_at": st.applied_captured_at,
@@ -693,7 +939,8 @@ class Agent:
     # --- switchover ----------------------------------------------------------------------------
 
     def _carry_out_switchover(self, view: GroupView) -> None:
-        """Planned hand-over: hook, final snapshot shipped and applied, then the roles swap."""
+        """Planned hand-over: hook, quiescence proven, final snapshot shipped and applied, then the roles
+        swap in one transaction guarded by the epoch version this agent's claim was taken at."""
         assert self.coord is not None
         req = view.switchover or {}
         if req.get("status") != "requested" or req.get("from") not in (None, "", self.name):
@@ -710,43 +957,77 @@ class Agent:
         doc.update({"status": "running", "from": self.name, "started_at": time.time()})
         self.coord.update_switchover(doc)
         log.warning("agent %s: switchover to %s started", self.name, to)
+        address = str(target["address"])
+        hook = self.cfg.coordination.switchover_hook
         try:
-            hook = self.cfg.coordination.switchover_hook
             if hook:
                 engine.run_hook("pre-switchover", hook, {"DRSYNC_SWITCHOVER_TO": to, "DRSYNC_DATA": self.data_root},
                                 self.cfg.snapshots.hook_timeout)
-            cycle = self.run_cycle([str(target["address"])])
-            if not cycle.ok:
-                raise OperationFailed(f"the final snapshot did not reach {to}: "
-                                      f"{cycle.shipped.get(str(target['address']), 'not shipped')}")
+            final = self._ship_until_quiescent(address, to)
             self._guard(True)
-            with_epoch = self.coord.read_epoch()
-            new = self.coord.hand_over(with_epoch, self.name, to)
+            if self.claim is None:
+                raise EpochConflict(f"{self.name} holds no primary claim to hand over")
+            new = self.coord.hand_over(self.claim, self.name, to)
         except DrsyncError as e:
-            doc.update(status="failed", error=f"{e}; {self.name} stays primary" +
-                       (" (the pre-switchover hook has run: undo what it did)" if
-                        self.cfg.coordination.switchover_hook else ""))
+            why = (f"a promotion or a lost session came first, and it stands: {e}" if isinstance(e, EpochConflict)
+                   else str(e))
+            doc.update(status="failed", error=f"{why}; {self.name} stays primary unless the group says otherwise" +
+                       (" (the pre-switchover hook has run: undo what it did)" if hook else ""))
             self.coord.update_switchover(doc)
-            log.error("agent %s: switchover to %s failed: %s", self.name, to, e)
+            log.error("agent %s: switchover to %s failed: %s", self.name, to, why)
+            self.wake.set()
             return
-        # The final snapshot holds everything: nothing to keep before rejoining.
         self._step_down(f"switchover to {to} at epoch {new.epoch}")
-        self.state.last_role = "standby"
-        self._skip_rejoin_snapshot = True
-        # The root holds the final snapshot (the hook kept production still): it is what is applied here.
-        self.state.applied_snapshot = cycle.snapshot
-        self.state.applied_captured_at = self.standby_applied.get(str(target["address"]), time.time())
+        # The root holds the final snapshot (quiescence proven): it is what is applied here. Anything
+        # written after it is kept in a snapshot when this agent rejoins, never silently overwritten.
+        self._switchover_final = final.snapshot
+        self.state.applied_snapshot = final.snapshot
+        self.state.applied_captured_at = self.standby_applied.get(address, time.time())
         self.state.applied_at = time.time()
         # Captured here, on this clock, at the epoch this agent shipped it at.
-        self.state.applied_position = [with_epoch.epoch, self._seq_of(cycle.snapshot)]
+        self.state.applied_position = [new.epoch - 1, self._seq_of(final.snapshot)]
         self.state.clock_offset_s, self.state.clock_source = 0.0, self.name
         if self.receiver is not None:
             self.receiver.clock = clock.ClockOffset(0.0, self.name)
         self.state_file.save(self.state)
-        doc.update(status="handed-over", epoch=new.epoch, final_snapshot=cycle.snapshot, handed_over_at=time.time())
+        if self.cfg.coordination.demote_command.strip():
+            self._demote("switchover")
+        doc.update(status="handed-over", epoch=new.epoch, final_snapshot=final.snapshot, handed_over_at=time.time())
         self.coord.update_switchover(doc)
         log.warning("agent %s: switchover: handed over to %s at epoch %d after final snapshot %s", self.name, to,
-                    new.epoch, cycle.snapshot)
+                    new.epoch, final.snapshot)
+
+    def _ship_until_quiescent(self, address: str, to: str) -> CycleDecision:
+        """Ship the final snapshot, then capture again until a capture finds no change (production is
+        quiet), at most coordination.switchover_quiesce_attempts times; OperationFailed naming the
+        changing paths otherwise. Returns the cycle of the last (unchanged) snapshot."""
+        def ship() -> CycleDecision:
+            cycle = self.run_cycle([address])
+            if not cycle.ok:
+                outcome = cycle.shipped.get(address, "not shipped")
+                raise OperationFailed(f"the final snapshot did not reach {to}: {outcome}")
+            return cycle
+
+        attempts = max(1, self.cfg.coordination.switchover_quiesce_attempts)
+        cycle = ship()
+        changed: list[str] = []
+        for _ in range(attempts):
+            again = ship()
+            changed = self._changed_paths(cycle.snapshot, again.snapshot)
+            if not changed:
+                return again
+            cycle = again
+        shown = ", ".join(printable(p) for p in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5
+                                                                  else "")
+        raise OperationFailed(f"production did not stop changing: {attempts} captures in a row after the final one "
+                              f"found changes (last: {shown}); stop its writers (or set coordination.switchover_hook "
+                              f"to do it) and retry")
+
+    def _changed_paths(self, a: str, b: str) -> list[str]:
+        ma = self.repo.load_manifest(self.repo.find_snapshot(a))
+        mb = self.repo.load_manifest(self.repo.find_snapshot(b))
+        d = diff(ma, mb)
+        return sorted([*d.added, *d.removed, *d.changed])
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -762,6 +1043,7 @@ class Agent:
                 log.warning("agent %s: coordination pass failed: %s", self.name, e)
             self._sample_lag()
             self._refresh_drill_metrics()
+            self.serve_requests()
             if self._drill_due():
                 self._start_drill()
             if self.acting == "primary" and not self.paused and time.monotonic() >= self._next_cycle:
@@ -770,7 +1052,7 @@ class Agent:
                     decision = self.run_cycle()
                 except DrsyncError as e:
                     decision = CycleDecision(f"cycle failed: {e}", ok=False)
-                log.info("agent %s: %s", self.name, decision)
+                log.log(logging.INFO if decision.ok else logging.WARNING, "agent %s: %s", self.name, decision)
                 self.cycles.append({"at": time.time(), "snapshot": decision.snapshot, "ok": decision.ok,
                                     "summary": str(decision)})
                 self.maintain()
@@ -815,7 +1097,18 @@ class Agent:
         if self.coord is not None:
             if self.acting == "primary":
                 if self.coord.state is SessionState.CONNECTED:
-                    self._step_down("agent stopping")  # hand the node back now, not one session timeout later
+                    # An agent stop is not a production outage (safety rule 7): mark it first, so that no
+                    # standby promotes itself when the primary node goes with this session.
+                    try:
+                        self.coord.set_maintenance({"agent": self.name, "since": time.time(),
+                                                    "epoch": self.state.epoch, "reason": "agent stopped"})
+                        log.warning("agent %s stops as primary of epoch %d: maintenance marker set; no automatic "
+                                    "promotion until it is back (or an operator promotes)", self.name,
+                                    self.state.epoch)
+                    except DrsyncError as e:
+                        log.error("agent %s: could not set the maintenance marker (%s): with automatic failover "
+                                  "a standby may fence production and take over", self.name, e)
+                    self._step_down("agent stopping")
                 else:
                     self.acting = "standby"  # without a connection the session (and node) simply expires
             self.coord.close()
@@ -823,6 +1116,9 @@ class Agent:
         if self.dir_lock is not None:
             self.dir_lock.release()
             self.dir_lock = None
+        for lock in self.host_locks:
+            lock.release()
+        self.host_locks = []
 
 
 def has_data(root: str) -> bool:

@@ -10,8 +10,10 @@ The rules (DESIGN.md safety rule 1 and "ZooKeeper layout"):
   claim still exists); when the session is LOST it steps down, and after
   reconnecting it decides again from a fresh read.
 - Nobody makes itself primary except by a promotion. Under
-  ``failover = automatic`` a standby promotes itself only after the primary
-  node has been gone for the grace period (longer for standbys further
+  ``failover = automatic`` a standby promotes itself only when no maintenance
+  marker says the primary's agent was stopped on purpose (safety rule 7: an
+  agent restart is not an outage), after the primary node has been gone for
+  the grace period (longer for standbys further
   behind), within the lag limit, and not within the cooldown after the last
   promotion, so that a flapping primary cannot cause ping-pong.
 """
@@ -76,6 +78,11 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
                             "no primary; waiting for drsync promote" if epoch.epoch == 0 or not policy.automatic
                             else "waiting")
     # Automatic failover candidates only from here on.
+    if view.maintenance:
+        m = view.maintenance
+        return RoleDecision("standby", f"primary node gone, but agent {m.get('agent')} is stopped on purpose "
+                                       f"({m.get('reason') or 'maintenance'}): an agent stop is not a production "
+                                       f"outage, so no automatic promotion")
     if lag_s is None:
         return RoleDecision("standby", "primary gone, but this agent has applied nothing: not eligible")
     if lag_s > policy.max_lag_s:

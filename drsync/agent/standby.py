@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import blake3
 
@@ -23,10 +24,11 @@ from drsync.config import KeepPolicy
 from drsync.engine import expire_snapshots
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
 from drsync.fsutil import describe_os_error
+from drsync.guard import deletion_guard
 from drsync.repository import chunks
 from drsync.repository.manifest import Manifest, diff
 from drsync.repository.repo import Repository
-from drsync.repository.snapshots import SnapshotInfo
+from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.transport import Caller, ReceivedChunk
 
 log = logging.getLogger("drsync.agent.standby")
@@ -56,6 +58,14 @@ class AgentState:
     # is measured from it, never from a time another machine wrote.
     epoch_seen: int = 0
     epoch_seen_at: float = 0.0
+    # An ex-primary whose demote_command succeeded after it lost its claim: it may rejoin as standby.
+    demoted: bool = False
+    # This agent's identity in its group, made at its first start: two configs with one agent.name
+    # are two agents, and the second one is refused.
+    agent_id: str = ""
+    # While nothing is applied: a snapshot of what the root held when this agent (re)joined as a standby
+    # (its before-rejoin snapshot); the deletion guard judges the first shipment against it.
+    guard_baseline: str = ""
 
 
 class StateFile:
@@ -80,9 +90,75 @@ class StateFile:
             fsutil.atomic_write(self.path, json.dumps(asdict(state)).encode(), durable=True)
 
 
+@dataclass
+class ApplyHold:
+    """What keeps a standby from applying shipments (state_dir/apply-hold.json; survives restarts).
+
+    Two holds, independent of each other:
+
+    * the deletion guard's: ``snapshot`` was shipped, stored, and not applied because it would remove
+      too many of the applied snapshot's files (:func:`drsync.guard.deletion_guard`). The hold stays on
+      that first snapshot while later shipments are stored and refused too, so that the snapshot an
+      operator inspected is the one ``drsync apply --confirm`` applies; ``latest`` names the newest of
+      them. It is lifted by that confirmation, or by a later shipment that passes the guard against the
+      applied snapshot (production came back: nothing of concern is applied).
+    * the operator's (``drsync apply --hold``, lifted by ``--resume``): every shipment is stored and
+      refused, none applied.
+    """
+
+    snapshot: str = ""  # the held snapshot ("" when the deletion guard holds nothing)
+    captured_at: float = 0.0
+    applied: str = ""  # the applied snapshot it was judged against
+    held_at: float = 0.0
+    files: int = 0  # files (non-directory entries) of the applied snapshot
+    removed: int = 0  # of those, how many the held snapshot would remove
+    message: str = ""  # the refusal, as the primary was told
+    latest: str = ""  # the newest shipment stored and refused while held
+    refused: int = 0  # shipments refused since the hold began
+    operator_since: float = 0.0  # drsync apply --hold in force since (0: not)
+    position: list[int] = field(default_factory=list)  # the held snapshot's [sender epoch, sender seq]
+    latest_position: list[int] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.snapshot or self.operator_since)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"held": self.active, "operator_hold": bool(self.operator_since)}
+
+
+class HoldFile:
+    """The durable :class:`ApplyHold` of a state directory; no file while nothing is held."""
+
+    NAME = "apply-hold.json"
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = state_dir
+        self.path = os.path.join(state_dir, self.NAME)
+
+    def load(self) -> ApplyHold:
+        try:
+            with open(self.path, "rb") as f:
+                doc = json.loads(f.read())
+        except FileNotFoundError:
+            return ApplyHold()
+        known = set(ApplyHold.__dataclass_fields__)
+        return ApplyHold(**{k: v for k, v in doc.items() if k in known})
+
+    def save(self, hold: ApplyHold) -> None:
+        if hold.active:
+            fsutil.atomic_write(self.path, json.dumps(asdict(hold)).encode(), durable=True)
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return
+        fsutil.fsync_dir(self.dir)
+
+
 class StandbyReceiver:
     def __init__(self, repo: Repository, data_root: str, state: StateFile, *, agent: str,
-                 keep: KeepPolicy | None = None) -> None:
+                 keep: KeepPolicy | None = None, max_delete_fraction: float = 0.5) -> None:
         self.repo = repo
         self.data_root = data_root
         self.state_file = state
@@ -106,6 +182,10 @@ class StandbyReceiver:
         self.trust_request_epochs = False
         self.on_applied: Callable[[], None] = lambda: None
         self._epoch_lock = threading.Lock()
+        # The deletion guard (safety rule 8) and the operator's hold; changed under commit_lock only.
+        self.max_delete_fraction = max_delete_fraction
+        self.hold_file = HoldFile(state.dir)
+        self.hold = self.hold_file.load()
 
     def recover(self) -> bool:
         """Finish an apply a crash interrupted, before serving anything (safety rule 2)."""
@@ -254,17 +334,178 @@ class StandbyReceiver:
                 # Stored with this repository's next sequence number (arrival order), whatever
                 # seq the sender's document carries; a retried commit keeps the stored one.
                 info = known[info.id] if info.id in known else self.repo.commit_snapshot(info, manifest_bytes)
-                if self._same_as_applied(manifest):
-                    # Nothing changed since the applied snapshot: the root already holds it.
-                    self._record_applied(info.id, info.captured_at, [caller.epoch, sender_seq])
-                    result = ApplyResult(unchanged_files=manifest.file_count())
-                    log.info("snapshot %s has the content of the applied one; nothing to apply", info.id)
-                else:
-                    result = self._apply(info, manifest, [caller.epoch, sender_seq])
-                    log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id,
-                             result.written_files, result.removed, time.monotonic() - started)
+                # RefusedError while held: stored, not applied
+                result = self._take(info, manifest, started, [caller.epoch, sender_seq])
             self._maintain()  # outside the shared lock: retention takes the exclusive one
             return info, result
+
+    def _take(self, info: SnapshotInfo, manifest: Manifest, started: float, position: list[int]) -> ApplyResult:
+        """Apply a stored snapshot unless a hold keeps it back (then RefusedError, logged as a warning).
+
+        Under commit_lock and the repository's shared lock."""
+        if self.hold.operator_since:
+            raise RefusedError(self._refuse(info, (
+                f"standby {self.agent} holds applies (drsync apply --hold since {iso(self.hold.operator_since)}): "
+                f"snapshot {info.id} stored, not applied; run 'drsync apply --resume' on standby {self.agent} "
+                f"to apply again")))
+        applied = self._applied_manifest()
+        if applied is not None and self._same(applied, manifest):
+            # Nothing changed since the applied snapshot: the root already holds it.
+            self._record_applied(info.id, info.captured_at, position)
+            log.info("snapshot %s has the content of the applied one; nothing to apply", info.id)
+            self._release_guard(f"snapshot {info.id} has the content of the applied snapshot again")
+            return ApplyResult(unchanged_files=manifest.file_count())
+        base = applied if applied is not None else self._baseline_manifest()
+        hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
+        if hold is not None:
+            h = self.hold
+            if not h.snapshot:  # the hold stays on the first held snapshot (the one an operator inspects)
+                h.snapshot, h.captured_at, h.applied, h.held_at = (info.id, info.captured_at,
+                                                                   self.state.applied_snapshot or
+                                                                   self.state.guard_baseline, time.time())
+                h.files, h.removed, h.position = hold.files, hold.removed, list(position)
+            what = (f"snapshot {info.id} {hold.describe()}: held, not applied" if h.snapshot == info.id else
+                    f"snapshot {info.id} {hold.describe()}: stored, not applied (snapshot {h.snapshot} is held "
+                    f"since {iso(h.held_at)})")
+            message = (f"{what}; on standby {self.agent} inspect it with 'drsync snapshot diff {h.applied} "
+                       f"{h.snapshot}' and confirm with 'drsync apply --confirm {h.snapshot}' if this deletion "
+                       f"is intended")
+            if h.snapshot == info.id:
+                h.message = message
+            raise RefusedError(self._refuse(info, message, position))
+        result = self._apply(info, manifest, position)
+        log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id,
+                 result.written_files, result.removed, time.monotonic() - started)
+        self._release_guard(f"snapshot {info.id} was applied: it removes few enough of the files "
+                            f"(replication.max_delete_fraction {self.max_delete_fraction:g})")
+        return result
+
+    def _refuse(self, info: SnapshotInfo, message: str, position: list[int] | None = None) -> str:
+        self.hold.latest = info.id
+        self.hold.latest_position = list(position or [])
+        self.hold.refused += 1
+        self.hold_file.save(self.hold)
+        log.warning("%s", message)
+        return message
+
+    def release_on_promotion(self) -> None:
+        """A promoted standby serves its applied snapshot: holds on what it stored are moot. Caller holds
+        commit_lock. The held snapshots stay in the repository."""
+        if self.hold.active:
+            held = self.hold.snapshot or self.hold.latest
+            self.hold.operator_since = 0.0
+            self._release_guard(f"agent {self.agent} was promoted at its applied snapshot "
+                                f"{self.state.applied_snapshot or '(none)'}; the held snapshot {held} stays in its "
+                                f"repository")
+            self.hold_file.save(self.hold)
+
+    def _release_guard(self, why: str) -> None:
+        if not self.hold.snapshot:
+            return
+        held = self.hold.snapshot
+        self.hold.snapshot, self.hold.applied, self.hold.message = "", "", ""
+        self.hold.captured_at = self.hold.held_at = 0.0
+        self.hold.files = self.hold.removed = 0
+        if not self.hold.operator_since:
+            self.hold.latest, self.hold.refused = "", 0
+        self.hold_file.save(self.hold)
+        log.warning("deletion guard: the hold on snapshot %s is lifted: %s", held, why)
+
+    def _baseline_manifest(self) -> Manifest | None:
+        """What the root held when this agent (re)joined, while nothing is applied yet (an ex-primary's
+        live production data): emptying it is held like any other mass deletion (safety rule 8)."""
+        if self.state.applied_snapshot or not self.state.guard_baseline:
+            return None
+        try:
+            return self.repo.load_manifest(self.repo.find_snapshot(self.state.guard_baseline))
+        except DrsyncError:
+            return None
+
+    def _applied_manifest(self) -> Manifest | None:
+        if not self.state.applied_snapshot:
+            return None
+        try:
+            return self.repo.load_manifest(self.repo.find_snapshot(self.state.applied_snapshot))
+        except DrsyncError as e:
+            log.warning("deletion guard: cannot read the applied snapshot %s (%s); the shipment is judged "
+                        "without it", self.state.applied_snapshot, e)
+            return None
+
+    # --- operator requests (drsync apply), each under commit_lock: never during a shipment's commit ------
+
+    def confirm(self, ref: str) -> dict[str, Any]:
+        """Apply the snapshot the deletion guard holds (``ref``: its id or a unique prefix of 6+ characters).
+
+        RefusedError when ``ref`` is not the held snapshot, or nothing is held."""
+        started = time.monotonic()
+        with self.commit_lock:
+            if self.broken:
+                raise OperationFailed(f"standby {self.agent} needs recovery: {self.broken}")
+            held = self.hold.snapshot
+            if not held:
+                extra = (" (applies are held by 'drsync apply --hold'; 'drsync apply --resume' lifts that)"
+                         if self.hold.operator_since else "")
+                raise RefusedError(f"no snapshot is held by the deletion guard on standby {self.agent}{extra}; "
+                                   f"nothing was applied")
+            if ref != held and not (len(ref) >= 6 and held.startswith(ref)):
+                raise RefusedError(f"snapshot {ref} is not the one held on standby {self.agent}: {held} is "
+                                   f"(it would remove {self.hold.removed:,} of {self.hold.files:,} files); nothing "
+                                   f"was applied; see 'drsync apply' and confirm the held snapshot")
+            info = self.repo.find_snapshot(held)
+            manifest = self.repo.load_manifest(info)
+            with self.repo.lock(exclusive=False, wait_s=30.0):
+                result = self._apply(info, manifest, list(self.hold.position))
+            log.warning("snapshot %s applied on an operator's confirmation (%d files written, %d removed) in %.2fs",
+                        info.id, result.written_files, result.removed, time.monotonic() - started)
+            self._release_guard("an operator confirmed it (drsync apply --confirm) and it was applied")
+            self._maintain()
+            return {"applied": info.id, "written_files": result.written_files, "removed": result.removed,
+                    "message": f"snapshot {info.id} applied on standby {self.agent}: {result.written_files} files "
+                               f"written, {result.removed} removed"}
+
+    def hold_applies(self) -> dict[str, Any]:
+        """The operator's hold: store shipments, apply none until :meth:`resume`."""
+        with self.commit_lock:
+            if not self.hold.operator_since:
+                self.hold.operator_since = time.time()
+                self.hold_file.save(self.hold)
+                log.warning("applies held by an operator (drsync apply --hold): shipments are stored, not applied, "
+                            "until 'drsync apply --resume'")
+            return {"message": f"standby {self.agent} holds applies since {iso(self.hold.operator_since)}: "
+                               f"shipments are stored, not applied, until 'drsync apply --resume'"}
+
+    def resume(self) -> dict[str, Any]:
+        """Lift the operator's hold, and apply the newest snapshot stored meanwhile (the guard still judges it)."""
+        with self.commit_lock:
+            if not self.hold.operator_since:
+                note = (f"; snapshot {self.hold.snapshot} stays held by the deletion guard "
+                        f"('drsync apply --confirm {self.hold.snapshot}' applies it)" if self.hold.snapshot else "")
+                return {"applied": None, "message": f"applies were not held by an operator on standby "
+                                                    f"{self.agent}; nothing to resume{note}"}
+            self.hold.operator_since = 0.0
+            latest = self.hold.latest if not self.hold.snapshot else ""
+            if not self.hold.snapshot:
+                self.hold.latest, self.hold.refused = "", 0
+            self.hold_file.save(self.hold)
+            log.warning("applies resumed by an operator (drsync apply --resume)")
+            message = f"standby {self.agent} applies shipments again"
+            applied = None
+            if latest and latest != self.state.applied_snapshot:
+                try:
+                    info = self.repo.find_snapshot(latest)
+                    manifest = self.repo.load_manifest(info)
+                    with self.repo.lock(exclusive=False, wait_s=30.0):
+                        self._take(info, manifest, time.monotonic(), list(self.hold.latest_position))
+                    applied = info.id
+                    message += f"; snapshot {info.id}, stored while held, is applied"
+                except RefusedError as e:
+                    message += f"; {e}"
+                except DrsyncError as e:
+                    message += f"; the snapshot stored while held ({latest}) was not applied ({e}): the next " \
+                               f"shipment brings a newer one"
+            else:
+                message += "; the next shipment is applied"
+            return {"applied": applied, "message": message}
 
     def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int]) -> ApplyResult:
         pending = os.path.join(self.state_file.dir, "applying.json")
@@ -285,8 +526,12 @@ class StandbyReceiver:
 
     def _maintain(self) -> None:
         """Retention of received snapshots, under the commit lock so that GC never races a shipment's
-        commit; the applied snapshot is always kept. GC runs at most hourly."""
+        commit; the applied snapshot is always kept. GC runs at most hourly. Nothing is expired while
+        applies are held (deletion guard or operator): the good snapshots must outlive the hold."""
         if self.keep is None:
+            return
+        if self.hold.active:
+            log.debug("retention skipped: applies are held")  # the good snapshots stay until it is lifted
             return
         collect = time.monotonic() - self._last_gc >= 3600.0
         try:
@@ -300,13 +545,8 @@ class StandbyReceiver:
         if res.gc is not None:
             self._last_gc = time.monotonic()
 
-    def _same_as_applied(self, manifest: Manifest) -> bool:
-        if not self.state.applied_snapshot:
-            return False
-        try:
-            applied = self.repo.load_manifest(self.repo.find_snapshot(self.state.applied_snapshot))
-        except DrsyncError:
-            return False
+    @staticmethod
+    def _same(applied: Manifest, manifest: Manifest) -> bool:
         d = diff(applied, manifest)
         return not (d.added or d.removed or d.changed)
 

@@ -41,6 +41,15 @@ def _last_snapshot(cfg: Config) -> dict[str, Any] | None:
     return {"id": snaps[-1].id, "captured_at": iso(snaps[-1].captured_at), "kind": snaps[-1].kind}
 
 
+def _maintenance(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The maintenance marker with its time in ISO 8601 (and Unix seconds for scripts)."""
+    if not doc:
+        return None
+    since = doc.get("since")
+    return {"agent": doc.get("agent"), "reason": doc.get("reason"), "epoch": doc.get("epoch"),
+            "since": iso(float(since)) if isinstance(since, int | float) else None, "since_unix": since}
+
+
 def collect_group_status(cfg: Config) -> dict[str, Any]:
     """The group as ZooKeeper records it: primary, epoch, and every running agent's record."""
     from drsync.agent.loop import open_coordinator
@@ -67,6 +76,7 @@ def collect_group_status(cfg: Config) -> dict[str, Any]:
             "lag_s": round(float(lag), 3) if lag is not None and role == "standby" else None,
             "applied_snapshot": r.get("applied_snapshot"), "cluster_id": r.get("cluster_id"),
             "release": r.get("release"), "heartbeat_age_s": round(now - float(r.get("heartbeat") or now), 3),
+            "waiting_to_rejoin": r.get("waiting_to_rejoin"), "apply_hold": r.get("apply_hold"),
             "reachable": True})
     if primary is not None and primary.agent not in records:
         agents.append({"name": primary.agent, "role": "primary", "address": primary.address, "epoch": primary.epoch,
@@ -75,7 +85,8 @@ def collect_group_status(cfg: Config) -> dict[str, Any]:
             "epoch": view.epoch.epoch, "promoted_by": view.epoch.promoted_by or None,
             "promoted_at": iso(view.epoch.at) if view.epoch.at else None, "promotion_reason": view.epoch.reason or None,
             "primary_since": iso(primary.since) if primary else None, "agents": agents, "state": state,
-            "switchover": view.switchover, "last_snapshot": _last_snapshot(cfg),
+            "switchover": view.switchover, "maintenance": _maintenance(view.maintenance),
+            "last_snapshot": _last_snapshot(cfg),
             "last_drill": drills[-1] if drills else None}
 
 
@@ -117,6 +128,11 @@ def collect_pair_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any
     from drsync.agent.loop import state_dir_of
 
     drills = load_reports(state_dir_of(cfg), 1)
+    from drsync.agent.standby import HoldFile
+
+    hold = HoldFile(state_dir_of(cfg)).load()  # this config's agent: its hold is in its state directory
+    for a in agents:
+        a["apply_hold"] = hold.as_dict() if a["address"] == cfg.agent.listen and hold.active else None
     return {"group": cfg.coordination.group, "primary": primaries[0] if len(primaries) == 1 else None,
             "epoch": max(epochs) if epochs else None, "agents": agents, "last_snapshot": last_snapshot,
             "last_drill": drills[-1] if drills else None}

@@ -71,6 +71,14 @@ def render(doc: dict[str, Any], now: float | None = None) -> str:
         f'<td>{_e("; ".join(s["name"] + ": " + s["detail"] for s in d.get("steps", []) if not s.get("passed")))}'
         f'</td></tr>' for d in reversed(doc.get("drills", [])))
     primary = doc.get("primary") or "none"
+    hold = doc.get("apply_hold") or {}
+    held = ""
+    if hold:
+        lines = ([f"applies held by an operator since {_when(hold.get('operator_since'), now)} "
+                  f"(drsync apply --resume lifts it)"] if hold.get("operator_hold") else [])
+        lines += [str(hold["message"])] if hold.get("snapshot") and hold.get("message") else []
+        held = (f'<p id="apply-hold" class="held"><b>Applies held on this standby.</b> '
+                f'{"<br>".join(_e(x) for x in lines)}</p>')
     window = float(doc.get("lag_window_s", 6 * 3600))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
@@ -81,12 +89,14 @@ table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
 td, th {{ border-bottom: 1px solid #d0d7de; padding: 0.3em 0.8em; text-align: left; font-size: 14px; }}
 .role-primary {{ font-weight: bold; color: #1a7f37; }} .bad td {{ color: #cf222e; }} .muted {{ color: #656d76; }}
 .summary > span {{ margin-right: 2em; }}
+.held {{ background: #fff8c5; border: 1px solid #d4a72c; padding: 0.6em 1em; }}
 </style></head><body>
 <h1>drsync group <span id="group">{_e(doc.get("group"))}</span></h1>
 <p class="summary"><span>primary: <b id="primary">{_e(primary)}</b></span>
 <span>epoch: <b id="epoch">{_e(doc.get("epoch"))}</b></span>
 <span>this agent: <b id="agent">{_e(doc.get("agent"))}</b> (<span id="role">{_e(doc.get("role"))}</span>)</span>
 <span>ZooKeeper: <b id="zookeeper">{_e(doc.get("zookeeper"))}</b></span></p>
+{held}
 <h2>Agents</h2>
 <table id="agents"><tr><th>agent</th><th>role</th><th>address</th><th>epoch</th><th>lag</th><th>applied snapshot</th>
 </tr>{rows}</table>

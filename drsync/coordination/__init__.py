@@ -16,6 +16,8 @@ The contract (DESIGN.md, "ZooKeeper layout"), under ``/drsync/<group>``:
 - ``agents/<name>`` (ephemeral): each running agent's role, address, cluster,
   release, applied snapshot and lag.
 - ``state`` (persistent): the last snapshot a standby applied.
+- ``maintenance`` (persistent): present while the primary's agent is stopped on purpose
+  (``agent``, ``since``, ``reason``); no automatic promotion happens while it exists.
 - ``switchover`` (persistent, transient): a planned hand-over being carried out.
 - ``drills/<seq>`` (persistent sequential): drill reports.
 - ``rehearsal`` (persistent): written by drills' dry-run promotions, never read for decisions.
@@ -70,6 +72,7 @@ class GroupView:
     primary: PrimaryClaim | None
     switchover: dict[str, Any] | None = None
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    maintenance: dict[str, Any] | None = None  # the primary's agent is stopped on purpose
 
 
 class CoordinationUnavailable(OperationFailed):
@@ -82,6 +85,12 @@ class EpochConflict(RefusedError):
 
 class PrimaryTaken(RefusedError):
     """Another agent holds the primary node."""
+
+
+class DuplicateAgent(OperationFailed):
+    """Another live agent is registered under this agent's name (with another agent id)."""
+
+    exit_code = 2  # a configuration mistake: two configs with one agent.name
 
 
 class Coordinator(Protocol):
@@ -100,14 +109,15 @@ class Coordinator(Protocol):
         """Called (from another thread, must not block) on every session state change."""
 
     def on_change(self, callback: Callable[[], None]) -> None:
-        """Called (from another thread, must not block) when ``epoch``, ``primary`` or ``switchover`` change."""
+        """Called (from another thread, must not block) when ``epoch``, ``primary``, ``switchover`` or
+        ``maintenance`` change."""
 
     def read_epoch(self) -> Epoch: ...
 
     def read_primary(self) -> PrimaryClaim | None: ...
 
     def view(self) -> GroupView:
-        """Epoch, primary and pending switchover, read fresh from the server."""
+        """Epoch, primary, pending switchover and maintenance marker, read fresh from the server."""
 
     def promote(self, expected: Epoch, agent: str, reason: str) -> Epoch:
         """Compare-and-set the epoch to ``expected.epoch + 1`` naming ``agent``; EpochConflict if it moved."""
@@ -120,10 +130,23 @@ class Coordinator(Protocol):
         """Delete ``primary`` if this session holds it."""
 
     def hand_over(self, expected: Epoch, from_agent: str, to_agent: str) -> Epoch:
-        """Switchover: in one transaction bump the epoch naming ``to_agent`` and drop our primary claim."""
+        """Switchover: in one transaction bump the epoch naming ``to_agent`` and drop our primary claim.
+
+        ``expected`` is the epoch as read when the claim was taken (its version): if anything promoted
+        since, or this session no longer holds ``primary``, nothing changes (EpochConflict)."""
+
+    def set_maintenance(self, doc: dict[str, Any]) -> None:
+        """Create or replace the ``maintenance`` marker (``agent``, ``since``, ``reason``)."""
+
+    def clear_maintenance(self, agent: str | None = None) -> None:
+        """Remove the ``maintenance`` marker (only ``agent``'s when given)."""
+
+    def read_maintenance(self) -> dict[str, Any] | None: ...
 
     def register(self, name: str, record: dict[str, Any]) -> None:
-        """Create or update this agent's ephemeral ``agents/<name>`` record."""
+        """Create or update this agent's ephemeral ``agents/<name>`` record. ``record["agent_id"]`` is the
+        agent's persistent identity: a live record of the name with another id is another agent
+        (DuplicateAgent); one with the same id is this agent's previous session and is replaced."""
 
     def agents(self) -> dict[str, dict[str, Any]]: ...
 

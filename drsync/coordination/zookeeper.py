@@ -36,6 +36,7 @@ from kazoo.security import ACL, Id, Permissions, make_digest_acl
 
 from drsync.coordination import (
     CoordinationUnavailable,
+    DuplicateAgent,
     Epoch,
     EpochConflict,
     GroupView,
@@ -190,7 +191,7 @@ class ZooKeeperCoordinator:
             if self._watching:
                 return
             self._watching = True
-        for name in ("epoch", "primary", "switchover"):
+        for name in ("epoch", "primary", "switchover", "maintenance"):
             self.zk.DataWatch(f"{self.base}/{name}", self._fire)
 
     def _fire(self, data: bytes | None, stat: Any, event: Any = None) -> None:
@@ -224,7 +225,8 @@ class ZooKeeperCoordinator:
 
     @_zk_errors
     def view(self) -> GroupView:
-        return GroupView(self._state, self.read_epoch(), self.read_primary(), self.read_switchover())
+        return GroupView(self._state, self.read_epoch(), self.read_primary(), self.read_switchover(),
+                         maintenance=self.read_maintenance())
 
     @_zk_errors
     def promote(self, expected: Epoch, agent: str, reason: str) -> Epoch:
@@ -299,16 +301,43 @@ class ZooKeeperCoordinator:
     @_zk_errors
     def hand_over(self, expected: Epoch, from_agent: str, to_agent: str) -> Epoch:
         new = Epoch(expected.epoch + 1, to_agent, time.time(), f"switchover from {from_agent}")
-        tx = self.zk.transaction()
-        tx.set_data(f"{self.base}/epoch", _dump(new.doc()), expected.version)
         try:
-            _data, stat = self._w(self.zk.get_async(f"{self.base}/primary"))
-            if self._mine(stat):
-                tx.delete(f"{self.base}/primary", stat.version)
+            data, stat = self._w(self.zk.get_async(f"{self.base}/primary"))
         except NoNodeError:
-            pass
+            data, stat = None, None
+        held = _load(data) if stat is not None else {}
+        if stat is None or not self._mine(stat) or held.get("agent") != from_agent or \
+                held.get("epoch") != expected.epoch:
+            raise EpochConflict(f"handing over: {from_agent} no longer holds the primary node at epoch "
+                                f"{expected.epoch} (a promotion or a lost session came first); nothing was changed")
+        tx = self.zk.transaction()
+        # The version read when the claim was taken: a promotion since then wins, and this fails.
+        tx.set_data(f"{self.base}/epoch", _dump(new.doc()), expected.version)
+        tx.delete(f"{self.base}/primary", stat.version)
         self._commit(tx, "handing over")
         return Epoch(new.epoch, new.promoted_by, new.at, new.reason, expected.version + 1)
+
+    @_zk_errors
+    def set_maintenance(self, doc: dict[str, Any]) -> None:
+        self._put(f"{self.base}/maintenance", doc)
+
+    @_zk_errors
+    def clear_maintenance(self, agent: str | None = None) -> None:
+        path = f"{self.base}/maintenance"
+        try:
+            data, stat = self._w(self.zk.get_async(path))
+        except NoNodeError:
+            return
+        if agent is not None and _load(data).get("agent") != agent:
+            return
+        try:
+            self._w(self.zk.delete_async(path, version=stat.version))
+        except (NoNodeError, BadVersionError):
+            pass  # removed or rewritten meanwhile: the next pass looks again
+
+    @_zk_errors
+    def read_maintenance(self) -> dict[str, Any] | None:
+        return self._get(f"{self.base}/maintenance")
 
     # --- records ----------------------------------------------------------------------
 
@@ -322,8 +351,14 @@ class ZooKeeperCoordinator:
                 self._w(self.zk.set_async(path, data, version=stat.version))
                 return
             if stat is not None:
+                held = self._get(path) or {}
+                if held.get("agent_id") and held.get("agent_id") != record.get("agent_id"):
+                    raise DuplicateAgent(
+                        f"another agent is already registered as {name!r} in group {self.group} (address "
+                        f"{held.get('address')}, pid {held.get('pid')}, agent id {held.get('agent_id')}): agent "
+                        f"names must be unique in a group; give this agent its own agent.name (or stop the other)")
                 # The record of this agent's previous session (restarted before it expired).
-                log.warning("replacing the record of agent %s left by an earlier session", name)
+                log.warning("replacing the record of agent %s left by its own earlier session", name)
                 self._w(self.zk.delete_async(path, version=stat.version))
             self._w(self.zk.create_async(path, data, ephemeral=True))
         except (NodeExistsError, NoNodeError, BadVersionError):

@@ -31,6 +31,9 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 20_000)]
+# Never share a listen port with another process (gRPC sets SO_REUSEPORT by default on Linux, so a
+# second agent on the same port would start and receive half of the shipments).
+_SERVER_OPTIONS = [*_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 def _abort(context: grpc.ServicerContext, e: Exception) -> None:
@@ -192,7 +195,7 @@ def start_server(servicer: ReplicationServicer, listen: str, *, tls: tuple[str, 
     if tls is None and not _is_loopback(host) and not allow_insecure_remote:
         raise UsageError(f"agent.listen {listen} is not a loopback address and [tls] is not configured; "
                          f"configure mutual TLS, or set agent.allow_insecure_remote = true")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_SERVER_OPTIONS)
     pb_grpc.add_ReplicationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,139 @@
+"""Fencing commands: what makes a promotion safe while production may still be writing.
+
+Safety rule 7 (DESIGN.md): an agent is not its cluster. Before a standby
+becomes primary, production's writers must be stopped by something outside
+drsync, the way Hadoop's ZKFC runs its configured fencing methods before a
+standby namenode becomes active:
+
+- ``coordination.fence_command`` runs on the promoting side (the standby that
+  promotes itself, or ``drsync promote`` over an earlier primary) and must
+  exit 0 within ``fence_timeout``; otherwise nothing is promoted.
+  ``"none"`` is the operator's explicit choice to promote without fencing.
+- ``coordination.demote_command`` runs on a primary's agent as soon as it can
+  no longer prove its claim (session lost, suspended past the session
+  timeout, or a newer epoch names another agent), like Patroni demoting its
+  own database when it loses the leader key. Its success is also what lets an
+  ex-primary rejoin as a standby without ``drsync rejoin``.
+
+Both run through ``/bin/sh -c`` in their own process group (a timeout kills
+the whole group, so a hung ``ssh`` cannot outlive it) with ``DRSYNC_*``
+variables describing the situation; their output is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from drsync import fsutil
+
+log = logging.getLogger("drsync.agent.fencing")
+
+# Output kept for the log and for error messages (the tail, where the reason usually is).
+OUTPUT_KEEP = 4000
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """How one fencing or demotion command ended."""
+
+    what: str  # "fence_command" | "demote_command"
+    command: str
+    ok: bool
+    exit_code: int | None  # None when it timed out or could not start
+    output: str  # stdout and stderr, interleaved, at most OUTPUT_KEEP characters (the tail)
+    duration_s: float
+    timed_out: bool = False
+
+    def summary(self) -> str:
+        """One line: how it ended and the last line of its output."""
+        if self.timed_out:
+            how = f"did not finish within {self.duration_s:.0f}s (killed)"
+        elif self.exit_code is None:
+            how = "could not be started"
+        else:
+            how = f"exited with {self.exit_code}"
+        last = next((ln.strip() for ln in reversed(self.output.splitlines()) if ln.strip()), "")
+        return f"{self.what} {how}" + (f": {last}" if last else "")
+
+
+def run_command(what: str, command: str, env: dict[str, str], timeout_s: float) -> CommandResult:
+    """Run ``command`` with ``/bin/sh -c``; never raises. Logs the outcome and output (WARNING or
+    above when it failed)."""
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**os.environ, **env}, start_new_session=True)
+    except OSError as e:
+        result = CommandResult(what, command, False, None, f"{e.strerror or e}", 0.0)
+        log.error("%s", result.summary())
+        return result
+    timed_out = False
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, _ = proc.communicate()
+    text = out.decode(errors="replace")[-OUTPUT_KEEP:]
+    code = None if timed_out else proc.returncode
+    result = CommandResult(what, command, code == 0, code, text, round(time.monotonic() - started, 3), timed_out)
+    if result.ok:
+        log.warning("%s succeeded in %.1fs%s", what, result.duration_s, f"; output: {text.strip()}" if text.strip()
+                    else "")
+    else:
+        log.error("%s%s", result.summary(), f"; output: {text.strip()}" if text.strip() else "")
+    return result
+
+
+def fence_env(*, group: str, agent: str, fenced_agent: str, fenced_address: str, epoch: int,
+              data: str) -> dict[str, str]:
+    """Variables for fence_command: who promotes (and its data root), whom to fence, and the epoch
+    being replaced."""
+    return {"DRSYNC_GROUP": group, "DRSYNC_AGENT": agent, "DRSYNC_FENCE_AGENT": fenced_agent,
+            "DRSYNC_FENCE_ADDRESS": fenced_address, "DRSYNC_EPOCH": str(epoch), "DRSYNC_DATA": data}
+
+
+def demote_env(*, group: str, agent: str, epoch: int, reason: str, data: str) -> dict[str, str]:
+    """Variables for demote_command; ``reason`` is ``lost``, ``suspended``, ``fenced`` or ``rejoin``."""
+    return {"DRSYNC_GROUP": group, "DRSYNC_AGENT": agent, "DRSYNC_EPOCH": str(epoch), "DRSYNC_REASON": reason,
+            "DRSYNC_DATA": data}
+
+
+# --- drsync rejoin: an operator's word that an ex-primary's writers are stopped ---------------------
+
+REJOIN_FILE = "rejoin.json"
+
+
+def approve_rejoin(state_dir: str, doc: dict[str, object]) -> str:
+    """Record (durably, in the agent's state directory) that the ex-primary may rejoin as a standby.
+    Returns the file's path."""
+    path = os.path.join(state_dir, REJOIN_FILE)
+    fsutil.atomic_write(path, json.dumps(doc, sort_keys=True).encode(), durable=True)
+    return path
+
+
+def rejoin_approved(state_dir: str) -> dict[str, object] | None:
+    """The operator's approval, when one is recorded."""
+    try:
+        with open(os.path.join(state_dir, REJOIN_FILE), "rb") as f:
+            doc = json.loads(f.read() or b"{}")
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else {}
+
+
+def clear_rejoin_approval(state_dir: str) -> None:
+    """Consumed once the ex-primary has rejoined: the next time it needs a new word."""
+    try:
+        os.unlink(os.path.join(state_dir, REJOIN_FILE))
+    except FileNotFoundError:
+        pass

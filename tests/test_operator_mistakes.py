@@ -1,0 +1,134 @@
+"""Operator mistakes that must be refused (issue: two agents with one name, one port, one data root)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_tree, run_drsync, tree_state
+from tests.group import Group, PrimaryWatcher, wait_for
+from tests.zk import free_port
+
+
+@pytest.fixture
+def grp(tmp_path: Path, zk_server, group: str) -> Iterator[Group]:  # type: ignore[no-untyped-def]
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"])
+    yield g
+    g.stop_all()
+
+
+def bootstrap(g: Group) -> None:
+    g.start("east")
+    g.start("west")
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.in_sync("east", "west") and g.record("west").get("applied_snapshot"), "west to sync")
+
+
+def copy_config(g: Group, name: str, tmp: Path, *, keep: tuple[str, ...] = ()) -> Path:
+    """A copy of ``name``'s config as an operator makes one: new ports, and new paths unless kept."""
+    text = g.cfg[name].read_text()
+    text = text.replace(g.addr[name], f"127.0.0.1:{free_port()}").replace(g.metrics[name], f"127.0.0.1:{free_port()}")
+    if "data" not in keep:
+        data = tmp / "copy-data"
+        if not data.exists():
+            make_tree(data, files=3, big=0)
+        (data / "catalog" / "impostor.txt").write_text("only the copy has this\n")
+        text = text.replace(f'data = "{g.data[name]}"', f'data = "{data}"')
+    if "repository" not in keep:
+        text = text.replace(f'repository = "{tmp / (name + "-repo")}"', f'repository = "{tmp / "copy-repo"}"')
+    if "repository" in keep and "state" not in keep:
+        text = text.replace("[agent]\n", f'[agent]\nstate_dir = "{tmp / "copy-state"}"\n')
+    p = tmp / "copy.toml"
+    p.write_text(text)
+    if "repository" not in keep and not (tmp / "copy-repo").exists():
+        assert run_drsync("init", "--config", p).code == 0
+    return p
+
+
+def run_agent(cfg: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "drsync", "agent", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_second_agent_with_the_same_name_is_refused(grp: Group, tmp_path: Path) -> None:
+    g = grp
+    watcher = PrimaryWatcher(g.hosts, g.group)
+    bootstrap(g)
+    copy = copy_config(g, "east", tmp_path)
+    check = run_drsync("config", "check", "--config", copy, "--json")
+    named = {c["name"]: c for c in json.loads(check.out)["checks"]}
+    assert check.code != 0 and not named["agent name"]["ok"] and g.addr["east"] in named["agent name"]["detail"]
+    r = run_agent(copy)
+    assert r.returncode == 2, r.stderr
+    assert "another agent is already registered as 'east'" in r.stderr and g.addr["east"] in r.stderr
+    # The real agents never noticed: one primary at epoch 1, the standby never saw the copy's tree.
+    (g.data["east"] / "catalog" / "after.txt").write_text("production goes on\n")
+    wait_for(lambda: g.in_sync("east", "west"), "replication to go on")
+    assert not (g.data["west"] / "catalog" / "impostor.txt").exists()
+    watcher.close()
+    assert {p for p in watcher.primary if p is not None} == {("east", 1)}
+    assert g.primary() == ("east", 1) and g.record("east")["role"] == "primary"
+    # The real agent restarted (same state dir, same identity) replaces its own earlier record.
+    g.kill("east")
+    g.start("east")
+    wait_for(lambda: g.primary() == ("east", 1), "east to take its claim back after kill -9")
+
+
+def test_an_agent_on_a_port_in_use_exits(grp: Group, tmp_path: Path) -> None:
+    g = grp
+    g.start("east")
+    for port_of in ("listen", "metrics"):
+        text = copy_config(g, "east", tmp_path).read_text().replace('name = "east"', 'name = "other"')
+        busy = g.addr["east"] if port_of == "listen" else g.metrics["east"]
+        key = "listen" if port_of == "listen" else "metrics"
+        lines = [f'{key} = "{busy}"' if line.startswith(f"{key} = ") else line for line in text.splitlines()]
+        cfg = tmp_path / f"busy-{port_of}.toml"
+        cfg.write_text("\n".join(lines) + "\n")
+        r = run_agent(cfg)
+        assert r.returncode != 0 and busy in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()[-1:]) == 1 and "Traceback" not in r.stderr
+    assert g.procs["east"].poll() is None and g.hello("east").agent == "east"
+
+
+@pytest.mark.parametrize("shared", ["data", "repository"])
+def test_two_agents_never_share_a_data_root_or_repository(grp: Group, tmp_path: Path, shared: str) -> None:
+    g = grp
+    g.start("east")
+    before = tree_state(g.data["east"])
+    cfg = copy_config(g, "east", tmp_path, keep=(shared,))
+    cfg.write_text(cfg.read_text().replace('name = "east"', 'name = "other"'))
+    r = run_agent(cfg)
+    assert r.returncode != 0 and "two agents must never share a data root or repository" in r.stderr, r.stderr
+    assert str(g.procs["east"].pid) in r.stderr
+    assert tree_state(g.data["east"]) == before
+
+
+def test_an_empty_standby_promoted_over_production_empties_nothing(grp: Group) -> None:
+    """An empty standby cannot become production by --force --accept-data-loss; with the explicit
+    --promote-empty-root it can, and production's root, when its agent rejoins, is held by the
+    deletion guard instead of being emptied."""
+    g = grp
+    g.start("east")
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.drsync("east", "snapshot", "list", "--json").json(), "east's first snapshot")
+    g.kill("east")
+    production = tree_state(g.data["east"])
+    g.start("west")  # empty, never applied anything
+    r = g.promote("west", "--force", "--accept-data-loss")
+    assert r.code == 4 and "is empty" in r.err and "--promote-empty-root" not in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1 and g.coord.read_epoch().epoch == 1
+    r = g.promote("west", "--force", "--promote-empty-root", "--accept-data-loss")
+    assert r.code == 0, r.err
+    g.start("east")
+    g.wait_role("east", "ex-primary")
+    assert g.drsync("east", "rejoin").code == 0
+    g.wait_role("east", "standby")
+    held = wait_for(lambda: (g.drsync("east", "apply", "--json").json() or {}).get("held") and
+                    g.drsync("east", "apply", "--json").json(), "east to hold the emptying shipment")
+    assert tree_state(g.data["east"]) == production
+    assert held["snapshot"] and "drsync apply --confirm" in held["message"]
