@@ -2,14 +2,14 @@
 
 Metrics live in a registry passed in (never module globals), carry the
 ``group`` and ``agent`` labels, and use base units (seconds, bytes). Lag is
-computed when scraped, from the capture time of the newest applied snapshot,
-so it keeps growing while shipments fail instead of freezing at its last value.
+computed when scraped (by the agent's one lag function, drsync.agent.clock.lag_s,
+on the primary's clock), so it keeps growing while shipments fail instead of
+freezing at its last value.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -42,7 +42,8 @@ class AgentMetrics:
         self.zookeeper_connected = gauge("zookeeper_connected",
                                          "1 while this agent's ZooKeeper session is connected (agent.role = auto)")
         self.replication_lag = gauge("replication_lag_seconds",
-                                     "Now minus the capture time of the newest snapshot applied on the standby")
+                                     "Now minus the capture time of the newest snapshot applied on the standby, "
+                                     "both on the primary's clock")
         self.last_snapshot = gauge("last_snapshot_timestamp_seconds", "Capture time of the newest snapshot taken")
         self.last_applied = gauge("last_applied_snapshot_timestamp_seconds",
                                   "Capture time of the newest snapshot applied on the standby")
@@ -71,18 +72,22 @@ class AgentMetrics:
                   self.drill_rpo):
             g.set(float("nan"))
         self._applied_at: Callable[[], float | None] = lambda: None
+        self._lag_now: Callable[[], float | None] = lambda: None
         self.replication_lag.set_function(self._lag)
         self.last_applied.set_function(lambda: self._applied_at() or 0.0)
 
-    def track_applied(self, captured_at: Callable[[], float | None]) -> None:
-        """Where to read the capture time of the newest applied snapshot (None before the first)."""
+    def track_applied(self, captured_at: Callable[[], float | None], lag: Callable[[], float | None]) -> None:
+        """Where to read the capture time of the newest applied snapshot and the lag now (both None before
+        the first). The lag is the agent's, on the primary's clock: never recomputed here from this
+        machine's clock."""
         self._applied_at = captured_at
+        self._lag_now = lag
 
     def _lag(self) -> float:
-        captured = self._applied_at()
-        if not captured:
+        lag = self._lag_now()
+        if lag is None:
             return float("nan")  # nothing applied yet: no lag to speak of, and no false "all good"
-        return max(0.0, time.time() - captured)
+        return lag
 
 
 class _Handler(BaseHTTPRequestHandler):

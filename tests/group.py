@@ -66,10 +66,12 @@ class Group:
 
     # --- processes ------------------------------------------------------------------
 
-    def start(self, name: str, wait: bool = True) -> None:
+    def start(self, name: str, wait: bool = True, env: dict[str, str] | None = None) -> None:
+        """Start agent ``name`` (``env``: its whole environment, e.g. with libfaketime preloaded)."""
         with open(self.tmp / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "drsync", "agent", "--config", str(self.cfg[name])], stdout=log, stderr=log)
+                [sys.executable, "-m", "drsync", "agent", "--config", str(self.cfg[name])], stdout=log, stderr=log,
+                env=env)
         if wait:
             wait_for(lambda: name in self.coord.agents(), f"agent {name} to register in ZooKeeper")
 

@@ -23,9 +23,9 @@ def view(epoch: int = 3, by: str = "east", primary: PrimaryClaim | None = None,
 
 
 def decide(me: str, v: GroupView, *, acting: bool = False, policy: FailoverPolicy = AUTO, absent: float = 0.0,
-           lag: float | None = 5.0, rank: int = 0) -> str:
+           lag: float | None = 5.0, rank: int = 0, epoch_age: float = 3600.0) -> str:
     return decide_role(me, v, acting_primary=acting, policy=policy, primary_absent_s=absent, lag_s=lag,
-                       rank=rank, now=NOW).action
+                       rank=rank, epoch_age_s=epoch_age).action
 
 
 def test_a_primary_pauses_on_suspended_and_steps_down_on_lost() -> None:
@@ -65,10 +65,15 @@ def test_automatic_failover_waits_for_the_grace_and_respects_lag_and_cooldown() 
     assert decide("west", view(), absent=3.0, rank=1) == "promote-self"
     assert decide("west", view(), absent=60, lag=61) == "standby"
     assert decide("west", view(), absent=60, lag=None) == "standby"
-    assert decide("west", view(at=NOW - 10), absent=60) == "standby"  # promoted 10 s ago: cooldown
+    assert decide("west", view(), absent=60, epoch_age=10) == "standby"  # epoch seen 10 s ago: cooldown
+    assert decide("west", view(), absent=60, epoch_age=0) == "standby"  # seen just now (or unknown): cooldown
+    assert decide("west", view(), absent=60, epoch_age=300) == "promote-self"
+    # The epoch node's own time (written on the promoting agent's clock) does not count, whatever it says.
+    assert decide("west", view(at=NOW + 86400), absent=60, epoch_age=3600) == "promote-self"
+    assert decide("west", view(at=0.0), absent=60, epoch_age=10) == "standby"
     assert decide("west", view(primary=PrimaryClaim("east", "a", 3, NOW)), absent=60) == "standby"
     reason = decide_role("west", view(), acting_primary=False, policy=AUTO, primary_absent_s=60, lag_s=90,
-                         rank=0, now=NOW).reason
+                         rank=0, epoch_age_s=3600).reason
     assert "lag 90s exceeds max_lag_on_failover 60s" in reason and "--accept-data-loss" in reason
 
 
@@ -92,12 +97,29 @@ def test_format_span(seconds: float, text: str) -> None:
     assert format_span(seconds) == text
 
 
-def test_candidate_rank_prefers_the_newest_applied_snapshot() -> None:
-    agents = {"east": {"role": "primary", "applied_captured_at": None},
-              "west": {"role": "standby", "applied_captured_at": NOW - 30},
-              "north": {"role": "standby", "applied_captured_at": NOW - 5},
+def test_candidate_rank_prefers_the_furthest_applied_position() -> None:
+    agents = {"east": {"role": "primary", "applied_position": None},
+              "west": {"role": "standby", "applied_position": [3, 40]},
+              "north": {"role": "standby", "applied_position": [3, 41]},
               "south": {"role": "standby"}}
     assert [candidate_rank(n, agents) for n in ("north", "west", "south")] == [0, 1, 2]
+
+
+def test_candidate_rank_ignores_capture_times_from_skewed_clocks() -> None:
+    # west applied the newer snapshot; north's capture time looks newer only because the clock that
+    # stamped it (an earlier primary's) ran 10 minutes fast.
+    agents = {"west": {"role": "standby", "applied_position": [3, 41], "applied_captured_at": NOW},
+              "north": {"role": "standby", "applied_position": [3, 40], "applied_captured_at": NOW + 600}}
+    assert candidate_rank("west", agents) == 0 and candidate_rank("north", agents) == 1
+    # A later epoch beats any sequence number of an earlier one (a new primary numbers its own repository).
+    agents = {"west": {"role": "standby", "applied_position": [4, 2]},
+              "north": {"role": "standby", "applied_position": [3, 900]}}
+    assert candidate_rank("west", agents) == 0 and candidate_rank("north", agents) == 1
+    # Ties (and nothing applied) go by name; a malformed position counts as nothing applied.
+    agents = {"b": {"role": "standby", "applied_position": [3, 5]}, "a": {"role": "standby",
+                                                                          "applied_position": [3, 5]},
+              "c": {"role": "standby", "applied_position": "3/5"}}
+    assert [candidate_rank(n, agents) for n in ("a", "b", "c")] == [0, 1, 2]
 
 
 def test_a_maintenance_marker_stops_automatic_promotion_but_not_the_named_agent() -> None:
@@ -107,7 +129,7 @@ def test_a_maintenance_marker_stops_automatic_promotion_but_not_the_named_agent(
     # Everything else says "promote": the primary has been gone long enough, lag within the limit.
     assert decide("west", view(), absent=60) == "promote-self"
     d = decide_role("west", marked, acting_primary=False, policy=AUTO, primary_absent_s=60, lag_s=5.0, rank=0,
-                    now=NOW)
+                    epoch_age_s=3600)
     assert d.action == "standby" and "stopped on purpose" in d.reason and "east" in d.reason
     # The agent the epoch names takes its claim back when it returns.
     assert decide("east", marked) == "claim"

@@ -85,8 +85,8 @@ def pair_configs(base: Path, prod: Path, standby: Path, *, nested: bool = False,
     return scfg, pcfg
 
 
-def start_agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    """``drsync agent --config cfg`` as a real process, logging to ``log``."""
+def start_agent(cfg: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``drsync agent --config cfg`` as a real process, logging to ``log`` (``env``: its whole environment)."""
     with open(log, "ab") as out:  # the child keeps its own copy of the fd
         return subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg)],
-                                stdout=out, stderr=out)
+                                stdout=out, stderr=out, env=env)

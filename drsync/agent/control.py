@@ -20,7 +20,7 @@ from drsync import engine
 from drsync.agent.fencing import approve_rejoin, fence_env, run_command
 from drsync.agent.loop import StateDirLock, has_data, open_coordinator, state_dir_of
 from drsync.agent.roles import format_span, promotion_refusal
-from drsync.agent.standby import StandbyReceiver, StateFile
+from drsync.agent.standby import StandbyReceiver, StateFile, state_lag_s
 from drsync.config import Config
 from drsync.coordination import Coordinator
 from drsync.errors import OperationFailed, RefusedError, UsageError
@@ -94,7 +94,7 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
                                f"restore), then promote")
         state_dir = state_dir_of(cfg)
         state = StateFile(state_dir).load()
-        lag = max(0.0, time.time() - state.applied_captured_at) if state.applied_snapshot else None
+        lag = state_lag_s(state)  # on the primary's clock, with the offset the agent last estimated
         refusal = promotion_refusal(lag_s=lag, applied_captured_at=state.applied_captured_at,
                                     max_lag_s=cfg.coordination.max_lag_on_failover,
                                     accept_data_loss=accept_data_loss, first_promotion=first)

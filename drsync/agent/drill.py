@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from drsync import engine, fsutil
-from drsync.agent.standby import StateFile
+from drsync.agent.standby import StateFile, state_lag_s
 from drsync.apply import apply_manifest, comparison_resolution, plan_apply
 from drsync.config import Config
 from drsync.coordination import Coordinator
@@ -276,7 +276,8 @@ def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinat
                                                              "is nothing it could take over with"))
     else:
         report.snapshot, report.captured_at = state.applied_snapshot, state.applied_captured_at
-        report.rpo_s = round(max(0.0, report.started_at - state.applied_captured_at), 3)
+        rpo = state_lag_s(state, report.started_at)  # the lag at drill time, on the primary's clock
+        report.rpo_s = round(rpo, 3) if rpo is not None else None
         repo = engine.open_repository(cfg.cluster.repository)
         with repo.lock(exclusive=False, wait_s=engine.LOCK_WAIT_S):  # GC must not move packs under the drill
             try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drsync import backup, engine
-from drsync.agent import requests, statuspage
+from drsync.agent import clock, requests, statuspage
 from drsync.agent.drill import drills_dir, load_reports, run_drill
 from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
 from drsync.agent.primary import ship_snapshot
@@ -213,7 +213,7 @@ class Agent:
         self.standby_applied: dict[str, float] = {}  # standby address -> capture time of its applied snapshot
         self.standby_snapshot: dict[str, str] = {}  # standby address -> the snapshot id it has applied
         self._last_gc = 0.0
-        self.metrics.track_applied(self._applied_captured_at)
+        self.metrics.track_applied(self._applied_captured_at, self.current_lag)
         latest = self.repo.list_snapshots()
         if latest:
             self.metrics.last_snapshot.set(latest[-1].captured_at)
@@ -288,12 +288,15 @@ class Agent:
     def _on_applied(self) -> None:
         st = self.state
         self.cycles.append({"at": time.time(), "snapshot": st.applied_snapshot, "ok": True,
-                            "summary": f"applied (captured {time.time() - st.applied_captured_at:.1f}s before)"})
+                            "summary": f"applied (captured {self.lag_s() or 0.0:.1f}s before)"})
         self.wake.set()  # publish the new applied snapshot at once
 
     def current_lag(self) -> float | None:
-        captured = self._applied_captured_at()
-        return max(0.0, time.time() - captured) if captured else None
+        """This agent's lag (standby) or its standbys' (primary), always on the primary's clock."""
+        if self.acting == "standby" and self.receiver is not None:
+            return self.lag_s()
+        # The primary's own view: capture times it stamped, its own clock (offset 0).
+        return clock.lag_s(self._applied_captured_at() or 0.0)
 
     def _sample_lag(self) -> None:
         now = time.time()
@@ -423,10 +426,11 @@ class Agent:
         if self.auto:
             agents = []
             for name, r in sorted(self._agents.items()):
-                captured = r.get("applied_captured_at")
+                # The lag each standby publishes (primary's clock), never recomputed with this clock.
+                lag = self.lag_s() if name == self.name else r.get("lag_s")
                 agents.append({"name": name, "role": r.get("role"), "address": r.get("address"),
                                "epoch": r.get("epoch"), "applied_snapshot": r.get("applied_snapshot"),
-                               "lag_s": round(now - float(captured), 3) if captured and r.get("role") == "standby"
+                               "lag_s": round(float(lag), 3) if lag is not None and r.get("role") == "standby"
                                else None})
             primary = view.primary.agent if view is not None and view.primary is not None else None
             epoch = view.epoch.epoch if view is not None else self.state.epoch
@@ -438,7 +442,7 @@ class Agent:
             for t in self.cfg.replication.standbys if self.acting == "primary" else ():
                 agents.append({"name": t, "role": "standby", "address": t, "epoch": None,
                                "applied_snapshot": self.standby_snapshot.get(t),
-                               "lag_s": round(now - self.standby_applied[t], 3) if t in self.standby_applied
+                               "lag_s": clock.lag_s(self.standby_applied[t], 0.0, now) if t in self.standby_applied
                                else None})
             primary = self.name if self.acting == "primary" else None
             epoch, zk = self.state.epoch, "not used (fixed roles)"
@@ -464,9 +468,23 @@ class Agent:
         return "application/json", json.dumps(self.status_doc(), default=str).encode()
 
     def lag_s(self) -> float | None:
-        if self.receiver is None or not self.receiver.state.applied_snapshot:
-            return None
-        return max(0.0, time.time() - self.receiver.state.applied_captured_at)
+        """As a standby: lag on the primary's clock (drsync.agent.clock.lag_s, with the estimated offset)."""
+        return self.receiver.lag_s() if self.receiver is not None else None
+
+    def _seq_of(self, snapshot_id: str) -> int:
+        try:
+            return self.repo.find_snapshot(snapshot_id).seq
+        except DrsyncError:
+            return 0
+
+    def _epoch_age_s(self, view: GroupView) -> float:
+        """How long ago this agent first saw the group's current epoch, on its own clock (persisted;
+        an epoch seen for the first time counts as just now, the safe side for the cooldown)."""
+        st, now = self.state, time.time()
+        if view.session is SessionState.CONNECTED and view.epoch.epoch != st.epoch_seen:
+            st.epoch_seen, st.epoch_seen_at = view.epoch.epoch, now
+            self.state_file.save(st)
+        return max(0.0, now - st.epoch_seen_at) if st.epoch_seen == view.epoch.epoch else 0.0
 
     def _manifest_if_known(self, snapshot_id: str) -> Manifest | None:
         try:
@@ -572,7 +590,7 @@ class Agent:
         absent = time.monotonic() - self._primary_absent_since if self._primary_absent_since else 0.0
         decision = decide_role(self.name, view, acting_primary=self.acting == "primary", policy=self.policy,
                                primary_absent_s=absent, lag_s=self.lag_s(),
-                               rank=candidate_rank(self.name, agents or {}), now=time.time())
+                               rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view))
         if decision != self.last_decision:
             level = logging.INFO if decision.action in ("standby", "act-primary") else logging.WARNING
             log.log(level, "agent %s: %s%s", self.name, decision, f" [{note}]" if note else "")
@@ -790,6 +808,7 @@ class Agent:
             # that the next shipment is applied in full (never skipped as "same content").
             if not self._switchover_final:
                 self.state.applied_snapshot, self.state.applied_captured_at, self.state.applied_at = "", 0.0, 0.0
+                self.state.applied_position = []
                 self.state.guard_baseline = info.id  # the first shipment may not empty what was kept
         self.state.last_role = "standby"
         self.state.demoted = False
@@ -824,6 +843,7 @@ class Agent:
                 "release": self.cfg.cluster.release,
                 "epoch": st.epoch, "applied_snapshot": st.applied_snapshot or None,
                 "applied_captured_at": st.applied_captured_at or None,
+                "applied_position": st.applied_position or None, "clock_offset_s": round(st.clock_offset_s, 3),
                 "lag_s": round(lag, 3) if lag is not None else None, "heartbeat": time.time(), "pid": os.getpid(),
                 "waiting_to_rejoin": self.holding_ex_primary or None, "agent_id": st.agent_id,
                 "apply_hold": self.hold_summary()})
@@ -964,6 +984,11 @@ class Agent:
         self.state.applied_snapshot = final.snapshot
         self.state.applied_captured_at = self.standby_applied.get(address, time.time())
         self.state.applied_at = time.time()
+        # Captured here, on this clock, at the epoch this agent shipped it at.
+        self.state.applied_position = [new.epoch - 1, self._seq_of(final.snapshot)]
+        self.state.clock_offset_s, self.state.clock_source = 0.0, self.name
+        if self.receiver is not None:
+            self.receiver.clock = clock.ClockOffset(0.0, self.name)
         self.state_file.save(self.state)
         if self.cfg.coordination.demote_command.strip():
             self._demote("switchover")

@@ -47,10 +47,12 @@ class RoleDecision:
 
 
 def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: FailoverPolicy,
-                primary_absent_s: float, lag_s: float | None, rank: int, now: float) -> RoleDecision:
+                primary_absent_s: float, lag_s: float | None, rank: int, epoch_age_s: float) -> RoleDecision:
     """What this agent should do now. ``primary_absent_s`` is how long the primary node has been
-    seen missing; ``lag_s`` this agent's lag (None before it applied anything); ``rank`` its place
-    among the standbys ordered by how up to date they are (0 = the newest)."""
+    seen missing; ``lag_s`` this agent's lag (None before it applied anything; on the primary's
+    clock); ``rank`` its place among the standbys ordered by how up to date they are (0 = the
+    newest); ``epoch_age_s`` how long ago this agent first saw the current epoch, on its own clock
+    (never a time another machine wrote), for the cooldown."""
     if view.session is SessionState.SUSPENDED:
         if acting_primary:
             return RoleDecision("pause", "ZooKeeper connection suspended: no shipping and no role actions "
@@ -87,9 +89,9 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
         return RoleDecision("standby", f"primary gone, but lag {lag_s:.0f}s exceeds max_lag_on_failover "
                                        f"{policy.max_lag_s:.0f}s: automatic failover refused, promote by hand "
                                        f"with --accept-data-loss if acceptable")
-    if now - epoch.at < policy.cooldown_s:
-        return RoleDecision("standby", f"primary gone, but the last promotion was {now - epoch.at:.0f}s ago "
-                                       f"(cooldown {policy.cooldown_s:.0f}s)")
+    if epoch_age_s < policy.cooldown_s:
+        return RoleDecision("standby", f"primary gone, but the last promotion (epoch {epoch.epoch}) was seen "
+                                       f"{epoch_age_s:.0f}s ago (cooldown {policy.cooldown_s:.0f}s)")
     wait = policy.grace_s + rank * RANK_DELAY_S
     if primary_absent_s < wait:
         return RoleDecision("standby", f"primary gone for {primary_absent_s:.1f}s of {wait:.1f}s grace")
@@ -121,12 +123,18 @@ def format_span(seconds: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def candidate_rank(me: str, agents: dict[str, dict[str, object]]) -> int:
-    """This agent's place among registered standbys, newest applied snapshot first. Pure."""
-    def captured(name: str) -> float:
-        v = agents.get(name, {}).get("applied_captured_at")
-        return float(v) if isinstance(v, (int, float)) else 0.0
+def applied_position(record: dict[str, object]) -> tuple[int, int]:
+    """Where an agent's applied snapshot stands: (epoch of its sender, its seq in the sender's repository),
+    from the agent's record; (0, 0) when it has applied nothing or does not say. Pure."""
+    v = record.get("applied_position")
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        return int(v[0]), int(v[1])
+    return 0, 0
 
+
+def candidate_rank(me: str, agents: dict[str, dict[str, object]]) -> int:
+    """This agent's place among registered standbys, furthest applied position first (a later epoch beats
+    any seq of an earlier one). Never by capture times: they come from other machines' clocks. Pure."""
     standbys = sorted((n for n, r in agents.items() if r.get("role") == "standby" or n == me),
-                      key=lambda n: (-captured(n), n))
+                      key=lambda n: (tuple(-x for x in applied_position(agents.get(n, {}))), n))
     return standbys.index(me) if me in standbys else len(standbys)

@@ -12,12 +12,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import blake3
 
 from drsync import fsutil
+from drsync.agent import clock
 from drsync.apply import ApplyResult, apply_manifest, recover_apply
 from drsync.config import KeepPolicy
 from drsync.engine import expire_snapshots
@@ -46,6 +47,17 @@ class AgentState:
     applied_captured_at: float = 0.0
     applied_at: float = 0.0
     last_role: str = ""  # the role this agent last acted in (auto role): "primary" or "standby"
+    # Where the applied snapshot stands in the primary's sequence: [epoch of its sender, its seq number in
+    # the sender's repository]; standbys are ranked by it, never by capture times (other clocks).
+    applied_position: list[int] = field(default_factory=list)
+    # The primary's clock minus this machine's (estimated from its requests; see drsync.agent.clock), and
+    # the agent it was estimated from: lag is counted with it, also after a restart while the primary is gone.
+    clock_offset_s: float = 0.0
+    clock_source: str = ""
+    # The group epoch this agent last saw change, and when (this machine's clock): the failover cooldown
+    # is measured from it, never from a time another machine wrote.
+    epoch_seen: int = 0
+    epoch_seen_at: float = 0.0
     # An ex-primary whose demote_command succeeded after it lost its claim: it may rejoin as standby.
     demoted: bool = False
     # This agent's identity in its group, made at its first start: two configs with one agent.name
@@ -104,6 +116,8 @@ class ApplyHold:
     latest: str = ""  # the newest shipment stored and refused while held
     refused: int = 0  # shipments refused since the hold began
     operator_since: float = 0.0  # drsync apply --hold in force since (0: not)
+    position: list[int] = field(default_factory=list)  # the held snapshot's [sender epoch, sender seq]
+    latest_position: list[int] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -162,6 +176,7 @@ class StandbyReceiver:
         # raises DrsyncError when it cannot. None with fixed roles.
         self.group_epoch: Callable[[], tuple[int, str]] | None = None
         self.last_contact: Caller | None = None  # the newest request from a primary (clock sample)
+        self.clock = clock.ClockOffset(self.state.clock_offset_s, self.state.clock_source)
         # Fixed roles only: a request may raise the floor when its certificate was checked against
         # tls.allowed_peers (set by the agent); an anonymous peer never can.
         self.trust_request_epochs = False
@@ -181,7 +196,7 @@ class StandbyReceiver:
                 doc = json.loads(f.read())
         finished = recover_apply(self.data_root, self.state_file.journal)
         if finished and doc is not None:
-            self._record_applied(doc["snapshot"], doc["captured_at"])
+            self._record_applied(doc["snapshot"], doc["captured_at"], doc.get("position") or [])
         # Without a journal the apply either never changed the root or was recorded already.
         if doc is not None:
             os.unlink(pending)
@@ -210,8 +225,22 @@ class StandbyReceiver:
                 self.state_file.save(self.state)
 
     def greet(self, caller: Caller) -> None:
-        """A Hello: no fencing (it only reads), but a sample of the caller's clock."""
+        """A Hello: no fencing (it only reads), but a sample of the caller's clock when it is the primary
+        this agent hears from (the sender of admitted requests, at an epoch not below the floor), never a
+        command-line tool's."""
         self.last_contact = caller
+        known = self.clock.source
+        if caller.epoch >= max(1, self.state.epoch) and caller.sender and caller.sender == (known or caller.sender):
+            self._clock_sample(caller)
+
+    def _clock_sample(self, caller: Caller) -> None:
+        """One sample of the primary's clock; the estimate is kept in the state (saved when it moved)."""
+        offset = self.clock.add(caller.sent_at, caller.received_at, source=caller.sender)
+        st = self.state
+        moved = abs(offset - st.clock_offset_s) > 0.5 or st.clock_source != self.clock.source
+        st.clock_offset_s, st.clock_source = offset, self.clock.source
+        if moved:
+            self.state_file.save(st)
 
     def admit(self, caller: Caller) -> None:
         """May ``caller`` ship now? Raises RefusedError (FencedError for a wrong epoch or sender).
@@ -243,6 +272,7 @@ class StandbyReceiver:
         if self.group_epoch is None and self.trust_request_epochs and caller.epoch > self.state.epoch:
             self.observe_epoch(caller.epoch)  # fixed roles, caller proven by tls.allowed_peers
         self.last_contact = caller
+        self._clock_sample(caller)
 
     def _check_floor(self, caller: Caller) -> None:
         if caller.epoch < self.state.epoch:
@@ -304,11 +334,12 @@ class StandbyReceiver:
                 # Stored with this repository's next sequence number (arrival order), whatever
                 # seq the sender's document carries; a retried commit keeps the stored one.
                 info = known[info.id] if info.id in known else self.repo.commit_snapshot(info, manifest_bytes)
-                result = self._take(info, manifest, started)  # RefusedError while held: stored, not applied
+                # RefusedError while held: stored, not applied
+                result = self._take(info, manifest, started, [caller.epoch, sender_seq])
             self._maintain()  # outside the shared lock: retention takes the exclusive one
             return info, result
 
-    def _take(self, info: SnapshotInfo, manifest: Manifest, started: float) -> ApplyResult:
+    def _take(self, info: SnapshotInfo, manifest: Manifest, started: float, position: list[int]) -> ApplyResult:
         """Apply a stored snapshot unless a hold keeps it back (then RefusedError, logged as a warning).
 
         Under commit_lock and the repository's shared lock."""
@@ -320,7 +351,7 @@ class StandbyReceiver:
         applied = self._applied_manifest()
         if applied is not None and self._same(applied, manifest):
             # Nothing changed since the applied snapshot: the root already holds it.
-            self._record_applied(info.id, info.captured_at)
+            self._record_applied(info.id, info.captured_at, position)
             log.info("snapshot %s has the content of the applied one; nothing to apply", info.id)
             self._release_guard(f"snapshot {info.id} has the content of the applied snapshot again")
             return ApplyResult(unchanged_files=manifest.file_count())
@@ -332,7 +363,7 @@ class StandbyReceiver:
                 h.snapshot, h.captured_at, h.applied, h.held_at = (info.id, info.captured_at,
                                                                    self.state.applied_snapshot or
                                                                    self.state.guard_baseline, time.time())
-                h.files, h.removed = hold.files, hold.removed
+                h.files, h.removed, h.position = hold.files, hold.removed, list(position)
             what = (f"snapshot {info.id} {hold.describe()}: held, not applied" if h.snapshot == info.id else
                     f"snapshot {info.id} {hold.describe()}: stored, not applied (snapshot {h.snapshot} is held "
                     f"since {iso(h.held_at)})")
@@ -341,16 +372,17 @@ class StandbyReceiver:
                        f"is intended")
             if h.snapshot == info.id:
                 h.message = message
-            raise RefusedError(self._refuse(info, message))
-        result = self._apply(info, manifest)
+            raise RefusedError(self._refuse(info, message, position))
+        result = self._apply(info, manifest, position)
         log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id,
                  result.written_files, result.removed, time.monotonic() - started)
         self._release_guard(f"snapshot {info.id} was applied: it removes few enough of the files "
                             f"(replication.max_delete_fraction {self.max_delete_fraction:g})")
         return result
 
-    def _refuse(self, info: SnapshotInfo, message: str) -> str:
+    def _refuse(self, info: SnapshotInfo, message: str, position: list[int] | None = None) -> str:
         self.hold.latest = info.id
+        self.hold.latest_position = list(position or [])
         self.hold.refused += 1
         self.hold_file.save(self.hold)
         log.warning("%s", message)
@@ -422,7 +454,7 @@ class StandbyReceiver:
             info = self.repo.find_snapshot(held)
             manifest = self.repo.load_manifest(info)
             with self.repo.lock(exclusive=False, wait_s=30.0):
-                result = self._apply(info, manifest)
+                result = self._apply(info, manifest, list(self.hold.position))
             log.warning("snapshot %s applied on an operator's confirmation (%d files written, %d removed) in %.2fs",
                         info.id, result.written_files, result.removed, time.monotonic() - started)
             self._release_guard("an operator confirmed it (drsync apply --confirm) and it was applied")
@@ -463,7 +495,7 @@ class StandbyReceiver:
                     info = self.repo.find_snapshot(latest)
                     manifest = self.repo.load_manifest(info)
                     with self.repo.lock(exclusive=False, wait_s=30.0):
-                        self._take(info, manifest, time.monotonic())
+                        self._take(info, manifest, time.monotonic(), list(self.hold.latest_position))
                     applied = info.id
                     message += f"; snapshot {info.id}, stored while held, is applied"
                 except RefusedError as e:
@@ -475,13 +507,14 @@ class StandbyReceiver:
                 message += "; the next shipment is applied"
             return {"applied": applied, "message": message}
 
-    def _apply(self, info: SnapshotInfo, manifest: Manifest) -> ApplyResult:
+    def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int]) -> ApplyResult:
         pending = os.path.join(self.state_file.dir, "applying.json")
-        fsutil.atomic_write(pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at}).encode())
+        fsutil.atomic_write(pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
+                                                 "position": position}).encode())
         try:
             result = apply_manifest(
                 manifest, self.repo, self.data_root, what=f"snapshot {info.id}", journal=self.state_file.journal,
-                on_committed=lambda: self._record_applied(info.id, info.captured_at),
+                on_committed=lambda: self._record_applied(info.id, info.captured_at, position),
                 protect=(self.repo.storage.url, self.state_file.dir))
         except BaseException as e:
             self._after_failed_apply()
@@ -517,17 +550,25 @@ class StandbyReceiver:
         d = diff(applied, manifest)
         return not (d.added or d.removed or d.changed)
 
-    def _record_applied(self, snapshot_id: str, captured_at: float) -> None:
+    def _record_applied(self, snapshot_id: str, captured_at: float, position: list[int]) -> None:
         self.state.applied_snapshot = snapshot_id
         self.state.applied_captured_at = captured_at
+        self.state.applied_position = list(position)
         self.state.applied_at = time.time()
         self.state_file.save(self.state)
         self.on_applied()
 
     def lag_s(self, now: float | None = None) -> float | None:
-        if not self.state.applied_snapshot:
-            return None
-        return max(0.0, (now or time.time()) - self.state.applied_captured_at)
+        """Lag on the primary's clock (drsync.agent.clock.lag_s with this agent's offset estimate)."""
+        return state_lag_s(self.state, now)
+
+
+def state_lag_s(state: AgentState, now: float | None = None) -> float | None:
+    """The lag of an agent's recorded state (None before its first apply), with its recorded offset to
+    the primary's clock: what a running agent reports and what the command line reads from state.json."""
+    if not state.applied_snapshot:
+        return None
+    return clock.lag_s(state.applied_captured_at, state.clock_offset_s, now)
 
 
 def batched(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:

@@ -3,6 +3,11 @@
 With ZooKeeper roles it comes from the group's nodes (so it works while the
 primary is down); with fixed roles, from asking this agent and its configured
 standbys over gRPC.
+
+Lag is read on the primary's clock, never this machine's: with ZooKeeper roles
+it is what each standby publishes; with fixed roles it is measured with the
+primary's clock offset to this machine from its Hello (NTP-style), or, when the
+primary does not answer, what the standby itself reports.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from drsync.agent.clock import lag_s
 from drsync.config import Config
 from drsync.errors import DrsyncError
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import iso
 from drsync.storage import open_storage
+from drsync.transport import StandbyHello
 from drsync.transport.grpc import GrpcStandbyLink
 
 
@@ -60,11 +67,13 @@ def collect_group_status(cfg: Config) -> dict[str, Any]:
     primary = view.primary
     agents = []
     for name, r in records.items():
-        captured = r.get("applied_captured_at")
         role = r.get("role", "unknown")
+        # The lag the standby published (on the primary's clock, at most a few seconds old); only a record
+        # without one (an older agent) is recomputed here, on this machine's clock.
+        lag = r.get("lag_s") if "lag_s" in r else lag_s(float(r.get("applied_captured_at") or 0.0), 0.0, now)
         agents.append({
             "name": name, "role": role, "address": r.get("address"), "epoch": r.get("epoch"),
-            "lag_s": round(now - float(captured), 3) if captured and role == "standby" else None,
+            "lag_s": round(float(lag), 3) if lag is not None and role == "standby" else None,
             "applied_snapshot": r.get("applied_snapshot"), "cluster_id": r.get("cluster_id"),
             "release": r.get("release"), "heartbeat_age_s": round(now - float(r.get("heartbeat") or now), 3),
             "waiting_to_rejoin": r.get("waiting_to_rejoin"), "apply_hold": r.get("apply_hold"),
@@ -85,23 +94,33 @@ def collect_pair_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any
     """Ask every agent of the pair who it is; works while some of them are down."""
     tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
     addresses = [cfg.agent.listen, *[a for a in cfg.replication.standbys if a != cfg.agent.listen]]
-    now = time.time()
     agents: list[dict[str, Any]] = []
+    hellos: list[tuple[dict[str, Any], StandbyHello, float]] = []
     for address in addresses:
         link = GrpcStandbyLink(address, tls=tls)
         try:
             h = link.hello("drsync-status", 0, timeout_s=timeout_s)
             agents.append({
-                "name": h.agent, "role": h.role, "address": address, "epoch": h.epoch,
-                "lag_s": round(now - h.applied_captured_at, 3) if h.applied_snapshot else None,
+                "name": h.agent, "role": h.role, "address": address, "epoch": h.epoch, "lag_s": h.lag_s,
                 "applied_snapshot": h.applied_snapshot or None, "applied_at": iso(h.applied_at) if h.applied_at
                 else None, "reachable": True})
+            hellos.append((agents[-1], h, time.time()))
         except DrsyncError as e:
             agents.append({"name": cfg.agent.name if address == cfg.agent.listen else None, "role": "unknown",
                            "address": address, "epoch": None, "lag_s": None, "applied_snapshot": None,
                            "applied_at": None, "reachable": False, "error": str(e)})
         finally:
             link.close()
+    # The primary's clock from its Hello (its clock minus this machine's): the lag of each standby is then
+    # measured on it; without the primary, each standby's own figure stands (an older agent that reports
+    # none: this machine's clock, the best left).
+    offsets = [h.clock_offset_s for _, h, _ in hellos if h.role == "primary"]
+    for a, h, at in hellos:
+        lag = None
+        if h.role == "standby" and h.applied_snapshot:
+            lag = (lag_s(h.applied_captured_at, offsets[0], at) if len(offsets) == 1 else
+                   h.lag_s if h.lag_s is not None else lag_s(h.applied_captured_at, 0.0, at))
+        a["lag_s"] = round(lag, 3) if lag is not None else None
     primaries = [a["name"] for a in agents if a["role"] == "primary"]
     last_snapshot = _last_snapshot(cfg)
     epochs = [a["epoch"] for a in agents if a["epoch"] is not None]

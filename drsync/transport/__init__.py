@@ -52,6 +52,9 @@ class StandbyHello:
     # the standby's clock minus the caller's, and the round trip.
     clock_offset_s: float = 0.0
     round_trip_s: float = 0.0
+    # The standby's own lag, on the primary's clock (its estimate); None before it applied anything or when
+    # the agent does not send it.
+    lag_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class Receiver(Protocol):
     state: Any
 
     def greet(self, caller: Caller) -> None: ...
+
+    def lag_s(self) -> float | None: ...
 
     def admit(self, caller: Caller) -> None: ...
 
