@@ -242,6 +242,7 @@ class Agent:
         self._fence_backoff = 5.0
         self._last_primary: dict[str, Any] = {}  # the last primary claim seen (whom a fence command fences)
         self._switchover_final = ""  # the final snapshot of a switchover this agent handed over with
+        self._switchover_hooked = False  # ... and whether its switchover_hook ran (stopping the writers)
         self.holding_ex_primary = ""  # why this ex-primary does not rejoin as standby yet ("" = it may)
         # What the status page shows: lag samples, recent cycles (primary) or applies (standby), drills.
         self.lag_history: deque[tuple[float, float | None]] = deque(maxlen=int(LAG_WINDOW_S / LAG_SAMPLE_S))
@@ -749,8 +750,10 @@ class Agent:
 
         Its writers may still run (safety rule 7) unless demote_command succeeded, an operator ran
         drsync rejoin, or it handed over by switchover (an operator's request, quiescence proven)."""
-        if self.state.last_role != "primary" or self.state.demoted or self._switchover_final:
+        if self.state.last_role != "primary" or self.state.demoted:
             return ""
+        if self._switchover_final and self._switchover_hooked:
+            return ""  # the switchover hook stopped production's writers (its job), and quiescence was proven
         if rejoin_approved(self.state_dir):
             return ""
         if self._demote("rejoin"):
@@ -792,7 +795,8 @@ class Agent:
                 log.error("agent %s: not rejoining as standby yet: could not keep its data root first: %s",
                           self.name, e)
                 return
-            if self._switchover_final and self._same_content(info.id, self._switchover_final):
+            unchanged = bool(self._switchover_final) and self._same_content(info.id, self._switchover_final)
+            if unchanged:
                 # Nothing was written after the switchover's final snapshot: no second copy needed.
                 engine.delete_snapshots(self.repo, [info.id], prune=False)
                 log.info("agent %s rejoins as standby after the switchover; nothing changed since its final "
@@ -806,7 +810,7 @@ class Agent:
                             info.id, info.name)
             # Whatever it applied as a standby before, its root has moved on since: forget it, so
             # that the next shipment is applied in full (never skipped as "same content").
-            if not self._switchover_final:
+            if not unchanged:
                 self.state.applied_snapshot, self.state.applied_captured_at, self.state.applied_at = "", 0.0, 0.0
                 self.state.applied_position = []
                 self.state.guard_baseline = info.id  # the first shipment may not empty what was kept
@@ -981,6 +985,7 @@ class Agent:
         # The root holds the final snapshot (quiescence proven): it is what is applied here. Anything
         # written after it is kept in a snapshot when this agent rejoins, never silently overwritten.
         self._switchover_final = final.snapshot
+        self._switchover_hooked = bool(hook)
         self.state.applied_snapshot = final.snapshot
         self.state.applied_captured_at = self.standby_applied.get(address, time.time())
         self.state.applied_at = time.time()
