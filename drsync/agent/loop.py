@@ -100,7 +100,12 @@ class HostLock:
     def __init__(self, what: str, location: str, state_dir: str) -> None:
         key = location if "://" in location else os.path.realpath(location)
         self.path = os.path.join(_host_lock_dir(), f"drsync-{hashlib.sha256(key.encode()).hexdigest()[:20]}.lock")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise OperationFailed(f"cannot open the host lock {self.path} for {what} {key} ({e.strerror}); "
+                                  f"another user's agent may serve it, or set DRSYNC_LOCK_DIR to a writable "
+                                  f"directory") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
