@@ -13,8 +13,10 @@ from dataclasses import dataclass
 LEVEL = os.environ.get("DRSYNC_RELIABILITY", "short")
 SEED = int(os.environ.get("DRSYNC_SEED", "20261124"))
 _TRIALS = {
-    "short": {"kill": 4, "bitflip": 6, "diskfull": 1, "network": 3, "fuzz": 40, "fencing": 2},
-    "full": {"kill": 50, "bitflip": 40, "diskfull": 5, "network": 20, "fuzz": 400, "fencing": 12},
+    "short": {"kill": 4, "bitflip": 6, "diskfull": 1, "network": 3, "fuzz": 40, "fencing": 2,
+              "rogue": 12, "deletion": 3, "skew": 1},
+    "full": {"kill": 50, "bitflip": 40, "diskfull": 5, "network": 20, "fuzz": 400, "fencing": 12,
+             "rogue": 120, "deletion": 15, "skew": 6},
 }
 
 

@@ -565,6 +565,184 @@ def test_agent_stops_kills_and_freezes_under_automatic_failover(tmp_path: Path, 
     assert violations == 0 and lost == 0, f"{violations} violations, {lost} writes lost (seed {SEED})"
 
 
+def test_rogue_peers_with_random_senders_and_epochs_are_refused(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
+    """Safety rule 1 against peers that lie: a shipping request (Negotiate, Upload, Commit) from any sender
+    at any epoch is accepted only when it is the agent ZooKeeper's epoch names at that epoch, and no
+    request moves the standby's epoch floor away from ZooKeeper's epoch."""
+    from drsync.errors import DrsyncError
+    from drsync.repository.chunks import chunk_id
+    from drsync.transport import ReceivedChunk
+
+    rnd = random.Random(SEED + 11)
+    n = trials("rogue")
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"])
+    violations = faults = 0
+    try:
+        g.start("east")
+        g.start("west")
+        assert g.promote("east").code == 0
+        wait_for(lambda: g.in_sync("east", "west") and g.record("west").get("applied_snapshot"),
+                 "west to apply production")
+        for trial in range(n):
+            zk = g.coord.read_epoch()
+            current, named = zk.epoch, zk.promoted_by
+            sender = rnd.choice(["rogue", "east", "west", "", "EAST"])
+            epoch = rnd.choice([0, current - 1, current, current + 1, 2**62, 2**63 - 1])
+            rpc = rnd.choice(["negotiate", "upload", "commit"])
+            allowed = (sender, epoch) == (named, current)
+            faults += int(not allowed)
+            data = f"rogue trial {trial} (seed {SEED})".encode()
+            link = GrpcStandbyLink(g.addr["west"], sender=sender)
+            try:
+                try:
+                    if rpc == "negotiate":
+                        list(link.missing(epoch, iter([[b"\0" * 32]])))
+                    elif rpc == "upload":
+                        link.upload(epoch, iter([[ReceivedChunk(chunk_id(data), fmt.ENC_RAW, len(data), data)]]))
+                    else:
+                        link.commit(epoch, sender, b"{}", iter([b"x"]))
+                    outcome = "accepted"
+                except DrsyncError as e:
+                    outcome = f"refused: {type(e).__name__}: {str(e)[:160]}"
+                floor = link.hello("t", 0).epoch
+            finally:
+                link.close()
+            now = g.coord.read_epoch().epoch
+            print(f"trial {trial}: {rpc} from {sender!r} at epoch {epoch} (ZooKeeper: {named}@{current}): "
+                  f"{outcome}; west's floor {floor}")
+            if outcome == "accepted" and not allowed:
+                violations += 1
+                print(f"  VIOLATION (seed {SEED}): a {rpc} from {sender!r}@{epoch} was accepted")
+            if floor != now:
+                violations += 1
+                print(f"  VIOLATION (seed {SEED}): west's epoch floor is {floor}, ZooKeeper's epoch {now}")
+        # The real primary still ships.
+        (g.data["east"] / "catalog" / "after-rogues.txt").write_text("written after the rogue requests\n")
+        wait_for(lambda: (g.data["west"] / "catalog" / "after-rogues.txt").exists(),
+                 f"west to receive a change after the rogue requests (seed {SEED})")
+        wait_for(lambda: g.in_sync("east", "west"), "west to match east again")
+    finally:
+        g.stop_all()
+    record("rogue peers: epochs and senders", n, faults, violations, 0)
+    assert violations == 0, f"seed {SEED}: {violations} violations"
+
+
+def _non_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_symlink() or not p.is_dir())
+
+
+def _standby_apply_state(pair: Pair) -> dict:  # type: ignore[type-arg]
+    r = run_drsync("apply", "--json", "--config", pair.standby_cfg)
+    assert r.code == 0, r.err
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_deletion_guard_with_random_deletion_fractions(pair: Pair) -> None:
+    """Safety rule 8: a shipment that removes more than max_delete_fraction (0.5) of the files of the standby's
+    applied snapshot is held, one that removes at most that is applied, and the root never moves while held."""
+    from tests.group import scrape
+    from tests.group import wait_for as until  # returns what the condition returned
+
+    rnd = random.Random(SEED + 12)
+    n = trials("deletion")
+    shutil.rmtree(pair.prod)
+    (pair.prod / "files").mkdir(parents=True)
+    made = {"n": 0}
+
+    def add(count: int) -> None:  # fresh files, each with its own content (never taken for a rename)
+        for _ in range(count):
+            i = made["n"]
+            (pair.prod / "files" / f"g{i:05}.txt").write_text(f"file {i} of the deletion-fraction trials\n")
+            made["n"] += 1
+
+    def held() -> bool:
+        return scrape(pair.metrics["standby"], "default", "standby").get("drsync_apply_held") == 1
+
+    add(40)
+    pair.start("standby")
+    pair.start("primary")
+    wait_for(pair.in_sync, "the first shipment")
+    violations = faults = 0
+    for trial in range(n):
+        f = 0.5 if rnd.random() < 0.25 else rnd.random()
+        before = tree_state(pair.standby_data)
+        total = len(_non_dirs(pair.standby_data))
+        k = min(total - 1, round(f * total))  # an emptied root is never captured (test_capture)
+        over = k / total > 0.5
+        faults += int(over)
+        # One change, never captured half-way: the primary's agent is down while production loses its files.
+        pair.kill("primary", signal.SIGTERM)
+        for p in rnd.sample(_non_dirs(pair.prod), k):
+            p.unlink()
+        pair.start("primary")
+        outcome = until(lambda: "applied" if pair.in_sync() else "held" if held() else "",
+                           f"the standby to apply or hold trial {trial} (seed {SEED})", timeout=90)
+        print(f"trial {trial}: removed {k} of {total} files ({k / total:.1%}): {outcome}")
+        if outcome == "held":
+            state = _standby_apply_state(pair)
+            refused = state["refused"]
+            wait_for(lambda r=refused: _standby_apply_state(pair)["refused"] > r, "a later shipment refused too")
+            if not over:
+                violations += 1
+                print(f"  VIOLATION (seed {SEED}): held at {k / total:.1%}: {state.get('message')}")
+            if tree_state(pair.standby_data) != before:
+                violations += 1
+                print(f"  VIOLATION (seed {SEED}): the standby's root changed while held")
+            r = run_drsync("apply", "--confirm", state["snapshot"], "--config", pair.standby_cfg)
+            assert r.code == 0, r.err
+        elif over:
+            violations += 1
+            print(f"  VIOLATION (seed {SEED}): applied a shipment removing {k / total:.1%} of the files")
+        wait_for(pair.in_sync, f"the standby to match production after trial {trial}")
+        add(k)
+        wait_for(pair.in_sync, f"the standby to follow the restored production (trial {trial})")
+    record("deletion guard: random deletion fractions", n, faults, violations, 0)
+    assert violations == 0, f"seed {SEED}: {violations} violations"
+
+
+def test_lag_with_one_agent_restarted_under_a_random_clock_skew(pair: Pair) -> None:
+    """The standby's lag metric stays within 2 s of the truth (the primary's clock minus the capture time of
+    the applied snapshot) when one agent at a time restarts with its clock up to 10 minutes off."""
+    from tests.group import scrape
+    from tests.test_clock_skew import ACCURACY_S, faketime_env
+    from tests.users import start_agent
+
+    rnd = random.Random(SEED + 13)
+    n = trials("skew")
+    skew = {"primary": 0.0, "standby": 0.0}
+    pair.start("standby")
+    pair.start("primary")
+    wait_for(pair.in_sync, "the first shipment")
+    violations = 0
+    for trial in range(n):
+        victim = rnd.choice(["standby", "primary"])
+        skew[victim] = rnd.uniform(-600, 600)
+        pair.kill(victim, signal.SIGTERM)
+        cfg = pair.standby_cfg if victim == "standby" else pair.primary_cfg
+        env = {**faketime_env(0), "FAKETIME": f"{skew[victim]:+.3f}"}
+        pair.procs[victim] = start_agent(cfg, pair.tmp / f"{victim}.log", env)
+        if victim == "standby":
+            wait_for(lambda: GrpcStandbyLink(pair.standby_addr).health(), "the restarted standby to serve")
+        # The next applied snapshot: one captured after the restart (it holds this change).
+        (pair.prod / "catalog" / f"skew-{trial}.txt").write_text(f"trial {trial}\n")
+        wait_for(pair.in_sync, f"the change of trial {trial} to be applied (seed {SEED})")
+        # The truth, as test_clock_skew reads it: the primary's clock (this one plus its skew) minus the
+        # capture time of the applied snapshot, read just before and after the scrape.
+        t0 = time.time()
+        m = scrape(pair.metrics["standby"], "default", "standby")
+        t1 = time.time()
+        lag, captured = m["drsync_replication_lag_seconds"], m["drsync_last_applied_snapshot_timestamp_seconds"]
+        lo, hi = t0 + skew["primary"] - captured, t1 + skew["primary"] - captured
+        err = max(lo - lag, lag - hi, 0.0)
+        print(f"trial {trial}: {victim} restarted at {skew[victim]:+.3f}s (primary {skew['primary']:+.3f}s, "
+              f"standby {skew['standby']:+.3f}s): lag {lag:.3f}s, {err:.3f}s off the truth")
+        if err > ACCURACY_S:
+            violations += 1
+            print(f"  VIOLATION (seed {SEED}): lag {lag:.3f}s is {err:.3f}s off the truth")
+    record("clock skew on one agent", n, n, violations, 0)
+    assert violations == 0, f"seed {SEED}: {violations} lag errors over {ACCURACY_S} s"
+
+
 def test_reliability_table_is_printed_with_the_seed() -> None:
     from tests import reliability
 
