@@ -74,3 +74,16 @@ def test_the_state_file_keeps_the_offset_for_the_command_line(tmp_path: Path) ->
         (600.0, "east", [3, 17], 3, T)
     assert state_lag_s(st, now=T + 7) == pytest.approx(7.0)
     assert state_lag_s(AgentState(), now=T) is None
+
+
+def test_a_restarted_primary_whose_clock_stepped_back_is_followed_at_once() -> None:
+    """The same primary, restarted with its clock 190 s behind: its old process's samples must not keep
+    the estimate (and so the lag) 190 s too high for a whole window."""
+    c = ClockOffset()
+    c.add(1000.0, 1000.0, source="east", instance="a", at=0.0)
+    assert c.offset_s == 0.0
+    c.add(810.0 + 5, 1005.0, source="east", instance="b", at=5.0)  # restarted, clock now 190 s behind
+    assert abs(c.offset_s - (-190.0)) < 1e-9
+    # Within one process, the best (least delayed) sample of the window still wins.
+    c.add(814.0, 1005.0, source="east", instance="b", at=6.0)
+    assert abs(c.offset_s - (-190.0)) < 1e-9

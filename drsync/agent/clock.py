@@ -50,18 +50,22 @@ class ClockOffset:
     def __init__(self, offset_s: float = 0.0, source: str = "", *, window_s: float = WINDOW_S) -> None:
         self.window_s = window_s
         self.source = source
+        self.instance = ""  # the sender process the samples came from
         self._initial = offset_s  # e.g. restored from the state file; used until a sample arrives
         self._samples: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (monotonic at, offset - delay)
 
-    def add(self, sent_at: float, received_at: float, *, source: str = "", at: float | None = None) -> float:
+    def add(self, sent_at: float, received_at: float, *, source: str = "", instance: str = "",
+            at: float | None = None) -> float:
         """Record one request's timestamps (``at``: this machine's monotonic time of arrival). Returns the
-        estimate."""
+        estimate. A new ``source`` (another primary) or ``instance`` (the same primary restarted: its clock
+        may have stepped back) starts the estimate afresh."""
         if not sent_at or not received_at:
             return self.offset_s
         at = time.monotonic() if at is None else at
-        if source and source != self.source:
+        if (source and source != self.source) or (instance and instance != self.instance):
             self._samples.clear()
-            self.source = source
+            self.source = source or self.source
+            self.instance = instance
         self._samples.append((at, sent_at - received_at))
         while self._samples and self._samples[0][0] < at - self.window_s:
             self._samples.popleft()

@@ -235,7 +235,7 @@ class StandbyReceiver:
 
     def _clock_sample(self, caller: Caller) -> None:
         """One sample of the primary's clock; the estimate is kept in the state (saved when it moved)."""
-        offset = self.clock.add(caller.sent_at, caller.received_at, source=caller.sender)
+        offset = self.clock.add(caller.sent_at, caller.received_at, source=caller.sender, instance=caller.instance)
         st = self.state
         moved = abs(offset - st.clock_offset_s) > 0.5 or st.clock_source != self.clock.source
         st.clock_offset_s, st.clock_source = offset, self.clock.source

@@ -36,6 +36,7 @@ class Caller:
     sent_at: float = 0.0
     received_at: float = 0.0
     peer_names: tuple[str, ...] = ()
+    instance: str = ""  # one id per sender process: its clock may have moved across a restart
 
 
 @dataclass(frozen=True)

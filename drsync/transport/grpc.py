@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import TypeVar
@@ -34,6 +35,8 @@ _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 # Never share a listen port with another process (gRPC sets SO_REUSEPORT by default on Linux, so a
 # second agent on the same port would start and receive half of the shipments).
 _SERVER_OPTIONS = [*_OPTIONS, ("grpc.so_reuseport", 0)]
+# This process, as the sender of requests: a standby restarts its clock-offset estimate when it changes.
+INSTANCE = uuid.uuid4().hex
 
 
 def _abort(context: grpc.ServicerContext, e: Exception) -> None:
@@ -76,7 +79,8 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         self.agent, self.cluster_id, self.release = agent, cluster_id, release
         self.allowed_peers = tuple(allowed_peers)
 
-    def _caller(self, context: grpc.ServicerContext, sender: str, epoch: int, sent_at: float) -> Caller:
+    def _caller(self, context: grpc.ServicerContext, sender: str, epoch: int, sent_at: float,
+                instance: str = "") -> Caller:
         received = time.time()
         names = peer_names(context)
         if self.allowed_peers and not set(names) & set(self.allowed_peers):
@@ -84,7 +88,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
             _abort(context, PeerNotAllowed(
                 f"agent {self.agent} accepts shipments only from {', '.join(self.allowed_peers)} "
                 f"(tls.allowed_peers); the caller's certificate names {shown}"))
-        return Caller(sender, int(epoch), float(sent_at), received, names)
+        return Caller(sender, int(epoch), float(sent_at), received, names, instance)
 
     @property
     def role(self) -> str:
@@ -105,7 +109,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         lag = None
         if self.receiver is not None:
             self.receiver.greet(Caller(request.sender, int(request.epoch), request.sent_at, received,
-                                       peer_names(context)))
+                                       peer_names(context), request.sender_instance))
             lag = self.receiver.lag_s() if self.role == "standby" else None
         return pb.HelloReply(agent=self.agent, role=self.role, cluster_id=self.cluster_id, release=self.release,
                              epoch=epoch, applied_snapshot=st.applied_snapshot if st else "",
@@ -125,7 +129,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         try:
             for req in request_iterator:
                 if caller is None:
-                    caller = self._caller(context, req.sender, req.epoch, req.sent_at)
+                    caller = self._caller(context, req.sender, req.epoch, req.sent_at, req.sender_instance)
                     rx.admit(caller)
                 self._same_caller(context, caller, req.sender, req.epoch)
                 yield pb.ChunkIds(epoch=req.epoch, ids=rx.missing(caller, list(req.ids)))
@@ -137,7 +141,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         first = next(request_iterator, None)
         if first is None:
             return pb.UploadReply(replied_at=time.time())
-        caller = self._caller(context, first.sender, first.epoch, first.sent_at)
+        caller = self._caller(context, first.sender, first.epoch, first.sent_at, first.sender_instance)
 
         def batches() -> Iterator[list[ReceivedChunk]]:
             for r in itertools.chain([first], request_iterator):
@@ -157,7 +161,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         doc, seq, pieces = b"", 0, []
         for part in request_iterator:
             if caller is None:
-                caller = self._caller(context, part.sender, part.epoch, part.sent_at)
+                caller = self._caller(context, part.sender, part.epoch, part.sent_at, part.sender_instance)
                 doc, seq = part.snapshot, part.sender_seq
             elif part.epoch != caller.epoch:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "commit parts carry different epochs")
@@ -259,7 +263,8 @@ class GrpcStandbyLink:
     def hello(self, sender: str, epoch: int, timeout_s: float = 10) -> StandbyHello:
         sent = time.time()
         try:
-            r = self.stub.Hello(pb.HelloRequest(sender=sender, epoch=epoch, sent_at=sent), timeout=timeout_s)
+            r = self.stub.Hello(pb.HelloRequest(sender=sender, epoch=epoch, sent_at=sent, sender_instance=INSTANCE),
+                                timeout=timeout_s)
         except grpc.RpcError as e:
             raise _translate(e, self.target) from None
         back = time.time()
@@ -272,7 +277,8 @@ class GrpcStandbyLink:
 
     def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
         failed: list[DrsyncError] = []
-        msgs = (pb.ChunkIds(epoch=epoch, ids=b, sender=self.sender, sent_at=time.time()) for b in batches)
+        msgs = (pb.ChunkIds(epoch=epoch, ids=b, sender=self.sender, sent_at=time.time(), sender_instance=INSTANCE)
+                for b in batches)
         try:
             for reply in self.stub.Negotiate(_keeping(failed, msgs), timeout=self.timeout_s):
                 yield list(reply.ids)
@@ -280,7 +286,7 @@ class GrpcStandbyLink:
             raise (failed[0] if failed else _translate(e, self.target)) from None
 
     def upload(self, epoch: int, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]:
-        msgs = (pb.ChunkBatch(epoch=epoch, sender=self.sender, sent_at=time.time(),
+        msgs = (pb.ChunkBatch(epoch=epoch, sender=self.sender, sent_at=time.time(), sender_instance=INSTANCE,
                               chunks=[pb.Chunk(id=c.id, encoding=c.encoding, raw_length=c.raw_length, data=c.data)
                                       for c in b]) for b in batches)
         failed: list[DrsyncError] = []
@@ -297,7 +303,7 @@ class GrpcStandbyLink:
             for piece in pieces:
                 if first:
                     yield pb.CommitPart(epoch=epoch, sender=sender, snapshot=snapshot_doc, manifest=piece,
-                                        sent_at=time.time(), sender_seq=sender_seq)
+                                        sent_at=time.time(), sender_seq=sender_seq, sender_instance=INSTANCE)
                     first = False
                 else:
                     yield pb.CommitPart(epoch=epoch, manifest=piece)

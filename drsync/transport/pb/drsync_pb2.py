@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x64rsync.proto\x12\tdrsync.v1\">\n\x0cHelloRequest\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\"\xf3\x01\n\nHelloReply\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12\x0f\n\x07release\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x18\n\x10\x61pplied_snapshot\x18\x06 \x01(\t\x12\x1b\n\x13\x61pplied_captured_at\x18\x07 \x01(\x01\x12\x12\n\napplied_at\x18\x08 \x01(\x01\x12\x13\n\x0breceived_at\x18\t \x01(\x01\x12\x12\n\nreplied_at\x18\n \x01(\x01\x12\r\n\x05lag_s\x18\x0b \x01(\x01\x12\x11\n\tlag_known\x18\x0c \x01(\x08\"G\n\x08\x43hunkIds\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\x0c\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x0f\n\x07sent_at\x18\x04 \x01(\x01\"G\n\x05\x43hunk\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x02 \x01(\r\x12\x12\n\nraw_length\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"^\n\nChunkBatch\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12 \n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x10.drsync.v1.Chunk\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x0f\n\x07sent_at\x18\x04 \x01(\x01\"Y\n\x0bUploadReply\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x03 \x01(\x04\x12\x12\n\nreplied_at\x18\x04 \x01(\x01\"t\n\nCommitPart\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\x0c\x12\x10\n\x08manifest\x18\x04 \x01(\x0c\x12\x0f\n\x07sent_at\x18\x05 \x01(\x01\x12\x12\n\nsender_seq\x18\x06 \x01(\x04\"o\n\x0b\x43ommitReply\x12\x10\n\x08snapshot\x18\x01 \x01(\t\x12\x15\n\rwritten_files\x18\x02 \x01(\x04\x12\x0f\n\x07removed\x18\x03 \x01(\x04\x12\x12\n\napplied_at\x18\x04 \x01(\x01\x12\x12\n\nreplied_at\x18\x05 \x01(\x01\x32\xf7\x01\n\x0bReplication\x12\x37\n\x05Hello\x12\x17.drsync.v1.HelloRequest\x1a\x15.drsync.v1.HelloReply\x12\x39\n\tNegotiate\x12\x13.drsync.v1.ChunkIds\x1a\x13.drsync.v1.ChunkIds(\x01\x30\x01\x12\x39\n\x06Upload\x12\x15.drsync.v1.ChunkBatch\x1a\x16.drsync.v1.UploadReply(\x01\x12\x39\n\x06\x43ommit\x12\x15.drsync.v1.CommitPart\x1a\x16.drsync.v1.CommitReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x64rsync.proto\x12\tdrsync.v1\"W\n\x0cHelloRequest\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\x12\x17\n\x0fsender_instance\x18\x04 \x01(\t\"\xf3\x01\n\nHelloReply\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12\x0f\n\x07release\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x18\n\x10\x61pplied_snapshot\x18\x06 \x01(\t\x12\x1b\n\x13\x61pplied_captured_at\x18\x07 \x01(\x01\x12\x12\n\napplied_at\x18\x08 \x01(\x01\x12\x13\n\x0breceived_at\x18\t \x01(\x01\x12\x12\n\nreplied_at\x18\n \x01(\x01\x12\r\n\x05lag_s\x18\x0b \x01(\x01\x12\x11\n\tlag_known\x18\x0c \x01(\x08\"`\n\x08\x43hunkIds\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\x0c\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x0f\n\x07sent_at\x18\x04 \x01(\x01\x12\x17\n\x0fsender_instance\x18\x05 \x01(\t\"G\n\x05\x43hunk\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x02 \x01(\r\x12\x12\n\nraw_length\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"w\n\nChunkBatch\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12 \n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x10.drsync.v1.Chunk\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x0f\n\x07sent_at\x18\x04 \x01(\x01\x12\x17\n\x0fsender_instance\x18\x05 \x01(\t\"Y\n\x0bUploadReply\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x03 \x01(\x04\x12\x12\n\nreplied_at\x18\x04 \x01(\x01\"\x8d\x01\n\nCommitPart\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\x0c\x12\x10\n\x08manifest\x18\x04 \x01(\x0c\x12\x0f\n\x07sent_at\x18\x05 \x01(\x01\x12\x12\n\nsender_seq\x18\x06 \x01(\x04\x12\x17\n\x0fsender_instance\x18\x07 \x01(\t\"o\n\x0b\x43ommitReply\x12\x10\n\x08snapshot\x18\x01 \x01(\t\x12\x15\n\rwritten_files\x18\x02 \x01(\x04\x12\x0f\n\x07removed\x18\x03 \x01(\x04\x12\x12\n\napplied_at\x18\x04 \x01(\x01\x12\x12\n\nreplied_at\x18\x05 \x01(\x01\x32\xf7\x01\n\x0bReplication\x12\x37\n\x05Hello\x12\x17.drsync.v1.HelloRequest\x1a\x15.drsync.v1.HelloReply\x12\x39\n\tNegotiate\x12\x13.drsync.v1.ChunkIds\x1a\x13.drsync.v1.ChunkIds(\x01\x30\x01\x12\x39\n\x06Upload\x12\x15.drsync.v1.ChunkBatch\x1a\x16.drsync.v1.UploadReply(\x01\x12\x39\n\x06\x43ommit\x12\x15.drsync.v1.CommitPart\x1a\x16.drsync.v1.CommitReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'drsync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLOREQUEST']._serialized_start=27
-  _globals['_HELLOREQUEST']._serialized_end=89
-  _globals['_HELLOREPLY']._serialized_start=92
-  _globals['_HELLOREPLY']._serialized_end=335
-  _globals['_CHUNKIDS']._serialized_start=337
-  _globals['_CHUNKIDS']._serialized_end=408
-  _globals['_CHUNK']._serialized_start=410
-  _globals['_CHUNK']._serialized_end=481
-  _globals['_CHUNKBATCH']._serialized_start=483
-  _globals['_CHUNKBATCH']._serialized_end=577
-  _globals['_UPLOADREPLY']._serialized_start=579
-  _globals['_UPLOADREPLY']._serialized_end=668
-  _globals['_COMMITPART']._serialized_start=670
-  _globals['_COMMITPART']._serialized_end=786
-  _globals['_COMMITREPLY']._serialized_start=788
-  _globals['_COMMITREPLY']._serialized_end=899
-  _globals['_REPLICATION']._serialized_start=902
-  _globals['_REPLICATION']._serialized_end=1149
+  _globals['_HELLOREQUEST']._serialized_end=114
+  _globals['_HELLOREPLY']._serialized_start=117
+  _globals['_HELLOREPLY']._serialized_end=360
+  _globals['_CHUNKIDS']._serialized_start=362
+  _globals['_CHUNKIDS']._serialized_end=458
+  _globals['_CHUNK']._serialized_start=460
+  _globals['_CHUNK']._serialized_end=531
+  _globals['_CHUNKBATCH']._serialized_start=533
+  _globals['_CHUNKBATCH']._serialized_end=652
+  _globals['_UPLOADREPLY']._serialized_start=654
+  _globals['_UPLOADREPLY']._serialized_end=743
+  _globals['_COMMITPART']._serialized_start=746
+  _globals['_COMMITPART']._serialized_end=887
+  _globals['_COMMITREPLY']._serialized_start=889
+  _globals['_COMMITREPLY']._serialized_end=1000
+  _globals['_REPLICATION']._serialized_start=1003
+  _globals['_REPLICATION']._serialized_end=1250
 # @@protoc_insertion_point(module_scope)
