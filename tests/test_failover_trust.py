@@ -25,6 +25,7 @@ from drsync.transport.grpc import GrpcStandbyLink
 from tests.conftest import ROOT, run_drsync, tree_state
 from tests.group import Group, PrimaryWatcher, pid_alive, scrape, wait_for
 from tests.test_agents import Pair
+from tests.test_failover import bootstrap
 from tests.test_tls import make_ca, make_cert
 
 WRITER = Path(__file__).resolve().parent / "fencing_helpers" / "writer.py"
@@ -89,17 +90,6 @@ def fence_killing(writer_pidfile: Path, log: Path) -> str:
     return (f'fence_command = "echo $DRSYNC_FENCE_AGENT $DRSYNC_EPOCH >> {log} && '
             f'kill -9 $(cat {writer_pidfile}) ; while kill -0 $(cat {writer_pidfile}) 2>/dev/null; '
             f'do sleep 0.05; done"\n')
-
-
-def bootstrap(g: Group, primary: str = "east") -> None:
-    for name in g.names:
-        g.start(name)
-    r = g.promote(primary)
-    assert r.code == 0, r.err
-    for name in g.names:
-        if name != primary:
-            wait_for(lambda n=name: g.in_sync(primary, n) and g.record(n).get("applied_snapshot"),
-                     f"{name} to apply production")
 
 
 def before_rejoin_snapshots(g: Group, name: str) -> list[dict]:
