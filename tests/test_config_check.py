@@ -60,7 +60,7 @@ def test_automatic_failover_without_a_fence_is_refused_by_check_and_at_start(tmp
     cfg = tmp_path / "auto.toml"
     cfg.write_text(base)
     assert run_drsync("init", "--config", cfg).code == 0
-    r = run_drsync("config", "check", "--config", cfg, "--json")
+    r = run_drsync("config", "check", "--config", cfg, "--json", "--timeout", "0.5")  # no ZooKeeper runs there
     checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
     assert r.code == 2 and not checks["fencing"]["ok"] and "fence_command" in checks["fencing"]["detail"]
     r = run_drsync("agent", "--config", cfg)
@@ -68,6 +68,6 @@ def test_automatic_failover_without_a_fence_is_refused_by_check_and_at_start(tmp
     assert "Traceback" not in r.err
     # The explicit choice is accepted (and config check says what it means).
     cfg.write_text(base + 'fence_command = "none"\n')
-    r = run_drsync("config", "check", "--config", cfg, "--json")
+    r = run_drsync("config", "check", "--config", cfg, "--json", "--timeout", "0.5")
     checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
     assert checks["fencing"]["ok"] and "do not fence" in checks["fencing"]["detail"]
