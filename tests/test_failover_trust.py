@@ -188,8 +188,8 @@ def test_kill_9_primary_with_a_broken_fence_never_promotes(make_group, tmp_path:
     bootstrap(g)
     g.kill("east")  # kill -9: production itself may still be writing
     wait_for(lambda: g.primary() is None, "the dead primary's session to expire", timeout=30)
-    wait_for(lambda: attempts.exists() and len(attempts.read_text().split()) >= 3,
-             "the standby to try its fence three times", timeout=45)
+    wait_for(lambda: attempts.exists() and len(attempts.read_text().split()) >= 2,
+             "the standby to try its fence again after a failure", timeout=45)
     assert set(attempts.read_text().split()) == {"east"}
     assert g.primary() is None and g.coord.read_epoch().epoch == 1, "promoted although the fence never succeeded"
     assert g.record("west").get("role") == "standby" and became_primary(g, "west") == []
