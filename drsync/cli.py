@@ -410,12 +410,13 @@ def backup_grp() -> None:
     """Portable backups: create, restore, verify, list, prune."""
 
 
-def _backup_dest(inv: Invocation, dest: str | None) -> str:
+def _backup_dest(inv: Invocation, dest: str | None, how: str = "--dest DIR") -> str:
+    """The backup directory: given on the command line (``how`` says how, for the error), or the config's."""
     if dest:
         return dest
     if inv.config and inv.config.backups.destination:
         return inv.config.backups.destination
-    raise UsageError("name the backup directory: --dest DIR, or [backups] destination in the config")
+    raise UsageError(f"name the backup directory: {how}, or --config FILE with [backups] destination")
 
 
 @backup_grp.command("create")
@@ -500,7 +501,7 @@ def backup_verify(inv: Invocation, backup_dir: str) -> None:
 @click.argument("dest", required=False)
 def backup_list(inv: Invocation, dest: str | None) -> None:
     """List the backups in a backup directory."""
-    backups, leftovers = backup.list_backups(_backup_dest(inv, dest))
+    backups, leftovers = backup.list_backups(_backup_dest(inv, dest, "drsync backup list DIR"))
     doc = {"backups": [b.to_json() for b in backups], "incomplete": leftovers}
 
     def human() -> None:
@@ -530,7 +531,7 @@ def backup_prune(inv: Invocation, dest: str | None, keep_last: int, keep_hourly:
     policy = KeepPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
     if policy.is_empty() and inv.config:
         policy = inv.config.backups.keep
-    decisions = backup.prune_backups(_backup_dest(inv, dest), policy, dry_run=dry_run)
+    decisions = backup.prune_backups(_backup_dest(inv, dest, "drsync backup prune DIR"), policy, dry_run=dry_run)
     doc = {"dry_run": dry_run, "keep": [{"id": d.id, "reasons": d.reasons} for d in decisions if d.keep],
            "remove": [d.id for d in decisions if not d.keep]}
 

@@ -194,3 +194,11 @@ def test_backup_pulled_onto_local_disk_restores_onto_any_storage(drsync, tmp_pat
     r = drsync("backup", "restore", path, "--target", dst.url("restored"), "--json")
     assert r.code == 0, r.err
     assert same_tree(src, "data", dst, "restored")
+
+
+def test_backup_list_and_prune_errors_name_only_what_exists() -> None:
+    """Without a directory the error says how to give one, in the command's own terms."""
+    for cmd in ("list", "prune"):
+        r = run_drsync("backup", cmd)
+        assert r.code == 2 and f"drsync backup {cmd} DIR" in r.err and "--dest" not in r.err, r.err
+        assert len(r.err.strip().splitlines()) == 1
