@@ -71,21 +71,34 @@ class Invocation:
         return self.config.snapshots if self.config else SnapshotsConfig()
 
 
-def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--config, --repo, --json, --debug on every command, turned into an Invocation."""
+def _options(with_repo: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--config, --json, --debug (and --repo where a command can work without an agent's config),
+    turned into an Invocation."""
 
-    @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="DRSYNC_CONFIG",
-                  help="TOML configuration file (or DRSYNC_CONFIG).")
-    @click.option("--repo", "repo", metavar="URL", help="Repository URL (instead of --config).")
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
-    @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-    @functools.wraps(fn)
-    def wrapper(config_path: str | None, repo: str | None, as_json: bool, debug: bool, **kw: Any) -> Any:
-        _STATE["debug"] = debug or _STATE.get("debug", False)
-        cfg = load_config(config_path) if config_path else None
-        return fn(Invocation(cfg, repo, as_json, debug), **kw)
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(config_path: str | None, as_json: bool, debug: bool, repo: str | None = None,
+                    **kw: Any) -> Any:
+            _STATE["debug"] = debug or _STATE.get("debug", False)
+            cfg = load_config(config_path) if config_path else None
+            return fn(Invocation(cfg, repo, as_json, debug), **kw)
 
-    return wrapper
+        options = [click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="DRSYNC_CONFIG",
+                                help="TOML configuration file (or DRSYNC_CONFIG).")]
+        if with_repo:
+            options.append(click.option("--repo", "repo", metavar="URL", help="Repository URL (instead of --config)."))
+        options += [click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout."),
+                    click.option("--debug", is_flag=True, help="Show tracebacks on errors.")]
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+# Every command: one-shot ones can name a repository instead of a config; agent-side ones cannot.
+_common = _options(with_repo=True)
+_config_only = _options(with_repo=False)
 
 
 _STATE: dict[str, bool] = {}
@@ -594,7 +607,7 @@ def repo_unlock(inv: Invocation, all_locks: bool) -> None:
 
 
 @cli.command("status")
-@_common
+@_config_only
 def status_cmd(inv: Invocation) -> None:
     """Who is primary, the epoch, and every agent's role, lag and applied snapshot."""
     from drsync.agent.status import collect_status
@@ -641,7 +654,7 @@ def status_cmd(inv: Invocation) -> None:
 
 
 @cli.command("promote")
-@_common
+@_config_only
 @click.option("--force", is_flag=True, help="Promote although a primary's session is alive (it is stepped down) "
               "or its agent is stopped for maintenance.")
 @click.option("--accept-data-loss", is_flag=True, help="Promote even when the lag exceeds max_lag_on_failover.")
@@ -664,7 +677,7 @@ def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: 
 
 
 @cli.command("rejoin")
-@_common
+@_config_only
 @click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
               help="Seconds to wait for the running agent to report itself a standby.")
 def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
@@ -679,7 +692,7 @@ def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
 
 
 @cli.command("switchover")
-@_common
+@_config_only
 @click.option("--to", "to", metavar="AGENT", help="The standby that becomes primary (default: this config's agent, "
               "or the only standby).")
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Seconds to wait (coordination."
@@ -704,7 +717,7 @@ def drill_grp() -> None:
 
 
 @drill_grp.command("run")
-@_common
+@_config_only
 @click.option("--full", is_flag=True, help="Verify every chunk, whatever drills.sample says.")
 def drill_run(inv: Invocation, full: bool) -> None:
     """Run a drill now on this standby; exit 1 when it fails."""
@@ -776,7 +789,7 @@ def _need_config(inv: Invocation, what: str) -> Config:
 
 
 @cli.command("apply")
-@_common
+@_config_only
 @click.option("--confirm", "confirm", metavar="SNAPSHOT", help="Apply the snapshot the deletion guard holds.")
 @click.option("--hold", "hold", is_flag=True, help="Store shipments but apply none until --resume.")
 @click.option("--resume", "resume", is_flag=True, help="Lift a hold set with --hold.")
@@ -827,7 +840,7 @@ def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wa
 
 
 @cli.command("agent")
-@_common
+@_config_only
 @click.option("--once", is_flag=True, help="Primary only: run one replication cycle and exit (1 if it failed).")
 def agent_cmd(inv: Invocation, once: bool) -> None:
     """Run the agent for this cluster (gRPC server and, as primary, the shipping loop)."""

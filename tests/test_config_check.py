@@ -71,3 +71,13 @@ def test_automatic_failover_without_a_fence_is_refused_by_check_and_at_start(tmp
     r = run_drsync("config", "check", "--config", cfg, "--json", "--timeout", "0.5")
     checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
     assert checks["fencing"]["ok"] and "do not fence" in checks["fencing"]["detail"]
+
+
+def test_help_of_agent_side_commands_names_only_options_they_take() -> None:
+    """--repo works for one-shot commands; commands that need an agent's config do not offer it."""
+    for cmd in (["agent"], ["status"], ["promote"], ["rejoin"], ["switchover"], ["apply"], ["drill", "run"]):
+        r = run_drsync(*cmd, "--help")
+        assert r.code == 0 and "--config" in r.out and "--repo" not in r.out, (cmd, r.out)
+        r = run_drsync(*cmd, "--repo", "/tmp/x")
+        assert r.code == 2 and "--repo" in r.err, (cmd, r.err)
+    assert "--repo" in run_drsync("snapshot", "list", "--help").out
