@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,21 @@ def _host_lock_dir() -> str:
     return tempfile.gettempdir()
 
 
+def _exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[str]], str]) -> int:
+    """Open ``path`` and take its flock without waiting, then write ``holder`` into it; the descriptor
+    keeps the lock. OperationFailed with ``refusal(lines the current holder wrote)`` when it is held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")
+        os.close(fd)
+        raise OperationFailed(refusal([*(line.strip() or "?" for line in lines), "?", "?"])) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode(), 0)
+    return fd
+
+
 class HostLock:
     """One running agent per data root and per repository on this host (a lock file named after the
     resolved location in /run/lock; nothing is written into production's data root)."""
@@ -101,22 +117,13 @@ class HostLock:
         key = location if "://" in location else os.path.realpath(location)
         self.path = os.path.join(_host_lock_dir(), f"drsync-{hashlib.sha256(key.encode()).hexdigest()[:20]}.lock")
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
+            self.fd = _exclusive_lock(self.path, 0o666, f"{os.getpid()}\n{state_dir}\n", lambda held: (
+                f"another drsync agent (pid {held[0]}, state directory {held[1]}) already serves {what} {key}: two "
+                f"agents must never share a data root or repository; stop it, or point this config at its own"))
+        except PermissionError as e:
             raise OperationFailed(f"cannot open the host lock {self.path} for {what} {key} ({e.strerror}); "
                                   f"another user's agent may serve it, or set DRSYNC_LOCK_DIR to a writable "
                                   f"directory") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 4096, 0).decode(errors="replace").split("\n")
-            os.close(self.fd)
-            pid, other = [*holder, "?", "?"][:2]
-            raise OperationFailed(f"another drsync agent (pid {pid or '?'}, state directory {other or '?'}) already "
-                                  f"serves {what} {key}: two agents must never share a data root or repository; "
-                                  f"stop it, or point this config at its own") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n{state_dir}\n".encode(), 0)
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -130,16 +137,8 @@ class StateDirLock:
     def __init__(self, state_dir: str) -> None:
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, "agent.pid")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise OperationFailed(f"another drsync agent (pid {holder}) is running with state directory "
-                                  f"{state_dir}; stop it first") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = _exclusive_lock(self.path, 0o644, f"{os.getpid()}\n", lambda held: (
+            f"another drsync agent (pid {held[0]}) is running with state directory {state_dir}; stop it first"))
 
     @staticmethod
     def held(state_dir: str) -> bool:
@@ -603,10 +602,7 @@ class Agent:
             self.last_decision = decision
         if decision.action == "act-primary":
             if self.paused and self.state.demoted:
-                log.warning("agent %s: primary again at epoch %d, but demote_command ran while its claim could "
-                            "not be proven: production may be read-only; undo what demote_command did",
-                            self.name, self.state.epoch)
-                self.state.demoted = False
+                self._demotion_to_undo(self.state.epoch)
                 self.state_file.save(self.state)
             self.paused = False
             self.metrics.is_primary.set(1)
@@ -644,10 +640,8 @@ class Agent:
             self.acting = "primary"
             self.paused = False
             self.holding_ex_primary = ""
-            if self.state.demoted and self.state.last_role == "primary":
-                log.warning("agent %s: primary again at epoch %d, but demote_command ran while its claim could "
-                            "not be proven: production may be read-only; undo what demote_command did",
-                            self.name, epoch.epoch)
+            if self.state.last_role == "primary":
+                self._demotion_to_undo(epoch.epoch)
             self.state.last_role = "primary"
             self.state.demoted = False
             self.state_file.save(self.state)
@@ -700,6 +694,13 @@ class Agent:
             return
         log.warning("agent %s: automatic failover: promoted to epoch %d", self.name, new.epoch)
         self._become_primary(new)
+
+    def _demotion_to_undo(self, epoch: int) -> None:
+        """This agent is primary again: a demotion it ran meanwhile is the operator's to undo."""
+        if self.state.demoted:
+            log.warning("agent %s: primary again at epoch %d, but demote_command ran while its claim could "
+                        "not be proven: production may be read-only; undo what demote_command did", self.name, epoch)
+            self.state.demoted = False
 
     def _check_suspended(self) -> None:
         """A primary suspended for longer than the session timeout may have lost its claim: demote."""
@@ -1036,8 +1037,7 @@ class Agent:
     def _changed_paths(self, a: str, b: str) -> list[str]:
         ma = self.repo.load_manifest(self.repo.find_snapshot(a))
         mb = self.repo.load_manifest(self.repo.find_snapshot(b))
-        d = diff(ma, mb)
-        return sorted([*d.added, *d.removed, *d.changed])
+        return diff(ma, mb).paths()
 
     # --- the loop ------------------------------------------------------------------------------
 

@@ -547,8 +547,7 @@ class StandbyReceiver:
 
     @staticmethod
     def _same(applied: Manifest, manifest: Manifest) -> bool:
-        d = diff(applied, manifest)
-        return not (d.added or d.removed or d.changed)
+        return not diff(applied, manifest).paths()
 
     def _record_applied(self, snapshot_id: str, captured_at: float, position: list[int]) -> None:
         self.state.applied_snapshot = snapshot_id

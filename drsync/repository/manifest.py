@@ -474,6 +474,10 @@ class ManifestDiff:
     def as_dict(self) -> dict[str, list[str]]:
         return {"added": self.added, "removed": self.removed, "changed": self.changed}
 
+    def paths(self) -> list[str]:
+        """Every path that differs, sorted ([] when the two manifests hold the same tree)."""
+        return sorted([*self.added, *self.removed, *self.changed])
+
 
 def diff(old: Manifest, new: Manifest) -> ManifestDiff:
     """Paths added, removed and changed from ``old`` to ``new``: a join on ``path``."""

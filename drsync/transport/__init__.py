@@ -85,9 +85,10 @@ class StandbyLink(Protocol):
 class Receiver(Protocol):
     """What a standby does with a shipment (implemented by the agent's StandbyReceiver).
 
-    ``admit`` is the fencing check made once at the start of every shipping
-    request (Negotiate, Upload, Commit): it raises RefusedError when the caller
-    may not ship now. ``greet`` sees every Hello (no fencing: Hello only reads).
+    ``admit`` is the fencing check the transport makes at the start of Negotiate
+    and Upload; ``commit`` makes it itself, under the lock a promotion takes. It
+    raises RefusedError when the caller may not ship now. ``greet`` sees every
+    Hello (no fencing: Hello only reads).
     """
 
     state: Any

@@ -170,8 +170,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty commit")
         assert caller is not None
         try:
-            rx.admit(caller)
-            info, result = rx.commit(caller, doc, b"".join(pieces), int(seq))
+            info, result = rx.commit(caller, doc, b"".join(pieces), int(seq))  # admits under its commit lock
         except DrsyncError as e:
             _abort(context, e)
         return pb.CommitReply(snapshot=info.id, written_files=result.written_files, removed=result.removed,
