@@ -21,7 +21,7 @@ from typing import Any
 
 import blake3
 
-from drsync import fsutil
+from drsync import faults, fsutil
 from drsync.apply import ApplyResult, apply_manifest
 from drsync.config import KeepPolicy
 from drsync.errors import IntegrityError, NotFound, UsageError
@@ -108,6 +108,7 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
         if os.path.exists(final):
             raise UsageError(f"backup {final} exists already")
         partial = os.path.join(dest, f".partial-{backup_id}-{secrets.token_hex(4)}")
+        faults.pause("backup")
         try:
             binfo = _build(repo, info, manifest, partial, backup_id, mode, excluded, created,
                            progress, on_total)

@@ -313,8 +313,8 @@ def _hold_of(inv: Invocation) -> Any:
     """The apply hold (deletion guard or operator) of the standby agent that keeps this repository, if any.
 
     Found in the agent's state directory: the config's, or the default one inside a local ``--repo``."""
-    from drsync.agent.loop import state_dir_of
-    from drsync.agent.standby import HoldFile
+    from drsync.agent.hold import HoldFile
+    from drsync.agent.state import state_dir_of
 
     try:
         if inv.config is not None:
@@ -343,7 +343,7 @@ def _own_paths(inv: Invocation) -> tuple[str, ...]:
     """drsync's own files that a config puts inside the data root (the agent's state directory)."""
     if inv.config is None:
         return ()
-    from drsync.agent.loop import state_dir_of
+    from drsync.agent.state import state_dir_of
 
     try:
         return (state_dir_of(inv.config),)
@@ -722,7 +722,8 @@ def drill_grp() -> None:
 def drill_run(inv: Invocation, full: bool) -> None:
     """Run a drill now on this standby; exit 1 when it fails."""
     from drsync.agent.drill import run_drill
-    from drsync.agent.loop import open_coordinator, state_dir_of
+    from drsync.agent.loop import open_coordinator
+    from drsync.agent.state import state_dir_of
 
     cfg = _need_config(inv, "drill run")
     open_coord = None
@@ -797,9 +798,9 @@ def _need_config(inv: Invocation, what: str) -> Config:
               help="Seconds to wait for the running agent to carry the request out.")
 def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wait_s: float) -> None:
     """On a standby: show what holds applies back; confirm a held snapshot; hold and resume applies."""
-    from drsync.agent.loop import state_dir_of
+    from drsync.agent.hold import HoldFile
     from drsync.agent.requests import submit
-    from drsync.agent.standby import HoldFile, StateFile
+    from drsync.agent.state import StateStore, state_dir_of
 
     cfg = _need_config(inv, "apply")
     chosen = [n for n, v in (("--confirm", confirm is not None), ("--hold", hold), ("--resume", resume)) if v]
@@ -821,7 +822,7 @@ def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wa
         return
     state_dir = state_dir_of(cfg)
     h = HoldFile(state_dir).load()
-    applied = StateFile(state_dir).load().applied_snapshot
+    applied = StateStore(state_dir).load().applied_snapshot
     doc = {"agent": cfg.agent.name, "applied_snapshot": applied or None, **h.as_dict()}
 
     def human() -> None:

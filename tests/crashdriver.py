@@ -115,7 +115,7 @@ class Counter:
 
 def install(counter: Counter, *, count_recovery: bool = True) -> None:
     """Wrap the mutating calls and the commit region (this process only). Without ``count_recovery``
-    the commit an agent replays at start (``StandbyReceiver.recover``) is neither counted nor killed."""
+    the commit an agent replays at start (``Committer.recover``) is neither counted nor killed."""
     import drsync.apply as apply_mod
     from drsync.dataroot.hdfs import HdfsDataRoot
     from drsync.dataroot.local import LocalDataRoot
@@ -154,7 +154,7 @@ def install(counter: Counter, *, count_recovery: bool = True) -> None:
     LocalDataRoot.commit = region("commit", LocalDataRoot.commit)  # type: ignore[method-assign]
     HdfsDataRoot.commit = region("commit", HdfsDataRoot.commit)  # type: ignore[method-assign]
     apply_mod._close = region("close", apply_mod._close)
-    import drsync.agent.standby  # noqa: F401 - holds the functions by name: patched below too
+    import drsync.agent.committer  # noqa: F401 - holds the functions by name: patched below too
 
     for name, kind in (("apply_manifest", "stage"), ("recover_apply", "recover")):
         original = getattr(apply_mod, name)
@@ -163,9 +163,9 @@ def install(counter: Counter, *, count_recovery: bool = True) -> None:
             if mod is not None and mod.__name__.startswith("drsync") and getattr(mod, name, None) is original:
                 setattr(mod, name, wrapped)
     if not count_recovery:
-        from drsync.agent.standby import StandbyReceiver
+        from drsync.agent.committer import Committer
 
-        recover = StandbyReceiver.recover
+        recover = Committer.recover
 
         @functools.wraps(recover)
         def uncounted(self: Any) -> bool:
@@ -175,7 +175,7 @@ def install(counter: Counter, *, count_recovery: bool = True) -> None:
             finally:
                 counter.paused = False
 
-        StandbyReceiver.recover = uncounted  # type: ignore[method-assign]
+        Committer.recover = uncounted  # type: ignore[method-assign]
 
 
 def run_job(job: dict[str, Any]) -> None:
@@ -230,6 +230,7 @@ def serve() -> None:
     import pyarrow.dataset
     import pyarrow.parquet
 
+    import drsync.agent.committer
     import drsync.agent.standby
     import drsync.apply
     import drsync.dataroot.hdfs

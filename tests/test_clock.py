@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from drsync.agent.clock import WINDOW_S, ClockOffset, lag_s
-from drsync.agent.standby import AgentState, StateFile, state_lag_s
+from drsync.agent.state import AgentState, StateStore, state_lag_s
 
 T = 1_800_000_000.0
 
@@ -66,12 +66,12 @@ def test_a_new_primary_starts_a_new_estimate_and_a_restored_one_holds_until_then
 
 
 def test_the_state_file_keeps_the_offset_for_the_command_line(tmp_path: Path) -> None:
-    sf = StateFile(str(tmp_path))
-    sf.save(AgentState(applied_snapshot="s1", applied_captured_at=T + 600, clock_offset_s=600.0,
-                       clock_source="east", applied_position=[3, 17], epoch_seen=3, epoch_seen_at=T))
-    st = sf.load()
+    sf = StateStore(str(tmp_path))
+    sf.update(applied_snapshot="s1", applied_captured_at=T + 600, clock_offset_s=600.0, clock_source="east",
+              applied_position=(3, 17), epoch_seen=3, epoch_seen_at=T)
+    st = StateStore(str(tmp_path)).current  # read back from disk
     assert (st.clock_offset_s, st.clock_source, st.applied_position, st.epoch_seen, st.epoch_seen_at) == \
-        (600.0, "east", [3, 17], 3, T)
+        (600.0, "east", (3, 17), 3, T)
     assert state_lag_s(st, now=T + 7) == pytest.approx(7.0)
     assert state_lag_s(AgentState(), now=T) is None
 

@@ -315,8 +315,9 @@ def test_hold_and_resume_with_the_standby_agent_stopped(pair: Pair) -> None:
 def test_a_request_nobody_picks_up_is_withdrawn_and_reported(tmp_path: Path) -> None:
     """An agent holds the state directory but never serves requests (here: this test holds its lock):
     the command gives up after --wait, withdraws its request, and says that nothing was done."""
-    from drsync.agent.loop import StateDirLock, state_dir_of
+    from drsync.agent.locks import StateDirLock
     from drsync.agent.requests import requests_dir
+    from drsync.agent.state import state_dir_of
     from drsync.config import load_config
 
     p = Pair(tmp_path)

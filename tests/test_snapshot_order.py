@@ -25,7 +25,8 @@ import pytest
 
 from drsync import engine
 from drsync.agent.primary import ship_snapshot
-from drsync.agent.standby import StandbyReceiver, StateFile
+from drsync.agent.standby import StandbyReceiver
+from drsync.agent.state import StateStore
 from drsync.config import KeepPolicy
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
@@ -282,7 +283,7 @@ def test_a_standby_orders_what_it_receives_by_arrival(tmp_path: Path) -> None:
     standby = new_repo(tmp_path / "standby")
     root = tmp_path / "standby-data"
     root.mkdir()
-    rx = StandbyReceiver(standby, str(root), StateFile(str(tmp_path / "state")), agent="standby-1")
+    rx = StandbyReceiver(standby, str(root), StateStore(str(tmp_path / "state")), agent="standby-1")
     link = LocalLink(rx)
     # They arrive in another order than they were taken (e.g. a resent snapshot).
     for info in (c, a, b_fast):

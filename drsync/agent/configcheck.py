@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from drsync import engine
-from drsync.agent.loop import StateDirLock, open_coordinator, state_dir_of
-from drsync.agent.standby import StateFile
+from drsync.agent.locks import StateDirLock
+from drsync.agent.loop import open_coordinator
+from drsync.agent.state import StateStore, state_dir_of
 from drsync.config import Config, config_from_dict, config_problems, fencing_problem, read_config_document
 from drsync.dataroot import open_data_root
 from drsync.errors import ConfigError, DrsyncError
@@ -160,7 +161,7 @@ def _check_peers(cfg: Config, timeout_s: float) -> list[Check]:
             peers = [(n, str(r.get("address"))) for n, r in agents.items() if n != cfg.agent.name and r.get("address")]
             mine = agents.get(cfg.agent.name)
             if mine is not None:
-                my_id = StateFile(state_dir_of(cfg)).load().agent_id
+                my_id = StateStore(state_dir_of(cfg)).load().agent_id
                 other = mine.get("agent_id") and mine.get("agent_id") != my_id
                 out.append(Check("agent name", not other, (
                     f"another agent is registered as {cfg.agent.name!r} (address {mine.get('address')}, agent id "

@@ -17,10 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 from drsync import engine
+from drsync.agent.committer import Committer
 from drsync.agent.fencing import approve_rejoin, fence_env, run_command
-from drsync.agent.loop import StateDirLock, has_data, open_coordinator, state_dir_of
+from drsync.agent.locks import StateDirLock
+from drsync.agent.loop import open_coordinator
 from drsync.agent.roles import format_span, promotion_refusal
-from drsync.agent.standby import StandbyReceiver, StateFile, state_lag_s
+from drsync.agent.state import StateStore, state_dir_of, state_lag_s
+from drsync.agent.supervisor import has_data
 from drsync.config import Config
 from drsync.coordination import Coordinator
 from drsync.errors import OperationFailed, RefusedError, UsageError
@@ -93,7 +96,7 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
                                f"production; restore this cluster's data first (drsync snapshot restore or backup "
                                f"restore), then promote")
         state_dir = state_dir_of(cfg)
-        state = StateFile(state_dir).load()
+        state = StateStore(state_dir).load()
         lag = state_lag_s(state)  # on the primary's clock, with the offset the agent last estimated
         refusal = promotion_refusal(lag_s=lag, applied_captured_at=state.applied_captured_at,
                                     max_lag_s=cfg.coordination.max_lag_on_failover,
@@ -104,7 +107,7 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
         if not agent_running and not first:
             # Nobody else will finish an apply a crash interrupted before this agent takes over.
             repo = Repository.open(open_storage(cfg.cluster.repository))
-            StandbyReceiver(repo, data_root, StateFile(state_dir), agent=me).recover()
+            Committer(repo, data_root, StateStore(state_dir), agent=me).recover()
         reason = "first promotion" if first else ("forced" if primary is not None else "manual")
         fenced = None
         old = primary.agent if primary is not None else view.epoch.promoted_by
@@ -222,7 +225,7 @@ def rejoin(cfg: Config, *, wait_s: float = 30.0) -> dict[str, Any]:
     _require_auto(cfg, "rejoin")
     me = cfg.agent.name
     state_dir = state_dir_of(cfg)
-    state = StateFile(state_dir).load()
+    state = StateStore(state_dir).load()
     coord = _connected(cfg)
     try:
         view = coord.view()

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from drsync import engine, fsutil
-from drsync.agent.standby import StateFile, state_lag_s
+from drsync.agent.state import StateStore, state_lag_s
 from drsync.apply import apply_manifest, comparison_resolution, plan_apply
 from drsync.config import Config
 from drsync.coordination import Coordinator
@@ -267,7 +267,7 @@ def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinat
     previous = load_reports(state_dir, 1)
     number = int(previous[-1].get("number", 0)) + 1 if previous else 1
     report = DrillReport(cfg.agent.name, cfg.coordination.group, time.time(), number=number)
-    state_file = StateFile(state_dir)
+    state_file = StateStore(state_dir)
     state = state_file.load()
     report.full_verify = full if full is not None else verify_all_this_time(number, cfg.drills.sample,
                                                                             cfg.drills.full_every)

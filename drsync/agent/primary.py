@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync.agent.standby import batched
 from drsync.repository import format as fmt
 from drsync.repository.manifest import Manifest, diff
 from drsync.repository.repo import Repository
@@ -43,6 +42,18 @@ class ShipResult:
     deduplicated_bytes: int
     duration_s: float
     applied: CommitOutcome
+
+
+def batched(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    """``items`` in lists of at most ``size``."""
+    batch: list[bytes] = []
+    for x in items:
+        batch.append(x)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def pacing_delay(sent_bytes: int, rate_bps: float, elapsed_s: float) -> float:

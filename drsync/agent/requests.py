@@ -3,7 +3,7 @@
 The command line (another process, with the agent's config) asks the agent to do something that must
 happen inside it, e.g. apply a snapshot under the receiver's commit lock, never beside a shipment.
 :func:`submit` is the command line's side: when no agent holds the state directory
-(:class:`~drsync.agent.loop.StateDirLock`), it takes the lock itself and carries the request out
+(:class:`~drsync.agent.locks.StateDirLock`), it takes the lock itself and carries the request out
 directly with an :class:`~drsync.agent.loop.Agent` opened without network; otherwise it writes a
 request file and waits (bounded) for the reply. The running agent calls :func:`serve_pending` on every
 pass of its loop (about once a second).
@@ -120,7 +120,9 @@ def submit(cfg: Config, name: str, args: dict[str, Any], *, wait_s: float) -> Re
     Returns the reply (``ok`` False with its exit code when refused or failed); raises OperationFailed
     when a running agent did not answer within ``wait_s`` seconds (the message says whether it has
     the request)."""
-    from drsync.agent.loop import Agent, StateDirLock, state_dir_of
+    from drsync.agent.locks import StateDirLock
+    from drsync.agent.loop import Agent
+    from drsync.agent.state import state_dir_of
 
     if name not in ACTIONS:
         raise UsageError(f"unknown request {name!r}")

@@ -125,10 +125,10 @@ def collect_pair_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any
     last_snapshot = _last_snapshot(cfg)
     epochs = [a["epoch"] for a in agents if a["epoch"] is not None]
     from drsync.agent.drill import load_reports
-    from drsync.agent.loop import state_dir_of
+    from drsync.agent.state import state_dir_of
 
     drills = load_reports(state_dir_of(cfg), 1)
-    from drsync.agent.standby import HoldFile
+    from drsync.agent.hold import HoldFile
 
     hold = HoldFile(state_dir_of(cfg)).load()  # this config's agent: its hold is in its state directory
     for a in agents:

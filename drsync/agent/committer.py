@@ -1,0 +1,310 @@
+"""The standby's committer: store a shipped snapshot, judge it, apply it atomically (safety rules 2 and 8).
+
+Everything here runs under :attr:`Committer.lock` (one commit, confirmation or resume
+at a time); a promotion takes the same lock, so it always sees a whole snapshot. The
+repository's shared lock is held while the snapshot is stored and applied, so garbage
+collection never removes what it names. Retention and GC are not done here (see
+:mod:`drsync.agent.maintenance`): nothing slow sits between a shipment and its
+acknowledgement, or between a promotion and the lock it waits for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import blake3
+
+from drsync import fsutil
+from drsync.agent.hold import HoldFile
+from drsync.agent.state import StateStore
+from drsync.apply import ApplyResult, apply_manifest, recover_apply
+from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
+from drsync.fsutil import describe_os_error
+from drsync.guard import deletion_guard
+from drsync.repository.lock import DEFAULT_WAIT_S
+from drsync.repository.manifest import Manifest, diff
+from drsync.repository.repo import Repository
+from drsync.repository.snapshots import SnapshotInfo, iso
+
+log = logging.getLogger("drsync.agent.standby")
+
+
+class Committer:
+    def __init__(self, repo: Repository, data_root: str, store: StateStore, *, agent: str,
+                 max_delete_fraction: float = 0.5, on_applied: Callable[[], None] = lambda: None) -> None:
+        self.repo = repo
+        self.data_root = data_root
+        self.store = store
+        self.agent = agent
+        self.max_delete_fraction = max_delete_fraction
+        self.on_applied = on_applied
+        # Held for a whole commit (store + apply): a promotion takes it to wait for an apply in flight.
+        self.lock = threading.Lock()
+        self.broken = ""  # set when an apply failed half-way and could not be completed
+        # The deletion guard (safety rule 8) and the operator's hold; changed under self.lock only.
+        self.hold_file = HoldFile(store.dir)
+        self.hold = self.hold_file.load()
+        self._pending = os.path.join(store.dir, "applying.json")
+
+    # --- crash recovery --------------------------------------------------------------
+
+    def recover(self) -> bool:
+        """Finish an apply a crash interrupted, before serving anything (safety rule 2)."""
+        doc = None
+        if os.path.exists(self._pending):
+            with open(self._pending, "rb") as f:
+                doc = json.loads(f.read())
+        finished = recover_apply(self.data_root, self.store.journal)
+        if finished and doc is not None:
+            self._record_applied(doc["snapshot"], doc["captured_at"], doc.get("position") or [])
+        # Without a journal the apply either never changed the root or was recorded already.
+        if doc is not None:
+            os.unlink(self._pending)
+        return finished
+
+    def _after_failed_apply(self) -> None:
+        """An apply failed while this agent keeps running: never leave a half-applied root behind.
+
+        Before the journal was written nothing changed, so there is nothing to do. After it,
+        roll forward now; if even that fails, refuse shipments until an operator steps in.
+        """
+        try:
+            self.recover()
+        except Exception as e:
+            self.broken = (f"an apply failed half-way and could not be completed ({e}); fix the cause, then "
+                           f"restart the agent, which completes it first")
+            log.error("%s", self.broken)
+
+    def check_usable(self) -> None:
+        if self.broken:
+            raise OperationFailed(f"standby {self.agent} needs recovery: {self.broken}")
+
+    # --- a shipment's commit ---------------------------------------------------------
+
+    def commit(self, snapshot_doc: bytes, manifest_bytes: bytes, position: list[int]) -> tuple[SnapshotInfo,
+                                                                                                 ApplyResult]:
+        """Store and apply a shipped snapshot. Caller holds :attr:`lock` and admitted the sender.
+
+        Raises RefusedError (other cluster, or held back), IntegrityError (damaged or incomplete)."""
+        started = time.monotonic()
+        info = SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document")
+        cfg = self.repo.config
+        if (info.cluster_id, info.release) != (cfg.cluster_id, cfg.release):
+            raise RefusedError(
+                f"snapshot {info.id} is from cluster {info.cluster_id!r} release {info.release!r}, but this "
+                f"standby keeps cluster {cfg.cluster_id!r} release {cfg.release!r}; check "
+                f"replication.standbys on the primary, or upgrade both clusters to the same release")
+        if blake3.blake3(manifest_bytes).hexdigest() != info.manifest_hash:
+            raise IntegrityError(f"snapshot {info.id}: the manifest arrived damaged or truncated "
+                                 f"(hash mismatch); it was not applied")
+        manifest = Manifest.from_bytes(manifest_bytes, f"manifest of snapshot {info.id}")
+        with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
+            # Under the shared lock: no GC can run between this check and the apply.
+            missing = [c for c in manifest.chunk_ids() if not self.repo.has_chunk(c)]
+            if missing:
+                raise IntegrityError(f"snapshot {info.id} names {len(missing)} chunk(s) the standby never "
+                                     f"received (first {missing[0].hex()[:16]}); it was not applied")
+            known = {s.id: s for s in self.repo.list_snapshots()}
+            # Stored with this repository's next sequence number (arrival order), whatever
+            # seq the sender's document carries; a retried commit keeps the stored one.
+            info = known[info.id] if info.id in known else self.repo.commit_snapshot(info, manifest_bytes)
+            result = self.take(info, manifest, started, position)  # RefusedError while held: stored, not applied
+        return info, result
+
+    def take(self, info: SnapshotInfo, manifest: Manifest, started: float, position: list[int]) -> ApplyResult:
+        """Apply a stored snapshot unless a hold keeps it back (then RefusedError, logged as a warning).
+
+        Under :attr:`lock` and the repository's shared lock."""
+        if self.hold.operator_since:
+            raise RefusedError(self._refuse(info, (
+                f"standby {self.agent} holds applies (drsync apply --hold since {iso(self.hold.operator_since)}): "
+                f"snapshot {info.id} stored, not applied; run 'drsync apply --resume' on standby {self.agent} "
+                f"to apply again")))
+        applied = self._applied_manifest()
+        if applied is not None and not diff(applied, manifest).paths():
+            # Nothing changed since the applied snapshot: the root already holds it.
+            self._record_applied(info.id, info.captured_at, position)
+            log.info("snapshot %s has the content of the applied one; nothing to apply", info.id)
+            self._release_guard(f"snapshot {info.id} has the content of the applied snapshot again")
+            return ApplyResult(unchanged_files=manifest.file_count())
+        base = applied if applied is not None else self._baseline_manifest()
+        hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
+        if hold is not None:
+            st, h = self.store.current, self.hold
+            if not h.snapshot:  # the hold stays on the first held snapshot (the one an operator inspects)
+                h.snapshot, h.captured_at, h.applied, h.held_at = (info.id, info.captured_at,
+                                                                   st.applied_snapshot or st.guard_baseline,
+                                                                   time.time())
+                h.files, h.removed, h.position = hold.files, hold.removed, list(position)
+            what = (f"snapshot {info.id} {hold.describe()}: held, not applied" if h.snapshot == info.id else
+                    f"snapshot {info.id} {hold.describe()}: stored, not applied (snapshot {h.snapshot} is held "
+                    f"since {iso(h.held_at)})")
+            message = (f"{what}; on standby {self.agent} inspect it with 'drsync snapshot diff {h.applied} "
+                       f"{h.snapshot}' and confirm with 'drsync apply --confirm {h.snapshot}' if this deletion "
+                       f"is intended")
+            if h.snapshot == info.id:
+                h.message = message
+            raise RefusedError(self._refuse(info, message, position))
+        result = self._apply(info, manifest, position)
+        log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id,
+                 result.written_files, result.removed, time.monotonic() - started)
+        self._release_guard(f"snapshot {info.id} was applied: it removes few enough of the files "
+                            f"(replication.max_delete_fraction {self.max_delete_fraction:g})")
+        return result
+
+    def _refuse(self, info: SnapshotInfo, message: str, position: list[int] | None = None) -> str:
+        self.hold.latest = info.id
+        self.hold.latest_position = list(position or [])
+        self.hold.refused += 1
+        self.hold_file.save(self.hold)
+        log.warning("%s", message)
+        return message
+
+    def release_on_promotion(self) -> None:
+        """A promoted standby serves its applied snapshot: holds on what it stored are moot. Caller holds
+        :attr:`lock`. The held snapshots stay in the repository."""
+        if self.hold.active:
+            held = self.hold.snapshot or self.hold.latest
+            self.hold.operator_since = 0.0
+            self._release_guard(f"agent {self.agent} was promoted at its applied snapshot "
+                                f"{self.store.current.applied_snapshot or '(none)'}; the held snapshot {held} stays "
+                                f"in its repository")
+            self.hold_file.save(self.hold)
+
+    def _release_guard(self, why: str) -> None:
+        if not self.hold.snapshot:
+            return
+        held = self.hold.snapshot
+        self.hold.snapshot, self.hold.applied, self.hold.message = "", "", ""
+        self.hold.captured_at = self.hold.held_at = 0.0
+        self.hold.files = self.hold.removed = 0
+        if not self.hold.operator_since:
+            self.hold.latest, self.hold.refused = "", 0
+        self.hold_file.save(self.hold)
+        log.warning("deletion guard: the hold on snapshot %s is lifted: %s", held, why)
+
+    def _baseline_manifest(self) -> Manifest | None:
+        """What the root held when this agent (re)joined, while nothing is applied yet (an ex-primary's
+        live production data): emptying it is held like any other mass deletion (safety rule 8)."""
+        st = self.store.current
+        if st.applied_snapshot or not st.guard_baseline:
+            return None
+        try:
+            return self.repo.load_manifest(self.repo.find_snapshot(st.guard_baseline))
+        except DrsyncError:
+            return None
+
+    def _applied_manifest(self) -> Manifest | None:
+        applied = self.store.current.applied_snapshot
+        if not applied:
+            return None
+        try:
+            return self.repo.load_manifest(self.repo.find_snapshot(applied))
+        except DrsyncError as e:
+            log.warning("deletion guard: cannot read the applied snapshot %s (%s); the shipment is judged "
+                        "without it", applied, e)
+            return None
+
+    # --- operator requests (drsync apply), each under the lock: never during a shipment's commit ------
+
+    def confirm(self, ref: str) -> dict[str, Any]:
+        """Apply the snapshot the deletion guard holds (``ref``: its id or a unique prefix of 6+ characters).
+
+        RefusedError when ``ref`` is not the held snapshot, or nothing is held."""
+        started = time.monotonic()
+        with self.lock:
+            self.check_usable()
+            held = self.hold.snapshot
+            if not held:
+                extra = (" (applies are held by 'drsync apply --hold'; 'drsync apply --resume' lifts that)"
+                         if self.hold.operator_since else "")
+                raise RefusedError(f"no snapshot is held by the deletion guard on standby {self.agent}{extra}; "
+                                   f"nothing was applied")
+            if ref != held and not (len(ref) >= 6 and held.startswith(ref)):
+                raise RefusedError(f"snapshot {ref} is not the one held on standby {self.agent}: {held} is "
+                                   f"(it would remove {self.hold.removed:,} of {self.hold.files:,} files); nothing "
+                                   f"was applied; see 'drsync apply' and confirm the held snapshot")
+            info = self.repo.find_snapshot(held)
+            manifest = self.repo.load_manifest(info)
+            with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
+                result = self._apply(info, manifest, list(self.hold.position))
+            log.warning("snapshot %s applied on an operator's confirmation (%d files written, %d removed) in %.2fs",
+                        info.id, result.written_files, result.removed, time.monotonic() - started)
+            self._release_guard("an operator confirmed it (drsync apply --confirm) and it was applied")
+            return {"applied": info.id, "written_files": result.written_files, "removed": result.removed,
+                    "message": f"snapshot {info.id} applied on standby {self.agent}: {result.written_files} files "
+                               f"written, {result.removed} removed"}
+
+    def hold_applies(self) -> dict[str, Any]:
+        """The operator's hold: store shipments, apply none until :meth:`resume`."""
+        with self.lock:
+            if not self.hold.operator_since:
+                self.hold.operator_since = time.time()
+                self.hold_file.save(self.hold)
+                log.warning("applies held by an operator (drsync apply --hold): shipments are stored, not applied, "
+                            "until 'drsync apply --resume'")
+            return {"message": f"standby {self.agent} holds applies since {iso(self.hold.operator_since)}: "
+                               f"shipments are stored, not applied, until 'drsync apply --resume'"}
+
+    def resume(self) -> dict[str, Any]:
+        """Lift the operator's hold, and apply the newest snapshot stored meanwhile (the guard still judges it)."""
+        with self.lock:
+            if not self.hold.operator_since:
+                note = (f"; snapshot {self.hold.snapshot} stays held by the deletion guard "
+                        f"('drsync apply --confirm {self.hold.snapshot}' applies it)" if self.hold.snapshot else "")
+                return {"applied": None, "message": f"applies were not held by an operator on standby "
+                                                    f"{self.agent}; nothing to resume{note}"}
+            self.hold.operator_since = 0.0
+            latest = self.hold.latest if not self.hold.snapshot else ""
+            if not self.hold.snapshot:
+                self.hold.latest, self.hold.refused = "", 0
+            self.hold_file.save(self.hold)
+            log.warning("applies resumed by an operator (drsync apply --resume)")
+            message = f"standby {self.agent} applies shipments again"
+            applied = None
+            if latest and latest != self.store.current.applied_snapshot:
+                try:
+                    info = self.repo.find_snapshot(latest)
+                    manifest = self.repo.load_manifest(info)
+                    with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
+                        self.take(info, manifest, time.monotonic(), list(self.hold.latest_position))
+                    applied = info.id
+                    message += f"; snapshot {info.id}, stored while held, is applied"
+                except RefusedError as e:
+                    message += f"; {e}"
+                except DrsyncError as e:
+                    message += f"; the snapshot stored while held ({latest}) was not applied ({e}): the next " \
+                               f"shipment brings a newer one"
+            else:
+                message += "; the next shipment is applied"
+            return {"applied": applied, "message": message}
+
+    # --- the apply itself ------------------------------------------------------------------
+
+    def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int]) -> ApplyResult:
+        fsutil.atomic_write(self._pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
+                                                       "position": position}).encode())
+        try:
+            result = apply_manifest(
+                manifest, self.repo, self.data_root, what=f"snapshot {info.id}", journal=self.store.journal,
+                on_committed=lambda: self._record_applied(info.id, info.captured_at, position),
+                protect=(self.repo.storage.url, self.store.dir))
+        except BaseException as e:
+            self._after_failed_apply()
+            if isinstance(e, OSError):
+                raise describe_os_error(e, f"applying snapshot {info.id} on the standby") from None
+            raise
+        os.unlink(self._pending)
+        return result
+
+    def _record_applied(self, snapshot_id: str, captured_at: float, position: list[int]) -> None:
+        # One record: the applied snapshot, its capture time and position change together.
+        self.store.update(applied_snapshot=snapshot_id, applied_captured_at=captured_at,
+                          applied_position=tuple(position), applied_at=time.time())
+        self.on_applied()

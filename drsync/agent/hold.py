@@ -1,0 +1,80 @@
+"""The apply hold of a standby: what keeps shipments stored but not applied (safety rule 8).
+
+The deletion guard's hold and the operator's (``drsync apply --hold``), durable in
+``state_dir/apply-hold.json`` (no file while nothing is held).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from drsync import fsutil
+
+
+@dataclass
+class ApplyHold:
+    """What keeps a standby from applying shipments (state_dir/apply-hold.json; survives restarts).
+
+    Two holds, independent of each other:
+
+    * the deletion guard's: ``snapshot`` was shipped, stored, and not applied because it would remove
+      too many of the applied snapshot's files (:func:`drsync.guard.deletion_guard`). The hold stays on
+      that first snapshot while later shipments are stored and refused too, so that the snapshot an
+      operator inspected is the one ``drsync apply --confirm`` applies; ``latest`` names the newest of
+      them. It is lifted by that confirmation, or by a later shipment that passes the guard against the
+      applied snapshot (production came back: nothing of concern is applied).
+    * the operator's (``drsync apply --hold``, lifted by ``--resume``): every shipment is stored and
+      refused, none applied.
+    """
+
+    snapshot: str = ""  # the held snapshot ("" when the deletion guard holds nothing)
+    captured_at: float = 0.0
+    applied: str = ""  # the applied snapshot it was judged against
+    held_at: float = 0.0
+    files: int = 0  # files (non-directory entries) of the applied snapshot
+    removed: int = 0  # of those, how many the held snapshot would remove
+    message: str = ""  # the refusal, as the primary was told
+    latest: str = ""  # the newest shipment stored and refused while held
+    refused: int = 0  # shipments refused since the hold began
+    operator_since: float = 0.0  # drsync apply --hold in force since (0: not)
+    position: list[int] = field(default_factory=list)  # the held snapshot's [sender epoch, sender seq]
+    latest_position: list[int] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.snapshot or self.operator_since)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"held": self.active, "operator_hold": bool(self.operator_since)}
+
+
+class HoldFile:
+    """The durable :class:`ApplyHold` of a state directory; no file while nothing is held."""
+
+    NAME = "apply-hold.json"
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = state_dir
+        self.path = os.path.join(state_dir, self.NAME)
+
+    def load(self) -> ApplyHold:
+        try:
+            with open(self.path, "rb") as f:
+                doc = json.loads(f.read())
+        except FileNotFoundError:
+            return ApplyHold()
+        known = set(ApplyHold.__dataclass_fields__)
+        return ApplyHold(**{k: v for k, v in doc.items() if k in known})
+
+    def save(self, hold: ApplyHold) -> None:
+        if hold.active:
+            fsutil.atomic_write(self.path, json.dumps(asdict(hold)).encode(), durable=True)
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return
+        fsutil.fsync_dir(self.dir)

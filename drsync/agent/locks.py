@@ -1,0 +1,89 @@
+"""Host-level exclusivity: one agent per state directory, per data root and per repository.
+
+Each is a flock on a small file (released by the kernel when the process dies, so a crash
+never leaves a stale lock); the file names the holder for the refusal message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+
+from drsync.errors import OperationFailed
+
+
+def _host_lock_dir() -> str:
+    for d in (os.environ.get("DRSYNC_LOCK_DIR", ""), "/run/lock", tempfile.gettempdir()):
+        if d and os.path.isdir(d) and os.access(d, os.W_OK):
+            return d
+    return tempfile.gettempdir()
+
+
+def _exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[str]], str]) -> int:
+    """Open ``path`` and take its flock without waiting, then write ``holder`` into it; the descriptor
+    keeps the lock. OperationFailed with ``refusal(lines the current holder wrote)`` when it is held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")
+        os.close(fd)
+        raise OperationFailed(refusal([*(line.strip() or "?" for line in lines), "?", "?"])) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode(), 0)
+    return fd
+
+
+class HostLock:
+    """One running agent per data root and per repository on this host (a lock file named after the
+    resolved location in /run/lock; nothing is written into production's data root)."""
+
+    def __init__(self, what: str, location: str, state_dir: str) -> None:
+        key = location if "://" in location else os.path.realpath(location)
+        self.path = os.path.join(_host_lock_dir(), f"drsync-{hashlib.sha256(key.encode()).hexdigest()[:20]}.lock")
+        try:
+            self.fd = _exclusive_lock(self.path, 0o666, f"{os.getpid()}\n{state_dir}\n", lambda held: (
+                f"another drsync agent (pid {held[0]}, state directory {held[1]}) already serves {what} {key}: two "
+                f"agents must never share a data root or repository; stop it, or point this config at its own"))
+        except PermissionError as e:
+            raise OperationFailed(f"cannot open the host lock {self.path} for {what} {key} ({e.strerror}); "
+                                  f"another user's agent may serve it, or set DRSYNC_LOCK_DIR to a writable "
+                                  f"directory") from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class StateDirLock:
+    """One agent per state directory: a second one would share its epoch and its apply journal."""
+
+    def __init__(self, state_dir: str) -> None:
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, "agent.pid")
+        self.fd = _exclusive_lock(self.path, 0o644, f"{os.getpid()}\n", lambda held: (
+            f"another drsync agent (pid {held[0]}) is running with state directory {state_dir}; stop it first"))
+
+    @staticmethod
+    def held(state_dir: str) -> bool:
+        """Whether a running agent holds this state directory (for the command line)."""
+        path = os.path.join(state_dir, "agent.pid")
+        if not os.path.exists(path):
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,218 @@
+"""Maintenance beside replication: retention, garbage collection, backups and drills, on one thread.
+
+One :class:`MaintenanceWorker` per agent, for both roles. Nothing here runs inside a
+replication cycle or a shipment's commit, and nothing here takes a lock a promotion
+waits for: a full backup that takes hours delays no capture, no shipment and no
+promotion. Work is chosen per pass from the agent's role *now*:
+
+* retention of cycle snapshots ([snapshots] keep) in both roles, keeping what the
+  agent names as protected (the applied snapshot; on a primary what each standby
+  applied and what is in flight); never while a standby holds applies back (the good
+  snapshots must outlive the hold); it gives up at once when the repository is in use;
+* garbage collection with retention, at most every :data:`GC_EVERY_S`;
+* on a primary, a backup every ``backups.interval`` (then pruning to ``backups.keep``);
+* on a standby with something applied, a drill every ``drills.interval``.
+
+The agent wakes the worker after each capture and apply (:meth:`MaintenanceWorker.wake`);
+it also looks every :data:`PASS_EVERY_S`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from drsync import backup, engine
+from drsync.agent.drill import drills_dir, load_reports, run_drill
+from drsync.config import Config
+from drsync.coordination import Coordinator
+from drsync.errors import DrsyncError
+from drsync.metrics import AgentMetrics
+from drsync.repository.repo import Repository
+
+log = logging.getLogger("drsync.agent")
+
+# Garbage collection reads every kept manifest; once an hour is plenty.
+GC_EVERY_S = 3600.0
+PASS_EVERY_S = 30.0
+BACKUP_RETRY_S = 600.0
+
+
+@dataclass(frozen=True)
+class Duties:
+    """What the agent asks of one maintenance pass (read from the agent at the start of each pass)."""
+
+    role: str  # "primary" or "standby" (what the agent acts as now)
+    protect: frozenset[str]  # snapshots retention must keep
+    held: bool = False  # a standby holds applies back: no retention
+    has_applied: bool = False  # a standby has applied something: drills can run
+
+
+class MaintenanceWorker:
+    def __init__(self, cfg: Config, repo: Repository, metrics: AgentMetrics, *, state_dir: str,
+                 duties: Callable[[], Duties], open_coord: Callable[[], Coordinator] | None) -> None:
+        self.cfg = cfg
+        self.name = cfg.agent.name
+        self.repo = repo
+        self.metrics = metrics
+        self.state_dir = state_dir
+        self.duties = duties
+        self.open_coord = open_coord
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_gc = 0.0  # monotonic; 0: collect at the first retention that deletes something
+        self._last_backup = 0.0  # Unix time of the newest good backup
+        self._born = time.time()
+        self._drills_mtime = -1
+        self.busy = ""  # what the worker is doing now, for the status page ("" = idle)
+        self._init_backup_metric()
+        self.refresh_drill_metrics()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="drsync-maintenance", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, wait_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(wait_s)  # a backup or drill in progress is not waited for to the end
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(PASS_EVERY_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.run_pass()
+            except Exception:  # a bug must not end maintenance silently
+                log.exception("agent %s: maintenance pass failed", self.name)
+
+    def run_pass(self) -> None:
+        """One pass: whatever is due for the role the agent has now."""
+        d = self.duties()
+        self.retention(d)
+        if d.role == "primary":
+            self.backup_if_due()
+        elif d.has_applied and self._drill_due():
+            self._drill(d)
+        self.refresh_drill_metrics()
+
+    # --- retention and GC ----------------------------------------------------------------
+
+    def retention(self, d: Duties) -> None:
+        if d.held:
+            log.debug("retention skipped: applies are held")  # the good snapshots stay until it is lifted
+            return
+        collect = time.monotonic() - self._last_gc >= GC_EVERY_S or not self._last_gc
+        self.busy = "retention"
+        try:
+            res = engine.expire_snapshots(self.repo, self.cfg.snapshots.keep, collect=collect, protect=d.protect,
+                                          lock_wait_s=0)
+        except DrsyncError as e:
+            log.info("agent %s: retention skipped this time: %s", self.name, e)
+            return
+        finally:
+            self.busy = ""
+        if res.gc is not None:
+            self._last_gc = time.monotonic()
+        if res.deleted:
+            log.info("agent %s: expired %d snapshot(s)", self.name, len(res.deleted))
+
+    # --- backups (primary) -------------------------------------------------------------------
+
+    def _init_backup_metric(self) -> None:
+        dest = self.cfg.backups.destination
+        if not dest or not os.path.isdir(dest):
+            return
+        try:
+            done, _ = backup.list_backups(dest)
+        except DrsyncError:
+            return
+        if done:
+            self._last_backup = done[-1].created_at
+            self.metrics.backup_last_success.set(done[-1].created_at)
+
+    def backup_if_due(self) -> None:
+        """[backups]: pull the newest snapshot out as a portable backup every interval, then prune."""
+        b = self.cfg.backups
+        if not b.destination or time.time() - self._last_backup < b.interval:
+            return
+        snaps = self.repo.list_snapshots()
+        if not snaps:
+            return
+        self.busy = f"backup of snapshot {snaps[-1].id}"
+        try:
+            os.makedirs(b.destination, exist_ok=True)
+            info = backup.create_backup(self.repo, snaps[-1].id, b.destination, mode=b.mode,
+                                        light_exclude=b.light_exclude)
+            backup.prune_backups(b.destination, b.keep)
+        except (DrsyncError, OSError) as e:
+            self._last_backup = time.time() - b.interval + min(b.interval, BACKUP_RETRY_S)
+            log.error("agent %s: backup of snapshot %s failed: %s", self.name, snaps[-1].id, e)
+            return
+        finally:
+            self.busy = ""
+        self._last_backup = info.created_at
+        self.metrics.backup_last_success.set(info.created_at)
+        log.info("agent %s: backup %s (%s) of snapshot %s written to %s", self.name, info.id, b.mode, snaps[-1].id,
+                 b.destination)
+
+    # --- drills (standby) ----------------------------------------------------------------------
+
+    def refresh_drill_metrics(self) -> None:
+        """Drill gauges from the newest report (a drill run from the command line counts too)."""
+        try:
+            mtime = os.stat(drills_dir(self.state_dir)).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self._drills_mtime:
+            return
+        self._drills_mtime = mtime
+        reports = load_reports(self.state_dir)
+        if not reports:
+            return
+        last = reports[-1]
+        m = self.metrics
+        m.drill_last_result.set(1 if last.get("passed") else 0)
+        passed = [r for r in reports if r.get("passed")]
+        if passed:
+            m.drill_last_success.set(float(passed[-1].get("finished_at") or 0.0))
+        m.drill_rto.set(float("nan") if last.get("rto_s") is None else float(last["rto_s"]))
+        m.drill_rpo.set(float("nan") if last.get("rpo_s") is None else float(last["rpo_s"]))
+
+    def _drill_due(self) -> bool:
+        interval = self.cfg.drills.interval
+        if interval <= 0:
+            return False
+        # The first drill comes one interval after the agent started, not at once: a restart or a
+        # fresh standby must not start a full trial restore by surprise.
+        last = load_reports(self.state_dir, 1)
+        since = float(last[-1].get("started_at", 0.0)) if last else self._born
+        return time.time() - since >= interval
+
+    def _drill(self, d: Duties) -> None:
+        self.busy = "drill"
+        try:
+            report = run_drill(self.cfg, state_dir=self.state_dir, open_coord=self.open_coord,
+                               is_primary=d.role == "primary")
+        except DrsyncError as e:
+            log.warning("agent %s: drill could not run: %s", self.name, e)
+            return
+        finally:
+            self.busy = ""
+        if report.passed:
+            log.info("agent %s: drill %d passed on snapshot %s (RPO %s s, RTO %s s)", self.name, report.number,
+                     report.snapshot, report.rpo_s, report.rto_s)
+        else:
+            log.error("agent %s: drill %d FAILED on snapshot %s: %s", self.name, report.number, report.snapshot,
+                      "; ".join(f"{s.name}: {s.detail}" for s in report.steps if not s.passed))

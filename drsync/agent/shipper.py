@@ -1,0 +1,319 @@
+"""The primary's replication: capture a snapshot every interval, and one shipper per standby.
+
+Each :class:`Shipper` owns one standby target: its own thread, its own position (the
+snapshot the standby last applied, as it said or as this shipper brought it) and its own
+backoff, so a slow or unreachable standby never holds up another, and a capture is never
+held up by any of them. A shipper always ships the newest snapshot it was offered:
+snapshots captured while a shipment was in flight are skipped, not queued.
+:meth:`Replication.run_cycle` is the synchronous form (``drsync agent --once``, the
+switchover's final shipments): capture once, ship to the given targets, wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from drsync import engine
+from drsync.agent.primary import ship_snapshot
+from drsync.agent.standby import FencedError
+from drsync.config import Config
+from drsync.errors import DrsyncError, RefusedError
+from drsync.metrics import AgentMetrics
+from drsync.repository.lock import DEFAULT_WAIT_S
+from drsync.repository.manifest import Manifest
+from drsync.repository.repo import Repository
+from drsync.repository.snapshots import SnapshotInfo
+from drsync.transport import StandbyLink
+
+log = logging.getLogger("drsync.agent")
+
+# Backoff after a failed shipment: doubles from the first value up to the cap (seconds).
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 60.0
+
+
+@dataclass
+class CycleDecision:
+    """What one pass of the primary did, in words an operator can read in a log."""
+
+    action: str
+    snapshot: str = ""
+    shipped: dict[str, str] = field(default_factory=dict)  # standby -> outcome, in words
+    results: dict[str, dict[str, float]] = field(default_factory=dict)  # standby -> figures
+    ok: bool = True
+    duration_s: float = 0.0
+
+    def __str__(self) -> str:
+        parts = [self.action] + ([f"snapshot {self.snapshot}"] if self.snapshot else [])
+        parts += [f"{t}: {o}" for t, o in self.shipped.items()]
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class ShipOutcome:
+    """One shipment to one standby."""
+
+    target: str
+    snapshot: str
+    ok: bool
+    summary: str  # in words: "applied (3/10 chunks sent, ...)", "refused: ...", "failed: ..."
+    figures: dict[str, float] = field(default_factory=dict)
+    fenced: bool = False
+
+
+@dataclass(frozen=True)
+class Position:
+    """What a standby has applied, as far as this primary knows (capture time on this primary's clock)."""
+
+    snapshot: str = ""
+    captured_at: float = 0.0
+
+
+class Shipper:
+    """One standby target with its own thread, position and backoff."""
+
+    def __init__(self, target: str, *, repo: Repository, link: Callable[[str], StandbyLink], sender: str,
+                 epoch: Callable[[], int], guard: Callable[[bool], None], bandwidth_bps: float,
+                 metrics: AgentMetrics, on_outcome: Callable[[ShipOutcome], None]) -> None:
+        self.target = target
+        self.repo = repo
+        self._link = link
+        self.sender = sender
+        self._epoch = epoch
+        self._guard = guard
+        self.bandwidth_bps = bandwidth_bps
+        self.metrics = metrics
+        self.on_outcome = on_outcome
+        self.position = Position()
+        self.offered: SnapshotInfo | None = None  # the newest snapshot this standby should get
+        self.in_flight = ""
+        self.backoff_s = BACKOFF_FIRST_S
+        self.retry_at = 0.0  # monotonic
+        self._ship_lock = threading.Lock()  # one shipment at a time to this target
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # --- the background loop ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"drsync-ship-{self.target}", daemon=True)
+        self._thread.start()
+
+    def stop(self, wait_s: float = 0.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if wait_s and self._thread is not None:
+            self._thread.join(wait_s)
+
+    def offer(self, info: SnapshotInfo) -> None:
+        """Bring this standby to ``info`` (or to a newer snapshot offered before it gets there)."""
+        with self._cv:
+            self.offered = info
+            self._cv.notify_all()
+
+    def retry_now(self) -> None:
+        with self._cv:
+            self.retry_at = 0.0
+            self._cv.notify_all()
+
+    def _due(self) -> SnapshotInfo | None:
+        info = self.offered
+        if info is None or info.id == self.position.snapshot or time.monotonic() < self.retry_at:
+            return None
+        return info
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and self._due() is None:
+                    wait = self.retry_at - time.monotonic() if self.offered is not None else None
+                    self._cv.wait(None if wait is None or wait <= 0 else wait)
+                if self._stop:
+                    return
+                info = self._due()
+            if info is not None:
+                try:
+                    self.ship(info)
+                except Exception:  # a bug must not end this target's replication silently
+                    log.exception("shipper for %s: unexpected error", self.target)
+                    self._failed()
+
+    def _failed(self) -> None:
+        self.retry_at = time.monotonic() + self.backoff_s
+        self.backoff_s = min(self.backoff_s * 2, BACKOFF_MAX_S)
+
+    # --- one shipment -----------------------------------------------------------------------
+
+    def ship(self, info: SnapshotInfo) -> ShipOutcome:
+        """Ship ``info`` now (on the caller's thread), record the outcome and the position."""
+        with self._ship_lock:
+            self.in_flight = info.id
+            try:
+                outcome = self._ship(info)
+            finally:
+                self.in_flight = ""
+        if outcome.ok:
+            self.backoff_s, self.retry_at = BACKOFF_FIRST_S, 0.0
+        else:
+            self._failed()
+            self.metrics.ship_failures.inc()
+        level = logging.INFO if outcome.ok else logging.WARNING
+        log.log(level, "snapshot %s to %s: %s", info.id, self.target, outcome.summary)
+        self.on_outcome(outcome)
+        return outcome
+
+    def _ship(self, info: SnapshotInfo) -> ShipOutcome:
+        link = self._link(self.target)
+        try:
+            epoch = self._epoch()
+            hello = link.hello(self.sender, epoch)
+            applied = None
+            if hello.applied_snapshot:
+                self.position = Position(hello.applied_snapshot, hello.applied_captured_at)
+                applied = self._manifest_if_known(hello.applied_snapshot)
+            # A reader of this repository: GC never removes a pack this shipment is reading.
+            with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
+                res = ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender,
+                                    bandwidth_bps=self.bandwidth_bps, applied=applied, guard=self._guard)
+            self.position = Position(info.id, info.captured_at)
+            self.metrics.ship_duration.observe(res.duration_s)
+            self.metrics.shipped_bytes.inc(res.shipped_bytes)
+            self.metrics.deduplicated_bytes.inc(res.deduplicated_bytes)
+            return ShipOutcome(self.target, info.id, True,
+                               f"applied ({res.missing_chunks}/{res.chunks} chunks sent, {res.shipped_bytes} B in "
+                               f"{res.duration_s:.2f}s)",
+                               {"chunks": res.chunks, "missing_chunks": res.missing_chunks,
+                                "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
+                                "deduplicated_bytes": res.deduplicated_bytes})
+        except RefusedError as e:
+            return ShipOutcome(self.target, info.id, False, f"refused: {e}", fenced=isinstance(e, FencedError))
+        except DrsyncError as e:
+            return ShipOutcome(self.target, info.id, False, f"failed: {e}")
+        finally:
+            link.close()
+
+    def _manifest_if_known(self, snapshot_id: str) -> Manifest | None:
+        try:
+            return self.repo.load_manifest(self.repo.find_snapshot(snapshot_id))
+        except DrsyncError:
+            return None  # gone from this repository (expired): negotiate everything
+
+
+class Replication:
+    """The primary's side: captures, and the shippers of the current standby targets."""
+
+    def __init__(self, cfg: Config, repo: Repository, metrics: AgentMetrics, *, sender: str,
+                 link: Callable[[str], StandbyLink], epoch: Callable[[], int], guard: Callable[[bool], None],
+                 exclude_paths: tuple[str, ...], on_outcome: Callable[[ShipOutcome], None]) -> None:
+        self.cfg = cfg
+        self.repo = repo
+        self.metrics = metrics
+        self.sender = sender
+        self._link = link
+        self._epoch = epoch
+        self._guard = guard
+        self.exclude_paths = exclude_paths
+        self.on_outcome = on_outcome
+        self.shippers: dict[str, Shipper] = {}
+        self._lock = threading.Lock()
+        self.background = False  # shippers run their own threads (the agent's loop); else only synchronous
+
+    def _shipper(self, target: str) -> Shipper:
+        with self._lock:
+            s = self.shippers.get(target)
+            if s is None:
+                s = self.shippers[target] = Shipper(
+                    target, repo=self.repo, link=self._link, sender=self.sender, epoch=self._epoch,
+                    guard=self._guard, bandwidth_bps=self.cfg.replication.bandwidth_limit, metrics=self.metrics,
+                    on_outcome=self.on_outcome)
+                if self.background:
+                    s.start()
+            return s
+
+    def set_targets(self, targets: list[str]) -> list[str]:
+        """Keep one shipper per target; returns the targets that are new."""
+        with self._lock:
+            gone = [t for t in self.shippers if t not in targets]
+            stopped = [self.shippers.pop(t) for t in gone]
+        for s in stopped:
+            s.stop()
+        new = [t for t in targets if t not in self.shippers]
+        for t in targets:
+            self._shipper(t)
+        return new
+
+    def targets(self) -> list[str]:
+        with self._lock:
+            return list(self.shippers)
+
+    def capture(self) -> SnapshotInfo:
+        """One cycle snapshot of the data root (hooks, re-reads, exclusions from the config)."""
+        snaps = self.cfg.snapshots
+        req = engine.SnapshotRequest(self.cfg.cluster.data, kind="cycle", reason="replication cycle",
+                                     hooks=engine.Hooks(snaps.pre_hook, snaps.post_hook, snaps.hook_timeout),
+                                     reread_attempts=snaps.reread_attempts, exclude_paths=self.exclude_paths)
+        info = engine.create_snapshot(self.repo, req)
+        self.metrics.last_snapshot.set(info.captured_at)
+        self.metrics.snapshot_stale_paths.set(info.stale_paths)
+        self.metrics.snapshot_skipped_paths.set(info.skipped_paths)
+        self.metrics.snapshot_duration.observe(info.duration_s)
+        return info
+
+    def offer(self, info: SnapshotInfo) -> None:
+        for s in list(self.shippers.values()):
+            s.offer(info)
+
+    def run_cycle(self, targets: list[str]) -> CycleDecision:
+        """Capture, then ship to every target in parallel and wait (synchronous)."""
+        started = time.monotonic()
+        self._guard(False)
+        info = self.capture()
+        decision = CycleDecision("shipped" if targets else "snapshot only (no standby registered)", info.id)
+        shippers = [self._shipper(t) for t in targets]
+        for s in shippers:
+            s.offer(info)
+        if shippers:
+            with ThreadPoolExecutor(max_workers=min(8, len(shippers)), thread_name_prefix="drsync-cycle") as pool:
+                outcomes = list(pool.map(lambda s: s.ship(info), shippers))
+            for o in outcomes:
+                decision.shipped[o.target] = o.summary
+                if o.figures:
+                    decision.results[o.target] = dict(o.figures)
+                decision.ok = decision.ok and o.ok
+        decision.duration_s = round(time.monotonic() - started, 3)
+        return decision
+
+    def positions(self) -> dict[str, Position]:
+        return {t: s.position for t, s in list(self.shippers.items())}
+
+    def applied_captured_at(self) -> float | None:
+        """The oldest capture time applied on any target (None until every target has applied something)."""
+        pos = self.positions()
+        if not pos or any(not p.snapshot for p in pos.values()):
+            return None
+        return min(p.captured_at for p in pos.values()) or None
+
+    def protected(self) -> set[str]:
+        """Snapshots retention must keep: what each standby applied, and what is offered or in flight."""
+        out: set[str] = set()
+        for s in list(self.shippers.values()):
+            out |= {s.position.snapshot, s.in_flight, s.offered.id if s.offered is not None else ""}
+        return out - {""}
+
+    def close(self) -> None:
+        with self._lock:
+            shippers, self.shippers = list(self.shippers.values()), {}
+        for s in shippers:
+            s.stop()
+
+    def describe(self) -> dict[str, Any]:
+        return {t: {"applied": s.position.snapshot, "in_flight": s.in_flight, "retry_in_s":
+                    max(0.0, round(s.retry_at - time.monotonic(), 1))} for t, s in list(self.shippers.items())}

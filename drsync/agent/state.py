@@ -1,0 +1,119 @@
+"""What an agent remembers across restarts: one immutable record, one store, one lock.
+
+:class:`AgentState` is frozen: nobody changes a field in place. :class:`StateStore`
+is the only way to change it: :meth:`StateStore.update` (or :meth:`StateStore.transform`
+for a change that depends on the current value) builds the new record, writes it
+atomically and durably (``state_dir/state.json``: temp file, fsync, rename) and only
+then makes it current, all under one lock. Readers take ``store.current`` once and read
+a consistent record from it: an applied snapshot never appears with another
+snapshot's capture time, on disk or in memory, whatever thread wrote last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from drsync import engine, fsutil
+from drsync.agent import clock
+from drsync.config import Config
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """One agent's durable record (``state_dir/state.json``); times are Unix seconds."""
+
+    epoch: int = 0  # the fencing floor: the highest group epoch this agent has seen
+    applied_snapshot: str = ""
+    applied_captured_at: float = 0.0  # on the primary's clock
+    applied_at: float = 0.0  # on this machine's clock
+    last_role: str = ""  # the role this agent last acted in (auto role): "primary" or "standby"
+    # Where the applied snapshot stands in the primary's sequence: (epoch of its sender, its seq number in
+    # the sender's repository); standbys are ranked by it, never by capture times (other clocks).
+    applied_position: tuple[int, ...] = ()
+    # The primary's clock minus this machine's (estimated from its requests; see drsync.agent.clock), and
+    # the agent it was estimated from: lag is counted with it, also after a restart while the primary is gone.
+    clock_offset_s: float = 0.0
+    clock_source: str = ""
+    # The group epoch this agent last saw change, and when (this machine's clock): the failover cooldown
+    # is measured from it, never from a time another machine wrote.
+    epoch_seen: int = 0
+    epoch_seen_at: float = 0.0
+    # An ex-primary whose demote_command succeeded after it lost its claim: it may rejoin as standby.
+    demoted: bool = False
+    # This agent's identity in its group, made at its first start: two configs with one agent.name
+    # are two agents, and the second one is refused.
+    agent_id: str = ""
+    # While nothing is applied: a snapshot of what the root held when this agent (re)joined as a standby
+    # (its before-rejoin snapshot); the deletion guard judges the first shipment against it.
+    guard_baseline: str = ""
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> AgentState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in doc.items() if k in known}
+        if "applied_position" in fields:
+            fields["applied_position"] = tuple(int(x) for x in fields["applied_position"] or ())
+        return cls(**fields)
+
+    def lag_s(self, now: float | None = None) -> float | None:
+        """The lag of this record (None before its first apply), on the primary's clock with the recorded
+        offset: what a running standby reports and what the command line reads from state.json."""
+        if not self.applied_snapshot:
+            return None
+        return clock.lag_s(self.applied_captured_at, self.clock_offset_s, now)
+
+
+def state_lag_s(state: AgentState, now: float | None = None) -> float | None:
+    """:meth:`AgentState.lag_s` (kept for callers that hold a state record)."""
+    return state.lag_s(now)
+
+
+def state_dir_of(cfg: Config) -> str:
+    """The agent's state directory: ``agent.state_dir``, else ``<repository>/agent``."""
+    return cfg.agent.state_dir or os.path.join(engine.local_path(cfg.cluster.repository, "repository"), "agent")
+
+
+class StateStore:
+    """The durable :class:`AgentState` of one state directory; every change goes through one lock."""
+
+    NAME = "state.json"
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = state_dir
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, self.NAME)
+        self.journal = os.path.join(state_dir, "apply.journal")
+        self._lock = threading.Lock()
+        self._state = self.load()
+
+    def load(self) -> AgentState:
+        """Read the record from disk (a missing file is a fresh agent)."""
+        try:
+            with open(self.path, "rb") as f:
+                return AgentState.from_doc(json.loads(f.read()))
+        except FileNotFoundError:
+            return AgentState()
+
+    @property
+    def current(self) -> AgentState:
+        """The record now (immutable: read as many fields of it as needed, they belong together)."""
+        return self._state
+
+    def update(self, **changes: Any) -> AgentState:
+        """Change some fields at once, durably; returns the new record."""
+        return self.transform(lambda s: dataclasses.replace(s, **changes))
+
+    def transform(self, change: Callable[[AgentState], AgentState]) -> AgentState:
+        """Replace the record with ``change(current)`` under the store's lock (written only when it differs)."""
+        with self._lock:
+            new = change(self._state)
+            if new != self._state:
+                fsutil.atomic_write(self.path, json.dumps(asdict(new)).encode(), durable=True)
+                self._state = new
+            return self._state

@@ -1,0 +1,547 @@
+"""The role supervisor: reads the group, decides with the pure rules, and carries the decision out.
+
+:meth:`RoleSupervisor.coordinate` is one pass over one view of the group (ZooKeeper):
+decide with :func:`drsync.agent.roles.decide_role`, then take the primary node,
+pause, step down, promote this agent under automatic failover (fence first), or
+serve as a standby (an ex-primary only once its writers are confirmed stopped:
+safety rule 7). It also keeps this agent's record in the group current. The
+supervisor owns what the agent *acts as* (:attr:`acting`, :attr:`paused`); the
+shippers ask :meth:`guard` before every upload and commit. Only the agent's loop
+thread calls :meth:`coordinate`; ZooKeeper's thread only reports session changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from drsync import engine
+from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
+from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
+from drsync.agent.standby import FencedError, StandbyReceiver
+from drsync.agent.state import StateStore
+from drsync.config import Config
+from drsync.coordination import (
+    CoordinationUnavailable,
+    Coordinator,
+    DuplicateAgent,
+    Epoch,
+    EpochConflict,
+    GroupView,
+    PrimaryTaken,
+    SessionState,
+)
+from drsync.dataroot import open_data_root
+from drsync.errors import DrsyncError
+from drsync.repository.manifest import diff
+from drsync.repository.repo import Repository
+
+log = logging.getLogger("drsync.agent")
+
+# How often the agent's record in the group is refreshed (watches and changes publish sooner).
+REGISTER_EVERY_S = 5.0
+# Snapshots that keep a former primary's data root before it is overwritten as a standby.
+REJOIN_SNAPSHOT_TTL_S = 7 * 86400.0
+# Fence and demote commands that fail are retried with this backoff (seconds: first, cap).
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 300.0
+
+
+def has_data(root: str) -> bool:
+    """Whether a data root holds anything besides drsync's own files (an empty one is never promoted
+    over production by mistake)."""
+    try:
+        return open_data_root(root).has_data()
+    except (OSError, DrsyncError):
+        return False
+
+
+class RoleSupervisor:
+    def __init__(self, cfg: Config, *, repo: Repository, store: StateStore, receiver: StandbyReceiver | None,
+                 coord: Coordinator | None, data_root: str, state_dir: str, metrics: Any,
+                 wake: Callable[[], None], hold_summary: Callable[[], dict[str, Any] | None]) -> None:
+        self.cfg = cfg
+        self.name = cfg.agent.name
+        self.address = cfg.agent.advertise or cfg.agent.listen
+        self.repo = repo
+        self.store = store
+        self.receiver = receiver
+        self.coord = coord
+        self.data_root = data_root
+        self.state_dir = state_dir
+        self.metrics = metrics
+        self.wake = wake
+        self.hold_summary = hold_summary
+        self.policy = FailoverPolicy(cfg.coordination.failover == "automatic", cfg.coordination.max_lag_on_failover,
+                                     cfg.coordination.failover_grace, cfg.coordination.failover_cooldown)
+        # What this agent does right now: "primary" or "standby". With ZooKeeper it starts as a
+        # standby that refuses shipments until it has heard from the group.
+        self.acting = "primary" if cfg.agent.role == "primary" else "standby"
+        self.paused = False
+        self.fatal: DrsyncError | None = None  # set when the agent must stop
+        self.cycle_now = threading.Event()  # set when the primary should capture and ship at once
+        self.view: GroupView | None = None
+        self.last_decision: RoleDecision | None = None
+        self.agents: dict[str, dict[str, Any]] = {}
+        self.registered_standbys: list[str] = []
+        self._primary_absent_since: float | None = None
+        self._registered: tuple[Any, ...] = ()
+        self._registered_at = 0.0
+        self._state_written = ""
+        self._started = False
+        # Fencing and rejoining (safety rule 7).
+        self.claim: Epoch | None = None  # the epoch (with its node version) the primary claim was taken at
+        self._suspended_since: float | None = None  # monotonic; while a primary's session is not connected
+        self._demote_retry_at = 0.0
+        self._demote_backoff = RETRY_FIRST_S
+        self._fence_retry_at = 0.0
+        self._fence_backoff = RETRY_FIRST_S
+        self._last_primary: dict[str, Any] = {}  # the last primary claim seen (whom a fence command fences)
+        self.switchover_final = ""  # the final snapshot of a switchover this agent handed over with
+        self.switchover_hooked = False  # ... and whether its switchover_hook ran (stopping the writers)
+        self.holding_ex_primary = ""  # why this ex-primary does not rejoin as standby yet ("" = it may)
+        self.on_switchover: Callable[[GroupView], None] = lambda view: None
+        if coord is not None:
+            coord.add_listener(self._on_session)
+
+    # --- what other parts ask -----------------------------------------------------------
+
+    @property
+    def acting_primary(self) -> bool:
+        return self.acting == "primary" and not self.paused
+
+    def role_word(self) -> str:
+        if self.acting == "primary":
+            return "paused" if self.paused else "primary"
+        return "ex-primary" if self.holding_ex_primary else "standby"
+
+    def lag_s(self) -> float | None:
+        return self.receiver.lag_s() if self.receiver is not None else None
+
+    def guard(self, final: bool) -> None:
+        """Raise FencedError unless this agent may still act as primary (asked during shipping, from the
+        shippers' threads). With ``final`` (before a commit) the claim is read fresh from ZooKeeper."""
+        if not self.acting_primary:
+            raise FencedError(f"agent {self.name} is no longer acting as primary; shipment abandoned")
+        coord = self.coord
+        if coord is None:
+            return
+        if coord.state is not SessionState.CONNECTED:
+            raise FencedError("the ZooKeeper session is not connected; shipment abandoned until it is confirmed")
+        if final:
+            epoch = self.store.current.epoch
+            try:
+                view = coord.view()
+            except CoordinationUnavailable as e:
+                raise FencedError(f"cannot confirm the primary claim before committing: {e}") from None
+            p = view.primary
+            if not (p is not None and p.mine and p.agent == self.name and p.epoch == epoch
+                    and view.epoch.epoch == epoch):
+                self.wake()  # the loop decides what this means (pause, step down)
+                raise FencedError(f"the primary claim at epoch {epoch} is gone (group epoch {view.epoch.epoch}, "
+                                  f"primary {p.agent if p else 'none'}); not committing")
+
+    def _on_session(self, state: SessionState) -> None:
+        # Called from kazoo's thread: record and wake the loop, never block here. The shippers see the
+        # session state themselves (guard), so shipping stops at once.
+        self.metrics.zookeeper_connected.set(1 if state is SessionState.CONNECTED else 0)
+        if state is SessionState.CONNECTED:
+            self._suspended_since = None
+        elif self._suspended_since is None:
+            self._suspended_since = time.monotonic()
+        self.wake()
+
+    def read_group_epoch(self) -> tuple[int, str]:
+        """The group's epoch and the agent it names, read fresh (CoordinationUnavailable when it cannot be:
+        a shipment is then refused, never judged from a cached epoch)."""
+        coord = self.coord
+        if coord is None:
+            raise CoordinationUnavailable("this agent has no ZooKeeper session")
+        e = coord.read_epoch()
+        return e.epoch, e.promoted_by
+
+    # --- one pass -------------------------------------------------------------------------
+
+    def coordinate(self) -> RoleDecision | None:
+        """Read the group, decide this agent's role, and carry the decision out."""
+        if self.coord is None:
+            return None
+        coord = self.coord
+        self._check_suspended()
+        if not self._started:
+            try:
+                coord.start()
+                self._started = True
+                coord.on_change(self.wake)
+                self.metrics.zookeeper_connected.set(1)
+            except CoordinationUnavailable as e:
+                self.metrics.zookeeper_connected.set(0)
+                return self._decide(GroupView(SessionState.LOST, Epoch(), None), note=str(e))
+        if not self._registered:
+            # Prove this agent's name is its own before deciding anything (two configs with one name).
+            try:
+                self.publish(force=True)
+            except DuplicateAgent as e:
+                self.stop_fatally(e)
+                return None
+            except DrsyncError as e:
+                log.warning("agent %s: cannot register in ZooKeeper yet: %s", self.name, e)
+                return None
+        try:
+            view = coord.view()
+        except CoordinationUnavailable:
+            state = coord.state if coord.state is not SessionState.CONNECTED else SessionState.SUSPENDED
+            last = self.view or GroupView(state, Epoch(), None)
+            return self._decide(GroupView(state, last.epoch, last.primary if state is SessionState.SUSPENDED
+                                          else None))
+        self.view = view
+        now = time.monotonic()
+        if view.primary is None:
+            self._primary_absent_since = self._primary_absent_since or now
+        else:
+            self._primary_absent_since = None
+            self._fence_backoff, self._fence_retry_at = RETRY_FIRST_S, 0.0  # a new outage starts a new backoff
+            self._last_primary = {"agent": view.primary.agent, "address": view.primary.address,
+                                  "epoch": view.primary.epoch}
+        if self.acting == "standby" and self.receiver is not None:
+            self.receiver.observe_epoch(view.epoch.epoch)
+        try:
+            agents = coord.agents()
+        except DrsyncError:
+            agents = {}
+        previous = set(self.registered_standbys)
+        self.registered_standbys = sorted(r.get("address", "") for n, r in agents.items()
+                                          if n != self.name and r.get("role") == "standby" and r.get("address"))
+        if self.acting == "primary" and set(self.registered_standbys) - previous:
+            self.cycle_now.set()  # a standby (re)joined: ship to it now, not one interval later
+        self.agents = agents
+        decision = self._decide(view, agents=agents)
+        if self.acting == "primary" and view.switchover and not self.paused:
+            self.on_switchover(view)
+        try:
+            self.publish()
+        except DuplicateAgent as e:
+            self.stop_fatally(e)
+        except DrsyncError as e:
+            log.debug("could not publish this agent's record: %s", e)
+        return decision
+
+    def stop_fatally(self, e: DrsyncError) -> None:
+        log.error("agent %s stops: %s", self.name, e)
+        if self.acting == "primary":
+            self.step_down(str(e))
+        self.fatal = e
+        self.wake()
+
+    def _epoch_age_s(self, view: GroupView) -> float:
+        """How long ago this agent first saw the group's current epoch, on its own clock (persisted;
+        an epoch seen for the first time counts as just now, the safe side for the cooldown)."""
+        now = time.time()
+        if view.session is SessionState.CONNECTED and view.epoch.epoch != self.store.current.epoch_seen:
+            self.store.update(epoch_seen=view.epoch.epoch, epoch_seen_at=now)
+        st = self.store.current
+        return max(0.0, now - st.epoch_seen_at) if st.epoch_seen == view.epoch.epoch else 0.0
+
+    def _decide(self, view: GroupView, *, agents: dict[str, dict[str, Any]] | None = None,
+                note: str = "") -> RoleDecision:
+        absent = time.monotonic() - self._primary_absent_since if self._primary_absent_since else 0.0
+        decision = decide_role(self.name, view, acting_primary=self.acting == "primary", policy=self.policy,
+                               primary_absent_s=absent, lag_s=self.lag_s(),
+                               rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view))
+        if decision != self.last_decision:
+            level = logging.INFO if decision.action in ("standby", "act-primary") else logging.WARNING
+            log.log(level, "agent %s: %s%s", self.name, decision, f" [{note}]" if note else "")
+            self.last_decision = decision
+        if decision.action == "act-primary":
+            if self.paused:
+                self._demotion_to_undo(self.store.current.epoch)
+            self.paused = False
+            self.metrics.is_primary.set(1)
+        elif decision.action == "pause":
+            self.paused = True
+            self.metrics.is_primary.set(0)  # it does not act as primary while paused
+        elif decision.action == "step-down":
+            self.step_down(decision.reason, demote="lost" if view.session is SessionState.LOST else "fenced")
+        elif decision.action == "claim":
+            self._become_primary(view.epoch)
+        elif decision.action == "promote-self":
+            self._promote_self(view.epoch)
+        elif decision.action == "standby" and self.acting == "standby" and view.session is not SessionState.LOST:
+            self._serve_as_standby(view)
+        return decision
+
+    # --- becoming primary --------------------------------------------------------------------
+
+    def _become_primary(self, epoch: Epoch) -> None:
+        assert self.coord is not None and self.receiver is not None
+        rx = self.receiver
+        with rx.commit_lock:  # an apply in flight finishes first: a promotion sees a whole snapshot
+            rx.refusal = f"agent {self.name} is taking over as primary at epoch {epoch.epoch}; it accepts no shipments"
+            rx.observe_epoch(epoch.epoch)
+            if rx.broken:
+                log.error("agent %s cannot become primary: %s", self.name, rx.broken)
+                return
+            rx.recover()
+            try:
+                self.coord.claim_primary(epoch, self.name, self.address)
+                rx.release_on_promotion()
+            except (EpochConflict, PrimaryTaken, CoordinationUnavailable) as e:
+                log.warning("agent %s: could not take the primary node: %s", self.name, e)
+                rx.refusal = ""
+                return
+            self.claim = epoch
+            self.acting = "primary"
+            self.paused = False
+            self.holding_ex_primary = ""
+            if self.store.current.last_role == "primary":
+                self._demotion_to_undo(epoch.epoch)
+            self.store.update(last_role="primary", demoted=False)
+        try:
+            # A new primary supersedes any maintenance marker (its own from a restart, or an old primary's).
+            self.coord.clear_maintenance()
+        except DrsyncError as e:
+            log.warning("agent %s: could not remove the maintenance marker: %s", self.name, e)
+        self.metrics.is_primary.set(1)
+        self.cycle_now.set()  # snapshot (and ship, once a standby registers) right away
+        log.warning("agent %s is now PRIMARY at epoch %d", self.name, epoch.epoch)
+        self.publish(force=True)
+        self.wake()
+
+    def _promote_self(self, epoch: Epoch) -> None:
+        """Automatic failover: fence production first (fence_command must succeed), then promote."""
+        assert self.coord is not None
+        if time.monotonic() < self._fence_retry_at:
+            return
+        c = self.cfg.coordination
+        if c.fencing:
+            old = self._last_primary if self._last_primary.get("agent") == epoch.promoted_by else {}
+            address = str(old.get("address") or self.agents.get(epoch.promoted_by, {}).get("address") or "")
+            log.warning("agent %s: primary %s gone: running fence_command before promoting itself", self.name,
+                        epoch.promoted_by)
+            result = run_command("fence_command", c.fence_command, fence_env(
+                group=c.group, agent=self.name, fenced_agent=epoch.promoted_by, fenced_address=address,
+                epoch=epoch.epoch, data=self.data_root), c.fence_timeout)
+            if not result.ok:
+                self._fence_retry_at = time.monotonic() + self._fence_backoff
+                log.error("agent %s: automatic failover refused: %s; production's writers may still run, so this "
+                          "agent does not promote itself (next try in %.0fs); fix the fence, or fence production "
+                          "by hand and run drsync promote", self.name, result.summary(), self._fence_backoff)
+                self._fence_backoff = min(self._fence_backoff * 2, RETRY_MAX_S)
+                return
+            self._fence_backoff = RETRY_FIRST_S
+            try:  # the fence took time: promote only if the group is still as it was
+                view = self.coord.view()
+            except CoordinationUnavailable as e:
+                log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
+                return
+            if view.primary is not None or view.epoch.version != epoch.version or view.maintenance:
+                log.warning("agent %s: automatic failover abandoned: the group changed while fencing", self.name)
+                return
+        try:
+            new = self.coord.promote(epoch, self.name, "automatic failover" +
+                                     (" after fence_command succeeded" if c.fencing else " (fence_command = none)"))
+        except (EpochConflict, CoordinationUnavailable) as e:
+            log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
+            return
+        log.warning("agent %s: automatic failover: promoted to epoch %d", self.name, new.epoch)
+        self._become_primary(new)
+
+    # --- losing the claim --------------------------------------------------------------------
+
+    def _demotion_to_undo(self, epoch: int) -> None:
+        """This agent is primary again: a demotion it ran meanwhile is the operator's to undo."""
+        if self.store.current.demoted:
+            log.warning("agent %s: primary again at epoch %d, but demote_command ran while its claim could "
+                        "not be proven: production may be read-only; undo what demote_command did", self.name, epoch)
+            self.store.update(demoted=False)
+
+    def _check_suspended(self) -> None:
+        """A primary suspended for longer than the session timeout may have lost its claim: demote."""
+        since = self._suspended_since
+        if self.acting == "primary" and since is not None and \
+                time.monotonic() - since > self.cfg.coordination.session_timeout:
+            self.paused = True
+            self.demote("suspended")
+
+    def demote(self, reason: str) -> bool:
+        """Run demote_command once for this loss of the claim (retried with backoff when it fails).
+        True when production is confirmed demoted."""
+        st = self.store.current
+        if st.demoted:
+            return True
+        command = self.cfg.coordination.demote_command.strip()
+        if not command or time.monotonic() < self._demote_retry_at:
+            return False
+        c = self.cfg.coordination
+        log.warning("agent %s: cannot prove its primary claim (%s): running demote_command", self.name, reason)
+        result = run_command("demote_command", command, demote_env(
+            group=c.group, agent=self.name, epoch=st.epoch, reason=reason, data=self.data_root), c.demote_timeout)
+        if not result.ok:
+            self._demote_retry_at = time.monotonic() + self._demote_backoff
+            self._demote_backoff = min(self._demote_backoff * 2, RETRY_MAX_S)
+            log.error("agent %s: %s; production may still be writing; retrying in %.0fs", self.name,
+                      result.summary(), self._demote_backoff)
+            return False
+        self._demote_backoff = RETRY_FIRST_S
+        self.store.update(demoted=True)
+        return True
+
+    def step_down(self, reason: str, *, demote: str = "") -> None:
+        was_primary = self.acting == "primary"
+        self.acting = "standby"
+        self.paused = False
+        self.claim = None
+        self.metrics.is_primary.set(0)
+        if self.coord is not None:
+            try:
+                self.coord.release_primary(self.name)
+            except DrsyncError:
+                pass  # the session is gone or going: the node goes with it
+        if was_primary:
+            log.warning("agent %s stepped down as primary: %s", self.name, reason)
+            if demote:
+                self.demote(demote)
+
+    # --- serving as a standby ----------------------------------------------------------------
+
+    def _rejoin_blocker(self) -> str:
+        """Why this ex-primary may not overwrite its data root as a standby yet ("" = it may).
+
+        Its writers may still run (safety rule 7) unless demote_command succeeded, an operator ran
+        drsync rejoin, or it handed over by switchover (an operator's request, quiescence proven)."""
+        st = self.store.current
+        if st.last_role != "primary" or st.demoted:
+            return ""
+        if self.switchover_final and self.switchover_hooked:
+            return ""  # the switchover hook stopped production's writers (its job), and quiescence was proven
+        if rejoin_approved(self.state_dir):
+            return ""
+        if self.demote("rejoin"):
+            return ""
+        how = ("demote_command has not succeeded" if self.cfg.coordination.demote_command.strip() else
+               "no demote_command is configured")
+        return (f"agent {self.name} was primary at epoch {st.epoch} and its production writers are not "
+                f"confirmed stopped ({how}): it keeps its data root untouched and does not rejoin as a standby until "
+                f"demote_command succeeds or an operator runs drsync rejoin")
+
+    def _serve_as_standby(self, view: GroupView) -> None:
+        """Accept shipments; first keep the data root of a former primary as a snapshot."""
+        assert self.receiver is not None
+        if self.receiver.refusal == "":
+            return
+        if view.epoch.epoch == 0:
+            self.receiver.refusal = f"group {self.coord.group if self.coord else ''} has no primary yet"
+            return
+        blocker = self._rejoin_blocker()
+        if blocker:
+            if blocker != self.holding_ex_primary:
+                log.warning("agent %s: %s", self.name, blocker)
+            self.holding_ex_primary = blocker
+            self.receiver.refusal = blocker
+            return
+        self.holding_ex_primary = ""
+        st = self.store.current
+        keep_root = st.last_role == "primary" or (not st.applied_snapshot and has_data(self.data_root))
+        if keep_root and not self._keep_root(view):
+            return
+        self.store.update(last_role="standby", demoted=False)
+        clear_rejoin_approval(self.state_dir)
+        self.switchover_final = ""
+        self.receiver.refusal = ""
+
+    def _keep_root(self, view: GroupView) -> bool:
+        """Keep the data root as a before-rejoin snapshot; False when that failed (not rejoining yet)."""
+        try:
+            info = engine.create_snapshot(self.repo, engine.SnapshotRequest(
+                self.cfg.cluster.data, name=f"before-rejoin-epoch-{view.epoch.epoch}",
+                reason=(f"data root of {self.name} kept before it rejoined as a standby of "
+                        f"{view.primary.agent if view.primary else view.epoch.promoted_by} at epoch "
+                        f"{view.epoch.epoch}"),
+                ttl_s=REJOIN_SNAPSHOT_TTL_S, kind="manual", exclude_paths=(self.store.dir,), allow_empty=True))
+        except DrsyncError as e:
+            log.error("agent %s: not rejoining as standby yet: could not keep its data root first: %s", self.name, e)
+            return False
+        final = self.switchover_final
+        unchanged = bool(final) and self._same_content(info.id, final)
+        if unchanged:
+            # Nothing was written after the switchover's final snapshot: no second copy needed.
+            engine.delete_snapshots(self.repo, [info.id], prune=False)
+            log.info("agent %s rejoins as standby after the switchover; nothing changed since its final "
+                     "snapshot %s", self.name, final)
+            return True
+        if final:
+            log.warning("agent %s rejoins as standby: its data root changed after the switchover's final "
+                        "snapshot %s; the changes are kept in snapshot %s (%s): compare them with drsync "
+                        "snapshot diff", self.name, final, info.id, info.name)
+        else:
+            log.warning("agent %s rejoins as standby; its data root was kept as snapshot %s (%s)", self.name,
+                        info.id, info.name)
+        # Whatever it applied as a standby before, its root has moved on since: forget it, so that the
+        # next shipment is applied in full (never skipped as "same content"); the first shipment may not
+        # empty what was kept (deletion guard baseline).
+        self.store.update(applied_snapshot="", applied_captured_at=0.0, applied_at=0.0, applied_position=(),
+                          guard_baseline=info.id)
+        return True
+
+    def _same_content(self, a: str, b: str) -> bool:
+        try:
+            return not self.changed_paths(a, b)
+        except DrsyncError:
+            return False
+
+    def changed_paths(self, a: str, b: str) -> list[str]:
+        ma = self.repo.load_manifest(self.repo.find_snapshot(a))
+        mb = self.repo.load_manifest(self.repo.find_snapshot(b))
+        return diff(ma, mb).paths()
+
+    # --- the agent's record in the group -------------------------------------------------------
+
+    def publish(self, force: bool = False) -> None:
+        """Keep agents/<name> (and, after an apply, the group's state node) current."""
+        if self.coord is None or self.coord.state is not SessionState.CONNECTED:
+            return
+        st = self.store.current
+        lag = self.lag_s() if self.acting == "standby" else None
+        role = self.role_word()
+        key = (role, st.epoch, st.applied_snapshot)
+        now = time.monotonic()
+        if force or key != self._registered or now - self._registered_at >= REGISTER_EVERY_S:
+            self.coord.register(self.name, {
+                "role": role, "address": self.address, "cluster_id": self.cfg.cluster.id,
+                "release": self.cfg.cluster.release,
+                "epoch": st.epoch, "applied_snapshot": st.applied_snapshot or None,
+                "applied_captured_at": st.applied_captured_at or None,
+                "applied_position": list(st.applied_position) or None, "clock_offset_s": round(st.clock_offset_s, 3),
+                "lag_s": round(lag, 3) if lag is not None else None, "heartbeat": time.time(), "pid": os.getpid(),
+                "waiting_to_rejoin": self.holding_ex_primary or None, "agent_id": st.agent_id,
+                "apply_hold": self.hold_summary()})
+            self._registered, self._registered_at = key, now
+        if self.acting == "standby" and st.applied_snapshot and st.applied_snapshot != self._state_written:
+            self.coord.write_state({"snapshot": st.applied_snapshot, "captured_at": st.applied_captured_at,
+                                    "applied_at": st.applied_at, "epoch": st.epoch, "agent": self.name})
+            self._state_written = st.applied_snapshot
+
+    def leave(self) -> None:
+        """The agent stops: as a connected primary, set the maintenance marker first and step down."""
+        coord = self.coord
+        if coord is None or self.acting != "primary":
+            return
+        if coord.state is not SessionState.CONNECTED:
+            self.acting = "standby"  # without a connection the session (and node) simply expires
+            return
+        # An agent stop is not a production outage (safety rule 7): mark it first, so that no
+        # standby promotes itself when the primary node goes with this session.
+        epoch = self.store.current.epoch
+        try:
+            coord.set_maintenance({"agent": self.name, "since": time.time(), "epoch": epoch,
+                                   "reason": "agent stopped"})
+            log.warning("agent %s stops as primary of epoch %d: maintenance marker set; no automatic promotion "
+                        "until it is back (or an operator promotes)", self.name, epoch)
+        except DrsyncError as e:
+            log.error("agent %s: could not set the maintenance marker (%s): with automatic failover a standby may "
+                      "fence production and take over", self.name, e)
+        self.step_down("agent stopping")

@@ -1,0 +1,39 @@
+"""Pause points for fault trials: where a test can hold drsync still, as a very slow disk or a very
+large repository would.
+
+Some faults cannot be produced on demand: a full backup that takes hours, a garbage collection over
+a repository of millions of chunks. Tests stand in for them by pausing drsync at a named point:
+with ``DRSYNC_FAULT_PAUSE=<directory>`` in the environment, :func:`pause` at point ``name`` checks
+for the file ``<directory>/<name>``; while it exists drsync writes ``<directory>/<name>.reached``
+(so the test knows it got there) and waits. Deleting the file lets it go on. Without the variable
+(production) a pause point costs one environment lookup.
+
+Points: ``backup`` (a periodic backup, with the repository's shared lock held, before it copies
+anything), ``gc`` (garbage collection, with the repository's exclusive lock held).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+log = logging.getLogger("drsync.faults")
+
+POLL_S = 0.02
+
+
+def pause(name: str) -> None:
+    """Wait here while ``$DRSYNC_FAULT_PAUSE/<name>`` exists (see the module docstring)."""
+    where = os.environ.get("DRSYNC_FAULT_PAUSE")
+    if not where:
+        return
+    gate = os.path.join(where, name)
+    if not os.path.exists(gate):
+        return
+    log.warning("fault trial: paused at %s while %s exists", name, gate)
+    with open(f"{gate}.reached", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    while os.path.exists(gate):
+        time.sleep(POLL_S)
+    log.warning("fault trial: %s resumed", name)

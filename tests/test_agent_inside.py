@@ -1,0 +1,181 @@
+"""The agent's inside (issue 15): locks that hold between shipments and GC, maintenance beside
+replication, one state record that is never torn. Real agent processes, real gRPC, real files (and
+the WebHDFS stand-in for a standby on HDFS); where a fault cannot be produced on demand (a backup that
+takes hours) the agent is held at a pause point (drsync.faults), never mocked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drsync.agent.primary import ship_snapshot
+from drsync.agent.state import StateStore
+from drsync.repository.repo import Repository
+from drsync.storage import open_storage
+from drsync.transport import CommitOutcome, ReceivedChunk, StandbyHello
+from drsync.transport.grpc import GrpcStandbyLink
+from tests.conftest import run_drsync
+from tests.test_agents import Pair, pair, wait_for  # noqa: F401 - pair is a fixture
+
+
+class GcBeforeCommit:
+    """A real gRPC link to the standby that, after the chunks are uploaded and before the commit,
+    lets a garbage collection of the standby's repository run as another process: the exact
+    interleaving that wedged a standby (chunks uploaded, not yet named by any snapshot)."""
+
+    target = "standby"
+
+    def __init__(self, link: GrpcStandbyLink, gc: list[list[str]]) -> None:
+        self.link = link
+        self.gc = gc
+        self.results: list[tuple[int, str]] = []
+        self.uploaded = 0
+
+    def hello(self, sender: str, epoch: int) -> StandbyHello:
+        return self.link.hello(sender, epoch)
+
+    def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
+        return self.link.missing(epoch, batches)
+
+    def upload(self, epoch: int, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]:
+        r = self.link.upload(epoch, batches)
+        self.uploaded += r[1]
+        return r
+
+    def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
+               sender_seq: int = 0) -> CommitOutcome:
+        for args in self.gc:
+            r = run_drsync(*args, env={"DRSYNC_LOCK_WAIT": "1"})
+            self.results.append((r.code, r.out + r.err))
+        return self.link.commit(epoch, sender, snapshot_doc, pieces, sender_seq)
+
+
+@pytest.mark.parametrize("pair", ["local", "to-hdfs"], indirect=True)
+def test_gc_between_upload_and_commit_never_deletes_what_the_shipment_uploaded(pair: Pair) -> None:  # noqa: F811
+    pair.start("standby")
+    prod_repo = Repository.open(open_storage(pair.prod_site.url("primary-repo")))
+    r = run_drsync("snapshot", "create", "--config", pair.primary_cfg, "--json")
+    assert r.code == 0, r.err
+    info = prod_repo.find_snapshot(r.json()["id"])
+    gc = [["repo", "gc", "--config", str(pair.standby_cfg)],
+          ["snapshot", "expire", "--config", str(pair.standby_cfg)]]
+    link = GcBeforeCommit(GrpcStandbyLink(pair.standby_addr, sender="primary"), gc)
+    try:
+        res = ship_snapshot(prod_repo, info, link, epoch=1, sender="primary")
+    finally:
+        link.link.close()
+    assert link.uploaded > 0 and res.applied.snapshot == info.id
+    # The shipment held the repository's shared lock from its first upload to its commit: the
+    # collections waited for it and gave up, deleting nothing.
+    for code, out in link.results:
+        assert code != 0 and "locked" in out, out
+    assert pair.in_sync()
+    assert run_drsync("repo", "verify", "--config", pair.standby_cfg).code == 0
+    # Once the shipment is committed, GC runs, and what the snapshot names stays.
+    r = run_drsync("repo", "gc", "--config", pair.standby_cfg)
+    assert r.code == 0, r.err
+    assert run_drsync("repo", "verify", "--config", pair.standby_cfg).code == 0
+    restored = pair.tmp / "restored"
+    assert run_drsync("snapshot", "restore", info.id, "--config", pair.standby_cfg, "--target", restored).code == 0
+
+
+def test_a_shipper_that_went_silent_gives_its_lock_up(tmp_path: Path) -> None:
+    """A primary that died between upload and commit must not block GC for ever: its session ends
+    after the idle limit (here shortened on an in-process intake; the agent uses SESSION_IDLE_S)."""
+    from drsync.agent.intake import ChunkIntake
+    from drsync.repository import chunks
+    from drsync.transport import Caller
+
+    repo = Repository.init(open_storage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    intake = ChunkIntake(repo, idle_s=0.0)
+    data = os.urandom(1000)
+    caller = Caller("east", 1, instance="a")
+    assert intake.receive(caller, iter([[ReceivedChunk(chunks.chunk_id(data), 0, len(data), data)]]))[1] == 1
+    assert intake.open_sessions() == 1
+    with pytest.raises(Exception, match="locked"):
+        repo.lock(exclusive=True, wait_s=0).acquire()
+    intake.expire_idle()
+    assert intake.open_sessions() == 0
+    repo.lock(exclusive=True, wait_s=0).acquire().release()
+
+
+def test_a_backup_that_takes_long_holds_up_no_replication_cycle(tmp_path: Path) -> None:
+    """[backups] on the primary: while a backup is in progress (held at its pause point, as a backup
+    of a very large snapshot would be), production keeps being captured, shipped and applied."""
+    p = Pair(tmp_path)
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    (gates / "backup").write_text("hold the backup\n")
+    dest = tmp_path / "backups"
+    backups = f'[backups]\ndestination = "{dest}"\ninterval = "1s"\nkeep = {{ last = 3 }}\n'
+    text = p.primary_cfg.read_text().replace("[replication]", backups + "[replication]")
+    p.primary_cfg.write_text(text)
+    os.environ["DRSYNC_FAULT_PAUSE"] = str(gates)  # inherited by the agents this test starts
+    try:
+        p.start("standby")
+        p.start("primary")
+        wait_for(lambda: (gates / "backup.reached").exists(), "the primary's first backup to start")
+        for n in range(3):
+            (p.prod / "catalog" / f"during-backup-{n}.txt").write_text(f"written while the backup runs {n}\n")
+            wait_for(p.in_sync, f"change {n} to reach the standby while the backup is in progress")
+        assert (gates / "backup").exists() and not [p for p in dest.iterdir() if not p.name.startswith(".")]
+        status = json.loads(_get(p.metrics["primary"], "/status.json"))
+        assert (status["maintenance"] or "").startswith("backup"), status["maintenance"]
+        (gates / "backup").unlink()
+        wait_for(lambda: any(not p.name.startswith(".") for p in dest.iterdir()), "the backup to finish")
+    finally:
+        os.environ.pop("DRSYNC_FAULT_PAUSE", None)
+        p.stop_all()
+
+
+def _get(address: str, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=30) as r:
+        return r.read().decode()
+
+
+def test_the_state_record_is_never_torn(tmp_path: Path) -> None:
+    """Writers on several threads (an apply, clock samples, the epoch floor), readers of memory and of
+    the file: every record read has an applied snapshot with its own capture time and position."""
+    store = StateStore(str(tmp_path))
+    stop = threading.Event()
+    torn: list[str] = []
+
+    def applies() -> None:
+        for i in range(1, 400):
+            store.update(applied_snapshot=f"s{i}", applied_captured_at=float(i), applied_position=(1, i))
+
+    def others() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            store.update(clock_offset_s=float(i % 7), epoch_seen=i)
+            store.transform(lambda s, e=i: s if s.epoch >= e else dataclasses.replace(s, epoch=e))
+
+    def check(st: object, where: str) -> None:
+        snap, at, pos = st.applied_snapshot, st.applied_captured_at, st.applied_position  # type: ignore[attr-defined]
+        if snap and (snap != f"s{int(at)}" or tuple(pos) != (1, int(at))):
+            torn.append(f"{where}: {snap} {at} {pos}")
+
+    def readers() -> None:
+        while not stop.is_set():
+            check(store.current, "memory")
+            check(StateStore(str(tmp_path)).load(), "disk")
+
+    threads = [threading.Thread(target=f) for f in (others, readers, readers)]
+    for t in threads:
+        t.start()
+    applies()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not torn, torn[:5]
+    assert store.current.applied_snapshot == "s399" == StateStore(str(tmp_path)).current.applied_snapshot
