@@ -218,7 +218,9 @@ class Committer:
 
         RefusedError when ``ref`` is not the held snapshot, or nothing is held."""
         started = time.monotonic()
-        with self.lock:
+        # The repository's lock before the commit lock, as a shipment's commit does (never wait for a
+        # garbage collection while holding what a promotion waits for).
+        with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S), self.lock:
             self.check_usable()
             held = self.hold.snapshot
             if not held:
@@ -232,8 +234,7 @@ class Committer:
                                    f"was applied; see 'drsync apply' and confirm the held snapshot")
             info = self.repo.find_snapshot(held)
             manifest = self.repo.load_manifest(info)
-            with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
-                result = self._apply(info, manifest, list(self.hold.position))
+            result = self._apply(info, manifest, list(self.hold.position))
             log.warning("snapshot %s applied on an operator's confirmation (%d files written, %d removed) in %.2fs",
                         info.id, result.written_files, result.removed, time.monotonic() - started)
             self._release_guard("an operator confirmed it (drsync apply --confirm) and it was applied")
@@ -254,7 +255,7 @@ class Committer:
 
     def resume(self) -> dict[str, Any]:
         """Lift the operator's hold, and apply the newest snapshot stored meanwhile (the guard still judges it)."""
-        with self.lock:
+        with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S), self.lock:
             if not self.hold.operator_since:
                 note = (f"; snapshot {self.hold.snapshot} stays held by the deletion guard "
                         f"('drsync apply --confirm {self.hold.snapshot}' applies it)" if self.hold.snapshot else "")
@@ -272,8 +273,7 @@ class Committer:
                 try:
                     info = self.repo.find_snapshot(latest)
                     manifest = self.repo.load_manifest(info)
-                    with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
-                        self.take(info, manifest, time.monotonic(), list(self.hold.latest_position))
+                    self.take(info, manifest, time.monotonic(), list(self.hold.latest_position))
                     applied = info.id
                     message += f"; snapshot {info.id}, stored while held, is applied"
                 except RefusedError as e:

@@ -13,6 +13,7 @@ GC takes the exclusive lock, so it runs only between shipments.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -73,6 +74,15 @@ class ChunkIntake:
             s.busy += 1
             s.last_used = time.monotonic()
         return s
+
+    @contextlib.contextmanager
+    def session(self, caller: Caller) -> Iterator[None]:
+        """Hold the caller's session (the repository's shared lock) for the duration of the block."""
+        s = self._enter(caller)
+        try:
+            yield
+        finally:
+            self._leave(s)
 
     def _leave(self, s: _Session) -> None:
         with self._lock:

@@ -42,8 +42,9 @@ from drsync.transport.grpc import GrpcStandbyLink, ReplicationServicer, start_se
 
 log = logging.getLogger("drsync.agent")
 
-# How often the loop looks at ZooKeeper (watches wake it sooner).
+# How often the loop looks at ZooKeeper (watches wake it sooner), and for operator requests.
 COORDINATE_EVERY_S = 0.5
+REQUESTS_EVERY_S = 0.2
 # After a failed capture the next one waits this long, doubling up to the cap (seconds).
 CAPTURE_BACKOFF_FIRST_S = 1.0
 CAPTURE_BACKOFF_MAX_S = 60.0
@@ -200,6 +201,14 @@ class Agent:
         except OSError as e:
             log.error("agent %s: cannot read operator requests in %s: %s", self.name, self.state_dir, e)
 
+    def _serve_requests_loop(self) -> None:
+        # Its own thread: an operator's confirmed apply may take long, and coordination goes on meanwhile.
+        while not self.stop.wait(REQUESTS_EVERY_S):
+            try:
+                self.serve_requests()
+            except Exception:  # a bug must not end request serving silently
+                log.exception("agent %s: serving operator requests failed", self.name)
+
     # --- the status page --------------------------------------------------------------------
 
     def status_doc(self) -> dict[str, Any]:
@@ -288,6 +297,7 @@ class Agent:
         log.info("agent %s running (role %s) on %s", self.name, self.role, self.cfg.agent.listen)
         self.replication.background = True
         self.maintenance.start()
+        threading.Thread(target=self._serve_requests_loop, name="drsync-requests", daemon=True).start()
         backoff = CAPTURE_BACKOFF_FIRST_S
         next_capture = 0.0
         sup = self.supervisor
@@ -300,7 +310,6 @@ class Agent:
             if sup.fatal is not None:
                 break
             self.activity.sample_lag()
-            self.serve_requests()
             primary = sup.acting_primary
             new = self.replication.set_targets(self.targets() if primary else [])
             if sup.cycle_now.is_set() or (new and primary):
@@ -322,6 +331,7 @@ class Agent:
         self.close()
 
     def close(self) -> None:
+        self.stop.set()
         self.replication.close()
         self.maintenance.stop()
         if self.server is not None:

@@ -5,8 +5,8 @@ happen inside it, e.g. apply a snapshot under the receiver's commit lock, never 
 :func:`submit` is the command line's side: when no agent holds the state directory
 (:class:`~drsync.agent.locks.StateDirLock`), it takes the lock itself and carries the request out
 directly with an :class:`~drsync.agent.loop.Agent` opened without network; otherwise it writes a
-request file and waits (bounded) for the reply. The running agent calls :func:`serve_pending` on every
-pass of its loop (about once a second).
+request file and waits (bounded) for the reply. The running agent calls :func:`serve_pending` from a thread of
+its own about five times a second.
 
 Files, in ``<state_dir>/requests/`` (each written whole: temp file, fsync, rename):
 
@@ -191,7 +191,7 @@ def wait_reply(state_dir: str, request_id: str, *, wait_s: float, what: str = "t
 
 def serve_pending(state_dir: str, agent: Agent) -> int:
     """Carry out every request waiting in ``state_dir``, oldest first; returns how many. Called by the
-    agent that holds the state directory, from its loop (so no request of its own is in progress)."""
+    agent that holds the state directory, from its one requests thread (so requests run one at a time)."""
     d = requests_dir(state_dir)
     try:
         names = sorted(n for n in os.listdir(d) if not n.startswith("."))

@@ -173,9 +173,10 @@ class StandbyReceiver:
     def commit(self, caller: Caller, snapshot_doc: bytes, manifest_bytes: bytes,
                sender_seq: int = 0) -> tuple[SnapshotInfo, ApplyResult]:
         """Admit (again, fresh, under the lock a promotion takes), store and apply; the shipment's intake
-        session ends with it."""
+        session ends with it. The repository's shared lock is taken (or held by the session) before the
+        commit lock: a commit waiting for a garbage collection's sweep never holds up a promotion."""
         try:
-            with self.committer.lock:
+            with self.intake.session(caller), self.committer.lock:
                 self.committer.check_usable()
                 self.admit(caller)
                 return self.committer.commit(snapshot_doc, manifest_bytes, [caller.epoch, sender_seq])
