@@ -373,3 +373,11 @@ def test_a_snapshot_of_80000_absolute_symlinks_ships_through_a_real_pair(tmp_pat
         assert (pair.standby_data / "links").is_dir() and not any((pair.standby_data / "links").iterdir())
     finally:
         pair.stop_all()
+
+
+def test_a_manifest_over_the_limit_is_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from drsync.repository.manifest import Manifest
+
+    monkeypatch.setattr(fmt, "MANIFEST_MAX_BYTES", MiB)
+    with pytest.raises(IntegrityError, match=f"a manifest is at most {MiB} bytes"):
+        Manifest.from_bytes(bytes(MiB + 1), "manifest of snapshot x")

@@ -47,9 +47,10 @@ MESSAGE_MAX_ENTRIES = MAX_MESSAGE_BYTES // 32
 NAME_MAX_CHARS = 256
 
 # --- Keepalive: how a dead peer is found during a long call (a Commit waits for the apply) ---
-# The client pings every KEEPALIVE_S seconds (env DRSYNC_GRPC_KEEPALIVE_S, default 20; tests shorten
-# it) and gives up on a connection whose ping is not answered within KEEPALIVE_TIMEOUT_S (as long,
-# at least 5 s): the call then fails UNAVAILABLE. The server accepts pings at any rate down to half
+# The client pings every keepalive_s() seconds (env DRSYNC_GRPC_KEEPALIVE_S, default 20; tests shorten
+# it) and gives up on a connection whose ping is not answered within as long (at least 5 s): the call
+# then fails UNAVAILABLE (measured: a frozen standby is found 6 s into a commit at 1 s; the old options,
+# whose pings timed out after gRPC's default minute, took 80 s). The server accepts pings at any rate down to half
 # that interval, with or without calls and data, and never answers them with GOAWAY
 # "too_many_pings" (gRPC's default server policy allows one ping per 5 minutes without data and sends
 # GOAWAY after 2 strikes; with the client's default of 2 pings without data, a call without data
@@ -74,6 +75,8 @@ def _options() -> list[tuple[str, int]]:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", ka_ms),
             ("grpc.keepalive_timeout_ms", max(5_000, ka_ms)),
+            # gRPC also times pings out by this (default 1 minute, which would hide keepalive_timeout_ms)
+            ("grpc.http2.ping_timeout_ms", max(5_000, ka_ms)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0)]
 
