@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -318,6 +319,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool:
             list(pool.map(stage, _batches(list(enumerate(plan.write)))))
         root.flush()
+        _fault_apply_delay()
         # From here on the apply only moves forward: a restart replays the journal.
         log_.save(json.dumps({"phase": "commit", **_plan_to_json(plan, staged)}).encode())
     except BaseException:
@@ -339,6 +341,18 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     result.warnings.extend(root.warnings)
     _close(root, log_, on_committed)
     return result
+
+
+FAULT_APPLY_DELAY_ENV = "DRSYNC_FAULT_APPLY_DELAY_S"
+
+
+def _fault_apply_delay() -> None:
+    """Test-only fault injection: with ``$DRSYNC_FAULT_APPLY_DELAY_S`` set to a number of seconds, every
+    apply waits that long after staging, before it commits (a slow apply, e.g. a huge snapshot, made
+    quickly). Never set it in production; unset or empty, nothing happens."""
+    raw = os.environ.get(FAULT_APPLY_DELAY_ENV, "")
+    if raw:
+        time.sleep(float(raw))
 
 
 class Journal(Protocol):

@@ -36,6 +36,7 @@ from drsync.repository.manifest import (
     table_from_columns,
 )
 from drsync.repository.repo import ChunkWriter
+from drsync.repository.snapshots import WarningLog
 from drsync.tree import TreeScan
 
 # Reading tasks are batched so that tiny files do not pay one executor round trip each.
@@ -53,7 +54,9 @@ class CaptureResult:
     bytes: int = 0
     read_bytes: int = 0
     reused_files: int = 0
-    warnings: list[str] = field(default_factory=list)
+    # Every warning counted, the first few kept (fmt.WARNING_SAMPLE, clipped): a million unreadable
+    # files cost a count, not a million strings.
+    warnings: WarningLog = field(default_factory=WarningLog)
     # Paths that exist but could not be read: kept at their last captured version (marked stale).
     stale: int = 0
     # Paths that could not be captured at all (and had no earlier version): left out, reported.
@@ -182,7 +185,9 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Non
         result = _capture_view(view, writer, parent=parent, parent_captured_at=parent_captured_at,
                                reread_attempts=0 if view.consistent else reread_attempts, exclude=exclude,
                                workers=workers, progress=progress, on_total=on_total)
-        result.warnings[:0] = view.notes
+        notes = WarningLog(view.notes)  # the view's notes first
+        notes.merge(result.warnings)
+        result.warnings = notes
     if not allow_empty and parent is not None and parent.file_count() and not result.manifest.file_count():
         raise OperationFailed(f"data root {data_root.url} holds no files, but the last snapshot held "
                               f"{parent.file_count()}: is its volume mounted? Nothing was captured; if it is empty "
@@ -199,7 +204,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                   workers: int | None, progress: ProgressFn | None,
                   on_total: Callable[[int], None] | None) -> CaptureResult:
     scan = view.scan(exclude)
-    warnings = list(scan.warnings)
+    warnings = scan.warnings
     pv = _ParentView(parent, parent_captured_at or 0.0) if parent is not None and len(parent) else None
     parent_row = pv.reusable_rows(scan) if pv is not None else [-1] * len(scan)
     to_read = [k for k in range(len(scan)) if scan.type[k] == FILE and parent_row[k] < 0]
@@ -257,7 +262,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                          stale=len(stale_rows), skipped=skipped)
 
 
-def _without_escaping_links(table: pa.Table, warnings: list[str]) -> pa.Table:
+def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:
     """Leave out links that, with the kept (stale) rows merged in, resolve outside the root: what a
     capture writes always passes the manifest rule its restore applies."""
     while True:
@@ -276,7 +281,7 @@ def _without_escaping_links(table: pa.Table, warnings: list[str]) -> pa.Table:
 
 def _attributes(view: FrozenRoot, scan: TreeScan, keep: list[int], parent_row: list[int],
                 pv: _ParentView | None, read: dict[int, _ReadFile],
-                warnings: list[str]) -> dict[int, bytes | None]:
+                warnings: WarningLog) -> dict[int, bytes | None]:
     """Extended attributes of the kept entries: files read anew brought theirs (read from the open
     file, in the reading threads); directories whose ctime moved are read here (changing an attribute
     moves the ctime). Reused files and unchanged directories take the parent's; symlinks carry none

@@ -140,9 +140,9 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
             parent=parent.id if parent else None, files=result.files, bytes=result.bytes,
             new_bytes=writer.new_bytes, read_bytes=result.read_bytes, reused_files=result.reused_files,
             duration_s=round(time.monotonic() - started, 3),
-            warnings=_first(result.warnings), stale_paths=result.stale, skipped_paths=result.skipped)
+            warnings=result.warnings.lines(), stale_paths=result.stale, skipped_paths=result.skipped)
         info = repo.commit_snapshot(info, manifest_bytes)
-    for w in _first(result.warnings):
+    for w in result.warnings.lines():
         log.warning("snapshot %s: %s", info.id, w)
     if result.stale or result.skipped:
         log.warning("snapshot %s: %d path(s) could not be read and keep their last captured version (stale), "
@@ -177,11 +177,6 @@ def _inside(root: DataRoot, path: str) -> str | None:
         return root.relative_inside(path)
     except UsageError:
         return None  # the data root itself: nothing to leave out of it
-
-
-def _first(warnings: list[str], n: int = 20) -> list[str]:
-    """The first warnings, and how many more (a tree with a million unreadable files stays readable)."""
-    return warnings if len(warnings) <= n else [*warnings[:n], f"... and {len(warnings) - n} more"]
 
 
 def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str, release: str,

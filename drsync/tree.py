@@ -24,6 +24,7 @@ from drsync.repository.manifest import (
     printable,
     symlink_stays_inside,
 )
+from drsync.repository.snapshots import WarningLog
 
 # Names that belong to drsync itself (the staging area of an apply), at any depth.
 RESERVED_NAMES = frozenset({RESERVED_NAME})
@@ -45,7 +46,8 @@ class TreeScan:
     nlink: list[int] = field(default_factory=list)
     dev: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)  # 512-byte blocks allocated (fewer than size: sparse)
-    warnings: list[str] = field(default_factory=list)
+    # What could not be captured: a count and the first few lines (O(1) memory however many).
+    warnings: WarningLog = field(default_factory=WarningLog)
     # Directories that exist but could not be listed, and entries that exist but could not be
     # examined: never deletions (the capture keeps their last captured version, marked stale).
     unlisted: list[str] = field(default_factory=list)

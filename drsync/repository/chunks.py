@@ -74,17 +74,49 @@ def encode(data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
     return fmt.ENC_ZSTD, packed
 
 
+def check_sizes(encoding: int, stored_length: int, raw_length: int, chunk_id: bytes, what: str = "chunk") -> None:
+    """Refuse a chunk description that no drsync writes, before anything is allocated from it.
+
+    Limits (docs/FORMAT.md, "Limits"): the id is ``ID_LEN`` (32) bytes, the encoding one of
+    ``ENCODINGS``, ``raw_length`` at most ``CHUNK_MAX`` (1 MiB) and ``stored_length`` at most
+    ``STORED_MAX`` (1 MiB + 4 KiB); a raw chunk is stored as its raw length. Raises IntegrityError.
+    """
+    if len(chunk_id) != fmt.ID_LEN:
+        raise IntegrityError(f"{what} has an id of {len(chunk_id)} bytes; chunk ids are {fmt.ID_LEN} bytes "
+                             f"(BLAKE3-256)")
+    name = f"{what} {chunk_id.hex()[:16]}"
+    if encoding not in fmt.ENCODINGS:
+        raise IntegrityError(f"{name} has unknown encoding {encoding} (known: 0 raw, 1 zstd)")
+    if not 0 <= raw_length <= fmt.CHUNK_MAX:
+        raise IntegrityError(f"{name} claims {raw_length} raw bytes; a chunk is at most {fmt.CHUNK_MAX} bytes")
+    if not 0 <= stored_length <= fmt.STORED_MAX:
+        raise IntegrityError(f"{name} claims {stored_length} stored bytes; a stored chunk is at most "
+                             f"{fmt.STORED_MAX} bytes")
+    if encoding == fmt.ENC_RAW and stored_length != raw_length:
+        raise IntegrityError(f"{name} is stored raw in {stored_length} bytes but claims {raw_length} raw bytes")
+
+
 def decode(encoding: int, stored: bytes, raw_length: int, expected_id: bytes) -> bytes:
-    """Turn stored bytes back into the chunk and check it against its id."""
+    """Turn stored bytes back into the chunk and check it against its id.
+
+    Every size is checked (:func:`check_sizes`) before decompressing, and zstd never allocates more
+    than ``raw_length`` (at most 1 MiB): a frame whose header claims another size is refused
+    unread, and one without a size is decompressed into a ``raw_length`` buffer, so a lying frame
+    (a zstd bomb) costs at most 1 MiB. Raises IntegrityError.
+    """
+    check_sizes(encoding, len(stored), raw_length, expected_id)
     if encoding == fmt.ENC_RAW:
         data = stored
-    elif encoding == fmt.ENC_ZSTD:
+    else:
         try:
-            data = _decompressor().decompress(stored, max_output_size=raw_length)
+            declared = zstandard.get_frame_parameters(stored).content_size
+            if declared != zstandard.CONTENTSIZE_UNKNOWN and declared != raw_length:
+                raise IntegrityError(f"chunk {expected_id.hex()[:16]} is a zstd frame of {declared} bytes but "
+                                     f"claims {raw_length} raw bytes")
+            # max_output_size bounds the buffer only when the frame does not declare its size (checked above).
+            data = _decompressor().decompress(stored, max_output_size=max(1, raw_length))
         except zstandard.ZstdError as e:
             raise IntegrityError(f"chunk {expected_id.hex()[:16]} does not decompress: {e}") from None
-    else:
-        raise IntegrityError(f"chunk {expected_id.hex()[:16]} has unknown encoding {encoding}")
     if len(data) != raw_length or chunk_id(data) != expected_id:
         raise IntegrityError(f"chunk {expected_id.hex()[:16]} does not match its hash")
     return data

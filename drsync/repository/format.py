@@ -33,11 +33,33 @@ PACK_TRAILER_MAGIC = b"DRSPEND1"
 # Chunk encodings (the ``flags`` byte of a pack entry / index row).
 ENC_RAW = 0
 ENC_ZSTD = 1
+ENCODINGS = frozenset({ENC_RAW, ENC_ZSTD})
 ZSTD_LEVEL = 3
 # A chunk whose first 16 KiB do not shrink below this ratio is stored raw:
 # compressing incompressible data costs CPU and saves nothing.
 COMPRESS_SAMPLE = 16 * 1024
 COMPRESS_SAMPLE_RATIO = 0.92
+
+# --- Limits on sizes that come from outside (a peer's message, a repository file another host wrote) ---
+# Each is checked before anything is allocated from it; docs/FORMAT.md ("Limits") is the contract.
+
+# The most stored bytes one chunk may have, in bytes: zstd's compress bound of the largest chunk
+# (CHUNK_MAX + CHUNK_MAX/256 + 64). drsync itself never stores more than CHUNK_MAX (a chunk that does
+# not shrink is stored raw); the slack only admits zstd frames written by other encoders.
+STORED_MAX = CHUNK_MAX + CHUNK_MAX // 256 + 64
+# The largest manifest a standby accepts in one commit, and that drsync reads from a repository, in
+# bytes. A manifest costs about 92 bytes per one-chunk file (measured, 2026-12: 200,000 files of a
+# warehouse-like tree), so 10 million files are about 0.9 GiB; 2 GiB leaves room for ~35 million more
+# chunk ids (32 bytes each), i.e. about 8 TiB of data in multi-chunk files.
+MANIFEST_MAX_BYTES = 2 * 1024 * 1024 * 1024
+# The largest snapshot document (JSON) drsync accepts from a peer or a repository, in bytes. A document
+# is about 1 KiB plus its warning sample (at most WARNING_SAMPLE lines of WARNING_MAX_CHARS characters,
+# under 130 KiB even when every character is escaped), its name and its reason.
+SNAPSHOT_DOC_MAX_BYTES = 1024 * 1024
+# A snapshot document keeps the first WARNING_SAMPLE warnings of its capture (plus a line counting the
+# rest), each cut to WARNING_MAX_CHARS characters (a path alone may be 100 KiB long).
+WARNING_SAMPLE = 20
+WARNING_MAX_CHARS = 1024
 
 CONFIG_NAME = "config.json"
 SNAPSHOTS_DIR = "snapshots/"

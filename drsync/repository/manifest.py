@@ -184,6 +184,10 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "manifest") -> Manifest:
+        """Parse a manifest of at most ``fmt.MANIFEST_MAX_BYTES`` (2 GiB). Raises IntegrityError."""
+        if len(data) > fmt.MANIFEST_MAX_BYTES:
+            raise IntegrityError(f"{what} is {len(data)} bytes; a manifest is at most {fmt.MANIFEST_MAX_BYTES} "
+                                 f"bytes (docs/FORMAT.md, Limits); it was not read")
         try:
             table = pq.read_table(pa.BufferReader(data))
         except (pa.ArrowInvalid, OSError) as e:

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 import blake3
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from drsync.errors import IntegrityError
+from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.storage import Storage
 
@@ -100,6 +102,7 @@ def read_pack_entries(storage: Storage, pack_id: str, pack_size: int) -> list[Pa
     offset = len(fmt.PACK_MAGIC)
     for i in range(count):
         cid, enc, stored, raw = _ENTRY.unpack_from(table, i * _ENTRY.size)
+        chunks.check_sizes(enc, stored, raw, cid, f"pack {pack_id}: chunk")
         entries.append(PackEntry(cid, enc, offset, stored, raw))
         offset += stored
     if offset != pack_size - _TAIL.size - table_len:
@@ -132,6 +135,27 @@ def index_bytes(rows: Iterable[tuple[bytes, ChunkLocation]]) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
+
+
+def _check_index_rows(table: pa.Table, name: str) -> None:
+    """Every row describes a chunk drsync could have written (the limits of
+    :func:`drsync.repository.chunks.check_sizes`): a repository file another host wrote never sizes
+    a read or a decompression beyond them. Raises IntegrityError naming the first bad row."""
+    if not table.num_rows:
+        return
+    bad = pc.or_(pc.or_(pc.greater(table.column("raw_length"), fmt.CHUNK_MAX),
+                        pc.greater(table.column("stored_length"), fmt.STORED_MAX)),
+                 pc.invert(pc.is_in(table.column("encoding"), value_set=pa.array(sorted(fmt.ENCODINGS), pa.uint8()))))
+    bad = pc.or_(bad, pc.and_(pc.equal(table.column("encoding"), fmt.ENC_RAW),
+                              pc.not_equal(table.column("stored_length"), table.column("raw_length"))))
+    first = pc.index(bad, True).as_py()
+    if first >= 0:
+        row = table.slice(first, 1).to_pylist()[0]
+        try:
+            chunks.check_sizes(row["encoding"], row["stored_length"], row["raw_length"], row["chunk"],
+                               f"index file {name}: chunk")
+        except IntegrityError as e:
+            raise IntegrityError(f"{e}; run 'drsync repo verify'") from None
 
 
 class ChunkIndex:
@@ -195,6 +219,7 @@ class ChunkIndex:
             raise IntegrityError(f"index file {name} is damaged: {e}; run 'drsync repo verify'") from None
         if not table.schema.equals(INDEX_SCHEMA):
             raise IntegrityError(f"index file {name} has an unexpected layout")
+        _check_index_rows(table, name)
         cols = [table.column(i).to_pylist() for i in range(6)]
         for cid, pack, off, stored, raw, enc in zip(*cols, strict=True):
             self.add(cid, ChunkLocation(pack, off, stored, raw, enc))

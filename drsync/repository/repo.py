@@ -297,6 +297,10 @@ class Repository:
         for obj in self.storage.list(fmt.SNAPSHOTS_DIR):
             if not obj.name.endswith(".json"):
                 continue
+            if obj.size > fmt.SNAPSHOT_DOC_MAX_BYTES:  # never read a document no drsync writes
+                raise IntegrityError(f"snapshot {obj.name} is {obj.size} bytes; a snapshot document is at most "
+                                     f"{fmt.SNAPSHOT_DOC_MAX_BYTES} bytes (docs/FORMAT.md, Limits); remove or "
+                                     f"restore it")
             try:
                 out.append(SnapshotInfo.from_bytes(self.storage.read(obj.name), f"snapshot {obj.name}"))
             except ObjectMissing:

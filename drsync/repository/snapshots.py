@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +26,53 @@ def parse_iso(value: str) -> float:
 
 def new_snapshot_id() -> str:
     return secrets.token_hex(8)
+
+
+def clip_warning(line: str, limit: int = fmt.WARNING_MAX_CHARS) -> str:
+    """``line`` cut to at most ``limit`` characters (1 KiB by default), ending in an ellipsis when cut."""
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
+
+
+class WarningLog:
+    """The warnings of one capture in O(``keep``) memory: how many there were, and the first ``keep``
+    (20 by default, ``fmt.WARNING_SAMPLE``), each clipped to ``fmt.WARNING_MAX_CHARS`` characters.
+
+    A tree with a million unreadable files costs a count, not a million strings. Iterating yields
+    the kept sample; :meth:`lines` adds a line counting the rest (what a snapshot document stores).
+    """
+
+    __slots__ = ("count", "keep", "sample")
+
+    def __init__(self, lines: Iterable[str] = (), keep: int = fmt.WARNING_SAMPLE) -> None:
+        self.count = 0
+        self.keep = keep
+        self.sample: list[str] = []
+        self.extend(lines)
+
+    def append(self, line: str) -> None:
+        self.count += 1
+        if len(self.sample) < self.keep:
+            self.sample.append(clip_warning(line))
+
+    def extend(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.append(line)
+
+    def merge(self, other: WarningLog) -> None:
+        """Add ``other``'s warnings after these (its sample and its count)."""
+        self.extend(other.sample)
+        self.count += other.count - len(other.sample)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sample)
+
+    def lines(self) -> list[str]:
+        """The sample, and "... and N more" when there were more than it keeps."""
+        more = self.count - len(self.sample)
+        return [*self.sample, f"... and {more} more"] if more > 0 else list(self.sample)
 
 
 @dataclass(frozen=True)
@@ -85,6 +134,11 @@ class SnapshotInfo:
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str) -> SnapshotInfo:
+        """Parse a snapshot document (from a repository or a peer), at most ``SNAPSHOT_DOC_MAX_BYTES``
+        (1 MiB); its warnings come back clipped to ``WARNING_MAX_CHARS``. Raises IntegrityError."""
+        if len(data) > fmt.SNAPSHOT_DOC_MAX_BYTES:
+            raise IntegrityError(f"{what} is {len(data)} bytes; a snapshot document is at most "
+                                 f"{fmt.SNAPSHOT_DOC_MAX_BYTES} bytes (docs/FORMAT.md, Limits); it was not read")
         try:
             doc = json.loads(data)
             version = int(doc.get("format", 0))
@@ -99,6 +153,8 @@ class SnapshotInfo:
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
             raise IntegrityError(f"{what} is damaged: {e}") from None
         info.check_types(what)
+        if any(len(w) > fmt.WARNING_MAX_CHARS for w in info.warnings):
+            info = dataclasses.replace(info, warnings=[clip_warning(w) for w in info.warnings])
         return info
 
     def check_types(self, what: str) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import TypeVar
 
@@ -20,6 +21,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError, UsageError
+from drsync.repository import chunks
+from drsync.repository import format as fmt
 from drsync.transport import Caller, CommitOutcome, ReceivedChunk, Receiver, StandbyHello
 from drsync.transport.pb import drsync_pb2 as pb
 from drsync.transport.pb import drsync_pb2_grpc as pb_grpc
@@ -29,12 +32,63 @@ T = TypeVar("T")
 # Upload messages are ~1 MiB plus at most one 1 MiB chunk; the limit leaves room, and
 # anything larger is refused by gRPC itself (RESOURCE_EXHAUSTED) before we see it.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+
+# --- Limits on what a peer sends (docs/FORMAT.md, "Limits"), checked before anything is allocated ---
+# A Commit's manifest pieces together: fmt.MANIFEST_MAX_BYTES (2 GiB, a 10-million-file manifest is
+# about 0.9 GiB). The running total is checked before each piece is kept.
+# A Commit's pieces: the primary sends 1 MiB pieces (2,048 for the largest manifest); 65,536 allow
+# 32 KiB pieces and keep the list of pieces small however a peer cuts them.
+COMMIT_MAX_PARTS = 65_536
+# Entries of one message: a chunk id or a chunk costs at least 34 bytes on the wire, so no message
+# within MAX_MESSAGE_BYTES holds more; the explicit check refuses before a list is made of them.
+MESSAGE_MAX_ENTRIES = MAX_MESSAGE_BYTES // 32
+# Names a request carries (sender agent, sender instance), in characters: they end up in the state
+# file, logs and ZooKeeper. Agent names are short; instance ids are 32 hex digits.
+NAME_MAX_CHARS = 256
+
+# --- Keepalive: how a dead peer is found during a long call (a Commit waits for the apply) ---
+# The client pings every keepalive_s() seconds (env DRSYNC_GRPC_KEEPALIVE_S, default 20; tests shorten
+# it) and gives up on a connection whose ping is not answered within as long (at least 5 s): the call
+# then fails UNAVAILABLE (measured: a frozen standby is found 6 s into a commit at 1 s; the old options,
+# whose pings timed out after gRPC's default minute, took 80 s). The server accepts pings at any rate down to half
+# that interval, with or without calls and data, and never answers them with GOAWAY
+# "too_many_pings" (gRPC's default server policy allows one ping per 5 minutes without data and sends
+# GOAWAY after 2 strikes; with the client's default of 2 pings without data, a call without data
+# for minutes was cut). The server pings its clients on the same interval.
+KEEPALIVE_ENV = "DRSYNC_GRPC_KEEPALIVE_S"
+KEEPALIVE_DEFAULT_S = 20.0
+
+
+def keepalive_s() -> float:
+    """The keepalive interval in seconds: ``$DRSYNC_GRPC_KEEPALIVE_S`` (at least 0.1) or 20."""
+    raw = os.environ.get(KEEPALIVE_ENV, "")
+    try:
+        return max(0.1, float(raw)) if raw else KEEPALIVE_DEFAULT_S
+    except ValueError:
+        raise UsageError(f"{KEEPALIVE_ENV}={raw!r} is not a number of seconds; unset it or give e.g. 20") from None
+
+
+def _options() -> list[tuple[str, int]]:
+    """Channel options for both ends: message limits and the keepalive both ends agree on."""
+    ka_ms = int(keepalive_s() * 1000)
+    return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", 20_000)]
-# Never share a listen port with another process (gRPC sets SO_REUSEPORT by default on Linux, so a
-# second agent on the same port would start and receive half of the shipments).
-_SERVER_OPTIONS = [*_OPTIONS, ("grpc.so_reuseport", 0)]
+            ("grpc.keepalive_time_ms", ka_ms),
+            ("grpc.keepalive_timeout_ms", max(5_000, ka_ms)),
+            # gRPC also times pings out by this (default 1 minute, which would hide keepalive_timeout_ms)
+            ("grpc.http2.ping_timeout_ms", max(5_000, ka_ms)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
+def _server_options() -> list[tuple[str, int]]:
+    ka_ms = int(keepalive_s() * 1000)
+    # Never share a listen port with another process (gRPC sets SO_REUSEPORT by default on Linux, so a
+    # second agent on the same port would start and receive half of the shipments).
+    return [*_options(), ("grpc.so_reuseport", 0),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", max(50, ka_ms // 2)),
+            ("grpc.http2.min_ping_interval_without_data_ms", max(50, ka_ms // 2)),
+            ("grpc.http2.max_ping_strikes", 0)]
 # This process, as the sender of requests: a standby restarts its clock-offset estimate when it changes.
 INSTANCE = uuid.uuid4().hex
 
@@ -82,6 +136,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
     def _caller(self, context: grpc.ServicerContext, sender: str, epoch: int, sent_at: float,
                 instance: str = "") -> Caller:
         received = time.time()
+        _check_names(context, sender, instance)
         names = peer_names(context)
         if self.allowed_peers and not set(names) & set(self.allowed_peers):
             shown = ", ".join(names) or "no certificate name"
@@ -104,6 +159,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
         received = time.time()
+        _check_names(context, request.sender, request.sender_instance)
         st = self.receiver.state if self.receiver is not None else None
         epoch = self._epoch() if self._epoch else st.epoch if st else 0
         lag = None
@@ -132,6 +188,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                     caller = self._caller(context, req.sender, req.epoch, req.sent_at, req.sender_instance)
                     rx.admit(caller)
                 self._same_caller(context, caller, req.sender, req.epoch)
+                _check_ids(context, req.ids)
                 yield pb.ChunkIds(epoch=req.epoch, ids=rx.missing(caller, list(req.ids)))
         except DrsyncError as e:
             _abort(context, e)
@@ -146,6 +203,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         def batches() -> Iterator[list[ReceivedChunk]]:
             for r in itertools.chain([first], request_iterator):
                 self._same_caller(context, caller, r.sender, r.epoch)
+                _check_chunks(context, r.chunks)
                 yield [ReceivedChunk(c.id, c.encoding, c.raw_length, c.data) for c in r.chunks]
 
         try:
@@ -158,14 +216,31 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
     def Commit(self, request_iterator: Iterator[pb.CommitPart], context: grpc.ServicerContext) -> pb.CommitReply:
         rx = self._receiver(context)
         caller: Caller | None = None
-        doc, seq, pieces = b"", 0, []
+        doc, seq, pieces, total = b"", 0, [], 0
         for part in request_iterator:
             if caller is None:
                 caller = self._caller(context, part.sender, part.epoch, part.sent_at, part.sender_instance)
                 doc, seq = part.snapshot, part.sender_seq
+                if len(doc) > fmt.SNAPSHOT_DOC_MAX_BYTES:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"the snapshot document is {len(doc)} bytes; a snapshot document is at most "
+                                  f"{fmt.SNAPSHOT_DOC_MAX_BYTES} bytes (docs/FORMAT.md, Limits); nothing was stored")
             elif part.epoch != caller.epoch:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "commit parts carry different epochs")
-            pieces.append(part.manifest)
+            piece = part.manifest
+            if not piece:
+                continue
+            # Checked before the piece is kept: a peer never makes this agent hold more than the limit.
+            if total + len(piece) > fmt.MANIFEST_MAX_BYTES:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the manifest exceeds {fmt.MANIFEST_MAX_BYTES} bytes, the most a standby accepts "
+                              f"(docs/FORMAT.md, Limits); nothing was stored")
+            if len(pieces) >= COMMIT_MAX_PARTS:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the manifest arrives in more than {COMMIT_MAX_PARTS} pieces, the most a standby "
+                              f"accepts (send pieces of 1 MiB); nothing was stored")
+            total += len(piece)
+            pieces.append(piece)
         if caller is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty commit")
         assert caller is not None
@@ -175,6 +250,38 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
             _abort(context, e)
         return pb.CommitReply(snapshot=info.id, written_files=result.written_files, removed=result.removed,
                               applied_at=rx.state.applied_at, replied_at=time.time())
+
+
+def _check_names(context: grpc.ServicerContext, sender: str, instance: str) -> None:
+    """Refuse a request whose sender or instance name is longer than ``NAME_MAX_CHARS`` (256)."""
+    for what, value in (("sender name", sender), ("sender instance", instance)):
+        if len(value) > NAME_MAX_CHARS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request's {what} is {len(value)} characters; "
+                                                            f"at most {NAME_MAX_CHARS} are accepted")
+
+
+def _check_ids(context: grpc.ServicerContext, ids: Sequence[bytes]) -> None:
+    """Refuse a Negotiate message with more than ``MESSAGE_MAX_ENTRIES`` ids or an id not 32 bytes long."""
+    if len(ids) > MESSAGE_MAX_ENTRIES:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a Negotiate message carries {len(ids)} ids; at most "
+                                                          f"{MESSAGE_MAX_ENTRIES} are accepted")
+    for i in ids:
+        if len(i) != fmt.ID_LEN:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a Negotiate message carries an id of {len(i)} bytes; "
+                                                            f"chunk ids are {fmt.ID_LEN} bytes (BLAKE3-256)")
+
+
+def _check_chunks(context: grpc.ServicerContext, batch: Sequence[pb.Chunk]) -> None:
+    """Refuse an Upload message with more than ``MESSAGE_MAX_ENTRIES`` chunks, or a chunk whose id,
+    encoding or sizes no drsync writes (:func:`drsync.repository.chunks.check_sizes`), before any is kept."""
+    if len(batch) > MESSAGE_MAX_ENTRIES:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"an Upload message carries {len(batch)} chunks; at "
+                                                          f"most {MESSAGE_MAX_ENTRIES} are accepted")
+    for c in batch:
+        try:
+            chunks.check_sizes(c.encoding, len(c.data), c.raw_length, c.id, "uploaded chunk")
+        except IntegrityError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e}; nothing more of this upload was stored")
 
 
 def _is_loopback(host: str) -> bool:
@@ -198,7 +305,7 @@ def start_server(servicer: ReplicationServicer, listen: str, *, tls: tuple[str, 
     if tls is None and not _is_loopback(host) and not allow_insecure_remote:
         raise UsageError(f"agent.listen {listen} is not a loopback address and [tls] is not configured; "
                          f"configure mutual TLS, or set agent.allow_insecure_remote = true")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_SERVER_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_server_options())
     pb_grpc.add_ReplicationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -224,6 +331,8 @@ def _translate(e: grpc.RpcError, target: str) -> DrsyncError:
         return RefusedError(f"standby {target} refused: {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return IntegrityError(f"standby {target} rejected the data: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return OperationFailed(f"standby {target} refused a request over its limits: {details}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return OperationFailed(f"standby {target} is unreachable ({details}); will retry")
     return OperationFailed(f"standby {target}: {code.name if code else 'error'}: {details}")
@@ -240,7 +349,12 @@ def _keeping(failed: list[DrsyncError], messages: Iterator[T]) -> Iterator[T]:
 
 
 class GrpcStandbyLink:
-    """A :class:`~drsync.transport.StandbyLink` over gRPC."""
+    """A :class:`~drsync.transport.StandbyLink` over gRPC.
+
+    ``timeout_s`` (seconds) bounds Negotiate and Upload; Hello and health checks have their own short
+    deadlines. Commit has none: it waits for the standby's apply however long it takes, and a dead
+    standby or link is found by keepalive (``KEEPALIVE_S`` plus its timeout), not by a deadline.
+    """
 
     def __init__(self, target: str, *, tls: tuple[str, str, str] | None = None, timeout_s: float = 3600,
                  sender: str = "") -> None:
@@ -251,9 +365,9 @@ class GrpcStandbyLink:
             ca, cert, key = tls
             creds = grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
                                                  certificate_chain=_read(cert))
-            self.channel = grpc.secure_channel(target, creds, options=_OPTIONS)
+            self.channel = grpc.secure_channel(target, creds, options=_options())
         else:
-            self.channel = grpc.insecure_channel(target, options=_OPTIONS)
+            self.channel = grpc.insecure_channel(target, options=_options())
         self.stub = pb_grpc.ReplicationStub(self.channel)
 
     def close(self) -> None:
@@ -299,7 +413,12 @@ class GrpcStandbyLink:
                sender_seq: int = 0) -> CommitOutcome:
         def parts() -> Iterator[pb.CommitPart]:
             first = True
+            total = 0
             for piece in pieces:
+                total += len(piece)
+                if total > fmt.MANIFEST_MAX_BYTES:
+                    raise OperationFailed(f"the manifest of this snapshot exceeds {fmt.MANIFEST_MAX_BYTES} bytes, "
+                                          f"the most a standby accepts (docs/FORMAT.md, Limits); it cannot be shipped")
                 if first:
                     yield pb.CommitPart(epoch=epoch, sender=sender, snapshot=snapshot_doc, manifest=piece,
                                         sent_at=time.time(), sender_seq=sender_seq, sender_instance=INSTANCE)
@@ -307,10 +426,11 @@ class GrpcStandbyLink:
                 else:
                     yield pb.CommitPart(epoch=epoch, manifest=piece)
 
+        failed: list[DrsyncError] = []
         try:
-            r = self.stub.Commit(parts(), timeout=self.timeout_s)
+            r = self.stub.Commit(_keeping(failed, parts()))  # no deadline: keepalive finds a dead peer
         except grpc.RpcError as e:
-            raise _translate(e, self.target) from None
+            raise (failed[0] if failed else _translate(e, self.target)) from None
         return CommitOutcome(r.snapshot, r.written_files, r.removed, r.applied_at)
 
     def health(self, timeout_s: float = 5) -> bool:
