@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
+from drsync import faults
 from drsync.apply import ApplyResult, apply_manifest
 from drsync.capture import capture
 from drsync.config import KeepPolicy
@@ -243,6 +244,8 @@ def expire_snapshots(repo: Repository, keep: KeepPolicy, *, now: float | None = 
             return ExpireResult(doomed, [s for s in snaps if s not in doomed], None)
         for s in doomed:
             repo.delete_snapshot(s)
+        if doomed and collect:
+            faults.pause("gc")
         report = repo.gc() if doomed and collect else None
     return ExpireResult(doomed, [s for s in snaps if s not in doomed], report)
 

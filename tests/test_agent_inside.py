@@ -179,3 +179,35 @@ def test_the_state_record_is_never_torn(tmp_path: Path) -> None:
         t.join()
     assert not torn, torn[:5]
     assert store.current.applied_snapshot == "s399" == StateStore(str(tmp_path)).current.applied_snapshot
+
+
+def test_a_standby_collecting_garbage_is_promoted_at_once(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
+    """The standby's retention and GC run beside replication, never under the lock a promotion waits
+    for: with its garbage collection in progress (held at its pause point, the repository's exclusive
+    lock taken, as a collection over millions of chunks would be), the operator's promotion completes."""
+    from tests.group import Group
+
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"], extra="[snapshots]\nkeep = { last = 1 }\n")
+    try:
+        for name in g.names:
+            g.start(name, env={**os.environ, "DRSYNC_FAULT_PAUSE": str(gates)} if name == "west" else None)
+        assert g.promote("east").code == 0
+        wait_for(lambda: g.in_sync("east", "west"), "west to apply production")
+        (gates / "gc").write_text("hold west's garbage collection\n")
+        for n in range(3):  # new snapshots on west: retention deletes the older ones, then collects
+            (g.data["east"] / "catalog" / f"more-{n}.txt").write_text(f"change {n}\n")
+            wait_for(lambda: g.in_sync("east", "west") or (gates / "gc.reached").exists(), f"change {n} on west")
+        wait_for(lambda: (gates / "gc.reached").exists(), "west's garbage collection to start")
+        g.kill("east")  # production's agent is gone; the operator promotes west once its session expired
+        wait_for(lambda: g.primary() is None, "east's ZooKeeper session to expire")
+        r = g.promote("west", "--no-fence")
+        assert r.code == 0, r.err
+        assert (gates / "gc").exists(), "the promotion must not have waited for the collection"
+        wait_for(lambda: g.primary() == ("west", 2), "west to act as primary")
+        (gates / "gc").unlink()
+        wait_for(lambda: "fault trial: gc resumed" in g.log("west"), "west's collection to go on")
+        assert run_drsync("repo", "verify", "--config", g.cfg["west"]).code == 0
+    finally:
+        g.stop_all()

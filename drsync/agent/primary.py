@@ -29,6 +29,9 @@ NEGOTIATE_BATCH = 8192
 # bench/messages.py (2026-11-24, 2 cores): 256 KiB 0.67 GB/s, 512 KiB 0.87,
 # 1 MiB 1.06, 2 MiB 0.93, 4 MiB 0.95. The transport's limit is set to 8 MiB.
 UPLOAD_MESSAGE_BYTES = 1024 * 1024
+# ... and at most this many chunks (tiny files make tiny chunks: the ids and framing must stay far below
+# the transport's message and per-message chunk limits).
+UPLOAD_MESSAGE_CHUNKS = 16_384
 # Manifest pieces in a commit stream.
 COMMIT_PIECE_BYTES = 1024 * 1024
 
@@ -125,7 +128,7 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
             batch.append(ReceivedChunk(cid, loc.encoding, loc.raw_length, stored))
             size += len(stored)
             shipped += len(stored)
-            if size >= UPLOAD_MESSAGE_BYTES:
+            if size >= UPLOAD_MESSAGE_BYTES or len(batch) >= UPLOAD_MESSAGE_CHUNKS:
                 yield batch
                 batch, size = [], 0
                 delay = pacing_delay(shipped, bandwidth_bps, time.monotonic() - started)

@@ -351,12 +351,13 @@ def _keeping(failed: list[DrsyncError], messages: Iterator[T]) -> Iterator[T]:
 class GrpcStandbyLink:
     """A :class:`~drsync.transport.StandbyLink` over gRPC.
 
-    ``timeout_s`` (seconds) bounds Negotiate and Upload; Hello and health checks have their own short
-    deadlines. Commit has none: it waits for the standby's apply however long it takes, and a dead
-    standby or link is found by keepalive (``KEEPALIVE_S`` plus its timeout), not by a deadline.
+    Hello and health checks have short deadlines. Negotiate, Upload and Commit have none by default
+    (``timeout_s`` None): an upload of a terabyte over a slow link takes hours, and a commit waits for the
+    standby's apply however long it takes; a dead standby or link is found by keepalive (``KEEPALIVE_S``
+    plus its timeout), not by a deadline. ``timeout_s`` (seconds) bounds Negotiate and Upload when given.
     """
 
-    def __init__(self, target: str, *, tls: tuple[str, str, str] | None = None, timeout_s: float = 3600,
+    def __init__(self, target: str, *, tls: tuple[str, str, str] | None = None, timeout_s: float | None = None,
                  sender: str = "") -> None:
         self.target = target
         self.sender = sender  # this agent's name, carried by every request
