@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import secrets
 import threading
 import time
@@ -35,6 +36,8 @@ from drsync.repository.packs import (
 )
 from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.storage import ObjectMissing, Storage
+
+log = logging.getLogger("drsync.repository")
 
 # Serialises numbering and writing snapshot documents within this process (an agent's cycle,
 # its receiver and its drills share one process). See Repository.commit_snapshot.
@@ -647,6 +650,9 @@ class Repository:
             plan = self._gc_mark(repack_threshold, dry_run, shared)
         if dry_run or not plan.sweep_needed:
             return plan.report
+        log.info("garbage collection of %s: marked (%d live chunks, %d dead, %d packs to repack); "
+                 "sweeping under the exclusive lock", self.storage.url, plan.report.live_chunks,
+                 plan.report.dead_chunks, len(plan.repacked))
         with self.lock(exclusive=True, wait_s=wait_s):
             try:
                 self._gc_sweep(plan)
