@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from drsync import faults
 from drsync.apply import ApplyResult, apply_manifest
 from drsync.capture import capture
 from drsync.config import KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
-from drsync.errors import OperationFailed, RefusedError, UsageError
+from drsync.errors import LockedError, OperationFailed, RefusedError, UsageError
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.repo import GcReport, Repository, VerifyReport
 from drsync.repository.snapshots import SnapshotInfo, new_snapshot_id
@@ -107,14 +106,14 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
     # it lies is decided on the real filesystem (symlinks resolved), not by comparing path strings.
     exclude = frozenset(r for r in (_inside(data_root, p) for p in (repo.storage.url, *req.exclude_paths)) if r)
     hook_env = {"DRSYNC_DATA": root, "DRSYNC_SNAPSHOT_NAME": req.name, "DRSYNC_REPOSITORY": repo.storage.url}
-    with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
+    with repo.write_session(wait_s=LOCK_WAIT_S) as session:
         parent = _parent_of(repo, root)
         parent_manifest = repo.load_manifest(parent) if parent else None
         if req.hooks.pre:
             run_hook("pre-snapshot", req.hooks.pre, hook_env, req.hooks.timeout_s)
         started = time.monotonic()
         captured_at = clock()
-        writer = repo.chunk_writer()
+        writer = session.chunk_writer()
         post_error: OperationFailed | None = None
         try:
             try:
@@ -142,7 +141,9 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
             new_bytes=writer.new_bytes, read_bytes=result.read_bytes, reused_files=result.reused_files,
             duration_s=round(time.monotonic() - started, 3),
             warnings=result.warnings.lines(), stale_paths=result.stale, skipped_paths=result.skipped)
-        info = repo.commit_snapshot(info, manifest_bytes)
+        # Not re-checked chunk by chunk: whatever this capture reuses is named by the parent, which
+        # cannot be deleted (nor its chunks collected) while the session's shared lock is held.
+        info = session.commit(info, manifest_bytes, require_chunks=False)
     for w in result.warnings.lines():
         log.warning("snapshot %s: %s", info.id, w)
     if result.stale or result.skipped:
@@ -199,11 +200,13 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
 
 def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True) -> tuple[list[SnapshotInfo],
                                                                                         GcReport | None]:
+    """Delete snapshots (briefly under the exclusive lock), then collect garbage (``prune``; see
+    :meth:`Repository.gc`). LockedError when a lock cannot be had within ``LOCK_WAIT_S``."""
     with repo.lock(exclusive=True, wait_s=LOCK_WAIT_S):
         infos = [repo.find_snapshot(r) for r in refs]
         for info in infos:
             repo.delete_snapshot(info)
-        report = repo.gc() if prune else None
+    report = repo.gc(wait_s=LOCK_WAIT_S) if prune else None
     return infos, report
 
 
@@ -235,24 +238,33 @@ def expire_snapshots(repo: Repository, keep: KeepPolicy, *, now: float | None = 
                      collect: bool = True, lock_wait_s: float | None = None) -> ExpireResult:
     """Apply TTLs and the keep policy. ``protect`` names snapshots that must stay (e.g. the
     one a standby has applied); ``collect=False`` leaves garbage collection for later;
-    ``lock_wait_s=0`` gives up at once when the repository is in use (retention can wait)."""
+    ``lock_wait_s=0`` gives up at once when the repository is in use (retention can wait): LockedError
+    before anything is deleted; when only the garbage collection that follows cannot have its lock,
+    the snapshots stay deleted, ``gc`` is None and a warning is logged."""
     now = time.time() if now is None else now
-    with repo.lock(exclusive=not dry_run, wait_s=LOCK_WAIT_S if lock_wait_s is None else lock_wait_s):
+    wait_s = LOCK_WAIT_S if lock_wait_s is None else lock_wait_s
+    with repo.lock(exclusive=not dry_run, wait_s=wait_s):
         snaps = repo.list_snapshots()
         doomed = [s for s in plan_expiry(snaps, keep, now) if s.id not in protect]
         if dry_run:
             return ExpireResult(doomed, [s for s in snaps if s not in doomed], None)
         for s in doomed:
             repo.delete_snapshot(s)
-        if doomed and collect:
-            faults.pause("gc")
-        report = repo.gc() if doomed and collect else None
+    report = None
+    if doomed and collect:
+        try:
+            report = repo.gc(wait_s=wait_s)
+        except LockedError as e:  # the snapshots are gone; their chunks go at the next GC
+            log.warning("expired %d snapshot(s); garbage collection postponed: %s", len(doomed), e)
     return ExpireResult(doomed, [s for s in snaps if s not in doomed], report)
 
 
-def gc_repository(repo: Repository, *, dry_run: bool = False) -> GcReport:
-    with repo.lock(exclusive=not dry_run, wait_s=LOCK_WAIT_S):
-        return repo.gc(dry_run=dry_run)
+def gc_repository(repo: Repository, *, dry_run: bool = False, lock_wait_s: float | None = None) -> GcReport:
+    """Collect garbage (:meth:`Repository.gc`: mark under a shared lock, sweep under the exclusive one).
+
+    ``lock_wait_s``: seconds to wait for each lock (default ``LOCK_WAIT_S``; 0 = give up at once):
+    LockedError, one line naming the holder."""
+    return repo.gc(dry_run=dry_run, wait_s=LOCK_WAIT_S if lock_wait_s is None else lock_wait_s)
 
 
 def verify_repository(repo: Repository, *, progress: Callable[[int], None] | None = None) -> VerifyReport:

@@ -104,16 +104,15 @@ class Committer:
             raise IntegrityError(f"snapshot {info.id}: the manifest arrived damaged or truncated "
                                  f"(hash mismatch); it was not applied")
         manifest = Manifest.from_bytes(manifest_bytes, f"manifest of snapshot {info.id}")
-        with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
-            # Under the shared lock: no GC can run between this check and the apply.
-            missing = [c for c in manifest.chunk_ids() if not self.repo.has_chunk(c)]
-            if missing:
-                raise IntegrityError(f"snapshot {info.id} names {len(missing)} chunk(s) the standby never "
-                                     f"received (first {missing[0].hex()[:16]}); it was not applied")
+        with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S) as lock:
+            # Under the shared lock no GC sweeps between this check and the apply: every chunk is
+            # indexed and its pack exists (IntegrityError otherwise; the primary sends them again).
+            self.repo.check_chunks_present(manifest.chunk_ids(), f"snapshot {info.id}")
             known = {s.id: s for s in self.repo.list_snapshots()}
             # Stored with this repository's next sequence number (arrival order), whatever
             # seq the sender's document carries; a retried commit keeps the stored one.
-            info = known[info.id] if info.id in known else self.repo.commit_snapshot(info, manifest_bytes)
+            info = known[info.id] if info.id in known else self.repo.commit_snapshot(
+                info, manifest_bytes, manifest=manifest, lock=lock)
             result = self.take(info, manifest, started, position)  # RefusedError while held: stored, not applied
         return info, result
 

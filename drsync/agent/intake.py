@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from drsync.repository import chunks
-from drsync.repository.lock import DEFAULT_WAIT_S, RepositoryLock
-from drsync.repository.repo import Repository
+from drsync.repository.lock import DEFAULT_WAIT_S
+from drsync.repository.repo import Repository, WriteSession
 from drsync.transport import Caller, ReceivedChunk
 
 log = logging.getLogger("drsync.agent.standby")
@@ -35,7 +35,7 @@ SessionKey = tuple[str, int, str]
 
 @dataclass
 class _Session:
-    lock: RepositoryLock
+    write: WriteSession  # the repository's shared lock, held for the whole shipment
     last_used: float  # monotonic
     busy: int = 0
 
@@ -64,13 +64,13 @@ class ChunkIntake:
                 s.busy += 1
                 s.last_used = time.monotonic()
                 return s
-        lock = self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S).acquire()
+        write = self.repo.write_session(wait_s=DEFAULT_WAIT_S)
         with self._lock:
             s = self._sessions.get(key)
             if s is None:
-                s = self._sessions[key] = _Session(lock, time.monotonic())
+                s = self._sessions[key] = _Session(write, time.monotonic())
             else:
-                lock.release()  # a concurrent request of the same shipment opened it first
+                write.close()  # a concurrent request of the same shipment opened it first
             s.busy += 1
             s.last_used = time.monotonic()
         return s
@@ -96,7 +96,7 @@ class ChunkIntake:
             if s is None or s.busy:
                 return
             del self._sessions[self.key(caller)]
-        s.lock.release()
+        s.write.close()
 
     def expire_idle(self) -> None:
         """Release the sessions whose sender has been silent for ``idle_s``."""
@@ -107,7 +107,7 @@ class ChunkIntake:
         for k, s in zip(idle, gone, strict=True):
             log.warning("shipment from %s at epoch %d went silent for %.0fs; its session ends (chunks it uploaded "
                         "and never committed are garbage now)", k[0], k[1], now - s.last_used)
-            s.lock.release()
+            s.write.close()
 
     def open_sessions(self) -> int:
         with self._lock:
@@ -117,13 +117,12 @@ class ChunkIntake:
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for s in sessions:
-            s.lock.release()
+            s.write.close()
 
     def missing(self, caller: Caller, ids: list[bytes]) -> list[bytes]:
         s = self._enter(caller)
         try:
-            index = self.repo.index
-            return [i for i in ids if i not in index]
+            return s.write.missing_chunks(ids)
         finally:
             self._leave(s)
 
@@ -131,7 +130,7 @@ class ChunkIntake:
         """Store uploaded chunks, each checked against its id. Durable when this returns; what arrived
         intact is kept even if the stream broke (the retry sends only the rest)."""
         s = self._enter(caller)
-        writer = self.repo.chunk_writer()
+        writer = s.write.chunk_writer()
         received = stored = stored_bytes = 0
         started = time.monotonic()
         try:

@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from drsync.errors import LockedError
@@ -87,10 +88,23 @@ def read_locks(storage: Storage) -> list[LockInfo]:
 
 
 class RepositoryLock:
-    def __init__(self, storage: Storage, *, exclusive: bool, wait_s: float = 0.0) -> None:
+    """One lock file under ``locks/``: :meth:`acquire` (or ``with``) takes it, :meth:`release` drops it.
+
+    ``wait_s`` (seconds) is how long :meth:`acquire` retries while a conflicting lock is held
+    before it raises :class:`~drsync.errors.LockedError` (0: give up at once). ``on_acquire`` and
+    ``on_release`` are called with the lock right after it is taken and right before it is
+    dropped (the repository uses them to know when its cached index can be trusted).
+    """
+
+    def __init__(self, storage: Storage, *, exclusive: bool, wait_s: float = 0.0,
+                 on_acquire: Callable[[RepositoryLock], None] | None = None,
+                 on_release: Callable[[RepositoryLock], None] | None = None) -> None:
         self.storage = storage
         self.exclusive = exclusive
         self.wait_s = wait_s
+        self._on_acquire = on_acquire
+        self._on_release = on_release
+        self.held = False
         self.name = f"{fmt.LOCKS_DIR}{secrets.token_hex(16)}.json"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -119,6 +133,13 @@ class RepositoryLock:
             delay = min(delay * 2, 1.0)
         self._thread = threading.Thread(target=self._refresh_loop, name="drsync-lock-refresh", daemon=True)
         self._thread.start()
+        self.held = True
+        if self._on_acquire is not None:
+            try:
+                self._on_acquire(self)
+            except BaseException:
+                self.release()
+                raise
         return self
 
     def _try_once(self) -> LockInfo | None:
@@ -144,6 +165,9 @@ class RepositoryLock:
                 continue
 
     def release(self) -> None:
+        if self.held and self._on_release is not None:
+            self._on_release(self)
+        self.held = False
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import secrets
 import threading
 import time
@@ -20,10 +21,11 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from drsync.errors import IntegrityError, NotFound, UsageError
+from drsync import faults
+from drsync.errors import IntegrityError, NotFound, OperationFailed, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
-from drsync.repository.lock import RepositoryLock
+from drsync.repository.lock import DEFAULT_WAIT_S, RepositoryLock
 from drsync.repository.manifest import Manifest
 from drsync.repository.packs import (
     ChunkIndex,
@@ -35,6 +37,8 @@ from drsync.repository.packs import (
 )
 from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.storage import ObjectMissing, Storage
+
+log = logging.getLogger("drsync.repository")
 
 # Serialises numbering and writing snapshot documents within this process (an agent's cycle,
 # its receiver and its drills share one process). See Repository.commit_snapshot.
@@ -62,14 +66,25 @@ class RepoConfig:
 class ChunkWriter:
     """One write session: new chunks go into packs; :meth:`flush` makes them durable and indexed.
 
+    Every writer writes under a repository lock, so that garbage collection never sweeps
+    while its packs exist but are not indexed yet. Give it the held lock of the operation
+    (``lock``, shared or exclusive: :meth:`WriteSession.chunk_writer` does); without one it
+    takes a shared lock of its own before its first chunk (waiting up to the default lock
+    wait) and drops it when :meth:`flush` or :meth:`abort` ends the session.
+
     Thread-safe: capture workers call :meth:`add` concurrently.
     """
 
-    def __init__(self, repo: Repository, *, index: ChunkIndex | None = None,
+    def __init__(self, repo: Repository, *, lock: RepositoryLock | None = None, index: ChunkIndex | None = None,
                  pack_target: int = fmt.PACK_TARGET_SIZE) -> None:
+        if lock is not None and (not lock.held or lock.storage.url != repo.storage.url):
+            raise UsageError(f"a chunk writer for {repo.storage.url} needs a lock held on that repository; "
+                             f"use Repository.write_session()")
         self.repo = repo
         # The repository's index loads lazily: a capture where nothing changed never needs it.
         self._given_index = index
+        self._given_lock = lock
+        self._own_lock: RepositoryLock | None = None
         self._pack_target = pack_target
         self._lock = threading.Lock()
         self._pack: PackWriter | None = None
@@ -86,19 +101,41 @@ class ChunkWriter:
     def _index(self) -> ChunkIndex:
         return self.repo.index if self._given_index is None else self._given_index
 
+    def _ensure_locked(self) -> None:
+        """Under ``self._lock``: the session's lock is held before anything is written or checked."""
+        if self._given_lock is not None:
+            if not self._given_lock.held:
+                raise UsageError(f"the lock this chunk writer of {self.repo.storage.url} was given has been "
+                                 f"released; start a new Repository.write_session()")
+            return
+        if self._own_lock is None:
+            self._own_lock = self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S).acquire()
+
+    def _release_own_lock(self) -> None:
+        own, self._own_lock = self._own_lock, None
+        if own is not None:
+            own.release()
+
     def has(self, chunk_id: bytes) -> bool:
         return chunk_id in self._index or chunk_id in self._pending
 
     def add(self, chunk_id: bytes, data: bytes | memoryview) -> bool:
         """Store a chunk unless the repository has it; True when it was new."""
-        if self.has(chunk_id):
+        # Cheap pre-check once the session's lock is held (before it, the index may be stale);
+        # add_stored decides under the lock.
+        if (self._own_lock is not None or self._given_lock is not None) and self.has(chunk_id):
             return False
         enc, stored = chunks.encode(data)
         return self.add_stored(chunk_id, enc, stored, len(data))
 
     def add_stored(self, chunk_id: bytes, encoding: int, stored: bytes | memoryview, raw_length: int) -> bool:
-        """Store an already-encoded chunk (copying between repositories, or received over the wire)."""
+        """Store an already-encoded chunk (copying between repositories, or received over the wire).
+
+        True when it was new; False when the repository (or this session) has it already.
+        Raises LockedError when the writer has to take its own lock and cannot.
+        """
         with self._lock:
+            self._ensure_locked()
             if chunk_id in self._index or chunk_id in self._pending:
                 return False
             if self._pack is None:
@@ -134,7 +171,8 @@ class ChunkWriter:
     def seal(self) -> list[tuple[bytes, ChunkLocation]]:
         """Close the open pack and make all packs of the session durable.
 
-        Returns the new index rows; the caller writes them into an index file.
+        Returns the new index rows; the caller writes them into an index file (still under
+        the session's lock: :meth:`flush` does both).
         """
         with self._lock:
             if self._pack is not None:
@@ -146,24 +184,86 @@ class ChunkWriter:
             return rows
 
     def flush(self) -> None:
-        """Make every chunk added so far durable and visible in the index."""
-        rows = self.seal()
-        if not rows:
-            return
-        name = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
-        self.repo.storage.write(name, index_bytes(rows), durable=True)
-        for cid, loc in rows:
-            self._index.add(cid, loc)
+        """Make every chunk added so far durable and visible in the index; drops the writer's own lock."""
+        try:
+            rows = self.seal()
+            if not rows:
+                return
+            name = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
+            self.repo.storage.write(name, index_bytes(rows), durable=True)
+            if self._given_index is None:
+                self.repo._note_index_file(name, rows)
+            else:
+                for cid, loc in rows:
+                    self._given_index.add(cid, loc)
+        finally:
+            with self._lock:
+                if self._pack is None and not self._new:
+                    self._release_own_lock()
 
     def abort(self) -> None:
+        """Abandon what was not flushed (its packs are garbage for the next GC); drops the own lock."""
         with self._lock:
-            if self._pack is not None:
-                self._pack.abort()
-                self._pack = None
             try:
-                self._wait_syncs()
-            except Exception:  # the session is being abandoned; its packs are garbage anyway
-                pass
+                if self._pack is not None:
+                    self._pack.abort()
+                    self._pack = None
+                try:
+                    self._wait_syncs()
+                except Exception:  # the session is being abandoned; its packs are garbage anyway
+                    pass
+            finally:
+                self._new.clear()
+                self._pending.clear()
+                self._release_own_lock()
+
+
+class WriteSession:
+    """A shared repository lock held for one write: chunks, their index, then a snapshot.
+
+    While it is open no garbage collection can sweep (the sweep takes the exclusive lock), so
+    chunks written in the session stay until the snapshot naming them is committed, and the
+    session's index (refreshed when the lock was taken) stays true. Open it with
+    :meth:`Repository.write_session`; close it (``with``, or :meth:`close`) when the shipment
+    or capture is over. Raises LockedError from :meth:`Repository.write_session` when an
+    exclusive lock (a GC sweep, a delete) is held beyond ``wait_s``.
+    """
+
+    def __init__(self, repo: Repository, lock: RepositoryLock) -> None:
+        self.repo = repo
+        self.lock = lock
+
+    def chunk_writer(self, *, pack_target: int = fmt.PACK_TARGET_SIZE) -> ChunkWriter:
+        """A writer under this session's lock; call its ``flush()`` before :meth:`commit`."""
+        return ChunkWriter(self.repo, lock=self.lock, pack_target=pack_target)
+
+    def missing_chunks(self, ids: Iterable[bytes]) -> list[bytes]:
+        """The ids (in the given order) the repository does not hold: what a sender must still send."""
+        self._check_open()
+        return self.repo.missing_chunks(ids)
+
+    def commit(self, info: SnapshotInfo, manifest_bytes: bytes, *, manifest: Manifest | None = None,
+               require_chunks: bool = True) -> SnapshotInfo:
+        """Store the snapshot (see :meth:`Repository.commit_snapshot`); by default first checks that
+        every chunk the manifest names is indexed and its pack exists (IntegrityError otherwise,
+        nothing written). ``manifest`` is ``manifest_bytes`` already parsed, to save parsing twice."""
+        self._check_open()
+        return self.repo.commit_snapshot(info, manifest_bytes, manifest=manifest, require_chunks=require_chunks,
+                                         lock=self.lock)
+
+    def _check_open(self) -> None:
+        if not self.lock.held:
+            raise UsageError(f"the write session on {self.repo.storage.url} is closed; open a new one")
+
+    def close(self) -> None:
+        if self.lock.held:
+            self.lock.release()
+
+    def __enter__(self) -> WriteSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -178,6 +278,23 @@ class GcReport:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+@dataclass
+class _GcPlan:
+    """What GC's mark found and did; its sweep re-checks it under the exclusive lock."""
+
+    report: GcReport
+    snapshot_ids: set[str]
+    referenced: set[bytes]
+    index_files: set[str]
+    by_pack: dict[str, list[tuple[bytes, ChunkLocation]]]
+    doomed: set[str]
+    repacked: set[str]
+    sweep_needed: bool = False
+    copied: set[bytes] = field(default_factory=set)
+    copies: list[tuple[bytes, ChunkLocation]] = field(default_factory=list)
+    copies_index: str = ""
 
 
 @dataclass
@@ -200,11 +317,25 @@ class VerifyReport:
 
 
 class Repository:
+    """One repository on a storage. Thread-safe; one object may serve a whole agent.
+
+    The chunk index is loaded once and cached. The cache is trusted only while this object
+    holds a shared lock (no garbage collection can sweep meanwhile; it was re-validated when
+    the lock was taken); otherwise every question re-validates it first with one listing of
+    ``index/``: new index files are loaded, and if a file it had loaded is gone (another
+    process's GC replaced the index) the whole index is reloaded.
+    """
+
     def __init__(self, storage: Storage, config: RepoConfig) -> None:
         self.storage = storage
         self.config = config
         self._index: ChunkIndex | None = None
+        self._index_files: set[str] = set()
         self._index_lock = threading.Lock()
+        self._held = threading.Lock()
+        self._shared_held = 0
+        self._shared_by_thread: dict[int, int] = {}  # thread ident -> shared locks it took
+        self._lock_threads: dict[int, int] = {}  # id(lock) -> the thread that took it
 
     # --- opening -------------------------------------------------------------
 
@@ -247,29 +378,151 @@ class Repository:
         return cls(storage, config)
 
     def lock(self, *, exclusive: bool, wait_s: float = 0.0) -> RepositoryLock:
-        return RepositoryLock(self.storage, exclusive=exclusive, wait_s=wait_s)
+        """A repository lock (not yet taken: ``with repo.lock(...)`` or ``.acquire()``).
+
+        Shared for whatever writes chunks or snapshots or reads them; exclusive only for
+        deleting snapshots and GC's sweep. ``wait_s``: seconds to wait for a conflicting lock
+        (0 = give up at once) before LockedError. Taking a shared lock re-validates the cached
+        index. Writers should prefer :meth:`write_session`.
+        """
+        return RepositoryLock(self.storage, exclusive=exclusive, wait_s=wait_s,
+                              on_acquire=self._on_lock, on_release=self._on_unlock)
+
+    def _on_lock(self, lock: RepositoryLock) -> None:
+        if lock.exclusive:
+            return
+        with self._index_lock:
+            if self._index is not None:
+                self._refresh_index_locked()
+        me = threading.get_ident()
+        with self._held:
+            self._shared_held += 1
+            self._shared_by_thread[me] = self._shared_by_thread.get(me, 0) + 1
+            self._lock_threads[id(lock)] = me
+
+    def _on_unlock(self, lock: RepositoryLock) -> None:
+        if not lock.exclusive:
+            with self._held:
+                self._shared_held -= 1
+                owner = self._lock_threads.pop(id(lock), None)
+                if owner is not None:
+                    left = self._shared_by_thread.get(owner, 0) - 1
+                    if left > 0:
+                        self._shared_by_thread[owner] = left
+                    else:
+                        self._shared_by_thread.pop(owner, None)
+
+    def _thread_holds_shared(self) -> bool:
+        with self._held:
+            return self._shared_by_thread.get(threading.get_ident(), 0) > 0
+
+    def write_session(self, *, wait_s: float = DEFAULT_WAIT_S) -> WriteSession:
+        """Take a shared lock for a write (an upload, a capture) and everything up to its commit.
+
+        ``with repo.write_session() as s: w = s.chunk_writer(); ...; w.flush(); s.commit(info, mb)``.
+        Raises LockedError (one line, naming the holder) after ``wait_s`` seconds of an exclusive
+        lock (0 = at once).
+        """
+        return WriteSession(self, self.lock(exclusive=False, wait_s=wait_s).acquire())
 
     # --- chunks ----------------------------------------------------------------
 
     @property
     def index(self) -> ChunkIndex:
+        """The chunk index, valid now (see the class docstring). Do not keep it beyond a lock."""
         with self._index_lock:
             if self._index is None:
-                index = ChunkIndex()
-                for obj in self.storage.list(fmt.INDEX_DIR):
-                    index.load_file(self.storage.read(obj.name), obj.name)
-                self._index = index
+                self._load_index_locked()
+            elif self._shared_held == 0:
+                self._refresh_index_locked()
+            assert self._index is not None
             return self._index
 
+    def _load_index_locked(self) -> None:
+        index = ChunkIndex()
+        loaded: set[str] = set()
+        for obj in self.storage.list(fmt.INDEX_DIR):
+            try:
+                index.load_file(self.storage.read(obj.name), obj.name)
+            except ObjectMissing:
+                continue  # replaced by a GC while we listed; its rows are in the new file
+            loaded.add(obj.name)
+        self._index, self._index_files = index, loaded
+
+    def _refresh_index_locked(self) -> None:
+        names = {o.name for o in self.storage.list(fmt.INDEX_DIR)}
+        if not self._index_files <= names:
+            self._load_index_locked()  # a GC replaced index files: what we had may name deleted packs
+            return
+        assert self._index is not None
+        for name in sorted(names - self._index_files):
+            try:
+                self._index.load_file(self.storage.read(name), name)
+            except ObjectMissing:
+                self._load_index_locked()
+                return
+            self._index_files.add(name)
+
+    def refresh_index(self) -> None:
+        """Re-validate the cached index now (one listing; reload if a GC replaced it)."""
+        with self._index_lock:
+            if self._index is not None:
+                self._refresh_index_locked()
+
+    def _note_index_file(self, name: str, rows: list[tuple[bytes, ChunkLocation]]) -> None:
+        """A writer of this object wrote ``name`` holding ``rows``: add them without reading it back."""
+        with self._index_lock:
+            if self._index is None:
+                return  # loaded with everything else when first needed
+            for cid, loc in rows:
+                self._index.add(cid, loc)
+            self._index_files.add(name)
+
     def reload_index(self) -> None:
+        """Forget the cached index; the next question loads it again."""
         with self._index_lock:
             self._index = None
+            self._index_files = set()
 
-    def chunk_writer(self) -> ChunkWriter:
-        return ChunkWriter(self)
+    def chunk_writer(self, *, lock: RepositoryLock | None = None) -> ChunkWriter:
+        """A chunk writer under ``lock`` (held), or taking its own shared lock (see :class:`ChunkWriter`)."""
+        return ChunkWriter(self, lock=lock)
 
     def has_chunk(self, chunk_id: bytes) -> bool:
+        """Whether the repository holds the chunk (without a held shared lock: one listing per call;
+        ask :meth:`missing_chunks` for many)."""
         return chunk_id in self.index
+
+    def missing_chunks(self, ids: Iterable[bytes]) -> list[bytes]:
+        """The ids, in the given order, that the repository does not hold (one validation for all)."""
+        index = self.index
+        return [c for c in ids if c not in index]
+
+    def check_chunks_present(self, chunk_ids: Iterable[bytes], what: str) -> None:
+        """IntegrityError unless every chunk is indexed and its pack exists (one listing of ``packs/``).
+
+        ``what`` names the thing needing them in the message (e.g. ``"snapshot 1a2b"``).
+        """
+        index = self.index
+        missing: list[bytes] = []
+        packs: set[str] = set()
+        for cid in chunk_ids:
+            loc = index.get(cid)
+            if loc is None:
+                missing.append(cid)
+            else:
+                packs.add(fmt.pack_name(loc.pack_id))
+        if not missing and packs:
+            present = {o.name for o in self.storage.list(fmt.PACKS_DIR)}
+            gone = packs - present
+            if gone:
+                raise IntegrityError(
+                    f"{what} names chunks in pack(s) that are gone ({len(gone)}, first {sorted(gone)[0]}); "
+                    f"nothing was committed: run 'drsync repo verify' on {self.storage.url}")
+        if missing:
+            raise IntegrityError(
+                f"{what} names {len(missing)} chunk(s) this repository does not hold (first "
+                f"{missing[0].hex()[:16]}); nothing was committed: the sender must send them again")
 
     def read_stored(self, chunk_id: bytes) -> tuple[ChunkLocation, bytes]:
         loc = self.index.get(chunk_id)
@@ -341,22 +594,39 @@ class Repository:
                                  f"from a backup or the standby")
         return Manifest.from_bytes(data, f"manifest of snapshot {info.id}")
 
-    def commit_snapshot(self, info: SnapshotInfo, manifest_bytes: bytes) -> SnapshotInfo:
+    def commit_snapshot(self, info: SnapshotInfo, manifest_bytes: bytes, *, manifest: Manifest | None = None,
+                        require_chunks: bool = False, lock: RepositoryLock | None = None) -> SnapshotInfo:
         """Write manifest then snapshot document, each durable. The document is the commit point.
 
         The snapshot gets this repository's next sequence number (1 + the highest one here),
         whatever ``info.seq`` says: a snapshot shipped from a primary is numbered in the order
-        it arrives. Returns the committed document (with its seq). The caller holds a shared
-        repository lock, which other committers may hold too: within one process the
+        it arrives. Returns the committed document (with its seq). Runs under a shared lock:
+        ``lock`` (held; :meth:`WriteSession.commit` passes its own), else one the calling thread
+        holds, else one taken here for the commit. Other committers may hold shared locks too: within one process the
         numbering is serialised; two processes committing at the same instant may both take
         the same number, and ``SnapshotInfo.order_key`` then orders that pair by capture time.
+        ``require_chunks``: first check that every chunk the manifest names is indexed and in an
+        existing pack (IntegrityError, nothing written, otherwise); ``manifest`` is the parsed
+        ``manifest_bytes`` when the caller has it.
         """
-        self.storage.write(fmt.manifest_name(info.id), manifest_bytes, durable=True)
-        with _COMMIT_LOCK:
-            seq = 1 + max((s.seq for s in self.list_snapshots()), default=0)
-            info = dataclasses.replace(info, seq=seq)
-            self.storage.write(fmt.snapshot_name(info.id), info.to_bytes(), durable=True, exclusive=True)
-        return info
+        if lock is not None and not lock.held:
+            raise UsageError(f"snapshot {info.id}: the lock given to commit it on {self.storage.url} is released")
+        covered = lock is not None or self._thread_holds_shared()
+        own = None if covered else self.lock(exclusive=False, wait_s=DEFAULT_WAIT_S).acquire()
+        try:
+            if require_chunks:
+                if manifest is None:
+                    manifest = Manifest.from_bytes(manifest_bytes, f"manifest of snapshot {info.id}")
+                self.check_chunks_present(manifest.chunk_ids(), f"snapshot {info.id}")
+            self.storage.write(fmt.manifest_name(info.id), manifest_bytes, durable=True)
+            with _COMMIT_LOCK:
+                seq = 1 + max((s.seq for s in self.list_snapshots()), default=0)
+                info = dataclasses.replace(info, seq=seq)
+                self.storage.write(fmt.snapshot_name(info.id), info.to_bytes(), durable=True, exclusive=True)
+            return info
+        finally:
+            if own is not None:
+                own.release()
 
     def delete_snapshot(self, info: SnapshotInfo) -> None:
         """Remove the document first (the snapshot is gone), then its manifest. Chunks go at GC."""
@@ -365,77 +635,150 @@ class Repository:
 
     # --- garbage collection -------------------------------------------------------
 
-    def gc(self, *, repack_threshold: float = 0.25, dry_run: bool = False) -> GcReport:
-        """Delete chunks no snapshot references. Caller holds the exclusive lock.
+    def gc(self, *, repack_threshold: float = 0.25, dry_run: bool = False,
+           wait_s: float = DEFAULT_WAIT_S) -> GcReport:
+        """Delete chunks no snapshot references, in two phases; takes its own locks.
 
-        Crash-safe at every step: new packs and a complete new index are written
-        and synced before any old index file or pack is deleted.
+        **Mark**, under a shared lock (writers go on): read every snapshot's manifest, plan,
+        copy the live chunks of mostly-dead packs (dead share above ``repack_threshold``) into
+        new packs and index them (durable). **Sweep**, under the exclusive lock, short: add the
+        chunks of snapshots committed since the mark, keep every index row written since the
+        mark, write one complete new index (durable), then delete the old index files, every
+        pack it does not name, and manifests without a snapshot. Crash-safe at every step:
+        nothing is deleted before what replaces it is durable.
+
+        ``wait_s``: seconds to wait for each lock (0 = give up at once): LockedError. Call it
+        without holding a lock on this repository. OperationFailed when another GC swept
+        between this one's mark and sweep (nothing deleted; run it again).
         """
+        with self.lock(exclusive=False, wait_s=wait_s) as shared:
+            plan = self._gc_mark(repack_threshold, dry_run, shared)
+        if dry_run or not plan.sweep_needed:
+            return plan.report
+        log.info("garbage collection of %s: marked (%d live chunks, %d dead, %d packs to repack); "
+                 "sweeping under the exclusive lock", self.storage.url, plan.report.live_chunks,
+                 plan.report.dead_chunks, len(plan.repacked))
+        with self.lock(exclusive=True, wait_s=wait_s):
+            faults.pause("gc")
+            try:
+                self._gc_sweep(plan)
+            finally:
+                self.reload_index()
+        return plan.report
+
+    def _gc_mark(self, repack_threshold: float, dry_run: bool, lock: RepositoryLock) -> _GcPlan:
         report = GcReport()
         snaps = self.list_snapshots()
         referenced: set[bytes] = set()
         for s in snaps:
             referenced |= self.load_manifest(s).chunk_ids()
         live_manifests = {fmt.manifest_name(s.id) for s in snaps}
-        for obj in self.storage.list(fmt.MANIFESTS_DIR):
-            if obj.name not in live_manifests:
-                report.removed_snapshots_orphans += 1
-                if not dry_run:
-                    self.storage.delete(obj.name)
-
-        self.reload_index()
-        index = self.index
-        old_index_files = [o.name for o in self.storage.list(fmt.INDEX_DIR)]
+        report.removed_snapshots_orphans = sum(1 for o in self.storage.list(fmt.MANIFESTS_DIR)
+                                               if o.name not in live_manifests)
+        index = ChunkIndex()
+        index_files: set[str] = set()
+        for obj in self.storage.list(fmt.INDEX_DIR):  # no sweep can run: the files stay while we read
+            index.load_file(self.storage.read(obj.name), obj.name)
+            index_files.add(obj.name)
         pack_sizes = {o.name: o.size for o in self.storage.list(fmt.PACKS_DIR)}
         by_pack: dict[str, list[tuple[bytes, ChunkLocation]]] = defaultdict(list)
         for cid, loc in index.items():
             by_pack[loc.pack_id].append((cid, loc))
+        del index
 
-        keep: list[tuple[bytes, ChunkLocation]] = []
-        to_delete: list[str] = []
+        doomed: set[str] = set()  # packs whose every needed chunk is dead (deleted) or copied (repacked)
         to_repack: list[tuple[bytes, ChunkLocation]] = []
+        repacked: set[str] = set()
         for pack_id, rows in by_pack.items():
             live = [r for r in rows if r[0] in referenced]
             report.live_chunks += len(live)
             report.dead_chunks += len(rows) - len(live)
-            name = fmt.pack_name(pack_id)
             if not live:
-                to_delete.append(name)
+                doomed.add(pack_id)
+                report.deleted_packs += 1
+                report.freed_bytes += pack_sizes.get(fmt.pack_name(pack_id), 0)
                 continue
             dead_bytes = sum(loc.stored_length for cid, loc in rows if cid not in referenced)
             total = sum(loc.stored_length for _, loc in rows) or 1
             if dead_bytes / total > repack_threshold:
                 to_repack.extend(live)
-                to_delete.append(name)
+                doomed.add(pack_id)
+                repacked.add(fmt.pack_name(pack_id))
                 report.repacked_packs += 1
+                report.freed_bytes += pack_sizes.get(fmt.pack_name(pack_id), 0)
             else:
-                keep.extend(live)
                 report.kept_packs += 1
-        indexed_packs = {fmt.pack_name(p) for p in by_pack}
-        orphans = [n for n in pack_sizes if n not in indexed_packs]
-        report.deleted_packs = len(to_delete) - report.repacked_packs + len(orphans)
-        report.freed_bytes = sum(pack_sizes.get(n, 0) for n in to_delete + orphans)
-        if dry_run or (not to_delete and not orphans and report.removed_snapshots_orphans == 0
-                       and len(old_index_files) <= 1):
-            return report
+        indexed = {fmt.pack_name(p) for p in by_pack}
+        unindexed = [n for n in pack_sizes if n not in indexed]  # orphans, or a writer's packs in progress
+        report.deleted_packs += len(unindexed)
+        report.freed_bytes += sum(pack_sizes[n] for n in unindexed)
+        plan = _GcPlan(report=report, snapshot_ids={s.id for s in snaps}, referenced=referenced,
+                       index_files=index_files, by_pack=dict(by_pack), doomed=doomed, repacked=repacked)
+        plan.sweep_needed = bool(doomed or unindexed or report.removed_snapshots_orphans or len(index_files) > 1)
+        if dry_run or not plan.sweep_needed or not to_repack:
+            return plan
 
-        fresh = ChunkIndex()
-        for cid, loc in keep:
-            fresh.add(cid, loc)
-        writer = ChunkWriter(self, index=fresh)
-        for cid, loc in to_repack:
-            stored = self.storage.read_range(fmt.pack_name(loc.pack_id), loc.offset, loc.stored_length)
-            chunks.decode(loc.encoding, stored, loc.raw_length, cid)  # never copy a damaged chunk
-            writer.add_stored(cid, loc.encoding, stored, loc.raw_length)
-        all_rows = list(fresh.items()) + writer.seal()
+        # Copy the live chunks of mostly-dead packs now, while writers go on; indexed at once, so a
+        # crash or a failed sweep leaves valid duplicates (any listed location is valid), never orphans.
+        writer = ChunkWriter(self, lock=lock, index=ChunkIndex())
+        try:
+            for cid, loc in to_repack:
+                stored = self.storage.read_range(fmt.pack_name(loc.pack_id), loc.offset, loc.stored_length)
+                chunks.decode(loc.encoding, stored, loc.raw_length, cid)  # never copy a damaged chunk
+                writer.add_stored(cid, loc.encoding, stored, loc.raw_length)
+                plan.copied.add(cid)
+            plan.copies = writer.seal()
+        except BaseException:
+            writer.abort()
+            raise
+        plan.copies_index = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
+        self.storage.write(plan.copies_index, index_bytes(plan.copies), durable=True)
+        return plan
+
+    def _gc_sweep(self, plan: _GcPlan) -> None:
+        """Under the exclusive lock: re-check what changed since the mark, then replace and delete."""
+        snaps = self.list_snapshots()
+        fresh: set[bytes] = set()
+        for s in snaps:
+            if s.id not in plan.snapshot_ids:  # committed since the mark: its chunks are needed too
+                fresh |= self.load_manifest(s).chunk_ids()
+        fresh -= plan.referenced
+        needed = plan.referenced | fresh
+        files_now = {o.name for o in self.storage.list(fmt.INDEX_DIR)}
+        if not plan.index_files <= files_now:
+            raise OperationFailed(f"another garbage collection of {self.storage.url} swept while this one was "
+                                  f"marking; nothing was deleted: run 'drsync repo gc' again")
+        rows: list[tuple[bytes, ChunkLocation]] = list(plan.copies)
+        for name in sorted(files_now - plan.index_files - {plan.copies_index}):
+            since = ChunkIndex()  # written since the mark (an upload not committed yet, say): all kept
+            since.load_file(self.storage.read(name), name)
+            rows.extend(since.items())
+        for pack_id, pack_rows in plan.by_pack.items():
+            if pack_id in plan.doomed and not any(cid in fresh and cid not in plan.copied for cid, _ in pack_rows):
+                continue
+            # Kept, or doomed at the mark but holding a chunk a snapshot committed since then needs.
+            rows.extend(r for r in pack_rows if r[0] in needed)
+        named = {fmt.pack_name(loc.pack_id) for _, loc in rows}
+        # Writers write packs under a shared lock and index them before releasing it: under the
+        # exclusive lock, a pack the new index does not name is garbage.
+        dead = [o for o in self.storage.list(fmt.PACKS_DIR) if o.name not in named]
+        dead_packs = [o.name for o in dead]
+        # The report tells what the sweep really deletes (a snapshot committed since the mark may keep a pack).
+        plan.report.repacked_packs = sum(1 for n in dead_packs if n in plan.repacked)
+        plan.report.deleted_packs = len(dead_packs) - plan.report.repacked_packs
+        plan.report.freed_bytes = sum(o.size for o in dead)
+        live_manifests = {fmt.manifest_name(s.id) for s in snaps}
+        dead_manifests = [o.name for o in self.storage.list(fmt.MANIFESTS_DIR) if o.name not in live_manifests]
+        if not dead_packs and not dead_manifests and len(files_now) <= 1:
+            return
         new_index = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
-        self.storage.write(new_index, index_bytes(all_rows), durable=True)
-        for name in old_index_files:
+        self.storage.write(new_index, index_bytes(rows), durable=True)
+        for name in sorted(files_now):
             self.storage.delete(name)
-        for name in to_delete + orphans:
+        for name in dead_packs:
             self.storage.delete(name)
-        self.reload_index()
-        return report
+        for name in dead_manifests:
+            self.storage.delete(name)
 
     # --- verification ---------------------------------------------------------------
 
