@@ -90,3 +90,58 @@ def test_concurrent_cli_writers_are_serialised(tmp_path: Path) -> None:
     assert len(run_drsync("snapshot", "list", "--repo", repo, "--json").json()) == 1
     assert run_drsync("repo", "unlock", "--repo", repo, "--all").code == 0
     assert run_drsync("snapshot", "delete", "latest", "--repo", repo).code == 0
+
+
+def test_a_lock_whose_check_fails_leaves_no_lock_file_behind(tmp_path: Path) -> None:
+    """The lock file is written before the other holders are read: when reading them fails (a lock
+    file deleted while listed, a storage error), the new file must go, or it would name this live
+    process and block every other locker (the primary that stopped replicating for 30 minutes)."""
+    from drsync.repository.lock import RepositoryLock
+    from drsync.storage.memory import MemoryStorage
+
+    class ListFailsAfterWrite(MemoryStorage):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lists = 0
+
+        def list(self, prefix: str = ""):  # type: ignore[no-untyped-def]
+            self.lists += 1
+            if self.lists == 2:  # the check after this locker wrote its own file
+                raise OSError("the storage went away while listing")
+            return super().list(prefix)
+
+    storage = ListFailsAfterWrite()
+    with pytest.raises(OSError, match="went away"):
+        RepositoryLock(storage, exclusive=True).acquire()
+    assert storage.list(fmt.LOCKS_DIR) == []
+    RepositoryLock(storage, exclusive=True, wait_s=0).acquire().release()
+
+
+def test_listing_skips_a_file_deleted_while_listed(tmp_path: Path) -> None:
+
+    from drsync.storage.local import LocalStorage
+
+    storage = LocalStorage(str(tmp_path))
+    for i in range(50):
+        storage.write(f"locks/{i:02d}.json", b"{}")
+    # Another process deletes files while this one lists: every listing still succeeds.
+    import threading
+
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            storage.write(f"locks/x{n % 7}.json", b"{}")
+            storage.delete(f"locks/x{(n + 3) % 7}.json")
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(300):
+            names = [o.name for o in storage.list("locks/")]
+            assert "locks/00.json" in names
+    finally:
+        stop.set()
+        t.join()

@@ -29,7 +29,8 @@ import pytest
 import zstandard
 
 from drsync import engine
-from drsync.agent.standby import StandbyReceiver, StateFile
+from drsync.agent.standby import StandbyReceiver
+from drsync.agent.state import StateStore
 from drsync.errors import IntegrityError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
@@ -59,7 +60,7 @@ class Standby:
     def __init__(self, tmp: Path) -> None:
         self.repo = Repository.init(LocalStorage(tmp / "repo", create=True), cluster_id="east", release="6.2.1")
         (tmp / "data").mkdir()
-        self.rx = StandbyReceiver(self.repo, str(tmp / "data"), StateFile(str(tmp / "state")), agent="standby")
+        self.rx = StandbyReceiver(self.repo, str(tmp / "data"), StateStore(str(tmp / "state")), agent="standby")
         servicer = transport.ReplicationServicer(self.rx, agent="standby", role="standby", cluster_id="east",
                                                  release="6.2.1")
         self.addr = f"127.0.0.1:{_free_port()}"

@@ -149,12 +149,22 @@ class RepositoryLock:
                 self.storage.delete(lock.name)
         self._created = time.time()
         self.storage.write(self.name, self._doc(), durable=True, exclusive=True)
-        for lock in read_locks(self.storage):
-            if lock.name == self.name or lock.is_stale(time.time()):
-                continue
-            if self.exclusive or lock.exclusive:
+        try:
+            for lock in read_locks(self.storage):
+                if lock.name == self.name or lock.is_stale(time.time()):
+                    continue
+                if self.exclusive or lock.exclusive:
+                    self.storage.delete(self.name)
+                    return lock
+        except BaseException:
+            # Never leave this lock file behind when the check itself failed: it would name a live
+            # process and block every other locker until this one exits.
+            try:
                 self.storage.delete(self.name)
-                return lock
+            except Exception as e:
+                raise LockedError(f"repository {self.storage.url}: could not take a lock, and the lock file "
+                                  f"{self.name} could not be removed ({e}); run 'drsync repo unlock'") from e
+            raise
         return None
 
     def _refresh_loop(self) -> None:

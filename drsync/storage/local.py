@@ -156,7 +156,10 @@ class LocalStorage:
                         continue
                     rel = os.path.relpath(e.path, base).replace(os.sep, "/")
                     if rel.startswith(prefix):
-                        st = e.stat(follow_symlinks=False)
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # deleted while listed (another process's lock, a GC): not there
                         out.append(StoredObject(rel, st.st_size, st.st_mtime))
         out.sort(key=lambda o: o.name)
         return out
