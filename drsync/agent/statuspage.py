@@ -79,6 +79,8 @@ def render(doc: dict[str, Any], now: float | None = None) -> str:
         lines += [str(hold["message"])] if hold.get("snapshot") and hold.get("message") else []
         held = (f'<p id="apply-hold" class="held"><b>Applies held on this standby.</b> '
                 f'{"<br>".join(_e(x) for x in lines)}</p>')
+    busy = doc.get("maintenance")
+    maintenance = f'<p id="maintenance">Maintenance in progress: {_e(busy)}</p>' if busy else ""
     window = float(doc.get("lag_window_s", 6 * 3600))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
@@ -97,6 +99,7 @@ td, th {{ border-bottom: 1px solid #d0d7de; padding: 0.3em 0.8em; text-align: le
 <span>this agent: <b id="agent">{_e(doc.get("agent"))}</b> (<span id="role">{_e(doc.get("role"))}</span>)</span>
 <span>ZooKeeper: <b id="zookeeper">{_e(doc.get("zookeeper"))}</b></span></p>
 {held}
+{maintenance}
 <h2>Agents</h2>
 <table id="agents"><tr><th>agent</th><th>role</th><th>address</th><th>epoch</th><th>lag</th><th>applied snapshot</th>
 </tr>{rows}</table>
