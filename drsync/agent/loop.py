@@ -176,6 +176,7 @@ class Agent:
 
     def _on_shipped(self, outcome: ShipOutcome) -> None:
         self.activity.add(outcome.snapshot, outcome.ok, f"{outcome.target}: {outcome.summary}")
+        self.maintenance.wake()  # retention after the shipments, not while they read the repository
         if outcome.fenced:
             self.wake.set()
 
@@ -287,7 +288,8 @@ class Agent:
         log.info("agent %s: snapshot %s captured%s", self.name, info.id,
                  f"; shipping to {', '.join(targets)}" if targets else " (no standby registered)")
         self.replication.offer(info)
-        self.maintenance.wake()
+        if not targets:
+            self.maintenance.wake()
         return True
 
     # --- the loop ------------------------------------------------------------------------------

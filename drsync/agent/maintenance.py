@@ -39,6 +39,8 @@ log = logging.getLogger("drsync.agent")
 # Garbage collection reads every kept manifest; once an hour is plenty.
 GC_EVERY_S = 3600.0
 PASS_EVERY_S = 30.0
+# After a pass whose retention found the repository in use (a shipment, a reader): look again soon.
+RETRY_EVERY_S = 5.0
 BACKUP_RETRY_S = 600.0
 
 
@@ -69,6 +71,7 @@ class MaintenanceWorker:
         self._last_backup = 0.0  # Unix time of the newest good backup
         self._born = time.time()
         self._drills_mtime = -1
+        self._locked_out = False  # the last retention found the repository in use
         self.busy = ""  # what the worker is doing now, for the status page ("" = idle)
         self._init_backup_metric()
         self.refresh_drill_metrics()
@@ -88,7 +91,7 @@ class MaintenanceWorker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(PASS_EVERY_S)
+            self._wake.wait(RETRY_EVERY_S if self._locked_out else PASS_EVERY_S)
             self._wake.clear()
             if self._stop.is_set():
                 return
@@ -119,10 +122,12 @@ class MaintenanceWorker:
             res = engine.expire_snapshots(self.repo, self.cfg.snapshots.keep, collect=collect, protect=d.protect,
                                           lock_wait_s=0)
         except DrsyncError as e:
+            self._locked_out = True
             log.info("agent %s: retention skipped this time: %s", self.name, e)
             return
         finally:
             self.busy = ""
+        self._locked_out = res.gc is None and collect and bool(res.deleted)
         if res.gc is not None:
             self._last_gc = time.monotonic()
         if res.deleted:

@@ -8,10 +8,12 @@ interrupted shipment's retry sends only what is still missing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -95,16 +97,40 @@ def chunks_to_negotiate(new: Manifest, applied: Manifest | None) -> list[bytes]:
 
 def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int, sender: str,
                   bandwidth_bps: float = 0.0, applied: Manifest | None = None,
-                  guard: Callable[[bool], None] | None = None) -> ShipResult:
+                  guard: Callable[[bool], None] | None = None,
+                  reading: Callable[[], AbstractContextManager[object]] | None = None) -> ShipResult:
     """Negotiate, upload the missing chunks, commit. Raises on any refusal; safe to retry.
 
     ``applied`` is the manifest the standby says it has applied, when the
     primary still has it: negotiation then covers only what changed since.
     ``guard(final)`` raises when the sender may no longer act as primary; it is
     called before each upload message and (with ``final=True``) before the commit.
+    ``reading()`` is held while this repository is read (manifest, negotiation, upload), not
+    while the standby applies: e.g. the repository's shared lock, so GC waits for the reads only.
     """
     check = guard or (lambda final: None)
     start = time.monotonic()
+    with (reading or contextlib.nullcontext)():
+        manifest_bytes, sizes, missing, shipped = _negotiate_and_upload(repo, info, link, epoch=epoch,
+                                                                        bandwidth_bps=bandwidth_bps,
+                                                                        applied=applied, check=check)
+    total_bytes = sum(sizes.values())
+    pieces = (manifest_bytes[i:i + COMMIT_PIECE_BYTES] for i in range(0, max(1, len(manifest_bytes)),
+                                                                        COMMIT_PIECE_BYTES))
+    check(True)
+    # A seq is a position in one repository: the standby numbers what it receives itself. The
+    # document goes without it, as before snapshots were numbered, so a standby that runs the
+    # previous version during a rolling upgrade still reads it.
+    outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces, sender_seq=info.seq)
+    missing_raw = sum(sizes.get(i, 0) for i in missing)
+    return ShipResult(info.id, len(sizes), len(missing), shipped, total_bytes - missing_raw,
+                      round(time.monotonic() - start, 3), outcome)
+
+
+def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int,
+                          bandwidth_bps: float, applied: Manifest | None,
+                          check: Callable[[bool], None]) -> tuple[bytes, dict[bytes, int], list[bytes], int]:
+    """Returns (manifest bytes, chunk sizes, ids that were missing, stored bytes shipped)."""
     manifest_bytes = repo.storage.read(fmt.manifest_name(info.id))
     manifest = repo.load_manifest(info)
     sizes = chunk_sizes(manifest)
@@ -113,7 +139,6 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     if ask:
         for reply in link.missing(epoch, batched(ask, NEGOTIATE_BATCH)):
             missing.extend(reply)
-    total_bytes = sum(sizes.values())
     shipped = 0
 
     def chunk_batches() -> Iterator[list[ReceivedChunk]]:
@@ -139,13 +164,4 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
 
     if missing:
         link.upload(epoch, chunk_batches())
-    pieces = (manifest_bytes[i:i + COMMIT_PIECE_BYTES] for i in range(0, max(1, len(manifest_bytes)),
-                                                                        COMMIT_PIECE_BYTES))
-    check(True)
-    # A seq is a position in one repository: the standby numbers what it receives itself. The
-    # document goes without it, as before snapshots were numbered, so a standby that runs the
-    # previous version during a rolling upgrade still reads it.
-    outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces, sender_seq=info.seq)
-    missing_raw = sum(sizes.get(i, 0) for i in missing)
-    return ShipResult(info.id, len(sizes), len(missing), shipped, total_bytes - missing_raw,
-                      round(time.monotonic() - start, 3), outcome)
+    return manifest_bytes, sizes, missing, shipped

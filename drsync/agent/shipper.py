@@ -179,10 +179,11 @@ class Shipper:
             if hello.applied_snapshot:
                 self.position = Position(hello.applied_snapshot, hello.applied_captured_at)
                 applied = self._manifest_if_known(hello.applied_snapshot)
-            # A reader of this repository: GC never removes a pack this shipment is reading.
-            with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
-                res = ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender,
-                                    bandwidth_bps=self.bandwidth_bps, applied=applied, guard=self._guard)
+            # A reader of this repository while it reads (not while the standby applies): GC never
+            # removes a pack this shipment is reading.
+            res = ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender,
+                                bandwidth_bps=self.bandwidth_bps, applied=applied, guard=self._guard,
+                                reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S))
             self.position = Position(info.id, info.captured_at)
             self.metrics.ship_duration.observe(res.duration_s)
             self.metrics.shipped_bytes.inc(res.shipped_bytes)
