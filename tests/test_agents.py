@@ -15,7 +15,8 @@ import pytest
 
 from drsync.errors import RefusedError
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import run_drsync, tree_state
+from tests.conftest import SLOW, run_drsync, tree_state
+from tests.group import wait_for as group_wait_for
 from tests.sites import LocalSite, Site, make_site, same_tree
 
 
@@ -26,12 +27,7 @@ def free_port() -> int:
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    group_wait_for(cond, what, timeout, step=0.1)  # the timeout scaled for a busy machine
 
 
 class Pair:
@@ -80,7 +76,7 @@ class Pair:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs.pop(name)
         p.send_signal(sig)
-        p.wait(timeout=30)
+        p.wait(timeout=30 * SLOW)  # a stop finishes the cycle under way first
 
     def stop_all(self) -> None:
         for name in list(self.procs):

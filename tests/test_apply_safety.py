@@ -21,7 +21,7 @@ from drsync.apply import OTHER, plan_apply
 from drsync.errors import IntegrityError
 from drsync.repository.manifest import Manifest, escaping_links, validate
 from drsync.tree import LocalEntry, scan_tree
-from tests.conftest import age_tree, run_drsync, tree_state
+from tests.conftest import SLOW, age_tree, run_drsync, tree_state
 from tests.users import NOBODY, pair_configs, run_as_nobody, start_agent
 
 
@@ -492,4 +492,4 @@ def test_agents_whose_repository_and_state_live_inside_their_data_roots(tmp_path
             {k: v for k, v in tree_state(prod).items() if not k.startswith("var")}
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=30 * SLOW)

@@ -25,7 +25,7 @@ from drsync.errors import OperationFailed
 from drsync.repository.manifest import SCHEMA_V1, Manifest
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
-from tests.conftest import age_tree, run_drsync
+from tests.conftest import SLOW, age_tree, run_drsync
 from tests.users import give_to_nobody, pair_configs, preload_everything, run_as_nobody, start_agent
 
 NS = 1_000_000_000
@@ -381,7 +381,7 @@ def test_an_odd_tree_replicates_through_a_real_agent_pair(tmp_path: Path) -> Non
         assert exact_state(standby) == exact_state(prod)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=30 * SLOW)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run production's agent as a user that cannot read")
@@ -447,6 +447,6 @@ def test_unreadable_paths_on_production_never_delete_the_standbys_copies(open_tm
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
         sproc.terminate()
-        sproc.wait(timeout=30)
+        sproc.wait(timeout=30 * SLOW)
         for name in ("primary.log", "standby.log"):  # shown when the test fails
             print(f"--- {name}\n" + (base / name).read_text(errors="replace")[-3000:])

@@ -19,7 +19,7 @@ import pytest
 from drsync import engine
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
-from tests.conftest import run_drsync
+from tests.conftest import SLOW, run_drsync
 from tests.test_capture_any_tree import exact_state
 from tests.users import NOBODY, give_to_nobody, pair_configs, preload_everything, run_as_nobody, start_agent
 
@@ -97,7 +97,7 @@ def test_a_readable_but_unsearchable_directory_never_deletes_on_a_real_standby(o
         assert (standby / "d" / "sub" / "f").read_bytes() == b"must survive on the standby\n"
     finally:
         sproc.terminate()
-        sproc.wait(timeout=30)
+        sproc.wait(timeout=30 * SLOW)
 
 
 @needs_root

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import make_tree, run_drsync
+from tests.conftest import SLOW, make_tree, run_drsync
 from tests.group import Group, scrape, wait_for
 from tests.users import pair_configs, start_agent
 
@@ -149,7 +149,7 @@ def test_lag_is_right_under_clock_skew_and_keeps_counting_without_the_primary(
         # And across a restart of the standby while the primary is still gone (the offset was persisted).
         old = procs.pop("standby")
         old.send_signal(signal.SIGTERM)
-        old.wait(timeout=30)
+        old.wait(timeout=30 * SLOW)
         procs["standby"] = start_agent(scfg, tmp_path / "standby.log", s_env)
         wait_for(lambda: serves_metrics(s_metrics), "the restarted standby to serve metrics")
         lag, err = lag_error(s_metrics, "standby", primary_skew)
@@ -160,7 +160,7 @@ def test_lag_is_right_under_clock_skew_and_keeps_counting_without_the_primary(
             p.send_signal(signal.SIGCONT)
             p.send_signal(signal.SIGTERM)
         for p in procs.values():
-            p.wait(timeout=30)
+            p.wait(timeout=30 * SLOW)
 
 
 def test_automatic_failover_is_eligible_with_the_standby_ten_minutes_ahead(

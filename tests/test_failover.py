@@ -22,7 +22,7 @@ from drsync.coordination import SessionState
 from drsync.coordination.zookeeper import ZooKeeperCoordinator
 from drsync.errors import RefusedError, UsageError
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import make_tree, run_drsync, tree_state
+from tests.conftest import SLOW, make_tree, run_drsync, tree_state
 from tests.group import Group, PrimaryWatcher, scrape, wait_for
 from tests.zk import ZkCluster, free_port
 
@@ -412,7 +412,7 @@ def test_agent_started_before_zookeeper_joins_when_it_comes_up(tmp_path: Path, g
             watcher.close()
         finally:
             proc.terminate()
-            proc.wait(timeout=30)
+            proc.wait(timeout=30 * SLOW)
         assert proc.returncode == 0 and zk_started
     finally:
         zk.stop()
