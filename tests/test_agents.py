@@ -331,8 +331,11 @@ def _phase(pair: Pair) -> str | None:
     if not local:
         return "upload" if any(".tmp-" in p for p in pair.standby_site.paths("standby-repo")) else None
     packs = pair.tmp / "standby-repo" / "packs"
-    if packs.exists() and any(p.name.startswith(".tmp-") for p in packs.rglob(".tmp-*")):
-        return "upload"
+    try:
+        if packs.exists() and any(p.name.startswith(".tmp-") for p in packs.rglob(".tmp-*")):
+            return "upload"
+    except OSError:  # a pack completed (renamed) under the walk: look again
+        return None
     return None
 
 

@@ -197,8 +197,17 @@ def test_frozen_primary_is_fenced_after_promotion(make_group, when: str) -> None
             return any(s["files"] > 24 and s["kind"] == "cycle" for s in snaps)
 
         (g.data["east"] / "tables" / "big.bin").write_bytes(os.urandom(6 * 1024 * 1024))
+        def uploading() -> bool:  # chunks arriving in a standby's open pack (or the shipment already over)
+            packs = [g.tmp / f"{n}-repo" / "packs" for n in ("west", "north")]
+            try:
+                if any(p.name.startswith(".tmp-") for d in packs if d.exists() for p in d.rglob(".tmp-*")):
+                    return True
+            except OSError:  # renamed under the walk: a pack just completed
+                return True
+            return all((g.data[n] / "tables" / "big.bin").exists() for n in ("west", "north"))
+
         wait_for(big_captured, "east to snapshot the big file", timeout=30)
-        time.sleep(0.5)  # not a condition stand-in: lets the upload stream get under way before the freeze
+        wait_for(uploading, "east's upload of the big file to get under way", timeout=30)
     g.procs["east"].send_signal(signal.SIGSTOP)
     # Production changes while its agent is frozen: if east shipped after waking, north would get this.
     (g.data["east"] / "catalog" / "late.txt").write_text("must never reach a standby after the promotion\n")
