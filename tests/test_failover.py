@@ -110,8 +110,10 @@ def test_kill_9_primary_promote_standby_then_failback(make_group) -> None:  # ty
     g = make_group(["east", "west"])
     watcher = PrimaryWatcher(g.hosts, g.group)
     bootstrap(g)
-    applied = g.record("west")["applied_snapshot"]
-    wait_for(lambda: g.hello("west").applied_snapshot == applied, "west's applied snapshot")
+    # Each cycle records a new applied snapshot (unchanged content too): compare both sides afresh on
+    # every poll; an id read once from ZooKeeper may already be behind west's.
+    wait_for(lambda: g.record("west").get("applied_snapshot") == g.hello("west").applied_snapshot,
+             "west's applied snapshot in ZooKeeper")
     g.kill("east")  # kill -9: its session (and primary node) outlive it for the session timeout
     (g.data["east"] / "catalog" / "unshipped.txt").write_text("written after the last shipment\n")
     r = g.promote("west")
