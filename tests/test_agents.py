@@ -402,7 +402,9 @@ def test_standby_disk_full_mid_apply_keeps_last_good_snapshot(pair: Pair, small_
     wait_for(pair.in_sync, "the first shipment")
     good = tree_state(pair.standby_data)
     big = pair.prod / "tables" / "too-big.bin"
+    pair.kill("primary", signal.SIGTERM)  # a capture of the file half-written could fit the disk
     big.write_bytes(os.urandom(30 << 20))
+    pair.start("primary")
     wait_for(lambda: "No space left" in (pair.tmp / "primary.log").read_text(errors="replace"),
              "the primary to report the standby's full disk")
     assert tree_state(pair.standby_data) == good  # still the last good snapshot
