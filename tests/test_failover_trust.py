@@ -248,8 +248,10 @@ def test_kill_9_with_a_live_writer_loses_nothing(make_group, tmp_path: Path) -> 
     finally:
         writer.stop()
     g.start("east")
+    # A restarted agent first registers as a standby (before it has looked at the group): wait for the
+    # demotion itself, then for the standby it becomes.
+    wait_for(lambda: demoted.exists() and demoted.read_text().split()[:1] == ["east"], "east to demote itself")
     g.wait_role("east", "standby")
-    assert demoted.exists() and demoted.read_text().split()[0] == "east"
     # Its root is kept before anything overwrites it. (Many unshipped files can make the resync wait for
     # `drsync apply --confirm` under replication.max_delete_fraction: that is rule 8, not a loss.)
     wait_for(lambda: before_rejoin_snapshots(g, "east"), "east to keep its root as a before-rejoin snapshot")
