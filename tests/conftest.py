@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# How much slower than an idle machine a busy one may be. Every wait for a condition
+# (tests.group.wait_for) scales its timeout by it: a timeout is only an upper bound, so a generous
+# one costs nothing when the condition comes true, and a loaded machine does not fail the suite.
+SLOW = float(os.environ.get("DRSYNC_TEST_SLOWDOWN", "5"))
 
 
 @dataclass

@@ -16,11 +16,13 @@ from typing import Any
 from drsync.coordination import SessionState
 from drsync.coordination.zookeeper import ZooKeeperCoordinator
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import Result, make_tree, run_drsync, tree_state
+from tests.conftest import SLOW, Result, make_tree, run_drsync, tree_state
 from tests.zk import free_port
 
 
 def wait_for(cond: Callable[[], Any], what: str, timeout: float = 60, step: float = 0.05) -> Any:
+    """Poll ``cond`` until it is true; ``timeout`` is what an idle machine needs at most (times SLOW)."""
+    timeout *= SLOW
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = cond()
@@ -78,7 +80,7 @@ class Group:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs.pop(name)
         p.send_signal(sig)
-        p.wait(timeout=30)
+        p.wait(timeout=30 * SLOW)  # a stop finishes the cycle under way first
 
     def stop_all(self) -> None:
         for name in list(self.procs):

@@ -15,7 +15,8 @@ import pytest
 
 from drsync.errors import RefusedError
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import run_drsync, tree_state
+from tests.conftest import SLOW, run_drsync, tree_state
+from tests.group import wait_for as group_wait_for
 from tests.sites import LocalSite, Site, make_site, same_tree
 
 
@@ -26,12 +27,7 @@ def free_port() -> int:
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    group_wait_for(cond, what, timeout, step=0.1)  # the timeout scaled for a busy machine
 
 
 class Pair:
@@ -80,7 +76,7 @@ class Pair:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs.pop(name)
         p.send_signal(sig)
-        p.wait(timeout=30)
+        p.wait(timeout=30 * SLOW)  # a stop finishes the cycle under way first
 
     def stop_all(self) -> None:
         for name in list(self.procs):
@@ -92,7 +88,11 @@ class Pair:
         return same_tree(self.standby_site, "standby-data", self.prod_site, "prod-data")
 
     def assert_root_is_applied_snapshot(self, label: str) -> None:
-        """The standby's root holds exactly the snapshot it records as applied: never a mix."""
+        """The standby's root holds exactly the snapshot it records as applied: never a mix.
+
+        Only meaningful while nothing ships: with a primary running, an apply could be under way
+        while the root is walked, and the walk would see a mix that no crash made."""
+        assert "primary" not in self.procs, "stop the primary before comparing the standby's root"
         link = GrpcStandbyLink(self.standby_addr)
         applied = link.hello("test", 1).applied_snapshot
         link.close()
@@ -130,6 +130,9 @@ def test_primary_ships_and_standby_applies(pair: Pair) -> None:
     pair.prod_site.remove("prod-data", "tables/orders/part-1.bin")
     pair.prod_site.chmod("prod-data", "catalog/f004.txt", 0o640)
     wait_for(pair.in_sync, "the standby to follow a change")
+    # Every cycle (unchanged content too) is recorded as applied and retention expires the older ones:
+    # with the primary shipping on, the snapshot Hello names may be gone by the time it is looked up.
+    pair.kill("primary", signal.SIGTERM)
     link = GrpcStandbyLink(pair.standby_addr)
     hello = link.hello("test", 1)
     link.close()
@@ -328,8 +331,11 @@ def _phase(pair: Pair) -> str | None:
     if not local:
         return "upload" if any(".tmp-" in p for p in pair.standby_site.paths("standby-repo")) else None
     packs = pair.tmp / "standby-repo" / "packs"
-    if packs.exists() and any(p.name.startswith(".tmp-") for p in packs.rglob(".tmp-*")):
-        return "upload"
+    try:
+        if packs.exists() and any(p.name.startswith(".tmp-") for p in packs.rglob(".tmp-*")):
+            return "upload"
+    except OSError:  # a pack completed (renamed) under the walk: look again
+        return None
     return None
 
 
@@ -396,7 +402,9 @@ def test_standby_disk_full_mid_apply_keeps_last_good_snapshot(pair: Pair, small_
     wait_for(pair.in_sync, "the first shipment")
     good = tree_state(pair.standby_data)
     big = pair.prod / "tables" / "too-big.bin"
+    pair.kill("primary", signal.SIGTERM)  # a capture of the file half-written could fit the disk
     big.write_bytes(os.urandom(30 << 20))
+    pair.start("primary")
     wait_for(lambda: "No space left" in (pair.tmp / "primary.log").read_text(errors="replace"),
              "the primary to report the standby's full disk")
     assert tree_state(pair.standby_data) == good  # still the last good snapshot
@@ -449,7 +457,7 @@ def test_cycle_snapshots_follow_the_retention_policy_on_both_sides(pair: Pair) -
         cfg.write_text(cfg.read_text() + "[snapshots]\nkeep = { last = 2 }\n")
     pair.start("standby")
     manual = run_drsync("snapshot", "create", "--config", pair.primary_cfg, "--name", "keep-me", "--json").json()
-    for n in range(5):
+    for n in range(3):  # one more than the policy keeps: retention must expire on both sides
         (pair.prod / "catalog" / f"cycle-{n}.txt").write_text(f"cycle {n}")
         r = run_drsync("agent", "--config", pair.primary_cfg, "--once", "--json")
         assert r.code == 0, r.err

@@ -21,8 +21,8 @@ from drsync.apply import OTHER, plan_apply
 from drsync.errors import IntegrityError
 from drsync.repository.manifest import Manifest, escaping_links, validate
 from drsync.tree import LocalEntry, scan_tree
-from tests.conftest import age_tree, run_drsync, tree_state
-from tests.users import NOBODY, pair_configs, run_as_nobody, start_agent
+from tests.conftest import SLOW, age_tree, run_drsync, tree_state
+from tests.users import NOBODY, pair_configs, run_as_nobody, serves, start_agent
 
 
 def full_state(path: Path) -> dict[str, tuple]:
@@ -471,7 +471,7 @@ def test_agents_whose_repository_and_state_live_inside_their_data_roots(tmp_path
     assert any("state directory" in d and "var/drsync-state" in d for d in nesting), nesting
     proc = start_agent(scfg, tmp_path / "standby.log")
     try:
-        wait_until(lambda: (standby / "var" / "drsync-state" / "agent.pid").exists(), "the standby to start")
+        wait_until(lambda: serves(scfg), "the standby to serve")
         r = run_drsync("agent", "--config", pcfg, "--once", "--json")
         assert r.code == 0, r.out + r.err
         state = json.loads((standby / "var" / "drsync-state" / "state.json").read_bytes())
@@ -492,4 +492,4 @@ def test_agents_whose_repository_and_state_live_inside_their_data_roots(tmp_path
             {k: v for k, v in tree_state(prod).items() if not k.startswith("var")}
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=30 * SLOW)

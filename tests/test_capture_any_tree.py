@@ -25,8 +25,8 @@ from drsync.errors import OperationFailed
 from drsync.repository.manifest import SCHEMA_V1, Manifest
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
-from tests.conftest import age_tree, run_drsync
-from tests.users import give_to_nobody, pair_configs, preload_everything, run_as_nobody, start_agent
+from tests.conftest import SLOW, age_tree, run_drsync
+from tests.users import give_to_nobody, pair_configs, preload_everything, run_as_nobody, serves, start_agent
 
 NS = 1_000_000_000
 YEAR_2400 = 13_569_465_600 * NS + 123_456_789
@@ -369,7 +369,7 @@ def test_an_odd_tree_replicates_through_a_real_agent_pair(tmp_path: Path) -> Non
     scfg, pcfg = pair_configs(tmp_path, prod, standby)
     proc = start_agent(scfg, tmp_path / "standby.log")
     try:
-        wait_for(lambda: (tmp_path / "standby-repo" / "agent" / "agent.pid").exists(), "the standby to start")
+        wait_for(lambda: serves(scfg), "the standby to serve")
         r = run_drsync("agent", "--config", pcfg, "--once", "--json")
         assert r.code == 0, r.out + r.err
         assert exact_state(standby) == exact_state(prod)
@@ -381,7 +381,7 @@ def test_an_odd_tree_replicates_through_a_real_agent_pair(tmp_path: Path) -> Non
         assert exact_state(standby) == exact_state(prod)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=30 * SLOW)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run production's agent as a user that cannot read")
@@ -406,7 +406,7 @@ def test_unreadable_paths_on_production_never_delete_the_standbys_copies(open_tm
     scfg, pcfg = pair_configs(base, prod, standby, primary_extra='interval = "1s"\n', primary_metrics=metrics)
     give_to_nobody(prod, base / "primary-repo", pcfg)
     sproc = start_agent(scfg, base / "standby.log")
-    wait_for(lambda: (base / "standby-repo" / "agent" / "agent.pid").exists(), "the standby to start")
+    wait_for(lambda: serves(scfg), "the standby to serve")
     preload_everything()  # the child cannot read this interpreter's library once it is nobody
     pid = os.fork()
     if pid == 0:  # pragma: no cover - production's agent, as nobody
@@ -447,6 +447,6 @@ def test_unreadable_paths_on_production_never_delete_the_standbys_copies(open_tm
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
         sproc.terminate()
-        sproc.wait(timeout=30)
+        sproc.wait(timeout=30 * SLOW)
         for name in ("primary.log", "standby.log"):  # shown when the test fails
             print(f"--- {name}\n" + (base / name).read_text(errors="replace")[-3000:])

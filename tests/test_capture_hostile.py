@@ -19,9 +19,9 @@ import pytest
 from drsync import engine
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
-from tests.conftest import run_drsync
+from tests.conftest import SLOW, run_drsync
 from tests.test_capture_any_tree import exact_state
-from tests.users import NOBODY, give_to_nobody, pair_configs, preload_everything, run_as_nobody, start_agent
+from tests.users import NOBODY, give_to_nobody, pair_configs, preload_everything, run_as_nobody, serves, start_agent
 
 NS = 1_000_000_000
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to act as another user, mount, chattr)")
@@ -85,7 +85,7 @@ def test_a_readable_but_unsearchable_directory_never_deletes_on_a_real_standby(o
     sproc = start_agent(scfg, base / "standby.log")
     preload_everything()
     try:
-        wait_for(lambda: (base / "standby-repo" / "agent" / "agent.pid").exists(), "the standby to start")
+        wait_for(lambda: serves(scfg), "the standby to serve")
         code, err = run_as_nobody("agent", "--config", pcfg, "--once")
         assert code == 0, err
         assert (standby / "d" / "sub" / "f").exists()
@@ -97,7 +97,7 @@ def test_a_readable_but_unsearchable_directory_never_deletes_on_a_real_standby(o
         assert (standby / "d" / "sub" / "f").read_bytes() == b"must survive on the standby\n"
     finally:
         sproc.terminate()
-        sproc.wait(timeout=30)
+        sproc.wait(timeout=30 * SLOW)
 
 
 @needs_root

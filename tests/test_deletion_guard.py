@@ -142,12 +142,22 @@ def standby_snapshots(pair: Pair) -> list[str]:
     return [s["id"] for s in r.json()]
 
 
-def stored_with(pair: Pair, path: str) -> bool:
-    """Whether the newest snapshot the standby stored (and refused) holds ``path``."""
-    r = run_drsync("snapshot", "show", "latest", "--files", "--json", "--config", pair.standby_cfg)
+def holds_path(pair: Pair, snapshot: str | None, path: str) -> bool:
+    """Whether the standby's repository has ``snapshot`` and it holds ``path`` (False while there is
+    none yet, or when retention expired it since it was named: the caller asks again)."""
+    if not snapshot:
+        return False
+    r = run_drsync("snapshot", "show", snapshot, "--files", "--json", "--config", pair.standby_cfg)
+    if r.code == 2 and "no snapshot" in r.err:
+        return False
     assert r.code == 0, r.err
-    doc = r.json()
-    return doc["id"] == apply_state(pair)["latest"] and path in [e["path"] for e in doc["entries"]]
+    return path in [e["path"] for e in r.json()["entries"]]
+
+
+def stored_with(pair: Pair, path: str) -> bool:
+    """Whether the newest snapshot the standby stored (and refused) holds ``path``. (One read of the
+    apply state names it: comparing with a separate 'latest' raced the next shipment.)"""
+    return holds_path(pair, apply_state(pair)["latest"], path)
 
 
 def non_dirs(root: Path) -> list[Path]:
@@ -162,12 +172,25 @@ def bootstrap(pair: Pair) -> dict[str, tuple]:
     for i in range(3):  # a few good snapshots on the standby, for retention to work on
         (pair.prod / "catalog" / f"extra-{i}.txt").write_text(f"extra {i}")
         wait_for(pair.in_sync, f"the standby to follow change {i}")
+    # The root matches a moment before the standby records the snapshot as applied: tests read
+    # the applied snapshot next, so wait until it is the one with the last change.
+    wait_for(lambda: applied_with(pair, "catalog/extra-2.txt"), "the standby to record the last apply")
     return tree_state(pair.standby_data)
+
+
+def applied_with(pair: Pair, path: str) -> bool:
+    """Whether the snapshot the standby records as applied holds ``path``. (A shipment of unchanged
+    content is recorded as applied too: the applied snapshot moves on every cycle.)"""
+    return holds_path(pair, apply_state(pair)["applied_snapshot"], path)
 
 
 def test_an_emptied_production_root_is_held_until_confirmed(pair: Pair) -> None:
     good = bootstrap(pair)
     assert held_metrics(pair) == (0, 0)
+    # The primary's agent is down while the applied snapshot is read and production changes: every
+    # cycle is recorded as applied (unchanged content too), and a capture half-way through the
+    # deletions would ship them in two parts.
+    pair.kill("primary", signal.SIGTERM)
     before = apply_state(pair)
     assert before["held"] is False and before["applied_snapshot"]
     applied = before["applied_snapshot"]
@@ -178,6 +201,7 @@ def test_an_emptied_production_root_is_held_until_confirmed(pair: Pair) -> None:
     for p in non_dirs(pair.prod):
         if p != keep:
             p.unlink()
+    pair.start("primary")
     wait_for(lambda: held_metrics(pair)[0] == 1, "the standby to hold the shipment")
     state = apply_state(pair)
     held = state["snapshot"]
@@ -238,8 +262,10 @@ def test_a_60_percent_deletion_is_held_across_a_restart_and_operator_holds(pair:
     good = bootstrap(pair)
     files = non_dirs(pair.prod)
     doomed = files[: int(len(files) * 0.6) + 1]
+    pair.kill("primary", signal.SIGTERM)  # one change: a capture half-way would ship it in two parts
     for p in doomed:
         p.unlink()
+    pair.start("primary")
     wait_for(lambda: held_metrics(pair)[0] == 1, "the standby to hold the shipment")
     held = apply_state(pair)["snapshot"]
     assert apply_state(pair)["removed"] == len(doomed)

@@ -29,9 +29,16 @@ def synced(tmp_path: Path, zk_server, group: str) -> Iterator[Group]:  # type: i
 
 def test_drill_passes_and_is_recorded_everywhere(synced: Group) -> None:
     g = synced
-    r = g.drsync("west", "drill", "run", "--json")
-    assert r.code == 0, r.err
-    rep = json.loads(r.out)
+    # Every cycle is recorded as applied (unchanged content too): held, west's applied snapshot stays
+    # the one the drill takes while the drill runs and is compared.
+    assert g.drsync("west", "apply", "--hold").code == 0
+    try:
+        r = g.drsync("west", "drill", "run", "--json")
+        assert r.code == 0, r.err
+        rep = json.loads(r.out)
+        assert rep["snapshot"] == g.hello("west").applied_snapshot
+    finally:
+        assert g.drsync("west", "apply", "--resume").code == 0
     assert rep["passed"] is True and rep["number"] == 1 and rep["full_verify"] is True
     steps = {s["name"]: s for s in rep["steps"]}
     assert set(steps) == {"verify", "restore", "promotion"} and all(s["passed"] for s in steps.values())
@@ -39,7 +46,6 @@ def test_drill_passes_and_is_recorded_everywhere(synced: Group) -> None:
     assert steps["restore"]["figures"]["root_compared"] is True
     assert steps["promotion"]["figures"]["epoch"] == 1 and steps["promotion"]["figures"]["primary"] == "east"
     assert 0 <= rep["rpo_s"] < 120 and rep["rto_s"] is not None and rep["rto_s"] < 10
-    assert rep["snapshot"] == g.hello("west").applied_snapshot
     # The drill changed nothing: the pair is still in sync, roles and epoch unchanged, no scratch left.
     assert g.in_sync("east", "west") and g.primary() == ("east", 1)
     state_dir = g.tmp / "west-repo" / "agent"

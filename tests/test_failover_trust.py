@@ -22,7 +22,7 @@ import pytest
 
 from drsync.errors import DrsyncError, RefusedError
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import ROOT, run_drsync, tree_state
+from tests.conftest import ROOT, SLOW, run_drsync, tree_state
 from tests.group import Group, PrimaryWatcher, pid_alive, scrape, wait_for
 from tests.test_agents import Pair
 from tests.test_failover import bootstrap
@@ -248,8 +248,10 @@ def test_kill_9_with_a_live_writer_loses_nothing(make_group, tmp_path: Path) -> 
     finally:
         writer.stop()
     g.start("east")
+    # A restarted agent first registers as a standby (before it has looked at the group): wait for the
+    # demotion itself, then for the standby it becomes.
+    wait_for(lambda: demoted.exists() and demoted.read_text().split()[:1] == ["east"], "east to demote itself")
     g.wait_role("east", "standby")
-    assert demoted.exists() and demoted.read_text().split()[0] == "east"
     # Its root is kept before anything overwrites it. (Many unshipped files can make the resync wait for
     # `drsync apply --confirm` under replication.max_delete_fraction: that is rule 8, not a loss.)
     wait_for(lambda: before_rejoin_snapshots(g, "east"), "east to keep its root as a before-rejoin snapshot")
@@ -557,7 +559,7 @@ def test_rejoin_run_against_the_live_primary_is_refused(make_group) -> None:  # 
     bootstrap(g)
     (g.data["east"] / "catalog" / "fresh.txt").write_text("not shipped yet\n")
     before = tree_state(g.data["east"])
-    r = g.drsync("east", "rejoin", "--wait", "5")
+    r = g.drsync("east", "rejoin", "--wait", f"{5 * SLOW:g}")  # the agent refuses; a busy one later
     assert r.code in (2, 4) and one_clean_line(r.err), (r.code, r.out, r.err)
     assert g.primary() == ("east", 1) and g.record("east").get("role") == "primary"
     assert tree_state(g.data["east"]) == before
@@ -622,7 +624,7 @@ def test_newcomer_errors_are_one_line_with_the_right_exit_code(tmp_path: Path, z
                     "promote-zk-down": (1,), "rejoin-zk-down": (1,),
                     "bad-fence-timeout": (2,), "unknown-coordination-key": (2,)}[case]
         if case == "rejoin-a-standby":
-            r = run_drsync("rejoin", "--config", cfg, "--wait", "5")
+            r = run_drsync("rejoin", "--config", cfg, "--wait", f"{5 * SLOW:g}")
         elif case == "switchover-without-primary":
             r = run_drsync("switchover", "--config", cfg, "--timeout", "10")
         elif case in ("promote-zk-down", "rejoin-zk-down"):

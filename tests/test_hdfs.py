@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
@@ -318,6 +319,7 @@ def test_namenode_failover_during_a_shipment(webhdfs, tmp_path: Path) -> None:  
         wait_for(pair.in_sync, "the standby to match production across namenode failovers", timeout=120)
         assert len(flips) >= 3
         webhdfs.on_request = None
+        pair.kill("primary", signal.SIGTERM)  # nothing ships while the root is compared
         pair.kill("standby")
         pair.start("standby")
         pair.assert_root_is_applied_snapshot("after-failovers")

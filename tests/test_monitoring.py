@@ -125,34 +125,49 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
                            "--hide-scrollbars", *args], capture_output=True, text=True, timeout=120)
 
 
+def _status(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url + "status.json", timeout=10).read())
+
+
 def test_status_page_in_headless_chromium(running: Group) -> None:
     g = running
     url = f"http://{g.metrics['west']}/"
     # Wait until the in-memory lag history has a measured sample, so the chart has a line to draw.
-    wait_for(lambda: any(v is not None for _, v in json.loads(urllib.request.urlopen(url + "status.json").read())
-                         ["lag_history"]), "a lag sample", timeout=30)
-    dom = chromium("--dump-dom", url)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    html = dom.stdout
-    text = re.sub(r"<[^>]+>", " ", html)
-    assert re.search(r'id="group">monitoring<', html) and re.search(r'id="primary">east<', html)
-    assert re.search(r'id="epoch">1<', html) and re.search(r'id="role">standby<', html)
-    rows = dict(re.findall(r'data-agent="(\w+)">.*?class="role role-(\w+)"', html))
-    assert rows == {"east": "primary", "west": "standby"}
-    assert '<svg id="lag-chart"' in html and "<polyline" in html
-    assert re.search(r'class="drill ok"><td>1</td>', html) and "passed" in text
-    # The standby's row names the snapshot it had applied when the page was rendered: one that the
-    # standby holds (shipments go on meanwhile, so not necessarily the one applied now).
-    shown = re.search(r'data-agent="west">.*?</tr>', html, re.S)
-    assert shown is not None
-    held = {s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()}
-    assert held & set(re.findall(r"\b[0-9a-f]{16}\b", shown.group(0))), shown.group(0)
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "status-page.png"
-    shot.unlink(missing_ok=True)
-    r = chromium(f"--screenshot={shot}", "--window-size=1200,1400", url)
-    assert r.returncode == 0 and shot.exists() and shot.stat().st_size > 10_000, r.stderr[-2000:]
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    wait_for(lambda: any(v is not None for _, v in _status(url)["lag_history"]), "a lag sample", timeout=30)
+    # Shipments go on all the time (a new snapshot every second): the page would show whatever west
+    # had applied when it was rendered. Hold west's applies, so that what it shows cannot move on.
+    assert g.drsync("west", "apply", "--hold").code == 0
+    try:
+        def settled() -> str | None:
+            """West's applied snapshot, once the page's source (west's view of the group) shows it too."""
+            applied = g.hello("west").applied_snapshot
+            rows = {a["name"]: a for a in _status(url)["agents"]}
+            return applied if applied and rows.get("west", {}).get("applied_snapshot") == applied else None
+
+        applied = wait_for(settled, "west's status to show the snapshot it holds applied")
+        dom = chromium("--dump-dom", url)
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        html = dom.stdout
+        text = re.sub(r"<[^>]+>", " ", html)
+        assert re.search(r'id="group">monitoring<', html) and re.search(r'id="primary">east<', html)
+        assert re.search(r'id="epoch">1<', html) and re.search(r'id="role">standby<', html)
+        rows = dict(re.findall(r'data-agent="(\w+)">.*?class="role role-(\w+)"', html))
+        assert rows == {"east": "primary", "west": "standby"}
+        assert '<svg id="lag-chart"' in html and "<polyline" in html
+        assert re.search(r'class="drill ok"><td>1</td>', html) and "passed" in text
+        assert 'id="apply-hold"' in html  # the operator's hold is on the page
+        # The standby's row names exactly the snapshot it holds applied, one its repository keeps.
+        shown = re.search(r'data-agent="west">.*?</tr>', html, re.S)
+        assert shown is not None and f"<td>{applied}</td>" in shown.group(0), (applied, shown.group(0))
+        assert applied in {s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()}
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "status-page.png"
+        shot.unlink(missing_ok=True)
+        r = chromium(f"--screenshot={shot}", "--window-size=1200,1400", url)
+        assert r.returncode == 0 and shot.exists() and shot.stat().st_size > 10_000, r.stderr[-2000:]
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        assert g.drsync("west", "apply", "--resume").code == 0
 
 
 def test_status_page_escapes_what_it_shows() -> None:

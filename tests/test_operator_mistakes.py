@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_tree, run_drsync, tree_state
+from tests.conftest import SLOW, make_tree, run_drsync, tree_state
 from tests.group import Group, PrimaryWatcher, wait_for
 from tests.zk import free_port
 
@@ -50,7 +50,7 @@ def copy_config(g: Group, name: str, tmp: Path, *, keep: tuple[str, ...] = ()) -
     return p
 
 
-def run_agent(cfg: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_agent(cfg: Path, timeout: float = 60 * SLOW) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "drsync", "agent", "--config", str(cfg)], capture_output=True,
                           text=True, timeout=timeout)
 

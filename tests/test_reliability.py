@@ -185,10 +185,15 @@ def test_disk_full_on_the_standby_during_apply(pair: Pair, tmp_path: Path) -> No
         wait_for(pair.in_sync, "the first shipment")
         violations = 0
         for trial in range(n):
+            # The primary's agent is down while the applied snapshot is read and the big file written:
+            # every cycle records a new applied snapshot (unchanged content too), and a capture of the
+            # file half-written could fit the disk.
+            pair.kill("primary", signal.SIGTERM)
             before = hello(pair.standby_addr).applied_snapshot
             failures = pair_log(pair, "primary").count("failed:")
             big = pair.prod / "tables" / f"too-big-{trial}.bin"
             big.write_bytes(rnd.randbytes(rnd.randrange(26, 40) << 20))
+            pair.start("primary")
             wait_for(lambda f=failures: pair_log(pair, "primary").count("failed:") > f, "an apply to fail", 60)
             h = hello(pair.standby_addr)  # the standby is alive and serves
             if h.applied_snapshot != before or not root_is_whole_snapshot(pair.standby_cfg, pair.standby_data,

@@ -85,6 +85,21 @@ def pair_configs(base: Path, prod: Path, standby: Path, *, nested: bool = False,
     return scfg, pcfg
 
 
+def serves(cfg: Path) -> bool:
+    """Whether the agent of ``cfg`` accepts connections on its listen address. Its pid file comes
+    earlier (before it recovers and before its server starts): a ``drsync agent --once`` shipping to
+    it then finds nobody. A plain connect, no gRPC: these tests fork afterwards."""
+    import socket
+    import tomllib
+
+    host, port = tomllib.loads(cfg.read_text())["agent"]["listen"].rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def start_agent(cfg: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """``drsync agent --config cfg`` as a real process, logging to ``log`` (``env``: its whole environment)."""
     with open(log, "ab") as out:  # the child keeps its own copy of the fd
