@@ -268,18 +268,20 @@ def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinat
     number = int(previous[-1].get("number", 0)) + 1 if previous else 1
     report = DrillReport(cfg.agent.name, cfg.coordination.group, time.time(), number=number)
     state_file = StateStore(state_dir)
-    state = state_file.load()
     report.full_verify = full if full is not None else verify_all_this_time(number, cfg.drills.sample,
                                                                             cfg.drills.full_every)
-    if not state.applied_snapshot:
-        report.steps.append(DrillStep("applied", False, 0.0, "this standby has not applied any snapshot yet: there "
-                                                             "is nothing it could take over with"))
-    else:
-        report.snapshot, report.captured_at = state.applied_snapshot, state.applied_captured_at
-        rpo = state_lag_s(state, report.started_at)  # the lag at drill time, on the primary's clock
-        report.rpo_s = round(rpo, 3) if rpo is not None else None
-        repo = engine.open_repository(cfg.cluster.repository)
-        with repo.lock(exclusive=False, wait_s=engine.LOCK_WAIT_S):  # GC must not move packs under the drill
+    repo = engine.open_repository(cfg.cluster.repository)
+    # The shared lock first, then the applied snapshot: no retention can expire it (exclusive lock) while
+    # the drill reads it, and GC must not move packs under the drill.
+    with repo.lock(exclusive=False, wait_s=engine.LOCK_WAIT_S):
+        state = state_file.load()
+        if not state.applied_snapshot:
+            report.steps.append(DrillStep("applied", False, 0.0, "this standby has not applied any snapshot yet: "
+                                                                 "there is nothing it could take over with"))
+        else:
+            report.snapshot, report.captured_at = state.applied_snapshot, state.applied_captured_at
+            rpo = state_lag_s(state, report.started_at)  # the lag at drill time, on the primary's clock
+            report.rpo_s = round(rpo, 3) if rpo is not None else None
             try:
                 manifest: Manifest | None = repo.load_manifest(repo.find_snapshot(state.applied_snapshot))
             except DrsyncError as e:
