@@ -211,3 +211,30 @@ def test_a_standby_collecting_garbage_is_promoted_at_once(tmp_path: Path, zk_ser
         assert run_drsync("repo", "verify", "--config", g.cfg["west"]).code == 0
     finally:
         g.stop_all()
+
+
+def test_a_frozen_standby_holds_up_no_other(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
+    """Each standby has its own shipper: with one standby frozen (SIGSTOP: it accepts connections and
+    never answers), the other keeps receiving every change, and the frozen one catches up when thawed."""
+    import signal
+
+    from tests.group import Group
+
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west", "north"])
+    try:
+        for name in g.names:
+            g.start(name)
+        assert g.promote("east").code == 0
+        for name in ("west", "north"):
+            wait_for(lambda n=name: g.in_sync("east", n), f"{name} to apply production")
+        g.procs["north"].send_signal(signal.SIGSTOP)
+        for n in range(3):
+            (g.data["east"] / "catalog" / f"while-north-sleeps-{n}.txt").write_text(f"change {n}\n")
+            wait_for(lambda: g.in_sync("east", "west"), f"west to apply change {n} while north is frozen")
+        assert not g.in_sync("east", "north")
+        g.procs["north"].send_signal(signal.SIGCONT)
+        wait_for(lambda: g.in_sync("east", "north"), "north to catch up once thawed")
+    finally:
+        for p in g.procs.values():
+            p.send_signal(signal.SIGCONT)
+        g.stop_all()
