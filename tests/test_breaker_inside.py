@@ -62,9 +62,21 @@ def upload_then_die(prod_repo: Repository, snapshot: str, target: str, sender: s
         link.close()
 
 
+LAST_GC: dict[str, str] = {}
+
+
 def gc_runs(cfg: Path) -> bool:
     r = run_drsync("repo", "gc", "--config", cfg, env={"DRSYNC_LOCK_WAIT": "0"})
+    LAST_GC[str(cfg)] = r.err.strip()
     return r.code == 0
+
+
+def wait_gc(cfg: Path, what: str) -> None:
+    """Until 'drsync repo gc' runs (condition wait, bounded well past the shortened idle limit)."""
+    try:
+        wait_for(lambda: gc_runs(cfg), what, timeout=IDLE_S + 30)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last 'drsync repo gc' said: {LAST_GC.get(str(cfg))}") from None
 
 
 # --- promise 1: a sender that dies mid-shipment does not block GC for ever -------------------------
@@ -85,8 +97,7 @@ def test_a_sender_that_died_after_upload_stops_blocking_gc_after_the_idle_limit(
         assert upload_then_die(prod_repo, r.json()["id"], p.standby_addr, "primary", 1) > 0
         assert not gc_runs(p.standby_cfg), "the shipment's session must hold GC off while it is live"
         # Well past the idle limit, with nothing else arriving, GC must run.
-        wait_for(lambda: gc_runs(p.standby_cfg), f"GC to run once the dead sender's session is idle {IDLE_S}s",
-                 timeout=IDLE_S + 30)
+        wait_gc(p.standby_cfg, f"GC to run once the dead sender's session is idle {IDLE_S}s")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -117,7 +128,6 @@ def test_a_promoted_standby_does_not_keep_the_dead_primarys_session_for_ever(tmp
         r = g.promote("west", "--no-fence")
         assert r.code == 0, r.err
         wait_for(lambda: g.primary() == ("west", 2), "west to act as primary")
-        wait_for(lambda: gc_runs(g.cfg["west"]), "GC on the new primary (the dead shipment's session ended)",
-                 timeout=IDLE_S + 30)
+        wait_gc(g.cfg["west"], "GC on the new primary (the dead shipment's session ended)")
     finally:
         g.stop_all()

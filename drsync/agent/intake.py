@@ -6,7 +6,8 @@ would still say they are there: negotiation would never send them again). So a
 shipment holds one *session*: the repository's shared lock, taken at its first
 Negotiate or Upload and held until its Commit is done (or until the sender has
 been silent for :data:`SESSION_IDLE_S`: a primary that died mid-shipment does not
-block GC for ever). A session is keyed by the sender, its epoch and its process
+block GC for ever; the agent's loop looks for idle sessions on every pass, and a promotion
+ends them all). A session is keyed by the sender, its epoch and its process
 instance, so a retried upload of the same shipment continues the same session.
 GC takes the exclusive lock, so it runs only between shipments.
 """

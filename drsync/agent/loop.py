@@ -312,6 +312,8 @@ class Agent:
             if sup.fatal is not None:
                 break
             self.activity.sample_lag()
+            if self.receiver is not None:
+                self.receiver.intake.expire_idle()  # a sender that died mid-shipment lets GC run again
             primary = sup.acting_primary
             new = self.replication.set_targets(self.targets() if primary else [])
             if sup.cycle_now.is_set() or (new and primary):

@@ -289,6 +289,9 @@ class RoleSupervisor:
             try:
                 self.coord.claim_primary(epoch, self.name, self.address)
                 rx.release_on_promotion()
+                # Shipments of the old primary that never committed (it died mid-shipment) end here:
+                # a primary receives none, and their sessions would keep GC out for ever.
+                rx.intake.close()
             except (EpochConflict, PrimaryTaken, CoordinationUnavailable) as e:
                 log.warning("agent %s: could not take the primary node: %s", self.name, e)
                 rx.refusal = ""
