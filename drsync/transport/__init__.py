@@ -85,8 +85,9 @@ class StandbyLink(Protocol):
 class Receiver(Protocol):
     """What a standby does with a shipment (implemented by the agent's StandbyReceiver).
 
-    ``admit`` is the fencing check the transport makes at the start of Negotiate
-    and Upload; ``commit`` makes it itself, under the lock a promotion takes. It
+    ``admit`` is the fencing check the transport makes at the start of Negotiate,
+    Upload and Commit (before any manifest piece is kept); ``commit`` makes it
+    again itself, under the lock a promotion takes. It
     raises RefusedError when the caller may not ship now. ``greet`` sees every
     Hello (no fencing: Hello only reads).
     """

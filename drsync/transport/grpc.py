@@ -225,6 +225,10 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"the snapshot document is {len(doc)} bytes; a snapshot document is at most "
                                   f"{fmt.SNAPSHOT_DOC_MAX_BYTES} bytes (docs/FORMAT.md, Limits); nothing was stored")
+                try:
+                    rx.admit(caller)  # before any manifest piece is kept: a fenced sender sends none
+                except DrsyncError as e:
+                    _abort(context, e)
             elif part.epoch != caller.epoch:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "commit parts carry different epochs")
             piece = part.manifest
