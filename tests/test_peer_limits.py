@@ -239,6 +239,24 @@ def test_manifest_pieces_beyond_the_limit_are_refused_before_they_are_kept(
     assert standby.repo.list_snapshots() == []
 
 
+def test_a_fenced_sender_is_refused_before_any_manifest_piece_is_kept(standby: Standby) -> None:
+    """The commit's sender is admitted at its first part: a sender the group does not name (here the
+    group's epoch 5 names east; the rogue claims epoch 1) is refused before its pieces are read, not
+    after the standby held a whole manifest of up to 2 GiB for it."""
+    standby.rx.group_epoch = lambda: (5, "east")
+    sent: list[int] = []
+
+    def pieces() -> Iterator[bytes]:
+        for n in range(200):
+            sent.append(n)
+            yield os.urandom(4 * MiB)
+
+    out, growth = peak_growth(lambda: commit(standby, _doc(), pieces()))
+    refused(out, grpc.StatusCode.FAILED_PRECONDITION, "lower than epoch 5")
+    assert growth < 48 * MiB, f"the server kept {growth / MiB:.0f} MiB for a fenced sender"
+    assert len(sent) < 200, "the whole manifest was streamed to a standby that had refused its sender"
+
+
 def test_too_many_manifest_pieces_are_refused(standby: Standby, monkeypatch: pytest.MonkeyPatch) -> None:
     """At most COMMIT_MAX_PARTS pieces (65,536; the test lowers it to 500 to stay fast); empty pieces are
     not kept at all."""
