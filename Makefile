@@ -16,7 +16,7 @@ help:
 	@echo "make demo    - set up and run the snapshot/backup demo on generated data"
 	@echo "make test    - install what the tests need and run them"
 	@echo "make bench   - drsync against rsync on the same generated data (slow)"
-	@echo "make reliability - the fault trials with many more trials (under 20 minutes)"
+	@echo "make reliability - the fault trials with many more trials (about 45 minutes)"
 	@echo "make lint    - ruff"
 
 $(STAMP): pyproject.toml
@@ -49,7 +49,8 @@ bench: $(STAMP) system-deps
 
 reliability: $(STAMP) system-deps
 	DRSYNC_RELIABILITY=full DRSYNC_CRASH_TRIALS=40 DRSYNC_FAILOVER_TRIALS=15 $(PY) -m pytest -q \
-		tests/test_reliability.py tests/test_crash.py tests/test_lock.py tests/test_failover.py
+		tests/test_reliability.py tests/test_crash.py tests/test_lock.py tests/test_failover.py \
+		tests/test_apply_crash.py tests/test_long_apply.py
 	DRSYNC_CRASH_TRIALS=40 $(PY) -m pytest -q tests/test_agents.py -k kill_9
 
 proto: $(STAMP)
