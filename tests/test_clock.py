@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from drsync.agent.clock import WINDOW_S, ClockOffset, lag_s
-from drsync.agent.state import AgentState, StateStore, state_lag_s
+from drsync.agent.state import AgentState, StateStore
 
 T = 1_800_000_000.0
 
@@ -72,8 +72,8 @@ def test_the_state_file_keeps_the_offset_for_the_command_line(tmp_path: Path) ->
     st = StateStore(str(tmp_path)).current  # read back from disk
     assert (st.clock_offset_s, st.clock_source, st.applied_position, st.epoch_seen, st.epoch_seen_at) == \
         (600.0, "east", (3, 17), 3, T)
-    assert state_lag_s(st, now=T + 7) == pytest.approx(7.0)
-    assert state_lag_s(AgentState(), now=T) is None
+    assert st.lag_s(now=T + 7) == pytest.approx(7.0)
+    assert AgentState().lag_s(now=T) is None
 
 
 def test_a_restarted_primary_whose_clock_stepped_back_is_followed_at_once() -> None:

@@ -22,7 +22,7 @@ from drsync.agent.fencing import approve_rejoin, fence_env, run_command
 from drsync.agent.locks import StateDirLock
 from drsync.agent.loop import open_coordinator
 from drsync.agent.roles import format_span, promotion_refusal
-from drsync.agent.state import StateStore, state_dir_of, state_lag_s
+from drsync.agent.state import StateStore, state_dir_of
 from drsync.agent.supervisor import has_data
 from drsync.config import Config
 from drsync.coordination import Coordinator
@@ -97,7 +97,7 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
                                f"restore), then promote")
         state_dir = state_dir_of(cfg)
         state = StateStore(state_dir).load()
-        lag = state_lag_s(state)  # on the primary's clock, with the offset the agent last estimated
+        lag = state.lag_s()  # on the primary's clock, with the offset the agent last estimated
         refusal = promotion_refusal(lag_s=lag, applied_captured_at=state.applied_captured_at,
                                     max_lag_s=cfg.coordination.max_lag_on_failover,
                                     accept_data_loss=accept_data_loss, first_promotion=first)

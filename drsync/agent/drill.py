@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from drsync import engine, fsutil
-from drsync.agent.state import StateStore, state_lag_s
+from drsync.agent.state import StateStore
 from drsync.apply import apply_manifest, comparison_resolution, plan_apply
 from drsync.config import Config
 from drsync.coordination import Coordinator
@@ -280,7 +280,7 @@ def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinat
                                                                  "there is nothing it could take over with"))
         else:
             report.snapshot, report.captured_at = state.applied_snapshot, state.applied_captured_at
-            rpo = state_lag_s(state, report.started_at)  # the lag at drill time, on the primary's clock
+            rpo = state.lag_s(report.started_at)  # the lag at drill time, on the primary's clock
             report.rpo_s = round(rpo, 3) if rpo is not None else None
             try:
                 manifest: Manifest | None = repo.load_manifest(repo.find_snapshot(state.applied_snapshot))

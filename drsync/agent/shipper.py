@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from drsync import engine
 from drsync.agent.primary import ship_snapshot
@@ -117,11 +116,6 @@ class Shipper:
         """Bring this standby to ``info`` (or to a newer snapshot offered before it gets there)."""
         with self._cv:
             self.offered = info
-            self._cv.notify_all()
-
-    def retry_now(self) -> None:
-        with self._cv:
-            self.retry_at = 0.0
             self._cv.notify_all()
 
     def _due(self) -> SnapshotInfo | None:
@@ -314,7 +308,3 @@ class Replication:
             shippers, self.shippers = list(self.shippers.values()), {}
         for s in shippers:
             s.stop()
-
-    def describe(self) -> dict[str, Any]:
-        return {t: {"applied": s.position.snapshot, "in_flight": s.in_flight, "retry_in_s":
-                    max(0.0, round(s.retry_at - time.monotonic(), 1))} for t, s in list(self.shippers.items())}

@@ -18,6 +18,7 @@ from typing import Any
 
 from drsync.agent import clock
 from drsync.agent.committer import Committer
+from drsync.agent.hold import ApplyHold
 from drsync.agent.intake import ChunkIntake
 from drsync.agent.state import AgentState, StateStore
 from drsync.apply import ApplyResult
@@ -69,7 +70,7 @@ class StandbyReceiver:
         return self.committer.lock
 
     @property
-    def hold(self) -> Any:
+    def hold(self) -> ApplyHold:
         return self.committer.hold
 
     @property

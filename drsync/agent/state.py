@@ -69,11 +69,6 @@ class AgentState:
         return clock.lag_s(self.applied_captured_at, self.clock_offset_s, now)
 
 
-def state_lag_s(state: AgentState, now: float | None = None) -> float | None:
-    """:meth:`AgentState.lag_s` (kept for callers that hold a state record)."""
-    return state.lag_s(now)
-
-
 def state_dir_of(cfg: Config) -> str:
     """The agent's state directory: ``agent.state_dir``, else ``<repository>/agent``."""
     return cfg.agent.state_dir or os.path.join(engine.local_path(cfg.cluster.repository, "repository"), "agent")

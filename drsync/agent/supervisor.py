@@ -37,6 +37,7 @@ from drsync.coordination import (
 )
 from drsync.dataroot import open_data_root
 from drsync.errors import DrsyncError
+from drsync.metrics import AgentMetrics
 from drsync.repository.manifest import diff
 from drsync.repository.repo import Repository
 
@@ -62,7 +63,7 @@ def has_data(root: str) -> bool:
 
 class RoleSupervisor:
     def __init__(self, cfg: Config, *, repo: Repository, store: StateStore, receiver: StandbyReceiver | None,
-                 coord: Coordinator | None, data_root: str, state_dir: str, metrics: Any,
+                 coord: Coordinator | None, data_root: str, state_dir: str, metrics: AgentMetrics,
                  wake: Callable[[], None], hold_summary: Callable[[], dict[str, Any] | None]) -> None:
         self.cfg = cfg
         self.name = cfg.agent.name
