@@ -103,9 +103,11 @@ def test_corrupt_chunk_is_detected_on_read_and_verify(repo: Repository, storage:
     data = tmp_path / "data"
     make_tree(data)
     info = engine.create_snapshot(repo, engine.SnapshotRequest(str(data)))
-    loc = repo.index.get(next(iter(repo.load_manifest(info).chunk_ids())))
-    assert loc is not None
-    _corrupt(storage, fmt.pack_name(loc.pack_id), loc.offset + 10)
+    # Flip a byte inside one chunk's stored bytes (the manifest's chunk set has no fixed order,
+    # and some chunks are only a few bytes long; a fixed offset could land in the next chunk).
+    locs = [repo.index.get(c) for c in sorted(repo.load_manifest(info).chunk_ids())]
+    loc = max((x for x in locs if x is not None), key=lambda x: x.stored_length)
+    _corrupt(storage, fmt.pack_name(loc.pack_id), loc.offset + loc.stored_length // 2)
     fresh = Repository.open(storage)
     report = fresh.verify()
     assert not report.ok
