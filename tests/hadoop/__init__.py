@@ -1,0 +1,1 @@
+"""A real HDFS for tests and benchmarks (Hadoop's MiniDFSCluster, driven by tests/hadoop/cluster.py)."""

@@ -1,0 +1,234 @@
+"""Start, drive and stop a real HDFS mini cluster (Hadoop 3.5's MiniDFSCluster in its own JVM).
+
+The Java side is ``tests/hadoop/src/main/java/drsync/hadoop/MiniCluster.java``, built with Maven
+from ``tests/hadoop/pom.xml`` on first use (Debian's ``maven`` is installed if missing; the jars
+come from Maven Central). ``scripts/hadoop-cluster`` is the command-line face of this module.
+
+A started cluster is described by ``DIR/cluster.json``:
+
+- ``webhdfs``: ``host:port`` of every namenode's WebHDFS, the active one first;
+- ``hdfs``: the RPC URI (``hdfs://drsync-ns`` for an HA pair, with ``conf_dir`` holding the
+  client configuration that resolves it);
+- ``pid``: the JVM's process id; ``control``: the loopback URL of its admin port;
+- ``namenodes``: index, id (``nn1``...), state, webhdfs and rpc address of each namenode;
+- ``superuser``: the HDFS superuser (the user that started the cluster).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+HERE = Path(__file__).resolve().parent
+POM = HERE / "pom.xml"
+TARGET = HERE / "target"
+JAR = TARGET / "drsync-minicluster-1.jar"
+CLASSPATH = TARGET / "classpath.txt"
+MAIN = "drsync.hadoop.MiniCluster"
+
+
+class HadoopClusterError(RuntimeError):
+    """The cluster could not be built, started or asked; the message says what to look at."""
+
+
+def _sources() -> list[Path]:
+    return [POM, *sorted((HERE / "src").rglob("*"))]
+
+
+def _stale() -> bool:
+    if not JAR.exists() or not CLASSPATH.exists():
+        return True
+    built = min(JAR.stat().st_mtime, CLASSPATH.stat().st_mtime)
+    return any(p.is_file() and p.stat().st_mtime > built for p in _sources())
+
+
+def _ensure_maven() -> str:
+    mvn = shutil.which("mvn")
+    if mvn:
+        return mvn
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True)
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "maven"], check=True,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    mvn = shutil.which("mvn")
+    if not mvn:
+        raise HadoopClusterError("Maven is not installed and apt-get could not install it: install Debian's maven")
+    return mvn
+
+
+def build() -> list[str]:
+    """Build the launcher if its sources changed; return the Java classpath (jar first)."""
+    TARGET.mkdir(exist_ok=True)
+    with open(TARGET / ".build.lock", "w") as lock:  # two test workers build once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _stale():
+            mvn = _ensure_maven()
+            proc = subprocess.run([mvn, "-q", "-B", "-f", str(POM), "package", "-DskipTests"],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+                raise HadoopClusterError(f"building the HDFS mini cluster failed (mvn package in {HERE}):\n{tail}")
+    return [str(JAR), *CLASSPATH.read_text().strip().split(":")]
+
+
+@dataclass
+class HadoopCluster:
+    """A running mini cluster: its directory and description (``cluster.json``)."""
+
+    dir: Path
+    info: dict[str, Any]
+
+    @property
+    def webhdfs(self) -> list[str]:
+        return list(self.info["webhdfs"])
+
+    @property
+    def pid(self) -> int:
+        return int(self.info["pid"])
+
+    def run(self, *args: str, check: bool = True, timeout: float = 600) -> dict[str, Any]:
+        """One admin action (see MiniCluster.java): ``{"rc", "out", "err"}`` and more for some."""
+        try:
+            r = requests.post(f"{self.info['control']}/run", json=list(args), timeout=timeout)
+            r.raise_for_status()
+        except requests.RequestException as e:
+            raise HadoopClusterError(f"the mini cluster in {self.dir} does not answer ({e}); is it running?") from e
+        answer: dict[str, Any] = r.json()
+        if check and answer.get("rc") != 0:
+            raise HadoopClusterError(f"{' '.join(args)} failed (rc {answer.get('rc')}): "
+                                     f"{(answer.get('err') or answer.get('out') or '').strip()}")
+        return answer
+
+    def dfsadmin(self, *args: str, check: bool = True) -> dict[str, Any]:
+        return self.run("dfsadmin", *args, check=check)
+
+    def haadmin(self, *args: str, check: bool = True) -> dict[str, Any]:
+        return self.run("haadmin", *args, check=check)
+
+    def state(self) -> dict[str, Any]:
+        """Namenode states now: ``{"webhdfs": [...active first], "namenodes": [...], "datanodes": N}``."""
+        out: dict[str, Any] = json.loads(self.run("state")["out"])
+        return out
+
+    def audit_next(self) -> int:
+        """The number the next audit event will get (take it before an action, then ``audit`` it)."""
+        return int(self._audit(None)["next"])
+
+    def _audit(self, since: int | None) -> dict[str, Any]:
+        return self.run("audit", str(since if since is not None else 1 << 62))
+
+    def audit(self, since: int) -> list[dict[str, Any]]:
+        """The namenodes' audit events numbered ``since`` and later: ``ok``, ``user``, ``cmd``,
+        ``src``, ``dst``, ``seq`` (``cmd`` is Hadoop's name: ``open``, ``listStatus``, ``create``,
+        ``computeSnapshotDiff``...)."""
+        events: list[dict[str, Any]] = self._audit(since)["events"]
+        return events
+
+    def token(self, user: str) -> str:
+        """A delegation token for ``user``, URL-encoded (as WebHDFS's ``delegation=`` takes it)."""
+        return str(self.run("token", user)["token"])
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def stop(self, timeout: float = 60) -> None:
+        stop(self.dir, timeout=timeout)
+
+
+def _java() -> str:
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not java:
+        raise HadoopClusterError("no java on PATH: install a Java 17 JDK (Debian: openjdk-17-jre-headless)")
+    return java
+
+
+def start(dir: str | os.PathLike[str], *, ha: bool = False, datanodes: int = 1, block_size: int = 1 << 20,
+          ls_limit: int = 1000, heap: str = "2g", timeout: float = 300) -> HadoopCluster:
+    """Start a cluster in the background and wait until it answers (``timeout`` seconds at most)."""
+    d = Path(dir).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    existing = _read(d)
+    if existing is not None and existing.alive():
+        raise HadoopClusterError(f"a mini cluster already runs from {d} (pid {existing.pid}): stop it first")
+    for leftover in ("cluster.json", "hdfs", "conf", "tmp"):
+        p = d / leftover
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    cp = build()
+    args = [_java(), f"-Xmx{heap}", "-Djava.net.preferIPv4Stack=true", "-cp", ":".join(cp), MAIN, "--dir", str(d),
+            "--datanodes", str(datanodes), "--block-size", str(block_size), "--ls-limit", str(ls_limit)]
+    if ha:
+        args.append("--ha")
+    log = open(d / "cluster.log", "wb")
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while True:
+        c = _read(d)
+        if c is not None:
+            return c
+        if proc.poll() is not None or "Exception in thread \"main\"" in _tail(d / "cluster.log", 200):
+            proc.kill()
+            raise HadoopClusterError(f"the mini cluster failed while starting (exit {proc.wait()}): "
+                                     f"{_tail(d / 'cluster.log')}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise HadoopClusterError(f"the mini cluster did not answer within {timeout:.0f} s: see {d}/cluster.log")
+        time.sleep(0.2)
+
+
+def _tail(p: Path, lines: int = 15) -> str:
+    try:
+        text = p.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+def _read(d: Path) -> HadoopCluster | None:
+    try:
+        info = json.loads((d / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return HadoopCluster(d, info)
+
+
+def attach(dir: str | os.PathLike[str]) -> HadoopCluster:
+    """The running cluster described in ``dir/cluster.json``."""
+    c = _read(Path(dir).resolve())
+    if c is None or not c.alive():
+        raise HadoopClusterError(f"no mini cluster runs from {dir}: start one with scripts/hadoop-cluster start {dir}")
+    return c
+
+
+def stop(dir: str | os.PathLike[str], timeout: float = 60) -> bool:
+    """Stop the cluster of ``dir`` by its PID (SIGTERM, then SIGKILL). False if none was running."""
+    c = _read(Path(dir).resolve())
+    if c is None or not c.alive():
+        return False
+    os.kill(c.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while c.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if c.alive():
+        os.kill(c.pid, signal.SIGKILL)
+        while c.alive():
+            time.sleep(0.05)
+    return True
