@@ -132,9 +132,49 @@ def age_tree(root: Path, seconds: int = 10) -> None:
 # --- real ZooKeeper ------------------------------------------------------------------
 
 
+# --- real HDFS (Hadoop's MiniDFSCluster) ---------------------------------------------------
+
+
 @pytest.fixture(scope="session")
-def webhdfs_cluster():  # type: ignore[no-untyped-def]
-    """One WebHDFS server (two namenodes, the second active, and a datanode) for the run."""
+def hdfs_cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One real HDFS for the run: an HA pair of namenodes and a datanode (tests/hadoop).
+
+    1 MiB blocks (so that quotas and multi-block files are cheap) and 25 entries per listing page
+    (``dfs.ls.limit``, so that every listing of a test tree pages).
+    """
+    from tests.hadoop import cluster as hc
+
+    d = tmp_path_factory.mktemp("hdfs")
+    try:
+        c = hc.start(d, ha=True, datanodes=1, block_size=1 << 20, ls_limit=25)
+    except hc.HadoopClusterError as e:
+        pytest.fail(f"no real HDFS for the HDFS tests: {e}")
+    from drsync.storage.hdfs import HdfsFs, parse_hdfs_url
+    from tests.realhdfs import BASE
+
+    hosts = ",".join(c.webhdfs)
+    su = HdfsFs(parse_hdfs_url(f"hdfs://{hosts}/?user={c.info['superuser']}"), retry_s=30)
+    su.mkdirs(BASE)
+    su.set_permission(BASE, 0o1777)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def webhdfs(hdfs_cluster):  # type: ignore[no-untyped-def]
+    """The real HDFS with a directory of this test's own (tests/realhdfs.py); healed afterwards
+    (an active namenode, out of safe mode) for the next test."""
+    from tests.realhdfs import RealHdfs
+
+    h = RealHdfs(hdfs_cluster)
+    yield h
+    h.heal()
+
+
+@pytest.fixture(scope="session")
+def fake_webhdfs_cluster():  # type: ignore[no-untyped-def]
+    """The WebHDFS test server (tests/webhdfs.py), only for faults a real namenode cannot produce
+    on demand; each test that takes it says which."""
     from tests.webhdfs import WebHdfsCluster
 
     cluster = WebHdfsCluster(namenodes=2)
@@ -144,11 +184,11 @@ def webhdfs_cluster():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def webhdfs(webhdfs_cluster, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    """The shared WebHDFS server, reset to a healthy state, with a directory of this test's own."""
+def fake_webhdfs(fake_webhdfs_cluster, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """The shared WebHDFS test server, reset to a healthy state, with a directory of this test's own."""
     import uuid
 
-    c = webhdfs_cluster
+    c = fake_webhdfs_cluster
     c.safe_mode, c.active, c.require_token, c.snapshot_diff, c.list_limit = False, 1, False, True, 1000
     c.on_request = None
     c.test_dir = f"/t/{uuid.uuid4().hex[:10]}"

@@ -75,12 +75,12 @@ def test_webhdfs_server_speaks_the_rest_protocol(webhdfs) -> None:  # type: igno
     # A standby namenode refuses everything with StandbyException.
     r = requests.get(f"{webhdfs.namenode_urls[0]}/webhdfs/v1/?op=GETFILESTATUS", timeout=10)
     assert r.status_code == 403 and r.json()["RemoteException"]["exception"] == "StandbyException"
-    # LISTSTATUS_BATCH pages with startAfter and remainingEntries.
+    # LISTSTATUS_BATCH pages with startafter and remainingEntries.
     for i in range(5):
         requests.put(requests.put(f"{base}/d/{i}?op=CREATE&user.name=drsync", allow_redirects=False,
                                   timeout=10).headers["Location"], data=b"x", timeout=10)
     webhdfs.list_limit = 2
-    page = requests.get(f"{base}/d?op=LISTSTATUS_BATCH&startAfter=1", timeout=10).json()["DirectoryListing"]
+    page = requests.get(f"{base}/d?op=LISTSTATUS_BATCH&startafter=1", timeout=10).json()["DirectoryListing"]
     assert [s["pathSuffix"] for s in page["partialListing"]["FileStatuses"]["FileStatus"]] == ["2", "3"]
     assert page["remainingEntries"] == 1
     # RENAME answers false rather than replacing an existing file.

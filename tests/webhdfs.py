@@ -486,7 +486,7 @@ class _NamenodeHandler(_Base):
         if node.type != "DIRECTORY":
             raise RemoteError("IllegalArgumentException", f"{path} is not a directory")
         self.cluster._check(user, node, 4, path, "listStatus")
-        after = params.get("startAfter", "")
+        after = params.get("startafter", "")  # Hadoop 3.5 takes only this spelling (not the docs' startAfter)
         names = [n for n in sorted(node.children) if n > after]
         page = names[: self.cluster.list_limit]
         self._json({"DirectoryListing": {"partialListing": {"FileStatuses": {"FileStatus": [

@@ -128,6 +128,8 @@ def _checked_status(s: Any) -> dict[str, Any]:
     return s
 
 
+# How long a namenode that answered a metadata call counts as the active one (seconds).
+_ACTIVE_TRUST_S = 5.0
 _RETRYABLE = {"SafeModeException", "RetriableException", "StandbyException"}
 _QUOTA = {"DSQuotaExceededException", "NSQuotaExceededException", "QuotaExceededException"}
 
@@ -250,17 +252,45 @@ class HdfsFs:
         # HdfsCLI logs every request at INFO and raw error bodies at ERROR; drsync reports every
         # failure itself, in one line, so the package stays quiet.
         logging.getLogger("hdfs").setLevel(logging.CRITICAL)
+        # Which namenode the client asks first, and until when it is known to be the active one.
+        self._namenode_lock = threading.Lock()
+        self._active_until = 0.0
+
+    def _next_namenode(self, failed: str) -> None:
+        """Ask another namenode first from now on, unless another thread already moved on from ``failed``."""
+        with self._namenode_lock:
+            urls = self.client._urls
+            if len(urls) > 1 and urls[0] == failed:
+                urls.rotate(-1)
+            self._active_until = 0.0
+
+    def _ensure_active(self, path: str) -> None:
+        """Make sure the first namenode is the active one before a CREATE.
+
+        A standby namenode answers CREATE with a redirect all the same (it picks a datanode without
+        asking its namespace); the datanode then refuses with StandbyException, after the client
+        began to send the body (seen on Hadoop 3.5). A metadata call, which a standby refuses at
+        once, moves the client to the active namenode first; it is repeated at most every few seconds.
+        """
+        if time.monotonic() < self._active_until:
+            return
+        parent = posixpath.dirname(path.rstrip("/")) or "/"
+        self._call("stat", parent, lambda: self.client.status(parent, strict=False))
+        self._active_until = time.monotonic() + _ACTIVE_TRUST_S
 
     # Every call goes through here: translate errors, retry what retrying can fix.
     def _call(self, action: str, path: str, fn: Callable[[], T], *, retry: bool = True) -> T:
         deadline = time.monotonic() + self.retry_s
         delay = 0.1
         while True:
+            first = self.client._urls[0]
             try:
                 return fn()
             except hdfs.util.HdfsError as e:
                 exc = getattr(e, "exception", None)
                 err = _explain(exc, str(e.message if hasattr(e, "message") else e), action, path, self)
+                if exc == "StandbyException":  # also from a datanode, after a standby's redirect
+                    self._next_namenode(first)
                 if not (retry and exc in _RETRYABLE):
                     raise err from None
             except (requests.ConnectionError, requests.Timeout) as e:
@@ -294,7 +324,9 @@ class HdfsFs:
         after = ""
 
         def page(start: str) -> tuple[list[dict[str, Any]], int]:
-            doc = self.client._list_status_batch(path, startAfter=start or None).json()["DirectoryListing"]
+            # Lower case: Hadoop 3.5's namenode ignores ``startAfter`` (the spelling of its own REST
+            # docs) and answers the first page again; every release takes ``startafter``.
+            doc = self.client._list_status_batch(path, startafter=start or None).json()["DirectoryListing"]
             entries = [_checked_status(s) for s in doc["partialListing"]["FileStatuses"]["FileStatus"]]
             return entries, int(doc.get("remainingEntries") or 0)
 
@@ -370,6 +402,7 @@ class HdfsFs:
     def write(self, path: str, data: bytes, *, overwrite: bool = False, permission: int | None = None) -> None:
         """CREATE with the whole body (small blobs); retried as a whole, since the body is at hand."""
         perm = f"{permission:o}" if permission is not None else None
+        self._ensure_active(path)
         self._call("write", path, lambda: self.client.write(path, data=data, overwrite=overwrite,
                                                             permission=perm))
 
@@ -426,8 +459,10 @@ class StreamingWrite:
         self.path = path
         self.size = 0
         perm = f"{permission:o}" if permission is not None else None
+        fs._ensure_active(path)
         self._location: str = fs._call("create", path, lambda: fs.client._create(
             path, overwrite=overwrite, permission=perm).headers["location"])
+        self._namenode = fs.client._urls[0]  # the namenode that redirected
         self._queue: queue.Queue[bytes | None] = queue.Queue(_WRITE_QUEUE)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._upload, name="drsync-hdfs-write", daemon=True)
@@ -447,6 +482,8 @@ class StreamingWrite:
                                               headers={"content-type": "application/octet-stream"})
             if not res.ok:
                 err = hdfs.client._to_error(res)  # type: ignore[attr-defined]
+                if getattr(err, "exception", None) == "StandbyException":
+                    self.fs._next_namenode(self._namenode)
                 self._error = _explain(getattr(err, "exception", None), str(err), "write", self.path, self.fs)
         except (requests.ConnectionError, requests.Timeout) as e:
             self._error = _unreachable(e, "write", self.path, self.fs)

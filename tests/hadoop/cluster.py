@@ -139,6 +139,12 @@ class HadoopCluster:
         return str(self.run("token", user)["token"])
 
     def alive(self) -> bool:
+        """Whether the JVM still runs (a child of this process that has exited is reaped here)."""
+        try:
+            if os.waitpid(self.pid, os.WNOHANG)[0] == self.pid:
+                return False
+        except ChildProcessError:
+            pass  # started by another process: ask the kernel
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:

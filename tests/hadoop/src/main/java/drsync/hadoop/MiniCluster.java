@@ -250,6 +250,17 @@ public final class MiniCluster {
             case "namenode" -> namenode(rest[0], Integer.parseInt(rest[1]));
             case "datanode" -> datanode(rest[0], Integer.parseInt(rest[1]));
             case "state" -> { }
+            case "tree" -> {
+                out.put("rc", 0);
+                out.put("entries", tree(rest[0]));
+                return out;
+            }
+            case "copy" -> copy(rest[0], rest[1]);
+            case "snapshots" -> {
+                out.put("rc", 0);
+                out.put("names", snapshots(rest[0]));
+                return out;
+            }
             case "audit" -> {
                 out.put("rc", 0);
                 out.put("next", AuditRecorder.next());
@@ -267,6 +278,74 @@ public final class MiniCluster {
         out.put("out", JSON.writeValueAsString(state()));
         out.put("err", "");
         return out;
+    }
+
+    private org.apache.hadoop.fs.FileSystem superFs() throws IOException {
+        return org.apache.hadoop.fs.FileSystem.get(clientConf);
+    }
+
+    /** Every entry below {@code root} as Hadoop's own client sees it, files with a SHA-256 of their bytes. */
+    private List<Map<String, Object>> tree(String root) throws Exception {
+        org.apache.hadoop.fs.FileSystem fs = superFs();
+        List<Map<String, Object>> out = new ArrayList<>();
+        java.util.ArrayDeque<org.apache.hadoop.fs.Path> todo = new java.util.ArrayDeque<>();
+        org.apache.hadoop.fs.Path top = new org.apache.hadoop.fs.Path(root);
+        todo.add(top);
+        int cut = top.toUri().getPath().length() + 1;
+        while (!todo.isEmpty()) {
+            for (org.apache.hadoop.fs.FileStatus st : fs.listStatus(todo.poll())) {
+                Map<String, Object> e = new LinkedHashMap<>();
+                e.put("path", st.getPath().toUri().getPath().substring(cut));
+                e.put("type", st.isDirectory() ? "dir" : st.isSymlink() ? "link" : "file");
+                e.put("mode", (int) st.getPermission().toShort() & 07777);
+                e.put("mtime_ms", st.getModificationTime());
+                e.put("owner", st.getOwner());
+                if (st.isDirectory()) {
+                    todo.add(st.getPath());
+                } else if (st.isFile()) {
+                    e.put("length", st.getLen());
+                    java.security.MessageDigest md = java.security.MessageDigest.getInstance("SHA-256");
+                    try (InputStream in = fs.open(st.getPath())) {
+                        byte[] buf = new byte[1 << 16];
+                        for (int n; (n = in.read(buf)) > 0; ) {
+                            md.update(buf, 0, n);
+                        }
+                    }
+                    e.put("sha256", java.util.HexFormat.of().formatHex(md.digest()));
+                }
+                out.add(e);
+            }
+        }
+        return out;
+    }
+
+    /** {@code hdfs dfs -cp -p}: the tree under new inode ids, permissions and times kept. */
+    private void copy(String src, String dst) throws IOException {
+        org.apache.hadoop.fs.FileSystem fs = superFs();
+        copyOne(fs, fs.getFileStatus(new org.apache.hadoop.fs.Path(src)), new org.apache.hadoop.fs.Path(dst));
+    }
+
+    private void copyOne(org.apache.hadoop.fs.FileSystem fs, org.apache.hadoop.fs.FileStatus st,
+                         org.apache.hadoop.fs.Path dst) throws IOException {
+        if (st.isDirectory()) {
+            fs.mkdirs(dst);
+            for (org.apache.hadoop.fs.FileStatus child : fs.listStatus(st.getPath())) {
+                copyOne(fs, child, new org.apache.hadoop.fs.Path(dst, child.getPath().getName()));
+            }
+        } else {
+            org.apache.hadoop.fs.FileUtil.copy(fs, st.getPath(), fs, dst, false, true, clientConf);
+        }
+        fs.setPermission(dst, st.getPermission());
+        fs.setOwner(dst, st.getOwner(), st.getGroup());
+        fs.setTimes(dst, st.getModificationTime(), -1);
+    }
+
+    private List<String> snapshots(String dir) throws IOException {
+        List<String> names = new ArrayList<>();
+        for (org.apache.hadoop.fs.FileStatus st : superFs().listStatus(new org.apache.hadoop.fs.Path(dir, ".snapshot"))) {
+            names.add(st.getPath().getName());
+        }
+        return names;
     }
 
     private void namenode(String what, int i) throws IOException {
