@@ -182,9 +182,8 @@ def start(dir: str | os.PathLike[str], *, ha: bool = False, datanodes: int = 1, 
             "--datanodes", str(datanodes), "--block-size", str(block_size), "--ls-limit", str(ls_limit)]
     if ha:
         args.append("--ha")
-    log = open(d / "cluster.log", "wb")
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    log.close()
+    with open(d / "cluster.log", "wb") as log:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + timeout
     while True:
         c = _read(d)
