@@ -20,14 +20,14 @@ empty directories; with no ``.drsync-staging`` and no journal left. Every violat
 so a failing test names all of its steps at once.
 
 Also: as another user than root (``nobody``), with a filesystem mounted inside the target, the
-recovery itself killed at each of its steps, the same on an HDFS target (the WebHDFS test server
-runs in the pytest process, never in the killed one), and a real standby agent killed at steps
+recovery itself killed at each of its steps, the same on a real HDFS target (the mini cluster's
+JVM, never the killed process), and a real standby agent killed at steps
 of its commit and restarted (all steps with ``DRSYNC_RELIABILITY=full``).
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import json
 import os
 import shutil
@@ -182,10 +182,11 @@ def expected_local(spec: Spec, owner: tuple[int, int] | None = None) -> State:
 
 
 def expected_hdfs(spec: Spec) -> State:
+    """What :func:`hdfs_state` reads for a spec (bytes as their SHA-256, as the real cluster reports them)."""
     out: State = {}
     for path, e in spec.items():
         if e[0] == "file":
-            out[path] = ("file", e[1], e[2] // 1_000_000, e[3])
+            out[path] = ("file", e[1], e[2] // 1_000_000, hashlib.sha256(e[3]).hexdigest())
         elif e[0] == "dir":
             out[path] = ("dir", e[1], e[2] // 1_000_000)
     return out
@@ -757,51 +758,34 @@ def test_a_failed_staging_leaves_a_mount_point_as_it_was(open_dir: Path) -> None
 
 
 def hdfs_state(cluster: Any, path: str) -> State:
-    """The namespace below ``path`` as the server keeps it (all HDFS has: type, permission, ms mtime,
-    bytes), except the top-level staging area."""
+    """The namespace below ``path`` as Hadoop's own client lists it (all HDFS has: type, permission,
+    ms mtime, a digest of the bytes), except the top-level staging area."""
     out: State = {}
-    with cluster.lock:
-        stack = [("", cluster._resolve(path))]
-        while stack:
-            rel, node = stack.pop()
-            for name, child in node.children.items():
-                if not rel and name == STAGING:
-                    continue
-                r = f"{rel}/{name}" if rel else name
-                if child.type == "DIRECTORY":
-                    out[r] = ("dir", child.permission, child.mtime_ms)
-                    stack.append((r, child))
-                elif child.type == "FILE":
-                    out[r] = ("file", child.permission, child.mtime_ms, cluster._read(child, 0, None))
-                else:
-                    out[r] = ("link", child.symlink, child.mtime_ms)
+    for rel, e in cluster.tree(path).items():
+        if rel == STAGING or rel.startswith(STAGING + "/"):
+            continue
+        if e["type"] == "dir":
+            out[rel] = ("dir", e["mode"], e["mtime_ms"])
+        elif e["type"] == "file":
+            out[rel] = ("file", e["mode"], e["mtime_ms"], e["sha256"])
+        else:
+            out[rel] = ("link", None, e["mtime_ms"])
     return out
 
 
 def hdfs_copy(cluster: Any, src: str, dst: str) -> None:
-    """``hdfs dfs -cp -p`` as the server's administrator: the same tree under new inode ids (file
-    bytes are immutable on the server, so copies share them)."""
-    with cluster.lock:
-        clone = copy.deepcopy(cluster._resolve(src))
-        stack = [clone]
-        while stack:
-            node = stack.pop()
-            node.file_id = next(cluster._ids)
-            stack.extend(node.children.values())
-        parent, name = cluster._parent(dst)
-        assert name not in parent.children
-        parent.children[name] = clone
+    """``hdfs dfs -cp -p`` as the superuser: the same tree under new inode ids."""
+    cluster.copy(src, dst)
 
 
 def hdfs_staging_left(cluster: Any, path: str) -> bool:
-    with cluster.lock:
-        return STAGING in cluster._resolve(path).children
+    return cluster.admin_fs.status(f"{path}/{STAGING}") is not None
 
 
 def test_kill_9_at_every_step_of_an_hdfs_commit(driver: Driver, webhdfs: Any, open_dir: Path) -> None:
     """The same on an HDFS target (no symlinks there), at every step of the commit and the close (every
-    third step in make test, all of them with DRSYNC_RELIABILITY=full). The
-    killed child talks WebHDFS to the server in the pytest process; one commit worker, so that no call
+    sixth step in make test, all of them with DRSYNC_RELIABILITY=full). The
+    killed child talks WebHDFS to the real mini cluster; one commit worker, so that no call
     is in flight when it dies and each N is one exact point in the sequence of namenode calls."""
     tmp_path = open_dir / "hdfs"
     tmp_path.mkdir()
@@ -824,9 +808,9 @@ def test_kill_9_at_every_step_of_an_hdfs_commit(driver: Driver, webhdfs: Any, op
     assert counts["applies"] == 1 and counts["commit"] >= 25, counts
     first = counts["stage"] + 1  # the first step of the commit
     bad, mixed = Violations(), 0
-    # Every step with DRSYNC_RELIABILITY=full (make reliability); every third one (and both ends) otherwise.
+    # Every step with DRSYNC_RELIABILITY=full (make reliability); every sixth one (and both ends) otherwise.
     last = counts["total"]
-    steps = range(first, last + 1) if FULL else sorted(set(range(first, last + 1, 3)) | {first, last})
+    steps = range(first, last + 1) if FULL else sorted(set(range(first, last + 1, 6)) | {first, last})
     for n in steps:
         name = f"t{n}"
         hdfs_copy(c, base, f"{c.test_dir}/{name}")

@@ -592,8 +592,13 @@ class _NamenodeHandler(_Base):
         self._reply(200)
 
     def op_PUT_SETTIMES(self, path: str, params: dict[str, str], user: str) -> None:
-        """Spec § Set Access or Modification Time: -1 keeps a time; empty 200."""
-        node = self._own(path, user)
+        """Spec § Set Access or Modification Time: -1 keeps a time; empty 200. Needs WRITE access to
+        the path itself, from its owner too (as a real namenode checks it, FSDirAttrOp.setTimes)."""
+        node, in_snap = self.cluster._walk(path)
+        if in_snap:
+            raise RemoteError("SnapshotAccessControlException", "Modification on a read-only snapshot is "
+                              "disallowed")
+        self.cluster._check(user, node, 2, path, "setTimes")
         mtime = int(params.get("modificationtime", "-1"))
         atime = int(params.get("accesstime", "-1"))
         if mtime != -1:
@@ -669,6 +674,14 @@ class _NamenodeHandler(_Base):
         if _has_snapshots(node):
             raise RemoteError("SnapshotException", f"The directory {path} cannot be deleted since {path} is "
                               f"snapshottable and already has snapshots")
+        # Like FSDirDeleteOp: ALL access to every directory of the subtree, owners included.
+        todo = [(path, node)]
+        while todo:
+            p, n = todo.pop()
+            if n.type == "DIRECTORY" and n.children:
+                for bit in (4, 2, 1):
+                    c._check(user, n, bit, p, "delete")
+                todo.extend((f"{p}/{k}", v) for k, v in n.children.items())
         del parent.children[name]
         parent.mtime_ms = _now_ms()
         self._json({"boolean": True})

@@ -420,7 +420,7 @@ class HdfsDataRoot:
         return self._p(STAGING)
 
     def reset_staging(self, plan: ApplyPlan) -> None:
-        self.fs.delete(self._staging, recursive=True)
+        delete_tree(self.fs, self._staging)
         self.fs.mkdirs(posixpath.join(self._staging, "trash"), 0o700)
 
     def write_staged(self, n: int, e: Entry, data: Iterable[bytes]) -> str:
@@ -434,9 +434,10 @@ class HdfsDataRoot:
             w.abort()
             raise
         w.close()
-        # The namenode applies its umask at CREATE; the manifest's mode is set afterwards.
-        self.fs.set_permission(path, e.mode)
+        # The namenode applies its umask at CREATE; the manifest's mode is set afterwards, and after
+        # the times: a real namenode wants WRITE access for SETTIMES, from the owner too.
         self.fs.set_times(path, e.mtime_ns)
+        self.fs.set_permission(path, e.mode)
         return f"{STAGING}/{n}"
 
     def flush(self) -> None:
@@ -453,13 +454,13 @@ class HdfsDataRoot:
         names = [c["pathSuffix"] for c in children]
         journals = [n for n in names if n.startswith(HdfsJournal.PREFIX)]
         if not journals:
-            self.fs.delete(self._staging, recursive=True)
+            delete_tree(self.fs, self._staging)
             return
-        _side_by_side(lambda n: self.fs.delete(posixpath.join(self._staging, n), recursive=True),
+        _side_by_side(lambda n: delete_tree(self.fs, posixpath.join(self._staging, n)),
                       [n for n in names if n not in journals])
 
     def remove_root(self) -> None:
-        self.fs.delete(self.root, recursive=True)
+        delete_tree(self.fs, self.root)
 
     def settle(self) -> None:
         """Nothing to set back: an HDFS scan never changes modes."""
@@ -507,8 +508,9 @@ class HdfsDataRoot:
                 raise HdfsError(f"HDFS refused to rename {src} to {dst}; check that the directory is writable")
 
         def finish_dir(e: Entry) -> None:
-            fs.set_permission(self._p(e.path), e.mode)
+            # Times first: SETTIMES needs WRITE access (owners included) and SETPERMISSION moves no mtime.
             fs.set_times(self._p(e.path), e.mtime_ns)
+            fs.set_permission(self._p(e.path), e.mode)
 
         # Only directories the apply changes are touched: a one-file change costs a few calls, not
         # two per directory of the tree.
@@ -583,6 +585,34 @@ class HdfsJournal:
 
 # Namenode calls in flight at once while committing an apply (DRSYNC_HDFS_WORKERS to tune).
 _COMMIT_WORKERS = max(1, int(os.environ.get("DRSYNC_HDFS_WORKERS", "8")))
+
+
+def delete_tree(fs: HdfsFs, path: str) -> None:
+    """Recursive DELETE of ``path`` (nothing if it is gone), read-only directories below it included.
+
+    A namenode wants ALL access to every directory of the subtree, from its owner too
+    (FSDirDeleteOp), so a tree that holds a read-only directory (a removed 0o555 directory moved to
+    the trash) is refused as a whole. When that happens, every directory below that lacks the
+    owner's rwx gets it (the tree is going away), then the delete is made again.
+    """
+    try:
+        fs.delete(path, recursive=True)
+        return
+    except HdfsPermissionDenied:
+        pass
+    top = fs.status(path)
+    if top is None:
+        return
+    todo = [(path, top)]
+    while todo:
+        p, st = todo.pop()
+        if st["type"] != "DIRECTORY":
+            continue
+        mode = int(st["permission"], 8)
+        if mode & 0o700 != 0o700:
+            fs.set_permission(p, mode | 0o700)
+        todo.extend((posixpath.join(p, c["pathSuffix"]), c) for c in fs.list_dir(p) if c["type"] == "DIRECTORY")
+    fs.delete(path, recursive=True)
 
 
 def _side_by_side(fn: Callable[[T], object], items: list[T]) -> None:
