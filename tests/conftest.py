@@ -190,6 +190,7 @@ def fake_webhdfs(fake_webhdfs_cluster, request: pytest.FixtureRequest):  # type:
 
     c = fake_webhdfs_cluster
     c.safe_mode, c.active, c.require_token, c.snapshot_diff, c.list_limit = False, 1, False, True, 1000
+    c.list_snapshot_dir = True
     c.on_request = None
     c.test_dir = f"/t/{uuid.uuid4().hex[:10]}"
     c.mkdirs(c.test_dir)

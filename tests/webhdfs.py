@@ -1,7 +1,8 @@
 """A WebHDFS server for tests: namenodes and a datanode on loopback, following the Hadoop REST spec.
 
-Hadoop cannot be installed on these machines, so the HDFS backend is tested
-against this server. It follows the WebHDFS REST API (Hadoop's
+The HDFS tests run against a real Hadoop mini cluster (tests/hadoop, tests/realhdfs.py); this
+server stays for the faults a real namenode cannot produce on demand (each test that takes the
+``fake_webhdfs`` fixture says which), and for benchmarks of round-trip latency. It follows the WebHDFS REST API (Hadoop's
 ``hadoop-hdfs/src/site/markdown/WebHDFS.md``, cited below as "spec §") wherever
 a client can tell the difference; it keeps the namespace in memory and file
 bytes in local files (so large files stream and never sit in memory).
@@ -11,6 +12,7 @@ the others answer ``StandbyException``), ``set_quota`` (a space quota that
 fails a datanode write midway with ``DSQuotaExceededException``), ``tokens``
 (delegation tokens; with ``require_token`` an anonymous call gets 401),
 ``snapshot_diff`` (False: the op is unknown, as on namenodes before 3.0),
+``list_snapshot_dir`` (False: ``<dir>/.snapshot`` cannot be listed, as through some gateways),
 ``list_limit`` (entries per ``LISTSTATUS_BATCH`` page, ``dfs.ls.limit``),
 ``latency_s`` (a modelled round trip per namenode call, for benchmarks) and
 ``on_request`` (a hook run before every namenode request).
@@ -123,6 +125,7 @@ class WebHdfsCluster:
         self.tokens: dict[str, str] = {}
         self.require_token = False
         self.snapshot_diff = True
+        self.list_snapshot_dir = True  # False: LISTSTATUS of <dir>/.snapshot is refused, as by some gateways
         self.list_limit = 1000
         self.latency_s = 0.0  # added to every namenode call, like a network round trip (benchmarks)
         self.on_request: Callable[[str, str], None] | None = None
@@ -219,6 +222,8 @@ class WebHdfsCluster:
                 raise RemoteError("ParentNotDirectoryException", f"{path} (is not a directory)")
             if name == ".snapshot" and node.snapshottable and snapshots:
                 if i + 1 == len(parts):
+                    if not self.list_snapshot_dir:  # a gateway that hides the folder (tests only)
+                        raise RemoteError("FileNotFoundException", f"File does not exist: {path}")
                     listing = Inode("DIRECTORY", node.file_id, node.owner, node.group, 0o555, node.mtime_ms, 0)
                     listing.children = dict(node.snapshots)
                     return listing, True

@@ -50,6 +50,7 @@ SNAPSHOT_PREFIX = "drsync-"
 STALE_SNAPSHOT_MS = 3600_000
 _TYPES = {"FILE": FILE, "DIRECTORY": DIR, "SYMLINK": SYMLINK}
 _warned_not_snapshottable: set[str] = set()
+_warned_unlistable: set[str] = set()
 
 
 _HOST = socket.gethostname().replace("-", "_") or "host"
@@ -280,7 +281,6 @@ class HdfsDataRoot:
                parent: Manifest | None = None) -> Iterator[HdfsFrozenRoot]:
         name = f"{SNAPSHOT_PREFIX}{tag}-{_HOST}-{os.getpid()}"
         try:
-            existing = self._drsync_snapshots()
             self.fs.create_snapshot(self.root, name)
         except HdfsError as e:
             if e.exception not in ("SnapshotException", "AccessControlException", "FileNotFoundException"):
@@ -293,6 +293,15 @@ class HdfsDataRoot:
             view = HdfsFrozenRoot(self.fs, self.root, self.root, consistent=False)
             yield view
             return
+        existing = self._drsync_snapshots()
+        listable = name in existing
+        if not listable and self.url not in _warned_unlistable:
+            # A gateway that hides <root>/.snapshot and lacks GETSNAPSHOTLIST: no snapshot can be
+            # found again, so none is kept as the next diff base (kept ones would pile up forever).
+            _warned_unlistable.add(self.url)
+            log.warning("the snapshots of %s cannot be listed through %s; each capture deletes its own snapshot "
+                        "and walks the whole tree. Point drsync at the namenodes' WebHDFS (not a gateway) for "
+                        "incremental captures", self.url, ", ".join(self.location.namenodes))
         bases = [n for n in existing if parent_tag and _stamp(n) == parent_tag]
         base = bases[0] if bases else None
         reuse = None
@@ -313,7 +322,7 @@ class HdfsDataRoot:
             log.info("captured %s from HDFS snapshot %s: %d directories listed%s", self.url, name, view.listed_dirs,
                      f" (the rest unchanged since {base}, by GETSNAPSHOTDIFF)" if reuse is not None else "")
         finally:
-            self._tidy(name, ok=ok, keep=ok and diff_supported, base=base, existing=existing)
+            self._tidy(name, ok=ok, keep=ok and diff_supported and listable, base=base, existing=existing)
 
     def _drsync_snapshots(self) -> list[str]:
         return [n for n in self.fs.list_snapshots(self.root) if n.startswith(SNAPSHOT_PREFIX)]

@@ -200,6 +200,7 @@ class _ExtraOps(hdfs.Client):
 
     _list_status_batch = hdfs.client._Request("GET")  # type: ignore[attr-defined]
     _get_snapshot_diff = hdfs.client._Request("GET")  # type: ignore[attr-defined]
+    _get_snapshot_list = hdfs.client._Request("GET")  # type: ignore[attr-defined]  # Hadoop 3.3+
 
 
 class _DrsyncClient(_ExtraOps, hdfs.InsecureClient):
@@ -419,11 +420,26 @@ class HdfsFs:
         self._call("delete snapshot of", directory, lambda: self.client.delete_snapshot(directory, name))
 
     def list_snapshots(self, directory: str) -> list[str]:
-        """Snapshot names of a snapshottable directory (listing its ``.snapshot`` folder)."""
+        """Snapshot names of a snapshottable directory: its ``.snapshot`` folder listed (a real
+        namenode lists it, LISTSTATUS and LISTSTATUS_BATCH alike), else GETSNAPSHOTLIST (Hadoop 3.3+)
+        for a gateway that hides the folder; [] when neither shows any."""
         try:
-            return [s["pathSuffix"] for s in self.list_dir(posixpath.join(directory, ".snapshot"))]
+            names = [s["pathSuffix"] for s in self.list_dir(posixpath.join(directory, ".snapshot"))]
         except HdfsError as e:
-            if e.exception in ("FileNotFoundException", "SnapshotException"):
+            if e.exception not in ("FileNotFoundException", "SnapshotException"):
+                raise
+            names = []
+        if names:
+            return names
+
+        def by_op() -> list[str]:
+            doc = self.client._get_snapshot_list(directory).json()["SnapshotList"]
+            return [posixpath.basename(str(x["fullPath"])) for x in doc]
+        try:
+            return self._call("list snapshots of", directory, by_op, retry=False)
+        except HdfsError as e:
+            if e.exception in ("IllegalArgumentException", "UnsupportedOperationException", "FileNotFoundException",
+                               "SnapshotException") or e.exception is None:
                 return []
             raise
 
