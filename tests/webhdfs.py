@@ -2,8 +2,8 @@
 
 The HDFS tests run against a real Hadoop mini cluster (tests/hadoop, tests/realhdfs.py); this
 server stays for the faults a real namenode cannot produce on demand (each test that takes the
-``fake_webhdfs`` fixture says which), and for benchmarks of round-trip latency. It follows the WebHDFS REST API (Hadoop's
-``hadoop-hdfs/src/site/markdown/WebHDFS.md``, cited below as "spec §") wherever
+``fake_webhdfs`` fixture says which), and for benchmarks of round-trip latency. It follows
+the WebHDFS REST API (Hadoop's ``hadoop-hdfs/src/site/markdown/WebHDFS.md``, cited below as "spec §") wherever
 a client can tell the difference; it keeps the namespace in memory and file
 bytes in local files (so large files stream and never sit in memory).
 
