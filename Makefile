@@ -7,10 +7,11 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: rsync is the peer in benchmarks; ZooKeeper (Java 17 is on the machine)
 # coordinates agents and runs in tests as throwaway servers; prometheus brings promtool for
 # the alert rules' unit tests; chromium loads the status page in tests; faketime runs the CLI
-# with its clock a day off (tests/test_snapshot_order.py).
-DEB_PACKAGES := rsync zookeeper prometheus chromium faketime
+# with its clock a day off (tests/test_snapshot_order.py); maven builds the real HDFS mini
+# cluster (tests/hadoop: Hadoop 3.5 from Maven Central) that every HDFS test runs against.
+DEB_PACKAGES := rsync zookeeper prometheus chromium faketime maven
 
-.PHONY: help venv system-deps test lint demo bench reliability proto clean
+.PHONY: help venv system-deps hadoop test lint demo bench reliability proto clean
 
 help:
 	@echo "make demo    - set up and run the snapshot/backup demo on generated data"
@@ -35,19 +36,23 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 		--no-install-recommends $$missing >/dev/null; fi
 
+# The HDFS mini cluster's jars (Maven Central, once) and launcher: scripts/hadoop-cluster.
+hadoop: $(STAMP) system-deps
+	$(PY) scripts/hadoop-cluster build
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check drsync tests bench scripts
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) system-deps hadoop lint
 	$(PY) -m pytest -q -rs tests
 
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-bench: $(STAMP) system-deps
+bench: $(STAMP) system-deps hadoop
 	$(PY) bench/bench.py
 
-reliability: $(STAMP) system-deps
+reliability: $(STAMP) system-deps hadoop
 	DRSYNC_RELIABILITY=full DRSYNC_CRASH_TRIALS=40 DRSYNC_FAILOVER_TRIALS=15 $(PY) -m pytest -q \
 		tests/test_reliability.py tests/test_crash.py tests/test_lock.py tests/test_failover.py \
 		tests/test_apply_crash.py tests/test_long_apply.py
@@ -57,4 +62,4 @@ proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) demo-work bench-work .pytest_cache
+	rm -rf $(VENV) demo-work bench-work .pytest_cache tests/hadoop/target
