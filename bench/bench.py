@@ -269,14 +269,15 @@ class RsyncDaemon:
 class AgentPair:
     """A standby agent process and a primary configuration whose cycles run with --once."""
 
-    def __init__(self, work: Path, name: str, data: Path) -> None:
+    def __init__(self, work: Path, name: str, data: Path | str, standby_data: str | None = None) -> None:
         from drsync.transport.grpc import GrpcStandbyLink
 
         self.dir = work / name
         self.dir.mkdir()
-        (self.dir / "standby-data").mkdir()
         port = free_port()
-        self.standby_data = self.dir / "standby-data"
+        if standby_data is None:
+            (self.dir / "standby-data").mkdir()
+        self.standby_data = standby_data or self.dir / "standby-data"
         self.standby = self._config("standby", "standby", self.standby_data, port, "")
         self.primary = self._config("primary", "primary", data, free_port(),
                                     f'[replication]\nstandbys = ["127.0.0.1:{port}"]\n')
@@ -289,7 +290,7 @@ class AgentPair:
                 raise SystemExit("bench: the standby agent did not start")
         link.close()
 
-    def _config(self, name: str, role: str, data: Path, port: int, extra: str) -> Path:
+    def _config(self, name: str, role: str, data: Path | str, port: int, extra: str) -> Path:
         p = self.dir / f"{name}.toml"
         p.write_text(f'[cluster]\nid = "bench"\nrelease = "1"\ndata = "{data}"\n'
                      f'repository = "{self.dir / (name + "-repo")}"\n[agent]\nname = "{name}"\nrole = "{role}"\n'
@@ -480,75 +481,105 @@ def bench_failover(work: Path, trials: int, session_timeout_s: float, drill_mib:
         zk.stop()
 
 
-def bench_hdfs(work: Path, files: int, rep: Report) -> None:
-    """Capture on HDFS with and without GETSNAPSHOTDIFF, and an apply onto HDFS.
-
-    Against tests/webhdfs.py (Hadoop is not installable here), so the figures
-    show drsync's round trips, not a real cluster's speed; the "peer" column
-    is drsync's own full walk of the same snapshot.
+def bench_hdfs(work: Path, files: int, mib: int, rep: Report) -> None:
+    """HDFS -> HDFS on a real cluster (Hadoop 3.5's mini cluster, tests/hadoop): drsync's agent path
+    against DistCp (the MapReduce local runner), first sync and a 1 % incremental sync (DistCp
+    ``-update -diff`` between two snapshots, as operators run it), then capture with and without
+    GETSNAPSHOTDIFF (directories listed, from the namenode's audit log).
     """
     sys.path.insert(0, str(ROOT))
     from drsync.storage.hdfs import HdfsFs, parse_hdfs_url
-    from tests.webhdfs import WebHdfsCluster
+    from tests.hadoop import cluster as hc
 
-    cluster = WebHdfsCluster(namenodes=2)
-    cluster.active = 1
+    cluster = hc.start(work / "hdfs", datanodes=1, block_size=64 << 20)
     try:
-        for d in ("/prod", "/prod/data", "/standby"):
-            cluster.mkdirs(d)
-        cluster.allow_snapshot("/prod/data")
-        fs = HdfsFs(parse_hdfs_url(cluster.url("/")))
+        nn = cluster.webhdfs[0]
+        su = cluster.info["superuser"]
+        fs = HdfsFs(parse_hdfs_url(f"hdfs://{nn}/?user={su}"))
         rnd = random.Random(5)
         dirs = max(1, files // 20)
+        big = max(1, files // 10)  # a tenth of the files hold most of the bytes
+        each_big = (mib << 20) // big
+        print(f"hdfs: writing {files} files ({mib} MiB) into the mini cluster ...")
+        paths = []
         for i in range(files):
-            fs.write(f"/prod/data/d{i % dirs:04}/f{i:06}", rnd.randbytes(rnd.randrange(100, 4000)))
-        # Old enough that nothing is re-read as "racily" modified.
-        past = int((time.time() - 60) * 1000) * 1_000_000
-        for i in range(files):
-            fs.set_times(f"/prod/data/d{i % dirs:04}/f{i:06}", past)
-        repo = cluster.url("/prod/.drsync")
+            p = f"/prod/data/d{i % dirs:04}/f{i:06}"
+            paths.append(p)
+            if i < big:
+                w = fs.writer(p)
+                left = each_big
+                while left:
+                    piece = min(left, 4 << 20)
+                    w.write(rnd.randbytes(piece))
+                    left -= piece
+                w.close()
+            else:
+                fs.write(p, rnd.randbytes(rnd.randrange(100, 4000)))
+        past = int((time.time() - 60) * 1000) * 1_000_000  # nothing "racily" modified
+        for p in paths:
+            fs.set_times(p, past)
+        fs.mkdirs("/prod/data")
+        cluster.dfsadmin("-allowSnapshot", "/prod/data")
+        fs.mkdirs("/standby")
+        fs.mkdirs("/dr")
+        url = f"hdfs://{nn}" + "{}" + f"?user={su}"
+        hdfs_uri = cluster.info["hdfs"]
+
+        # The agent path: a primary on /prod/data ships to a standby agent applying onto /standby/data.
+        pair = AgentPair(work, "pair-hdfs", url.format("/prod/data"), url.format("/standby/data"))
+        try:
+            first, _ = pair.cycle()
+            # DistCp: a snapshot of the source copied to /dr/data, then the same snapshot on the copy
+            # (what -diff needs on both sides).
+            fs.create_snapshot("/prod/data", "s1")
+            t = time.perf_counter()
+            cluster.run("distcp", "-update", "-pugpt", f"{hdfs_uri}/prod/data/.snapshot/s1", f"{hdfs_uri}/dr/data")
+            dc_first = time.perf_counter() - t
+            cluster.dfsadmin("-allowSnapshot", "/dr/data")
+            fs.create_snapshot("/dr/data", "s1")
+            rep.add(f"HDFS->HDFS first sync, {files} files, {mib} MiB: agent vs DistCp", first.seconds, dc_first,
+                    None, first.peak_mib, "(real mini cluster; DistCp in the local MapReduce runner)")
+            changed = 0  # 1 % of the bytes (whole big files) and 1 % of the small files
+            for p in paths[: max(1, big // 100)] + paths[big: big + max(1, (files - big) // 100)]:
+                data = rnd.randbytes(each_big if p in paths[:big] else 2000)
+                fs.write(p, data, overwrite=True)
+                changed += len(data)
+            inc, figures = pair.cycle()
+            fs.create_snapshot("/prod/data", "s2")
+            t = time.perf_counter()
+            cluster.run("distcp", "-update", "-pugpt", "-diff", "s1", "s2", f"{hdfs_uri}/prod/data",
+                        f"{hdfs_uri}/dr/data")
+            dc_inc = time.perf_counter() - t
+            rep.add(f"  incremental after changing 1 % of files ({changed >> 20} MiB)", inc.seconds, dc_inc, None,
+                    inc.peak_mib, f"(shipped {figures['shipped_bytes'] / (1 << 20):.1f} MiB)")
+        finally:
+            pair.stop()
+
+        # Capture with GETSNAPSHOTDIFF against the previous capture's snapshot, and a full walk.
+        repo = str(work / "hdfs-repo")
         run([*DRSYNC, "init", "--repo", repo, "--cluster-id", "b", "--release", "1"])
-        snap = [*DRSYNC, "snapshot", "create", "--repo", repo, "--source", cluster.url("/prod/data"), "--json"]
-        first = run(snap)
-        rep.add(f"HDFS first snapshot, {files} files in {dirs} dirs", first.seconds, None, None, first.peak_mib,
-                "(WebHDFS test server)")
+        snap = [*DRSYNC, "snapshot", "create", "--repo", repo, "--source", url.format("/prod/data"), "--json"]
+        run(snap)
+        fs.write(paths[-1], b"changed", overwrite=True)
 
-        def listings(label: str) -> int:
-            return sum(1 for op, p in cluster.requests[label_at[label]:] if op == "LISTSTATUS_BATCH"
-                       and "/.snapshot/" in p)
+        def listed(mark: int) -> int:
+            return sum(1 for e in cluster.audit(mark) if e["cmd"] == "listStatus" and "/.snapshot/" in (e["src"] or ""))
 
-        label_at: dict[str, int] = {}
-        fs.write(f"/prod/data/d0000/f{0:06}", b"changed", overwrite=True)
-        label_at["diff"] = len(cluster.requests)
+        mark = cluster.audit_next()
         with_diff = run(snap)
-        n_diff = listings("diff")
-        cluster.snapshot_diff = False
-        fs.write(f"/prod/data/d0001/f{1:06}", b"changed", overwrite=True)
-        label_at["full"] = len(cluster.requests)
+        n_diff = listed(mark)
+        for n in fs.list_snapshots("/prod/data"):  # no base left: the next capture walks everything
+            if n.startswith("drsync-"):
+                fs.delete_snapshot("/prod/data", n)
+        fs.write(paths[-2], b"changed", overwrite=True)
+        mark = cluster.audit_next()
         full = run(snap)
-        n_full = listings("full")
-        cluster.snapshot_diff = True
+        n_full = listed(mark)
         rep.add("HDFS snapshot after 1 change: snapshot diff vs full walk", with_diff.seconds, full.seconds, None,
-                with_diff.peak_mib, f"directories listed {n_diff} vs {n_full}")
-        sid = json.loads(full.out)["id"]
-        restore = run([*DRSYNC, "snapshot", "restore", sid, "--repo", repo, "--target", cluster.url("/standby/data")])
-        rep.add(f"HDFS restore onto HDFS, {files} files", restore.seconds, None, None, restore.peak_mib)
-        # With a 2 ms round trip per namenode call, as across a real network: commit calls side by
-        # side (the default) against one at a time.
-        cluster.latency_s = 0.002
-        timed = {}
-        for workers in ("8", "1"):
-            os.environ["DRSYNC_HDFS_WORKERS"] = workers
-            target = cluster.url(f"/standby/rtt-{workers}")
-            timed[workers] = run([*DRSYNC, "snapshot", "restore", sid, "--repo", repo, "--target", target])
-        os.environ.pop("DRSYNC_HDFS_WORKERS")
-        cluster.latency_s = 0.0
-        rep.add("HDFS restore onto HDFS, 2 ms namenode RTT: 8 vs 1 commit workers", timed["8"].seconds,
-                timed["1"].seconds, None, timed["8"].peak_mib)
-        local = run([*DRSYNC, "snapshot", "restore", sid, "--repo", repo, "--target", str(work / "from-hdfs")])
-        rep.add(f"HDFS restore onto a local disk, {files} files", local.seconds, None, None, local.peak_mib)
+                with_diff.peak_mib, f"directories listed {n_diff} vs {n_full} (namenode audit log)")
     finally:
-        cluster.close()
+        cluster.stop()
+        shutil.rmtree(work / "hdfs", ignore_errors=True)
 
 
 def main() -> None:
@@ -560,6 +591,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
     ap.add_argument("--only", choices=("snapshots", "agents", "failover", "hdfs"), help="run one part only")
     ap.add_argument("--hdfs-files", type=int, default=2000, help="files in the HDFS part")
+    ap.add_argument("--hdfs-mib", type=int, default=512, help="bytes in the HDFS part (MiB)")
     ap.add_argument("--trials", type=int, default=5, help="failover trials (medians are reported)")
     ap.add_argument("--session-timeout", type=float, default=4.0, help="ZooKeeper session timeout for failover")
     args = ap.parse_args()
@@ -580,7 +612,7 @@ def main() -> None:
             bench_failover(args.work, 3 if args.quick else args.trials, args.session_timeout,
                            64 if args.quick else args.big_mib, rep)
         if args.only in (None, "hdfs"):
-            bench_hdfs(args.work, 200 if args.quick else args.hdfs_files, rep)
+            bench_hdfs(args.work, 200 if args.quick else args.hdfs_files, 32 if args.quick else args.hdfs_mib, rep)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     rep.print()
