@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 PREFIX = "/webhdfs/v1"
+NAMENODE_RPC_PORT = 8020  # namenode i redirects with namenoderpcaddress=127.0.0.1:8020+i
 SUPERUSER = "hdfs"
 
 
@@ -440,6 +441,11 @@ class _NamenodeHandler(_Base):
                 time.sleep(c.latency_s)  # the modelled round trip itself, not a wait for a condition
             if c.on_request:
                 c.on_request(op, path)
+            if self.index != c.active and op == "CREATE":
+                # Hadoop 3.5: a standby picks a datanode for CREATE without asking its namespace; the
+                # datanode's own call to that namenode is what fails (StandbyException, from the datanode).
+                self._redirect(path, params, params.get("user.name") or "dr.who")
+                return
             if self.index != c.active:
                 # An HA namenode in standby state serves nothing (HDFS High Availability guide).
                 category = "WRITE" if op in self.WRITE_OPS else "READ"
@@ -462,7 +468,7 @@ class _NamenodeHandler(_Base):
         """Spec § Create and Write to a File / Open and Read a File: a 307 to a datanode URL."""
         q = "&".join(f"{quote(k)}={quote(v)}" for k, v in params.items() if k not in ("user.name", "delegation"))
         location = f"{self.cluster.datanode_url}{PREFIX}{quote(path)}?{q}&user.name={quote(user)}" \
-                   f"&namenoderpcaddress=127.0.0.1:8020"
+                   f"&namenoderpcaddress=127.0.0.1:{NAMENODE_RPC_PORT + self.index}"
         self._reply(307, b"", headers={"Location": location})
 
     # GET
@@ -750,6 +756,10 @@ class _DatanodeHandler(_Base):
             user = self._user(params)
             data_file = c.new_data_file()
             with c.lock:
+                rpc = params.get("namenoderpcaddress", "")
+                if rpc.rpartition(":")[2].isdigit() and int(rpc.rpartition(":")[2]) - NAMENODE_RPC_PORT != c.active:
+                    raise RemoteError("StandbyException", "Operation category WRITE is not supported in state "
+                                      "standby. Visit https://s.apache.org/sbnn-error")
                 if c.safe_mode:
                     raise RemoteError("SafeModeException", f"Cannot create file {path}. Name node is in safe mode.")
                 if not append:
