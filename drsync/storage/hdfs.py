@@ -162,6 +162,9 @@ def _explain(exc: str | None, message: str, action: str, path: str, fs: HdfsFs) 
         who = fs.location.user or "the current user"
         return HdfsPermissionDenied(f"HDFS permission denied: cannot {action} {where} as {who} ({first}); "
                                     f"grant that user access or set ?user= in the URL", exc)
+    if exc == "NSQuotaExceededException":  # too many names below a directory, whatever their size
+        return HdfsQuotaExceeded(f"HDFS quota exceeded while trying to {action} {where} ({first}); raise the "
+                                 f"namespace quota (hdfs dfsadmin -setQuota) or remove files, then run again", exc)
     if exc in _QUOTA:
         return HdfsQuotaExceeded(f"HDFS quota exceeded while trying to {action} {where} ({first}); raise the "
                                  f"quota (hdfs dfsadmin -setSpaceQuota) or free space, then run again", exc)
