@@ -668,16 +668,21 @@ class HdfsStorage:
 
     def write(self, name: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> None:
         final = self._path(name)
-        tmp = _temp_name(final)
-        try:
-            self.fs.write(tmp, bytes(data))
-            self._publish(tmp, final, exclusive=exclusive)
-        except BaseException:
+        for attempt in range(3):
+            tmp = _temp_name(final)
             try:
-                self.fs.delete(tmp)
-            except HdfsError:
-                pass
-            raise
+                self.fs.write(tmp, bytes(data))
+                self._publish(tmp, final, exclusive=exclusive)
+                return
+            except BaseException as e:
+                try:
+                    self.fs.delete(tmp)
+                except HdfsError:
+                    pass
+                # A namenode failover while the datanode wrote the temp file: the retried CREATE finds
+                # it still open under the first attempt's lease. It was ours: deleted, write anew.
+                if not (isinstance(e, HdfsError) and e.exception == "AlreadyBeingCreatedException" and attempt < 2):
+                    raise
 
     def writer(self, name: str) -> HdfsBlobWriter:
         return HdfsBlobWriter(self, name)
