@@ -790,6 +790,41 @@ def test_namenode_failover_during_a_shipment(webhdfs, tmp_path: Path) -> None:  
         pair.stop_all()
 
 
+def test_a_blob_written_across_a_namenode_failover_is_written_whole(webhdfs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """haadmin -failover while the datanode receives a repository blob (between its two halves): the
+    datanode's own client can no longer complete the file, its namenode being a standby now. drsync
+    writes again through the new active namenode, which finds the half-written temp file still open
+    under the first attempt's lease (AlreadyBeingCreatedException). The blob ends whole all the same,
+    and no temp file is left."""
+    from drsync.storage.hdfs import HdfsStorage
+
+    store = HdfsStorage(webhdfs.url(f"{webhdfs.test_dir}/repo"), create=True)
+    blob = random.Random(4).randbytes(3 * MiB)
+    flipped: list[int | None] = []
+    send = store.fs.client._session.request
+
+    def request(method, url, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if method == "PUT" and "op=CREATE" in str(url) and "namenoderpcaddress=" in str(url) and not flipped:
+            body = kwargs["data"]
+
+            def halves():  # type: ignore[no-untyped-def]
+                yield body[:len(body) // 2]
+                webhdfs.failover()  # the first blocks are written, the last ones not yet allocated
+                flipped.append(webhdfs.active_index())
+                yield body[len(body) // 2:]
+
+            kwargs["data"] = halves()
+        return send(method, url, *args, **kwargs)
+
+    monkeypatch.setattr(store.fs.client._session, "request", request)
+    before = webhdfs.active_index()
+    store.write("snapshots/blob.json", blob)
+    assert flipped and flipped[0] != before
+    tree = webhdfs.tree(f"{webhdfs.test_dir}/repo")
+    assert tree["snapshots/blob.json"]["sha256"] == hashlib.sha256(blob).hexdigest()
+    assert not [p for p in tree if ".tmp-" in p], tree
+
+
 def test_agent_status_json_on_hdfs(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """An agent on HDFS needs a local state directory; without one it says so."""
     site = HdfsSite(webhdfs, webhdfs.test_dir)
