@@ -142,6 +142,8 @@ class RealHdfs:
                 if e.get("src") and (e["src"] == top or e["src"].startswith(top + "/"))]
 
     def token(self, user: str = USER) -> str:
+        """A real delegation token for ``user``. Note: with simple authentication (this cluster has no
+        Kerberos) the namenodes' WebHDFS ignores ``delegation=``: every such request acts as ``dr.who``."""
         return self.cluster.token(user)
 
     def tree(self, path: str) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,10 @@
 """A WebHDFS server for tests: namenodes and a datanode on loopback, following the Hadoop REST spec.
 
-Hadoop cannot be installed on these machines, so the HDFS backend is tested
-against this server. It follows the WebHDFS REST API (Hadoop's
+The HDFS tests run on a real Hadoop mini cluster (tests/hadoop, tests/realhdfs.py);
+this server is for the faults that cluster cannot produce on demand (a namenode
+without GETSNAPSHOTDIFF, a refused anonymous request, a hook at an exact request),
+and tests/test_hdfs.py checks it answers as the real namenode does on what it
+models. It follows the WebHDFS REST API (Hadoop's
 ``hadoop-hdfs/src/site/markdown/WebHDFS.md``, cited below as "spec §") wherever
 a client can tell the difference; it keeps the namespace in memory and file
 bytes in local files (so large files stream and never sit in memory).
@@ -15,7 +18,17 @@ fails a datanode write midway with ``DSQuotaExceededException``), ``tokens``
 ``latency_s`` (a modelled round trip per namenode call, for benchmarks) and
 ``on_request`` (a hook run before every namenode request).
 
-What only a real namenode can show is listed in tests/test_hdfs_real.py.
+Where it differs from a real Hadoop 3.5 namenode (seen on the mini cluster): a
+snapshot freezes everything here, while in HDFS a file open for write is not
+frozen (its length in the snapshot grows until it is closed, and GETSNAPSHOTDIFF
+reports none of it) nor is a directory's modification time when a child is added
+after the snapshot; renames across directories are reported here as a delete plus
+a create, by HDFS as one RENAME; a write here never outlives a failover, while on
+HDFS the datanode's own client fails when its namenode turns standby (and the
+retried CREATE meets the first attempt's file, still open under its lease); with
+simple authentication HDFS ignores ``delegation=`` altogether (anonymous ``dr.who``);
+reads count once here, twice in HDFS's audit log (the namenode's redirect and the
+datanode's client); and HDFS does not audit what safe mode refuses.
 """
 
 from __future__ import annotations
