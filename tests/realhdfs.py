@@ -45,6 +45,18 @@ class RealHdfs:
     def mkdirs(self, path: str) -> None:
         self.fs.mkdirs(path)
 
+    @property
+    def namenode_urls(self) -> list[str]:
+        """``http://host:port`` of each namenode's WebHDFS, the active one first (asked now)."""
+        return [f"http://{hp}" for hp in self.cluster.state()["webhdfs"]]
+
+    def append(self, path: str, data: bytes, user: str = USER) -> None:
+        """WebHDFS APPEND (two steps, like CREATE), straight to the active namenode."""
+        r = requests.post(f"{self.namenode_urls[0]}/webhdfs/v1{path}", params={"op": "APPEND", "user.name": user},
+                          allow_redirects=False, timeout=30)
+        assert r.status_code == 307, r.text
+        requests.post(r.headers["Location"], data=data, timeout=60).raise_for_status()
+
     # --- admin, done by Hadoop as the superuser --------------------------------------
 
     def allow_snapshot(self, path: str) -> None:
@@ -122,7 +134,16 @@ class RealHdfs:
         return [(e["cmd"], e["src"]) for e in self.cluster.audit(mark)
                 if e.get("src") and (e["src"] == top or e["src"].startswith(top + "/"))]
 
+    def events_since(self, mark: int, under: str | None = None) -> list[dict[str, Any]]:
+        """Like :meth:`ops_since`, whole audit events: ``ok`` (False: the namenode refused), ``user``,
+        ``cmd``, ``src``, ``dst``."""
+        top = (under or self.test_dir).rstrip("/")
+        return [e for e in self.cluster.audit(mark)
+                if e.get("src") and (e["src"] == top or e["src"].startswith(top + "/"))]
+
     def token(self, user: str = USER) -> str:
+        """A real delegation token for ``user``. Note: with simple authentication (this cluster has no
+        Kerberos) the namenodes' WebHDFS ignores ``delegation=``: every such request acts as ``dr.who``."""
         return self.cluster.token(user)
 
     def tree(self, path: str) -> dict[str, dict[str, Any]]:

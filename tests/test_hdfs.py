@@ -1,30 +1,94 @@
-"""HDFS: URLs, the WebHDFS protocol as the spec has it, the error model, consistent capture, faults.
+"""HDFS: URLs, the WebHDFS protocol, the error model, consistent capture, faults.
 
-Everything runs against tests/webhdfs.py (two namenodes, the first a standby,
-and a datanode); tests/test_hdfs_real.py runs the storage-independent tests
-against a real namenode when one is named.
+Everything runs against the session's real HDFS (Hadoop 3.5's MiniDFSCluster: an HA pair of
+namenodes, a datanode, 1 MiB blocks, 25 entries per listing page; tests/realhdfs.py), and what a
+client really asked is read from the namenodes' audit log. A few tests use the WebHDFS test server
+(tests/webhdfs.py, the ``fake_webhdfs`` fixture) for a fault the real cluster cannot produce; each
+says why in its docstring.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import random
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
 from drsync.capture import capture
-from drsync.dataroot.hdfs import HdfsDataRoot
+from drsync.dataroot.hdfs import SNAPSHOT_PREFIX, HdfsDataRoot, HdfsFrozenRoot
 from drsync.errors import UsageError
+from drsync.repository.manifest import FILE, Manifest
 from drsync.repository.repo import Repository
 from drsync.storage.hdfs import HdfsFs, HdfsPermissionDenied, HdfsUnavailable, parse_hdfs_url
 from drsync.storage.memory import MemoryStorage
-from tests.conftest import run_drsync
+from tests.conftest import SLOW, run_drsync
+from tests.group import wait_for
 from tests.sites import HdfsSite, LocalSite, make_site, same_tree
+
+MiB = 1 << 20
+
+
+def _fs(cluster: Any, retry_s: float = 30) -> HdfsFs:
+    return HdfsFs(parse_hdfs_url(cluster.url(cluster.test_dir)), retry_s=retry_s)
+
+
+def _repo() -> Repository:
+    return Repository.init(MemoryStorage(), cluster_id="e", release="1")
+
+
+def _capture(root: HdfsDataRoot, repo: Repository, parent=None, parent_at=None, at=None):  # type: ignore[no-untyped-def]
+    w = repo.chunk_writer()
+    result = capture(root, w, parent=parent, parent_captured_at=parent_at, captured_at=at)
+    w.flush()
+    return result
+
+
+def _captured(repo: Repository, manifest: Manifest) -> dict[str, tuple[Any, ...]]:
+    """What a capture holds, in the form of :func:`_hadoop`: type, mode, mtime (ms), and for files
+    the length and SHA-256 of the bytes stored in the repository."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for e in manifest.entries():
+        if e.type == FILE:
+            data = b"".join(repo.read_chunk(c) for c in e.chunks)
+            assert len(data) == e.size, e.path
+            out[e.path] = ("file", e.mode, e.mtime_ns // 1_000_000, len(data), hashlib.sha256(data).hexdigest())
+        else:
+            out[e.path] = (e.type, e.mode, e.mtime_ns // 1_000_000, None, None)
+    return out
+
+
+def _hadoop(webhdfs: Any, path: str) -> dict[str, tuple[Any, ...]]:
+    """The tree below ``path`` as Hadoop's own client lists and reads it."""
+    return {p: (e["type"], e["mode"], e["mtime_ms"], e.get("length"), e.get("sha256"))
+            for p, e in webhdfs.tree(path).items()}
+
+
+def _no_dir_mtimes(tree: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    return {p: ((*v[:2], None, *v[3:]) if v[0] == "dir" else v) for p, v in tree.items()}
+
+
+def _drsync_snapshots(webhdfs: Any, path: str) -> list[str]:
+    return [n for n in webhdfs.snapshots(path) if n.startswith(SNAPSHOT_PREFIX)]
+
+
+def _tag(name: str) -> str:
+    """``drsync-<ms>`` of a drsync snapshot name (without host and pid)."""
+    return name.rsplit("-", 2)[0]
+
+
+def _listed_dirs(webhdfs: Any, mark: int, snapshot_root: str) -> list[str]:
+    """Directories below ``snapshot_root`` listed since ``mark`` (one entry per page), relative."""
+    return [src[len(snapshot_root):].strip("/") for cmd, src in webhdfs.ops_since(mark, under=snapshot_root)
+            if cmd == "listStatus"]
+
 
 # --- URLs ------------------------------------------------------------------------------------
 
@@ -56,46 +120,104 @@ def test_cli_names_a_bad_hdfs_url_in_one_line(tmp_path: Path) -> None:
     assert r.code == 2 and "is not host:port" in r.err and r.err.count("\n") == 1
 
 
-# --- the server follows the spec where clients can tell --------------------------------------
+def test_kerberos_without_its_package_is_a_usage_error() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("requests_kerberos") is not None:
+        pytest.skip("requests-kerberos is installed here; this checks the message given without it")
+    r = run_drsync("init", "--repo", "hdfs://127.0.0.1:9/x?auth=kerberos", "--cluster-id", "e", "--release", "1")
+    assert r.code == 2 and "pip install 'hdfs[kerberos]'" in r.err and r.err.count("\n") == 1
 
 
-def test_webhdfs_server_speaks_the_rest_protocol(webhdfs) -> None:  # type: ignore[no-untyped-def]
-    nn = webhdfs.namenode_urls[1]
-    base = f"{nn}/webhdfs/v1{webhdfs.test_dir}"
-    # CREATE is two steps: a 307 from the namenode to a datanode, then the data to the datanode.
-    r = requests.put(f"{base}/f.txt?op=CREATE&user.name=drsync", allow_redirects=False, timeout=10)
-    assert r.status_code == 307 and r.headers["Location"].startswith(webhdfs.datanode_url)
-    assert requests.put(r.headers["Location"], data=b"hello", timeout=10).status_code == 201
-    r = requests.get(f"{base}/f.txt?op=OPEN&user.name=drsync&offset=1&length=3", timeout=10)
-    assert r.content == b"ell" and r.history and r.history[0].status_code == 307
-    # Errors are RemoteException documents with the Java class names.
-    r = requests.get(f"{base}/missing?op=GETFILESTATUS", timeout=10)
-    assert r.status_code == 404
-    assert r.json()["RemoteException"]["javaClassName"] == "java.io.FileNotFoundException"
-    # A standby namenode refuses everything with StandbyException.
-    r = requests.get(f"{webhdfs.namenode_urls[0]}/webhdfs/v1/?op=GETFILESTATUS", timeout=10)
-    assert r.status_code == 403 and r.json()["RemoteException"]["exception"] == "StandbyException"
-    # LISTSTATUS_BATCH pages with startafter and remainingEntries.
-    for i in range(5):
-        requests.put(requests.put(f"{base}/d/{i}?op=CREATE&user.name=drsync", allow_redirects=False,
-                                  timeout=10).headers["Location"], data=b"x", timeout=10)
-    webhdfs.list_limit = 2
-    page = requests.get(f"{base}/d?op=LISTSTATUS_BATCH&startafter=1", timeout=10).json()["DirectoryListing"]
-    assert [s["pathSuffix"] for s in page["partialListing"]["FileStatuses"]["FileStatus"]] == ["2", "3"]
-    assert page["remainingEntries"] == 1
-    # RENAME answers false rather than replacing an existing file.
-    r = requests.put(f"{base}/f.txt?op=RENAME&destination={webhdfs.test_dir}/d/0&user.name=drsync", timeout=10)
-    assert r.json() == {"boolean": False}
+# --- the protocol: the test server answers as a real namenode does --------------------------
+
+
+def _speak_webhdfs(active: str, standby: str, d: str) -> dict[str, Any]:
+    """The same raw WebHDFS requests, sent to either server: what a client can tell of the answers."""
+    user = "user.name=drsync"
+
+    def error(r: requests.Response) -> tuple[int, str, str]:
+        x = r.json()["RemoteException"]
+        return r.status_code, x["exception"], x["javaClassName"]
+
+    def create(url: str, data: bytes) -> tuple[int, requests.Response]:
+        r = requests.put(f"{url}?op=CREATE&{user}", allow_redirects=False, timeout=30)
+        return r.status_code, requests.put(r.headers["Location"], data=data, timeout=30)
+
+    def page(query: str) -> tuple[list[str], int]:
+        doc = requests.get(f"{active}/webhdfs/v1{d}/d?op=LISTSTATUS_BATCH&{query}&{user}",
+                           timeout=30).json()["DirectoryListing"]
+        return [s["pathSuffix"] for s in doc["partialListing"]["FileStatuses"]["FileStatus"]], doc["remainingEntries"]
+
+    seen: dict[str, Any] = {}
+    # A standby refuses namespace calls; CREATE it redirects all the same, and the datanode refuses.
+    seen["standby GETFILESTATUS"] = error(requests.get(f"{standby}/webhdfs/v1{d}?op=GETFILESTATUS&{user}",
+                                                       timeout=30))
+    status, r = create(f"{standby}/webhdfs/v1{d}/g", b"x")
+    seen["standby CREATE"] = (status, error(r))
+    # CREATE and OPEN are two steps: a 307 from the namenode to a datanode.
+    status, r = create(f"{active}/webhdfs/v1{d}/f.txt", b"hello")
+    seen["CREATE"] = (status, r.status_code)
+    create(f"{active}/webhdfs/v1{d}/e.txt", b"another")
+    r = requests.get(f"{active}/webhdfs/v1{d}/f.txt?op=OPEN&offset=1&length=3&{user}", timeout=30)
+    seen["OPEN"] = (r.content, [h.status_code for h in r.history])
+    seen["missing"] = error(requests.get(f"{active}/webhdfs/v1{d}/missing?op=GETFILESTATUS&{user}", timeout=30))
+    seen["unknown op"] = error(requests.get(f"{active}/webhdfs/v1{d}?op=NOSUCHOP&{user}", timeout=30))
+    # LISTSTATUS_BATCH pages after ``startafter`` (lower case only) and counts what remains.
+    for i in range(30):
+        requests.put(f"{active}/webhdfs/v1{d}/d/{i:02}?op=MKDIRS&{user}", timeout=30).raise_for_status()
+    seen["startafter"] = page("startafter=01")
+    seen["startAfter"] = page("startAfter=01")
+    seen["last page"] = page("startafter=26")
+    # RENAME answers false rather than replacing a file, or when there is nothing to rename.
+    def rename(src: str, dst: str) -> Any:
+        return requests.put(f"{active}/webhdfs/v1{d}/{src}?op=RENAME&destination={d}/{dst}&{user}", timeout=30).json()
+
+    seen["RENAME onto a file"] = rename("f.txt", "e.txt")
+    seen["RENAME of nothing"] = rename("nothing", "x")
+    seen["RENAME onto a directory"] = (rename("f.txt", "d/00"),  # moves it into the directory
+                                       requests.get(f"{active}/webhdfs/v1{d}/d/00/f.txt?op=GETFILESTATUS&{user}",
+                                                    timeout=30).json()["FileStatus"]["length"])
+    return seen
+
+
+def test_the_test_server_answers_like_a_real_namenode(webhdfs, fake_webhdfs) -> None:  # type: ignore[no-untyped-def]
+    """The same requests to the real cluster and to tests/webhdfs.py, on each point the test server
+    models for the tests that still need it (and that drsync's client relies on)."""
+    fake_webhdfs.list_limit = 25  # the real cluster's dfs.ls.limit
+    fake_active = fake_webhdfs.namenode_urls[fake_webhdfs.active]
+    fake_standby = fake_webhdfs.namenode_urls[1 - fake_webhdfs.active]
+    active, standby = webhdfs.namenode_urls
+    real = _speak_webhdfs(active, standby, webhdfs.test_dir)
+    fake = _speak_webhdfs(fake_active, fake_standby, fake_webhdfs.test_dir)
+    standby_exc = (403, "StandbyException", "org.apache.hadoop.ipc.StandbyException")
+    assert real == {
+        "standby GETFILESTATUS": standby_exc,
+        "standby CREATE": (307, standby_exc),
+        "CREATE": (307, 201),
+        "OPEN": (b"ell", [307]),
+        "missing": (404, "FileNotFoundException", "java.io.FileNotFoundException"),
+        "unknown op": (400, "IllegalArgumentException", "java.lang.IllegalArgumentException"),
+        "startafter": ([f"{i:02}" for i in range(2, 27)], 3),
+        "startAfter": ([f"{i:02}" for i in range(25)], 5),  # Hadoop 3.5 ignores the spelling of its docs
+        "last page": (["27", "28", "29"], 0),
+        "RENAME onto a file": {"boolean": False},
+        "RENAME of nothing": {"boolean": False},
+        "RENAME onto a directory": ({"boolean": True}, 5),
+    }
+    assert fake == real
 
 
 def test_listing_pages_through_large_directories(webhdfs) -> None:  # type: ignore[no-untyped-def]
-    fs = HdfsFs(parse_hdfs_url(webhdfs.url(webhdfs.test_dir)))
-    for i in range(7):
-        fs.write(f"{webhdfs.test_dir}/many/{i:02}", b"x")
-    webhdfs.list_limit = 3
-    before = len(webhdfs.requests)
-    assert [s["pathSuffix"] for s in fs.list_dir(f"{webhdfs.test_dir}/many")] == [f"{i:02}" for i in range(7)]
-    assert [op for op, _ in webhdfs.requests[before:]].count("LISTSTATUS_BATCH") == 3
+    """60 entries, 25 a page (dfs.ls.limit): three LISTSTATUS_BATCH calls, the listing whole and sorted."""
+    fs = _fs(webhdfs)
+    d = f"{webhdfs.test_dir}/many"
+    names = [f"{i:03}" for i in range(60)]
+    for name in random.Random(2).sample(names, len(names)):
+        fs.mkdirs(f"{d}/{name}")
+    mark = webhdfs.audit_mark()
+    assert [s["pathSuffix"] for s in fs.list_dir(d)] == names
+    assert webhdfs.ops_since(mark, under=d) == [("listStatus", d)] * 3
 
 
 # --- the error model -------------------------------------------------------------------------
@@ -110,14 +232,19 @@ def test_permission_denied_is_one_clear_line_and_changes_nothing(webhdfs, tmp_pa
     site = HdfsSite(webhdfs, webhdfs.test_dir)
     site.write("locked", "keep.txt", b"theirs")
     webhdfs.chmod(site.path("locked"), 0o555, owner="hdfs")
-    before = site.state("locked")
+    before = _hadoop(webhdfs, site.path("locked"))
+    mark = webhdfs.audit_mark()
     r = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", site.url("locked"))
     assert r.code == 1 and r.err.count("\n") == 1, r.err
     assert "HDFS permission denied" in r.err and "as drsync" in r.err and "grant that user access" in r.err
-    assert site.state("locked") == before
+    assert _hadoop(webhdfs, site.path("locked")) == before
+    refused = [e["cmd"] for e in webhdfs.events_since(mark, under=site.path("locked")) if not e["ok"]]
+    assert refused, "the namenode itself refused drsync"
 
 
-def test_quota_exceeded_mid_write_leaves_nothing_half_written(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_space_quota_exceeded_mid_write_leaves_nothing_half_written(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A space quota (dfsadmin -setSpaceQuota): HDFS charges a file being written a whole block
+    (1 MiB here) times the replication (1) for each block it opens."""
     local = LocalSite(tmp_path)
     local.make_tree("data")  # two 3 MiB files among small ones
     repo = str(tmp_path / "repo")
@@ -125,19 +252,18 @@ def test_quota_exceeded_mid_write_leaves_nothing_half_written(webhdfs, tmp_path:
     snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()["id"]
     site = HdfsSite(webhdfs, webhdfs.test_dir)
     site.write("standby", "old.txt", b"the last good state")
-    webhdfs.set_quota(site.path("standby"), 4 << 20)  # the first big file fits, the second does not
-    before = site.state("standby")
+    webhdfs.set_quota(site.path("standby"), 4 * MiB)  # the first big file fits, the second does not
+    before = _hadoop(webhdfs, site.path("standby"))
     r = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", site.url("standby"))
     assert r.code == 1 and "HDFS quota exceeded" in r.err and "setSpaceQuota" in r.err, r.err
-    assert site.state("standby") == before
-    assert not any(p.startswith(".drsync-staging") for p in site.paths("standby"))
+    assert _hadoop(webhdfs, site.path("standby")) == before  # nothing half written, not even the staging area
     # The same through the repository: a pack that does not fit is never published.
     hrepo = site.url("repo")
     assert run_drsync("init", "--repo", hrepo, "--cluster-id", "e", "--release", "1").code == 0
-    webhdfs.set_quota(site.path("repo"), 1 << 20)
+    webhdfs.set_quota(site.path("repo"), 1 * MiB)
     r = run_drsync("snapshot", "create", "--repo", hrepo, "--source", tmp_path / "data")
     assert r.code == 1 and "HDFS quota exceeded" in r.err
-    assert not any(".tmp-" in p or p.endswith(".pack") for p in site.paths("repo"))
+    assert not any(".tmp-" in p or p.endswith(".pack") for p in webhdfs.tree(site.path("repo")))
     assert run_drsync("snapshot", "list", "--repo", hrepo, "--json").json() == []
     # Space comes back: everything works again.
     webhdfs.set_quota(site.path("standby"), -1)
@@ -146,29 +272,95 @@ def test_quota_exceeded_mid_write_leaves_nothing_half_written(webhdfs, tmp_path:
     assert same_tree(local, "data", site, "standby")
 
 
-def test_safe_mode_is_waited_out_then_reported(webhdfs) -> None:  # type: ignore[no-untyped-def]
-    fs = HdfsFs(parse_hdfs_url(webhdfs.url(webhdfs.test_dir)), retry_s=20)
-    webhdfs.safe_mode = True
-    timer = threading.Timer(0.8, lambda: setattr(webhdfs, "safe_mode", False))
-    timer.start()
-    fs.write(f"{webhdfs.test_dir}/after-safe-mode", b"x")  # retried until the namenode left safe mode
-    timer.join()
-    assert fs.read(f"{webhdfs.test_dir}/after-safe-mode") == b"x"
-    webhdfs.safe_mode = True
-    quick = HdfsFs(parse_hdfs_url(webhdfs.url(webhdfs.test_dir)), retry_s=0.5)
+def test_name_quota_exceeded_is_reported_and_changes_nothing(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A namespace quota (dfsadmin -setQuota): NSQuotaExceededException when the directory would hold
+    more files and directories than allowed."""
+    local = LocalSite(tmp_path)
+    for i in range(12):
+        local.write("data", f"d/f{i:02}", b"x" * i)
+    repo = str(tmp_path / "repo")
+    assert run_drsync("init", "--repo", repo, "--cluster-id", "e", "--release", "1").code == 0
+    snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()["id"]
+    site = HdfsSite(webhdfs, webhdfs.test_dir)
+    site.write("standby", "old.txt", b"the last good state")
+    webhdfs.set_name_quota(site.path("standby"), 8)
+    before = _hadoop(webhdfs, site.path("standby"))
+    mark = webhdfs.audit_mark()
+    r = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", site.url("standby"))
+    assert r.code == 1 and r.err.count("\n") == 1, r.err
+    assert "HDFS quota exceeded" in r.err and "-setQuota" in r.err and "setSpaceQuota" not in r.err, r.err
+    assert any(not e["ok"] for e in webhdfs.events_since(mark, under=site.path("standby")))
+    assert _hadoop(webhdfs, site.path("standby")) == before
+    webhdfs.set_name_quota(site.path("standby"), -1)
+    assert run_drsync("snapshot", "restore", "--delete-extra",
+                      snap, "--repo", repo, "--target", site.url("standby")).code == 0
+    assert same_tree(local, "data", site, "standby")
+
+
+def test_safe_mode_is_waited_out_then_reported(webhdfs, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """dfsadmin -safemode enter: writes wait until the namenode leaves it (within the retry window),
+    then fail with a line that says so; reads go on."""
+    path = f"{webhdfs.test_dir}/after-safe-mode"
+    retried = threading.Event()
+
+    class Retries(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "safe mode" in record.getMessage() and "retrying" in record.getMessage():
+                retried.set()
+
+    seen = Retries()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            _fs(webhdfs, retry_s=60 * SLOW).write(path, b"x")
+        except BaseException as e:
+            errors.append(e)
+
+    webhdfs.safe_mode(True)
+    logging.getLogger("drsync.hdfs").addHandler(seen)
+    try:
+        with caplog.at_level(logging.INFO, logger="drsync.hdfs"):
+            writer = threading.Thread(target=write)
+            writer.start()
+            assert retried.wait(30 * SLOW), "drsync did not retry in safe mode"
+            left = webhdfs.audit_mark()  # (a namenode does not audit what safe mode refuses)
+            webhdfs.safe_mode(False)
+            writer.join(60 * SLOW)
+    finally:
+        logging.getLogger("drsync.hdfs").removeHandler(seen)
+    assert not writer.is_alive() and not errors, errors
+    assert ("create", path) in webhdfs.ops_since(left, under=path)  # created once out of safe mode
+    assert webhdfs.tree(webhdfs.test_dir)["after-safe-mode"]["sha256"] == hashlib.sha256(b"x").hexdigest()
+    webhdfs.safe_mode(True)
+    quick = _fs(webhdfs, retry_s=0.5)
     with pytest.raises(HdfsUnavailable, match="safe mode"):
         quick.mkdirs(f"{webhdfs.test_dir}/never")
-    assert quick.read(f"{webhdfs.test_dir}/after-safe-mode") == b"x"  # reads are fine in safe mode
+    with pytest.raises(HdfsUnavailable, match="safe mode"):
+        quick.write(f"{webhdfs.test_dir}/never.txt", b"x")
+    assert quick.read(path) == b"x"  # reads are fine in safe mode
 
 
 def test_no_active_namenode_is_reported(webhdfs) -> None:  # type: ignore[no-untyped-def]
-    webhdfs.active = 5  # both namenodes standby
-    fs = HdfsFs(parse_hdfs_url(webhdfs.url(webhdfs.test_dir)), retry_s=0.5)
+    """haadmin -transitionToStandby on both namenodes: every call is refused, and drsync says so."""
+    fs = _fs(webhdfs, retry_s=0.5)
+    fs.write(f"{webhdfs.test_dir}/a", b"x")
+    webhdfs.all_standby()
+    assert webhdfs.active_index() is None
     with pytest.raises(HdfsUnavailable, match="all answered as standby"):
         fs.status(webhdfs.test_dir)
+    with pytest.raises(HdfsUnavailable, match="all answered as standby"):
+        fs.read(f"{webhdfs.test_dir}/a")
+    with pytest.raises(HdfsUnavailable, match="all answered as standby"):
+        _fs(webhdfs, retry_s=0.5).write(f"{webhdfs.test_dir}/b", b"x")
 
 
-def test_delegation_token_authentication(webhdfs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_delegation_token_authentication(fake_webhdfs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """On the test server: the real cluster runs simple authentication (no Kerberos), and its WebHDFS
+    then ignores ``delegation=`` altogether: a request with a real token, a made-up one or none at all
+    acts as the anonymous ``dr.who`` (see the next test). So neither a refused token nor the token's
+    user can be seen on it; that needs a Kerberos-secured cluster."""
+    webhdfs = fake_webhdfs
     webhdfs.require_token = True
     webhdfs.tokens["good-token"] = "drsync"
     url = webhdfs.url(webhdfs.test_dir, user=None)
@@ -184,79 +376,213 @@ def test_delegation_token_authentication(webhdfs, monkeypatch: pytest.MonkeyPatc
     assert r.code == 1 and "authentication failed" in r.err and "expired" not in r.err.split("(")[0]
 
 
+def test_a_token_is_ignored_by_a_cluster_without_security(webhdfs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """What a real namenode with simple authentication does with a delegation token (a real one, from
+    the namenode): nothing. drsync's calls act as ``dr.who``, and the refusal names that user."""
+    monkeypatch.setenv("DRSYNC_HDFS_TOKEN", webhdfs.token("drsync"))
+    fs = HdfsFs(parse_hdfs_url(webhdfs.url(webhdfs.test_dir, user=None)), retry_s=0)
+    mark = webhdfs.audit_mark()
+    assert fs.status(webhdfs.test_dir)["owner"] == "drsync"  # reading is open to anyone here
+    with pytest.raises(HdfsPermissionDenied, match="user=dr.who"):
+        fs.write(f"{webhdfs.test_dir}/by-token", b"x")
+    assert {e["user"].split()[0] for e in webhdfs.events_since(mark)} == {"dr.who"}
+
+
 # --- consistent capture with HDFS snapshots --------------------------------------------------
 
 
-def _repo() -> Repository:
-    return Repository.init(MemoryStorage(), cluster_id="e", release="1")
-
-
-def _capture(root: HdfsDataRoot, repo: Repository, parent=None, parent_at=None, at=None):  # type: ignore[no-untyped-def]
-    w = repo.chunk_writer()
-    result = capture(root, w, parent=parent, parent_captured_at=parent_at, captured_at=at)
-    w.flush()
-    return result
-
-
-def test_capture_reads_a_frozen_snapshot_while_the_cluster_writes(webhdfs) -> None:  # type: ignore[no-untyped-def]
+def test_capture_reads_a_frozen_snapshot_while_the_cluster_writes(webhdfs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A writer changes the live tree all through a capture (overwrites, appends to a closed
+    multi-block file, creates, renames across directories, deletes, mode changes); the capture holds
+    exactly the snapshot as Hadoop lists and reads it under ``<root>/.snapshot/<name>``."""
+    rnd = random.Random(5)
     site = HdfsSite(webhdfs, webhdfs.test_dir)
-    site.write("data", "a.txt", b"before")
-    site.write("data", "b.txt", b"before")
-    webhdfs.allow_snapshot(site.path("data"))
-    fs = HdfsFs(parse_hdfs_url(site.url("")))
+    data = site.path("data")
+    fs = _fs(webhdfs)
+    for d in range(4):
+        for f in range(5):
+            fs.write(f"{data}/d{d}/f{f}", rnd.randbytes(2000))
+    w = fs.writer(f"{data}/big.bin")
+    for _ in range(3):
+        w.write(rnd.randbytes(MiB))  # three blocks
+    w.close()
+    webhdfs.allow_snapshot(data)
+    mark = webhdfs.audit_mark()
+    stop, changed = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+    rounds = [0]
 
-    def writer_during_capture(op: str, path: str) -> None:
-        if op == "OPEN" and "/.snapshot/" in path:
-            webhdfs.on_request = None
-            # Done before this OPEN is answered (the hook runs outside the namespace lock; the write is
-            # served by another server thread): the live file changes in the middle of the capture.
-            fs.write(f"{site.path('data')}/b.txt", b"written during the capture", overwrite=True)
+    def writer() -> None:
+        wrnd = random.Random(6)
+        try:
+            wait_for(lambda: ("createSnapshot", data) in webhdfs.ops_since(mark, under=data), "the capture's snapshot")
+            while not stop.is_set():
+                i = rounds[0]
+                d = f"{data}/d{i % 4}"
+                fs.write(f"{d}/f{i % 5}", wrnd.randbytes(3000), overwrite=True)
+                fs.set_permission(f"{d}/f{i % 5}", 0o600)
+                webhdfs.append(f"{data}/big.bin", wrnd.randbytes(100_000))
+                fs.write(f"{d}/new-{i}", b"new")
+                assert fs.rename(f"{d}/new-{i}", f"{data}/d{(i + 1) % 4}/moved-{i}")
+                if i < 4:
+                    fs.delete(f"{d}/f4")
+                rounds[0] += 1
+                if rounds[0] == 4:
+                    changed.set()
+        except BaseException as e:
+            errors.append(e)
+            changed.set()
 
-    webhdfs.on_request = writer_during_capture
-    root = HdfsDataRoot(site.url("data"))
-    result = _capture(root, _repo(), at=time.time())
-    sizes = dict(zip(result.manifest.pycolumn("path"),
-                     result.manifest.table.column("size").to_pylist(), strict=True))
-    assert sizes == {"a.txt": 6, "b.txt": 6}, "the capture saw the snapshot, not the live tree"
-    assert len(result.warnings) == 0 and result.warnings.lines() == []
-    assert site.state("data")["b.txt"][3] != site.state("data")["a.txt"][3]  # the live file did change
+    open_file = HdfsFrozenRoot.open_file
+
+    def after_changes(self, rel):  # type: ignore[no-untyped-def]
+        # No file is read before the live tree has changed under the snapshot.
+        assert changed.wait(60 * SLOW), "the writer did not get going"
+        return open_file(self, rel)
+
+    monkeypatch.setattr(HdfsFrozenRoot, "open_file", after_changes)
+    repo = _repo()
+    at = time.time()
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        result = _capture(HdfsDataRoot(site.url("data")), repo, at=at)
+        at_end = rounds[0]
+    finally:
+        stop.set()
+        thread.join(60 * SLOW)
+    assert not errors, errors
+    assert at_end >= 4
+    [snap] = _drsync_snapshots(webhdfs, data)  # kept as the next capture's base
+    assert _tag(snap) == f"drsync-{int(at * 1000)}"
+    frozen = _hadoop(webhdfs, f"{data}/.snapshot/{snap}")
+    captured = _captured(repo, result.manifest)
+    # Directory mtimes aside: in a real snapshot, a directory's modification time is not frozen by
+    # the first child added to it after the snapshot (create, mkdir, rename into it), which moves it
+    # to that time in the snapshot too. What drsync listed is what it was then.
+    assert _no_dir_mtimes(captured) == _no_dir_mtimes(frozen)
+    assert result.warnings.lines() == []
+    live = _hadoop(webhdfs, data)
+    assert live["big.bin"][3] >= frozen["big.bin"][3] + 4 * 100_000  # appended to after the snapshot
+    assert frozen["big.bin"][3] == 3 * MiB and "d0/f4" in frozen and "d1/moved-0" not in frozen
+    assert "d0/f4" in live and live["d0/f4"] != frozen["d0/f4"] and "d1/moved-0" in live
+
+
+def _change_everything(site: HdfsSite, fs: HdfsFs, rnd: random.Random, step: int) -> set[str]:
+    """One step of changes of every kind below ``data``; returns the directories they touch."""
+    data = site.path("data")
+    site.write("data", f"d{step}/sub/f{step}", rnd.randbytes(60))
+    site.write("data", f"d{step}/new-{step}/deep/file", b"created")
+    site.remove("data", f"d{5 - step}/sub/f4")
+    assert fs.rename(f"{data}/d{step}/sub/f1", f"{data}/d{step}/moved-{step}")
+    site.chmod("data", f"d{step}/sub/f2", 0o600)
+    return {"", f"d{step}", f"d{step}/sub", f"d{step}/new-{step}", f"d{step}/new-{step}/deep", f"d{5 - step}",
+            f"d{5 - step}/sub"}
+
+
+def _full_walk(webhdfs: Any, site: HdfsSite, at: float) -> Manifest:
+    """The same root captured from a snapshot of its own by walking every directory (no parent),
+    its snapshot removed afterwards so that it is no one's base."""
+    full = _capture(HdfsDataRoot(site.url("data")), _repo(), at=at)
+    for n in _drsync_snapshots(webhdfs, site.path("data")):
+        if _tag(n) == f"drsync-{int(at * 1000)}":
+            _fs(webhdfs).delete_snapshot(site.path("data"), n)
+    return full.manifest
+
+
+_COLS = ["path", "type", "mode", "size", "mtime_s", "mtime_nsec", "content"]
 
 
 def test_snapshot_diff_walks_only_what_changed_and_equals_a_full_walk(webhdfs) -> None:  # type: ignore[no-untyped-def]
-    import random
-
     rnd = random.Random(7)
     site = HdfsSite(webhdfs, webhdfs.test_dir)
+    data = site.path("data")
     for d in range(6):
         for f in range(5):
             site.write("data", f"d{d}/sub/f{f}", rnd.randbytes(50))
+    webhdfs.allow_snapshot(data)
+    root = HdfsDataRoot(site.url("data"))
+    repo = _repo()
+    at = time.time()
+    result = _capture(root, repo, at=at)
+    assert [_tag(n) for n in _drsync_snapshots(webhdfs, data)] == [f"drsync-{int(at * 1000)}"]
+    fs = _fs(webhdfs)
+    for step in range(4):
+        touched = _change_everything(site, fs, rnd, step)
+        [base] = _drsync_snapshots(webhdfs, data)
+        parent, parent_at, at = result.manifest, at, at + 1
+        mark = webhdfs.audit_mark()
+        result = _capture(root, repo, parent, parent_at, at)
+        [snap] = _drsync_snapshots(webhdfs, data)  # the new base; the one it replaces is gone
+        assert _tag(snap) == f"drsync-{int(at * 1000)}"
+        ops = webhdfs.ops_since(mark, under=data)
+        assert ("computeSnapshotDiff", f"{data}/.snapshot/{base}") in ops
+        listed = _listed_dirs(webhdfs, mark, f"{data}/.snapshot/{snap}")
+        assert sorted(listed) == sorted(touched), f"step {step}: only the directories the changes touch"
+        assert _captured(repo, result.manifest) == _hadoop(webhdfs, f"{data}/.snapshot/{snap}")
+        # The same state captured by walking everything gives the same manifest.
+        full = _full_walk(webhdfs, site, at + 0.5)
+        assert result.manifest.table.select(_COLS).equals(full.table.select(_COLS)), f"step {step}"
+
+
+def test_renames_across_directories_between_two_captures(webhdfs) -> None:  # type: ignore[no-untyped-def]
+    """Files and a whole directory moved to other directories: a real namenode reports each as one
+    RENAME with both paths; the capture from the diff lists the directories on both sides, and
+    equals a full walk."""
+    site = HdfsSite(webhdfs, webhdfs.test_dir)
+    data = site.path("data")
+    for d in ("a/x", "b/y", "c/z/deeper", "u0/s", "u1/s", "u2/s"):
+        site.write("data", f"{d}/file", d.encode())
+    site.write("data", "a/x/f1", b"one")
+    site.write("data", "a/x/f2", b"two")
+    webhdfs.allow_snapshot(data)
+    fs = _fs(webhdfs)
+    repo = _repo()
+    at = time.time()
+    first = _capture(HdfsDataRoot(site.url("data")), repo, at=at)
+    [base] = _drsync_snapshots(webhdfs, data)
+    assert fs.rename(f"{data}/a/x/f1", f"{data}/b/y/f1-moved")  # a file, across directories
+    assert fs.rename(f"{data}/c/z", f"{data}/b/y/z-moved")  # a directory with its subtree
+    assert fs.rename(f"{data}/a/x/f2", f"{data}/c/f2")  # up a level
+    fs.create_snapshot(data, "probe")
+    renames = sorted((d["sourcePath"], d["targetPath"]) for d in fs.snapshot_diff(data, base, "probe") or []
+                     if d["type"] == "RENAME")
+    fs.delete_snapshot(data, "probe")
+    assert renames == [("a/x/f1", "b/y/f1-moved"), ("a/x/f2", "c/f2"), ("c/z", "b/y/z-moved")]
+    mark = webhdfs.audit_mark()
+    second = _capture(HdfsDataRoot(site.url("data")), repo, first.manifest, at, at + 1)
+    [snap] = _drsync_snapshots(webhdfs, data)
+    listed = set(_listed_dirs(webhdfs, mark, f"{data}/.snapshot/{snap}"))
+    assert listed == {"", "a", "a/x", "b", "b/y", "b/y/z-moved", "b/y/z-moved/deeper", "c"}, listed
+    captured = _captured(repo, second.manifest)
+    assert captured == _hadoop(webhdfs, f"{data}/.snapshot/{snap}")
+    assert "b/y/z-moved/deeper/file" in captured and "c/z/deeper/file" not in captured
+    full = _full_walk(webhdfs, site, at + 1.5)
+    assert second.manifest.table.select(_COLS).equals(full.table.select(_COLS))
+
+
+def test_without_getsnapshotdiff_every_capture_walks_and_keeps_no_snapshot(fake_webhdfs) -> None:  # type: ignore[no-untyped-def]
+    """On the test server: a namenode without GETSNAPSHOTDIFF (before Hadoop 3.0) cannot be made of
+    the real 3.5 cluster. Each capture walks the whole snapshot and removes it: none is kept as a base."""
+    webhdfs = fake_webhdfs
+    webhdfs.snapshot_diff = False
+    site = HdfsSite(webhdfs, webhdfs.test_dir)
+    for d in range(3):
+        site.write("data", f"d{d}/sub/f", b"x")
     webhdfs.allow_snapshot(site.path("data"))
     root = HdfsDataRoot(site.url("data"))
     repo = _repo()
-    at = time.time() - 30  # older than the racy window, so unchanged files are reused
-    result = _capture(root, repo, at=at)
-    assert [n.rsplit("-", 2)[0] for n in webhdfs.snapshots(site.path("data"))] == [f"drsync-{int(at * 1000)}"]
-    fs = HdfsFs(parse_hdfs_url(site.url("")))
-    for step in range(4):
-        # Change a few things of every kind.
-        site.write("data", f"d{step}/sub/f{step}", rnd.randbytes(60))
-        site.write("data", f"d{step}/new-{step}/deep/file", b"created")
-        site.remove("data", f"d{5 - step}/sub/f4")
-        fs.rename(f"{site.path('data')}/d{step}/sub/f1", f"{site.path('data')}/d{step}/moved-{step}")
-        site.chmod("data", f"d{step}/sub/f2", 0o600)
-        parent, parent_at, at = result.manifest, at, at + 1
-        before = len(webhdfs.requests)
-        result = _capture(root, repo, parent, parent_at, at)
-        listed = [p for op, p in webhdfs.requests[before:] if op == "LISTSTATUS_BATCH" and "/.snapshot/" in p]
-        assert any(op == "GETSNAPSHOTDIFF" for op, _ in webhdfs.requests[before:])
-        assert len(listed) < 13, f"step {step}: the diff should spare the unchanged directories ({listed})"
-        # The same state captured by walking everything gives the same manifest.
-        webhdfs.snapshot_diff = False
-        full = _capture(HdfsDataRoot(site.url("data")), _repo(), at=at + 0.5)
-        webhdfs.snapshot_diff = True
-        cols = ["path", "type", "mode", "size", "mtime_s", "mtime_nsec", "content"]
-        assert result.manifest.table.select(cols).equals(full.manifest.table.select(cols)), f"step {step}"
-        assert [n.rsplit("-", 2)[0] for n in webhdfs.snapshots(site.path("data"))] == [f"drsync-{int(at * 1000)}"]
+    at = time.time()
+    first = _capture(root, repo, at=at)
+    assert webhdfs.snapshots(site.path("data")) == []
+    site.write("data", "d1/sub/f", b"changed")
+    before = len(webhdfs.requests)
+    second = _capture(root, repo, first.manifest, at, at + 1)
+    listed = [p for op, p in webhdfs.requests[before:] if op == "LISTSTATUS_BATCH" and "/.snapshot/" in p]
+    assert len(listed) == 7  # the root, three directories and their subdirectories: everything
+    assert webhdfs.snapshots(site.path("data")) == []
+    sizes = dict(zip(second.manifest.pycolumn("path"), second.manifest.table.column("size").to_pylist(), strict=True))
+    assert sizes["d1/sub/f"] == 7
 
 
 def test_unsnapshottable_root_falls_back_and_says_so_once(webhdfs, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
@@ -272,15 +598,15 @@ def test_unsnapshottable_root_falls_back_and_says_so_once(webhdfs, caplog: pytes
 
 
 def test_leftover_snapshots_of_crashed_captures_are_removed(webhdfs) -> None:  # type: ignore[no-untyped-def]
-    site = HdfsSite(webhdfs, webhdfs.test_dir)
-    site.write("data", "a.txt", b"x")
-    webhdfs.allow_snapshot(site.path("data"))
-    fs = HdfsFs(parse_hdfs_url(site.url("")))
     import os
     import socket
     import subprocess
     import sys
 
+    site = HdfsSite(webhdfs, webhdfs.test_dir)
+    site.write("data", "a.txt", b"x")
+    webhdfs.allow_snapshot(site.path("data"))
+    fs = _fs(webhdfs)
     host = socket.gethostname().replace("-", "_")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
@@ -297,35 +623,206 @@ def test_leftover_snapshots_of_crashed_captures_are_removed(webhdfs) -> None:  #
     assert len(left) == 3, left
 
 
+# --- files open for write while captured -----------------------------------------------------
+# HDFS's default dfs.namenode.snapshot.capture.openfiles=false: a snapshot does not freeze a file
+# that is open for write. Under <root>/.snapshot/<name> such a file lists the blocks completed so
+# far (not the last one being written), and that length grows as the writer completes blocks and
+# when it closes the file; GETSNAPSHOTDIFF reports none of it.
+
+
+def _open_file(fs: HdfsFs, path: str, payload: bytes, sent: int):  # type: ignore[no-untyped-def]
+    """A file being written (not closed): ``sent`` bytes handed to the datanode, and the namenode
+    lists its completed blocks."""
+    w = fs.writer(path)
+    for k in range(0, sent, MiB // 2):
+        w.write(payload[k:min(sent, k + MiB // 2)])
+    wait_for(lambda: (fs.status(path) or {}).get("length") == sent // MiB * MiB, f"{path}'s completed blocks")
+    return w
+
+
+def _write_on(w, payload: bytes, start: int, end: int) -> None:  # type: ignore[no-untyped-def]
+    for k in range(start, end, MiB // 2):
+        w.write(payload[k:min(end, k + MiB // 2)])
+
+
+def test_a_file_open_for_write_is_captured_as_far_as_the_snapshot_lists_it(webhdfs) -> None:  # type: ignore[no-untyped-def]
+    """The writer completes another block between drsync's look at the open file and its read: the
+    capture holds what the snapshot listed (one block), neither the block completed later nor the
+    bytes still in flight, and it neither fails nor warns."""
+    site = HdfsSite(webhdfs, webhdfs.test_dir)
+    data = site.path("data")
+    fs = _fs(webhdfs)
+    site.write("data", "sub/done", b"a closed file")
+    payload = random.Random(8).randbytes(3 * MiB)
+    w = _open_file(fs, f"{data}/sub/open.bin", payload, 3 * MiB // 2)
+    webhdfs.allow_snapshot(data)
+    grown: list[str] = []
+
+    class WriterCompletesABlock(HdfsFs):
+        def open(self, path: str, offset: int = 0, length: int | None = None):  # type: ignore[no-untyped-def]
+            if path.endswith("/open.bin") and not grown:
+                grown.append(path)  # looked at (1 MiB listed), not yet read
+                _write_on(w, payload, 3 * MiB // 2, 5 * MiB // 2)
+                wait_for(lambda: self.status(path)["length"] == 2 * MiB, "the snapshot to list the second block")
+            return super().open(path, offset, length)
+
+    repo = _repo()
+    at = time.time()
+    try:
+        result = _capture(HdfsDataRoot(site.url("data"), fs=WriterCompletesABlock(parse_hdfs_url(site.url("data")))),
+                          repo, at=at)
+        assert grown, "the capture read the open file"
+        [snap] = _drsync_snapshots(webhdfs, data)
+        assert webhdfs.tree(f"{data}/.snapshot/{snap}")["sub/open.bin"]["length"] == 2 * MiB  # not frozen
+    finally:
+        _write_on(w, payload, 5 * MiB // 2, 3 * MiB)
+        w.close()
+    got = _captured(repo, result.manifest)
+    assert got["sub/open.bin"][3:] == (MiB, hashlib.sha256(payload[:MiB]).hexdigest())
+    assert got["sub/done"][3] == len(b"a closed file")
+    assert result.warnings.lines() == []
+
+
+@pytest.mark.xfail(strict=True, reason="drsync defect: a file open for write at the base snapshot is not in "
+                   "GETSNAPSHOTDIFF when it grows or closes, so the diff capture keeps its earlier, short "
+                   "version (see the docstring)")
+def test_a_file_captured_open_is_captured_whole_once_closed(webhdfs) -> None:  # type: ignore[no-untyped-def]
+    """A file open for write since a while (its modification time is when it was opened, HDFS moves
+    it at close) is captured with the blocks it had; then it is written on and closed. The next
+    capture must hold the whole closed file. It does not: the namenode's GETSNAPSHOTDIFF between the
+    two snapshots is empty (the open file was not frozen in the base snapshot, so no change of it is
+    recorded), the file's directory counts as unchanged, and its entry is taken from the parent
+    manifest: the first block only, for good (until something else changes in that directory)."""
+    site = HdfsSite(webhdfs, webhdfs.test_dir)
+    data = site.path("data")
+    fs = _fs(webhdfs)
+    site.write("data", "sub/done", b"a closed file")
+    payload = random.Random(9).randbytes(3 * MiB)
+    w = _open_file(fs, f"{data}/sub/open.bin", payload, 3 * MiB // 2)
+    try:
+        fs.set_times(f"{data}/sub/open.bin", int((time.time() - 600) * 1e9))  # opened ten minutes ago
+        webhdfs.allow_snapshot(data)
+        repo = _repo()
+        at = time.time()
+        first = _capture(HdfsDataRoot(site.url("data")), repo, at=at)
+        assert _captured(repo, first.manifest)["sub/open.bin"][3] == MiB
+        [base] = _drsync_snapshots(webhdfs, data)
+        _write_on(w, payload, 3 * MiB // 2, 3 * MiB)
+    finally:
+        w.close()
+    fs.create_snapshot(data, "probe")
+    assert fs.snapshot_diff(data, base, "probe") == []  # the real namenode's report: nothing changed
+    fs.delete_snapshot(data, "probe")
+    second = _capture(HdfsDataRoot(site.url("data")), repo, first.manifest, at, at + 1)
+    [snap] = _drsync_snapshots(webhdfs, data)
+    assert webhdfs.tree(data)["sub/open.bin"]["length"] == 3 * MiB
+    assert _captured(repo, second.manifest) == _hadoop(webhdfs, f"{data}/.snapshot/{snap}")
+
+
 # --- faults during replication ---------------------------------------------------------------
 
 
+class _Flipper:
+    """Fails the active namenode over (haadmin -failover) each time the namenodes' audit log shows
+    ``every`` more creates and renames below the test directory, ``times`` times."""
+
+    def __init__(self, webhdfs: Any, every: int, times: int) -> None:
+        self.webhdfs, self.every, self.times = webhdfs, every, times
+        self.flips = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="failover")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            mark = self.webhdfs.audit_mark()
+            while self.flips < self.times and not self._stop.is_set():
+                writes = [c for c, _ in self.webhdfs.ops_since(mark) if c in ("create", "rename")]
+                if len(writes) >= self.every:
+                    self.webhdfs.failover()
+                    self.flips += 1
+                    mark = self.webhdfs.audit_mark()
+                else:
+                    self._stop.wait(0.05)  # polling the audit log
+        except BaseException as e:
+            self.errors.append(e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60 * SLOW)
+        assert not self.errors, self.errors
+
+
 def test_namenode_failover_during_a_shipment(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The active namenode changes several times while a snapshot ships onto an HDFS standby."""
-    from tests.test_agents import Pair, wait_for
+    """The active namenode changes three times (haadmin -failover) while snapshots ship onto an HDFS
+    standby (repository and data root on HDFS), each time after some more of the shipment's writes:
+    the standby ends complete and correct.
+
+    A real failover fails a WebHDFS write that streams across it (the datanode's own client talks to
+    the namenode that redirected it, which is now a standby), and with it that apply; the primary
+    ships again on its next cycle."""
+    from tests.test_agents import Pair
 
     pair = Pair(tmp_path, LocalSite(tmp_path), make_site("hdfs", tmp_path, webhdfs))
-    flips = []
-
-    def flip(op: str, path: str) -> None:
-        if op in ("CREATE", "RENAME") and len(webhdfs.requests) % 7 == 0:
-            webhdfs.active = 1 - webhdfs.active
-            flips.append(op)
-
+    flipper = None
     try:
         pair.start("standby")
-        webhdfs.on_request = flip
+        flipper = _Flipper(webhdfs, every=8, times=3)
         pair.start("primary")
-        wait_for(pair.in_sync, "the standby to match production across namenode failovers", timeout=120)
-        assert len(flips) >= 3
-        webhdfs.on_request = None
+        rounds = 0
+        while True:
+            wait_for(pair.in_sync, "the standby to match production across namenode failovers", timeout=120)
+            if flipper.flips == 3 or rounds == 5:
+                break
+            rounds += 1  # shipped before three failovers: more to ship
+            pair.prod_site.write("prod-data", f"more/{rounds}.txt", f"round {rounds}".encode() * 1000)
+        flipper.stop()
+        assert flipper.flips == 3, flipper.flips
         pair.kill("primary", signal.SIGTERM)  # nothing ships while the root is compared
         pair.kill("standby")
         pair.start("standby")
         pair.assert_root_is_applied_snapshot("after-failovers")
+        assert same_tree(pair.prod_site, "prod-data", pair.standby_site, "standby-data")
     finally:
-        webhdfs.on_request = None
+        if flipper is not None:
+            flipper.stop()
         pair.stop_all()
+
+
+def test_a_blob_written_across_a_namenode_failover_is_written_whole(webhdfs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """haadmin -failover while the datanode receives a repository blob (between its two halves): the
+    datanode's own client can no longer complete the file, its namenode being a standby now. drsync
+    writes again through the new active namenode, which finds the half-written temp file still open
+    under the first attempt's lease (AlreadyBeingCreatedException). The blob ends whole all the same,
+    and no temp file is left."""
+    from drsync.storage.hdfs import HdfsStorage
+
+    store = HdfsStorage(webhdfs.url(f"{webhdfs.test_dir}/repo"), create=True)
+    blob = random.Random(4).randbytes(3 * MiB)
+    flipped: list[int | None] = []
+    send = store.fs.client._session.request
+
+    def request(method, url, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if method == "PUT" and "op=CREATE" in str(url) and "namenoderpcaddress=" in str(url) and not flipped:
+            body = kwargs["data"]
+
+            def halves():  # type: ignore[no-untyped-def]
+                yield body[:len(body) // 2]
+                webhdfs.failover()  # the first blocks are written, the last ones not yet allocated
+                flipped.append(webhdfs.active_index())
+                yield body[len(body) // 2:]
+
+            kwargs["data"] = halves()
+        return send(method, url, *args, **kwargs)
+
+    monkeypatch.setattr(store.fs.client._session, "request", request)
+    before = webhdfs.active_index()
+    store.write("snapshots/blob.json", blob)
+    assert flipped and flipped[0] != before
+    tree = webhdfs.tree(f"{webhdfs.test_dir}/repo")
+    assert tree["snapshots/blob.json"]["sha256"] == hashlib.sha256(blob).hexdigest()
+    assert not [p for p in tree if ".tmp-" in p], tree
 
 
 def test_agent_status_json_on_hdfs(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -344,7 +841,7 @@ def test_agent_status_json_on_hdfs(webhdfs, tmp_path: Path) -> None:  # type: ig
 
 
 def test_drill_on_an_hdfs_standby_compares_its_root(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from tests.test_agents import Pair, wait_for
+    from tests.test_agents import Pair
 
     pair = Pair(tmp_path, LocalSite(tmp_path), make_site("hdfs", tmp_path, webhdfs))
     try:
@@ -367,34 +864,27 @@ def test_drill_on_an_hdfs_standby_compares_its_root(webhdfs, tmp_path: Path) -> 
 
 
 def test_pack_reads_come_from_read_ahead_windows(webhdfs) -> None:  # type: ignore[no-untyped-def]
-    import random
-
+    """Chunk reads in pack order: a few OPENs of 4 MiB windows, not one per chunk. Each WebHDFS read is
+    two ``open`` events in the namenode's audit log (the namenode's redirect, then the datanode's own
+    client), so at most 10 reads are at most 20 events."""
     from drsync.storage import ObjectMissing
     from drsync.storage.hdfs import HdfsStorage
 
     rnd = random.Random(3)
     store = HdfsStorage(webhdfs.url(f"{webhdfs.test_dir}/repo"), create=True)
-    data = rnd.randbytes(10 << 20)
+    data = rnd.randbytes(10 * MiB)
     store.write("packs/ab/p.pack", data)
     ranges = [(o, rnd.randrange(1, 300_000)) for o in sorted(rnd.randrange(0, len(data)) for _ in range(200))]
-    ranges += [((4 << 20) - 10, 20), (len(data) - 5, 5), (len(data) - 5, 50)]
-    before = len(webhdfs.requests)
+    ranges += [(4 * MiB - 10, 20), (len(data) - 5, 5), (len(data) - 5, 50)]
+    mark = webhdfs.audit_mark()
     for offset, length in ranges:
         assert store.read_range("packs/ab/p.pack", offset, length) == data[offset:offset + length]
-    opens = [p for op, p in webhdfs.requests[before:] if op == "OPEN"]
-    assert len(opens) <= 10, f"{len(opens)} OPENs for {len(ranges)} chunk reads in pack order"
+    opens = [src for cmd, src in webhdfs.ops_since(mark) if cmd == "open"]
+    assert opens and set(opens) == {f"{webhdfs.test_dir}/repo/packs/ab/p.pack"}
+    assert len(opens) <= 2 * 10, f"{len(opens) // 2} reads for {len(ranges)} chunk reads in pack order"
     store.delete("packs/ab/p.pack")
     with pytest.raises(ObjectMissing):
         store.read_range("packs/ab/p.pack", 0, 10)
-
-
-def test_kerberos_without_its_package_is_a_usage_error() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("requests_kerberos") is not None:
-        pytest.skip("requests-kerberos is installed here; this checks the message given without it")
-    r = run_drsync("init", "--repo", "hdfs://127.0.0.1:9/x?auth=kerberos", "--cluster-id", "e", "--release", "1")
-    assert r.code == 2 and "pip install 'hdfs[kerberos]'" in r.err and r.err.count("\n") == 1
 
 
 def test_a_small_change_applied_onto_hdfs_touches_only_its_directory(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -406,15 +896,19 @@ def test_a_small_change_applied_onto_hdfs_touches_only_its_directory(webhdfs, tm
     assert run_drsync("init", "--repo", repo, "--cluster-id", "e", "--release", "1").code == 0
     site = HdfsSite(webhdfs, webhdfs.test_dir)
 
-    def restore_counting() -> int:
+    def restore_counting() -> list[tuple[str, str]]:
         snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()
-        before = len(webhdfs.requests)
+        mark = webhdfs.audit_mark()
         assert run_drsync("snapshot", "restore", "--delete-extra",
                           snap["id"], "--repo", repo, "--target", site.url("sb")).code == 0
         assert same_tree(local, "data", site, "sb")
-        return sum(1 for op, _ in webhdfs.requests[before:] if op in ("SETTIMES", "SETPERMISSION"))
+        return [(cmd, src) for cmd, src in webhdfs.ops_since(mark, under=site.path("sb"))
+                if cmd in ("setTimes", "setPermission")]
 
     first = restore_counting()
-    assert first >= 2 * 40  # every directory and file gets its mode and time
+    assert len(first) >= 2 * 40  # every directory and file gets its mode and time
     local.write("data", "d07/f", b"changed")
-    assert restore_counting() <= 4  # the file, and its one directory
+    second = restore_counting()
+    assert len(second) <= 4, second  # the file, and its one directory
+    tops = {src.removeprefix(site.path("sb")).strip("/").split("/")[0] for _, src in second}
+    assert tops <= {"d07", ".drsync-staging"}, second  # the file staged, then in place

@@ -1,9 +1,11 @@
 """A WebHDFS server for tests: namenodes and a datanode on loopback, following the Hadoop REST spec.
 
-The HDFS tests run against a real Hadoop mini cluster (tests/hadoop, tests/realhdfs.py); this
-server stays for the faults a real namenode cannot produce on demand (each test that takes the
-``fake_webhdfs`` fixture says which), and for benchmarks of round-trip latency. It follows
-the WebHDFS REST API (Hadoop's ``hadoop-hdfs/src/site/markdown/WebHDFS.md``, cited below as "spec §") wherever
+The HDFS tests run on a real Hadoop mini cluster (tests/hadoop, tests/realhdfs.py);
+this server is for the faults that cluster cannot produce on demand (a namenode
+without GETSNAPSHOTDIFF, a refused anonymous request, a hook at an exact request),
+and tests/test_hdfs.py checks it answers as the real namenode does on what it
+models. It follows the WebHDFS REST API (Hadoop's
+``hadoop-hdfs/src/site/markdown/WebHDFS.md``, cited below as "spec §") wherever
 a client can tell the difference; it keeps the namespace in memory and file
 bytes in local files (so large files stream and never sit in memory).
 
@@ -17,7 +19,17 @@ fails a datanode write midway with ``DSQuotaExceededException``), ``tokens``
 ``latency_s`` (a modelled round trip per namenode call, for benchmarks) and
 ``on_request`` (a hook run before every namenode request).
 
-What only a real namenode can show is listed in tests/test_hdfs_real.py.
+Where it differs from a real Hadoop 3.5 namenode (seen on the mini cluster): a
+snapshot freezes everything here, while in HDFS a file open for write is not
+frozen (its length in the snapshot grows until it is closed, and GETSNAPSHOTDIFF
+reports none of it) nor is a directory's modification time when a child is added
+after the snapshot; renames across directories are reported here as a delete plus
+a create, by HDFS as one RENAME; a write here never outlives a failover, while on
+HDFS the datanode's own client fails when its namenode turns standby (and the
+retried CREATE meets the first attempt's file, still open under its lease); with
+simple authentication HDFS ignores ``delegation=`` altogether (anonymous ``dr.who``);
+reads count once here, twice in HDFS's audit log (the namenode's redirect and the
+datanode's client); and HDFS does not audit what safe mode refuses.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 PREFIX = "/webhdfs/v1"
+NAMENODE_RPC_PORT = 8020  # namenode i redirects with namenoderpcaddress=127.0.0.1:8020+i
 SUPERUSER = "hdfs"
 
 
@@ -445,6 +458,11 @@ class _NamenodeHandler(_Base):
                 time.sleep(c.latency_s)  # the modelled round trip itself, not a wait for a condition
             if c.on_request:
                 c.on_request(op, path)
+            if self.index != c.active and op == "CREATE":
+                # Hadoop 3.5: a standby picks a datanode for CREATE without asking its namespace; the
+                # datanode's own call to that namenode is what fails (StandbyException, from the datanode).
+                self._redirect(path, params, params.get("user.name") or "dr.who")
+                return
             if self.index != c.active:
                 # An HA namenode in standby state serves nothing (HDFS High Availability guide).
                 category = "WRITE" if op in self.WRITE_OPS else "READ"
@@ -467,7 +485,7 @@ class _NamenodeHandler(_Base):
         """Spec § Create and Write to a File / Open and Read a File: a 307 to a datanode URL."""
         q = "&".join(f"{quote(k)}={quote(v)}" for k, v in params.items() if k not in ("user.name", "delegation"))
         location = f"{self.cluster.datanode_url}{PREFIX}{quote(path)}?{q}&user.name={quote(user)}" \
-                   f"&namenoderpcaddress=127.0.0.1:8020"
+                   f"&namenoderpcaddress=127.0.0.1:{NAMENODE_RPC_PORT + self.index}"
         self._reply(307, b"", headers={"Location": location})
 
     # GET
@@ -768,6 +786,10 @@ class _DatanodeHandler(_Base):
             user = self._user(params)
             data_file = c.new_data_file()
             with c.lock:
+                rpc = params.get("namenoderpcaddress", "")
+                if rpc.rpartition(":")[2].isdigit() and int(rpc.rpartition(":")[2]) - NAMENODE_RPC_PORT != c.active:
+                    raise RemoteError("StandbyException", "Operation category WRITE is not supported in state "
+                                      "standby. Visit https://s.apache.org/sbnn-error")
                 if c.safe_mode:
                     raise RemoteError("SafeModeException", f"Cannot create file {path}. Name node is in safe mode.")
                 if not append:

@@ -180,7 +180,10 @@ class HdfsFrozenRoot:
             before = self.fs.status(path)
             if before is None or before["type"] != "FILE":
                 raise FileNotFoundError(errno.ENOENT, "vanished", path)
-            with self.fs.open(path) as raw:
+            # In a snapshot, a file that was open for write is not frozen (HDFS's default
+            # dfs.namenode.snapshot.capture.openfiles=false): its length there grows as the writer
+            # completes blocks. Read no further than the length just looked at.
+            with self.fs.open(path, length=int(before["length"]) if self.consistent else None) as raw:
                 yield HdfsOpenFile(self.fs, path, before, raw, self.consistent)
         except HdfsPermissionDenied as e:
             raise PermissionError(errno.EACCES, f"permission denied ({e})", path) from None

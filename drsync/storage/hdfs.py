@@ -162,6 +162,9 @@ def _explain(exc: str | None, message: str, action: str, path: str, fs: HdfsFs) 
         who = fs.location.user or "the current user"
         return HdfsPermissionDenied(f"HDFS permission denied: cannot {action} {where} as {who} ({first}); "
                                     f"grant that user access or set ?user= in the URL", exc)
+    if exc == "NSQuotaExceededException":  # too many names below a directory, whatever their size
+        return HdfsQuotaExceeded(f"HDFS quota exceeded while trying to {action} {where} ({first}); raise the "
+                                 f"namespace quota (hdfs dfsadmin -setQuota) or remove files, then run again", exc)
     if exc in _QUOTA:
         return HdfsQuotaExceeded(f"HDFS quota exceeded while trying to {action} {where} ({first}); raise the "
                                  f"quota (hdfs dfsadmin -setSpaceQuota) or free space, then run again", exc)
@@ -681,16 +684,21 @@ class HdfsStorage:
 
     def write(self, name: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> None:
         final = self._path(name)
-        tmp = _temp_name(final)
-        try:
-            self.fs.write(tmp, bytes(data))
-            self._publish(tmp, final, exclusive=exclusive)
-        except BaseException:
+        for attempt in range(3):
+            tmp = _temp_name(final)
             try:
-                self.fs.delete(tmp)
-            except HdfsError:
-                pass
-            raise
+                self.fs.write(tmp, bytes(data))
+                self._publish(tmp, final, exclusive=exclusive)
+                return
+            except BaseException as e:
+                try:
+                    self.fs.delete(tmp)
+                except HdfsError:
+                    pass
+                # A namenode failover while the datanode wrote the temp file: the retried CREATE finds
+                # it still open under the first attempt's lease. It was ours: deleted, write anew.
+                if not (isinstance(e, HdfsError) and e.exception == "AlreadyBeingCreatedException" and attempt < 2):
+                    raise
 
     def writer(self, name: str) -> HdfsBlobWriter:
         return HdfsBlobWriter(self, name)
