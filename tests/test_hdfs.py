@@ -404,7 +404,8 @@ def test_capture_reads_a_frozen_snapshot_while_the_cluster_writes(webhdfs, monke
             fs.write(f"{data}/d{d}/f{f}", rnd.randbytes(2000))
     w = fs.writer(f"{data}/big.bin")
     for _ in range(3):
-        w.write(rnd.randbytes(MiB))  # three blocks
+        w.write(rnd.randbytes(MiB))  # three blocks and part of a fourth
+    w.write(rnd.randbytes(12345))  # (a file of whole blocks is asked whether it is open: not kept as a base)
     w.close()
     webhdfs.allow_snapshot(data)
     mark = webhdfs.audit_mark()
@@ -464,7 +465,7 @@ def test_capture_reads_a_frozen_snapshot_while_the_cluster_writes(webhdfs, monke
     assert result.warnings.lines() == []
     live = _hadoop(webhdfs, data)
     assert live["big.bin"][3] >= frozen["big.bin"][3] + 4 * 100_000  # appended to after the snapshot
-    assert frozen["big.bin"][3] == 3 * MiB and "d0/f4" in frozen and "d1/moved-0" not in frozen
+    assert frozen["big.bin"][3] == 3 * MiB + 12345 and "d0/f4" in frozen and "d1/moved-0" not in frozen
     assert "d0/f4" in live and live["d0/f4"] != frozen["d0/f4"] and "d1/moved-0" in live
 
 
@@ -672,8 +673,9 @@ def test_a_file_open_for_write_is_captured_as_far_as_the_snapshot_lists_it(webhd
         result = _capture(HdfsDataRoot(site.url("data"), fs=WriterCompletesABlock(parse_hdfs_url(site.url("data")))),
                           repo, at=at)
         assert grown, "the capture read the open file"
-        [snap] = _drsync_snapshots(webhdfs, data)
-        assert webhdfs.tree(f"{data}/.snapshot/{snap}")["sub/open.bin"]["length"] == 2 * MiB  # not frozen
+        # The snapshot listed the second block once it completed (waited for above: not frozen), so it
+        # must not become the next diff base.
+        assert _drsync_snapshots(webhdfs, data) == []
     finally:
         _write_on(w, payload, 5 * MiB // 2, 3 * MiB)
         w.close()
@@ -683,16 +685,13 @@ def test_a_file_open_for_write_is_captured_as_far_as_the_snapshot_lists_it(webhd
     assert result.warnings.lines() == []
 
 
-@pytest.mark.xfail(strict=True, reason="drsync defect: a file open for write at the base snapshot is not in "
-                   "GETSNAPSHOTDIFF when it grows or closes, so the diff capture keeps its earlier, short "
-                   "version (see the docstring)")
 def test_a_file_captured_open_is_captured_whole_once_closed(webhdfs) -> None:  # type: ignore[no-untyped-def]
     """A file open for write since a while (its modification time is when it was opened, HDFS moves
     it at close) is captured with the blocks it had; then it is written on and closed. The next
-    capture must hold the whole closed file. It does not: the namenode's GETSNAPSHOTDIFF between the
-    two snapshots is empty (the open file was not frozen in the base snapshot, so no change of it is
-    recorded), the file's directory counts as unchanged, and its entry is taken from the parent
-    manifest: the first block only, for good (until something else changes in that directory)."""
+    capture must hold the whole closed file. The namenode's GETSNAPSHOTDIFF between the two
+    snapshots is empty (the open file was not frozen in the base snapshot, so no change of it is
+    recorded): a diff from that base would keep the first block for good. drsync finds the file
+    open (GET_BLOCK_LOCATIONS of the live file) and does not keep that snapshot as a base."""
     site = HdfsSite(webhdfs, webhdfs.test_dir)
     data = site.path("data")
     fs = _fs(webhdfs)
@@ -706,13 +705,17 @@ def test_a_file_captured_open_is_captured_whole_once_closed(webhdfs) -> None:  #
         at = time.time()
         first = _capture(HdfsDataRoot(site.url("data")), repo, at=at)
         assert _captured(repo, first.manifest)["sub/open.bin"][3] == MiB
-        [base] = _drsync_snapshots(webhdfs, data)
+        assert _drsync_snapshots(webhdfs, data) == [], "a snapshot with an open file was kept as a diff base"
+        fs.create_snapshot(data, "probe-open")
         _write_on(w, payload, 3 * MiB // 2, 3 * MiB)
     finally:
         w.close()
-    fs.create_snapshot(data, "probe")
-    assert fs.snapshot_diff(data, base, "probe") == []  # the real namenode's report: nothing changed
-    fs.delete_snapshot(data, "probe")
+    fs.create_snapshot(data, "probe-closed")
+    # The real namenode's report between a snapshot taken while the file was open and one after its
+    # close: nothing changed. A diff from such a base would keep the short file.
+    assert fs.snapshot_diff(data, "probe-open", "probe-closed") == []
+    fs.delete_snapshot(data, "probe-open")
+    fs.delete_snapshot(data, "probe-closed")
     second = _capture(HdfsDataRoot(site.url("data")), repo, first.manifest, at, at + 1)
     [snap] = _drsync_snapshots(webhdfs, data)
     assert webhdfs.tree(data)["sub/open.bin"]["length"] == 3 * MiB

@@ -163,6 +163,7 @@ class HdfsFrozenRoot:
         self.consistent = consistent
         self.reuse = reuse
         self.notes: list[str] = []
+        self.open_files: list[str] = []
         self.listed_dirs = 0  # how many directories the scan listed (the diff's saving shows here)
 
     def scan(self, exclude: frozenset[str]) -> TreeScan:
@@ -183,6 +184,8 @@ class HdfsFrozenRoot:
             # In a snapshot, a file that was open for write is not frozen (HDFS's default
             # dfs.namenode.snapshot.capture.openfiles=false): its length there grows as the writer
             # completes blocks. Read no further than the length just looked at.
+            if self.consistent and _whole_blocks(before):
+                self._note_if_open(rel, int(before["length"]))
             with self.fs.open(path, length=int(before["length"]) if self.consistent else None) as raw:
                 yield HdfsOpenFile(self.fs, path, before, raw, self.consistent)
         except HdfsPermissionDenied as e:
@@ -191,6 +194,31 @@ class HdfsFrozenRoot:
             if e.exception == "FileNotFoundException":
                 raise FileNotFoundError(errno.ENOENT, "vanished", path) from None
             raise
+
+
+    def _note_if_open(self, rel: str, length: int) -> None:
+        """Remember a file that is being written (or was written since the snapshot).
+
+        Such a file shows only its completed blocks in the snapshot, and no later GETSNAPSHOTDIFF
+        reports its growth or its close (seen on Hadoop 3.5): a capture that diffs against this
+        snapshot would keep the short version for good. So this snapshot must not become the next
+        diff base; the next capture walks the whole tree and compares sizes and times.
+        """
+        try:
+            now = self.fs.open_for_write(posixpath.join(self.live_root, rel))
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                return  # deleted since: a change the next diff reports
+            raise
+        if now is not None and (now[0] or now[1] != length):
+            self.open_files.append(rel)
+
+
+def _whole_blocks(status: dict[str, Any]) -> bool:
+    """Whether a file's length is a whole number of its blocks (0 included): what an open file
+    shows in a snapshot, so only such files are asked whether they are being written."""
+    block = int(status.get("blockSize") or 0)
+    return block > 0 and int(status["length"]) % block == 0
 
 
 def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_root: str | None = None,
@@ -325,7 +353,12 @@ class HdfsDataRoot:
             log.info("captured %s from HDFS snapshot %s: %d directories listed%s", self.url, name, view.listed_dirs,
                      f" (the rest unchanged since {base}, by GETSNAPSHOTDIFF)" if reuse is not None else "")
         finally:
-            self._tidy(name, ok=ok, keep=ok and diff_supported and listable, base=base, existing=existing)
+            if view.open_files:
+                log.info("%d file(s) of %s were being written when captured (%s%s); snapshot %s is not kept as "
+                         "the next diff base, so the next capture walks the whole tree", len(view.open_files),
+                         self.url, ", ".join(view.open_files[:3]), ", ..." if len(view.open_files) > 3 else "", name)
+            self._tidy(name, ok=ok, keep=ok and diff_supported and listable and not view.open_files, base=base,
+                       existing=existing)
 
     def _drsync_snapshots(self) -> list[str]:
         return [n for n in self.fs.list_snapshots(self.root) if n.startswith(SNAPSHOT_PREFIX)]

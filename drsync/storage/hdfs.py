@@ -204,6 +204,7 @@ class _ExtraOps(hdfs.Client):
     _list_status_batch = hdfs.client._Request("GET")  # type: ignore[attr-defined]
     _get_snapshot_diff = hdfs.client._Request("GET")  # type: ignore[attr-defined]
     _get_snapshot_list = hdfs.client._Request("GET")  # type: ignore[attr-defined]  # Hadoop 3.3+
+    _get_block_locations = hdfs.client._Request("GET")  # type: ignore[attr-defined]
 
 
 class _DrsyncClient(_ExtraOps, hdfs.InsecureClient):
@@ -215,7 +216,7 @@ class _TokenClient(_ExtraOps, hdfs.TokenClient):
 
 
 # The package's name mangling drops every underscore; LISTSTATUS_BATCH keeps one.
-_OP_FIX = {"LISTSTATUSBATCH": "LISTSTATUS_BATCH"}
+_OP_FIX = {"LISTSTATUSBATCH": "LISTSTATUS_BATCH", "GETBLOCKLOCATIONS": "GET_BLOCK_LOCATIONS"}
 
 
 class _Session(requests.Session):
@@ -444,6 +445,19 @@ class HdfsFs:
             if e.exception in ("IllegalArgumentException", "UnsupportedOperationException", "FileNotFoundException",
                                "SnapshotException") or e.exception is None:
                 return []
+            raise
+
+    def open_for_write(self, path: str) -> tuple[bool, int] | None:
+        """``(under construction, length)`` of a live file from GET_BLOCK_LOCATIONS (a file being
+        written says so there, never in its FileStatus), or None where the namenode lacks the op."""
+        def go() -> tuple[bool, int]:
+            doc = self.client._get_block_locations(path, offset=0, length=1).json()["LocatedBlocks"]
+            return bool(doc["isUnderConstruction"]), int(doc["fileLength"])
+        try:
+            return self._call("locate the blocks of", path, go)
+        except HdfsError as e:
+            if e.exception in ("IllegalArgumentException", "UnsupportedOperationException"):
+                return None
             raise
 
     def snapshot_diff(self, directory: str, old: str, new: str) -> list[dict[str, str]] | None:
