@@ -231,6 +231,26 @@ def group(request: pytest.FixtureRequest) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist a worker hands its reliability results to the controller."""
+    from dataclasses import asdict
+
+    from tests import reliability
+
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["drsync_reliability"] = json.dumps([asdict(r) for r in reliability.RESULTS])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # type: ignore[no-untyped-def]
+    """The controller side of pytest_sessionfinish: every worker's results go into one table."""
+    from tests import reliability
+
+    for r in json.loads(getattr(node, "workeroutput", {}).get("drsync_reliability", "[]")):
+        reliability.RESULTS.append(reliability.ScenarioResult(**r))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
     """The reliability suite's table: scenario, trials, faults injected, violations, data lost."""
     from tests import reliability
