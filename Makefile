@@ -43,8 +43,10 @@ hadoop: $(STAMP) system-deps
 lint: $(STAMP)
 	$(VENV)/bin/ruff check drsync tests bench scripts
 
+# Two workers (one per core), whole modules each: every worker starts its own ZooKeeper and HDFS
+# mini cluster once; tests keep apart by group name, test directory and free ports.
 test: $(STAMP) system-deps hadoop lint
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	bash scripts/demo.sh
