@@ -72,6 +72,7 @@ def _raw_file(h: Any, path: str, data: bytes, mtime_ms: int | None = None) -> No
     """A file made without drsync's client: written under a plain name, then renamed to ``path``
     (a namenode's CREATE redirect rewrites some names; RENAME takes them as they are)."""
     tmp = f"{h.test_dir}/.raw-{_sha(path.encode())[:12]}"
+    assert _raw(h, "PUT", path.rsplit("/", 1)[0], op="MKDIRS").ok
     r = _raw(h, "PUT", tmp, op="CREATE", overwrite="true")
     assert r.status_code == 307, r.text
     requests.put(r.headers["Location"], data=data, timeout=60).raise_for_status()
@@ -486,3 +487,21 @@ def test_a_single_namenode_without_datanodes_is_not_down(tmp_path: Path) -> None
     finally:
         _hc("stop", str(d))
 
+
+
+def test_a_hash_in_the_target_path_never_lands_elsewhere(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``--target hdfs://nn1,nn2/.../data#2?user=drsync``: HDFS names may hold '#', and drsync takes the
+    URL path as it is written (``%23`` would be a literal ``%23``). urlsplit makes ``#2?user=drsync``
+    a fragment, which drsync ignores: the restore goes to ``.../data`` as the default user, and says it
+    restored to ``.../data#2``. Seen: with --delete-extra, ``data/precious`` — a different directory —
+    is deleted, exit 0."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    repo = _repo(tmp_path)
+    _snap(repo, src)
+    _raw_file(webhdfs, f"{webhdfs.test_dir}/data/precious", b"not yours")
+    r = run_drsync("snapshot", "restore", "latest", "--repo", repo, "--delete-extra",
+                   "--target", webhdfs.url(f"{webhdfs.test_dir}/data#2"))
+    assert "precious" in _tree(webhdfs, f"{webhdfs.test_dir}/data"), \
+        f"a restore to .../data#2 (exit {r.code}: {(r.out + r.err).strip()}) removed .../data/precious"
