@@ -526,3 +526,27 @@ def test_an_incremental_capture_sees_a_changed_modification_time(webhdfs, tmp_pa
     hadoop = {p: e["mtime_ms"] for p, e in _tree(webhdfs, data).items()}
     back = {p: (tmp_path / "back" / p).stat().st_mtime_ns // 10**6 for p in hadoop}
     assert back == hadoop
+
+
+def test_a_url_at_a_server_that_is_not_webhdfs_is_named_as_such(tmp_path: Path) -> None:
+    """A wrong port (the RPC port, a proxy, another web service) is a common slip. drsync has a message
+    for it ("check that ... are WebHDFS endpoints"). Seen: ``snapshot create`` says "data root ...
+    does not exist" (a 404 taken for a missing path), and ``snapshot restore`` prints the server's
+    HTML page as a Python bytes literal."""
+    import http.server
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"hdfs://127.0.0.1:{server.server_address[1]}/cluster/data?user=drsync"
+        repo = _repo(tmp_path)
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "a").write_bytes(b"a")
+        _snap(repo, src)
+        for r in (run_drsync("snapshot", "create", "--repo", repo, "--source", url),
+                  run_drsync("snapshot", "restore", "latest", "--repo", repo, "--target", url)):
+            assert r.code != 0 and "WebHDFS" in r.err and "<html" not in r.err.lower(), r.err
+    finally:
+        server.shutdown()
+        server.server_close()
