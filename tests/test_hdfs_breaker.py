@@ -312,39 +312,6 @@ def test_safe_mode_while_a_big_file_streams_is_waited_out(webhdfs, tmp_path: Pat
     assert {p: e.get("sha256") for p, e in _tree(webhdfs, target).items()} == {"big": _sha(data)}
 
 
-def test_name_quota_errors_name_the_name_quota(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A namespace quota (``dfsadmin -setQuota``) hit by a restore. Seen: "HDFS quota exceeded ... (The
-    NameSpace quota (directories and files) of directory ... is exceeded ...); raise the quota (hdfs
-    dfsadmin -setSpaceQuota) ..." — the advice names the other quota."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(5):
-        (src / f"f{i}").write_bytes(b"x")
-    repo = _repo(tmp_path)
-    _snap(repo, src)
-    target = f"{webhdfs.test_dir}/target"
-    webhdfs.mkdirs(target)
-    webhdfs.set_name_quota(target, 4)
-    r = run_drsync("snapshot", "restore", "latest", "--repo", repo, "--target", webhdfs.url(target))
-    assert r.code == 1 and "NameSpace quota" in r.err, r.err
-    assert "-setQuota" in r.err, r.err
-
-
-# --- the test suite itself --------------------------------------------------------------------
-
-
-def test_no_hdfs_test_is_skipped_for_want_of_a_namenode() -> None:
-    """``make test`` runs every HDFS test against the real mini cluster (README, deploy/hdfs/README.md).
-    Seen: tests/test_hdfs_real.py still waits for DRSYNC_TEST_HDFS, which nothing sets: its 17 tests
-    (the storage conformance suite on HDFS, cross-storage restores and backups, native snapshots) are
-    skipped with "no real namenode" on every ``make test``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRSYNC_TEST_HDFS")}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                        "tests/test_hdfs_real.py", "-k", "native_snapshot"],
-                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert "no real namenode" not in r.stdout, r.stdout[-600:]
-
-
 # --- scripts/hadoop-cluster ---------------------------------------------------------------------
 
 
