@@ -183,10 +183,12 @@ def test_listing_pages_across_non_ascii_and_ascii_names(webhdfs, tmp_path: Path)
 
 
 def test_a_name_hdfs_cannot_hold_leaves_the_target_as_it_was(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """HDFS refuses ':' in names. A local snapshot with such a name restored onto HDFS should fail
-    before anything changes ("whole and verified, or unchanged with an error") or leave the name out
-    with a warning. Seen: exit 1 at the commit (InvalidPathException on the RENAME), ``x`` already in
-    place, ``.drsync-staging`` with a journal left behind; every rerun fails the same way."""
+    """HDFS refuses ':' in names (and a directory named ``.snapshot``: "HadoopIllegalArgumentException:
+    ".snapshot" is a reserved name", at the commit's MKDIRS). A local snapshot with such a name
+    restored onto HDFS should fail before anything changes ("whole and verified, or unchanged with
+    an error") or leave the name out with a warning. Seen: exit 1 at the commit (InvalidPathException
+    on the RENAME), ``x`` already in place, ``.drsync-staging`` with a journal left behind; every
+    rerun fails the same way."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "x").write_bytes(b"x")
@@ -517,3 +519,27 @@ def test_a_url_at_a_server_that_is_not_webhdfs_is_named_as_such(tmp_path: Path) 
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_modes_hdfs_cannot_hold_are_reported_once_not_reapplied_forever(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A local snapshot with a setuid file (0o4755) and a setgid directory (0o2775) restored onto HDFS,
+    which keeps only the sticky bit. Seen: no warning that the bits were dropped, and every later
+    restore of the same snapshot sets the file's permission and the directory's times and permission
+    again (the plan compares 0o4755 with HDFS's 0o755 and never converges): on a standby, two
+    namenode writes per such path on every cycle."""
+    src = tmp_path / "src"
+    (src / "g").mkdir(parents=True)
+    (src / "suid").write_bytes(b"x")
+    (src / "suid").chmod(0o4755)
+    (src / "g" / "f").write_bytes(b"y")
+    (src / "g").chmod(0o2775)
+    repo = _repo(tmp_path)
+    _snap(repo, src)
+    target = f"{webhdfs.test_dir}/target"
+    first = _ok(run_drsync("snapshot", "restore", "latest", "--repo", repo, "--target", webhdfs.url(target), "--json"))
+    mark = webhdfs.audit_mark()
+    _ok(run_drsync("snapshot", "restore", "latest", "--repo", repo, "--target", webhdfs.url(target)))
+    changes = [op for op in webhdfs.ops_since(mark, target) if ".drsync-staging" not in op[1]
+               and op[0] in ("setPermission", "setTimes", "rename", "create", "delete", "mkdirs")]
+    assert first.json()["warnings"] or not changes, \
+        f"modes silently dropped, and a restore of an unchanged target changed: {changes}"
