@@ -521,9 +521,11 @@ class HdfsDataRoot:
         fs = self.fs
 
         def writable(e: Entry) -> None:
-            # HDFS checks permissions for owners too: directories we write into must stay writable.
-            if (e.mode & 0o700) != 0o700 and fs.status(self._p(e.path)) is not None:
-                fs.set_permission(self._p(e.path), e.mode | 0o700)
+            # HDFS checks permissions for owners too: directories we write into, and whose times we
+            # set (SETTIMES needs WRITE), must be writable now, whatever mode they end with.
+            s = fs.status(self._p(e.path))
+            if s is not None and s["type"] == "DIRECTORY" and int(s["permission"], 8) & 0o700 != 0o700:
+                fs.set_permission(self._p(e.path), int(s["permission"], 8) | 0o700)
 
         def trash(item: tuple[int, str]) -> None:
             k, path = item

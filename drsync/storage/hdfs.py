@@ -78,6 +78,9 @@ def parse_hdfs_url(url: str) -> HdfsLocation:
     parts = urlsplit(url)
     if parts.scheme not in HDFS_SCHEMES:
         raise UsageError(f"{url}: not an HDFS URL; write hdfs://namenode:9870/path")
+    if "#" in url:  # a URL would end at it: the path before it is another directory
+        raise UsageError(f"{url}: '#' cannot be part of an HDFS URL (everything after it would be dropped); "
+                         f"rename the directory or choose another")
     if not parts.netloc:
         raise UsageError(f"{url}: no namenode; write hdfs://namenode:9870/path (the WebHDFS HTTP port)")
     namenodes = []
@@ -202,6 +205,11 @@ class _ExtraOps(hdfs.Client):
     """
 
     _list_status_batch = hdfs.client._Request("GET")  # type: ignore[attr-defined]
+    def resolve(self, hdfs_path: str) -> str:
+        """The path as given (drsync's paths are absolute), never the package's ``#LATEST`` expansion,
+        which would read or replace the newest sibling of a file named ``#LATEST``."""
+        return posixpath.normpath(hdfs_path if hdfs_path.startswith("/") else "/" + hdfs_path)
+
     _get_snapshot_diff = hdfs.client._Request("GET")  # type: ignore[attr-defined]
     _get_snapshot_list = hdfs.client._Request("GET")  # type: ignore[attr-defined]  # Hadoop 3.3+
     _get_block_locations = hdfs.client._Request("GET")  # type: ignore[attr-defined]
@@ -219,14 +227,43 @@ class _TokenClient(_ExtraOps, hdfs.TokenClient):
 _OP_FIX = {"LISTSTATUSBATCH": "LISTSTATUS_BATCH", "GETBLOCKLOCATIONS": "GET_BLOCK_LOCATIONS"}
 
 
+_WEBHDFS = "/webhdfs/v1/"
+# Operations a namenode answers with a redirect to a datanode.
+_REDIRECTED = {"OPEN", "CREATE", "APPEND"}
+
+
 class _Session(requests.Session):
-    """Puts back the underscore the package's op-name mangling removes (``LISTSTATUS_BATCH``)."""
+    """Puts back the underscore the package's op-name mangling removes (``LISTSTATUS_BATCH``), and
+    keeps the path of a namenode's redirect to a datanode exactly as asked: a namenode writes it in
+    Unicode's composed form (seen on Hadoop 3.5), so a file whose name is in decomposed form would be
+    read or written under its composed twin's name."""
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         params = kwargs.get("params")
-        if isinstance(params, dict) and params.get("op") in _OP_FIX:
-            params["op"] = _OP_FIX[params["op"]]
-        return super().request(method, url, *args, **kwargs)
+        op = params.get("op") if isinstance(params, dict) else None
+        if op in _OP_FIX:
+            params["op"] = _OP_FIX[op]  # type: ignore[index]
+        if op not in _REDIRECTED:
+            return super().request(method, url, *args, **kwargs)
+        follow = kwargs.pop("allow_redirects", True)
+        res = super().request(method, url, *args, allow_redirects=False, **kwargs)
+        location = res.headers.get("location")
+        if res.is_redirect and location:
+            asked = urlsplit(url if isinstance(url, str) else url.decode())
+            there = urlsplit(location)
+            if there.path.startswith(_WEBHDFS) and asked.path.startswith(_WEBHDFS):
+                location = there._replace(path=asked.path).geturl()
+                res.headers["location"] = location
+            if follow:
+                kwargs.pop("params", None)  # the redirect carries its own query
+                return super().request(method, location, *args, **kwargs)
+        return res
+
+
+def _namenode_order(name: str) -> bytes:
+    """A key that sorts names as a namenode lists them: UTF-8 bytes compared as Java's signed bytes
+    (every non-ASCII name before every ASCII one)."""
+    return bytes((b + 128) & 0xFF for b in name.encode("utf-8", "surrogateescape"))
 
 
 class HdfsFs:
@@ -348,7 +385,7 @@ class HdfsFs:
             yield from entries
             if not remaining or not entries:
                 return
-            if entries[-1]["pathSuffix"] <= after:
+            if _namenode_order(entries[-1]["pathSuffix"]) <= _namenode_order(after):
                 raise HdfsError(f"HDFS listing of {path} does not advance past {after!r}; the namenode's "
                                 f"LISTSTATUS_BATCH answer is broken")
             after = entries[-1]["pathSuffix"]
