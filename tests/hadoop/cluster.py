@@ -1,5 +1,6 @@
 """Start, drive and stop a real HDFS mini cluster (Hadoop 3.5's MiniDFSCluster in its own JVM).
 
+Only the standard library here, so that ``scripts/hadoop-cluster`` runs with any Python 3.11.
 The Java side is ``tests/hadoop/src/main/java/drsync/hadoop/MiniCluster.java``, built with Maven
 from ``tests/hadoop/pom.xml`` on first use (Debian's ``maven`` is installed if missing; the jars
 come from Maven Central). ``scripts/hadoop-cluster`` is the command-line face of this module.
@@ -23,11 +24,11 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import requests
 
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"
@@ -98,12 +99,13 @@ class HadoopCluster:
 
     def run(self, *args: str, check: bool = True, timeout: float = 600) -> dict[str, Any]:
         """One admin action (see MiniCluster.java): ``{"rc", "out", "err"}`` and more for some."""
+        req = urllib.request.Request(f"{self.info['control']}/run", data=json.dumps(list(args)).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
         try:
-            r = requests.post(f"{self.info['control']}/run", json=list(args), timeout=timeout)
-            r.raise_for_status()
-        except requests.RequestException as e:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                answer: dict[str, Any] = json.loads(r.read())
+        except (OSError, ValueError) as e:
             raise HadoopClusterError(f"the mini cluster in {self.dir} does not answer ({e}); is it running?") from e
-        answer: dict[str, Any] = r.json()
         if check and answer.get("rc") != 0:
             raise HadoopClusterError(f"{' '.join(args)} failed (rc {answer.get('rc')}): "
                                      f"{(answer.get('err') or answer.get('out') or '').strip()}")
@@ -145,11 +147,11 @@ class HadoopCluster:
                 return False
         except ChildProcessError:
             pass  # started by another process: ask the kernel
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+        try:  # the PID may have been reused since the JVM died: it must still be the launcher
+            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
             return False
-        return True
+        return MAIN.encode() in cmdline and str(self.dir).encode() in cmdline
 
     def stop(self, timeout: float = 60) -> None:
         stop(self.dir, timeout=timeout)
@@ -167,7 +169,12 @@ def start(dir: str | os.PathLike[str], *, ha: bool = False, datanodes: int = 1, 
           ls_limit: int = 1000, heap: str = "2g", timeout: float = 300) -> HadoopCluster:
     """Start a cluster in the background and wait until it answers (``timeout`` seconds at most)."""
     d = Path(dir).resolve()
-    d.mkdir(parents=True, exist_ok=True)
+    if datanodes < 0:
+        raise HadoopClusterError(f"--datanodes {datanodes}: give 0 or more datanodes")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HadoopClusterError(f"cannot use {d} for a cluster: {e.strerror}") from None
     existing = _read(d)
     if existing is not None and existing.alive():
         raise HadoopClusterError(f"a mini cluster already runs from {d} (pid {existing.pid}): stop it first")
@@ -192,7 +199,7 @@ def start(dir: str | os.PathLike[str], *, ha: bool = False, datanodes: int = 1, 
         if proc.poll() is not None or "Exception in thread \"main\"" in _tail(d / "cluster.log", 200):
             proc.kill()
             raise HadoopClusterError(f"the mini cluster failed while starting (exit {proc.wait()}): "
-                                     f"{_tail(d / 'cluster.log')}")
+                                     f"{_cause(d / 'cluster.log')}; see {d}/cluster.log")
         if time.monotonic() > deadline:
             proc.kill()
             raise HadoopClusterError(f"the mini cluster did not answer within {timeout:.0f} s: see {d}/cluster.log")
@@ -205,6 +212,14 @@ def _tail(p: Path, lines: int = 15) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text[-lines:])
+
+
+def _cause(p: Path) -> str:
+    """The first exception line of a failed start (the log holds the whole stack)."""
+    for line in _tail(p, 400).splitlines():
+        if "Exception" in line or "Error" in line:
+            return line.strip().removeprefix('Exception in thread "main" ')
+    return "no exception in the log"
 
 
 def _read(d: Path) -> HadoopCluster | None:

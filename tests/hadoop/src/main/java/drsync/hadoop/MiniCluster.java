@@ -60,12 +60,18 @@ public final class MiniCluster {
     private final boolean ha;
     private final Path dir;
     private final Map<Integer, MiniDFSCluster.DataNodeProperties> stoppedDataNodes = new LinkedHashMap<>();
+    private final List<String> webAddresses = new ArrayList<>();
+    private final List<String> rpcAddresses = new ArrayList<>();
 
     private MiniCluster(MiniDFSCluster cluster, Configuration clientConf, boolean ha, Path dir) {
         this.cluster = cluster;
         this.clientConf = clientConf;
         this.ha = ha;
         this.dir = dir;
+        for (int i = 0; i < namenodeCount(); i++) {  // kept: a stopped namenode has no address to ask
+            webAddresses.add("127.0.0.1:" + cluster.getNameNode(i).getHttpAddress().getPort());
+            rpcAddresses.add("127.0.0.1:" + cluster.getNameNodePort(i));
+        }
     }
 
     public static void main(String[] args) {
@@ -150,12 +156,11 @@ public final class MiniCluster {
     }
 
     private String webhdfs(int i) {
-        InetSocketAddress a = cluster.getNameNode(i).getHttpAddress();
-        return "127.0.0.1:" + a.getPort();
+        return webAddresses.get(i);
     }
 
     private String stateOf(int i) {
-        if (!cluster.isNameNodeUp(i)) {
+        if (cluster.getNameNode(i) == null) {
             return "down";
         }
         if (!ha) {
@@ -173,7 +178,7 @@ public final class MiniCluster {
             nn.put("id", ha ? "nn" + (i + 1) : "nn1");
             nn.put("state", stateOf(i));
             nn.put("webhdfs", webhdfs(i));
-            nn.put("rpc", "127.0.0.1:" + cluster.getNameNodePort(i));
+            nn.put("rpc", rpcAddresses.get(i));
             nns.add(nn);
         }
         for (Map<String, Object> nn : nns) {
@@ -218,10 +223,12 @@ public final class MiniCluster {
         try (InputStream in = ex.getRequestBody()) {
             String[] args = JSON.readValue(in, String[].class);
             answer = run(args);
-        } catch (Exception e) {
+        } catch (Exception e) {  // one line: a RemoteException's message carries the server's stack
+            String m = e instanceof org.apache.hadoop.ipc.RemoteException r
+                ? r.getClassName().replaceAll(".*\\.", "") + ": " + r.getMessage() : e.toString();
             answer.put("rc", 1);
             answer.put("out", "");
-            answer.put("err", e.toString());
+            answer.put("err", m.split("\n", 2)[0].trim());
         }
         byte[] body = JSON.writeValueAsBytes(answer);
         ex.getResponseHeaders().set("Content-Type", "application/json");
@@ -348,7 +355,14 @@ public final class MiniCluster {
         return names;
     }
 
+    private void checkIndex(String what, int i, int count) {
+        if (i < 0 || i >= count) {
+            throw new IllegalArgumentException(what + " " + i + " does not exist (this cluster has " + count + ")");
+        }
+    }
+
     private void namenode(String what, int i) throws IOException {
+        checkIndex("namenode", i, namenodeCount());
         switch (what) {
             case "stop" -> cluster.shutdownNameNode(i);
             case "restart" -> cluster.restartNameNode(i, true);
@@ -357,6 +371,8 @@ public final class MiniCluster {
     }
 
     private void datanode(String what, int i) throws IOException {
+        checkIndex("datanode", i, Math.max(cluster.getDataNodes().size(), stoppedDataNodes.isEmpty() ? 0
+            : java.util.Collections.max(stoppedDataNodes.keySet()) + 1));
         switch (what) {
             case "stop" -> stoppedDataNodes.put(i, cluster.stopDataNode(i));
             case "restart" -> {
