@@ -23,6 +23,7 @@ written nor removed (light backups leave bulk data alone).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -33,7 +34,7 @@ from typing import Protocol
 
 from drsync import fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
-from drsync.errors import IntegrityError, RefusedError, UsageError
+from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.pathglob import compile_globs
 from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, printable, validate
 from drsync.tree import LocalEntry
@@ -48,6 +49,8 @@ class ChunkSource(Protocol):
 
 
 OTHER = "other"  # a fifo, socket or device in the target: never in a manifest, always replaced
+STAGE_ATTEMPTS = 3  # a file's staging, when the storage says trying again from the start can succeed
+log = logging.getLogger("drsync.apply")
 
 
 @dataclass
@@ -314,7 +317,16 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
 
         def stage(batch: list[tuple[int, Entry]]) -> None:
             for n, e in batch:
-                staged[e.path] = root.write_staged(n, e, _chunk_data(e, source, what, progress))
+                for attempt in range(STAGE_ATTEMPTS):
+                    try:
+                        staged[e.path] = root.write_staged(n, e, _chunk_data(e, source, what, progress))
+                        break
+                    except OperationFailed as err:
+                        # A streamed body cannot be sent again by the storage (safe mode entered, a
+                        # namenode failover while a big file streams): stage the file again from the start.
+                        if not getattr(err, "retryable", False) or attempt + 1 == STAGE_ATTEMPTS:
+                            raise
+                        log.warning("staging %s failed (%s); writing it again", e.path, err)
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool:
             list(pool.map(stage, _batches(list(enumerate(plan.write)))))

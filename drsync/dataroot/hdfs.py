@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.errors import UsageError
 from drsync.repository import chunks
-from drsync.repository.manifest import DIR, FILE, SYMLINK, symlink_stays_inside
+from drsync.repository.manifest import DIR, FILE, SYMLINK, printable, symlink_stays_inside
 from drsync.storage.hdfs import HdfsError, HdfsFs, HdfsPermissionDenied, parse_hdfs_url
 from drsync.tree import RESERVED_NAMES, LocalEntry, TreeScan
 
@@ -212,6 +212,15 @@ class HdfsFrozenRoot:
             raise
         if now is not None and (now[0] or now[1] != length):
             self.open_files.append(rel)
+
+
+def _hdfs_holds(path: str, at_top: bool) -> bool:
+    """Whether a namenode accepts this path relative to the root (DFSUtil.isValidName and the reserved
+    names; ``.reserved`` only directly below ``/``, ``at_top``)."""
+    parts = path.split("/")
+    if at_top and parts[0] == ".reserved":
+        return False
+    return not any(":" in p or p in (".snapshot", ".", "..", "") for p in parts)
 
 
 def _whole_blocks(status: dict[str, Any]) -> bool:
@@ -445,8 +454,18 @@ class HdfsDataRoot:
         return False
 
     def check_plan(self, plan: ApplyPlan) -> None:
-        """Nothing to refuse up front: HDFS has no mount points or symlinks to go through. What HDFS
-        does not keep is reported: hard links are written as copies, extended attributes are not set."""
+        """Refuse names a namenode refuses (``:`` anywhere, ``.snapshot``, ``.reserved`` at the top:
+        DFSUtil.isValidName), before anything changes; HDFS has no mount points or symlinks to go
+        through. What HDFS does not keep is reported: hard links are written as copies, extended
+        attributes are not set."""
+        at_top = self.root == "/"
+        refused = [e.path for e in (*plan.write, *plan.mkdir, *plan.hardlink) if not _hdfs_holds(e.path, at_top)]
+        if refused:
+            shown = ", ".join(printable(p) for p in refused[:3]) + (f" and {len(refused) - 3} more"
+                                                                   if len(refused) > 3 else "")
+            raise UsageError(f"{self.url} cannot hold {len(refused)} path(s) of the snapshot ({shown}): HDFS "
+                             f"refuses ':' in names and the names .snapshot and .reserved; nothing was changed. "
+                             f"Rename them at the source, or restore onto a local disk")
         if plan.hardlink:
             self.warnings.append(f"{len(plan.hardlink)} hard link(s) written as copies: HDFS has no hard links "
                                  f"(e.g. {plan.hardlink[0].path})")

@@ -144,6 +144,12 @@ class HdfsError(OperationFailed):
         super().__init__(message)
         self.exception = exception
 
+    @property
+    def retryable(self) -> bool:
+        """Whether the same operation may succeed when made again from the start (safe mode, a
+        standby namenode): what a caller that can re-send a streamed body should retry."""
+        return self.exception in _RETRYABLE
+
 
 class HdfsPermissionDenied(HdfsError):
     pass
@@ -244,9 +250,9 @@ class _Session(requests.Session):
         if op in _OP_FIX:
             params["op"] = _OP_FIX[op]  # type: ignore[index]
         if op not in _REDIRECTED:
-            return super().request(method, url, *args, **kwargs)
+            return _webhdfs_answer(super().request(method, url, *args, **kwargs))
         follow = kwargs.pop("allow_redirects", True)
-        res = super().request(method, url, *args, allow_redirects=False, **kwargs)
+        res = _webhdfs_answer(super().request(method, url, *args, allow_redirects=False, **kwargs))
         location = res.headers.get("location")
         if res.is_redirect and location:
             asked = urlsplit(url if isinstance(url, str) else url.decode())
@@ -256,8 +262,26 @@ class _Session(requests.Session):
                 res.headers["location"] = location
             if follow:
                 kwargs.pop("params", None)  # the redirect carries its own query
-                return super().request(method, location, *args, **kwargs)
+                return _webhdfs_answer(super().request(method, location, *args, **kwargs))
         return res
+
+
+def _webhdfs_answer(res: requests.Response) -> requests.Response:
+    """A WebHDFS error always carries a RemoteException document; an error page without one comes
+    from something else at that address (the RPC port, a proxy, another web service), which must
+    not read as "no such file"."""
+    if res.status_code < 400 or res.status_code == 401:
+        return res
+    try:
+        doc = res.json()
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and "RemoteException" in doc:
+        return res
+    where = urlsplit(res.url).netloc
+    raise HdfsError(f"{where} answered HTTP {res.status_code} without a WebHDFS error document: it is not a "
+                    f"namenode's or datanode's WebHDFS endpoint; check the host:port in the URL (the namenode's "
+                    f"HTTP port, 9870 on Hadoop 3)")
 
 
 def _namenode_order(name: str) -> bytes:
@@ -307,7 +331,7 @@ class HdfsFs:
             self._active_until = 0.0
 
     def _ensure_active(self, path: str) -> None:
-        """Make sure the first namenode is the active one before a CREATE.
+        """Make sure the first namenode is the active one, out of safe mode, before a CREATE.
 
         A standby namenode answers CREATE with a redirect all the same (it picks a datanode without
         asking its namespace); the datanode then refuses with StandbyException, after the client
@@ -316,8 +340,10 @@ class HdfsFs:
         """
         if time.monotonic() < self._active_until:
             return
+        # MKDIRS of the parent (CREATE makes it anyway): a write, so a standby refuses it at once and a
+        # namenode in safe mode too, and both are retried here, before any byte is sent.
         parent = posixpath.dirname(path.rstrip("/")) or "/"
-        self._call("stat", parent, lambda: self.client.status(parent, strict=False))
+        self._call("create the directory of", parent, lambda: self.client.makedirs(parent))
         self._active_until = time.monotonic() + _ACTIVE_TRUST_S
 
     # Every call goes through here: translate errors, retry what retrying can fix.
@@ -554,6 +580,8 @@ class StreamingWrite:
                 err = hdfs.client._to_error(res)  # type: ignore[attr-defined]
                 if getattr(err, "exception", None) == "StandbyException":
                     self.fs._next_namenode(self._namenode)
+                elif getattr(err, "exception", None) in _RETRYABLE:
+                    self.fs._active_until = 0.0  # the next CREATE waits out safe mode first
                 self._error = _explain(getattr(err, "exception", None), str(err), "write", self.path, self.fs)
         except (requests.ConnectionError, requests.Timeout) as e:
             self._error = _unreachable(e, "write", self.path, self.fs)
