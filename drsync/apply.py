@@ -22,6 +22,7 @@ written nor removed (light backups leave bulk data alone).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -101,6 +102,18 @@ class ApplyResult:
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+def _within_mode_bits(entries: list[Entry], root: DataRoot) -> list[Entry]:
+    """The entries with only the permission bits the root keeps (said once): a mode the root cannot
+    hold would differ from the target's at every apply, and be set again every time."""
+    extra = 0o7777 & ~root.mode_bits
+    dropped = [e.path for e in entries if e.mode & extra]
+    if not dropped:
+        return entries
+    root.warnings.append(f"setuid/setgid bits of {len(dropped)} path(s) not kept: {root.url} holds only "
+                         f"{oct(root.mode_bits)} (e.g. {printable(dropped[0])})")
+    return [dataclasses.replace(e, mode=e.mode & ~extra) if e.mode & extra else e for e in entries]
 
 
 def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
@@ -280,6 +293,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         _finish_interrupted(root, log_)
         existing = root.existing()
     protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
+    entries = _within_mode_bits(entries, root)
     # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
     # milliseconds, and so does anything applied to HDFS.
     resolution = comparison_resolution(manifest, root)

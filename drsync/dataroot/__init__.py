@@ -68,6 +68,8 @@ class DataRoot(Protocol):
     # compares times at the coarser precision of the manifest's source and the target.
     mtime_resolution_ns: int
     supports_symlinks: bool
+    #: The permission bits the storage keeps (0o7777 on POSIX; HDFS keeps rwx and the sticky bit).
+    mode_bits: int
     supports_xattrs: bool
     # What an apply could not carry onto this root (attributes it does not keep): reported, not fatal.
     warnings: list[str]

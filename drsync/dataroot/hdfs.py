@@ -48,6 +48,7 @@ T = TypeVar("T")
 
 SNAPSHOT_PREFIX = "drsync-"
 STALE_SNAPSHOT_MS = 3600_000
+FULL_WALK_EVERY_MS = 3600_000
 _TYPES = {"FILE": FILE, "DIRECTORY": DIR, "SYMLINK": SYMLINK}
 _warned_not_snapshottable: set[str] = set()
 _warned_unlistable: set[str] = set()
@@ -295,6 +296,7 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
 class HdfsDataRoot:
     mtime_resolution_ns = 1_000_000
     supports_symlinks = False
+    mode_bits = 0o1777  # no setuid or setgid on HDFS
     supports_xattrs = False
 
     def __init__(self, url: str, *, fs: HdfsFs | None = None) -> None:
@@ -344,6 +346,13 @@ class HdfsDataRoot:
                         "incremental captures", self.url, ", ".join(self.location.namenodes))
         bases = [n for n in existing if parent_tag and _stamp(n) == parent_tag]
         base = bases[0] if bases else None
+        if base is not None and tag.isdigit() and parent_tag and parent_tag.isdigit() \
+                and int(tag) - int(parent_tag) > FULL_WALK_EVERY_MS:
+            # A snapshot diff leaves out time-only changes (SETTIMES: touch -m, DistCp -pt), so a whole
+            # walk at least this often bounds how stale a modification time can be.
+            log.info("capturing %s by a whole walk: the last one is over %d minutes old", self.url,
+                     FULL_WALK_EVERY_MS // 60_000)
+            base = None
         reuse = None
         diff_supported = False
         if base is not None and parent is not None:

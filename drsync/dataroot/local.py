@@ -122,6 +122,7 @@ class LocalFrozenRoot:
 class LocalDataRoot:
     mtime_resolution_ns = 1
     supports_symlinks = True
+    mode_bits = 0o7777
     supports_xattrs = True
 
     def __init__(self, path: str) -> None:

@@ -121,6 +121,10 @@ public final class MiniCluster {
         conf.set("mapreduce.framework.name", "local");
         conf.set("mapreduce.jobtracker.staging.root.dir", dir.resolve("staging").toString());
 
+        // A restarted namenode of the pair names its nameservice in its redirects: the datanodes
+        // (which share this configuration) must be able to resolve it.
+        conf.set("dfs.client.failover.proxy.provider.minidfs-ns",
+            "org.apache.hadoop.hdfs.server.namenode.ha.ConfiguredFailoverProxyProvider");
         MiniDFSCluster.Builder b = new MiniDFSCluster.Builder(conf, dir.resolve("hdfs").toFile())
             .numDataNodes(datanodes).checkExitOnShutdown(false);
         if (ha) {
