@@ -516,12 +516,7 @@ class HdfsFs:
         def go() -> tuple[bool, int]:
             doc = self.client._get_block_locations(path, offset=0, length=1).json()["LocatedBlocks"]
             return bool(doc["isUnderConstruction"]), int(doc["fileLength"])
-        try:
-            return self._call("locate the blocks of", path, go)
-        except HdfsError as e:
-            if e.exception in ("IllegalArgumentException", "UnsupportedOperationException"):
-                return None
-            raise
+        return self._if_supported("locate the blocks of", path, go)
 
     def snapshot_diff(self, directory: str, old: str, new: str) -> list[dict[str, str]] | None:
         """GETSNAPSHOTDIFF entries (type, sourcePath, targetPath), or None where the namenode lacks it."""
@@ -534,8 +529,12 @@ class HdfsFs:
                     for d in entries):
                 raise ValueError("malformed diffList")
             return entries
+        return self._if_supported("compare snapshots of", directory, go)
+
+    def _if_supported(self, action: str, path: str, fn: Callable[[], T]) -> T | None:
+        """:meth:`_call`, with None where the namenode does not know the operation."""
         try:
-            return self._call("compare snapshots of", directory, go)
+            return self._call(action, path, fn)
         except HdfsError as e:
             if e.exception in ("IllegalArgumentException", "UnsupportedOperationException"):
                 return None

@@ -124,16 +124,13 @@ class HadoopCluster:
 
     def audit_next(self) -> int:
         """The number the next audit event will get (take it before an action, then ``audit`` it)."""
-        return int(self._audit(None)["next"])
-
-    def _audit(self, since: int | None) -> dict[str, Any]:
-        return self.run("audit", str(since if since is not None else 1 << 62))
+        return int(self.run("audit", str(1 << 62))["next"])  # asks for no event, only the next number
 
     def audit(self, since: int) -> list[dict[str, Any]]:
         """The namenodes' audit events numbered ``since`` and later: ``ok``, ``user``, ``cmd``,
         ``src``, ``dst``, ``seq`` (``cmd`` is Hadoop's name: ``open``, ``listStatus``, ``create``,
         ``computeSnapshotDiff``...)."""
-        events: list[dict[str, Any]] = self._audit(since)["events"]
+        events: list[dict[str, Any]] = self.run("audit", str(since))["events"]
         return events
 
     def token(self, user: str) -> str:
