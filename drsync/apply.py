@@ -40,7 +40,8 @@ from drsync.pathglob import compile_globs
 from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, printable, validate
 from drsync.tree import LocalEntry
 
-__all__ = ["STAGING", "ApplyPlan", "ApplyResult", "ChunkSource", "apply_manifest", "plan_apply", "recover_apply"]
+__all__ = ["STAGING", "ApplyPlan", "ApplyResult", "ChunkSource", "ExternalStager", "apply_manifest", "plan_apply",
+           "recover_apply"]
 
 
 class ChunkSource(Protocol):
@@ -52,6 +53,13 @@ class ChunkSource(Protocol):
 OTHER = "other"  # a fifo, socket or device in the target: never in a manifest, always replaced
 STAGE_ATTEMPTS = 3  # a file's staging, when the storage says trying again from the start can succeed
 log = logging.getLogger("drsync.apply")
+
+
+class ExternalStager(Protocol):
+    """Stages files whose bytes are not in the repository (external rows; DistCp does this)."""
+
+    def stage(self, root: DataRoot, items: list[tuple[int, Entry]],
+              progress: Callable[[int], None] | None = None) -> dict[str, str]: ...
 
 
 @dataclass
@@ -254,7 +262,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    on_total: Callable[[int], None] | None = None, workers: int = 4,
                    journal: str | None = None, on_committed: Callable[[], None] | None = None,
                    protect: tuple[str, ...] = (), dry_run: bool = False,
-                   extra: str | None = None) -> ApplyResult:
+                   extra: str | None = None, external: ExternalStager | None = None,
+                   cancel: Callable[[], bool] | None = None) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
 
     ``dry_run``: plan only and report it in ``ApplyResult.planned``; the target is not touched.
@@ -266,6 +275,9 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     directory); without one the root keeps it in its staging area, so that an interrupted restore is
     completed by the next apply or restore onto the same target. ``protect``: paths (local paths or
     URLs) of drsync's own files that may lie inside the target; they are left alone.
+    ``external``: stages files whose bytes are not in the repository (a snapshot captured for
+    DistCp); without one such a snapshot is refused. ``cancel``: asked between staging batches; when
+    it answers true the apply stops before its journal (OperationFailed, target unchanged).
     Raises IntegrityError (missing or damaged chunks, bad manifest), UsageError (a target that
     cannot hold the snapshot: mount points in the way, protected paths), OperationFailed (I/O).
     """
@@ -273,6 +285,11 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     root = open_data_root(target) if isinstance(target, str) else target
     entries = list(manifest.entries())
     # Every chunk must be present before anything on the target changes.
+    outside = [e for e in entries if e.external]
+    if outside and external is None and not structure_only:
+        raise IntegrityError(f"{what}: {len(outside)} file(s) (e.g. {printable(outside[0].path)}) were captured for "
+                             f"DistCp (replication.engine = \"distcp\"): their bytes are in an HDFS snapshot, not "
+                             f"in the repository; nothing was changed")
     for e in entries:
         if e.type == FILE and not structure_only:
             for cid in e.chunks:
@@ -330,6 +347,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         root.reset_staging(plan)
 
         def stage(batch: list[tuple[int, Entry]]) -> None:
+            if cancel is not None and cancel():
+                raise OperationFailed(f"{what}: apply stopped before anything was committed (cancelled)")
             for n, e in batch:
                 for attempt in range(STAGE_ATTEMPTS):
                     try:
@@ -342,8 +361,12 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                             raise
                         log.warning("staging %s failed (%s); writing it again", e.path, err)
 
+        numbered = list(enumerate(plan.write))
+        if external is not None:
+            staged.update(external.stage(root, [(n, e) for n, e in numbered if e.external], progress))
+            numbered = [(n, e) for n, e in numbered if not e.external]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool:
-            list(pool.map(stage, _batches(list(enumerate(plan.write)))))
+            list(pool.map(stage, _batches(numbered)))
         root.flush()
         _fault_apply_delay()
         # From here on the apply only moves forward: a restart replays the journal.

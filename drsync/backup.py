@@ -95,6 +95,12 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
     with repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
         info = repo.find_snapshot(ref)
         manifest = repo.load_manifest(info)
+        outside = manifest.external_count()
+        if outside and mode != "dataless":
+            raise UsageError(f"snapshot {info.id} was captured for DistCp (replication.engine = \"distcp\"): the "
+                             f"bytes of {outside} file(s) are in HDFS snapshot {info.content_snapshot or '(none)'}, "
+                             f"not in the repository, so a {mode} backup cannot hold them; take a dataless backup, "
+                             f"or capture with 'drsync snapshot create' (which reads every byte) and back that up")
         excluded: list[str] = []
         if mode == "light":
             match = compile_globs(light_exclude)

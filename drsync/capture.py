@@ -7,6 +7,11 @@ files are read, cut, hashed and stored by a small pool of threads (the
 compiled cores release the GIL). On a live tree a file that changes while it
 is read is read again, a bounded number of times, then reported in
 ``warnings``; from a frozen view (an HDFS snapshot) nothing can change.
+
+For ``replication.engine = "distcp"`` (``content=HDFS_CHECKSUM``) files are not read: each new or
+changed file gets its HDFS checksum from a datanode (an external row, see
+:func:`drsync.repository.manifest.is_external`), and the HDFS snapshot the capture read from is
+kept as the source a standby's DistCp copies the bytes from.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from drsync.dataroot import DataRoot, FileVersion, FrozenRoot, open_data_root
-from drsync.errors import OperationFailed
+from drsync.errors import OperationFailed, UsageError
 from drsync.repository import chunks
 from drsync.repository.manifest import (
     DIR,
@@ -31,6 +37,7 @@ from drsync.repository.manifest import (
     Manifest,
     content_digest,
     escaping_links,
+    hdfs_checksum_digest,
     printable,
     sort_by_path,
     table_from_columns,
@@ -45,6 +52,9 @@ _BATCH_BYTES = 32 * 1024 * 1024
 _RACY_NS = 2_000_000_000
 
 ProgressFn = Callable[[int], None]
+
+CHUNKS = "chunks"                 # file bytes are read, cut into chunks and stored in the repository
+HDFS_CHECKSUM = "hdfs-checksum"   # file bytes stay in an HDFS snapshot; the manifest holds their checksum
 
 
 @dataclass
@@ -61,6 +71,9 @@ class CaptureResult:
     stale: int = 0
     # Paths that could not be captured at all (and had no earlier version): left out, reported.
     skipped: int = 0
+    # content=HDFS_CHECKSUM: the HDFS snapshot kept for DistCp, and the checksum algorithm(s) seen.
+    content_snapshot: str | None = None
+    checksum_algorithms: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -111,10 +124,27 @@ def _read_one(view: FrozenRoot, rel: str, writer: ChunkWriter, attempts: int,
     return result
 
 
+def _checksum_one(view: FrozenRoot, rel: str, algorithms: set[str],
+                  progress: ProgressFn | None) -> _ReadFile | str:
+    """One file's HDFS checksum instead of its bytes (an external row). Returns "vanished"/a problem."""
+    try:
+        version, algorithm, value = view.checksum_file(rel)  # type: ignore[attr-defined]
+    except FileNotFoundError:
+        return "vanished"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if progress:
+        progress(version.size)
+    if version.size == 0:
+        return _ReadFile([], [], EMPTY_CONTENT, version)
+    algorithms.add(algorithm)
+    return _ReadFile([], [version.size], hdfs_checksum_digest(algorithm, value), version)
+
+
 class _ParentView:
     """The parent manifest's stat columns, for the unchanged-file check."""
 
-    def __init__(self, parent: Manifest, captured_at: float) -> None:
+    def __init__(self, parent: Manifest, captured_at: float, *, external_ok: bool = False) -> None:
         t = parent.table
         self.table = t
         self.paths = parent.pycolumn("path")
@@ -125,6 +155,11 @@ class _ParentView:
         self.ctime = t.column("ctime_ns").to_pylist()
         self.inode = t.column("inode").to_pylist()
         self.racy_after = int(captured_at * 1e9) - _RACY_NS
+        # A capture that stores chunks cannot reuse a row whose bytes only an HDFS snapshot held.
+        self.no_reuse: set[int] = set() if external_ok else {
+            i for i, (n, m) in enumerate(zip(pc.list_value_length(t.column("chunks")).to_pylist(),
+                                             pc.list_value_length(t.column("chunk_sizes")).to_pylist(), strict=True))
+            if n != m}
 
     def rows_kept_for(self, scan: TreeScan, kept: list[int], lost: list[str]) -> list[int]:
         """Parent rows to keep (stale) for paths that exist but could not be read: unreadable entries
@@ -157,6 +192,8 @@ class _ParentView:
             if typ != FILE:
                 continue
             i = row_get(path)
+            if i in self.no_reuse:
+                continue
             if (i is not None and ptype[i] == FILE and psize[i] == size and pmtime[i] == mtime
                     and pctime[i] == ctime and pinode[i] == ino and mtime < racy):
                 out[k] = i
@@ -167,7 +204,8 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Non
             parent_captured_at: float | None = None, reread_attempts: int = 3,
             exclude: frozenset[str] = frozenset(), workers: int | None = None,
             progress: ProgressFn | None = None, on_total: Callable[[int], None] | None = None,
-            captured_at: float | None = None, allow_empty: bool = False) -> CaptureResult:
+            captured_at: float | None = None, allow_empty: bool = False, content: str = CHUNKS,
+            pinned: frozenset[str] = frozenset()) -> CaptureResult:
     """Capture ``root``. New chunks go to ``writer``; the caller flushes and commits.
 
     ``captured_at`` and ``parent_captured_at`` name the frozen views (HDFS
@@ -176,15 +214,28 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Non
     read keeps its version from ``parent``, marked stale (a read error is never
     a deletion). Raises OperationFailed when the root is empty but ``parent``
     was not (an unmounted volume looks like this), unless ``allow_empty``.
+
+    ``content=HDFS_CHECKSUM``: files are checksummed by the datanodes instead of read, and the HDFS
+    snapshot is kept (``result.content_snapshot``) for DistCp; ``pinned`` names older ones a
+    shipment still copies from (all others of this process are deleted). UsageError on a root
+    that is not a snapshottable HDFS directory.
     """
     data_root = open_data_root(root) if isinstance(root, str) else root
     data_root.check_capturable()
     tag = _tag(captured_at)
     parent_tag = _tag(parent_captured_at) if parent is not None and parent_captured_at else None
-    with data_root.frozen(tag, parent_tag, parent) as view:
+    if content == HDFS_CHECKSUM:
+        if not getattr(data_root, "supports_distcp", False):
+            raise UsageError(f"data root {data_root.url} is not on HDFS: replication.engine = \"distcp\" needs "
+                             f"HDFS data roots on both clusters; use engine = \"agent\"")
+        frozen = data_root.frozen(tag, parent_tag, parent, keep=True, pinned=pinned)  # type: ignore[call-arg]
+    else:
+        frozen = data_root.frozen(tag, parent_tag, parent)
+    with frozen as view:
         result = _capture_view(view, writer, parent=parent, parent_captured_at=parent_captured_at,
                                reread_attempts=0 if view.consistent else reread_attempts, exclude=exclude,
-                               workers=workers, progress=progress, on_total=on_total)
+                               workers=workers, progress=progress, on_total=on_total, content=content)
+        result.content_snapshot = getattr(view, "snapshot", None) if content == HDFS_CHECKSUM else None
         notes = WarningLog(view.notes)  # the view's notes first
         notes.merge(result.warnings)
         result.warnings = notes
@@ -202,10 +253,12 @@ def _tag(at: float | None) -> str:
 def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | None,
                   parent_captured_at: float | None, reread_attempts: int, exclude: frozenset[str],
                   workers: int | None, progress: ProgressFn | None,
-                  on_total: Callable[[int], None] | None) -> CaptureResult:
+                  on_total: Callable[[int], None] | None, content: str = CHUNKS) -> CaptureResult:
     scan = view.scan(exclude)
     warnings = scan.warnings
-    pv = _ParentView(parent, parent_captured_at or 0.0) if parent is not None and len(parent) else None
+    pv = (_ParentView(parent, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
+          if parent is not None and len(parent) else None)
+    algorithms: set[str] = set()
     parent_row = pv.reusable_rows(scan) if pv is not None else [-1] * len(scan)
     to_read = [k for k in range(len(scan)) if scan.type[k] == FILE and parent_row[k] < 0]
     if on_total:
@@ -225,6 +278,8 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
             acc += scan.size[k]
 
         def run(batch: list[int]) -> list[tuple[int, _ReadFile | str]]:
+            if content == HDFS_CHECKSUM:
+                return [(k, _checksum_one(view, scan.path[k], algorithms, progress)) for k in batch]
             return [(k, _read_one(view, scan.path[k], writer, reread_attempts, progress)) for k in batch]
 
         n = workers or min(4, (os.cpu_count() or 2) + 1)
@@ -256,10 +311,10 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     files = sum(1 for k in keep if scan.type[k] == FILE)
     total = sum(read[k].version.size if k in read else scan.size[k] for k in keep if scan.type[k] == FILE)
     return CaptureResult(Manifest(table), files=files, bytes=total,
-                         read_bytes=sum(r.version.size for r in read.values()),
+                         read_bytes=0 if content == HDFS_CHECKSUM else sum(r.version.size for r in read.values()),
                          reused_files=sum(1 for k in keep if parent_row[k] >= 0 and scan.type[k] == FILE),
                          warnings=warnings,
-                         stale=len(stale_rows), skipped=skipped)
+                         stale=len(stale_rows), skipped=skipped, checksum_algorithms=algorithms)
 
 
 def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:

@@ -370,7 +370,9 @@ def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, chec
         info, result = engine.restore_snapshot(repo, snapshot_id, dest, cluster_id=cluster_id,
                                                release=release, checksum=checksum, progress=advance,
                                                on_total=total, protect=_own_paths(inv), dry_run=dry_run,
-                                               extra=_extra_rule(inv, dest, delete_extra))
+                                               extra=_extra_rule(inv, dest, delete_extra),
+                                               distcp=engine.distcp_settings(inv.config) if inv.config else None,
+                                               data_root=inv.config.cluster.data if inv.config else None)
     doc = {"snapshot": info.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
     emit(inv, doc, lambda: _report_restore(f"snapshot {info.id}", dest, result))
 

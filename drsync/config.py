@@ -193,6 +193,15 @@ class ReplicationConfig:
     # A snapshot that would remove more than this share of the standby's files (or empty its root)
     # is stored but not applied until `drsync apply --confirm` (safety rule 8).
     max_delete_fraction: float = field(default=0.5, metadata=_conv(lambda v, k: _fraction(v, k, "files")))
+    # "agent": drsync reads, ships and writes every byte. "distcp" (both data roots on HDFS): the
+    # primary checksums files instead of reading them and keeps its HDFS snapshot; the standby copies
+    # the bytes with DistCp (drsync.dataroot.distcp), verifies them and commits through its journal.
+    engine: str = field(default="agent", metadata=_conv(_choice("agent", "distcp")))
+    distcp_command: str = field(default="hadoop distcp", metadata=_conv(_nonempty_str))
+    distcp_jar: str = field(default="", metadata=_conv(_str))
+    # This cluster's data root as a Hadoop URI for DistCp jobs (e.g. hdfs://prod-ns/data); empty:
+    # webhdfs://<active namenode><root>.
+    distcp_url: str = field(default="", metadata=_conv(_str))
 
 
 @dataclass(frozen=True)
@@ -319,6 +328,17 @@ def fencing_problem(cfg: Config) -> str | None:
     return None
 
 
+def engine_problem(cfg: Config) -> str | None:
+    """Why ``replication.engine`` cannot work with this config (one line), or None."""
+    r = cfg.replication
+    if r.engine != "distcp":
+        return None
+    if cfg.cluster.data.partition("://")[0] not in ("hdfs", "webhdfs", "swebhdfs"):
+        return (f"replication.engine = \"distcp\" needs the data root on HDFS, and cluster.data is "
+                f"{cfg.cluster.data}; use engine = \"agent\" for local data roots")
+    return None
+
+
 def _resolve(value: str, base_dir: Path) -> str:
     if not value or "://" in value or Path(value).is_absolute():
         return value
@@ -332,7 +352,8 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
     tls = dataclasses.replace(cfg.tls, ca=_resolve(cfg.tls.ca, base_dir),
                               cert=_resolve(cfg.tls.cert, base_dir), key=_resolve(cfg.tls.key, base_dir))
     agent = dataclasses.replace(cfg.agent, state_dir=_resolve(cfg.agent.state_dir, base_dir))
-    return dataclasses.replace(cfg, cluster=cluster, backups=backups, tls=tls, agent=agent)
+    replication = dataclasses.replace(cfg.replication, distcp_jar=_resolve(cfg.replication.distcp_jar, base_dir))
+    return dataclasses.replace(cfg, cluster=cluster, backups=backups, tls=tls, agent=agent, replication=replication)
 
 
 def config_problems(doc: Mapping[str, Any]) -> list[str]:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import blake3
 
 from drsync.apply import ApplyResult, apply_manifest
-from drsync.capture import capture
-from drsync.config import KeepPolicy
+from drsync.capture import CHUNKS, HDFS_CHECKSUM, capture
+from drsync.config import Config, KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
+from drsync.dataroot.distcp import HISTORY_PREFIX, DistCpSettings, DistCpStager, root_url
 from drsync.errors import LockedError, OperationFailed, RefusedError, UsageError
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.repo import GcReport, Repository, VerifyReport
@@ -87,6 +88,16 @@ class SnapshotRequest:
     exclude_paths: tuple[str, ...] = ()
     # Capture an empty root although the parent snapshot was not empty (else refused: unmounted?).
     allow_empty: bool = False
+    # replication.engine = "distcp": files are checksummed, not read, and the capture's HDFS snapshot
+    # is kept for a standby's DistCp (drsync.dataroot.distcp); pinned: older ones still copied from.
+    distcp: DistCpSettings | None = None
+    pinned: frozenset[str] = frozenset()
+
+
+def distcp_settings(cfg: Config) -> DistCpSettings | None:
+    """How this cluster's agent runs DistCp, or None with ``replication.engine = "agent"``."""
+    r = cfg.replication
+    return DistCpSettings.from_strings(r.distcp_command, r.distcp_jar, r.distcp_url) if r.engine == "distcp" else None
 
 
 def create_snapshot(repo: Repository, req: SnapshotRequest, *,
@@ -121,7 +132,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
                                  parent_captured_at=parent.captured_at if parent else None,
                                  reread_attempts=req.reread_attempts, exclude=exclude,
                                  progress=progress, on_total=on_total, captured_at=captured_at,
-                                 allow_empty=req.allow_empty)
+                                 allow_empty=req.allow_empty,
+                                 content=HDFS_CHECKSUM if req.distcp is not None else CHUNKS, pinned=req.pinned)
             finally:
                 if req.hooks.post:
                     try:
@@ -140,7 +152,10 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
             parent=parent.id if parent else None, files=result.files, bytes=result.bytes,
             new_bytes=writer.new_bytes, read_bytes=result.read_bytes, reused_files=result.reused_files,
             duration_s=round(time.monotonic() - started, 3),
-            warnings=result.warnings.lines(), stale_paths=result.stale, skipped_paths=result.skipped)
+            warnings=result.warnings.lines(), stale_paths=result.stale, skipped_paths=result.skipped,
+            content_snapshot=(f"{root_url(req.distcp, data_root)}/.snapshot/{result.content_snapshot}"
+                              if req.distcp is not None and result.content_snapshot else ""),
+            content_checksum=",".join(sorted(result.checksum_algorithms)))
         # Not re-checked chunk by chunk: whatever this capture reuses is named by the parent, which
         # cannot be deleted (nor its chunks collected) while the session's shared lock is held.
         info = session.commit(info, manifest_bytes, require_chunks=False)
@@ -185,17 +200,42 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
                      checksum: bool = False, progress: Callable[[int], None] | None = None,
                      on_total: Callable[[int], None] | None = None,
                      protect: tuple[str, ...] = (), dry_run: bool = False,
-                     extra: str | None = None) -> tuple[SnapshotInfo, ApplyResult]:
+                     extra: str | None = None, distcp: DistCpSettings | None = None,
+                     data_root: str | None = None) -> tuple[SnapshotInfo, ApplyResult]:
     """Restore snapshot ``ref`` onto ``target`` (see :func:`drsync.apply.apply_manifest` for ``dry_run``
-    and ``extra``)."""
+    and ``extra``).
+
+    A snapshot captured for DistCp is copied by DistCp (``distcp``, the config's settings) from the
+    HDFS snapshot that still holds it: the standby's history snapshot of ``data_root`` (its own
+    data root, where it applied it) first, else the one the primary kept when it captured it."""
     with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
         info = repo.find_snapshot(ref)
         check_same_cluster(info, cluster_id, release)
         manifest = repo.load_manifest(info)
+        external = None
+        if manifest.external_count() and not dry_run:
+            if distcp is None:
+                raise UsageError(f"snapshot {info.id} was captured for DistCp: its file bytes are in HDFS "
+                                 f"snapshots, not in the repository; restore it with --config of an agent whose "
+                                 f"[replication] engine = \"distcp\"")
+            external = DistCpStager(distcp, _content_source(info, data_root, distcp), what=f"snapshot {info.id}",
+                                    algorithm=info.content_checksum)
         result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
                                 progress=progress, on_total=on_total, protect=(repo.storage.url, *protect),
-                                dry_run=dry_run, extra=extra)
+                                dry_run=dry_run, extra=extra, external=external)
     return info, result
+
+
+def _content_source(info: SnapshotInfo, data_root: str | None, distcp: DistCpSettings) -> str:
+    """Where DistCp finds a snapshot's bytes: a history snapshot of this data root, or the capture's."""
+    if data_root:
+        root = open_data_root(data_root)
+        history = getattr(root, "history_snapshots", None)
+        if history is not None and f"{HISTORY_PREFIX}{info.id}" in history():
+            return f"{root_url(distcp, root)}/.snapshot/{HISTORY_PREFIX}{info.id}"
+    if not info.content_snapshot:
+        raise UsageError(f"snapshot {info.id} names no HDFS snapshot that holds its bytes")
+    return info.content_snapshot
 
 
 def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True) -> tuple[list[SnapshotInfo],

@@ -24,6 +24,8 @@ from drsync import fsutil
 from drsync.agent.hold import HoldFile
 from drsync.agent.state import StateStore
 from drsync.apply import ApplyResult, apply_manifest, recover_apply
+from drsync.dataroot import open_data_root
+from drsync.dataroot.distcp import DistCpSettings, DistCpStager
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
 from drsync.fsutil import describe_os_error
 from drsync.guard import deletion_guard
@@ -37,7 +39,8 @@ log = logging.getLogger("drsync.agent.standby")
 
 class Committer:
     def __init__(self, repo: Repository, data_root: str, store: StateStore, *, agent: str,
-                 max_delete_fraction: float = 0.5, on_applied: Callable[[], None] = lambda: None) -> None:
+                 max_delete_fraction: float = 0.5, on_applied: Callable[[], None] = lambda: None,
+                 distcp: DistCpSettings | None = None) -> None:
         self.repo = repo
         self.data_root = data_root
         self.store = store
@@ -51,6 +54,10 @@ class Committer:
         self.hold_file = HoldFile(store.dir)
         self.hold = self.hold_file.load()
         self._pending = os.path.join(store.dir, "applying.json")
+        # replication.engine = "distcp": DistCp stages files, and each applied snapshot is kept as an
+        # HDFS snapshot of the root (history). A promotion sets `cancel` to stop a copy in flight.
+        self.distcp = distcp
+        self.cancel = threading.Event()
 
     # --- crash recovery --------------------------------------------------------------
 
@@ -63,6 +70,7 @@ class Committer:
         finished = recover_apply(self.data_root, self.store.journal)
         if finished and doc is not None:
             self._record_applied(doc["snapshot"], doc["captured_at"], doc.get("position") or [])
+            self._keep_history(doc["snapshot"])
         # Without a journal the apply either never changed the root or was recorded already.
         if doc is not None:
             os.unlink(self._pending)
@@ -81,6 +89,11 @@ class Committer:
                            f"restart the agent, which completes it first")
             log.error("%s", self.broken)
 
+    def cancel_staging(self) -> None:
+        """Stop a DistCp copy in flight (a promotion does not wait hours for it): its apply ends
+        before the journal, the root unchanged. Cleared when the next commit starts."""
+        self.cancel.set()
+
     def check_usable(self) -> None:
         if self.broken:
             raise OperationFailed(f"standby {self.agent} needs recovery: {self.broken}")
@@ -93,6 +106,7 @@ class Committer:
 
         Raises RefusedError (other cluster, or held back), IntegrityError (damaged or incomplete)."""
         started = time.monotonic()
+        self.cancel.clear()
         info = SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document")
         cfg = self.repo.config
         if (info.cluster_id, info.release) != (cfg.cluster_id, cfg.release):
@@ -129,6 +143,7 @@ class Committer:
         if applied is not None and not diff(applied, manifest).paths():
             # Nothing changed since the applied snapshot: the root already holds it.
             self._record_applied(info.id, info.captured_at, position)
+            self._keep_history(info.id)
             log.info("snapshot %s has the content of the applied one; nothing to apply", info.id)
             self._release_guard(f"snapshot {info.id} has the content of the applied snapshot again")
             return ApplyResult(unchanged_files=manifest.file_count())
@@ -289,18 +304,34 @@ class Committer:
     def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int]) -> ApplyResult:
         fsutil.atomic_write(self._pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
                                                        "position": position}).encode())
+        what = f"snapshot {info.id}"
+        external = (DistCpStager(self.distcp, info.content_snapshot, cancel=self.cancel, what=what,
+                                 algorithm=info.content_checksum)
+                    if self.distcp is not None and manifest.external_count() else None)
         try:
             result = apply_manifest(
-                manifest, self.repo, self.data_root, what=f"snapshot {info.id}", journal=self.store.journal,
+                manifest, self.repo, self.data_root, what=what, journal=self.store.journal,
                 on_committed=lambda: self._record_applied(info.id, info.captured_at, position),
-                protect=(self.repo.storage.url, self.store.dir))
+                protect=(self.repo.storage.url, self.store.dir), external=external)
         except BaseException as e:
             self._after_failed_apply()
             if isinstance(e, OSError):
                 raise describe_os_error(e, f"applying snapshot {info.id} on the standby") from None
             raise
         os.unlink(self._pending)
+        self._keep_history(info.id)
         return result
+
+    def _keep_history(self, snapshot_id: str) -> None:
+        """engine "distcp": keep the applied root as HDFS snapshot ``drsync-snap-<id>`` (cheap, and
+        what restore and a promotion to an earlier snapshot copy from). A failure is a warning."""
+        if self.distcp is None:
+            return
+        try:
+            open_data_root(self.data_root).keep_history(snapshot_id)  # type: ignore[attr-defined]
+        except (DrsyncError, AttributeError) as e:
+            log.warning("snapshot %s applied, but not kept as an HDFS snapshot of %s: %s", snapshot_id,
+                        self.data_root, e)
 
     def _record_applied(self, snapshot_id: str, captured_at: float, position: list[int]) -> None:
         # One record: the applied snapshot, its capture time and position change together.

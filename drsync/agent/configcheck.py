@@ -21,7 +21,14 @@ from drsync import engine
 from drsync.agent.locks import StateDirLock
 from drsync.agent.loop import open_coordinator
 from drsync.agent.state import StateStore, state_dir_of
-from drsync.config import Config, config_from_dict, config_problems, fencing_problem, read_config_document
+from drsync.config import (
+    Config,
+    config_from_dict,
+    config_problems,
+    engine_problem,
+    fencing_problem,
+    read_config_document,
+)
 from drsync.dataroot import open_data_root
 from drsync.errors import ConfigError, DrsyncError
 from drsync.transport.grpc import GrpcStandbyLink
@@ -70,6 +77,7 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
         ("; demote_command set" if c.demote_command.strip() else
          "; no demote_command (an ex-primary rejoins only after drsync rejoin)")), "config"))
     checks += _check_cluster(cfg)
+    checks += _check_engine(cfg)
     try:
         state_dir: str | None = state_dir_of(cfg)
     except DrsyncError as e:
@@ -99,6 +107,30 @@ def _check_cluster(cfg: Config) -> list[Check]:
                                                               f"release {cfg.cluster.release!r}")))
     except DrsyncError as e:
         out.append(Check("repository", False, f"{e} (drsync init --config creates it)"))
+    return out
+
+
+def _check_engine(cfg: Config) -> list[Check]:
+    """replication.engine = "distcp": an HDFS data root that can be snapshotted, DistCp and its jar here."""
+    if cfg.replication.engine != "distcp":
+        return [Check("replication engine", True, "agent: drsync reads, ships and writes every byte", "config")]
+    problem = engine_problem(cfg)
+    if problem:
+        return [Check("replication engine", False, problem, "config")]
+    settings = engine.distcp_settings(cfg)
+    assert settings is not None
+    out = [Check("replication engine", not settings.problems(), "; ".join(settings.problems()) or
+                 f"distcp: {' '.join(settings.command)} with {settings.jar}")]
+    try:
+        root = open_data_root(cfg.cluster.data)
+        status = root.fs.status(root.root)  # type: ignore[attr-defined]
+        ok = bool(status and status.get("snapshotEnabled"))
+        out.append(Check("snapshottable data root", ok, f"{root.url} can be snapshotted" if ok else
+                         f"{root.url} cannot be snapshotted, and the DistCp engine copies from snapshots (primary) "
+                         f"and keeps its history in them (standby): run 'hdfs dfsadmin -allowSnapshot "
+                         f"{root.root}' as the HDFS superuser"))  # type: ignore[attr-defined]
+    except DrsyncError as e:
+        out.append(Check("snapshottable data root", False, str(e)))
     return out
 
 

@@ -30,11 +30,12 @@ from drsync.agent.state import StateStore
 from drsync.apply import apply_manifest, comparison_resolution, plan_apply
 from drsync.config import Config
 from drsync.coordination import Coordinator
-from drsync.dataroot import open_data_root
+from drsync.dataroot import DataRoot, open_data_root
 from drsync.dataroot.local import LocalDataRoot
 from drsync.errors import DrsyncError, IntegrityError, UsageError
-from drsync.repository.manifest import FILE, Manifest
+from drsync.repository.manifest import FILE, Entry, Manifest, hdfs_checksum_digest
 from drsync.repository.repo import Repository
+from drsync.tree import LocalEntry
 
 # Room left free beyond the restored bytes (metadata, staging, the filesystem's own needs).
 SCRATCH_MARGIN_BYTES = 64 * 1024 * 1024
@@ -128,10 +129,9 @@ def verify_step(repo: Repository, manifest: Manifest, snapshot: str, *, full: bo
                      f"{what} {len(chosen)} of {len(ids)} chunks intact", figures)
 
 
-def _compare_trees(expected: str, actual: str, manifest: Manifest, own: tuple[str, ...] = ()) -> list[str]:
-    """Differences between a trial restore and the data root: metadata by plan, then content.
-    ``own``: drsync's files that may lie inside the data root (repository, state), not compared."""
-    root = open_data_root(actual)
+def _structure_diffs(root: DataRoot, manifest: Manifest, own: tuple[str, ...]) -> tuple[list[str],
+                                                                                        dict[str, LocalEntry]]:
+    """Paths and metadata of a data root that differ from a manifest (up to 5 of each kind), and its scan."""
     scan = {p: e for p, e in root.existing().items() if not p.startswith(".drsync")}
     protected = frozenset(r for r in (root.relative_inside(p) for p in own) if r)
     plan = plan_apply(list(manifest.entries()), scan, compare_owner=root.owners_settable(),
@@ -141,6 +141,14 @@ def _compare_trees(expected: str, actual: str, manifest: Manifest, own: tuple[st
     links = plan.link if root.supports_symlinks else []
     diffs += [f"{e.path} is missing" for e in (plan.mkdir + links)[:5]]
     diffs += [f"{e.path} has other metadata" for e in plan.fix_meta[:5]]
+    return diffs, scan
+
+
+def _compare_trees(expected: str, actual: str, manifest: Manifest, own: tuple[str, ...] = ()) -> list[str]:
+    """Differences between a trial restore and the data root: metadata by plan, then content.
+    ``own``: drsync's files that may lie inside the data root (repository, state), not compared."""
+    root = open_data_root(actual)
+    diffs, scan = _structure_diffs(root, manifest, own)
     if diffs:
         return diffs
     local = isinstance(root, LocalDataRoot)
@@ -149,13 +157,58 @@ def _compare_trees(expected: str, actual: str, manifest: Manifest, own: tuple[st
             continue
         # A local root is compared byte for byte with the trial restore; an HDFS root is re-hashed
         # against the manifest the restore was verified against.
-        same = (filecmp.cmp(os.path.join(expected, e.path), os.path.join(root.root, e.path), shallow=False)
-                if local else root.same_content(e, scan[e.path]))
+        if e.external:  # copied by DistCp: its HDFS checksum is what the manifest holds
+            same = _checksum_matches(root, e)
+        else:
+            same = (filecmp.cmp(os.path.join(expected, e.path), os.path.join(root.root, e.path), shallow=False)
+                    if local else root.same_content(e, scan[e.path]))
         if not same:
             diffs.append(f"{e.path}: content differs")
             if len(diffs) >= 5:
                 break
     return diffs
+
+
+def _checksum_matches(root: object, e: Entry) -> bool:
+    fs = root.fs  # type: ignore[attr-defined]
+    algorithm, value = fs.file_checksum(f"{root.root.rstrip('/')}/{e.path}")  # type: ignore[attr-defined]
+    return hdfs_checksum_digest(algorithm, value) == e.content
+
+
+def distcp_root_step(manifest: Manifest, snapshot: str, *, data_root: str, full: bool, fraction: float, seed: int,
+                     applied_now: Callable[[], str], own: tuple[str, ...] = ()) -> DrillStep:
+    """engine "distcp": the bytes are not in the repository, so no trial restore from it. Instead the
+    standby's root is compared with the manifest: every path and its metadata, and the HDFS checksums
+    of its files (all, or a sample) against the ones production took when it captured them."""
+    started = time.monotonic()
+    files = [e for e in manifest.entries() if e.type == FILE]
+    chosen = files if full else [files[i] for i in sorted(random.Random(seed).sample(
+        range(len(files)), max(1, round(len(files) * fraction)) if files else 0))]
+    figures: dict[str, Any] = {"files": len(files), "checked": len(chosen), "bytes": manifest.total_bytes()}
+    try:
+        root = open_data_root(data_root)
+        diffs, _ = _structure_diffs(root, manifest, own)
+        if not diffs:
+            for e in chosen:
+                if e.external and not _checksum_matches(root, e):
+                    diffs.append(f"{e.path}: HDFS checksum differs from the snapshot's")
+                    if len(diffs) >= 3:
+                        break
+    except DrsyncError as e:
+        return DrillStep("verify", False, round(time.monotonic() - started, 3), f"cannot check the data root: {e}",
+                         figures)
+    if applied_now() != snapshot:
+        return DrillStep("verify", True, round(time.monotonic() - started, 3),
+                         f"the standby applied a newer snapshot than {snapshot} meanwhile; its root was not judged",
+                         figures)
+    if diffs:
+        return DrillStep("verify", False, round(time.monotonic() - started, 3),
+                         f"the standby's data root differs from its applied snapshot {snapshot}: {'; '.join(diffs)}",
+                         figures)
+    what = "every file's" if full else f"a {fraction:.0%} sample of files':"
+    return DrillStep("verify", True, round(time.monotonic() - started, 3),
+                     f"DistCp engine: the data root holds every path of {snapshot} with its metadata, and {what} "
+                     f"HDFS checksums ({len(chosen)} of {len(files)}) match the ones production took", figures)
 
 
 def restore_step(repo: Repository, manifest: Manifest, snapshot: str, *, scratch_dir: str, data_root: str,
@@ -287,7 +340,12 @@ def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinat
             except DrsyncError as e:
                 manifest = None
                 report.steps.append(DrillStep("verify", False, 0.0, f"the applied snapshot cannot be read: {e}"))
-            if manifest is not None:
+            if manifest is not None and manifest.external_count():
+                report.steps.append(distcp_root_step(
+                    manifest, state.applied_snapshot, data_root=engine.data_root_url(cfg.cluster.data),
+                    full=report.full_verify, fraction=cfg.drills.sample, seed=number,
+                    applied_now=lambda: state_file.load().applied_snapshot, own=(state_dir,)))
+            elif manifest is not None:
                 report.steps.append(verify_step(repo, manifest, state.applied_snapshot, full=report.full_verify,
                                                 fraction=cfg.drills.sample, seed=number))
                 scratch = cfg.drills.scratch or os.path.join(state_dir, "drill-scratch")

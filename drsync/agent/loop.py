@@ -32,7 +32,7 @@ from drsync.agent.shipper import CycleDecision, Replication, ShipOutcome
 from drsync.agent.standby import StandbyReceiver
 from drsync.agent.state import StateStore, state_dir_of
 from drsync.agent.supervisor import RoleSupervisor
-from drsync.config import Config, fencing_problem
+from drsync.config import Config, engine_problem, fencing_problem
 from drsync.coordination import Coordinator
 from drsync.errors import DrsyncError, RefusedError, UsageError
 from drsync.metrics import AgentMetrics, new_registry, serve
@@ -60,7 +60,7 @@ def open_coordinator(cfg: Config, *, connect_timeout_s: float | None = None) -> 
 
 class Agent:
     def __init__(self, cfg: Config, *, serve_network: bool = True, coordinator: Coordinator | None = None) -> None:
-        problem = fencing_problem(cfg)
+        problem = fencing_problem(cfg) or engine_problem(cfg)
         if problem:
             raise UsageError(problem)
         self.cfg = cfg
@@ -81,7 +81,8 @@ class Agent:
         self.receiver: StandbyReceiver | None = None
         if self.role in ("standby", "auto"):
             self.receiver = StandbyReceiver(self.repo, self.data_root, self.store, agent=self.name,
-                                            max_delete_fraction=cfg.replication.max_delete_fraction)
+                                            max_delete_fraction=cfg.replication.max_delete_fraction,
+                                            distcp=engine.distcp_settings(cfg))
             self.receiver.trust_request_epochs = bool(cfg.tls.allowed_peers)
             if self.receiver.recover():
                 log.warning("agent %s: finished an apply that was interrupted", self.name)

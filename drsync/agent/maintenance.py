@@ -30,6 +30,7 @@ from drsync import backup, engine
 from drsync.agent.drill import drills_dir, load_reports, run_drill
 from drsync.config import Config
 from drsync.coordination import Coordinator
+from drsync.dataroot import open_data_root
 from drsync.errors import DrsyncError
 from drsync.metrics import AgentMetrics
 from drsync.repository.repo import Repository
@@ -132,6 +133,21 @@ class MaintenanceWorker:
             self._last_gc = time.monotonic()
         if res.deleted:
             log.info("agent %s: expired %d snapshot(s)", self.name, len(res.deleted))
+        if d.role != "primary" and self.cfg.replication.engine == "distcp":
+            self._drop_history()
+
+    def _drop_history(self) -> None:
+        """engine "distcp": a standby's HDFS history snapshots go with the drsync snapshots they keep."""
+        try:
+            root = open_data_root(self.cfg.cluster.data)
+            gone = root.drop_history({s.id for s in self.repo.list_snapshots()})  # type: ignore[attr-defined]
+        except (DrsyncError, AttributeError) as e:
+            log.warning("agent %s: could not delete expired HDFS history snapshots of %s: %s", self.name,
+                        self.cfg.cluster.data, e)
+            return
+        if gone:
+            log.info("agent %s: deleted %d expired HDFS history snapshot(s) of %s", self.name, len(gone),
+                     self.cfg.cluster.data)
 
     # --- backups (primary) -------------------------------------------------------------------
 

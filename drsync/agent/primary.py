@@ -71,6 +71,8 @@ def pacing_delay(sent_bytes: int, rate_bps: float, elapsed_s: float) -> float:
 def chunk_sizes(manifest: Manifest) -> dict[bytes, int]:
     """Every chunk id of a manifest with its raw size."""
     t = manifest.table
+    # Files whose bytes DistCp copies (no chunk ids, one size) name no chunk.
+    t = t.filter(pc.equal(pc.list_value_length(t.column("chunks")), pc.list_value_length(t.column("chunk_sizes"))))
     ids = pc.list_flatten(t.column("chunks")).to_pylist()
     sizes = pc.list_flatten(t.column("chunk_sizes")).to_pylist()
     return dict(zip(ids, sizes, strict=True))

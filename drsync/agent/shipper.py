@@ -92,6 +92,7 @@ class Shipper:
         self.position = Position()
         self.offered: SnapshotInfo | None = None  # the newest snapshot this standby should get
         self.in_flight = ""
+        self.in_flight_info: SnapshotInfo | None = None
         self.backoff_s = BACKOFF_FIRST_S
         self.retry_at = 0.0  # monotonic
         self._ship_lock = threading.Lock()  # one shipment at a time to this target
@@ -149,11 +150,11 @@ class Shipper:
     def ship(self, info: SnapshotInfo) -> ShipOutcome:
         """Ship ``info`` now (on the caller's thread), record the outcome and the position."""
         with self._ship_lock:
-            self.in_flight = info.id
+            self.in_flight, self.in_flight_info = info.id, info
             try:
                 outcome = self._ship(info)
             finally:
-                self.in_flight = ""
+                self.in_flight, self.in_flight_info = "", None
         if outcome.ok:
             self.backoff_s, self.retry_at = BACKOFF_FIRST_S, 0.0
         else:
@@ -254,7 +255,8 @@ class Replication:
         snaps = self.cfg.snapshots
         req = engine.SnapshotRequest(self.cfg.cluster.data, kind="cycle", reason="replication cycle",
                                      hooks=engine.Hooks(snaps.pre_hook, snaps.post_hook, snaps.hook_timeout),
-                                     reread_attempts=snaps.reread_attempts, exclude_paths=self.exclude_paths)
+                                     reread_attempts=snaps.reread_attempts, exclude_paths=self.exclude_paths,
+                                     distcp=engine.distcp_settings(self.cfg), pinned=self.pinned_hdfs_snapshots())
         info = engine.create_snapshot(self.repo, req)
         self.metrics.last_snapshot.set(info.captured_at)
         self.metrics.snapshot_stale_paths.set(info.stale_paths)
@@ -295,6 +297,16 @@ class Replication:
         if not pos or any(not p.snapshot for p in pos.values()):
             return None
         return min(p.captured_at for p in pos.values()) or None
+
+    def pinned_hdfs_snapshots(self) -> frozenset[str]:
+        """The kept HDFS snapshots (engine "distcp") a standby may still copy from: those of the
+        snapshots offered or in flight. A capture deletes its process's other ones."""
+        out = set()
+        for s in list(self.shippers.values()):
+            for info in (s.offered, s.in_flight_info):
+                if info is not None and info.content_snapshot:
+                    out.add(info.content_snapshot.rstrip("/").rsplit("/", 1)[-1])
+        return frozenset(out)
 
     def protected(self) -> set[str]:
         """Snapshots retention must keep: what each standby applied, and what is offered or in flight."""

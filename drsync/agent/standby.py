@@ -22,6 +22,7 @@ from drsync.agent.hold import ApplyHold
 from drsync.agent.intake import ChunkIntake
 from drsync.agent.state import AgentState, StateStore
 from drsync.apply import ApplyResult
+from drsync.dataroot.distcp import DistCpSettings
 from drsync.errors import DrsyncError, RefusedError
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
@@ -38,13 +39,13 @@ class StandbyReceiver:
     """Implements :class:`drsync.transport.Receiver` for one standby agent."""
 
     def __init__(self, repo: Repository, data_root: str, store: StateStore, *, agent: str,
-                 max_delete_fraction: float = 0.5) -> None:
+                 max_delete_fraction: float = 0.5, distcp: DistCpSettings | None = None) -> None:
         self.repo = repo
         self.store = store
         self.agent = agent
         self.intake = ChunkIntake(repo)
         self.committer = Committer(repo, data_root, store, agent=agent, max_delete_fraction=max_delete_fraction,
-                                   on_applied=lambda: self.on_applied())
+                                   on_applied=lambda: self.on_applied(), distcp=distcp)
         # With ZooKeeper roles: why shipments are refused now ("" = accepted; not while primary or promoting).
         self.refusal = ""
         # With ZooKeeper roles: reads the group's (epoch, agent the epoch names) fresh from ZooKeeper;

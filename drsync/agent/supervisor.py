@@ -280,6 +280,8 @@ class RoleSupervisor:
     def _become_primary(self, epoch: Epoch) -> None:
         assert self.coord is not None and self.receiver is not None
         rx = self.receiver
+        rx.refusal = f"agent {self.name} is taking over as primary at epoch {epoch.epoch}; it accepts no shipments"
+        rx.committer.cancel_staging()  # a DistCp copy (hours, maybe) stops; the root stays as applied
         with rx.commit_lock:  # an apply in flight finishes first: a promotion sees a whole snapshot
             rx.refusal = f"agent {self.name} is taking over as primary at epoch {epoch.epoch}; it accepts no shipments"
             rx.observe_epoch(epoch.epoch)

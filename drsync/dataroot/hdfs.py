@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
+from drsync.dataroot.distcp import HISTORY_PREFIX
 from drsync.errors import UsageError
 from drsync.repository import chunks
 from drsync.repository.manifest import DIR, FILE, SYMLINK, printable, symlink_stays_inside
@@ -60,6 +61,12 @@ _HOST = socket.gethostname().replace("-", "_") or "host"
 def _stamp(name: str) -> str:
     """The capture time (ms) in a drsync snapshot's name: ``drsync-<ms>-<host>-<pid>``."""
     return name[len(SNAPSHOT_PREFIX):].split("-", 1)[0]
+
+
+def _own(name: str) -> bool:
+    """Whether a drsync snapshot was taken by this process (kept as a DistCp source, now superseded)."""
+    stamp = _stamp(name)
+    return stamp.isdigit() and name == f"{SNAPSHOT_PREFIX}{stamp}-{_HOST}-{os.getpid()}"
 
 
 def _leftover(name: str, now_ms: int) -> bool:
@@ -159,8 +166,9 @@ class _Reuse:
 
 class HdfsFrozenRoot:
     def __init__(self, fs: HdfsFs, path: str, live_root: str, *, consistent: bool,
-                 reuse: _Reuse | None = None) -> None:
+                 reuse: _Reuse | None = None, snapshot: str | None = None) -> None:
         self.fs, self.path, self.live_root = fs, path, live_root
+        self.snapshot = snapshot  # the HDFS snapshot this view reads, if any
         self.consistent = consistent
         self.reuse = reuse
         self.notes: list[str] = []
@@ -196,6 +204,28 @@ class HdfsFrozenRoot:
                 raise FileNotFoundError(errno.ENOENT, "vanished", path) from None
             raise
 
+
+    def checksum_file(self, rel: str) -> tuple[FileVersion, str, bytes]:
+        """A file's version and HDFS checksum ``(algorithm, bytes)``, without reading its data here
+        (a capture for DistCp). FileNotFoundError when it vanished, PermissionError when denied."""
+        path = posixpath.join(self.path, rel)
+        try:
+            before = self.fs.status(path)
+            if before is None or before["type"] != "FILE":
+                raise FileNotFoundError(errno.ENOENT, "vanished", path)
+            if self.consistent and _whole_blocks(before):
+                self._note_if_open(rel, int(before["length"]))
+            algorithm, value = self.fs.file_checksum(path)
+            after = before if self.consistent else self.fs.status(path)
+        except HdfsPermissionDenied as e:
+            raise PermissionError(errno.EACCES, f"permission denied ({e})", path) from None
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                raise FileNotFoundError(errno.ENOENT, "vanished", path) from None
+            raise
+        if after is None or _version(after) != _version(before):
+            raise OSError(errno.EAGAIN, "changed while its checksum was computed", path)
+        return _version(before), algorithm, value
 
     def _note_if_open(self, rel: str, length: int) -> None:
         """Remember a file that is being written (or was written since the snapshot).
@@ -298,6 +328,7 @@ class HdfsDataRoot:
     supports_symlinks = False
     mode_bits = 0o1777  # no setuid or setgid on HDFS
     supports_xattrs = False
+    supports_distcp = True  # captures can keep their snapshot for DistCp (replication.engine = "distcp")
 
     def __init__(self, url: str, *, fs: HdfsFs | None = None) -> None:
         self.warnings: list[str] = []
@@ -319,14 +350,25 @@ class HdfsDataRoot:
             raise UsageError(f"data root {self.url} is not a directory")
 
     @contextmanager
-    def frozen(self, tag: str, parent_tag: str | None = None,
-               parent: Manifest | None = None) -> Iterator[HdfsFrozenRoot]:
+    def frozen(self, tag: str, parent_tag: str | None = None, parent: Manifest | None = None, *,
+               keep: bool = False, pinned: frozenset[str] = frozenset()) -> Iterator[HdfsFrozenRoot]:
+        """A read-only view of the root for one capture (see the module's docstring).
+
+        ``keep``: the capture's HDFS snapshot outlives the capture, as the source DistCp copies from
+        (``replication.engine = "distcp"``; the view's ``snapshot`` names it, and a root that cannot
+        be snapshotted is refused). Then every other snapshot of this process goes once a capture
+        succeeds, except the diff base and ``pinned`` (those a shipment still copies from).
+        """
         name = f"{SNAPSHOT_PREFIX}{tag}-{_HOST}-{os.getpid()}"
         try:
             self.fs.create_snapshot(self.root, name)
         except HdfsError as e:
             if e.exception not in ("SnapshotException", "AccessControlException", "FileNotFoundException"):
                 raise
+            if keep:
+                raise UsageError(f"data root {self.url} cannot be snapshotted ({str(e).split(' (', 1)[-1].rstrip(')')}"
+                                 f"), and replication.engine = \"distcp\" copies from HDFS snapshots: run "
+                                 f"'hdfs dfsadmin -allowSnapshot {self.root}' as the HDFS superuser") from None
             if self.url not in _warned_not_snapshottable:
                 _warned_not_snapshottable.add(self.url)
                 log.warning("data root %s is not snapshottable (%s); capturing the live tree, re-reading files "
@@ -363,7 +405,7 @@ class HdfsDataRoot:
         else:  # one cheap call tells whether keeping this snapshot as the next base would pay
             diff_supported = self.fs.snapshot_diff(self.root, name, name) is not None
         view = HdfsFrozenRoot(self.fs, posixpath.join(self.root, ".snapshot", name), self.root, consistent=True,
-                              reuse=reuse)
+                              reuse=reuse, snapshot=name)
         ok = False
         try:
             yield view
@@ -375,13 +417,15 @@ class HdfsDataRoot:
                 log.info("%d file(s) of %s were being written when captured (%s%s); snapshot %s is not kept as "
                          "the next diff base, so the next capture walks the whole tree", len(view.open_files),
                          self.url, ", ".join(view.open_files[:3]), ", ..." if len(view.open_files) > 3 else "", name)
-            self._tidy(name, ok=ok, keep=ok and diff_supported and listable and not view.open_files, base=base,
-                       existing=existing)
+            base_next = ok and diff_supported and listable and not view.open_files
+            self._tidy(name, ok=ok, keep=ok and (keep or base_next), base=base, existing=existing,
+                       sweep_own=keep and ok, pinned=pinned)
 
     def _drsync_snapshots(self) -> list[str]:
         return [n for n in self.fs.list_snapshots(self.root) if n.startswith(SNAPSHOT_PREFIX)]
 
-    def _tidy(self, name: str, *, ok: bool, keep: bool, base: str | None, existing: list[str]) -> None:
+    def _tidy(self, name: str, *, ok: bool, keep: bool, base: str | None, existing: list[str],
+              sweep_own: bool = False, pinned: frozenset[str] = frozenset()) -> None:
         """Drop this capture's snapshot unless it is the next base, the base it replaces, and leftovers.
 
         A leftover is a drsync snapshot whose capture is over: taken on this host by a process that
@@ -391,18 +435,50 @@ class HdfsDataRoot:
         now_ms = int(time.time() * 1000)
         doomed = [] if keep else [name]
         for n in existing:
-            if n == name:
+            if n == name or n in pinned:
                 continue
             if n == base:
                 if ok:
                     doomed.append(n)  # superseded by this capture's snapshot (or by a full walk)
-            elif _leftover(n, now_ms):
+            elif _leftover(n, now_ms) or (sweep_own and _own(n)):
                 doomed.append(n)
         for n in doomed:
             try:
                 self.fs.delete_snapshot(self.root, n)
             except HdfsError as e:
                 log.warning("could not delete HDFS snapshot %s of %s: %s", n, self.url, e)
+
+    # --- history (replication.engine = "distcp") ---
+
+    def keep_history(self, snapshot_id: str) -> None:
+        """Keep the root as it is now as HDFS snapshot ``drsync-snap-<snapshot id>`` (once)."""
+        name = f"{HISTORY_PREFIX}{snapshot_id}"
+        if name in self.history_snapshots():
+            return
+        try:
+            self.fs.create_snapshot(self.root, name)
+        except HdfsError as e:
+            if e.exception == "SnapshotException" and "already" in str(e).lower():
+                return
+            raise
+
+    def history_snapshots(self) -> list[str]:
+        """The HDFS snapshots :meth:`keep_history` made, by name."""
+        return [n for n in self.fs.list_snapshots(self.root) if n.startswith(HISTORY_PREFIX)]
+
+    def drop_history(self, keep_ids: set[str]) -> list[str]:
+        """Delete the history snapshots of drsync snapshots not in ``keep_ids``; returns their ids."""
+        gone = []
+        for n in self.history_snapshots():
+            sid = n[len(HISTORY_PREFIX):]
+            if sid not in keep_ids:
+                self.fs.delete_snapshot(self.root, n)
+                gone.append(sid)
+        return gone
+
+    def history_url(self, snapshot_id: str) -> str:
+        """Where :meth:`keep_history` keeps a snapshot, as a path below the root's URL."""
+        return f"{self.url.rstrip('/')}/.snapshot/{HISTORY_PREFIX}{snapshot_id}"
 
     def has_data(self) -> bool:
         try:
@@ -507,8 +583,13 @@ class HdfsDataRoot:
             w.abort()
             raise
         w.close()
-        # The namenode applies its umask at CREATE; the manifest's mode is set afterwards, and after
-        # the times: a real namenode wants WRITE access for SETTIMES, from the owner too.
+        return self.finish_staged(n, e)
+
+    def finish_staged(self, n: int, e: Entry) -> str:
+        """Give staged file ``n`` (written here, or by DistCp) the entry's times and mode; returns its
+        path relative to the root. The namenode applies its umask at CREATE, so the mode is set
+        afterwards, and after the times: a real namenode wants WRITE access for SETTIMES, owners too."""
+        path = posixpath.join(self._staging, str(n))
         self.fs.set_times(path, e.mtime_ns)
         self.fs.set_permission(path, e.mode)
         return f"{STAGING}/{n}"

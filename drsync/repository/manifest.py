@@ -152,6 +152,30 @@ class Entry:
     hardlink: str | None = None  # path of the first file of this file's hard-link group
     sparse: bool = False
     stale: bool = False
+    content: bytes | None = None  # the manifest's content digest (BLAKE3 of the chunk ids, or of an HDFS checksum)
+
+    @property
+    def external(self) -> bool:
+        """Whether this file's bytes are not in the repository but in the capturing cluster's HDFS
+        snapshot (``replication.engine = "distcp"``); see :func:`is_external`."""
+        return self.type == FILE and is_external(self.chunks, self.chunk_sizes, self.size)
+
+
+def is_external(chunk_ids: list[bytes] | None, chunk_sizes: list[int] | None, size: int) -> bool:
+    """A file row whose content lives outside the repository: no chunk ids and one size, the file's.
+
+    Such rows come from a capture for DistCp: ``content`` is :func:`hdfs_checksum_digest` of the
+    file's HDFS checksum, and the bytes are copied by DistCp from the HDFS snapshot the snapshot
+    document names (``content_snapshot``). drsync before external rows refuses them (chunk list and
+    sizes differ in length), so an older release never applies such a snapshot as empty files.
+    """
+    return size > 0 and not chunk_ids and chunk_sizes is not None and len(chunk_sizes) == 1 and chunk_sizes[0] == size
+
+
+def hdfs_checksum_digest(algorithm: str, checksum: bytes) -> bytes:
+    """The ``content`` of an external row: BLAKE3 of an HDFS FileChecksum (its algorithm name, e.g.
+    ``COMPOSITE-CRC32C``, and its bytes), as WebHDFS GETFILECHECKSUM reports them."""
+    return blake3.blake3(b"drsync.hdfs-file-checksum\0" + algorithm.encode() + b"\0" + checksum).digest()
 
 
 # Python-level columns a caller may give (from_columns) or read (pycolumn): names are str, times ns.
@@ -233,12 +257,12 @@ class Manifest:
     def entries(self) -> Iterator[Entry]:
         cols = {n: self.pycolumn(n) for n in
                 ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target", "chunks", "chunk_sizes",
-                 "xattrs", "hardlink", "sparse", "stale")}
+                 "xattrs", "hardlink", "sparse", "stale", "content")}
         for i in range(self.table.num_rows):
             yield Entry(cols["path"][i], cols["type"][i], cols["mode"][i], cols["uid"][i], cols["gid"][i],
                         cols["size"][i], cols["mtime_ns"][i], cols["target"][i],
                         cols["chunks"][i] or [], cols["chunk_sizes"][i] or [], cols["xattrs"][i],
-                        cols["hardlink"][i], bool(cols["sparse"][i]), bool(cols["stale"][i]))
+                        cols["hardlink"][i], bool(cols["sparse"][i]), bool(cols["stale"][i]), cols["content"][i])
 
     def chunk_ids(self) -> set[bytes]:
         flat = pc.list_flatten(self.table.column("chunks"))
@@ -250,6 +274,14 @@ class Manifest:
 
     def file_count(self) -> int:
         return int(pc.sum(pc.equal(self.table.column("type"), FILE)).as_py() or 0)
+
+    def external_count(self) -> int:
+        """How many files have their bytes outside the repository (:func:`is_external`)."""
+        t = self.table
+        files = pc.and_(pc.equal(t.column("type"), FILE), pc.greater(t.column("size"), 0))
+        ext = pc.and_(files, pc.and_(pc.equal(pc.list_value_length(t.column("chunks")), 0),
+                                     pc.equal(pc.list_value_length(t.column("chunk_sizes")), 1)))
+        return int(pc.sum(pc.cast(ext, pa.int64())).as_py() or 0)
 
     def stale_count(self) -> int:
         return int(pc.sum(pc.cast(self.table.column("stale"), pa.int64())).as_py() or 0)
@@ -429,7 +461,8 @@ def validate(manifest: Manifest, what: str = "manifest") -> None:
             if not symlink_stays_inside(path, targets[i] or ""):
                 raise IntegrityError(f"{what}: symlink {path} -> {targets[i]} points outside the data root")
             links[path] = targets[i]
-        if (chunk_counts[i] or 0) != (size_counts[i] or 0):
+        if (chunk_counts[i] or 0) != (size_counts[i] or 0) and not (
+                typ == FILE and not chunk_counts[i] and size_counts[i] == 1 and sums[i] == sizes[i] and sizes[i] > 0):
             raise IntegrityError(f"{what}: {path}: chunk list and chunk sizes differ in length")
         if typ == FILE and sums[i] != sizes[i]:
             raise IntegrityError(f"{what}: {path}: chunks add up to {sums[i]} bytes, size says {sizes[i]}")

@@ -101,6 +101,10 @@ class SnapshotInfo:
     # Position in this repository's history, given by Repository.commit_snapshot: 1 + the highest
     # seq in the repository. 0 = unknown (a document written before drsync numbered snapshots).
     seq: int = 0
+    # replication.engine = "distcp": the HDFS snapshot (a Hadoop URI) holding the bytes of the
+    # manifest's external rows, and the checksum algorithm their content digests come from.
+    content_snapshot: str = ""
+    content_checksum: str = ""
 
     @property
     def order_key(self) -> tuple[int, float, str]:
@@ -162,7 +166,8 @@ class SnapshotInfo:
         def bad(name: str) -> IntegrityError:
             return IntegrityError(f"{what} is damaged: {name} has the wrong type or form ({getattr(self, name)!r})")
 
-        for name in ("id", "cluster_id", "release", "manifest_hash", "name", "reason", "kind", "source"):
+        for name in ("id", "cluster_id", "release", "manifest_hash", "name", "reason", "kind", "source",
+                     "content_snapshot", "content_checksum"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name)
         for name in ("files", "bytes", "new_bytes", "read_bytes", "reused_files", "format", "stale_paths",

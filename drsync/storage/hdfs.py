@@ -235,7 +235,7 @@ _OP_FIX = {"LISTSTATUSBATCH": "LISTSTATUS_BATCH", "GETBLOCKLOCATIONS": "GET_BLOC
 
 _WEBHDFS = "/webhdfs/v1/"
 # Operations a namenode answers with a redirect to a datanode.
-_REDIRECTED = {"OPEN", "CREATE", "APPEND"}
+_REDIRECTED = {"OPEN", "CREATE", "APPEND", "GETFILECHECKSUM"}
 
 
 class _Session(requests.Session):
@@ -436,6 +436,20 @@ class HdfsFs:
     def set_times(self, path: str, mtime_ns: int) -> None:
         ms = mtime_ns // 1_000_000
         self._call("set times of", path, lambda: self.client.set_times(path, modification_time=ms))
+
+    def file_checksum(self, path: str) -> tuple[str, bytes]:
+        """GETFILECHECKSUM (computed by a datanode from the blocks' stored CRCs, not by reading the
+        data through here): ``(algorithm, bytes)``, e.g. ``("COMPOSITE-CRC32C", b"...")`` where the
+        datanodes run with ``dfs.checksum.combine.mode=COMPOSITE_CRC`` (comparable across block
+        sizes), else ``MD5-of-<n>MD5-of-<m>CRC32C`` (comparable only at the same block size)."""
+        def go() -> tuple[str, bytes]:
+            doc = self.client._get_file_checksum(path).json()["FileChecksum"]
+            return str(doc["algorithm"]), bytes.fromhex(doc["bytes"])
+        return self._call("checksum", path, go)
+
+    def active_namenode(self) -> str:
+        """``host:port`` of the namenode this client asks first (the active one, once any call succeeded)."""
+        return urlsplit(self.client._urls[0]).netloc
 
     # --- data ---
 

@@ -1,0 +1,249 @@
+"""DistCp as the bulk mover between two HDFS data roots (``replication.engine = "distcp"``).
+
+A snapshot captured for DistCp names its files' bytes by HDFS checksum (external rows, see
+:func:`drsync.repository.manifest.is_external`) and the HDFS snapshot that holds them. The
+standby's apply stages those files with one DistCp job, then checks each staged file against the
+manifest before its journaled commit moves anything into the root:
+
+1. a listing file (``SOURCE<TAB>TARGET``, each percent-encoded UTF-8) maps every file's path in
+   the source snapshot to its staging name (``.drsync-staging/<n>``);
+2. ``replication.distcp_command`` runs with the drsync-distcp jar on ``HADOOP_CLASSPATH`` and
+   ``-Ddistcp.copy.listing.class=drsync.distcp.ListedCopyListing`` (stock DistCp keeps only
+   basenames when it copies a set of files), block sizes preserved (``-pb``) and
+   ``dfs.checksum.combine.mode=COMPOSITE_CRC``, so that DistCp's own copy check holds across
+   clusters;
+3. every staged file's size and HDFS checksum (WebHDFS GETFILECHECKSUM, computed by a datanode
+   from the blocks' stored CRCs, so no byte is read through drsync) must equal the manifest's;
+   otherwise nothing is committed (IntegrityError). WebHDFS answers with MD5-of-MD5-of-CRC32C
+   (Hadoop 3.5 ignores ``dfs.checksum.combine.mode`` there), which depends on block size and bytes
+   per checksum: ``-pb`` makes the copy keep both, so the two sides compare.
+
+The DistCp process can be cancelled (a promotion does not wait for a copy that may take hours):
+it is killed, and the apply ends before its journal, leaving the root as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import shlex
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from drsync.dataroot import STAGING
+from drsync.errors import IntegrityError, OperationFailed, UsageError
+from drsync.repository.manifest import Entry, hdfs_checksum_digest, printable
+
+log = logging.getLogger("drsync.distcp")
+
+# A standby's history: its root as applied, kept as HDFS snapshot <prefix><drsync snapshot id>. Not
+# a capture's snapshot (drsync-<ms>-<host>-<pid>): a capture never takes it for its own.
+HISTORY_PREFIX = "drsync-snap-"
+LISTING_CLASS = "drsync.distcp.ListedCopyListing"
+LISTING_KEY = "drsync.distcp.listing"
+_CHECK_WORKERS = 8
+_OUTPUT_TAIL = 40  # lines of DistCp's output kept for an error message
+
+
+class Cancelled(OperationFailed):
+    """The copy was stopped on purpose (a promotion); the root is unchanged."""
+
+
+@dataclass(frozen=True)
+class DistCpSettings:
+    """How this agent runs DistCp (the ``[replication]`` keys of the same names).
+
+    ``command``: the words that start DistCp (``hadoop distcp`` on a Hadoop client host); extra
+    DistCp options (``-m 50``, ``-bandwidth 100``) may follow. ``jar``: drsync-distcp.jar (built
+    from ``java/distcp``). ``url``: this cluster's data root as a Hadoop URI for DistCp jobs (e.g.
+    ``hdfs://prod-ns/data``); empty: ``webhdfs://<active namenode><root>``.
+    """
+
+    command: tuple[str, ...] = ("hadoop", "distcp")
+    jar: str = ""
+    url: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_strings(cls, command: str, jar: str, url: str) -> DistCpSettings:
+        return cls(tuple(shlex.split(command)), jar, url.rstrip("/"))
+
+    def problems(self) -> list[str]:
+        """What keeps DistCp from running here, as one line each (for ``config check`` and startup)."""
+        out = []
+        if not self.command:
+            out.append("replication.distcp_command is empty: set it to 'hadoop distcp'")
+        elif "/" not in self.command[0] and not _which(self.command[0]):
+            out.append(f"replication.distcp_command: {self.command[0]!r} is not on PATH; install a Hadoop "
+                       f"client on this host or give the full path")
+        if not self.jar:
+            out.append("replication.distcp_jar is not set: point it at drsync-distcp.jar (make hadoop builds "
+                       "java/distcp/target/drsync-distcp.jar)")
+        elif not os.path.isfile(self.jar):
+            out.append(f"replication.distcp_jar {self.jar} does not exist: build it with 'make hadoop' or copy it "
+                       f"to this host")
+        return out
+
+
+def _which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name)
+
+
+def root_url(settings: DistCpSettings, root: object) -> str:
+    """The Hadoop URI of a data root for DistCp: the configured one, or WebHDFS at the active namenode."""
+    if settings.url:
+        return settings.url
+    fs, path = root.fs, root.root  # type: ignore[attr-defined]
+    return f"webhdfs://{fs.active_namenode()}{path}"
+
+
+class DistCpStager:
+    """Stages a snapshot's external rows into an HDFS data root with one DistCp job.
+
+    ``source``: Hadoop URI of the directory the rows' paths are relative to (the primary's kept
+    HDFS snapshot, ``.../.snapshot/drsync-...``). ``cancel``: set it to stop the job.
+    """
+
+    def __init__(self, settings: DistCpSettings, source: str, *, cancel: threading.Event | None = None,
+                 what: str = "snapshot", algorithm: str = "") -> None:
+        if not source:
+            raise IntegrityError(f"{what} holds files whose bytes only DistCp can copy, but names no HDFS snapshot "
+                                 f"to copy them from")
+        self.settings = settings
+        self.source = source.rstrip("/")
+        self.cancel = cancel or threading.Event()
+        self.what = what
+        self.algorithm = algorithm
+
+    def stage(self, root: object, items: list[tuple[int, Entry]],
+              progress: Callable[[int], None] | None = None) -> dict[str, str]:
+        """Copy each ``(n, entry)`` to the root's ``.drsync-staging/<n>`` and check it; returns
+        ``{path: staged path relative to the root}``. Raises IntegrityError (a staged file differs
+        from the manifest), OperationFailed (DistCp failed), Cancelled."""
+        if not items:
+            return {}
+        problems = self.settings.problems()
+        if problems:
+            raise UsageError(f"{self.what}: {problems[0]}")
+        target = f"{root_url(self.settings, root)}/{STAGING}"
+        started = time.monotonic()
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", prefix="drsync-distcp-", suffix=".lst",
+                                         delete=False) as f:
+            for n, e in items:
+                f.write(f"{quote(e.path, safe='')}\t{n}\n")
+            listing = f.name
+        try:
+            self._run(listing, target, getattr(getattr(root, "location", None), "user", None))
+        finally:
+            os.unlink(listing)
+        staged = {e.path: f"{STAGING}/{n}" for n, e in items}
+        self._verify(root, items)
+        if progress:
+            progress(sum(e.size for _, e in items))
+        log.info("%s: DistCp copied %d file(s), %d bytes, from %s in %.1fs; sizes and HDFS checksums match",
+                 self.what, len(items), sum(e.size for _, e in items), self.source, time.monotonic() - started)
+        return staged
+
+    def _run(self, listing: str, target: str, user: str | None) -> None:
+        s = self.settings
+        args = [*s.command, f"-D{LISTING_KEY}=file://{listing}", f"-Ddistcp.copy.listing.class={LISTING_CLASS}",
+                "-Ddfs.checksum.combine.mode=COMPOSITE_CRC", "-pb", self.source, target]
+        env = {**os.environ, **s.env}
+        env["HADOOP_CLASSPATH"] = ":".join(p for p in (s.jar, env.get("HADOOP_CLASSPATH", "")) if p)
+        if user:  # simple authentication: DistCp acts as the user the data root's URL names
+            env.setdefault("HADOOP_USER_NAME", user)
+        log.info("%s: running DistCp from %s: %s", self.what, self.source, shlex.join(args))
+        try:
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True, text=True, errors="replace")
+        except OSError as e:
+            raise OperationFailed(f"{self.what}: cannot start DistCp ({shlex.join(s.command)}): {e.strerror or e}; "
+                                  f"set replication.distcp_command") from None
+        tail: list[str] = []
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.debug("distcp: %s", line.rstrip())
+                if line.lstrip().startswith("at ") or "ExitUtil" in line:
+                    continue  # stack frames and the exit note: the cause is on the lines before
+                tail.append(line.rstrip())
+                del tail[:-_OUTPUT_TAIL]
+
+        reader = threading.Thread(target=read, name="drsync-distcp-output", daemon=True)
+        reader.start()
+        while proc.poll() is None:
+            if self.cancel.wait(0.2):
+                _kill(proc)
+                reader.join(5)
+                raise Cancelled(f"{self.what}: DistCp stopped (the standby is being promoted); nothing was "
+                                f"committed")
+        reader.join(5)
+        if proc.returncode != 0:
+            text = "\n".join(tail)
+            if ".snapshot" in self.source and ("FileNotFoundException" in text or "does not exist" in text):
+                raise OperationFailed(f"{self.what}: the HDFS snapshot to copy from ({self.source}) is gone (a newer "
+                                      f"capture replaced it); nothing was committed, and the next shipment copies "
+                                      f"from a newer one")
+            raise OperationFailed(f"{self.what}: DistCp failed (exit {proc.returncode}): {_cause(tail)[:300]}; "
+                                  f"nothing was committed (run with --debug for its whole output)")
+
+    def _verify(self, root: object, items: list[tuple[int, Entry]]) -> None:
+        fs = root.fs  # type: ignore[attr-defined]
+
+        def check(item: tuple[int, Entry]) -> str | None:
+            n, e = item
+            path = posixpath.join(root.root, STAGING, str(n))  # type: ignore[attr-defined]
+            st = fs.status(path)
+            if st is None:
+                return f"{printable(e.path)}: not copied"
+            if int(st["length"]) != e.size:
+                return f"{printable(e.path)}: {st['length']} bytes copied, the snapshot says {e.size}"
+            algorithm, value = fs.file_checksum(path)
+            if hdfs_checksum_digest(algorithm, value) != e.content:
+                theirs = set(self.algorithm.split(",")) - {""}
+                hint = (f" (checksum {algorithm} here, {self.algorithm} on the source: the clusters use other "
+                        f"checksum types or dfs.bytes-per-checksum)" if theirs and algorithm not in theirs else "")
+                return f"{printable(e.path)}: HDFS checksum differs from the snapshot's{hint}"
+            root.finish_staged(n, e)  # type: ignore[attr-defined]
+            return None
+
+        with ThreadPoolExecutor(max_workers=_CHECK_WORKERS, thread_name_prefix="drsync-distcp-check") as pool:
+            bad = [p for p in pool.map(check, items) if p]
+        if bad:
+            raise IntegrityError(f"{self.what}: {len(bad)} file(s) copied by DistCp do not match the snapshot "
+                                 f"({'; '.join(bad[:3])}); nothing was committed. A file being written when "
+                                 f"it was captured changes like this: the next snapshot is tried")
+
+
+def _cause(lines: list[str]) -> str:
+    """The most telling line of DistCp's output: the last exception with its message, else an ERROR."""
+    for line in reversed(lines):
+        exc, sep, message = line.partition("Exception: ")
+        if sep and message.strip():
+            return f"{exc.rsplit('.', 1)[-1].rsplit('$', 1)[-1]}Exception: {message.strip()}"
+    return next((ln for ln in reversed(lines) if "ERROR" in ln), lines[-1] if lines else "no output").strip()
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """Stop DistCp and the JVMs it started (its own process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
