@@ -36,7 +36,8 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 		--no-install-recommends $$missing >/dev/null; fi
 
-# The HDFS mini cluster's jars (Maven Central, once) and launcher: scripts/hadoop-cluster.
+# The HDFS mini cluster's jars (Maven Central, once) and launcher, and drsync's DistCp copy listing
+# (java/distcp/target/drsync-distcp.jar): scripts/hadoop-cluster build.
 hadoop: $(STAMP) system-deps
 	$(PY) scripts/hadoop-cluster build
 
@@ -64,4 +65,4 @@ proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) demo-work bench-work .pytest_cache tests/hadoop/target
+	rm -rf $(VENV) demo-work bench-work .pytest_cache tests/hadoop/target java/distcp/target

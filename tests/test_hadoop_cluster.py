@@ -42,6 +42,8 @@ def test_start_admin_stop(tmp_path: Path) -> None:
     gone = _run("stop", str(d))
     assert gone.returncode == 1 and gone.stderr.startswith("hadoop-cluster: no cluster runs from")
     assert _run("admin", str(d), "state").returncode == 1
+    no_cluster = _run("distcp", str(d), "hdfs://drsync-ns/a", "hdfs://drsync-ns/b")
+    assert no_cluster.returncode == 1 and no_cluster.stderr.startswith("hadoop-cluster: no mini cluster runs from")
 
 
 def test_ha_pair_lists_the_active_namenode_first_and_fails_over(tmp_path: Path) -> None:

@@ -3,7 +3,10 @@
 Only the standard library here, so that ``scripts/hadoop-cluster`` runs with any Python 3.11.
 The Java side is ``tests/hadoop/src/main/java/drsync/hadoop/MiniCluster.java``, built with Maven
 from ``tests/hadoop/pom.xml`` on first use (Debian's ``maven`` is installed if missing; the jars
-come from Maven Central). ``scripts/hadoop-cluster`` is the command-line face of this module.
+come from Maven Central). :func:`build` also builds drsync's own DistCp copy listing
+(``java/distcp``, product code: ``DISTCP_JAR``), and :func:`distcp_command` runs Hadoop's DistCp
+in a new JVM against a cluster, as ``hadoop distcp`` would. ``scripts/hadoop-cluster`` is the
+command-line face of this module.
 
 A started cluster is described by ``DIR/cluster.json``:
 
@@ -36,21 +39,26 @@ TARGET = HERE / "target"
 JAR = TARGET / "drsync-minicluster-1.jar"
 CLASSPATH = TARGET / "classpath.txt"
 MAIN = "drsync.hadoop.MiniCluster"
+# drsync's DistCp copy listing (drsync.distcp.ListedCopyListing): product code, built here too.
+DISTCP_DIR = HERE.parent.parent / "java" / "distcp"
+DISTCP_JAR = DISTCP_DIR / "target" / "drsync-distcp.jar"
+DISTCP_MAIN = "org.apache.hadoop.tools.DistCp"
 
 
 class HadoopClusterError(RuntimeError):
     """The cluster could not be built, started or asked; the message says what to look at."""
 
 
-def _sources() -> list[Path]:
-    return [POM, *sorted((HERE / "src").rglob("*"))]
+def _sources(project: Path) -> list[Path]:
+    return [project / "pom.xml", *sorted((project / "src").rglob("*"))]
 
 
-def _stale() -> bool:
-    if not JAR.exists() or not CLASSPATH.exists():
+def _stale(project: Path, outputs: list[Path]) -> bool:
+    """Whether a Maven project must be built: an output is missing or older than a source."""
+    if not all(p.exists() for p in outputs):
         return True
-    built = min(JAR.stat().st_mtime, CLASSPATH.stat().st_mtime)
-    return any(p.is_file() and p.stat().st_mtime > built for p in _sources())
+    built = min(p.stat().st_mtime for p in outputs)
+    return any(p.is_file() and p.stat().st_mtime > built for p in _sources(project))
 
 
 def _ensure_maven() -> str:
@@ -67,19 +75,70 @@ def _ensure_maven() -> str:
     return mvn
 
 
+def _package(project: Path, what: str, outputs: list[Path]) -> None:
+    proc = subprocess.run([_ensure_maven(), "-q", "-B", "-f", str(project / "pom.xml"), "package", "-DskipTests"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+        raise HadoopClusterError(f"building {what} failed (mvn package in {project}):\n{tail}")
+    for p in outputs:  # Maven leaves an unchanged output (classpath.txt) as it was: stale at every call
+        os.utime(p)
+
+
 def build() -> list[str]:
-    """Build the launcher if its sources changed; return the Java classpath (jar first)."""
+    """Build the launcher and drsync's DistCp listing (``DISTCP_JAR``) where their sources changed;
+    return the mini cluster's Java classpath (its jar first; the DistCp listing jar is not on it)."""
     TARGET.mkdir(exist_ok=True)
     with open(TARGET / ".build.lock", "w") as lock:  # two test workers build once
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _stale():
-            mvn = _ensure_maven()
-            proc = subprocess.run([mvn, "-q", "-B", "-f", str(POM), "package", "-DskipTests"],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-                raise HadoopClusterError(f"building the HDFS mini cluster failed (mvn package in {HERE}):\n{tail}")
+        if _stale(HERE, [JAR, CLASSPATH]):
+            _package(HERE, "the HDFS mini cluster", [JAR, CLASSPATH])
+        if _stale(DISTCP_DIR, [DISTCP_JAR]):
+            _package(DISTCP_DIR, "drsync's DistCp copy listing", [DISTCP_JAR])
     return [str(JAR), *CLASSPATH.read_text().strip().split(":")]
+
+
+def _distcp_jvm(dir: str | os.PathLike[str], main: str, args: list[str], hadoop_classpath: str | None) -> list[str]:
+    c = attach(dir)
+    cp = [str(c.info["conf_dir"]), *build()]
+    extra = os.environ.get("HADOOP_CLASSPATH", "") if hadoop_classpath is None else hadoop_classpath
+    cp += [p for p in extra.split(":") if p]
+    return [_java(), "-Xmx1g", "-Djava.net.preferIPv4Stack=true",
+            f"-Dlog4j.configuration={(HERE / 'distcp-log4j.properties').as_uri()}", "-cp", ":".join(cp), main, *args]
+
+
+def distcp_command(dir: str | os.PathLike[str], args: list[str]) -> list[str]:
+    """``hadoop distcp ARGS`` against the cluster of ``dir`` as a command for a new JVM: its client
+    configuration (``conf_dir``) first on the classpath, then the mini cluster's jars, then
+    ``$HADOOP_CLASSPATH`` (as ``hadoop`` adds it), MapReduce's local runner, Hadoop's log lines on
+    stderr (INFO, as ``hadoop`` logs to the console). The cluster must be running."""
+    return _distcp_jvm(dir, DISTCP_MAIN, args, None)
+
+
+def distcp_runs(dir: str | os.PathLike[str], runs: list[list[str]], *, hadoop_classpath: str = "",
+                timeout: float = 300) -> list[tuple[int, str]]:
+    """Several DistCp runs as :func:`distcp_command` makes them, in one JVM (``DistCpRuns``, for tests
+    with many cases): each run's return value (-1 where ``hadoop distcp`` exits 255) and log lines."""
+    TARGET.mkdir(exist_ok=True)
+    file = TARGET / f"distcp-runs.{os.getpid()}.{time.monotonic_ns()}.json"
+    file.write_text(json.dumps(runs))
+    try:
+        command = _distcp_jvm(dir, "drsync.hadoop.DistCpRuns", [str(file)], hadoop_classpath)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    finally:
+        file.unlink()
+    out: list[tuple[int, str]] = []
+    log: list[str] = []
+    for line in proc.stderr.splitlines():
+        if line.startswith("drsync-distcp-run "):
+            log = []
+        elif line.startswith("drsync-distcp-rc "):
+            out.append((int(line.split()[2]), "\n".join(log)))
+        else:
+            log.append(line)
+    if proc.returncode != 0 or len(out) != len(runs):
+        raise HadoopClusterError(f"DistCpRuns failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
+    return out
 
 
 @dataclass
