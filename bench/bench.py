@@ -269,7 +269,8 @@ class RsyncDaemon:
 class AgentPair:
     """A standby agent process and a primary configuration whose cycles run with --once."""
 
-    def __init__(self, work: Path, name: str, data: Path | str, standby_data: str | None = None) -> None:
+    def __init__(self, work: Path, name: str, data: Path | str, standby_data: str | None = None,
+                 replication: str = "") -> None:
         from drsync.transport.grpc import GrpcStandbyLink
 
         self.dir = work / name
@@ -278,9 +279,10 @@ class AgentPair:
         if standby_data is None:
             (self.dir / "standby-data").mkdir()
         self.standby_data = standby_data or self.dir / "standby-data"
-        self.standby = self._config("standby", "standby", self.standby_data, port, "")
+        self.standby = self._config("standby", "standby", self.standby_data, port,
+                                    f"[replication]\n{replication}" if replication else "")
         self.primary = self._config("primary", "primary", data, free_port(),
-                                    f'[replication]\nstandbys = ["127.0.0.1:{port}"]\n')
+                                    f'[replication]\nstandbys = ["127.0.0.1:{port}"]\n{replication}')
         with open(self.dir / "standby.log", "ab") as log:
             self.proc = subprocess.Popen([*DRSYNC, "agent", "--config", str(self.standby)], stdout=log, stderr=log)
         link = GrpcStandbyLink(f"127.0.0.1:{port}")
@@ -527,8 +529,16 @@ def bench_hdfs(work: Path, files: int, mib: int, rep: Report) -> None:
 
         # The agent path: a primary on /prod/data ships to a standby agent applying onto /standby/data.
         pair = AgentPair(work, "pair-hdfs", url.format("/prod/data"), url.format("/standby/data"))
+        # The same with replication.engine = "distcp": the standby copies with DistCp (a JVM of its own).
+        fs.mkdirs("/standby2/data")
+        cluster.dfsadmin("-allowSnapshot", "/standby2/data")
+        command = f"{ROOT / 'scripts' / 'hadoop-cluster'} distcp {work / 'hdfs'}"
+        engine_pair = AgentPair(work, "pair-hdfs-distcp", url.format("/prod/data"), url.format("/standby2/data"),
+                                replication=f'engine = "distcp"\ndistcp_command = "{command}"\n'
+                                            f'distcp_jar = "{hc.DISTCP_JAR}"\n')
         try:
             first, _ = pair.cycle()
+            first_dc, _ = engine_pair.cycle()
             # DistCp: a snapshot of the source copied to /dr/data, then the same snapshot on the copy
             # (what -diff needs on both sides).
             fs.create_snapshot("/prod/data", "s1")
@@ -545,6 +555,7 @@ def bench_hdfs(work: Path, files: int, mib: int, rep: Report) -> None:
                 fs.write(p, data, overwrite=True)
                 changed += len(data)
             inc, figures = pair.cycle()
+            inc_dc, _ = engine_pair.cycle()
             fs.create_snapshot("/prod/data", "s2")
             t = time.perf_counter()
             cluster.run("distcp", "-update", "-pugpt", "-diff", "s1", "s2", f"{hdfs_uri}/prod/data",
@@ -552,8 +563,13 @@ def bench_hdfs(work: Path, files: int, mib: int, rep: Report) -> None:
             dc_inc = time.perf_counter() - t
             rep.add(f"  incremental after changing 1 % of files ({changed >> 20} MiB)", inc.seconds, dc_inc, None,
                     inc.peak_mib, f"(shipped {figures['shipped_bytes'] / (1 << 20):.1f} MiB)")
+            rep.add("HDFS->HDFS first sync: drsync with engine = distcp vs DistCp", first_dc.seconds, dc_first, None,
+                    first_dc.peak_mib, "(the primary checksums, the standby runs DistCp and checks; same runner)")
+            rep.add("  incremental after changing 1 % of files", inc_dc.seconds, dc_inc, None, inc_dc.peak_mib,
+                    "(drsync's DistCp job copies only the changed files)")
         finally:
             pair.stop()
+            engine_pair.stop()
 
         # Capture with GETSNAPSHOTDIFF against the previous capture's snapshot, and a full walk.
         repo = str(work / "hdfs-repo")

@@ -286,6 +286,9 @@ def test_an_agent_engine_standby_refuses_distcp_snapshots_and_a_local_root_refus
     local = tmp_path / "local.toml"
     local.write_text(f'[cluster]\nid = "a"\nrelease = "1"\ndata = "{tmp_path}"\nrepository = "{tmp_path / "r"}"\n'
                      f'[agent]\nname = "x"\nrole = "standby"\n[replication]\nengine = "distcp"\n')
-    r = run_drsync("agent", "--config", local, "--once")
+    r = run_drsync("agent", "--config", local, timeout=60)
     assert r.code == 2 and "needs the data root on HDFS" in r.err and "Traceback" not in r.err
+    check = run_drsync("config", "check", "--config", local, "--json")
+    engine = next(c for c in check.json()["checks"] if c["name"] == "replication engine")
+    assert not engine["ok"] and "needs the data root on HDFS" in engine["detail"]
 
