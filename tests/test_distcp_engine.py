@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -292,3 +293,37 @@ def test_an_agent_engine_standby_refuses_distcp_snapshots_and_a_local_root_refus
     engine = next(c for c in check.json()["checks"] if c["name"] == "replication engine")
     assert not engine["ok"] and "needs the data root on HDFS" in engine["detail"]
 
+
+
+def test_distcp_dies_with_a_killed_agent(tmp_path: Path) -> None:
+    """kill -9 of the process running DistCp (the standby's agent) leaves no copy running on: the
+    JVM gets SIGKILL from the kernel (PR_SET_PDEATHSIG, by setpriv)."""
+    pid_file = tmp_path / "distcp.pid"
+    slow = tmp_path / "slow-distcp"  # stands for a long DistCp JVM
+    slow.write_text(f"#!/bin/sh\necho $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}\nexec sleep 600\n")
+    slow.chmod(0o755)
+    script = (
+        "from drsync.dataroot.distcp import DistCpSettings, DistCpStager\n"
+        "from drsync.repository.manifest import Entry\n"
+        f"s = DistCpSettings((r'{slow}',), r'{slow}', 'webhdfs://127.0.0.1:1/standby')\n"
+        "e = Entry('f', 'file', 0o644, 0, 0, 5, 0, None, [], [5], content=b'x' * 32)\n"
+        "DistCpStager(s, 'webhdfs://127.0.0.1:1/prod/.snapshot/x').stage(object(), [(0, e)])\n")
+    agent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT)
+    try:
+        wait_for(pid_file.exists, "DistCp to start")
+        copy = int(pid_file.read_text())
+        assert Path(f"/proc/{copy}").exists()
+        agent.kill()
+        agent.wait(30)
+        wait_for(lambda: not Path(f"/proc/{copy}").exists() or "zombie" in _proc_state(copy),
+                 "DistCp to die with its agent")
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "zombie"

@@ -27,7 +27,9 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -81,7 +83,7 @@ class DistCpSettings:
         out = []
         if not self.command:
             out.append("replication.distcp_command is empty: set it to 'hadoop distcp'")
-        elif "/" not in self.command[0] and not _which(self.command[0]):
+        elif "/" not in self.command[0] and not shutil.which(self.command[0]):
             out.append(f"replication.distcp_command: {self.command[0]!r} is not on PATH; install a Hadoop "
                        f"client on this host or give the full path")
         if not self.jar:
@@ -91,12 +93,6 @@ class DistCpSettings:
             out.append(f"replication.distcp_jar {self.jar} does not exist: build it with 'make hadoop' or copy it "
                        f"to this host")
         return out
-
-
-def _which(name: str) -> str | None:
-    import shutil
-
-    return shutil.which(name)
 
 
 def root_url(settings: DistCpSettings, root: object) -> str:
@@ -135,7 +131,10 @@ class DistCpStager:
         problems = self.settings.problems()
         if problems:
             raise UsageError(f"{self.what}: {problems[0]}")
-        target = f"{root_url(self.settings, root)}/{STAGING}"
+        # A directory of this copy's own: a DistCp job orphaned by a crash (on YARN a job outlives
+        # its client) can only write where no later apply looks.
+        sub = f"distcp-{secrets.token_hex(6)}"
+        target = f"{root_url(self.settings, root)}/{STAGING}/{sub}"
         started = time.monotonic()
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", prefix="drsync-distcp-", suffix=".lst",
                                          delete=False) as f:
@@ -146,8 +145,7 @@ class DistCpStager:
             self._run(listing, target, getattr(getattr(root, "location", None), "user", None))
         finally:
             os.unlink(listing)
-        staged = {e.path: f"{STAGING}/{n}" for n, e in items}
-        self._verify(root, items)
+        staged = self._verify(root, sub, items)
         if progress:
             progress(sum(e.size for _, e in items))
         log.info("%s: DistCp copied %d file(s), %d bytes, from %s in %.1fs; sizes and HDFS checksums match",
@@ -163,6 +161,9 @@ class DistCpStager:
         if user:  # simple authentication: DistCp acts as the user the data root's URL names
             env.setdefault("HADOOP_USER_NAME", user)
         log.info("%s: running DistCp from %s: %s", self.what, self.source, shlex.join(args))
+        setpriv = shutil.which("setpriv")
+        if setpriv:  # DistCp (its JVM) dies with the agent: a kill -9 leaves no copy running on
+            args = [setpriv, "--pdeathsig", "KILL", "--", *args]
         try:
             proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True, text=True, errors="replace")
@@ -198,12 +199,13 @@ class DistCpStager:
             raise OperationFailed(f"{self.what}: DistCp failed (exit {proc.returncode}): {_cause(tail)[:300]}; "
                                   f"nothing was committed (run with --debug for its whole output)")
 
-    def _verify(self, root: object, items: list[tuple[int, Entry]]) -> None:
+    def _verify(self, root: object, sub: str, items: list[tuple[int, Entry]]) -> dict[str, str]:
         fs = root.fs  # type: ignore[attr-defined]
 
         def check(item: tuple[int, Entry]) -> str | None:
             n, e = item
-            path = posixpath.join(root.root, STAGING, str(n))  # type: ignore[attr-defined]
+            rel = f"{STAGING}/{sub}/{n}"
+            path = posixpath.join(root.root, rel)  # type: ignore[attr-defined]
             st = fs.status(path)
             if st is None:
                 return f"{printable(e.path)}: not copied"
@@ -215,7 +217,7 @@ class DistCpStager:
                 hint = (f" (checksum {algorithm} here, {self.algorithm} on the source: the clusters use other "
                         f"checksum types or dfs.bytes-per-checksum)" if theirs and algorithm not in theirs else "")
                 return f"{printable(e.path)}: HDFS checksum differs from the snapshot's{hint}"
-            root.finish_staged(n, e)  # type: ignore[attr-defined]
+            root.finish_staged(rel, e)  # type: ignore[attr-defined]
             return None
 
         with ThreadPoolExecutor(max_workers=_CHECK_WORKERS, thread_name_prefix="drsync-distcp-check") as pool:
@@ -224,6 +226,7 @@ class DistCpStager:
             raise IntegrityError(f"{self.what}: {len(bad)} file(s) copied by DistCp do not match the snapshot "
                                  f"({'; '.join(bad[:3])}); nothing was committed. A file being written when "
                                  f"it was captured changes like this: the next snapshot is tried")
+        return {e.path: f"{STAGING}/{sub}/{n}" for n, e in items}
 
 
 def _cause(lines: list[str]) -> str:

@@ -583,16 +583,16 @@ class HdfsDataRoot:
             w.abort()
             raise
         w.close()
-        return self.finish_staged(n, e)
+        return self.finish_staged(f"{STAGING}/{n}", e)
 
-    def finish_staged(self, n: int, e: Entry) -> str:
-        """Give staged file ``n`` (written here, or by DistCp) the entry's times and mode; returns its
-        path relative to the root. The namenode applies its umask at CREATE, so the mode is set
+    def finish_staged(self, rel: str, e: Entry) -> str:
+        """Give a staged file (written here, or by DistCp), ``rel`` below the root, the entry's times
+        and mode; returns ``rel``. The namenode applies its umask at CREATE, so the mode is set
         afterwards, and after the times: a real namenode wants WRITE access for SETTIMES, owners too."""
-        path = posixpath.join(self._staging, str(n))
+        path = self._p(rel)
         self.fs.set_times(path, e.mtime_ns)
         self.fs.set_permission(path, e.mode)
-        return f"{STAGING}/{n}"
+        return rel
 
     def flush(self) -> None:
         """Nothing to do: a closed HDFS file is on its datanodes, and namenode edits are logged."""
