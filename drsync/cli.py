@@ -666,16 +666,27 @@ def status_cmd(inv: Invocation) -> None:
               "group's production becomes an empty tree (other agents' deletion guards hold that shipment).")
 @click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
               help="Seconds to wait for the agent to confirm it acts as primary.")
+@click.option("--dry-run", is_flag=True, help="Run every check and say what would happen; change nothing (exit "
+              "code as the promotion would end: 0, 1 or 4).")
 def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: bool, promote_empty_root: bool,
-                wait_s: float) -> None:
-    """Make this config's agent the primary of its group (exit 4 when refused for safety).
+                wait_s: float, dry_run: bool) -> None:
+    """Make this config's agent the primary of its group; succeeds only once its agent acts as primary.
 
-    Over an earlier primary, coordination.fence_command runs first and must succeed."""
+    Exit 4 when refused for safety, 1 when its agent is not running or does not take over within
+    --wait. Over an earlier primary, coordination.fence_command runs first and must succeed."""
     from drsync.agent.control import promote
 
     doc = promote(_need_config(inv, "promote"), force=force, accept_data_loss=accept_data_loss, wait_s=wait_s,
-                  no_fence=no_fence, promote_empty_root=promote_empty_root)
-    emit(inv, doc, lambda: click.echo(doc["message"]))
+                  no_fence=no_fence, promote_empty_root=promote_empty_root, dry_run=dry_run)
+
+    def human() -> None:
+        click.echo(doc["message"])
+        for c in doc.get("checks", []):
+            click.echo(f"  {'ok  ' if c['ok'] else 'FAIL'}  {c['name']:<12} {c['detail']}")
+
+    emit(inv, doc, human)
+    if dry_run and doc.get("exit_code"):
+        raise SystemExit(doc["exit_code"])
 
 
 @cli.command("rejoin")

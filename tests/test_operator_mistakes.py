@@ -132,3 +132,28 @@ def test_an_empty_standby_promoted_over_production_empties_nothing(grp: Group) -
                     g.drsync("east", "apply", "--json").json(), "east to hold the emptying shipment")
     assert tree_state(g.data["east"]) == production
     assert held["snapshot"] and "drsync apply --confirm" in held["message"]
+
+
+def test_promote_succeeds_only_when_an_agent_acts_as_primary_and_dry_run_changes_nothing(grp: Group) -> None:
+    """`promote` of an agent that is not running changes nothing and exits 1 naming the group's state;
+    `promote --dry-run` runs every check, changes nothing, and exits as the promotion would."""
+    g = grp
+    g.start("west")
+    r = g.promote("east")  # east's agent is not running
+    assert r.code == 1 and "not running" in r.err and "nothing was changed" in r.err, (r.code, r.err)
+    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
+    assert g.connected().read_epoch().epoch == 0 and g.primary() is None
+    g.start("east")
+    dry = g.promote("east", "--dry-run")
+    doc = dry.json()
+    assert dry.code == 0 and doc["would_promote"] and doc["epoch_after"] == 1, (dry.code, dry.out, dry.err)
+    assert {c["name"]: c["ok"] for c in doc["checks"]} == {"primary": True, "data root": True, "lag": True,
+                                                           "agent": True, "fence": True}
+    assert g.connected().read_epoch().epoch == 0 and g.primary() is None  # nothing changed
+    empty = g.promote("west", "--dry-run")  # west's root is empty: the real one would be refused (4)
+    assert empty.code == 4 and not empty.json()["would_promote"]
+    assert [c["name"] for c in empty.json()["checks"] if not c["ok"]] == ["data root"]
+    human = g.drsync("west", "promote", "--dry-run")
+    assert human.code == 4 and "FAIL  data root" in human.out, human.out
+    assert g.connected().read_epoch().epoch == 0
+    assert g.promote("east").code == 0 and g.primary() == ("east", 1)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from drsync import engine
-from drsync.agent.committer import Committer
 from drsync.agent.fencing import approve_rejoin, fence_env, run_command
 from drsync.agent.locks import StateDirLock
 from drsync.agent.loop import open_coordinator
@@ -25,10 +25,8 @@ from drsync.agent.roles import format_span, promotion_refusal
 from drsync.agent.state import StateStore, state_dir_of
 from drsync.agent.supervisor import has_data
 from drsync.config import Config
-from drsync.coordination import Coordinator
+from drsync.coordination import Coordinator, GroupView
 from drsync.errors import OperationFailed, RefusedError, UsageError
-from drsync.repository.repo import Repository
-from drsync.storage import open_storage
 
 
 def _require_auto(cfg: Config, what: str) -> None:
@@ -60,9 +58,91 @@ def _when(ts: object) -> str:
         return "an unknown time"
 
 
-def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
-            wait_s: float = 30.0, no_fence: bool = False, promote_empty_root: bool = False) -> dict[str, Any]:
-    """Make this config's agent the primary. Raises RefusedError (exit 4) when unsafe."""
+@dataclass
+class PromotionCheck:
+    """One thing a promotion checks before it changes anything (``promote --dry-run`` lists them)."""
+
+    name: str
+    ok: bool
+    detail: str
+    refusal: type[Exception] = RefusedError  # what the promotion raises when this check fails
+
+
+def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force: bool, accept_data_loss: bool,
+                      no_fence: bool, promote_empty_root: bool) -> tuple[list[PromotionCheck], dict[str, Any]]:
+    """Every check of a promotion, in order, and what the promotion would use (lag, state, fence target)."""
+    me, group = cfg.agent.name, cfg.coordination.group
+    primary, maintenance = view.primary, view.maintenance
+    first = view.epoch.epoch == 0
+    checks: list[PromotionCheck] = []
+    if primary is None:
+        checks.append(PromotionCheck("primary", True, f"group {group} has no live primary"))
+    else:
+        checks.append(PromotionCheck("primary", force, (
+            f"agent {primary.agent} is primary at epoch {primary.epoch}; --force fences it" if force else
+            f"agent {primary.agent} is primary at epoch {primary.epoch} and its ZooKeeper session is alive; for a "
+            f"planned hand-over use drsync switchover, or rerun with --force to fence it")))
+    if maintenance and maintenance.get("agent") != me:
+        checks.append(PromotionCheck("maintenance", force, (
+            f"primary {maintenance.get('agent')}'s agent is stopped for maintenance; --force promotes anyway"
+            if force else
+            f"primary {maintenance.get('agent')}'s agent was stopped on purpose at {_when(maintenance.get('since'))} "
+            f"({maintenance.get('reason') or 'maintenance'}): production is probably still running; start its agent "
+            f"again, or rerun with --force to promote {me} anyway (fence_command runs first)")))
+    data_root = engine.data_root_url(cfg.cluster.data)
+    if promote_empty_root or has_data(data_root):
+        checks.append(PromotionCheck("data root", True, f"{data_root} holds data" if not promote_empty_root else
+                                     f"{data_root}: --promote-empty-root (not checked)"))
+    elif first:  # never suggested as a way out: an empty production makes every standby delete its data
+        checks.append(PromotionCheck("data root", False, (
+            f"group {group} has no primary yet and data root {data_root} is empty: the first promotion makes this "
+            f"agent the production side; run it with the production cluster's config")))
+    else:
+        checks.append(PromotionCheck("data root", False, (
+            f"data root {data_root} of {me} is empty, and group {group} has had a primary (epoch "
+            f"{view.epoch.epoch}): promoting it would make an empty tree production; restore this cluster's data "
+            f"first (drsync snapshot restore or backup restore), then promote")))
+    state_dir = state_dir_of(cfg)
+    state = StateStore(state_dir).load()
+    lag = state.lag_s()  # on the primary's clock, with the offset the agent last estimated
+    refusal = promotion_refusal(lag_s=lag, applied_captured_at=state.applied_captured_at,
+                                max_lag_s=cfg.coordination.max_lag_on_failover,
+                                accept_data_loss=accept_data_loss, first_promotion=first)
+    checks.append(PromotionCheck("lag", refusal is None, refusal or (
+        "first promotion: no lag" if first else "--accept-data-loss" if accept_data_loss and lag is None else
+        f"lag {format_span(lag or 0.0)}, within max_lag_on_failover "
+        f"{format_span(cfg.coordination.max_lag_on_failover)}")))
+    running = StateDirLock.held(state_dir) or me in _live_agents(coord)
+    where = "primary" if primary is None else f"primary {primary.agent}"
+    checks.append(PromotionCheck("agent", running, f"agent {me} is running" if running else (
+        f"agent {me} is not running (its state directory {state_dir} is not locked and ZooKeeper has no live "
+        f"registration of it): start it, then rerun drsync promote; nothing was changed, group {group} stays at "
+        f"epoch {view.epoch.epoch} with " + (f"{where} (live)" if primary else "no live primary")),
+        OperationFailed))
+    old = primary.agent if primary is not None else view.epoch.promoted_by
+    fence = not first and bool(old) and old != me and cfg.coordination.fencing and not no_fence
+    checks.append(PromotionCheck("fence", True, (
+        f"fence_command runs first against {old} and must exit 0" if fence else
+        "skipped (--no-fence)" if no_fence else "no earlier primary to fence" if first or not old or old == me
+        else "fence_command not configured")))
+    return checks, {"first": first, "lag": lag, "state": state, "old": old, "fence": fence, "running": running,
+                    "data_root": data_root}
+
+
+def _live_agents(coord: Coordinator) -> set[str]:
+    try:
+        return set(coord.agents())
+    except OperationFailed:
+        return set()
+
+
+def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False, wait_s: float = 30.0,
+            no_fence: bool = False, promote_empty_root: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    """Make this config's agent the primary, and return only when its agent acts as primary.
+
+    Raises RefusedError (exit 4) when unsafe, OperationFailed (exit 1) when its agent is not running
+    or does not take over within ``wait_s``. ``dry_run``: run every check, change nothing, and return
+    them (``would_promote``, ``checks``, ``exit_code``)."""
     _require_auto(cfg, "promote")
     started = time.monotonic()
     me = cfg.agent.name
@@ -73,45 +153,23 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
         if primary is not None and primary.agent == me and primary.epoch == view.epoch.epoch:
             return {"agent": me, "epoch": view.epoch.epoch, "promoted": False, "previous_primary": me,
                     "message": f"{me} is already the primary at epoch {view.epoch.epoch}"}
-        if primary is not None and not force:
-            raise RefusedError(f"agent {primary.agent} is primary at epoch {primary.epoch} and its ZooKeeper "
-                               f"session is alive; for a planned hand-over use drsync switchover, or rerun with "
-                               f"--force to fence it")
-        maintenance = view.maintenance
-        if maintenance and maintenance.get("agent") != me and not force:
-            raise RefusedError(f"primary {maintenance.get('agent')}'s agent was stopped on purpose at "
-                               f"{_when(maintenance.get('since'))} ({maintenance.get('reason') or 'maintenance'}): "
-                               f"production is probably still running; start its agent again, or rerun with --force "
-                               f"to promote {me} anyway (fence_command runs first)")
-        first = view.epoch.epoch == 0
-        data_root = engine.data_root_url(cfg.cluster.data)
-        if not promote_empty_root and not has_data(data_root):
-            # Never suggested as a way out: an empty production makes every standby delete its data.
-            if first:
-                raise RefusedError(f"group {cfg.coordination.group} has no primary yet and data root {data_root} is "
-                                   f"empty: the first promotion makes this agent the production side; run it with "
-                                   f"the production cluster's config")
-            raise RefusedError(f"data root {data_root} of {me} is empty, and group {cfg.coordination.group} has had "
-                               f"a primary (epoch {view.epoch.epoch}): promoting it would make an empty tree "
-                               f"production; restore this cluster's data first (drsync snapshot restore or backup "
-                               f"restore), then promote")
-        state_dir = state_dir_of(cfg)
-        state = StateStore(state_dir).load()
-        lag = state.lag_s()  # on the primary's clock, with the offset the agent last estimated
-        refusal = promotion_refusal(lag_s=lag, applied_captured_at=state.applied_captured_at,
-                                    max_lag_s=cfg.coordination.max_lag_on_failover,
-                                    accept_data_loss=accept_data_loss, first_promotion=first)
-        if refusal:
-            raise RefusedError(refusal)
-        agent_running = StateDirLock.held(state_dir)
-        if not agent_running and not first:
-            # Nobody else will finish an apply a crash interrupted before this agent takes over.
-            repo = Repository.open(open_storage(cfg.cluster.repository))
-            Committer(repo, data_root, StateStore(state_dir), agent=me).recover()
+        checks, ctx = _promotion_checks(cfg, coord, view, force=force, accept_data_loss=accept_data_loss,
+                                        no_fence=no_fence, promote_empty_root=promote_empty_root)
+        failed = next((c for c in checks if not c.ok), None)
+        if dry_run:
+            code = 0 if failed is None else 4 if failed.refusal is RefusedError else 1
+            return {"agent": me, "dry_run": True, "would_promote": failed is None, "exit_code": code,
+                    "epoch": view.epoch.epoch, "epoch_after": view.epoch.epoch + 1 if failed is None else None,
+                    "previous_primary": ctx["old"] or None,
+                    "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
+                    "message": (f"dry run: {me} would become primary at epoch {view.epoch.epoch + 1}"
+                                if failed is None else f"dry run: not promoted: {failed.detail}")}
+        if failed is not None:
+            raise failed.refusal(failed.detail)
+        first, lag, state, old = ctx["first"], ctx["lag"], ctx["state"], ctx["old"]
         reason = "first promotion" if first else ("forced" if primary is not None else "manual")
         fenced = None
-        old = primary.agent if primary is not None else view.epoch.promoted_by
-        if not first and old and old != me and cfg.coordination.fencing and not no_fence:
+        if ctx["fence"]:
             address = primary.address if primary is not None else str(
                 coord.agents().get(old, {}).get("address") or "")
             result = run_command("fence_command", cfg.coordination.fence_command, fence_env(
@@ -135,20 +193,18 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
             "fenced": fenced if fenced is not None else ("skipped (--no-fence)" if no_fence else
                                                          "not configured" if not cfg.coordination.fencing else None),
         }
-        if not agent_running:
-            doc.update(took_s=round(time.monotonic() - started, 3), primary_confirmed=False,
-                       message=f"epoch {new.epoch} names {me}; its agent is not running and takes over as primary "
-                               f"when it starts")
-            return doc
-
         def confirmed() -> bool:
             p = coord.read_primary()
             rec = coord.agents().get(me, {})
             return p is not None and p.agent == me and p.epoch == new.epoch and rec.get("role") == "primary"
 
         if not _wait(confirmed, wait_s):
-            raise OperationFailed(f"epoch {new.epoch} now names {me}, but its agent has not taken the primary node "
-                                  f"within {wait_s:.0f}s; check the agent's log (it takes over as soon as it can)")
+            p = coord.read_primary()
+            role = coord.agents().get(me, {}).get("role") or "not registered"
+            raise OperationFailed(f"epoch {new.epoch} now names {me}, but it does not act as primary within "
+                                  f"{wait_s:.0f}s (its agent reports role {role}; primary node: "
+                                  f"{p.agent + ' at epoch ' + str(p.epoch) if p else 'none'}); the group has no "
+                                  f"working primary until it does: check its log, or promote another agent")
         doc.update(took_s=round(time.monotonic() - started, 3), primary_confirmed=True,
                    message=f"{me} is the primary at epoch {new.epoch}" +
                            (f" (lag {format_span(lag)} at promotion)" if lag is not None else ""))
