@@ -81,3 +81,44 @@ def test_help_of_agent_side_commands_names_only_options_they_take() -> None:
         r = run_drsync(*cmd, "--repo", "/tmp/x")
         assert r.code == 2 and "--repo" in r.err, (cmd, r.err)
     assert "--repo" in run_drsync("snapshot", "list", "--help").out
+
+
+def test_config_check_finds_a_shared_state_dir_a_dead_advertise_address_and_a_missing_chroot(
+        tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
+    """Three places where config check said ok and the agent then failed or misbehaved."""
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"])
+    try:
+        g.start("west")
+        west_state = json.loads(run_drsync("config", "check", "--config", g.cfg["west"], "--json").out)
+        assert all(c["ok"] for c in west_state["checks"] if c["name"] in ("state directory", "advertise address"))
+        # A copy of east's config whose state directory is west's (only the state dir was copied wrongly).
+        from drsync.agent.state import state_dir_of
+        from drsync.config import load_config
+
+        west_dir = state_dir_of(load_config(g.cfg["west"]))
+        shared = tmp_path / "east-shared.toml"
+        shared.write_text(g.cfg["east"].read_text().replace("[agent]\n", f'[agent]\nstate_dir = "{west_dir}"\n'))
+        r = run_drsync("config", "check", "--config", shared, "--json")
+        checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
+        assert r.code == 2 and not checks["state directory"]["ok"], r.out
+        assert "belongs to agent 'west'" in checks["state directory"]["detail"]
+        g.kill("west")
+        r = run_drsync("agent", "--config", shared, timeout=60)
+        assert r.code == 2 and "belongs to agent 'west'" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+        # west running, but advertising an address nobody answers on.
+        dead = f"127.0.0.1:{free_port()}"
+        g.cfg["west"].write_text(g.cfg["west"].read_text().replace("[agent]\n", f'[agent]\nadvertise = "{dead}"\n'))
+        g.start("west", wait=False)
+        wait_for(lambda: g.record("west").get("address") == dead, "west to register its advertised address")
+        r = run_drsync("config", "check", "--config", g.cfg["west"], "--json", "--timeout", "2")
+        checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
+        assert r.code != 0 and not checks["advertise address"]["ok"], r.out
+        assert f"no agent answers on {dead}" in checks["advertise address"]["detail"]
+        # A chroot that does not exist: how to create it, and no library warning on stderr.
+        chroot = tmp_path / "chroot.toml"
+        chroot.write_text(g.cfg["east"].read_text().replace(zk_server.hosts, f"{zk_server.hosts}/no/such/chroot"))
+        r = run_drsync("config", "check", "--config", chroot)
+        assert r.code != 0 and "zkCli.sh create /no/such/chroot" in r.out
+        assert "Warning" not in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    finally:
+        g.stop_all()

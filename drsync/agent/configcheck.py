@@ -20,7 +20,7 @@ from typing import Any
 from drsync import engine
 from drsync.agent.locks import StateDirLock
 from drsync.agent.loop import open_coordinator
-from drsync.agent.state import StateStore, state_dir_of
+from drsync.agent.state import StateStore, state_dir_of, state_dir_owner_problem
 from drsync.config import (
     Config,
     config_from_dict,
@@ -86,6 +86,8 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
     running = state_dir is not None and StateDirLock.held(state_dir)
     checks += _check_nesting(cfg, state_dir)
     checks += _check_agent(cfg, running, state_dir)
+    checks += _check_advertise(cfg, running and not any(c.name == "state directory" and not c.ok for c in checks),
+                               timeout_s)
     checks += _check_peers(cfg, timeout_s)
     return checks
 
@@ -155,8 +157,14 @@ def _check_agent(cfg: Config, running: bool, state_dir: str | None) -> list[Chec
     out = []
     if state_dir is not None:
         writable = os.access(state_dir if os.path.isdir(state_dir) else os.path.dirname(state_dir) or ".", os.W_OK)
-        out.append(Check("state directory", writable, f"{state_dir} is writable" if writable else
-                         f"{state_dir} is not writable by this user; fix its ownership or set agent.state_dir"))
+        owner = StateStore(state_dir).load().agent_name if os.path.isdir(state_dir) else ""
+        if owner and owner != cfg.agent.name:
+            out.append(Check("state directory", False, state_dir_owner_problem(state_dir, owner, cfg.agent.name),
+                             "config"))
+            running = False  # the running agent (if any) is the other one: its ports say nothing of this config
+        else:
+            out.append(Check("state directory", writable, f"{state_dir} is writable" if writable else
+                             f"{state_dir} is not writable by this user; fix its ownership or set agent.state_dir"))
     for what, address in (("listen address", cfg.agent.listen), ("metrics address", cfg.agent.metrics)):
         if not address:
             continue
@@ -173,6 +181,37 @@ def _check_agent(cfg: Config, running: bool, state_dir: str | None) -> list[Chec
         out.append(Check("tls", False, f"agent.listen {cfg.agent.listen} is not loopback and [tls] is not set: the "
                                        f"agent will refuse to start; configure mutual TLS", "config"))
     return out
+
+
+def _check_advertise(cfg: Config, running: bool, timeout_s: float) -> list[Check]:
+    """The address other agents and drsync status reach this agent on (agent.advertise, else listen):
+    with the agent running it must answer as this agent; otherwise its host must at least resolve."""
+    address = cfg.agent.advertise or cfg.agent.listen
+    if not address or (cfg.agent.role == "primary" and not cfg.agent.advertise):
+        return []
+    what = "agent.advertise" if cfg.agent.advertise else "agent.listen"
+    host, _, port = address.rpartition(":")
+    if not running:
+        try:
+            socket.getaddrinfo(host.strip("[]"), int(port) if port.isdigit() else None)
+        except (OSError, ValueError) as e:
+            return [Check("advertise address", False, f"{what} {address} does not resolve ({e}): other agents could "
+                          f"not reach this one; set agent.advertise to this host's reachable host:port", "config")]
+        return [Check("advertise address", True, f"{address} resolves (not dialled: the agent is not running)")]
+    tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
+    link = GrpcStandbyLink(address, tls=tls)
+    try:
+        h = link.hello(f"config-check:{cfg.agent.name}", 0, timeout_s=timeout_s)
+        ok = h.agent == cfg.agent.name
+        return [Check("advertise address", ok, f"{address} answers as {h.agent}" if ok else
+                      f"{address} ({what}) answers as agent {h.agent}, not {cfg.agent.name}: other agents would reach "
+                      f"the wrong agent; set agent.advertise to the address this agent listens on", "network")]
+    except DrsyncError as e:
+        return [Check("advertise address", False, f"no agent answers on {address} ({what}) while this agent runs "
+                      f"({e}): other agents and drsync status cannot reach it; set agent.advertise to an address "
+                      f"of this host that reaches agent.listen {cfg.agent.listen}", "network")]
+    finally:
+        link.close()
 
 
 def _check_peers(cfg: Config, timeout_s: float) -> list[Check]:

@@ -30,7 +30,7 @@ from drsync.agent.locks import HostLock, StateDirLock
 from drsync.agent.maintenance import Duties, MaintenanceWorker
 from drsync.agent.shipper import CycleDecision, Replication, ShipOutcome
 from drsync.agent.standby import StandbyReceiver
-from drsync.agent.state import StateStore, state_dir_of
+from drsync.agent.state import StateStore, state_dir_of, state_dir_owner_problem
 from drsync.agent.supervisor import RoleSupervisor
 from drsync.config import Config, engine_problem, fencing_problem
 from drsync.coordination import Coordinator
@@ -75,6 +75,11 @@ class Agent:
                            (("data root", self.data_root), ("repository", cfg.cluster.repository))] \
             if serve_network else []
         self.store = StateStore(self.state_dir)
+        owner = self.store.current.agent_name  # before anything acts on what the state says
+        if owner and owner != self.name:
+            raise UsageError(state_dir_owner_problem(self.state_dir, owner, self.name))
+        if not owner:
+            self.store.update(agent_name=self.name)
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.metrics = AgentMetrics(new_registry(), group=cfg.coordination.group, agent=self.name)
@@ -92,6 +97,7 @@ class Agent:
             self.store.update(epoch=1)  # a static primary starts the epoch sequence
         if not self.store.current.agent_id:
             self.store.update(agent_id=uuid.uuid4().hex)
+
         coord = (coordinator or open_coordinator(cfg, connect_timeout_s=2.0)) if self.auto else None
         self.supervisor = RoleSupervisor(cfg, repo=self.repo, store=self.store, receiver=self.receiver, coord=coord,
                                          data_root=self.data_root, state_dir=self.state_dir, metrics=self.metrics,

@@ -49,6 +49,9 @@ class AgentState:
     # This agent's identity in its group, made at its first start: two configs with one agent.name
     # are two agents, and the second one is refused.
     agent_id: str = ""
+    # The agent.name this state directory belongs to (set at the agent's first start): a second
+    # agent's config pointing at it is refused, and config check says so.
+    agent_name: str = ""
     # While nothing is applied: a snapshot of what the root held when this agent (re)joined as a standby
     # (its before-rejoin snapshot); the deletion guard judges the first shipment against it.
     guard_baseline: str = ""
@@ -112,3 +115,10 @@ class StateStore:
                 fsutil.atomic_write(self.path, json.dumps(asdict(new)).encode(), durable=True)
                 self._state = new
             return self._state
+
+
+def state_dir_owner_problem(state_dir: str, owner: str, name: str) -> str:
+    """One line: a state directory that belongs to another agent (two agents must never share one)."""
+    return (f"state directory {state_dir} belongs to agent {owner!r} (its state.json), not {name!r}: give each agent "
+            f"its own agent.state_dir; if you renamed this agent, set agent.name back or start from a new state "
+            f"directory")

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -47,6 +48,8 @@ from drsync.coordination import (
 from drsync.errors import OperationFailed, UsageError
 
 log = logging.getLogger("drsync.coordination")
+# kazoo warns on stderr about a missing chroot; drsync says it in its own one-line error instead.
+warnings.filterwarnings("ignore", message="No chroot path exists", category=UserWarning, module="kazoo")
 
 T = TypeVar("T")
 _STATES = {KazooState.CONNECTED: SessionState.CONNECTED, KazooState.SUSPENDED: SessionState.SUSPENDED,
