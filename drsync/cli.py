@@ -36,6 +36,8 @@ from drsync.errors import (
     RefusedError,
     UsageError,
 )
+from drsync.logsetup import FORMATS
+from drsync.logsetup import configure as configure_logging
 from drsync.repository.lock import remove_locks
 from drsync.repository.manifest import diff as diff_manifests
 from drsync.repository.manifest import printable
@@ -856,8 +858,15 @@ def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wa
 @cli.command("agent")
 @_config_only
 @click.option("--once", is_flag=True, help="Primary only: run one replication cycle and exit (1 if it failed).")
-def agent_cmd(inv: Invocation, once: bool) -> None:
-    """Run the agent for this cluster (gRPC server and, as primary, the shipping loop)."""
+@click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="Log lines on stderr as text or as JSON objects (time, level, logger, group, agent, message).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="The least severe records logged (--once: warning unless set lower).")
+def agent_cmd(inv: Invocation, once: bool, log_format: str, log_level: str) -> None:
+    """Run the agent for this cluster (gRPC server and, as primary, the shipping loop).
+
+    Logs go to stderr, one line per record with an ISO 8601 time and zone, the group and the agent;
+    refusals and failed shipments are warnings or errors."""
     import signal
 
     from drsync.agent.loop import Agent
@@ -865,18 +874,12 @@ def agent_cmd(inv: Invocation, once: bool) -> None:
     if inv.config is None:
         raise UsageError("drsync agent needs --config FILE")
     c = inv.config
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s %(levelname)s group={c.coordination.group} agent={c.agent.name} %(name)s: %(message)s"))
-    root.addHandler(handler)
+    level = getattr(logging, log_level.upper())
+    if once and log_level == "info":
+        level = logging.WARNING
+    configure_logging(group=c.coordination.group, agent=c.agent.name, fmt=log_format, level=level)
     if once and c.agent.role != "primary":
         raise UsageError("--once runs one replication cycle; it needs agent.role = \"primary\"")
-    if once:
-        logging.getLogger().setLevel(logging.WARNING)
     agent = Agent(c, serve_network=not once)  # a one-shot cycle must not collide with a running agent
     if once:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -303,7 +304,11 @@ class Agent:
 
     def run(self) -> None:
         """Coordinate; as primary, capture every replication.interval; shippers and maintenance run beside."""
-        log.info("agent %s running (role %s) on %s", self.name, self.role, self.cfg.agent.listen)
+        a = self.cfg.agent
+        log.info("agent %s started (role %s, pid %d): gRPC on %s%s%s", self.name, self.role, os.getpid(), a.listen,
+                 f" (advertised as {a.advertise})" if a.advertise else "",
+                 f"; metrics at http://{a.metrics}/metrics, status page at http://{a.metrics}/" if a.metrics else
+                 "; no metrics address")
         self.replication.background = True
         self.maintenance.start()
         threading.Thread(target=self._serve_requests_loop, name="drsync-requests", daemon=True).start()
@@ -340,6 +345,8 @@ class Agent:
                 wait = max(0.01, min(wait, next_capture - time.monotonic()))
             self.wake.wait(wait)
         self.close()
+        log.info("agent %s stopped (%s)", self.name, f"fatal: {sup.fatal}" if sup.fatal is not None else
+                 "on request")
 
     def close(self) -> None:
         self.stop.set()

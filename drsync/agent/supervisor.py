@@ -254,7 +254,10 @@ class RoleSupervisor:
                                primary_absent_s=absent, lag_s=self.lag_s(),
                                rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view))
         if decision != self.last_decision:
-            level = logging.INFO if decision.action in ("standby", "act-primary") else logging.WARNING
+            # Routine confirmations at INFO; anything that keeps the group from working (no session,
+            # a refusal, stepping down) at WARNING, so that an operator's filters see it.
+            routine = decision.action in ("standby", "act-primary") and view.session is SessionState.CONNECTED
+            level = logging.INFO if routine else logging.WARNING
             log.log(level, "agent %s: %s%s", self.name, decision, f" [{note}]" if note else "")
             self.last_decision = decision
         if decision.action == "act-primary":

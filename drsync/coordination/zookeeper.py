@@ -48,6 +48,49 @@ from drsync.coordination import (
 from drsync.errors import OperationFailed, UsageError
 
 log = logging.getLogger("drsync.coordination")
+
+
+class _ReconnectThrottle(logging.Filter):
+    """kazoo logs several lines per connection attempt (over a hundred in 25 s against a wrong
+    address). Its "Connecting to" and "session closed" lines become debug detail, and each repeated
+    warning is logged once per backoff step (1 s, 2 s, 4 s ... 60 s), with how many attempts it
+    stands for; a connection that succeeds starts over."""
+
+    FIRST_S, MAX_S = 1.0, 60.0
+    DETAIL = ("Connecting to", "Zookeeper session closed")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.seen: dict[str, list[float]] = {}  # message -> [next allowed at, step, hidden count]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.levelno <= logging.INFO and msg.startswith(self.DETAIL):
+            return log.isEnabledFor(logging.DEBUG)
+        if record.levelno < logging.WARNING:
+            if "connected" in msg.lower() and "dis" not in msg.lower():
+                with self.lock:
+                    self.seen.clear()
+            return True
+        now = time.monotonic()
+        with self.lock:
+            state = self.seen.get(msg)
+            if state is not None and now < state[0]:
+                state[2] += 1
+                return False
+            if state is None:
+                self.seen[msg] = [now + self.FIRST_S, self.FIRST_S, 0]
+                return True
+            step = min(state[1] * 2, self.MAX_S)
+            if state[2]:
+                record.msg, record.args = f"{msg} (and {int(state[2])} more times; still retrying)", None
+            self.seen[msg] = [now + step, step, 0]
+        return True
+
+
+_kazoo_log = logging.getLogger("drsync.coordination.kazoo")
+_kazoo_log.addFilter(_ReconnectThrottle())
 # kazoo warns on stderr about a missing chroot; drsync says it in its own one-line error instead.
 warnings.filterwarnings("ignore", message="No chroot path exists", category=UserWarning, module="kazoo")
 
@@ -107,7 +150,7 @@ class ZooKeeperCoordinator:
         self.op_timeout_s = max(2.0, session_timeout_s)
         self.zk = KazooClient(hosts=hosts, timeout=session_timeout_s, auth_data=auth, default_acl=acl,
                               connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0),
-                              logger=logging.getLogger("drsync.coordination.kazoo"))
+                              logger=_kazoo_log)
         self._state = SessionState.LOST
         self._listeners: list[Callable[[SessionState], None]] = []
         self._change: list[Callable[[], None]] = []

@@ -1,0 +1,62 @@
+"""The agent's log: one line per record on stderr, as text or as JSON lines (``--log-format``).
+
+Every record carries the time in ISO 8601 with its zone (``2026-12-01T09:01:23.353+00:00``), the
+level, the group and the agent; records about one snapshot name it in their message. The JSON form
+(python-json-logger) has the keys ``time``, ``level``, ``logger``, ``group``, ``agent`` and
+``message``, one object per line, for log shippers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime
+
+from pythonjsonlogger.json import JsonFormatter
+
+FORMATS = ("text", "json")
+
+
+def _iso(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
+class _Text(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _iso(record)
+
+
+class _Json(JsonFormatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _iso(record)
+
+
+class _Context(logging.Filter):
+    """Stamps every record with the group and the agent."""
+
+    def __init__(self, group: str, agent: str) -> None:
+        super().__init__()
+        self.group, self.agent = group, agent
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.group, record.agent = self.group, self.agent
+        return True
+
+
+def configure(*, group: str, agent: str, fmt: str = "text", level: int = logging.INFO) -> None:
+    """Send every log record to stderr in ``fmt`` ("text" or "json"), at ``level`` and above."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Context(group, agent))
+    if fmt == "json":
+        handler.setFormatter(_Json("%(asctime)s %(levelname)s %(name)s %(group)s %(agent)s %(message)s",
+                                   rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}))
+    else:
+        handler.setFormatter(_Text("%(asctime)s %(levelname)s group=%(group)s agent=%(agent)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    # Libraries speak through drsync's own lines: their warnings are not printed on their own.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
