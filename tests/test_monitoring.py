@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -154,7 +155,7 @@ def test_status_page_in_headless_chromium(running: Group) -> None:
         rows = dict(re.findall(r'data-agent="(\w+)">.*?class="role role-(\w+)"', html))
         assert rows == {"east": "primary", "west": "standby"}
         assert '<svg id="lag-chart"' in html and "<polyline" in html
-        assert re.search(r'class="drill ok"><td>1</td>', html) and "passed" in text
+        assert re.search(r'class="drill ok"><td>west</td><td>1</td>', html) and "passed" in text
         assert 'id="apply-hold"' in html  # the operator's hold is on the page
         # The standby's row names exactly the snapshot it holds applied, one its repository keeps.
         shown = re.search(r'data-agent="west">.*?</tr>', html, re.S)
@@ -166,6 +167,38 @@ def test_status_page_in_headless_chromium(running: Group) -> None:
         r = chromium(f"--screenshot={shot}", "--window-size=1200,1400", url)
         assert r.returncode == 0 and shot.exists() and shot.stat().st_size > 10_000, r.stderr[-2000:]
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        assert g.drsync("west", "apply", "--resume").code == 0
+
+
+def test_primary_page_shows_last_known_lag_while_shipments_fail_and_the_groups_drills(running: Group) -> None:
+    """The primary's page: its standby's lag while every shipment is refused (here: west holds applies
+    and east's agent restarted, so no shipment reached west since), the group's drill history (run on
+    west), a chart heading that names the span the chart shows, and sizes in binary units."""
+    g = running
+    url = f"http://{g.metrics['east']}/"
+    assert g.drsync("west", "apply", "--hold").code == 0
+    try:
+        g.kill("east", signal.SIGTERM)
+        g.start("east")
+        g.wait_role("east", "primary")
+        wait_for(lambda: "refused" in str(_status(url)["cycles"]), "east's shipments to be refused")
+        doc = _status(url)
+        assert doc["lag_s"] is not None, doc  # the last lag west published, not "unknown"
+        dom = chromium("--dump-dom", url)
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        html = dom.stdout
+        assert not re.search(r'id="lag-now">-<', html), re.search(r'id="lag-now">[^<]*<', html)
+        assert re.search(r'class="drill ok"><td>west</td>', html)  # west's drill, on east's page
+        heading = re.search(r'id="lag-heading">Replication lag, last ([^<]+)<', html)
+        label = re.search(r'aria-label="replication lag over the last ([^"]+)"', html)
+        assert heading and label and heading.group(1) == label.group(1), (heading, label)
+        assert re.search(r"<td>\d+\.\d (KiB|MiB|GiB)</td>", html)  # snapshot sizes, human units
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "status-page-primary-failing.png"
+        shot.unlink(missing_ok=True)
+        r = chromium(f"--screenshot={shot}", "--window-size=1200,1400", url)
+        assert r.returncode == 0 and shot.exists() and shot.stat().st_size > 10_000, r.stderr[-2000:]
     finally:
         assert g.drsync("west", "apply", "--resume").code == 0
 

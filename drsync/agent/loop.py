@@ -175,7 +175,14 @@ class Agent:
         definition, :func:`drsync.agent.clock.lag_s`."""
         if self.acting == "standby":
             return self.store.current.lag_s()
-        return clock.lag_s(self.replication.applied_captured_at() or 0.0)  # its own stamps, its own clock
+        lag = clock.lag_s(self.replication.applied_captured_at() or 0.0)  # its own stamps, its own clock
+        if lag is None and self.auto:
+            # No shipment has reached every standby since this agent started (they fail): the last
+            # lag each standby published (on the primary's clock), not "unknown".
+            published = [float(r["lag_s"]) for r in self.supervisor.agents.values()
+                         if r.get("role") == "standby" and r.get("lag_s") is not None]
+            lag = max(published) if published else None
+        return lag
 
     def _on_applied(self) -> None:
         st = self.store.current
@@ -251,9 +258,9 @@ class Agent:
             snaps = self.repo.list_snapshots()[-5:]
         except DrsyncError:
             snaps = []
-        drills = [{k: r.get(k) for k in ("number", "started_at", "passed", "rpo_s", "rto_s", "snapshot")} |
+        drills = [{k: r.get(k) for k in ("agent", "number", "started_at", "passed", "rpo_s", "rto_s", "snapshot")} |
                   {"steps": [{"name": s.get("name"), "passed": s.get("passed"), "detail": s.get("detail")}
-                             for s in r.get("steps", [])]} for r in load_reports(self.state_dir, 10)]
+                             for s in r.get("steps", [])]} for r in self._drill_reports(10)]
         return {"group": self.cfg.coordination.group, "agent": self.name,
                 "role": self.acting + (" (paused)" if self.paused else ""), "epoch": epoch, "primary": primary,
                 "zookeeper": zk, "agents": agents, "lag_s": self.current_lag(),
@@ -262,6 +269,17 @@ class Agent:
                                "bytes": s.bytes} for s in reversed(snaps)],
                 "cycles": self.activity.recent(), "drills": drills, "apply_hold": self.hold_summary(),
                 "maintenance": self.maintenance.busy or None}
+
+    def _drill_reports(self, limit: int) -> list[dict[str, Any]]:
+        """The group's drills (ZooKeeper keeps every standby's), so that every agent's page shows them;
+        this agent's own reports with fixed roles or while ZooKeeper cannot be read."""
+        coord = self.supervisor.coord
+        if coord is not None:
+            try:
+                return sorted(coord.drills(limit), key=lambda r: float(r.get("started_at") or 0.0))
+            except DrsyncError:
+                pass
+        return load_reports(self.state_dir, limit)
 
     def _page_html(self) -> tuple[str, bytes]:
         return "text/html; charset=utf-8", statuspage.render(self.status_doc()).encode()

@@ -31,13 +31,29 @@ def _lag(v: float | None) -> str:
     return "-" if v is None else format_span(v)
 
 
+def _size(n: Any) -> str:
+    """Bytes in binary units (``1.5 GiB``), as an operator reads them."""
+    if not isinstance(n, (int, float)):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "-"
+
+
+def chart_span(points: list[tuple[float, float | None]], now: float, window_s: float) -> float:
+    """The time the chart shows: ``window_s``, or less for a younger history (at least a minute)."""
+    pts = [t for t, v in points if v is not None and t >= now - window_s]
+    return min(window_s, max(now - min(pts), 60.0)) if pts else window_s
+
+
 def lag_chart(points: list[tuple[float, float | None]], now: float, window_s: float) -> str:
     """An SVG polyline of lag over the last ``window_s`` seconds (or since the first sample). Pure."""
     pts = [(t, v) for t, v in points if v is not None and t >= now - window_s]
     if not pts:
         return '<p class="muted" id="lag-chart-empty">no lag samples yet</p>'
-    start = min(t for t, _ in pts)
-    span = max(now - start, 60.0)  # a young agent's history fills the chart instead of a sliver at its edge
+    span = chart_span(points, now, window_s)  # a young agent's history fills the chart, not a sliver
     top = max(max(v for _, v in pts) * 1.1, 1.0)
     xy = [((t - (now - span)) / span * CHART_W, CHART_H - v / top * CHART_H) for t, v in pts]
     coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
@@ -60,12 +76,13 @@ def render(doc: dict[str, Any], now: float | None = None) -> str:
         f'<td>{_e(a.get("applied_snapshot"))}</td></tr>' for a in doc.get("agents", []))
     snaps = "".join(
         f'<tr><td>{_e(s.get("id"))}</td><td>{_e(s.get("kind"))}</td><td>{_e(_when(s.get("captured_at"), now))}</td>'
-        f'<td>{_e(s.get("files"))}</td><td>{_e(s.get("bytes"))}</td></tr>' for s in doc.get("snapshots", []))
+        f'<td>{_e(s.get("files"))}</td><td>{_e(_size(s.get("bytes")))}</td></tr>' for s in doc.get("snapshots", []))
     ships = "".join(
         f'<tr class="{"ok" if c.get("ok") else "bad"}"><td>{_e(_when(c.get("at"), now))}</td>'
         f'<td>{_e(c.get("snapshot"))}</td><td>{_e(c.get("summary"))}</td></tr>' for c in doc.get("cycles", []))
     drills = "".join(
-        f'<tr class="drill {"ok" if d.get("passed") else "bad"}"><td>{_e(d.get("number"))}</td>'
+        f'<tr class="drill {"ok" if d.get("passed") else "bad"}"><td>{_e(d.get("agent"))}</td>'
+        f'<td>{_e(d.get("number"))}</td>'
         f'<td>{_e(_when(d.get("started_at"), now))}</td><td>{"passed" if d.get("passed") else "FAILED"}</td>'
         f'<td>{_e(_lag(d.get("rpo_s")))}</td><td>{_e(d.get("rto_s"))}s</td>'
         f'<td>{_e("; ".join(s["name"] + ": " + s["detail"] for s in d.get("steps", []) if not s.get("passed")))}'
@@ -82,6 +99,7 @@ def render(doc: dict[str, Any], now: float | None = None) -> str:
     busy = doc.get("maintenance")
     maintenance = f'<p id="maintenance">Maintenance in progress: {_e(busy)}</p>' if busy else ""
     window = float(doc.get("lag_window_s", 6 * 3600))
+    history = [(p[0], p[1]) for p in doc.get("lag_history", [])]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
 <title>drsync {_e(doc.get("group"))}: {_e(doc.get("agent"))}</title>
@@ -103,15 +121,16 @@ td, th {{ border-bottom: 1px solid #d0d7de; padding: 0.3em 0.8em; text-align: le
 <h2>Agents</h2>
 <table id="agents"><tr><th>agent</th><th>role</th><th>address</th><th>epoch</th><th>lag</th><th>applied snapshot</th>
 </tr>{rows}</table>
-<h2>Replication lag, last {_e(format_span(window))}</h2>
+<h2 id="lag-heading">Replication lag, last {_e(format_span(chart_span(history, now, window)))}</h2>
 <p>now: <b id="lag-now">{_e(_lag(doc.get("lag_s")))}</b></p>
-{lag_chart([(p[0], p[1]) for p in doc.get("lag_history", [])], now, window)}
+{lag_chart(history, now, window)}
 <h2>Last snapshots</h2>
 <table id="snapshots"><tr><th>id</th><th>kind</th><th>captured</th><th>files</th><th>bytes</th></tr>{snaps}</table>
 <h2>Last shipments</h2>
 <table id="shipments"><tr><th>when</th><th>snapshot</th><th>outcome</th></tr>{ships}</table>
 <h2>Drills</h2>
-<table id="drills"><tr><th>#</th><th>when</th><th>result</th><th>RPO</th><th>RTO</th><th>problems</th></tr>{drills}
+<table id="drills"><tr><th>standby</th><th>#</th><th>when</th><th>result</th><th>RPO</th><th>RTO</th><th>problems</th>
+</tr>{drills}
 </table>
 <p class="muted">generated {_e(_when(now, now))}; JSON at <a href="status.json">status.json</a>, metrics at
 <a href="metrics">metrics</a></p>
