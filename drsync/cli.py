@@ -42,6 +42,7 @@ from drsync.repository.lock import remove_locks
 from drsync.repository.manifest import diff as diff_manifests
 from drsync.repository.manifest import printable
 from drsync.repository.snapshots import iso
+from drsync.units import human_size, with_iso_times
 
 
 @dataclass
@@ -107,18 +108,11 @@ _STATE: dict[str, bool] = {}
 
 
 def emit(inv: Invocation, doc: Any, human: Callable[[], None]) -> None:
+    """``--json``: the document, every time in it ISO 8601 with zone (and ``<key>_unix``); else ``human``."""
     if inv.json:
-        click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+        click.echo(json.dumps(with_iso_times(doc), indent=2, sort_keys=True, default=str))
     else:
         human()
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:
@@ -183,7 +177,7 @@ def _snap_row(s: Any, now: float) -> list[str]:
     exp = s.expires_at
     expires = "-" if exp is None else ("expired" if exp <= now else iso(exp) or "")
     return [str(s.seq) if s.seq else "-", s.id, s.name or "-", s.kind, iso(s.captured_at) or "", str(s.files),
-            _size(s.bytes), expires]
+            human_size(s.bytes), expires]
 
 
 @snapshot_grp.command("create")
@@ -217,8 +211,8 @@ def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str,
            "stale_paths": info.stale_paths, "skipped_paths": info.skipped_paths}
 
     def human() -> None:
-        click.echo(f"snapshot {info.id} taken: {info.files} files, {_size(info.bytes)}, "
-                   f"{_size(info.new_bytes)} new, in {info.duration_s:.2f}s")
+        click.echo(f"snapshot {info.id} taken: {info.files} files, {human_size(info.bytes)}, "
+                   f"{human_size(info.new_bytes)} new, in {info.duration_s:.2f}s")
         for w in info.warnings:
             click.echo(f"  warning: {w}")
 
@@ -258,7 +252,7 @@ def snapshot_show(inv: Invocation, snapshot_id: str, files: bool) -> None:
             v = doc.get(k)
             if k == "seq" and not v:
                 v = None  # taken before drsync numbered snapshots
-            click.echo(f"{k:12} {_size(v) if k in ('bytes', 'new_bytes') else ('-' if v in (None, '') else v)}")
+            click.echo(f"{k:12} {human_size(v) if k in ('bytes', 'new_bytes') else ('-' if v in (None, '') else v)}")
         for w in info.warnings:
             click.echo(f"warning      {printable(w)}")
         if manifest is not None:
@@ -305,7 +299,7 @@ def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bo
     def human() -> None:
         click.echo(f"deleted {', '.join(i.id for i in infos)}")
         if report:
-            click.echo(f"freed {_size(report.freed_bytes)} ({report.deleted_packs} packs deleted, "
+            click.echo(f"freed {human_size(report.freed_bytes)} ({report.deleted_packs} packs deleted, "
                        f"{report.repacked_packs} repacked)")
 
     emit(inv, doc, human)
@@ -391,7 +385,7 @@ def _extra_rule(inv: Invocation, dest: str, delete_extra: bool) -> str | None:
 def _report_restore(what: str, dest: str, result: ApplyResult) -> None:
     if result.planned is not None:
         click.echo(f"dry run: restoring {what} to {dest} would write {result.written_files} files "
-                   f"({_size(result.written_bytes)}), leave {result.unchanged_files} unchanged and remove "
+                   f"({human_size(result.written_bytes)}), leave {result.unchanged_files} unchanged and remove "
                    f"{result.removed}; nothing was changed")
         for kind in ("remove", "write", "mkdir", "link"):
             paths = result.planned.get(kind, [])
@@ -401,7 +395,7 @@ def _report_restore(what: str, dest: str, result: ApplyResult) -> None:
                 click.echo(f"  {kind:6} ... and {len(paths) - 20} more (--json lists all)")
         return
     click.echo(f"restored {what} to {dest}: {result.written_files} files written "
-               f"({_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed")
+               f"({human_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed")
     for w in result.warnings:
         click.echo(f"  note: {w}")
 
@@ -451,8 +445,8 @@ def backup_create(inv: Invocation, snapshot_id: str, dest: str | None, mode: str
                                     light_exclude=cfg.light_exclude if cfg else (), progress=advance,
                                     on_total=total)
     emit(inv, info.to_json(), lambda: click.echo(
-        f"backup {info.path} created ({info.mode}): {info.files} files, {_size(info.bytes)}, "
-        f"{_size(info.stored_bytes)} stored"))
+        f"backup {info.path} created ({info.mode}): {info.files} files, {human_size(info.bytes)}, "
+        f"{human_size(info.stored_bytes)} stored"))
 
 
 @backup_grp.command("restore")
@@ -523,8 +517,8 @@ def backup_list(inv: Invocation, dest: str | None) -> None:
 
     def human() -> None:
         _table(["BACKUP", "SNAPSHOT", "MODE", "CREATED", "FILES", "SIZE", "STORED"],
-               [[b.id, b.snapshot.get("id", "?"), b.mode, iso(b.created_at) or "", str(b.files), _size(b.bytes),
-                 _size(b.stored_bytes)] for b in backups])
+               [[b.id, b.snapshot.get("id", "?"), b.mode, iso(b.created_at) or "", str(b.files), human_size(b.bytes),
+                 human_size(b.stored_bytes)] for b in backups])
         if leftovers:
             click.echo(f"{len(leftovers)} incomplete leftover(s), removed by 'drsync backup prune': "
                        f"{', '.join(leftovers)}")
@@ -595,7 +589,7 @@ def repo_gc(inv: Invocation, dry_run: bool) -> None:
         _refuse_while_held(inv, "collect garbage")
     report = engine.gc_repository(inv.open_repo(), dry_run=dry_run)
     emit(inv, report.as_dict(), lambda: click.echo(
-        f"{'would free' if dry_run else 'freed'} {_size(report.freed_bytes)}: {report.deleted_packs} packs "
+        f"{'would free' if dry_run else 'freed'} {human_size(report.freed_bytes)}: {report.deleted_packs} packs "
         f"deleted, {report.repacked_packs} repacked, {report.live_chunks} live chunks kept"))
 
 

@@ -40,6 +40,7 @@ from drsync.metrics import AgentMetrics, new_registry, serve
 from drsync.repository.repo import Repository
 from drsync.storage import open_storage
 from drsync.transport.grpc import GrpcStandbyLink, ReplicationServicer, start_server
+from drsync.units import with_iso_times
 
 log = logging.getLogger("drsync.agent")
 
@@ -285,7 +286,7 @@ class Agent:
         return "text/html; charset=utf-8", statuspage.render(self.status_doc()).encode()
 
     def _page_json(self) -> tuple[str, bytes]:
-        return "application/json", json.dumps(self.status_doc(), default=str).encode()
+        return "application/json", json.dumps(with_iso_times(self.status_doc()), default=str).encode()
 
     # --- the primary's captures ---------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from drsync.agent.roles import format_span
+from drsync.units import human_size
 
 CHART_W, CHART_H = 720, 180
 
@@ -32,14 +33,7 @@ def _lag(v: float | None) -> str:
 
 
 def _size(n: Any) -> str:
-    """Bytes in binary units (``1.5 GiB``), as an operator reads them."""
-    if not isinstance(n, (int, float)):
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return "-"
+    return human_size(n) if isinstance(n, (int, float)) else "-"
 
 
 def chart_span(points: list[tuple[float, float | None]], now: float, window_s: float) -> float:

@@ -7,17 +7,16 @@ import json
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
+from drsync.units import iso_time
 
 
 def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return None if ts is None else iso_time(ts)
 
 
 def parse_iso(value: str) -> float:

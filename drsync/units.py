@@ -1,0 +1,54 @@
+"""How drsync shows sizes and times to operators: binary units, ISO 8601 times with their zone."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+# A number under a key like these is a Unix time (seconds), shown in JSON as ISO 8601 plus <key>_unix.
+_TIME_KEYS = ("since", "last_seen")
+_PLAUSIBLE_UNIX_S = 1e8  # 1973: anything smaller under such a key is a count or a duration, left alone
+
+
+def human_size(n: float) -> str:
+    """Bytes in binary units: ``512 B``, ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def iso_time(ts: float) -> str:
+    """A Unix time as ISO 8601 in UTC with milliseconds: ``2026-12-01T09:01:23.353Z``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def with_iso_times(doc: Any) -> Any:
+    """A JSON document with one time format: every Unix time under a key ending in ``_at`` (or
+    ``since``, ``last_seen``) becomes ISO 8601 with its zone, and the number moves to ``<key>_unix``;
+    an ISO time there gets its ``<key>_unix`` twin too."""
+    if isinstance(doc, list):
+        return [with_iso_times(v) for v in doc]
+    if not isinstance(doc, dict):
+        return doc
+    out: dict[Any, Any] = {}
+    for k, v in doc.items():
+        timed = isinstance(k, str) and (k.endswith("_at") or k.endswith(_TIME_KEYS)) and not k.endswith("_unix")
+        if timed and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= _PLAUSIBLE_UNIX_S:
+            out[k] = iso_time(float(v))
+            out.setdefault(f"{k}_unix", v)
+        elif timed and isinstance(v, str) and (unix := _parse_iso(v)) is not None:
+            out[k] = v
+            out.setdefault(f"{k}_unix", unix)
+        else:
+            out[k] = with_iso_times(v)
+    return out
+
+
+def _parse_iso(value: str) -> float | None:
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
