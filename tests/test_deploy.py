@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -115,3 +116,24 @@ def test_runbook_commands_are_real() -> None:
         seen.add(" ".join(path))
     for needed in ("promote", "switchover", "status", "drill run", "config check", "backup restore"):
         assert needed in seen, f"the runbook never shows drsync {needed}"
+
+
+def test_the_command_reference_is_current_and_every_command_explains_itself() -> None:
+    """docs/cli.md is every command's --help (regenerate: python scripts/gen_cli_docs.py)."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_cli_docs.py"), "--check"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    text = (ROOT / "docs" / "cli.md").read_text()
+    for block in text.split("\n## ")[1:]:
+        name, _, body = block.partition("\n")
+        _, _, rest = body.partition("Usage:")[2].partition("\n\n")
+        assert rest.strip() and not rest.lstrip().startswith("Options:"), f"{name} has no description"
+
+
+def test_shell_completion_script_and_completions() -> None:
+    env = {**os.environ, "_DRSYNC_COMPLETE": "bash_source"}
+    r = subprocess.run([sys.executable, "-m", "drsync"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "_drsync_completion" in r.stdout, r.stderr
+    env = {**os.environ, "_DRSYNC_COMPLETE": "bash_complete", "COMP_WORDS": "drsync snap", "COMP_CWORD": "1"}
+    r = subprocess.run([sys.executable, "-m", "drsync"], env=env, capture_output=True, text=True)
+    assert "snapshot" in r.stdout, (r.stdout, r.stderr)

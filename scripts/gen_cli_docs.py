@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Write docs/cli.md: every drsync command's full --help, from the command line itself.
+
+  python scripts/gen_cli_docs.py          rewrite docs/cli.md
+  python scripts/gen_cli_docs.py --check  exit 1 when docs/cli.md is not what the code says
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from drsync.cli import cli  # noqa: E402
+
+OUT = ROOT / "docs" / "cli.md"
+HEAD = """# drsync command reference
+
+Every command's `--help`, generated from the code by `scripts/gen_cli_docs.py` (a test checks it
+is current). Shell completion: `eval "$(_DRSYNC_COMPLETE=bash_source drsync)"` in `~/.bashrc`
+(`zsh_source` for zsh, `fish_source` for fish). Exit codes: 0 ok, 1 operation failed, 2 usage or
+configuration error, 3 integrity error, 4 refused for safety.
+"""
+
+
+def _walk(cmd: click.Command, ctx: click.Context, path: list[str]) -> list[str]:
+    out = [f"\n## `{' '.join(path)}`\n\n```text\n{cmd.get_help(ctx).rstrip()}\n```\n"]
+    if isinstance(cmd, click.Group):
+        for name in sorted(cmd.list_commands(ctx)):
+            sub = cmd.get_command(ctx, name)
+            if sub is not None and not sub.hidden:
+                out += _walk(sub, click.Context(sub, info_name=name, parent=ctx, terminal_width=100,
+                                                 max_content_width=100), [*path, name])
+    return out
+
+
+def render() -> str:
+    ctx = click.Context(cli, info_name="drsync", terminal_width=100, max_content_width=100)
+    return HEAD + "".join(_walk(cli, ctx, ["drsync"]))
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        if not OUT.exists() or OUT.read_text() != text:
+            print("docs/cli.md is out of date: run python scripts/gen_cli_docs.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
