@@ -185,6 +185,9 @@ def test_primary_page_shows_last_known_lag_while_shipments_fail_and_the_groups_d
         wait_for(lambda: "refused" in str(_status(url)["cycles"]), "east's shipments to be refused")
         doc = _status(url)
         assert doc["lag_s"] is not None, doc  # the last lag west published, not "unknown"
+        # The refusal is a warning whose message starts with what went wrong.
+        assert re.search(r" WARNING group=monitoring agent=east drsync\.agent: refused: ", g.log("east")), \
+            g.log("east")[-3000:]
         dom = chromium("--dump-dom", url)
         assert dom.returncode == 0, dom.stderr[-2000:]
         html = dom.stdout

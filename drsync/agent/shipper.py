@@ -160,8 +160,11 @@ class Shipper:
         else:
             self._failed()
             self.metrics.ship_failures.inc()
-        level = logging.INFO if outcome.ok else logging.WARNING
-        log.log(level, "snapshot %s to %s: %s", info.id, self.target, outcome.summary)
+        if outcome.ok:
+            log.info("snapshot %s to %s: %s", info.id, self.target, outcome.summary)
+        else:  # what went wrong first, then which shipment; retried after the backoff
+            log.warning("%s (snapshot %s to %s; next try in %.0fs)", outcome.summary, info.id, self.target,
+                        self.backoff_s)
         self.on_outcome(outcome)
         return outcome
 
