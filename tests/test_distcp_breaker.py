@@ -1,0 +1,372 @@
+"""Breaking the promises of ``replication.engine = "distcp"`` (deploy/hdfs/README.md, "Two engines").
+
+Every test runs real drsync agents or commands against the session's real HDFS mini cluster and
+real DistCp jobs (``scripts/hadoop-cluster distcp``, a JVM of its own, as ``hadoop distcp``).
+Two directories of one cluster play production and the standby.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_drsync
+from tests.hadoop import cluster as hc
+from tests.sites import HdfsSite, make_site, same_tree
+from tests.test_agents import Pair, wait_for
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HADOOP_CLUSTER = REPO_ROOT / "scripts" / "hadoop-cluster"
+
+
+def _engine_lines(hdfs_cluster: hc.HadoopCluster, command: str | None = None, url: str = "") -> str:
+    command = command or f"{HADOOP_CLUSTER} distcp {hdfs_cluster.dir}"
+    lines = f'engine = "distcp"\ndistcp_command = "{command}"\ndistcp_jar = "{hc.DISTCP_JAR}"\n'
+    return lines + (f'distcp_url = "{url}"\n' if url else "")
+
+
+def _configure(pair: Pair, primary: str, standby: str) -> None:
+    with open(pair.primary_cfg, "a") as f:  # its [replication] section is the last one
+        f.write(primary)
+    with open(pair.standby_cfg, "a") as f:
+        f.write("[replication]\n" + standby)
+
+
+def _distcp_pair(tmp_path: Path, webhdfs, hdfs_cluster, *, standby_lines: str | None = None,  # type: ignore[no-untyped-def]
+                 snapshottable_standby: bool = True, prod_site: HdfsSite | None = None) -> Pair:
+    prod = prod_site or make_site("hdfs", tmp_path, webhdfs)
+    standby = make_site("hdfs", tmp_path, webhdfs)
+    pair = Pair(tmp_path, prod, standby)
+    webhdfs.allow_snapshot(prod.path("prod-data"))
+    webhdfs.mkdirs(standby.path("standby-data"))
+    if snapshottable_standby:
+        webhdfs.allow_snapshot(standby.path("standby-data"))
+    lines = _engine_lines(hdfs_cluster)
+    _configure(pair, lines, standby_lines if standby_lines is not None else lines)
+    return pair
+
+
+def _log(tmp_path: Path, name: str) -> str:
+    p = tmp_path / f"{name}.log"
+    return p.read_text(errors="replace") if p.exists() else ""
+
+
+def _applied(pair: Pair) -> str:
+    from drsync.transport.grpc import GrpcStandbyLink
+
+    link = GrpcStandbyLink(pair.standby_addr)
+    try:
+        return link.hello("test", 1).applied_snapshot
+    finally:
+        link.close()
+
+
+def _refused_or_synced(pair: Pair, tmp_path: Path, marker: str) -> bool:
+    return pair.in_sync() or marker in _log(tmp_path, "primary") or marker in _log(tmp_path, "standby")
+
+
+# --- 7. hostile names: a file whose name is in Unicode's decomposed form ------------------------
+
+
+def test_a_name_in_decomposed_unicode_replicates_by_distcp(tmp_path: Path, webhdfs, hdfs_cluster) -> None:  # type: ignore[no-untyped-def]
+    """A file named ``café`` in NFD (``e`` + combining acute, what macOS writes) on production.
+
+    Observed: DistCp (through the default ``webhdfs://`` URL) asks the datanode for the composed
+    twin of the name, which does not exist, so every shipment fails; and the standby's message
+    blames "the HDFS snapshot to copy from ... is gone", which it is not (it is still on
+    production). The standby never catches up. drsync's own WebHDFS client keeps the name it asked
+    for (deploy/hdfs/README.md); its DistCp path does not.
+    """
+    pair = _distcp_pair(tmp_path, webhdfs, hdfs_cluster)
+    try:
+        nfd = unicodedata.normalize("NFD", "café-") + "table.csv"
+        pair.prod_site.write("prod-data", f"catalog/{nfd}", b"decomposed name\n" * 100)
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(lambda: _refused_or_synced(pair, tmp_path, "nothing was committed"),
+                 "the first DistCp shipment to be applied or refused", timeout=120)
+        assert pair.in_sync(), (
+            "a file with a decomposed-Unicode name stops DistCp replication: "
+            + next((ln for ln in (_log(tmp_path, "primary") + _log(tmp_path, "standby")).splitlines()
+                    if "nothing was committed" in ln), "(no error logged)")[-400:])
+    finally:
+        pair.stop_all()
+
+
+# --- 5. a production file the standby's user may not read -------------------------------------
+
+
+def test_a_production_file_the_standby_user_cannot_read_is_named_in_the_error(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster) -> None:
+    """Production runs as user ``produser``; one file is 0600. The standby's DistCp runs as
+    ``drsync`` (its data root's ``?user=``), which may not read it (README: "That user must read
+    production's snapshot").
+
+    Expected: one line naming the problem (permission denied, which file or user) and what to do.
+    Observed: "DistCp failed (exit 25): IOException: DistCp failure: Job job_local..._0001 has
+    failed: NA" -- the cause (AccessControlException) is in DistCp's output but drsync picks the
+    last exception line, DistCp's summary.
+    """
+    base = f"{webhdfs.test_dir}/{tmp_path.name}"
+    webhdfs.mkdirs(base)
+    webhdfs.chmod(base, 0o777)
+    webhdfs.mkdirs(f"{base}/prod-data")
+    webhdfs.chmod(f"{base}/prod-data", 0o755, owner="produser")
+    prod = HdfsSite(webhdfs, base, user="produser")
+    pair = _distcp_pair(tmp_path, webhdfs, hdfs_cluster, prod_site=prod)
+    try:
+        prod.write("prod-data", "catalog/salaries.csv", b"only production reads this\n" * 50)
+        prod.chmod("prod-data", "catalog/salaries.csv", 0o600)
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(lambda: "nothing was committed" in _log(tmp_path, "standby") + _log(tmp_path, "primary"),
+                 "the standby to refuse the shipment", timeout=120)
+        line = next(ln for ln in (_log(tmp_path, "standby") + _log(tmp_path, "primary")).splitlines()
+                    if "nothing was committed" in ln)
+        assert "Permission denied" in line or "salaries.csv" in line, line[-500:]
+    finally:
+        pair.stop_all()
+
+
+# --- 5. drsync config check: the DistCp command -------------------------------------------------
+
+
+def test_config_check_reports_a_distcp_command_whose_path_does_not_exist(tmp_path: Path, webhdfs) -> None:  # type: ignore[no-untyped-def]
+    """README: "drsync config check checks this, the command and the jar". A command given by its
+    full path (``/opt/hadoop/bin/hadoop distcp``, the usual way outside $PATH) that does not exist
+    passes the check. Observed: every check passes (exit 0); the standby's first shipment then fails.
+    Root cause: DistCpSettings.problems only looks a command up when it has no "/" in it."""
+    site = make_site("hdfs", tmp_path, webhdfs)
+    assert isinstance(site, HdfsSite)
+    webhdfs.mkdirs(site.path("data"))
+    webhdfs.allow_snapshot(site.path("data"))
+    cfg = tmp_path / "standby.toml"
+    cfg.write_text(f'[cluster]\nid = "analytics"\nrelease = "6.2.1"\ndata = "{site.url("data")}"\n'
+                   f'repository = "{tmp_path / "repo"}"\n'
+                   f'[agent]\nname = "standby"\nrole = "standby"\nlisten = "127.0.0.1:0"\nmetrics = "127.0.0.1:0"\n'
+                   f'[replication]\nengine = "distcp"\ndistcp_command = "{tmp_path}/no-hadoop/bin/hadoop distcp"\n'
+                   f'distcp_jar = "{hc.DISTCP_JAR}"\n')
+    assert run_drsync("init", "--config", cfg).code == 0
+    r = run_drsync("config", "check", "--config", cfg, "--json")
+    assert r.code != 0 and "no-hadoop" in r.out, r.out
+
+
+# --- 2. restore by DistCp with distcp_url set ----------------------------------------------------
+
+
+def test_snapshot_restore_to_another_target_with_distcp_url_set(tmp_path: Path, webhdfs, hdfs_cluster) -> None:  # type: ignore[no-untyped-def]
+    """The standby sets ``distcp_url`` (README: "How DistCp jobs reach this cluster's data root").
+    ``drsync snapshot restore ID --config standby.toml --target URL`` then copies by DistCp into the
+    *data root's* staging area (distcp_url), not the target's: the check finds nothing at the target
+    ("not copied", exit 3, blamed on "a file being written when it was captured") and the standby's
+    live data root is left with a ``.drsync-staging`` full of the restore's files, which a running
+    agent's apply shares.
+    Root cause: drsync/dataroot/distcp.py root_url() answers settings.url for any root, and
+    DistCpStager.stage() uses it for the target it stages into."""
+    prod = make_site("hdfs", tmp_path, webhdfs)
+    standby = make_site("hdfs", tmp_path, webhdfs)
+    assert isinstance(standby, HdfsSite)
+    pair = Pair(tmp_path, prod, standby)
+    webhdfs.allow_snapshot(prod.path("prod-data"))
+    webhdfs.mkdirs(standby.path("standby-data"))
+    webhdfs.allow_snapshot(standby.path("standby-data"))
+    active = hdfs_cluster.state()["webhdfs"][0]
+    std_url = f"webhdfs://{active}{standby.path('standby-data')}"
+    _configure(pair, _engine_lines(hdfs_cluster), _engine_lines(hdfs_cluster, url=std_url))
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the standby to match production by DistCp", timeout=120)
+        pair.kill("primary", signal.SIGTERM)
+        applied = _applied(pair)
+        pair.kill("standby", signal.SIGTERM)
+        r = run_drsync("snapshot", "restore", applied, "--config", pair.standby_cfg, "--target",
+                       standby.url("restored"))
+        leftovers = [s["pathSuffix"] for s in standby._fs().list_dir(standby.path("standby-data"))
+                     if s["pathSuffix"].startswith(".drsync")]
+        assert r.code == 0, r.err
+        assert same_tree(standby, "restored", prod, "prod-data")
+        assert leftovers == [], "the restore wrote into the standby's data root"
+    finally:
+        pair.stop_all()
+
+
+# --- 2/5. a standby data root that cannot be snapshotted ---------------------------------------
+
+
+def test_a_standby_root_that_cannot_be_snapshotted_does_not_apply_without_history(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster) -> None:
+    """README: "Both data roots must be snapshottable ... the standby keeps its history in
+    snapshots", and such a root is one of the errors promised a clear message (exit 2).
+    Observed: the standby agent starts, applies every shipment, and only logs a warning per apply
+    ("applied, but not kept as an HDFS snapshot"): it runs without the history that
+    ``snapshot restore`` and promotions rely on. Root cause: drsync/config.py engine_problem()
+    checks only the URL scheme, and Committer._keep_history (drsync/agent/committer.py) turns the
+    failure into a warning after the commit."""
+    pair = _distcp_pair(tmp_path, webhdfs, hdfs_cluster, snapshottable_standby=False)
+    try:
+        pair.start("standby")
+        proc = pair.procs["standby"]
+        pair.start("primary")
+        wait_for(lambda: proc.poll() is not None or pair.in_sync() or "allowSnapshot" in _log(tmp_path, "primary"),
+                 "the standby to refuse or apply", timeout=120)
+        warning = next((ln for ln in _log(tmp_path, "standby").splitlines() if "not kept as an HDFS snapshot" in ln),
+                       "")
+        assert not pair.in_sync(), f"applied with no history kept, only a warning: {warning[-300:]}"
+    finally:
+        pair.stop_all()
+
+
+# --- 1. kill -9 of the standby agent during DistCp ---------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_of_the_standby_during_distcp_leaves_no_copy_running(tmp_path: Path, webhdfs, hdfs_cluster) -> None:  # type: ignore[no-untyped-def]
+    """The standby agent is killed with SIGKILL while its DistCp job runs, then restarted.
+
+    Expected: the dead agent's copy does not outlive it (or the restarted agent stops it before it
+    stages anything of its own): a copy nobody waits for keeps writing into the root's
+    ``.drsync-staging`` -- the area the restarted agent resets, stages, verifies and commits from.
+    Observed: DistCp runs in a session of its own (``start_new_session=True``,
+    drsync/dataroot/distcp.py DistCpStager._run), so it survives the agent's death, and nothing
+    stops it after the restart: it is still running after the restarted standby has applied a
+    snapshot, and goes on writing into the standby's staging area whenever it gets to it.
+    The DistCp here waits on a gate file before it copies (a copy of hours, made quickly).
+    """
+    gate, started, first = tmp_path / "hold", tmp_path / "started", tmp_path / "first-run"
+    slow = tmp_path / "slow-first-distcp"
+    slow.write_text("#!/bin/sh\n"
+                    f"if mkdir {first} 2>/dev/null; then\n"
+                    f"  echo $$ > {started}\n"
+                    f"  while [ -e {gate} ]; do sleep 0.1; done\n"
+                    "fi\n"
+                    f"exec {HADOOP_CLUSTER} distcp {hdfs_cluster.dir} \"$@\"\n")
+    slow.chmod(0o755)
+    gate.touch()
+    lines = _engine_lines(hdfs_cluster, command=str(slow))
+    prod = make_site("hdfs", tmp_path, webhdfs)
+    standby = make_site("hdfs", tmp_path, webhdfs)
+    pair = Pair(tmp_path, prod, standby)
+    webhdfs.allow_snapshot(prod.path("prod-data"))
+    webhdfs.mkdirs(standby.path("standby-data"))
+    webhdfs.allow_snapshot(standby.path("standby-data"))
+    _configure(pair, lines, lines)
+    orphan = 0
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(lambda: started.exists() and started.read_text().strip() != "", "the standby's DistCp to start")
+        orphan = int(started.read_text())
+        pair.kill("standby")  # SIGKILL, in the middle of the copy
+        pair.start("standby")
+        wait_for(pair.in_sync, "the restarted standby to apply a snapshot", timeout=120)
+        assert not _alive(orphan), "the killed agent's DistCp is still running after the restarted standby applied"
+    finally:
+        gate.unlink(missing_ok=True)
+        if orphan and _alive(orphan):
+            os.killpg(orphan, signal.SIGKILL)
+        pair.stop_all()
+
+
+# --- 6. drills and backups of a DistCp-engine standby -------------------------------------------
+
+
+def _tamper_in_place(site: HdfsSite, name: str, rel: str) -> None:
+    """Other bytes of the same length, the modification time and mode put back: what a bad disk
+    or a stray writer leaves, invisible to sizes and times."""
+    fs = site._fs()
+    path = f"{site.path(name)}/{rel}"
+    st = fs.status(path)
+    assert st is not None
+    data = bytearray(fs.read(path))
+    data[len(data) // 2] ^= 0xFF
+    fs.write(path, bytes(data), overwrite=True)
+    fs.set_times(path, int(st["modificationTime"]) * 1_000_000)
+    fs.set_permission(path, int(st["permission"], 8))
+
+
+def test_a_drill_catches_a_damaged_standby_file_and_backups_need_dataless(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster) -> None:
+    """Passes today; nothing else checks that a drill of a DistCp standby fails on damaged bytes,
+    nor that a full or light backup of such a snapshot is refused with its reason."""
+    pair = _distcp_pair(tmp_path, webhdfs, hdfs_cluster)
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the standby to match production by DistCp", timeout=120)
+        pair.kill("primary", signal.SIGTERM)
+        applied = _applied(pair)
+        r = run_drsync("backup", "create", "--config", pair.standby_cfg, "--snapshot", applied,
+                       "--dest", tmp_path / "backups", "--mode", "full")
+        assert r.code == 2 and "dataless" in r.err and "Traceback" not in r.err, r.err
+        r = run_drsync("backup", "create", "--config", pair.standby_cfg, "--snapshot", applied,
+                       "--dest", tmp_path / "backups", "--mode", "dataless")
+        assert r.code == 0, r.err
+        assert isinstance(pair.standby_site, HdfsSite)
+        pair.kill("standby", signal.SIGTERM)  # nothing applies while the drill judges the root
+        _tamper_in_place(pair.standby_site, "standby-data", "tables/orders/part-1.bin")
+        drill = run_drsync("drill", "run", "--config", pair.standby_cfg, "--full", "--json")
+        report = drill.json()
+        assert drill.code == 1 and not report["passed"], report
+        verify = next(s for s in report["steps"] if s["name"] == "verify")
+        assert "part-1.bin" in verify["detail"], verify
+    finally:
+        pair.stop_all()
+
+
+def test_a_drill_after_switching_to_distcp_checks_the_bytes_of_every_file(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster) -> None:
+    """A group that ran ``engine = "agent"`` switches both agents to ``"distcp"`` (the README's
+    table offers the choice; nothing says it must be made on day one).
+
+    The first DistCp capture reuses every unchanged row of the agent-engine parent as it is (rows
+    with chunk lists: drsync/capture.py _ParentView, ``external_ok=True``), so the applied
+    snapshot mixes external rows and chunk rows. The drill of a snapshot with any external row
+    takes the DistCp path (drsync/agent/drill.py run_drill -> distcp_root_step), which checks the
+    bytes of external rows only: a chunk-row file damaged on the standby (same size, time, mode)
+    passes ``drill run --full``. Expected: the full drill fails and names the file."""
+    prod = make_site("hdfs", tmp_path, webhdfs)
+    standby = make_site("hdfs", tmp_path, webhdfs)
+    assert isinstance(standby, HdfsSite)
+    pair = Pair(tmp_path, prod, standby)
+    webhdfs.allow_snapshot(prod.path("prod-data"))
+    webhdfs.mkdirs(standby.path("standby-data"))
+    webhdfs.allow_snapshot(standby.path("standby-data"))
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the agent engine to sync the standby", timeout=120)
+        pair.kill("primary", signal.SIGTERM)
+        pair.kill("standby", signal.SIGTERM)
+        lines = _engine_lines(hdfs_cluster)
+        _configure(pair, lines, lines)
+        prod.write("prod-data", "catalog/f003.txt", b"changed after the switch to DistCp\n" * 20)
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the DistCp engine to ship the change", timeout=120)
+        pair.kill("primary", signal.SIGTERM)
+        pair.kill("standby", signal.SIGTERM)  # nothing applies while the drill judges the root
+        _tamper_in_place(standby, "standby-data", "tables/orders/part-0.bin")  # unchanged since the switch
+        drill = run_drsync("drill", "run", "--config", pair.standby_cfg, "--full", "--json")
+        report = drill.json()
+        verify = next(s for s in report["steps"] if s["name"] == "verify")
+        assert not report["passed"] and "part-0.bin" in verify["detail"], verify
+    finally:
+        pair.stop_all()
