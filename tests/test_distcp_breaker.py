@@ -14,8 +14,6 @@ import sys
 import unicodedata
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import run_drsync
 from tests.hadoop import cluster as hc
 from tests.sites import HdfsSite, make_site, same_tree
@@ -460,9 +458,10 @@ def test_history_snapshots_expire_with_their_snapshots_after_the_standby_became_
         text = pair.standby_cfg.read_text().replace('role = "standby"', 'role = "primary"')
         text = text.replace("[replication]\n", '[replication]\ninterval = "1s"\nstandbys = []\n')
         pair.standby_cfg.write_text(text + '[snapshots]\nkeep = { last = 1 }\n')
-        pair.procs["standby"] = subprocess.Popen(
-            [sys.executable, "-m", "drsync", "agent", "--config", str(pair.standby_cfg)],
-            stdout=open(tmp_path / "promoted.log", "ab"), stderr=subprocess.STDOUT)
+        with open(tmp_path / "promoted.log", "ab") as log:  # the child keeps its own copy of the fd
+            pair.procs["standby"] = subprocess.Popen(
+                [sys.executable, "-m", "drsync", "agent", "--config", str(pair.standby_cfg)],
+                stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: "expired" in _log(tmp_path, "promoted"), "the new primary's retention to expire snapshots")
         listed = {s["id"] for s in run_drsync("snapshot", "list", "--config", pair.standby_cfg, "--json").json()}
         stale = [n for n in kept_before if n.removeprefix("drsync-snap-") not in listed and n in history()]
@@ -498,7 +497,8 @@ def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs
     for name in g.names:
         text = g.cfg[name].read_text()
         text = text.replace(f'data = "{g.data[name]}"', f'data = "{site.url(name + "-data")}"')
-        text = text.replace(f'repository = "{tmp_path / (name + "-repo")}"', f'repository = "{site.url(name + "-repo")}"')
+        text = text.replace(f'repository = "{tmp_path / (name + "-repo")}"',
+                            f'repository = "{site.url(name + "-repo")}"')
         text = text.replace("[coordination]", f'state_dir = "{tmp_path / (name + "-state")}"\n[coordination]')
         g.cfg[name].write_text(text)
         assert run_drsync("init", "--config", g.cfg[name]).code == 0
@@ -561,4 +561,53 @@ def test_a_held_distcp_snapshot_can_be_confirmed(tmp_path: Path, webhdfs, hdfs_c
         assert r.code == 0, r.err
         assert pair.in_sync()
     finally:
+        pair.stop_all()
+
+
+# --- 1. production keeps the source snapshot while a standby copies from it ------------------------
+
+
+def test_an_operators_snapshot_on_production_keeps_the_source_a_standby_copies_from(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster) -> None:
+    """The primary runs one cycle (``--once``; with the default 5m interval the shipment in flight is
+    likewise production's newest capture). While the standby's DistCp copies it (held at a gate),
+    an operator takes a snapshot on production by hand (``drsync snapshot create --config
+    primary.toml``, e.g. before a full backup, as README suggests). README: production "keeps its
+    HDFS snapshot as DistCp's source while a standby may copy from it".
+
+    Observed: the command's capture takes the agent's newest kept snapshot for its diff base and
+    deletes it as "superseded" (drsync/dataroot/hdfs.py _tidy: ``n == base`` -> doomed; only the
+    agent's own process knows what is pinned), so the copy in flight loses its source."""
+    gate, started = tmp_path / "hold", tmp_path / "started"
+    slow = tmp_path / "gated-distcp"
+    slow.write_text("#!/bin/sh\n"
+                    f"if [ -e {gate} ]; then for a in \"$@\"; do echo \"$a\"; done > {started}.tmp; "
+                    f"mv {started}.tmp {started}; while [ -e {gate} ]; do sleep 0.1; done; fi\n"
+                    f"exec {HADOOP_CLUSTER} distcp {hdfs_cluster.dir} \"$@\"\n")
+    slow.chmod(0o755)
+    pair = _distcp_pair(tmp_path, webhdfs, hdfs_cluster, standby_lines=_engine_lines(hdfs_cluster, command=str(slow)))
+    prod = pair.prod_site
+    assert isinstance(prod, HdfsSite)
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the standby to match production by DistCp", timeout=120)
+        pair.kill("primary", signal.SIGTERM)
+        gate.touch()
+        prod.write("prod-data", "catalog/new.bin", os.urandom(200_000))
+        # One cycle (as with the default 5m interval: the shipment in flight is the newest capture).
+        with open(tmp_path / "primary.log", "ab") as log:
+            pair.procs["primary"] = subprocess.Popen(
+                [sys.executable, "-m", "drsync", "agent", "--config", str(pair.primary_cfg), "--once"],
+                stdout=log, stderr=log)
+        wait_for(started.exists, "the standby's DistCp of the change to start")
+        source = started.read_text().splitlines()[-2]  # DistCp's source: production's kept snapshot
+        name = source.rsplit("/", 1)[-1]
+        assert name in webhdfs.snapshots(prod.path("prod-data"))
+        r = run_drsync("snapshot", "create", "--config", pair.primary_cfg, "--name", "before-backup")
+        assert r.code == 0, r.err
+        assert name in webhdfs.snapshots(prod.path("prod-data")), \
+            f"{name}, the source of the standby's copy in flight, was deleted by 'drsync snapshot create'"
+    finally:
+        gate.unlink(missing_ok=True)
         pair.stop_all()
