@@ -155,11 +155,14 @@ class _ParentView:
         self.ctime = t.column("ctime_ns").to_pylist()
         self.inode = t.column("inode").to_pylist()
         self.racy_after = int(captured_at * 1e9) - _RACY_NS
-        # A capture that stores chunks cannot reuse a row whose bytes only an HDFS snapshot held.
-        self.no_reuse: set[int] = set() if external_ok else {
-            i for i, (n, m) in enumerate(zip(pc.list_value_length(t.column("chunks")).to_pylist(),
-                                             pc.list_value_length(t.column("chunk_sizes")).to_pylist(), strict=True))
-            if n != m}
+        # A row is reused only in the form this capture makes: a capture that stores chunks cannot reuse a
+        # row whose bytes only an HDFS snapshot held, and a capture for DistCp checksums files the parent
+        # has as chunks (a snapshot is all one kind, so a standby's checks cover every file).
+        chunk_counts = pc.list_value_length(t.column("chunks")).to_pylist()
+        size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
+        self.no_reuse: set[int] = {
+            i for i, (n, m, size) in enumerate(zip(chunk_counts, size_counts, self.size, strict=True))
+            if (n != m) != external_ok and (size or 0) > 0}
 
     def rows_kept_for(self, scan: TreeScan, kept: list[int], lost: list[str]) -> list[int]:
         """Parent rows to keep (stale) for paths that exist but could not be read: unreadable entries

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import shlex
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import blake3
 
@@ -97,7 +99,10 @@ class SnapshotRequest:
 def distcp_settings(cfg: Config) -> DistCpSettings | None:
     """How this cluster's agent runs DistCp, or None with ``replication.engine = "agent"``."""
     r = cfg.replication
-    return DistCpSettings.from_strings(r.distcp_command, r.distcp_jar, r.distcp_url) if r.engine == "distcp" else None
+    if r.engine != "distcp":
+        return None
+    root = urlsplit(cfg.cluster.data).path or "/"
+    return DistCpSettings.from_strings(r.distcp_command, r.distcp_jar, r.distcp_url, posixpath.normpath(root))
 
 
 def create_snapshot(repo: Repository, req: SnapshotRequest, *,

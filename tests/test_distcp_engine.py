@@ -255,7 +255,7 @@ def test_an_hdfs_pair_replicates_with_distcp(distcp_pair, tmp_path: Path) -> Non
              "the applied snapshot kept as an HDFS snapshot")
     # Production keeps only the snapshots a standby may still copy from (its newest).
     kept = [n for n in cluster.snapshots(prod.path("prod-data")) if n.startswith("drsync-")]
-    assert 1 <= len(kept) <= 2, kept
+    assert 1 <= len(kept) <= 3, kept  # the newest, and at most one offered and one in flight before it
     log = (tmp_path / "standby.log").read_text()
     assert re.search(r"DistCp copied \d+ file\(s\)", log)
     # A drill judges the root by paths, metadata and HDFS checksums (no trial restore from a
@@ -327,3 +327,19 @@ def _proc_state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().lower()
     except OSError:
         return "zombie"
+
+
+def test_the_cause_of_a_failed_distcp_is_its_first_real_exception() -> None:
+    from drsync.dataroot.distcp import _cause
+
+    out = ["2026-12-01 INFO mapreduce.Job: map 0% reduce 0%",
+           "Caused by: org.apache.hadoop.security.AccessControlException: Permission denied: user=drsync, "
+           "access=READ, inode=\"/prod/.snapshot/s/catalog/salaries.csv\":produser:supergroup:-rw-------",
+           "Exception: without a class name",
+           "java.io.IOException: DistCp failure: Job job_local1_0001 has failed: NA"]
+    cause = _cause(out)
+    assert cause.startswith("AccessControlException: Permission denied") and "salaries.csv" in cause
+    assert "grant it read access" in cause
+    assert _cause(["java.io.IOException: DistCp failure: Job x has failed: NA"]).startswith("IOException: DistCp")
+    assert _cause(["ERROR tools.DistCp: something"]) == "ERROR tools.DistCp: something"
+    assert _cause([]) == "no output"

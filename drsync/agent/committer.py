@@ -134,6 +134,7 @@ class Committer:
         """Apply a stored snapshot unless a hold keeps it back (then RefusedError, logged as a warning).
 
         Under :attr:`lock` and the repository's shared lock."""
+        self._check_history_root(info)
         if self.hold.operator_since:
             raise RefusedError(self._refuse(info, (
                 f"standby {self.agent} holds applies (drsync apply --hold since {iso(self.hold.operator_since)}): "
@@ -321,6 +322,21 @@ class Committer:
         os.unlink(self._pending)
         self._keep_history(info.id)
         return result
+
+    def _check_history_root(self, info: SnapshotInfo) -> None:
+        """engine "distcp": a root that cannot be snapshotted would run without the history restores
+        and promotions rely on; refuse (RefusedError, logged) before anything changes."""
+        if self.distcp is None:
+            return
+        root = open_data_root(self.data_root)
+        snapshottable = getattr(root, "snapshottable", None)
+        if snapshottable is not None and not snapshottable():
+            message = (f"snapshot {info.id} not applied: standby data root {self.data_root} cannot be snapshotted, "
+                       f"and replication.engine = \"distcp\" keeps each applied snapshot as an HDFS snapshot of "
+                       f"it; run 'hdfs dfsadmin -allowSnapshot {getattr(root, 'root', self.data_root)}' as the HDFS "
+                       f"superuser")
+            log.warning("%s", message)
+            raise RefusedError(message)
 
     def _keep_history(self, snapshot_id: str) -> None:
         """engine "distcp": keep the applied root as HDFS snapshot ``drsync-snap-<id>`` (cheap, and

@@ -133,11 +133,12 @@ class MaintenanceWorker:
             self._last_gc = time.monotonic()
         if res.deleted:
             log.info("agent %s: expired %d snapshot(s)", self.name, len(res.deleted))
-        if d.role != "primary" and self.cfg.replication.engine == "distcp":
+        if self.cfg.replication.engine == "distcp":  # also on a promoted standby: its old history goes too
             self._drop_history()
 
     def _drop_history(self) -> None:
-        """engine "distcp": a standby's HDFS history snapshots go with the drsync snapshots they keep."""
+        """engine "distcp": HDFS history snapshots go with the drsync snapshots they stand for, in either
+        role (on a promoted standby they would pin every overwritten block of production)."""
         try:
             root = open_data_root(self.cfg.cluster.data)
             gone = root.drop_history({s.id for s in self.repo.list_snapshots()})  # type: ignore[attr-defined]

@@ -93,6 +93,7 @@ class Shipper:
         self.offered: SnapshotInfo | None = None  # the newest snapshot this standby should get
         self.in_flight = ""
         self.in_flight_info: SnapshotInfo | None = None
+        self.held = ""  # the snapshot this standby's deletion guard holds (from its Hello)
         self.backoff_s = BACKOFF_FIRST_S
         self.retry_at = 0.0  # monotonic
         self._ship_lock = threading.Lock()  # one shipment at a time to this target
@@ -173,6 +174,7 @@ class Shipper:
         try:
             epoch = self._epoch()
             hello = link.hello(self.sender, epoch)
+            self.held = hello.held_snapshot  # its source stays on production until an operator decides
             applied = None
             if hello.applied_snapshot:
                 self.position = Position(hello.applied_snapshot, hello.applied_captured_at)
@@ -303,10 +305,17 @@ class Replication:
 
     def pinned_hdfs_snapshots(self) -> frozenset[str]:
         """The kept HDFS snapshots (engine "distcp") a standby may still copy from: those of the
-        snapshots offered or in flight. A capture deletes its process's other ones."""
+        snapshots offered, in flight, or held by a standby's deletion guard. A capture deletes its
+        process's other ones."""
         out = set()
         for s in list(self.shippers.values()):
-            for info in (s.offered, s.in_flight_info):
+            infos = [s.offered, s.in_flight_info]
+            if s.held:  # held by a standby's deletion guard: `drsync apply --confirm` copies from it later
+                try:
+                    infos.append(self.repo.find_snapshot(s.held))
+                except DrsyncError:
+                    pass
+            for info in infos:
                 if info is not None and info.content_snapshot:
                     out.add(info.content_snapshot.rstrip("/").rsplit("/", 1)[-1])
         return frozenset(out)
@@ -315,7 +324,7 @@ class Replication:
         """Snapshots retention must keep: what each standby applied, and what is offered or in flight."""
         out: set[str] = set()
         for s in list(self.shippers.values()):
-            out |= {s.position.snapshot, s.in_flight, s.offered.id if s.offered is not None else ""}
+            out |= {s.position.snapshot, s.in_flight, s.offered.id if s.offered is not None else "", s.held}
         return out - {""}
 
     def close(self) -> None:

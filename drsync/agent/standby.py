@@ -74,6 +74,9 @@ class StandbyReceiver:
     def hold(self) -> ApplyHold:
         return self.committer.hold
 
+    def held_snapshot(self) -> str:
+        return self.committer.hold.snapshot
+
     @property
     def broken(self) -> str:
         return self.committer.broken

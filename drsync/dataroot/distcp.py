@@ -35,6 +35,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,18 +66,20 @@ class DistCpSettings:
 
     ``command``: the words that start DistCp (``hadoop distcp`` on a Hadoop client host); extra
     DistCp options (``-m 50``, ``-bandwidth 100``) may follow. ``jar``: drsync-distcp.jar (built
-    from ``java/distcp``). ``url``: this cluster's data root as a Hadoop URI for DistCp jobs (e.g.
-    ``hdfs://prod-ns/data``); empty: ``webhdfs://<active namenode><root>``.
+    from ``java/distcp``). ``url``: this cluster's data root (its HDFS path ``root``) as a Hadoop URI
+    for DistCp jobs (e.g. ``hdfs://prod-ns/data``); empty: the active namenode's RPC address (from
+    its JMX), else ``webhdfs://<active namenode><root>``.
     """
 
     command: tuple[str, ...] = ("hadoop", "distcp")
     jar: str = ""
     url: str = ""
+    root: str = ""  # the HDFS path ``url`` stands for: other roots (a restore's target) get the default
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_strings(cls, command: str, jar: str, url: str) -> DistCpSettings:
-        return cls(tuple(shlex.split(command)), jar, url.rstrip("/"))
+    def from_strings(cls, command: str, jar: str, url: str, root: str = "") -> DistCpSettings:
+        return cls(tuple(shlex.split(command)), jar, url.rstrip("/"), root.rstrip("/") or "/")
 
     def problems(self) -> list[str]:
         """What keeps DistCp from running here, as one line each (for ``config check`` and startup)."""
@@ -86,6 +89,9 @@ class DistCpSettings:
         elif "/" not in self.command[0] and not shutil.which(self.command[0]):
             out.append(f"replication.distcp_command: {self.command[0]!r} is not on PATH; install a Hadoop "
                        f"client on this host or give the full path")
+        elif "/" in self.command[0] and not os.access(self.command[0], os.X_OK):
+            out.append(f"replication.distcp_command: {self.command[0]} does not exist or is not executable; "
+                       f"install a Hadoop client there or correct the path")
         if not self.jar:
             out.append("replication.distcp_jar is not set: point it at drsync-distcp.jar (make hadoop builds "
                        "java/distcp/target/drsync-distcp.jar)")
@@ -96,11 +102,15 @@ class DistCpSettings:
 
 
 def root_url(settings: DistCpSettings, root: object) -> str:
-    """The Hadoop URI of a data root for DistCp: the configured one, or WebHDFS at the active namenode."""
-    if settings.url:
-        return settings.url
+    """The Hadoop URI of a data root for DistCp: ``distcp_url`` for the configured data root; else the
+    active namenode's RPC address (RPC keeps names exactly as asked and moves data faster), or
+    WebHDFS at the active namenode where its RPC address cannot be learned."""
     fs, path = root.fs, root.root  # type: ignore[attr-defined]
-    return f"webhdfs://{fs.active_namenode()}{path}"
+    if settings.url and (not settings.root or path.rstrip("/") == settings.root.rstrip("/") or
+                         path.rstrip("/") == ""):
+        return settings.url
+    rpc = fs.rpc_address()
+    return f"hdfs://{rpc}{path}" if rpc else f"webhdfs://{fs.active_namenode()}{path}"
 
 
 class DistCpStager:
@@ -135,6 +145,13 @@ class DistCpStager:
         # its client) can only write where no later apply looks.
         sub = f"distcp-{secrets.token_hex(6)}"
         target = f"{root_url(self.settings, root)}/{STAGING}/{sub}"
+        if "webhdfs://" in (self.source + target).lower():
+            odd = next((e.path for _, e in items if not unicodedata.is_normalized("NFC", e.path)), None)
+            if odd is not None:  # Hadoop's WebHDFS client follows a redirect that composes the name
+                raise OperationFailed(f"{self.what}: {printable(odd)} has a name in decomposed Unicode, which DistCp "
+                                      f"over WebHDFS reads as its composed twin; set replication.distcp_url on both "
+                                      f"agents to the cluster's RPC URI (hdfs://nameservice/path); nothing was "
+                                      f"committed")
         started = time.monotonic()
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", prefix="drsync-distcp-", suffix=".lst",
                                          delete=False) as f:
@@ -154,8 +171,12 @@ class DistCpStager:
 
     def _run(self, listing: str, target: str, user: str | None) -> None:
         s = self.settings
+        # COMPOSITE_CRC lets DistCp's own check compare across block sizes, but only where both sides are
+        # read over RPC: a WebHDFS side answers MD5-of-MD5-of-CRC32C whatever the client asks, which
+        # matches the other side's only in that form (-pb keeps block size and checksum type alike).
+        mode = ["-Ddfs.checksum.combine.mode=COMPOSITE_CRC"] if "webhdfs://" not in (self.source + target) else []
         args = [*s.command, f"-D{LISTING_KEY}=file://{listing}", f"-Ddistcp.copy.listing.class={LISTING_CLASS}",
-                "-Ddfs.checksum.combine.mode=COMPOSITE_CRC", "-pb", self.source, target]
+                *mode, "-pb", self.source, target]
         env = {**os.environ, **s.env}
         env["HADOOP_CLASSPATH"] = ":".join(p for p in (s.jar, env.get("HADOOP_CLASSPATH", "")) if p)
         if user:  # simple authentication: DistCp acts as the user the data root's URL names
@@ -171,6 +192,7 @@ class DistCpStager:
             raise OperationFailed(f"{self.what}: cannot start DistCp ({shlex.join(s.command)}): {e.strerror or e}; "
                                   f"set replication.distcp_command") from None
         tail: list[str] = []
+        exceptions: list[str] = []  # every exception line (the first is often the cause), bounded
 
         def read() -> None:
             assert proc.stdout is not None
@@ -180,6 +202,8 @@ class DistCpStager:
                     continue  # stack frames and the exit note: the cause is on the lines before
                 tail.append(line.rstrip())
                 del tail[:-_OUTPUT_TAIL]
+                if "Exception: " in line and len(exceptions) < _OUTPUT_TAIL:
+                    exceptions.append(line.rstrip())
 
         reader = threading.Thread(target=read, name="drsync-distcp-output", daemon=True)
         reader.start()
@@ -191,13 +215,14 @@ class DistCpStager:
                                 f"committed")
         reader.join(5)
         if proc.returncode != 0:
-            text = "\n".join(tail)
-            if ".snapshot" in self.source and ("FileNotFoundException" in text or "does not exist" in text):
+            text = "\n".join(exceptions + tail)
+            if ".snapshot" in self.source and "source root" in text and "does not exist" in text:
                 raise OperationFailed(f"{self.what}: the HDFS snapshot to copy from ({self.source}) is gone (a newer "
                                       f"capture replaced it); nothing was committed, and the next shipment copies "
                                       f"from a newer one")
-            raise OperationFailed(f"{self.what}: DistCp failed (exit {proc.returncode}): {_cause(tail)[:300]}; "
-                                  f"nothing was committed (run with --debug for its whole output)")
+            cause = _cause(exceptions + tail)[:400]
+            raise OperationFailed(f"{self.what}: DistCp failed (exit {proc.returncode}): {cause}; nothing was "
+                                  f"committed (run with --debug for its whole output)")
 
     def _verify(self, root: object, sub: str, items: list[tuple[int, Entry]]) -> dict[str, str]:
         fs = root.fs  # type: ignore[attr-defined]
@@ -229,13 +254,26 @@ class DistCpStager:
         return {e.path: f"{STAGING}/{sub}/{n}" for n, e in items}
 
 
+# DistCp's own summaries of a failure: the cause is an earlier exception line.
+_SUMMARIES = ("DistCp failure", "has failed", "Job failed", "Task failed")
+
+
 def _cause(lines: list[str]) -> str:
-    """The most telling line of DistCp's output: the last exception with its message, else an ERROR."""
-    for line in reversed(lines):
+    """The most telling line of DistCp's output: the first exception that is not one of DistCp's
+    summaries (a permission denied, a missing file), else the last exception, else an ERROR line.
+    A denied permission says what to do about it."""
+    found: list[str] = []
+    for line in lines:
         exc, sep, message = line.partition("Exception: ")
         if sep and message.strip():
-            return f"{exc.rsplit('.', 1)[-1].rsplit('$', 1)[-1]}Exception: {message.strip()}"
-    return next((ln for ln in reversed(lines) if "ERROR" in ln), lines[-1] if lines else "no output").strip()
+            words = exc.split()
+            name = words[-1].rsplit(".", 1)[-1].rsplit("$", 1)[-1] if words else ""
+            found.append(f"{name}Exception: {message.strip()}")
+    cause = next((f for f in found if not any(s in f for s in _SUMMARIES)), found[-1] if found else "")
+    if "AccessControlException" in cause or "Permission denied" in cause:
+        return (f"{cause} (the user DistCp runs as, the standby data root's ?user=, must read production's "
+                f"snapshot: grant it read access there)")
+    return cause or next((ln for ln in reversed(lines) if "ERROR" in ln), lines[-1] if lines else "no output").strip()
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:

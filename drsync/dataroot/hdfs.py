@@ -69,6 +69,21 @@ def _own(name: str) -> bool:
     return stamp.isdigit() and name == f"{SNAPSHOT_PREFIX}{stamp}-{_HOST}-{os.getpid()}"
 
 
+def _alive_here(name: str) -> bool:
+    """Whether a drsync snapshot was taken on this host by a process that still runs (an agent)."""
+    stamp = _stamp(name)
+    host, _, pid = name[len(SNAPSHOT_PREFIX) + len(stamp) + 1:].rpartition("-")
+    if host != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _leftover(name: str, now_ms: int) -> bool:
     stamp = _stamp(name)
     if not stamp.isdigit():
@@ -438,8 +453,10 @@ class HdfsDataRoot:
             if n == name or n in pinned:
                 continue
             if n == base:
-                if ok:
-                    doomed.append(n)  # superseded by this capture's snapshot (or by a full walk)
+                # Superseded by this capture's snapshot (or a full walk), when it is this process's or its
+                # process is over: an agent's snapshot may still be a standby's DistCp source.
+                if ok and (_own(n) or _leftover(n, now_ms) or not _alive_here(n)):
+                    doomed.append(n)
             elif _leftover(n, now_ms) or (sweep_own and _own(n)):
                 doomed.append(n)
         for n in doomed:
@@ -461,6 +478,11 @@ class HdfsDataRoot:
             if e.exception == "SnapshotException" and "already" in str(e).lower():
                 return
             raise
+
+    def snapshottable(self) -> bool:
+        """Whether HDFS snapshots of the root can be taken (``hdfs dfsadmin -allowSnapshot``)."""
+        s = self.fs.status(self.root)
+        return bool(s and s.get("snapshotEnabled"))
 
     def history_snapshots(self) -> list[str]:
         """The HDFS snapshots :meth:`keep_history` made, by name."""

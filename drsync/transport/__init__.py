@@ -56,6 +56,8 @@ class StandbyHello:
     # The standby's own lag, on the primary's clock (its estimate); None before it applied anything or when
     # the agent does not send it.
     lag_s: float | None = None
+    # The snapshot the standby's deletion guard holds back (stored, waiting for an operator), or "".
+    held_snapshot: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,10 @@ class Receiver(Protocol):
     def greet(self, caller: Caller) -> None: ...
 
     def lag_s(self) -> float | None: ...
+
+    def held_snapshot(self) -> str:
+        """The snapshot the deletion guard holds back ("" when none)."""
+        ...
 
     def admit(self, caller: Caller) -> None: ...
 

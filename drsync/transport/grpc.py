@@ -167,11 +167,12 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
             self.receiver.greet(Caller(request.sender, int(request.epoch), request.sent_at, received,
                                        peer_names(context), request.sender_instance))
             lag = self.receiver.lag_s() if self.role == "standby" else None
+        held = self.receiver.held_snapshot() if self.receiver is not None else ""
         return pb.HelloReply(agent=self.agent, role=self.role, cluster_id=self.cluster_id, release=self.release,
                              epoch=epoch, applied_snapshot=st.applied_snapshot if st else "",
                              applied_captured_at=st.applied_captured_at if st else 0.0,
                              applied_at=st.applied_at if st else 0.0, lag_s=lag or 0.0, lag_known=lag is not None,
-                             received_at=received, replied_at=time.time())
+                             held_snapshot=held, received_at=received, replied_at=time.time())
 
     def _same_caller(self, context: grpc.ServicerContext, first: Caller, sender: str, epoch: int) -> None:
         if (sender, int(epoch)) != (first.sender, first.epoch):
@@ -391,7 +392,8 @@ class GrpcStandbyLink:
             offset = ((r.received_at - sent) + (r.replied_at - back)) / 2
             rtt = max(0.0, (back - sent) - (r.replied_at - r.received_at))
         return StandbyHello(r.agent, r.role, r.cluster_id, r.release, r.epoch, r.applied_snapshot,
-                            r.applied_captured_at, r.applied_at, offset, rtt, r.lag_s if r.lag_known else None)
+                            r.applied_captured_at, r.applied_at, offset, rtt, r.lag_s if r.lag_known else None,
+                            r.held_snapshot)
 
     def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
         failed: list[DrsyncError] = []
