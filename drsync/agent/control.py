@@ -210,6 +210,13 @@ def switchover(cfg: Config, *, to: str | None = None, timeout_s: float | None = 
                 result.update(doc)
                 result["epoch"] = p.epoch
                 return True
+            if doc.get("status") == "handed-over":  # a promotion right after the hand-over wins over it
+                e = coord.read_epoch()
+                if e.epoch > int(doc.get("epoch") or 0) and e.promoted_by != to:
+                    result["failed"] = (f"{primary.agent} handed over to {to} at epoch {doc.get('epoch')}, but a "
+                                        f"promotion of {e.promoted_by} at epoch {e.epoch} came right after it; "
+                                        f"{e.promoted_by} is the primary (see drsync history)")
+                    return True
             return False
 
         done = _wait(finished, limit, 0.05)

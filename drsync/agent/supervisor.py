@@ -148,8 +148,9 @@ class RoleSupervisor:
             if not (p is not None and p.mine and p.agent == self.name and p.epoch == epoch
                     and view.epoch.epoch == epoch):
                 self.wake()  # the loop decides what this means (pause, step down)
-                raise FencedError(f"the primary claim at epoch {epoch} is gone (group epoch {view.epoch.epoch}, "
-                                  f"primary {p.agent if p else 'none'}); not committing")
+                raise FencedError(f"the primary claim at epoch {epoch} is gone (group epoch {view.epoch.epoch} names "
+                                  f"{view.epoch.promoted_by or 'nobody'}, primary node held by "
+                                  f"{p.agent if p else 'nobody'}); not committing")
 
     def _on_session(self, state: SessionState) -> None:
         # Called from kazoo's thread: record and wake the loop, never block here. The shippers see the
