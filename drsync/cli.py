@@ -607,21 +607,19 @@ def repo_unlock(inv: Invocation, all_locks: bool) -> None:
 @cli.command("status")
 @_config_only
 def status_cmd(inv: Invocation) -> None:
-    """Who is primary, the epoch, and every agent's role, lag and applied snapshot."""
-    from drsync.agent.status import collect_status
+    """Who is primary, the epoch, and every agent the group has known: up or down, last seen, role, lag."""
+    from drsync.agent.status import agent_rows, collect_status, headline
 
     if inv.config is None:
         raise UsageError("drsync status needs --config FILE (the agent's configuration)")
     doc = collect_status(inv.config)
 
     def human() -> None:
-        click.echo(f"group {doc['group']}: primary {doc['primary'] or '(none)'}, epoch {doc['epoch']}"
-                   + (f" (promoted {doc['promoted_at']}: {doc['promotion_reason']})" if doc.get("promoted_at")
-                      else ""))
-        _table(["AGENT", "ROLE", "ADDRESS", "LAG", "APPLIED SNAPSHOT"],
-               [[a["name"] or "?", a["role"] if a["reachable"] else "unreachable", a["address"] or "-",
-                 "-" if a["lag_s"] is None else f"{a['lag_s']:.1f}s", a["applied_snapshot"] or "-"]
-                for a in doc["agents"]])
+        click.echo(headline(doc))
+        _table(["AGENT", "STATE", "ROLE", "ADDRESS", "LAST SEEN", "LAG", "APPLIED SNAPSHOT"], agent_rows(doc))
+        for a in doc["agents"]:
+            if a.get("state") == "down":
+                click.echo(f"agent {a['name'] or a['address']} is down: {a.get('down_reason')}")
         m = doc.get("maintenance")
         if m:
             click.echo(f"MAINTENANCE: agent {m['agent']} (primary of epoch {m.get('epoch')}) stopped on purpose "
@@ -649,6 +647,19 @@ def status_cmd(inv: Invocation) -> None:
             click.echo("no drill yet (drsync drill run on a standby)")
 
     emit(inv, doc, human)
+
+
+@cli.command("history")
+@_config_only
+@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
+              help="How many changes to show, newest first (0: every one kept).")
+def history_cmd(inv: Invocation, limit: int) -> None:
+    """Every change of primary in this group: epoch, from, to, when, why and by whom."""
+    from drsync.agent.history import collect_history, history_rows
+
+    entries = collect_history(_need_config(inv, "history"), limit)
+    emit(inv, entries, lambda: _table(["EPOCH", "WHEN", "FROM", "TO", "WHY", "BY", "DETAIL"], history_rows(entries))
+         if entries else click.echo("no change of primary recorded yet (drsync promote makes the first)"))
 
 
 @cli.command("promote")

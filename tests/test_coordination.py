@@ -3,6 +3,8 @@ ephemeral records, ACLs and chroot."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from drsync.coordination import CoordinationUnavailable, Epoch, EpochConflict, PrimaryTaken, SessionState
@@ -168,4 +170,77 @@ def test_maintenance_marker_round_trip(zk_server, group: str) -> None:
         b.clear_maintenance("east")
         assert b.read_maintenance() is None
     finally:
+        b.close()
+
+
+def test_members_outlive_sessions_with_heartbeat_and_clean_leave(zk_server, group: str) -> None:
+    """members/<name> is persistent: refreshed by the heartbeat, marked on a clean stop, kept after expiry."""
+    a, b = coord(zk_server.hosts, group), coord(zk_server.hosts, group)
+    try:
+        a.register("east", {"role": "primary", "address": "x", "agent_id": "A", "refresh_s": 5.0, "lag_s": 1})
+        b.register("west", {"role": "standby", "address": "y", "agent_id": "W"})
+        east = a.members()["east"]
+        assert east.record is not None and east.record["address"] == "x"
+        assert {k: east.member[k] for k in ("name", "role", "address", "agent_id", "refresh_s")} == \
+            {"name": "east", "role": "primary", "address": "x", "agent_id": "A", "refresh_s": 5.0}
+        assert "lag_s" not in east.member and east.member["session_timeout_s"] > 0
+        assert abs(east.refreshed_at - time.time()) < 60
+        # The heartbeat refreshes the record, only from the session holding the registration.
+        assert a.touch_member("east") is True
+        beat = a.members()["east"]
+        assert beat.member["last_seen"] > east.member["last_seen"] and beat.refreshed_at >= east.refreshed_at
+        assert b.touch_member("east") is False
+        # A clean stop: the registration goes, the record says so; another agent id's record is left alone.
+        b.deregister("east", "W", "agent stopped")
+        assert a.members()["east"].record is not None and "left_at" not in a.members()["east"].member
+        a.deregister("east", "A", "agent stopped")
+        gone = b.members()["east"]
+        assert gone.record is None and gone.member["left_reason"] == "agent stopped" and gone.member["left_at"] > 0
+        # A session that ends without a word (kill -9, expiry): the record stays, without left_at.
+        b.close()
+        west = a.members()["west"]
+        assert west.record is None and west.member["address"] == "y" and "left_at" not in west.member
+        # Registering again clears the clean-stop mark.
+        a.register("east", {"role": "standby", "address": "x", "agent_id": "A"})
+        assert "left_at" not in a.members()["east"].member
+    finally:
+        a.close()
+        b.close()
+
+
+def test_history_is_written_in_the_same_transaction_as_the_epoch(zk_server, group: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from drsync.coordination import zookeeper
+
+    a, b = coord(zk_server.hosts, group), coord(zk_server.hosts, group)
+    try:
+        e1 = a.promote(a.read_epoch(), "east", "first promotion", history={"from": None, "why": "first promotion",
+                                                                            "by": "ops@h"})
+        claim = a.claim_primary(e1, "east", "127.0.0.1:1")
+        assert claim.mine
+        (h1,) = b.history(10)
+        assert (h1["epoch"], h1["from"], h1["to"], h1["why"], h1["by"]) == (1, None, "east", "first promotion", "ops@h")
+        # A promotion that loses the compare-and-set leaves no history behind.
+        with pytest.raises(EpochConflict):
+            b.promote(Epoch(), "west", "manual", history={"from": "east", "why": "manual", "by": "ops@h"})
+        assert len(b.history(10)) == 1
+        e2 = b.promote(b.read_epoch(), "west", "forced", history={"from": "east", "why": "forced", "by": "ops@h"})
+        b.claim_primary(e2, "west", "127.0.0.1:2")
+        b.release_primary("west")
+        b.claim_primary(e2, "west", "127.0.0.1:2", history={"from": "west", "why": "claim after restart", "by": "w"})
+        done = b.hand_over(e2, "west", "east", history={"from": "west", "why": "switchover", "by": "ops@h"})
+        assert done.epoch == 3
+        entries = a.history(10)
+        assert [(e["epoch"], e["from"], e["to"], e["why"]) for e in entries] == [
+            (3, "west", "east", "switchover"), (2, "west", "west", "claim after restart"),
+            (2, "east", "west", "forced"), (1, None, "east", "first promotion")]
+        assert [e["seq"] for e in entries] == sorted((e["seq"] for e in entries), reverse=True)
+        assert a.history(2) == entries[:2]
+        # Bounded to the newest HISTORY_KEEP.
+        monkeypatch.setattr(zookeeper, "HISTORY_KEEP", 3)
+        e = a.read_epoch()
+        for _ in range(3):
+            e = a.promote(e, "east", "manual", history={"from": "east", "why": "manual", "by": "ops@h"})
+        assert [x["epoch"] for x in a.history(100)] == [6, 5, 4]
+    finally:
+        a.close()
         b.close()

@@ -322,6 +322,11 @@ def test_automatic_failover_across_repeated_trials(make_group) -> None:  # type:
             holders.setdefault(p[1], set()).add(p[0])
     assert all(len(v) == 1 for v in holders.values()), holders
     assert [(next(iter(holders[e])), e) for _, e in acted] == acted
+    # The group's history has each automatic failover, by the agent that promoted itself, in epoch order.
+    entries = g.drsync("east", "history", "--json").json()[:trials]
+    assert [(e["epoch"], e["to"], e["why"], e["by"].split()[:2]) for e in reversed(entries)] == \
+        [(e, who, "automatic failover", ["agent", who]) for who, e in acted]
+    assert all(e["from"] != e["to"] and e["from"] in g.names for e in entries)
     # Each agent says, in its own log, that it became primary exactly at the epochs ZooKeeper gave it.
     for name in g.names:
         became = [int(line.rsplit(" ", 1)[1]) for line in g.log(name).splitlines()

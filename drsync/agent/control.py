@@ -19,6 +19,7 @@ from typing import Any
 
 from drsync import engine
 from drsync.agent.fencing import approve_rejoin, fence_env, run_command
+from drsync.agent.history import operator
 from drsync.agent.locks import StateDirLock
 from drsync.agent.loop import open_coordinator
 from drsync.agent.roles import format_span, promotion_refusal
@@ -183,7 +184,12 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
             if view2.epoch.version != view.epoch.version:
                 raise RefusedError(f"the group changed while fence_command ran (epoch {view2.epoch.epoch} now names "
                                    f"{view2.epoch.promoted_by}); nothing was promoted; run drsync status")
-        new = coord.promote(view.epoch, me, reason)
+        new = coord.promote(view.epoch, me, reason, history={
+            "from": old or None, "why": reason, "by": operator(),
+            "detail": (f"drsync promote{' --force' if force else ''}{' --accept-data-loss' if accept_data_loss else ''}"
+                       f"{' --no-fence' if no_fence else ''}" + (f"; {primary.agent}'s session was alive (fenced)"
+                                                                  if primary is not None else "")),
+            "lag_s": round(lag, 3) if lag is not None else None, "snapshot": state.applied_snapshot or None})
         doc: dict[str, Any] = {
             "agent": me, "epoch": new.epoch, "promoted": True, "reason": reason,
             "previous_primary": primary.agent if primary else (view.epoch.promoted_by or None),
@@ -245,6 +251,7 @@ def switchover(cfg: Config, *, to: str | None = None, timeout_s: float | None = 
                                f"and let it catch up first")
         coord.request_switchover({"to": to, "from": primary.agent, "status": "requested",
                                   "requested_at": time.time(), "requested_by": cfg.agent.name,
+                                  "operator": operator(),
                                   "epoch": view.epoch.epoch})
         limit = timeout_s if timeout_s is not None else cfg.coordination.switchover_timeout
         result: dict[str, Any] = {}
@@ -259,6 +266,13 @@ def switchover(cfg: Config, *, to: str | None = None, timeout_s: float | None = 
                 result.update(doc)
                 result["epoch"] = p.epoch
                 return True
+            if doc.get("status") == "handed-over":  # a promotion right after the hand-over wins over it
+                e = coord.read_epoch()
+                if e.epoch > int(doc.get("epoch") or 0) and e.promoted_by != to:
+                    result["failed"] = (f"{primary.agent} handed over to {to} at epoch {doc.get('epoch')}, but a "
+                                        f"promotion of {e.promoted_by} at epoch {e.epoch} came right after it; "
+                                        f"{e.promoted_by} is the primary (see drsync history)")
+                    return True
             return False
 
         done = _wait(finished, limit, 0.05)

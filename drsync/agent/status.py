@@ -1,8 +1,9 @@
 """The group view for ``drsync status``.
 
 With ZooKeeper roles it comes from the group's nodes (so it works while the
-primary is down); with fixed roles, from asking this agent and its configured
-standbys over gRPC.
+primary is down): every agent the group has known, ``up`` or ``down`` with when
+it was last seen (rules in :mod:`drsync.agent.presence`); with fixed roles, from
+asking this agent and its configured standbys over gRPC.
 
 Lag is read on the primary's clock, never this machine's: with ZooKeeper roles
 it is what each standby publishes; with fixed roles it is measured with the
@@ -13,16 +14,22 @@ primary does not answer, what the standby itself reports.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from drsync.agent.clock import lag_s
+from drsync.agent.presence import ANSWERS, Presence, ago, judge, now_on, probe
 from drsync.config import Config
+from drsync.coordination import Member
 from drsync.errors import DrsyncError
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import iso
 from drsync.storage import open_storage
 from drsync.transport import StandbyHello
 from drsync.transport.grpc import GrpcStandbyLink
+
+# How long the health check of an agent whose port accepts connections may take.
+PROBE_HEALTH_S = 2.0
 
 
 def collect_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -51,43 +58,120 @@ def _maintenance(doc: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def collect_group_status(cfg: Config) -> dict[str, Any]:
-    """The group as ZooKeeper records it: primary, epoch, and every running agent's record."""
+    """The group as ZooKeeper records it: primary, epoch, and every agent it has known, up or down
+    (the rules are in :mod:`drsync.agent.presence`)."""
     from drsync.agent.loop import open_coordinator
 
     coord = open_coordinator(cfg)
     coord.start()
     try:
         view = coord.view()
-        records = coord.agents()
+        members = coord.members()
         state = coord.read_state()
         drills = coord.drills(1)
+        changes = coord.history(1)
     finally:
         coord.close()
-    now = time.time()
     primary = view.primary
-    agents = []
-    for name, r in records.items():
-        role = r.get("role", "unknown")
-        # The lag the standby published (on the primary's clock, at most a few seconds old); only a record
-        # without one (an older agent) is recomputed here, on this machine's clock.
-        lag = r.get("lag_s") if "lag_s" in r else lag_s(float(r.get("applied_captured_at") or 0.0), 0.0, now)
-        agents.append({
-            "name": name, "role": role, "address": r.get("address"), "epoch": r.get("epoch"),
-            "lag_s": round(float(lag), 3) if lag is not None and role == "standby" else None,
-            "applied_snapshot": r.get("applied_snapshot"), "cluster_id": r.get("cluster_id"),
-            "release": r.get("release"), "heartbeat_age_s": round(now - float(r.get("heartbeat") or now), 3),
-            "waiting_to_rejoin": r.get("waiting_to_rejoin"), "apply_hold": r.get("apply_hold"),
-            "reachable": True})
-    if primary is not None and primary.agent not in records:
-        agents.append({"name": primary.agent, "role": "primary", "address": primary.address, "epoch": primary.epoch,
-                       "lag_s": None, "applied_snapshot": None, "reachable": True})
-    return {"group": cfg.coordination.group, "primary": primary.agent if primary else None,
-            "epoch": view.epoch.epoch, "promoted_by": view.epoch.promoted_by or None,
+    if primary is not None and primary.agent not in members:  # a claim without records: an older agent
+        members[primary.agent] = Member(primary.agent, {"role": "primary", "address": primary.address}, {}, 0.0)
+    probes = _probe_all(cfg, members)
+    now = now_on(members)
+    marker = view.maintenance or {}
+    agents = [_agent_row(m, judge(m, now=now, probe=probes.get(name)), probes.get(name), now,
+                         maintenance=marker.get("agent") == name) for name, m in members.items()]
+    states = {a["name"]: a["state"] for a in agents}
+    claim = None
+    if primary is not None:
+        claim = {"agent": primary.agent, "epoch": primary.epoch, "since": iso(primary.since),
+                 "state": states.get(primary.agent)}
+    last = dict(changes[0]) if changes else None
+    if last is not None:
+        last["at"], last["at_unix"] = iso(float(last.get("at") or 0.0)), last.get("at")
+    return {"group": cfg.coordination.group,
+            "primary": primary.agent if primary is not None and states.get(primary.agent) == "up" else None,
+            "primary_claim": claim, "epoch": view.epoch.epoch, "promoted_by": view.epoch.promoted_by or None,
             "promoted_at": iso(view.epoch.at) if view.epoch.at else None, "promotion_reason": view.epoch.reason or None,
             "primary_since": iso(primary.since) if primary else None, "agents": agents, "state": state,
             "switchover": view.switchover, "maintenance": _maintenance(view.maintenance),
-            "last_snapshot": _last_snapshot(cfg),
+            "last_change": last, "last_snapshot": _last_snapshot(cfg),
             "last_drill": drills[-1] if drills else None}
+
+
+def _probe_all(cfg: Config, members: dict[str, Member]) -> dict[str, str]:
+    """Probe the address of every registered agent at once (a kill -9 leaves its registration behind)."""
+    tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
+
+    def health(address: str) -> bool:
+        link = GrpcStandbyLink(address, tls=tls)
+        try:
+            return link.health(timeout_s=PROBE_HEALTH_S)
+        finally:
+            link.close()
+
+    targets = {n: str(m.record.get("address")) for n, m in members.items() if m.record and m.record.get("address")}
+    if not targets:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
+        futures = {n: pool.submit(probe, a, health) for n, a in targets.items()}
+        return {n: f.result() for n, f in futures.items()}
+
+
+def _agent_row(m: Member, p: Presence, probed: str | None, now: float, *, maintenance: bool) -> dict[str, Any]:
+    r = m.record or {}
+    doc = {**m.member, **r}
+    up = p.state == "up"
+    role = r.get("role") if up else None
+    # The lag the standby published (on the primary's clock, at most a few seconds old); only a record
+    # without one (an older agent) is recomputed here, on this machine's clock.
+    lag = r.get("lag_s") if "lag_s" in r else lag_s(float(r.get("applied_captured_at") or 0.0), 0.0, now)
+    seen = p.last_seen or None
+    return {
+        "name": m.name, "state": p.state, "down_reason": p.why or None, "role": role,
+        "last_role": doc.get("role", "unknown"), "maintenance": maintenance, "address": doc.get("address"),
+        "epoch": doc.get("epoch"), "lag_s": round(float(lag), 3) if lag is not None and role == "standby" else None,
+        "applied_snapshot": doc.get("applied_snapshot"), "cluster_id": doc.get("cluster_id"),
+        "release": doc.get("release"), "host": doc.get("host"),
+        "last_seen": iso(seen) if seen else None, "last_seen_unix": round(seen, 3) if seen else None,
+        "last_seen_age_s": round(now - seen, 3) if seen else None, "registered": m.record is not None,
+        "probe": probed, "reachable": None if probed is None else probed == ANSWERS,
+        "heartbeat_age_s": round(now - float(r["heartbeat"]), 3) if r.get("heartbeat") else None,
+        "waiting_to_rejoin": r.get("waiting_to_rejoin") if up else None,
+        "apply_hold": r.get("apply_hold") if up else None}
+
+
+def headline(doc: dict[str, Any]) -> str:
+    """The first line of ``drsync status``: the primary (or why there is none up), the epoch, the last change."""
+    claim = doc.get("primary_claim")
+    if doc["primary"]:
+        who = f"primary {doc['primary']}"
+    elif claim:
+        who = (f"primary {claim['agent']} is DOWN (its ZooKeeper session has not expired yet: drsync promote needs "
+               f"--force)")
+    else:
+        named = doc.get("promoted_by")
+        who = f"primary (none; epoch {doc['epoch']} names {named}, which is down)" if named else "primary (none)"
+    line = f"group {doc['group']}: {who}, epoch {doc['epoch']}"
+    last = doc.get("last_change")
+    if last and last.get("epoch") == doc["epoch"]:
+        return line + f" ({last.get('why')} {last.get('at')} by {last.get('by')})"
+    if doc.get("promoted_at"):
+        return line + f" (promoted {doc['promoted_at']}: {doc['promotion_reason']})"
+    return line
+
+
+def agent_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """Table rows: AGENT, STATE, ROLE, ADDRESS, LAST SEEN, LAG, APPLIED SNAPSHOT."""
+    rows = []
+    for a in doc["agents"]:
+        state = a.get("state") or ("up" if a.get("reachable") else "down")
+        if a.get("maintenance"):
+            state += " (maintenance)"
+        role = a.get("role") or (f"was {a['last_role']}" if a.get("last_role") not in (None, "unknown") else "-")
+        age = a.get("last_seen_age_s")
+        rows.append([a["name"] or "?", state, role, a["address"] or "-", "-" if age is None else ago(age),
+                     "-" if a["lag_s"] is None else f"{a['lag_s']:.1f}s", a["applied_snapshot"] or "-"])
+    return rows
 
 
 def collect_pair_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -103,12 +187,15 @@ def collect_pair_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any
             agents.append({
                 "name": h.agent, "role": h.role, "address": address, "epoch": h.epoch, "lag_s": h.lag_s,
                 "applied_snapshot": h.applied_snapshot or None, "applied_at": iso(h.applied_at) if h.applied_at
-                else None, "reachable": True})
+                else None, "reachable": True, "state": "up", "last_seen": iso(time.time()),
+                "last_seen_unix": round(time.time(), 3), "last_seen_age_s": 0.0})
             hellos.append((agents[-1], h, time.time()))
         except DrsyncError as e:
             agents.append({"name": cfg.agent.name if address == cfg.agent.listen else None, "role": "unknown",
                            "address": address, "epoch": None, "lag_s": None, "applied_snapshot": None,
-                           "applied_at": None, "reachable": False, "error": str(e)})
+                           "applied_at": None, "reachable": False, "error": str(e), "state": "down",
+                           "down_reason": str(e), "last_seen": None, "last_seen_unix": None,
+                           "last_seen_age_s": None})
         finally:
             link.close()
     # The primary's clock from its Hello (its clock minus this machine's): the lag of each standby is then

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 
 from drsync import engine
 from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
+from drsync.agent.presence import REFRESH_S, Heartbeat
 from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
 from drsync.agent.standby import FencedError, StandbyReceiver
 from drsync.agent.state import StateStore
@@ -43,8 +45,9 @@ from drsync.repository.repo import Repository
 
 log = logging.getLogger("drsync.agent")
 
-# How often the agent's record in the group is refreshed (watches and changes publish sooner).
-REGISTER_EVERY_S = 5.0
+# How often the agent's record in the group is refreshed (watches and changes publish sooner; the
+# heartbeat thread refreshes members/<name> at the same interval while the loop is busy).
+REGISTER_EVERY_S = REFRESH_S
 # Snapshots that keep a former primary's data root before it is overwritten as a standby.
 REJOIN_SNAPSHOT_TTL_S = 7 * 86400.0
 # Fence and demote commands that fail are retried with this backoff (seconds: first, cap).
@@ -106,6 +109,8 @@ class RoleSupervisor:
         self.switchover_hooked = False  # ... and whether its switchover_hook ran (stopping the writers)
         self.holding_ex_primary = ""  # why this ex-primary does not rejoin as standby yet ("" = it may)
         self.on_switchover: Callable[[GroupView], None] = lambda view: None
+        self.heartbeat = Heartbeat(coord, self.name) if coord is not None else None
+        self._claimed = False  # this process has held the primary claim (a claim again is after a lost session)
         if coord is not None:
             coord.add_listener(self._on_session)
 
@@ -143,8 +148,9 @@ class RoleSupervisor:
             if not (p is not None and p.mine and p.agent == self.name and p.epoch == epoch
                     and view.epoch.epoch == epoch):
                 self.wake()  # the loop decides what this means (pause, step down)
-                raise FencedError(f"the primary claim at epoch {epoch} is gone (group epoch {view.epoch.epoch}, "
-                                  f"primary {p.agent if p else 'none'}); not committing")
+                raise FencedError(f"the primary claim at epoch {epoch} is gone (group epoch {view.epoch.epoch} names "
+                                  f"{view.epoch.promoted_by or 'nobody'}, primary node held by "
+                                  f"{p.agent if p else 'nobody'}); not committing")
 
     def _on_session(self, state: SessionState) -> None:
         # Called from kazoo's thread: record and wake the loop, never block here. The shippers see the
@@ -192,6 +198,8 @@ class RoleSupervisor:
             except DrsyncError as e:
                 log.warning("agent %s: cannot register in ZooKeeper yet: %s", self.name, e)
                 return None
+            if self.heartbeat is not None:
+                self.heartbeat.start()
         try:
             view = coord.view()
         except CoordinationUnavailable:
@@ -283,6 +291,12 @@ class RoleSupervisor:
     def _become_primary(self, epoch: Epoch) -> None:
         assert self.coord is not None and self.receiver is not None
         rx = self.receiver
+        st = self.store.current
+        # The promotion was recorded in the group's history; taking the claim back at the same epoch is too.
+        history = ({"from": self.name, "why": "claim after lost session" if self._claimed else "claim after restart",
+                    "by": f"agent {self.name} on {socket.gethostname()}",
+                    "detail": f"{self.name} took its primary claim at epoch {epoch.epoch} back"}
+                   if st.last_role == "primary" and st.epoch == epoch.epoch else None)
         rx.refusal = f"agent {self.name} is taking over as primary at epoch {epoch.epoch}; it accepts no shipments"
         rx.committer.cancel_staging()  # a DistCp copy (hours, maybe) stops; the root stays as applied
         with rx.commit_lock:  # an apply in flight finishes first: a promotion sees a whole snapshot
@@ -293,7 +307,7 @@ class RoleSupervisor:
                 return
             rx.recover()
             try:
-                self.coord.claim_primary(epoch, self.name, self.address)
+                self.coord.claim_primary(epoch, self.name, self.address, history)
                 rx.release_on_promotion()
                 # Shipments of the old primary that never committed (it died mid-shipment) end here:
                 # a primary receives none, and their sessions would keep GC out for ever.
@@ -303,6 +317,7 @@ class RoleSupervisor:
                 rx.refusal = ""
                 return
             self.claim = epoch
+            self._claimed = True
             self.acting = "primary"
             self.paused = False
             self.holding_ex_primary = ""
@@ -350,9 +365,13 @@ class RoleSupervisor:
             if view.primary is not None or view.epoch.version != epoch.version or view.maintenance:
                 log.warning("agent %s: automatic failover abandoned: the group changed while fencing", self.name)
                 return
+        reason = "automatic failover" + (" after fence_command succeeded" if c.fencing else " (fence_command = none)")
+        lag = self.lag_s()
         try:
-            new = self.coord.promote(epoch, self.name, "automatic failover" +
-                                     (" after fence_command succeeded" if c.fencing else " (fence_command = none)"))
+            new = self.coord.promote(epoch, self.name, reason, history={
+                "from": epoch.promoted_by or None, "why": "automatic failover", "detail": reason,
+                "by": f"agent {self.name} on {socket.gethostname()}", "lag_s": round(lag, 3) if lag is not None
+                else None, "snapshot": self.store.current.applied_snapshot or None})
         except (EpochConflict, CoordinationUnavailable) as e:
             log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
             return
@@ -527,7 +546,7 @@ class RoleSupervisor:
                 "applied_position": list(st.applied_position) or None, "clock_offset_s": round(st.clock_offset_s, 3),
                 "lag_s": round(lag, 3) if lag is not None else None, "heartbeat": time.time(), "pid": os.getpid(),
                 "waiting_to_rejoin": self.holding_ex_primary or None, "agent_id": st.agent_id,
-                "apply_hold": self.hold_summary()})
+                "apply_hold": self.hold_summary(), "host": socket.gethostname(), "refresh_s": REGISTER_EVERY_S})
             self._registered, self._registered_at = key, now
         if self.acting == "standby" and st.applied_snapshot and st.applied_snapshot != self._state_written:
             self.coord.write_state({"snapshot": st.applied_snapshot, "captured_at": st.applied_captured_at,
@@ -535,13 +554,24 @@ class RoleSupervisor:
             self._state_written = st.applied_snapshot
 
     def leave(self) -> None:
-        """The agent stops: as a connected primary, set the maintenance marker first and step down."""
+        """The agent stops: as a connected primary, set the maintenance marker first and step down; then
+        leave the group's records saying it stopped cleanly."""
         coord = self.coord
-        if coord is None or self.acting != "primary":
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if coord is None:
             return
         if coord.state is not SessionState.CONNECTED:
             self.acting = "standby"  # without a connection the session (and node) simply expires
             return
+        if self.acting == "primary":
+            self._leave_as_primary(coord)
+        try:
+            coord.deregister(self.name, self.store.current.agent_id, "agent stopped")
+        except DrsyncError as e:
+            log.warning("agent %s: could not record its clean stop in ZooKeeper: %s", self.name, e)
+
+    def _leave_as_primary(self, coord: Coordinator) -> None:
         # An agent stop is not a production outage (safety rule 7): mark it first, so that no
         # standby promotes itself when the primary node goes with this session.
         epoch = self.store.current.epoch

@@ -48,7 +48,10 @@ def carry_out(sup: RoleSupervisor, replication: Replication, view: GroupView) ->
         sup.guard(True)
         if sup.claim is None:
             raise EpochConflict(f"{sup.name} holds no primary claim to hand over")
-        new = coord.hand_over(sup.claim, sup.name, to)
+        new = coord.hand_over(sup.claim, sup.name, to, history={
+            "from": sup.name, "why": "switchover", "by": str(req.get("operator") or f"agent {sup.name}"),
+            "detail": f"planned hand-over carried out by {sup.name}; final snapshot {final.snapshot}",
+            "snapshot": final.snapshot})
     except DrsyncError as e:
         why = (f"a promotion or a lost session came first, and it stands: {e}" if isinstance(e, EpochConflict)
                else str(e))

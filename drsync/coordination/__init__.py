@@ -14,12 +14,19 @@ The contract (DESIGN.md, "ZooKeeper layout"), under ``/drsync/<group>``:
   only in a transaction that checks the ``epoch`` node's version, so a claim can
   never survive a promotion that happened in between.
 - ``agents/<name>`` (ephemeral): each running agent's role, address, cluster,
-  release, applied snapshot and lag.
+  release, applied snapshot and lag. It lives exactly as long as the agent's session.
+- ``members/<name>`` (persistent): every agent the group has known, written with each
+  registration and refreshed by the agent's heartbeat (``address``, ``role``, ``last_seen``,
+  ``refresh_s``...; ``left_at`` and ``left_reason`` once it stopped cleanly). Its ZooKeeper
+  modification time is when the agent was last seen.
 - ``state`` (persistent): the last snapshot a standby applied.
 - ``maintenance`` (persistent): present while the primary's agent is stopped on purpose
   (``agent``, ``since``, ``reason``); no automatic promotion happens while it exists.
 - ``switchover`` (persistent, transient): a planned hand-over being carried out.
 - ``drills/<seq>`` (persistent sequential): drill reports.
+- ``history/change-<seq>`` (persistent sequential): every change of primary (``epoch``, ``from``, ``to``,
+  ``at``, ``why``, ``by``, ``detail``), created in the same transaction as the epoch change or
+  claim it records; the newest :data:`HISTORY_KEEP` are kept.
 - ``rehearsal`` (persistent): written by drills' dry-run promotions, never read for decisions.
 """
 
@@ -75,6 +82,23 @@ class GroupView:
     maintenance: dict[str, Any] | None = None  # the primary's agent is stopped on purpose
 
 
+# Changes of primary kept in ``history/``.
+HISTORY_KEEP = 100
+# What of an agent's registration its persistent ``members/<name>`` record keeps.
+MEMBER_FIELDS = ("address", "role", "cluster_id", "release", "epoch", "agent_id", "pid", "host", "refresh_s")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One agent the group has known: its persistent ``members/<name>`` record and, while its
+    ZooKeeper session lives, its ephemeral ``agents/<name>`` registration."""
+
+    name: str
+    record: dict[str, Any] | None  # agents/<name>; None when no session of it is alive
+    member: dict[str, Any]  # members/<name>; {} for an agent that never wrote one (an older drsync)
+    refreshed_at: float  # ZooKeeper's time of the last refresh (members/<name>, else agents/<name>); 0 unknown
+
+
 class CoordinationUnavailable(OperationFailed):
     """ZooKeeper cannot be reached (or has no quorum) right now."""
 
@@ -119,18 +143,25 @@ class Coordinator(Protocol):
     def view(self) -> GroupView:
         """Epoch, primary, pending switchover and maintenance marker, read fresh from the server."""
 
-    def promote(self, expected: Epoch, agent: str, reason: str) -> Epoch:
-        """Compare-and-set the epoch to ``expected.epoch + 1`` naming ``agent``; EpochConflict if it moved."""
+    def promote(self, expected: Epoch, agent: str, reason: str, history: dict[str, Any] | None = None) -> Epoch:
+        """Compare-and-set the epoch to ``expected.epoch + 1`` naming ``agent``; EpochConflict if it moved.
 
-    def claim_primary(self, epoch: Epoch, agent: str, address: str) -> PrimaryClaim:
+        ``history`` (``from``, ``why``, ``by``, ``detail``...) becomes a ``history/change-<seq>`` entry, with
+        ``epoch``, ``to`` and ``at`` filled in, in the same transaction as the epoch change."""
+
+    def claim_primary(self, epoch: Epoch, agent: str, address: str,
+                      history: dict[str, Any] | None = None) -> PrimaryClaim:
         """Take ``primary`` at ``epoch`` if the epoch node is still at ``epoch.version`` (removing a stale
-        claim of a lower epoch in the same transaction). EpochConflict or PrimaryTaken otherwise."""
+        claim of a lower epoch in the same transaction). EpochConflict or PrimaryTaken otherwise. With
+        ``history`` (a claim taken back at the same epoch) the entry is written in the same transaction."""
 
     def release_primary(self, agent: str) -> None:
         """Delete ``primary`` if this session holds it."""
 
-    def hand_over(self, expected: Epoch, from_agent: str, to_agent: str) -> Epoch:
-        """Switchover: in one transaction bump the epoch naming ``to_agent`` and drop our primary claim.
+    def hand_over(self, expected: Epoch, from_agent: str, to_agent: str,
+                  history: dict[str, Any] | None = None) -> Epoch:
+        """Switchover: in one transaction bump the epoch naming ``to_agent``, drop our primary claim (and
+        write the ``history`` entry).
 
         ``expected`` is the epoch as read when the claim was taken (its version): if anything promoted
         since, or this session no longer holds ``primary``, nothing changes (EpochConflict)."""
@@ -149,6 +180,20 @@ class Coordinator(Protocol):
         (DuplicateAgent); one with the same id is this agent's previous session and is replaced."""
 
     def agents(self) -> dict[str, dict[str, Any]]: ...
+
+    def touch_member(self, name: str) -> bool:
+        """The heartbeat: refresh ``members/<name>`` (``last_seen``) while this session holds ``agents/<name>``;
+        False when it does not (nothing written)."""
+
+    def deregister(self, name: str, agent_id: str, reason: str) -> None:
+        """A clean stop: remove this session's ``agents/<name>`` and record ``left_at``/``left_reason`` in
+        ``members/<name>`` (only when that record is ``agent_id``'s)."""
+
+    def members(self) -> dict[str, Member]:
+        """Every agent the group has known (``members/``), and every registered one (``agents/``)."""
+
+    def history(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` changes of primary, newest first, each with its ``seq``."""
 
     def write_state(self, doc: dict[str, Any]) -> None: ...
 

@@ -36,11 +36,14 @@ from kazoo.retry import KazooRetry
 from kazoo.security import ACL, Id, Permissions, make_digest_acl
 
 from drsync.coordination import (
+    HISTORY_KEEP,
+    MEMBER_FIELDS,
     CoordinationUnavailable,
     DuplicateAgent,
     Epoch,
     EpochConflict,
     GroupView,
+    Member,
     PrimaryClaim,
     PrimaryTaken,
     SessionState,
@@ -208,7 +211,8 @@ class ZooKeeperCoordinator:
                 self._w(self.zk.create_async("/drsync", b"", acl=acl))
             except NodeExistsError:
                 pass
-        for path in (self.base, f"{self.base}/agents", f"{self.base}/drills"):
+        for path in (self.base, f"{self.base}/agents", f"{self.base}/members", f"{self.base}/drills",
+                     f"{self.base}/history"):
             self._w(self.zk.ensure_path_async(path))
         # With ACLs this fails now, with a clear message, when the credentials are wrong.
         self._w(self.zk.get_async(self.base))
@@ -275,22 +279,45 @@ class ZooKeeperCoordinator:
                          maintenance=self.read_maintenance())
 
     @_zk_errors
-    def promote(self, expected: Epoch, agent: str, reason: str) -> Epoch:
+    def promote(self, expected: Epoch, agent: str, reason: str, history: dict[str, Any] | None = None) -> Epoch:
         new = Epoch(expected.epoch + 1, agent, time.time(), reason)
         path = f"{self.base}/epoch"
+        tx = self.zk.transaction()
+        if expected.version < 0:
+            tx.create(path, _dump(new.doc()))
+        else:
+            tx.set_data(path, _dump(new.doc()), expected.version)
+        self._record(tx, history, new)
         try:
-            if expected.version < 0:
-                self._w(self.zk.create_async(path, _dump(new.doc())))
-                version = 0
-            else:
-                version = self._w(self.zk.set_async(path, _dump(new.doc()), version=expected.version)).version
-        except (NodeExistsError, BadVersionError):
+            results = self._commit(tx, "promoting")
+        except (EpochConflict, PrimaryTaken):
             raise EpochConflict(f"the epoch of group {self.group} changed while promoting (somebody else "
                                 f"promoted at the same time); run drsync status and retry if still needed") from None
+        self._prune("history", HISTORY_KEEP)
+        version = 0 if expected.version < 0 else int(results[0].version)
         return Epoch(new.epoch, new.promoted_by, new.at, new.reason, version)
 
+    def _record(self, tx: Any, history: dict[str, Any] | None, epoch: Epoch, to: str = "") -> None:
+        """Add the ``history/change-<seq>`` entry of this change of primary to the transaction ``tx``."""
+        if history is not None:
+            entry = {**history, "epoch": epoch.epoch, "to": to or epoch.promoted_by, "at": time.time()}
+            tx.create(f"{self.base}/history/change-", _dump(entry), sequence=True)
+
+    def _prune(self, folder: str, keep: int) -> None:
+        """Delete all but the newest ``keep`` sequential children of ``folder`` (best effort)."""
+        try:
+            children = sorted(self._w(self.zk.get_children_async(f"{self.base}/{folder}")))
+            for old in children[:-keep] if keep > 0 else []:
+                try:
+                    self._w(self.zk.delete_async(f"{self.base}/{folder}/{old}"))
+                except NoNodeError:
+                    pass
+        except ZookeeperError as e:
+            log.warning("could not prune %s/%s: %s", self.base, folder, type(e).__name__)
+
     @_zk_errors
-    def claim_primary(self, epoch: Epoch, agent: str, address: str) -> PrimaryClaim:
+    def claim_primary(self, epoch: Epoch, agent: str, address: str,
+                      history: dict[str, Any] | None = None) -> PrimaryClaim:
         path = f"{self.base}/primary"
         claim = PrimaryClaim(agent, address, epoch.epoch, time.time(), True)
         tx = self.zk.transaction()
@@ -313,14 +340,17 @@ class ZooKeeperCoordinator:
             # A claim of an older epoch (a fenced primary), or of this agent's previous session.
             tx.delete(path, stat.version)
         tx.create(path, _dump(claim.doc()), ephemeral=True)
+        self._record(tx, history, epoch, agent)
         self._commit(tx, "taking the primary node")
+        if history is not None:
+            self._prune("history", HISTORY_KEEP)
         return claim
 
-    def _commit(self, tx: Any, what: str) -> None:
-        results = self._w(tx.commit_async())
+    def _commit(self, tx: Any, what: str) -> list[Any]:
+        results: list[Any] = self._w(tx.commit_async())
         failures = [r for r in results if isinstance(r, Exception)]
         if not failures:
-            return
+            return results
         first = next((r for r in failures if type(r).__name__ != "RolledBackError"), failures[0])
         if isinstance(first, BadVersionError):
             raise EpochConflict(f"{what}: the epoch of group {self.group} changed meanwhile (a promotion "
@@ -345,7 +375,8 @@ class ZooKeeperCoordinator:
                 pass
 
     @_zk_errors
-    def hand_over(self, expected: Epoch, from_agent: str, to_agent: str) -> Epoch:
+    def hand_over(self, expected: Epoch, from_agent: str, to_agent: str,
+                  history: dict[str, Any] | None = None) -> Epoch:
         new = Epoch(expected.epoch + 1, to_agent, time.time(), f"switchover from {from_agent}")
         try:
             data, stat = self._w(self.zk.get_async(f"{self.base}/primary"))
@@ -360,7 +391,9 @@ class ZooKeeperCoordinator:
         # The version read when the claim was taken: a promotion since then wins, and this fails.
         tx.set_data(f"{self.base}/epoch", _dump(new.doc()), expected.version)
         tx.delete(f"{self.base}/primary", stat.version)
+        self._record(tx, history, new)
         self._commit(tx, "handing over")
+        self._prune("history", HISTORY_KEEP)
         return Epoch(new.epoch, new.promoted_by, new.at, new.reason, expected.version + 1)
 
     @_zk_errors
@@ -391,10 +424,13 @@ class ZooKeeperCoordinator:
     def register(self, name: str, record: dict[str, Any]) -> None:
         path = f"{self.base}/agents/{name}"
         data = _dump(record)
+        member = {k: record[k] for k in MEMBER_FIELDS if k in record}
+        member.update(name=name, last_seen=time.time(), session_timeout_s=self.session_timeout_s)
         try:
             stat = self._w(self.zk.exists_async(path))
             if stat is not None and self._mine(stat):
                 self._w(self.zk.set_async(path, data, version=stat.version))
+                self._put(f"{self.base}/members/{name}", member)
                 return
             if stat is not None:
                 held = self._get(path) or {}
@@ -407,8 +443,61 @@ class ZooKeeperCoordinator:
                 log.warning("replacing the record of agent %s left by its own earlier session", name)
                 self._w(self.zk.delete_async(path, version=stat.version))
             self._w(self.zk.create_async(path, data, ephemeral=True))
+            self._put(f"{self.base}/members/{name}", member)
         except (NodeExistsError, NoNodeError, BadVersionError):
             pass  # raced with the expiry of the old record: the next registration settles it
+
+    @_zk_errors
+    def touch_member(self, name: str) -> bool:
+        stat = self._w(self.zk.exists_async(f"{self.base}/agents/{name}"))
+        if stat is None or not self._mine(stat):
+            return False
+        path = f"{self.base}/members/{name}"
+        try:
+            data, mstat = self._w(self.zk.get_async(path))
+            self._w(self.zk.set_async(path, _dump({**_load(data), "last_seen": time.time()}), version=mstat.version))
+        except (NoNodeError, BadVersionError):
+            pass  # a registration rewrote (or an operator removed) it meanwhile: the next beat looks again
+        return True
+
+    @_zk_errors
+    def deregister(self, name: str, agent_id: str, reason: str) -> None:
+        path = f"{self.base}/agents/{name}"
+        try:
+            stat = self._w(self.zk.exists_async(path))
+            if stat is not None and self._mine(stat):
+                self._w(self.zk.delete_async(path, version=stat.version))
+            mpath = f"{self.base}/members/{name}"
+            data, mstat = self._w(self.zk.get_async(mpath))
+            doc = _load(data)
+            if doc.get("agent_id") == agent_id:
+                doc.update(left_at=time.time(), left_reason=reason)
+                self._w(self.zk.set_async(mpath, _dump(doc), version=mstat.version))
+        except (NoNodeError, BadVersionError):
+            pass  # nothing of this agent's left to mark, or another session rewrote it
+
+    @_zk_errors
+    def members(self) -> dict[str, Member]:
+        names: set[str] = set()
+        for folder in ("members", "agents"):
+            try:
+                names.update(self._w(self.zk.get_children_async(f"{self.base}/{folder}")))
+            except NoNodeError:
+                pass
+        out: dict[str, Member] = {}
+        for name in sorted(names):
+            record, rstat = self._get_stat(f"{self.base}/agents/{name}")
+            member, mstat = self._get_stat(f"{self.base}/members/{name}")
+            stat = mstat or rstat
+            out[name] = Member(name, record, member or {}, float(stat.last_modified) if stat is not None else 0.0)
+        return out
+
+    def _get_stat(self, path: str) -> tuple[dict[str, Any] | None, Any]:
+        try:
+            data, stat = self._w(self.zk.get_async(path))
+        except NoNodeError:
+            return None, None
+        return _load(data), stat
 
     @_zk_errors
     def agents(self) -> dict[str, dict[str, Any]]:
@@ -480,12 +569,7 @@ class ZooKeeperCoordinator:
     @_zk_errors
     def add_drill(self, report: dict[str, Any], keep: int) -> str:
         path = self._w(self.zk.create_async(f"{self.base}/drills/drill-", _dump(report), sequence=True))
-        children = sorted(self._w(self.zk.get_children_async(f"{self.base}/drills")))
-        for old in children[:-keep] if keep > 0 else []:
-            try:
-                self._w(self.zk.delete_async(f"{self.base}/drills/{old}"))
-            except NoNodeError:
-                pass
+        self._prune("drills", keep)
         return str(path).rsplit("/", 1)[-1]
 
     @_zk_errors
@@ -514,6 +598,21 @@ class ZooKeeperCoordinator:
             doc = self._get(f"{self.base}/drills/{name}")
             if doc is not None:
                 out.append({"seq": name, **doc})
+        return out
+
+
+    @_zk_errors
+    def history(self, limit: int) -> list[dict[str, Any]]:
+        try:
+            children = sorted(self._w(self.zk.get_children_async(f"{self.base}/history")), reverse=True)
+        except NoNodeError:
+            return []
+        out = []
+        for name in children[:limit] if limit > 0 else []:
+            doc = self._get(f"{self.base}/history/{name}")
+            if doc is not None:
+                seq = name.rsplit("-", 1)[-1]
+                out.append({"seq": int(seq) if seq.isdigit() else name, **doc})
         return out
 
 

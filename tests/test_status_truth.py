@@ -1,0 +1,164 @@
+"""drsync status and history tell the truth (issue 20): every agent the group has known, up or down with
+when it was last seen, and every change of primary. Real ZooKeeper, real agent processes."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.group import Group, wait_for
+
+
+@pytest.fixture
+def make_group(tmp_path: Path, zk_server, group: str) -> Iterator:  # type: ignore[no-untyped-def]
+    made: list[Group] = []
+
+    def make(names: list[str], **kw: object) -> Group:
+        g = Group(tmp_path, zk_server.hosts, group, names, **kw)  # type: ignore[arg-type]
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        g.stop_all()
+
+
+def bootstrap(g: Group) -> None:
+    for name in g.names:
+        g.start(name)
+    r = g.promote("east")
+    assert r.code == 0, r.err
+    wait_for(lambda: g.in_sync("east", "west") and g.record("west").get("applied_snapshot"), "west to sync")
+
+
+def rows(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {a["name"]: a for a in doc["agents"]}
+
+
+def table(g: Group, name: str) -> str:
+    r = g.drsync(name, "status")
+    assert r.code == 0, r.err
+    print(r.out)  # shown with pytest -s: what an operator reads
+    return r.out
+
+
+def test_kill_9_primary_is_down_at_once_and_stays_listed(make_group) -> None:  # type: ignore[no-untyped-def]
+    """A kill -9 leaves the session (registration and primary node) alive for the session timeout; status
+    says down at once, because nothing listens on the agent's address any more."""
+    g = make_group(["east", "west"], session_timeout="30s")
+    bootstrap(g)
+    up = g.status("west")
+    assert up["primary"] == "east"
+    assert {n: (a["state"], a["role"]) for n, a in rows(up).items()} == {"east": ("up", "primary"),
+                                                                         "west": ("up", "standby")}
+    assert all(a["last_seen_age_s"] < 60 and a["last_seen"].endswith("Z") for a in up["agents"])
+    killed_at = time.time()
+    g.kill("east")
+    doc = g.status("west")
+    east, west = rows(doc)["east"], rows(doc)["west"]
+    # The session is still alive (the registration is there): this is long before it times out.
+    assert east["registered"] is True and g.coord.read_primary().agent == "east"  # type: ignore[union-attr]
+    assert east["state"] == "down" and east["role"] is None and east["last_role"] == "primary"
+    assert "nothing listens on" in east["down_reason"] and east["probe"] == "refused"
+    assert east["last_seen_unix"] <= killed_at and east["last_seen"].endswith("Z")
+    assert doc["primary"] is None and doc["primary_claim"]["agent"] == "east"
+    assert doc["primary_claim"]["state"] == "down"
+    assert west["state"] == "up" and west["role"] == "standby"
+    out = table(g, "west")
+    assert "primary east is DOWN" in out and "--force" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("east "))
+    assert " down " in line and "was primary" in line and " ago" in line
+    assert "agent east is down: nothing listens on" in out
+    # After the session timeout the registration is gone; east is still listed, down, last seen before the kill.
+    wait_for(lambda: "east" not in g.coord.agents(), "east's session to expire", timeout=90)
+    doc = g.status("west")
+    east = rows(doc)["east"]
+    assert east["state"] == "down" and east["registered"] is False and east["last_role"] == "primary"
+    assert "session ended without a clean stop" in east["down_reason"]
+    assert east["last_seen_unix"] <= killed_at and east["last_seen_age_s"] >= time.time() - killed_at - 1
+    assert doc["primary"] is None and doc["primary_claim"] is None
+    out = table(g, "west")
+    assert "primary (none; epoch 1 names east, which is down)" in out
+
+
+def test_stopped_primary_is_down_with_the_maintenance_marker(make_group) -> None:  # type: ignore[no-untyped-def]
+    g = make_group(["east", "west"])
+    bootstrap(g)
+    g.kill("east", signal.SIGTERM)  # a clean stop: maintenance marker, claim released, record marked
+    doc = g.status("west")
+    east = rows(doc)["east"]
+    assert east["state"] == "down" and east["maintenance"] is True and east["role"] is None
+    assert east["down_reason"] == "stopped cleanly (agent stopped)" and east["last_role"] == "primary"
+    assert doc["primary"] is None and doc["maintenance"]["agent"] == "east"
+    out = table(g, "west")
+    line = next(ln for ln in out.splitlines() if ln.startswith("east "))
+    assert "down (maintenance)" in line and "was primary" in line
+    assert "MAINTENANCE: agent east" in out
+    # Back: it takes its claim back at the same epoch, which the history records.
+    g.start("east")
+    wait_for(lambda: rows(g.status("west"))["east"]["role"] == "primary", "east to be primary again")
+    doc = g.status("west")
+    assert doc["primary"] == "east" and rows(doc)["east"]["state"] == "up" and doc["maintenance"] is None
+    newest = g.drsync("west", "history", "--json").json()[0]
+    assert (newest["epoch"], newest["from"], newest["to"], newest["why"]) == (1, "east", "east", "claim after restart")
+    assert newest["by"].startswith("agent east on ")
+
+
+def test_frozen_agent_is_down_once_its_heartbeat_is_stale(make_group) -> None:  # type: ignore[no-untyped-def]
+    """SIGSTOP: the port still accepts connections (the kernel does) and the session lives for a minute, but
+    the heartbeat stops and nothing answers: down after twice the refresh interval plus 5 s."""
+    g = make_group(["east", "west"], session_timeout="60s")
+    bootstrap(g)
+    g.procs["west"].send_signal(signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        def west() -> dict[str, Any]:
+            return rows(g.status("east"))["west"]
+
+        row = wait_for(lambda: (w := west())["state"] == "down" and w, "west to be shown down", timeout=60)
+        assert row["registered"] is True and row["probe"] == "silent" and "no heartbeat for" in row["down_reason"]
+        assert row["last_seen_unix"] <= stopped_at + 1 and time.time() - row["last_seen_unix"] > 15
+    finally:
+        g.procs["west"].send_signal(signal.SIGCONT)
+    wait_for(lambda: west()["state"] == "up", "west to be up again")
+
+
+def test_history_of_first_forced_and_switchover(make_group) -> None:  # type: ignore[no-untyped-def]
+    g = make_group(["east", "west"])
+    bootstrap(g)  # epoch 1: first promotion of east
+    r = g.promote("west", "--force")  # epoch 2: forced, east's session alive
+    assert r.code == 0, r.err
+    g.wait_role("east", "ex-primary")
+    assert g.drsync("east", "rejoin").code == 0
+    g.wait_role("east", "standby")
+    wait_for(lambda: g.in_sync("west", "east") and g.record("east").get("applied_snapshot"), "east to follow west")
+    r = g.drsync("east", "switchover", "--json")  # epoch 3: planned hand-over back to east
+    assert r.code == 0, r.err
+    me = f"{getpass.getuser()}@{socket.gethostname()}"
+    r = g.drsync("west", "history", "--json")
+    assert r.code == 0, r.err
+    entries = json.loads(r.out)
+    assert [(e["epoch"], e["from"], e["to"], e["why"], e["by"]) for e in entries] == [
+        (3, "west", "east", "switchover", me), (2, "east", "west", "forced", me),
+        (1, None, "east", "first promotion", me)]
+    assert [e["seq"] for e in entries] == sorted((e["seq"] for e in entries), reverse=True)
+    assert entries[2]["at_unix"] < entries[1]["at_unix"] < entries[0]["at_unix"]
+    assert all(e["at"].endswith("Z") for e in entries)
+    assert entries[0]["snapshot"] and entries[1]["snapshot"] and "--force" in entries[1]["detail"]
+    assert [e["epoch"] for e in g.drsync("east", "history", "--json", "--limit", "1").json()] == [3]
+    out = g.drsync("west", "history")
+    assert out.code == 0
+    print(out.out)
+    lines = out.out.splitlines()
+    assert lines[0].split()[:6] == ["EPOCH", "WHEN", "FROM", "TO", "WHY", "BY"]
+    assert lines[1].split()[0] == "3" and "switchover" in lines[1] and lines[3].split()[0] == "1"
+    bad = g.drsync("west", "history", "--limit", "-1")
+    assert bad.code == 2 and len(bad.err.strip().splitlines()) == 1
