@@ -174,9 +174,9 @@ class DistCpStager:
         # COMPOSITE_CRC lets DistCp's own check compare across block sizes, but only where both sides are
         # read over RPC: a WebHDFS side answers MD5-of-MD5-of-CRC32C whatever the client asks, which
         # matches the other side's only in that form (-pb keeps block size and checksum type alike).
-        mode = ["-Ddfs.checksum.combine.mode=COMPOSITE_CRC"] if "webhdfs://" not in (self.source + target) else []
+        mode = "MD5MD5CRC" if "webhdfs://" in (self.source + target) else "COMPOSITE_CRC"
         args = [*s.command, f"-D{LISTING_KEY}=file://{listing}", f"-Ddistcp.copy.listing.class={LISTING_CLASS}",
-                *mode, "-pb", self.source, target]
+                f"-Ddfs.checksum.combine.mode={mode}", "-pb", self.source, target]
         env = {**os.environ, **s.env}
         env["HADOOP_CLASSPATH"] = ":".join(p for p in (s.jar, env.get("HADOOP_CLASSPATH", "")) if p)
         if user:  # simple authentication: DistCp acts as the user the data root's URL names
