@@ -195,6 +195,10 @@ class Shipper:
                                 "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
                                 "deduplicated_bytes": res.deduplicated_bytes})
         except RefusedError as e:
+            if not isinstance(e, FencedError):
+                # Perhaps held by its deletion guard: keep its source pinned (before the shipment stops
+                # being in flight) until the standby's next Hello names what it holds.
+                self.held = self.held or info.id
             return ShipOutcome(self.target, info.id, False, f"refused: {e}", fenced=isinstance(e, FencedError))
         except DrsyncError as e:
             return ShipOutcome(self.target, info.id, False, f"failed: {e}")
