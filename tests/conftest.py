@@ -259,3 +259,20 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
         terminalreporter.write_sep("=", "reliability")
         for line in reliability.table():
             terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def make_group(tmp_path: Path, zk_server, group: str):  # type: ignore[no-untyped-def]
+    """Make agent groups on the session's ZooKeeper (``hosts`` for another ensemble); all are stopped after."""
+    from tests.group import Group
+
+    made: list[Group] = []
+
+    def make(names: list[str], hosts: str | None = None, **kw: object) -> Group:
+        g = Group(tmp_path, hosts or zk_server.hosts, group, names, **kw)  # type: ignore[arg-type]
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        g.stop_all()

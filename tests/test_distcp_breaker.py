@@ -36,8 +36,9 @@ def _configure(pair: Pair, primary: str, standby: str) -> None:
         f.write("[replication]\n" + standby)
 
 
-def _distcp_pair(tmp_path: Path, webhdfs, hdfs_cluster, *, standby_lines: str | None = None,  # type: ignore[no-untyped-def]
-                 snapshottable_standby: bool = True, prod_site: HdfsSite | None = None) -> Pair:
+def _hdfs_pair(tmp_path: Path, webhdfs, *, snapshottable_standby: bool = True,  # type: ignore[no-untyped-def]
+               prod_site: HdfsSite | None = None) -> Pair:
+    """An agent pair on two directories of the session's HDFS, production's snapshottable (both by default)."""
     prod = prod_site or make_site("hdfs", tmp_path, webhdfs)
     standby = make_site("hdfs", tmp_path, webhdfs)
     pair = Pair(tmp_path, prod, standby)
@@ -45,6 +46,12 @@ def _distcp_pair(tmp_path: Path, webhdfs, hdfs_cluster, *, standby_lines: str | 
     webhdfs.mkdirs(standby.path("standby-data"))
     if snapshottable_standby:
         webhdfs.allow_snapshot(standby.path("standby-data"))
+    return pair
+
+
+def _distcp_pair(tmp_path: Path, webhdfs, hdfs_cluster, *, standby_lines: str | None = None,  # type: ignore[no-untyped-def]
+                 snapshottable_standby: bool = True, prod_site: HdfsSite | None = None) -> Pair:
+    pair = _hdfs_pair(tmp_path, webhdfs, snapshottable_standby=snapshottable_standby, prod_site=prod_site)
     lines = _engine_lines(hdfs_cluster)
     _configure(pair, lines, standby_lines if standby_lines is not None else lines)
     return pair
@@ -167,13 +174,9 @@ def test_snapshot_restore_to_another_target_with_distcp_url_set(tmp_path: Path, 
     agent's apply shares.
     Root cause: drsync/dataroot/distcp.py root_url() answers settings.url for any root, and
     DistCpStager.stage() uses it for the target it stages into."""
-    prod = make_site("hdfs", tmp_path, webhdfs)
-    standby = make_site("hdfs", tmp_path, webhdfs)
+    pair = _hdfs_pair(tmp_path, webhdfs)
+    prod, standby = pair.prod_site, pair.standby_site
     assert isinstance(standby, HdfsSite)
-    pair = Pair(tmp_path, prod, standby)
-    webhdfs.allow_snapshot(prod.path("prod-data"))
-    webhdfs.mkdirs(standby.path("standby-data"))
-    webhdfs.allow_snapshot(standby.path("standby-data"))
     active = hdfs_cluster.state()["webhdfs"][0]
     std_url = f"webhdfs://{active}{standby.path('standby-data')}"
     _configure(pair, _engine_lines(hdfs_cluster), _engine_lines(hdfs_cluster, url=std_url))
@@ -340,13 +343,9 @@ def test_a_drill_after_switching_to_distcp_checks_the_bytes_of_every_file(  # ty
     takes the DistCp path (drsync/agent/drill.py run_drill -> distcp_root_step), which checks the
     bytes of external rows only: a chunk-row file damaged on the standby (same size, time, mode)
     passes ``drill run --full``. Expected: the full drill fails and names the file."""
-    prod = make_site("hdfs", tmp_path, webhdfs)
-    standby = make_site("hdfs", tmp_path, webhdfs)
+    pair = _hdfs_pair(tmp_path, webhdfs)
+    prod, standby = pair.prod_site, pair.standby_site
     assert isinstance(standby, HdfsSite)
-    pair = Pair(tmp_path, prod, standby)
-    webhdfs.allow_snapshot(prod.path("prod-data"))
-    webhdfs.mkdirs(standby.path("standby-data"))
-    webhdfs.allow_snapshot(standby.path("standby-data"))
     try:
         pair.start("standby")
         pair.start("primary")

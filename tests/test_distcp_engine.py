@@ -158,7 +158,9 @@ def test_a_copy_that_differs_from_the_checksums_commits_nothing(sites, hdfs_clus
     before = prod.state("standby")
     corrupt = tmp_path / "corrupt-distcp"
     corrupt.write_text(f"#!/bin/sh\n{HADOOP_CLUSTER} distcp {hdfs_cluster.dir} \"$@\" || exit $?\n"
-                       f"exec {sys.executable} {REPO_ROOT / 'tests' / 'distcp_tamper.py'} \"$@\"\n")
+                       f"DRSYNC_TAMPER_WEBHDFS={','.join(hdfs_cluster.state()['webhdfs'])} "
+                       f"PYTHONPATH={REPO_ROOT} exec {sys.executable} {REPO_ROOT / 'tests' / 'distcp_tamper.py'} "
+                       f"\"$@\"\n")
     corrupt.chmod(0o755)
     stager = DistCpStager(_settings(hdfs_cluster, str(corrupt)), source, what="test snapshot")
     with pytest.raises(IntegrityError, match="do not match the snapshot"):

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,20 +24,6 @@ from drsync.transport.grpc import GrpcStandbyLink
 from tests.conftest import SLOW, make_tree, run_drsync, tree_state
 from tests.group import Group, PrimaryWatcher, scrape, wait_for
 from tests.zk import ZkCluster, free_port
-
-
-@pytest.fixture
-def make_group(tmp_path: Path, zk_server, group: str) -> Iterator:  # type: ignore[no-untyped-def]
-    made: list[Group] = []
-
-    def make(names: list[str], hosts: str | None = None, **kw: object) -> Group:
-        g = Group(tmp_path, hosts or zk_server.hosts, group, names, **kw)  # type: ignore[arg-type]
-        made.append(g)
-        return g
-
-    yield make
-    for g in made:
-        g.stop_all()
 
 
 def bootstrap(g: Group, primary: str = "east") -> None:

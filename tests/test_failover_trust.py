@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,19 +32,6 @@ WRITER = Path(__file__).resolve().parent / "fencing_helpers" / "writer.py"
 
 # --- fixtures and helpers ---------------------------------------------------------------
 
-
-@pytest.fixture
-def make_group(tmp_path: Path, zk_server, group: str) -> Iterator:  # type: ignore[no-untyped-def]
-    made: list[Group] = []
-
-    def make(names: list[str], **kw: object) -> Group:
-        g = Group(tmp_path, zk_server.hosts, group, names, **kw)  # type: ignore[arg-type]
-        made.append(g)
-        return g
-
-    yield make
-    for g in made:
-        g.stop_all()
 
 
 class Writer:

@@ -8,27 +8,9 @@ import json
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.group import Group, wait_for
-
-
-@pytest.fixture
-def make_group(tmp_path: Path, zk_server, group: str) -> Iterator:  # type: ignore[no-untyped-def]
-    made: list[Group] = []
-
-    def make(names: list[str], **kw: object) -> Group:
-        g = Group(tmp_path, zk_server.hosts, group, names, **kw)  # type: ignore[arg-type]
-        made.append(g)
-        return g
-
-    yield make
-    for g in made:
-        g.stop_all()
 
 
 def bootstrap(g: Group) -> None:

@@ -105,10 +105,9 @@ def root_url(settings: DistCpSettings, root: object) -> str:
     """The Hadoop URI of a data root for DistCp: ``distcp_url`` for the configured data root; else the
     active namenode's RPC address (RPC keeps names exactly as asked and moves data faster), or
     WebHDFS at the active namenode where its RPC address cannot be learned."""
-    fs, path = root.fs, root.root  # type: ignore[attr-defined]
-    if settings.url and (not settings.root or path.rstrip("/") == settings.root.rstrip("/") or
-                         path.rstrip("/") == ""):
+    if settings.url and (not settings.root or root.root.rstrip("/") == settings.root.rstrip("/")):  # type: ignore[attr-defined]
         return settings.url
+    fs, path = root.fs, root.root  # type: ignore[attr-defined]
     rpc = fs.rpc_address()
     return f"hdfs://{rpc}{path}" if rpc else f"webhdfs://{fs.active_namenode()}{path}"
 

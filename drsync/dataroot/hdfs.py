@@ -199,19 +199,20 @@ class HdfsFrozenRoot:
         return None, None
 
     @contextmanager
-    def open_file(self, rel: str) -> Iterator[HdfsOpenFile]:
+    def _file(self, rel: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """A file's path and status, HDFS errors as the OSErrors capture expects (vanished, denied).
+
+        In a snapshot, a file that was open for write is not frozen (HDFS's default
+        dfs.namenode.snapshot.capture.openfiles=false): its length there grows as the writer
+        completes blocks, so such a file is noted (and read no further than the length looked at)."""
         path = posixpath.join(self.path, rel)
         try:
             before = self.fs.status(path)
             if before is None or before["type"] != "FILE":
                 raise FileNotFoundError(errno.ENOENT, "vanished", path)
-            # In a snapshot, a file that was open for write is not frozen (HDFS's default
-            # dfs.namenode.snapshot.capture.openfiles=false): its length there grows as the writer
-            # completes blocks. Read no further than the length just looked at.
             if self.consistent and _whole_blocks(before):
                 self._note_if_open(rel, int(before["length"]))
-            with self.fs.open(path, length=int(before["length"]) if self.consistent else None) as raw:
-                yield HdfsOpenFile(self.fs, path, before, raw, self.consistent)
+            yield path, before
         except HdfsPermissionDenied as e:
             raise PermissionError(errno.EACCES, f"permission denied ({e})", path) from None
         except HdfsError as e:
@@ -219,25 +220,18 @@ class HdfsFrozenRoot:
                 raise FileNotFoundError(errno.ENOENT, "vanished", path) from None
             raise
 
+    @contextmanager
+    def open_file(self, rel: str) -> Iterator[HdfsOpenFile]:
+        with self._file(rel) as (path, before), \
+                self.fs.open(path, length=int(before["length"]) if self.consistent else None) as raw:
+            yield HdfsOpenFile(self.fs, path, before, raw, self.consistent)
 
     def checksum_file(self, rel: str) -> tuple[FileVersion, str, bytes]:
         """A file's version and HDFS checksum ``(algorithm, bytes)``, without reading its data here
         (a capture for DistCp). FileNotFoundError when it vanished, PermissionError when denied."""
-        path = posixpath.join(self.path, rel)
-        try:
-            before = self.fs.status(path)
-            if before is None or before["type"] != "FILE":
-                raise FileNotFoundError(errno.ENOENT, "vanished", path)
-            if self.consistent and _whole_blocks(before):
-                self._note_if_open(rel, int(before["length"]))
+        with self._file(rel) as (path, before):
             algorithm, value = self.fs.file_checksum(path)
             after = before if self.consistent else self.fs.status(path)
-        except HdfsPermissionDenied as e:
-            raise PermissionError(errno.EACCES, f"permission denied ({e})", path) from None
-        except HdfsError as e:
-            if e.exception == "FileNotFoundException":
-                raise FileNotFoundError(errno.ENOENT, "vanished", path) from None
-            raise
         if after is None or _version(after) != _version(before):
             raise OSError(errno.EAGAIN, "changed while its checksum was computed", path)
         return _version(before), algorithm, value
