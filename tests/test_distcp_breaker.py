@@ -82,24 +82,27 @@ def _refused_or_synced(pair: Pair, tmp_path: Path, marker: str) -> bool:
 def test_a_name_in_decomposed_unicode_replicates_by_distcp(tmp_path: Path, webhdfs, hdfs_cluster) -> None:  # type: ignore[no-untyped-def]
     """A file named ``café`` in NFD (``e`` + combining acute, what macOS writes) on production.
 
-    Observed: DistCp (through the default ``webhdfs://`` URL) asks the datanode for the composed
-    twin of the name, which does not exist, so every shipment fails; and the standby's message
-    blames "the HDFS snapshot to copy from ... is gone", which it is not (it is still on
-    production). The standby never catches up. drsync's own WebHDFS client keeps the name it asked
-    for (deploy/hdfs/README.md); its DistCp path does not.
-    """
+    Found: DistCp over ``webhdfs://`` asks the datanode for the composed twin of the name, which
+    does not exist, so every shipment failed, blamed on "the HDFS snapshot to copy from ... is
+    gone". Now: over WebHDFS the shipment is refused up front saying to set ``distcp_url`` to the
+    RPC URI; with it (here the mini cluster's HA nameservice) the file replicates."""
     pair = _distcp_pair(tmp_path, webhdfs, hdfs_cluster)
     try:
         nfd = unicodedata.normalize("NFD", "café-") + "table.csv"
         pair.prod_site.write("prod-data", f"catalog/{nfd}", b"decomposed name\n" * 100)
         pair.start("standby")
         pair.start("primary")
-        wait_for(lambda: _refused_or_synced(pair, tmp_path, "nothing was committed"),
-                 "the first DistCp shipment to be applied or refused", timeout=120)
-        assert pair.in_sync(), (
-            "a file with a decomposed-Unicode name stops DistCp replication: "
-            + next((ln for ln in (_log(tmp_path, "primary") + _log(tmp_path, "standby")).splitlines()
-                    if "nothing was committed" in ln), "(no error logged)")[-400:])
+        wait_for(lambda: "decomposed Unicode" in _log(tmp_path, "primary"), "the advice to set distcp_url",
+                 timeout=120)
+        assert "gone" not in _log(tmp_path, "primary") and not pair.in_sync()
+        pair.stop_all()
+        rpc = str(hdfs_cluster.info["hdfs"])  # hdfs://drsync-ns, resolved by the cluster's client config
+        for cfg, root in ((pair.primary_cfg, pair.prod_site.path("prod-data")),
+                          (pair.standby_cfg, pair.standby_site.path("standby-data"))):
+            cfg.write_text(cfg.read_text() + f'distcp_url = "{rpc}{root}"\n')
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the NFD name to replicate over RPC", timeout=120)
     finally:
         pair.stop_all()
 

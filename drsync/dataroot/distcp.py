@@ -67,8 +67,7 @@ class DistCpSettings:
     ``command``: the words that start DistCp (``hadoop distcp`` on a Hadoop client host); extra
     DistCp options (``-m 50``, ``-bandwidth 100``) may follow. ``jar``: drsync-distcp.jar (built
     from ``java/distcp``). ``url``: this cluster's data root (its HDFS path ``root``) as a Hadoop URI
-    for DistCp jobs (e.g. ``hdfs://prod-ns/data``); empty: the active namenode's RPC address (from
-    its JMX), else ``webhdfs://<active namenode><root>``.
+    for DistCp jobs (e.g. ``hdfs://prod-ns/data``); empty: ``webhdfs://<active namenode><root>``.
     """
 
     command: tuple[str, ...] = ("hadoop", "distcp")
@@ -102,14 +101,12 @@ class DistCpSettings:
 
 
 def root_url(settings: DistCpSettings, root: object) -> str:
-    """The Hadoop URI of a data root for DistCp: ``distcp_url`` for the configured data root; else the
-    active namenode's RPC address (RPC keeps names exactly as asked and moves data faster), or
-    WebHDFS at the active namenode where its RPC address cannot be learned."""
+    """The Hadoop URI of a data root for DistCp: ``distcp_url`` for the configured data root (the RPC
+    URI is faster and keeps names exactly as asked); else WebHDFS at the active namenode."""
     if settings.url and (not settings.root or root.root.rstrip("/") == settings.root.rstrip("/")):  # type: ignore[attr-defined]
         return settings.url
     fs, path = root.fs, root.root  # type: ignore[attr-defined]
-    rpc = fs.rpc_address()
-    return f"hdfs://{rpc}{path}" if rpc else f"webhdfs://{fs.active_namenode()}{path}"
+    return f"webhdfs://{fs.active_namenode()}{path}"
 
 
 class DistCpStager:

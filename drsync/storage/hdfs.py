@@ -447,20 +447,6 @@ class HdfsFs:
             return str(doc["algorithm"]), bytes.fromhex(doc["bytes"])
         return self._call("checksum", path, go)
 
-    def rpc_address(self) -> str | None:
-        """``host:port`` of the active namenode's RPC server (its JMX ``NameNodeStatus``), for Hadoop
-        clients such as DistCp; None where JMX does not say (secured, a gateway, an old release)."""
-        self.status("/")  # a standby refuses it: the client moves to the active namenode first
-        url = f"{self.client._urls[0]}/jmx"
-        try:
-            res = self.client._session.get(url, params={"qry": "Hadoop:service=NameNode,name=NameNodeStatus"},
-                                           timeout=10)
-            beans = res.json().get("beans") or []
-            hostport = str(beans[0].get("HostAndPort") or "") if beans else ""
-        except (requests.RequestException, ValueError, AttributeError, HdfsError):
-            return None
-        return hostport if ":" in hostport and beans[0].get("State") in ("active", None) else None
-
     def active_namenode(self) -> str:
         """``host:port`` of the namenode this client asks first (the active one, once any call succeeded)."""
         return urlsplit(self.client._urls[0]).netloc
