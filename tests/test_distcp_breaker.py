@@ -72,6 +72,16 @@ def _applied(pair: Pair) -> str:
         link.close()
 
 
+def _synced_then_primary_stopped(pair: Pair) -> str:
+    """Start both agents, wait until the standby matches production, stop the primary (nothing ships
+    any more): the snapshot the standby applied."""
+    pair.start("standby")
+    pair.start("primary")
+    wait_for(pair.in_sync, "the standby to match production by DistCp", timeout=120)
+    pair.kill("primary", signal.SIGTERM)
+    return _applied(pair)
+
+
 def _refused_or_synced(pair: Pair, tmp_path: Path, marker: str) -> bool:
     return pair.in_sync() or marker in _log(tmp_path, "primary") or marker in _log(tmp_path, "standby")
 
@@ -184,11 +194,7 @@ def test_snapshot_restore_to_another_target_with_distcp_url_set(tmp_path: Path, 
     std_url = f"webhdfs://{active}{standby.path('standby-data')}"
     _configure(pair, _engine_lines(hdfs_cluster), _engine_lines(hdfs_cluster, url=std_url))
     try:
-        pair.start("standby")
-        pair.start("primary")
-        wait_for(pair.in_sync, "the standby to match production by DistCp", timeout=120)
-        pair.kill("primary", signal.SIGTERM)
-        applied = _applied(pair)
+        applied = _synced_then_primary_stopped(pair)
         pair.kill("standby", signal.SIGTERM)
         r = run_drsync("snapshot", "restore", applied, "--config", pair.standby_cfg, "--target",
                        standby.url("restored"))
@@ -312,11 +318,7 @@ def test_a_drill_catches_a_damaged_standby_file_and_backups_need_dataless(  # ty
     nor that a full or light backup of such a snapshot is refused with its reason."""
     pair = _distcp_pair(tmp_path, webhdfs, hdfs_cluster)
     try:
-        pair.start("standby")
-        pair.start("primary")
-        wait_for(pair.in_sync, "the standby to match production by DistCp", timeout=120)
-        pair.kill("primary", signal.SIGTERM)
-        applied = _applied(pair)
+        applied = _synced_then_primary_stopped(pair)
         r = run_drsync("backup", "create", "--config", pair.standby_cfg, "--snapshot", applied,
                        "--dest", tmp_path / "backups", "--mode", "full")
         assert r.code == 2 and "dataless" in r.err and "Traceback" not in r.err, r.err

@@ -38,7 +38,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from drsync.dataroot import STAGING
@@ -74,7 +74,6 @@ class DistCpSettings:
     jar: str = ""
     url: str = ""
     root: str = ""  # the HDFS path ``url`` stands for: other roots (a restore's target) get the default
-    env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_strings(cls, command: str, jar: str, url: str, root: str = "") -> DistCpSettings:
@@ -173,7 +172,7 @@ class DistCpStager:
         mode = "MD5MD5CRC" if "webhdfs://" in (self.source + target) else "COMPOSITE_CRC"
         args = [*s.command, f"-D{LISTING_KEY}=file://{listing}", f"-Ddistcp.copy.listing.class={LISTING_CLASS}",
                 f"-Ddfs.checksum.combine.mode={mode}", "-pb", self.source, target]
-        env = {**os.environ, **s.env}
+        env = dict(os.environ)
         env["HADOOP_CLASSPATH"] = ":".join(p for p in (s.jar, env.get("HADOOP_CLASSPATH", "")) if p)
         if user:  # simple authentication: DistCp acts as the user the data root's URL names
             env.setdefault("HADOOP_USER_NAME", user)
