@@ -230,11 +230,9 @@ def bench(work: Path, big_mib: int, small_files: int, rep: Report) -> Report:
 
 
 def free_port() -> int:
-    import socket
+    from tests.zk import free_port as pick
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return pick()
 
 
 class RsyncDaemon:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,12 +17,7 @@ from drsync.transport.grpc import GrpcStandbyLink
 from tests.conftest import SLOW, run_drsync, tree_state
 from tests.group import wait_for as group_wait_for
 from tests.sites import LocalSite, Site, make_site, same_tree
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.zk import free_port
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60) -> None:

@@ -142,3 +142,37 @@ def test_drill_planning_is_pure() -> None:
     assert sample_chunks(ids[:3], 0.01, seed=1) and sample_chunks([], 0.5, 1) == []
     assert estimate_rto(0.05, automatic=True, session_timeout_s=10, grace_s=1)[0] == 11.05
     assert estimate_rto(0.05, automatic=False, session_timeout_s=10, grace_s=1)[0] == 0.05
+
+
+def test_an_apply_during_the_drill_gets_the_root_compared_again(synced: Group, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A commit that reaches the standby before a drill may finish applying during it: the comparison of
+    the root with the old snapshot is then moot, and the drill makes it again on the new one."""
+    from drsync.agent import drill
+    from drsync.config import load_config
+
+    g = synced
+    state_dir = g.tmp / "west-repo" / "agent"
+    assert g.drsync("west", "apply", "--hold").code == 0
+    before = g.hello("west").applied_snapshot
+    (g.data["east"] / "catalog" / "arrived-during-the-drill.txt").write_bytes(b"new rows")
+    hold_file = state_dir / "apply-hold.json"
+    wait_for(lambda: hold_file.exists() and json.loads(hold_file.read_text()).get("latest") not in ("", before),
+             "west to store a snapshot while it holds applies")
+    real, calls = drill.restore_step, []
+
+    def apply_lands_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not calls:  # the stored snapshot is applied while the first comparison runs
+            assert g.drsync("west", "apply", "--resume").code == 0
+            assert g.drsync("west", "apply", "--hold").code == 0
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(drill, "restore_step", apply_lands_meanwhile)
+    try:
+        rep = drill.run_drill(load_config(g.cfg["west"]), state_dir=str(state_dir), open_coord=None)
+    finally:
+        assert g.drsync("west", "apply", "--resume").code == 0
+    restore = next(s for s in rep.steps if s.name == "restore")
+    assert calls[0] == before and calls[1] != before and rep.snapshot == calls[1]
+    assert restore.passed and restore.figures["root_compared"] is True, restore.detail
+    assert [s.name for s in rep.steps].count("restore") == 1

@@ -14,7 +14,6 @@ import dataclasses
 import io
 import json
 import os
-import socket
 import struct
 import time
 import tracemalloc
@@ -42,16 +41,12 @@ from drsync.transport import grpc as transport
 from drsync.transport.pb import drsync_pb2 as pb
 from drsync.transport.pb import drsync_pb2_grpc as pb_grpc
 from tests.conftest import run_drsync
+from tests.zk import free_port
 
 MiB = 1024 * 1024
 # What one refused request may make the server allocate (the old code allocated 400 MiB and more).
 GROWTH_LIMIT = 64 * MiB
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Standby:
@@ -63,7 +58,7 @@ class Standby:
         self.rx = StandbyReceiver(self.repo, str(tmp / "data"), StateStore(str(tmp / "state")), agent="standby")
         servicer = transport.ReplicationServicer(self.rx, agent="standby", role="standby", cluster_id="east",
                                                  release="6.2.1")
-        self.addr = f"127.0.0.1:{_free_port()}"
+        self.addr = f"127.0.0.1:{free_port()}"
         self.server = transport.start_server(servicer, self.addr)
         self.channel = grpc.insecure_channel(self.addr, options=[("grpc.max_send_message_length", 64 * MiB)])
         self.stub = pb_grpc.ReplicationStub(self.channel)

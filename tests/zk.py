@@ -8,6 +8,7 @@ PID. Readiness is ZooKeeper's own ``ruok``/``srvr`` four-letter words.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,10 +22,37 @@ ZK_JAR = os.environ.get("DRSYNC_ZK_JAR", "/usr/share/java/zookeeper.jar")
 ZK_CONF = "/etc/zookeeper/conf"  # log4j.properties of the package
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports handed out come from below the kernel's ephemeral range, so no outgoing connection (a ZooKeeper
+# client, a gRPC channel) can take one between the test picking it and an agent binding it; a port asked
+# of the kernel (bind to 0) is from that range and was seen taken that way. Each process starts at its
+# own random place (xdist workers, agents of other tests) and never hands a port out twice.
+_PORTS_LOW, _PORTS_HIGH = 10_000, max(10_001, min(_ephemeral_low(), 61_000))
+_port_rng = random.Random(os.getpid() ^ time.time_ns())
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nothing listens on or uses now, outside the ephemeral range."""
+    for _ in range(10_000):
+        port = _port_rng.randrange(_PORTS_LOW, _PORTS_HIGH)
+        if port in _ports_given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port between {_PORTS_LOW} and {_PORTS_HIGH}")
 
 
 def four_letter(port: int, word: str, timeout_s: float = 1.0) -> str:
