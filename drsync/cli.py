@@ -606,12 +606,21 @@ def repo_unlock(inv: Invocation, all_locks: bool) -> None:
 
 @cli.command("status")
 @_config_only
-def status_cmd(inv: Invocation) -> None:
+@click.option("--points", is_flag=True, help="List the points in time this agent could be promoted at (its "
+              "repository's snapshots: applied, pending, held, stored); needs no ZooKeeper.")
+def status_cmd(inv: Invocation, points: bool) -> None:
     """Who is primary, the epoch, and every agent the group has known: up or down, last seen, role, lag."""
-    from drsync.agent.status import agent_rows, collect_status, headline
+    from drsync.agent.status import agent_rows, collect_status, headline, local_points
 
     if inv.config is None:
         raise UsageError("drsync status needs --config FILE (the agent's configuration)")
+    if points:
+        pts = local_points(inv.config)
+        emit(inv, pts, lambda: (click.echo(pts["summary"]), _table(
+            ["SNAPSHOT", "CAPTURED", "KIND", "STATE", "FILES", "SIZE"],
+            [[p["id"], iso(p["captured_at"]), p["kind"], p["state"], str(p["files"]), human_size(p["bytes"])]
+             for p in pts["points"]])))
+        return
     doc = collect_status(inv.config)
 
     def human() -> None:
@@ -674,17 +683,30 @@ def history_cmd(inv: Invocation, limit: int) -> None:
 @click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
               help="Seconds to wait for the agent to confirm it acts as primary.")
 @click.option("--dry-run", is_flag=True, help="Run every check and say what would happen; change nothing (exit "
-              "code as the promotion would end: 0, 1 or 4).")
+              "code as the promotion would end: 0, 1, 2 or 4).")
+@click.option("--to-snapshot", "to_snapshot", metavar="ID", help="Promote at this earlier snapshot of the "
+              "standby's own repository (damage that replicated): it is applied first; newer ones are kept.")
+@click.option("--before", metavar="TIME", help="Promote at the newest snapshot captured at or before TIME (ISO "
+              "8601, Unix seconds, or a span ago such as 2h).")
+@click.option("--apply-received", is_flag=True, help="With replication.apply_delay: apply the newest snapshot "
+              "received first, then promote.")
+@click.option("--delayed-state", is_flag=True, help="With replication.apply_delay: promote the root as it is; the "
+              "snapshots received meanwhile stay unapplied in the repository.")
 def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: bool, promote_empty_root: bool,
-                wait_s: float, dry_run: bool) -> None:
+                wait_s: float, dry_run: bool, to_snapshot: str | None, before: str | None, apply_received: bool,
+                delayed_state: bool) -> None:
     """Make this config's agent the primary of its group; succeeds only once its agent acts as primary.
 
     Exit 4 when refused for safety, 1 when its agent is not running or does not take over within
-    --wait. Over an earlier primary, coordination.fence_command runs first and must succeed."""
-    from drsync.agent.control import promote
+    --wait. Over an earlier primary, coordination.fence_command runs first and must succeed.
+    --to-snapshot/--before promote at an earlier point (drsync status --points lists them)."""
+    from drsync.agent.control import PointChoice, promote
+    from drsync.agent.pointintime import parse_before
 
+    point = PointChoice(to_snapshot=to_snapshot, before=parse_before(before, time.time()) if before else None,
+                        apply_received=apply_received, delayed_state=delayed_state)
     doc = promote(_need_config(inv, "promote"), force=force, accept_data_loss=accept_data_loss, wait_s=wait_s,
-                  no_fence=no_fence, promote_empty_root=promote_empty_root, dry_run=dry_run)
+                  no_fence=no_fence, promote_empty_root=promote_empty_root, dry_run=dry_run, point=point)
 
     def human() -> None:
         click.echo(doc["message"])

@@ -202,6 +202,10 @@ class ReplicationConfig:
     # This cluster's data root as a Hadoop URI for DistCp jobs (e.g. hdfs://prod-ns/data); empty:
     # webhdfs://<active namenode><root>.
     distcp_url: str = field(default="", metadata=_conv(_str))
+    # On a standby: shipments are verified and stored at once, applied only once they are this old
+    # (capture time, on the primary's clock): a window to hold a damaging change before it reaches
+    # the standby's root (drsync apply --hold). 0: apply at once.
+    apply_delay: float = field(default=0.0, metadata=_conv(_duration))
 
 
 @dataclass(frozen=True)

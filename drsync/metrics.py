@@ -44,6 +44,14 @@ class AgentMetrics:
         self.replication_lag = gauge("replication_lag_seconds",
                                      "Now minus the capture time of the newest snapshot applied on the standby, "
                                      "both on the primary's clock")
+        self.apply_delay = gauge("apply_delay_seconds", (
+            "replication.apply_delay of the standby this lag is about (a primary: of its standby furthest behind "
+            "beyond its delay); alert on replication_lag_seconds minus this"))
+        self.received_lag = gauge("replication_received_lag_seconds", (
+            "Now minus the capture time of the newest snapshot stored on this standby, applied or not "
+            "(primary's clock): the work a promotion that applies everything received would lose"))
+        self.pending_applies = gauge("pending_applies", "Snapshots stored on this standby and waiting for "
+                                                        "replication.apply_delay")
         self.last_snapshot = gauge("last_snapshot_timestamp_seconds", "Capture time of the newest snapshot taken")
         self.last_applied = gauge("last_applied_snapshot_timestamp_seconds",
                                   "Capture time of the newest snapshot applied on the standby")

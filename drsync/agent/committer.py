@@ -10,6 +10,7 @@ acknowledgement, or between a promotion and the lock it waits for.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,13 +23,14 @@ import blake3
 
 from drsync import fsutil
 from drsync.agent.hold import HoldFile
+from drsync.agent.roles import format_span
 from drsync.agent.state import StateStore
 from drsync.apply import ApplyResult, apply_manifest, recover_apply
 from drsync.dataroot import open_data_root
 from drsync.dataroot.distcp import DistCpSettings, DistCpStager
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
 from drsync.fsutil import describe_os_error
-from drsync.guard import deletion_guard
+from drsync.guard import Hold, deletion_guard
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest, diff
 from drsync.repository.repo import Repository
@@ -40,12 +42,14 @@ log = logging.getLogger("drsync.agent.standby")
 class Committer:
     def __init__(self, repo: Repository, data_root: str, store: StateStore, *, agent: str,
                  max_delete_fraction: float = 0.5, on_applied: Callable[[], None] = lambda: None,
-                 distcp: DistCpSettings | None = None) -> None:
+                 distcp: DistCpSettings | None = None, apply_delay_s: float = 0.0) -> None:
         self.repo = repo
         self.data_root = data_root
         self.store = store
         self.agent = agent
         self.max_delete_fraction = max_delete_fraction
+        # replication.apply_delay: a shipment is stored at once and applied once this old (primary's clock).
+        self.apply_delay_s = apply_delay_s
         self.on_applied = on_applied
         # Held for a whole commit (store + apply): a promotion takes it to wait for an apply in flight.
         self.lock = threading.Lock()
@@ -127,19 +131,28 @@ class Committer:
             # seq the sender's document carries; a retried commit keeps the stored one.
             info = known[info.id] if info.id in known else self.repo.commit_snapshot(
                 info, manifest_bytes, manifest=manifest, lock=lock)
+            self._record_received(info)
             result = self.take(info, manifest, started, position)  # RefusedError while held: stored, not applied
         return info, result
 
-    def take(self, info: SnapshotInfo, manifest: Manifest, started: float, position: list[int]) -> ApplyResult:
+    def take(self, info: SnapshotInfo, manifest: Manifest, started: float, position: list[int], *,
+             due: bool = False) -> ApplyResult:
         """Apply a stored snapshot unless a hold keeps it back (then RefusedError, logged as a warning).
 
-        Under :attr:`lock` and the repository's shared lock."""
+        With ``replication.apply_delay``, a snapshot younger than the delay is judged now and put on the
+        pending list (:meth:`apply_due` applies it later; an empty result is returned); ``due``: it is old
+        enough, or an operator chose it. Under :attr:`lock` and the repository's shared lock."""
         self._check_history_root(info)
         if self.hold.operator_since:
             raise RefusedError(self._refuse(info, (
                 f"standby {self.agent} holds applies (drsync apply --hold since {iso(self.hold.operator_since)}): "
                 f"snapshot {info.id} stored, not applied; run 'drsync apply --resume' on standby {self.agent} "
                 f"to apply again")))
+        # The first snapshot is applied at once: there is nothing older to protect, and a new standby is
+        # useful from its first sync on.
+        if not due and self.apply_delay_s > 0 and self.store.current.applied_snapshot and \
+                not self._is_due(info.captured_at):
+            return self._defer(info, manifest, position)
         applied = self._applied_manifest()
         if applied is not None and not diff(applied, manifest).paths():
             # Nothing changed since the applied snapshot: the root already holds it.
@@ -151,27 +164,90 @@ class Committer:
         base = applied if applied is not None else self._baseline_manifest()
         hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
         if hold is not None:
-            st, h = self.store.current, self.hold
-            if not h.snapshot:  # the hold stays on the first held snapshot (the one an operator inspects)
-                h.snapshot, h.captured_at, h.applied, h.held_at = (info.id, info.captured_at,
-                                                                   st.applied_snapshot or st.guard_baseline,
-                                                                   time.time())
-                h.files, h.removed, h.position = hold.files, hold.removed, list(position)
-            what = (f"snapshot {info.id} {hold.describe()}: held, not applied" if h.snapshot == info.id else
-                    f"snapshot {info.id} {hold.describe()}: stored, not applied (snapshot {h.snapshot} is held "
-                    f"since {iso(h.held_at)})")
-            message = (f"{what}; on standby {self.agent} inspect it with 'drsync snapshot diff {h.applied} "
-                       f"{h.snapshot}' and confirm with 'drsync apply --confirm {h.snapshot}' if this deletion "
-                       f"is intended")
-            if h.snapshot == info.id:
-                h.message = message
-            raise RefusedError(self._refuse(info, message, position))
+            raise RefusedError(self._hold_by_guard(info, hold, position))
         result = self._apply(info, manifest, position)
         log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id,
                  result.written_files, result.removed, time.monotonic() - started)
         self._release_guard(f"snapshot {info.id} was applied: it removes few enough of the files "
                             f"(replication.max_delete_fraction {self.max_delete_fraction:g})")
         return result
+
+    # --- replication.apply_delay ------------------------------------------------------------------
+
+    def _is_due(self, captured_at: float) -> bool:
+        return self.store.current.primary_now() >= captured_at + self.apply_delay_s
+
+    def _record_received(self, info: SnapshotInfo) -> None:
+        if info.captured_at >= self.store.current.received_captured_at:
+            self.store.update(received_snapshot=info.id, received_captured_at=info.captured_at)
+
+    def _defer(self, info: SnapshotInfo, manifest: Manifest, position: list[int]) -> ApplyResult:
+        """Judge a young snapshot now (the deletion guard against the newest one ahead of it), then queue it."""
+        st = self.store.current
+        if any(p[0] == info.id for p in st.pending):
+            return ApplyResult()  # a retried commit
+        ahead = st.pending[-1][0] if st.pending else st.applied_snapshot
+        base = self._manifest_of(ahead) if ahead else self._baseline_manifest()
+        hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
+        if hold is not None:
+            raise RefusedError(self._hold_by_guard(info, hold, position))
+        self.store.update(pending=(*st.pending, (info.id, info.captured_at, tuple(position))))
+        log.info("snapshot %s stored; applied at %s (replication.apply_delay %s)", info.id,
+                 iso(info.captured_at + self.apply_delay_s), format_span(self.apply_delay_s))
+        self._release_guard(f"snapshot {info.id}, shipped after it, passes the guard")
+        return ApplyResult()
+
+    def apply_due(self) -> str:
+        """Apply the newest pending snapshot that is old enough (``replication.apply_delay``), dropping the
+        older pending ones (the root goes straight to it). Returns its id, or "" when none is due or applies
+        are held. Takes the repository's shared lock, then :attr:`lock`; refusals are logged, not raised."""
+        st = self.store.current
+        if not st.pending or not self._is_due(st.pending[0][1]) or self.hold.operator_since:
+            return ""
+        with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S), self.lock:
+            st = self.store.current
+            due = [p for p in st.pending if self._is_due(p[1])]
+            if not due or self.hold.operator_since or self.broken:
+                return ""
+            snapshot, _, position = due[-1]
+            try:
+                info = self.repo.find_snapshot(snapshot)
+                self.take(info, self.repo.load_manifest(info), time.monotonic(), list(position), due=True)
+            except RefusedError:
+                pass  # held (logged by the hold); the hold names it from now on
+            except DrsyncError as e:
+                log.error("pending snapshot %s could not be applied (%s); the next due one is tried", snapshot, e)
+            self.store.transform(lambda s: dataclasses.replace(
+                s, pending=tuple(p for p in s.pending if p[1] > due[-1][1] and p[0] != snapshot)))
+            return snapshot if self.store.current.applied_snapshot == snapshot else ""
+
+    def apply_now(self, ref: str, why: str) -> dict[str, Any]:
+        """Apply stored snapshot ``ref`` (id or unique prefix) now, whatever the delay, the holds and the
+        guard say, and hold applies after it (an operator's choice before a promotion: ``why``). The pending
+        list is dropped (the snapshots stay in the repository). RefusedError when ``ref`` is unknown."""
+        started = time.monotonic()
+        with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S), self.lock:
+            self.check_usable()
+            info = self.repo.find_snapshot(ref)
+            if info.cluster_id != self.repo.config.cluster_id:
+                raise RefusedError(f"snapshot {info.id} is of cluster {info.cluster_id!r}, not "
+                                   f"{self.repo.config.cluster_id!r}: it cannot become this standby's data")
+            if not self.hold.operator_since:
+                self.hold.operator_since = time.time()
+            self.hold_file.save(self.hold)
+            st = self.store.current
+            if st.applied_snapshot == info.id:
+                result = ApplyResult(unchanged_files=0)
+            else:
+                position = next((list(p[2]) for p in st.pending if p[0] == info.id), [])
+                result = self._apply(info, self.repo.load_manifest(info), position)
+            self.store.update(pending=())
+            log.warning("snapshot %s applied %s (%d files written, %d removed) in %.2fs; applies held until the "
+                        "promotion", info.id, why, result.written_files, result.removed, time.monotonic() - started)
+            return {"applied": info.id, "captured_at": info.captured_at, "written_files": result.written_files,
+                    "removed": result.removed,
+                    "message": f"snapshot {info.id} is applied on {self.agent} ({result.written_files} files "
+                               f"written, {result.removed} removed); applies are held until the promotion"}
 
     def _refuse(self, info: SnapshotInfo, message: str, position: list[int] | None = None) -> str:
         self.hold.latest = info.id
@@ -181,9 +257,31 @@ class Committer:
         log.warning("%s", message)
         return message
 
+    def _hold_by_guard(self, info: SnapshotInfo, hold: Hold, position: list[int]) -> str:
+        """Hold ``info`` for the deletion guard (or store it behind the snapshot held already); the message."""
+        st, h = self.store.current, self.hold
+        if not h.snapshot:  # the hold stays on the first held snapshot (the one an operator inspects)
+            h.snapshot, h.captured_at, h.applied, h.held_at = (info.id, info.captured_at,
+                                                               st.applied_snapshot or st.guard_baseline, time.time())
+            h.files, h.removed, h.position = hold.files, hold.removed, list(position)
+        what = (f"snapshot {info.id} {hold.describe()}: held, not applied" if h.snapshot == info.id else
+                f"snapshot {info.id} {hold.describe()}: stored, not applied (snapshot {h.snapshot} is held "
+                f"since {iso(h.held_at)})")
+        message = (f"{what}; on standby {self.agent} inspect it with 'drsync snapshot diff {h.applied} "
+                   f"{h.snapshot}' and confirm with 'drsync apply --confirm {h.snapshot}' if this deletion "
+                   f"is intended")
+        if h.snapshot == info.id:
+            h.message = message
+        return self._refuse(info, message, position)
+
     def release_on_promotion(self) -> None:
         """A promoted standby serves its applied snapshot: holds on what it stored are moot. Caller holds
         :attr:`lock`. The held snapshots stay in the repository."""
+        if self.store.current.pending:
+            log.warning("promoted with %d snapshot(s) stored and not applied (replication.apply_delay): they stay "
+                        "in the repository, the root stays at %s", len(self.store.current.pending),
+                        self.store.current.applied_snapshot or "(none)")
+            self.store.update(pending=())
         if self.hold.active:
             held = self.hold.snapshot or self.hold.latest
             self.hold.operator_since = 0.0
@@ -217,13 +315,14 @@ class Committer:
 
     def _applied_manifest(self) -> Manifest | None:
         applied = self.store.current.applied_snapshot
-        if not applied:
-            return None
+        return self._manifest_of(applied) if applied else None
+
+    def _manifest_of(self, snapshot_id: str) -> Manifest | None:
         try:
-            return self.repo.load_manifest(self.repo.find_snapshot(applied))
+            return self.repo.load_manifest(self.repo.find_snapshot(snapshot_id))
         except DrsyncError as e:
-            log.warning("deletion guard: cannot read the applied snapshot %s (%s); the shipment is judged "
-                        "without it", applied, e)
+            log.warning("deletion guard: cannot read snapshot %s (%s); the shipment is judged without it",
+                        snapshot_id, e)
             return None
 
     # --- operator requests (drsync apply), each under the lock: never during a shipment's commit ------
@@ -253,6 +352,8 @@ class Committer:
             log.warning("snapshot %s applied on an operator's confirmation (%d files written, %d removed) in %.2fs",
                         info.id, result.written_files, result.removed, time.monotonic() - started)
             self._release_guard("an operator confirmed it (drsync apply --confirm) and it was applied")
+            self.store.transform(lambda s: dataclasses.replace(  # older pending ones are behind the root now
+                s, pending=tuple(p for p in s.pending if p[1] > info.captured_at)))
             return {"applied": info.id, "written_files": result.written_files, "removed": result.removed,
                     "message": f"snapshot {info.id} applied on standby {self.agent}: {result.written_files} files "
                                f"written, {result.removed} removed"}

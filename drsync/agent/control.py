@@ -18,16 +18,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from drsync import engine
+from drsync.agent import clock
 from drsync.agent.fencing import approve_rejoin, fence_env, run_command
 from drsync.agent.history import operator
+from drsync.agent.hold import HoldFile
 from drsync.agent.locks import StateDirLock
 from drsync.agent.loop import open_coordinator
+from drsync.agent.pointintime import RecoveryPoint, choose_point, newer_than, recovery_points
+from drsync.agent.requests import submit
 from drsync.agent.roles import format_span, promotion_refusal
-from drsync.agent.state import StateStore, state_dir_of
+from drsync.agent.state import AgentState, StateStore, state_dir_of
 from drsync.agent.supervisor import has_data
 from drsync.config import Config
 from drsync.coordination import Coordinator, GroupView
 from drsync.errors import OperationFailed, RefusedError, UsageError
+from drsync.units import iso_time
+
+# How long a promotion at a recovery point waits for the agent to apply it (a large tree takes a while).
+POINT_APPLY_WAIT_S = 6 * 3600.0
+ERRORS_BY_CODE: dict[int, type[Exception]] = {2: UsageError, 4: RefusedError}
 
 
 def _require_auto(cfg: Config, what: str) -> None:
@@ -70,7 +79,8 @@ class PromotionCheck:
 
 
 def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force: bool, accept_data_loss: bool,
-                      no_fence: bool, promote_empty_root: bool) -> tuple[list[PromotionCheck], dict[str, Any]]:
+                      no_fence: bool, promote_empty_root: bool, point: PointChoice
+                      ) -> tuple[list[PromotionCheck], dict[str, Any]]:
     """Every check of a promotion, in order, and what the promotion would use (lag, state, fence target)."""
     me, group = cfg.agent.name, cfg.coordination.group
     primary, maintenance = view.primary, view.maintenance
@@ -105,14 +115,23 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
             f"first (drsync snapshot restore or backup restore), then promote")))
     state_dir = state_dir_of(cfg)
     state = StateStore(state_dir).load()
-    lag = state.lag_s()  # on the primary's clock, with the offset the agent last estimated
-    refusal = promotion_refusal(lag_s=lag, applied_captured_at=state.applied_captured_at,
-                                max_lag_s=cfg.coordination.max_lag_on_failover,
-                                accept_data_loss=accept_data_loss, first_promotion=first)
-    checks.append(PromotionCheck("lag", refusal is None, refusal or (
-        "first promotion: no lag" if first else "--accept-data-loss" if accept_data_loss and lag is None else
-        f"lag {format_span(lag or 0.0)}, within max_lag_on_failover "
-        f"{format_span(cfg.coordination.max_lag_on_failover)}")))
+    target, point_check = _point_check(cfg, state, point)
+    if point_check is not None:
+        checks.append(point_check)
+    if point.explicit and target is not None:  # the operator named the point: its age is the choice made
+        lag = clock.lag_s(target.captured_at, state.clock_offset_s)
+        checks.append(PromotionCheck("lag", True, f"promotes at a chosen point: lag {format_span(lag or 0.0)} "
+                                                  f"(max_lag_on_failover does not apply)"))
+    else:
+        captured_at = target.captured_at if target is not None else state.applied_captured_at
+        lag = clock.lag_s(captured_at, state.clock_offset_s)  # the primary's clock, the offset last estimated
+        refusal = promotion_refusal(lag_s=lag, applied_captured_at=captured_at,
+                                    max_lag_s=cfg.coordination.max_lag_on_failover,
+                                    accept_data_loss=accept_data_loss, first_promotion=first)
+        checks.append(PromotionCheck("lag", refusal is None, refusal or (
+            "first promotion: no lag" if first else "--accept-data-loss" if accept_data_loss and lag is None else
+            f"lag {format_span(lag or 0.0)}, within max_lag_on_failover "
+            f"{format_span(cfg.coordination.max_lag_on_failover)}")))
     running = StateDirLock.held(state_dir) or me in _live_agents(coord)
     where = "primary" if primary is None else f"primary {primary.agent}"
     checks.append(PromotionCheck("agent", running, f"agent {me} is running" if running else (
@@ -127,7 +146,84 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
         "skipped (--no-fence)" if no_fence else "no earlier primary to fence" if first or not old or old == me
         else "fence_command not configured")))
     return checks, {"first": first, "lag": lag, "state": state, "old": old, "fence": fence, "running": running,
-                    "data_root": data_root}
+                    "data_root": data_root, "target": target}
+
+
+@dataclass(frozen=True)
+class PointChoice:
+    """Where a promotion puts the standby's root first (``drsync promote`` options)."""
+
+    to_snapshot: str | None = None  # --to-snapshot ID
+    before: float | None = None  # --before TIME (Unix seconds)
+    apply_received: bool = False  # --apply-received: the newest snapshot waiting for apply_delay
+    delayed_state: bool = False  # --delayed-state: the root as it is (apply_delay's window kept)
+
+    @property
+    def explicit(self) -> bool:
+        return bool(self.to_snapshot) or self.before is not None
+
+
+def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[RecoveryPoint | None,
+                                                                              PromotionCheck | None]:
+    """The recovery point the promotion applies first (None: the root as it is), and its check."""
+    if point.explicit and (point.apply_received or point.delayed_state):
+        return None, PromotionCheck("point", False, "--to-snapshot/--before name the point themselves; leave out "
+                                                    "--apply-received and --delayed-state", UsageError)
+    if point.apply_received and point.delayed_state:
+        return None, PromotionCheck("point", False, "choose one: --apply-received or --delayed-state", UsageError)
+    if not (point.explicit or state.pending):
+        extra = "" if not (point.apply_received or point.delayed_state) else \
+            " (nothing is waiting for replication.apply_delay: the root is current)"
+        return None, (PromotionCheck("point", True, f"at the applied snapshot {state.applied_snapshot}{extra}")
+                      if state.applied_snapshot and extra else None)
+    repo = engine.open_repository(cfg.cluster.repository)
+    held = HoldFile(state_dir_of(cfg)).load().snapshot
+    points = recovery_points(repo.list_snapshots(), state, cluster_id=cfg.cluster.id, held=held)
+    if point.explicit:
+        try:
+            chosen = choose_point(points, to_snapshot=point.to_snapshot, before=point.before)
+        except UsageError as e:
+            return None, PromotionCheck("point", False, str(e), UsageError)
+        newer = newer_than(points, chosen)
+        return chosen, PromotionCheck("point", True, (
+            f"applies snapshot {chosen.id} (captured {iso_time(chosen.captured_at)}, {chosen.state}) first"
+            + (f"; {len(newer)} newer snapshot(s) stay in the repository: {', '.join(p.id for p in newer[:5])}"
+               + (" ..." if len(newer) > 5 else "") if newer else "")))
+    pending = [p for p in points if p.state == "pending"]
+    newest = pending[-1] if pending else None
+    if point.delayed_state:
+        return None, PromotionCheck("point", True, (
+            f"at the applied snapshot {state.applied_snapshot} (--delayed-state); {len(pending)} received "
+            f"snapshot(s) stay in the repository unapplied"))
+    if point.apply_received and newest is not None:
+        return newest, PromotionCheck("point", True, (
+            f"applies the newest received snapshot {newest.id} (captured {iso_time(newest.captured_at)}) first "
+            f"(--apply-received)"))
+    applied = next((p for p in points if p.state == "applied"), None)
+    return None, PromotionCheck("point", False, (
+        f"{cfg.agent.name} has {len(state.pending)} received snapshot(s) not applied yet (replication.apply_delay "
+        f"{format_span(cfg.replication.apply_delay)}; newest {newest.id if newest else '?'} captured "
+        f"{iso_time(newest.captured_at) if newest else '?'}); its root holds {state.applied_snapshot or 'nothing'}"
+        + (f" (captured {iso_time(applied.captured_at)})" if applied else "") + ": rerun with --apply-received "
+        "to apply everything received first, or --delayed-state to promote the root as it is (if the damage "
+        "is in what was received, --to-snapshot ID picks any earlier point)"), UsageError)
+
+
+def _points(cfg: Config, state_dir: str) -> list[RecoveryPoint]:
+    repo = engine.open_repository(cfg.cluster.repository)
+    return recovery_points(repo.list_snapshots(), StateStore(state_dir).load(), cluster_id=cfg.cluster.id,
+                           held=HoldFile(state_dir).load().snapshot)
+
+
+def _apply_point(cfg: Config, target: RecoveryPoint, point: PointChoice) -> dict[str, Any]:
+    """Have the agent apply ``target`` (and hold applies after it) before the epoch names it."""
+    why = ("to promote at an earlier point (drsync promote --to-snapshot/--before)" if point.explicit else
+           "to promote with everything received (drsync promote --apply-received)")
+    reply = submit(cfg, "promote-prepare", {"snapshot": target.id, "why": why}, wait_s=POINT_APPLY_WAIT_S)
+    if not reply.ok:
+        raise ERRORS_BY_CODE.get(reply.exit_code, OperationFailed)(
+            f"not promoted: applying snapshot {target.id} first failed: {reply.message}")
+    return reply.result
 
 
 def _live_agents(coord: Coordinator) -> set[str]:
@@ -138,12 +234,16 @@ def _live_agents(coord: Coordinator) -> set[str]:
 
 
 def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False, wait_s: float = 30.0,
-            no_fence: bool = False, promote_empty_root: bool = False, dry_run: bool = False) -> dict[str, Any]:
+            no_fence: bool = False, promote_empty_root: bool = False, dry_run: bool = False,
+            point: PointChoice | None = None) -> dict[str, Any]:
     """Make this config's agent the primary, and return only when its agent acts as primary.
 
     Raises RefusedError (exit 4) when unsafe, OperationFailed (exit 1) when its agent is not running
     or does not take over within ``wait_s``. ``dry_run``: run every check, change nothing, and return
-    them (``would_promote``, ``checks``, ``exit_code``)."""
+    them (``would_promote``, ``checks``, ``exit_code``). ``point``: a recovery point the agent applies
+    first (:mod:`drsync.agent.pointintime`), or what to do with snapshots waiting for apply_delay;
+    UsageError (exit 2) when received snapshots wait and ``point`` does not say."""
+    point = point or PointChoice()
     _require_auto(cfg, "promote")
     started = time.monotonic()
     me = cfg.agent.name
@@ -151,18 +251,20 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
     try:
         view = coord.view()
         primary = view.primary
-        if primary is not None and primary.agent == me and primary.epoch == view.epoch.epoch:
+        if primary is not None and primary.agent == me and primary.epoch == view.epoch.epoch and not point.explicit:
             return {"agent": me, "epoch": view.epoch.epoch, "promoted": False, "previous_primary": me,
                     "message": f"{me} is already the primary at epoch {view.epoch.epoch}"}
         checks, ctx = _promotion_checks(cfg, coord, view, force=force, accept_data_loss=accept_data_loss,
-                                        no_fence=no_fence, promote_empty_root=promote_empty_root)
+                                        no_fence=no_fence, promote_empty_root=promote_empty_root, point=point)
+        target: RecoveryPoint | None = ctx["target"]
         failed = next((c for c in checks if not c.ok), None)
         if dry_run:
-            code = 0 if failed is None else 4 if failed.refusal is RefusedError else 1
+            code = 0 if failed is None else {RefusedError: 4, UsageError: 2}.get(failed.refusal, 1)
             return {"agent": me, "dry_run": True, "would_promote": failed is None, "exit_code": code,
                     "epoch": view.epoch.epoch, "epoch_after": view.epoch.epoch + 1 if failed is None else None,
                     "previous_primary": ctx["old"] or None,
                     "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
+                    "point": target.as_dict() if target is not None else None,
                     "message": (f"dry run: {me} would become primary at epoch {view.epoch.epoch + 1}"
                                 if failed is None else f"dry run: not promoted: {failed.detail}")}
         if failed is not None:
@@ -184,17 +286,22 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
             if view2.epoch.version != view.epoch.version:
                 raise RefusedError(f"the group changed while fence_command ran (epoch {view2.epoch.epoch} now names "
                                    f"{view2.epoch.promoted_by}); nothing was promoted; run drsync status")
+        applied_first = None
+        if target is not None and target.id != state.applied_snapshot:
+            applied_first = _apply_point(cfg, target, point)
         new = coord.promote(view.epoch, me, reason, history={
             "from": old or None, "why": reason, "by": operator(),
             "detail": (f"drsync promote{' --force' if force else ''}{' --accept-data-loss' if accept_data_loss else ''}"
-                       f"{' --no-fence' if no_fence else ''}" + (f"; {primary.agent}'s session was alive (fenced)"
-                                                                  if primary is not None else "")),
-            "lag_s": round(lag, 3) if lag is not None else None, "snapshot": state.applied_snapshot or None})
+                       f"{' --no-fence' if no_fence else ''}" + (f" at snapshot {target.id}" if target else "")
+                       + (f"; {primary.agent}'s session was alive (fenced)" if primary is not None else "")),
+            "lag_s": round(lag, 3) if lag is not None else None,
+            "snapshot": (target.id if target else state.applied_snapshot) or None})
         doc: dict[str, Any] = {
             "agent": me, "epoch": new.epoch, "promoted": True, "reason": reason,
             "previous_primary": primary.agent if primary else (view.epoch.promoted_by or None),
             "forced": primary is not None, "lag_s": round(lag, 3) if lag is not None else None,
-            "applied_snapshot": state.applied_snapshot or None,
+            "applied_snapshot": (target.id if target else state.applied_snapshot) or None,
+            "applied_first": applied_first,
             "data_loss_accepted": accept_data_loss and not first,
             "fenced": fenced if fenced is not None else ("skipped (--no-fence)" if no_fence else
                                                          "not configured" if not cfg.coordination.fencing else None),
@@ -211,9 +318,13 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
                                   f"{wait_s:.0f}s (its agent reports role {role}; primary node: "
                                   f"{p.agent + ' at epoch ' + str(p.epoch) if p else 'none'}); the group has no "
                                   f"working primary until it does: check its log, or promote another agent")
-        doc.update(took_s=round(time.monotonic() - started, 3), primary_confirmed=True,
+        kept = [p.id for p in newer_than(_points(cfg, state_dir_of(cfg)), target)] if target is not None else []
+        doc.update(took_s=round(time.monotonic() - started, 3), primary_confirmed=True, newer_kept=kept,
                    message=f"{me} is the primary at epoch {new.epoch}" +
-                           (f" (lag {format_span(lag)} at promotion)" if lag is not None else ""))
+                           (f" at snapshot {target.id} (captured {iso_time(target.captured_at)})" if target else "") +
+                           (f" (lag {format_span(lag)} at promotion)" if lag is not None else "") +
+                           (f"; {len(kept)} newer snapshot(s) stay in its repository: {', '.join(kept[:5])}"
+                            + (" ..." if len(kept) > 5 else "") if kept else ""))
         return doc
     finally:
         coord.close()

@@ -47,6 +47,7 @@ log = logging.getLogger("drsync.agent")
 # How often the loop looks at ZooKeeper (watches wake it sooner), and for operator requests.
 COORDINATE_EVERY_S = 0.5
 REQUESTS_EVERY_S = 0.2
+DELAYED_APPLY_EVERY_S = 1.0  # how often a standby with replication.apply_delay looks for snapshots due
 # After a failed capture the next one waits this long, doubling up to the cap (seconds).
 CAPTURE_BACKOFF_FIRST_S = 1.0
 CAPTURE_BACKOFF_MAX_S = 60.0
@@ -89,7 +90,8 @@ class Agent:
         if self.role in ("standby", "auto"):
             self.receiver = StandbyReceiver(self.repo, self.data_root, self.store, agent=self.name,
                                             max_delete_fraction=cfg.replication.max_delete_fraction,
-                                            distcp=engine.distcp_settings(cfg))
+                                            distcp=engine.distcp_settings(cfg),
+                                            apply_delay_s=cfg.replication.apply_delay)
             self.receiver.trust_request_epochs = bool(cfg.tls.allowed_peers)
             if self.receiver.recover():
                 log.warning("agent %s: finished an apply that was interrupted", self.name)
@@ -155,6 +157,10 @@ class Agent:
         latest = self.repo.list_snapshots()
         if latest:
             m.last_snapshot.set(latest[-1].captured_at)
+        m.apply_delay.set_function(lambda: self.cfg.replication.apply_delay if self.acting != "primary"
+                                   else self.replication.apply_delay_s())
+        m.received_lag.set_function(self._received_lag)
+        m.pending_applies.set_function(lambda: len(self.store.current.pending))
         rx = self.receiver
         if rx is None:
             m.apply_held.set(0)
@@ -185,6 +191,10 @@ class Agent:
             lag = max(published) if published else None
         return lag
 
+    def _received_lag(self) -> float:
+        lag = self.store.current.received_lag_s() if self.acting != "primary" else None
+        return float("nan") if lag is None else lag
+
     def _on_applied(self) -> None:
         st = self.store.current
         self.activity.add(st.applied_snapshot, True, f"applied (captured {st.lag_s() or 0.0:.1f}s before)")
@@ -201,7 +211,8 @@ class Agent:
         if self.acting == "primary":
             return Duties("primary", frozenset(self.replication.protected() | {st.applied_snapshot} - {""}))
         rx = self.receiver
-        return Duties("standby", frozenset({st.applied_snapshot} - {""}), held=rx is not None and rx.hold.active,
+        keep = {st.applied_snapshot, *(p[0] for p in st.pending)} - {""}  # pending: applied later (apply_delay)
+        return Duties("standby", frozenset(keep), held=rx is not None and rx.hold.active,
                       has_applied=bool(st.applied_snapshot))
 
     def hold_summary(self) -> dict[str, Any] | None:
@@ -225,6 +236,21 @@ class Agent:
                 self.serve_requests()
             except Exception:  # a bug must not end request serving silently
                 log.exception("agent %s: serving operator requests failed", self.name)
+
+    def _delayed_apply_loop(self) -> None:
+        # replication.apply_delay: stored snapshots reach the root once old enough; its own thread, so an
+        # apply never stalls coordination (a promotion takes the commit lock and waits for it).
+        rx = self.receiver
+        assert rx is not None
+        while not self.stop.wait(DELAYED_APPLY_EVERY_S):
+            if self.acting == "primary":
+                continue
+            try:
+                rx.committer.apply_due()
+            except DrsyncError as e:
+                log.warning("agent %s: a delayed apply did not run: %s", self.name, e)
+            except Exception:  # a bug must not end delayed applies silently
+                log.exception("agent %s: delayed apply failed", self.name)
 
     # --- the status page --------------------------------------------------------------------
 
@@ -331,6 +357,8 @@ class Agent:
         self.replication.background = True
         self.maintenance.start()
         threading.Thread(target=self._serve_requests_loop, name="drsync-requests", daemon=True).start()
+        if self.receiver is not None and self.cfg.replication.apply_delay > 0:
+            threading.Thread(target=self._delayed_apply_loop, name="drsync-delayed-apply", daemon=True).start()
         backoff = CAPTURE_BACKOFF_FIRST_S
         next_capture = 0.0
         sup = self.supervisor

@@ -276,3 +276,11 @@ def _apply_hold(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
 def _apply_resume(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
     """Lift the operator's hold (and apply the newest snapshot stored meanwhile, guard permitting)."""
     return _receiver(agent).resume()
+
+
+@action("promote-prepare")
+def _promote_prepare(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
+    """Before a promotion at a recovery point: apply ``args["snapshot"]`` now and hold applies after it
+    (``drsync promote --to-snapshot/--before/--apply-received``); ``args["why"]`` is logged."""
+    return _receiver(agent).committer.apply_now(str(args.get("snapshot", "")),
+                                                str(args.get("why") or "before a promotion"))

@@ -90,6 +90,10 @@ class Shipper:
         self.metrics = metrics
         self.on_outcome = on_outcome
         self.position = Position()
+        # The newest snapshot the standby stored from this primary (applied, or waiting for its
+        # replication.apply_delay) and that delay, from its Hello and commit replies.
+        self.received = ""
+        self.apply_delay_s = 0.0
         self.offered: SnapshotInfo | None = None  # the newest snapshot this standby should get
         self.in_flight = ""
         self.in_flight_info: SnapshotInfo | None = None
@@ -122,7 +126,7 @@ class Shipper:
 
     def _due(self) -> SnapshotInfo | None:
         info = self.offered
-        if info is None or info.id == self.position.snapshot or time.monotonic() < self.retry_at:
+        if info is None or info.id in (self.position.snapshot, self.received) or time.monotonic() < self.retry_at:
             return None
         return info
 
@@ -176,6 +180,7 @@ class Shipper:
             hello = link.hello(self.sender, epoch)
             self.held = hello.held_snapshot  # its source stays on production until an operator decides
             applied = None
+            self.apply_delay_s, self.received = hello.apply_delay_s, hello.received_snapshot
             if hello.applied_snapshot:
                 self.position = Position(hello.applied_snapshot, hello.applied_captured_at)
                 applied = self._manifest_if_known(hello.applied_snapshot)
@@ -184,12 +189,17 @@ class Shipper:
             res = ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender,
                                 bandwidth_bps=self.bandwidth_bps, applied=applied, guard=self._guard,
                                 reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S))
-            self.position = Position(info.id, info.captured_at)
+            done = res.applied
+            self.received, self.apply_delay_s = info.id, done.apply_delay_s
+            # Delayed (replication.apply_delay): stored and verified there, its root follows later.
+            self.position = (Position(done.applied_snapshot, done.applied_captured_at) if done.deferred
+                             else Position(info.id, info.captured_at))
             self.metrics.ship_duration.observe(res.duration_s)
             self.metrics.shipped_bytes.inc(res.shipped_bytes)
             self.metrics.deduplicated_bytes.inc(res.deduplicated_bytes)
             return ShipOutcome(self.target, info.id, True,
-                               f"applied ({res.missing_chunks}/{res.chunks} chunks sent, {res.shipped_bytes} B in "
+                               f"{'stored, applied later (apply_delay)' if done.deferred else 'applied'} "
+                               f"({res.missing_chunks}/{res.chunks} chunks sent, {res.shipped_bytes} B in "
                                f"{res.duration_s:.2f}s)",
                                {"chunks": res.chunks, "missing_chunks": res.missing_chunks,
                                 "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
@@ -301,11 +311,21 @@ class Replication:
         return {t: s.position for t, s in list(self.shippers.items())}
 
     def applied_captured_at(self) -> float | None:
-        """The oldest capture time applied on any target (None until every target has applied something)."""
-        pos = self.positions()
-        if not pos or any(not p.snapshot for p in pos.values()):
+        """The capture time applied on the target furthest behind, counting each target's apply_delay as
+        expected (None until every target has applied something)."""
+        worst = self._furthest_behind()
+        return worst.position.captured_at or None if worst is not None else None
+
+    def apply_delay_s(self) -> float:
+        """The apply_delay of the target :meth:`applied_captured_at` speaks of (0 when none)."""
+        worst = self._furthest_behind()
+        return worst.apply_delay_s if worst is not None else 0.0
+
+    def _furthest_behind(self) -> Shipper | None:
+        shippers = list(self.shippers.values())
+        if not shippers or any(not s.position.snapshot for s in shippers):
             return None
-        return min(p.captured_at for p in pos.values()) or None
+        return min(shippers, key=lambda s: s.position.captured_at + s.apply_delay_s)
 
     def pinned_hdfs_snapshots(self) -> frozenset[str]:
         """The kept HDFS snapshots (engine "distcp") a standby may still copy from: those of the
@@ -328,7 +348,8 @@ class Replication:
         """Snapshots retention must keep: what each standby applied, and what is offered or in flight."""
         out: set[str] = set()
         for s in list(self.shippers.values()):
-            out |= {s.position.snapshot, s.in_flight, s.offered.id if s.offered is not None else "", s.held}
+            out |= {s.position.snapshot, s.received, s.in_flight, s.offered.id if s.offered is not None else "",
+                    s.held}
         return out - {""}
 
     def close(self) -> None:

@@ -39,13 +39,15 @@ class StandbyReceiver:
     """Implements :class:`drsync.transport.Receiver` for one standby agent."""
 
     def __init__(self, repo: Repository, data_root: str, store: StateStore, *, agent: str,
-                 max_delete_fraction: float = 0.5, distcp: DistCpSettings | None = None) -> None:
+                 max_delete_fraction: float = 0.5, distcp: DistCpSettings | None = None,
+                 apply_delay_s: float = 0.0) -> None:
         self.repo = repo
         self.store = store
         self.agent = agent
         self.intake = ChunkIntake(repo)
         self.committer = Committer(repo, data_root, store, agent=agent, max_delete_fraction=max_delete_fraction,
-                                   on_applied=lambda: self.on_applied(), distcp=distcp)
+                                   on_applied=lambda: self.on_applied(), distcp=distcp,
+                                   apply_delay_s=apply_delay_s)
         # With ZooKeeper roles: why shipments are refused now ("" = accepted; not while primary or promoting).
         self.refusal = ""
         # With ZooKeeper roles: reads the group's (epoch, agent the epoch names) fresh from ZooKeeper;
@@ -76,6 +78,10 @@ class StandbyReceiver:
 
     def held_snapshot(self) -> str:
         return self.committer.hold.snapshot
+
+    @property
+    def apply_delay_s(self) -> float:
+        return self.committer.apply_delay_s
 
     @property
     def broken(self) -> str:

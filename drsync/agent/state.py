@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -55,6 +56,13 @@ class AgentState:
     # While nothing is applied: a snapshot of what the root held when this agent (re)joined as a standby
     # (its before-rejoin snapshot); the deletion guard judges the first shipment against it.
     guard_baseline: str = ""
+    # The newest snapshot stored from a shipment, applied or not (with replication.apply_delay the root
+    # follows later): the received lag is counted from its capture time (primary's clock).
+    received_snapshot: str = ""
+    received_captured_at: float = 0.0
+    # replication.apply_delay: snapshots stored and verified but not applied yet, oldest first, each
+    # (snapshot id, capture time on the primary's clock, position); applied once old enough.
+    pending: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> AgentState:
@@ -62,6 +70,9 @@ class AgentState:
         fields = {k: v for k, v in doc.items() if k in known}
         if "applied_position" in fields:
             fields["applied_position"] = tuple(int(x) for x in fields["applied_position"] or ())
+        if "pending" in fields:
+            fields["pending"] = tuple((str(p[0]), float(p[1]), tuple(int(x) for x in p[2] or ()))
+                                      for p in fields["pending"] or ())
         return cls(**fields)
 
     def lag_s(self, now: float | None = None) -> float | None:
@@ -70,6 +81,16 @@ class AgentState:
         if not self.applied_snapshot:
             return None
         return clock.lag_s(self.applied_captured_at, self.clock_offset_s, now)
+
+    def received_lag_s(self, now: float | None = None) -> float | None:
+        """Like :meth:`lag_s` for the newest snapshot stored (applied or waiting for apply_delay): how much
+        work a promotion that applies everything received first would lose."""
+        newest = max(self.received_captured_at, self.applied_captured_at)
+        return clock.lag_s(newest, self.clock_offset_s, now) if newest else None
+
+    def primary_now(self, now: float | None = None) -> float:
+        """Now on the primary's clock (this machine's clock plus the estimated offset)."""
+        return (time.time() if now is None else now) + self.clock_offset_s
 
 
 def state_dir_of(cfg: Config) -> str:

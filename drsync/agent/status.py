@@ -223,3 +223,27 @@ def collect_pair_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any
     return {"group": cfg.coordination.group, "primary": primaries[0] if len(primaries) == 1 else None,
             "epoch": max(epochs) if epochs else None, "agents": agents, "last_snapshot": last_snapshot,
             "last_drill": drills[-1] if drills else None}
+
+
+def local_points(cfg: Config) -> dict[str, Any]:
+    """``drsync status --points``: this agent's recovery points, read from its own repository and state
+    directory only (no ZooKeeper, no primary): what ``drsync promote --to-snapshot``/``--before`` can pick.
+
+    Returns ``{"agent", "applied_snapshot", "apply_delay_s", "pending", "summary", "points": [...]}``
+    (points as :meth:`drsync.agent.pointintime.RecoveryPoint.as_dict`, oldest capture first)."""
+    from drsync.agent.hold import HoldFile
+    from drsync.agent.pointintime import recovery_points
+    from drsync.agent.state import StateStore, state_dir_of
+
+    state_dir = state_dir_of(cfg)
+    state = StateStore(state_dir).load()
+    snaps = Repository.open(open_storage(cfg.cluster.repository)).list_snapshots()
+    points = recovery_points(snaps, state, cluster_id=cfg.cluster.id, held=HoldFile(state_dir).load().snapshot)
+    delay = cfg.replication.apply_delay
+    summary = (f"agent {cfg.agent.name}: {len(points)} point(s) in time in its repository"
+               + (f", from {iso(points[0].captured_at)} to {iso(points[-1].captured_at)}" if points else "")
+               + f"; its root holds {state.applied_snapshot or 'nothing applied yet'}"
+               + (f"; {len(state.pending)} received snapshot(s) wait for apply_delay" if state.pending else "")
+               + ". Promote at one with drsync promote --to-snapshot ID (or --before TIME)")
+    return {"agent": cfg.agent.name, "applied_snapshot": state.applied_snapshot or None, "apply_delay_s": delay,
+            "pending": len(state.pending), "summary": summary, "points": [p.as_dict() for p in points]}

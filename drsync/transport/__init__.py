@@ -58,6 +58,9 @@ class StandbyHello:
     lag_s: float | None = None
     # The snapshot the standby's deletion guard holds back (stored, waiting for an operator), or "".
     held_snapshot: str = ""
+    # replication.apply_delay of the standby (seconds), and the newest snapshot it stored (applied or not).
+    apply_delay_s: float = 0.0
+    received_snapshot: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,12 @@ class CommitOutcome:
     written_files: int
     removed: int
     applied_at: float
+    # What the standby's root holds after the commit: ``snapshot`` itself, or (``deferred``, with
+    # replication.apply_delay) an older one; "" when the standby does not say (older agents).
+    applied_snapshot: str = ""
+    applied_captured_at: float = 0.0
+    deferred: bool = False
+    apply_delay_s: float = 0.0
 
 
 class StandbyLink(Protocol):
@@ -102,6 +111,11 @@ class Receiver(Protocol):
 
     def held_snapshot(self) -> str:
         """The snapshot the deletion guard holds back ("" when none)."""
+        ...
+
+    @property
+    def apply_delay_s(self) -> float:
+        """replication.apply_delay in seconds (0: shipments are applied at once)."""
         ...
 
     def admit(self, caller: Caller) -> None: ...

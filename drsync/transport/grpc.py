@@ -172,7 +172,9 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                              epoch=epoch, applied_snapshot=st.applied_snapshot if st else "",
                              applied_captured_at=st.applied_captured_at if st else 0.0,
                              applied_at=st.applied_at if st else 0.0, lag_s=lag or 0.0, lag_known=lag is not None,
-                             held_snapshot=held, received_at=received, replied_at=time.time())
+                             held_snapshot=held, received_at=received, replied_at=time.time(),
+                             apply_delay_s=self.receiver.apply_delay_s if self.receiver is not None else 0.0,
+                             received_snapshot=st.received_snapshot if st else "")
 
     def _same_caller(self, context: grpc.ServicerContext, first: Caller, sender: str, epoch: int) -> None:
         if (sender, int(epoch)) != (first.sender, first.epoch):
@@ -253,8 +255,11 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
             info, result = rx.commit(caller, doc, b"".join(pieces), int(seq))  # admits under its commit lock
         except DrsyncError as e:
             _abort(context, e)
+        st = rx.state
         return pb.CommitReply(snapshot=info.id, written_files=result.written_files, removed=result.removed,
-                              applied_at=rx.state.applied_at, replied_at=time.time())
+                              applied_at=st.applied_at, replied_at=time.time(), applied_snapshot=st.applied_snapshot,
+                              applied_captured_at=st.applied_captured_at, deferred=st.applied_snapshot != info.id,
+                              apply_delay_s=rx.apply_delay_s)
 
 
 def _check_names(context: grpc.ServicerContext, sender: str, instance: str) -> None:
@@ -393,7 +398,7 @@ class GrpcStandbyLink:
             rtt = max(0.0, (back - sent) - (r.replied_at - r.received_at))
         return StandbyHello(r.agent, r.role, r.cluster_id, r.release, r.epoch, r.applied_snapshot,
                             r.applied_captured_at, r.applied_at, offset, rtt, r.lag_s if r.lag_known else None,
-                            r.held_snapshot)
+                            r.held_snapshot, r.apply_delay_s, r.received_snapshot)
 
     def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
         failed: list[DrsyncError] = []
@@ -438,7 +443,8 @@ class GrpcStandbyLink:
             r = self.stub.Commit(_keeping(failed, parts()))  # no deadline: keepalive finds a dead peer
         except grpc.RpcError as e:
             raise (failed[0] if failed else _translate(e, self.target)) from None
-        return CommitOutcome(r.snapshot, r.written_files, r.removed, r.applied_at)
+        return CommitOutcome(r.snapshot, r.written_files, r.removed, r.applied_at, r.applied_snapshot,
+                             r.applied_captured_at, r.deferred, r.apply_delay_s)
 
     def health(self, timeout_s: float = 5) -> bool:
         try:

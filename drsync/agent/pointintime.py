@@ -1,0 +1,107 @@
+"""Points in time a standby can be promoted to (damage that replicated), and how an operator names one.
+
+A standby keeps every snapshot it stored in its own repository: the ones applied, the ones
+waiting for ``replication.apply_delay``, the ones its deletion guard or an operator holds, and
+its own (``before-rejoin``). Each of them is a **recovery point**: ``drsync promote
+--to-snapshot ID`` or ``--before TIME`` applies it (atomically, like any apply) and then
+promotes the standby at a new epoch; the snapshots newer than it stay in the repository.
+
+Everything here is pure (tests call it directly); :mod:`drsync.agent.control` does the I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from drsync.agent.state import AgentState
+from drsync.config import parse_duration
+from drsync.errors import UsageError
+from drsync.repository.snapshots import SnapshotInfo
+from drsync.units import iso_time
+
+
+@dataclass(frozen=True)
+class RecoveryPoint:
+    """One snapshot a standby could be promoted at. ``state``: ``applied`` (its root holds it now),
+    ``pending`` (stored, waiting for apply_delay), ``held`` (held back by the deletion guard) or
+    ``stored`` (any other snapshot of this cluster in its repository)."""
+
+    id: str
+    captured_at: float  # Unix seconds, on the primary's clock for shipped snapshots
+    kind: str
+    state: str
+    files: int
+    bytes: int
+    name: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"id": self.id, "captured_at": self.captured_at, "kind": self.kind, "state": self.state,
+                "files": self.files, "bytes": self.bytes, "name": self.name or None}
+
+
+def recovery_points(snapshots: list[SnapshotInfo], state: AgentState, *, cluster_id: str,
+                    held: str = "") -> list[RecoveryPoint]:
+    """This standby's recovery points, oldest capture first: every snapshot of ``cluster_id`` it holds."""
+    pending = {p[0] for p in state.pending}
+    out = []
+    for s in sorted((s for s in snapshots if s.cluster_id == cluster_id), key=lambda s: (s.captured_at, s.seq)):
+        what = ("applied" if s.id == state.applied_snapshot else "pending" if s.id in pending else
+                "held" if s.id == held else "stored")
+        out.append(RecoveryPoint(s.id, s.captured_at, s.kind, what, s.files, s.bytes, s.name))
+    return out
+
+
+def parse_before(text: str, now: float) -> float:
+    """``--before TIME``: an ISO 8601 time (``2026-12-01T09:00:00Z``, ``2026-12-01 10:00+01:00``; without a
+    zone it is this machine's local time), Unix seconds, or a span ago (``90m``, ``2h``, ``1d``, measured
+    from ``now``). Returns Unix seconds; UsageError names the forms when ``text`` is none of them."""
+    t = text.strip()
+    if re.fullmatch(r"\d{9,}(\.\d+)?", t):
+        return float(t)
+    if re.fullmatch(r"\d+(\.\d+)?\s*[a-zA-Z]+", t):
+        try:
+            return now - parse_duration(t, "--before")
+        except Exception:
+            pass
+    try:
+        when = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--before {text!r} is not a time: give ISO 8601 (2026-12-01T09:00:00Z), Unix seconds, "
+                         f"or a span ago (90m, 2h, 1d)") from None
+    return when.timestamp()  # naive: local time
+
+
+def choose_point(points: list[RecoveryPoint], *, to_snapshot: str | None = None,
+                 before: float | None = None) -> RecoveryPoint:
+    """The recovery point an operator named: ``to_snapshot`` (id, unique prefix of 6+ characters, or a
+    snapshot name, newest of that name) or the newest captured at or before ``before``. UsageError when
+    none matches (the message lists the nearest points)."""
+    if to_snapshot:
+        exact = [p for p in points if p.id == to_snapshot]
+        prefixed = [p for p in points if len(to_snapshot) >= 6 and p.id.startswith(to_snapshot)]
+        named = [p for p in points if p.name and p.name == to_snapshot]
+        found = exact or (prefixed if len(prefixed) == 1 else []) or named[-1:]
+        if not found:
+            why = "is ambiguous" if len(prefixed) > 1 else "is not a snapshot this standby holds"
+            raise UsageError(f"--to-snapshot {to_snapshot}: {why}; {_nearest(points)}")
+        return found[0]
+    if before is None:
+        raise UsageError("name the point: --to-snapshot ID or --before TIME")
+    earlier = [p for p in points if p.captured_at <= before]
+    if not earlier:
+        raise UsageError(f"this standby holds no snapshot captured at or before {iso_time(before)}; {_nearest(points)}")
+    return earlier[-1]
+
+
+def newer_than(points: list[RecoveryPoint], point: RecoveryPoint) -> list[RecoveryPoint]:
+    """The points captured after ``point``: kept in the repository when the standby is promoted at it."""
+    return [p for p in points if (p.captured_at, p.id) > (point.captured_at, point.id) and p.id != point.id]
+
+
+def _nearest(points: list[RecoveryPoint]) -> str:
+    if not points:
+        return "it holds no snapshot at all"
+    shown = ", ".join(f"{p.id} ({iso_time(p.captured_at)}, {p.state})" for p in points[-5:])
+    return f"its newest points: {shown} (drsync status --points lists them all)"

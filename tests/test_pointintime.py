@@ -1,0 +1,169 @@
+"""Damage that replicated: promote a standby at an earlier snapshot, and a standby that applies late.
+
+Real agents with ZooKeeper roles (tests/group.py); production is damaged the way a bad batch job or an
+encryption sweep does it (files rewritten in place, a few deleted), the damage reaches the standby, and
+the operator recovers from the standby's own history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from drsync.agent.pointintime import RecoveryPoint, choose_point, newer_than, parse_before, recovery_points
+from drsync.agent.state import AgentState
+from drsync.errors import UsageError
+from drsync.repository.snapshots import SnapshotInfo
+from tests.conftest import tree_state
+from tests.group import Group, scrape, wait_for
+
+KEEP_ALL = '[snapshots]\nkeep = { last = 1000 }\n'  # retention out of the way (protect is tested elsewhere)
+
+
+def _damage(root: Path) -> None:
+    """What an encryption sweep leaves: most files rewritten in place, one deleted, a ransom note."""
+    for p in sorted((root / "catalog").glob("f0*.txt"))[:12]:
+        p.write_bytes(b"ENCRYPTED" + os.urandom(64))
+    (root / "catalog" / "f019.txt").unlink()
+    (root / "README-RANSOM.txt").write_text("pay up\n")
+
+
+def _state(g: Group, name: str) -> dict:  # type: ignore[type-arg]
+    return json.loads((g.tmp / f"{name}-repo" / "agent" / "state.json").read_text())
+
+
+def test_promote_at_an_earlier_snapshot_after_damage_replicated(make_group) -> None:  # type: ignore[no-untyped-def]
+    g: Group = make_group(["east", "west"], extra=KEEP_ALL)
+    for n in g.names:
+        g.start(n)
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west to sync")
+    good_tree = tree_state(g.data["east"])
+    good = g.hello("west").applied_snapshot
+    _damage(g.data["east"])
+    wait_for(lambda: g.in_sync("east", "west"), "the damage to reach west")
+    damaged = g.hello("west").applied_snapshot
+    g.kill("east", signal.SIGKILL)  # production is lost too (or must not be trusted)
+    points = g.drsync("west", "status", "--points", "--json")
+    assert points.code == 0, points.err
+    listed = {p["id"]: p for p in json.loads(points.out)["points"]}
+    assert listed[good]["state"] == "stored" and listed[damaged]["state"] == "applied"
+    # A dry run names the point and changes nothing.
+    dry = g.promote("west", "--to-snapshot", good, "--dry-run", "--force")
+    assert dry.code == 0, dry.err
+    assert json.loads(dry.out)["point"]["id"] == good and g.primary() == ("east", 1)
+    assert tree_state(g.data["west"]) != good_tree
+    r = g.promote("west", "--to-snapshot", good, "--force")  # east's session may linger after kill -9
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["applied_snapshot"] == good and damaged in doc["newer_kept"] and doc["epoch"] == 2
+    assert g.primary() == ("west", 2)
+    assert tree_state(g.data["west"]) == good_tree  # the root is the chosen snapshot, nothing else
+    listed = [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]
+    assert good in listed and damaged in listed  # the newer ones are kept
+    hist = g.drsync("west", "history", "--json").json()
+    assert hist[0]["to"] == "west" and hist[0]["snapshot"] == good and f"at snapshot {good}" in hist[0]["detail"]
+
+
+def test_point_choices_are_refused_with_a_reason(make_group) -> None:  # type: ignore[no-untyped-def]
+    g: Group = make_group(["east", "west"], extra=KEEP_ALL)
+    for n in g.names:
+        g.start(n)
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west to sync")
+    r = g.promote("west", "--to-snapshot", "nosuchsnapshot", "--force")
+    assert r.code == 2 and "is not a snapshot this standby holds" in r.err and len(r.err.strip().splitlines()) == 1
+    r = g.promote("west", "--before", "2001-01-01T00:00:00Z", "--force")
+    assert r.code == 2 and "no snapshot captured at or before 2001-01-01" in r.err
+    r = g.promote("west", "--before", "yesterday-ish", "--force")
+    assert r.code == 2 and "ISO 8601" in r.err
+    assert g.primary() == ("east", 1)  # nothing changed
+
+
+@pytest.mark.parametrize("choice", ["--apply-received", "--delayed-state"])
+def test_a_delayed_standby_stores_at_once_and_applies_late(make_group, choice: str) -> None:  # type: ignore[no-untyped-def]
+    g: Group = make_group(["east", "west"], extra=KEEP_ALL, replication='apply_delay = "1h"')
+    for n in g.names:
+        g.start(n)
+    assert g.promote("east").code == 0
+    # The first snapshot is applied at once: a delayed standby still starts useful.
+    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west's first sync")
+    before = tree_state(g.data["west"])
+    applied = g.hello("west").applied_snapshot
+    (g.data["east"] / "catalog" / "late.txt").write_text("written after the first sync\n")
+    wait_for(lambda: _state(g, "west").get("pending"), "west to store a shipment it applies later")
+    received = _state(g, "west")["received_snapshot"]
+    m = scrape(g.metrics["west"], g.group, "west")
+    assert m["drsync_apply_delay_seconds"] == 3600 and m["drsync_pending_applies"] >= 1
+    assert m["drsync_replication_received_lag_seconds"] <= m["drsync_replication_lag_seconds"]
+    # The primary counts the delay as expected: its lag minus the standby's delay is what alerts see.
+    wait_for(lambda: scrape(g.metrics["east"], g.group, "east").get("drsync_apply_delay_seconds") == 3600,
+             "east to learn west's apply_delay")
+    assert tree_state(g.data["west"]) == before and g.hello("west").applied_snapshot == applied
+    g.kill("east", signal.SIGKILL)
+    r = g.promote("west", "--force")
+    assert r.code == 2 and "--apply-received" in r.err and "--delayed-state" in r.err, r.err
+    assert g.primary() == ("east", 1)
+    r = g.promote("west", "--force", choice)
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    if choice == "--apply-received":
+        newest = _state(g, "west")["applied_snapshot"]
+        assert (g.data["west"] / "catalog" / "late.txt").exists() and doc["applied_snapshot"] == newest
+        assert tree_state(g.data["west"]) == tree_state(g.data["east"])
+        assert received in [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]
+    else:
+        assert tree_state(g.data["west"]) == before and doc["applied_snapshot"] == applied
+        assert received in [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]
+    assert g.primary() == ("west", 2) and _state(g, "west")["pending"] == []
+
+
+def test_a_delayed_snapshot_reaches_the_root_once_old_enough(make_group) -> None:  # type: ignore[no-untyped-def]
+    g: Group = make_group(["east", "west"], replication='apply_delay = "3s"')
+    for n in g.names:
+        g.start(n)
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west's first sync")
+    (g.data["east"] / "catalog" / "late.txt").write_text("applied three seconds after capture\n")
+    wait_for(lambda: (g.data["west"] / "catalog" / "late.txt").exists(), "the delayed apply")
+    st = _state(g, "west")
+    # Applied no earlier than the delay after capture (one machine: both clocks are this one).
+    assert st["applied_at"] >= st["applied_captured_at"] + 3.0
+
+
+def test_recovery_points_are_chosen_by_id_prefix_name_or_time() -> None:
+    def snap(i: int, at: float, name: str = "") -> SnapshotInfo:
+        return SnapshotInfo(id=f"abcdef{i:02d}" + "0" * 56, captured_at=at, cluster_id="c", release="1",
+                            manifest_hash="", name=name, seq=i, kind="received")
+
+    snaps = [snap(1, 100.0), snap(2, 200.0, "nightly"), snap(3, 300.0), snap(4, 400.0)]
+    other = SnapshotInfo(id="ff" * 32, captured_at=250.0, cluster_id="elsewhere", release="1", manifest_hash="")
+    state = AgentState(applied_snapshot=snaps[3].id, pending=((snaps[2].id, 300.0, (1, 3)),))
+    pts = recovery_points([*snaps, other], state, cluster_id="c", held="")
+    assert [p.state for p in pts] == ["stored", "stored", "pending", "applied"]  # other clusters left out
+    assert choose_point(pts, to_snapshot=snaps[0].id).id == snaps[0].id
+    assert choose_point(pts, to_snapshot=snaps[1].id[:8]).id == snaps[1].id
+    assert choose_point(pts, to_snapshot="nightly").id == snaps[1].id
+    assert choose_point(pts, before=299.0).id == snaps[1].id and choose_point(pts, before=300.0).id == snaps[2].id
+    assert [p.id for p in newer_than(pts, pts[1])] == [snaps[2].id, snaps[3].id]
+    with pytest.raises(UsageError, match="ambiguous"):
+        choose_point(pts, to_snapshot="abcdef")  # a prefix of every one
+    with pytest.raises(UsageError, match="not a snapshot this standby holds"):
+        choose_point(pts, to_snapshot="abc")  # too short to be taken as a prefix
+    with pytest.raises(UsageError, match="no snapshot captured at or before"):
+        choose_point(pts, before=50.0)
+    assert isinstance(pts[0], RecoveryPoint)
+
+
+def test_before_takes_iso_unix_or_a_span_ago() -> None:
+    now = 1_800_000_000.0
+    assert parse_before("2h", now) == now - 7200
+    assert parse_before("1700000000", now) == 1_700_000_000.0
+    assert parse_before("2026-12-01T09:00:00Z", now) == 1_796_115_600.0
+    assert parse_before("2026-12-01T10:00:00+01:00", now) == 1_796_115_600.0
+    with pytest.raises(UsageError, match="ISO 8601"):
+        parse_before("tuesday", now)
