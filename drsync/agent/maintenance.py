@@ -8,7 +8,8 @@ promotion. Work is chosen per pass from the agent's role *now*:
 * retention of cycle snapshots ([snapshots] keep) in both roles, keeping what the
   agent names as protected (the applied snapshot; on a primary what each standby
   applied and what is in flight); never while a standby holds applies back (the good
-  snapshots must outlive the hold); it gives up at once when the repository is in use;
+  snapshots must outlive the hold); never a snapshot stored less than ``[snapshots] protect``
+  ago (drsync.protection); it gives up at once when the repository is in use;
 * garbage collection with retention, at most every :data:`GC_EVERY_S`;
 * on a primary, a backup every ``backups.interval`` (then pruning to ``backups.keep``);
 * on a standby with something applied, a drill every ``drills.interval``.
