@@ -173,11 +173,11 @@ def snapshot_grp() -> None:
     """Capture, inspect, restore and delete snapshots."""
 
 
-def _snap_row(s: Any, now: float) -> list[str]:
+def _snap_row(s: Any, now: float, protected_until: float | None) -> list[str]:
     exp = s.expires_at
     expires = "-" if exp is None else ("expired" if exp <= now else iso(exp) or "")
     return [str(s.seq) if s.seq else "-", s.id, s.name or "-", s.kind, iso(s.captured_at) or "", str(s.files),
-            human_size(s.bytes), expires]
+            human_size(s.bytes), expires, iso(protected_until) or "-"]
 
 
 @snapshot_grp.command("create")
@@ -224,12 +224,18 @@ def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str,
 def snapshot_list(inv: Invocation) -> None:
     """List snapshots, oldest first: in sequence order (SEQ), whatever their capture times say.
 
-    SEQ is '-' (JSON: 0) for snapshots taken before drsync numbered them; they come first.
+    SEQ is '-' (JSON: 0) for snapshots taken before drsync numbered them; they come first. PROTECTED
+    UNTIL: when [snapshots] protect stops keeping it ('-': not protected, or protect is off).
     """
-    snaps = inv.open_repo().list_snapshots()
+    repo = inv.open_repo()
+    snaps = repo.list_snapshots()
     now = time.time()
-    emit(inv, [s.to_json() for s in snaps], lambda: _table(
-        ["SEQ", "ID", "NAME", "KIND", "CAPTURED", "FILES", "SIZE", "EXPIRES"], [_snap_row(s, now) for s in snaps]))
+    protection = engine.protection_of(repo, inv.snapshots.protect)
+    until = {s.id: protection.until(s, now) if protection and protection.is_protected(s, now) else None
+             for s in snaps}
+    emit(inv, [{**s.to_json(), "protection_ends_at": until[s.id]} for s in snaps], lambda: _table(
+        ["SEQ", "ID", "NAME", "KIND", "CAPTURED", "FILES", "SIZE", "EXPIRES", "PROTECTED UNTIL"],
+        [_snap_row(s, now, until[s.id]) for s in snaps]))
 
 
 @snapshot_grp.command("show")
@@ -286,14 +292,39 @@ def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
     emit(inv, doc, human)
 
 
+_BREAK_GLASS_HELP = ("Delete snapshots younger than [snapshots] protect too (operators on this cluster only; each "
+                     "one is logged at WARNING and counted in the agent's state directory).")
+
+
+def _protection(inv: Invocation, break_glass: bool) -> dict[str, Any]:
+    """The deletion commands' protection arguments: this cluster's [snapshots] protect and, with
+    --break-glass, the state directory where each protected deletion is recorded."""
+    logging.getLogger("drsync.protection.break_glass").setLevel(logging.WARNING)  # on stderr, with who and what
+    if inv.config is None:
+        if break_glass:
+            raise UsageError("--break-glass needs --config FILE of this cluster's agent: its [snapshots] protect "
+                             "and the state directory that records the deletion")
+        return {}
+    from drsync.agent.state import state_dir_of
+
+    return {"protect_window_s": inv.config.snapshots.protect,
+            "break_glass_dir": state_dir_of(inv.config) if break_glass else None}
+
+
 @snapshot_grp.command("delete")
 @_common
 @click.argument("snapshot_ids", nargs=-1, required=True)
 @click.option("--no-prune", is_flag=True, help="Keep unreferenced chunks (run 'drsync repo gc' later).")
-def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bool) -> None:
-    """Delete snapshots and free the chunks nothing else uses."""
+@click.option("--break-glass", is_flag=True, help=_BREAK_GLASS_HELP)
+def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bool, break_glass: bool) -> None:
+    """Delete snapshots and free the chunks nothing else uses.
+
+    A snapshot stored less than [snapshots] protect ago is refused (exit 4, nothing deleted) unless
+    --break-glass is given.
+    """
     _refuse_while_held(inv, "delete snapshots")
-    infos, report = engine.delete_snapshots(inv.open_repo(), list(snapshot_ids), prune=not no_prune)
+    infos, report = engine.delete_snapshots(inv.open_repo(), list(snapshot_ids), prune=not no_prune,
+                                            **_protection(inv, break_glass))
     doc = {"deleted": [i.id for i in infos], "gc": report.as_dict() if report else None}
 
     def human() -> None:
@@ -403,17 +434,25 @@ def _report_restore(what: str, dest: str, result: ApplyResult) -> None:
 @snapshot_grp.command("expire")
 @_common
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
-def snapshot_expire(inv: Invocation, dry_run: bool) -> None:
-    """Delete snapshots past their TTL, and periodic ones beyond [snapshots] keep."""
+@click.option("--break-glass", is_flag=True, help=_BREAK_GLASS_HELP)
+def snapshot_expire(inv: Invocation, dry_run: bool, break_glass: bool) -> None:
+    """Delete snapshots past their TTL, and periodic ones beyond [snapshots] keep.
+
+    Those stored less than [snapshots] protect ago stay (listed as protected) unless --break-glass is given.
+    """
     if not dry_run:
         _refuse_while_held(inv, "expire snapshots")
-    res = engine.expire_snapshots(inv.open_repo(), inv.snapshots.keep, dry_run=dry_run)
+    res = engine.expire_snapshots(inv.open_repo(), inv.snapshots.keep, dry_run=dry_run,
+                                  **_protection(inv, break_glass))
     doc = {"deleted": [s.id for s in res.deleted], "kept": [s.id for s in res.kept], "dry_run": dry_run,
+           "protected": [s.id for s in res.protected], "break_glass": [s.id for s in res.break_glass],
            "gc": res.gc.as_dict() if res.gc else None}
     verb = "would delete" if dry_run else "deleted"
+    protected = (f"; {len(res.protected)} of them protected by [snapshots] protect (--break-glass deletes them): "
+                 f"{', '.join(s.id for s in res.protected)}" if res.protected else "")
     emit(inv, doc, lambda: click.echo(
         f"{verb} {len(res.deleted)} snapshot(s){': ' if res.deleted else ''}"
-        f"{', '.join(s.id for s in res.deleted)}; kept {len(res.kept)}"))
+        f"{', '.join(s.id for s in res.deleted)}; kept {len(res.kept)}{protected}"))
 
 
 @cli.group("backup")

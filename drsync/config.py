@@ -217,6 +217,9 @@ class SnapshotsConfig:
     post_hook: str = field(default="", metadata=_conv(_str))
     hook_timeout: float = field(default=300.0, metadata=_conv(_duration))
     reread_attempts: int = field(default=3, metadata=_conv(_int))
+    # No snapshot stored in this repository less than this long ago (seconds; 0 = off) is deleted by
+    # expiry, retention or `drsync snapshot delete` without --break-glass (drsync.protection).
+    protect: float = field(default=0.0, metadata=_conv(_duration))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from drsync.config import Config, KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
 from drsync.dataroot.distcp import HISTORY_PREFIX, DistCpSettings, DistCpStager, root_url
 from drsync.errors import LockedError, OperationFailed, RefusedError, UsageError
+from drsync.protection import Protection, check_deletable, record_break_glass, split_protected
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.repo import GcReport, Repository, VerifyReport
 from drsync.repository.snapshots import SnapshotInfo, new_snapshot_id
@@ -243,12 +244,29 @@ def _content_source(info: SnapshotInfo, data_root: str | None, distcp: DistCpSet
     return info.content_snapshot
 
 
-def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True) -> tuple[list[SnapshotInfo],
-                                                                                        GcReport | None]:
+def protection_of(repo: Repository, window_s: float) -> Protection | None:
+    """``[snapshots] protect`` (seconds) over this repository's snapshots, or None when it is off (0)."""
+    return Protection(window_s, repo.snapshot_stored_times()) if window_s > 0 else None
+
+
+def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True, protect_window_s: float = 0.0,
+                     break_glass_dir: str | None = None,
+                     clock: Callable[[], float] = time.time) -> tuple[list[SnapshotInfo], GcReport | None]:
     """Delete snapshots (briefly under the exclusive lock), then collect garbage (``prune``; see
-    :meth:`Repository.gc`). LockedError when a lock cannot be had within ``LOCK_WAIT_S``."""
+    :meth:`Repository.gc`). LockedError when a lock cannot be had within ``LOCK_WAIT_S``.
+
+    A snapshot stored less than ``protect_window_s`` seconds ago is protected (:mod:`drsync.protection`):
+    RefusedError naming it, and nothing deleted; unless ``break_glass_dir`` (the agent's state directory)
+    is given: then each protected one is recorded there and logged at WARNING before it is deleted."""
     with repo.lock(exclusive=True, wait_s=LOCK_WAIT_S):
         infos = [repo.find_snapshot(r) for r in refs]
+        now = clock()
+        protection = protection_of(repo, protect_window_s)
+        if break_glass_dir is None:
+            check_deletable(infos, protection, now)
+        elif protection is not None:
+            _, protected = split_protected(infos, protection, now)
+            record_break_glass(break_glass_dir, protected, protection, now, "drsync snapshot delete --break-glass")
         for info in infos:
             repo.delete_snapshot(info)
     report = repo.gc(wait_s=LOCK_WAIT_S) if prune else None
@@ -260,14 +278,19 @@ class ExpireResult:
     deleted: list[SnapshotInfo]
     kept: list[SnapshotInfo]
     gc: GcReport | None
+    # Due for deletion (TTL or keep policy) but stored less than [snapshots] protect ago: kept.
+    protected: list[SnapshotInfo] = field(default_factory=list)
+    # Protected ones deleted all the same (break glass); also in ``deleted``.
+    break_glass: list[SnapshotInfo] = field(default_factory=list)
 
 
 def plan_expiry(snaps: list[SnapshotInfo], keep: KeepPolicy, now: float) -> list[SnapshotInfo]:
-    """Snapshots to delete: any past its TTL, and periodic ones the keep policy does not keep.
+    """Snapshots due for deletion: any past its TTL, and periodic ones the keep policy does not keep.
 
     Manual snapshots live until their TTL or an explicit delete. "Newest" (``keep.last``, and
     which snapshot of an hour or day stands for it) is the sequence order; capture times only
-    say which hour or day a snapshot belongs to.
+    say which hour or day a snapshot belongs to. ``[snapshots] protect`` is applied on top
+    (:func:`drsync.protection.split_protected`).
     """
     doomed = {s.id for s in snaps if s.is_expired(now)}
     periodic = sorted((s for s in snaps if s.kind in ("periodic", "cycle") and s.id not in doomed),
@@ -280,19 +303,31 @@ def plan_expiry(snaps: list[SnapshotInfo], keep: KeepPolicy, now: float) -> list
 
 def expire_snapshots(repo: Repository, keep: KeepPolicy, *, now: float | None = None,
                      dry_run: bool = False, protect: frozenset[str] = frozenset(),
-                     collect: bool = True, lock_wait_s: float | None = None) -> ExpireResult:
+                     collect: bool = True, lock_wait_s: float | None = None, protect_window_s: float = 0.0,
+                     break_glass_dir: str | None = None) -> ExpireResult:
     """Apply TTLs and the keep policy. ``protect`` names snapshots that must stay (e.g. the
-    one a standby has applied); ``collect=False`` leaves garbage collection for later;
-    ``lock_wait_s=0`` gives up at once when the repository is in use (retention can wait): LockedError
-    before anything is deleted; when only the garbage collection that follows cannot have its lock,
-    the snapshots stay deleted, ``gc`` is None and a warning is logged."""
+    one a standby has applied); ``protect_window_s`` is ``[snapshots] protect``: snapshots stored less
+    than that ago stay too (``protected`` in the result), unless ``break_glass_dir`` (the agent's state
+    directory) is given: then they are recorded there, logged at WARNING and deleted. ``collect=False``
+    leaves garbage collection for later; ``lock_wait_s=0`` gives up at once when the repository is in use
+    (retention can wait): LockedError before anything is deleted; when only the garbage collection that
+    follows cannot have its lock, the snapshots stay deleted, ``gc`` is None and a warning is logged."""
     now = time.time() if now is None else now
     wait_s = LOCK_WAIT_S if lock_wait_s is None else lock_wait_s
     with repo.lock(exclusive=not dry_run, wait_s=wait_s):
         snaps = repo.list_snapshots()
-        doomed = [s for s in plan_expiry(snaps, keep, now) if s.id not in protect]
+        due = [s for s in plan_expiry(snaps, keep, now) if s.id not in protect]
+        protection = protection_of(repo, protect_window_s)
+        doomed, spared = split_protected(due, protection, now)
+        broken: list[SnapshotInfo] = []
+        if break_glass_dir is not None and spared:
+            doomed, broken, spared = due, spared, []
         if dry_run:
-            return ExpireResult(doomed, [s for s in snaps if s not in doomed], None)
+            return ExpireResult(doomed, [s for s in snaps if s not in doomed], None, spared, broken)
+        if broken:
+            assert protection is not None
+            record_break_glass(break_glass_dir or "", broken, protection, now,
+                               "drsync snapshot expire --break-glass")
         for s in doomed:
             repo.delete_snapshot(s)
     report = None
@@ -301,7 +336,7 @@ def expire_snapshots(repo: Repository, keep: KeepPolicy, *, now: float | None = 
             report = repo.gc(wait_s=wait_s)
         except LockedError as e:  # the snapshots are gone; their chunks go at the next GC
             log.warning("expired %d snapshot(s); garbage collection postponed: %s", len(doomed), e)
-    return ExpireResult(doomed, [s for s in snaps if s not in doomed], report)
+    return ExpireResult(doomed, [s for s in snaps if s not in doomed], report, spared, broken)
 
 
 def gc_repository(repo: Repository, *, dry_run: bool = False, lock_wait_s: float | None = None) -> GcReport:

@@ -10,10 +10,11 @@ freezing at its last value.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from drsync.errors import OperationFailed
 
@@ -75,6 +76,14 @@ class AgentMetrics:
                                               "deletion guard, or drsync apply --hold), else 0")
         self.apply_held_deletions = gauge("apply_held_deletions", "Files the snapshot held by the deletion guard "
                                                                   "would remove (0 when none is held)")
+        self.retention_protected = gauge(
+            "retention_protected_snapshots", "Snapshots the last retention pass found due for deletion (TTL or "
+                                             "[snapshots] keep) but kept because [snapshots] protect covers them")
+        self._break_glass: Callable[[], int] = lambda: 0
+        registry.register(_CountFromCallable(
+            PREFIX + "protected_snapshot_deletions", "Snapshots deleted with --break-glass while [snapshots] "
+            "protect covered them (recorded in the agent's state directory, so one-shot commands count)",
+            values, lambda: self._break_glass()))
         # Before the first backup or drill there is no value to report: NaN, never a false "long ago".
         for g in (self.backup_last_success, self.drill_last_success, self.drill_last_result, self.drill_rto,
                   self.drill_rpo):
@@ -91,11 +100,34 @@ class AgentMetrics:
         self._applied_at = captured_at
         self._lag_now = lag
 
+    def track_break_glass(self, count: Callable[[], int]) -> None:
+        """Where to read how many protected snapshots were deleted with --break-glass (a persisted count)."""
+        self._break_glass = count
+
     def _lag(self) -> float:
         lag = self._lag_now()
         if lag is None:
             return float("nan")  # nothing applied yet: no lag to speak of, and no false "all good"
         return lag
+
+
+class _CountFromCallable:
+    """A counter whose value is read when scraped (from a count kept outside this process, e.g. a file)."""
+
+    def __init__(self, name: str, doc: str, labels: Mapping[str, str], count: Callable[[], int]) -> None:
+        self.name, self.doc, self.labels, self.count = name, doc, dict(labels), count
+
+    def _family(self, value: float | None) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.doc, labels=list(self.labels))
+        if value is not None:
+            family.add_metric(list(self.labels.values()), value)
+        return family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield self._family(None)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield self._family(float(self.count()))
 
 
 class _Handler(BaseHTTPRequestHandler):

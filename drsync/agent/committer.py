@@ -31,6 +31,7 @@ from drsync.dataroot.distcp import DistCpSettings, DistCpStager
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
 from drsync.fsutil import describe_os_error
 from drsync.guard import Hold, deletion_guard
+from drsync.protection import as_stored_by_standby
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest, diff
 from drsync.repository.repo import Repository
@@ -111,7 +112,7 @@ class Committer:
         Raises RefusedError (other cluster, or held back), IntegrityError (damaged or incomplete)."""
         started = time.monotonic()
         self.cancel.clear()
-        info = SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document")
+        info = as_stored_by_standby(SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document"))
         cfg = self.repo.config
         if (info.cluster_id, info.release) != (cfg.cluster_id, cfg.release):
             raise RefusedError(

@@ -8,7 +8,8 @@ promotion. Work is chosen per pass from the agent's role *now*:
 * retention of cycle snapshots ([snapshots] keep) in both roles, keeping what the
   agent names as protected (the applied snapshot; on a primary what each standby
   applied and what is in flight); never while a standby holds applies back (the good
-  snapshots must outlive the hold); it gives up at once when the repository is in use;
+  snapshots must outlive the hold); never a snapshot stored less than ``[snapshots] protect``
+  ago (drsync.protection); it gives up at once when the repository is in use;
 * garbage collection with retention, at most every :data:`GC_EVERY_S`;
 * on a primary, a backup every ``backups.interval`` (then pruning to ``backups.keep``);
 * on a standby with something applied, a drill every ``drills.interval``.
@@ -33,6 +34,7 @@ from drsync.coordination import Coordinator
 from drsync.dataroot import open_data_root
 from drsync.errors import DrsyncError
 from drsync.metrics import AgentMetrics
+from drsync.protection import BreakGlassCount, read_break_glass
 from drsync.repository.repo import Repository
 
 log = logging.getLogger("drsync.agent")
@@ -76,6 +78,12 @@ class MaintenanceWorker:
         self.busy = ""  # what the worker is doing now, for the status page ("" = idle)
         self._init_backup_metric()
         self.refresh_drill_metrics()
+        # [snapshots] protect: break-glass deletions are recorded in the state directory (one-shot commands
+        # too); the counter reads the record, and each pass logs the ones it has not logged yet.
+        self._break_glass = BreakGlassCount(state_dir)
+        metrics.track_break_glass(self._break_glass)
+        self._break_glass_seen = self._break_glass()
+        self._protected_seen = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="drsync-maintenance", daemon=True)
@@ -103,6 +111,7 @@ class MaintenanceWorker:
 
     def run_pass(self) -> None:
         """One pass: whatever is due for the role the agent has now."""
+        self._log_break_glass()
         d = self.duties()
         self.retention(d)
         if d.role == "primary":
@@ -121,7 +130,7 @@ class MaintenanceWorker:
         self.busy = "retention"
         try:
             res = engine.expire_snapshots(self.repo, self.cfg.snapshots.keep, collect=collect, protect=d.protect,
-                                          lock_wait_s=0)
+                                          lock_wait_s=0, protect_window_s=self.cfg.snapshots.protect)
         except DrsyncError as e:
             self._locked_out = True
             log.info("agent %s: retention skipped this time: %s", self.name, e)
@@ -133,8 +142,24 @@ class MaintenanceWorker:
             self._last_gc = time.monotonic()
         if res.deleted:
             log.info("agent %s: expired %d snapshot(s)", self.name, len(res.deleted))
+        self.metrics.retention_protected.set(len(res.protected))
+        if len(res.protected) != self._protected_seen:
+            self._protected_seen = len(res.protected)
+            if res.protected:
+                log.info("agent %s: retention keeps %d snapshot(s) due for deletion: [snapshots] protect covers "
+                         "them (oldest %s)", self.name, len(res.protected), res.protected[0].id)
         if self.cfg.replication.engine == "distcp":  # also on a promoted standby: its old history goes too
             self._drop_history()
+
+    def _log_break_glass(self) -> None:
+        """Say in the agent's log what operators deleted with --break-glass since the last pass."""
+        if self._break_glass() == self._break_glass_seen:
+            return
+        entries = read_break_glass(self.state_dir)
+        for e in entries[self._break_glass_seen:]:
+            log.warning("agent %s: protected snapshot %s was deleted with --break-glass by %s on %s (%s)", self.name,
+                        e.get("snapshot"), e.get("user"), e.get("host"), e.get("how"))
+        self._break_glass_seen = len(entries)
 
     def _drop_history(self) -> None:
         """engine "distcp": HDFS history snapshots go with the drsync snapshots they stand for, in either

@@ -543,6 +543,14 @@ class Repository:
         out.sort(key=lambda s: s.order_key)
         return out
 
+    def snapshot_stored_times(self) -> dict[str, float]:
+        """When this repository stored each snapshot: snapshot id -> Unix seconds, the modification time
+        of its document on this repository's storage (one listing; written once, never rewritten). It is
+        this cluster's clock, never a time a peer wrote: what ``[snapshots] protect`` counts from."""
+        suffix = ".json"
+        return {o.name[len(fmt.SNAPSHOTS_DIR):-len(suffix)]: o.mtime for o in self.storage.list(fmt.SNAPSHOTS_DIR)
+                if o.name.endswith(suffix)}
+
     def find_snapshot(self, ref: str) -> SnapshotInfo:
         """A snapshot by id, unique id prefix, name (newest of that name) or ``latest``.
 
