@@ -10,6 +10,7 @@ snapshot document's modification time back on the storage (the clock protection 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -309,20 +310,21 @@ def test_a_primary_supplied_ttl_and_old_capture_time_do_not_shorten_the_standbys
 HOSTILE_CYCLES = 12
 
 
-def assert_standby_can_recover_to(g: Group, standby: str, good: str, good_tree: dict[str, tuple],
-                                  scratch: Path) -> None:
-    """The standby still holds snapshot ``good`` and it restores intact.
-
-    The last step of the hostile-primary test: once ``drsync promote --to-snapshot`` exists, promote
-    ``standby`` at ``good`` here and compare its data root with ``good_tree`` instead."""
+def assert_standby_can_recover_to(g: Group, standby: str, good: str, good_tree: dict[str, tuple]) -> None:
+    """The standby still holds snapshot ``good``, and is promoted at it: its data root is the good tree
+    and it acts as primary at a new epoch; the hostile snapshots stay in its repository."""
     assert good in listed(g.cfg[standby]), f"the standby lost the good snapshot {good}"
-    r = g.drsync(standby, "snapshot", "restore", good, "--target", str(scratch))
+    r = g.promote(standby, "--to-snapshot", good, "--force")  # the old primary's session may linger
     assert r.code == 0, r.err
-    assert tree_state(scratch) == good_tree
+    doc = json.loads(r.out)
+    assert doc["applied_snapshot"] == good and doc["newer_kept"], doc
+    assert tree_state(g.data[standby]) == good_tree
+    assert g.primary() == (standby, doc["epoch"])
+    assert set(doc["newer_kept"]) <= set(listed(g.cfg[standby]))
 
 
 def test_a_hostile_primary_cannot_push_the_good_snapshot_out_of_the_standbys_history(
-        make_group: Any, tmp_path: Path) -> None:
+        make_group: Any) -> None:
     """A primary with a valid epoch (and a clock three hours behind, so every capture time it writes is
     older than protect) rewrites every file, ships many tiny snapshots to push the good one out of
     ``keep = { last = 3 }``, then empties its root. The standby keeps the good snapshot."""
@@ -361,4 +363,4 @@ def test_a_hostile_primary_cannot_push_the_good_snapshot_out_of_the_standbys_his
     wait_for(lambda: g.hello("west").held_snapshot, "the standby's deletion guard to hold the emptied root")
     g.kill("east")
 
-    assert_standby_can_recover_to(g, "west", good, good_tree, tmp_path / "recovered")
+    assert_standby_can_recover_to(g, "west", good, good_tree)
