@@ -800,7 +800,9 @@ def drill_grp() -> None:
 @drill_grp.command("run")
 @_config_only
 @click.option("--full", is_flag=True, help="Verify every chunk, whatever drills.sample says.")
-def drill_run(inv: Invocation, full: bool) -> None:
+@click.option("--to-snapshot", "point", metavar="ID", help="Rehearse a promotion at this earlier snapshot "
+              "(drsync status --points): verify it in full and restore it into scratch space.")
+def drill_run(inv: Invocation, full: bool, point: str | None) -> None:
     """Run a drill now on this standby; exit 1 when it fails."""
     from drsync.agent.drill import run_drill
     from drsync.agent.loop import open_coordinator
@@ -821,11 +823,12 @@ def drill_run(inv: Invocation, full: bool) -> None:
             coord.close()
         is_primary = primary is not None and primary.agent == cfg.agent.name
     report = run_drill(cfg, state_dir=state_dir_of(cfg), open_coord=open_coord, full=full or None,
-                       is_primary=is_primary)
+                       is_primary=is_primary, point=point)
     doc = report.as_dict()
 
     def human() -> None:
-        click.echo(f"drill {report.number} on snapshot {report.snapshot or '-'}: "
+        click.echo(f"drill {report.number} on {'the earlier ' if report.point_in_time else ''}snapshot "
+                   f"{report.snapshot or '-'}: "
                    f"{'passed' if report.passed else 'FAILED'}")
         for s in report.steps:
             click.echo(f"  {'ok  ' if s.passed else 'FAIL'} {s.name:10} {s.duration_s:8.2f}s  {s.detail}")

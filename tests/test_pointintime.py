@@ -167,3 +167,26 @@ def test_before_takes_iso_unix_or_a_span_ago() -> None:
     assert parse_before("2026-12-01T10:00:00+01:00", now) == 1_796_115_600.0
     with pytest.raises(UsageError, match="ISO 8601"):
         parse_before("tuesday", now)
+
+
+def test_a_drill_rehearses_a_promotion_at_an_earlier_point(make_group) -> None:  # type: ignore[no-untyped-def]
+    g: Group = make_group(["east", "west"], extra=KEEP_ALL)
+    for n in g.names:
+        g.start(n)
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west to sync")
+    good = g.hello("west").applied_snapshot
+    _damage(g.data["east"])
+    wait_for(lambda: g.in_sync("east", "west"), "the damage to reach west")
+    damaged_root = tree_state(g.data["west"])
+    r = g.drsync("west", "drill", "run", "--to-snapshot", good, "--json")
+    assert r.code == 0, r.err
+    rep = json.loads(r.out)
+    steps = {s["name"]: s for s in rep["steps"]}
+    assert rep["point_in_time"] is True and rep["snapshot"] == good and rep["passed"] is True
+    assert steps["verify"]["figures"]["checked"] == steps["verify"]["figures"]["chunks"] > 0
+    assert "a promotion at this point would start from them" in steps["restore"]["detail"]
+    assert steps["promotion"]["passed"] and rep["rpo_s"] is not None
+    assert tree_state(g.data["west"]) == damaged_root and g.primary() == ("east", 1)  # nothing changed
+    r = g.drsync("west", "drill", "run", "--to-snapshot", "nosuch", "--json")
+    assert r.code == 1 and "nosuch" in r.err

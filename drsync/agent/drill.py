@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from drsync import engine, fsutil
+from drsync.agent.clock import lag_s as clock_lag_s
 from drsync.agent.state import StateStore
 from drsync.apply import apply_manifest, comparison_resolution, plan_apply
 from drsync.config import Config
@@ -36,6 +37,7 @@ from drsync.errors import DrsyncError, IntegrityError, UsageError
 from drsync.repository.manifest import FILE, Entry, Manifest, hdfs_checksum_digest
 from drsync.repository.repo import Repository
 from drsync.tree import LocalEntry
+from drsync.units import human_size
 
 # Room left free beyond the restored bytes (metadata, staging, the filesystem's own needs).
 SCRATCH_MARGIN_BYTES = 64 * 1024 * 1024
@@ -68,6 +70,9 @@ class DrillReport:
     number: int = 0
     full_verify: bool = True
     zookeeper_seq: str | None = None
+    # drill run --to-snapshot: a rehearsal of a promotion at that earlier point (its trial restore is
+    # judged against its manifest only; the root holds the applied snapshot, not this one).
+    point_in_time: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,8 +223,10 @@ def distcp_root_step(manifest: Manifest, snapshot: str, *, data_root: str, full:
                      f"HDFS checksums ({len(chosen)} of {len(files)}) match the ones production took", figures)
 
 
-def restore_step(repo: Repository, manifest: Manifest, snapshot: str, *, scratch_dir: str, data_root: str,
+def restore_step(repo: Repository, manifest: Manifest, snapshot: str, *, scratch_dir: str, data_root: str | None,
                  applied_now: Callable[[], str], own: tuple[str, ...] = ()) -> DrillStep:
+    """Restore ``snapshot`` into scratch space and compare it with its manifest, then the data root with it
+    (``data_root`` None: a point-in-time rehearsal, the restore alone is judged)."""
     started = time.monotonic()
     os.makedirs(scratch_dir, exist_ok=True)
     need, free = scratch_needed(manifest), shutil.disk_usage(scratch_dir).free
@@ -235,6 +242,10 @@ def restore_step(repo: Repository, manifest: Manifest, snapshot: str, *, scratch
         if mismatch:
             return DrillStep("restore", False, round(time.monotonic() - started, 3),
                              f"the trial restore does not match the manifest of {snapshot}: {mismatch[0]}", figures)
+        if data_root is None:
+            return DrillStep("restore", True, round(time.monotonic() - started, 3),
+                             f"restored {figures['files']} files ({human_size(figures['bytes'])}) of {snapshot}; "
+                             f"they match its manifest: a promotion at this point would start from them", figures)
         # The data root against the restore; a snapshot applied meanwhile makes the comparison moot.
         before = applied_now()
         diffs = (_compare_trees(target, data_root, manifest, (repo.storage.url, *own))
@@ -250,8 +261,8 @@ def restore_step(repo: Repository, manifest: Manifest, snapshot: str, *, scratch
                              f"the standby's data root differs from its applied snapshot {snapshot}: "
                              f"{'; '.join(diffs[:3])}", figures)
         return DrillStep("restore", True, round(time.monotonic() - started, 3),
-                         f"restored {figures['files']} files ({figures['bytes']} bytes) of {snapshot}; they match the "
-                         f"manifest and the standby's data root", figures)
+                         f"restored {figures['files']} files ({human_size(figures['bytes'])}) of {snapshot}; they "
+                         f"match the manifest and the standby's data root", figures)
     except DrsyncError as e:
         return DrillStep("restore", False, round(time.monotonic() - started, 3), f"trial restore failed: {e}",
                          figures)
@@ -319,9 +330,26 @@ def _save(state_dir: str, report: DrillReport, keep: int) -> None:
 
 
 def _snapshot_steps(cfg: Config, repo: Repository, state_file: StateStore, report: DrillReport,
-                    state_dir: str) -> list[DrillStep]:
-    """The steps that judge the applied snapshot and the root; sets ``report.snapshot`` and its RPO."""
+                    state_dir: str, point: str | None = None) -> list[DrillStep]:
+    """The steps that judge the applied snapshot and the root (or, ``point``, an earlier snapshot a
+    promotion could start from); sets ``report.snapshot`` and its RPO."""
     state = state_file.load()
+    if point:
+        try:
+            info = repo.find_snapshot(point)
+            manifest = repo.load_manifest(info)
+        except DrsyncError as e:
+            return [DrillStep("verify", False, 0.0, f"snapshot {point} cannot be read: {e}")]
+        if manifest.external_count():
+            return [DrillStep("verify", False, 0.0, f"snapshot {info.id} was copied by DistCp (engine \"distcp\"): "
+                                                    f"its bytes are not in the repository to rehearse with")]
+        report.snapshot, report.captured_at, report.point_in_time = info.id, info.captured_at, True
+        rpo = clock_lag_s(info.captured_at, state.clock_offset_s, report.started_at)
+        report.rpo_s = round(rpo, 3) if rpo is not None else None
+        scratch = cfg.drills.scratch or os.path.join(state_dir, "drill-scratch")
+        return [verify_step(repo, manifest, info.id, full=True, fraction=1.0, seed=report.number),
+                restore_step(repo, manifest, info.id, scratch_dir=scratch, data_root=None,
+                             applied_now=lambda: state_file.load().applied_snapshot, own=(state_dir, scratch))]
     if not state.applied_snapshot:
         return [DrillStep("applied", False, 0.0, "this standby has not applied any snapshot yet: "
                                                  "there is nothing it could take over with")]
@@ -345,8 +373,11 @@ def _snapshot_steps(cfg: Config, repo: Repository, state_file: StateStore, repor
 
 
 def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinator] | None,
-              full: bool | None = None, is_primary: bool = False) -> DrillReport:
-    """Run one drill on this standby and record it. Never changes the repository or the data root."""
+              full: bool | None = None, is_primary: bool = False, point: str | None = None) -> DrillReport:
+    """Run one drill on this standby and record it. Never changes the repository or the data root.
+
+    ``point``: rehearse a promotion at that earlier snapshot (``drill run --to-snapshot``): it is verified
+    in full and restored into scratch space; the RPO is its age."""
     if is_primary or cfg.agent.role == "primary":
         raise UsageError(f"drills run on a standby; {cfg.agent.name} is the primary of group "
                          f"{cfg.coordination.group}")
@@ -364,7 +395,7 @@ def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinat
         # comparison with the root is then moot, so it is made again on the newly applied snapshot
         # (a primary that keeps shipping faster than a drill can compare gets the report as it is).
         for attempt in range(1, ROOT_COMPARE_ATTEMPTS + 1):
-            steps = _snapshot_steps(cfg, repo, state_file, report, state_dir)
+            steps = _snapshot_steps(cfg, repo, state_file, report, state_dir, point)
             if all(s.figures.get("root_compared", True) for s in steps) or attempt == ROOT_COMPARE_ATTEMPTS:
                 break
         report.steps.extend(steps)
