@@ -190,3 +190,19 @@ def test_a_drill_rehearses_a_promotion_at_an_earlier_point(make_group) -> None: 
     assert tree_state(g.data["west"]) == damaged_root and g.primary() == ("east", 1)  # nothing changed
     r = g.drsync("west", "drill", "run", "--to-snapshot", "nosuch", "--json")
     assert r.code == 1 and "nosuch" in r.err
+
+
+def test_a_switchover_to_a_delayed_standby_loses_nothing(make_group) -> None:  # type: ignore[no-untyped-def]
+    """The final snapshot of a switchover reaches a delayed standby's root before it takes over: the
+    zero-loss promise holds whatever apply_delay says."""
+    g: Group = make_group(["east", "west"], interval="1h", replication='apply_delay = "1h"')
+    for n in g.names:
+        g.start(n)
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west's first sync")
+    (g.data["east"] / "catalog" / "last-minute.txt").write_text("written just before the switchover\n")
+    production = tree_state(g.data["east"])
+    r = g.drsync("west", "switchover", "--json")
+    assert r.code == 0, r.err
+    assert g.primary() == ("west", 2)
+    assert tree_state(g.data["west"]) == production and _state(g, "west")["pending"] == []

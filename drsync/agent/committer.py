@@ -198,16 +198,17 @@ class Committer:
         self._release_guard(f"snapshot {info.id}, shipped after it, passes the guard")
         return ApplyResult()
 
-    def apply_due(self) -> str:
-        """Apply the newest pending snapshot that is old enough (``replication.apply_delay``), dropping the
-        older pending ones (the root goes straight to it). Returns its id, or "" when none is due or applies
-        are held. Takes the repository's shared lock, then :attr:`lock`; refusals are logged, not raised."""
+    def apply_due(self, *, everything: bool = False) -> str:
+        """Apply the newest pending snapshot that is old enough (``replication.apply_delay``; ``everything``:
+        the newest pending one, as a switchover or an automatic failover does before taking over), dropping
+        the older pending ones (the root goes straight to it). Returns its id, or "" when none is due or
+        applies are held. Takes the repository's shared lock, then :attr:`lock`; refusals are logged."""
         st = self.store.current
-        if not st.pending or not self._is_due(st.pending[0][1]) or self.hold.operator_since:
+        if not st.pending or not (everything or self._is_due(st.pending[0][1])) or self.hold.operator_since:
             return ""
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S), self.lock:
             st = self.store.current
-            due = [p for p in st.pending if self._is_due(p[1])]
+            due = [p for p in st.pending if everything or self._is_due(p[1])]
             if not due or self.hold.operator_since or self.broken:
                 return ""
             snapshot, _, position = due[-1]
@@ -221,6 +222,21 @@ class Committer:
             self.store.transform(lambda s: dataclasses.replace(
                 s, pending=tuple(p for p in s.pending if p[1] > due[-1][1] and p[0] != snapshot)))
             return snapshot if self.store.current.applied_snapshot == snapshot else ""
+
+    def keep_delayed(self, why: str) -> dict[str, Any]:
+        """Before a promotion of the delayed state (``promote --delayed-state``): hold applies and drop the
+        pending list, so the root stays as it is; the snapshots stay in the repository."""
+        with self.lock:
+            if not self.hold.operator_since:
+                self.hold.operator_since = time.time()
+            self.hold_file.save(self.hold)
+            dropped = [p[0] for p in self.store.current.pending]
+            self.store.update(pending=())
+            log.warning("applies held %s: %d received snapshot(s) stay unapplied in the repository, the root stays "
+                        "at %s", why, len(dropped), self.store.current.applied_snapshot or "(none)")
+            return {"applied": self.store.current.applied_snapshot, "not_applied": dropped,
+                    "message": f"{self.agent} keeps its root at {self.store.current.applied_snapshot}; "
+                               f"{len(dropped)} received snapshot(s) stay unapplied"}
 
     def apply_now(self, ref: str, why: str) -> dict[str, Any]:
         """Apply stored snapshot ``ref`` (id or unique prefix) now, whatever the delay, the holds and the

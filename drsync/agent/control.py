@@ -226,6 +226,16 @@ def _apply_point(cfg: Config, target: RecoveryPoint, point: PointChoice) -> dict
     return reply.result
 
 
+def _keep_delayed(cfg: Config) -> dict[str, Any]:
+    """``--delayed-state``: the agent holds applies and forgets what waits for apply_delay (else it would
+    apply it when it takes over)."""
+    reply = submit(cfg, "promote-prepare", {"keep_delayed": True, "why": "to promote the delayed state (drsync "
+                                                                         "promote --delayed-state)"}, wait_s=60.0)
+    if not reply.ok:
+        raise ERRORS_BY_CODE.get(reply.exit_code, OperationFailed)(f"not promoted: {reply.message}")
+    return reply.result
+
+
 def _live_agents(coord: Coordinator) -> set[str]:
     try:
         return set(coord.agents())
@@ -289,6 +299,8 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
         applied_first = None
         if target is not None and target.id != state.applied_snapshot:
             applied_first = _apply_point(cfg, target, point)
+        elif point.delayed_state and state.pending:
+            applied_first = _keep_delayed(cfg)
         new = coord.promote(view.epoch, me, reason, history={
             "from": old or None, "why": reason, "by": operator(),
             "detail": (f"drsync promote{' --force' if force else ''}{' --accept-data-loss' if accept_data_loss else ''}"

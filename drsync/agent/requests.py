@@ -281,6 +281,9 @@ def _apply_resume(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
 @action("promote-prepare")
 def _promote_prepare(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
     """Before a promotion at a recovery point: apply ``args["snapshot"]`` now and hold applies after it
-    (``drsync promote --to-snapshot/--before/--apply-received``); ``args["why"]`` is logged."""
-    return _receiver(agent).committer.apply_now(str(args.get("snapshot", "")),
-                                                str(args.get("why") or "before a promotion"))
+    (``drsync promote --to-snapshot/--before/--apply-received``), or (``args["keep_delayed"]``, ``promote
+    --delayed-state``) hold applies and drop what waits for apply_delay; ``args["why"]`` is logged."""
+    why = str(args.get("why") or "before a promotion")
+    if args.get("keep_delayed"):
+        return _receiver(agent).committer.keep_delayed(why)
+    return _receiver(agent).committer.apply_now(str(args.get("snapshot", "")), why)

@@ -299,6 +299,11 @@ class RoleSupervisor:
                    if st.last_role == "primary" and st.epoch == epoch.epoch else None)
         rx.refusal = f"agent {self.name} is taking over as primary at epoch {epoch.epoch}; it accepts no shipments"
         rx.committer.cancel_staging()  # a DistCp copy (hours, maybe) stops; the root stays as applied
+        # replication.apply_delay: what was received and not applied yet is applied first (a switchover's
+        # final snapshot, an automatic failover's smallest loss); `drsync promote` settled it already
+        # (--apply-received, --delayed-state, --to-snapshot), leaving nothing pending.
+        if rx.committer.apply_due(everything=True):
+            log.warning("agent %s applied the snapshots it had received before taking over", self.name)
         with rx.commit_lock:  # an apply in flight finishes first: a promotion sees a whole snapshot
             rx.refusal = f"agent {self.name} is taking over as primary at epoch {epoch.epoch}; it accepts no shipments"
             rx.observe_epoch(epoch.epoch)
