@@ -320,7 +320,7 @@ def _hold_of(inv: Invocation) -> Any:
     except DrsyncError:
         return None
     hold = HoldFile(state_dir).load()
-    return hold if hold.active else None
+    return hold if hold.active or hold.flagged else None
 
 
 def _refuse_while_held(inv: Invocation, what: str) -> None:
@@ -328,8 +328,11 @@ def _refuse_while_held(inv: Invocation, what: str) -> None:
     hold = _hold_of(inv)
     if hold is None:
         return
-    why = (f"snapshot {hold.snapshot} is held by the deletion guard" if hold.snapshot else
-           "applies are held (drsync apply --hold)")
+    why = (f"snapshot {hold.snapshot} is held by the "
+           f"{'mass-change' if hold.changed and not hold.removed else 'deletion'} guard" if hold.snapshot else
+           "applies are held (drsync apply --hold)" if hold.operator_since else
+           f"the mass change of snapshot {hold.flagged} is not acknowledged (drsync apply --confirm "
+           f"{hold.flagged})")
     raise RefusedError(f"will not {what} in this repository while {why}: the snapshots it keeps may be the "
                        f"good copy; settle the hold first (drsync apply --confirm or --resume, with the "
                        f"standby's config)")
@@ -630,10 +633,12 @@ def status_cmd(inv: Invocation) -> None:
                        f"once its production writers are stopped, run drsync rejoin with its config")
         for a in doc["agents"]:
             h = a.get("apply_hold")
-            if h:
+            if h and h.get("held"):
                 click.echo(f"APPLY HELD on {a['name']}: " + (h.get("message") or "") +
                            (" (applies held by an operator: drsync apply --resume)" if h.get("operator_hold")
                             else ""))
+            if h and h.get("flagged"):
+                click.echo(f"MASS CHANGE on {a['name']}: {h.get('flagged_message')}")
         if doc.get("switchover"):
             sw = doc["switchover"]
             click.echo(f"switchover to {sw.get('to')}: {sw.get('status')}")
@@ -851,7 +856,10 @@ def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wa
             click.echo(f"applies held since {iso(h.operator_since)} (drsync apply --hold); "
                        f"'drsync apply --resume' lifts it")
         if h.snapshot:
-            click.echo(f"held by the deletion guard since {iso(h.held_at)}: {h.message}")
+            click.echo(f"held by the {'mass-change' if h.changed and not h.removed else 'deletion'} guard since "
+                       f"{iso(h.held_at)}: {h.message}")
+        if h.flagged:
+            click.echo(f"MASS CHANGE (applied, not acknowledged): {h.flagged_message}")
         if h.active and h.latest:
             click.echo(f"{h.refused} shipment(s) stored and refused while held; newest {h.latest}")
         if not h.active:
