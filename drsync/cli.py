@@ -816,13 +816,15 @@ def _need_config(inv: Invocation, what: str) -> Config:
 
 @cli.command("apply")
 @_config_only
-@click.option("--confirm", "confirm", metavar="SNAPSHOT", help="Apply the snapshot the deletion guard holds.")
+@click.option("--confirm", "confirm", metavar="SNAPSHOT",
+              help="Apply the snapshot a guard holds (deletions, mass changes), or acknowledge an applied mass "
+                   "change (replication.on_mass_change = \"alert\").")
 @click.option("--hold", "hold", is_flag=True, help="Store shipments but apply none until --resume.")
 @click.option("--resume", "resume", is_flag=True, help="Lift a hold set with --hold.")
 @click.option("--wait", "wait_s", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the running agent to carry the request out.")
 def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wait_s: float) -> None:
-    """On a standby: show what holds applies back; confirm a held snapshot; hold and resume applies."""
+    """On a standby: show what holds applies back or is flagged; confirm a held snapshot; hold and resume applies."""
     from drsync.agent.hold import HoldFile
     from drsync.agent.requests import submit
     from drsync.agent.state import StateStore, state_dir_of
