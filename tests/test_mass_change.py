@@ -141,6 +141,22 @@ def test_a_million_files_are_judged_in_columns() -> None:
         assert time.monotonic() - started < 5.0
 
 
+def test_config_keys(tmp_path: Path) -> None:
+    from drsync.config import load_config
+    from drsync.errors import ConfigError
+    from tests.test_config import MINIMAL, write
+
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert (cfg.replication.max_change_fraction, cfg.replication.on_mass_change) == (0.5, "hold")
+    cfg = load_config(write(tmp_path, MINIMAL + '[replication]\nmax_change_fraction = 1\non_mass_change = "alert"\n'))
+    assert (cfg.replication.max_change_fraction, cfg.replication.on_mass_change) == (1.0, "alert")
+    for bad, message in (("max_change_fraction = 1.5", "replication.max_change_fraction: expected a number above 0"),
+                         ('on_mass_change = "ignore"', "replication.on_mass_change")):
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, MINIMAL + f"[replication]\n{bad}\n"))
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
 # --- with real agents: a fixed-role pair ------------------------------------------------------------
 
 
@@ -212,7 +228,8 @@ def test_metadata_changes_apply_and_an_encryption_sweep_is_held_until_confirmed(
     assert m["drsync_snapshot_changed_fraction"] == pytest.approx(rewritten / total)
     state = apply_state(pair)
     held = state["snapshot"]
-    assert state["held"] and state["mass_change"] and state["changed"] == rewritten and state["applied"] == applied
+    assert state["held"] and state["mass_change"] and state["applied"] == applied
+    assert (state["changed"], state["files"], state["removed"]) == (rewritten, total, 0)
     assert state["message"].startswith(
         f"snapshot {held} rewrites the content of {rewritten / total:.1%} of the files ({rewritten} of {total}, "
         f"over replication.max_change_fraction 0.5): held, not applied; ")

@@ -28,7 +28,7 @@ from drsync.dataroot import open_data_root
 from drsync.dataroot.distcp import DistCpSettings, DistCpStager
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
 from drsync.fsutil import describe_os_error
-from drsync.guard import MassChange, change_guard, deletion_guard
+from drsync.guard import Hold, MassChange, change_guard, deletion_guard
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest, diff
 from drsync.repository.repo import Repository
@@ -158,28 +158,7 @@ class Committer:
         change = self._judge_changes(info, base, manifest)
         held_change = change if change is not None and self.on_mass_change == "hold" else None
         if hold is not None or held_change is not None:
-            st, h = self.store.current, self.hold
-            if not h.snapshot:  # the hold stays on the first held snapshot (the one an operator inspects)
-                h.snapshot, h.captured_at, h.applied, h.held_at = (info.id, info.captured_at,
-                                                                   st.applied_snapshot or st.guard_baseline,
-                                                                   time.time())
-                h.files, h.removed, h.position = (hold.files if hold else 0), (hold.removed if hold else 0), \
-                    list(position)
-                h.changed = held_change.changed if held_change else 0
-            figures = " and ".join(x.describe() for x in (held_change, hold) if x is not None)
-            what = (f"snapshot {info.id} {figures}: held, not applied" if h.snapshot == info.id else
-                    f"snapshot {info.id} {figures}: stored, not applied (snapshot {h.snapshot} is held "
-                    f"since {iso(h.held_at)})")
-            kind = "deletion" if held_change is None else "rewrite" if hold is None else "deletion and rewrite"
-            message = (f"{what}; on standby {self.agent} inspect it with 'drsync snapshot diff {h.applied} "
-                       f"{h.snapshot}' and confirm with 'drsync apply --confirm {h.snapshot}' if this {kind} "
-                       f"is intended")
-            if held_change is not None:
-                message += (f"; if it is not (an encryption sweep?), keep this standby as it is: snapshot "
-                            f"{h.applied} is the last good one (docs/operations.md, Mass changes)")
-            if h.snapshot == info.id:
-                h.message = message
-            raise RefusedError(self._refuse(info, message, position))
+            raise RefusedError(self._hold_by_guard(info, hold, position, held_change))
         if change is not None:  # replication.on_mass_change = "alert": applied, flagged until acknowledged
             self._flag(info, change, good=self.store.current.applied_snapshot)
         result = self._apply(info, manifest, position)
@@ -189,6 +168,32 @@ class Committer:
                             f"(replication.max_delete_fraction {self.max_delete_fraction:g}) and rewrites few "
                             f"enough (replication.max_change_fraction {self.max_change_fraction:g})")
         return result
+
+    def _hold_by_guard(self, info: SnapshotInfo, hold: Hold | None, position: list[int],
+                       held_change: MassChange | None = None) -> str:
+        """Hold ``info`` for the deletion guard (``hold``) and/or the mass-change guard (``held_change``):
+        the hold stays on the first held snapshot. Returns the refusal (logged as a warning)."""
+        st, h = self.store.current, self.hold
+        if not h.snapshot:  # the hold stays on the first held snapshot (the one an operator inspects)
+            h.snapshot, h.captured_at, h.applied, h.held_at = (info.id, info.captured_at,
+                                                               st.applied_snapshot or st.guard_baseline,
+                                                               time.time())
+            h.files, h.removed = (hold.files, hold.removed) if hold else (held_change.files if held_change else 0, 0)
+            h.changed, h.position = (held_change.changed if held_change else 0), list(position)
+        figures = " and ".join(x.describe() for x in (held_change, hold) if x is not None)
+        what = (f"snapshot {info.id} {figures}: held, not applied" if h.snapshot == info.id else
+                f"snapshot {info.id} {figures}: stored, not applied (snapshot {h.snapshot} is held "
+                f"since {iso(h.held_at)})")
+        kind = "deletion" if held_change is None else "rewrite" if hold is None else "deletion and rewrite"
+        message = (f"{what}; on standby {self.agent} inspect it with 'drsync snapshot diff {h.applied} "
+                   f"{h.snapshot}' and confirm with 'drsync apply --confirm {h.snapshot}' if this {kind} "
+                   f"is intended")
+        if held_change is not None:
+            message += (f"; if it is not (an encryption sweep?), keep this standby as it is: snapshot "
+                        f"{h.applied} is the last good one (docs/operations.md, Mass changes)")
+        if h.snapshot == info.id:
+            h.message = message
+        return self._refuse(info, message, position)
 
     def _judge_changes(self, info: SnapshotInfo, base: Manifest | None, manifest: Manifest) -> MassChange | None:
         """The mass-change guard: how much of the applied snapshot's content ``manifest`` rewrites (kept for

@@ -40,7 +40,7 @@ class ApplyHold:
     captured_at: float = 0.0
     applied: str = ""  # the applied snapshot it was judged against
     held_at: float = 0.0
-    files: int = 0  # files (non-directory entries) of the applied snapshot
+    files: int = 0  # files of the applied snapshot (non-directory entries; regular files for a mass change only)
     removed: int = 0  # of those, how many the held snapshot would remove
     message: str = ""  # the refusal, as the primary was told
     latest: str = ""  # the newest shipment stored and refused while held
