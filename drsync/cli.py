@@ -351,7 +351,7 @@ def _hold_of(inv: Invocation) -> Any:
     except DrsyncError:
         return None
     hold = HoldFile(state_dir).load()
-    return hold if hold.active else None
+    return hold if hold.active or hold.flagged else None
 
 
 def _refuse_while_held(inv: Invocation, what: str) -> None:
@@ -359,8 +359,11 @@ def _refuse_while_held(inv: Invocation, what: str) -> None:
     hold = _hold_of(inv)
     if hold is None:
         return
-    why = (f"snapshot {hold.snapshot} is held by the deletion guard" if hold.snapshot else
-           "applies are held (drsync apply --hold)")
+    why = (f"snapshot {hold.snapshot} is held by the "
+           f"{'mass-change' if hold.changed and not hold.removed else 'deletion'} guard" if hold.snapshot else
+           "applies are held (drsync apply --hold)" if hold.operator_since else
+           f"the mass change of snapshot {hold.flagged} is not acknowledged (drsync apply --confirm "
+           f"{hold.flagged})")
     raise RefusedError(f"will not {what} in this repository while {why}: the snapshots it keeps may be the "
                        f"good copy; settle the hold first (drsync apply --confirm or --resume, with the "
                        f"standby's config)")
@@ -678,10 +681,12 @@ def status_cmd(inv: Invocation, points: bool) -> None:
                        f"once its production writers are stopped, run drsync rejoin with its config")
         for a in doc["agents"]:
             h = a.get("apply_hold")
-            if h:
+            if h and h.get("held"):
                 click.echo(f"APPLY HELD on {a['name']}: " + (h.get("message") or "") +
                            (" (applies held by an operator: drsync apply --resume)" if h.get("operator_hold")
                             else ""))
+            if h and h.get("flagged"):
+                click.echo(f"MASS CHANGE on {a['name']}: {h.get('flagged_message')}")
         if doc.get("switchover"):
             sw = doc["switchover"]
             click.echo(f"switchover to {sw.get('to')}: {sw.get('status')}")
@@ -875,13 +880,15 @@ def _need_config(inv: Invocation, what: str) -> Config:
 
 @cli.command("apply")
 @_config_only
-@click.option("--confirm", "confirm", metavar="SNAPSHOT", help="Apply the snapshot the deletion guard holds.")
+@click.option("--confirm", "confirm", metavar="SNAPSHOT",
+              help="Apply the snapshot a guard holds (deletions, mass changes), or acknowledge an applied mass "
+                   "change (replication.on_mass_change = \"alert\").")
 @click.option("--hold", "hold", is_flag=True, help="Store shipments but apply none until --resume.")
 @click.option("--resume", "resume", is_flag=True, help="Lift a hold set with --hold.")
 @click.option("--wait", "wait_s", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the running agent to carry the request out.")
 def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wait_s: float) -> None:
-    """On a standby: show what holds applies back; confirm a held snapshot; hold and resume applies."""
+    """On a standby: show what holds applies back or is flagged; confirm a held snapshot; hold and resume applies."""
     from drsync.agent.hold import HoldFile
     from drsync.agent.requests import submit
     from drsync.agent.state import StateStore, state_dir_of
@@ -915,7 +922,10 @@ def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wa
             click.echo(f"applies held since {iso(h.operator_since)} (drsync apply --hold); "
                        f"'drsync apply --resume' lifts it")
         if h.snapshot:
-            click.echo(f"held by the deletion guard since {iso(h.held_at)}: {h.message}")
+            click.echo(f"held by the {'mass-change' if h.changed and not h.removed else 'deletion'} guard since "
+                       f"{iso(h.held_at)}: {h.message}")
+        if h.flagged:
+            click.echo(f"MASS CHANGE (applied, not acknowledged): {h.flagged_message}")
         if h.active and h.latest:
             click.echo(f"{h.refused} shipment(s) stored and refused while held; newest {h.latest}")
         if not h.active:

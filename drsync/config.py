@@ -193,6 +193,12 @@ class ReplicationConfig:
     # A snapshot that would remove more than this share of the standby's files (or empty its root)
     # is stored but not applied until `drsync apply --confirm` (safety rule 8).
     max_delete_fraction: float = field(default=0.5, metadata=_conv(lambda v, k: _fraction(v, k, "files")))
+    # A snapshot that rewrites the content of more than this share of the standby's files (same names,
+    # other bytes: an encryption sweep) is a mass change; 1 turns the check off. "hold": stored, not
+    # applied until `drsync apply --confirm`, like a mass deletion; "alert": applied, and flagged
+    # (drsync_mass_change) until an operator acknowledges it.
+    max_change_fraction: float = field(default=0.5, metadata=_conv(lambda v, k: _fraction(v, k, "files")))
+    on_mass_change: str = field(default="hold", metadata=_conv(_choice("hold", "alert")))
     # "agent": drsync reads, ships and writes every byte. "distcp" (both data roots on HDFS): the
     # primary checksums files instead of reading them and keeps its HDFS snapshot; the standby copies
     # the bytes with DistCp (drsync.dataroot.distcp), verifies them and commits through its journal.

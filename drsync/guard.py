@@ -12,6 +12,16 @@ directory). A rename is not a removal: a removed file whose content (type, conte
 target) appears at a path the new snapshot adds counts as moved, each added file standing for at
 most one removed file. Files whose content changed in place are not removals either (the guard
 looks at deletions; what changed is visible with ``drsync snapshot diff``).
+
+The mass-change guard (:func:`change_guard`) sees what the deletion guard does not: an encryption sweep
+that rewrites files in place, under the same names. A snapshot is flagged when it rewrites the content
+of more than ``replication.max_change_fraction`` of the applied snapshot's *regular files*: same path,
+still a regular file, different content digest (BLAKE3 of the chunk ids, or of the HDFS checksum for
+DistCp's external rows). Same-size rewrites count (the digest is of the bytes, never of size or time);
+metadata-only changes (mode, owner, times, attributes) do not; files added or removed are not changes
+of the applied set (removals are the deletion guard's; a rename is both). A file whose row is external
+on one side and not on the other (the engine changed) has digests of different kinds and is not
+compared; nor are external rows when the two snapshots' HDFS checksum algorithms differ.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync.repository.manifest import DIR, Manifest
+from drsync.repository.manifest import DIR, FILE, Manifest
 
 _KEY = ["type", "content", "target"]
 
@@ -85,6 +95,72 @@ def removed_files(applied: Manifest, new: Manifest) -> tuple[int, int, int]:
             moved = pc.sum(pc.min_element_wise(both.column("n_gone"), both.column("n_added"))).as_py() or 0
             removed -= int(moved)
     return a.num_rows, removed, b.num_rows
+
+
+def _regular_files(m: Manifest) -> pa.Table:
+    """(path, content, external) of the regular files of ``m``; content as variable binary (joins)."""
+    t = m.table.select(["path", "type", "size", "content", "chunks"])
+    t = t.filter(pc.equal(t.column("type"), FILE))
+    # An external row (see drsync.repository.manifest.is_external) has bytes but no chunk ids; the
+    # manifest's validation makes sure the rest of its shape.
+    no_chunks = pc.equal(pc.fill_null(pc.list_value_length(t.column("chunks")), 0), 0)
+    return pa.table({"path": t.column("path"),
+                     "content": pc.fill_null(pc.cast(t.column("content"), pa.binary()), b""),
+                     "external": pc.and_(no_chunks, pc.greater(t.column("size"), 0))})
+
+
+def changed_files(applied: Manifest, new: Manifest, *, compare_external: bool = True) -> tuple[int, int]:
+    """(regular files of ``applied``, how many of them ``new`` holds at the same path with other content).
+
+    Column work only (at most one hash join, of paths and row numbers): cheap at millions of files.
+    ``compare_external`` False (the snapshots' HDFS checksum algorithms differ) leaves external rows
+    out of the count."""
+    a = _regular_files(applied)
+    if a.num_rows == 0:
+        return 0, 0
+    b = _regular_files(new)
+    if a.column("path").equals(b.column("path")):  # the same files (common): compare row by row
+        ia, ib = a, b
+    else:  # match rows by path: a join of paths and row numbers only (payload columns make joins slow)
+        rows = pa.table({"path": a.column("path"), "i": pa.array(range(a.num_rows), pa.int64())}).join(
+            pa.table({"path": b.column("path"), "j": pa.array(range(b.num_rows), pa.int64())}),
+            keys="path", join_type="inner")
+        if rows.num_rows == 0:
+            return a.num_rows, 0
+        ia, ib = a.take(rows.column("i")), b.take(rows.column("j"))
+    comparable = pc.equal(ia.column("external"), ib.column("external"))
+    if not compare_external:
+        comparable = pc.and_(comparable, pc.invert(ia.column("external")))
+    changed = pc.and_(comparable, pc.not_equal(ia.column("content"), ib.column("content")))
+    return a.num_rows, int(pc.sum(pc.cast(changed, pa.int64())).as_py() or 0)
+
+
+@dataclass(frozen=True)
+class MassChange:
+    """A snapshot that rewrites the content of an unusual share of files: the figures of :func:`change_guard`."""
+
+    files: int  # regular files of the applied snapshot
+    changed: int  # of those, how many the new snapshot holds with other content
+    limit: float  # replication.max_change_fraction
+
+    @property
+    def fraction(self) -> float:
+        return self.changed / self.files if self.files else 0.0
+
+    def describe(self) -> str:
+        """``rewrites the content of 87.0% of the files (8,700 of 10,000, over replication.max_change_fraction
+        0.5)``."""
+        return (f"rewrites the content of {self.fraction:.1%} of the files ({self.changed:,} of {self.files:,}, "
+                f"over replication.max_change_fraction {self.limit:g})")
+
+
+def change_guard(applied: Manifest, new: Manifest, max_fraction: float, *,
+                 compare_external: bool = True) -> tuple[float, MassChange | None]:
+    """(share of the applied snapshot's regular files whose content ``new`` rewrites, a :class:`MassChange`
+    when that share is *over* ``max_fraction``, else None). An applied snapshot without files: (0.0, None)."""
+    files, changed = changed_files(applied, new, compare_external=compare_external)
+    flag = MassChange(files=files, changed=changed, limit=max_fraction)
+    return flag.fraction, (flag if files and flag.fraction > max_fraction else None)
 
 
 def deletion_guard(applied: Manifest, new: Manifest, max_fraction: float) -> Hold | None:

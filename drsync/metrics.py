@@ -84,6 +84,14 @@ class AgentMetrics:
             PREFIX + "protected_snapshot_deletions", "Snapshots deleted with --break-glass while [snapshots] "
             "protect covered them (recorded in the agent's state directory, so one-shot commands count)",
             values, lambda: self._break_glass()))
+        self.mass_change = gauge("mass_change", "1 while a mass change awaits an operator: a snapshot held because "
+                                                "it rewrites the content of more than replication.max_change_"
+                                                "fraction of the files, or one applied with on_mass_change = "
+                                                "\"alert\" and not yet acknowledged; else 0")
+        self.snapshot_changed_fraction = gauge(
+            "snapshot_changed_fraction", "Share of the applied snapshot's files whose content the last shipment "
+                                         "judged rewrites (NaN before one is judged)")
+        self.snapshot_changed_fraction.set(float("nan"))
         # Before the first backup or drill there is no value to report: NaN, never a false "long ago".
         for g in (self.backup_last_success, self.drill_last_success, self.drill_last_result, self.drill_rto,
                   self.drill_rpo):

@@ -30,7 +30,7 @@ from drsync.dataroot import open_data_root
 from drsync.dataroot.distcp import DistCpSettings, DistCpStager
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
 from drsync.fsutil import describe_os_error
-from drsync.guard import Hold, deletion_guard
+from drsync.guard import Hold, MassChange, change_guard, deletion_guard
 from drsync.protection import as_stored_by_standby
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest, diff
@@ -43,7 +43,8 @@ log = logging.getLogger("drsync.agent.standby")
 class Committer:
     def __init__(self, repo: Repository, data_root: str, store: StateStore, *, agent: str,
                  max_delete_fraction: float = 0.5, on_applied: Callable[[], None] = lambda: None,
-                 distcp: DistCpSettings | None = None, apply_delay_s: float = 0.0) -> None:
+                 distcp: DistCpSettings | None = None, apply_delay_s: float = 0.0,
+                 max_change_fraction: float = 0.5, on_mass_change: str = "hold") -> None:
         self.repo = repo
         self.data_root = data_root
         self.store = store
@@ -51,6 +52,10 @@ class Committer:
         self.max_delete_fraction = max_delete_fraction
         # replication.apply_delay: a shipment is stored at once and applied once this old (primary's clock).
         self.apply_delay_s = apply_delay_s
+        # The mass-change guard: replication.max_change_fraction, and "hold" or "alert" when it is exceeded.
+        self.max_change_fraction = max_change_fraction
+        self.on_mass_change = on_mass_change
+        self.changed_fraction = float("nan")  # of the last shipment judged (drsync_snapshot_changed_fraction)
         self.on_applied = on_applied
         # Held for a whole commit (store + apply): a promotion takes it to wait for an apply in flight.
         self.lock = threading.Lock()
@@ -164,13 +169,18 @@ class Committer:
             return ApplyResult(unchanged_files=manifest.file_count())
         base = applied if applied is not None else self._baseline_manifest()
         hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
-        if hold is not None:
-            raise RefusedError(self._hold_by_guard(info, hold, position))
+        change = self._judge_changes(info, base, manifest)
+        held_change = change if change is not None and self.on_mass_change == "hold" else None
+        if hold is not None or held_change is not None:
+            raise RefusedError(self._hold_by_guard(info, hold, position, held_change))
+        if change is not None:  # replication.on_mass_change = "alert": applied, flagged until acknowledged
+            self._flag(info, change, good=self.store.current.applied_snapshot)
         result = self._apply(info, manifest, position)
         log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id,
                  result.written_files, result.removed, time.monotonic() - started)
         self._release_guard(f"snapshot {info.id} was applied: it removes few enough of the files "
-                            f"(replication.max_delete_fraction {self.max_delete_fraction:g})")
+                            f"(replication.max_delete_fraction {self.max_delete_fraction:g}) and rewrites few "
+                            f"enough (replication.max_change_fraction {self.max_change_fraction:g})")
         return result
 
     # --- replication.apply_delay ------------------------------------------------------------------
@@ -190,8 +200,10 @@ class Committer:
         ahead = st.pending[-1][0] if st.pending else st.applied_snapshot
         base = self._manifest_of(ahead) if ahead else self._baseline_manifest()
         hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
-        if hold is not None:
-            raise RefusedError(self._hold_by_guard(info, hold, position))
+        change = self._judge_changes(info, base, manifest)
+        held_change = change if change is not None and self.on_mass_change == "hold" else None
+        if hold is not None or held_change is not None:
+            raise RefusedError(self._hold_by_guard(info, hold, position, held_change))
         self.store.update(pending=(*st.pending, (info.id, info.captured_at, tuple(position))))
         log.info("snapshot %s stored; applied at %s (replication.apply_delay %s)", info.id,
                  iso(info.captured_at + self.apply_delay_s), format_span(self.apply_delay_s))
@@ -266,6 +278,58 @@ class Committer:
                     "message": f"snapshot {info.id} is applied on {self.agent} ({result.written_files} files "
                                f"written, {result.removed} removed); applies are held until the promotion"}
 
+    def _hold_by_guard(self, info: SnapshotInfo, hold: Hold | None, position: list[int],
+                       held_change: MassChange | None = None) -> str:
+        """Hold ``info`` for the deletion guard (``hold``) and/or the mass-change guard (``held_change``):
+        the hold stays on the first held snapshot. Returns the refusal (logged as a warning)."""
+        st, h = self.store.current, self.hold
+        if not h.snapshot:  # the hold stays on the first held snapshot (the one an operator inspects)
+            h.snapshot, h.captured_at, h.applied, h.held_at = (info.id, info.captured_at,
+                                                               st.applied_snapshot or st.guard_baseline,
+                                                               time.time())
+            h.files, h.removed = (hold.files, hold.removed) if hold else (held_change.files if held_change else 0, 0)
+            h.changed, h.position = (held_change.changed if held_change else 0), list(position)
+        figures = " and ".join(x.describe() for x in (held_change, hold) if x is not None)
+        what = (f"snapshot {info.id} {figures}: held, not applied" if h.snapshot == info.id else
+                f"snapshot {info.id} {figures}: stored, not applied (snapshot {h.snapshot} is held "
+                f"since {iso(h.held_at)})")
+        kind = "deletion" if held_change is None else "rewrite" if hold is None else "deletion and rewrite"
+        message = (f"{what}; on standby {self.agent} inspect it with 'drsync snapshot diff {h.applied} "
+                   f"{h.snapshot}' and confirm with 'drsync apply --confirm {h.snapshot}' if this {kind} "
+                   f"is intended")
+        if held_change is not None:
+            message += (f"; if it is not (an encryption sweep?), keep this standby as it is: snapshot "
+                        f"{h.applied} is the last good one (docs/operations.md section 13d)")
+        if h.snapshot == info.id:
+            h.message = message
+        return self._refuse(info, message, position)
+
+    def _judge_changes(self, info: SnapshotInfo, base: Manifest | None, manifest: Manifest) -> MassChange | None:
+        """The mass-change guard: how much of the applied snapshot's content ``manifest`` rewrites (kept for
+        the metrics), and a :class:`MassChange` when that is over replication.max_change_fraction."""
+        if base is None:
+            self.changed_fraction = float("nan")
+            return None
+        st = self.store.current
+        try:  # HDFS checksums of different algorithms never match: such external rows are not compared
+            algorithm = self.repo.find_snapshot(st.applied_snapshot or st.guard_baseline).content_checksum
+        except DrsyncError:
+            algorithm = info.content_checksum
+        self.changed_fraction, change = change_guard(base, manifest, self.max_change_fraction,
+                                                     compare_external=algorithm == info.content_checksum)
+        return change
+
+    def _flag(self, info: SnapshotInfo, change: MassChange, good: str) -> None:
+        """``replication.on_mass_change = "alert"``: apply, but flag the snapshot (drsync_mass_change) until
+        an operator acknowledges it. Logged as a warning before the apply starts."""
+        message = (f"snapshot {info.id} {change.describe()}: applied, not held (replication.on_mass_change = "
+                   f"\"alert\"); if this is not intended (an encryption sweep?), run 'drsync apply --hold' on "
+                   f"standby {self.agent} at once and recover from snapshot {good or '(none)'} (docs/"
+                   f"operations.md section 13d); if it is, acknowledge with 'drsync apply --confirm {info.id}'")
+        self.hold.flagged, self.hold.flagged_message = info.id, message
+        self.hold_file.save(self.hold)
+        log.warning("%s", message)
+
     def _refuse(self, info: SnapshotInfo, message: str, position: list[int] | None = None) -> str:
         self.hold.latest = info.id
         self.hold.latest_position = list(position or [])
@@ -273,23 +337,6 @@ class Committer:
         self.hold_file.save(self.hold)
         log.warning("%s", message)
         return message
-
-    def _hold_by_guard(self, info: SnapshotInfo, hold: Hold, position: list[int]) -> str:
-        """Hold ``info`` for the deletion guard (or store it behind the snapshot held already); the message."""
-        st, h = self.store.current, self.hold
-        if not h.snapshot:  # the hold stays on the first held snapshot (the one an operator inspects)
-            h.snapshot, h.captured_at, h.applied, h.held_at = (info.id, info.captured_at,
-                                                               st.applied_snapshot or st.guard_baseline, time.time())
-            h.files, h.removed, h.position = hold.files, hold.removed, list(position)
-        what = (f"snapshot {info.id} {hold.describe()}: held, not applied" if h.snapshot == info.id else
-                f"snapshot {info.id} {hold.describe()}: stored, not applied (snapshot {h.snapshot} is held "
-                f"since {iso(h.held_at)})")
-        message = (f"{what}; on standby {self.agent} inspect it with 'drsync snapshot diff {h.applied} "
-                   f"{h.snapshot}' and confirm with 'drsync apply --confirm {h.snapshot}' if this deletion "
-                   f"is intended")
-        if h.snapshot == info.id:
-            h.message = message
-        return self._refuse(info, message, position)
 
     def release_on_promotion(self) -> None:
         """A promoted standby serves its applied snapshot: holds on what it stored are moot. Caller holds
@@ -313,11 +360,11 @@ class Committer:
         held = self.hold.snapshot
         self.hold.snapshot, self.hold.applied, self.hold.message = "", "", ""
         self.hold.captured_at = self.hold.held_at = 0.0
-        self.hold.files = self.hold.removed = 0
+        self.hold.files = self.hold.removed = self.hold.changed = 0
         if not self.hold.operator_since:
             self.hold.latest, self.hold.refused = "", 0
         self.hold_file.save(self.hold)
-        log.warning("deletion guard: the hold on snapshot %s is lifted: %s", held, why)
+        log.warning("guard: the hold on snapshot %s is lifted: %s", held, why)
 
     def _baseline_manifest(self) -> Manifest | None:
         """What the root held when this agent (re)joined, while nothing is applied yet (an ex-primary's
@@ -354,15 +401,21 @@ class Committer:
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S), self.lock:
             self.check_usable()
             held = self.hold.snapshot
+            if not held and self.hold.flagged and self._names(ref, self.hold.flagged):
+                return self._acknowledge("an operator confirmed it (drsync apply --confirm)")
             if not held:
                 extra = (" (applies are held by 'drsync apply --hold'; 'drsync apply --resume' lifts that)"
                          if self.hold.operator_since else "")
-                raise RefusedError(f"no snapshot is held by the deletion guard on standby {self.agent}{extra}; "
-                                   f"nothing was applied")
-            if ref != held and not (len(ref) >= 6 and held.startswith(ref)):
+                raise RefusedError(f"no snapshot is held by the deletion or mass-change guard on standby "
+                                   f"{self.agent}{extra}; nothing was applied")
+            if not self._names(ref, held):
+                figures = "; ".join(x for x in (
+                    f"it rewrites the content of {self.hold.changed:,} files" if self.hold.changed else "",
+                    f"it would remove {self.hold.removed:,} of {self.hold.files:,} files" if self.hold.removed
+                    else "") if x)
                 raise RefusedError(f"snapshot {ref} is not the one held on standby {self.agent}: {held} is "
-                                   f"(it would remove {self.hold.removed:,} of {self.hold.files:,} files); nothing "
-                                   f"was applied; see 'drsync apply' and confirm the held snapshot")
+                                   f"({figures}); nothing was applied; see 'drsync apply' and confirm the held "
+                                   f"snapshot")
             info = self.repo.find_snapshot(held)
             manifest = self.repo.load_manifest(info)
             result = self._apply(info, manifest, list(self.hold.position))
@@ -374,6 +427,21 @@ class Committer:
             return {"applied": info.id, "written_files": result.written_files, "removed": result.removed,
                     "message": f"snapshot {info.id} applied on standby {self.agent}: {result.written_files} files "
                                f"written, {result.removed} removed"}
+
+    @staticmethod
+    def _names(ref: str, snapshot: str) -> bool:
+        """Whether ``ref`` names ``snapshot``: its id or a unique prefix of 6+ characters."""
+        return ref == snapshot or (len(ref) >= 6 and snapshot.startswith(ref))
+
+    def _acknowledge(self, why: str) -> dict[str, Any]:
+        """Clear the mass-change flag of an applied snapshot (replication.on_mass_change = "alert")."""
+        flagged = self.hold.flagged
+        self.hold.flagged, self.hold.flagged_message = "", ""
+        self.hold_file.save(self.hold)
+        log.warning("mass-change guard: snapshot %s is acknowledged: %s", flagged, why)
+        return {"applied": None, "acknowledged": flagged,
+                "message": f"the mass change of snapshot {flagged} (already applied) is acknowledged on standby "
+                           f"{self.agent}"}
 
     def hold_applies(self) -> dict[str, Any]:
         """The operator's hold: store shipments, apply none until :meth:`resume`."""
@@ -390,11 +458,15 @@ class Committer:
         """Lift the operator's hold, and apply the newest snapshot stored meanwhile (the guard still judges it)."""
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S), self.lock:
             if not self.hold.operator_since:
-                note = (f"; snapshot {self.hold.snapshot} stays held by the deletion guard "
-                        f"('drsync apply --confirm {self.hold.snapshot}' applies it)" if self.hold.snapshot else "")
+                note = (f"; snapshot {self.hold.snapshot} stays held by a guard "
+                        f"('drsync apply --confirm {self.hold.snapshot}' applies it)" if self.hold.snapshot else
+                        f"; the mass change of snapshot {self.hold.flagged} stays flagged ('drsync apply "
+                        f"--confirm {self.hold.flagged}' acknowledges it)" if self.hold.flagged else "")
                 return {"applied": None, "message": f"applies were not held by an operator on standby "
                                                     f"{self.agent}; nothing to resume{note}"}
             self.hold.operator_since = 0.0
+            if self.hold.flagged:  # the operator held applies over a flagged mass change, and goes on
+                self._acknowledge("applies were resumed (drsync apply --resume)")
             latest = self.hold.latest if not self.hold.snapshot else ""
             if not self.hold.snapshot:
                 self.hold.latest, self.hold.refused = "", 0

@@ -1,7 +1,7 @@
 """The apply hold of a standby: what keeps shipments stored but not applied (safety rule 8).
 
-The deletion guard's hold and the operator's (``drsync apply --hold``), durable in
-``state_dir/apply-hold.json`` (no file while nothing is held).
+The guards' hold (deletions, mass changes) and the operator's (``drsync apply --hold``), durable in
+``state_dir/apply-hold.json`` (no file while nothing is held or flagged).
 """
 
 from __future__ import annotations
@@ -26,15 +26,21 @@ class ApplyHold:
       operator inspected is the one ``drsync apply --confirm`` applies; ``latest`` names the newest of
       them. It is lifted by that confirmation, or by a later shipment that passes the guard against the
       applied snapshot (production came back: nothing of concern is applied).
+      The mass-change guard (:func:`drsync.guard.change_guard`, ``replication.on_mass_change = "hold"``)
+      holds the same way, for a snapshot that rewrites the content of too many files (``changed``).
     * the operator's (``drsync apply --hold``, lifted by ``--resume``): every shipment is stored and
       refused, none applied.
+
+    Not a hold: with ``replication.on_mass_change = "alert"``, a snapshot the mass-change guard flags is
+    applied and named in ``flagged`` until an operator acknowledges it (``drsync apply --confirm ID``,
+    or ``--resume``).
     """
 
     snapshot: str = ""  # the held snapshot ("" when the deletion guard holds nothing)
     captured_at: float = 0.0
     applied: str = ""  # the applied snapshot it was judged against
     held_at: float = 0.0
-    files: int = 0  # files (non-directory entries) of the applied snapshot
+    files: int = 0  # files of the applied snapshot (non-directory entries; regular files for a mass change only)
     removed: int = 0  # of those, how many the held snapshot would remove
     message: str = ""  # the refusal, as the primary was told
     latest: str = ""  # the newest shipment stored and refused while held
@@ -42,17 +48,26 @@ class ApplyHold:
     operator_since: float = 0.0  # drsync apply --hold in force since (0: not)
     position: list[int] = field(default_factory=list)  # the held snapshot's [sender epoch, sender seq]
     latest_position: list[int] = field(default_factory=list)
+    changed: int = 0  # files of the applied snapshot whose content the held snapshot rewrites (mass change)
+    flagged: str = ""  # on_mass_change = "alert": an applied snapshot flagged as a mass change, not acknowledged
+    flagged_message: str = ""
+
+    @property
+    def mass_change(self) -> bool:
+        """A mass change awaits an operator: a snapshot held for it, or applied and flagged."""
+        return bool((self.snapshot and self.changed) or self.flagged)
 
     @property
     def active(self) -> bool:
         return bool(self.snapshot or self.operator_since)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"held": self.active, "operator_hold": bool(self.operator_since)}
+        return asdict(self) | {"held": self.active, "operator_hold": bool(self.operator_since),
+                                "mass_change": self.mass_change}
 
 
 class HoldFile:
-    """The durable :class:`ApplyHold` of a state directory; no file while nothing is held."""
+    """The durable :class:`ApplyHold` of a state directory; no file while nothing is held or flagged."""
 
     NAME = "apply-hold.json"
 
@@ -70,7 +85,7 @@ class HoldFile:
         return ApplyHold(**{k: v for k, v in doc.items() if k in known})
 
     def save(self, hold: ApplyHold) -> None:
-        if hold.active:
+        if hold.active or hold.flagged:
             fsutil.atomic_write(self.path, json.dumps(asdict(hold)).encode(), durable=True)
             return
         try:

@@ -91,7 +91,9 @@ class Agent:
             self.receiver = StandbyReceiver(self.repo, self.data_root, self.store, agent=self.name,
                                             max_delete_fraction=cfg.replication.max_delete_fraction,
                                             distcp=engine.distcp_settings(cfg),
-                                            apply_delay_s=cfg.replication.apply_delay)
+                                            apply_delay_s=cfg.replication.apply_delay,
+                                            max_change_fraction=cfg.replication.max_change_fraction,
+                                            on_mass_change=cfg.replication.on_mass_change)
             self.receiver.trust_request_epochs = bool(cfg.tls.allowed_peers)
             if self.receiver.recover():
                 log.warning("agent %s: finished an apply that was interrupted", self.name)
@@ -165,9 +167,12 @@ class Agent:
         if rx is None:
             m.apply_held.set(0)
             m.apply_held_deletions.set(0)
+            m.mass_change.set(0)
         else:
             m.apply_held.set_function(lambda: 1 if rx.hold.active else 0)
             m.apply_held_deletions.set_function(lambda: rx.hold.removed if rx.hold.snapshot else 0)
+            m.mass_change.set_function(lambda: 1 if rx.hold.mass_change else 0)
+            m.snapshot_changed_fraction.set_function(lambda: rx.committer.changed_fraction)
 
     def targets(self) -> list[str]:
         return list(self.supervisor.registered_standbys) if self.auto else list(self.cfg.replication.standbys)
@@ -212,13 +217,15 @@ class Agent:
             return Duties("primary", frozenset(self.replication.protected() | {st.applied_snapshot} - {""}))
         rx = self.receiver
         keep = {st.applied_snapshot, *(p[0] for p in st.pending)} - {""}  # pending: applied later (apply_delay)
-        return Duties("standby", frozenset(keep), held=rx is not None and rx.hold.active,
+        # A flagged mass change pauses retention too: the snapshots before it may be the good copy.
+        held = rx is not None and (rx.hold.active or bool(rx.hold.flagged))
+        return Duties("standby", frozenset(keep), held=held,
                       has_applied=bool(st.applied_snapshot))
 
     def hold_summary(self) -> dict[str, Any] | None:
         """What holds applies back on this standby (None when nothing does)."""
         rx = self.receiver
-        if rx is None or not rx.hold.active:
+        if rx is None or not (rx.hold.active or rx.hold.flagged):
             return None
         return rx.hold.as_dict()
 

@@ -219,7 +219,8 @@ def collect_pair_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any
 
     hold = HoldFile(state_dir_of(cfg)).load()  # this config's agent: its hold is in its state directory
     for a in agents:
-        a["apply_hold"] = hold.as_dict() if a["address"] == cfg.agent.listen and hold.active else None
+        a["apply_hold"] = (hold.as_dict() if a["address"] == cfg.agent.listen and (hold.active or hold.flagged)
+                           else None)
     return {"group": cfg.coordination.group, "primary": primaries[0] if len(primaries) == 1 else None,
             "epoch": max(epochs) if epochs else None, "agents": agents, "last_snapshot": last_snapshot,
             "last_drill": drills[-1] if drills else None}

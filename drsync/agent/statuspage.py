@@ -88,8 +88,9 @@ def render(doc: dict[str, Any], now: float | None = None) -> str:
         lines = ([f"applies held by an operator since {_when(hold.get('operator_since'), now)} "
                   f"(drsync apply --resume lifts it)"] if hold.get("operator_hold") else [])
         lines += [str(hold["message"])] if hold.get("snapshot") and hold.get("message") else []
-        held = (f'<p id="apply-hold" class="held"><b>Applies held on this standby.</b> '
-                f'{"<br>".join(_e(x) for x in lines)}</p>')
+        lines += [str(hold["flagged_message"])] if hold.get("flagged") and hold.get("flagged_message") else []
+        title = "Applies held on this standby." if hold.get("held") else "Mass change on this standby."
+        held = f'<p id="apply-hold" class="held"><b>{title}</b> {"<br>".join(_e(x) for x in lines)}</p>'
     busy = doc.get("maintenance")
     maintenance = f'<p id="maintenance">Maintenance in progress: {_e(busy)}</p>' if busy else ""
     window = float(doc.get("lag_window_s", 6 * 3600))

@@ -1,0 +1,309 @@
+"""The mass-change guard (issue 18): a shipped snapshot that rewrites the content of more than
+replication.max_change_fraction of the standby's files (same names, other bytes: an encryption sweep,
+which the deletion guard does not see) is held like a mass deletion until an operator confirms it, or,
+with replication.on_mass_change = "alert", applied and flagged until an operator acknowledges it.
+
+The judging function is tested directly; the rest with real agent processes (a fixed-role pair).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+
+from drsync.guard import change_guard, changed_files, deletion_guard
+from drsync.repository.manifest import Manifest
+from tests.conftest import run_drsync, tree_state
+from tests.group import scrape, wait_for
+from tests.test_agents import Pair
+from tests.test_deletion_guard import apply_state, bootstrap, non_dirs, standby_snapshots
+
+# path -> content (a regular file), "dir", ("symlink", target), or ("external", HDFS checksum): a DistCp row
+Spec = str | tuple[str, str]
+
+
+def manifest(entries: dict[str, Spec], *, mode: int = 0o644, mtime_ns: int = 0) -> Manifest:
+    paths = sorted(entries)
+    kinds, contents, targets, sizes, chunks, chunk_sizes = [], [], [], [], [], []
+    for p in paths:
+        v = entries[p]
+        kind, content, target, size, ids, lens = "file", None, None, 0, [], []
+        if v == "dir":
+            kind = "dir"
+        elif isinstance(v, tuple) and v[0] == "symlink":
+            kind, target = "symlink", v[1]
+        elif isinstance(v, tuple):  # external: no chunk ids, one size (the file's), content from a checksum
+            size, content, lens = 100, blake3.blake3(v[1].encode()).digest(), [100]
+        else:  # same size whatever the content: the guard must see same-size rewrites
+            size, ids, lens = 100, [blake3.blake3(v.encode()).digest()], [100]
+            content = blake3.blake3(ids[0]).digest()
+        kinds.append(kind), contents.append(content), targets.append(target)
+        sizes.append(size), chunks.append(ids), chunk_sizes.append(lens)
+    n = len(paths)
+    return Manifest.from_columns({
+        "path": paths, "type": kinds, "mode": [mode] * n, "uid": [0] * n, "gid": [0] * n, "size": sizes,
+        "mtime_ns": [mtime_ns] * n, "ctime_ns": [mtime_ns] * n, "inode": list(range(1, n + 1)),
+        "target": targets, "content": contents, "chunks": chunks, "chunk_sizes": chunk_sizes})
+
+
+def files(n: int, tag: str = "") -> dict[str, Spec]:
+    return {f"f{i:03}": f"content {i}{tag}" for i in range(n)}
+
+
+def test_rewritten_content_is_counted_and_flagged_only_over_the_limit() -> None:
+    applied = manifest(files(10) | {"d": "dir", "l": ("symlink", "f000")})
+    # Six of ten files rewritten in place, same names and sizes: an encryption sweep.
+    six = files(10) | {f"f{i:03}": f"encrypted {i}" for i in range(6)}
+    assert changed_files(applied, manifest(six)) == (10, 6)
+    fraction, flag = change_guard(applied, manifest(six), 0.5)
+    assert fraction == 0.6 and flag is not None and (flag.files, flag.changed) == (10, 6)
+    assert flag.describe() == ("rewrites the content of 60.0% of the files (6 of 10, over "
+                               "replication.max_change_fraction 0.5)")
+    assert change_guard(applied, manifest(six), 0.6) == (0.6, None)  # exactly at the limit passes
+    five = files(10) | {f"f{i:03}": f"encrypted {i}" for i in range(5)}
+    assert change_guard(applied, manifest(five), 0.5) == (0.5, None)
+    assert change_guard(applied, manifest(files(10, " encrypted")), 1.0)[1] is None  # 1: never
+    # The deletion guard does not see it: nothing is removed.
+    assert deletion_guard(applied, manifest(files(10, " encrypted")), 0.5) is None
+
+
+def test_metadata_new_files_renames_and_removals_are_not_content_changes() -> None:
+    applied = manifest(files(10))
+    # Mode and times of every file changed, content the same.
+    assert changed_files(applied, manifest(files(10), mode=0o600, mtime_ns=10**18)) == (10, 0)
+    # A thousand files added beside the ten: none of the applied set changed.
+    more = files(10) | {f"new{i:04}": f"new {i}" for i in range(1000)}
+    assert change_guard(applied, manifest(more), 0.0) == (0.0, None)
+    # Renamed (same content, other names): no file of the applied set holds other content.
+    assert changed_files(applied, manifest({f"a/{p}": v for p, v in files(10).items()} | {"a": "dir"})) == (10, 0)
+    # Renamed and rewritten (f000 -> f000.locked): removals, the deletion guard's to judge.
+    locked = manifest({f"{p}.locked": f"encrypted {p}" for p in files(10)})
+    assert changed_files(applied, locked) == (10, 0)
+    hold = deletion_guard(applied, locked, 0.5)
+    assert hold is not None and hold.removed == 10
+    # Removed files are not changed ones; the share is of the applied snapshot's files.
+    assert changed_files(applied, manifest({"f000": "other", "f001": "content 1"})) == (10, 1)
+    # A file replaced by a directory or a link is a removal too, not a change of content.
+    assert changed_files(applied, manifest(files(10) | {"f000": "dir", "f001": ("symlink", "x")})) == (10, 0)
+    # Directories and links are not counted at all.
+    links = manifest(files(2) | {"l": ("symlink", "f000"), "d": "dir"})
+    assert changed_files(links, manifest(files(2) | {"l": ("symlink", "f001")})) == (2, 0)
+    # Nothing applied (or no file in it): nothing to judge.
+    assert change_guard(Manifest.empty(), manifest(files(3)), 0.5) == (0.0, None)
+    assert change_guard(manifest({"d": "dir"}), manifest(files(3)), 0.5) == (0.0, None)
+
+
+def test_external_rows_compare_their_hdfs_checksums() -> None:
+    ext = {f"x{i}": ("external", f"crc {i}") for i in range(4)}
+    applied = manifest(ext)
+    rewritten = manifest(ext | {f"x{i}": ("external", f"crc {i} encrypted") for i in range(3)})
+    assert changed_files(applied, rewritten) == (4, 3)
+    assert change_guard(applied, rewritten, 0.5)[1] is not None
+    # Checksums of another algorithm never match: such rows are not compared.
+    assert changed_files(applied, rewritten, compare_external=False) == (4, 0)
+    # A file captured by the agent on one side and by DistCp on the other (the engine changed): digests
+    # of different kinds, not compared.
+    local = manifest({f"x{i}": f"bytes {i}" for i in range(4)})
+    assert changed_files(local, applied) == (4, 0)
+
+
+def test_a_million_files_are_judged_in_columns() -> None:
+    import time
+
+    import pyarrow as pa
+
+    from drsync.repository.manifest import SCHEMA
+
+    n = 1_000_000
+    paths = [f"d{i // 1000:04}/f{i:07}".encode() for i in range(n)]
+
+    def big(contents: list[bytes], names: list[bytes]) -> Manifest:
+        cols = {f.name: pa.nulls(n, f.type) for f in SCHEMA}
+        cols |= {"path": pa.array(names, pa.binary()), "type": pa.array(["file"] * n),
+                 "size": pa.array([100] * n, pa.int64()), "content": pa.array(contents, pa.binary(32)),
+                 "chunks": pa.array([[c] for c in contents], pa.list_(pa.binary(32)))}
+        return Manifest(pa.table(cols, schema=SCHEMA))
+
+    base = [blake3.blake3(p).digest() for p in paths]
+    rewritten = [c if i % 4 else blake3.blake3(c).digest() for i, c in enumerate(base)]
+    applied = big(base, paths)
+    changed_files(applied, applied)  # Arrow's kernels warm up once per process
+    for new in (big(rewritten, paths), big([*rewritten[1:], base[0]], [*paths[1:], b"zzz"])):
+        started = time.monotonic()
+        files_, changed = changed_files(applied, new)
+        assert files_ == n and changed in (n // 4, n // 4 - 1)
+        assert time.monotonic() - started < 5.0
+
+
+def test_config_keys(tmp_path: Path) -> None:
+    from drsync.config import load_config
+    from drsync.errors import ConfigError
+    from tests.test_config import MINIMAL, write
+
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert (cfg.replication.max_change_fraction, cfg.replication.on_mass_change) == (0.5, "hold")
+    cfg = load_config(write(tmp_path, MINIMAL + '[replication]\nmax_change_fraction = 1\non_mass_change = "alert"\n'))
+    assert (cfg.replication.max_change_fraction, cfg.replication.on_mass_change) == (1.0, "alert")
+    for bad, message in (("max_change_fraction = 1.5", "replication.max_change_fraction: expected a number above 0"),
+                         ('on_mass_change = "ignore"', "replication.on_mass_change")):
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, MINIMAL + f"[replication]\n{bad}\n"))
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# --- with real agents: a fixed-role pair ------------------------------------------------------------
+
+
+def make_pair(tmp_path: Path, extra: str = "") -> Pair:
+    p = Pair(tmp_path)
+    with open(p.standby_cfg, "a") as f:
+        f.write("[snapshots]\nkeep = { last = 2 }\n")  # retention bites at once on the standby
+    if extra:
+        text = p.standby_cfg.read_text()
+        p.standby_cfg.write_text(text + extra)
+    return p
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    p = make_pair(tmp_path)
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture
+def alerting_pair(tmp_path: Path) -> Iterator[Pair]:
+    p = make_pair(tmp_path, '[replication]\non_mass_change = "alert"\n')
+    yield p
+    p.stop_all()
+
+
+def metrics(pair: Pair) -> dict[str, float]:
+    return scrape(pair.metrics["standby"], "default", "standby")
+
+
+def regular_files(root: Path) -> list[Path]:
+    return [p for p in non_dirs(root) if not p.is_symlink()]
+
+
+def encrypt(pair: Pair, share: float) -> int:
+    """Rewrite the first ``share`` of production's regular files in place: same names, same sizes, other
+    bytes (what an encryption sweep leaves). The primary's agent is stopped meanwhile, so one capture
+    sees the whole sweep. Returns how many files were rewritten."""
+    pair.kill("primary", signal.SIGTERM)
+    doomed = regular_files(pair.prod)
+    doomed = doomed[: int(len(doomed) * share) + 1]
+    for p in doomed:
+        data = p.read_bytes()
+        p.write_bytes(bytes(b ^ 0x5A for b in data) if data else b"\x00")
+    pair.start("primary")
+    return len(doomed)
+
+
+def test_metadata_changes_apply_and_an_encryption_sweep_is_held_until_confirmed(pair: Pair) -> None:
+    bootstrap(pair)
+    m = metrics(pair)
+    assert m["drsync_mass_change"] == 0 and 0 <= m["drsync_snapshot_changed_fraction"] < 0.5
+    # Every file's mode and times change, no content: applied as usual.
+    pair.kill("primary", signal.SIGTERM)
+    for p in regular_files(pair.prod):
+        p.chmod(0o640)
+    pair.start("primary")
+    wait_for(pair.in_sync, "the metadata changes to be applied")
+    assert metrics(pair)["drsync_mass_change"] == 0 and apply_state(pair)["held"] is False
+    good = tree_state(pair.standby_data)
+    applied = apply_state(pair)["applied_snapshot"]
+    total = len(regular_files(pair.prod))
+
+    rewritten = encrypt(pair, 0.8)
+    wait_for(lambda: metrics(pair)["drsync_mass_change"] == 1, "the standby to hold the mass change")
+    m = metrics(pair)
+    assert m["drsync_apply_held"] == 1 and m["drsync_apply_held_deletions"] == 0
+    assert m["drsync_snapshot_changed_fraction"] == pytest.approx(rewritten / total)
+    state = apply_state(pair)
+    held = state["snapshot"]
+    assert state["held"] and state["mass_change"] and state["applied"] == applied
+    assert (state["changed"], state["files"], state["removed"]) == (rewritten, total, 0)
+    assert state["message"].startswith(
+        f"snapshot {held} rewrites the content of {rewritten / total:.1%} of the files ({rewritten} of {total}, "
+        f"over replication.max_change_fraction 0.5): held, not applied; ")
+    assert f"drsync apply --confirm {held}" in state["message"] and f"snapshot {applied} is the last good one" \
+        in state["message"]
+    assert tree_state(pair.standby_data) == good and held in standby_snapshots(pair)
+    log = (pair.tmp / "standby.log").read_text().splitlines()
+    assert any("WARNING" in line and f"snapshot {held} rewrites the content" in line for line in log)
+    # Later shipments are refused too; retention expires nothing; status and the status page say why.
+    kept = standby_snapshots(pair)
+    wait_for(lambda: apply_state(pair)["refused"] >= 3, "more shipments to arrive while held")
+    assert set(kept) <= set(standby_snapshots(pair)) and apply_state(pair)["snapshot"] == held
+    assert tree_state(pair.standby_data) == good
+    r = run_drsync("status", "--config", pair.standby_cfg)
+    assert r.code == 0 and f"APPLY HELD on standby: snapshot {held} rewrites the content" in r.out, r.out + r.err
+    r = run_drsync("apply", "--config", pair.standby_cfg)
+    assert r.code == 0 and "held by the mass-change guard" in r.out, r.out
+    page = json.loads(urllib.request.urlopen(f"http://{pair.metrics['standby']}/status.json", timeout=10).read())
+    assert page["apply_hold"]["snapshot"] == held and page["apply_hold"]["mass_change"] is True
+    r = run_drsync("snapshot", "expire", "--config", pair.standby_cfg)
+    assert r.code == 4 and "held by the mass-change guard" in r.err and r.err.count("\n") == 1, r.err
+    r = run_drsync("apply", "--confirm", applied, "--config", pair.standby_cfg)
+    assert r.code == 4 and f"{held} is (it rewrites the content of {rewritten} files)" in r.err, r.err
+
+    # The operator inspected it: intended. Confirmed, it is applied, and applies go on.
+    r = run_drsync("apply", "--confirm", held, "--json", "--config", pair.standby_cfg)
+    assert r.code == 0 and r.json()["result"]["applied"] == held, r.err
+    wait_for(pair.in_sync, "the standby to follow production again")
+    wait_for(lambda: metrics(pair)["drsync_mass_change"] == 0, "the mass change to be settled in the metrics")
+    assert metrics(pair)["drsync_apply_held"] == 0 and apply_state(pair)["held"] is False
+    (pair.prod / "catalog" / "after.txt").write_text("after the confirmation")
+    wait_for(pair.in_sync, "a later change to be applied")
+    assert metrics(pair)["drsync_snapshot_changed_fraction"] < 0.5
+
+
+def test_with_on_mass_change_alert_the_sweep_is_applied_and_flagged_until_resumed(alerting_pair: Pair) -> None:
+    pair = alerting_pair
+    bootstrap(pair)
+    applied = apply_state(pair)["applied_snapshot"]
+    rewritten = encrypt(pair, 0.6)
+    wait_for(lambda: metrics(pair)["drsync_mass_change"] == 1, "the standby to flag the mass change")
+    wait_for(pair.in_sync, "the flagged snapshot to be applied all the same")
+    state = apply_state(pair)
+    flagged = state["flagged"]
+    assert state["held"] is False and state["mass_change"] and flagged
+    assert metrics(pair)["drsync_apply_held"] == 0
+    assert state["flagged_message"].startswith(f"snapshot {flagged} rewrites the content of ")
+    assert f"({rewritten} of " in state["flagged_message"]
+    assert f"recover from snapshot {applied}" in state["flagged_message"]
+    log = (pair.tmp / "standby.log").read_text().splitlines()
+    assert any("WARNING" in line and f"snapshot {flagged} rewrites the content" in line for line in log)
+    r = run_drsync("status", "--config", pair.standby_cfg)
+    assert r.code == 0 and f"MASS CHANGE on standby: snapshot {flagged}" in r.out and "APPLY HELD" not in r.out
+    # The snapshots from before the sweep are kept until the operator settles it.
+    assert applied in standby_snapshots(pair)
+    assert run_drsync("snapshot", "expire", "--config", pair.standby_cfg).code == 4
+    # The operator holds applies while looking into it; the flag stays through the hold...
+    assert run_drsync("apply", "--hold", "--config", pair.standby_cfg).code == 0
+    wait_for(lambda: metrics(pair)["drsync_apply_held"] == 1, "the operator's hold in the metrics")
+    assert metrics(pair)["drsync_mass_change"] == 1
+    # ... and a resume settles it: applies go on, the alert resolves.
+    r = run_drsync("apply", "--resume", "--config", pair.standby_cfg)
+    assert r.code == 0, r.err
+    wait_for(lambda: metrics(pair)["drsync_mass_change"] == 0 and metrics(pair)["drsync_apply_held"] == 0,
+             "the flag and the hold to be lifted")
+    assert apply_state(pair)["flagged"] == ""
+    (pair.prod / "catalog" / "after.txt").write_text("after the resume")
+    wait_for(pair.in_sync, "a later change to be applied")
+
+    # A second sweep, acknowledged by confirming the flagged (already applied) snapshot.
+    encrypt(pair, 0.9)
+    wait_for(lambda: metrics(pair)["drsync_mass_change"] == 1, "the second sweep to be flagged")
+    flagged = apply_state(pair)["flagged"]
+    r = run_drsync("apply", "--confirm", flagged, "--json", "--config", pair.standby_cfg)
+    assert r.code == 0 and r.json()["result"]["acknowledged"] == flagged, r.err
+    wait_for(lambda: metrics(pair)["drsync_mass_change"] == 0, "the acknowledgement in the metrics")
+    wait_for(pair.in_sync, "applies to go on")
