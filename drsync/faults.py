@@ -9,7 +9,8 @@ for the file ``<directory>/<name>``; while it exists drsync writes ``<directory>
 (production) a pause point costs one environment lookup.
 
 Points: ``backup`` (a periodic backup, with the repository's shared lock held, before it copies
-anything), ``gc`` (garbage collection's sweep, with the repository's exclusive lock held).
+anything), ``gc`` (garbage collection's sweep, with the repository's exclusive lock held),
+``point-apply`` (a promotion at a recovery point: applies held, before its apply starts).
 """
 
 from __future__ import annotations

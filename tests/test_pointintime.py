@@ -206,3 +206,38 @@ def test_a_switchover_to_a_delayed_standby_loses_nothing(make_group) -> None:  #
     assert r.code == 0, r.err
     assert g.primary() == ("west", 2)
     assert tree_state(g.data["west"]) == production and _state(g, "west")["pending"] == []
+
+
+def test_an_agent_killed_during_a_point_promotion_changes_no_epoch(make_group, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of the standby while it prepares a promotion at an earlier point: the command ends (exit 1,
+    saying so) instead of waiting for hours, the epoch does not move, and the restarted standby holds
+    applies until an operator resumes them."""
+    import subprocess
+    import sys
+
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    g: Group = make_group(["east", "west"], extra=KEEP_ALL)
+    g.start("east")
+    g.start("west", env={**os.environ, "DRSYNC_FAULT_PAUSE": str(pause)})
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west to sync")
+    good = g.hello("west").applied_snapshot
+    _damage(g.data["east"])
+    wait_for(lambda: g.in_sync("east", "west"), "the damage to reach west")
+    (pause / "point-apply").touch()
+    cmd = subprocess.Popen([sys.executable, "-m", "drsync", "promote", "--to-snapshot", good, "--force", "--config",
+                            str(g.cfg["west"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (pause / "point-apply.reached").exists(), "west to reach the point apply")
+        g.kill("west", signal.SIGKILL)
+        _, err = cmd.communicate(timeout=120)
+    finally:
+        cmd.kill()
+    assert cmd.returncode == 1 and "stopped while carrying out" in err, err
+    assert g.primary() == ("east", 1) and g.connected().read_epoch().epoch == 1
+    (pause / "point-apply").unlink()
+    g.start("west")
+    wait_for(lambda: _state(g, "west").get("applied_snapshot"), "west to start again")
+    r = g.drsync("west", "apply", "--json")
+    assert r.code == 0 and json.loads(r.out).get("operator_hold"), r.out

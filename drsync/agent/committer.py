@@ -21,7 +21,7 @@ from typing import Any
 
 import blake3
 
-from drsync import fsutil
+from drsync import faults, fsutil
 from drsync.agent.hold import HoldFile
 from drsync.agent.roles import format_span
 from drsync.agent.state import StateStore
@@ -264,6 +264,7 @@ class Committer:
             if not self.hold.operator_since:
                 self.hold.operator_since = time.time()
             self.hold_file.save(self.hold)
+            faults.pause("point-apply")  # tests: the agent stops here, between the hold and the apply
             st = self.store.current
             if st.applied_snapshot == info.id:
                 result = ApplyResult(unchanged_files=0)

@@ -60,6 +60,7 @@ Handler = Callable[["Agent", dict[str, Any]], dict[str, Any]]
 ACTIONS: dict[str, Handler] = {}
 REPLY_KEEP_S = 3600.0
 POLL_S = 0.1
+ALIVE_CHECK_S = 1.0  # how often a waiting command checks that the agent still runs
 
 
 @dataclass
@@ -161,9 +162,14 @@ def write_request(state_dir: str, name: str, args: dict[str, Any]) -> str:
 
 
 def wait_reply(state_dir: str, request_id: str, *, wait_s: float, what: str = "the agent") -> Reply:
+    """The reply to ``request_id``, waited for at most ``wait_s`` seconds, and no longer than the agent
+    runs (an agent that stops while it carries a request out ends the wait: OperationFailed)."""
+    from drsync.agent.locks import StateDirLock
+
     d = requests_dir(state_dir)
     reply_path = os.path.join(d, f"{request_id}.reply.json")
     deadline = time.monotonic() + wait_s
+    next_alive_check = time.monotonic() + ALIVE_CHECK_S
     while True:
         try:
             with open(reply_path, "rb") as f:
@@ -171,6 +177,18 @@ def wait_reply(state_dir: str, request_id: str, *, wait_s: float, what: str = "t
         except FileNotFoundError:
             if time.monotonic() >= deadline:
                 break
+            if time.monotonic() >= next_alive_check:
+                next_alive_check = time.monotonic() + ALIVE_CHECK_S
+                if not StateDirLock.held(state_dir) and not os.path.exists(reply_path):
+                    try:
+                        os.unlink(os.path.join(d, f"{request_id}.request.json"))
+                        raise OperationFailed(f"{what} stopped before it took the request; nothing was done: "
+                                              f"start it and try again") from None
+                    except FileNotFoundError:
+                        raise OperationFailed(
+                            f"{what} stopped while carrying out request {request_id}; it may have done part of it "
+                            f"(an interrupted apply completes when the agent starts again): start it, then check "
+                            f"the state with drsync status") from None
             time.sleep(POLL_S)
             continue
         os.unlink(reply_path)
