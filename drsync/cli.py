@@ -664,6 +664,14 @@ def status_cmd(inv: Invocation, points: bool) -> None:
              for p in pts["points"]])))
         return
     doc = collect_status(inv.config)
+    try:
+        pts = local_points(inv.config)
+        doc["recovery_points"] = {"count": len(pts["points"]), "pending": pts["pending"],
+                                  "oldest_captured_at": pts["points"][0]["captured_at"] if pts["points"] else None,
+                                  "newest_captured_at": pts["points"][-1]["captured_at"] if pts["points"] else None,
+                                  "summary": pts["summary"].split(". Promote")[0]}
+    except DrsyncError:
+        doc["recovery_points"] = None  # this host has no readable repository of the agent
 
     def human() -> None:
         click.echo(headline(doc))
@@ -692,6 +700,8 @@ def status_cmd(inv: Invocation, points: bool) -> None:
             click.echo(f"switchover to {sw.get('to')}: {sw.get('status')}")
         last = doc["last_snapshot"]
         click.echo(f"last snapshot here: {last['id']} at {last['captured_at']}" if last else "no snapshot here yet")
+        if doc.get("recovery_points"):
+            click.echo(doc["recovery_points"]["summary"] + " (drsync status --points lists them)")
         d = doc.get("last_drill")
         if d:
             click.echo(f"last drill: #{d.get('number')} by {d.get('agent')} at {iso(d.get('started_at') or 0)}: "

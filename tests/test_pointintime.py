@@ -52,6 +52,9 @@ def test_promote_at_an_earlier_snapshot_after_damage_replicated(make_group) -> N
     assert points.code == 0, points.err
     listed = {p["id"]: p for p in json.loads(points.out)["points"]}
     assert listed[good]["state"] == "stored" and listed[damaged]["state"] == "applied"
+    st = g.status("west")  # the group view says how many points this agent holds, and names the command
+    assert st["recovery_points"]["count"] == len(listed) and "newest_captured_at_unix" in st["recovery_points"]
+    assert "drsync status --points" in g.drsync("west", "status").out
     # A dry run names the point and changes nothing.
     dry = g.promote("west", "--to-snapshot", good, "--dry-run", "--force")
     assert dry.code == 0, dry.err
