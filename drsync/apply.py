@@ -37,7 +37,7 @@ from drsync import fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.pathglob import compile_globs
-from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, printable, validate
+from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, content_changed, printable, validate
 from drsync.tree import LocalEntry
 
 __all__ = ["STAGING", "ApplyPlan", "ApplyResult", "ChunkSource", "ExternalStager", "apply_manifest", "plan_apply",
@@ -129,7 +129,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                same_content: Callable[[Entry, LocalEntry], bool] | None = None,
                structure_only: bool = False, compare_owner: bool = False,
                mtime_resolution_ns: int = 1, protected: frozenset[str] = frozenset(),
-               compare_xattrs: bool = False) -> ApplyPlan:
+               compare_xattrs: bool = False, content_changed: frozenset[str] = frozenset()) -> ApplyPlan:
     """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some.
 
     ``compare_owner``: the target can set owners, so a differing owner is fixed.
@@ -137,6 +137,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     ``mtime_resolution_ns``: the coarser precision of the manifest's source and the target.
     ``protected``: paths of drsync's own (a repository or state directory inside the target): they and
     everything below are neither written nor removed, and their parents stay directories.
+    ``content_changed``: files whose content differs from what the target is known to hold (see
+    :func:`drsync.repository.manifest.content_changed`): written even when size and time match.
     Raises :class:`UsageError` when the snapshot has a file or link where a protected path's parent is.
     """
     res = max(1, mtime_resolution_ns)
@@ -196,7 +198,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             # A file that shares its inode with paths the snapshot does not link it to is written anew.
             stray_link = have is not None and have.nlink > 1 and (
                 path not in leaders or have.nlink > inside_links[have.ino])
-            if (have is not None and not stray_link and have.size == e.size
+            if (have is not None and not stray_link and have.size == e.size and path not in content_changed
                     and have.mtime_ns // res == e.mtime_ns // res and (same_content is None or same_content(e, have))):
                 plan.unchanged += 1
                 owner_differs = compare_owner and e.uid != UNKNOWN_ID and (have.uid, have.gid) != (e.uid, e.gid)
@@ -263,7 +265,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    journal: str | None = None, on_committed: Callable[[], None] | None = None,
                    protect: tuple[str, ...] = (), dry_run: bool = False,
                    extra: str | None = None, external: ExternalStager | None = None,
-                   cancel: Callable[[], bool] | None = None) -> ApplyResult:
+                   cancel: Callable[[], bool] | None = None, base: Manifest | None = None) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
 
     ``dry_run``: plan only and report it in ``ApplyResult.planned``; the target is not touched.
@@ -278,6 +280,9 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     ``external``: stages files whose bytes are not in the repository (a snapshot captured for
     DistCp); without one such a snapshot is refused. ``cancel``: asked between staging batches; when
     it answers true the apply stops before its journal (OperationFailed, target unchanged).
+    ``base``: the manifest the target is known to hold (a standby's applied snapshot): a file whose
+    content differs from it is written even when its size and time match (``checksum`` instead reads
+    every file whose size and time match, for a target nobody vouches for).
     Raises IntegrityError (missing or damaged chunks, bad manifest), UsageError (a target that
     cannot hold the snapshot: mount points in the way, protected paths), OperationFailed (I/O).
     """
@@ -317,7 +322,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     plan = plan_apply(entries, existing, excluded=compile_globs(exclude),
                       same_content=root.same_content if checksum else None, structure_only=structure_only,
                       compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
-                      compare_xattrs=root.supports_xattrs)
+                      compare_xattrs=root.supports_xattrs,
+                      content_changed=content_changed(base, manifest) if base is not None else frozenset())
     known = {e.path for e in entries} if extra is not None and plan.remove else set()
     foreign = [p for p in plan.remove if p not in known] if known or (extra is not None and plan.remove) else []
     if foreign:

@@ -741,7 +741,7 @@ def history_cmd(inv: Invocation, limit: int) -> None:
 @click.option("--to-snapshot", "to_snapshot", metavar="ID", help="Promote at this earlier snapshot of the "
               "standby's own repository (damage that replicated): it is applied first; newer ones are kept.")
 @click.option("--before", metavar="TIME", help="Promote at the newest snapshot captured at or before TIME (ISO "
-              "8601, Unix seconds, or a span ago such as 2h).")
+              "8601, local time without a zone; Unix seconds; or a span ago such as 2h).")
 @click.option("--apply-received", is_flag=True, help="With replication.apply_delay: apply the newest snapshot "
               "received first, then promote.")
 @click.option("--delayed-state", is_flag=True, help="With replication.apply_delay: promote the root as it is; the "

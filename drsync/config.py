@@ -199,6 +199,9 @@ class ReplicationConfig:
     # (drsync_mass_change) until an operator acknowledges it.
     max_change_fraction: float = field(default=0.5, metadata=_conv(lambda v, k: _fraction(v, k, "files")))
     on_mass_change: str = field(default="hold", metadata=_conv(_choice("hold", "alert")))
+    # A sweep spread over many shipments: each shipment is also judged against the snapshot applied at
+    # least this long ago (0: only against the applied one).
+    mass_change_window: float = field(default=86400.0, metadata=_conv(_duration))
     # "agent": drsync reads, ships and writes every byte. "distcp" (both data roots on HDFS): the
     # primary checksums files instead of reading them and keeps its HDFS snapshot; the standby copies
     # the bytes with DistCp (drsync.dataroot.distcp), verifies them and commits through its journal.

@@ -139,9 +139,10 @@ def changed_files(applied: Manifest, new: Manifest, *, compare_external: bool = 
 class MassChange:
     """A snapshot that rewrites the content of an unusual share of files: the figures of :func:`change_guard`."""
 
-    files: int  # regular files of the applied snapshot
+    files: int  # regular files of the applied snapshot (or of ``since``)
     changed: int  # of those, how many the new snapshot holds with other content
     limit: float  # replication.max_change_fraction
+    since: str = ""  # judged against this earlier snapshot (replication.mass_change_window), not the applied one
 
     @property
     def fraction(self) -> float:
@@ -150,8 +151,9 @@ class MassChange:
     def describe(self) -> str:
         """``rewrites the content of 87.0% of the files (8,700 of 10,000, over replication.max_change_fraction
         0.5)``."""
-        return (f"rewrites the content of {self.fraction:.1%} of the files ({self.changed:,} of {self.files:,}, "
-                f"over replication.max_change_fraction {self.limit:g})")
+        return (f"rewrites the content of {self.fraction:.1%} of the files "
+                + (f"since snapshot {self.since} " if self.since else "")
+                + f"({self.changed:,} of {self.files:,}, over replication.max_change_fraction {self.limit:g})")
 
 
 def change_guard(applied: Manifest, new: Manifest, max_fraction: float, *,
@@ -161,6 +163,33 @@ def change_guard(applied: Manifest, new: Manifest, max_fraction: float, *,
     files, changed = changed_files(applied, new, compare_external=compare_external)
     flag = MassChange(files=files, changed=changed, limit=max_fraction)
     return flag.fraction, (flag if files and flag.fraction > max_fraction else None)
+
+
+# --- the mass-change window: a sweep spread over many shipments -------------------------------------
+
+Checkpoint = tuple[str, float]  # (applied snapshot id, when it was applied: Unix seconds, this machine)
+
+
+def change_baseline(checkpoints: tuple[Checkpoint, ...], now: float, window_s: float) -> str:
+    """The snapshot a shipment is also judged against: the newest checkpoint applied at least ``window_s``
+    ago (the oldest one while the standby is younger than that); "" when there is none. Pure."""
+    if window_s <= 0 or not checkpoints:
+        return ""
+    old = [c for c in checkpoints if c[1] <= now - window_s]
+    return (old[-1] if old else checkpoints[0])[0]
+
+
+def next_checkpoints(checkpoints: tuple[Checkpoint, ...], applied: str, now: float,
+                     window_s: float) -> tuple[Checkpoint, ...]:
+    """The checkpoints after ``applied`` was applied at ``now``: one every quarter window at most, and
+    none older than the one :func:`change_baseline` would pick. Pure; a handful of entries."""
+    if window_s <= 0:
+        return ()
+    out = list(checkpoints)
+    if not out or now - out[-1][1] >= window_s / 4:
+        out.append((applied, now))
+    old = [i for i, c in enumerate(out) if c[1] <= now - window_s]
+    return tuple(out[old[-1]:] if old else out)
 
 
 def deletion_guard(applied: Manifest, new: Manifest, max_fraction: float) -> Hold | None:

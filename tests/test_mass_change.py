@@ -9,6 +9,7 @@ The judging function is tested directly; the rest with real agent processes (a f
 from __future__ import annotations
 
 import json
+import re
 import signal
 import urllib.request
 from collections.abc import Iterator
@@ -307,3 +308,55 @@ def test_with_on_mass_change_alert_the_sweep_is_applied_and_flagged_until_resume
     assert r.code == 0 and r.json()["result"]["acknowledged"] == flagged, r.err
     wait_for(lambda: metrics(pair)["drsync_mass_change"] == 0, "the acknowledgement in the metrics")
     wait_for(pair.in_sync, "applies to go on")
+
+
+def encrypt_slice(pair: Pair, lo: float, hi: float) -> int:
+    """Rewrite production's regular files from share ``lo`` to share ``hi`` of them (one step of a sweep
+    spread over several shipments). Returns how many were rewritten."""
+    pair.kill("primary", signal.SIGTERM)
+    files = regular_files(pair.prod)
+    doomed = files[int(len(files) * lo):int(len(files) * hi)]
+    for p in doomed:
+        data = p.read_bytes()
+        p.write_bytes(bytes(b ^ 0x5A for b in data) if data else b"\x00")
+    pair.start("primary")
+    return len(doomed)
+
+
+def test_a_sweep_spread_over_several_shipments_is_held_against_the_window(tmp_path: Path) -> None:
+    """Ransomware that encrypts a third of the files per interval passes a per-shipment check every time;
+    judged against the snapshot applied a window ago, the second step already rewrites most files."""
+    p = make_pair(tmp_path, '[replication]\nmass_change_window = "1h"\n')
+    try:
+        bootstrap(p)
+        encrypt_slice(p, 0.0, 0.3)
+        wait_for(p.in_sync, "the first third of the sweep to be applied (under the limit)")
+        encrypt_slice(p, 0.3, 0.65)  # 35 % more against the applied snapshot, 65 % since the first one
+        wait_for(lambda: metrics(p)["drsync_mass_change"] == 1, "the standby to hold the spread sweep")
+        state = apply_state(p)
+        found = re.search(r"of the files since snapshot (\w+) \(", state["message"])
+        assert state["held"] and found and "predates the whole change" in state["message"], state["message"]
+        since = found.group(1)
+        assert not p.in_sync()
+        # The window's baseline is kept by retention (keep = { last = 2 }), and is not the applied snapshot
+        # (which holds the first third of the sweep); against it most files are rewritten.
+        assert since in standby_snapshots(p) and since != state["applied"]
+        changed, files = map(int, re.search(r"\((\d+) of (\d+), over", state["message"]).groups())  # type: ignore[union-attr]
+        assert changed / files > 0.5
+    finally:
+        p.stop_all()
+
+
+def test_the_window_keeps_a_few_checkpoints_and_judges_against_one_a_window_old() -> None:
+    from drsync.guard import change_baseline, next_checkpoints
+
+    h = 3600.0
+    cps: tuple[tuple[str, float], ...] = ()
+    for i, t in enumerate([0, 600, 1000, 1200, 2000, 3000, 4000, 5000, 8000, 9000]):
+        cps = next_checkpoints(cps, f"s{i}", float(t), h)
+    # One checkpoint per quarter window at most, and none older than the baseline.
+    assert [c[0] for c in cps] == ["s5", "s6", "s8"] and len(cps) <= 5
+    assert change_baseline(cps, 9000.0, h) == "s5"  # the newest applied at least an hour ago
+    assert change_baseline(cps[-1:], 9000.0, h) == "s8"  # younger than the window: its oldest one
+    assert change_baseline((), 9000.0, h) == "" and change_baseline(cps, 9000.0, 0.0) == ""
+    assert next_checkpoints(cps, "x", 9500.0, 0.0) == ()

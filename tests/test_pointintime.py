@@ -25,8 +25,9 @@ KEEP_ALL = '[snapshots]\nkeep = { last = 1000 }\n'  # retention out of the way (
 
 
 def _damage(root: Path) -> None:
-    """What an encryption sweep leaves: most files rewritten in place, one deleted, a ransom note."""
-    for p in sorted((root / "catalog").glob("f0*.txt"))[:12]:
+    """Damage small enough to pass the standby's guards (a bad job rewrote a quarter of the files, deleted
+    one and left a note): it replicates, and only the standby's history can undo it."""
+    for p in sorted((root / "catalog").glob("f0*.txt"))[:6]:
         p.write_bytes(b"ENCRYPTED" + os.urandom(64))
     (root / "catalog" / "f019.txt").unlink()
     (root / "README-RANSOM.txt").write_text("pay up\n")

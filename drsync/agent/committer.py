@@ -30,7 +30,7 @@ from drsync.dataroot import open_data_root
 from drsync.dataroot.distcp import DistCpSettings, DistCpStager
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
 from drsync.fsutil import describe_os_error
-from drsync.guard import Hold, MassChange, change_guard, deletion_guard
+from drsync.guard import Hold, MassChange, change_baseline, change_guard, deletion_guard, next_checkpoints
 from drsync.protection import as_stored_by_standby
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest, diff
@@ -44,7 +44,8 @@ class Committer:
     def __init__(self, repo: Repository, data_root: str, store: StateStore, *, agent: str,
                  max_delete_fraction: float = 0.5, on_applied: Callable[[], None] = lambda: None,
                  distcp: DistCpSettings | None = None, apply_delay_s: float = 0.0,
-                 max_change_fraction: float = 0.5, on_mass_change: str = "hold") -> None:
+                 max_change_fraction: float = 0.5, on_mass_change: str = "hold",
+                 mass_change_window_s: float = 0.0) -> None:
         self.repo = repo
         self.data_root = data_root
         self.store = store
@@ -55,6 +56,8 @@ class Committer:
         # The mass-change guard: replication.max_change_fraction, and "hold" or "alert" when it is exceeded.
         self.max_change_fraction = max_change_fraction
         self.on_mass_change = on_mass_change
+        self.mass_change_window_s = mass_change_window_s
+        self._window_base: tuple[str, Manifest] | None = None  # the window's baseline manifest, cached
         self.changed_fraction = float("nan")  # of the last shipment judged (drsync_snapshot_changed_fraction)
         self.on_applied = on_applied
         # Held for a whole commit (store + apply): a promotion takes it to wait for an apply in flight.
@@ -135,6 +138,12 @@ class Committer:
             known = {s.id: s for s in self.repo.list_snapshots()}
             # Stored with this repository's next sequence number (arrival order), whatever
             # seq the sender's document carries; a retried commit keeps the stored one.
+            if info.id in known and known[info.id].manifest_hash != info.manifest_hash:
+                message = (f"snapshot {info.id} is stored here already with another manifest: a shipment may not "
+                           f"change a stored snapshot; refused, nothing was stored or applied (a sender that "
+                           f"reuses snapshot ids is broken or hostile: check {self.agent}'s primary)")
+                log.error("%s", message)
+                raise RefusedError(message)
             info = known[info.id] if info.id in known else self.repo.commit_snapshot(
                 info, manifest_bytes, manifest=manifest, lock=lock)
             self._record_received(info)
@@ -266,11 +275,11 @@ class Committer:
             self.hold_file.save(self.hold)
             faults.pause("point-apply")  # tests: the agent stops here, between the hold and the apply
             st = self.store.current
-            if st.applied_snapshot == info.id:
-                result = ApplyResult(unchanged_files=0)
-            else:
-                position = next((list(p[2]) for p in st.pending if p[0] == info.id), [])
-                result = self._apply(info, self.repo.load_manifest(info), position)
+            # Applied again when it is the applied one too: the root is made to hold exactly this snapshot,
+            # read and compared file by file (it may have been changed by hand, or by a forged shipment).
+            position = next((list(p[2]) for p in st.pending if p[0] == info.id), list(st.applied_position)
+                            if st.applied_snapshot == info.id else [])
+            result = self._apply(info, self.repo.load_manifest(info), position, verify_root=True)
             self.store.update(pending=())
             log.warning("snapshot %s applied %s (%d files written, %d removed) in %.2fs; applies held until the "
                         "promotion", info.id, why, result.written_files, result.removed, time.monotonic() - started)
@@ -298,7 +307,11 @@ class Committer:
         message = (f"{what}; on standby {self.agent} inspect it with 'drsync snapshot diff {h.applied} "
                    f"{h.snapshot}' and confirm with 'drsync apply --confirm {h.snapshot}' if this {kind} "
                    f"is intended")
-        if held_change is not None:
+        if held_change is not None and held_change.since:
+            message += (f"; if it is not (an encryption sweep over several shipments?), keep this standby as it is: "
+                        f"snapshot {held_change.since} predates the whole change, the applied {h.applied} holds "
+                        f"part of it already (docs/operations.md section 13d)")
+        elif held_change is not None:
             message += (f"; if it is not (an encryption sweep?), keep this standby as it is: snapshot "
                         f"{h.applied} is the last good one (docs/operations.md section 13d)")
         if h.snapshot == info.id:
@@ -316,9 +329,24 @@ class Committer:
             algorithm = self.repo.find_snapshot(st.applied_snapshot or st.guard_baseline).content_checksum
         except DrsyncError:
             algorithm = info.content_checksum
+        compare = algorithm == info.content_checksum
         self.changed_fraction, change = change_guard(base, manifest, self.max_change_fraction,
-                                                     compare_external=algorithm == info.content_checksum)
-        return change
+                                                     compare_external=compare)
+        if change is not None:
+            return change
+        # A sweep spread over many shipments: also against the snapshot applied a window ago.
+        since = change_baseline(st.change_checkpoints, time.time(), self.mass_change_window_s)
+        if not since or since == st.applied_snapshot:
+            return None
+        if self._window_base is None or self._window_base[0] != since:
+            old = self._manifest_of(since)
+            if old is None:
+                return None
+            self._window_base = (since, old)
+        fraction, change = change_guard(self._window_base[1], manifest, self.max_change_fraction,
+                                        compare_external=compare)
+        self.changed_fraction = max(self.changed_fraction, fraction)
+        return dataclasses.replace(change, since=since) if change is not None else None
 
     def _flag(self, info: SnapshotInfo, change: MassChange, good: str) -> None:
         """``replication.on_mass_change = "alert"``: apply, but flag the snapshot (drsync_mass_change) until
@@ -423,6 +451,7 @@ class Committer:
             log.warning("snapshot %s applied on an operator's confirmation (%d files written, %d removed) in %.2fs",
                         info.id, result.written_files, result.removed, time.monotonic() - started)
             self._release_guard("an operator confirmed it (drsync apply --confirm) and it was applied")
+            self._restart_window(info.id)
             self.store.transform(lambda s: dataclasses.replace(  # older pending ones are behind the root now
                 s, pending=tuple(p for p in s.pending if p[1] > info.captured_at)))
             return {"applied": info.id, "written_files": result.written_files, "removed": result.removed,
@@ -440,6 +469,7 @@ class Committer:
         self.hold.flagged, self.hold.flagged_message = "", ""
         self.hold_file.save(self.hold)
         log.warning("mass-change guard: snapshot %s is acknowledged: %s", flagged, why)
+        self._restart_window(self.store.current.applied_snapshot or flagged)
         return {"applied": None, "acknowledged": flagged,
                 "message": f"the mass change of snapshot {flagged} (already applied) is acknowledged on standby "
                            f"{self.agent}"}
@@ -480,8 +510,12 @@ class Committer:
                     info = self.repo.find_snapshot(latest)
                     manifest = self.repo.load_manifest(info)
                     self.take(info, manifest, time.monotonic(), list(self.hold.latest_position))
-                    applied = info.id
-                    message += f"; snapshot {info.id}, stored while held, is applied"
+                    if self.store.current.applied_snapshot == info.id:
+                        applied = info.id
+                        message += f"; snapshot {info.id}, stored while held, is applied"
+                    else:
+                        message += (f"; snapshot {info.id}, stored while held, is applied at "
+                                    f"{iso(info.captured_at + self.apply_delay_s)} (replication.apply_delay)")
                 except RefusedError as e:
                     message += f"; {e}"
                 except DrsyncError as e:
@@ -493,7 +527,11 @@ class Committer:
 
     # --- the apply itself ------------------------------------------------------------------
 
-    def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int]) -> ApplyResult:
+    def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int], *,
+               verify_root: bool = False) -> ApplyResult:
+        """Apply through the journal. The root is taken to hold the applied snapshot: files whose content
+        differs from it are written whatever their sizes and times say; ``verify_root``: nobody vouches for
+        the root (a promotion at a recovery point), every file whose size and time match is read."""
         fsutil.atomic_write(self._pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
                                                        "position": position}).encode())
         what = f"snapshot {info.id}"
@@ -504,7 +542,8 @@ class Committer:
             result = apply_manifest(
                 manifest, self.repo, self.data_root, what=what, journal=self.store.journal,
                 on_committed=lambda: self._record_applied(info.id, info.captured_at, position),
-                protect=(self.repo.storage.url, self.store.dir), external=external)
+                protect=(self.repo.storage.url, self.store.dir), external=external, checksum=verify_root,
+                base=None if verify_root else self._applied_manifest())
         except BaseException as e:
             self._after_failed_apply()
             if isinstance(e, OSError):
@@ -540,8 +579,15 @@ class Committer:
             log.warning("snapshot %s applied, but not kept as an HDFS snapshot of %s: %s", snapshot_id,
                         self.data_root, e)
 
+    def _restart_window(self, snapshot_id: str) -> None:
+        """An operator accepted what ``snapshot_id`` holds: the mass-change window counts from it."""
+        self.store.update(change_checkpoints=((snapshot_id, time.time()),) if self.mass_change_window_s > 0 else ())
+
     def _record_applied(self, snapshot_id: str, captured_at: float, position: list[int]) -> None:
         # One record: the applied snapshot, its capture time and position change together.
-        self.store.update(applied_snapshot=snapshot_id, applied_captured_at=captured_at,
-                          applied_position=tuple(position), applied_at=time.time())
+        now = time.time()
+        self.store.transform(lambda st: dataclasses.replace(
+            st, applied_snapshot=snapshot_id, applied_captured_at=captured_at, applied_position=tuple(position),
+            applied_at=now, change_checkpoints=next_checkpoints(st.change_checkpoints, snapshot_id, now,
+                                                                self.mass_change_window_s)))
         self.on_applied()

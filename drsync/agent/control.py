@@ -31,7 +31,8 @@ from drsync.agent.state import AgentState, StateStore, state_dir_of
 from drsync.agent.supervisor import has_data
 from drsync.config import Config
 from drsync.coordination import Coordinator, GroupView
-from drsync.errors import OperationFailed, RefusedError, UsageError
+from drsync.errors import DrsyncError, OperationFailed, RefusedError, UsageError
+from drsync.repository.repo import Repository
 from drsync.units import iso_time
 
 # How long a promotion at a recovery point waits for the agent to apply it (a large tree takes a while).
@@ -116,6 +117,11 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
     state_dir = state_dir_of(cfg)
     state = StateStore(state_dir).load()
     target, point_check = _point_check(cfg, state, point)
+    if point.explicit and view.epoch.promoted_by == me:
+        target, point_check = None, PromotionCheck("point", False, (
+            f"{me} is this group's primary (epoch {view.epoch.epoch} names it): a promotion at a recovery point "
+            f"is for a standby; to take production itself back to a snapshot, stop its agent and its writers, "
+            f"then run drsync snapshot restore ID"), UsageError)
     if point_check is not None:
         checks.append(point_check)
     if point.explicit and target is not None:  # the operator named the point: its age is the choice made
@@ -160,7 +166,7 @@ class PointChoice:
 
     @property
     def explicit(self) -> bool:
-        return bool(self.to_snapshot) or self.before is not None
+        return self.to_snapshot is not None or self.before is not None
 
 
 def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[RecoveryPoint | None,
@@ -169,6 +175,11 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
     if point.explicit and (point.apply_received or point.delayed_state):
         return None, PromotionCheck("point", False, "--to-snapshot/--before name the point themselves; leave out "
                                                     "--apply-received and --delayed-state", UsageError)
+    if point.to_snapshot is not None and point.before is not None:
+        return None, PromotionCheck("point", False, "choose one: --to-snapshot ID or --before TIME", UsageError)
+    if point.to_snapshot is not None and not point.to_snapshot.strip():
+        return None, PromotionCheck("point", False, "--to-snapshot needs a snapshot id (it was empty); "
+                                                    "drsync status --points lists them", UsageError)
     if point.apply_received and point.delayed_state:
         return None, PromotionCheck("point", False, "choose one: --apply-received or --delayed-state", UsageError)
     if not (point.explicit or state.pending):
@@ -184,6 +195,9 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
             chosen = choose_point(points, to_snapshot=point.to_snapshot, before=point.before)
         except UsageError as e:
             return None, PromotionCheck("point", False, str(e), UsageError)
+        problem = _unusable(repo, chosen)
+        if problem:
+            return None, PromotionCheck("point", False, problem, OperationFailed)
         newer = newer_than(points, chosen)
         return chosen, PromotionCheck("point", True, (
             f"applies snapshot {chosen.id} (captured {iso_time(chosen.captured_at)}, {chosen.state}) first"
@@ -196,6 +210,9 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
             f"at the applied snapshot {state.applied_snapshot} (--delayed-state); {len(pending)} received "
             f"snapshot(s) stay in the repository unapplied"))
     if point.apply_received and newest is not None:
+        problem = _unusable(repo, newest)
+        if problem:
+            return None, PromotionCheck("point", False, problem, OperationFailed)
         return newest, PromotionCheck("point", True, (
             f"applies the newest received snapshot {newest.id} (captured {iso_time(newest.captured_at)}) first "
             f"(--apply-received)"))
@@ -207,6 +224,17 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
         + (f" (captured {iso_time(applied.captured_at)})" if applied else "") + ": rerun with --apply-received "
         "to apply everything received first, or --delayed-state to promote the root as it is (if the damage "
         "is in what was received, --to-snapshot ID picks any earlier point)"), UsageError)
+
+
+def _unusable(repo: Repository, point: RecoveryPoint) -> str:
+    """Why ``point`` cannot be applied (its manifest unreadable, chunks missing: a dry run says so too),
+    or "". The chunks' bytes are checked by the apply itself (drsync drill run --to-snapshot reads them)."""
+    try:
+        manifest = repo.load_manifest(repo.find_snapshot(point.id))
+        repo.check_chunks_present(manifest.chunk_ids(), f"snapshot {point.id}")
+    except DrsyncError as e:
+        return f"snapshot {point.id} cannot be applied: {e}; choose another point (drsync status --points)"
+    return ""
 
 
 def _points(cfg: Config, state_dir: str) -> list[RecoveryPoint]:
@@ -297,7 +325,7 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
                 raise RefusedError(f"the group changed while fence_command ran (epoch {view2.epoch.epoch} now names "
                                    f"{view2.epoch.promoted_by}); nothing was promoted; run drsync status")
         applied_first = None
-        if target is not None and target.id != state.applied_snapshot:
+        if target is not None and (point.explicit or target.id != state.applied_snapshot):
             applied_first = _apply_point(cfg, target, point)
         elif point.delayed_state and state.pending:
             applied_first = _keep_delayed(cfg)

@@ -93,7 +93,8 @@ class Agent:
                                             distcp=engine.distcp_settings(cfg),
                                             apply_delay_s=cfg.replication.apply_delay,
                                             max_change_fraction=cfg.replication.max_change_fraction,
-                                            on_mass_change=cfg.replication.on_mass_change)
+                                            on_mass_change=cfg.replication.on_mass_change,
+                                            mass_change_window_s=cfg.replication.mass_change_window)
             self.receiver.trust_request_epochs = bool(cfg.tls.allowed_peers)
             if self.receiver.recover():
                 log.warning("agent %s: finished an apply that was interrupted", self.name)
@@ -216,7 +217,8 @@ class Agent:
         if self.acting == "primary":
             return Duties("primary", frozenset(self.replication.protected() | {st.applied_snapshot} - {""}))
         rx = self.receiver
-        keep = {st.applied_snapshot, *(p[0] for p in st.pending)} - {""}  # pending: applied later (apply_delay)
+        # pending: applied later (apply_delay); checkpoints: what the mass-change window judges against
+        keep = {st.applied_snapshot, *(p[0] for p in st.pending), *(c[0] for c in st.change_checkpoints)} - {""}
         # A flagged mass change pauses retention too: the snapshots before it may be the good copy.
         held = rx is not None and (rx.hold.active or bool(rx.hold.flagged))
         return Duties("standby", frozenset(keep), held=held,

@@ -35,6 +35,7 @@ class RecoveryPoint:
     files: int
     bytes: int
     name: str = ""
+    seq: int = 0  # the repository's sequence (arrival order): "latest" and names pick by it
 
     def as_dict(self) -> dict[str, object]:
         return {"id": self.id, "captured_at": self.captured_at, "kind": self.kind, "state": self.state,
@@ -49,16 +50,17 @@ def recovery_points(snapshots: list[SnapshotInfo], state: AgentState, *, cluster
     for s in sorted((s for s in snapshots if s.cluster_id == cluster_id), key=lambda s: (s.captured_at, s.seq)):
         what = ("applied" if s.id == state.applied_snapshot else "pending" if s.id in pending else
                 "held" if s.id == held else "stored")
-        out.append(RecoveryPoint(s.id, s.captured_at, s.kind, what, s.files, s.bytes, s.name))
+        out.append(RecoveryPoint(s.id, s.captured_at, s.kind, what, s.files, s.bytes, s.name, s.seq))
     return out
 
 
 def parse_before(text: str, now: float) -> float:
     """``--before TIME``: an ISO 8601 time (``2026-12-01T09:00:00Z``, ``2026-12-01 10:00+01:00``; without a
-    zone it is this machine's local time), Unix seconds, or a span ago (``90m``, ``2h``, ``1d``, measured
-    from ``now``). Returns Unix seconds; UsageError names the forms when ``text`` is none of them."""
+    zone it is the local time of the machine that runs the command), Unix seconds (digits only), or a
+    span ago (``90m``, ``2h``, ``1d``, from ``now``). Returns Unix seconds; UsageError names the forms
+    when ``text`` is none of them."""
     t = text.strip()
-    if re.fullmatch(r"\d{9,}(\.\d+)?", t):
+    if re.fullmatch(r"\d+(\.\d+)?", t):
         return float(t)
     if re.fullmatch(r"\d+(\.\d+)?\s*[a-zA-Z]+", t):
         try:
@@ -75,14 +77,17 @@ def parse_before(text: str, now: float) -> float:
 
 def choose_point(points: list[RecoveryPoint], *, to_snapshot: str | None = None,
                  before: float | None = None) -> RecoveryPoint:
-    """The recovery point an operator named: ``to_snapshot`` (id, unique prefix of 6+ characters, or a
-    snapshot name, newest of that name) or the newest captured at or before ``before``. UsageError when
+    """The recovery point an operator named: ``to_snapshot`` (id, snapshot name (newest of that name),
+    ``latest``, or a unique id prefix of 4+ characters) or the newest captured at or before ``before``. UsageError when
     none matches (the message lists the nearest points)."""
     if to_snapshot:
+        # The rules of ``drsync snapshot show``: an id, a name (newest of it), ``latest``, a prefix of 4+.
+        by_seq = sorted(points, key=lambda p: p.seq)
         exact = [p for p in points if p.id == to_snapshot]
-        prefixed = [p for p in points if len(to_snapshot) >= 6 and p.id.startswith(to_snapshot)]
-        named = [p for p in points if p.name and p.name == to_snapshot]
-        found = exact or (prefixed if len(prefixed) == 1 else []) or named[-1:]
+        named = [p for p in by_seq if p.name and p.name == to_snapshot]
+        newest = by_seq[-1:] if to_snapshot == "latest" else []
+        prefixed = [p for p in points if len(to_snapshot) >= 4 and p.id.startswith(to_snapshot)]
+        found = exact or named[-1:] or newest or (prefixed if len(prefixed) == 1 else [])
         if not found:
             why = "is ambiguous" if len(prefixed) > 1 else "is not a snapshot this standby holds"
             raise UsageError(f"--to-snapshot {to_snapshot}: {why}; {_nearest(points)}")

@@ -41,7 +41,7 @@ class StandbyReceiver:
     def __init__(self, repo: Repository, data_root: str, store: StateStore, *, agent: str,
                  max_delete_fraction: float = 0.5, distcp: DistCpSettings | None = None,
                  apply_delay_s: float = 0.0, max_change_fraction: float = 0.5,
-                 on_mass_change: str = "hold") -> None:
+                 on_mass_change: str = "hold", mass_change_window_s: float = 0.0) -> None:
         self.repo = repo
         self.store = store
         self.agent = agent
@@ -49,7 +49,7 @@ class StandbyReceiver:
         self.committer = Committer(repo, data_root, store, agent=agent, max_delete_fraction=max_delete_fraction,
                                    on_applied=lambda: self.on_applied(), distcp=distcp,
                                    apply_delay_s=apply_delay_s, max_change_fraction=max_change_fraction,
-                                   on_mass_change=on_mass_change)
+                                   on_mass_change=on_mass_change, mass_change_window_s=mass_change_window_s)
         # With ZooKeeper roles: why shipments are refused now ("" = accepted; not while primary or promoting).
         self.refusal = ""
         # With ZooKeeper roles: reads the group's (epoch, agent the epoch names) fresh from ZooKeeper;

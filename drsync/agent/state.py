@@ -63,6 +63,9 @@ class AgentState:
     # replication.apply_delay: snapshots stored and verified but not applied yet, oldest first, each
     # (snapshot id, capture time on the primary's clock, position); applied once old enough.
     pending: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+    # The mass-change window: (applied snapshot, when applied on this machine's clock), a handful, oldest
+    # first; a shipment is also judged against the one applied at least replication.mass_change_window ago.
+    change_checkpoints: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> AgentState:
@@ -73,6 +76,8 @@ class AgentState:
         if "pending" in fields:
             fields["pending"] = tuple((str(p[0]), float(p[1]), tuple(int(x) for x in p[2] or ()))
                                       for p in fields["pending"] or ())
+        if "change_checkpoints" in fields:
+            fields["change_checkpoints"] = tuple((str(c[0]), float(c[1])) for c in fields["change_checkpoints"] or ())
         return cls(**fields)
 
     def lag_s(self, now: float | None = None) -> float | None:

@@ -516,6 +516,23 @@ class ManifestDiff:
         return sorted([*self.added, *self.removed, *self.changed])
 
 
+def content_changed(base: Manifest, new: Manifest) -> frozenset[str]:
+    """Paths of ``new``'s regular files whose content digest differs from ``base``'s at the same path, or
+    that ``base`` lacks: what an apply onto a root holding ``base`` must write whatever the root's sizes
+    and times say (a rewrite can keep both). Column work: one join of paths and digests."""
+    def files(m: Manifest) -> pa.Table:
+        t = m.table.select(["path", "type", "content"])
+        t = t.filter(pc.equal(t.column("type"), FILE))
+        return pa.table({"path": t.column("path"), "content": pc.cast(t.column("content"), pa.binary())})
+
+    b = files(new)
+    if b.num_rows == 0:
+        return frozenset()
+    joined = b.join(files(base), keys="path", join_type="left outer", right_suffix="_base")
+    differs = pc.fill_null(pc.not_equal(joined.column("content"), joined.column("content_base")), True)
+    return frozenset(decode_name(p) for p in pc.filter(joined.column("path"), differs).to_pylist())  # type: ignore[misc]
+
+
 def diff(old: Manifest, new: Manifest) -> ManifestDiff:
     """Paths added, removed and changed from ``old`` to ``new``: a join on ``path``."""
     cols = ["path", *_COMPARED]
