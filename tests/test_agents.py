@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -465,8 +466,14 @@ def test_cycle_snapshots_follow_the_retention_policy_on_both_sides(pair: Pair) -
     def standby_snapshots() -> list[dict[str, object]]:
         return run_drsync("snapshot", "list", "--config", pair.standby_cfg, "--json").json()
 
-    wait_for(lambda: len(standby_snapshots()) == 2, "the standby's retention to keep the 2 newest")
+    def checkpoints() -> set[str]:  # the mass-change window's baselines: retention keeps them too
+        doc = json.loads((pair.tmp / "standby-repo" / "agent" / "state.json").read_text())
+        return {c[0] for c in doc.get("change_checkpoints", [])}
+
+    wait_for(lambda: len([s for s in standby_snapshots() if s["id"] not in checkpoints()]) == 2,
+             "the standby's retention to keep the 2 newest (and the mass-change window's checkpoints)")
     standby = standby_snapshots()
+    assert 2 <= len(standby) <= 2 + len(checkpoints())
     link = GrpcStandbyLink(pair.standby_addr)
     applied = link.hello("t", 1).applied_snapshot
     link.close()

@@ -355,8 +355,9 @@ def test_the_window_keeps_a_few_checkpoints_and_judges_against_one_a_window_old(
     for i, t in enumerate([0, 600, 1000, 1200, 2000, 3000, 4000, 5000, 8000, 9000]):
         cps = next_checkpoints(cps, f"s{i}", float(t), h)
     # One checkpoint per quarter window at most, and none older than the baseline.
-    assert [c[0] for c in cps] == ["s5", "s6", "s8"] and len(cps) <= 5
-    assert change_baseline(cps, 9000.0, h) == "s5"  # the newest applied at least an hour ago
-    assert change_baseline(cps[-1:], 9000.0, h) == "s8"  # younger than the window: its oldest one
+    # Added at 0, 1000, 2000, 3000, 4000, 5000, 8000, 9000 (600 and 1200 were within a quarter window).
+    assert [c[0] for c in cps] == ["s7", "s8", "s9"] and len(cps) <= 5
+    assert change_baseline(cps, 9000.0, h) == "s7"  # the newest applied at least an hour ago (5000)
+    assert change_baseline(cps[-1:], 9000.0, h) == "s9"  # younger than the window: its oldest one
     assert change_baseline((), 9000.0, h) == "" and change_baseline(cps, 9000.0, 0.0) == ""
     assert next_checkpoints(cps, "x", 9500.0, 0.0) == ()
