@@ -367,7 +367,7 @@ class Agent:
             try:
                 sup.coordinate()
             except DrsyncError as e:
-                log.warning("agent %s: coordination pass failed: %s", self.name, e)
+                sup.pass_failed(e)  # one line per backoff step, never a pass per wake-up
             if sup.fatal is not None:
                 break
             self.activity.sample_lag()

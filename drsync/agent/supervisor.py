@@ -53,6 +53,37 @@ REJOIN_SNAPSHOT_TTL_S = 7 * 86400.0
 # Fence and demote commands that fail are retried with this backoff (seconds: first, cap).
 RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
+# A coordination pass that fails (ZooKeeper unreachable, a chroot that does not exist, wrong credentials,
+# a registration refused...) is tried again after this delay, doubling up to the cap (seconds).
+COORD_RETRY_FIRST_S = 1.0
+COORD_RETRY_MAX_S = 30.0
+
+
+class Backoff:
+    """Growing delays after failures (``first`` doubling up to ``cap``), reset by a success; one log line per step."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first, self.cap = first, cap
+        self.delay = first
+        self.retry_at = 0.0  # monotonic
+        self.failures = 0
+
+    def ready(self) -> bool:
+        return time.monotonic() >= self.retry_at
+
+    def failed(self) -> float:
+        """Record a failure; the delay until the next try."""
+        delay = self.delay
+        self.failures += 1
+        self.retry_at = time.monotonic() + delay
+        self.delay = min(self.delay * 2, self.cap)
+        return delay
+
+    def succeeded(self) -> bool:
+        """Reset; True when there were failures before."""
+        had = self.failures > 0
+        self.delay, self.retry_at, self.failures = self.first, 0.0, 0
+        return had
 
 
 def has_data(root: str) -> bool:
@@ -111,6 +142,7 @@ class RoleSupervisor:
         self.on_switchover: Callable[[GroupView], None] = lambda view: None
         self.heartbeat = Heartbeat(coord, self.name) if coord is not None else None
         self._claimed = False  # this process has held the primary claim (a claim again is after a lost session)
+        self.coord_backoff = Backoff(COORD_RETRY_FIRST_S, COORD_RETRY_MAX_S)
         if coord is not None:
             coord.add_listener(self._on_session)
 
@@ -173,12 +205,21 @@ class RoleSupervisor:
 
     # --- one pass -------------------------------------------------------------------------
 
+    def pass_failed(self, e: DrsyncError, what: str = "coordination pass failed") -> None:
+        """A coordination pass failed: one WARNING, and no new pass before the next backoff step."""
+        delay = self.coord_backoff.failed()
+        log.warning("agent %s: %s: %s (attempt %d; next try in %.0fs)", self.name, what, e,
+                    self.coord_backoff.failures, delay)
+
     def coordinate(self) -> RoleDecision | None:
-        """Read the group, decide this agent's role, and carry the decision out."""
+        """Read the group, decide this agent's role, and carry the decision out. After a failed pass the
+        next one waits for its backoff step (the caller reports failures it catches with :meth:`pass_failed`)."""
         if self.coord is None:
             return None
         coord = self.coord
         self._check_suspended()
+        if not self.coord_backoff.ready():
+            return None
         if not self._started:
             try:
                 coord.start()
@@ -187,7 +228,12 @@ class RoleSupervisor:
                 self.metrics.zookeeper_connected.set(1)
             except CoordinationUnavailable as e:
                 self.metrics.zookeeper_connected.set(0)
+                self.pass_failed(e, "cannot join the group in ZooKeeper")
                 return self._decide(GroupView(SessionState.LOST, Epoch(), None), note=str(e))
+            except DrsyncError as e:
+                self.metrics.zookeeper_connected.set(0)
+                self.pass_failed(e, "cannot join the group in ZooKeeper")
+                return None
         if not self._registered:
             # Prove this agent's name is its own before deciding anything (two configs with one name).
             try:
@@ -196,7 +242,7 @@ class RoleSupervisor:
                 self.stop_fatally(e)
                 return None
             except DrsyncError as e:
-                log.warning("agent %s: cannot register in ZooKeeper yet: %s", self.name, e)
+                self.pass_failed(e, "cannot register in ZooKeeper yet")
                 return None
             if self.heartbeat is not None:
                 self.heartbeat.start()
@@ -237,6 +283,9 @@ class RoleSupervisor:
             self.stop_fatally(e)
         except DrsyncError as e:
             log.debug("could not publish this agent's record: %s", e)
+        if self.coord_backoff.succeeded():  # a whole pass went through
+            log.info("agent %s: coordination works again (ZooKeeper at %s)", self.name,
+                     self.cfg.coordination.zookeeper)
         return decision
 
     def stop_fatally(self, e: DrsyncError) -> None:
