@@ -175,11 +175,24 @@ class Agent:
     def _applied_captured_at(self) -> float | None:
         if self.acting == "standby":
             return self.store.current.applied_captured_at or None
-        return self.replication.applied_captured_at()
+        known = [t for t in (self.replication.applied_captured_at(), *self._lost_positions().values()) if t]
+        return min(known) if known else None
+
+    def _lost_positions(self) -> dict[str, float]:
+        """As primary: the capture time last known applied on each standby that vanished (name -> time on
+        this primary's clock): the newer of its persistent member record and this primary's last shipment."""
+        out: dict[str, float] = {}
+        for name, m in list(self.supervisor.lost_standbys.items()):
+            last = self.replication.last_positions.get(str(m.get("address") or ""))
+            at = max(float(m.get("applied_captured_at") or 0.0), last.captured_at if last else 0.0)
+            if at:
+                out[name] = at
+        return out
 
     def current_lag(self) -> float | None:
         """This agent's lag (standby) or its standbys' (primary), always on the primary's clock: the one
-        definition, :func:`drsync.agent.clock.lag_s`."""
+        definition, :func:`drsync.agent.clock.lag_s`. A standby that vanished (killed, stopped, cut off)
+        counts with its last known position until it is back or decommissioned: its lag keeps growing."""
         if self.acting == "standby":
             return self.store.current.lag_s()
         lag = clock.lag_s(self.replication.applied_captured_at() or 0.0)  # its own stamps, its own clock
@@ -189,7 +202,9 @@ class Agent:
             published = [float(r["lag_s"]) for r in self.supervisor.agents.values()
                          if r.get("role") == "standby" and r.get("lag_s") is not None]
             lag = max(published) if published else None
-        return lag
+        lost = [clock.lag_s(at) for at in self._lost_positions().values()]
+        known = [x for x in (lag, *lost) if x is not None]
+        return max(known) if known else None
 
     def _received_lag(self) -> float:
         lag = self.store.current.received_lag_s() if self.acting != "primary" else None
@@ -262,10 +277,17 @@ class Agent:
             for name, r in sorted(sup.agents.items()):
                 # The lag each standby publishes (primary's clock), never recomputed with this clock.
                 lag = st.lag_s() if name == self.name else r.get("lag_s")
-                agents.append({"name": name, "role": r.get("role"), "address": r.get("address"),
+                agents.append({"name": name, "state": "up", "role": r.get("role"), "address": r.get("address"),
                                "epoch": r.get("epoch"), "applied_snapshot": r.get("applied_snapshot"),
                                "lag_s": round(float(lag), 3) if lag is not None and r.get("role") == "standby"
                                else None})
+            positions = self._lost_positions()
+            for name, m in sorted(sup.lost_standbys.items()):  # it stays listed, down, its lag growing
+                lag = clock.lag_s(positions.get(name, 0.0))
+                agents.append({"name": name, "state": "down", "role": "standby (down)", "address": m.get("address"),
+                               "epoch": m.get("epoch"), "applied_snapshot": m.get("applied_snapshot"),
+                               "lag_s": round(lag, 3) if lag is not None else None,
+                               "gone_at": m.get("gone_at")})
             primary = view.primary.agent if view is not None and view.primary is not None else None
             epoch = view.epoch.epoch if view is not None else st.epoch
             zk = sup.coord.state.value if sup.coord is not None else "closed"
@@ -338,8 +360,10 @@ class Agent:
         targets = self.replication.targets()
         self.activity.add(info.id, True, f"captured; offered to {', '.join(targets)}" if targets
                           else "snapshot only (no standby registered)")
+        gone = sorted(self.supervisor.lost_standbys)
         log.info("agent %s: snapshot %s captured%s", self.name, info.id,
-                 f"; shipping to {', '.join(targets)}" if targets else " (no standby registered)")
+                 f"; shipping to {', '.join(targets)}" if targets else
+                 f" (no standby to ship to: {', '.join(gone)} down)" if gone else " (no standby registered)")
         self.replication.offer(info)
         if not targets:
             self.maintenance.wake()

@@ -238,6 +238,9 @@ class Replication:
         self.exclude_paths = exclude_paths
         self.on_outcome = on_outcome
         self.shippers: dict[str, Shipper] = {}
+        # The last position of each target that is no longer one (its standby vanished): the primary's lag
+        # keeps counting from it (see Agent.current_lag).
+        self.last_positions: dict[str, Position] = {}
         self._lock = threading.Lock()
         self.background = False  # shippers run their own threads (the agent's loop); else only synchronous
 
@@ -258,6 +261,9 @@ class Replication:
         with self._lock:
             gone = [t for t in self.shippers if t not in targets]
             stopped = [self.shippers.pop(t) for t in gone]
+            for s in stopped:
+                if s.position.snapshot:
+                    self.last_positions[s.target] = s.position
         for s in stopped:
             s.stop()
         new = [t for t in targets if t not in self.shippers]

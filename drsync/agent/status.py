@@ -125,11 +125,18 @@ def _agent_row(m: Member, p: Presence, probed: str | None, now: float, *, mainte
     # The lag the standby published (on the primary's clock, at most a few seconds old); only a record
     # without one (an older agent) is recomputed here, on this machine's clock.
     lag = r.get("lag_s") if "lag_s" in r else lag_s(float(r.get("applied_captured_at") or 0.0), 0.0, now)
+    if not up and doc.get("role") == "standby":
+        # A standby that is down: its lag keeps growing from its last known applied snapshot (members/<name>),
+        # on this machine's clock (the best left while it publishes nothing).
+        lag, role_for_lag = lag_s(float(doc.get("applied_captured_at") or 0.0), 0.0, now), "standby"
+    else:
+        role_for_lag = role
     seen = p.last_seen or None
     return {
         "name": m.name, "state": p.state, "down_reason": p.why or None, "role": role,
         "last_role": doc.get("role", "unknown"), "maintenance": maintenance, "address": doc.get("address"),
-        "epoch": doc.get("epoch"), "lag_s": round(float(lag), 3) if lag is not None and role == "standby" else None,
+        "epoch": doc.get("epoch"),
+        "lag_s": round(float(lag), 3) if lag is not None and role_for_lag == "standby" else None,
         "applied_snapshot": doc.get("applied_snapshot"), "cluster_id": doc.get("cluster_id"),
         "release": doc.get("release"), "host": doc.get("host"),
         "last_seen": iso(seen) if seen else None, "last_seen_unix": round(seen, 3) if seen else None,

@@ -143,6 +143,12 @@ class RoleSupervisor:
         self.heartbeat = Heartbeat(coord, self.name) if coord is not None else None
         self._claimed = False  # this process has held the primary claim (a claim again is after a lost session)
         self.coord_backoff = Backoff(COORD_RETRY_FIRST_S, COORD_RETRY_MAX_S)
+        # As primary: standbys the group has known (members/<name>, last role standby) that have no live
+        # registration now: killed, stopped or cut off. Their last position keeps counting in the lag until
+        # they are back or decommissioned (members/<name> deleted). name -> member record (+ "gone_at").
+        self.lost_standbys: dict[str, dict[str, Any]] = {}
+        self._live_standbys: frozenset[str] = frozenset()
+        self._members_read_at = 0.0
         if coord is not None:
             coord.add_listener(self._on_session)
 
@@ -274,6 +280,10 @@ class RoleSupervisor:
         if self.acting == "primary" and set(self.registered_standbys) - previous:
             self.cycle_now.set()  # a standby (re)joined: ship to it now, not one interval later
         self.agents = agents
+        if self.acting == "primary":
+            self._track_standbys(coord, agents)
+        elif self.lost_standbys:
+            self.lost_standbys = {}
         decision = self._decide(view, agents=agents)
         if self.acting == "primary" and view.switchover and not self.paused:
             self.on_switchover(view)
@@ -287,6 +297,42 @@ class RoleSupervisor:
             log.info("agent %s: coordination works again (ZooKeeper at %s)", self.name,
                      self.cfg.coordination.zookeeper)
         return decision
+
+    def _track_standbys(self, coord: Coordinator, agents: dict[str, dict[str, Any]]) -> None:
+        """As primary: notice a standby of the group that has no live registration any more (and one that
+        is back), one WARNING per change. Members are re-read when the live standbys change, else every
+        REGISTER_EVERY_S."""
+        live = frozenset(n for n, r in agents.items() if r.get("role") == "standby" and n != self.name)
+        now = time.monotonic()
+        if live == self._live_standbys and now - self._members_read_at < REGISTER_EVERY_S:
+            return
+        try:
+            members = coord.members()
+        except DrsyncError as e:
+            log.debug("agent %s: could not read the group's members: %s", self.name, e)
+            return
+        self._live_standbys, self._members_read_at = live, now
+        lost: dict[str, dict[str, Any]] = {}
+        for name, m in members.items():
+            if name == self.name or m.record is not None or m.member.get("role") != "standby":
+                continue
+            before = self.lost_standbys.get(name)
+            lost[name] = {**m.member, "gone_at": before["gone_at"] if before else time.time()}
+        base = f"/drsync/{self.cfg.coordination.group}/members"
+        for name in sorted(lost.keys() - self.lost_standbys.keys()):
+            m = lost[name]
+            how = (f"stopped cleanly ({m.get('left_reason') or 'agent stopped'})" if m.get("left_at") else
+                   "its ZooKeeper session ended without a clean stop (killed, crashed or cut off)")
+            log.warning("agent %s: standby %s at %s is gone: %s; its last applied snapshot is %s. Replication lag "
+                        "keeps counting from it until it is back, or until it is decommissioned (zkCli.sh delete "
+                        "%s/%s)", self.name, name, m.get("address") or "?", how, m.get("applied_snapshot") or "none",
+                        base, name)
+        for name in sorted(self.lost_standbys.keys() - lost.keys()):
+            back = name in live
+            log.log(logging.INFO if back else logging.WARNING, "agent %s: standby %s %s", self.name, name,
+                    "is back" if back else "was decommissioned (its members record is gone); its lag no longer "
+                                           "counts")
+        self.lost_standbys = lost
 
     def stop_fatally(self, e: DrsyncError) -> None:
         log.error("agent %s stops: %s", self.name, e)
