@@ -157,3 +157,29 @@ def test_promote_succeeds_only_when_an_agent_acts_as_primary_and_dry_run_changes
     assert human.code == 4 and "FAIL  data root" in human.out, human.out
     assert g.connected().read_epoch().epoch == 0
     assert g.promote("east").code == 0 and g.primary() == ("east", 1)
+
+
+def test_promote_of_a_killed_agent_whose_registration_lingers_changes_nothing(tmp_path: Path, zk_server,
+                                                                              group: str) -> None:
+    """Issue 20: after kill -9 its ZooKeeper registration lives until the session times out; `promote
+    --dry-run` said "agent is running" and the real promote bumped the epoch and wrote history, then failed.
+    The agent check proves the process alive (state directory lock, or a Hello answered at its address)."""
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"], session_timeout="60s")
+    try:
+        g.start("east")
+        g.start("west")
+        g.kill("east")
+        assert "east" in g.coord.agents()  # the registration lingers
+        dry = g.promote("east", "--dry-run")
+        doc = dry.json()
+        agent = next(c for c in doc["checks"] if c["name"] == "agent")
+        assert dry.code == 1 and not doc["would_promote"] and not agent["ok"], (dry.code, dry.out)
+        assert "does not answer" in agent["detail"] and g.addr["east"] in agent["detail"], agent
+        r = g.promote("east")
+        assert r.code == 1 and "not running" in r.err and "nothing was changed" in r.err, (r.code, r.err)
+        assert g.coord.read_epoch().epoch == 0 and g.coord.history(10) == []
+        # West's agent runs: its check passes on the lock (or its Hello), not on its registration alone.
+        west = next(c for c in g.promote("west", "--dry-run").json()["checks"] if c["name"] == "agent")
+        assert west["ok"] and "locked" in west["detail"], west
+    finally:
+        g.stop_all()
