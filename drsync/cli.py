@@ -649,7 +649,7 @@ def repo_unlock(inv: Invocation, all_locks: bool) -> None:
               "repository's snapshots: applied, pending, held, stored); needs no ZooKeeper.")
 def status_cmd(inv: Invocation, points: bool) -> None:
     """Who is primary, the epoch, and every agent the group has known: up or down, last seen, role, lag."""
-    from drsync.agent.status import agent_rows, collect_status, headline, local_points
+    from drsync.agent.status import agent_rows, collect_status, headline, local_points, refusal_lines
 
     if inv.config is None:
         raise UsageError("drsync status needs --config FILE (the agent's configuration)")
@@ -668,6 +668,8 @@ def status_cmd(inv: Invocation, points: bool) -> None:
         for a in doc["agents"]:
             if a.get("state") == "down":
                 click.echo(f"agent {a['name'] or a['address']} is down: {a.get('down_reason')}")
+        for line in refusal_lines(doc):
+            click.echo(line)
         m = doc.get("maintenance")
         if m:
             click.echo(f"MAINTENANCE: agent {m['agent']} (primary of epoch {m.get('epoch')}) stopped on purpose "
@@ -858,7 +860,8 @@ def config_check(config_path: str, as_json: bool, debug: bool, timeout_s: float)
     failed = [c for c in checks if not c.ok]
     inv = Invocation(None, None, as_json, debug)
     emit(inv, {"ok": not failed, "checks": [c.as_dict() for c in checks]},
-         lambda: _table(["CHECK", "RESULT", "DETAIL"], [[c.name, "ok" if c.ok else "FAIL", c.detail] for c in checks]))
+         lambda: _table(["CHECK", "RESULT", "DETAIL"],
+                        [[c.name, ("WARN" if c.warn else "ok") if c.ok else "FAIL", c.detail] for c in checks]))
     if failed:
         code = EXIT_USAGE if any(c.kind == "config" for c in failed) else EXIT_FAILED
         raise _Exit(code, f"{len(failed)} problem(s) in {config_path}; first: {failed[0].name}: {failed[0].detail}")

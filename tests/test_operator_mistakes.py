@@ -183,3 +183,78 @@ def test_promote_of_a_killed_agent_whose_registration_lingers_changes_nothing(tm
         assert west["ok"] and "locked" in west["detail"], west
     finally:
         g.stop_all()
+
+
+def test_a_standby_of_another_release_refuses_at_hello_says_so_and_stores_nothing(tmp_path: Path, zk_server,
+                                                                                  group: str) -> None:
+    """Issue 20: a standby of release 2.0 in a group whose snapshots are release 1.0 logged only INFO (and
+    stored the foreign chunks); status showed it as a healthy standby. Now both sides refuse at Hello, before
+    anything is negotiated or stored; the standby logs the refusal at WARNING, reason first, once (not per
+    retry), and drsync status shows it."""
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"])
+    try:
+        west_cfg = g.cfg["west"]
+        west_cfg.write_text(west_cfg.read_text().replace('release = "6.2.1"', 'release = "2.0"'))
+        import shutil
+
+        shutil.rmtree(tmp_path / "west-repo")
+        assert run_drsync("init", "--config", west_cfg).code == 0
+        g.start("east")
+        g.start("west")
+        assert g.promote("east").code == 0
+        wait_for(lambda: g.log("east").count("ships cluster 'analytics' release '6.2.1'") >= 3,
+                 "east's shipper to be refused three times")
+        assert f"standby {g.addr['west']} refused: east ships cluster" in g.log("east")
+        assert "refused: standby" not in g.log("east")  # said once, not "refused: standby X refused: ..."
+        refusals = [ln for ln in g.log("west").splitlines() if "refused a shipment" in ln]
+        assert len(refusals) == 1 and " WARNING " in refusals[0], refusals
+        line = refusals[0]
+        assert line.index("ships cluster 'analytics' release '6.2.1'") < line.index("(from east")
+        assert "release '2.0'" in line and "coordination.group" in line  # advice for role = auto
+        assert "received" not in g.log("west")  # nothing negotiated, nothing stored
+        assert g.drsync("west", "snapshot", "list", "--json").json() == []
+        doc = wait_for(lambda: (d := g.status("east")) and next(a for a in d["agents"] if a["name"] == "west")
+                       .get("last_refusal") and d, "status to show west's refusal")
+        west = next(a for a in doc["agents"] if a["name"] == "west")
+        assert "release '2.0'" in west["last_refusal"]["reason"] and west["last_refusal"]["at"].endswith("Z")
+        out = g.drsync("east", "status").out
+        assert "agent west REFUSES shipments:" in out and "up (refusing)" in out, out
+    finally:
+        g.stop_all()
+
+
+class _OtherRelease:
+    """A standby (an older drsync that does not check the sender's cluster) of another release."""
+
+    target = "standby-2"
+
+    def hello(self, sender: str, epoch: int):  # type: ignore[no-untyped-def]
+        from drsync.transport import StandbyHello
+
+        return StandbyHello("west", "standby", "analytics", "2.0", epoch, "", 0.0, 0.0)
+
+    def missing(self, epoch, batches):  # type: ignore[no-untyped-def]
+        raise AssertionError("negotiated with a standby of another release")
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_primary_ships_nothing_to_a_standby_whose_hello_names_another_release(tmp_path: Path) -> None:
+    from drsync import engine
+    from drsync.agent.shipper import Shipper
+    from drsync.metrics import AgentMetrics, new_registry
+    from drsync.repository.repo import Repository
+    from drsync.storage import open_storage
+
+    make_tree(tmp_path / "data", files=3, big=0)
+    repo = Repository.init(open_storage(str(tmp_path / "repo")), cluster_id="analytics", release="6.2.1")
+    info = engine.create_snapshot(repo, engine.SnapshotRequest(str(tmp_path / "data")))
+    outcomes = []
+    s = Shipper("standby-2", repo=repo, link=lambda t: _OtherRelease(), sender="east", epoch=lambda: 1,
+                guard=lambda final: None, bandwidth_bps=0.0, metrics=AgentMetrics(new_registry(), group="g",
+                                                                                    agent="east"),
+                on_outcome=outcomes.append)
+    out = s.ship(info)
+    assert not out.ok and out.summary.startswith("refused: standby west keeps cluster 'analytics' release '2.0'")
+    assert "nothing was shipped" in out.summary and "cluster.release of production" in out.summary

@@ -73,7 +73,7 @@ class Agent:
         self.repo = Repository.open(open_storage(cfg.cluster.repository))
         self.data_root = engine.data_root_url(cfg.cluster.data)
         self.state_dir = state_dir_of(cfg)
-        self.dir_lock = StateDirLock(self.state_dir) if serve_network else None
+        self.dir_lock = StateDirLock(self.state_dir, cfg.agent.listen) if serve_network else None
         self.host_locks = [HostLock(what, where, self.state_dir) for what, where in
                            (("data root", self.data_root), ("repository", cfg.cluster.repository))] \
             if serve_network else []
@@ -109,7 +109,8 @@ class Agent:
         self.tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
         self.replication = Replication(
             cfg, self.repo, self.metrics, sender=self.name,
-            link=lambda target: GrpcStandbyLink(target, tls=self.tls, sender=self.name),
+            link=lambda target: GrpcStandbyLink(target, tls=self.tls, sender=self.name, cluster_id=cfg.cluster.id,
+                                                release=cfg.cluster.release),
             epoch=lambda: self.store.current.epoch, guard=self.supervisor.guard, exclude_paths=(self.store.dir,),
             on_outcome=self._on_shipped)
         self.supervisor.on_switchover = lambda view: switchover.carry_out(self.supervisor, self.replication, view)
@@ -280,7 +281,7 @@ class Agent:
                 agents.append({"name": name, "state": "up", "role": r.get("role"), "address": r.get("address"),
                                "epoch": r.get("epoch"), "applied_snapshot": r.get("applied_snapshot"),
                                "lag_s": round(float(lag), 3) if lag is not None and r.get("role") == "standby"
-                               else None})
+                               else None, "last_refusal": r.get("last_refusal")})
             positions = self._lost_positions()
             for name, m in sorted(sup.lost_standbys.items()):  # it stays listed, down, its lag growing
                 lag = clock.lag_s(positions.get(name, 0.0))
@@ -378,6 +379,11 @@ class Agent:
                  f" (advertised as {a.advertise})" if a.advertise else "",
                  f"; metrics at http://{a.metrics}/metrics, status page at http://{a.metrics}/" if a.metrics else
                  "; no metrics address")
+        from drsync.agent.presence import advertise_problem
+
+        problem = advertise_problem(a.advertise, a.listen)
+        if problem:
+            log.warning("agent %s: %s", self.name, problem)
         self.replication.background = True
         self.maintenance.start()
         threading.Thread(target=self._serve_requests_loop, name="drsync-requests", daemon=True).start()

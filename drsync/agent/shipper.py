@@ -178,6 +178,14 @@ class Shipper:
         try:
             epoch = self._epoch()
             hello = link.hello(self.sender, epoch)
+            own = self.repo.config
+            if hello.cluster_id and (hello.cluster_id, hello.release) != (own.cluster_id, own.release):
+                # Checked before negotiating: nothing is shipped to (or stored by) a standby of another cluster.
+                raise RefusedError(f"standby {hello.agent or self.target} keeps cluster {hello.cluster_id!r} release "
+                                   f"{hello.release!r}, but this primary's snapshots are cluster {own.cluster_id!r} "
+                                   f"release {own.release!r}; nothing was shipped: give that agent the cluster.id "
+                                   f"and cluster.release of production (or its own group), or upgrade both "
+                                   f"together")
             self.held = hello.held_snapshot  # its source stays on production until an operator decides
             applied = None
             self.apply_delay_s, self.received = hello.apply_delay_s, hello.received_snapshot
@@ -209,7 +217,9 @@ class Shipper:
                 # Perhaps held by its deletion guard: keep its source pinned (before the shipment stops
                 # being in flight) until the standby's next Hello names what it holds.
                 self.held = self.held or info.id
-            return ShipOutcome(self.target, info.id, False, f"refused: {e}", fenced=isinstance(e, FencedError))
+            said = str(e)  # "standby X refused: why" from the transport, or this shipper's own refusal
+            return ShipOutcome(self.target, info.id, False, said if " refused: " in said else f"refused: {said}",
+                               fenced=isinstance(e, FencedError))
         except DrsyncError as e:
             return ShipOutcome(self.target, info.id, False, f"failed: {e}")
         finally:

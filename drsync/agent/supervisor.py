@@ -22,7 +22,7 @@ from typing import Any
 
 from drsync import engine
 from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
-from drsync.agent.presence import REFRESH_S, Heartbeat
+from drsync.agent.presence import ANSWERS, REFRESH_S, Heartbeat, probe
 from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
 from drsync.agent.standby import FencedError, StandbyReceiver
 from drsync.agent.state import StateStore
@@ -55,6 +55,8 @@ RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
 # A coordination pass that fails (ZooKeeper unreachable, a chroot that does not exist, wrong credentials,
 # a registration refused...) is tried again after this delay, doubling up to the cap (seconds).
+# How often the agent checks that its own advertised address answers (published as advertise_answers).
+ADVERTISE_CHECK_S = 60.0
 COORD_RETRY_FIRST_S = 1.0
 COORD_RETRY_MAX_S = 30.0
 
@@ -149,6 +151,8 @@ class RoleSupervisor:
         self.lost_standbys: dict[str, dict[str, Any]] = {}
         self._live_standbys: frozenset[str] = frozenset()
         self._members_read_at = 0.0
+        self._advertise_ok: bool | None = None  # does this agent's advertised address answer (None: not checked)
+        self._advertise_checked_at = -ADVERTISE_CHECK_S
         if coord is not None:
             coord.add_listener(self._on_session)
 
@@ -623,6 +627,34 @@ class RoleSupervisor:
 
     # --- the agent's record in the group -------------------------------------------------------
 
+    def advertise_answers(self) -> bool | None:
+        """Whether this agent's advertised address answers its health check (checked every ADVERTISE_CHECK_S;
+        a WARNING when that changes to no). drsync status then tells a live agent with a wrong advertise from
+        a dead one."""
+        now = time.monotonic()
+        if now - self._advertise_checked_at < ADVERTISE_CHECK_S:
+            return self._advertise_ok
+        self._advertise_checked_at = now
+        from drsync.transport.grpc import GrpcStandbyLink
+
+        t = self.cfg.tls
+        tls = (t.ca, t.cert, t.key) if t.enabled else None
+
+        def health(address: str) -> bool:
+            link = GrpcStandbyLink(address, tls=tls)
+            try:
+                return link.health(timeout_s=2.0)
+            finally:
+                link.close()
+
+        ok = probe(self.address, health) == ANSWERS
+        if not ok and self._advertise_ok is not False:
+            log.warning("agent %s: nothing answers on its advertised address %s (agent.listen %s): other agents and "
+                        "drsync status cannot reach it; set agent.advertise to an address of this host that reaches "
+                        "agent.listen", self.name, self.address, self.cfg.agent.listen)
+        self._advertise_ok = ok
+        return ok
+
     def publish(self, force: bool = False) -> None:
         """Keep agents/<name> (and, after an apply, the group's state node) current."""
         if self.coord is None or self.coord.state is not SessionState.CONNECTED:
@@ -630,7 +662,9 @@ class RoleSupervisor:
         st = self.store.current
         lag = self.lag_s() if self.acting == "standby" else None
         role = self.role_word()
-        key = (role, st.epoch, st.applied_snapshot)
+        refusal = self.receiver.last_refusal if self.receiver is not None else None
+        answers = self.advertise_answers()
+        key = (role, st.epoch, st.applied_snapshot, (refusal or {}).get("reason"), answers)
         now = time.monotonic()
         if force or key != self._registered or now - self._registered_at >= REGISTER_EVERY_S:
             self.coord.register(self.name, {
@@ -641,7 +675,10 @@ class RoleSupervisor:
                 "applied_position": list(st.applied_position) or None, "clock_offset_s": round(st.clock_offset_s, 3),
                 "lag_s": round(lag, 3) if lag is not None else None, "heartbeat": time.time(), "pid": os.getpid(),
                 "waiting_to_rejoin": self.holding_ex_primary or None, "agent_id": st.agent_id,
-                "apply_hold": self.hold_summary(), "host": socket.gethostname(), "refresh_s": REGISTER_EVERY_S})
+                "apply_hold": self.hold_summary(), "host": socket.gethostname(), "refresh_s": REGISTER_EVERY_S,
+                "advertise_answers": answers,
+                "last_refusal": self.receiver.last_refusal if self.receiver is not None and self.acting == "standby"
+                else None})
             self._registered, self._registered_at = key, now
         if self.acting == "standby" and st.applied_snapshot and st.applied_snapshot != self._state_written:
             self.coord.write_state({"snapshot": st.applied_snapshot, "captured_at": st.applied_captured_at,

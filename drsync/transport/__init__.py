@@ -107,6 +107,14 @@ class Receiver(Protocol):
 
     def greet(self, caller: Caller) -> None: ...
 
+    def check_sender_cluster(self, sender: str, cluster_id: str, release: str) -> None:
+        """RefusedError when a sender's cluster id or release (from its Hello) is not this standby's."""
+        ...
+
+    def note_refusal(self, sender: str, error: Exception) -> None:
+        """A request of ``sender`` was refused: log it (rate-limited) and keep it as the last refusal."""
+        ...
+
     def lag_s(self) -> float | None: ...
 
     def held_snapshot(self) -> str:

@@ -163,6 +163,11 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         st = self.receiver.state if self.receiver is not None else None
         epoch = self._epoch() if self._epoch else st.epoch if st else 0
         lag = None
+        if self.receiver is not None and request.cluster_id:
+            try:
+                self.receiver.check_sender_cluster(request.sender, request.cluster_id, request.release)
+            except DrsyncError as e:
+                self._fail(context, request.sender, e)
         if self.receiver is not None:
             self.receiver.greet(Caller(request.sender, int(request.epoch), request.sent_at, received,
                                        peer_names(context), request.sender_instance))
@@ -175,6 +180,12 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                              held_snapshot=held, received_at=received, replied_at=time.time(),
                              apply_delay_s=self.receiver.apply_delay_s if self.receiver is not None else 0.0,
                              received_snapshot=st.received_snapshot if st else "")
+
+    def _fail(self, context: grpc.ServicerContext, sender: str, e: Exception) -> None:
+        """Abort the call; a refusal is also the standby's to report (logged, shown in its status)."""
+        if isinstance(e, RefusedError) and self.receiver is not None:
+            self.receiver.note_refusal(sender, e)
+        _abort(context, e)
 
     def _same_caller(self, context: grpc.ServicerContext, first: Caller, sender: str, epoch: int) -> None:
         if (sender, int(epoch)) != (first.sender, first.epoch):
@@ -194,7 +205,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                 _check_ids(context, req.ids)
                 yield pb.ChunkIds(epoch=req.epoch, ids=rx.missing(caller, list(req.ids)))
         except DrsyncError as e:
-            _abort(context, e)
+            self._fail(context, caller.sender if caller else "", e)
 
     def Upload(self, request_iterator: Iterator[pb.ChunkBatch], context: grpc.ServicerContext) -> pb.UploadReply:
         rx = self._receiver(context)
@@ -213,7 +224,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
             rx.admit(caller)
             received, stored, stored_bytes = rx.receive(caller, batches())
         except DrsyncError as e:
-            _abort(context, e)
+            self._fail(context, caller.sender, e)
         return pb.UploadReply(received=received, stored=stored, stored_bytes=stored_bytes, replied_at=time.time())
 
     def Commit(self, request_iterator: Iterator[pb.CommitPart], context: grpc.ServicerContext) -> pb.CommitReply:
@@ -231,7 +242,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                 try:
                     rx.admit(caller)  # before any manifest piece is kept: a fenced sender sends none
                 except DrsyncError as e:
-                    _abort(context, e)
+                    self._fail(context, caller.sender, e)
             elif part.epoch != caller.epoch:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "commit parts carry different epochs")
             piece = part.manifest
@@ -254,7 +265,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         try:
             info, result = rx.commit(caller, doc, b"".join(pieces), int(seq))  # admits under its commit lock
         except DrsyncError as e:
-            _abort(context, e)
+            self._fail(context, caller.sender, e)
         st = rx.state
         return pb.CommitReply(snapshot=info.id, written_files=result.written_files, removed=result.removed,
                               applied_at=st.applied_at, replied_at=time.time(), applied_snapshot=st.applied_snapshot,
@@ -368,9 +379,11 @@ class GrpcStandbyLink:
     """
 
     def __init__(self, target: str, *, tls: tuple[str, str, str] | None = None, timeout_s: float | None = None,
-                 sender: str = "") -> None:
+                 sender: str = "", cluster_id: str = "", release: str = "") -> None:
         self.target = target
         self.sender = sender  # this agent's name, carried by every request
+        # A primary's cluster, sent with Hello: a standby of another cluster or release refuses at once.
+        self.cluster_id, self.release = cluster_id, release
         self.timeout_s = timeout_s
         if tls is not None:
             ca, cert, key = tls
@@ -387,7 +400,8 @@ class GrpcStandbyLink:
     def hello(self, sender: str, epoch: int, timeout_s: float = 10) -> StandbyHello:
         sent = time.time()
         try:
-            r = self.stub.Hello(pb.HelloRequest(sender=sender, epoch=epoch, sent_at=sent, sender_instance=INSTANCE),
+            r = self.stub.Hello(pb.HelloRequest(sender=sender, epoch=epoch, sent_at=sent, sender_instance=INSTANCE,
+                                                cluster_id=self.cluster_id, release=self.release),
                                 timeout=timeout_s)
         except grpc.RpcError as e:
             raise _translate(e, self.target) from None
