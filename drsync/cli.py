@@ -949,7 +949,14 @@ def agent_cmd(inv: Invocation, once: bool, log_format: str, log_level: str) -> N
     configure_logging(group=c.coordination.group, agent=c.agent.name, fmt=log_format, level=level)
     if once and c.agent.role != "primary":
         raise UsageError("--once runs one replication cycle; it needs agent.role = \"primary\"")
-    agent = Agent(c, serve_network=not once)  # a one-shot cycle must not collide with a running agent
+    try:
+        agent = Agent(c, serve_network=not once)  # a one-shot cycle must not collide with a running agent
+    except DrsyncError as e:
+        if log_format != "json":
+            raise
+        # JSON logs stay JSON: the one-line error is a log record, and nothing else is printed.
+        logging.getLogger("drsync.agent").error("agent %s cannot start: %s", c.agent.name, e)
+        raise _Exit(e.exit_code, "") from None
     if once:
         try:
             decision = agent.run_cycle()
@@ -998,7 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=args, prog_name="drsync", standalone_mode=False)
         return 0
     except _Exit as e:
-        click.echo(f"drsync: error: {printable(str(e))}", err=True)
+        if str(e):  # "" when the error was already logged (agent --log-format json)
+            click.echo(f"drsync: error: {printable(str(e))}", err=True)
         return e.code
     except DrsyncError as e:
         if debug:

@@ -89,9 +89,17 @@ def test_an_agent_on_a_port_in_use_exits(grp: Group, tmp_path: Path) -> None:
         lines = [f'{key} = "{busy}"' if line.startswith(f"{key} = ") else line for line in text.splitlines()]
         cfg = tmp_path / f"busy-{port_of}.toml"
         cfg.write_text("\n".join(lines) + "\n")
+        # Issue 20: one line naming the address and the key to change, exit 2 (configuration), no gRPC C-core
+        # line ("E1201 ... add_port.cc") and no "internal error"; with JSON logs the line is a JSON record.
         r = run_agent(cfg)
-        assert r.returncode != 0 and busy in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()[-1:]) == 1 and "Traceback" not in r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stderr)
+        assert busy in lines[0] and "address already in use" in lines[0], lines
+        assert f"set agent.{key} to a free host:port" in lines[0] and "internal error" not in lines[0]
+        r = subprocess.run([sys.executable, "-m", "drsync", "agent", "--config", str(cfg), "--log-format", "json"],
+                           capture_output=True, text=True, timeout=60 * SLOW)
+        records = [json.loads(line) for line in r.stderr.strip().splitlines()]  # every line is JSON
+        assert r.returncode == 2 and records[-1]["level"] == "ERROR" and busy in records[-1]["message"], r.stderr
     assert g.procs["east"].poll() is None and g.hello("east").agent == "east"
 
 

@@ -8,9 +8,11 @@ reverse, so the agent layer only ever sees drsync errors.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -319,6 +321,27 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def listen_problem(listen: str) -> str:
+    """Why this process cannot listen on ``listen`` (host:port), in one line naming the key to change;
+    "" when it can (the port is bound and released at once)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as e:
+        return (f"cannot listen on {listen}: {getattr(e, 'strerror', None) or e}; set agent.listen to a host:port "
+                f"of this machine")
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(sockaddr)
+    except OSError as e:
+        why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e)).lower()
+        return f"cannot listen on {listen}: {why}; set agent.listen to a free host:port"
+    return ""
+
+
 def start_server(servicer: ReplicationServicer, listen: str, *, tls: tuple[str, str, str] | None = None,
                  allow_insecure_remote: bool = False) -> grpc.Server:
     """Serve replication and the standard health service on ``listen`` (host:port)."""
@@ -332,15 +355,22 @@ def start_server(servicer: ReplicationServicer, listen: str, *, tls: tuple[str, 
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("drsync.v1.Replication", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if tls is not None:
-        ca, cert, key = tls
-        creds = grpc.ssl_server_credentials([(_read(key), _read(cert))], root_certificates=_read(ca),
-                                            require_client_auth=True)
-        port = server.add_secure_port(listen, creds)
-    else:
-        port = server.add_insecure_port(listen)
+    problem = listen_problem(listen)  # before gRPC tries: its own error is a RuntimeError without the cause
+    if problem:
+        raise UsageError(problem)
+    try:
+        if tls is not None:
+            ca, cert, key = tls
+            creds = grpc.ssl_server_credentials([(_read(key), _read(cert))], root_certificates=_read(ca),
+                                                require_client_auth=True)
+            port = server.add_secure_port(listen, creds)
+        else:
+            port = server.add_insecure_port(listen)
+    except RuntimeError:  # grpc >= 1.60 raises instead of returning 0 (taken between the check and now)
+        port = 0
     if port == 0:
-        raise OperationFailed(f"cannot listen on {listen} (address in use or not available)")
+        raise UsageError(f"cannot listen on {listen}: address in use or not available; set agent.listen to a free "
+                         f"host:port")
     server.start()
     return server
 
