@@ -193,3 +193,29 @@ def test_a_dead_standby_keeps_the_primarys_lag_growing_and_stays_listed(make_gro
     g.start("west")
     wait_for(lambda: (r := west_row()) and r.get("state") == "up", "west to be listed up again")
     wait_for(lambda: "standby west is back" in g.log("east"), "east to say west is back")
+
+
+def test_the_ex_primary_names_the_epoch_it_held_once(make_group) -> None:  # type: ignore[no-untyped-def]
+    """Issue 20: "agent east: agent east was primary at epoch 2" (it held epoch 1), then an INFO role line
+    "standby (primary west at epoch 2)" contradicting it. Now the epoch it held, one prefix, and a role line
+    that says ex-primary."""
+    g = make_group(["east", "west"])
+    bootstrap(g)
+    assert g.promote("west", "--force").code == 0  # epoch 2; east's session is alive
+    g.wait_role("east", "ex-primary")
+    lines = g.log("east").splitlines()
+    held = [ln for ln in lines if "was primary at epoch" in ln]
+    assert held and all("was primary at epoch 1 " in ln for ln in held), held
+    assert not any("agent east: agent east" in ln for ln in lines)
+    role = [ln for ln in lines if "ex-primary of epoch 1" in ln]
+    assert role and " WARNING " in role[0], lines[-10:]
+    assert not any(" INFO " in ln and ": standby (primary west at epoch 2)" in ln for ln in lines)
+    # A restart of the primary re-claims its own epoch: routine, INFO (a takeover stays WARNING).
+    g.kill("west")
+    g.start("west")
+
+    def claim_lines() -> list[str]:
+        return [ln for ln in g.log("west").splitlines() if "claim (epoch 2 names this agent)" in ln]
+
+    claims = wait_for(lambda: len(claim_lines()) >= 2 and claim_lines(), "west to take its claim back after restart")
+    assert claims and " WARNING " in claims[0] and " INFO " in claims[-1], claims

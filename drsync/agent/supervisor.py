@@ -362,10 +362,19 @@ class RoleSupervisor:
                                rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view))
         if decision != self.last_decision:
             # Routine confirmations at INFO; anything that keeps the group from working (no session,
-            # a refusal, stepping down) at WARNING, so that an operator's filters see it.
-            routine = decision.action in ("standby", "act-primary") and view.session is SessionState.CONNECTED
-            level = logging.INFO if routine else logging.WARNING
-            log.log(level, "agent %s: %s%s", self.name, decision, f" [{note}]" if note else "")
+            # a refusal, stepping down) at WARNING, so that an operator's filters see it. A routine re-claim
+            # (the epoch names this agent, which held the claim at that epoch before a restart) is INFO.
+            st = self.store.current
+            routine = (decision.action in ("standby", "act-primary") and view.session is SessionState.CONNECTED) or (
+                decision.action == "claim" and st.last_role == "primary" and st.primary_epoch == view.epoch.epoch)
+            # An ex-primary whose writers are not confirmed stopped is not a standby yet: say so.
+            ex = (decision.action == "standby" and self.acting == "standby" and st.last_role == "primary"
+                  and not st.demoted and view.epoch.epoch > (st.primary_epoch or 0) > 0
+                  and not (self.switchover_final and self.switchover_hooked) and not rejoin_approved(self.state_dir))
+            level = logging.INFO if routine and not ex else logging.WARNING
+            text = (f"ex-primary of epoch {st.primary_epoch}, not serving as a standby until its writers are "
+                    f"confirmed stopped ({decision.reason})" if ex else str(decision))
+            log.log(level, "agent %s: %s%s", self.name, text, f" [{note}]" if note else "")
             self.last_decision = decision
         if decision.action == "act-primary":
             if self.paused:
@@ -422,7 +431,7 @@ class RoleSupervisor:
             self.holding_ex_primary = ""
             if self.store.current.last_role == "primary":
                 self._demotion_to_undo(epoch.epoch)
-            self.store.update(last_role="primary", demoted=False)
+            self.store.update(last_role="primary", demoted=False, primary_epoch=epoch.epoch)
         try:
             # A new primary supersedes any maintenance marker (its own from a restart, or an old primary's).
             self.coord.clear_maintenance()
@@ -551,7 +560,8 @@ class RoleSupervisor:
             return ""
         how = ("demote_command has not succeeded" if self.cfg.coordination.demote_command.strip() else
                "no demote_command is configured")
-        return (f"agent {self.name} was primary at epoch {st.epoch} and its production writers are not "
+        held = st.primary_epoch or st.epoch  # the epoch it held (st.epoch is the newest it has seen since)
+        return (f"agent {self.name} was primary at epoch {held} and its production writers are not "
                 f"confirmed stopped ({how}): it keeps its data root untouched and does not rejoin as a standby until "
                 f"demote_command succeeds or an operator runs drsync rejoin")
 
@@ -566,7 +576,7 @@ class RoleSupervisor:
         blocker = self._rejoin_blocker()
         if blocker:
             if blocker != self.holding_ex_primary:
-                log.warning("agent %s: %s", self.name, blocker)
+                log.warning("%s", blocker)  # it names the agent
             self.holding_ex_primary = blocker
             self.receiver.refusal = blocker
             return
