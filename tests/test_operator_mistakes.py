@@ -212,7 +212,7 @@ def test_a_standby_of_another_release_refuses_at_hello_says_so_and_stores_nothin
         assert g.promote("east").code == 0
         wait_for(lambda: g.log("east").count("ships cluster 'analytics' release '6.2.1'") >= 3,
                  "east's shipper to be refused three times")
-        assert f"standby {g.addr['west']} refused: east ships cluster" in g.log("east")
+        assert f"refused by standby {g.addr['west']}: east ships cluster" in g.log("east")
         assert "refused: standby" not in g.log("east")  # said once, not "refused: standby X refused: ..."
         refusals = [ln for ln in g.log("west").splitlines() if "refused a shipment" in ln]
         assert len(refusals) == 1 and " WARNING " in refusals[0], refusals

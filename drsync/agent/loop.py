@@ -335,7 +335,10 @@ class Agent:
         return "text/html; charset=utf-8", statuspage.render(self.status_doc()).encode()
 
     def _page_json(self) -> tuple[str, bytes]:
-        return "application/json", json.dumps(with_iso_times(self.status_doc()), default=str).encode()
+        doc = self.status_doc()
+        # The one time format: each lag sample an object with its time in ISO 8601 (and at_unix).
+        doc["lag_history"] = [{"at": t, "lag_s": v} for t, v in doc["lag_history"]]
+        return "application/json", json.dumps(with_iso_times(doc), default=str).encode()
 
     # --- the primary's captures ---------------------------------------------------------------
 

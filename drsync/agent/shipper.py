@@ -29,6 +29,7 @@ from drsync.repository.manifest import Manifest
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.transport import StandbyLink
+from drsync.units import human_size
 
 log = logging.getLogger("drsync.agent")
 
@@ -207,7 +208,7 @@ class Shipper:
             self.metrics.deduplicated_bytes.inc(res.deduplicated_bytes)
             return ShipOutcome(self.target, info.id, True,
                                f"{'stored, applied later (apply_delay)' if done.deferred else 'applied'} "
-                               f"({res.missing_chunks}/{res.chunks} chunks sent, {res.shipped_bytes} B in "
+                               f"({res.missing_chunks}/{res.chunks} chunks sent, {human_size(res.shipped_bytes)} in "
                                f"{res.duration_s:.2f}s)",
                                {"chunks": res.chunks, "missing_chunks": res.missing_chunks,
                                 "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
@@ -217,9 +218,10 @@ class Shipper:
                 # Perhaps held by its deletion guard: keep its source pinned (before the shipment stops
                 # being in flight) until the standby's next Hello names what it holds.
                 self.held = self.held or info.id
-            said = str(e)  # "standby X refused: why" from the transport, or this shipper's own refusal
-            return ShipOutcome(self.target, info.id, False, said if " refused: " in said else f"refused: {said}",
-                               fenced=isinstance(e, FencedError))
+            said, by = str(e), f"standby {self.target} refused: "  # the transport says "standby X refused: why"
+            summary = f"refused by standby {self.target}: {said[len(by):]}" if said.startswith(by) else \
+                f"refused: {said}"
+            return ShipOutcome(self.target, info.id, False, summary, fenced=isinstance(e, FencedError))
         except DrsyncError as e:
             return ShipOutcome(self.target, info.id, False, f"failed: {e}")
         finally:
