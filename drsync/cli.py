@@ -125,7 +125,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
         t.add_column(h, overflow="fold")
     for r in rows:
         t.add_row(*(escape(c) for c in r))  # cells are data, never rich markup ("[cluster]" must show)
-    Console(width=200 if not sys.stdout.isatty() else None, highlight=False).print(t)
+    console = Console(width=200 if not sys.stdout.isatty() else None, highlight=False)
+    with console.capture() as captured:
+        console.print(t)
+    # rich pads every row to the table's width: no trailing spaces in what scripts and diffs read.
+    click.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 @contextmanager
@@ -681,9 +685,9 @@ def status_cmd(inv: Invocation, points: bool) -> None:
         for a in doc["agents"]:
             h = a.get("apply_hold")
             if h:
-                click.echo(f"APPLY HELD on {a['name']}: " + (h.get("message") or "") +
-                           (" (applies held by an operator: drsync apply --resume)" if h.get("operator_hold")
-                            else ""))
+                why = [x for x in (h.get("message"), "applies held by an operator: drsync apply --resume"
+                                   if h.get("operator_hold") else None) if x]
+                click.echo(f"APPLY HELD on {a['name']}: {'; '.join(why) or 'applies are held'}")
         if doc.get("switchover"):
             sw = doc["switchover"]
             click.echo(f"switchover to {sw.get('to')}: {sw.get('status')}")
@@ -721,7 +725,7 @@ def history_cmd(inv: Invocation, limit: int) -> None:
               "primary's production writers yourself.")
 @click.option("--promote-empty-root", is_flag=True, help="Promote although this agent's data root is empty: the "
               "group's production becomes an empty tree (other agents' deletion guards hold that shipment).")
-@click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds to wait for the agent to confirm it acts as primary.")
 @click.option("--dry-run", is_flag=True, help="Run every check and say what would happen; change nothing (exit "
               "code as the promotion would end: 0, 1, 2 or 4).")
@@ -761,7 +765,7 @@ def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: 
 
 @cli.command("rejoin")
 @_config_only
-@click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds to wait for the running agent to report itself a standby.")
 def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
     """Let this ex-primary rejoin as a standby: you confirm its production writers are stopped.
@@ -778,8 +782,8 @@ def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
 @_config_only
 @click.option("--to", "to", metavar="AGENT", help="The standby that becomes primary (default: this config's agent, "
               "or the only standby).")
-@click.option("--timeout", "timeout_s", type=float, default=None, help="Seconds to wait (coordination."
-              "switchover_timeout).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=None,
+              help="Seconds to wait (coordination.switchover_timeout).")
 @click.option("--cancel", is_flag=True, help="Withdraw a pending switchover request.")
 def switchover_cmd(inv: Invocation, to: str | None, timeout_s: float | None, cancel: bool) -> None:
     """Planned hand-over with zero data loss: final snapshot shipped and applied, then the roles swap."""
@@ -850,7 +854,7 @@ def config_grp() -> None:
               help="TOML configuration file (or DRSYNC_CONFIG).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-@click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds to wait for ZooKeeper and each peer agent.")
 def config_check(config_path: str, as_json: bool, debug: bool, timeout_s: float) -> None:
     """Validate a config, its data root and repository, ZooKeeper and the peer agents; list every problem."""
@@ -878,7 +882,7 @@ def _need_config(inv: Invocation, what: str) -> Config:
 @click.option("--confirm", "confirm", metavar="SNAPSHOT", help="Apply the snapshot the deletion guard holds.")
 @click.option("--hold", "hold", is_flag=True, help="Store shipments but apply none until --resume.")
 @click.option("--resume", "resume", is_flag=True, help="Lift a hold set with --hold.")
-@click.option("--wait", "wait_s", type=float, default=120.0, show_default=True,
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=120.0, show_default=True,
               help="Seconds to wait for the running agent to carry the request out.")
 def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wait_s: float) -> None:
     """On a standby: show what holds applies back; confirm a held snapshot; hold and resume applies."""

@@ -266,3 +266,14 @@ def test_the_primary_ships_nothing_to_a_standby_whose_hello_names_another_releas
     out = s.ship(info)
     assert not out.ok and out.summary.startswith("refused: standby west keeps cluster 'analytics' release '2.0'")
     assert "nothing was shipped" in out.summary and "cluster.release of production" in out.summary
+
+
+def test_waits_and_timeouts_below_zero_are_usage_errors_and_tables_have_no_trailing_spaces(tmp_path: Path) -> None:
+    for args in (["promote", "--wait", "-5"], ["rejoin", "--wait", "-1"], ["switchover", "--timeout", "-1"],
+                 ["apply", "--wait", "-2"], ["config", "check", "--timeout", "-1"]):
+        r = run_drsync(*args, "--config", tmp_path / "none.toml")
+        assert r.code == 2 and "x>=0" in r.err and len(r.err.strip().splitlines()) == 1, (args, r.err)
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[cluster]\nid = "x"\n')
+    out = run_drsync("config", "check", "--config", cfg).out
+    assert out.strip() and not any(line != line.rstrip() for line in out.splitlines()), out
