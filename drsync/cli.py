@@ -125,7 +125,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
         t.add_column(h, overflow="fold")
     for r in rows:
         t.add_row(*(escape(c) for c in r))  # cells are data, never rich markup ("[cluster]" must show)
-    Console(width=200 if not sys.stdout.isatty() else None, highlight=False).print(t)
+    console = Console(width=200 if not sys.stdout.isatty() else None, highlight=False)
+    with console.capture() as captured:
+        console.print(t)
+    # rich pads every row to the table's width: no trailing spaces in what scripts and diffs read.
+    click.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 @contextmanager
@@ -652,7 +656,7 @@ def repo_unlock(inv: Invocation, all_locks: bool) -> None:
               "repository's snapshots: applied, pending, held, stored); needs no ZooKeeper.")
 def status_cmd(inv: Invocation, points: bool) -> None:
     """Who is primary, the epoch, and every agent the group has known: up or down, last seen, role, lag."""
-    from drsync.agent.status import agent_rows, collect_status, headline, local_points
+    from drsync.agent.status import agent_rows, collect_status, headline, local_points, refusal_lines
 
     if inv.config is None:
         raise UsageError("drsync status needs --config FILE (the agent's configuration)")
@@ -679,6 +683,8 @@ def status_cmd(inv: Invocation, points: bool) -> None:
         for a in doc["agents"]:
             if a.get("state") == "down":
                 click.echo(f"agent {a['name'] or a['address']} is down: {a.get('down_reason')}")
+        for line in refusal_lines(doc):
+            click.echo(line)
         m = doc.get("maintenance")
         if m:
             click.echo(f"MAINTENANCE: agent {m['agent']} (primary of epoch {m.get('epoch')}) stopped on purpose "
@@ -690,9 +696,9 @@ def status_cmd(inv: Invocation, points: bool) -> None:
         for a in doc["agents"]:
             h = a.get("apply_hold")
             if h and h.get("held"):
-                click.echo(f"APPLY HELD on {a['name']}: " + (h.get("message") or "") +
-                           (" (applies held by an operator: drsync apply --resume)" if h.get("operator_hold")
-                            else ""))
+                why = [x for x in (h.get("message"), "applies held by an operator: drsync apply --resume"
+                                   if h.get("operator_hold") else None) if x]
+                click.echo(f"APPLY HELD on {a['name']}: {'; '.join(why) or 'applies are held'}")
             if h and h.get("flagged"):
                 click.echo(f"MASS CHANGE on {a['name']}: {h.get('flagged_message')}")
         if doc.get("switchover"):
@@ -734,7 +740,7 @@ def history_cmd(inv: Invocation, limit: int) -> None:
               "primary's production writers yourself.")
 @click.option("--promote-empty-root", is_flag=True, help="Promote although this agent's data root is empty: the "
               "group's production becomes an empty tree (other agents' deletion guards hold that shipment).")
-@click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds to wait for the agent to confirm it acts as primary.")
 @click.option("--dry-run", is_flag=True, help="Run every check and say what would happen; change nothing (exit "
               "code as the promotion would end: 0, 1, 2 or 4).")
@@ -774,7 +780,7 @@ def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: 
 
 @cli.command("rejoin")
 @_config_only
-@click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds to wait for the running agent to report itself a standby.")
 def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
     """Let this ex-primary rejoin as a standby: you confirm its production writers are stopped.
@@ -791,8 +797,8 @@ def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
 @_config_only
 @click.option("--to", "to", metavar="AGENT", help="The standby that becomes primary (default: this config's agent, "
               "or the only standby).")
-@click.option("--timeout", "timeout_s", type=float, default=None, help="Seconds to wait (coordination."
-              "switchover_timeout).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=None,
+              help="Seconds to wait (coordination.switchover_timeout).")
 @click.option("--cancel", is_flag=True, help="Withdraw a pending switchover request.")
 def switchover_cmd(inv: Invocation, to: str | None, timeout_s: float | None, cancel: bool) -> None:
     """Planned hand-over with zero data loss: final snapshot shipped and applied, then the roles swap."""
@@ -866,7 +872,7 @@ def config_grp() -> None:
               help="TOML configuration file (or DRSYNC_CONFIG).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-@click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds to wait for ZooKeeper and each peer agent.")
 def config_check(config_path: str, as_json: bool, debug: bool, timeout_s: float) -> None:
     """Validate a config, its data root and repository, ZooKeeper and the peer agents; list every problem."""
@@ -876,7 +882,8 @@ def config_check(config_path: str, as_json: bool, debug: bool, timeout_s: float)
     failed = [c for c in checks if not c.ok]
     inv = Invocation(None, None, as_json, debug)
     emit(inv, {"ok": not failed, "checks": [c.as_dict() for c in checks]},
-         lambda: _table(["CHECK", "RESULT", "DETAIL"], [[c.name, "ok" if c.ok else "FAIL", c.detail] for c in checks]))
+         lambda: _table(["CHECK", "RESULT", "DETAIL"],
+                        [[c.name, ("WARN" if c.warn else "ok") if c.ok else "FAIL", c.detail] for c in checks]))
     if failed:
         code = EXIT_USAGE if any(c.kind == "config" for c in failed) else EXIT_FAILED
         raise _Exit(code, f"{len(failed)} problem(s) in {config_path}; first: {failed[0].name}: {failed[0].detail}")
@@ -895,7 +902,7 @@ def _need_config(inv: Invocation, what: str) -> Config:
                    "change (replication.on_mass_change = \"alert\").")
 @click.option("--hold", "hold", is_flag=True, help="Store shipments but apply none until --resume.")
 @click.option("--resume", "resume", is_flag=True, help="Lift a hold set with --hold.")
-@click.option("--wait", "wait_s", type=float, default=120.0, show_default=True,
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=120.0, show_default=True,
               help="Seconds to wait for the running agent to carry the request out.")
 def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wait_s: float) -> None:
     """On a standby: show what holds applies back or is flagged; confirm a held snapshot; hold and resume applies."""
@@ -969,7 +976,14 @@ def agent_cmd(inv: Invocation, once: bool, log_format: str, log_level: str) -> N
     configure_logging(group=c.coordination.group, agent=c.agent.name, fmt=log_format, level=level)
     if once and c.agent.role != "primary":
         raise UsageError("--once runs one replication cycle; it needs agent.role = \"primary\"")
-    agent = Agent(c, serve_network=not once)  # a one-shot cycle must not collide with a running agent
+    try:
+        agent = Agent(c, serve_network=not once)  # a one-shot cycle must not collide with a running agent
+    except DrsyncError as e:
+        if log_format != "json":
+            raise
+        # JSON logs stay JSON: the one-line error is a log record, and nothing else is printed.
+        logging.getLogger("drsync.agent").error("agent %s cannot start: %s", c.agent.name, e)
+        raise _Exit(e.exit_code, "") from None
     if once:
         try:
             decision = agent.run_cycle()
@@ -1018,7 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=args, prog_name="drsync", standalone_mode=False)
         return 0
     except _Exit as e:
-        click.echo(f"drsync: error: {printable(str(e))}", err=True)
+        if str(e):  # "" when the error was already logged (agent --log-format json)
+            click.echo(f"drsync: error: {printable(str(e))}", err=True)
         return e.code
     except DrsyncError as e:
         if debug:

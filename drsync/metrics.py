@@ -9,6 +9,7 @@ freezing at its last value.
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-from drsync.errors import OperationFailed
+from drsync.errors import UsageError
 
 PREFIX = "drsync_"
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -176,9 +177,11 @@ def serve(registry: CollectorRegistry, address: str,
     handler = type("Handler", (_Handler,), {"registry": registry, "pages": dict(pages or {})})
     try:
         server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), handler)
-    except (OSError, ValueError) as e:
-        raise OperationFailed(f"cannot serve metrics on {address}: {e}; set agent.metrics to a free "
-                              f"host:port") from None
+    except OSError as e:
+        why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e)).lower()
+        raise UsageError(f"cannot serve metrics on {address}: {why}; set agent.metrics to a free host:port") from None
+    except ValueError as e:
+        raise UsageError(f"cannot serve metrics on {address}: {e}; set agent.metrics to a free host:port") from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="drsync-metrics", daemon=True).start()
     return server

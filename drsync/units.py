@@ -25,8 +25,8 @@ def iso_time(ts: float) -> str:
 
 
 def with_iso_times(doc: Any) -> Any:
-    """A JSON document with one time format: every Unix time under a key ending in ``_at`` (or
-    ``since``, ``last_seen``) becomes ISO 8601 with its zone, and the number moves to ``<key>_unix``;
+    """A JSON document with one time format: every Unix time under the key ``at`` or a key ending in
+    ``_at`` (or ``since``, ``last_seen``) becomes ISO 8601 with its zone, and the number moves to ``<key>_unix``;
     an ISO time there gets its ``<key>_unix`` twin too."""
     if isinstance(doc, list):
         return [with_iso_times(v) for v in doc]
@@ -34,7 +34,8 @@ def with_iso_times(doc: Any) -> Any:
         return doc
     out: dict[Any, Any] = {}
     for k, v in doc.items():
-        timed = isinstance(k, str) and (k.endswith("_at") or k.endswith(_TIME_KEYS)) and not k.endswith("_unix")
+        timed = isinstance(k, str) and (k == "at" or k.endswith("_at") or k.endswith(_TIME_KEYS)) and \
+            not k.endswith("_unix")
         if timed and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= _PLAUSIBLE_UNIX_S:
             out[k] = iso_time(float(v))
             out.setdefault(f"{k}_unix", v)

@@ -27,19 +27,29 @@ configuration error, 3 integrity error, 4 refused for safety.
 """
 
 
+def _help(path: list[str]) -> str:
+    """Exactly what ``drsync ... --help`` prints (the group's context_settings, e.g. ``-h``, included) on any
+    terminal of 80 columns or more (click then wraps help at 78: min(columns, 80) - 2)."""
+    from click.testing import CliRunner
+
+    r = CliRunner().invoke(cli, [*path[1:], "--help"], prog_name="drsync", terminal_width=78)
+    if r.exit_code != 0:
+        raise SystemExit(f"{' '.join(path)} --help failed: {r.output}")
+    return r.output
+
+
 def _walk(cmd: click.Command, ctx: click.Context, path: list[str]) -> list[str]:
-    out = [f"\n## `{' '.join(path)}`\n\n```text\n{cmd.get_help(ctx).rstrip()}\n```\n"]
+    out = [f"\n## `{' '.join(path)}`\n\n```text\n{_help(path).rstrip()}\n```\n"]
     if isinstance(cmd, click.Group):
         for name in sorted(cmd.list_commands(ctx)):
             sub = cmd.get_command(ctx, name)
             if sub is not None and not sub.hidden:
-                out += _walk(sub, click.Context(sub, info_name=name, parent=ctx, terminal_width=100,
-                                                 max_content_width=100), [*path, name])
+                out += _walk(sub, click.Context(sub, info_name=name, parent=ctx), [*path, name])
     return out
 
 
 def render() -> str:
-    ctx = click.Context(cli, info_name="drsync", terminal_width=100, max_content_width=100)
+    ctx = click.Context(cli, info_name="drsync")
     return HEAD + "".join(_walk(cli, ctx, ["drsync"]))
 
 

@@ -122,3 +122,64 @@ def test_config_check_finds_a_shared_state_dir_a_dead_advertise_address_and_a_mi
         assert "Warning" not in r.err and len(r.err.strip().splitlines()) == 1, r.err
     finally:
         g.stop_all()
+
+
+def test_config_check_tells_a_second_config_of_a_running_agent_from_its_own(tmp_path: Path, zk_server,
+                                                                           group: str) -> None:
+    """Issue 20: a copy of a running agent's config (same name and state directory, other ports) was
+    "state directory ok ... writable", "listen address ok (in use by the running agent)" and "agent name ok
+    ... registered by this agent". Now: the lock is another process's (FAIL with its pid), the ports are
+    judged for what they are, and the name is registered at another address (FAIL naming it)."""
+    g = Group(tmp_path, zk_server.hosts, group, ["east"])
+    try:
+        g.start("east")
+        own = {c["name"]: c for c in json.loads(run_drsync("config", "check", "--config", g.cfg["east"],
+                                                           "--json").out)["checks"]}
+        pid = str(g.procs["east"].pid)
+        assert own["state directory"]["ok"] and pid in own["state directory"]["detail"], own
+        assert "in use by the running agent" in own["listen address"]["detail"] and own["agent name"]["ok"]
+        listen = f"127.0.0.1:{free_port()}"
+        dup = tmp_path / "east-dup.toml"
+        dup.write_text(g.cfg["east"].read_text().replace(g.addr["east"], listen)
+                       .replace(g.metrics["east"], f"127.0.0.1:{free_port()}"))
+        r = run_drsync("config", "check", "--config", dup, "--json")
+        checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
+        assert r.code == 2, r.out
+        assert not checks["state directory"]["ok"] and f"pid {pid}" in checks["state directory"]["detail"]
+        assert g.addr["east"] in checks["state directory"]["detail"]
+        assert checks["listen address"]["ok"] and "running agent" not in checks["listen address"]["detail"]
+        assert not checks["agent name"]["ok"] and g.addr["east"] in checks["agent name"]["detail"], checks
+        assert listen in checks["agent name"]["detail"]
+    finally:
+        g.stop_all()
+
+
+def test_an_advertise_address_that_cannot_work_is_flagged_and_a_live_agent_is_never_called_gone(
+        tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
+    """Issue 20: advertise = loopback with another port passed config check while the agent was stopped, the
+    agent did not warn, and drsync status called the live, heartbeating agent "down ... process gone"."""
+    g = Group(tmp_path, zk_server.hosts, group, ["east"])
+    try:
+        wrong = f"127.0.0.1:{free_port()}"
+        cfg = g.cfg["east"]
+        cfg.write_text(cfg.read_text().replace("[agent]\n", f'[agent]\nadvertise = "{wrong}"\n'))
+        r = run_drsync("config", "check", "--config", cfg, "--json")
+        adv = {c["name"]: c for c in json.loads(r.out)["checks"]}["advertise address"]
+        assert adv["warn"] and "loopback" in adv["detail"] and g.addr["east"].rsplit(":", 1)[1] in adv["detail"]
+        table = run_drsync("config", "check", "--config", cfg).out
+        assert any(ln.startswith("advertise address") and " WARN " in ln for ln in table.splitlines()), table
+        g.start("east")
+        warned = [ln for ln in g.log("east").splitlines() if " WARNING " in ln and wrong in ln]
+        assert warned and "loopback" in warned[0], g.log("east")
+        wait_for(lambda: g.record("east").get("advertise_answers") is False, "east to find its advertise dead")
+        doc = g.status("east")
+        east = next(a for a in doc["agents"] if a["name"] == "east")
+        assert east["state"] == "up" and "does not answer" in east["note"] and "gone" not in (east["down_reason"] or "")
+        out = g.drsync("east", "status").out
+        assert f"agent east is up, but its advertised address {wrong} does not answer" in out, out
+        # A running agent whose advertise does not answer: config check's wording is its own (no shipper words).
+        r = run_drsync("config", "check", "--config", cfg, "--json", "--timeout", "2")
+        adv = {c["name"]: c for c in json.loads(r.out)["checks"]}["advertise address"]
+        assert not adv["ok"] and "will retry" not in adv["detail"] and "standby" not in adv["detail"], adv
+    finally:
+        g.stop_all()

@@ -128,6 +128,14 @@ def test_the_command_reference_is_current_and_every_command_explains_itself() ->
         name, _, body = block.partition("\n")
         _, _, rest = body.partition("Usage:")[2].partition("\n\n")
         assert rest.strip() and not rest.lstrip().startswith("Options:"), f"{name} has no description"
+    # Issue 20: what the real command prints, not a rendering that skips the group's context settings
+    # (cli.md showed "--help" where drsync shows "-h, --help").
+    for path in (["promote"], ["backup", "verify"], []):
+        real = subprocess.run([sys.executable, "-m", "drsync", *path, "--help"], capture_output=True, text=True,
+                              env={**os.environ, "COLUMNS": "100"})
+        assert real.returncode == 0 and "-h, --help" in real.stdout, real.stdout
+        section = text.split(f"\n## `{' '.join(['drsync', *path])}`\n\n```text\n", 1)[1].split("\n```\n", 1)[0]
+        assert section == real.stdout.rstrip(), (path, section, real.stdout)
 
 
 def test_shell_completion_script_and_completions() -> None:

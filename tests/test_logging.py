@@ -3,6 +3,7 @@ and a wrong ZooKeeper address that does not flood it."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import signal
@@ -28,10 +29,14 @@ def _config(tmp: Path, zookeeper: str) -> tuple[Path, str, str]:
     return cfg, listen, metrics
 
 
-def _kazoo_retries(text: str) -> int:
-    """How many connection failures the log stands for (the lines and the attempts they count)."""
-    lines = [ln for ln in text.splitlines() if "Connection dropped" in ln or "Connection refused" in ln]
-    return len(lines) + sum(int(n) for n in re.findall(r"and (\d+) more times", text))
+def _steps(records: list[dict], what: str) -> list[float]:
+    """The delays ("next try in Ns") of drsync's own lines about ``what``, in order."""
+    return [float(m.group(1)) for r in records if what in r["message"]
+            for m in [re.search(r"next try in (\d+)s", r["message"])] if m]
+
+
+def _json_records(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
 def test_a_wrong_zookeeper_address_logs_a_line_per_backoff_step_as_json(tmp_path: Path) -> None:
@@ -41,28 +46,58 @@ def test_a_wrong_zookeeper_address_logs_a_line_per_backoff_step_as_json(tmp_path
         proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg), "--log-format",
                                  "json"], stderr=out, stdout=out)
     try:
-        # Many attempts fail (kazoo retries several times a second): wait until at least 30 did.
-        wait_for(lambda: _kazoo_retries(log.read_text()) >= 30, "30 failed connection attempts", timeout=120)
+        wait_for(lambda: len(_steps(_json_records(log), "cannot reach ZooKeeper")) >= 3,
+                 "three steps of the agent's backoff", timeout=120)
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    records = [json.loads(line) for line in log.read_text().splitlines()]  # every line is one JSON object
+    records = _json_records(log)  # every line is one JSON object
     for r in records:
         assert {"time", "level", "logger", "group", "agent", "message"} <= set(r), r
         assert r["group"] == "logs" and r["agent"] == "east"
         assert datetime.fromisoformat(r["time"]).tzinfo is not None, r["time"]  # ISO 8601 with a zone
-    kazoo = [r for r in records if r["logger"].endswith(".kazoo")]
-    attempts = _kazoo_retries(log.read_text())
-    assert len(kazoo) * 3 <= attempts, (len(kazoo), attempts)  # one line per backoff step, not per attempt
-    assert not any("Connecting to" in r["message"] for r in records)
-    # drsync's own line says what is wrong, as a warning; start and stop lines name the addresses.
-    assert any(r["level"] == "WARNING" and "cannot reach ZooKeeper" in r["message"] for r in records)
+    # kazoo's own attempts ("Connection dropped", "Failed connecting ... retry policy") are debug detail:
+    # drsync's one line per step of its backoff says what is wrong, with growing delays.
+    assert not [r for r in records if r["logger"].endswith(".kazoo") and r["level"] != "INFO"], records
+    assert not any("Connecting to" in r["message"] or "retry policy" in r["message"] for r in records)
+    steps = _steps(records, "cannot reach ZooKeeper")
+    assert steps[:3] == [1.0, 2.0, 4.0], steps
+    assert all(r["level"] == "WARNING" for r in records if "cannot reach ZooKeeper" in r["message"])
     started = records[0]["message"]
     assert "started" in started and listen in started and f"http://{metrics}/" in started
     assert "stopped" in records[-1]["message"]
     assert proc.returncode == 0
+
+
+def test_a_missing_chroot_backs_off_instead_of_spinning(tmp_path: Path, zk_server) -> None:  # type: ignore[no-untyped-def]
+    """Issue 20: a chroot that does not exist made the agent reconnect thousands of times in 10 s, one
+    WARNING each. Every failed coordination pass now waits for a growing, capped delay, one line per step."""
+    cfg, _, _ = _config(tmp_path, f"{zk_server.hosts}/nochroot/sub")
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg), "--log-format",
+                                 "json"], stderr=out, stdout=out)
+    try:
+        wait_for(lambda: sum("does not exist" in r["message"] for r in _json_records(log)) >= 3,
+                 "three failed passes", timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    records = _json_records(log)
+    failed = [r for r in records if "does not exist" in r["message"]]
+    assert _steps(records, "does not exist")[:3] == [1.0, 2.0, 4.0], [r["message"] for r in failed]
+    # Each pass is one connection and one line: nothing in between.
+    connects = [r for r in records if "connection established" in r["message"]]
+    assert len(connects) <= len(failed) + 1 and len(records) < 4 * len(failed) + 4, [r["message"] for r in records]
+    # How to create it, each level in turn (zkCli.sh create makes one level, not its parents).
+    assert "zkCli.sh create /nochroot; zkCli.sh create /nochroot/sub" in failed[0]["message"]
+    gaps = [(datetime.fromisoformat(b["time"]) - datetime.fromisoformat(a["time"])).total_seconds()
+            for a, b in itertools.pairwise(failed)]
+    assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps
 
 
 def test_text_logs_carry_an_iso_time_with_zone_and_a_stop_line(tmp_path: Path) -> None:

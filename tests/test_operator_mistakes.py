@@ -89,9 +89,17 @@ def test_an_agent_on_a_port_in_use_exits(grp: Group, tmp_path: Path) -> None:
         lines = [f'{key} = "{busy}"' if line.startswith(f"{key} = ") else line for line in text.splitlines()]
         cfg = tmp_path / f"busy-{port_of}.toml"
         cfg.write_text("\n".join(lines) + "\n")
+        # Issue 20: one line naming the address and the key to change, exit 2 (configuration), no gRPC C-core
+        # line ("E1201 ... add_port.cc") and no "internal error"; with JSON logs the line is a JSON record.
         r = run_agent(cfg)
-        assert r.returncode != 0 and busy in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()[-1:]) == 1 and "Traceback" not in r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stderr)
+        assert busy in lines[0] and "address already in use" in lines[0], lines
+        assert f"set agent.{key} to a free host:port" in lines[0] and "internal error" not in lines[0]
+        r = subprocess.run([sys.executable, "-m", "drsync", "agent", "--config", str(cfg), "--log-format", "json"],
+                           capture_output=True, text=True, timeout=60 * SLOW)
+        records = [json.loads(line) for line in r.stderr.strip().splitlines()]  # every line is JSON
+        assert r.returncode == 2 and records[-1]["level"] == "ERROR" and busy in records[-1]["message"], r.stderr
     assert g.procs["east"].poll() is None and g.hello("east").agent == "east"
 
 
@@ -157,3 +165,115 @@ def test_promote_succeeds_only_when_an_agent_acts_as_primary_and_dry_run_changes
     assert human.code == 4 and "FAIL  data root" in human.out, human.out
     assert g.connected().read_epoch().epoch == 0
     assert g.promote("east").code == 0 and g.primary() == ("east", 1)
+
+
+def test_promote_of_a_killed_agent_whose_registration_lingers_changes_nothing(tmp_path: Path, zk_server,
+                                                                              group: str) -> None:
+    """Issue 20: after kill -9 its ZooKeeper registration lives until the session times out; `promote
+    --dry-run` said "agent is running" and the real promote bumped the epoch and wrote history, then failed.
+    The agent check proves the process alive (state directory lock, or a Hello answered at its address)."""
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"], session_timeout="60s")
+    try:
+        g.start("east")
+        g.start("west")
+        g.kill("east")
+        assert "east" in g.coord.agents()  # the registration lingers
+        dry = g.promote("east", "--dry-run")
+        doc = dry.json()
+        agent = next(c for c in doc["checks"] if c["name"] == "agent")
+        assert dry.code == 1 and not doc["would_promote"] and not agent["ok"], (dry.code, dry.out)
+        assert "does not answer" in agent["detail"] and g.addr["east"] in agent["detail"], agent
+        r = g.promote("east")
+        assert r.code == 1 and "not running" in r.err and "nothing was changed" in r.err, (r.code, r.err)
+        assert g.coord.read_epoch().epoch == 0 and g.coord.history(10) == []
+        # West's agent runs: its check passes on the lock (or its Hello), not on its registration alone.
+        west = next(c for c in g.promote("west", "--dry-run").json()["checks"] if c["name"] == "agent")
+        assert west["ok"] and "locked" in west["detail"], west
+    finally:
+        g.stop_all()
+
+
+def test_a_standby_of_another_release_refuses_at_hello_says_so_and_stores_nothing(tmp_path: Path, zk_server,
+                                                                                  group: str) -> None:
+    """Issue 20: a standby of release 2.0 in a group whose snapshots are release 1.0 logged only INFO (and
+    stored the foreign chunks); status showed it as a healthy standby. Now both sides refuse at Hello, before
+    anything is negotiated or stored; the standby logs the refusal at WARNING, reason first, once (not per
+    retry), and drsync status shows it."""
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"])
+    try:
+        west_cfg = g.cfg["west"]
+        west_cfg.write_text(west_cfg.read_text().replace('release = "6.2.1"', 'release = "2.0"'))
+        import shutil
+
+        shutil.rmtree(tmp_path / "west-repo")
+        assert run_drsync("init", "--config", west_cfg).code == 0
+        g.start("east")
+        g.start("west")
+        assert g.promote("east").code == 0
+        wait_for(lambda: g.log("east").count("ships cluster 'analytics' release '6.2.1'") >= 3,
+                 "east's shipper to be refused three times")
+        assert f"refused by standby {g.addr['west']}: east ships cluster" in g.log("east")
+        assert "refused: standby" not in g.log("east")  # said once, not "refused: standby X refused: ..."
+        refusals = [ln for ln in g.log("west").splitlines() if "refused a shipment" in ln]
+        assert len(refusals) == 1 and " WARNING " in refusals[0], refusals
+        line = refusals[0]
+        assert line.index("ships cluster 'analytics' release '6.2.1'") < line.index("(from east")
+        assert "release '2.0'" in line and "coordination.group" in line  # advice for role = auto
+        assert "received" not in g.log("west")  # nothing negotiated, nothing stored
+        assert g.drsync("west", "snapshot", "list", "--json").json() == []
+        doc = wait_for(lambda: (d := g.status("east")) and next(a for a in d["agents"] if a["name"] == "west")
+                       .get("last_refusal") and d, "status to show west's refusal")
+        west = next(a for a in doc["agents"] if a["name"] == "west")
+        assert "release '2.0'" in west["last_refusal"]["reason"] and west["last_refusal"]["at"].endswith("Z")
+        out = g.drsync("east", "status").out
+        assert "agent west REFUSES shipments:" in out and "up (refusing)" in out, out
+    finally:
+        g.stop_all()
+
+
+class _OtherRelease:
+    """A standby (an older drsync that does not check the sender's cluster) of another release."""
+
+    target = "standby-2"
+
+    def hello(self, sender: str, epoch: int):  # type: ignore[no-untyped-def]
+        from drsync.transport import StandbyHello
+
+        return StandbyHello("west", "standby", "analytics", "2.0", epoch, "", 0.0, 0.0)
+
+    def missing(self, epoch, batches):  # type: ignore[no-untyped-def]
+        raise AssertionError("negotiated with a standby of another release")
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_primary_ships_nothing_to_a_standby_whose_hello_names_another_release(tmp_path: Path) -> None:
+    from drsync import engine
+    from drsync.agent.shipper import Shipper
+    from drsync.metrics import AgentMetrics, new_registry
+    from drsync.repository.repo import Repository
+    from drsync.storage import open_storage
+
+    make_tree(tmp_path / "data", files=3, big=0)
+    repo = Repository.init(open_storage(str(tmp_path / "repo")), cluster_id="analytics", release="6.2.1")
+    info = engine.create_snapshot(repo, engine.SnapshotRequest(str(tmp_path / "data")))
+    outcomes = []
+    s = Shipper("standby-2", repo=repo, link=lambda t: _OtherRelease(), sender="east", epoch=lambda: 1,
+                guard=lambda final: None, bandwidth_bps=0.0, metrics=AgentMetrics(new_registry(), group="g",
+                                                                                    agent="east"),
+                on_outcome=outcomes.append)
+    out = s.ship(info)
+    assert not out.ok and out.summary.startswith("refused: standby west keeps cluster 'analytics' release '2.0'")
+    assert "nothing was shipped" in out.summary and "cluster.release of production" in out.summary
+
+
+def test_waits_and_timeouts_below_zero_are_usage_errors_and_tables_have_no_trailing_spaces(tmp_path: Path) -> None:
+    for args in (["promote", "--wait", "-5"], ["rejoin", "--wait", "-1"], ["switchover", "--timeout", "-1"],
+                 ["apply", "--wait", "-2"], ["config", "check", "--timeout", "-1"]):
+        r = run_drsync(*args, "--config", tmp_path / "none.toml")
+        assert r.code == 2 and "x>=0" in r.err and len(r.err.strip().splitlines()) == 1, (args, r.err)
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[cluster]\nid = "x"\n')
+    out = run_drsync("config", "check", "--config", cfg).out
+    assert out.strip() and not any(line != line.rstrip() for line in out.splitlines()), out

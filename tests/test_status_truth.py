@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import time
+import urllib.request
 from typing import Any
 
 from tests.group import Group, wait_for
@@ -144,3 +145,77 @@ def test_history_of_first_forced_and_switchover(make_group) -> None:  # type: ig
     assert lines[1].split()[0] == "3" and "switchover" in lines[1] and lines[3].split()[0] == "1"
     bad = g.drsync("west", "history", "--limit", "-1")
     assert bad.code == 2 and len(bad.err.strip().splitlines()) == 1
+
+
+def page(g: Group, name: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{g.metrics[name]}/status.json", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_a_dead_standby_keeps_the_primarys_lag_growing_and_stays_listed(make_group) -> None:  # type: ignore[no-untyped-def]
+    """Issue 20: kill -9 the standby; once its session expired the primary's lag was NaN (no alert could
+    fire), the standby vanished from its page, and the primary logged nothing above INFO. Now the lag keeps
+    growing from the standby's last known position, it stays listed (down), the primary warns once, and
+    drsync status keeps its last applied snapshot."""
+    import math
+
+    from tests.group import scrape
+
+    g = make_group(["east", "west"], session_timeout="4s")
+    bootstrap(g)
+    applied = g.record("west")["applied_snapshot"]
+    g.kill("west")
+    wait_for(lambda: "west" not in g.coord.agents(), "west's session to expire", timeout=60)
+
+    def west_row() -> dict[str, Any] | None:
+        return next((a for a in page(g, "east")["agents"] if a["name"] == "west"), None)
+
+    row = wait_for(lambda: (r := west_row()) and r.get("state") == "down" and r, "east's page to list west down")
+    assert row["applied_snapshot"] == applied and row["lag_s"] is not None
+    first = page(g, "east")["lag_s"]
+    assert first is not None
+    lag_metric = "drsync_replication_lag_seconds"
+    wait_for(lambda: (v := scrape(g.metrics["east"], g.group, "east").get(lag_metric)) is not None
+             and not math.isnan(v) and v > first + 1, "the primary's lag metric to keep growing")
+    wait_for(lambda: page(g, "east")["lag_s"] > first + 1, "the primary's page lag to keep growing")
+    with urllib.request.urlopen(f"http://{g.metrics['east']}/", timeout=10) as r:
+        html = r.read().decode()
+    assert 'data-agent="west"' in html and 'id="lag-now">-<' not in html
+    # One WARNING for the change, not one per cycle; the capture lines say why nothing is shipped.
+    warnings = [ln for ln in g.log("east").splitlines() if "standby west" in ln and "is gone" in ln]
+    assert len(warnings) == 1 and " WARNING " in warnings[0] and applied in warnings[0], warnings
+    wait_for(lambda: "(no standby to ship to: west down)" in g.log("east"), "a capture that names west as down")
+    # drsync status keeps west's last applied snapshot from its persistent member record.
+    doc = g.status("east")
+    west = rows(doc)["west"]
+    assert west["state"] == "down" and west["applied_snapshot"] == applied and west["lag_s"] is not None
+    # Back: no longer counted as lost.
+    g.start("west")
+    wait_for(lambda: (r := west_row()) and r.get("state") == "up", "west to be listed up again")
+    wait_for(lambda: "standby west is back" in g.log("east"), "east to say west is back")
+
+
+def test_the_ex_primary_names_the_epoch_it_held_once(make_group) -> None:  # type: ignore[no-untyped-def]
+    """Issue 20: "agent east: agent east was primary at epoch 2" (it held epoch 1), then an INFO role line
+    "standby (primary west at epoch 2)" contradicting it. Now the epoch it held, one prefix, and a role line
+    that says ex-primary."""
+    g = make_group(["east", "west"])
+    bootstrap(g)
+    assert g.promote("west", "--force").code == 0  # epoch 2; east's session is alive
+    g.wait_role("east", "ex-primary")
+    lines = g.log("east").splitlines()
+    held = [ln for ln in lines if "was primary at epoch" in ln]
+    assert held and all("was primary at epoch 1 " in ln for ln in held), held
+    assert not any("agent east: agent east" in ln for ln in lines)
+    role = [ln for ln in lines if "ex-primary of epoch 1" in ln]
+    assert role and " WARNING " in role[0], lines[-10:]
+    assert not any(" INFO " in ln and ": standby (primary west at epoch 2)" in ln for ln in lines)
+    # A restart of the primary re-claims its own epoch: routine, INFO (a takeover stays WARNING).
+    g.kill("west")
+    g.start("west")
+
+    def claim_lines() -> list[str]:
+        return [ln for ln in g.log("west").splitlines() if "claim (epoch 2 names this agent)" in ln]
+
+    claims = wait_for(lambda: len(claim_lines()) >= 2 and claim_lines(), "west to take its claim back after restart")
+    assert claims and " WARNING " in claims[0] and " INFO " in claims[-1], claims

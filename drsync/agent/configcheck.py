@@ -20,6 +20,7 @@ from typing import Any
 from drsync import engine
 from drsync.agent.locks import StateDirLock
 from drsync.agent.loop import open_coordinator
+from drsync.agent.presence import advertise_problem
 from drsync.agent.state import StateStore, state_dir_of, state_dir_owner_problem
 from drsync.config import (
     Config,
@@ -40,6 +41,7 @@ class Check:
     ok: bool
     detail: str
     kind: str = "environment"  # config | environment | network
+    warn: bool = False  # passes, but likely wrong (shown as WARN)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,9 +85,12 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
     except DrsyncError as e:
         state_dir = None
         checks.append(Check("state directory", False, str(e), "config"))
-    running = state_dir is not None and StateDirLock.held(state_dir)
+    holder = StateDirLock.holder(state_dir) if state_dir is not None else None
+    # The running agent is this config's only when it listens where this config says (another config with
+    # this state directory, e.g. a copy with other ports, is not running: its ports say nothing of it).
+    running = holder is not None and holder[1] in ("", cfg.agent.listen)
     checks += _check_nesting(cfg, state_dir)
-    checks += _check_agent(cfg, running, state_dir)
+    checks += _check_agent(cfg, running, state_dir, holder)
     checks += _check_advertise(cfg, running and not any(c.name == "state directory" and not c.ok for c in checks),
                                timeout_s)
     checks += _check_peers(cfg, timeout_s)
@@ -153,18 +158,27 @@ def _check_nesting(cfg: Config, state_dir: str | None) -> list[Check]:
             for what, p, rel in nested]
 
 
-def _check_agent(cfg: Config, running: bool, state_dir: str | None) -> list[Check]:
+def _check_agent(cfg: Config, running: bool, state_dir: str | None,
+                 holder: tuple[str, str] | None = None) -> list[Check]:
     out = []
-    if state_dir is not None:
+    owner = StateStore(state_dir).load().agent_name if state_dir is not None and os.path.isdir(state_dir) else ""
+    if state_dir is not None and owner and owner != cfg.agent.name:
+        out.append(Check("state directory", False, state_dir_owner_problem(state_dir, owner, cfg.agent.name),
+                         "config"))
+        running = False  # the running agent (if any) is the other one: its ports say nothing of this config
+    elif state_dir is not None and holder is not None and not running:
+        pid, listen = holder
+        out.append(Check("state directory", False, (
+            f"{state_dir} is locked by a running agent (pid {pid}, listening on {listen}), not one started from "
+            f"this config (agent.listen {cfg.agent.listen}): two agents can never share a state directory; stop "
+            f"pid {pid} first, or give this config its own agent.state_dir"), "config"))
+    elif state_dir is not None and running:
+        out.append(Check("state directory", True, f"{state_dir} is locked by the running agent of this config "
+                                                  f"(pid {holder[0] if holder else '?'})"))
+    elif state_dir is not None:
         writable = os.access(state_dir if os.path.isdir(state_dir) else os.path.dirname(state_dir) or ".", os.W_OK)
-        owner = StateStore(state_dir).load().agent_name if os.path.isdir(state_dir) else ""
-        if owner and owner != cfg.agent.name:
-            out.append(Check("state directory", False, state_dir_owner_problem(state_dir, owner, cfg.agent.name),
-                             "config"))
-            running = False  # the running agent (if any) is the other one: its ports say nothing of this config
-        else:
-            out.append(Check("state directory", writable, f"{state_dir} is writable" if writable else
-                             f"{state_dir} is not writable by this user; fix its ownership or set agent.state_dir"))
+        out.append(Check("state directory", writable, f"{state_dir} is writable" if writable else
+                         f"{state_dir} is not writable by this user; fix its ownership or set agent.state_dir"))
     for what, address in (("listen address", cfg.agent.listen), ("metrics address", cfg.agent.metrics)):
         if not address:
             continue
@@ -185,7 +199,8 @@ def _check_agent(cfg: Config, running: bool, state_dir: str | None) -> list[Chec
 
 def _check_advertise(cfg: Config, running: bool, timeout_s: float) -> list[Check]:
     """The address other agents and drsync status reach this agent on (agent.advertise, else listen):
-    with the agent running it must answer as this agent; otherwise its host must at least resolve."""
+    with the agent running it must answer as this agent; otherwise its host must at least resolve, and a
+    loopback advertise must name the listen port."""
     address = cfg.agent.advertise or cfg.agent.listen
     if not address or (cfg.agent.role == "primary" and not cfg.agent.advertise):
         return []
@@ -197,6 +212,10 @@ def _check_advertise(cfg: Config, running: bool, timeout_s: float) -> list[Check
         except (OSError, ValueError) as e:
             return [Check("advertise address", False, f"{what} {address} does not resolve ({e}): other agents could "
                           f"not reach this one; set agent.advertise to this host's reachable host:port", "config")]
+        problem = advertise_problem(cfg.agent.advertise, cfg.agent.listen)
+        if problem:
+            return [Check("advertise address", True, f"{problem} (not dialled: the agent is not running)",
+                          "config", warn=True)]
         return [Check("advertise address", True, f"{address} resolves (not dialled: the agent is not running)")]
     tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
     link = GrpcStandbyLink(address, tls=tls)
@@ -206,10 +225,10 @@ def _check_advertise(cfg: Config, running: bool, timeout_s: float) -> list[Check
         return [Check("advertise address", ok, f"{address} answers as {h.agent}" if ok else
                       f"{address} ({what}) answers as agent {h.agent}, not {cfg.agent.name}: other agents would reach "
                       f"the wrong agent; set agent.advertise to the address this agent listens on", "network")]
-    except DrsyncError as e:
-        return [Check("advertise address", False, f"no agent answers on {address} ({what}) while this agent runs "
-                      f"({e}): other agents and drsync status cannot reach it; set agent.advertise to an address "
-                      f"of this host that reaches agent.listen {cfg.agent.listen}", "network")]
+    except DrsyncError:
+        return [Check("advertise address", False, f"no agent answers on {address} ({what}) while this agent runs: "
+                      f"other agents and drsync status cannot reach it; set agent.advertise to an address of this "
+                      f"host that reaches agent.listen {cfg.agent.listen}", "network")]
     finally:
         link.close()
 
@@ -234,10 +253,18 @@ def _check_peers(cfg: Config, timeout_s: float) -> list[Check]:
             if mine is not None:
                 my_id = StateStore(state_dir_of(cfg)).load().agent_id
                 other = mine.get("agent_id") and mine.get("agent_id") != my_id
-                out.append(Check("agent name", not other, (
-                    f"another agent is registered as {cfg.agent.name!r} (address {mine.get('address')}, agent id "
+                mine_at = str(mine.get("address") or "")
+                here = cfg.agent.advertise or cfg.agent.listen
+                elsewhere = not other and bool(mine_at) and mine_at != here
+                out.append(Check("agent name", not other and not elsewhere, (
+                    f"another agent is registered as {cfg.agent.name!r} (address {mine_at}, agent id "
                     f"{mine.get('agent_id')}); this config's agent would be refused: give it its own agent.name")
-                    if other else f"{cfg.agent.name!r} is registered by this agent", "network"))
+                    if other else (
+                    f"{cfg.agent.name!r} is registered by a running agent at {mine_at} (pid {mine.get('pid')}, host "
+                    f"{mine.get('host')}), not at this config's address {here}: this config is not the running "
+                    f"agent's; stop that one before starting this, or give this config its own agent.name and "
+                    f"state directory") if elsewhere else
+                    f"{cfg.agent.name!r} is registered by this agent at {mine_at}", "network"))
             if not peers:
                 out.append(Check("peers", True, "no other agent of the group is registered right now", "network"))
         except DrsyncError as e:

@@ -138,12 +138,11 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
             "first promotion: no lag" if first else "--accept-data-loss" if accept_data_loss and lag is None else
             f"lag {format_span(lag or 0.0)}, within max_lag_on_failover "
             f"{format_span(cfg.coordination.max_lag_on_failover)}")))
-    running = StateDirLock.held(state_dir) or me in _live_agents(coord)
+    running, proof = _agent_alive(cfg, coord, state_dir)
     where = "primary" if primary is None else f"primary {primary.agent}"
-    checks.append(PromotionCheck("agent", running, f"agent {me} is running" if running else (
-        f"agent {me} is not running (its state directory {state_dir} is not locked and ZooKeeper has no live "
-        f"registration of it): start it, then rerun drsync promote; nothing was changed, group {group} stays at "
-        f"epoch {view.epoch.epoch} with " + (f"{where} (live)" if primary else "no live primary")),
+    checks.append(PromotionCheck("agent", running, f"agent {me} is running ({proof})" if running else (
+        f"agent {me} is not running ({proof}): start it, then rerun drsync promote; nothing was changed, group "
+        f"{group} stays at epoch {view.epoch.epoch} with " + (f"{where} (live)" if primary else "no live primary")),
         OperationFailed))
     old = primary.agent if primary is not None else view.epoch.promoted_by
     fence = not first and bool(old) and old != me and cfg.coordination.fencing and not no_fence
@@ -245,6 +244,7 @@ def _points(cfg: Config, state_dir: str) -> list[RecoveryPoint]:
 
 def _apply_point(cfg: Config, target: RecoveryPoint, point: PointChoice) -> dict[str, Any]:
     """Have the agent apply ``target`` (and hold applies after it) before the epoch names it."""
+    _require_local_agent(cfg)
     why = ("to promote at an earlier point (drsync promote --to-snapshot/--before)" if point.explicit else
            "to promote with everything received (drsync promote --apply-received)")
     reply = submit(cfg, "promote-prepare", {"snapshot": target.id, "why": why}, wait_s=POINT_APPLY_WAIT_S)
@@ -254,9 +254,19 @@ def _apply_point(cfg: Config, target: RecoveryPoint, point: PointChoice) -> dict
     return reply.result
 
 
+def _require_local_agent(cfg: Config) -> None:
+    """The agent must run on this machine (its state directory locked): it applies the point here."""
+    state_dir = state_dir_of(cfg)
+    if not StateDirLock.held(state_dir):
+        raise OperationFailed(f"not promoted: agent {cfg.agent.name} does not run on this machine (its state "
+                              f"directory {state_dir} is not locked): run this drsync promote on the standby's "
+                              f"own host, where its agent runs; nothing was changed")
+
+
 def _keep_delayed(cfg: Config) -> dict[str, Any]:
     """``--delayed-state``: the agent holds applies and forgets what waits for apply_delay (else it would
     apply it when it takes over)."""
+    _require_local_agent(cfg)
     reply = submit(cfg, "promote-prepare", {"keep_delayed": True, "why": "to promote the delayed state (drsync "
                                                                          "promote --delayed-state)"}, wait_s=60.0)
     if not reply.ok:
@@ -264,11 +274,34 @@ def _keep_delayed(cfg: Config) -> dict[str, Any]:
     return reply.result
 
 
-def _live_agents(coord: Coordinator) -> set[str]:
+def _agent_alive(cfg: Config, coord: Coordinator, state_dir: str) -> tuple[bool, str]:
+    """Whether this config's agent process is alive, and the proof (or why not). A ZooKeeper registration
+    alone proves nothing: after a kill -9 it lingers until the session times out. Alive = its state
+    directory is locked (same machine), or the agent at its registered address answers Hello with its name."""
+    me = cfg.agent.name
+    if StateDirLock.held(state_dir):
+        return True, f"its state directory {state_dir} is locked by the running agent"
     try:
-        return set(coord.agents())
+        record = coord.agents().get(me)
     except OperationFailed:
-        return set()
+        record = None
+    if record is None:
+        return False, f"its state directory {state_dir} is not locked and ZooKeeper has no live registration of it"
+    address = str(record.get("address") or "")
+    from drsync.transport.grpc import GrpcStandbyLink
+
+    link = GrpcStandbyLink(address, tls=(cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None)
+    try:
+        hello = link.hello("drsync-promote", 0, timeout_s=5.0)
+    except DrsyncError:
+        return False, (f"its state directory {state_dir} is not locked, and its ZooKeeper registration names "
+                       f"{address}, where it does not answer: killed or hung, its registration lingers until "
+                       f"its session times out")
+    finally:
+        link.close()
+    if hello.agent != me:
+        return False, f"its ZooKeeper registration names {address}, where agent {hello.agent!r} answers instead"
+    return True, f"it answers at {address}"
 
 
 def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False, wait_s: float = 30.0,

@@ -25,6 +25,7 @@ from drsync.repository import chunks
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.repo import Repository, WriteSession
 from drsync.transport import Caller, ReceivedChunk
+from drsync.units import human_size
 
 log = logging.getLogger("drsync.agent.standby")
 
@@ -149,6 +150,6 @@ class ChunkIntake:
                 writer.flush()
             finally:
                 self._leave(s)
-            log.info("received %d chunks, stored %d (%.1f MiB) in %.2fs", received, stored, stored_bytes / 2**20,
+            log.info("received %d chunks, stored %d (%s) in %.2fs", received, stored, human_size(stored_bytes),
                      time.monotonic() - started)
         return received, stored, stored_bytes

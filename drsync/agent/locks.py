@@ -62,11 +62,25 @@ class HostLock:
 class StateDirLock:
     """One agent per state directory: a second one would share its epoch and its apply journal."""
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, listen: str = "") -> None:
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, "agent.pid")
-        self.fd = _exclusive_lock(self.path, 0o644, f"{os.getpid()}\n", lambda held: (
+        # The holder's pid and agent.listen: config check tells the running agent of a config from another.
+        self.fd = _exclusive_lock(self.path, 0o644, f"{os.getpid()}\n{listen}\n", lambda held: (
             f"another drsync agent (pid {held[0]}) is running with state directory {state_dir}; stop it first"))
+
+    @staticmethod
+    def holder(state_dir: str) -> tuple[str, str] | None:
+        """(pid, agent.listen) of the running agent holding this state directory; None when none does
+        (the listen address is "" for an agent of an older drsync)."""
+        if not StateDirLock.held(state_dir):
+            return None
+        try:
+            with open(os.path.join(state_dir, "agent.pid"), encoding="utf-8", errors="replace") as f:
+                lines = f.read(4096).split("\n")
+        except OSError:
+            return "?", ""
+        return (lines[0].strip() or "?"), (lines[1].strip() if len(lines) > 1 else "")
 
     @staticmethod
     def held(state_dir: str) -> bool:

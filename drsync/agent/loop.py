@@ -73,7 +73,7 @@ class Agent:
         self.repo = Repository.open(open_storage(cfg.cluster.repository))
         self.data_root = engine.data_root_url(cfg.cluster.data)
         self.state_dir = state_dir_of(cfg)
-        self.dir_lock = StateDirLock(self.state_dir) if serve_network else None
+        self.dir_lock = StateDirLock(self.state_dir, cfg.agent.listen) if serve_network else None
         self.host_locks = [HostLock(what, where, self.state_dir) for what, where in
                            (("data root", self.data_root), ("repository", cfg.cluster.repository))] \
             if serve_network else []
@@ -112,7 +112,8 @@ class Agent:
         self.tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
         self.replication = Replication(
             cfg, self.repo, self.metrics, sender=self.name,
-            link=lambda target: GrpcStandbyLink(target, tls=self.tls, sender=self.name),
+            link=lambda target: GrpcStandbyLink(target, tls=self.tls, sender=self.name, cluster_id=cfg.cluster.id,
+                                                release=cfg.cluster.release),
             epoch=lambda: self.store.current.epoch, guard=self.supervisor.guard, exclude_paths=(self.store.dir,),
             on_outcome=self._on_shipped)
         self.supervisor.on_switchover = lambda view: switchover.carry_out(self.supervisor, self.replication, view)
@@ -181,11 +182,24 @@ class Agent:
     def _applied_captured_at(self) -> float | None:
         if self.acting == "standby":
             return self.store.current.applied_captured_at or None
-        return self.replication.applied_captured_at()
+        known = [t for t in (self.replication.applied_captured_at(), *self._lost_positions().values()) if t]
+        return min(known) if known else None
+
+    def _lost_positions(self) -> dict[str, float]:
+        """As primary: the capture time last known applied on each standby that vanished (name -> time on
+        this primary's clock): the newer of its persistent member record and this primary's last shipment."""
+        out: dict[str, float] = {}
+        for name, m in list(self.supervisor.lost_standbys.items()):
+            last = self.replication.last_positions.get(str(m.get("address") or ""))
+            at = max(float(m.get("applied_captured_at") or 0.0), last.captured_at if last else 0.0)
+            if at:
+                out[name] = at
+        return out
 
     def current_lag(self) -> float | None:
         """This agent's lag (standby) or its standbys' (primary), always on the primary's clock: the one
-        definition, :func:`drsync.agent.clock.lag_s`."""
+        definition, :func:`drsync.agent.clock.lag_s`. A standby that vanished (killed, stopped, cut off)
+        counts with its last known position until it is back or decommissioned: its lag keeps growing."""
         if self.acting == "standby":
             return self.store.current.lag_s()
         lag = clock.lag_s(self.replication.applied_captured_at() or 0.0)  # its own stamps, its own clock
@@ -195,7 +209,9 @@ class Agent:
             published = [float(r["lag_s"]) for r in self.supervisor.agents.values()
                          if r.get("role") == "standby" and r.get("lag_s") is not None]
             lag = max(published) if published else None
-        return lag
+        lost = [clock.lag_s(at) for at in self._lost_positions().values()]
+        known = [x for x in (lag, *lost) if x is not None]
+        return max(known) if known else None
 
     def _received_lag(self) -> float:
         lag = self.store.current.received_lag_s() if self.acting != "primary" else None
@@ -271,10 +287,17 @@ class Agent:
             for name, r in sorted(sup.agents.items()):
                 # The lag each standby publishes (primary's clock), never recomputed with this clock.
                 lag = st.lag_s() if name == self.name else r.get("lag_s")
-                agents.append({"name": name, "role": r.get("role"), "address": r.get("address"),
+                agents.append({"name": name, "state": "up", "role": r.get("role"), "address": r.get("address"),
                                "epoch": r.get("epoch"), "applied_snapshot": r.get("applied_snapshot"),
                                "lag_s": round(float(lag), 3) if lag is not None and r.get("role") == "standby"
-                               else None})
+                               else None, "last_refusal": r.get("last_refusal")})
+            positions = self._lost_positions()
+            for name, m in sorted(sup.lost_standbys.items()):  # it stays listed, down, its lag growing
+                lag = clock.lag_s(positions.get(name, 0.0))
+                agents.append({"name": name, "state": "down", "role": "standby (down)", "address": m.get("address"),
+                               "epoch": m.get("epoch"), "applied_snapshot": m.get("applied_snapshot"),
+                               "lag_s": round(lag, 3) if lag is not None else None,
+                               "gone_at": m.get("gone_at")})
             primary = view.primary.agent if view is not None and view.primary is not None else None
             epoch = view.epoch.epoch if view is not None else st.epoch
             zk = sup.coord.state.value if sup.coord is not None else "closed"
@@ -321,7 +344,10 @@ class Agent:
         return "text/html; charset=utf-8", statuspage.render(self.status_doc()).encode()
 
     def _page_json(self) -> tuple[str, bytes]:
-        return "application/json", json.dumps(with_iso_times(self.status_doc()), default=str).encode()
+        doc = self.status_doc()
+        # The one time format: each lag sample an object with its time in ISO 8601 (and at_unix).
+        doc["lag_history"] = [{"at": t, "lag_s": v} for t, v in doc["lag_history"]]
+        return "application/json", json.dumps(with_iso_times(doc), default=str).encode()
 
     # --- the primary's captures ---------------------------------------------------------------
 
@@ -347,8 +373,10 @@ class Agent:
         targets = self.replication.targets()
         self.activity.add(info.id, True, f"captured; offered to {', '.join(targets)}" if targets
                           else "snapshot only (no standby registered)")
+        gone = sorted(self.supervisor.lost_standbys)
         log.info("agent %s: snapshot %s captured%s", self.name, info.id,
-                 f"; shipping to {', '.join(targets)}" if targets else " (no standby registered)")
+                 f"; shipping to {', '.join(targets)}" if targets else
+                 f" (no standby to ship to: {', '.join(gone)} down)" if gone else " (no standby registered)")
         self.replication.offer(info)
         if not targets:
             self.maintenance.wake()
@@ -363,6 +391,11 @@ class Agent:
                  f" (advertised as {a.advertise})" if a.advertise else "",
                  f"; metrics at http://{a.metrics}/metrics, status page at http://{a.metrics}/" if a.metrics else
                  "; no metrics address")
+        from drsync.agent.presence import advertise_problem
+
+        problem = advertise_problem(a.advertise, a.listen)
+        if problem:
+            log.warning("agent %s: %s", self.name, problem)
         self.replication.background = True
         self.maintenance.start()
         threading.Thread(target=self._serve_requests_loop, name="drsync-requests", daemon=True).start()
@@ -376,7 +409,7 @@ class Agent:
             try:
                 sup.coordinate()
             except DrsyncError as e:
-                log.warning("agent %s: coordination pass failed: %s", self.name, e)
+                sup.pass_failed(e)  # one line per backoff step, never a pass per wake-up
             if sup.fatal is not None:
                 break
             self.activity.sample_lag()

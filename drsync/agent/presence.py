@@ -26,6 +26,7 @@ health check is never called down by rule 3, so a skewed clock cannot make it lo
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -54,6 +55,7 @@ class Presence:
     state: str  # "up" | "down"
     why: str  # why it is down ("" when up)
     last_seen: float  # Unix time (ZooKeeper's) of the last refresh; 0.0 when unknown
+    note: str = ""  # something wrong with an agent that is up (e.g. its advertised address does not answer)
 
 
 def judge(m: Member, *, now: float, probe: str | None) -> Presence:
@@ -65,12 +67,18 @@ def judge(m: Member, *, now: float, probe: str | None) -> Presence:
             return Presence("down", f"stopped cleanly ({m.member.get('left_reason') or 'agent stopped'})", seen)
         return Presence("down", "its ZooKeeper session ended without a clean stop (killed, crashed or cut off from "
                                 "ZooKeeper)", seen)
+    age = now - seen if seen else 0.0
+    fresh = age <= stale_after(float(doc.get("refresh_s") or REFRESH_S))
+    if probe in (REFUSED, SILENT) and doc.get("advertise_answers") is False and fresh:
+        # Alive (heartbeat, session), but its advertised address is wrong: the agent itself found that
+        # nothing answers there. Never "process gone" while it heartbeats.
+        return Presence("up", "", seen, f"up, but its advertised address {doc.get('address')} does not answer "
+                                        f"(the agent runs and heartbeats; fix agent.advertise)")
     if probe == REFUSED:
         timeout = doc.get("session_timeout_s")
         return Presence("down", f"nothing listens on {doc.get('address')}: the agent process is gone (its ZooKeeper "
                                 f"session{f' ({float(timeout):.0f}s timeout)' if timeout else ''} has not expired "
                                 f"yet)", seen)
-    age = now - seen if seen else 0.0
     if age > stale_after(float(doc.get("refresh_s") or REFRESH_S)) and probe != ANSWERS:
         return Presence("down", f"no heartbeat for {age:.0f}s and no answer on {doc.get('address')} (frozen, hung "
                                 f"or cut off from ZooKeeper)", seen)
@@ -83,6 +91,27 @@ def split_address(address: str) -> tuple[str, int] | None:
     if not sep or not port.isdigit():
         return None
     return host.strip("[]"), int(port)
+
+
+def advertise_problem(advertise: str, listen: str) -> str:
+    """Why ``agent.advertise`` cannot reach ``agent.listen`` as far as can be told without dialling: a
+    loopback address with another port (nothing forwards loopback), or a host that does not resolve
+    ("" when neither)."""
+    if not advertise:
+        return ""
+    host, _, port = advertise.rpartition(":")
+    lhost, _, lport = listen.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port) if port.isdigit() else None)
+    except (OSError, ValueError) as e:
+        return (f"agent.advertise {advertise} does not resolve ({e}): other agents could not reach this one; "
+                f"set it to this host's reachable host:port")
+    loopback = all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+    if loopback and port != lport:
+        return (f"agent.advertise {advertise} is a loopback address with port {port}, but the agent listens on "
+                f"port {lport} (agent.listen {listen}): nothing would answer there; advertise {lhost}:{lport} or "
+                f"this host's reachable name with port {lport}")
+    return ""
 
 
 def probe(address: str, health: Callable[[str], bool], timeout_s: float = 1.5) -> str:

@@ -29,6 +29,7 @@ from drsync.repository.manifest import Manifest
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.transport import StandbyLink
+from drsync.units import human_size
 
 log = logging.getLogger("drsync.agent")
 
@@ -178,6 +179,14 @@ class Shipper:
         try:
             epoch = self._epoch()
             hello = link.hello(self.sender, epoch)
+            own = self.repo.config
+            if hello.cluster_id and (hello.cluster_id, hello.release) != (own.cluster_id, own.release):
+                # Checked before negotiating: nothing is shipped to (or stored by) a standby of another cluster.
+                raise RefusedError(f"standby {hello.agent or self.target} keeps cluster {hello.cluster_id!r} release "
+                                   f"{hello.release!r}, but this primary's snapshots are cluster {own.cluster_id!r} "
+                                   f"release {own.release!r}; nothing was shipped: give that agent the cluster.id "
+                                   f"and cluster.release of production (or its own group), or upgrade both "
+                                   f"together")
             self.held = hello.held_snapshot  # its source stays on production until an operator decides
             applied = None
             self.apply_delay_s, self.received = hello.apply_delay_s, hello.received_snapshot
@@ -199,7 +208,7 @@ class Shipper:
             self.metrics.deduplicated_bytes.inc(res.deduplicated_bytes)
             return ShipOutcome(self.target, info.id, True,
                                f"{'stored, applied later (apply_delay)' if done.deferred else 'applied'} "
-                               f"({res.missing_chunks}/{res.chunks} chunks sent, {res.shipped_bytes} B in "
+                               f"({res.missing_chunks}/{res.chunks} chunks sent, {human_size(res.shipped_bytes)} in "
                                f"{res.duration_s:.2f}s)",
                                {"chunks": res.chunks, "missing_chunks": res.missing_chunks,
                                 "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
@@ -209,7 +218,10 @@ class Shipper:
                 # Perhaps held by its deletion guard: keep its source pinned (before the shipment stops
                 # being in flight) until the standby's next Hello names what it holds.
                 self.held = self.held or info.id
-            return ShipOutcome(self.target, info.id, False, f"refused: {e}", fenced=isinstance(e, FencedError))
+            said, by = str(e), f"standby {self.target} refused: "  # the transport says "standby X refused: why"
+            summary = f"refused by standby {self.target}: {said[len(by):]}" if said.startswith(by) else \
+                f"refused: {said}"
+            return ShipOutcome(self.target, info.id, False, summary, fenced=isinstance(e, FencedError))
         except DrsyncError as e:
             return ShipOutcome(self.target, info.id, False, f"failed: {e}")
         finally:
@@ -238,6 +250,9 @@ class Replication:
         self.exclude_paths = exclude_paths
         self.on_outcome = on_outcome
         self.shippers: dict[str, Shipper] = {}
+        # The last position of each target that is no longer one (its standby vanished): the primary's lag
+        # keeps counting from it (see Agent.current_lag).
+        self.last_positions: dict[str, Position] = {}
         self._lock = threading.Lock()
         self.background = False  # shippers run their own threads (the agent's loop); else only synchronous
 
@@ -258,6 +273,9 @@ class Replication:
         with self._lock:
             gone = [t for t in self.shippers if t not in targets]
             stopped = [self.shippers.pop(t) for t in gone]
+            for s in stopped:
+                if s.position.snapshot:
+                    self.last_positions[s.target] = s.position
         for s in stopped:
             s.stop()
         new = [t for t in targets if t not in self.shippers]

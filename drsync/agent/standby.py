@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +30,9 @@ from drsync.repository.snapshots import SnapshotInfo
 from drsync.transport import Caller, ReceivedChunk
 
 log = logging.getLogger("drsync.agent.standby")
+
+# The same refusal (same sender, same reason) is logged again at most this often (seconds), with a count.
+REFUSAL_LOG_EVERY_S = 300.0
 
 
 class FencedError(RefusedError):
@@ -65,6 +69,11 @@ class StandbyReceiver:
         self.on_applied: Callable[[], None] = lambda: None
         # After each commit, locks released (the agent wakes its maintenance then).
         self.after_commit: Callable[[], None] = lambda: None
+        # The last shipment this standby refused (sender, reason, when, how often): logged, and published in
+        # its ZooKeeper record so that drsync status shows it; cleared by the next shipment it applies.
+        self.last_refusal: dict[str, Any] | None = None
+        self._refusal_logged = ("", 0.0)  # (sender + reason, monotonic time) of the last refusal logged
+        self._refusal_lock = threading.Lock()
 
     @property
     def state(self) -> AgentState:
@@ -110,6 +119,38 @@ class StandbyReceiver:
         known = self.clock.source
         if caller.epoch >= max(1, self.state.epoch) and caller.sender and caller.sender == (known or caller.sender):
             self._clock_sample(caller)
+
+    def check_sender_cluster(self, sender: str, cluster_id: str, release: str) -> None:
+        """A primary's Hello names its cluster: another cluster id or release is refused at once, before
+        anything is negotiated or stored (its snapshots could never become this standby's data)."""
+        own = self.repo.config
+        if (cluster_id, release) == (own.cluster_id, own.release):
+            return
+        advice = ("this agent joined a group whose production is another cluster or release: give it "
+                  "the cluster.id and cluster.release of production (upgrading both together), or its own "
+                  "coordination.group" if self.group_epoch is not None else
+                  f"check replication.standbys on {sender or 'the primary'}, or upgrade both clusters to the "
+                  f"same release")
+        raise RefusedError(f"{sender or 'the sender'} ships cluster {cluster_id!r} release {release!r}, but this "
+                           f"standby ({self.agent}) keeps cluster {own.cluster_id!r} release {own.release!r}; "
+                           f"{advice}")
+
+    def note_refusal(self, sender: str, error: Exception) -> None:
+        """Log a refusal at WARNING (the reason first; the same one again at most every
+        REFUSAL_LOG_EVERY_S, with how often it happened), and keep it as :attr:`last_refusal`."""
+        reason = str(error)
+        now = time.time()
+        with self._refusal_lock:
+            last = self.last_refusal
+            count = last["count"] + 1 if last and last["reason"] == reason and last["sender"] == sender else 1
+            self.last_refusal = {"at": now, "sender": sender, "reason": reason, "count": count}
+            key, logged_at = self._refusal_logged
+            due = key != sender + "\0" + reason or time.monotonic() - logged_at >= REFUSAL_LOG_EVERY_S
+            if due:
+                self._refusal_logged = (sender + "\0" + reason, time.monotonic())
+        if due:
+            log.warning("agent %s refused a shipment: %s (from %s%s)", self.agent, reason,
+                        sender or "an unnamed sender", f"; refused {count} times so far" if count > 1 else "")
 
     def _clock_sample(self, caller: Caller) -> None:
         """One sample of the primary's clock; the estimate is kept in the state (saved when it moved)."""
@@ -192,7 +233,9 @@ class StandbyReceiver:
             with self.intake.session(caller), self.committer.lock:
                 self.committer.check_usable()
                 self.admit(caller)
-                return self.committer.commit(snapshot_doc, manifest_bytes, [caller.epoch, sender_seq])
+                done = self.committer.commit(snapshot_doc, manifest_bytes, [caller.epoch, sender_seq])
+                self.last_refusal = None  # shipments go through again
+                return done
         finally:
             self.intake.end(caller)
             self.after_commit()

@@ -34,6 +34,7 @@ class AgentState:
     applied_captured_at: float = 0.0  # on the primary's clock
     applied_at: float = 0.0  # on this machine's clock
     last_role: str = ""  # the role this agent last acted in (auto role): "primary" or "standby"
+    primary_epoch: int = 0  # the epoch at which this agent last held the primary claim (0: never)
     # Where the applied snapshot stands in the primary's sequence: (epoch of its sender, its seq number in
     # the sender's repository); standbys are ranked by it, never by capture times (other clocks).
     applied_position: tuple[int, ...] = ()

@@ -125,11 +125,18 @@ def _agent_row(m: Member, p: Presence, probed: str | None, now: float, *, mainte
     # The lag the standby published (on the primary's clock, at most a few seconds old); only a record
     # without one (an older agent) is recomputed here, on this machine's clock.
     lag = r.get("lag_s") if "lag_s" in r else lag_s(float(r.get("applied_captured_at") or 0.0), 0.0, now)
+    if not up and doc.get("role") == "standby":
+        # A standby that is down: its lag keeps growing from its last known applied snapshot (members/<name>),
+        # on this machine's clock (the best left while it publishes nothing).
+        lag, role_for_lag = lag_s(float(doc.get("applied_captured_at") or 0.0), 0.0, now), "standby"
+    else:
+        role_for_lag = role
     seen = p.last_seen or None
     return {
         "name": m.name, "state": p.state, "down_reason": p.why or None, "role": role,
         "last_role": doc.get("role", "unknown"), "maintenance": maintenance, "address": doc.get("address"),
-        "epoch": doc.get("epoch"), "lag_s": round(float(lag), 3) if lag is not None and role == "standby" else None,
+        "epoch": doc.get("epoch"),
+        "lag_s": round(float(lag), 3) if lag is not None and role_for_lag == "standby" else None,
         "applied_snapshot": doc.get("applied_snapshot"), "cluster_id": doc.get("cluster_id"),
         "release": doc.get("release"), "host": doc.get("host"),
         "last_seen": iso(seen) if seen else None, "last_seen_unix": round(seen, 3) if seen else None,
@@ -137,7 +144,26 @@ def _agent_row(m: Member, p: Presence, probed: str | None, now: float, *, mainte
         "probe": probed, "reachable": None if probed is None else probed == ANSWERS,
         "heartbeat_age_s": round(now - float(r["heartbeat"]), 3) if r.get("heartbeat") else None,
         "waiting_to_rejoin": r.get("waiting_to_rejoin") if up else None,
+        "last_refusal": _refusal(doc.get("last_refusal")), "note": p.note or None,
         "apply_hold": r.get("apply_hold") if up else None}
+
+
+def _refusal(r: Any) -> dict[str, Any] | None:
+    """The last shipment a standby refused, its time in ISO 8601 (and Unix seconds)."""
+    if not isinstance(r, dict) or not r.get("reason"):
+        return None
+    at = r.get("at")
+    return {"reason": r.get("reason"), "sender": r.get("sender"), "count": r.get("count"),
+            "at": iso(float(at)) if isinstance(at, int | float) else None, "at_unix": at}
+
+
+def refusal_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per agent that is up with a problem (its advertised address does not answer) or refuses
+    shipments (``drsync status`` prints them under the table)."""
+    lines = [f"agent {a['name']} is {a['note']}" for a in doc["agents"] if a.get("note")]
+    return lines + [f"agent {a['name']} REFUSES shipments: {r['reason']} (from {r.get('sender') or '?'}, last at "
+                    f"{r.get('at') or '?'}, {r.get('count') or 1} times)" for a in doc["agents"]
+                    if (r := a.get("last_refusal"))]
 
 
 def headline(doc: dict[str, Any]) -> str:
@@ -167,6 +193,8 @@ def agent_rows(doc: dict[str, Any]) -> list[list[str]]:
         state = a.get("state") or ("up" if a.get("reachable") else "down")
         if a.get("maintenance"):
             state += " (maintenance)"
+        if a.get("last_refusal") and a.get("state") == "up":
+            state += " (refusing)"
         role = a.get("role") or (f"was {a['last_role']}" if a.get("last_role") not in (None, "unknown") else "-")
         age = a.get("last_seen_age_s")
         rows.append([a["name"] or "?", state, role, a["address"] or "-", "-" if age is None else ago(age),

@@ -22,7 +22,7 @@ from typing import Any
 
 from drsync import engine
 from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
-from drsync.agent.presence import REFRESH_S, Heartbeat
+from drsync.agent.presence import ANSWERS, REFRESH_S, Heartbeat, probe
 from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
 from drsync.agent.standby import FencedError, StandbyReceiver
 from drsync.agent.state import StateStore
@@ -53,6 +53,39 @@ REJOIN_SNAPSHOT_TTL_S = 7 * 86400.0
 # Fence and demote commands that fail are retried with this backoff (seconds: first, cap).
 RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
+# A coordination pass that fails (ZooKeeper unreachable, a chroot that does not exist, wrong credentials,
+# a registration refused...) is tried again after this delay, doubling up to the cap (seconds).
+# How often the agent checks that its own advertised address answers (published as advertise_answers).
+ADVERTISE_CHECK_S = 60.0
+COORD_RETRY_FIRST_S = 1.0
+COORD_RETRY_MAX_S = 30.0
+
+
+class Backoff:
+    """Growing delays after failures (``first`` doubling up to ``cap``), reset by a success; one log line per step."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first, self.cap = first, cap
+        self.delay = first
+        self.retry_at = 0.0  # monotonic
+        self.failures = 0
+
+    def ready(self) -> bool:
+        return time.monotonic() >= self.retry_at
+
+    def failed(self) -> float:
+        """Record a failure; the delay until the next try."""
+        delay = self.delay
+        self.failures += 1
+        self.retry_at = time.monotonic() + delay
+        self.delay = min(self.delay * 2, self.cap)
+        return delay
+
+    def succeeded(self) -> bool:
+        """Reset; True when there were failures before."""
+        had = self.failures > 0
+        self.delay, self.retry_at, self.failures = self.first, 0.0, 0
+        return had
 
 
 def has_data(root: str) -> bool:
@@ -111,6 +144,15 @@ class RoleSupervisor:
         self.on_switchover: Callable[[GroupView], None] = lambda view: None
         self.heartbeat = Heartbeat(coord, self.name) if coord is not None else None
         self._claimed = False  # this process has held the primary claim (a claim again is after a lost session)
+        self.coord_backoff = Backoff(COORD_RETRY_FIRST_S, COORD_RETRY_MAX_S)
+        # As primary: standbys the group has known (members/<name>, last role standby) that have no live
+        # registration now: killed, stopped or cut off. Their last position keeps counting in the lag until
+        # they are back or decommissioned (members/<name> deleted). name -> member record (+ "gone_at").
+        self.lost_standbys: dict[str, dict[str, Any]] = {}
+        self._live_standbys: frozenset[str] = frozenset()
+        self._members_read_at = 0.0
+        self._advertise_ok: bool | None = None  # does this agent's advertised address answer (None: not checked)
+        self._advertise_checked_at = -ADVERTISE_CHECK_S
         if coord is not None:
             coord.add_listener(self._on_session)
 
@@ -173,12 +215,21 @@ class RoleSupervisor:
 
     # --- one pass -------------------------------------------------------------------------
 
+    def pass_failed(self, e: DrsyncError, what: str = "coordination pass failed") -> None:
+        """A coordination pass failed: one WARNING, and no new pass before the next backoff step."""
+        delay = self.coord_backoff.failed()
+        log.warning("agent %s: %s: %s (attempt %d; next try in %.0fs)", self.name, what, e,
+                    self.coord_backoff.failures, delay)
+
     def coordinate(self) -> RoleDecision | None:
-        """Read the group, decide this agent's role, and carry the decision out."""
+        """Read the group, decide this agent's role, and carry the decision out. After a failed pass the
+        next one waits for its backoff step (the caller reports failures it catches with :meth:`pass_failed`)."""
         if self.coord is None:
             return None
         coord = self.coord
         self._check_suspended()
+        if not self.coord_backoff.ready():
+            return None
         if not self._started:
             try:
                 coord.start()
@@ -187,7 +238,12 @@ class RoleSupervisor:
                 self.metrics.zookeeper_connected.set(1)
             except CoordinationUnavailable as e:
                 self.metrics.zookeeper_connected.set(0)
+                self.pass_failed(e, "cannot join the group in ZooKeeper")
                 return self._decide(GroupView(SessionState.LOST, Epoch(), None), note=str(e))
+            except DrsyncError as e:
+                self.metrics.zookeeper_connected.set(0)
+                self.pass_failed(e, "cannot join the group in ZooKeeper")
+                return None
         if not self._registered:
             # Prove this agent's name is its own before deciding anything (two configs with one name).
             try:
@@ -196,7 +252,7 @@ class RoleSupervisor:
                 self.stop_fatally(e)
                 return None
             except DrsyncError as e:
-                log.warning("agent %s: cannot register in ZooKeeper yet: %s", self.name, e)
+                self.pass_failed(e, "cannot register in ZooKeeper yet")
                 return None
             if self.heartbeat is not None:
                 self.heartbeat.start()
@@ -228,6 +284,10 @@ class RoleSupervisor:
         if self.acting == "primary" and set(self.registered_standbys) - previous:
             self.cycle_now.set()  # a standby (re)joined: ship to it now, not one interval later
         self.agents = agents
+        if self.acting == "primary":
+            self._track_standbys(coord, agents)
+        elif self.lost_standbys:
+            self.lost_standbys = {}
         decision = self._decide(view, agents=agents)
         if self.acting == "primary" and view.switchover and not self.paused:
             self.on_switchover(view)
@@ -237,7 +297,46 @@ class RoleSupervisor:
             self.stop_fatally(e)
         except DrsyncError as e:
             log.debug("could not publish this agent's record: %s", e)
+        if self.coord_backoff.succeeded():  # a whole pass went through
+            log.info("agent %s: coordination works again (ZooKeeper at %s)", self.name,
+                     self.cfg.coordination.zookeeper)
         return decision
+
+    def _track_standbys(self, coord: Coordinator, agents: dict[str, dict[str, Any]]) -> None:
+        """As primary: notice a standby of the group that has no live registration any more (and one that
+        is back), one WARNING per change. Members are re-read when the live standbys change, else every
+        REGISTER_EVERY_S."""
+        live = frozenset(n for n, r in agents.items() if r.get("role") == "standby" and n != self.name)
+        now = time.monotonic()
+        if live == self._live_standbys and now - self._members_read_at < REGISTER_EVERY_S:
+            return
+        try:
+            members = coord.members()
+        except DrsyncError as e:
+            log.debug("agent %s: could not read the group's members: %s", self.name, e)
+            return
+        self._live_standbys, self._members_read_at = live, now
+        lost: dict[str, dict[str, Any]] = {}
+        for name, m in members.items():
+            if name == self.name or m.record is not None or m.member.get("role") != "standby":
+                continue
+            before = self.lost_standbys.get(name)
+            lost[name] = {**m.member, "gone_at": before["gone_at"] if before else time.time()}
+        base = f"/drsync/{self.cfg.coordination.group}/members"
+        for name in sorted(lost.keys() - self.lost_standbys.keys()):
+            m = lost[name]
+            how = (f"stopped cleanly ({m.get('left_reason') or 'agent stopped'})" if m.get("left_at") else
+                   "its ZooKeeper session ended without a clean stop (killed, crashed or cut off)")
+            log.warning("agent %s: standby %s at %s is gone: %s; its last applied snapshot is %s. Replication lag "
+                        "keeps counting from it until it is back, or until it is decommissioned (zkCli.sh delete "
+                        "%s/%s)", self.name, name, m.get("address") or "?", how, m.get("applied_snapshot") or "none",
+                        base, name)
+        for name in sorted(self.lost_standbys.keys() - lost.keys()):
+            back = name in live
+            log.log(logging.INFO if back else logging.WARNING, "agent %s: standby %s %s", self.name, name,
+                    "is back" if back else "was decommissioned (its members record is gone); its lag no longer "
+                                           "counts")
+        self.lost_standbys = lost
 
     def stop_fatally(self, e: DrsyncError) -> None:
         log.error("agent %s stops: %s", self.name, e)
@@ -263,10 +362,19 @@ class RoleSupervisor:
                                rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view))
         if decision != self.last_decision:
             # Routine confirmations at INFO; anything that keeps the group from working (no session,
-            # a refusal, stepping down) at WARNING, so that an operator's filters see it.
-            routine = decision.action in ("standby", "act-primary") and view.session is SessionState.CONNECTED
-            level = logging.INFO if routine else logging.WARNING
-            log.log(level, "agent %s: %s%s", self.name, decision, f" [{note}]" if note else "")
+            # a refusal, stepping down) at WARNING, so that an operator's filters see it. A routine re-claim
+            # (the epoch names this agent, which held the claim at that epoch before a restart) is INFO.
+            st = self.store.current
+            routine = (decision.action in ("standby", "act-primary") and view.session is SessionState.CONNECTED) or (
+                decision.action == "claim" and st.last_role == "primary" and st.primary_epoch == view.epoch.epoch)
+            # An ex-primary whose writers are not confirmed stopped is not a standby yet: say so.
+            ex = (decision.action == "standby" and self.acting == "standby" and st.last_role == "primary"
+                  and not st.demoted and view.epoch.epoch > (st.primary_epoch or 0) > 0
+                  and not (self.switchover_final and self.switchover_hooked) and not rejoin_approved(self.state_dir))
+            level = logging.INFO if routine and not ex else logging.WARNING
+            text = (f"ex-primary of epoch {st.primary_epoch}, not serving as a standby until its writers are "
+                    f"confirmed stopped ({decision.reason})" if ex else str(decision))
+            log.log(level, "agent %s: %s%s", self.name, text, f" [{note}]" if note else "")
             self.last_decision = decision
         if decision.action == "act-primary":
             if self.paused:
@@ -328,7 +436,7 @@ class RoleSupervisor:
             self.holding_ex_primary = ""
             if self.store.current.last_role == "primary":
                 self._demotion_to_undo(epoch.epoch)
-            self.store.update(last_role="primary", demoted=False)
+            self.store.update(last_role="primary", demoted=False, primary_epoch=epoch.epoch)
         try:
             # A new primary supersedes any maintenance marker (its own from a restart, or an old primary's).
             self.coord.clear_maintenance()
@@ -457,7 +565,8 @@ class RoleSupervisor:
             return ""
         how = ("demote_command has not succeeded" if self.cfg.coordination.demote_command.strip() else
                "no demote_command is configured")
-        return (f"agent {self.name} was primary at epoch {st.epoch} and its production writers are not "
+        held = st.primary_epoch or st.epoch  # the epoch it held (st.epoch is the newest it has seen since)
+        return (f"agent {self.name} was primary at epoch {held} and its production writers are not "
                 f"confirmed stopped ({how}): it keeps its data root untouched and does not rejoin as a standby until "
                 f"demote_command succeeds or an operator runs drsync rejoin")
 
@@ -472,7 +581,7 @@ class RoleSupervisor:
         blocker = self._rejoin_blocker()
         if blocker:
             if blocker != self.holding_ex_primary:
-                log.warning("agent %s: %s", self.name, blocker)
+                log.warning("%s", blocker)  # it names the agent
             self.holding_ex_primary = blocker
             self.receiver.refusal = blocker
             return
@@ -533,6 +642,34 @@ class RoleSupervisor:
 
     # --- the agent's record in the group -------------------------------------------------------
 
+    def advertise_answers(self) -> bool | None:
+        """Whether this agent's advertised address answers its health check (checked every ADVERTISE_CHECK_S;
+        a WARNING when that changes to no). drsync status then tells a live agent with a wrong advertise from
+        a dead one."""
+        now = time.monotonic()
+        if now - self._advertise_checked_at < ADVERTISE_CHECK_S:
+            return self._advertise_ok
+        self._advertise_checked_at = now
+        from drsync.transport.grpc import GrpcStandbyLink
+
+        t = self.cfg.tls
+        tls = (t.ca, t.cert, t.key) if t.enabled else None
+
+        def health(address: str) -> bool:
+            link = GrpcStandbyLink(address, tls=tls)
+            try:
+                return link.health(timeout_s=2.0)
+            finally:
+                link.close()
+
+        ok = probe(self.address, health) == ANSWERS
+        if not ok and self._advertise_ok is not False:
+            log.warning("agent %s: nothing answers on its advertised address %s (agent.listen %s): other agents and "
+                        "drsync status cannot reach it; set agent.advertise to an address of this host that reaches "
+                        "agent.listen", self.name, self.address, self.cfg.agent.listen)
+        self._advertise_ok = ok
+        return ok
+
     def publish(self, force: bool = False) -> None:
         """Keep agents/<name> (and, after an apply, the group's state node) current."""
         if self.coord is None or self.coord.state is not SessionState.CONNECTED:
@@ -540,7 +677,9 @@ class RoleSupervisor:
         st = self.store.current
         lag = self.lag_s() if self.acting == "standby" else None
         role = self.role_word()
-        key = (role, st.epoch, st.applied_snapshot)
+        refusal = self.receiver.last_refusal if self.receiver is not None else None
+        answers = self.advertise_answers()
+        key = (role, st.epoch, st.applied_snapshot, (refusal or {}).get("reason"), answers)
         now = time.monotonic()
         if force or key != self._registered or now - self._registered_at >= REGISTER_EVERY_S:
             self.coord.register(self.name, {
@@ -551,7 +690,10 @@ class RoleSupervisor:
                 "applied_position": list(st.applied_position) or None, "clock_offset_s": round(st.clock_offset_s, 3),
                 "lag_s": round(lag, 3) if lag is not None else None, "heartbeat": time.time(), "pid": os.getpid(),
                 "waiting_to_rejoin": self.holding_ex_primary or None, "agent_id": st.agent_id,
-                "apply_hold": self.hold_summary(), "host": socket.gethostname(), "refresh_s": REGISTER_EVERY_S})
+                "apply_hold": self.hold_summary(), "host": socket.gethostname(), "refresh_s": REGISTER_EVERY_S,
+                "advertise_answers": answers,
+                "last_refusal": self.receiver.last_refusal if self.receiver is not None and self.acting == "standby"
+                else None})
             self._registered, self._registered_at = key, now
         if self.acting == "standby" and st.applied_snapshot and st.applied_snapshot != self._state_written:
             self.coord.write_state({"snapshot": st.applied_snapshot, "captured_at": st.applied_captured_at,

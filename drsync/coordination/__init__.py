@@ -85,7 +85,10 @@ class GroupView:
 # Changes of primary kept in ``history/``.
 HISTORY_KEEP = 100
 # What of an agent's registration its persistent ``members/<name>`` record keeps.
-MEMBER_FIELDS = ("address", "role", "cluster_id", "release", "epoch", "agent_id", "pid", "host", "refresh_s")
+# (A standby's last applied snapshot stays known after its session ends: status lists it, and the
+# primary's lag keeps counting from it.)
+MEMBER_FIELDS = ("address", "role", "cluster_id", "release", "epoch", "agent_id", "pid", "host", "refresh_s",
+                 "applied_snapshot", "applied_captured_at", "last_refusal")
 
 
 @dataclass(frozen=True)

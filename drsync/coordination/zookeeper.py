@@ -55,12 +55,16 @@ log = logging.getLogger("drsync.coordination")
 
 class _ReconnectThrottle(logging.Filter):
     """kazoo logs several lines per connection attempt (over a hundred in 25 s against a wrong
-    address). Its "Connecting to" and "session closed" lines become debug detail, and each repeated
-    warning is logged once per backoff step (1 s, 2 s, 4 s ... 60 s), with how many attempts it
-    stands for; a connection that succeeds starts over."""
+    address). Its "Connecting to" and "session closed" lines, and its failed attempts ("Connection
+    dropped: socket connection error", "Failed connecting to Zookeeper within the connection retry
+    policy"), become debug detail: drsync says what is wrong in its own line, once per step of its own
+    backoff (the agent) or in the command's error. Any other repeated warning is logged once per backoff
+    step (1 s, 2 s, 4 s ... 60 s), with how many attempts it stands for; a connection that succeeds
+    starts over."""
 
     FIRST_S, MAX_S = 1.0, 60.0
     DETAIL = ("Connecting to", "Zookeeper session closed")
+    ATTEMPTS = ("Connection dropped: socket connection error", "Failed connecting to Zookeeper within")
 
     def __init__(self) -> None:
         super().__init__()
@@ -69,8 +73,11 @@ class _ReconnectThrottle(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        if record.levelno <= logging.INFO and msg.startswith(self.DETAIL):
-            return log.isEnabledFor(logging.DEBUG)
+        if (record.levelno <= logging.INFO and msg.startswith(self.DETAIL)) or msg.startswith(self.ATTEMPTS):
+            if not log.isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return True
         if record.levelno < logging.WARNING:
             if "connected" in msg.lower() and "dis" not in msg.lower():
                 with self.lock:
@@ -124,6 +131,12 @@ def _zk_errors(fn: Callable[..., T]) -> Callable[..., T]:
             raise OperationFailed(f"ZooKeeper error on {self.base}: {type(e).__name__}") from None
 
     return wrapper
+
+
+def chroot_commands(chroot: str) -> str:
+    """zkCli.sh commands that create ``chroot`` with every missing parent (``create`` makes one level)."""
+    parts = [p for p in chroot.split("/") if p]
+    return "; ".join(f"zkCli.sh create /{'/'.join(parts[:i])}" for i in range(1, len(parts) + 1))
 
 
 def _load(data: bytes | None) -> dict[str, Any]:
@@ -185,13 +198,15 @@ class ZooKeeperCoordinator:
         self._listeners.append(callback)
 
     def start(self) -> None:
+        began = time.monotonic()
         try:
             self.zk.start(timeout=self.connect_timeout_s)
         except KazooTimeoutError:
             self.zk.stop()
+            # The time it really took (stopping kazoo's connection thread adds to the timeout).
             raise CoordinationUnavailable(
-                f"cannot reach ZooKeeper at {self.hosts} within {self.connect_timeout_s:.0f}s; check "
-                f"coordination.zookeeper and that the ensemble has quorum") from None
+                f"cannot reach ZooKeeper at {self.hosts} (no session after {time.monotonic() - began:.1f}s); "
+                f"check coordination.zookeeper and that the ensemble has quorum") from None
         self._state = SessionState.CONNECTED if self.zk.connected else self._state
         try:
             self._ensure_layout()
@@ -202,8 +217,9 @@ class ZooKeeperCoordinator:
     @_zk_errors
     def _ensure_layout(self) -> None:
         if self.zk.chroot and not self._w(self.zk.exists_async("/")):
-            raise UsageError(f"the ZooKeeper chroot {self.zk.chroot} does not exist; create it first "
-                             f"(zkCli.sh create {self.zk.chroot}) or remove it from coordination.zookeeper")
+            raise UsageError(f"the ZooKeeper chroot {self.zk.chroot} does not exist; create it first, each "
+                             f"level in turn ({chroot_commands(self.zk.chroot)}; 'Node already exists' is fine) or "
+                             f"remove it from coordination.zookeeper")
         if not self._w(self.zk.exists_async("/drsync")):
             # Shared by every group: anyone may read it and add a group below, nobody may change it.
             acl = [ACL(Permissions.READ | Permissions.CREATE, Id("world", "anyone"))] if self._acl else None

@@ -44,6 +44,7 @@ from urllib.parse import quote
 from drsync.dataroot import STAGING
 from drsync.errors import IntegrityError, OperationFailed, UsageError
 from drsync.repository.manifest import Entry, hdfs_checksum_digest, printable
+from drsync.units import human_size
 
 log = logging.getLogger("drsync.distcp")
 
@@ -160,8 +161,9 @@ class DistCpStager:
         staged = self._verify(root, sub, items)
         if progress:
             progress(sum(e.size for _, e in items))
-        log.info("%s: DistCp copied %d file(s), %d bytes, from %s in %.1fs; sizes and HDFS checksums match",
-                 self.what, len(items), sum(e.size for _, e in items), self.source, time.monotonic() - started)
+        log.info("%s: DistCp copied %d file(s), %s, from %s in %.1fs; sizes and HDFS checksums match",
+                 self.what, len(items), human_size(sum(e.size for _, e in items)), self.source,
+                 time.monotonic() - started)
         return staged
 
     def _run(self, listing: str, target: str, user: str | None) -> None:

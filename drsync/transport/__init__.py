@@ -7,9 +7,16 @@ both over gRPC. Only that module imports grpc.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+# gRPC's C core writes its own lines to stderr ("E1201 ... add_port.cc:83] Failed to add port"): they
+# bypass drsync's log (and break --log-format json), and every failure they describe reaches the operator
+# as drsync's own one-line error. Set before grpc is imported (drsync.transport.grpc); an operator's own
+# GRPC_VERBOSITY (e.g. ERROR, to debug) wins.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,14 @@ class Receiver(Protocol):
     state: Any
 
     def greet(self, caller: Caller) -> None: ...
+
+    def check_sender_cluster(self, sender: str, cluster_id: str, release: str) -> None:
+        """RefusedError when a sender's cluster id or release (from its Hello) is not this standby's."""
+        ...
+
+    def note_refusal(self, sender: str, error: Exception) -> None:
+        """A request of ``sender`` was refused: log it (rate-limited) and keep it as the last refusal."""
+        ...
 
     def lag_s(self) -> float | None: ...
 

@@ -8,9 +8,11 @@ reverse, so the agent layer only ever sees drsync errors.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -163,6 +165,11 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         st = self.receiver.state if self.receiver is not None else None
         epoch = self._epoch() if self._epoch else st.epoch if st else 0
         lag = None
+        if self.receiver is not None and request.cluster_id:
+            try:
+                self.receiver.check_sender_cluster(request.sender, request.cluster_id, request.release)
+            except DrsyncError as e:
+                self._fail(context, request.sender, e)
         if self.receiver is not None:
             self.receiver.greet(Caller(request.sender, int(request.epoch), request.sent_at, received,
                                        peer_names(context), request.sender_instance))
@@ -175,6 +182,12 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                              held_snapshot=held, received_at=received, replied_at=time.time(),
                              apply_delay_s=self.receiver.apply_delay_s if self.receiver is not None else 0.0,
                              received_snapshot=st.received_snapshot if st else "")
+
+    def _fail(self, context: grpc.ServicerContext, sender: str, e: Exception) -> None:
+        """Abort the call; a refusal is also the standby's to report (logged, shown in its status)."""
+        if isinstance(e, RefusedError) and self.receiver is not None:
+            self.receiver.note_refusal(sender, e)
+        _abort(context, e)
 
     def _same_caller(self, context: grpc.ServicerContext, first: Caller, sender: str, epoch: int) -> None:
         if (sender, int(epoch)) != (first.sender, first.epoch):
@@ -194,7 +207,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                 _check_ids(context, req.ids)
                 yield pb.ChunkIds(epoch=req.epoch, ids=rx.missing(caller, list(req.ids)))
         except DrsyncError as e:
-            _abort(context, e)
+            self._fail(context, caller.sender if caller else "", e)
 
     def Upload(self, request_iterator: Iterator[pb.ChunkBatch], context: grpc.ServicerContext) -> pb.UploadReply:
         rx = self._receiver(context)
@@ -213,7 +226,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
             rx.admit(caller)
             received, stored, stored_bytes = rx.receive(caller, batches())
         except DrsyncError as e:
-            _abort(context, e)
+            self._fail(context, caller.sender, e)
         return pb.UploadReply(received=received, stored=stored, stored_bytes=stored_bytes, replied_at=time.time())
 
     def Commit(self, request_iterator: Iterator[pb.CommitPart], context: grpc.ServicerContext) -> pb.CommitReply:
@@ -231,7 +244,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                 try:
                     rx.admit(caller)  # before any manifest piece is kept: a fenced sender sends none
                 except DrsyncError as e:
-                    _abort(context, e)
+                    self._fail(context, caller.sender, e)
             elif part.epoch != caller.epoch:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "commit parts carry different epochs")
             piece = part.manifest
@@ -254,7 +267,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         try:
             info, result = rx.commit(caller, doc, b"".join(pieces), int(seq))  # admits under its commit lock
         except DrsyncError as e:
-            _abort(context, e)
+            self._fail(context, caller.sender, e)
         st = rx.state
         return pb.CommitReply(snapshot=info.id, written_files=result.written_files, removed=result.removed,
                               applied_at=st.applied_at, replied_at=time.time(), applied_snapshot=st.applied_snapshot,
@@ -308,6 +321,27 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def listen_problem(listen: str) -> str:
+    """Why this process cannot listen on ``listen`` (host:port), in one line naming the key to change;
+    "" when it can (the port is bound and released at once)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as e:
+        return (f"cannot listen on {listen}: {getattr(e, 'strerror', None) or e}; set agent.listen to a host:port "
+                f"of this machine")
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(sockaddr)
+    except OSError as e:
+        why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e)).lower()
+        return f"cannot listen on {listen}: {why}; set agent.listen to a free host:port"
+    return ""
+
+
 def start_server(servicer: ReplicationServicer, listen: str, *, tls: tuple[str, str, str] | None = None,
                  allow_insecure_remote: bool = False) -> grpc.Server:
     """Serve replication and the standard health service on ``listen`` (host:port)."""
@@ -321,15 +355,22 @@ def start_server(servicer: ReplicationServicer, listen: str, *, tls: tuple[str, 
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("drsync.v1.Replication", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if tls is not None:
-        ca, cert, key = tls
-        creds = grpc.ssl_server_credentials([(_read(key), _read(cert))], root_certificates=_read(ca),
-                                            require_client_auth=True)
-        port = server.add_secure_port(listen, creds)
-    else:
-        port = server.add_insecure_port(listen)
+    problem = listen_problem(listen)  # before gRPC tries: its own error is a RuntimeError without the cause
+    if problem:
+        raise UsageError(problem)
+    try:
+        if tls is not None:
+            ca, cert, key = tls
+            creds = grpc.ssl_server_credentials([(_read(key), _read(cert))], root_certificates=_read(ca),
+                                                require_client_auth=True)
+            port = server.add_secure_port(listen, creds)
+        else:
+            port = server.add_insecure_port(listen)
+    except RuntimeError:  # grpc >= 1.60 raises instead of returning 0 (taken between the check and now)
+        port = 0
     if port == 0:
-        raise OperationFailed(f"cannot listen on {listen} (address in use or not available)")
+        raise UsageError(f"cannot listen on {listen}: address in use or not available; set agent.listen to a free "
+                         f"host:port")
     server.start()
     return server
 
@@ -368,9 +409,11 @@ class GrpcStandbyLink:
     """
 
     def __init__(self, target: str, *, tls: tuple[str, str, str] | None = None, timeout_s: float | None = None,
-                 sender: str = "") -> None:
+                 sender: str = "", cluster_id: str = "", release: str = "") -> None:
         self.target = target
         self.sender = sender  # this agent's name, carried by every request
+        # A primary's cluster, sent with Hello: a standby of another cluster or release refuses at once.
+        self.cluster_id, self.release = cluster_id, release
         self.timeout_s = timeout_s
         if tls is not None:
             ca, cert, key = tls
@@ -387,7 +430,8 @@ class GrpcStandbyLink:
     def hello(self, sender: str, epoch: int, timeout_s: float = 10) -> StandbyHello:
         sent = time.time()
         try:
-            r = self.stub.Hello(pb.HelloRequest(sender=sender, epoch=epoch, sent_at=sent, sender_instance=INSTANCE),
+            r = self.stub.Hello(pb.HelloRequest(sender=sender, epoch=epoch, sent_at=sent, sender_instance=INSTANCE,
+                                                cluster_id=self.cluster_id, release=self.release),
                                 timeout=timeout_s)
         except grpc.RpcError as e:
             raise _translate(e, self.target) from None
