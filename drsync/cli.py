@@ -496,7 +496,7 @@ def backup_create(inv: Invocation, snapshot_id: str, dest: str | None, mode: str
 
 
 @backup_grp.command("restore")
-@_common
+@_config_only
 @click.argument("backup_dir")
 @click.option("--target", required=True, metavar="URL", help="Data root to restore onto (any cluster).")
 @click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
@@ -531,7 +531,7 @@ class _Exit(Exception):
 
 
 @backup_grp.command("verify")
-@_common
+@_config_only
 @click.argument("backup_dir")
 def backup_verify(inv: Invocation, backup_dir: str) -> None:
     """Re-read and re-hash a whole backup; exit 3 on corruption."""
@@ -554,7 +554,7 @@ def backup_verify(inv: Invocation, backup_dir: str) -> None:
 
 
 @backup_grp.command("list")
-@_common
+@_config_only
 @click.argument("dest", required=False)
 def backup_list(inv: Invocation, dest: str | None) -> None:
     """List the backups in a backup directory."""
@@ -573,7 +573,7 @@ def backup_list(inv: Invocation, dest: str | None) -> None:
 
 
 @backup_grp.command("prune")
-@_common
+@_config_only
 @click.argument("dest", required=False)
 @click.option("--keep-last", type=click.IntRange(0), default=0)
 @click.option("--keep-hourly", type=click.IntRange(0), default=0)
@@ -974,6 +974,9 @@ def agent_cmd(inv: Invocation, once: bool, log_format: str, log_level: str) -> N
     if once and log_level == "info":
         level = logging.WARNING
     configure_logging(group=c.coordination.group, agent=c.agent.name, fmt=log_format, level=level)
+    if inv.json and not once:
+        raise UsageError("--json reports the one cycle of --once; a running agent writes JSON logs with "
+                         "--log-format json")
     if once and c.agent.role != "primary":
         raise UsageError("--once runs one replication cycle; it needs agent.role = \"primary\"")
     try:

@@ -3,12 +3,14 @@
 Every record carries the time in ISO 8601 with its zone (``2026-12-01T09:01:23.353+00:00``), the
 level, the group and the agent; records about one snapshot name it in their message. The JSON form
 (python-json-logger) has the keys ``time``, ``level``, ``logger``, ``group``, ``agent`` and
-``message``, one object per line, for log shippers.
+``message``, and ``snapshot`` when the record is about one (the first snapshot its message names),
+one object per line, for log shippers.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from datetime import datetime
 
@@ -31,8 +33,12 @@ class _Json(JsonFormatter):
         return _iso(record)
 
 
+# How a message names a snapshot: "snapshot <16 hex digits>" (drsync's snapshot ids).
+_SNAPSHOT = re.compile(r"\bsnapshots? ([0-9a-f]{16})\b")
+
+
 class _Context(logging.Filter):
-    """Stamps every record with the group and the agent."""
+    """Stamps every record with the group and the agent, and the snapshot its message names first."""
 
     def __init__(self, group: str, agent: str) -> None:
         super().__init__()
@@ -40,6 +46,13 @@ class _Context(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.group, record.agent = self.group, self.agent
+        if not hasattr(record, "snapshot"):
+            try:
+                found = _SNAPSHOT.search(record.getMessage())
+            except (TypeError, ValueError):  # a record whose arguments do not fit its format
+                found = None
+            if found:
+                record.snapshot = found.group(1)
         return True
 
 

@@ -117,3 +117,22 @@ def test_text_logs_carry_an_iso_time_with_zone_and_a_stop_line(tmp_path: Path) -
                        r"group=logs agent=east ")
     assert all(stamp.match(line) for line in lines), lines
     assert listen in lines[0] and "stopped" in lines[-1]
+
+
+def test_json_records_about_a_snapshot_carry_its_id_as_a_key(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "f").write_text("x")
+    assert run_drsync("init", "--repo", tmp_path / "repo", "--cluster-id", "c", "--release", "1").code == 0
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path / "data"}"\n'
+                   f'repository = "{tmp_path / "repo"}"\n[agent]\nname = "east"\nrole = "primary"\n'
+                   f'[replication]\nstandbys = ["127.0.0.1:{free_port()}"]\n')  # nobody there: a warning
+    r = run_drsync("agent", "--config", cfg, "--once", "--log-format", "json", "--log-level", "info")
+    assert r.code == 1, r.err
+    records = [json.loads(line) for line in r.err.splitlines() if line.startswith("{")]
+    about = [x for x in records if re.search(r"\bsnapshot [0-9a-f]{16}\b", x["message"])]
+    assert about, records
+    for x in about:
+        assert x["snapshot"] == re.search(r"\bsnapshots? ([0-9a-f]{16})\b", x["message"]).group(1)  # type: ignore[union-attr]
+        assert x["group"] and x["agent"] == "east" and x["time"]
+    assert all("snapshot" not in x for x in records if not re.search(r"[0-9a-f]{16}", x["message"]))

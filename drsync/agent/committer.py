@@ -125,8 +125,9 @@ class Committer:
         if (info.cluster_id, info.release) != (cfg.cluster_id, cfg.release):
             raise RefusedError(
                 f"snapshot {info.id} is from cluster {info.cluster_id!r} release {info.release!r}, but this "
-                f"standby keeps cluster {cfg.cluster_id!r} release {cfg.release!r}; check "
-                f"replication.standbys on the primary, or upgrade both clusters to the same release")
+                f"standby keeps cluster {cfg.cluster_id!r} release {cfg.release!r}; give both agents production's "
+                f"cluster.id and cluster.release (upgrade both together), or check where the primary ships "
+                f"(replication.standbys, or with ZooKeeper roles the agents of its coordination.group)")
         if blake3.blake3(manifest_bytes).hexdigest() != info.manifest_hash:
             raise IntegrityError(f"snapshot {info.id}: the manifest arrived damaged or truncated "
                                  f"(hash mismatch); it was not applied")

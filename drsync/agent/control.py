@@ -69,6 +69,12 @@ def _when(ts: object) -> str:
         return "an unknown time"
 
 
+def _no_fence_words(cfg: Config) -> str:
+    """How a config without fencing says so: the operator's explicit "none", or nothing configured."""
+    return ('fence_command = "none" (the operator\'s explicit choice: nothing runs)'
+            if cfg.coordination.fence_command.strip() == "none" else "fence_command not configured")
+
+
 @dataclass
 class PromotionCheck:
     """One thing a promotion checks before it changes anything (``promote --dry-run`` lists them)."""
@@ -100,7 +106,10 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
             if force else
             f"primary {maintenance.get('agent')}'s agent was stopped on purpose at {_when(maintenance.get('since'))} "
             f"({maintenance.get('reason') or 'maintenance'}): production is probably still running; start its agent "
-            f"again, or rerun with --force to promote {me} anyway (fence_command runs first)")))
+            f"again, or rerun with --force to promote {me} anyway" + (" (fence_command runs first)"
+                                                                      if cfg.coordination.fencing else
+                                                                      f" ({_no_fence_words(cfg)}: nothing "
+                                                                      f"stops its writers)"))))
     data_root = engine.data_root_url(cfg.cluster.data)
     if promote_empty_root or has_data(data_root):
         checks.append(PromotionCheck("data root", True, f"{data_root} holds data" if not promote_empty_root else
@@ -149,7 +158,7 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
     checks.append(PromotionCheck("fence", True, (
         f"fence_command runs first against {old} and must exit 0" if fence else
         "skipped (--no-fence)" if no_fence else "no earlier primary to fence" if first or not old or old == me
-        else "fence_command not configured")))
+        else _no_fence_words(cfg))))
     return checks, {"first": first, "lag": lag, "state": state, "old": old, "fence": fence, "running": running,
                     "data_root": data_root, "target": target}
 
@@ -377,7 +386,8 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
             "applied_first": applied_first,
             "data_loss_accepted": accept_data_loss and not first,
             "fenced": fenced if fenced is not None else ("skipped (--no-fence)" if no_fence else
-                                                         "not configured" if not cfg.coordination.fencing else None),
+                                                         _no_fence_words(cfg) if not cfg.coordination.fencing
+                                                         else None),
         }
         def confirmed() -> bool:
             p = coord.read_primary()

@@ -88,9 +88,13 @@ def collect_group_status(cfg: Config) -> dict[str, Any]:
     last = dict(changes[0]) if changes else None
     if last is not None:
         last["at"], last["at_unix"] = iso(float(last.get("at") or 0.0)), last.get("at")
+        last["operator"] = last.get("by")  # who made the change (a person or an agent), beside "to"
     return {"group": cfg.coordination.group,
             "primary": primary.agent if primary is not None and states.get(primary.agent) == "up" else None,
             "primary_claim": claim, "epoch": view.epoch.epoch, "promoted_by": view.epoch.promoted_by or None,
+            # The epoch node's promoted_by (DESIGN's ZooKeeper layout) names the agent the epoch promoted, not
+            # a person: promoted_agent says so plainly; who did it is last_change.operator.
+            "promoted_agent": view.epoch.promoted_by or None,
             "promoted_at": iso(view.epoch.at) if view.epoch.at else None, "promotion_reason": view.epoch.reason or None,
             "primary_since": iso(primary.since) if primary else None, "agents": agents, "state": state,
             "switchover": view.switchover, "maintenance": _maintenance(view.maintenance),
