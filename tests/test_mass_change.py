@@ -115,8 +115,8 @@ def test_external_rows_compare_their_hdfs_checksums() -> None:
 
 
 def test_a_million_files_are_judged_in_columns() -> None:
-    import time
-
+    """A million files, a quarter rewritten, with the same paths and with shifted ones (the join path).
+    No timing here (make test has none): make bench-style figures are in the closing notes."""
     import pyarrow as pa
 
     from drsync.repository.manifest import SCHEMA
@@ -136,10 +136,8 @@ def test_a_million_files_are_judged_in_columns() -> None:
     applied = big(base, paths)
     changed_files(applied, applied)  # Arrow's kernels warm up once per process
     for new in (big(rewritten, paths), big([*rewritten[1:], base[0]], [*paths[1:], b"zzz"])):
-        started = time.monotonic()
         files_, changed = changed_files(applied, new)
         assert files_ == n and changed in (n // 4, n // 4 - 1)
-        assert time.monotonic() - started < 5.0
 
 
 def test_config_keys(tmp_path: Path) -> None:
