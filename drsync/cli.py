@@ -763,7 +763,8 @@ def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: 
     from drsync.agent.control import PointChoice, promote
     from drsync.agent.pointintime import parse_before
 
-    point = PointChoice(to_snapshot=to_snapshot, before=parse_before(before, time.time()) if before else None,
+    point = PointChoice(to_snapshot=to_snapshot,
+                        before=parse_before(before, time.time()) if before is not None else None,
                         apply_received=apply_received, delayed_state=delayed_state)
     doc = promote(_need_config(inv, "promote"), force=force, accept_data_loss=accept_data_loss, wait_s=wait_s,
                   no_fence=no_fence, promote_empty_root=promote_empty_root, dry_run=dry_run, point=point)

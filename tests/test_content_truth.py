@@ -96,3 +96,46 @@ def test_a_point_promotion_restores_a_root_changed_by_hand(make_group) -> None: 
     for extra in ((), ("--dry-run",)):
         r = g.promote("west", "--to-snapshot", applied, "--force", *extra)
         assert r.code == 2 and "is for a standby" in (r.err + r.out), (r.out, r.err)
+
+
+# --- in-process: a root nobody vouches for --------------------------------------------------------------
+
+
+def _standby_with(tmp_path: Path, *, baseline: bool) -> tuple[Path, Path, str]:
+    """A standby repository holding production's good snapshot G, and a standby root that holds the
+    good tree with a few files rewritten sneakily (an ex-primary's swept root, or a pre-seeded copy).
+    ``baseline``: that root was captured as its before-rejoin snapshot (state.guard_baseline), as a
+    rejoining ex-primary's is. Returns (standby root, state dir, G's id)."""
+    import shutil
+
+    from drsync.agent.state import StateStore
+    from tests.conftest import make_tree
+
+    good = tmp_path / "good"
+    make_tree(good, files=12, big=1)
+    repo = engine.init_repository(str(tmp_path / "repo"), cluster_id="c", release="1")
+    g = engine.create_snapshot(repo, engine.SnapshotRequest(str(good), kind="cycle"))
+    root = tmp_path / "root"
+    shutil.copytree(good, root, symlinks=True)
+    for name in ("f001.txt", "f002.txt", "f003.txt"):
+        sneaky_rewrite(root / "catalog" / name)
+    state_dir = tmp_path / "state"
+    store = StateStore(str(state_dir))
+    if baseline:
+        b = engine.create_snapshot(repo, engine.SnapshotRequest(str(root), name="before-rejoin"))
+        store.update(guard_baseline=b.id)
+    return root, state_dir, g.id
+
+
+@pytest.mark.parametrize("baseline", [True, False], ids=["rejoined-ex-primary", "pre-seeded-root"])
+def test_a_first_apply_onto_a_swept_root_writes_the_swept_files(tmp_path: Path, baseline: bool) -> None:
+    from drsync.agent.committer import Committer
+    from drsync.agent.state import StateStore
+
+    root, state_dir, good = _standby_with(tmp_path, baseline=baseline)
+    repo = engine.open_repository(str(tmp_path / "repo"))
+    c = Committer(repo, str(root), StateStore(str(state_dir)), agent="standby")
+    info = repo.find_snapshot(good)
+    result = c._apply(info, repo.load_manifest(info), [1, info.seq])
+    assert result.written_files >= 3
+    assert tree_state(root) == tree_state(tmp_path / "good")

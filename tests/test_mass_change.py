@@ -359,3 +359,25 @@ def test_the_window_keeps_a_few_checkpoints_and_judges_against_one_a_window_old(
     assert change_baseline(cps[-1:], 9000.0, h) == "s9"  # younger than the window: its oldest one
     assert change_baseline((), 9000.0, h) == "" and change_baseline(cps, 9000.0, 0.0) == ""
     assert next_checkpoints(cps, "x", 9500.0, 0.0) == ()
+
+
+def test_an_older_pending_snapshot_coming_due_does_not_lift_a_hold(tmp_path: Path) -> None:
+    """A delayed standby: a small change waits for apply_delay, then a sweep arrives and is held at once.
+    When the small change comes due and is applied, the hold on the (newer) sweep stays: only a later
+    shipment that passes the guards lifts a hold."""
+    p = make_pair(tmp_path, '[replication]\napply_delay = "30s"\n')
+    try:
+        bootstrap(p)  # the first snapshot is applied at once; the later ones of bootstrap wait 30 s
+        state_file = p.tmp / "standby-repo" / "agent" / "state.json"
+        wait_for(lambda: json.loads(state_file.read_text()).get("pending"), "a shipment to wait for apply_delay")
+        pending = json.loads(state_file.read_text())["pending"][-1][0]
+        encrypt(p, 0.8)
+        wait_for(lambda: metrics(p)["drsync_mass_change"] == 1, "the standby to hold the sweep on arrival")
+        held = apply_state(p)["snapshot"]
+        wait_for(lambda: pending not in [x[0] for x in json.loads(state_file.read_text())["pending"]],
+                 "the older one to come due", timeout=120)
+        st = apply_state(p)
+        assert st["held"] and st["snapshot"] == held, st
+        assert metrics(p)["drsync_mass_change"] == 1 and metrics(p)["drsync_apply_held"] == 1
+    finally:
+        p.stop_all()

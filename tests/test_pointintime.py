@@ -132,8 +132,11 @@ def test_a_delayed_snapshot_reaches_the_root_once_old_enough(make_group) -> None
         g.start(n)
     assert g.promote("east").code == 0
     wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west's first sync")
+    first = _state(g, "west")["applied_snapshot"]
     (g.data["east"] / "catalog" / "late.txt").write_text("applied three seconds after capture\n")
-    wait_for(lambda: (g.data["west"] / "catalog" / "late.txt").exists(), "the delayed apply")
+    # The root shows the file a moment before the apply is recorded: wait for both.
+    wait_for(lambda: (g.data["west"] / "catalog" / "late.txt").exists() and
+             _state(g, "west")["applied_snapshot"] != first, "the delayed apply")
     st = _state(g, "west")
     # Applied no earlier than the delay after capture (one machine: both clocks are this one).
     assert st["applied_at"] >= st["applied_captured_at"] + 3.0

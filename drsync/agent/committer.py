@@ -175,7 +175,7 @@ class Committer:
             self._record_applied(info.id, info.captured_at, position)
             self._keep_history(info.id)
             log.info("snapshot %s has the content of the applied one; nothing to apply", info.id)
-            self._release_guard(f"snapshot {info.id} has the content of the applied snapshot again")
+            self._release_guard_for(info, f"snapshot {info.id} has the content of the applied snapshot again")
             return ApplyResult(unchanged_files=manifest.file_count())
         base = applied if applied is not None else self._baseline_manifest()
         hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
@@ -184,11 +184,11 @@ class Committer:
         if hold is not None or held_change is not None:
             raise RefusedError(self._hold_by_guard(info, hold, position, held_change))
         if change is not None:  # replication.on_mass_change = "alert": applied, flagged until acknowledged
-            self._flag(info, change, good=self.store.current.applied_snapshot)
+            self._flag(info, change, good=change.since or self.store.current.applied_snapshot)
         result = self._apply(info, manifest, position)
         log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id,
                  result.written_files, result.removed, time.monotonic() - started)
-        self._release_guard(f"snapshot {info.id} was applied: it removes few enough of the files "
+        self._release_guard_for(info, f"snapshot {info.id} was applied: it removes few enough of the files "
                             f"(replication.max_delete_fraction {self.max_delete_fraction:g}) and rewrites few "
                             f"enough (replication.max_change_fraction {self.max_change_fraction:g})")
         return result
@@ -203,12 +203,12 @@ class Committer:
             self.store.update(received_snapshot=info.id, received_captured_at=info.captured_at)
 
     def _defer(self, info: SnapshotInfo, manifest: Manifest, position: list[int]) -> ApplyResult:
-        """Judge a young snapshot now (the deletion guard against the newest one ahead of it), then queue it."""
+        """Judge a young snapshot now, against what the root holds (the applied snapshot: everything
+        pending before it counts too, as it would in an immediate apply), then queue it."""
         st = self.store.current
         if any(p[0] == info.id for p in st.pending):
             return ApplyResult()  # a retried commit
-        ahead = st.pending[-1][0] if st.pending else st.applied_snapshot
-        base = self._manifest_of(ahead) if ahead else self._baseline_manifest()
+        base = self._applied_manifest() if st.applied_snapshot else self._baseline_manifest()
         hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
         change = self._judge_changes(info, base, manifest)
         held_change = change if change is not None and self.on_mass_change == "hold" else None
@@ -217,7 +217,7 @@ class Committer:
         self.store.update(pending=(*st.pending, (info.id, info.captured_at, tuple(position))))
         log.info("snapshot %s stored; applied at %s (replication.apply_delay %s)", info.id,
                  iso(info.captured_at + self.apply_delay_s), format_span(self.apply_delay_s))
-        self._release_guard(f"snapshot {info.id}, shipped after it, passes the guard")
+        self._release_guard_for(info, f"snapshot {info.id}, shipped after it, passes the guards")
         return ApplyResult()
 
     def apply_due(self, *, everything: bool = False) -> str:
@@ -384,6 +384,12 @@ class Committer:
                                 f"in its repository")
             self.hold_file.save(self.hold)
 
+    def _release_guard_for(self, info: SnapshotInfo, why: str) -> None:
+        """A snapshot passed the guards: it lifts a hold only when it was captured after the held one
+        (production came back); an older one (pending for apply_delay) says nothing about the held change."""
+        if self.hold.snapshot and info.captured_at > self.hold.captured_at:
+            self._release_guard(why)
+
     def _release_guard(self, why: str) -> None:
         if not self.hold.snapshot:
             return
@@ -451,13 +457,32 @@ class Committer:
             result = self._apply(info, manifest, list(self.hold.position))
             log.warning("snapshot %s applied on an operator's confirmation (%d files written, %d removed) in %.2fs",
                         info.id, result.written_files, result.removed, time.monotonic() - started)
+            behind = (self.hold.latest, list(self.hold.latest_position))  # stored and refused after it
             self._release_guard("an operator confirmed it (drsync apply --confirm) and it was applied")
             self._restart_window(info.id)
             self.store.transform(lambda s: dataclasses.replace(  # older pending ones are behind the root now
                 s, pending=tuple(p for p in s.pending if p[1] > info.captured_at)))
+            newer = self._take_stored_behind(info, *behind)
             return {"applied": info.id, "written_files": result.written_files, "removed": result.removed,
+                    "then_applied": newer or None,
                     "message": f"snapshot {info.id} applied on standby {self.agent}: {result.written_files} files "
-                               f"written, {result.removed} removed"}
+                               f"written, {result.removed} removed" + (f"; then snapshot {newer}, stored behind it"
+                                                                       if newer else "")}
+
+    def _take_stored_behind(self, confirmed: SnapshotInfo, latest: str, position: list[int]) -> str:
+        """After a confirmation: the newest snapshot stored (and refused) behind the held one goes through the
+        guards and the delay now, instead of waiting for the primary's next shipment. Its id when applied."""
+        if not latest or latest == confirmed.id or self.hold.operator_since:
+            return ""
+        try:
+            info = self.repo.find_snapshot(latest)
+            if info.captured_at <= confirmed.captured_at:
+                return ""
+            self.take(info, self.repo.load_manifest(info), time.monotonic(), position)
+        except DrsyncError as e:  # held again, or unreadable: the primary's next shipment is judged as usual
+            log.info("snapshot %s, stored behind the confirmed one, is not applied now: %s", latest, e)
+            return ""
+        return latest if self.store.current.applied_snapshot == latest else ""
 
     @staticmethod
     def _names(ref: str, snapshot: str) -> bool:
@@ -531,11 +556,14 @@ class Committer:
     def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int], *,
                verify_root: bool = False) -> ApplyResult:
         """Apply through the journal. The root is taken to hold the applied snapshot: files whose content
-        differs from it are written whatever their sizes and times say; ``verify_root``: nobody vouches for
-        the root (a promotion at a recovery point), every file whose size and time match is read."""
+        differs from it are written whatever their sizes and times say; ``verify_root`` (a promotion at a
+        recovery point), or nothing known about the root: every file whose size and time match is read."""
         fsutil.atomic_write(self._pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
                                                        "position": position}).encode())
         what = f"snapshot {info.id}"
+        # What the root is known to hold: the applied snapshot, or (an ex-primary that rejoined, nothing
+        # applied yet) its before-rejoin capture. Known nothing: every file whose size and time match is read.
+        base = None if verify_root else (self._applied_manifest() or self._baseline_manifest())
         external = (DistCpStager(self.distcp, info.content_snapshot, cancel=self.cancel, what=what,
                                  algorithm=info.content_checksum)
                     if self.distcp is not None and manifest.external_count() else None)
@@ -543,8 +571,8 @@ class Committer:
             result = apply_manifest(
                 manifest, self.repo, self.data_root, what=what, journal=self.store.journal,
                 on_committed=lambda: self._record_applied(info.id, info.captured_at, position),
-                protect=(self.repo.storage.url, self.store.dir), external=external, checksum=verify_root,
-                base=None if verify_root else self._applied_manifest())
+                protect=(self.repo.storage.url, self.store.dir), external=external,
+                checksum=verify_root or base is None, base=base)
         except BaseException as e:
             self._after_failed_apply()
             if isinstance(e, OSError):

@@ -337,7 +337,10 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
         checks, ctx = _promotion_checks(cfg, coord, view, force=force, accept_data_loss=accept_data_loss,
                                         no_fence=no_fence, promote_empty_root=promote_empty_root, point=point)
         target: RecoveryPoint | None = ctx["target"]
-        failed = next((c for c in checks if not c.ok), None)
+        # A usage error (the command itself is wrong) is said before any refusal: fixing the refusal first
+        # would only lead to it.
+        failed = next((c for c in checks if not c.ok and c.refusal is UsageError), None) or next(
+            (c for c in checks if not c.ok), None)
         if dry_run:
             code = 0 if failed is None else {RefusedError: 4, UsageError: 2}.get(failed.refusal, 1)
             return {"agent": me, "dry_run": True, "would_promote": failed is None, "exit_code": code,
