@@ -387,7 +387,7 @@ class Committer:
     def _release_guard_for(self, info: SnapshotInfo, why: str) -> None:
         """A snapshot passed the guards: it lifts a hold only when it was captured after the held one
         (production came back); an older one (pending for apply_delay) says nothing about the held change."""
-        if self.hold.snapshot:
+        if self.hold.snapshot and info.captured_at > self.hold.captured_at:
             self._release_guard(why)
 
     def _release_guard(self, why: str) -> None:
