@@ -195,14 +195,8 @@ def encrypt(pair: Pair, share: float) -> int:
     """Rewrite the first ``share`` of production's regular files in place: same names, same sizes, other
     bytes (what an encryption sweep leaves). The primary's agent is stopped meanwhile, so one capture
     sees the whole sweep. Returns how many files were rewritten."""
-    pair.kill("primary", signal.SIGTERM)
-    doomed = regular_files(pair.prod)
-    doomed = doomed[: int(len(doomed) * share) + 1]
-    for p in doomed:
-        data = p.read_bytes()
-        p.write_bytes(bytes(b ^ 0x5A for b in data) if data else b"\x00")
-    pair.start("primary")
-    return len(doomed)
+    n = len(regular_files(pair.prod))
+    return encrypt_slice(pair, 0.0, (int(n * share) + 1) / n)
 
 
 def test_metadata_changes_apply_and_an_encryption_sweep_is_held_until_confirmed(pair: Pair) -> None:

@@ -33,16 +33,22 @@ def _damage(root: Path) -> None:
     (root / "README-RANSOM.txt").write_text("pay up\n")
 
 
+def _synced(make_group, **kw) -> Group:  # type: ignore[no-untyped-def]
+    """east primary at epoch 1 and west its standby, in sync with an applied snapshot."""
+    g: Group = make_group(["east", "west"], **kw)
+    for n in g.names:
+        g.start(n)
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west's first sync")
+    return g
+
+
 def _state(g: Group, name: str) -> dict:  # type: ignore[type-arg]
     return json.loads((g.tmp / f"{name}-repo" / "agent" / "state.json").read_text())
 
 
 def test_promote_at_an_earlier_snapshot_after_damage_replicated(make_group) -> None:  # type: ignore[no-untyped-def]
-    g: Group = make_group(["east", "west"], extra=KEEP_ALL)
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
-    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west to sync")
+    g = _synced(make_group, extra=KEEP_ALL)
     good_tree = tree_state(g.data["east"])
     good = g.hello("west").applied_snapshot
     _damage(g.data["east"])
@@ -74,11 +80,7 @@ def test_promote_at_an_earlier_snapshot_after_damage_replicated(make_group) -> N
 
 
 def test_point_choices_are_refused_with_a_reason(make_group) -> None:  # type: ignore[no-untyped-def]
-    g: Group = make_group(["east", "west"], extra=KEEP_ALL)
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
-    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west to sync")
+    g = _synced(make_group, extra=KEEP_ALL)
     r = g.promote("west", "--to-snapshot", "nosuchsnapshot", "--force")
     assert r.code == 2 and "is not a snapshot this standby holds" in r.err and len(r.err.strip().splitlines()) == 1
     r = g.promote("west", "--before", "2001-01-01T00:00:00Z", "--force")
@@ -90,12 +92,7 @@ def test_point_choices_are_refused_with_a_reason(make_group) -> None:  # type: i
 
 @pytest.mark.parametrize("choice", ["--apply-received", "--delayed-state"])
 def test_a_delayed_standby_stores_at_once_and_applies_late(make_group, choice: str) -> None:  # type: ignore[no-untyped-def]
-    g: Group = make_group(["east", "west"], extra=KEEP_ALL, replication='apply_delay = "1h"')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
-    # The first snapshot is applied at once: a delayed standby still starts useful.
-    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west's first sync")
+    g = _synced(make_group, extra=KEEP_ALL, replication='apply_delay = "1h"')
     before = tree_state(g.data["west"])
     applied = g.hello("west").applied_snapshot
     (g.data["east"] / "catalog" / "late.txt").write_text("written after the first sync\n")
@@ -127,11 +124,7 @@ def test_a_delayed_standby_stores_at_once_and_applies_late(make_group, choice: s
 
 
 def test_a_delayed_snapshot_reaches_the_root_once_old_enough(make_group) -> None:  # type: ignore[no-untyped-def]
-    g: Group = make_group(["east", "west"], replication='apply_delay = "3s"')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
-    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west's first sync")
+    g = _synced(make_group, replication='apply_delay = "3s"')
     first = _state(g, "west")["applied_snapshot"]
     (g.data["east"] / "catalog" / "late.txt").write_text("applied three seconds after capture\n")
     # The root shows the file a moment before the apply is recorded: wait for both.
@@ -177,11 +170,7 @@ def test_before_takes_iso_unix_or_a_span_ago() -> None:
 
 
 def test_a_drill_rehearses_a_promotion_at_an_earlier_point(make_group) -> None:  # type: ignore[no-untyped-def]
-    g: Group = make_group(["east", "west"], extra=KEEP_ALL)
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
-    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west to sync")
+    g = _synced(make_group, extra=KEEP_ALL)
     good = g.hello("west").applied_snapshot
     _damage(g.data["east"])
     wait_for(lambda: g.in_sync("east", "west"), "the damage to reach west")
@@ -202,11 +191,7 @@ def test_a_drill_rehearses_a_promotion_at_an_earlier_point(make_group) -> None: 
 def test_a_switchover_to_a_delayed_standby_loses_nothing(make_group) -> None:  # type: ignore[no-untyped-def]
     """The final snapshot of a switchover reaches a delayed standby's root before it takes over: the
     zero-loss promise holds whatever apply_delay says."""
-    g: Group = make_group(["east", "west"], interval="1h", replication='apply_delay = "1h"')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
-    wait_for(lambda: g.in_sync("east", "west") and g.hello("west").applied_snapshot, "west's first sync")
+    g = _synced(make_group, interval="1h", replication='apply_delay = "1h"')
     (g.data["east"] / "catalog" / "last-minute.txt").write_text("written just before the switchover\n")
     production = tree_state(g.data["east"])
     r = g.drsync("west", "switchover", "--json")
