@@ -975,6 +975,7 @@ def agent_cmd(inv: Invocation, once: bool, log_format: str, log_level: str) -> N
     if once and log_level == "info":
         level = logging.WARNING
     configure_logging(group=c.coordination.group, agent=c.agent.name, fmt=log_format, level=level)
+    _STATE["json_log"] = log_format == "json"  # from here on, the error that ends the command is a record
     if inv.json and not once:
         raise UsageError("--json reports the one cycle of --once; a running agent writes JSON logs with "
                          "--log-format json")
@@ -1023,6 +1024,15 @@ def _printable_errors(err: UnicodeError) -> tuple[str, int]:
 codecs.register_error("drsync-printable", _printable_errors)
 
 
+def _error(message: str, prefix: str = "error") -> None:
+    """The one line that ends a failed command: on stderr, or (agent --log-format json) as a JSON log
+    record, so that a log shipper's stream stays JSON lines."""
+    if _STATE.get("json_log"):
+        logging.getLogger("drsync").error("%s", message)
+    else:
+        click.echo(f"drsync: {prefix}: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
@@ -1037,18 +1047,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except _Exit as e:
         if str(e):  # "" when the error was already logged (agent --log-format json)
-            click.echo(f"drsync: error: {printable(str(e))}", err=True)
+            _error(printable(str(e)))
         return e.code
     except DrsyncError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"drsync: error: {printable(str(e))}", err=True)
+        _error(printable(str(e)))
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("drsync: interrupted", err=True)
         return 130
     except click.ClickException as e:
-        click.echo(f"drsync: error: {e.format_message()}", err=True)
+        _error(e.format_message())
         return EXIT_USAGE if e.exit_code == 2 else e.exit_code
     except KeyboardInterrupt:
         click.echo("drsync: interrupted", err=True)
@@ -1058,13 +1068,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         from drsync.fsutil import describe_os_error
 
-        click.echo(f"drsync: error: {printable(str(describe_os_error(e, 'the operation')))}", err=True)
+        _error(printable(str(describe_os_error(e, "the operation"))))
         return EXIT_FAILED
     except Exception as e:  # a bug: say so plainly, and how to get the details
         if debug:
             traceback.print_exc()
-        click.echo(f"drsync: internal error: {type(e).__name__}: {e}; rerun with --debug for details",
-                   err=True)
+        _error(f"{type(e).__name__}: {e}; rerun with --debug for details", prefix="internal error")
         return EXIT_FAILED
 
 

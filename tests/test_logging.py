@@ -129,7 +129,8 @@ def test_json_records_about_a_snapshot_carry_its_id_as_a_key(tmp_path: Path) -> 
                    f'[replication]\nstandbys = ["127.0.0.1:{free_port()}"]\n')  # nobody there: a warning
     r = run_drsync("agent", "--config", cfg, "--once", "--log-format", "json", "--log-level", "info")
     assert r.code == 1, r.err
-    records = [json.loads(line) for line in r.err.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in r.err.splitlines() if line.strip()]  # every line, the error too
+    assert records[-1]["level"] == "ERROR" and "did not reach every standby" in records[-1]["message"]
     about = [x for x in records if re.search(r"\bsnapshot [0-9a-f]{16}\b", x["message"])]
     assert about, records
     for x in about:
