@@ -136,6 +136,6 @@ def test_a_first_apply_onto_a_swept_root_writes_the_swept_files(tmp_path: Path, 
     repo = engine.open_repository(str(tmp_path / "repo"))
     c = Committer(repo, str(root), StateStore(str(state_dir)), agent="standby")
     info = repo.find_snapshot(good)
-    result = c._apply(info, repo.load_manifest(info), [1, info.seq])
+    result = c._apply(info, repo.load_manifest(info), [1, info.seq], base=c._known_root())
     assert result.written_files >= 3
     assert tree_state(root) == tree_state(tmp_path / "good")

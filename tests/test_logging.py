@@ -17,10 +17,14 @@ from tests.group import wait_for
 from tests.zk import free_port
 
 
-def _config(tmp: Path, zookeeper: str) -> tuple[Path, str, str]:
+def _data_and_repo(tmp: Path) -> None:
     (tmp / "data").mkdir()
     (tmp / "data" / "f").write_text("x")
     assert run_drsync("init", "--repo", tmp / "repo", "--cluster-id", "c", "--release", "1").code == 0
+
+
+def _config(tmp: Path, zookeeper: str) -> tuple[Path, str, str]:
+    _data_and_repo(tmp)
     listen, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     cfg = tmp / "east.toml"
     cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp / "data"}"\nrepository = "{tmp / "repo"}"\n'
@@ -35,6 +39,13 @@ def _steps(records: list[dict], what: str) -> list[float]:
             for m in [re.search(r"next try in (\d+)s", r["message"])] if m]
 
 
+def _json_agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    """An agent writing JSON log lines (stdout and stderr) to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg), "--log-format",
+                                 "json"], stderr=out, stdout=out)
+
+
 def _json_records(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
@@ -42,9 +53,7 @@ def _json_records(log: Path) -> list[dict]:
 def test_a_wrong_zookeeper_address_logs_a_line_per_backoff_step_as_json(tmp_path: Path) -> None:
     cfg, listen, metrics = _config(tmp_path, f"127.0.0.1:{free_port()}")
     log = tmp_path / "agent.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg), "--log-format",
-                                 "json"], stderr=out, stdout=out)
+    proc = _json_agent(cfg, log)
     try:
         wait_for(lambda: len(_steps(_json_records(log), "cannot reach ZooKeeper")) >= 3,
                  "three steps of the agent's backoff", timeout=120)
@@ -76,9 +85,7 @@ def test_a_missing_chroot_backs_off_instead_of_spinning(tmp_path: Path, zk_serve
     WARNING each. Every failed coordination pass now waits for a growing, capped delay, one line per step."""
     cfg, _, _ = _config(tmp_path, f"{zk_server.hosts}/nochroot/sub")
     log = tmp_path / "agent.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg), "--log-format",
-                                 "json"], stderr=out, stdout=out)
+    proc = _json_agent(cfg, log)
     try:
         wait_for(lambda: sum("does not exist" in r["message"] for r in _json_records(log)) >= 3,
                  "three failed passes", timeout=60)
@@ -120,9 +127,7 @@ def test_text_logs_carry_an_iso_time_with_zone_and_a_stop_line(tmp_path: Path) -
 
 
 def test_json_records_about_a_snapshot_carry_its_id_as_a_key(tmp_path: Path) -> None:
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "f").write_text("x")
-    assert run_drsync("init", "--repo", tmp_path / "repo", "--cluster-id", "c", "--release", "1").code == 0
+    _data_and_repo(tmp_path)
     cfg = tmp_path / "p.toml"
     cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path / "data"}"\n'
                    f'repository = "{tmp_path / "repo"}"\n[agent]\nname = "east"\nrole = "primary"\n'

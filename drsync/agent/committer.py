@@ -178,14 +178,10 @@ class Committer:
             self._release_guard_for(info, f"snapshot {info.id} has the content of the applied snapshot again")
             return ApplyResult(unchanged_files=manifest.file_count())
         base = applied if applied is not None else self._baseline_manifest()
-        hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
-        change = self._judge_changes(info, base, manifest)
-        held_change = change if change is not None and self.on_mass_change == "hold" else None
-        if hold is not None or held_change is not None:
-            raise RefusedError(self._hold_by_guard(info, hold, position, held_change))
+        change = self._judge(info, base, manifest, position)
         if change is not None:  # replication.on_mass_change = "alert": applied, flagged until acknowledged
             self._flag(info, change, good=change.since or self.store.current.applied_snapshot)
-        result = self._apply(info, manifest, position)
+        result = self._apply(info, manifest, position, base=base)
         log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id,
                  result.written_files, result.removed, time.monotonic() - started)
         self._release_guard_for(info, f"snapshot {info.id} was applied: it removes few enough of the files "
@@ -208,12 +204,7 @@ class Committer:
         st = self.store.current
         if any(p[0] == info.id for p in st.pending):
             return ApplyResult()  # a retried commit
-        base = self._applied_manifest() if st.applied_snapshot else self._baseline_manifest()
-        hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
-        change = self._judge_changes(info, base, manifest)
-        held_change = change if change is not None and self.on_mass_change == "hold" else None
-        if hold is not None or held_change is not None:
-            raise RefusedError(self._hold_by_guard(info, hold, position, held_change))
+        self._judge(info, self._known_root(), manifest, position)  # alert mode: flagged when it is applied
         self.store.update(pending=(*st.pending, (info.id, info.captured_at, tuple(position))))
         log.info("snapshot %s stored; applied at %s (replication.apply_delay %s)", info.id,
                  iso(info.captured_at + self.apply_delay_s), format_span(self.apply_delay_s))
@@ -280,7 +271,7 @@ class Committer:
             # read and compared file by file (it may have been changed by hand, or by a forged shipment).
             position = next((list(p[2]) for p in st.pending if p[0] == info.id), list(st.applied_position)
                             if st.applied_snapshot == info.id else [])
-            result = self._apply(info, self.repo.load_manifest(info), position, verify_root=True)
+            result = self._apply(info, self.repo.load_manifest(info), position, base=None)
             self.store.update(pending=())
             log.warning("snapshot %s applied %s (%d files written, %d removed) in %.2fs; applies held until the "
                         "promotion", info.id, why, result.written_files, result.removed, time.monotonic() - started)
@@ -288,6 +279,17 @@ class Committer:
                     "removed": result.removed,
                     "message": f"snapshot {info.id} is applied on {self.agent} ({result.written_files} files "
                                f"written, {result.removed} removed); applies are held until the promotion"}
+
+    def _judge(self, info: SnapshotInfo, base: Manifest | None, manifest: Manifest,
+               position: list[int]) -> MassChange | None:
+        """The deletion and mass-change guards against ``base`` (what the root holds): RefusedError (logged)
+        when they hold ``info``; else the mass change to flag (on_mass_change = "alert"), or None."""
+        hold = deletion_guard(base, manifest, self.max_delete_fraction) if base is not None else None
+        change = self._judge_changes(info, base, manifest)
+        held_change = change if change is not None and self.on_mass_change == "hold" else None
+        if hold is not None or held_change is not None:
+            raise RefusedError(self._hold_by_guard(info, hold, position, held_change))
+        return change
 
     def _hold_by_guard(self, info: SnapshotInfo, hold: Hold | None, position: list[int],
                        held_change: MassChange | None = None) -> str:
@@ -413,6 +415,11 @@ class Committer:
         except DrsyncError:
             return None
 
+    def _known_root(self) -> Manifest | None:
+        """What the root is known to hold: the applied snapshot, or (an ex-primary that rejoined, nothing
+        applied yet) its before-rejoin capture; None when nothing vouches for it."""
+        return self._applied_manifest() or self._baseline_manifest()
+
     def _applied_manifest(self) -> Manifest | None:
         applied = self.store.current.applied_snapshot
         return self._manifest_of(applied) if applied else None
@@ -454,7 +461,7 @@ class Committer:
                                    f"snapshot")
             info = self.repo.find_snapshot(held)
             manifest = self.repo.load_manifest(info)
-            result = self._apply(info, manifest, list(self.hold.position))
+            result = self._apply(info, manifest, list(self.hold.position), base=self._known_root())
             log.warning("snapshot %s applied on an operator's confirmation (%d files written, %d removed) in %.2fs",
                         info.id, result.written_files, result.removed, time.monotonic() - started)
             behind = (self.hold.latest, list(self.hold.latest_position))  # stored and refused after it
@@ -554,16 +561,14 @@ class Committer:
     # --- the apply itself ------------------------------------------------------------------
 
     def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int], *,
-               verify_root: bool = False) -> ApplyResult:
-        """Apply through the journal. The root is taken to hold the applied snapshot: files whose content
-        differs from it are written whatever their sizes and times say; ``verify_root`` (a promotion at a
-        recovery point), or nothing known about the root: every file whose size and time match is read."""
+               base: Manifest | None) -> ApplyResult:
+        """Apply through the journal. ``base``: what the root is known to hold (:meth:`_known_root`): files
+        whose content differs from it are written whatever their sizes and times say. ``base`` None (nothing
+        vouches for the root, e.g. a promotion at a recovery point): every file whose size and time match is
+        read and compared."""
         fsutil.atomic_write(self._pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
                                                        "position": position}).encode())
         what = f"snapshot {info.id}"
-        # What the root is known to hold: the applied snapshot, or (an ex-primary that rejoined, nothing
-        # applied yet) its before-rejoin capture. Known nothing: every file whose size and time match is read.
-        base = None if verify_root else (self._applied_manifest() or self._baseline_manifest())
         external = (DistCpStager(self.distcp, info.content_snapshot, cancel=self.cancel, what=what,
                                  algorithm=info.content_checksum)
                     if self.distcp is not None and manifest.external_count() else None)
@@ -572,7 +577,7 @@ class Committer:
                 manifest, self.repo, self.data_root, what=what, journal=self.store.journal,
                 on_committed=lambda: self._record_applied(info.id, info.captured_at, position),
                 protect=(self.repo.storage.url, self.store.dir), external=external,
-                checksum=verify_root or base is None, base=base)
+                checksum=base is None, base=base)
         except BaseException as e:
             self._after_failed_apply()
             if isinstance(e, OSError):
