@@ -137,6 +137,17 @@ class Group:
     def in_sync(self, source: str, target: str) -> bool:
         return tree_state(self.data[source]) == tree_state(self.data[target])
 
+    def wait_synced(self, source: str, target: str, what: str, after: str = "", timeout: float = 60) -> str:
+        """Until ``target``'s root equals ``source``'s and ``target`` reports an applied snapshot other than
+        ``after``; returns that snapshot id. (An apply renames the tree into place before it records the
+        snapshot as applied, so equal trees alone do not say which snapshot the standby reports.)"""
+        def synced() -> str:
+            if not self.in_sync(source, target):
+                return ""
+            applied = self.hello(target).applied_snapshot
+            return applied if applied and applied != after else ""
+        return str(wait_for(synced, what, timeout))
+
     def status(self, name: str) -> dict[str, Any]:
         r = self.drsync(name, "status", "--json")
         assert r.code == 0, r.err

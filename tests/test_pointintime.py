@@ -52,8 +52,7 @@ def test_promote_at_an_earlier_snapshot_after_damage_replicated(make_group) -> N
     good_tree = tree_state(g.data["east"])
     good = g.hello("west").applied_snapshot
     _damage(g.data["east"])
-    wait_for(lambda: g.in_sync("east", "west"), "the damage to reach west")
-    damaged = g.hello("west").applied_snapshot
+    damaged = g.wait_synced("east", "west", "the damage to reach west", after=good)
     g.kill("east", signal.SIGKILL)  # production is lost too (or must not be trusted)
     points = g.drsync("west", "status", "--points", "--json")
     assert points.code == 0, points.err
