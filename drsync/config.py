@@ -215,6 +215,10 @@ class ReplicationConfig:
     # (capture time, on the primary's clock): a window to hold a damaging change before it reaches
     # the standby's root (drsync apply --hold). 0: apply at once.
     apply_delay: float = field(default=0.0, metadata=_conv(_duration))
+    # Under ZooKeeper roles: the agent this standby follows (a cascade: the far region receives from the
+    # near standby, crossing the WAN once); "" = the primary. Falls back to the primary while that agent
+    # is not a live standby (drsync.agent.topology).
+    upstream: str = field(default="", metadata=_conv(_str))
 
 
 @dataclass(frozen=True)
@@ -341,6 +345,22 @@ def fencing_problem(cfg: Config) -> str | None:
                 "\"Fencing\")")
     if cfg.tls.allowed_peers and not cfg.tls.enabled:
         return "tls.allowed_peers needs [tls] ca, cert and key: peers are known by their certificates"
+    return None
+
+
+def topology_problem(cfg: Config) -> str | None:
+    """Why ``replication.upstream`` / ``replication.standbys`` cannot work with this agent's role, or None."""
+    r, role = cfg.replication, cfg.agent.role
+    if r.upstream and role != "auto":
+        return (f"replication.upstream names the agent to follow under ZooKeeper roles (agent.role = \"auto\"), "
+                f"and this agent's role is fixed ({role}); with fixed roles list this agent's address in the "
+                f"replication.standbys of the agent it follows instead")
+    if r.upstream and r.upstream == cfg.agent.name:
+        return f"replication.upstream = {r.upstream!r} names this agent itself; name the agent it follows"
+    if r.standbys and role == "auto":
+        return ("replication.standbys is for fixed roles (agent.role = \"primary\" or \"standby\"); under "
+                "ZooKeeper roles the group's agents are the standbys: remove it, and on a far standby set "
+                "replication.upstream to the agent it should follow")
     return None
 
 

@@ -66,6 +66,11 @@ class Group:
         self.coord = ZooKeeperCoordinator(hosts, group, session_timeout_s=10.0, username=auth[0], password=auth[1])
         self.coord.start()
 
+    def add_replication(self, name: str, line: str) -> None:
+        """Add ``line`` (e.g. ``upstream = "near"``) to agent ``name``'s [replication], its config's last table."""
+        with open(self.cfg[name], "a") as f:
+            f.write(line.rstrip("\n") + "\n")
+
     # --- processes ------------------------------------------------------------------
 
     def start(self, name: str, wait: bool = True, env: dict[str, str] | None = None) -> None:

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from drsync.config import KeepPolicy, load_config, parse_duration
+from drsync.config import KeepPolicy, config_from_dict, load_config, parse_duration
 from drsync.errors import ConfigError
 
 MINIMAL = """
@@ -119,3 +120,18 @@ def test_durations(text: str | int, seconds: float) -> None:
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ConfigError):
         parse_duration(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("role", "replication", "said"), [
+    ("primary", 'upstream = "near"', "replication.upstream names the agent to follow under ZooKeeper roles"),
+    ("auto", 'upstream = "east-1"', "names this agent itself"),
+    ("auto", 'standbys = ["a:1"]', "replication.standbys is for fixed roles"),
+])
+def test_a_topology_that_cannot_work_is_refused_at_start(tmp_path: Path, role: str, replication: str,
+                                                         said: str) -> None:
+    from drsync.config import topology_problem
+
+    cfg = config_from_dict({"cluster": {"id": "c", "release": "1", "data": str(tmp_path), "repository": "r"},
+                            "agent": {"name": "east-1", "role": role},
+                            "replication": tomllib.loads(replication)})
+    assert said in (topology_problem(cfg) or "")

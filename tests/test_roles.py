@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from drsync.agent.roles import (
+    RANK_DELAY_S,
     FailoverPolicy,
     candidate_rank,
     decide_role,
@@ -61,8 +62,10 @@ def test_manual_failover_never_promotes_by_itself() -> None:
 def test_automatic_failover_waits_for_the_grace_and_respects_lag_and_cooldown() -> None:
     assert decide("west", view(), absent=1.0) == "standby"
     assert decide("west", view(), absent=2.0) == "promote-self"
-    assert decide("west", view(), absent=2.5, rank=1) == "standby"  # a standby further behind waits longer
-    assert decide("west", view(), absent=3.0, rank=1) == "promote-self"
+    # A standby further behind gives each better-placed live one RANK_DELAY_S to take over first.
+    assert decide("west", view(), absent=2.0 + RANK_DELAY_S - 0.5, rank=1) == "standby"
+    assert decide("west", view(), absent=2.0 + RANK_DELAY_S, rank=1) == "promote-self"
+    assert decide("west", view(), absent=2.0 + RANK_DELAY_S, rank=2) == "standby"
     assert decide("west", view(), absent=60, lag=61) == "standby"
     assert decide("west", view(), absent=60, lag=None) == "standby"
     assert decide("west", view(), absent=60, epoch_age=10) == "standby"  # epoch seen 10 s ago: cooldown

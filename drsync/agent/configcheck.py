@@ -29,6 +29,7 @@ from drsync.config import (
     engine_problem,
     fencing_problem,
     read_config_document,
+    topology_problem,
 )
 from drsync.dataroot import open_data_root
 from drsync.errors import ConfigError, DrsyncError
@@ -78,6 +79,12 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
                                       if c.fence_command.strip() == "none" else "no fence_command") +
         ("; demote_command set" if c.demote_command.strip() else
          "; no demote_command (an ex-primary rejoins only after drsync rejoin)")), "config"))
+    topology = topology_problem(cfg)
+    r = cfg.replication
+    checks.append(Check("topology", topology is None, topology or (
+        f"follows {r.upstream} (cascade; the primary ships here directly while {r.upstream} is not a live standby)"
+        if r.upstream else f"ships onward to {', '.join(r.standbys)}" if r.standbys and cfg.agent.role == "standby"
+        else f"ships to {', '.join(r.standbys)}" if r.standbys else "follows the primary"), "config"))
     checks += _check_cluster(cfg)
     checks += _check_engine(cfg)
     try:

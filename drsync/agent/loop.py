@@ -33,7 +33,8 @@ from drsync.agent.shipper import CycleDecision, Replication, ShipOutcome
 from drsync.agent.standby import StandbyReceiver
 from drsync.agent.state import StateStore, state_dir_of, state_dir_owner_problem
 from drsync.agent.supervisor import RoleSupervisor
-from drsync.config import Config, engine_problem, fencing_problem
+from drsync.agent.topology import feeders
+from drsync.config import Config, engine_problem, fencing_problem, topology_problem
 from drsync.coordination import Coordinator
 from drsync.errors import DrsyncError, RefusedError, UsageError
 from drsync.metrics import AgentMetrics, new_registry, serve
@@ -63,7 +64,7 @@ def open_coordinator(cfg: Config, *, connect_timeout_s: float | None = None) -> 
 
 class Agent:
     def __init__(self, cfg: Config, *, serve_network: bool = True, coordinator: Coordinator | None = None) -> None:
-        problem = fencing_problem(cfg) or engine_problem(cfg)
+        problem = fencing_problem(cfg) or engine_problem(cfg) or topology_problem(cfg)
         if problem:
             raise UsageError(problem)
         self.cfg = cfg
@@ -96,6 +97,7 @@ class Agent:
                                             on_mass_change=cfg.replication.on_mass_change,
                                             mass_change_window_s=cfg.replication.mass_change_window)
             self.receiver.trust_request_epochs = bool(cfg.tls.allowed_peers)
+            self.receiver.upstream = cfg.replication.upstream
             if self.receiver.recover():
                 log.warning("agent %s: finished an apply that was interrupted", self.name)
             self.receiver.on_applied = self._on_applied
@@ -113,9 +115,9 @@ class Agent:
         self.replication = Replication(
             cfg, self.repo, self.metrics, sender=self.name,
             link=lambda target: GrpcStandbyLink(target, tls=self.tls, sender=self.name, cluster_id=cfg.cluster.id,
-                                                release=cfg.cluster.release),
-            epoch=lambda: self.store.current.epoch, guard=self.supervisor.guard, exclude_paths=(self.store.dir,),
-            on_outcome=self._on_shipped)
+                                                release=cfg.cluster.release, clock=self._shipping_clock),
+            epoch=lambda: self.store.current.epoch, guard=self.supervisor.guard, relay_guard=self._relay_guard,
+            exclude_paths=(self.store.dir,), on_outcome=self._on_shipped)
         self.supervisor.on_switchover = lambda view: switchover.carry_out(self.supervisor, self.replication, view)
         self.activity = Activity(self.current_lag)
         self.maintenance = MaintenanceWorker(cfg, self.repo, self.metrics, state_dir=self.state_dir,
@@ -177,7 +179,36 @@ class Agent:
             m.snapshot_changed_fraction.set_function(lambda: rx.committer.changed_fraction)
 
     def targets(self) -> list[str]:
-        return list(self.supervisor.registered_standbys) if self.auto else list(self.cfg.replication.standbys)
+        """The standbys this agent ships to: as primary those it feeds, as a standby those that follow it
+        (a cascade: replication.upstream under ZooKeeper, replication.standbys with fixed roles)."""
+        return list(self.supervisor.feeding) if self.auto else list(self.cfg.replication.standbys)
+
+    @property
+    def relaying(self) -> bool:
+        """A standby (not an ex-primary waiting to rejoin) ships what it applied to the standbys it feeds."""
+        return self.acting == "standby" and self.receiver is not None and not self.supervisor.holding_ex_primary
+
+    def _shipping_clock(self) -> float:
+        # A relay stamps its requests with the primary's clock as it estimates it: lag stays one definition.
+        return time.time() if self.acting == "primary" else self.store.current.primary_now()
+
+    def _relay_guard(self, final: bool) -> None:
+        if not self.relaying:
+            raise RefusedError(f"agent {self.name} is no longer a standby; it relays nothing")
+
+    def _relay_applied(self) -> None:
+        """Offer the applied snapshot to the standbys that follow this one, with the epoch and position of
+        the primary that produced it."""
+        st = self.store.current
+        if not self.relaying or not st.applied_snapshot or not self.replication.targets():
+            return
+        try:
+            info = self.repo.find_snapshot(st.applied_snapshot)
+        except DrsyncError as e:
+            log.warning("agent %s: cannot relay snapshot %s: %s", self.name, st.applied_snapshot, e)
+            return
+        pos = tuple(st.applied_position)
+        self.replication.offer(info, (pos[0], pos[1]) if len(pos) == 2 else (st.epoch, 0))
 
     def _applied_captured_at(self) -> float | None:
         if self.acting == "standby":
@@ -220,6 +251,7 @@ class Agent:
     def _on_applied(self) -> None:
         st = self.store.current
         self.activity.add(st.applied_snapshot, True, f"applied (captured {st.lag_s() or 0.0:.1f}s before)")
+        self._relay_applied()
         self.wake.set()  # publish the new applied snapshot at once
 
     def _on_shipped(self, outcome: ShipOutcome) -> None:
@@ -234,7 +266,8 @@ class Agent:
             return Duties("primary", frozenset(self.replication.protected() | {st.applied_snapshot} - {""}))
         rx = self.receiver
         # pending: applied later (apply_delay); checkpoints: what the mass-change window judges against
-        keep = {st.applied_snapshot, *(p[0] for p in st.pending), *(c[0] for c in st.change_checkpoints)} - {""}
+        keep = {st.applied_snapshot, *(p[0] for p in st.pending), *(c[0] for c in st.change_checkpoints),
+                *self.replication.protected()} - {""}  # and what a relay ships onward
         # A flagged mass change pauses retention too: the snapshots before it may be the good copy.
         held = rx is not None and (rx.hold.active or bool(rx.hold.flagged))
         return Duties("standby", frozenset(keep), held=held,
@@ -284,13 +317,15 @@ class Agent:
         view = sup.view
         if self.auto:
             agents = []
+            fed = feeders(view.primary.agent if view is not None and view.primary is not None else "", sup.agents)
             for name, r in sorted(sup.agents.items()):
                 # The lag each standby publishes (primary's clock), never recomputed with this clock.
                 lag = st.lag_s() if name == self.name else r.get("lag_s")
                 agents.append({"name": name, "state": "up", "role": r.get("role"), "address": r.get("address"),
                                "epoch": r.get("epoch"), "applied_snapshot": r.get("applied_snapshot"),
                                "lag_s": round(float(lag), 3) if lag is not None and r.get("role") == "standby"
-                               else None, "last_refusal": r.get("last_refusal")})
+                               else None, "last_refusal": r.get("last_refusal"), "upstream": r.get("upstream"),
+                               "fed_by": fed.get(name)})
             positions = self._lost_positions()
             for name, m in sorted(sup.lost_standbys.items()):  # it stays listed, down, its lag growing
                 lag = clock.lag_s(positions.get(name, 0.0))
@@ -404,6 +439,7 @@ class Agent:
         backoff = CAPTURE_BACKOFF_FIRST_S
         next_capture = 0.0
         sup = self.supervisor
+        ship_mode = ""
         while not self.stop.is_set() and sup.fatal is None:
             self.wake.clear()
             try:
@@ -416,7 +452,15 @@ class Agent:
             if self.receiver is not None:
                 self.receiver.intake.expire_idle()  # a sender that died mid-shipment lets GC run again
             primary = sup.acting_primary
-            new = self.replication.set_targets(self.targets() if primary else [])
+            relaying = self.relaying
+            mode = "primary" if primary else "relay" if relaying else ""
+            if mode != ship_mode:  # a relay's offers (an earlier epoch's snapshots) never go out as a primary's
+                self.replication.set_targets([])
+                ship_mode = mode
+            self.replication.target_names = dict(sup.feeding)
+            new = self.replication.set_targets(self.targets() if primary or relaying else [])
+            if new and relaying:
+                self._relay_applied()  # a standby started to follow this one: its applied snapshot at once
             if sup.cycle_now.is_set() or (new and primary):
                 sup.cycle_now.clear()
                 next_capture = 0.0

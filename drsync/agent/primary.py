@@ -98,7 +98,7 @@ def chunks_to_negotiate(new: Manifest, applied: Manifest | None) -> list[bytes]:
 
 
 def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int, sender: str,
-                  bandwidth_bps: float = 0.0, applied: Manifest | None = None,
+                  sender_seq: int | None = None, bandwidth_bps: float = 0.0, applied: Manifest | None = None,
                   guard: Callable[[bool], None] | None = None,
                   reading: Callable[[], AbstractContextManager[object]] | None = None) -> ShipResult:
     """Negotiate, upload the missing chunks, commit. Raises on any refusal; safe to retry.
@@ -107,6 +107,8 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     primary still has it: negotiation then covers only what changed since.
     ``guard(final)`` raises when the sender may no longer act as primary; it is
     called before each upload message and (with ``final=True``) before the commit.
+    ``sender_seq`` is the snapshot's position in the producing primary's repository (a relay passes the
+    one it received; default: ``info.seq``, this repository's).
     ``reading()`` is held while this repository is read (manifest, negotiation, upload), not
     while the standby applies: e.g. the repository's shared lock, so GC waits for the reads only.
     """
@@ -123,7 +125,8 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     # A seq is a position in one repository: the standby numbers what it receives itself. The
     # document goes without it, as before snapshots were numbered, so a standby that runs the
     # previous version during a rolling upgrade still reads it.
-    outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces, sender_seq=info.seq)
+    outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces,
+                          sender_seq=info.seq if sender_seq is None else sender_seq)
     missing_raw = sum(sizes.get(i, 0) for i in missing)
     return ShipResult(info.id, len(sizes), len(missing), shipped, total_bytes - missing_raw,
                       round(time.monotonic() - start, 3), outcome)

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 from drsync.coordination import GroupView, SessionState
 
-# Extra wait per rank for standbys that are further behind, so the most
-# up-to-date one normally wins an automatic failover.
-RANK_DELAY_S = 1.0
+# Extra wait per rank for standbys that are further behind: a live standby at a newer position gets this
+# long to take over before the next one tries, so the most current one wins an automatic failover (on a
+# busy machine too) and another takes over only when it cannot (its fence command fails, it is frozen).
+RANK_DELAY_S = 10.0
 
 
 @dataclass(frozen=True)

@@ -80,13 +80,15 @@ class Shipper:
 
     def __init__(self, target: str, *, repo: Repository, link: Callable[[str], StandbyLink], sender: str,
                  epoch: Callable[[], int], guard: Callable[[bool], None], bandwidth_bps: float,
-                 metrics: AgentMetrics, on_outcome: Callable[[ShipOutcome], None]) -> None:
+                 metrics: AgentMetrics, on_outcome: Callable[[ShipOutcome], None],
+                 relay_guard: Callable[[bool], None] | None = None) -> None:
         self.target = target
         self.repo = repo
         self._link = link
         self.sender = sender
         self._epoch = epoch
         self._guard = guard
+        self._relay_guard = relay_guard or guard  # asked instead while relaying (a snapshot with an origin)
         self.bandwidth_bps = bandwidth_bps
         self.metrics = metrics
         self.on_outcome = on_outcome
@@ -96,6 +98,9 @@ class Shipper:
         self.received = ""
         self.apply_delay_s = 0.0
         self.offered: SnapshotInfo | None = None  # the newest snapshot this standby should get
+        # Where the offered snapshot was produced, (epoch, seq in the producing primary's repository), when
+        # this agent relays it (a cascade); None: this agent is its primary (its epoch, its own seq).
+        self.offered_origin: tuple[int, int] | None = None
         self.in_flight = ""
         self.in_flight_info: SnapshotInfo | None = None
         self.held = ""  # the snapshot this standby's deletion guard holds (from its Hello)
@@ -119,10 +124,11 @@ class Shipper:
         if wait_s and self._thread is not None:
             self._thread.join(wait_s)
 
-    def offer(self, info: SnapshotInfo) -> None:
-        """Bring this standby to ``info`` (or to a newer snapshot offered before it gets there)."""
+    def offer(self, info: SnapshotInfo, origin: tuple[int, int] | None = None) -> None:
+        """Bring this standby to ``info`` (or to a newer snapshot offered before it gets there); ``origin``
+        is (epoch, seq) of the primary that produced it when this agent relays it."""
         with self._cv:
-            self.offered = info
+            self.offered, self.offered_origin = info, origin
             self._cv.notify_all()
 
     def _due(self) -> SnapshotInfo | None:
@@ -139,10 +145,10 @@ class Shipper:
                     self._cv.wait(None if wait is None or wait <= 0 else wait)
                 if self._stop:
                     return
-                info = self._due()
+                info, origin = self._due(), self.offered_origin
             if info is not None:
                 try:
-                    self.ship(info)
+                    self.ship(info, origin)
                 except Exception:  # a bug must not end this target's replication silently
                     log.exception("shipper for %s: unexpected error", self.target)
                     self._failed()
@@ -153,12 +159,13 @@ class Shipper:
 
     # --- one shipment -----------------------------------------------------------------------
 
-    def ship(self, info: SnapshotInfo) -> ShipOutcome:
-        """Ship ``info`` now (on the caller's thread), record the outcome and the position."""
+    def ship(self, info: SnapshotInfo, origin: tuple[int, int] | None = None) -> ShipOutcome:
+        """Ship ``info`` now (on the caller's thread), record the outcome and the position. ``origin``:
+        see :meth:`offer`."""
         with self._ship_lock:
             self.in_flight, self.in_flight_info = info.id, info
             try:
-                outcome = self._ship(info)
+                outcome = self._ship(info, origin)
             finally:
                 self.in_flight, self.in_flight_info = "", None
         if outcome.ok:
@@ -174,10 +181,12 @@ class Shipper:
         self.on_outcome(outcome)
         return outcome
 
-    def _ship(self, info: SnapshotInfo) -> ShipOutcome:
+    def _ship(self, info: SnapshotInfo, origin: tuple[int, int] | None) -> ShipOutcome:
         link = self._link(self.target)
         try:
-            epoch = self._epoch()
+            # A relay ships at the epoch that produced the snapshot: a cascaded standby refuses it once
+            # ZooKeeper's epoch has moved past it (the producer was fenced).
+            epoch, seq = origin if origin is not None else (self._epoch(), info.seq)
             hello = link.hello(self.sender, epoch)
             own = self.repo.config
             if hello.cluster_id and (hello.cluster_id, hello.release) != (own.cluster_id, own.release):
@@ -195,8 +204,9 @@ class Shipper:
                 applied = self._manifest_if_known(hello.applied_snapshot)
             # A reader of this repository while it reads (not while the standby applies): GC never
             # removes a pack this shipment is reading.
-            res = ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender,
-                                bandwidth_bps=self.bandwidth_bps, applied=applied, guard=self._guard,
+            res = ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender, sender_seq=seq,
+                                bandwidth_bps=self.bandwidth_bps, applied=applied,
+                                guard=self._guard if origin is None else self._relay_guard,
                                 reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S))
             done = res.applied
             self.received, self.apply_delay_s = info.id, done.apply_delay_s
@@ -239,7 +249,8 @@ class Replication:
 
     def __init__(self, cfg: Config, repo: Repository, metrics: AgentMetrics, *, sender: str,
                  link: Callable[[str], StandbyLink], epoch: Callable[[], int], guard: Callable[[bool], None],
-                 exclude_paths: tuple[str, ...], on_outcome: Callable[[ShipOutcome], None]) -> None:
+                 exclude_paths: tuple[str, ...], on_outcome: Callable[[ShipOutcome], None],
+                 relay_guard: Callable[[bool], None] | None = None) -> None:
         self.cfg = cfg
         self.repo = repo
         self.metrics = metrics
@@ -247,7 +258,9 @@ class Replication:
         self._link = link
         self._epoch = epoch
         self._guard = guard
+        self._relay_guard = relay_guard
         self.exclude_paths = exclude_paths
+        self.target_names: dict[str, str] = {}  # address -> agent name (ZooKeeper roles)
         self.on_outcome = on_outcome
         self.shippers: dict[str, Shipper] = {}
         # The last position of each target that is no longer one (its standby vanished): the primary's lag
@@ -263,7 +276,7 @@ class Replication:
                 s = self.shippers[target] = Shipper(
                     target, repo=self.repo, link=self._link, sender=self.sender, epoch=self._epoch,
                     guard=self._guard, bandwidth_bps=self.cfg.replication.bandwidth_limit, metrics=self.metrics,
-                    on_outcome=self.on_outcome)
+                    on_outcome=self.on_outcome, relay_guard=self._relay_guard)
                 if self.background:
                     s.start()
             return s
@@ -301,9 +314,9 @@ class Replication:
         self.metrics.snapshot_duration.observe(info.duration_s)
         return info
 
-    def offer(self, info: SnapshotInfo) -> None:
+    def offer(self, info: SnapshotInfo, origin: tuple[int, int] | None = None) -> None:
         for s in list(self.shippers.values()):
-            s.offer(info)
+            s.offer(info, origin)
 
     def run_cycle(self, targets: list[str]) -> CycleDecision:
         """Capture, then ship to every target in parallel and wait (synchronous)."""

@@ -66,6 +66,9 @@ class StandbyReceiver:
         # Fixed roles only: a request may raise the floor when its certificate was checked against
         # tls.allowed_peers (set by the agent); an anonymous peer never can.
         self.trust_request_epochs = False
+        # With ZooKeeper roles: the agent this standby follows (replication.upstream, a cascade); it may ship
+        # too, at the group's epoch, besides the agent the epoch names.
+        self.upstream = ""
         self.on_applied: Callable[[], None] = lambda: None
         # After each commit, locks released (the agent wakes its maintenance then).
         self.after_commit: Callable[[], None] = lambda: None
@@ -179,7 +182,9 @@ class StandbyReceiver:
         caller's epoch must equal it and the caller must be the agent it names, and
         when ZooKeeper cannot be read the shipment is refused (never judged from a
         cached epoch). The stored floor only ever follows ZooKeeper. With fixed roles
-        the floor is never raised by a request; identity comes from tls.allowed_peers.
+        the floor is never raised by a request; identity comes from tls.allowed_peers. A standby that
+        follows another (``upstream``, a cascade) also admits that agent, at the group's epoch only: what a
+        fenced primary produced is refused at every step of the chain.
         """
         if self.refusal:
             raise RefusedError(self.refusal)
@@ -191,13 +196,19 @@ class StandbyReceiver:
                 raise RefusedError(f"cannot read the group's epoch from ZooKeeper to confirm {who} may ship ({e}); "
                                    f"refused until it can be read") from None
             self.observe_epoch(epoch)
-            if caller.epoch != epoch or caller.sender != named:
+            relayed = bool(self.upstream) and caller.sender == self.upstream
+            if caller.epoch != epoch or (caller.sender != named and not relayed):
                 who = caller.sender or "an unnamed sender"
+                if caller.epoch < epoch and relayed:
+                    raise FencedError(f"{who} relays a snapshot produced at epoch {caller.epoch}, lower than epoch "
+                                      f"{epoch} ZooKeeper names ({named}): its primary was fenced; not applied")
                 if caller.epoch < epoch:
                     raise FencedError(f"shipment epoch {caller.epoch} from {who} is lower than epoch {epoch} "
                                       f"ZooKeeper names ({named}); the sender is fenced and must not act as primary")
                 raise FencedError(f"shipment from {who} at epoch {caller.epoch} refused: ZooKeeper names "
-                                  f"{named or 'nobody'} at epoch {epoch}; only that agent may ship")
+                                  f"{named or 'nobody'} at epoch {epoch}; only that agent"
+                                  + (f" (or {self.upstream}, this standby's replication.upstream, relaying epoch "
+                                     f"{epoch})" if self.upstream else "") + " may ship")
         self._check_floor(caller)
         if self.group_epoch is None and self.trust_request_epochs and caller.epoch > self.state.epoch:
             self.observe_epoch(caller.epoch)  # fixed roles, caller proven by tls.allowed_peers

@@ -19,6 +19,7 @@ from typing import Any
 
 from drsync.agent.clock import lag_s
 from drsync.agent.presence import ANSWERS, Presence, ago, judge, now_on, probe
+from drsync.agent.topology import feeders
 from drsync.config import Config
 from drsync.coordination import Member
 from drsync.errors import DrsyncError
@@ -81,6 +82,11 @@ def collect_group_status(cfg: Config) -> dict[str, Any]:
     agents = [_agent_row(m, judge(m, now=now, probe=probes.get(name)), probes.get(name), now,
                          maintenance=marker.get("agent") == name) for name, m in members.items()]
     states = {a["name"]: a["state"] for a in agents}
+    # Who ships to whom (fan-out and cascades), from the records of the agents that are up.
+    fed = feeders(primary.agent if primary is not None else "",
+                  {n: m.record for n, m in members.items() if m.record and states.get(n) == "up"})
+    for a in agents:
+        a["fed_by"] = fed.get(a["name"])
     claim = None
     if primary is not None:
         claim = {"agent": primary.agent, "epoch": primary.epoch, "since": iso(primary.since),
@@ -149,7 +155,7 @@ def _agent_row(m: Member, p: Presence, probed: str | None, now: float, *, mainte
         "heartbeat_age_s": round(now - float(r["heartbeat"]), 3) if r.get("heartbeat") else None,
         "waiting_to_rejoin": r.get("waiting_to_rejoin") if up else None,
         "last_refusal": _refusal(doc.get("last_refusal")), "note": p.note or None,
-        "apply_hold": r.get("apply_hold") if up else None}
+        "apply_hold": r.get("apply_hold") if up else None, "upstream": doc.get("upstream") or None}
 
 
 def _refusal(r: Any) -> dict[str, Any] | None:
@@ -200,6 +206,10 @@ def agent_rows(doc: dict[str, Any]) -> list[list[str]]:
         if a.get("last_refusal") and a.get("state") == "up":
             state += " (refusing)"
         role = a.get("role") or (f"was {a['last_role']}" if a.get("last_role") not in (None, "unknown") else "-")
+        if a.get("fed_by") and a["fed_by"] != doc.get("primary"):
+            role += f" (via {a['fed_by']})"  # a cascade: this standby receives from another standby
+        elif a.get("upstream") not in (None, a.get("fed_by")) and a.get("state") == "up" and a.get("role") == "standby":
+            role += f" (upstream {a['upstream']} not live: from the primary)"
         age = a.get("last_seen_age_s")
         rows.append([a["name"] or "?", state, role, a["address"] or "-", "-" if age is None else ago(age),
                      "-" if a["lag_s"] is None else f"{a['lag_s']:.1f}s", a["applied_snapshot"] or "-"])

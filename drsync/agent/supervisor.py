@@ -26,6 +26,7 @@ from drsync.agent.presence import ANSWERS, REFRESH_S, Heartbeat, probe
 from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
 from drsync.agent.standby import FencedError, StandbyReceiver
 from drsync.agent.state import StateStore
+from drsync.agent.topology import targets_of
 from drsync.config import Config
 from drsync.coordination import (
     CoordinationUnavailable,
@@ -124,7 +125,9 @@ class RoleSupervisor:
         self.view: GroupView | None = None
         self.last_decision: RoleDecision | None = None
         self.agents: dict[str, dict[str, Any]] = {}
-        self.registered_standbys: list[str] = []
+        # The standbys this agent ships to (address -> agent name): as primary those it feeds, as a standby
+        # those that follow it (replication.upstream); drsync.agent.topology decides.
+        self.feeding: dict[str, str] = {}
         self._primary_absent_since: float | None = None
         self._registered: tuple[Any, ...] = ()
         self._registered_at = 0.0
@@ -278,10 +281,11 @@ class RoleSupervisor:
             agents = coord.agents()
         except DrsyncError:
             agents = {}
-        previous = set(self.registered_standbys)
-        self.registered_standbys = sorted(r.get("address", "") for n, r in agents.items()
-                                          if n != self.name and r.get("role") == "standby" and r.get("address"))
-        if self.acting == "primary" and set(self.registered_standbys) - previous:
+        previous = set(self.feeding)
+        if agents:  # unreadable: keep shipping where it went
+            primary = self.name if self.acting == "primary" else view.primary.agent if view.primary else ""
+            self.feeding = targets_of(self.name, primary, agents)
+        if set(self.feeding) - previous:
             self.cycle_now.set()  # a standby (re)joined: ship to it now, not one interval later
         self.agents = agents
         if self.acting == "primary":
@@ -691,7 +695,7 @@ class RoleSupervisor:
                 "lag_s": round(lag, 3) if lag is not None else None, "heartbeat": time.time(), "pid": os.getpid(),
                 "waiting_to_rejoin": self.holding_ex_primary or None, "agent_id": st.agent_id,
                 "apply_hold": self.hold_summary(), "host": socket.gethostname(), "refresh_s": REGISTER_EVERY_S,
-                "advertise_answers": answers,
+                "advertise_answers": answers, "upstream": self.cfg.replication.upstream or None,
                 "last_refusal": self.receiver.last_refusal if self.receiver is not None and self.acting == "standby"
                 else None})
             self._registered, self._registered_at = key, now

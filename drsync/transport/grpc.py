@@ -409,9 +409,13 @@ class GrpcStandbyLink:
     """
 
     def __init__(self, target: str, *, tls: tuple[str, str, str] | None = None, timeout_s: float | None = None,
-                 sender: str = "", cluster_id: str = "", release: str = "") -> None:
+                 sender: str = "", cluster_id: str = "", release: str = "",
+                 clock: Callable[[], float] | None = None) -> None:
         self.target = target
         self.sender = sender  # this agent's name, carried by every request
+        # The clock requests are stamped with (Unix seconds): a relay stamps the primary's clock as it
+        # estimates it, so that a cascaded standby's lag is on the primary's clock too.
+        self._now = clock or time.time
         # A primary's cluster, sent with Hello: a standby of another cluster or release refuses at once.
         self.cluster_id, self.release = cluster_id, release
         self.timeout_s = timeout_s
@@ -428,14 +432,14 @@ class GrpcStandbyLink:
         self.channel.close()
 
     def hello(self, sender: str, epoch: int, timeout_s: float = 10) -> StandbyHello:
-        sent = time.time()
+        sent = self._now()
         try:
             r = self.stub.Hello(pb.HelloRequest(sender=sender, epoch=epoch, sent_at=sent, sender_instance=INSTANCE,
                                                 cluster_id=self.cluster_id, release=self.release),
                                 timeout=timeout_s)
         except grpc.RpcError as e:
             raise _translate(e, self.target) from None
-        back = time.time()
+        back = self._now()
         offset = rtt = 0.0
         if r.received_at and r.replied_at:  # NTP: offset = ((t1 - t0) + (t2 - t3)) / 2
             offset = ((r.received_at - sent) + (r.replied_at - back)) / 2
@@ -446,7 +450,7 @@ class GrpcStandbyLink:
 
     def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
         failed: list[DrsyncError] = []
-        msgs = (pb.ChunkIds(epoch=epoch, ids=b, sender=self.sender, sent_at=time.time(), sender_instance=INSTANCE)
+        msgs = (pb.ChunkIds(epoch=epoch, ids=b, sender=self.sender, sent_at=self._now(), sender_instance=INSTANCE)
                 for b in batches)
         try:
             for reply in self.stub.Negotiate(_keeping(failed, msgs), timeout=self.timeout_s):
@@ -455,7 +459,7 @@ class GrpcStandbyLink:
             raise (failed[0] if failed else _translate(e, self.target)) from None
 
     def upload(self, epoch: int, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]:
-        msgs = (pb.ChunkBatch(epoch=epoch, sender=self.sender, sent_at=time.time(), sender_instance=INSTANCE,
+        msgs = (pb.ChunkBatch(epoch=epoch, sender=self.sender, sent_at=self._now(), sender_instance=INSTANCE,
                               chunks=[pb.Chunk(id=c.id, encoding=c.encoding, raw_length=c.raw_length, data=c.data)
                                       for c in b]) for b in batches)
         failed: list[DrsyncError] = []
@@ -477,7 +481,7 @@ class GrpcStandbyLink:
                                           f"the most a standby accepts (docs/FORMAT.md, Limits); it cannot be shipped")
                 if first:
                     yield pb.CommitPart(epoch=epoch, sender=sender, snapshot=snapshot_doc, manifest=piece,
-                                        sent_at=time.time(), sender_seq=sender_seq, sender_instance=INSTANCE)
+                                        sent_at=self._now(), sender_seq=sender_seq, sender_instance=INSTANCE)
                     first = False
                 else:
                     yield pb.CommitPart(epoch=epoch, manifest=piece)
