@@ -48,7 +48,9 @@ log = logging.getLogger("drsync.agent")
 # How often the loop looks at ZooKeeper (watches wake it sooner), and for operator requests.
 COORDINATE_EVERY_S = 0.5
 REQUESTS_EVERY_S = 0.2
-DELAYED_APPLY_EVERY_S = 1.0  # how often a standby with replication.apply_delay looks for snapshots due
+DELAYED_APPLY_EVERY_S = 1.0
+# As primary, retention keeps the snapshot last applied by at most this many vanished standbys.
+LOST_STANDBY_KEEP = 4  # how often a standby with replication.apply_delay looks for snapshots due
 # After a failed capture the next one waits this long, doubling up to the cap (seconds).
 CAPTURE_BACKOFF_FIRST_S = 1.0
 CAPTURE_BACKOFF_MAX_S = 60.0
@@ -227,6 +229,12 @@ class Agent:
                 out[name] = at
         return out
 
+    def _lost_standby_snapshots(self) -> set[str]:
+        """The snapshots the newest LOST_STANDBY_KEEP vanished standbys last applied: kept, so that one back
+        after a restart negotiates only what changed since; beyond the bound it gets a full negotiation."""
+        lost = sorted(self.supervisor.lost_standbys.values(), key=lambda m: -float(m.get("applied_captured_at") or 0))
+        return {str(m.get("applied_snapshot") or "") for m in lost[:LOST_STANDBY_KEEP]}
+
     def current_lag(self) -> float | None:
         """This agent's lag (standby) or its standbys' (primary), always on the primary's clock: the one
         definition, :func:`drsync.agent.clock.lag_s`. A standby that vanished (killed, stopped, cut off)
@@ -263,7 +271,8 @@ class Agent:
     def _duties(self) -> Duties:
         st = self.store.current
         if self.acting == "primary":
-            return Duties("primary", frozenset(self.replication.protected() | {st.applied_snapshot} - {""}))
+            return Duties("primary", frozenset(self.replication.protected() | {st.applied_snapshot}
+                                               | self._lost_standby_snapshots()) - {""})
         rx = self.receiver
         # pending: applied later (apply_delay); checkpoints: what the mass-change window judges against
         keep = {st.applied_snapshot, *(p[0] for p in st.pending), *(c[0] for c in st.change_checkpoints),
