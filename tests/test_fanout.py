@@ -96,6 +96,10 @@ def test_failover_picks_the_most_current_standby_and_the_other_refollows(make_gr
     g.wait_synced("east", "west", "west to apply a change north holds back")
     wait_for(lambda: tuple(g.record("west").get("applied_position") or ()) >
              tuple(g.record("north").get("applied_position") or ()), "west's position to pass north's")
+    # By hand, the standby further behind is refused: it would lose what west holds (exit 4, nothing changed).
+    r = g.promote("north", "--force")
+    assert r.code == 4 and "standby west has applied a newer snapshot" in r.err, (r.code, r.err)
+    assert g.primary() == ("east", 1)
     watcher = PrimaryWatcher(g.hosts, g.group)
     try:
         g.kill("east", signal.SIGKILL)

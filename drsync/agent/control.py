@@ -26,7 +26,7 @@ from drsync.agent.locks import StateDirLock
 from drsync.agent.loop import open_coordinator
 from drsync.agent.pointintime import RecoveryPoint, choose_point, newer_than, recovery_points
 from drsync.agent.requests import submit
-from drsync.agent.roles import format_span, promotion_refusal
+from drsync.agent.roles import applied_position, format_span, promotion_refusal
 from drsync.agent.state import AgentState, StateStore, state_dir_of
 from drsync.agent.supervisor import has_data
 from drsync.config import Config
@@ -147,6 +147,8 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
             "first promotion: no lag" if first else "--accept-data-loss" if accept_data_loss and lag is None else
             f"lag {format_span(lag or 0.0)}, within max_lag_on_failover "
             f"{format_span(cfg.coordination.max_lag_on_failover)}")))
+    if not first and not point.explicit:
+        checks.append(_position_check(cfg, coord, state, accept_data_loss))
     running, proof = _agent_alive(cfg, coord, state_dir)
     where = "primary" if primary is None else f"primary {primary.agent}"
     checks.append(PromotionCheck("agent", running, f"agent {me} is running ({proof})" if running else (
@@ -161,6 +163,30 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
         else _no_fence_words(cfg))))
     return checks, {"first": first, "lag": lag, "state": state, "old": old, "fence": fence, "running": running,
                     "data_root": data_root, "target": target}
+
+
+def _position_check(cfg: Config, coord: Coordinator, state: AgentState, accept_data_loss: bool) -> PromotionCheck:
+    """Another live standby holding a newer snapshot than this one (by applied position: the producing
+    primary's epoch and sequence, never clock times) is the one to promote; this one would lose the
+    difference. --accept-data-loss overrides."""
+    me = cfg.agent.name
+    try:
+        records = coord.agents()
+    except DrsyncError:
+        records = {}
+    mine = applied_position({"applied_position": list(state.applied_position)})
+    ahead = sorted(((applied_position(r), n) for n, r in records.items()
+                    if n != me and r.get("role") == "standby" and applied_position(r) > mine), reverse=True)
+    if not ahead:
+        return PromotionCheck("position", True, f"no live standby has applied a newer snapshot than {me}")
+    pos, best = ahead[0]
+    if accept_data_loss:
+        return PromotionCheck("position", True, f"standby {best} is further ahead (position {pos[0]}/{pos[1]}); "
+                                                f"--accept-data-loss")
+    return PromotionCheck("position", False, (
+        f"standby {best} has applied a newer snapshot (position {pos[0]}/{pos[1]}, epoch/sequence) than {me} "
+        f"({mine[0]}/{mine[1]}): promoting {me} would lose what {best} holds; promote {best} instead, or rerun "
+        f"with --accept-data-loss"))
 
 
 @dataclass(frozen=True)
