@@ -152,3 +152,31 @@ def test_fixed_roles_a_standby_listing_standbys_relays_what_it_applied(tmp_path:
             p.terminate()
         for p in procs:
             p.wait(timeout=60)
+
+
+def test_a_cascaded_standby_refuses_what_a_fenced_primary_produced(make_group: Any, tmp_path: Any) -> None:
+    """near relays a snapshot east produced at epoch 1; before it commits, east is lost and west promoted
+    (epoch 2): far refuses the relayed snapshot, then takes what west produced, through near."""
+    import os
+
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    g: Group = make_group(["east", "west", "near", "far"])
+    g.add_replication("far", 'upstream = "near"')
+    for n in g.names:
+        g.start(n, env={**os.environ, "DRSYNC_FAULT_PAUSE": str(pause)} if n == "near" else None)
+    assert g.promote("east").code == 0
+    for n in ("west", "near", "far"):
+        g.wait_synced("east", n, f"{n}'s first sync")
+    (pause / "relay-commit").touch()
+    change(g, "east", 1)
+    wait_for(lambda: (pause / "relay-commit.reached").exists(), "near to hold its relayed commit")
+    g.kill("east", signal.SIGKILL)
+    r = g.promote("west", "--force")
+    assert r.code == 0, r.err
+    (pause / "relay-commit").unlink()
+    wait_for(lambda: "relays a snapshot produced at epoch 1, lower than epoch 2" in g.log("far"),
+             "far to refuse the snapshot of the fenced primary")
+    change(g, "west", 2)
+    g.wait_synced("west", "far", "far to follow west's snapshots through near")
+    assert not shipped_to(g, "west", "far")

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any
 
-from drsync import engine
+from drsync import engine, faults
 from drsync.agent import clock, requests, statuspage, switchover
 from drsync.agent.activity import LAG_WINDOW_S, Activity
 from drsync.agent.drill import load_reports
@@ -195,6 +195,8 @@ class Agent:
         return time.time() if self.acting == "primary" else self.store.current.primary_now()
 
     def _relay_guard(self, final: bool) -> None:
+        if final:
+            faults.pause("relay-commit")  # tests: a relayed shipment held before its commit
         if not self.relaying:
             raise RefusedError(f"agent {self.name} is no longer a standby; it relays nothing")
 
