@@ -355,8 +355,17 @@ def topology_problem(cfg: Config) -> str | None:
         return (f"replication.upstream names the agent to follow under ZooKeeper roles (agent.role = \"auto\"), "
                 f"and this agent's role is fixed ({role}); with fixed roles list this agent's address in the "
                 f"replication.standbys of the agent it follows instead")
+    if r.upstream != r.upstream.strip():
+        return f"replication.upstream = {r.upstream!r}: an agent name has no leading or trailing spaces"
     if r.upstream and r.upstream == cfg.agent.name:
         return f"replication.upstream = {r.upstream!r} names this agent itself; name the agent it follows"
+    dup = sorted({a for a in r.standbys if r.standbys.count(a) > 1})
+    if dup:
+        return f"replication.standbys lists {', '.join(dup)} more than once; list each standby once"
+    own = {a for a in (cfg.agent.listen, cfg.agent.advertise) if a} & set(r.standbys)
+    if own:
+        return (f"replication.standbys lists {', '.join(sorted(own))}, this agent's own address; list the "
+                f"standbys it ships to")
     if r.standbys and role == "auto":
         return ("replication.standbys is for fixed roles (agent.role = \"primary\" or \"standby\"); under "
                 "ZooKeeper roles the group's agents are the standbys: remove it, and on a far standby set "

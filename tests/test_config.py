@@ -126,6 +126,9 @@ def test_bad_durations(bad: object) -> None:
     ("primary", 'upstream = "near"', "replication.upstream names the agent to follow under ZooKeeper roles"),
     ("auto", 'upstream = "east-1"', "names this agent itself"),
     ("auto", 'standbys = ["a:1"]', "replication.standbys is for fixed roles"),
+    ("auto", 'upstream = " east-1 "', "no leading or trailing spaces"),
+    ("standby", 'standbys = ["a:1", "a:1"]', "lists a:1 more than once"),
+    ("standby", 'standbys = ["127.0.0.1:7420"]', "this agent's own address"),
 ])
 def test_a_topology_that_cannot_work_is_refused_at_start(tmp_path: Path, role: str, replication: str,
                                                          said: str) -> None:

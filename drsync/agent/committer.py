@@ -131,6 +131,7 @@ class Committer:
         if blake3.blake3(manifest_bytes).hexdigest() != info.manifest_hash:
             raise IntegrityError(f"snapshot {info.id}: the manifest arrived damaged or truncated "
                                  f"(hash mismatch); it was not applied")
+        self._refuse_if_stale(info, position)
         manifest = Manifest.from_bytes(manifest_bytes, f"manifest of snapshot {info.id}")
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S) as lock:
             # Under the shared lock no GC sweeps between this check and the apply: every chunk is
@@ -150,6 +151,23 @@ class Committer:
             self._record_received(info)
             result = self.take(info, manifest, started, position)  # RefusedError while held: stored, not applied
         return info, result
+
+    def _refuse_if_stale(self, info: SnapshotInfo, position: list[int]) -> None:
+        """A snapshot behind the newest this standby applied or keeps for apply_delay (a lower position, the
+        producing primary's epoch and sequence, and captured no later) arrives late, e.g. relayed after the
+        primary shipped a newer one directly: applying it would take the root back. Refused, nothing stored.
+        (A primary whose repository was re-created numbers from 1 again, but captures later: accepted.)"""
+        st = self.store.current
+        known = [(tuple(st.applied_position), st.applied_captured_at, st.applied_snapshot)]
+        known += [(tuple(p[2]), p[1], p[0]) for p in st.pending]
+        newest = max((k for k in known if len(k[0]) == 2 and k[0][1]), default=None)
+        if newest is None or len(position) != 2 or not position[1] or info.id == newest[2]:
+            return
+        if tuple(position) < newest[0] and info.captured_at <= newest[1]:
+            raise RefusedError(
+                f"snapshot {info.id} (position {position[0]}/{position[1]}, epoch/sequence) is older than "
+                f"snapshot {newest[2]} ({newest[0][0]}/{newest[0][1]}) this standby already holds: it arrived "
+                f"late (a relay or a retry behind a newer shipment); not stored, not applied")
 
     def take(self, info: SnapshotInfo, manifest: Manifest, started: float, position: list[int], *,
              due: bool = False) -> ApplyResult:

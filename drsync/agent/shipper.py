@@ -104,6 +104,7 @@ class Shipper:
         self.in_flight = ""
         self.in_flight_info: SnapshotInfo | None = None
         self.held = ""  # the snapshot this standby's deletion guard holds (from its Hello)
+        self.superseded = ""  # an offered snapshot the standby already holds a newer one than
         self.backoff_s = BACKOFF_FIRST_S
         self.retry_at = 0.0  # monotonic
         self._ship_lock = threading.Lock()  # one shipment at a time to this target
@@ -133,7 +134,8 @@ class Shipper:
 
     def _due(self) -> SnapshotInfo | None:
         info = self.offered
-        if info is None or info.id in (self.position.snapshot, self.received) or time.monotonic() < self.retry_at:
+        if info is None or info.id in (self.position.snapshot, self.received, self.superseded) or \
+                time.monotonic() < self.retry_at:
             return None
         return info
 
@@ -201,6 +203,13 @@ class Shipper:
             self.apply_delay_s, self.received = hello.apply_delay_s, hello.received_snapshot
             if hello.applied_snapshot:
                 self.position = Position(hello.applied_snapshot, hello.applied_captured_at)
+                if seq and len(hello.applied_position) == 2 and tuple(hello.applied_position) > (epoch, seq) \
+                        and info.captured_at <= hello.applied_captured_at:
+                    # It holds a newer snapshot already (e.g. the primary shipped it directly while this relay
+                    # was held up): shipping this one would take its root back.
+                    self.superseded = info.id
+                    return ShipOutcome(self.target, info.id, True, f"not shipped: {self.target} already applied "
+                                       f"a newer snapshot {hello.applied_snapshot}")
                 applied = self._manifest_if_known(hello.applied_snapshot)
             # A reader of this repository while it reads (not while the standby applies): GC never
             # removes a pack this shipment is reading.

@@ -68,6 +68,7 @@ class StandbyHello:
     # replication.apply_delay of the standby (seconds), and the newest snapshot it stored (applied or not).
     apply_delay_s: float = 0.0
     received_snapshot: str = ""
+    applied_position: tuple[int, ...] = ()  # (epoch, seq) of the producing primary; () when unknown
 
 
 @dataclass(frozen=True)

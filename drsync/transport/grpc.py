@@ -181,7 +181,8 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                              applied_at=st.applied_at if st else 0.0, lag_s=lag or 0.0, lag_known=lag is not None,
                              held_snapshot=held, received_at=received, replied_at=time.time(),
                              apply_delay_s=self.receiver.apply_delay_s if self.receiver is not None else 0.0,
-                             received_snapshot=st.received_snapshot if st else "")
+                             received_snapshot=st.received_snapshot if st else "",
+                             applied_position=list(st.applied_position) if st else [])
 
     def _fail(self, context: grpc.ServicerContext, sender: str, e: Exception) -> None:
         """Abort the call; a refusal is also the standby's to report (logged, shown in its status)."""
@@ -446,7 +447,7 @@ class GrpcStandbyLink:
             rtt = max(0.0, (back - sent) - (r.replied_at - r.received_at))
         return StandbyHello(r.agent, r.role, r.cluster_id, r.release, r.epoch, r.applied_snapshot,
                             r.applied_captured_at, r.applied_at, offset, rtt, r.lag_s if r.lag_known else None,
-                            r.held_snapshot, r.apply_delay_s, r.received_snapshot)
+                            r.held_snapshot, r.apply_delay_s, r.received_snapshot, tuple(r.applied_position))
 
     def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
         failed: list[DrsyncError] = []
