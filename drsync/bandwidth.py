@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -136,22 +136,35 @@ def _window(start: str, end: str, rate: Any, key: str) -> Window:
     return w
 
 
-def _zone(name: str, key: str) -> str:
+def _is_zone(name: str) -> bool:
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"{key}: {name!r} is neither a rate nor a time zone; write windows like {EXAMPLE}, "
-                          f"optionally followed by an IANA time zone such as UTC or Europe/Paris (without one: "
-                          f"the agent host's local time)") from None
-    return name
+        return False
+    return True
+
+
+def _has_rate(item: str) -> bool:
+    """Whether a window's text ends with a valid rate."""
+    m = _WINDOW_RE.match(item)
+    try:
+        return m is not None and _window_rate(m.group(3), "") != -1
+    except ConfigError:
+        return False
 
 
 def _split_zone(text: str, key: str) -> tuple[str, str]:
     """The schedule text without a trailing time zone name, and that name ("" when none)."""
     head, _, last = text.rstrip().rpartition(" ")
-    if not head or last.lower() in (OFF, UNLIMITED) or _UNIT_RE.match(last) or not _ZONE_RE.match(last):
+    if not head or last.lower() in (OFF, UNLIMITED) or _UNIT_RE.match(last) or not _ZONE_RE.match(last) or \
+            last.endswith("/s"):
         return text, ""
-    return head, _zone(last, key)
+    if _is_zone(last):
+        return head, last
+    if _has_rate(head.rsplit(",", 1)[-1]):  # "08:00-18:00 off Mars/Olympus": a window, then no zone
+        raise ConfigError(f"{key}: {last!r} is not a time zone; end the schedule with an IANA name such as UTC "
+                          f"or Europe/Paris, or with nothing for the agent host's local time")
+    return text, ""  # part of a window: its parsing says what is wrong
 
 
 def parse_schedule(value: Any, key: str) -> Schedule:
@@ -260,7 +273,7 @@ def _from_wall(schedule: Schedule, wall: datetime, like: datetime) -> datetime:
     zone = _zone_of(schedule)
     if zone is None:
         return wall.astimezone()  # a naive time taken as the host's local time, its daylight saving included
-    return wall.replace(tzinfo=zone).astimezone(timezone.utc).astimezone(zone)  # a skipped time: just after
+    return wall.replace(tzinfo=zone).astimezone(UTC).astimezone(zone)  # a skipped time: just after
 
 
 def constant(schedule: Schedule) -> bool:
