@@ -223,7 +223,7 @@ class Agent:
         self.wake.set()  # publish the new applied snapshot at once
 
     def _on_shipped(self, outcome: ShipOutcome) -> None:
-        self.activity.add(outcome.snapshot, outcome.ok, f"{outcome.target}: {outcome.summary}")
+        self.activity.add(outcome.snapshot, outcome.ok or outcome.paused, f"{outcome.target}: {outcome.summary}")
         self.maintenance.wake()  # retention after the shipments, not while they read the repository
         if outcome.fenced:
             self.wake.set()

@@ -24,6 +24,7 @@ from drsync import engine
 from drsync.agent.primary import ShippingPaused, ship_snapshot
 from drsync.agent.standby import FencedError
 from drsync.agent.throttle import TargetBandwidth, local_now
+from drsync.bandwidth import Schedule
 from drsync.config import Config
 from drsync.errors import DrsyncError, RefusedError
 from drsync.metrics import AgentMetrics
@@ -312,7 +313,7 @@ class Replication:
 
     def _bandwidth(self, target: str) -> TargetBandwidth:
         """The target's rate, looked up at every call (its agent name may become known later)."""
-        def schedule() -> Any:
+        def schedule() -> Schedule:
             return self.cfg.replication.bandwidth_for(self.target_names.get(target, ""), target)
 
         def label() -> str:
