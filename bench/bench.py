@@ -275,6 +275,7 @@ class AgentPair:
         self.dir = work / name
         self.dir.mkdir()
         port = free_port()
+        self.address = f"127.0.0.1:{port}"
         if standby_data is None:
             (self.dir / "standby-data").mkdir()
         self.standby_data = standby_data or self.dir / "standby-data"
@@ -370,6 +371,55 @@ def bench_agents(work: Path, big_mib: int, sync_files: int, noop_files: int, rep
         for p in pairs:
             p.stop()
         daemon.stop()
+
+
+def vm_hwm_mib(pid: int) -> float:
+    """A running process's peak resident memory (VmHWM), MiB; 0 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+
+
+def bench_fanout(work: Path, mib: int, rounds: int, rep: Report, slow_rate: str = "5MiB/s") -> None:
+    """One primary, two standbys: the first sync of a fast standby with a standby limited to ``slow_rate``
+    (replication.targets) attached, against the same standby alone. Each standby has its own shipper, so
+    the slow one should cost the fast one little. Times are each shipment's own (negotiate, upload, commit,
+    apply), from ``drsync agent --once --json``; fresh standbys every round (first syncs)."""
+    data = work / "f-data"
+    print(f"fanout: generating {mib} MiB in 256 files ...")
+    gen_big(data, mib)
+    age(data)
+    alone_s, fast_s, slow_s, peaks, standby_peaks = [], [], [], [], []
+    for i in range(rounds):
+        alone = AgentPair(work, f"fanout-alone-{i}", data)
+        fast = AgentPair(work, f"fanout-fast-{i}", data)
+        slow = AgentPair(work, f"fanout-slow-{i}", data)
+        try:
+            _, figures = alone.cycle()
+            alone_s.append(figures["duration_s"])
+            primary = fast._config("primary-fanout", "primary", data, free_port(),
+                                   f'[replication]\nstandbys = ["{fast.address}", "{slow.address}"]\n'
+                                   f'[replication.targets."{slow.address}"]\nbandwidth_limit = "{slow_rate}"\n')
+            drop_caches()
+            r = run([*DRSYNC, "agent", "--config", str(primary), "--once", "--json"])
+            results = json.loads(r.out)["results"]
+            fast_s.append(results[fast.address]["duration_s"])
+            slow_s.append(results[slow.address]["duration_s"])
+            peaks.append(r.peak_mib)
+            standby_peaks += [vm_hwm_mib(p.proc.pid) for p in (fast, slow)]
+        finally:
+            for p in (alone, fast, slow):
+                p.stop()
+    alone_t, fast_t, slow_t = (sorted(x)[len(x) // 2] for x in (alone_s, fast_s, slow_s))
+    rep.add(f"fanout: fast standby's first sync, {mib} MiB, {slow_rate} standby attached vs alone"
+            + (f" (median of {rounds})" if rounds > 1 else ""), fast_t, alone_t, None, max(peaks),
+            f"(slow standby {slow_t:.1f}s = {mib / slow_t:.1f} MiB/s; standby agents peak "
+            f"{max(standby_peaks):.0f} MiB)")
+    rep.results["fanout"] = {"mib": mib, "slow_rate": slow_rate, "alone_s": alone_s, "fast_with_slow_s": fast_s,
+                             "slow_s": slow_s, "primary_peak_mib": peaks, "standby_peak_mib": standby_peaks}
+    shutil.rmtree(data)
 
 
 def run_warm_cycle(pair: AgentPair) -> tuple[Run, dict]:
@@ -611,7 +661,9 @@ def main() -> None:
     ap.add_argument("--small-files", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
-    ap.add_argument("--only", choices=("snapshots", "agents", "failover", "hdfs"), help="run one part only")
+    ap.add_argument("--only", choices=("snapshots", "agents", "fanout", "failover", "hdfs"),
+                    help="run one part only")
+    ap.add_argument("--fanout-mib", type=int, default=256, help="data in the fan-out part (MiB)")
     ap.add_argument("--hdfs-files", type=int, default=2000, help="files in the HDFS part")
     ap.add_argument("--hdfs-mib", type=int, default=512, help="bytes in the HDFS part (MiB)")
     ap.add_argument("--trials", type=int, default=5, help="failover trials (medians are reported)")
@@ -630,6 +682,8 @@ def main() -> None:
             bench(args.work, args.big_mib, args.small_files, rep)
         if args.only in (None, "agents"):
             bench_agents(args.work, args.big_mib, sync_files, noop_files, rep)
+        if args.only in (None, "fanout"):
+            bench_fanout(args.work, 64 if args.quick else args.fanout_mib, 1 if args.quick else ROUNDS, rep)
         if args.only in (None, "failover"):
             bench_failover(args.work, 3 if args.quick else args.trials, args.session_timeout,
                            64 if args.quick else args.big_mib, rep)

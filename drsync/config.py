@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drsync.bandwidth import Schedule, parse_rate, parse_schedule
 from drsync.errors import ConfigError
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -72,18 +73,9 @@ def _duration(v: Any, key: str) -> float:
     return parse_duration(v, key)
 
 
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?(?:/s)?\s*$")
-_RATE_UNITS = {None: 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
-
-
 def _rate(v: Any, key: str) -> float:
     """Bytes per second from ``"50MiB/s"``, ``"100MB"`` or a number; 0 means unlimited."""
-    if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
-        return float(v)
-    m = _RATE_RE.match(v) if isinstance(v, str) else None
-    if not m:
-        raise ConfigError(f"{key}: {v!r} is not a rate; write e.g. '50MiB/s' or 0 for unlimited")
-    return float(m.group(1)) * _RATE_UNITS[m.group(2)]
+    return parse_rate(v, key)
 
 
 def _str_list(v: Any, key: str) -> tuple[str, ...]:
@@ -186,10 +178,38 @@ class CoordinationConfig:
 
 
 @dataclass(frozen=True)
+class TargetConfig:
+    """``[replication.targets."<agent name or address>"]``: one standby target's own settings; None: the
+    global ``[replication]`` key of the same name applies."""
+
+    bandwidth_limit: float | None = field(default=None, metadata=_conv(_rate))
+    bandwidth_schedule: Schedule | None = field(default=None, metadata=_conv(parse_schedule))
+
+
+def _targets(v: Any, key: str) -> dict[str, TargetConfig]:
+    if not isinstance(v, Mapping):
+        raise ConfigError(f'{key}: expected tables like [{key}."standby-1"] with bandwidth_limit or '
+                          f"bandwidth_schedule, got {v!r}")
+    out = {}
+    for name, table in v.items():
+        where = f'{key}."{name}"'
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: expected a table with bandwidth_limit or bandwidth_schedule, got {table!r}")
+        out[name] = _build_table(where, TargetConfig, table)
+    return out
+
+
+@dataclass(frozen=True)
 class ReplicationConfig:
     interval: float = field(default=300.0, metadata=_conv(_duration))
     standbys: tuple[str, ...] = field(default=(), metadata=_conv(_str_list))
     bandwidth_limit: float = field(default=0.0, metadata=_conv(_rate))  # bytes/s; 0 = unlimited
+    # Windows of time of day with their own rate ("08:00-18:00 20MiB/s, 18:00-08:00 off"; drsync.bandwidth);
+    # bandwidth_limit applies outside them.
+    bandwidth_schedule: Schedule = field(default=Schedule(), metadata=_conv(parse_schedule))
+    # Per standby target (keyed by agent name, or by address as in standbys): its own bandwidth_limit and
+    # bandwidth_schedule.
+    targets: dict[str, TargetConfig] = field(default_factory=dict, metadata=_conv(_targets))
     # A snapshot that would remove more than this share of the standby's files (or empty its root)
     # is stored but not applied until `drsync apply --confirm` (safety rule 8).
     max_delete_fraction: float = field(default=0.5, metadata=_conv(lambda v, k: _fraction(v, k, "files")))
@@ -219,6 +239,20 @@ class ReplicationConfig:
     # near standby, crossing the WAN once); "" = the primary. Falls back to the primary while that agent
     # is not a live standby (drsync.agent.topology).
     upstream: str = field(default="", metadata=_conv(_str))
+
+    def target(self, name: str, address: str) -> TargetConfig:
+        """The settings of one standby target: by its agent name first, then by its address."""
+        for key in (name, address):
+            if key and key in self.targets:
+                return self.targets[key]
+        return TargetConfig()
+
+    def bandwidth_for(self, name: str, address: str) -> Schedule:
+        """The schedule in force for one target, its ``default`` the bandwidth_limit outside its windows."""
+        t = self.target(name, address)
+        schedule = self.bandwidth_schedule if t.bandwidth_schedule is None else t.bandwidth_schedule
+        limit = self.bandwidth_limit if t.bandwidth_limit is None else t.bandwidth_limit
+        return dataclasses.replace(schedule, default=limit)
 
 
 @dataclass(frozen=True)
@@ -301,6 +335,10 @@ _SECTIONS: dict[str, type] = {
 def _build_section(name: str, cls: type, table: Any) -> Any:
     if not isinstance(table, Mapping):
         raise ConfigError(f"[{name}]: expected a table, got {type(table).__name__}")
+    return _build_table(name, cls, table)
+
+
+def _build_table(name: str, cls: type, table: Mapping[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, raw in table.items():

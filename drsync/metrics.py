@@ -93,6 +93,16 @@ class AgentMetrics:
             "snapshot_changed_fraction", "Share of the applied snapshot's files whose content the last shipment "
                                          "judged rewrites (NaN before one is judged)")
         self.snapshot_changed_fraction.set(float("nan"))
+        # Per standby target (a primary's shippers), read when scraped: see track_bandwidth.
+        self._values = values
+        self._bandwidth_limit = Gauge(
+            PREFIX + "bandwidth_limit_bytes_per_second", "Rate a primary may ship to this standby target now "
+            "(replication.bandwidth_limit / bandwidth_schedule / [replication.targets]): bytes/s, 0 unlimited, "
+            "-1 off", [*labels, "target"], registry=registry)
+        self._bandwidth_paused = Gauge(
+            PREFIX + "bandwidth_paused", "1 while replication.bandwidth_schedule has shipping to this standby "
+            "target off (not a failure: it resumes when the window allows), else 0", [*labels, "target"],
+            registry=registry)
         # Before the first backup or drill there is no value to report: NaN, never a false "long ago".
         for g in (self.backup_last_success, self.drill_last_success, self.drill_last_result, self.drill_rto,
                   self.drill_rpo):
@@ -108,6 +118,20 @@ class AgentMetrics:
         machine's clock."""
         self._applied_at = captured_at
         self._lag_now = lag
+
+    def track_bandwidth(self, target: str, limit: Callable[[], float], paused: Callable[[], float]) -> None:
+        """Where to read a standby target's rate in force (bytes/s, 0 unlimited, -1 off) and whether its
+        shipping is paused (1/0), when scraped."""
+        self._bandwidth_limit.labels(**self._values, target=target).set_function(limit)
+        self._bandwidth_paused.labels(**self._values, target=target).set_function(paused)
+
+    def forget_bandwidth(self, target: str) -> None:
+        """A target that is no longer one: its series go."""
+        for g in (self._bandwidth_limit, self._bandwidth_paused):
+            try:
+                g.remove(*self._values.values(), target)
+            except KeyError:
+                pass
 
     def track_break_glass(self, count: Callable[[], int]) -> None:
         """Where to read how many protected snapshots were deleted with --break-glass (a persisted count)."""

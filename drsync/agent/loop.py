@@ -265,7 +265,7 @@ class Agent:
         self.wake.set()  # publish the new applied snapshot at once
 
     def _on_shipped(self, outcome: ShipOutcome) -> None:
-        self.activity.add(outcome.snapshot, outcome.ok, f"{outcome.target}: {outcome.summary}")
+        self.activity.add(outcome.snapshot, outcome.ok or outcome.paused, f"{outcome.target}: {outcome.summary}")
         self.maintenance.wake()  # retention after the shipments, not while they read the repository
         if outcome.fenced:
             self.wake.set()
@@ -373,7 +373,8 @@ class Agent:
                 "snapshots": [{"id": s.id, "kind": s.kind, "captured_at": s.captured_at, "files": s.files,
                                "bytes": s.bytes} for s in reversed(snaps)],
                 "cycles": self.activity.recent(), "drills": drills, "apply_hold": self.hold_summary(),
-                "maintenance": self.maintenance.busy or None}
+                "maintenance": self.maintenance.busy or None,
+                "bandwidth": self.replication.bandwidth_status() or None}  # per target: rate now, paused until
 
     def _drill_reports(self, limit: int) -> list[dict[str, Any]]:
         """The group's drills (ZooKeeper keeps every standby's), so that every agent's page shows them;

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from drsync.errors import DrsyncError
 from drsync.repository import format as fmt
 from drsync.repository.manifest import Manifest, diff
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.transport import CommitOutcome, ReceivedChunk, StandbyLink
+from drsync.units import human_size
 
 # Negotiation batches: 8,192 ids are 256 KiB of ids per message.
 NEGOTIATE_BATCH = 8192
@@ -68,6 +70,59 @@ def pacing_delay(sent_bytes: int, rate_bps: float, elapsed_s: float) -> float:
     return max(0.0, sent_bytes / rate_bps - elapsed_s)
 
 
+# A paced upload looks at the rate in force at least this often while it waits (seconds).
+PACING_SLICE_S = 1.0
+
+
+class ShippingPaused(DrsyncError):
+    """The rate in force turned ``off`` (replication.bandwidth_schedule) during a shipment: the upload ended
+    at the next message; the chunks sent stay on the standby and the next shipment sends only the rest."""
+
+
+class Pacer:
+    """Paces an upload to the rate in force at each message: ``bandwidth()`` gives bytes per second,
+    0 for unlimited, None for off. The average is kept since the rate last changed, so a change
+    mid-shipment neither stalls for bytes sent faster before nor bursts for time spent slower before."""
+
+    def __init__(self, bandwidth: Callable[[], float | None], *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep, slice_s: float = PACING_SLICE_S) -> None:
+        self._bandwidth, self._clock, self._sleep, self.slice_s = bandwidth, clock, sleep, slice_s
+        self.rate: float | None = 0.0
+        self.since = clock()
+        self.sent = 0  # bytes since the rate last changed
+
+    def rate_now(self) -> float | None:
+        """The rate in force (read again); a change restarts the average."""
+        rate = self._bandwidth()
+        if rate != self.rate:
+            self.rate, self.since, self.sent = rate, self._clock(), 0
+        return rate
+
+    def may_send(self) -> bool:
+        """Whether the next message may go (False while the rate is off)."""
+        return self.rate_now() is not None
+
+    def sent_message(self, nbytes: int) -> None:
+        """Count a message that went, and wait until the rate in force allows the next one (looking at the
+        rate again every ``slice_s``; returns early when it turns off)."""
+        self.sent += nbytes
+        while True:
+            rate = self.rate_now()
+            if not rate:  # unlimited, or off: the caller asks may_send() before the next message
+                return
+            delay = pacing_delay(self.sent, rate, self._clock() - self.since)
+            if delay <= 0:
+                return
+            self._sleep(min(delay, self.slice_s))
+
+
+def _bandwidth_of(bandwidth: float | Callable[[], float | None]) -> Callable[[], float | None]:
+    if callable(bandwidth):
+        return bandwidth
+    rate = float(bandwidth)
+    return lambda: rate
+
+
 def chunk_sizes(manifest: Manifest) -> dict[bytes, int]:
     """Every chunk id of a manifest with its raw size."""
     t = manifest.table
@@ -98,7 +153,8 @@ def chunks_to_negotiate(new: Manifest, applied: Manifest | None) -> list[bytes]:
 
 
 def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int, sender: str,
-                  sender_seq: int | None = None, bandwidth_bps: float = 0.0, applied: Manifest | None = None,
+                  sender_seq: int | None = None, bandwidth_bps: float | Callable[[], float | None] = 0.0,
+                  applied: Manifest | None = None,
                   guard: Callable[[bool], None] | None = None,
                   reading: Callable[[], AbstractContextManager[object]] | None = None) -> ShipResult:
     """Negotiate, upload the missing chunks, commit. Raises on any refusal; safe to retry.
@@ -111,16 +167,22 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     one it received; default: ``info.seq``, this repository's).
     ``reading()`` is held while this repository is read (manifest, negotiation, upload), not
     while the standby applies: e.g. the repository's shared lock, so GC waits for the reads only.
+    ``bandwidth_bps``: bytes per second (0 unlimited), or a function giving the rate in force now (None
+    for off), read before every upload message and the commit: when it is off the upload ends at the
+    next message and :class:`ShippingPaused` is raised (what was sent stays on the standby).
     """
     check = guard or (lambda final: None)
     start = time.monotonic()
+    pacer = Pacer(_bandwidth_of(bandwidth_bps))
     with (reading or contextlib.nullcontext)():
-        manifest_bytes, sizes, missing, shipped = _negotiate_and_upload(repo, info, link, epoch=epoch,
-                                                                        bandwidth_bps=bandwidth_bps,
+        manifest_bytes, sizes, missing, shipped = _negotiate_and_upload(repo, info, link, epoch=epoch, pacer=pacer,
                                                                         applied=applied, check=check)
     total_bytes = sum(sizes.values())
     pieces = (manifest_bytes[i:i + COMMIT_PIECE_BYTES] for i in range(0, max(1, len(manifest_bytes)),
                                                                         COMMIT_PIECE_BYTES))
+    if not pacer.may_send():
+        raise ShippingPaused(f"shipping snapshot {info.id} paused before its commit ({human_size(shipped)} of "
+                             f"chunks sent stay on the standby)")
     check(True)
     # A seq is a position in one repository: the standby numbers what it receives itself. The
     # document goes without it, as before snapshots were numbered, so a standby that runs the
@@ -133,7 +195,7 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
 
 
 def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int,
-                          bandwidth_bps: float, applied: Manifest | None,
+                          pacer: Pacer, applied: Manifest | None,
                           check: Callable[[bool], None]) -> tuple[bytes, dict[bytes, int], list[bytes], int]:
     """Returns (manifest bytes, chunk sizes, ids that were missing, stored bytes shipped)."""
     manifest_bytes = repo.storage.read(fmt.manifest_name(info.id))
@@ -145,28 +207,37 @@ def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLin
         for reply in link.missing(epoch, batched(ask, NEGOTIATE_BATCH)):
             missing.extend(reply)
     shipped = 0
+    sent_chunks = 0
+    paused = False
 
     def chunk_batches() -> Iterator[list[ReceivedChunk]]:
-        nonlocal shipped
+        nonlocal shipped, sent_chunks, paused
         batch: list[ReceivedChunk] = []
         size = 0
-        started = time.monotonic()
         for cid in missing:
             if size == 0:
                 check(False)
+                if not pacer.may_send():  # off: end the stream here, the standby keeps what it received
+                    paused = True
+                    return
             loc, stored = repo.read_stored(cid)
             batch.append(ReceivedChunk(cid, loc.encoding, loc.raw_length, stored))
             size += len(stored)
-            shipped += len(stored)
             if size >= UPLOAD_MESSAGE_BYTES or len(batch) >= UPLOAD_MESSAGE_CHUNKS:
                 yield batch
+                shipped, sent_chunks = shipped + size, sent_chunks + len(batch)
+                pacer.sent_message(size)  # bandwidth limit: wait until the rate allows the next message
                 batch, size = [], 0
-                delay = pacing_delay(shipped, bandwidth_bps, time.monotonic() - started)
-                if delay > 0:
-                    time.sleep(delay)  # bandwidth limit: wait until the rate allows the next message
         if batch:
             yield batch
+            shipped, sent_chunks = shipped + size, sent_chunks + len(batch)
 
-    if missing:
+    if missing and pacer.may_send():
         link.upload(epoch, chunk_batches())
+    elif missing:
+        paused = True
+    if paused:
+        raise ShippingPaused(f"shipping snapshot {info.id} paused after {sent_chunks}/{len(missing)} chunks "
+                             f"({human_size(shipped)}); the chunks sent stay on the standby and the next shipment "
+                             f"sends only the rest")
     return manifest_bytes, sizes, missing, shipped

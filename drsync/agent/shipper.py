@@ -17,10 +17,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 from drsync import engine
-from drsync.agent.primary import ship_snapshot
+from drsync.agent.primary import ShippingPaused, ship_snapshot
 from drsync.agent.standby import FencedError
+from drsync.agent.throttle import TargetBandwidth, local_now
+from drsync.bandwidth import Schedule
 from drsync.config import Config
 from drsync.errors import DrsyncError, RefusedError
 from drsync.metrics import AgentMetrics
@@ -65,6 +69,7 @@ class ShipOutcome:
     summary: str  # in words: "applied (3/10 chunks sent, ...)", "refused: ...", "failed: ..."
     figures: dict[str, float] = field(default_factory=dict)
     fenced: bool = False
+    paused: bool = False  # replication.bandwidth_schedule is off for this target: not a failure
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class Shipper:
     def __init__(self, target: str, *, repo: Repository, link: Callable[[str], StandbyLink], sender: str,
                  epoch: Callable[[], int], guard: Callable[[bool], None], bandwidth_bps: float,
                  metrics: AgentMetrics, on_outcome: Callable[[ShipOutcome], None],
+                 bandwidth: TargetBandwidth | None = None,
                  relay_guard: Callable[[bool], None] | None = None) -> None:
         self.target = target
         self.repo = repo
@@ -90,6 +96,8 @@ class Shipper:
         self._guard = guard
         self._relay_guard = relay_guard or guard  # asked instead while relaying (a snapshot with an origin)
         self.bandwidth_bps = bandwidth_bps
+        # The rate in force now, read per upload message (bandwidth_bps at every time of day when not given).
+        self.bandwidth = bandwidth or TargetBandwidth.fixed(target, bandwidth_bps)
         self.metrics = metrics
         self.on_outcome = on_outcome
         self.position = Position()
@@ -137,6 +145,8 @@ class Shipper:
         if info is None or info.id in (self.position.snapshot, self.received, self.superseded) or \
                 time.monotonic() < self.retry_at:
             return None
+        if self.bandwidth.paused():  # no shipment starts while the schedule is off
+            return None
         return info
 
     def _run(self) -> None:
@@ -144,6 +154,8 @@ class Shipper:
             with self._cv:
                 while not self._stop and self._due() is None:
                     wait = self.retry_at - time.monotonic() if self.offered is not None else None
+                    if self.offered is not None and (wait is None or wait <= 0):
+                        wait = self.bandwidth.resume_in_s()  # off: look again when the schedule changes
                     self._cv.wait(None if wait is None or wait <= 0 else wait)
                 if self._stop:
                     return
@@ -172,10 +184,10 @@ class Shipper:
                 self.in_flight, self.in_flight_info = "", None
         if outcome.ok:
             self.backoff_s, self.retry_at = BACKOFF_FIRST_S, 0.0
-        else:
+        elif not outcome.paused:  # a pause is the schedule's, not a failure: no backoff, not counted
             self._failed()
             self.metrics.ship_failures.inc()
-        if outcome.ok:
+        if outcome.ok or outcome.paused:
             log.info("snapshot %s to %s: %s", info.id, self.target, outcome.summary)
         else:  # what went wrong first, then which shipment; retried after the backoff
             log.warning("%s (snapshot %s to %s; next try in %.0fs)", outcome.summary, info.id, self.target,
@@ -184,6 +196,9 @@ class Shipper:
         return outcome
 
     def _ship(self, info: SnapshotInfo, origin: tuple[int, int] | None) -> ShipOutcome:
+        if self.bandwidth.paused():
+            return ShipOutcome(self.target, info.id, False, f"not shipped: {self.bandwidth.pause_words()}",
+                               paused=True)
         link = self._link(self.target)
         try:
             # A relay ships at the epoch that produced the snapshot: a cascaded standby refuses it once
@@ -214,7 +229,7 @@ class Shipper:
             # A reader of this repository while it reads (not while the standby applies): GC never
             # removes a pack this shipment is reading.
             res = ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender, sender_seq=seq,
-                                bandwidth_bps=self.bandwidth_bps, applied=applied,
+                                bandwidth_bps=self.bandwidth.rate, applied=applied,
                                 guard=self._guard if origin is None else self._relay_guard,
                                 reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S))
             done = res.applied
@@ -232,6 +247,8 @@ class Shipper:
                                {"chunks": res.chunks, "missing_chunks": res.missing_chunks,
                                 "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
                                 "deduplicated_bytes": res.deduplicated_bytes})
+        except ShippingPaused as e:
+            return ShipOutcome(self.target, info.id, False, f"{e} ({self.bandwidth.pause_words()})", paused=True)
         except RefusedError as e:
             if not isinstance(e, FencedError):
                 # Perhaps held by its deletion guard: keep its source pinned (before the shipment stops
@@ -259,7 +276,8 @@ class Replication:
     def __init__(self, cfg: Config, repo: Repository, metrics: AgentMetrics, *, sender: str,
                  link: Callable[[str], StandbyLink], epoch: Callable[[], int], guard: Callable[[bool], None],
                  exclude_paths: tuple[str, ...], on_outcome: Callable[[ShipOutcome], None],
-                 relay_guard: Callable[[bool], None] | None = None) -> None:
+                 relay_guard: Callable[[bool], None] | None = None,
+                 now: Callable[[], datetime] = local_now) -> None:
         self.cfg = cfg
         self.repo = repo
         self.metrics = metrics
@@ -269,9 +287,12 @@ class Replication:
         self._guard = guard
         self._relay_guard = relay_guard
         self.exclude_paths = exclude_paths
-        self.target_names: dict[str, str] = {}  # address -> agent name (ZooKeeper roles)
         self.on_outcome = on_outcome
         self.shippers: dict[str, Shipper] = {}
+        # Target address -> its standby's agent name (from ZooKeeper; empty with fixed roles): a target's
+        # [replication.targets."..."] settings are looked up by name first, then by address.
+        self.target_names: dict[str, str] = {}
+        self.now = now  # the agent host's clock, for replication.bandwidth_schedule
         # The last position of each target that is no longer one (its standby vanished): the primary's lag
         # keeps counting from it (see Agent.current_lag).
         self.last_positions: dict[str, Position] = {}
@@ -285,7 +306,8 @@ class Replication:
                 s = self.shippers[target] = Shipper(
                     target, repo=self.repo, link=self._link, sender=self.sender, epoch=self._epoch,
                     guard=self._guard, bandwidth_bps=self.cfg.replication.bandwidth_limit, metrics=self.metrics,
-                    on_outcome=self.on_outcome, relay_guard=self._relay_guard)
+                    on_outcome=self.on_outcome, bandwidth=self._bandwidth(target), relay_guard=self._relay_guard)
+                self.metrics.track_bandwidth(target, s.bandwidth.limit_gauge, s.bandwidth.paused_gauge)
                 if self.background:
                     s.start()
             return s
@@ -300,6 +322,7 @@ class Replication:
                     self.last_positions[s.target] = s.position
         for s in stopped:
             s.stop()
+            self.metrics.forget_bandwidth(s.target)
         new = [t for t in targets if t not in self.shippers]
         for t in targets:
             self._shipper(t)
@@ -308,6 +331,21 @@ class Replication:
     def targets(self) -> list[str]:
         with self._lock:
             return list(self.shippers)
+
+    def _bandwidth(self, target: str) -> TargetBandwidth:
+        """The target's rate, looked up at every call (its agent name may become known later)."""
+        def schedule() -> Schedule:
+            return self.cfg.replication.bandwidth_for(self.target_names.get(target, ""), target)
+
+        def label() -> str:
+            name = self.target_names.get(target, "")
+            return f"{name} ({target})" if name and name != target else target
+
+        return TargetBandwidth(target, schedule, now=lambda: self.now(), label=label)
+
+    def bandwidth_status(self) -> dict[str, dict[str, Any]]:
+        """Per target: the rate in force and whether (and until when) its shipping is paused."""
+        return {t: s.bandwidth.as_dict() for t, s in list(self.shippers.items())}
 
     def capture(self) -> SnapshotInfo:
         """One cycle snapshot of the data root (hooks, re-reads, exclusions from the config)."""
