@@ -8,9 +8,9 @@
 * :class:`~drsync.agent.activity.Activity`: what the status page shows of the recent past.
 
 :meth:`Agent.run` is the loop: coordinate, serve operator requests, keep the shippers'
-targets current, and as primary capture a snapshot every ``replication.interval``
-(backing off after failed captures). A fixed role (``primary`` / ``standby``) skips
-coordination.
+targets current, and as primary capture a snapshot when :class:`~drsync.agent.continuous.CaptureSchedule`
+says (every ``replication.interval``, or on change in continuous mode; backing off after failed
+captures). A fixed role (``primary`` / ``standby``) skips coordination.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import json
 import logging
 import os
 import threading
-import time
 import uuid
 from typing import Any
 
 from drsync import engine
 from drsync.agent import clock, requests, statuspage, switchover
 from drsync.agent.activity import LAG_WINDOW_S, Activity
+from drsync.agent.continuous import CaptureSchedule
 from drsync.agent.drill import load_reports
 from drsync.agent.locks import HostLock, StateDirLock
 from drsync.agent.maintenance import Duties, MaintenanceWorker
@@ -48,9 +48,6 @@ log = logging.getLogger("drsync.agent")
 COORDINATE_EVERY_S = 0.5
 REQUESTS_EVERY_S = 0.2
 DELAYED_APPLY_EVERY_S = 1.0  # how often a standby with replication.apply_delay looks for snapshots due
-# After a failed capture the next one waits this long, doubling up to the cap (seconds).
-CAPTURE_BACKOFF_FIRST_S = 1.0
-CAPTURE_BACKOFF_MAX_S = 60.0
 
 
 def open_coordinator(cfg: Config, *, connect_timeout_s: float | None = None) -> Coordinator:
@@ -117,6 +114,9 @@ class Agent:
             epoch=lambda: self.store.current.epoch, guard=self.supervisor.guard, exclude_paths=(self.store.dir,),
             on_outcome=self._on_shipped)
         self.supervisor.on_switchover = lambda view: switchover.carry_out(self.supervisor, self.replication, view)
+        # When the primary captures: replication.mode (interval, or continuous: on change of the data root).
+        self.schedule = CaptureSchedule(cfg, data_root=self.data_root, exclude=(self.store.dir, cfg.cluster.repository),
+                                        metrics=self.metrics, wake=self.wake.set)
         self.activity = Activity(self.current_lag)
         self.maintenance = MaintenanceWorker(cfg, self.repo, self.metrics, state_dir=self.state_dir,
                                              duties=self._duties,
@@ -327,6 +327,7 @@ class Agent:
                 "snapshots": [{"id": s.id, "kind": s.kind, "captured_at": s.captured_at, "files": s.files,
                                "bytes": s.bytes} for s in reversed(snaps)],
                 "cycles": self.activity.recent(), "drills": drills, "apply_hold": self.hold_summary(),
+                "replication": self.schedule.describe(),
                 "maintenance": self.maintenance.busy or None}
 
     def _drill_reports(self, limit: int) -> list[dict[str, Any]]:
@@ -401,8 +402,7 @@ class Agent:
         threading.Thread(target=self._serve_requests_loop, name="drsync-requests", daemon=True).start()
         if self.receiver is not None and self.cfg.replication.apply_delay > 0:
             threading.Thread(target=self._delayed_apply_loop, name="drsync-delayed-apply", daemon=True).start()
-        backoff = CAPTURE_BACKOFF_FIRST_S
-        next_capture = 0.0
+        sched = self.schedule
         sup = self.supervisor
         while not self.stop.is_set() and sup.fatal is None:
             self.wake.clear()
@@ -417,21 +417,18 @@ class Agent:
                 self.receiver.intake.expire_idle()  # a sender that died mid-shipment lets GC run again
             primary = sup.acting_primary
             new = self.replication.set_targets(self.targets() if primary else [])
+            sched.set_active(primary)
             if sup.cycle_now.is_set() or (new and primary):
                 sup.cycle_now.clear()
-                next_capture = 0.0
-            if primary and time.monotonic() >= next_capture:
-                started = time.monotonic()
-                if self._capture():
-                    backoff = CAPTURE_BACKOFF_FIRST_S
-                    next_capture = started + self.cfg.replication.interval
-                else:
-                    next_capture = time.monotonic() + min(backoff, self.cfg.replication.interval)
-                    backoff = min(backoff * 2, CAPTURE_BACKOFF_MAX_S)
-                continue  # coordinate again right after a capture
+                sched.request()
             wait = COORDINATE_EVERY_S if self.auto else 1.0
             if primary:
-                wait = max(0.01, min(wait, next_capture - time.monotonic()))
+                nxt = sched.next()
+                if nxt.due:
+                    sched.started(nxt)
+                    sched.finished(self._capture())
+                    continue  # coordinate again right after a capture
+                wait = max(0.01, min(wait, nxt.wait_s))
             self.wake.wait(wait)
         self.close()
         log.info("agent %s stopped (%s)", self.name, f"fatal: {sup.fatal}" if sup.fatal is not None else
@@ -439,6 +436,7 @@ class Agent:
 
     def close(self) -> None:
         self.stop.set()
+        self.schedule.set_active(False)
         self.replication.close()
         self.maintenance.stop()
         if self.server is not None:
