@@ -135,7 +135,8 @@ class RootWatcher:
         self.clock = clock
         self._lock = threading.Lock()
         self._first: float | None = None
-        self.changes = 0  # change events seen (not left out), for tests and the status page
+        self.changes = 0  # change events seen (not left out)
+        self.first_path = ""  # the path of the first change of the current batch (what woke the agent)
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._fd: int | None = None  # this watcher's inotify descriptor, when it could be told apart
         self._root_id: tuple[int, int] | None = None
@@ -208,6 +209,7 @@ class RootWatcher:
             first = self._first is None
             if first:
                 self._first = self.clock()
+                self.first_path = paths[0]
         if first:
             self.on_change()  # once per batch: a busy root does not wake the agent per event
 
