@@ -411,3 +411,17 @@ def test_a_busy_writer_yields_whole_snapshots_on_the_standby(tmp_path: Path) -> 
     finally:
         writer.stop.set()
         p.stop_all()
+
+
+def test_config_check_counts_the_directories_to_watch_and_the_snapshots_protect_keeps(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "a" / "b").mkdir(parents=True)
+    p = tmp_path / "c.toml"
+    p.write_text(f'[cluster]\nid = "a"\nrelease = "1"\ndata = "{data}"\nrepository = "{tmp_path / "repo"}"\n'
+                 '[replication]\nmode = "continuous"\ninterval = "1h"\n[snapshots]\nprotect = "7d"\n')
+    checks = {c["name"]: c for c in json.loads(run_drsync("config", "check", "--config", p, "--json").out)["checks"]}
+    mode = checks["replication mode"]
+    assert mode["ok"] and not mode["warn"] and "3 directories to watch" in mode["detail"]
+    assert "fs.inotify.max_user_watches" in mode["detail"]
+    count = checks["snapshot count"]
+    assert count["warn"] and "604,800 snapshots kept" in count["detail"]
