@@ -305,6 +305,8 @@ def test_a_change_reaches_the_standby_without_waiting_for_the_interval(cpair: Pa
     with urllib.request.urlopen(f"http://{primary}/status.json", timeout=10) as r:
         doc = json.loads(r.read())
     assert doc["replication"]["mode"] == "continuous" and doc["replication"]["watching"] is True
+    with urllib.request.urlopen(f"http://{primary}/", timeout=10) as r:
+        assert 'id="replication-mode">continuous: on change (inotify)' in r.read().decode()
     r = run_drsync("status", "--config", p.primary_cfg, "--json")
     assert r.code == 0 and r.json()["replication"]["mode"] == "continuous", r.err
 
