@@ -5,6 +5,7 @@ memory. Targets come from DESIGN.md; a figure that misses its target is
 marked, not hidden. Run with `make bench` (not part of `make test`).
 
     python bench/bench.py [--work DIR] [--big-mib 1024] [--small-files 100000] [--quick]
+                          [--only snapshots|agents|failover|hdfs|continuous] [--lag-seconds 180]
 """
 
 from __future__ import annotations
@@ -654,6 +655,167 @@ def bench_hdfs(work: Path, files: int, mib: int, rep: Report) -> None:
         shutil.rmtree(work / "hdfs", ignore_errors=True)
 
 
+class LivePair:
+    """A primary and a standby agent both running (no --once), each with its /metrics endpoint."""
+
+    def __init__(self, work: Path, name: str, data: Path, replication: str) -> None:
+        from drsync.transport.grpc import GrpcStandbyLink
+
+        self.dir = work / name
+        self.dir.mkdir()
+        (self.dir / "standby-data").mkdir()
+        self.metrics = {"standby": f"127.0.0.1:{free_port()}", "primary": f"127.0.0.1:{free_port()}"}
+        port = free_port()
+        self.cfg = {"standby": self._config("standby", self.dir / "standby-data", port, ""),
+                    "primary": self._config("primary", data, free_port(),
+                                            f'[replication]\nstandbys = ["127.0.0.1:{port}"]\n{replication}\n')}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._start("standby")
+        link = GrpcStandbyLink(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 30
+        while not link.health(timeout_s=1):
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the standby agent did not start")
+        link.close()
+        self._start("primary")
+
+    def _config(self, name: str, data: Path, port: int, extra: str) -> Path:
+        p = self.dir / f"{name}.toml"
+        p.write_text(f'[cluster]\nid = "bench"\nrelease = "1"\ndata = "{data}"\n'
+                     f'repository = "{self.dir / (name + "-repo")}"\n[agent]\nname = "{name}"\nrole = "{name}"\n'
+                     f'listen = "127.0.0.1:{port}"\nmetrics = "{self.metrics[name]}"\n{extra}')
+        run([*DRSYNC, "init", "--config", str(p)])
+        return p
+
+    def _start(self, name: str) -> None:
+        with open(self.dir / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen([*DRSYNC, "agent", "--config", str(self.cfg[name])], stdout=log,
+                                                stderr=log)
+
+    def metric(self, name: str, metric: str, **labels: str) -> float | None:
+        """One sample of a metric from an agent's /metrics (None when absent or unreachable)."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.metrics[name]}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith(metric + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def snapshots(self, name: str) -> int:
+        return len(json.loads(run([*DRSYNC, "snapshot", "list", "--config", str(self.cfg[name]), "--json"]).out))
+
+    def stop(self) -> dict[str, float]:
+        """Stop both agents; each one's peak memory (MiB, from wait4)."""
+        import signal
+
+        peaks = {}
+        for name, proc in self.procs.items():
+            proc.send_signal(signal.SIGTERM)
+            _, _, usage = os.wait4(proc.pid, 0)
+            proc.returncode = 0
+            peaks[name] = usage.ru_maxrss / 1024
+        self.procs.clear()
+        return peaks
+
+
+class SteadyWriter:
+    """Writes ``rate`` bytes/s of incompressible data into ``root`` in 1 MB files, ten times a second: new
+    files until there are ``keep`` of them, rewrites of random ones all along."""
+
+    def __init__(self, root: Path, rate: float = 10e6, keep: int = 200) -> None:
+        import threading
+
+        self.root, self.rate, self.keep = root, rate, keep
+        self.written = 0
+        self.files = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        rnd = random.Random(5)
+        tick = 0.1
+        size = int(self.rate * tick)
+        start = time.monotonic()
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            if self.files < self.keep and n % 2:
+                name = f"w{self.files:05}.bin"
+                self.files += 1
+            else:
+                name = f"w{rnd.randrange(self.files):05}.bin"
+            with open(self.root / f".{name}.tmp", "wb") as f:
+                f.write(os.urandom(size))
+            os.replace(self.root / f".{name}.tmp", self.root / name)
+            self.written += size
+            self.stop.wait(max(0.0, start + n * tick - time.monotonic()))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def bench_continuous(work: Path, seconds: float, rep: Report) -> None:
+    """Lag under a steady 10 MB/s of writes on a local root: continuous mode, and interval mode at 5 s.
+
+    Lag is sampled from the standby's own drsync_replication_lag_seconds (the primary's clock) four times
+    a second over the measured period, which starts once the first snapshot is applied and the writer runs."""
+    runs = [("continuous", 'mode = "continuous"\ninterval = "1m"\nmin_interval = "1s"\nsettle = "200ms"', 5.0),
+            ("interval 5s", 'interval = "5s"', 15.0)]
+    for label, replication, target in runs:
+        data = work / f"c-{label.replace(' ', '-')}-data"
+        data.mkdir()
+        gen_big(data / "base", 64, files=64)
+        age(data)
+        pair = LivePair(work, f"c-{label.replace(' ', '-')}", data, replication)
+        writer = SteadyWriter(data)
+        peaks: dict[str, float] = {}
+        try:
+            deadline = time.monotonic() + 120
+            while not (lag := pair.metric("standby", "drsync_replication_lag_seconds")) or lag != lag:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"bench: continuous ({label}): the standby applied nothing in 120 s")
+                time.sleep(0.25)
+            print(f"continuous: {label}: writing 10 MB/s for {seconds:.0f}s, sampling the standby's lag ...")
+            writer.thread.start()
+            samples: list[float] = []
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                lag = pair.metric("standby", "drsync_replication_lag_seconds")
+                if lag is not None and lag == lag:
+                    samples.append(lag)
+                time.sleep(0.25)
+            writer.stop.set()
+            writer.thread.join()
+            triggers = {t: pair.metric("primary", "drsync_captures_total", trigger=t) for t in
+                        ("change", "heartbeat", "poll", "interval", "first", "request")}
+            kept = {name: pair.snapshots(name) for name in ("primary", "standby")}
+        finally:
+            writer.stop.set()
+            peaks = pair.stop()
+        if not samples:
+            raise SystemExit(f"bench: continuous ({label}): no lag sample")
+        p50, p99, worst = percentile(samples, 0.5), percentile(samples, 0.99), max(samples)
+        captures = ", ".join(f"{t} {int(v)}" for t, v in triggers.items() if v)
+        rep.add(f"lag at 10 MB/s, {label}: p99 (p50, max)", p99, None, None, max(peaks.values()),
+                f"[{'met' if p99 <= target else 'MISSED'} p99 <= {target:g} s] p50 {p50:.2f}s, max {worst:.2f}s, "
+                f"{len(samples)} samples, {writer.written / seconds / 1e6:.1f} MB/s written; captures: {captures}; "
+                f"snapshots kept: primary {kept['primary']}, standby {kept['standby']}; peak MiB primary "
+                f"{peaks['primary']:.0f}, standby {peaks['standby']:.0f}")
+        rep.results[f"lag at 10 MB/s, {label}: p99 (p50, max)"] |= {
+            "lag_p50_s": round(p50, 3), "lag_p99_s": round(p99, 3), "lag_max_s": round(worst, 3),
+            "target_p99_s": target, "samples": len(samples), "captures": triggers, "snapshots_kept": kept,
+            "peak_mib": {k: round(v, 1) for k, v in peaks.items()}}
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(work / f"c-{label.replace(' ', '-')}", ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-work")
@@ -661,9 +823,11 @@ def main() -> None:
     ap.add_argument("--small-files", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
-    ap.add_argument("--only", choices=("snapshots", "agents", "fanout", "failover", "hdfs"),
+    ap.add_argument("--only", choices=("snapshots", "agents", "fanout", "failover", "hdfs", "continuous"),
                     help="run one part only")
     ap.add_argument("--fanout-mib", type=int, default=256, help="data in the fan-out part (MiB)")
+    ap.add_argument("--lag-seconds", type=float, default=180.0,
+                    help="measured period of each lag run (continuous part; --quick: 20)")
     ap.add_argument("--hdfs-files", type=int, default=2000, help="files in the HDFS part")
     ap.add_argument("--hdfs-mib", type=int, default=512, help="bytes in the HDFS part (MiB)")
     ap.add_argument("--trials", type=int, default=5, help="failover trials (medians are reported)")
@@ -689,6 +853,8 @@ def main() -> None:
                            64 if args.quick else args.big_mib, rep)
         if args.only in (None, "hdfs"):
             bench_hdfs(args.work, 200 if args.quick else args.hdfs_files, 32 if args.quick else args.hdfs_mib, rep)
+        if args.only in (None, "continuous"):
+            bench_continuous(args.work, 20.0 if args.quick else args.lag_seconds, rep)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     rep.print()

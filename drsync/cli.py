@@ -704,6 +704,8 @@ def status_cmd(inv: Invocation, points: bool) -> None:
         if doc.get("switchover"):
             sw = doc["switchover"]
             click.echo(f"switchover to {sw.get('to')}: {sw.get('status')}")
+        if doc.get("replication"):
+            click.echo(f"replication mode (this config): {doc['replication']['summary']}")
         last = doc["last_snapshot"]
         click.echo(f"last snapshot here: {last['id']} at {last['captured_at']}" if last else "no snapshot here yet")
         if doc.get("recovery_points"):

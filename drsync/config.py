@@ -73,6 +73,13 @@ def _duration(v: Any, key: str) -> float:
     return parse_duration(v, key)
 
 
+def _positive_duration(v: Any, key: str) -> float:
+    d = parse_duration(v, key)
+    if d <= 0:
+        raise ConfigError(f"{key}: must be longer than 0 (got {v!r}); write e.g. '1s' or '500ms'")
+    return d
+
+
 def _rate(v: Any, key: str) -> float:
     """Bytes per second from ``"50MiB/s"``, ``"100MB"`` or a number; 0 means unlimited."""
     return parse_rate(v, key)
@@ -201,7 +208,14 @@ def _targets(v: Any, key: str) -> dict[str, TargetConfig]:
 
 @dataclass(frozen=True)
 class ReplicationConfig:
+    # "interval": a capture every interval. "continuous": on a local data root a capture as soon as the
+    # root changes (inotify), at most every min_interval, a settle delay after the first change letting a
+    # burst become one snapshot, and still one every interval (a heartbeat); on HDFS a capture every
+    # min_interval (drsync.agent.cadence).
     interval: float = field(default=300.0, metadata=_conv(_duration))
+    mode: str = field(default="interval", metadata=_conv(_choice("interval", "continuous")))
+    min_interval: float = field(default=1.0, metadata=_conv(_positive_duration))
+    settle: float = field(default=0.2, metadata=_conv(_duration))
     standbys: tuple[str, ...] = field(default=(), metadata=_conv(_str_list))
     bandwidth_limit: float = field(default=0.0, metadata=_conv(_rate))  # bytes/s; 0 = unlimited
     # Windows of time of day with their own rate ("08:00-18:00 20MiB/s, 18:00-08:00 off"; drsync.bandwidth);
@@ -370,7 +384,19 @@ def config_from_dict(doc: Mapping[str, Any], *, base_dir: Path | None = None,
     tls = cfg.tls
     if tls.enabled and not (tls.ca and tls.cert and tls.key):
         raise ConfigError("[tls] needs all of ca, cert and key, or none of them")
+    problem = cadence_problem(cfg.replication)
+    if problem:
+        raise ConfigError(problem)
     return cfg
+
+
+def cadence_problem(r: ReplicationConfig) -> str | None:
+    """Why the capture cadence of ``[replication]`` cannot work (one line naming the key), or None."""
+    if r.mode == "continuous" and r.min_interval > r.interval:
+        return (f"replication.min_interval ({r.min_interval:g}s) is longer than replication.interval "
+                f"({r.interval:g}s): in continuous mode min_interval is the shortest time between two captures and "
+                f"interval the longest; make min_interval at most interval")
+    return None
 
 
 def fencing_problem(cfg: Config) -> str | None:
@@ -467,6 +493,14 @@ def config_problems(doc: Mapping[str, Any]) -> list[str]:
                    and f.default_factory is dataclasses.MISSING]
         if missing:
             problems.append(f"[{name}] is missing required key(s): {', '.join(missing)}")
+    rep = doc.get("replication")
+    if isinstance(rep, Mapping) and not problems:
+        try:
+            problem = cadence_problem(_build_section("replication", ReplicationConfig, rep))
+        except ConfigError as e:
+            problem = str(e)
+        if problem:
+            problems.append(problem)
     tls = doc.get("tls")
     if isinstance(tls, Mapping) and any(tls.get(k) for k in ("ca", "cert", "key")) and not all(
             tls.get(k) for k in ("ca", "cert", "key")):

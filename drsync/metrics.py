@@ -62,6 +62,14 @@ class AgentMetrics:
                                     "last captured version, never deleted)")
         self.snapshot_skipped_paths = gauge("snapshot_skipped_paths",
                                             "Paths the newest snapshot could not capture at all")
+        # Why each capture of the primary was taken (drsync.agent.cadence): change, heartbeat, poll, interval...
+        self.captures = Counter(PREFIX + "captures", "Snapshots the primary captured for replication, by what "
+                                "triggered them", [*labels, "trigger"], registry=registry)
+        self._capture_labels = values
+        self.change_watch = gauge("change_watch", "replication.mode = \"continuous\": 1 while changes of the data "
+                                                  "root are notified (inotify), 0 while it is polled every "
+                                                  "min_interval (HDFS, or notification given up); NaN in "
+                                                  "interval mode")
         self.snapshot_duration = histogram("snapshot_duration_seconds", "Time to capture a snapshot")
         self.ship_duration = histogram("ship_duration_seconds", "Time to negotiate, ship and commit a snapshot")
         self.shipped_bytes = counter("shipped_bytes", "Stored bytes sent to standbys")
@@ -132,6 +140,10 @@ class AgentMetrics:
                 g.remove(*self._values.values(), target)
             except KeyError:
                 pass
+
+    def capture_triggered(self, trigger: str, count: int = 1) -> None:
+        """Count a capture by what triggered it (``count=0`` shows a trigger at zero before its first)."""
+        self.captures.labels(**self._capture_labels, trigger=trigger).inc(count)
 
     def track_break_glass(self, count: Callable[[], int]) -> None:
         """Where to read how many protected snapshots were deleted with --break-glass (a persisted count)."""

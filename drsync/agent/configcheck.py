@@ -87,6 +87,7 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
         else f"ships to {', '.join(r.standbys)}" if r.standbys else "follows the primary"), "config"))
     checks += _check_cluster(cfg)
     checks += _check_engine(cfg)
+    checks += _check_cadence(cfg)
     try:
         state_dir: str | None = state_dir_of(cfg)
     except DrsyncError as e:
@@ -146,6 +147,51 @@ def _check_engine(cfg: Config) -> list[Check]:
     except DrsyncError as e:
         out.append(Check("snapshottable data root", False, str(e)))
     return out
+
+
+def _check_cadence(cfg: Config) -> list[Check]:
+    """replication.mode: continuous on HDFS polls (a capture every min_interval); on a local root it needs an
+    inotify watch per directory, within fs.inotify.max_user_watches."""
+    from drsync.agent.continuous import is_local
+    from drsync.agent.status import replication_mode
+
+    r = cfg.replication
+    summary = replication_mode(cfg)["summary"]
+    if r.mode != "continuous":
+        return [Check("replication mode", True, summary, "config")]
+    out = []
+    protect = cfg.snapshots.protect
+    if protect > 0 and protect / r.min_interval > 10_000:
+        out.append(Check("snapshot count", True, f"[snapshots] protect keeps every snapshot younger than "
+                         f"{protect:g}s, and a busy root is captured every {r.min_interval:g}s: up to "
+                         f"{int(protect / r.min_interval):,} snapshots kept; raise replication.min_interval or "
+                         f"shorten protect", "config", warn=True))
+    if not is_local(cfg.cluster.data):
+        return [*out, Check("replication mode", True, f"{summary}: HDFS has no change notification, so each "
+                            f"poll is a snapshot-diff capture (a new snapshot, kept as [snapshots] keep says); raise "
+                            f"replication.min_interval if the namenode is busy", "config", warn=True)]
+    root = cfg.cluster.data.removeprefix("file://")
+    dirs = 0
+    for _, subdirs, _ in os.walk(root):
+        dirs += len(subdirs)
+    dirs += 1
+    limit_text = _sysctl("fs/inotify/max_user_watches")
+    limit = int(limit_text) if limit_text.isdigit() else None
+    short = limit is not None and dirs > limit // 2
+    what = f"{dirs} director{'y' if dirs == 1 else 'ies'}"
+    return [*out, Check("replication mode", True, f"{summary}; the data root has {what} "
+                  f"to watch, fs.inotify.max_user_watches = {limit_text}" +
+                  (" (shared by every process of the user): raise it, e.g. sysctl -w fs.inotify.max_user_watches="
+                   f"{max(1048576, dirs * 4)}, or the agent falls back to a capture every {r.min_interval:g}s"
+                   if short else ""), "config", warn=short)]
+
+
+def _sysctl(path: str) -> str:
+    try:
+        with open(f"/proc/sys/{path}") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 def _check_nesting(cfg: Config, state_dir: str | None) -> list[Check]:

@@ -8,9 +8,9 @@
 * :class:`~drsync.agent.activity.Activity`: what the status page shows of the recent past.
 
 :meth:`Agent.run` is the loop: coordinate, serve operator requests, keep the shippers'
-targets current, and as primary capture a snapshot every ``replication.interval``
-(backing off after failed captures). A fixed role (``primary`` / ``standby``) skips
-coordination.
+targets current, and as primary capture a snapshot when :class:`~drsync.agent.continuous.CaptureSchedule`
+says (every ``replication.interval``, or on change in continuous mode; backing off after failed
+captures). A fixed role (``primary`` / ``standby``) skips coordination.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 from drsync import engine, faults
 from drsync.agent import clock, requests, statuspage, switchover
 from drsync.agent.activity import LAG_WINDOW_S, Activity
+from drsync.agent.continuous import CaptureSchedule
 from drsync.agent.drill import load_reports
 from drsync.agent.locks import HostLock, StateDirLock
 from drsync.agent.maintenance import Duties, MaintenanceWorker
@@ -48,12 +49,9 @@ log = logging.getLogger("drsync.agent")
 # How often the loop looks at ZooKeeper (watches wake it sooner), and for operator requests.
 COORDINATE_EVERY_S = 0.5
 REQUESTS_EVERY_S = 0.2
-DELAYED_APPLY_EVERY_S = 1.0
+DELAYED_APPLY_EVERY_S = 1.0  # how often a standby with replication.apply_delay looks for snapshots due
 # As primary, retention keeps the snapshot last applied by at most this many vanished standbys.
-LOST_STANDBY_KEEP = 4  # how often a standby with replication.apply_delay looks for snapshots due
-# After a failed capture the next one waits this long, doubling up to the cap (seconds).
-CAPTURE_BACKOFF_FIRST_S = 1.0
-CAPTURE_BACKOFF_MAX_S = 60.0
+LOST_STANDBY_KEEP = 4
 
 
 def open_coordinator(cfg: Config, *, connect_timeout_s: float | None = None) -> Coordinator:
@@ -121,6 +119,9 @@ class Agent:
             epoch=lambda: self.store.current.epoch, guard=self.supervisor.guard, relay_guard=self._relay_guard,
             exclude_paths=(self.store.dir,), on_outcome=self._on_shipped)
         self.supervisor.on_switchover = lambda view: switchover.carry_out(self.supervisor, self.replication, view)
+        # When the primary captures: replication.mode (interval, or continuous: on change of the data root).
+        self.schedule = CaptureSchedule(cfg, data_root=self.data_root, exclude=(self.store.dir, cfg.cluster.repository),
+                                        metrics=self.metrics, wake=self.wake.set)
         self.activity = Activity(self.current_lag)
         self.maintenance = MaintenanceWorker(cfg, self.repo, self.metrics, state_dir=self.state_dir,
                                              duties=self._duties,
@@ -373,6 +374,7 @@ class Agent:
                 "snapshots": [{"id": s.id, "kind": s.kind, "captured_at": s.captured_at, "files": s.files,
                                "bytes": s.bytes} for s in reversed(snaps)],
                 "cycles": self.activity.recent(), "drills": drills, "apply_hold": self.hold_summary(),
+                "replication": self.schedule.describe(),
                 "maintenance": self.maintenance.busy or None,
                 "bandwidth": self.replication.bandwidth_status() or None}  # per target: rate now, paused until
 
@@ -448,8 +450,7 @@ class Agent:
         threading.Thread(target=self._serve_requests_loop, name="drsync-requests", daemon=True).start()
         if self.receiver is not None and self.cfg.replication.apply_delay > 0:
             threading.Thread(target=self._delayed_apply_loop, name="drsync-delayed-apply", daemon=True).start()
-        backoff = CAPTURE_BACKOFF_FIRST_S
-        next_capture = 0.0
+        sched = self.schedule
         sup = self.supervisor
         ship_mode = ""
         while not self.stop.is_set() and sup.fatal is None:
@@ -473,21 +474,18 @@ class Agent:
             new = self.replication.set_targets(self.targets() if primary or relaying else [])
             if new and relaying:
                 self._relay_applied()  # a standby started to follow this one: its applied snapshot at once
+            sched.set_active(primary)
             if sup.cycle_now.is_set() or (new and primary):
                 sup.cycle_now.clear()
-                next_capture = 0.0
-            if primary and time.monotonic() >= next_capture:
-                started = time.monotonic()
-                if self._capture():
-                    backoff = CAPTURE_BACKOFF_FIRST_S
-                    next_capture = started + self.cfg.replication.interval
-                else:
-                    next_capture = time.monotonic() + min(backoff, self.cfg.replication.interval)
-                    backoff = min(backoff * 2, CAPTURE_BACKOFF_MAX_S)
-                continue  # coordinate again right after a capture
+                sched.request()
             wait = COORDINATE_EVERY_S if self.auto else 1.0
             if primary:
-                wait = max(0.01, min(wait, next_capture - time.monotonic()))
+                nxt = sched.next()
+                if nxt.due:
+                    sched.started(nxt)
+                    sched.finished(self._capture())
+                    continue  # coordinate again right after a capture
+                wait = max(0.01, min(wait, nxt.wait_s))
             self.wake.wait(wait)
         self.close()
         log.info("agent %s stopped (%s)", self.name, f"fatal: {sup.fatal}" if sup.fatal is not None else
@@ -495,6 +493,7 @@ class Agent:
 
     def close(self) -> None:
         self.stop.set()
+        self.schedule.set_active(False)
         self.replication.close()
         self.maintenance.stop()
         if self.server is not None:

@@ -34,9 +34,22 @@ PROBE_HEALTH_S = 2.0
 
 
 def collect_status(cfg: Config, *, timeout_s: float = 5.0) -> dict[str, Any]:
-    if cfg.agent.role == "auto":
-        return collect_group_status(cfg)
-    return collect_pair_status(cfg, timeout_s=timeout_s)
+    doc = collect_group_status(cfg) if cfg.agent.role == "auto" else collect_pair_status(cfg, timeout_s=timeout_s)
+    doc["replication"] = replication_mode(cfg)
+    return doc
+
+
+def replication_mode(cfg: Config) -> dict[str, Any]:
+    """How a primary with this config captures (``replication.mode``), in figures and in words."""
+    r = cfg.replication
+    doc: dict[str, Any] = {"mode": r.mode, "interval_s": r.interval}
+    if r.mode != "continuous":
+        return doc | {"summary": f"interval: a capture every {r.interval:g}s"}
+    local = "://" not in cfg.cluster.data or cfg.cluster.data.startswith("file://")
+    doc |= {"min_interval_s": r.min_interval, "settle_s": r.settle}
+    return doc | {"summary": (f"continuous: a capture {r.settle:g}s after a change of the data root, at most every "
+                              f"{r.min_interval:g}s, at least every {r.interval:g}s" if local else
+                              f"continuous: a capture every {r.min_interval:g}s (HDFS: polled, no notification)")}
 
 
 def _last_snapshot(cfg: Config) -> dict[str, Any] | None:

@@ -117,7 +117,8 @@ td, th {{ border-bottom: 1px solid #d0d7de; padding: 0.3em 0.8em; text-align: le
 <table id="agents"><tr><th>agent</th><th>role</th><th>address</th><th>epoch</th><th>lag</th><th>applied snapshot</th>
 </tr>{rows}</table>
 <h2 id="lag-heading">Replication lag, last {_e(format_span(chart_span(history, now, window)))}</h2>
-<p>now: <b id="lag-now">{_e(_lag(doc.get("lag_s")))}</b></p>
+<p>now: <b id="lag-now">{_e(_lag(doc.get("lag_s")))}</b>; replication mode: <span id="replication-mode">{
+    _e((doc.get("replication") or {}).get("mode"))}: {_e((doc.get("replication") or {}).get("captures"))}</span></p>
 {lag_chart(history, now, window)}
 <h2>Last snapshots</h2>
 <table id="snapshots"><tr><th>id</th><th>kind</th><th>captured</th><th>files</th><th>bytes</th></tr>{snaps}</table>

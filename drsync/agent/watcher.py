@@ -1,0 +1,309 @@
+"""Change notification for a local data root (``replication.mode = "continuous"``): the only module that
+imports watchdog (inotify on Linux).
+
+:class:`RootWatcher` watches a directory tree recursively (directories created later too) and records
+when the first change not yet taken happened; paths of drsync's own inside the root (the agent's state
+directory, a repository) are left out, and so are reads (open, close without writing), so a capture never
+triggers the next one. It never decides when to capture (:mod:`drsync.agent.cadence` does): it says
+*whether* the root changed since the last :meth:`RootWatcher.take`, and whether notification can still
+be trusted (:meth:`RootWatcher.problem`):
+
+* the kernel's event queue overflowed (events were lost): ``fs.inotify.max_queued_events``;
+* a directory could not be watched (watchdog skips those silently; the usual cause is the
+  ``fs.inotify.max_user_watches`` limit): found by comparing the directories of the tree with the
+  watches this process holds (``/proc/self/fdinfo``), :meth:`RootWatcher.coverage_problem`;
+* the root itself was deleted, moved, replaced or unmounted: its (device, inode) changed, or the
+  watch on it ended.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import stat
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+log = logging.getLogger("drsync.agent")
+
+# What changes content or metadata; reads (opened, closed without writing) are never asked for.
+_CHANGES = [FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent, FileDeletedEvent,
+            DirDeletedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent]
+# Directories found unwatched are looked at again after this long: one created meanwhile may just not
+# have its watch yet.
+RECHECK_AFTER_S = 0.5
+_WATCH_LINE = re.compile(r"^inotify wd:\S+ ino:([0-9a-fA-F]+)", re.MULTILINE)
+_OVERFLOW = "Inotify queue overflowed"
+
+
+def sysctl(name: str) -> str:
+    """The value of a sysctl such as ``fs.inotify.max_user_watches`` ("?" when unreadable)."""
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def watch_limit_advice() -> str:
+    return (f"raise fs.inotify.max_user_watches (now {sysctl('fs.inotify.max_user_watches')}; e.g. sysctl -w "
+            f"fs.inotify.max_user_watches=1048576, and in /etc/sysctl.d/ to keep it) and restart the agent")
+
+
+def overflow_advice() -> str:
+    return (f"raise fs.inotify.max_queued_events (now {sysctl('fs.inotify.max_queued_events')}; e.g. sysctl -w "
+            f"fs.inotify.max_queued_events=1048576, and in /etc/sysctl.d/ to keep it) and restart the agent")
+
+
+class _Overflows(logging.Filter):
+    """watchdog reports a queue overflow only in its log (it then re-adds its watches itself): this filter
+    passes it on to every live watcher, which reports it in its own words instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watchers: weakref.WeakSet[RootWatcher] = weakref.WeakSet()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(_OVERFLOW):
+            return True
+        for w in list(self.watchers):
+            w._overflowed()
+        return False
+
+
+_overflows = _Overflows()
+for _name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
+    logging.getLogger(_name).addFilter(_overflows)
+    logging.getLogger(_name).setLevel(logging.WARNING)  # the overflow record is made whatever the agent's level
+
+
+class WatchError(Exception):
+    """The root cannot be watched; the message says why and what to do."""
+
+
+def _inotify_fds() -> set[int]:
+    out = set()
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return out
+    for n in names:
+        try:
+            if os.readlink(f"/proc/self/fd/{n}") == "anon_inode:inotify":
+                out.add(int(n))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: RootWatcher) -> None:
+        self.watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self.watcher._event(event)
+
+
+class RootWatcher:
+    """Recursive change notification over one local directory tree."""
+
+    def __init__(self, root: str, *, exclude: Iterable[str] = (), on_change: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.root = os.path.realpath(root)
+        # drsync's own paths inside the root, as the filesystem names them (symlinks resolved).
+        self.exclude = tuple(sorted({os.path.realpath(p) for p in exclude if p} - {self.root}))
+        self.on_change = on_change
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._first: float | None = None
+        self.changes = 0  # change events seen (not left out)
+        self.first_path = ""  # the path of the first change of the current batch (what woke the agent)
+        self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._fd: int | None = None  # this watcher's inotify descriptor, when it could be told apart
+        self._root_id: tuple[int, int] | None = None
+        self._problem: str | None = None
+
+    # --- life -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Watch the tree now (every directory in it is watched when this returns). WatchError when the
+        root cannot be watched at all; directories that could not be watched are found by
+        :meth:`coverage_problem`."""
+        try:
+            st = os.stat(self.root)
+        except OSError as e:
+            raise WatchError(f"cannot watch data root {self.root}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise WatchError(f"cannot watch data root {self.root}: not a directory")
+        self._root_id = (st.st_dev, st.st_ino)
+        before = _inotify_fds()
+        try:
+            observer = Observer()
+        except OSError as e:
+            raise WatchError(self._os_error(e)) from None
+        fds = _inotify_fds() - before
+        self._fd = fds.pop() if len(fds) == 1 else None
+        _overflows.watchers.add(self)
+        try:
+            observer.schedule(_Handler(self), self.root, recursive=True, event_filter=_CHANGES)
+            observer.start()
+        except OSError as e:
+            _overflows.watchers.discard(self)
+            try:
+                observer.stop()
+            except Exception:  # never started: nothing to stop
+                pass
+            raise WatchError(self._os_error(e)) from None
+        self._observer = observer
+
+    def _os_error(self, e: OSError) -> str:
+        if e.errno == errno.ENOSPC:
+            return f"inotify watch limit reached while watching data root {self.root}: {watch_limit_advice()}"
+        if e.errno == errno.EMFILE:
+            return (f"inotify instance limit reached: raise fs.inotify.max_user_instances (now "
+                    f"{sysctl('fs.inotify.max_user_instances')}) and restart the agent")
+        return f"cannot watch data root {self.root}: {e.strerror or e}"
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        _overflows.watchers.discard(self)
+        if observer is not None:
+            observer.stop()
+            if observer.is_alive():
+                observer.join(5.0)
+
+    @property
+    def running(self) -> bool:
+        return self._observer is not None
+
+    # --- changes --------------------------------------------------------------------------------
+
+    def _excluded(self, path: str) -> bool:
+        return any(path == x or path.startswith(x + os.sep) for x in self.exclude)
+
+    def _event(self, event: FileSystemEvent) -> None:
+        paths = [os.fsdecode(p) for p in (event.src_path, event.dest_path) if p]
+        if not paths or all(self._excluded(p) for p in paths):
+            return
+        with self._lock:
+            self.changes += 1
+            first = self._first is None
+            if first:
+                self._first = self.clock()
+                self.first_path = paths[0]
+        if first:
+            self.on_change()  # once per batch: a busy root does not wake the agent per event
+
+    @property
+    def first_change(self) -> float | None:
+        """When the first change not yet taken was seen (the clock's time), or None."""
+        return self._first
+
+    def take(self) -> float | None:
+        """The first change not yet taken, and forget it: a capture starts now and covers it (and every
+        change before it); a change seen from now on belongs to the next capture."""
+        with self._lock:
+            first, self._first = self._first, None
+            return first
+
+    # --- can notification be trusted? ----------------------------------------------------------------
+
+    def _overflowed(self) -> None:
+        if self._problem is None:
+            self._problem = f"the kernel's inotify event queue overflowed and changes were lost: {overflow_advice()}"
+        self.on_change()
+
+    def problem(self) -> str | None:
+        """Why changes may no longer be seen (cheap: no walk), or None while the watch is whole."""
+        if self._problem is not None:
+            return self._problem
+        observer = self._observer
+        if observer is None:
+            return None
+        try:
+            st = os.stat(self.root)
+            same = (st.st_dev, st.st_ino) == self._root_id
+        except OSError as e:
+            return f"data root {self.root} is gone ({e.strerror}): it was moved, deleted or unmounted while watched"
+        if not same:
+            return (f"data root {self.root} was replaced or remounted while watched: restart the agent to watch "
+                    f"the new one")
+        if not observer.is_alive() or not observer.emitters or not all(e.is_alive() for e in observer.emitters):
+            return f"the watch on data root {self.root} ended (the root was deleted, moved or unmounted)"
+        return None
+
+    def coverage_problem(self) -> str | None:
+        """Whether every directory of the tree (drsync's own left out) holds a watch of this watcher: a
+        walk of the directories, compared with the watches the kernel lists for this process's inotify
+        descriptor. None when all are watched, or when the descriptor cannot be read."""
+        if self._observer is None or self._fd is None:
+            return None
+        missing = self._unwatched()
+        if not missing:
+            return None
+        time.sleep(RECHECK_AFTER_S)  # a directory created just now may not have its watch yet
+        watched = self._watched()
+        still = []
+        for path, ino in missing:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_ino == ino and watched is not None and ino not in watched:
+                still.append(path)
+        if not still:
+            return None
+        first = os.path.relpath(still[0], self.root)
+        return (f"{len(still)} director{'y' if len(still) == 1 else 'ies'} of data root {self.root} could not be "
+                f"watched (first: {first}), most likely the inotify watch limit: {watch_limit_advice()}")
+
+    def _watched(self) -> set[int] | None:
+        try:
+            with open(f"/proc/self/fdinfo/{self._fd}") as f:
+                return {int(m.group(1), 16) for m in _WATCH_LINE.finditer(f.read())}
+        except OSError:
+            return None
+
+    def _unwatched(self) -> list[tuple[str, int]]:
+        watched = self._watched()
+        if watched is None:
+            return []
+        out: list[tuple[str, int]] = []
+        stack = [self.root]
+        while stack:
+            top = stack.pop()
+            try:
+                with os.scandir(top) as it:
+                    entries = list(it)
+            except OSError:
+                continue
+            for e in entries:
+                try:
+                    if not e.is_dir(follow_symlinks=False) or self._excluded(e.path):
+                        continue
+                    ino = e.inode()
+                except OSError:
+                    continue
+                if ino not in watched:
+                    out.append((e.path, ino))
+                stack.append(e.path)
+        return out
