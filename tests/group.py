@@ -82,6 +82,13 @@ class Group:
         if wait:
             wait_for(lambda: name in self.coord.agents(), f"agent {name} to register in ZooKeeper")
 
+    def start_all(self, primary: str, env: dict[str, dict[str, str]] | None = None) -> None:
+        """Start every agent (``env``: the environment of some by name) and make ``primary`` the primary."""
+        for n in self.names:
+            self.start(n, env=(env or {}).get(n))
+        r = self.promote(primary)
+        assert r.code == 0, r.err
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs.pop(name)
         p.send_signal(sig)

@@ -37,9 +37,7 @@ def test_two_standbys_following_each_other_are_both_fed_by_the_primary(make_grou
     g: Group = make_group(["east", "a", "b"])
     g.add_replication("a", 'upstream = "b"')
     g.add_replication("b", 'upstream = "a"')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
+    g.start_all("east")
     g.wait_synced("east", "a", "a's first sync (loop of upstreams)")
     g.wait_synced("east", "b", "b's first sync (loop of upstreams)")
     change(g, "east", 1)
@@ -53,9 +51,7 @@ def test_upstream_naming_a_missing_agent_or_the_primary(make_group: Any) -> None
     g: Group = make_group(["east", "ghostly", "direct"])
     g.add_replication("ghostly", 'upstream = "ghost"')
     g.add_replication("direct", 'upstream = "east"')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
+    g.start_all("east")
     g.wait_synced("east", "ghostly", "a standby following a missing agent is fed by the primary")
     g.wait_synced("east", "direct", "a standby following the primary is fed by it")
     f = fed(g, "east")
@@ -108,9 +104,7 @@ def test_a_black_holed_standby_never_delays_another(make_group: Any) -> None:
 def test_the_primary_keeps_what_a_killed_standby_applied_despite_keep_last_1(make_group: Any) -> None:
     g: Group = make_group(["east", "west", "north"],
                           extra='\n[snapshots]\nkeep = { last = 1 }')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
+    g.start_all("east")
     g.wait_synced("east", "west", "west's first sync")
     g.wait_synced("east", "north", "north's first sync")
     first = len(shipped_to(g, "east", "north"))
@@ -138,9 +132,7 @@ def test_a_stale_relayed_snapshot_arriving_after_a_newer_one_is_refused(make_gro
     pause.mkdir()
     g: Group = make_group(["east", "near", "far"], session_timeout="2s")
     g.add_replication("far", 'upstream = "near"')
-    for n in g.names:
-        g.start(n, env={**os.environ, "DRSYNC_FAULT_PAUSE": str(pause)} if n == "near" else None)
-    assert g.promote("east").code == 0
+    g.start_all("east", env={"near": {**os.environ, "DRSYNC_FAULT_PAUSE": str(pause)}})
     g.wait_synced("east", "near", "near's first sync")
     g.wait_synced("east", "far", "far's first sync through near")
     (pause / "relay-commit").touch()
@@ -184,9 +176,7 @@ def test_kill_9_near_mid_relay_far_stays_whole_and_is_fed_directly(make_group: A
     pause.mkdir()
     g: Group = make_group(["east", "near", "far"], session_timeout="2s")
     g.add_replication("far", 'upstream = "near"')
-    for n in g.names:
-        g.start(n, env={**os.environ, "DRSYNC_FAULT_PAUSE": str(pause)} if n == "near" else None)
-    assert g.promote("east").code == 0
+    g.start_all("east", env={"near": {**os.environ, "DRSYNC_FAULT_PAUSE": str(pause)}})
     g.wait_synced("east", "far", "far's first sync through near")
     before = tree_state(g.data["far"])
     (pause / "relay-commit").touch()
@@ -211,9 +201,7 @@ def test_promote_far_while_near_relays_no_split_brain_and_near_follows(make_grou
     pause.mkdir()
     g: Group = make_group(["east", "near", "far"])
     g.add_replication("far", 'upstream = "near"')
-    for n in g.names:
-        g.start(n, env={**os.environ, "DRSYNC_FAULT_PAUSE": str(pause)} if n == "near" else None)
-    assert g.promote("east").code == 0
+    g.start_all("east", env={"near": {**os.environ, "DRSYNC_FAULT_PAUSE": str(pause)}})
     g.wait_synced("east", "far", "far's first sync through near")
     (pause / "relay-commit").touch()
     change(g, "east", 1)
@@ -242,9 +230,7 @@ def test_promote_far_while_near_relays_no_split_brain_and_near_follows(make_grou
 def test_changing_upstream_and_restarting_far_needs_no_full_resync(make_group: Any) -> None:
     g: Group = make_group(["east", "near", "west", "far"])
     g.add_replication("far", 'upstream = "near"')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
+    g.start_all("east")
     for n in ("near", "west", "far"):
         g.wait_synced("east", n, f"{n}'s first sync")
     text = g.cfg["far"].read_text().replace('upstream = "near"', 'upstream = "west"')
@@ -262,9 +248,7 @@ def test_changing_upstream_and_restarting_far_needs_no_full_resync(make_group: A
 def test_far_lag_metric_is_small_in_a_cascade(make_group: Any) -> None:
     g: Group = make_group(["east", "near", "far"])
     g.add_replication("far", 'upstream = "near"')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
+    g.start_all("east")
     g.wait_synced("east", "far", "far's first sync")
     change(g, "east", 1)
     g.wait_synced("east", "far", "far gets change")
@@ -303,9 +287,7 @@ def test_promote_is_not_refused_because_of_a_live_ex_primarys_own_snapshots(make
     """west is promoted over a live east (fenced: an ex-primary waiting for rejoin, holding its own newer
     captures). west dies. Promoting north must not be refused for being 'behind' the ex-primary."""
     g: Group = make_group(["east", "west", "north"])
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
+    g.start_all("east")
     g.wait_synced("east", "west", "west's first sync")
     g.wait_synced("east", "north", "north's first sync")
     r = g.promote("west", "--force")
@@ -323,9 +305,7 @@ def test_far_following_the_old_primary_never_gets_what_it_wrote_after_being_fenc
     and ends equal to west."""
     g: Group = make_group(["east", "west", "far"])
     g.add_replication("far", 'upstream = "east"')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
+    g.start_all("east")
     g.wait_synced("east", "west", "west's first sync")
     g.wait_synced("east", "far", "far's first sync")
     r = g.promote("west", "--force")
@@ -351,9 +331,7 @@ def test_automatic_failover_with_the_best_standby_frozen_then_thawed(make_group:
     g: Group = make_group(["east", "west", "north", "far"], session_timeout="2s", failover="automatic",
                           extra='failover_cooldown = "0s"\nfence_command = "none"')
     g.add_replication("far", 'upstream = "west"')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
+    g.start_all("east")
     for n in ("west", "north", "far"):
         g.wait_synced("east", n, f"{n}'s first sync")
     watcher = PrimaryWatcher(g.hosts, g.group)

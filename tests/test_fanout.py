@@ -25,9 +25,7 @@ def change(g: Group, name: str, i: int) -> None:
 
 def test_a_stalled_standby_never_delays_the_others_and_catches_up_with_only_what_it_lacks(make_group: Any) -> None:
     g: Group = make_group(["east", "west", "north"])
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
+    g.start_all("east")
     g.wait_synced("east", "west", "west's first sync")
     g.wait_synced("east", "north", "north's first sync")
     first = shipped_to(g, "east", "north")
@@ -52,9 +50,7 @@ def test_a_cascade_crosses_the_wan_once_and_follows_the_promoted_middle_without_
         make_group: Any) -> None:
     g: Group = make_group(["east", "near", "far"])
     g.add_replication("far", 'upstream = "near"')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
+    g.start_all("east")
     g.wait_synced("east", "near", "near's first sync")
     g.wait_synced("east", "far", "far to receive through near")
     change(g, "east", 1)
@@ -85,9 +81,7 @@ def test_a_cascade_crosses_the_wan_once_and_follows_the_promoted_middle_without_
 def test_failover_picks_the_most_current_standby_and_the_other_refollows(make_group: Any) -> None:
     g: Group = make_group(["east", "west", "north"], session_timeout="2s", failover="automatic",
                           extra='failover_cooldown = "0s"\nfence_command = "none"')
-    for n in g.names:
-        g.start(n)
-    assert g.promote("east").code == 0
+    g.start_all("east")
     g.wait_synced("east", "west", "west's first sync")
     g.wait_synced("east", "north", "north's first sync")
     # North holds its applies: it receives, but its root (and position) stays behind west's.
@@ -163,9 +157,7 @@ def test_a_cascaded_standby_refuses_what_a_fenced_primary_produced(make_group: A
     pause.mkdir()
     g: Group = make_group(["east", "west", "near", "far"])
     g.add_replication("far", 'upstream = "near"')
-    for n in g.names:
-        g.start(n, env={**os.environ, "DRSYNC_FAULT_PAUSE": str(pause)} if n == "near" else None)
-    assert g.promote("east").code == 0
+    g.start_all("east", env={"near": {**os.environ, "DRSYNC_FAULT_PAUSE": str(pause)}})
     for n in ("west", "near", "far"):
         g.wait_synced("east", n, f"{n}'s first sync")
     (pause / "relay-commit").touch()
