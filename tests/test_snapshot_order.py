@@ -28,7 +28,7 @@ from drsync.agent.primary import ship_snapshot
 from drsync.agent.standby import StandbyReceiver
 from drsync.agent.state import StateStore
 from drsync.config import KeepPolicy
-from drsync.errors import IntegrityError
+from drsync.errors import IntegrityError, RefusedError
 from drsync.repository import format as fmt
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
@@ -285,11 +285,17 @@ def test_a_standby_orders_what_it_receives_by_arrival(tmp_path: Path) -> None:
     root.mkdir()
     rx = StandbyReceiver(standby, str(root), StateStore(str(tmp_path / "state")), agent="standby-1")
     link = LocalLink(rx)
-    # They arrive in another order than they were taken (e.g. a resent snapshot).
-    for info in (c, a, b_fast):
+    # They arrive in another order than they were taken: b, whose capture time a fast clock put a day
+    # ahead, after c. It is numbered by arrival, and applied (a later capture time with a lower sequence is
+    # what a primary whose repository was re-created sends).
+    for info in (a, c, b_fast):
         ship_snapshot(primary, info, link, epoch=1, sender="east-1")
     listed = standby.list_snapshots()
-    assert [(s.id, s.seq) for s in listed] == [(c.id, 1), (a.id, 2), (b_fast.id, 3)]
+    assert [(s.id, s.seq) for s in listed] == [(a.id, 1), (c.id, 2), (b_fast.id, 3)]
+    # A resent older snapshot (lower position, captured earlier) would take the root back: refused, not stored.
+    with pytest.raises(RefusedError, match="arrived late"):
+        ship_snapshot(primary, a, link, epoch=1, sender="east-1")
+    assert len(standby.list_snapshots()) == 3
     assert standby.find_snapshot("latest").id == b_fast.id == rx.state.applied_snapshot
     assert contents(root) == contents_of(primary, b_fast, tmp_path / "check-b")
     # Shipped documents leave the sender's seq out: it means nothing in another repository.
