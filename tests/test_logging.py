@@ -142,3 +142,31 @@ def test_json_records_about_a_snapshot_carry_its_id_as_a_key(tmp_path: Path) -> 
         assert x["snapshot"] == re.search(r"\bsnapshots? ([0-9a-f]{16})\b", x["message"]).group(1)  # type: ignore[union-attr]
         assert x["group"] and x["agent"] == "east" and x["time"]
     assert all("snapshot" not in x for x in records if not re.search(r"[0-9a-f]{16}", x["message"]))
+
+
+def test_an_idle_primary_logs_its_routine_cycles_at_debug(tmp_path: Path) -> None:
+    """Unchanged captures (every cycle of an idle root; every poll in continuous mode on HDFS) add no INFO
+    lines: capture, shipment, expiry and the standby's no-op stay at DEBUG; a change is at INFO again."""
+    from tests.group import scrape, wait_for
+    from tests.test_agents import Pair
+
+    pair = Pair(tmp_path)
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the first sync")
+
+        def shipments() -> float:
+            return scrape(pair.metrics["primary"], "default", "primary").get("drsync_ship_duration_seconds_count", 0)
+        first = shipments()
+        wait_for(lambda: shipments() >= first + 5, "five more (unchanged) cycles")
+        log = (tmp_path / "primary.log").read_text()
+        captured = [ln for ln in log.splitlines() if re.search(r"INFO .*snapshot [0-9a-f]{16} captured", ln)]
+        sent = [ln for ln in log.splitlines() if re.search(r"INFO .*snapshot [0-9a-f]{16} to .*: applied", ln)]
+        assert len(captured) <= 2 and len(sent) <= 2, (captured, sent)  # the first sync (and at most one more)
+        (pair.prod / "catalog" / "new.txt").write_text("a change\n")
+        wait_for(lambda: (pair.standby_data / "catalog" / "new.txt").exists(), "the change to replicate")
+        wait_for(lambda: re.search(r"INFO .*to .*: applied \([1-9]", (tmp_path / "primary.log").read_text()),
+                 "the change's shipment at INFO")
+    finally:
+        pair.stop_all()

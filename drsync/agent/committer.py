@@ -192,7 +192,7 @@ class Committer:
             # Nothing changed since the applied snapshot: the root already holds it.
             self._record_applied(info.id, info.captured_at, position)
             self._keep_history(info.id)
-            log.info("snapshot %s has the content of the applied one; nothing to apply", info.id)
+            log.debug("snapshot %s has the content of the applied one; nothing to apply", info.id)
             self._release_guard_for(info, f"snapshot {info.id} has the content of the applied snapshot again")
             return ApplyResult(unchanged_files=manifest.file_count())
         base = applied if applied is not None else self._baseline_manifest()

@@ -40,6 +40,7 @@ from drsync.coordination import Coordinator
 from drsync.errors import DrsyncError, RefusedError, UsageError
 from drsync.metrics import AgentMetrics, new_registry, serve
 from drsync.repository.repo import Repository
+from drsync.repository.snapshots import SnapshotInfo
 from drsync.storage import open_storage
 from drsync.transport.grpc import GrpcStandbyLink, ReplicationServicer, start_server
 from drsync.units import with_iso_times
@@ -423,13 +424,23 @@ class Agent:
         self.activity.add(info.id, True, f"captured; offered to {', '.join(targets)}" if targets
                           else "snapshot only (no standby registered)")
         gone = sorted(self.supervisor.lost_standbys)
-        log.info("agent %s: snapshot %s captured%s", self.name, info.id,
+        log.log(logging.DEBUG if self._unchanged(info) else logging.INFO, "agent %s: snapshot %s captured%s",
+                self.name, info.id,
                  f"; shipping to {', '.join(targets)}" if targets else
                  f" (no standby to ship to: {', '.join(gone)} down)" if gone else " (no standby registered)")
         self.replication.offer(info)
         if not targets:
             self.maintenance.wake()
         return True
+
+    def _unchanged(self, info: SnapshotInfo) -> bool:
+        """The capture's manifest is its parent's, byte for byte (nothing changed since)."""
+        if not info.parent:
+            return False
+        try:
+            return self.repo.find_snapshot(info.parent).manifest_hash == info.manifest_hash
+        except DrsyncError:
+            return False
 
     # --- the loop ------------------------------------------------------------------------------
 

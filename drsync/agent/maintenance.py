@@ -141,7 +141,10 @@ class MaintenanceWorker:
         if res.gc is not None:
             self._last_gc = time.monotonic()
         if res.deleted:
-            log.info("agent %s: expired %d snapshot(s)", self.name, len(res.deleted))
+            # Replication cycles' own snapshots expiring is routine (every cycle, in continuous mode): DEBUG.
+            routine = all(s.kind == "cycle" for s in res.deleted)
+            log.log(logging.DEBUG if routine else logging.INFO, "agent %s: expired %d snapshot(s)", self.name,
+                    len(res.deleted))
         self.metrics.retention_protected.set(len(res.protected))
         if len(res.protected) != self._protected_seen:
             self._protected_seen = len(res.protected)

@@ -188,7 +188,10 @@ class Shipper:
             self._failed()
             self.metrics.ship_failures.inc()
         if outcome.ok or outcome.paused:
-            log.info("snapshot %s to %s: %s", info.id, self.target, outcome.summary)
+            # Nothing sent and nothing written (an unchanged capture, every poll in continuous mode): DEBUG.
+            idle = outcome.figures.get("missing_chunks") == 0 and outcome.figures.get("changed") == 0
+            log.log(logging.DEBUG if idle else logging.INFO, "snapshot %s to %s: %s", info.id, self.target,
+                    outcome.summary)
         else:  # what went wrong first, then which shipment; retried after the backoff
             log.warning("%s (snapshot %s to %s; next try in %.0fs)", outcome.summary, info.id, self.target,
                         self.backoff_s)
@@ -245,6 +248,7 @@ class Shipper:
                                f"({res.missing_chunks}/{res.chunks} chunks sent, {human_size(res.shipped_bytes)} in "
                                f"{res.duration_s:.2f}s)",
                                {"chunks": res.chunks, "missing_chunks": res.missing_chunks,
+                                "changed": done.written_files + done.removed,
                                 "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
                                 "deduplicated_bytes": res.deduplicated_bytes})
         except ShippingPaused as e:

@@ -419,7 +419,7 @@ class HdfsDataRoot:
         try:
             yield view
             ok = True
-            log.info("captured %s from HDFS snapshot %s: %d directories listed%s", self.url, name, view.listed_dirs,
+            log.debug("captured %s from HDFS snapshot %s: %d directories listed%s", self.url, name, view.listed_dirs,
                      f" (the rest unchanged since {base}, by GETSNAPSHOTDIFF)" if reuse is not None else "")
         finally:
             if view.open_files:
