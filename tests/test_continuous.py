@@ -177,6 +177,39 @@ def test_a_replaced_root_ends_notification(watched) -> None:  # type: ignore[no-
     assert problem and "replaced" in problem
 
 
+def test_notification_comes_back_after_a_fallback_without_a_restart(tmp_path: Path) -> None:
+    """A replaced root ends notification (captures every min_interval); WATCH_RETRY_S later the schedule
+    watches the root again by itself, and captures at once what changed meanwhile."""
+    from drsync.agent.continuous import WATCH_RETRY_S, CaptureSchedule
+    from drsync.metrics import AgentMetrics, new_registry
+
+    root = tmp_path / "root"
+    root.mkdir()
+    now = [1000.0]
+    cfg = config_from_dict(_cfg({"mode": "continuous", "interval": "1h"}))
+    metrics = AgentMetrics(new_registry(), group="g", agent="a")
+    s = CaptureSchedule(cfg, data_root=str(root), exclude=[], metrics=metrics, wake=lambda: None, name="a",
+                        clock=lambda: now[0])
+    try:
+        s.set_active(True)
+        assert s.watcher is not None and metrics.change_watch._value.get() == 1
+        os.rename(root, tmp_path / "old-root")
+        root.mkdir()
+        s.next()
+        assert s.watcher is None and "replaced" in s.fallback
+        now[0] += WATCH_RETRY_S - 1
+        s.set_active(True)
+        assert s.watcher is None, "retried before WATCH_RETRY_S"
+        now[0] += 1
+        s.set_active(True)
+        assert s.watcher is not None and not s.fallback and s.requested
+        assert metrics.change_watch._value.get() == 1
+        (root / "new.txt").write_text("seen again")
+        wait_for(lambda: s.watcher.first_change is not None, "a change in the new root", 10)
+    finally:
+        s.set_active(False)
+
+
 def test_an_unwatchable_root_is_a_watch_error(tmp_path: Path) -> None:
     with pytest.raises(WatchError, match="cannot watch data root .*missing"):
         RootWatcher(str(tmp_path / "missing")).start()

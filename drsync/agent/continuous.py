@@ -6,7 +6,9 @@ the next capture is due and why, :meth:`started` / :meth:`finished` record a cap
 while the agent acts as primary (a standby's root is written by applies: nothing to watch). When the
 watch cannot be set up or stops being trustworthy (the kernel's queue overflowed, the watch limit was
 reached, the root was replaced), the schedule falls back to a capture every ``min_interval`` and says so
-once, in one warning naming the cause and the sysctl to raise; ``drsync_change_watch`` turns 0.
+once, in one warning naming the cause and the sysctl to raise; ``drsync_change_watch`` turns 0. Every
+``WATCH_RETRY_S`` it tries to watch again (one INFO line when it works; the warning again only for
+another cause).
 HDFS has no notification: a continuous agent captures every ``min_interval`` there (snapshot-diff
 captures, cheap when little changed).
 """
@@ -27,6 +29,9 @@ log = logging.getLogger("drsync.agent")
 # After a failed capture the next one waits this long, doubling up to the cap (never beyond the interval).
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
+# After a fallback the watch is set up again this often (an operator raised the watch limit, the root was
+# mounted again): notification comes back without an agent restart.
+WATCH_RETRY_S = 300.0
 
 
 def is_local(data: str) -> bool:
@@ -47,6 +52,8 @@ class CaptureSchedule:
         self.watchable = self.cadence.continuous and is_local(data_root)
         self.watcher: Any = None  # a RootWatcher while acting as primary in continuous mode on a local root
         self.fallback = ""  # why notification was given up (continuous mode polls every min_interval then)
+        self._warned = ""  # the cause last warned of (a retry failing the same way is not said again)
+        self._retry_watch_at = 0.0
         self.last_start: float | None = None
         self.retry_at: float | None = None
         self.backoff_s = BACKOFF_FIRST_S
@@ -66,7 +73,7 @@ class CaptureSchedule:
             self.retry_at = None
             self._stop_watcher()
             return
-        if self.watchable and self.watcher is None and not self.fallback:
+        if self.watchable and self.watcher is None and (not self.fallback or self.clock() >= self._retry_watch_at):
             self._start_watcher()
 
     def _start_watcher(self) -> None:
@@ -85,6 +92,12 @@ class CaptureSchedule:
             self._fall_back(problem)
             return
         self.metrics.change_watch.set(1)
+        if self.fallback:
+            log.info("agent %s: continuous replication: notification works again (%s no longer holds)", self.name,
+                     self.fallback)
+            self.fallback = self._warned = ""
+            self.requested = True  # what changed while polling is covered by a capture now
+            return
         log.info("agent %s: continuous replication: watching data root %s for changes (a capture at most every "
                  "%gs, at least every %gs)", self.name, self.data_root, self.cadence.min_interval,
                  self.cadence.interval)
@@ -99,6 +112,11 @@ class CaptureSchedule:
     def _fall_back(self, cause: str) -> None:
         self._stop_watcher()
         self.fallback = cause
+        self._retry_watch_at = self.clock() + WATCH_RETRY_S
+        if cause == self._warned:
+            log.debug("agent %s: continuous replication: still no notification: %s", self.name, cause)
+            return
+        self._warned = cause
         log.warning("agent %s: continuous replication falls back to a capture every %gs "
                     "(replication.min_interval): %s", self.name, self.cadence.min_interval, cause)
 
