@@ -183,3 +183,22 @@ def test_an_advertise_address_that_cannot_work_is_flagged_and_a_live_agent_is_ne
         assert not adv["ok"] and "will retry" not in adv["detail"] and "standby" not in adv["detail"], adv
     finally:
         g.stop_all()
+
+
+def test_a_bandwidth_target_naming_no_standby_is_a_warning(tmp_path: Path) -> None:
+    """A typo in [replication.targets."..."] would leave the WAN standby without its limit: config check says
+    so (WARN), naming the key; a key that names a standby checks out."""
+    (tmp_path / "data").mkdir()
+    standby = f"127.0.0.1:{free_port()}"
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path / "data"}"\n'
+                   f'repository = "{tmp_path / "repo"}"\n[agent]\nname = "east"\nrole = "primary"\n'
+                   f'listen = "127.0.0.1:{free_port()}"\nmetrics = ""\n[replication]\nstandbys = ["{standby}"]\n'
+                   f'[replication.targets."127.0.0.1:1"]\nbandwidth_limit = "1MiB/s"\n')
+    assert run_drsync("init", "--config", cfg).code == 0
+    checks = {c["name"]: c for c in json.loads(run_drsync("config", "check", "--config", cfg, "--json").out)["checks"]}
+    t = checks["standby targets"]
+    assert t["ok"] and t["warn"] and "'127.0.0.1:1' name no standby in replication.standbys" in t["detail"], t
+    cfg.write_text(cfg.read_text().replace('targets."127.0.0.1:1"', f'targets."{standby}"'))
+    checks = {c["name"]: c for c in json.loads(run_drsync("config", "check", "--config", cfg, "--json").out)["checks"]}
+    assert checks["standby targets"]["ok"] and not checks["standby targets"]["warn"], checks["standby targets"]

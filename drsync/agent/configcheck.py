@@ -286,6 +286,21 @@ def _check_advertise(cfg: Config, running: bool, timeout_s: float) -> list[Check
         link.close()
 
 
+def _check_targets(cfg: Config, known: set[str]) -> list[Check]:
+    """[replication.targets."X"] keys that name no standby: a typo leaves that standby without its limit."""
+    keys = sorted(cfg.replication.targets)
+    if not keys:
+        return []
+    unknown = [k for k in keys if k not in known]
+    where = ("replication.standbys" if cfg.agent.role != "auto" else
+             "the group's registered agents (by agent name or address)")
+    return [Check("standby targets", True, (
+        f"[replication.targets] {', '.join(repr(k) for k in unknown)} name no standby in {where}: their bandwidth "
+        f"settings apply to nothing; write a standby's agent name or its address exactly") if unknown else
+        f"[replication.targets] {', '.join(repr(k) for k in keys)}: each names a standby in {where}",
+        "config" if cfg.agent.role != "auto" else "network", warn=bool(unknown))]
+
+
 def _check_peers(cfg: Config, timeout_s: float) -> list[Check]:
     out: list[Check] = []
     tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
@@ -302,6 +317,7 @@ def _check_peers(cfg: Config, timeout_s: float) -> list[Check]:
             out.append(Check("zookeeper", True, f"{cfg.coordination.zookeeper}: group {cfg.coordination.group}, "
                              f"epoch {view.epoch.epoch}, primary {who} ({took * 1000:.0f} ms)", "network"))
             peers = [(n, str(r.get("address"))) for n, r in agents.items() if n != cfg.agent.name and r.get("address")]
+            out += _check_targets(cfg, {n for n, _ in peers} | {a for _, a in peers})
             mine = agents.get(cfg.agent.name)
             if mine is not None:
                 my_id = StateStore(state_dir_of(cfg)).load().agent_id
@@ -325,7 +341,8 @@ def _check_peers(cfg: Config, timeout_s: float) -> list[Check]:
         finally:
             coord.close()
     else:
-        peers = [(a, a) for a in cfg.replication.standbys] if cfg.agent.role == "primary" else []
+        peers = [(a, a) for a in cfg.replication.standbys]  # a primary's standbys, or a relay's
+        out += _check_targets(cfg, set(cfg.replication.standbys))
     for name, address in peers:
         link = GrpcStandbyLink(address, tls=tls)
         try:
