@@ -58,10 +58,14 @@ def _window_rate(value: Any, key: str) -> float | None:
     if isinstance(value, str) and value.strip().lower() == UNLIMITED:
         return 0.0
     try:
-        return parse_rate(value, key)
+        rate = parse_rate(value, key)
     except ConfigError:
         raise ConfigError(f"{key}: {value!r} is not a rate; write e.g. '20MiB/s', 'unlimited' or 'off' "
                           f"(a schedule looks like {EXAMPLE})") from None
+    if rate < 1:  # 0 reads as "nothing" to some and as unlimited (bandwidth_limit = 0) to others
+        raise ConfigError(f"{key}: a window's rate {value!r} is ambiguous or below 1 byte/s; write 'off' (no "
+                          f"shipping), 'unlimited', or a rate such as '20MiB/s'")
+    return rate
 
 
 @dataclass(frozen=True)

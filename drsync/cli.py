@@ -998,6 +998,7 @@ def agent_cmd(inv: Invocation, once: bool, log_format: str, log_level: str) -> N
         finally:
             agent.close()
         emit(inv, {"ok": decision.ok, "snapshot": decision.snapshot, "shipped": decision.shipped,
+                   "paused": decision.paused,
                    "results": decision.results, "duration_s": decision.duration_s},
              lambda: click.echo(str(decision)))
         if not decision.ok:

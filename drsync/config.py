@@ -392,6 +392,12 @@ def config_from_dict(doc: Mapping[str, Any], *, base_dir: Path | None = None,
 
 def cadence_problem(r: ReplicationConfig) -> str | None:
     """Why the capture cadence of ``[replication]`` cannot work (one line naming the key), or None."""
+    if r.min_interval < 0.1:
+        return (f"replication.min_interval ({r.min_interval:g}s) is below 100ms: captures would follow each other as "
+                f"fast as the agent can loop; write at least '100ms' (e.g. '1s')")
+    if r.settle > r.interval:
+        return (f"replication.settle ({r.settle:g}s) is longer than replication.interval ({r.interval:g}s): settle is "
+                f"the short wait after a change (e.g. '200ms'); make it at most interval")
     if r.mode == "continuous" and r.min_interval > r.interval:
         return (f"replication.min_interval ({r.min_interval:g}s) is longer than replication.interval "
                 f"({r.interval:g}s): in continuous mode min_interval is the shortest time between two captures and "

@@ -43,7 +43,14 @@ def test_the_string_form_parses_windows_rates_off_and_unlimited() -> None:
 def test_the_array_of_tables_form_parses_like_the_string() -> None:
     tables = [{"from": "08:00", "to": "18:00", "rate": "20MiB/s"}, {"from": "18:00", "to": "08:00", "rate": "off"}]
     assert parse_schedule(tables, KEY) == parse_schedule("08:00-18:00 20MiB/s, 18:00-08:00 off", KEY)
-    assert parse_schedule([{"from": "00:00", "to": "24:00", "rate": 0}], KEY).windows == (Window(0, 1440, 0.0),)
+    assert parse_schedule([{"from": "00:00", "to": "24:00", "rate": "unlimited"}], KEY).windows == \
+        (Window(0, 1440, 0.0),)
+    # A window's 0 is ambiguous ("nothing", or unlimited as bandwidth_limit = 0 means): refused, naming the words.
+    for zero in (0, "0", "0MiB/s", "0.5B/s"):
+        with pytest.raises(ConfigError, match="write 'off' .no shipping.*'unlimited'"):
+            parse_schedule([{"from": "00:00", "to": "24:00", "rate": zero}], KEY)
+    with pytest.raises(ConfigError, match="ambiguous"):
+        parse_schedule("08:00-18:00 0MiB/s", KEY)
 
 
 def test_a_time_zone_may_end_the_schedule() -> None:

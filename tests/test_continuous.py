@@ -101,6 +101,10 @@ def test_mode_keys_are_validated_and_named(tmp_path: Path) -> None:
         config_from_dict(_cfg({"mode": "continuous", "interval": "5m", "min_interval": "10m"}))
     with pytest.raises(ConfigError, match=r"replication\.min_interval: must be longer than 0"):
         config_from_dict(_cfg({"min_interval": "0s"}))
+    with pytest.raises(ConfigError, match=r"^replication\.min_interval \(0\.001s\) is below 100ms"):
+        config_from_dict(_cfg({"mode": "continuous", "min_interval": "1ms"}))
+    with pytest.raises(ConfigError, match=r"^replication\.settle \(600s\) is longer than replication\.interval"):
+        config_from_dict(_cfg({"mode": "continuous", "interval": "5m", "settle": "10m"}))
     # The command line: exit 2, one line naming the key.
     p = tmp_path / "bad.toml"
     p.write_text('[cluster]\nid = "a"\nrelease = "1"\ndata = "/srv/data"\nrepository = "/srv/repo"\n'

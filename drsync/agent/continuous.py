@@ -146,11 +146,13 @@ class CaptureSchedule:
             w.take()
             if nxt.trigger == HEARTBEAT and self._coverage_checked is not None and \
                     now - self._coverage_checked >= self.cadence.interval:
-                # Once per heartbeat: directories created since may have found the watch limit.
+                # Once per heartbeat, the whole tree (watchdog skips a directory it cannot watch silently).
                 self._coverage_checked = now
                 problem = w.coverage_problem()
-                if problem:
-                    self._fall_back(problem)
+            else:  # at every capture, the directories created since the last one: the watch limit may stop them
+                problem = w.new_dirs_problem()
+            if problem:
+                self._fall_back(problem)
         self.requested = False
         self.last_start = now
         self.metrics.capture_triggered(nxt.trigger)

@@ -52,6 +52,7 @@ class CycleDecision:
     results: dict[str, dict[str, float]] = field(default_factory=dict)  # standby -> figures
     ok: bool = True
     duration_s: float = 0.0
+    paused: list[str] = field(default_factory=list)  # targets whose bandwidth schedule is off now
 
     def __str__(self) -> str:
         parts = [self.action] + ([f"snapshot {self.snapshot}"] if self.snapshot else [])
@@ -385,7 +386,10 @@ class Replication:
                 decision.shipped[o.target] = o.summary
                 if o.figures:
                     decision.results[o.target] = dict(o.figures)
-                decision.ok = decision.ok and o.ok
+                # A target paused by its bandwidth schedule was not failed: the cycle is ok without it.
+                decision.ok = decision.ok and (o.ok or o.paused)
+                if o.paused:
+                    decision.paused.append(o.target)
         decision.duration_s = round(time.monotonic() - started, 3)
         return decision
 

@@ -93,7 +93,7 @@ def ship_until_quiescent(sup: RoleSupervisor, replication: Replication, address:
     changing paths otherwise. Returns the cycle of the last (unchanged) snapshot."""
     def ship() -> CycleDecision:
         cycle = replication.run_cycle([address])
-        if not cycle.ok:
+        if not cycle.ok or cycle.paused:  # a paused target has not got the final snapshot either
             outcome = cycle.shipped.get(address, "not shipped")
             raise OperationFailed(f"the final snapshot did not reach {to}: {outcome}")
         return cycle

@@ -51,6 +51,8 @@ _CHANGES = [FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEve
 # Directories found unwatched are looked at again after this long: one created meanwhile may just not
 # have its watch yet.
 RECHECK_AFTER_S = 0.5
+# More directories created between two captures than this: the next capture checks the whole tree.
+MAX_NEW_DIRS = 10_000
 _WATCH_LINE = re.compile(r"^inotify wd:\S+ ino:([0-9a-fA-F]+)", re.MULTILINE)
 _OVERFLOW = "Inotify queue overflowed"
 
@@ -128,6 +130,7 @@ class RootWatcher:
 
     def __init__(self, root: str, *, exclude: Iterable[str] = (), on_change: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.given = root  # as configured: a symlink flipped to another tree is a replaced root
         self.root = os.path.realpath(root)
         # drsync's own paths inside the root, as the filesystem names them (symlinks resolved).
         self.exclude = tuple(sorted({os.path.realpath(p) for p in exclude if p} - {self.root}))
@@ -141,6 +144,8 @@ class RootWatcher:
         self._fd: int | None = None  # this watcher's inotify descriptor, when it could be told apart
         self._root_id: tuple[int, int] | None = None
         self._problem: str | None = None
+        # Directories created or moved in since the last look (bounded; None: too many, look at everything).
+        self._new_dirs: set[str] | None = set()
 
     # --- life -----------------------------------------------------------------------------------
 
@@ -206,6 +211,10 @@ class RootWatcher:
             return
         with self._lock:
             self.changes += 1
+            if event.is_directory and event.event_type in ("created", "moved") and self._new_dirs is not None:
+                self._new_dirs.add(paths[-1])
+                if len(self._new_dirs) > MAX_NEW_DIRS:
+                    self._new_dirs = None
             first = self._first is None
             if first:
                 self._first = self.clock()
@@ -245,19 +254,32 @@ class RootWatcher:
         except OSError as e:
             return f"data root {self.root} is gone ({e.strerror}): it was moved, deleted or unmounted while watched"
         if not same:
-            return (f"data root {self.root} was replaced or remounted while watched: restart the agent to watch "
-                    f"the new one")
+            return f"data root {self.root} was replaced or remounted while watched"
+        if os.path.realpath(self.given) != self.root:
+            return (f"data root {self.given} now leads to {os.path.realpath(self.given)}, not to the watched "
+                    f"{self.root} (a symlink was changed)")
         if not observer.is_alive() or not observer.emitters or not all(e.is_alive() for e in observer.emitters):
             return f"the watch on data root {self.root} ended (the root was deleted, moved or unmounted)"
         return None
 
-    def coverage_problem(self) -> str | None:
-        """Whether every directory of the tree (drsync's own left out) holds a watch of this watcher: a
-        walk of the directories, compared with the watches the kernel lists for this process's inotify
-        descriptor. None when all are watched, or when the descriptor cannot be read."""
+    def new_dirs_problem(self) -> str | None:
+        """:meth:`coverage_problem` for the directories created or moved in since the last call only (all of
+        the tree after very many): a directory past the watch limit is found at the next capture, not at the
+        next heartbeat."""
+        with self._lock:
+            new, self._new_dirs = self._new_dirs, set()
+        if new is None:
+            return self.coverage_problem()
+        tops = [p for p in sorted(new) if os.path.isdir(p) and not self._excluded(p)]
+        return self.coverage_problem(tops) if tops else None
+
+    def coverage_problem(self, tops: list[str] | None = None) -> str | None:
+        """Whether every directory of the tree (drsync's own left out; or of the subtrees ``tops``) holds a
+        watch of this watcher: a walk of the directories, compared with the watches the kernel lists for
+        this process's inotify descriptor. None when all are watched, or when the descriptor cannot be read."""
         if self._observer is None or self._fd is None:
             return None
-        missing = self._unwatched()
+        missing = self._unwatched(tops)
         if not missing:
             return None
         time.sleep(RECHECK_AFTER_S)  # a directory created just now may not have its watch yet
@@ -283,12 +305,19 @@ class RootWatcher:
         except OSError:
             return None
 
-    def _unwatched(self) -> list[tuple[str, int]]:
+    def _unwatched(self, tops: list[str] | None = None) -> list[tuple[str, int]]:
         watched = self._watched()
         if watched is None:
             return []
         out: list[tuple[str, int]] = []
-        stack = [self.root]
+        stack = [self.root] if tops is None else list(tops)
+        for top in stack if tops is not None else ():
+            try:
+                st = os.lstat(top)
+            except OSError:
+                continue
+            if st.st_ino not in watched:
+                out.append((top, st.st_ino))
         while stack:
             top = stack.pop()
             try:
