@@ -12,10 +12,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import tree_state
 from tests.faultproxy import FaultProxy
 from tests.group import Group, PrimaryWatcher, scrape, wait_for
 
+# Cases the pure topology tests and tests/test_fanout.py cover in make test; the real-agent versions run under
+# make reliability (DRSYNC_RELIABILITY=full) to keep make test short.
+FULL_ONLY = pytest.mark.skipif(os.environ.get("DRSYNC_RELIABILITY") != "full",
+                               reason="covered in make test by tests/test_topology.py and tests/test_fanout.py; "
+                                      "the real-agent case runs with DRSYNC_RELIABILITY=full (make reliability)")
 
 def shipped_to(g: Group, sender: str, target: str) -> list[tuple[int, int]]:
     pat = re.compile(rf"to {re.escape(g.addr[target])}: applied \((\d+)/(\d+) chunks sent")
@@ -33,6 +40,7 @@ def fed(g: Group, via: str) -> dict[str, Any]:
 # --- topology oddities -------------------------------------------------------------------------------
 
 
+@FULL_ONLY
 def test_two_standbys_following_each_other_are_both_fed_by_the_primary(make_group: Any) -> None:
     g: Group = make_group(["east", "a", "b"])
     g.add_replication("a", 'upstream = "b"')
@@ -47,6 +55,7 @@ def test_two_standbys_following_each_other_are_both_fed_by_the_primary(make_grou
     assert f["a"] == "east" and f["b"] == "east", f
 
 
+@FULL_ONLY
 def test_upstream_naming_a_missing_agent_or_the_primary(make_group: Any) -> None:
     g: Group = make_group(["east", "ghostly", "direct"])
     g.add_replication("ghostly", 'upstream = "ghost"')
@@ -168,7 +177,9 @@ def test_a_stale_relayed_snapshot_arriving_after_a_newer_one_is_refused(make_gro
         t.join()
     applied = g.hello("far").applied_snapshot
     assert not seen_back.is_set(), f"far went back from S2 {s2_id} to an older snapshot (now {applied})"
-    assert applied == s2_id, (applied, s2_id)
+    # S2, or a later capture of the same content east shipped before it was killed: never S1's.
+    assert (g.data["far"] / "catalog" / "change-2.txt").exists()
+    assert not (g.data["far"] / "catalog" / "change-1.txt").exists(), applied
 
 
 def test_kill_9_near_mid_relay_far_stays_whole_and_is_fed_directly(make_group: Any, tmp_path: Path) -> None:
@@ -245,6 +256,7 @@ def test_changing_upstream_and_restarting_far_needs_no_full_resync(make_group: A
     assert sent and all(a < b for a, b in sent), sent
 
 
+@FULL_ONLY
 def test_far_lag_metric_is_small_in_a_cascade(make_group: Any) -> None:
     g: Group = make_group(["east", "near", "far"])
     g.add_replication("far", 'upstream = "near"')
@@ -325,6 +337,7 @@ def test_far_following_the_old_primary_never_gets_what_it_wrote_after_being_fenc
     assert not (g.data["far"] / "catalog" / "unshipped.txt").exists()
 
 
+@FULL_ONLY
 def test_automatic_failover_with_the_best_standby_frozen_then_thawed(make_group: Any) -> None:
     """west is the most current but frozen (SIGSTOP) when east dies: north takes over; west thaws and
     must follow north (never a second primary), and a cascaded far (upstream west) keeps being fed."""

@@ -445,7 +445,9 @@ def test_promotion_right_after_a_switchover_request(make_group, tmp_path: Path) 
     sw = subprocess.Popen([sys.executable, "-m", "drsync", "switchover", "--to", "west", "--json", "--config",
                            str(g.cfg["west"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: g.coord.read_switchover() is not None or sw.poll() is not None, "the switchover request")
-    pr = g.promote("north", "--force", "--no-fence")
+    # --accept-data-loss: the switchover's final snapshot may put west ahead of north (a promotion behind another
+    # live standby is refused without it); the race is what this test is about.
+    pr = g.promote("north", "--force", "--no-fence", "--accept-data-loss")
     out, err = sw.communicate(timeout=120)
     assert pr.code == 0, pr.err
     final = g.coord.read_epoch().epoch

@@ -424,7 +424,9 @@ class Agent:
         self.activity.add(info.id, True, f"captured; offered to {', '.join(targets)}" if targets
                           else "snapshot only (no standby registered)")
         gone = sorted(self.supervisor.lost_standbys)
-        log.log(logging.DEBUG if self._unchanged(info) else logging.INFO, "agent %s: snapshot %s captured%s",
+        # An unchanged capture shipping as usual is routine (DEBUG); one that cannot ship (standbys down) is not.
+        routine = bool(targets or not gone) and self._unchanged(info)
+        log.log(logging.DEBUG if routine else logging.INFO, "agent %s: snapshot %s captured%s",
                 self.name, info.id,
                  f"; shipping to {', '.join(targets)}" if targets else
                  f" (no standby to ship to: {', '.join(gone)} down)" if gone else " (no standby registered)")
