@@ -24,6 +24,7 @@ FULL_ONLY = pytest.mark.skipif(os.environ.get("DRSYNC_RELIABILITY") != "full",
                                reason="covered in make test by tests/test_topology.py and tests/test_fanout.py; "
                                       "the real-agent case runs with DRSYNC_RELIABILITY=full (make reliability)")
 
+
 def shipped_to(g: Group, sender: str, target: str) -> list[tuple[int, int]]:
     pat = re.compile(rf"to {re.escape(g.addr[target])}: applied \((\d+)/(\d+) chunks sent")
     return [(int(a), int(b)) for a, b in pat.findall(g.log(sender))]
