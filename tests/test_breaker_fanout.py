@@ -117,7 +117,7 @@ def test_the_primary_keeps_what_a_killed_standby_applied_despite_keep_last_1(mak
     g.start_all("east")
     g.wait_synced("east", "west", "west's first sync")
     g.wait_synced("east", "north", "north's first sync")
-    first = len(shipped_to(g, "east", "north"))
+    first = len(wait_for(lambda: shipped_to(g, "east", "north"), "north's first sync logged"))
     g.kill("north", signal.SIGKILL)
     applied = ""
     for i in range(6):
@@ -125,7 +125,7 @@ def test_the_primary_keeps_what_a_killed_standby_applied_despite_keep_last_1(mak
         applied = g.wait_synced("east", "west", f"west to get change {i}", after=applied)
     g.start("north")
     g.wait_synced("east", "north", "north to catch up after its restart")
-    later = [s for s in shipped_to(g, "east", "north")[first:] if s[0]]
+    later = wait_for(lambda: [s for s in shipped_to(g, "east", "north")[first:] if s[0]], "the catch-up logged")
     assert later and all(sent < total for sent, total in later), later
 
 
@@ -253,7 +253,7 @@ def test_changing_upstream_and_restarting_far_needs_no_full_resync(make_group: A
     g.wait_synced("east", "west", "west gets change 1")
     g.wait_synced("east", "far", "far gets change 1 through west")
     wait_for(lambda: fed(g, "east")["far"] == "west", "far to be fed by west")
-    sent = shipped_to(g, "west", "far")
+    sent = wait_for(lambda: shipped_to(g, "west", "far"), "west's shipment to far logged")
     assert sent and all(a < b for a, b in sent), sent
 
 

@@ -28,7 +28,7 @@ def test_a_stalled_standby_never_delays_the_others_and_catches_up_with_only_what
     g.start_all("east")
     g.wait_synced("east", "west", "west's first sync")
     g.wait_synced("east", "north", "north's first sync")
-    first = shipped_to(g, "east", "north")
+    first = wait_for(lambda: shipped_to(g, "east", "north"), "the first sync logged")
     assert first and first[0][0] == first[0][1]  # the first sync sent everything
     g.procs["north"].send_signal(signal.SIGSTOP)  # frozen: its shipper's stream hangs
     try:
@@ -42,7 +42,9 @@ def test_a_stalled_standby_never_delays_the_others_and_catches_up_with_only_what
     g.wait_synced("east", "north", "north to catch up")
     # North's applied snapshot stayed in the primary's repository while north was behind, so its catch-up
     # negotiated only what changed since: a few chunks, not the whole tree again.
-    later = [s for s in shipped_to(g, "east", "north")[len(first):] if s[0]]
+    # The primary logs a shipment once the standby's commit reply is back, which may be a moment after the
+    # standby reports the snapshot applied.
+    later = wait_for(lambda: [s for s in shipped_to(g, "east", "north")[len(first):] if s[0]], "the catch-up logged")
     assert later and all(sent < total for sent, total in later), later
 
 
@@ -74,7 +76,7 @@ def test_a_cascade_crosses_the_wan_once_and_follows_the_promoted_middle_without_
     assert r.code == 0, r.err
     change(g, "near", 2)
     g.wait_synced("near", "far", "far to follow the promoted near")
-    after = shipped_to(g, "near", "far")[relayed_before:]
+    after = wait_for(lambda: shipped_to(g, "near", "far")[relayed_before:], "near's shipment to far logged")
     assert after and all(sent < total for sent, total in after), after
 
 
