@@ -231,6 +231,10 @@ def bench(work: Path, big_mib: int, small_files: int, rep: Report) -> Report:
 
 
 def free_port() -> int:
+    """A free loopback port, picked as the tests pick theirs (tests/zk.py; the project root on the path, since
+    ``python bench/bench.py`` puts only bench/ there)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from tests.zk import free_port as pick
 
     return pick()
