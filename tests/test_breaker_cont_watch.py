@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -171,13 +172,12 @@ def test_a_root_given_as_a_symlink_flipped_to_a_new_release(tmp_path: Path) -> N
         p.stop_all()
 
 
-def test_a_queue_overflow_falls_back_and_loses_nothing(cpair: Pair) -> None:
-    """The kernel drops every event after the queue is full: the change made last is only known from the
-    overflow. Nothing changes after SIGCONT, so only the overflow (or the fall-back polling) can ship it."""
-    p = started(cpair)
+def overflow_while_stopped(p: Pair, then: Callable[[Path], None] = lambda flood: None) -> None:
+    """Overflow the primary's inotify queue: 20,000 files made in a watched directory while the agent is
+    stopped (SIGSTOP), then ``then(flood)``, then SIGCONT. The directory exists and is watched first: files
+    made in a directory not yet watched queue no events (its creation is one, and the capture it triggers
+    walks it)."""
     wait_for(lambda: "applied" in log(p), "the primary to see the first shipment applied", 30)
-    # The flooded directory exists and is watched first: files made in a directory not yet watched queue no
-    # events (its creation is one event, and the capture it triggers walks it).
     flood = p.prod / "flood"
     flood.mkdir()
     (flood / "first").touch()
@@ -187,32 +187,26 @@ def test_a_queue_overflow_falls_back_and_loses_nothing(cpair: Pair) -> None:
     try:
         for i in range(20000):
             (flood / f"f{i}").touch()
-        for i in range(20000):
-            (flood / f"f{i}").unlink()
-        (flood / "first").unlink()
-        flood.rmdir()
-        (p.prod / "catalog" / "f004.txt").write_text("the change whose event the full queue dropped")
+        then(flood)
     finally:
         prim.send_signal(signal.SIGCONT)
+
+
+def test_a_queue_overflow_falls_back_and_loses_nothing(cpair: Pair) -> None:
+    """The kernel drops every event after the queue is full: the change made last is only known from the
+    overflow. Nothing changes after SIGCONT, so only the overflow (or the fall-back polling) can ship it."""
+    p = started(cpair)
+
+    def undo_and_change(flood: Path) -> None:
+        shutil.rmtree(flood)
+        (p.prod / "catalog" / "f004.txt").write_text("the change whose event the full queue dropped")
+    overflow_while_stopped(p, undo_and_change)
     wait_for(p.in_sync, "the change made while the queue overflowed (interval is 1h)", DEADLINE)
 
 
 def test_a_queue_overflow_is_warned_about(cpair: Pair) -> None:
     p = started(cpair)
-    wait_for(lambda: "applied" in log(p), "the primary to see the first shipment applied", 30)
-    # The flooded directory exists and is watched first: files made in a directory not yet watched queue no
-    # events (its creation is one event, and the capture it triggers walks it).
-    flood = p.prod / "flood"
-    flood.mkdir()
-    (flood / "first").touch()
-    wait_for(lambda: (p.standby_data / "flood" / "first").exists(), "the flood directory to be watched and shipped")
-    prim = p.procs["primary"]
-    prim.send_signal(signal.SIGSTOP)
-    try:
-        for i in range(20000):
-            (flood / f"f{i}").touch()
-    finally:
-        prim.send_signal(signal.SIGCONT)
+    overflow_while_stopped(p)
     wait_for(p.in_sync, "the flood to ship", DEADLINE)
     def warned() -> bool:
         return any(" WARNING " in line and ("overflow" in line.split("drsync", 1)[-1].replace(str(p.tmp), ""))
