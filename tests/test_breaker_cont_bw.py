@@ -125,12 +125,12 @@ def test_the_rate_in_force_is_honoured(fan) -> None:  # type: ignore[no-untyped-
     (f.prod / "big.bin").write_bytes(os.urandom(8 << 20))
     t0 = time.monotonic()
     wait_for(lambda: f.synced("near"), "near (unlimited) to get 8 MiB", 30)
-    near_s = time.monotonic() - t0
+    # The slow target did not hold near back: near has it while far (at least 7 s at 1 MiB/s) does not yet.
+    assert not f.synced("far"), "far got 8 MiB at 1 MiB/s as soon as near: not paced"
     wait_for(lambda: f.synced("far"), "far (1MiB/s) to get 8 MiB", 60)
     far_s = time.monotonic() - t0
-    print(f"\nnear {near_s:.1f}s, far {far_s:.1f}s")
-    assert near_s < 4, "a slow target delayed another"
-    assert 6.5 <= far_s <= 14, f"8 MiB at 1 MiB/s took {far_s:.1f}s"
+    # A lower bound only (the pacer's guarantee, whatever the machine's speed): 8 MiB less one message.
+    assert far_s >= 6.5, f"8 MiB at 1 MiB/s took {far_s:.1f}s"
 
 
 @WAITS_FOR_A_WINDOW
