@@ -5,7 +5,8 @@ memory. Targets come from DESIGN.md; a figure that misses its target is
 marked, not hidden. Run with `make bench` (not part of `make test`).
 
     python bench/bench.py [--work DIR] [--big-mib 1024] [--small-files 100000] [--quick]
-                          [--only snapshots|agents|failover|hdfs|continuous] [--lag-seconds 180]
+                          [--only snapshots|agents|failover|hdfs|continuous|scale] [--lag-seconds 180]
+                          [--scale-files 1000000] [--scale-tree DIR]
 """
 
 from __future__ import annotations
@@ -827,19 +828,23 @@ def main() -> None:
     ap.add_argument("--small-files", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
-    ap.add_argument("--only", choices=("snapshots", "agents", "fanout", "failover", "hdfs", "continuous"),
+    ap.add_argument("--only", choices=("snapshots", "agents", "fanout", "failover", "hdfs", "continuous", "scale"),
                     help="run one part only")
     ap.add_argument("--fanout-mib", type=int, default=256, help="data in the fan-out part (MiB)")
     ap.add_argument("--lag-seconds", type=float, default=180.0,
                     help="measured period of each lag run (continuous part; --quick: 20)")
     ap.add_argument("--hdfs-files", type=int, default=2000, help="files in the HDFS part")
     ap.add_argument("--hdfs-mib", type=int, default=512, help="bytes in the HDFS part (MiB)")
+    ap.add_argument("--scale-files", type=int, default=1_000_000, help="files in the scale part (--quick: 20000)")
+    ap.add_argument("--scale-tree", type=Path,
+                    help="where the scale part builds its tree and keeps it between runs (default: in --work)")
     ap.add_argument("--trials", type=int, default=5, help="failover trials (medians are reported)")
     ap.add_argument("--session-timeout", type=float, default=4.0, help="ZooKeeper session timeout for failover")
     args = ap.parse_args()
     sync_files, noop_files = 20_000, args.small_files
     if args.quick:
         args.big_mib, args.small_files, sync_files, noop_files = 64, 5000, 2000, 5000
+        args.scale_files = 20_000
     if shutil.which("rsync") is None:
         raise SystemExit("bench: rsync is not installed (make bench installs it)")
     shutil.rmtree(args.work, ignore_errors=True)
@@ -859,6 +864,10 @@ def main() -> None:
             bench_hdfs(args.work, 200 if args.quick else args.hdfs_files, 32 if args.quick else args.hdfs_mib, rep)
         if args.only in (None, "continuous"):
             bench_continuous(args.work, 20.0 if args.quick else args.lag_seconds, rep)
+        if args.only in (None, "scale"):
+            from scale import bench_scale
+
+            bench_scale(args.work, args.scale_tree or args.work / "scale-tree", args.scale_files, rep)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     rep.print()
