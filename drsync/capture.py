@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -35,21 +36,21 @@ from drsync.repository.manifest import (
     SCHEMA,
     SYMLINK,
     Manifest,
+    ManifestWriter,
     content_digest,
     escaping_links,
     hdfs_checksum_digest,
     printable,
     sort_by_path,
-    table_from_columns,
 )
 from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
-from drsync.tree import TreeScan
 
 # Reading tasks are batched so that tiny files do not pay one executor round trip each.
 _BATCH_FILES = 256
 _BATCH_BYTES = 32 * 1024 * 1024
 _RACY_NS = 2_000_000_000
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 ProgressFn = Callable[[int], None]
 
@@ -59,7 +60,7 @@ HDFS_CHECKSUM = "hdfs-checksum"   # file bytes stay in an HDFS snapshot; the man
 
 @dataclass
 class CaptureResult:
-    manifest: Manifest
+    manifest_bytes: bytes  # the manifest as stored (Parquet); ``manifest`` parses it when asked
     files: int = 0
     bytes: int = 0
     read_bytes: int = 0
@@ -74,6 +75,14 @@ class CaptureResult:
     # content=HDFS_CHECKSUM: the HDFS snapshot kept for DistCp, and the checksum algorithm(s) seen.
     content_snapshot: str | None = None
     checksum_algorithms: set[str] = field(default_factory=set)
+    _parsed: Manifest | None = field(default=None, repr=False)
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest as a table (parsed from ``manifest_bytes`` on first use)."""
+        if self._parsed is None:
+            self._parsed = Manifest.from_bytes(self.manifest_bytes)
+        return self._parsed
 
 
 @dataclass(slots=True)
@@ -141,68 +150,6 @@ def _checksum_one(view: FrozenRoot, rel: str, algorithms: set[str],
     return _ReadFile([], [version.size], hdfs_checksum_digest(algorithm, value), version)
 
 
-class _ParentView:
-    """The parent manifest's stat columns, for the unchanged-file check."""
-
-    def __init__(self, parent: Manifest, captured_at: float, *, external_ok: bool = False) -> None:
-        t = parent.table
-        self.table = t
-        self.paths = parent.pycolumn("path")
-        self.row = {p: i for i, p in enumerate(self.paths)}
-        self.type = t.column("type").to_pylist()
-        self.size = t.column("size").to_pylist()
-        self.mtime = parent.pycolumn("mtime_ns")
-        self.ctime = t.column("ctime_ns").to_pylist()
-        self.inode = t.column("inode").to_pylist()
-        self.racy_after = int(captured_at * 1e9) - _RACY_NS
-        # A row is reused only in the form this capture makes: a capture that stores chunks cannot reuse a
-        # row whose bytes only an HDFS snapshot held, and a capture for DistCp checksums files the parent
-        # has as chunks (a snapshot is all one kind, so a standby's checks cover every file).
-        chunk_counts = pc.list_value_length(t.column("chunks")).to_pylist()
-        size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
-        self.no_reuse: set[int] = {
-            i for i, (n, m, size) in enumerate(zip(chunk_counts, size_counts, self.size, strict=True))
-            if (n != m) != external_ok and (size or 0) > 0}
-
-    def rows_kept_for(self, scan: TreeScan, kept: list[int], lost: list[str]) -> list[int]:
-        """Parent rows to keep (stale) for paths that exist but could not be read: unreadable entries
-        and everything below them, and everything below directories that could not be listed,
-        unless the capture has it."""
-        have = {scan.path[k] for k in kept}
-        keys = self.table.column("path").to_pylist()  # bytes, sorted: subtrees are ranges
-        out: set[int] = set()
-        for rel in lost:
-            i = self.row.get(rel)
-            if i is not None and rel not in have:
-                out.add(i)
-        for rel in (*lost, *scan.unlisted):
-            prefix = os.fsencode(rel) + b"/" if rel else b""
-            i = bisect.bisect_left(keys, prefix)
-            while i < len(keys) and keys[i].startswith(prefix):
-                if self.paths[i] not in have:
-                    out.add(i)
-                i += 1
-        return sorted(out)
-
-    def reusable_rows(self, scan: TreeScan) -> list[int]:
-        """For each scanned entry, the parent row whose chunks it can reuse, or -1."""
-        out = [-1] * len(scan)
-        row_get = self.row.get
-        ptype, psize, pmtime, pctime, pinode = self.type, self.size, self.mtime, self.ctime, self.inode
-        racy = self.racy_after
-        for k, (path, typ, size, mtime, ctime, ino) in enumerate(zip(
-                scan.path, scan.type, scan.size, scan.mtime_ns, scan.ctime_ns, scan.inode, strict=True)):
-            if typ != FILE:
-                continue
-            i = row_get(path)
-            if i in self.no_reuse:
-                continue
-            if (i is not None and ptype[i] == FILE and psize[i] == size and pmtime[i] == mtime
-                    and pctime[i] == ctime and pinode[i] == ino and mtime < racy):
-                out[k] = i
-        return out
-
-
 def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | None = None,
             parent_captured_at: float | None = None, reread_attempts: int = 3,
             exclude: frozenset[str] = frozenset(), workers: int | None = None,
@@ -242,7 +189,8 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Non
         notes = WarningLog(view.notes)  # the view's notes first
         notes.merge(result.warnings)
         result.warnings = notes
-    if not allow_empty and parent is not None and parent.file_count() and not result.manifest.file_count():
+    if (not allow_empty and parent is not None and not result.files and parent.file_count()
+            and not result.manifest.file_count()):
         raise OperationFailed(f"data root {data_root.url} holds no files, but the last snapshot held "
                               f"{parent.file_count()}: is its volume mounted? Nothing was captured; if it is empty "
                               f"on purpose, run 'drsync snapshot create --allow-empty'")
@@ -257,67 +205,368 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                   parent_captured_at: float | None, reread_attempts: int, exclude: frozenset[str],
                   workers: int | None, progress: ProgressFn | None,
                   on_total: Callable[[int], None] | None, content: str = CHUNKS) -> CaptureResult:
+    """The capture of one frozen view, in windows of :data:`_WINDOW` path-sorted scan rows.
+
+    The scan is one Arrow table; which rows reuse the parent's chunks is decided by column
+    comparisons (:func:`_match`); files are read and manifest rows assembled one window at a time
+    and streamed into the manifest's Parquet bytes, so memory holds the scan, the parent and one
+    window, never a Python object per file. Paths that could not be read (kept stale from the
+    parent) are merged in at the end (:func:`_merge_stale`), a path the rare case pays for.
+    """
     scan = view.scan(exclude)
     warnings = scan.warnings
-    pv = (_ParentView(parent, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
-          if parent is not None and len(parent) else None)
-    algorithms: set[str] = set()
-    parent_row = pv.reusable_rows(scan) if pv is not None else [-1] * len(scan)
-    to_read = [k for k in range(len(scan)) if scan.type[k] == FILE and parent_row[k] < 0]
+    table = scan.table()
+    scan.batches = []
+    table = table.take(pc.sort_indices(table, sort_keys=[("path", "ascending")])).combine_chunks()
+    ptable = parent.table if parent is not None and len(parent) else None
+    same, reuse = _match(table, ptable, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
+    is_file = _np(pc.equal(table.column("type"), FILE))
+    sizes = _np(table.column("size"))
+    fresh = is_file & (reuse < 0)
     if on_total:
-        on_total(sum(scan.size[k] for k in to_read))
+        on_total(int(sizes[fresh].sum()))
+    links = _LinkGroups(table, is_file)
+    algorithms: set[str] = set()
+    state = _Totals()
+    out = ManifestWriter()
+    n = workers or min(4, (os.cpu_count() or 2) + 1)
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="drsync-capture") as pool:
+        for lo in range(0, table.num_rows, _WINDOW):
+            hi = min(lo + _WINDOW, table.num_rows)
+            out.write(_window(view, writer, table, ptable, lo, hi, same, reuse, links, state, warnings, pool,
+                              reread_attempts, progress, content, algorithms))
+    manifest_bytes = out.finish()
+    stale = skipped = 0
+    lost = [*scan.unreadable, *state.lost]
+    if lost or scan.unlisted or links.broken(state.gone):
+        manifest_bytes, stale, skipped = _merge_stale(manifest_bytes, ptable, lost, scan.unlisted, links,
+                                                      state.gone, warnings)
+    return CaptureResult(manifest_bytes=manifest_bytes, files=state.files,
+                         bytes=state.bytes, read_bytes=0 if content == HDFS_CHECKSUM else state.read_bytes,
+                         reused_files=state.reused, warnings=warnings, stale=stale, skipped=skipped,
+                         checksum_algorithms=algorithms)
 
+
+_WINDOW = 65536  # scan rows read and assembled at a time (one manifest row group)
+
+
+def _np(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A non-null Arrow column as a NumPy array (zero-copy when it is one chunk)."""
+    if isinstance(a, pa.ChunkedArray):
+        a = a.combine_chunks() if a.num_chunks != 1 else a.chunk(0)
+    return a.to_numpy(zero_copy_only=False)
+
+
+def _match(t: pa.Table, p: pa.Table | None, parent_captured_at: float,
+           *, external_ok: bool) -> tuple[np.ndarray, np.ndarray]:
+    """For each scan row (path-sorted ``t``), the parent row with the same path (``same``, -1: none)
+    and the parent row whose content, chunks and attributes it takes (``reuse``, -1: captured anew).
+
+    A file reuses its parent row when type, size, modification time, ctime and inode all match and
+    it was not "racy" (modified within 2 s of the parent's capture, where a same-tick rewrite could
+    hide), and the row is of the form this capture makes (chunks, or an HDFS checksum for DistCp).
+    A directory takes its attributes from the parent when its ctime did not move. Both int64 arrays.
+    """
+    n = t.num_rows
+    same = np.full(n, -1, np.int64)
+    if p is None or n == 0 or p.num_rows == 0:
+        return same, same.copy()
+    pos = pc.index_in(t.column("path"), value_set=p.column("path").combine_chunks())
+    same = _np(pc.fill_null(pos, -1)).astype(np.int64)
+    has = same >= 0
+    at = np.where(has, same, 0)
+
+    def both(name: str) -> tuple[np.ndarray, np.ndarray]:
+        return _np(t.column(name)), _np(p.column(name))[at]
+
+    t_file = _np(pc.equal(t.column("type"), FILE))
+    t_dir = _np(pc.equal(t.column("type"), DIR))
+    p_file = _np(pc.equal(p.column("type"), FILE))[at]
+    p_dir = _np(pc.equal(p.column("type"), DIR))[at]
+    a, b = both("ctime_ns")
+    same_ctime = a == b
+    ok = has & t_file & p_file & same_ctime
+    for name in ("size", "mtime_s", "mtime_nsec", "inode"):
+        a, b = both(name)
+        ok &= a == b
+    racy_s, racy_ns = divmod(int(parent_captured_at * 1e9) - _RACY_NS, 1_000_000_000)
+    mt_s, mt_ns = _np(t.column("mtime_s")), _np(t.column("mtime_nsec"))
+    ok &= (mt_s < racy_s) | ((mt_s == racy_s) & (mt_ns < racy_ns))
+    n_chunks = _np(pc.fill_null(pc.list_value_length(p.column("chunks")), 0))[at]
+    n_sizes = _np(pc.fill_null(pc.list_value_length(p.column("chunk_sizes")), 0))[at]
+    p_size = _np(p.column("size"))[at]
+    # A capture that stores chunks cannot reuse a row whose bytes only an HDFS snapshot held, and a
+    # capture for DistCp checksums files the parent has as chunks (a snapshot is all one kind).
+    ok &= ~(((n_chunks != n_sizes) != external_ok) & (p_size > 0))
+    ok |= has & t_dir & p_dir & same_ctime
+    return same, np.where(ok, same, -1)
+
+
+@dataclass
+class _Totals:
+    """What the windows add up: counts for the snapshot document, and what could not be read."""
+
+    files: int = 0
+    bytes: int = 0
+    read_bytes: int = 0
+    reused: int = 0
+    lost: list[str] = field(default_factory=list)      # exist but could not be read: kept stale
+    gone: set[int] = field(default_factory=set)        # scan rows left out (vanished or unreadable)
+
+
+class _LinkGroups:
+    """Hard-link groups of the scan (files with more than one link, by device and inode): every
+    member but the first in path order names the first (``hardlink``)."""
+
+    def __init__(self, t: pa.Table, is_file: np.ndarray) -> None:
+        multi = np.flatnonzero(is_file & (_np(t.column("nlink")) > 1))
+        self.leader: dict[int, bytes] = {}  # scan row -> path of its group's first member
+        self.groups: list[list[int]] = []
+        self.paths: dict[int, bytes] = {}
+        self.inode: dict[int, int] = {}
+        if not len(multi):
+            return
+        sub = t.take(pa.array(multi, pa.int64()))
+        by: dict[tuple[int, int], list[int]] = {}
+        for row, path, dev, ino in zip(multi.tolist(), sub.column("path").to_pylist(), sub.column("dev").to_pylist(),
+                                       sub.column("inode").to_pylist(), strict=True):
+            by.setdefault((dev, ino), []).append(row)  # rows ascend: path order
+            self.paths[row] = path
+            self.inode[row] = ino
+        for members in by.values():
+            self.groups.append(members)
+            for row in members[1:]:
+                self.leader[row] = self.paths[members[0]]
+
+    def column(self, lo: int, hi: int) -> list[bytes | None] | None:
+        """The ``hardlink`` values of scan rows ``lo..hi`` (None when none of them is linked)."""
+        if not self.leader:
+            return None
+        rows = [r for r in self.leader if lo <= r < hi]
+        if not rows:
+            return None
+        out: list[bytes | None] = [None] * (hi - lo)
+        for r in rows:
+            out[r - lo] = self.leader[r]
+        return out
+
+    def broken(self, gone: set[int]) -> bool:
+        """Whether a group lost a member (its links must be worked out again over what was kept)."""
+        return bool(gone) and any(r in self.paths for r in gone)
+
+    def kept_leaders(self, gone: set[int]) -> dict[bytes, bytes | None]:
+        """Path -> its ``hardlink`` value over the kept members only, for every linked path."""
+        out: dict[bytes, bytes | None] = {}
+        for members in self.groups:
+            kept = [r for r in members if r not in gone]
+            for r in kept:
+                out[self.paths[r]] = self.paths[kept[0]] if r != kept[0] else None
+        return out
+
+    def leader_of_inode(self, gone: set[int]) -> dict[int, bytes]:
+        """Inode -> first kept path of its group (stale rows of those inodes join the group)."""
+        out: dict[int, bytes] = {}
+        for members in self.groups:
+            kept = [r for r in members if r not in gone]
+            if kept:
+                out[self.inode[kept[0]]] = self.paths[kept[0]]
+        return out
+
+
+_CARRIED = ("content", "chunks", "chunk_sizes", "xattrs")
+
+
+def _binary(values: list[bytes | None] | None, count: int) -> pa.Array:
+    return pa.array(values, pa.binary()) if values is not None else pa.nulls(count, pa.binary())
+
+
+def _window(view: FrozenRoot, writer: ChunkWriter, t: pa.Table, p: pa.Table | None, lo: int, hi: int,
+            same: np.ndarray, reuse: np.ndarray, links: _LinkGroups, totals: _Totals, warnings: WarningLog,
+            pool: ThreadPoolExecutor, reread_attempts: int, progress: ProgressFn | None, content: str,
+            algorithms: set[str]) -> pa.Table:
+    """Manifest rows of scan rows ``lo..hi``: files not reused are read (in ``pool``), the rest
+    take the parent's carried columns; rows that vanished or could not be read are left out."""
+    w = t.slice(lo, hi - lo)
+    count = hi - lo
+    types = w.column("type").to_pylist()
+    rows = reuse[lo:hi]
+    sizes = _np(w.column("size"))
+    to_read = [k for k in np.flatnonzero(rows < 0).tolist() if types[k] == FILE]
+    paths: list[str] = [] if not to_read else [os.fsdecode(x) for x in w.column("path").to_pylist()]
     read: dict[int, _ReadFile] = {}
-    gone: set[int] = set()
-    lost = list(scan.unreadable)  # exist, but could not be read: never a deletion
+    gone: list[int] = []
     if to_read:
         batches: list[list[int]] = [[]]
         acc = 0
-        for k in sorted(to_read, key=lambda k: scan.size[k], reverse=True):
+        for k in sorted(to_read, key=lambda k: sizes[k], reverse=True):
             if len(batches[-1]) >= _BATCH_FILES or acc >= _BATCH_BYTES:
                 batches.append([])
                 acc = 0
             batches[-1].append(k)
-            acc += scan.size[k]
+            acc += int(sizes[k])
 
         def run(batch: list[int]) -> list[tuple[int, _ReadFile | str]]:
             if content == HDFS_CHECKSUM:
-                return [(k, _checksum_one(view, scan.path[k], algorithms, progress)) for k in batch]
-            return [(k, _read_one(view, scan.path[k], writer, reread_attempts, progress)) for k in batch]
+                return [(k, _checksum_one(view, paths[k], algorithms, progress)) for k in batch]
+            return [(k, _read_one(view, paths[k], writer, reread_attempts, progress)) for k in batch]
 
-        n = workers or min(4, (os.cpu_count() or 2) + 1)
-        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="drsync-capture") as pool:
-            for results in pool.map(run, batches):
-                for k, got in results:
-                    if isinstance(got, str):
-                        if got != "vanished":
-                            lost.append(scan.path[k])
-                            warnings.append(f"{printable(scan.path[k])}: {got}; its last captured version "
-                                            f"is kept")
-                        gone.add(k)
-                        continue
-                    if got.problem:
-                        warnings.append(f"{printable(scan.path[k])}: {got.problem}")
-                    if got.xattr_problem:
-                        warnings.append(f"{printable(scan.path[k])}: {got.xattr_problem}")
-                    read[k] = got
+        for results in pool.map(run, batches):
+            for k, got in results:
+                if isinstance(got, str):
+                    if got != "vanished":
+                        totals.lost.append(paths[k])
+                        warnings.append(f"{printable(paths[k])}: {got}; its last captured version is kept")
+                    gone.append(k)
+                    continue
+                if got.problem:
+                    warnings.append(f"{printable(paths[k])}: {got.problem}")
+                if got.xattr_problem:
+                    warnings.append(f"{printable(paths[k])}: {got.xattr_problem}")
+                read[k] = got
+    xattrs = _attributes(view, w, types, rows, same[lo:hi], p, warnings)
 
-    keep = [k for k in range(len(scan)) if k not in gone]
-    xattrs = _attributes(view, scan, keep, parent_row, pv, read, warnings)
-    stale_rows = pv.rows_kept_for(scan, keep, lost) if pv is not None else []
-    # Left out for good: unreadable paths with no earlier version, unlisted directories with no earlier content.
-    skipped = sum(1 for p in lost if pv is None or p not in pv.row) + sum(
-        1 for d in scan.unlisted if pv is None or not any(p.startswith(f"{d}/" if d else "") for p in pv.row))
-    table = _build_table(scan, keep, parent_row, read, pv, xattrs, stale_rows)
-    if stale_rows:  # the scan left escaping links out; merged stale links could make new ones
+    # Stat columns from the scan; a file read anew is described as it was read.
+    cols = {name: w.column(name) for name in ("path", "type", "mode", "uid", "gid", "size", "mtime_s",
+                                              "mtime_nsec", "ctime_ns", "inode", "target")}
+    if read:
+        over = {name: _np(w.column(name)).copy() for name in ("size", "ctime_ns", "inode", "mode", "uid", "gid",
+                                                              "mtime_s", "mtime_nsec")}
+        for k, r in read.items():
+            v = r.version
+            over["size"][k], over["inode"][k] = v.size, v.inode
+            over["mode"][k], over["uid"][k], over["gid"][k] = v.mode, v.uid, v.gid
+            over["ctime_ns"][k] = min(max(v.ctime_ns, _INT64[0]), _INT64[1])
+            over["mtime_s"][k], over["mtime_nsec"][k] = divmod(v.mtime_ns, 1_000_000_000)
+        for name, values in over.items():
+            cols[name] = pa.array(values, w.schema.field(name).type)
+        sizes = over["size"]
+
+    # Carried columns: the parent's row where reused, what was read (or nothing) otherwise.
+    fresh_rows = np.flatnonzero(rows < 0)
+    fresh = pa.table({
+        "content": pa.array([read[k].content if k in read else None for k in fresh_rows.tolist()],
+                            SCHEMA.field("content").type),
+        "chunks": pa.array([read[k].chunks if k in read else [] for k in fresh_rows.tolist()],
+                           SCHEMA.field("chunks").type),
+        "chunk_sizes": pa.array([read[k].chunk_sizes if k in read else [] for k in fresh_rows.tolist()],
+                                SCHEMA.field("chunk_sizes").type),
+        "xattrs": pa.array([read[k].xattrs if k in read else xattrs.get(k) for k in fresh_rows.tolist()],
+                           pa.binary()),
+    })
+    if len(fresh_rows) == count or p is None:
+        carried = fresh
+    else:
+        reused = np.flatnonzero(rows >= 0)
+        base = p.select(list(_CARRIED)).take(pa.array(rows[reused], pa.int64()))
+        order = np.empty(count, np.int64)
+        order[reused] = np.arange(len(reused))
+        order[fresh_rows] = len(reused) + np.arange(len(fresh_rows))
+        carried = pa.concat_tables([base, fresh]).take(pa.array(order, pa.int64()))
+    is_file = np.array([ty == FILE for ty in types], bool) if count else np.zeros(0, bool)
+    blocks = _np(w.column("blocks"))
+    out = pa.table({
+        **{name: cols[name] for name in ("path", "type", "mode", "uid", "gid", "size", "mtime_s", "mtime_nsec",
+                                         "ctime_ns", "inode", "target")},
+        "content": carried.column("content"), "chunks": carried.column("chunks"),
+        "chunk_sizes": carried.column("chunk_sizes"), "xattrs": carried.column("xattrs"),
+        "hardlink": _binary(links.column(lo, hi), count),
+        "sparse": pa.array(is_file & (blocks * 512 < sizes), pa.bool_()),
+        "stale": pa.array(np.zeros(count, bool), pa.bool_()),
+    }).select(SCHEMA.names).cast(SCHEMA)
+    if gone:
+        keep = np.ones(count, bool)
+        keep[gone] = False
+        totals.gone.update(lo + k for k in gone)
+        out = out.filter(pa.array(keep, pa.bool_()))
+        is_file, sizes, rows = is_file[keep], sizes[keep], rows[keep]
+    totals.files += int(is_file.sum())
+    totals.bytes += int(sizes[is_file].sum())
+    totals.read_bytes += sum(r.version.size for r in read.values())
+    totals.reused += int((is_file & (rows >= 0)).sum())
+    return out
+
+
+def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarray, same: np.ndarray,
+                p: pa.Table | None, warnings: WarningLog) -> dict[int, bytes | None]:
+    """Extended attributes of directories and links not reused (files read anew brought theirs, in
+    the reading threads): a directory whose ctime moved is read (changing an attribute moves the
+    ctime); one whose attributes cannot be read keeps the parent's (``rows`` is set to reuse them).
+    Symlinks carry none (Linux refuses user attributes on links). Window row -> blob."""
+    out: dict[int, bytes | None] = {}
+    todo = [k for k, ty in enumerate(types) if ty != FILE and rows[k] < 0]
+    if not todo:
+        return out
+    paths = w.column("path").to_pylist()
+    p_dir = None
+    for k in todo:
+        rel = os.fsdecode(paths[k])
+        if types[k] == SYMLINK:
+            blob, _ = view.xattrs(rel)
+            if blob:
+                warnings.append(f"{printable(rel)}: extended attributes of a symlink are not carried")
+            continue
+        blob, problem = view.xattrs(rel)
+        if problem:
+            i = int(same[k])
+            if i >= 0 and p is not None:
+                if p_dir is None:
+                    p_dir = p.column("type")
+                if p_dir[i].as_py() == DIR:
+                    # Unreadable attributes are not removed attributes: keep the last captured ones.
+                    warnings.append(f"{printable(rel)}: {problem}; the last captured ones are kept")
+                    rows[k] = i
+                    continue
+            warnings.append(f"{printable(rel)}: {problem}")
+        out[k] = blob
+    return out
+
+
+def _merge_stale(manifest_bytes: bytes, p: pa.Table | None, lost: list[str], unlisted: list[str],
+                 links: _LinkGroups, gone: set[int], warnings: WarningLog) -> tuple[bytes, int, int]:
+    """The rare path: merge in the parent's rows of paths that exist but could not be read
+    (unreadable entries and all below them, all below directories that could not be listed) marked
+    stale, unless this capture has them; hard links worked out over what was kept; links that the
+    merged rows make escape the root left out. Returns (manifest bytes, stale rows, skipped paths)."""
+    table = Manifest.from_bytes(manifest_bytes).table
+    if links.broken(gone):
+        fixed = links.kept_leaders(gone)
+        cur = table.column("path").to_pylist()
+        hl = table.column("hardlink").to_pylist()
+        table = table.set_column(table.schema.get_field_index("hardlink"), "hardlink",
+                                 pa.array([fixed.get(x, h) if x in fixed else h for x, h in zip(cur, hl, strict=True)],
+                                          pa.binary()))
+    stale_rows: list[int] = []
+    skipped = 0
+    if p is not None and (lost or unlisted):
+        ppaths = p.column("path").to_pylist()  # bytes, sorted: subtrees are ranges
+        have = set(table.column("path").to_pylist())
+        row = {x: i for i, x in enumerate(ppaths)}
+        keep: set[int] = set()
+        for rel in lost:
+            i = row.get(os.fsencode(rel))
+            if i is not None and ppaths[i] not in have:
+                keep.add(i)
+        for rel in (*lost, *unlisted):
+            prefix = os.fsencode(rel) + b"/" if rel else b""
+            i = bisect.bisect_left(ppaths, prefix)
+            while i < len(ppaths) and ppaths[i].startswith(prefix):
+                if ppaths[i] not in have:
+                    keep.add(i)
+                i += 1
+        stale_rows = sorted(keep)
+        skipped = sum(1 for x in lost if os.fsencode(x) not in row) + sum(
+            1 for d in unlisted if not any(x.startswith(os.fsencode(d) + b"/" if d else b"") for x in ppaths))
+    else:
+        skipped = len(lost) + len(unlisted)
+    if stale_rows and p is not None:
+        old = p.take(pa.array(stale_rows, pa.int64()))
+        old = old.set_column(old.schema.get_field_index("stale"), "stale",
+                             pa.array([True] * old.num_rows, pa.bool_()))
+        old = old.set_column(old.schema.get_field_index("hardlink"), "hardlink",
+                             pa.array(_stale_links(old, links.leader_of_inode(gone)), pa.binary()))
+        table = sort_by_path(pa.concat_tables([table, old]))
         table = _without_escaping_links(table, warnings)
-    files = sum(1 for k in keep if scan.type[k] == FILE)
-    total = sum(read[k].version.size if k in read else scan.size[k] for k in keep if scan.type[k] == FILE)
-    return CaptureResult(Manifest(table), files=files, bytes=total,
-                         read_bytes=0 if content == HDFS_CHECKSUM else sum(r.version.size for r in read.values()),
-                         reused_files=sum(1 for k in keep if parent_row[k] >= 0 and scan.type[k] == FILE),
-                         warnings=warnings,
-                         stale=len(stale_rows), skipped=skipped, checksum_algorithms=algorithms)
+    return Manifest(table.combine_chunks()).to_bytes(), len(stale_rows), skipped
 
 
 def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:
@@ -327,120 +576,14 @@ def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:
         m = Manifest(table)
         types = table.column("type").to_pylist()
         paths, targets = m.pycolumn("path"), m.pycolumn("target")
-        links = {p: t for p, t, ty in zip(paths, targets, types, strict=True) if ty == SYMLINK}
+        links = {x: g for x, g, ty in zip(paths, targets, types, strict=True) if ty == SYMLINK}
         bad = set(escaping_links(links)) if links else set()
         if not bad:
             return table
-        for p in sorted(bad):
-            warnings.append(f"{printable(p)}: symlink to {printable(links[p] or '')} leads outside the data root "
+        for x in sorted(bad):
+            warnings.append(f"{printable(x)}: symlink to {printable(links[x] or '')} leads outside the data root "
                             f"through other links; not captured")
-        table = table.filter(pa.array([p not in bad for p in paths], pa.bool_()))
-
-
-def _attributes(view: FrozenRoot, scan: TreeScan, keep: list[int], parent_row: list[int],
-                pv: _ParentView | None, read: dict[int, _ReadFile],
-                warnings: WarningLog) -> dict[int, bytes | None]:
-    """Extended attributes of the kept entries: files read anew brought theirs (read from the open
-    file, in the reading threads); directories whose ctime moved are read here (changing an attribute
-    moves the ctime). Reused files and unchanged directories take the parent's; symlinks carry none
-    (Linux refuses user attributes on links)."""
-    out: dict[int, bytes | None] = {k: r.xattrs for k, r in read.items() if r.xattrs is not None}
-    types = scan.type
-    for k in [k for k in keep if types[k] != FILE]:
-        typ = types[k]
-        if typ == SYMLINK:
-            blob, _ = view.xattrs(scan.path[k])
-            if blob:
-                warnings.append(f"{printable(scan.path[k])}: extended attributes of a symlink are not carried")
-            continue
-        if typ != DIR:
-            continue
-        i = pv.row.get(scan.path[k]) if pv is not None else None
-        same_dir = i is not None and pv is not None and pv.type[i] == DIR
-        if same_dir and pv is not None and i is not None and pv.ctime[i] == scan.ctime_ns[k]:
-            parent_row[k] = i  # unchanged directory: its attributes come from the parent
-            continue
-        blob, problem = view.xattrs(scan.path[k])
-        if problem:
-            # Unreadable attributes are not removed attributes: keep the last captured ones.
-            warnings.append(f"{printable(scan.path[k])}: {problem}" + ("; the last captured ones are kept"
-                                                                       if same_dir else ""))
-            if same_dir and i is not None:
-                parent_row[k] = i
-                continue
-        out[k] = blob
-    return out
-
-
-_CARRIED = ("content", "chunks", "chunk_sizes", "xattrs")
-
-
-def _build_table(scan: TreeScan, keep: list[int], parent_row: list[int], read: dict[int, _ReadFile],
-                 pv: _ParentView | None, xattrs: dict[int, bytes | None], stale_rows: list[int]) -> pa.Table:
-    """The path-sorted manifest table. Chunk and attribute columns of reused entries come from the parent.
-
-    The chunk lists of unchanged files never become Python objects: one Arrow
-    ``take`` over (parent rows + fresh rows) assembles the carried columns.
-    Directories reuse a parent row for their attributes only (they have no chunks).
-    """
-    fresh = [k for k in keep if parent_row[k] < 0]
-    fresh_tbl = pa.table({
-        "content": pa.array([read[k].content if k in read else None for k in fresh],
-                            SCHEMA.field("content").type),
-        "chunks": pa.array([read[k].chunks if k in read else [] for k in fresh], SCHEMA.field("chunks").type),
-        "chunk_sizes": pa.array([read[k].chunk_sizes if k in read else [] for k in fresh],
-                                SCHEMA.field("chunk_sizes").type),
-        "xattrs": pa.array([xattrs.get(k) for k in fresh], pa.binary()),
-    })
-    if pv is None or len(fresh) == len(keep):
-        data = fresh_tbl
-    else:
-        offset = pv.table.num_rows
-        take: list[int] = []
-        n_fresh = 0
-        for k in keep:
-            i = parent_row[k]
-            if i >= 0:
-                take.append(i)
-            else:
-                take.append(offset + n_fresh)
-                n_fresh += 1
-        base = pv.table.select(list(_CARRIED))
-        data = pa.concat_tables([base, fresh_tbl]).take(pa.array(take, pa.int64()))
-
-    def col(values: list, name: str) -> list:  # type: ignore[type-arg]
-        if len(keep) == len(values) and not read:
-            return values
-        return [getattr(read[k].version, name) if k in read else values[k] for k in keep]
-
-    def pick(values: list) -> list:  # type: ignore[type-arg]
-        return [values[k] for k in keep] if len(keep) != len(scan) else values
-
-    paths, types = pick(scan.path), pick(scan.type)
-    sizes = col(scan.size, "size")
-    links = _hardlinks(scan, keep, paths, types)
-    table = table_from_columns({
-        "path": paths, "type": types,
-        "mode": col(scan.mode, "mode"), "uid": col(scan.uid, "uid"), "gid": col(scan.gid, "gid"),
-        "size": sizes, "mtime_ns": col(scan.mtime_ns, "mtime_ns"),
-        "ctime_ns": col(scan.ctime_ns, "ctime_ns"), "inode": col(scan.inode, "inode"),
-        "target": pick(scan.target),
-        "content": data.column("content"), "chunks": data.column("chunks"),
-        "chunk_sizes": data.column("chunk_sizes"), "xattrs": data.column("xattrs"),
-        "hardlink": links,
-        "sparse": [t == FILE and b * 512 < s for t, b, s in zip(types, pick(scan.blocks), sizes, strict=True)],
-    })
-    if stale_rows and pv is not None:
-        old = pv.table.take(pa.array(stale_rows, pa.int64()))
-        old = old.set_column(old.schema.get_field_index("stale"), "stale",
-                             pa.array([True] * old.num_rows, pa.bool_()))
-        # Multiply-linked files of this capture by inode, to the first path of their group.
-        groups = {scan.inode[k]: os.fsencode(links[j] or paths[j]) for j, k in enumerate(keep)
-                  if types[j] == FILE and scan.nlink[k] > 1}
-        old = old.set_column(old.schema.get_field_index("hardlink"), "hardlink",
-                             pa.array(_stale_links(old, groups), pa.binary()))
-        table = pa.concat_tables([table, old])
-    return sort_by_path(table).combine_chunks()
+        table = table.filter(pa.array([x not in bad for x in paths], pa.bool_()))
 
 
 def _stale_links(old: pa.Table, leader_of_inode: dict[int, bytes]) -> list[bytes | None]:
@@ -457,20 +600,4 @@ def _stale_links(old: pa.Table, leader_of_inode: dict[int, bytes]) -> list[bytes
             out.append(leader_of_inode[ino])
         else:
             out.append(link if link in stale_paths else None)
-    return out
-
-
-def _hardlinks(scan: TreeScan, keep: list[int], paths: list[str], types: list[str]) -> list[str | None]:
-    """For each kept entry, the first path (in manifest order) of its hard-link group, or None."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    nlink = scan.nlink
-    for j, k in [(j, k) for j, k in enumerate(keep) if nlink[k] > 1 and types[j] == FILE]:
-        groups.setdefault((scan.dev[k], scan.inode[k]), []).append(j)
-    out: list[str | None] = [None] * len(keep)
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        members.sort(key=lambda j: os.fsencode(paths[j]))
-        for j in members[1:]:
-            out[j] = paths[members[0]]
     return out

@@ -150,7 +150,7 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
         except BaseException:
             writer.abort()
             raise
-        manifest_bytes = result.manifest.to_bytes()
+        manifest_bytes = result.manifest_bytes
         info = SnapshotInfo(
             id=new_snapshot_id(), captured_at=captured_at, cluster_id=repo.config.cluster_id,
             release=repo.config.release, manifest_hash=blake3.blake3(manifest_bytes).hexdigest(),

@@ -13,15 +13,20 @@ import os
 import stat as st
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from drsync import fsutil
 from drsync.repository.manifest import (
     DIR,
     FILE,
     RESERVED_NAME,
     SYMLINK,
+    clamp_int64,
     encode_xattrs,
     escaping_links,
     printable,
+    split_ns,
     symlink_stays_inside,
 )
 from drsync.repository.snapshots import WarningLog
@@ -30,10 +35,26 @@ from drsync.repository.snapshots import WarningLog
 RESERVED_NAMES = frozenset({RESERVED_NAME})
 
 
+# One row per entry, unsorted (the capture sorts): what a scan holds once its batches are sealed.
+SCAN_SCHEMA = pa.schema([
+    ("path", pa.binary()), ("type", pa.string()), ("mode", pa.uint32()), ("uid", pa.uint32()),
+    ("gid", pa.uint32()), ("size", pa.int64()), ("mtime_s", pa.int64()), ("mtime_nsec", pa.uint32()),
+    ("ctime_ns", pa.int64()),
+    ("inode", pa.uint64()), ("target", pa.binary()), ("nlink", pa.uint64()), ("dev", pa.uint64()),
+    ("blocks", pa.int64()),
+])
+_BATCH_ROWS = 65536  # entries held as Python values before they are sealed into an Arrow batch
+
+
 @dataclass
 class TreeScan:
+    """A scan's entries as columns: appended as Python values (``path`` str or bytes, ``target``
+    likewise, times in ns), sealed every :data:`_BATCH_ROWS` entries into Arrow batches of
+    :data:`SCAN_SCHEMA` (modification time split as in the manifest, so any time fits; ctime
+    clamped to int64 as in the manifest), so a million entries cost about 100 bytes each."""
+
     root: str
-    path: list[str] = field(default_factory=list)
+    path: list[str | bytes] = field(default_factory=list)
     type: list[str] = field(default_factory=list)
     mode: list[int] = field(default_factory=list)
     uid: list[int] = field(default_factory=list)
@@ -42,7 +63,7 @@ class TreeScan:
     mtime_ns: list[int] = field(default_factory=list)
     ctime_ns: list[int] = field(default_factory=list)
     inode: list[int] = field(default_factory=list)
-    target: list[str | None] = field(default_factory=list)
+    target: list[str | bytes | None] = field(default_factory=list)
     nlink: list[int] = field(default_factory=list)
     dev: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)  # 512-byte blocks allocated (fewer than size: sparse)
@@ -52,38 +73,58 @@ class TreeScan:
     # examined: never deletions (the capture keeps their last captured version, marked stale).
     unlisted: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    batches: list[pa.RecordBatch] = field(default_factory=list)
 
     COLUMNS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "inode", "target",
                "nlink", "dev", "blocks")
 
     def __len__(self) -> int:
-        return len(self.path)
-
-    def abspath(self, k: int) -> str:
-        return os.path.join(self.root, self.path[k])
-
-    def entry(self, k: int) -> LocalEntry:
-        return LocalEntry(self.path[k], self.abspath(k), self.type[k], self.mode[k], self.uid[k], self.gid[k],
-                          self.size[k], self.mtime_ns[k], self.target[k])
-
-    def entries(self) -> dict[str, LocalEntry]:
-        return {self.path[k]: self.entry(k) for k in range(len(self))}
+        return sum(b.num_rows for b in self.batches) + len(self.path)
 
     def append_row(self, row: dict[str, object]) -> None:
         for name in self.COLUMNS:
             getattr(self, name).append(row.get(name, 1 if name == "nlink" else 0 if name in ("blocks", "dev")
                                                else None))
 
+    def seal(self) -> None:
+        """Move the appended values into an Arrow batch (names as bytes, lossless)."""
+        if not self.path:
+            return
+        cols: dict[str, object] = {}
+        for name in self.COLUMNS:
+            values = getattr(self, name)
+            setattr(self, name, [])
+            if name in ("path", "target"):
+                values = [v if v is None or type(v) is bytes else os.fsencode(v) for v in values]
+            if name == "mtime_ns":
+                cols["mtime_s"], cols["mtime_nsec"] = split_ns(values)
+            elif name == "ctime_ns":
+                cols[name] = clamp_int64(values)
+            else:
+                cols[name] = values
+        self.batches.append(pa.RecordBatch.from_arrays(
+            [pa.array(cols[f.name], f.type) for f in SCAN_SCHEMA], schema=SCAN_SCHEMA))
+
+    def table(self) -> pa.Table:
+        """Every entry as one table of :data:`SCAN_SCHEMA` (seals what is still appended)."""
+        self.seal()
+        return pa.Table.from_batches(self.batches, schema=SCAN_SCHEMA)
+
     def drop_escaping_links(self) -> None:
         """Leave out links that reach outside the root through other links (the manifest rule)."""
-        links = {self.path[k]: self.target[k] for k in range(len(self)) if self.type[k] == SYMLINK}
-        bad = set(escaping_links(links)) if links else set()  # type: ignore[arg-type]
+        t = self.table()
+        is_link = pc.equal(t.column("type"), SYMLINK)
+        if not pc.any(is_link).as_py():
+            return
+        lt = t.filter(is_link)
+        links = {os.fsdecode(p): os.fsdecode(g or b"") for p, g in
+                 zip(lt.column("path").to_pylist(), lt.column("target").to_pylist(), strict=True)}
+        bad = set(escaping_links(links))
         if not bad:
             return
-        keep = [k for k in range(len(self)) if self.path[k] not in bad]
-        for name in self.COLUMNS:
-            col = getattr(self, name)
-            setattr(self, name, [col[k] for k in keep])
+        drop = pa.array(sorted(os.fsencode(p) for p in bad), pa.binary())
+        keep = pc.invert(pc.and_(is_link, pc.is_in(t.column("path"), value_set=drop)))
+        self.batches = t.filter(keep).combine_chunks().to_batches()
         for p in sorted(bad):
             self.warnings.append(f"{printable(p)}: symlink to {printable(links[p] or '')} leads outside the data "
                                  f"root through other links; not captured")
@@ -111,11 +152,14 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
     """Every entry below ``root`` but the relative paths in ``exclude`` (and what lies below them);
     special files and links leaving the root become warnings.
 
-    Names are str with undecodable bytes kept as surrogates (``os.fsdecode``), so any name
-    the filesystem holds is captured exactly. Directories deeper than ``PATH_MAX`` are listed
-    through descriptors opened one component at a time."""
+    Names are read as bytes (any name the filesystem holds, captured exactly) and sealed into Arrow
+    batches as the walk goes. Directories deeper than ``PATH_MAX`` are listed through descriptors
+    opened one component at a time."""
     root = os.path.abspath(root)
     scan = TreeScan(root)
+    broot = os.fsencode(root)
+    bexclude = frozenset(os.fsencode(p) for p in exclude)
+    reserved = frozenset(os.fsencode(n) for n in RESERVED_NAMES)
     # Local aliases: this loop runs once per file of the data root.
     path_a, type_a, mode_a = scan.path.append, scan.type.append, scan.mode.append
     uid_a, gid_a, size_a = scan.uid.append, scan.gid.append, scan.size.append
@@ -124,13 +168,14 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
     nlink_a, dev_a, blocks_a = scan.nlink.append, scan.dev.append, scan.blocks.append
     warn = scan.warnings.append
     S_ISREG, S_ISDIR, S_ISLNK = st.S_ISREG, st.S_ISDIR, st.S_ISLNK
-    stack = [("", root)]
+    fsdecode = os.fsdecode
+    stack: list[tuple[bytes, bytes]] = [(b"", broot)]
     while stack:
         rel_dir, abs_dir = stack.pop()
         fd = None
         try:
             if len(abs_dir) > fsutil.LONG_PATH:
-                fd = fsutil.open_beneath(root, rel_dir, os.O_RDONLY | os.O_DIRECTORY)
+                fd = fsutil.open_beneath(root, fsdecode(rel_dir), os.O_RDONLY | os.O_DIRECTORY)
                 it = os.scandir(fd)
             else:
                 it = os.scandir(abs_dir)
@@ -141,32 +186,34 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
         except OSError as e:
             if fd is not None:
                 os.close(fd)
-            scan.unlisted.append(rel_dir)
-            warn(f"{printable(rel_dir) or '.'}: cannot be listed ({e.strerror or e}); its last captured "
+            scan.unlisted.append(fsdecode(rel_dir))
+            warn(f"{printable(fsdecode(rel_dir)) or '.'}: cannot be listed ({e.strerror or e}); its last captured "
                  f"content is kept")
             continue
-        prefix = f"{rel_dir}/" if rel_dir else ""
+        prefix = rel_dir + b"/" if rel_dir else b""
         try:
             with it:
                 for e in it:
                     name = e.name
-                    if name in RESERVED_NAMES:
+                    if fd is not None:
+                        name = os.fsencode(name)  # scandir of a descriptor gives str names
+                    if name in reserved:
                         if rel_dir:
-                            warn(f"{printable(prefix + name)}: the name is reserved for drsync's staging area; "
-                                 f"not captured")
+                            warn(f"{printable(fsdecode(prefix + name))}: the name is reserved for drsync's staging "
+                                 f"area; not captured")
                         continue
-                    full = e.path if fd is None else os.path.join(abs_dir, name)
+                    full = e.path if fd is None else abs_dir + b"/" + name
                     rel = prefix + name
-                    if exclude and rel in exclude:
+                    if bexclude and rel in bexclude:
                         continue
                     try:
                         s = e.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
                     except OSError as err:
-                        scan.unreadable.append(rel)
-                        warn(f"{printable(rel)}: cannot be examined ({err.strerror or err}); its last captured "
-                             f"version is kept")
+                        scan.unreadable.append(fsdecode(rel))
+                        warn(f"{printable(fsdecode(rel))}: cannot be examined ({err.strerror or err}); its last "
+                             f"captured version is kept")
                         continue
                     m = s.st_mode
                     target = None
@@ -181,12 +228,12 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
                             target = os.readlink(name, dir_fd=fd) if fd is not None else os.readlink(full)
                         except FileNotFoundError:
                             continue
-                        if not symlink_stays_inside(rel, target):
-                            warn(f"{printable(rel)}: symlink to {printable(target)} leaves the data root; not "
-                                 f"captured")
+                        if not symlink_stays_inside(fsdecode(rel), fsdecode(target)):
+                            warn(f"{printable(fsdecode(rel))}: symlink to {printable(fsdecode(target))} leaves the "
+                                 f"data root; not captured")
                             continue
                     else:
-                        warn(f"{printable(rel)}: special file (fifo, socket or device) not captured")
+                        warn(f"{printable(fsdecode(rel))}: special file (fifo, socket or device) not captured")
                         continue
                     path_a(rel)
                     type_a(typ)
@@ -204,6 +251,13 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
         finally:
             if fd is not None:
                 os.close(fd)
+        if len(scan.path) >= _BATCH_ROWS:
+            scan.seal()
+            path_a, type_a, mode_a = scan.path.append, scan.type.append, scan.mode.append
+            uid_a, gid_a, size_a = scan.uid.append, scan.gid.append, scan.size.append
+            mtime_a, ctime_a, inode_a, target_a = (scan.mtime_ns.append, scan.ctime_ns.append, scan.inode.append,
+                                                   scan.target.append)
+            nlink_a, dev_a, blocks_a = scan.nlink.append, scan.dev.append, scan.blocks.append
     scan.drop_escaping_links()
     return scan
 

@@ -202,9 +202,9 @@ class Manifest:
         return self.table.num_rows
 
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        pq.write_table(self.table, buf, compression="zstd", row_group_size=256 * 1024)
-        return buf.getvalue()
+        w = ManifestWriter()
+        w.write(self.table)
+        return w.finish()
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "manifest") -> Manifest:
@@ -288,6 +288,39 @@ class Manifest:
 
     def filter_paths(self, keep_mask: list[bool]) -> Manifest:
         return Manifest(self.table.filter(pa.array(keep_mask, pa.bool_())))
+
+
+ROW_GROUP = 65536  # manifest rows per Parquet row group
+
+
+class ManifestWriter:
+    """Serialises a manifest given as path-sorted pieces of :data:`SCHEMA` rows into its Parquet
+    bytes, holding at most one row group of rows beyond the output: the one serializer, so the same
+    rows always make the same bytes (row groups of :data:`ROW_GROUP` rows, however they were split)."""
+
+    def __init__(self) -> None:
+        self._buf = io.BytesIO()
+        self._w = pq.ParquetWriter(self._buf, SCHEMA, compression="zstd")
+        self._pending: list[pa.Table] = []
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self._pending.append(table)
+        self._rows += table.num_rows
+        if self._rows >= ROW_GROUP:
+            t = pa.concat_tables(self._pending)
+            whole = (t.num_rows // ROW_GROUP) * ROW_GROUP
+            self._w.write_table(t.slice(0, whole), row_group_size=ROW_GROUP)
+            rest = t.slice(whole)
+            self._pending, self._rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def finish(self) -> bytes:
+        if self._pending:
+            self._w.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP)
+        self._w.close()
+        return self._buf.getvalue()
 
 
 def table_from_columns(columns: dict[str, list | pa.Array]) -> pa.Table:
