@@ -178,7 +178,8 @@ class Receiver:
 
 class Monitoring:
     """Prometheus with the fast test copy of the rules, scraping ``targets`` (job drsync), and an
-    Alertmanager that sends every alert to ``receiver`` (firing and resolved)."""
+    Alertmanager that sends every alert to ``receiver`` (firing and resolved). Started when made;
+    ``stop()`` ends both."""
 
     def __init__(self, tmp: Path, targets: list[str], receiver: Receiver) -> None:
         self.receiver = receiver
@@ -206,6 +207,8 @@ class Monitoring:
             _binary(PROMETHEUS, "prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp / 'prometheus-data'}", f"--web.listen-address={self.prom}",
             "--rules.alert.resend-delay=1s", "--log.level=debug"], tmp / "prometheus.log"))
+
+    def wait_ready(self) -> None:
         wait_for(lambda: _ready(self.daemons[0], self.am), "alertmanager to be ready")
         wait_for(lambda: _ready(self.daemons[1], self.prom), "prometheus to be ready")
 
@@ -262,6 +265,7 @@ def test_lag_alert_is_delivered_through_prometheus_and_alertmanager_and_resolves
         g.wait_synced("east", "west", "west's first sync through the proxy")
         mon = Monitoring(tmp_path / "monitoring", [g.metrics["east"], g.metrics["west"]], receiver)
         try:
+            mon.wait_ready()
             run(g, link, mon, receiver)
         except AssertionError as e:
             raise AssertionError(f"{e}\n{mon.explain()}") from None
