@@ -36,6 +36,7 @@ from drsync.repository.manifest import (
     SCHEMA,
     SYMLINK,
     Manifest,
+    ManifestFile,
     ManifestWriter,
     content_digest,
     escaping_links,
@@ -45,6 +46,7 @@ from drsync.repository.manifest import (
 )
 from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
+from drsync.tree import TreeScan
 
 # Reading tasks are batched so that tiny files do not pay one executor round trip each.
 _BATCH_FILES = 256
@@ -150,7 +152,7 @@ def _checksum_one(view: FrozenRoot, rel: str, algorithms: set[str],
     return _ReadFile([], [version.size], hdfs_checksum_digest(algorithm, value), version)
 
 
-def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | None = None,
+def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | ManifestFile | None = None,
             parent_captured_at: float | None = None, reread_attempts: int = 3,
             exclude: frozenset[str] = frozenset(), workers: int | None = None,
             progress: ProgressFn | None = None, on_total: Callable[[int], None] | None = None,
@@ -172,15 +174,19 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Non
     """
     data_root = open_data_root(root) if isinstance(root, str) else root
     data_root.check_capturable()
+    listed_parent = parent  # a root that lists only what changed takes the rest from the parent's table
+    if isinstance(parent, ManifestFile) and getattr(data_root, "lists_from_parent", False):
+        listed_parent = parent = parent.read()
     tag = _tag(captured_at)
     parent_tag = _tag(parent_captured_at) if parent is not None and parent_captured_at else None
     if content == HDFS_CHECKSUM:
         if not getattr(data_root, "supports_distcp", False):
             raise UsageError(f"data root {data_root.url} is not on HDFS: replication.engine = \"distcp\" needs "
                              f"HDFS data roots on both clusters; use engine = \"agent\"")
-        frozen = data_root.frozen(tag, parent_tag, parent, keep=True, pinned=pinned)  # type: ignore[call-arg]
+        frozen = data_root.frozen(tag, parent_tag, listed_parent, keep=True,  # type: ignore[call-arg]
+                                  pinned=pinned)
     else:
-        frozen = data_root.frozen(tag, parent_tag, parent)
+        frozen = data_root.frozen(tag, parent_tag, listed_parent)  # type: ignore[arg-type]
     with frozen as view:
         result = _capture_view(view, writer, parent=parent, parent_captured_at=parent_captured_at,
                                reread_attempts=0 if view.consistent else reread_attempts, exclude=exclude,
@@ -215,11 +221,10 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     """
     scan = view.scan(exclude)
     warnings = scan.warnings
-    table = scan.table()
-    scan.batches = []
-    table = table.take(pc.sort_indices(table, sort_keys=[("path", "ascending")])).combine_chunks()
-    ptable = parent.table if parent is not None and len(parent) else None
-    same, reuse = _match(table, ptable, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
+    table = _sorted(scan)
+    pv = _Parent(parent) if parent is not None and len(parent) else None
+    same, reuse = _match(table, pv, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
+    pa.default_memory_pool().release_unused()  # the parent's groups read for matching are garbage now
     is_file = _np(pc.equal(table.column("type"), FILE))
     sizes = _np(table.column("size"))
     fresh = is_file & (reuse < 0)
@@ -233,13 +238,14 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="drsync-capture") as pool:
         for lo in range(0, table.num_rows, _WINDOW):
             hi = min(lo + _WINDOW, table.num_rows)
-            out.write(_window(view, writer, table, ptable, lo, hi, same, reuse, links, state, warnings, pool,
+            out.write(_window(view, writer, table, pv, lo, hi, same, reuse, links, state, warnings, pool,
                               reread_attempts, progress, content, algorithms))
     manifest_bytes = out.finish()
     stale = skipped = 0
     lost = [*scan.unreadable, *state.lost]
     if lost or scan.unlisted or links.broken(state.gone):
-        manifest_bytes, stale, skipped = _merge_stale(manifest_bytes, ptable, lost, scan.unlisted, links,
+        manifest_bytes, stale, skipped = _merge_stale(manifest_bytes, pv.table() if pv else None, lost, scan.unlisted,
+                                                      links,
                                                       state.gone, warnings)
     return CaptureResult(manifest_bytes=manifest_bytes, files=state.files,
                          bytes=state.bytes, read_bytes=0 if content == HDFS_CHECKSUM else state.read_bytes,
@@ -257,7 +263,39 @@ def _np(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return a.to_numpy(zero_copy_only=False)
 
 
-def _match(t: pa.Table, p: pa.Table | None, parent_captured_at: float,
+def _sorted(scan: TreeScan) -> pa.Table:
+    """The scan as one table sorted by path (the manifest's order), sorted a column at a time so
+    that the unsorted copy of only one column is held beside the sorted table."""
+    t = scan.table()
+    scan.batches = []
+    if scan.sorted:
+        return t  # windows slice its batches without a copy
+    order = pc.sort_indices(t.column("path"))
+    columns = {name: t.column(name) for name in t.column_names}
+    schema = t.schema
+    del t
+    for name in schema.names:
+        columns[name] = columns[name].take(order).combine_chunks()
+    return pa.table([columns.pop(name) for name in schema.names], schema=schema)
+
+
+_MATCHED = ["path", "type", "size", "mtime_s", "mtime_nsec", "ctime_ns", "inode", "chunks", "chunk_sizes"]
+
+
+def _bisect(paths: pa.ChunkedArray, key: bytes, *, right: bool) -> int:
+    """Where ``key`` goes in the sorted ``paths`` (bisect_left, or bisect_right)."""
+    lo, hi = 0, len(paths)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        v = paths[mid].as_py()
+        if v < key or (right and v == key):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _match(t: pa.Table, parent: _Parent | None, parent_captured_at: float,
            *, external_ok: bool) -> tuple[np.ndarray, np.ndarray]:
     """For each scan row (path-sorted ``t``), the parent row with the same path (``same``, -1: none)
     and the parent row whose content, chunks and attributes it takes (``reuse``, -1: captured anew).
@@ -265,41 +303,96 @@ def _match(t: pa.Table, p: pa.Table | None, parent_captured_at: float,
     A file reuses its parent row when type, size, modification time, ctime and inode all match and
     it was not "racy" (modified within 2 s of the parent's capture, where a same-tick rewrite could
     hide), and the row is of the form this capture makes (chunks, or an HDFS checksum for DistCp).
-    A directory takes its attributes from the parent when its ctime did not move. Both int64 arrays.
+    A directory takes its attributes from the parent when its ctime did not move. Both int64
+    arrays; the parent is read one row group at a time, each matched with the scan rows in its
+    range of paths.
     """
     n = t.num_rows
     same = np.full(n, -1, np.int64)
-    if p is None or n == 0 or p.num_rows == 0:
-        return same, same.copy()
-    pos = pc.index_in(t.column("path"), value_set=p.column("path").combine_chunks())
-    same = _np(pc.fill_null(pos, -1)).astype(np.int64)
-    has = same >= 0
-    at = np.where(has, same, 0)
-
-    def both(name: str) -> tuple[np.ndarray, np.ndarray]:
-        return _np(t.column(name)), _np(p.column(name))[at]
-
-    t_file = _np(pc.equal(t.column("type"), FILE))
-    t_dir = _np(pc.equal(t.column("type"), DIR))
-    p_file = _np(pc.equal(p.column("type"), FILE))[at]
-    p_dir = _np(pc.equal(p.column("type"), DIR))[at]
-    a, b = both("ctime_ns")
-    same_ctime = a == b
-    ok = has & t_file & p_file & same_ctime
-    for name in ("size", "mtime_s", "mtime_nsec", "inode"):
-        a, b = both(name)
-        ok &= a == b
+    reuse = np.full(n, -1, np.int64)
+    if parent is None or n == 0:
+        return same, reuse
+    tpath = t.column("path")
     racy_s, racy_ns = divmod(int(parent_captured_at * 1e9) - _RACY_NS, 1_000_000_000)
-    mt_s, mt_ns = _np(t.column("mtime_s")), _np(t.column("mtime_nsec"))
-    ok &= (mt_s < racy_s) | ((mt_s == racy_s) & (mt_ns < racy_ns))
-    n_chunks = _np(pc.fill_null(pc.list_value_length(p.column("chunks")), 0))[at]
-    n_sizes = _np(pc.fill_null(pc.list_value_length(p.column("chunk_sizes")), 0))[at]
-    p_size = _np(p.column("size"))[at]
-    # A capture that stores chunks cannot reuse a row whose bytes only an HDFS snapshot held, and a
-    # capture for DistCp checksums files the parent has as chunks (a snapshot is all one kind).
-    ok &= ~(((n_chunks != n_sizes) != external_ok) & (p_size > 0))
-    ok |= has & t_dir & p_dir & same_ctime
-    return same, np.where(ok, same, -1)
+    for g in range(parent.num_groups):
+        pg = parent.group(g, _MATCHED)
+        if not pg.num_rows:
+            continue
+        ppath = pg.column("path").combine_chunks()
+        a = _bisect(tpath, ppath[0].as_py(), right=False)
+        b = _bisect(tpath, ppath[-1].as_py(), right=True)
+        if a >= b:
+            continue
+        ts = t.slice(a, b - a)
+        loc = _np(pc.fill_null(pc.index_in(ts.column("path"), value_set=ppath), -1)).astype(np.int64)
+        has = loc >= 0
+        at = np.where(has, loc, 0)
+
+        def theirs(name: str, pg: pa.Table = pg, at: np.ndarray = at) -> np.ndarray:
+            return _np(pg.column(name))[at]
+
+        mine = {name: _np(ts.column(name)) for name in ("size", "mtime_s", "mtime_nsec", "ctime_ns", "inode")}
+        t_type = ts.column("type")
+        same_ctime = mine["ctime_ns"] == theirs("ctime_ns")
+        p_type = pg.column("type")
+        ok = has & _np(pc.equal(t_type, FILE)) & _np(pc.equal(p_type, FILE))[at] & same_ctime
+        for name in ("size", "mtime_s", "mtime_nsec", "inode"):
+            ok &= mine[name] == theirs(name)
+        mt_s, mt_ns = mine["mtime_s"], mine["mtime_nsec"]
+        ok &= (mt_s < racy_s) | ((mt_s == racy_s) & (mt_ns < racy_ns))
+        n_chunks = _np(pc.fill_null(pc.list_value_length(pg.column("chunks")), 0))[at]
+        n_sizes = _np(pc.fill_null(pc.list_value_length(pg.column("chunk_sizes")), 0))[at]
+        # A capture that stores chunks cannot reuse a row whose bytes only an HDFS snapshot held, and a
+        # capture for DistCp checksums files the parent has as chunks (a snapshot is all one kind).
+        ok &= ~(((n_chunks != n_sizes) != external_ok) & (theirs("size") > 0))
+        ok |= has & _np(pc.equal(t_type, DIR)) & _np(pc.equal(p_type, DIR))[at] & same_ctime
+        start = parent.starts[g]
+        same[a:b] = np.where(has, loc + start, -1)
+        reuse[a:b] = np.where(ok, loc + start, -1)
+    return same, reuse
+
+
+class _Parent:
+    """The parent manifest by row groups: a stored :class:`ManifestFile`, or an in-memory
+    :class:`Manifest` cut into slices. Holds the carried columns of at most two groups."""
+
+    def __init__(self, parent: Manifest | ManifestFile) -> None:
+        self._file = parent if isinstance(parent, ManifestFile) else None
+        self._table = parent.table if isinstance(parent, Manifest) else None
+        if self._file is not None:
+            self.starts = list(self._file.starts)
+        else:
+            n = len(parent)
+            self.starts = [*range(0, n, _WINDOW), n]
+        self.num_groups = len(self.starts) - 1
+        self._cache: dict[int, pa.Table] = {}
+
+    def group(self, g: int, columns: list[str]) -> pa.Table:
+        if self._file is not None:
+            return self._file.group(g, columns)
+        assert self._table is not None
+        return self._table.select(columns).slice(self.starts[g], self.starts[g + 1] - self.starts[g])
+
+    def rows(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
+        """The parent's ``rows`` (ascending global row numbers), ``columns`` only."""
+        groups = np.searchsorted(np.asarray(self.starts), rows, side="right") - 1
+        parts = []
+        for g in np.unique(groups).tolist():
+            if g not in self._cache:
+                if len(self._cache) >= 2:
+                    self._cache.pop(min(self._cache))
+                self._cache[g] = self.group(g, columns)
+            local = rows[groups == g] - self.starts[g]
+            parts.append(self._cache[g].take(pa.array(local, pa.int64())))
+        return pa.concat_tables(parts)
+
+    def type_of(self, row: int) -> str:
+        g = int(np.searchsorted(np.asarray(self.starts), row, side="right") - 1)
+        return self.group(g, ["type"]).column("type")[row - self.starts[g]].as_py()
+
+    def table(self) -> pa.Table:
+        """The whole manifest (the rare path that merges stale rows)."""
+        return self._table if self._table is not None else self._file.read().table  # type: ignore[union-attr]
 
 
 @dataclass
@@ -380,7 +473,7 @@ def _binary(values: list[bytes | None] | None, count: int) -> pa.Array:
     return pa.array(values, pa.binary()) if values is not None else pa.nulls(count, pa.binary())
 
 
-def _window(view: FrozenRoot, writer: ChunkWriter, t: pa.Table, p: pa.Table | None, lo: int, hi: int,
+def _window(view: FrozenRoot, writer: ChunkWriter, t: pa.Table, p: _Parent | None, lo: int, hi: int,
             same: np.ndarray, reuse: np.ndarray, links: _LinkGroups, totals: _Totals, warnings: WarningLog,
             pool: ThreadPoolExecutor, reread_attempts: int, progress: ProgressFn | None, content: str,
             algorithms: set[str]) -> pa.Table:
@@ -457,7 +550,7 @@ def _window(view: FrozenRoot, writer: ChunkWriter, t: pa.Table, p: pa.Table | No
         carried = fresh
     else:
         reused = np.flatnonzero(rows >= 0)
-        base = p.select(list(_CARRIED)).take(pa.array(rows[reused], pa.int64()))
+        base = p.rows(rows[reused], list(_CARRIED))
         order = np.empty(count, np.int64)
         order[reused] = np.arange(len(reused))
         order[fresh_rows] = len(reused) + np.arange(len(fresh_rows))
@@ -487,7 +580,7 @@ def _window(view: FrozenRoot, writer: ChunkWriter, t: pa.Table, p: pa.Table | No
 
 
 def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarray, same: np.ndarray,
-                p: pa.Table | None, warnings: WarningLog) -> dict[int, bytes | None]:
+                p: _Parent | None, warnings: WarningLog) -> dict[int, bytes | None]:
     """Extended attributes of directories and links not reused (files read anew brought theirs, in
     the reading threads): a directory whose ctime moved is read (changing an attribute moves the
     ctime); one whose attributes cannot be read keeps the parent's (``rows`` is set to reuse them).
@@ -497,7 +590,6 @@ def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarra
     if not todo:
         return out
     paths = w.column("path").to_pylist()
-    p_dir = None
     for k in todo:
         rel = os.fsdecode(paths[k])
         if types[k] == SYMLINK:
@@ -508,14 +600,11 @@ def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarra
         blob, problem = view.xattrs(rel)
         if problem:
             i = int(same[k])
-            if i >= 0 and p is not None:
-                if p_dir is None:
-                    p_dir = p.column("type")
-                if p_dir[i].as_py() == DIR:
-                    # Unreadable attributes are not removed attributes: keep the last captured ones.
-                    warnings.append(f"{printable(rel)}: {problem}; the last captured ones are kept")
-                    rows[k] = i
-                    continue
+            if i >= 0 and p is not None and p.type_of(i) == DIR:
+                # Unreadable attributes are not removed attributes: keep the last captured ones.
+                warnings.append(f"{printable(rel)}: {problem}; the last captured ones are kept")
+                rows[k] = i
+                continue
             warnings.append(f"{printable(rel)}: {problem}")
         out[k] = blob
     return out

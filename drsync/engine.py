@@ -125,7 +125,7 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
     hook_env = {"DRSYNC_DATA": root, "DRSYNC_SNAPSHOT_NAME": req.name, "DRSYNC_REPOSITORY": repo.storage.url}
     with repo.write_session(wait_s=LOCK_WAIT_S) as session:
         parent = _parent_of(repo, root)
-        parent_manifest = repo.load_manifest(parent) if parent else None
+        parent_manifest = repo.open_manifest(parent) if parent else None
         if req.hooks.pre:
             run_hook("pre-snapshot", req.hooks.pre, hook_env, req.hooks.timeout_s)
         started = time.monotonic()

@@ -43,7 +43,7 @@ SCAN_SCHEMA = pa.schema([
     ("inode", pa.uint64()), ("target", pa.binary()), ("nlink", pa.uint64()), ("dev", pa.uint64()),
     ("blocks", pa.int64()),
 ])
-_BATCH_ROWS = 65536  # entries held as Python values before they are sealed into an Arrow batch
+_BATCH_ROWS = 16384  # entries held as Python values before they are sealed into an Arrow batch
 
 
 @dataclass
@@ -74,12 +74,14 @@ class TreeScan:
     unlisted: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     batches: list[pa.RecordBatch] = field(default_factory=list)
+    sorted: bool = False  # entries were appended in path order (bytes), as the manifest sorts them
+    rows: list[tuple] = field(default_factory=list)  # type: ignore[type-arg]  # whole rows, in COLUMNS order
 
     COLUMNS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "inode", "target",
                "nlink", "dev", "blocks")
 
     def __len__(self) -> int:
-        return sum(b.num_rows for b in self.batches) + len(self.path)
+        return sum(b.num_rows for b in self.batches) + len(self.path) + len(self.rows)
 
     def append_row(self, row: dict[str, object]) -> None:
         for name in self.COLUMNS:
@@ -88,6 +90,16 @@ class TreeScan:
 
     def seal(self) -> None:
         """Move the appended values into an Arrow batch (names as bytes, lossless)."""
+        if self.rows:
+            if self.path:
+                self.seal_columns()
+            rows, self.rows = self.rows, []
+            for name, values in zip(self.COLUMNS, zip(*rows, strict=True), strict=True):
+                setattr(self, name, list(values))
+            del rows
+        self.seal_columns()
+
+    def seal_columns(self) -> None:
         if not self.path:
             return
         cols: dict[str, object] = {}
@@ -95,15 +107,19 @@ class TreeScan:
             values = getattr(self, name)
             setattr(self, name, [])
             if name in ("path", "target"):
-                values = [v if v is None or type(v) is bytes else os.fsencode(v) for v in values]
-            if name == "mtime_ns":
+                try:  # bytes as they are; str (HDFS) as UTF-8, which os.fsencode gives for valid text
+                    cols[name] = pa.array(values, pa.binary())
+                except (UnicodeEncodeError, pa.ArrowException, TypeError):
+                    cols[name] = [v if v is None or type(v) is bytes else os.fsencode(v) for v in values]
+            elif name == "mtime_ns":
                 cols["mtime_s"], cols["mtime_nsec"] = split_ns(values)
             elif name == "ctime_ns":
                 cols[name] = clamp_int64(values)
             else:
                 cols[name] = values
         self.batches.append(pa.RecordBatch.from_arrays(
-            [pa.array(cols[f.name], f.type) for f in SCAN_SCHEMA], schema=SCAN_SCHEMA))
+            [pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array) else cols[f.name]
+             for f in SCAN_SCHEMA], schema=SCAN_SCHEMA))
 
     def table(self) -> pa.Table:
         """Every entry as one table of :data:`SCAN_SCHEMA` (seals what is still appended)."""
@@ -153,44 +169,71 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
     special files and links leaving the root become warnings.
 
     Names are read as bytes (any name the filesystem holds, captured exactly) and sealed into Arrow
-    batches as the walk goes. Directories deeper than ``PATH_MAX`` are listed through descriptors
-    opened one component at a time."""
+    batches as the walk goes. Entries come in the manifest's order (sorted by path bytes): each
+    directory's listing is sorted, and a subdirectory's contents are placed by ``name + "/"``, so
+    ``a-b`` comes before ``a/x`` as bytes order says (``scan.sorted``). Directories deeper than
+    ``PATH_MAX`` are listed through descriptors opened one component at a time."""
     root = os.path.abspath(root)
-    scan = TreeScan(root)
-    broot = os.fsencode(root)
-    bexclude = frozenset(os.fsencode(p) for p in exclude)
-    reserved = frozenset(os.fsencode(n) for n in RESERVED_NAMES)
-    # Local aliases: this loop runs once per file of the data root.
-    path_a, type_a, mode_a = scan.path.append, scan.type.append, scan.mode.append
-    uid_a, gid_a, size_a = scan.uid.append, scan.gid.append, scan.size.append
-    mtime_a, ctime_a, inode_a, target_a = (scan.mtime_ns.append, scan.ctime_ns.append, scan.inode.append,
-                                           scan.target.append)
-    nlink_a, dev_a, blocks_a = scan.nlink.append, scan.dev.append, scan.blocks.append
-    warn = scan.warnings.append
-    S_ISREG, S_ISDIR, S_ISLNK = st.S_ISREG, st.S_ISDIR, st.S_ISLNK
-    fsdecode = os.fsdecode
-    stack: list[tuple[bytes, bytes]] = [(b"", broot)]
-    while stack:
-        rel_dir, abs_dir = stack.pop()
+    scan = TreeScan(root, sorted=True)
+    lister = _Lister(root, scan, exclude)
+    add = scan.rows.append
+    # A stack of listings, each sorted descending so the next item pops from its end; an item is
+    # (key, row) for an entry or (key, None, rel, abspath) for a directory's contents.
+    frames = [lister.items(b"", os.fsencode(root))]
+    count = 0
+    while frames:
+        items = frames[-1]
+        if not items:
+            frames.pop()
+            continue
+        item = items.pop()
+        row = item[1]
+        if row is None:
+            frames.append(lister.items(item[2], item[3]))
+            continue
+        add(row)
+        count += 1
+        if count >= _BATCH_ROWS:
+            scan.seal()
+            add = scan.rows.append
+            count = 0
+    scan.drop_escaping_links()
+    return scan
+
+
+class _Lister:
+    """One directory listing of :func:`scan_tree`: its entries examined (lstat) and sorted."""
+
+    def __init__(self, root: str, scan: TreeScan, exclude: frozenset[str]) -> None:
+        self.root = root
+        self.scan = scan
+        self.exclude = frozenset(os.fsencode(p) for p in exclude)
+        self.reserved = frozenset(os.fsencode(n) for n in RESERVED_NAMES)
+
+    def items(self, rel_dir: bytes, abs_dir: bytes) -> list[tuple]:  # type: ignore[type-arg]
+        scan = self.scan
+        warn = scan.warnings.append
+        fsdecode = os.fsdecode
         fd = None
         try:
             if len(abs_dir) > fsutil.LONG_PATH:
-                fd = fsutil.open_beneath(root, fsdecode(rel_dir), os.O_RDONLY | os.O_DIRECTORY)
+                fd = fsutil.open_beneath(self.root, fsdecode(rel_dir), os.O_RDONLY | os.O_DIRECTORY)
                 it = os.scandir(fd)
             else:
                 it = os.scandir(abs_dir)
-        except FileNotFoundError:
-            continue  # removed while we walked: simply not in this scan
-        except NotADirectoryError:
-            continue  # replaced by something else while we walked
+        except (FileNotFoundError, NotADirectoryError):
+            return []  # removed or replaced while we walked: simply not in this scan
         except OSError as e:
             if fd is not None:
                 os.close(fd)
             scan.unlisted.append(fsdecode(rel_dir))
             warn(f"{printable(fsdecode(rel_dir)) or '.'}: cannot be listed ({e.strerror or e}); its last captured "
                  f"content is kept")
-            continue
+            return []
+        out: list[tuple] = []  # type: ignore[type-arg]
         prefix = rel_dir + b"/" if rel_dir else b""
+        reserved, exclude = self.reserved, self.exclude
+        S_ISREG, S_ISDIR, S_ISLNK = st.S_ISREG, st.S_ISDIR, st.S_ISLNK
         try:
             with it:
                 for e in it:
@@ -204,7 +247,7 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
                         continue
                     full = e.path if fd is None else abs_dir + b"/" + name
                     rel = prefix + name
-                    if bexclude and rel in bexclude:
+                    if exclude and rel in exclude:
                         continue
                     try:
                         s = e.stat(follow_symlinks=False)
@@ -221,7 +264,7 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
                         typ, size = FILE, s.st_size
                     elif S_ISDIR(m):
                         typ, size = DIR, 0
-                        stack.append((rel, full))
+                        out.append((name + b"/", None, rel, full))
                     elif S_ISLNK(m):
                         typ, size = SYMLINK, 0
                         try:
@@ -235,31 +278,13 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
                     else:
                         warn(f"{printable(fsdecode(rel))}: special file (fifo, socket or device) not captured")
                         continue
-                    path_a(rel)
-                    type_a(typ)
-                    mode_a(m & 0o7777)
-                    uid_a(s.st_uid)
-                    gid_a(s.st_gid)
-                    size_a(size)
-                    mtime_a(s.st_mtime_ns)
-                    ctime_a(s.st_ctime_ns)
-                    inode_a(s.st_ino)
-                    target_a(target)
-                    nlink_a(s.st_nlink)
-                    dev_a(s.st_dev)
-                    blocks_a(s.st_blocks)
+                    out.append((name, (rel, typ, m & 0o7777, s.st_uid, s.st_gid, size, s.st_mtime_ns, s.st_ctime_ns,
+                                       s.st_ino, target, s.st_nlink, s.st_dev, s.st_blocks)))
         finally:
             if fd is not None:
                 os.close(fd)
-        if len(scan.path) >= _BATCH_ROWS:
-            scan.seal()
-            path_a, type_a, mode_a = scan.path.append, scan.type.append, scan.mode.append
-            uid_a, gid_a, size_a = scan.uid.append, scan.gid.append, scan.size.append
-            mtime_a, ctime_a, inode_a, target_a = (scan.mtime_ns.append, scan.ctime_ns.append, scan.inode.append,
-                                                   scan.target.append)
-            nlink_a, dev_a, blocks_a = scan.nlink.append, scan.dev.append, scan.blocks.append
-    scan.drop_escaping_links()
-    return scan
+        out.sort(reverse=True)  # keys are unique: a name never holds "/"
+        return out
 
 
 def read_xattrs(path: str | int) -> tuple[bytes | None, str | None]:

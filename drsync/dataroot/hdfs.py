@@ -338,6 +338,7 @@ class HdfsDataRoot:
     mode_bits = 0o1777  # no setuid or setgid on HDFS
     supports_xattrs = False
     supports_distcp = True  # captures can keep their snapshot for DistCp (replication.engine = "distcp")
+    lists_from_parent = True  # a capture lists only what the snapshot diff names; the rest is the parent's
 
     def __init__(self, url: str, *, fs: HdfsFs | None = None) -> None:
         self.warnings: list[str] = []

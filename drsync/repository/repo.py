@@ -25,7 +25,7 @@ from drsync.errors import IntegrityError, NotFound, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.lock import DEFAULT_WAIT_S, RepositoryLock
-from drsync.repository.manifest import Manifest
+from drsync.repository.manifest import Manifest, ManifestFile
 from drsync.repository.packs import (
     ChunkIndex,
     ChunkLocation,
@@ -575,6 +575,14 @@ class Repository:
         raise NotFound(f"no snapshot {ref!r} in {self.storage.url}; 'drsync snapshot list' shows them")
 
     def load_manifest(self, info: SnapshotInfo) -> Manifest:
+        return Manifest.from_bytes(self._manifest_bytes(info), f"manifest of snapshot {info.id}")
+
+    def open_manifest(self, info: SnapshotInfo) -> ManifestFile:
+        """The snapshot's manifest, read one row group at a time (:class:`ManifestFile`): checked
+        against the snapshot's hash like :meth:`load_manifest`, without building the whole table."""
+        return ManifestFile(self._manifest_bytes(info), f"manifest of snapshot {info.id}")
+
+    def _manifest_bytes(self, info: SnapshotInfo) -> bytes:
         try:
             data = self.storage.read(fmt.manifest_name(info.id))
         except ObjectMissing:
@@ -582,7 +590,7 @@ class Repository:
         if blake3.blake3(data).hexdigest() != info.manifest_hash:
             raise IntegrityError(f"snapshot {info.id}: its manifest is damaged (hash mismatch); restore it "
                                  f"from a backup or the standby")
-        return Manifest.from_bytes(data, f"manifest of snapshot {info.id}")
+        return data
 
     def commit_snapshot(self, info: SnapshotInfo, manifest_bytes: bytes, *, manifest: Manifest | None = None,
                         require_chunks: bool = False, lock: RepositoryLock | None = None) -> SnapshotInfo:
