@@ -126,6 +126,17 @@ class TreeScan:
         self.seal()
         return pa.Table.from_batches(self.batches, schema=SCAN_SCHEMA)
 
+    def values(self, name: str) -> list:  # type: ignore[type-arg]
+        """One column of every entry as Python values, in scan order: ``path`` and ``target`` as str
+        (lossless, as ``os.fsdecode``), ``mtime_ns`` as int nanoseconds. For small trees and tests."""
+        t = self.table()
+        if name in ("path", "target"):
+            return [None if v is None else os.fsdecode(v) for v in t.column(name).to_pylist()]
+        if name == "mtime_ns":
+            return [s * 1_000_000_000 + ns for s, ns in zip(t.column("mtime_s").to_pylist(),
+                                                           t.column("mtime_nsec").to_pylist(), strict=True)]
+        return t.column(name).to_pylist()
+
     def drop_escaping_links(self) -> None:
         """Leave out links that reach outside the root through other links (the manifest rule)."""
         t = self.table()

@@ -159,13 +159,14 @@ class HdfsSite:
         fs = self._fs()
         root = self.path(name)
         scan = walk(fs, root)
-        for k in sorted(range(len(scan)), key=lambda k: -scan.path[k].count("/")):
-            fs.set_times(f"{root}/{scan.path[k]}", scan.mtime_ns[k] - seconds * 10**9)
+        paths, mtimes = scan.values("path"), scan.values("mtime_ns")
+        for k in sorted(range(len(paths)), key=lambda k: -paths[k].count("/")):
+            fs.set_times(f"{root}/{paths[k]}", mtimes[k] - seconds * 10**9)
 
     def paths(self, name: str) -> list[str]:
         from drsync.dataroot.hdfs import walk
 
-        return walk(self._fs(), self.path(name)).path
+        return walk(self._fs(), self.path(name)).values("path")
 
     def state(self, name: str) -> State:
         """Read over WebHDFS, so that the same works against a real namenode."""
@@ -178,12 +179,13 @@ class HdfsSite:
             return {}
         scan = walk(fs, root)
         out: State = {}
-        for k, rel in enumerate(scan.path):
+        types, modes, mtimes = scan.values("type"), scan.values("mode"), scan.values("mtime_ns")
+        for k, rel in enumerate(scan.values("path")):
             if rel.startswith(".drsync"):
                 continue
-            mtime_ms = scan.mtime_ns[k] // 1_000_000
-            if scan.type[k] == "dir":
-                out[rel] = ("dir", scan.mode[k], mtime_ms)
+            mtime_ms = mtimes[k] // 1_000_000
+            if types[k] == "dir":
+                out[rel] = ("dir", modes[k], mtime_ms)
                 continue
             try:
                 data = _digest(fs.read(f"{root}/{rel}"))
@@ -191,7 +193,7 @@ class HdfsSite:
                 if e.exception != "FileNotFoundException":
                     raise
                 data = "vanished while read"
-            out[rel] = ("file", scan.mode[k], mtime_ms, data)
+            out[rel] = ("file", modes[k], mtime_ms, data)
         return out
 
 

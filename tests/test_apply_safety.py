@@ -164,7 +164,8 @@ def test_capture_leaves_out_links_escaping_through_links(tmp_path: Path) -> None
     os.symlink("d/b/..", src / "a")
     os.symlink("d/b", src / "ok")
     scan = scan_tree(str(src))
-    assert "a" not in scan.path and "ok" in scan.path and "d/b" in scan.path
+    paths = scan.values("path")
+    assert "a" not in paths and "ok" in paths and "d/b" in paths
     assert any("a: symlink" in w and "outside" in w for w in scan.warnings)
     repo, snap = snapshot_of(tmp_path, src)
     code, err = restore(repo, snap, tmp_path / "out")
@@ -383,7 +384,7 @@ def test_reserved_names_are_refused_in_manifests_and_skipped_by_capture(tmp_path
     (src / "a" / ".drsync-staging" / "0").write_bytes(b"looks like a staged file\n")
     (src / "a" / "0").write_bytes(b"real\n")
     scan = scan_tree(str(src))
-    assert sorted(scan.path) == ["a", "a/0"]
+    assert sorted(scan.values("path")) == ["a", "a/0"]
     assert any("reserved" in w for w in scan.warnings)
     for path in (".drsync-staging", ".drsync-staging/0", "a/.drsync-staging"):
         m = Manifest.from_columns({

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync.errors import DrsyncError
 from drsync.repository import format as fmt
-from drsync.repository.manifest import Manifest, diff
+from drsync.repository.manifest import Manifest, ManifestFile
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.transport import CommitOutcome, ReceivedChunk, StandbyLink
@@ -123,38 +123,89 @@ def _bandwidth_of(bandwidth: float | Callable[[], float | None]) -> Callable[[],
     return lambda: rate
 
 
-def chunk_sizes(manifest: Manifest) -> dict[bytes, int]:
-    """Every chunk id of a manifest with its raw size."""
-    t = manifest.table
-    # Files whose bytes DistCp copies (no chunk ids, one size) name no chunk.
-    t = t.filter(pc.equal(pc.list_value_length(t.column("chunks")), pc.list_value_length(t.column("chunk_sizes"))))
-    ids = pc.list_flatten(t.column("chunks")).to_pylist()
-    sizes = pc.list_flatten(t.column("chunk_sizes")).to_pylist()
-    return dict(zip(ids, sizes, strict=True))
+def _groups(m: Manifest | ManifestFile, columns: list[str]) -> Iterator[pa.Table]:
+    if isinstance(m, Manifest):
+        yield m.table.select(columns)
+        return
+    for g in range(m.num_groups):
+        yield m.group(g, columns)
 
 
-def chunks_to_negotiate(new: Manifest, applied: Manifest | None) -> list[bytes]:
-    """Which chunk ids to ask the standby about. Pure.
+def chunk_table(manifest: Manifest | ManifestFile) -> pa.Table:
+    """Every distinct chunk id the manifest names (``chunk``, 32 bytes) with its raw size (``size``,
+    bytes), sorted by id: Arrow columns, one row group of the manifest read at a time."""
+    parts = []
+    for t in _groups(manifest, ["chunks", "chunk_sizes"]):
+        # Files whose bytes DistCp copies (no chunk ids, one size) name no chunk.
+        t = t.filter(pc.equal(pc.list_value_length(t.column("chunks")),
+                              pc.list_value_length(t.column("chunk_sizes"))))
+        parts.append(pa.table({"chunk": pc.list_flatten(t.column("chunks")),
+                               "size": pc.list_flatten(t.column("chunk_sizes"))}))
+    if not parts:
+        return pa.table({"chunk": pa.array([], pa.binary(fmt.ID_LEN)), "size": pa.array([], pa.uint32())})
+    t = pa.concat_tables(parts).combine_chunks()
+    ids = _as_numpy(t.column("chunk").chunk(0))
+    order = np.argsort(ids)
+    ids = ids[order]
+    first = np.ones(len(ids), bool)
+    first[1:] = ids[1:] != ids[:-1]
+    ids = ids[first]
+    sizes = t.column("size").chunk(0).to_numpy()[order][first]
+    return pa.table({"chunk": _from_numpy(ids), "size": pa.array(sizes, pa.uint32())})
 
-    A standby holds every chunk of the snapshot it applied, so only the files
-    added or changed since then can bring chunks it lacks. Without a known
-    applied snapshot, ask about all of them. (If the standby lost chunks anyway,
-    its commit check refuses and the next attempt negotiates everything.)
+
+def _as_numpy(ids: pa.FixedSizeBinaryArray) -> np.ndarray:
+    """32-byte ids as a NumPy ``S32`` array (no copy; compare and sort only: NumPy drops trailing
+    NUL bytes when it hands one element back)."""
+    if ids.null_count:
+        raise ValueError("chunk ids must not be null")
+    width = ids.type.byte_width
+    return np.frombuffer(ids.buffers()[1], dtype=f"S{width}")[ids.offset:ids.offset + len(ids)]
+
+
+def _from_numpy(ids: np.ndarray) -> pa.FixedSizeBinaryArray:
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(fmt.ID_LEN), len(ids), [None, pa.py_buffer(ids.tobytes())])
+
+
+def chunk_sizes(manifest: Manifest | ManifestFile) -> dict[bytes, int]:
+    """Every chunk id of a manifest with its raw size (a dict: for small manifests and tests)."""
+    t = chunk_table(manifest)
+    return dict(zip(t.column("chunk").to_pylist(), t.column("size").to_pylist(), strict=True))
+
+
+def ids_to_negotiate(new: pa.Table, applied: Manifest | ManifestFile | None) -> pa.Array:
+    """Which chunk ids (of ``new``, a :func:`chunk_table`) to ask the standby about, sorted. Pure.
+
+    A standby holds every chunk of the snapshot it applied, so only chunks that snapshot lacks can
+    be missing. Without a known applied snapshot, ask about all of them. (If the standby lost chunks
+    anyway, its commit check refuses and the next attempt negotiates everything.)
     """
-    if applied is None:
-        return sorted(new.chunk_ids())
-    d = diff(applied, new)
-    touched = set(d.added) | set(d.changed)
-    if not touched:
-        return []
-    t = new.table
-    mask = pc.is_in(t.column("path"), value_set=pa.array(sorted(os.fsencode(p) for p in touched), pa.binary()))
-    return sorted(set(pc.list_flatten(t.filter(mask).column("chunks")).to_pylist()) - applied.chunk_ids())
+    ids = new.column("chunk").combine_chunks()
+    if applied is None or not len(ids):
+        return ids
+    held = _as_numpy(chunk_table(applied).column("chunk").combine_chunks())
+    mine = _as_numpy(ids)
+    at = np.searchsorted(held, mine)
+    found = np.zeros(len(mine), bool)
+    inside = at < len(held)
+    found[inside] = held[at[inside]] == mine[inside]
+    return ids.filter(pa.array(~found))
+
+
+def chunks_to_negotiate(new: Manifest | ManifestFile, applied: Manifest | ManifestFile | None) -> list[bytes]:
+    """:func:`ids_to_negotiate` as a list of ids (for small manifests and tests)."""
+    return ids_to_negotiate(chunk_table(new), applied).to_pylist()
+
+
+def _ids(arr: pa.Array, step: int = NEGOTIATE_BATCH) -> Iterator[bytes]:
+    """The ids of an Arrow array, converted a batch at a time (never one Python object per id at once)."""
+    for i in range(0, len(arr), step):
+        yield from arr.slice(i, step).to_pylist()
 
 
 def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int, sender: str,
                   sender_seq: int | None = None, bandwidth_bps: float | Callable[[], float | None] = 0.0,
-                  applied: Manifest | None = None,
+                  applied: Manifest | ManifestFile | None = None,
                   guard: Callable[[bool], None] | None = None,
                   reading: Callable[[], AbstractContextManager[object]] | None = None) -> ShipResult:
     """Negotiate, upload the missing chunks, commit. Raises on any refusal; safe to retry.
@@ -177,7 +228,7 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     with (reading or contextlib.nullcontext)():
         manifest_bytes, sizes, missing, shipped = _negotiate_and_upload(repo, info, link, epoch=epoch, pacer=pacer,
                                                                         applied=applied, check=check)
-    total_bytes = sum(sizes.values())
+    total_bytes = int(pc.sum(sizes.column("size")).as_py() or 0)
     pieces = (manifest_bytes[i:i + COMMIT_PIECE_BYTES] for i in range(0, max(1, len(manifest_bytes)),
                                                                         COMMIT_PIECE_BYTES))
     if not pacer.may_send():
@@ -189,23 +240,24 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     # previous version during a rolling upgrade still reads it.
     outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces,
                           sender_seq=info.seq if sender_seq is None else sender_seq)
-    missing_raw = sum(sizes.get(i, 0) for i in missing)
-    return ShipResult(info.id, len(sizes), len(missing), shipped, total_bytes - missing_raw,
+    missing_raw = int(pc.sum(sizes.column("size").filter(pc.is_in(sizes.column("chunk"), value_set=missing)))
+                      .as_py() or 0) if len(missing) else 0
+    return ShipResult(info.id, sizes.num_rows, len(missing), shipped, total_bytes - missing_raw,
                       round(time.monotonic() - start, 3), outcome)
 
 
 def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int,
-                          pacer: Pacer, applied: Manifest | None,
-                          check: Callable[[bool], None]) -> tuple[bytes, dict[bytes, int], list[bytes], int]:
-    """Returns (manifest bytes, chunk sizes, ids that were missing, stored bytes shipped)."""
-    manifest_bytes = repo.storage.read(fmt.manifest_name(info.id))
-    manifest = repo.load_manifest(info)
-    sizes = chunk_sizes(manifest)
-    ask = chunks_to_negotiate(manifest, applied)
-    missing: list[bytes] = []
-    if ask:
-        for reply in link.missing(epoch, batched(ask, NEGOTIATE_BATCH)):
-            missing.extend(reply)
+                          pacer: Pacer, applied: Manifest | ManifestFile | None,
+                          check: Callable[[bool], None]) -> tuple[bytes, pa.Table, pa.Array, int]:
+    """Returns (manifest bytes, :func:`chunk_table`, ids that were missing, stored bytes shipped)."""
+    manifest_bytes = repo.manifest_bytes(info)
+    sizes = chunk_table(ManifestFile(manifest_bytes, f"manifest of snapshot {info.id}"))
+    ask = ids_to_negotiate(sizes, applied)
+    replies: list[pa.Array] = []
+    if len(ask):
+        for reply in link.missing(epoch, batched(_ids(ask), NEGOTIATE_BATCH)):
+            replies.append(pa.array(reply, pa.binary(fmt.ID_LEN)))
+    missing = pa.concat_arrays(replies) if replies else pa.array([], pa.binary(fmt.ID_LEN))
     shipped = 0
     sent_chunks = 0
     paused = False
@@ -214,7 +266,7 @@ def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLin
         nonlocal shipped, sent_chunks, paused
         batch: list[ReceivedChunk] = []
         size = 0
-        for cid in missing:
+        for cid in _ids(missing):
             if size == 0:
                 check(False)
                 if not pacer.may_send():  # off: end the stream here, the standby keeps what it received

@@ -270,7 +270,7 @@ class Shipper:
 
     def _manifest_if_known(self, snapshot_id: str) -> Manifest | None:
         try:
-            return self.repo.load_manifest(self.repo.find_snapshot(snapshot_id))
+            return self.repo.open_manifest(self.repo.find_snapshot(snapshot_id))
         except DrsyncError:
             return None  # gone from this repository (expired): negotiate everything
 

@@ -575,14 +575,15 @@ class Repository:
         raise NotFound(f"no snapshot {ref!r} in {self.storage.url}; 'drsync snapshot list' shows them")
 
     def load_manifest(self, info: SnapshotInfo) -> Manifest:
-        return Manifest.from_bytes(self._manifest_bytes(info), f"manifest of snapshot {info.id}")
+        return Manifest.from_bytes(self.manifest_bytes(info), f"manifest of snapshot {info.id}")
 
     def open_manifest(self, info: SnapshotInfo) -> ManifestFile:
         """The snapshot's manifest, read one row group at a time (:class:`ManifestFile`): checked
         against the snapshot's hash like :meth:`load_manifest`, without building the whole table."""
-        return ManifestFile(self._manifest_bytes(info), f"manifest of snapshot {info.id}")
+        return ManifestFile(self.manifest_bytes(info), f"manifest of snapshot {info.id}")
 
-    def _manifest_bytes(self, info: SnapshotInfo) -> bytes:
+    def manifest_bytes(self, info: SnapshotInfo) -> bytes:
+        """The snapshot's manifest as stored, checked against its hash (IntegrityError otherwise)."""
         try:
             data = self.storage.read(fmt.manifest_name(info.id))
         except ObjectMissing:
