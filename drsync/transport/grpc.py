@@ -70,8 +70,9 @@ def keepalive_s() -> float:
         raise UsageError(f"{KEEPALIVE_ENV}={raw!r} is not a number of seconds; unset it or give e.g. 20") from None
 
 
-def _options() -> list[tuple[str, int]]:
-    """Channel options for both ends: message limits and the keepalive both ends agree on."""
+def channel_options() -> list[tuple[str, int]]:
+    """Channel options of both ends (a client's channel; a server adds :func:`server_options`): message
+    limits and the keepalive, at :func:`keepalive_s` as it is when called."""
     ka_ms = int(keepalive_s() * 1000)
     return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -83,13 +84,17 @@ def _options() -> list[tuple[str, int]]:
             ("grpc.http2.max_pings_without_data", 0)]
 
 
-def _server_options() -> list[tuple[str, int]]:
+def server_options() -> list[tuple[str, int]]:
+    """A server's options: :func:`channel_options` plus the policy for its clients' pings, which accepts
+    them at the clients' keepalive (half of it, at least 50 ms) however long a call waits without data."""
     ka_ms = int(keepalive_s() * 1000)
     # Never share a listen port with another process (gRPC sets SO_REUSEPORT by default on Linux, so a
     # second agent on the same port would start and receive half of the shipments).
-    return [*_options(), ("grpc.so_reuseport", 0),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", max(50, ka_ms // 2)),
+    return [*channel_options(), ("grpc.so_reuseport", 0),
+            # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS: the least time between two pings the server
+            # accepts on a connection without data (gRPC's default: 5 minutes); an earlier ping is a strike.
             ("grpc.http2.min_ping_interval_without_data_ms", max(50, ka_ms // 2)),
+            # GRPC_ARG_HTTP2_MAX_PING_STRIKES: 0 = strikes never end the connection (default: GOAWAY after 2).
             ("grpc.http2.max_ping_strikes", 0)]
 # This process, as the sender of requests: a standby restarts its clock-offset estimate when it changes.
 INSTANCE = uuid.uuid4().hex
@@ -350,7 +355,7 @@ def start_server(servicer: ReplicationServicer, listen: str, *, tls: tuple[str, 
     if tls is None and not _is_loopback(host) and not allow_insecure_remote:
         raise UsageError(f"agent.listen {listen} is not a loopback address and [tls] is not configured; "
                          f"configure mutual TLS, or set agent.allow_insecure_remote = true")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_server_options())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=server_options())
     pb_grpc.add_ReplicationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -424,9 +429,9 @@ class GrpcStandbyLink:
             ca, cert, key = tls
             creds = grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
                                                  certificate_chain=_read(cert))
-            self.channel = grpc.secure_channel(target, creds, options=_options())
+            self.channel = grpc.secure_channel(target, creds, options=channel_options())
         else:
-            self.channel = grpc.insecure_channel(target, options=_options())
+            self.channel = grpc.insecure_channel(target, options=channel_options())
         self.stub = pb_grpc.ReplicationStub(self.channel)
 
     def close(self) -> None:
