@@ -9,6 +9,7 @@ reverse, so the agent layer only ever sees drsync errors.
 from __future__ import annotations
 
 import errno
+import io
 import ipaddress
 import itertools
 import os
@@ -37,7 +38,8 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 # --- Limits on what a peer sends (docs/FORMAT.md, "Limits"), checked before anything is allocated ---
 # A Commit's manifest pieces together: fmt.MANIFEST_MAX_BYTES (2 GiB, a 10-million-file manifest is
-# about 0.9 GiB). The running total is checked before each piece is kept.
+# about 0.9 GiB). The running total is checked before each piece is kept; the pieces go into one buffer,
+# the only copy of the manifest the commit holds.
 # A Commit's pieces: the primary sends 1 MiB pieces (2,048 for the largest manifest); 65,536 allow
 # 32 KiB pieces and keep the list of pieces small however a peer cuts them.
 COMMIT_MAX_PARTS = 65_536
@@ -238,7 +240,11 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
     def Commit(self, request_iterator: Iterator[pb.CommitPart], context: grpc.ServicerContext) -> pb.CommitReply:
         rx = self._receiver(context)
         caller: Caller | None = None
-        doc, seq, pieces, total = b"", 0, [], 0
+        doc, seq, parts, total = b"", 0, 0, 0
+        # The manifest is gathered in one buffer as its pieces arrive, and BytesIO.getvalue() hands that
+        # buffer over as the bytes without copying it (CPython): the commit holds the manifest once, not a
+        # list of pieces and their join (twice the manifest, up to 4 GiB, until the apply ended).
+        manifest = io.BytesIO()
         for part in request_iterator:
             if caller is None:
                 caller = self._caller(context, part.sender, part.epoch, part.sent_at, part.sender_instance)
@@ -261,17 +267,20 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"the manifest exceeds {fmt.MANIFEST_MAX_BYTES} bytes, the most a standby accepts "
                               f"(docs/FORMAT.md, Limits); nothing was stored")
-            if len(pieces) >= COMMIT_MAX_PARTS:
+            if parts >= COMMIT_MAX_PARTS:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"the manifest arrives in more than {COMMIT_MAX_PARTS} pieces, the most a standby "
                               f"accepts (send pieces of 1 MiB); nothing was stored")
             total += len(piece)
-            pieces.append(piece)
+            parts += 1
+            manifest.write(piece)
         if caller is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty commit")
         assert caller is not None
+        manifest_bytes = manifest.getvalue()
+        manifest.close()
         try:
-            info, result = rx.commit(caller, doc, b"".join(pieces), int(seq))  # admits under its commit lock
+            info, result = rx.commit(caller, doc, manifest_bytes, int(seq))  # admits under its commit lock
         except DrsyncError as e:
             self._fail(context, caller.sender, e)
         st = rx.state
