@@ -41,7 +41,7 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # about 0.9 GiB). The running total is checked before each piece is kept; the pieces go into one buffer,
 # the only copy of the manifest the commit holds.
 # A Commit's pieces: the primary sends 1 MiB pieces (2,048 for the largest manifest); 65,536 allow
-# 32 KiB pieces and keep the list of pieces small however a peer cuts them.
+# 32 KiB pieces and bound the messages of one commit however a peer cuts the manifest.
 COMMIT_MAX_PARTS = 65_536
 # Entries of one message: a chunk id or a chunk costs at least 34 bytes on the wire, so no message
 # within MAX_MESSAGE_BYTES holds more; the explicit check refuses before a list is made of them.
