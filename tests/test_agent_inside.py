@@ -9,12 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from drsync.agent import activity as activity_module
+from drsync.agent import statuspage
+from drsync.agent.activity import Activity
 from drsync.agent.primary import ship_snapshot
 from drsync.agent.state import StateStore
 from drsync.repository.repo import Repository
@@ -179,6 +183,50 @@ def test_the_state_record_is_never_torn(tmp_path: Path) -> None:
         t.join()
     assert not torn, torn[:5]
     assert store.current.applied_snapshot == "s399" == StateStore(str(tmp_path)).current.applied_snapshot
+
+
+def test_the_status_page_reads_activity_while_other_threads_append(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shippers and the committer (gRPC threads) record activity and lag samples while the HTTP thread
+    renders the page from them: every render sees whole records, and none fails. Iterating the live deques
+    instead (no lock, or no copy) fails here with "deque mutated during iteration": the interpreter
+    switches threads every microsecond meanwhile, so appends land inside the readers' loops."""
+    act = Activity(lambda: 1.5)
+    monkeypatch.setattr(activity_module, "LAG_SAMPLE_S", 0.0)  # from now on every sample_lag call records one
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def writer(name: str) -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                i += 1
+                act.add(f"{name}-{i}", i % 2 == 0, f"{name}: shipment {i}")
+                act.sample_lag()
+        except BaseException as e:  # reported by the test, not lost on the thread
+            failures.append(e)
+
+    reads = 0
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    writers = [threading.Thread(target=writer, args=(n,)) for n in ("shipper", "committer")]
+    for t in writers:
+        t.start()
+    try:
+        while reads < 10_000 and not failures:
+            cycles = act.recent()
+            assert all(set(c) == {"at", "snapshot", "ok", "summary"} for c in cycles), cycles
+            assert all(c["summary"].endswith(c["snapshot"].rsplit("-", 1)[1]) for c in cycles), cycles
+            if reads % 200 == 0:  # the whole page now and then (its lag chart is the slow part)
+                page = statuspage.render({"cycles": cycles, "lag_history": act.lag_history(), "lag_s": 1.5})
+                assert all(c["snapshot"] in page for c in cycles)
+            reads += 1
+    finally:
+        stop.set()
+        for t in writers:
+            t.join()
+        sys.setswitchinterval(old_interval)
+    assert not failures, failures[:3]
+    assert len(act.recent()) == activity_module.RECENT
 
 
 def test_a_standby_collecting_garbage_is_promoted_at_once(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]

@@ -5,7 +5,7 @@
 * :class:`~drsync.agent.supervisor.RoleSupervisor`: the role, from ZooKeeper (this loop's thread).
 * :class:`~drsync.agent.shipper.Replication`: captures (this loop) and one shipper thread per standby.
 * :class:`~drsync.agent.maintenance.MaintenanceWorker`: retention, GC, backups, drills (its own thread).
-* :class:`~drsync.agent.activity.Activity`: what the status page shows of the recent past.
+* :class:`~drsync.agent.status.AgentStatus`: the status page's document and the lag (its HTTP thread reads).
 
 :meth:`Agent.run` is the loop: coordinate, serve operator requests, keep the shippers'
 targets current, and as primary capture a snapshot when :class:`~drsync.agent.continuous.CaptureSchedule`
@@ -15,7 +15,6 @@ captures). A fixed role (``primary`` / ``standby``) skips coordination.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -24,17 +23,15 @@ import uuid
 from typing import Any
 
 from drsync import engine, faults
-from drsync.agent import clock, requests, statuspage, switchover
-from drsync.agent.activity import LAG_WINDOW_S, Activity
+from drsync.agent import requests, switchover
 from drsync.agent.continuous import CaptureSchedule
-from drsync.agent.drill import load_reports
 from drsync.agent.locks import HostLock, StateDirLock
 from drsync.agent.maintenance import Duties, MaintenanceWorker
 from drsync.agent.shipper import CycleDecision, Replication, ShipOutcome
 from drsync.agent.standby import StandbyReceiver
 from drsync.agent.state import StateStore, state_dir_of, state_dir_owner_problem
+from drsync.agent.status import AgentStatus
 from drsync.agent.supervisor import RoleSupervisor
-from drsync.agent.topology import feeders
 from drsync.config import Config, engine_problem, fencing_problem, topology_problem
 from drsync.coordination import Coordinator
 from drsync.errors import DrsyncError, RefusedError, UsageError
@@ -43,7 +40,6 @@ from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.storage import open_storage
 from drsync.transport.grpc import GrpcStandbyLink, ReplicationServicer, start_server
-from drsync.units import with_iso_times
 
 log = logging.getLogger("drsync.agent")
 
@@ -53,6 +49,10 @@ REQUESTS_EVERY_S = 0.2
 DELAYED_APPLY_EVERY_S = 1.0  # how often a standby with replication.apply_delay looks for snapshots due
 # As primary, retention keeps the snapshot last applied by at most this many vanished standbys.
 LOST_STANDBY_KEEP = 4
+
+
+def _nan_if_none(v: float | None) -> float:
+    return float("nan") if v is None else v  # a gauge without a value: NaN never trips an alert
 
 
 def open_coordinator(cfg: Config, *, connect_timeout_s: float | None = None) -> Coordinator:
@@ -123,17 +123,19 @@ class Agent:
         # When the primary captures: replication.mode (interval, or continuous: on change of the data root).
         self.schedule = CaptureSchedule(cfg, data_root=self.data_root, exclude=(self.store.dir, cfg.cluster.repository),
                                         metrics=self.metrics, wake=self.wake.set)
-        self.activity = Activity(self.current_lag)
         self.maintenance = MaintenanceWorker(cfg, self.repo, self.metrics, state_dir=self.state_dir,
                                              duties=self._duties,
                                              open_coord=(lambda: open_coordinator(cfg)) if self.auto else None)
+        self.status = AgentStatus(cfg, repo=self.repo, store=self.store, supervisor=self.supervisor,
+                                  replication=self.replication, schedule=self.schedule, maintenance=self.maintenance,
+                                  hold_summary=self.hold_summary, state_dir=self.state_dir)
         self._setup_metrics()
         if self.auto:
             assert self.receiver is not None
             self.receiver.refusal = (f"agent {self.name} has not joined its group in ZooKeeper yet; "
                                      f"it accepts shipments once it knows its role")
             self.receiver.group_epoch = self.supervisor.read_group_epoch
-        pages = {"/": self._page_html, "/status": self._page_html, "/status.json": self._page_json}
+        pages = {"/": self.status.page_html, "/status": self.status.page_html, "/status.json": self.status.page_json}
         self.metrics_server = (serve(self.metrics.registry, cfg.agent.metrics, pages)
                                if cfg.agent.metrics and serve_network else None)
         self.server = start_server(
@@ -163,13 +165,13 @@ class Agent:
         m.epoch.set_function(lambda: self.store.current.epoch)  # read live: shipments can raise it
         # Only agents with ZooKeeper roles have a session to report; NaN never trips an alert.
         m.zookeeper_connected.set(0 if self.auto else float("nan"))
-        m.track_applied(self._applied_captured_at, self.current_lag)
+        m.track_applied(self.status.applied_captured_at, self.status.lag)
         latest = self.repo.list_snapshots()
         if latest:
             m.last_snapshot.set(latest[-1].captured_at)
         m.apply_delay.set_function(lambda: self.cfg.replication.apply_delay if self.acting != "primary"
                                    else self.replication.apply_delay_s())
-        m.received_lag.set_function(self._received_lag)
+        m.received_lag.set_function(lambda: _nan_if_none(self.status.received_lag()))
         m.pending_applies.set_function(lambda: len(self.store.current.pending))
         rx = self.receiver
         if rx is None:
@@ -216,58 +218,20 @@ class Agent:
         pos = tuple(st.applied_position)
         self.replication.offer(info, (pos[0], pos[1]) if len(pos) == 2 else (st.epoch, 0))
 
-    def _applied_captured_at(self) -> float | None:
-        if self.acting == "standby":
-            return self.store.current.applied_captured_at or None
-        known = [t for t in (self.replication.applied_captured_at(), *self._lost_positions().values()) if t]
-        return min(known) if known else None
-
-    def _lost_positions(self) -> dict[str, float]:
-        """As primary: the capture time last known applied on each standby that vanished (name -> time on
-        this primary's clock): the newer of its persistent member record and this primary's last shipment."""
-        out: dict[str, float] = {}
-        for name, m in list(self.supervisor.lost_standbys.items()):
-            last = self.replication.last_positions.get(str(m.get("address") or ""))
-            at = max(float(m.get("applied_captured_at") or 0.0), last.captured_at if last else 0.0)
-            if at:
-                out[name] = at
-        return out
-
     def _lost_standby_snapshots(self) -> set[str]:
         """The snapshots the newest LOST_STANDBY_KEEP vanished standbys last applied: kept, so that one back
         after a restart negotiates only what changed since; beyond the bound it gets a full negotiation."""
         lost = sorted(self.supervisor.lost_standbys.values(), key=lambda m: -float(m.get("applied_captured_at") or 0))
         return {str(m.get("applied_snapshot") or "") for m in lost[:LOST_STANDBY_KEEP]}
 
-    def current_lag(self) -> float | None:
-        """This agent's lag (standby) or its standbys' (primary), always on the primary's clock: the one
-        definition, :func:`drsync.agent.clock.lag_s`. A standby that vanished (killed, stopped, cut off)
-        counts with its last known position until it is back or decommissioned: its lag keeps growing."""
-        if self.acting == "standby":
-            return self.store.current.lag_s()
-        lag = clock.lag_s(self.replication.applied_captured_at() or 0.0)  # its own stamps, its own clock
-        if lag is None and self.auto:
-            # No shipment has reached every standby since this agent started (they fail): the last
-            # lag each standby published (on the primary's clock), not "unknown".
-            published = [float(r["lag_s"]) for r in self.supervisor.agents.values()
-                         if r.get("role") == "standby" and r.get("lag_s") is not None]
-            lag = max(published) if published else None
-        lost = [clock.lag_s(at) for at in self._lost_positions().values()]
-        known = [x for x in (lag, *lost) if x is not None]
-        return max(known) if known else None
-
-    def _received_lag(self) -> float:
-        lag = self.store.current.received_lag_s() if self.acting != "primary" else None
-        return float("nan") if lag is None else lag
-
     def _on_applied(self) -> None:
         st = self.store.current
-        self.activity.add(st.applied_snapshot, True, f"applied (captured {st.lag_s() or 0.0:.1f}s before)")
+        self.status.activity.add(st.applied_snapshot, True, f"applied (captured {st.lag_s() or 0.0:.1f}s before)")
         self._relay_applied()
         self.wake.set()  # publish the new applied snapshot at once
 
     def _on_shipped(self, outcome: ShipOutcome) -> None:
-        self.activity.add(outcome.snapshot, outcome.ok or outcome.paused, f"{outcome.target}: {outcome.summary}")
+        self.status.activity.add(outcome.snapshot, outcome.ok or outcome.paused, f"{outcome.target}: {outcome.summary}")
         self.maintenance.wake()  # retention after the shipments, not while they read the repository
         if outcome.fenced:
             self.wake.set()
@@ -323,82 +287,6 @@ class Agent:
             except Exception:  # a bug must not end delayed applies silently
                 log.exception("agent %s: delayed apply failed", self.name)
 
-    # --- the status page --------------------------------------------------------------------
-
-    def status_doc(self) -> dict[str, Any]:
-        sup, st = self.supervisor, self.store.current
-        view = sup.view
-        if self.auto:
-            agents = []
-            fed = feeders(view.primary.agent if view is not None and view.primary is not None else "", sup.agents)
-            for name, r in sorted(sup.agents.items()):
-                # The lag each standby publishes (primary's clock), never recomputed with this clock.
-                lag = st.lag_s() if name == self.name else r.get("lag_s")
-                agents.append({"name": name, "state": "up", "role": r.get("role"), "address": r.get("address"),
-                               "epoch": r.get("epoch"), "applied_snapshot": r.get("applied_snapshot"),
-                               "lag_s": round(float(lag), 3) if lag is not None and r.get("role") == "standby"
-                               else None, "last_refusal": r.get("last_refusal"), "upstream": r.get("upstream"),
-                               "fed_by": fed.get(name)})
-            positions = self._lost_positions()
-            for name, m in sorted(sup.lost_standbys.items()):  # it stays listed, down, its lag growing
-                lag = clock.lag_s(positions.get(name, 0.0))
-                agents.append({"name": name, "state": "down", "role": "standby (down)", "address": m.get("address"),
-                               "epoch": m.get("epoch"), "applied_snapshot": m.get("applied_snapshot"),
-                               "lag_s": round(lag, 3) if lag is not None else None,
-                               "gone_at": m.get("gone_at")})
-            primary = view.primary.agent if view is not None and view.primary is not None else None
-            epoch = view.epoch.epoch if view is not None else st.epoch
-            zk = sup.coord.state.value if sup.coord is not None else "closed"
-        else:
-            agents = [{"name": self.name, "role": self.acting, "address": sup.address, "epoch": st.epoch,
-                       "applied_snapshot": st.applied_snapshot or None,
-                       "lag_s": st.lag_s() if self.acting == "standby" else None}]
-            positions = self.replication.positions() if self.acting == "primary" else {}
-            for t in self.cfg.replication.standbys if self.acting == "primary" else ():
-                p = positions.get(t)
-                agents.append({"name": t, "role": "standby", "address": t, "epoch": None,
-                               "applied_snapshot": p.snapshot if p and p.snapshot else None,
-                               "lag_s": clock.lag_s(p.captured_at) if p and p.snapshot else None})
-            primary = self.name if self.acting == "primary" else None
-            epoch, zk = st.epoch, "not used (fixed roles)"
-        try:
-            snaps = self.repo.list_snapshots()[-5:]
-        except DrsyncError:
-            snaps = []
-        drills = [{k: r.get(k) for k in ("agent", "number", "started_at", "passed", "rpo_s", "rto_s", "snapshot")} |
-                  {"steps": [{"name": s.get("name"), "passed": s.get("passed"), "detail": s.get("detail")}
-                             for s in r.get("steps", [])]} for r in self._drill_reports(10)]
-        return {"group": self.cfg.coordination.group, "agent": self.name,
-                "role": self.acting + (" (paused)" if self.paused else ""), "epoch": epoch, "primary": primary,
-                "zookeeper": zk, "agents": agents, "lag_s": self.current_lag(),
-                "lag_history": self.activity.lag_history(), "lag_window_s": LAG_WINDOW_S,
-                "snapshots": [{"id": s.id, "kind": s.kind, "captured_at": s.captured_at, "files": s.files,
-                               "bytes": s.bytes} for s in reversed(snaps)],
-                "cycles": self.activity.recent(), "drills": drills, "apply_hold": self.hold_summary(),
-                "replication": self.schedule.describe(),
-                "maintenance": self.maintenance.busy or None,
-                "bandwidth": self.replication.bandwidth_status() or None}  # per target: rate now, paused until
-
-    def _drill_reports(self, limit: int) -> list[dict[str, Any]]:
-        """The group's drills (ZooKeeper keeps every standby's), so that every agent's page shows them;
-        this agent's own reports with fixed roles or while ZooKeeper cannot be read."""
-        coord = self.supervisor.coord
-        if coord is not None:
-            try:
-                return sorted(coord.drills(limit), key=lambda r: float(r.get("started_at") or 0.0))
-            except DrsyncError:
-                pass
-        return load_reports(self.state_dir, limit)
-
-    def _page_html(self) -> tuple[str, bytes]:
-        return "text/html; charset=utf-8", statuspage.render(self.status_doc()).encode()
-
-    def _page_json(self) -> tuple[str, bytes]:
-        doc = self.status_doc()
-        # The one time format: each lag sample an object with its time in ISO 8601 (and at_unix).
-        doc["lag_history"] = [{"at": t, "lag_s": v} for t, v in doc["lag_history"]]
-        return "application/json", json.dumps(with_iso_times(doc), default=str).encode()
-
     # --- the primary's captures ---------------------------------------------------------------
 
     def run_cycle(self, targets: list[str] | None = None) -> CycleDecision:
@@ -418,10 +306,10 @@ class Agent:
             info = self.replication.capture()
         except DrsyncError as e:
             log.warning("agent %s: cycle failed: %s", self.name, e)
-            self.activity.add("", False, f"cycle failed: {e}")
+            self.status.activity.add("", False, f"cycle failed: {e}")
             return False
         targets = self.replication.targets()
-        self.activity.add(info.id, True, f"captured; offered to {', '.join(targets)}" if targets
+        self.status.activity.add(info.id, True, f"captured; offered to {', '.join(targets)}" if targets
                           else "snapshot only (no standby registered)")
         gone = sorted(self.supervisor.lost_standbys)
         # An unchanged capture shipping as usual is routine (DEBUG); one that cannot ship (standbys down) is not.
@@ -474,7 +362,7 @@ class Agent:
                 sup.pass_failed(e)  # one line per backoff step, never a pass per wake-up
             if sup.fatal is not None:
                 break
-            self.activity.sample_lag()
+            self.status.activity.sample_lag()
             if self.receiver is not None:
                 self.receiver.intake.expire_idle()  # a sender that died mid-shipment lets GC run again
             primary = sup.acting_primary

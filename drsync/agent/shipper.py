@@ -299,7 +299,7 @@ class Replication:
         self.target_names: dict[str, str] = {}
         self.now = now  # the agent host's clock, for replication.bandwidth_schedule
         # The last position of each target that is no longer one (its standby vanished): the primary's lag
-        # keeps counting from it (see Agent.current_lag).
+        # keeps counting from it (see AgentStatus.lag).
         self.last_positions: dict[str, Position] = {}
         self._lock = threading.Lock()
         self.background = False  # shippers run their own threads (the agent's loop); else only synchronous

@@ -1,6 +1,7 @@
-"""The group view for ``drsync status``.
+"""What the group and an agent show of themselves: the group view for ``drsync status``, and a
+running agent's own status (:class:`AgentStatus`: its status page, /status.json and its lag).
 
-With ZooKeeper roles it comes from the group's nodes (so it works while the
+With ZooKeeper roles the group view comes from the group's nodes (so it works while the
 primary is down): every agent the group has known, ``up`` or ``down`` with when
 it was last seen (rules in :mod:`drsync.agent.presence`); with fixed roles, from
 asking this agent and its configured standbys over gRPC.
@@ -13,10 +14,14 @@ primary does not answer, what the standby itself reports.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from drsync.agent import statuspage
+from drsync.agent.activity import LAG_WINDOW_S, Activity
 from drsync.agent.clock import lag_s
 from drsync.agent.presence import ANSWERS, Presence, ago, judge, now_on, probe
 from drsync.agent.topology import feeders
@@ -28,6 +33,14 @@ from drsync.repository.snapshots import iso
 from drsync.storage import open_storage
 from drsync.transport import StandbyHello
 from drsync.transport.grpc import GrpcStandbyLink
+from drsync.units import with_iso_times
+
+if TYPE_CHECKING:  # the running agent's parts, as AgentStatus reads them (the command line needs none)
+    from drsync.agent.continuous import CaptureSchedule
+    from drsync.agent.maintenance import MaintenanceWorker
+    from drsync.agent.shipper import Replication
+    from drsync.agent.state import StateStore
+    from drsync.agent.supervisor import RoleSupervisor
 
 # How long the health check of an agent whose port accepts connections may take.
 PROBE_HEALTH_S = 2.0
@@ -303,3 +316,150 @@ def local_points(cfg: Config) -> dict[str, Any]:
                + ". Promote at one with drsync promote --to-snapshot ID (or --before TIME)")
     return {"agent": cfg.agent.name, "applied_snapshot": state.applied_snapshot or None, "apply_delay_s": delay,
             "pending": len(state.pending), "summary": summary, "points": [p.as_dict() for p in points]}
+
+
+# --- a running agent's own status ---------------------------------------------------------------------
+
+
+class AgentStatus:
+    """What a running agent shows of itself: the document its status page renders (/, /status) and serves as
+    /status.json, the lag it reports (page, metrics) and the recent past (:attr:`activity`).
+
+    Every lag is :func:`drsync.agent.clock.lag_s` on the primary's clock: a standby's from its state record
+    (with its clock-offset estimate), a primary's from its shippers' positions, and a standby that vanished
+    counts with its last known position. Read from the HTTP and metrics threads; the parts it reads keep
+    their own locks."""
+
+    def __init__(self, cfg: Config, *, repo: Repository, store: StateStore, supervisor: RoleSupervisor,
+                 replication: Replication, schedule: CaptureSchedule, maintenance: MaintenanceWorker,
+                 hold_summary: Callable[[], dict[str, Any] | None], state_dir: str) -> None:
+        self.cfg = cfg
+        self.name = cfg.agent.name
+        self.auto = cfg.agent.role == "auto"
+        self.repo, self.store, self.supervisor, self.replication = repo, store, supervisor, replication
+        self.schedule, self.maintenance, self.hold_summary, self.state_dir = schedule, maintenance, hold_summary, \
+            state_dir
+        self.activity = Activity(self.lag)
+
+    # --- lag ------------------------------------------------------------------------------------------
+
+    def lag(self) -> float | None:
+        """This agent's lag (standby) or its standbys' (primary), always on the primary's clock. A standby
+        that vanished (killed, stopped, cut off) counts with its last known position until it is back or
+        decommissioned: its lag keeps growing."""
+        if self.supervisor.acting == "standby":
+            return self.store.current.lag_s()
+        lag = lag_s(self.replication.applied_captured_at() or 0.0)  # its own stamps, its own clock
+        if lag is None and self.auto:
+            # No shipment has reached every standby since this agent started (they fail): the last
+            # lag each standby published (on the primary's clock), not "unknown".
+            published = [float(r["lag_s"]) for r in self.supervisor.agents.values()
+                         if r.get("role") == "standby" and r.get("lag_s") is not None]
+            lag = max(published) if published else None
+        lost = [lag_s(at) for at in self.lost_positions().values()]
+        known = [x for x in (lag, *lost) if x is not None]
+        return max(known) if known else None
+
+    def received_lag(self) -> float | None:
+        """As a standby, :meth:`lag` of the newest snapshot stored (applied or waiting for apply_delay)."""
+        return self.store.current.received_lag_s() if self.supervisor.acting != "primary" else None
+
+    def applied_captured_at(self) -> float | None:
+        """The capture time of what is applied: this standby's, or as primary the oldest of its standbys'."""
+        if self.supervisor.acting == "standby":
+            return self.store.current.applied_captured_at or None
+        known = [t for t in (self.replication.applied_captured_at(), *self.lost_positions().values()) if t]
+        return min(known) if known else None
+
+    def lost_positions(self) -> dict[str, float]:
+        """As primary: the capture time last known applied on each standby that vanished (name -> time on
+        this primary's clock): the newer of its persistent member record and this primary's last shipment."""
+        out: dict[str, float] = {}
+        for name, m in list(self.supervisor.lost_standbys.items()):
+            last = self.replication.last_positions.get(str(m.get("address") or ""))
+            at = max(float(m.get("applied_captured_at") or 0.0), last.captured_at if last else 0.0)
+            if at:
+                out[name] = at
+        return out
+
+    # --- the document ------------------------------------------------------------------------------
+
+    def _agents(self) -> tuple[list[dict[str, Any]], str | None, int, str]:
+        """The agents table, the primary, the epoch and ZooKeeper's state."""
+        sup, st, acting = self.supervisor, self.store.current, self.supervisor.acting
+        view = sup.view
+        if not self.auto:
+            agents = [{"name": self.name, "role": acting, "address": sup.address, "epoch": st.epoch,
+                       "applied_snapshot": st.applied_snapshot or None,
+                       "lag_s": st.lag_s() if acting == "standby" else None}]
+            positions = self.replication.positions() if acting == "primary" else {}
+            for t in self.cfg.replication.standbys if acting == "primary" else ():
+                p = positions.get(t)
+                agents.append({"name": t, "role": "standby", "address": t, "epoch": None,
+                               "applied_snapshot": p.snapshot if p and p.snapshot else None,
+                               "lag_s": lag_s(p.captured_at) if p and p.snapshot else None})
+            return agents, self.name if acting == "primary" else None, st.epoch, "not used (fixed roles)"
+        agents = []
+        fed = feeders(view.primary.agent if view is not None and view.primary is not None else "", sup.agents)
+        for name, r in sorted(sup.agents.items()):
+            # The lag each standby publishes (primary's clock), never recomputed with this clock.
+            lag = st.lag_s() if name == self.name else r.get("lag_s")
+            agents.append({"name": name, "state": "up", "role": r.get("role"), "address": r.get("address"),
+                           "epoch": r.get("epoch"), "applied_snapshot": r.get("applied_snapshot"),
+                           "lag_s": round(float(lag), 3) if lag is not None and r.get("role") == "standby"
+                           else None, "last_refusal": r.get("last_refusal"), "upstream": r.get("upstream"),
+                           "fed_by": fed.get(name)})
+        positions = self.lost_positions()
+        for name, m in sorted(sup.lost_standbys.items()):  # it stays listed, down, its lag growing
+            lag = lag_s(positions.get(name, 0.0))
+            agents.append({"name": name, "state": "down", "role": "standby (down)", "address": m.get("address"),
+                           "epoch": m.get("epoch"), "applied_snapshot": m.get("applied_snapshot"),
+                           "lag_s": round(lag, 3) if lag is not None else None,
+                           "gone_at": m.get("gone_at")})
+        primary = view.primary.agent if view is not None and view.primary is not None else None
+        epoch = view.epoch.epoch if view is not None else st.epoch
+        zk = sup.coord.state.value if sup.coord is not None else "closed"
+        return agents, primary, epoch, zk
+
+    def doc(self) -> dict[str, Any]:
+        """The status document (times in Unix seconds; :meth:`page_json` adds ISO 8601)."""
+        agents, primary, epoch, zk = self._agents()
+        try:
+            snaps = self.repo.list_snapshots()[-5:]
+        except DrsyncError:
+            snaps = []
+        drills = [{k: r.get(k) for k in ("agent", "number", "started_at", "passed", "rpo_s", "rto_s", "snapshot")} |
+                  {"steps": [{"name": s.get("name"), "passed": s.get("passed"), "detail": s.get("detail")}
+                             for s in r.get("steps", [])]} for r in self.drill_reports(10)]
+        return {"group": self.cfg.coordination.group, "agent": self.name,
+                "role": self.supervisor.acting + (" (paused)" if self.supervisor.paused else ""), "epoch": epoch,
+                "primary": primary, "zookeeper": zk, "agents": agents, "lag_s": self.lag(),
+                "lag_history": self.activity.lag_history(), "lag_window_s": LAG_WINDOW_S,
+                "snapshots": [{"id": s.id, "kind": s.kind, "captured_at": s.captured_at, "files": s.files,
+                               "bytes": s.bytes} for s in reversed(snaps)],
+                "cycles": self.activity.recent(), "drills": drills, "apply_hold": self.hold_summary(),
+                "replication": self.schedule.describe(),
+                "maintenance": self.maintenance.busy or None,
+                "bandwidth": self.replication.bandwidth_status() or None}  # per target: rate now, paused until
+
+    def drill_reports(self, limit: int) -> list[dict[str, Any]]:
+        """The group's drills (ZooKeeper keeps every standby's), so that every agent's page shows them;
+        this agent's own reports with fixed roles or while ZooKeeper cannot be read."""
+        coord = self.supervisor.coord
+        if coord is not None:
+            try:
+                return sorted(coord.drills(limit), key=lambda r: float(r.get("started_at") or 0.0))
+            except DrsyncError:
+                pass
+        from drsync.agent.drill import load_reports
+
+        return load_reports(self.state_dir, limit)
+
+    def page_html(self) -> tuple[str, bytes]:
+        return "text/html; charset=utf-8", statuspage.render(self.doc()).encode()
+
+    def page_json(self) -> tuple[str, bytes]:
+        doc = self.doc()
+        # The one time format: each lag sample an object with its time in ISO 8601 (and at_unix).
+        doc["lag_history"] = [{"at": t, "lag_s": v} for t, v in doc["lag_history"]]
+        return "application/json", json.dumps(with_iso_times(doc), default=str).encode()

@@ -9,6 +9,7 @@ reverse, so the agent layer only ever sees drsync errors.
 from __future__ import annotations
 
 import errno
+import io
 import ipaddress
 import itertools
 import os
@@ -37,9 +38,10 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 # --- Limits on what a peer sends (docs/FORMAT.md, "Limits"), checked before anything is allocated ---
 # A Commit's manifest pieces together: fmt.MANIFEST_MAX_BYTES (2 GiB, a 10-million-file manifest is
-# about 0.9 GiB). The running total is checked before each piece is kept.
+# about 0.9 GiB). The running total is checked before each piece is kept; the pieces go into one buffer,
+# the only copy of the manifest the commit holds.
 # A Commit's pieces: the primary sends 1 MiB pieces (2,048 for the largest manifest); 65,536 allow
-# 32 KiB pieces and keep the list of pieces small however a peer cuts them.
+# 32 KiB pieces and bound the messages of one commit however a peer cuts the manifest.
 COMMIT_MAX_PARTS = 65_536
 # Entries of one message: a chunk id or a chunk costs at least 34 bytes on the wire, so no message
 # within MAX_MESSAGE_BYTES holds more; the explicit check refuses before a list is made of them.
@@ -70,8 +72,9 @@ def keepalive_s() -> float:
         raise UsageError(f"{KEEPALIVE_ENV}={raw!r} is not a number of seconds; unset it or give e.g. 20") from None
 
 
-def _options() -> list[tuple[str, int]]:
-    """Channel options for both ends: message limits and the keepalive both ends agree on."""
+def channel_options() -> list[tuple[str, int]]:
+    """Channel options of both ends (a client's channel; a server adds :func:`server_options`): message
+    limits and the keepalive, at :func:`keepalive_s` as it is when called."""
     ka_ms = int(keepalive_s() * 1000)
     return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -83,13 +86,17 @@ def _options() -> list[tuple[str, int]]:
             ("grpc.http2.max_pings_without_data", 0)]
 
 
-def _server_options() -> list[tuple[str, int]]:
+def server_options() -> list[tuple[str, int]]:
+    """A server's options: :func:`channel_options` plus the policy for its clients' pings, which accepts
+    them at the clients' keepalive (half of it, at least 50 ms) however long a call waits without data."""
     ka_ms = int(keepalive_s() * 1000)
     # Never share a listen port with another process (gRPC sets SO_REUSEPORT by default on Linux, so a
     # second agent on the same port would start and receive half of the shipments).
-    return [*_options(), ("grpc.so_reuseport", 0),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", max(50, ka_ms // 2)),
+    return [*channel_options(), ("grpc.so_reuseport", 0),
+            # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS: the least time between two pings the server
+            # accepts on a connection without data (gRPC's default: 5 minutes); an earlier ping is a strike.
             ("grpc.http2.min_ping_interval_without_data_ms", max(50, ka_ms // 2)),
+            # GRPC_ARG_HTTP2_MAX_PING_STRIKES: 0 = strikes never end the connection (default: GOAWAY after 2).
             ("grpc.http2.max_ping_strikes", 0)]
 # This process, as the sender of requests: a standby restarts its clock-offset estimate when it changes.
 INSTANCE = uuid.uuid4().hex
@@ -233,7 +240,11 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
     def Commit(self, request_iterator: Iterator[pb.CommitPart], context: grpc.ServicerContext) -> pb.CommitReply:
         rx = self._receiver(context)
         caller: Caller | None = None
-        doc, seq, pieces, total = b"", 0, [], 0
+        doc, seq, parts, total = b"", 0, 0, 0
+        # The manifest is gathered in one buffer as its pieces arrive, and BytesIO.getvalue() hands that
+        # buffer over as the bytes without copying it (CPython): the commit holds the manifest once, not a
+        # list of pieces and their join (twice the manifest, up to 4 GiB, until the apply ended).
+        manifest = io.BytesIO()
         for part in request_iterator:
             if caller is None:
                 caller = self._caller(context, part.sender, part.epoch, part.sent_at, part.sender_instance)
@@ -256,17 +267,20 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"the manifest exceeds {fmt.MANIFEST_MAX_BYTES} bytes, the most a standby accepts "
                               f"(docs/FORMAT.md, Limits); nothing was stored")
-            if len(pieces) >= COMMIT_MAX_PARTS:
+            if parts >= COMMIT_MAX_PARTS:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"the manifest arrives in more than {COMMIT_MAX_PARTS} pieces, the most a standby "
                               f"accepts (send pieces of 1 MiB); nothing was stored")
             total += len(piece)
-            pieces.append(piece)
+            parts += 1
+            manifest.write(piece)
         if caller is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty commit")
         assert caller is not None
+        manifest_bytes = manifest.getvalue()
+        manifest.close()
         try:
-            info, result = rx.commit(caller, doc, b"".join(pieces), int(seq))  # admits under its commit lock
+            info, result = rx.commit(caller, doc, manifest_bytes, int(seq))  # admits under its commit lock
         except DrsyncError as e:
             self._fail(context, caller.sender, e)
         st = rx.state
@@ -350,7 +364,7 @@ def start_server(servicer: ReplicationServicer, listen: str, *, tls: tuple[str, 
     if tls is None and not _is_loopback(host) and not allow_insecure_remote:
         raise UsageError(f"agent.listen {listen} is not a loopback address and [tls] is not configured; "
                          f"configure mutual TLS, or set agent.allow_insecure_remote = true")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_server_options())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=server_options())
     pb_grpc.add_ReplicationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -424,9 +438,9 @@ class GrpcStandbyLink:
             ca, cert, key = tls
             creds = grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
                                                  certificate_chain=_read(cert))
-            self.channel = grpc.secure_channel(target, creds, options=_options())
+            self.channel = grpc.secure_channel(target, creds, options=channel_options())
         else:
-            self.channel = grpc.insecure_channel(target, options=_options())
+            self.channel = grpc.insecure_channel(target, options=channel_options())
         self.stub = pb_grpc.ReplicationStub(self.channel)
 
     def close(self) -> None:
