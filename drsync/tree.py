@@ -126,6 +126,14 @@ class TreeScan:
         self.seal()
         return pa.Table.from_batches(self.batches, schema=SCAN_SCHEMA)
 
+    def entries(self) -> dict[str, LocalEntry]:
+        """Every entry by path (str), as an apply compares them: for HDFS targets and small trees."""
+        cols = {name: self.values(name) for name in ("path", "type", "mode", "uid", "gid", "size", "mtime_ns",
+                                                     "target")}
+        return {p: LocalEntry(p, os.path.join(self.root, p), *row) for p, *row in zip(
+            cols["path"], cols["type"], cols["mode"], cols["uid"], cols["gid"], cols["size"], cols["mtime_ns"],
+            cols["target"], strict=True)}
+
     def values(self, name: str) -> list:  # type: ignore[type-arg]
         """One column of every entry as Python values, in scan order: ``path`` and ``target`` as str
         (lossless, as ``os.fsdecode``), ``mtime_ns`` as int nanoseconds. For small trees and tests."""

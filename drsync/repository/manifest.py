@@ -202,7 +202,7 @@ class Manifest:
         return self.table.num_rows
 
     def to_bytes(self) -> bytes:
-        w = ManifestWriter()
+        w = ManifestWriter(self.table.schema)
         w.write(self.table)
         return w.finish()
 
@@ -358,9 +358,9 @@ class ManifestWriter:
     bytes, holding at most one row group of rows beyond the output: the one serializer, so the same
     rows always make the same bytes (row groups of :data:`ROW_GROUP` rows, however they were split)."""
 
-    def __init__(self) -> None:
+    def __init__(self, schema: pa.Schema = SCHEMA) -> None:
         self._buf = io.BytesIO()
-        self._w = pq.ParquetWriter(self._buf, SCHEMA, compression="zstd")
+        self._w = pq.ParquetWriter(self._buf, schema, compression="zstd")
         self._pending: list[pa.Table] = []
         self._rows = 0
 
