@@ -14,7 +14,11 @@ import sys
 import unicodedata
 from pathlib import Path
 
+from drsync.dataroot.distcp import HISTORY_PREFIX
+from drsync.repository.repo import Repository
+from drsync.storage import open_storage
 from tests.conftest import run_drsync
+from tests.group import Group
 from tests.hadoop import cluster as hc
 from tests.sites import HdfsSite, make_site, same_tree
 from tests.test_agents import Pair, wait_for
@@ -485,27 +489,18 @@ def test_history_snapshots_expire_with_their_snapshots_after_the_standby_became_
 # --- 4. a promotion while DistCp copies -----------------------------------------------------------
 
 
-def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs_cluster, zk_server, group) -> None:  # type: ignore[no-untyped-def]
-    """ZooKeeper roles, both data roots on HDFS, engine "distcp". While the standby's DistCp copies
-    a shipment (a copy of hours: it waits on a gate), production's agent dies and the standby is
-    promoted. README: "A promotion stops a DistCp copy in flight ... the standby is promoted with
-    the snapshot it had applied". Nothing else tests this with real agents."""
-    from tests.group import Group
-
+def _distcp_group(tmp_path: Path, webhdfs, zk_server, group: str, replication: str,  # type: ignore[no-untyped-def]
+                  extra: str = "", names: tuple[str, ...] = ("east", "west")) -> tuple[HdfsSite, Group]:
+    """ZooKeeper roles, data roots and repositories in directories of the session's HDFS (all
+    snapshottable), production's (``east-data``) with a tree; nothing started, each repository made."""
     site = make_site("hdfs", tmp_path, webhdfs)
     assert isinstance(site, HdfsSite)
-    site.make_tree("east-data", files=10, big=1)
-    webhdfs.mkdirs(site.path("west-data"))
-    for name in ("east", "west"):
+    site.make_tree(f"{names[0]}-data", files=10, big=1)
+    for name in names:
+        webhdfs.mkdirs(site.path(f"{name}-data"))
         webhdfs.allow_snapshot(site.path(f"{name}-data"))
-    gate, started = tmp_path / "hold", tmp_path / "started"
-    slow = tmp_path / "gated-distcp"
-    slow.write_text("#!/bin/sh\n"
-                    f"if [ -e {gate} ]; then echo $$ > {started}; while [ -e {gate} ]; do sleep 0.1; done; fi\n"
-                    f"exec {HADOOP_CLUSTER} distcp {hdfs_cluster.dir} \"$@\"\n")
-    slow.chmod(0o755)
-    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"], data=False,
-              replication=_engine_lines(hdfs_cluster, command=str(slow)), extra='fence_command = "none"')
+    g = Group(tmp_path, zk_server.hosts, group, list(names), data=False, replication=replication,
+              extra='fence_command = "none"\n' + extra)
     for name in g.names:
         text = g.cfg[name].read_text()
         text = text.replace(f'data = "{g.data[name]}"', f'data = "{site.url(name + "-data")}"')
@@ -514,6 +509,21 @@ def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs
         text = text.replace("[coordination]", f'state_dir = "{tmp_path / (name + "-state")}"\n[coordination]')
         g.cfg[name].write_text(text)
         assert run_drsync("init", "--config", g.cfg[name]).code == 0
+    return site, g
+
+
+def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs_cluster, zk_server, group) -> None:  # type: ignore[no-untyped-def]
+    """ZooKeeper roles, both data roots on HDFS, engine "distcp". While the standby's DistCp copies
+    a shipment (a copy of hours: it waits on a gate), production's agent dies and the standby is
+    promoted. README: "A promotion stops a DistCp copy in flight ... the standby is promoted with
+    the snapshot it had applied". Nothing else tests this with real agents."""
+    gate, started = tmp_path / "hold", tmp_path / "started"
+    slow = tmp_path / "gated-distcp"
+    slow.write_text("#!/bin/sh\n"
+                    f"if [ -e {gate} ]; then echo $$ > {started}; while [ -e {gate} ]; do sleep 0.1; done; fi\n"
+                    f"exec {HADOOP_CLUSTER} distcp {hdfs_cluster.dir} \"$@\"\n")
+    slow.chmod(0o755)
+    site, g = _distcp_group(tmp_path, webhdfs, zk_server, group, _engine_lines(hdfs_cluster, command=str(slow)))
     try:
         for name in g.names:
             g.start(name)
@@ -535,6 +545,51 @@ def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs
         assert site.state("west-data") == before  # what it had applied: late.bin was never committed
     finally:
         gate.unlink(missing_ok=True)
+        g.stop_all()
+
+
+def test_an_earlier_snapshot_restores_and_promotes_from_the_standbys_own_history(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster, zk_server, group) -> None:
+    """Damage replicates to a DistCp-engine standby; production is lost; the operator restores the
+    last good snapshot elsewhere, then promotes the standby at it (``promote --to-snapshot``).
+
+    By then production's HDFS snapshot of the good capture is gone (the next capture replaced it):
+    the bytes must come from the standby's own history snapshot ``drsync-snap-<id>``. Found: restore
+    did so, but the point promotion (Committer._apply) always copied from production's snapshot and
+    failed with "the HDFS snapshot to copy from ... is gone"."""
+    site, g = _distcp_group(tmp_path, webhdfs, zk_server, group, _engine_lines(hdfs_cluster),
+                            extra="[snapshots]\nkeep = { last = 1000 }\n")
+    try:
+        for name in g.names:
+            g.start(name)
+        assert g.promote("east").code == 0
+        wait_for(lambda: same_tree(site, "west-data", site, "east-data") and g.record("west").get("applied_snapshot"),
+                 "west to apply production by DistCp", timeout=120)
+        good = g.record("west")["applied_snapshot"]
+        good_state = site.state("west-data")
+        # The damage rewrites a file (the promotion must copy its good bytes back) and adds one.
+        site.write("east-data", "catalog/f003.txt", b"encrypted by ransomware\n" * 40)
+        site.write("east-data", "RANSOM-NOTE.txt", b"pay up\n")
+        wait_for(lambda: g.record("west").get("applied_snapshot") not in (None, good)
+                 and same_tree(site, "west-data", site, "east-data"), "the damage to reach west", timeout=120)
+        source = Repository.open(open_storage(site.url("west-repo"))).find_snapshot(good).content_snapshot
+        assert f"{site.path('east-data')}/.snapshot/" in source
+        wait_for(lambda: source.rsplit("/", 1)[1] not in webhdfs.snapshots(site.path("east-data")),
+                 "production's next capture to drop the good capture's HDFS snapshot")
+        g.kill("east")
+        wait_for(lambda: g.primary() is None, "east's primary node to go")
+        r = run_drsync("snapshot", "restore", good, "--config", g.cfg["west"], "--target", site.url("restored"))
+        assert r.code == 0, r.err
+        assert site.state("restored") == good_state
+        history = f"{site.path('west-data')}/.snapshot/{HISTORY_PREFIX}{good}"
+        mark = len(g.log("west"))
+        r = g.promote("west", "--to-snapshot", good, "--accept-data-loss")
+        assert r.code == 0, r.err
+        assert g.primary() is not None and g.primary()[0] == "west"  # type: ignore[index]
+        assert site.state("west-data") == good_state
+        copies = [ln for ln in g.log("west")[mark:].splitlines() if "running DistCp from" in ln]
+        assert copies and all(history in ln for ln in copies), copies
+    finally:
         g.stop_all()
 
 
