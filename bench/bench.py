@@ -28,6 +28,9 @@ DRSYNC = [sys.executable, "-m", "drsync"]
 
 
 ROUNDS = 3
+# The DistCp-engine standby's line for each DistCp job (drsync/dataroot/distcp.py DistCpStager.stage):
+# files, size (human, e.g. "3.2 MiB"), seconds.
+DISTCP_COPIED = re.compile(r"DistCp copied (\d+) file\(s\), ([^,]+), from \S+ in ([\d.]+)s")
 
 
 @dataclass
@@ -118,7 +121,8 @@ class Report:
         self.results: dict[str, object] = {}
 
     def add(self, what: str, drsync_s: float, peer_s: float | None, target: float | None,
-            peak_mib: float, note: str = "") -> None:
+            peak_mib: float, note: str = "", vs: str = "drsync vs rsync") -> None:
+        """``vs``: what the two times are (the column's header; printed again where it changes)."""
         ratio = drsync_s / peer_s if peer_s else None
         verdict = ""
         if target is not None and ratio is not None:
@@ -126,15 +130,18 @@ class Report:
         self.rows.append((what, f"{drsync_s:7.2f}s" + (f" vs {peer_s:7.2f}s" if peer_s else " " * 13),
                           (f"{ratio:5.2f}x" if ratio is not None else "  -  ")
                           + (f" (target <= {target}x {verdict})" if target is not None else ""),
-                          f"{peak_mib:6.0f} MiB {note}" if peak_mib else f"{'-':>10} {note}"))
+                          f"{peak_mib:6.0f} MiB {note}" if peak_mib else f"{'-':>10} {note}", vs))
         self.results[what] = {"drsync_s": round(drsync_s, 3), "rsync_s": round(peer_s, 3) if peer_s else None,
                               "ratio": round(ratio, 3) if ratio else None, "target": target,
-                              "peak_mib": round(peak_mib, 1), "note": note}
+                              "peak_mib": round(peak_mib, 1), "note": note, "vs": vs}
 
     def print(self) -> None:
         print()
-        print(f"{'measurement':52} {'drsync vs rsync':24} {'ratio':36} peak memory")
+        header = None
         for r in self.rows:
+            if r[4] != header:
+                header = r[4]
+                print(f"{'measurement':52} {header:24} {'ratio':36} peak memory")
             print(f"{r[0]:52} {r[1]:24} {r[2]:36} {r[3]}")
 
 
@@ -594,9 +601,21 @@ def bench_hdfs(work: Path, files: int, mib: int, rep: Report) -> None:
                                 # DistCp over the namenodes' RPC, as plain DistCp runs (not WebHDFS)
                                 primary_extra=f'distcp_url = "{hdfs_uri}/prod/data"\n',
                                 standby_extra=f'distcp_url = "{hdfs_uri}/standby2/data"\n')
+        engine_log = engine_pair.dir / "standby.log"
+
+        def distcp_jobs(mark: int) -> list[tuple[str, str, str]]:
+            """(files, size, seconds) of each DistCp job the DistCp-engine standby logged after ``mark``."""
+            return DISTCP_COPIED.findall(engine_log.read_text()[mark:]) if engine_log.exists() else []
+
+        def job(jobs: list[tuple[str, str, str]]) -> str:
+            return (" + ".join(f"{s}s for {n} file(s), {size}" for n, size, s in jobs) if jobs else
+                    "? (no 'DistCp copied' line in the standby's log)")
+
         try:
             first, _ = pair.cycle()
             first_dc, _ = engine_pair.cycle()
+            first_jobs = distcp_jobs(0)
+            log_mark = len(engine_log.read_text()) if engine_log.exists() else 0
             # DistCp: a snapshot of the source copied to /dr/data, then the same snapshot on the copy
             # (what -diff needs on both sides).
             fs.create_snapshot("/prod/data", "s1")
@@ -605,8 +624,9 @@ def bench_hdfs(work: Path, files: int, mib: int, rep: Report) -> None:
             dc_first = time.perf_counter() - t
             cluster.dfsadmin("-allowSnapshot", "/dr/data")
             fs.create_snapshot("/dr/data", "s1")
-            rep.add(f"HDFS->HDFS first sync, {files} files, {mib} MiB: agent vs DistCp", first.seconds, dc_first,
-                    None, first.peak_mib, "(real mini cluster; DistCp in the local MapReduce runner)")
+            rep.add(f"HDFS->HDFS first sync, {files} files, {mib} MiB", first.seconds, dc_first,
+                    None, first.peak_mib, "(real mini cluster; DistCp in the local MapReduce runner)",
+                    vs="drsync(agent) vs DistCp")
             changed = 0  # 1 % of the bytes (whole big files) and 1 % of the small files
             for p in paths[: max(1, big // 100)] + paths[big: big + max(1, (files - big) // 100)]:
                 data = rnd.randbytes(each_big if p in paths[:big] else 2000)
@@ -620,15 +640,13 @@ def bench_hdfs(work: Path, files: int, mib: int, rep: Report) -> None:
                         f"{hdfs_uri}/dr/data")
             dc_inc = time.perf_counter() - t
             rep.add(f"  incremental after changing 1 % of files ({changed >> 20} MiB)", inc.seconds, dc_inc, None,
-                    inc.peak_mib, f"(shipped {figures['shipped_bytes'] / (1 << 20):.1f} MiB)")
-            copies = re.findall(r"DistCp copied (\d+) file\(s\), \d+ bytes, from \S+ in ([\d.]+)s",
-                                (engine_pair.dir / "standby.log").read_text())
-            rep.add("HDFS->HDFS first sync: drsync with engine = distcp vs DistCp", first_dc.seconds, dc_first, None,
-                    first_dc.peak_mib, f"(of which its DistCp job {copies[0][1] if copies else '?'}s; the rest: "
-                    f"checksums on both sides, commit)")
+                    inc.peak_mib, f"(shipped {figures['shipped_bytes'] / (1 << 20):.1f} MiB)",
+                    vs="drsync(agent) vs DistCp")
+            rep.add("HDFS->HDFS first sync", first_dc.seconds, dc_first, None, first_dc.peak_mib,
+                    f"(of which its DistCp job {job(first_jobs)}; the rest: checksums on both sides, commit)",
+                    vs="drsync(distcp) vs DistCp")
             rep.add("  incremental after changing 1 % of files", inc_dc.seconds, dc_inc, None, inc_dc.peak_mib,
-                    f"(DistCp job {copies[-1][1] if len(copies) > 1 else '?'}s for {copies[-1][0] if copies else '?'}"
-                    f" changed files)")
+                    f"(DistCp job {job(distcp_jobs(log_mark))})", vs="drsync(distcp) vs DistCp")
         finally:
             pair.stop()
             engine_pair.stop()
@@ -653,8 +671,9 @@ def bench_hdfs(work: Path, files: int, mib: int, rep: Report) -> None:
         mark = cluster.audit_next()
         full = run(snap)
         n_full = listed(mark)
-        rep.add("HDFS snapshot after 1 change: snapshot diff vs full walk", with_diff.seconds, full.seconds, None,
-                with_diff.peak_mib, f"directories listed {n_diff} vs {n_full} (namenode audit log)")
+        rep.add("HDFS snapshot after 1 change", with_diff.seconds, full.seconds, None,
+                with_diff.peak_mib, f"directories listed {n_diff} vs {n_full} (namenode audit log)",
+                vs="snapshot diff vs walk")
     finally:
         cluster.stop()
         shutil.rmtree(work / "hdfs", ignore_errors=True)

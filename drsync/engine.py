@@ -22,7 +22,7 @@ from drsync.apply import ApplyResult, apply_manifest
 from drsync.capture import CHUNKS, HDFS_CHECKSUM, capture
 from drsync.config import Config, KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
-from drsync.dataroot.distcp import HISTORY_PREFIX, DistCpSettings, DistCpStager, root_url
+from drsync.dataroot.distcp import DistCpSettings, DistCpStager, content_source, root_url
 from drsync.errors import LockedError, OperationFailed, RefusedError, UsageError
 from drsync.protection import Protection, check_deletable, record_break_glass, split_protected
 from drsync.repository.lock import DEFAULT_WAIT_S
@@ -224,24 +224,12 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
                 raise UsageError(f"snapshot {info.id} was captured for DistCp: its file bytes are in HDFS "
                                  f"snapshots, not in the repository; restore it with --config of an agent whose "
                                  f"[replication] engine = \"distcp\"")
-            external = DistCpStager(distcp, _content_source(info, data_root, distcp), what=f"snapshot {info.id}",
+            external = DistCpStager(distcp, content_source(info, data_root, distcp), what=f"snapshot {info.id}",
                                     algorithm=info.content_checksum)
         result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
                                 progress=progress, on_total=on_total, protect=(repo.storage.url, *protect),
                                 dry_run=dry_run, extra=extra, external=external)
     return info, result
-
-
-def _content_source(info: SnapshotInfo, data_root: str | None, distcp: DistCpSettings) -> str:
-    """Where DistCp finds a snapshot's bytes: a history snapshot of this data root, or the capture's."""
-    if data_root:
-        root = open_data_root(data_root)
-        history = getattr(root, "history_snapshots", None)
-        if history is not None and f"{HISTORY_PREFIX}{info.id}" in history():
-            return f"{root_url(distcp, root)}/.snapshot/{HISTORY_PREFIX}{info.id}"
-    if not info.content_snapshot:
-        raise UsageError(f"snapshot {info.id} names no HDFS snapshot that holds its bytes")
-    return info.content_snapshot
 
 
 def protection_of(repo: Repository, window_s: float) -> Protection | None:

@@ -337,8 +337,8 @@ def _phase(pair: Pair) -> str | None:
 
 # An upload to HDFS is over too fast to be caught from outside; its atomicity is the repository
 # storage's (tests/test_storage_conformance.py). The apply onto HDFS is caught and killed.
-@pytest.mark.parametrize(("phase", "pair"), [("upload", "local"), ("apply", "local"), ("apply", "to-hdfs")],
-                         indirect=["pair"])
+@pytest.mark.parametrize(("phase", "pair"), [("upload", "local"), ("apply", "local"), ("apply", "to-hdfs"),
+                                              ("apply", "hdfs")], indirect=["pair"])
 def test_kill_9_standby_in_each_phase(pair: Pair, phase: str) -> None:
     pair.start("standby")
     pair.start("primary")
@@ -348,7 +348,7 @@ def test_kill_9_standby_in_each_phase(pair: Pair, phase: str) -> None:
     for attempt in range(6 * wanted):
         if kills >= wanted:
             break
-        (pair.prod / "tables" / "orders" / f"grow-{attempt}.bin").write_bytes(os.urandom(48 << 20))
+        pair.prod_site.write("prod-data", f"tables/orders/grow-{attempt}.bin", os.urandom(48 << 20))
         # Wait for the standby to enter the phase (or the cycle to finish without us seeing it).
         deadline = time.monotonic() + 30
         seen = None

@@ -7,6 +7,8 @@ Two directories of one cluster play production and the standby.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -14,7 +16,19 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import pytest
+
+from drsync.config import load_config
+from drsync.dataroot.distcp import HISTORY_PREFIX
+from drsync.engine import SnapshotRequest, create_snapshot, distcp_settings
+from drsync.errors import RefusedError
+from drsync.repository.format import manifest_name
+from drsync.repository.manifest import Manifest
+from drsync.repository.repo import Repository
+from drsync.storage import open_storage
+from drsync.transport.grpc import GrpcStandbyLink
 from tests.conftest import run_drsync
+from tests.group import Group, scrape
 from tests.hadoop import cluster as hc
 from tests.sites import HdfsSite, make_site, same_tree
 from tests.test_agents import Pair, wait_for
@@ -485,27 +499,18 @@ def test_history_snapshots_expire_with_their_snapshots_after_the_standby_became_
 # --- 4. a promotion while DistCp copies -----------------------------------------------------------
 
 
-def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs_cluster, zk_server, group) -> None:  # type: ignore[no-untyped-def]
-    """ZooKeeper roles, both data roots on HDFS, engine "distcp". While the standby's DistCp copies
-    a shipment (a copy of hours: it waits on a gate), production's agent dies and the standby is
-    promoted. README: "A promotion stops a DistCp copy in flight ... the standby is promoted with
-    the snapshot it had applied". Nothing else tests this with real agents."""
-    from tests.group import Group
-
+def _distcp_group(tmp_path: Path, webhdfs, zk_server, group: str, replication: str,  # type: ignore[no-untyped-def]
+                  extra: str = "", names: tuple[str, ...] = ("east", "west")) -> tuple[HdfsSite, Group]:
+    """ZooKeeper roles, data roots and repositories in directories of the session's HDFS (all
+    snapshottable), production's (``east-data``) with a tree; nothing started, each repository made."""
     site = make_site("hdfs", tmp_path, webhdfs)
     assert isinstance(site, HdfsSite)
-    site.make_tree("east-data", files=10, big=1)
-    webhdfs.mkdirs(site.path("west-data"))
-    for name in ("east", "west"):
+    site.make_tree(f"{names[0]}-data", files=10, big=1)
+    for name in names:
+        webhdfs.mkdirs(site.path(f"{name}-data"))
         webhdfs.allow_snapshot(site.path(f"{name}-data"))
-    gate, started = tmp_path / "hold", tmp_path / "started"
-    slow = tmp_path / "gated-distcp"
-    slow.write_text("#!/bin/sh\n"
-                    f"if [ -e {gate} ]; then echo $$ > {started}; while [ -e {gate} ]; do sleep 0.1; done; fi\n"
-                    f"exec {HADOOP_CLUSTER} distcp {hdfs_cluster.dir} \"$@\"\n")
-    slow.chmod(0o755)
-    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"], data=False,
-              replication=_engine_lines(hdfs_cluster, command=str(slow)), extra='fence_command = "none"')
+    g = Group(tmp_path, zk_server.hosts, group, list(names), data=False, replication=replication,
+              extra='fence_command = "none"\n' + extra)
     for name in g.names:
         text = g.cfg[name].read_text()
         text = text.replace(f'data = "{g.data[name]}"', f'data = "{site.url(name + "-data")}"')
@@ -514,6 +519,21 @@ def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs
         text = text.replace("[coordination]", f'state_dir = "{tmp_path / (name + "-state")}"\n[coordination]')
         g.cfg[name].write_text(text)
         assert run_drsync("init", "--config", g.cfg[name]).code == 0
+    return site, g
+
+
+def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs_cluster, zk_server, group) -> None:  # type: ignore[no-untyped-def]
+    """ZooKeeper roles, both data roots on HDFS, engine "distcp". While the standby's DistCp copies
+    a shipment (a copy of hours: it waits on a gate), production's agent dies and the standby is
+    promoted. README: "A promotion stops a DistCp copy in flight ... the standby is promoted with
+    the snapshot it had applied". Nothing else tests this with real agents."""
+    gate, started = tmp_path / "hold", tmp_path / "started"
+    slow = tmp_path / "gated-distcp"
+    slow.write_text("#!/bin/sh\n"
+                    f"if [ -e {gate} ]; then echo $$ > {started}; while [ -e {gate} ]; do sleep 0.1; done; fi\n"
+                    f"exec {HADOOP_CLUSTER} distcp {hdfs_cluster.dir} \"$@\"\n")
+    slow.chmod(0o755)
+    site, g = _distcp_group(tmp_path, webhdfs, zk_server, group, _engine_lines(hdfs_cluster, command=str(slow)))
     try:
         for name in g.names:
             g.start(name)
@@ -535,6 +555,116 @@ def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs
         assert site.state("west-data") == before  # what it had applied: late.bin was never committed
     finally:
         gate.unlink(missing_ok=True)
+        g.stop_all()
+
+
+def test_an_earlier_snapshot_restores_and_promotes_from_the_standbys_own_history(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster, zk_server, group) -> None:
+    """Damage replicates to a DistCp-engine standby; production is lost; the operator restores the
+    last good snapshot elsewhere, then promotes the standby at it (``promote --to-snapshot``).
+
+    By then production's HDFS snapshot of the good capture is gone (the next capture replaced it):
+    the bytes must come from the standby's own history snapshot ``drsync-snap-<id>``. Found: restore
+    did so, but the point promotion (Committer._apply) always copied from production's snapshot and
+    failed with "the HDFS snapshot to copy from ... is gone"."""
+    site, g = _distcp_group(tmp_path, webhdfs, zk_server, group, _engine_lines(hdfs_cluster),
+                            extra="[snapshots]\nkeep = { last = 1000 }\n")
+    try:
+        for name in g.names:
+            g.start(name)
+        assert g.promote("east").code == 0
+        wait_for(lambda: same_tree(site, "west-data", site, "east-data") and g.record("west").get("applied_snapshot"),
+                 "west to apply production by DistCp", timeout=120)
+        good = g.record("west")["applied_snapshot"]
+        good_state = site.state("west-data")
+        # The damage rewrites a file (the promotion must copy its good bytes back) and adds one.
+        site.write("east-data", "catalog/f003.txt", b"encrypted by ransomware\n" * 40)
+        site.write("east-data", "RANSOM-NOTE.txt", b"pay up\n")
+        wait_for(lambda: g.record("west").get("applied_snapshot") not in (None, good)
+                 and same_tree(site, "west-data", site, "east-data"), "the damage to reach west", timeout=120)
+        source = Repository.open(open_storage(site.url("west-repo"))).find_snapshot(good).content_snapshot
+        assert f"{site.path('east-data')}/.snapshot/" in source
+        wait_for(lambda: source.rsplit("/", 1)[1] not in webhdfs.snapshots(site.path("east-data")),
+                 "production's next capture to drop the good capture's HDFS snapshot")
+        g.kill("east")
+        wait_for(lambda: g.primary() is None, "east's primary node to go")
+        r = run_drsync("snapshot", "restore", good, "--config", g.cfg["west"], "--target", site.url("restored"))
+        assert r.code == 0, r.err
+        assert site.state("restored") == good_state
+        history = f"{site.path('west-data')}/.snapshot/{HISTORY_PREFIX}{good}"
+        mark = len(g.log("west"))
+        r = g.promote("west", "--to-snapshot", good, "--accept-data-loss")
+        assert r.code == 0, r.err
+        assert g.primary() is not None and g.primary()[0] == "west"  # type: ignore[index]
+        assert site.state("west-data") == good_state
+        copies = [ln for ln in g.log("west")[mark:].splitlines() if "running DistCp from" in ln]
+        assert copies and all(history in ln for ln in copies), copies
+    finally:
+        g.stop_all()
+
+
+def test_a_fenced_primarys_distcp_shipment_is_refused_and_lag_is_exported(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster, zk_server, group) -> None:
+    """Safety rule 1 with engine "distcp" (three agents, ZooKeeper roles). East, primary at epoch 1,
+    freezes (SIGSTOP) past its session; west is promoted (epoch 2); east wakes. A DistCp shipment is
+    only a manifest naming east's HDFS snapshot: north must refuse east's at epoch 1 before any DistCp
+    job runs, and nothing east wrote after the promotion reaches north, while west's changes do. The
+    lag metrics are exported as with the agent engine."""
+    site, g = _distcp_group(tmp_path, webhdfs, zk_server, group, _engine_lines(hdfs_cluster),
+                            names=("east", "west", "north"))
+
+    def synced(name: str, source: str) -> bool:
+        return bool(same_tree(site, f"{name}-data", site, f"{source}-data") and g.record(name).get("applied_snapshot"))
+
+    try:
+        for name in g.names:
+            g.start(name)
+        assert g.promote("east").code == 0
+        wait_for(lambda: synced("west", "east") and synced("north", "east"), "west and north to apply by DistCp",
+                 timeout=120)
+        # Lag metrics in DistCp mode: on each standby, what its Hello says it applied, and a lag; on the primary,
+        # the lag of its standbys.
+        for name in ("west", "north"):
+            hello = g.hello(name)
+            m = scrape(g.metrics[name], g.group, name)
+            assert m["drsync_last_applied_snapshot_timestamp_seconds"] >= hello.applied_captured_at > 0, m
+            assert math.isfinite(m["drsync_replication_lag_seconds"]) and m["drsync_replication_lag_seconds"] >= 0, m
+        east = scrape(g.metrics["east"], g.group, "east")
+        assert east["drsync_is_primary"] == 1 and math.isfinite(east["drsync_replication_lag_seconds"]), east
+        assert "DistCp copied" in g.log("north")  # the bytes went by DistCp
+
+        g.procs["east"].send_signal(signal.SIGSTOP)
+        site.write("east-data", "catalog/late.bin", b"written after east was fenced\n" * 100)
+        wait_for(lambda: g.primary() is None, "the frozen primary's session to expire", timeout=60)
+        r = g.promote("west", "--accept-data-loss")
+        assert r.code == 0, r.err
+        wait_for(lambda: g.hello("north").epoch == 2, "north to learn epoch 2")
+        g.procs["east"].send_signal(signal.SIGCONT)
+        g.wait_role("east", "ex-primary")  # no demote_command: it waits for drsync rejoin
+        # East's DistCp shipment of late.bin (its shipper's capture, had it not been fenced), sent at epoch 1.
+        cfg = load_config(g.cfg["east"])
+        repo = Repository.open(open_storage(cfg.cluster.repository))
+        info = create_snapshot(repo, SnapshotRequest(cfg.cluster.data, kind="cycle", distcp=distcp_settings(cfg)))
+        manifest = repo.storage.read(manifest_name(info.id))
+        assert info.content_snapshot and Manifest.from_bytes(manifest, "east's manifest").external_count() > 0
+        mark = len(g.log("north"))
+        link = GrpcStandbyLink(g.addr["north"], sender="east")
+        try:
+            with pytest.raises(RefusedError, match="epoch 1 from east is lower than epoch 2"):
+                link.commit(1, "east", dataclasses.replace(info, seq=0).to_bytes(), iter([manifest]))
+        finally:
+            link.close()
+        assert "running DistCp" not in g.log("north")[mark:]
+        assert "catalog/late.bin" not in site.paths("north-data")
+        # North follows the new primary, by DistCp; east's late write never arrives.
+        site.write("west-data", "catalog/from-west.bin", b"written on the new primary\n" * 100)
+        wait_for(lambda: synced("north", "west"), "north to follow west by DistCp", timeout=120)
+        assert "catalog/late.bin" not in site.paths("north-data")
+        assert "running DistCp" in g.log("north")[mark:]
+        hello = g.hello("north")
+        assert scrape(g.metrics["north"], g.group, "north")["drsync_last_applied_snapshot_timestamp_seconds"] >= \
+            hello.applied_captured_at > info.captured_at
+    finally:
         g.stop_all()
 
 

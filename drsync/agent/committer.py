@@ -27,7 +27,7 @@ from drsync.agent.roles import format_span
 from drsync.agent.state import StateStore
 from drsync.apply import ApplyResult, apply_manifest, recover_apply
 from drsync.dataroot import open_data_root
-from drsync.dataroot.distcp import DistCpSettings, DistCpStager
+from drsync.dataroot.distcp import DistCpSettings, DistCpStager, content_source
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
 from drsync.fsutil import describe_os_error
 from drsync.guard import Hold, MassChange, change_baseline, change_guard, deletion_guard, next_checkpoints
@@ -584,12 +584,14 @@ class Committer:
         whose content differs from it are written whatever their sizes and times say. ``base`` None (nothing
         vouches for the root, e.g. a promotion at a recovery point): every file whose size and time match is
         read and compared."""
+        what = f"snapshot {info.id}"
+        # DistCp copies from this root's own history snapshot of it where there is one (a promotion to an
+        # earlier snapshot: production's capture snapshot of it is long gone), else from production's.
+        external = (DistCpStager(self.distcp, content_source(info, self.data_root, self.distcp), cancel=self.cancel,
+                                 what=what, algorithm=info.content_checksum)
+                    if self.distcp is not None and manifest.external_count() else None)
         fsutil.atomic_write(self._pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
                                                        "position": position}).encode())
-        what = f"snapshot {info.id}"
-        external = (DistCpStager(self.distcp, info.content_snapshot, cancel=self.cancel, what=what,
-                                 algorithm=info.content_checksum)
-                    if self.distcp is not None and manifest.external_count() else None)
         try:
             result = apply_manifest(
                 manifest, self.repo, self.data_root, what=what, journal=self.store.journal,

@@ -41,9 +41,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from drsync.dataroot import STAGING
+from drsync.dataroot import STAGING, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, UsageError
 from drsync.repository.manifest import Entry, hdfs_checksum_digest, printable
+from drsync.repository.snapshots import SnapshotInfo
 from drsync.units import human_size
 
 log = logging.getLogger("drsync.distcp")
@@ -107,6 +108,20 @@ def root_url(settings: DistCpSettings, root: object) -> str:
         return settings.url
     fs, path = root.fs, root.root  # type: ignore[attr-defined]
     return f"webhdfs://{fs.active_namenode()}{path}"
+
+
+def content_source(info: SnapshotInfo, data_root: str | None, settings: DistCpSettings) -> str:
+    """Where DistCp finds a snapshot's bytes: the history snapshot ``drsync-snap-<id>`` of ``data_root``
+    (a standby's own root, where it applied it: it stays while the drsync snapshot does), else the HDFS
+    snapshot production kept when it captured it (gone once a newer capture replaced it)."""
+    if data_root:
+        root = open_data_root(data_root)
+        history = getattr(root, "history_snapshots", None)
+        if history is not None and f"{HISTORY_PREFIX}{info.id}" in history():
+            return f"{root_url(settings, root)}/.snapshot/{HISTORY_PREFIX}{info.id}"
+    if not info.content_snapshot:
+        raise UsageError(f"snapshot {info.id} names no HDFS snapshot that holds its bytes")
+    return info.content_snapshot
 
 
 class DistCpStager:
