@@ -4,13 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages: rsync is the peer in benchmarks; ZooKeeper (Java 17 is on the machine)
-# coordinates agents and runs in tests as throwaway servers; prometheus brings promtool for
-# the alert rules' unit tests, and with prometheus-alertmanager evaluates and delivers them
-# for real (tests/test_prometheus_alerts.py); chromium loads the status page in tests; faketime
-# runs the CLI with its clock a day off (tests/test_snapshot_order.py); maven builds the real
+# Debian packages: rsync is the peer in benchmarks and restic the peer of snapshots (bench --only restic);
+# ZooKeeper (Java 17 is on the machine) coordinates agents and runs in tests as throwaway servers;
+# prometheus brings promtool for the alert rules' unit tests, and with prometheus-alertmanager evaluates
+# and delivers them for real (tests/test_prometheus_alerts.py); chromium loads the status page in tests;
+# faketime runs the CLI with its clock a day off (tests/test_snapshot_order.py); maven builds the real
 # HDFS mini cluster (tests/hadoop: Hadoop 3.5 from Maven Central) that every HDFS test runs against.
-DEB_PACKAGES := rsync zookeeper prometheus prometheus-alertmanager chromium faketime maven
+DEB_PACKAGES := rsync restic zookeeper prometheus prometheus-alertmanager chromium faketime maven
 
 .PHONY: help venv system-deps hadoop test lint demo bench reliability proto clean
 

@@ -5,7 +5,8 @@ memory. Targets come from DESIGN.md; a figure that misses its target is
 marked, not hidden. Run with `make bench` (not part of `make test`).
 
     python bench/bench.py [--work DIR] [--big-mib 1024] [--small-files 100000] [--quick]
-                          [--only snapshots|agents|failover|hdfs|continuous|scale] [--lag-seconds 180]
+                          [--only snapshots|agents|fanout|failover|hdfs|continuous|scale|restic|wan]
+                          [--lag-seconds 180]
                           [--scale-files 1000000] [--scale-tree DIR]
 """
 
@@ -121,19 +122,22 @@ class Report:
         self.results: dict[str, object] = {}
 
     def add(self, what: str, drsync_s: float, peer_s: float | None, target: float | None,
-            peak_mib: float, note: str = "", vs: str = "drsync vs rsync") -> None:
-        """``vs``: what the two times are (the column's header; printed again where it changes)."""
+            peak_mib: float, note: str = "", vs: str = "drsync vs rsync", unit: str = "s") -> None:
+        """One row. ``vs``: what the two figures are (the column's header; printed again where it
+        changes); ``unit``: what they measure when they are not seconds (e.g. "MiB")."""
         ratio = drsync_s / peer_s if peer_s else None
         verdict = ""
         if target is not None and ratio is not None:
             verdict = "met" if ratio <= target else "MISSED"
-        self.rows.append((what, f"{drsync_s:7.2f}s" + (f" vs {peer_s:7.2f}s" if peer_s else " " * 13),
+        w = 8 - len(unit)
+        self.rows.append((what, f"{drsync_s:{w}.2f}{unit}" + (f" vs {peer_s:{w}.2f}{unit}" if peer_s else " " * 13),
                           (f"{ratio:5.2f}x" if ratio is not None else "  -  ")
                           + (f" (target <= {target}x {verdict})" if target is not None else ""),
                           f"{peak_mib:6.0f} MiB {note}" if peak_mib else f"{'-':>10} {note}", vs))
         self.results[what] = {"drsync_s": round(drsync_s, 3), "rsync_s": round(peer_s, 3) if peer_s else None,
                               "ratio": round(ratio, 3) if ratio else None, "target": target,
-                              "peak_mib": round(peak_mib, 1), "note": note, "vs": vs}
+                              "peak_mib": round(peak_mib, 1), "note": note, "vs": vs,
+                              **({"unit": unit} if unit != "s" else {})}
 
     def print(self) -> None:
         print()
@@ -847,7 +851,8 @@ def main() -> None:
     ap.add_argument("--small-files", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
-    ap.add_argument("--only", choices=("snapshots", "agents", "fanout", "failover", "hdfs", "continuous", "scale"),
+    ap.add_argument("--only", choices=("snapshots", "agents", "fanout", "failover", "hdfs", "continuous", "scale",
+                                       "restic", "wan"),
                     help="run one part only")
     ap.add_argument("--fanout-mib", type=int, default=256, help="data in the fan-out part (MiB)")
     ap.add_argument("--lag-seconds", type=float, default=180.0,
@@ -887,6 +892,14 @@ def main() -> None:
             from scale import bench_scale
 
             bench_scale(args.work, args.scale_tree or args.work / "scale-tree", args.scale_files, rep)
+        if args.only in (None, "restic"):
+            from restic_peer import bench_restic
+
+            bench_restic(args.work, args.big_mib, args.small_files, rep)
+        if args.only in (None, "wan"):
+            from wan import bench_wan
+
+            bench_wan(args.work, args.big_mib, args.big_mib, rep)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     rep.print()
