@@ -796,6 +796,25 @@ def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
     emit(inv, doc, lambda: click.echo(doc["message"]))
 
 
+@cli.command("replace-identity")
+@_config_only
+def replace_identity_cmd(inv: Invocation) -> None:
+    """Make this agent the owner of its agent.name in the group, in place of the identity recorded there.
+
+    An agent's identity is the agent id in its state directory, made at its first start; the group
+    refuses another id under a name it knows (a copied config with a fresh state directory is not the
+    agent). After a reinstall, or when the state directory was lost, run this once on the new host with
+    the agent stopped and the old one gone for good: the group then records this state directory's id
+    (and, when the epoch names this agent, lets it take its primary claim back); the old identity is
+    refused from then on. Refused while the name is registered live; logged at WARNING and recorded in
+    drsync history."""
+    from drsync.agent.control import replace_identity
+
+    logging.getLogger("drsync.identity").setLevel(logging.WARNING)  # on stderr, with who and what
+    doc = replace_identity(_need_config(inv, "replace-identity"))
+    emit(inv, doc, lambda: click.echo(doc["message"]))
+
+
 @cli.command("switchover")
 @_config_only
 @click.option("--to", "to", metavar="AGENT", help="The standby that becomes primary (default: this config's agent, "

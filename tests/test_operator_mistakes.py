@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -77,6 +78,73 @@ def test_a_second_agent_with_the_same_name_is_refused(grp: Group, tmp_path: Path
     g.kill("east")
     g.start("east")
     wait_for(lambda: g.primary() == ("east", 1), "east to take its claim back after kill -9")
+
+
+def test_a_same_name_impostor_cannot_take_over_while_the_real_agent_is_down(grp: Group, tmp_path: Path) -> None:
+    """Issue 20 audit: with the real primary east stopped (SIGTERM), a copy of its config with a fresh state
+    directory decided "claim (epoch 1 names this agent)", became primary at epoch 1, west applied its tree,
+    and the real east was refused when it came back. The name belongs to east's persistent agent id (its
+    members record, and the epoch records it): the copy is refused, config check says so while east is
+    down, and east takes its claim back. A reinstalled host takes the name only by drsync replace-identity,
+    after which the old identity is the one refused."""
+    g = grp
+    watcher = PrimaryWatcher(g.hosts, g.group)
+    bootstrap(g)
+    real_id = g.record("east")["agent_id"]
+    assert g.coord.read_epoch().agent_id == real_id  # promote recorded the promoted agent's identity
+    g.kill("east", signal.SIGTERM)  # a maintenance stop of the real primary
+    assert g.primary() is None and "east" not in g.coord.agents()
+    copy = copy_config(g, "east", tmp_path)
+    check = run_drsync("config", "check", "--config", copy, "--json")
+    named = {c["name"]: c for c in json.loads(check.out)["checks"]}
+    assert check.code == 2 and not named["agent name"]["ok"], (check.code, check.out)
+    detail = named["agent name"]["detail"]
+    assert f"belongs to another agent (agent id {real_id}" in detail and g.addr["east"] in detail, detail
+    assert "drsync replace-identity" in detail and "would be refused" in detail
+    r = run_agent(copy)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert f"agent name 'east' in group {g.group} belongs to another agent (agent id {real_id}" in line, line
+    assert "give this agent its own agent.name" in line and "drsync replace-identity" in line
+    assert g.primary() is None and g.coord.members()["east"].member["agent_id"] == real_id
+    # The real east comes back: its own name, its own claim at epoch 1; west never saw the copy's tree.
+    g.start("east")
+    wait_for(lambda: g.primary() == ("east", 1), "the real east to take its claim back")
+    (g.data["east"] / "catalog" / "after.txt").write_text("production goes on\n")
+    wait_for(lambda: g.in_sync("east", "west"), "replication to go on")
+    assert not (g.data["west"] / "catalog" / "impostor.txt").exists()
+    assert {p for p in watcher.primary if p is not None} == {("east", 1)}
+    watcher.close()
+    assert g.status("west")["primary"] == "east"
+
+    # A reinstalled host: same data root and repository, its state directory lost. Refused until the operator
+    # replaces the identity; then it takes east's claim back at epoch 1, and the old identity is refused.
+    g.kill("east", signal.SIGTERM)
+    new = copy_config(g, "east", tmp_path, keep=("data", "repository"))
+    assert run_agent(new).returncode == 2
+    live = tmp_path / "live.toml"  # west's name (west runs), another state directory
+    live.write_text(g.cfg["west"].read_text().replace("[agent]\n", f'[agent]\nstate_dir = "{tmp_path / "ls"}"\n'))
+    r = run_drsync("replace-identity", "--config", live)
+    assert r.code == 4 and "registered live" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    r = run_drsync("replace-identity", "--config", new, "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["replaced"] and doc["replaced_agent_id"] == real_id and doc["agent_id"] != real_id
+    assert "identity replaced" in r.err and "WARNING" in r.err  # logged at WARNING on stderr
+    (entry,) = [e for e in g.coord.history(5) if e["why"] == "identity replaced"]
+    assert entry["to"] == "east" and real_id in entry["detail"] and doc["agent_id"] in entry["detail"]
+    assert g.coord.read_epoch().agent_id == doc["agent_id"]
+    with open(tmp_path / "new-east.log", "wb") as log:
+        reinstalled = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(new)], stdout=log,
+                                       stderr=log)
+    try:
+        wait_for(lambda: g.primary() == ("east", 1), "the reinstalled east to take the claim at epoch 1")
+        assert g.record("east")["agent_id"] == doc["agent_id"]
+    finally:
+        reinstalled.send_signal(signal.SIGTERM)
+        reinstalled.wait(timeout=60 * SLOW)
+    r = run_agent(g.cfg["east"])  # the old identity (the original state directory)
+    assert r.returncode == 2 and f"belongs to another agent (agent id {doc['agent_id']}" in r.stderr, r.stderr
 
 
 def test_an_agent_on_a_port_in_use_exits(grp: Group, tmp_path: Path) -> None:

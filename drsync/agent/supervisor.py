@@ -361,7 +361,8 @@ class RoleSupervisor:
     def _decide(self, view: GroupView, *, agents: dict[str, dict[str, Any]] | None = None,
                 note: str = "") -> RoleDecision:
         absent = time.monotonic() - self._primary_absent_since if self._primary_absent_since else 0.0
-        decision = decide_role(self.name, view, acting_primary=self.acting == "primary", policy=self.policy,
+        decision = decide_role(self.name, view, agent_id=self.store.current.agent_id,
+                               acting_primary=self.acting == "primary", policy=self.policy,
                                primary_absent_s=absent, lag_s=self.lag_s(),
                                rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view))
         if decision != self.last_decision:
@@ -424,7 +425,7 @@ class RoleSupervisor:
                 return
             rx.recover()
             try:
-                self.coord.claim_primary(epoch, self.name, self.address, history)
+                self.coord.claim_primary(epoch, self.name, self.address, history, agent_id=st.agent_id)
                 rx.release_on_promotion()
                 # Shipments of the old primary that never committed (it died mid-shipment) end here:
                 # a primary receives none, and their sessions would keep GC out for ever.
@@ -488,7 +489,8 @@ class RoleSupervisor:
             new = self.coord.promote(epoch, self.name, reason, history={
                 "from": epoch.promoted_by or None, "why": "automatic failover", "detail": reason,
                 "by": f"agent {self.name} on {socket.gethostname()}", "lag_s": round(lag, 3) if lag is not None
-                else None, "snapshot": self.store.current.applied_snapshot or None})
+                else None, "snapshot": self.store.current.applied_snapshot or None},
+                agent_id=self.store.current.agent_id)
         except (EpochConflict, CoordinationUnavailable) as e:
             log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
             return
