@@ -25,11 +25,12 @@ from typing import Any
 import click
 
 from drsync import __version__, backup, engine
-from drsync.apply import ApplyResult
+from drsync.apply import ApplyResult, ForeignTarget
 from drsync.config import Config, KeepPolicy, SnapshotsConfig, load_config, parse_duration
 from drsync.errors import (
     EXIT_FAILED,
     EXIT_INTEGRITY,
+    EXIT_REFUSED,
     EXIT_USAGE,
     ConfigError,
     DrsyncError,
@@ -385,16 +386,43 @@ def _own_paths(inv: Invocation) -> tuple[str, ...]:
         return ()
 
 
+def _foreign(inv: Invocation, dest: str, overwrite: bool, delete_extra: bool) -> ForeignTarget | None:
+    """A restore onto the cluster's own data root may change whatever is there; onto any other target,
+    overwriting what is there needs --overwrite and removing what the snapshot lacks --delete-extra."""
+    if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
+        return None
+    return ForeignTarget(overwrite=overwrite, delete_extra=delete_extra)
+
+
+def _restore_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--overwrite, --delete-extra and --dry-run of the restore commands."""
+    mine = "this cluster's data root"
+    options = [
+        click.option("--overwrite", is_flag=True, help=f"Replace files, links and directories that already exist "
+                     f"in a target other than {mine} and differ from the {what}'s (refused otherwise: exit 4, "
+                     f"nothing changed)."),
+        click.option("--delete-extra", is_flag=True, help=f"Remove what the {what} lacks from a target other than "
+                     f"{mine} (refused otherwise: exit 4, nothing changed)."),
+        click.option("--dry-run", is_flag=True, help="Only list what would be written, overwritten and removed; "
+                     "exit 4 when the restore would be refused."),
+    ]
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 @snapshot_grp.command("restore")
 @_common
 @click.argument("snapshot_id")
 @click.option("--target", metavar="URL", help="Where to restore (default: the cluster's data root).")
 @click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
-@click.option("--delete-extra", is_flag=True, help="Remove what the snapshot lacks from a target that is not "
-              "this cluster's data root (refused otherwise).")
-@click.option("--dry-run", is_flag=True, help="Only list what would be written and removed.")
-def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, checksum: bool, delete_extra: bool,
-                     dry_run: bool) -> None:
+@_restore_options("snapshot")
+def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, checksum: bool, overwrite: bool,
+                     delete_extra: bool, dry_run: bool) -> None:
     """Restore a snapshot onto the same cluster (same cluster id and release)."""
     repo = inv.open_repo()
     cluster_id = inv.config.cluster.id if inv.config else repo.config.cluster_id
@@ -404,33 +432,33 @@ def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, chec
         info, result = engine.restore_snapshot(repo, snapshot_id, dest, cluster_id=cluster_id,
                                                release=release, checksum=checksum, progress=advance,
                                                on_total=total, protect=_own_paths(inv), dry_run=dry_run,
-                                               extra=_extra_rule(inv, dest, delete_extra),
+                                               foreign=_foreign(inv, dest, overwrite, delete_extra),
                                                distcp=engine.distcp_settings(inv.config) if inv.config else None,
                                                data_root=inv.config.cluster.data if inv.config else None)
     doc = {"snapshot": info.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
     emit(inv, doc, lambda: _report_restore(f"snapshot {info.id}", dest, result))
-
-
-def _extra_rule(inv: Invocation, dest: str, delete_extra: bool) -> str | None:
-    """Removing what a snapshot lacks is allowed on the cluster's own data root, or with --delete-extra."""
-    if delete_extra:
-        return None
-    if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
-        return None
-    return "rerun with --delete-extra to remove them"
+    if result.refused:
+        raise _Exit(EXIT_REFUSED, f"dry run: the restore would be refused: {result.refused}")
 
 
 def _report_restore(what: str, dest: str, result: ApplyResult) -> None:
     if result.planned is not None:
+        replaced = set(result.planned.get("overwrite", []))
         click.echo(f"dry run: restoring {what} to {dest} would write {result.written_files} files "
-                   f"({human_size(result.written_bytes)}), leave {result.unchanged_files} unchanged and remove "
-                   f"{result.removed}; nothing was changed")
-        for kind in ("remove", "write", "mkdir", "link"):
-            paths = result.planned.get(kind, [])
+                   f"({human_size(result.written_bytes)}; {len(replaced)} path(s) overwritten), leave "
+                   f"{result.unchanged_files} unchanged and remove {result.removed}"
+                   + ("; the restore itself would be refused (exit 4)" if result.refused else "")
+                   + "; nothing was changed")
+        listed = [("remove", result.planned.get("remove", [])),
+                  ("replace", sorted(replaced)),
+                  ("write", [p for p in result.planned.get("write", []) if p not in replaced]),
+                  ("mkdir", result.planned.get("mkdir", [])),
+                  ("link", [p for p in result.planned.get("link", []) if p not in replaced])]
+        for kind, paths in listed:
             for p in paths[:20]:
-                click.echo(f"  {kind:6} {printable(p)}")
+                click.echo(f"  {kind:7} {printable(p)}")
             if len(paths) > 20:
-                click.echo(f"  {kind:6} ... and {len(paths) - 20} more (--json lists all)")
+                click.echo(f"  {kind:7} ... and {len(paths) - 20} more (--json lists all)")
         return
     click.echo(f"restored {what} to {dest}: {result.written_files} files written "
                f"({human_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed")
@@ -500,19 +528,19 @@ def backup_create(inv: Invocation, snapshot_id: str, dest: str | None, mode: str
 @click.argument("backup_dir")
 @click.option("--target", required=True, metavar="URL", help="Data root to restore onto (any cluster).")
 @click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
-@click.option("--delete-extra", is_flag=True, help="Remove what the backup lacks from a target that is not "
-              "this cluster's data root (refused otherwise).")
-@click.option("--dry-run", is_flag=True, help="Only list what would be written and removed.")
-def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool, delete_extra: bool,
-                   dry_run: bool) -> None:
+@_restore_options("backup")
+def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool, overwrite: bool,
+                   delete_extra: bool, dry_run: bool) -> None:
     """Restore a backup onto any data root."""
     dest = engine.data_root_url(target)
     with progress("restore") as (advance, total):
         meta, result = backup.restore_backup(backup_dir, dest, checksum=checksum, progress=advance,
                                              on_total=total, dry_run=dry_run,
-                                             extra=_extra_rule(inv, dest, delete_extra))
+                                             foreign=_foreign(inv, dest, overwrite, delete_extra))
     doc = {"backup": meta.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
     emit(inv, doc, lambda: _report_restore(f"backup {meta.id}", dest, result))
+    if result.refused:
+        raise _Exit(EXIT_REFUSED, f"dry run: the restore would be refused: {result.refused}")
 
 
 def _report_damage(problems: list[str], damaged_files: list[dict[str, str]], what: str) -> None:
