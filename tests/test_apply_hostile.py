@@ -59,7 +59,8 @@ def snapshot_of(base: Path, src: Path, name: str = "repo") -> tuple[str, str]:
 
 
 def restore(repo: str, snap: str, target: Path, timeout: float = 120) -> tuple[int, str]:
-    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap, "--repo", repo, "--target", target, timeout=timeout)
+    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                   snap, "--repo", repo, "--target", target, timeout=timeout)
     return r.code, r.err
 
 
@@ -530,7 +531,8 @@ def test_a_writable_directory_of_another_user_gives_a_one_line_error_naming_it(o
     os.chown(target / "shared", 0, 0)
     (target / "shared").chmod(0o777)
     before = full_state(target)
-    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra", snap, "--repo", repo, "--target", target)
+    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra",
+                              snap, "--repo", repo, "--target", target)
     if code == 0:  # worked around
         assert tree_state(target) == tree_state(src)
         return
@@ -564,7 +566,8 @@ def test_unprivileged_restore_into_its_own_locked_down_tree(open_tmp: Path) -> N
     (target / "ro").chmod(0o500)
     (target / "zero" / "deep").chmod(0)
     (target / "zero").chmod(0)
-    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra", snap, "--repo", repo, "--target", target)
+    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra",
+                              snap, "--repo", repo, "--target", target)
     assert code == 0, err
     assert tree_state(target) == tree_state(src)
     assert staging_left(target) == []

@@ -40,7 +40,8 @@ def snapshot_of(tmp_path: Path, src: Path, name: str = "repo") -> tuple[str, str
 
 
 def restore(repo: str, snap: str, target: Path, *extra: str) -> tuple[int, str]:
-    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap, "--repo", repo, "--target", target, *extra)
+    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                   snap, "--repo", repo, "--target", target, *extra)
     return r.code, r.err
 
 
@@ -272,7 +273,8 @@ def test_permission_problems_are_one_line_errors_or_worked_around(open_tmp: Path
     os.chmod(target / "locked" / "inner", 0)
     os.chmod(target / "locked", 0)
     subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", target], check=True)
-    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra", snap, "--repo", repo, "--target", target)
+    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra",
+                              snap, "--repo", repo, "--target", target)
     assert code == 0, err
     assert tree_state(target) == tree_state(src)
     # A directory of another user that this one cannot list: one line naming it, nothing changed.
@@ -283,7 +285,8 @@ def test_permission_problems_are_one_line_errors_or_worked_around(open_tmp: Path
     subprocess.run(["chown", f"{NOBODY}:{NOBODY}", other, other / "plain"], check=True)
     os.chmod(other / "private", 0o700)  # owned by root
     before = full_state(other)
-    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra", snap, "--repo", repo, "--target", other)
+    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra",
+                              snap, "--repo", repo, "--target", other)
     assert code == 1, err
     assert len(err.strip().splitlines()) == 1 and "private" in err and "permission" in err
     assert "internal error" not in err and "Traceback" not in err

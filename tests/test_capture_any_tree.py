@@ -339,7 +339,8 @@ def test_a_version_1_manifest_still_restores(tmp_path: Path) -> None:
     doc["manifest_hash"], doc["format"] = blake3.blake3(data).hexdigest(), 1
     doc_path.write_text(json.dumps(doc))
     assert run_drsync("repo", "verify", "--repo", repo).code == 0
-    r2 = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap, "--repo", repo, "--target", tmp_path / "out")
+    r2 = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                    snap, "--repo", repo, "--target", tmp_path / "out")
     assert r2.code == 0, r2.err
     assert exact_state(tmp_path / "out") == exact_state(src)
     assert isinstance(Manifest.from_bytes(data), Manifest)

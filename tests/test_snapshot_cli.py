@@ -125,7 +125,8 @@ def test_restore_refuses_another_cluster_or_release(drsync, tmp_path: Path, tree
     for kwargs, word in (({"cluster_id": "west"}, "cluster id 'east', this cluster is 'west'"),
                          ({"release": "6.3.0"}, "release '6.2.1', this cluster runs '6.3.0'")):
         other = write_config(tmp_path, name="other.toml", **kwargs)
-        r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap["id"], "--config", other, "--target", out)
+        r = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                   snap["id"], "--config", other, "--target", out)
         assert r.code == 4, r.err
         assert word in r.err and "drsync backup create" in r.err
         assert r.err.count("\n") == 1
@@ -177,7 +178,8 @@ def test_hostile_manifest_paths_are_refused(drsync, repo_url: str, tree: Path, t
         snap = snapshot(drsync, repo_url, tree)
         _rewrite_manifest(repo_url, snap["id"], change)
         out = tmp_path / "out"
-        r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap["id"], "--repo", repo_url, "--target", out)
+        r = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                   snap["id"], "--repo", repo_url, "--target", out)
         assert r.code == 3 and word in r.err, r.err
         assert not out.exists() and not (tmp_path / "escaped.txt").exists()
 
@@ -191,7 +193,8 @@ def test_hostile_manifest_paths_are_refused(drsync, repo_url: str, tree: Path, t
 
     snap = snapshot(drsync, repo_url, tree)
     _rewrite_manifest(repo_url, snap["id"], link_out)
-    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap["id"], "--repo", repo_url, "--target", tmp_path / "out2")
+    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+               snap["id"], "--repo", repo_url, "--target", tmp_path / "out2")
     assert r.code == 3 and "points outside the data root" in r.err
 
 
@@ -199,7 +202,8 @@ def test_truncated_manifest_is_reported(drsync, repo_url: str, tree: Path, tmp_p
     snap = snapshot(drsync, repo_url, tree)
     p = Path(repo_url) / "manifests" / f"{snap['id']}.parquet"
     p.write_bytes(p.read_bytes()[:100])
-    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap["id"], "--repo", repo_url, "--target", tmp_path / "out")
+    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+               snap["id"], "--repo", repo_url, "--target", tmp_path / "out")
     assert r.code == 3 and "manifest is damaged" in r.err
     assert not (tmp_path / "out").exists()
 
@@ -278,7 +282,8 @@ def test_truncated_pack_is_an_integrity_error(drsync, repo_url: str, tree: Path,
     report = v.json()
     assert report["ok"] is False and any("trailer" in p or "truncated" in p for p in report["problems"])
     assert {d["snapshot"] for d in report["damaged_files"]} == {snap["id"]}
-    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap["id"], "--repo", repo_url, "--target", tmp_path / "out")
+    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+               snap["id"], "--repo", repo_url, "--target", tmp_path / "out")
     assert r.code == 3 and "truncated" in r.err
     assert not (tmp_path / "out").exists()
 
@@ -358,7 +363,8 @@ def test_checksum_restore_finds_changes_hidden_behind_size_and_mtime(drsync, tmp
     repo = src.url("repo")
     assert drsync("init", "--repo", repo, "--cluster-id", "east", "--release", "6.2.1").code == 0
     snap = snapshot(drsync, repo, src.url("data"))["id"]
-    assert drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap, "--repo", repo, "--target", dst.url("out")).code == 0
+    assert drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                  snap, "--repo", repo, "--target", dst.url("out")).code == 0
     original = tmp_path / "src" / "data" / "catalog" / "f002.txt"
     dst.write("out", "catalog/f002.txt", b"X" * original.stat().st_size)  # same size ...
     dst.set_mtime("out", "catalog/f002.txt", original.stat().st_mtime_ns)  # ... and the same time
