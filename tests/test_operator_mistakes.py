@@ -200,6 +200,8 @@ def test_an_empty_standby_promoted_over_production_empties_nothing(grp: Group) -
     assert len(r.err.strip().splitlines()) == 1 and g.coord.read_epoch().epoch == 1
     r = g.promote("west", "--force", "--promote-empty-root", "--accept-data-loss")
     assert r.code == 0, r.err
+    (change,) = [e for e in g.coord.history(5) if e["epoch"] == 2]
+    assert change["to"] == "west" and "--promote-empty-root" in change["detail"], change
     g.start("east")
     g.wait_role("east", "ex-primary")
     assert g.drsync("east", "rejoin").code == 0

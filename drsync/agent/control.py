@@ -462,7 +462,8 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
         new = coord.promote(view.epoch, me, reason, agent_id=_identity_of(cfg, coord, state), history={
             "from": old or None, "why": reason, "by": operator(),
             "detail": (f"drsync promote{' --force' if force else ''}{' --accept-data-loss' if accept_data_loss else ''}"
-                       f"{' --no-fence' if no_fence else ''}" + (f" at snapshot {target.id}" if target else "")
+                       f"{' --no-fence' if no_fence else ''}{' --promote-empty-root' if promote_empty_root else ''}"
+                       + (f" at snapshot {target.id}" if target else "")
                        + (f"; {primary.agent}'s session was alive (fenced)" if primary is not None else "")),
             "lag_s": round(lag, 3) if lag is not None else None,
             "snapshot": (target.id if target else state.applied_snapshot) or None})
