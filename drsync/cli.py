@@ -765,7 +765,9 @@ def history_cmd(inv: Invocation, limit: int) -> None:
 @_config_only
 @click.option("--force", is_flag=True, help="Promote although a primary's session is alive (it is stepped down) "
               "or its agent is stopped for maintenance.")
-@click.option("--accept-data-loss", is_flag=True, help="Promote even when the lag exceeds max_lag_on_failover.")
+@click.option("--accept-data-loss", is_flag=True, help="Promote although this standby lacks data the group has: "
+              "its lag exceeds max_lag_on_failover, another live standby has applied a newer snapshot (position "
+              "check), or it has never applied a snapshot. Not for an empty data root (--promote-empty-root).")
 @click.option("--no-fence", is_flag=True, help="Do not run coordination.fence_command: you stopped the old "
               "primary's production writers yourself.")
 @click.option("--promote-empty-root", is_flag=True, help="Promote although this agent's data root is empty: the "
