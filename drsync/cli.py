@@ -111,9 +111,15 @@ _STATE: dict[str, bool] = {}
 def emit(inv: Invocation, doc: Any, human: Callable[[], None]) -> None:
     """``--json``: the document, every time in it ISO 8601 with zone (and ``<key>_unix``); else ``human``."""
     if inv.json:
-        click.echo(json.dumps(with_iso_times(doc), indent=2, sort_keys=True, default=str))
+        _echo_json(doc)
     else:
         human()
+
+
+def _echo_json(doc: Any) -> None:
+    """One JSON document on stdout, every time in it ISO 8601 with zone (and ``<key>_unix``): the same for
+    a command's result and for the document it prints before failing."""
+    click.echo(json.dumps(with_iso_times(doc), indent=2, sort_keys=True, default=str))
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:
@@ -566,7 +572,7 @@ def backup_verify(inv: Invocation, backup_dir: str) -> None:
     with progress("verify") as (advance, _total):
         report = backup.verify_backup(backup_dir, progress=advance)
     if inv.json:
-        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        _echo_json(report.as_dict())
         if not report.ok:
             raise _Exit(EXIT_INTEGRITY, f"backup {backup_dir} is damaged")
         return
@@ -642,7 +648,7 @@ def repo_verify(inv: Invocation) -> None:
     with progress("verify") as (advance, _total):
         report = engine.verify_repository(repo, progress=advance)
     if inv.json:
-        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        _echo_json(report.as_dict())
         if not report.ok:
             raise _Exit(EXIT_INTEGRITY, f"repository {repo.storage.url} is damaged")
         return
@@ -976,7 +982,7 @@ def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wa
         doc = {"action": name, **reply.as_dict()}
         if not reply.ok:
             if inv.json:
-                click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+                _echo_json(doc)
             raise _Exit(reply.exit_code, reply.message)
         emit(inv, doc, lambda: click.echo(reply.message))
         return
