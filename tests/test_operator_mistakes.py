@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -235,6 +236,28 @@ def test_promote_succeeds_only_when_an_agent_acts_as_primary_and_dry_run_changes
     assert human.code == 4 and "FAIL  data root" in human.out, human.out
     assert g.connected().read_epoch().epoch == 0
     assert g.promote("east").code == 0 and g.primary() == ("east", 1)
+
+
+def test_promote_whose_agent_never_acts_as_primary_within_wait_fails_and_says_so(grp: Group,
+                                                                                  tmp_path: Path) -> None:
+    """The epoch moved to the agent, but it does not take over within --wait (held at the pause point
+    before its claim, as a hung agent would be): exit 1, one line naming the epoch, the role the agent
+    reports and the primary node, and what to do; once it goes on, it takes over at that epoch."""
+    g = grp
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    (gates / "claim").write_text("")
+    g.start("east", env={**os.environ, "DRSYNC_FAULT_PAUSE": str(gates)})
+    r = g.promote("east", "--wait", "1")
+    assert r.code == 1 and len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, (r.code, r.err)
+    assert "epoch 1 now names east, but it does not act as primary within 1s" in r.err, r.err
+    assert "its agent reports role standby" in r.err and "primary node: none" in r.err
+    assert "the group has no working primary until it does" in r.err and "check its log" in r.err
+    wait_for(lambda: (gates / "claim.reached").exists(), "east to stop before its claim")
+    assert g.coord.read_epoch().epoch == 1 and g.primary() is None and g.record("east")["role"] == "standby"
+    (gates / "claim").unlink()
+    wait_for(lambda: g.primary() == ("east", 1), "east to take over once it goes on")
+    g.wait_role("east", "primary")
 
 
 def test_promote_of_a_killed_agent_whose_registration_lingers_changes_nothing(tmp_path: Path, zk_server,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from drsync import engine
+from drsync import engine, faults
 from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
 from drsync.agent.presence import ANSWERS, REFRESH_S, Heartbeat, probe
 from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
@@ -403,6 +403,7 @@ class RoleSupervisor:
 
     def _become_primary(self, epoch: Epoch) -> None:
         assert self.coord is not None and self.receiver is not None
+        faults.pause("claim")  # tests: the epoch names this agent; it stops before it takes over
         rx = self.receiver
         st = self.store.current
         # The promotion was recorded in the group's history; taking the claim back at the same epoch is too.
