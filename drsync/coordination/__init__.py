@@ -39,12 +39,12 @@ from __future__ import annotations
 import enum
 import os
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from drsync.errors import OperationFailed, RefusedError
+from drsync.units import iso_time
 
 
 class SessionState(enum.Enum):
@@ -171,8 +171,7 @@ def identity_problem(name: str, group: str, agent_id: str, live: dict[str, Any] 
     owner = str((member or {}).get("agent_id") or "")
     if owner and owner != agent_id:
         seen = (member or {}).get("last_seen")
-        when = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(float(seen))) if isinstance(seen, int | float) \
-            else "an unknown time"
+        when = iso_time(float(seen)) if isinstance(seen, int | float) else "at an unknown time"
         return (f"agent name {name!r} in group {group} belongs to another agent (agent id {owner}, last seen "
                 f"{when} at {(member or {}).get('address')} on host {(member or {}).get('host')}; this agent's id is "
                 f"{mine}): agent names must be unique in a group; {replace}")
