@@ -107,9 +107,42 @@ class ApplyResult:
     warnings: list[str] = field(default_factory=list)
     # Only for a dry run: what would be written, removed, made and linked (paths), nothing changed.
     planned: dict[str, list[str]] | None = None
+    # Only for a dry run: why the real run would be refused (RefusedError, exit 4), or None.
+    refused: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class ForeignTarget:
+    """A target that is not the cluster's own data root (a restore somewhere else): what it already holds
+    is not the snapshot's to destroy. Replacing an existing file, link or directory the snapshot differs
+    from needs ``overwrite``; removing a path the snapshot lacks needs ``delete_extra``. ``flags`` names
+    the command's options that allow each, for the refusal."""
+
+    overwrite: bool = False
+    delete_extra: bool = False
+    flags: tuple[str, str] = ("--overwrite", "--delete-extra")
+
+    def refusal(self, plan: ApplyPlan, wanted: set[str], what: str, url: str) -> str | None:
+        """Why applying ``plan`` onto this target is refused (None: it is not). ``wanted``: the snapshot's paths."""
+        replaced = [] if self.overwrite else sorted({*plan.replaces, *(p for p in plan.remove if p in wanted)})
+        extra = [] if self.delete_extra else sorted(p for p in plan.remove if p not in wanted)
+        if not replaced and not extra:
+            return None
+
+        def shown(paths: list[str]) -> str:
+            return ", ".join(printable(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3
+                                                                 else "")
+
+        parts = ([f"{len(replaced)} existing path(s) it would overwrite ({shown(replaced)})"] if replaced else []) + (
+            [f"{len(extra)} path(s) the snapshot does not have, which it would remove ({shown(extra)})"]
+            if extra else [])
+        needed = [f for f, need in zip(self.flags, (replaced, extra), strict=True) if need]
+        return (f"{what}: {url} is not this cluster's data root and holds {' and '.join(parts)}: nothing was "
+                f"changed; rerun with {' '.join(needed)} to replace what is there (--dry-run lists it), or "
+                f"restore into an empty directory")
 
 
 def _within_mode_bits(entries: list[Entry], root: DataRoot) -> list[Entry]:
@@ -264,14 +297,14 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    on_total: Callable[[int], None] | None = None, workers: int = 4,
                    journal: str | None = None, on_committed: Callable[[], None] | None = None,
                    protect: tuple[str, ...] = (), dry_run: bool = False,
-                   extra: str | None = None, external: ExternalStager | None = None,
+                   foreign: ForeignTarget | None = None, external: ExternalStager | None = None,
                    cancel: Callable[[], bool] | None = None, base: Manifest | None = None) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
 
-    ``dry_run``: plan only and report it in ``ApplyResult.planned``; the target is not touched.
-    ``extra``: when set, the target is not the cluster's own data root and removing what the
-    snapshot lacks is refused (RefusedError, nothing changed) with this hint about how to allow it
-    (e.g. ``"rerun with --delete-extra"``).
+    ``dry_run``: plan only and report it in ``ApplyResult.planned`` (and in ``ApplyResult.refused`` why
+    the real run would be refused); the target is not touched.
+    ``foreign``: when set, the target is not the cluster's own data root: overwriting or removing what it
+    holds is refused (RefusedError, nothing changed) unless ``foreign`` allows it (:class:`ForeignTarget`).
 
     ``journal``: a local file for the commit's journal (the standby keeps it in its state
     directory); without one the root keeps it in its staging area, so that an interrupted restore is
@@ -324,22 +357,17 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                       compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
                       compare_xattrs=root.supports_xattrs,
                       content_changed=content_changed(base, manifest) if base is not None else frozenset())
-    known = {e.path for e in entries} if extra is not None and plan.remove else set()
-    foreign = [p for p in plan.remove if p not in known] if known or (extra is not None and plan.remove) else []
-    if foreign:
-        shown = ", ".join(printable(p) for p in foreign[:3]) + (f" and {len(foreign) - 3} more"
-                                                               if len(foreign) > 3 else "")
-        if not dry_run:
-            if created_target:
-                root.remove_root()
-            raise RefusedError(f"{what}: {root.url} holds {len(foreign)} path(s) the snapshot does not "
-                               f"({shown}) and is not this cluster's data root: nothing was changed; {extra}, "
-                               f"or restore into an empty directory")
+    refused = foreign.refusal(plan, {e.path for e in entries}, what, root.url) if foreign is not None else None
+    if refused and not dry_run:
+        if created_target:
+            root.remove_root()
+        raise RefusedError(refused)
     if dry_run:
         return ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
                            unchanged_files=plan.unchanged, removed=len(plan.remove),
                            planned={"write": [e.path for e in plan.write], "remove": list(plan.remove),
-                                    "mkdir": [e.path for e in plan.mkdir], "link": [e.path for e in plan.link]})
+                                    "mkdir": [e.path for e in plan.mkdir], "link": [e.path for e in plan.link],
+                                    "overwrite": list(plan.replaces)}, refused=refused)
     assert log_ is not None
     root.check_plan(plan)
     skipped_links = []

@@ -22,7 +22,7 @@ from typing import Any
 import blake3
 
 from drsync import faults, fsutil
-from drsync.apply import ApplyResult, apply_manifest
+from drsync.apply import ApplyResult, ForeignTarget, apply_manifest
 from drsync.config import KeepPolicy
 from drsync.errors import IntegrityError, NotFound, UsageError
 from drsync.pathglob import compile_globs
@@ -225,9 +225,9 @@ def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -
 def restore_backup(path: str, target: str, *, checksum: bool = False,
                    progress: Callable[[int], None] | None = None,
                    on_total: Callable[[int], None] | None = None, dry_run: bool = False,
-                   extra: str | None = None) -> tuple[BackupInfo, ApplyResult]:
+                   foreign: ForeignTarget | None = None) -> tuple[BackupInfo, ApplyResult]:
     """Restore onto any data root: a backup is portable across clusters and releases. ``dry_run`` and
-    ``extra`` as in :func:`drsync.apply.apply_manifest`."""
+    ``foreign`` as in :func:`drsync.apply.apply_manifest`."""
     meta = _read_meta(path)
     repo = Repository.open(LocalStorage(path))
     snaps = repo.list_snapshots()
@@ -236,7 +236,8 @@ def restore_backup(path: str, target: str, *, checksum: bool = False,
     manifest = repo.load_manifest(snaps[0])
     result = apply_manifest(manifest, repo, target, what=f"backup {meta.id}", checksum=checksum,
                             exclude=tuple(meta.excluded), structure_only=meta.mode == "dataless",
-                            progress=progress, on_total=on_total, protect=(path,), dry_run=dry_run, extra=extra)
+                            progress=progress, on_total=on_total, protect=(path,), dry_run=dry_run,
+                            foreign=foreign)
     if meta.mode == "dataless":
         result.warnings.append("dataless backup: directories and links restored, file contents are not "
                                "in this backup")

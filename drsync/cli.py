@@ -25,11 +25,12 @@ from typing import Any
 import click
 
 from drsync import __version__, backup, engine
-from drsync.apply import ApplyResult
+from drsync.apply import ApplyResult, ForeignTarget
 from drsync.config import Config, KeepPolicy, SnapshotsConfig, load_config, parse_duration
 from drsync.errors import (
     EXIT_FAILED,
     EXIT_INTEGRITY,
+    EXIT_REFUSED,
     EXIT_USAGE,
     ConfigError,
     DrsyncError,
@@ -110,9 +111,15 @@ _STATE: dict[str, bool] = {}
 def emit(inv: Invocation, doc: Any, human: Callable[[], None]) -> None:
     """``--json``: the document, every time in it ISO 8601 with zone (and ``<key>_unix``); else ``human``."""
     if inv.json:
-        click.echo(json.dumps(with_iso_times(doc), indent=2, sort_keys=True, default=str))
+        _echo_json(doc)
     else:
         human()
+
+
+def _echo_json(doc: Any) -> None:
+    """One JSON document on stdout, every time in it ISO 8601 with zone (and ``<key>_unix``): the same for
+    a command's result and for the document it prints before failing."""
+    click.echo(json.dumps(with_iso_times(doc), indent=2, sort_keys=True, default=str))
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:
@@ -385,16 +392,43 @@ def _own_paths(inv: Invocation) -> tuple[str, ...]:
         return ()
 
 
+def _foreign(inv: Invocation, dest: str, overwrite: bool, delete_extra: bool) -> ForeignTarget | None:
+    """A restore onto the cluster's own data root may change whatever is there; onto any other target,
+    overwriting what is there needs --overwrite and removing what the snapshot lacks --delete-extra."""
+    if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
+        return None
+    return ForeignTarget(overwrite=overwrite, delete_extra=delete_extra)
+
+
+def _restore_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--overwrite, --delete-extra and --dry-run of the restore commands."""
+    mine = "this cluster's data root"
+    options = [
+        click.option("--overwrite", is_flag=True, help=f"Replace files, links and directories that already exist "
+                     f"in a target other than {mine} and differ from the {what}'s (refused otherwise: exit 4, "
+                     f"nothing changed)."),
+        click.option("--delete-extra", is_flag=True, help=f"Remove what the {what} lacks from a target other than "
+                     f"{mine} (refused otherwise: exit 4, nothing changed)."),
+        click.option("--dry-run", is_flag=True, help="Only list what would be written, overwritten and removed; "
+                     "exit 4 when the restore would be refused."),
+    ]
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 @snapshot_grp.command("restore")
 @_common
 @click.argument("snapshot_id")
 @click.option("--target", metavar="URL", help="Where to restore (default: the cluster's data root).")
 @click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
-@click.option("--delete-extra", is_flag=True, help="Remove what the snapshot lacks from a target that is not "
-              "this cluster's data root (refused otherwise).")
-@click.option("--dry-run", is_flag=True, help="Only list what would be written and removed.")
-def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, checksum: bool, delete_extra: bool,
-                     dry_run: bool) -> None:
+@_restore_options("snapshot")
+def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, checksum: bool, overwrite: bool,
+                     delete_extra: bool, dry_run: bool) -> None:
     """Restore a snapshot onto the same cluster (same cluster id and release)."""
     repo = inv.open_repo()
     cluster_id = inv.config.cluster.id if inv.config else repo.config.cluster_id
@@ -404,33 +438,33 @@ def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, chec
         info, result = engine.restore_snapshot(repo, snapshot_id, dest, cluster_id=cluster_id,
                                                release=release, checksum=checksum, progress=advance,
                                                on_total=total, protect=_own_paths(inv), dry_run=dry_run,
-                                               extra=_extra_rule(inv, dest, delete_extra),
+                                               foreign=_foreign(inv, dest, overwrite, delete_extra),
                                                distcp=engine.distcp_settings(inv.config) if inv.config else None,
                                                data_root=inv.config.cluster.data if inv.config else None)
     doc = {"snapshot": info.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
     emit(inv, doc, lambda: _report_restore(f"snapshot {info.id}", dest, result))
-
-
-def _extra_rule(inv: Invocation, dest: str, delete_extra: bool) -> str | None:
-    """Removing what a snapshot lacks is allowed on the cluster's own data root, or with --delete-extra."""
-    if delete_extra:
-        return None
-    if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
-        return None
-    return "rerun with --delete-extra to remove them"
+    if result.refused:
+        raise _Exit(EXIT_REFUSED, f"dry run: the restore would be refused: {result.refused}")
 
 
 def _report_restore(what: str, dest: str, result: ApplyResult) -> None:
     if result.planned is not None:
+        replaced = set(result.planned.get("overwrite", []))
         click.echo(f"dry run: restoring {what} to {dest} would write {result.written_files} files "
-                   f"({human_size(result.written_bytes)}), leave {result.unchanged_files} unchanged and remove "
-                   f"{result.removed}; nothing was changed")
-        for kind in ("remove", "write", "mkdir", "link"):
-            paths = result.planned.get(kind, [])
+                   f"({human_size(result.written_bytes)}; {len(replaced)} path(s) overwritten), leave "
+                   f"{result.unchanged_files} unchanged and remove {result.removed}"
+                   + ("; the restore itself would be refused (exit 4)" if result.refused else "")
+                   + "; nothing was changed")
+        listed = [("remove", result.planned.get("remove", [])),
+                  ("replace", sorted(replaced)),
+                  ("write", [p for p in result.planned.get("write", []) if p not in replaced]),
+                  ("mkdir", result.planned.get("mkdir", [])),
+                  ("link", [p for p in result.planned.get("link", []) if p not in replaced])]
+        for kind, paths in listed:
             for p in paths[:20]:
-                click.echo(f"  {kind:6} {printable(p)}")
+                click.echo(f"  {kind:7} {printable(p)}")
             if len(paths) > 20:
-                click.echo(f"  {kind:6} ... and {len(paths) - 20} more (--json lists all)")
+                click.echo(f"  {kind:7} ... and {len(paths) - 20} more (--json lists all)")
         return
     click.echo(f"restored {what} to {dest}: {result.written_files} files written "
                f"({human_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed")
@@ -500,19 +534,19 @@ def backup_create(inv: Invocation, snapshot_id: str, dest: str | None, mode: str
 @click.argument("backup_dir")
 @click.option("--target", required=True, metavar="URL", help="Data root to restore onto (any cluster).")
 @click.option("--checksum", is_flag=True, help="Re-hash files whose size and mtime match too.")
-@click.option("--delete-extra", is_flag=True, help="Remove what the backup lacks from a target that is not "
-              "this cluster's data root (refused otherwise).")
-@click.option("--dry-run", is_flag=True, help="Only list what would be written and removed.")
-def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool, delete_extra: bool,
-                   dry_run: bool) -> None:
+@_restore_options("backup")
+def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool, overwrite: bool,
+                   delete_extra: bool, dry_run: bool) -> None:
     """Restore a backup onto any data root."""
     dest = engine.data_root_url(target)
     with progress("restore") as (advance, total):
         meta, result = backup.restore_backup(backup_dir, dest, checksum=checksum, progress=advance,
                                              on_total=total, dry_run=dry_run,
-                                             extra=_extra_rule(inv, dest, delete_extra))
+                                             foreign=_foreign(inv, dest, overwrite, delete_extra))
     doc = {"backup": meta.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
     emit(inv, doc, lambda: _report_restore(f"backup {meta.id}", dest, result))
+    if result.refused:
+        raise _Exit(EXIT_REFUSED, f"dry run: the restore would be refused: {result.refused}")
 
 
 def _report_damage(problems: list[str], damaged_files: list[dict[str, str]], what: str) -> None:
@@ -538,7 +572,7 @@ def backup_verify(inv: Invocation, backup_dir: str) -> None:
     with progress("verify") as (advance, _total):
         report = backup.verify_backup(backup_dir, progress=advance)
     if inv.json:
-        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        _echo_json(report.as_dict())
         if not report.ok:
             raise _Exit(EXIT_INTEGRITY, f"backup {backup_dir} is damaged")
         return
@@ -614,7 +648,7 @@ def repo_verify(inv: Invocation) -> None:
     with progress("verify") as (advance, _total):
         report = engine.verify_repository(repo, progress=advance)
     if inv.json:
-        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        _echo_json(report.as_dict())
         if not report.ok:
             raise _Exit(EXIT_INTEGRITY, f"repository {repo.storage.url} is damaged")
         return
@@ -737,7 +771,9 @@ def history_cmd(inv: Invocation, limit: int) -> None:
 @_config_only
 @click.option("--force", is_flag=True, help="Promote although a primary's session is alive (it is stepped down) "
               "or its agent is stopped for maintenance.")
-@click.option("--accept-data-loss", is_flag=True, help="Promote even when the lag exceeds max_lag_on_failover.")
+@click.option("--accept-data-loss", is_flag=True, help="Promote although this standby lacks data the group has: "
+              "its lag exceeds max_lag_on_failover, another live standby has applied a newer snapshot (position "
+              "check), or it has never applied a snapshot. Not for an empty data root (--promote-empty-root).")
 @click.option("--no-fence", is_flag=True, help="Do not run coordination.fence_command: you stopped the old "
               "primary's production writers yourself.")
 @click.option("--promote-empty-root", is_flag=True, help="Promote although this agent's data root is empty: the "
@@ -793,6 +829,25 @@ def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
     from drsync.agent.control import rejoin
 
     doc = rejoin(_need_config(inv, "rejoin"), wait_s=wait_s)
+    emit(inv, doc, lambda: click.echo(doc["message"]))
+
+
+@cli.command("replace-identity")
+@_config_only
+def replace_identity_cmd(inv: Invocation) -> None:
+    """Make this agent the owner of its agent.name in the group, in place of the identity recorded there.
+
+    An agent's identity is the agent id in its state directory, made at its first start; the group
+    refuses another id under a name it knows (a copied config with a fresh state directory is not the
+    agent). After a reinstall, or when the state directory was lost, run this once on the new host with
+    the agent stopped and the old one gone for good: the group then records this state directory's id
+    (and, when the epoch names this agent, lets it take its primary claim back); the old identity is
+    refused from then on. Refused while the name is registered live; logged at WARNING and recorded in
+    drsync history."""
+    from drsync.agent.control import replace_identity
+
+    logging.getLogger("drsync.identity").setLevel(logging.WARNING)  # on stderr, with who and what
+    doc = replace_identity(_need_config(inv, "replace-identity"))
     emit(inv, doc, lambda: click.echo(doc["message"]))
 
 
@@ -927,7 +982,7 @@ def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wa
         doc = {"action": name, **reply.as_dict()}
         if not reply.ok:
             if inv.json:
-                click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+                _echo_json(doc)
             raise _Exit(reply.exit_code, reply.message)
         emit(inv, doc, lambda: click.echo(reply.message))
         return

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import blake3
 
-from drsync.apply import ApplyResult, apply_manifest
+from drsync.apply import ApplyResult, ForeignTarget, apply_manifest
 from drsync.capture import CHUNKS, HDFS_CHECKSUM, capture
 from drsync.config import Config, KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
@@ -206,10 +206,10 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
                      checksum: bool = False, progress: Callable[[int], None] | None = None,
                      on_total: Callable[[int], None] | None = None,
                      protect: tuple[str, ...] = (), dry_run: bool = False,
-                     extra: str | None = None, distcp: DistCpSettings | None = None,
+                     foreign: ForeignTarget | None = None, distcp: DistCpSettings | None = None,
                      data_root: str | None = None) -> tuple[SnapshotInfo, ApplyResult]:
     """Restore snapshot ``ref`` onto ``target`` (see :func:`drsync.apply.apply_manifest` for ``dry_run``
-    and ``extra``).
+    and ``foreign``).
 
     A snapshot captured for DistCp is copied by DistCp (``distcp``, the config's settings) from the
     HDFS snapshot that still holds it: the standby's history snapshot of ``data_root`` (its own
@@ -228,7 +228,7 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
                                     algorithm=info.content_checksum)
         result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
                                 progress=progress, on_total=on_total, protect=(repo.storage.url, *protect),
-                                dry_run=dry_run, extra=extra, external=external)
+                                dry_run=dry_run, foreign=foreign, external=external)
     return info, result
 
 

@@ -632,7 +632,7 @@ def test_interrupted_restore_is_completed_by_the_next_real_restore(driver: Drive
         # Until the close removes it, the journal is there for the next restore to complete.
         removed = any("os.unlink" in x and "journal.json" in x for x in counts["steps"][:n - 1])
         assert (target / STAGING / "journal.json").exists() is not removed, step
-        r = run_drsync("snapshot", "restore", "--delete-extra",
+        r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
                        case.old_id, "--repo", case.repo, "--target", target, "--json")
         assert r.code == 0, f"killed before {step}: {r.err}"
         judge(local_state(target), old, new, f"restore after a kill before {step}")

@@ -59,7 +59,8 @@ def snapshot_of(base: Path, src: Path, name: str = "repo") -> tuple[str, str]:
 
 
 def restore(repo: str, snap: str, target: Path, timeout: float = 120) -> tuple[int, str]:
-    r = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", target, timeout=timeout)
+    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                   snap, "--repo", repo, "--target", target, timeout=timeout)
     return r.code, r.err
 
 
@@ -450,7 +451,7 @@ def test_kill_9_of_restores_at_moments_seen_from_outside(tmp_path: Path) -> None
     for moment in ("staging", "journal", "trash-entry"):
         shutil.rmtree(target, ignore_errors=True)
         assert restore(repo, snap_old, target)[0] == 0
-        proc = subprocess.Popen([sys.executable, "-m", "drsync", "snapshot", "restore", "--delete-extra",
+        proc = subprocess.Popen([sys.executable, "-m", "drsync", "snapshot", "restore", "--overwrite", "--delete-extra",
                                 snap_new, "--repo", repo,
                                  "--target", str(target)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -530,7 +531,8 @@ def test_a_writable_directory_of_another_user_gives_a_one_line_error_naming_it(o
     os.chown(target / "shared", 0, 0)
     (target / "shared").chmod(0o777)
     before = full_state(target)
-    code, err = run_as_nobody("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", target)
+    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra",
+                              snap, "--repo", repo, "--target", target)
     if code == 0:  # worked around
         assert tree_state(target) == tree_state(src)
         return
@@ -564,7 +566,8 @@ def test_unprivileged_restore_into_its_own_locked_down_tree(open_tmp: Path) -> N
     (target / "ro").chmod(0o500)
     (target / "zero" / "deep").chmod(0)
     (target / "zero").chmod(0)
-    code, err = run_as_nobody("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", target)
+    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra",
+                              snap, "--repo", repo, "--target", target)
     assert code == 0, err
     assert tree_state(target) == tree_state(src)
     assert staging_left(target) == []
@@ -599,7 +602,7 @@ def test_snapshot_restore_with_config_leaves_the_agent_state_dir_alone(tmp_path:
     check = run_drsync("config", "check", "--config", cfg, "--json")
     assert any("state directory" in c["detail"] and "leave it alone" in c["detail"]
                for c in check.json()["checks"] if c["name"] == "nesting")
-    r = run_drsync("snapshot", "restore", "--delete-extra", "before-agent", "--config", cfg)
+    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra", "before-agent", "--config", cfg)
     assert r.code == 0, r.err
     assert (state / "state.json").read_bytes() == b'{"applied_snapshot": "abc", "epoch": 7}\n', \
         "the restore removed the agent's state directory"

@@ -40,7 +40,8 @@ def snapshot_of(tmp_path: Path, src: Path, name: str = "repo") -> tuple[str, str
 
 
 def restore(repo: str, snap: str, target: Path, *extra: str) -> tuple[int, str]:
-    r = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", target, *extra)
+    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                   snap, "--repo", repo, "--target", target, *extra)
     return r.code, r.err
 
 
@@ -273,7 +274,8 @@ def test_permission_problems_are_one_line_errors_or_worked_around(open_tmp: Path
     os.chmod(target / "locked" / "inner", 0)
     os.chmod(target / "locked", 0)
     subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", target], check=True)
-    code, err = run_as_nobody("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", target)
+    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra",
+                              snap, "--repo", repo, "--target", target)
     assert code == 0, err
     assert tree_state(target) == tree_state(src)
     # A directory of another user that this one cannot list: one line naming it, nothing changed.
@@ -284,7 +286,8 @@ def test_permission_problems_are_one_line_errors_or_worked_around(open_tmp: Path
     subprocess.run(["chown", f"{NOBODY}:{NOBODY}", other, other / "plain"], check=True)
     os.chmod(other / "private", 0o700)  # owned by root
     before = full_state(other)
-    code, err = run_as_nobody("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", other)
+    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra",
+                              snap, "--repo", repo, "--target", other)
     assert code == 1, err
     assert len(err.strip().splitlines()) == 1 and "private" in err and "permission" in err
     assert "internal error" not in err and "Traceback" not in err
@@ -348,7 +351,7 @@ def test_a_backup_restored_into_a_root_that_holds_it_stays_whole(tmp_path: Path)
     r = run_drsync("backup", "create", "--repo", repo, "--snapshot", snap, "--dest", dest, "--json")
     assert r.code == 0, r.err
     backup_dir = r.json()["path"]
-    r = run_drsync("backup", "restore", "--delete-extra", backup_dir, "--target", target)
+    r = run_drsync("backup", "restore", "--overwrite", "--delete-extra", backup_dir, "--target", target)
     assert r.code == 0, r.err
     assert run_drsync("backup", "verify", backup_dir).code == 0
     assert (target / "a" / "f").read_bytes() == b"f\n"

@@ -53,6 +53,43 @@ def test_full_backup_restores_anywhere(drsync, tmp_path: Path) -> None:  # type:
     assert v.code == 0 and v.json()["ok"] is True
 
 
+def test_backup_restore_onto_a_directory_holding_other_files_changes_nothing_without_the_flags(
+        drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 20: `backup restore DIR --target T` onto a directory with other files removed them ("1
+    removed") without a word, and overwrote a file of the same name. A target that is not this cluster's
+    data root keeps what it holds unless --overwrite (files there that differ) and --delete-extra (files the
+    backup lacks) say otherwise: exit 4, nothing changed; --dry-run lists what would change and exits 4 too."""
+    cfg, snap = setup(drsync, tmp_path)
+    path = create(drsync, cfg, snap)["path"]
+    target = tmp_path / "shared"
+    (target / "catalog").mkdir(parents=True)
+    (target / "unrelated.txt").write_text("somebody else's file\n")
+    (target / "catalog" / "f000.txt").write_text("same name, other content\n")
+    before = tree_state(target)
+    r = drsync("backup", "restore", path, "--target", target)
+    assert r.code == 4 and len(r.err.strip().splitlines()) == 1, (r.code, r.err)
+    assert "catalog/f000.txt" in r.err and "unrelated.txt" in r.err and "rerun with --overwrite --delete-extra" \
+        in r.err and "nothing was changed" in r.err, r.err
+    assert tree_state(target) == before
+    dry = drsync("backup", "restore", path, "--target", target, "--dry-run", "--json")
+    assert dry.code == 4 and "would be refused" in dry.err and tree_state(target) == before, dry.err
+    planned = dry.json()["planned"]
+    assert planned["remove"] == ["unrelated.txt"] and planned["overwrite"] == ["catalog/f000.txt"]
+    # Only overwriting allowed: the unrelated file still stops it; only removing allowed: the same-name file.
+    assert drsync("backup", "restore", path, "--target", target, "--overwrite").code == 4
+    assert drsync("backup", "restore", path, "--target", target, "--delete-extra").code == 4
+    assert tree_state(target) == before
+    # Both allowed: the target becomes the backup.
+    ok = drsync("backup", "restore", path, "--target", target, "--overwrite", "--delete-extra", "--json")
+    assert ok.code == 0 and ok.json()["removed"] == 1, ok.err
+    assert tree_state(target) == tree_state(tmp_path / "data")
+    # Onto this cluster's own data root (--config) a restore may change what is there, as before.
+    (tmp_path / "data" / "catalog" / "f000.txt").write_text("damaged\n")
+    own = drsync("backup", "restore", path, "--target", tmp_path / "data", "--config", cfg)
+    assert own.code == 0, own.err
+    assert tree_state(tmp_path / "data") == tree_state(target)
+
+
 def test_backup_holds_only_the_chunks_its_snapshot_needs(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg, first = setup(drsync, tmp_path)
     (tmp_path / "data" / "tables" / "orders" / "part-0.bin").unlink()

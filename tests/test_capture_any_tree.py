@@ -159,7 +159,7 @@ def test_an_odd_tree_is_captured_backed_up_and_restored_exactly(tmp_path: Path) 
     (target / "links").mkdir(parents=True)
     (target / "links" / "a").write_bytes(b"an unrelated file\n")
     os.link(target / "links" / "a", target / "links" / "stray")
-    r = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", target)
+    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap, "--repo", repo, "--target", target)
     assert r.code == 0, r.err
     assert exact_state(target) == want
     # Backup, verify, restore on "another cluster".
@@ -167,7 +167,7 @@ def test_an_odd_tree_is_captured_backed_up_and_restored_exactly(tmp_path: Path) 
     assert r.code == 0, r.err
     path = r.json()["path"]
     assert run_drsync("backup", "verify", path).code == 0
-    r = run_drsync("backup", "restore", "--delete-extra", path, "--target", tmp_path / "from-backup")
+    r = run_drsync("backup", "restore", "--overwrite", "--delete-extra", path, "--target", tmp_path / "from-backup")
     assert r.code == 0, r.err
     got = exact_state(tmp_path / "from-backup")
     assert got == want
@@ -223,7 +223,7 @@ def test_unreadable_paths_keep_their_last_version(open_tmp: Path) -> None:
     assert doc["stale_paths"] == 2, json.dumps(doc)  # secret.txt and private/inner.txt
     assert any("secret.txt" in w for w in doc["warnings"])
     out = base / "restored"
-    r = run_drsync("snapshot", "restore", "--delete-extra", "second", "--repo", repo, "--target", out)
+    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra", "second", "--repo", repo, "--target", out)
     assert r.code == 0, r.err
     assert (out / "secret.txt").read_bytes() == b"a file that will become unreadable\n"
     assert (out / "private" / "inner.txt").read_bytes() == b"inside a directory that will be locked\n"
@@ -339,7 +339,8 @@ def test_a_version_1_manifest_still_restores(tmp_path: Path) -> None:
     doc["manifest_hash"], doc["format"] = blake3.blake3(data).hexdigest(), 1
     doc_path.write_text(json.dumps(doc))
     assert run_drsync("repo", "verify", "--repo", repo).code == 0
-    r2 = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", tmp_path / "out")
+    r2 = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                    snap, "--repo", repo, "--target", tmp_path / "out")
     assert r2.code == 0, r2.err
     assert exact_state(tmp_path / "out") == exact_state(src)
     assert isinstance(Manifest.from_bytes(data), Manifest)

@@ -476,7 +476,7 @@ def test_an_error_naming_a_path_with_a_newline_is_one_line(tmp_path: Path) -> No
     if subprocess.run(["chattr", "+i", str(out / "a\nb")], capture_output=True).returncode != 0:
         pytest.skip("no chattr here")
     try:
-        r = run_drsync("snapshot", "restore", "latest", "--repo", repo, "--target", out)
+        r = run_drsync("snapshot", "restore", "latest", "--repo", repo, "--target", out, "--overwrite")
     finally:
         subprocess.run(["chattr", "-i", str(out / "a\nb")], check=True)
     assert r.code == 1 and "immutable" in r.err, r.err

@@ -25,6 +25,25 @@ def test_every_config_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "[cluster] is missing" in human.out  # brackets are shown, not eaten as markup
 
 
+def test_every_unknown_key_is_reported_at_once(tmp_path: Path) -> None:
+    """Issue 20: config check names every unknown key (and section) in one run, each with what is allowed
+    there, not only the first one: two in one table, one in each of three others, and a nested one."""
+    cfg = tmp_path / "typos.toml"
+    cfg.write_text(f'[cluster]\nid = "x"\nrelease = "1"\ndata = "{tmp_path}"\nrepository = "{tmp_path / "r"}"\n'
+                   'colour = "blue"\n[agent]\nnmae = "typo"\nrol = "auto"\n[replication]\nintervall = "5m"\n'
+                   '[snapshots]\nkeep = { forever = 1 }\n[bogus]\nx = 1\n')
+    r = run_drsync("config", "check", "--config", cfg, "--json")
+    assert r.code == 2, (r.code, r.out, r.err)
+    failed = [c["detail"] for c in json.loads(r.out)["checks"] if not c["ok"]]
+    expected = ["[bogus]: unknown section", "cluster.colour: unknown key", "agent.nmae: unknown key",
+                "agent.rol: unknown key", "replication.intervall: unknown key", "snapshots.keep.forever: unknown key"]
+    for word in expected:
+        assert sum(d.startswith(word) for d in failed) == 1, (word, failed)
+    assert len(failed) == len(expected) and all("allowed" in d for d in failed), failed
+    assert "allowed in [agent]: " in next(d for d in failed if d.startswith("agent.rol"))
+    assert len(r.err.strip().splitlines()) == 1 and f"{len(expected)} problem(s)" in r.err
+
+
 def test_a_healthy_group_checks_out_and_problems_are_named(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
     g = Group(tmp_path, zk_server.hosts, group, ["east", "west"])
     try:

@@ -244,3 +244,62 @@ def test_history_is_written_in_the_same_transaction_as_the_epoch(zk_server, grou
     finally:
         a.close()
         b.close()
+
+
+def test_a_name_belongs_to_its_agent_id_live_or_not_until_an_operator_replaces_it(zk_server, group: str) -> None:
+    """Issue 20: members/<name> holds the agent id that owns the name; another id is refused under it while
+    the owner is down too, and an epoch naming the agent records its id, so that only that identity claims
+    it. replace_identity (drsync replace-identity) moves both to a new id in one transaction, with history."""
+    import os
+    import socket
+
+    from drsync.coordination import DuplicateAgent
+    from drsync.errors import RefusedError
+
+    a, b = coord(zk_server.hosts, group), coord(zk_server.hosts, group)
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        a.register("east", {"role": "standby", "address": "x", "agent_id": "REAL", **me})
+        e1 = b.promote(b.read_epoch(), "east", "first", agent_id="REAL")
+        assert b.read_epoch().agent_id == "REAL" and e1.agent_id == "REAL"
+        with pytest.raises(DuplicateAgent, match="another agent is already registered as 'east'.*address x"):
+            b.register("east", {"role": "standby", "address": "y", "agent_id": "COPY", **me})
+        a.deregister("east", "REAL", "agent stopped")  # the real agent stops cleanly
+        with pytest.raises(DuplicateAgent, match="agent name 'east' .* belongs to another agent \\(agent id REAL"):
+            b.register("east", {"role": "standby", "address": "y", "agent_id": "COPY", **me})
+        assert "east" not in b.agents() and b.members()["east"].member["agent_id"] == "REAL"
+        # Another identity cannot take the primary node at an epoch that records the real one.
+        with pytest.raises(PrimaryTaken, match="agent id REAL, not this agent"):
+            b.claim_primary(b.read_epoch(), "east", "y", agent_id="COPY")
+        assert b.read_primary() is None
+        # The same identity in another live process elsewhere (a copied state directory) is refused too;
+        # its own earlier session (same host, process gone) is replaced.
+        a.register("east", {"role": "standby", "address": "x", "agent_id": "REAL", "host": "elsewhere", "pid": 1})
+        with pytest.raises(DuplicateAgent, match="another process runs with agent 'east''s identity.*host elsewhere"):
+            b.register("east", {"role": "standby", "address": "y", "agent_id": "REAL", **me})
+        a.register("east", {"role": "standby", "address": "x", "agent_id": "REAL", "host": me["host"],
+                            "pid": os.getppid()})  # alive, and not the registering process
+        with pytest.raises(DuplicateAgent, match="another process runs"):
+            b.register("east", {"role": "standby", "address": "y", "agent_id": "REAL", **me})
+        a.register("east", {"role": "standby", "address": "x", "agent_id": "REAL", "host": me["host"],
+                            "pid": 2 ** 22 + 1})  # a pid above pid_max: gone
+        b.register("east", {"role": "standby", "address": "y", "agent_id": "REAL", **me})
+        assert b.agents()["east"]["address"] == "y"
+        # Replacing the identity is refused while the name is registered live, and changes nothing.
+        with pytest.raises(RefusedError, match="registered live"):
+            a.replace_identity("east", "NEW", {"from": "east", "why": "identity replaced", "by": "ops@h"})
+        assert b.read_epoch().agent_id == "REAL"
+        b.deregister("east", "REAL", "agent stopped")
+        before = a.replace_identity("east", "NEW", {"from": "east", "why": "identity replaced", "by": "ops@h"})
+        assert before["agent_id"] == "REAL"
+        member = a.members()["east"].member
+        assert (member["agent_id"], member["replaced_agent_id"]) == ("NEW", "REAL")
+        e = a.read_epoch()
+        assert (e.epoch, e.promoted_by, e.agent_id) == (1, "east", "NEW")
+        assert (a.history(1)[0]["why"], a.history(1)[0]["to"]) == ("identity replaced", "east")
+        with pytest.raises(DuplicateAgent, match="agent id NEW"):
+            a.register("east", {"role": "standby", "address": "x", "agent_id": "REAL", **me})
+        assert a.claim_primary(e, "east", "z", agent_id="NEW").agent == "east"
+    finally:
+        a.close()
+        b.close()

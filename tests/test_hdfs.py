@@ -234,7 +234,8 @@ def test_permission_denied_is_one_clear_line_and_changes_nothing(webhdfs, tmp_pa
     webhdfs.chmod(site.path("locked"), 0o555, owner="hdfs")
     before = _hadoop(webhdfs, site.path("locked"))
     mark = webhdfs.audit_mark()
-    r = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", site.url("locked"))
+    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                   snap, "--repo", repo, "--target", site.url("locked"))
     assert r.code == 1 and r.err.count("\n") == 1, r.err
     assert "HDFS permission denied" in r.err and "as drsync" in r.err and "grant that user access" in r.err
     assert _hadoop(webhdfs, site.path("locked")) == before
@@ -254,7 +255,8 @@ def test_space_quota_exceeded_mid_write_leaves_nothing_half_written(webhdfs, tmp
     site.write("standby", "old.txt", b"the last good state")
     webhdfs.set_quota(site.path("standby"), 4 * MiB)  # the first big file fits, the second does not
     before = _hadoop(webhdfs, site.path("standby"))
-    r = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", site.url("standby"))
+    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                   snap, "--repo", repo, "--target", site.url("standby"))
     assert r.code == 1 and "HDFS quota exceeded" in r.err and "setSpaceQuota" in r.err, r.err
     assert _hadoop(webhdfs, site.path("standby")) == before  # nothing half written, not even the staging area
     # The same through the repository: a pack that does not fit is never published.
@@ -267,7 +269,7 @@ def test_space_quota_exceeded_mid_write_leaves_nothing_half_written(webhdfs, tmp
     assert run_drsync("snapshot", "list", "--repo", hrepo, "--json").json() == []
     # Space comes back: everything works again.
     webhdfs.set_quota(site.path("standby"), -1)
-    assert run_drsync("snapshot", "restore", "--delete-extra",
+    assert run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
                       snap, "--repo", repo, "--target", site.url("standby")).code == 0
     assert same_tree(local, "data", site, "standby")
 
@@ -286,13 +288,14 @@ def test_name_quota_exceeded_is_reported_and_changes_nothing(webhdfs, tmp_path: 
     webhdfs.set_name_quota(site.path("standby"), 8)
     before = _hadoop(webhdfs, site.path("standby"))
     mark = webhdfs.audit_mark()
-    r = run_drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", site.url("standby"))
+    r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                   snap, "--repo", repo, "--target", site.url("standby"))
     assert r.code == 1 and r.err.count("\n") == 1, r.err
     assert "HDFS quota exceeded" in r.err and "-setQuota" in r.err and "setSpaceQuota" not in r.err, r.err
     assert any(not e["ok"] for e in webhdfs.events_since(mark, under=site.path("standby")))
     assert _hadoop(webhdfs, site.path("standby")) == before
     webhdfs.set_name_quota(site.path("standby"), -1)
-    assert run_drsync("snapshot", "restore", "--delete-extra",
+    assert run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
                       snap, "--repo", repo, "--target", site.url("standby")).code == 0
     assert same_tree(local, "data", site, "standby")
 
@@ -902,7 +905,7 @@ def test_a_small_change_applied_onto_hdfs_touches_only_its_directory(webhdfs, tm
     def restore_counting() -> list[tuple[str, str]]:
         snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()
         mark = webhdfs.audit_mark()
-        assert run_drsync("snapshot", "restore", "--delete-extra",
+        assert run_drsync("snapshot", "restore", "--overwrite", "--delete-extra",
                           snap["id"], "--repo", repo, "--target", site.url("sb")).code == 0
         assert same_tree(local, "data", site, "sb")
         return [(cmd, src) for cmd, src in webhdfs.ops_since(mark, under=site.path("sb"))

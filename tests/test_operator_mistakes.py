@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -79,6 +81,73 @@ def test_a_second_agent_with_the_same_name_is_refused(grp: Group, tmp_path: Path
     wait_for(lambda: g.primary() == ("east", 1), "east to take its claim back after kill -9")
 
 
+def test_a_same_name_impostor_cannot_take_over_while_the_real_agent_is_down(grp: Group, tmp_path: Path) -> None:
+    """Issue 20 audit: with the real primary east stopped (SIGTERM), a copy of its config with a fresh state
+    directory decided "claim (epoch 1 names this agent)", became primary at epoch 1, west applied its tree,
+    and the real east was refused when it came back. The name belongs to east's persistent agent id (its
+    members record, and the epoch records it): the copy is refused, config check says so while east is
+    down, and east takes its claim back. A reinstalled host takes the name only by drsync replace-identity,
+    after which the old identity is the one refused."""
+    g = grp
+    watcher = PrimaryWatcher(g.hosts, g.group)
+    bootstrap(g)
+    real_id = g.record("east")["agent_id"]
+    assert g.coord.read_epoch().agent_id == real_id  # promote recorded the promoted agent's identity
+    g.kill("east", signal.SIGTERM)  # a maintenance stop of the real primary
+    assert g.primary() is None and "east" not in g.coord.agents()
+    copy = copy_config(g, "east", tmp_path)
+    check = run_drsync("config", "check", "--config", copy, "--json")
+    named = {c["name"]: c for c in json.loads(check.out)["checks"]}
+    assert check.code == 2 and not named["agent name"]["ok"], (check.code, check.out)
+    detail = named["agent name"]["detail"]
+    assert f"belongs to another agent (agent id {real_id}" in detail and g.addr["east"] in detail, detail
+    assert "drsync replace-identity" in detail and "would be refused" in detail
+    r = run_agent(copy)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert f"agent name 'east' in group {g.group} belongs to another agent (agent id {real_id}" in line, line
+    assert "give this agent its own agent.name" in line and "drsync replace-identity" in line
+    assert g.primary() is None and g.coord.members()["east"].member["agent_id"] == real_id
+    # The real east comes back: its own name, its own claim at epoch 1; west never saw the copy's tree.
+    g.start("east")
+    wait_for(lambda: g.primary() == ("east", 1), "the real east to take its claim back")
+    (g.data["east"] / "catalog" / "after.txt").write_text("production goes on\n")
+    wait_for(lambda: g.in_sync("east", "west"), "replication to go on")
+    assert not (g.data["west"] / "catalog" / "impostor.txt").exists()
+    assert {p for p in watcher.primary if p is not None} == {("east", 1)}
+    watcher.close()
+    assert g.status("west")["primary"] == "east"
+
+    # A reinstalled host: same data root and repository, its state directory lost. Refused until the operator
+    # replaces the identity; then it takes east's claim back at epoch 1, and the old identity is refused.
+    g.kill("east", signal.SIGTERM)
+    new = copy_config(g, "east", tmp_path, keep=("data", "repository"))
+    assert run_agent(new).returncode == 2
+    live = tmp_path / "live.toml"  # west's name (west runs), another state directory
+    live.write_text(g.cfg["west"].read_text().replace("[agent]\n", f'[agent]\nstate_dir = "{tmp_path / "ls"}"\n'))
+    r = run_drsync("replace-identity", "--config", live)
+    assert r.code == 4 and "registered live" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    r = run_drsync("replace-identity", "--config", new, "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["replaced"] and doc["replaced_agent_id"] == real_id and doc["agent_id"] != real_id
+    assert "identity replaced" in r.err and "WARNING" in r.err  # logged at WARNING on stderr
+    (entry,) = [e for e in g.coord.history(5) if e["why"] == "identity replaced"]
+    assert entry["to"] == "east" and real_id in entry["detail"] and doc["agent_id"] in entry["detail"]
+    assert g.coord.read_epoch().agent_id == doc["agent_id"]
+    with open(tmp_path / "new-east.log", "wb") as log:
+        reinstalled = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(new)], stdout=log,
+                                       stderr=log)
+    try:
+        wait_for(lambda: g.primary() == ("east", 1), "the reinstalled east to take the claim at epoch 1")
+        assert g.record("east")["agent_id"] == doc["agent_id"]
+    finally:
+        reinstalled.send_signal(signal.SIGTERM)
+        reinstalled.wait(timeout=60 * SLOW)
+    r = run_agent(g.cfg["east"])  # the old identity (the original state directory)
+    assert r.returncode == 2 and f"belongs to another agent (agent id {doc['agent_id']}" in r.stderr, r.stderr
+
+
 def test_an_agent_on_a_port_in_use_exits(grp: Group, tmp_path: Path) -> None:
     g = grp
     g.start("east")
@@ -132,6 +201,8 @@ def test_an_empty_standby_promoted_over_production_empties_nothing(grp: Group) -
     assert len(r.err.strip().splitlines()) == 1 and g.coord.read_epoch().epoch == 1
     r = g.promote("west", "--force", "--promote-empty-root", "--accept-data-loss")
     assert r.code == 0, r.err
+    (change,) = [e for e in g.coord.history(5) if e["epoch"] == 2]
+    assert change["to"] == "west" and "--promote-empty-root" in change["detail"], change
     g.start("east")
     g.wait_role("east", "ex-primary")
     assert g.drsync("east", "rejoin").code == 0
@@ -165,6 +236,28 @@ def test_promote_succeeds_only_when_an_agent_acts_as_primary_and_dry_run_changes
     assert human.code == 4 and "FAIL  data root" in human.out, human.out
     assert g.connected().read_epoch().epoch == 0
     assert g.promote("east").code == 0 and g.primary() == ("east", 1)
+
+
+def test_promote_whose_agent_never_acts_as_primary_within_wait_fails_and_says_so(grp: Group,
+                                                                                  tmp_path: Path) -> None:
+    """The epoch moved to the agent, but it does not take over within --wait (held at the pause point
+    before its claim, as a hung agent would be): exit 1, one line naming the epoch, the role the agent
+    reports and the primary node, and what to do; once it goes on, it takes over at that epoch."""
+    g = grp
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    (gates / "claim").write_text("")
+    g.start("east", env={**os.environ, "DRSYNC_FAULT_PAUSE": str(gates)})
+    r = g.promote("east", "--wait", "1")
+    assert r.code == 1 and len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, (r.code, r.err)
+    assert "epoch 1 now names east, but it does not act as primary within 1s" in r.err, r.err
+    assert "its agent reports role standby" in r.err and "primary node: none" in r.err
+    assert "the group has no working primary until it does" in r.err and "check its log" in r.err
+    wait_for(lambda: (gates / "claim.reached").exists(), "east to stop before its claim")
+    assert g.coord.read_epoch().epoch == 1 and g.primary() is None and g.record("east")["role"] == "standby"
+    (gates / "claim").unlink()
+    wait_for(lambda: g.primary() == ("east", 1), "east to take over once it goes on")
+    g.wait_role("east", "primary")
 
 
 def test_promote_of_a_killed_agent_whose_registration_lingers_changes_nothing(tmp_path: Path, zk_server,

@@ -136,3 +136,27 @@ def test_a_maintenance_marker_stops_automatic_promotion_but_not_the_named_agent(
     assert d.action == "standby" and "stopped on purpose" in d.reason and "east" in d.reason
     # The agent the epoch names takes its claim back when it returns.
     assert decide("east", marked) == "claim"
+
+
+def test_an_epoch_that_records_another_agent_id_names_another_agent() -> None:
+    """Issue 20: a copy of east's config with a fresh state directory (another agent id) claimed epoch 1 by
+    the name alone. The epoch records the promoted agent's id; only that identity claims it."""
+    def with_id(agent_id: str, primary: PrimaryClaim | None = None) -> GroupView:
+        return GroupView(SessionState.CONNECTED, Epoch(3, "east", NOW - 3600, "manual", 7, agent_id), primary)
+
+    def decision(v: GroupView, my_id: str, acting: bool = False) -> str:
+        return decide_role("east", v, agent_id=my_id, acting_primary=acting, policy=AUTO, primary_absent_s=1e6,
+                           lag_s=5.0, rank=0, epoch_age_s=3600.0).action
+
+    assert decision(with_id("real"), "real") == "claim"
+    assert decision(with_id("real"), "copy") == "standby"
+    assert "agent id real, not this agent (agent id copy)" in decide_role(
+        "east", with_id("real"), agent_id="copy", acting_primary=False, policy=AUTO, primary_absent_s=1e6,
+        lag_s=5.0, rank=0, epoch_age_s=3600.0).reason
+    # Acting as primary (or holding the node) under another identity: step down.
+    assert decision(with_id("real"), "copy", acting=True) == "step-down"
+    assert decision(with_id("real", PrimaryClaim("east", "a", 3, NOW, mine=True)), "copy") == "step-down"
+    assert decision(with_id("real", PrimaryClaim("east", "a", 3, NOW, mine=True)), "real", acting=True) == \
+        "act-primary"
+    # An epoch written before agent ids were recorded names the agent by its name alone.
+    assert decision(with_id(""), "copy") == "claim"

@@ -79,20 +79,36 @@ def test_restore_is_exact_and_a_delta(drsync, repo_url: str, tree: Path, tmp_pat
     (out / "tables" / "link-to-f000").unlink()
     (out / "tables" / "link-to-f000").write_text("was a link")
     damaged = tree_state(out)
-    # The target is not this cluster's data root: removing what the snapshot lacks needs --delete-extra.
-    refused = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", out)
-    assert refused.code == 4 and "--delete-extra" in refused.err and "2 path(s)" in refused.err, refused.err
-    assert len(refused.err.strip().splitlines()) == 1 and tree_state(out) == damaged
+    # The target is not this cluster's data root: overwriting what it holds needs --overwrite (f011.txt, and
+    # the file where the snapshot has a link), removing what the snapshot lacks --delete-extra.
+    for flags, needed, named in (((), "--overwrite --delete-extra", ("2 existing path(s)", "2 path(s) the")),
+                                 (("--delete-extra",), "--overwrite", ("2 existing path(s)",)),
+                                 (("--overwrite",), "--delete-extra", ("2 path(s) the snapshot does not have",))):
+        refused = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", out, *flags)
+        assert refused.code == 4 and f"rerun with {needed} " in refused.err, (flags, refused.err)
+        assert all(n in refused.err for n in named) and "nothing was changed" in refused.err, refused.err
+        assert len(refused.err.strip().splitlines()) == 1 and tree_state(out) == damaged
+        # The dry run applies the same rule: it lists what would change, says it would be refused, exits 4.
+        dry = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", out, "--dry-run",
+                     "--json", *flags)
+        assert dry.code == 4 and "would be refused" in dry.err and f"rerun with {needed} " in dry.err, dry.err
+        assert dry.json()["refused"] and tree_state(out) == damaged
+        if not flags:
+            assert all(p in refused.err for p in ("catalog/f011.txt", "tables/link-to-f000", "catalog/extra.txt"))
     # A dry run lists what would happen and changes nothing.
     dry = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", out, "--dry-run",
-                 "--delete-extra", "--json").json()
-    assert dry["dry_run"] and sorted(dry["planned"]["remove"]) == ["catalog/extra.txt", "stray",
-                                                                   "tables/link-to-f000"]
-    assert "catalog/f011.txt" in dry["planned"]["write"] and tree_state(out) == damaged
+                 "--delete-extra", "--overwrite", "--json")
+    assert dry.code == 0 and dry.json()["refused"] is None, dry.err
+    planned = dry.json()["planned"]
+    assert sorted(planned["remove"]) == ["catalog/extra.txt", "stray", "tables/link-to-f000"]
+    assert sorted(planned["overwrite"]) == ["catalog/f011.txt"] and "catalog/f011.txt" in planned["write"]
+    assert tree_state(out) == damaged
     human = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", out, "--dry-run")
-    assert human.code == 0 and "remove stray" in " ".join(human.out.split()) and tree_state(out) == damaged
+    words = " ".join(human.out.split())
+    assert human.code == 4 and "remove stray" in words and "replace catalog/f011.txt" in words, human.out
+    assert "would be refused" in human.err and tree_state(out) == damaged
     fixed = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", out, "--json",
-                   "--delete-extra").json()
+                   "--delete-extra", "--overwrite").json()
     assert tree_state(out) == expected
     assert fixed["written_files"] == 1 and fixed["removed"] == 3
     assert not (out / ".drsync-staging").exists()
@@ -109,7 +125,8 @@ def test_restore_refuses_another_cluster_or_release(drsync, tmp_path: Path, tree
     for kwargs, word in (({"cluster_id": "west"}, "cluster id 'east', this cluster is 'west'"),
                          ({"release": "6.3.0"}, "release '6.2.1', this cluster runs '6.3.0'")):
         other = write_config(tmp_path, name="other.toml", **kwargs)
-        r = drsync("snapshot", "restore", "--delete-extra", snap["id"], "--config", other, "--target", out)
+        r = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                   snap["id"], "--config", other, "--target", out)
         assert r.code == 4, r.err
         assert word in r.err and "drsync backup create" in r.err
         assert r.err.count("\n") == 1
@@ -129,7 +146,7 @@ def test_restore_of_corrupt_chunk_exits_3_and_changes_nothing(drsync, repo_url: 
     (out / "catalog").mkdir()
     (out / "catalog" / "f000.txt").write_text("old")
     before = tree_state(out)
-    r = drsync("snapshot", "restore", "--delete-extra", snap["id"], "--repo", repo_url, "--target", out)
+    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap["id"], "--repo", repo_url, "--target", out)
     assert r.code == 3, r.err
     assert f"snapshot {snap['id']}: tables/orders/part-" in r.err and "does not match its hash" in r.err
     assert tree_state(out) == before
@@ -161,7 +178,8 @@ def test_hostile_manifest_paths_are_refused(drsync, repo_url: str, tree: Path, t
         snap = snapshot(drsync, repo_url, tree)
         _rewrite_manifest(repo_url, snap["id"], change)
         out = tmp_path / "out"
-        r = drsync("snapshot", "restore", "--delete-extra", snap["id"], "--repo", repo_url, "--target", out)
+        r = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                   snap["id"], "--repo", repo_url, "--target", out)
         assert r.code == 3 and word in r.err, r.err
         assert not out.exists() and not (tmp_path / "escaped.txt").exists()
 
@@ -175,7 +193,8 @@ def test_hostile_manifest_paths_are_refused(drsync, repo_url: str, tree: Path, t
 
     snap = snapshot(drsync, repo_url, tree)
     _rewrite_manifest(repo_url, snap["id"], link_out)
-    r = drsync("snapshot", "restore", "--delete-extra", snap["id"], "--repo", repo_url, "--target", tmp_path / "out2")
+    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+               snap["id"], "--repo", repo_url, "--target", tmp_path / "out2")
     assert r.code == 3 and "points outside the data root" in r.err
 
 
@@ -183,7 +202,8 @@ def test_truncated_manifest_is_reported(drsync, repo_url: str, tree: Path, tmp_p
     snap = snapshot(drsync, repo_url, tree)
     p = Path(repo_url) / "manifests" / f"{snap['id']}.parquet"
     p.write_bytes(p.read_bytes()[:100])
-    r = drsync("snapshot", "restore", "--delete-extra", snap["id"], "--repo", repo_url, "--target", tmp_path / "out")
+    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+               snap["id"], "--repo", repo_url, "--target", tmp_path / "out")
     assert r.code == 3 and "manifest is damaged" in r.err
     assert not (tmp_path / "out").exists()
 
@@ -196,7 +216,7 @@ def test_bad_input_errors(drsync, tmp_path: Path, repo_url: str, tree: Path) -> 
     snap = snapshot(drsync, repo_url, tree)
     f = tmp_path / "afile"
     f.write_text("x")
-    r = drsync("snapshot", "restore", "--delete-extra", snap["id"], "--repo", repo_url, "--target", f)
+    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap["id"], "--repo", repo_url, "--target", f)
     assert r.code == 2 and "is not a directory" in r.err and f.read_text() == "x"
     # Unknown config key and wrong type: exit 2, one line naming the key.
     cfg = write_config(tmp_path, extra="[snapshots]\nintervall = '1h'\n")
@@ -262,7 +282,8 @@ def test_truncated_pack_is_an_integrity_error(drsync, repo_url: str, tree: Path,
     report = v.json()
     assert report["ok"] is False and any("trailer" in p or "truncated" in p for p in report["problems"])
     assert {d["snapshot"] for d in report["damaged_files"]} == {snap["id"]}
-    r = drsync("snapshot", "restore", "--delete-extra", snap["id"], "--repo", repo_url, "--target", tmp_path / "out")
+    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+               snap["id"], "--repo", repo_url, "--target", tmp_path / "out")
     assert r.code == 3 and "truncated" in r.err
     assert not (tmp_path / "out").exists()
 
@@ -309,11 +330,11 @@ def test_snapshot_restore_and_delta_on_every_storage(drsync, tmp_path: Path, req
     assert drsync("init", "--repo", repo, "--cluster-id", "east", "--release", "6.2.1").code == 0
     first = snapshot(drsync, repo, src.url("data"))
     assert first["files"] == 25 and first["new_bytes"] > 0
-    r = drsync("snapshot", "restore", "--delete-extra",
+    r = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
                first["id"], "--repo", repo, "--target", dst.url("out"), "--json")
     assert r.code == 0, r.err
     assert same_tree(src, "data", dst, "out")
-    again = drsync("snapshot", "restore", "--delete-extra",
+    again = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
                    first["id"], "--repo", repo, "--target", dst.url("out"), "--json").json()
     assert again["written_files"] == 0, "unchanged files must be left alone across storages too"
     # Change the source; the next snapshot reads only what changed and restores as a delta.
@@ -324,7 +345,7 @@ def test_snapshot_restore_and_delta_on_every_storage(drsync, tmp_path: Path, req
     second = snapshot(drsync, repo, src.url("data"))
     assert second["read_bytes"] < 10_000 and second["reused_files"] >= first["files"] - 3
     dst.write("out", "catalog/scribble.txt", b"not in the snapshot")
-    fixed = drsync("snapshot", "restore", "--delete-extra",
+    fixed = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
                    second["id"], "--repo", repo, "--target", dst.url("out"), "--json").json()
     assert same_tree(src, "data", dst, "out")
     assert fixed["written_files"] == 2 and fixed["removed"] == 2
@@ -342,14 +363,15 @@ def test_checksum_restore_finds_changes_hidden_behind_size_and_mtime(drsync, tmp
     repo = src.url("repo")
     assert drsync("init", "--repo", repo, "--cluster-id", "east", "--release", "6.2.1").code == 0
     snap = snapshot(drsync, repo, src.url("data"))["id"]
-    assert drsync("snapshot", "restore", "--delete-extra", snap, "--repo", repo, "--target", dst.url("out")).code == 0
+    assert drsync("snapshot", "restore", "--overwrite", "--delete-extra",
+                  snap, "--repo", repo, "--target", dst.url("out")).code == 0
     original = tmp_path / "src" / "data" / "catalog" / "f002.txt"
     dst.write("out", "catalog/f002.txt", b"X" * original.stat().st_size)  # same size ...
     dst.set_mtime("out", "catalog/f002.txt", original.stat().st_mtime_ns)  # ... and the same time
-    plain = drsync("snapshot", "restore", "--delete-extra",
+    plain = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
                    snap, "--repo", repo, "--target", dst.url("out"), "--json").json()
     assert plain["written_files"] == 0 and not same_tree(src, "data", dst, "out")
-    checked = drsync("snapshot", "restore", "--delete-extra",
+    checked = drsync("snapshot", "restore", "--overwrite", "--delete-extra",
                      snap, "--repo", repo, "--target", dst.url("out"), "--checksum",
                      "--json").json()
     assert checked["written_files"] == 1 and same_tree(src, "data", dst, "out")

@@ -44,3 +44,18 @@ def test_backup_list_json_has_iso_times_and_unix_twins(tmp_path: Path) -> None:
     rows = rows["backups"] if isinstance(rows, dict) else rows
     assert rows and datetime.fromisoformat(rows[0]["created_at"].replace("Z", "+00:00")).tzinfo is not None
     assert isinstance(rows[0]["created_at_unix"], float)
+
+
+def test_the_json_a_failing_command_prints_has_iso_times_too(tmp_path: Path) -> None:
+    """Issue 20: `apply --confirm X --json` that fails printed its reply with done_at as Unix seconds, while
+    every successful command's JSON has ISO 8601 times with a zone and a `_unix` twin."""
+    (tmp_path / "data").mkdir()
+    cfg = tmp_path / "standby.toml"
+    cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path / "data"}"\n'
+                   f'repository = "{tmp_path / "repo"}"\n[agent]\nrole = "standby"\n')
+    assert run_drsync("init", "--config", cfg).code == 0
+    r = run_drsync("apply", "--confirm", "nothing-held", "--json", "--wait", "1", "--config", cfg)
+    assert r.code == 4 and len(r.err.strip().splitlines()) == 1, (r.code, r.err)
+    doc = json.loads(r.out)
+    assert not doc["ok"] and isinstance(doc["done_at_unix"], float), doc
+    assert datetime.fromisoformat(doc["done_at"].replace("Z", "+00:00")).tzinfo is not None

@@ -31,6 +31,7 @@ from drsync.config import (
     read_config_document,
     topology_problem,
 )
+from drsync.coordination import Coordinator, identity_problem
 from drsync.dataroot import open_data_root
 from drsync.errors import ConfigError, DrsyncError
 from drsync.transport.grpc import GrpcStandbyLink
@@ -301,6 +302,36 @@ def _check_targets(cfg: Config, known: set[str]) -> list[Check]:
         "config" if cfg.agent.role != "auto" else "network", warn=bool(unknown))]
 
 
+def _check_identity(cfg: Config, coord: Coordinator) -> list[Check]:
+    """Whether this config's agent may register under its name: the name belongs to the agent id of its
+    ``members/<name>`` record (live or not), and a live registration of this identity elsewhere is another
+    process (the running agent is this config's only where this config listens)."""
+    name, group = cfg.agent.name, cfg.coordination.group
+    member = coord.members().get(name)
+    if member is None:
+        return [Check("agent name", True, f"{name!r} is new in group {group}: this agent will own it", "network")]
+    my_id = StateStore(state_dir_of(cfg)).load().agent_id
+    live = member.record
+    other_live = live if live is not None and live.get("agent_id") != my_id else None
+    problem = identity_problem(name, group, my_id, other_live, member.member)
+    if problem:
+        return [Check("agent name", False, f"{problem} (this config's agent would be refused)", "config")]
+    if live is None:
+        left = member.member.get("left_reason")
+        return [Check("agent name", True, f"{name!r} belongs to this agent (agent id {my_id}); it is not running "
+                      f"({'stopped: ' + str(left) if left else 'last seen without a clean stop'})", "network")]
+    mine_at = str(live.get("address") or "")
+    here = cfg.agent.advertise or cfg.agent.listen
+    if mine_at and mine_at != here:
+        return [Check("agent name", False, (
+            f"{name!r} is registered by a running agent at {mine_at} (pid {live.get('pid')}, host "
+            f"{live.get('host')}), not at this config's address {here}: this config is not the running "
+            f"agent's; stop that one before starting this, or give this config its own agent.name and "
+            f"state directory"), "network")]
+    return [Check("agent name", True, f"{name!r} is registered by this agent at {mine_at} (agent id {my_id})",
+                  "network")]
+
+
 def _check_peers(cfg: Config, timeout_s: float) -> list[Check]:
     out: list[Check] = []
     tls = (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if cfg.tls.enabled else None
@@ -318,22 +349,7 @@ def _check_peers(cfg: Config, timeout_s: float) -> list[Check]:
                              f"epoch {view.epoch.epoch}, primary {who} ({took * 1000:.0f} ms)", "network"))
             peers = [(n, str(r.get("address"))) for n, r in agents.items() if n != cfg.agent.name and r.get("address")]
             out += _check_targets(cfg, {n for n, _ in peers} | {a for _, a in peers})
-            mine = agents.get(cfg.agent.name)
-            if mine is not None:
-                my_id = StateStore(state_dir_of(cfg)).load().agent_id
-                other = mine.get("agent_id") and mine.get("agent_id") != my_id
-                mine_at = str(mine.get("address") or "")
-                here = cfg.agent.advertise or cfg.agent.listen
-                elsewhere = not other and bool(mine_at) and mine_at != here
-                out.append(Check("agent name", not other and not elsewhere, (
-                    f"another agent is registered as {cfg.agent.name!r} (address {mine_at}, agent id "
-                    f"{mine.get('agent_id')}); this config's agent would be refused: give it its own agent.name")
-                    if other else (
-                    f"{cfg.agent.name!r} is registered by a running agent at {mine_at} (pid {mine.get('pid')}, host "
-                    f"{mine.get('host')}), not at this config's address {here}: this config is not the running "
-                    f"agent's; stop that one before starting this, or give this config its own agent.name and "
-                    f"state directory") if elsewhere else
-                    f"{cfg.agent.name!r} is registered by this agent at {mine_at}", "network"))
+            out += _check_identity(cfg, coord)
             if not peers:
                 out.append(Check("peers", True, "no other agent of the group is registered right now", "network"))
         except DrsyncError as e:

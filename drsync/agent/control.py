@@ -11,8 +11,10 @@ applied, then one transaction that bumps the epoch and drops its claim).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,7 @@ from drsync.units import iso_time
 # How long a promotion at a recovery point waits for the agent to apply it (a large tree takes a while).
 POINT_APPLY_WAIT_S = 6 * 3600.0
 ERRORS_BY_CODE: dict[int, type[Exception]] = {2: UsageError, 4: RefusedError}
+log = logging.getLogger("drsync.identity")
 
 
 def _require_auto(cfg: Config, what: str) -> None:
@@ -339,6 +342,62 @@ def _agent_alive(cfg: Config, coord: Coordinator, state_dir: str) -> tuple[bool,
     return True, f"it answers at {address}"
 
 
+def _identity_of(cfg: Config, coord: Coordinator, state: AgentState) -> str:
+    """The persistent agent id of this config's running agent, recorded in the epoch so that only that
+    agent may claim it: its state directory's when it runs here, else its live registration's."""
+    if StateDirLock.held(state_dir_of(cfg)) and state.agent_id:
+        return state.agent_id
+    try:
+        record = coord.agents().get(cfg.agent.name) or {}
+    except OperationFailed:
+        record = {}
+    return str(record.get("agent_id") or state.agent_id or "")
+
+
+def replace_identity(cfg: Config) -> dict[str, Any]:
+    """An operator's step: this config's agent (its state directory's agent id) owns its agent.name in the
+    group from now on, in place of the agent id the group recorded (a reinstalled host, a lost state
+    directory). The other identity is refused under this name afterwards. Refused while a registration of
+    the name is live; recorded in the group's history."""
+    _require_auto(cfg, "replace-identity")
+    me = cfg.agent.name
+    state_dir = state_dir_of(cfg)
+    if StateDirLock.held(state_dir):
+        raise UsageError(f"agent {me} runs with state directory {state_dir}: replace-identity is for an agent "
+                         f"that was refused its name; stop it first")
+    store = StateStore(state_dir)
+    owner = store.current.agent_name
+    if owner and owner != me:
+        raise UsageError(f"state directory {state_dir} belongs to agent {owner}, not {me}; nothing was changed")
+    coord = _connected(cfg)
+    try:
+        member = coord.members().get(me)
+        old = str((member.member if member else {}).get("agent_id") or "")
+        new = store.current.agent_id or uuid.uuid4().hex
+        if old == new:
+            return {"agent": me, "agent_id": new, "replaced": False,
+                    "message": f"agent {me} already owns its name in group {cfg.coordination.group} (agent id "
+                               f"{new}): nothing to replace"}
+        store.update(agent_id=new, agent_name=me)
+        epoch = coord.read_epoch()
+        detail = (f"drsync replace-identity: agent id {old or '(none recorded)'} replaced by {new}"
+                  + (f"; epoch {epoch.epoch} names {me}: the new identity may claim it" if epoch.promoted_by == me
+                     else ""))
+        coord.replace_identity(me, new, {"from": me, "why": "identity replaced", "by": operator(),
+                                         "detail": detail})
+        log.warning("agent %s of group %s: identity replaced by %s: agent id %s replaced by %s; an agent with the "
+                    "old identity is refused under this name from now on", me, cfg.coordination.group, operator(),
+                    old or "(none recorded)", new)
+        return {"agent": me, "agent_id": new, "replaced": True, "replaced_agent_id": old or None,
+                "epoch": epoch.epoch, "primary_of_epoch": epoch.promoted_by == me,
+                "message": f"agent {me} owns its name in group {cfg.coordination.group} with agent id {new} now "
+                           f"(replaced {old or 'no recorded id'}); an agent with the old identity is refused under "
+                           f"this name; start this agent" + (f" (epoch {epoch.epoch} names it: it takes the primary "
+                                                              f"claim back)" if epoch.promoted_by == me else "")}
+    finally:
+        coord.close()
+
+
 def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False, wait_s: float = 30.0,
             no_fence: bool = False, promote_empty_root: bool = False, dry_run: bool = False,
             point: PointChoice | None = None) -> dict[str, Any]:
@@ -400,10 +459,11 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
             applied_first = _apply_point(cfg, target, point)
         elif point.delayed_state and state.pending:
             applied_first = _keep_delayed(cfg)
-        new = coord.promote(view.epoch, me, reason, history={
+        new = coord.promote(view.epoch, me, reason, agent_id=_identity_of(cfg, coord, state), history={
             "from": old or None, "why": reason, "by": operator(),
             "detail": (f"drsync promote{' --force' if force else ''}{' --accept-data-loss' if accept_data_loss else ''}"
-                       f"{' --no-fence' if no_fence else ''}" + (f" at snapshot {target.id}" if target else "")
+                       f"{' --no-fence' if no_fence else ''}{' --promote-empty-root' if promote_empty_root else ''}"
+                       + (f" at snapshot {target.id}" if target else "")
                        + (f"; {primary.agent}'s session was alive (fenced)" if primary is not None else "")),
             "lag_s": round(lag, 3) if lag is not None else None,
             "snapshot": (target.id if target else state.applied_snapshot) or None})

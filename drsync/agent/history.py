@@ -7,7 +7,9 @@ at the same epoch), so the history never disagrees with the epoch. The newest
 :data:`~drsync.coordination.HISTORY_KEEP` are kept. Each entry: ``epoch``, ``from`` (the previous
 primary, null for the first), ``to``, ``at``, ``why`` (one of :data:`WHYS`), ``by`` (``user@host``
 of the operator who ran the command, or ``agent NAME on HOST``), ``detail``, and where known
-``lag_s`` and ``snapshot`` (what the new primary started from).
+``lag_s`` and ``snapshot`` (what the new primary started from). ``drsync replace-identity`` is recorded
+too (``why`` "identity replaced", ``from`` and ``to`` the agent's name, the ids in ``detail``): it
+changes which process may act under a name.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from drsync.errors import UsageError
 from drsync.repository.snapshots import iso
 
 WHYS = ("first promotion", "manual", "forced", "automatic failover", "switchover", "claim after restart",
-        "claim after lost session")
+        "claim after lost session", "identity replaced")
 
 
 def operator() -> str:

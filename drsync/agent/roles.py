@@ -48,12 +48,14 @@ class RoleDecision:
 
 
 def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: FailoverPolicy,
-                primary_absent_s: float, lag_s: float | None, rank: int, epoch_age_s: float) -> RoleDecision:
-    """What this agent should do now. ``primary_absent_s`` is how long the primary node has been
-    seen missing; ``lag_s`` this agent's lag (None before it applied anything; on the primary's
-    clock); ``rank`` its place among the standbys ordered by how up to date they are (0 = the
-    newest); ``epoch_age_s`` how long ago this agent first saw the current epoch, on its own clock
-    (never a time another machine wrote), for the cooldown."""
+                primary_absent_s: float, lag_s: float | None, rank: int, epoch_age_s: float,
+                agent_id: str = "") -> RoleDecision:
+    """What this agent should do now. ``agent_id`` is its persistent identity: an epoch that records
+    another id names another agent of the same name, never this one. ``primary_absent_s`` is how
+    long the primary node has been seen missing; ``lag_s`` this agent's lag (None before it applied
+    anything; on the primary's clock); ``rank`` its place among the standbys ordered by how up to
+    date they are (0 = the newest); ``epoch_age_s`` how long ago this agent first saw the current
+    epoch, on its own clock (never a time another machine wrote), for the cooldown."""
     if view.session is SessionState.SUSPENDED:
         if acting_primary:
             return RoleDecision("pause", "ZooKeeper connection suspended: no shipping and no role actions "
@@ -64,7 +66,14 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
             return RoleDecision("step-down", "ZooKeeper session lost: the primary claim is gone")
         return RoleDecision("standby", "no ZooKeeper session")
     epoch, primary = view.epoch, view.primary
-    if epoch.epoch > 0 and epoch.promoted_by == me:
+    impostor = epoch.epoch > 0 and epoch.promoted_by == me and not epoch.names(me, agent_id)
+    if impostor:
+        what = (f"epoch {epoch.epoch} names agent {me} with agent id {epoch.agent_id}, not this agent (agent id "
+                f"{agent_id or 'none'}): another agent owns this name")
+        if acting_primary or (primary is not None and primary.mine):
+            return RoleDecision("step-down", what)
+        return RoleDecision("standby", what)
+    if epoch.names(me, agent_id):
         if primary is not None and primary.agent == me and primary.epoch == epoch.epoch and primary.mine:
             return RoleDecision("act-primary", f"holding the primary node at epoch {epoch.epoch}")
         if primary is None or primary.epoch < epoch.epoch or primary.agent == me:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from drsync import engine
+from drsync import engine, faults
 from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
 from drsync.agent.presence import ANSWERS, REFRESH_S, Heartbeat, probe
 from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
@@ -361,7 +361,8 @@ class RoleSupervisor:
     def _decide(self, view: GroupView, *, agents: dict[str, dict[str, Any]] | None = None,
                 note: str = "") -> RoleDecision:
         absent = time.monotonic() - self._primary_absent_since if self._primary_absent_since else 0.0
-        decision = decide_role(self.name, view, acting_primary=self.acting == "primary", policy=self.policy,
+        decision = decide_role(self.name, view, agent_id=self.store.current.agent_id,
+                               acting_primary=self.acting == "primary", policy=self.policy,
                                primary_absent_s=absent, lag_s=self.lag_s(),
                                rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view))
         if decision != self.last_decision:
@@ -402,6 +403,7 @@ class RoleSupervisor:
 
     def _become_primary(self, epoch: Epoch) -> None:
         assert self.coord is not None and self.receiver is not None
+        faults.pause("claim")  # tests: the epoch names this agent; it stops before it takes over
         rx = self.receiver
         st = self.store.current
         # The promotion was recorded in the group's history; taking the claim back at the same epoch is too.
@@ -424,7 +426,7 @@ class RoleSupervisor:
                 return
             rx.recover()
             try:
-                self.coord.claim_primary(epoch, self.name, self.address, history)
+                self.coord.claim_primary(epoch, self.name, self.address, history, agent_id=st.agent_id)
                 rx.release_on_promotion()
                 # Shipments of the old primary that never committed (it died mid-shipment) end here:
                 # a primary receives none, and their sessions would keep GC out for ever.
@@ -488,7 +490,8 @@ class RoleSupervisor:
             new = self.coord.promote(epoch, self.name, reason, history={
                 "from": epoch.promoted_by or None, "why": "automatic failover", "detail": reason,
                 "by": f"agent {self.name} on {socket.gethostname()}", "lag_s": round(lag, 3) if lag is not None
-                else None, "snapshot": self.store.current.applied_snapshot or None})
+                else None, "snapshot": self.store.current.applied_snapshot or None},
+                agent_id=self.store.current.agent_id)
         except (EpochConflict, CoordinationUnavailable) as e:
             log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
             return

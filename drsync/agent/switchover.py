@@ -51,7 +51,7 @@ def carry_out(sup: RoleSupervisor, replication: Replication, view: GroupView) ->
         new = coord.hand_over(sup.claim, sup.name, to, history={
             "from": sup.name, "why": "switchover", "by": str(req.get("operator") or f"agent {sup.name}"),
             "detail": f"planned hand-over carried out by {sup.name}; final snapshot {final.snapshot}",
-            "snapshot": final.snapshot})
+            "snapshot": final.snapshot}, to_agent_id=str(target.get("agent_id") or ""))
     except DrsyncError as e:
         why = (f"a promotion or a lost session came first, and it stands: {e}" if isinstance(e, EpochConflict)
                else str(e))

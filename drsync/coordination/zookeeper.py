@@ -47,8 +47,9 @@ from drsync.coordination import (
     PrimaryClaim,
     PrimaryTaken,
     SessionState,
+    identity_problem,
 )
-from drsync.errors import OperationFailed, UsageError
+from drsync.errors import OperationFailed, RefusedError, UsageError
 
 log = logging.getLogger("drsync.coordination")
 
@@ -277,7 +278,7 @@ class ZooKeeperCoordinator:
             return Epoch()
         d = _load(data)
         return Epoch(int(d.get("epoch", 0)), str(d.get("promoted_by", "")), float(d.get("at", 0.0)),
-                     str(d.get("reason", "")), stat.version)
+                     str(d.get("reason", "")), stat.version, str(d.get("agent_id") or ""))
 
     @_zk_errors
     def read_primary(self) -> PrimaryClaim | None:
@@ -295,8 +296,9 @@ class ZooKeeperCoordinator:
                          maintenance=self.read_maintenance())
 
     @_zk_errors
-    def promote(self, expected: Epoch, agent: str, reason: str, history: dict[str, Any] | None = None) -> Epoch:
-        new = Epoch(expected.epoch + 1, agent, time.time(), reason)
+    def promote(self, expected: Epoch, agent: str, reason: str, history: dict[str, Any] | None = None,
+                agent_id: str = "") -> Epoch:
+        new = Epoch(expected.epoch + 1, agent, time.time(), reason, agent_id=agent_id)
         path = f"{self.base}/epoch"
         tx = self.zk.transaction()
         if expected.version < 0:
@@ -311,7 +313,7 @@ class ZooKeeperCoordinator:
                                 f"promoted at the same time); run drsync status and retry if still needed") from None
         self._prune("history", HISTORY_KEEP)
         version = 0 if expected.version < 0 else int(results[0].version)
-        return Epoch(new.epoch, new.promoted_by, new.at, new.reason, version)
+        return Epoch(new.epoch, new.promoted_by, new.at, new.reason, version, agent_id)
 
     def _record(self, tx: Any, history: dict[str, Any] | None, epoch: Epoch, to: str = "") -> None:
         """Add the ``history/change-<seq>`` entry of this change of primary to the transaction ``tx``."""
@@ -333,8 +335,11 @@ class ZooKeeperCoordinator:
 
     @_zk_errors
     def claim_primary(self, epoch: Epoch, agent: str, address: str,
-                      history: dict[str, Any] | None = None) -> PrimaryClaim:
+                      history: dict[str, Any] | None = None, agent_id: str = "") -> PrimaryClaim:
         path = f"{self.base}/primary"
+        if epoch.agent_id and epoch.agent_id != agent_id:
+            raise PrimaryTaken(f"epoch {epoch.epoch} names agent {epoch.promoted_by} with agent id {epoch.agent_id}, "
+                               f"not this agent (agent id {agent_id or 'none'}); nothing was changed")
         claim = PrimaryClaim(agent, address, epoch.epoch, time.time(), True)
         tx = self.zk.transaction()
         tx.check(f"{self.base}/epoch", epoch.version)
@@ -392,8 +397,8 @@ class ZooKeeperCoordinator:
 
     @_zk_errors
     def hand_over(self, expected: Epoch, from_agent: str, to_agent: str,
-                  history: dict[str, Any] | None = None) -> Epoch:
-        new = Epoch(expected.epoch + 1, to_agent, time.time(), f"switchover from {from_agent}")
+                  history: dict[str, Any] | None = None, to_agent_id: str = "") -> Epoch:
+        new = Epoch(expected.epoch + 1, to_agent, time.time(), f"switchover from {from_agent}", agent_id=to_agent_id)
         try:
             data, stat = self._w(self.zk.get_async(f"{self.base}/primary"))
         except NoNodeError:
@@ -410,7 +415,7 @@ class ZooKeeperCoordinator:
         self._record(tx, history, new)
         self._commit(tx, "handing over")
         self._prune("history", HISTORY_KEEP)
-        return Epoch(new.epoch, new.promoted_by, new.at, new.reason, expected.version + 1)
+        return Epoch(new.epoch, new.promoted_by, new.at, new.reason, expected.version + 1, to_agent_id)
 
     @_zk_errors
     def set_maintenance(self, doc: dict[str, Any]) -> None:
@@ -448,20 +453,51 @@ class ZooKeeperCoordinator:
                 self._w(self.zk.set_async(path, data, version=stat.version))
                 self._put(f"{self.base}/members/{name}", member)
                 return
+            held = (self._get(path) or {}) if stat is not None else None
+            problem = identity_problem(name, self.group, str(record.get("agent_id") or ""), held,
+                                       self._get(f"{self.base}/members/{name}"))
+            if problem:
+                raise DuplicateAgent(problem)
             if stat is not None:
-                held = self._get(path) or {}
-                if held.get("agent_id") and held.get("agent_id") != record.get("agent_id"):
-                    raise DuplicateAgent(
-                        f"another agent is already registered as {name!r} in group {self.group} (address "
-                        f"{held.get('address')}, pid {held.get('pid')}, agent id {held.get('agent_id')}): agent "
-                        f"names must be unique in a group; give this agent its own agent.name (or stop the other)")
                 # The record of this agent's previous session (restarted before it expired).
-                log.warning("replacing the record of agent %s left by its own earlier session", name)
+                log.warning("replacing the record of agent %s left by its own earlier session (pid %s)", name,
+                            (held or {}).get("pid"))
                 self._w(self.zk.delete_async(path, version=stat.version))
             self._w(self.zk.create_async(path, data, ephemeral=True))
             self._put(f"{self.base}/members/{name}", member)
         except (NodeExistsError, NoNodeError, BadVersionError):
             pass  # raced with the expiry of the old record: the next registration settles it
+
+    @_zk_errors
+    def replace_identity(self, name: str, agent_id: str, entry: dict[str, Any]) -> dict[str, Any]:
+        live = self._get(f"{self.base}/agents/{name}")
+        if live is not None:
+            raise RefusedError(
+                f"agent {name!r} is registered live in group {self.group} (address {live.get('address')}, host "
+                f"{live.get('host')}, pid {live.get('pid')}, agent id {live.get('agent_id')}): stop it first (after "
+                f"a kill -9 its registration lingers until its session times out); nothing was changed")
+        mpath = f"{self.base}/members/{name}"
+        try:
+            data, mstat = self._w(self.zk.get_async(mpath))
+            before: dict[str, Any] = _load(data)
+        except NoNodeError:
+            before, mstat = {}, None
+        now = time.time()
+        member = {**before, "name": name, "agent_id": agent_id, "replaced_agent_id": before.get("agent_id"),
+                  "identity_replaced_at": now, "identity_replaced_by": entry.get("by")}
+        epoch = self.read_epoch()
+        tx = self.zk.transaction()
+        if mstat is None:
+            tx.create(mpath, _dump(member))
+        else:
+            tx.set_data(mpath, _dump(member), mstat.version)
+        if epoch.epoch > 0 and epoch.promoted_by == name:
+            named = Epoch(epoch.epoch, epoch.promoted_by, epoch.at, epoch.reason, agent_id=agent_id)
+            tx.set_data(f"{self.base}/epoch", _dump(named.doc()), epoch.version)
+        self._record(tx, entry, epoch, name)
+        self._commit(tx, f"replacing the identity of agent {name}")
+        self._prune("history", HISTORY_KEEP)
+        return before
 
     @_zk_errors
     def touch_member(self, name: str) -> bool:
