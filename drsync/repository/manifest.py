@@ -16,12 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import blake3
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
+from drsync.repository.ids import IdSet
 
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 TYPES = (FILE, DIR, SYMLINK)
@@ -265,8 +267,18 @@ class Manifest:
                         cols["hardlink"][i], bool(cols["sparse"][i]), bool(cols["stale"][i]), cols["content"][i])
 
     def chunk_ids(self) -> set[bytes]:
+        """Every chunk id the manifest names, as a Python set (one object per id: small manifests and
+        tests; at scale use :meth:`chunk_id_set` or :meth:`chunk_id_array`)."""
         flat = pc.list_flatten(self.table.column("chunks"))
         return set(pc.unique(flat).to_pylist())
+
+    def chunk_id_set(self) -> IdSet:
+        """Every chunk id the manifest names, each once, as a sorted :class:`IdSet` (40 bytes an id)."""
+        return IdSet.of(pc.list_flatten(self.table.column("chunks")))
+
+    def chunk_id_array(self) -> np.ndarray:
+        """Every chunk id the manifest names, each once, sorted: a ``(U,)`` ``'S32'`` array."""
+        return self.chunk_id_set().ids
 
     def total_bytes(self) -> int:
         files = self.table.filter(pc.equal(self.table.column("type"), FILE))
