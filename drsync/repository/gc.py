@@ -58,7 +58,7 @@ def mark(repo: Repository, repack_threshold: float, dry_run: bool, lock: Reposit
     snaps = repo.list_snapshots()
     referenced = IdSet.empty()
     for s in snaps:
-        referenced = referenced.union(repo.load_manifest(s).chunk_id_set())
+        referenced = referenced.union(repo.load_manifest_chunks(s))
     live_manifests = {fmt.manifest_name(s.id) for s in snaps}
     report.removed_snapshots_orphans = sum(1 for o in repo.storage.list(fmt.MANIFESTS_DIR)
                                            if o.name not in live_manifests)
@@ -129,7 +129,7 @@ def sweep(repo: Repository, plan: GcPlan) -> None:
     fresh = IdSet.empty()
     for s in snaps:
         if s.id not in plan.snapshot_ids:  # committed since the mark: its chunks are needed too
-            fresh = fresh.union(repo.load_manifest(s).chunk_id_set())
+            fresh = fresh.union(repo.load_manifest_chunks(s))
     fresh = fresh.difference(plan.referenced)
     files_now = {o.name for o in repo.storage.list(fmt.INDEX_DIR)}
     if not plan.index_files <= files_now:

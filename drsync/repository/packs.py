@@ -339,18 +339,26 @@ def _check_index_rows(table: pa.Table, name: str) -> None:
             raise IntegrityError(f"{e}; run 'drsync repo verify'") from None
 
 
-def read_index_file(data: bytes, name: str) -> IndexRows:
-    """Parse and check one index file (IntegrityError if damaged, of another layout, or naming a chunk
-    no drsync writes). Columns go straight into NumPy; pack ids are read dictionary-encoded."""
+def iter_index_file(data: bytes, name: str, batch_rows: int = INDEX_ROW_GROUP // 2) -> Iterator[IndexRows]:
+    """Parse and check one index file, ``batch_rows`` rows at a time (IntegrityError if it is damaged,
+    of another layout, or names a chunk no drsync writes). Columns go straight into NumPy (zero-copy
+    views of the decoded batch); pack ids are read dictionary-encoded. Decoding a batch at a time
+    keeps Arrow's memory to one batch, whatever the file's row groups."""
     try:
         f = pq.ParquetFile(pa.BufferReader(data), read_dictionary=["pack"])
         if not f.schema_arrow.equals(_INDEX_SCHEMA_READ):
             raise IntegrityError(f"index file {name} has an unexpected layout")
-        table = f.read()
+        for batch in f.iter_batches(batch_size=batch_rows, use_threads=False):
+            table = pa.Table.from_batches([batch])
+            _check_index_rows(table, name)
+            yield IndexRows.from_table(table)
     except (pa.ArrowInvalid, OSError) as e:
         raise IntegrityError(f"index file {name} is damaged: {e}; run 'drsync repo verify'") from None
-    _check_index_rows(table, name)
-    return IndexRows.from_table(table)
+
+
+def read_index_file(data: bytes, name: str) -> IndexRows:
+    """Every row of one index file, checked (:func:`iter_index_file`), in file order."""
+    return IndexRows.concat(list(iter_index_file(data, name)))
 
 
 class ChunkIndex:
@@ -454,13 +462,25 @@ class ChunkIndex:
         self._add_columns(_columns(rows), rows.packs)
 
     def load_file(self, data: bytes, name: str) -> None:
-        """Add the rows of one index file (:func:`read_index_file`: IntegrityError if it is damaged).
+        """Add the rows of one index file (:func:`iter_index_file`: IntegrityError if it is damaged, and
+        then nothing is added).
 
-        Peak memory: ``data``, the file's columns, and the grown arrays (one column copied at a time)."""
-        rows = read_index_file(data, name)
-        cols, packs = _columns(rows), rows.packs
-        del rows  # the columns go one by one as they are merged
-        self._add_columns(cols, packs)
+        The file is merged a batch at a time into an index of its own, then that into this one (the
+        first time, simply taken over): the peak is ``data``, one decoded batch, the file's rows as
+        arrays and one column's copy."""
+        part = ChunkIndex()
+        for rows in iter_index_file(data, name):
+            part.add_rows(rows)
+        with self._lock:
+            if not len(self._ids) and not self._recent:
+                with part._lock:
+                    self._packs, self._pack_no = part._packs, part._pack_no
+                    self._ids, self._key, self._pack = part._ids, part._key, part._pack
+                    self._offset, self._stored, self._raw, self._enc = part._offset, part._stored, part._raw, part._enc
+                return
+        rows = part.rows()
+        del part
+        self.add_rows(rows)
 
     def _add_columns(self, cols: dict[str, np.ndarray], packs: tuple[str, ...]) -> None:
         if not len(cols["ids"]):

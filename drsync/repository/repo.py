@@ -589,6 +589,20 @@ class Repository:
                                  f"from a backup or the standby")
         return Manifest.from_bytes(data, f"manifest of snapshot {info.id}")
 
+    def load_manifest_chunks(self, info: SnapshotInfo) -> IdSet:
+        """The chunk ids snapshot ``info`` needs (sorted, each once), checked as :meth:`load_manifest` checks
+        the manifest (its hash, its layout) but reading only its ``chunks`` column: what GC needs."""
+        try:
+            data = self.storage.read(fmt.manifest_name(info.id))
+        except ObjectMissing:
+            raise IntegrityError(f"snapshot {info.id}: its manifest is missing") from None
+        if blake3.blake3(data).hexdigest() != info.manifest_hash:
+            raise IntegrityError(f"snapshot {info.id}: its manifest is damaged (hash mismatch); restore it "
+                                 f"from a backup or the standby")
+        flat = Manifest.chunk_ids_from_bytes(data, f"manifest of snapshot {info.id}")
+        del data  # before sorting
+        return IdSet.of(flat)
+
     def commit_snapshot(self, info: SnapshotInfo, manifest_bytes: bytes, *, manifest: Manifest | None = None,
                         require_chunks: bool = False, lock: RepositoryLock | None = None) -> SnapshotInfo:
         """Write manifest then snapshot document, each durable. The document is the commit point.
