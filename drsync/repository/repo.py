@@ -724,6 +724,7 @@ class Repository:
                 report.damaged_files.extend(
                     {"snapshot": info.id, "path": path, "reason": reason}
                     for path, reason in damaged_paths(manifest, index, bad))
+            del manifest  # one manifest at a time
         return report
 
     def _verify_pack(self, pack_id: str, table: PackTable) -> dict[bytes, str]:
