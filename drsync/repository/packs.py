@@ -366,7 +366,8 @@ class ChunkIndex:
 
     Storage: the rows sorted by chunk id, each id once, as NumPy arrays (``(N,)`` ``'S32'`` ids,
     their ``uint64`` search keys, uint32 pack numbers into a pack id table, uint64 offsets, uint32
-    lengths, uint8 encodings: 61 bytes a chunk), searched by binary search; plus a small buffer of
+    lengths, uint8 encodings: 61 bytes a chunk) searched by binary search, behind a one-hash Bloom
+    filter (1-2 bytes a chunk) that turns most lookups of a new chunk away at once; plus a small buffer of
     recent :meth:`add` calls (a dict) merged into the arrays when it holds more than
     ``max(65536, N/8)`` chunks (a linear merge, so adding N chunks one by one costs O(N log N)).
     The first location given for an id wins (any listed location is valid).
@@ -504,10 +505,10 @@ class ChunkIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the sorted arrays (the recent-additions buffer and the pack id table aside)."""
+        """Bytes of the sorted arrays and their filter (the recent-additions buffer and the pack id table aside)."""
         with self._lock:
-            return int(sum(a.nbytes for a in (self._ids, self._key, self._pack, self._offset, self._stored,
-                                              self._raw, self._enc)))
+            return len(self._filter) + int(sum(a.nbytes for a in (self._ids, self._key, self._pack, self._offset,
+                                                                  self._stored, self._raw, self._enc)))
 
     def items(self) -> Iterator[tuple[bytes, ChunkLocation]]:
         """Every ``(chunk id, location)``, sorted by id: one object per chunk (tests, small indexes)."""
