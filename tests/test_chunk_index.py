@@ -214,3 +214,32 @@ def test_damaged_paths_names_each_file_by_its_first_bad_chunk(tmp_path: Path) ->
 
     expected = reference(manifest)
     assert expected and list(damaged_paths(manifest, index, bad)) == expected
+
+
+def test_gc_repacks_a_mostly_dead_pack_and_counts_as_before(tmp_path: Path) -> None:
+    """Mark's per-pack arithmetic on arrays: a pack of one live and one dead file is repacked, the
+    counts are those of the per-chunk definition, and the kept snapshot stays whole."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rnd = random.Random(4)
+    (data / "keep.bin").write_bytes(rnd.randbytes(300_000))
+    (data / "drop.bin").write_bytes(rnd.randbytes(900_000))
+    repo = Repository.init(MemoryStorage(), cluster_id="east", release="1")
+    first = engine.create_snapshot(repo, engine.SnapshotRequest(str(data)))
+    (data / "drop.bin").unlink()
+    (data / "new.bin").write_bytes(rnd.randbytes(200_000))
+    second = engine.create_snapshot(repo, engine.SnapshotRequest(str(data)))
+    kept = repo.load_manifest(second).chunk_ids()
+    every = {c for c, _ in repo.index.items()}
+    (old_pack,) = {repo.index.get(c).pack_id for c in repo.load_manifest(first).chunk_ids()}  # type: ignore[union-attr]
+    repo.delete_snapshot(first)
+    report = engine.gc_repository(repo)
+    assert (report.live_chunks, report.dead_chunks) == (len(kept), len(every - kept))
+    assert (report.repacked_packs, report.deleted_packs, report.kept_packs) == (1, 0, 1)
+    fresh = Repository.open(repo.storage)
+    assert {c for c, _ in fresh.index.items()} == kept
+    assert old_pack not in fresh.index.pack_ids()
+    assert fresh.verify().ok
+    out = tmp_path / "out"
+    engine.restore_snapshot(fresh, second.id, str(out), cluster_id="east", release="1")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in data.iterdir()}
