@@ -3,36 +3,51 @@
 :meth:`drsync.repository.repo.Repository.gc` runs :func:`mark` under a shared lock
 (writers go on) and :func:`sweep` under the exclusive lock (short: it only re-checks what
 changed since the mark, writes one new index, then deletes).
+
+Both work on arrays, not on an object per chunk: the referenced chunk ids are one sorted
+:class:`~drsync.repository.ids.IdSet` built from the manifests' ``chunks`` columns, the index is
+its sorted :class:`~drsync.repository.packs.IndexRows`, and live/dead chunks and bytes per pack
+are counted with ``np.bincount`` over pack numbers.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections import defaultdict
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from drsync.errors import OperationFailed
 from drsync.repository import chunks
 from drsync.repository import format as fmt
+from drsync.repository.ids import IdSet, id_list
 from drsync.repository.lock import RepositoryLock
-from drsync.repository.packs import ChunkIndex, ChunkLocation, index_bytes
+from drsync.repository.packs import ChunkIndex, IndexRows, index_bytes, read_index_file
 from drsync.repository.repo import ChunkWriter, GcReport, Repository
 
 
 @dataclass
 class GcPlan:
-    """What GC's mark found and did; its sweep re-checks it under the exclusive lock."""
+    """What GC's mark found and did; its sweep re-checks it under the exclusive lock.
+
+    ``rows``: every index row at the mark (N rows, sorted by chunk id, each id once); ``live``: (N,)
+    bool, the rows a snapshot at the mark references; ``doomed``: (P,) bool over ``rows.packs``, the
+    packs whose every needed chunk is dead (deleted) or copied (repacked); ``repacked``: their pack
+    names, for the repacked ones; ``copied``/``copies``: the chunks copied out of repacked packs and
+    their new index rows, written to ``copies_index``.
+    """
 
     report: GcReport
     snapshot_ids: set[str]
-    referenced: set[bytes]
+    referenced: IdSet
     index_files: set[str]
-    by_pack: dict[str, list[tuple[bytes, ChunkLocation]]]
-    doomed: set[str]
+    rows: IndexRows
+    live: np.ndarray
+    doomed: np.ndarray
     repacked: set[str]
     sweep_needed: bool = False
-    copied: set[bytes] = field(default_factory=set)
-    copies: list[tuple[bytes, ChunkLocation]] = field(default_factory=list)
+    copied: IdSet = field(default_factory=IdSet.empty)
+    copies: IndexRows = field(default_factory=IndexRows.empty)
     copies_index: str = ""
 
 
@@ -41,9 +56,9 @@ def mark(repo: Repository, repack_threshold: float, dry_run: bool, lock: Reposit
     mostly-dead packs copied into new packs (indexed, durable)."""
     report = GcReport()
     snaps = repo.list_snapshots()
-    referenced: set[bytes] = set()
+    referenced = IdSet.empty()
     for s in snaps:
-        referenced |= repo.load_manifest(s).chunk_ids()
+        referenced = referenced.union(repo.load_manifest_chunks(s))
     live_manifests = {fmt.manifest_name(s.id) for s in snaps}
     report.removed_snapshots_orphans = sum(1 for o in repo.storage.list(fmt.MANIFESTS_DIR)
                                            if o.name not in live_manifests)
@@ -52,85 +67,91 @@ def mark(repo: Repository, repack_threshold: float, dry_run: bool, lock: Reposit
     for obj in repo.storage.list(fmt.INDEX_DIR):  # no sweep can run: the files stay while we read
         index.load_file(repo.storage.read(obj.name), obj.name)
         index_files.add(obj.name)
-    pack_sizes = {o.name: o.size for o in repo.storage.list(fmt.PACKS_DIR)}
-    by_pack: dict[str, list[tuple[bytes, ChunkLocation]]] = defaultdict(list)
-    for cid, loc in index.items():
-        by_pack[loc.pack_id].append((cid, loc))
+    rows = index.rows()
     del index
+    pack_sizes = {o.name: o.size for o in repo.storage.list(fmt.PACKS_DIR)}
 
-    doomed: set[str] = set()  # packs whose every needed chunk is dead (deleted) or copied (repacked)
-    to_repack: list[tuple[bytes, ChunkLocation]] = []
-    repacked: set[str] = set()
-    for pack_id, rows in by_pack.items():
-        live = [r for r in rows if r[0] in referenced]
-        report.live_chunks += len(live)
-        report.dead_chunks += len(rows) - len(live)
-        if not live:
-            doomed.add(pack_id)
-            report.deleted_packs += 1
-            report.freed_bytes += pack_sizes.get(fmt.pack_name(pack_id), 0)
-            continue
-        dead_bytes = sum(loc.stored_length for cid, loc in rows if cid not in referenced)
-        total = sum(loc.stored_length for _, loc in rows) or 1
-        if dead_bytes / total > repack_threshold:
-            to_repack.extend(live)
-            doomed.add(pack_id)
-            repacked.add(fmt.pack_name(pack_id))
-            report.repacked_packs += 1
-            report.freed_bytes += pack_sizes.get(fmt.pack_name(pack_id), 0)
-        else:
-            report.kept_packs += 1
-    indexed = {fmt.pack_name(p) for p in by_pack}
-    unindexed = [n for n in pack_sizes if n not in indexed]  # orphans, or a writer's packs in progress
+    # Per pack (P of them, by number into rows.packs): rows, live rows, stored bytes, dead stored bytes.
+    npacks = len(rows.packs)
+    live = referenced.contains_many(rows.ids)
+    n_rows = np.bincount(rows.pack, minlength=npacks)
+    n_live = np.bincount(rows.pack[live], minlength=npacks)
+    total_bytes = np.bincount(rows.pack, weights=rows.stored_length, minlength=npacks)
+    dead_bytes = np.bincount(rows.pack[~live], weights=rows.stored_length[~live], minlength=npacks)
+    indexed = n_rows > 0
+    dead = indexed & (n_live == 0)
+    repack = indexed & ~dead & (dead_bytes / np.maximum(total_bytes, 1) > repack_threshold)
+    doomed = dead | repack
+    report.live_chunks = int(live.sum())
+    report.dead_chunks = len(rows) - report.live_chunks
+    report.deleted_packs = int(dead.sum())
+    report.repacked_packs = int(repack.sum())
+    report.kept_packs = int((indexed & ~doomed).sum())
+    report.freed_bytes = sum(pack_sizes.get(fmt.pack_name(rows.packs[int(p)]), 0) for p in np.flatnonzero(doomed))
+    repacked = {fmt.pack_name(rows.packs[int(p)]) for p in np.flatnonzero(repack)}
+    indexed_names = {fmt.pack_name(rows.packs[int(p)]) for p in np.flatnonzero(indexed)}
+    unindexed = [n for n in pack_sizes if n not in indexed_names]  # orphans, or a writer's packs in progress
     report.deleted_packs += len(unindexed)
     report.freed_bytes += sum(pack_sizes[n] for n in unindexed)
     plan = GcPlan(report=report, snapshot_ids={s.id for s in snaps}, referenced=referenced,
-                   index_files=index_files, by_pack=dict(by_pack), doomed=doomed, repacked=repacked)
-    plan.sweep_needed = bool(doomed or unindexed or report.removed_snapshots_orphans or len(index_files) > 1)
-    if dry_run or not plan.sweep_needed or not to_repack:
+                  index_files=index_files, rows=rows, live=live, doomed=doomed, repacked=repacked)
+    plan.sweep_needed = bool(doomed.any() or unindexed or report.removed_snapshots_orphans or len(index_files) > 1)
+    to_repack = rows.take(np.flatnonzero(live & repack[rows.pack]))
+    if dry_run or not plan.sweep_needed or not len(to_repack):
         return plan
 
     # Copy the live chunks of mostly-dead packs now, while writers go on; indexed at once, so a
     # crash or a failed sweep leaves valid duplicates (any listed location is valid), never orphans.
+    to_repack = to_repack.take(np.lexsort((to_repack.offset, to_repack.pack)))  # pack by pack, in order
     writer = ChunkWriter(repo, lock=lock, index=ChunkIndex())
     try:
-        for cid, loc in to_repack:
-            stored = repo.storage.read_range(fmt.pack_name(loc.pack_id), loc.offset, loc.stored_length)
-            chunks.decode(loc.encoding, stored, loc.raw_length, cid)  # never copy a damaged chunk
-            writer.add_stored(cid, loc.encoding, stored, loc.raw_length)
-            plan.copied.add(cid)
+        for start in range(0, len(to_repack), 65536):
+            part = to_repack.take(slice(start, start + 65536))
+            for cid, (p, off, stored_len, raw_len, enc) in zip(id_list(part.ids), zip(
+                    part.pack.tolist(), part.offset.tolist(), part.stored_length.tolist(), part.raw_length.tolist(),
+                    part.encoding.tolist(), strict=True), strict=True):
+                stored = repo.storage.read_range(fmt.pack_name(part.packs[p]), off, stored_len)
+                chunks.decode(enc, stored, raw_len, cid)  # never copy a damaged chunk
+                writer.add_stored(cid, enc, stored, raw_len)
         plan.copies = writer.seal()
     except BaseException:
         writer.abort()
         raise
+    plan.copied = IdSet.of(to_repack.ids)
     plan.copies_index = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
     repo.storage.write(plan.copies_index, index_bytes(plan.copies), durable=True)
     return plan
 
+
 def sweep(repo: Repository, plan: GcPlan) -> None:
     """Under the exclusive lock: re-check what changed since the mark, then replace and delete."""
     snaps = repo.list_snapshots()
-    fresh: set[bytes] = set()
+    fresh = IdSet.empty()
     for s in snaps:
         if s.id not in plan.snapshot_ids:  # committed since the mark: its chunks are needed too
-            fresh |= repo.load_manifest(s).chunk_ids()
-    fresh -= plan.referenced
-    needed = plan.referenced | fresh
+            fresh = fresh.union(repo.load_manifest_chunks(s))
+    fresh = fresh.difference(plan.referenced)
     files_now = {o.name for o in repo.storage.list(fmt.INDEX_DIR)}
     if not plan.index_files <= files_now:
         raise OperationFailed(f"another garbage collection of {repo.storage.url} swept while this one was "
                               f"marking; nothing was deleted: run 'drsync repo gc' again")
-    rows: list[tuple[bytes, ChunkLocation]] = list(plan.copies)
+    parts: list[IndexRows] = [plan.copies]
     for name in sorted(files_now - plan.index_files - {plan.copies_index}):
-        since = ChunkIndex()  # written since the mark (an upload not committed yet, say): all kept
-        since.load_file(repo.storage.read(name), name)
-        rows.extend(since.items())
-    for pack_id, pack_rows in plan.by_pack.items():
-        if pack_id in plan.doomed and not any(cid in fresh and cid not in plan.copied for cid, _ in pack_rows):
-            continue
-        # Kept, or doomed at the mark but holding a chunk a snapshot committed since then needs.
-        rows.extend(r for r in pack_rows if r[0] in needed)
-    named = {fmt.pack_name(loc.pack_id) for _, loc in rows}
+        # Written since the mark (an upload not committed yet, say): all kept.
+        parts.append(read_index_file(repo.storage.read(name), name))
+    rows = plan.rows
+    needed = plan.live
+    rescued = np.zeros(len(rows.packs), bool)
+    if len(fresh):
+        is_fresh = fresh.contains_many(rows.ids)
+        needed = needed | is_fresh
+        # Doomed at the mark but holding a chunk a snapshot committed since then needs (and not copied).
+        rescued[rows.pack[is_fresh & ~plan.copied.contains_many(rows.ids)]] = True
+    keep_pack = ~plan.doomed | rescued
+    parts.append(rows.take(np.flatnonzero(keep_pack[rows.pack] & needed)))
+    new_rows = IndexRows.concat(parts)
+    del parts
+    named = {fmt.pack_name(p) for p in new_rows.pack_names()}
     # Writers write packs under a shared lock and index them before releasing it: under the
     # exclusive lock, a pack the new index does not name is garbage.
     dead = [o for o in repo.storage.list(fmt.PACKS_DIR) if o.name not in named]
@@ -144,7 +165,8 @@ def sweep(repo: Repository, plan: GcPlan) -> None:
     if not dead_packs and not dead_manifests and len(files_now) <= 1:
         return
     new_index = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
-    repo.storage.write(new_index, index_bytes(rows), durable=True)
+    repo.storage.write(new_index, index_bytes(new_rows), durable=True)
+    del new_rows
     for name in sorted(files_now):
         repo.storage.delete(name)
     for name in dead_packs:

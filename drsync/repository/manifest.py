@@ -16,12 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import blake3
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
+from drsync.repository.ids import IdSet
 
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 TYPES = (FILE, DIR, SYMLINK)
@@ -236,6 +238,35 @@ class Manifest:
             raise IntegrityError(f"{what} does not have the manifest columns")
         return cls(table)
 
+    @staticmethod
+    def chunk_ids_from_bytes(data: bytes, what: str = "manifest") -> pa.ChunkedArray:
+        """Every chunk id a serialised manifest names, in file order with repeats: its ``chunks`` column
+        flattened (``fixed_size_binary(32)``, 32 bytes an id). Reads only that column, with the checks
+        :meth:`from_bytes` makes of the layout and of that column (IntegrityError); the result does not
+        refer to ``data``. :class:`IdSet` ``.of()`` it for a sorted set."""
+        if len(data) > fmt.MANIFEST_MAX_BYTES:
+            raise IntegrityError(f"{what} is {len(data)} bytes; a manifest is at most {fmt.MANIFEST_MAX_BYTES} "
+                                 f"bytes (docs/FORMAT.md, Limits); it was not read")
+        try:
+            f = pq.ParquetFile(pa.BufferReader(data))
+            schema = f.schema_arrow
+            meta = schema.metadata or {}
+            version = meta.get(b"drsync.format", b"?").decode(errors="replace")
+            if not version.isdigit():
+                raise IntegrityError(f"{what} is not a drsync manifest")
+            if int(version) > fmt.FORMAT_VERSION:
+                raise IntegrityError(f"{what} uses manifest format {version}, newer than this drsync "
+                                     f"understands ({fmt.FORMAT_VERSION}); upgrade drsync")
+            bare = schema.remove_metadata()
+            if not (int(version) == 1 and bare == SCHEMA_V1) and bare != SCHEMA.remove_metadata():
+                raise IntegrityError(f"{what} does not have the manifest columns")
+            col = f.read(columns=["chunks"]).column("chunks")
+            for c in col.chunks:
+                c.validate(full=True)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise IntegrityError(f"{what} is damaged: {e}") from None
+        return pc.list_flatten(col)
+
     def pycolumn(self, name: str) -> list:  # type: ignore[type-arg]
         """One column as Python values: names as str (lossless), ``mtime_ns`` as int nanoseconds."""
         t = self.table
@@ -265,8 +296,18 @@ class Manifest:
                         cols["hardlink"][i], bool(cols["sparse"][i]), bool(cols["stale"][i]), cols["content"][i])
 
     def chunk_ids(self) -> set[bytes]:
+        """Every chunk id the manifest names, as a Python set (one object per id: small manifests and
+        tests; at scale use :meth:`chunk_id_set` or :meth:`chunk_id_array`)."""
         flat = pc.list_flatten(self.table.column("chunks"))
         return set(pc.unique(flat).to_pylist())
+
+    def chunk_id_set(self) -> IdSet:
+        """Every chunk id the manifest names, each once, as a sorted :class:`IdSet` (40 bytes an id)."""
+        return IdSet.of(pc.list_flatten(self.table.column("chunks")))
+
+    def chunk_id_array(self) -> np.ndarray:
+        """Every chunk id the manifest names, each once, sorted: a ``(U,)`` ``'S32'`` array."""
+        return self.chunk_id_set().ids
 
     def total_bytes(self) -> int:
         files = self.table.filter(pc.equal(self.table.column("type"), FILE))

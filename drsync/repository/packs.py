@@ -3,7 +3,8 @@
 A pack is ``PACK_MAGIC``, the stored chunks back to back, then a trailer that
 lists them (so a pack describes itself and the index can be rebuilt from the
 packs alone). The index maps a chunk id to where it lives; it is a set of
-Parquet files, one per write session, that are merged in memory.
+Parquet files, one per write session, that are merged in memory into sorted
+NumPy arrays (:class:`ChunkIndex`: about 61 bytes a chunk, no Python object per chunk).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import secrets
 import struct
 import threading
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import blake3
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -24,10 +26,14 @@ import pyarrow.parquet as pq
 from drsync.errors import IntegrityError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
+from drsync.repository.ids import ID_DTYPE, find_one, id_at, id_key, ids_array, locate, sort_unique, to_arrow
 from drsync.storage import Storage
 
 _ENTRY = struct.Struct("<32sBII")  # id, encoding, stored length, raw length
 _TAIL = struct.Struct("<I16s8s")  # entry count, blake3(entries)[:16], end magic
+# The same entry as a NumPy record (packed, little-endian): a whole trailer parses in one call.
+_ENTRY_DTYPE = np.dtype([("id", ID_DTYPE), ("encoding", "u1"), ("stored", "<u4"), ("raw", "<u4")])
+assert _ENTRY_DTYPE.itemsize == _ENTRY.size
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,10 @@ def new_pack_id() -> str:
 
 
 class PackWriter:
-    """Appends stored chunks to one pack blob; :meth:`finish` writes the trailer and commits."""
+    """Appends stored chunks to one pack blob; :meth:`finish` writes the trailer and commits.
+
+    The trailer grows as packed bytes (41 a chunk), not as an object per chunk.
+    """
 
     def __init__(self, storage: Storage) -> None:
         self.pack_id = new_pack_id()
@@ -61,7 +70,8 @@ class PackWriter:
         self._w = storage.writer(self.name)
         self._w.write(fmt.PACK_MAGIC)
         self._offset = len(fmt.PACK_MAGIC)
-        self.entries: list[PackEntry] = []
+        self._table = bytearray()
+        self.count = 0
 
     @property
     def size(self) -> int:
@@ -71,23 +81,39 @@ class PackWriter:
         entry = PackEntry(chunk_id, encoding, self._offset, len(stored), raw_length)
         self._w.write(stored)
         self._offset += len(stored)
-        self.entries.append(entry)
+        self._table += _ENTRY.pack(chunk_id, encoding, len(stored), raw_length)
+        self.count += 1
         return entry
 
     def finish(self, *, durable: bool) -> None:
-        table = b"".join(_ENTRY.pack(e.chunk_id, e.encoding, e.stored_length, e.raw_length)
-                         for e in self.entries)
+        table = bytes(self._table)
         self._w.write(table)
-        self._w.write(_TAIL.pack(len(self.entries), blake3.blake3(table).digest()[:16],
-                                 fmt.PACK_TRAILER_MAGIC))
+        self._w.write(_TAIL.pack(self.count, blake3.blake3(table).digest()[:16], fmt.PACK_TRAILER_MAGIC))
         self._w.commit(durable=durable)
 
     def abort(self) -> None:
         self._w.abort()
 
 
-def read_pack_entries(storage: Storage, pack_id: str, pack_size: int) -> list[PackEntry]:
-    """Parse a pack's trailer. Raises IntegrityError if the pack is truncated or damaged."""
+@dataclass(frozen=True)
+class PackTable:
+    """A pack's trailer as columns, in pack order (K chunks): ``ids`` (K,) ``'S32'``; ``encoding``
+    (K,) uint8; ``offset`` (K,) uint64, bytes from the start of the pack; ``stored_length`` and
+    ``raw_length`` (K,) uint32, bytes."""
+
+    ids: np.ndarray
+    encoding: np.ndarray
+    offset: np.ndarray
+    stored_length: np.ndarray
+    raw_length: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_pack_table(storage: Storage, pack_id: str, pack_size: int) -> PackTable:
+    """Parse a pack's trailer into columns. Raises IntegrityError if the pack is truncated or damaged,
+    or lists a chunk no drsync writes (:func:`drsync.repository.chunks.check_sizes`)."""
     name = fmt.pack_name(pack_id)
     if pack_size < len(fmt.PACK_MAGIC) + _TAIL.size:
         raise IntegrityError(f"pack {pack_id} is truncated ({pack_size} bytes)")
@@ -98,16 +124,35 @@ def read_pack_entries(storage: Storage, pack_id: str, pack_size: int) -> list[Pa
     table = storage.read_range(name, pack_size - _TAIL.size - table_len, table_len)
     if blake3.blake3(table).digest()[:16] != digest:
         raise IntegrityError(f"pack {pack_id} has a damaged entry table")
-    entries = []
-    offset = len(fmt.PACK_MAGIC)
-    for i in range(count):
-        cid, enc, stored, raw = _ENTRY.unpack_from(table, i * _ENTRY.size)
-        chunks.check_sizes(enc, stored, raw, cid, f"pack {pack_id}: chunk")
-        entries.append(PackEntry(cid, enc, offset, stored, raw))
-        offset += stored
-    if offset != pack_size - _TAIL.size - table_len:
+    rec = np.frombuffer(table, _ENTRY_DTYPE, count=count)
+    enc, stored, raw = rec["encoding"], rec["stored"], rec["raw"]
+    bad = _bad_sizes(enc, stored, raw)
+    if bad.any():
+        i = int(np.argmax(bad))
+        chunks.check_sizes(int(enc[i]), int(stored[i]), int(raw[i]), id_at(rec["id"], i), f"pack {pack_id}: chunk")
+    ends = np.cumsum(stored, dtype=np.uint64) + np.uint64(len(fmt.PACK_MAGIC))
+    end = int(ends[-1]) if count else len(fmt.PACK_MAGIC)
+    if end != pack_size - _TAIL.size - table_len:
         raise IntegrityError(f"pack {pack_id}: entry table does not add up to the pack size")
-    return entries
+    offset = ends - stored.astype(np.uint64)
+    return PackTable(np.ascontiguousarray(rec["id"]), enc.copy(), offset, stored.astype(np.uint32),
+                     raw.astype(np.uint32))
+
+
+def read_pack_entries(storage: Storage, pack_id: str, pack_size: int) -> list[PackEntry]:
+    """Parse a pack's trailer into one object per chunk (small packs; at scale use :func:`read_pack_table`).
+    Raises IntegrityError if the pack is truncated or damaged."""
+    t = read_pack_table(storage, pack_id, pack_size)
+    return [PackEntry(id_at(t.ids, i), enc, off, stored, raw) for i, (enc, off, stored, raw) in
+            enumerate(zip(t.encoding.tolist(), t.offset.tolist(), t.stored_length.tolist(),
+                          t.raw_length.tolist(), strict=True))]
+
+
+def _bad_sizes(encoding: np.ndarray, stored: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """(K,) bool: rows no drsync writes (the limits of :func:`drsync.repository.chunks.check_sizes`)."""
+    return ((raw > fmt.CHUNK_MAX) | (stored > fmt.STORED_MAX)
+            | ~np.isin(encoding, np.array(sorted(fmt.ENCODINGS), np.uint8))
+            | ((encoding == fmt.ENC_RAW) & (stored != raw)))
 
 
 # --- the index -------------------------------------------------------------
@@ -120,29 +165,165 @@ INDEX_SCHEMA = pa.schema([
     ("raw_length", pa.uint32()),
     ("encoding", pa.uint8()),
 ])
+# INDEX_SCHEMA as read with the pack column dictionary-encoded (a number per row, each pack id once).
+_INDEX_SCHEMA_READ = INDEX_SCHEMA.set(1, pa.field("pack", pa.dictionary(pa.int32(), pa.string())))
+# Rows per Parquet row group of an index file (and per slice materialised while writing one).
+INDEX_ROW_GROUP = 256 * 1024
 
 
-def index_bytes(rows: Iterable[tuple[bytes, ChunkLocation]]) -> bytes:
-    ids, packs, offs, stored, raw, enc = [], [], [], [], [], []
-    for cid, loc in rows:
-        ids.append(cid)
-        packs.append(loc.pack_id)
-        offs.append(loc.offset)
-        stored.append(loc.stored_length)
-        raw.append(loc.raw_length)
-        enc.append(loc.encoding)
-    table = pa.table([ids, packs, offs, stored, raw, enc], schema=INDEX_SCHEMA)
+@dataclass(frozen=True)
+class IndexRows:
+    """Index rows as columns (N rows), the form index files are read into and written from.
+
+    ``ids`` (N,) ``'S32'`` chunk ids; ``pack`` (N,) uint32, a number into ``packs`` (the pack ids,
+    dictionary-encoded); ``offset`` (N,) uint64 and ``stored_length``/``raw_length`` (N,) uint32, bytes;
+    ``encoding`` (N,) uint8. No order is implied (a :class:`ChunkIndex` hands them sorted by id).
+    """
+
+    ids: np.ndarray
+    pack: np.ndarray
+    offset: np.ndarray
+    stored_length: np.ndarray
+    raw_length: np.ndarray
+    encoding: np.ndarray
+    packs: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays (the pack id table aside)."""
+        return int(sum(a.nbytes for a in (self.ids, self.pack, self.offset, self.stored_length,
+                                          self.raw_length, self.encoding)))
+
+    @classmethod
+    def empty(cls) -> IndexRows:
+        return cls(np.empty(0, ID_DTYPE), np.empty(0, np.uint32), np.empty(0, np.uint64), np.empty(0, np.uint32),
+                   np.empty(0, np.uint32), np.empty(0, np.uint8), ())
+
+    @classmethod
+    def from_pylist(cls, rows: Iterable[tuple[bytes, ChunkLocation]]) -> IndexRows:
+        """From ``(chunk id, location)`` pairs (few rows; one Python object each on the way in)."""
+        ids: list[bytes] = []
+        pack_no: dict[str, int] = {}
+        pack, offs, stored, raw = array("I"), array("Q"), array("I"), array("I")
+        enc = array("B")
+        for cid, loc in rows:
+            ids.append(cid)
+            pack.append(pack_no.setdefault(loc.pack_id, len(pack_no)))
+            offs.append(loc.offset)
+            stored.append(loc.stored_length)
+            raw.append(loc.raw_length)
+            enc.append(loc.encoding)
+        return cls(ids_array(ids), np.array(pack, np.uint32), np.array(offs, np.uint64), np.array(stored, np.uint32),
+                   np.array(raw, np.uint32), np.array(enc, np.uint8), tuple(pack_no))
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> IndexRows:
+        """From a table with the columns of :data:`INDEX_SCHEMA` (``pack`` may be dictionary-encoded),
+        without nulls (ValueError otherwise). Zero-copy where a column is one chunk."""
+        pack_no: dict[str, int] = {}
+        parts: list[np.ndarray] = []
+        for c in table.column("pack").chunks:
+            if not pa.types.is_dictionary(c.type):
+                c = pc.dictionary_encode(c)
+            local = np.array([pack_no.setdefault(p, len(pack_no)) for p in c.dictionary.to_pylist()], np.uint32)
+            idx = c.indices.to_numpy(zero_copy_only=False)
+            parts.append(local[idx] if len(local) else np.empty(0, np.uint32))
+        pack = np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+        def col(name: str, dtype: type) -> np.ndarray:
+            return table.column(name).to_numpy().astype(dtype, copy=False)
+
+        for name in table.column_names:
+            if table.column(name).null_count:
+                raise ValueError(f"column {name} has nulls")
+        return cls(ids_array(table.column("chunk")), pack.astype(np.uint32, copy=False), col("offset", np.uint64),
+                   col("stored_length", np.uint32), col("raw_length", np.uint32), col("encoding", np.uint8),
+                   tuple(pack_no))
+
+    @classmethod
+    def concat(cls, parts: Sequence[IndexRows]) -> IndexRows:
+        """One set of rows from several (their pack tables merged)."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.empty()
+        if len(parts) == 1:
+            return parts[0]
+        pack_no: dict[str, int] = {}
+        packs = []
+        for p in parts:
+            m = np.array([pack_no.setdefault(name, len(pack_no)) for name in p.packs], np.uint32)
+            packs.append(m[p.pack])
+        return cls(np.concatenate([p.ids for p in parts]), np.concatenate(packs),
+                   np.concatenate([p.offset for p in parts]), np.concatenate([p.stored_length for p in parts]),
+                   np.concatenate([p.raw_length for p in parts]), np.concatenate([p.encoding for p in parts]),
+                   tuple(pack_no))
+
+    def take(self, sel: np.ndarray | slice) -> IndexRows:
+        """The rows at ``sel`` (a (N,) bool mask, an int index array or a slice); the pack table is kept."""
+        return IndexRows(self.ids[sel], self.pack[sel], self.offset[sel], self.stored_length[sel],
+                         self.raw_length[sel], self.encoding[sel], self.packs)
+
+    def pack_numbers(self) -> np.ndarray:
+        """(P,) the numbers (into ``packs``) of the packs at least one row names."""
+        return np.flatnonzero(np.bincount(self.pack, minlength=len(self.packs)))
+
+    def pack_names(self) -> set[str]:
+        """The ids of the packs at least one row names."""
+        return {self.packs[int(n)] for n in self.pack_numbers()}
+
+    def to_table(self, start: int = 0, stop: int | None = None) -> pa.Table:
+        """Rows ``start:stop`` as a table of :data:`INDEX_SCHEMA` (pack ids materialised as strings)."""
+        s = slice(start, stop)
+        pack = pa.array(self.packs, pa.string()).take(pa.array(self.pack[s]))
+        return pa.Table.from_arrays([to_arrow(self.ids[s]), pack, pa.array(self.offset[s]),
+                                     pa.array(self.stored_length[s]), pa.array(self.raw_length[s]),
+                                     pa.array(self.encoding[s])], schema=INDEX_SCHEMA)
+
+    def location(self, i: int) -> ChunkLocation:
+        return ChunkLocation(self.packs[int(self.pack[i])], int(self.offset[i]), int(self.stored_length[i]),
+                             int(self.raw_length[i]), int(self.encoding[i]))
+
+    def iter_rows(self, batch: int = 65536) -> Iterator[tuple[bytes, ChunkLocation]]:
+        """Every row as ``(chunk id, location)``, one Python object each (a batch of them at a time)."""
+        for start in range(0, len(self), batch):
+            s = slice(start, start + batch)
+            raw = np.ascontiguousarray(self.ids[s]).tobytes()
+            n = fmt.ID_LEN
+            for j, (p, off, stored, rawlen, enc) in enumerate(zip(
+                    self.pack[s].tolist(), self.offset[s].tolist(), self.stored_length[s].tolist(),
+                    self.raw_length[s].tolist(), self.encoding[s].tolist(), strict=True)):
+                yield raw[j * n:(j + 1) * n], ChunkLocation(self.packs[p], off, stored, rawlen, enc)
+
+
+def index_bytes(rows: IndexRows | pa.Table | Iterable[tuple[bytes, ChunkLocation]]) -> bytes:
+    """An index file (Parquet, :data:`INDEX_SCHEMA`, zstd) holding ``rows``: columns, a table of the
+    index schema, or ``(chunk id, location)`` pairs. Written a row group at a time."""
+    if isinstance(rows, pa.Table):
+        rows = IndexRows.from_table(rows)
+    elif not isinstance(rows, IndexRows):
+        rows = IndexRows.from_pylist(rows)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    with pq.ParquetWriter(buf, INDEX_SCHEMA, compression="zstd") as w:
+        if not len(rows):
+            w.write_table(INDEX_SCHEMA.empty_table())
+        for start in range(0, len(rows), INDEX_ROW_GROUP):
+            w.write_table(rows.to_table(start, start + INDEX_ROW_GROUP))
     return buf.getvalue()
 
 
 def _check_index_rows(table: pa.Table, name: str) -> None:
     """Every row describes a chunk drsync could have written (the limits of
-    :func:`drsync.repository.chunks.check_sizes`): a repository file another host wrote never sizes
-    a read or a decompression beyond them. Raises IntegrityError naming the first bad row."""
+    :func:`drsync.repository.chunks.check_sizes`), and no value is null: a repository file another
+    host wrote never sizes a read or a decompression beyond them. Raises IntegrityError naming the
+    first bad row."""
     if not table.num_rows:
         return
+    for col in table.column_names:
+        if table.column(col).null_count:
+            raise IntegrityError(f"index file {name} is damaged: column {col} has nulls; run 'drsync repo verify'")
     bad = pc.or_(pc.or_(pc.greater(table.column("raw_length"), fmt.CHUNK_MAX),
                         pc.greater(table.column("stored_length"), fmt.STORED_MAX)),
                  pc.invert(pc.is_in(table.column("encoding"), value_set=pa.array(sorted(fmt.ENCODINGS), pa.uint8()))))
@@ -158,68 +339,279 @@ def _check_index_rows(table: pa.Table, name: str) -> None:
             raise IntegrityError(f"{e}; run 'drsync repo verify'") from None
 
 
-class ChunkIndex:
-    """Chunk id -> location, compact enough for millions of chunks.
+def iter_index_file(data: bytes, name: str, batch_rows: int = INDEX_ROW_GROUP // 2) -> Iterator[IndexRows]:
+    """Parse and check one index file, ``batch_rows`` rows at a time (IntegrityError if it is damaged,
+    of another layout, or names a chunk no drsync writes). Columns go straight into NumPy (zero-copy
+    views of the decoded batch); pack ids are read dictionary-encoded. Decoding a batch at a time
+    keeps Arrow's memory to one batch, whatever the file's row groups."""
+    try:
+        f = pq.ParquetFile(pa.BufferReader(data), read_dictionary=["pack"])
+        if not f.schema_arrow.equals(_INDEX_SCHEMA_READ):
+            raise IntegrityError(f"index file {name} has an unexpected layout")
+        for batch in f.iter_batches(batch_size=batch_rows, use_threads=False):
+            table = pa.Table.from_batches([batch])
+            _check_index_rows(table, name)
+            yield IndexRows.from_table(table)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise IntegrityError(f"index file {name} is damaged: {e}; run 'drsync repo verify'") from None
 
-    Locations live in parallel typed arrays; the dict maps an id to a row.
-    Safe for concurrent ``add``/``get`` from capture threads.
+
+def read_index_file(data: bytes, name: str) -> IndexRows:
+    """Every row of one index file, checked (:func:`iter_index_file`), in file order."""
+    return IndexRows.concat(list(iter_index_file(data, name)))
+
+
+class ChunkIndex:
+    """Chunk id -> location, for millions of chunks: no Python object per chunk.
+
+    Storage: the rows sorted by chunk id, each id once, as NumPy arrays (``(N,)`` ``'S32'`` ids,
+    their ``uint64`` search keys, uint32 pack numbers into a pack id table, uint64 offsets, uint32
+    lengths, uint8 encodings: 61 bytes a chunk) searched by binary search, behind a one-hash Bloom
+    filter (1-2 bytes a chunk) that turns most lookups of a new chunk away at once; plus a small buffer of
+    recent :meth:`add` calls (a dict) merged into the arrays when it holds more than
+    ``max(65536, N/8)`` chunks (a linear merge, so adding N chunks one by one costs O(N log N)).
+    The first location given for an id wins (any listed location is valid).
+
+    Thread-safe: capture threads call :meth:`add` and ``in`` concurrently; every method takes the
+    lock. Batch methods (:meth:`contains_many`, :meth:`locate_many`, :meth:`add_rows`,
+    :meth:`rows`, :meth:`pack_batches`) are what callers at scale use; :meth:`items` and
+    :meth:`get` make one object per chunk.
     """
 
+    _MERGE_MIN = 65536
+
     def __init__(self) -> None:
-        self._rows: dict[bytes, int] = {}
+        self._lock = threading.Lock()
         self._packs: list[str] = []
         self._pack_no: dict[str, int] = {}
-        self._pack = array("I")
-        self._offset = array("Q")
-        self._stored = array("I")
-        self._raw = array("I")
-        self._enc = array("B")
-        self._lock = threading.Lock()
+        self._ids = np.empty(0, ID_DTYPE)
+        self._key = np.empty(0, np.uint64)
+        self._pack = np.empty(0, np.uint32)
+        self._offset = np.empty(0, np.uint64)
+        self._stored = np.empty(0, np.uint32)
+        self._raw = np.empty(0, np.uint32)
+        self._enc = np.empty(0, np.uint8)
+        # A one-hash Bloom filter of the sorted ids (8 bits an id, about 12 % false positives) over
+        # bytes 8..16 of the id: most lookups of a new chunk end here, without a binary search.
+        self._filter = b""
+        self._filter_mask = 0
+        # Recent single adds: id -> row of the buffer arrays below.
+        self._recent: dict[bytes, int] = {}
+        self._r_pack, self._r_offset = array("I"), array("Q")
+        self._r_stored, self._r_raw, self._r_enc = array("I"), array("I"), array("B")
+
+    # --- one chunk -------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._rows)
+        with self._lock:
+            return len(self._ids) + len(self._recent)
 
     def __contains__(self, chunk_id: bytes) -> bool:
-        return chunk_id in self._rows
+        with self._lock:
+            return chunk_id in self._recent or self._find_locked(chunk_id) >= 0
 
     def add(self, chunk_id: bytes, loc: ChunkLocation) -> None:
+        """Add one chunk (kept as it is if the id is already indexed)."""
         with self._lock:
-            if chunk_id in self._rows:
+            if chunk_id in self._recent or self._find_locked(chunk_id) >= 0:
                 return
-            no = self._pack_no.get(loc.pack_id)
-            if no is None:
-                no = self._pack_no[loc.pack_id] = len(self._packs)
-                self._packs.append(loc.pack_id)
-            self._rows[chunk_id] = len(self._pack)
-            self._pack.append(no)
-            self._offset.append(loc.offset)
-            self._stored.append(loc.stored_length)
-            self._raw.append(loc.raw_length)
-            self._enc.append(loc.encoding)
+            if len(chunk_id) != fmt.ID_LEN:
+                raise ValueError(f"a chunk id is {fmt.ID_LEN} bytes, not {len(chunk_id)}")
+            self._recent[chunk_id] = len(self._r_pack)
+            self._r_pack.append(self._pack_number_locked(loc.pack_id))
+            self._r_offset.append(loc.offset)
+            self._r_stored.append(loc.stored_length)
+            self._r_raw.append(loc.raw_length)
+            self._r_enc.append(loc.encoding)
+            if len(self._recent) > max(self._MERGE_MIN, len(self._ids) // 8):
+                self._merge_recent_locked()
 
     def get(self, chunk_id: bytes) -> ChunkLocation | None:
-        row = self._rows.get(chunk_id)
-        if row is None:
-            return None
-        return ChunkLocation(self._packs[self._pack[row]], self._offset[row], self._stored[row],
-                             self._raw[row], self._enc[row])
+        with self._lock:
+            r = self._recent.get(chunk_id)
+            if r is not None:
+                return ChunkLocation(self._packs[self._r_pack[r]], self._r_offset[r], self._r_stored[r],
+                                     self._r_raw[r], self._r_enc[r])
+            i = self._find_locked(chunk_id)
+            if i < 0:
+                return None
+            return ChunkLocation(self._packs[int(self._pack[i])], int(self._offset[i]), int(self._stored[i]),
+                                 int(self._raw[i]), int(self._enc[i]))
 
-    def items(self) -> Iterator[tuple[bytes, ChunkLocation]]:
-        for cid, row in list(self._rows.items()):
-            yield cid, ChunkLocation(self._packs[self._pack[row]], self._offset[row],
-                                     self._stored[row], self._raw[row], self._enc[row])
+    # --- many chunks ---------------------------------------------------------------------------
 
-    def pack_ids(self) -> set[str]:
-        return {self._packs[n] for n in set(self._pack)}
+    def contains_many(self, ids: np.ndarray | pa.Array | pa.ChunkedArray | Iterable[bytes]) -> np.ndarray:
+        """(K,) bool: which of ``ids`` (K ids, any form :func:`drsync.repository.ids.ids_array` takes) are indexed."""
+        q = ids_array(ids)
+        key = id_key(q)
+        with self._lock:
+            self._merge_recent_locked()
+            return locate(self._ids, self._key, q, key)[1]
+
+    def locate_many(self, ids: np.ndarray | pa.Array | pa.ChunkedArray | Iterable[bytes]
+                    ) -> tuple[np.ndarray, IndexRows]:
+        """Where ``ids`` (K ids) are: ``(found, rows)``, ``found`` (K,) bool and ``rows`` the index rows of
+        the found ones, in the order of ``ids`` (``found.sum()`` rows)."""
+        q = ids_array(ids)
+        key = id_key(q)
+        with self._lock:
+            self._merge_recent_locked()
+            pos, found = locate(self._ids, self._key, q, key)
+            at = pos[found]
+            return found, IndexRows(self._ids[at], self._pack[at], self._offset[at], self._stored[at],
+                                    self._raw[at], self._enc[at], tuple(self._packs))
+
+    def add_rows(self, rows: IndexRows) -> None:
+        """Add many rows at once (an index file, a write session): one merge. Ids already indexed, or
+        repeated in ``rows``, keep their first location."""
+        self._add_columns(_columns(rows), rows.packs)
 
     def load_file(self, data: bytes, name: str) -> None:
-        try:
-            table = pq.read_table(pa.BufferReader(data))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise IntegrityError(f"index file {name} is damaged: {e}; run 'drsync repo verify'") from None
-        if not table.schema.equals(INDEX_SCHEMA):
-            raise IntegrityError(f"index file {name} has an unexpected layout")
-        _check_index_rows(table, name)
-        cols = [table.column(i).to_pylist() for i in range(6)]
-        for cid, pack, off, stored, raw, enc in zip(*cols, strict=True):
-            self.add(cid, ChunkLocation(pack, off, stored, raw, enc))
+        """Add the rows of one index file (:func:`iter_index_file`: IntegrityError if it is damaged, and
+        then nothing is added).
+
+        The file is merged a batch at a time into an index of its own, then that into this one (the
+        first time, simply taken over): the peak is ``data``, one decoded batch, the file's rows as
+        arrays and one column's copy."""
+        part = ChunkIndex()
+        for rows in iter_index_file(data, name):
+            part.add_rows(rows)
+        with self._lock:
+            if not len(self._ids) and not self._recent:
+                with part._lock:
+                    self._packs, self._pack_no = part._packs, part._pack_no
+                    self._ids, self._key, self._pack = part._ids, part._key, part._pack
+                    self._offset, self._stored, self._raw, self._enc = part._offset, part._stored, part._raw, part._enc
+                    self._filter, self._filter_mask = part._filter, part._filter_mask
+                return
+        rows = part.rows()
+        del part
+        self.add_rows(rows)
+
+    def _add_columns(self, cols: dict[str, np.ndarray], packs: tuple[str, ...]) -> None:
+        if not len(cols["ids"]):
+            return
+        with self._lock:
+            self._merge_recent_locked()
+            cols["numbers"] = np.array([self._pack_number_locked(p) for p in packs], np.uint32)
+            self._insert_locked(cols)
+
+    def rows(self) -> IndexRows:
+        """Every row, sorted by chunk id (each id once). The arrays are shared, read-only: never written."""
+        with self._lock:
+            self._merge_recent_locked()
+            return IndexRows(self._ids, self._pack, self._offset, self._stored, self._raw, self._enc,
+                             tuple(self._packs))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the sorted arrays and their filter (the recent-additions buffer and the pack id table aside)."""
+        with self._lock:
+            return len(self._filter) + int(sum(a.nbytes for a in (self._ids, self._key, self._pack, self._offset,
+                                                                  self._stored, self._raw, self._enc)))
+
+    def items(self) -> Iterator[tuple[bytes, ChunkLocation]]:
+        """Every ``(chunk id, location)``, sorted by id: one object per chunk (tests, small indexes)."""
+        return self.rows().iter_rows()
+
+    def pack_ids(self) -> set[str]:
+        """The ids of the packs the index names."""
+        return self.rows().pack_names()
+
+    def pack_batches(self) -> Iterator[tuple[str, IndexRows]]:
+        """The rows grouped by pack: ``(pack id, rows of that pack sorted by offset)``, packs in id order."""
+        rows = self.rows()
+        order = np.lexsort((rows.offset, rows.pack))
+        packs = rows.pack[order]
+        bounds = np.flatnonzero(packs[1:] != packs[:-1]) + 1
+        starts = np.concatenate(([0], bounds)) if len(order) else np.empty(0, np.intp)
+        ends = np.concatenate((bounds, [len(order)])) if len(order) else np.empty(0, np.intp)
+        groups = sorted((rows.packs[int(packs[s])], int(s), int(e)) for s, e in zip(starts, ends, strict=True))
+        for pack_id, s, e in groups:
+            yield pack_id, rows.take(order[s:e])
+
+    # --- inside the lock ------------------------------------------------------------------------
+
+    def _find_locked(self, chunk_id: bytes) -> int:
+        """The row of ``chunk_id`` in the sorted arrays, or -1."""
+        if len(chunk_id) != fmt.ID_LEN or not self._filter_mask:
+            return -1
+        h = int.from_bytes(chunk_id[8:16], "big") & self._filter_mask
+        if not (self._filter[h >> 3] >> (h & 7)) & 1:
+            return -1
+        return find_one(self._ids, self._key, chunk_id)
+
+    def _build_filter_locked(self) -> None:
+        n = len(self._ids)
+        if not n:
+            self._filter, self._filter_mask = b"", 0
+            return
+        bits = max(1 << 16, 1 << (8 * n - 1).bit_length())
+        words = np.ascontiguousarray(self._ids).view(">u8").reshape(-1, fmt.ID_LEN // 8)
+        flags = np.zeros(bits, bool)
+        flags[(words[:, 1] & np.uint64(bits - 1)).astype(np.intp)] = True
+        self._filter = np.packbits(flags, bitorder="little").tobytes()
+        self._filter_mask = bits - 1
+
+    def _pack_number_locked(self, pack_id: str) -> int:
+        no = self._pack_no.get(pack_id)
+        if no is None:
+            no = self._pack_no[pack_id] = len(self._packs)
+            self._packs.append(pack_id)
+        return no
+
+    def _merge_recent_locked(self) -> None:
+        if not self._recent:
+            return
+        cols = {"ids": np.frombuffer(b"".join(self._recent), ID_DTYPE), "pack": np.array(self._r_pack, np.uint32),
+                "offset": np.array(self._r_offset, np.uint64), "stored_length": np.array(self._r_stored, np.uint32),
+                "raw_length": np.array(self._r_raw, np.uint32), "encoding": np.array(self._r_enc, np.uint8)}
+        self._recent = {}
+        self._r_pack, self._r_offset = array("I"), array("Q")
+        self._r_stored, self._r_raw, self._r_enc = array("I"), array("I"), array("B")
+        self._insert_locked(cols)
+
+    def _insert_locked(self, cols: dict[str, np.ndarray]) -> None:
+        """Merge rows into the sorted arrays, the first location of an id kept.
+
+        ``cols``: the (K,) columns of :func:`_columns`, and optionally ``numbers`` mapping their ``pack``
+        to this index's pack numbers (absent: they are these numbers already). Consumed one column at
+        a time (popped, so freed as it is merged unless the caller holds it): the peak is the arrays
+        plus one column's copy."""
+        ids = cols.pop("ids")
+        key = id_key(ids)
+        order = sort_unique(ids, key)
+        ids, key = ids[order], key[order]
+        pos: np.ndarray | None = None
+        if len(self._ids):
+            pos, found = locate(self._ids, self._key, ids, key)
+            new = ~found
+            if not new.all():
+                order, ids, key, pos = order[new], ids[new], key[new], pos[new]
+            if not len(order):
+                return
+
+        def merged(old: np.ndarray, add: np.ndarray) -> np.ndarray:
+            out = add if pos is None else np.insert(old, pos, add)
+            out.flags.writeable = False
+            return out
+
+        self._ids = merged(self._ids, ids)
+        del ids
+        self._key = merged(self._key, key)
+        del key
+        numbers = cols.pop("numbers", None)
+        pack = cols.pop("pack")[order]
+        self._pack = merged(self._pack, pack if numbers is None else numbers[pack])
+        del pack
+        self._offset = merged(self._offset, cols.pop("offset")[order])
+        self._stored = merged(self._stored, cols.pop("stored_length")[order])
+        self._raw = merged(self._raw, cols.pop("raw_length")[order])
+        self._enc = merged(self._enc, cols.pop("encoding")[order])
+        self._build_filter_locked()
+
+
+def _columns(rows: IndexRows) -> dict[str, np.ndarray]:
+    """The columns of ``rows`` by name (what :meth:`ChunkIndex._insert_locked` consumes)."""
+    return {"ids": rows.ids, "pack": rows.pack, "offset": rows.offset, "stored_length": rows.stored_length,
+            "raw_length": rows.raw_length, "encoding": rows.encoding}

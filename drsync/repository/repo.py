@@ -19,20 +19,25 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from drsync import faults
 from drsync.errors import IntegrityError, NotFound, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
+from drsync.repository.ids import IdSet, id_at, ids_array
 from drsync.repository.lock import DEFAULT_WAIT_S, RepositoryLock
 from drsync.repository.manifest import Manifest, ManifestFile
 from drsync.repository.packs import (
     ChunkIndex,
     ChunkLocation,
-    PackEntry,
+    IndexRows,
+    PackTable,
     PackWriter,
     index_bytes,
-    read_pack_entries,
+    read_pack_table,
 )
 from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.storage import ObjectMissing, Storage
@@ -87,8 +92,8 @@ class ChunkWriter:
         self._pack_target = pack_target
         self._lock = threading.Lock()
         self._pack: PackWriter | None = None
-        self._new: list[tuple[bytes, ChunkLocation]] = []
-        self._pending: set[bytes] = set()
+        # The index rows of the chunks added since the last seal (columns, not an object per chunk).
+        self._new = ChunkIndex()
         # Finished packs are synced by a background thread while capture goes on, so the
         # disk writes back as we go instead of in one burst at the end.
         self._syncer: ThreadPoolExecutor | None = None
@@ -116,7 +121,7 @@ class ChunkWriter:
             own.release()
 
     def has(self, chunk_id: bytes) -> bool:
-        return chunk_id in self._index or chunk_id in self._pending
+        return chunk_id in self._index or chunk_id in self._new
 
     def add(self, chunk_id: bytes, data: bytes | memoryview) -> bool:
         """Store a chunk unless the repository has it; True when it was new."""
@@ -135,14 +140,13 @@ class ChunkWriter:
         """
         with self._lock:
             self._ensure_locked()
-            if chunk_id in self._index or chunk_id in self._pending:
+            if chunk_id in self._index or chunk_id in self._new:
                 return False
             if self._pack is None:
                 self._pack = PackWriter(self.repo.storage)
             entry = self._pack.add(chunk_id, encoding, stored, raw_length)
-            self._pending.add(chunk_id)
-            self._new.append((chunk_id, ChunkLocation(self._pack.pack_id, entry.offset, entry.stored_length,
-                                                      entry.raw_length, entry.encoding)))
+            self._new.add(chunk_id, ChunkLocation(self._pack.pack_id, entry.offset, entry.stored_length,
+                                                  entry.raw_length, entry.encoding))
             self.new_bytes += raw_length
             self.new_stored_bytes += len(stored)
             if self._pack.size >= self._pack_target:
@@ -167,37 +171,35 @@ class ChunkWriter:
                 self._syncer.shutdown(wait=True)
                 self._syncer = None
 
-    def seal(self) -> list[tuple[bytes, ChunkLocation]]:
+    def seal(self) -> IndexRows:
         """Close the open pack and make all packs of the session durable.
 
-        Returns the new index rows; the caller writes them into an index file (still under
+        Returns the new index rows (columns); the caller writes them into an index file (still under
         the session's lock: :meth:`flush` does both).
         """
         with self._lock:
             if self._pack is not None:
                 self._finish_pack()
             self._wait_syncs()
-            rows = list(self._new)
-            self._new.clear()
-            self._pending.clear()
+            rows = self._new.rows()
+            self._new = ChunkIndex()
             return rows
 
     def flush(self) -> None:
         """Make every chunk added so far durable and visible in the index; drops the writer's own lock."""
         try:
             rows = self.seal()
-            if not rows:
+            if not len(rows):
                 return
             name = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
             self.repo.storage.write(name, index_bytes(rows), durable=True)
             if self._given_index is None:
                 self.repo._note_index_file(name, rows)
             else:
-                for cid, loc in rows:
-                    self._given_index.add(cid, loc)
+                self._given_index.add_rows(rows)
         finally:
             with self._lock:
-                if self._pack is None and not self._new:
+                if self._pack is None and not len(self._new):
                     self._release_own_lock()
 
     def abort(self) -> None:
@@ -212,8 +214,7 @@ class ChunkWriter:
                 except Exception:  # the session is being abandoned; its packs are garbage anyway
                     pass
             finally:
-                self._new.clear()
-                self._pending.clear()
+                self._new = ChunkIndex()
                 self._release_own_lock()
 
 
@@ -451,13 +452,12 @@ class Repository:
             if self._index is not None:
                 self._refresh_index_locked()
 
-    def _note_index_file(self, name: str, rows: list[tuple[bytes, ChunkLocation]]) -> None:
+    def _note_index_file(self, name: str, rows: IndexRows) -> None:
         """A writer of this object wrote ``name`` holding ``rows``: add them without reading it back."""
         with self._index_lock:
             if self._index is None:
                 return  # loaded with everything else when first needed
-            for cid, loc in rows:
-                self._index.add(cid, loc)
+            self._index.add_rows(rows)
             self._index_files.add(name)
 
     def reload_index(self) -> None:
@@ -476,35 +476,40 @@ class Repository:
         return chunk_id in self.index
 
     def missing_chunks(self, ids: Iterable[bytes]) -> list[bytes]:
-        """The ids, in the given order, that the repository does not hold (one validation for all)."""
-        index = self.index
-        return [c for c in ids if c not in index]
+        """The ids, in the given order, that the repository does not hold (one validation, one batch
+        search for all; an id that is not 32 bytes is never held)."""
+        ids = ids if isinstance(ids, list) else list(ids)
+        if not ids:
+            return []
+        well_formed = [len(c) == fmt.ID_LEN for c in ids]
+        if all(well_formed):
+            held = self.index.contains_many(ids)
+            return [ids[i] for i in np.flatnonzero(~held)]
+        return [c for c, ok in zip(ids, well_formed, strict=True) if not ok or c not in self.index]
 
-    def check_chunks_present(self, chunk_ids: Iterable[bytes], what: str) -> None:
+    def check_chunks_present(self, chunk_ids: np.ndarray | pa.Array | pa.ChunkedArray | Iterable[bytes],
+                             what: str) -> None:
         """IntegrityError unless every chunk is indexed and its pack exists (one listing of ``packs/``).
 
-        ``what`` names the thing needing them in the message (e.g. ``"snapshot 1a2b"``).
+        ``chunk_ids``: any form :func:`drsync.repository.ids.ids_array` takes (at scale, an array such
+        as :meth:`Manifest.chunk_id_array`). ``what`` names the thing needing them in the message
+        (e.g. ``"snapshot 1a2b"``).
         """
-        index = self.index
-        missing: list[bytes] = []
-        packs: set[str] = set()
-        for cid in chunk_ids:
-            loc = index.get(cid)
-            if loc is None:
-                missing.append(cid)
-            else:
-                packs.add(fmt.pack_name(loc.pack_id))
-        if not missing and packs:
+        ids = ids_array(chunk_ids)
+        found, rows = self.index.locate_many(ids)
+        missing = np.flatnonzero(~found)
+        if len(missing):
+            raise IntegrityError(
+                f"{what} names {len(missing)} chunk(s) this repository does not hold (first "
+                f"{id_at(ids, int(missing[0])).hex()[:16]}); nothing was committed: the sender must send them again")
+        packs = {fmt.pack_name(p) for p in rows.pack_names()}
+        if packs:
             present = {o.name for o in self.storage.list(fmt.PACKS_DIR)}
             gone = packs - present
             if gone:
                 raise IntegrityError(
                     f"{what} names chunks in pack(s) that are gone ({len(gone)}, first {sorted(gone)[0]}); "
                     f"nothing was committed: run 'drsync repo verify' on {self.storage.url}")
-        if missing:
-            raise IntegrityError(
-                f"{what} names {len(missing)} chunk(s) this repository does not hold (first "
-                f"{missing[0].hex()[:16]}); nothing was committed: the sender must send them again")
 
     def read_stored(self, chunk_id: bytes) -> tuple[ChunkLocation, bytes]:
         loc = self.index.get(chunk_id)
@@ -593,6 +598,20 @@ class Repository:
                                  f"from a backup or the standby")
         return data
 
+    def load_manifest_chunks(self, info: SnapshotInfo) -> IdSet:
+        """The chunk ids snapshot ``info`` needs (sorted, each once), checked as :meth:`load_manifest` checks
+        the manifest (its hash, its layout) but reading only its ``chunks`` column: what GC needs."""
+        try:
+            data = self.storage.read(fmt.manifest_name(info.id))
+        except ObjectMissing:
+            raise IntegrityError(f"snapshot {info.id}: its manifest is missing") from None
+        if blake3.blake3(data).hexdigest() != info.manifest_hash:
+            raise IntegrityError(f"snapshot {info.id}: its manifest is damaged (hash mismatch); restore it "
+                                 f"from a backup or the standby")
+        flat = Manifest.chunk_ids_from_bytes(data, f"manifest of snapshot {info.id}")
+        del data  # before sorting
+        return IdSet.of(flat)
+
     def commit_snapshot(self, info: SnapshotInfo, manifest_bytes: bytes, *, manifest: Manifest | None = None,
                         require_chunks: bool = False, lock: RepositoryLock | None = None) -> SnapshotInfo:
         """Write manifest then snapshot document, each durable. The document is the commit point.
@@ -616,7 +635,7 @@ class Repository:
             if require_chunks:
                 if manifest is None:
                     manifest = Manifest.from_bytes(manifest_bytes, f"manifest of snapshot {info.id}")
-                self.check_chunks_present(manifest.chunk_ids(), f"snapshot {info.id}")
+                self.check_chunks_present(manifest.chunk_id_array(), f"snapshot {info.id}")
             self.storage.write(fmt.manifest_name(info.id), manifest_bytes, durable=True)
             with _COMMIT_LOCK:
                 seq = 1 + max((s.seq for s in self.list_snapshots()), default=0)
@@ -679,30 +698,29 @@ class Repository:
         report = VerifyReport()
         self.reload_index()
         index = self.index
-        pack_objs = self.storage.list(fmt.PACKS_DIR)
-        present = {o.name: o.size for o in pack_objs}
+        present = {o.name: o.size for o in self.storage.list(fmt.PACKS_DIR)}
         bad: dict[bytes, str] = {}
-        listed: set[bytes] = set()
-        for pack_id in sorted(index.pack_ids()):
+        for pack_id, rows in index.pack_batches():  # one pack's rows at a time, packs in id order
             name = fmt.pack_name(pack_id)
             report.packs += 1
+            table: PackTable | None = None
             if name not in present:
                 report.problems.append(f"pack {pack_id} is missing")
-                continue
-            try:
-                entries = read_pack_entries(self.storage, pack_id, present[name])
-            except IntegrityError as e:
-                report.problems.append(str(e))
-                entries = []
-            listed.update(e.chunk_id for e in entries)
-            bad.update(self._verify_pack(pack_id, entries))
-            report.chunks += len(entries)
-            if on_progress:
-                on_progress(present[name])
-        # Chunks the index places in a pack that is missing, damaged or does not list them.
-        for cid, loc in index.items():
-            if cid not in listed and cid not in bad:
-                bad[cid] = f"chunk {cid.hex()[:16]} not found in pack {loc.pack_id}"
+            else:
+                try:
+                    table = read_pack_table(self.storage, pack_id, present[name])
+                except IntegrityError as e:
+                    report.problems.append(str(e))
+                if table is not None:
+                    bad.update(self._verify_pack(pack_id, table))
+                    report.chunks += len(table)
+                if on_progress:
+                    on_progress(present[name])
+            # Chunks the index places in this pack that it does not list (it is missing or damaged).
+            listed = IdSet.of(table.ids) if table is not None else IdSet.empty()
+            for i in np.flatnonzero(~listed.contains_many(rows.ids)):
+                cid = id_at(rows.ids, int(i))
+                bad.setdefault(cid, f"chunk {cid.hex()[:16]} not found in pack {pack_id}")
         report.damaged_chunks = {cid.hex(): reason for cid, reason in bad.items()}
         for info in self.list_snapshots():
             report.snapshots += 1
@@ -715,38 +733,55 @@ class Repository:
                 report.damaged_files.extend(
                     {"snapshot": info.id, "path": path, "reason": reason}
                     for path, reason in damaged_paths(manifest, index, bad))
+            del manifest  # one manifest at a time
         return report
 
-    def _verify_pack(self, pack_id: str, entries: list[PackEntry]) -> dict[bytes, str]:
+    def _verify_pack(self, pack_id: str, table: PackTable) -> dict[bytes, str]:
+        """Decode and re-hash every chunk ``table`` lists: chunk id -> reason, for the damaged ones."""
         bad: dict[bytes, str] = {}
         name = fmt.pack_name(pack_id)
         # Read the pack in large sequential pieces rather than chunk by chunk.
         window = b""
         window_start = 0
-        for e in entries:
-            if e.offset + e.stored_length > window_start + len(window):
-                window_start = e.offset
-                window = self.storage.read_range(name, e.offset, max(e.stored_length, 16 * 1024 * 1024))
-            start = e.offset - window_start
-            stored = window[start:start + e.stored_length]
+        raw_ids = table.ids.tobytes()
+        n = fmt.ID_LEN
+        for i, (enc, offset, stored_length, raw_length) in enumerate(zip(
+                table.encoding.tolist(), table.offset.tolist(), table.stored_length.tolist(),
+                table.raw_length.tolist(), strict=True)):
+            cid = raw_ids[i * n:(i + 1) * n]
+            if offset + stored_length > window_start + len(window):
+                window_start = offset
+                window = self.storage.read_range(name, offset, max(stored_length, 16 * 1024 * 1024))
+            start = offset - window_start
+            stored = window[start:start + stored_length]
             try:
-                if len(stored) != e.stored_length:
-                    raise IntegrityError(f"chunk {e.chunk_id.hex()[:16]} is truncated")
-                chunks.decode(e.encoding, stored, e.raw_length, e.chunk_id)
+                if len(stored) != stored_length:
+                    raise IntegrityError(f"chunk {cid.hex()[:16]} is truncated")
+                chunks.decode(enc, stored, raw_length, cid)
             except IntegrityError as err:
-                bad[e.chunk_id] = f"{err} (pack {pack_id})"
+                bad[cid] = f"{err} (pack {pack_id})"
         return bad
 
 
 def damaged_paths(manifest: Manifest, index: ChunkIndex,
                   bad: dict[bytes, str]) -> Iterable[tuple[str, str]]:
-    """(path, reason) for every file of ``manifest`` that needs a damaged or missing chunk."""
-    for entry in manifest.entries():
-        for cid in entry.chunks:
-            if cid in bad:
-                yield entry.path, bad[cid]
-                break
-            if cid not in index:
-                yield entry.path, f"chunk {cid.hex()[:16]} is missing from the repository"
-                break
-
+    """(path, reason) for every file of ``manifest`` that needs a damaged or missing chunk, in manifest
+    order; the reason names the file's first such chunk. Searches all chunk ids in one batch (no
+    object per file or chunk, but for the files named)."""
+    col = manifest.table.column("chunks")
+    ids = ids_array(pc.list_flatten(col))
+    if not len(ids):
+        return
+    problem = ~index.contains_many(ids)
+    if bad:
+        problem |= IdSet.of(list(bad)).contains_many(ids)
+    at = np.flatnonzero(problem)
+    if not len(at):
+        return
+    owners = pc.list_parent_indices(col).to_numpy()[at]
+    rows, first = np.unique(owners, return_index=True)  # a file's first problem chunk comes first
+    paths = manifest.table.column("path").take(pa.array(rows)).to_pylist()
+    for path, j in zip(paths, first.tolist(), strict=True):
+        cid = id_at(ids, int(at[j]))
+        reason = bad.get(cid) or f"chunk {cid.hex()[:16]} is missing from the repository"
+        yield path.decode("utf-8", "surrogateescape"), reason
