@@ -601,13 +601,7 @@ class Repository:
     def load_manifest_chunks(self, info: SnapshotInfo) -> IdSet:
         """The chunk ids snapshot ``info`` needs (sorted, each once), checked as :meth:`load_manifest` checks
         the manifest (its hash, its layout) but reading only its ``chunks`` column: what GC needs."""
-        try:
-            data = self.storage.read(fmt.manifest_name(info.id))
-        except ObjectMissing:
-            raise IntegrityError(f"snapshot {info.id}: its manifest is missing") from None
-        if blake3.blake3(data).hexdigest() != info.manifest_hash:
-            raise IntegrityError(f"snapshot {info.id}: its manifest is damaged (hash mismatch); restore it "
-                                 f"from a backup or the standby")
+        data = self.manifest_bytes(info)
         flat = Manifest.chunk_ids_from_bytes(data, f"manifest of snapshot {info.id}")
         del data  # before sorting
         return IdSet.of(flat)
