@@ -7,18 +7,26 @@ the operator recovers from the standby's own history.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
+from drsync import engine
+from drsync.agent.committer import delayed_until
 from drsync.agent.pointintime import RecoveryPoint, choose_point, newer_than, parse_before, recovery_points
-from drsync.agent.state import AgentState
+from drsync.agent.standby import StandbyReceiver
+from drsync.agent.state import AgentState, StateStore
 from drsync.errors import UsageError
+from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
-from tests.conftest import tree_state
+from drsync.storage.local import LocalStorage
+from drsync.transport import Caller, ReceivedChunk
+from tests.conftest import make_tree, tree_state
 from tests.group import Group, scrape, wait_for
 
 KEEP_ALL = '[snapshots]\nkeep = { last = 1000 }\n'  # retention out of the way (protect is tested elsewhere)
@@ -232,3 +240,76 @@ def test_an_agent_killed_during_a_point_promotion_changes_no_epoch(make_group, t
     wait_for(lambda: _state(g, "west").get("applied_snapshot"), "west to start again")
     r = g.drsync("west", "apply", "--json")
     assert r.code == 0 and json.loads(r.out).get("operator_hold"), r.out
+
+
+# --- apply_delay counts from when the standby stored a snapshot ------------------------------------------
+
+HOUR = 3600.0
+
+
+def test_the_delay_runs_from_when_the_standby_stored_a_snapshot_and_from_its_capture() -> None:
+    now = 1_800_000_000.0
+    # A document that claims a capture two hours ago, stored now: due an hour from now, not at once.
+    assert delayed_until(now - 2 * HOUR, now, HOUR, 0.0) == now + HOUR
+    # Captured a minute before it was stored: the later of the two counts.
+    assert delayed_until(now - 60, now, HOUR, 0.0) == now + HOUR
+    # A capture time ahead of the storing (on the primary's clock, 10 minutes ahead of this one): it was
+    # captured a moment before storing, due an hour after.
+    assert delayed_until(now + 600 - 1, now, HOUR, 600.0) == now + HOUR
+    # A capture time in the future by this machine's estimate of the primary's clock: the delay counts
+    # from it (a shipment is never applied before it is delay old on either clock).
+    assert delayed_until(now + HOUR, now, HOUR, 0.0) == now + 2 * HOUR
+    # Stored long ago (an hour and more waiting): due now if captured long ago too.
+    assert delayed_until(now - 3 * HOUR, now - 2 * HOUR, HOUR, 0.0) == now - HOUR
+    # Pending entries written before the stored time was kept read as stored when read: later, never sooner.
+    st = AgentState.from_doc({"pending": [["a" * 16, now - 2 * HOUR, [1, 5]]]})
+    assert st.pending[0][:3] == ("a" * 16, now - 2 * HOUR, (1, 5)) and st.pending[0][3] >= time.time() - 60
+
+
+def _ship(primary: Repository, taken: SnapshotInfo, rx: StandbyReceiver, caller: Caller, doc: bytes) -> str:
+    """Ship snapshot ``taken`` of ``primary`` to ``rx`` the way the gRPC servicer does (chunks, then the commit
+    of document ``doc``); returns the id the standby stored."""
+    manifest = primary.load_manifest(taken)
+    ids = list(manifest.chunk_ids())
+    stored = [primary.read_stored(cid) for cid in ids]
+    rx.receive(caller, iter([[ReceivedChunk(cid, loc.encoding, loc.raw_length, bytes(data))
+                              for cid, (loc, data) in zip(ids, stored, strict=True)]]))
+    info, _ = rx.commit(caller, doc, primary.storage.read(f"manifests/{taken.id}.parquet"), sender_seq=taken.seq)
+    return info.id
+
+
+def test_a_backdated_snapshot_waits_the_whole_delay_on_the_standby(tmp_path: Path) -> None:
+    """A primary (valid epoch) ships a snapshot whose document claims it was captured two hours ago to a
+    standby with apply_delay = 1h: the standby stores it and queues it for an hour from when it stored it,
+    its root unchanged; it comes due only once that hour has passed on the standby's clock."""
+    prod = tmp_path / "prod"
+    make_tree(prod, files=10, big=0)
+    primary = Repository.init(LocalStorage(str(tmp_path / "prod-repo"), create=True), cluster_id="c", release="1")
+    first = engine.create_snapshot(primary, engine.SnapshotRequest(str(prod), kind="cycle"))
+    (prod / "ransom-note.txt").write_text("pay up\n")
+    second = engine.create_snapshot(primary, engine.SnapshotRequest(str(prod), kind="cycle"))
+    standby_repo = Repository.init(LocalStorage(str(tmp_path / "standby-repo"), create=True), cluster_id="c",
+                                   release="1")
+    data = tmp_path / "standby-data"
+    data.mkdir()
+    store = StateStore(str(tmp_path / "state"))
+    rx = StandbyReceiver(standby_repo, str(data), store, agent="standby", apply_delay_s=HOUR)
+    try:
+        caller = Caller(sender="primary", epoch=1, sent_at=time.time(), received_at=time.time(), instance="i1")
+        assert _ship(primary, first, rx, caller, first.to_bytes()) == first.id  # the first is applied at once
+        assert store.current.applied_snapshot == first.id
+        applied_tree = tree_state(data)
+        backdated = dataclasses.replace(second, captured_at=time.time() - 2 * HOUR)
+        before = time.time()
+        assert _ship(primary, second, rx, caller, backdated.to_bytes()) == second.id
+        st = store.current
+        assert st.applied_snapshot == first.id and tree_state(data) == applied_tree  # queued, not applied
+        assert [p[0] for p in st.pending] == [second.id] and st.pending[0][3] >= before
+        assert rx.committer.apply_due() == "" and tree_state(data) == applied_tree
+        # An hour after the standby stored it (its own clock), it comes due.
+        store.update(pending=tuple((p[0], p[1], p[2], p[3] - HOUR) for p in st.pending))
+        assert rx.committer.apply_due() == second.id
+        assert store.current.applied_snapshot == second.id and store.current.pending == ()
+        assert (data / "ransom-note.txt").exists() and tree_state(data) == tree_state(prod)
+    finally:
+        rx.close()
