@@ -467,21 +467,44 @@ def assert_standby_can_recover_to(g: Group, standby: str, good: str, good_tree: 
     assert set(doc["newer_kept"]) <= set(listed(g.cfg[standby]))
 
 
+def group_pki(d: Path, names: list[str]) -> Path:
+    """A CA and a certificate for each of ``names`` and for the test itself (tests/test_tls.py), made with a
+    clock set back a day, so that an agent whose clock is hours behind accepts them too."""
+    from tests.test_clock_skew import faketime_env
+    from tests.test_tls import make_ca, make_cert
+
+    d.mkdir()
+    env = faketime_env(-86400)
+    make_ca(d, "ca", env)
+    for name in [*names, "test"]:
+        make_cert(d, "ca", name, env)
+    return d
+
+
 def test_a_hostile_primary_cannot_push_the_good_snapshot_out_of_the_standbys_history(
-        make_group: Any) -> None:
-    """A primary with a valid epoch (and a clock three hours behind, so every capture time it writes is
-    older than protect) rewrites every file, ships many tiny snapshots to push the good one out of
-    ``keep = { last = 3 }``, then empties its root. The standby keeps the good snapshot."""
+        make_group: Any, tmp_path: Path) -> None:
+    """A primary with a valid certificate and epoch (mutual TLS, tls.allowed_peers naming it; a clock three
+    hours behind, so every capture time it writes is older than protect) rewrites every file, ships many
+    tiny snapshots to push the good one out of ``keep = { last = 3 }``, then empties its root. The standby
+    keeps the good snapshot."""
+    from drsync.errors import OperationFailed
+    from drsync.transport.grpc import GrpcStandbyLink
     from tests.test_clock_skew import faketime_env
 
     # The mass-change guard off: by default it would hold step 1 (and retention pauses while a hold
     # stands), so protect alone is what this test shows (tests/test_mass_change.py covers that guard).
     g = make_group(["east", "west"], extra='\n[snapshots]\nkeep = { last = 3 }\nprotect = "1h"',
                    replication="max_change_fraction = 1.0")
+    g.use_tls(group_pki(tmp_path / "pki", g.names))
     g.start("east", env=faketime_env(-3 * 3600))
     g.start("west")
     assert g.promote("east").code == 0
     good = g.wait_synced("east", "west", "the standby to hold production's good data")
+    # Shipments go over mutual TLS: a caller without a certificate is not served.
+    plain = GrpcStandbyLink(g.addr["west"])
+    with pytest.raises(OperationFailed):
+        plain.hello("test", 0, timeout_s=5)
+    plain.close()
     good_tree = tree_state(g.data["east"])
 
     # 1. Every file rewritten: it replicates (it is not a deletion).
