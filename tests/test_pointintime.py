@@ -55,6 +55,27 @@ def _state(g: Group, name: str) -> dict:  # type: ignore[type-arg]
     return json.loads((g.tmp / f"{name}-repo" / "agent" / "state.json").read_text())
 
 
+def _repo(g: Group, name: str) -> Repository:
+    return Repository.open(LocalStorage(str(g.tmp / f"{name}-repo")))
+
+
+def _received_holding(g: Group, name: str, path: str) -> str:
+    """The snapshot agent ``name`` last received, when it holds ``path`` ("" otherwise: the caller asks again)."""
+    sid = _state(g, name).get("received_snapshot")
+    if not sid:
+        return ""
+    repo = _repo(g, name)
+    paths = {os.fsdecode(p) for p in repo.load_manifest(repo.find_snapshot(sid)).pycolumn("path")}
+    return str(sid) if path in paths else ""
+
+
+def _receives_the_primarys_newest(g: Group, primary: str, standby: str) -> bool:
+    """Whether the snapshot ``standby`` last received is the newest ``primary`` took (read in this order: a
+    capture in between makes it false, and the caller asks again)."""
+    newest = _repo(g, primary).list_snapshots()[-1].id
+    return bool(_state(g, standby).get("received_snapshot") == newest)
+
+
 def test_promote_at_an_earlier_snapshot_after_damage_replicated(make_group) -> None:  # type: ignore[no-untyped-def]
     g = _synced(make_group, extra=KEEP_ALL)
     good_tree = tree_state(g.data["east"])
@@ -104,7 +125,9 @@ def test_a_delayed_standby_stores_at_once_and_applies_late(make_group, choice: s
     applied = g.hello("west").applied_snapshot
     (g.data["east"] / "catalog" / "late.txt").write_text("written after the first sync\n")
     wait_for(lambda: _state(g, "west").get("pending"), "west to store a shipment it applies later")
-    received = _state(g, "west")["received_snapshot"]
+    # What it received is current: the newest snapshot the primary took, the change in it.
+    wait_for(lambda: _receives_the_primarys_newest(g, "east", "west"), "west to receive east's newest snapshot")
+    received = wait_for(lambda: _received_holding(g, "west", "catalog/late.txt"), "west to receive the change")
     m = scrape(g.metrics["west"], g.group, "west")
     assert m["drsync_apply_delay_seconds"] == 3600 and m["drsync_pending_applies"] >= 1
     assert m["drsync_replication_received_lag_seconds"] <= m["drsync_replication_lag_seconds"]
@@ -128,6 +151,33 @@ def test_a_delayed_standby_stores_at_once_and_applies_late(make_group, choice: s
         assert tree_state(g.data["west"]) == before and doc["applied_snapshot"] == applied
         assert received in [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]
     assert g.primary() == ("west", 2) and _state(g, "west")["pending"] == []
+
+
+def test_a_delayed_standby_is_promoted_at_a_received_snapshot_it_has_not_applied(make_group) -> None:  # type: ignore[no-untyped-def]
+    """apply_delay = 1h: a snapshot west received (stored, pending) but has not applied is a recovery point
+    too. Production changes (good), then is damaged; both reach west's repository, neither its root. West
+    is promoted at the good received snapshot: its root is production's tree as it was then, and the
+    newer received snapshots (the damage) are kept and named."""
+    g = _synced(make_group, extra=KEEP_ALL, replication='apply_delay = "1h"')
+    applied = g.hello("west").applied_snapshot
+    (g.data["east"] / "catalog" / "late.txt").write_text("a good change, received and not applied yet\n")
+    point = wait_for(lambda: _received_holding(g, "west", "catalog/late.txt"), "west to receive the change")
+    good_tree = tree_state(g.data["east"])  # production as the point holds it (nothing changed since)
+    _damage(g.data["east"])
+    damaged = wait_for(lambda: _received_holding(g, "west", "README-RANSOM.txt"), "west to receive the damage")
+    assert g.hello("west").applied_snapshot == applied and tree_state(g.data["west"]) != good_tree
+    listed = {p["id"]: p["state"] for p in json.loads(g.drsync("west", "status", "--points", "--json").out)["points"]}
+    assert listed[applied] == "applied" and listed[point] == "pending" and listed[damaged] == "pending"
+    g.kill("east", signal.SIGKILL)  # production must not be trusted
+    r = g.promote("west", "--to-snapshot", point, "--force")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["applied_snapshot"] == point and damaged in doc["newer_kept"] and point not in doc["newer_kept"]
+    assert g.primary() == ("west", 2)
+    assert tree_state(g.data["west"]) == good_tree  # the received point, applied from west's own repository
+    kept = [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]
+    assert point in kept and damaged in kept and set(doc["newer_kept"]) <= set(kept)
+    assert _state(g, "west")["pending"] == []
 
 
 def test_a_delayed_snapshot_reaches_the_root_once_old_enough(make_group) -> None:  # type: ignore[no-untyped-def]
