@@ -579,7 +579,8 @@ class Committer:
                 self.hold.latest, self.hold.refused = "", 0
             self.hold_file.save(self.hold)
             log.warning("applies resumed by an operator (drsync apply --resume)")
-            message = f"standby {self.agent} applies shipments again"
+            message = (f"the operator's hold on standby {self.agent} is lifted" if self.hold.snapshot else
+                       f"standby {self.agent} applies shipments again")
             applied = None
             if latest and latest != self.store.current.applied_snapshot:
                 try:
@@ -597,6 +598,11 @@ class Committer:
                 except DrsyncError as e:
                     message += f"; the snapshot stored while held ({latest}) was not applied ({e}): the next " \
                                f"shipment brings a newer one"
+            elif self.hold.snapshot:  # the guard's hold is not the operator's: it stays until confirmed
+                guard = "mass-change" if self.hold.changed and not self.hold.removed else "deletion"
+                message += (f"; snapshot {self.hold.snapshot} stays held by the {guard} guard ('drsync apply "
+                            f"--confirm {self.hold.snapshot}' applies it), and shipments behind it are stored, "
+                            f"not applied")
             else:
                 message += "; the next shipment is applied"
             return {"applied": applied, "message": message}
