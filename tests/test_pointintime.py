@@ -356,6 +356,12 @@ def test_a_backdated_snapshot_waits_the_whole_delay_on_the_standby(tmp_path: Pat
         assert st.applied_snapshot == first.id and tree_state(data) == applied_tree  # queued, not applied
         assert [p[0] for p in st.pending] == [second.id] and st.pending[0][3] >= before
         assert rx.committer.apply_due() == "" and tree_state(data) == applied_tree
+        # While an operator holds applies, not even a take-over's "apply everything received" (an automatic
+        # failover) applies it (docs/operations.md section 13c).
+        rx.hold_applies()
+        assert rx.committer.apply_due(everything=True) == "" and tree_state(data) == applied_tree
+        rx.resume()
+        assert [p[0] for p in store.current.pending] == [second.id]
         # An hour after the standby stored it (its own clock), it comes due.
         store.update(pending=tuple((p[0], p[1], p[2], p[3] - HOUR) for p in st.pending))
         assert rx.committer.apply_due() == second.id
