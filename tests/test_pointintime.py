@@ -247,14 +247,20 @@ def test_a_drill_rehearses_a_promotion_at_an_earlier_point(make_group) -> None: 
 
 def test_a_switchover_to_a_delayed_standby_loses_nothing(make_group) -> None:  # type: ignore[no-untyped-def]
     """The final snapshot of a switchover reaches a delayed standby's root before it takes over: the
-    zero-loss promise holds whatever apply_delay says."""
-    g = _synced(make_group, interval="1h", replication='apply_delay = "1h"')
+    zero-loss promise holds whatever apply_delay says. Both keep [snapshots] protect: the old primary
+    rejoins all the same (the copy of its root it takes first is kept, not deleted)."""
+    g = _synced(make_group, interval="1h", replication='apply_delay = "1h"', extra='[snapshots]\nprotect = "1h"\n')
     (g.data["east"] / "catalog" / "last-minute.txt").write_text("written just before the switchover\n")
     production = tree_state(g.data["east"])
     r = g.drsync("west", "switchover", "--json")
     assert r.code == 0, r.err
     assert g.primary() == ("west", 2)
     assert tree_state(g.data["west"]) == production and _state(g, "west")["pending"] == []
+    r = g.drsync("east", "rejoin")  # no demote_command or switchover_hook: the operator confirms
+    assert r.code == 0, r.err
+    g.wait_role("east", "standby")
+    names = [s["name"] for s in g.drsync("east", "snapshot", "list", "--json").json()]
+    assert any(n.startswith("before-rejoin") for n in names), names  # protected: kept
 
 
 def test_an_agent_killed_during_a_point_promotion_changes_no_epoch(make_group, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
