@@ -346,8 +346,10 @@ def _protection(inv: Invocation, break_glass: bool) -> dict[str, Any]:
     directory where each protected deletion is recorded (the agent's, also with --repo alone)."""
     logging.getLogger("drsync.protection.break_glass").setLevel(logging.WARNING)  # on stderr, with who and what
     if inv.config is not None:
+        from drsync.agent.state import state_dir_of
+
         return {"protect_window_s": inv.config.snapshots.protect,
-                "break_glass_dir": _state_dir(inv) if break_glass else None}
+                "break_glass_dir": state_dir_of(inv.config) if break_glass else None}
     if not break_glass:
         return {}
     recorded = read_window(open_storage(inv.repo_url()))
