@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import traceback
@@ -34,15 +35,18 @@ from drsync.errors import (
     EXIT_USAGE,
     ConfigError,
     DrsyncError,
+    IntegrityError,
     RefusedError,
     UsageError,
 )
 from drsync.logsetup import FORMATS
 from drsync.logsetup import configure as configure_logging
+from drsync.protection import human_duration, read_window
 from drsync.repository.lock import remove_locks
 from drsync.repository.manifest import diff as diff_manifests
 from drsync.repository.manifest import printable
 from drsync.repository.snapshots import iso
+from drsync.storage import open_storage
 from drsync.units import human_size, with_iso_times
 
 
@@ -167,16 +171,26 @@ def cli() -> None:
 @_common
 @click.option("--cluster-id", help="The cluster this repository belongs to.")
 @click.option("--release", help="The release the cluster runs.")
-def init_cmd(inv: Invocation, cluster_id: str | None, release: str | None) -> None:
+@click.option("--protect", metavar="DURATION", help="Record this [snapshots] protect window in the repository "
+              "(default: the config's): no snapshot stored less than it ago is deleted, even by commands run "
+              "with --repo alone.")
+def init_cmd(inv: Invocation, cluster_id: str | None, release: str | None, protect: str | None) -> None:
     """Create a repository."""
     cluster_id = cluster_id or (inv.config.cluster.id if inv.config else None)
     release = release or (inv.config.cluster.release if inv.config else None)
     if not cluster_id or not release:
         raise UsageError("init needs --cluster-id and --release (or --config with [cluster] id and release)")
+    window = (parse_duration(protect, "--protect") if protect is not None else
+              inv.config.snapshots.protect if inv.config else 0.0)
     repo = engine.init_repository(inv.repo_url(), cluster_id=cluster_id, release=release)
-    doc = {"repository": repo.storage.url, "id": repo.config.id, "cluster_id": cluster_id, "release": release}
+    if window > 0:
+        engine.record_protection(repo, window, by="drsync init", state_dir=_state_dir(inv))
+    doc = {"repository": repo.storage.url, "id": repo.config.id, "cluster_id": cluster_id, "release": release,
+           "protect_s": window}
     emit(inv, doc, lambda: click.echo(f"created repository {repo.storage.url} for cluster {cluster_id} "
-                                      f"(release {release})"))
+                                      f"(release {release})" + (f"; snapshots are protected for "
+                                                                 f"{human_duration(window)} after they are stored"
+                                                                 if window > 0 else "")))
 
 
 @cli.group("snapshot")
@@ -241,7 +255,12 @@ def snapshot_list(inv: Invocation) -> None:
     repo = inv.open_repo()
     snaps = repo.list_snapshots()
     now = time.time()
-    protection = engine.protection_of(repo, inv.snapshots.protect)
+    try:
+        protection = engine.protection_of(repo, inv.snapshots.protect)
+    except (IntegrityError, RefusedError) as e:  # deletions stop (they read it again); the listing goes on
+        click.echo(f"warning: {e}", err=True)
+        window = inv.snapshots.protect
+        protection = engine.Protection(window, repo.snapshot_stored_times()) if window > 0 else None
     until = {s.id: protection.until(s, now) if protection and protection.is_protected(s, now) else None
              for s in snaps}
     emit(inv, [{**s.to_json(), "protection_ends_at": until[s.id]} for s in snaps], lambda: _table(
@@ -307,19 +326,52 @@ _BREAK_GLASS_HELP = ("Delete snapshots younger than [snapshots] protect too (ope
                      "one is logged at WARNING and counted in the agent's state directory).")
 
 
-def _protection(inv: Invocation, break_glass: bool) -> dict[str, Any]:
-    """The deletion commands' protection arguments: this cluster's [snapshots] protect and, with
-    --break-glass, the state directory where each protected deletion is recorded."""
-    logging.getLogger("drsync.protection.break_glass").setLevel(logging.WARNING)  # on stderr, with who and what
-    if inv.config is None:
-        if break_glass:
-            raise UsageError("--break-glass needs --config FILE of this cluster's agent: its [snapshots] protect "
-                             "and the state directory that records the deletion")
-        return {}
+def _state_dir(inv: Invocation) -> str:
+    """The state directory of the agent that keeps this repository: its config's, else the one the
+    repository's protect.json names (when it is on this machine), else the default inside a local
+    repository; "" when none can be found."""
     from drsync.agent.state import state_dir_of
 
-    return {"protect_window_s": inv.config.snapshots.protect,
-            "break_glass_dir": state_dir_of(inv.config) if break_glass else None}
+    try:
+        if inv.config is not None:
+            return state_dir_of(inv.config)
+        try:
+            recorded = read_window(open_storage(inv.repo_url()))
+        except (IntegrityError, RefusedError):
+            recorded = None  # a damaged document stops deletions by itself (engine.protection_of)
+        if recorded is not None and recorded.state_dir and (os.path.isdir(recorded.state_dir) or
+                                                            recorded.host == socket.gethostname()):
+            return recorded.state_dir
+        return os.path.join(engine.local_path(inv.repo_url(), "repository"), "agent")
+    except DrsyncError:
+        return ""
+
+
+def _protection(inv: Invocation, break_glass: bool) -> dict[str, Any]:
+    """The deletion commands' protection arguments: this cluster's [snapshots] protect (the window the
+    repository records applies whatever is given: engine.protection_of) and, with --break-glass, the state
+    directory where each protected deletion is recorded (the agent's, also with --repo alone)."""
+    logging.getLogger("drsync.protection.break_glass").setLevel(logging.WARNING)  # on stderr, with who and what
+    if inv.config is not None:
+        from drsync.agent.state import state_dir_of
+
+        return {"protect_window_s": inv.config.snapshots.protect,
+                "break_glass_dir": state_dir_of(inv.config) if break_glass else None}
+    if not break_glass:
+        return {}
+    recorded = read_window(open_storage(inv.repo_url()))
+    if recorded is None or recorded.window_s <= 0:
+        return {}  # nothing is protected here: nothing to record
+    if recorded.state_dir and _state_dir(inv) != recorded.state_dir:
+        raise UsageError(f"--break-glass records each deletion in the state directory of the agent that keeps "
+                         f"this repository, {recorded.state_dir} on {recorded.host or 'its machine'}, which is not "
+                         f"on this machine: run the command there, or with that agent's --config")
+    state_dir = _state_dir(inv)
+    if not state_dir:
+        raise UsageError("--break-glass with --repo records each deletion in the state directory of the agent "
+                         "that keeps this repository, and the repository names none: rerun with that agent's "
+                         "--config")
+    return {"break_glass_dir": state_dir}
 
 
 @snapshot_grp.command("delete")
@@ -330,8 +382,8 @@ def _protection(inv: Invocation, break_glass: bool) -> dict[str, Any]:
 def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bool, break_glass: bool) -> None:
     """Delete snapshots and free the chunks nothing else uses.
 
-    A snapshot stored less than [snapshots] protect ago is refused (exit 4, nothing deleted) unless
-    --break-glass is given.
+    A snapshot stored less than [snapshots] protect ago (the config's, or the window the repository
+    records, also with --repo) is refused (exit 4, nothing deleted) unless --break-glass is given.
     """
     _refuse_while_held(inv, "delete snapshots")
     infos, report = engine.delete_snapshots(inv.open_repo(), list(snapshot_ids), prune=not no_prune,
@@ -350,16 +402,12 @@ def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bo
 def _hold_of(inv: Invocation) -> Any:
     """The apply hold (deletion guard or operator) of the standby agent that keeps this repository, if any.
 
-    Found in the agent's state directory: the config's, or the default one inside a local ``--repo``."""
+    Found in the agent's state directory: the config's, else the one the repository's protect.json names,
+    else the default one inside a local ``--repo``."""
     from drsync.agent.hold import HoldFile
-    from drsync.agent.state import state_dir_of
 
-    try:
-        if inv.config is not None:
-            state_dir = state_dir_of(inv.config)
-        else:
-            state_dir = os.path.join(engine.local_path(inv.repo_url(), "repository"), "agent")
-    except DrsyncError:
+    state_dir = _state_dir(inv)
+    if not state_dir:
         return None
     hold = HoldFile(state_dir).load()
     return hold if hold.active or hold.flagged else None
@@ -479,7 +527,8 @@ def _report_restore(what: str, dest: str, result: ApplyResult) -> None:
 def snapshot_expire(inv: Invocation, dry_run: bool, break_glass: bool) -> None:
     """Delete snapshots past their TTL, and periodic ones beyond [snapshots] keep.
 
-    Those stored less than [snapshots] protect ago stay (listed as protected) unless --break-glass is given.
+    Those stored less than [snapshots] protect ago (the config's, or the window the repository records, also
+    with --repo) stay (listed as protected) unless --break-glass is given.
     """
     if not dry_run:
         _refuse_while_held(inv, "expire snapshots")

@@ -24,7 +24,14 @@ from drsync.config import Config, KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
 from drsync.dataroot.distcp import DistCpSettings, DistCpStager, content_source, root_url
 from drsync.errors import LockedError, OperationFailed, RefusedError, UsageError
-from drsync.protection import Protection, check_deletable, record_break_glass, split_protected
+from drsync.protection import (
+    Protection,
+    check_deletable,
+    read_window,
+    record_break_glass,
+    record_window,
+    split_protected,
+)
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.repo import GcReport, Repository, VerifyReport
 from drsync.repository.snapshots import SnapshotInfo, new_snapshot_id
@@ -233,8 +240,18 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
 
 
 def protection_of(repo: Repository, window_s: float) -> Protection | None:
-    """``[snapshots] protect`` (seconds) over this repository's snapshots, or None when it is off (0)."""
+    """``[snapshots] protect`` over this repository's snapshots: the longer of ``window_s`` (a config's, 0
+    without one) and the window the repository carries (``protect.json``, whatever flags a command was
+    given); None when both are off. IntegrityError when that document is damaged (nothing is deleted)."""
+    recorded = read_window(repo.storage)
+    window_s = max(window_s, recorded.window_s if recorded is not None else 0.0)
     return Protection(window_s, repo.snapshot_stored_times()) if window_s > 0 else None
+
+
+def record_protection(repo: Repository, window_s: float, *, by: str, state_dir: str = "") -> None:
+    """Record ``[snapshots] protect`` in the repository (``protect.json``), so that commands run with
+    ``--repo`` alone keep it too; the agent calls it at every start, ``drsync init`` when given a window."""
+    record_window(repo.storage, window_s, by=by, state_dir=state_dir)
 
 
 def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True, protect_window_s: float = 0.0,

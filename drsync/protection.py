@@ -14,7 +14,13 @@ never from a time another machine wrote. A snapshot is captured before it is sto
 that sends a capture time far in the past (a wrong clock or a lie) shortens nothing, and one in the
 future lengthens nothing. On the cluster that took the snapshot the two times are seconds apart.
 
-Planning here is pure (:func:`split_protected`); the ledger is the only I/O.
+Where the window lives: in the agent's config, and in the repository itself (:data:`REPO_DOC`,
+``protect.json``, written by the agent at every start and by ``drsync init`` when given a window), so that
+a command run with ``--repo`` alone (no config) keeps it too. Every deletion applies the longer of the two
+(:func:`drsync.engine.protection_of`). The document also names the agent's state directory, where a
+``--repo --break-glass`` deletion is recorded like one run with the config.
+
+Planning here is pure (:func:`split_protected`); the ledger and the repository document are the only I/O.
 """
 
 from __future__ import annotations
@@ -26,13 +32,15 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from drsync import fsutil
-from drsync.errors import RefusedError
-from drsync.repository.snapshots import SnapshotInfo
+from drsync.errors import IntegrityError, RefusedError
+from drsync.repository.snapshots import SnapshotInfo, parse_iso
+from drsync.storage import ObjectMissing, Storage
 from drsync.units import iso_time
 
 log = logging.getLogger("drsync.protection")
@@ -80,6 +88,93 @@ class Protection:
                 f"[snapshots] protect = {human_duration(self.window_s)} from when this repository stored it): "
                 f"not {what}; an operator on this cluster may rerun with --break-glass to delete it anyway "
                 f"(logged and counted)")
+
+
+# --- the window the repository carries (docs/FORMAT.md, "protect.json") -------------------------------------
+
+REPO_DOC = "protect.json"
+REPO_DOC_KIND = "drsync-protection"
+REPO_DOC_FORMAT = 1
+REPO_DOC_MAX_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RecordedWindow:
+    """``protect.json``: the window (seconds, 0 = off), when and by whom it was written, and the state
+    directory (absolute, on ``host``) of the agent that keeps the repository ("" when none is known)."""
+
+    window_s: float
+    set_at: float = 0.0
+    set_by: str = ""
+    state_dir: str = ""
+    host: str = ""
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"kind": REPO_DOC_KIND, "format": REPO_DOC_FORMAT, "window_s": self.window_s,
+                           "set_at": iso_time(self.set_at), "set_by": self.set_by, "state_dir": self.state_dir,
+                           "host": self.host}, indent=1, sort_keys=True).encode()
+
+
+def read_window(storage: Storage) -> RecordedWindow | None:
+    """The window a repository carries, or None when it has no ``protect.json``. A document that cannot be
+    read as one is an IntegrityError (exit 3): deletions stop until the agent (or ``drsync init``) writes
+    it again; one of a newer format is refused (exit 4): upgrade drsync."""
+    try:
+        data = storage.read(REPO_DOC)
+    except ObjectMissing:
+        return None
+    where = f"repository {storage.url}: {REPO_DOC}"
+    fix = ("no snapshot is deleted until it is written again: restart the agent that keeps this repository "
+           "(it writes its [snapshots] protect there)")
+    if len(data) > REPO_DOC_MAX_BYTES:
+        raise IntegrityError(f"{where} is {len(data)} bytes, over {REPO_DOC_MAX_BYTES}; {fix}")
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("kind") != REPO_DOC_KIND:
+            raise ValueError(f"kind is not {REPO_DOC_KIND!r}")
+        fmt = doc.get("format")
+        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > REPO_DOC_FORMAT:
+            raise RefusedError(f"{where} has format {fmt}, newer than this drsync understands "
+                               f"({REPO_DOC_FORMAT}): upgrade drsync before deleting snapshots here")
+        if fmt != REPO_DOC_FORMAT:
+            raise ValueError(f"format {fmt!r}")
+        window = doc.get("window_s")
+        if isinstance(window, bool) or not isinstance(window, int | float) or not window >= 0 or \
+                window == float("inf"):
+            raise ValueError(f"window_s {window!r} is not a non-negative number of seconds")
+        texts = [doc.get(k, "") for k in ("set_at", "set_by", "state_dir", "host")]
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("set_at, set_by, state_dir and host must be strings")
+        set_at = parse_iso(texts[0]) if texts[0] else 0.0
+    except RefusedError:
+        raise
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise IntegrityError(f"{where} is damaged ({e}); {fix}") from None
+    return RecordedWindow(float(window), set_at, texts[1], texts[2], texts[3])
+
+
+def record_window(storage: Storage, window_s: float, *, by: str, state_dir: str = "") -> RecordedWindow | None:
+    """Write ``protect.json`` (atomically, durably) unless it says the same already, or there is none and
+    ``window_s`` is 0. Returns what it said before (None when there was none or it was unreadable). A
+    shorter window than before is logged at WARNING (an operator shortened [snapshots] protect); a newer
+    format is left alone (RefusedError)."""
+    damaged = False
+    try:
+        before = read_window(storage)
+    except IntegrityError as e:
+        log.warning("%s; %s writes it again", e, by)
+        before, damaged = None, True
+    if before is None and window_s <= 0 and not damaged:
+        return None  # never on: nothing to record
+    state_dir = os.path.abspath(state_dir) if state_dir else ""
+    host = socket.gethostname() if state_dir else ""
+    if before is not None and (before.window_s, before.state_dir, before.host) == (window_s, state_dir, host):
+        return before
+    storage.write(REPO_DOC, RecordedWindow(window_s, time.time(), by, state_dir, host).to_bytes(), durable=True)
+    if before is not None and window_s < before.window_s:
+        log.warning("repository %s: [snapshots] protect shortened from %s to %s by %s", storage.url,
+                    human_duration(before.window_s), human_duration(window_s) if window_s else "off", by)
+    return before
 
 
 def as_stored_by_standby(info: SnapshotInfo) -> SnapshotInfo:

@@ -65,6 +65,18 @@ class Group:
             self.cfg[name] = p
         self.coord = ZooKeeperCoordinator(hosts, group, session_timeout_s=10.0, username=auth[0], password=auth[1])
         self.coord.start()
+        self.tls: tuple[str, str, str] | None = None  # (CA, certificate, key) of the test's own gRPC calls
+
+    def use_tls(self, pki: Path) -> None:
+        """Mutual TLS between the agents, before they start: each has its own certificate (``pki/<name>.pem``
+        and ``.key``, of ``pki/ca.pem``) and accepts shipments only from the group's (tls.allowed_peers); the
+        test's own calls use ``pki/test.pem``. Appends a [tls] table: call :meth:`add_replication` before."""
+        peers = ", ".join(f'"{n}"' for n in self.names)
+        for name in self.names:
+            with open(self.cfg[name], "a") as f:
+                f.write(f'[tls]\nca = "{pki / "ca.pem"}"\ncert = "{pki / name}.pem"\nkey = "{pki / name}.key"\n'
+                        f'allowed_peers = [{peers}]\n')
+        self.tls = (str(pki / "ca.pem"), str(pki / "test.pem"), str(pki / "test.key"))
 
     def add_replication(self, name: str, line: str) -> None:
         """Add ``line`` (e.g. ``upstream = "near"``) to agent ``name``'s [replication], its config's last table."""
@@ -130,7 +142,7 @@ class Group:
         wait_for(lambda: self.record(name).get("role") == role, f"agent {name} to report role {role}", timeout)
 
     def hello(self, name: str) -> Any:
-        link = GrpcStandbyLink(self.addr[name])
+        link = GrpcStandbyLink(self.addr[name], tls=self.tls)
         try:
             return link.hello("test", 0)
         finally:

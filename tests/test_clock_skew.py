@@ -48,7 +48,11 @@ def faketime_env(offset_s: int) -> dict[str, str]:
     libs = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
     if not libs:
         pytest.fail("libfaketime is not installed: run the tests with make test, which installs it")
-    return {**os.environ, "LD_PRELOAD": libs[0], "FAKETIME": f"{offset_s:+d}", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    # tests/faketime_sleep: time.sleep fails under libfaketime with real monotonic clocks; a shim waits instead.
+    shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faketime_sleep")
+    path = os.pathsep.join(p for p in (shim, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "LD_PRELOAD": libs[0], "FAKETIME": f"{offset_s:+d}", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "PYTHONPATH": path}
 
 
 def lag_error(metrics_addr: str, agent: str, primary_skew: int, group: str = "default") -> tuple[float, float]:

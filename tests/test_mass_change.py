@@ -14,6 +14,7 @@ import signal
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -21,7 +22,7 @@ import pytest
 from drsync.guard import change_guard, changed_files, deletion_guard
 from drsync.repository.manifest import Manifest
 from tests.conftest import run_drsync, tree_state
-from tests.group import scrape, wait_for
+from tests.group import Group, scrape, wait_for
 from tests.test_agents import Pair
 from tests.test_deletion_guard import apply_state, bootstrap, non_dirs, standby_snapshots
 
@@ -221,7 +222,12 @@ def test_metadata_changes_apply_and_an_encryption_sweep_is_held_until_confirmed(
     assert m["drsync_snapshot_changed_fraction"] == pytest.approx(rewritten / total)
     state = apply_state(pair)
     held = state["snapshot"]
-    assert state["held"] and state["mass_change"] and state["applied"] == applied
+    # The applied snapshot the hold names is the one read above, or one the standby recorded as applied
+    # after it (the primary's next unchanged capture): the same content.
+    d = run_drsync("snapshot", "diff", applied, state["applied"], "--json", "--config", pair.standby_cfg)
+    assert d.code == 0 and not (d.json()["changed"] or d.json()["removed"] or d.json()["added"]), d.out
+    applied = state["applied"]
+    assert state["held"] and state["mass_change"]
     assert (state["changed"], state["files"], state["removed"]) == (rewritten, total, 0)
     assert state["message"].startswith(
         f"snapshot {held} rewrites the content of {rewritten / total:.1%} of the files ({rewritten} of {total}, "
@@ -379,3 +385,69 @@ def test_an_older_pending_snapshot_coming_due_does_not_lift_a_hold(tmp_path: Pat
         assert metrics(p)["drsync_mass_change"] == 1 and metrics(p)["drsync_apply_held"] == 1
     finally:
         p.stop_all()
+
+
+# --- with ZooKeeper roles: hold, resume, and a promotion at the last good snapshot ------------------------
+
+
+def test_under_zookeeper_roles_a_held_sweep_is_kept_out_through_hold_and_resume_and_promoted_past(
+        make_group: Any) -> None:
+    """Agents with ZooKeeper roles (agent.role = auto). An encryption sweep on production is held on the
+    standby (the alert's metric is 1); the operator holds applies (shipments are stored, not applied),
+    resumes them (the guard's hold stays: the sweep is still not applied), then promotes the standby at its
+    applied snapshot, the good one: its root is production's tree from before the sweep, and the sweep's
+    snapshots stay in its repository, named as newer."""
+    g: Group = make_group(["east", "west"], extra="[snapshots]\nkeep = { last = 1000 }\n")
+    g.start_all("east")
+    g.wait_synced("east", "west", "west's first sync")
+    good_tree = tree_state(g.data["east"])
+
+    def state() -> dict[str, Any]:
+        r = g.drsync("west", "apply", "--json")
+        assert r.code == 0, r.err
+        return r.json()  # type: ignore[no-any-return]
+
+    def west_metrics() -> dict[str, float]:
+        return scrape(g.metrics["west"], g.group, "west")
+
+    # The sweep, while production's agent is stopped: one capture sees all of it.
+    g.kill("east", signal.SIGTERM)
+    files = regular_files(g.data["east"])
+    for p in files[: int(len(files) * 0.8) + 1]:
+        data = p.read_bytes()
+        p.write_bytes(bytes(b ^ 0x5A for b in data) if data else b"\x00")
+    g.start("east")
+    wait_for(lambda: west_metrics()["drsync_mass_change"] == 1, "west to hold the sweep")
+    st = state()
+    held, applied = st["snapshot"], st["applied"]
+    assert st["held"] and st["mass_change"] and not st["operator_hold"], st
+    assert g.hello("west").held_snapshot == held and g.hello("west").applied_snapshot == applied
+    assert tree_state(g.data["west"]) == good_tree
+
+    # The operator holds applies: later shipments are stored and refused; the root stays.
+    r = g.drsync("west", "apply", "--hold")
+    assert r.code == 0, r.err
+    refused = state()["refused"]
+    wait_for(lambda: state()["refused"] > refused, "a later shipment to be refused while held")
+    st = state()
+    assert st["operator_hold"] and st["snapshot"] == held and tree_state(g.data["west"]) == good_tree
+
+    # Resumed: the operator's hold is lifted, the guard's stays; still nothing of the sweep is applied.
+    r = g.drsync("west", "apply", "--resume", "--json")
+    assert r.code == 0, r.err
+    assert f"snapshot {held} stays held by the mass-change guard" in r.json()["result"]["message"], r.out
+    st = state()
+    assert not st["operator_hold"] and st["held"] and st["snapshot"] == held
+    refused = st["refused"]
+    wait_for(lambda: state()["refused"] > refused, "a shipment after the resume to be refused by the guard")
+    assert tree_state(g.data["west"]) == good_tree and west_metrics()["drsync_mass_change"] == 1
+
+    # Production cannot be trusted: west takes over at its applied snapshot, from before the sweep.
+    g.kill("east", signal.SIGKILL)
+    r = g.promote("west", "--to-snapshot", applied, "--force")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["applied_snapshot"] == applied and held in doc["newer_kept"], doc
+    assert g.primary() == ("west", 2)
+    assert tree_state(g.data["west"]) == good_tree
+    assert held in [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]

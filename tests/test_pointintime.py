@@ -7,18 +7,26 @@ the operator recovers from the standby's own history.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
+from drsync import engine
+from drsync.agent.committer import delayed_until
 from drsync.agent.pointintime import RecoveryPoint, choose_point, newer_than, parse_before, recovery_points
-from drsync.agent.state import AgentState
+from drsync.agent.standby import StandbyReceiver
+from drsync.agent.state import AgentState, StateStore
 from drsync.errors import UsageError
+from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
-from tests.conftest import tree_state
+from drsync.storage.local import LocalStorage
+from drsync.transport import Caller, ReceivedChunk
+from tests.conftest import make_tree, tree_state
 from tests.group import Group, scrape, wait_for
 
 KEEP_ALL = '[snapshots]\nkeep = { last = 1000 }\n'  # retention out of the way (protect is tested elsewhere)
@@ -47,6 +55,33 @@ def _state(g: Group, name: str) -> dict:  # type: ignore[type-arg]
     return json.loads((g.tmp / f"{name}-repo" / "agent" / "state.json").read_text())
 
 
+def _unchanged_after_kill(g: Group) -> bool:
+    """Nothing was promoted since east (primary at epoch 1) was killed: the epoch is 1 still, and the primary
+    node names east or (its session expired meanwhile) nobody."""
+    return g.connected().read_epoch().epoch == 1 and g.primary() in (("east", 1), None)
+
+
+def _repo(g: Group, name: str) -> Repository:
+    return Repository.open(LocalStorage(str(g.tmp / f"{name}-repo")))
+
+
+def _received_holding(g: Group, name: str, path: str) -> str:
+    """The snapshot agent ``name`` last received, when it holds ``path`` ("" otherwise: the caller asks again)."""
+    sid = _state(g, name).get("received_snapshot")
+    if not sid:
+        return ""
+    repo = _repo(g, name)
+    paths = {os.fsdecode(p) for p in repo.load_manifest(repo.find_snapshot(sid)).pycolumn("path")}
+    return str(sid) if path in paths else ""
+
+
+def _receives_the_primarys_newest(g: Group, primary: str, standby: str) -> bool:
+    """Whether the snapshot ``standby`` last received is the newest ``primary`` took (read in this order: a
+    capture in between makes it false, and the caller asks again)."""
+    newest = _repo(g, primary).list_snapshots()[-1].id
+    return bool(_state(g, standby).get("received_snapshot") == newest)
+
+
 def test_promote_at_an_earlier_snapshot_after_damage_replicated(make_group) -> None:  # type: ignore[no-untyped-def]
     g = _synced(make_group, extra=KEEP_ALL)
     good_tree = tree_state(g.data["east"])
@@ -64,7 +99,7 @@ def test_promote_at_an_earlier_snapshot_after_damage_replicated(make_group) -> N
     # A dry run names the point and changes nothing.
     dry = g.promote("west", "--to-snapshot", good, "--dry-run", "--force")
     assert dry.code == 0, dry.err
-    assert json.loads(dry.out)["point"]["id"] == good and g.primary() == ("east", 1)
+    assert json.loads(dry.out)["point"]["id"] == good and _unchanged_after_kill(g)
     assert tree_state(g.data["west"]) != good_tree
     r = g.promote("west", "--to-snapshot", good, "--force")  # east's session may linger after kill -9
     assert r.code == 0, r.err
@@ -96,7 +131,9 @@ def test_a_delayed_standby_stores_at_once_and_applies_late(make_group, choice: s
     applied = g.hello("west").applied_snapshot
     (g.data["east"] / "catalog" / "late.txt").write_text("written after the first sync\n")
     wait_for(lambda: _state(g, "west").get("pending"), "west to store a shipment it applies later")
-    received = _state(g, "west")["received_snapshot"]
+    # What it received is current: the newest snapshot the primary took, the change in it.
+    wait_for(lambda: _receives_the_primarys_newest(g, "east", "west"), "west to receive east's newest snapshot")
+    received = wait_for(lambda: _received_holding(g, "west", "catalog/late.txt"), "west to receive the change")
     m = scrape(g.metrics["west"], g.group, "west")
     assert m["drsync_apply_delay_seconds"] == 3600 and m["drsync_pending_applies"] >= 1
     assert m["drsync_replication_received_lag_seconds"] <= m["drsync_replication_lag_seconds"]
@@ -107,7 +144,7 @@ def test_a_delayed_standby_stores_at_once_and_applies_late(make_group, choice: s
     g.kill("east", signal.SIGKILL)
     r = g.promote("west", "--force")
     assert r.code == 2 and "--apply-received" in r.err and "--delayed-state" in r.err, r.err
-    assert g.primary() == ("east", 1)
+    assert _unchanged_after_kill(g)
     r = g.promote("west", "--force", choice)
     assert r.code == 0, r.err
     doc = json.loads(r.out)
@@ -120,6 +157,33 @@ def test_a_delayed_standby_stores_at_once_and_applies_late(make_group, choice: s
         assert tree_state(g.data["west"]) == before and doc["applied_snapshot"] == applied
         assert received in [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]
     assert g.primary() == ("west", 2) and _state(g, "west")["pending"] == []
+
+
+def test_a_delayed_standby_is_promoted_at_a_received_snapshot_it_has_not_applied(make_group) -> None:  # type: ignore[no-untyped-def]
+    """apply_delay = 1h: a snapshot west received (stored, pending) but has not applied is a recovery point
+    too. Production changes (good), then is damaged; both reach west's repository, neither its root. West
+    is promoted at the good received snapshot: its root is production's tree as it was then, and the
+    newer received snapshots (the damage) are kept and named."""
+    g = _synced(make_group, extra=KEEP_ALL, replication='apply_delay = "1h"')
+    applied = g.hello("west").applied_snapshot
+    (g.data["east"] / "catalog" / "late.txt").write_text("a good change, received and not applied yet\n")
+    point = wait_for(lambda: _received_holding(g, "west", "catalog/late.txt"), "west to receive the change")
+    good_tree = tree_state(g.data["east"])  # production as the point holds it (nothing changed since)
+    _damage(g.data["east"])
+    damaged = wait_for(lambda: _received_holding(g, "west", "README-RANSOM.txt"), "west to receive the damage")
+    assert g.hello("west").applied_snapshot == applied and tree_state(g.data["west"]) != good_tree
+    listed = {p["id"]: p["state"] for p in json.loads(g.drsync("west", "status", "--points", "--json").out)["points"]}
+    assert listed[applied] == "applied" and listed[point] == "pending" and listed[damaged] == "pending"
+    g.kill("east", signal.SIGKILL)  # production must not be trusted
+    r = g.promote("west", "--to-snapshot", point, "--force")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["applied_snapshot"] == point and damaged in doc["newer_kept"] and point not in doc["newer_kept"]
+    assert g.primary() == ("west", 2)
+    assert tree_state(g.data["west"]) == good_tree  # the received point, applied from west's own repository
+    kept = [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]
+    assert point in kept and damaged in kept and set(doc["newer_kept"]) <= set(kept)
+    assert _state(g, "west")["pending"] == []
 
 
 def test_a_delayed_snapshot_reaches_the_root_once_old_enough(make_group) -> None:  # type: ignore[no-untyped-def]
@@ -189,14 +253,20 @@ def test_a_drill_rehearses_a_promotion_at_an_earlier_point(make_group) -> None: 
 
 def test_a_switchover_to_a_delayed_standby_loses_nothing(make_group) -> None:  # type: ignore[no-untyped-def]
     """The final snapshot of a switchover reaches a delayed standby's root before it takes over: the
-    zero-loss promise holds whatever apply_delay says."""
-    g = _synced(make_group, interval="1h", replication='apply_delay = "1h"')
+    zero-loss promise holds whatever apply_delay says. Both keep [snapshots] protect: the old primary
+    rejoins all the same (the copy of its root it takes first is kept, not deleted)."""
+    g = _synced(make_group, interval="1h", replication='apply_delay = "1h"', extra='[snapshots]\nprotect = "1h"\n')
     (g.data["east"] / "catalog" / "last-minute.txt").write_text("written just before the switchover\n")
     production = tree_state(g.data["east"])
     r = g.drsync("west", "switchover", "--json")
     assert r.code == 0, r.err
     assert g.primary() == ("west", 2)
     assert tree_state(g.data["west"]) == production and _state(g, "west")["pending"] == []
+    r = g.drsync("east", "rejoin")  # no demote_command or switchover_hook: the operator confirms
+    assert r.code == 0, r.err
+    g.wait_role("east", "standby")
+    names = [s["name"] for s in g.drsync("east", "snapshot", "list", "--json").json()]
+    assert any(n.startswith("before-rejoin") for n in names), names  # protected: kept
 
 
 def test_an_agent_killed_during_a_point_promotion_changes_no_epoch(make_group, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -232,3 +302,82 @@ def test_an_agent_killed_during_a_point_promotion_changes_no_epoch(make_group, t
     wait_for(lambda: _state(g, "west").get("applied_snapshot"), "west to start again")
     r = g.drsync("west", "apply", "--json")
     assert r.code == 0 and json.loads(r.out).get("operator_hold"), r.out
+
+
+# --- apply_delay counts from when the standby stored a snapshot ------------------------------------------
+
+HOUR = 3600.0
+
+
+def test_the_delay_runs_from_when_the_standby_stored_a_snapshot_and_from_its_capture() -> None:
+    now = 1_800_000_000.0
+    # A document that claims a capture two hours ago, stored now: due an hour from now, not at once.
+    assert delayed_until(now - 2 * HOUR, now, HOUR, 0.0) == now + HOUR
+    # Captured a minute before it was stored: the later of the two counts.
+    assert delayed_until(now - 60, now, HOUR, 0.0) == now + HOUR
+    # A capture time ahead of the storing (on the primary's clock, 10 minutes ahead of this one): it was
+    # captured a moment before storing, due an hour after.
+    assert delayed_until(now + 600 - 1, now, HOUR, 600.0) == now + HOUR
+    # A capture time in the future by this machine's estimate of the primary's clock: the delay counts
+    # from it (a shipment is never applied before it is delay old on either clock).
+    assert delayed_until(now + HOUR, now, HOUR, 0.0) == now + 2 * HOUR
+    # Stored long ago (an hour and more waiting): due now if captured long ago too.
+    assert delayed_until(now - 3 * HOUR, now - 2 * HOUR, HOUR, 0.0) == now - HOUR
+    # Pending entries written before the stored time was kept read as stored when read: later, never sooner.
+    st = AgentState.from_doc({"pending": [["a" * 16, now - 2 * HOUR, [1, 5]]]})
+    assert st.pending[0][:3] == ("a" * 16, now - 2 * HOUR, (1, 5)) and st.pending[0][3] >= time.time() - 60
+
+
+def _ship(primary: Repository, taken: SnapshotInfo, rx: StandbyReceiver, caller: Caller, doc: bytes) -> str:
+    """Ship snapshot ``taken`` of ``primary`` to ``rx`` the way the gRPC servicer does (chunks, then the commit
+    of document ``doc``); returns the id the standby stored."""
+    manifest = primary.load_manifest(taken)
+    ids = list(manifest.chunk_ids())
+    stored = [primary.read_stored(cid) for cid in ids]
+    rx.receive(caller, iter([[ReceivedChunk(cid, loc.encoding, loc.raw_length, bytes(data))
+                              for cid, (loc, data) in zip(ids, stored, strict=True)]]))
+    info, _ = rx.commit(caller, doc, primary.storage.read(f"manifests/{taken.id}.parquet"), sender_seq=taken.seq)
+    return info.id
+
+
+def test_a_backdated_snapshot_waits_the_whole_delay_on_the_standby(tmp_path: Path) -> None:
+    """A primary (valid epoch) ships a snapshot whose document claims it was captured two hours ago to a
+    standby with apply_delay = 1h: the standby stores it and queues it for an hour from when it stored it,
+    its root unchanged; it comes due only once that hour has passed on the standby's clock."""
+    prod = tmp_path / "prod"
+    make_tree(prod, files=10, big=0)
+    primary = Repository.init(LocalStorage(str(tmp_path / "prod-repo"), create=True), cluster_id="c", release="1")
+    first = engine.create_snapshot(primary, engine.SnapshotRequest(str(prod), kind="cycle"))
+    (prod / "ransom-note.txt").write_text("pay up\n")
+    second = engine.create_snapshot(primary, engine.SnapshotRequest(str(prod), kind="cycle"))
+    standby_repo = Repository.init(LocalStorage(str(tmp_path / "standby-repo"), create=True), cluster_id="c",
+                                   release="1")
+    data = tmp_path / "standby-data"
+    data.mkdir()
+    store = StateStore(str(tmp_path / "state"))
+    rx = StandbyReceiver(standby_repo, str(data), store, agent="standby", apply_delay_s=HOUR)
+    try:
+        caller = Caller(sender="primary", epoch=1, sent_at=time.time(), received_at=time.time(), instance="i1")
+        assert _ship(primary, first, rx, caller, first.to_bytes()) == first.id  # the first is applied at once
+        assert store.current.applied_snapshot == first.id
+        applied_tree = tree_state(data)
+        backdated = dataclasses.replace(second, captured_at=time.time() - 2 * HOUR)
+        before = time.time()
+        assert _ship(primary, second, rx, caller, backdated.to_bytes()) == second.id
+        st = store.current
+        assert st.applied_snapshot == first.id and tree_state(data) == applied_tree  # queued, not applied
+        assert [p[0] for p in st.pending] == [second.id] and st.pending[0][3] >= before
+        assert rx.committer.apply_due() == "" and tree_state(data) == applied_tree
+        # While an operator holds applies, not even a take-over's "apply everything received" (an automatic
+        # failover) applies it (docs/operations.md section 13c).
+        rx.hold_applies()
+        assert rx.committer.apply_due(everything=True) == "" and tree_state(data) == applied_tree
+        rx.resume()
+        assert [p[0] for p in store.current.pending] == [second.id]
+        # An hour after the standby stored it (its own clock), it comes due.
+        store.update(pending=tuple((p[0], p[1], p[2], p[3] - HOUR) for p in st.pending))
+        assert rx.committer.apply_due() == second.id
+        assert store.current.applied_snapshot == second.id and store.current.pending == ()
+        assert (data / "ransom-note.txt").exists() and tree_state(data) == tree_state(prod)
+    finally:
+        rx.close()

@@ -26,13 +26,17 @@ from drsync import engine
 from drsync.agent.standby import StandbyReceiver
 from drsync.agent.state import StateStore
 from drsync.config import KeepPolicy, config_from_dict
-from drsync.errors import ConfigError
+from drsync.errors import ConfigError, IntegrityError
 from drsync.protection import (
     LEDGER_NAME,
+    REPO_DOC,
     Protection,
+    RecordedWindow,
     as_stored_by_standby,
     human_duration,
     read_break_glass,
+    read_window,
+    record_window,
     split_protected,
 )
 from drsync.repository.repo import Repository
@@ -79,6 +83,12 @@ def stored_ago(repo_dir: Path, sid: str, seconds: float) -> None:
     """Make the repository's storage say it stored snapshot ``sid`` ``seconds`` ago."""
     t = time.time() - seconds
     os.utime(repo_dir / "snapshots" / f"{sid}.json", (t, t))
+
+
+def listed_repo(repo: Path) -> list[str]:
+    r = run_drsync("snapshot", "list", "--repo", repo, "--json")
+    assert r.code == 0, r.err
+    return [s["id"] for s in r.json()]
 
 
 def listed(cfg: Path) -> dict[str, dict[str, Any]]:
@@ -200,6 +210,9 @@ def test_a_ttl_does_not_delete_inside_the_protect_window(tmp_path: Path) -> None
     res = engine.expire_snapshots(repo, KeepPolicy(last=1), now=later, protect_window_s=HOUR)
     assert res.deleted == [] and [s.id for s in res.protected] == [sid]
     assert sid in listed(cfg)
+    # Without a window given, the one the repository records (drsync init wrote the config's) applies.
+    assert engine.expire_snapshots(repo, KeepPolicy(last=1), now=later).deleted == []
+    (tmp_path / "repo" / REPO_DOC).unlink()
     assert [s.id for s in engine.expire_snapshots(repo, KeepPolicy(last=1), now=later).deleted] == [sid]
 
 
@@ -234,16 +247,147 @@ def test_break_glass_deletes_logs_and_counts_in_the_agents_metric(tmp_path: Path
         r = run_drsync("snapshot", "delete", c.id, "--config", cfg, "--break-glass")
         assert r.code == 0, r.err
         wait_for(lambda: deletions() == 2.0, "the agent to count the second break-glass deletion")
+        # With --repo alone (no config) it is recorded where the repository says its agent keeps state.
+        d = cycle_snapshot(tmp_path, "v3")
+        r = run_drsync("snapshot", "delete", d.id, "--repo", tmp_path / "repo", "--break-glass")
+        assert r.code == 0 and "BREAK GLASS" in r.err, r.err
+        wait_for(lambda: deletions() == 3.0, "the agent to count the break-glass deletion made with --repo")
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=60)
 
 
-def test_break_glass_needs_the_clusters_config(tmp_path: Path) -> None:
+# --- the window the repository carries: --repo alone keeps it too ----------------------------------------
+
+
+def test_delete_and_expire_with_repo_alone_keep_the_window_the_repository_records(tmp_path: Path) -> None:
+    """``drsync init --config`` recorded protect = 1h in the repository (protect.json): ``snapshot delete``
+    and ``snapshot expire`` run with ``--repo`` and no config refuse and keep what it protects."""
     write_config(tmp_path)
-    s = cycle_snapshot(tmp_path, "x")
-    r = run_drsync("snapshot", "delete", s.id, "--repo", tmp_path / "repo", "--break-glass")
-    assert r.code == 2 and "--config" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    repo = tmp_path / "repo"
+    doc = json.loads((repo / REPO_DOC).read_text())
+    assert doc["window_s"] == HOUR and doc["state_dir"] == str(tmp_path / "state")
+    snaps = [cycle_snapshot(tmp_path, f"v{i}") for i in range(5)]
+    old, young = snaps[0], snaps[1]
+    stored_ago(repo, old.id, 2 * HOUR)
+    assert_refused_for_protection(run_drsync("snapshot", "delete", young.id, "--repo", repo), young.id)
+    assert_refused_for_protection(run_drsync("snapshot", "delete", old.id, young.id, "--repo", repo), young.id)
+    r = run_drsync("snapshot", "list", "--repo", repo, "--json")
+    assert {s["id"] for s in r.json() if s["protection_ends_at"]} == {s.id for s in snaps[1:]}
+    # No config: the default keep (last = 3) finds the two oldest due; the window keeps the younger one.
+    r = run_drsync("snapshot", "expire", "--repo", repo, "--json")
+    assert r.code == 0 and r.json()["deleted"] == [old.id] and r.json()["protected"] == [young.id], r.out + r.err
+    assert set(listed_repo(repo)) == {s.id for s in snaps[1:]}
+    assert not (tmp_path / "state" / LEDGER_NAME).exists()
+    # A repository carrying a window is still one any drsync reads: verify and GC know no new file.
+    assert run_drsync("repo", "verify", "--repo", repo).code == 0
+    assert run_drsync("repo", "gc", "--repo", repo).code == 0
+    assert set(listed_repo(repo)) == {s.id for s in snaps[1:]}
+
+
+def test_break_glass_with_repo_alone_is_recorded_in_the_agents_state_directory(tmp_path: Path) -> None:
+    write_config(tmp_path)
+    repo = tmp_path / "repo"
+    a, b = cycle_snapshot(tmp_path, "a"), cycle_snapshot(tmp_path, "b")
+    r = run_drsync("snapshot", "delete", a.id, "--repo", repo, "--break-glass")
+    assert r.code == 0, r.err
+    warning = [line for line in r.err.splitlines() if "WARNING" in line and "BREAK GLASS" in line]
+    assert len(warning) == 1 and a.id in warning[0], r.err
+    entries = read_break_glass(str(tmp_path / "state"))  # where the agent counts them (its metric)
+    assert [(e["snapshot"], e["how"]) for e in entries] == [(a.id, "drsync snapshot delete --break-glass")]
+    assert "--repo" in entries[0]["command"]
+    r = run_drsync("snapshot", "expire", "--repo", repo, "--break-glass", "--json")
+    assert r.code == 0 and r.json()["break_glass"] == [], r.err  # no config: nothing is due under keep
+    assert set(listed_repo(repo)) == {b.id}
+    # The state directory the repository names is on another machine: refused, one line, nothing deleted.
+    doc = json.loads((repo / REPO_DOC).read_text())
+    (repo / REPO_DOC).write_text(json.dumps({**doc, "state_dir": str(tmp_path / "elsewhere"), "host": "east-9"}))
+    r = run_drsync("snapshot", "delete", b.id, "--repo", repo, "--break-glass")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and "elsewhere on east-9" in r.err, r.err
+    assert set(listed_repo(repo)) == {b.id}
+
+
+def test_a_damaged_or_newer_protection_document_stops_deletions(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    repo = tmp_path / "repo"
+    s = cycle_snapshot(tmp_path, "a")
+    stored_ago(repo, s.id, 2 * HOUR)  # not protected by its age
+    doc = (repo / REPO_DOC).read_text()
+    (repo / REPO_DOC).write_text(doc[: len(doc) // 2])
+    for how in (("--repo", repo), ("--config", cfg)):
+        r = run_drsync("snapshot", "delete", s.id, *how)
+        assert r.code == 3 and REPO_DOC in r.err and "damaged" in r.err and len(r.err.strip().splitlines()) == 1
+    (repo / REPO_DOC).write_text(json.dumps({**json.loads(doc), "format": 99}))
+    r = run_drsync("snapshot", "delete", s.id, "--repo", repo)
+    assert r.code == 4 and "upgrade drsync" in r.err, r.err
+    assert set(listed_repo(repo)) == {s.id}
+    (repo / REPO_DOC).write_text(json.dumps({**json.loads(doc), "window_s": "forever"}))
+    assert run_drsync("snapshot", "expire", "--repo", repo).code == 3
+    assert set(listed_repo(repo)) == {s.id}
+
+
+def test_the_recorded_window_is_written_when_it_changes_and_a_shorter_one_is_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    storage = LocalStorage(str(tmp_path / "repo"), create=True)
+    assert record_window(storage, 0.0, by="agent a", state_dir=str(tmp_path / "st")) is None
+    assert read_window(storage) is None  # protect never on: nothing written
+    record_window(storage, 2 * HOUR, by="agent a", state_dir=str(tmp_path / "st"))
+    first = read_window(storage)
+    assert first is not None and (first.window_s, first.set_by, first.state_dir) == (2 * HOUR, "agent a",
+                                                                                    str(tmp_path / "st"))
+    mtime = (tmp_path / "repo" / REPO_DOC).stat().st_mtime_ns
+    assert record_window(storage, 2 * HOUR, by="agent a", state_dir=str(tmp_path / "st")) == first
+    assert (tmp_path / "repo" / REPO_DOC).stat().st_mtime_ns == mtime  # the same: not rewritten
+    with caplog.at_level("WARNING", logger="drsync.protection"):
+        record_window(storage, 0.0, by="agent a", state_dir=str(tmp_path / "st"))
+    assert any("protect shortened from 2h to off by agent a" in r.getMessage() for r in caplog.records)
+    assert read_window(storage).window_s == 0.0  # type: ignore[union-attr]
+    # A damaged document is written again, even with protect off.
+    (tmp_path / "repo" / REPO_DOC).write_text("{")
+    with pytest.raises(IntegrityError, match="damaged"):
+        read_window(storage)
+    record_window(storage, 0.0, by="agent a")
+    assert read_window(storage) == RecordedWindow(0.0, read_window(storage).set_at, "agent a")  # type: ignore[union-attr]
+
+
+def test_init_records_a_window_given_on_the_command_line(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    r = run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1", "--protect", "7d", "--json")
+    assert r.code == 0 and r.json()["protect_s"] == 7 * DAY, r.err
+    assert json.loads((repo / REPO_DOC).read_text())["window_s"] == 7 * DAY
+    (tmp_path / "data").mkdir()
+    sid = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--allow-empty",
+                     "--json").json()["id"]
+    assert_refused_for_protection(run_drsync("snapshot", "delete", sid, "--repo", repo), sid)
+    r = run_drsync("init", "--repo", tmp_path / "other", "--cluster-id", "c", "--release", "1", "--protect", "soon")
+    assert r.code == 2 and "--protect" in r.err and not (tmp_path / "other").exists(), r.err
+    assert not run_drsync("init", "--repo", tmp_path / "plain", "--cluster-id", "c", "--release",
+                          "1").code and not (tmp_path / "plain" / REPO_DOC).exists()
+
+
+def test_the_agent_records_its_window_in_the_repository_at_start(tmp_path: Path) -> None:
+    """A repository created without a window (``init --repo``) kept by an agent whose config says protect =
+    2h: at its start the agent records the window, and ``--repo`` commands keep it from then on."""
+    repo = tmp_path / "repo"
+    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    (tmp_path / "data").mkdir()
+    s = cycle_snapshot(tmp_path, "a")
+    assert run_drsync("snapshot", "delete", s.id, "--repo", repo).code == 0  # nothing protects it yet
+    s = cycle_snapshot(tmp_path, "b")
+    cfg = write_config(tmp_path, protect="2h", extra=f'name = "standby"\nrole = "standby"\n'
+                                                      f'listen = "127.0.0.1:{free_port()}"\n')
+    with open(tmp_path / "agent.log", "ab") as log:
+        agent = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg)], stdout=log,
+                                 stderr=log)
+    try:
+        wait_for(lambda: (repo / REPO_DOC).exists(), "the agent to record its window")
+        doc = json.loads((repo / REPO_DOC).read_text())
+        assert doc["window_s"] == 2 * HOUR and doc["state_dir"] == str(tmp_path / "state")
+        assert doc["set_by"] == "agent standby"
+        assert_refused_for_protection(run_drsync("snapshot", "delete", s.id, "--repo", repo), s.id)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
 
 
 def test_gc_keeps_the_data_of_a_protected_snapshot(tmp_path: Path) -> None:
@@ -323,21 +467,44 @@ def assert_standby_can_recover_to(g: Group, standby: str, good: str, good_tree: 
     assert set(doc["newer_kept"]) <= set(listed(g.cfg[standby]))
 
 
+def group_pki(d: Path, names: list[str]) -> Path:
+    """A CA and a certificate for each of ``names`` and for the test itself (tests/test_tls.py), made with a
+    clock set back a day, so that an agent whose clock is hours behind accepts them too."""
+    from tests.test_clock_skew import faketime_env
+    from tests.test_tls import make_ca, make_cert
+
+    d.mkdir()
+    env = faketime_env(-86400)
+    make_ca(d, "ca", env)
+    for name in [*names, "test"]:
+        make_cert(d, "ca", name, env)
+    return d
+
+
 def test_a_hostile_primary_cannot_push_the_good_snapshot_out_of_the_standbys_history(
-        make_group: Any) -> None:
-    """A primary with a valid epoch (and a clock three hours behind, so every capture time it writes is
-    older than protect) rewrites every file, ships many tiny snapshots to push the good one out of
-    ``keep = { last = 3 }``, then empties its root. The standby keeps the good snapshot."""
+        make_group: Any, tmp_path: Path) -> None:
+    """A primary with a valid certificate and epoch (mutual TLS, tls.allowed_peers naming it; a clock three
+    hours behind, so every capture time it writes is older than protect) rewrites every file, ships many
+    tiny snapshots to push the good one out of ``keep = { last = 3 }``, then empties its root. The standby
+    keeps the good snapshot."""
+    from drsync.errors import OperationFailed
+    from drsync.transport.grpc import GrpcStandbyLink
     from tests.test_clock_skew import faketime_env
 
     # The mass-change guard off: by default it would hold step 1 (and retention pauses while a hold
     # stands), so protect alone is what this test shows (tests/test_mass_change.py covers that guard).
     g = make_group(["east", "west"], extra='\n[snapshots]\nkeep = { last = 3 }\nprotect = "1h"',
                    replication="max_change_fraction = 1.0")
+    g.use_tls(group_pki(tmp_path / "pki", g.names))
     g.start("east", env=faketime_env(-3 * 3600))
     g.start("west")
     assert g.promote("east").code == 0
     good = g.wait_synced("east", "west", "the standby to hold production's good data")
+    # Shipments go over mutual TLS: a caller without a certificate is not served.
+    plain = GrpcStandbyLink(g.addr["west"])
+    with pytest.raises(OperationFailed):
+        plain.hello("test", 0, timeout_s=5)
+    plain.close()
     good_tree = tree_state(g.data["east"])
 
     # 1. Every file rewritten: it replicates (it is not a deletion).

@@ -13,22 +13,24 @@ from drsync.transport.grpc import GrpcStandbyLink
 from tests.test_agents import Pair, wait_for
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+def openssl(*args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, env=env)
 
 
-def make_ca(d: Path, name: str) -> None:
+def make_ca(d: Path, name: str, env: dict[str, str] | None = None) -> None:
+    """A CA valid for two days from now (``env``: openssl's environment, e.g. a clock set back a day with
+    libfaketime, for certificates that agents whose clocks are behind accept too)."""
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
+            "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d, env=env)
 
 
-def make_cert(d: Path, ca: str, name: str) -> None:
+def make_cert(d: Path, ca: str, name: str, env: dict[str, str] | None = None) -> None:
     (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
                                    "extendedKeyUsage=serverAuth,clientAuth\n")
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", cwd=d)
+            "-out", f"{name}.csr", cwd=d, env=env)
     openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d, env=env)
 
 
 @pytest.fixture

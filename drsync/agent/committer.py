@@ -40,6 +40,16 @@ from drsync.repository.snapshots import SnapshotInfo, iso
 log = logging.getLogger("drsync.agent.standby")
 
 
+def delayed_until(captured_at: float, stored_at: float, delay_s: float, clock_offset_s: float) -> float:
+    """When a snapshot waiting for ``replication.apply_delay`` comes due, on this machine's clock: once the
+    delay has passed since this standby stored it (``stored_at``, this machine's clock) and since it was
+    captured (``captured_at``, the primary's clock, turned into this machine's with ``clock_offset_s``,
+    the primary's clock minus this one's). The stored time is the standby's own: a primary that writes an
+    old capture time (a wrong clock, or a lie) cannot make a snapshot skip the delay, as [snapshots]
+    protect counts from when the repository stored a snapshot."""
+    return max(stored_at, captured_at - clock_offset_s) + delay_s
+
+
 class Committer:
     def __init__(self, repo: Repository, data_root: str, store: StateStore, *, agent: str,
                  max_delete_fraction: float = 0.5, on_applied: Callable[[], None] = lambda: None,
@@ -51,7 +61,8 @@ class Committer:
         self.store = store
         self.agent = agent
         self.max_delete_fraction = max_delete_fraction
-        # replication.apply_delay: a shipment is stored at once and applied once this old (primary's clock).
+        # replication.apply_delay: a shipment is stored at once and applied once stored and captured this
+        # long ago (delayed_until).
         self.apply_delay_s = apply_delay_s
         # The mass-change guard: replication.max_change_fraction, and "hold" or "alert" when it is exceeded.
         self.max_change_fraction = max_change_fraction
@@ -148,8 +159,10 @@ class Committer:
                 raise RefusedError(message)
             info = known[info.id] if info.id in known else self.repo.commit_snapshot(
                 info, manifest_bytes, manifest=manifest, lock=lock)
+            stored_at = time.time()  # apply_delay counts from here, on this machine's clock
             self._record_received(info)
-            result = self.take(info, manifest, started, position)  # RefusedError while held: stored, not applied
+            # RefusedError while held: stored, not applied
+            result = self.take(info, manifest, started, position, stored_at=stored_at)
         return info, result
 
     def _refuse_if_stale(self, info: SnapshotInfo, position: list[int]) -> None:
@@ -170,12 +183,14 @@ class Committer:
                 f"late (a relay or a retry behind a newer shipment); not stored, not applied")
 
     def take(self, info: SnapshotInfo, manifest: Manifest, started: float, position: list[int], *,
-             due: bool = False) -> ApplyResult:
+             due: bool = False, stored_at: float | None = None) -> ApplyResult:
         """Apply a stored snapshot unless a hold keeps it back (then RefusedError, logged as a warning).
 
         With ``replication.apply_delay``, a snapshot younger than the delay is judged now and put on the
         pending list (:meth:`apply_due` applies it later; an empty result is returned); ``due``: it is old
-        enough, or an operator chose it. Under :attr:`lock` and the repository's shared lock."""
+        enough, or an operator chose it; ``stored_at``: when this standby stored it (default now: a snapshot
+        stored while applies were held waits the whole delay from when it is taken). Under :attr:`lock` and the
+        repository's shared lock."""
         self._check_history_root(info)
         if self.hold.operator_since:
             raise RefusedError(self._refuse(info, (
@@ -184,9 +199,10 @@ class Committer:
                 f"to apply again")))
         # The first snapshot is applied at once: there is nothing older to protect, and a new standby is
         # useful from its first sync on.
+        stored_at = time.time() if stored_at is None else stored_at
         if not due and self.apply_delay_s > 0 and self.store.current.applied_snapshot and \
-                not self._is_due(info.captured_at):
-            return self._defer(info, manifest, position)
+                not self._is_due(info.captured_at, stored_at):
+            return self._defer(info, manifest, position, stored_at)
         applied = self._applied_manifest()
         if applied is not None and not diff(applied, manifest).paths():
             # Nothing changed since the applied snapshot: the root already holds it.
@@ -209,40 +225,45 @@ class Committer:
 
     # --- replication.apply_delay ------------------------------------------------------------------
 
-    def _is_due(self, captured_at: float) -> bool:
-        return self.store.current.primary_now() >= captured_at + self.apply_delay_s
+    def _due_at(self, captured_at: float, stored_at: float) -> float:
+        return delayed_until(captured_at, stored_at, self.apply_delay_s, self.store.current.clock_offset_s)
+
+    def _is_due(self, captured_at: float, stored_at: float) -> bool:
+        return time.time() >= self._due_at(captured_at, stored_at)
 
     def _record_received(self, info: SnapshotInfo) -> None:
         if info.captured_at >= self.store.current.received_captured_at:
             self.store.update(received_snapshot=info.id, received_captured_at=info.captured_at)
 
-    def _defer(self, info: SnapshotInfo, manifest: Manifest, position: list[int]) -> ApplyResult:
+    def _defer(self, info: SnapshotInfo, manifest: Manifest, position: list[int], stored_at: float) -> ApplyResult:
         """Judge a young snapshot now, against what the root holds (the applied snapshot: everything
         pending before it counts too, as it would in an immediate apply), then queue it."""
         st = self.store.current
         if any(p[0] == info.id for p in st.pending):
             return ApplyResult()  # a retried commit
         self._judge(info, self._known_root(), manifest, position)  # alert mode: flagged when it is applied
-        self.store.update(pending=(*st.pending, (info.id, info.captured_at, tuple(position))))
+        self.store.update(pending=(*st.pending, (info.id, info.captured_at, tuple(position), stored_at)))
         log.info("snapshot %s stored; applied at %s (replication.apply_delay %s)", info.id,
-                 iso(info.captured_at + self.apply_delay_s), format_span(self.apply_delay_s))
+                 iso(self._due_at(info.captured_at, stored_at)), format_span(self.apply_delay_s))
         self._release_guard_for(info, f"snapshot {info.id}, shipped after it, passes the guards")
         return ApplyResult()
 
     def apply_due(self, *, everything: bool = False) -> str:
-        """Apply the newest pending snapshot that is old enough (``replication.apply_delay``; ``everything``:
-        the newest pending one, as a switchover or an automatic failover does before taking over), dropping
-        the older pending ones (the root goes straight to it). Returns its id, or "" when none is due or
-        applies are held. Takes the repository's shared lock, then :attr:`lock`; refusals are logged."""
+        """Apply the newest pending snapshot that is old enough (``replication.apply_delay``, see
+        :func:`delayed_until`; ``everything``: the newest pending one, as a switchover or an automatic failover
+        does before taking over), dropping the pending ones that arrived before it (the root goes straight to
+        it). Returns its id, or "" when none is due or applies are held. Takes the repository's shared lock,
+        then :attr:`lock`; refusals are logged."""
         st = self.store.current
-        if not st.pending or not (everything or self._is_due(st.pending[0][1])) or self.hold.operator_since:
+        if not st.pending or not (everything or any(self._is_due(p[1], p[3]) for p in st.pending)) or \
+                self.hold.operator_since:
             return ""
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S), self.lock:
             st = self.store.current
-            due = [p for p in st.pending if everything or self._is_due(p[1])]
+            due = [i for i, p in enumerate(st.pending) if everything or self._is_due(p[1], p[3])]
             if not due or self.hold.operator_since or self.broken:
                 return ""
-            snapshot, _, position = due[-1]
+            snapshot, _, position, _ = st.pending[due[-1]]
             try:
                 info = self.repo.find_snapshot(snapshot)
                 self.take(info, self.repo.load_manifest(info), time.monotonic(), list(position), due=True)
@@ -250,8 +271,12 @@ class Committer:
                 pass  # held (logged by the hold); the hold names it from now on
             except DrsyncError as e:
                 log.error("pending snapshot %s could not be applied (%s); the next due one is tried", snapshot, e)
-            self.store.transform(lambda s: dataclasses.replace(
-                s, pending=tuple(p for p in s.pending if p[1] > due[-1][1] and p[0] != snapshot)))
+            # The pending list is in arrival order, which is the primary's order (a later capture time says
+            # nothing: a re-created primary numbers anew, a wrong clock goes back): what arrived before the
+            # one taken is behind the root now.
+            taken = st.pending[:due[-1] + 1]
+            self.store.transform(lambda s: dataclasses.replace(s, pending=tuple(p for p in s.pending
+                                                                                if p not in taken)))
             return snapshot if self.store.current.applied_snapshot == snapshot else ""
 
     def keep_delayed(self, why: str) -> dict[str, Any]:
@@ -554,7 +579,8 @@ class Committer:
                 self.hold.latest, self.hold.refused = "", 0
             self.hold_file.save(self.hold)
             log.warning("applies resumed by an operator (drsync apply --resume)")
-            message = f"standby {self.agent} applies shipments again"
+            message = (f"the operator's hold on standby {self.agent} is lifted" if self.hold.snapshot else
+                       f"standby {self.agent} applies shipments again")
             applied = None
             if latest and latest != self.store.current.applied_snapshot:
                 try:
@@ -566,12 +592,17 @@ class Committer:
                         message += f"; snapshot {info.id}, stored while held, is applied"
                     else:
                         message += (f"; snapshot {info.id}, stored while held, is applied at "
-                                    f"{iso(info.captured_at + self.apply_delay_s)} (replication.apply_delay)")
+                                    f"{iso(self._due_at(info.captured_at, time.time()))} (replication.apply_delay)")
                 except RefusedError as e:
                     message += f"; {e}"
                 except DrsyncError as e:
                     message += f"; the snapshot stored while held ({latest}) was not applied ({e}): the next " \
                                f"shipment brings a newer one"
+            elif self.hold.snapshot:  # the guard's hold is not the operator's: it stays until confirmed
+                guard = "mass-change" if self.hold.changed and not self.hold.removed else "deletion"
+                message += (f"; snapshot {self.hold.snapshot} stays held by the {guard} guard ('drsync apply "
+                            f"--confirm {self.hold.snapshot}' applies it), and shipments behind it are stored, "
+                            f"not applied")
             else:
                 message += "; the next shipment is applied"
             return {"applied": applied, "message": message}

@@ -85,6 +85,12 @@ class Agent:
             raise UsageError(state_dir_owner_problem(self.state_dir, owner, self.name))
         if not owner:
             self.store.update(agent_name=self.name)
+        try:  # [snapshots] protect in the repository too: commands run with --repo alone keep it
+            engine.record_protection(self.repo, cfg.snapshots.protect, by=f"agent {self.name}",
+                                     state_dir=self.state_dir)
+        except (DrsyncError, OSError) as e:
+            log.warning("agent %s: could not record [snapshots] protect in repository %s (commands run with --repo "
+                        "alone do not see it): %s", self.name, self.repo.storage.url, e)
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.metrics = AgentMetrics(new_registry(), group=cfg.coordination.group, agent=self.name)

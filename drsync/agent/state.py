@@ -61,9 +61,10 @@ class AgentState:
     # follows later): the received lag is counted from its capture time (primary's clock).
     received_snapshot: str = ""
     received_captured_at: float = 0.0
-    # replication.apply_delay: snapshots stored and verified but not applied yet, oldest first, each
-    # (snapshot id, capture time on the primary's clock, position); applied once old enough.
-    pending: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+    # replication.apply_delay: snapshots stored and verified but not applied yet, in arrival order, each
+    # (snapshot id, capture time on the primary's clock, position, when stored on this machine's clock);
+    # applied once the delay has passed since both (:func:`drsync.agent.committer.delayed_until`).
+    pending: tuple[tuple[str, float, tuple[int, ...], float], ...] = ()
     # The mass-change window: (applied snapshot, when applied on this machine's clock), a handful, oldest
     # first; a shipment is also judged against the one applied at least replication.mass_change_window ago.
     change_checkpoints: tuple[tuple[str, float], ...] = ()
@@ -75,8 +76,11 @@ class AgentState:
         if "applied_position" in fields:
             fields["applied_position"] = tuple(int(x) for x in fields["applied_position"] or ())
         if "pending" in fields:
-            fields["pending"] = tuple((str(p[0]), float(p[1]), tuple(int(x) for x in p[2] or ()))
-                                      for p in fields["pending"] or ())
+            # An entry written before the stored time was recorded counts as stored when it is read: its
+            # delay starts again (later, never sooner).
+            read_at = time.time()
+            fields["pending"] = tuple((str(p[0]), float(p[1]), tuple(int(x) for x in p[2] or ()),
+                                       float(p[3]) if len(p) > 3 else read_at) for p in fields["pending"] or ())
         if "change_checkpoints" in fields:
             fields["change_checkpoints"] = tuple((str(c[0]), float(c[1])) for c in fields["change_checkpoints"] or ())
         return cls(**fields)

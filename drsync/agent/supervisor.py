@@ -617,8 +617,14 @@ class RoleSupervisor:
         final = self.switchover_final
         unchanged = bool(final) and self._same_content(info.id, final)
         if unchanged:
-            # Nothing was written after the switchover's final snapshot: no second copy needed.
-            engine.delete_snapshots(self.repo, [info.id], prune=False)
+            # Nothing was written after the switchover's final snapshot: no second copy needed, unless
+            # [snapshots] protect keeps every snapshot this young (it stays then, sharing every chunk).
+            try:
+                protection = engine.protection_of(self.repo, self.cfg.snapshots.protect)
+                if protection is None or not protection.is_protected(info, time.time()):
+                    engine.delete_snapshots(self.repo, [info.id], prune=False)
+            except DrsyncError as e:
+                log.info("agent %s keeps snapshot %s: %s", self.name, info.id, e)
             log.info("agent %s rejoins as standby after the switchover; nothing changed since its final "
                      "snapshot %s", self.name, final)
             return True
