@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import tree_state
 from tests.faultproxy import FaultProxy
 from tests.group import Group, PrimaryWatcher, scrape, wait_for
+from tests.test_clock_skew import faketime_env
 
 # Cases the pure topology tests and tests/test_fanout.py cover in make test; the real-agent versions run under
 # make reliability (DRSYNC_RELIABILITY=full) to keep make test short.
@@ -267,20 +268,12 @@ def test_far_lag_metric_is_small_in_a_cascade(make_group: Any) -> None:
     assert 0 <= lag_far < 60 and 0 <= lag_near < 60, (lag_far, lag_near)
 
 
-def _faketime_env(offset_s: int) -> dict[str, str]:
-    import glob
-
-    libs = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
-    assert libs, "libfaketime is not installed"
-    return {**os.environ, "LD_PRELOAD": libs[0], "FAKETIME": f"{offset_s:+d}", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-
-
 def test_far_lag_is_on_the_primarys_clock_when_near_and_far_clocks_are_wrong(make_group: Any) -> None:
     g: Group = make_group(["east", "near", "far"])
     g.add_replication("far", 'upstream = "near"')
     g.start("east")
-    g.start("near", env=_faketime_env(+600))
-    g.start("far", env=_faketime_env(-300))
+    g.start("near", env=faketime_env(+600))
+    g.start("far", env=faketime_env(-300))
     assert g.promote("east").code == 0
     g.wait_synced("east", "far", "far's first sync through near")
     change(g, "east", 1)
