@@ -363,11 +363,16 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             root.remove_root()
         raise RefusedError(refused)
     if dry_run:
+        # A path the snapshot has in another form (a file where it holds a directory) is replaced, as the
+        # refusal counts it: listed under overwrite, not remove.
+        wanted = {e.path for e in entries}
+        replaced_types = [p for p in plan.remove if p in wanted]
         return ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
-                           unchanged_files=plan.unchanged, removed=len(plan.remove),
-                           planned={"write": [e.path for e in plan.write], "remove": list(plan.remove),
+                           unchanged_files=plan.unchanged, removed=len(plan.remove) - len(replaced_types),
+                           planned={"write": [e.path for e in plan.write],
+                                    "remove": [p for p in plan.remove if p not in wanted],
                                     "mkdir": [e.path for e in plan.mkdir], "link": [e.path for e in plan.link],
-                                    "overwrite": list(plan.replaces)}, refused=refused)
+                                    "overwrite": sorted({*plan.replaces, *replaced_types})}, refused=refused)
     assert log_ is not None
     root.check_plan(plan)
     skipped_links = []

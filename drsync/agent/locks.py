@@ -37,21 +37,73 @@ def _exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[s
     return fd
 
 
+def _nested(a: str, b: str) -> bool:
+    """Whether one location lies inside the other (or they are the same): paths by whole components,
+    URLs by scheme, authority and path."""
+    if ("://" in a) != ("://" in b):
+        return False
+    if "://" in a:
+        (sa, ra), (sb, rb) = a.split("://", 1), b.split("://", 1)
+        if sa != sb or ra.split("/", 1)[0].split("?")[0] != rb.split("/", 1)[0].split("?")[0]:
+            return False
+        a = "/" + ra.split("/", 1)[1].split("?")[0] if "/" in ra else "/"
+        b = "/" + rb.split("/", 1)[1].split("?")[0] if "/" in rb else "/"
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
+
+
 class HostLock:
     """One running agent per data root and per repository on this host (a lock file named after the
-    resolved location in /run/lock; nothing is written into production's data root)."""
+    resolved location in /run/lock; nothing is written into production's data root). A location
+    inside or around one another running agent serves (with another state directory) is refused
+    too: an apply onto a root nested in production's would write over part of production."""
 
     def __init__(self, what: str, location: str, state_dir: str) -> None:
         key = location if "://" in location else os.path.realpath(location)
-        self.path = os.path.join(_host_lock_dir(), f"drsync-{hashlib.sha256(key.encode()).hexdigest()[:20]}.lock")
+        lock_dir = _host_lock_dir()
+        self.path = os.path.join(lock_dir, f"drsync-{hashlib.sha256(key.encode()).hexdigest()[:20]}.lock")
         try:
-            self.fd = _exclusive_lock(self.path, 0o666, f"{os.getpid()}\n{state_dir}\n", lambda held: (
+            self.fd = _exclusive_lock(self.path, 0o666, f"{os.getpid()}\n{state_dir}\n{what}\n{key}\n",
+                                      lambda held: (
                 f"another drsync agent (pid {held[0]}, state directory {held[1]}) already serves {what} {key}: two "
                 f"agents must never share a data root or repository; stop it, or point this config at its own"))
         except PermissionError as e:
             raise OperationFailed(f"cannot open the host lock {self.path} for {what} {key} ({e.strerror}); "
                                   f"another user's agent may serve it, or set DRSYNC_LOCK_DIR to a writable "
                                   f"directory") from None
+        try:
+            self._refuse_nested(lock_dir, what, key, state_dir)
+        except BaseException:
+            self.release()
+            raise
+
+    def _refuse_nested(self, lock_dir: str, what: str, key: str, state_dir: str) -> None:
+        for name in sorted(os.listdir(lock_dir)):
+            path = os.path.join(lock_dir, name)
+            if not (name.startswith("drsync-") and name.endswith(".lock")) or path == self.path:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    continue  # nobody holds it: a lock file left by an agent that stopped
+                except BlockingIOError:
+                    pass
+                lines = os.pread(fd, 8192, 0).decode(errors="replace").split("\n")
+            finally:
+                os.close(fd)
+            if len(lines) < 4 or not lines[3] or os.path.realpath(lines[1]) == os.path.realpath(state_dir):
+                continue  # an older agent's lock (no location), or this agent's own other lock
+            other_what, other = lines[2], lines[3]
+            if _nested(key, other):
+                where = "inside" if (key.rstrip("/") + "/").startswith(other.rstrip("/") + "/") else "around"
+                raise OperationFailed(
+                    f"{what} {key} lies {where} {other_what} {other}, which another drsync agent (pid {lines[0]}, "
+                    f"state directory {lines[1]}) serves: two agents must never share a data root or repository, "
+                    f"nor one inside the other; point this config at a location of its own")
 
     def release(self) -> None:
         if self.fd >= 0:

@@ -151,9 +151,11 @@ class LocalDataRoot:
         yield LocalFrozenRoot(self.root)
 
     def has_data(self) -> bool:
+        """Whether the root holds anything but drsync's own files and the empty ``lost+found`` of a
+        freshly made filesystem (which a new volume's root always has)."""
         try:
             with os.scandir(self.root) as it:
-                return any(not e.name.startswith(".drsync") for e in it)
+                return any(not e.name.startswith(".drsync") and not _empty_lost_found(e) for e in it)
         except OSError:
             return False
 
@@ -634,6 +636,16 @@ def _move_aside(fs: Beneath, path: str, trash: str) -> None:
             raise
         fs.chmod(path, st.S_IMODE(s.st_mode) | 0o700)
         fs.rename(path, trash)
+
+
+def _empty_lost_found(e: os.DirEntry[str]) -> bool:
+    if e.name != "lost+found" or not e.is_dir(follow_symlinks=False):
+        return False
+    try:
+        with os.scandir(e.path) as it:
+            return next(it, None) is None
+    except OSError:
+        return False  # unreadable: say it may hold data
 
 
 def _unescape_mountinfo(field: str) -> str:
