@@ -78,3 +78,44 @@ def test_production_keeps_no_backlog_of_hdfs_snapshots_while_its_standby_is_down
         assert len(_drsync_snapshots(webhdfs, root)) <= 2
     finally:
         pair.stop_all()
+
+
+def test_standby_history_snapshots_go_with_a_deleted_snapshot_and_drills_leave_none(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster) -> None:
+    prod = make_site("hdfs", tmp_path, webhdfs)
+    standby = make_site("hdfs", tmp_path, webhdfs)
+    pair = Pair(tmp_path, prod, standby)
+    webhdfs.allow_snapshot(prod.path("prod-data"))
+    webhdfs.mkdirs(standby.path("standby-data"))
+    webhdfs.allow_snapshot(standby.path("standby-data"))
+    lines = _engine_lines(hdfs_cluster)
+    _configure(pair, lines, lines)
+    sroot = standby.path("standby-data")
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "first sync", timeout=120)
+        prod.write("prod-data", "catalog/second.txt", b"second\n" * 10)
+        wait_for(pair.in_sync, "second sync", timeout=120)
+        pair.stop_all()
+        print("standby snaps", webhdfs.snapshots(sroot))
+        print("prod snaps", webhdfs.snapshots(prod.path("prod-data")))
+        srepo = Repository.open(open_storage(standby.url("standby-repo")))
+        ids = [s.id for s in srepo.list_snapshots()]
+        print("standby repo", ids)
+        for full in ((), ("--full",)):
+            r = run_drsync("drill", "run", "--config", pair.standby_cfg, *full)
+            print("drill", full, r.code, r.out[-500:], r.err[-500:])
+        r = run_drsync("drill", "run", "--config", pair.standby_cfg, "--to-snapshot", ids[0])
+        print("drill to", r.code, r.out[-500:], r.err[-500:])
+        print("standby snaps after drills", webhdfs.snapshots(sroot))
+        r = run_drsync("snapshot", "delete", ids[0], "--config", pair.standby_cfg, "--break-glass")
+        print("delete", r.code, r.out, r.err)
+        snaps = webhdfs.snapshots(sroot)
+        print("standby snaps after delete", snaps)
+        left = {s.id for s in Repository.open(open_storage(standby.url("standby-repo"))).list_snapshots()}
+        assert all(s[len("drsync-snap-"):] in left for s in snaps if s.startswith("drsync-snap-")), snaps
+        assert not [s for s in snaps if not s.startswith("drsync-snap-")], snaps
+        print(webhdfs.snapshots(prod.path("prod-data")))
+    finally:
+        pair.stop_all()
