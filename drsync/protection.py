@@ -120,7 +120,7 @@ def read_window(storage: Storage) -> RecordedWindow | None:
     read as one is an IntegrityError (exit 3): deletions stop until the agent (or ``drsync init``) writes
     it again; one of a newer format is refused (exit 4): upgrade drsync."""
     try:
-        data = storage.read(REPO_DOC)
+        data = storage.read_range(REPO_DOC, 0, REPO_DOC_MAX_BYTES + 1)
     except ObjectMissing:
         return None
     where = f"repository {storage.url}: {REPO_DOC}"

@@ -52,6 +52,14 @@ STORED_MAX = CHUNK_MAX + CHUNK_MAX // 256 + 64
 # warehouse-like tree), so 10 million files are about 0.9 GiB; 2 GiB leaves room for ~35 million more
 # chunk ids (32 bytes each), i.e. about 8 TiB of data in multi-chunk files.
 MANIFEST_MAX_BYTES = 2 * 1024 * 1024 * 1024
+# The most a manifest may decode into (Arrow tables in memory), in bytes: MANIFEST_DECODED_FACTOR times
+# MANIFEST_MAX_BYTES. A real manifest decodes into about 2.2 times its bytes (161 MiB from 74 MiB at
+# 1,000,000 files); a hostile one of a few hundred KiB (one long path repeated, dictionary- and
+# run-length-encoded) would decode into gigabytes. Checked from the footer and batch by batch.
+MANIFEST_DECODED_FACTOR = 4
+# Small repository documents other hosts write (a lock, config.json, protect.json), in bytes: read at
+# most this much, so a damaged or hostile one of gigabytes is refused, not read.
+SMALL_DOC_MAX_BYTES = 64 * 1024
 # The largest snapshot document (JSON) drsync accepts from a peer or a repository, in bytes. A document
 # is about 1 KiB plus its warning sample (at most WARNING_SAMPLE lines of WARNING_MAX_CHARS characters,
 # under 130 KiB even when every character is escaped), its name and its reason.

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from drsync.errors import LockedError
+from drsync.errors import IntegrityError, LockedError
 from drsync.repository import format as fmt
-from drsync.storage import ObjectMissing, Storage
+from drsync.storage import ObjectMissing, Storage, read_bounded
 
 STALE_AFTER = 30 * 60.0
 REFRESH_EVERY = 5 * 60.0
@@ -70,11 +70,21 @@ class LockInfo:
         return self.host == socket.gethostname() and not _pid_alive(self.pid, self.start)
 
 
-def read_locks(storage: Storage) -> list[LockInfo]:
+def read_locks(storage: Storage, *, oversized_ok: bool = False) -> list[LockInfo]:
+    """Every lock file. One larger than any lock can be is not read: IntegrityError, unless
+    ``oversized_ok`` (``repo unlock --all``), where it is listed as an unreadable lock."""
     out = []
     for obj in storage.list(fmt.LOCKS_DIR):
         try:
-            doc = json.loads(storage.read(obj.name))
+            if obj.size > fmt.SMALL_DOC_MAX_BYTES and oversized_ok:
+                out.append(LockInfo(obj.name, "?", 0, True, "oversized lock file", obj.mtime, obj.mtime, None))
+                continue
+            if obj.size > fmt.SMALL_DOC_MAX_BYTES:
+                raise IntegrityError(f"lock file {storage.url}/{obj.name} is {obj.size} bytes, larger than a lock "
+                                     f"can be ({fmt.SMALL_DOC_MAX_BYTES}; docs/FORMAT.md, Limits): it is damaged; "
+                                     f"if no drsync runs on this repository, remove it with 'drsync repo unlock "
+                                     f"--all'")
+            doc = json.loads(read_bounded(storage, obj.name, fmt.SMALL_DOC_MAX_BYTES, f"lock file {obj.name}"))
             out.append(LockInfo(obj.name, doc["host"], int(doc["pid"]), bool(doc["exclusive"]),
                                 doc.get("command", "?"), float(doc["created"]), float(doc["refreshed"]),
                                 doc.get("start")))
@@ -194,7 +204,7 @@ def remove_locks(storage: Storage, *, all_locks: bool = False) -> list[LockInfo]
     """Remove stale locks (or every lock with ``all_locks``); returns what was removed."""
     removed = []
     now = time.time()
-    for lock in read_locks(storage):
+    for lock in read_locks(storage, oversized_ok=all_locks):
         if all_locks or lock.is_stale(now):
             storage.delete(lock.name)
             removed.append(lock)

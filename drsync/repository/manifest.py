@@ -215,7 +215,7 @@ class Manifest:
             raise IntegrityError(f"{what} is {len(data)} bytes; a manifest is at most {fmt.MANIFEST_MAX_BYTES} "
                                  f"bytes (docs/FORMAT.md, Limits); it was not read")
         try:
-            table = pq.read_table(pa.BufferReader(data))
+            table = _read_bounded(data, what)
         except (pa.ArrowInvalid, OSError) as e:
             raise IntegrityError(f"{what} is damaged or truncated: {e}") from None
         meta = table.schema.metadata or {}
@@ -331,6 +331,41 @@ class Manifest:
         return Manifest(self.table.filter(pa.array(keep_mask, pa.bool_())))
 
 
+def decoded_limit() -> int:
+    """The most a manifest may decode into, in bytes (docs/FORMAT.md, Limits)."""
+    return fmt.MANIFEST_DECODED_FACTOR * fmt.MANIFEST_MAX_BYTES
+
+
+class ManifestTooLarge(IntegrityError):
+    """A manifest that would decode into more than :func:`decoded_limit` bytes (refused unread)."""
+
+
+def check_decoded_size(pf: pq.ParquetFile, what: str) -> None:
+    """Refuse, from the footer alone, a manifest whose columns say they decode into more than the
+    limit (a small, highly compressed one included). ManifestTooLarge."""
+    md = pf.metadata
+    declared = sum(md.row_group(i).column(j).total_uncompressed_size
+                   for i in range(md.num_row_groups) for j in range(md.num_columns))
+    if declared > decoded_limit():
+        raise ManifestTooLarge(f"{what} decodes into {declared} bytes, more than {decoded_limit()}, the most "
+                               f"drsync decodes (docs/FORMAT.md, Limits); it was not read")
+
+
+def _read_bounded(data: bytes, what: str) -> pa.Table:
+    """The whole table, decoded a batch at a time and refused (ManifestTooLarge) as soon as the
+    batches pass the limit: dictionary and run-length encoding let a few hundred KiB say gigabytes."""
+    pf = pq.ParquetFile(pa.BufferReader(data))
+    check_decoded_size(pf, what)
+    limit, total, batches = decoded_limit(), 0, []
+    for batch in pf.iter_batches(batch_size=8192):
+        total += batch.nbytes
+        if total > limit:
+            raise ManifestTooLarge(f"{what} decodes into more than {limit} bytes, the most drsync decodes "
+                                   f"(docs/FORMAT.md, Limits); it was not read")
+        batches.append(batch)
+    return pa.Table.from_batches(batches, schema=pf.schema_arrow)
+
+
 class ManifestFile:
     """A stored manifest read one row group at a time: what a capture of a million files compares
     with, without holding the whole table (its bytes are 70-odd MiB at 1,000,000 files, the table
@@ -358,6 +393,7 @@ class ManifestFile:
         self._v1 = int(version) == 1 and bare == SCHEMA_V1
         if not self._v1 and bare != SCHEMA.remove_metadata():
             raise IntegrityError(f"{what} does not have the manifest columns")
+        check_decoded_size(self._pf, what)
         md = self._pf.metadata
         self.num_groups = md.num_row_groups
         self.starts = [0]

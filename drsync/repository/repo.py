@@ -40,7 +40,7 @@ from drsync.repository.packs import (
     read_pack_table,
 )
 from drsync.repository.snapshots import SnapshotInfo, iso
-from drsync.storage import ObjectMissing, Storage
+from drsync.storage import ObjectMissing, Storage, read_bounded
 
 log = logging.getLogger("drsync.repository")
 
@@ -334,7 +334,7 @@ class Repository:
     @classmethod
     def open(cls, storage: Storage) -> Repository:
         try:
-            raw = storage.read(fmt.CONFIG_NAME)
+            raw = read_bounded(storage, fmt.CONFIG_NAME, fmt.SMALL_DOC_MAX_BYTES, f"{storage.url}/{fmt.CONFIG_NAME}")
         except ObjectMissing:
             raise NotFound(f"no drsync repository at {storage.url}; create one with "
                            f"'drsync init' (or check the path)") from None
@@ -542,7 +542,9 @@ class Repository:
                                      f"{fmt.SNAPSHOT_DOC_MAX_BYTES} bytes (docs/FORMAT.md, Limits); remove or "
                                      f"restore it")
             try:
-                out.append(SnapshotInfo.from_bytes(self.storage.read(obj.name), f"snapshot {obj.name}"))
+                out.append(SnapshotInfo.from_bytes(read_bounded(self.storage, obj.name, fmt.SNAPSHOT_DOC_MAX_BYTES,
+                                                                f"snapshot document {obj.name}"),
+                                                   f"snapshot {obj.name}"))
             except ObjectMissing:
                 continue
         out.sort(key=lambda s: s.order_key)

@@ -72,6 +72,19 @@ class Storage(Protocol):
     def close(self) -> None: ...
 
 
+def read_bounded(storage: Storage, name: str, limit: int, what: str) -> bytes:
+    """The whole of a small object, reading at most ``limit`` + 1 bytes of it: IntegrityError (naming
+    ``what`` and the limit) when it is larger, so a damaged or hostile one is never read whole.
+    ObjectMissing as :meth:`Storage.read`."""
+    from drsync.errors import IntegrityError
+
+    data = storage.read_range(name, 0, limit + 1)
+    if len(data) > limit:
+        raise IntegrityError(f"{what} is larger than {limit} bytes, the most drsync reads of it (docs/FORMAT.md, "
+                             f"Limits): it is damaged or not drsync's; remove or restore it")
+    return data
+
+
 def check_name(name: str) -> str:
     """Reject names that could escape the storage root."""
     if not name or name.startswith("/") or "\\" in name or "\x00" in name:

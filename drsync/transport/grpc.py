@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
+from drsync.repository.manifest import ManifestTooLarge
 from drsync.transport import Caller, CommitOutcome, ReceivedChunk, Receiver, StandbyHello
 from drsync.transport.pb import drsync_pb2 as pb
 from drsync.transport.pb import drsync_pb2_grpc as pb_grpc
@@ -107,6 +108,8 @@ def _abort(context: grpc.ServicerContext, e: Exception) -> None:
         context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
     if isinstance(e, RefusedError):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    if isinstance(e, ManifestTooLarge):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
     if isinstance(e, IntegrityError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, DrsyncError):
