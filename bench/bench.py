@@ -138,6 +138,8 @@ class Report:
                               "ratio": round(ratio, 3) if ratio else None, "target": target,
                               "peak_mib": round(peak_mib, 1), "note": note, "vs": vs,
                               **({"unit": unit} if unit != "s" else {})}
+        r = self.rows[-1]
+        print(f"  {r[0]}: {r[1].strip()} {r[2].strip()} {r[3].strip()}", flush=True)  # as it comes: long parts
 
     def print(self) -> None:
         print()
