@@ -321,7 +321,11 @@ class Committer:
             # read and compared file by file (it may have been changed by hand, or by a forged shipment).
             position = next((list(p[2]) for p in st.pending if p[0] == info.id), list(st.applied_position)
                             if st.applied_snapshot == info.id else [])
-            result = self._apply(info, self.repo.load_manifest(info), position, base=None)
+            result = self._apply(info, self.repo.load_manifest(info), position, base=None, when_gone=(
+                f"standby {self.agent} never applied snapshot {info.id}, so it has no HDFS snapshot "
+                f"drsync-snap-{info.id} of it and production no longer keeps its bytes: promote to a snapshot it "
+                f"applied (its data root lists them as HDFS snapshots drsync-snap-<id>), or without --to-snapshot and "
+                f"--before to keep the root as it is"))
             self.store.update(pending=())
             log.warning("snapshot %s applied %s (%d files written, %d removed) in %.2fs; applies held until the "
                         "promotion", info.id, why, result.written_files, result.removed, time.monotonic() - started)
@@ -617,7 +621,8 @@ class Committer:
     # --- the apply itself ------------------------------------------------------------------
 
     def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int], *,
-               base: Manifest | None) -> ApplyResult:
+               base: Manifest | None, when_gone: str = "the primary's next shipment copies from its newer capture"
+               ) -> ApplyResult:
         """Apply through the journal. ``base``: what the root is known to hold (:meth:`_known_root`): files
         whose content differs from it are written whatever their sizes and times say. ``base`` None (nothing
         vouches for the root, e.g. a promotion at a recovery point): every file whose size and time match is
@@ -627,7 +632,7 @@ class Committer:
         # earlier snapshot: production's capture snapshot of it is long gone), else from production's.
         token = threading.Event()  # this apply's own: cancel_staging stops this one only
         external = (DistCpStager(self.distcp, content_source(info, self.data_root, self.distcp), cancel=token,
-                                 what=what, algorithm=info.content_checksum)
+                                 what=what, algorithm=info.content_checksum, when_gone=when_gone)
                     if self.distcp is not None and manifest.external_count() else None)
         self._in_flight = token
         fsutil.atomic_write(self._pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
