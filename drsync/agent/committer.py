@@ -150,7 +150,7 @@ class Committer:
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S) as lock:
             # Under the shared lock no GC sweeps between this check and the apply: every chunk is
             # indexed and its pack exists (IntegrityError otherwise; the primary sends them again).
-            self.repo.check_chunks_present(manifest.chunk_ids(), f"snapshot {info.id}")
+            self.repo.check_chunks_present(manifest.chunk_id_array(), f"snapshot {info.id}")
             known = {s.id: s for s in self.repo.list_snapshots()}
             # Stored with this repository's next sequence number (arrival order), whatever
             # seq the sender's document carries; a retried commit keeps the stored one.
