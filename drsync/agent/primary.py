@@ -141,9 +141,9 @@ def chunk_table(manifest: Manifest | ManifestFile) -> pa.Table:
                               pc.list_value_length(t.column("chunk_sizes"))))
         parts.append(pa.table({"chunk": pc.list_flatten(t.column("chunks")),
                                "size": pc.list_flatten(t.column("chunk_sizes"))}))
-    if not parts:
+    t = pa.concat_tables(parts).combine_chunks() if parts else None
+    if t is None or not t.num_rows:  # no chunk at all (every file empty, or copied by DistCp): no Arrow chunk either
         return pa.table({"chunk": pa.array([], pa.binary(fmt.ID_LEN)), "size": pa.array([], pa.uint32())})
-    t = pa.concat_tables(parts).combine_chunks()
     ids = _as_numpy(t.column("chunk").chunk(0))
     order = np.argsort(ids)
     ids = ids[order]
