@@ -451,6 +451,12 @@ def engine_problem(cfg: Config) -> str | None:
     if cfg.cluster.data.partition("://")[0] not in ("hdfs", "webhdfs", "swebhdfs"):
         return (f"replication.engine = \"distcp\" needs the data root on HDFS, and cluster.data is "
                 f"{cfg.cluster.data}; use engine = \"agent\" for local data roots")
+    if r.apply_delay > 0:
+        # A delayed apply copies from production's HDFS snapshot of the capture, which the primary keeps only
+        # while it ships that snapshot: by the time it is due, a newer capture has replaced it.
+        return (f"replication.apply_delay ({r.apply_delay:g}s) cannot be used with replication.engine = \"distcp\": "
+                f"a delayed apply copies from production's HDFS snapshot of the capture, which the next capture "
+                f"deletes; set apply_delay = \"0s\" or use engine = \"agent\" on this standby")
     return None
 
 

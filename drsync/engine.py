@@ -232,7 +232,10 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
                                  f"snapshots, not in the repository; restore it with --config of an agent whose "
                                  f"[replication] engine = \"distcp\"")
             external = DistCpStager(distcp, content_source(info, data_root, distcp), what=f"snapshot {info.id}",
-                                    algorithm=info.content_checksum)
+                                    algorithm=info.content_checksum, when_gone=(
+                                        f"production no longer keeps snapshot {info.id}'s bytes: restore it with "
+                                        f"--config of a standby that applied it (its data root keeps it as HDFS "
+                                        f"snapshot drsync-snap-{info.id}), or restore a newer snapshot"))
         result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
                                 progress=progress, on_total=on_total, protect=(repo.storage.url, *protect),
                                 dry_run=dry_run, foreign=foreign, external=external)

@@ -221,3 +221,22 @@ def test_a_bandwidth_target_naming_no_standby_is_a_warning(tmp_path: Path) -> No
     cfg.write_text(cfg.read_text().replace('targets."127.0.0.1:1"', f'targets."{standby}"'))
     checks = {c["name"]: c for c in json.loads(run_drsync("config", "check", "--config", cfg, "--json").out)["checks"]}
     assert checks["standby targets"]["ok"] and not checks["standby targets"]["warn"], checks["standby targets"]
+
+
+def test_apply_delay_with_the_distcp_engine_is_refused_by_check_and_at_start(tmp_path: Path) -> None:
+    """A delayed apply with engine "distcp" copies from production's HDFS snapshot of the capture, which the
+    primary keeps only while it ships that snapshot: with an interval shorter than the delay every delayed
+    apply failed with "is gone" once due. Refused with one line naming both keys (check and agent start)."""
+    cfg = tmp_path / "standby.toml"
+    cfg.write_text(f'[cluster]\nid = "x"\nrelease = "1"\ndata = "webhdfs://127.0.0.1:{free_port()}/standby"\n'
+                   f'repository = "{tmp_path}/repo"\n'
+                   f'[agent]\nname = "west"\nrole = "standby"\nlisten = "127.0.0.1:{free_port()}"\nmetrics = ""\n'
+                   '[replication]\nengine = "distcp"\napply_delay = "30m"\n')
+    r = run_drsync("config", "check", "--config", cfg, "--json", "--timeout", "0.5")
+    checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
+    detail = checks["replication engine"]["detail"]
+    assert r.code == 2 and not checks["replication engine"]["ok"], r.out
+    assert "replication.apply_delay" in detail and "replication.engine" in detail, detail
+    r = run_drsync("agent", "--config", cfg)
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
+    assert "replication.apply_delay" in r.err and "replication.engine" in r.err and "Traceback" not in r.err

@@ -345,3 +345,111 @@ def test_the_cause_of_a_failed_distcp_is_its_first_real_exception() -> None:
     assert _cause(["java.io.IOException: DistCp failure: Job x has failed: NA"]).startswith("IOException: DistCp")
     assert _cause(["ERROR tools.DistCp: something"]) == "ERROR tools.DistCp: something"
     assert _cause([]) == "no output"
+
+
+def test_a_promotion_applies_the_snapshots_waiting_for_apply_delay_after_stopping_a_copy(  # type: ignore[no-untyped-def]
+        sites, hdfs_cluster, tmp_path: Path) -> None:
+    """A take-over stops the DistCp copy in flight (Committer.cancel_staging), then applies what waits for
+    replication.apply_delay (apply_due(everything=True)). Found: the stop was a flag left set, so that
+    apply's own DistCp was killed at its first look at it and the waiting snapshot was dropped from the
+    pending list with an error; the promoted root lacked it. A delayed apply whose copy is stopped keeps
+    its snapshot pending."""
+    from drsync.agent.standby import StandbyReceiver
+    from drsync.agent.state import StateStore
+    from drsync.engine import SnapshotRequest, create_snapshot
+    from drsync.transport import Caller
+    from tests.test_pointintime import _ship
+
+    cluster, prod = sites
+    _write(prod, "prod", {"a/part-00000": b"first table " * 1000})
+    cluster.allow_snapshot(prod.path("prod"))
+    cluster.mkdirs(prod.path("standby"))
+    cluster.allow_snapshot(prod.path("standby"))
+    gate, started = tmp_path / "hold", tmp_path / "started"
+    gated = tmp_path / "gated-distcp"  # a copy of hours while the gate exists
+    gated.write_text("#!/bin/sh\n"
+                     f"if [ -e {gate} ]; then touch {started}; while [ -e {gate} ]; do sleep 0.1; done; fi\n"
+                     f"exec {HADOOP_CLUSTER} distcp {hdfs_cluster.dir} \"$@\"\n")
+    gated.chmod(0o755)
+    settings = _settings(hdfs_cluster, str(gated))
+    primary = Repository.init(open_storage(str(tmp_path / "prod-repo")), cluster_id="c", release="1")
+    standby = Repository.init(open_storage(str(tmp_path / "standby-repo")), cluster_id="c", release="1")
+    store = StateStore(str(tmp_path / "state"))
+    rx = StandbyReceiver(standby, prod.url("standby"), store, agent="standby", distcp=settings, apply_delay_s=3600)
+    caller = Caller(sender="primary", epoch=1, sent_at=time.time(), received_at=time.time(), instance="i1")
+    try:
+        first = create_snapshot(primary, SnapshotRequest(prod.url("prod"), kind="cycle", distcp=settings))
+        assert _ship(primary, first, rx, caller, first.to_bytes()) == first.id  # the first applies at once
+        prod.write("prod", "b/part-00000", b"second table " * 1000)
+        second = create_snapshot(primary, SnapshotRequest(prod.url("prod"), kind="cycle", distcp=settings))
+        _ship(primary, second, rx, caller, second.to_bytes())
+        assert [p[0] for p in store.current.pending] == [second.id] and store.current.applied_snapshot == first.id
+        before = prod.state("standby")
+        # A delayed apply's copy in flight is stopped: nothing committed, the snapshot stays pending.
+        gate.touch()
+        results: list[str] = []
+        t = threading.Thread(target=lambda: results.append(rx.committer.apply_due(everything=True)))
+        t.start()
+        wait_for(started.exists, "the delayed apply's DistCp to start")
+        rx.committer.cancel_staging()
+        t.join(120)
+        assert not t.is_alive() and results == [""]
+        assert [p[0] for p in store.current.pending] == [second.id] and store.current.applied_snapshot == first.id
+        assert prod.state("standby") == before
+        gate.unlink()
+        rx.committer.cancel_staging()  # what a take-over does first: no copy is in flight here
+        assert rx.committer.apply_due(everything=True) == second.id
+        assert store.current.applied_snapshot == second.id and store.current.pending == ()
+        assert same_tree(prod, "standby", prod, "prod")
+    finally:
+        gate.unlink(missing_ok=True)
+        rx.close()
+
+
+def test_a_gone_source_says_what_to_do_for_a_point_promotion_and_a_restore(  # type: ignore[no-untyped-def]
+        sites, hdfs_cluster, tmp_path: Path) -> None:
+    """A snapshot this standby stored but never applied (applies held), whose capture's HDFS snapshot
+    production's next capture deleted: a point promotion at it and a restore of it fail. Found: both said
+    "the next shipment copies from a newer one", which no shipment does for either."""
+    from drsync.agent.standby import StandbyReceiver
+    from drsync.agent.state import StateStore
+    from drsync.engine import SnapshotRequest, create_snapshot, restore_snapshot
+    from drsync.errors import RefusedError
+    from drsync.transport import Caller
+    from tests.test_pointintime import _ship
+
+    cluster, prod = sites
+    _write(prod, "prod", {"a/part-00000": b"first table " * 1000})
+    cluster.allow_snapshot(prod.path("prod"))
+    cluster.mkdirs(prod.path("standby"))
+    cluster.allow_snapshot(prod.path("standby"))
+    settings = _settings(hdfs_cluster)
+    primary = Repository.init(open_storage(str(tmp_path / "prod-repo")), cluster_id="c", release="1")
+    standby = Repository.init(open_storage(str(tmp_path / "standby-repo")), cluster_id="c", release="1")
+    rx = StandbyReceiver(standby, prod.url("standby"), StateStore(str(tmp_path / "state")), agent="west",
+                         distcp=settings)
+    caller = Caller(sender="primary", epoch=1, sent_at=time.time(), received_at=time.time(), instance="i1")
+    try:
+        first = create_snapshot(primary, SnapshotRequest(prod.url("prod"), kind="cycle", distcp=settings))
+        _ship(primary, first, rx, caller, first.to_bytes())
+        rx.hold_applies()
+        prod.write("prod", "b/part-00000", b"second table " * 1000)
+        second = create_snapshot(primary, SnapshotRequest(prod.url("prod"), kind="cycle", distcp=settings))
+        with pytest.raises(RefusedError, match="holds applies"):
+            _ship(primary, second, rx, caller, second.to_bytes())
+        prod.write("prod", "c/part-00000", b"third table " * 1000)
+        create_snapshot(primary, SnapshotRequest(prod.url("prod"), kind="cycle", distcp=settings))
+        assert second.content_snapshot.rsplit("/", 1)[1] not in cluster.snapshots(prod.path("prod"))
+        before = prod.state("standby")
+        with pytest.raises(OperationFailed, match="is gone") as promoted:
+            rx.committer.apply_now(second.id, "for a test")
+        message = str(promoted.value)
+        assert "next shipment" not in message and "never applied" in message and "drsync-snap-" in message, message
+        assert len(message.splitlines()) == 1 and prod.state("standby") == before
+        with pytest.raises(OperationFailed, match="is gone") as restored:
+            restore_snapshot(standby, second.id, prod.url("restored"), cluster_id="c", release="1",
+                             distcp=settings, data_root=prod.url("standby"))
+        message = str(restored.value)
+        assert "next shipment" not in message and "--config of a standby that applied it" in message, message
+    finally:
+        rx.close()

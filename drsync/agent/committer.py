@@ -27,7 +27,7 @@ from drsync.agent.roles import format_span
 from drsync.agent.state import StateStore
 from drsync.apply import ApplyResult, apply_manifest, recover_apply
 from drsync.dataroot import open_data_root
-from drsync.dataroot.distcp import DistCpSettings, DistCpStager, content_source
+from drsync.dataroot.distcp import Cancelled, DistCpSettings, DistCpStager, content_source
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
 from drsync.fsutil import describe_os_error
 from drsync.guard import Hold, MassChange, change_baseline, change_guard, deletion_guard, next_checkpoints
@@ -79,9 +79,10 @@ class Committer:
         self.hold = self.hold_file.load()
         self._pending = os.path.join(store.dir, "applying.json")
         # replication.engine = "distcp": DistCp stages files, and each applied snapshot is kept as an
-        # HDFS snapshot of the root (history). A promotion sets `cancel` to stop a copy in flight.
+        # HDFS snapshot of the root (history). Each apply has a cancel token of its own, set by a promotion
+        # (cancel_staging) to stop that copy in flight: never one the promotion starts itself afterwards.
         self.distcp = distcp
-        self.cancel = threading.Event()
+        self._in_flight: threading.Event | None = None
 
     # --- crash recovery --------------------------------------------------------------
 
@@ -114,9 +115,12 @@ class Committer:
             log.error("%s", self.broken)
 
     def cancel_staging(self) -> None:
-        """Stop a DistCp copy in flight (a promotion does not wait hours for it): its apply ends
-        before the journal, the root unchanged. Cleared when the next commit starts."""
-        self.cancel.set()
+        """Stop the DistCp copy in flight, if any (a promotion does not wait hours for it): its apply ends
+        before the journal, the root unchanged, and a snapshot waiting for apply_delay stays pending. Only
+        that apply is stopped: the ones started afterwards (the promotion's own) run to the end."""
+        token = self._in_flight
+        if token is not None:
+            token.set()
 
     def check_usable(self) -> None:
         if self.broken:
@@ -130,7 +134,6 @@ class Committer:
 
         Raises RefusedError (other cluster, or held back), IntegrityError (damaged or incomplete)."""
         started = time.monotonic()
-        self.cancel.clear()
         info = as_stored_by_standby(SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document"))
         cfg = self.repo.config
         if (info.cluster_id, info.release) != (cfg.cluster_id, cfg.release):
@@ -147,7 +150,7 @@ class Committer:
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S) as lock:
             # Under the shared lock no GC sweeps between this check and the apply: every chunk is
             # indexed and its pack exists (IntegrityError otherwise; the primary sends them again).
-            self.repo.check_chunks_present(manifest.chunk_ids(), f"snapshot {info.id}")
+            self.repo.check_chunks_present(manifest.chunk_id_array(), f"snapshot {info.id}")
             known = {s.id: s for s in self.repo.list_snapshots()}
             # Stored with this repository's next sequence number (arrival order), whatever
             # seq the sender's document carries; a retried commit keeps the stored one.
@@ -269,6 +272,10 @@ class Committer:
                 self.take(info, self.repo.load_manifest(info), time.monotonic(), list(position), due=True)
             except RefusedError:
                 pass  # held (logged by the hold); the hold names it from now on
+            except Cancelled:
+                # A promotion stopped this copy: the snapshots stay pending (the promotion applies them next).
+                log.warning("the apply of pending snapshot %s was stopped by a promotion; it stays pending", snapshot)
+                return ""
             except DrsyncError as e:
                 log.error("pending snapshot %s could not be applied (%s); the next due one is tried", snapshot, e)
             # The pending list is in arrival order, which is the primary's order (a later capture time says
@@ -314,7 +321,11 @@ class Committer:
             # read and compared file by file (it may have been changed by hand, or by a forged shipment).
             position = next((list(p[2]) for p in st.pending if p[0] == info.id), list(st.applied_position)
                             if st.applied_snapshot == info.id else [])
-            result = self._apply(info, self.repo.load_manifest(info), position, base=None)
+            result = self._apply(info, self.repo.load_manifest(info), position, base=None, when_gone=(
+                f"standby {self.agent} never applied snapshot {info.id}, so it has no HDFS snapshot "
+                f"drsync-snap-{info.id} of it and production no longer keeps its bytes: promote to a snapshot it "
+                f"applied (its data root lists them as HDFS snapshots drsync-snap-<id>), or without --to-snapshot and "
+                f"--before to keep the root as it is"))
             self.store.update(pending=())
             log.warning("snapshot %s applied %s (%d files written, %d removed) in %.2fs; applies held until the "
                         "promotion", info.id, why, result.written_files, result.removed, time.monotonic() - started)
@@ -610,7 +621,8 @@ class Committer:
     # --- the apply itself ------------------------------------------------------------------
 
     def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int], *,
-               base: Manifest | None) -> ApplyResult:
+               base: Manifest | None, when_gone: str = "the primary's next shipment copies from its newer capture"
+               ) -> ApplyResult:
         """Apply through the journal. ``base``: what the root is known to hold (:meth:`_known_root`): files
         whose content differs from it are written whatever their sizes and times say. ``base`` None (nothing
         vouches for the root, e.g. a promotion at a recovery point): every file whose size and time match is
@@ -618,9 +630,11 @@ class Committer:
         what = f"snapshot {info.id}"
         # DistCp copies from this root's own history snapshot of it where there is one (a promotion to an
         # earlier snapshot: production's capture snapshot of it is long gone), else from production's.
-        external = (DistCpStager(self.distcp, content_source(info, self.data_root, self.distcp), cancel=self.cancel,
-                                 what=what, algorithm=info.content_checksum)
+        token = threading.Event()  # this apply's own: cancel_staging stops this one only
+        external = (DistCpStager(self.distcp, content_source(info, self.data_root, self.distcp), cancel=token,
+                                 what=what, algorithm=info.content_checksum, when_gone=when_gone)
                     if self.distcp is not None and manifest.external_count() else None)
+        self._in_flight = token
         fsutil.atomic_write(self._pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
                                                        "position": position}).encode())
         try:
@@ -630,10 +644,12 @@ class Committer:
                 protect=(self.repo.storage.url, self.store.dir), external=external,
                 checksum=base is None, base=base)
         except BaseException as e:
+            self._in_flight = None
             self._after_failed_apply()
             if isinstance(e, OSError):
                 raise describe_os_error(e, f"applying snapshot {info.id} on the standby") from None
             raise
+        self._in_flight = None
         os.unlink(self._pending)
         self._keep_history(info.id)
         return result

@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from drsync.coordination import Coordinator
 from drsync.dataroot import DataRoot, open_data_root
 from drsync.dataroot.local import LocalDataRoot
 from drsync.errors import DrsyncError, IntegrityError, UsageError
+from drsync.repository.ids import id_at
 from drsync.repository.manifest import FILE, Entry, Manifest, hdfs_checksum_digest
 from drsync.repository.repo import Repository
 from drsync.tree import LocalEntry
@@ -86,12 +87,17 @@ def verify_all_this_time(number: int, sample: float, full_every: int) -> bool:
     return sample >= 1.0 or full_every <= 1 or number % full_every == 0
 
 
-def sample_chunks(chunk_ids: list[bytes], fraction: float, seed: int) -> list[bytes]:
-    """A reproducible sample of at least one chunk (of a non-empty list). Pure."""
-    if fraction >= 1.0 or not chunk_ids:
-        return list(chunk_ids)
-    k = max(1, round(len(chunk_ids) * fraction))
-    return sorted(random.Random(seed).sample(sorted(chunk_ids), k))
+def sample_indices(n: int, fraction: float, seed: int) -> Sequence[int]:
+    """A reproducible sample (ascending) of at least one of ``n`` positions (``n`` > 0). Pure."""
+    if fraction >= 1.0 or not n:
+        return range(n)
+    return sorted(random.Random(seed).sample(range(n), max(1, round(n * fraction))))
+
+
+def sample_chunks(chunk_ids: Iterable[bytes], fraction: float, seed: int) -> list[bytes]:
+    """A reproducible sample of at least one chunk (of a non-empty collection), sorted. Pure."""
+    ids = sorted(chunk_ids)
+    return [ids[i] for i in sample_indices(len(ids), fraction, seed)]
 
 
 def scratch_needed(manifest: Manifest) -> int:
@@ -117,11 +123,12 @@ def _files_of_chunk(manifest: Manifest, chunk_id: bytes) -> list[str]:
 def verify_step(repo: Repository, manifest: Manifest, snapshot: str, *, full: bool, fraction: float,
                 seed: int) -> DrillStep:
     started = time.monotonic()
-    ids = sorted(manifest.chunk_ids())
-    chosen = ids if full else sample_chunks(ids, fraction, seed)
+    ids = manifest.chunk_id_array()  # sorted, 32 bytes an id: no Python object per chunk
+    chosen = sample_indices(len(ids), 1.0 if full else fraction, seed)
     bad: list[str] = []
     checked_bytes = 0
-    for cid in chosen:
+    for i in chosen:
+        cid = id_at(ids, i)
         try:
             checked_bytes += len(repo.read_chunk(cid))
         except IntegrityError as e:

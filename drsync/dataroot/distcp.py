@@ -128,11 +128,12 @@ class DistCpStager:
     """Stages a snapshot's external rows into an HDFS data root with one DistCp job.
 
     ``source``: Hadoop URI of the directory the rows' paths are relative to (the primary's kept
-    HDFS snapshot, ``.../.snapshot/drsync-...``). ``cancel``: set it to stop the job.
+    HDFS snapshot, ``.../.snapshot/drsync-...``). ``cancel``: set it to stop the job. ``when_gone``: what
+    to do when that HDFS snapshot is gone (the caller knows: a shipment, a restore, a promotion).
     """
 
     def __init__(self, settings: DistCpSettings, source: str, *, cancel: threading.Event | None = None,
-                 what: str = "snapshot", algorithm: str = "") -> None:
+                 what: str = "snapshot", algorithm: str = "", when_gone: str = "") -> None:
         if not source:
             raise IntegrityError(f"{what} holds files whose bytes only DistCp can copy, but names no HDFS snapshot "
                                  f"to copy them from")
@@ -141,6 +142,8 @@ class DistCpStager:
         self.cancel = cancel or threading.Event()
         self.what = what
         self.algorithm = algorithm
+        self.when_gone = when_gone or ("restore or promote to a snapshot a standby applied (its data root keeps "
+                                       "each as HDFS snapshot drsync-snap-<id>), or to a newer one")
 
     def stage(self, root: object, items: list[tuple[int, Entry]],
               progress: Callable[[int], None] | None = None) -> dict[str, str]:
@@ -230,8 +233,7 @@ class DistCpStager:
             text = "\n".join(exceptions + tail)
             if ".snapshot" in self.source and "source root" in text and "does not exist" in text:
                 raise OperationFailed(f"{self.what}: the HDFS snapshot to copy from ({self.source}) is gone (a newer "
-                                      f"capture replaced it); nothing was committed, and the next shipment copies "
-                                      f"from a newer one")
+                                      f"capture replaced it); nothing was committed; {self.when_gone}")
             cause = _cause(exceptions + tail)[:400]
             raise OperationFailed(f"{self.what}: DistCp failed (exit {proc.returncode}): {cause}; nothing was "
                                   f"committed (run with --debug for its whole output)")
