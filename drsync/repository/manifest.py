@@ -218,25 +218,14 @@ class Manifest:
             table = _read_bounded(data, what)
         except (pa.ArrowInvalid, OSError) as e:
             raise IntegrityError(f"{what} is damaged or truncated: {e}") from None
-        meta = table.schema.metadata or {}
-        version = meta.get(b"drsync.format", b"?").decode(errors="replace")
-        if not version.isdigit():
-            raise IntegrityError(f"{what} is not a drsync manifest")
-        if int(version) > fmt.FORMAT_VERSION:
-            raise IntegrityError(f"{what} uses manifest format {version}, newer than this drsync "
-                                 f"understands ({fmt.FORMAT_VERSION}); upgrade drsync")
+        v1 = layout_is_v1(table.schema, what)
         try:
             # Parquet does not check that strings are UTF-8 or that lists are consistent; a damaged or
             # hostile manifest must fail here, with a clear error, not later inside a restore.
             table.validate(full=True)
         except pa.ArrowInvalid as e:
             raise IntegrityError(f"{what} is damaged: {e}") from None
-        bare = table.schema.remove_metadata()
-        if int(version) == 1 and bare == SCHEMA_V1:
-            return cls(_upgrade_v1(table))
-        if bare != SCHEMA.remove_metadata():
-            raise IntegrityError(f"{what} does not have the manifest columns")
-        return cls(table)
+        return cls(_upgrade_v1(table)) if v1 else cls(table)
 
     @staticmethod
     def chunk_ids_from_bytes(data: bytes, what: str = "manifest") -> pa.ChunkedArray:
@@ -249,17 +238,8 @@ class Manifest:
                                  f"bytes (docs/FORMAT.md, Limits); it was not read")
         try:
             f = pq.ParquetFile(pa.BufferReader(data))
-            schema = f.schema_arrow
-            meta = schema.metadata or {}
-            version = meta.get(b"drsync.format", b"?").decode(errors="replace")
-            if not version.isdigit():
-                raise IntegrityError(f"{what} is not a drsync manifest")
-            if int(version) > fmt.FORMAT_VERSION:
-                raise IntegrityError(f"{what} uses manifest format {version}, newer than this drsync "
-                                     f"understands ({fmt.FORMAT_VERSION}); upgrade drsync")
-            bare = schema.remove_metadata()
-            if not (int(version) == 1 and bare == SCHEMA_V1) and bare != SCHEMA.remove_metadata():
-                raise IntegrityError(f"{what} does not have the manifest columns")
+            layout_is_v1(f.schema_arrow, what)
+            check_decoded_size(f, what)
             col = f.read(columns=["chunks"]).column("chunks")
             for c in col.chunks:
                 c.validate(full=True)
@@ -331,6 +311,24 @@ class Manifest:
         return Manifest(self.table.filter(pa.array(keep_mask, pa.bool_())))
 
 
+def layout_is_v1(schema: pa.Schema, what: str) -> bool:
+    """Check a stored manifest's schema (its format version and columns): True for version 1 (read by
+    upgrading), False for the current one; IntegrityError for anything else."""
+    meta = schema.metadata or {}
+    version = meta.get(b"drsync.format", b"?").decode(errors="replace")
+    if not version.isdigit():
+        raise IntegrityError(f"{what} is not a drsync manifest")
+    if int(version) > fmt.FORMAT_VERSION:
+        raise IntegrityError(f"{what} uses manifest format {version}, newer than this drsync "
+                             f"understands ({fmt.FORMAT_VERSION}); upgrade drsync")
+    bare = schema.remove_metadata()
+    if int(version) == 1 and bare == SCHEMA_V1:
+        return True
+    if bare != SCHEMA.remove_metadata():
+        raise IntegrityError(f"{what} does not have the manifest columns")
+    return False
+
+
 def decoded_limit() -> int:
     """The most a manifest may decode into, in bytes (docs/FORMAT.md, Limits)."""
     return fmt.MANIFEST_DECODED_FACTOR * fmt.MANIFEST_MAX_BYTES
@@ -382,17 +380,7 @@ class ManifestFile:
             schema = self._pf.schema_arrow
         except (pa.ArrowInvalid, OSError) as e:
             raise IntegrityError(f"{what} is damaged or truncated: {e}") from None
-        meta = schema.metadata or {}
-        version = meta.get(b"drsync.format", b"?").decode(errors="replace")
-        if not version.isdigit():
-            raise IntegrityError(f"{what} is not a drsync manifest")
-        if int(version) > fmt.FORMAT_VERSION:
-            raise IntegrityError(f"{what} uses manifest format {version}, newer than this drsync "
-                                 f"understands ({fmt.FORMAT_VERSION}); upgrade drsync")
-        bare = schema.remove_metadata()
-        self._v1 = int(version) == 1 and bare == SCHEMA_V1
-        if not self._v1 and bare != SCHEMA.remove_metadata():
-            raise IntegrityError(f"{what} does not have the manifest columns")
+        self._v1 = layout_is_v1(schema, what)
         check_decoded_size(self._pf, what)
         md = self._pf.metadata
         self.num_groups = md.num_row_groups
