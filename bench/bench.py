@@ -204,7 +204,8 @@ def bench(work: Path, big_mib: int, small_files: int, rep: Report) -> Report:
     drop_caches()
     peer_inc = run(["rsync", "-a", "--fsync", f"{big}/", f"{work / 'big-rsync'}/"])
     drop_caches()
-    restore_inc = run([*DRSYNC, "snapshot", "restore", doc3["id"], "--repo", str(repo), "--target",
+    restore_inc = run([*DRSYNC, "snapshot", "restore", "--overwrite", "--delete-extra", doc3["id"], "--repo", str(repo),
+                       "--target",
                        str(work / "big-out")])
     rep.add("  delta restore of the 1 % change", restore_inc.seconds, peer_inc.seconds, None,
             restore_inc.peak_mib)
@@ -238,7 +239,8 @@ def bench(work: Path, big_mib: int, small_files: int, rep: Report) -> Report:
                    str(work / "small-out")])
     rep.add("  restore to a new directory", restore.seconds, peer.seconds, None, restore.peak_mib)
     drop_caches()
-    noop = run([*DRSYNC, "snapshot", "restore", doc["id"], "--repo", str(repo), "--target",
+    noop = run([*DRSYNC, "snapshot", "restore", "--overwrite", "--delete-extra", doc["id"], "--repo", str(repo),
+                "--target",
                 str(work / "small-out")])
     rep.add("  no-change restore (delta)", noop.seconds, peer_noop.seconds, None, noop.peak_mib)
     return rep

@@ -94,9 +94,10 @@ def bench_scale(work: Path, tree: Path, files: int, rep: Report) -> None:
     out = work / "s-out"
     drop_caches()
     add("restore to a new directory", drsync("snapshot", "restore", a, "--repo", str(repo), "--target", str(out)))
-    add("delta restore of the 1 % change", drsync("snapshot", "restore", b, "--repo", str(repo), "--target",
+    again = ("--overwrite", "--delete-extra")  # onto the copy restored before: a delta restore
+    add("delta restore of the 1 % change", drsync("snapshot", "restore", *again, b, "--repo", str(repo), "--target",
                                                    str(out)))
-    add("no-change restore", drsync("snapshot", "restore", b, "--repo", str(repo), "--target", str(out)))
+    add("no-change restore", drsync("snapshot", "restore", *again, b, "--repo", str(repo), "--target", str(out)))
     shutil.rmtree(out)
 
     backups = work / "s-backups"
