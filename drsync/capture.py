@@ -224,7 +224,6 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     table = _sorted(scan)
     pv = _Parent(parent) if parent is not None and len(parent) else None
     same, reuse = _match(table, pv, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
-    pa.default_memory_pool().release_unused()  # the parent's groups read for matching are garbage now
     is_file = _np(pc.equal(table.column("type"), FILE))
     sizes = _np(table.column("size"))
     fresh = is_file & (reuse < 0)

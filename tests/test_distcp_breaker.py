@@ -522,6 +522,15 @@ def _distcp_group(tmp_path: Path, webhdfs, zk_server, group: str, replication: s
     return site, g
 
 
+def _start_synced(site: HdfsSite, g: Group) -> None:
+    """Start the group, promote east and wait until west applied production by DistCp."""
+    for name in g.names:
+        g.start(name)
+    assert g.promote("east").code == 0
+    wait_for(lambda: same_tree(site, "west-data", site, "east-data") and g.record("west").get("applied_snapshot"),
+             "west to apply production by DistCp", timeout=120)
+
+
 def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs_cluster, zk_server, group) -> None:  # type: ignore[no-untyped-def]
     """ZooKeeper roles, both data roots on HDFS, engine "distcp". While the standby's DistCp copies
     a shipment (a copy of hours: it waits on a gate), production's agent dies and the standby is
@@ -535,11 +544,7 @@ def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs
     slow.chmod(0o755)
     site, g = _distcp_group(tmp_path, webhdfs, zk_server, group, _engine_lines(hdfs_cluster, command=str(slow)))
     try:
-        for name in g.names:
-            g.start(name)
-        assert g.promote("east").code == 0
-        wait_for(lambda: same_tree(site, "west-data", site, "east-data") and g.record("west").get("applied_snapshot"),
-                 "west to apply production by DistCp", timeout=120)
+        _start_synced(site, g)
         before = site.state("west-data")
         gate.touch()
         site.write("east-data", "catalog/late.bin", os.urandom(1 << 20))
@@ -570,11 +575,7 @@ def test_an_earlier_snapshot_restores_and_promotes_from_the_standbys_own_history
     site, g = _distcp_group(tmp_path, webhdfs, zk_server, group, _engine_lines(hdfs_cluster),
                             extra="[snapshots]\nkeep = { last = 1000 }\n")
     try:
-        for name in g.names:
-            g.start(name)
-        assert g.promote("east").code == 0
-        wait_for(lambda: same_tree(site, "west-data", site, "east-data") and g.record("west").get("applied_snapshot"),
-                 "west to apply production by DistCp", timeout=120)
+        _start_synced(site, g)
         good = g.record("west")["applied_snapshot"]
         good_state = site.state("west-data")
         # The damage rewrites a file (the promotion must copy its good bytes back) and adds one.

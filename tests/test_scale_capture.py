@@ -49,13 +49,23 @@ def repo(tmp_path):
     return Repository.init(open_storage(str(tmp_path / "repo"), create=True), cluster_id="t", release="1")
 
 
-def test_windows_and_row_groups_do_not_change_the_manifest(tmp_path, repo, monkeypatch):
-    root = tmp_path / "root"
-    root.mkdir()
-    _tree(root)
+def _windows(monkeypatch, window: int, row_group: int) -> None:
+    """Capture windows of ``window`` scan rows, manifests written in row groups of ``row_group``."""
+    monkeypatch.setattr(cap, "_WINDOW", window)
+    monkeypatch.setattr(mf, "ROW_GROUP", row_group)
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "root"
+    r.mkdir()
+    _tree(r)
+    return r
+
+
+def test_windows_and_row_groups_do_not_change_the_manifest(root, repo, monkeypatch):
     whole = _capture(repo, root)
-    monkeypatch.setattr(cap, "_WINDOW", 3)
-    monkeypatch.setattr(mf, "ROW_GROUP", 4)
+    _windows(monkeypatch, 3, 4)
     small = _capture(repo, root)
     assert small.manifest.table.equals(whole.manifest.table)
     assert len(mf.ManifestFile(small.manifest_bytes).starts) > 5  # many row groups were written
@@ -73,21 +83,16 @@ def test_windows_and_row_groups_do_not_change_the_manifest(tmp_path, repo, monke
     assert rows["d2/x/f3"].size == len(b"rewritten\n")
     paths = again.manifest.table.column("path").to_pylist()
     assert paths == sorted(paths)
-    monkeypatch.setattr(cap, "_WINDOW", 1 << 20)
-    monkeypatch.setattr(mf, "ROW_GROUP", 1 << 20)
+    _windows(monkeypatch, 1 << 20, 1 << 20)
     assert _capture(repo, root, mf.ManifestFile(small.manifest_bytes), 1_900_000_000.0).manifest.table.equals(
         again.manifest.table)
 
 
-def test_stale_rows_and_a_vanished_leader_across_windows(tmp_path, repo, monkeypatch):
+def test_stale_rows_and_a_vanished_leader_across_windows(root, repo, monkeypatch):
     """A file that cannot be read keeps its last version (stale), a directory that cannot be
     listed keeps its subtree, and a hard-link group whose first path vanished names the next."""
-    root = tmp_path / "root"
-    root.mkdir()
-    _tree(root)
     first = _capture(repo, root)
-    monkeypatch.setattr(cap, "_WINDOW", 3)
-    monkeypatch.setattr(mf, "ROW_GROUP", 4)
+    _windows(monkeypatch, 3, 4)
     from drsync.dataroot.local import LocalFrozenRoot
 
     orig_scan, orig_open = LocalFrozenRoot.scan, LocalFrozenRoot.open_file

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from drsync.errors import DrsyncError
 from drsync.repository import format as fmt
+from drsync.repository.ids import IdSet, ids_array, to_arrow
 from drsync.repository.manifest import Manifest, ManifestFile
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
@@ -144,27 +145,14 @@ def chunk_table(manifest: Manifest | ManifestFile) -> pa.Table:
     t = pa.concat_tables(parts).combine_chunks() if parts else None
     if t is None or not t.num_rows:  # a snapshot of empty files, or one whose files DistCp copies
         return pa.table({"chunk": pa.array([], pa.binary(fmt.ID_LEN)), "size": pa.array([], pa.uint32())})
-    ids = _as_numpy(t.column("chunk").chunk(0))
+    ids = ids_array(t.column("chunk"))
     order = np.argsort(ids)
     ids = ids[order]
     first = np.ones(len(ids), bool)
     first[1:] = ids[1:] != ids[:-1]
     ids = ids[first]
     sizes = t.column("size").chunk(0).to_numpy()[order][first]
-    return pa.table({"chunk": _from_numpy(ids), "size": pa.array(sizes, pa.uint32())})
-
-
-def _as_numpy(ids: pa.FixedSizeBinaryArray) -> np.ndarray:
-    """32-byte ids as a NumPy ``S32`` array (no copy; compare and sort only: NumPy drops trailing
-    NUL bytes when it hands one element back)."""
-    if ids.null_count:
-        raise ValueError("chunk ids must not be null")
-    width = ids.type.byte_width
-    return np.frombuffer(ids.buffers()[1], dtype=f"S{width}")[ids.offset:ids.offset + len(ids)]
-
-
-def _from_numpy(ids: np.ndarray) -> pa.FixedSizeBinaryArray:
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(fmt.ID_LEN), len(ids), [None, pa.py_buffer(ids.tobytes())])
+    return pa.table({"chunk": to_arrow(ids), "size": pa.array(sizes, pa.uint32())})
 
 
 def chunk_sizes(manifest: Manifest | ManifestFile) -> dict[bytes, int]:
@@ -183,13 +171,8 @@ def ids_to_negotiate(new: pa.Table, applied: Manifest | ManifestFile | None) -> 
     ids = new.column("chunk").combine_chunks()
     if applied is None or not len(ids):
         return ids
-    held = _as_numpy(chunk_table(applied).column("chunk").combine_chunks())
-    mine = _as_numpy(ids)
-    at = np.searchsorted(held, mine)
-    found = np.zeros(len(mine), bool)
-    inside = at < len(held)
-    found[inside] = held[at[inside]] == mine[inside]
-    return ids.filter(pa.array(~found))
+    held = IdSet.of(chunk_table(applied).column("chunk"))
+    return ids.filter(pa.array(~held.contains_many(ids)))
 
 
 def chunks_to_negotiate(new: Manifest | ManifestFile, applied: Manifest | ManifestFile | None) -> list[bytes]:
