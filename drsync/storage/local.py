@@ -14,6 +14,24 @@ from drsync.storage import ObjectExists, ObjectMissing, StoredObject, check_name
 _FD_CACHE_SIZE = 64
 
 
+class _CachedFd:
+    """A read descriptor shared by threads; closed once retired (evicted, forgotten) and unused.
+    Guarded by ``LocalStorage._fd_lock``."""
+
+    __slots__ = ("fd", "retired", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.retired = False
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.users == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class LocalBlobWriter:
     def __init__(self, storage: LocalStorage, name: str) -> None:
         self._storage = storage
@@ -67,7 +85,7 @@ class LocalStorage:
             raise UsageError(f"{self.root} is a file, not a directory")
         if create:
             os.makedirs(self.root, exist_ok=True)
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fds: OrderedDict[str, _CachedFd] = OrderedDict()
         self._fd_lock = threading.Lock()
 
     def _path(self, name: str) -> str:
@@ -80,38 +98,60 @@ class LocalStorage:
         except FileNotFoundError:
             raise ObjectMissing(f"{self.root}: {name} is missing") from None
 
-    def _fd(self, name: str) -> int:
+    def _checkout(self, name: str) -> _CachedFd:
+        """A cached read descriptor for ``name``, counted as in use until :meth:`_checkin`: another
+        thread's eviction or delete never closes a descriptor a read is using (a closed number can be
+        reused by the next ``open`` at once, and a pread on it would return another file's bytes)."""
         with self._fd_lock:
-            fd = self._fds.get(name)
-            if fd is not None:
+            held = self._fds.get(name)
+            if held is not None:
                 self._fds.move_to_end(name)
-                return fd
-            try:
-                fd = os.open(self._path(name), os.O_RDONLY)
-            except FileNotFoundError:
-                raise ObjectMissing(f"{self.root}: {name} is missing") from None
-            self._fds[name] = fd
-            while len(self._fds) > _FD_CACHE_SIZE:
-                _, old = self._fds.popitem(last=False)
-                os.close(old)
-            return fd
+            else:
+                try:
+                    held = _CachedFd(os.open(self._path(name), os.O_RDONLY))
+                except FileNotFoundError:
+                    raise ObjectMissing(f"{self.root}: {name} is missing") from None
+                self._fds[name] = held
+                while len(self._fds) > _FD_CACHE_SIZE:
+                    _, old = self._fds.popitem(last=False)
+                    old.retire()
+            held.users += 1
+            return held
+
+    def _checkin(self, held: _CachedFd) -> None:
+        with self._fd_lock:
+            held.users -= 1
+            if held.retired:
+                held.retire()
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
-        fd = self._fd(name)
-        data = os.pread(fd, length, offset)
-        if len(data) < length:
-            # Short read: either the blob is truncated, or another process replaced it
-            # under our cached descriptor. Retry once on a fresh descriptor.
+        held = self._checkout(name)
+        try:
+            data = os.pread(held.fd, length, offset)
+        finally:
+            self._checkin(held)
+        if len(data) < length and offset + len(data) < self._size_now(name):
+            # Short read although the file on disk is longer: another process replaced the blob under
+            # our cached descriptor. Retry once on a fresh descriptor.
             self._forget(name)
-            fd = self._fd(name)
-            data = os.pread(fd, length, offset)
+            held = self._checkout(name)
+            try:
+                data = os.pread(held.fd, length, offset)
+            finally:
+                self._checkin(held)
         return data
+
+    def _size_now(self, name: str) -> int:
+        try:
+            return os.stat(self._path(name)).st_size
+        except FileNotFoundError:
+            return 0
 
     def _forget(self, name: str) -> None:
         with self._fd_lock:
-            fd = self._fds.pop(name, None)
-            if fd is not None:
-                os.close(fd)
+            held = self._fds.pop(name, None)
+            if held is not None:
+                held.retire()
 
     def write(self, name: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> None:
         try:
@@ -178,6 +218,6 @@ class LocalStorage:
 
     def close(self) -> None:
         with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for held in self._fds.values():
+                held.retire()
             self._fds.clear()
