@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,6 +37,7 @@ from drsync import fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.pathglob import compile_globs
+from drsync.repository.ids import id_list
 from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, content_changed, printable, validate
 from drsync.tree import LocalEntry
 
@@ -321,19 +322,17 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     """
     validate(manifest, what)
     root = open_data_root(target) if isinstance(target, str) else target
-    entries = list(manifest.entries())
+    # Planned on light entries (no chunk lists: a million files fit in memory); the files to write
+    # get their chunk lists a staging batch at a time (:meth:`Manifest.entries_at`).
+    entries = list(manifest.entries(light=True))
     # Every chunk must be present before anything on the target changes.
     outside = [e for e in entries if e.external]
     if outside and external is None and not structure_only:
         raise IntegrityError(f"{what}: {len(outside)} file(s) (e.g. {printable(outside[0].path)}) were captured for "
                              f"DistCp (replication.engine = \"distcp\"): their bytes are in an HDFS snapshot, not "
                              f"in the repository; nothing was changed")
-    for e in entries:
-        if e.type == FILE and not structure_only:
-            for cid in e.chunks:
-                if not source.has_chunk(cid):
-                    raise IntegrityError(f"{what}: {e.path}: chunk {cid.hex()[:16]} is missing from the "
-                                         f"repository; nothing was changed")
+    if not structure_only:
+        _check_chunks_present(manifest, source, what)
     for p in protect:
         if root.lies_within(p):
             raise UsageError(f"target {root.url} lies inside drsync's own {p}; restore to a directory outside it")
@@ -353,7 +352,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     # milliseconds, and so does anything applied to HDFS.
     resolution = comparison_resolution(manifest, root)
     plan = plan_apply(entries, existing, excluded=compile_globs(exclude),
-                      same_content=root.same_content if checksum else None, structure_only=structure_only,
+                      same_content=_with_chunks(manifest, root.same_content) if checksum else None,
+                      structure_only=structure_only,
                       compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
                       compare_xattrs=root.supports_xattrs,
                       content_changed=content_changed(base, manifest) if base is not None else frozenset())
@@ -388,7 +388,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         def stage(batch: list[tuple[int, Entry]]) -> None:
             if cancel is not None and cancel():
                 raise OperationFailed(f"{what}: apply stopped before anything was committed (cancelled)")
-            for n, e in batch:
+            for n, e in _full(manifest, batch):
                 for attempt in range(STAGE_ATTEMPTS):
                     try:
                         staged[e.path] = root.write_staged(n, e, _chunk_data(e, source, what, progress))
@@ -402,14 +402,15 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
 
         numbered = list(enumerate(plan.write))
         if external is not None:
-            staged.update(external.stage(root, [(n, e) for n, e in numbered if e.external], progress))
+            staged.update(external.stage(root, _full(manifest, [(n, e) for n, e in numbered if e.external]),
+                                         progress))
             numbered = [(n, e) for n, e in numbered if not e.external]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool:
             list(pool.map(stage, _batches(numbered)))
         root.flush()
         _fault_apply_delay()
         # From here on the apply only moves forward: a restart replays the journal.
-        log_.save(json.dumps({"phase": "commit", **_plan_to_json(plan, staged)}).encode())
+        log_.save(_plan_json(plan, staged))
     except BaseException:
         # Nothing was committed: leave the target as it was (including not existing at all).
         root.drop_staging()
@@ -444,11 +445,12 @@ def _fault_apply_delay() -> None:
 
 
 class Journal(Protocol):
-    """Where a commit's plan is kept until it is done: written durably and atomically."""
+    """Where a commit's plan is kept until it is done: written durably and atomically (``data``: the
+    bytes, or pieces of them written one after the other)."""
 
     def load(self) -> bytes | None: ...
 
-    def save(self, data: bytes) -> None: ...
+    def save(self, data: bytes | Iterable[bytes]) -> None: ...
 
     def remove(self) -> None: ...
 
@@ -466,7 +468,7 @@ class FileJournal:
         except FileNotFoundError:
             return None
 
-    def save(self, data: bytes) -> None:
+    def save(self, data: bytes | Iterable[bytes]) -> None:
         fsutil.atomic_write(self.path, data, durable=True)
 
     def remove(self) -> None:
@@ -513,6 +515,59 @@ def _finish_interrupted(root: DataRoot, log_: Journal) -> bool:
     return True
 
 
+def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, slice_ids: int = 65_536) -> None:
+    """IntegrityError (naming a file) unless ``source`` holds every chunk ``manifest`` names; asks a
+    slice of unique ids at a time (:meth:`Repository.missing_chunks` when the source has it)."""
+    ids = manifest.chunk_id_array()
+    many = getattr(source, "missing_chunks", None)
+    for start in range(0, len(ids), slice_ids):
+        part = id_list(ids[start:start + slice_ids])
+        missing = many(part) if many is not None else [c for c in part if not source.has_chunk(c)]
+        if missing:
+            cid = missing[0]
+            paths = manifest.paths_naming(cid, 1)
+            raise IntegrityError(f"{what}: {printable(paths[0]) if paths else '?'}: chunk {cid.hex()[:16]} is missing "
+                                 f"from the repository; nothing was changed")
+
+
+def _full(manifest: Manifest, items: list[tuple[int, Entry]]) -> list[tuple[int, Entry]]:
+    """``items`` with light entries (planning's) replaced by the manifest's full ones (chunk lists),
+    keeping what planning changed (mode bits)."""
+    rows = [e.row for _, e in items if e.row >= 0]
+    if not rows:
+        return items
+    full = iter(manifest.entries_at(rows))
+    out = []
+    for n, e in items:
+        if e.row >= 0:
+            f = next(full)
+            e = dataclasses.replace(e, chunks=f.chunks, chunk_sizes=f.chunk_sizes, content=f.content,
+                                    light_external=None)
+        out.append((n, e))
+    return out
+
+
+def _with_chunks(manifest: Manifest, same: Callable[[Entry, LocalEntry], bool]) -> Callable[[Entry, LocalEntry], bool]:
+    """``same`` (a root's content check) for light entries: each gets its chunk list first, read a window
+    of rows at a time (planning asks in manifest order)."""
+    window: dict[str, object] = {"start": -1, "lists": []}
+    size = 4096
+
+    def check(e: Entry, have: LocalEntry) -> bool:
+        if e.row < 0 or e.chunks:
+            return same(e, have)
+        start = e.row - e.row % size
+        if window["start"] != start:
+            part = manifest.table.slice(start, size).select(["chunks", "chunk_sizes", "content"])
+            window.update(start=start, lists=list(zip(*(part.column(n).to_pylist() for n in part.column_names),
+                                                          strict=True)))
+        chunks, sizes, content = window["lists"][e.row - start]  # type: ignore[index]
+        return same(dataclasses.replace(e, chunks=chunks or [], chunk_sizes=sizes or [], content=content,
+                                        light_external=None), have)
+
+    return check
+
+
 def _chunk_data(e: Entry, source: ChunkSource, what: str,
                 progress: Callable[[int], None] | None) -> Iterator[bytes]:
     for cid in e.chunks:
@@ -528,16 +583,32 @@ def _chunk_data(e: Entry, source: ChunkSource, what: str,
 _ENTRY_FIELDS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target")
 
 
-def _plan_to_json(plan: ApplyPlan, staged: dict[str, str]) -> dict[str, object]:
+def _plan_json(plan: ApplyPlan, staged: dict[str, str], batch: int = 4096) -> Iterator[bytes]:
+    """The commit journal, ``{"phase": "commit", "remove": [...], ...}``, as JSON text in pieces of at
+    most ``batch`` items: a million-file plan is written without a second copy of it in memory."""
     def ent(e: Entry) -> list[object]:
         return [*(getattr(e, f) for f in _ENTRY_FIELDS), e.xattrs.hex() if e.xattrs is not None else None,
                 e.hardlink, e.sparse]
 
-    return {"remove": plan.remove, "mkdir": [ent(e) for e in plan.mkdir], "write": [ent(e) for e in plan.write],
-            "link": [ent(e) for e in plan.link], "fix_meta": [ent(e) for e in plan.fix_meta],
-            "dirs": [ent(e) for e in plan.dirs], "staged": staged, "unlock": plan.unlock,
-            "hardlink": [ent(e) for e in plan.hardlink],
-            "touched_dirs": sorted(plan.touched_dirs) if plan.touched_dirs is not None else None}
+    lists: list[tuple[str, list[Entry] | list[str], bool]] = [
+        ("remove", plan.remove, False), ("mkdir", plan.mkdir, True), ("write", plan.write, True),
+        ("link", plan.link, True), ("fix_meta", plan.fix_meta, True), ("dirs", plan.dirs, True),
+        ("unlock", plan.unlock, False), ("hardlink", plan.hardlink, True)]
+    yield b'{"phase": "commit"'
+    for key, items, entries in lists:
+        yield f', "{key}": ['.encode()
+        for i in range(0, len(items), batch):
+            part = [ent(e) for e in items[i:i + batch]] if entries else items[i:i + batch]  # type: ignore[union-attr]
+            yield (b", " if i else b"") + json.dumps(part)[1:-1].encode()
+        yield b"]"
+    yield b', "staged": {'
+    names = list(staged)
+    for i in range(0, len(names), batch):
+        part = {k: staged[k] for k in names[i:i + batch]}
+        yield (b", " if i else b"") + json.dumps(part)[1:-1].encode()
+    yield b'}, "touched_dirs": '
+    yield json.dumps(sorted(plan.touched_dirs) if plan.touched_dirs is not None else None).encode()
+    yield b"}"
 
 
 def _plan_from_json(doc: dict) -> tuple[ApplyPlan, dict[str, str]]:  # type: ignore[type-arg]

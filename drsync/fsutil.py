@@ -13,7 +13,7 @@ import ctypes.util
 import errno
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from drsync.errors import OperationFailed
 
@@ -54,9 +54,26 @@ def temp_name(final: str | os.PathLike[str]) -> str:
     return os.path.join(d, f".tmp-{secrets.token_hex(6)}-{base}")
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, durable: bool = True,
+def pieces(data: bytes | bytearray | memoryview | Iterable[bytes]) -> Iterator[memoryview]:
+    """``data`` as memoryviews: itself, or each piece of an iterable of bytes (written in turn)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        yield memoryview(data)
+        return
+    for piece in data:
+        yield memoryview(piece)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview | Iterable[bytes]) -> None:
+    """Write every byte of ``data`` (see :func:`pieces`) to ``fd``."""
+    for view in pieces(data):
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes], *, durable: bool = True,
                  exclusive: bool = False, mode: int = 0o644) -> None:
-    """Write ``data`` so that ``path`` is either the old content or the new one.
+    """Write ``data`` (bytes, or pieces written one after the other) so that ``path`` is either the old
+    content or the new one.
 
     With ``exclusive`` the call fails with FileExistsError when ``path`` exists;
     the final step is then a hard link, which is atomic and never overwrites.
@@ -67,10 +84,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, durable: bool = T
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            write_all(fd, data)
             if durable:
                 os.fsync(fd)
         finally:

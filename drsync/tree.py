@@ -130,7 +130,7 @@ class TreeScan:
         """Every entry by path (str), as an apply compares them: for HDFS targets and small trees."""
         cols = {name: self.values(name) for name in ("path", "type", "mode", "uid", "gid", "size", "mtime_ns",
                                                      "target")}
-        return {p: LocalEntry(p, os.path.join(self.root, p), *row) for p, *row in zip(
+        return {p: LocalEntry(p, *row) for p, *row in zip(
             cols["path"], cols["type"], cols["mode"], cols["uid"], cols["gid"], cols["size"], cols["mtime_ns"],
             cols["target"], strict=True)}
 
@@ -170,7 +170,6 @@ class LocalEntry:
     """One existing path of a local tree (what an apply compares against)."""
 
     path: str
-    abspath: str
     type: str
     mode: int
     uid: int

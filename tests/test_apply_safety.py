@@ -240,7 +240,7 @@ def test_plan_replaces_special_files_and_links_it_cannot_follow() -> None:
     from drsync.repository.manifest import Entry
 
     def have(path: str, typ: str, target: str | None = None) -> LocalEntry:
-        return LocalEntry(path, "/t/" + path, typ, 0o755, 0, 0, 0, 0, target)
+        return LocalEntry(path, typ, 0o755, 0, 0, 0, 0, target)
 
     wanted = [Entry("conf", "dir", 0o755, 0, 0, 0, 0, None, [], []),
               Entry("conf/x", "file", 0o644, 0, 0, 1, 0, None, [b"\0" * 32], [1]),

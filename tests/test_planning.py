@@ -65,7 +65,7 @@ def _entry(path: str, typ: str = "file", mode: int = 0o644, mtime: int = 10**18,
 def _have(e):  # type: ignore[no-untyped-def]
     from drsync.tree import LocalEntry
 
-    return LocalEntry(e.path, "/x/" + e.path, e.type, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.target)
+    return LocalEntry(e.path, e.type, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.target)
 
 
 def test_apply_plan_touches_only_directories_it_changes() -> None:

@@ -117,7 +117,7 @@ def estimate_rto(promotion_s: float, *, automatic: bool, session_timeout_s: floa
 
 
 def _files_of_chunk(manifest: Manifest, chunk_id: bytes) -> list[str]:
-    return [e.path for e in manifest.entries() if chunk_id in e.chunks][:3]
+    return manifest.paths_naming(chunk_id)
 
 
 def verify_step(repo: Repository, manifest: Manifest, snapshot: str, *, full: bool, fraction: float,

@@ -20,6 +20,9 @@ import os
 import secrets
 import stat as st
 from collections import OrderedDict
+from collections.abc import Iterable
+
+from drsync.fsutil import write_all
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CACHE = 256  # directory descriptors kept open (an apply walks the tree in path order)
@@ -155,16 +158,14 @@ class Beneath:
         return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                        dir_fd=pfd)
 
-    def write_atomic(self, rel: str, data: bytes) -> None:
-        """Replace ``rel`` with ``data`` durably and atomically: a new file beside it, fsynced, renamed
-        over it, then the directory fsynced."""
+    def write_atomic(self, rel: str, data: bytes | Iterable[bytes]) -> None:
+        """Replace ``rel`` with ``data`` (bytes, or pieces in turn) durably and atomically: a new file
+        beside it, fsynced, renamed over it, then the directory fsynced."""
         parent = rel.rpartition("/")[0]
         tmp = f"{rel}.{secrets.token_hex(6)}"
         fd = self.create(tmp)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from drsync import fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.dataroot.distcp import HISTORY_PREFIX
 from drsync.errors import UsageError
@@ -595,7 +596,7 @@ class HdfsDataRoot:
         w = self.fs.writer(path, overwrite=True)
         try:
             for piece in data:
-                w.write(piece)
+                w.write(bytes(piece))
         except BaseException:
             w.abort()
             raise
@@ -742,11 +743,12 @@ class HdfsJournal:
             return data
         return None
 
-    def save(self, data: bytes) -> None:
+    def save(self, data: bytes | Iterable[bytes]) -> None:
         names = self._names()
         seq = names[-1][0] + 1 if names else 1
         w = self.fs.writer(posixpath.join(self.dir, f"{self.PREFIX}{seq}"), overwrite=False)
-        w.write(data)
+        for piece in fsutil.pieces(data):
+            w.write(bytes(piece))
         w.close()
         for _, old in names:
             self.fs.delete(posixpath.join(self.dir, old))

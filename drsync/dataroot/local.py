@@ -612,7 +612,7 @@ class RootJournal:
         finally:
             os.close(fd)
 
-    def save(self, data: bytes) -> None:
+    def save(self, data: bytes | Iterable[bytes]) -> None:
         with Beneath(self.root) as fs:
             fs.write_atomic(self.REL, data)
 
@@ -758,7 +758,7 @@ def _scan_into(out: dict[str, LocalEntry], fs: Beneath, domain_tops: set[str], m
                 xattrs = read_xattrs(full)[0]  # one llistxattr for the many entries that have none
             else:
                 xattrs = _xattrs_at(dfd, name)
-            out[rel] = LocalEntry(rel, full, typ, m & 0o7777, s.st_uid, s.st_gid,
+            out[rel] = LocalEntry(rel, typ, m & 0o7777, s.st_uid, s.st_gid,
                                   s.st_size if typ == FILE else 0, s.st_mtime_ns, target, s.st_ino, xattrs,
                                   s.st_nlink)
 

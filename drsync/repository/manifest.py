@@ -8,12 +8,13 @@ Everything here is pure: building, validating and diffing tables.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import posixpath
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import blake3
 import numpy as np
@@ -138,7 +139,7 @@ def decode_xattrs(blob: bytes | None) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     path: str
     type: str
@@ -155,12 +156,79 @@ class Entry:
     sparse: bool = False
     stale: bool = False
     content: bytes | None = None  # the manifest's content digest (BLAKE3 of the chunk ids, or of an HDFS checksum)
+    # Where it came from: its row in the manifest (-1: not read from one), and for a light entry
+    # (:meth:`Manifest.entries` ``light``, no chunk lists or digest) whether it is external.
+    row: int = field(default=-1, compare=False)
+    light_external: bool | None = field(default=None, compare=False)
 
     @property
     def external(self) -> bool:
         """Whether this file's bytes are not in the repository but in the capturing cluster's HDFS
         snapshot (``replication.engine = "distcp"``); see :func:`is_external`."""
+        if self.light_external is not None:
+            return self.light_external
         return self.type == FILE and is_external(self.chunks, self.chunk_sizes, self.size)
+
+
+def _pycolumn(t: pa.Table, name: str) -> list:  # type: ignore[type-arg]
+    if name in ("path", "target", "hardlink"):
+        raw = t.column(name).to_pylist()
+        if name == "path" and raw:  # never null: one join, one decode, one split in C
+            parts = b"\0".join(raw).decode("utf-8", "surrogateescape").split("\0")
+            if len(parts) == len(raw):
+                return parts
+        return [None if b is None else b.decode("utf-8", "surrogateescape") for b in raw]
+    if name == "mtime_ns":
+        secs, nsec = t.column("mtime_s"), t.column("mtime_nsec")
+        lo, hi = pc.min_max(secs).values() if len(secs) else (None, None)
+        if lo is not None and lo.as_py() > -9_000_000_000 and hi.as_py() < 9_000_000_000:  # no int64 overflow
+            return pc.add(pc.multiply(secs, 1_000_000_000), pc.cast(nsec, pa.int64())).to_pylist()
+        return [a * 1_000_000_000 + b for a, b in zip(secs.to_pylist(), nsec.to_pylist(), strict=True)]
+    return t.column(name).to_pylist()
+
+
+def _shared(values: list) -> list:  # type: ignore[type-arg]
+    """``values`` with equal ones as one object (types, modes: a handful of values over a million rows)."""
+    seen: dict[object, object] = {}
+    return [seen.setdefault(v, v) for v in values]
+
+
+def _entries_of(t: pa.Table, start: int, light: bool) -> Iterator[Entry]:
+    """Entries of the rows of ``t`` (rows ``start``... of their manifest)."""
+    if not light:
+        c = {n: _pycolumn(t, n) for n in Manifest._FULL}
+        c["type"], c["mode"] = _shared(c["type"]), _shared(c["mode"])
+        for i in range(t.num_rows):
+            yield Entry(c["path"][i], c["type"][i], c["mode"][i], c["uid"][i], c["gid"][i], c["size"][i],
+                        c["mtime_ns"][i], c["target"][i], c["chunks"][i] or [], c["chunk_sizes"][i] or [],
+                        c["xattrs"][i], c["hardlink"][i], bool(c["sparse"][i]), bool(c["stale"][i]), c["content"][i],
+                        row=start + i)
+        return
+    c = {n: _pycolumn(t, n) for n in Manifest._LIGHT}
+    c["type"], c["mode"] = _shared(c["type"]), _shared(c["mode"])
+    external = external_mask(t).tolist()
+    for i in range(t.num_rows):
+        yield Entry(c["path"][i], c["type"][i], c["mode"][i], c["uid"][i], c["gid"][i], c["size"][i],
+                    c["mtime_ns"][i], c["target"][i], [], [], c["xattrs"][i], c["hardlink"][i], bool(c["sparse"][i]),
+                    bool(c["stale"][i]), None, row=start + i, light_external=external[i])
+
+
+def external_mask(t: pa.Table) -> np.ndarray:
+    """``(N,)`` bool: which rows of manifest table ``t`` are external (:func:`is_external`), vectorised;
+    the few candidates (rows captured for DistCp) are confirmed one by one."""
+    if t.num_rows == 0:
+        return np.zeros(0, dtype=bool)
+    files = pc.and_(pc.equal(t.column("type"), FILE), pc.greater(t.column("size"), 0))
+    maybe = pc.and_(files, pc.and_(pc.equal(pc.list_value_length(t.column("chunks")), 0),
+                                   pc.equal(pc.list_value_length(t.column("chunk_sizes")), 1)))
+    mask = np.asarray(pc.fill_null(maybe, False).to_numpy(zero_copy_only=False), dtype=bool).copy()
+    rows = np.flatnonzero(mask)
+    if len(rows):
+        picked = t.select(["size", "chunk_sizes"]).take(pa.array(rows, pa.int64()))
+        sizes, lists = picked.column("size").to_pylist(), picked.column("chunk_sizes").to_pylist()
+        for r, size, cs in zip(rows.tolist(), sizes, lists, strict=True):
+            mask[r] = is_external([], cs, size)
+    return mask
 
 
 def is_external(chunk_ids: list[bytes] | None, chunk_sizes: list[int] | None, size: int) -> bool:
@@ -249,31 +317,46 @@ class Manifest:
 
     def pycolumn(self, name: str) -> list:  # type: ignore[type-arg]
         """One column as Python values: names as str (lossless), ``mtime_ns`` as int nanoseconds."""
-        t = self.table
-        if name in ("path", "target", "hardlink"):
-            raw = t.column(name).to_pylist()
-            if name == "path" and raw:  # never null: one join, one decode, one split in C
-                parts = b"\0".join(raw).decode("utf-8", "surrogateescape").split("\0")
-                if len(parts) == len(raw):
-                    return parts
-            return [None if b is None else b.decode("utf-8", "surrogateescape") for b in raw]
-        if name == "mtime_ns":
-            secs, nsec = t.column("mtime_s"), t.column("mtime_nsec")
-            lo, hi = pc.min_max(secs).values() if len(secs) else (None, None)
-            if lo is not None and lo.as_py() > -9_000_000_000 and hi.as_py() < 9_000_000_000:  # no int64 overflow
-                return pc.add(pc.multiply(secs, 1_000_000_000), pc.cast(nsec, pa.int64())).to_pylist()
-            return [a * 1_000_000_000 + b for a, b in zip(secs.to_pylist(), nsec.to_pylist(), strict=True)]
-        return t.column(name).to_pylist()
+        return _pycolumn(self.table, name)
 
-    def entries(self) -> Iterator[Entry]:
-        cols = {n: self.pycolumn(n) for n in
-                ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target", "chunks", "chunk_sizes",
-                 "xattrs", "hardlink", "sparse", "stale", "content")}
-        for i in range(self.table.num_rows):
-            yield Entry(cols["path"][i], cols["type"][i], cols["mode"][i], cols["uid"][i], cols["gid"][i],
-                        cols["size"][i], cols["mtime_ns"][i], cols["target"][i],
-                        cols["chunks"][i] or [], cols["chunk_sizes"][i] or [], cols["xattrs"][i],
-                        cols["hardlink"][i], bool(cols["sparse"][i]), bool(cols["stale"][i]), cols["content"][i])
+    _FULL = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target", "chunks", "chunk_sizes",
+             "xattrs", "hardlink", "sparse", "stale", "content")
+    _LIGHT = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target", "xattrs", "hardlink", "sparse",
+              "stale")
+
+    def entries(self, *, light: bool = False) -> Iterator[Entry]:
+        """Every row as an :class:`Entry` (with its ``row``), in manifest order, decoded one record batch
+        at a time. ``light``: without chunk lists and content digest (``external`` still answers), for
+        planning at scale; :meth:`entries_at` gives the full entries of chosen rows later."""
+        start = 0
+        for batch in self.table.to_batches():
+            yield from _entries_of(pa.Table.from_batches([batch]), start, light)
+            start += batch.num_rows
+
+    def entries_at(self, rows: list[int]) -> list[Entry]:
+        """The full entries of manifest rows ``rows`` (in that order)."""
+        if not rows:
+            return []
+        picked = self.table.take(pa.array(rows, pa.int64()))
+        return [dataclasses.replace(e, row=r) for e, r in zip(_entries_of(picked, 0, False), rows, strict=True)]
+
+    def paths_naming(self, chunk_id: bytes, limit: int = 3) -> list[str]:
+        """The first ``limit`` paths whose file names ``chunk_id`` (for messages; vectorised)."""
+        col = self.table.column("chunks")
+        out: list[str] = []
+        start = 0
+        for part in col.chunks:
+            hits = pc.is_in(pc.list_flatten(part), value_set=pa.array([chunk_id], pa.binary(fmt.ID_LEN)))
+            rows = np.unique(np.asarray(pc.list_parent_indices(part))[np.asarray(hits, dtype=bool)])
+            out += [self.pycolumn_at("path", start + int(r)) for r in rows[:limit - len(out)]]
+            start += len(part)
+            if len(out) >= limit:
+                break
+        return out
+
+    def pycolumn_at(self, name: str, row: int) -> object:
+        """One value of column ``name`` at ``row``, as :meth:`pycolumn` gives it."""
+        return _pycolumn(self.table.slice(row, 1), name)[0]
 
     def chunk_ids(self) -> set[bytes]:
         """Every chunk id the manifest names, as a Python set (one object per id: small manifests and
@@ -298,11 +381,7 @@ class Manifest:
 
     def external_count(self) -> int:
         """How many files have their bytes outside the repository (:func:`is_external`)."""
-        t = self.table
-        files = pc.and_(pc.equal(t.column("type"), FILE), pc.greater(t.column("size"), 0))
-        ext = pc.and_(files, pc.and_(pc.equal(pc.list_value_length(t.column("chunks")), 0),
-                                     pc.equal(pc.list_value_length(t.column("chunk_sizes")), 1)))
-        return int(pc.sum(pc.cast(ext, pa.int64())).as_py() or 0)
+        return int(external_mask(self.table).sum())
 
     def stale_count(self) -> int:
         return int(pc.sum(pc.cast(self.table.column("stale"), pa.int64())).as_py() or 0)
