@@ -125,7 +125,8 @@ def test_concurrent_reads_deletes_and_rewrites_return_each_blobs_own_bytes(stora
     while others delete and rewrite blobs: every read returns that blob's own bytes or ObjectMissing,
     never an error from a descriptor another thread closed and never another blob's bytes."""
     local = isinstance(storage, (LocalStorage, MemoryStorage))  # HDFS: a few round trips, same races
-    names = [f"doc/{i:03d}" for i in range(96 if local else 6)]  # more than the local backend's descriptor cache
+    # Packs (the local backend caches their read descriptors, more of them than it keeps) and documents.
+    names = [f"{kind}/{i:03d}" for kind in ("packs", "doc") for i in range(48 if local else 3)]
     reads, churns = (300, 150) if local else (12, 6)
     for n in names:
         storage.write(n, n.encode() * 4, durable=False)
@@ -161,17 +162,35 @@ def test_concurrent_reads_deletes_and_rewrites_return_each_blobs_own_bytes(stora
     assert failures == []
 
 
+def test_a_replaced_document_reads_back_its_new_bytes(storage: Storage, tmp_path: Path) -> None:
+    """Documents are replaced in place (locks, config, snapshot documents): every read, whole or a range,
+    returns what is there now, also when another process replaced or removed it."""
+    storage.write("doc/config", b"old settings, long")
+    assert storage.read_range("doc/config", 0, 4096) == b"old settings, long"
+    storage.write("doc/config", b"new settings, long")
+    assert storage.read_range("doc/config", 0, 4096) == b"new settings, long"
+    assert storage.read("doc/config") == b"new settings, long"
+    if isinstance(storage, LocalStorage):  # behind its back, as another process does
+        path = Path(storage.root) / "doc" / "config"
+        (path.parent / "elsewhere").write_bytes(b"replaced by another process")
+        os.rename(path.parent / "elsewhere", path)
+        assert storage.read_range("doc/config", 0, 4096) == b"replaced by another process"
+        path.unlink()
+        with pytest.raises(ObjectMissing):
+            storage.read_range("doc/config", 0, 4096)
+
+
 def test_local_read_keeps_its_descriptor_while_other_threads_evict_it(tmp_path: Path) -> None:
     """The local backend caches read descriptors; one in use by a read survives eviction by other
     reads (a closed descriptor number is reused by the next open, so a read on it returns another
     file's bytes)."""
     s = LocalStorage(tmp_path / "s", create=True)
-    s.write("first", b"first's bytes")
-    held = s._checkout("first")
+    s.write("packs/first", b"first's bytes")
+    held = s._checkout("packs/first")
     for i in range(200):
-        s.write(f"other/{i}", b"other bytes")
-        assert s.read_range(f"other/{i}", 0, 100) == b"other bytes"
-    s.delete("first")
+        s.write(f"packs/other/{i}", b"other bytes")
+        assert s.read_range(f"packs/other/{i}", 0, 100) == b"other bytes"
+    s.delete("packs/first")
     assert os.pread(held.fd, 100, 0) == b"first's bytes"
     s._checkin(held)
     assert held.fd == -1

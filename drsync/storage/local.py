@@ -12,6 +12,9 @@ from drsync.errors import UsageError
 from drsync.storage import ObjectExists, ObjectMissing, StoredObject, check_name
 
 _FD_CACHE_SIZE = 64
+# Read descriptors are cached only for packs: named by their content, never rewritten (a pack deleted
+# by GC and written again holds the same bytes).
+_CACHED_PREFIX = "packs/"
 
 
 class _CachedFd:
@@ -35,6 +38,7 @@ class _CachedFd:
 class LocalBlobWriter:
     def __init__(self, storage: LocalStorage, name: str) -> None:
         self._storage = storage
+        self._name = name
         self._final = storage._path(name)
         os.makedirs(os.path.dirname(self._final), exist_ok=True)
         self._tmp = fsutil.temp_name(self._final)
@@ -62,6 +66,7 @@ class LocalBlobWriter:
             os.close(self._fd)
             self._fd = None
         os.rename(self._tmp, self._final)
+        self._storage._forget(self._name)
         if durable:
             fsutil.fsync_dir(os.path.dirname(self._final))
 
@@ -125,6 +130,17 @@ class LocalStorage:
                 held.retire()
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
+        if not name.startswith(_CACHED_PREFIX):
+            # Documents (locks, config, snapshot documents) are replaced in place by renames, here or in
+            # another process: each read opens the name afresh, never an old inode's descriptor.
+            try:
+                fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ObjectMissing(f"{self.root}: {name} is missing") from None
+            try:
+                return os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
         held = self._checkout(name)
         try:
             data = os.pread(held.fd, length, offset)
@@ -154,6 +170,7 @@ class LocalStorage:
                 held.retire()
 
     def write(self, name: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> None:
+        self._forget(name)
         try:
             fsutil.atomic_write(self._path(name), data, durable=durable, exclusive=exclusive)
         except FileExistsError:
