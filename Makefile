@@ -60,7 +60,7 @@ reliability: $(STAMP) system-deps hadoop
 	DRSYNC_RELIABILITY=full DRSYNC_CRASH_TRIALS=40 DRSYNC_FAILOVER_TRIALS=15 $(PY) -m pytest -q \
 		tests/test_reliability.py tests/test_crash.py tests/test_lock.py tests/test_failover.py \
 		tests/test_apply_crash.py tests/test_long_apply.py tests/test_breaker_cont_bw.py \
-		tests/test_breaker_fanout.py
+		tests/test_breaker_fanout.py tests/test_distcp_breaker.py
 	DRSYNC_CRASH_TRIALS=40 $(PY) -m pytest -q tests/test_agents.py -k kill_9
 
 proto: $(STAMP)

@@ -34,6 +34,13 @@ from tests.sites import HdfsSite, make_site, same_tree
 from tests.test_agents import Pair, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The slower cases whose promise make test covers elsewhere run in make reliability only (each says where).
+FULL_ONLY = os.environ.get("DRSYNC_RELIABILITY") != "full"
+
+
+def reliability_only(covered_by: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(FULL_ONLY, reason=f"covered in make test by {covered_by}; runs with "
+                                                f"DRSYNC_RELIABILITY=full (make reliability)")
 HADOOP_CLUSTER = REPO_ROOT / "scripts" / "hadoop-cluster"
 
 
@@ -103,6 +110,7 @@ def _refused_or_synced(pair: Pair, tmp_path: Path, marker: str) -> bool:
 # --- 7. hostile names: a file whose name is in Unicode's decomposed form ------------------------
 
 
+@reliability_only("test_odd_names_and_odd_changes_replicate_by_distcp")
 def test_a_name_in_decomposed_unicode_replicates_by_distcp(tmp_path: Path, webhdfs, hdfs_cluster) -> None:  # type: ignore[no-untyped-def]
     """A file named ``café`` in NFD (``e`` + combining acute, what macOS writes) on production.
 
@@ -326,6 +334,7 @@ def _tamper_in_place(site: HdfsSite, name: str, rel: str) -> None:
     fs.set_permission(path, int(st["permission"], 8))
 
 
+@reliability_only("tests/test_drills.py and test_a_drill_after_switching_to_distcp_checks_the_bytes_of_every_file")
 def test_a_drill_catches_a_damaged_standby_file_and_backups_need_dataless(  # type: ignore[no-untyped-def]
         tmp_path: Path, webhdfs, hdfs_cluster) -> None:
     """Passes today; nothing else checks that a drill of a DistCp standby fails on damaged bytes,
@@ -456,6 +465,8 @@ def test_odd_names_and_odd_changes_replicate_by_distcp(tmp_path: Path, webhdfs, 
 # --- 2. history snapshots once the standby is production ----------------------------------------
 
 
+@reliability_only("test_an_earlier_snapshot_restores_and_promotes_from_the_standbys_own_history and "
+                  "tests/test_hdfs_snapshot_leaks.py")
 def test_history_snapshots_expire_with_their_snapshots_after_the_standby_became_primary(  # type: ignore[no-untyped-def]
         tmp_path: Path, webhdfs, hdfs_cluster) -> None:
     """Disaster recovery by hand with fixed roles: production is lost, the standby's config becomes
@@ -672,6 +683,7 @@ def test_a_fenced_primarys_distcp_shipment_is_refused_and_lag_is_exported(  # ty
 # --- deletion guard: confirming a held DistCp snapshot ------------------------------------------
 
 
+@reliability_only("tests/test_mass_change.py and tests/test_deletion_guard.py (holds and --confirm)")
 def test_a_held_distcp_snapshot_can_be_confirmed(tmp_path: Path, webhdfs, hdfs_cluster) -> None:  # type: ignore[no-untyped-def]
     """README's table: the deletion guard works "the same" with the DistCp engine. A shipment that
     deletes most files (and adds one) is held; the hold stays on the *first* held snapshot
@@ -714,6 +726,7 @@ def test_a_held_distcp_snapshot_can_be_confirmed(tmp_path: Path, webhdfs, hdfs_c
 # --- 1. production keeps the source snapshot while a standby copies from it ------------------------
 
 
+@reliability_only("tests/test_distcp_engine.py")
 def test_an_operators_snapshot_on_production_keeps_the_source_a_standby_copies_from(  # type: ignore[no-untyped-def]
         tmp_path: Path, webhdfs, hdfs_cluster) -> None:
     """The primary runs one cycle (``--once``; with the default 5m interval the shipment in flight is
