@@ -141,27 +141,11 @@ class LocalStorage:
                 return os.pread(fd, length, offset)
             finally:
                 os.close(fd)
-        held = self._checkout(name)
+        held = self._checkout(name)  # a pack: a short read means it is truncated (the caller says so)
         try:
-            data = os.pread(held.fd, length, offset)
+            return os.pread(held.fd, length, offset)
         finally:
             self._checkin(held)
-        if len(data) < length and offset + len(data) < self._size_now(name):
-            # Short read although the file on disk is longer: another process replaced the blob under
-            # our cached descriptor. Retry once on a fresh descriptor.
-            self._forget(name)
-            held = self._checkout(name)
-            try:
-                data = os.pread(held.fd, length, offset)
-            finally:
-                self._checkin(held)
-        return data
-
-    def _size_now(self, name: str) -> int:
-        try:
-            return os.stat(self._path(name)).st_size
-        except FileNotFoundError:
-            return 0
 
     def _forget(self, name: str) -> None:
         with self._fd_lock:
