@@ -209,6 +209,11 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     # outside the target, and such a file is replaced, never changed in place.
     inside_links = Counter(h.ino for h in existing.values() if h.type == FILE and h.nlink > 1)
     rewritten: set[str] = set()
+    relinked_meta: set[str] = set()  # links already pointing right whose time or owner the commit fixes
+
+    def owner_differs(e: Entry, have: LocalEntry) -> bool:
+        return compare_owner and e.uid != UNKNOWN_ID and (have.uid, have.gid) != (e.uid, e.gid)
+
     # Removing a directory removes what is inside it: list only the top-most paths.
     plan.remove = [p for p in plan.remove if not any(a in removed for a in _ancestors(p))]
     for path, e in wanted.items():
@@ -221,11 +226,15 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             if have is None:
                 plan.mkdir.append(e)
                 touched.add(path)
-            elif have.mode != e.mode or have.mtime_ns // res != e.mtime_ns // res or xattrs_differ:
+            elif (have.mode != e.mode or have.mtime_ns // res != e.mtime_ns // res or xattrs_differ
+                  or owner_differs(e, have)):
                 touched.add(path)
         elif e.type == SYMLINK:
             if have is None or os.fsdecode(have.target or "") != e.target:
                 plan.link.append(e)
+            elif have.mtime_ns // res != e.mtime_ns // res or owner_differs(e, have):
+                plan.link.append(e)  # the commit keeps a link that points right and sets its time and owner
+                relinked_meta.add(path)
         elif e.hardlink is not None and e.hardlink in wanted:
             continue  # decided below, once its group's first file is
         else:
@@ -235,8 +244,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             if (have is not None and not stray_link and have.size == e.size and path not in content_changed
                     and have.mtime_ns // res == e.mtime_ns // res and (same_content is None or same_content(e, have))):
                 plan.unchanged += 1
-                owner_differs = compare_owner and e.uid != UNKNOWN_ID and (have.uid, have.gid) != (e.uid, e.gid)
-                if have.mode != e.mode or owner_differs or xattrs_differ:
+                if have.mode != e.mode or owner_differs(e, have) or xattrs_differ:
                     plan.fix_meta.append(e)
             else:
                 plan.write.append(e)
@@ -252,7 +260,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
         else:
             plan.hardlink.append(e)
     plan.replaces = [e.path for e in (*plan.write, *plan.hardlink, *plan.link)
-                     if e.path in existing and e.path not in removed]
+                     if e.path in existing and e.path not in removed and e.path not in relinked_meta]
     touched.update(p.rpartition("/")[0] for p in plan.remove)
     touched.update(e.path.rpartition("/")[0] for e in (*plan.write, *plan.link, *plan.mkdir, *plan.hardlink))
     touched.discard("")

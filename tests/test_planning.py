@@ -83,3 +83,26 @@ def test_apply_plan_touches_only_directories_it_changes() -> None:
     # Times compare at the coarser precision: a millisecond-rounded copy is not a change.
     ms = {e.path: _have(_entry(e.path, e.type, e.mode, e.mtime_ns // 10**6 * 10**6, e.size)) for e in tree}
     assert plan_apply(tree, ms, mtime_resolution_ns=10**6).dirs_to_finish() == []
+
+
+def test_apply_plan_fixes_link_times_and_owners_without_counting_them_as_overwrites() -> None:
+    """A link pointing right but with another mtime or owner is planned (the commit keeps it and sets its
+    time and owner), and is not an overwrite a foreign target must allow; a directory whose owner alone
+    differs is finished (chowned) when owners can be set."""
+    import dataclasses
+
+    from drsync.apply import plan_apply
+
+    link = dataclasses.replace(_entry("l", "symlink"), target="f")
+    d = dataclasses.replace(_entry("d", "dir", 0o755), uid=4321, gid=1)
+    tree = [d, _entry("f"), link]
+    existing = {e.path: _have(e) for e in tree}
+    assert plan_apply(tree, existing, compare_owner=True).link == []
+    existing["l"] = dataclasses.replace(existing["l"], mtime_ns=link.mtime_ns + 10**9)
+    existing["d"] = dataclasses.replace(existing["d"], uid=0, gid=0)
+    plan = plan_apply(tree, existing, compare_owner=True)
+    assert [e.path for e in plan.link] == ["l"] and plan.replaces == []
+    assert plan.touched_dirs is not None and "d" in plan.touched_dirs
+    assert "d" not in (plan_apply(tree, existing, compare_owner=False).touched_dirs or set())
+    existing["l"] = dataclasses.replace(existing["l"], target="elsewhere")
+    assert plan_apply(tree, existing).replaces == ["l"]

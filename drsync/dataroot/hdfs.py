@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from drsync import fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.dataroot.distcp import HISTORY_PREFIX
-from drsync.errors import UsageError
+from drsync.errors import RefusedError, UsageError
 from drsync.repository import chunks
 from drsync.repository.manifest import DIR, FILE, SYMLINK, printable, symlink_stays_inside
 from drsync.storage.hdfs import HdfsError, HdfsFs, HdfsPermissionDenied, parse_hdfs_url
@@ -359,6 +359,11 @@ class HdfsDataRoot:
             raise UsageError(f"data root {self.url} does not exist")
         if s["type"] != "DIRECTORY":
             raise UsageError(f"data root {self.url} is not a directory")
+        if self.journal().load() is not None:
+            # A restore onto this directory was cut short in its commit: part old tree, part new one.
+            raise RefusedError(f"data root {self.url} holds a restore that was interrupted while it committed (a "
+                               f"journal in {STAGING}): run that restore again to finish it, then capture; nothing "
+                               f"was captured")
 
     @contextmanager
     def frozen(self, tag: str, parent_tag: str | None = None, parent: Manifest | None = None, *,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from drsync import fsutil
 from drsync.dataroot import STAGING, FileVersion, stream_matches
 from drsync.dataroot.beneath import Beneath
-from drsync.errors import OperationFailed, UsageError
+from drsync.errors import OperationFailed, RefusedError, UsageError
 from drsync.repository import chunks
 from drsync.repository.manifest import DIR, FILE, SYMLINK, decode_xattrs, printable
 from drsync.tree import LocalEntry, TreeScan, read_xattrs, scan_tree
@@ -144,6 +144,12 @@ class LocalDataRoot:
         if not os.path.isdir(self.root):
             what = "is not a directory" if os.path.exists(self.root) else "does not exist"
             raise UsageError(f"data root {self.root} {what}")
+        if RootJournal(self.root).load() is not None:
+            # A restore onto this directory was cut short in its commit: it holds part of the old tree and
+            # part of the new one until that restore is run again (which finishes it from the journal).
+            raise RefusedError(f"data root {self.root} holds a restore that was interrupted while it committed "
+                               f"({RootJournal.REL} is there): run that restore again to finish it, then capture; "
+                               f"nothing was captured")
 
     @contextmanager
     def frozen(self, tag: str, parent_tag: str | None = None,
