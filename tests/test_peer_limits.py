@@ -296,7 +296,8 @@ def test_client_refuses_to_send_a_manifest_over_the_limit(standby: Standby,
 def test_long_warnings_are_clipped_in_a_snapshot_document() -> None:
     doc = json.loads(_doc(warnings=["p" * 100_000 + ": cannot be read", "short"]))
     info = SnapshotInfo.from_bytes(json.dumps(doc).encode(), "document")
-    assert len(info.warnings[0]) == fmt.WARNING_MAX_CHARS and info.warnings[0].endswith("\u2026")
+    assert len(info.warnings[0]) == fmt.WARNING_MAX_CHARS and "\u2026" in info.warnings[0]
+    assert info.warnings[0].startswith("ppp") and info.warnings[0].endswith("p: cannot be read")  # the reason stays
     assert info.warnings[1] == "short"
 
 

@@ -28,8 +28,12 @@ def new_snapshot_id() -> str:
 
 
 def clip_warning(line: str, limit: int = fmt.WARNING_MAX_CHARS) -> str:
-    """``line`` cut to at most ``limit`` characters (1 KiB by default), ending in an ellipsis when cut."""
-    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
+    """``line`` cut to at most ``limit`` characters (1 KiB by default) by an ellipsis in its middle: a
+    warning is "path: what is wrong", and a very long path must not cut off what is wrong."""
+    if len(line) <= limit:
+        return line
+    head = limit // 3
+    return line[:head] + "\u2026" + line[len(line) - (limit - head - 1):]
 
 
 class WarningLog:
