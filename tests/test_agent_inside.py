@@ -286,3 +286,38 @@ def test_a_frozen_standby_holds_up_no_other(tmp_path: Path, zk_server, group: st
         for p in g.procs.values():
             p.send_signal(signal.SIGCONT)
         g.stop_all()
+
+
+def test_an_unexpected_error_in_the_loop_stops_the_agent_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """An error drsync does not know (here an EIO the real disk cannot be made to raise on demand, put in
+    the loop's coordination pass) stops the agent whole: logged CRITICAL with its traceback, the gRPC
+    port, metrics port and state-dir lock released, so nothing half alive keeps answering peers or
+    holding its role while no loop coordinates (a switchover would wait on it forever)."""
+    import errno
+    import socket
+
+    from drsync.agent.loop import Agent
+    from drsync.config import load_config
+
+    two = Pair(tmp_path)
+    cfg = load_config(str(two.standby_cfg))
+    agent = Agent(cfg)
+    passes: list[int] = []
+
+    def broken_pass() -> None:
+        passes.append(1)
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path / "standby-repo"))
+
+    monkeypatch.setattr(agent.supervisor, "coordinate", broken_pass)
+    with caplog.at_level("CRITICAL", logger="drsync.agent"), pytest.raises(OSError, match="Input/output"):
+        agent.run()
+    assert passes == [1]
+    assert any(r.levelname == "CRITICAL" and "unexpected error in its loop" in r.getMessage() and r.exc_info
+               for r in caplog.records)
+    for address in (cfg.agent.listen, cfg.agent.metrics):
+        host, port = address.rsplit(":", 1)
+        with socket.socket() as s:
+            s.bind((host, int(port)))  # free again
+    again = Agent(cfg)  # the state directory's lock was released
+    again.close()

@@ -357,6 +357,22 @@ class Agent:
         threading.Thread(target=self._serve_requests_loop, name="drsync-requests", daemon=True).start()
         if self.receiver is not None and self.cfg.replication.apply_delay > 0:
             threading.Thread(target=self._delayed_apply_loop, name="drsync-delayed-apply", daemon=True).start()
+        try:
+            self._loop()
+        except BaseException as e:
+            # Not an error drsync knows (a bug, an I/O error nothing caught): the agent stops whole. Left
+            # half alive (servers, ZooKeeper session and role kept, no loop) it would hold its role and
+            # answer peers while nothing coordinates: a switchover or promotion would wait on it forever.
+            if not isinstance(e, KeyboardInterrupt):
+                log.critical("agent %s stops: unexpected error in its loop: %r (its role is released; the "
+                             "service manager restarts it)", self.name, e, exc_info=True)
+            raise
+        finally:
+            self.close()
+        log.info("agent %s stopped (%s)", self.name, f"fatal: {self.supervisor.fatal}"
+                 if self.supervisor.fatal is not None else "on request")
+
+    def _loop(self) -> None:
         sched = self.schedule
         sup = self.supervisor
         ship_mode = ""
@@ -394,9 +410,6 @@ class Agent:
                     continue  # coordinate again right after a capture
                 wait = max(0.01, min(wait, nxt.wait_s))
             self.wake.wait(wait)
-        self.close()
-        log.info("agent %s stopped (%s)", self.name, f"fatal: {sup.fatal}" if sup.fatal is not None else
-                 "on request")
 
     def close(self) -> None:
         self.stop.set()
