@@ -10,6 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from drsync import engine
 from drsync.apply import ApplyPlan, FileJournal, _plan_from_json, _plan_json, apply_manifest, plan_apply
@@ -51,6 +52,11 @@ def test_light_entries_plan_like_full_ones_and_get_their_chunks_back() -> None:
     assert [e.path for e in picked] == [full[b.write[7].row].path, full[b.write[3].row].path]
     assert picked[0].chunks == full[b.write[7].row].chunks and picked[0].chunks
     assert m.paths_naming(full[5].chunks[0]) == [full[5].path]
+    # A manifest read a row group at a time is many record batches: rows from several, in any order.
+    pieces = Manifest(pa.concat_tables([m.table.slice(0, 700), m.table.slice(700, 1100), m.table.slice(1800)]))
+    rows = [2502, 3, 699, 700, 1799, 1800, 5, 2000]
+    assert pieces.entries_at(rows) == [full[r] for r in rows]
+    assert [e.row for e in pieces.entries_at(rows)] == rows
 
 
 def test_the_journal_written_in_pieces_reads_back_as_the_plan(tmp_path: Path) -> None:

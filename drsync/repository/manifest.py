@@ -257,8 +257,7 @@ class Manifest:
 
     def __init__(self, table: pa.Table) -> None:
         self.table = table
-        self._batches: list[pa.RecordBatch] | None = None  # for entries_at
-        self._starts: np.ndarray = np.zeros(1, np.int64)
+        self._split: tuple[list[pa.RecordBatch], np.ndarray] | None = None  # for entries_at: batches, starts
 
     @classmethod
     def empty(cls) -> Manifest:
@@ -340,15 +339,17 @@ class Manifest:
         taken from its own record batch (a take on the whole chunked table would join every batch first)."""
         if not rows:
             return []
-        if self._batches is None:
-            self._batches = self.table.to_batches()
-            self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
+        split = self._split
+        if split is None:  # one assignment: threads staging at once see both parts or neither
+            batches = self.table.to_batches()
+            split = self._split = (batches, np.cumsum([0] + [b.num_rows for b in batches]))
+        batches, starts = split
         wanted = np.asarray(rows, dtype=np.int64)
-        which = np.searchsorted(self._starts, wanted, side="right") - 1
+        which = np.searchsorted(starts, wanted, side="right") - 1
         out: list[Entry | None] = [None] * len(rows)
         for b in np.unique(which).tolist():
             sel = np.flatnonzero(which == b)
-            picked = pa.Table.from_batches([self._batches[b].take(pa.array(wanted[sel] - self._starts[b]))])
+            picked = pa.Table.from_batches([batches[b].take(pa.array(wanted[sel] - starts[b]))])
             for k, e in zip(sel.tolist(), _entries_of(picked, 0, False), strict=True):
                 out[k] = dataclasses.replace(e, row=rows[k])
         return out  # type: ignore[return-value]
