@@ -528,9 +528,15 @@ def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, sl
     slice of unique ids at a time (:meth:`Repository.missing_chunks` when the source has it)."""
     ids = manifest.chunk_id_array()
     many = getattr(source, "missing_chunks", None)
+    refresh = getattr(source, "refresh_index", None)
     for start in range(0, len(ids), slice_ids):
         part = id_list(ids[start:start + slice_ids])
         missing = many(part) if many is not None else [c for c in part if not source.has_chunk(c)]
+        if missing and refresh is not None:
+            # A repository's cached index misses what other writers added while a lock of ours is held
+            # (a drill restoring the snapshot the agent just stored): look at the index files again.
+            refresh()
+            missing = many(missing) if many is not None else [c for c in missing if not source.has_chunk(c)]
         if missing:
             cid = missing[0]
             paths = manifest.paths_naming(cid, 1)

@@ -130,3 +130,25 @@ def test_restore_with_a_missing_chunk_names_the_file_and_changes_nothing(tmp_pat
     else:
         raise AssertionError("a restore with a missing chunk went ahead")
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+
+
+def test_a_restore_under_a_held_lock_sees_chunks_another_writer_added(tmp_path: Path) -> None:
+    """A drill holds the repository's shared lock while it restores; the agent (another process: here
+    another Repository object on the same directory) stores a new snapshot meanwhile. Restoring that
+    snapshot through the drill's object finds its chunks (the cached index is looked at again)."""
+    from drsync.storage import open_storage
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "old.txt").write_text("old rows\n")
+    store = str(tmp_path / "repo")
+    drill = Repository.init(open_storage(store, create=True), cluster_id="east", release="1")
+    engine.create_snapshot(drill, engine.SnapshotRequest(str(data)))
+    with drill.lock(exclusive=False, wait_s=5):
+        assert drill.has_chunk(b"\0" * 32) is False  # the index is loaded under the lock
+        (data / "arrived.txt").write_bytes(os.urandom(5000))
+        agent = Repository.open(open_storage(store))
+        info = engine.create_snapshot(agent, engine.SnapshotRequest(str(data)))
+        result = apply_manifest(drill.load_manifest(info), drill, str(tmp_path / "out"))
+    assert result.written_files == 2
+    assert (tmp_path / "out" / "arrived.txt").read_bytes() == (data / "arrived.txt").read_bytes()
