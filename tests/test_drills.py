@@ -176,3 +176,30 @@ def test_an_apply_during_the_drill_gets_the_root_compared_again(synced: Group, m
     assert calls[0] == before and calls[1] != before and rep.snapshot == calls[1]
     assert restore.passed and restore.figures["root_compared"] is True, restore.detail
     assert [s.name for s in rep.steps].count("restore") == 1
+
+
+def test_the_root_comparison_names_a_link_with_another_time_as_metadata_not_missing(tmp_path: Path) -> None:
+    """The drill's comparison of a root with a snapshot: a link that points right but has another mtime
+    "has other metadata"; a link pointing elsewhere "differs"; an absent one "is missing"."""
+    import os
+
+    from drsync import engine
+    from drsync.agent.drill import _structure_diffs
+    from drsync.dataroot import open_data_root
+    from drsync.repository.repo import Repository
+    from drsync.storage.memory import MemoryStorage
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_text("x")
+    for name in ("same", "other", "gone"):
+        os.symlink("f", root / name)
+    repo = Repository.init(MemoryStorage(), cluster_id="east", release="1")
+    manifest = repo.load_manifest(engine.create_snapshot(repo, engine.SnapshotRequest(str(root))))
+    assert _structure_diffs(open_data_root(str(root)), manifest, ())[0] == []
+    os.utime(root / "same", ns=(0, 10**18), follow_symlinks=False)
+    (root / "other").unlink()
+    os.symlink("elsewhere", root / "other")
+    (root / "gone").unlink()
+    diffs = _structure_diffs(open_data_root(str(root)), manifest, ())[0]
+    assert "same has other metadata" in diffs and "other differs" in diffs and "gone is missing" in diffs, diffs

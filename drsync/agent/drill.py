@@ -35,7 +35,7 @@ from drsync.dataroot import DataRoot, open_data_root
 from drsync.dataroot.local import LocalDataRoot
 from drsync.errors import DrsyncError, IntegrityError, UsageError
 from drsync.repository.ids import id_at
-from drsync.repository.manifest import FILE, Entry, Manifest, hdfs_checksum_digest
+from drsync.repository.manifest import FILE, SYMLINK, Entry, Manifest, hdfs_checksum_digest
 from drsync.repository.repo import Repository
 from drsync.tree import LocalEntry
 from drsync.units import human_size
@@ -153,8 +153,12 @@ def _structure_diffs(root: DataRoot, manifest: Manifest, own: tuple[str, ...]) -
     diffs = [f"{e.path} differs" for e in plan.write[:5]] + [f"{p} should not exist" for p in plan.remove[:5]]
     # Symlinks an apply could not make (HDFS has them disabled) were reported then; not a difference now.
     links = plan.link if root.supports_symlinks else []
-    diffs += [f"{e.path} is missing" for e in (plan.mkdir + links)[:5]]
-    diffs += [f"{e.path} has other metadata" for e in plan.fix_meta[:5]]
+    diffs += [f"{e.path} is missing" for e in [*plan.mkdir, *links] if e.path not in scan][:5]
+    # A link pointing right with another time or owner is planned as a link too: it is there.
+    relinked = [e for e in links if e.path in scan and scan[e.path].type == SYMLINK
+                and os.fsdecode(scan[e.path].target or "") == e.target]
+    diffs += [f"{e.path} differs" for e in links if e.path in scan and e not in relinked][:5]
+    diffs += [f"{e.path} has other metadata" for e in [*plan.fix_meta, *relinked][:5]]
     return diffs, scan
 
 
