@@ -350,6 +350,7 @@ class HdfsFs:
     def _call(self, action: str, path: str, fn: Callable[[], T], *, retry: bool = True) -> T:
         deadline = time.monotonic() + self.retry_s
         delay = 0.1
+        standbys = 0  # standby answers in a row: each other namenode is asked once, even without retry
         while True:
             first = self.client._urls[0]
             try:
@@ -359,6 +360,9 @@ class HdfsFs:
                 err = _explain(exc, str(e.message if hasattr(e, "message") else e), action, path, self)
                 if exc == "StandbyException":  # also from a datanode, after a standby's redirect
                     self._next_namenode(first)
+                    standbys += 1
+                    if standbys < len(self.client._urls):
+                        continue  # a standby's answer says where to ask, nothing about the call itself
                 if not (retry and exc in _RETRYABLE):
                     raise err from None
             except (requests.ConnectionError, requests.Timeout) as e:
