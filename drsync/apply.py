@@ -555,8 +555,7 @@ def _full(manifest: Manifest, items: list[tuple[int, Entry]]) -> list[tuple[int,
     for n, e in items:
         if e.row >= 0:
             f = next(full)
-            e = dataclasses.replace(e, chunks=f.chunks, chunk_sizes=f.chunk_sizes, content=f.content,
-                                    light_external=None)
+            e = e.filled(f.chunks, f.chunk_sizes, f.content)
         out.append((n, e))
     return out
 
@@ -564,20 +563,18 @@ def _full(manifest: Manifest, items: list[tuple[int, Entry]]) -> list[tuple[int,
 def _with_chunks(manifest: Manifest, same: Callable[[Entry, LocalEntry], bool]) -> Callable[[Entry, LocalEntry], bool]:
     """``same`` (a root's content check) for light entries: each gets its chunk list first, read a window
     of rows at a time (planning asks in manifest order)."""
-    window: dict[str, object] = {"start": -1, "lists": []}
     size = 4096
+    start, rows = -1, []
 
     def check(e: Entry, have: LocalEntry) -> bool:
+        nonlocal start, rows
         if e.row < 0 or e.chunks:
             return same(e, have)
-        start = e.row - e.row % size
-        if window["start"] != start:
-            part = manifest.table.slice(start, size).select(["chunks", "chunk_sizes", "content"])
-            window.update(start=start, lists=list(zip(*(part.column(n).to_pylist() for n in part.column_names),
-                                                          strict=True)))
-        chunks, sizes, content = window["lists"][e.row - start]  # type: ignore[index]
-        return same(dataclasses.replace(e, chunks=chunks or [], chunk_sizes=sizes or [], content=content,
-                                        light_external=None), have)
+        if e.row - start not in range(len(rows)):
+            start = e.row - e.row % size
+            part = manifest.table.slice(start, size)
+            rows = list(zip(*(part.column(n).to_pylist() for n in ("chunks", "chunk_sizes", "content")), strict=True))
+        return same(e.filled(*rows[e.row - start]), have)
 
     return check
 

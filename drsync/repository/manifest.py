@@ -169,6 +169,11 @@ class Entry:
             return self.light_external
         return self.type == FILE and is_external(self.chunks, self.chunk_sizes, self.size)
 
+    def filled(self, chunks: list[bytes] | None, chunk_sizes: list[int] | None, content: bytes | None) -> Entry:
+        """This (light) entry with its chunk lists and content digest, as its manifest row has them."""
+        return dataclasses.replace(self, chunks=chunks or [], chunk_sizes=chunk_sizes or [], content=content,
+                                   light_external=None)
+
 
 def _pycolumn(t: pa.Table, name: str) -> list:  # type: ignore[type-arg]
     if name in ("path", "target", "hardlink"):
