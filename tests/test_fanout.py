@@ -100,7 +100,9 @@ def test_failover_picks_the_most_current_standby_and_the_other_refollows(make_gr
     try:
         g.kill("east", signal.SIGKILL)
         wait_for(lambda: g.primary() is not None and g.primary() != ("east", 1), "an automatic failover")
-        assert g.primary() == ("west", 2)
+        assert g.primary() == ("west", 2), "\n".join(
+            f"{n}: {line}" for n in ("west", "north") for line in g.log(n).splitlines()
+            if any(w in line for w in ("PRIMARY", "session", "failover", "epoch", "promot")))
         assert g.drsync("north", "apply", "--resume").code == 0
         change(g, "west", 2)
         g.wait_synced("west", "north", "north to follow west")

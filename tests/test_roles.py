@@ -8,6 +8,7 @@ from drsync.agent.roles import (
     RANK_DELAY_S,
     FailoverPolicy,
     candidate_rank,
+    claimant_live,
     decide_role,
     format_span,
     promotion_refusal,
@@ -160,3 +161,23 @@ def test_an_epoch_that_records_another_agent_id_names_another_agent() -> None:
         "act-primary"
     # An epoch written before agent ids were recorded names the agent by its name alone.
     assert decision(with_id(""), "copy") == "claim"
+
+
+def test_nobody_promotes_over_a_live_agent_the_epoch_names() -> None:
+    """A promotion in progress (or a primary back after a lost session) has an epoch naming it and a live
+    registration but no primary node yet: a standby further behind must wait for it however long it takes
+    (the CI failure: north, behind west, promoted itself at epoch 3 while west was taking epoch 2)."""
+    promoted = view(epoch=4, by="west")
+    live = {"west": {"role": "standby", "agent_id": "w1"}, "north": {"role": "standby"}}
+    assert claimant_live("north", Epoch(4, "west", NOW, "manual", 7, agent_id="w1"), live)
+    assert not claimant_live("north", Epoch(4, "west", NOW, "manual", 7, agent_id="other"), live)
+    assert not claimant_live("north", Epoch(4, "west", NOW, "manual", 7), {"north": {}})  # west's session ended
+    assert not claimant_live("west", Epoch(4, "west", NOW, "manual", 7), live)  # itself: it claims, not waits
+    d = decide_role("north", promoted, acting_primary=False, policy=AUTO, primary_absent_s=1e6, lag_s=1.0, rank=0,
+                    epoch_age_s=1e6, claimant_live=True)
+    assert d.action == "standby" and "agent west" in d.reason and "live" in d.reason, d
+    assert decide_role("north", promoted, acting_primary=False, policy=AUTO, primary_absent_s=1e6, lag_s=1.0,
+                       rank=0, epoch_age_s=1e6, claimant_live=False).action == "promote-self"
+    # The named agent itself still claims.
+    assert decide_role("west", promoted, acting_primary=False, policy=AUTO, primary_absent_s=1e6, lag_s=1.0,
+                       rank=0, epoch_age_s=1e6, claimant_live=False).action == "claim"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from drsync.coordination import GroupView, SessionState
+from drsync.coordination import Epoch, GroupView, SessionState
 
 # Extra wait per rank for standbys that are further behind: a live standby at a newer position gets this
 # long to take over before the next one tries, so the most current one wins an automatic failover (on a
@@ -49,13 +49,15 @@ class RoleDecision:
 
 def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: FailoverPolicy,
                 primary_absent_s: float, lag_s: float | None, rank: int, epoch_age_s: float,
-                agent_id: str = "") -> RoleDecision:
+                agent_id: str = "", claimant_live: bool = False) -> RoleDecision:
     """What this agent should do now. ``agent_id`` is its persistent identity: an epoch that records
     another id names another agent of the same name, never this one. ``primary_absent_s`` is how
     long the primary node has been seen missing; ``lag_s`` this agent's lag (None before it applied
     anything; on the primary's clock); ``rank`` its place among the standbys ordered by how up to
     date they are (0 = the newest); ``epoch_age_s`` how long ago this agent first saw the current
-    epoch, on its own clock (never a time another machine wrote), for the cooldown."""
+    epoch, on its own clock (never a time another machine wrote), for the cooldown; ``claimant_live``
+    whether the agent the current epoch names (not this one) has a live registration: it is taking the
+    primary node (after a promotion, or back after a lost session), and nobody promotes over it."""
     if view.session is SessionState.SUSPENDED:
         if acting_primary:
             return RoleDecision("pause", "ZooKeeper connection suspended: no shipping and no role actions "
@@ -93,6 +95,10 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
         return RoleDecision("standby", f"primary node gone, but agent {m.get('agent')} is stopped on purpose "
                                        f"({m.get('reason') or 'maintenance'}): an agent stop is not a production "
                                        f"outage, so no automatic promotion")
+    if claimant_live:
+        return RoleDecision("standby", f"no primary node, but agent {epoch.promoted_by}, which epoch {epoch.epoch} "
+                                       f"names, is live and taking it: no automatic promotion over a live agent "
+                                       f"(promote by hand if it cannot take over)")
     if lag_s is None:
         return RoleDecision("standby", "primary gone, but this agent has applied nothing: not eligible")
     if lag_s > policy.max_lag_s:
@@ -148,3 +154,12 @@ def candidate_rank(me: str, agents: dict[str, dict[str, object]]) -> int:
     standbys = sorted((n for n, r in agents.items() if r.get("role") == "standby" or n == me),
                       key=lambda n: (tuple(-x for x in applied_position(agents.get(n, {}))), n))
     return standbys.index(me) if me in standbys else len(standbys)
+
+
+def claimant_live(me: str, epoch: Epoch, agents: dict[str, dict[str, object]]) -> bool:
+    """Whether another agent that the epoch names has a live registration (``agents``: the group's live
+    records by name). A record without an ``agent_id`` counts by its name. Pure."""
+    other = epoch.promoted_by
+    if not other or other == me or other not in agents:
+        return False
+    return epoch.names(other, str(agents[other].get("agent_id") or epoch.agent_id or ""))

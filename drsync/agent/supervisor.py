@@ -23,7 +23,7 @@ from typing import Any
 from drsync import engine, faults
 from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
 from drsync.agent.presence import ANSWERS, REFRESH_S, Heartbeat, probe
-from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, decide_role
+from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, claimant_live, decide_role
 from drsync.agent.standby import FencedError, StandbyReceiver
 from drsync.agent.state import StateStore
 from drsync.agent.topology import targets_of
@@ -364,7 +364,8 @@ class RoleSupervisor:
         decision = decide_role(self.name, view, agent_id=self.store.current.agent_id,
                                acting_primary=self.acting == "primary", policy=self.policy,
                                primary_absent_s=absent, lag_s=self.lag_s(),
-                               rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view))
+                               rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view),
+                               claimant_live=claimant_live(self.name, view.epoch, agents or {}))
         if decision != self.last_decision:
             # Routine confirmations at INFO; anything that keeps the group from working (no session,
             # a refusal, stepping down) at WARNING, so that an operator's filters see it. A routine re-claim
