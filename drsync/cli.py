@@ -310,7 +310,7 @@ def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
     """Paths added, removed and changed from snapshot A to snapshot B."""
     repo = inv.open_repo()
     sa, sb = repo.find_snapshot(a), repo.find_snapshot(b)
-    d = diff_manifests(repo.load_manifest(sa), repo.load_manifest(sb))
+    d = diff_manifests(repo.open_manifest(sa), repo.open_manifest(sb))
     doc = {"from": sa.id, "to": sb.id, **d.as_dict()}
 
     def human() -> None:

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from drsync.errors import DrsyncError
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, ids_array, to_arrow
-from drsync.repository.manifest import Manifest, ManifestFile
+from drsync.repository.manifest import Manifest, ManifestFile, column_groups
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.transport import CommitOutcome, ReceivedChunk, StandbyLink
@@ -124,19 +124,11 @@ def _bandwidth_of(bandwidth: float | Callable[[], float | None]) -> Callable[[],
     return lambda: rate
 
 
-def _groups(m: Manifest | ManifestFile, columns: list[str]) -> Iterator[pa.Table]:
-    if isinstance(m, Manifest):
-        yield m.table.select(columns)
-        return
-    for g in range(m.num_groups):
-        yield m.group(g, columns)
-
-
 def chunk_table(manifest: Manifest | ManifestFile) -> pa.Table:
     """Every distinct chunk id the manifest names (``chunk``, 32 bytes) with its raw size (``size``,
     bytes), sorted by id: Arrow columns, one row group of the manifest read at a time."""
     parts = []
-    for t in _groups(manifest, ["chunks", "chunk_sizes"]):
+    for t in column_groups(manifest, ["chunks", "chunk_sizes"]):
         # Files whose bytes DistCp copies (no chunk ids, one size) name no chunk.
         t = t.filter(pc.equal(pc.list_value_length(t.column("chunks")),
                               pc.list_value_length(t.column("chunk_sizes"))))

@@ -650,8 +650,8 @@ class RoleSupervisor:
             return False
 
     def changed_paths(self, a: str, b: str) -> list[str]:
-        ma = self.repo.load_manifest(self.repo.find_snapshot(a))
-        mb = self.repo.load_manifest(self.repo.find_snapshot(b))
+        ma = self.repo.open_manifest(self.repo.find_snapshot(a))
+        mb = self.repo.open_manifest(self.repo.find_snapshot(b))
         return diff(ma, mb).paths()
 
     # --- the agent's record in the group -------------------------------------------------------
