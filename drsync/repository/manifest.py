@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
-from drsync.repository.ids import IdSet
+from drsync.repository.ids import IdSet, id_at, ids_array, locate
 
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 TYPES = (FILE, DIR, SYMLINK)
@@ -392,8 +392,8 @@ class Manifest:
         return self.chunk_id_set().ids
 
     def total_bytes(self) -> int:
-        files = self.table.filter(pc.equal(self.table.column("type"), FILE))
-        return int(pc.sum(files.column("size")).as_py() or 0)
+        t = self.table.select(["type", "size"])
+        return int(pc.sum(pc.filter(t.column("size"), pc.equal(t.column("type"), FILE))).as_py() or 0)
 
     def file_count(self) -> int:
         return int(pc.sum(pc.equal(self.table.column("type"), FILE)).as_py() or 0)
@@ -797,6 +797,39 @@ def column_groups(m: Manifest | ManifestFile, columns: list[str]) -> Iterator[pa
         return
     for g in range(m.num_groups):
         yield m.group(g, columns)
+
+
+@dataclass(frozen=True)
+class ManifestCounts:
+    files: int  # regular files
+    bytes: int  # their sizes added up
+    external: int  # files whose bytes are outside the repository (:func:`is_external`)
+
+
+def manifest_counts(m: Manifest | ManifestFile) -> ManifestCounts:
+    """Files, their bytes and the external ones, counted a row group at a time."""
+    files = size = external = 0
+    for t in column_groups(m, ["type", "size", "chunks", "chunk_sizes"]):
+        is_file = pc.equal(t.column("type"), FILE)
+        files += int(pc.sum(is_file).as_py() or 0)
+        size += int(pc.sum(pc.filter(t.column("size"), is_file)).as_py() or 0)
+        external += int(external_mask(t).sum())
+    return ManifestCounts(files, size, external)
+
+
+def chunks_in_order(m: Manifest | ManifestFile) -> Iterator[bytes]:
+    """Each chunk id the manifest names, once, in manifest order (a file's chunks stay together):
+    about 41 bytes per distinct id (a sorted :class:`IdSet` and a flag each), never a Python set."""
+    every = IdSet.of(pa.chunked_array([pc.list_flatten(t.column("chunks")) for t in column_groups(m, ["chunks"])],
+                                      type=pa.binary(fmt.ID_LEN)))
+    done = np.zeros(len(every), bool)
+    for t in column_groups(m, ["chunks"]):
+        ids = ids_array(pc.list_flatten(t.column("chunks")))
+        pos = locate(every.ids, every.key, ids)[0]
+        for i, p in enumerate(pos.tolist()):
+            if not done[p]:
+                done[p] = True
+                yield id_at(ids, i)
 
 
 class _Unsorted(Exception):

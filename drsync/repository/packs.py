@@ -168,7 +168,7 @@ INDEX_SCHEMA = pa.schema([
 # INDEX_SCHEMA as read with the pack column dictionary-encoded (a number per row, each pack id once).
 _INDEX_SCHEMA_READ = INDEX_SCHEMA.set(1, pa.field("pack", pa.dictionary(pa.int32(), pa.string())))
 # Rows per Parquet row group of an index file (and per slice materialised while writing one).
-INDEX_ROW_GROUP = 256 * 1024
+INDEX_ROW_GROUP = 64 * 1024
 
 
 @dataclass(frozen=True)
