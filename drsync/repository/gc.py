@@ -22,7 +22,7 @@ from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, id_list
 from drsync.repository.lock import RepositoryLock
-from drsync.repository.packs import ChunkIndex, IndexRows, index_bytes, read_index_file
+from drsync.repository.packs import ChunkIndex, IndexRows, read_index_file, write_index
 from drsync.repository.repo import ChunkWriter, GcReport, Repository
 
 
@@ -119,7 +119,7 @@ def mark(repo: Repository, repack_threshold: float, dry_run: bool, lock: Reposit
         raise
     plan.copied = IdSet.of(to_repack.ids)
     plan.copies_index = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
-    repo.storage.write(plan.copies_index, index_bytes(plan.copies), durable=True)
+    write_index(repo.storage, plan.copies_index, plan.copies)
     return plan
 
 
@@ -165,7 +165,7 @@ def sweep(repo: Repository, plan: GcPlan) -> None:
     if not dead_packs and not dead_manifests and len(files_now) <= 1:
         return
     new_index = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
-    repo.storage.write(new_index, index_bytes(new_rows), durable=True)
+    write_index(repo.storage, new_index, new_rows)
     del new_rows
     for name in sorted(files_now):
         repo.storage.delete(name)

@@ -27,7 +27,7 @@ from drsync.errors import IntegrityError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import ID_DTYPE, find_one, id_at, id_key, ids_array, locate, sort_unique, to_arrow
-from drsync.storage import Storage
+from drsync.storage import BlobWriter, Storage
 
 _ENTRY = struct.Struct("<32sBII")  # id, encoding, stored length, raw length
 _TAIL = struct.Struct("<I16s8s")  # entry count, blake3(entries)[:16], end magic
@@ -298,20 +298,70 @@ class IndexRows:
                 yield raw[j * n:(j + 1) * n], ChunkLocation(self.packs[p], off, stored, rawlen, enc)
 
 
-def index_bytes(rows: IndexRows | pa.Table | Iterable[tuple[bytes, ChunkLocation]]) -> bytes:
-    """An index file (Parquet, :data:`INDEX_SCHEMA`, zstd) holding ``rows``: columns, a table of the
-    index schema, or ``(chunk id, location)`` pairs. Written a row group at a time."""
+def _as_rows(rows: IndexRows | pa.Table | Iterable[tuple[bytes, ChunkLocation]]) -> IndexRows:
     if isinstance(rows, pa.Table):
-        rows = IndexRows.from_table(rows)
-    elif not isinstance(rows, IndexRows):
-        rows = IndexRows.from_pylist(rows)
-    buf = io.BytesIO()
-    with pq.ParquetWriter(buf, INDEX_SCHEMA, compression="zstd") as w:
+        return IndexRows.from_table(rows)
+    return rows if isinstance(rows, IndexRows) else IndexRows.from_pylist(rows)
+
+
+def _write_index_to(sink: object, rows: IndexRows) -> None:
+    with pq.ParquetWriter(sink, INDEX_SCHEMA, compression="zstd") as w:
         if not len(rows):
             w.write_table(INDEX_SCHEMA.empty_table())
         for start in range(0, len(rows), INDEX_ROW_GROUP):
             w.write_table(rows.to_table(start, start + INDEX_ROW_GROUP))
+
+
+def index_bytes(rows: IndexRows | pa.Table | Iterable[tuple[bytes, ChunkLocation]]) -> bytes:
+    """An index file (Parquet, :data:`INDEX_SCHEMA`, zstd) holding ``rows``: columns, a table of the
+    index schema, or ``(chunk id, location)`` pairs. Written a row group at a time."""
+    buf = io.BytesIO()
+    _write_index_to(buf, _as_rows(rows))
     return buf.getvalue()
+
+
+class _BlobFile(io.RawIOBase):
+    """A :class:`~drsync.storage.BlobWriter` as the binary file Parquet's writer wants, handing it
+    pieces of about 1 MiB (Parquet writes many small ones)."""
+
+    PIECE = 1 << 20
+
+    def __init__(self, blob: BlobWriter) -> None:
+        self._blob, self._at, self._buf = blob, 0, bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        n = len(memoryview(b))
+        self._buf += b
+        self._at += n
+        if len(self._buf) >= self.PIECE:
+            self.drain()
+        return n
+
+    def drain(self) -> None:
+        if self._buf:
+            self._blob.write(bytes(self._buf))
+            self._buf.clear()
+
+    def tell(self) -> int:
+        return self._at
+
+
+def write_index(storage: Storage, name: str, rows: IndexRows | pa.Table | Iterable[tuple[bytes, ChunkLocation]],
+                *, durable: bool = True) -> None:
+    """:func:`index_bytes` streamed into ``storage`` as ``name`` (visible only once whole): never the whole
+    file in memory (about 40 MiB at 1,000,000 chunks, twice over in a buffer)."""
+    blob = storage.writer(name)
+    try:
+        sink = _BlobFile(blob)
+        _write_index_to(sink, _as_rows(rows))
+        sink.drain()
+        blob.commit(durable=durable)
+    except BaseException:
+        blob.abort()
+        raise
 
 
 def _check_index_rows(table: pa.Table, name: str) -> None:

@@ -36,8 +36,8 @@ from drsync.repository.packs import (
     IndexRows,
     PackTable,
     PackWriter,
-    index_bytes,
     read_pack_table,
+    write_index,
 )
 from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.storage import ObjectMissing, Storage, read_bounded
@@ -192,7 +192,7 @@ class ChunkWriter:
             if not len(rows):
                 return
             name = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
-            self.repo.storage.write(name, index_bytes(rows), durable=True)
+            write_index(self.repo.storage, name, rows)
             if self._given_index is None:
                 self.repo._note_index_file(name, rows)
             else:
