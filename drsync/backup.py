@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import blake3
+import numpy as np
 
 from drsync import faults, fsutil
 from drsync.apply import ApplyResult, ForeignTarget, apply_manifest
@@ -27,10 +28,18 @@ from drsync.config import KeepPolicy
 from drsync.errors import IntegrityError, NotFound, UsageError
 from drsync.pathglob import compile_globs
 from drsync.repository import chunks
+from drsync.repository.ids import ID_DTYPE, id_list
 from drsync.repository.lock import DEFAULT_WAIT_S
-from drsync.repository.manifest import FILE, Manifest, ManifestFile, chunks_in_order, manifest_counts
+from drsync.repository.manifest import (
+    FILE,
+    Manifest,
+    ManifestCounts,
+    ManifestFile,
+    chunks_in_order,
+    manifest_counts,
+)
 from drsync.repository.repo import Repository, VerifyReport
-from drsync.repository.snapshots import iso, parse_iso
+from drsync.repository.snapshots import SnapshotInfo, iso, parse_iso
 from drsync.retention import RetentionDecision, plan_retention
 from drsync.storage.local import LocalStorage
 
@@ -38,6 +47,7 @@ BACKUP_META = "backup.json"
 CHECKSUMS = "CHECKSUMS.b3"
 BACKUP_FORMAT = 1
 MODES = ("full", "light", "dataless")
+EXPORT_FLUSH = 1 << 18  # chunks copied into a backup between index files
 
 
 @dataclass
@@ -94,24 +104,7 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
         raise UsageError(f"backup destination {dest} is a file; name a directory")
     with repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
         info = repo.find_snapshot(ref)
-        # Full and dataless backups hold the snapshot's manifest as stored, read a row group at a time
-        # (a manifest of 1,000,000 files is about 160 MiB as a table); a light one is filtered whole.
-        stored = repo.manifest_bytes(info)
-        manifest: Manifest | ManifestFile = ManifestFile(stored, f"manifest of snapshot {info.id}")
-        outside = manifest_counts(manifest).external
-        if outside and mode != "dataless":
-            raise UsageError(f"snapshot {info.id} was captured for DistCp (replication.engine = \"distcp\"): the "
-                             f"bytes of {outside} file(s) are in HDFS snapshot {info.content_snapshot or '(none)'}, "
-                             f"not in the repository, so a {mode} backup cannot hold them; take a dataless backup, "
-                             f"or capture with 'drsync snapshot create' (which reads every byte) and back that up")
-        excluded: list[str] = []
-        if mode == "light":
-            match = compile_globs(light_exclude)
-            whole = manifest.read()
-            manifest = whole.filter_paths([not match(p) for p in whole.pycolumn("path")])
-            del whole
-            stored = manifest.to_bytes()
-            excluded = list(light_exclude)
+        prepared = _prepare(repo, info, mode, light_exclude)
         created = time.time()
         backup_id = f"{datetime.fromtimestamp(created, UTC):%Y%m%dT%H%M%SZ}-{info.id}-{mode}"
         os.makedirs(dest, exist_ok=True)
@@ -121,8 +114,7 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
         partial = os.path.join(dest, f".partial-{backup_id}-{secrets.token_hex(4)}")
         faults.pause("backup")
         try:
-            binfo = _build(repo, info, manifest, stored, partial, backup_id, mode, excluded, created,
-                           progress, on_total)
+            binfo = _build(repo, info, prepared, partial, backup_id, mode, created, progress, on_total)
             fsutil.syncfs(partial)
             os.rename(partial, final)
             fsutil.fsync_dir(dest)
@@ -133,28 +125,68 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
     return binfo
 
 
-def _build(repo: Repository, info: Any, manifest: Manifest | ManifestFile, manifest_bytes: bytes, partial: str,
-           backup_id: str, mode: str, excluded: list[str], created: float,
-           progress: Callable[[int], None] | None, on_total: Callable[[int], None] | None) -> BackupInfo:
+@dataclass
+class _Prepared:
+    """What a backup holds of a snapshot: its manifest's bytes (dropped once written into the backup),
+    counts, and the ``(U,)`` chunk ids to copy in manifest order (none for a dataless backup)."""
+    manifest_bytes: bytes
+    counts: ManifestCounts
+    chunk_ids: np.ndarray
+    excluded: list[str]
+
+
+def _prepare(repo: Repository, info: SnapshotInfo, mode: str, light_exclude: tuple[str, ...]) -> _Prepared:
+    """Full and dataless backups hold the snapshot's manifest as stored, read here a row group at a time
+    (a manifest of 1,000,000 files is about 160 MiB as a table); a light one is filtered whole. Raises
+    UsageError for a snapshot whose bytes are not all in the repository (captured for DistCp)."""
+    stored = repo.manifest_bytes(info)
+    manifest: Manifest | ManifestFile = ManifestFile(stored, f"manifest of snapshot {info.id}")
+    outside = manifest_counts(manifest).external
+    if outside and mode != "dataless":
+        raise UsageError(f"snapshot {info.id} was captured for DistCp (replication.engine = \"distcp\"): the "
+                         f"bytes of {outside} file(s) are in HDFS snapshot {info.content_snapshot or '(none)'}, "
+                         f"not in the repository, so a {mode} backup cannot hold them; take a dataless backup, "
+                         f"or capture with 'drsync snapshot create' (which reads every byte) and back that up")
+    excluded: list[str] = []
+    if mode == "light":
+        match = compile_globs(light_exclude)
+        whole = manifest.read()
+        manifest = whole.filter_paths([not match(p) for p in whole.pycolumn("path")])
+        del whole
+        stored = manifest.to_bytes()
+        excluded = list(light_exclude)
+    ids = chunks_in_order(manifest) if mode != "dataless" else np.empty(0, ID_DTYPE)
+    return _Prepared(stored, manifest_counts(manifest), ids, excluded)
+
+
+def _build(repo: Repository, info: SnapshotInfo, prepared: _Prepared, partial: str, backup_id: str, mode: str,
+           created: float, progress: Callable[[int], None] | None,
+           on_total: Callable[[int], None] | None) -> BackupInfo:
     storage = LocalStorage(partial, create=True)
     brepo = Repository.init(storage, cluster_id=info.cluster_id, release=info.release)
-    writer = brepo.chunk_writer()
-    counts = manifest_counts(manifest)
-    if mode != "dataless":
+    counts = prepared.counts
+    # The manifest goes in first and its bytes are dropped before the chunks are copied: nothing in the
+    # partial directory is visible before the rename, whatever order it is written in.
+    snap = dataclasses.replace(info, manifest_hash=blake3.blake3(prepared.manifest_bytes).hexdigest(),
+                               files=counts.files, bytes=counts.bytes)
+    brepo.commit_snapshot(snap, prepared.manifest_bytes)
+    prepared.manifest_bytes = b""
+    # Each chunk id once, into an empty repository: an export writer, flushed every EXPORT_FLUSH chunks
+    # (an index file each), holds at most that many index rows.
+    writer = brepo.chunk_writer(export=True)
+    if len(prepared.chunk_ids):
         if on_total:
             on_total(counts.bytes)
-        for cid in chunks_in_order(manifest):
-            loc, data = repo.read_stored(cid)
-            chunks.decode(loc.encoding, data, loc.raw_length, cid)  # never export a damaged chunk
-            writer.add_stored(cid, loc.encoding, data, loc.raw_length)
-            if progress:
-                progress(loc.raw_length)
-        writer.flush()
-    snap = dataclasses.replace(info, manifest_hash=blake3.blake3(manifest_bytes).hexdigest(),
-                               files=counts.files, bytes=counts.bytes)
-    brepo.commit_snapshot(snap, manifest_bytes)
+        for start in range(0, len(prepared.chunk_ids), EXPORT_FLUSH):
+            for cid in id_list(prepared.chunk_ids[start:start + EXPORT_FLUSH]):
+                loc, data = repo.read_stored(cid)
+                chunks.decode(loc.encoding, data, loc.raw_length, cid)  # never export a damaged chunk
+                writer.add_stored(cid, loc.encoding, data, loc.raw_length)
+                if progress:
+                    progress(loc.raw_length)
+            writer.flush()
     binfo = BackupInfo(id=backup_id, path=partial, mode=mode, created_at=created, snapshot=info.to_json(),
-                       excluded=excluded, files=snap.files, bytes=snap.bytes,
+                       excluded=prepared.excluded, files=snap.files, bytes=snap.bytes,
                        stored_bytes=writer.new_stored_bytes)
     doc = binfo.to_json()
     doc.pop("path")

@@ -187,7 +187,11 @@ def test_a_million_chunks_fit_in_arrays() -> None:
     assert index.contains_many(probe).tolist() == [True, True, False]
 
 
-def test_damaged_paths_names_each_file_by_its_first_bad_chunk(tmp_path: Path) -> None:
+def test_damaged_paths_names_each_file_by_its_first_bad_chunk(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Also over the stored manifest read a row group at a time (groups of 5 rows here), as verify reads it."""
+    import drsync.repository.manifest as mf
+
+    monkeypatch.setattr(mf, "ROW_GROUP", 5)
     data = tmp_path / "data"
     make_tree(data)
     repo = Repository.init(MemoryStorage(), cluster_id="east", release="1")
@@ -214,6 +218,9 @@ def test_damaged_paths_names_each_file_by_its_first_bad_chunk(tmp_path: Path) ->
 
     expected = reference(manifest)
     assert expected and list(damaged_paths(manifest, index, bad)) == expected
+    stored = mf.ManifestFile(manifest.to_bytes())
+    assert stored.num_groups > 3
+    assert list(damaged_paths(stored, index, bad)) == expected
 
 
 def test_gc_repacks_a_mostly_dead_pack_and_counts_as_before(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, id_at, ids_array
 from drsync.repository.lock import DEFAULT_WAIT_S, RepositoryLock
-from drsync.repository.manifest import Manifest, ManifestFile
+from drsync.repository.manifest import Manifest, ManifestFile, column_groups
 from drsync.repository.packs import (
     ChunkIndex,
     ChunkLocation,
@@ -77,10 +77,15 @@ class ChunkWriter:
     wait) and drops it when :meth:`flush` or :meth:`abort` ends the session.
 
     Thread-safe: capture workers call :meth:`add` concurrently.
+
+    ``export``: the caller adds each chunk once into a repository that holds none of them (a backup
+    being built): the repository's index is never loaded or asked, and each :meth:`flush` keeps
+    nothing of the rows it wrote (its index file holds them), so flushing every so often bounds the
+    writer's memory however many chunks it writes.
     """
 
     def __init__(self, repo: Repository, *, lock: RepositoryLock | None = None, index: ChunkIndex | None = None,
-                 pack_target: int = fmt.PACK_TARGET_SIZE) -> None:
+                 pack_target: int = fmt.PACK_TARGET_SIZE, export: bool = False) -> None:
         if lock is not None and (not lock.held or lock.storage.url != repo.storage.url):
             raise UsageError(f"a chunk writer for {repo.storage.url} needs a lock held on that repository; "
                              f"use Repository.write_session()")
@@ -90,6 +95,7 @@ class ChunkWriter:
         self._given_lock = lock
         self._own_lock: RepositoryLock | None = None
         self._pack_target = pack_target
+        self._export = export
         self._lock = threading.Lock()
         self._pack: PackWriter | None = None
         # The index rows of the chunks added since the last seal (columns, not an object per chunk).
@@ -140,7 +146,7 @@ class ChunkWriter:
         """
         with self._lock:
             self._ensure_locked()
-            if chunk_id in self._index or chunk_id in self._new:
+            if chunk_id in self._new or (not self._export and chunk_id in self._index):
                 return False
             if self._pack is None:
                 self._pack = PackWriter(self.repo.storage)
@@ -193,7 +199,9 @@ class ChunkWriter:
                 return
             name = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
             write_index(self.repo.storage, name, rows)
-            if self._given_index is None:
+            if self._export:
+                pass
+            elif self._given_index is None:
                 self.repo._note_index_file(name, rows)
             else:
                 self._given_index.add_rows(rows)
@@ -466,9 +474,10 @@ class Repository:
             self._index = None
             self._index_files = set()
 
-    def chunk_writer(self, *, lock: RepositoryLock | None = None) -> ChunkWriter:
-        """A chunk writer under ``lock`` (held), or taking its own shared lock (see :class:`ChunkWriter`)."""
-        return ChunkWriter(self, lock=lock)
+    def chunk_writer(self, *, lock: RepositoryLock | None = None, export: bool = False) -> ChunkWriter:
+        """A chunk writer under ``lock`` (held), or taking its own shared lock (see :class:`ChunkWriter`,
+        also for ``export``)."""
+        return ChunkWriter(self, lock=lock, export=export)
 
     def has_chunk(self, chunk_id: bytes) -> bool:
         """Whether the repository holds the chunk (without a held shared lock: one listing per call;
@@ -718,18 +727,25 @@ class Repository:
                 cid = id_at(rows.ids, int(i))
                 bad.setdefault(cid, f"chunk {cid.hex()[:16]} not found in pack {pack_id}")
         report.damaged_chunks = {cid.hex(): reason for cid, reason in bad.items()}
+        bad_ids = IdSet.of(list(bad)) if bad else None
         for info in self.list_snapshots():
             report.snapshots += 1
             try:
-                manifest = self.load_manifest(info)
+                # One manifest at a time, a row group at a time (a table of 1,000,000 files is 160 MiB).
+                manifest = self.open_manifest(info)
+                found: list[tuple[str, str]] = []
+                if require_chunks:
+                    found = list(damaged_paths(manifest, index, bad, bad_ids))
+                else:  # the chunks are absent on purpose; every row group is still read and checked
+                    for g in range(manifest.num_groups):
+                        manifest.group(g)
             except IntegrityError as e:
                 report.problems.append(str(e))
                 continue
-            if require_chunks:
-                report.damaged_files.extend(
-                    {"snapshot": info.id, "path": path, "reason": reason}
-                    for path, reason in damaged_paths(manifest, index, bad))
-            del manifest  # one manifest at a time
+            finally:
+                manifest = None
+            report.damaged_files.extend({"snapshot": info.id, "path": path, "reason": reason}
+                                        for path, reason in found)
         return report
 
     def _verify_pack(self, pack_id: str, table: PackTable) -> dict[bytes, str]:
@@ -759,25 +775,29 @@ class Repository:
         return bad
 
 
-def damaged_paths(manifest: Manifest, index: ChunkIndex,
-                  bad: dict[bytes, str]) -> Iterable[tuple[str, str]]:
+def damaged_paths(manifest: Manifest | ManifestFile, index: ChunkIndex, bad: dict[bytes, str],
+                  bad_ids: IdSet | None = None) -> Iterable[tuple[str, str]]:
     """(path, reason) for every file of ``manifest`` that needs a damaged or missing chunk, in manifest
-    order; the reason names the file's first such chunk. Searches all chunk ids in one batch (no
-    object per file or chunk, but for the files named)."""
-    col = manifest.table.column("chunks")
-    ids = ids_array(pc.list_flatten(col))
-    if not len(ids):
-        return
-    problem = ~index.contains_many(ids)
-    if bad:
-        problem |= IdSet.of(list(bad)).contains_many(ids)
-    at = np.flatnonzero(problem)
-    if not len(at):
-        return
-    owners = pc.list_parent_indices(col).to_numpy()[at]
-    rows, first = np.unique(owners, return_index=True)  # a file's first problem chunk comes first
-    paths = manifest.table.column("path").take(pa.array(rows)).to_pylist()
-    for path, j in zip(paths, first.tolist(), strict=True):
-        cid = id_at(ids, int(at[j]))
-        reason = bad.get(cid) or f"chunk {cid.hex()[:16]} is missing from the repository"
-        yield path.decode("utf-8", "surrogateescape"), reason
+    order; the reason names the file's first such chunk. ``bad_ids``: the ids of ``bad`` as a set (built
+    here when not given). Searches a row group's chunk ids in one batch (no object per file or chunk,
+    but for the files named). Raises IntegrityError for a damaged row group."""
+    if bad and bad_ids is None:
+        bad_ids = IdSet.of(list(bad))
+    for t in column_groups(manifest, ["path", "chunks"]):
+        col = t.column("chunks").combine_chunks()
+        ids = ids_array(pc.list_flatten(col))
+        if not len(ids):
+            continue
+        problem = ~index.contains_many(ids)
+        if bad_ids is not None:
+            problem |= bad_ids.contains_many(ids)
+        at = np.flatnonzero(problem)
+        if not len(at):
+            continue
+        owners = pc.list_parent_indices(col).to_numpy()[at]
+        rows, first = np.unique(owners, return_index=True)  # a file's first problem chunk comes first
+        paths = t.column("path").take(pa.array(rows)).to_pylist()
+        for path, j in zip(paths, first.tolist(), strict=True):
+            cid = id_at(ids, int(at[j]))
+            reason = bad.get(cid) or f"chunk {cid.hex()[:16]} is missing from the repository"
+            yield path.decode("utf-8", "surrogateescape"), reason
