@@ -10,6 +10,7 @@ from drsync.agent.roles import (
     candidate_rank,
     claimant_live,
     decide_role,
+    fencing_ahead,
     format_span,
     promotion_refusal,
 )
@@ -181,3 +182,20 @@ def test_nobody_promotes_over_a_live_agent_the_epoch_names() -> None:
     # The named agent itself still claims.
     assert decide_role("west", promoted, acting_primary=False, policy=AUTO, primary_absent_s=1e6, lag_s=1.0,
                        rank=0, epoch_age_s=1e6, claimant_live=False).action == "claim"
+
+
+def test_a_standby_waits_for_a_better_placed_one_that_is_fencing() -> None:
+    """The breaker's case: west (ahead) runs a 20 s fence command; north (behind) must not promote itself
+    after its 10 s rank delay while west's record says it is fencing at this epoch."""
+    agents = {"west": {"role": "standby", "applied_position": [1, 9], "takeover": {"state": "fencing", "epoch": 3}},
+              "north": {"role": "standby", "applied_position": [1, 7]}}
+    assert fencing_ahead("north", 3, agents) == "west"
+    assert fencing_ahead("north", 4, agents) == ""  # fencing at an older epoch: stale
+    assert fencing_ahead("west", 3, agents) == ""  # itself
+    behind = {**agents, "west": {**agents["west"], "applied_position": [1, 5]}}
+    assert fencing_ahead("north", 3, behind) == ""  # a fencer behind this agent is not waited for
+    failed = {**agents, "west": {**agents["west"], "takeover": {"state": "fence-failed", "epoch": 3}}}
+    assert fencing_ahead("north", 3, failed) == ""
+    d = decide_role("north", view(), acting_primary=False, policy=AUTO, primary_absent_s=1e6, lag_s=1.0, rank=1,
+                    epoch_age_s=1e6, fencing_ahead="west")
+    assert d.action == "standby" and "standby west" in d.reason and "fencing" in d.reason, d

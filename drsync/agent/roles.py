@@ -49,7 +49,7 @@ class RoleDecision:
 
 def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: FailoverPolicy,
                 primary_absent_s: float, lag_s: float | None, rank: int, epoch_age_s: float,
-                agent_id: str = "", claimant_live: bool = False) -> RoleDecision:
+                agent_id: str = "", claimant_live: bool = False, fencing_ahead: str = "") -> RoleDecision:
     """What this agent should do now. ``agent_id`` is its persistent identity: an epoch that records
     another id names another agent of the same name, never this one. ``primary_absent_s`` is how
     long the primary node has been seen missing; ``lag_s`` this agent's lag (None before it applied
@@ -57,7 +57,9 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
     date they are (0 = the newest); ``epoch_age_s`` how long ago this agent first saw the current
     epoch, on its own clock (never a time another machine wrote), for the cooldown; ``claimant_live``
     whether the agent the current epoch names (not this one) has a live registration: it is taking the
-    primary node (after a promotion, or back after a lost session), and nobody promotes over it."""
+    primary node (after a promotion, or back after a lost session), and nobody promotes over it;
+    ``fencing_ahead`` names a live standby further ahead that is running its fence command to take over
+    (see :func:`fencing_ahead`): this one waits for it whatever its rank delay says."""
     if view.session is SessionState.SUSPENDED:
         if acting_primary:
             return RoleDecision("pause", "ZooKeeper connection suspended: no shipping and no role actions "
@@ -99,6 +101,9 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
         return RoleDecision("standby", f"no primary node, but agent {epoch.promoted_by}, which epoch {epoch.epoch} "
                                        f"names, is live and taking it: no automatic promotion over a live agent "
                                        f"(promote by hand if it cannot take over)")
+    if fencing_ahead:
+        return RoleDecision("standby", f"primary gone; standby {fencing_ahead}, further ahead, is fencing the old "
+                                       f"primary to take over: waiting for it")
     if lag_s is None:
         return RoleDecision("standby", "primary gone, but this agent has applied nothing: not eligible")
     if lag_s > policy.max_lag_s:
@@ -163,3 +168,18 @@ def claimant_live(me: str, epoch: Epoch, agents: dict[str, dict[str, object]]) -
     if not other or other == me or other not in agents:
         return False
     return epoch.names(other, str(agents[other].get("agent_id") or epoch.agent_id or ""))
+
+
+def fencing_ahead(me: str, epoch: int, agents: dict[str, dict[str, object]]) -> str:
+    """The name of a live standby placed ahead of this agent (as :func:`candidate_rank` orders them) whose
+    record says it is fencing the old primary at ``epoch`` to promote itself, or "". Pure."""
+    mine = tuple(-x for x in applied_position(agents.get(me, {})))
+    for name, r in sorted(agents.items()):
+        if name == me or r.get("role") != "standby":
+            continue
+        t = r.get("takeover")
+        if not (isinstance(t, dict) and t.get("state") == "fencing" and t.get("epoch") == epoch):
+            continue
+        if (tuple(-x for x in applied_position(r)), name) < (mine, me):
+            return name
+    return ""

@@ -23,7 +23,15 @@ from typing import Any
 from drsync import engine, faults
 from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
 from drsync.agent.presence import ANSWERS, REFRESH_S, Heartbeat, probe
-from drsync.agent.roles import FailoverPolicy, RoleDecision, candidate_rank, claimant_live, decide_role
+from drsync.agent.roles import (
+    RANK_DELAY_S,
+    FailoverPolicy,
+    RoleDecision,
+    candidate_rank,
+    claimant_live,
+    decide_role,
+    fencing_ahead,
+)
 from drsync.agent.standby import FencedError, StandbyReceiver
 from drsync.agent.state import StateStore
 from drsync.agent.topology import targets_of
@@ -140,6 +148,11 @@ class RoleSupervisor:
         self._demote_backoff = RETRY_FIRST_S
         self._fence_retry_at = 0.0
         self._fence_backoff = RETRY_FIRST_S
+        # This agent's automatic takeover as its record tells the others ({"state": "fencing" or
+        # "fence-failed", "epoch": N}; None when it is not taking over), and since when (own monotonic
+        # clock) it has seen a better-placed standby fencing: ``(name, since)``.
+        self._takeover: dict[str, Any] | None = None
+        self._ahead_fencing: tuple[str, float] = ("", 0.0)
         self._last_primary: dict[str, Any] = {}  # the last primary claim seen (whom a fence command fences)
         self.switchover_final = ""  # the final snapshot of a switchover this agent handed over with
         self.switchover_hooked = False  # ... and whether its switchover_hook ran (stopping the writers)
@@ -273,6 +286,7 @@ class RoleSupervisor:
         else:
             self._primary_absent_since = None
             self._fence_backoff, self._fence_retry_at = RETRY_FIRST_S, 0.0  # a new outage starts a new backoff
+            self._takeover = None
             self._last_primary = {"agent": view.primary.agent, "address": view.primary.address,
                                   "epoch": view.primary.epoch}
         if self.acting == "standby" and self.receiver is not None:
@@ -361,11 +375,13 @@ class RoleSupervisor:
     def _decide(self, view: GroupView, *, agents: dict[str, dict[str, Any]] | None = None,
                 note: str = "") -> RoleDecision:
         absent = time.monotonic() - self._primary_absent_since if self._primary_absent_since else 0.0
+        ahead = self._fencing_ahead(view, agents or {})
         decision = decide_role(self.name, view, agent_id=self.store.current.agent_id,
                                acting_primary=self.acting == "primary", policy=self.policy,
                                primary_absent_s=absent, lag_s=self.lag_s(),
                                rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view),
-                               claimant_live=claimant_live(self.name, view.epoch, agents or {}))
+                               claimant_live=claimant_live(self.name, view.epoch, agents or {}),
+                               fencing_ahead=ahead)
         if decision != self.last_decision:
             # Routine confirmations at INFO; anything that keeps the group from working (no session,
             # a refusal, stepping down) at WARNING, so that an operator's filters see it. A routine re-claim
@@ -399,6 +415,27 @@ class RoleSupervisor:
         elif decision.action == "standby" and self.acting == "standby" and view.session is not SessionState.LOST:
             self._serve_as_standby(view)
         return decision
+
+    def _fencing_ahead(self, view: GroupView, agents: dict[str, dict[str, Any]]) -> str:
+        """A better-placed standby fencing to take over (:func:`fencing_ahead`), waited for at most its
+        fence_timeout and one rank delay more, on this agent's clock: a fencer stuck past its own
+        timeout is not waited for."""
+        name = fencing_ahead(self.name, view.epoch.epoch, agents) if view.primary is None else ""
+        now = time.monotonic()
+        if name != self._ahead_fencing[0]:
+            self._ahead_fencing = (name, now)
+        if name and now - self._ahead_fencing[1] > self.cfg.coordination.fence_timeout + RANK_DELAY_S:
+            return ""
+        return name
+
+    def _set_takeover(self, state: str | None, epoch: int = 0) -> None:
+        """Tell the group (this agent's record, published now) that it is fencing to take over, that its
+        fence failed, or neither."""
+        self._takeover = {"state": state, "epoch": epoch} if state else None
+        try:
+            self.publish(force=True)
+        except DrsyncError as e:
+            log.debug("agent %s: could not publish its takeover state: %s", self.name, e)
 
     # --- becoming primary --------------------------------------------------------------------
 
@@ -466,10 +503,12 @@ class RoleSupervisor:
             address = str(old.get("address") or self.agents.get(epoch.promoted_by, {}).get("address") or "")
             log.warning("agent %s: primary %s gone: running fence_command before promoting itself", self.name,
                         epoch.promoted_by)
+            self._set_takeover("fencing", epoch.epoch)  # standbys further behind wait for this one
             result = run_command("fence_command", c.fence_command, fence_env(
                 group=c.group, agent=self.name, fenced_agent=epoch.promoted_by, fenced_address=address,
                 epoch=epoch.epoch, data=self.data_root), c.fence_timeout)
             if not result.ok:
+                self._set_takeover("fence-failed", epoch.epoch)
                 self._fence_retry_at = time.monotonic() + self._fence_backoff
                 log.error("agent %s: automatic failover refused: %s; production's writers may still run, so this "
                           "agent does not promote itself (next try in %.0fs); fix the fence, or fence production "
@@ -481,9 +520,11 @@ class RoleSupervisor:
                 view = self.coord.view()
             except CoordinationUnavailable as e:
                 log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
+                self._set_takeover(None)
                 return
             if view.primary is not None or view.epoch.version != epoch.version or view.maintenance:
                 log.warning("agent %s: automatic failover abandoned: the group changed while fencing", self.name)
+                self._set_takeover(None)
                 return
         reason = "automatic failover" + (" after fence_command succeeded" if c.fencing else " (fence_command = none)")
         lag = self.lag_s()
@@ -495,8 +536,10 @@ class RoleSupervisor:
                 agent_id=self.store.current.agent_id)
         except (EpochConflict, CoordinationUnavailable) as e:
             log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
+            self._set_takeover(None)
             return
         log.warning("agent %s: automatic failover: promoted to epoch %d", self.name, new.epoch)
+        self._takeover = None  # its record says primary once it holds the node (published there)
         self._become_primary(new)
 
     # --- losing the claim --------------------------------------------------------------------
@@ -693,7 +736,8 @@ class RoleSupervisor:
         role = self.role_word()
         refusal = self.receiver.last_refusal if self.receiver is not None else None
         answers = self.advertise_answers()
-        key = (role, st.epoch, st.applied_snapshot, (refusal or {}).get("reason"), answers)
+        key = (role, st.epoch, st.applied_snapshot, (refusal or {}).get("reason"), answers,
+               repr(self._takeover))
         now = time.monotonic()
         if force or key != self._registered or now - self._registered_at >= REGISTER_EVERY_S:
             self.coord.register(self.name, {
@@ -707,7 +751,7 @@ class RoleSupervisor:
                 "apply_hold": self.hold_summary(), "host": socket.gethostname(), "refresh_s": REGISTER_EVERY_S,
                 "advertise_answers": answers, "upstream": self.cfg.replication.upstream or None,
                 "last_refusal": self.receiver.last_refusal if self.receiver is not None and self.acting == "standby"
-                else None})
+                else None, "takeover": self._takeover})
             self._registered, self._registered_at = key, now
         if self.acting == "standby" and st.applied_snapshot and st.applied_snapshot != self._state_written:
             self.coord.write_state({"snapshot": st.applied_snapshot, "captured_at": st.applied_captured_at,
