@@ -85,9 +85,11 @@ _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 
 
 def printable(name: str) -> str:
-    """A path for a terminal or a log line, on one line: undecodable bytes shown as ``\\xNN``, control
-    characters (newlines, escape sequences) as ``\\n``, ``\\xNN``."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").translate(_CONTROLS)
+    """A path for a terminal or a log line, on one line and unambiguous: undecodable bytes shown as
+    ``\\xNN``, control characters (newlines, escape sequences) as ``\\n``, ``\\xNN``, and a backslash of
+    the name itself doubled (so a name holding the text ``\\xff`` never prints like byte 0xff)."""
+    return name.replace("\\", "\\\\").encode("utf-8", "surrogateescape").decode(
+        "utf-8", "backslashreplace").translate(_CONTROLS)
 
 
 def split_ns(values: list[int]) -> tuple[list[int] | pa.Array, list[int] | pa.Array]:
