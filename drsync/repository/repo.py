@@ -27,7 +27,7 @@ from drsync import faults
 from drsync.errors import IntegrityError, NotFound, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
-from drsync.repository.ids import IdSet, id_at, ids_array
+from drsync.repository.ids import IdSet, id_at, id_key, ids_array, locate, sort_unique
 from drsync.repository.lock import DEFAULT_WAIT_S, RepositoryLock
 from drsync.repository.manifest import Manifest, ManifestFile, column_groups
 from drsync.repository.packs import (
@@ -721,11 +721,9 @@ class Repository:
                     report.chunks += len(table)
                 if on_progress:
                     on_progress(present[name])
-            # Chunks the index places in this pack that it does not list (it is missing or damaged).
-            listed = IdSet.of(table.ids) if table is not None else IdSet.empty()
-            for i in np.flatnonzero(~listed.contains_many(rows.ids)):
-                cid = id_at(rows.ids, int(i))
-                bad.setdefault(cid, f"chunk {cid.hex()[:16]} not found in pack {pack_id}")
+            # Chunks the index places in this pack that it does not list (it is missing or damaged), or
+            # places where the pack does not have them: a read through the index would get other bytes.
+            bad.update(index_disagreements(pack_id, rows, table))
         report.damaged_chunks = {cid.hex(): reason for cid, reason in bad.items()}
         bad_ids = IdSet.of(list(bad)) if bad else None
         for info in self.list_snapshots():
@@ -773,6 +771,37 @@ class Repository:
             except IntegrityError as err:
                 bad[cid] = f"{err} (pack {pack_id})"
         return bad
+
+
+def index_disagreements(pack_id: str, rows: IndexRows, table: PackTable | None) -> dict[bytes, str]:
+    """Chunk id -> reason, for each of ``rows`` (the index's rows of pack ``pack_id``) that the pack's own
+    table (``table``; None: the pack is missing or unreadable) does not list, or lists at another offset,
+    length or encoding. Vectorised; one object per disagreeing row only."""
+    out: dict[bytes, str] = {}
+    if not len(rows):
+        return out
+    if table is None or not len(table):
+        found = np.zeros(len(rows), bool)
+        at = np.zeros(len(rows), np.intp)
+    else:
+        key = id_key(table.ids)
+        order = sort_unique(table.ids, key)
+        pos, found = locate(table.ids[order], key[order], rows.ids)
+        at = order[np.minimum(pos, len(order) - 1)]
+    for i in np.flatnonzero(~found):
+        cid = id_at(rows.ids, int(i))
+        out[cid] = f"chunk {cid.hex()[:16]} not found in pack {pack_id}"
+    if table is None or not len(table):
+        return out
+    differs = found & ((table.offset[at] != rows.offset) | (table.stored_length[at] != rows.stored_length)
+                       | (table.raw_length[at] != rows.raw_length) | (table.encoding[at] != rows.encoding))
+    for i in np.flatnonzero(differs):
+        cid, j = id_at(rows.ids, int(i)), int(at[i])
+        out[cid] = (f"chunk {cid.hex()[:16]}: the index places it at offset {int(rows.offset[i])} "
+                    f"({int(rows.stored_length[i])} bytes) in pack {pack_id}, the pack at offset "
+                    f"{int(table.offset[j])} ({int(table.stored_length[j])} bytes): the index is damaged; "
+                    f"restore the repository from a backup or the standby")
+    return out
 
 
 def damaged_paths(manifest: Manifest | ManifestFile, index: ChunkIndex, bad: dict[bytes, str],
