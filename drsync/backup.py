@@ -151,7 +151,7 @@ def _prepare(repo: Repository, info: SnapshotInfo, mode: str, light_exclude: tup
     if mode == "light":
         match = compile_globs(light_exclude)
         whole = manifest.read()
-        manifest = whole.filter_paths([not match(p) for p in whole.pycolumn("path")])
+        manifest = whole.without(match)
         del whole
         stored = manifest.to_bytes()
         excluded = list(light_exclude)

@@ -23,7 +23,7 @@ CID = b"\x01" * 32
 def build(rows: list[dict]) -> Manifest:
     cols: dict[str, list] = {k: [] for k in ("path", "type", "mode", "uid", "gid", "size", "mtime_ns",
                                              "ctime_ns", "inode", "target", "content", "chunks",
-                                             "chunk_sizes")}
+                                             "chunk_sizes", "hardlink")}
     for r in rows:
         typ = r.get("type", "file")
         chunks = r.get("chunks", [CID] if typ == "file" and r.get("size", 5) else [])
@@ -31,7 +31,7 @@ def build(rows: list[dict]) -> Manifest:
         full = {"type": typ, "mode": 0o644, "uid": 0, "gid": 0, "size": r.get("size", 5 if typ == "file" else 0),
                 "mtime_ns": 1, "ctime_ns": 1, "inode": 1, "target": None,
                 "content": (content_digest(chunks) if chunks else EMPTY_CONTENT) if typ == "file" else None,
-                "chunks": chunks, "chunk_sizes": sizes, **r}
+                "chunks": chunks, "chunk_sizes": sizes, "hardlink": None, **r}
         for k in cols:
             cols[k].append(full[k])
     return Manifest.from_columns(cols)
@@ -196,3 +196,17 @@ def test_chunks_in_order_names_each_chunk_once_in_manifest_order_across_row_grou
     counts = mf.manifest_counts(stored)
     assert (counts.files, counts.bytes, counts.external) == (m.file_count(), m.total_bytes(), m.external_count())
     assert counts.bytes == sum(3 * len(r.get("chunks", [])) for r in rows[1:])
+
+
+def test_without_leaves_a_whole_tree_and_relinks_a_group_whose_first_file_goes() -> None:
+    """What a light backup keeps: a left-out directory takes what is below it; a hard-link group whose
+    first file is left out gets its first kept member as first file; the result validates."""
+    m = build([{"path": "bulk", "type": "dir"}, {"path": "bulk/deep", "type": "dir"}, {"path": "bulk/deep/y"},
+               {"path": "bulk/x"}, {"path": "keep", "type": "dir"}, {"path": "keep/x", "hardlink": "bulk/x"},
+               {"path": "keep/y", "hardlink": "bulk/x"}, {"path": "keep/z"}])
+    validate(m)
+    out = m.without(lambda p: p == "bulk")
+    validate(out)
+    rows = {e.path: e.hardlink for e in out.entries()}
+    assert rows == {"keep": None, "keep/x": None, "keep/y": "keep/x", "keep/z": None}
+    assert [e.path for e in m.without(lambda p: p == "nothing").entries()] == [e.path for e in m.entries()]

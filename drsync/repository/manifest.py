@@ -13,7 +13,7 @@ import io
 import os
 import posixpath
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import blake3
@@ -407,8 +407,37 @@ class Manifest:
     def stale_count(self) -> int:
         return int(pc.sum(pc.cast(self.table.column("stale"), pa.int64())).as_py() or 0)
 
-    def filter_paths(self, keep_mask: list[bool]) -> Manifest:
-        return Manifest(self.table.filter(pa.array(keep_mask, pa.bool_())))
+    def without(self, drop: Callable[[str], bool]) -> Manifest:
+        """This manifest without the paths ``drop`` answers true for and everything below them, still a
+        whole tree: a hard-link group whose first file is left out gets its first kept member as its
+        first file (the others link to that one). What validates before validates after."""
+        paths = self.pycolumn("path")
+        links = self.pycolumn("hardlink")
+        dropped: set[str] = set()
+        keep = []
+        for p in paths:
+            gone = drop(p) or any(a in dropped for a in _parents(p))
+            if gone:
+                dropped.add(p)
+            keep.append(not gone)
+        lead_of: dict[str, str] = {}  # a left-out first file -> the member that takes its place
+        new_links: list[str | None] = []
+        for p, h, kept in zip(paths, links, keep, strict=True):
+            if kept and h is not None and h in dropped:
+                h = lead_of.setdefault(h, p)
+                h = None if h == p else h
+            new_links.append(h)
+        t = self.table.set_column(self.table.schema.get_field_index("hardlink"), self.table.schema.field("hardlink"),
+                                  pa.array([encode_name(h) for h in new_links], pa.binary()))
+        return Manifest(t.filter(pa.array(keep, pa.bool_())))
+
+
+def _parents(path: str) -> Iterator[str]:
+    """``a/b/c`` -> ``a``, ``a/b``."""
+    at = path.find("/")
+    while at >= 0:
+        yield path[:at]
+        at = path.find("/", at + 1)
 
 
 def layout_is_v1(schema: pa.Schema, what: str) -> bool:
