@@ -250,7 +250,14 @@ def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -
             report.damaged_backup_files.append({"file": rel, "reason": "checksum mismatch"})
     for rel in sorted(present - set(listed)):
         report.damaged_backup_files.append({"file": rel, "reason": "not listed in the checksum file"})
-    repo = Repository.open(LocalStorage(path))
+    try:
+        repo = Repository.open(LocalStorage(path))
+    except (NotFound, IntegrityError) as e:
+        # The backup's repository cannot be opened (its config.json is gone or damaged): that is damage
+        # to the backup, reported with the rest, not a command used wrongly.
+        if not any(d["file"] == "config.json" for d in report.damaged_backup_files):
+            report.damaged_backup_files.append({"file": "config.json", "reason": f"unreadable ({e})"})
+        return report
     report.repository = repo.verify(on_progress=progress, require_chunks=meta.mode != "dataless")
     return report
 

@@ -40,7 +40,7 @@ from drsync.repository.packs import (
     write_index,
 )
 from drsync.repository.snapshots import SnapshotInfo, iso
-from drsync.storage import ObjectMissing, Storage, read_bounded
+from drsync.storage import ObjectMissing, Storage, StoredObject, read_bounded
 
 log = logging.getLogger("drsync.repository")
 
@@ -541,23 +541,41 @@ class Repository:
 
     def list_snapshots(self) -> list[SnapshotInfo]:
         """Every snapshot, oldest first in the repository's own order (``SnapshotInfo.order_key``:
-        sequence numbers, not capture times, which a wrong clock can put anywhere)."""
-        out = []
+        sequence numbers, not capture times, which a wrong clock can put anywhere). Raises IntegrityError
+        at the first damaged document (:meth:`_snapshots_and_damage` goes on past them)."""
+        return self._snapshots_and_damage(stop_at_damage=True)[0]
+
+    def _snapshots_and_damage(self, *, stop_at_damage: bool) -> tuple[list[SnapshotInfo], list[str]]:
+        """The readable snapshots (sorted as :meth:`list_snapshots`) and one line per damaged document;
+        ``stop_at_damage`` raises the first one's IntegrityError instead."""
+        out: list[SnapshotInfo] = []
+        damage: list[str] = []
         for obj in self.storage.list(fmt.SNAPSHOTS_DIR):
-            if not obj.name.endswith(".json"):
-                continue
-            if obj.size > fmt.SNAPSHOT_DOC_MAX_BYTES:  # never read a document no drsync writes
-                raise IntegrityError(f"snapshot {obj.name} is {obj.size} bytes; a snapshot document is at most "
-                                     f"{fmt.SNAPSHOT_DOC_MAX_BYTES} bytes (docs/FORMAT.md, Limits); remove or "
-                                     f"restore it")
             try:
-                out.append(SnapshotInfo.from_bytes(read_bounded(self.storage, obj.name, fmt.SNAPSHOT_DOC_MAX_BYTES,
-                                                                f"snapshot document {obj.name}"),
-                                                   f"snapshot {obj.name}"))
-            except ObjectMissing:
+                info = self._snapshot_doc(obj)
+            except IntegrityError as e:
+                if stop_at_damage:
+                    raise
+                damage.append(str(e))
                 continue
+            if info is not None:
+                out.append(info)
         out.sort(key=lambda s: s.order_key)
-        return out
+        return out, damage
+
+    def _snapshot_doc(self, obj: StoredObject) -> SnapshotInfo | None:
+        """The document ``obj`` names (None: not a document, or gone meanwhile). IntegrityError if damaged."""
+        if not obj.name.endswith(".json"):
+            return None
+        if obj.size > fmt.SNAPSHOT_DOC_MAX_BYTES:  # never read a document no drsync writes
+            raise IntegrityError(f"snapshot {obj.name} is {obj.size} bytes; a snapshot document is at most "
+                                 f"{fmt.SNAPSHOT_DOC_MAX_BYTES} bytes (docs/FORMAT.md, Limits); remove or "
+                                 f"restore it")
+        try:
+            return SnapshotInfo.from_bytes(read_bounded(self.storage, obj.name, fmt.SNAPSHOT_DOC_MAX_BYTES,
+                                                        f"snapshot document {obj.name}"), f"snapshot {obj.name}")
+        except ObjectMissing:
+            return None
 
     def snapshot_stored_times(self) -> dict[str, float]:
         """When this repository stored each snapshot: snapshot id -> Unix seconds, the modification time
@@ -701,8 +719,16 @@ class Repository:
         name chunks that are deliberately absent.
         """
         report = VerifyReport()
-        self.reload_index()
-        index = self.index
+        # Every index file that reads: a damaged one is a problem, and the chunks only it placed count as
+        # missing (their files are named below), never a stop without a report.
+        index = ChunkIndex()
+        for obj in self.storage.list(fmt.INDEX_DIR):
+            try:
+                index.load_file(self.storage.read(obj.name), obj.name)
+            except ObjectMissing:
+                continue
+            except IntegrityError as e:
+                report.problems.append(str(e).split("; run 'drsync repo verify'")[0])
         present = {o.name: o.size for o in self.storage.list(fmt.PACKS_DIR)}
         bad: dict[bytes, str] = {}
         for pack_id, rows in index.pack_batches():  # one pack's rows at a time, packs in id order
@@ -726,7 +752,9 @@ class Repository:
             bad.update(index_disagreements(pack_id, rows, table))
         report.damaged_chunks = {cid.hex(): reason for cid, reason in bad.items()}
         bad_ids = IdSet.of(list(bad)) if bad else None
-        for info in self.list_snapshots():
+        snapshots, damaged_docs = self._snapshots_and_damage(stop_at_damage=False)
+        report.problems.extend(damaged_docs)
+        for info in snapshots:
             report.snapshots += 1
             try:
                 # One manifest at a time, a row group at a time (a table of 1,000,000 files is 160 MiB).
