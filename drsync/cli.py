@@ -603,7 +603,7 @@ def _report_damage(problems: list[str], damaged_files: list[dict[str, str]], wha
         click.echo(f"  {p}", err=True)
     for d in damaged_files:
         where = f"snapshot {d['snapshot']}: " if "snapshot" in d else ""
-        click.echo(f"  {where}{d.get('path') or d.get('file')}: {d['reason']}", err=True)
+        click.echo(f"  {where}{printable(d.get('path') or d.get('file') or '')}: {d['reason']}", err=True)
     raise _Exit(EXIT_INTEGRITY, f"{what}: {len(damaged_files) + len(problems)} problem(s) found; see above")
 
 

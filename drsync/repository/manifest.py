@@ -80,8 +80,12 @@ def decode_name(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", "surrogateescape")
 
 
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {0x0A: "\\n", 0x09: "\\t",
-                                                                                   0x0D: "\\r"}
+# Characters a terminal would not show as themselves: C0 controls and DEL as \\xNN (\\n, \\t, \\r), C1
+# controls and invisible or reordering format characters (zero-width, bidirectional overrides, the
+# byte-order mark, line and paragraph separators) as \\uNNNN, never as an undecodable byte's \\xNN.
+_CONTROLS = ({c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x09: "\\t", 0x0D: "\\r"}
+             | {c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), 0xAD, 0x061C, 0x180E, *range(0x200B, 0x2010),
+                                           *range(0x2028, 0x202F), *range(0x2060, 0x2070), 0xFEFF)})
 
 
 def printable(name: str) -> str:

@@ -364,6 +364,9 @@ def write_index(storage: Storage, name: str, rows: IndexRows | pa.Table | Iterab
         raise
 
 
+OFFSET_MAX = 1 << 48  # bytes: no pack drsync writes is near this; an index row placing a chunk past it is damage
+
+
 def _check_index_rows(table: pa.Table, name: str) -> None:
     """Every row describes a chunk drsync could have written (the limits of
     :func:`drsync.repository.chunks.check_sizes`), and no value is null: a repository file another
@@ -374,6 +377,10 @@ def _check_index_rows(table: pa.Table, name: str) -> None:
     for col in table.column_names:
         if table.column(col).null_count:
             raise IntegrityError(f"index file {name} is damaged: column {col} has nulls; run 'drsync repo verify'")
+    far = pc.index(pc.greater(table.column("offset"), OFFSET_MAX), True).as_py()
+    if far >= 0:
+        raise IntegrityError(f"index file {name} is damaged: row {far} places a chunk at offset "
+                             f"{table.column('offset')[far].as_py()}, past any pack drsync writes")
     bad = pc.or_(pc.or_(pc.greater(table.column("raw_length"), fmt.CHUNK_MAX),
                         pc.greater(table.column("stored_length"), fmt.STORED_MAX)),
                  pc.invert(pc.is_in(table.column("encoding"), value_set=pa.array(sorted(fmt.ENCODINGS), pa.uint8()))))
@@ -402,8 +409,8 @@ def iter_index_file(data: bytes, name: str, batch_rows: int = INDEX_ROW_GROUP //
             table = pa.Table.from_batches([batch])
             _check_index_rows(table, name)
             yield IndexRows.from_table(table)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise IntegrityError(f"index file {name} is damaged: {e}; run 'drsync repo verify'") from None
+    except (pa.ArrowInvalid, OSError, KeyError, ValueError) as e:  # KeyError: a file without the pack column
+        raise IntegrityError(f"index file {name} is damaged: {e!s}; run 'drsync repo verify'") from None
 
 
 def read_index_file(data: bytes, name: str) -> IndexRows:
