@@ -230,8 +230,12 @@ class BackupVerifyReport:
 
 
 def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -> BackupVerifyReport:
-    meta = _read_meta(path)
     report = BackupVerifyReport(os.path.abspath(path))
+    try:
+        meta: BackupInfo | None = _read_meta(path)
+    except IntegrityError as e:  # a damaged backup.json is damage like any other file's, in the report
+        meta = None
+        report.damaged_backup_files.append({"file": BACKUP_META, "reason": f"unreadable ({e})"})
     listed: dict[str, str] = {}
     try:
         with open(os.path.join(path, CHECKSUMS), encoding="utf-8") as f:
@@ -258,7 +262,7 @@ def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -
         if not any(d["file"] == "config.json" for d in report.damaged_backup_files):
             report.damaged_backup_files.append({"file": "config.json", "reason": f"unreadable ({e})"})
         return report
-    report.repository = repo.verify(on_progress=progress, require_chunks=meta.mode != "dataless")
+    report.repository = repo.verify(on_progress=progress, require_chunks=meta is None or meta.mode != "dataless")
     return report
 
 

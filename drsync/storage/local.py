@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
 from drsync import fsutil
-from drsync.errors import UsageError
+from drsync.errors import IntegrityError, UsageError
 from drsync.storage import ObjectExists, ObjectMissing, StoredObject, check_name
 
 _FD_CACHE_SIZE = 64
@@ -102,6 +103,12 @@ class LocalStorage:
                 return f.read()
         except FileNotFoundError:
             raise ObjectMissing(f"{self.root}: {name} is missing") from None
+        except IsADirectoryError:
+            raise self._not_a_file(name) from None
+
+    def _not_a_file(self, name: str) -> IntegrityError:
+        return IntegrityError(f"{self.root}: {name} is a directory, not a file: the repository is damaged; run "
+                              f"'drsync repo verify' and restore it from a backup or the standby")
 
     def _checkout(self, name: str) -> _CachedFd:
         """A cached read descriptor for ``name``, counted as in use until :meth:`_checkin`: another
@@ -113,9 +120,13 @@ class LocalStorage:
                 self._fds.move_to_end(name)
             else:
                 try:
-                    held = _CachedFd(os.open(self._path(name), os.O_RDONLY))
+                    fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     raise ObjectMissing(f"{self.root}: {name} is missing") from None
+                if stat.S_ISDIR(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise self._not_a_file(name)
+                held = _CachedFd(fd)
                 self._fds[name] = held
                 while len(self._fds) > _FD_CACHE_SIZE:
                     _, old = self._fds.popitem(last=False)
@@ -139,6 +150,8 @@ class LocalStorage:
                 raise ObjectMissing(f"{self.root}: {name} is missing") from None
             try:
                 return os.pread(fd, length, offset)
+            except IsADirectoryError:
+                raise self._not_a_file(name) from None
             finally:
                 os.close(fd)
         held = self._checkout(name)  # a pack: a short read means it is truncated (the caller says so)
