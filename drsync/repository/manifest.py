@@ -717,61 +717,97 @@ def escaping_links(links: dict[str, str]) -> list[str]:
     return sorted(p for p in links if resolve(p) is None)
 
 
-def validate(manifest: Manifest, what: str = "manifest") -> None:
-    """Refuse a manifest that could write outside the root or is inconsistent.
+def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
+    """Refuse a manifest that could write outside the root or is inconsistent (IntegrityError naming the
+    first fault). Checked before anything touches a target, so bad input changes nothing; ``repo verify``
+    checks every snapshot the same way, so a verified repository restores.
 
-    Checked before anything touches a target, so bad input changes nothing.
-    """
-    t = manifest.table
-    paths = manifest.pycolumn("path")
-    types = t.column("type").to_pylist()
-    sizes = t.column("size").to_pylist()
-    targets = manifest.pycolumn("target")
-    hardlinks = manifest.pycolumn("hardlink")
-    modes = t.column("mode").to_pylist()
-    chunk_counts = pc.list_value_length(t.column("chunks")).to_pylist()
-    size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
-    sums = _list_sums(t.column("chunk_sizes"))
-    kinds: dict[str, str] = {}
+    A row group at a time: beyond one group it holds the directories, the parents named, the symlinks
+    and the hard links (never every path), and it checks uniqueness by path order (a manifest out of
+    order, which drsync never writes, is checked with a set of its paths instead)."""
+    dirs: set[str] = set()
+    parent_of: dict[str, str] = {}  # each parent named -> the first path naming it
     links: dict[str, str] = {}
-    for i, path in enumerate(paths):
-        reason = "missing path" if path is None else unsafe_path_reason(path)
-        if reason:
-            raise IntegrityError(f"{what}: unsafe path {printable(path) if path else path!r} ({reason}); refusing it")
-        typ = types[i]
-        if typ not in TYPES:
-            raise IntegrityError(f"{what}: {path}: unknown entry type {typ!r}")
-        if path in kinds:
-            raise IntegrityError(f"{what}: {path} appears twice")
-        kinds[path] = typ
-        if modes[i] is None or modes[i] > 0o7777:
-            raise IntegrityError(f"{what}: {printable(path)}: mode {modes[i]!r} is not a permission mode")
-        if typ == SYMLINK:
-            if len((targets[i] or "").encode("utf-8", "surrogateescape")) > TARGET_MAX:
-                raise IntegrityError(f"{what}: symlink {printable(path)}: target longer than {TARGET_MAX} bytes")
-            if not symlink_stays_inside(path, targets[i] or ""):
-                raise IntegrityError(f"{what}: symlink {path} -> {targets[i]} points outside the data root")
-            links[path] = targets[i]
-        if (chunk_counts[i] or 0) != (size_counts[i] or 0) and not (
-                typ == FILE and not chunk_counts[i] and size_counts[i] == 1 and sums[i] == sizes[i] and sizes[i] > 0):
-            raise IntegrityError(f"{what}: {path}: chunk list and chunk sizes differ in length")
-        if typ == FILE and sums[i] != sizes[i]:
-            raise IntegrityError(f"{what}: {path}: chunks add up to {sums[i]} bytes, size says {sizes[i]}")
-    linked = {paths[i] for i in range(len(paths)) if hardlinks[i] is not None}
-    for i, path in enumerate(paths):
-        lead = hardlinks[i]
-        if lead is not None and (types[i] != FILE or kinds.get(lead) != FILE or lead in linked or lead == path):
-            raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, which is not another "
-                                 f"file of the snapshot without a link of its own")
-    for path in paths:
-        parent = posixpath.dirname(path)
-        if parent and kinds.get(parent) != DIR:
-            raise IntegrityError(f"{what}: {path} has no parent directory entry {parent!r}")
+    linked: dict[str, str] = {}  # hard-linked path -> the first file of its group
+    ordered, last = True, None
+    cols = ["path", "type", "mode", "size", "target", "hardlink", "chunks", "chunk_sizes"]
+    for t in column_groups(manifest, cols):
+        paths = _pycolumn(t, "path")
+        types = t.column("type").to_pylist()
+        sizes = t.column("size").to_pylist()
+        targets = _pycolumn(t, "target")
+        hardlinks = _pycolumn(t, "hardlink")
+        modes = t.column("mode").to_pylist()
+        chunk_counts = pc.list_value_length(t.column("chunks")).to_pylist()
+        size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
+        sums = _list_sums(t.column("chunk_sizes"))
+        for i, path in enumerate(paths):
+            reason = "missing path" if path is None else unsafe_path_reason(path)
+            if reason:
+                raise IntegrityError(f"{what}: unsafe path {printable(path) if path else path!r} ({reason}); "
+                                     f"refusing it")
+            key = path.encode("utf-8", "surrogateescape")
+            if ordered and last is not None and key <= last:
+                if key == last:
+                    raise IntegrityError(f"{what}: {printable(path)} appears twice")
+                ordered = False
+            last = key
+            typ = types[i]
+            if typ not in TYPES:
+                raise IntegrityError(f"{what}: {printable(path)}: unknown entry type {typ!r}")
+            if modes[i] is None or modes[i] > 0o7777:
+                raise IntegrityError(f"{what}: {printable(path)}: mode {modes[i]!r} is not a permission mode")
+            if typ == DIR:
+                dirs.add(path)
+            elif typ == SYMLINK:
+                if len((targets[i] or "").encode("utf-8", "surrogateescape")) > TARGET_MAX:
+                    raise IntegrityError(f"{what}: symlink {printable(path)}: target longer than {TARGET_MAX} bytes")
+                if not symlink_stays_inside(path, targets[i] or ""):
+                    raise IntegrityError(f"{what}: symlink {printable(path)} -> {printable(targets[i] or '')} "
+                                         f"points outside the data root")
+                links[path] = targets[i]
+            if (chunk_counts[i] or 0) != (size_counts[i] or 0) and not (
+                    typ == FILE and not chunk_counts[i] and size_counts[i] == 1 and sums[i] == sizes[i]
+                    and sizes[i] > 0):
+                raise IntegrityError(f"{what}: {printable(path)}: chunk list and chunk sizes differ in length")
+            if typ == FILE and sums[i] != sizes[i]:
+                raise IntegrityError(f"{what}: {printable(path)}: chunks add up to {sums[i]} bytes, size says "
+                                     f"{sizes[i]}")
+            if hardlinks[i] is not None:
+                if typ != FILE:
+                    raise IntegrityError(f"{what}: {printable(path)}: a {typ} cannot be a hard link")
+                linked[path] = hardlinks[i]
+            parent = posixpath.dirname(path)
+            if parent:
+                parent_of.setdefault(parent, path)
+    if not ordered:  # uniqueness the slow way (only for a manifest drsync did not write)
+        seen: set[str] = set()
+        for t in column_groups(manifest, ["path"]):
+            for path in _pycolumn(t, "path"):
+                if path in seen:
+                    raise IntegrityError(f"{what}: {printable(path)} appears twice")
+                seen.add(path)
+    for parent, child in parent_of.items():
+        if parent not in dirs:
+            raise IntegrityError(f"{what}: {printable(child)} has no parent directory entry {printable(parent)!r}")
+    if linked:
+        # The first file of each group: a file of this snapshot (not a directory or link), without a
+        # link of its own, and not the path itself.
+        leads = set(linked.values())
+        kinds: dict[str, str] = {}
+        for t in column_groups(manifest, ["path", "type"]):
+            for path, typ in zip(_pycolumn(t, "path"), t.column("type").to_pylist(), strict=True):
+                if path in leads:
+                    kinds[path] = typ
+        for path, lead in linked.items():
+            if lead == path or kinds.get(lead) != FILE or lead in linked:
+                raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, which is not "
+                                     f"another file of the snapshot without a link of its own")
     escaping = escaping_links(links)
     if escaping:
         p = escaping[0]
-        raise IntegrityError(f"{what}: symlink {p} -> {links[p]} leads outside the data root through other "
-                             f"links of the snapshot; refusing it")
+        raise IntegrityError(f"{what}: symlink {printable(p)} -> {printable(links[p])} leads outside the data "
+                             f"root through other links of the snapshot; refusing it")
 
 
 def _list_sums(col: pa.ChunkedArray) -> list[int]:

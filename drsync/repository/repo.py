@@ -29,7 +29,7 @@ from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, id_at, id_key, ids_array, locate, sort_unique
 from drsync.repository.lock import DEFAULT_WAIT_S, RepositoryLock
-from drsync.repository.manifest import Manifest, ManifestFile, column_groups
+from drsync.repository.manifest import Manifest, ManifestFile, column_groups, validate
 from drsync.repository.packs import (
     ChunkIndex,
     ChunkLocation,
@@ -759,6 +759,9 @@ class Repository:
             try:
                 # One manifest at a time, a row group at a time (a table of 1,000,000 files is 160 MiB).
                 manifest = self.open_manifest(info)
+                # What a restore checks first (safe paths, a whole tree, consistent sizes): a verified
+                # snapshot is one a restore accepts.
+                validate(manifest, f"snapshot {info.id}: its manifest")
                 found: list[tuple[str, str]] = []
                 if require_chunks:
                     found = list(damaged_paths(manifest, index, bad, bad_ids))
