@@ -141,7 +141,8 @@ def _prepare(repo: Repository, info: SnapshotInfo, mode: str, light_exclude: tup
     UsageError for a snapshot whose bytes are not all in the repository (captured for DistCp)."""
     stored = repo.manifest_bytes(info)
     manifest: Manifest | ManifestFile = ManifestFile(stored, f"manifest of snapshot {info.id}")
-    outside = manifest_counts(manifest).external
+    counts = manifest_counts(manifest)
+    outside = counts.external
     if outside and mode != "dataless":
         raise UsageError(f"snapshot {info.id} was captured for DistCp (replication.engine = \"distcp\"): the "
                          f"bytes of {outside} file(s) are in HDFS snapshot {info.content_snapshot or '(none)'}, "
@@ -154,9 +155,10 @@ def _prepare(repo: Repository, info: SnapshotInfo, mode: str, light_exclude: tup
         manifest = whole.without(match)
         del whole
         stored = manifest.to_bytes()
+        counts = manifest_counts(manifest)
         excluded = list(light_exclude)
     ids = chunks_in_order(manifest) if mode != "dataless" else np.empty(0, ID_DTYPE)
-    return _Prepared(stored, manifest_counts(manifest), ids, excluded)
+    return _Prepared(stored, counts, ids, excluded)
 
 
 def _build(repo: Repository, info: SnapshotInfo, prepared: _Prepared, partial: str, backup_id: str, mode: str,
