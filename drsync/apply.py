@@ -33,13 +33,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from drsync import fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.pathglob import compile_globs
 from drsync.repository.ids import id_list
-from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, content_changed, printable, validate
+from drsync.repository.manifest import (
+    DIR,
+    FILE,
+    SYMLINK,
+    Entry,
+    Manifest,
+    content_changed,
+    external_mask,
+    printable,
+    validate,
+)
 from drsync.tree import LocalEntry
+from drsync.unchanged import split_unchanged
 
 __all__ = ["STAGING", "ApplyPlan", "ApplyResult", "ChunkSource", "ExternalStager", "apply_manifest", "plan_apply",
            "recover_apply"]
@@ -280,6 +293,41 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     return plan
 
 
+def _planned(excluded: Callable[[str], bool], protected: frozenset[str],
+             changed: frozenset[str]) -> Callable[[str], bool]:
+    """Which paths :func:`plan_apply` must see whatever they compare like: excluded, protected (or holding
+    protected paths), or known to have changed content."""
+    holders = {a for p in protected for a in _ancestors(p)}
+
+    def planned(path: str) -> bool:
+        return (path in changed or excluded(path) or path in holders
+                or (bool(protected) and (path in protected or any(a in protected for a in _ancestors(path)))))
+    return planned
+
+
+def _to_plan(manifest: Manifest, root: DataRoot, *, dry_run: bool, merge: bool, resolution: int,
+             planned: Callable[[str], bool]) -> tuple[list[Entry], dict[str, LocalEntry], int]:
+    """The manifest's entries and the target's for :func:`plan_apply`, and how many plain files are
+    already alike and left out of both (:func:`drsync.unchanged.split_unchanged`; a local root is
+    merged in path order, so a million unchanged files are never held as objects)."""
+    missing = dry_run and root.missing()
+    walk = getattr(root, "walk_existing", None)
+    if merge and walk is not None:
+        walking = iter(()) if missing else walk()
+        try:
+            rest = split_unchanged(manifest, walking, resolution_ns=resolution, compare_owner=root.owners_settable(),
+                                   compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits, planned=planned)
+        finally:
+            close = getattr(walking, "close", None)
+            if close is not None:
+                close()  # a walk left early (a manifest out of order) sets back what it opened up now
+        if rest is not None:
+            return manifest.entries_at(rest.rows, light=True), rest.existing, rest.unchanged
+    # Planned on light entries (no chunk lists); the files to write get their chunk lists a staging
+    # batch at a time (:meth:`Manifest.entries_at`).
+    return list(manifest.entries(light=True)), {} if missing else root.existing(), 0
+
+
 def _ancestors(path: str) -> list[str]:
     parts = path.split("/")
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
@@ -330,13 +378,11 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     """
     validate(manifest, what)
     root = open_data_root(target) if isinstance(target, str) else target
-    # Planned on light entries (no chunk lists: a million files fit in memory); the files to write
-    # get their chunk lists a staging batch at a time (:meth:`Manifest.entries_at`).
-    entries = list(manifest.entries(light=True))
     # Every chunk must be present before anything on the target changes.
-    outside = [e for e in entries if e.external]
-    if outside and external is None and not structure_only:
-        raise IntegrityError(f"{what}: {len(outside)} file(s) (e.g. {printable(outside[0].path)}) were captured for "
+    outside = np.flatnonzero(external_mask(manifest.table))
+    if len(outside) and external is None and not structure_only:
+        first = os.fsdecode(manifest.table.column("path")[int(outside[0])].as_py())
+        raise IntegrityError(f"{what}: {len(outside)} file(s) (e.g. {printable(first)}) were captured for "
                              f"DistCp (replication.engine = \"distcp\"): their bytes are in an HDFS snapshot, not "
                              f"in the repository; nothing was changed")
     if not structure_only:
@@ -346,25 +392,27 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             raise UsageError(f"target {root.url} lies inside drsync's own {p}; restore to a directory outside it")
     if dry_run:
         created_target, log_ = False, None
-        existing = {} if root.missing() else root.existing()
     else:
         created_target = root.prepare_target()
         log_ = _journal_for(root, journal)
         # An earlier apply onto this target that was cut short is completed (or undone) first.
         root.settle()
         _finish_interrupted(root, log_)
-        existing = root.existing()
     protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
-    entries = _within_mode_bits(entries, root)
     # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
     # milliseconds, and so does anything applied to HDFS.
     resolution = comparison_resolution(manifest, root)
-    plan = plan_apply(entries, existing, excluded=compile_globs(exclude),
+    excluded = compile_globs(exclude)
+    changed = content_changed(base, manifest) if base is not None else frozenset()
+    entries, existing, unchanged = _to_plan(manifest, root, dry_run=dry_run, merge=not checksum and not structure_only,
+                                            resolution=resolution, planned=_planned(excluded, protected, changed))
+    entries = _within_mode_bits(entries, root)
+    plan = plan_apply(entries, existing, excluded=excluded,
                       same_content=_with_chunks(manifest, root.same_content) if checksum else None,
                       structure_only=structure_only,
                       compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
-                      compare_xattrs=root.supports_xattrs,
-                      content_changed=content_changed(base, manifest) if base is not None else frozenset())
+                      compare_xattrs=root.supports_xattrs, content_changed=changed)
+    plan.unchanged += unchanged
     refused = foreign.refusal(plan, {e.path for e in entries}, what, root.url) if foreign is not None else None
     if refused and not dry_run:
         if created_target:

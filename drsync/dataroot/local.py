@@ -202,6 +202,10 @@ class LocalDataRoot:
     def existing(self) -> dict[str, LocalEntry]:
         return scan_target(self.root, {"", *self.mount_points()})
 
+    def walk_existing(self) -> Iterator[LocalEntry]:
+        """:meth:`existing` one entry at a time in the manifest's order (:func:`walk_target`)."""
+        return walk_target(self.root, {"", *self.mount_points()})
+
     def same_content(self, e: Entry, have: LocalEntry) -> bool:
         try:
             with Beneath(self.root) as fs:
@@ -696,17 +700,38 @@ def _mounts_below(real_root: str) -> list[str]:
 
 
 def scan_target(root: str, domain_tops: set[str]) -> dict[str, LocalEntry]:
-    """Every entry of an apply's target, whatever it is: links wherever they point, special files
-    (type ``other``), so that the plan replaces rather than follows them. drsync's staging areas
-    (``.drsync-staging`` at the top of the root and of each mount point) are left out. A directory
-    this user owns but cannot list is opened for the scan and set back after it; one it cannot list
-    and does not own is an error naming it (raised before anything changes). Directories are read
-    through descriptors, so paths beyond PATH_MAX are scanned too."""
-    out: dict[str, LocalEntry] = {}
+    """Every entry of an apply's target by path (:func:`walk_target`, held whole: HDFS-sized trees,
+    tests and the few callers that need random access)."""
+    return {e.path: e for e in walk_target(root, domain_tops)}
+
+
+def walk_target(root: str, domain_tops: set[str]) -> Iterator[LocalEntry]:
+    """Every entry of an apply's target, whatever it is, one at a time in the manifest's order (path
+    bytes; a directory's contents placed by ``name + "/"`` as :func:`drsync.tree.scan_tree` does), so a
+    planner merges it with a manifest holding only one directory's listing per level: links wherever
+    they point, special files (type ``other``), so that the plan replaces rather than follows them.
+    drsync's staging areas (``.drsync-staging`` at the top of the root and of each mount point) are left
+    out. A directory this user owns but cannot list is opened for the walk and set back when the walk
+    ends (or is closed); one it cannot list and does not own is an error naming it (raised before
+    anything changes). Directories are read through descriptors, so paths beyond PATH_MAX are walked
+    too. Raises OperationFailed."""
     opened: list[tuple[str, int]] = []
     with Beneath(root) as fs:
         try:
-            _scan_into(out, fs, domain_tops, os.geteuid(), opened)
+            me = os.geteuid()
+            # A stack of listings, each sorted descending so the next item pops from its end; an item is
+            # (key, entry) for an entry or (key, None, rel) for a directory's contents.
+            frames = [_target_listing(fs, "", domain_tops, me, opened)]
+            while frames:
+                items = frames[-1]
+                if not items:
+                    frames.pop()
+                    continue
+                item = items.pop()
+                if item[1] is None:
+                    frames.append(_target_listing(fs, item[2], domain_tops, me, opened))
+                    continue
+                yield item[1]
         finally:
             for rel, mode in reversed(opened):
                 with contextlib.suppress(OSError):
@@ -718,55 +743,55 @@ def scan_target(root: str, domain_tops: set[str]) -> dict[str, LocalEntry]:
                 record = _read_record(fs)
                 record["modes"] = {}
                 _write_record(fs, record)
-    return out
 
 
-def _scan_into(out: dict[str, LocalEntry], fs: Beneath, domain_tops: set[str], me: int,
-               opened: list[tuple[str, int]]) -> None:
+def _target_listing(fs: Beneath, rel_dir: str, domain_tops: set[str], me: int,
+                    opened: list[tuple[str, int]]) -> list[tuple]:  # type: ignore[type-arg]
+    """One directory of :func:`walk_target`: its entries examined and sorted descending by key."""
     from drsync.apply import OTHER
 
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
+    try:
+        dfd = _open_listable(fs, rel_dir, me, opened)
+        names = os.listdir(dfd)
+    except FileNotFoundError:
+        return []
+    prefix = f"{rel_dir}/" if rel_dir else ""
+    out: list[tuple] = []  # type: ignore[type-arg]
+    for name in names:
+        if name == STAGING and rel_dir in domain_tops:
+            continue
         try:
-            dfd = _open_listable(fs, rel_dir, me, opened)
-            names = os.listdir(dfd)
+            s = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
             continue
-        prefix = f"{rel_dir}/" if rel_dir else ""
-        for name in names:
-            if name == STAGING and rel_dir in domain_tops:
-                continue
-            try:
-                s = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            except PermissionError:
-                raise OperationFailed(f"target directory {os.path.join(fs.root, rel_dir)}: its entries cannot be "
-                                      f"examined (permission denied); run drsync as the owner of the data root or "
-                                      f"as root; nothing was changed") from None
-            m = s.st_mode
-            rel = prefix + name
-            target = None
-            if st.S_ISREG(m):
-                typ = FILE
-            elif st.S_ISDIR(m):
-                typ = DIR
-                stack.append(rel)
-            elif st.S_ISLNK(m):
-                typ, target = SYMLINK, os.readlink(name, dir_fd=dfd)
-            else:
-                typ = OTHER
-            full = os.path.join(fs.root, rel)
-            if typ not in (FILE, DIR):
-                xattrs = None
-            elif len(full) <= fsutil.LONG_PATH:
-                xattrs = read_xattrs(full)[0]  # one llistxattr for the many entries that have none
-            else:
-                xattrs = _xattrs_at(dfd, name)
-            out[rel] = LocalEntry(rel, typ, m & 0o7777, s.st_uid, s.st_gid,
-                                  s.st_size if typ == FILE else 0, s.st_mtime_ns, target, s.st_ino, xattrs,
-                                  s.st_nlink)
+        except PermissionError:
+            raise OperationFailed(f"target directory {os.path.join(fs.root, rel_dir)}: its entries cannot be "
+                                  f"examined (permission denied); run drsync as the owner of the data root or "
+                                  f"as root; nothing was changed") from None
+        m = s.st_mode
+        rel = prefix + name
+        key = os.fsencode(name)
+        target = None
+        if st.S_ISREG(m):
+            typ = FILE
+        elif st.S_ISDIR(m):
+            typ = DIR
+            out.append((key + b"/", None, rel))
+        elif st.S_ISLNK(m):
+            typ, target = SYMLINK, os.readlink(name, dir_fd=dfd)
+        else:
+            typ = OTHER
+        full = os.path.join(fs.root, rel)
+        if typ not in (FILE, DIR):
+            xattrs = None
+        elif len(full) <= fsutil.LONG_PATH:
+            xattrs = read_xattrs(full)[0]  # one llistxattr for the many entries that have none
+        else:
+            xattrs = _xattrs_at(dfd, name)
+        out.append((key, LocalEntry(rel, typ, m & 0o7777, s.st_uid, s.st_gid, s.st_size if typ == FILE else 0,
+                                    s.st_mtime_ns, target, s.st_ino, xattrs, s.st_nlink)))
+    out.sort(key=lambda item: item[0], reverse=True)  # keys are unique: a name never holds "/"
+    return out
 
 
 def _xattrs_at(dfd: int, name: str) -> bytes | None:

@@ -345,10 +345,11 @@ class Manifest:
             yield from _entries_of(pa.Table.from_batches([batch]), start, light)
             start += batch.num_rows
 
-    def entries_at(self, rows: list[int]) -> list[Entry]:
-        """The full entries of manifest rows ``rows`` (in that order). Costs what the rows cost: each is
-        taken from its own record batch (a take on the whole chunked table would join every batch first)."""
-        if not rows:
+    def entries_at(self, rows: list[int] | np.ndarray, *, light: bool = False) -> list[Entry]:
+        """The full entries of manifest rows ``rows`` (in that order; ``light``: as :meth:`entries` gives
+        them). Costs what the rows cost: each is taken from its own record batch (a take on the whole
+        chunked table would join every batch first)."""
+        if not len(rows):
             return []
         split = self._split
         if split is None:  # one assignment: threads staging at once see both parts or neither
@@ -361,8 +362,8 @@ class Manifest:
         for b in np.unique(which).tolist():
             sel = np.flatnonzero(which == b)
             picked = pa.Table.from_batches([batches[b].take(pa.array(wanted[sel] - starts[b]))])
-            for k, e in zip(sel.tolist(), _entries_of(picked, 0, False), strict=True):
-                out[k] = dataclasses.replace(e, row=rows[k])
+            for k, e in zip(sel.tolist(), _entries_of(picked, 0, light), strict=True):
+                out[k] = dataclasses.replace(e, row=int(wanted[k]))
         return out  # type: ignore[return-value]
 
     def paths_naming(self, chunk_id: bytes, limit: int = 3) -> list[str]:
