@@ -23,6 +23,7 @@ written nor removed (light backups leave bulk data alone).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ from drsync.repository.manifest import (
     validate,
 )
 from drsync.tree import LocalEntry
-from drsync.unchanged import split_unchanged
+from drsync.unchanged import Residual, WriteList, split_unchanged
 
 __all__ = ["STAGING", "ApplyPlan", "ApplyResult", "ChunkSource", "ExternalStager", "apply_manifest", "plan_apply",
            "recover_apply"]
@@ -83,7 +84,7 @@ class ApplyPlan:
     rename ``write`` into place, link ``hardlink`` members to their group's first file, make ``link``,
     fix ``fix_meta``, finish ``dirs`` deepest first."""
 
-    write: list[Entry] = field(default_factory=list)
+    write: list[Entry] | WriteList = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
     mkdir: list[Entry] = field(default_factory=list)
     link: list[Entry] = field(default_factory=list)
@@ -109,6 +110,8 @@ class ApplyPlan:
 
     @property
     def write_bytes(self) -> int:
+        if isinstance(self.write, WriteList):
+            return self.write.total_size()
         return sum(e.size for e in self.write)
 
 
@@ -176,7 +179,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                same_content: Callable[[Entry, LocalEntry], bool] | None = None,
                structure_only: bool = False, compare_owner: bool = False,
                mtime_resolution_ns: int = 1, protected: frozenset[str] = frozenset(),
-               compare_xattrs: bool = False, content_changed: frozenset[str] = frozenset()) -> ApplyPlan:
+               compare_xattrs: bool = False, content_changed: frozenset[str] = frozenset(),
+               also_touched: Iterable[str] = ()) -> ApplyPlan:
     """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some.
 
     ``compare_owner``: the target can set owners, so a differing owner is fixed.
@@ -186,6 +190,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     everything below are neither written nor removed, and their parents stay directories.
     ``content_changed``: files whose content differs from what the target is known to hold (see
     :func:`drsync.repository.manifest.content_changed`): written even when size and time match.
+    ``also_touched``: directories the commit changes for files planned elsewhere (new files of a
+    :class:`~drsync.unchanged.WriteList`): finished, and opened up when needed, as if planned here.
     Raises :class:`UsageError` when the snapshot has a file or link where a protected path's parent is.
     """
     res = max(1, mtime_resolution_ns)
@@ -276,6 +282,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                      if e.path in existing and e.path not in removed and e.path not in relinked_meta]
     touched.update(p.rpartition("/")[0] for p in plan.remove)
     touched.update(e.path.rpartition("/")[0] for e in (*plan.write, *plan.link, *plan.mkdir, *plan.hardlink))
+    touched.update(also_touched)
     touched.discard("")
     # A directory we change, or pass through to reach one, but may not write into or search is opened
     # up for the commit and finished after it.
@@ -305,27 +312,29 @@ def _planned(excluded: Callable[[str], bool], protected: frozenset[str],
     return planned
 
 
-def _to_plan(manifest: Manifest, root: DataRoot, *, dry_run: bool, merge: bool, resolution: int,
-             planned: Callable[[str], bool]) -> tuple[list[Entry], dict[str, LocalEntry], int]:
+def _to_plan(manifest: Manifest, root: DataRoot, *, dry_run: bool, merge: bool, drop_alike: bool, resolution: int,
+             planned: Callable[[str], bool]) -> tuple[list[Entry], dict[str, LocalEntry], int, Residual | None]:
     """The manifest's entries and the target's for :func:`plan_apply`, and how many plain files are
-    already alike and left out of both (:func:`drsync.unchanged.split_unchanged`; a local root is
-    merged in path order, so a million unchanged files are never held as objects)."""
+    already alike and left out of both, and the merge's residue when there was one (its new plain files
+    are planned as rows: :func:`drsync.unchanged.split_unchanged`; a local root is merged in path order,
+    so a million unchanged or new files are never held as objects)."""
     missing = dry_run and root.missing()
     walk = getattr(root, "walk_existing", None)
     if merge and walk is not None:
         walking = iter(()) if missing else walk()
         try:
             rest = split_unchanged(manifest, walking, resolution_ns=resolution, compare_owner=root.owners_settable(),
-                                   compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits, planned=planned)
+                                   compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits, planned=planned,
+                                   drop_alike=drop_alike)
         finally:
             close = getattr(walking, "close", None)
             if close is not None:
                 close()  # a walk left early (a manifest out of order) sets back what it opened up now
         if rest is not None:
-            return manifest.entries_at(rest.rows, light=True), rest.existing, rest.unchanged
+            return manifest.entries_at(rest.rows, light=True), rest.existing, rest.unchanged, rest
     # Planned on light entries (no chunk lists); the files to write get their chunk lists a staging
     # batch at a time (:meth:`Manifest.entries_at`).
-    return list(manifest.entries(light=True)), {} if missing else root.existing(), 0
+    return list(manifest.entries(light=True)), {} if missing else root.existing(), 0, None
 
 
 def _ancestors(path: str) -> list[str]:
@@ -404,15 +413,19 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     resolution = comparison_resolution(manifest, root)
     excluded = compile_globs(exclude)
     changed = content_changed(base, manifest) if base is not None else frozenset()
-    entries, existing, unchanged = _to_plan(manifest, root, dry_run=dry_run, merge=not checksum and not structure_only,
-                                            resolution=resolution, planned=_planned(excluded, protected, changed))
+    entries, existing, unchanged, rest = _to_plan(manifest, root, dry_run=dry_run, merge=not structure_only,
+                                                  drop_alike=not checksum, resolution=resolution,
+                                                  planned=_planned(excluded, protected, changed))
     entries = _within_mode_bits(entries, root)
     plan = plan_apply(entries, existing, excluded=excluded,
                       same_content=_with_chunks(manifest, root.same_content) if checksum else None,
                       structure_only=structure_only,
                       compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
-                      compare_xattrs=root.supports_xattrs, content_changed=changed)
+                      compare_xattrs=root.supports_xattrs, content_changed=changed,
+                      also_touched=rest.new_parents if rest is not None else ())
     plan.unchanged += unchanged
+    if rest is not None and len(rest.new_rows):
+        plan.write = WriteList(list(plan.write), manifest, rest.new_rows)
     refused = foreign.refusal(plan, {e.path for e in entries}, what, root.url) if foreign is not None else None
     if refused and not dry_run:
         if created_target:
@@ -447,7 +460,9 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             for n, e in _full(manifest, batch):
                 for attempt in range(STAGE_ATTEMPTS):
                     try:
-                        staged[e.path] = root.write_staged(n, e, _chunk_data(e, source, what, progress))
+                        name = root.write_staged(n, e, _chunk_data(e, source, what, progress))
+                        if name != root.staged_name(n, e):
+                            staged[e.path] = name
                         break
                     except OperationFailed as err:
                         # A streamed body cannot be sent again by the storage (safe mode entered, a
@@ -456,13 +471,18 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                             raise
                         log.warning("staging %s failed (%s); writing it again", e.path, err)
 
-        numbered = list(enumerate(plan.write))
         if external is not None:
-            staged.update(external.stage(root, _full(manifest, [(n, e) for n, e in numbered if e.external]),
-                                         progress))
-            numbered = [(n, e) for n, e in numbered if not e.external]
+            staged.update(external.stage(root, _full(manifest, [(n, e) for n, e in enumerate(plan.write)
+                                                                if e.external]), progress))
+        numbered = ((n, e) for n, e in enumerate(plan.write) if external is None or not e.external)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool:
-            list(pool.map(stage, _batches(numbered)))
+            # A window of batches at a time: the pool never holds the whole list.
+            window = workers * 8
+            batches = _batches(numbered)
+            while part := list(itertools.islice(batches, window)):
+                list(pool.map(stage, part))
+        if cancel is not None and cancel():
+            raise OperationFailed(f"{what}: apply stopped before anything was committed (cancelled)")
         root.flush()
         _fault_apply_delay()
         # From here on the apply only moves forward: a restart replays the journal.
@@ -703,15 +723,16 @@ def recover_apply(target: str | DataRoot, journal: str | None = None) -> bool:
     return False
 
 
-def _batches(items: list[tuple[int, Entry]], max_files: int = 256,
-             max_bytes: int = 32 * 1024 * 1024) -> list[list[tuple[int, Entry]]]:
-    """Group small files so that each pool task carries enough work to pay for itself."""
-    out: list[list[tuple[int, Entry]]] = [[]]
+def _batches(items: Iterable[tuple[int, Entry]], max_files: int = 256,
+             max_bytes: int = 32 * 1024 * 1024) -> Iterator[list[tuple[int, Entry]]]:
+    """Group small files so that each pool task carries enough work to pay for itself (lazily)."""
+    batch: list[tuple[int, Entry]] = []
     acc = 0
     for item in items:
-        if out[-1] and (len(out[-1]) >= max_files or acc >= max_bytes):
-            out.append([])
-            acc = 0
-        out[-1].append(item)
+        if batch and (len(batch) >= max_files or acc >= max_bytes):
+            yield batch
+            batch, acc = [], 0
+        batch.append(item)
         acc += item[1].size
-    return out
+    if batch:
+        yield batch

@@ -11,18 +11,19 @@ import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from drsync import engine
-from drsync.apply import _planned, comparison_resolution, plan_apply
+from drsync.apply import _planned, _with_chunks, comparison_resolution, plan_apply
 from drsync.dataroot.local import LocalDataRoot, scan_target, walk_target
 from drsync.pathglob import compile_globs
 from drsync.repository.manifest import Manifest, content_changed
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
 from drsync.tree import LocalEntry
-from drsync.unchanged import split_unchanged
+from drsync.unchanged import WriteList, split_unchanged
 from tests.conftest import run_drsync
 
 MiB = 1 << 20
@@ -74,8 +75,11 @@ def _damage(t: Path) -> None:
     os.link(t / "d1" / "d2" / "d3" / "f03", t / "stray")  # a file linked to a path the snapshot lacks
     os.unlink(t / "ln")
     os.symlink("a-b", t / "ln")  # a link pointing elsewhere
-    (t / "d1" / "d2" / "d3" / "f07").unlink()  # missing
+    (t / "d1" / "d2" / "d3" / "f07").unlink()  # missing, in a directory the owner may not write: opened up
+    os.chmod(t / "d1" / "d2" / "d3", 0o555)
     os.mkfifo(t / "fifo")  # a special file
+    (t / "A").write_bytes(b"B")  # same size and time, other bytes: only a checksum finds it
+    os.utime(t / "A", ns=(T0 * 10**9, T0 * 10**9))
 
 
 def _plans(manifest: Manifest, root: LocalDataRoot, **kw: object) -> tuple[dict, dict]:  # type: ignore[type-arg]
@@ -84,15 +88,19 @@ def _plans(manifest: Manifest, root: LocalDataRoot, **kw: object) -> tuple[dict,
     excluded = compile_globs(tuple(kw.pop("exclude", ())))  # type: ignore[arg-type]
     protected = frozenset(kw.pop("protected", frozenset()))  # type: ignore[arg-type]
     changed = frozenset(kw.pop("changed", frozenset()))  # type: ignore[arg-type]
-    common = {"excluded": excluded, "compare_owner": root.owners_settable(), "mtime_resolution_ns": res,
+    checksum = bool(kw.pop("checksum", False))
+    common = {"same_content": _with_chunks(manifest, root.same_content) if checksum else None,
+              "excluded": excluded, "compare_owner": root.owners_settable(), "mtime_resolution_ns": res,
               "protected": protected, "compare_xattrs": root.supports_xattrs, "content_changed": changed}
     whole = plan_apply(list(manifest.entries(light=True)), root.existing(), **common)  # type: ignore[arg-type]
     rest = split_unchanged(manifest, root.walk_existing(), resolution_ns=res, compare_owner=root.owners_settable(),
                            compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits,
-                           planned=_planned(excluded, protected, changed))
+                           planned=_planned(excluded, protected, changed), drop_alike=not checksum)
     assert rest is not None
-    merged = plan_apply(manifest.entries_at(rest.rows, light=True), rest.existing, **common)  # type: ignore[arg-type]
+    merged = plan_apply(manifest.entries_at(rest.rows, light=True), rest.existing,  # type: ignore[arg-type]
+                        also_touched=rest.new_parents, **common)
     merged.unchanged += rest.unchanged
+    merged.write = WriteList(list(merged.write), manifest, rest.new_rows)
     return _shape(whole), _shape(merged)
 
 
@@ -143,10 +151,15 @@ def test_the_merged_plan_is_the_whole_plan_on_an_odd_damaged_tree(snapshot: tupl
     assert {"a.c", "a/x", "a/y", "a/zz", "fifo", "stray"} <= set(whole["remove"])  # type: ignore[operator]
     assert "a/y" in whole["mkdir"] and "ln" in whole["link"]  # type: ignore[operator]
     assert "a0" in whole["fix_meta"] and "lead" in whole["hardlink"]  # type: ignore[operator]
+    assert whole["unlock"] == ["d1/d2/d3"] and "d1/d2/d3" in whole["finish"]  # type: ignore[operator]
     # Excluded, protected and known-changed paths reach the planner whatever they compare like.
     kw = {"exclude": ("d1/d2/d3/f1*",), "protected": {"d1/d2"}, "changed": {"a0", "empty"}}
     whole, merged = _plans(manifest, root, **kw)
     assert whole == merged and "empty" in whole["write"]  # type: ignore[operator]
+    assert "A" not in whole["write"]  # type: ignore[operator]
+    # --checksum reads the files both hold alike: the merge keeps them for the planner.
+    whole, merged = _plans(manifest, root, checksum=True)
+    assert whole == merged and "A" in whole["write"]  # type: ignore[operator]
     base = repo.load_manifest(snap)
     assert content_changed(base, manifest) == frozenset()
 
@@ -183,6 +196,20 @@ def _synthetic(n: int) -> tuple[Manifest, Iterator[LocalEntry]]:
     return m, walk()
 
 
+def test_the_write_list_walks_slices_and_sums_like_a_list(snapshot: tuple) -> None:  # type: ignore[type-arg]
+    repo, snap, _ = snapshot
+    m = repo.load_manifest(snap)
+    files = [e for e in m.entries(light=True) if e.type == "file"]
+    head, rows = files[:3], [e.row for e in files[3:]]
+    w = WriteList(list(head), m, np.asarray(rows, dtype=np.int64))
+    assert len(w) == len(files) and [e.path for e in w] == [e.path for e in files]
+    assert [e.path for e in w[2:7]] == [e.path for e in files[2:7]] and w[-1].path == files[-1].path
+    assert [e.path for e in w[::5]] == [e.path for e in files[::5]]
+    assert w.total_size() == sum(e.size for e in files)
+    w.append(files[0])
+    assert len(w) == len(files) + 1 and w[3].path == files[0].path
+
+
 def test_merging_200000_unchanged_files_holds_none_of_them() -> None:
     """Memory stays flat in the number of unchanged files: the merge holds one record batch of the
     manifest and what it keeps (nothing here), never an object per file (about 1 KiB a file before)."""
@@ -195,3 +222,17 @@ def test_merging_200000_unchanged_files_holds_none_of_them() -> None:
         tracemalloc.stop()
     assert rest is not None and rest.unchanged == 200_000 and len(rest.rows) == 0 and not rest.existing
     assert peak < 40 * MiB, f"merge peak {peak / MiB:.1f} MiB for 200,000 unchanged files"
+
+
+def test_merging_200000_new_files_holds_rows_not_objects() -> None:
+    """Into an empty target every file is new: kept as 8-byte rows (and their parents), not entries."""
+    m, _ = _synthetic(200_000)
+    tracemalloc.start()
+    try:
+        rest = split_unchanged(m, iter(()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rest is not None and len(rest.new_rows) == 200_000 and len(rest.rows) == 0 and rest.unchanged == 0
+    assert rest.new_parents == {f"d{i:04}" for i in range(200)}
+    assert peak < 40 * MiB, f"merge peak {peak / MiB:.1f} MiB for 200,000 new files"

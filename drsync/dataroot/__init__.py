@@ -130,6 +130,12 @@ class DataRoot(Protocol):
         """Empty staging areas for the plan (one per filesystem it writes to)."""
         ...
 
+    def staged_name(self, n: int, e: Entry) -> str:
+        """The staged name :meth:`write_staged` gives the ``n``-th file of a plan (``n``: its place in
+        ``plan.write``). The commit finds a file there unless the apply names another place for it
+        (files staged by DistCp), so a million staged files need no map of names."""
+        ...
+
     def write_staged(self, n: int, e: Entry, data: Iterable[bytes]) -> str:
         """Write one file into the staging area with its mode and mtime; returns its staged name."""
         ...

@@ -595,6 +595,10 @@ class HdfsDataRoot:
         delete_tree(self.fs, self._staging)
         self.fs.mkdirs(posixpath.join(self._staging, "trash"), 0o700)
 
+    def staged_name(self, n: int, e: Entry) -> str:
+        """Where :meth:`write_staged` puts the ``n``-th file of a plan (relative to the root)."""
+        return f"{STAGING}/{n}"
+
     def write_staged(self, n: int, e: Entry, data: Iterable[bytes]) -> str:
         """Returns the staged file's path relative to the root (a journal stays valid wherever the root is)."""
         path = posixpath.join(self._staging, str(n))
@@ -676,8 +680,9 @@ class HdfsDataRoot:
             elif s["type"] != "DIRECTORY":
                 raise HdfsError(f"{self._p(e.path)} appeared during the apply and is not a directory")
 
-        def move(e: Entry) -> None:
-            src, dst = self._p(staged[e.path]), self._p(e.path)
+        def move(item: tuple[int, Entry]) -> None:
+            n, e = item
+            src, dst = self._p(staged.get(e.path) or self.staged_name(n, e)), self._p(e.path)
             if fs.status(src) is None:
                 if fs.status(dst) is None:
                     raise HdfsError(f"staged file {src} for {dst} is gone; the apply cannot be completed")
@@ -698,7 +703,7 @@ class HdfsDataRoot:
         _side_by_side(trash, list(enumerate(plan.remove)))  # top-most paths only
         for depth_group in _by_depth(plan.mkdir, deepest_first=False):
             _side_by_side(make_dir, depth_group)
-        _side_by_side(move, plan.write)
+        _side_by_side(move, list(enumerate(plan.write)))
         _side_by_side(lambda e: fs.set_permission(self._p(e.path), e.mode), plan.fix_meta)
         # Deepest directories first (a directory's mode may take away what its children's calls need).
         for depth_group in _by_depth(finish, deepest_first=True):

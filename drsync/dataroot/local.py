@@ -10,6 +10,7 @@ fsync per file.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -243,9 +244,9 @@ class LocalDataRoot:
             plan.write.extend(across)
             self.warnings.append(f"{len(across)} hard link(s) would span two filesystems and were written as "
                                  f"copies (e.g. {printable(across[0].path)})")
-        moved = [*plan.remove, *(e.path for e in plan.write), *(e.path for e in plan.link)]
         mounts = set(self._mounts)
-        for p in moved:
+        moved = itertools.chain(plan.remove, (e.path for e in plan.write), (e.path for e in plan.link))
+        for p in moved if mounts else ():
             hit = p if p in mounts else next((m for m in self._mounts if m.startswith(p + "/")), None)
             if hit is not None:
                 raise UsageError(f"a filesystem is mounted at {os.path.join(self.root, hit)}, where the snapshot "
@@ -285,8 +286,8 @@ class LocalDataRoot:
                                           f"as the owner of the data root or as root; nothing was changed")
 
     def reset_staging(self, plan: ApplyPlan) -> None:
-        used = {""} | {self._domain(p) for p in (*plan.remove, *(e.path for e in (*plan.write, *plan.link,
-                                                                                     *plan.hardlink)))}
+        used = {""} | {self._domain(p) for p in itertools.chain(
+            plan.remove, (e.path for e in itertools.chain(plan.write, plan.link, plan.hardlink)))}
         with Beneath(self.root) as fs:
             # Making a staging area moves its directory's mtime: the times they had are recorded
             # durably first, and an apply that ends before its commit (failed, or killed and
@@ -309,6 +310,10 @@ class LocalDataRoot:
         with Beneath(self.root) as fs:
             for d in sorted(used):
                 self._staging_fds[d] = os.dup(fs.dir_fd(self._staging_of(d)))
+
+    def staged_name(self, n: int, e: Entry) -> str:
+        """Where :meth:`write_staged` puts the ``n``-th file of a plan (relative to the root)."""
+        return f"{self._staging_of(self._domain(e.path))}/{n}"
 
     def write_staged(self, n: int, e: Entry, data: Iterable[bytes]) -> str:
         domain = self._domain(e.path)
@@ -439,9 +444,9 @@ class LocalDataRoot:
                 elif not st.S_ISDIR(s.st_mode):
                     raise OperationFailed(f"{os.path.join(self.root, e.path)} appeared during the apply and is not "
                                           f"a directory; stop what writes into the target and run again")
-            for e in plan.write:
+            for n, e in enumerate(plan.write):
                 at[0] = e.path
-                src = staged[e.path]
+                src = staged.get(e.path) or self.staged_name(n, e)
                 if fs.lstat(src) is None:
                     s = fs.lstat(e.path)
                     if s is None or not st.S_ISREG(s.st_mode):
