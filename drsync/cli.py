@@ -1027,7 +1027,7 @@ def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wa
     if chosen:
         name, args = (("apply-confirm", {"snapshot": confirm}) if confirm is not None else
                       ("apply-hold", {}) if hold else ("apply-resume", {}))
-        reply = submit(cfg, name, args, wait_s=wait_s)
+        reply = submit(cfg, name, args, wait_s=wait_s, open_agent=_open_agent_here)
         doc = {"action": name, **reply.as_dict()}
         if not reply.ok:
             if inv.json:
@@ -1056,6 +1056,14 @@ def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wa
             click.echo("nothing is held: shipments are applied as they arrive")
 
     emit(inv, doc, human)
+
+
+def _open_agent_here(cfg: Config) -> Any:
+    """The agent of ``cfg`` opened in this process without network: a request carried out directly while
+    no agent runs (drsync.agent.requests.submit)."""
+    from drsync.agent.loop import Agent
+
+    return Agent(cfg, serve_network=False)
 
 
 @cli.command("agent")
