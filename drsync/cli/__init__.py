@@ -1,0 +1,40 @@
+"""The ``drsync`` command line: the root group, with every command family registered on it.
+
+Nothing below imports this package. Every command takes ``--config FILE`` (or ``DRSYNC_CONFIG``);
+one-shot commands can instead take ``--repo`` and ``--source``/``--target``. Errors print one line to
+stderr and exit with the code DESIGN.md fixes; ``--debug`` adds the traceback.
+
+- :mod:`drsync.cli.common`: the invocation (``--config``, ``--repo``, ``--json``, ``--debug``), output
+  (JSON, tables, progress) and the exit an error ends with
+- :mod:`drsync.cli.guards`: what keeps a repository's snapshots (protect window, apply holds)
+- :mod:`drsync.cli.restoring`: the restore options and report shared by snapshot and backup restore
+- :mod:`drsync.cli.repo`: ``init`` and ``repo verify|gc|unlock``
+- :mod:`drsync.cli.snapshot`: ``snapshot create|list|show|diff|delete|restore|expire``
+- :mod:`drsync.cli.backup`: ``backup create|restore|verify|list|prune``
+- :mod:`drsync.cli.agent`: ``agent``, ``apply``, ``drill run``, ``config check`` (one agent's side)
+- :mod:`drsync.cli.group`: ``status``, ``history``, ``promote``, ``switchover``, ``rejoin``,
+  ``replace-identity`` (the group's roles)
+- :mod:`drsync.cli.entry`: ``main`` and the console entry point ``run`` (exit codes, error lines)
+"""
+
+from __future__ import annotations
+
+import click
+
+from drsync import __version__
+from drsync.cli import agent, backup, group, repo, snapshot
+from drsync.cli.entry import main, run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="drsync")
+def cli() -> None:
+    """drsync: snapshots, portable backups and a standby cluster kept in sync."""
+
+
+for _command in (repo.init_cmd, snapshot.snapshot_grp, backup.backup_grp, repo.repo_grp, group.status_cmd,
+                 group.history_cmd, group.promote_cmd, group.rejoin_cmd, group.replace_identity_cmd,
+                 group.switchover_cmd, agent.drill_grp, agent.config_grp, agent.apply_cmd, agent.agent_cmd):
+    cli.add_command(_command)
+
+__all__ = ["cli", "main", "run"]
