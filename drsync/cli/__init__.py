@@ -23,13 +23,22 @@ import click
 
 from drsync import __version__
 from drsync.cli import agent, backup, group, repo, snapshot
+from drsync.cli.common import EXIT_TABLE
 from drsync.cli.entry import main, run
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog="\n".join([
+    "\b", "Every command's full help: drsync COMMAND --help, all of them in docs/cli.md",
+    "(and man pages: make man, then man docs/man/drsync-COMMAND.1); the runbook is",
+    "docs/operations.md. Each command's help ends with what its exit codes mean.",
+    "", "\b", "Exit codes (DESIGN.md):", *(f"  {code}  {what}" for code, what in EXIT_TABLE)]))
 @click.version_option(__version__, prog_name="drsync")
 def cli() -> None:
-    """drsync: snapshots, portable backups and a standby cluster kept in sync."""
+    """drsync: snapshots, portable backups and a standby cluster kept in sync.
+
+    Every command takes --config FILE (or DRSYNC_CONFIG); one-shot commands (init, snapshot, backup, repo)
+    can name a repository with --repo instead. --json prints one JSON document on stdout; an error is one
+    line on stderr (--debug adds the traceback)."""
 
 
 for _command in (repo.init_cmd, snapshot.snapshot_grp, backup.backup_grp, repo.repo_grp, group.status_cmd,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from drsync.cli.common import STATE, Exit, Invocation, config_only, echo_json, emit, need_config, table
+from drsync.cli.common import STATE, Exit, Invocation, config_only, echo_json, emit, exits, need_config, table
 from drsync.config import Config
 from drsync.errors import EXIT_FAILED, EXIT_USAGE, DrsyncError, UsageError
 from drsync.logsetup import FORMATS
@@ -17,7 +17,12 @@ from drsync.logsetup import configure as configure_logging
 from drsync.repository.snapshots import iso
 
 
-@click.command("agent")
+@click.command("agent", epilog=exits(
+             "0 stopped (SIGTERM or SIGINT); --once: the cycle reached every standby",
+             "1 --once: the cycle failed; a lock another agent holds, or a fatal error while running",
+             "2 the config (roles, fencing, topology), a port in use, or a usage error",
+             "3 its repository is damaged",
+             "4 refused for safety (a name another agent owns in the group, fenced)"))
 @config_only
 @click.option("--once", is_flag=True, help="Primary only: run one replication cycle and exit (1 if it failed).")
 @click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
@@ -28,7 +33,10 @@ def agent_cmd(inv: Invocation, once: bool, log_format: str, log_level: str) -> N
     """Run the agent for this cluster (gRPC server and, as primary, the shipping loop).
 
     Logs go to stderr, one line per record with an ISO 8601 time and zone, the group and the agent;
-    refusals and failed shipments are warnings or errors."""
+    refusals and failed shipments are warnings or errors.
+
+    It refuses to start on a state directory, data root or repository another agent on this host holds, or
+    a listen or metrics port in use."""
     import signal
 
     from drsync.agent.loop import Agent
@@ -82,7 +90,11 @@ def _open_agent_here(cfg: Config) -> Any:
     return Agent(cfg, serve_network=False)
 
 
-@click.command("apply")
+@click.command("apply", epilog=exits(
+             "0 shown, or the request carried out",
+             "1 the agent did not answer within --wait, or the apply failed",
+             "2 a primary's config, two options, or a usage error",
+             "4 refused: --confirm names a snapshot that is not the one held"))
 @config_only
 @click.option("--confirm", "confirm", metavar="SNAPSHOT",
               help="Apply the snapshot a guard holds (deletions, mass changes), or acknowledge an applied mass "
@@ -92,7 +104,10 @@ def _open_agent_here(cfg: Config) -> Any:
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=120.0, show_default=True,
               help="Seconds to wait for the running agent to carry the request out.")
 def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wait_s: float) -> None:
-    """On a standby: show what holds applies back or is flagged; confirm a held snapshot; hold and resume applies."""
+    """On a standby: show what holds applies back or is flagged; confirm a held snapshot; hold and resume applies.
+
+    Without an option it reads the standby's state directory and prints what holds applies back; each
+    option is carried out by the running agent (or here, when none runs), under its commit lock."""
     from drsync.agent.hold import HoldFile
     from drsync.agent.requests import submit
     from drsync.agent.state import StateStore, state_dir_of
@@ -143,13 +158,20 @@ def drill_grp() -> None:
     """Rehearsals on the standby: verify, trial-restore, time a dry-run promotion."""
 
 
-@drill_grp.command("run")
+@drill_grp.command("run", epilog=exits(
+             "0 the drill passed",
+             "1 a step failed (named, with why), or the repository or ZooKeeper cannot be read",
+             "2 run on the primary, or a usage error"))
 @config_only
 @click.option("--full", is_flag=True, help="Verify every chunk, whatever drills.sample says.")
 @click.option("--to-snapshot", "point", metavar="ID", help="Rehearse a promotion at this earlier snapshot "
               "(drsync status --points): verify it in full and restore it into scratch space.")
 def drill_run(inv: Invocation, full: bool, point: str | None) -> None:
-    """Run a drill now on this standby; exit 1 when it fails."""
+    """Run a drill now on this standby; exit 1 when it fails.
+
+    Verifies the applied snapshot's chunks (a sample, or all with --full), restores it into scratch space
+    and compares the result with the data root, and times a dry-run promotion; the report is kept in the
+    state directory and the group (drsync status shows the last)."""
     from drsync.agent.drill import run_drill
     from drsync.agent.loop import open_coordinator
     from drsync.agent.state import state_dir_of
@@ -189,10 +211,13 @@ def drill_run(inv: Invocation, full: bool, point: str | None) -> None:
 
 @click.group("config")
 def config_grp() -> None:
-    """Configuration."""
+    """Configuration: check a config (and what it names) before an agent runs with it."""
 
 
-@config_grp.command("check")
+@config_grp.command("check", epilog=exits(
+             "0 every check ok (warnings allowed)",
+             "1 a check of something outside the file failed (data root, repository, ZooKeeper, a peer)",
+             "2 the config itself is invalid"))
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), envvar="DRSYNC_CONFIG",
               help="TOML configuration file (or DRSYNC_CONFIG).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
@@ -200,7 +225,12 @@ def config_grp() -> None:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds to wait for ZooKeeper and each peer agent.")
 def config_check(config_path: str, as_json: bool, debug: bool, timeout_s: float) -> None:
-    """Validate a config, its data root and repository, ZooKeeper and the peer agents; list every problem."""
+    """Validate a config, its data root and repository, ZooKeeper and the peer agents; list every problem.
+
+    Checks every key (all unknown ones at once), fencing, topology, the state directory (not shared, owned
+    by this agent), the data root and repository, the listen and metrics ports, TLS files, ZooKeeper (its
+    chroot), that no other live agent uses this name, the advertise address and each peer agent. WARN
+    lines do not fail."""
     from drsync.agent.configcheck import check_config
 
     checks = check_config(config_path, timeout_s=timeout_s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,3 +151,20 @@ def report_damage(problems: list[str], damaged_files: list[dict[str, str]], what
         where = f"snapshot {d['snapshot']}: " if "snapshot" in d else ""
         click.echo(f"  {where}{printable(d.get('path') or d.get('file') or '')}: {d['reason']}", err=True)
     raise Exit(EXIT_INTEGRITY, f"{what}: {len(damaged_files) + len(problems)} problem(s) found; see above")
+
+
+# The exit codes of DESIGN.md, in the root command's help; each command's epilog says what they mean for it.
+EXIT_TABLE = (("0", "ok"), ("1", "operation failed (I/O, network, an agent that does not answer)"),
+              ("2", "usage or configuration error"), ("3", "integrity error: corruption found"),
+              ("4", "refused for safety (fenced, cluster or release mismatch, lag, a hold)"))
+
+
+def exits(*codes: str) -> str:
+    """A command's epilog: ``"N what N means here"`` for each exit code it can end with, kept as lines
+    (click's ``\\b``) and wrapped to fit 80 columns."""
+    lines = ["\b", "Exit codes:"]
+    for line in codes:
+        code, what = line.split(" ", 1)
+        lines += textwrap.wrap(what, 70, initial_indent=f"  {code}  ", subsequent_indent="     ",
+                               break_on_hyphens=False, break_long_words=False)
+    return "\n".join(lines)

@@ -9,18 +9,25 @@ import time
 
 import click
 
-from drsync.cli.common import Invocation, config_only, emit, need_config, table
+from drsync.cli.common import Invocation, config_only, emit, exits, need_config, table
 from drsync.errors import DrsyncError, UsageError
 from drsync.repository.snapshots import iso
 from drsync.units import human_size
 
 
-@click.command("status")
+@click.command("status", epilog=exits(
+             "0 shown (whatever the group's state)",
+             "1 ZooKeeper or the repository cannot be read",
+             "2 usage or configuration error (an option, the config, a name that does not exist)"))
 @config_only
 @click.option("--points", is_flag=True, help="List the points in time this agent could be promoted at (its "
               "repository's snapshots: applied, pending, held, stored); needs no ZooKeeper.")
 def status_cmd(inv: Invocation, points: bool) -> None:
-    """Who is primary, the epoch, and every agent the group has known: up or down, last seen, role, lag."""
+    """Who is primary, the epoch, and every agent the group has known: up or down, last seen, role, lag.
+
+    With agent.role = "auto" it reads the group in ZooKeeper and asks each agent's status endpoint;
+    otherwise it asks the configured peers. It reports what it finds (no primary, agents down, held
+    applies, maintenance) and does not fail on it: read the table, or --json for scripts."""
     from drsync.agent.status import agent_rows, collect_status, headline, local_points, refusal_lines
 
     if inv.config is None:
@@ -85,12 +92,17 @@ def status_cmd(inv: Invocation, points: bool) -> None:
     emit(inv, doc, human)
 
 
-@click.command("history")
+@click.command("history", epilog=exits(
+             "0 shown (also when empty)",
+             "1 ZooKeeper cannot be read",
+             "2 a config whose role is not auto, or a usage error"))
 @config_only
 @click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
               help="How many changes to show, newest first (0: every one kept).")
 def history_cmd(inv: Invocation, limit: int) -> None:
-    """Every change of primary in this group: epoch, from, to, when, why and by whom."""
+    """Every change of primary in this group: epoch, from, to, when, why and by whom.
+
+    Read from the group's history in ZooKeeper (the newest changes are kept); needs agent.role = "auto"."""
     from drsync.agent.history import collect_history, history_rows
 
     entries = collect_history(need_config(inv, "history"), limit)
@@ -98,7 +110,12 @@ def history_cmd(inv: Invocation, limit: int) -> None:
          if entries else click.echo("no change of primary recorded yet (drsync promote makes the first)"))
 
 
-@click.command("promote")
+@click.command("promote", epilog=exits(
+             "0 its agent acts as primary (--dry-run: the promotion would go ahead)",
+             "1 its agent is not running or did not take over within --wait; fence_command failed",
+             "2 a usage or configuration error (e.g. snapshots wait for apply_delay and no choice was given)",
+             "4 refused for safety: a live primary without --force, lag or position without "
+                 "--accept-data-loss, an empty data root without --promote-empty-root"))
 @config_only
 @click.option("--force", is_flag=True, help="Promote although a primary's session is alive (it is stepped down) "
               "or its agent is stopped for maintenance.")
@@ -148,7 +165,11 @@ def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: 
         raise SystemExit(doc["exit_code"])
 
 
-@click.command("switchover")
+@click.command("switchover", epilog=exits(
+             "0 switched over (or the request withdrawn)",
+             "1 not finished within --timeout, or it failed (the primary stays)",
+             "2 --to names the primary or is needed, or a usage error",
+             "4 refused: no primary to hand over from, or the target is not a running standby"))
 @config_only
 @click.option("--to", "to", metavar="AGENT", help="The standby that becomes primary (default: this config's agent, "
               "or the only standby).")
@@ -156,7 +177,11 @@ def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: 
               help="Seconds to wait (coordination.switchover_timeout).")
 @click.option("--cancel", is_flag=True, help="Withdraw a pending switchover request.")
 def switchover_cmd(inv: Invocation, to: str | None, timeout_s: float | None, cancel: bool) -> None:
-    """Planned hand-over with zero data loss: final snapshot shipped and applied, then the roles swap."""
+    """Planned hand-over with zero data loss: final snapshot shipped and applied, then the roles swap.
+
+    The current primary carries it out: it stops capturing, ships a final snapshot, waits until the new
+    primary has applied it, then hands over the epoch; nothing is lost. Requires a live primary and the
+    target to be a running standby."""
     from drsync.agent.control import switchover
 
     doc = switchover(need_config(inv, "switchover"), to=to, timeout_s=timeout_s, cancel=cancel)
@@ -168,7 +193,11 @@ def switchover_cmd(inv: Invocation, to: str | None, timeout_s: float | None, can
                                       f"(final snapshot {doc['final_snapshot']}, {doc['took_s']:.1f}s)"))
 
 
-@click.command("rejoin")
+@click.command("rejoin", epilog=exits(
+             "0 it reports itself a standby",
+             "1 recorded, but its agent did not report itself a standby within --wait",
+             "2 it is not waiting to rejoin, or a usage error",
+             "4 refused: the epoch names it the primary"))
 @config_only
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds to wait for the running agent to report itself a standby.")
@@ -183,7 +212,11 @@ def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
     emit(inv, doc, lambda: click.echo(doc["message"]))
 
 
-@click.command("replace-identity")
+@click.command("replace-identity", epilog=exits(
+             "0 replaced (or nothing to replace)",
+             "1 ZooKeeper cannot be written",
+             "2 its agent runs, the state directory belongs to another agent, or a usage error",
+             "4 refused: the name is registered live"))
 @config_only
 def replace_identity_cmd(inv: Invocation) -> None:
     """Make this agent the owner of its agent.name in the group, in place of the identity recorded there.

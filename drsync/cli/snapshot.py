@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from drsync import engine
-from drsync.cli.common import Exit, Invocation, emit, progress, repo_or_config, table
+from drsync.cli.common import Exit, Invocation, emit, exits, progress, repo_or_config, table
 from drsync.cli.guards import BREAK_GLASS_HELP, own_paths, protection_args, refuse_while_held
 from drsync.cli.restoring import foreign_target, report_restore, restore_options
 from drsync.config import parse_duration
@@ -32,7 +32,12 @@ def _snap_row(s: Any, now: float, protected_until: float | None) -> list[str]:
             human_size(s.bytes), expires, iso(protected_until) or "-"]
 
 
-@snapshot_grp.command("create")
+@snapshot_grp.command("create", epilog=exits(
+             "0 taken (warnings do not change it)",
+             "1 a hook failed, the data root or repository cannot be read or written, the repository is "
+                 "locked, or an empty data root without --allow-empty",
+             "2 usage or configuration error (an option, the config, a name that does not exist)",
+             "3 the repository is damaged"))
 @repo_or_config
 @click.option("--source", metavar="URL", help="Data root to capture (instead of [cluster] data).")
 @click.option("--name", default="", help="A name to find the snapshot by.")
@@ -43,7 +48,12 @@ def _snap_row(s: Any, now: float, protected_until: float | None) -> list[str]:
                    "on standbys).")
 def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str, ttl: str | None,
                     allow_empty: bool) -> None:
-    """Capture the data root."""
+    """Capture the data root.
+
+    Runs [snapshots] pre_hook and post_hook around the capture; files whose size, mtime, ctime and inode
+    are unchanged are not read again; files that change while read are re-read, then reported as warnings.
+    A data root that is empty where the last snapshot was not is refused unless --allow-empty (an
+    unmounted volume looks like this)."""
     try:
         ttl_s = parse_duration(ttl, "--ttl") if ttl is not None else None
     except ConfigError as e:
@@ -71,7 +81,11 @@ def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str,
     emit(inv, doc, human)
 
 
-@snapshot_grp.command("list")
+@snapshot_grp.command("list", epilog=exits(
+             "0 listed (a damaged protect.json is a warning here; deletions stop on it)",
+             "1 the repository cannot be read",
+             "2 usage or configuration error (an option, the config, a name that does not exist)",
+             "3 the repository is damaged"))
 @repo_or_config
 def snapshot_list(inv: Invocation) -> None:
     """List snapshots, oldest first: in sequence order (SEQ), whatever their capture times say.
@@ -95,12 +109,19 @@ def snapshot_list(inv: Invocation) -> None:
         [_snap_row(s, now, until[s.id]) for s in snaps]))
 
 
-@snapshot_grp.command("show")
+@snapshot_grp.command("show", epilog=exits(
+             "0 shown",
+             "1 the repository cannot be read",
+             "2 no such snapshot, an ambiguous prefix, or a usage error",
+             "3 its document or manifest is damaged"))
 @repo_or_config
 @click.argument("snapshot_id")
 @click.option("--files", is_flag=True, help="List every path too.")
 def snapshot_show(inv: Invocation, snapshot_id: str, files: bool) -> None:
-    """Show one snapshot (ID, unique prefix, name or 'latest')."""
+    """Show one snapshot (ID, unique prefix, name or 'latest').
+
+    Its document (cluster, release, source, parent, sizes, TTL) and capture warnings; --files reads its
+    manifest and lists every path."""
     repo = inv.open_repo()
     info = repo.find_snapshot(snapshot_id)
     doc = info.to_json()
@@ -129,12 +150,19 @@ def snapshot_show(inv: Invocation, snapshot_id: str, files: bool) -> None:
     emit(inv, doc, human)
 
 
-@snapshot_grp.command("diff")
+@snapshot_grp.command("diff", epilog=exits(
+             "0 compared (also when they differ)",
+             "1 the repository cannot be read",
+             "2 no such snapshot, an ambiguous prefix, or a usage error",
+             "3 a manifest is damaged"))
 @repo_or_config
 @click.argument("a")
 @click.argument("b")
 def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
-    """Paths added, removed and changed from snapshot A to snapshot B."""
+    """Paths added, removed and changed from snapshot A to snapshot B.
+
+    Compares the two manifests only (no file is read): a path is changed when its type, mode, size, mtime,
+    link target or chunks differ."""
     repo = inv.open_repo()
     sa, sb = repo.find_snapshot(a), repo.find_snapshot(b)
     d = diff_manifests(repo.open_manifest(sa), repo.open_manifest(sb))
@@ -149,7 +177,12 @@ def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
     emit(inv, doc, human)
 
 
-@snapshot_grp.command("delete")
+@snapshot_grp.command("delete", epilog=exits(
+             "0 deleted",
+             "1 the repository is locked or cannot be written",
+             "2 no such snapshot, or a usage error",
+             "3 the repository is damaged",
+             "4 refused, nothing deleted: a snapshot is protected, or a standby holds applies back"))
 @repo_or_config
 @click.argument("snapshot_ids", nargs=-1, required=True)
 @click.option("--no-prune", is_flag=True, help="Keep unreferenced chunks (run 'drsync repo gc' later).")
@@ -174,7 +207,13 @@ def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bo
     emit(inv, doc, human)
 
 
-@snapshot_grp.command("restore")
+@snapshot_grp.command("restore", epilog=exits(
+             "0 restored (or, --dry-run, the restore would go ahead)",
+             "1 the target or repository cannot be read or written",
+             "2 no such snapshot, or a usage error",
+             "3 a chunk or manifest is damaged (nothing damaged is written)",
+             "4 refused: another cluster id or release, or a foreign target without --overwrite or "
+                 "--delete-extra"))
 @repo_or_config
 @click.argument("snapshot_id")
 @click.option("--target", metavar="URL", help="Where to restore (default: the cluster's data root).")
@@ -182,7 +221,11 @@ def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bo
 @restore_options("snapshot")
 def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, checksum: bool, overwrite: bool,
                      delete_extra: bool, dry_run: bool) -> None:
-    """Restore a snapshot onto the same cluster (same cluster id and release)."""
+    """Restore a snapshot onto the same cluster (same cluster id and release).
+
+    Correct files are left alone; the rest is staged, verified and renamed into place, and what the
+    snapshot lacks is removed. Refused onto another cluster id or release (use a backup to move data
+    between clusters)."""
     repo = inv.open_repo()
     cluster_id = inv.config.cluster.id if inv.config else repo.config.cluster_id
     release = inv.config.cluster.release if inv.config else repo.config.release
@@ -200,7 +243,12 @@ def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, chec
         raise Exit(EXIT_REFUSED, f"dry run: the restore would be refused: {result.refused}")
 
 
-@snapshot_grp.command("expire")
+@snapshot_grp.command("expire", epilog=exits(
+             "0 expired (or, --dry-run, listed)",
+             "1 the repository is locked or cannot be written",
+             "2 usage or configuration error (an option, the config, a name that does not exist)",
+             "3 the repository is damaged",
+             "4 refused: a standby holds applies back"))
 @repo_or_config
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
 @click.option("--break-glass", is_flag=True, help=BREAK_GLASS_HELP)
