@@ -12,7 +12,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # HDFS mini cluster (tests/hadoop: Hadoop 3.5 from Maven Central) that every HDFS test runs against.
 DEB_PACKAGES := rsync restic zookeeper prometheus prometheus-alertmanager chromium faketime maven
 
-.PHONY: help venv system-deps hadoop test lint demo bench reliability proto clean
+.PHONY: help venv system-deps hadoop test lint demo bench reliability proto clean man docs
 
 help:
 	@echo "make demo    - set up and run the snapshot/backup demo on generated data"
@@ -20,6 +20,8 @@ help:
 	@echo "make bench   - drsync against rsync on the same generated data (slow)"
 	@echo "make reliability - the fault trials with many more trials (about 45 minutes)"
 	@echo "make lint    - ruff"
+	@echo "make docs    - regenerate docs/cli.md from every command's --help"
+	@echo "make man     - man pages from the same text in docs/man (man docs/man/drsync-status.1)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && \
@@ -50,6 +52,12 @@ lint: $(STAMP)
 test: $(STAMP) system-deps hadoop lint
 	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
+docs: $(STAMP)
+	PYTHONPATH=. $(PY) scripts/gen_cli_docs.py
+
+man: $(STAMP)
+	PYTHONPATH=. $(PY) scripts/gen_man.py
+
 demo: $(STAMP)
 	bash scripts/demo.sh
 
@@ -67,4 +75,4 @@ proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) demo-work bench-work .pytest_cache tests/hadoop/target java/distcp/target
+	rm -rf $(VENV) demo-work bench-work .pytest_cache tests/hadoop/target java/distcp/target docs/man

@@ -49,6 +49,11 @@ class RefusedError(DrsyncError):
     exit_code = EXIT_REFUSED
 
 
+class FencedError(RefusedError):
+    """A shipment carries an epoch lower than the highest this agent has seen, or its sender may no longer
+    act as primary (the fencing epoch of DESIGN.md)."""
+
+
 class LockedError(OperationFailed):
     """The repository is locked by another process."""
 

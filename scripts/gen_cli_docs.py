@@ -23,7 +23,8 @@ HEAD = """# drsync command reference
 Every command's `--help`, generated from the code by `scripts/gen_cli_docs.py` (a test checks it
 is current). Shell completion: `eval "$(_DRSYNC_COMPLETE=bash_source drsync)"` in `~/.bashrc`
 (`zsh_source` for zsh, `fish_source` for fish). Exit codes: 0 ok, 1 operation failed, 2 usage or
-configuration error, 3 integrity error, 4 refused for safety.
+configuration error, 3 integrity error, 4 refused for safety; each command's help ends with what they
+mean for it. `make man` writes the same text as man pages (`man docs/man/drsync-status.1`).
 """
 
 

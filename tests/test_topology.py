@@ -73,8 +73,9 @@ def test_records_without_an_address_are_not_targets() -> None:
 
 
 def test_a_cascaded_standby_admits_its_upstream_at_the_groups_epoch_only(tmp_path: Path) -> None:
-    from drsync.agent.standby import FencedError, StandbyReceiver
+    from drsync.agent.standby import StandbyReceiver
     from drsync.agent.state import StateStore
+    from drsync.errors import FencedError
     from drsync.repository.repo import Repository
     from drsync.storage.local import LocalStorage
     from drsync.transport import Caller

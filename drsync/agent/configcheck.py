@@ -19,7 +19,6 @@ from typing import Any
 
 from drsync import engine
 from drsync.agent.locks import StateDirLock
-from drsync.agent.loop import open_coordinator
 from drsync.agent.presence import advertise_problem
 from drsync.agent.state import StateStore, state_dir_of, state_dir_owner_problem
 from drsync.config import (
@@ -31,7 +30,7 @@ from drsync.config import (
     read_config_document,
     topology_problem,
 )
-from drsync.coordination import Coordinator, identity_problem
+from drsync.coordination import Coordinator, identity_problem, open_coordinator
 from drsync.dataroot import open_data_root
 from drsync.errors import ConfigError, DrsyncError
 from drsync.transport.grpc import GrpcStandbyLink

@@ -25,14 +25,13 @@ from drsync.agent.fencing import approve_rejoin, fence_env, run_command
 from drsync.agent.history import operator
 from drsync.agent.hold import HoldFile
 from drsync.agent.locks import StateDirLock
-from drsync.agent.loop import open_coordinator
 from drsync.agent.pointintime import RecoveryPoint, choose_point, newer_than, recovery_points
 from drsync.agent.requests import submit
 from drsync.agent.roles import applied_position, format_span, promotion_refusal
 from drsync.agent.state import AgentState, StateStore, state_dir_of
 from drsync.agent.supervisor import has_data
 from drsync.config import Config
-from drsync.coordination import Coordinator, GroupView
+from drsync.coordination import Coordinator, GroupView, open_coordinator
 from drsync.errors import DrsyncError, OperationFailed, RefusedError, UsageError
 from drsync.repository.repo import Repository
 from drsync.units import iso_time

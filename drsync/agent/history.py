@@ -41,8 +41,7 @@ def collect_history(cfg: Config, limit: int) -> list[dict[str, Any]]:
     if cfg.agent.role != "auto":
         raise UsageError(f"drsync history reads the group's history in ZooKeeper: it needs agent.role = \"auto\" "
                          f"(this config fixes the role to {cfg.agent.role!r})")
-    from drsync.agent.loop import open_coordinator
-    from drsync.coordination import HISTORY_KEEP
+    from drsync.coordination import HISTORY_KEEP, open_coordinator
 
     coord = open_coordinator(cfg)
     coord.start()

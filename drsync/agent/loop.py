@@ -33,7 +33,7 @@ from drsync.agent.state import StateStore, state_dir_of, state_dir_owner_problem
 from drsync.agent.status import AgentStatus
 from drsync.agent.supervisor import RoleSupervisor
 from drsync.config import Config, engine_problem, fencing_problem, topology_problem
-from drsync.coordination import Coordinator
+from drsync.coordination import Coordinator, open_coordinator
 from drsync.errors import DrsyncError, RefusedError, UsageError
 from drsync.metrics import AgentMetrics, new_registry, serve
 from drsync.repository.repo import Repository
@@ -53,14 +53,6 @@ LOST_STANDBY_KEEP = 4
 
 def _nan_if_none(v: float | None) -> float:
     return float("nan") if v is None else v  # a gauge without a value: NaN never trips an alert
-
-
-def open_coordinator(cfg: Config, *, connect_timeout_s: float | None = None) -> Coordinator:
-    from drsync.coordination.zookeeper import from_config
-
-    c = cfg.coordination
-    return from_config(c.zookeeper, c.group, session_timeout_s=c.session_timeout, username=c.username,
-                       password=c.password, connect_timeout_s=connect_timeout_s)
 
 
 class Agent:

@@ -4,9 +4,10 @@ The command line (another process, with the agent's config) asks the agent to do
 happen inside it, e.g. apply a snapshot under the receiver's commit lock, never beside a shipment.
 :func:`submit` is the command line's side: when no agent holds the state directory
 (:class:`~drsync.agent.locks.StateDirLock`), it takes the lock itself and carries the request out
-directly with an :class:`~drsync.agent.loop.Agent` opened without network; otherwise it writes a
-request file and waits (bounded) for the reply. The running agent calls :func:`serve_pending` from a thread of
-its own about five times a second.
+directly with an agent its caller opens without network (``open_agent``: the command line passes one
+that makes an :class:`~drsync.agent.loop.Agent`, so this module never imports the wiring above it);
+otherwise it writes a request file and waits (bounded) for the reply. The running agent calls
+:func:`serve_pending` from a thread of its own about five times a second.
 
 Files, in ``<state_dir>/requests/`` (each written whole: temp file, fsync, rename):
 
@@ -44,19 +45,32 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from drsync import fsutil
 from drsync.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, DrsyncError, OperationFailed, UsageError
 
 if TYPE_CHECKING:
-    from drsync.agent.loop import Agent
     from drsync.agent.standby import StandbyReceiver
     from drsync.config import Config
 
 log = logging.getLogger("drsync.agent.requests")
 
-Handler = Callable[["Agent", dict[str, Any]], dict[str, Any]]
+
+class Agent(Protocol):
+    """What a request action needs of the agent that carries it out (:class:`drsync.agent.loop.Agent`)."""
+
+    name: str
+    receiver: StandbyReceiver | None
+
+    @property
+    def acting(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+OpenAgent = Callable[["Config"], Agent]  # an agent of this config opened without network, for direct requests
+Handler = Callable[[Agent, dict[str, Any]], dict[str, Any]]
 ACTIONS: dict[str, Handler] = {}
 REPLY_KEEP_S = 3600.0
 POLL_S = 0.1
@@ -115,14 +129,15 @@ def carry_out(agent: Agent, name: str, args: dict[str, Any], request_id: str = "
 # --- the command line's side ------------------------------------------------------------------
 
 
-def submit(cfg: Config, name: str, args: dict[str, Any], *, wait_s: float) -> Reply:
-    """Have this config's agent carry out ``name``: through the running agent, or here when none runs.
+def submit(cfg: Config, name: str, args: dict[str, Any], *, wait_s: float,
+           open_agent: OpenAgent | None = None) -> Reply:
+    """Have this config's agent carry out ``name``: through the running agent, or here (with the agent
+    ``open_agent`` opens) when none runs.
 
     Returns the reply (``ok`` False with its exit code when refused or failed); raises OperationFailed
     when a running agent did not answer within ``wait_s`` seconds (the message says whether it has
-    the request)."""
+    the request), or when none runs and no ``open_agent`` is given."""
     from drsync.agent.locks import StateDirLock
-    from drsync.agent.loop import Agent
     from drsync.agent.state import state_dir_of
 
     if name not in ACTIONS:
@@ -136,7 +151,10 @@ def submit(cfg: Config, name: str, args: dict[str, Any], *, wait_s: float) -> Re
         request_id = write_request(state_dir, name, args)
         return wait_reply(state_dir, request_id, wait_s=wait_s, what=f"agent {cfg.agent.name}")
     try:
-        agent = Agent(cfg, serve_network=False)
+        if open_agent is None:
+            raise OperationFailed(f"agent {cfg.agent.name} does not run on this machine (its state directory "
+                                  f"{state_dir} is not locked): start it and ask again; nothing was changed")
+        agent = open_agent(cfg)
         try:
             reply = carry_out(agent, name, args)
         finally:

@@ -22,11 +22,10 @@ from typing import Any
 
 from drsync import engine
 from drsync.agent.primary import ShippingPaused, ship_snapshot
-from drsync.agent.standby import FencedError
 from drsync.agent.throttle import TargetBandwidth, local_now
 from drsync.bandwidth import Schedule
 from drsync.config import Config
-from drsync.errors import DrsyncError, RefusedError
+from drsync.errors import DrsyncError, FencedError, RefusedError
 from drsync.metrics import AgentMetrics
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest

@@ -24,7 +24,7 @@ from drsync.agent.intake import ChunkIntake
 from drsync.agent.state import AgentState, StateStore
 from drsync.apply import ApplyResult
 from drsync.dataroot.distcp import DistCpSettings
-from drsync.errors import DrsyncError, RefusedError
+from drsync.errors import DrsyncError, FencedError, RefusedError
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.transport import Caller, ReceivedChunk
@@ -33,10 +33,6 @@ log = logging.getLogger("drsync.agent.standby")
 
 # The same refusal (same sender, same reason) is logged again at most this often (seconds), with a count.
 REFUSAL_LOG_EVERY_S = 300.0
-
-
-class FencedError(RefusedError):
-    """A shipment carries an epoch lower than the highest this agent has seen."""
 
 
 class StandbyReceiver:

@@ -87,7 +87,7 @@ def _maintenance(doc: dict[str, Any] | None) -> dict[str, Any] | None:
 def collect_group_status(cfg: Config) -> dict[str, Any]:
     """The group as ZooKeeper records it: primary, epoch, and every agent it has known, up or down
     (the rules are in :mod:`drsync.agent.presence`)."""
-    from drsync.agent.loop import open_coordinator
+    from drsync.coordination import open_coordinator
 
     coord = open_coordinator(cfg)
     coord.start()

@@ -32,7 +32,7 @@ from drsync.agent.roles import (
     decide_role,
     fencing_ahead,
 )
-from drsync.agent.standby import FencedError, StandbyReceiver
+from drsync.agent.standby import StandbyReceiver
 from drsync.agent.state import StateStore
 from drsync.agent.topology import targets_of
 from drsync.config import Config
@@ -47,7 +47,7 @@ from drsync.coordination import (
     SessionState,
 )
 from drsync.dataroot import open_data_root
-from drsync.errors import DrsyncError
+from drsync.errors import DrsyncError, FencedError
 from drsync.metrics import AgentMetrics
 from drsync.repository.manifest import diff
 from drsync.repository.repo import Repository

@@ -41,10 +41,13 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from drsync.errors import OperationFailed, RefusedError
 from drsync.units import iso_time
+
+if TYPE_CHECKING:
+    from drsync.config import Config
 
 
 class SessionState(enum.Enum):
@@ -293,3 +296,12 @@ class Coordinator(Protocol):
         """Everything a promotion does but taking over: a versioned compare-and-set on a rehearsal node."""
 
     def drills(self, limit: int) -> list[dict[str, Any]]: ...
+
+
+def open_coordinator(cfg: Config, *, connect_timeout_s: float | None = None) -> Coordinator:
+    """The Coordinator of ``cfg``'s group ([coordination]): ZooKeeper, not yet started."""
+    from drsync.coordination.zookeeper import from_config
+
+    c = cfg.coordination
+    return from_config(c.zookeeper, c.group, session_timeout_s=c.session_timeout, username=c.username,
+                       password=c.password, connect_timeout_s=connect_timeout_s)

@@ -1,0 +1,49 @@
+"""The ``drsync`` command line: the root group, with every command family registered on it.
+
+Nothing below imports this package. Every command takes ``--config FILE`` (or ``DRSYNC_CONFIG``);
+one-shot commands can instead take ``--repo`` and ``--source``/``--target``. Errors print one line to
+stderr and exit with the code DESIGN.md fixes; ``--debug`` adds the traceback.
+
+- :mod:`drsync.cli.common`: the invocation (``--config``, ``--repo``, ``--json``, ``--debug``), output
+  (JSON, tables, progress) and the exit an error ends with
+- :mod:`drsync.cli.guards`: what keeps a repository's snapshots (protect window, apply holds)
+- :mod:`drsync.cli.restoring`: the restore options and report shared by snapshot and backup restore
+- :mod:`drsync.cli.repo`: ``init`` and ``repo verify|gc|unlock``
+- :mod:`drsync.cli.snapshot`: ``snapshot create|list|show|diff|delete|restore|expire``
+- :mod:`drsync.cli.backup`: ``backup create|restore|verify|list|prune``
+- :mod:`drsync.cli.agent`: ``agent``, ``apply``, ``drill run``, ``config check`` (one agent's side)
+- :mod:`drsync.cli.group`: ``status``, ``history``, ``promote``, ``switchover``, ``rejoin``,
+  ``replace-identity`` (the group's roles)
+- :mod:`drsync.cli.entry`: ``main`` and the console entry point ``run`` (exit codes, error lines)
+"""
+
+from __future__ import annotations
+
+import click
+
+from drsync import __version__
+from drsync.cli import agent, backup, group, repo, snapshot
+from drsync.cli.common import EXIT_TABLE
+from drsync.cli.entry import main, run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog="\n".join([
+    "\b", "Every command's full help: drsync COMMAND --help, all of them in docs/cli.md",
+    "(and man pages: make man, then man docs/man/drsync-COMMAND.1); the runbook is",
+    "docs/operations.md. Each command's help ends with what its exit codes mean.",
+    "", "\b", "Exit codes (DESIGN.md):", *(f"  {code}  {what}" for code, what in EXIT_TABLE)]))
+@click.version_option(__version__, prog_name="drsync")
+def cli() -> None:
+    """drsync: snapshots, portable backups and a standby cluster kept in sync.
+
+    Every command takes --config FILE (or DRSYNC_CONFIG); one-shot commands (init, snapshot, backup, repo)
+    can name a repository with --repo instead. --json prints one JSON document on stdout; an error is one
+    line on stderr (--debug adds the traceback)."""
+
+
+for _command in (repo.init_cmd, snapshot.snapshot_grp, backup.backup_grp, repo.repo_grp, group.status_cmd,
+                 group.history_cmd, group.promote_cmd, group.rejoin_cmd, group.replace_identity_cmd,
+                 group.switchover_cmd, agent.drill_grp, agent.config_grp, agent.apply_cmd, agent.agent_cmd):
+    cli.add_command(_command)
+
+__all__ = ["cli", "main", "run"]

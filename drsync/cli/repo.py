@@ -1,0 +1,118 @@
+"""``drsync init`` and ``drsync repo verify|gc|unlock``: a repository as a whole.
+"""
+
+from __future__ import annotations
+
+import click
+
+from drsync import engine
+from drsync.cli.common import Exit, Invocation, echo_json, emit, exits, progress, repo_or_config, report_damage
+from drsync.cli.guards import refuse_while_held, state_dir_for
+from drsync.config import parse_duration
+from drsync.errors import EXIT_INTEGRITY, UsageError
+from drsync.protection import human_duration
+from drsync.repository.lock import remove_locks
+from drsync.units import human_size
+
+
+@click.command("init", epilog=exits(
+             "0 created",
+             "1 the storage cannot be written",
+             "2 no --cluster-id or --release (nor a config with them), a bad --protect, or a repository is "
+                 "already there"))
+@repo_or_config
+@click.option("--cluster-id", help="The cluster this repository belongs to.")
+@click.option("--release", help="The release the cluster runs.")
+@click.option("--protect", metavar="DURATION", help="Record this [snapshots] protect window in the repository "
+              "(default: the config's): no snapshot stored less than it ago is deleted, even by commands run "
+              "with --repo alone.")
+def init_cmd(inv: Invocation, cluster_id: str | None, release: str | None, protect: str | None) -> None:
+    """Create a repository.
+
+    Writes the repository's config (cluster id, release, format version) on its storage, and with a
+    protect window its protect.json."""
+    cluster_id = cluster_id or (inv.config.cluster.id if inv.config else None)
+    release = release or (inv.config.cluster.release if inv.config else None)
+    if not cluster_id or not release:
+        raise UsageError("init needs --cluster-id and --release (or --config with [cluster] id and release)")
+    window = (parse_duration(protect, "--protect") if protect is not None else
+              inv.config.snapshots.protect if inv.config else 0.0)
+    repo = engine.init_repository(inv.repo_url(), cluster_id=cluster_id, release=release)
+    if window > 0:
+        engine.record_protection(repo, window, by="drsync init", state_dir=state_dir_for(inv))
+    doc = {"repository": repo.storage.url, "id": repo.config.id, "cluster_id": cluster_id, "release": release,
+           "protect_s": window}
+    emit(inv, doc, lambda: click.echo(f"created repository {repo.storage.url} for cluster {cluster_id} "
+                                      f"(release {release})" + (f"; snapshots are protected for "
+                                                                 f"{human_duration(window)} after they are stored"
+                                                                 if window > 0 else "")))
+
+
+@click.group("repo")
+def repo_grp() -> None:
+    """Repository maintenance: verify, gc, unlock."""
+
+
+@repo_grp.command("verify", epilog=exits(
+             "0 intact",
+             "1 the repository cannot be read",
+             "2 usage or configuration error (an option, the config, a name that does not exist)",
+             "3 damage found (each problem listed)"))
+@repo_or_config
+def repo_verify(inv: Invocation) -> None:
+    """Re-read and re-hash every chunk; exit 3 on corruption.
+
+    Reads every pack, checks each chunk's hash and each snapshot's manifest against the format; the damage
+    found is listed on stderr (--json: in the report)."""
+    repo = inv.open_repo()
+    with progress("verify") as (advance, _total):
+        report = engine.verify_repository(repo, progress=advance)
+    if inv.json:
+        echo_json(report.as_dict())
+        if not report.ok:
+            raise Exit(EXIT_INTEGRITY, f"repository {repo.storage.url} is damaged")
+        return
+    if report.ok:
+        click.echo(f"repository {repo.storage.url} is intact: {report.packs} packs, {report.chunks} chunks, "
+                   f"{report.snapshots} snapshots verified")
+        return
+    problems = list(report.problems) + [f"chunk {c[:16]}: {r}" for c, r in report.damaged_chunks.items()]
+    report_damage(problems, report.damaged_files, f"repository {repo.storage.url} is damaged")
+
+
+@repo_grp.command("gc", epilog=exits(
+             "0 collected (or, --dry-run, what would be freed)",
+             "1 the lock is held or the storage fails",
+             "2 usage or configuration error (an option, the config, a name that does not exist)",
+             "3 the repository is damaged",
+             "4 refused: a standby holds applies back or has an unacknowledged mass change"))
+@repo_or_config
+@click.option("--dry-run", is_flag=True)
+def repo_gc(inv: Invocation, dry_run: bool) -> None:
+    """Delete chunks that no snapshot references.
+
+    Takes the repository's exclusive lock, so no snapshot, upload or commit writes meanwhile; refused
+    while a standby of this repository holds applies back (its older snapshots may be the good copy)."""
+    if not dry_run:
+        refuse_while_held(inv, "collect garbage")
+    report = engine.gc_repository(inv.open_repo(), dry_run=dry_run)
+    emit(inv, report.as_dict(), lambda: click.echo(
+        f"{'would free' if dry_run else 'freed'} {human_size(report.freed_bytes)}: {report.deleted_packs} packs "
+        f"deleted, {report.repacked_packs} repacked, {report.live_chunks} live chunks kept"))
+
+
+@repo_grp.command("unlock", epilog=exits(
+             "0 done (also when nothing was removed)",
+             "1 the storage fails",
+             "2 usage or configuration error (an option, the config, a name that does not exist)"))
+@repo_or_config
+@click.option("--all", "all_locks", is_flag=True, help="Remove every lock, not only stale ones.")
+def repo_unlock(inv: Invocation, all_locks: bool) -> None:
+    """Remove stale locks (of processes that are gone).
+
+    A lock is stale when the process that took it (host and pid) is gone; --all removes live ones too
+    (only when you know no drsync process uses the repository)."""
+    repo = inv.open_repo()
+    removed = remove_locks(repo.storage, all_locks=all_locks)
+    emit(inv, {"removed": [lk.describe() for lk in removed]},
+         lambda: click.echo(f"removed {len(removed)} lock(s)" + "".join(f"\n  {lk.describe()}" for lk in removed)))

@@ -1,0 +1,70 @@
+"""What ``snapshot restore`` and ``backup restore`` share: a target that is not this cluster's data root
+(``--overwrite``, ``--delete-extra``), ``--dry-run`` and the report of what was (or would be) written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from drsync import engine
+from drsync.apply import ApplyResult, ForeignTarget
+from drsync.cli.common import Invocation
+from drsync.repository.manifest import printable
+from drsync.units import human_size
+
+
+def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bool) -> ForeignTarget | None:
+    """A restore onto the cluster's own data root may change whatever is there; onto any other target,
+    overwriting what is there needs --overwrite and removing what the snapshot lacks --delete-extra."""
+    if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
+        return None
+    return ForeignTarget(overwrite=overwrite, delete_extra=delete_extra)
+
+
+def restore_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--overwrite, --delete-extra and --dry-run of the restore commands."""
+    mine = "this cluster's data root"
+    options = [
+        click.option("--overwrite", is_flag=True, help=f"Replace files, links and directories that already exist "
+                     f"in a target other than {mine} and differ from the {what}'s (refused otherwise: exit 4, "
+                     f"nothing changed)."),
+        click.option("--delete-extra", is_flag=True, help=f"Remove what the {what} lacks from a target other than "
+                     f"{mine} (refused otherwise: exit 4, nothing changed)."),
+        click.option("--dry-run", is_flag=True, help="Only list what would be written, overwritten and removed; "
+                     "exit 4 when the restore would be refused."),
+    ]
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def report_restore(what: str, dest: str, result: ApplyResult) -> None:
+    if result.planned is not None:
+        replaced = set(result.planned.get("overwrite", []))
+        click.echo(f"dry run: restoring {what} to {dest} would write {result.written_files} files "
+                   f"({human_size(result.written_bytes)}; {len(replaced)} path(s) overwritten), leave "
+                   f"{result.unchanged_files} unchanged and remove {result.removed}"
+                   + ("; the restore itself would be refused (exit 4)" if result.refused else "")
+                   + "; nothing was changed")
+        listed = [("remove", result.planned.get("remove", [])),
+                  ("replace", sorted(replaced)),
+                  ("write", [p for p in result.planned.get("write", []) if p not in replaced]),
+                  ("mkdir", result.planned.get("mkdir", [])),
+                  ("link", [p for p in result.planned.get("link", []) if p not in replaced])]
+        for kind, paths in listed:
+            for p in paths[:20]:
+                click.echo(f"  {kind:7} {printable(p)}")
+            if len(paths) > 20:
+                click.echo(f"  {kind:7} ... and {len(paths) - 20} more (--json lists all)")
+        return
+    click.echo(f"restored {what} to {dest}: {result.written_files} files written "
+               f"({human_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed")
+    for w in result.warnings:
+        click.echo(f"  note: {w}")
