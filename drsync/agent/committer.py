@@ -651,6 +651,7 @@ class Committer:
             raise
         self._in_flight = None
         os.unlink(self._pending)
+        faults.pause("keep-history")  # tests: committed and recorded, its history snapshot not yet taken
         self._keep_history(info.id)
         return result
 
