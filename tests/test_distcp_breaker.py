@@ -762,7 +762,7 @@ def test_an_operators_snapshot_on_production_keeps_the_source_a_standby_copies_f
         pair.stop_all()
 
 
-# --- kill -9 of the standby in its commit ---------------------------------------------------------
+# --- kill -9 of the standby in its commit, and before its history snapshot ---------------------
 
 
 def _rpc_pair(tmp_path: Path, webhdfs, hdfs_cluster) -> Pair:  # type: ignore[no-untyped-def]
@@ -810,6 +810,33 @@ def test_kill_9_of_a_distcp_standby_in_its_commit_rolls_forward_on_restart(  # t
         assert _applied(pair) == pending
         assert pair.in_sync()  # production is unchanged since the capture: the root is the snapshot
         assert f"{HISTORY_PREFIX}{pending}" in webhdfs.snapshots(root)
+    finally:
+        gate.unlink(missing_ok=True)
+        pair.stop_all()
+
+
+def test_a_distcp_standby_killed_before_its_history_snapshot_takes_it_on_restart(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standby is killed -9 after its apply committed and recorded the snapshot as applied, before
+    it took the history snapshot ``drsync-snap-<id>`` (pause point ``keep-history``). Found:
+    Committer._apply removed its pending record first, and recover() kept history only after replaying
+    a journal, so the applied snapshot stayed without the history restores and point promotions copy
+    from. Now the restarted standby takes it."""
+    gate = _gate(tmp_path, monkeypatch, "keep-history")
+    pair = _distcp_pair(tmp_path, webhdfs, hdfs_cluster)
+    root = pair.standby_site.path("standby-data")
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(Path(f"{gate}.reached").exists, "the standby's apply to be committed", timeout=120)
+        pair.kill("standby")
+        pair.kill("primary", signal.SIGTERM)
+        assert not [n for n in webhdfs.snapshots(root) if n.startswith(HISTORY_PREFIX)]
+        gate.unlink()
+        pair.start("standby")
+        applied = _applied(pair)
+        assert applied and pair.in_sync()
+        assert f"{HISTORY_PREFIX}{applied}" in webhdfs.snapshots(root), webhdfs.snapshots(root)
     finally:
         gate.unlink(missing_ok=True)
         pair.stop_all()
