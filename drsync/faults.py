@@ -12,7 +12,9 @@ Points: ``backup`` (a periodic backup, with the repository's shared lock held, b
 anything), ``gc`` (garbage collection's sweep, with the repository's exclusive lock held),
 ``point-apply`` (a promotion at a recovery point: applies held, before its apply starts),
 ``relay-commit`` (a standby relaying a snapshot to a standby that follows it, before the commit),
-``claim`` (an agent the epoch names, before it takes the primary node: a promotion it never acts on).
+``claim`` (an agent the epoch names, before it takes the primary node: a promotion it never acts on),
+``hdfs-commit`` (an apply onto HDFS with its journal written, before the commit moves anything),
+``keep-history`` (a DistCp-engine standby's apply committed and recorded, before its history snapshot).
 """
 
 from __future__ import annotations

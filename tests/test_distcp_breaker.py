@@ -8,6 +8,7 @@ Two directories of one cluster play production and the standby.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -34,13 +35,6 @@ from tests.sites import HdfsSite, make_site, same_tree
 from tests.test_agents import Pair, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The slower cases whose promise make test covers elsewhere run in make reliability only (each says where).
-FULL_ONLY = os.environ.get("DRSYNC_RELIABILITY") != "full"
-
-
-def reliability_only(covered_by: str) -> pytest.MarkDecorator:
-    return pytest.mark.skipif(FULL_ONLY, reason=f"covered in make test by {covered_by}; runs with "
-                                                f"DRSYNC_RELIABILITY=full (make reliability)")
 HADOOP_CLUSTER = REPO_ROOT / "scripts" / "hadoop-cluster"
 
 
@@ -110,7 +104,6 @@ def _refused_or_synced(pair: Pair, tmp_path: Path, marker: str) -> bool:
 # --- 7. hostile names: a file whose name is in Unicode's decomposed form ------------------------
 
 
-@reliability_only("test_odd_names_and_odd_changes_replicate_by_distcp")
 def test_a_name_in_decomposed_unicode_replicates_by_distcp(tmp_path: Path, webhdfs, hdfs_cluster) -> None:  # type: ignore[no-untyped-def]
     """A file named ``café`` in NFD (``e`` + combining acute, what macOS writes) on production.
 
@@ -334,7 +327,6 @@ def _tamper_in_place(site: HdfsSite, name: str, rel: str) -> None:
     fs.set_permission(path, int(st["permission"], 8))
 
 
-@reliability_only("tests/test_drills.py and test_a_drill_after_switching_to_distcp_checks_the_bytes_of_every_file")
 def test_a_drill_catches_a_damaged_standby_file_and_backups_need_dataless(  # type: ignore[no-untyped-def]
         tmp_path: Path, webhdfs, hdfs_cluster) -> None:
     """Passes today; nothing else checks that a drill of a DistCp standby fails on damaged bytes,
@@ -465,8 +457,6 @@ def test_odd_names_and_odd_changes_replicate_by_distcp(tmp_path: Path, webhdfs, 
 # --- 2. history snapshots once the standby is production ----------------------------------------
 
 
-@reliability_only("test_an_earlier_snapshot_restores_and_promotes_from_the_standbys_own_history and "
-                  "tests/test_hdfs_snapshot_leaks.py")
 def test_history_snapshots_expire_with_their_snapshots_after_the_standby_became_primary(  # type: ignore[no-untyped-def]
         tmp_path: Path, webhdfs, hdfs_cluster) -> None:
     """Disaster recovery by hand with fixed roles: production is lost, the standby's config becomes
@@ -683,7 +673,6 @@ def test_a_fenced_primarys_distcp_shipment_is_refused_and_lag_is_exported(  # ty
 # --- deletion guard: confirming a held DistCp snapshot ------------------------------------------
 
 
-@reliability_only("tests/test_mass_change.py and tests/test_deletion_guard.py (holds and --confirm)")
 def test_a_held_distcp_snapshot_can_be_confirmed(tmp_path: Path, webhdfs, hdfs_cluster) -> None:  # type: ignore[no-untyped-def]
     """README's table: the deletion guard works "the same" with the DistCp engine. A shipment that
     deletes most files (and adds one) is held; the hold stays on the *first* held snapshot
@@ -710,8 +699,9 @@ def test_a_held_distcp_snapshot_can_be_confirmed(tmp_path: Path, webhdfs, hdfs_c
 
         wait_for(lambda: hold().get("snapshot"), "the purge to be held")
         snapshot = hold()["snapshot"]
-        # Later shipments are stored and refused while the first one stays held.
-        wait_for(lambda: hold().get("refused", 0) >= 2, "two more shipments to be refused")
+        # A later shipment is stored and refused while the first one stays held: the primary's capture of it
+        # replaced the held one's HDFS snapshot, had it not been pinned.
+        wait_for(lambda: hold().get("refused", 0) >= 1, "a later shipment to be refused")
         r = run_drsync("apply", "--confirm", snapshot, "--config", pair.standby_cfg, "--json")
         assert r.code == 0, r.err
         # Copied by DistCp from production's snapshot, kept pinned; then the newest one stored behind it,
@@ -726,7 +716,6 @@ def test_a_held_distcp_snapshot_can_be_confirmed(tmp_path: Path, webhdfs, hdfs_c
 # --- 1. production keeps the source snapshot while a standby copies from it ------------------------
 
 
-@reliability_only("tests/test_distcp_engine.py")
 def test_an_operators_snapshot_on_production_keeps_the_source_a_standby_copies_from(  # type: ignore[no-untyped-def]
         tmp_path: Path, webhdfs, hdfs_cluster) -> None:
     """The primary runs one cycle (``--once``; with the default 5m interval the shipment in flight is
@@ -768,6 +757,86 @@ def test_an_operators_snapshot_on_production_keeps_the_source_a_standby_copies_f
         assert r.code == 0, r.err
         assert name in webhdfs.snapshots(prod.path("prod-data")), \
             f"{name}, the source of the standby's copy in flight, was deleted by 'drsync snapshot create'"
+    finally:
+        gate.unlink(missing_ok=True)
+        pair.stop_all()
+
+
+# --- kill -9 of the standby in its commit, and before its history snapshot ---------------------
+
+
+def _rpc_pair(tmp_path: Path, webhdfs, hdfs_cluster) -> Pair:  # type: ignore[no-untyped-def]
+    """A DistCp pair whose agents reach their data roots over the RPC URL (``distcp_url = hdfs://...``)."""
+    pair = _hdfs_pair(tmp_path, webhdfs)
+    rpc = str(hdfs_cluster.info["hdfs"])  # hdfs://drsync-ns, resolved by the cluster's client config
+    _configure(pair, _engine_lines(hdfs_cluster, url=f"{rpc}{pair.prod_site.path('prod-data')}"),
+               _engine_lines(hdfs_cluster, url=f"{rpc}{pair.standby_site.path('standby-data')}"))
+    return pair
+
+
+def _gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str) -> Path:
+    """A pause point (drsync/faults.py) the agents this test starts stop at while the returned file exists."""
+    gates = tmp_path / "gates"
+    gates.mkdir(exist_ok=True)
+    monkeypatch.setenv("DRSYNC_FAULT_PAUSE", str(gates))  # inherited by the agents
+    gate = gates / point
+    gate.touch()
+    return gate
+
+
+def test_kill_9_of_a_distcp_standby_in_its_commit_rolls_forward_on_restart(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine "distcp" over the RPC URL. The standby is killed -9 in the commit step of a shipment:
+    DistCp staged every file and drsync checked them, the journal is written, nothing is moved into the
+    root yet (pause point ``hdfs-commit``). On restart ``Committer.recover`` rolls the commit forward
+    before the agent serves: the root is the snapshot, recorded as applied, and kept as the history
+    snapshot ``drsync-snap-<id>``."""
+    gate = _gate(tmp_path, monkeypatch, "hdfs-commit")
+    pair = _rpc_pair(tmp_path, webhdfs, hdfs_cluster)
+    root = pair.standby_site.path("standby-data")
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(Path(f"{gate}.reached").exists, "the standby's commit to have its journal written", timeout=120)
+        pending = json.loads((tmp_path / "standby-state" / "applying.json").read_text())["snapshot"]
+        assert (tmp_path / "standby-state" / "apply.journal").exists()  # the commit's journal
+        pair.kill("standby")
+        pair.kill("primary", signal.SIGTERM)
+        assert not pair.in_sync()  # nothing was moved into the root
+        assert "running DistCp from hdfs://" in _log(tmp_path, "standby")
+        gate.unlink()
+        pair.start("standby")  # recovers before it serves
+        assert "finished an apply that was interrupted" in _log(tmp_path, "standby")
+        assert _applied(pair) == pending
+        assert pair.in_sync()  # production is unchanged since the capture: the root is the snapshot
+        assert f"{HISTORY_PREFIX}{pending}" in webhdfs.snapshots(root)
+    finally:
+        gate.unlink(missing_ok=True)
+        pair.stop_all()
+
+
+def test_a_distcp_standby_killed_before_its_history_snapshot_takes_it_on_restart(  # type: ignore[no-untyped-def]
+        tmp_path: Path, webhdfs, hdfs_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standby is killed -9 after its apply committed and recorded the snapshot as applied, before
+    it took the history snapshot ``drsync-snap-<id>`` (pause point ``keep-history``). Found:
+    Committer._apply removed its pending record first, and recover() kept history only after replaying
+    a journal, so the applied snapshot stayed without the history restores and point promotions copy
+    from. Now the restarted standby takes it."""
+    gate = _gate(tmp_path, monkeypatch, "keep-history")
+    pair = _distcp_pair(tmp_path, webhdfs, hdfs_cluster)
+    root = pair.standby_site.path("standby-data")
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(Path(f"{gate}.reached").exists, "the standby's apply to be committed", timeout=120)
+        pair.kill("standby")
+        pair.kill("primary", signal.SIGTERM)
+        assert not [n for n in webhdfs.snapshots(root) if n.startswith(HISTORY_PREFIX)]
+        gate.unlink()
+        pair.start("standby")
+        applied = _applied(pair)
+        assert applied and pair.in_sync()
+        assert f"{HISTORY_PREFIX}{applied}" in webhdfs.snapshots(root), webhdfs.snapshots(root)
     finally:
         gate.unlink(missing_ok=True)
         pair.stop_all()

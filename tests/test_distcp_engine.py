@@ -105,7 +105,7 @@ def test_a_capture_for_distcp_reads_no_file_and_keeps_its_snapshot(sites, tmp_pa
             assert not e.external
     assert result.read_bytes == 0 and not result.manifest.chunk_ids()
     # WebHDFS answers MD5-of-MD5-of-CRC32C (it depends on block size and bytes per checksum, which
-    # DistCp -pb keeps), whatever dfs.checksum.combine.mode says: seen on Hadoop 3.5.
+    # DistCp -pbc keeps), whatever dfs.checksum.combine.mode says: seen on Hadoop 3.5.
     assert result.checksum_algorithms and all("CRC32" in a for a in result.checksum_algorithms)
     assert result.content_snapshot in cluster.snapshots(prod.path("prod"))
     # The next capture keeps its own snapshot and deletes the one before (nothing pinned it).
@@ -147,6 +147,35 @@ def test_distcp_stages_verifies_and_commits(sites, hdfs_cluster, tmp_path: Path)
     result = apply_manifest(manifest, _Repo(), target, external=stager)
     assert result.written_files == len(TREE)
     assert same_tree(prod, "standby", prod, "prod")
+
+
+@pytest.mark.parametrize("over", ["webhdfs", "rpc"])
+def test_a_copy_written_with_other_bytes_per_checksum_still_verifies(  # type: ignore[no-untyped-def]
+        over: str, sites, hdfs_cluster, tmp_path: Path) -> None:
+    """DistCp's client writes with ``dfs.bytes-per-checksum`` 1024 (a ``-D`` in the configured
+    ``distcp_command``; production's files have the default 512). Found: with ``-pb`` alone the copy
+    is checksummed with the client's setting (Hadoop 3.5 keeps the source's checksum type only with
+    ``-pc``: RetriableFileCopyCommand.getChecksumOpt), so its HDFS checksum differed from the
+    manifest's and every shipment failed drsync's check. Over ``webhdfs://`` and over the RPC URL
+    (``distcp_url = hdfs://...``, COMPOSITE_CRC)."""
+    cluster, prod = sites
+    manifest, source = _captured(cluster, prod, tmp_path)
+    command = f"{HADOOP_CLUSTER} distcp {hdfs_cluster.dir} -Ddfs.bytes-per-checksum=1024"
+    url = ""
+    if over == "rpc":
+        rpc = str(hdfs_cluster.info["hdfs"])  # hdfs://drsync-ns, resolved by the cluster's client config
+        source = rpc + "/" + source.split("/", 3)[3]
+        url = f"{rpc}{prod.path('standby')}"
+    settings = DistCpSettings.from_strings(command, str(hc.DISTCP_JAR), url, prod.path("standby"))
+    stager = DistCpStager(settings, source, what="test snapshot")
+    result = apply_manifest(manifest, _Repo(), HdfsDataRoot(prod.url("standby")), external=stager)
+    assert result.written_files == len(TREE)
+    assert same_tree(prod, "standby", prod, "prod")
+    fs = HdfsDataRoot(prod.url("standby")).fs
+    for rel, data in TREE.items():
+        if data:
+            assert fs.file_checksum(f"{prod.path('standby')}/{rel}") == \
+                fs.file_checksum(f"{prod.path('prod')}/{rel}"), rel
 
 
 def test_a_copy_that_differs_from_the_checksums_commits_nothing(sites, hdfs_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

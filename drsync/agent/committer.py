@@ -95,8 +95,10 @@ class Committer:
         finished = recover_apply(self.data_root, self.store.journal)
         if finished and doc is not None:
             self._record_applied(doc["snapshot"], doc["captured_at"], doc.get("position") or [])
+        # Without a journal the apply either never changed the root or was recorded already. Recorded, the
+        # root holds it: its history snapshot is taken now if the crash came before (once: idempotent).
+        if doc is not None and self.store.current.applied_snapshot == doc["snapshot"]:
             self._keep_history(doc["snapshot"])
-        # Without a journal the apply either never changed the root or was recorded already.
         if doc is not None:
             os.unlink(self._pending)
         return finished
@@ -208,9 +210,15 @@ class Committer:
             return self._defer(info, manifest, position, stored_at)
         applied = self._applied_manifest()
         if applied is not None and not diff(applied, manifest).paths():
-            # Nothing changed since the applied snapshot: the root already holds it.
+            # Nothing changed since the applied snapshot: the root already holds it. With history (engine
+            # "distcp") recorded and kept under the pending record, as an apply is: recover() takes a history
+            # snapshot a crash lost.
+            if self.distcp is not None:
+                self._write_pending(info, position)
             self._record_applied(info.id, info.captured_at, position)
             self._keep_history(info.id)
+            if self.distcp is not None:
+                os.unlink(self._pending)
             log.debug("snapshot %s has the content of the applied one; nothing to apply", info.id)
             self._release_guard_for(info, f"snapshot {info.id} has the content of the applied snapshot again")
             return ApplyResult(unchanged_files=manifest.file_count())
@@ -635,8 +643,7 @@ class Committer:
                                  what=what, algorithm=info.content_checksum, when_gone=when_gone)
                     if self.distcp is not None and manifest.external_count() else None)
         self._in_flight = token
-        fsutil.atomic_write(self._pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
-                                                       "position": position}).encode())
+        self._write_pending(info, position)
         try:
             result = apply_manifest(
                 manifest, self.repo, self.data_root, what=what, journal=self.store.journal,
@@ -650,9 +657,17 @@ class Committer:
                 raise describe_os_error(e, f"applying snapshot {info.id} on the standby") from None
             raise
         self._in_flight = None
-        os.unlink(self._pending)
+        # The history snapshot before the pending record goes: a crash in between leaves the record, and
+        # recover() takes the history snapshot then.
+        faults.pause("keep-history")  # tests: committed and recorded, its history snapshot not yet taken
         self._keep_history(info.id)
+        os.unlink(self._pending)
         return result
+
+    def _write_pending(self, info: SnapshotInfo, position: list[int]) -> None:
+        """What recover() finishes after a crash: the snapshot being applied (its record and history snapshot)."""
+        fsutil.atomic_write(self._pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
+                                                       "position": position}).encode())
 
     def _check_history_root(self, info: SnapshotInfo) -> None:
         """engine "distcp": a root that cannot be snapshotted would run without the history restores
@@ -671,7 +686,8 @@ class Committer:
 
     def _keep_history(self, snapshot_id: str) -> None:
         """engine "distcp": keep the applied root as HDFS snapshot ``drsync-snap-<id>`` (cheap, and
-        what restore and a promotion to an earlier snapshot copy from). A failure is a warning."""
+        what restore and a promotion to an earlier snapshot copy from). Idempotent: one already taken
+        stays as it is. A failure is a warning."""
         if self.distcp is None:
             return
         try:

@@ -9,14 +9,16 @@ manifest before its journaled commit moves anything into the root:
    the source snapshot to its staging name (``.drsync-staging/<n>``);
 2. ``replication.distcp_command`` runs with the drsync-distcp jar on ``HADOOP_CLASSPATH`` and
    ``-Ddistcp.copy.listing.class=drsync.distcp.ListedCopyListing`` (stock DistCp keeps only
-   basenames when it copies a set of files), block sizes preserved (``-pb``) and
+   basenames when it copies a set of files), block sizes and checksum types preserved (``-pbc``) and
    ``dfs.checksum.combine.mode=COMPOSITE_CRC``, so that DistCp's own copy check holds across
    clusters;
 3. every staged file's size and HDFS checksum (WebHDFS GETFILECHECKSUM, computed by a datanode
    from the blocks' stored CRCs, so no byte is read through drsync) must equal the manifest's;
    otherwise nothing is committed (IntegrityError). WebHDFS answers with MD5-of-MD5-of-CRC32C
    (Hadoop 3.5 ignores ``dfs.checksum.combine.mode`` there), which depends on block size and bytes
-   per checksum: ``-pb`` makes the copy keep both, so the two sides compare.
+   per checksum: ``-pbc`` makes the copy keep them (``-pb`` the block size, ``-pc`` the checksum type and
+   bytes per checksum; with ``-pb`` alone Hadoop 3.5 writes the copy with the DistCp client's own
+   ``dfs.bytes-per-checksum``), so the two sides compare.
 
 The DistCp process can be cancelled (a promotion does not wait for a copy that may take hours):
 it is killed, and the apply ends before its journal, leaving the root as it was.
@@ -188,10 +190,11 @@ class DistCpStager:
         s = self.settings
         # COMPOSITE_CRC lets DistCp's own check compare across block sizes, but only where both sides are
         # read over RPC: a WebHDFS side answers MD5-of-MD5-of-CRC32C whatever the client asks, which
-        # matches the other side's only in that form (-pb keeps block size and checksum type alike).
+        # matches the other side's only in that form: -pb keeps the block size and -pc the checksum type and
+        # bytes per checksum (without -pc the copy gets the DistCp client's dfs.bytes-per-checksum).
         mode = "MD5MD5CRC" if "webhdfs://" in (self.source + target) else "COMPOSITE_CRC"
         args = [*s.command, f"-D{LISTING_KEY}=file://{listing}", f"-Ddistcp.copy.listing.class={LISTING_CLASS}",
-                f"-Ddfs.checksum.combine.mode={mode}", "-pb", self.source, target]
+                f"-Ddfs.checksum.combine.mode={mode}", "-pbc", self.source, target]
         env = dict(os.environ)
         env["HADOOP_CLASSPATH"] = ":".join(p for p in (s.jar, env.get("HADOOP_CLASSPATH", "")) if p)
         if user:  # simple authentication: DistCp acts as the user the data root's URL names

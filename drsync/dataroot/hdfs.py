@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from drsync import fsutil
+from drsync import faults, fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.dataroot.distcp import HISTORY_PREFIX
 from drsync.errors import RefusedError, UsageError
@@ -654,6 +654,7 @@ class HdfsDataRoot:
         an apply on HDFS is bound by round trips, not by the namenode's work. Each call checks what is
         done already, so a replay after a crash at any instant ends in the same tree: what goes away is
         renamed into the numbered trash (present there = done), staged files are moved unless gone."""
+        faults.pause("hdfs-commit")  # tests: the journal is written, nothing moved yet
         fs = self.fs
 
         def writable(e: Entry) -> None:
