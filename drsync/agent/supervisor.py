@@ -47,7 +47,7 @@ from drsync.coordination import (
     SessionState,
 )
 from drsync.dataroot import open_data_root
-from drsync.errors import DrsyncError
+from drsync.errors import DrsyncError, LockedError
 from drsync.metrics import AgentMetrics
 from drsync.repository.manifest import diff
 from drsync.repository.repo import Repository
@@ -165,6 +165,8 @@ class RoleSupervisor:
         # registration now: killed, stopped or cut off. Their last position keeps counting in the lag until
         # they are back or decommissioned (members/<name> deleted). name -> member record (+ "gone_at").
         self.lost_standbys: dict[str, dict[str, Any]] = {}
+        # Before-rejoin snapshots equal to a switchover's final one: deleted once the repository is free.
+        self._redundant: dict[str, bool] = {}  # snapshot id -> its wait for the repository was logged
         self._live_standbys: frozenset[str] = frozenset()
         self._members_read_at = 0.0
         self._advertise_ok: bool | None = None  # does this agent's advertised address answer (None: not checked)
@@ -315,6 +317,8 @@ class RoleSupervisor:
             self.stop_fatally(e)
         except DrsyncError as e:
             log.debug("could not publish this agent's record: %s", e)
+        if self._redundant:
+            self._drop_redundant()
         if self.coord_backoff.succeeded():  # a whole pass went through
             log.info("agent %s: coordination works again (ZooKeeper at %s)", self.name,
                      self.cfg.coordination.zookeeper)
@@ -663,12 +667,8 @@ class RoleSupervisor:
         if unchanged:
             # Nothing was written after the switchover's final snapshot: no second copy needed, unless
             # [snapshots] protect keeps every snapshot this young (it stays then, sharing every chunk).
-            try:
-                protection = engine.protection_of(self.repo, self.cfg.snapshots.protect)
-                if protection is None or not protection.is_protected(info, time.time()):
-                    engine.delete_snapshots(self.repo, [info.id], prune=False)
-            except DrsyncError as e:
-                log.info("agent %s keeps snapshot %s: %s", self.name, info.id, e)
+            self._redundant[info.id] = False
+            self._drop_redundant()
             log.info("agent %s rejoins as standby after the switchover; nothing changed since its final "
                      "snapshot %s", self.name, final)
             return True
@@ -685,6 +685,26 @@ class RoleSupervisor:
         self.store.update(applied_snapshot="", applied_captured_at=0.0, applied_at=0.0, applied_position=(),
                           guard_baseline=info.id)
         return True
+
+    def _drop_redundant(self) -> None:
+        """Delete the before-rejoin snapshots that equal a switchover's final snapshot, without waiting on
+        this (the loop) thread: the exclusive lock a deletion takes is tried once, and while the repository
+        is in use (a backup, a drill, a GC's mark: hours, maybe) the deletion is tried again on a later pass."""
+        for sid, told in list(self._redundant.items()):
+            try:
+                protection = engine.protection_of(self.repo, self.cfg.snapshots.protect)
+                if protection is None or not protection.is_protected(self.repo.find_snapshot(sid), time.time()):
+                    engine.delete_snapshots(self.repo, [sid], prune=False, lock_wait_s=0)
+                    log.log(logging.INFO if told else logging.DEBUG, "agent %s: deleted snapshot %s (the "
+                            "switchover's final snapshot holds the same)", self.name, sid)
+            except LockedError as e:
+                log.log(logging.DEBUG if told else logging.INFO,
+                        "agent %s: snapshot %s is deleted once the repository is free: %s", self.name, sid, e)
+                self._redundant[sid] = True
+                continue
+            except DrsyncError as e:
+                log.info("agent %s keeps snapshot %s: %s", self.name, sid, e)
+            del self._redundant[sid]
 
     def _same_content(self, a: str, b: str) -> bool:
         try:
