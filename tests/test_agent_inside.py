@@ -283,8 +283,8 @@ def test_collections_in_their_mark_hold_up_no_cycle_and_no_switchover(tmp_path: 
     g = Group(tmp_path, zk_server.hosts, group, ["east", "west"],
               extra='switchover_hook = "true"\n[snapshots]\nkeep = { last = 1 }\n')
     try:
-        for name in g.names:
-            g.start(name, env={**os.environ, "DRSYNC_FAULT_PAUSE": str(gates[name])})
+        for name in g.names:  # a lock waited for on a loop thread would hold it for an hour: the test times out
+            g.start(name, env={**os.environ, "DRSYNC_FAULT_PAUSE": str(gates[name]), "DRSYNC_LOCK_WAIT": "3600"})
         assert g.promote("east").code == 0
         wait_for(lambda: g.in_sync("east", "west"), "west to apply production")
         marking = lambda: all((d / "gc-mark.reached").exists() for d in gates.values())  # noqa: E731
