@@ -258,15 +258,17 @@ def record_protection(repo: Repository, window_s: float, *, by: str, state_dir: 
 
 
 def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True, protect_window_s: float = 0.0,
-                     break_glass_dir: str | None = None,
+                     break_glass_dir: str | None = None, lock_wait_s: float | None = None,
                      clock: Callable[[], float] = time.time) -> tuple[list[SnapshotInfo], GcReport | None]:
     """Delete snapshots (briefly under the exclusive lock), then collect garbage (``prune``; see
-    :meth:`Repository.gc`). LockedError when a lock cannot be had within ``LOCK_WAIT_S``.
+    :meth:`Repository.gc`). LockedError when a lock cannot be had within ``lock_wait_s`` (default
+    ``LOCK_WAIT_S``; 0 = give up at once, as the agent's loop thread does: it never waits for a lock).
 
     A snapshot stored less than ``protect_window_s`` seconds ago is protected (:mod:`drsync.protection`):
     RefusedError naming it, and nothing deleted; unless ``break_glass_dir`` (the agent's state directory)
     is given: then each protected one is recorded there and logged at WARNING before it is deleted."""
-    with repo.lock(exclusive=True, wait_s=LOCK_WAIT_S):
+    wait_s = LOCK_WAIT_S if lock_wait_s is None else lock_wait_s
+    with repo.lock(exclusive=True, wait_s=wait_s):
         infos = [repo.find_snapshot(r) for r in refs]
         now = clock()
         protection = protection_of(repo, protect_window_s)
@@ -277,7 +279,7 @@ def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True, p
             record_break_glass(break_glass_dir, protected, protection, now, "drsync snapshot delete --break-glass")
         for info in infos:
             repo.delete_snapshot(info)
-    report = repo.gc(wait_s=LOCK_WAIT_S) if prune else None
+    report = repo.gc(wait_s=wait_s) if prune else None
     return infos, report
 
 

@@ -9,7 +9,8 @@ for the file ``<directory>/<name>``; while it exists drsync writes ``<directory>
 (production) a pause point costs one environment lookup.
 
 Points: ``backup`` (a periodic backup, with the repository's shared lock held, before it copies
-anything), ``gc`` (garbage collection's sweep, with the repository's exclusive lock held),
+anything), ``gc-mark`` (garbage collection's mark, with the repository's shared lock held, after it read every
+snapshot's manifest), ``gc`` (garbage collection's sweep, with the repository's exclusive lock held),
 ``point-apply`` (a promotion at a recovery point: applies held, before its apply starts),
 ``relay-commit`` (a standby relaying a snapshot to a standby that follows it, before the commit),
 ``claim`` (an agent the epoch names, before it takes the primary node: a promotion it never acts on),

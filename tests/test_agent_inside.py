@@ -261,6 +261,126 @@ def test_a_standby_collecting_garbage_is_promoted_at_once(tmp_path: Path, zk_ser
         g.stop_all()
 
 
+def _snapshot_names(g, name: str) -> list[str]:  # type: ignore[no-untyped-def]
+    r = g.drsync(name, "snapshot", "list", "--json")
+    assert r.code == 0, r.err
+    return [str(s["name"]) for s in r.json()]
+
+
+def test_collections_in_their_mark_hold_up_no_cycle_and_no_switchover(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
+    """[snapshots] on both sides: while the primary's and the standby's garbage collections are in their
+    mark (held at its pause point, the repository's shared lock taken, as a mark over millions of chunks
+    would be), production keeps being captured, shipped and applied cycle after cycle, and a switchover
+    to the standby completes. The ex-primary rejoins as a standby at once: the before-rejoin snapshot it
+    no longer needs (nothing changed after the switchover's final snapshot) is deleted once its repository
+    is free, never waited for on its loop thread."""
+    from tests.group import Group
+
+    gates = {n: tmp_path / f"gates-{n}" for n in ("east", "west")}
+    for d in gates.values():
+        d.mkdir()
+        (d / "gc-mark").write_text("hold this agent's garbage collection in its mark\n")
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"],
+              extra='switchover_hook = "true"\n[snapshots]\nkeep = { last = 1 }\n')
+    try:
+        for name in g.names:  # a lock waited for on a loop thread would hold it for an hour: the test times out
+            g.start(name, env={**os.environ, "DRSYNC_FAULT_PAUSE": str(gates[name]), "DRSYNC_LOCK_WAIT": "3600"})
+        assert g.promote("east").code == 0
+        wait_for(lambda: g.in_sync("east", "west"), "west to apply production")
+        marking = lambda: all((d / "gc-mark.reached").exists() for d in gates.values())  # noqa: E731
+        for n in range(20):  # new snapshots on both sides: retention deletes the older ones, then collects
+            if marking():
+                break
+            (g.data["east"] / "catalog" / f"before-gc-{n}.txt").write_text(f"change {n}\n")
+            wait_for(lambda: g.in_sync("east", "west") or marking(), f"change {n} on west")
+        wait_for(marking, "both garbage collections to reach their mark")
+        for n in range(3):  # cycles go on: captured on east, shipped, applied on west
+            (g.data["east"] / "catalog" / f"during-gc-{n}.txt").write_text(f"written while both collect {n}\n")
+            wait_for(lambda: g.in_sync("east", "west"), f"change {n} to reach west while both collections mark")
+        assert json.loads(_get(g.metrics["east"], "/status.json"))["maintenance"] == "retention"
+        r = g.drsync("west", "switchover", "--json")
+        assert r.code == 0, r.err
+        assert r.json()["to"] == "west" and g.primary() == ("west", 2)
+        g.wait_role("east", "standby")
+        (g.data["west"] / "catalog" / "after-switchover.txt").write_text("written on the new primary\n")
+        wait_for(lambda: g.in_sync("west", "east"), "east to apply the new primary's change")
+        assert all((d / "gc-mark").exists() for d in gates.values()), "nothing may have waited for a collection"
+        assert not any("fault trial: gc-mark resumed" in g.log(n) for n in g.names)
+        # East's collection holds its repository: the redundant before-rejoin snapshot waits (east did not).
+        assert any(s.startswith("before-rejoin") for s in _snapshot_names(g, "east"))
+        for d in gates.values():
+            (d / "gc-mark").unlink()
+        for name in g.names:
+            wait_for(lambda n=name: "fault trial: gc-mark resumed" in g.log(n), f"{name}'s collection to go on")
+        wait_for(lambda: not any(s.startswith("before-rejoin") for s in _snapshot_names(g, "east")),
+                 "east to delete its redundant before-rejoin snapshot once its repository is free")
+        for name in g.names:
+            r = g.drsync(name, "repo", "verify")
+            assert r.code == 0, r.out + r.err
+    finally:
+        g.stop_all()
+
+
+def test_the_status_page_reads_one_pass_of_the_group(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
+    """The group as one coordination pass read it (view, agents, standbys fed and lost) is one immutable
+    object, replaced whole: the status page, read on other threads while passes replace it, never shows
+    the primary and epoch of one pass with the agents table of another."""
+    from drsync.agent.loop import Agent
+    from drsync.agent.supervisor import GroupSeen
+    from drsync.config import load_config
+    from drsync.coordination import Epoch, GroupView, PrimaryClaim, SessionState
+    from tests.group import Group
+
+    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"])
+    agent = Agent(load_config(str(g.cfg["east"])), serve_network=False)
+    coord, agent.supervisor.coord = agent.supervisor.coord, None  # never started: the test publishes the passes
+    passes = []
+    for epoch, (primary, standby) in enumerate((("east", "west"), ("west", "east")), start=1):
+        view = GroupView(SessionState.CONNECTED, Epoch(epoch, primary), PrimaryClaim(primary, g.addr[primary], epoch,
+                                                                                     0.0))
+        agents = {primary: {"role": "primary", "address": g.addr[primary], "epoch": epoch},
+                  standby: {"role": "standby", "address": g.addr[standby], "epoch": epoch, "lag_s": 1.0}}
+        passes.append(GroupSeen.of(view, agents, {}, {}))
+    seen = passes[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        seen.view = passes[1].view  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        seen.agents["north"] = {}  # type: ignore[index]
+    failures: list[str] = []
+    done = threading.Event()
+
+    def publisher() -> None:
+        n = 0
+        while not done.is_set():
+            agent.supervisor.seen = passes[n % 2]
+            n += 1
+
+    def reader() -> None:
+        for _ in range(200):
+            doc = agent.status.doc()
+            primaries = [(a["name"], a["epoch"]) for a in doc["agents"] if a["role"] == "primary"]
+            if primaries != [(doc["primary"], doc["epoch"])]:
+                failures.append(f"primary {doc['primary']} at epoch {doc['epoch']}, agents {doc['agents']}")
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=publisher)] + [threading.Thread(target=reader) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads[1:]:
+            t.join()
+    finally:
+        done.set()
+        threads[0].join()
+        sys.setswitchinterval(old_interval)
+        agent.close()
+        if coord is not None:
+            coord.close()
+        g.stop_all()
+    assert not failures, failures[:3]
+
+
 def test_a_frozen_standby_holds_up_no_other(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
     """Each standby has its own shipper: with one standby frozen (SIGSTOP: it accepts connections and
     never answers), the other keeps receiving every change, and the frozen one catches up when thawed."""

@@ -253,7 +253,16 @@ class Committer:
         if any(p[0] == info.id for p in st.pending):
             return ApplyResult()  # a retried commit
         self._judge(info, self._known_root(), manifest, position)  # alert mode: flagged when it is applied
-        self.store.update(pending=(*st.pending, (info.id, info.captured_at, tuple(position), stored_at)))
+        from drsync.agent.state import AgentState
+
+        entry = (info.id, info.captured_at, tuple(position), stored_at)
+
+        def queued(s: AgentState) -> AgentState:  # read and written under the store's own lock: nothing lost
+            if any(p[0] == info.id for p in s.pending):
+                return s
+            return dataclasses.replace(s, pending=(*s.pending, entry))
+
+        self.store.transform(queued)
         log.info("snapshot %s stored; applied at %s (replication.apply_delay %s)", info.id,
                  iso(self._due_at(info.captured_at, stored_at)), format_span(self.apply_delay_s))
         self._release_guard_for(info, f"snapshot {info.id}, shipped after it, passes the guards")

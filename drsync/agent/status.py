@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # the running agent's parts, as AgentStatus reads them (the c
     from drsync.agent.maintenance import MaintenanceWorker
     from drsync.agent.shipper import Replication
     from drsync.agent.state import StateStore
-    from drsync.agent.supervisor import RoleSupervisor
+    from drsync.agent.supervisor import GroupSeen, RoleSupervisor
 
 # How long the health check of an agent whose port accepts connections may take.
 PROBE_HEALTH_S = 2.0
@@ -343,20 +343,21 @@ class AgentStatus:
 
     # --- lag ------------------------------------------------------------------------------------------
 
-    def lag(self) -> float | None:
+    def lag(self, seen: GroupSeen | None = None) -> float | None:
         """This agent's lag (standby) or its standbys' (primary), always on the primary's clock. A standby
         that vanished (killed, stopped, cut off) counts with its last known position until it is back or
-        decommissioned: its lag keeps growing."""
+        decommissioned: its lag keeps growing. ``seen``: the group as one pass read it (default: the last)."""
         if self.supervisor.acting == "standby":
             return self.store.current.lag_s()
+        seen = self.supervisor.seen if seen is None else seen
         lag = lag_s(self.replication.applied_captured_at() or 0.0)  # its own stamps, its own clock
         if lag is None and self.auto:
             # No shipment has reached every standby since this agent started (they fail): the last
             # lag each standby published (on the primary's clock), not "unknown".
-            published = [float(r["lag_s"]) for r in self.supervisor.agents.values()
+            published = [float(r["lag_s"]) for r in seen.agents.values()
                          if r.get("role") == "standby" and r.get("lag_s") is not None]
             lag = max(published) if published else None
-        lost = [lag_s(at) for at in self.lost_positions().values()]
+        lost = [lag_s(at) for at in self.lost_positions(seen).values()]
         known = [x for x in (lag, *lost) if x is not None]
         return max(known) if known else None
 
@@ -368,14 +369,15 @@ class AgentStatus:
         """The capture time of what is applied: this standby's, or as primary the oldest of its standbys'."""
         if self.supervisor.acting == "standby":
             return self.store.current.applied_captured_at or None
-        known = [t for t in (self.replication.applied_captured_at(), *self.lost_positions().values()) if t]
+        lost = self.lost_positions(self.supervisor.seen).values()
+        known = [t for t in (self.replication.applied_captured_at(), *lost) if t]
         return min(known) if known else None
 
-    def lost_positions(self) -> dict[str, float]:
+    def lost_positions(self, seen: GroupSeen) -> dict[str, float]:
         """As primary: the capture time last known applied on each standby that vanished (name -> time on
         this primary's clock): the newer of its persistent member record and this primary's last shipment."""
         out: dict[str, float] = {}
-        for name, m in list(self.supervisor.lost_standbys.items()):
+        for name, m in seen.lost_standbys.items():
             last = self.replication.last_positions.get(str(m.get("address") or ""))
             at = max(float(m.get("applied_captured_at") or 0.0), last.captured_at if last else 0.0)
             if at:
@@ -384,10 +386,10 @@ class AgentStatus:
 
     # --- the document ------------------------------------------------------------------------------
 
-    def _agents(self) -> tuple[list[dict[str, Any]], str | None, int, str]:
-        """The agents table, the primary, the epoch and ZooKeeper's state."""
+    def _agents(self, seen: GroupSeen) -> tuple[list[dict[str, Any]], str | None, int, str]:
+        """The agents table, the primary, the epoch and ZooKeeper's state, from one pass's ``seen``."""
         sup, st, acting = self.supervisor, self.store.current, self.supervisor.acting
-        view = sup.view
+        view = seen.view
         if not self.auto:
             agents = [{"name": self.name, "role": acting, "address": sup.address, "epoch": st.epoch,
                        "applied_snapshot": st.applied_snapshot or None,
@@ -400,8 +402,8 @@ class AgentStatus:
                                "lag_s": lag_s(p.captured_at) if p and p.snapshot else None})
             return agents, self.name if acting == "primary" else None, st.epoch, "not used (fixed roles)"
         agents = []
-        fed = feeders(view.primary.agent if view is not None and view.primary is not None else "", sup.agents)
-        for name, r in sorted(sup.agents.items()):
+        fed = feeders(view.primary.agent if view is not None and view.primary is not None else "", seen.agents)
+        for name, r in sorted(seen.agents.items()):
             # The lag each standby publishes (primary's clock), never recomputed with this clock.
             lag = st.lag_s() if name == self.name else r.get("lag_s")
             agents.append({"name": name, "state": "up", "role": r.get("role"), "address": r.get("address"),
@@ -409,8 +411,8 @@ class AgentStatus:
                            "lag_s": round(float(lag), 3) if lag is not None and r.get("role") == "standby"
                            else None, "last_refusal": r.get("last_refusal"), "upstream": r.get("upstream"),
                            "fed_by": fed.get(name)})
-        positions = self.lost_positions()
-        for name, m in sorted(sup.lost_standbys.items()):  # it stays listed, down, its lag growing
+        positions = self.lost_positions(seen)
+        for name, m in sorted(seen.lost_standbys.items()):  # it stays listed, down, its lag growing
             lag = lag_s(positions.get(name, 0.0))
             agents.append({"name": name, "state": "down", "role": "standby (down)", "address": m.get("address"),
                            "epoch": m.get("epoch"), "applied_snapshot": m.get("applied_snapshot"),
@@ -423,7 +425,8 @@ class AgentStatus:
 
     def doc(self) -> dict[str, Any]:
         """The status document (times in Unix seconds; :meth:`page_json` adds ISO 8601)."""
-        agents, primary, epoch, zk = self._agents()
+        seen = self.supervisor.seen  # read once: the table, the primary, the epoch and the lag of one pass
+        agents, primary, epoch, zk = self._agents(seen)
         try:
             snaps = self.repo.list_snapshots()[-5:]
         except DrsyncError:
@@ -433,7 +436,7 @@ class AgentStatus:
                              for s in r.get("steps", [])]} for r in self.drill_reports(10)]
         return {"group": self.cfg.coordination.group, "agent": self.name,
                 "role": self.supervisor.acting + (" (paused)" if self.supervisor.paused else ""), "epoch": epoch,
-                "primary": primary, "zookeeper": zk, "agents": agents, "lag_s": self.lag(),
+                "primary": primary, "zookeeper": zk, "agents": agents, "lag_s": self.lag(seen),
                 "lag_history": self.activity.lag_history(), "lag_window_s": LAG_WINDOW_S,
                 "snapshots": [{"id": s.id, "kind": s.kind, "captured_at": s.captured_at, "files": s.files,
                                "bytes": s.bytes} for s in reversed(snaps)],

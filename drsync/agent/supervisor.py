@@ -17,7 +17,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from drsync import engine, faults
@@ -47,7 +49,7 @@ from drsync.coordination import (
     SessionState,
 )
 from drsync.dataroot import open_data_root
-from drsync.errors import DrsyncError, FencedError
+from drsync.errors import DrsyncError, FencedError, LockedError
 from drsync.metrics import AgentMetrics
 from drsync.repository.manifest import diff
 from drsync.repository.repo import Repository
@@ -106,6 +108,30 @@ def has_data(root: str) -> bool:
         return False
 
 
+def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d))
+
+
+@dataclass(frozen=True)
+class GroupSeen:
+    """What one coordination pass read of the group, published whole: the view (epoch, primary claim),
+    the live agents' records, the standbys this agent ships to (address -> name) and, as primary, the
+    standbys gone from the group (name -> last member record + ``gone_at``). The supervisor replaces it
+    with one assignment per pass; a reader on another thread (the status page, the metrics) takes
+    :attr:`RoleSupervisor.seen` once and reads every part from it, never parts of two passes. Nothing in
+    it changes once published (the mappings are read-only)."""
+
+    view: GroupView | None = None
+    agents: Mapping[str, dict[str, Any]] = field(default_factory=lambda: _frozen({}))
+    feeding: Mapping[str, str] = field(default_factory=lambda: _frozen({}))
+    lost_standbys: Mapping[str, dict[str, Any]] = field(default_factory=lambda: _frozen({}))
+
+    @classmethod
+    def of(cls, view: GroupView | None, agents: Mapping[str, dict[str, Any]], feeding: Mapping[str, str],
+           lost_standbys: Mapping[str, dict[str, Any]]) -> GroupSeen:
+        return cls(view, _frozen(agents), _frozen(feeding), _frozen(lost_standbys))
+
+
 class RoleSupervisor:
     def __init__(self, cfg: Config, *, repo: Repository, store: StateStore, receiver: StandbyReceiver | None,
                  coord: Coordinator | None, data_root: str, state_dir: str, metrics: AgentMetrics,
@@ -130,12 +156,14 @@ class RoleSupervisor:
         self.paused = False
         self.fatal: DrsyncError | None = None  # set when the agent must stop
         self.cycle_now = threading.Event()  # set when the primary should capture and ship at once
-        self.view: GroupView | None = None
         self.last_decision: RoleDecision | None = None
-        self.agents: dict[str, dict[str, Any]] = {}
-        # The standbys this agent ships to (address -> agent name): as primary those it feeds, as a standby
-        # those that follow it (replication.upstream); drsync.agent.topology decides.
-        self.feeding: dict[str, str] = {}
+        # The group as the last pass read it (GroupSeen: one object, replaced whole). Its feeding: the standbys
+        # this agent ships to, as primary those it feeds, as a standby those that follow it
+        # (replication.upstream); drsync.agent.topology decides. Its lost_standbys, as primary: standbys the
+        # group has known (members/<name>, last role standby) that have no live registration now (killed,
+        # stopped or cut off); their last position keeps counting in the lag until they are back or
+        # decommissioned (members/<name> deleted).
+        self.seen = GroupSeen()
         self._primary_absent_since: float | None = None
         self._registered: tuple[Any, ...] = ()
         self._registered_at = 0.0
@@ -161,10 +189,8 @@ class RoleSupervisor:
         self.heartbeat = Heartbeat(coord, self.name) if coord is not None else None
         self._claimed = False  # this process has held the primary claim (a claim again is after a lost session)
         self.coord_backoff = Backoff(COORD_RETRY_FIRST_S, COORD_RETRY_MAX_S)
-        # As primary: standbys the group has known (members/<name>, last role standby) that have no live
-        # registration now: killed, stopped or cut off. Their last position keeps counting in the lag until
-        # they are back or decommissioned (members/<name> deleted). name -> member record (+ "gone_at").
-        self.lost_standbys: dict[str, dict[str, Any]] = {}
+        # Before-rejoin snapshots equal to a switchover's final one: deleted once the repository is free.
+        self._redundant: dict[str, bool] = {}  # snapshot id -> its wait for the repository was logged
         self._live_standbys: frozenset[str] = frozenset()
         self._members_read_at = 0.0
         self._advertise_ok: bool | None = None  # does this agent's advertised address answer (None: not checked)
@@ -173,6 +199,23 @@ class RoleSupervisor:
             coord.add_listener(self._on_session)
 
     # --- what other parts ask -----------------------------------------------------------
+
+    # One part of :attr:`seen` each (a reader that needs two parts takes ``seen`` once instead).
+    @property
+    def view(self) -> GroupView | None:
+        return self.seen.view
+
+    @property
+    def agents(self) -> Mapping[str, dict[str, Any]]:
+        return self.seen.agents
+
+    @property
+    def feeding(self) -> Mapping[str, str]:
+        return self.seen.feeding
+
+    @property
+    def lost_standbys(self) -> Mapping[str, dict[str, Any]]:
+        return self.seen.lost_standbys
 
     @property
     def acting_primary(self) -> bool:
@@ -272,14 +315,14 @@ class RoleSupervisor:
                 return None
             if self.heartbeat is not None:
                 self.heartbeat.start()
+        seen = self.seen
         try:
             view = coord.view()
         except CoordinationUnavailable:
             state = coord.state if coord.state is not SessionState.CONNECTED else SessionState.SUSPENDED
-            last = self.view or GroupView(state, Epoch(), None)
+            last = seen.view or GroupView(state, Epoch(), None)
             return self._decide(GroupView(state, last.epoch, last.primary if state is SessionState.SUSPENDED
                                           else None))
-        self.view = view
         now = time.monotonic()
         if view.primary is None:
             self._primary_absent_since = self._primary_absent_since or now
@@ -295,17 +338,14 @@ class RoleSupervisor:
             agents = coord.agents()
         except DrsyncError:
             agents = {}
-        previous = set(self.feeding)
+        feeding: Mapping[str, str] = seen.feeding
         if agents:  # unreadable: keep shipping where it went
             primary = self.name if self.acting == "primary" else view.primary.agent if view.primary else ""
-            self.feeding = targets_of(self.name, primary, agents)
-        if set(self.feeding) - previous:
+            feeding = targets_of(self.name, primary, agents)
+        lost = self._track_standbys(coord, agents, seen.lost_standbys) if self.acting == "primary" else {}
+        self.seen = GroupSeen.of(view, agents, feeding, lost)  # the pass's one view, published whole
+        if set(feeding) - set(seen.feeding):
             self.cycle_now.set()  # a standby (re)joined: ship to it now, not one interval later
-        self.agents = agents
-        if self.acting == "primary":
-            self._track_standbys(coord, agents)
-        elif self.lost_standbys:
-            self.lost_standbys = {}
         decision = self._decide(view, agents=agents)
         if self.acting == "primary" and view.switchover and not self.paused:
             self.on_switchover(view)
@@ -315,33 +355,36 @@ class RoleSupervisor:
             self.stop_fatally(e)
         except DrsyncError as e:
             log.debug("could not publish this agent's record: %s", e)
+        if self._redundant:
+            self._drop_redundant()
         if self.coord_backoff.succeeded():  # a whole pass went through
             log.info("agent %s: coordination works again (ZooKeeper at %s)", self.name,
                      self.cfg.coordination.zookeeper)
         return decision
 
-    def _track_standbys(self, coord: Coordinator, agents: dict[str, dict[str, Any]]) -> None:
-        """As primary: notice a standby of the group that has no live registration any more (and one that
-        is back), one WARNING per change. Members are re-read when the live standbys change, else every
-        REGISTER_EVERY_S."""
+    def _track_standbys(self, coord: Coordinator, agents: dict[str, dict[str, Any]],
+                        before_lost: Mapping[str, dict[str, Any]]) -> Mapping[str, dict[str, Any]]:
+        """As primary: the standbys of the group that have no live registration any more (``before_lost``:
+        the last pass's), one WARNING per change (and one line for one that is back). Members are re-read
+        when the live standbys change, else every REGISTER_EVERY_S."""
         live = frozenset(n for n, r in agents.items() if r.get("role") == "standby" and n != self.name)
         now = time.monotonic()
         if live == self._live_standbys and now - self._members_read_at < REGISTER_EVERY_S:
-            return
+            return before_lost
         try:
             members = coord.members()
         except DrsyncError as e:
             log.debug("agent %s: could not read the group's members: %s", self.name, e)
-            return
+            return before_lost
         self._live_standbys, self._members_read_at = live, now
         lost: dict[str, dict[str, Any]] = {}
         for name, m in members.items():
             if name == self.name or m.record is not None or m.member.get("role") != "standby":
                 continue
-            before = self.lost_standbys.get(name)
+            before = before_lost.get(name)
             lost[name] = {**m.member, "gone_at": before["gone_at"] if before else time.time()}
         base = f"/drsync/{self.cfg.coordination.group}/members"
-        for name in sorted(lost.keys() - self.lost_standbys.keys()):
+        for name in sorted(lost.keys() - before_lost.keys()):
             m = lost[name]
             how = (f"stopped cleanly ({m.get('left_reason') or 'agent stopped'})" if m.get("left_at") else
                    "its ZooKeeper session ended without a clean stop (killed, crashed or cut off)")
@@ -349,12 +392,12 @@ class RoleSupervisor:
                         "keeps counting from it until it is back, or until it is decommissioned (zkCli.sh delete "
                         "%s/%s)", self.name, name, m.get("address") or "?", how, m.get("applied_snapshot") or "none",
                         base, name)
-        for name in sorted(self.lost_standbys.keys() - lost.keys()):
+        for name in sorted(before_lost.keys() - lost.keys()):
             back = name in live
             log.log(logging.INFO if back else logging.WARNING, "agent %s: standby %s %s", self.name, name,
                     "is back" if back else "was decommissioned (its members record is gone); its lag no longer "
                                            "counts")
-        self.lost_standbys = lost
+        return lost
 
     def stop_fatally(self, e: DrsyncError) -> None:
         log.error("agent %s stops: %s", self.name, e)
@@ -663,12 +706,8 @@ class RoleSupervisor:
         if unchanged:
             # Nothing was written after the switchover's final snapshot: no second copy needed, unless
             # [snapshots] protect keeps every snapshot this young (it stays then, sharing every chunk).
-            try:
-                protection = engine.protection_of(self.repo, self.cfg.snapshots.protect)
-                if protection is None or not protection.is_protected(info, time.time()):
-                    engine.delete_snapshots(self.repo, [info.id], prune=False)
-            except DrsyncError as e:
-                log.info("agent %s keeps snapshot %s: %s", self.name, info.id, e)
+            self._redundant[info.id] = False
+            self._drop_redundant()
             log.info("agent %s rejoins as standby after the switchover; nothing changed since its final "
                      "snapshot %s", self.name, final)
             return True
@@ -685,6 +724,26 @@ class RoleSupervisor:
         self.store.update(applied_snapshot="", applied_captured_at=0.0, applied_at=0.0, applied_position=(),
                           guard_baseline=info.id)
         return True
+
+    def _drop_redundant(self) -> None:
+        """Delete the before-rejoin snapshots that equal a switchover's final snapshot, without waiting on
+        this (the loop) thread: the exclusive lock a deletion takes is tried once, and while the repository
+        is in use (a backup, a drill, a GC's mark: hours, maybe) the deletion is tried again on a later pass."""
+        for sid, told in list(self._redundant.items()):
+            try:
+                protection = engine.protection_of(self.repo, self.cfg.snapshots.protect)
+                if protection is None or not protection.is_protected(self.repo.find_snapshot(sid), time.time()):
+                    engine.delete_snapshots(self.repo, [sid], prune=False, lock_wait_s=0)
+                    log.log(logging.INFO if told else logging.DEBUG, "agent %s: deleted snapshot %s (the "
+                            "switchover's final snapshot holds the same)", self.name, sid)
+            except LockedError as e:
+                log.log(logging.DEBUG if told else logging.INFO,
+                        "agent %s: snapshot %s is deleted once the repository is free: %s", self.name, sid, e)
+                self._redundant[sid] = True
+                continue
+            except DrsyncError as e:
+                log.info("agent %s keeps snapshot %s: %s", self.name, sid, e)
+            del self._redundant[sid]
 
     def _same_content(self, a: str, b: str) -> bool:
         try:
