@@ -118,7 +118,7 @@ def test_point_choices_are_refused_with_a_reason(make_group) -> None:  # type: i
     r = g.promote("west", "--to-snapshot", "nosuchsnapshot", "--force")
     assert r.code == 2 and "is not a snapshot this standby holds" in r.err and len(r.err.strip().splitlines()) == 1
     r = g.promote("west", "--before", "2001-01-01T00:00:00Z", "--force")
-    assert r.code == 2 and "no snapshot captured at or before 2001-01-01" in r.err
+    assert r.code == 2 and "no snapshot it stored at or before 2001-01-01" in r.err
     r = g.promote("west", "--before", "yesterday-ish", "--force")
     assert r.code == 2 and "ISO 8601" in r.err
     assert g.primary() == ("east", 1)  # nothing changed
@@ -206,7 +206,8 @@ def test_recovery_points_are_chosen_by_id_prefix_name_or_time() -> None:
     snaps = [snap(1, 100.0), snap(2, 200.0, "nightly"), snap(3, 300.0), snap(4, 400.0)]
     other = SnapshotInfo(id="ff" * 32, captured_at=250.0, cluster_id="elsewhere", release="1", manifest_hash="")
     state = AgentState(applied_snapshot=snaps[3].id, pending=((snaps[2].id, 300.0, (1, 3)),))
-    pts = recovery_points([*snaps, other], state, cluster_id="c", held="")
+    stored = {s.id: s.captured_at for s in [*snaps, other]}  # stored as captured (one honest machine)
+    pts = recovery_points([*snaps, other], state, cluster_id="c", held="", stored_at=stored)
     assert [p.state for p in pts] == ["stored", "stored", "pending", "applied"]  # other clusters left out
     assert choose_point(pts, to_snapshot=snaps[0].id).id == snaps[0].id
     assert choose_point(pts, to_snapshot=snaps[1].id[:8]).id == snaps[1].id
@@ -217,9 +218,38 @@ def test_recovery_points_are_chosen_by_id_prefix_name_or_time() -> None:
         choose_point(pts, to_snapshot="abcdef")  # a prefix of every one
     with pytest.raises(UsageError, match="not a snapshot this standby holds"):
         choose_point(pts, to_snapshot="abc")  # too short to be taken as a prefix
-    with pytest.raises(UsageError, match="no snapshot captured at or before"):
+    with pytest.raises(UsageError, match="no snapshot it stored at or before"):
         choose_point(pts, before=50.0)
     assert isinstance(pts[0], RecoveryPoint)
+
+
+def test_points_are_ordered_and_chosen_by_the_standbys_arrival_not_a_backdated_capture() -> None:
+    """A hostile primary ships damaged snapshots whose documents claim old capture times. The standby orders
+    its points by its own arrival (repository sequence) and --before judges by when it stored each one: the
+    backdated damage is neither picked by --before nor left out of the snapshots kept newer than the point."""
+    def snap(i: int, captured: float) -> SnapshotInfo:
+        return SnapshotInfo(id=f"{i:02d}" + "0" * 62, captured_at=captured, cluster_id="c", release="1",
+                            manifest_hash="", seq=i, kind="received")
+
+    good1, good2 = snap(1, 100.0), snap(2, 200.0)
+    damaged1 = snap(3, 50.0)  # claims a capture before every good one
+    damaged2 = snap(4, 240.0)  # claims a capture before the operator's --before time (250)
+    late = snap(5, 260.0)  # listed, but its stored time is not known yet (committed after the listing)
+    stored = {good1.id: 110.0, good2.id: 210.0, damaged1.id: 310.0, damaged2.id: 410.0}
+    state = AgentState(applied_snapshot=damaged2.id)
+    pts = recovery_points([damaged2, late, good1, damaged1, good2], state, cluster_id="c", stored_at=stored)
+    assert [p.id for p in pts] == [good1.id, good2.id, damaged1.id, damaged2.id, late.id]  # arrival order
+    assert pts[0].as_dict()["stored_at"] == 110.0 and pts[-1].as_dict()["stored_at"] is None
+    # By capture time, 250 would pick damaged2 (captured 240, the newest capture at or before it); by the
+    # standby's own stored time it is good2, the newest snapshot stored at or before 250.
+    assert choose_point(pts, before=250.0).id == good2.id
+    assert choose_point(pts, before=209.9).id == good1.id
+    assert choose_point(pts, before=10_000.0).id == damaged2.id  # the unknown stored time counts as now
+    # Every snapshot that arrived after the point is kept and named, the backdated one too.
+    assert [p.id for p in newer_than(pts, pts[1])] == [damaged1.id, damaged2.id, late.id]
+    assert newer_than(pts, pts[-1]) == []
+    with pytest.raises(UsageError, match="stored at or before"):
+        choose_point(pts, before=105.0)  # good1 was captured before 105 but stored after it
 
 
 def test_before_takes_iso_unix_or_a_span_ago() -> None:

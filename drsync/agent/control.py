@@ -226,7 +226,8 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
                       if state.applied_snapshot and extra else None)
     repo = engine.open_repository(cfg.cluster.repository)
     held = HoldFile(state_dir_of(cfg)).load().snapshot
-    points = recovery_points(repo.list_snapshots(), state, cluster_id=cfg.cluster.id, held=held)
+    points = recovery_points(repo.list_snapshots(), state, cluster_id=cfg.cluster.id, held=held,
+                             stored_at=repo.snapshot_stored_times())
     if point.explicit:
         try:
             chosen = choose_point(points, to_snapshot=point.to_snapshot, before=point.before)
@@ -277,7 +278,7 @@ def _unusable(repo: Repository, point: RecoveryPoint) -> str:
 def _points(cfg: Config, state_dir: str) -> list[RecoveryPoint]:
     repo = engine.open_repository(cfg.cluster.repository)
     return recovery_points(repo.list_snapshots(), StateStore(state_dir).load(), cluster_id=cfg.cluster.id,
-                           held=HoldFile(state_dir).load().snapshot)
+                           held=HoldFile(state_dir).load().snapshot, stored_at=repo.snapshot_stored_times())
 
 
 def _apply_point(cfg: Config, target: RecoveryPoint, point: PointChoice) -> dict[str, Any]:
