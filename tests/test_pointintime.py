@@ -411,3 +411,91 @@ def test_a_backdated_snapshot_waits_the_whole_delay_on_the_standby(tmp_path: Pat
         assert (data / "ransom-note.txt").exists() and tree_state(data) == tree_state(prod)
     finally:
         rx.close()
+
+
+# --- a delayed standby takes over: its delay does not count against max_lag_on_failover ---------------------
+
+DELAYED = 'apply_delay = "1h"'
+
+
+def _applied_older_than(g: Group, name: str, seconds: float) -> bool:
+    """Whether agent ``name``'s applied snapshot was captured more than ``seconds`` ago (its applied lag, which
+    on a delayed standby grows with the delay, is over a limit of that many seconds)."""
+    captured = g.hello(name).applied_captured_at
+    return bool(captured) and captured < time.time() - seconds
+
+
+def test_a_delayed_standby_fails_over_automatically_with_what_it_received(make_group) -> None:  # type: ignore[no-untyped-def]
+    """apply_delay = 1h, max_lag_on_failover = 15s: west's applied lag passes 15s while what it received is
+    current. Production dies; west takes over by itself (its received lag is within the limit), applying
+    everything it received first (docs/operations.md section 4 and 13c): its root is the last snapshot it
+    received, production's tree."""
+    g = _synced(make_group, session_timeout="2s", failover="automatic", replication=DELAYED,
+                extra='failover_cooldown = "0s"\nfence_command = "none"\nmax_lag_on_failover = "15s"\n' + KEEP_ALL)
+    applied = g.hello("west").applied_snapshot
+    (g.data["east"] / "catalog" / "late.txt").write_text("received, applied only when west takes over\n")
+    wait_for(lambda: _received_holding(g, "west", "catalog/late.txt"), "west to receive the change")
+    wait_for(lambda: _applied_older_than(g, "west", 16), "west's applied lag to pass max_lag_on_failover")
+    assert g.hello("west").applied_snapshot == applied and not (g.data["west"] / "catalog" / "late.txt").exists()
+    g.kill("east", signal.SIGKILL)
+    wait_for(lambda: g.primary() == ("west", 2), "west to take over by itself")
+    st = _state(g, "west")
+    assert st["applied_snapshot"] == st["received_snapshot"] and st["pending"] == []
+    assert tree_state(g.data["west"]) == tree_state(g.data["east"])  # the last received snapshot, production's
+    assert "automatic failover refused" not in g.log("west")
+    hist = g.drsync("west", "history", "--json").json()
+    assert hist[0]["to"] == "west" and "automatic failover" in json.dumps(hist[0])
+
+
+def test_a_delayed_state_is_promoted_after_the_delay_passed_max_lag(make_group) -> None:  # type: ignore[no-untyped-def]
+    """--delayed-state judges what the standby received, not its applied lag (which includes the delay): with
+    the applied lag over max_lag_on_failover and what it received current, the promotion goes through, its
+    root stays at the delayed state and the received snapshots stay in its repository."""
+    g = _synced(make_group, replication=DELAYED, extra='max_lag_on_failover = "10s"\n' + KEEP_ALL)
+    before = tree_state(g.data["west"])
+    applied = g.hello("west").applied_snapshot
+    (g.data["east"] / "catalog" / "late.txt").write_text("received, not applied\n")
+    received = wait_for(lambda: _received_holding(g, "west", "catalog/late.txt"), "west to receive the change")
+    wait_for(lambda: _applied_older_than(g, "west", 11), "west's applied lag to pass max_lag_on_failover")
+    g.kill("east", signal.SIGKILL)
+    dry = g.promote("west", "--force", "--delayed-state", "--dry-run")
+    assert dry.code == 0, dry.out
+    lag = next(c for c in json.loads(dry.out)["checks"] if c["name"] == "lag")
+    assert lag["ok"] and lag["detail"].startswith("received lag") and f"applied snapshot {applied}" in lag["detail"]
+    r = g.promote("west", "--force", "--delayed-state")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["applied_snapshot"] == applied and doc["data_loss_accepted"] is False
+    assert g.primary() == ("west", 2) and tree_state(g.data["west"]) == before
+    assert received in [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]
+
+
+def test_a_held_standby_judges_its_applied_lag_for_failover(tmp_path: Path) -> None:
+    """An automatic failover applies everything a standby received, unless applies are held (an operator, a
+    guard): then it would serve its applied root, so that lag is what max_lag_on_failover judges."""
+    prod = tmp_path / "prod"
+    make_tree(prod, files=5, big=0)
+    primary = Repository.init(LocalStorage(str(tmp_path / "prod-repo"), create=True), cluster_id="c", release="1")
+    first = engine.create_snapshot(primary, engine.SnapshotRequest(str(prod), kind="cycle"))
+    (prod / "after.txt").write_text("received, waiting for the delay\n")
+    second = engine.create_snapshot(primary, engine.SnapshotRequest(str(prod), kind="cycle"))
+    standby_repo = Repository.init(LocalStorage(str(tmp_path / "standby-repo"), create=True), cluster_id="c",
+                                   release="1")
+    (tmp_path / "standby-data").mkdir()
+    store = StateStore(str(tmp_path / "state"))
+    rx = StandbyReceiver(standby_repo, str(tmp_path / "standby-data"), store, agent="standby", apply_delay_s=HOUR)
+    try:
+        caller = Caller(sender="primary", epoch=1, sent_at=time.time(), received_at=time.time(), instance="i1")
+        assert rx.failover_lag_s() is None  # nothing applied: not eligible
+        # The first snapshot, captured two hours ago (by its document), is applied at once; the second waits.
+        _ship(primary, first, rx, caller, dataclasses.replace(first, captured_at=time.time() - 2 * HOUR).to_bytes())
+        _ship(primary, second, rx, caller, second.to_bytes())
+        now = time.time()
+        assert [p[0] for p in store.current.pending] == [second.id]
+        assert rx.lag_s(now) >= 2 * HOUR and rx.failover_lag_s(now) == store.current.received_lag_s(now) < HOUR
+        rx.hold_applies()  # the operator suspects damage: the take-over would apply nothing
+        assert rx.failover_lag_s(now) == rx.lag_s(now) >= 2 * HOUR
+        rx.resume()
+        assert rx.failover_lag_s(now) < HOUR
+    finally:
+        rx.close()

@@ -141,15 +141,24 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
         checks.append(PromotionCheck("lag", True, f"promotes at a chosen point: lag {format_span(lag or 0.0)} "
                                                   f"(max_lag_on_failover does not apply)"))
     else:
-        captured_at = target.captured_at if target is not None else state.applied_captured_at
+        # --delayed-state keeps the root as it is, and what was received and not applied stays in the
+        # repository (a point to promote at, to restore from): only what this standby never received is
+        # lost, so the received lag is judged, not the applied lag (which always includes the delay).
+        received = point.delayed_state and target is None and state.applied_captured_at > 0
+        captured_at = (max(state.received_captured_at, state.applied_captured_at) if received else
+                       target.captured_at if target is not None else state.applied_captured_at)
         lag = clock.lag_s(captured_at, state.clock_offset_s)  # the primary's clock, the offset last estimated
         refusal = promotion_refusal(lag_s=lag, applied_captured_at=captured_at,
                                     max_lag_s=cfg.coordination.max_lag_on_failover,
-                                    accept_data_loss=accept_data_loss, first_promotion=first)
+                                    accept_data_loss=accept_data_loss, first_promotion=first, received=received)
+        applied_lag = clock.lag_s(state.applied_captured_at, state.clock_offset_s)
+        kept = (f"; its root stays at the applied snapshot {state.applied_snapshot} (applied lag "
+                f"{format_span(applied_lag or 0.0)}), what it received after it stays in its repository"
+                if received and state.pending else "")
         checks.append(PromotionCheck("lag", refusal is None, refusal or (
             "first promotion: no lag" if first else "--accept-data-loss" if accept_data_loss and lag is None else
-            f"lag {format_span(lag or 0.0)}, within max_lag_on_failover "
-            f"{format_span(cfg.coordination.max_lag_on_failover)}")))
+            f"{'received lag' if received else 'lag'} {format_span(lag or 0.0)}, within max_lag_on_failover "
+            f"{format_span(cfg.coordination.max_lag_on_failover)}{kept}")))
     if not first and not point.explicit:
         checks.append(_position_check(cfg, coord, state, accept_data_loss))
     running, proof = _agent_alive(cfg, coord, state_dir)
