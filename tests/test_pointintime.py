@@ -499,3 +499,63 @@ def test_a_held_standby_judges_its_applied_lag_for_failover(tmp_path: Path) -> N
         assert rx.failover_lag_s(now) < HOUR
     finally:
         rx.close()
+
+
+def test_promote_before_a_time_between_the_good_and_the_damaged_arrivals(make_group) -> None:  # type: ignore[no-untyped-def]
+    """--before TIME end to end: TIME falls after west stored the good state and before the damage reached it.
+    A drill rehearses exactly the point the promotion then picks; the promoted root is the good state, and the
+    damaged snapshots stay in the repository, named in the output."""
+    from drsync.agent.drill import run_drill
+    from drsync.config import load_config
+
+    g = _synced(make_group, extra=KEEP_ALL)
+    good_tree = tree_state(g.data["east"])
+    good = g.hello("west").applied_snapshot
+    cut = time.time()  # west stored the good state before this; the damage is made after it
+    _damage(g.data["east"])
+    damaged = g.wait_synced("east", "west", "the damage to reach west", after=good)
+    stored = _repo(g, "west").snapshot_stored_times()
+    assert stored[good] <= cut < stored[damaged]
+    # drsync drill run --before TIME (run_drill is what the command calls) rehearses the same point.
+    report = run_drill(load_config(g.cfg["west"]), state_dir=str(g.tmp / "west-repo" / "agent"), open_coord=None,
+                       before=str(cut))
+    assert report.passed and report.point_in_time and report.before == cut, report.as_dict()
+    assert stored[report.snapshot or ""] <= cut
+    g.kill("east", signal.SIGKILL)
+    r = g.promote("west", "--before", str(cut), "--force")  # Unix seconds; east's session may linger
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    chosen = doc["applied_snapshot"]
+    assert chosen == report.snapshot and stored[chosen] <= cut and damaged in doc["newer_kept"]
+    assert f"{len(doc['newer_kept'])} newer snapshot(s) stay in its repository" in doc["message"]
+    assert g.primary() == ("west", 2)
+    assert tree_state(g.data["west"]) == good_tree  # the good state, nothing of the damage
+    listed = [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]
+    assert chosen in listed and damaged in listed and set(doc["newer_kept"]) <= set(listed)
+
+
+def test_a_drill_before_a_time_refuses_a_wrong_command(tmp_path: Path) -> None:
+    """drill run --before: both --to-snapshot and --before, or a TIME of no known form, are usage errors."""
+    from drsync.agent.drill import run_drill
+    from drsync.config import load_config
+
+    cfg_path = tmp_path / "c.toml"
+    (tmp_path / "data").mkdir()
+    cfg_path.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path / "data"}"\n'
+                        f'repository = "{tmp_path / "repo"}"\n[agent]\nname = "west"\nrole = "standby"\n'
+                        f'listen = "127.0.0.1:1"\n')
+    cfg = load_config(cfg_path)
+    with pytest.raises(UsageError, match="choose one"):
+        run_drill(cfg, state_dir=str(tmp_path / "state"), open_coord=None, point="abcd", before="2h")
+    with pytest.raises(UsageError, match="ISO 8601"):
+        run_drill(cfg, state_dir=str(tmp_path / "state"), open_coord=None, before="tuesday")
+
+
+def test_the_promote_message_counts_the_newer_snapshots_it_does_not_name() -> None:
+    from drsync.agent.control import _kept_words
+
+    ids = [f"s{i}" for i in range(1, 9)]
+    words = _kept_words(ids)
+    assert words.startswith("8 newer snapshot(s) stay in the repository: s1, s2, s3, s4, s5 and 3 more")
+    assert "newest s8" in words and "newer_kept" in words and "drsync status --points" in words
+    assert _kept_words(ids[:2]) == "2 newer snapshot(s) stay in the repository: s1, s2"

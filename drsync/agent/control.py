@@ -247,9 +247,8 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
             return None, PromotionCheck("point", False, problem, OperationFailed)
         newer = newer_than(points, chosen)
         return chosen, PromotionCheck("point", True, (
-            f"applies snapshot {chosen.id} (captured {iso_time(chosen.captured_at)}, {chosen.state}) first"
-            + (f"; {len(newer)} newer snapshot(s) stay in the repository: {', '.join(p.id for p in newer[:5])}"
-               + (" ..." if len(newer) > 5 else "") if newer else "")))
+            f"applies snapshot {chosen.id} (stored {_stored_words(chosen)}, captured {iso_time(chosen.captured_at)}, "
+            f"{chosen.state}) first" + (f"; {_kept_words([p.id for p in newer])}" if newer else "")))
     pending = [p for p in points if p.state == "pending"]
     newest = pending[-1] if pending else None
     if point.delayed_state:
@@ -271,6 +270,24 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
         + (f" (captured {iso_time(applied.captured_at)})" if applied else "") + ": rerun with --apply-received "
         "to apply everything received first, or --delayed-state to promote the root as it is (if the damage "
         "is in what was received, --to-snapshot ID picks any earlier point)"), UsageError)
+
+
+# How many of the snapshots kept newer than a chosen point a human-readable line names before "and N more".
+KEPT_NAMED = 5
+
+
+def _kept_words(kept: list[str]) -> str:
+    """The snapshots newer than the chosen point, for a human mid-outage: how many, the first few (the first
+    is the one right after the point: most likely where the damage starts), how many more, and where the
+    whole list is."""
+    named = ", ".join(kept[:KEPT_NAMED])
+    more = (f" and {len(kept) - KEPT_NAMED} more (newest {kept[-1]}; --json lists all of them as newer_kept, "
+            f"drsync status --points shows them)" if len(kept) > KEPT_NAMED else "")
+    return f"{len(kept)} newer snapshot(s) stay in the repository: {named}{more}"
+
+
+def _stored_words(point: RecoveryPoint) -> str:
+    return iso_time(point.stored_at) if point.stored_at else "just now"
 
 
 def _unusable(repo: Repository, point: RecoveryPoint) -> str:
@@ -505,8 +522,8 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
                    message=f"{me} is the primary at epoch {new.epoch}" +
                            (f" at snapshot {target.id} (captured {iso_time(target.captured_at)})" if target else "") +
                            (f" (lag {format_span(lag)} at promotion)" if lag is not None else "") +
-                           (f"; {len(kept)} newer snapshot(s) stay in its repository: {', '.join(kept[:5])}"
-                            + (" ..." if len(kept) > 5 else "") if kept else ""))
+                           (f"; {_kept_words(kept).replace('the repository', 'its repository')}" if kept
+                            else ""))
         return doc
     finally:
         coord.close()
