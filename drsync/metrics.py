@@ -83,6 +83,12 @@ class AgentMetrics:
         self.drill_rpo = gauge("drill_rpo_seconds", "Data-loss window (lag) measured by the last drill")
         self.apply_held = gauge("apply_held", "1 while this standby holds applies back (a snapshot held by the "
                                               "deletion guard, or drsync apply --hold), else 0")
+        self.apply_held_by_guard = gauge("apply_held_by_guard", "1 while the deletion or mass-change guard of "
+                                                                "this standby holds a snapshot back, else 0 (what "
+                                                                "DrsyncApplyHeld pages for)")
+        self.apply_held_by_operator = gauge("apply_held_by_operator", "1 while an operator's drsync apply --hold "
+                                                                      "is in force on this standby, else 0 (an "
+                                                                      "intentional hold: no page)")
         self.apply_held_deletions = gauge("apply_held_deletions", "Files the snapshot held by the deletion guard "
                                                                   "would remove (0 when none is held)")
         self.retention_protected = gauge(

@@ -219,6 +219,8 @@ def test_metadata_changes_apply_and_an_encryption_sweep_is_held_until_confirmed(
     wait_for(lambda: metrics(pair)["drsync_mass_change"] == 1, "the standby to hold the mass change")
     m = metrics(pair)
     assert m["drsync_apply_held"] == 1 and m["drsync_apply_held_deletions"] == 0
+    # The guard's hold (DrsyncApplyHeld pages for it), not an operator's.
+    assert m["drsync_apply_held_by_guard"] == 1 and m["drsync_apply_held_by_operator"] == 0
     assert m["drsync_snapshot_changed_fraction"] == pytest.approx(rewritten / total)
     state = apply_state(pair)
     held = state["snapshot"]
@@ -292,7 +294,10 @@ def test_with_on_mass_change_alert_the_sweep_is_applied_and_flagged_until_resume
     # The operator holds applies while looking into it; the flag stays through the hold...
     assert run_drsync("apply", "--hold", "--config", pair.standby_cfg).code == 0
     wait_for(lambda: metrics(pair)["drsync_apply_held"] == 1, "the operator's hold in the metrics")
-    assert metrics(pair)["drsync_mass_change"] == 1
+    m = metrics(pair)
+    assert m["drsync_mass_change"] == 1
+    # An operator's own hold, not a guard's: DrsyncApplyHeld does not page for it.
+    assert m["drsync_apply_held_by_operator"] == 1 and m["drsync_apply_held_by_guard"] == 0
     # ... and a resume settles it: applies go on, the alert resolves.
     r = run_drsync("apply", "--resume", "--config", pair.standby_cfg)
     assert r.code == 0, r.err

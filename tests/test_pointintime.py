@@ -118,7 +118,7 @@ def test_point_choices_are_refused_with_a_reason(make_group) -> None:  # type: i
     r = g.promote("west", "--to-snapshot", "nosuchsnapshot", "--force")
     assert r.code == 2 and "is not a snapshot this standby holds" in r.err and len(r.err.strip().splitlines()) == 1
     r = g.promote("west", "--before", "2001-01-01T00:00:00Z", "--force")
-    assert r.code == 2 and "no snapshot captured at or before 2001-01-01" in r.err
+    assert r.code == 2 and "no snapshot it stored at or before 2001-01-01" in r.err
     r = g.promote("west", "--before", "yesterday-ish", "--force")
     assert r.code == 2 and "ISO 8601" in r.err
     assert g.primary() == ("east", 1)  # nothing changed
@@ -206,7 +206,8 @@ def test_recovery_points_are_chosen_by_id_prefix_name_or_time() -> None:
     snaps = [snap(1, 100.0), snap(2, 200.0, "nightly"), snap(3, 300.0), snap(4, 400.0)]
     other = SnapshotInfo(id="ff" * 32, captured_at=250.0, cluster_id="elsewhere", release="1", manifest_hash="")
     state = AgentState(applied_snapshot=snaps[3].id, pending=((snaps[2].id, 300.0, (1, 3)),))
-    pts = recovery_points([*snaps, other], state, cluster_id="c", held="")
+    stored = {s.id: s.captured_at for s in [*snaps, other]}  # stored as captured (one honest machine)
+    pts = recovery_points([*snaps, other], state, cluster_id="c", held="", stored_at=stored)
     assert [p.state for p in pts] == ["stored", "stored", "pending", "applied"]  # other clusters left out
     assert choose_point(pts, to_snapshot=snaps[0].id).id == snaps[0].id
     assert choose_point(pts, to_snapshot=snaps[1].id[:8]).id == snaps[1].id
@@ -217,9 +218,38 @@ def test_recovery_points_are_chosen_by_id_prefix_name_or_time() -> None:
         choose_point(pts, to_snapshot="abcdef")  # a prefix of every one
     with pytest.raises(UsageError, match="not a snapshot this standby holds"):
         choose_point(pts, to_snapshot="abc")  # too short to be taken as a prefix
-    with pytest.raises(UsageError, match="no snapshot captured at or before"):
+    with pytest.raises(UsageError, match="no snapshot it stored at or before"):
         choose_point(pts, before=50.0)
     assert isinstance(pts[0], RecoveryPoint)
+
+
+def test_points_are_ordered_and_chosen_by_the_standbys_arrival_not_a_backdated_capture() -> None:
+    """A hostile primary ships damaged snapshots whose documents claim old capture times. The standby orders
+    its points by its own arrival (repository sequence) and --before judges by when it stored each one: the
+    backdated damage is neither picked by --before nor left out of the snapshots kept newer than the point."""
+    def snap(i: int, captured: float) -> SnapshotInfo:
+        return SnapshotInfo(id=f"{i:02d}" + "0" * 62, captured_at=captured, cluster_id="c", release="1",
+                            manifest_hash="", seq=i, kind="received")
+
+    good1, good2 = snap(1, 100.0), snap(2, 200.0)
+    damaged1 = snap(3, 50.0)  # claims a capture before every good one
+    damaged2 = snap(4, 240.0)  # claims a capture before the operator's --before time (250)
+    late = snap(5, 260.0)  # listed, but its stored time is not known yet (committed after the listing)
+    stored = {good1.id: 110.0, good2.id: 210.0, damaged1.id: 310.0, damaged2.id: 410.0}
+    state = AgentState(applied_snapshot=damaged2.id)
+    pts = recovery_points([damaged2, late, good1, damaged1, good2], state, cluster_id="c", stored_at=stored)
+    assert [p.id for p in pts] == [good1.id, good2.id, damaged1.id, damaged2.id, late.id]  # arrival order
+    assert pts[0].as_dict()["stored_at"] == 110.0 and pts[-1].as_dict()["stored_at"] is None
+    # By capture time, 250 would pick damaged2 (captured 240, the newest capture at or before it); by the
+    # standby's own stored time it is good2, the newest snapshot stored at or before 250.
+    assert choose_point(pts, before=250.0).id == good2.id
+    assert choose_point(pts, before=209.9).id == good1.id
+    assert choose_point(pts, before=10_000.0).id == damaged2.id  # the unknown stored time counts as now
+    # Every snapshot that arrived after the point is kept and named, the backdated one too.
+    assert [p.id for p in newer_than(pts, pts[1])] == [damaged1.id, damaged2.id, late.id]
+    assert newer_than(pts, pts[-1]) == []
+    with pytest.raises(UsageError, match="stored at or before"):
+        choose_point(pts, before=105.0)  # good1 was captured before 105 but stored after it
 
 
 def test_before_takes_iso_unix_or_a_span_ago() -> None:
@@ -381,3 +411,151 @@ def test_a_backdated_snapshot_waits_the_whole_delay_on_the_standby(tmp_path: Pat
         assert (data / "ransom-note.txt").exists() and tree_state(data) == tree_state(prod)
     finally:
         rx.close()
+
+
+# --- a delayed standby takes over: its delay does not count against max_lag_on_failover ---------------------
+
+DELAYED = 'apply_delay = "1h"'
+
+
+def _applied_older_than(g: Group, name: str, seconds: float) -> bool:
+    """Whether agent ``name``'s applied snapshot was captured more than ``seconds`` ago (its applied lag, which
+    on a delayed standby grows with the delay, is over a limit of that many seconds)."""
+    captured = g.hello(name).applied_captured_at
+    return bool(captured) and captured < time.time() - seconds
+
+
+def test_a_delayed_standby_fails_over_automatically_with_what_it_received(make_group) -> None:  # type: ignore[no-untyped-def]
+    """apply_delay = 1h, max_lag_on_failover = 15s: west's applied lag passes 15s while what it received is
+    current. Production dies; west takes over by itself (its received lag is within the limit), applying
+    everything it received first (docs/operations.md section 4 and 13c): its root is the last snapshot it
+    received, production's tree."""
+    g = _synced(make_group, session_timeout="2s", failover="automatic", replication=DELAYED,
+                extra='failover_cooldown = "0s"\nfence_command = "none"\nmax_lag_on_failover = "15s"\n' + KEEP_ALL)
+    applied = g.hello("west").applied_snapshot
+    (g.data["east"] / "catalog" / "late.txt").write_text("received, applied only when west takes over\n")
+    wait_for(lambda: _received_holding(g, "west", "catalog/late.txt"), "west to receive the change")
+    wait_for(lambda: _applied_older_than(g, "west", 16), "west's applied lag to pass max_lag_on_failover")
+    assert g.hello("west").applied_snapshot == applied and not (g.data["west"] / "catalog" / "late.txt").exists()
+    g.kill("east", signal.SIGKILL)
+    wait_for(lambda: g.primary() == ("west", 2), "west to take over by itself")
+    st = _state(g, "west")
+    assert st["applied_snapshot"] == st["received_snapshot"] and st["pending"] == []
+    assert tree_state(g.data["west"]) == tree_state(g.data["east"])  # the last received snapshot, production's
+    assert "automatic failover refused" not in g.log("west")
+    hist = g.drsync("west", "history", "--json").json()
+    assert hist[0]["to"] == "west" and "automatic failover" in json.dumps(hist[0])
+
+
+def test_a_delayed_state_is_promoted_after_the_delay_passed_max_lag(make_group) -> None:  # type: ignore[no-untyped-def]
+    """--delayed-state judges what the standby received, not its applied lag (which includes the delay): with
+    the applied lag over max_lag_on_failover and what it received current, the promotion goes through, its
+    root stays at the delayed state and the received snapshots stay in its repository."""
+    g = _synced(make_group, replication=DELAYED, extra='max_lag_on_failover = "10s"\n' + KEEP_ALL)
+    before = tree_state(g.data["west"])
+    applied = g.hello("west").applied_snapshot
+    (g.data["east"] / "catalog" / "late.txt").write_text("received, not applied\n")
+    received = wait_for(lambda: _received_holding(g, "west", "catalog/late.txt"), "west to receive the change")
+    wait_for(lambda: _applied_older_than(g, "west", 11), "west's applied lag to pass max_lag_on_failover")
+    g.kill("east", signal.SIGKILL)
+    dry = g.promote("west", "--force", "--delayed-state", "--dry-run")
+    assert dry.code == 0, dry.out
+    lag = next(c for c in json.loads(dry.out)["checks"] if c["name"] == "lag")
+    assert lag["ok"] and lag["detail"].startswith("received lag") and f"applied snapshot {applied}" in lag["detail"]
+    r = g.promote("west", "--force", "--delayed-state")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["applied_snapshot"] == applied and doc["data_loss_accepted"] is False
+    assert g.primary() == ("west", 2) and tree_state(g.data["west"]) == before
+    assert received in [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]
+
+
+def test_a_held_standby_judges_its_applied_lag_for_failover(tmp_path: Path) -> None:
+    """An automatic failover applies everything a standby received, unless applies are held (an operator, a
+    guard): then it would serve its applied root, so that lag is what max_lag_on_failover judges."""
+    prod = tmp_path / "prod"
+    make_tree(prod, files=5, big=0)
+    primary = Repository.init(LocalStorage(str(tmp_path / "prod-repo"), create=True), cluster_id="c", release="1")
+    first = engine.create_snapshot(primary, engine.SnapshotRequest(str(prod), kind="cycle"))
+    (prod / "after.txt").write_text("received, waiting for the delay\n")
+    second = engine.create_snapshot(primary, engine.SnapshotRequest(str(prod), kind="cycle"))
+    standby_repo = Repository.init(LocalStorage(str(tmp_path / "standby-repo"), create=True), cluster_id="c",
+                                   release="1")
+    (tmp_path / "standby-data").mkdir()
+    store = StateStore(str(tmp_path / "state"))
+    rx = StandbyReceiver(standby_repo, str(tmp_path / "standby-data"), store, agent="standby", apply_delay_s=HOUR)
+    try:
+        caller = Caller(sender="primary", epoch=1, sent_at=time.time(), received_at=time.time(), instance="i1")
+        assert rx.failover_lag_s() is None  # nothing applied: not eligible
+        # The first snapshot, captured two hours ago (by its document), is applied at once; the second waits.
+        _ship(primary, first, rx, caller, dataclasses.replace(first, captured_at=time.time() - 2 * HOUR).to_bytes())
+        _ship(primary, second, rx, caller, second.to_bytes())
+        now = time.time()
+        assert [p[0] for p in store.current.pending] == [second.id]
+        assert rx.lag_s(now) >= 2 * HOUR and rx.failover_lag_s(now) == store.current.received_lag_s(now) < HOUR
+        rx.hold_applies()  # the operator suspects damage: the take-over would apply nothing
+        assert rx.failover_lag_s(now) == rx.lag_s(now) >= 2 * HOUR
+        rx.resume()
+        assert rx.failover_lag_s(now) < HOUR
+    finally:
+        rx.close()
+
+
+def test_promote_before_a_time_between_the_good_and_the_damaged_arrivals(make_group) -> None:  # type: ignore[no-untyped-def]
+    """--before TIME end to end: TIME falls after west stored the good state and before the damage reached it.
+    A drill rehearses exactly the point the promotion then picks; the promoted root is the good state, and the
+    damaged snapshots stay in the repository, named in the output."""
+    from drsync.agent.drill import run_drill
+    from drsync.config import load_config
+
+    g = _synced(make_group, extra=KEEP_ALL)
+    good_tree = tree_state(g.data["east"])
+    good = g.hello("west").applied_snapshot
+    cut = time.time()  # west stored the good state before this; the damage is made after it
+    _damage(g.data["east"])
+    damaged = g.wait_synced("east", "west", "the damage to reach west", after=good)
+    stored = _repo(g, "west").snapshot_stored_times()
+    assert stored[good] <= cut < stored[damaged]
+    # drsync drill run --before TIME (run_drill is what the command calls) rehearses the same point.
+    report = run_drill(load_config(g.cfg["west"]), state_dir=str(g.tmp / "west-repo" / "agent"), open_coord=None,
+                       before=str(cut))
+    assert report.passed and report.point_in_time and report.before == cut, report.as_dict()
+    assert stored[report.snapshot or ""] <= cut
+    g.kill("east", signal.SIGKILL)
+    r = g.promote("west", "--before", str(cut), "--force")  # Unix seconds; east's session may linger
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    chosen = doc["applied_snapshot"]
+    assert chosen == report.snapshot and stored[chosen] <= cut and damaged in doc["newer_kept"]
+    assert f"{len(doc['newer_kept'])} newer snapshot(s) stay in its repository" in doc["message"]
+    assert g.primary() == ("west", 2)
+    assert tree_state(g.data["west"]) == good_tree  # the good state, nothing of the damage
+    listed = [s["id"] for s in g.drsync("west", "snapshot", "list", "--json").json()]
+    assert chosen in listed and damaged in listed and set(doc["newer_kept"]) <= set(listed)
+
+
+def test_a_drill_before_a_time_refuses_a_wrong_command(tmp_path: Path) -> None:
+    """drill run --before: both --to-snapshot and --before, or a TIME of no known form, are usage errors."""
+    from drsync.agent.drill import run_drill
+    from drsync.config import load_config
+
+    cfg_path = tmp_path / "c.toml"
+    (tmp_path / "data").mkdir()
+    cfg_path.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path / "data"}"\n'
+                        f'repository = "{tmp_path / "repo"}"\n[agent]\nname = "west"\nrole = "standby"\n'
+                        f'listen = "127.0.0.1:1"\n')
+    cfg = load_config(cfg_path)
+    with pytest.raises(UsageError, match="choose one"):
+        run_drill(cfg, state_dir=str(tmp_path / "state"), open_coord=None, point="abcd", before="2h")
+    with pytest.raises(UsageError, match="ISO 8601"):
+        run_drill(cfg, state_dir=str(tmp_path / "state"), open_coord=None, before="tuesday")
+
+
+def test_the_promote_message_counts_the_newer_snapshots_it_does_not_name() -> None:
+    from drsync.agent.control import _kept_words
+
+    ids = [f"s{i}" for i in range(1, 9)]
+    words = _kept_words(ids)
+    assert words.startswith("8 newer snapshot(s) stay in the repository: s1, s2, s3, s4, s5 and 3 more")
+    assert "newest s8" in words and "newer_kept" in words and "drsync status --points" in words
+    assert _kept_words(ids[:2]) == "2 newer snapshot(s) stay in the repository: s1, s2"

@@ -95,6 +95,12 @@ def test_promotion_refusal_names_the_lag_and_what_would_be_lost() -> None:
     assert never is not None and "never applied" in never
     assert promotion_refusal(lag_s=None, applied_captured_at=0, max_lag_s=900, accept_data_loss=False,
                              first_promotion=True) is None
+    # promote --delayed-state judges the received lag, and says so: what was received and not applied is
+    # kept in the repository, only what the standby never received is lost.
+    received = promotion_refusal(lag_s=1250, applied_captured_at=NOW - 1250, max_lag_s=900,
+                                 accept_data_loss=False, first_promotion=False, received=True)
+    assert received is not None and received.startswith("received lag is 20m50s")
+    assert "newest snapshot this standby received was captured 20m50s ago" in received
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59.4, "59s"), (61, "1m01s"), (7260, "2h01m")])

@@ -140,15 +140,24 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
         checks.append(PromotionCheck("lag", True, f"promotes at a chosen point: lag {format_span(lag or 0.0)} "
                                                   f"(max_lag_on_failover does not apply)"))
     else:
-        captured_at = target.captured_at if target is not None else state.applied_captured_at
+        # --delayed-state keeps the root as it is, and what was received and not applied stays in the
+        # repository (a point to promote at, to restore from): only what this standby never received is
+        # lost, so the received lag is judged, not the applied lag (which always includes the delay).
+        received = point.delayed_state and target is None and state.applied_captured_at > 0
+        captured_at = (max(state.received_captured_at, state.applied_captured_at) if received else
+                       target.captured_at if target is not None else state.applied_captured_at)
         lag = clock.lag_s(captured_at, state.clock_offset_s)  # the primary's clock, the offset last estimated
         refusal = promotion_refusal(lag_s=lag, applied_captured_at=captured_at,
                                     max_lag_s=cfg.coordination.max_lag_on_failover,
-                                    accept_data_loss=accept_data_loss, first_promotion=first)
+                                    accept_data_loss=accept_data_loss, first_promotion=first, received=received)
+        applied_lag = clock.lag_s(state.applied_captured_at, state.clock_offset_s)
+        kept = (f"; its root stays at the applied snapshot {state.applied_snapshot} (applied lag "
+                f"{format_span(applied_lag or 0.0)}), what it received after it stays in its repository"
+                if received and state.pending else "")
         checks.append(PromotionCheck("lag", refusal is None, refusal or (
             "first promotion: no lag" if first else "--accept-data-loss" if accept_data_loss and lag is None else
-            f"lag {format_span(lag or 0.0)}, within max_lag_on_failover "
-            f"{format_span(cfg.coordination.max_lag_on_failover)}")))
+            f"{'received lag' if received else 'lag'} {format_span(lag or 0.0)}, within max_lag_on_failover "
+            f"{format_span(cfg.coordination.max_lag_on_failover)}{kept}")))
     if not first and not point.explicit:
         checks.append(_position_check(cfg, coord, state, accept_data_loss))
     running, proof = _agent_alive(cfg, coord, state_dir)
@@ -225,7 +234,8 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
                       if state.applied_snapshot and extra else None)
     repo = engine.open_repository(cfg.cluster.repository)
     held = HoldFile(state_dir_of(cfg)).load().snapshot
-    points = recovery_points(repo.list_snapshots(), state, cluster_id=cfg.cluster.id, held=held)
+    points = recovery_points(repo.list_snapshots(), state, cluster_id=cfg.cluster.id, held=held,
+                             stored_at=repo.snapshot_stored_times())
     if point.explicit:
         try:
             chosen = choose_point(points, to_snapshot=point.to_snapshot, before=point.before)
@@ -236,9 +246,8 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
             return None, PromotionCheck("point", False, problem, OperationFailed)
         newer = newer_than(points, chosen)
         return chosen, PromotionCheck("point", True, (
-            f"applies snapshot {chosen.id} (captured {iso_time(chosen.captured_at)}, {chosen.state}) first"
-            + (f"; {len(newer)} newer snapshot(s) stay in the repository: {', '.join(p.id for p in newer[:5])}"
-               + (" ..." if len(newer) > 5 else "") if newer else "")))
+            f"applies snapshot {chosen.id} (stored {_stored_words(chosen)}, captured {iso_time(chosen.captured_at)}, "
+            f"{chosen.state}) first" + (f"; {_kept_words([p.id for p in newer])}" if newer else "")))
     pending = [p for p in points if p.state == "pending"]
     newest = pending[-1] if pending else None
     if point.delayed_state:
@@ -262,6 +271,24 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
         "is in what was received, --to-snapshot ID picks any earlier point)"), UsageError)
 
 
+# How many of the snapshots kept newer than a chosen point a human-readable line names before "and N more".
+KEPT_NAMED = 5
+
+
+def _kept_words(kept: list[str]) -> str:
+    """The snapshots newer than the chosen point, for a human mid-outage: how many, the first few (the first
+    is the one right after the point: most likely where the damage starts), how many more, and where the
+    whole list is."""
+    named = ", ".join(kept[:KEPT_NAMED])
+    more = (f" and {len(kept) - KEPT_NAMED} more (newest {kept[-1]}; --json lists all of them as newer_kept, "
+            f"drsync status --points shows them)" if len(kept) > KEPT_NAMED else "")
+    return f"{len(kept)} newer snapshot(s) stay in the repository: {named}{more}"
+
+
+def _stored_words(point: RecoveryPoint) -> str:
+    return iso_time(point.stored_at) if point.stored_at else "just now"
+
+
 def _unusable(repo: Repository, point: RecoveryPoint) -> str:
     """Why ``point`` cannot be applied (its manifest unreadable, chunks missing: a dry run says so too),
     or "". The chunks' bytes are checked by the apply itself (drsync drill run --to-snapshot reads them)."""
@@ -276,7 +303,7 @@ def _unusable(repo: Repository, point: RecoveryPoint) -> str:
 def _points(cfg: Config, state_dir: str) -> list[RecoveryPoint]:
     repo = engine.open_repository(cfg.cluster.repository)
     return recovery_points(repo.list_snapshots(), StateStore(state_dir).load(), cluster_id=cfg.cluster.id,
-                           held=HoldFile(state_dir).load().snapshot)
+                           held=HoldFile(state_dir).load().snapshot, stored_at=repo.snapshot_stored_times())
 
 
 def _apply_point(cfg: Config, target: RecoveryPoint, point: PointChoice) -> dict[str, Any]:
@@ -494,8 +521,8 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
                    message=f"{me} is the primary at epoch {new.epoch}" +
                            (f" at snapshot {target.id} (captured {iso_time(target.captured_at)})" if target else "") +
                            (f" (lag {format_span(lag)} at promotion)" if lag is not None else "") +
-                           (f"; {len(kept)} newer snapshot(s) stay in its repository: {', '.join(kept[:5])}"
-                            + (" ..." if len(kept) > 5 else "") if kept else ""))
+                           (f"; {_kept_words(kept).replace('the repository', 'its repository')}" if kept
+                            else ""))
         return doc
     finally:
         coord.close()

@@ -74,6 +74,9 @@ class DrillReport:
     # drill run --to-snapshot: a rehearsal of a promotion at that earlier point (its trial restore is
     # judged against its manifest only; the root holds the applied snapshot, not this one).
     point_in_time: bool = False
+    # drill run --before TIME: the time given (Unix seconds); the point is the newest snapshot this standby
+    # stored at or before it (drsync.agent.pointintime.choose_point), as drsync promote --before picks it.
+    before: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -340,11 +343,28 @@ def _save(state_dir: str, report: DrillReport, keep: int) -> None:
             pass
 
 
+def _point_before(cfg: Config, repo: Repository, state_dir: str, before: float) -> str:
+    """The id of the recovery point ``drsync promote --before`` would pick at ``before`` (Unix seconds): the
+    newest snapshot this standby stored at or before it. UsageError (the nearest points named) when none."""
+    from drsync.agent.hold import HoldFile
+    from drsync.agent.pointintime import choose_point, recovery_points
+
+    points = recovery_points(repo.list_snapshots(), StateStore(state_dir).load(), cluster_id=cfg.cluster.id,
+                             held=HoldFile(state_dir).load().snapshot, stored_at=repo.snapshot_stored_times())
+    return choose_point(points, before=before).id
+
+
 def _snapshot_steps(cfg: Config, repo: Repository, state_file: StateStore, report: DrillReport,
                     state_dir: str, point: str | None = None) -> list[DrillStep]:
     """The steps that judge the applied snapshot and the root (or, ``point``, an earlier snapshot a
-    promotion could start from); sets ``report.snapshot`` and its RPO."""
+    promotion could start from; with ``report.before``, the one ``promote --before`` would pick); sets
+    ``report.snapshot`` and its RPO."""
     state = state_file.load()
+    if report.before is not None and not point:
+        try:
+            point = _point_before(cfg, repo, state_dir, report.before)
+        except UsageError as e:
+            return [DrillStep("verify", False, 0.0, f"--before: {e}")]
     if point:
         try:
             info = repo.find_snapshot(point)
@@ -384,17 +404,30 @@ def _snapshot_steps(cfg: Config, repo: Repository, state_file: StateStore, repor
 
 
 def run_drill(cfg: Config, *, state_dir: str, open_coord: Callable[[], Coordinator] | None,
-              full: bool | None = None, is_primary: bool = False, point: str | None = None) -> DrillReport:
+              full: bool | None = None, is_primary: bool = False, point: str | None = None,
+              before: str | None = None) -> DrillReport:
     """Run one drill on this standby and record it. Never changes the repository or the data root.
 
     ``point``: rehearse a promotion at that earlier snapshot (``drill run --to-snapshot``): it is verified
-    in full and restored into scratch space; the RPO is its age."""
+    in full and restored into scratch space; the RPO is its age. ``before``: the operator's ``--before
+    TIME`` as typed (:func:`drsync.agent.pointintime.parse_before`: ISO 8601, Unix seconds or a span ago):
+    rehearse the promotion ``drsync promote --before TIME`` would make, at the newest snapshot this standby
+    stored at or before it (a failing step names the nearest points when there is none). UsageError for
+    both, or for a TIME that is none of those forms."""
     if is_primary or cfg.agent.role == "primary":
         raise UsageError(f"drills run on a standby; {cfg.agent.name} is the primary of group "
                          f"{cfg.coordination.group}")
+    if point is not None and before is not None:
+        raise UsageError("choose one: --to-snapshot ID or --before TIME")
+    if before is not None:
+        from drsync.agent.pointintime import parse_before
+
+        before_s: float | None = parse_before(before, time.time())
+    else:
+        before_s = None
     previous = load_reports(state_dir, 1)
     number = int(previous[-1].get("number", 0)) + 1 if previous else 1
-    report = DrillReport(cfg.agent.name, cfg.coordination.group, time.time(), number=number)
+    report = DrillReport(cfg.agent.name, cfg.coordination.group, time.time(), number=number, before=before_s)
     state_file = StateStore(state_dir)
     report.full_verify = full if full is not None else verify_all_this_time(number, cfg.drills.sample,
                                                                             cfg.drills.full_every)

@@ -174,10 +174,14 @@ class Agent:
         rx = self.receiver
         if rx is None:
             m.apply_held.set(0)
+            m.apply_held_by_guard.set(0)
+            m.apply_held_by_operator.set(0)
             m.apply_held_deletions.set(0)
             m.mass_change.set(0)
         else:
             m.apply_held.set_function(lambda: 1 if rx.hold.active else 0)
+            m.apply_held_by_guard.set_function(lambda: 1 if rx.hold.snapshot else 0)
+            m.apply_held_by_operator.set_function(lambda: 1 if rx.hold.operator_since else 0)
             m.apply_held_deletions.set_function(lambda: rx.hold.removed if rx.hold.snapshot else 0)
             m.mass_change.set_function(lambda: 1 if rx.hold.mass_change else 0)
             m.snapshot_changed_fraction.set_function(lambda: rx.committer.changed_fraction)

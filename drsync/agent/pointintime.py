@@ -6,12 +6,20 @@ its own (``before-rejoin``). Each of them is a **recovery point**: ``drsync prom
 --to-snapshot ID`` or ``--before TIME`` applies it (atomically, like any apply) and then
 promotes the standby at a new epoch; the snapshots newer than it stay in the repository.
 
+Whose order, whose clock: points are ordered by the standby's own arrival order (the sequence
+number its repository gave each snapshot), and ``--before TIME`` judges by when *this* repository
+stored each one (:meth:`drsync.repository.repo.Repository.snapshot_stored_times`, the standby's
+clock, as for ``[snapshots] protect`` and ``apply_delay``), never by the capture time the primary
+wrote: a primary that backdates the captures of its damaged snapshots cannot make ``--before``
+pick one of them, nor hide one from the snapshots named as newer than the chosen point.
+
 Everything here is pure (tests call it directly); :mod:`drsync.agent.control` does the I/O.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -29,28 +37,35 @@ class RecoveryPoint:
     ``stored`` (any other snapshot of this cluster in its repository)."""
 
     id: str
-    captured_at: float  # Unix seconds, on the primary's clock for shipped snapshots
+    captured_at: float  # Unix seconds, on the primary's clock for shipped snapshots (its word only)
     kind: str
     state: str
     files: int
     bytes: int
     name: str = ""
-    seq: int = 0  # the repository's sequence (arrival order): "latest" and names pick by it
+    seq: int = 0  # the repository's sequence (arrival order): points are ordered by it
+    stored_at: float = 0.0  # when this repository stored it (its own clock); 0: unknown (not listed yet)
 
     def as_dict(self) -> dict[str, object]:
-        return {"id": self.id, "captured_at": self.captured_at, "kind": self.kind, "state": self.state,
-                "files": self.files, "bytes": self.bytes, "name": self.name or None}
+        return {"id": self.id, "captured_at": self.captured_at, "stored_at": self.stored_at or None,
+                "kind": self.kind, "state": self.state, "files": self.files, "bytes": self.bytes,
+                "name": self.name or None}
 
 
 def recovery_points(snapshots: list[SnapshotInfo], state: AgentState, *, cluster_id: str,
-                    held: str = "") -> list[RecoveryPoint]:
-    """This standby's recovery points, oldest capture first: every snapshot of ``cluster_id`` it holds."""
+                    held: str = "", stored_at: Mapping[str, float] | None = None) -> list[RecoveryPoint]:
+    """This standby's recovery points, in the order it stored them (oldest first: by its repository's
+    sequence, :attr:`SnapshotInfo.order_key`, never by the capture times a primary wrote): every snapshot
+    of ``cluster_id`` it holds. ``stored_at``: when this repository stored each (snapshot id -> Unix
+    seconds, :meth:`Repository.snapshot_stored_times`); what ``--before`` judges by."""
     pending = {p[0] for p in state.pending}
+    stored = stored_at or {}
     out = []
-    for s in sorted((s for s in snapshots if s.cluster_id == cluster_id), key=lambda s: (s.captured_at, s.seq)):
+    for s in sorted((s for s in snapshots if s.cluster_id == cluster_id), key=lambda s: s.order_key):
         what = ("applied" if s.id == state.applied_snapshot else "pending" if s.id in pending else
                 "held" if s.id == held else "stored")
-        out.append(RecoveryPoint(s.id, s.captured_at, s.kind, what, s.files, s.bytes, s.name, s.seq))
+        out.append(RecoveryPoint(s.id, s.captured_at, s.kind, what, s.files, s.bytes, s.name, s.seq,
+                                 float(stored.get(s.id) or 0.0)))
     return out
 
 
@@ -78,8 +93,13 @@ def parse_before(text: str, now: float) -> float:
 def choose_point(points: list[RecoveryPoint], *, to_snapshot: str | None = None,
                  before: float | None = None) -> RecoveryPoint:
     """The recovery point an operator named: ``to_snapshot`` (id, snapshot name (newest of that name),
-    ``latest``, or a unique id prefix of 4+ characters) or the newest captured at or before ``before``. UsageError when
-    none matches (the message lists the nearest points)."""
+    ``latest``, or a unique id prefix of 4+ characters) or the newest (in arrival order) that this
+    standby *stored* at or before ``before``: its own clock, never the capture time a primary wrote (a
+    backdated capture cannot make a damaged snapshot look older than the damage). A snapshot captured
+    just before ``before`` and stored just after it is not chosen: the one before it is (the safe side).
+    A point whose stored time is unknown (committed after the listing) counts as stored now. UsageError
+    when none matches (the message lists the nearest points). ``points`` in arrival order
+    (:func:`recovery_points`)."""
     if to_snapshot:
         # The rules of ``drsync snapshot show``: an id, a name (newest of it), ``latest``, a prefix of 4+.
         by_seq = sorted(points, key=lambda p: p.seq)
@@ -94,19 +114,24 @@ def choose_point(points: list[RecoveryPoint], *, to_snapshot: str | None = None,
         return found[0]
     if before is None:
         raise UsageError("name the point: --to-snapshot ID or --before TIME")
-    earlier = [p for p in points if p.captured_at <= before]
+    earlier = [p for p in points if p.stored_at and p.stored_at <= before]
     if not earlier:
-        raise UsageError(f"this standby holds no snapshot captured at or before {iso_time(before)}; {_nearest(points)}")
+        raise UsageError(f"this standby holds no snapshot it stored at or before {iso_time(before)} (--before "
+                         f"judges by when this standby stored a snapshot, its own clock); {_nearest(points)}")
     return earlier[-1]
 
 
 def newer_than(points: list[RecoveryPoint], point: RecoveryPoint) -> list[RecoveryPoint]:
-    """The points captured after ``point``: kept in the repository when the standby is promoted at it."""
-    return [p for p in points if (p.captured_at, p.id) > (point.captured_at, point.id) and p.id != point.id]
+    """The points this standby stored after ``point`` (arrival order, whatever their capture times say):
+    kept in the repository when the standby is promoted at it. ``points`` as :func:`recovery_points`
+    returns them."""
+    ids = [p.id for p in points]
+    return points[ids.index(point.id) + 1:] if point.id in ids else []
 
 
 def _nearest(points: list[RecoveryPoint]) -> str:
     if not points:
         return "it holds no snapshot at all"
-    shown = ", ".join(f"{p.id} ({iso_time(p.captured_at)}, {p.state})" for p in points[-5:])
+    shown = ", ".join(f"{p.id} (stored {iso_time(p.stored_at) if p.stored_at else 'just now'}, captured "
+                      f"{iso_time(p.captured_at)}, {p.state})" for p in points[-5:])
     return f"its newest points: {shown} (drsync status --points lists them all)"

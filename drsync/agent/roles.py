@@ -121,17 +121,21 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
 
 
 def promotion_refusal(*, lag_s: float | None, applied_captured_at: float, max_lag_s: float,
-                      accept_data_loss: bool, first_promotion: bool) -> str | None:
-    """Why a manual promotion must be refused for its lag, or None. Pure."""
+                      accept_data_loss: bool, first_promotion: bool, received: bool = False) -> str | None:
+    """Why a manual promotion must be refused for its lag, or None. ``received``: ``lag_s`` is the received
+    lag (``promote --delayed-state``: the snapshots received and not applied stay in the repository, so
+    only what was never received is lost). Pure."""
     if first_promotion or accept_data_loss:
         return None
     if lag_s is None:
         return ("this agent has never applied a snapshot: promoting it would lose all of the primary's data; "
                 "rerun with --accept-data-loss only if that is intended")
     if lag_s > max_lag_s:
-        return (f"lag is {format_span(lag_s)} (the last applied snapshot was captured {format_span(lag_s)} ago), "
-                f"over max_lag_on_failover {format_span(max_lag_s)}: promoting would lose every change made on "
-                f"the primary in the last {format_span(lag_s)}; rerun with --accept-data-loss to promote anyway")
+        what = ("the newest snapshot this standby received was captured" if received else
+                "the last applied snapshot was captured")
+        return (f"{'received lag' if received else 'lag'} is {format_span(lag_s)} ({what} {format_span(lag_s)} "
+                f"ago), over max_lag_on_failover {format_span(max_lag_s)}: promoting would lose every change made "
+                f"on the primary in the last {format_span(lag_s)}; rerun with --accept-data-loss to promote anyway")
     return None
 
 

@@ -264,3 +264,19 @@ class StandbyReceiver:
     def lag_s(self, now: float | None = None) -> float | None:
         """Lag on the primary's clock (drsync.agent.clock.lag_s with this agent's offset estimate)."""
         return self.state.lag_s(now)
+
+    def failover_lag_s(self, now: float | None = None) -> float | None:
+        """The lag an automatic failover judges against ``max_lag_on_failover``: what this standby would
+        serve as primary. Taking over, it applies everything it received first (``replication.apply_delay``
+        does not hold a take-over back: :meth:`Committer.apply_due` with ``everything``), so its lag is the
+        received lag, not the applied lag that always includes the delay. While applies are held (an
+        operator's ``drsync apply --hold``, or the deletion or mass-change guard) it applies nothing when it
+        takes over and would serve its root as applied: then the applied lag counts, and a held standby
+        whose applied state is over the limit does not promote itself (an operator chooses: ``drsync promote
+        --delayed-state``, ``--to-snapshot``). None before anything was applied (not eligible)."""
+        st = self.state
+        if not st.applied_snapshot:
+            return None
+        if self.committer.hold.active:
+            return st.lag_s(now)
+        return st.received_lag_s(now)

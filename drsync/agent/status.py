@@ -299,18 +299,21 @@ def local_points(cfg: Config) -> dict[str, Any]:
     directory only (no ZooKeeper, no primary): what ``drsync promote --to-snapshot``/``--before`` can pick.
 
     Returns ``{"agent", "applied_snapshot", "apply_delay_s", "pending", "summary", "points": [...]}``
-    (points as :meth:`drsync.agent.pointintime.RecoveryPoint.as_dict`, oldest capture first)."""
+    (points as :meth:`drsync.agent.pointintime.RecoveryPoint.as_dict`, in the order this standby stored
+    them, oldest first; ``stored_at`` is its own clock, ``captured_at`` the primary's word)."""
     from drsync.agent.hold import HoldFile
     from drsync.agent.pointintime import recovery_points
     from drsync.agent.state import StateStore, state_dir_of
 
     state_dir = state_dir_of(cfg)
     state = StateStore(state_dir).load()
-    snaps = Repository.open(open_storage(cfg.cluster.repository)).list_snapshots()
-    points = recovery_points(snaps, state, cluster_id=cfg.cluster.id, held=HoldFile(state_dir).load().snapshot)
+    repo = Repository.open(open_storage(cfg.cluster.repository))
+    points = recovery_points(repo.list_snapshots(), state, cluster_id=cfg.cluster.id,
+                             held=HoldFile(state_dir).load().snapshot, stored_at=repo.snapshot_stored_times())
     delay = cfg.replication.apply_delay
     summary = (f"agent {cfg.agent.name}: {len(points)} point(s) in time in its repository"
-               + (f", from {iso(points[0].captured_at)} to {iso(points[-1].captured_at)}" if points else "")
+               + (f", stored from {iso(points[0].stored_at or points[0].captured_at)} to "
+                  f"{iso(points[-1].stored_at or points[-1].captured_at)}" if points else "")
                + f"; its root holds {state.applied_snapshot or 'nothing applied yet'}"
                + (f"; {len(state.pending)} received snapshot(s) wait for apply_delay" if state.pending else "")
                + ". Promote at one with drsync promote --to-snapshot ID (or --before TIME)")

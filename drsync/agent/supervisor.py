@@ -421,7 +421,8 @@ class RoleSupervisor:
         ahead = self._fencing_ahead(view, agents or {})
         decision = decide_role(self.name, view, agent_id=self.store.current.agent_id,
                                acting_primary=self.acting == "primary", policy=self.policy,
-                               primary_absent_s=absent, lag_s=self.lag_s(),
+                               primary_absent_s=absent,
+                               lag_s=self.receiver.failover_lag_s() if self.receiver is not None else None,
                                rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view),
                                claimant_live=claimant_live(self.name, view.epoch, agents or {}),
                                fencing_ahead=ahead)
