@@ -166,15 +166,18 @@ def drill_grp() -> None:
 @click.option("--full", is_flag=True, help="Verify every chunk, whatever drills.sample says.")
 @click.option("--to-snapshot", "point", metavar="ID", help="Rehearse a promotion at this earlier snapshot "
               "(drsync status --points): verify it in full and restore it into scratch space.")
-def drill_run(inv: Invocation, full: bool, point: str | None) -> None:
+@click.option("--before", metavar="TIME", help="Rehearse the promotion drsync promote --before TIME would make: at "
+              "the newest snapshot this standby stored at or before TIME (ISO 8601, local time without a zone; Unix "
+              "seconds; or a span ago such as 2h).")
+def drill_run(inv: Invocation, full: bool, point: str | None, before: str | None) -> None:
     """Run a drill now on this standby; exit 1 when it fails.
 
     Verifies the applied snapshot's chunks (a sample, or all with --full), restores it into scratch space
     and compares the result with the data root, and times a dry-run promotion; the report is kept in the
     state directory and the group (drsync status shows the last)."""
     from drsync.agent.drill import run_drill
-    from drsync.agent.loop import open_coordinator
     from drsync.agent.state import state_dir_of
+    from drsync.coordination import open_coordinator
 
     cfg = need_config(inv, "drill run")
     open_coord = None
@@ -191,7 +194,7 @@ def drill_run(inv: Invocation, full: bool, point: str | None) -> None:
             coord.close()
         is_primary = primary is not None and primary.agent == cfg.agent.name
     report = run_drill(cfg, state_dir=state_dir_of(cfg), open_coord=open_coord, full=full or None,
-                       is_primary=is_primary, point=point)
+                       is_primary=is_primary, point=point, before=before)
     doc = report.as_dict()
 
     def human() -> None:

@@ -35,8 +35,9 @@ def status_cmd(inv: Invocation, points: bool) -> None:
     if points:
         pts = local_points(inv.config)
         emit(inv, pts, lambda: (click.echo(pts["summary"]), table(
-            ["SNAPSHOT", "CAPTURED", "KIND", "STATE", "FILES", "SIZE"],
-            [[p["id"], iso(p["captured_at"]), p["kind"], p["state"], str(p["files"]), human_size(p["bytes"])]
+            ["SNAPSHOT", "CAPTURED", "STORED", "KIND", "STATE", "FILES", "SIZE"],
+            [[p["id"], iso(p["captured_at"]), iso(p["stored_at"]) if p.get("stored_at") else "-", p["kind"],
+              p["state"], str(p["files"]), human_size(p["bytes"])]
              for p in pts["points"]])))
         return
     doc = collect_status(inv.config)
@@ -132,8 +133,9 @@ def history_cmd(inv: Invocation, limit: int) -> None:
               "code as the promotion would end: 0, 1, 2 or 4).")
 @click.option("--to-snapshot", "to_snapshot", metavar="ID", help="Promote at this earlier snapshot of the "
               "standby's own repository (damage that replicated): it is applied first; newer ones are kept.")
-@click.option("--before", metavar="TIME", help="Promote at the newest snapshot captured at or before TIME (ISO "
-              "8601, local time without a zone; Unix seconds; or a span ago such as 2h).")
+@click.option("--before", metavar="TIME", help="Promote at the newest snapshot this standby stored at or before "
+              "TIME (its own clock, not the capture time; ISO 8601, local time without a zone; Unix seconds; or a "
+              "span ago such as 2h).")
 @click.option("--apply-received", is_flag=True, help="With replication.apply_delay: apply the newest snapshot "
               "received first, then promote.")
 @click.option("--delayed-state", is_flag=True, help="With replication.apply_delay: promote the root as it is; the "
