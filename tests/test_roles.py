@@ -80,6 +80,11 @@ def test_automatic_failover_waits_for_the_grace_and_respects_lag_and_cooldown() 
     reason = decide_role("west", view(), acting_primary=False, policy=AUTO, primary_absent_s=60, lag_s=90,
                          rank=0, epoch_age_s=3600).reason
     assert "lag 90s exceeds max_lag_on_failover 60s" in reason and "--accept-data-loss" in reason
+    # A held standby is refused too, and told the choices that keep the hold's point (not to accept loss).
+    held = decide_role("west", view(), acting_primary=False, policy=AUTO, primary_absent_s=60, lag_s=90,
+                       rank=0, epoch_age_s=3600, held=True)
+    assert held.action == "standby" and "applies are held" in held.reason
+    assert "--delayed-state" in held.reason and "--to-snapshot" in held.reason and "--accept" not in held.reason
 
 
 def test_promotion_refusal_names_the_lag_and_what_would_be_lost() -> None:

@@ -49,7 +49,8 @@ class RoleDecision:
 
 def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: FailoverPolicy,
                 primary_absent_s: float, lag_s: float | None, rank: int, epoch_age_s: float,
-                agent_id: str = "", claimant_live: bool = False, fencing_ahead: str = "") -> RoleDecision:
+                agent_id: str = "", claimant_live: bool = False, fencing_ahead: str = "",
+                held: bool = False) -> RoleDecision:
     """What this agent should do now. ``agent_id`` is its persistent identity: an epoch that records
     another id names another agent of the same name, never this one. ``primary_absent_s`` is how
     long the primary node has been seen missing; ``lag_s`` this agent's lag (None before it applied
@@ -59,7 +60,9 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
     whether the agent the current epoch names (not this one) has a live registration: it is taking the
     primary node (after a promotion, or back after a lost session), and nobody promotes over it;
     ``fencing_ahead`` names a live standby further ahead that is running its fence command to take over
-    (see :func:`fencing_ahead`): this one waits for it whatever its rank delay says."""
+    (see :func:`fencing_ahead`): this one waits for it whatever its rank delay says. ``held``: applies
+    are held on this standby (an operator's hold or a guard's), so a take-over would serve its root as
+    applied; the refusal then names the choices that fit a hold."""
     if view.session is SessionState.SUSPENDED:
         if acting_primary:
             return RoleDecision("pause", "ZooKeeper connection suspended: no shipping and no role actions "
@@ -106,6 +109,12 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
                                        f"primary to take over: waiting for it")
     if lag_s is None:
         return RoleDecision("standby", "primary gone, but this agent has applied nothing: not eligible")
+    if lag_s > policy.max_lag_s and held:
+        return RoleDecision("standby", f"primary gone, but applies are held on this standby and its root is "
+                                       f"{lag_s:.0f}s behind (max_lag_on_failover {policy.max_lag_s:.0f}s): "
+                                       f"automatic failover refused; promote by hand with --delayed-state (the "
+                                       f"root as it is) or --to-snapshot ID (drsync status --points), or lift the "
+                                       f"hold with drsync apply --resume")
     if lag_s > policy.max_lag_s:
         return RoleDecision("standby", f"primary gone, but lag {lag_s:.0f}s exceeds max_lag_on_failover "
                                        f"{policy.max_lag_s:.0f}s: automatic failover refused, promote by hand "

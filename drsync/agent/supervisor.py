@@ -425,7 +425,8 @@ class RoleSupervisor:
                                lag_s=self.receiver.failover_lag_s() if self.receiver is not None else None,
                                rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view),
                                claimant_live=claimant_live(self.name, view.epoch, agents or {}),
-                               fencing_ahead=ahead)
+                               fencing_ahead=ahead,
+                               held=self.receiver is not None and self.receiver.committer.hold.active)
         if decision != self.last_decision:
             # Routine confirmations at INFO; anything that keeps the group from working (no session,
             # a refusal, stepping down) at WARNING, so that an operator's filters see it. A routine re-claim
