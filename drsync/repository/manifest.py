@@ -862,10 +862,15 @@ def content_changed(base: Manifest, new: Manifest) -> frozenset[str]:
 
 
 def column_groups(m: Manifest | ManifestFile, columns: list[str]) -> Iterator[pa.Table]:
-    """The manifest's ``columns``, one path-sorted piece at a time: a loaded table in one piece, a
-    :class:`ManifestFile` one row group (:data:`ROW_GROUP` rows) at a time."""
+    """The manifest's ``columns``, one path-sorted piece of at most :data:`ROW_GROUP` rows at a time (a
+    loaded table sliced, a :class:`ManifestFile` a row group at a time): callers decode a piece to
+    Python values without holding the whole manifest as objects."""
     if isinstance(m, Manifest):
-        yield m.table.select(columns)
+        t = m.table.select(columns)
+        for lo in range(0, t.num_rows, ROW_GROUP):
+            yield t.slice(lo, ROW_GROUP)
+        if t.num_rows == 0:
+            yield t
         return
     for g in range(m.num_groups):
         yield m.group(g, columns)
