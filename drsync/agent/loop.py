@@ -76,9 +76,8 @@ class Agent:
         self.data_root = engine.data_root_url(cfg.cluster.data)
         self.state_dir = state_dir_of(cfg)
         self.dir_lock = StateDirLock(self.state_dir, cfg.agent.listen) if serve_network else None
-        self.host_locks = [HostLock(what, where, self.state_dir) for what, where in
-                           (("data root", self.data_root), ("repository", cfg.cluster.repository))] \
-            if serve_network else []
+        self.host_locks = HostLock.take_all([("data root", self.data_root), ("repository", cfg.cluster.repository)],
+                                            self.state_dir) if serve_network else []
         self.store = StateStore(self.state_dir)
         owner = self.store.current.agent_name  # before anything acts on what the state says
         if owner and owner != self.name:
