@@ -68,6 +68,15 @@ def test_a_second_agent_with_the_same_name_is_refused(grp: Group, tmp_path: Path
     r = run_agent(copy)
     assert r.returncode == 2, r.stderr
     assert "another agent is already registered as 'east'" in r.stderr and g.addr["east"] in r.stderr
+    # Issue 20 audit: one line on stderr (it was "started ... gRPC on", then the refusal three times), and
+    # nothing says the refused agent started.
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("drsync: error: "), r.stderr
+    with_json = subprocess.run([sys.executable, "-m", "drsync", "agent", "--config", str(copy), "--log-format",
+                                "json"], capture_output=True, text=True, timeout=60 * SLOW)
+    (record,) = [json.loads(line) for line in with_json.stderr.strip().splitlines()]
+    assert with_json.returncode == 2 and record["level"] == "ERROR", with_json.stderr
+    assert "another agent is already registered as 'east'" in record["message"], record
     # The real agents never noticed: one primary at epoch 1, the standby never saw the copy's tree.
     (g.data["east"] / "catalog" / "after.txt").write_text("production goes on\n")
     wait_for(lambda: g.in_sync("east", "west"), "replication to go on")

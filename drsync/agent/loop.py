@@ -342,10 +342,17 @@ class Agent:
     def run(self) -> None:
         """Coordinate; as primary, capture every replication.interval; shippers and maintenance run beside."""
         a = self.cfg.agent
+        try:
+            not_joined = self.supervisor.join()  # a name that is not this agent's own: refused before it starts
+        except BaseException:
+            self.close()
+            raise
         log.info("agent %s started (role %s, pid %d): gRPC on %s%s%s", self.name, self.role, os.getpid(), a.listen,
                  f" (advertised as {a.advertise})" if a.advertise else "",
                  f"; metrics at http://{a.metrics}/metrics, status page at http://{a.metrics}/" if a.metrics else
                  "; no metrics address")
+        if not_joined is not None:
+            not_joined()  # why it could not join yet: the first step of the coordination backoff
         from drsync.agent.presence import advertise_problem
 
         problem = advertise_problem(a.advertise, a.listen)
