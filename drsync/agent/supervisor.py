@@ -258,7 +258,7 @@ class RoleSupervisor:
         coord.on_change(self.wake)
         self.metrics.zookeeper_connected.set(1)
         try:
-            self.publish(force=True)
+            self.publish(force=True, probe=False)  # its advertised address is checked by the loop's first pass
         except DuplicateAgent as e:
             self.fatal = e
             raise
@@ -762,15 +762,16 @@ class RoleSupervisor:
         self._advertise_ok = ok
         return ok
 
-    def publish(self, force: bool = False) -> None:
-        """Keep agents/<name> (and, after an apply, the group's state node) current."""
+    def publish(self, force: bool = False, probe: bool = True) -> None:
+        """Keep agents/<name> (and, after an apply, the group's state node) current. ``probe=False``: the
+        advertised address is not dialled now (the first registration, before the agent's start line)."""
         if self.coord is None or self.coord.state is not SessionState.CONNECTED:
             return
         st = self.store.current
         lag = self.lag_s() if self.acting == "standby" else None
         role = self.role_word()
         refusal = self.receiver.last_refusal if self.receiver is not None else None
-        answers = self.advertise_answers()
+        answers = self.advertise_answers() if probe else self._advertise_ok
         key = (role, st.epoch, st.applied_snapshot, (refusal or {}).get("reason"), answers,
                repr(self._takeover))
         now = time.monotonic()
