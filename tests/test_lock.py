@@ -162,8 +162,9 @@ def test_host_locks_follow_the_directory_across_lock_dirs_and_remove_their_files
     one.mkdir()
     two.mkdir()
     monkeypatch.setenv("DRSYNC_LOCK_DIR", str(one))
+    (one / "drsync-0123456789abcdef0123.lock").write_text("4242\n/old/state\nrepository\n/old/repo\n")  # stale
     first = HostLock("data root", str(root), str(tmp_path / "state-one"))
-    assert len(list(one.glob("drsync-*.lock"))) == 1
+    assert len(list(one.glob("drsync-*.lock"))) == 1  # its own; the stale file of a stopped agent is gone
     monkeypatch.setenv("DRSYNC_LOCK_DIR", str(two))
     with pytest.raises(OperationFailed) as refused:
         HostLock("data root", str(tmp_path / "alias"), str(tmp_path / "state-two"))

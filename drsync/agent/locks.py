@@ -171,7 +171,16 @@ class HostLock:
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    continue  # nobody holds it: a lock file left by an agent that stopped
+                    # Nobody holds it: a lock file left by an agent that stopped (older agents never removed
+                    # theirs). Removed while locked here, if the name is still this file's: an agent that opened
+                    # it meanwhile finds its path gone once it holds the flock, and locks a new file.
+                    try:
+                        held, named = os.fstat(fd), os.stat(path)
+                        if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+                            os.unlink(path)
+                    except OSError:
+                        pass  # another user's file in a shared lock directory: left as it is
+                    continue
                 except BlockingIOError:
                     pass
                 lines = os.pread(fd, 8192, 0).decode(errors="replace").split("\n")
