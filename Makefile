@@ -10,7 +10,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # and delivers them for real (tests/test_prometheus_alerts.py); chromium loads the status page in tests;
 # faketime runs the CLI with its clock a day off (tests/test_snapshot_order.py); maven builds the real
 # HDFS mini cluster (tests/hadoop: Hadoop 3.5 from Maven Central) that every HDFS test runs against.
-DEB_PACKAGES := rsync restic zookeeper prometheus prometheus-alertmanager chromium faketime maven
+DEB_PACKAGES := rsync restic zookeeper prometheus prometheus-alertmanager chromium faketime maven tesseract-ocr tesseract-ocr-eng
 
 .PHONY: help venv system-deps hadoop test lint demo bench reliability proto clean man docs
 

@@ -41,7 +41,7 @@ from drsync import fsutil
 from drsync.errors import IntegrityError, RefusedError
 from drsync.repository.snapshots import SnapshotInfo, parse_iso
 from drsync.storage import ObjectMissing, Storage
-from drsync.units import iso_time
+from drsync.units import iso_time, with_iso_times
 
 log = logging.getLogger("drsync.protection")
 # Break-glass deletions: a logger of their own, which the command line shows on stderr (its refusals it
@@ -234,7 +234,8 @@ def record_break_glass(state_dir: str, infos: Iterable[SnapshotInfo], protection
     path = os.path.join(state_dir, LEDGER_NAME)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries))
+        # Times as every JSON drsync writes has them: ISO 8601 with zone, the Unix time in <key>_unix.
+        os.write(fd, b"".join(json.dumps(with_iso_times(e), sort_keys=True).encode() + b"\n" for e in entries))
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-# A number under a key like these is a Unix time (seconds), shown in JSON as ISO 8601 plus <key>_unix.
-_TIME_KEYS = ("since", "last_seen")
+# A number under a key like these is a Unix time (seconds), shown in JSON as ISO 8601 plus <key>_unix
+# (as are ``at`` and ``*_at``): protected_until, paused_until, primary_since, last_seen, an agent's heartbeat.
+_TIME_KEYS = ("since", "last_seen", "until", "heartbeat")
 _PLAUSIBLE_UNIX_S = 1e8  # 1973: anything smaller under such a key is a count or a duration, left alone
 
 
@@ -26,8 +27,9 @@ def iso_time(ts: float) -> str:
 
 def with_iso_times(doc: Any) -> Any:
     """A JSON document with one time format: every Unix time under the key ``at`` or a key ending in
-    ``_at`` (or ``since``, ``last_seen``) becomes ISO 8601 with its zone, and the number moves to ``<key>_unix``;
-    an ISO time there gets its ``<key>_unix`` twin too."""
+    ``_at`` (or ``since``, ``last_seen``, ``until``, ``heartbeat``) becomes ISO 8601 with its zone, and the
+    number moves to ``<key>_unix``; an ISO time there is rewritten the same way (UTC, milliseconds, ``Z``)
+    with its ``<key>_unix`` twin."""
     if isinstance(doc, list):
         return [with_iso_times(v) for v in doc]
     if not isinstance(doc, dict):
@@ -40,7 +42,7 @@ def with_iso_times(doc: Any) -> Any:
             out[k] = iso_time(float(v))
             out.setdefault(f"{k}_unix", v)
         elif timed and isinstance(v, str) and (unix := _parse_iso(v)) is not None:
-            out[k] = v
+            out[k] = iso_time(unix)
             out.setdefault(f"{k}_unix", unix)
         else:
             out[k] = with_iso_times(v)

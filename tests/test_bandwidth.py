@@ -16,6 +16,7 @@ from drsync.agent.primary import Pacer, pacing_delay
 from drsync.bandwidth import Schedule, Window, constant, next_change, parse_schedule, rate_at
 from drsync.config import config_from_dict
 from drsync.errors import ConfigError
+from drsync.units import iso_time
 from tests.conftest import run_drsync
 
 KEY = "replication.bandwidth_schedule"
@@ -288,9 +289,11 @@ def test_replication_looks_targets_up_by_agent_name_then_address_and_shows_the_r
     assert rep.shippers[a].bandwidth.rate() is None and rep.shippers[a].bandwidth.paused()
     assert gauge("bandwidth_limit_bytes_per_second", a) == -1 and gauge("bandwidth_paused", a) == 1
     status = rep.bandwidth_status()
-    assert status[a]["paused"] is True and status[a]["paused_until"] == day(17).isoformat()
+    # One time format in JSON (issue 20): ISO 8601 in UTC with its zone, and the Unix time beside it.
+    assert status[a]["paused"] is True and status[a]["paused_until"] == iso_time(day(17).timestamp())
+    assert status[a]["paused_until"].endswith("Z") and status[a]["paused_until_unix"] == day(17).timestamp()
     assert status[b] == {"rate": "10MiB/s", "limit_bytes_per_second": 10 * MiB, "paused": False,
-                         "paused_until": None}
+                         "paused_until": None, "paused_until_unix": None}
     clock[0] = day(18)
     assert rep.shippers[a].bandwidth.rate() == 10 * MiB  # outside west's window: the global limit
     rep.set_targets([b])  # a target that is no longer one: its series go

@@ -145,9 +145,11 @@ def test_an_off_target_gets_nothing_while_the_other_syncs_then_a_low_rate_paces(
     assert log.count(said) == 1, log  # once, not once per cycle
     assert f"to {slow}:" not in log and "failed" not in log, log
     status = json.loads(urllib.request.urlopen(f"http://{m}/status.json", timeout=10).read())
-    assert status["bandwidth"][slow]["paused"] is True and status["bandwidth"][slow]["paused_until"]
+    paused = status["bandwidth"][slow]
+    assert paused["paused"] is True and paused["paused_until"].endswith("Z"), paused  # ISO 8601 with its zone
+    assert datetime.fromisoformat(paused["paused_until"]).timestamp() == paused["paused_until_unix"]
     assert status["bandwidth"][fast] == {"rate": "unlimited", "limit_bytes_per_second": 0.0, "paused": False,
-                                         "paused_until": None}
+                                         "paused_until": None, "paused_until_unix": None}
 
     # Now a window in force with a low rate: the slow standby gets everything, no faster than the rate.
     agents.stop("primary")

@@ -240,3 +240,29 @@ def test_apply_delay_with_the_distcp_engine_is_refused_by_check_and_at_start(tmp
     r = run_drsync("agent", "--config", cfg)
     assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
     assert "replication.apply_delay" in r.err and "replication.engine" in r.err and "Traceback" not in r.err
+
+
+def test_an_advertise_address_of_another_host_is_a_warning_while_the_agent_is_stopped(tmp_path: Path) -> None:
+    """Issue 20 audit: with the agent stopped, config check said "ok ... (not dialled)" for any advertise
+    address that resolves. One that is no address of this host (checked by binding to it) is a WARN naming
+    the address and what to do; this host's own address stays ok."""
+    (tmp_path / "data").mkdir()
+    listen = f"127.0.0.1:{free_port()}"
+    base = (f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path / "data"}"\nrepository = "{tmp_path / "repo"}"\n'
+            f'[agent]\nname = "east"\nrole = "primary"\nlisten = "{listen}"\nmetrics = ""\n')
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(base)
+    assert run_drsync("init", "--config", cfg).code == 0
+    elsewhere = "192.0.2.7:7420"  # TEST-NET-1: no interface of this host has it
+    cfg.write_text(base.replace("[agent]\n", f'[agent]\nadvertise = "{elsewhere}"\n'))
+    r = run_drsync("config", "check", "--config", cfg, "--json")
+    adv = {c["name"]: c for c in json.loads(r.out)["checks"]}["advertise address"]
+    assert adv["ok"] and adv["warn"], adv
+    assert f"agent.advertise {elsewhere} resolves to 192.0.2.7, which is no address of this host" in adv["detail"]
+    assert "set agent.advertise to this host's own reachable host:port" in adv["detail"], adv
+    table = run_drsync("config", "check", "--config", cfg).out
+    assert any(ln.startswith("advertise address") and " WARN " in ln for ln in table.splitlines()), table
+    cfg.write_text(base.replace("[agent]\n", f'[agent]\nadvertise = "{listen}"\n'))  # this host's own address
+    r = run_drsync("config", "check", "--config", cfg, "--json")
+    adv = {c["name"]: c for c in json.loads(r.out)["checks"]}["advertise address"]
+    assert adv["ok"] and not adv["warn"] and "resolves (not dialled" in adv["detail"], adv

@@ -145,3 +145,34 @@ def test_listing_skips_a_file_deleted_while_listed(tmp_path: Path) -> None:
     finally:
         stop.set()
         t.join()
+
+
+def test_host_locks_follow_the_directory_across_lock_dirs_and_remove_their_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20 audit: the lock file's directory is not shared by every agent (PrivateTmp, containers, another
+    DRSYNC_LOCK_DIR); the flock on the data root directory itself is. A released lock's file is removed, and
+    the location can be locked again at once; a bind-mount-like second path (a symlink here) is the same lock."""
+    from drsync.agent.locks import HostLock
+    from drsync.errors import OperationFailed
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "alias").symlink_to(root)
+    one, two = tmp_path / "locks-one", tmp_path / "locks-two"
+    one.mkdir()
+    two.mkdir()
+    monkeypatch.setenv("DRSYNC_LOCK_DIR", str(one))
+    (one / "drsync-0123456789abcdef0123.lock").write_text("4242\n/old/state\nrepository\n/old/repo\n")  # stale
+    first = HostLock("data root", str(root), str(tmp_path / "state-one"))
+    assert len(list(one.glob("drsync-*.lock"))) == 1  # its own; the stale file of a stopped agent is gone
+    monkeypatch.setenv("DRSYNC_LOCK_DIR", str(two))
+    with pytest.raises(OperationFailed) as refused:
+        HostLock("data root", str(tmp_path / "alias"), str(tmp_path / "state-two"))
+    assert f"already serves data root {root}" in str(refused.value) and "\n" not in str(refused.value)
+    assert not list(two.glob("drsync-*.lock"))  # the refused one removed the file it had created
+    first.release()
+    assert not list(one.glob("drsync-*.lock"))  # released: its file is gone
+    again = HostLock("data root", str(root), str(tmp_path / "state-two"))
+    assert len(list(two.glob("drsync-*.lock"))) == 1
+    again.release()
+    assert not list(two.glob("drsync-*.lock"))

@@ -78,6 +78,13 @@ def test_a_wrong_zookeeper_address_logs_a_line_per_backoff_step_as_json(tmp_path
     assert "started" in started and listen in started and f"http://{metrics}/" in started
     assert "stopped" in records[-1]["message"]
     assert proc.returncode == 0
+    # Issue 20 audit: one WARNING per backoff step (the first step also logged the role that follows from it,
+    # "standby (no ZooKeeper session) [cannot reach ...]", as a second WARNING); that role line is INFO, once.
+    warnings = [r["message"] for r in records if r["level"] == "WARNING"]
+    assert warnings and all("cannot reach ZooKeeper" in w and "next try in" in w for w in warnings), warnings
+    assert len(warnings) == len(steps), warnings
+    role = [r for r in records if "standby (no ZooKeeper session)" in r["message"]]
+    assert len(role) == 1 and role[0]["level"] == "INFO", role
 
 
 def test_a_missing_chroot_backs_off_instead_of_spinning(tmp_path: Path, zk_server) -> None:  # type: ignore[no-untyped-def]
@@ -142,6 +149,34 @@ def test_json_records_about_a_snapshot_carry_its_id_as_a_key(tmp_path: Path) -> 
         assert x["snapshot"] == re.search(r"\bsnapshots? ([0-9a-f]{16})\b", x["message"]).group(1)  # type: ignore[union-attr]
         assert x["group"] and x["agent"] == "east" and x["time"]
     assert all("snapshot" not in x for x in records if not re.search(r"[0-9a-f]{16}", x["message"]))
+
+
+def test_a_shipment_to_a_stopped_standby_is_a_warning_with_the_reason_first(tmp_path: Path) -> None:
+    """Issue 20: a running primary whose standby is stopped logs each failed shipment at WARNING, the reason
+    first ("failed: ... standby ... : <why>"), then which snapshot to which standby and when it tries again."""
+    from tests.test_agents import Pair
+
+    pair = Pair(tmp_path)
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the first sync")
+        pair.kill("standby", signal.SIGTERM)
+        (pair.prod / "catalog" / "after-stop.txt").write_text("written while the standby is stopped\n")
+        pattern = re.compile(r" WARNING .*drsync[.\w]*: failed: (.+) \(snapshot ([0-9a-f]{16}) to (\S+); next try "
+                             r"in \d+s\)$")
+
+        def failed() -> list[re.Match[str]]:
+            return [m for ln in (tmp_path / "primary.log").read_text().splitlines() for m in [pattern.search(ln)]
+                    if m]
+        wait_for(lambda: failed(), "a failed shipment in the primary's log")
+        why, _, target = failed()[0].groups()
+        assert target == pair.standby_addr and pair.standby_addr in why, why
+        assert re.search(r"unavailable|refused|cannot reach|not reach", why, re.IGNORECASE), why
+        log = (tmp_path / "primary.log").read_text()
+        assert not re.search(r" INFO .*: failed", log), log  # never at INFO
+    finally:
+        pair.stop_all()
 
 
 def test_an_idle_primary_logs_its_routine_cycles_at_debug(tmp_path: Path) -> None:

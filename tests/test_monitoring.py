@@ -11,6 +11,7 @@ import signal
 import subprocess
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -126,6 +127,17 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
                            "--hide-scrollbars", *args], capture_output=True, text=True, timeout=120)
 
 
+def ocr(image: Path) -> str:
+    """The text tesseract reads in ``image`` (Debian's tesseract-ocr; make system-deps installs it)."""
+    exe = shutil.which("tesseract")
+    if exe is None:
+        pytest.fail("tesseract is not installed: run the tests with make test, which installs tesseract-ocr")
+    r = subprocess.run([exe, str(image), "stdout"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # The one confusion that matters here: a zero in a duration read as the letter O ("1m0Os", "Os").
+    return re.sub(r"(?<=\d)O|O(?=\d)|(?<![A-Za-z])O(?=[smh](?![A-Za-z]))", "0", r.stdout)
+
+
 def _status(url: str) -> dict:
     return json.loads(urllib.request.urlopen(url + "status.json", timeout=10).read())
 
@@ -206,10 +218,25 @@ def test_primary_page_shows_last_known_lag_while_shipments_fail_and_the_groups_d
         assert heading and label and heading.group(1) == label.group(1), (heading, label)
         assert re.search(r"<td>\d+\.\d (KiB|MiB|GiB)</td>", html)  # snapshot sizes, human units
         ARTIFACTS.mkdir(exist_ok=True)
+        # The screenshot, read back with OCR: the chart's heading and axis name one span, and the primary's lag
+        # is shown. One fetch of the page is both what is drawn and what the image is compared with (the lag
+        # moves between two requests).
+        page = ARTIFACTS / "status-page-primary-failing.html"
+        page.write_bytes(urllib.request.urlopen(url, timeout=10).read())
+        shown = page.read_text()
+        lag_now = re.search(r'id="lag-now">([^<]*)<', shown)
+        span = re.search(r'id="lag-heading">Replication lag, last ([^<]+)<', shown)
+        assert lag_now and lag_now.group(1) != "-" and span, shown
         shot = ARTIFACTS / "status-page-primary-failing.png"
         shot.unlink(missing_ok=True)
-        r = chromium(f"--screenshot={shot}", "--window-size=1200,1400", url)
+        # At 1.25 times the size the chart's 12px axis labels are large enough for tesseract to read.
+        r = chromium(f"--screenshot={shot}", "--window-size=1200,1400", "--force-device-scale-factor=1.25",
+                     page.as_uri())
         assert r.returncode == 0 and shot.exists() and shot.stat().st_size > 10_000, r.stderr[-2000:]
+        text = ocr(shot)
+        assert f"Replication lag, last {span.group(1)}" in text, text  # the chart's heading, as drawn
+        assert f"{span.group(1)} ago" in text, text  # the chart's time axis names the same span
+        assert f"now: {lag_now.group(1)};" in text, (lag_now.group(1), text)  # the primary's last known lag
     finally:
         assert g.drsync("west", "apply", "--resume").code == 0
 

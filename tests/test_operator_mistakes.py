@@ -68,6 +68,15 @@ def test_a_second_agent_with_the_same_name_is_refused(grp: Group, tmp_path: Path
     r = run_agent(copy)
     assert r.returncode == 2, r.stderr
     assert "another agent is already registered as 'east'" in r.stderr and g.addr["east"] in r.stderr
+    # Issue 20 audit: one line on stderr (it was "started ... gRPC on", then the refusal three times), and
+    # nothing says the refused agent started.
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("drsync: error: "), r.stderr
+    with_json = subprocess.run([sys.executable, "-m", "drsync", "agent", "--config", str(copy), "--log-format",
+                                "json"], capture_output=True, text=True, timeout=60 * SLOW)
+    (record,) = [json.loads(line) for line in with_json.stderr.strip().splitlines()]
+    assert with_json.returncode == 2 and record["level"] == "ERROR", with_json.stderr
+    assert "another agent is already registered as 'east'" in record["message"], record
     # The real agents never noticed: one primary at epoch 1, the standby never saw the copy's tree.
     (g.data["east"] / "catalog" / "after.txt").write_text("production goes on\n")
     wait_for(lambda: g.in_sync("east", "west"), "replication to go on")
@@ -183,6 +192,43 @@ def test_two_agents_never_share_a_data_root_or_repository(grp: Group, tmp_path: 
     assert r.returncode != 0 and "two agents must never share a data root or repository" in r.stderr, r.stderr
     assert str(g.procs["east"].pid) in r.stderr
     assert tree_state(g.data["east"]) == before
+
+
+@pytest.mark.parametrize("shared", ["data", "repository"])
+def test_agents_with_separate_lock_directories_still_never_share_a_data_root_or_repository(
+        grp: Group, tmp_path: Path, shared: str) -> None:
+    """Issue 20 audit: the host lock file lives in /run/lock, $DRSYNC_LOCK_DIR or the temp directory, which
+    two systemd units (PrivateTmp), two containers or two DRSYNC_LOCK_DIRs do not share. The agent also locks
+    the data root and repository directories themselves: the second agent exits non-zero with one line; a
+    command run beside the running agent is not held up by that lock; the agent's lock files go when it stops."""
+    g = grp
+    east_locks, copy_locks = tmp_path / "locks-east", tmp_path / "locks-copy"
+    east_locks.mkdir()
+    copy_locks.mkdir()
+    g.start("east", env={**os.environ, "DRSYNC_LOCK_DIR": str(east_locks)})
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.drsync("east", "snapshot", "list", "--json").json(), "east's first snapshot")
+    assert len(list(east_locks.glob("drsync-*.lock"))) == 2  # its data root and its repository
+    before = tree_state(g.data["east"])
+    cfg = copy_config(g, "east", tmp_path, keep=(shared,))
+    cfg.write_text(cfg.read_text().replace('name = "east"', 'name = "other"'))
+    r = subprocess.run([sys.executable, "-m", "drsync", "agent", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=60 * SLOW, env={**os.environ, "DRSYNC_LOCK_DIR": str(copy_locks)})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, (r.returncode, r.stderr)
+    what, where = ("data root", g.data["east"]) if shared == "data" else ("repository", tmp_path / "east-repo")
+    assert f"already serves {what} {os.path.realpath(where)}" in lines[0], lines
+    assert "two agents must never share a data root or repository" in lines[0] and "stop it" in lines[0]
+    assert f"pid {g.procs['east'].pid}" in lines[0], lines
+    assert tree_state(g.data["east"]) == before and g.procs["east"].poll() is None
+    assert not list(copy_locks.glob("drsync-*.lock"))  # the refused agent left no lock file behind
+    # Commands run beside the agent do not take that lock: they work while it runs.
+    assert g.drsync("east", "repo", "verify").code == 0
+    assert g.drsync("east", "snapshot", "list", "--json").code == 0
+    g.kill("east", signal.SIGTERM)
+    assert not list(east_locks.glob("drsync-*.lock"))  # released: removed, not left for every later start
+    g.start("east", env={**os.environ, "DRSYNC_LOCK_DIR": str(east_locks)})  # and taken again at once
+    wait_for(lambda: g.primary() == ("east", 1), "east to take its claim back")
 
 
 def test_an_empty_standby_promoted_over_production_empties_nothing(grp: Group) -> None:

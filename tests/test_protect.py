@@ -227,7 +227,10 @@ def test_break_glass_deletes_logs_and_counts_in_the_agents_metric(tmp_path: Path
     assert len(warning) == 1 and a.id in warning[0] and "snapshot delete" in warning[0], r.err
     entries = read_break_glass(str(tmp_path / "state"))
     assert [(e["snapshot"], e["how"]) for e in entries] == [(a.id, "drsync snapshot delete --break-glass")]
-    assert entries[0]["user"] and entries[0]["host"] and entries[0]["protected_until"] > time.time()
+    assert entries[0]["user"] and entries[0]["host"] and entries[0]["protected_until_unix"] > time.time()
+    # One time format (issue 20): ISO 8601 with zone in the ledger and in --json, the Unix time beside it.
+    for key in ("at", "captured_at", "stored_at", "protected_until"):
+        assert entries[0][key].endswith("Z") and isinstance(entries[0][f"{key}_unix"], float), entries[0]
     # The agent counts what one-shot commands did before it started, and after.
     with open(tmp_path / "agent.log", "ab") as log:
         agent = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg)], stdout=log,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from drsync.units import human_size, with_iso_times
 from tests.conftest import make_tree, run_drsync
@@ -59,3 +62,61 @@ def test_the_json_a_failing_command_prints_has_iso_times_too(tmp_path: Path) -> 
     doc = json.loads(r.out)
     assert not doc["ok"] and isinstance(doc["done_at_unix"], float), doc
     assert datetime.fromisoformat(doc["done_at"].replace("Z", "+00:00")).tzinfo is not None
+
+
+def test_until_and_heartbeat_keys_and_offset_iso_times_get_the_one_format() -> None:
+    """Issue 20 audit: paused_until was a local-offset time with microseconds, protected_until a bare Unix
+    number, an agent record's heartbeat too: every such key is ISO 8601 in UTC with its ``_unix`` twin."""
+    out = with_iso_times({"protected_until": 1_764_581_283.5, "heartbeat": 1_764_581_283,
+                          "paused_until": "2025-12-01T10:28:03.353123+01:00", "primary_since": 1_764_581_283,
+                          "until_count": 3, "timeout_s": 1_764_581_283})
+    assert out["protected_until"] == "2025-12-01T09:28:03.500Z" and out["protected_until_unix"] == 1_764_581_283.5
+    assert out["heartbeat"] == "2025-12-01T09:28:03.000Z" and out["heartbeat_unix"] == 1_764_581_283
+    assert out["paused_until"] == "2025-12-01T09:28:03.353Z"
+    assert abs(out["paused_until_unix"] - 1_764_581_283.353123) < 1e-6
+    assert out["primary_since"].endswith("Z") and out["until_count"] == 3 and out["timeout_s"] == 1_764_581_283
+
+
+_TIME_KEY = re.compile(r"^(at|.*_at|.*since|.*until|last_seen|heartbeat)$")
+
+
+def _time_format_problems(doc: Any, where: str = "") -> list[str]:
+    """Every time-like key of a JSON document that is not ISO 8601 UTC (``...Z``) with a numeric ``_unix`` twin."""
+    out: list[str] = []
+    if isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _time_format_problems(v, f"{where}[{i}]")
+    elif isinstance(doc, dict):
+        for k, v in doc.items():
+            if isinstance(k, str) and _TIME_KEY.match(k) and v is not None:
+                twin = doc.get(f"{k}_unix")
+                if not (isinstance(v, str) and v.endswith("Z") and isinstance(twin, int | float)):
+                    out.append(f"{where}.{k} = {v!r} ({k}_unix = {twin!r})")
+            else:
+                out += _time_format_problems(v, f"{where}.{k}")
+    return out
+
+
+def test_json_outputs_of_running_agents_and_commands_use_one_time_format(tmp_path: Path) -> None:
+    """status.json of a primary and a standby, and the --json of snapshot list and status: every time-like
+    key (``at``, ``*_at``, ``*since``, ``*until``, ``last_seen``, ``heartbeat``) is ISO 8601 with its zone and
+    a ``_unix`` twin."""
+    from tests.group import wait_for
+    from tests.test_agents import Pair
+
+    pair = Pair(tmp_path)
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the first sync")
+        docs = {name: json.loads(urllib.request.urlopen(f"http://{pair.metrics[name]}/status.json",
+                                                        timeout=10).read()) for name in ("primary", "standby")}
+        for name, cfg in (("primary", pair.primary_cfg), ("standby", pair.standby_cfg)):
+            r = run_drsync("snapshot", "list", "--config", cfg, "--json")
+            assert r.code == 0 and r.json(), r.err
+            docs[f"{name} snapshot list"] = r.json()
+        problems = {what: _time_format_problems(doc) for what, doc in docs.items()}
+        assert not any(problems.values()), problems
+        assert docs["primary snapshot list"][0]["captured_at"].endswith("Z")  # the walker saw real times
+    finally:
+        pair.stop_all()

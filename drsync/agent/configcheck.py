@@ -19,7 +19,7 @@ from typing import Any
 
 from drsync import engine
 from drsync.agent.locks import StateDirLock
-from drsync.agent.presence import advertise_problem
+from drsync.agent.presence import advertise_not_local, advertise_problem
 from drsync.agent.state import StateStore, state_dir_of, state_dir_owner_problem
 from drsync.config import (
     Config,
@@ -265,7 +265,7 @@ def _check_advertise(cfg: Config, running: bool, timeout_s: float) -> list[Check
         except (OSError, ValueError) as e:
             return [Check("advertise address", False, f"{what} {address} does not resolve ({e}): other agents could "
                           f"not reach this one; set agent.advertise to this host's reachable host:port", "config")]
-        problem = advertise_problem(cfg.agent.advertise, cfg.agent.listen)
+        problem = advertise_problem(cfg.agent.advertise, cfg.agent.listen) or advertise_not_local(cfg.agent.advertise)
         if problem:
             return [Check("advertise address", True, f"{problem} (not dialled: the agent is not running)",
                           "config", warn=True)]

@@ -1,7 +1,13 @@
 """Host-level exclusivity: one agent per state directory, per data root and per repository.
 
 Each is a flock on a small file (released by the kernel when the process dies, so a crash
-never leaves a stale lock); the file names the holder for the refusal message.
+never leaves a stale lock); the file names the holder for the refusal message. A lock file in the host
+lock directory is removed when its agent releases it.
+
+The host lock directory is not always shared (a systemd unit's PrivateTmp, a container, another
+DRSYNC_LOCK_DIR), so an agent also flocks the local data root and repository directories themselves: the
+lock follows the directory's inode across bind mounts and mount namespaces, and nothing is written there.
+No other drsync code flocks those directories: commands run beside the agent are not affected.
 """
 
 from __future__ import annotations
@@ -24,14 +30,28 @@ def _host_lock_dir() -> str:
 
 def _exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[str]], str]) -> int:
     """Open ``path`` and take its flock without waiting, then write ``holder`` into it; the descriptor
-    keeps the lock. OperationFailed with ``refusal(lines the current holder wrote)`` when it is held."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")
-        os.close(fd)
-        raise OperationFailed(refusal([*(line.strip() or "?" for line in lines), "?", "?"])) from None
+    keeps the lock. OperationFailed with ``refusal(lines the current holder wrote)`` when it is held.
+    The file may be unlinked by a holder releasing it (:meth:`HostLock.release`): the lock counts only
+    when ``path`` still names the locked file once it is held, else it is taken again on the new file."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")
+            os.close(fd)
+            raise OperationFailed(refusal([*(line.strip() or "?" for line in lines), "?", "?"])) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        held = os.fstat(fd)
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            named = None
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)  # unlinked (or replaced) by its holder's release between our open and our flock
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode(), 0)
     return fd
@@ -50,6 +70,51 @@ def _nested(a: str, b: str) -> bool:
         b = "/" + rb.split("/", 1)[1].split("?")[0] if "/" in rb else "/"
     a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
     return a.startswith(b) or b.startswith(a)
+
+
+def _flock_holder(st: os.stat_result) -> str:
+    """The pid holding a flock on the file ``st`` describes, from /proc/locks ("" when not found)."""
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == inode:
+                    return parts[4]
+    except OSError:
+        pass
+    return ""
+
+
+class DirectoryLock:
+    """A flock on a local directory itself (its inode: bind mounts and private lock directories see the
+    same lock); nothing is written into it. None of drsync's commands flock it, so they run beside the agent."""
+
+    def __init__(self, what: str, path: str) -> None:
+        self.fd = -1
+        self.path = os.path.realpath(path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # not created yet (a standby's root before its first apply): the host lock file still holds
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _flock_holder(os.fstat(fd))
+            os.close(fd)
+            raise OperationFailed(
+                f"another drsync agent{f' (pid {pid})' if pid else ''} already serves {what} {self.path} (it holds "
+                f"the lock on the directory itself, seen through any mount or lock directory): two agents must "
+                f"never share a data root or repository; stop it, or point this config at its own") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class HostLock:
@@ -71,11 +136,28 @@ class HostLock:
             raise OperationFailed(f"cannot open the host lock {self.path} for {what} {key} ({e.strerror}); "
                                   f"another user's agent may serve it, or set DRSYNC_LOCK_DIR to a writable "
                                   f"directory") from None
+        self.dir_lock: DirectoryLock | None = None
         try:
             self._refuse_nested(lock_dir, what, key, state_dir)
+            if "://" not in location or location.startswith("file://"):
+                self.dir_lock = DirectoryLock(what, location.removeprefix("file://"))
         except BaseException:
             self.release()
             raise
+
+    @classmethod
+    def take_all(cls, locations: list[tuple[str, str]], state_dir: str) -> list[HostLock]:
+        """A lock per (what, location); when one is refused, those already taken are released (their
+        lock files removed) before the refusal goes on."""
+        taken: list[HostLock] = []
+        try:
+            for what, where in locations:
+                taken.append(cls(what, where, state_dir))
+        except BaseException:
+            for lock in taken:
+                lock.release()
+            raise
+        return taken
 
     def _refuse_nested(self, lock_dir: str, what: str, key: str, state_dir: str) -> None:
         for name in sorted(os.listdir(lock_dir)):
@@ -89,7 +171,16 @@ class HostLock:
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    continue  # nobody holds it: a lock file left by an agent that stopped
+                    # Nobody holds it: a lock file left by an agent that stopped (older agents never removed
+                    # theirs). Removed while locked here, if the name is still this file's: an agent that opened
+                    # it meanwhile finds its path gone once it holds the flock, and locks a new file.
+                    try:
+                        held, named = os.fstat(fd), os.stat(path)
+                        if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+                            os.unlink(path)
+                    except OSError:
+                        pass  # another user's file in a shared lock directory: left as it is
+                    continue
                 except BlockingIOError:
                     pass
                 lines = os.pread(fd, 8192, 0).decode(errors="replace").split("\n")
@@ -106,7 +197,18 @@ class HostLock:
                     f"nor one inside the other; point this config at a location of its own")
 
     def release(self) -> None:
+        """Unlink the lock file while the flock is still held (whoever opened it meanwhile finds that the
+        path no longer names the file it locked, and takes the lock again on a new one), then close it."""
+        if self.dir_lock is not None:
+            self.dir_lock.release()
+            self.dir_lock = None
         if self.fd >= 0:
+            try:
+                held, named = os.fstat(self.fd), os.stat(self.path)
+                if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+                    os.unlink(self.path)
+            except OSError:
+                pass  # gone already, or a lock directory this user cannot write: the flock still ends below
             os.close(self.fd)
             self.fd = -1
 

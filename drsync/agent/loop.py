@@ -68,9 +68,8 @@ class Agent:
         self.data_root = engine.data_root_url(cfg.cluster.data)
         self.state_dir = state_dir_of(cfg)
         self.dir_lock = StateDirLock(self.state_dir, cfg.agent.listen) if serve_network else None
-        self.host_locks = [HostLock(what, where, self.state_dir) for what, where in
-                           (("data root", self.data_root), ("repository", cfg.cluster.repository))] \
-            if serve_network else []
+        self.host_locks = HostLock.take_all([("data root", self.data_root), ("repository", cfg.cluster.repository)],
+                                            self.state_dir) if serve_network else []
         self.store = StateStore(self.state_dir)
         owner = self.store.current.agent_name  # before anything acts on what the state says
         if owner and owner != self.name:
@@ -339,10 +338,17 @@ class Agent:
     def run(self) -> None:
         """Coordinate; as primary, capture every replication.interval; shippers and maintenance run beside."""
         a = self.cfg.agent
+        try:
+            not_joined = self.supervisor.join()  # a name that is not this agent's own: refused before it starts
+        except BaseException:
+            self.close()
+            raise
         log.info("agent %s started (role %s, pid %d): gRPC on %s%s%s", self.name, self.role, os.getpid(), a.listen,
                  f" (advertised as {a.advertise})" if a.advertise else "",
                  f"; metrics at http://{a.metrics}/metrics, status page at http://{a.metrics}/" if a.metrics else
                  "; no metrics address")
+        if not_joined is not None:
+            not_joined()  # why it could not join yet: the first step of the coordination backoff
         from drsync.agent.presence import advertise_problem
 
         problem = advertise_problem(a.advertise, a.listen)

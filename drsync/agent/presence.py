@@ -26,6 +26,7 @@ health check is never called down by rule 3, so a skewed clock cannot make it lo
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -112,6 +113,32 @@ def advertise_problem(advertise: str, listen: str) -> str:
                 f"port {lport} (agent.listen {listen}): nothing would answer there; advertise {lhost}:{lport} or "
                 f"this host's reachable name with port {lport}")
     return ""
+
+
+def advertise_not_local(advertise: str) -> str:
+    """Why ``agent.advertise`` names no address of this host ("" when one of the addresses its host resolves
+    to is local, or it does not resolve): each is tried as a UDP bind on port 0, and EADDRNOTAVAIL means
+    that no interface of this host has it. Such an address works only through a forward (NAT, a load
+    balancer) to this host's agent.listen."""
+    if not advertise:
+        return ""
+    host, _, _ = advertise.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_DGRAM)
+    except (OSError, ValueError):
+        return ""  # advertise_problem says that it does not resolve
+    ips = sorted({i[4][0] for i in infos})
+    for family, _, _, _, sockaddr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.bind((sockaddr[0], 0, *sockaddr[2:]))
+            return ""
+        except OSError as e:
+            if e.errno != errno.EADDRNOTAVAIL:
+                return ""  # cannot tell: say nothing rather than something wrong
+    return (f"agent.advertise {advertise} resolves to {', '.join(ips)}, which is no address of this host: other "
+            f"agents reach this one there only through a forward (NAT, load balancer) to agent.listen; if there is "
+            f"none, set agent.advertise to this host's own reachable host:port")
 
 
 def probe(address: str, health: Callable[[str], bool], timeout_s: float = 1.5) -> str:

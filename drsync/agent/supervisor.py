@@ -280,6 +280,38 @@ class RoleSupervisor:
         log.warning("agent %s: %s: %s (attempt %d; next try in %.0fs)", self.name, what, e,
                     self.coord_backoff.failures, delay)
 
+    def join(self) -> Callable[[], None] | None:
+        """Before the agent says it started: join the group and prove that this agent's name is its own.
+        DuplicateAgent goes to the caller (the agent must not start). Any other failure is the first step
+        of the coordination backoff: returned as the call that logs it (one line), for after the start line."""
+        coord = self.coord
+        if coord is None or self._started:
+            return None
+        try:
+            coord.start()
+        except DrsyncError as e:
+            self.metrics.zookeeper_connected.set(0)
+            failure = e
+
+            def report() -> None:
+                self.pass_failed(failure, "cannot join the group in ZooKeeper")
+                self._decide(GroupView(SessionState.LOST, Epoch(), None), reported=True)
+            return report
+        self._started = True
+        coord.on_change(self.wake)
+        self.metrics.zookeeper_connected.set(1)
+        try:
+            self.publish(force=True, probe=False)  # its advertised address is checked by the loop's first pass
+        except DuplicateAgent as e:
+            self.fatal = e
+            raise
+        except DrsyncError as e:
+            failure = e
+            return lambda: self.pass_failed(failure, "cannot register in ZooKeeper yet")
+        if self.heartbeat is not None:
+            self.heartbeat.start()
+        return None
+
     def coordinate(self) -> RoleDecision | None:
         """Read the group, decide this agent's role, and carry the decision out. After a failed pass the
         next one waits for its backoff step (the caller reports failures it catches with :meth:`pass_failed`)."""
@@ -298,7 +330,7 @@ class RoleSupervisor:
             except CoordinationUnavailable as e:
                 self.metrics.zookeeper_connected.set(0)
                 self.pass_failed(e, "cannot join the group in ZooKeeper")
-                return self._decide(GroupView(SessionState.LOST, Epoch(), None), note=str(e))
+                return self._decide(GroupView(SessionState.LOST, Epoch(), None), reported=True)
             except DrsyncError as e:
                 self.metrics.zookeeper_connected.set(0)
                 self.pass_failed(e, "cannot join the group in ZooKeeper")
@@ -416,7 +448,9 @@ class RoleSupervisor:
         return max(0.0, now - st.epoch_seen_at) if st.epoch_seen == view.epoch.epoch else 0.0
 
     def _decide(self, view: GroupView, *, agents: dict[str, dict[str, Any]] | None = None,
-                note: str = "") -> RoleDecision:
+                note: str = "", reported: bool = False) -> RoleDecision:
+        """``reported``: why the group cannot be read was just logged at WARNING (one line per backoff
+        step): a standby decision that follows from it is logged at INFO, not as a second warning."""
         absent = time.monotonic() - self._primary_absent_since if self._primary_absent_since else 0.0
         ahead = self._fencing_ahead(view, agents or {})
         decision = decide_role(self.name, view, agent_id=self.store.current.agent_id,
@@ -438,7 +472,8 @@ class RoleSupervisor:
             ex = (decision.action == "standby" and self.acting == "standby" and st.last_role == "primary"
                   and not st.demoted and view.epoch.epoch > (st.primary_epoch or 0) > 0
                   and not (self.switchover_final and self.switchover_hooked) and not rejoin_approved(self.state_dir))
-            level = logging.INFO if routine and not ex else logging.WARNING
+            level = logging.INFO if (routine or (reported and decision.action == "standby")) and not ex \
+                else logging.WARNING
             text = (f"ex-primary of epoch {st.primary_epoch}, not serving as a standby until its writers are "
                     f"confirmed stopped ({decision.reason})" if ex else str(decision))
             log.log(level, "agent %s: %s%s", self.name, text, f" [{note}]" if note else "")
@@ -788,15 +823,16 @@ class RoleSupervisor:
         self._advertise_ok = ok
         return ok
 
-    def publish(self, force: bool = False) -> None:
-        """Keep agents/<name> (and, after an apply, the group's state node) current."""
+    def publish(self, force: bool = False, probe: bool = True) -> None:
+        """Keep agents/<name> (and, after an apply, the group's state node) current. ``probe=False``: the
+        advertised address is not dialled now (the first registration, before the agent's start line)."""
         if self.coord is None or self.coord.state is not SessionState.CONNECTED:
             return
         st = self.store.current
         lag = self.lag_s() if self.acting == "standby" else None
         role = self.role_word()
         refusal = self.receiver.last_refusal if self.receiver is not None else None
-        answers = self.advertise_answers()
+        answers = self.advertise_answers() if probe else self._advertise_ok
         key = (role, st.epoch, st.applied_snapshot, (refusal or {}).get("reason"), answers,
                repr(self._takeover))
         now = time.monotonic()
@@ -825,8 +861,8 @@ class RoleSupervisor:
         coord = self.coord
         if self.heartbeat is not None:
             self.heartbeat.stop()
-        if coord is None:
-            return
+        if coord is None or isinstance(self.fatal, DuplicateAgent):
+            return  # a refused name: the records under it are another agent's (or its identity's live process)
         if coord.state is not SessionState.CONNECTED:
             self.acting = "standby"  # without a connection the session (and node) simply expires
             return

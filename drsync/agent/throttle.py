@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from drsync.bandwidth import Schedule, constant, describe_rate, next_change, rate_at
+from drsync.units import iso_time
 
 log = logging.getLogger("drsync.agent")
 
@@ -104,7 +105,8 @@ class TargetBandwidth:
         with self._lock:
             until = self._paused_until
         return {"rate": describe_rate(rate), "limit_bytes_per_second": -1 if rate is None else rate,
-                "paused": rate is None, "paused_until": until.isoformat() if until is not None else None}
+                "paused": rate is None, "paused_until": iso_time(until.timestamp()) if until is not None else None,
+                "paused_until_unix": round(until.timestamp(), 3) if until is not None else None}
 
 
 def _clock_time(at: datetime, now: datetime) -> str:

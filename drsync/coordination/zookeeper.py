@@ -64,7 +64,9 @@ class _ReconnectThrottle(logging.Filter):
     starts over."""
 
     FIRST_S, MAX_S = 1.0, 60.0
-    DETAIL = ("Connecting to", "Zookeeper session closed")
+    # Connecting, connected and closing are drsync's to say (its start, role and "works again" lines): a
+    # refused agent's stderr is its one error line.
+    DETAIL = ("Connecting to", "Zookeeper session closed", "Zookeeper connection established", "Closing connection")
     ATTEMPTS = ("Connection dropped: socket connection error", "Failed connecting to Zookeeper within")
 
     def __init__(self) -> None:
@@ -75,6 +77,9 @@ class _ReconnectThrottle(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
         if (record.levelno <= logging.INFO and msg.startswith(self.DETAIL)) or msg.startswith(self.ATTEMPTS):
+            if msg.startswith("Zookeeper connection established"):
+                with self.lock:
+                    self.seen.clear()  # a connection that succeeds starts the repeated warnings' steps over
             if not log.isEnabledFor(logging.DEBUG):
                 return False
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
