@@ -300,6 +300,29 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     return plan
 
 
+def _repository_refusal(root: DataRoot, plan: ApplyPlan, protected: frozenset[str], what: str) -> str | None:
+    """Why the plan is refused for a drsync repository in the target (not a protected one) that it would
+    write into or remove; None when it touches none. Looks only where the plan changes something: the
+    directories it touches (and their ancestors) and the subtrees it removes."""
+    find = getattr(root, "repositories_at", None)
+    if find is None:
+        return None
+    dirs = set(plan.touched_dirs or ()) | {e.path.rpartition("/")[0] for e in plan.fix_meta}
+    check = set(dirs)
+    for d in dirs:
+        check.update(_ancestors(d))
+
+    def mine(rel: str) -> bool:
+        return any(rel == p or rel.startswith(p + "/") for p in protected)
+
+    found = [r for r in find(sorted(check), plan.remove) if not mine(r)]
+    if not found:
+        return None
+    return (f"{what}: {root.url} holds a drsync repository at {printable(found[0])}, which this restore would "
+            f"write into or remove; a restore never changes a repository: move it out of the target or restore "
+            f"elsewhere; nothing was changed")
+
+
 def _planned(excluded: Callable[[str], bool], protected: frozenset[str],
              changed: frozenset[str]) -> Callable[[str], bool]:
     """Which paths :func:`plan_apply` must see whatever they compare like: excluded, protected (or holding
@@ -364,7 +387,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    journal: str | None = None, on_committed: Callable[[], None] | None = None,
                    protect: tuple[str, ...] = (), dry_run: bool = False,
                    foreign: ForeignTarget | None = None, external: ExternalStager | None = None,
-                   cancel: Callable[[], bool] | None = None, base: Manifest | None = None) -> ApplyResult:
+                   cancel: Callable[[], bool] | None = None, base: Manifest | None = None,
+                   keep_repositories: bool = False) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
 
     ``dry_run``: plan only and report it in ``ApplyResult.planned`` (and in ``ApplyResult.refused`` why
@@ -382,6 +406,9 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     ``base``: the manifest the target is known to hold (a standby's applied snapshot): a file whose
     content differs from it is written even when its size and time match (``checksum`` instead reads
     every file whose size and time match, for a target nobody vouches for).
+    ``keep_repositories`` (restores): a drsync repository found in the target where the plan would write
+    into it or remove it (not one named in ``protect``, which is left alone) refuses the apply
+    (RefusedError, nothing changed): a restore never destroys a repository, even one it does not know.
     Raises IntegrityError (missing or damaged chunks, bad manifest), UsageError (a target that
     cannot hold the snapshot: mount points in the way, protected paths), OperationFailed (I/O).
     """
@@ -399,8 +426,12 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     for p in protect:
         if root.lies_within(p):
             raise UsageError(f"target {root.url} lies inside drsync's own {p}; restore to a directory outside it")
+    pending = False
     if dry_run:
         created_target, log_ = False, None
+        # An interrupted apply is completed by the real run before it plans: this plan is against the
+        # target as it is now, so it says so.
+        pending = not root.missing() and _journal_for(root, journal).load() is not None
     else:
         created_target = root.prepare_target()
         log_ = _journal_for(root, journal)
@@ -427,6 +458,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     if rest is not None and len(rest.new_rows):
         plan.write = WriteList(list(plan.write), manifest, rest.new_rows)
     refused = foreign.refusal(plan, {e.path for e in entries}, what, root.url) if foreign is not None else None
+    if keep_repositories and not refused:
+        refused = _repository_refusal(root, plan, protected, what)
     if refused and not dry_run:
         if created_target:
             root.remove_root()
@@ -436,12 +469,18 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # refusal counts it: listed under overwrite, not remove.
         wanted = {e.path for e in entries}
         replaced_types = [p for p in plan.remove if p in wanted]
-        return ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
-                           unchanged_files=plan.unchanged, removed=len(plan.remove) - len(replaced_types),
-                           planned={"write": [e.path for e in plan.write],
-                                    "remove": [p for p in plan.remove if p not in wanted],
-                                    "mkdir": [e.path for e in plan.mkdir], "link": [e.path for e in plan.link],
-                                    "overwrite": sorted({*plan.replaces, *replaced_types})}, refused=refused)
+        dry = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
+                          unchanged_files=plan.unchanged, removed=len(plan.remove) - len(replaced_types),
+                          planned={"write": [e.path for e in plan.write],
+                                   "remove": [p for p in plan.remove if p not in wanted],
+                                   "mkdir": [e.path for e in plan.mkdir], "link": [e.path for e in plan.link],
+                                   "hardlink": [e.path for e in plan.hardlink],
+                                   "overwrite": sorted({*plan.replaces, *replaced_types})}, refused=refused)
+        if pending:
+            dry.warnings.append(f"{root.url} holds an interrupted apply: the real run completes it first and then "
+                                f"plans again, so what it writes and removes can differ from this list; run the "
+                                f"restore (or any restore onto this target) to complete it, then --dry-run again")
+        return dry
     assert log_ is not None
     root.check_plan(plan)
     skipped_links = []
@@ -494,8 +533,12 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             root.remove_root()
         raise
 
+    # Removed: paths the snapshot does not have (a path it has in another type is replaced, and counted
+    # where it is written), as the dry run and the refusal count them.
+    wanted_types = {e.path for e in entries}
     result = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
-                         unchanged_files=plan.unchanged, removed=len(plan.remove))
+                         unchanged_files=plan.unchanged,
+                         removed=sum(1 for p in plan.remove if p not in wanted_types))
     if skipped_links:
         result.warnings.append(f"{len(skipped_links)} symlink(s) not made: {root.url} cannot hold symlinks "
                                f"(e.g. {skipped_links[0].path})")

@@ -271,9 +271,11 @@ def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -
 def restore_backup(path: str, target: str, *, checksum: bool = False,
                    progress: Callable[[int], None] | None = None,
                    on_total: Callable[[int], None] | None = None, dry_run: bool = False,
-                   foreign: ForeignTarget | None = None) -> tuple[BackupInfo, ApplyResult]:
-    """Restore onto any data root: a backup is portable across clusters and releases. ``dry_run`` and
-    ``foreign`` as in :func:`drsync.apply.apply_manifest`."""
+                   foreign: ForeignTarget | None = None,
+                   protect: tuple[str, ...] = ()) -> tuple[BackupInfo, ApplyResult]:
+    """Restore onto any data root: a backup is portable across clusters and releases. ``dry_run``,
+    ``foreign`` and ``protect`` (drsync's own paths that may lie in the target: left alone) as in
+    :func:`drsync.apply.apply_manifest`; any other drsync repository the restore would change refuses it."""
     meta = _read_meta(path)
     repo = Repository.open(LocalStorage(path))
     snaps = repo.list_snapshots()
@@ -282,8 +284,8 @@ def restore_backup(path: str, target: str, *, checksum: bool = False,
     manifest = repo.load_manifest(snaps[0])
     result = apply_manifest(manifest, repo, target, what=f"backup {meta.id}", checksum=checksum,
                             exclude=tuple(meta.excluded), structure_only=meta.mode == "dataless",
-                            progress=progress, on_total=on_total, protect=(path,), dry_run=dry_run,
-                            foreign=foreign)
+                            progress=progress, on_total=on_total, protect=(path, *protect), dry_run=dry_run,
+                            foreign=foreign, keep_repositories=True)
     if meta.mode == "dataless":
         result.warnings.append("dataless backup: directories and links restored, file contents are not "
                                "in this backup")

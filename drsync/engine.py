@@ -238,7 +238,7 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
                                         f"snapshot drsync-snap-{info.id}), or restore a newer snapshot"))
         result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
                                 progress=progress, on_total=on_total, protect=(repo.storage.url, *protect),
-                                dry_run=dry_run, foreign=foreign, external=external)
+                                dry_run=dry_run, foreign=foreign, external=external, keep_repositories=True)
     return info, result
 
 

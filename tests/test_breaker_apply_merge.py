@@ -22,7 +22,6 @@ import pytest
 
 from tests.conftest import run_drsync
 
-
 # ----------------------------------------------------------------------------------------------- helpers
 
 
@@ -194,7 +193,7 @@ def test_dry_run_lists_hard_links_made_with_new_files(tmp_path: Path) -> None:
     t = tmp_path / "t"
     code, dry, err = drs("snapshot", "restore", "latest", "--repo", repo, "--target", t, "--json", "--dry-run")
     assert code == 0, err
-    code, real, err = drs("snapshot", "restore", "latest", "--repo", repo, "--target", t, "--json")
+    code, _, err = drs("snapshot", "restore", "latest", "--repo", repo, "--target", t, "--json")
     assert code == 0, err
     assert os.stat(t / "three").st_nlink == 3
     listed = {p for v in dry["planned"].values() for p in v}
@@ -240,8 +239,10 @@ def _interrupt_after_journal(repo: Path, snap: str, t: Path) -> None:
 def test_dry_run_after_an_interrupted_restore_matches_the_real_run(tmp_path: Path, second: str) -> None:
     """A restore of v2 is killed after its journal is written. --dry-run of the next restore (v1 or v2) plans
     against the half-committed target, but the real run first completes the interrupted apply: the counts
-    differ wildly (e.g. dry-run v2: written 507, removed 220; real v2: written 0, removed 0; dry-run v1:
-    written 56; real v1: written 867, removed 4). The final tree is right."""
+    differed wildly and nothing said so (e.g. dry-run v2: written 507, removed 220; real v2: written 0,
+    removed 0). A dry run cannot complete the journal (it changes nothing), so it now says that an
+    interrupted apply is pending and that the real run completes it first; once it is completed, the dry
+    run and the real run agree. The final tree is right."""
     v1, v2, repo = _two_versions(tmp_path)
     t = tmp_path / "t"
     code, _, err = drs("snapshot", "restore", "v1", "--repo", repo, "--target", t)
@@ -250,9 +251,17 @@ def test_dry_run_after_an_interrupted_restore_matches_the_real_run(tmp_path: Pat
     args = ("snapshot", "restore", second, "--repo", repo, "--target", t, "--json", "--overwrite", "--delete-extra")
     code, dry, err = drs(*args, "--dry-run")
     assert code == 0, err
+    assert any("interrupted apply" in w for w in dry["warnings"]), dry["warnings"]
     code, real, err = drs(*args)
     assert code == 0, err
     assert tree(t) == tree(v1 if second == "v1" else v2)
+    # Completed: a dry run of the other version now says what its real run then does.
+    other = ("v2" if second == "v1" else "v1",)
+    args = ("snapshot", "restore", *other, "--repo", repo, "--target", t, "--json", "--overwrite", "--delete-extra")
+    code, dry, err = drs(*args, "--dry-run")
+    assert code == 0 and not any("interrupted" in w for w in dry["warnings"]), err
+    code, real, err = drs(*args)
+    assert code == 0, err
     assert counts(dry) == counts(real)
 
 

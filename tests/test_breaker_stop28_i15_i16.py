@@ -6,7 +6,6 @@ Real parts only: the session's HDFS mini cluster, real DistCp JVMs (scripts/hado
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from drsync.apply import apply_manifest
 from drsync.dataroot.distcp import DistCpSettings, DistCpStager
 from drsync.dataroot.hdfs import HdfsDataRoot
+from drsync.errors import OperationFailed
 from drsync.repository.repo import Repository
 from drsync.storage import open_storage
 from tests.hadoop import cluster as hc
@@ -41,7 +41,12 @@ def test_production_written_with_other_bytes_per_checksum_verifies_over_webhdfs(
     standby root, no distcp_url). Over WebHDFS, DistCp's -pc cannot take effect: Hadoop's
     WebHdfsFileSystem does not override FileSystem.create(..., ChecksumOpt), which ignores the
     checksum option, and the datanode creates the file with its own setting; so the copy's
-    MD5-of-MD5-of-CRC32C differs from production's and every shipment is refused."""
+    MD5-of-MD5-of-CRC32C differs from production's and every shipment is refused.
+
+    No copy over WebHDFS can keep another bytes per checksum, so such a copy cannot be verified there:
+    the apply is refused with one line that names the cause and both ways out (distcp_url over RPC, or
+    one dfs.bytes-per-checksum), nothing committed; over RPC (COMPOSITE_CRC, -pc) the same file copies
+    and verifies."""
     prod = make_site("hdfs", tmp_path, webhdfs)
     assert isinstance(prod, HdfsSite)
     local = tmp_path / "local" / "data"
@@ -60,7 +65,18 @@ def test_production_written_with_other_bytes_per_checksum_verifies_over_webhdfs(
     settings = DistCpSettings.from_strings(f"{HADOOP_CLUSTER} distcp {hdfs_cluster.dir}", str(hc.DISTCP_JAR), "")
     stager = DistCpStager(settings, source, what="test snapshot")
     target = HdfsDataRoot(prod.url("standby"))
-    apply_manifest(result.manifest, _Repo(), target, external=stager)  # raises IntegrityError today
+    with pytest.raises(OperationFailed) as refused:
+        apply_manifest(result.manifest, _Repo(), target, external=stager)
+    msg = str(refused.value)
+    assert "bytes-per-checksum" in msg and "distcp_url" in msg and "nothing was committed" in msg, msg
+    assert "\n" not in msg
+    assert target.fs.status(prod.path("standby") + "/f.bin") is None
+    # Over RPC the copy keeps production's bytes per checksum (-pc) and verifies.
+    over_rpc = str(hdfs_cluster.info["hdfs"])
+    rpc = DistCpSettings.from_strings(f"{HADOOP_CLUSTER} distcp {hdfs_cluster.dir}", str(hc.DISTCP_JAR),
+                                      f"{over_rpc}{prod.path('standby')}", prod.path("standby"))
+    apply_manifest(result.manifest, _Repo(), target,
+                   external=DistCpStager(rpc, over_rpc + "/" + source.split("/", 3)[3], what="test snapshot"))
     assert same_tree(prod, "standby", prod, "prod")
 
 

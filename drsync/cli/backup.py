@@ -18,6 +18,7 @@ from drsync.cli.common import (
     report_damage,
     table,
 )
+from drsync.cli.guards import own_paths
 from drsync.cli.restoring import foreign_target, report_restore, restore_options
 from drsync.config import KeepPolicy
 from drsync.errors import EXIT_INTEGRITY, EXIT_REFUSED, UsageError
@@ -87,7 +88,8 @@ def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool
     with progress("restore") as (advance, total):
         meta, result = backup.restore_backup(backup_dir, dest, checksum=checksum, progress=advance,
                                              on_total=total, dry_run=dry_run,
-                                             foreign=foreign_target(inv, dest, overwrite, delete_extra))
+                                             foreign=foreign_target(inv, dest, overwrite, delete_extra),
+                                             protect=own_paths(inv, repository=True))
     doc = {"backup": meta.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
     emit(inv, doc, lambda: report_restore(f"backup {meta.id}", dest, result))
     if result.refused:

@@ -96,13 +96,15 @@ def refuse_while_held(inv: Invocation, what: str) -> None:
                        f"standby's config)")
 
 
-def own_paths(inv: Invocation) -> tuple[str, ...]:
-    """drsync's own files that a config puts inside the data root (the agent's state directory)."""
+def own_paths(inv: Invocation, *, repository: bool = False) -> tuple[str, ...]:
+    """drsync's own files that a config puts inside the data root: the agent's state directory, and with
+    ``repository`` the cluster's repository (a restore from elsewhere, e.g. a backup, leaves it alone)."""
     if inv.config is None:
         return ()
     from drsync.agent.state import state_dir_of
 
+    repo = (inv.config.cluster.repository,) if repository else ()
     try:
-        return (state_dir_of(inv.config),)
+        return (state_dir_of(inv.config), *repo)
     except DrsyncError:
-        return ()
+        return repo

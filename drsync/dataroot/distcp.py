@@ -237,6 +237,15 @@ class DistCpStager:
             if ".snapshot" in self.source and "source root" in text and "does not exist" in text:
                 raise OperationFailed(f"{self.what}: the HDFS snapshot to copy from ({self.source}) is gone (a newer "
                                       f"capture replaced it); nothing was committed; {self.when_gone}")
+            if mode == "MD5MD5CRC" and "Checksum mismatch" in text:
+                # Over WebHDFS the standby's datanodes write the copy with their own bytes per checksum
+                # (WebHDFS has no way to ask for another), and MD5-of-MD5-of-CRC checksums of different
+                # bytes per checksum never match: no copy of such a file can be verified this way.
+                raise OperationFailed(
+                    f"{self.what}: DistCp's copy does not match production's checksums: production's files use "
+                    f"another dfs.bytes-per-checksum than this cluster's datanodes, which a copy over WebHDFS "
+                    f"cannot keep; set replication.distcp_url to the standby's hdfs:// address (RPC, COMPOSITE_CRC "
+                    f"checksums) or the same dfs.bytes-per-checksum on both clusters; nothing was committed")
             cause = _cause(exceptions + tail)[:400]
             raise OperationFailed(f"{self.what}: DistCp failed (exit {proc.returncode}): {cause}; nothing was "
                                   f"committed (run with --debug for its whole output)")

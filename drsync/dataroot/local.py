@@ -25,6 +25,7 @@ from drsync.dataroot import STAGING, FileVersion, stream_matches
 from drsync.dataroot.beneath import Beneath
 from drsync.errors import OperationFailed, RefusedError, UsageError
 from drsync.repository import chunks
+from drsync.repository import format as fmt
 from drsync.repository.manifest import DIR, FILE, SYMLINK, decode_xattrs, printable
 from drsync.tree import LocalEntry, TreeScan, read_xattrs, scan_tree
 
@@ -202,6 +203,20 @@ class LocalDataRoot:
 
     def existing(self) -> dict[str, LocalEntry]:
         return scan_target(self.root, {"", *self.mount_points()})
+
+    def repositories_at(self, dirs: Iterable[str], subtrees: Iterable[str]) -> list[str]:
+        """Which of ``dirs`` (relative) are drsync repositories, and which directories at any depth of
+        ``subtrees`` are: each is a directory whose ``config.json`` says ``kind: drsync-repository``.
+        Links are never followed."""
+        found = [d for d in dirs if _is_repository(os.path.join(self.root, d) if d else self.root)]
+        for top in subtrees:
+            full = os.path.join(self.root, top)
+            if not os.path.isdir(full) or os.path.islink(full):
+                continue
+            for dirpath, _dirnames, filenames in os.walk(full):
+                if REPO_CONFIG in filenames and _is_repository(dirpath):
+                    found.append(os.path.relpath(dirpath, self.root))
+        return found
 
     def walk_existing(self) -> Iterator[LocalEntry]:
         """:meth:`existing` one entry at a time in the manifest's order (:func:`walk_target`)."""
@@ -797,6 +812,24 @@ def _target_listing(fs: Beneath, rel_dir: str, domain_tops: set[str], me: int,
                                     s.st_mtime_ns, target, s.st_ino, xattrs, s.st_nlink)))
     out.sort(key=lambda item: item[0], reverse=True)  # keys are unique: a name never holds "/"
     return out
+
+
+REPO_CONFIG = fmt.CONFIG_NAME
+
+
+def _is_repository(path: str) -> bool:
+    """Whether directory ``path`` holds a drsync repository (its config.json says so; read at most 64 KiB)."""
+    try:
+        fd = os.open(os.path.join(path, REPO_CONFIG), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        doc = json.loads(os.read(fd, 65536) or b"null")
+    except (OSError, ValueError):
+        return False
+    finally:
+        os.close(fd)
+    return isinstance(doc, dict) and doc.get("kind") == fmt.REPOSITORY_KIND
 
 
 def _xattrs_at(dfd: int, name: str) -> bytes | None:

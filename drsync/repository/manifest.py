@@ -793,17 +793,26 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
             raise IntegrityError(f"{what}: {printable(child)} has no parent directory entry {printable(parent)!r}")
     if linked:
         # The first file of each group: a file of this snapshot (not a directory or link), without a
-        # link of its own, and not the path itself.
+        # link of its own, not the path itself, and of the member's size and content
+        # (a member row says what the file holds; a link to another content would restore other bytes).
         leads = set(linked.values())
         kinds: dict[str, str] = {}
-        for t in column_groups(manifest, ["path", "type"]):
-            for path, typ in zip(_pycolumn(t, "path"), t.column("type").to_pylist(), strict=True):
+        held: dict[str, tuple[int, bytes | None]] = {}
+        for t in column_groups(manifest, ["path", "type", "size", "content"]):
+            for path, typ, size, digest in zip(_pycolumn(t, "path"), t.column("type").to_pylist(),
+                                               t.column("size").to_pylist(), t.column("content").to_pylist(),
+                                               strict=True):
                 if path in leads:
                     kinds[path] = typ
+                if path in leads or path in linked:
+                    held[path] = (size, digest)
         for path, lead in linked.items():
             if lead == path or kinds.get(lead) != FILE or lead in linked:
                 raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, which is not "
                                      f"another file of the snapshot without a link of its own")
+            if held.get(lead) != held.get(path):
+                raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, whose size or "
+                                     f"content differs from this row's; refusing it")
     escaping = escaping_links(links)
     if escaping:
         p = escaping[0]

@@ -142,7 +142,8 @@ class SnapshotInfo:
     @classmethod
     def from_bytes(cls, data: bytes, what: str) -> SnapshotInfo:
         """Parse a snapshot document (from a repository or a peer), at most ``SNAPSHOT_DOC_MAX_BYTES``
-        (1 MiB); its warnings come back clipped to ``WARNING_MAX_CHARS``. Raises IntegrityError."""
+        (1 MiB); its warnings come back as a capture stores them: at most ``WARNING_SAMPLE`` lines, each
+        clipped to ``WARNING_MAX_CHARS``, and a line counting the rest. Raises IntegrityError."""
         if len(data) > fmt.SNAPSHOT_DOC_MAX_BYTES:
             raise IntegrityError(f"{what} is {len(data)} bytes; a snapshot document is at most "
                                  f"{fmt.SNAPSHOT_DOC_MAX_BYTES} bytes (docs/FORMAT.md, Limits); it was not read")
@@ -160,8 +161,14 @@ class SnapshotInfo:
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
             raise IntegrityError(f"{what} is damaged: {e}") from None
         info.check_types(what)
-        if any(len(w) > fmt.WARNING_MAX_CHARS for w in info.warnings):
-            info = dataclasses.replace(info, warnings=[clip_warning(w) for w in info.warnings])
+        ws = info.warnings
+        if len(ws) > fmt.WARNING_SAMPLE + 1 or any(len(w) > fmt.WARNING_MAX_CHARS for w in ws):
+            # What a capture stores (WarningLog.lines): the first WARNING_SAMPLE, clipped, and a count of
+            # the rest; a document from a peer or a damaged disk keeps no more than that.
+            kept = [clip_warning(w) for w in ws[:fmt.WARNING_SAMPLE]]
+            rest = ws[fmt.WARNING_SAMPLE:]
+            kept += [clip_warning(rest[0])] if len(rest) == 1 else [f"... and {len(rest)} more"] if rest else []
+            info = dataclasses.replace(info, warnings=kept)
         return info
 
     def check_types(self, what: str) -> None:
