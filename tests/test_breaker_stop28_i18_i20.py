@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SLOW, run_drsync
+from tests.conftest import SLOW, run_drsync, tree_state
 from tests.group import wait_for
 from tests.zk import free_port
 
@@ -138,3 +138,52 @@ def test_an_agent_whose_data_root_is_its_repository_is_not_refused_as_another_ag
     assert r.returncode != 0, r.stderr
     m = re.search(r"another drsync agent \(pid (\d+)", r.stderr)
     assert not m, f"refused naming 'another drsync agent' with pid {m.group(1)}, no other agent runs: {r.stderr}"
+
+
+
+
+
+
+
+
+def _bare_times(doc: object, path: str = "") -> list[str]:
+    out: list[str] = []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            here = f"{path}.{k}"
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and 1e9 < v < 4e9 and not k.endswith("_unix"):
+                out.append(f"{here}={v}")
+            elif isinstance(v, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+(Z|[+-]\d\d:\d\d)", v):
+                if not v.endswith("Z") and not v.endswith("+00:00"):
+                    out.append(f"{here}={v} (not UTC)")
+                if f"{k}_unix" not in doc:
+                    out.append(f"{here}={v} (no {k}_unix)")
+            else:
+                out += _bare_times(v, here)
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _bare_times(v, f"{path}[{i}]")
+    return out
+
+
+def test_times_in_promote_and_drill_json_are_iso_with_unix_beside(make_group) -> None:  # type: ignore[no-untyped-def]
+    """Every time in --json output is ISO 8601 UTC with a <key>_unix beside it: ``drill run --before TIME
+    --json`` writes the time it was given as a bare Unix number (``"before": 1796185722.70``)."""
+    g = make_group(["east", "west"])
+    for n in g.names:
+        g.start(n)
+    assert g.promote("east").code == 0
+    g.wait_synced("east", "west", "west's first sync")
+    docs = {}
+    for args in (("promote", "--json", "--dry-run", "--force"), ("promote", "--json", "--dry-run", "--force",
+                 "--before", "0s"), ("drill", "run", "--json"), ("drill", "run", "--json", "--to-snapshot", "latest"),
+                 ("drill", "run", "--json", "--before", "0s"), ("history", "--json"), ("status", "--points", "--json")):
+        r = g.drsync("west", *args)
+        try:
+            docs[" ".join(args)] = json.loads(r.out)
+        except ValueError:
+            docs[" ".join(args)] = {"_unparsed": r.out[-300:], "err": r.err[-300:], "code": r.code}
+    assert all("_unparsed" not in d for d in docs.values()), docs
+    docs["status --json after the drills"] = g.status("west")
+    bad = {k: _bare_times(v) for k, v in docs.items() if _bare_times(v)}
+    assert not bad, json.dumps(bad, indent=1)
