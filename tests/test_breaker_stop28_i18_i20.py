@@ -8,6 +8,8 @@
   they are nobody's address: another agent dialling them reaches its own host.
 - Every time in JSON output is ISO 8601 UTC with a ``_unix`` number beside it: ``drsync apply --json`` of a
   standby with nothing held writes ``captured_at`` and ``held_at`` as a bare ``0.0``.
+- ``drill run --before TIME --json`` (and ``last_drill`` in ``status --json`` after it) writes the time as a bare
+  Unix number (``"before": 1796185722.70``), no ISO 8601, no ``before_unix``.
 - An agent whose data root is its repository is refused as "another drsync agent (pid N)" where N is its own
   pid: no other agent exists.
 """
