@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SLOW, run_drsync, tree_state
+from tests.conftest import SLOW, run_drsync
 from tests.group import wait_for
 from tests.zk import free_port
 
@@ -69,7 +69,7 @@ def silent_listener() -> Iterator[str]:
             try:
                 c, _ = srv.accept()
                 held.append(c)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 pass
 
     t = threading.Thread(target=serve, daemon=True)
