@@ -8,6 +8,7 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import socket
 import tomllib
@@ -440,6 +441,20 @@ def topology_problem(cfg: Config) -> str | None:
         return ("replication.standbys is for fixed roles (agent.role = \"primary\" or \"standby\"); under "
                 "ZooKeeper roles the group's agents are the standbys: remove it, and on a far standby set "
                 "replication.upstream to the agent it should follow")
+    return None
+
+
+def layout_problem(cfg: Config) -> str | None:
+    """Why the data root and repository cannot both be what the config says (one line), or None: one
+    directory cannot be both (the repository may lie inside the data root, in a directory of its own)."""
+    data, repo = cfg.cluster.data, cfg.cluster.repository
+    if "://" in data or "://" in repo:
+        same = data.rstrip("/") == repo.rstrip("/")
+    else:
+        same = os.path.realpath(data) == os.path.realpath(repo)
+    if same:
+        return (f"cluster.data and cluster.repository name the same directory ({data}): the repository needs a "
+                f"directory of its own (outside the data root, or a subdirectory of it, which captures leave out)")
     return None
 
 

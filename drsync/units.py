@@ -7,7 +7,7 @@ from typing import Any
 
 # A number under a key like these is a Unix time (seconds), shown in JSON as ISO 8601 plus <key>_unix
 # (as are ``at`` and ``*_at``): protected_until, paused_until, primary_since, last_seen, an agent's heartbeat.
-_TIME_KEYS = ("since", "last_seen", "until", "heartbeat")
+_TIME_KEYS = ("since", "last_seen", "until", "heartbeat", "before")
 _PLAUSIBLE_UNIX_S = 1e8  # 1973: anything smaller under such a key is a count or a duration, left alone
 
 
@@ -27,9 +27,9 @@ def iso_time(ts: float) -> str:
 
 def with_iso_times(doc: Any) -> Any:
     """A JSON document with one time format: every Unix time under the key ``at`` or a key ending in
-    ``_at`` (or ``since``, ``last_seen``, ``until``, ``heartbeat``) becomes ISO 8601 with its zone, and the
-    number moves to ``<key>_unix``; an ISO time there is rewritten the same way (UTC, milliseconds, ``Z``)
-    with its ``<key>_unix`` twin."""
+    ``_at`` (or ``since``, ``last_seen``, ``until``, ``heartbeat``, ``before``) becomes ISO 8601 with its
+    zone, and the number moves to ``<key>_unix``; an ISO time there is rewritten the same way (UTC,
+    milliseconds, ``Z``) with its ``<key>_unix`` twin; a time of 0 (never set) becomes null."""
     if isinstance(doc, list):
         return [with_iso_times(v) for v in doc]
     if not isinstance(doc, dict):
@@ -38,7 +38,10 @@ def with_iso_times(doc: Any) -> Any:
     for k, v in doc.items():
         timed = isinstance(k, str) and (k == "at" or k.endswith("_at") or k.endswith(_TIME_KEYS)) and \
             not k.endswith("_unix")
-        if timed and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= _PLAUSIBLE_UNIX_S:
+        if timed and isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0:
+            out[k] = None  # never set: no time, not 1970
+            out.setdefault(f"{k}_unix", None)
+        elif timed and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= _PLAUSIBLE_UNIX_S:
             out[k] = iso_time(float(v))
             out.setdefault(f"{k}_unix", v)
         elif timed and isinstance(v, str) and (unix := _parse_iso(v)) is not None:

@@ -27,6 +27,7 @@ from drsync.config import (
     config_problems,
     engine_problem,
     fencing_problem,
+    layout_problem,
     read_config_document,
     topology_problem,
 )
@@ -85,6 +86,9 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
         f"follows {r.upstream} (cascade; the primary ships here directly while {r.upstream} is not a live standby)"
         if r.upstream else f"ships onward to {', '.join(r.standbys)}" if r.standbys and cfg.agent.role == "standby"
         else f"ships to {', '.join(r.standbys)}" if r.standbys else "follows the primary"), "config"))
+    layout = layout_problem(cfg)
+    if layout:
+        checks.append(Check("data root and repository", False, layout, "config"))
     checks += _check_cluster(cfg)
     checks += _check_engine(cfg)
     checks += _check_cadence(cfg)

@@ -32,7 +32,7 @@ from drsync.agent.standby import StandbyReceiver
 from drsync.agent.state import StateStore, state_dir_of, state_dir_owner_problem
 from drsync.agent.status import AgentStatus
 from drsync.agent.supervisor import RoleSupervisor
-from drsync.config import Config, engine_problem, fencing_problem, topology_problem
+from drsync.config import Config, engine_problem, fencing_problem, layout_problem, topology_problem
 from drsync.coordination import Coordinator, open_coordinator
 from drsync.errors import DrsyncError, RefusedError, UsageError
 from drsync.metrics import AgentMetrics, new_registry, serve
@@ -57,7 +57,7 @@ def _nan_if_none(v: float | None) -> float:
 
 class Agent:
     def __init__(self, cfg: Config, *, serve_network: bool = True, coordinator: Coordinator | None = None) -> None:
-        problem = fencing_problem(cfg) or engine_problem(cfg) or topology_problem(cfg)
+        problem = layout_problem(cfg) or fencing_problem(cfg) or engine_problem(cfg) or topology_problem(cfg)
         if problem:
             raise UsageError(problem)
         self.cfg = cfg

@@ -128,6 +128,11 @@ def advertise_not_local(advertise: str) -> str:
     except (OSError, ValueError):
         return ""  # advertise_problem says that it does not resolve
     ips = sorted({i[4][0] for i in infos})
+    wildcard = [ip for ip in ips if ipaddress.ip_address(ip.split("%")[0]).is_unspecified]
+    if wildcard:
+        return (f"agent.advertise {advertise} is the wildcard address {wildcard[0]}, which no host has: another agent "
+                f"dialling it reaches its own host; set agent.advertise to this host's own reachable host:port "
+                f"(agent.listen may stay a wildcard)")
     for family, _, _, _, sockaddr in infos:
         try:
             with socket.socket(family, socket.SOCK_DGRAM) as s:

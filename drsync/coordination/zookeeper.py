@@ -67,7 +67,8 @@ class _ReconnectThrottle(logging.Filter):
     # Connecting, connected and closing are drsync's to say (its start, role and "works again" lines): a
     # refused agent's stderr is its one error line.
     DETAIL = ("Connecting to", "Zookeeper session closed", "Zookeeper connection established", "Closing connection")
-    ATTEMPTS = ("Connection dropped: socket connection error", "Failed connecting to Zookeeper within")
+    ATTEMPTS = ("Connection dropped: socket connection error", "Failed connecting to Zookeeper within",
+                "Cannot resolve", "Connection time-out")
 
     def __init__(self) -> None:
         super().__init__()
