@@ -41,17 +41,9 @@ from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.pathglob import compile_globs
 from drsync.repository.ids import id_list
-from drsync.repository.manifest import (
-    DIR,
-    FILE,
-    SYMLINK,
-    Entry,
-    Manifest,
-    content_changed,
-    external_mask,
-    printable,
-    validate,
-)
+from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, external_mask, printable
+from drsync.repository.manifest_check import validate
+from drsync.repository.manifest_diff import content_changed
 from drsync.tree import LocalEntry
 from drsync.unchanged import Residual, WriteList, split_unchanged
 
@@ -189,7 +181,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     ``protected``: paths of drsync's own (a repository or state directory inside the target): they and
     everything below are neither written nor removed, and their parents stay directories.
     ``content_changed``: files whose content differs from what the target is known to hold (see
-    :func:`drsync.repository.manifest.content_changed`): written even when size and time match.
+    :func:`drsync.repository.manifest_diff.content_changed`): written even when size and time match.
     ``also_touched``: directories the commit changes for files planned elsewhere (new files of a
     :class:`~drsync.unchanged.WriteList`): finished, and opened up when needed, as if planned here.
     Raises :class:`UsageError` when the snapshot has a file or link where a protected path's parent is.

@@ -39,11 +39,11 @@ from drsync.repository.manifest import (
     ManifestFile,
     ManifestWriter,
     content_digest,
-    escaping_links,
     hdfs_checksum_digest,
     printable,
     sort_by_path,
 )
+from drsync.repository.manifest_check import escaping_links
 from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
 from drsync.tree import TreeScan

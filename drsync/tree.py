@@ -17,18 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync import fsutil
-from drsync.repository.manifest import (
-    DIR,
-    FILE,
-    RESERVED_NAME,
-    SYMLINK,
-    clamp_int64,
-    encode_xattrs,
-    escaping_links,
-    printable,
-    split_ns,
-    symlink_stays_inside,
-)
+from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64, encode_xattrs, printable, split_ns
+from drsync.repository.manifest_check import RESERVED_NAME, escaping_links, symlink_stays_inside
 from drsync.repository.snapshots import WarningLog
 
 # Names that belong to drsync itself (the staging area of an apply), at any depth.

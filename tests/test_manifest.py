@@ -8,14 +8,9 @@ import pytest
 
 from drsync.errors import IntegrityError
 from drsync.pathglob import compile_globs
-from drsync.repository.manifest import (
-    EMPTY_CONTENT,
-    Manifest,
-    content_digest,
-    diff,
-    symlink_stays_inside,
-    validate,
-)
+from drsync.repository.manifest import EMPTY_CONTENT, Manifest, content_digest
+from drsync.repository.manifest_check import symlink_stays_inside, validate
+from drsync.repository.manifest_diff import diff
 
 CID = b"\x01" * 32
 

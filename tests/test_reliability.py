@@ -286,7 +286,8 @@ def test_fuzz_manifests_configs_and_documents(tmp_path: Path) -> None:
 
     from drsync.config import config_from_dict
     from drsync.errors import DrsyncError
-    from drsync.repository.manifest import Manifest, validate
+    from drsync.repository.manifest import Manifest
+    from drsync.repository.manifest_check import validate
     from drsync.repository.snapshots import SnapshotInfo
 
     counted = {"n": 0}

@@ -17,6 +17,7 @@ import pytest
 
 from drsync import capture as cap
 from drsync.repository import manifest as mf
+from drsync.repository.manifest_check import validate
 from drsync.repository.repo import Repository
 from drsync.storage import open_storage
 from drsync.tree import SCAN_SCHEMA, TreeScan
@@ -124,7 +125,7 @@ def test_stale_rows_and_a_vanished_leader_across_windows(root, repo, monkeypatch
     assert all(rows[p].stale for p in before if p.startswith("d1/x/"))
     assert "d0/x/f0" not in rows and rows["d3/x/hard"].hardlink is None
     assert r.stale == 1 + sum(1 for p in before if p.startswith("d1/x/"))
-    mf.validate(r.manifest)
+    validate(r.manifest)
     paths = r.manifest.table.column("path").to_pylist()
     assert paths == sorted(paths)
 

@@ -19,7 +19,8 @@ from drsync import engine
 from drsync.apply import _planned, _with_chunks, comparison_resolution, plan_apply
 from drsync.dataroot.local import LocalDataRoot, scan_target, walk_target
 from drsync.pathglob import compile_globs
-from drsync.repository.manifest import Manifest, content_changed
+from drsync.repository.manifest import Manifest
+from drsync.repository.manifest_diff import content_changed
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
 from drsync.tree import LocalEntry

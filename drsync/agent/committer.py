@@ -33,7 +33,8 @@ from drsync.fsutil import describe_os_error
 from drsync.guard import Hold, MassChange, change_baseline, change_guard, deletion_guard, next_checkpoints
 from drsync.protection import as_stored_by_standby
 from drsync.repository.lock import DEFAULT_WAIT_S
-from drsync.repository.manifest import Manifest, diff
+from drsync.repository.manifest import Manifest
+from drsync.repository.manifest_diff import diff
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo, iso
 

@@ -51,7 +51,7 @@ from drsync.coordination import (
 from drsync.dataroot import open_data_root
 from drsync.errors import DrsyncError, FencedError, LockedError
 from drsync.metrics import AgentMetrics
-from drsync.repository.manifest import diff
+from drsync.repository.manifest_diff import diff
 from drsync.repository.repo import Repository
 
 log = logging.getLogger("drsync.agent")

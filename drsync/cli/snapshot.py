@@ -14,8 +14,8 @@ from drsync.cli.guards import BREAK_GLASS_HELP, own_paths, protection_args, refu
 from drsync.cli.restoring import foreign_target, report_restore, restore_options
 from drsync.config import parse_duration
 from drsync.errors import EXIT_REFUSED, ConfigError, IntegrityError, RefusedError, UsageError
-from drsync.repository.manifest import diff as diff_manifests
 from drsync.repository.manifest import printable
+from drsync.repository.manifest_diff import diff as diff_manifests
 from drsync.repository.snapshots import iso
 from drsync.units import human_size
 

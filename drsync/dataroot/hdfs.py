@@ -37,7 +37,8 @@ from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.dataroot.distcp import HISTORY_PREFIX
 from drsync.errors import RefusedError, UsageError
 from drsync.repository import chunks
-from drsync.repository.manifest import DIR, FILE, SYMLINK, printable, symlink_stays_inside
+from drsync.repository.manifest import DIR, FILE, SYMLINK, printable
+from drsync.repository.manifest_check import symlink_stays_inside
 from drsync.storage.hdfs import HdfsError, HdfsFs, HdfsPermissionDenied, parse_hdfs_url
 from drsync.tree import RESERVED_NAMES, LocalEntry, TreeScan
 

@@ -29,7 +29,8 @@ from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, id_at, id_key, ids_array, locate, sort_unique
 from drsync.repository.lock import DEFAULT_WAIT_S, RepositoryLock
-from drsync.repository.manifest import Manifest, ManifestFile, column_groups, validate
+from drsync.repository.manifest import Manifest, ManifestFile, column_groups
+from drsync.repository.manifest_check import validate
 from drsync.repository.packs import (
     ChunkIndex,
     ChunkLocation,
