@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import stat as st
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -185,20 +187,9 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
     scan = TreeScan(root, sorted=True)
     lister = _Lister(root, scan, exclude)
     add = scan.rows.append
-    # A stack of listings, each sorted descending so the next item pops from its end; an item is
-    # (key, row) for an entry or (key, None, rel, abspath) for a directory's contents.
-    frames = [lister.items(b"", os.fsencode(root))]
     count = 0
-    while frames:
-        items = frames[-1]
-        if not items:
-            frames.pop()
-            continue
-        item = items.pop()
-        row = item[1]
-        if row is None:
-            frames.append(lister.items(item[2], item[3]))
-            continue
+    # An item of a listing is (key, row) for an entry or (key, None, rel, abspath) for a directory's contents.
+    for row in in_path_order(lister.items(b"", os.fsencode(root)), lambda item: lister.items(item[2], item[3])):
         add(row)
         count += 1
         if count >= _BATCH_ROWS:
@@ -207,6 +198,25 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
             count = 0
     scan.drop_escaping_links()
     return scan
+
+
+def in_path_order(top: list[tuple], listing: Callable[[tuple], list[tuple]]) -> Iterator[Any]:  # type: ignore[type-arg]
+    """A tree's entries in the manifest's order (path bytes), from one listing per directory: each listing
+    is sorted descending by key (an entry's name; a subdirectory's contents under ``name + "/"``, so
+    ``a-b`` comes before ``a/x``) and holds ``(key, value)`` for an entry, yielded as ``value``, or
+    ``(key, None, ...)`` for a directory's contents, opened with ``listing(item)`` when its turn comes.
+    Holds one listing per level of the path being walked."""
+    frames = [top]
+    while frames:
+        items = frames[-1]
+        if not items:
+            frames.pop()
+            continue
+        item = items.pop()
+        if item[1] is None:
+            frames.append(listing(item))
+            continue
+        yield item[1]
 
 
 class _Lister:

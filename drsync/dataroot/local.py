@@ -27,7 +27,7 @@ from drsync.errors import OperationFailed, RefusedError, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.manifest import DIR, FILE, SYMLINK, decode_xattrs, printable
-from drsync.tree import LocalEntry, TreeScan, read_xattrs, scan_tree
+from drsync.tree import LocalEntry, TreeScan, in_path_order, read_xattrs, scan_tree
 
 if TYPE_CHECKING:
     from drsync.apply import ApplyPlan
@@ -739,19 +739,9 @@ def walk_target(root: str, domain_tops: set[str]) -> Iterator[LocalEntry]:
     with Beneath(root) as fs:
         try:
             me = os.geteuid()
-            # A stack of listings, each sorted descending so the next item pops from its end; an item is
-            # (key, entry) for an entry or (key, None, rel) for a directory's contents.
-            frames = [_target_listing(fs, "", domain_tops, me, opened)]
-            while frames:
-                items = frames[-1]
-                if not items:
-                    frames.pop()
-                    continue
-                item = items.pop()
-                if item[1] is None:
-                    frames.append(_target_listing(fs, item[2], domain_tops, me, opened))
-                    continue
-                yield item[1]
+            # An item of a listing is (key, entry) for an entry or (key, None, rel) for a directory's contents.
+            yield from in_path_order(_target_listing(fs, "", domain_tops, me, opened),
+                                     lambda item: _target_listing(fs, item[2], domain_tops, me, opened))
         finally:
             for rel, mode in reversed(opened):
                 with contextlib.suppress(OSError):
