@@ -19,9 +19,9 @@ from drsync.cli.common import (
     table,
 )
 from drsync.cli.guards import own_paths
-from drsync.cli.restoring import foreign_target, report_restore, restore_options
+from drsync.cli.restoring import finish_restore, foreign_target, restore_options
 from drsync.config import KeepPolicy
-from drsync.errors import EXIT_INTEGRITY, EXIT_REFUSED, UsageError
+from drsync.errors import EXIT_INTEGRITY, UsageError
 from drsync.repository.snapshots import iso
 from drsync.units import human_size
 
@@ -90,10 +90,7 @@ def backup_restore(inv: Invocation, backup_dir: str, target: str, checksum: bool
                                              on_total=total, dry_run=dry_run,
                                              foreign=foreign_target(inv, dest, overwrite, delete_extra),
                                              protect=own_paths(inv, repository=True))
-    doc = {"backup": meta.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
-    emit(inv, doc, lambda: report_restore(f"backup {meta.id}", dest, result))
-    if result.refused:
-        raise Exit(EXIT_REFUSED, f"dry run: the restore would be refused: {result.refused}")
+    finish_restore(inv, "backup", meta.id, dest, dry_run, result)
 
 
 @backup_grp.command("verify", epilog=exits(

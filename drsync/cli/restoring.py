@@ -11,7 +11,8 @@ import click
 
 from drsync import engine
 from drsync.apply import ApplyResult, ForeignTarget
-from drsync.cli.common import Invocation
+from drsync.cli.common import Exit, Invocation, emit
+from drsync.errors import EXIT_REFUSED
 from drsync.repository.manifest import printable
 from drsync.units import human_size
 
@@ -68,3 +69,12 @@ def report_restore(what: str, dest: str, result: ApplyResult) -> None:
                f"({human_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed")
     for w in result.warnings:
         click.echo(f"  note: {w}")
+
+
+def finish_restore(inv: Invocation, kind: str, ident: str, dest: str, dry_run: bool, result: ApplyResult) -> None:
+    """Report a restore of ``kind`` (snapshot or backup) ``ident`` (JSON or text); a dry run that would be
+    refused exits 4."""
+    doc = {kind: ident, "target": dest, "dry_run": dry_run, **result.as_dict()}
+    emit(inv, doc, lambda: report_restore(f"{kind} {ident}", dest, result))
+    if result.refused:
+        raise Exit(EXIT_REFUSED, f"dry run: the restore would be refused: {result.refused}")

@@ -9,11 +9,11 @@ from typing import Any
 import click
 
 from drsync import engine
-from drsync.cli.common import Exit, Invocation, emit, exits, progress, repo_or_config, table
+from drsync.cli.common import Invocation, emit, exits, progress, repo_or_config, table
 from drsync.cli.guards import BREAK_GLASS_HELP, own_paths, protection_args, refuse_while_held
-from drsync.cli.restoring import foreign_target, report_restore, restore_options
+from drsync.cli.restoring import finish_restore, foreign_target, restore_options
 from drsync.config import parse_duration
-from drsync.errors import EXIT_REFUSED, ConfigError, IntegrityError, RefusedError, UsageError
+from drsync.errors import ConfigError, IntegrityError, RefusedError, UsageError
 from drsync.repository.manifest import printable
 from drsync.repository.manifest_diff import diff as diff_manifests
 from drsync.repository.snapshots import iso
@@ -237,10 +237,7 @@ def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, chec
                                                foreign=foreign_target(inv, dest, overwrite, delete_extra),
                                                distcp=engine.distcp_settings(inv.config) if inv.config else None,
                                                data_root=inv.config.cluster.data if inv.config else None)
-    doc = {"snapshot": info.id, "target": dest, "dry_run": dry_run, **result.as_dict()}
-    emit(inv, doc, lambda: report_restore(f"snapshot {info.id}", dest, result))
-    if result.refused:
-        raise Exit(EXIT_REFUSED, f"dry run: the restore would be refused: {result.refused}")
+    finish_restore(inv, "snapshot", info.id, dest, dry_run, result)
 
 
 @snapshot_grp.command("expire", epilog=exits(
