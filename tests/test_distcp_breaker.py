@@ -548,7 +548,10 @@ def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs
         _start_synced(site, g)
         before = site.state("west-data")
         gate.touch()
-        site.write("east-data", "catalog/late.bin", os.urandom(1 << 20))
+        # Written aside and renamed in: a capture in the middle of the write would hold the file open and
+        # empty, a snapshot west may apply before the copy under test (then not the state taken above).
+        site.write("east-aside", "late.bin", os.urandom(1 << 20))
+        assert site._fs().rename(f"{site.path('east-aside')}/late.bin", f"{site.path('east-data')}/catalog/late.bin")
         wait_for(started.exists, "west's next DistCp to start")
         copier = int(started.read_text())
         g.kill("east")

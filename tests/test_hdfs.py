@@ -463,8 +463,10 @@ def test_capture_reads_a_frozen_snapshot_while_the_cluster_writes(webhdfs, monke
     captured = _captured(repo, result.manifest)
     # Directory mtimes aside: in a real snapshot, a directory's modification time is not frozen by
     # the first child added to it after the snapshot (create, mkdir, rename into it), which moves it
-    # to that time in the snapshot too. What drsync listed is what it was then.
+    # to that time in the snapshot too. drsync never captures a directory time from after the snapshot.
     assert _no_dir_mtimes(captured) == _no_dir_mtimes(frozen)
+    taken = _fs(webhdfs).status(f"{data}/.snapshot/{snap}")["modificationTime"]
+    assert all(v[2] <= taken for v in captured.values() if v[0] == "dir"), (taken, captured)
     assert result.warnings.lines() == []
     live = _hadoop(webhdfs, data)
     assert live["big.bin"][3] >= frozen["big.bin"][3] + 4 * 100_000  # appended to after the snapshot
@@ -723,6 +725,80 @@ def test_a_file_captured_open_is_captured_whole_once_closed(webhdfs) -> None:  #
     [snap] = _drsync_snapshots(webhdfs, data)
     assert webhdfs.tree(data)["sub/open.bin"]["length"] == 3 * MiB
     assert _captured(repo, second.manifest) == _hadoop(webhdfs, f"{data}/.snapshot/{snap}")
+
+
+# --- directory times in a snapshot -----------------------------------------------------------
+# A real namenode (Hadoop 3.5) does not freeze a directory's modification time in a snapshot: a file
+# created in the directory after the snapshot moves the time listed under .snapshot/<name> too, while
+# the file itself is not listed there. Seen in CI: a capture listing between the two shipped a
+# directory time from after its snapshot, and the standby applied it.
+
+
+class _CreatesAfterSnapshot(HdfsFs):
+    """Creates ``path`` in the live tree right after each drsync snapshot is taken, before it is listed."""
+
+    def __init__(self, url: str, path: str) -> None:
+        super().__init__(parse_hdfs_url(url))
+        self.late, self.created = path, 0
+
+    def create_snapshot(self, directory: str, name: str) -> str:
+        out = super().create_snapshot(directory, name)
+        if name.startswith(SNAPSHOT_PREFIX):
+            self.created += 1
+            self.write(f"{self.late}.{self.created}", b"written after the snapshot")
+        return out
+
+
+def _dir_mtime(manifest: Manifest, path: str) -> int:
+    [e] = [e for e in manifest.entries() if e.path == path]
+    return e.mtime_ns
+
+
+def test_a_directory_changed_after_the_snapshot_keeps_its_time_from_before(webhdfs) -> None:  # type: ignore[no-untyped-def]
+    """The second capture lists ``sub`` after a file was created there behind its snapshot: it must
+    hold ``sub`` exactly as the first capture did (same children, so the same time), not the live time,
+    and not the late file; the capture after that holds both the file and ``sub``'s new time."""
+    site = HdfsSite(webhdfs, webhdfs.test_dir)
+    data = site.path("data")
+    site.write("data", "sub/done", b"a closed file")
+    webhdfs.allow_snapshot(data)
+    repo = _repo()
+    at = time.time()
+    first = _capture(HdfsDataRoot(site.url("data")), repo, at=at)
+    fs = _CreatesAfterSnapshot(site.url("data"), f"{data}/sub/late")
+    second = _capture(HdfsDataRoot(site.url("data"), fs=fs), repo, first.manifest, at, at + 1)
+    assert fs.created == 1
+    assert "sub/late.1" not in [e.path for e in second.manifest.entries()]
+    live = _fs(webhdfs).status(f"{data}/sub")["modificationTime"] * 1_000_000
+    assert _dir_mtime(second.manifest, "sub") == _dir_mtime(first.manifest, "sub") < live
+    third = _capture(HdfsDataRoot(site.url("data")), repo, second.manifest, at + 1, at + 2)
+    assert "sub/late.1" in [e.path for e in third.manifest.entries()]
+    assert _dir_mtime(third.manifest, "sub") == live
+
+
+def test_a_directory_changed_before_and_after_the_snapshot_gets_no_time_from_after_it(webhdfs) -> None:  # type: ignore[no-untyped-def]
+    """No capture before (nothing to take the time from), or a child added before the snapshot as
+    well as one after: the directory's time is at most the snapshot's, never the later live one."""
+    site = HdfsSite(webhdfs, webhdfs.test_dir)
+    data = site.path("data")
+    site.write("data", "sub/done", b"a closed file")
+    webhdfs.allow_snapshot(data)
+    repo = _repo()
+    fs = _CreatesAfterSnapshot(site.url("data"), f"{data}/sub/late")
+    at = time.time()
+    first = _capture(HdfsDataRoot(site.url("data"), fs=fs), repo, at=at)
+    [snap] = _drsync_snapshots(webhdfs, data)
+    taken = _fs(webhdfs).status(f"{data}/.snapshot/{snap}")["modificationTime"] * 1_000_000
+    assert [e.path for e in first.manifest.entries()] == ["sub", "sub/done"]
+    live = _fs(webhdfs).status(f"{data}/sub")["modificationTime"] * 1_000_000
+    assert _dir_mtime(first.manifest, "sub") <= taken < live
+    site.write("data", "sub/before", b"written before the next snapshot")
+    second = _capture(HdfsDataRoot(site.url("data"), fs=fs), repo, first.manifest, at, at + 1)
+    [snap] = _drsync_snapshots(webhdfs, data)
+    taken = _fs(webhdfs).status(f"{data}/.snapshot/{snap}")["modificationTime"] * 1_000_000
+    paths = [e.path for e in second.manifest.entries()]
+    assert "sub/before" in paths and "sub/late.2" not in paths
+    assert _dir_mtime(first.manifest, "sub") < _dir_mtime(second.manifest, "sub") <= taken
 
 
 # --- faults during replication ---------------------------------------------------------------

@@ -32,6 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from drsync import faults, fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.dataroot.distcp import HISTORY_PREFIX
@@ -183,9 +186,11 @@ class _Reuse:
 
 class HdfsFrozenRoot:
     def __init__(self, fs: HdfsFs, path: str, live_root: str, *, consistent: bool,
-                 reuse: _Reuse | None = None, snapshot: str | None = None) -> None:
+                 reuse: _Reuse | None = None, snapshot: str | None = None, frozen_ms: int | None = None,
+                 parent: Manifest | None = None) -> None:
         self.fs, self.path, self.live_root = fs, path, live_root
         self.snapshot = snapshot  # the HDFS snapshot this view reads, if any
+        self.frozen_ms, self.parent = frozen_ms, parent  # when it was taken (namenode ms); the last capture
         self.consistent = consistent
         self.reuse = reuse
         self.notes: list[str] = []
@@ -194,7 +199,7 @@ class HdfsFrozenRoot:
 
     def scan(self, exclude: frozenset[str]) -> TreeScan:
         return walk(self.fs, self.path, exclude=exclude, live_root=self.live_root, reuse=self.reuse,
-                    counter=self)
+                    counter=self, frozen_ms=self.frozen_ms, parent=self.parent)
 
     def xattrs(self, rel: str) -> tuple[bytes | None, str | None]:
         """Not carried on HDFS (WebHDFS GETXATTRS exists; documented as not replicated)."""
@@ -273,10 +278,19 @@ def _whole_blocks(status: dict[str, Any]) -> bool:
 
 
 def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_root: str | None = None,
-         reuse: _Reuse | None = None, counter: HdfsFrozenRoot | None = None) -> TreeScan:
-    """Every entry below ``top`` as scan columns (paths relative to ``top``)."""
+         reuse: _Reuse | None = None, counter: HdfsFrozenRoot | None = None, frozen_ms: int | None = None,
+         parent: Manifest | None = None) -> TreeScan:
+    """Every entry below ``top`` as scan columns (paths relative to ``top``).
+
+    ``frozen_ms``: when ``top`` is an HDFS snapshot, the namenode's time it was taken (ms). A snapshot
+    does not freeze a directory's modification time (seen on Hadoop 3.5: a file created in ``d`` after
+    the snapshot moves ``d``'s mtime under ``.snapshot/<name>`` too, while the file is not listed there).
+    Such a directory gets the time ``parent`` (the previous capture) has for it when the snapshot lists
+    the same children it had then, else ``frozen_ms``: never a time from after the snapshot."""
     scan = TreeScan(top)
     stack = [""]
+    leaked: dict[str, int] = {}          # directory -> its row, where the listed mtime is after the snapshot
+    listed_names: dict[str, set[str]] = {}
     while stack:
         rel_dir = stack.pop()
         try:
@@ -292,6 +306,7 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
             raise
         if counter is not None:
             counter.listed_dirs += 1
+        names = listed_names.setdefault(rel_dir, set()) if rel_dir in leaked else None
         for s in children:
             name = s["pathSuffix"]
             rel = f"{rel_dir}/{name}" if rel_dir else name
@@ -313,6 +328,8 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
                     continue
             v = _version(s)
             scan.path.append(rel)
+            if names is not None:
+                names.add(name)
             scan.type.append(typ)
             scan.mode.append(v.mode)
             scan.uid.append(UNKNOWN_ID)
@@ -326,12 +343,53 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
             scan.dev.append(0)
             scan.blocks.append((v.size + 511) // 512 if typ == FILE else 0)
             if typ == DIR:
+                if frozen_ms is not None and int(s["modificationTime"]) > frozen_ms:
+                    leaked[rel] = len(scan.path) - 1
                 if reuse is not None and reuse.reusable(rel):
                     reuse.add_subtree(scan, rel)
+                    if rel in leaked:  # untouched up to the snapshot (the diff says so): the parent's time holds
+                        listed_names[rel] = set()
                 else:
                     stack.append(rel)
+    if leaked:
+        _settle_leaked_dir_times(scan, leaked, listed_names, parent, frozen_ms or 0, reused=reuse)
     scan.drop_escaping_links()
     return scan
+
+
+def _settle_leaked_dir_times(scan: TreeScan, leaked: dict[str, int], listed_names: dict[str, set[str]],
+                             parent: Manifest | None, frozen_ms: int, reused: _Reuse | None) -> None:
+    """Give each directory whose listed mtime came from after the snapshot (see :func:`walk`) the
+    previous capture's time for it when nothing was added, removed or renamed in it since, else
+    the snapshot's own time."""
+    before = _parent_dir_times(parent, leaked) if parent is not None else {}
+    for rel, row in leaked.items():
+        had = before.get(rel)
+        untouched = reused is not None and reused.reusable(rel)
+        if had is not None and (untouched or had[1] == listed_names.get(rel)):
+            scan.mtime_ns[row] = had[0]
+        else:
+            scan.mtime_ns[row] = frozen_ms * 1_000_000
+        scan.ctime_ns[row] = scan.mtime_ns[row]
+
+
+def _parent_dir_times(parent: Manifest, dirs: Iterable[str]) -> dict[str, tuple[int, set[str]]]:
+    """``{dir: (mtime_ns, names of its children)}`` in ``parent`` for the directories it has among ``dirs``
+    (few: the ones changed while a capture listed them); one vectorised pass over its paths each."""
+    paths = parent.table.column("path")
+    out: dict[str, tuple[int, set[str]]] = {}
+    for rel in dirs:
+        key = os.fsencode(rel)
+        row = pc.index(paths, pa.scalar(key, paths.type)).as_py()
+        if row < 0 or parent.pycolumn_at("type", row) != DIR:
+            continue
+        prefix = key + b"/"
+        below = paths.filter(pc.starts_with(paths, pattern=prefix))
+        rest = pc.binary_slice(below, len(prefix)) if len(below) else below
+        names = {os.fsdecode(n) for n in rest.filter(pc.invert(pc.match_substring(rest, "/"))).to_pylist()} \
+            if len(below) else set()
+        out[rel] = (int(parent.pycolumn_at("mtime_ns", row)), names)
+    return out
 
 
 class HdfsDataRoot:
@@ -421,8 +479,12 @@ class HdfsDataRoot:
                 reuse = _Reuse(diff, parent)
         else:  # one cheap call tells whether keeping this snapshot as the next base would pay
             diff_supported = self.fs.snapshot_diff(self.root, name, name) is not None
-        view = HdfsFrozenRoot(self.fs, posixpath.join(self.root, ".snapshot", name), self.root, consistent=True,
-                              reuse=reuse, snapshot=name)
+        frozen = posixpath.join(self.root, ".snapshot", name)
+        # The snapshot's own directory carries the namenode's time it was taken (its subdirectories'
+        # times are not frozen: see walk()).
+        taken = self.fs.status(frozen)
+        view = HdfsFrozenRoot(self.fs, frozen, self.root, consistent=True, reuse=reuse, snapshot=name,
+                              frozen_ms=int(taken["modificationTime"]) if taken else None, parent=parent)
         ok = False
         try:
             yield view
