@@ -385,7 +385,8 @@ def _parent_dir_times(parent: Manifest, dirs: Iterable[str]) -> dict[str, tuple[
             continue
         prefix = key + b"/"
         below = paths.filter(pc.starts_with(paths, pattern=prefix))
-        rest = pc.binary_slice(below, len(prefix)) if len(below) else below
+        # An explicit stop: pyarrow 26's binary_slice without one fails on an even number of rows.
+        rest = pc.binary_slice(below, len(prefix), stop=2**31 - 1) if len(below) else below
         names = {os.fsdecode(n) for n in rest.filter(pc.invert(pc.match_substring(rest, "/"))).to_pylist()} \
             if len(below) else set()
         out[rel] = (int(parent.pycolumn_at("mtime_ns", row)), names)
