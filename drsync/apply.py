@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from drsync import fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.pathglob import compile_globs
-from drsync.repository.ids import id_list
+from drsync.repository.ids import IdSet, id_list
 from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, external_mask, printable
 from drsync.repository.manifest_check import validate
 from drsync.repository.manifest_diff import content_changed
@@ -364,8 +366,6 @@ def comparison_resolution(manifest: Manifest, root: DataRoot) -> int:
 
 def _manifest_resolution(manifest: Manifest) -> int:
     """1 ms when every time in the manifest is whole milliseconds (captured on HDFS), else 1 ns."""
-    import pyarrow.compute as pc
-
     col = manifest.table.column("mtime_nsec")
     if len(col) and pc.all(pc.equal(pc.cast(pc.remainder(col, 1_000_000), "int64"), 0)).as_py():
         return 1_000_000
@@ -413,8 +413,6 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         raise IntegrityError(f"{what}: {len(outside)} file(s) (e.g. {printable(first)}) were captured for "
                              f"DistCp (replication.engine = \"distcp\"): their bytes are in an HDFS snapshot, not "
                              f"in the repository; nothing was changed")
-    if not structure_only:
-        _check_chunks_present(manifest, source, what)
     for p in protect:
         if root.lies_within(p):
             raise UsageError(f"target {root.url} lies inside drsync's own {p}; restore to a directory outside it")
@@ -449,6 +447,17 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     plan.unchanged += unchanged
     if rest is not None and len(rest.new_rows):
         plan.write = WriteList(list(plan.write), manifest, rest.new_rows)
+    if not structure_only:
+        # Every chunk of what the apply writes is present before anything on the target changes (an
+        # interrupted apply completed above wrote its own staged files); a restore onto a target that
+        # holds the snapshot already reads, and so needs, none.
+        try:
+            _check_chunks_present(manifest, source, what, _written_rows(plan.write),
+                                  [c for e in _head(plan.write) if e.row < 0 for c in e.chunks])
+        except BaseException:
+            if created_target:
+                root.remove_root()
+            raise
     refused = foreign.refusal(plan, {e.path for e in entries}, what, root.url) if foreign is not None else None
     if keep_repositories and not refused:
         refused = _repository_refusal(root, plan, protected, what)
@@ -626,10 +635,35 @@ def _finish_interrupted(root: DataRoot, log_: Journal) -> bool:
     return True
 
 
-def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, slice_ids: int = 65_536) -> None:
-    """IntegrityError (naming a file) unless ``source`` holds every chunk ``manifest`` names; asks a
-    slice of unique ids at a time (:meth:`Repository.missing_chunks` when the source has it)."""
-    ids = manifest.chunk_id_array()
+def _head(write: list[Entry] | WriteList) -> list[Entry]:
+    """The planner's own entries of ``write`` (a :class:`WriteList`'s rows aside)."""
+    return write.head if isinstance(write, WriteList) else write
+
+
+def _written_rows(write: list[Entry] | WriteList) -> np.ndarray:
+    """The manifest rows of the files ``write`` stages from the repository (sorted, each once)."""
+    rows = np.fromiter((e.row for e in _head(write) if e.row >= 0 and not e.external), np.int64)
+    if isinstance(write, WriteList):
+        rows = np.concatenate((rows, write.rows.astype(np.int64)))
+    return np.unique(rows)
+
+
+def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, rows: np.ndarray,
+                          more: list[bytes] | None = None, slice_ids: int = 65_536) -> None:
+    """IntegrityError (naming a file) unless ``source`` holds every chunk the files at manifest ``rows``
+    (and ``more`` ids) name; asks a slice of unique ids at a time (:meth:`Repository.missing_chunks` when
+    the source has it). A repository first answers whether all are there without loading its index
+    (:meth:`Repository.all_indexed`)."""
+    if not len(rows) and not more:
+        return
+    ids = pc.list_flatten(manifest.table.column("chunks").take(pa.array(rows, pa.int64())))
+    wanted = IdSet.of(pa.chunked_array([*ids.chunks, pa.array(list(more), ids.type)], ids.type)
+                      if more else ids)
+    streamed = getattr(source, "all_indexed", None)
+    if streamed is not None and streamed(wanted):
+        return
+    ids = wanted.ids
+    del wanted
     many = getattr(source, "missing_chunks", None)
     refresh = getattr(source, "refresh_index", None)
     for start in range(0, len(ids), slice_ids):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync.repository.manifest import DIR, FILE, Manifest
+from drsync.repository.manifest import DIR, FILE, Manifest, ManifestFile, column_groups
 
 _KEY = ["type", "content", "target"]
 
@@ -97,19 +97,25 @@ def removed_files(applied: Manifest, new: Manifest) -> tuple[int, int, int]:
     return a.num_rows, removed, b.num_rows
 
 
-def _regular_files(m: Manifest) -> pa.Table:
-    """(path, content, external) of the regular files of ``m``; content as variable binary (joins)."""
-    t = m.table.select(["path", "type", "size", "content", "chunks"])
-    t = t.filter(pc.equal(t.column("type"), FILE))
-    # An external row (see drsync.repository.manifest.is_external) has bytes but no chunk ids; the
-    # manifest's validation makes sure the rest of its shape.
-    no_chunks = pc.equal(pc.fill_null(pc.list_value_length(t.column("chunks")), 0), 0)
-    return pa.table({"path": t.column("path"),
-                     "content": pc.fill_null(pc.cast(t.column("content"), pa.binary()), b""),
-                     "external": pc.and_(no_chunks, pc.greater(t.column("size"), 0))})
+def _regular_files(m: Manifest | ManifestFile) -> pa.Table:
+    """(path, content, external) of the regular files of ``m``; content as variable binary (joins).
+    Built a row group at a time: a :class:`ManifestFile` is never decoded whole, only these three columns."""
+    pieces = []
+    for t in column_groups(m, ["path", "type", "size", "content", "chunks"]):
+        t = t.filter(pc.equal(t.column("type"), FILE))
+        # An external row (see drsync.repository.manifest.is_external) has bytes but no chunk ids; the
+        # manifest's validation makes sure the rest of its shape.
+        no_chunks = pc.equal(pc.fill_null(pc.list_value_length(t.column("chunks")), 0), 0)
+        pieces.append(pa.table({"path": t.column("path"),
+                                "content": pc.fill_null(pc.cast(t.column("content"), pa.binary()), b""),
+                                "external": pc.and_(no_chunks, pc.greater(t.column("size"), 0))}))
+    return pa.concat_tables(pieces) if pieces else pa.table({"path": pa.array([], pa.binary()),
+                                                             "content": pa.array([], pa.binary()),
+                                                             "external": pa.array([], pa.bool_())})
 
 
-def changed_files(applied: Manifest, new: Manifest, *, compare_external: bool = True) -> tuple[int, int]:
+def changed_files(applied: Manifest | ManifestFile, new: Manifest, *,
+                  compare_external: bool = True) -> tuple[int, int]:
     """(regular files of ``applied``, how many of them ``new`` holds at the same path with other content).
 
     Column work only (at most one hash join, of paths and row numbers): cheap at millions of files.
@@ -156,7 +162,7 @@ class MassChange:
                 + f"({self.changed:,} of {self.files:,}, over replication.max_change_fraction {self.limit:g})")
 
 
-def change_guard(applied: Manifest, new: Manifest, max_fraction: float, *,
+def change_guard(applied: Manifest | ManifestFile, new: Manifest, max_fraction: float, *,
                  compare_external: bool = True) -> tuple[float, MassChange | None]:
     """(share of the applied snapshot's regular files whose content ``new`` rewrites, a :class:`MassChange`
     when that share is *over* ``max_fraction``, else None). An applied snapshot without files: (0.0, None)."""

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import blake3
 
@@ -33,8 +33,8 @@ from drsync.fsutil import describe_os_error
 from drsync.guard import Hold, MassChange, change_baseline, change_guard, deletion_guard, next_checkpoints
 from drsync.protection import as_stored_by_standby
 from drsync.repository.lock import DEFAULT_WAIT_S
-from drsync.repository.manifest import Manifest
-from drsync.repository.manifest_diff import diff
+from drsync.repository.manifest import Manifest, ManifestFile
+from drsync.repository.manifest_diff import same_tree
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo, iso
 
@@ -69,7 +69,6 @@ class Committer:
         self.max_change_fraction = max_change_fraction
         self.on_mass_change = on_mass_change
         self.mass_change_window_s = mass_change_window_s
-        self._window_base: tuple[str, Manifest] | None = None  # the window's baseline manifest, cached
         self.changed_fraction = float("nan")  # of the last shipment judged (drsync_snapshot_changed_fraction)
         self.on_applied = on_applied
         # Held for a whole commit (store + apply): a promotion takes it to wait for an apply in flight.
@@ -209,8 +208,7 @@ class Committer:
         if not due and self.apply_delay_s > 0 and self.store.current.applied_snapshot and \
                 not self._is_due(info.captured_at, stored_at):
             return self._defer(info, manifest, position, stored_at)
-        applied = self._applied_manifest()
-        if applied is not None and not diff(applied, manifest).paths():
+        if self._holds_already(info, manifest):
             # Nothing changed since the applied snapshot: the root already holds it. With history (engine
             # "distcp") recorded and kept under the pending record, as an apply is: recover() takes a history
             # snapshot a crash lost.
@@ -223,6 +221,7 @@ class Committer:
             log.debug("snapshot %s has the content of the applied one; nothing to apply", info.id)
             self._release_guard_for(info, f"snapshot {info.id} has the content of the applied snapshot again")
             return ApplyResult(unchanged_files=manifest.file_count())
+        applied = self._applied_manifest()
         base = applied if applied is not None else self._baseline_manifest()
         change = self._judge(info, base, manifest, position)
         if change is not None:  # replication.on_mass_change = "alert": applied, flagged until acknowledged
@@ -413,13 +412,12 @@ class Committer:
         since = change_baseline(st.change_checkpoints, time.time(), self.mass_change_window_s)
         if not since or since == st.applied_snapshot:
             return None
-        if self._window_base is None or self._window_base[0] != since:
-            old = self._manifest_of(since)
-            if old is None:
-                return None
-            self._window_base = (since, old)
-        fraction, change = change_guard(self._window_base[1], manifest, self.max_change_fraction,
-                                        compare_external=compare)
+        # Read a row group at a time and not kept: a standby of a million files would otherwise hold a
+        # second whole manifest for as long as the window lasts.
+        old = self._manifest_of(since, whole=False)
+        if old is None:
+            return None
+        fraction, change = change_guard(old, manifest, self.max_change_fraction, compare_external=compare)
         self.changed_fraction = max(self.changed_fraction, fraction)
         return dataclasses.replace(change, since=since) if change is not None else None
 
@@ -487,6 +485,18 @@ class Committer:
         except DrsyncError:
             return None
 
+    def _holds_already(self, info: SnapshotInfo, manifest: Manifest) -> bool:
+        """Whether the applied snapshot has ``manifest``'s tree already: the same manifest (its hash), or
+        one that differs in no path (compared a row group at a time: no second whole manifest held)."""
+        applied = self.store.current.applied_snapshot
+        if not applied:
+            return False
+        try:
+            had = self.repo.find_snapshot(applied)
+            return had.manifest_hash == info.manifest_hash or same_tree(self.repo.open_manifest(had), manifest)
+        except DrsyncError:
+            return False
+
     def _known_root(self) -> Manifest | None:
         """What the root is known to hold: the applied snapshot, or (an ex-primary that rejoined, nothing
         applied yet) its before-rejoin capture; None when nothing vouches for it."""
@@ -496,9 +506,18 @@ class Committer:
         applied = self.store.current.applied_snapshot
         return self._manifest_of(applied) if applied else None
 
-    def _manifest_of(self, snapshot_id: str) -> Manifest | None:
+    @overload
+    def _manifest_of(self, snapshot_id: str) -> Manifest | None: ...
+
+    @overload
+    def _manifest_of(self, snapshot_id: str, *, whole: bool) -> Manifest | ManifestFile | None: ...
+
+    def _manifest_of(self, snapshot_id: str, *, whole: bool = True) -> Manifest | ManifestFile | None:
+        """The snapshot's manifest, loaded (``whole``) or as a row-group reader; None (a warning) when
+        it cannot be read."""
         try:
-            return self.repo.load_manifest(self.repo.find_snapshot(snapshot_id))
+            info = self.repo.find_snapshot(snapshot_id)
+            return self.repo.load_manifest(info) if whole else self.repo.open_manifest(info)
         except DrsyncError as e:
             log.warning("deletion guard: cannot read snapshot %s (%s); the shipment is judged without it",
                         snapshot_id, e)

@@ -289,11 +289,14 @@ class Manifest:
         return w.finish()
 
     @classmethod
-    def from_bytes(cls, data: bytes, what: str = "manifest") -> Manifest:
-        """Parse a manifest of at most ``fmt.MANIFEST_MAX_BYTES`` (2 GiB). Raises IntegrityError."""
-        if len(data) > fmt.MANIFEST_MAX_BYTES:
-            raise IntegrityError(f"{what} is {len(data)} bytes; a manifest is at most {fmt.MANIFEST_MAX_BYTES} "
-                                 f"bytes (docs/FORMAT.md, Limits); it was not read")
+    def from_bytes(cls, data: bytes | pa.NativeFile, what: str = "manifest", size: int | None = None) -> Manifest:
+        """Parse a manifest of at most ``fmt.MANIFEST_MAX_BYTES`` (2 GiB). Raises IntegrityError.
+
+        ``data``: the manifest's bytes, or a seekable file of ``size`` bytes (a large stored manifest
+        read by ranges: only the column chunks being decoded are held besides the table)."""
+        if (len(data) if size is None else size) > fmt.MANIFEST_MAX_BYTES:  # type: ignore[arg-type]
+            raise IntegrityError(f"{what} is {len(data) if size is None else size} bytes; a manifest is at most "  # type: ignore[arg-type]
+                                 f"{fmt.MANIFEST_MAX_BYTES} bytes (docs/FORMAT.md, Limits); it was not read")
         try:
             table = _read_bounded(data, what)
         except (pa.ArrowInvalid, OSError) as e:
@@ -317,7 +320,7 @@ class Manifest:
             raise IntegrityError(f"{what} is {len(data)} bytes; a manifest is at most {fmt.MANIFEST_MAX_BYTES} "
                                  f"bytes (docs/FORMAT.md, Limits); it was not read")
         try:
-            f = pq.ParquetFile(pa.BufferReader(data))
+            f = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False)
             layout_is_v1(f.schema_arrow, what)
             check_decoded_size(f, what)
             col = f.read(columns=["chunks"]).column("chunks")
@@ -483,13 +486,15 @@ def check_decoded_size(pf: pq.ParquetFile, what: str) -> None:
                                f"drsync decodes (docs/FORMAT.md, Limits); it was not read")
 
 
-def _read_bounded(data: bytes, what: str) -> pa.Table:
+def _read_bounded(data: bytes | pa.NativeFile, what: str) -> pa.Table:
     """The whole table, decoded a batch at a time and refused (ManifestTooLarge) as soon as the
     batches pass the limit: dictionary and run-length encoding let a few hundred KiB say gigabytes."""
-    pf = pq.ParquetFile(pa.BufferReader(data))
+    # Without pre-buffering: it holds a row group's column chunks beside what is decoded from them
+    # (70 MiB more at the peak of a 1,000,000-file manifest read by ranges).
+    pf = pq.ParquetFile(data if isinstance(data, pa.NativeFile) else pa.BufferReader(data), pre_buffer=False)
     check_decoded_size(pf, what)
     limit, total, batches = decoded_limit(), 0, []
-    for batch in pf.iter_batches(batch_size=8192):
+    for batch in pf.iter_batches(batch_size=8192, use_threads=False):
         total += batch.nbytes
         if total > limit:
             raise ManifestTooLarge(f"{what} decodes into more than {limit} bytes, the most drsync decodes "
@@ -505,12 +510,15 @@ class ManifestFile:
     whole (Arrow validation, the columns of :data:`SCHEMA`); version-1 groups are upgraded.
     Raises IntegrityError on damage. Groups are sorted by path, as the manifest."""
 
-    def __init__(self, data: bytes, what: str = "manifest") -> None:
-        if len(data) > fmt.MANIFEST_MAX_BYTES:
-            Manifest.from_bytes(data, what)  # raises the size error
+    def __init__(self, data: bytes | pa.NativeFile, what: str = "manifest", size: int | None = None) -> None:
+        """``data``: the manifest's bytes, or a seekable file of ``size`` bytes (read by ranges, group
+        by group: then not even the bytes are held)."""
+        if (len(data) if size is None else size) > fmt.MANIFEST_MAX_BYTES:  # type: ignore[arg-type]
+            Manifest.from_bytes(data, what, size)  # raises the size error
         self.what = what
         try:
-            self._pf = pq.ParquetFile(pa.BufferReader(data))
+            source = data if isinstance(data, pa.NativeFile) else pa.BufferReader(data)
+            self._pf = pq.ParquetFile(source, pre_buffer=False)
             schema = self._pf.schema_arrow
         except (pa.ArrowInvalid, OSError) as e:
             raise IntegrityError(f"{what} is damaged or truncated: {e}") from None

@@ -108,12 +108,19 @@ def _upto(t: pa.Table, cut: bytes | None) -> int:
     return int(pc.sum(pc.less_equal(t.column("path"), pa.scalar(cut, pa.binary()))).as_py() or 0)
 
 
-def diff(old: Manifest | ManifestFile, new: Manifest | ManifestFile) -> ManifestDiff:
+def same_tree(old: Manifest | ManifestFile, new: Manifest | ManifestFile) -> bool:
+    """Whether the two manifests hold the same tree (no path added, removed or changed); stops at the
+    first row group that differs."""
+    return not diff(old, new, stop_at_first=True).paths()
+
+
+def diff(old: Manifest | ManifestFile, new: Manifest | ManifestFile, *, stop_at_first: bool = False) -> ManifestDiff:
     """Paths added, removed and changed from ``old`` to ``new``. A merge of the two path-sorted
     manifests a row group at a time, each step a join on ``path`` of what both sides hold up to the
     smaller of their last paths: memory for a few row groups, not two whole tables (a manifest of
     1,000,000 files is about 160 MiB as a table). A manifest out of path order (none that drsync
-    writes) is compared whole."""
+    writes) is compared whole. ``stop_at_first``: return after the first step that finds a difference
+    (the lists then hold only that step's paths)."""
     cols = ["path", *_COMPARED]
     added: list[str] = []
     removed: list[str] = []
@@ -143,6 +150,8 @@ def diff(old: Manifest | ManifestFile, new: Manifest | ManifestFile) -> Manifest
             added += plus
             removed += minus
             changed += other
+            if stop_at_first and (plus or minus or other):
+                break
             a, b = a.slice(ka), b.slice(kb)
     except _Unsorted:
         whole = [m if isinstance(m, Manifest) else m.read() for m in (old, new)]

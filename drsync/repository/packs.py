@@ -27,7 +27,7 @@ from drsync.errors import IntegrityError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import ID_DTYPE, find_one, id_at, id_key, ids_array, locate, sort_unique, to_arrow
-from drsync.storage import BlobWriter, Storage
+from drsync.storage import BlobWriter, RangeReader, Storage
 
 _ENTRY = struct.Struct("<32sBII")  # id, encoding, stored length, raw length
 _TAIL = struct.Struct("<I16s8s")  # entry count, blake3(entries)[:16], end magic
@@ -396,13 +396,15 @@ def _check_index_rows(table: pa.Table, name: str) -> None:
             raise IntegrityError(f"{e}; run 'drsync repo verify'") from None
 
 
-def iter_index_file(data: bytes, name: str, batch_rows: int = INDEX_ROW_GROUP // 2) -> Iterator[IndexRows]:
+def iter_index_file(data: bytes | pa.NativeFile, name: str, batch_rows: int = INDEX_ROW_GROUP // 2
+                    ) -> Iterator[IndexRows]:
     """Parse and check one index file, ``batch_rows`` rows at a time (IntegrityError if it is damaged,
     of another layout, or names a chunk no drsync writes). Columns go straight into NumPy (zero-copy
     views of the decoded batch); pack ids are read dictionary-encoded. Decoding a batch at a time
     keeps Arrow's memory to one batch, whatever the file's row groups."""
     try:
-        f = pq.ParquetFile(pa.BufferReader(data), read_dictionary=["pack"])
+        source = data if isinstance(data, pa.NativeFile) else pa.BufferReader(data)
+        f = pq.ParquetFile(source, read_dictionary=["pack"], pre_buffer=False)
         if not f.schema_arrow.equals(_INDEX_SCHEMA_READ):
             raise IntegrityError(f"index file {name} has an unexpected layout")
         for batch in f.iter_batches(batch_size=batch_rows, use_threads=False):
@@ -410,6 +412,22 @@ def iter_index_file(data: bytes, name: str, batch_rows: int = INDEX_ROW_GROUP //
             _check_index_rows(table, name)
             yield IndexRows.from_table(table)
     except (pa.ArrowInvalid, OSError, KeyError, ValueError) as e:  # KeyError: a file without the pack column
+        raise IntegrityError(f"index file {name} is damaged: {e!s}; run 'drsync repo verify'") from None
+
+
+def iter_index_ids(storage: Storage, name: str, size: int, batch_rows: int = INDEX_ROW_GROUP // 2
+                   ) -> Iterator[np.ndarray]:
+    """The chunk ids of one index file, ``(K,)`` :data:`ID_DTYPE` a batch at a time, read by ranges
+    (neither the file's bytes nor its other columns are held: a presence check of millions of ids).
+    Not checked as :func:`iter_index_file` checks a file: a damaged file is IntegrityError only where
+    Parquet cannot read it."""
+    try:
+        f = pq.ParquetFile(pa.PythonFile(RangeReader(storage, name, size), mode="r"), pre_buffer=False)
+        if not f.schema_arrow.equals(INDEX_SCHEMA):
+            raise IntegrityError(f"index file {name} has an unexpected layout")
+        for batch in f.iter_batches(batch_size=batch_rows, columns=["chunk"], use_threads=False):
+            yield ids_array(batch.column(0))
+    except (pa.ArrowInvalid, OSError, ValueError) as e:
         raise IntegrityError(f"index file {name} is damaged: {e!s}; run 'drsync repo verify'") from None
 
 
@@ -523,7 +541,7 @@ class ChunkIndex:
         repeated in ``rows``, keep their first location."""
         self._add_columns(_columns(rows), rows.packs)
 
-    def load_file(self, data: bytes, name: str) -> None:
+    def load_file(self, data: bytes | pa.NativeFile, name: str) -> None:
         """Add the rows of one index file (:func:`iter_index_file`: IntegrityError if it is damaged, and
         then nothing is added).
 

@@ -14,6 +14,7 @@ also models crashes). All pass ``tests/test_storage_conformance.py``.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -83,6 +84,39 @@ def read_bounded(storage: Storage, name: str, limit: int, what: str) -> bytes:
         raise IntegrityError(f"{what} is larger than {limit} bytes, the most drsync reads of it (docs/FORMAT.md, "
                              f"Limits): it is damaged or not drsync's; remove or restore it")
     return data
+
+
+class RangeReader(io.RawIOBase):
+    """A stored object as a seekable, read-only file read by :meth:`Storage.read_range`: a reader
+    that needs parts of a large object (Parquet's footer, then some column chunks) holds only
+    those. ``size``: the object's size (from :meth:`Storage.list`)."""
+
+    def __init__(self, storage: Storage, name: str, size: int) -> None:
+        super().__init__()
+        self.storage, self.name, self.size, self.pos = storage, name, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = base + offset
+        return self.pos
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = max(0, min(len(b), self.size - self.pos))
+        if not n:
+            return 0
+        data = self.storage.read_range(self.name, self.pos, n)
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 def check_name(name: str) -> str:
