@@ -233,6 +233,33 @@ def test_frozen_primary_is_fenced_after_promotion(make_group, when: str) -> None
     assert [p for p in watcher.primary if p is not None and p[0] == "east" and p[1] >= 2] == []
 
 
+def test_switchover_names_its_final_snapshot_when_the_new_primary_claims_first(make_group, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The new primary takes its claim as soon as the epoch names it, which can be before the old primary
+    marks the request handed over (seen in CI: ``final_snapshot`` null in the switchover's output). The old
+    primary is held at exactly that point: the output must still name the final snapshot, the one the
+    hand-over's history entry names."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    g = make_group(["east", "west"], interval="1h")
+    g.start("east", env={**os.environ, "DRSYNC_FAULT_PAUSE": str(gates)})
+    g.start("west")
+    assert g.promote("east").code == 0
+    wait_for(lambda: g.in_sync("east", "west") and g.record("west").get("applied_snapshot"), "west to apply")
+    (g.data["east"] / "catalog" / "late.txt").write_text("written after the last cycle\n")
+    (gates / "switchover-handed-over").write_text("hold east before it marks the request handed over\n")
+    try:
+        r = g.drsync("west", "switchover", "--json")
+        assert r.code == 0, r.err
+        assert (gates / "switchover-handed-over.reached").exists(), "east was not held where the race is"
+        doc = r.json()
+        entry = g.drsync("west", "history", "--json", "--limit", "1").json()[0]
+        assert entry["epoch"] == 2 and entry["why"] == "switchover"
+        assert doc["final_snapshot"] and doc["final_snapshot"] == entry["snapshot"]
+    finally:
+        (gates / "switchover-handed-over").unlink()
+    assert_root_is_snapshot(g, "west", doc["final_snapshot"])
+
+
 def test_switchover_hands_over_with_zero_loss(make_group) -> None:  # type: ignore[no-untyped-def]
     marker = "readonly.marker"
     g = make_group(["east", "west"], interval="1h",

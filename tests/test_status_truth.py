@@ -128,7 +128,9 @@ def test_history_of_first_forced_and_switchover(make_group) -> None:  # type: ig
     me = f"{getpass.getuser()}@{socket.gethostname()}"
     r = g.drsync("west", "history", "--json")
     assert r.code == 0, r.err
-    entries = json.loads(r.out)
+    # A primary that lost its ZooKeeper session (a busy machine) and took its claim back at the same
+    # epoch is recorded too ("claim after lost session"): a real event, not one this test makes.
+    entries = [e for e in json.loads(r.out) if not str(e["why"]).startswith("claim after")]
     assert [(e["epoch"], e["from"], e["to"], e["why"], e["by"]) for e in entries] == [
         (3, "west", "east", "switchover", me), (2, "east", "west", "forced", me),
         (1, None, "east", "first promotion", me)]
@@ -140,7 +142,7 @@ def test_history_of_first_forced_and_switchover(make_group) -> None:  # type: ig
     out = g.drsync("west", "history")
     assert out.code == 0
     print(out.out)
-    lines = out.out.splitlines()
+    lines = [ln for ln in out.out.splitlines() if "claim after" not in ln]
     assert lines[0].split()[:6] == ["EPOCH", "WHEN", "FROM", "TO", "WHY", "BY"]
     assert lines[1].split()[0] == "3" and "switchover" in lines[1] and lines[3].split()[0] == "1"
     bad = g.drsync("west", "history", "--limit", "-1")

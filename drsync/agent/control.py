@@ -574,6 +574,12 @@ def switchover(cfg: Config, *, to: str | None = None, timeout_s: float | None = 
             if p is not None and p.agent == to and p.epoch > view.epoch.epoch:
                 result.update(doc)
                 result["epoch"] = p.epoch
+                if not result.get("final_snapshot"):
+                    # The new primary can claim before the old one marks the request handed over; the
+                    # hand-over's history entry (written in the same transaction as the epoch) names it.
+                    result["final_snapshot"] = next((h.get("snapshot") for h in coord.history(10)
+                                                     if h.get("epoch") == p.epoch and h.get("why") == "switchover"),
+                                                    None)
                 return True
             if doc.get("status") == "handed-over":  # a promotion right after the hand-over wins over it
                 e = coord.read_epoch()

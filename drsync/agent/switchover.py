@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from drsync import engine
+from drsync import engine, faults
 from drsync.agent.shipper import CycleDecision, Replication
 from drsync.agent.supervisor import RoleSupervisor
 from drsync.coordination import EpochConflict, GroupView
@@ -81,6 +81,7 @@ def carry_out(sup: RoleSupervisor, replication: Replication, view: GroupView) ->
         sup.store.update(clock_offset_s=0.0, clock_source=sup.name)
     if sup.cfg.coordination.demote_command.strip():
         sup.demote("switchover")
+    faults.pause("switchover-handed-over")  # tests: handed over, the request not yet marked so
     doc.update(status="handed-over", epoch=new.epoch, final_snapshot=final.snapshot, handed_over_at=time.time())
     coord.update_switchover(doc)
     log.warning("agent %s: switchover: handed over to %s at epoch %d after final snapshot %s", sup.name, to,
