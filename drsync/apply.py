@@ -43,7 +43,17 @@ from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.pathglob import compile_globs
 from drsync.repository.ids import IdSet, id_list
-from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, Manifest, external_mask, printable
+from drsync.repository.manifest import (
+    DIR,
+    FILE,
+    SYMLINK,
+    Entry,
+    Manifest,
+    column_groups,
+    decode_name,
+    external_mask,
+    printable,
+)
 from drsync.repository.manifest_check import validate
 from drsync.repository.manifest_diff import content_changed
 from drsync.tree import LocalEntry
@@ -416,6 +426,12 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     for p in protect:
         if root.lies_within(p):
             raise UsageError(f"target {root.url} lies inside drsync's own {p}; restore to a directory outside it")
+    # A target that does not exist yet gets every file: its chunks are checked before it (and any missing
+    # parent of it) is made. Otherwise after planning, only what the apply writes.
+    fresh = root.missing()
+    if fresh and not structure_only:
+        _check_chunks_present(manifest, source, what,
+                              _rows_not_excluded(manifest, compile_globs(exclude) if exclude else None))
     pending = False
     if dry_run:
         created_target, log_ = False, None
@@ -447,7 +463,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     plan.unchanged += unchanged
     if rest is not None and len(rest.new_rows):
         plan.write = WriteList(list(plan.write), manifest, rest.new_rows)
-    if not structure_only:
+    if not structure_only and not fresh:
         # Every chunk of what the apply writes is present before anything on the target changes (an
         # interrupted apply completed above wrote its own staged files); a restore onto a target that
         # holds the snapshot already reads, and so needs, none.
@@ -633,6 +649,20 @@ def _finish_interrupted(root: DataRoot, log_: Journal) -> bool:
         root.commit(plan, staged)
     _close(root, log_, None, done=done)
     return True
+
+
+def _rows_not_excluded(manifest: Manifest, excluded: Callable[[str], bool] | None) -> np.ndarray:
+    """Every manifest row, or with ``exclude`` patterns those whose path they leave in (a row group's
+    paths decoded at a time)."""
+    if excluded is None:
+        return np.arange(len(manifest), dtype=np.int64)
+    keep: list[np.ndarray] = []
+    start = 0
+    for t in column_groups(manifest, ["path"]):
+        paths = t.column("path").to_pylist()
+        keep.append(start + np.flatnonzero([not excluded(decode_name(p) or "") for p in paths]))
+        start += len(paths)
+    return np.concatenate(keep) if keep else np.empty(0, np.int64)
 
 
 def _head(write: list[Entry] | WriteList) -> list[Entry]:

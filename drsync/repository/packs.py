@@ -27,7 +27,7 @@ from drsync.errors import IntegrityError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import ID_DTYPE, find_one, id_at, id_key, ids_array, locate, sort_unique, to_arrow
-from drsync.storage import BlobWriter, RangeReader, Storage
+from drsync.storage import BlobWriter, Storage
 
 _ENTRY = struct.Struct("<32sBII")  # id, encoding, stored length, raw length
 _TAIL = struct.Struct("<I16s8s")  # entry count, blake3(entries)[:16], end magic
@@ -412,22 +412,6 @@ def iter_index_file(data: bytes | pa.NativeFile, name: str, batch_rows: int = IN
             _check_index_rows(table, name)
             yield IndexRows.from_table(table)
     except (pa.ArrowInvalid, OSError, KeyError, ValueError) as e:  # KeyError: a file without the pack column
-        raise IntegrityError(f"index file {name} is damaged: {e!s}; run 'drsync repo verify'") from None
-
-
-def iter_index_ids(storage: Storage, name: str, size: int, batch_rows: int = INDEX_ROW_GROUP // 2
-                   ) -> Iterator[np.ndarray]:
-    """The chunk ids of one index file, ``(K,)`` :data:`ID_DTYPE` a batch at a time, read by ranges
-    (neither the file's bytes nor its other columns are held: a presence check of millions of ids).
-    Not checked as :func:`iter_index_file` checks a file: a damaged file is IntegrityError only where
-    Parquet cannot read it."""
-    try:
-        f = pq.ParquetFile(pa.PythonFile(RangeReader(storage, name, size), mode="r"), pre_buffer=False)
-        if not f.schema_arrow.equals(INDEX_SCHEMA):
-            raise IntegrityError(f"index file {name} has an unexpected layout")
-        for batch in f.iter_batches(batch_size=batch_rows, columns=["chunk"], use_threads=False):
-            yield ids_array(batch.column(0))
-    except (pa.ArrowInvalid, OSError, ValueError) as e:
         raise IntegrityError(f"index file {name} is damaged: {e!s}; run 'drsync repo verify'") from None
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -37,7 +38,7 @@ from drsync.repository.packs import (
     IndexRows,
     PackTable,
     PackWriter,
-    iter_index_ids,
+    iter_index_file,
     read_pack_table,
     write_index,
 )
@@ -510,7 +511,7 @@ class Repository:
 
     def all_indexed(self, wanted: IdSet) -> bool:
         """Whether every id of ``wanted`` is indexed, without loading the index when it is not loaded yet:
-        the ids of each index file are read by ranges and compared a batch at a time (the peak is a
+        each index file is read by ranges, checked and compared a batch at a time (the peak is a
         batch and ``wanted``'s flags, not the index; at 1,000,000 chunks the index is about 60 MiB and its load
         twice that). False also when something could not be read (the caller then asks
         :meth:`missing_chunks`, which loads and refreshes the index and is exact)."""
@@ -523,8 +524,9 @@ class Repository:
         seen = np.zeros(len(wanted), bool)
         try:
             for obj in self.storage.list(fmt.INDEX_DIR):
-                for ids in iter_index_ids(self.storage, obj.name, obj.size):
-                    pos, found = locate(wanted.ids, wanted.key, ids)
+                source = pa.PythonFile(RangeReader(self.storage, obj.name, obj.size), mode="r")
+                for rows in iter_index_file(source, obj.name):  # checked as a load checks it
+                    pos, found = locate(wanted.ids, wanted.key, rows.ids)
                     seen[pos[found]] = True
         except (ObjectMissing, IntegrityError):
             return False  # a GC replaced a file while we listed, or one is damaged: the exact path says
@@ -657,26 +659,39 @@ class Repository:
         return ManifestFile(source, f"manifest of snapshot {info.id}", size)
 
     def _manifest_source(self, info: SnapshotInfo) -> tuple[bytes | pa.NativeFile, int]:
-        """The snapshot's manifest checked against its hash: its bytes, or past :data:`RANGED_MANIFEST_BYTES`
-        a file read by ranges (hashed by ranges first); and its size."""
+        """The snapshot's manifest checked against its hash, and its size: its bytes, or past
+        :data:`RANGED_MANIFEST_BYTES` an unnamed local temporary file it was copied into by ranges while
+        hashed. What is decoded is exactly what was hashed (never a second read of the stored object), and
+        the temporary file's pages are the page cache's, not this process's memory."""
         name = fmt.manifest_name(info.id)
+        missing = f"snapshot {info.id}: its manifest is missing"
         try:
             head = self.storage.read_range(name, 0, RANGED_MANIFEST_BYTES + 1)
         except ObjectMissing:
-            raise IntegrityError(f"snapshot {info.id}: its manifest is missing") from None
+            raise IntegrityError(missing) from None
         if len(head) <= RANGED_MANIFEST_BYTES:
             self._check_manifest_hash(info, blake3.blake3(head))
             return head, len(head)
         hasher, size = blake3.blake3(head), len(head)
-        del head
-        while len(piece := self.storage.read_range(name, size, RANGED_MANIFEST_BYTES)) > 0:
-            hasher.update(piece)
-            size += len(piece)
-            if size > fmt.MANIFEST_MAX_BYTES:
-                break  # from_bytes refuses it by its size
-        self._check_manifest_hash(info, hasher)
-        # Stored objects are never rewritten in place (docs/FORMAT.md): what was hashed is what is decoded.
-        return pa.PythonFile(RangeReader(self.storage, name, size), mode="r"), size
+        copy = tempfile.TemporaryFile(prefix="drsync-manifest-")  # noqa: SIM115 (handed to the reader, which closes it)
+        try:
+            copy.write(head)
+            del head
+            try:
+                while len(piece := self.storage.read_range(name, size, RANGED_MANIFEST_BYTES)) > 0:
+                    hasher.update(piece)
+                    copy.write(piece)
+                    size += len(piece)
+                    if size > fmt.MANIFEST_MAX_BYTES:
+                        break  # from_bytes refuses it by its size
+            except ObjectMissing:
+                raise IntegrityError(missing) from None
+            self._check_manifest_hash(info, hasher)
+            copy.seek(0)
+        except BaseException:
+            copy.close()
+            raise
+        return pa.PythonFile(copy, mode="r"), size
 
     def _check_manifest_hash(self, info: SnapshotInfo, hasher: blake3.blake3) -> None:
         if hasher.hexdigest() != info.manifest_hash:
