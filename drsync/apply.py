@@ -430,8 +430,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     # parent of it) is made. Otherwise after planning, only what the apply writes.
     fresh = root.missing()
     if fresh and not structure_only:
-        _check_chunks_present(manifest, source, what,
-                              _rows_not_excluded(manifest, compile_globs(exclude) if exclude else None))
+        source = _check_chunks_present(manifest, source, what,
+                                       _rows_not_excluded(manifest, compile_globs(exclude) if exclude else None))
     pending = False
     if dry_run:
         created_target, log_ = False, None
@@ -468,8 +468,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # interrupted apply completed above wrote its own staged files); a restore onto a target that
         # holds the snapshot already reads, and so needs, none.
         try:
-            _check_chunks_present(manifest, source, what, _written_rows(plan.write),
-                                  [c for e in _head(plan.write) if e.row < 0 for c in e.chunks])
+            source = _check_chunks_present(manifest, source, what, _written_rows(plan.write),
+                                           [c for e in _head(plan.write) if e.row < 0 for c in e.chunks])
         except BaseException:
             if created_target:
                 root.remove_root()
@@ -679,19 +679,20 @@ def _written_rows(write: list[Entry] | WriteList) -> np.ndarray:
 
 
 def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, rows: np.ndarray,
-                          more: list[bytes] | None = None, slice_ids: int = 65_536) -> None:
+                          more: list[bytes] | None = None, slice_ids: int = 65_536) -> ChunkSource:
     """IntegrityError (naming a file) unless ``source`` holds every chunk the files at manifest ``rows``
     (and ``more`` ids) name; asks a slice of unique ids at a time (:meth:`Repository.missing_chunks` when
-    the source has it). A repository first answers whether all are there without loading its index
-    (:meth:`Repository.all_indexed`)."""
+    the source has it). Returns what to read those chunks from: a repository first locates just them
+    without loading its whole index (:meth:`Repository.reader_for`)."""
     if not len(rows) and not more:
-        return
+        return source
     ids = pc.list_flatten(manifest.table.column("chunks").take(pa.array(rows, pa.int64())))
     wanted = IdSet.of(pa.chunked_array([*ids.chunks, pa.array(list(more), ids.type)], ids.type)
                       if more else ids)
-    streamed = getattr(source, "all_indexed", None)
-    if streamed is not None and streamed(wanted):
-        return
+    narrowed = getattr(source, "reader_for", None)
+    got = narrowed(wanted) if narrowed is not None else None
+    if got is not None:
+        return got  # type: ignore[no-any-return]
     ids = wanted.ids
     del wanted
     many = getattr(source, "missing_chunks", None)
@@ -709,6 +710,7 @@ def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, ro
             paths = manifest.paths_naming(cid, 1)
             raise IntegrityError(f"{what}: {printable(paths[0]) if paths else '?'}: chunk {cid.hex()[:16]} is missing "
                                  f"from the repository; nothing was changed")
+    return source
 
 
 def _full(manifest: Manifest, items: list[tuple[int, Entry]]) -> list[tuple[int, Entry]]:
