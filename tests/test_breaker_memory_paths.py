@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import blake3
 import numpy as np
@@ -738,20 +739,27 @@ def _committer(tmp_path: Path, repo: Repository, root: Path):  # type: ignore[no
                      max_delete_fraction=1.0, max_change_fraction=1.0)
 
 
+def _small_row_groups_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: int
+                               ) -> tuple[Path, Repository, Any]:
+    """A source of ``files`` files and a repository holding its snapshot, with 4-row row groups and the
+    ranged-read threshold at 500 bytes (the large-manifest paths on a small tree)."""
+    monkeypatch.setattr(manifest_mod, "ROW_GROUP", 4)
+    monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 500)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(files):
+        (src / f"f{i:03}").write_bytes(f"file {i} ".encode() * 20)
+    age_tree(src)
+    repo = engine.init_repository(str(tmp_path / "repo"), cluster_id=CID, release=REL)
+    return src, repo, engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
+
+
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_committer_take_writes_a_change_in_the_first_or_last_row_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      where: str) -> None:
     import time
 
-    monkeypatch.setattr(manifest_mod, "ROW_GROUP", 4)
-    monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 500)
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(30):
-        (src / f"f{i:03}").write_bytes(f"file {i} ".encode() * 20)
-    age_tree(src)
-    repo = engine.init_repository(str(tmp_path / "repo"), cluster_id=CID, release=REL)
-    s1 = engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
+    src, repo, s1 = _small_row_groups_snapshot(tmp_path, monkeypatch, 30)
     root = tmp_path / "root"
     c = _committer(tmp_path, repo, root)
     root.mkdir()
@@ -791,15 +799,7 @@ def test_committer_take_writes_a_change_in_the_first_or_last_row_group(tmp_path:
 def test_committer_take_of_the_same_tree_needs_no_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    monkeypatch.setattr(manifest_mod, "ROW_GROUP", 4)
-    monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 500)
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(20):
-        (src / f"f{i:03}").write_bytes(f"file {i} ".encode() * 20)
-    age_tree(src)
-    repo = engine.init_repository(str(tmp_path / "repo"), cluster_id=CID, release=REL)
-    s1 = engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
+    src, repo, s1 = _small_row_groups_snapshot(tmp_path, monkeypatch, 20)
     root = tmp_path / "root"
     root.mkdir()
     c = _committer(tmp_path, repo, root)
