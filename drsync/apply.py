@@ -49,6 +49,7 @@ from drsync.repository.manifest import (
     SYMLINK,
     Entry,
     Manifest,
+    ManifestFile,
     column_groups,
     decode_name,
     external_mask,
@@ -389,7 +390,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    journal: str | None = None, on_committed: Callable[[], None] | None = None,
                    protect: tuple[str, ...] = (), dry_run: bool = False,
                    foreign: ForeignTarget | None = None, external: ExternalStager | None = None,
-                   cancel: Callable[[], bool] | None = None, base: Manifest | None = None,
+                   cancel: Callable[[], bool] | None = None, base: Manifest | ManifestFile | None = None,
                    keep_repositories: bool = False) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
 

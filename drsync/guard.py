@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync.repository.manifest import DIR, FILE, Manifest, ManifestFile, column_groups
+from drsync.repository.manifest import DIR, FILE, Manifest, ManifestFile
+from drsync.repository.manifest_diff import fold_aligned
 
 _KEY = ["type", "content", "target"]
 
@@ -65,8 +66,7 @@ class Hold:
                 "fraction": round(self.fraction, 6), "empties": self.empties}
 
 
-def _non_dirs(m: Manifest) -> pa.Table:
-    t = m.table.select(["path", *_KEY])
+def _non_dirs(t: pa.Table) -> pa.Table:
     t = t.filter(pc.not_equal(t.column("type"), DIR))
     # Joins never match nulls: a file has no link target, a link no content.
     return pa.table({"path": t.column("path"), "type": t.column("type"),
@@ -74,71 +74,89 @@ def _non_dirs(m: Manifest) -> pa.Table:
                      "target": pc.fill_null(t.column("target"), b"")})
 
 
-def removed_files(applied: Manifest, new: Manifest) -> tuple[int, int, int]:
+def _key_counts(t: pa.Table, name: str) -> pa.Table:
+    return t.group_by(_KEY).aggregate([("path", "count")]).rename_columns([*_KEY, name])
+
+
+_NO_COUNTS = pa.table({"type": pa.array([], pa.string()), "content": pa.array([], pa.binary()),
+                       "target": pa.array([], pa.binary()), "n": pa.array([], pa.int64())})
+
+
+def removed_files(applied: Manifest | ManifestFile, new: Manifest | ManifestFile) -> tuple[int, int, int]:
     """(files of ``applied``, files of it that ``new`` removes, files of ``new``), renames not counted.
 
-    Files are non-directory entries (see the module docstring)."""
-    a, b = _non_dirs(applied), _non_dirs(new)
-    if a.num_rows == 0:
-        return 0, 0, b.num_rows
-    gone = a.join(b.select(["path"]), keys="path", join_type="left anti")
-    if gone.num_rows == 0:
-        return a.num_rows, 0, b.num_rows
-    added = b.join(a.select(["path"]), keys="path", join_type="left anti")
-    removed = gone.num_rows
-    if added.num_rows:
+    Files are non-directory entries (see the module docstring). A merge of the two manifests a row group
+    at a time (:func:`drsync.repository.manifest_diff.fold_aligned`): what is kept across steps is the
+    (type, content, target) counts of the removed and added files, to match moves."""
+    def step(a: pa.Table, b: pa.Table) -> tuple[int, int, pa.Table, pa.Table]:
+        na, nb = _non_dirs(a), _non_dirs(b)
+        if na.column("path").equals(nb.column("path")):  # the same files (common): none gone, none added
+            return na.num_rows, nb.num_rows, _NO_COUNTS, _NO_COUNTS
+        # Added files are counted in every step: a move's two ends can lie in different steps.
+        gone = na.join(nb.select(["path"]), keys="path", join_type="left anti")
+        added = nb.join(na.select(["path"]), keys="path", join_type="left anti")
+        return na.num_rows, nb.num_rows, _key_counts(gone, "n"), _key_counts(added, "n")
+
+    parts = fold_aligned(applied, new, ["path", *_KEY], step)
+    files, remaining = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    gone = [p[2] for p in parts if p[2].num_rows]
+    removed = sum(int(pc.sum(t.column("n")).as_py() or 0) for t in gone)
+    added = [p[3] for p in parts if p[3].num_rows]
+    if removed and added:
         # A multiset match on content: each added file can account for one removed file (a move).
-        g = gone.group_by(_KEY).aggregate([("path", "count")]).rename_columns([*_KEY, "n_gone"])
-        n = added.group_by(_KEY).aggregate([("path", "count")]).rename_columns([*_KEY, "n_added"])
+        g = pa.concat_tables(gone).group_by(_KEY).aggregate([("n", "sum")]).rename_columns([*_KEY, "n_gone"])
+        n = pa.concat_tables(added).group_by(_KEY).aggregate([("n", "sum")]).rename_columns([*_KEY, "n_added"])
         both = g.join(n, keys=_KEY, join_type="inner")
         if both.num_rows:
-            moved = pc.sum(pc.min_element_wise(both.column("n_gone"), both.column("n_added"))).as_py() or 0
-            removed -= int(moved)
-    return a.num_rows, removed, b.num_rows
+            removed -= int(pc.sum(pc.min_element_wise(both.column("n_gone"), both.column("n_added"))).as_py() or 0)
+    return files, removed, remaining
 
 
-def _regular_files(m: Manifest | ManifestFile) -> pa.Table:
-    """(path, content, external) of the regular files of ``m``; content as variable binary (joins).
-    Built a row group at a time: a :class:`ManifestFile` is never decoded whole, only these three columns."""
-    pieces = []
-    for t in column_groups(m, ["path", "type", "size", "content", "chunks"]):
-        t = t.filter(pc.equal(t.column("type"), FILE))
-        # An external row (see drsync.repository.manifest.is_external) has bytes but no chunk ids; the
-        # manifest's validation makes sure the rest of its shape.
-        no_chunks = pc.equal(pc.fill_null(pc.list_value_length(t.column("chunks")), 0), 0)
-        pieces.append(pa.table({"path": t.column("path"),
-                                "content": pc.fill_null(pc.cast(t.column("content"), pa.binary()), b""),
-                                "external": pc.and_(no_chunks, pc.greater(t.column("size"), 0))}))
-    return pa.concat_tables(pieces) if pieces else pa.table({"path": pa.array([], pa.binary()),
-                                                             "content": pa.array([], pa.binary()),
-                                                             "external": pa.array([], pa.bool_())})
+_FILE_COLUMNS = ["path", "type", "size", "content", "chunks"]
 
 
-def changed_files(applied: Manifest | ManifestFile, new: Manifest, *,
+def _regular_files(t: pa.Table) -> pa.Table:
+    """(path, content, external) of the regular files of a piece of a manifest (:data:`_FILE_COLUMNS`);
+    content as variable binary (joins)."""
+    t = t.filter(pc.equal(t.column("type"), FILE))
+    # An external row (see drsync.repository.manifest.is_external) has bytes but no chunk ids; the
+    # manifest's validation makes sure the rest of its shape.
+    no_chunks = pc.equal(pc.fill_null(pc.list_value_length(t.column("chunks")), 0), 0)
+    return pa.table({"path": t.column("path"),
+                     "content": pc.fill_null(pc.cast(t.column("content"), pa.binary()), b""),
+                     "external": pc.and_(no_chunks, pc.greater(t.column("size"), 0))})
+
+
+def changed_files(applied: Manifest | ManifestFile, new: Manifest | ManifestFile, *,
                   compare_external: bool = True) -> tuple[int, int]:
     """(regular files of ``applied``, how many of them ``new`` holds at the same path with other content).
 
-    Column work only (at most one hash join, of paths and row numbers): cheap at millions of files.
-    ``compare_external`` False (the snapshots' HDFS checksum algorithms differ) leaves external rows
-    out of the count."""
-    a = _regular_files(applied)
-    if a.num_rows == 0:
-        return 0, 0
-    b = _regular_files(new)
-    if a.column("path").equals(b.column("path")):  # the same files (common): compare row by row
-        ia, ib = a, b
-    else:  # match rows by path: a join of paths and row numbers only (payload columns make joins slow)
-        rows = pa.table({"path": a.column("path"), "i": pa.array(range(a.num_rows), pa.int64())}).join(
-            pa.table({"path": b.column("path"), "j": pa.array(range(b.num_rows), pa.int64())}),
-            keys="path", join_type="inner")
-        if rows.num_rows == 0:
-            return a.num_rows, 0
-        ia, ib = a.take(rows.column("i")), b.take(rows.column("j"))
-    comparable = pc.equal(ia.column("external"), ib.column("external"))
-    if not compare_external:
-        comparable = pc.and_(comparable, pc.invert(ia.column("external")))
-    changed = pc.and_(comparable, pc.not_equal(ia.column("content"), ib.column("content")))
-    return a.num_rows, int(pc.sum(pc.cast(changed, pa.int64())).as_py() or 0)
+    A merge of the two manifests a row group at a time (:func:`drsync.repository.manifest_diff.fold_aligned`),
+    each step column work (at most one join of paths and row numbers): cheap at millions of files, in
+    memory for a few row groups. ``compare_external`` False (the snapshots' HDFS checksum algorithms
+    differ) leaves external rows out of the count."""
+    def step(pa_: pa.Table, pb: pa.Table) -> tuple[int, int]:
+        a = _regular_files(pa_)
+        if a.num_rows == 0:
+            return 0, 0
+        b = _regular_files(pb)
+        if a.column("path").equals(b.column("path")):  # the same files (common): compare row by row
+            ia, ib = a, b
+        else:  # match rows by path: a join of paths and row numbers only (payload columns make joins slow)
+            rows = pa.table({"path": a.column("path"), "i": pa.array(range(a.num_rows), pa.int64())}).join(
+                pa.table({"path": b.column("path"), "j": pa.array(range(b.num_rows), pa.int64())}),
+                keys="path", join_type="inner")
+            if rows.num_rows == 0:
+                return a.num_rows, 0
+            ia, ib = a.take(rows.column("i")), b.take(rows.column("j"))
+        comparable = pc.equal(ia.column("external"), ib.column("external"))
+        if not compare_external:
+            comparable = pc.and_(comparable, pc.invert(ia.column("external")))
+        changed = pc.and_(comparable, pc.not_equal(ia.column("content"), ib.column("content")))
+        return a.num_rows, int(pc.sum(pc.cast(changed, pa.int64())).as_py() or 0)
+
+    parts = fold_aligned(applied, new, _FILE_COLUMNS, step)
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 @dataclass(frozen=True)
@@ -162,7 +180,7 @@ class MassChange:
                 + f"({self.changed:,} of {self.files:,}, over replication.max_change_fraction {self.limit:g})")
 
 
-def change_guard(applied: Manifest | ManifestFile, new: Manifest, max_fraction: float, *,
+def change_guard(applied: Manifest | ManifestFile, new: Manifest | ManifestFile, max_fraction: float, *,
                  compare_external: bool = True) -> tuple[float, MassChange | None]:
     """(share of the applied snapshot's regular files whose content ``new`` rewrites, a :class:`MassChange`
     when that share is *over* ``max_fraction``, else None). An applied snapshot without files: (0.0, None)."""
@@ -198,7 +216,7 @@ def next_checkpoints(checkpoints: tuple[Checkpoint, ...], applied: str, now: flo
     return tuple(out[old[-1]:] if old else out)
 
 
-def deletion_guard(applied: Manifest, new: Manifest, max_fraction: float) -> Hold | None:
+def deletion_guard(applied: Manifest | ManifestFile, new: Manifest | ManifestFile, max_fraction: float) -> Hold | None:
     """A :class:`Hold` when ``new`` must wait for an operator before it replaces ``applied``, else None.
 
     Held when the share of the applied snapshot's files that ``new`` removes is *over* ``max_fraction``

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, overload
+from typing import Any
 
 import blake3
 
@@ -351,7 +351,7 @@ class Committer:
                     "message": f"snapshot {info.id} is applied on {self.agent} ({result.written_files} files "
                                f"written, {result.removed} removed); applies are held until the promotion"}
 
-    def _judge(self, info: SnapshotInfo, base: Manifest | None, manifest: Manifest,
+    def _judge(self, info: SnapshotInfo, base: Manifest | ManifestFile | None, manifest: Manifest,
                position: list[int]) -> MassChange | None:
         """The deletion and mass-change guards against ``base`` (what the root holds): RefusedError (logged)
         when they hold ``info``; else the mass change to flag (on_mass_change = "alert"), or None."""
@@ -392,7 +392,8 @@ class Committer:
             h.message = message
         return self._refuse(info, message, position)
 
-    def _judge_changes(self, info: SnapshotInfo, base: Manifest | None, manifest: Manifest) -> MassChange | None:
+    def _judge_changes(self, info: SnapshotInfo, base: Manifest | ManifestFile | None,
+                       manifest: Manifest) -> MassChange | None:
         """The mass-change guard: how much of the applied snapshot's content ``manifest`` rewrites (kept for
         the metrics), and a :class:`MassChange` when that is over replication.max_change_fraction."""
         if base is None:
@@ -414,7 +415,7 @@ class Committer:
             return None
         # Read a row group at a time and not kept: a standby of a million files would otherwise hold a
         # second whole manifest for as long as the window lasts.
-        old = self._manifest_of(since, whole=False)
+        old = self._manifest_of(since)
         if old is None:
             return None
         fraction, change = change_guard(old, manifest, self.max_change_fraction, compare_external=compare)
@@ -474,14 +475,15 @@ class Committer:
         self.hold_file.save(self.hold)
         log.warning("guard: the hold on snapshot %s is lifted: %s", held, why)
 
-    def _baseline_manifest(self) -> Manifest | None:
+    def _baseline_manifest(self) -> ManifestFile | None:
         """What the root held when this agent (re)joined, while nothing is applied yet (an ex-primary's
-        live production data): emptying it is held like any other mass deletion (safety rule 8)."""
+        live production data): emptying it is held like any other mass deletion (safety rule 8). A
+        row-group reader, as :meth:`_applied_manifest`."""
         st = self.store.current
         if st.applied_snapshot or not st.guard_baseline:
             return None
         try:
-            return self.repo.load_manifest(self.repo.find_snapshot(st.guard_baseline))
+            return self.repo.open_manifest(self.repo.find_snapshot(st.guard_baseline))
         except DrsyncError:
             return None
 
@@ -497,27 +499,25 @@ class Committer:
         except DrsyncError:
             return False
 
-    def _known_root(self) -> Manifest | None:
+    def _known_root(self) -> ManifestFile | None:
         """What the root is known to hold: the applied snapshot, or (an ex-primary that rejoined, nothing
         applied yet) its before-rejoin capture; None when nothing vouches for it."""
-        return self._applied_manifest() or self._baseline_manifest()
+        applied = self._applied_manifest()
+        return applied if applied is not None else self._baseline_manifest()
 
-    def _applied_manifest(self) -> Manifest | None:
+    def _applied_manifest(self) -> ManifestFile | None:
+        """The applied snapshot's manifest as a row-group reader: the guards and the apply's content check
+        merge it with the new manifest a row group at a time, so a standby holds one whole manifest (the
+        one it applies), not two."""
         applied = self.store.current.applied_snapshot
         return self._manifest_of(applied) if applied else None
 
-    @overload
-    def _manifest_of(self, snapshot_id: str) -> Manifest | None: ...
-
-    @overload
-    def _manifest_of(self, snapshot_id: str, *, whole: bool) -> Manifest | ManifestFile | None: ...
-
-    def _manifest_of(self, snapshot_id: str, *, whole: bool = True) -> Manifest | ManifestFile | None:
-        """The snapshot's manifest, loaded (``whole``) or as a row-group reader; None (a warning) when
+    def _manifest_of(self, snapshot_id: str) -> ManifestFile | None:
+        """The snapshot's manifest as a row-group reader (checked against its hash); None (a warning) when
         it cannot be read."""
         try:
             info = self.repo.find_snapshot(snapshot_id)
-            return self.repo.load_manifest(info) if whole else self.repo.open_manifest(info)
+            return self.repo.open_manifest(info)
         except DrsyncError as e:
             log.warning("deletion guard: cannot read snapshot %s (%s); the shipment is judged without it",
                         snapshot_id, e)
@@ -658,8 +658,8 @@ class Committer:
     # --- the apply itself ------------------------------------------------------------------
 
     def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int], *,
-               base: Manifest | None, when_gone: str = "the primary's next shipment copies from its newer capture"
-               ) -> ApplyResult:
+               base: Manifest | ManifestFile | None,
+               when_gone: str = "the primary's next shipment copies from its newer capture") -> ApplyResult:
         """Apply through the journal. ``base``: what the root is known to hold (:meth:`_known_root`): files
         whose content differs from it are written whatever their sizes and times say. ``base`` None (nothing
         vouches for the root, e.g. a promotion at a recovery point): every file whose size and time match is
