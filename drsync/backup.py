@@ -40,6 +40,7 @@ from drsync.repository.manifest import (
 )
 from drsync.repository.repo import Repository, VerifyReport
 from drsync.repository.snapshots import SnapshotInfo, iso, parse_iso
+from drsync.repository.spool import Spool
 from drsync.retention import RetentionDecision, plan_retention
 from drsync.storage.local import LocalStorage
 
@@ -127,9 +128,10 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
 
 @dataclass
 class _Prepared:
-    """What a backup holds of a snapshot: its manifest's bytes (dropped once written into the backup),
-    counts, and the ``(U,)`` chunk ids to copy in manifest order (none for a dataless backup)."""
-    manifest_bytes: bytes
+    """What a backup holds of a snapshot: its manifest (a spool: in a temporary file when large; closed
+    once written into the backup), counts, and the ``(U,)`` chunk ids to copy in manifest order (none
+    for a dataless backup)."""
+    manifest: Spool
     counts: ManifestCounts
     chunk_ids: np.ndarray
     excluded: list[str]
@@ -139,8 +141,8 @@ def _prepare(repo: Repository, info: SnapshotInfo, mode: str, light_exclude: tup
     """Full and dataless backups hold the snapshot's manifest as stored, read here a row group at a time
     (a manifest of 1,000,000 files is about 160 MiB as a table); a light one is filtered whole. Raises
     UsageError for a snapshot whose bytes are not all in the repository (captured for DistCp)."""
-    stored = repo.manifest_bytes(info)
-    manifest: Manifest | ManifestFile = ManifestFile(stored, f"manifest of snapshot {info.id}")
+    stored = repo.manifest_spool(info)
+    manifest: Manifest | ManifestFile = ManifestFile(stored.source(), f"manifest of snapshot {info.id}", stored.size)
     counts = manifest_counts(manifest)
     outside = counts.external
     if outside and mode != "dataless":
@@ -154,7 +156,8 @@ def _prepare(repo: Repository, info: SnapshotInfo, mode: str, light_exclude: tup
         whole = manifest.read()
         manifest = whole.without(match)
         del whole
-        stored = manifest.to_bytes()
+        stored.close()
+        stored = Spool.of(manifest.to_bytes())
         counts = manifest_counts(manifest)
         excluded = list(light_exclude)
     ids = chunks_in_order(manifest) if mode != "dataless" else np.empty(0, ID_DTYPE)
@@ -169,10 +172,11 @@ def _build(repo: Repository, info: SnapshotInfo, prepared: _Prepared, partial: s
     counts = prepared.counts
     # The manifest goes in first and its bytes are dropped before the chunks are copied: nothing in the
     # partial directory is visible before the rename, whatever order it is written in.
-    snap = dataclasses.replace(info, manifest_hash=blake3.blake3(prepared.manifest_bytes).hexdigest(),
-                               files=counts.files, bytes=counts.bytes)
-    brepo.commit_snapshot(snap, prepared.manifest_bytes)
-    prepared.manifest_bytes = b""
+    snap = dataclasses.replace(info, manifest_hash=prepared.manifest.hexdigest(), files=counts.files,
+                               bytes=counts.bytes)
+    with prepared.manifest:
+        brepo.commit_snapshot(snap, prepared.manifest)
+    prepared.manifest = Spool.of(b"")
     # Each chunk id once, into an empty repository: an export writer, flushed every EXPORT_FLUSH chunks
     # (an index file each), holds at most that many index rows.
     writer = brepo.chunk_writer(export=True)

@@ -46,6 +46,7 @@ from drsync.repository.manifest import (
 from drsync.repository.manifest_check import escaping_links
 from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
+from drsync.repository.spool import Spool
 from drsync.tree import TreeScan
 
 # Reading tasks are batched so that tiny files do not pay one executor round trip each.
@@ -62,7 +63,9 @@ HDFS_CHECKSUM = "hdfs-checksum"   # file bytes stay in an HDFS snapshot; the man
 
 @dataclass
 class CaptureResult:
-    manifest_bytes: bytes  # the manifest as stored (Parquet); ``manifest`` parses it when asked
+    # The manifest as stored (Parquet), hashed as it was written; in a temporary file past 16 MiB, so
+    # that the capture's scan and the manifest's bytes are not in memory together (``manifest`` parses it).
+    stored: Spool
     files: int = 0
     bytes: int = 0
     read_bytes: int = 0
@@ -81,10 +84,15 @@ class CaptureResult:
 
     @property
     def manifest(self) -> Manifest:
-        """The manifest as a table (parsed from ``manifest_bytes`` on first use)."""
+        """The manifest as a table (parsed from :attr:`stored` on first use)."""
         if self._parsed is None:
-            self._parsed = Manifest.from_bytes(self.manifest_bytes)
+            self._parsed = Manifest.from_bytes(self.stored.source(), "the captured manifest", self.stored.size)
         return self._parsed
+
+    @property
+    def manifest_bytes(self) -> bytes:
+        """The manifest's bytes, read whole from :attr:`stored` (small manifests, tests)."""
+        return self.stored.getvalue()
 
 
 @dataclass(slots=True)
@@ -239,14 +247,14 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
             hi = min(lo + _WINDOW, table.num_rows)
             out.write(_window(view, writer, table, pv, lo, hi, same, reuse, links, state, warnings, pool,
                               reread_attempts, progress, content, algorithms))
-    manifest_bytes = out.finish()
+    stored = out.finish()
     stale = skipped = 0
     lost = [*scan.unreadable, *state.lost]
     if lost or scan.unlisted or links.broken(state.gone):
-        manifest_bytes, stale, skipped = _merge_stale(manifest_bytes, pv.table() if pv else None, lost, scan.unlisted,
+        stored, stale, skipped = _merge_stale(stored, pv.table() if pv else None, lost, scan.unlisted,
                                                       links,
                                                       state.gone, warnings)
-    return CaptureResult(manifest_bytes=manifest_bytes, files=state.files,
+    return CaptureResult(stored=stored, files=state.files,
                          bytes=state.bytes, read_bytes=0 if content == HDFS_CHECKSUM else state.read_bytes,
                          reused_files=state.reused, warnings=warnings, stale=stale, skipped=skipped,
                          checksum_algorithms=algorithms)
@@ -609,13 +617,14 @@ def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarra
     return out
 
 
-def _merge_stale(manifest_bytes: bytes, p: pa.Table | None, lost: list[str], unlisted: list[str],
-                 links: _LinkGroups, gone: set[int], warnings: WarningLog) -> tuple[bytes, int, int]:
+def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: list[str],
+                 links: _LinkGroups, gone: set[int], warnings: WarningLog) -> tuple[Spool, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
     (unreadable entries and all below them, all below directories that could not be listed) marked
     stale, unless this capture has them; hard links worked out over what was kept; links that the
-    merged rows make escape the root left out. Returns (manifest bytes, stale rows, skipped paths)."""
-    table = Manifest.from_bytes(manifest_bytes).table
+    merged rows make escape the root left out. Returns (the manifest, stale rows, skipped paths)."""
+    with stored:
+        table = Manifest.from_bytes(stored.source(), "the captured manifest", stored.size).table
     if links.broken(gone):
         fixed = links.kept_leaders(gone)
         cur = table.column("path").to_pylist()
@@ -654,7 +663,9 @@ def _merge_stale(manifest_bytes: bytes, p: pa.Table | None, lost: list[str], unl
                              pa.array(_stale_links(old, links.leader_of_inode(gone)), pa.binary()))
         table = sort_by_path(pa.concat_tables([table, old]))
         table = _without_escaping_links(table, warnings)
-    return Manifest(table.combine_chunks()).to_bytes(), len(stale_rows), skipped
+    w = ManifestWriter()
+    w.write(table.combine_chunks())
+    return w.finish(), len(stale_rows), skipped
 
 
 def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:

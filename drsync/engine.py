@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import blake3
-
 from drsync.apply import ApplyResult, ForeignTarget, apply_manifest
 from drsync.capture import CHUNKS, HDFS_CHECKSUM, capture
 from drsync.config import Config, KeepPolicy
@@ -157,10 +155,9 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
         except BaseException:
             writer.abort()
             raise
-        manifest_bytes = result.manifest_bytes
         info = SnapshotInfo(
             id=new_snapshot_id(), captured_at=captured_at, cluster_id=repo.config.cluster_id,
-            release=repo.config.release, manifest_hash=blake3.blake3(manifest_bytes).hexdigest(),
+            release=repo.config.release, manifest_hash=result.stored.hexdigest(),
             name=req.name, reason=req.reason, kind=req.kind, ttl_s=req.ttl_s, source=root,
             parent=parent.id if parent else None, files=result.files, bytes=result.bytes,
             new_bytes=writer.new_bytes, read_bytes=result.read_bytes, reused_files=result.reused_files,
@@ -171,7 +168,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
             content_checksum=",".join(sorted(result.checksum_algorithms)))
         # Not re-checked chunk by chunk: whatever this capture reuses is named by the parent, which
         # cannot be deleted (nor its chunks collected) while the session's shared lock is held.
-        info = session.commit(info, manifest_bytes, require_chunks=False)
+        with result.stored:
+            info = session.commit(info, result.stored, require_chunks=False)
     for w in result.warnings.lines():
         log.warning("snapshot %s: %s", info.id, w)
     if result.stale or result.skipped:

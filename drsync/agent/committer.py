@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import blake3
-
 from drsync import faults, fsutil
 from drsync.agent.hold import HoldFile
 from drsync.agent.roles import format_span
@@ -37,6 +35,7 @@ from drsync.repository.manifest import Manifest, ManifestFile
 from drsync.repository.manifest_diff import same_tree
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo, iso
+from drsync.repository.spool import Spool
 
 log = logging.getLogger("drsync.agent.standby")
 
@@ -130,11 +129,15 @@ class Committer:
 
     # --- a shipment's commit ---------------------------------------------------------
 
-    def commit(self, snapshot_doc: bytes, manifest_bytes: bytes, position: list[int]) -> tuple[SnapshotInfo,
-                                                                                                 ApplyResult]:
+    def commit(self, snapshot_doc: bytes, manifest_bytes: bytes | Spool,
+               position: list[int]) -> tuple[SnapshotInfo, ApplyResult]:
         """Store and apply a shipped snapshot. Caller holds :attr:`lock` and admitted the sender.
 
+        ``manifest_bytes``: the manifest as it arrived, best a :class:`Spool` (a large one then waits
+        in a temporary file, not beside its decoded table, while the snapshot is applied).
         Raises RefusedError (other cluster, or held back), IntegrityError (damaged or incomplete)."""
+        spool = manifest_bytes if isinstance(manifest_bytes, Spool) else Spool.of(manifest_bytes)
+        del manifest_bytes
         started = time.monotonic()
         info = as_stored_by_standby(SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document"))
         cfg = self.repo.config
@@ -144,11 +147,11 @@ class Committer:
                 f"standby keeps cluster {cfg.cluster_id!r} release {cfg.release!r}; give both agents production's "
                 f"cluster.id and cluster.release (upgrade both together), or check where the primary ships "
                 f"(replication.standbys, or with ZooKeeper roles the agents of its coordination.group)")
-        if blake3.blake3(manifest_bytes).hexdigest() != info.manifest_hash:
+        if spool.hexdigest() != info.manifest_hash:
             raise IntegrityError(f"snapshot {info.id}: the manifest arrived damaged or truncated "
                                  f"(hash mismatch); it was not applied")
         self._refuse_if_stale(info, position)
-        manifest = Manifest.from_bytes(manifest_bytes, f"manifest of snapshot {info.id}")
+        manifest = Manifest.from_bytes(spool.source(), f"manifest of snapshot {info.id}", spool.size)
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S) as lock:
             # Under the shared lock no GC sweeps between this check and the apply: every chunk is
             # indexed and its pack exists (IntegrityError otherwise; the primary sends them again).
@@ -163,7 +166,8 @@ class Committer:
                 log.error("%s", message)
                 raise RefusedError(message)
             info = known[info.id] if info.id in known else self.repo.commit_snapshot(
-                info, manifest_bytes, manifest=manifest, lock=lock)
+                info, spool, manifest=manifest, lock=lock)
+            spool.close()
             stored_at = time.time()  # apply_delay counts from here, on this machine's clock
             self._record_received(info)
             # RefusedError while held: stored, not applied

@@ -25,6 +25,7 @@ from drsync.repository.ids import IdSet, ids_array, to_arrow
 from drsync.repository.manifest import Manifest, ManifestFile, column_groups
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
+from drsync.repository.spool import Spool
 from drsync.transport import CommitOutcome, ReceivedChunk, StandbyLink
 from drsync.units import human_size
 
@@ -201,11 +202,20 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     start = time.monotonic()
     pacer = Pacer(_bandwidth_of(bandwidth_bps))
     with (reading or contextlib.nullcontext)():
-        manifest_bytes, sizes, missing, shipped = _negotiate_and_upload(repo, info, link, epoch=epoch, pacer=pacer,
-                                                                        applied=applied, check=check)
+        manifest, sizes, missing, shipped = _negotiate_and_upload(repo, info, link, epoch=epoch, pacer=pacer,
+                                                                  applied=applied, check=check)
+    with manifest:
+        return _commit(info, link, manifest, sizes, missing, shipped, epoch=epoch, sender=sender, pacer=pacer,
+                       check=check, sender_seq=info.seq if sender_seq is None else sender_seq, start=start)
+
+
+def _commit(info: SnapshotInfo, link: StandbyLink, manifest: Spool, sizes: pa.Table, missing: pa.Array,
+            shipped: int, *, epoch: int, sender: str, pacer: Pacer, check: Callable[[bool], None], sender_seq: int,
+            start: float) -> ShipResult:
+    """The commit of a shipment whose chunks are on the standby: the manifest in pieces of
+    :data:`COMMIT_PIECE_BYTES`, read from its spool as they are sent."""
     total_bytes = int(pc.sum(sizes.column("size")).as_py() or 0)
-    pieces = (manifest_bytes[i:i + COMMIT_PIECE_BYTES] for i in range(0, max(1, len(manifest_bytes)),
-                                                                        COMMIT_PIECE_BYTES))
+    pieces = manifest.pieces(COMMIT_PIECE_BYTES)
     if not pacer.may_send():
         raise ShippingPaused(f"shipping snapshot {info.id} paused before its commit ({human_size(shipped)} of "
                              f"chunks sent stay on the standby)")
@@ -213,8 +223,7 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     # A seq is a position in one repository: the standby numbers what it receives itself. The
     # document goes without it, as before snapshots were numbered, so a standby that runs the
     # previous version during a rolling upgrade still reads it.
-    outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces,
-                          sender_seq=info.seq if sender_seq is None else sender_seq)
+    outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces, sender_seq=sender_seq)
     missing_raw = int(pc.sum(sizes.column("size").filter(pc.is_in(sizes.column("chunk"), value_set=missing)))
                       .as_py() or 0) if len(missing) else 0
     return ShipResult(info.id, sizes.num_rows, len(missing), shipped, total_bytes - missing_raw,
@@ -223,10 +232,22 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
 
 def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int,
                           pacer: Pacer, applied: Manifest | ManifestFile | None,
-                          check: Callable[[bool], None]) -> tuple[bytes, pa.Table, pa.Array, int]:
-    """Returns (manifest bytes, :func:`chunk_table`, ids that were missing, stored bytes shipped)."""
-    manifest_bytes = repo.manifest_bytes(info)
-    sizes = chunk_table(ManifestFile(manifest_bytes, f"manifest of snapshot {info.id}"))
+                          check: Callable[[bool], None]) -> tuple[Spool, pa.Table, pa.Array, int]:
+    """Returns (the manifest as read and hashed, :func:`chunk_table`, ids that were missing, stored bytes
+    shipped). A large manifest waits in a temporary file (its spool), not in memory, until the commit."""
+    manifest = repo.manifest_spool(info)
+    try:
+        return (manifest, *_negotiate_and_upload_chunks(repo, info, link, manifest, epoch=epoch, pacer=pacer,
+                                                        applied=applied, check=check))
+    except BaseException:
+        manifest.close()
+        raise
+
+
+def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: StandbyLink, manifest: Spool, *,
+                                 epoch: int, pacer: Pacer, applied: Manifest | ManifestFile | None,
+                                 check: Callable[[bool], None]) -> tuple[pa.Table, pa.Array, int]:
+    sizes = chunk_table(ManifestFile(manifest.source(), f"manifest of snapshot {info.id}", manifest.size))
     ask = ids_to_negotiate(sizes, applied)
     replies: list[pa.Array] = []
     if len(ask):
@@ -267,4 +288,4 @@ def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLin
         raise ShippingPaused(f"shipping snapshot {info.id} paused after {sent_chunks}/{len(missing)} chunks "
                              f"({human_size(shipped)}); the chunks sent stay on the standby and the next shipment "
                              f"sends only the rest")
-    return manifest_bytes, sizes, missing, shipped
+    return sizes, missing, shipped

@@ -27,6 +27,7 @@ from drsync.dataroot.distcp import DistCpSettings
 from drsync.errors import DrsyncError, FencedError, RefusedError
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
+from drsync.repository.spool import Spool
 from drsync.transport import Caller, ReceivedChunk
 
 log = logging.getLogger("drsync.agent.standby")
@@ -231,7 +232,7 @@ class StandbyReceiver:
 
         return self.intake.receive(caller, fenced(batches))
 
-    def commit(self, caller: Caller, snapshot_doc: bytes, manifest_bytes: bytes,
+    def commit(self, caller: Caller, snapshot_doc: bytes, manifest_bytes: bytes | Spool,
                sender_seq: int = 0) -> tuple[SnapshotInfo, ApplyResult]:
         """Admit (again, fresh, under the lock a promotion takes), store and apply; the shipment's intake
         session ends with it. The repository's shared lock is taken (or held by the session) before the

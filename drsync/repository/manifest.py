@@ -10,7 +10,6 @@ Everything here is pure: building, reading and counting tables. Validating one i
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, ids_array, sort_unique
+from drsync.repository.spool import Spool
 
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 TYPES = (FILE, DIR, SYMLINK)
@@ -284,9 +284,9 @@ class Manifest:
         return self.table.num_rows
 
     def to_bytes(self) -> bytes:
-        w = ManifestWriter(self.table.schema)
+        w = ManifestWriter(self.table.schema, memory_bytes=fmt.MANIFEST_MAX_BYTES + 1)  # never a temporary file
         w.write(self.table)
-        return w.finish()
+        return w.finish().getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes | pa.NativeFile, what: str = "manifest", size: int | None = None) -> Manifest:
@@ -563,10 +563,12 @@ ROW_GROUP = 65536  # manifest rows per Parquet row group
 class ManifestWriter:
     """Serialises a manifest given as path-sorted pieces of :data:`SCHEMA` rows into its Parquet
     bytes, holding at most one row group of rows beyond the output: the one serializer, so the same
-    rows always make the same bytes (row groups of :data:`ROW_GROUP` rows, however they were split)."""
+    rows always make the same bytes (row groups of :data:`ROW_GROUP` rows, however they were split).
+    The bytes go into a :class:`~drsync.repository.spool.Spool` (hashed as written; past
+    ``memory_bytes``, default 16 MiB, in a temporary file), which :meth:`finish` returns."""
 
-    def __init__(self, schema: pa.Schema = SCHEMA) -> None:
-        self._buf = io.BytesIO()
+    def __init__(self, schema: pa.Schema = SCHEMA, *, memory_bytes: int | None = None) -> None:
+        self._buf = Spool(memory_bytes)
         self._w = pq.ParquetWriter(self._buf, schema, compression="zstd")
         self._pending: list[pa.Table] = []
         self._rows = 0
@@ -583,11 +585,11 @@ class ManifestWriter:
             rest = t.slice(whole)
             self._pending, self._rows = ([rest] if rest.num_rows else []), rest.num_rows
 
-    def finish(self) -> bytes:
+    def finish(self) -> Spool:
         if self._pending:
             self._w.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP)
         self._w.close()
-        return self._buf.getvalue()
+        return self._buf
 
 
 def table_from_columns(columns: dict[str, list | pa.Array]) -> pa.Table:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import secrets
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -43,6 +42,7 @@ from drsync.repository.packs import (
     write_index,
 )
 from drsync.repository.snapshots import SnapshotInfo, iso
+from drsync.repository.spool import Spool
 from drsync.storage import ObjectMissing, RangeReader, Storage, StoredObject, read_bounded
 
 log = logging.getLogger("drsync.repository")
@@ -256,7 +256,7 @@ class WriteSession:
         self._check_open()
         return self.repo.missing_chunks(ids)
 
-    def commit(self, info: SnapshotInfo, manifest_bytes: bytes, *, manifest: Manifest | None = None,
+    def commit(self, info: SnapshotInfo, manifest_bytes: bytes | Spool, *, manifest: Manifest | None = None,
                require_chunks: bool = True) -> SnapshotInfo:
         """Store the snapshot (see :meth:`Repository.commit_snapshot`); by default first checks that
         every chunk the manifest names is indexed and its pack exists (IntegrityError otherwise,
@@ -661,21 +661,22 @@ class Repository:
         """The snapshot's manifest as a table, checked against its hash (IntegrityError otherwise). One
         of more than :data:`RANGED_MANIFEST_BYTES` is hashed and then decoded by ranges, its bytes never
         held whole (at 1,000,000 files: 74 MiB less at the peak of every load)."""
-        source, size = self._manifest_source(info)
-        return Manifest.from_bytes(source, f"manifest of snapshot {info.id}", size)
+        with self.manifest_spool(info) as spool:
+            return Manifest.from_bytes(spool.source(), f"manifest of snapshot {info.id}", spool.size)
 
     def open_manifest(self, info: SnapshotInfo) -> ManifestFile:
         """The snapshot's manifest, read one row group at a time (:class:`ManifestFile`): checked
         against the snapshot's hash like :meth:`load_manifest`, without building the whole table (and,
         past :data:`RANGED_MANIFEST_BYTES`, without holding its bytes)."""
-        source, size = self._manifest_source(info)
-        return ManifestFile(source, f"manifest of snapshot {info.id}", size)
+        spool = self.manifest_spool(info)  # the reader keeps its temporary file, if any
+        return ManifestFile(spool.source(), f"manifest of snapshot {info.id}", spool.size)
 
-    def _manifest_source(self, info: SnapshotInfo) -> tuple[bytes | pa.NativeFile, int]:
-        """The snapshot's manifest checked against its hash, and its size: its bytes, or past
-        :data:`RANGED_MANIFEST_BYTES` an unnamed local temporary file it was copied into by ranges while
-        hashed. What is decoded is exactly what was hashed (never a second read of the stored object), and
-        the temporary file's pages are the page cache's, not this process's memory."""
+    def manifest_spool(self, info: SnapshotInfo) -> Spool:
+        """The snapshot's manifest checked against its hash (IntegrityError otherwise), as a
+        :class:`~drsync.repository.spool.Spool`: its bytes, or past :data:`RANGED_MANIFEST_BYTES` an
+        unnamed local temporary file it was copied into by ranges while hashed. What is decoded or sent
+        from it is exactly what was hashed (never a second read of the stored object), and the temporary
+        file's pages are the page cache's, not this process's memory."""
         name = fmt.manifest_name(info.id)
         missing = f"snapshot {info.id}: its manifest is missing"
         try:
@@ -683,33 +684,27 @@ class Repository:
         except ObjectMissing:
             raise IntegrityError(missing) from None
         if len(head) <= RANGED_MANIFEST_BYTES:
-            self._check_manifest_hash(info, blake3.blake3(head))
-            return head, len(head)
-        hasher, size = blake3.blake3(head), len(head)
-        copy = tempfile.TemporaryFile(prefix="drsync-manifest-")  # noqa: SIM115 (handed to the reader, which closes it)
-        try:
-            copy.write(head)
-            del head
+            spool = Spool.of(head)
+        else:
+            spool = Spool(RANGED_MANIFEST_BYTES)
             try:
-                while len(piece := self.storage.read_range(name, size, RANGED_MANIFEST_BYTES)) > 0:
-                    hasher.update(piece)
-                    copy.write(piece)
-                    size += len(piece)
-                    if size > fmt.MANIFEST_MAX_BYTES:
-                        break  # from_bytes refuses it by its size
+                spool.write(head)
+                del head
+                while len(piece := self.storage.read_range(name, spool.size, RANGED_MANIFEST_BYTES)) > 0:
+                    spool.write(piece)
+                    if spool.size > fmt.MANIFEST_MAX_BYTES:
+                        break  # Manifest.from_bytes refuses it by its size
             except ObjectMissing:
+                spool.close()
                 raise IntegrityError(missing) from None
-            self._check_manifest_hash(info, hasher)
-            copy.seek(0)
-        except BaseException:
-            copy.close()
-            raise
-        return pa.PythonFile(copy, mode="r"), size
+        if spool.hexdigest() != info.manifest_hash:
+            spool.close()
+            raise IntegrityError(_damaged_manifest(info))
+        return spool
 
     def _check_manifest_hash(self, info: SnapshotInfo, hasher: blake3.blake3) -> None:
         if hasher.hexdigest() != info.manifest_hash:
-            raise IntegrityError(f"snapshot {info.id}: its manifest is damaged (hash mismatch); restore it "
-                                 f"from a backup or the standby")
+            raise IntegrityError(_damaged_manifest(info))
 
     def manifest_bytes(self, info: SnapshotInfo) -> bytes:
         """The snapshot's manifest as stored, checked against its hash (IntegrityError otherwise)."""
@@ -728,7 +723,7 @@ class Repository:
         del data  # before sorting
         return IdSet.of(flat)
 
-    def commit_snapshot(self, info: SnapshotInfo, manifest_bytes: bytes, *, manifest: Manifest | None = None,
+    def commit_snapshot(self, info: SnapshotInfo, manifest_bytes: bytes | Spool, *, manifest: Manifest | None = None,
                         require_chunks: bool = False, lock: RepositoryLock | None = None) -> SnapshotInfo:
         """Write manifest then snapshot document, each durable. The document is the commit point.
 
@@ -750,9 +745,10 @@ class Repository:
         try:
             if require_chunks:
                 if manifest is None:
-                    manifest = Manifest.from_bytes(manifest_bytes, f"manifest of snapshot {info.id}")
+                    spool = manifest_bytes if isinstance(manifest_bytes, Spool) else Spool.of(manifest_bytes)
+                    manifest = Manifest.from_bytes(spool.source(), f"manifest of snapshot {info.id}", spool.size)
                 self.check_chunks_present(manifest.chunk_id_array(), f"snapshot {info.id}")
-            self.storage.write(fmt.manifest_name(info.id), manifest_bytes, durable=True)
+            self._store_manifest(info, manifest_bytes)
             with _COMMIT_LOCK:
                 seq = 1 + max((s.seq for s in self.list_snapshots()), default=0)
                 info = dataclasses.replace(info, seq=seq)
@@ -761,6 +757,21 @@ class Repository:
         finally:
             if own is not None:
                 own.release()
+
+    def _store_manifest(self, info: SnapshotInfo, manifest: bytes | Spool) -> None:
+        """Write the manifest, durable; a spool in a temporary file is streamed, never read whole."""
+        name = fmt.manifest_name(info.id)
+        if not isinstance(manifest, Spool) or manifest.in_memory:
+            self.storage.write(name, manifest if isinstance(manifest, bytes) else manifest.getvalue(), durable=True)
+            return
+        out = self.storage.writer(name)
+        try:
+            for piece in manifest.pieces(RANGED_MANIFEST_BYTES // 4):
+                out.write(piece)
+            out.commit(durable=True)
+        except BaseException:
+            out.abort()
+            raise
 
     def delete_snapshot(self, info: SnapshotInfo) -> None:
         """Remove the document first (the snapshot is gone), then its manifest. Chunks go at GC."""
@@ -942,6 +953,11 @@ class ChunkReader:
 
     def has_chunk(self, chunk_id: bytes) -> bool:
         return chunk_id in self.index
+
+
+def _damaged_manifest(info: SnapshotInfo) -> str:
+    return (f"snapshot {info.id}: its manifest is damaged (hash mismatch); restore it from a backup or the "
+            f"standby")
 
 
 def damaged_paths(manifest: Manifest | ManifestFile, index: ChunkIndex, bad: dict[bytes, str],

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from drsync.repository.spool import Spool
 
 # gRPC's C core writes its own lines to stderr ("E1201 ... add_port.cc:83] Failed to add port"): they
 # bypass drsync's log (and break --log-format json), and every failure they describe reaches the operator
@@ -140,5 +143,5 @@ class Receiver(Protocol):
 
     def receive(self, caller: Caller, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]: ...
 
-    def commit(self, caller: Caller, snapshot_doc: bytes, manifest_bytes: bytes,
+    def commit(self, caller: Caller, snapshot_doc: bytes, manifest_bytes: bytes | Spool,
                sender_seq: int = 0) -> tuple[Any, Any]: ...

@@ -9,7 +9,6 @@ reverse, so the agent layer only ever sees drsync errors.
 from __future__ import annotations
 
 import errno
-import io
 import ipaddress
 import itertools
 import os
@@ -27,6 +26,7 @@ from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedE
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.manifest import ManifestTooLarge
+from drsync.repository.spool import Spool
 from drsync.transport import Caller, CommitOutcome, ReceivedChunk, Receiver, StandbyHello
 from drsync.transport.pb import drsync_pb2 as pb
 from drsync.transport.pb import drsync_pb2_grpc as pb_grpc
@@ -244,10 +244,10 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         rx = self._receiver(context)
         caller: Caller | None = None
         doc, seq, parts, total = b"", 0, 0, 0
-        # The manifest is gathered in one buffer as its pieces arrive, and BytesIO.getvalue() hands that
-        # buffer over as the bytes without copying it (CPython): the commit holds the manifest once, not a
-        # list of pieces and their join (twice the manifest, up to 4 GiB, until the apply ended).
-        manifest = io.BytesIO()
+        # The manifest is gathered in a spool as its pieces arrive, hashed as they come: in memory while
+        # small, in an unnamed temporary file past 16 MiB, so that the commit never holds a large manifest's
+        # bytes beside the table decoded from them (74 MiB at 1,000,000 files, for as long as the apply ran).
+        manifest = Spool()
         for part in request_iterator:
             if caller is None:
                 caller = self._caller(context, part.sender, part.epoch, part.sent_at, part.sender_instance)
@@ -280,12 +280,12 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         if caller is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty commit")
         assert caller is not None
-        manifest_bytes = manifest.getvalue()
-        manifest.close()
         try:
-            info, result = rx.commit(caller, doc, manifest_bytes, int(seq))  # admits under its commit lock
+            info, result = rx.commit(caller, doc, manifest, int(seq))  # admits under its commit lock
         except DrsyncError as e:
             self._fail(context, caller.sender, e)
+        finally:
+            manifest.close()
         st = rx.state
         return pb.CommitReply(snapshot=info.id, written_files=result.written_files, removed=result.removed,
                               applied_at=st.applied_at, replied_at=time.time(), applied_snapshot=st.applied_snapshot,
