@@ -687,7 +687,8 @@ def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, ro
     without loading its whole index (:meth:`Repository.reader_for`)."""
     if not len(rows) and not more:
         return source
-    ids = pc.list_flatten(manifest.table.column("chunks").take(pa.array(rows, pa.int64())))
+    col = manifest.table.column("chunks")  # every row (a new target): flattened without a copy of the column
+    ids = pc.list_flatten(col if len(rows) == len(manifest) else col.take(pa.array(rows, pa.int64())))
     wanted = IdSet.of(pa.chunked_array([*ids.chunks, pa.array(list(more), ids.type)], ids.type)
                       if more else ids)
     narrowed = getattr(source, "reader_for", None)

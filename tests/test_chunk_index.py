@@ -250,3 +250,42 @@ def test_gc_repacks_a_mostly_dead_pack_and_counts_as_before(tmp_path: Path) -> N
     out = tmp_path / "out"
     engine.restore_snapshot(fresh, second.id, str(out), cluster_id="east", release="1")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in data.iterdir()}
+
+
+def test_a_part_of_the_index_locates_chunks_across_index_files_without_loading_it() -> None:
+    """``Repository.reader_for``: the chunks of three write sessions (three index files), one of them
+    written twice (an export writer does not look at the index), located from the index files without
+    loading the index; each read back and checked; a chunk not asked for is not located; one missing
+    chunk makes it decline (None)."""
+    from drsync.repository import chunks
+    from drsync.repository.repo import ChunkReader
+
+    storage = MemoryStorage()
+    repo = Repository.init(storage, cluster_id="east", release="1")
+    rnd = random.Random(7)
+    data: dict[bytes, bytes] = {}
+    for _ in range(3):
+        w = repo.chunk_writer()
+        for _ in range(40):
+            d = rnd.randbytes(rnd.randint(1, 5000))
+            data[chunks.chunk_id(d)] = d
+            w.add(chunks.chunk_id(d), d)
+        w.flush()
+    dup = sorted(data)[5]
+    w = repo.chunk_writer(export=True)
+    enc, stored = chunks.encode(data[dup])
+    assert w.add_stored(dup, enc, bytes(stored), len(data[dup]))
+    w.flush()
+    assert len(storage.list(fmt.INDEX_DIR)) == 4
+    fresh = Repository.open(storage)
+    wanted = IdSet.of([*rnd.sample(sorted(data), 60), dup])
+    reader = fresh.reader_for(wanted)
+    assert isinstance(reader, ChunkReader) and fresh._index is None
+    for cid in id_list(wanted.ids):
+        assert reader.has_chunk(cid) and reader.read_chunk(cid) == data[cid]
+    other = next(c for c in sorted(data) if c not in wanted)
+    assert not reader.has_chunk(other)
+    with pytest.raises(IntegrityError):
+        reader.read_chunk(other)
+    assert fresh.reader_for(IdSet.of([*id_list(wanted.ids), b"\x01" * 32])) is None
+    assert fresh.reader_for(IdSet.of(sorted(data))) is not None

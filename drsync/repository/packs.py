@@ -459,6 +459,19 @@ class ChunkIndex:
         self._r_pack, self._r_offset = array("I"), array("Q")
         self._r_stored, self._r_raw, self._r_enc = array("I"), array("I"), array("B")
 
+    @classmethod
+    def from_sorted(cls, ids: np.ndarray, key: np.ndarray, rows: IndexRows) -> ChunkIndex:
+        """An index over ``ids`` (``(N,)`` sorted, unique, with their :func:`id_key` ``key``, e.g. an
+        :class:`~drsync.repository.ids.IdSet`'s) located by ``rows`` (``(N,)``, row i the location of
+        ``ids[i]``; its ``ids`` are not read). The arrays are taken over, not copied."""
+        index = cls()
+        index._packs, index._pack_no = list(rows.packs), {p: i for i, p in enumerate(rows.packs)}
+        index._ids, index._key, index._pack = ids, key, rows.pack
+        index._offset, index._stored, index._raw, index._enc = (rows.offset, rows.stored_length, rows.raw_length,
+                                                                rows.encoding)
+        index._build_filter_locked()
+        return index
+
     # --- one chunk -------------------------------------------------------------------------
 
     def __len__(self) -> int:

@@ -528,19 +528,34 @@ class Repository:
             loaded = self._index is not None
         if loaded:
             return self if bool(self.index.contains_many(wanted.ids).all()) else None
-        seen = np.zeros(len(wanted), bool)
-        part = ChunkIndex()
+        # The locations are filled in place, row i for wanted.ids[i] (21 bytes a chunk beside the set's 40),
+        # and the part index is made of them once: no merge, no second copy of the ids.
+        n = len(wanted)
+        seen = np.zeros(n, bool)
+        at = IndexRows(wanted.ids, np.zeros(n, np.uint32), np.zeros(n, np.uint64), np.zeros(n, np.uint32),
+                       np.zeros(n, np.uint32), np.zeros(n, np.uint8), ())
+        packs: dict[str, int] = {}
         try:
             for obj in self.storage.list(fmt.INDEX_DIR):
                 source = pa.PythonFile(RangeReader(self.storage, obj.name, obj.size), mode="r")
                 for rows in iter_index_file(source, obj.name):
                     pos, found = locate(wanted.ids, wanted.key, rows.ids)
-                    if found.any():
-                        seen[pos[found]] = True
-                        part.add_rows(rows.take(found))
+                    hit = np.flatnonzero(found)
+                    hit = hit[~seen[pos[hit]]]  # an id located already keeps its first location
+                    if not len(hit):
+                        continue
+                    to = pos[hit]
+                    numbers = np.array([packs.setdefault(p, len(packs)) for p in rows.packs], np.uint32)
+                    at.pack[to] = numbers[rows.pack[hit]]
+                    at.offset[to], at.stored_length[to] = rows.offset[hit], rows.stored_length[hit]
+                    at.raw_length[to], at.encoding[to] = rows.raw_length[hit], rows.encoding[hit]
+                    seen[to] = True
         except (ObjectMissing, IntegrityError):
             return None  # a GC replaced a file while we listed, or one is damaged: the exact path says
-        return ChunkReader(self, part) if bool(seen.all()) else None
+        if not bool(seen.all()):
+            return None
+        return ChunkReader(self, ChunkIndex.from_sorted(wanted.ids, wanted.key, dataclasses.replace(
+            at, packs=tuple(packs))))
 
     def check_chunks_present(self, chunk_ids: np.ndarray | pa.Array | pa.ChunkedArray | Iterable[bytes],
                              what: str) -> None:
