@@ -205,3 +205,33 @@ def test_without_leaves_a_whole_tree_and_relinks_a_group_whose_first_file_goes()
     rows = {e.path: e.hardlink for e in out.entries()}
     assert rows == {"keep": None, "keep/x": None, "keep/y": "keep/x", "keep/z": None}
     assert [e.path for e in m.without(lambda p: p == "nothing").entries()] == [e.path for e in m.entries()]
+
+
+@pytest.mark.parametrize("at", [0, 1, 4094, 4095, 4096, 9000, 12287])
+@pytest.mark.parametrize("fault, message", [
+    ("twice", "appears twice"),
+    ("sum", "chunks add up to 4 bytes, size says 10"),
+    ("counts", "chunk list and chunk sizes differ in length"),
+])
+def test_validate_finds_a_fault_in_any_slice(monkeypatch: pytest.MonkeyPatch, at: int, fault: str,
+                                             message: str) -> None:
+    """validate decodes a row group a slice at a time (its rows as Python values): a fault is found
+    wherever it lies, also across a slice's edge, and with many-chunk files before it."""
+    import drsync.repository.manifest as mf
+    import drsync.repository.manifest_check as mc
+
+    monkeypatch.setattr(mc, "_SLICE_ROWS", 4096)
+    monkeypatch.setattr(mf, "ROW_GROUP", 8192)
+    rows: list[dict] = [{"path": f"f{i:05}", "size": 6, "chunks": [CID, CID], "chunk_sizes": [2, 4]}
+                        for i in range(12288)]
+    if fault == "twice":
+        rows.insert(at + 1, dict(rows[at]))
+    elif fault == "sum":
+        rows[at] = {"path": rows[at]["path"], "size": 10, "chunk_sizes": [4]}
+    else:
+        rows[at] = {"path": rows[at]["path"], "size": 5, "chunks": [CID, CID], "chunk_sizes": [5]}
+    bad = build(rows)
+    for m in (bad, mf.ManifestFile(bad.to_bytes())):
+        with pytest.raises(IntegrityError, match=message):
+            validate(m)
+    validate(build([r for i, r in enumerate(rows) if i not in (at, at + 1)]))  # the rest is sound
