@@ -194,3 +194,16 @@ def test_a_capture_spools_its_manifest_into_a_file(tmp_path: Path, monkeypatch: 
 
     engine.restore_snapshot(repo, second.id, str(restored), cluster_id="east", release="6.2.1")
     assert contents(restored) == contents(tmp_path / "data")
+
+
+def test_a_closed_spool_lets_go_of_its_bytes_and_refuses_use() -> None:
+    s = Spool()
+    s.write(b"abc")
+    assert s.source() == b"abc"
+    s.close()
+    assert s.closed
+    for use in (s.source, s.getvalue, lambda: list(s.pieces())):
+        with pytest.raises(ValueError, match="closed"):
+            use()
+    with pytest.raises(ValueError, match="closed"):
+        s.write(b"more")

@@ -156,6 +156,7 @@ class Committer:
             # Under the shared lock no GC sweeps between this check and the apply: every chunk is
             # indexed and its pack exists (IntegrityError otherwise; the primary sends them again).
             self.repo.check_chunks_present(manifest.chunk_id_array(), f"snapshot {info.id}")
+            self.repo.reload_index()  # not kept through the guards and the apply: see _apply
             known = {s.id: s for s in self.repo.list_snapshots()}
             # Stored with this repository's next sequence number (arrival order), whatever
             # seq the sender's document carries; a retried commit keeps the stored one.
@@ -677,6 +678,10 @@ class Committer:
                     if self.distcp is not None and manifest.external_count() else None)
         self._in_flight = token
         self._write_pending(info, position)
+        # The whole chunk index (61 bytes a chunk, loaded by the intake and the commit's check) is not
+        # kept through the apply: the apply locates just the chunks it writes (Repository.reader_for), and
+        # the next shipment loads the index again. At 1,000,000 chunks, 60 MiB less at the standby's peak.
+        self.repo.reload_index()
         try:
             result = apply_manifest(
                 manifest, self.repo, self.data_root, what=what, journal=self.store.journal,

@@ -35,6 +35,7 @@ class Spool:
         self._data: bytes | None = None  # an in-memory spool's bytes, once read
         self._file: BinaryIO | None = None
         self._hasher = blake3.blake3()
+        self._closed = False
         self.size = 0  # bytes written
 
     @classmethod
@@ -46,8 +47,8 @@ class Spool:
         return s
 
     def write(self, piece: bytes | bytearray | memoryview) -> None:
-        if self._data is not None:
-            raise ValueError("a spool is written before it is read")
+        if self._data is not None or self._closed:
+            raise ValueError("a spool is written before it is read or closed")
         self._hasher.update(piece)
         self.size += len(piece)
         if self._file is not None:
@@ -63,7 +64,7 @@ class Spool:
     # A spool is a writable file to a writer that wants one (Parquet's: it asks for these three).
     @property
     def closed(self) -> bool:
-        return False
+        return self._closed or (self._file is not None and self._file.closed)
 
     def tell(self) -> int:
         return self.size
@@ -83,6 +84,8 @@ class Spool:
         if self._file is not None:
             self._file.flush()  # ValueError once closed
             raise AssertionError("a file spool has no bytes in memory")
+        if self._closed:
+            raise ValueError("the spool is closed")
         if self._data is None:
             assert self._buf is not None
             self._data = self._buf.getvalue()  # CPython hands the buffer over without a copy
@@ -114,9 +117,12 @@ class Spool:
         return self._bytes() if self._file is None else b"".join(self.pieces())
 
     def close(self) -> None:
-        """Free the temporary file (a reader from :meth:`source` still open fails from now on)."""
+        """Free the temporary file (a reader from :meth:`source` still open fails from now on), or let go
+        of the bytes held in memory (a caller may still hold them)."""
         if self._file is not None:
             self._file.close()
+        else:
+            self._buf, self._data, self._closed = None, None, True
 
     def __enter__(self) -> Spool:
         return self
