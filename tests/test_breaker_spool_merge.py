@@ -5,10 +5,12 @@ own description of the trees (or the bytes written), never against the code unde
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import random
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
@@ -17,6 +19,7 @@ import pytest
 import drsync.repository.manifest as manifest_mod
 import drsync.repository.packs as packs_mod
 import drsync.repository.repo as repo_mod
+import drsync.repository.spool as spool_mod
 from drsync.agent.primary import ship_snapshot
 from drsync.agent.standby import StandbyReceiver
 from drsync.agent.state import StateStore
@@ -24,15 +27,18 @@ from drsync.errors import IntegrityError, RefusedError
 from drsync.guard import changed_files, deletion_guard, removed_files
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet
-from drsync.repository.manifest import Manifest, ManifestFile
+from drsync.repository.manifest import Manifest, ManifestFile, ManifestWriter
 from drsync.repository.manifest_diff import content_changed, diff, same_tree
 from drsync.repository.packs import ChunkLocation
 from drsync.repository.repo import ChunkReader, Repository
+from drsync.repository.snapshots import SnapshotInfo
 from drsync.repository.spool import Spool
 from drsync.storage.memory import MemoryStorage
 from drsync.transport import Caller
+from drsync.transport import grpc as transport
 from tests.test_guard_merge import _ref_changed, _ref_content_changed, _ref_removed
 from tests.test_mass_change import Spec, manifest
+from tests.test_peer_limits import Standby
 from tests.test_snapshot_order import contents, new_repo, snap
 from tests.test_spool import SpoolingLink
 
@@ -493,3 +499,192 @@ def test_the_standby_guards_over_its_applied_snapshot_read_by_row_groups(
         ship_snapshot(primary, gone, link, epoch=1, sender="east-1")
     assert rx.state.applied_snapshot == moved.id
     assert link.spooled_to_file and all(link.spooled_to_file)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_manifests_of_different_row_group_sizes_merge_as_whole_tables(monkeypatch: pytest.MonkeyPatch,
+                                                                     seed: int) -> None:
+    """The two sides written with different row groups (2 and 7 rows) and a loaded table sliced by 3: the
+    pieces of the two sides never line up, the answers still are the reference's."""
+    rnd = random.Random(300 + seed)
+    old = _odd_tree(rnd, rnd.randrange(20, 50))
+    new = _odd_change(rnd, old)
+    monkeypatch.setattr(manifest_mod, "ROW_GROUP", 2)
+    fa = ManifestFile(manifest(old).to_bytes())
+    monkeypatch.setattr(manifest_mod, "ROW_GROUP", 7)
+    fb = ManifestFile(manifest(new).to_bytes())
+    assert fa.num_groups > fb.num_groups > 1
+    monkeypatch.setattr(manifest_mod, "ROW_GROUP", 3)
+    for x, y in ((fa, fb), (fa, manifest(new)), (manifest(old), fb)):
+        _check_all(x, y, old, new)
+        _check_all(y, x, new, old)
+
+
+def test_a_file_spool_writer_makes_the_same_manifest_bytes_as_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manifest_mod, "ROW_GROUP", 5)
+    m = manifest(_odd_tree(random.Random(9), 60))
+    outs = []
+    for limit in (0, 100, 1 << 30):
+        w = ManifestWriter(memory_bytes=limit)
+        for lo in range(0, len(m), 4):
+            w.write(m.table.slice(lo, 4))
+        s = w.finish()
+        assert s.in_memory == (limit == 1 << 30)
+        outs.append((s.getvalue(), s.hexdigest(), s.size))
+        assert Manifest.from_bytes(s.source(), "m", s.size).table.equals(m.table)
+        s.close()
+    assert outs[0] == outs[1] == outs[2]
+    assert outs[0][1] == blake3.blake3(outs[0][0]).hexdigest() and outs[0][0] == m.to_bytes()
+
+
+def test_a_same_size_same_time_rewrite_is_written_by_the_standby(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """content_changed over the applied snapshot read by row groups: a file rewritten with the same size
+    and modification time (only its content digest says so) is written on the standby, in a late row
+    group of the merge."""
+    monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 256)
+    monkeypatch.setattr(manifest_mod, "ROW_GROUP", 3)
+    primary = new_repo(tmp_path / "primary")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(20):
+        (data / f"f{i:02}").write_text(f"file {i:02} one\n")
+        os.utime(data / f"f{i:02}", (1_700_000_000, 1_700_000_000))
+    standby = new_repo(tmp_path / "standby")
+    root = tmp_path / "standby-data"
+    root.mkdir()
+    rx = StandbyReceiver(standby, str(root), StateStore(str(tmp_path / "state")), agent="sb")
+    link = SpoolingLink(rx, limit=128)
+    ship_snapshot(primary, snap(primary, data), link, epoch=1, sender="east-1")
+    assert contents(root) == contents(data)
+    for i in (0, 17):
+        (data / f"f{i:02}").write_text(f"file {i:02} two\n")  # same size
+        os.utime(data / f"f{i:02}", (1_700_000_000, 1_700_000_000))
+    second = snap(primary, data)
+    ship_snapshot(primary, second, link, epoch=1, sender="east-1")
+    assert rx.state.applied_snapshot == second.id
+    assert contents(root) == contents(data)
+    assert (root / "f17").read_text() == "file 17 two\n"
+
+
+def test_readers_of_one_file_spool_in_threads_each_read_it_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manifest_mod, "ROW_GROUP", 4)
+    m = manifest(_odd_tree(random.Random(21), 80))
+    raw = m.to_bytes()
+    s = Spool(memory_bytes=64)
+    for lo in range(0, len(raw), 100):
+        s.write(raw[lo:lo + 100])
+    assert not s.in_memory
+
+    def work(i: int) -> bool:
+        if i % 2:
+            return b"".join(s.pieces(37 + i)) == raw
+        return ManifestFile(s.source(), "m", s.size).read().table.equals(m.table) and \
+            Manifest.from_bytes(s.source(), "m", s.size).table.equals(m.table)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(16)))
+    s.close()
+
+
+def test_a_file_spool_failing_while_streamed_into_storage_leaves_nothing(tmp_path: Path) -> None:
+    """``commit_snapshot`` streams a file spool into storage; the spool failing (closed) aborts the write:
+    no manifest, no temporary object, no snapshot document. The same bytes from an open spool are stored
+    byte for byte."""
+    repo = new_repo(tmp_path / "repo")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(40):
+        (data / f"f{i:02}").write_text(f"file {i}\n")
+    info = snap(repo, data)
+    raw = repo.storage.read(fmt.manifest_name(info.id))
+    other = new_repo(tmp_path / "other")
+    s = Spool(memory_bytes=16)
+    s.write(raw)
+    s.close()
+    with pytest.raises(ValueError):
+        other.commit_snapshot(info, s)
+    assert other.list_snapshots() == [] and not other.storage.exists(fmt.manifest_name(info.id))
+    assert [p for p in (tmp_path / "other").rglob("*") if p.name.startswith(".tmp")] == []
+    with Spool(memory_bytes=16) as s:
+        s.write(raw)
+        other.commit_snapshot(info, s)
+    assert other.storage.read(fmt.manifest_name(info.id)) == raw
+    assert other.load_manifest(other.find_snapshot(info.id)).table.equals(repo.load_manifest(info).table)
+
+
+def test_a_large_unsorted_index_file_of_clashing_ids_is_located_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One index file of 5,000 rows out of id order (more than the sorted-query threshold), most ids sharing
+    their first 8 bytes with others and some only differing in trailing NULs, some listed twice (the first
+    location wins, as the whole index has it), in row groups of 700: each wanted id at its location."""
+    monkeypatch.setattr(packs_mod, "INDEX_ROW_GROUP", 700)
+    rnd = random.Random(5)
+    storage = MemoryStorage()
+    Repository.init(storage, cluster_id="east", release="1")
+    heads = [b"\0" * 8, b"\x01" * 8, b"\xff" * 7 + b"\0"]
+    ids: set[bytes] = set()
+    while len(ids) < 5000:
+        tail = rnd.randbytes(rnd.randint(0, 24)).ljust(24, b"\0")
+        ids.add(rnd.choice(heads) + tail)
+    order = list(ids)
+    rnd.shuffle(order)
+    packs = [rnd.randbytes(16).hex() for _ in range(4)]
+    rows = [(cid, ChunkLocation(packs[i % 4], 8 + i, 3, 3, fmt.ENC_RAW)) for i, cid in enumerate(order)]
+    twice = order[:50]
+    rows += [(cid, ChunkLocation(packs[0], 10**9 + i, 3, 3, fmt.ENC_RAW)) for i, cid in enumerate(twice)]
+    packs_mod.write_index(storage, f"{fmt.INDEX_DIR}{1:032x}.parquet", rows)
+    first = {}
+    for cid, where in rows:
+        first.setdefault(cid, where)
+    wanted = sorted(rnd.sample(order, 2500) + twice[:10])
+    fresh = Repository.open(storage)
+    reader = fresh.reader_for(IdSet.of(wanted))
+    assert isinstance(reader, ChunkReader)
+    whole = Repository.open(storage).index
+    for cid in wanted:
+        assert reader.index.get(cid) == first[cid] == whole.get(cid)
+    missing = next(h + b"\x02" * 24 for h in heads if h + b"\x02" * 24 not in ids)
+    assert fresh.reader_for(IdSet.of([*wanted, missing])) is None
+
+
+def test_a_shipment_over_real_grpc_through_file_spools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real gRPC server gathers the Commit into a spool past its (shrunk) memory: a shipment is stored
+    byte for byte and applied; a commit of the next snapshot missing its last piece, or with one byte
+    flipped, is refused (IntegrityError) and nothing of it is stored or applied."""
+    monkeypatch.setattr(spool_mod, "SPOOL_MEMORY_BYTES", 200)
+    monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 300)
+    primary = new_repo(tmp_path / "primary")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(60):
+        (data / f"f{i:02}").write_text(f"file {i}\n")
+    (tmp_path / "sb").mkdir()
+    standby = Standby(tmp_path / "sb")
+    link = transport.GrpcStandbyLink(standby.addr, sender="east-1")
+    try:
+        first = snap(primary, data)
+        ship_snapshot(primary, first, link, epoch=1, sender="east-1")
+        assert standby.repo.storage.read(fmt.manifest_name(first.id)) == primary.storage.read(
+            fmt.manifest_name(first.id))
+        assert contents(tmp_path / "sb" / "data") == contents(data)
+        (data / "f07").write_text("seven, again\n")
+        second = snap(primary, data)
+        raw = primary.storage.read(fmt.manifest_name(second.id))
+        assert len(raw) > 1000
+        doc = primary.storage.read(fmt.snapshot_name(second.id))
+        doc = dataclasses.replace(SnapshotInfo.from_bytes(doc, "d"), seq=0).to_bytes()
+        pieces = [raw[lo:lo + 256] for lo in range(0, len(raw), 256)]
+        flipped = bytearray(raw)
+        flipped[len(raw) // 2] ^= 1
+        for bad in (pieces[:-1], [bytes(flipped)]):
+            with pytest.raises(IntegrityError):
+                link.commit(1, "east-1", doc, iter(bad))
+            assert not standby.repo.storage.exists(fmt.manifest_name(second.id))
+            assert standby.rx.state.applied_snapshot == first.id
+        assert contents(tmp_path / "sb" / "data") != contents(data)
+        ship_snapshot(primary, second, link, epoch=1, sender="east-1")
+        assert standby.repo.storage.read(fmt.manifest_name(second.id)) == raw
+        assert contents(tmp_path / "sb" / "data") == contents(data)
+    finally:
+        link.close()
+        standby.close()
