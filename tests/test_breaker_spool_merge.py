@@ -14,12 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import drsync.repository.manifest as manifest_mod
 import drsync.repository.packs as packs_mod
 import drsync.repository.repo as repo_mod
 import drsync.repository.spool as spool_mod
+from drsync import backup
 from drsync.agent.primary import ship_snapshot
 from drsync.agent.standby import StandbyReceiver
 from drsync.agent.state import StateStore
@@ -27,7 +30,7 @@ from drsync.errors import IntegrityError, RefusedError
 from drsync.guard import changed_files, deletion_guard, removed_files
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet
-from drsync.repository.manifest import Manifest, ManifestFile, ManifestWriter
+from drsync.repository.manifest import SCHEMA_V1, Manifest, ManifestFile, ManifestWriter
 from drsync.repository.manifest_diff import content_changed, diff, same_tree
 from drsync.repository.packs import ChunkLocation
 from drsync.repository.repo import ChunkReader, Repository
@@ -688,3 +691,68 @@ def test_a_shipment_over_real_grpc_through_file_spools(tmp_path: Path, monkeypat
     finally:
         link.close()
         standby.close()
+
+
+@pytest.mark.parametrize("mode", ["full", "light", "dataless"])
+def test_backups_of_a_manifest_read_into_a_file_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      mode: str) -> None:
+    """Each backup mode from a manifest past the ranged-read threshold: the backup's manifest is what its
+    document's hash says, and (full, light) the backup restores the tree (less the light backup's globs)."""
+    monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 300)
+    monkeypatch.setattr(spool_mod, "SPOOL_MEMORY_BYTES", 300)
+    repo = new_repo(tmp_path / "repo")
+    data = tmp_path / "data"
+    (data / "bulk").mkdir(parents=True)
+    for i in range(40):
+        (data / f"f{i:02}").write_text(f"file {i}\n")
+        (data / "bulk" / f"b{i:02}").write_text(f"bulk {i}\n" * 50)
+    info = snap(repo, data)
+    made = backup.create_backup(repo, info.id, str(tmp_path / "backups"), mode=mode,
+                                light_exclude=("bulk",) if mode == "light" else ())
+    stored = (Path(made.path) / fmt.manifest_name(info.id)).read_bytes()
+    doc = SnapshotInfo.from_bytes((Path(made.path) / fmt.snapshot_name(info.id)).read_bytes(), "d")
+    assert blake3.blake3(stored).hexdigest() == doc.manifest_hash
+    want = contents(data)
+    if mode == "full":
+        assert stored == repo.storage.read(fmt.manifest_name(info.id))
+    if mode == "light":
+        want = {k: v for k, v in want.items() if not k.startswith("bulk")}
+        assert not any(p.startswith(b"bulk") for p in Manifest.from_bytes(stored).table.column("path").to_pylist())
+    if mode != "dataless":
+        assert backup.verify_backup(made.path).ok
+        backup.restore_backup(made.path, str(tmp_path / "out"))
+        assert contents(tmp_path / "out") == want
+
+
+def _v1_bytes(m: Manifest, row_group: int) -> bytes:
+    old = pa.table({
+        "path": pa.array(m.pycolumn("path"), pa.string()), "type": m.table.column("type"),
+        "mode": m.table.column("mode"), "uid": m.table.column("uid"), "gid": m.table.column("gid"),
+        "size": m.table.column("size"), "mtime_ns": pa.array(m.pycolumn("mtime_ns"), pa.int64()),
+        "ctime_ns": m.table.column("ctime_ns"), "inode": m.table.column("inode"),
+        "target": pa.array(m.pycolumn("target"), pa.string()), "content": m.table.column("content"),
+        "chunks": m.table.column("chunks"), "chunk_sizes": m.table.column("chunk_sizes"),
+    }, schema=SCHEMA_V1.with_metadata({b"drsync.format": b"1"}))
+    buf = pa.BufferOutputStream()
+    pq.write_table(old, buf, row_group_size=row_group)
+    return buf.getvalue().to_pybytes()
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_version_1_applied_manifest_merges_as_the_reference_says(monkeypatch: pytest.MonkeyPatch,
+                                                                   seed: int) -> None:
+    """An applied snapshot stored by drsync before version 2 (UTF-8 paths, row groups of 3): read and
+    upgraded a row group at a time, merged with a version-2 manifest of another row-group size."""
+    monkeypatch.setattr(manifest_mod, "ROW_GROUP", 4)
+    rnd = random.Random(500 + seed)
+    old: dict[str, Spec] = {}
+    for i in range(40):
+        name = rnd.choice(["a", "é", "z", "a-b", "a b"]) + f"{i:02}"
+        old[name] = (("symlink", "t") if i % 9 == 0 else ("external", f"x{i % 4}") if i % 7 == 0
+                     else f"c{rnd.randrange(6)}")
+    new = _odd_change(rnd, old)
+    v1 = ManifestFile(_v1_bytes(manifest(old), 3))
+    assert v1.num_groups > 5
+    for y in (manifest(new), ManifestFile(manifest(new).to_bytes())):
+        _check_all(v1, y, old, new)
+        _check_all(y, v1, new, old)
