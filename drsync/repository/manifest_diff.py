@@ -164,6 +164,11 @@ def fold_aligned(old: Manifest | ManifestFile, new: Manifest | ManifestFile, col
         for a, b in aligned(old, new, columns):
             out.append(step(a, b))
             if stop is not None and stop(out[-1]):
+                # A later piece out of order would mean this step was misaligned (a path it saw on one
+                # side only may be further on in the other): stop early only over two sorted manifests.
+                for m in (old, new):
+                    for _ in _sorted_pieces(m, ["path"]):
+                        pass
                 break
     except _Unsorted:
         whole = [m if isinstance(m, Manifest) else m.read() for m in (old, new)]

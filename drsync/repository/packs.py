@@ -411,7 +411,8 @@ def iter_index_file(data: bytes | pa.NativeFile, name: str, batch_rows: int = IN
             table = pa.Table.from_batches([batch])
             _check_index_rows(table, name)
             yield IndexRows.from_table(table)
-    except (pa.ArrowInvalid, OSError, KeyError, ValueError) as e:  # KeyError: a file without the pack column
+    # KeyError: a file without the pack column; IndexError: a damaged dictionary index of the pack column
+    except (pa.ArrowInvalid, OSError, KeyError, ValueError, IndexError) as e:
         raise IntegrityError(f"index file {name} is damaged: {e!s}; run 'drsync repo verify'") from None
 
 

@@ -34,6 +34,7 @@ class Spool:
         self._buf: io.BytesIO | None = io.BytesIO()
         self._data: bytes | None = None  # an in-memory spool's bytes, once read
         self._file: BinaryIO | None = None
+        self._read = False  # a file spool read from (source, pieces): written no more, as an in-memory one
         self._hasher = blake3.blake3()
         self._closed = False
         self.size = 0  # bytes written
@@ -47,7 +48,7 @@ class Spool:
         return s
 
     def write(self, piece: bytes | bytearray | memoryview) -> None:
-        if self._data is not None or self._closed:
+        if self._data is not None or self._read or self._closed:
             raise ValueError("a spool is written before it is read or closed")
         self._hasher.update(piece)
         self.size += len(piece)
@@ -99,6 +100,7 @@ class Spool:
         if self._file is None:
             return self._bytes()
         self._file.flush()  # ValueError once closed
+        self._read = True
         return pa.PythonFile(_PositionalReader(self._file, self.size), mode="r")
 
     def pieces(self, size: int = 1 << 20) -> Iterator[bytes]:
@@ -109,6 +111,7 @@ class Spool:
                 yield data[lo:lo + size]
             return
         self._file.flush()
+        self._read = True
         for lo in range(0, max(1, self.size), size):
             yield os.pread(self._file.fileno(), min(size, self.size - lo), lo)
 
