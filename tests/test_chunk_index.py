@@ -289,3 +289,36 @@ def test_a_part_of_the_index_locates_chunks_across_index_files_without_loading_i
         reader.read_chunk(other)
     assert fresh.reader_for(IdSet.of([*id_list(wanted.ids), b"\x01" * 32])) is None
     assert fresh.reader_for(IdSet.of(sorted(data))) is not None
+
+
+def test_the_presence_check_works_a_slice_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check_chunks_present`` locates a slice of ids at a time (a manifest's chunk column, repeats and
+    several Arrow chunks included): a missing id in any slice is named once however often it repeats,
+    and a pack named by any slice that is gone is found."""
+    import drsync.repository.repo as repo_mod
+    from drsync.repository import chunks
+
+    monkeypatch.setattr(repo_mod, "_CHECK_SLICE", 3)
+    storage = MemoryStorage()
+    repo = Repository.init(storage, cluster_id="east", release="1")
+    rnd = random.Random(3)
+    made: list[bytes] = []
+    for _ in range(3):  # three packs
+        w = repo.chunk_writer()
+        for _ in range(5):
+            d = rnd.randbytes(100)
+            made.append(chunks.chunk_id(d))
+            w.add(made[-1], d)
+        w.flush()
+    arr = pa.array(made, pa.binary(32))
+    column = pa.chunked_array([arr.slice(0, 7), arr.slice(7), arr.slice(2, 4)])  # repeats, three chunks
+    repo.check_chunks_present(column, "snapshot x")
+    absent = b"\x07" * 32
+    bad = pa.chunked_array([arr.slice(0, 7), pa.array([absent, made[0], absent], pa.binary(32)), arr.slice(7)])
+    with pytest.raises(IntegrityError, match=f"names 1 chunk.*first {absent.hex()[:16]}"):
+        repo.check_chunks_present(bad, "snapshot x")
+    last_pack = repo.index.get(made[-1]).pack_id  # type: ignore[union-attr]
+    storage.delete(fmt.pack_name(last_pack))
+    with pytest.raises(IntegrityError, match="pack\\(s\\) that are gone"):
+        repo.check_chunks_present(column, "snapshot x")
+    repo.check_chunks_present(arr.slice(0, 10), "snapshot x")  # the first two packs only

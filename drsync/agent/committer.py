@@ -155,7 +155,7 @@ class Committer:
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S) as lock:
             # Under the shared lock no GC sweeps between this check and the apply: every chunk is
             # indexed and its pack exists (IntegrityError otherwise; the primary sends them again).
-            self.repo.check_chunks_present(manifest.chunk_id_array(), f"snapshot {info.id}")
+            self.repo.check_chunks_present(manifest.chunk_id_column(), f"snapshot {info.id}")
             self.repo.reload_index()  # not kept through the guards and the apply: see _apply
             known = {s.id: s for s in self.repo.list_snapshots()}
             # Stored with this repository's next sequence number (arrival order), whatever

@@ -397,6 +397,11 @@ class Manifest:
         """Every chunk id the manifest names, each once, as a sorted :class:`IdSet` (40 bytes an id)."""
         return IdSet.of(pc.list_flatten(self.table.column("chunks")))
 
+    def chunk_id_column(self) -> pa.ChunkedArray:
+        """Every chunk id the manifest names, in row order with repeats: the ``chunks`` column flattened,
+        its own buffers (no copy; ``fixed_size_binary(32)``)."""
+        return pc.list_flatten(self.table.column("chunks"))
+
     def chunk_id_array(self) -> np.ndarray:
         """Every chunk id the manifest names, each once, sorted: a ``(U,)`` ``'S32'`` array."""
         return self.chunk_id_set().ids

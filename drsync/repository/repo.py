@@ -27,7 +27,7 @@ from drsync import faults
 from drsync.errors import IntegrityError, NotFound, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
-from drsync.repository.ids import IdSet, id_at, id_key, ids_array, locate, sort_unique
+from drsync.repository.ids import IdSet, id_at, id_key, ids_array, locate, sort_unique, unique_sorted
 from drsync.repository.lock import DEFAULT_WAIT_S, RepositoryLock
 from drsync.repository.manifest import Manifest, ManifestFile, column_groups
 from drsync.repository.manifest_check import validate
@@ -47,6 +47,8 @@ from drsync.storage import ObjectMissing, RangeReader, Storage, StoredObject, re
 
 log = logging.getLogger("drsync.repository")
 
+# Chunk ids located at a time by check_chunks_present.
+_CHECK_SLICE = 65536
 # A manifest larger than this is hashed and decoded by ranges instead of read whole (bytes).
 RANGED_MANIFEST_BYTES = 16 << 20
 
@@ -561,18 +563,32 @@ class Repository:
                              what: str) -> None:
         """IntegrityError unless every chunk is indexed and its pack exists (one listing of ``packs/``).
 
-        ``chunk_ids``: any form :func:`drsync.repository.ids.ids_array` takes (at scale, an array such
-        as :meth:`Manifest.chunk_id_array`). ``what`` names the thing needing them in the message
+        ``chunk_ids``: any form :func:`drsync.repository.ids.ids_array` takes, repeats allowed (at scale,
+        :meth:`Manifest.chunk_id_column`: no copy). ``what`` names the thing needing them in the message
         (e.g. ``"snapshot 1a2b"``).
         """
-        ids = ids_array(chunk_ids)
-        found, rows = self.index.locate_many(ids)
-        missing = np.flatnonzero(~found)
-        if len(missing):
+        # Located a slice at a time, keeping only the packs named and the ids missing: at 1,000,000 chunks
+        # the whole located table (53 bytes a chunk) is never made, nor (from an Arrow column) a copy of the ids.
+        pieces = (chunk_ids.chunks if isinstance(chunk_ids, pa.ChunkedArray) else
+                  [chunk_ids if isinstance(chunk_ids, np.ndarray | pa.Array) else ids_array(chunk_ids)])
+        index = self.index
+        numbers: set[int] = set()
+        names: tuple[str, ...] = ()
+        missing: list[np.ndarray] = []
+        for piece in pieces:
+            ids = ids_array(piece)
+            for lo in range(0, len(ids), _CHECK_SLICE):
+                found, rows = index.locate_many(ids[lo:lo + _CHECK_SLICE])
+                if not found.all():
+                    missing.append(ids[lo:lo + _CHECK_SLICE][~found])
+                numbers.update(np.unique(rows.pack).tolist())
+                names = rows.packs
+        if missing:
+            gone_ids = unique_sorted(np.concatenate(missing))
             raise IntegrityError(
-                f"{what} names {len(missing)} chunk(s) this repository does not hold (first "
-                f"{id_at(ids, int(missing[0])).hex()[:16]}); nothing was committed: the sender must send them again")
-        packs = {fmt.pack_name(p) for p in rows.pack_names()}
+                f"{what} names {len(gone_ids)} chunk(s) this repository does not hold (first "
+                f"{id_at(gone_ids, 0).hex()[:16]}); nothing was committed: the sender must send them again")
+        packs = {fmt.pack_name(names[n]) for n in numbers}
         if packs:
             present = {o.name for o in self.storage.list(fmt.PACKS_DIR)}
             gone = packs - present
@@ -762,7 +778,7 @@ class Repository:
                 if manifest is None:
                     spool = manifest_bytes if isinstance(manifest_bytes, Spool) else Spool.of(manifest_bytes)
                     manifest = Manifest.from_bytes(spool.source(), f"manifest of snapshot {info.id}", spool.size)
-                self.check_chunks_present(manifest.chunk_id_array(), f"snapshot {info.id}")
+                self.check_chunks_present(manifest.chunk_id_column(), f"snapshot {info.id}")
             self._store_manifest(info, manifest_bytes)
             with _COMMIT_LOCK:
                 seq = 1 + max((s.seq for s in self.list_snapshots()), default=0)
