@@ -15,8 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import drsync.repository.manifest as manifest_mod
@@ -31,7 +29,7 @@ from drsync.errors import DrsyncError, IntegrityError, RefusedError
 from drsync.guard import changed_files, deletion_guard, removed_files
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet
-from drsync.repository.manifest import SCHEMA_V1, Manifest, ManifestFile, ManifestWriter
+from drsync.repository.manifest import Manifest, ManifestFile, ManifestWriter
 from drsync.repository.manifest_diff import content_changed, diff, same_tree
 from drsync.repository.packs import ChunkLocation
 from drsync.repository.repo import ChunkReader, Repository
@@ -41,6 +39,7 @@ from drsync.storage.local import LocalStorage
 from drsync.storage.memory import MemoryStorage
 from drsync.transport import Caller
 from drsync.transport import grpc as transport
+from tests.test_capture_any_tree import v1_bytes
 from tests.test_guard_merge import _ref_changed, _ref_content_changed, _ref_removed
 from tests.test_mass_change import Spec, manifest
 from tests.test_peer_limits import Standby
@@ -53,6 +52,21 @@ from tests.test_spool import SpoolingLink
 # byte below '/', undecodable bytes, multi-byte UTF-8, spaces.
 _ODD = [b"a", b"a-b", b"a\x01", b"a.b", b"\xff", b"\xc3\xa9", b"\x7f", b"Z", b"a b", b"\xe2\x80\x8b", b"0"]
 
+
+
+def _small_tree(data: Path, files: int) -> None:
+    data.mkdir()
+    for i in range(files):
+        (data / f"f{i:03}").write_text(f"file {i}\n" + "y" * i)
+
+
+def _snapped(repo_dir: Path, data: Path, files: int) -> tuple[Repository, Path, SnapshotInfo, bytes]:
+    """A repository at ``repo_dir`` holding one snapshot of ``files`` small files made in ``data``:
+    (repository, data, snapshot, its stored manifest bytes)."""
+    repo = new_repo(repo_dir)
+    _small_tree(data, files)
+    info = snap(repo, data)
+    return repo, data, info, repo.storage.read(fmt.manifest_name(info.id))
 
 def _name(rnd: random.Random) -> str:
     return os.fsdecode(rnd.choice(_ODD) + rnd.choice(_ODD))
@@ -343,13 +357,7 @@ def test_a_commit_from_a_closed_file_spool_stores_nothing(tmp_path: Path, monkey
     """A spool closed before its commit (its temporary file gone) is refused; no manifest, no partial object,
     no snapshot on the standby. The same manifest then commits from an open spool, stored byte for byte."""
     monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 256)
-    primary = new_repo(tmp_path / "primary")
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(120):
-        (data / f"f{i:03}").write_text(f"file {i}\n")
-    info = snap(primary, data)
-    raw = primary.storage.read(fmt.manifest_name(info.id))
+    primary, data, info, raw = _snapped(tmp_path / "primary", tmp_path / "data", 120)
     standby, rx, root = _receiver(tmp_path)
     ship_snapshot(primary, info, SpoolingLink(rx, limit=100), epoch=1, sender="east-1")  # chunks and commit
     assert standby.storage.read(fmt.manifest_name(info.id)) == raw
@@ -454,13 +462,7 @@ def test_a_damaged_index_file_makes_the_part_of_the_index_decline_never_fail_oth
 @pytest.mark.parametrize("delta", [-1, 0, 1])
 def test_a_manifest_at_the_ranged_read_threshold_loads_whole_and_right(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delta: int) -> None:
-    repo = new_repo(tmp_path / "repo")
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(30):
-        (data / f"f{i:02}").write_bytes(b"y" * i)
-    info = snap(repo, data)
-    raw = repo.storage.read(fmt.manifest_name(info.id))
+    repo, _, info, raw = _snapped(tmp_path / "repo", tmp_path / "data", 30)
     monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", len(raw) + delta)
     before = _fds()
     with repo.manifest_spool(info) as s:
@@ -596,13 +598,7 @@ def test_a_file_spool_failing_while_streamed_into_storage_leaves_nothing(tmp_pat
     """``commit_snapshot`` streams a file spool into storage; the spool failing (closed) aborts the write:
     no manifest, no temporary object, no snapshot document. The same bytes from an open spool are stored
     byte for byte."""
-    repo = new_repo(tmp_path / "repo")
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(40):
-        (data / f"f{i:02}").write_text(f"file {i}\n")
-    info = snap(repo, data)
-    raw = repo.storage.read(fmt.manifest_name(info.id))
+    repo, _, info, raw = _snapped(tmp_path / "repo", tmp_path / "data", 40)
     other = new_repo(tmp_path / "other")
     s = Spool(memory_bytes=16)
     s.write(raw)
@@ -660,9 +656,7 @@ def test_a_shipment_over_real_grpc_through_file_spools(tmp_path: Path, monkeypat
     monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 300)
     primary = new_repo(tmp_path / "primary")
     data = tmp_path / "data"
-    data.mkdir()
-    for i in range(60):
-        (data / f"f{i:02}").write_text(f"file {i}\n")
+    _small_tree(data, 60)
     (tmp_path / "sb").mkdir()
     standby = Standby(tmp_path / "sb")
     link = transport.GrpcStandbyLink(standby.addr, sender="east-1")
@@ -726,18 +720,6 @@ def test_backups_of_a_manifest_read_into_a_file_spool(tmp_path: Path, monkeypatc
         assert contents(tmp_path / "out") == want
 
 
-def _v1_bytes(m: Manifest, row_group: int) -> bytes:
-    old = pa.table({
-        "path": pa.array(m.pycolumn("path"), pa.string()), "type": m.table.column("type"),
-        "mode": m.table.column("mode"), "uid": m.table.column("uid"), "gid": m.table.column("gid"),
-        "size": m.table.column("size"), "mtime_ns": pa.array(m.pycolumn("mtime_ns"), pa.int64()),
-        "ctime_ns": m.table.column("ctime_ns"), "inode": m.table.column("inode"),
-        "target": pa.array(m.pycolumn("target"), pa.string()), "content": m.table.column("content"),
-        "chunks": m.table.column("chunks"), "chunk_sizes": m.table.column("chunk_sizes"),
-    }, schema=SCHEMA_V1.with_metadata({b"drsync.format": b"1"}))
-    buf = pa.BufferOutputStream()
-    pq.write_table(old, buf, row_group_size=row_group)
-    return buf.getvalue().to_pybytes()
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -753,7 +735,7 @@ def test_a_version_1_applied_manifest_merges_as_the_reference_says(monkeypatch: 
         old[name] = (("symlink", "t") if i % 9 == 0 else ("external", f"x{i % 4}") if i % 7 == 0
                      else f"c{rnd.randrange(6)}")
     new = _odd_change(rnd, old)
-    v1 = ManifestFile(_v1_bytes(manifest(old), 3))
+    v1 = ManifestFile(v1_bytes(manifest(old), 3))
     assert v1.num_groups > 5
     for y in (manifest(new), ManifestFile(manifest(new).to_bytes())):
         _check_all(v1, y, old, new)

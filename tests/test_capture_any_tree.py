@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
@@ -312,7 +313,6 @@ def test_any_names_modes_and_times_round_trip_through_backup(tmp_path_factory: p
 def test_a_version_1_manifest_still_restores(tmp_path: Path) -> None:
     """The upgrade path: snapshots written by drsync before format 2 stay readable."""
     import blake3
-    import pyarrow.parquet as pq
 
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
@@ -322,17 +322,7 @@ def test_a_version_1_manifest_still_restores(tmp_path: Path) -> None:
     snap = run_drsync("snapshot", "create", "--repo", repo, "--source", src, "--json").json()["id"]
     r = Repository.open(LocalStorage(repo))
     m = r.load_manifest(r.find_snapshot(snap))
-    old = pa.table({
-        "path": pa.array(m.pycolumn("path"), pa.string()), "type": m.table.column("type"),
-        "mode": m.table.column("mode"), "uid": m.table.column("uid"), "gid": m.table.column("gid"),
-        "size": m.table.column("size"), "mtime_ns": pa.array(m.pycolumn("mtime_ns"), pa.int64()),
-        "ctime_ns": m.table.column("ctime_ns"), "inode": m.table.column("inode"),
-        "target": pa.array(m.pycolumn("target"), pa.string()), "content": m.table.column("content"),
-        "chunks": m.table.column("chunks"), "chunk_sizes": m.table.column("chunk_sizes"),
-    }, schema=SCHEMA_V1.with_metadata({b"drsync.format": b"1"}))
-    buf = pa.BufferOutputStream()
-    pq.write_table(old, buf)
-    data = buf.getvalue().to_pybytes()
+    data = v1_bytes(m)
     Path(repo, "manifests", f"{snap}.parquet").write_bytes(data)
     doc_path = Path(repo, "snapshots", f"{snap}.json")
     doc = json.loads(doc_path.read_bytes())
@@ -451,3 +441,19 @@ def test_unreadable_paths_on_production_never_delete_the_standbys_copies(open_tm
         sproc.wait(timeout=30 * SLOW)
         for name in ("primary.log", "standby.log"):  # shown when the test fails
             print(f"--- {name}\n" + (base / name).read_text(errors="replace")[-3000:])
+
+
+def v1_bytes(m: Manifest, row_group: int | None = None) -> bytes:
+    """``m`` written in manifest format 1 (a release before hard links and split times), as an older
+    drsync stored it."""
+    old = pa.table({
+        "path": pa.array(m.pycolumn("path"), pa.string()), "type": m.table.column("type"),
+        "mode": m.table.column("mode"), "uid": m.table.column("uid"), "gid": m.table.column("gid"),
+        "size": m.table.column("size"), "mtime_ns": pa.array(m.pycolumn("mtime_ns"), pa.int64()),
+        "ctime_ns": m.table.column("ctime_ns"), "inode": m.table.column("inode"),
+        "target": pa.array(m.pycolumn("target"), pa.string()), "content": m.table.column("content"),
+        "chunks": m.table.column("chunks"), "chunk_sizes": m.table.column("chunk_sizes"),
+    }, schema=SCHEMA_V1.with_metadata({b"drsync.format": b"1"}))
+    buf = pa.BufferOutputStream()
+    pq.write_table(old, buf, row_group_size=row_group)
+    return buf.getvalue().to_pybytes()

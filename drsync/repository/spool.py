@@ -20,6 +20,8 @@ from typing import BinaryIO
 import blake3
 import pyarrow as pa
 
+from drsync.storage import OffsetReader
+
 # Bytes a spool keeps in memory; a larger one moves to a temporary file ($TMPDIR) as it grows.
 SPOOL_MEMORY_BYTES = 16 << 20
 
@@ -101,7 +103,9 @@ class Spool:
             return self._bytes()
         self._file.flush()  # ValueError once closed
         self._read = True
-        return pa.PythonFile(_PositionalReader(self._file, self.size), mode="r")
+        file = self._file  # kept by the reader: the file lives as long as a reader does, and a closed one
+        # fails (fileno raises) rather than reading whatever file reused its descriptor number
+        return pa.PythonFile(OffsetReader(self.size, lambda at, n: os.pread(file.fileno(), n, at)), mode="r")
 
     def pieces(self, size: int = 1 << 20) -> Iterator[bytes]:
         """The bytes in pieces of at most ``size`` (one empty piece for an empty spool)."""
@@ -132,36 +136,3 @@ class Spool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _PositionalReader(io.RawIOBase):
-    """A read-only view of an open file by ``os.pread``: its own position, the file's left alone. It
-    keeps the file object (so the file lives as long as a reader), and reads through it (a closed
-    file fails, never a descriptor number reused by another file)."""
-
-    def __init__(self, file: BinaryIO, size: int) -> None:
-        super().__init__()
-        self.file, self.size, self.pos = file, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = base + offset
-        return self.pos
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = max(0, min(len(b), self.size - self.pos))
-        if not n:
-            return 0
-        data = os.pread(self.file.fileno(), n, self.pos)
-        b[:len(data)] = data
-        self.pos += len(data)
-        return len(data)

@@ -15,7 +15,7 @@ also models crashes). All pass ``tests/test_storage_conformance.py``.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -86,14 +86,14 @@ def read_bounded(storage: Storage, name: str, limit: int, what: str) -> bytes:
     return data
 
 
-class RangeReader(io.RawIOBase):
-    """A stored object as a seekable, read-only file read by :meth:`Storage.read_range`: a reader
-    that needs parts of a large object (Parquet's footer, then some column chunks) holds only
-    those. ``size``: the object's size (from :meth:`Storage.list`)."""
+class OffsetReader(io.RawIOBase):
+    """A seekable, read-only file of ``size`` bytes whose reads go to ``read_at(offset, length)``, with
+    a position of its own: a Parquet reader's file over a stored object (:class:`RangeReader`) or over
+    a local file read by ``os.pread``."""
 
-    def __init__(self, storage: Storage, name: str, size: int) -> None:
+    def __init__(self, size: int, read_at: Callable[[int, int], bytes]) -> None:
         super().__init__()
-        self.storage, self.name, self.size, self.pos = storage, name, size, 0
+        self.size, self.pos, self._read_at = size, 0, read_at
 
     def readable(self) -> bool:
         return True
@@ -113,10 +113,20 @@ class RangeReader(io.RawIOBase):
         n = max(0, min(len(b), self.size - self.pos))
         if not n:
             return 0
-        data = self.storage.read_range(self.name, self.pos, n)
+        data = self._read_at(self.pos, n)
         b[:len(data)] = data
         self.pos += len(data)
         return len(data)
+
+
+class RangeReader(OffsetReader):
+    """A stored object as a seekable, read-only file read by :meth:`Storage.read_range`: a reader
+    that needs parts of a large object (Parquet's footer, then some column chunks) holds only
+    those. ``size``: the object's size (from :meth:`Storage.list`)."""
+
+    def __init__(self, storage: Storage, name: str, size: int) -> None:
+        super().__init__(size, lambda offset, length: storage.read_range(name, offset, length))
+        self.storage, self.name = storage, name
 
 
 def check_name(name: str) -> str:
