@@ -688,7 +688,7 @@ def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, ro
     if not len(rows) and not more:
         return source
     col = manifest.table.column("chunks")  # every row (a new target): flattened without a copy of the column
-    ids = pc.list_flatten(col if len(rows) == len(manifest) else col.take(pa.array(rows, pa.int64())))
+    ids = pc.list_flatten(col if len(rows) == len(manifest) else _take_sorted(col, rows))
     wanted = IdSet.of(pa.chunked_array([*ids.chunks, pa.array(list(more), ids.type)], ids.type)
                       if more else ids)
     narrowed = getattr(source, "reader_for", None)
@@ -713,6 +713,19 @@ def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, ro
             raise IntegrityError(f"{what}: {printable(paths[0]) if paths else '?'}: chunk {cid.hex()[:16]} is missing "
                                  f"from the repository; nothing was changed")
     return source
+
+
+def _take_sorted(col: pa.ChunkedArray, rows: np.ndarray) -> pa.ChunkedArray:
+    """``col.take(rows)`` for ascending ``rows``, taken chunk by chunk: ``ChunkedArray.take`` joins the
+    chunks first, a copy of the whole column (35 MiB of chunk ids at 1,000,000 files for a 1 % delta)."""
+    parts: list[pa.Array] = []
+    start = 0
+    for chunk in col.chunks:
+        lo, hi = np.searchsorted(rows, [start, start + len(chunk)])
+        if hi > lo:
+            parts.append(chunk.take(pa.array(rows[lo:hi] - start, pa.int64())))
+        start += len(chunk)
+    return pa.chunked_array(parts, col.type)
 
 
 def _full(manifest: Manifest, items: list[tuple[int, Entry]]) -> list[tuple[int, Entry]]:

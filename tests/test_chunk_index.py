@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import random
 import threading
@@ -322,3 +323,20 @@ def test_the_presence_check_works_a_slice_at_a_time(monkeypatch: pytest.MonkeyPa
     with pytest.raises(IntegrityError, match="pack\\(s\\) that are gone"):
         repo.check_chunks_present(column, "snapshot x")
     repo.check_chunks_present(arr.slice(0, 10), "snapshot x")  # the first two packs only
+
+
+def test_the_chunks_of_some_rows_are_taken_chunk_by_chunk() -> None:
+    """An apply's presence check takes the chunk lists of the rows it writes from each Arrow chunk of the
+    column (``ChunkedArray.take`` would join them first): same lists as the plain take, any cuts."""
+    from drsync.apply import _take_sorted
+
+    rnd = np.random.default_rng(1)
+    for _ in range(300):
+        n = int(rnd.integers(0, 40))
+        arr = pa.array([[bytes([i % 256]) * 32] * int(rnd.integers(0, 3)) for i in range(n)],
+                       pa.list_(pa.binary(32)))
+        bounds = [0, *sorted({int(x) for x in rnd.integers(0, n + 1, size=3)}), n]
+        col = pa.chunked_array([arr.slice(a, b - a) for a, b in itertools.pairwise(bounds)], arr.type)
+        rows = np.unique(rnd.integers(0, max(n, 1), size=int(rnd.integers(0, n + 1)))) if n else np.zeros(0, int)
+        want = col.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
+        assert _take_sorted(col, rows).to_pylist() == want
