@@ -142,7 +142,7 @@ def _prepare(repo: Repository, info: SnapshotInfo, mode: str, light_exclude: tup
     (a manifest of 1,000,000 files is about 160 MiB as a table); a light one is filtered whole. Raises
     UsageError for a snapshot whose bytes are not all in the repository (captured for DistCp)."""
     stored = repo.manifest_spool(info)
-    manifest: Manifest | ManifestFile = ManifestFile(stored.source(), f"manifest of snapshot {info.id}", stored.size)
+    manifest: Manifest | ManifestFile = ManifestFile(stored, f"manifest of snapshot {info.id}")
     counts = manifest_counts(manifest)
     outside = counts.external
     if outside and mode != "dataless":
@@ -157,7 +157,7 @@ def _prepare(repo: Repository, info: SnapshotInfo, mode: str, light_exclude: tup
         manifest = whole.without(match)
         del whole
         stored.close()
-        stored = Spool.of(manifest.to_bytes())
+        stored = manifest.to_spool()
         counts = manifest_counts(manifest)
         excluded = list(light_exclude)
     ids = chunks_in_order(manifest) if mode != "dataless" else np.empty(0, ID_DTYPE)
@@ -174,9 +174,8 @@ def _build(repo: Repository, info: SnapshotInfo, prepared: _Prepared, partial: s
     # partial directory is visible before the rename, whatever order it is written in.
     snap = dataclasses.replace(info, manifest_hash=prepared.manifest.hexdigest(), files=counts.files,
                                bytes=counts.bytes)
-    with prepared.manifest:
+    with prepared.manifest:  # closed: its bytes (or temporary file) go before the chunks are copied
         brepo.commit_snapshot(snap, prepared.manifest)
-    prepared.manifest = Spool.of(b"")
     # Each chunk id once, into an empty repository: an export writer, flushed every EXPORT_FLUSH chunks
     # (an index file each), holds at most that many index rows.
     writer = brepo.chunk_writer(export=True)

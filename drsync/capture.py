@@ -86,13 +86,8 @@ class CaptureResult:
     def manifest(self) -> Manifest:
         """The manifest as a table (parsed from :attr:`stored` on first use)."""
         if self._parsed is None:
-            self._parsed = Manifest.from_bytes(self.stored.source(), "the captured manifest", self.stored.size)
+            self._parsed = Manifest.from_bytes(self.stored, "the captured manifest")
         return self._parsed
-
-    @property
-    def manifest_bytes(self) -> bytes:
-        """The manifest's bytes, read whole from :attr:`stored` (small manifests, tests)."""
-        return self.stored.getvalue()
 
 
 @dataclass(slots=True)
@@ -624,7 +619,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     stale, unless this capture has them; hard links worked out over what was kept; links that the
     merged rows make escape the root left out. Returns (the manifest, stale rows, skipped paths)."""
     with stored:
-        table = Manifest.from_bytes(stored.source(), "the captured manifest", stored.size).table
+        table = Manifest.from_bytes(stored, "the captured manifest").table
     if links.broken(gone):
         fixed = links.kept_leaders(gone)
         cur = table.column("path").to_pylist()
@@ -663,9 +658,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                              pa.array(_stale_links(old, links.leader_of_inode(gone)), pa.binary()))
         table = sort_by_path(pa.concat_tables([table, old]))
         table = _without_escaping_links(table, warnings)
-    w = ManifestWriter()
-    w.write(table.combine_chunks())
-    return w.finish(), len(stale_rows), skipped
+    return Manifest(table.combine_chunks()).to_spool(), len(stale_rows), skipped
 
 
 def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:

@@ -74,8 +74,9 @@ def _non_dirs(t: pa.Table) -> pa.Table:
                      "target": pc.fill_null(t.column("target"), b"")})
 
 
-def _key_counts(t: pa.Table, name: str) -> pa.Table:
-    return t.group_by(_KEY).aggregate([("path", "count")]).rename_columns([*_KEY, name])
+def _key_counts(t: pa.Table) -> pa.Table:
+    """How many files of ``t`` have each (type, content, target): columns ``_KEY`` and ``n``."""
+    return t.group_by(_KEY).aggregate([("path", "count")]).rename_columns([*_KEY, "n"])
 
 
 _NO_COUNTS = pa.table({"type": pa.array([], pa.string()), "content": pa.array([], pa.binary()),
@@ -95,7 +96,7 @@ def removed_files(applied: Manifest | ManifestFile, new: Manifest | ManifestFile
         # Added files are counted in every step: a move's two ends can lie in different steps.
         gone = na.join(nb.select(["path"]), keys="path", join_type="left anti")
         added = nb.join(na.select(["path"]), keys="path", join_type="left anti")
-        return na.num_rows, nb.num_rows, _key_counts(gone, "n"), _key_counts(added, "n")
+        return na.num_rows, nb.num_rows, _key_counts(gone), _key_counts(added)
 
     parts = fold_aligned(applied, new, ["path", *_KEY], step)
     files, remaining = sum(p[0] for p in parts), sum(p[1] for p in parts)

@@ -69,12 +69,12 @@ def test_windows_and_row_groups_do_not_change_the_manifest(root, repo, monkeypat
     _windows(monkeypatch, 3, 4)
     small = _capture(repo, root)
     assert small.manifest.table.equals(whole.manifest.table)
-    assert len(mf.ManifestFile(small.manifest_bytes).starts) > 5  # many row groups were written
+    assert len(mf.ManifestFile(small.stored).starts) > 5  # many row groups were written
 
     # Against a parent read in groups of 4: unchanged files reuse their rows, changed ones are read.
     (root / "d2" / "x" / "f3").write_bytes(b"rewritten\n")
     os.utime(root / "d2" / "x" / "f3", (1_600_000_000, 1_600_000_000))
-    parent = mf.ManifestFile(small.manifest_bytes)
+    parent = mf.ManifestFile(small.stored)
     again = _capture(repo, root, parent, 1_900_000_000.0)
     files = whole.files
     assert again.files == files and again.reused_files == files - 1
@@ -85,7 +85,7 @@ def test_windows_and_row_groups_do_not_change_the_manifest(root, repo, monkeypat
     paths = again.manifest.table.column("path").to_pylist()
     assert paths == sorted(paths)
     _windows(monkeypatch, 1 << 20, 1 << 20)
-    assert _capture(repo, root, mf.ManifestFile(small.manifest_bytes), 1_900_000_000.0).manifest.table.equals(
+    assert _capture(repo, root, mf.ManifestFile(small.stored), 1_900_000_000.0).manifest.table.equals(
         again.manifest.table)
 
 
@@ -118,7 +118,7 @@ def test_stale_rows_and_a_vanished_leader_across_windows(root, repo, monkeypatch
     (root / "d0" / "x" / "f0").write_bytes(b"both names change\n")
     monkeypatch.setattr(LocalFrozenRoot, "scan", scan)
     monkeypatch.setattr(LocalFrozenRoot, "open_file", open_file)
-    r = _capture(repo, root, mf.ManifestFile(first.manifest_bytes), 1_900_000_000.0)
+    r = _capture(repo, root, mf.ManifestFile(first.stored), 1_900_000_000.0)
     rows = {e.path: e for e in r.manifest.entries()}
     before = {e.path: e for e in first.manifest.entries()}
     assert rows["d2/x/f4"].stale and rows["d2/x/f4"].chunks == before["d2/x/f4"].chunks

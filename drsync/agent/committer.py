@@ -151,7 +151,7 @@ class Committer:
             raise IntegrityError(f"snapshot {info.id}: the manifest arrived damaged or truncated "
                                  f"(hash mismatch); it was not applied")
         self._refuse_if_stale(info, position)
-        manifest = Manifest.from_bytes(spool.source(), f"manifest of snapshot {info.id}", spool.size)
+        manifest = Manifest.from_bytes(spool, f"manifest of snapshot {info.id}")
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S) as lock:
             # Under the shared lock no GC sweeps between this check and the apply: every chunk is
             # indexed and its pack exists (IntegrityError otherwise; the primary sends them again).

@@ -247,7 +247,7 @@ def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLin
 def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: StandbyLink, manifest: Spool, *,
                                  epoch: int, pacer: Pacer, applied: Manifest | ManifestFile | None,
                                  check: Callable[[bool], None]) -> tuple[pa.Table, pa.Array, int]:
-    sizes = chunk_table(ManifestFile(manifest.source(), f"manifest of snapshot {info.id}", manifest.size))
+    sizes = chunk_table(ManifestFile(manifest, f"manifest of snapshot {info.id}"))
     ask = ids_to_negotiate(sizes, applied)
     replies: list[pa.Array] = []
     if len(ask):

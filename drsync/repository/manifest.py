@@ -283,17 +283,25 @@ class Manifest:
     def __len__(self) -> int:
         return self.table.num_rows
 
-    def to_bytes(self) -> bytes:
-        w = ManifestWriter(self.table.schema, memory_bytes=fmt.MANIFEST_MAX_BYTES + 1)  # never a temporary file
+    def to_spool(self, memory_bytes: int | None = None) -> Spool:
+        """The manifest serialised (:class:`ManifestWriter`) into a spool (in a temporary file past
+        ``memory_bytes``, default 16 MiB)."""
+        w = ManifestWriter(self.table.schema, memory_bytes=memory_bytes)
         w.write(self.table)
-        return w.finish().getvalue()
+        return w.finish()
+
+    def to_bytes(self) -> bytes:
+        return self.to_spool(memory_bytes=fmt.MANIFEST_MAX_BYTES + 1).getvalue()  # never a temporary file
 
     @classmethod
-    def from_bytes(cls, data: bytes | pa.NativeFile, what: str = "manifest", size: int | None = None) -> Manifest:
+    def from_bytes(cls, data: bytes | pa.NativeFile | Spool, what: str = "manifest",
+                   size: int | None = None) -> Manifest:
         """Parse a manifest of at most ``fmt.MANIFEST_MAX_BYTES`` (2 GiB). Raises IntegrityError.
 
-        ``data``: the manifest's bytes, or a seekable file of ``size`` bytes (a large stored manifest
-        read by ranges: only the column chunks being decoded are held besides the table)."""
+        ``data``: the manifest's bytes, a seekable file of ``size`` bytes (a large stored manifest
+        read by ranges: only the column chunks being decoded are held besides the table), or a spool."""
+        if isinstance(data, Spool):
+            data, size = data.source(), data.size
         if (len(data) if size is None else size) > fmt.MANIFEST_MAX_BYTES:  # type: ignore[arg-type]
             raise IntegrityError(f"{what} is {len(data) if size is None else size} bytes; a manifest is at most "  # type: ignore[arg-type]
                                  f"{fmt.MANIFEST_MAX_BYTES} bytes (docs/FORMAT.md, Limits); it was not read")
@@ -515,9 +523,12 @@ class ManifestFile:
     whole (Arrow validation, the columns of :data:`SCHEMA`); version-1 groups are upgraded.
     Raises IntegrityError on damage. Groups are sorted by path, as the manifest."""
 
-    def __init__(self, data: bytes | pa.NativeFile, what: str = "manifest", size: int | None = None) -> None:
-        """``data``: the manifest's bytes, or a seekable file of ``size`` bytes (read by ranges, group
-        by group: then not even the bytes are held)."""
+    def __init__(self, data: bytes | pa.NativeFile | Spool, what: str = "manifest", size: int | None = None) -> None:
+        """``data``: the manifest's bytes, a seekable file of ``size`` bytes (read by ranges, group by
+        group: then not even the bytes are held), or a spool (its temporary file, if any, kept open by
+        this reader)."""
+        if isinstance(data, Spool):
+            data, size = data.source(), data.size
         if (len(data) if size is None else size) > fmt.MANIFEST_MAX_BYTES:  # type: ignore[arg-type]
             Manifest.from_bytes(data, what, size)  # raises the size error
         self.what = what

@@ -693,14 +693,14 @@ class Repository:
         of more than :data:`RANGED_MANIFEST_BYTES` is hashed and then decoded by ranges, its bytes never
         held whole (at 1,000,000 files: 74 MiB less at the peak of every load)."""
         with self.manifest_spool(info) as spool:
-            return Manifest.from_bytes(spool.source(), f"manifest of snapshot {info.id}", spool.size)
+            return Manifest.from_bytes(spool, f"manifest of snapshot {info.id}")
 
     def open_manifest(self, info: SnapshotInfo) -> ManifestFile:
         """The snapshot's manifest, read one row group at a time (:class:`ManifestFile`): checked
         against the snapshot's hash like :meth:`load_manifest`, without building the whole table (and,
         past :data:`RANGED_MANIFEST_BYTES`, without holding its bytes)."""
         spool = self.manifest_spool(info)  # the reader keeps its temporary file, if any
-        return ManifestFile(spool.source(), f"manifest of snapshot {info.id}", spool.size)
+        return ManifestFile(spool, f"manifest of snapshot {info.id}")
 
     def manifest_spool(self, info: SnapshotInfo) -> Spool:
         """The snapshot's manifest checked against its hash (IntegrityError otherwise), as a
@@ -777,7 +777,7 @@ class Repository:
             if require_chunks:
                 if manifest is None:
                     spool = manifest_bytes if isinstance(manifest_bytes, Spool) else Spool.of(manifest_bytes)
-                    manifest = Manifest.from_bytes(spool.source(), f"manifest of snapshot {info.id}", spool.size)
+                    manifest = Manifest.from_bytes(spool, f"manifest of snapshot {info.id}")
                 self.check_chunks_present(manifest.chunk_id_column(), f"snapshot {info.id}")
             self._store_manifest(info, manifest_bytes)
             with _COMMIT_LOCK:

@@ -96,7 +96,7 @@ class Spool:
         return self._data
 
     def source(self) -> bytes | pa.NativeFile:
-        """What a Parquet reader decodes (``Manifest.from_bytes(spool.source(), what, spool.size)``,
+        """What a Parquet reader decodes (``Manifest.from_bytes(data, what, size)``,
         ``ManifestFile``): the bytes of an in-memory spool, else a reader of the temporary file with a
         position of its own (several may be open at once)."""
         if self._file is None:
