@@ -108,6 +108,23 @@ def test_id_sets_search_sort_and_merge_like_python_sets() -> None:
     assert s.contains_many(big).tolist() == [i % 2 == 0 for i in range(5000)]
 
 
+def test_id_sets_of_pieces_equal_the_set_of_the_joined_ids() -> None:
+    """A manifest's chunk column comes in pieces (row groups): the set is gathered from them without
+    joining them first, the same set whatever the cuts, repeats across pieces and ids that share their
+    first 8 bytes (``awkward_ids``) included."""
+    rnd = random.Random(11)
+    for _ in range(200):
+        pool = awkward_ids(rnd, rnd.randint(1, 40))
+        ids = [rnd.choice(pool) for _ in range(rnd.randint(0, 90))]
+        cuts = sorted(rnd.randint(0, len(ids)) for _ in range(rnd.randint(0, 5)))
+        arr = pa.array(ids, pa.binary(32))
+        bounds = [0, *cuts, len(ids)]
+        col = pa.chunked_array([arr.slice(a, b - a) for a, b in itertools.pairwise(bounds)], arr.type)
+        for s in (IdSet.of(col), IdSet.of_pieces([ids_array(c) for c in col.chunks])):
+            assert id_list(s.ids) == sorted(set(ids))
+            assert s.key.tolist() == [int.from_bytes(c[:8], "big") for c in sorted(set(ids))]
+
+
 def test_index_files_keep_their_layout() -> None:
     """Files this drsync writes read as the old ones did, and files the old writer wrote load."""
     rnd = random.Random(3)
@@ -292,10 +309,12 @@ def test_a_part_of_the_index_locates_chunks_across_index_files_without_loading_i
     assert fresh.reader_for(IdSet.of(sorted(data))) is not None
 
 
-def test_the_presence_check_works_a_slice_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("loaded", [True, False])
+def test_the_presence_check_works_a_slice_at_a_time(monkeypatch: pytest.MonkeyPatch, loaded: bool) -> None:
     """``check_chunks_present`` locates a slice of ids at a time (a manifest's chunk column, repeats and
     several Arrow chunks included): a missing id in any slice is named once however often it repeats,
-    and a pack named by any slice that is gone is found."""
+    and a pack named by any slice that is gone is found. With the index not loaded (a standby lets it go
+    after each commit) the same answers come from the index files, and the index stays unloaded."""
     import drsync.repository.repo as repo_mod
     from drsync.repository import chunks
 
@@ -311,23 +330,33 @@ def test_the_presence_check_works_a_slice_at_a_time(monkeypatch: pytest.MonkeyPa
             made.append(chunks.chunk_id(d))
             w.add(made[-1], d)
         w.flush()
+    last_pack = repo.index.get(made[-1]).pack_id  # type: ignore[union-attr]
+
+    def check(ids: pa.ChunkedArray | pa.Array) -> None:
+        r = repo if loaded else Repository.open(storage)
+        try:
+            r.check_chunks_present(ids, "snapshot x")
+        finally:
+            assert (r._index is None) is not loaded
+
     arr = pa.array(made, pa.binary(32))
     column = pa.chunked_array([arr.slice(0, 7), arr.slice(7), arr.slice(2, 4)])  # repeats, three chunks
-    repo.check_chunks_present(column, "snapshot x")
+    check(column)
+    check(pa.chunked_array([], pa.binary(32)))
     absent = b"\x07" * 32
     bad = pa.chunked_array([arr.slice(0, 7), pa.array([absent, made[0], absent], pa.binary(32)), arr.slice(7)])
     with pytest.raises(IntegrityError, match=f"names 1 chunk.*first {absent.hex()[:16]}"):
-        repo.check_chunks_present(bad, "snapshot x")
-    last_pack = repo.index.get(made[-1]).pack_id  # type: ignore[union-attr]
+        check(bad)
     storage.delete(fmt.pack_name(last_pack))
     with pytest.raises(IntegrityError, match="pack\\(s\\) that are gone"):
-        repo.check_chunks_present(column, "snapshot x")
-    repo.check_chunks_present(arr.slice(0, 10), "snapshot x")  # the first two packs only
+        check(column)
+    check(arr.slice(0, 10))  # the first two packs only
 
 
 def test_the_chunks_of_some_rows_are_taken_chunk_by_chunk() -> None:
     """An apply's presence check takes the chunk lists of the rows it writes from each Arrow chunk of the
-    column (``ChunkedArray.take`` would join them first): same lists as the plain take, any cuts."""
+    column (``ChunkedArray.take`` would join them first): the same ids as the plain take, any cuts; a chunk
+    whose non-empty lists are all wanted is handed over as it is (no copy), with its empty ones."""
     from drsync.apply import _take_sorted
 
     rnd = np.random.default_rng(1)
@@ -339,4 +368,9 @@ def test_the_chunks_of_some_rows_are_taken_chunk_by_chunk() -> None:
         col = pa.chunked_array([arr.slice(a, b - a) for a, b in itertools.pairwise(bounds)], arr.type)
         rows = np.unique(rnd.integers(0, max(n, 1), size=int(rnd.integers(0, n + 1)))) if n else np.zeros(0, int)
         want = col.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
-        assert _take_sorted(col, rows).to_pylist() == want
+        got = _take_sorted(col, rows)
+        assert [c for lst in got.to_pylist() for c in lst] == [c for lst in want for c in lst]
+        filled = [i for i, lst in enumerate(arr.to_pylist()) if lst]
+        if filled and set(filled) <= set(rows.tolist()):  # the chunks handed over: their offsets not copied
+            offsets = {(c.offset, c.buffers()[1].address) for c in col.chunks if len(c)}
+            assert all((g.offset, g.buffers()[1].address) in offsets for g in got.chunks if len(g))

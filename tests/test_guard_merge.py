@@ -11,12 +11,13 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import blake3
 import pytest
 
 import drsync.repository.manifest as manifest_mod
 from drsync.guard import changed_files, deletion_guard, removed_files
-from drsync.repository.manifest import ManifestFile
-from drsync.repository.manifest_diff import content_changed, diff
+from drsync.repository.manifest import Manifest, ManifestFile
+from drsync.repository.manifest_diff import chunks_beyond, content_changed, diff
 from tests.test_mass_change import Spec, manifest
 
 
@@ -132,3 +133,65 @@ def test_an_unsorted_manifest_is_compared_whole() -> None:
     assert changed_files(ma, backwards) == _ref_changed(old, new, True)
     assert content_changed(ma, backwards) == _ref_content_changed(old, new)
     assert sorted(diff(ma, backwards).paths()) == ["f03", "f04", "zz"]
+
+
+def _chunked(entries: dict[str, list[bytes] | None]) -> Manifest:
+    """A manifest of files with the given chunk lists (None: a directory); content from the list."""
+    paths = sorted(entries)
+    n = len(paths)
+    lists = [entries[p] or [] for p in paths]
+    return Manifest.from_columns({
+        "path": paths, "type": ["dir" if entries[p] is None else "file" for p in paths], "mode": [0o644] * n,
+        "uid": [0] * n, "gid": [0] * n, "size": [4 * len(c) for c in lists], "mtime_ns": [0] * n,
+        "ctime_ns": [0] * n, "inode": list(range(1, n + 1)), "target": [None] * n,
+        "content": [None if entries[p] is None else blake3.blake3(b"".join(entries[p] or [])).digest()
+                    for p in paths],
+        "chunks": lists, "chunk_sizes": [[4] * len(c) for c in lists]})
+
+
+def _ids(rnd: random.Random, pool: list[bytes]) -> list[bytes]:
+    return [rnd.choice(pool) for _ in range(rnd.randrange(0, 5))]
+
+
+@pytest.mark.parametrize(("seed", "group"), CASES)
+def test_chunks_beyond_a_base_are_those_of_rows_it_does_not_hold_alike(monkeypatch: pytest.MonkeyPatch, seed: int,
+                                                                       group: int) -> None:
+    """What a commit checks beyond the applied snapshot: the chunks of every row whose chunk list is not
+    exactly the applied one's at that path (a new path, a list reordered, one id swapped, one more id),
+    repeats and row order kept; nothing of a row held alike. Against a brute-force reference."""
+    monkeypatch.setattr(manifest_mod, "ROW_GROUP", group)
+    rnd = random.Random(seed)
+    pool = [blake3.blake3(bytes([i])).digest() for i in range(12)]
+    old: dict[str, list[bytes] | None] = {
+        f"d{rnd.randrange(5)}/f{i:03}": None if rnd.random() < 0.15 else _ids(rnd, pool)
+        for i in range(rnd.randrange(1, 90))}
+    new = dict(old)
+    for p in rnd.sample(sorted(old), k=len(old) // 2):
+        chunks = old[p]
+        r = rnd.random()
+        if r < 0.2:
+            del new[p]
+        elif r < 0.4 and chunks and len(chunks) > 1:
+            new[p] = chunks[::-1]
+        elif r < 0.6 and chunks:
+            new[p] = [*chunks[:-1], rnd.choice(pool)]
+        elif r < 0.8:
+            new[p] = [*(chunks or []), rnd.choice(pool)]
+        else:
+            new[f"z/{p}"] = _ids(rnd, pool)
+    reference = [c for p in sorted(new) if new[p] is not None and new[p] != old.get(p) for c in new[p] or []]
+    ma, mb = _chunked(old), _chunked(new)
+    fa, fb = ManifestFile(ma.to_bytes()), ManifestFile(mb.to_bytes())
+    for a, b in ((fa, mb), (fa, fb), (ma, mb)):
+        assert chunks_beyond(a, b).to_pylist() == reference
+        assert chunks_beyond(b, b).to_pylist() == []
+    assert chunks_beyond(_chunked({}), mb).to_pylist() == [c for p in sorted(new) for c in new[p] or []]
+
+
+def test_chunks_beyond_an_unsorted_base_are_the_same() -> None:
+    pool = [blake3.blake3(bytes([i])).digest() for i in range(4)]
+    old = {f"f{i}": [pool[i % 4], pool[(i + 1) % 4]] for i in range(8)}
+    new = {**old, "f2": [pool[0]], "f9": [pool[3]]}
+    ma = _chunked(old)
+    backwards = type(ma)(ma.table.take(list(range(ma.table.num_rows))[::-1]))
+    assert chunks_beyond(backwards, _chunked(new)).to_pylist() == [pool[0], pool[3]]

@@ -13,9 +13,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from drsync.repository import format as fmt
+from drsync.repository.ids import ids_array
 from drsync.repository.manifest import (
     FILE,
     SCHEMA,
@@ -63,6 +66,43 @@ def content_changed(base: Manifest | ManifestFile, new: Manifest | ManifestFile)
         return [decode_name(p) for p in pc.filter(joined.column("path"), differs).to_pylist()]  # type: ignore[misc]
 
     return frozenset(p for part in fold_aligned(base, new, ["path", "type", "content"], step) for p in part)
+
+
+def chunks_beyond(base: Manifest | ManifestFile, new: Manifest | ManifestFile) -> pa.ChunkedArray:
+    """The chunk ids ``new`` names beyond what ``base`` vouches for: the flattened chunk lists of ``new``'s
+    rows whose list is not exactly the one ``base`` holds at the same path (every row of a path ``base``
+    lacks), in row order, repeats kept (``fixed_size_binary(32)``). A chunk named by a row that ``base``
+    has alike is in ``base`` too, so a repository that keeps ``base`` whole holds it already.
+
+    A merge (:func:`fold_aligned`): each step holds a few row groups of each side and keeps only the ids
+    of the rows that differ (nothing when the two manifests hold the same files)."""
+    def step(a: pa.Table, b: pa.Table) -> pa.Array:
+        lists = b.column("chunks").combine_chunks()
+        if not len(lists):
+            return pa.array([], pa.binary(fmt.ID_LEN))
+        at = pc.fill_null(pc.index_in(b.column("path"), value_set=a.column("path").combine_chunks()), -1)
+        pos = np.asarray(at.to_numpy(zero_copy_only=False), np.int64)
+        lengths = np.asarray(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False), np.int64)
+        base_lists = a.column("chunks").combine_chunks()
+        base_lengths = np.asarray(pc.fill_null(pc.list_value_length(base_lists), 0).to_numpy(zero_copy_only=False),
+                                  np.int64)
+        present = pos >= 0
+        alike = present.copy()
+        alike[present] = base_lengths[pos[present]] == lengths[present]
+        rows = np.flatnonzero(alike)
+        if len(rows):  # same lengths: compare the ids one by one, a row differs where any of its ids does
+            mine = ids_array(pc.list_flatten(lists.take(pa.array(rows))))
+            theirs = ids_array(pc.list_flatten(base_lists.take(pa.array(pos[rows]))))
+            owner = np.repeat(np.arange(len(rows)), lengths[rows])
+            differs = np.zeros(len(rows), bool)
+            differs[owner[mine != theirs]] = True
+            alike[rows[differs]] = False
+        if alike.all():
+            return pa.array([], pa.binary(fmt.ID_LEN))
+        return pc.list_flatten(lists.filter(pa.array(~alike)))
+
+    parts = fold_aligned(base, new, ["path", "chunks"], step)
+    return pa.chunked_array([p for p in parts if len(p)], pa.binary(fmt.ID_LEN))
 
 
 class _Unsorted(Exception):

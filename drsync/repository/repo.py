@@ -530,34 +530,42 @@ class Repository:
             loaded = self._index is not None
         if loaded:
             return self if bool(self.index.contains_many(wanted.ids).all()) else None
-        # The locations are filled in place, row i for wanted.ids[i] (21 bytes a chunk beside the set's 40),
-        # and the part index is made of them once: no merge, no second copy of the ids.
+        try:
+            seen, at = self._locate_unloaded(wanted)
+        except (ObjectMissing, IntegrityError):
+            return None  # a GC replaced a file while we listed, or one is damaged: the exact path says
+        if not bool(seen.all()):
+            return None
+        return ChunkReader(self, ChunkIndex.from_sorted(wanted.ids, wanted.key, at))
+
+    def _locate_unloaded(self, wanted: IdSet) -> tuple[np.ndarray, IndexRows]:
+        """Where ``wanted``'s ids are, from the index files without loading the index: ``(seen, rows)``,
+        ``seen`` (N,) bool and ``rows`` (N,) row i the location of ``wanted.ids[i]`` where ``seen[i]``.
+
+        Each index file is read by ranges and checked as a load checks it (IntegrityError when one is
+        damaged; ObjectMissing when a GC replaced one while we listed); only the rows of ``wanted`` are
+        kept, a batch at a time, filled in place (21 bytes a chunk beside the set's 40): no merge, no
+        second copy of the ids. The first location found for an id is kept."""
         n = len(wanted)
         seen = np.zeros(n, bool)
         at = IndexRows(wanted.ids, np.zeros(n, np.uint32), np.zeros(n, np.uint64), np.zeros(n, np.uint32),
                        np.zeros(n, np.uint32), np.zeros(n, np.uint8), ())
         packs: dict[str, int] = {}
-        try:
-            for obj in self.storage.list(fmt.INDEX_DIR):
-                source = pa.PythonFile(RangeReader(self.storage, obj.name, obj.size), mode="r")
-                for rows in iter_index_file(source, obj.name):
-                    pos, found = locate(wanted.ids, wanted.key, rows.ids)
-                    hit = np.flatnonzero(found)
-                    hit = hit[~seen[pos[hit]]]  # an id located already keeps its first location
-                    if not len(hit):
-                        continue
-                    to = pos[hit]
-                    numbers = np.array([packs.setdefault(p, len(packs)) for p in rows.packs], np.uint32)
-                    at.pack[to] = numbers[rows.pack[hit]]
-                    at.offset[to], at.stored_length[to] = rows.offset[hit], rows.stored_length[hit]
-                    at.raw_length[to], at.encoding[to] = rows.raw_length[hit], rows.encoding[hit]
-                    seen[to] = True
-        except (ObjectMissing, IntegrityError):
-            return None  # a GC replaced a file while we listed, or one is damaged: the exact path says
-        if not bool(seen.all()):
-            return None
-        return ChunkReader(self, ChunkIndex.from_sorted(wanted.ids, wanted.key, dataclasses.replace(
-            at, packs=tuple(packs))))
+        for obj in self.storage.list(fmt.INDEX_DIR):
+            source = pa.PythonFile(RangeReader(self.storage, obj.name, obj.size), mode="r")
+            for rows in iter_index_file(source, obj.name):
+                pos, found = locate(wanted.ids, wanted.key, rows.ids)
+                hit = np.flatnonzero(found)
+                hit = hit[~seen[pos[hit]]]
+                if not len(hit):
+                    continue
+                to = pos[hit]
+                numbers = np.array([packs.setdefault(p, len(packs)) for p in rows.packs], np.uint32)
+                at.pack[to] = numbers[rows.pack[hit]]
+                at.offset[to], at.stored_length[to] = rows.offset[hit], rows.stored_length[hit]
+                at.raw_length[to], at.encoding[to] = rows.raw_length[hit], rows.encoding[hit]
+                seen[to] = True
+        return seen, dataclasses.replace(at, packs=tuple(packs))
 
     def check_chunks_present(self, chunk_ids: np.ndarray | pa.Array | pa.ChunkedArray | Iterable[bytes],
                              what: str) -> None:
@@ -567,22 +575,25 @@ class Repository:
         :meth:`Manifest.chunk_id_column`: no copy). ``what`` names the thing needing them in the message
         (e.g. ``"snapshot 1a2b"``).
         """
-        # Located a slice at a time, keeping only the packs named and the ids missing: at 1,000,000 chunks
-        # the whole located table (53 bytes a chunk) is never made, nor (from an Arrow column) a copy of the ids.
         pieces = (chunk_ids.chunks if isinstance(chunk_ids, pa.ChunkedArray) else
                   [chunk_ids if isinstance(chunk_ids, np.ndarray | pa.Array) else ids_array(chunk_ids)])
-        index = self.index
-        numbers: set[int] = set()
-        names: tuple[str, ...] = ()
-        missing: list[np.ndarray] = []
-        for piece in pieces:
-            ids = ids_array(piece)
-            for lo in range(0, len(ids), _CHECK_SLICE):
-                found, rows = index.locate_many(ids[lo:lo + _CHECK_SLICE])
-                if not found.all():
-                    missing.append(ids[lo:lo + _CHECK_SLICE][~found])
-                numbers.update(np.unique(rows.pack).tolist())
-                names = rows.packs
+        if not any(len(p) for p in pieces):
+            return
+        with self._index_lock:
+            loaded = self._index is not None
+        if loaded:
+            missing, numbers, names = self._check_loaded(pieces)
+        else:
+            # Not loaded (a standby lets it go after each commit): located from the index files, only these
+            # ids kept (61 bytes an id), never the whole index and its merges.
+            wanted = IdSet.of_pieces([ids_array(p) for p in pieces])
+            try:
+                seen, rows = self._locate_unloaded(wanted)
+            except ObjectMissing:  # a GC replaced an index file while we listed: the loaded index is exact
+                missing, numbers, names = self._check_loaded(pieces)
+            else:
+                missing = [wanted.ids[~seen]] if not seen.all() else []
+                numbers, names = set(np.unique(rows.pack[seen]).tolist()), rows.packs
         if missing:
             gone_ids = unique_sorted(np.concatenate(missing))
             raise IntegrityError(
@@ -596,6 +607,25 @@ class Repository:
                 raise IntegrityError(
                     f"{what} names chunks in pack(s) that are gone ({len(gone)}, first {sorted(gone)[0]}); "
                     f"nothing was committed: run 'drsync repo verify' on {self.storage.url}")
+
+    def _check_loaded(self, pieces: list[np.ndarray | pa.Array]
+                      ) -> tuple[list[np.ndarray], set[int], tuple[str, ...]]:
+        """:meth:`check_chunks_present` with the loaded index: (ids missing, pack numbers named, pack ids).
+        Located a slice at a time, keeping only the packs named and the ids missing: at 1,000,000 chunks
+        the whole located table (53 bytes a chunk) is never made, nor (from an Arrow column) a copy of the ids."""
+        index = self.index
+        numbers: set[int] = set()
+        names: tuple[str, ...] = ()
+        missing: list[np.ndarray] = []
+        for piece in pieces:
+            ids = ids_array(piece)
+            for lo in range(0, len(ids), _CHECK_SLICE):
+                found, rows = index.locate_many(ids[lo:lo + _CHECK_SLICE])
+                if not found.all():
+                    missing.append(ids[lo:lo + _CHECK_SLICE][~found])
+                numbers.update(np.unique(rows.pack).tolist())
+                names = rows.packs
+        return missing, numbers, names
 
     def read_stored(self, chunk_id: bytes) -> tuple[ChunkLocation, bytes]:
         return self.read_at(chunk_id, self.index.get(chunk_id))
