@@ -56,8 +56,13 @@ def loc(rnd: random.Random, packs: list[str]) -> ChunkLocation:
     return ChunkLocation(rnd.choice(packs), rnd.randint(8, 2**40), n, n, fmt.ENC_RAW)
 
 
-def test_index_answers_as_a_dict_does_through_adds_merges_and_files(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("max_runs", [1, 2, 8])
+def test_index_answers_as_a_dict_does_through_adds_merges_and_files(monkeypatch: pytest.MonkeyPatch,
+                                                                    max_runs: int) -> None:
+    """Runs made, merged (at most ``max_runs`` kept) and searched together answer as one dict: the first
+    location of an id wins wherever its repeats land; the runs stay sorted and disjoint."""
     monkeypatch.setattr(ChunkIndex, "_MERGE_MIN", 7)  # merge the recent-additions buffer often
+    monkeypatch.setattr(ChunkIndex, "_MAX_RUNS", max_runs)
     rnd = random.Random(5)
     packs = [os.urandom(16).hex() for _ in range(5)]
     pool = awkward_ids(rnd, 400)
@@ -82,13 +87,35 @@ def test_index_answers_as_a_dict_does_through_adds_merges_and_files(monkeypatch:
         found, rows = index.locate_many(probe)
         assert found.tolist() == [c in model for c in probe]
         assert list(rows.iter_rows()) == [(c, model[c]) for c in probe if c in model]
+        parts = [list(part.iter_rows()) for part in index.runs()]
+        assert 1 <= len(parts) <= max_runs
+        assert all([c for c, _ in part] == sorted({c for c, _ in part}) for part in parts)
+        assert sorted(r for part in parts for r in part) == sorted(model.items())  # disjoint, complete
+        assert sorted(IndexRows.concat(index.runs()).iter_rows()) == sorted(model.items())
     assert list(index.items()) == sorted(model.items())
+    assert len(index.runs()) == 1  # rows() merged them
     assert index.pack_ids() == {w.pack_id for w in model.values()}
     by_pack = {p: list(r.iter_rows()) for p, r in index.pack_batches()}
     assert list(by_pack) == sorted(by_pack)
     for p, rows in by_pack.items():
         assert sorted(rows, key=lambda r: r[1].offset) == rows
         assert {c for c, _ in rows} == {c for c, w in model.items() if w.pack_id == p}
+
+
+def test_sorted_rows_become_a_run_without_a_copy() -> None:
+    """A write session's runs and an index file's batches come sorted: they are taken over, not copied;
+    rows already indexed are left out of the new run (the first location kept)."""
+    rnd = random.Random(4)
+    packs = [os.urandom(16).hex() for _ in range(3)]
+    first = IndexRows.from_pylist(sorted((os.urandom(32), loc(rnd, packs)) for _ in range(500)))
+    index = ChunkIndex()
+    index.add_rows(first)
+    assert np.shares_memory(index.runs()[0].ids, first.ids)
+    again = IndexRows.from_pylist(sorted([(c, loc(rnd, packs)) for c in id_list(first.ids[:10])]
+                                         + [(os.urandom(32), loc(rnd, packs)) for _ in range(5)]))
+    index.add_rows(again)
+    assert len(index) == 505 and [len(r) for r in index.runs()] == [500, 5]
+    assert all(index.get(c) == first.location(i) for i, c in enumerate(id_list(first.ids)))
 
 
 def test_id_sets_search_sort_and_merge_like_python_sets() -> None:

@@ -9,6 +9,7 @@ NumPy arrays (:class:`ChunkIndex`: about 61 bytes a chunk, no Python object per 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import secrets
 import struct
@@ -298,25 +299,35 @@ class IndexRows:
                 yield raw[j * n:(j + 1) * n], ChunkLocation(self.packs[p], off, stored, rawlen, enc)
 
 
-def _as_rows(rows: IndexRows | pa.Table | Iterable[tuple[bytes, ChunkLocation]]) -> IndexRows:
+IndexInput = IndexRows | Sequence[IndexRows] | pa.Table | Iterable[tuple[bytes, ChunkLocation]]
+
+
+def _as_parts(rows: IndexInput) -> list[IndexRows]:
     if isinstance(rows, pa.Table):
-        return IndexRows.from_table(rows)
-    return rows if isinstance(rows, IndexRows) else IndexRows.from_pylist(rows)
+        return [IndexRows.from_table(rows)]
+    if isinstance(rows, IndexRows):
+        return [rows]
+    rows = list(rows)
+    if rows and all(isinstance(r, IndexRows) for r in rows):
+        return rows  # type: ignore[return-value]
+    return [IndexRows.from_pylist(rows)]  # type: ignore[arg-type]
 
 
-def _write_index_to(sink: object, rows: IndexRows) -> None:
+def _write_index_to(sink: object, parts: list[IndexRows]) -> None:
     with pq.ParquetWriter(sink, INDEX_SCHEMA, compression="zstd") as w:
-        if not len(rows):
+        if not any(len(p) for p in parts):
             w.write_table(INDEX_SCHEMA.empty_table())
-        for start in range(0, len(rows), INDEX_ROW_GROUP):
-            w.write_table(rows.to_table(start, start + INDEX_ROW_GROUP))
+        for rows in parts:
+            for start in range(0, len(rows), INDEX_ROW_GROUP):
+                w.write_table(rows.to_table(start, start + INDEX_ROW_GROUP))
 
 
-def index_bytes(rows: IndexRows | pa.Table | Iterable[tuple[bytes, ChunkLocation]]) -> bytes:
-    """An index file (Parquet, :data:`INDEX_SCHEMA`, zstd) holding ``rows``: columns, a table of the
-    index schema, or ``(chunk id, location)`` pairs. Written a row group at a time."""
+def index_bytes(rows: IndexInput) -> bytes:
+    """An index file (Parquet, :data:`INDEX_SCHEMA`, zstd) holding ``rows``: columns (or several parts of
+    them, e.g. :meth:`ChunkIndex.runs`, written one after the other), a table of the index schema, or
+    ``(chunk id, location)`` pairs. Written a row group at a time."""
     buf = io.BytesIO()
-    _write_index_to(buf, _as_rows(rows))
+    _write_index_to(buf, _as_parts(rows))
     return buf.getvalue()
 
 
@@ -349,14 +360,13 @@ class _BlobFile(io.RawIOBase):
         return self._at
 
 
-def write_index(storage: Storage, name: str, rows: IndexRows | pa.Table | Iterable[tuple[bytes, ChunkLocation]],
-                *, durable: bool = True) -> None:
+def write_index(storage: Storage, name: str, rows: IndexInput, *, durable: bool = True) -> None:
     """:func:`index_bytes` streamed into ``storage`` as ``name`` (visible only once whole): never the whole
     file in memory (about 40 MiB at 1,000,000 chunks, twice over in a buffer)."""
     blob = storage.writer(name)
     try:
         sink = _BlobFile(blob)
-        _write_index_to(sink, _as_rows(rows))
+        _write_index_to(sink, _as_parts(rows))
         sink.drain()
         blob.commit(durable=durable)
     except BaseException:
@@ -421,38 +431,81 @@ def read_index_file(data: bytes, name: str) -> IndexRows:
     return IndexRows.concat(list(iter_index_file(data, name)))
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Index rows sorted by chunk id, each id once (arrays read-only, never written): ``ids`` (N,)
+    ``'S32'``, ``key`` their (N,) uint64 :func:`id_key`, ``pack`` (N,) uint32 numbers into the owning
+    index's pack table, ``offset`` (N,) uint64, ``stored``/``raw`` (N,) uint32, ``enc`` (N,) uint8."""
+
+    ids: np.ndarray
+    key: np.ndarray
+    pack: np.ndarray
+    offset: np.ndarray
+    stored: np.ndarray
+    raw: np.ndarray
+    enc: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in (self.ids, self.key, self.pack, self.offset, self.stored, self.raw,
+                                          self.enc)))
+
+    def rows(self, packs: tuple[str, ...]) -> IndexRows:
+        return IndexRows(self.ids, self.pack, self.offset, self.stored, self.raw, self.enc, packs)
+
+    def columns(self) -> tuple[np.ndarray, ...]:
+        return self.ids, self.key, self.pack, self.offset, self.stored, self.raw, self.enc
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    if a.flags.writeable and a.flags.owndata:
+        a.flags.writeable = False
+    return a
+
+
+def _merged(a: _Run, b: _Run) -> _Run:
+    """One run holding two disjoint runs: ``b``'s rows inserted into ``a``'s, a column at a time (the
+    peak is both runs and one column of the result)."""
+    if len(a) < len(b):
+        a, b = b, a
+    pos = locate(a.ids, a.key, b.ids, b.key)[0]
+    return _Run(*(_read_only(np.insert(x, pos, y)) for x, y in zip(a.columns(), b.columns(), strict=True)))
+
+
 class ChunkIndex:
     """Chunk id -> location, for millions of chunks: no Python object per chunk.
 
-    Storage: the rows sorted by chunk id, each id once, as NumPy arrays (``(N,)`` ``'S32'`` ids,
-    their ``uint64`` search keys, uint32 pack numbers into a pack id table, uint64 offsets, uint32
-    lengths, uint8 encodings: 61 bytes a chunk) searched by binary search, behind a one-hash Bloom
-    filter (1-2 bytes a chunk) that turns most lookups of a new chunk away at once; plus a small buffer of
-    recent :meth:`add` calls (a dict) merged into the arrays when it holds more than
-    ``max(65536, N/8)`` chunks (a linear merge, so adding N chunks one by one costs O(N log N)).
+    Storage: a few *runs*, each a set of rows sorted by chunk id (``(N,)`` ``'S32'`` ids, their
+    ``uint64`` search keys, uint32 pack numbers into a pack id table, uint64 offsets, uint32 lengths,
+    uint8 encodings: 61 bytes a chunk), no id in two runs, searched by binary search behind one
+    one-hash Bloom filter over all of them (1-2 bytes a chunk) that turns most lookups of a new chunk
+    away at once; plus a small buffer of recent :meth:`add` calls (a dict) made into a run when it holds
+    more than ``max(65536, N/8)`` chunks. Rows added in bulk (an index file, a write session) become runs
+    of their own, taken over without a copy when they come sorted. When there are more than
+    :attr:`_MAX_RUNS` runs the two smallest are merged, so the index never holds a second copy of itself
+    (a merge of one big sorted array would, for a moment): about 1.25 times the rows at worst.
     The first location given for an id wins (any listed location is valid).
 
     Thread-safe: capture threads call :meth:`add` and ``in`` concurrently; every method takes the
     lock. Batch methods (:meth:`contains_many`, :meth:`locate_many`, :meth:`add_rows`,
-    :meth:`rows`, :meth:`pack_batches`) are what callers at scale use; :meth:`items` and
+    :meth:`runs`, :meth:`rows`, :meth:`pack_batches`) are what callers at scale use; :meth:`items` and
     :meth:`get` make one object per chunk.
     """
 
     _MERGE_MIN = 65536
+    _MAX_RUNS = 8
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._packs: list[str] = []
         self._pack_no: dict[str, int] = {}
-        self._ids = np.empty(0, ID_DTYPE)
-        self._key = np.empty(0, np.uint64)
-        self._pack = np.empty(0, np.uint32)
-        self._offset = np.empty(0, np.uint64)
-        self._stored = np.empty(0, np.uint32)
-        self._raw = np.empty(0, np.uint32)
-        self._enc = np.empty(0, np.uint8)
-        # A one-hash Bloom filter of the sorted ids (8 bits an id, about 12 % false positives) over
-        # bytes 8..16 of the id: most lookups of a new chunk end here, without a binary search.
+        self._runs: list[_Run] = []
+        self._size = 0  # rows in the runs
+        # A one-hash Bloom filter of the runs' ids (8 bits an id when built, about 12 % false positives)
+        # over bytes 8..16 of the id: most lookups of a new chunk end here, without a binary search.
         self._filter = b""
         self._filter_mask = 0
         # Recent single adds: id -> row of the buffer arrays below.
@@ -467,9 +520,10 @@ class ChunkIndex:
         ``ids[i]``; its ``ids`` are not read). The arrays are taken over, not copied."""
         index = cls()
         index._packs, index._pack_no = list(rows.packs), {p: i for i, p in enumerate(rows.packs)}
-        index._ids, index._key, index._pack = ids, key, rows.pack
-        index._offset, index._stored, index._raw, index._enc = (rows.offset, rows.stored_length, rows.raw_length,
-                                                                rows.encoding)
+        if len(ids):
+            index._runs = [_Run(ids, key, rows.pack, rows.offset, rows.stored_length, rows.raw_length,
+                                rows.encoding)]
+            index._size = len(ids)
         index._build_filter_locked()
         return index
 
@@ -477,16 +531,16 @@ class ChunkIndex:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._ids) + len(self._recent)
+            return self._size + len(self._recent)
 
     def __contains__(self, chunk_id: bytes) -> bool:
         with self._lock:
-            return chunk_id in self._recent or self._find_locked(chunk_id) >= 0
+            return chunk_id in self._recent or self._find_locked(chunk_id) is not None
 
     def add(self, chunk_id: bytes, loc: ChunkLocation) -> None:
         """Add one chunk (kept as it is if the id is already indexed)."""
         with self._lock:
-            if chunk_id in self._recent or self._find_locked(chunk_id) >= 0:
+            if chunk_id in self._recent or self._find_locked(chunk_id) is not None:
                 return
             if len(chunk_id) != fmt.ID_LEN:
                 raise ValueError(f"a chunk id is {fmt.ID_LEN} bytes, not {len(chunk_id)}")
@@ -496,7 +550,7 @@ class ChunkIndex:
             self._r_stored.append(loc.stored_length)
             self._r_raw.append(loc.raw_length)
             self._r_enc.append(loc.encoding)
-            if len(self._recent) > max(self._MERGE_MIN, len(self._ids) // 8):
+            if len(self._recent) > max(self._MERGE_MIN, self._size // 8):
                 self._merge_recent_locked()
 
     def get(self, chunk_id: bytes) -> ChunkLocation | None:
@@ -505,11 +559,12 @@ class ChunkIndex:
             if r is not None:
                 return ChunkLocation(self._packs[self._r_pack[r]], self._r_offset[r], self._r_stored[r],
                                      self._r_raw[r], self._r_enc[r])
-            i = self._find_locked(chunk_id)
-            if i < 0:
+            hit = self._find_locked(chunk_id)
+            if hit is None:
                 return None
-            return ChunkLocation(self._packs[int(self._pack[i])], int(self._offset[i]), int(self._stored[i]),
-                                 int(self._raw[i]), int(self._enc[i]))
+            run, i = hit
+            return ChunkLocation(self._packs[int(run.pack[i])], int(run.offset[i]), int(run.stored[i]),
+                                 int(run.raw[i]), int(run.enc[i]))
 
     # --- many chunks ---------------------------------------------------------------------------
 
@@ -519,7 +574,7 @@ class ChunkIndex:
         key = id_key(q)
         with self._lock:
             self._merge_recent_locked()
-            return locate(self._ids, self._key, q, key)[1]
+            return self._found_locked(q, key)
 
     def locate_many(self, ids: np.ndarray | pa.Array | pa.ChunkedArray | Iterable[bytes]
                     ) -> tuple[np.ndarray, IndexRows]:
@@ -529,59 +584,68 @@ class ChunkIndex:
         key = id_key(q)
         with self._lock:
             self._merge_recent_locked()
-            pos, found = locate(self._ids, self._key, q, key)
-            at = pos[found]
-            return found, IndexRows(self._ids[at], self._pack[at], self._offset[at], self._stored[at],
-                                    self._raw[at], self._enc[at], tuple(self._packs))
+            found = np.zeros(len(q), bool)
+            out = [np.zeros(len(q), c.dtype) for c in (np.empty(0, np.uint32), np.empty(0, np.uint64),
+                                                         np.empty(0, np.uint32), np.empty(0, np.uint32),
+                                                         np.empty(0, np.uint8))]
+            for run in self._runs:
+                pos, hit = locate(run.ids, run.key, q, key)
+                at = pos[hit]
+                for o, col in zip(out, (run.pack, run.offset, run.stored, run.raw, run.enc), strict=True):
+                    o[hit] = col[at]
+                found |= hit
+            return found, IndexRows(q[found], *(o[found] for o in out), tuple(self._packs))
 
     def add_rows(self, rows: IndexRows) -> None:
-        """Add many rows at once (an index file, a write session): one merge. Ids already indexed, or
-        repeated in ``rows``, keep their first location."""
-        self._add_columns(_columns(rows), rows.packs)
-
-    def load_file(self, data: bytes | pa.NativeFile, name: str) -> None:
-        """Add the rows of one index file (:func:`iter_index_file`: IntegrityError if it is damaged, and
-        then nothing is added).
-
-        The file is merged a batch at a time into an index of its own, then that into this one (the
-        first time, simply taken over): the peak is ``data``, one decoded batch, the file's rows as
-        arrays and one column's copy."""
-        part = ChunkIndex()
-        for rows in iter_index_file(data, name):
-            part.add_rows(rows)
-        with self._lock:
-            if not len(self._ids) and not self._recent:
-                with part._lock:
-                    self._packs, self._pack_no = part._packs, part._pack_no
-                    self._ids, self._key, self._pack = part._ids, part._key, part._pack
-                    self._offset, self._stored, self._raw, self._enc = part._offset, part._stored, part._raw, part._enc
-                    self._filter, self._filter_mask = part._filter, part._filter_mask
-                return
-        rows = part.rows()
-        del part
-        self.add_rows(rows)
-
-    def _add_columns(self, cols: dict[str, np.ndarray], packs: tuple[str, ...]) -> None:
-        if not len(cols["ids"]):
+        """Add many rows at once (an index file, a write session): one run, taken over without a copy when
+        the rows come sorted by id and each id once (a :meth:`runs` part, most index file batches). Ids
+        already indexed, or repeated in ``rows``, keep their first location."""
+        if not len(rows):
             return
         with self._lock:
             self._merge_recent_locked()
-            cols["numbers"] = np.array([self._pack_number_locked(p) for p in packs], np.uint32)
-            self._insert_locked(cols)
+            numbers = np.array([self._pack_number_locked(p) for p in rows.packs], np.uint32)
+            same = np.array_equal(numbers, np.arange(len(numbers), dtype=np.uint32))  # no renumbering: no copy
+            self._add_run_locked(rows.ids, rows.pack if same else numbers[rows.pack], rows.offset,
+                                 rows.stored_length, rows.raw_length, rows.encoding)
 
-    def rows(self) -> IndexRows:
-        """Every row, sorted by chunk id (each id once). The arrays are shared, read-only: never written."""
+    def load_file(self, data: bytes | pa.NativeFile, name: str) -> None:
+        """Add the rows of one index file (:func:`iter_index_file`: IntegrityError if it is damaged, and
+        then nothing is added). Read a batch at a time into an index of its own, whose runs are then
+        handed over: the peak is one decoded batch beside the rows."""
+        part = ChunkIndex()
+        for rows in iter_index_file(data, name):
+            part.add_rows(rows)
+        packs = tuple(part._packs)
+        for run in part.runs():
+            self.add_rows(dataclasses.replace(run, packs=packs))
+
+    def runs(self) -> list[IndexRows]:
+        """Every row, as a few parts each sorted by chunk id, no id in two parts (see the class docstring):
+        the arrays are shared, read-only, never written. What a write session's index file is written from
+        without first merging them into one sorted copy."""
         with self._lock:
             self._merge_recent_locked()
-            return IndexRows(self._ids, self._pack, self._offset, self._stored, self._raw, self._enc,
-                             tuple(self._packs))
+            packs = tuple(self._packs)
+            return [run.rows(packs) for run in self._runs]
+
+    def rows(self) -> IndexRows:
+        """Every row, sorted by chunk id (each id once): the runs merged into one (for a moment, the index
+        twice over), which then replaces them. The arrays are shared, read-only: never written."""
+        with self._lock:
+            self._merge_recent_locked()
+            while len(self._runs) > 1:
+                self._merge_smallest_locked()
+            packs = tuple(self._packs)
+            if not self._runs:
+                return dataclasses.replace(IndexRows.empty(), packs=packs)
+            return self._runs[0].rows(packs)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the sorted arrays and their filter (the recent-additions buffer and the pack id table aside)."""
+        """Bytes of the runs and their filter (the recent-additions buffer and the pack id table aside)."""
         with self._lock:
-            return len(self._filter) + int(sum(a.nbytes for a in (self._ids, self._key, self._pack, self._offset,
-                                                                  self._stored, self._raw, self._enc)))
+            return len(self._filter) + sum(run.nbytes for run in self._runs)
 
     def items(self) -> Iterator[tuple[bytes, ChunkLocation]]:
         """Every ``(chunk id, location)``, sorted by id: one object per chunk (tests, small indexes)."""
@@ -589,7 +653,7 @@ class ChunkIndex:
 
     def pack_ids(self) -> set[str]:
         """The ids of the packs the index names."""
-        return self.rows().pack_names()
+        return {name for part in self.runs() for name in part.pack_names()}
 
     def pack_batches(self) -> Iterator[tuple[str, IndexRows]]:
         """The rows grouped by pack: ``(pack id, rows of that pack sorted by offset)``, packs in id order."""
@@ -605,26 +669,52 @@ class ChunkIndex:
 
     # --- inside the lock ------------------------------------------------------------------------
 
-    def _find_locked(self, chunk_id: bytes) -> int:
-        """The row of ``chunk_id`` in the sorted arrays, or -1."""
+    def _find_locked(self, chunk_id: bytes) -> tuple[_Run, int] | None:
+        """The run and row of ``chunk_id``, or None."""
         if len(chunk_id) != fmt.ID_LEN or not self._filter_mask:
-            return -1
+            return None
         h = int.from_bytes(chunk_id[8:16], "big") & self._filter_mask
         if not (self._filter[h >> 3] >> (h & 7)) & 1:
-            return -1
-        return find_one(self._ids, self._key, chunk_id)
+            return None
+        for run in self._runs:
+            i = find_one(run.ids, run.key, chunk_id)
+            if i >= 0:
+                return run, i
+        return None
+
+    def _found_locked(self, ids: np.ndarray, key: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(ids), bool)
+        for run in self._runs:
+            found |= locate(run.ids, run.key, ids, key)[1]
+        return found
 
     def _build_filter_locked(self) -> None:
-        n = len(self._ids)
+        """The filter over every run, sized for 8 bits an id."""
+        n = self._size
         if not n:
             self._filter, self._filter_mask = b"", 0
             return
         bits = max(1 << 16, 1 << (8 * n - 1).bit_length())
-        words = np.ascontiguousarray(self._ids).view(">u8").reshape(-1, fmt.ID_LEN // 8)
         flags = np.zeros(bits, bool)
-        flags[(words[:, 1] & np.uint64(bits - 1)).astype(np.intp)] = True
+        for run in self._runs:
+            self._set_bits(flags, run.ids, bits)
         self._filter = np.packbits(flags, bitorder="little").tobytes()
         self._filter_mask = bits - 1
+
+    @staticmethod
+    def _set_bits(flags: np.ndarray, ids: np.ndarray, bits: int) -> None:
+        words = np.ascontiguousarray(ids).view(">u8").reshape(-1, fmt.ID_LEN // 8)
+        flags[(words[:, 1] & np.uint64(bits - 1)).astype(np.intp)] = True
+
+    def _filter_add_locked(self, run: _Run) -> None:
+        """Add a new run's ids to the filter (rebuilt, larger, when the index outgrew it)."""
+        bits = self._filter_mask + 1
+        if not self._filter_mask or 8 * self._size > 2 * bits:
+            self._build_filter_locked()
+            return
+        flags = np.unpackbits(np.frombuffer(self._filter, np.uint8), bitorder="little").astype(bool)
+        self._set_bits(flags, run.ids, bits)
+        self._filter = np.packbits(flags, bitorder="little").tobytes()
 
     def _pack_number_locked(self, pack_id: str) -> int:
         no = self._pack_no.get(pack_id)
@@ -636,55 +726,39 @@ class ChunkIndex:
     def _merge_recent_locked(self) -> None:
         if not self._recent:
             return
-        cols = {"ids": np.frombuffer(b"".join(self._recent), ID_DTYPE), "pack": np.array(self._r_pack, np.uint32),
-                "offset": np.array(self._r_offset, np.uint64), "stored_length": np.array(self._r_stored, np.uint32),
-                "raw_length": np.array(self._r_raw, np.uint32), "encoding": np.array(self._r_enc, np.uint8)}
+        ids = np.frombuffer(b"".join(self._recent), ID_DTYPE)
+        cols = (np.array(self._r_pack, np.uint32), np.array(self._r_offset, np.uint64),
+                np.array(self._r_stored, np.uint32), np.array(self._r_raw, np.uint32), np.array(self._r_enc, np.uint8))
         self._recent = {}
         self._r_pack, self._r_offset = array("I"), array("Q")
         self._r_stored, self._r_raw, self._r_enc = array("I"), array("I"), array("B")
-        self._insert_locked(cols)
+        self._add_run_locked(ids, *cols)
 
-    def _insert_locked(self, cols: dict[str, np.ndarray]) -> None:
-        """Merge rows into the sorted arrays, the first location of an id kept.
-
-        ``cols``: the (K,) columns of :func:`_columns`, and optionally ``numbers`` mapping their ``pack``
-        to this index's pack numbers (absent: they are these numbers already). Consumed one column at
-        a time (popped, so freed as it is merged unless the caller holds it): the peak is the arrays
-        plus one column's copy."""
-        ids = cols.pop("ids")
+    def _add_run_locked(self, ids: np.ndarray, pack: np.ndarray, offset: np.ndarray, stored: np.ndarray,
+                        raw: np.ndarray, enc: np.ndarray) -> None:
+        """Rows (``pack`` in this index's numbers) as a new run: sorted (unless they are, strictly), the
+        first of a repeated id kept, the ids already indexed left out; then the filter, then compaction."""
         key = id_key(ids)
-        order = sort_unique(ids, key)
-        ids, key = ids[order], key[order]
-        pos: np.ndarray | None = None
-        if len(self._ids):
-            pos, found = locate(self._ids, self._key, ids, key)
-            new = ~found
+        order: np.ndarray | None = None
+        if len(key) > 1 and not bool((key[1:] > key[:-1]).all()):
+            order = sort_unique(ids, key)
+        if self._runs:
+            new = ~self._found_locked(ids if order is None else ids[order], key if order is None else key[order])
             if not new.all():
-                order, ids, key, pos = order[new], ids[new], key[new], pos[new]
+                order = (np.flatnonzero(new) if order is None else order[new])
+        cols = (ids, key, pack, offset, stored, raw, enc)
+        if order is not None:
             if not len(order):
                 return
+            cols = tuple(c[order] for c in cols)
+        run = _Run(*(_read_only(c) for c in cols))
+        self._runs.append(run)
+        self._size += len(run)
+        self._filter_add_locked(run)
+        while len(self._runs) > self._MAX_RUNS:
+            self._merge_smallest_locked()
 
-        def merged(old: np.ndarray, add: np.ndarray) -> np.ndarray:
-            out = add if pos is None else np.insert(old, pos, add)
-            out.flags.writeable = False
-            return out
-
-        self._ids = merged(self._ids, ids)
-        del ids
-        self._key = merged(self._key, key)
-        del key
-        numbers = cols.pop("numbers", None)
-        pack = cols.pop("pack")[order]
-        self._pack = merged(self._pack, pack if numbers is None else numbers[pack])
-        del pack
-        self._offset = merged(self._offset, cols.pop("offset")[order])
-        self._stored = merged(self._stored, cols.pop("stored_length")[order])
-        self._raw = merged(self._raw, cols.pop("raw_length")[order])
-        self._enc = merged(self._enc, cols.pop("encoding")[order])
-        self._build_filter_locked()
-
-
-def _columns(rows: IndexRows) -> dict[str, np.ndarray]:
-    """The columns of ``rows`` by name (what :meth:`ChunkIndex._insert_locked` consumes)."""
-    return {"ids": rows.ids, "pack": rows.pack, "offset": rows.offset, "stored_length": rows.stored_length,
-            "raw_length": rows.raw_length, "encoding": rows.encoding}
+    def _merge_smallest_locked(self) -> None:
+        self._runs.sort(key=len, reverse=True)
+        b, a = self._runs.pop(), self._runs.pop()
+        self._runs.append(_merged(a, b))

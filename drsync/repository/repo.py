@@ -191,28 +191,33 @@ class ChunkWriter:
         Returns the new index rows (columns); the caller writes them into an index file (still under
         the session's lock: :meth:`flush` does both).
         """
+        return IndexRows.concat(self._seal_runs())
+
+    def _seal_runs(self) -> list[IndexRows]:
+        """:meth:`seal`, the rows as the session's index holds them (a few sorted runs: no merged copy)."""
         with self._lock:
             if self._pack is not None:
                 self._finish_pack()
             self._wait_syncs()
-            rows = self._new.rows()
+            runs = self._new.runs()
             self._new = ChunkIndex()
-            return rows
+            return runs
 
     def flush(self) -> None:
         """Make every chunk added so far durable and visible in the index; drops the writer's own lock."""
         try:
-            rows = self.seal()
-            if not len(rows):
+            runs = [r for r in self._seal_runs() if len(r)]
+            if not runs:
                 return
             name = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
-            write_index(self.repo.storage, name, rows)
+            write_index(self.repo.storage, name, runs)
             if self._export:
                 pass
             elif self._given_index is None:
-                self.repo._note_index_file(name, rows)
+                self.repo._note_index_file(name, runs)
             else:
-                self._given_index.add_rows(rows)
+                for rows in runs:
+                    self._given_index.add_rows(rows)
         finally:
             with self._lock:
                 if self._pack is None and not len(self._new):
@@ -475,12 +480,13 @@ class Repository:
             if self._index is not None:
                 self._refresh_index_locked()
 
-    def _note_index_file(self, name: str, rows: IndexRows) -> None:
-        """A writer of this object wrote ``name`` holding ``rows``: add them without reading it back."""
+    def _note_index_file(self, name: str, runs: list[IndexRows]) -> None:
+        """A writer of this object wrote ``name`` holding ``runs``: add them without reading it back."""
         with self._index_lock:
             if self._index is None:
                 return  # loaded with everything else when first needed
-            self._index.add_rows(rows)
+            for rows in runs:
+                self._index.add_rows(rows)
             self._index_files.add(name)
 
     def reload_index(self) -> None:
