@@ -176,9 +176,16 @@ class WriteList:
         self.head.extend(items)
 
     def total_size(self) -> int:
-        """Bytes of every file in the list (the rows' sizes summed in Arrow)."""
-        sizes = self.manifest.table.column("size").take(pa.array(self.rows, pa.int64()))
-        return sum(e.size for e in self.head) + int(pc.sum(sizes).as_py() or 0)
+        """Bytes of every file in the list: the rows' sizes summed a column chunk at a time, read in
+        place (a take would join the column and copy the sizes: 15 MiB at 1,000,000 rows)."""
+        total = sum(e.size for e in self.head)
+        start = 0
+        for chunk in self.manifest.table.column("size").chunks:
+            sizes = chunk.to_numpy(zero_copy_only=False)
+            mine = (self.rows >= start) & (self.rows < start + len(sizes))
+            total += int(sizes[self.rows[mine] - start].sum())
+            start += len(sizes)
+        return total
 
 
 def _key(e: LocalEntry | None) -> bytes:

@@ -237,3 +237,24 @@ def test_merging_200000_new_files_holds_rows_not_objects() -> None:
     assert rest is not None and len(rest.new_rows) == 200_000 and len(rest.rows) == 0 and rest.unchanged == 0
     assert rest.new_parents == {f"d{i:04}" for i in range(200)}
     assert peak < 40 * MiB, f"merge peak {peak / MiB:.1f} MiB for 200,000 new files"
+
+
+def test_a_write_lists_bytes_add_up_its_rows_sizes_across_column_chunks() -> None:
+    """What a restore reports and shows progress against: the sizes of its rows summed a column chunk
+    at a time (no joined copy), the planner's own entries added, any rows in any order."""
+    import random
+
+    from tests.test_guard_merge import _chunked
+
+    rnd = random.Random(2)
+    parts = [_chunked({f"{k}/f{i:02}": [bytes([i]) * 32] * rnd.randrange(0, 4) for i in range(rnd.randrange(1, 9))})
+             for k in range(5)]
+    table = pa.concat_tables([p.table for p in parts])
+    manifest = Manifest(table)
+    assert table.column("size").num_chunks == 5
+    sizes = table.column("size").to_pylist()
+    for _ in range(50):
+        rows = np.array(rnd.sample(range(len(sizes)), rnd.randrange(0, len(sizes) + 1)), np.int64)
+        head = list(manifest.entries_at(np.array(rows[:2], np.int64), light=True))
+        listed = WriteList(head, manifest, rows)
+        assert listed.total_size() == sum(sizes[int(r)] for r in rows) + sum(e.size for e in head)
