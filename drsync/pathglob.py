@@ -1,7 +1,9 @@
 """Glob patterns over slash-separated relative paths (``tables/**``, ``*.tmp``).
 
 ``*`` and ``?`` stay inside one path component; ``**`` crosses components. A
-pattern without a slash matches the last component anywhere, like .gitignore.
+pattern without a slash matches the last component anywhere, like .gitignore, and
+a pattern that matches a directory matches everything below it too (so leaving out
+``b`` never keeps ``b/f`` without its directory).
 """
 
 from __future__ import annotations
@@ -42,5 +44,5 @@ def compile_globs(patterns: Iterable[str]) -> Callable[[str], bool]:
         parts.append(body if "/" in p.rstrip("/") else f"(?:.*/)?{body}")
     if not parts:
         return lambda path: False
-    rx = re.compile(rf"^(?:{'|'.join(parts)})$")
+    rx = re.compile(rf"^(?:{'|'.join(parts)})(?:/.*)?$", re.DOTALL)
     return lambda path: rx.match(path) is not None

@@ -401,3 +401,27 @@ def test_the_chunks_of_some_rows_are_taken_chunk_by_chunk() -> None:
         if filled and set(filled) <= set(rows.tolist()):  # the chunks handed over: their offsets not copied
             offsets = {(c.offset, c.buffers()[1].address) for c in col.chunks if len(c)}
             assert all((g.offset, g.buffers()[1].address) in offsets for g in got.chunks if len(g))
+
+
+def test_lost_packs_are_found_from_the_index_files_pack_columns() -> None:
+    """Packs the index names that are gone (damage), found without loading the index."""
+    from drsync.repository import chunks
+
+    storage = MemoryStorage()
+    repo = Repository.init(storage, cluster_id="east", release="1")
+    rnd = random.Random(8)
+    packs: list[str] = []
+    for _ in range(3):
+        w = repo.chunk_writer()
+        d = rnd.randbytes(100)
+        w.add(chunks.chunk_id(d), d)
+        w.flush()
+        packs.append(repo.index.get(chunks.chunk_id(d)).pack_id)  # type: ignore[union-attr]
+    fresh = Repository.open(storage)
+    assert fresh.lost_packs() == set() and fresh._index is None
+    storage.delete(fmt.pack_name(packs[1]))
+    assert fresh.lost_packs() == {packs[1]} and fresh._index is None
+    name = storage.list(fmt.INDEX_DIR)[0].name
+    storage.write(name, b"not parquet")
+    with pytest.raises(IntegrityError, match="damaged"):
+        fresh.lost_packs()

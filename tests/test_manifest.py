@@ -105,6 +105,15 @@ def test_diff_type_change_counts_as_changed() -> None:
     ("logs/*.log", "logs/x/a.log", False),
     ("**/cache", "a/b/cache", True),
     ("**/cache", "cache", True),
+    # A match of a directory is a match of everything below it; a longer name is not a match.
+    ("b", "b/f0", True),
+    ("b", "a/b/c/d", True),
+    ("b", "bb/f", False),
+    ("*.tmp", "x.tmp/inner", True),
+    ("logs/*.log", "logs/a.log/x", True),
+    ("tables/**", "tables", False),
+    ("b", "x\ny/b/c", True),  # a name holding a newline
+    ("b", "a\nb/c", False),
 ])
 def test_globs(pattern: str, path: str, hit: bool) -> None:
     assert compile_globs([pattern])(path) is hit

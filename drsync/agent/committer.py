@@ -157,9 +157,11 @@ class Committer:
             # indexed and its pack exists (IntegrityError otherwise; the primary sends them again).
             # A snapshot stored here vouches for its chunks (its own commit checked them, and no GC sweeps
             # them while it is kept): only the files that differ from the applied one (or the guard's
-            # baseline) are checked, so a no-change cycle at 1,000,000 files reads no index.
+            # baseline) are checked, so a no-change cycle at 1,000,000 files loads no index. Unless a pack
+            # the index names is gone (damage, not GC): then every chunk is checked, as before.
             root = self._known_root()
-            self.repo.check_chunks_present(manifest.chunk_id_column() if root is None
+            whole = root is None or bool(self.repo.lost_packs())
+            self.repo.check_chunks_present(manifest.chunk_id_column() if whole
                                            else chunks_beyond(root, manifest), f"snapshot {info.id}")
             self.repo.reload_index()  # not kept through the guards and the apply: see _apply
             known = {s.id: s for s in self.repo.list_snapshots()}

@@ -316,6 +316,8 @@ class Manifest:
             table.validate(full=True)
         except pa.ArrowInvalid as e:
             raise IntegrityError(f"{what} is damaged: {e}") from None
+        if pc.list_flatten(table.column("chunks")).null_count:  # the layout allows it; no writer does
+            raise IntegrityError(f"{what} is damaged: it lists a chunk id that is null; it was not used")
         return cls(_upgrade_v1(table)) if v1 else cls(table)
 
     @staticmethod

@@ -131,6 +131,8 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
         targets = _pycolumn(t, "target")
         hardlinks = _pycolumn(t, "hardlink")
         modes = t.column("mode").to_pylist()
+        if pc.list_flatten(t.column("chunks")).null_count:
+            raise IntegrityError(f"{what} is damaged: it lists a chunk id that is null; it was not used")
         chunk_counts = pc.list_value_length(t.column("chunks")).to_pylist()
         size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
         sums = _list_sums(t.column("chunk_sizes"))

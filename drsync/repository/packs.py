@@ -426,6 +426,23 @@ def iter_index_file(data: bytes | pa.NativeFile, name: str, batch_rows: int = IN
         raise IntegrityError(f"index file {name} is damaged: {e!s}; run 'drsync repo verify'") from None
 
 
+def index_file_packs(data: bytes | pa.NativeFile, name: str) -> set[str]:
+    """The pack ids one index file names, from its ``pack`` column alone (read dictionary-encoded: the
+    values of each batch's dictionary, a superset at most), without decoding the other columns.
+    IntegrityError if the file is damaged or of another layout."""
+    try:
+        source = data if isinstance(data, pa.NativeFile) else pa.BufferReader(data)
+        f = pq.ParquetFile(source, read_dictionary=["pack"], pre_buffer=False)
+        if not f.schema_arrow.equals(_INDEX_SCHEMA_READ):
+            raise IntegrityError(f"index file {name} has an unexpected layout")
+        named: set[str] = set()
+        for batch in f.iter_batches(batch_size=INDEX_ROW_GROUP, columns=["pack"], use_threads=False):
+            named.update(p for p in batch.column(0).dictionary.to_pylist() if p is not None)
+        return named
+    except (pa.ArrowInvalid, OSError, KeyError, ValueError, IndexError) as e:
+        raise IntegrityError(f"index file {name} is damaged: {e!s}; run 'drsync repo verify'") from None
+
+
 def read_index_file(data: bytes, name: str) -> IndexRows:
     """Every row of one index file, checked (:func:`iter_index_file`), in file order."""
     return IndexRows.concat(list(iter_index_file(data, name)))

@@ -37,6 +37,7 @@ from drsync.repository.packs import (
     IndexRows,
     PackTable,
     PackWriter,
+    index_file_packs,
     iter_index_file,
     read_pack_table,
     write_index,
@@ -565,6 +566,7 @@ class Repository:
                 hit = hit[~seen[pos[hit]]]
                 if not len(hit):
                     continue
+                hit = hit[np.unique(pos[hit], return_index=True)[1]]  # repeated in the batch: its first row
                 to = pos[hit]
                 numbers = np.array([packs.setdefault(p, len(packs)) for p in rows.packs], np.uint32)
                 at.pack[to] = numbers[rows.pack[hit]]
@@ -613,6 +615,28 @@ class Repository:
                 raise IntegrityError(
                     f"{what} names chunks in pack(s) that are gone ({len(gone)}, first {sorted(gone)[0]}); "
                     f"nothing was committed: run 'drsync repo verify' on {self.storage.url}")
+
+    def lost_packs(self) -> set[str]:
+        """Packs the index names that ``packs/`` does not hold (damage: a pack deleted by hand or lost with
+        a disk), from the index files' pack columns alone (a few MiB read at 1,000,000 chunks, no index
+        loaded) and one listing. IntegrityError if an index file is damaged. Exact under a held lock (no
+        GC sweeps in between)."""
+        for _ in range(3):
+            named: set[str] = set()
+            try:
+                for obj in self.storage.list(fmt.INDEX_DIR):
+                    named |= index_file_packs(pa.PythonFile(RangeReader(self.storage, obj.name, obj.size),
+                                                            mode="r"), obj.name)
+                break
+            except ObjectMissing:
+                continue  # a GC replaced an index file while we listed (a caller without a lock): list again
+        else:
+            raise IntegrityError(f"the index files of {self.storage.url} keep changing while they are read; "
+                                 f"run 'drsync repo verify'")
+        if not named:
+            return set()
+        present = {o.name for o in self.storage.list(fmt.PACKS_DIR)}
+        return {p for p in named if fmt.pack_name(p) not in present}
 
     def _check_loaded(self, pieces: list[np.ndarray | pa.Array]
                       ) -> tuple[list[np.ndarray], set[int], tuple[str, ...]]:
