@@ -151,6 +151,9 @@ class Committer:
             raise IntegrityError(f"snapshot {info.id}: the manifest arrived damaged or truncated "
                                  f"(hash mismatch); it was not applied")
         self._refuse_if_stale(info, position)
+        # The chunk index the shipment's negotiation loaded (61 bytes a chunk) is let go before the manifest
+        # is decoded beside it: the check below locates what it needs from the index files.
+        self.repo.reload_index()
         manifest = Manifest.from_bytes(spool, f"manifest of snapshot {info.id}")
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S) as lock:
             # Under the shared lock no GC sweeps between this check and the apply: every chunk is
