@@ -15,8 +15,6 @@ import pytest
 
 import drsync.repository.manifest as manifest_mod
 from drsync import engine
-from drsync.agent.committer import Committer
-from drsync.agent.state import StateStore
 from drsync.apply import apply_manifest
 from drsync.errors import IntegrityError
 from drsync.repository import chunks
@@ -28,40 +26,22 @@ from drsync.repository.packs import ChunkIndex, ChunkLocation, IndexRows, PackWr
 from drsync.repository.repo import Repository
 from drsync.storage.memory import MemoryStorage
 from tests.conftest import age_tree, tree_state
-from tests.test_chunk_index import awkward_ids, loc
-from tests.test_commit_vouched import CID, REL, _ship
+from tests.test_chunk_index import awkward_ids, loc, sessions_repo
+from tests.test_commit_vouched import _ship, make_standby
 
 # --- the standby's vouched commit check ---------------------------------------------------------
 
 
 @pytest.fixture
 def standby(tmp_path: Path):  # type: ignore[no-untyped-def]
-    return _make_standby(tmp_path)
+    return make_standby(tmp_path, files=6, repeat=300)
 
 
 @pytest.fixture(params=[1, 2, 65536])
 def grouped_standby(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """A standby whose applied manifest is stored in row groups of ``request.param`` rows."""
     monkeypatch.setattr(manifest_mod, "ROW_GROUP", request.param)
-    return _make_standby(tmp_path)
-
-
-def _make_standby(tmp_path: Path):  # type: ignore[no-untyped-def]
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        (src / f"f{i}").write_bytes(f"file {i} ".encode() * (300 + i))
-    age_tree(src)
-    primary = engine.init_repository(str(tmp_path / "prod-repo"), cluster_id=CID, release=REL)
-    repo = engine.init_repository(str(tmp_path / "repo"), cluster_id=CID, release=REL)
-    root = tmp_path / "root"
-    root.mkdir()
-    c = Committer(repo, str(root), StateStore(str(tmp_path / "state")), agent="standby",
-                  max_delete_fraction=1.0, max_change_fraction=1.0)
-    first = engine.create_snapshot(primary, engine.SnapshotRequest(str(src), kind="cycle"))
-    _ship(primary, first, repo, c)
-    assert tree_state(root) == tree_state(src)
-    return src, primary, repo, root, c, first
+    return make_standby(tmp_path, files=6, repeat=300)
 
 
 def _stored_ids(repo: Repository) -> set[str]:
@@ -151,9 +131,9 @@ def test_a_shipment_naming_chunks_of_a_lost_pack_is_refused_even_when_the_applie
     for p in packs:
         repo.storage.delete(p.name)
     repo.reload_index()
-    (src / "f0").write_bytes(b"a change so the snapshot differs " * 10)
-    st = (src / "f1").stat()
-    os.utime(src / "f0", ns=(st.st_atime_ns, st.st_mtime_ns))  # old enough to capture; the rest untouched
+    (src / "f00").write_bytes(b"a change so the snapshot differs " * 10)
+    st = (src / "f01").stat()
+    os.utime(src / "f00", ns=(st.st_atime_ns, st.st_mtime_ns))  # old enough to capture; the rest untouched
     changed = engine.create_snapshot(primary, engine.SnapshotRequest(str(src), kind="cycle"))
     with pytest.raises(IntegrityError) as refused:
         _ship(primary, changed, repo, c)
@@ -223,17 +203,9 @@ def test_the_unloaded_check_answers_as_the_loaded_one(monkeypatch: pytest.Monkey
     with and without the index loaded, and the index stays unloaded."""
     monkeypatch.setattr(ChunkIndex, "_MERGE_MIN", 2)
     monkeypatch.setattr(ChunkIndex, "_MAX_RUNS", 2)
-    storage = MemoryStorage()
-    repo = Repository.init(storage, cluster_id="e", release="1")
+    storage, repo, data = sessions_repo(31, 3, 12, (1, 200))
+    made = list(data)
     rnd = random.Random(31)
-    made: list[bytes] = []
-    for _ in range(3):
-        w = repo.chunk_writer()
-        for _ in range(12):
-            d = rnd.randbytes(rnd.randint(1, 200))
-            made.append(chunks.chunk_id(d))
-            w.add(made[-1], d)
-        w.flush()
     fresh = Repository.open(storage)
     assert dict(fresh.index.items()) == dict(repo.index.items()) and len(dict(fresh.index.items())) == len(set(made))
     absent = [b"\0" * 32, b"\0" * 31 + b"\1", made[0][:8] + b"\0" * 24]

@@ -51,6 +51,27 @@ def awkward_ids(rnd: random.Random, n: int) -> list[bytes]:
     return out
 
 
+def sessions_repo(seed: int, sessions: int, per: int, size: int | tuple[int, int]
+                  ) -> tuple[MemoryStorage, Repository, dict[bytes, bytes]]:
+    """A repository in memory written by ``sessions`` write sessions (a pack and an index file each) of
+    ``per`` random chunks of ``size`` bytes (or a random size in that range): ``(storage, repository,
+    chunk id -> bytes)`` in the order written."""
+    from drsync.repository import chunks
+
+    storage = MemoryStorage()
+    repo = Repository.init(storage, cluster_id="east", release="1")
+    rnd = random.Random(seed)
+    data: dict[bytes, bytes] = {}
+    for _ in range(sessions):
+        w = repo.chunk_writer()
+        for _ in range(per):
+            d = rnd.randbytes(size if isinstance(size, int) else rnd.randint(*size))
+            data[chunks.chunk_id(d)] = d
+            w.add(chunks.chunk_id(d), d)
+        w.flush()
+    return storage, repo, data
+
+
 def loc(rnd: random.Random, packs: list[str]) -> ChunkLocation:
     n = rnd.randint(0, fmt.CHUNK_MAX)
     return ChunkLocation(rnd.choice(packs), rnd.randint(8, 2**40), n, n, fmt.ENC_RAW)
@@ -305,17 +326,8 @@ def test_a_part_of_the_index_locates_chunks_across_index_files_without_loading_i
     from drsync.repository import chunks
     from drsync.repository.repo import ChunkReader
 
-    storage = MemoryStorage()
-    repo = Repository.init(storage, cluster_id="east", release="1")
+    storage, repo, data = sessions_repo(7, 3, 40, (1, 5000))
     rnd = random.Random(7)
-    data: dict[bytes, bytes] = {}
-    for _ in range(3):
-        w = repo.chunk_writer()
-        for _ in range(40):
-            d = rnd.randbytes(rnd.randint(1, 5000))
-            data[chunks.chunk_id(d)] = d
-            w.add(chunks.chunk_id(d), d)
-        w.flush()
     dup = sorted(data)[5]
     w = repo.chunk_writer(export=True)
     enc, stored = chunks.encode(data[dup])
@@ -343,20 +355,10 @@ def test_the_presence_check_works_a_slice_at_a_time(monkeypatch: pytest.MonkeyPa
     and a pack named by any slice that is gone is found. With the index not loaded (a standby lets it go
     after each commit) the same answers come from the index files, and the index stays unloaded."""
     import drsync.repository.repo as repo_mod
-    from drsync.repository import chunks
 
     monkeypatch.setattr(repo_mod, "_CHECK_SLICE", 3)
-    storage = MemoryStorage()
-    repo = Repository.init(storage, cluster_id="east", release="1")
-    rnd = random.Random(3)
-    made: list[bytes] = []
-    for _ in range(3):  # three packs
-        w = repo.chunk_writer()
-        for _ in range(5):
-            d = rnd.randbytes(100)
-            made.append(chunks.chunk_id(d))
-            w.add(made[-1], d)
-        w.flush()
+    storage, repo, data = sessions_repo(3, 3, 5, 100)  # three packs
+    made = list(data)
     last_pack = repo.index.get(made[-1]).pack_id  # type: ignore[union-attr]
 
     def check(ids: pa.ChunkedArray | pa.Array) -> None:
@@ -405,18 +407,8 @@ def test_the_chunks_of_some_rows_are_taken_chunk_by_chunk() -> None:
 
 def test_lost_packs_are_found_from_the_index_files_pack_columns() -> None:
     """Packs the index names that are gone (damage), found without loading the index."""
-    from drsync.repository import chunks
-
-    storage = MemoryStorage()
-    repo = Repository.init(storage, cluster_id="east", release="1")
-    rnd = random.Random(8)
-    packs: list[str] = []
-    for _ in range(3):
-        w = repo.chunk_writer()
-        d = rnd.randbytes(100)
-        w.add(chunks.chunk_id(d), d)
-        w.flush()
-        packs.append(repo.index.get(chunks.chunk_id(d)).pack_id)  # type: ignore[union-attr]
+    storage, repo, data = sessions_repo(8, 3, 1, 100)
+    packs = [repo.index.get(c).pack_id for c in data]  # type: ignore[union-attr]
     fresh = Repository.open(storage)
     assert fresh.lost_packs() == set() and fresh._index is None
     storage.delete(fmt.pack_name(packs[1]))

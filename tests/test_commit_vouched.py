@@ -43,12 +43,13 @@ def _ship(primary: Repository, info: SnapshotInfo, standby: Repository, c: Commi
     c.commit(info.to_bytes(), primary.manifest_bytes(info), [1, info.seq])
 
 
-@pytest.fixture
-def standby(tmp_path: Path):  # type: ignore[no-untyped-def]
+def make_standby(tmp_path: Path, files: int = 40, repeat: int = 50):  # type: ignore[no-untyped-def]
+    """A primary repository, a standby repository with a committer, and the first snapshot of a small
+    source shipped and applied: ``(src, primary, standby repo, standby root, committer, first)``."""
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(40):
-        (src / f"f{i:02}").write_bytes(f"file {i} ".encode() * (50 + i))
+    for i in range(files):
+        (src / f"f{i:02}").write_bytes(f"file {i} ".encode() * (repeat + i))
     age_tree(src)
     primary = engine.init_repository(str(tmp_path / "prod-repo"), cluster_id=CID, release=REL)
     repo = engine.init_repository(str(tmp_path / "repo"), cluster_id=CID, release=REL)
@@ -59,7 +60,12 @@ def standby(tmp_path: Path):  # type: ignore[no-untyped-def]
     first = engine.create_snapshot(primary, engine.SnapshotRequest(str(src), kind="cycle"))
     _ship(primary, first, repo, c)
     assert tree_state(root) == tree_state(src)
-    return src, primary, repo, root, c
+    return src, primary, repo, root, c, first
+
+
+@pytest.fixture
+def standby(tmp_path: Path):  # type: ignore[no-untyped-def]
+    return make_standby(tmp_path)[:5]
 
 
 def _index_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
