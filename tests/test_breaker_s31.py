@@ -535,3 +535,22 @@ def test_chunks_beyond_hostile_shapes(monkeypatch: pytest.MonkeyPatch, group: in
     for base in (mb, ManifestFile(mb.to_bytes())):
         for new in (mn, ManifestFile(mn.to_bytes())):
             assert chunks_beyond(base, new).to_pylist() == want
+
+
+def test_excluding_a_directory_leaves_out_what_lies_below_it(tmp_path: Path) -> None:
+    """An exclude pattern that names a directory leaves out its contents too (a restore never writes
+    ``b/f0`` without ``b``, which crashed the commit on a new target)."""
+    src = tmp_path / "src"
+    (src / "b" / "deep").mkdir(parents=True)
+    (src / "a").mkdir()
+    (src / "b" / "f0").write_bytes(b"zero")
+    (src / "b" / "deep" / "f1").write_bytes(b"one")
+    (src / "a" / "b").write_bytes(b"a file named b")
+    (src / "a" / "keep").write_bytes(b"kept")
+    age_tree(src)
+    repo = engine.init_repository(str(tmp_path / "repo"), cluster_id="c", release="1")
+    snap = engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
+    out = tmp_path / "out"
+    apply_manifest(repo.load_manifest(snap), repo, str(out), exclude=("b",))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["a", "a/keep"]
+    assert (out / "a" / "keep").read_bytes() == b"kept"
