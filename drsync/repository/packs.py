@@ -602,9 +602,7 @@ class ChunkIndex:
         with self._lock:
             self._merge_recent_locked()
             found = np.zeros(len(q), bool)
-            out = [np.zeros(len(q), c.dtype) for c in (np.empty(0, np.uint32), np.empty(0, np.uint64),
-                                                         np.empty(0, np.uint32), np.empty(0, np.uint32),
-                                                         np.empty(0, np.uint8))]
+            out = [np.zeros(len(q), dtype) for dtype in (np.uint32, np.uint64, np.uint32, np.uint32, np.uint8)]
             for run in self._runs:
                 pos, hit = locate(run.ids, run.key, q, key)
                 at = pos[hit]
