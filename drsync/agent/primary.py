@@ -21,8 +21,9 @@ import pyarrow.compute as pc
 
 from drsync.errors import DrsyncError
 from drsync.repository import format as fmt
-from drsync.repository.ids import IdSet, ids_array, to_arrow
+from drsync.repository.ids import IdSet, gather, ids_array, locate, pieces_key, sort_unique, to_arrow
 from drsync.repository.manifest import Manifest, ManifestFile, column_groups
+from drsync.repository.manifest_diff import chunks_beyond
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.repository.spool import Spool
@@ -51,6 +52,15 @@ class ShipResult:
     deduplicated_bytes: int
     duration_s: float
     applied: CommitOutcome
+
+
+@dataclass
+class Upload:
+    """What a shipment's upload sent: chunks, their stored bytes (as sent) and their raw bytes."""
+
+    chunks: int = 0
+    stored_bytes: int = 0
+    raw_bytes: int = 0
 
 
 def batched(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
@@ -125,27 +135,52 @@ def _bandwidth_of(bandwidth: float | Callable[[], float | None]) -> Callable[[],
     return lambda: rate
 
 
-def chunk_table(manifest: Manifest | ManifestFile) -> pa.Table:
-    """Every distinct chunk id the manifest names (``chunk``, 32 bytes) with its raw size (``size``,
-    bytes), sorted by id: Arrow columns, one row group of the manifest read at a time."""
-    parts = []
+@dataclass(frozen=True)
+class ChunkCount:
+    """The distinct chunks a manifest names: how many, and their raw sizes added up (bytes)."""
+
+    chunks: int
+    raw_bytes: int
+
+
+def _chunk_pieces(manifest: Manifest | ManifestFile) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The manifest's chunk ids (:data:`ID_DTYPE` arrays) and raw sizes (``uint32``), one piece per row group,
+    in row order, repeats kept. Files whose bytes DistCp copies (no chunk ids, one size) name no chunk."""
+    ids: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
     for t in column_groups(manifest, ["chunks", "chunk_sizes"]):
-        # Files whose bytes DistCp copies (no chunk ids, one size) name no chunk.
         t = t.filter(pc.equal(pc.list_value_length(t.column("chunks")),
                               pc.list_value_length(t.column("chunk_sizes"))))
-        parts.append(pa.table({"chunk": pc.list_flatten(t.column("chunks")),
-                               "size": pc.list_flatten(t.column("chunk_sizes"))}))
-    t = pa.concat_tables(parts).combine_chunks() if parts else None
-    if t is None or not t.num_rows:  # a snapshot of empty files, or one whose files DistCp copies
+        if not t.num_rows:
+            continue
+        piece = ids_array(pc.list_flatten(t.column("chunks")))
+        if len(piece):
+            ids.append(piece)
+            sizes.append(np.asarray(pc.list_flatten(t.column("chunk_sizes")).to_numpy(), np.uint32))
+    return ids, sizes
+
+
+def _distinct(manifest: Manifest | ManifestFile) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """:func:`_chunk_pieces` and the (U,) indices into them, taken end to end, of each distinct id once, in id
+    order (:func:`sort_unique` over the pieces: 8 bytes of key and 8 of index a chunk beside the pieces' 36,
+    never a joined or sorted copy of every id)."""
+    ids, sizes = _chunk_pieces(manifest)
+    return ids, sizes, sort_unique(None, pieces_key(ids), take=lambda at: gather(ids, at))
+
+
+def count_chunks(manifest: Manifest | ManifestFile) -> ChunkCount:
+    """How many distinct chunks the manifest names and their raw bytes, read a row group at a time."""
+    _, sizes, order = _distinct(manifest)
+    return ChunkCount(len(order), int(gather(sizes, order).sum(dtype=np.uint64)) if len(order) else 0)
+
+
+def chunk_table(manifest: Manifest | ManifestFile) -> pa.Table:
+    """Every distinct chunk id the manifest names (``chunk``, 32 bytes) with its raw size (``size``,
+    bytes), sorted by id: Arrow columns."""
+    ids, sizes, order = _distinct(manifest)
+    if not len(order):  # a snapshot of empty files, or one whose files DistCp copies
         return pa.table({"chunk": pa.array([], pa.binary(fmt.ID_LEN)), "size": pa.array([], pa.uint32())})
-    ids = ids_array(t.column("chunk"))
-    order = np.argsort(ids)
-    ids = ids[order]
-    first = np.ones(len(ids), bool)
-    first[1:] = ids[1:] != ids[:-1]
-    ids = ids[first]
-    sizes = t.column("size").chunk(0).to_numpy()[order][first]
-    return pa.table({"chunk": to_arrow(ids), "size": pa.array(sizes, pa.uint32())})
+    return pa.table({"chunk": to_arrow(gather(ids, order)), "size": pa.array(gather(sizes, order), pa.uint32())})
 
 
 def chunk_sizes(manifest: Manifest | ManifestFile) -> dict[bytes, int]:
@@ -154,23 +189,39 @@ def chunk_sizes(manifest: Manifest | ManifestFile) -> dict[bytes, int]:
     return dict(zip(t.column("chunk").to_pylist(), t.column("size").to_pylist(), strict=True))
 
 
-def ids_to_negotiate(new: pa.Table, applied: Manifest | ManifestFile | None) -> pa.Array:
-    """Which chunk ids (of ``new``, a :func:`chunk_table`) to ask the standby about, sorted. Pure.
+def negotiation_plan(new: Manifest | ManifestFile,
+                     applied: Manifest | ManifestFile | None) -> tuple[ChunkCount, pa.Array]:
+    """What to ship ``new`` with: its :class:`ChunkCount`, and which of its chunk ids to ask the standby
+    about (sorted, each once). Pure.
 
-    A standby holds every chunk of the snapshot it applied, so only chunks that snapshot lacks can
-    be missing. Without a known applied snapshot, ask about all of them. (If the standby lost chunks
-    anyway, its commit check refuses and the next attempt negotiates everything.)
+    A standby holds every chunk of the snapshot it applied, so only chunks that snapshot lacks can be
+    missing: the chunks of ``new``'s rows whose chunk list differs from ``applied``'s at the same path
+    (:func:`manifest_diff.chunks_beyond`, a merge of the two), less those ``applied`` names anywhere
+    (a moved or copied file), found by reading ``applied``'s chunk column a row group at a time. Memory
+    follows the changed rows, not the snapshot's size. Without a known applied snapshot, ask about all of
+    them. (If the standby lost chunks anyway, its commit check refuses and the next attempt negotiates
+    everything.)
     """
-    ids = new.column("chunk").combine_chunks()
-    if applied is None or not len(ids):
-        return ids
-    held = IdSet.of(chunk_table(applied).column("chunk"))
-    return ids.filter(pa.array(~held.contains_many(ids)))
+    if applied is None:
+        ids, sizes, order = _distinct(new)
+        count = ChunkCount(len(order), int(gather(sizes, order).sum(dtype=np.uint64)) if len(order) else 0)
+        return count, to_arrow(gather(ids, order)) if len(order) else pa.array([], pa.binary(fmt.ID_LEN))
+    count = count_chunks(new)
+    beyond = IdSet.of(chunks_beyond(applied, new))
+    if not len(beyond):
+        return count, pa.array([], pa.binary(fmt.ID_LEN))
+    held = np.zeros(len(beyond), bool)
+    for t in column_groups(applied, ["chunks"]):
+        flat = ids_array(pc.list_flatten(t.column("chunks")))
+        if len(flat):
+            pos, found = locate(beyond.ids, beyond.key, flat)
+            held[pos[found]] = True
+    return count, to_arrow(beyond.ids[~held])
 
 
 def chunks_to_negotiate(new: Manifest | ManifestFile, applied: Manifest | ManifestFile | None) -> list[bytes]:
-    """:func:`ids_to_negotiate` as a list of ids (for small manifests and tests)."""
-    return ids_to_negotiate(chunk_table(new), applied).to_pylist()
+    """:func:`negotiation_plan`'s ids as a list (for small manifests and tests)."""
+    return negotiation_plan(new, applied)[1].to_pylist()
 
 
 def _ids(arr: pa.Array, step: int = NEGOTIATE_BATCH) -> Iterator[bytes]:
@@ -202,39 +253,36 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     start = time.monotonic()
     pacer = Pacer(_bandwidth_of(bandwidth_bps))
     with (reading or contextlib.nullcontext)():
-        manifest, sizes, missing, shipped = _negotiate_and_upload(repo, info, link, epoch=epoch, pacer=pacer,
-                                                                  applied=applied, check=check)
+        manifest, count, sent = _negotiate_and_upload(repo, info, link, epoch=epoch, pacer=pacer, applied=applied,
+                                                      check=check)
     with manifest:
-        return _commit(info, link, manifest, sizes, missing, shipped, epoch=epoch, sender=sender, pacer=pacer,
+        return _commit(info, link, manifest, count, sent, epoch=epoch, sender=sender, pacer=pacer,
                        check=check, sender_seq=info.seq if sender_seq is None else sender_seq, start=start)
 
 
-def _commit(info: SnapshotInfo, link: StandbyLink, manifest: Spool, sizes: pa.Table, missing: pa.Array,
-            shipped: int, *, epoch: int, sender: str, pacer: Pacer, check: Callable[[bool], None], sender_seq: int,
+def _commit(info: SnapshotInfo, link: StandbyLink, manifest: Spool, count: ChunkCount, sent: Upload, *,
+            epoch: int, sender: str, pacer: Pacer, check: Callable[[bool], None], sender_seq: int,
             start: float) -> ShipResult:
     """The commit of a shipment whose chunks are on the standby: the manifest in pieces of
     :data:`COMMIT_PIECE_BYTES`, read from its spool as they are sent."""
-    total_bytes = int(pc.sum(sizes.column("size")).as_py() or 0)
     pieces = manifest.pieces(COMMIT_PIECE_BYTES)
     if not pacer.may_send():
-        raise ShippingPaused(f"shipping snapshot {info.id} paused before its commit ({human_size(shipped)} of "
-                             f"chunks sent stay on the standby)")
+        raise ShippingPaused(f"shipping snapshot {info.id} paused before its commit "
+                             f"({human_size(sent.stored_bytes)} of chunks sent stay on the standby)")
     check(True)
     # A seq is a position in one repository: the standby numbers what it receives itself. The
     # document goes without it, as before snapshots were numbered, so a standby that runs the
     # previous version during a rolling upgrade still reads it.
     outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces, sender_seq=sender_seq)
-    missing_raw = int(pc.sum(sizes.column("size").filter(pc.is_in(sizes.column("chunk"), value_set=missing)))
-                      .as_py() or 0) if len(missing) else 0
-    return ShipResult(info.id, sizes.num_rows, len(missing), shipped, total_bytes - missing_raw,
+    return ShipResult(info.id, count.chunks, sent.chunks, sent.stored_bytes, max(0, count.raw_bytes - sent.raw_bytes),
                       round(time.monotonic() - start, 3), outcome)
 
 
 def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int,
                           pacer: Pacer, applied: Manifest | ManifestFile | None,
-                          check: Callable[[bool], None]) -> tuple[Spool, pa.Table, pa.Array, int]:
-    """Returns (the manifest as read and hashed, :func:`chunk_table`, ids that were missing, stored bytes
-    shipped). A large manifest waits in a temporary file (its spool), not in memory, until the commit."""
+                          check: Callable[[bool], None]) -> tuple[Spool, ChunkCount, Upload]:
+    """Returns (the manifest as read and hashed, its :class:`ChunkCount`, what the upload sent). A large
+    manifest waits in a temporary file (its spool), not in memory, until the commit."""
     manifest = repo.manifest_spool(info)
     try:
         return (manifest, *_negotiate_and_upload_chunks(repo, info, link, manifest, epoch=epoch, pacer=pacer,
@@ -246,22 +294,21 @@ def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLin
 
 def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: StandbyLink, manifest: Spool, *,
                                  epoch: int, pacer: Pacer, applied: Manifest | ManifestFile | None,
-                                 check: Callable[[bool], None]) -> tuple[pa.Table, pa.Array, int]:
-    sizes = chunk_table(ManifestFile(manifest, f"manifest of snapshot {info.id}"))
-    ask = ids_to_negotiate(sizes, applied)
+                                 check: Callable[[bool], None]) -> tuple[ChunkCount, Upload]:
+    count, ask = negotiation_plan(ManifestFile(manifest, f"manifest of snapshot {info.id}"), applied)
     replies: list[pa.Array] = []
     if len(ask):
         for reply in link.missing(epoch, batched(_ids(ask), NEGOTIATE_BATCH)):
             replies.append(pa.array(reply, pa.binary(fmt.ID_LEN)))
+    del ask
     missing = pa.concat_arrays(replies) if replies else pa.array([], pa.binary(fmt.ID_LEN))
-    shipped = 0
-    sent_chunks = 0
+    sent = Upload()
     paused = False
 
     def chunk_batches() -> Iterator[list[ReceivedChunk]]:
-        nonlocal shipped, sent_chunks, paused
+        nonlocal paused
         batch: list[ReceivedChunk] = []
-        size = 0
+        size = raw = 0
         for cid in _ids(missing):
             if size == 0:
                 check(False)
@@ -271,21 +318,24 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
             loc, stored = repo.read_stored(cid)
             batch.append(ReceivedChunk(cid, loc.encoding, loc.raw_length, stored))
             size += len(stored)
+            raw += loc.raw_length
             if size >= UPLOAD_MESSAGE_BYTES or len(batch) >= UPLOAD_MESSAGE_CHUNKS:
                 yield batch
-                shipped, sent_chunks = shipped + size, sent_chunks + len(batch)
+                sent.chunks, sent.stored_bytes, sent.raw_bytes = (sent.chunks + len(batch), sent.stored_bytes + size,
+                                                                  sent.raw_bytes + raw)
                 pacer.sent_message(size)  # bandwidth limit: wait until the rate allows the next message
-                batch, size = [], 0
+                batch, size, raw = [], 0, 0
         if batch:
             yield batch
-            shipped, sent_chunks = shipped + size, sent_chunks + len(batch)
+            sent.chunks, sent.stored_bytes, sent.raw_bytes = (sent.chunks + len(batch), sent.stored_bytes + size,
+                                                              sent.raw_bytes + raw)
 
     if missing and pacer.may_send():
         link.upload(epoch, chunk_batches())
     elif missing:
         paused = True
     if paused:
-        raise ShippingPaused(f"shipping snapshot {info.id} paused after {sent_chunks}/{len(missing)} chunks "
-                             f"({human_size(shipped)}); the chunks sent stay on the standby and the next shipment "
-                             f"sends only the rest")
-    return sizes, missing, shipped
+        raise ShippingPaused(f"shipping snapshot {info.id} paused after {sent.chunks}/{len(missing)} chunks "
+                             f"({human_size(sent.stored_bytes)}); the chunks sent stay on the standby and the next "
+                             f"shipment sends only the rest")
+    return count, sent

@@ -84,6 +84,18 @@ def id_key(ids: np.ndarray) -> np.ndarray:
     return words[:, 0].astype(np.uint64)
 
 
+def pieces_key(pieces: list[np.ndarray]) -> np.ndarray:
+    """The (K,) :func:`id_key` of several :data:`ID_DTYPE` arrays taken end to end, filled in place (no
+    per-piece key to join)."""
+    key = np.empty(sum(len(p) for p in pieces), np.uint64)
+    start = 0
+    for p in pieces:
+        if len(p):
+            key[start:start + len(p)] = np.ascontiguousarray(p).view(">u8").reshape(-1, fmt.ID_LEN // 8)[:, 0]
+        start += len(p)
+    return key
+
+
 def sort_unique(ids: np.ndarray | None, key: np.ndarray | None = None, *,
                 take: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Indices (``(U,)`` intp) that put ``ids`` in byte order with each id once, its first
@@ -120,9 +132,9 @@ def sort_unique(ids: np.ndarray | None, key: np.ndarray | None = None, *,
 
 
 def gather(pieces: list[np.ndarray], at: np.ndarray) -> np.ndarray:
-    """The ids at ``at`` (K,) indices into ``pieces`` (:data:`ID_DTYPE` arrays) taken end to end, as one
-    new (K,) array, without first joining the pieces (a copy of them all)."""
-    out = np.empty(len(at), ID_DTYPE)
+    """The ids at ``at`` (K,) indices into ``pieces`` (:data:`ID_DTYPE` arrays, or any 1-d arrays of one
+    dtype) taken end to end, as one new (K,) array, without first joining the pieces (a copy of them all)."""
+    out = np.empty(len(at), pieces[0].dtype if pieces else ID_DTYPE)
     start = 0
     for p in pieces:
         mine = (at >= start) & (at < start + len(p))
@@ -224,7 +236,7 @@ class IdSet:
         pieces = [p for p in pieces if len(p)]
         if len(pieces) <= 1:
             return cls.of(pieces[0]) if pieces else cls.empty()
-        key = np.concatenate([id_key(p) for p in pieces])
+        key = pieces_key(pieces)
         order = sort_unique(None, key, take=lambda at: gather(pieces, at))
         return cls(gather(pieces, order), key[order])
 
