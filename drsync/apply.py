@@ -42,6 +42,7 @@ from drsync import fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.pathglob import compile_globs
+from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, id_list
 from drsync.repository.manifest import (
     DIR,
@@ -687,7 +688,7 @@ def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, ro
     without loading its whole index (:meth:`Repository.reader_for`)."""
     if not len(rows) and not more:
         return source
-    ids = pc.list_flatten(_take_sorted(manifest.table.column("chunks"), rows))
+    ids = _chunk_ids_at(manifest, rows)
     wanted = IdSet.of(pa.chunked_array([*ids.chunks, pa.array(list(more), ids.type)], ids.type)
                       if more else ids)
     narrowed = getattr(source, "reader_for", None)
@@ -712,6 +713,20 @@ def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, ro
             raise IntegrityError(f"{what}: {printable(paths[0]) if paths else '?'}: chunk {cid.hex()[:16]} is missing "
                                  f"from the repository; nothing was changed")
     return source
+
+
+def _chunk_ids_at(manifest: Manifest, rows: np.ndarray) -> pa.ChunkedArray:
+    """The chunk ids the files at ascending manifest ``rows`` name, flattened (repeats kept): from the
+    table's ``chunks`` column, or a lean manifest's file a row group at a time."""
+    if manifest.source is None:
+        return pc.list_flatten(_take_sorted(manifest.table.column("chunks"), rows))
+    parts: list[pa.Array] = []
+    starts = manifest.source.starts
+    for g, t in enumerate(column_groups(manifest.source, ["chunks"])):
+        lo, hi = np.searchsorted(rows, [starts[g], starts[g + 1]])
+        if hi > lo:
+            parts.extend(pc.list_flatten(_take_sorted(t.column("chunks"), rows[lo:hi] - starts[g])).chunks)
+    return pa.chunked_array(parts, pa.binary(fmt.ID_LEN))
 
 
 def _take_sorted(col: pa.ChunkedArray, rows: np.ndarray) -> pa.ChunkedArray:
@@ -764,8 +779,9 @@ def _with_chunks(manifest: Manifest, same: Callable[[Entry, LocalEntry], bool]) 
             return same(e, have)
         if e.row - start not in range(len(rows)):
             start = e.row - e.row % size
-            part = manifest.table.slice(start, size)
-            rows = list(zip(*(part.column(n).to_pylist() for n in ("chunks", "chunk_sizes", "content")), strict=True))
+            names = ["chunks", "chunk_sizes", "content"]
+            part = manifest.columns_at(np.arange(start, min(start + size, len(manifest))), names)
+            rows = list(zip(*(part.column(n).to_pylist() for n in names), strict=True))
         return same(e.filled(*rows[e.row - start]), have)
 
     return check

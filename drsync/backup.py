@@ -284,7 +284,7 @@ def restore_backup(path: str, target: str, *, checksum: bool = False,
     snaps = repo.list_snapshots()
     if len(snaps) != 1:
         raise IntegrityError(f"backup {path} should hold one snapshot, it holds {len(snaps)}")
-    manifest = repo.load_manifest(snaps[0])
+    manifest = repo.load_manifest(snaps[0], lean=True)
     result = apply_manifest(manifest, repo, target, what=f"backup {meta.id}", checksum=checksum,
                             exclude=tuple(meta.excluded), structure_only=meta.mode == "dataless",
                             progress=progress, on_total=on_total, protect=(path, *protect), dry_run=dry_run,

@@ -222,7 +222,7 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
     with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
         info = repo.find_snapshot(ref)
         check_same_cluster(info, cluster_id, release)
-        manifest = repo.load_manifest(info)
+        manifest = repo.load_manifest(info, lean=True)
         external = None
         if manifest.external_count() and not dry_run:
             if distcp is None:

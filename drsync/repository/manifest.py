@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -229,6 +230,8 @@ def external_mask(t: pa.Table) -> np.ndarray:
     the few candidates (rows captured for DistCp) are confirmed one by one."""
     if t.num_rows == 0:
         return np.zeros(0, dtype=bool)
+    if LEAN_EXTERNAL in t.column_names:  # a lean table (:meth:`Manifest.lean`) carries it, worked out on load
+        return np.asarray(t.column(LEAN_EXTERNAL).to_numpy(zero_copy_only=False), dtype=bool).copy()
     files = pc.and_(pc.equal(t.column("type"), FILE), pc.greater(t.column("size"), 0))
     maybe = pc.and_(files, pc.and_(pc.equal(pc.list_value_length(t.column("chunks")), 0),
                                    pc.equal(pc.list_value_length(t.column("chunk_sizes")), 1)))
@@ -263,12 +266,41 @@ def hdfs_checksum_digest(algorithm: str, checksum: bytes) -> bytes:
 _DEFAULTS = {"xattrs": None, "hardlink": None, "sparse": False, "stale": False}
 
 
-class Manifest:
-    """An immutable, path-sorted Arrow table following :data:`SCHEMA`."""
+# What a lean manifest (:meth:`Manifest.lean`) leaves in its file: the chunk lists and content digests (about
+# 73 MiB of a 1,000,000-file table's 161), and the change-detection columns an apply never reads.
+LEAN_LEFT_OUT = ("chunks", "chunk_sizes", "content", "ctime_ns", "inode")
+LEAN_EXTERNAL = "external"  # the lean table's own column: :func:`external_mask`, worked out on load
+_HEAVY = ("chunks", "chunk_sizes", "content")
 
-    def __init__(self, table: pa.Table) -> None:
+
+class Manifest:
+    """An immutable, path-sorted Arrow table following :data:`SCHEMA`.
+
+    A *lean* manifest (:meth:`lean`) holds every column but :data:`LEAN_LEFT_OUT` in memory and reads those
+    from its :class:`ManifestFile` (``source``) for the rows that ask for them: what an apply holds of a
+    million-file snapshot. Every method answers the same for both; only ``table`` lacks those columns."""
+
+    def __init__(self, table: pa.Table, source: ManifestFile | None = None) -> None:
         self.table = table
+        self.source = source  # a lean manifest's file (None: the table is whole)
         self._split: tuple[list[pa.RecordBatch], np.ndarray] | None = None  # for entries_at: batches, starts
+        self._groups = _GroupCache(source) if source is not None else None
+
+    @classmethod
+    def lean(cls, source: ManifestFile) -> Manifest:
+        """The manifest of ``source`` without the columns :data:`LEAN_LEFT_OUT`, read a row group at a time
+        (each checked as :meth:`ManifestFile.group` checks it), with which rows are external worked out
+        on the way. At 1,000,000 files about 90 MiB instead of 161."""
+        keep = [n for n in SCHEMA.names if n not in LEAN_LEFT_OUT]
+        parts = []
+        for g in range(source.num_groups):
+            t = source.group(g, [*keep, "chunks", "chunk_sizes"])
+            ext = external_mask(t)
+            parts.append(t.select(keep).append_column(LEAN_EXTERNAL, pa.array(ext, pa.bool_())))
+        if not parts:
+            empty = SCHEMA.empty_table().select(keep)
+            parts.append(empty.append_column(LEAN_EXTERNAL, pa.array([], pa.bool_())))
+        return cls(pa.concat_tables(parts), source)
 
     @classmethod
     def empty(cls) -> Manifest:
@@ -286,6 +318,8 @@ class Manifest:
     def to_spool(self, memory_bytes: int | None = None) -> Spool:
         """The manifest serialised (:class:`ManifestWriter`) into a spool (in a temporary file past
         ``memory_bytes``, default 16 MiB)."""
+        if self.source is not None:
+            raise TypeError("a lean manifest is not serialised: read its file (Manifest.source) instead")
         w = ManifestWriter(self.table.schema, memory_bytes=memory_bytes)
         w.write(self.table)
         return w.finish()
@@ -342,7 +376,36 @@ class Manifest:
 
     def pycolumn(self, name: str) -> list:  # type: ignore[type-arg]
         """One column as Python values: names as str (lossless), ``mtime_ns`` as int nanoseconds."""
+        if self.source is not None and name in LEAN_LEFT_OUT:
+            return [v for t in column_groups(self.source, [name]) for v in _pycolumn(t, name)]
         return _pycolumn(self.table, name)
+
+    def columns_at(self, rows: list[int] | np.ndarray, columns: list[str]) -> pa.Table:
+        """``columns`` at manifest ``rows`` (in that order), taken from each row's own record batch (or, for
+        a lean manifest's left-out columns, its file's row group: the last few read are kept)."""
+        wanted = np.asarray(rows, dtype=np.int64)
+        if self._groups is not None and any(c in LEAN_LEFT_OUT for c in columns):
+            return self._groups.take(wanted, columns)
+        if not len(wanted):
+            return self.table.select(columns).slice(0, 0)
+        batches, starts = self._batches()
+        which = np.searchsorted(starts, wanted, side="right") - 1
+        order = np.argsort(which, kind="stable")
+        parts = []
+        for b in np.unique(which).tolist():
+            sel = wanted[which == b] - starts[b]
+            parts.append(pa.Table.from_batches([batches[b].select(columns).take(pa.array(sel))]))
+        t = pa.concat_tables(parts)
+        if (np.diff(which) < 0).any():  # rows out of batch order: back to the order asked
+            t = t.take(pa.array(np.argsort(order, kind="stable")))
+        return t
+
+    def _batches(self) -> tuple[list[pa.RecordBatch], np.ndarray]:
+        split = self._split
+        if split is None:  # one assignment: threads staging at once see both parts or neither
+            batches = self.table.to_batches()
+            split = self._split = (batches, np.cumsum([0] + [b.num_rows for b in batches]))
+        return split
 
     _FULL = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target", "chunks", "chunk_sizes",
              "xattrs", "hardlink", "sparse", "stale", "content")
@@ -355,8 +418,18 @@ class Manifest:
         planning at scale; :meth:`entries_at` gives the full entries of chosen rows later."""
         start = 0
         for batch in self.table.to_batches():
-            yield from _entries_of(pa.Table.from_batches([batch]), start, light)
+            part = _entries_of(pa.Table.from_batches([batch]), start, light or self.source is not None)
+            if self.source is not None and not light:
+                yield from self._filled(list(part))
+            else:
+                yield from part
             start += batch.num_rows
+
+    def _filled(self, light: list[Entry]) -> list[Entry]:
+        """Light entries of a lean manifest with their chunk lists and digests from its file."""
+        heavy = self.columns_at([e.row for e in light], list(_HEAVY))
+        cols = [heavy.column(n).to_pylist() for n in _HEAVY]
+        return [e.filled(c, s, d) for e, c, s, d in zip(light, *cols, strict=True)]
 
     def entries_at(self, rows: list[int] | np.ndarray, *, light: bool = False) -> list[Entry]:
         """The full entries of manifest rows ``rows`` (in that order; ``light``: as :meth:`entries` gives
@@ -364,11 +437,9 @@ class Manifest:
         chunked table would join every batch first)."""
         if not len(rows):
             return []
-        split = self._split
-        if split is None:  # one assignment: threads staging at once see both parts or neither
-            batches = self.table.to_batches()
-            split = self._split = (batches, np.cumsum([0] + [b.num_rows for b in batches]))
-        batches, starts = split
+        if self.source is not None and not light:
+            return self._filled(self.entries_at(rows, light=True))
+        batches, starts = self._batches()
         wanted = np.asarray(rows, dtype=np.int64)
         which = np.searchsorted(starts, wanted, side="right") - 1
         out: list[Entry | None] = [None] * len(rows)
@@ -381,10 +452,9 @@ class Manifest:
 
     def paths_naming(self, chunk_id: bytes, limit: int = 3) -> list[str]:
         """The first ``limit`` paths whose file names ``chunk_id`` (for messages; vectorised)."""
-        col = self.table.column("chunks")
         out: list[str] = []
         start = 0
-        for part in col.chunks:
+        for part in (c for t in column_groups(self, ["chunks"]) for c in t.column("chunks").chunks):
             hits = pc.is_in(pc.list_flatten(part), value_set=pa.array([chunk_id], pa.binary(fmt.ID_LEN)))
             rows = np.unique(np.asarray(pc.list_parent_indices(part))[np.asarray(hits, dtype=bool)])
             out += [self.pycolumn_at("path", start + int(r)) for r in rows[:limit - len(out)]]
@@ -400,16 +470,18 @@ class Manifest:
     def chunk_ids(self) -> set[bytes]:
         """Every chunk id the manifest names, as a Python set (one object per id: small manifests and
         tests; at scale use :meth:`chunk_id_set` or :meth:`chunk_id_array`)."""
-        flat = pc.list_flatten(self.table.column("chunks"))
-        return set(pc.unique(flat).to_pylist())
+        return set(pc.unique(self.chunk_id_column()).to_pylist())
 
     def chunk_id_set(self) -> IdSet:
         """Every chunk id the manifest names, each once, as a sorted :class:`IdSet` (40 bytes an id)."""
-        return IdSet.of(pc.list_flatten(self.table.column("chunks")))
+        return IdSet.of(self.chunk_id_column())
 
     def chunk_id_column(self) -> pa.ChunkedArray:
         """Every chunk id the manifest names, in row order with repeats: the ``chunks`` column flattened,
-        its own buffers (no copy; ``fixed_size_binary(32)``)."""
+        its own buffers (no copy; ``fixed_size_binary(32)``; a lean manifest's read from its file)."""
+        if self.source is not None:
+            return pa.chunked_array([c for t in column_groups(self.source, ["chunks"])
+                                     for c in pc.list_flatten(t.column("chunks")).chunks], pa.binary(fmt.ID_LEN))
         return pc.list_flatten(self.table.column("chunks"))
 
     def chunk_id_array(self) -> np.ndarray:
@@ -434,6 +506,8 @@ class Manifest:
         """This manifest without the paths ``drop`` answers true for and everything below them, still a
         whole tree: a hard-link group whose first file is left out gets its first kept member as its
         first file (the others link to that one). What validates before validates after."""
+        if self.source is not None:
+            raise TypeError("a lean manifest keeps its file's rows: load the manifest whole to leave paths out")
         paths = self.pycolumn("path")
         links = self.pycolumn("hardlink")
         dropped: set[str] = set()
@@ -575,6 +649,50 @@ class ManifestFile:
                    for i in range(self.num_groups))
 
 
+class _GroupCache:
+    """Columns of a lean manifest's file at chosen rows: the row groups those rows are in are read whole
+    (Parquet reads no less) and the last :data:`_CACHED_GROUPS` kept, so an apply staging files in manifest
+    order, a few threads at once, reads each group about once. Thread-safe."""
+
+    def __init__(self, source: ManifestFile) -> None:
+        self.source = source
+        self._lock = threading.Lock()
+        self._recent: dict[tuple[int, tuple[str, ...]], pa.Table] = {}
+
+    def _group(self, g: int, columns: tuple[str, ...]) -> pa.Table:
+        with self._lock:  # one reader of the file at a time; a group read once, whichever thread asks
+            t = self._recent.pop((g, columns), None)
+            if t is None:
+                t = self.source.group(g, list(columns))
+            self._recent[(g, columns)] = t  # most recent last
+            while len(self._recent) > _CACHED_GROUPS:
+                del self._recent[next(iter(self._recent))]
+            return t
+
+    def take(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
+        starts = np.asarray(self.source.starts, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= starts[-1]):
+            raise IndexError(f"rows out of range of {self.source.what}")
+        which = np.searchsorted(starts, rows, side="right") - 1
+        key = tuple(columns)
+        parts, placed = [], []
+        for g in np.unique(which).tolist():
+            sel = np.flatnonzero(which == g)
+            parts.append(self._group(g, key).take(pa.array(rows[sel] - starts[g])))
+            placed.append(sel)
+        if not parts:
+            return self.source.group(0, columns).slice(0, 0) if self.source.num_groups else \
+                SCHEMA.empty_table().select(columns)
+        t = pa.concat_tables(parts)
+        at = np.concatenate(placed)
+        if (np.diff(at) < 0).any():
+            t = t.take(pa.array(np.argsort(at, kind="stable")))
+        return t
+
+
+_CACHED_GROUPS = 4
+
+
 ROW_GROUP = 65536  # manifest rows per Parquet row group
 
 
@@ -668,6 +786,8 @@ def column_groups(m: Manifest | ManifestFile, columns: list[str]) -> Iterator[pa
     """The manifest's ``columns``, one path-sorted piece of at most :data:`ROW_GROUP` rows at a time (a
     loaded table sliced, a :class:`ManifestFile` a row group at a time): callers decode a piece to
     Python values without holding the whole manifest as objects."""
+    if isinstance(m, Manifest) and m.source is not None and not set(columns) <= set(m.table.column_names):
+        m = m.source  # a lean manifest: the columns it leaves out are in its file (the same rows)
     if isinstance(m, Manifest):
         t = m.table.select(columns)
         for lo in range(0, t.num_rows, ROW_GROUP):
