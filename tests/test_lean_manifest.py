@@ -192,3 +192,31 @@ def test_a_lean_manifest_holds_about_half_the_table() -> None:
         "chunks": [[bytes(r)] for r in ids], "chunk_sizes": [[1000]] * n})
     lean = Manifest.lean(ManifestFile(whole.to_bytes()))
     assert lean.table.nbytes < 0.6 * whole.table.nbytes, (lean.table.nbytes, whole.table.nbytes)
+
+
+def test_the_standby_applies_a_shipment_from_a_lean_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shipment's commit holds the manifest lean (its chunk lists stay in the spool's file) through the
+    guards and the apply, and the root ends up equal to production: a first sync, then a change."""
+    from drsync import engine
+    from drsync.agent import committer as committer_mod
+    from tests.conftest import tree_state
+    from tests.test_commit_vouched import _ship, make_standby
+
+    held: list[tuple[bool, bool]] = []
+    real = committer_mod.apply_manifest
+
+    def recording(manifest, *a, **k):  # type: ignore[no-untyped-def]
+        held.append((manifest.source is not None, "chunks" in manifest.table.column_names))
+        return real(manifest, *a, **k)
+
+    monkeypatch.setattr(committer_mod, "apply_manifest", recording)
+    src, primary, repo, root, c, _ = make_standby(tmp_path)
+    assert held == [(True, False)]
+    (src / "f03").write_bytes(b"changed " * 300)
+    (src / "f04").unlink()
+    (src / "sub").mkdir()
+    (src / "sub" / "new").write_bytes(b"new " * 100)
+    second = engine.create_snapshot(primary, engine.SnapshotRequest(str(src), kind="cycle"))
+    _ship(primary, second, repo, c)
+    assert held == [(True, False), (True, False)]
+    assert tree_state(root) == tree_state(src)

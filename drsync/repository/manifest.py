@@ -293,8 +293,15 @@ class Manifest:
         on the way. At 1,000,000 files about 90 MiB instead of 161."""
         keep = [n for n in SCHEMA.names if n not in LEAN_LEFT_OUT]
         parts = []
+        limit, total = decoded_limit(), 0
         for g in range(source.num_groups):
             t = source.group(g, [*keep, "chunks", "chunk_sizes"])
+            total += t.nbytes
+            if total > limit:  # as Manifest.from_bytes: a footer may understate what its groups decode into
+                raise ManifestTooLarge(f"{source.what} decodes into more than {limit} bytes, the most drsync "
+                                       f"decodes (docs/FORMAT.md, Limits); it was not read")
+            if pc.list_flatten(t.column("chunks")).null_count:  # the layout allows it; no writer does
+                raise IntegrityError(f"{source.what} is damaged: it lists a chunk id that is null; it was not used")
             ext = external_mask(t)
             parts.append(t.select(keep).append_column(LEAN_EXTERNAL, pa.array(ext, pa.bool_())))
         if not parts:

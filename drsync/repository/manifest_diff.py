@@ -211,7 +211,8 @@ def fold_aligned(old: Manifest | ManifestFile, new: Manifest | ManifestFile, col
                         pass
                 break
     except _Unsorted:
-        whole = [m if isinstance(m, Manifest) else m.read() for m in (old, new)]
+        whole = [m.read() if isinstance(m, ManifestFile) else m.source.read() if m.source is not None else m
+                 for m in (old, new)]
         out = [step(whole[0].table.select(columns), whole[1].table.select(columns))]
     return out
 
