@@ -14,8 +14,8 @@ from pathlib import Path
 import blake3
 import pytest
 
+import drsync.capture as capture_mod
 import drsync.repository.repo as repo_mod
-import drsync.repository.spool as spool_mod
 from drsync import backup
 from drsync.agent.primary import ship_snapshot
 from drsync.agent.standby import StandbyReceiver
@@ -169,7 +169,7 @@ def test_a_manifest_damaged_in_storage_is_refused_by_its_spool(tmp_path: Path,
 def test_a_capture_spools_its_manifest_into_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A capture's manifest past the spool's memory goes to a temporary file while it is written, and is
     stored from there: read back against the hash the spool computed, and restored."""
-    monkeypatch.setattr(spool_mod, "SPOOL_MEMORY_BYTES", 300)
+    monkeypatch.setattr(capture_mod, "_SPOOL_BYTES", 300)  # a capture's own threshold (2 MiB)
     made: list[Spool] = []
     real_finish = ManifestWriter.finish
 
