@@ -691,6 +691,7 @@ def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, ro
     ids = _chunk_ids_at(manifest, rows)
     wanted = IdSet.of(pa.chunked_array([*ids.chunks, pa.array(list(more), ids.type)], ids.type)
                       if more else ids)
+    del ids  # a lean manifest's ids were read for this: the set holds them now
     narrowed = getattr(source, "reader_for", None)
     got = narrowed(wanted) if narrowed is not None else None
     if got is not None:

@@ -595,10 +595,11 @@ class Repository:
             # Not loaded (a standby lets it go after each commit): located from the index files, only these
             # ids kept (61 bytes an id), never the whole index and its merges.
             wanted = IdSet.of_pieces([ids_array(p) for p in pieces])
+            del chunk_ids, pieces  # the set holds them (sorted, each once): the given ids may be a copy to free
             try:
                 seen, rows = self._locate_unloaded(wanted)
             except ObjectMissing:  # a GC replaced an index file while we listed: the loaded index is exact
-                missing, numbers, names = self._check_loaded(pieces)
+                missing, numbers, names = self._check_loaded([wanted.ids])
             else:
                 missing = [wanted.ids[~seen]] if not seen.all() else []
                 numbers, names = set(np.unique(rows.pack[seen]).tolist()), rows.packs
