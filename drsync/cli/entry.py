@@ -15,7 +15,7 @@ import click
 
 from drsync.cli.common import STATE, Exit
 from drsync.errors import EXIT_FAILED, EXIT_USAGE, DrsyncError
-from drsync.repository.manifest import printable
+from drsync.repository.manifest import one_line
 
 
 def _printable_errors(err: UnicodeError) -> tuple[str, int]:
@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exit as e:
         if str(e):  # "" when the error was already logged (agent --log-format json)
-            _error(printable(str(e)))
+            _error(one_line(str(e)))
         return e.code
     except DrsyncError as e:
         if debug:
             traceback.print_exc()
-        _error(printable(str(e)))
+        _error(one_line(str(e)))
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("drsync: interrupted", err=True)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         from drsync.fsutil import describe_os_error
 
-        _error(printable(str(describe_os_error(e, "the operation"))))
+        _error(one_line(str(describe_os_error(e, "the operation"))))
         return EXIT_FAILED
     except Exception as e:  # a bug: say so plainly, and how to get the details
         if debug:

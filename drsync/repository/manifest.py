@@ -97,6 +97,13 @@ def printable(name: str) -> str:
         "utf-8", "backslashreplace").translate(_CONTROLS)
 
 
+def one_line(text: str) -> str:
+    """A message for a terminal or a log line on one line: control characters and undecodable bytes
+    escaped as :func:`printable` escapes them, backslashes left as they are (names in it were made
+    :func:`printable` already; escaping again would double their backslashes)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").translate(_CONTROLS)
+
+
 def split_ns(values: list[int]) -> tuple[list[int] | pa.Array, list[int] | pa.Array]:
     """Nanosecond times as (seconds, nanoseconds) columns; floor division keeps times before 1970 exact.
     Times that fit int64 (1677..2262, nearly all) are split by Arrow kernels, the rest in Python."""
@@ -182,6 +189,21 @@ class Entry:
                                    light_external=None)
 
 
+# Columns every row has a value in (the layout allows nulls; no writer leaves one).
+REQUIRED = ("path", "type", "mode", "uid", "gid", "size", "mtime_s", "mtime_nsec")
+
+
+def check_values(t: pa.Table, what: str) -> None:
+    """IntegrityError when a piece of a manifest has a null where every row holds a value (:data:`REQUIRED`)
+    or a null chunk id: damage or a hostile writer, refused before anything reads a row. Null counts only
+    (no pass over the values)."""
+    for name in REQUIRED:
+        if name in t.column_names and t.column(name).null_count:
+            raise IntegrityError(f"{what} is damaged: column {name} has an empty (null) value; it was not used")
+    if "chunks" in t.column_names and pc.list_flatten(t.column("chunks")).null_count:
+        raise IntegrityError(f"{what} is damaged: it lists a chunk id that is null; it was not used")
+
+
 def _pycolumn(t: pa.Table, name: str) -> list:  # type: ignore[type-arg]
     if name in ("path", "target", "hardlink"):
         raw = t.column(name).to_pylist()
@@ -233,7 +255,8 @@ def external_mask(t: pa.Table) -> np.ndarray:
     if LEAN_EXTERNAL in t.column_names:  # a lean table (:meth:`Manifest.lean`) carries it, worked out on load
         return np.asarray(t.column(LEAN_EXTERNAL).to_numpy(zero_copy_only=False), dtype=bool).copy()
     files = pc.and_(pc.equal(t.column("type"), FILE), pc.greater(t.column("size"), 0))
-    maybe = pc.and_(files, pc.and_(pc.equal(pc.list_value_length(t.column("chunks")), 0),
+    # A null chunk list is an empty one, as validate reads it: such a row is external, never an empty file.
+    maybe = pc.and_(files, pc.and_(pc.equal(pc.fill_null(pc.list_value_length(t.column("chunks")), 0), 0),
                                    pc.equal(pc.list_value_length(t.column("chunk_sizes")), 1)))
     mask = np.asarray(pc.fill_null(maybe, False).to_numpy(zero_copy_only=False), dtype=bool).copy()
     rows = np.flatnonzero(mask)
@@ -295,13 +318,14 @@ class Manifest:
         parts = []
         limit, total = decoded_limit(), 0
         for g in range(source.num_groups):
-            t = source.group(g, [*keep, "chunks", "chunk_sizes"])
+            # Every column is read and checked, as a whole load checks it (damage in a column left out is
+            # refused now, not by the next whole load); only the lean ones are kept.
+            t = source.group(g)
             total += t.nbytes
             if total > limit:  # as Manifest.from_bytes: a footer may understate what its groups decode into
                 raise ManifestTooLarge(f"{source.what} decodes into more than {limit} bytes, the most drsync "
                                        f"decodes (docs/FORMAT.md, Limits); it was not read")
-            if pc.list_flatten(t.column("chunks")).null_count:  # the layout allows it; no writer does
-                raise IntegrityError(f"{source.what} is damaged: it lists a chunk id that is null; it was not used")
+            check_values(t, source.what)
             ext = external_mask(t)
             parts.append(t.select(keep).append_column(LEAN_EXTERNAL, pa.array(ext, pa.bool_())))
         if not parts:
@@ -357,9 +381,9 @@ class Manifest:
             table.validate(full=True)
         except pa.ArrowInvalid as e:
             raise IntegrityError(f"{what} is damaged: {e}") from None
-        if pc.list_flatten(table.column("chunks")).null_count:  # the layout allows it; no writer does
-            raise IntegrityError(f"{what} is damaged: it lists a chunk id that is null; it was not used")
-        return cls(_upgrade_v1(table)) if v1 else cls(table)
+        table = _upgrade_v1(table) if v1 else table
+        check_values(table, what)
+        return cls(table)
 
     @staticmethod
     def chunk_ids_from_bytes(data: bytes, what: str = "manifest") -> pa.ChunkedArray:
@@ -472,6 +496,8 @@ class Manifest:
 
     def pycolumn_at(self, name: str, row: int) -> object:
         """One value of column ``name`` at ``row``, as :meth:`pycolumn` gives it."""
+        if self.source is not None and name in LEAN_LEFT_OUT:
+            return self.columns_at([row], [name]).column(name).to_pylist()[0]
         return _pycolumn(self.table.slice(row, 1), name)[0]
 
     def chunk_ids(self) -> set[bytes]:

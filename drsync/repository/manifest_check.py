@@ -24,6 +24,7 @@ from drsync.repository.manifest import (
     Manifest,
     ManifestFile,
     _pycolumn,
+    check_values,
     column_groups,
     printable,
 )
@@ -123,16 +124,16 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
     links: dict[str, str] = {}
     linked: dict[str, str] = {}  # hard-linked path -> the first file of its group
     ordered, last = True, None
-    cols = ["path", "type", "mode", "size", "target", "hardlink", "chunks", "chunk_sizes"]
+    cols = ["path", "type", "mode", "size", "target", "hardlink", "chunks", "chunk_sizes", "uid", "gid", "mtime_s",
+            "mtime_nsec"]  # the last four for check_values alone
     for t in _slices(column_groups(manifest, cols)):
+        check_values(t, what)  # nulls first: every check below reads values
         paths = _pycolumn(t, "path")
         types = t.column("type").to_pylist()
         sizes = t.column("size").to_pylist()
         targets = _pycolumn(t, "target")
         hardlinks = _pycolumn(t, "hardlink")
         modes = t.column("mode").to_pylist()
-        if pc.list_flatten(t.column("chunks")).null_count:
-            raise IntegrityError(f"{what} is damaged: it lists a chunk id that is null; it was not used")
         chunk_counts = pc.list_value_length(t.column("chunks")).to_pylist()
         size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
         sums = _list_sums(t.column("chunk_sizes"))
