@@ -417,3 +417,28 @@ def test_lost_packs_are_found_from_the_index_files_pack_columns() -> None:
     storage.write(name, b"not parquet")
     with pytest.raises(IntegrityError, match="damaged"):
         fresh.lost_packs()
+
+
+def test_an_index_made_from_sorted_rows_answers_without_a_filter() -> None:
+    """A reader's index (``from_sorted``: the chunks a restore writes, located) holds no Bloom filter (23
+    bits an id for nothing), and still answers exactly: every id it was made for, with its location, and
+    none other (ids sharing the first 8 bytes of one it holds included); rows added later get a filter."""
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 256, size=(5000, 32), dtype=np.uint8)
+    raw[1, :8] = raw[0, :8]  # two ids sharing their search key
+    wanted = IdSet.of(ids_array([bytes(r) for r in raw]))
+    n = len(wanted)
+    rows = IndexRows(wanted.ids, np.zeros(n, np.uint32), np.arange(n, dtype=np.uint64), np.full(n, 7, np.uint32),
+                     np.full(n, 9, np.uint32), np.zeros(n, np.uint8), ("p0",))
+    index = ChunkIndex.from_sorted(wanted.ids, wanted.key, rows)
+    assert index.nbytes == sum(r.nbytes for r in index._runs)  # no filter bytes
+    ids = id_list(wanted.ids)
+    assert all(cid in index for cid in ids)
+    assert [index.get(cid).offset for cid in ids[:50]] == list(range(50))  # type: ignore[union-attr]
+    others = [bytes(r) for r in rng.integers(0, 256, size=(200, 32), dtype=np.uint8)]
+    others.append(ids[0][:8] + bytes(24))  # the key of a held id, another id
+    assert not any(cid in index for cid in others) and index.get(others[-1]) is None
+    assert index.contains_many(ids_array(others)).sum() == 0
+    new = bytes(range(32))
+    index.add(new, ChunkLocation("p1", 0, 1, 1, 0))
+    assert new in index and all(cid in index for cid in ids[:100]) and others[0] not in index

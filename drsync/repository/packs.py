@@ -541,7 +541,9 @@ class ChunkIndex:
             index._runs = [_Run(ids, key, rows.pack, rows.offset, rows.stored_length, rows.raw_length,
                                 rows.encoding)]
             index._size = len(ids)
-        index._build_filter_locked()
+        # No Bloom filter: such an index answers for the ids it was made for, found ones nearly always (a
+        # reader of a restore's chunks); the filter would be 23 bits an id for nothing. One is built if rows
+        # are added later.
         return index
 
     # --- one chunk -------------------------------------------------------------------------
@@ -686,11 +688,12 @@ class ChunkIndex:
 
     def _find_locked(self, chunk_id: bytes) -> tuple[_Run, int] | None:
         """The run and row of ``chunk_id``, or None."""
-        if len(chunk_id) != fmt.ID_LEN or not self._filter_mask:
+        if len(chunk_id) != fmt.ID_LEN:
             return None
-        h = int.from_bytes(chunk_id[8:16], "big") & self._filter_mask
-        if not (self._filter[h >> 3] >> (h & 7)) & 1:
-            return None
+        if self._filter_mask:  # no filter (an index made from_sorted, or an empty one): search the runs
+            h = int.from_bytes(chunk_id[8:16], "big") & self._filter_mask
+            if not (self._filter[h >> 3] >> (h & 7)) & 1:
+                return None
         for run in self._runs:
             i = find_one(run.ids, run.key, chunk_id)
             if i >= 0:
