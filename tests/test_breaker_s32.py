@@ -34,6 +34,7 @@ from drsync.repository import format as fmt
 from drsync.repository.manifest import LEAN_LEFT_OUT, Manifest, ManifestFile
 from drsync.repository.manifest_check import validate
 from drsync.repository.repo import Repository
+from drsync.repository.snapshots import SnapshotInfo
 from drsync.storage.local import LocalStorage
 from tests.conftest import run_drsync, tree_state
 from tests.test_capture_any_tree import exact_state, odd_tree
@@ -668,6 +669,16 @@ def test_diffs_and_guards_over_lean_manifests_answer_as_over_whole_ones(monkeypa
             assert got == want
 
 
+def _six_files(tmp_path: Path) -> tuple[Repository, SnapshotInfo]:
+    """A repository with one snapshot of six small random files."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}").write_bytes(os.urandom(100 + i))
+    repo = engine.init_repository(str(tmp_path / "repo"), cluster_id="c", release="1")
+    return repo, engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
+
+
 @pytest.mark.parametrize("lean", [False, True])
 def test_a_null_chunk_list_never_restores_as_an_empty_file(tmp_path: Path, lean: bool) -> None:
     """Promise 1 (damaged manifests refused; a restore leaves exactly the manifest's tree): a file row whose
@@ -675,12 +686,7 @@ def test_a_null_chunk_list_never_restores_as_an_empty_file(tmp_path: Path, lean:
     'external' row, yet external_mask (null -> not external) does not count it, so no DistCp stager is asked
     for and the restore 'succeeds' writing a 0-byte file where the manifest says 103 bytes.
     (BUG: expected an IntegrityError, or the file's bytes; got a silent empty file.)"""
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        (src / f"f{i}").write_bytes(os.urandom(100 + i))
-    repo = engine.init_repository(str(tmp_path / "repo"), cluster_id="c", release="1")
-    info = engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
+    repo, info = _six_files(tmp_path)
     t = _with_null(repo.load_manifest(info).table, "chunks", b"f3")
     _replace_manifest(tmp_path / "repo", info.id, _parquet(t))
     rp = Repository.open(LocalStorage(str(tmp_path / "repo")))
@@ -743,12 +749,7 @@ def test_manifests_of_wrong_layout_or_truncated_are_refused_lean_or_whole(tmp_pa
     refused with IntegrityError by whole and lean loads and by the negotiation plan, nothing written."""
     import pyarrow.compute as pc
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        (src / f"f{i}").write_bytes(os.urandom(100 + i))
-    repo = engine.init_repository(str(tmp_path / "repo"), cluster_id="c", release="1")
-    info = engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
+    repo, info = _six_files(tmp_path)
     t = repo.load_manifest(info).table
     good = _parquet(t)
     bad = [_parquet(t.set_column(3, pa.field("uid", pa.int64()), pc.cast(t.column("uid"), pa.int64()))),
