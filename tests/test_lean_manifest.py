@@ -220,3 +220,34 @@ def test_the_standby_applies_a_shipment_from_a_lean_manifest(tmp_path: Path, mon
     _ship(primary, second, repo, c)
     assert held == [(True, False), (True, False)]
     assert tree_state(root) == tree_state(src)
+
+
+@pytest.mark.parametrize("column", ["mtime_ns", "path", "uid"])
+def test_a_version_1_manifest_with_a_null_value_is_damage_whole_or_lean(column: str) -> None:
+    """A version-1 manifest is upgraded as it is read, which reads its values: a null where every row holds
+    one is refused as damage (IntegrityError) first, by a whole load, a lean one and validate alike."""
+    import pyarrow.parquet as pq
+
+    from drsync.repository.manifest_check import validate
+    from tests.test_capture_any_tree import v1_bytes
+
+    n = 20
+    plain = Manifest.from_columns({
+        "path": [f"f{i:02}" for i in range(n)], "type": ["file"] * n, "mode": [0o644] * n, "uid": [0] * n,
+        "gid": [0] * n, "size": [7] * n, "mtime_ns": list(range(n)), "ctime_ns": [0] * n, "inode": list(range(n)),
+        "target": [None] * n, "content": [blake3.blake3(bytes([i])).digest() for i in range(n)],
+        "chunks": [[blake3.blake3(bytes([i])).digest()] for i in range(n)], "chunk_sizes": [[7]] * n})
+    t = pq.read_table(pa.BufferReader(v1_bytes(plain, row_group=4)))
+    at = t.schema.get_field_index(column)
+    values = t.column(column).to_pylist()
+    values[len(values) // 2] = None
+    t = t.set_column(at, t.schema.field(column), pa.array(values, t.schema.field(column).type))
+    buf = pa.BufferOutputStream()
+    pq.write_table(t, buf, row_group_size=4)
+    data = buf.getvalue().to_pybytes()
+    with pytest.raises(IntegrityError, match="null"):
+        Manifest.from_bytes(data)
+    with pytest.raises(IntegrityError, match="null"):
+        Manifest.lean(ManifestFile(data))
+    with pytest.raises(IntegrityError, match="null"):
+        validate(ManifestFile(data))

@@ -190,7 +190,7 @@ class Entry:
 
 
 # Columns every row has a value in (the layout allows nulls; no writer leaves one).
-REQUIRED = ("path", "type", "mode", "uid", "gid", "size", "mtime_s", "mtime_nsec")
+REQUIRED = ("path", "type", "mode", "uid", "gid", "size", "mtime_s", "mtime_nsec", "mtime_ns")  # mtime_ns: version 1
 
 
 def check_values(t: pa.Table, what: str) -> None:
@@ -381,9 +381,8 @@ class Manifest:
             table.validate(full=True)
         except pa.ArrowInvalid as e:
             raise IntegrityError(f"{what} is damaged: {e}") from None
-        table = _upgrade_v1(table) if v1 else table
-        check_values(table, what)
-        return cls(table)
+        check_values(table, what)  # before an upgrade, which reads the values
+        return cls(_upgrade_v1(table)) if v1 else cls(table)
 
     @staticmethod
     def chunk_ids_from_bytes(data: bytes, what: str = "manifest") -> pa.ChunkedArray:
@@ -663,7 +662,9 @@ class ManifestFile:
         """Row group ``i`` (rows ``starts[i]`` to ``starts[i + 1]``), only ``columns`` if given."""
         try:
             if self._v1:
-                t = _upgrade_v1(self._pf.read_row_group(i))
+                t = self._pf.read_row_group(i)
+                check_values(t, self.what)  # the upgrade reads the values
+                t = _upgrade_v1(t)
                 t = t.select(columns) if columns else t
             else:
                 t = self._pf.read_row_group(i, columns=columns)
