@@ -18,6 +18,7 @@ from drsync import engine
 from drsync.agent.committer import Committer
 from drsync.agent.state import StateStore
 from drsync.errors import IntegrityError
+from drsync.repository import format as fmt
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from tests.conftest import age_tree, tree_state
@@ -90,6 +91,28 @@ def test_a_no_change_commit_reads_no_chunk_index(standby, monkeypatch: pytest.Mo
     assert c.store.current.applied_snapshot == same.id
     assert reads == [], "every chunk of an unchanged tree is vouched for by the applied snapshot"
     assert tree_state(root) == tree_state(src)
+
+
+def test_a_shipment_of_the_applied_manifest_is_stored_without_reading_the_applied_one(
+        standby, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Nothing changed: the shipment's manifest has the applied snapshot's hash, which vouches for all of it.
+    No manifest of this repository is read (no merge, no tree comparison), and it is applied. With a pack
+    lost since, every chunk is checked again and the shipment refused, nothing stored."""
+    src, primary, repo, root, c = standby
+    same = engine.create_snapshot(primary, engine.SnapshotRequest(str(src), kind="cycle"))
+    assert same.manifest_hash == repo.find_snapshot(c.store.current.applied_snapshot).manifest_hash
+    opened: list[str] = []
+    real = repo.open_manifest
+    monkeypatch.setattr(repo, "open_manifest", lambda info: opened.append(info.id) or real(info))
+    _ship(primary, same, repo, c)
+    assert opened == [] and c.store.current.applied_snapshot == same.id
+    assert tree_state(root) == tree_state(src)
+    for p in repo.storage.list(fmt.PACKS_DIR):
+        repo.storage.delete(p.name)
+    again = engine.create_snapshot(primary, engine.SnapshotRequest(str(src), kind="cycle"))
+    with pytest.raises(IntegrityError, match="does not hold|gone"):
+        _ship(primary, again, repo, c)
+    assert again.id not in {s.id for s in repo.list_snapshots()} and c.store.current.applied_snapshot == same.id
 
 
 def test_a_changed_file_whose_chunk_never_arrived_is_refused(standby, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

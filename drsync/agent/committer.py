@@ -168,11 +168,14 @@ class Committer:
             # A snapshot stored here vouches for its chunks (its own commit checked them, and no GC sweeps
             # them while it is kept): only the files that differ from the applied one (or the guard's
             # baseline) are checked, so a no-change cycle at 1,000,000 files loads no index. Unless a pack
-            # the index names is gone (damage, not GC): then every chunk is checked, as before.
-            root = self._known_root()
-            whole = root is None or bool(self.repo.lost_packs())
-            self.repo.check_chunks_present(manifest.chunk_id_column() if whole
-                                           else chunks_beyond(root, manifest), f"snapshot {info.id}")
+            # the index names is gone (damage, not GC): then every chunk is checked, as before. A manifest
+            # with the root's own hash (nothing changed) needs no merge to say so.
+            same = self._known_root_hash() == info.manifest_hash
+            root = None if same else self._known_root()
+            if self.repo.lost_packs() or (root is None and not same):
+                self.repo.check_chunks_present(manifest.chunk_id_column(), f"snapshot {info.id}")
+            elif root is not None:
+                self.repo.check_chunks_present(chunks_beyond(root, manifest), f"snapshot {info.id}")
             self.repo.reload_index()  # not kept through the guards and the apply: see _apply
             known = {s.id: s for s in self.repo.list_snapshots()}
             # Stored with this repository's next sequence number (arrival order), whatever
@@ -520,6 +523,15 @@ class Committer:
             return had.manifest_hash == info.manifest_hash or same_tree(self.repo.open_manifest(had), manifest)
         except DrsyncError:
             return False
+
+    def _known_root_hash(self) -> str:
+        """The manifest hash of what the root is known to hold (see :meth:`_known_root`), or ""."""
+        st = self.store.current
+        try:
+            return self.repo.find_snapshot(st.applied_snapshot or st.guard_baseline).manifest_hash \
+                if st.applied_snapshot or st.guard_baseline else ""
+        except DrsyncError:
+            return ""
 
     def _known_root(self) -> ManifestFile | None:
         """What the root is known to hold: the applied snapshot, or (an ex-primary that rejoined, nothing
