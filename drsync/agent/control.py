@@ -293,7 +293,7 @@ def _unusable(repo: Repository, point: RecoveryPoint) -> str:
     """Why ``point`` cannot be applied (its manifest unreadable, chunks missing: a dry run says so too),
     or "". The chunks' bytes are checked by the apply itself (drsync drill run --to-snapshot reads them)."""
     try:
-        manifest = repo.load_manifest(repo.find_snapshot(point.id))
+        manifest = repo.load_manifest(repo.find_snapshot(point.id), lean=True)
         repo.check_chunks_present(manifest.chunk_id_column(), f"snapshot {point.id}")
     except DrsyncError as e:
         return f"snapshot {point.id} cannot be applied: {e}; choose another point (drsync status --points)"

@@ -368,7 +368,7 @@ def _snapshot_steps(cfg: Config, repo: Repository, state_file: StateStore, repor
     if point:
         try:
             info = repo.find_snapshot(point)
-            manifest = repo.load_manifest(info)
+            manifest = repo.load_manifest(info, lean=True)
         except DrsyncError as e:
             return [DrillStep("verify", False, 0.0, f"snapshot {point} cannot be read: {e}")]
         if manifest.external_count():
@@ -388,7 +388,7 @@ def _snapshot_steps(cfg: Config, repo: Repository, state_file: StateStore, repor
     rpo = state.lag_s(report.started_at)  # the lag at drill time, on the primary's clock
     report.rpo_s = round(rpo, 3) if rpo is not None else None
     try:
-        manifest = repo.load_manifest(repo.find_snapshot(state.applied_snapshot))
+        manifest = repo.load_manifest(repo.find_snapshot(state.applied_snapshot), lean=True)
     except DrsyncError as e:
         return [DrillStep("verify", False, 0.0, f"the applied snapshot cannot be read: {e}")]
     data_root = engine.data_root_url(cfg.cluster.data)
