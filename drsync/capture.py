@@ -47,7 +47,6 @@ from drsync.repository.manifest_check import escaping_links
 from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
 from drsync.repository.spool import Spool
-from drsync.tree import TreeScan
 
 # Reading tasks are batched so that tiny files do not pay one executor round trip each.
 _BATCH_FILES = 256
@@ -216,35 +215,44 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                   on_total: Callable[[int], None] | None, content: str = CHUNKS) -> CaptureResult:
     """The capture of one frozen view, in windows of :data:`_WINDOW` path-sorted scan rows.
 
-    The scan is one Arrow table; which rows reuse the parent's chunks is decided by column
-    comparisons (:func:`_match`); files are read and manifest rows assembled one window at a time
-    and streamed into the manifest's Parquet bytes, so memory holds the scan, the parent and one
-    window, never a Python object per file. Paths that could not be read (kept stale from the
-    parent) are merged in at the end (:func:`_merge_stale`), a path the rare case pays for.
+    A local tree is walked as the windows are taken (:meth:`TreeScan.windows`), so memory holds one
+    window of the scan, never all of it. Which rows of a window reuse the parent's chunks is decided
+    by column comparisons with the parent's row groups of the same range of paths (:class:`_Matcher`,
+    reading them in step); files are read and manifest rows assembled, and streamed into the
+    manifest's Parquet bytes. ``on_total`` is called after each window with the bytes to read found
+    so far (a total that grows as the walk goes). What needs every row is done at the end, on the
+    stored manifest, a path the rare case pays for: links that escape the root through other links
+    are left out (:func:`_without_paths`), paths that could not be read are merged in from the parent
+    (:func:`_merge_stale`).
     """
     scan = view.scan(exclude)
     warnings = scan.warnings
-    table = _sorted(scan)
     pv = _Parent(parent) if parent is not None and len(parent) else None
-    same, reuse = _match(table, pv, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
-    is_file = _np(pc.equal(table.column("type"), FILE))
-    sizes = _np(table.column("size"))
-    fresh = is_file & (reuse < 0)
-    if on_total:
-        on_total(int(sizes[fresh].sum()))
-    links = _LinkGroups(table, is_file)
+    matcher = _Matcher(pv, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
+    links = _LinkGroups()
     algorithms: set[str] = set()
     state = _Totals()
+    to_read = 0
     # The manifest goes to its spool's temporary file past 2 MiB, not 16: at 1,000,000 files the capture's
     # peak (its scan and the chunk index held) came while the first 16 MiB were still in memory.
     out = ManifestWriter(memory_bytes=_SPOOL_BYTES)
     n = workers or min(4, (os.cpu_count() or 2) + 1)
+    row0 = 0
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="drsync-capture") as pool:
-        for lo in range(0, table.num_rows, _WINDOW):
-            hi = min(lo + _WINDOW, table.num_rows)
-            out.write(_window(view, writer, table, pv, lo, hi, same, reuse, links, state, warnings, pool,
+        for w in scan.windows(_WINDOW):
+            same, reuse = matcher.match(w)
+            is_file = _np(pc.equal(w.column("type"), FILE))
+            if on_total:
+                to_read += int(_np(w.column("size"))[is_file & (reuse < 0)].sum())
+                on_total(to_read)
+            hardlink = links.window(w, is_file, row0)
+            out.write(_window(view, writer, w, row0, pv, same, reuse, hardlink, state, warnings, pool,
                               reread_attempts, progress, content, algorithms))
+            row0 += w.num_rows
     stored = out.finish()
+    escaping = scan.escaping()
+    if escaping:
+        stored = _without_paths(stored, escaping)
     stale = skipped = 0
     lost = [*scan.unreadable, *state.lost]
     if lost or scan.unlisted or links.broken(state.gone):
@@ -268,20 +276,17 @@ def _np(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return a.to_numpy(zero_copy_only=False)
 
 
-def _sorted(scan: TreeScan) -> pa.Table:
-    """The scan as one table sorted by path (the manifest's order), sorted a column at a time so
-    that the unsorted copy of only one column is held beside the sorted table."""
-    t = scan.table()
-    scan.batches = []
-    if scan.sorted:
-        return t  # windows slice its batches without a copy
-    order = pc.sort_indices(t.column("path"))
-    columns = {name: t.column(name) for name in t.column_names}
-    schema = t.schema
-    del t
-    for name in schema.names:
-        columns[name] = columns[name].take(order).combine_chunks()
-    return pa.table([columns.pop(name) for name in schema.names], schema=schema)
+def _without_paths(stored: Spool, paths: set[bytes]) -> Spool:
+    """The stored manifest less the rows of ``paths`` (links found to escape the root once all were
+    known), rewritten a row group at a time."""
+    drop = pa.array(sorted(paths), pa.binary())
+    out = ManifestWriter(memory_bytes=_SPOOL_BYTES)
+    with stored:
+        source = ManifestFile(stored, "the captured manifest")
+        for g in range(source.num_groups):
+            t = source.group(g)
+            out.write(t.filter(pc.invert(pc.is_in(t.column("path"), value_set=drop))))
+    return out.finish()
 
 
 _MATCHED = ["path", "type", "size", "mtime_s", "mtime_nsec", "ctime_ns", "inode", "chunks", "chunk_sizes"]
@@ -300,40 +305,74 @@ def _bisect(paths: pa.ChunkedArray, key: bytes, *, right: bool) -> int:
     return lo
 
 
-def _match(t: pa.Table, parent: _Parent | None, parent_captured_at: float,
-           *, external_ok: bool) -> tuple[np.ndarray, np.ndarray]:
-    """For each scan row (path-sorted ``t``), the parent row with the same path (``same``, -1: none)
-    and the parent row whose content, chunks and attributes it takes (``reuse``, -1: captured anew).
+class _Matcher:
+    """The parent's rows for path-sorted scan windows taken in order: the parent is read a row group at
+    a time, in step with the windows, holding the groups of about one window's range of paths."""
 
-    A file reuses its parent row when type, size, modification time, ctime and inode all match and
-    it was not "racy" (modified within 2 s of the parent's capture, where a same-tick rewrite could
-    hide), and the row is of the form this capture makes (chunks, or an HDFS checksum for DistCp).
-    A directory takes its attributes from the parent when its ctime did not move. Both int64
-    arrays; the parent is read one row group at a time, each matched with the scan rows in its
-    range of paths.
-    """
-    n = t.num_rows
-    same = np.full(n, -1, np.int64)
-    reuse = np.full(n, -1, np.int64)
-    if parent is None or n == 0:
+    def __init__(self, parent: _Parent | None, parent_captured_at: float, *, external_ok: bool) -> None:
+        self.parent = parent
+        self.racy_s, self.racy_ns = divmod(int(parent_captured_at * 1e9) - _RACY_NS, 1_000_000_000)
+        self.external_ok = external_ok
+        self.next = 0  # the first parent group a later window can need
+        self.groups: dict[int, tuple[pa.Table, bytes, bytes]] = {}  # group -> (columns, first path, last path)
+
+    def _group(self, g: int) -> tuple[pa.Table, bytes, bytes] | None:
+        if g not in self.groups:
+            assert self.parent is not None
+            pg = self.parent.group(g, _MATCHED)
+            if not pg.num_rows:
+                return None
+            paths = pg.column("path")
+            self.groups[g] = (pg, paths[0].as_py(), paths[-1].as_py())
+        return self.groups[g]
+
+    def match(self, t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """For each row of the window ``t``, the parent row with the same path (``same``, -1: none) and the
+        parent row whose content, chunks and attributes it takes (``reuse``, -1: captured anew).
+
+        A file reuses its parent row when type, size, modification time, ctime and inode all match and
+        it was not "racy" (modified within 2 s of the parent's capture, where a same-tick rewrite could
+        hide), and the row is of the form this capture makes (chunks, or an HDFS checksum for DistCp).
+        A directory takes its attributes from the parent when its ctime did not move. Both (N,) int64
+        arrays of global parent row numbers."""
+        n = t.num_rows
+        same = np.full(n, -1, np.int64)
+        reuse = np.full(n, -1, np.int64)
+        p = self.parent
+        if p is None or n == 0:
+            return same, reuse
+        tpath = t.column("path")
+        first, last = tpath[0].as_py(), tpath[-1].as_py()
+        while self.next < p.num_groups:  # groups wholly before this window are done with
+            got = self._group(self.next)
+            if got is not None and got[2] >= first:
+                break
+            self.groups.pop(self.next, None)
+            self.next += 1
+        g = self.next
+        while g < p.num_groups:
+            got = self._group(g)
+            g += 1
+            if got is None:
+                continue
+            pg, lo_path, hi_path = got
+            if lo_path > last:
+                break
+            a = _bisect(tpath, lo_path, right=False)
+            b = _bisect(tpath, hi_path, right=True)
+            if a < b:
+                s, r = self._match_group(t.slice(a, b - a), pg, p.starts[g - 1])
+                same[a:b] = np.where(s >= 0, s, same[a:b])
+                reuse[a:b] = np.where(r >= 0, r, reuse[a:b])
         return same, reuse
-    tpath = t.column("path")
-    racy_s, racy_ns = divmod(int(parent_captured_at * 1e9) - _RACY_NS, 1_000_000_000)
-    for g in range(parent.num_groups):
-        pg = parent.group(g, _MATCHED)
-        if not pg.num_rows:
-            continue
+
+    def _match_group(self, ts: pa.Table, pg: pa.Table, start: int) -> tuple[np.ndarray, np.ndarray]:
         ppath = pg.column("path").combine_chunks()
-        a = _bisect(tpath, ppath[0].as_py(), right=False)
-        b = _bisect(tpath, ppath[-1].as_py(), right=True)
-        if a >= b:
-            continue
-        ts = t.slice(a, b - a)
         loc = _np(pc.fill_null(pc.index_in(ts.column("path"), value_set=ppath), -1)).astype(np.int64)
         has = loc >= 0
         at = np.where(has, loc, 0)
 
-        def theirs(name: str, pg: pa.Table = pg, at: np.ndarray = at) -> np.ndarray:
+        def theirs(name: str) -> np.ndarray:
             return _np(pg.column(name))[at]
 
         mine = {name: _np(ts.column(name)) for name in ("size", "mtime_s", "mtime_nsec", "ctime_ns", "inode")}
@@ -344,17 +383,14 @@ def _match(t: pa.Table, parent: _Parent | None, parent_captured_at: float,
         for name in ("size", "mtime_s", "mtime_nsec", "inode"):
             ok &= mine[name] == theirs(name)
         mt_s, mt_ns = mine["mtime_s"], mine["mtime_nsec"]
-        ok &= (mt_s < racy_s) | ((mt_s == racy_s) & (mt_ns < racy_ns))
+        ok &= (mt_s < self.racy_s) | ((mt_s == self.racy_s) & (mt_ns < self.racy_ns))
         n_chunks = _np(pc.fill_null(pc.list_value_length(pg.column("chunks")), 0))[at]
         n_sizes = _np(pc.fill_null(pc.list_value_length(pg.column("chunk_sizes")), 0))[at]
         # A capture that stores chunks cannot reuse a row whose bytes only an HDFS snapshot held, and a
         # capture for DistCp checksums files the parent has as chunks (a snapshot is all one kind).
-        ok &= ~(((n_chunks != n_sizes) != external_ok) & (theirs("size") > 0))
+        ok &= ~(((n_chunks != n_sizes) != self.external_ok) & (theirs("size") > 0))
         ok |= has & _np(pc.equal(t_type, DIR)) & _np(pc.equal(p_type, DIR))[at] & same_ctime
-        start = parent.starts[g]
-        same[a:b] = np.where(has, loc + start, -1)
-        reuse[a:b] = np.where(ok, loc + start, -1)
-    return same, reuse
+        return np.where(has, loc + start, -1), np.where(ok, loc + start, -1)
 
 
 class _Parent:
@@ -413,39 +449,35 @@ class _Totals:
 
 
 class _LinkGroups:
-    """Hard-link groups of the scan (files with more than one link, by device and inode): every
-    member but the first in path order names the first (``hardlink``)."""
+    """Hard-link groups of the scan (files with more than one link, by device and inode), gathered as
+    the path-sorted windows go by: every member but the first in path order names the first
+    (``hardlink``). Holds only the multiply-linked files."""
 
-    def __init__(self, t: pa.Table, is_file: np.ndarray) -> None:
-        multi = np.flatnonzero(is_file & (_np(t.column("nlink")) > 1))
-        self.leader: dict[int, bytes] = {}  # scan row -> path of its group's first member
-        self.groups: list[list[int]] = []
+    def __init__(self) -> None:
+        self.by: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> scan rows of its members
         self.paths: dict[int, bytes] = {}
         self.inode: dict[int, int] = {}
+
+    @property
+    def groups(self) -> list[list[int]]:
+        return list(self.by.values())
+
+    def window(self, w: pa.Table, is_file: np.ndarray, row0: int) -> list[bytes | None] | None:
+        """The ``hardlink`` values of the window ``w`` (scan rows ``row0...``), None when none is linked."""
+        multi = np.flatnonzero(is_file & (_np(w.column("nlink")) > 1))
         if not len(multi):
-            return
-        sub = t.take(pa.array(multi, pa.int64()))
-        by: dict[tuple[int, int], list[int]] = {}
-        for row, path, dev, ino in zip(multi.tolist(), sub.column("path").to_pylist(), sub.column("dev").to_pylist(),
-                                       sub.column("inode").to_pylist(), strict=True):
-            by.setdefault((dev, ino), []).append(row)  # rows ascend: path order
+            return None
+        sub = w.take(pa.array(multi, pa.int64()))
+        out: list[bytes | None] = [None] * w.num_rows
+        for k, path, dev, ino in zip(multi.tolist(), sub.column("path").to_pylist(), sub.column("dev").to_pylist(),
+                                     sub.column("inode").to_pylist(), strict=True):
+            members = self.by.setdefault((dev, ino), [])
+            if members:
+                out[k] = self.paths[members[0]]
+            row = row0 + k
+            members.append(row)  # rows ascend: path order
             self.paths[row] = path
             self.inode[row] = ino
-        for members in by.values():
-            self.groups.append(members)
-            for row in members[1:]:
-                self.leader[row] = self.paths[members[0]]
-
-    def column(self, lo: int, hi: int) -> list[bytes | None] | None:
-        """The ``hardlink`` values of scan rows ``lo..hi`` (None when none of them is linked)."""
-        if not self.leader:
-            return None
-        rows = [r for r in self.leader if lo <= r < hi]
-        if not rows:
-            return None
-        out: list[bytes | None] = [None] * (hi - lo)
-        for r in rows:
-            out[r - lo] = self.leader[r]
         return out
 
     def broken(self, gone: set[int]) -> bool:
@@ -478,16 +510,16 @@ def _binary(values: list[bytes | None] | None, count: int) -> pa.Array:
     return pa.array(values, pa.binary()) if values is not None else pa.nulls(count, pa.binary())
 
 
-def _window(view: FrozenRoot, writer: ChunkWriter, t: pa.Table, p: _Parent | None, lo: int, hi: int,
-            same: np.ndarray, reuse: np.ndarray, links: _LinkGroups, totals: _Totals, warnings: WarningLog,
-            pool: ThreadPoolExecutor, reread_attempts: int, progress: ProgressFn | None, content: str,
-            algorithms: set[str]) -> pa.Table:
-    """Manifest rows of scan rows ``lo..hi``: files not reused are read (in ``pool``), the rest
-    take the parent's carried columns; rows that vanished or could not be read are left out."""
-    w = t.slice(lo, hi - lo)
-    count = hi - lo
+def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, row0: int, p: _Parent | None,
+            same: np.ndarray, reuse: np.ndarray, hardlink: list[bytes | None] | None, totals: _Totals,
+            warnings: WarningLog, pool: ThreadPoolExecutor, reread_attempts: int, progress: ProgressFn | None,
+            content: str, algorithms: set[str]) -> pa.Table:
+    """Manifest rows of the scan window ``w`` (scan rows ``row0...``, their parent rows ``same`` and
+    ``reuse``, their ``hardlink`` values): files not reused are read (in ``pool``), the rest take the
+    parent's carried columns; rows that vanished or could not be read are left out."""
+    count = w.num_rows
     types = w.column("type").to_pylist()
-    rows = reuse[lo:hi]
+    rows = reuse
     sizes = _np(w.column("size"))
     to_read = [k for k in np.flatnonzero(rows < 0).tolist() if types[k] == FILE]
     paths: list[str] = [] if not to_read else [os.fsdecode(x) for x in w.column("path").to_pylist()]
@@ -521,7 +553,7 @@ def _window(view: FrozenRoot, writer: ChunkWriter, t: pa.Table, p: _Parent | Non
                 if got.xattr_problem:
                     warnings.append(f"{printable(paths[k])}: {got.xattr_problem}")
                 read[k] = got
-    xattrs = _attributes(view, w, types, rows, same[lo:hi], p, warnings)
+    xattrs = _attributes(view, w, types, rows, same, p, warnings)
 
     # Stat columns from the scan; a file read anew is described as it was read.
     cols = {name: w.column(name) for name in ("path", "type", "mode", "uid", "gid", "size", "mtime_s",
@@ -567,14 +599,14 @@ def _window(view: FrozenRoot, writer: ChunkWriter, t: pa.Table, p: _Parent | Non
                                          "ctime_ns", "inode", "target")},
         "content": carried.column("content"), "chunks": carried.column("chunks"),
         "chunk_sizes": carried.column("chunk_sizes"), "xattrs": carried.column("xattrs"),
-        "hardlink": _binary(links.column(lo, hi), count),
+        "hardlink": _binary(hardlink, count),
         "sparse": pa.array(is_file & (blocks * 512 < sizes), pa.bool_()),
         "stale": pa.array(np.zeros(count, bool), pa.bool_()),
     }).select(SCHEMA.names).cast(SCHEMA)
     if gone:
         keep = np.ones(count, bool)
         keep[gone] = False
-        totals.gone.update(lo + k for k in gone)
+        totals.gone.update(row0 + k for k in gone)
         out = out.filter(pa.array(keep, pa.bool_()))
         is_file, sizes, rows = is_file[keep], sizes[keep], rows[keep]
     totals.files += int(is_file.sum())

@@ -68,11 +68,17 @@ class TreeScan:
     batches: list[pa.RecordBatch] = field(default_factory=list)
     sorted: bool = False  # entries were appended in path order (bytes), as the manifest sorts them
     rows: list[tuple] = field(default_factory=list)  # type: ignore[type-arg]  # whole rows, in COLUMNS order
+    # A lazy scan's walk (a local tree): each step seals at least one more batch. None once walked.
+    source: Iterator[None] | None = None
+    # Every symlink sealed so far, path -> target (str, as os.fsdecode): the links that escape the root
+    # through other links can only be told once all are known (:meth:`escaping`).
+    links: dict[str, str] = field(default_factory=dict)
 
     COLUMNS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "inode", "target",
                "nlink", "dev", "blocks")
 
     def __len__(self) -> int:
+        self._walk_all()
         return sum(b.num_rows for b in self.batches) + len(self.path) + len(self.rows)
 
     def append_row(self, row: dict[str, object]) -> None:
@@ -109,14 +115,87 @@ class TreeScan:
                 cols[name] = clamp_int64(values)
             else:
                 cols[name] = values
-        self.batches.append(pa.RecordBatch.from_arrays(
+        batch = pa.RecordBatch.from_arrays(
             [pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array) else cols[f.name]
-             for f in SCAN_SCHEMA], schema=SCAN_SCHEMA))
+             for f in SCAN_SCHEMA], schema=SCAN_SCHEMA)
+        self.batches.append(batch)
+        is_link = pc.equal(batch.column("type"), SYMLINK)
+        if pc.any(is_link).as_py():
+            lb = batch.filter(is_link)
+            self.links.update((os.fsdecode(x), os.fsdecode(g or b"")) for x, g in
+                              zip(lb.column("path").to_pylist(), lb.column("target").to_pylist(), strict=True))
 
     def table(self) -> pa.Table:
-        """Every entry as one table of :data:`SCAN_SCHEMA` (seals what is still appended)."""
+        """Every entry as one table of :data:`SCAN_SCHEMA` (walks what a lazy scan has not walked yet,
+        leaving out its links that escape the root through other links; seals what is still appended)."""
+        self._walk_all()
         self.seal()
         return pa.Table.from_batches(self.batches, schema=SCAN_SCHEMA)
+
+    def _walk_all(self) -> None:
+        if self.source is None:
+            return
+        for _ in self.source:
+            pass
+        self.source = None
+        self.drop_escaping_links()
+
+    def windows(self, rows: int) -> Iterator[pa.Table]:
+        """The entries in path order (the manifest's), ``rows`` at a time (the last window may hold
+        fewer): tables of :data:`SCAN_SCHEMA`.
+
+        A lazy scan (a local tree, walked in path order) is walked as the windows are taken, so memory
+        holds about one window of it, never the whole scan; its ``warnings``, ``unlisted`` and
+        ``unreadable`` are complete only once the last window was taken, and the links that escape the
+        root through other links are still among the windows (one can only tell them once every link is
+        known): :meth:`escaping` names them afterwards. Any other scan is sorted whole (a column at a
+        time) and sliced."""
+        if self.source is None or not self.sorted:
+            t = self.sorted_table()
+            for lo in range(0, t.num_rows, rows):
+                yield t.slice(lo, rows)
+            return
+        pending: list[pa.RecordBatch] = []
+        count = 0
+        for _ in self.source:
+            pending += self.batches
+            count += sum(b.num_rows for b in self.batches)
+            self.batches = []
+            while count >= rows:
+                t = pa.Table.from_batches(pending, schema=SCAN_SCHEMA)
+                rest = t.slice(rows)
+                yield t.slice(0, rows)
+                pending, count = rest.to_batches(), rest.num_rows
+        self.source = None
+        if count:
+            yield pa.Table.from_batches(pending, schema=SCAN_SCHEMA)
+
+    def sorted_table(self) -> pa.Table:
+        """Every entry as one table sorted by path (the manifest's order), emptying the scan's batches:
+        sorted a column at a time, so that the unsorted copy of only one column is held beside the
+        sorted table."""
+        t = self.table()
+        self.batches = []
+        if self.sorted:
+            return t
+        order = pc.sort_indices(t.column("path"))
+        columns = {name: t.column(name) for name in t.column_names}
+        schema = t.schema
+        del t
+        for name in schema.names:
+            columns[name] = columns[name].take(order).combine_chunks()
+        return pa.table([columns.pop(name) for name in schema.names], schema=schema)
+
+    def escaping(self) -> set[bytes]:
+        """After :meth:`windows` of a lazy scan: the paths (bytes) of the links among them that reach
+        outside the root through other links, each warned about; they must not be captured. Empty when
+        the scan already left them out (:meth:`table`)."""
+        links, self.links = self.links, {}
+        bad = sorted(escaping_links(links)) if links else []
+        for x in bad:
+            self.warnings.append(f"{printable(x)}: symlink to {printable(links[x])} leads outside the data "
+                                 f"root through other links; not captured")
+        return {os.fsencode(x) for x in bad}
 
     def entries(self) -> dict[str, LocalEntry]:
         """Every entry by path (str), as an apply compares them: for HDFS targets and small trees."""
@@ -139,22 +218,14 @@ class TreeScan:
 
     def drop_escaping_links(self) -> None:
         """Leave out links that reach outside the root through other links (the manifest rule)."""
-        t = self.table()
-        is_link = pc.equal(t.column("type"), SYMLINK)
-        if not pc.any(is_link).as_py():
-            return
-        lt = t.filter(is_link)
-        links = {os.fsdecode(p): os.fsdecode(g or b"") for p, g in
-                 zip(lt.column("path").to_pylist(), lt.column("target").to_pylist(), strict=True)}
-        bad = set(escaping_links(links))
+        self.seal()
+        bad = self.escaping()
         if not bad:
             return
-        drop = pa.array(sorted(os.fsencode(p) for p in bad), pa.binary())
-        keep = pc.invert(pc.and_(is_link, pc.is_in(t.column("path"), value_set=drop)))
+        t = self.table()
+        drop = pa.array(sorted(bad), pa.binary())
+        keep = pc.invert(pc.and_(pc.equal(t.column("type"), SYMLINK), pc.is_in(t.column("path"), value_set=drop)))
         self.batches = t.filter(keep).combine_chunks().to_batches()
-        for p in sorted(bad):
-            self.warnings.append(f"{printable(p)}: symlink to {printable(links[p] or '')} leads outside the data "
-                                 f"root through other links; not captured")
 
 
 @dataclass(slots=True)
@@ -182,22 +253,32 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
     batches as the walk goes. Entries come in the manifest's order (sorted by path bytes): each
     directory's listing is sorted, and a subdirectory's contents are placed by ``name + "/"``, so
     ``a-b`` comes before ``a/x`` as bytes order says (``scan.sorted``). Directories deeper than
-    ``PATH_MAX`` are listed through descriptors opened one component at a time."""
-    root = os.path.abspath(root)
-    scan = TreeScan(root, sorted=True)
-    lister = _Lister(root, scan, exclude)
+    ``PATH_MAX`` are listed through descriptors opened one component at a time.
+
+    The walk is lazy: it runs as :meth:`TreeScan.windows` takes its entries (a capture holds about one
+    window of the scan), or whole at the first call that needs every entry (:meth:`TreeScan.table`)."""
+    scan = TreeScan(os.path.abspath(root), sorted=True)
+    scan.source = _walk(scan, exclude)
+    return scan
+
+
+def _walk(scan: TreeScan, exclude: frozenset[str]) -> Iterator[None]:
+    """The walk of a lazy :func:`scan_tree`: appends its entries to ``scan``, and steps each time it sealed
+    :data:`_BATCH_ROWS` of them into a batch (and once at the end, with the rest sealed)."""
+    lister = _Lister(scan.root, scan, exclude)
     add = scan.rows.append
     count = 0
     # An item of a listing is (key, row) for an entry or (key, None, rel, abspath) for a directory's contents.
-    for row in in_path_order(lister.items(b"", os.fsencode(root)), lambda item: lister.items(item[2], item[3])):
+    for row in in_path_order(lister.items(b"", os.fsencode(scan.root)), lambda item: lister.items(item[2], item[3])):
         add(row)
         count += 1
         if count >= _BATCH_ROWS:
             scan.seal()
             add = scan.rows.append
             count = 0
-    scan.drop_escaping_links()
-    return scan
+            yield
+    scan.seal()
+    yield
 
 
 def in_path_order(top: list[tuple], listing: Callable[[tuple], list[tuple]]) -> Iterator[Any]:  # type: ignore[type-arg]

@@ -89,6 +89,55 @@ def test_windows_and_row_groups_do_not_change_the_manifest(root, repo, monkeypat
         again.manifest.table)
 
 
+def test_a_local_tree_is_walked_as_the_windows_are_taken(root, repo, monkeypatch):
+    """The scan is not held whole: when a window is assembled, the walk has sealed at most that window,
+    the next one and a batch beyond what came before it."""
+    from drsync import tree
+
+    _windows(monkeypatch, 3, 4)
+    monkeypatch.setattr(tree, "_BATCH_ROWS", 2)
+    sealed = [0]
+    seal_columns = tree.TreeScan.seal_columns
+
+    def counting(self):  # type: ignore[no-untyped-def]
+        sealed[0] += len(self.path)
+        seal_columns(self)
+
+    monkeypatch.setattr(tree.TreeScan, "seal_columns", counting)
+    seen: list[tuple[int, int]] = []
+    window = cap._window
+
+    def recording(view, writer, w, row0, *args):  # type: ignore[no-untyped-def]
+        seen.append((row0 + w.num_rows, sealed[0]))
+        return window(view, writer, w, row0, *args)
+
+    monkeypatch.setattr(cap, "_window", recording)
+    r = _capture(repo, root)
+    total = len(r.manifest)
+    assert len(seen) == -(-total // 3) and seen[-1][0] == total
+    assert all(walked <= end + 3 + 2 for end, walked in seen), seen
+    assert seen[0][1] < total
+
+
+def test_links_escaping_through_links_in_other_windows_are_left_out(tmp_path, repo, monkeypatch):
+    """A link that escapes the root only through a link in another window (one windows cannot tell
+    until every link is known) is left out of the stored manifest, with a warning, as with one window."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _tree(root)
+    os.symlink("..", root / "d0" / "b")  # inside: d0/.. is the root
+    os.symlink("../d0/b/..", root / "d3" / "a")  # looks like "d0", resolves to the root's parent
+    os.symlink("../d0/b", root / "d3" / "ok")
+    whole = _capture(repo, root)
+    _windows(monkeypatch, 2, 3)
+    small = _capture(repo, root)
+    paths = small.manifest.table.column("path").to_pylist()
+    assert b"d3/a" not in paths and b"d3/ok" in paths and b"d0/b" in paths
+    assert any("d3/a: symlink" in w and "outside" in w for w in small.warnings)
+    assert small.manifest.table.equals(whole.manifest.table)
+    validate(small.manifest)
+
+
 def test_stale_rows_and_a_vanished_leader_across_windows(root, repo, monkeypatch):
     """A file that cannot be read keeps its last version (stale), a directory that cannot be
     listed keeps its subtree, and a hard-link group whose first path vanished names the next."""
@@ -160,8 +209,8 @@ def test_matching_200000_entries_holds_no_python_object_per_entry():
     data = parent.to_bytes()
     del parent
     tracemalloc.start()
-    table = cap._sorted(scan)
-    _, reuse = cap._match(table, cap._Parent(mf.ManifestFile(data)), 1_000_000_000.0, external_ok=False)
+    matcher = cap._Matcher(cap._Parent(mf.ManifestFile(data)), 1_000_000_000.0, external_ok=False)
+    reuse = np.concatenate([matcher.match(w)[1] for w in scan.windows(cap._WINDOW)])
     _, py_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert (reuse == np.arange(n)).all()  # every row matched its parent row

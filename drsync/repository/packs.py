@@ -483,13 +483,21 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _merged(a: _Run, b: _Run) -> _Run:
-    """One run holding two disjoint runs: ``b``'s rows inserted into ``a``'s, a column at a time (the
-    peak is both runs and one column of the result)."""
-    if len(a) < len(b):
-        a, b = b, a
+def _merged(pair: list[_Run]) -> _Run:
+    """One run holding the two disjoint runs in ``pair``, which is emptied (so that only this function
+    holds them): the smaller's rows inserted into the larger's a column at a time, each old column let
+    go once its merged one is made. The peak is both runs and one column of the result, not both runs
+    and the whole result (the index twice over, for a moment)."""
+    a, b = sorted(pair, key=len, reverse=True)
+    pair.clear()
     pos = locate(a.ids, a.key, b.ids, b.key)[0]
-    return _Run(*(_read_only(np.insert(x, pos, y)) for x, y in zip(a.columns(), b.columns(), strict=True)))
+    big, small = list(a.columns()), list(b.columns())
+    del a, b
+    out = []
+    for i in range(len(big)):
+        out.append(_read_only(np.insert(big[i], pos, small[i])))
+        big[i] = small[i] = None
+    return _Run(*out)
 
 
 class ChunkIndex:
@@ -778,5 +786,5 @@ class ChunkIndex:
 
     def _merge_smallest_locked(self) -> None:
         self._runs.sort(key=len, reverse=True)
-        b, a = self._runs.pop(), self._runs.pop()
-        self._runs.append(_merged(a, b))
+        pair = [self._runs.pop(), self._runs.pop()]
+        self._runs.append(_merged(pair))
