@@ -35,15 +35,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync import fsutil
+from drsync.apply_chunks import PartReaders, check_rows
 from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.pathglob import compile_globs
-from drsync.repository import format as fmt
-from drsync.repository.ids import IdSet, id_list
 from drsync.repository.manifest import (
     DIR,
     FILE,
@@ -431,9 +429,10 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     # A target that does not exist yet gets every file: its chunks are checked before it (and any missing
     # parent of it) is made. Otherwise after planning, only what the apply writes.
     fresh = root.missing()
+    whole: ChunkSource | None = None  # a reader of every chunk, when they are few enough to be located at once
     if fresh and not structure_only:
-        source = _check_chunks_present(manifest, source, what,
-                                       _rows_not_excluded(manifest, compile_globs(exclude) if exclude else None))
+        whole = check_rows(manifest, source, what,
+                           _rows_not_excluded(manifest, compile_globs(exclude) if exclude else None))
     pending = False
     if dry_run:
         created_target, log_ = False, None
@@ -465,13 +464,14 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     plan.unchanged += unchanged
     if rest is not None and len(rest.new_rows):
         plan.write = WriteList(list(plan.write), manifest, rest.new_rows)
-    if not structure_only and not fresh:
+    # The chunks the apply writes are located a part at a time at scale (a first sync): drsync.apply_chunks.
+    parts = None if structure_only else PartReaders(manifest, source, what, plan.write, whole=whole)
+    if parts is not None and not fresh:
         # Every chunk of what the apply writes is present before anything on the target changes (an
         # interrupted apply completed above wrote its own staged files); a restore onto a target that
         # holds the snapshot already reads, and so needs, none.
         try:
-            source = _check_chunks_present(manifest, source, what, _written_rows(plan.write),
-                                           [c for e in _head(plan.write) if e.row < 0 for c in e.chunks])
+            parts.check()
         except BaseException:
             if created_target:
                 root.remove_root()
@@ -516,9 +516,10 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             if cancel is not None and cancel():
                 raise OperationFailed(f"{what}: apply stopped before anything was committed (cancelled)")
             for n, e in _full(manifest, batch):
+                reader = parts.reader(n) if parts is not None else source
                 for attempt in range(STAGE_ATTEMPTS):
                     try:
-                        name = root.write_staged(n, e, _chunk_data(e, source, what, progress))
+                        name = root.write_staged(n, e, _chunk_data(e, reader, what, progress))
                         if name != root.staged_name(n, e):
                             staged[e.path] = name
                         break
@@ -536,9 +537,13 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool:
             # A window of batches at a time: the pool never holds the whole list.
             window = workers * 8
-            batches = _batches(numbered)
-            while part := list(itertools.islice(batches, window)):
-                list(pool.map(stage, part))
+            # A part of the write list at a time (its chunks located, the other parts' not held).
+            for items in parts.split(numbered) if parts is not None else [numbered]:
+                batches = _batches(items)
+                while part := list(itertools.islice(batches, window)):
+                    if parts is not None:
+                        parts.cover(part[0][0][0], part[-1][-1][0])  # positions ascend through the batches
+                    list(pool.map(stage, part))
         if cancel is not None and cancel():
             raise OperationFailed(f"{what}: apply stopped before anything was committed (cancelled)")
         root.flush()
@@ -665,91 +670,6 @@ def _rows_not_excluded(manifest: Manifest, excluded: Callable[[str], bool] | Non
         keep.append(start + np.flatnonzero([not excluded(decode_name(p) or "") for p in paths]))
         start += len(paths)
     return np.concatenate(keep) if keep else np.empty(0, np.int64)
-
-
-def _head(write: list[Entry] | WriteList) -> list[Entry]:
-    """The planner's own entries of ``write`` (a :class:`WriteList`'s rows aside)."""
-    return write.head if isinstance(write, WriteList) else write
-
-
-def _written_rows(write: list[Entry] | WriteList) -> np.ndarray:
-    """The manifest rows of the files ``write`` stages from the repository (sorted, each once)."""
-    rows = np.fromiter((e.row for e in _head(write) if e.row >= 0 and not e.external), np.int64)
-    if isinstance(write, WriteList):
-        rows = np.concatenate((rows, write.rows.astype(np.int64)))
-    return np.unique(rows)
-
-
-def _check_chunks_present(manifest: Manifest, source: ChunkSource, what: str, rows: np.ndarray,
-                          more: list[bytes] | None = None, slice_ids: int = 65_536) -> ChunkSource:
-    """IntegrityError (naming a file) unless ``source`` holds every chunk the files at manifest ``rows``
-    (and ``more`` ids) name; asks a slice of unique ids at a time (:meth:`Repository.missing_chunks` when
-    the source has it). Returns what to read those chunks from: a repository first locates just them
-    without loading its whole index (:meth:`Repository.reader_for`)."""
-    if not len(rows) and not more:
-        return source
-    ids = _chunk_ids_at(manifest, rows)
-    wanted = IdSet.of(pa.chunked_array([*ids.chunks, pa.array(list(more), ids.type)], ids.type)
-                      if more else ids)
-    del ids  # a lean manifest's ids were read for this: the set holds them now
-    narrowed = getattr(source, "reader_for", None)
-    got = narrowed(wanted) if narrowed is not None else None
-    if got is not None:
-        return got  # type: ignore[no-any-return]
-    ids = wanted.ids
-    del wanted
-    many = getattr(source, "missing_chunks", None)
-    refresh = getattr(source, "refresh_index", None)
-    for start in range(0, len(ids), slice_ids):
-        part = id_list(ids[start:start + slice_ids])
-        missing = many(part) if many is not None else [c for c in part if not source.has_chunk(c)]
-        if missing and refresh is not None:
-            # A repository's cached index misses what other writers added while a lock of ours is held
-            # (a drill restoring the snapshot the agent just stored): look at the index files again.
-            refresh()
-            missing = many(missing) if many is not None else [c for c in missing if not source.has_chunk(c)]
-        if missing:
-            cid = missing[0]
-            paths = manifest.paths_naming(cid, 1)
-            raise IntegrityError(f"{what}: {printable(paths[0]) if paths else '?'}: chunk {cid.hex()[:16]} is missing "
-                                 f"from the repository; nothing was changed")
-    return source
-
-
-def _chunk_ids_at(manifest: Manifest, rows: np.ndarray) -> pa.ChunkedArray:
-    """The chunk ids the files at ascending manifest ``rows`` name, flattened (repeats kept): from the
-    table's ``chunks`` column, or a lean manifest's file a row group at a time."""
-    if manifest.source is None:
-        return pc.list_flatten(_take_sorted(manifest.table.column("chunks"), rows))
-    parts: list[pa.Array] = []
-    starts = manifest.source.starts
-    for g, t in enumerate(column_groups(manifest.source, ["chunks"])):
-        lo, hi = np.searchsorted(rows, [starts[g], starts[g + 1]])
-        if hi > lo:
-            parts.extend(pc.list_flatten(_take_sorted(t.column("chunks"), rows[lo:hi] - starts[g])).chunks)
-    return pa.chunked_array(parts, pa.binary(fmt.ID_LEN))
-
-
-def _take_sorted(col: pa.ChunkedArray, rows: np.ndarray) -> pa.ChunkedArray:
-    """The lists of ``col`` (a list column) at ascending ``rows``, or more: empty lists may be left in.
-    Taken chunk by chunk (``ChunkedArray.take`` joins the chunks first, a copy of the whole column: 35 MiB
-    of chunk ids at 1,000,000 files for a 1 % delta); a chunk whose every non-empty list is wanted (a new
-    target, a first sync) is kept as it is, not copied."""
-    parts: list[pa.Array] = []
-    start = 0
-    for chunk in col.chunks:
-        lo, hi = np.searchsorted(rows, [start, start + len(chunk)])
-        if hi > lo:
-            mine = rows[lo:hi] - start
-            if hi - lo == len(chunk):
-                parts.append(chunk)
-                start += len(chunk)
-                continue
-            lengths = pc.fill_null(pc.list_value_length(chunk), 0).to_numpy(zero_copy_only=False)
-            filled = np.flatnonzero(lengths)
-            parts.append(chunk if np.isin(filled, mine).all() else chunk.take(pa.array(mine, pa.int64())))
-        start += len(chunk)
-    return pa.chunked_array(parts, col.type)
 
 
 def _full(manifest: Manifest, items: list[tuple[int, Entry]]) -> list[tuple[int, Entry]]:
