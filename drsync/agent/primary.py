@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from drsync.errors import DrsyncError
 from drsync.repository import format as fmt
-from drsync.repository.ids import IdSet, gather, ids_array, locate, pieces_key, sort_unique, to_arrow
+from drsync.repository.ids import IdSet, gather, id_key, ids_array, locate, pieces_key, sort_unique, to_arrow
 from drsync.repository.manifest import Manifest, ManifestFile, column_groups
 from drsync.repository.manifest_diff import chunks_beyond
 from drsync.repository.repo import Repository
@@ -189,8 +189,35 @@ def chunk_sizes(manifest: Manifest | ManifestFile) -> dict[bytes, int]:
     return dict(zip(t.column("chunk").to_pylist(), t.column("size").to_pylist(), strict=True))
 
 
+@dataclass
+class Ask:
+    """The chunk ids a shipment asks the standby about, sorted, each once (U ids): ``order`` (U,) indices
+    into ``pieces`` taken end to end, gathered a batch at a time as they are sent (:func:`gather`), so
+    that a first sync never holds a sorted copy of every id beside the manifest's (30 MiB at 1,000,000)."""
+
+    pieces: list[np.ndarray]
+    order: np.ndarray
+
+    @classmethod
+    def of(cls, ids: np.ndarray) -> Ask:
+        """Ids already sorted and unique, as they are."""
+        return cls([ids], np.arange(len(ids), dtype=np.intp))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def batches(self, step: int = NEGOTIATE_BATCH) -> Iterator[list[bytes]]:
+        """The ids in order, ``step`` at a time, as lists of 32-byte ``bytes``."""
+        for i in range(0, len(self.order), step):
+            yield to_arrow(gather(self.pieces, self.order[i:i + step])).to_pylist()
+
+    def to_pylist(self) -> list[bytes]:
+        """Every id (for small manifests and tests)."""
+        return [cid for batch in self.batches() for cid in batch]
+
+
 def negotiation_plan(new: Manifest | ManifestFile,
-                     applied: Manifest | ManifestFile | None) -> tuple[ChunkCount, pa.Array]:
+                     applied: Manifest | ManifestFile | None) -> tuple[ChunkCount, Ask]:
     """What to ship ``new`` with: its :class:`ChunkCount`, and which of its chunk ids to ask the standby
     about (sorted, each once). Pure.
 
@@ -205,18 +232,19 @@ def negotiation_plan(new: Manifest | ManifestFile,
     if applied is None:
         ids, sizes, order = _distinct(new)
         count = ChunkCount(len(order), int(gather(sizes, order).sum(dtype=np.uint64)) if len(order) else 0)
-        return count, to_arrow(gather(ids, order)) if len(order) else pa.array([], pa.binary(fmt.ID_LEN))
+        del sizes
+        return count, Ask(ids, order)
     count = count_chunks(new)
     beyond = IdSet.of(chunks_beyond(applied, new))
     if not len(beyond):
-        return count, pa.array([], pa.binary(fmt.ID_LEN))
+        return count, Ask.of(beyond.ids)
     held = np.zeros(len(beyond), bool)
     for t in column_groups(applied, ["chunks"]):
         flat = ids_array(pc.list_flatten(t.column("chunks")))
         if len(flat):
             pos, found = locate(beyond.ids, beyond.key, flat)
             held[pos[found]] = True
-    return count, to_arrow(beyond.ids[~held])
+    return count, Ask.of(beyond.ids[~held])
 
 
 def chunks_to_negotiate(new: Manifest | ManifestFile, applied: Manifest | ManifestFile | None) -> list[bytes]:
@@ -224,10 +252,17 @@ def chunks_to_negotiate(new: Manifest | ManifestFile, applied: Manifest | Manife
     return negotiation_plan(new, applied)[1].to_pylist()
 
 
-def _ids(arr: pa.Array, step: int = NEGOTIATE_BATCH) -> Iterator[bytes]:
-    """The ids of an Arrow array, converted a batch at a time (never one Python object per id at once)."""
-    for i in range(0, len(arr), step):
-        yield from arr.slice(i, step).to_pylist()
+def _id_set(replies: list[pa.Array]) -> IdSet:
+    """The ids a standby says it lacks, as a set: taken as they are when they come sorted and each once
+    (as asked), sorted otherwise (a standby owes no order)."""
+    if not replies:
+        return IdSet.empty()
+    ids = ids_array(pa.chunked_array(replies, pa.binary(fmt.ID_LEN)))
+    replies.clear()
+    key = id_key(ids)
+    if len(ids) < 2 or (bool((key[1:] >= key[:-1]).all()) and bool((ids[1:] > ids[:-1]).all())):
+        return IdSet(ids, key)
+    return IdSet.of(ids)
 
 
 def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int, sender: str,
@@ -298,10 +333,11 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
     count, ask = negotiation_plan(ManifestFile(manifest, f"manifest of snapshot {info.id}"), applied)
     replies: list[pa.Array] = []
     if len(ask):
-        for reply in link.missing(epoch, batched(_ids(ask), NEGOTIATE_BATCH)):
+        for reply in link.missing(epoch, ask.batches(NEGOTIATE_BATCH)):
             replies.append(pa.array(reply, pa.binary(fmt.ID_LEN)))
     del ask
-    missing = pa.concat_arrays(replies) if replies else pa.array([], pa.binary(fmt.ID_LEN))
+    missing = _id_set(replies)
+    del replies
     sent = Upload()
     paused = False
 
@@ -309,30 +345,33 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
         nonlocal paused
         batch: list[ReceivedChunk] = []
         size = raw = 0
-        for cid in _ids(missing):
-            if size == 0:
-                check(False)
-                if not pacer.may_send():  # off: end the stream here, the standby keeps what it received
-                    paused = True
-                    return
-            loc, stored = repo.read_stored(cid)
-            batch.append(ReceivedChunk(cid, loc.encoding, loc.raw_length, stored))
-            size += len(stored)
-            raw += loc.raw_length
-            if size >= UPLOAD_MESSAGE_BYTES or len(batch) >= UPLOAD_MESSAGE_CHUNKS:
-                yield batch
-                sent.chunks, sent.stored_bytes, sent.raw_bytes = (sent.chunks + len(batch), sent.stored_bytes + size,
-                                                                  sent.raw_bytes + raw)
-                pacer.sent_message(size)  # bandwidth limit: wait until the rate allows the next message
-                batch, size, raw = [], 0, 0
+        # Located from the index files as they are read (the capture let the index go, see Shipper.capture):
+        # the missing ids and a flag each, never the whole index beside them; read in pack order.
+        for rows in repo.located(missing):
+            for cid, loc in rows.iter_rows():
+                if size == 0:
+                    check(False)
+                    if not pacer.may_send():  # off: end the stream here, the standby keeps what it received
+                        paused = True
+                        return
+                _, stored = repo.read_at(cid, loc)
+                batch.append(ReceivedChunk(cid, loc.encoding, loc.raw_length, stored))
+                size += len(stored)
+                raw += loc.raw_length
+                if size >= UPLOAD_MESSAGE_BYTES or len(batch) >= UPLOAD_MESSAGE_CHUNKS:
+                    yield batch
+                    sent.chunks, sent.stored_bytes, sent.raw_bytes = (sent.chunks + len(batch),
+                                                                      sent.stored_bytes + size, sent.raw_bytes + raw)
+                    pacer.sent_message(size)  # bandwidth limit: wait until the rate allows the next message
+                    batch, size, raw = [], 0, 0
         if batch:
             yield batch
             sent.chunks, sent.stored_bytes, sent.raw_bytes = (sent.chunks + len(batch), sent.stored_bytes + size,
                                                               sent.raw_bytes + raw)
 
-    if missing and pacer.may_send():
+    if len(missing) and pacer.may_send():
         link.upload(epoch, chunk_batches())
-    elif missing:
+    elif len(missing):
         paused = True
     if paused:
         raise ShippingPaused(f"shipping snapshot {info.id} paused after {sent.chunks}/{len(missing)} chunks "

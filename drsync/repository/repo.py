@@ -14,7 +14,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -558,6 +558,18 @@ class Repository:
         at = IndexRows(wanted.ids, np.zeros(n, np.uint32), np.zeros(n, np.uint64), np.zeros(n, np.uint32),
                        np.zeros(n, np.uint32), np.zeros(n, np.uint8), ())
         packs: dict[str, int] = {}
+        for rows, hit, to in self._first_rows_of(wanted, seen):
+            numbers = np.array([packs.setdefault(p, len(packs)) for p in rows.packs], np.uint32)
+            at.pack[to] = numbers[rows.pack[hit]]
+            at.offset[to], at.stored_length[to] = rows.offset[hit], rows.stored_length[hit]
+            at.raw_length[to], at.encoding[to] = rows.raw_length[hit], rows.encoding[hit]
+        return seen, dataclasses.replace(at, packs=tuple(packs))
+
+    def _first_rows_of(self, wanted: IdSet, seen: np.ndarray) -> Iterator[tuple[IndexRows, np.ndarray, np.ndarray]]:
+        """The index files' rows, a batch at a time, read by ranges and checked (IntegrityError when one is
+        damaged; ObjectMissing when a GC replaced one while we listed): for each batch holding ids of
+        ``wanted`` not ``seen`` yet, ``(rows, hit, to)``: ``rows[hit]`` are their first rows and ``to`` their
+        positions in ``wanted``, already marked in ``seen`` (a (N,) bool array, updated in place)."""
         for obj in self.storage.list(fmt.INDEX_DIR):
             source = pa.PythonFile(RangeReader(self.storage, obj.name, obj.size), mode="r")
             for rows in iter_index_file(source, obj.name):
@@ -568,12 +580,35 @@ class Repository:
                     continue
                 hit = hit[np.unique(pos[hit], return_index=True)[1]]  # repeated in the batch: its first row
                 to = pos[hit]
-                numbers = np.array([packs.setdefault(p, len(packs)) for p in rows.packs], np.uint32)
-                at.pack[to] = numbers[rows.pack[hit]]
-                at.offset[to], at.stored_length[to] = rows.offset[hit], rows.stored_length[hit]
-                at.raw_length[to], at.encoding[to] = rows.raw_length[hit], rows.encoding[hit]
                 seen[to] = True
-        return seen, dataclasses.replace(at, packs=tuple(packs))
+                yield rows, hit, to
+
+    def located(self, wanted: IdSet, batch: int = 65_536) -> Iterator[IndexRows]:
+        """Where ``wanted``'s chunks are, a batch of rows at a time, each id once, each batch in pack and offset
+        order (reading them walks each pack forward): what an upload reads, without the index.
+
+        Not loaded, the index files are read by ranges and only the rows of ``wanted`` are yielded as they
+        are found: 41 bytes an id (the set and a flag), never the index (61 bytes a chunk of the repository)
+        beside them. Loaded, from the index, ``batch`` ids at a time. IntegrityError for an id that no
+        index file holds (after the others were yielded) or a damaged index file."""
+        seen = np.zeros(len(wanted), bool)
+        with self._index_lock:
+            loaded = self._index is not None
+        if not loaded:
+            try:
+                for rows, hit, _ in self._first_rows_of(wanted, seen):
+                    part = rows.take(hit)
+                    yield part.take(np.lexsort((part.offset, part.pack)))
+            except ObjectMissing:
+                pass  # a GC replaced an index file while we listed: the rest from the loaded index, exact
+        rest = np.flatnonzero(~seen)
+        for lo in range(0, len(rest), batch):
+            ids = wanted.ids[rest[lo:lo + batch]]
+            found, rows = self.index.locate_many(ids)
+            if not found.all():
+                cid = id_at(ids, int(np.flatnonzero(~found)[0]))
+                raise IntegrityError(f"chunk {cid.hex()[:16]} is not in the repository")
+            yield rows.take(np.lexsort((rows.offset, rows.pack)))
 
     def check_chunks_present(self, chunk_ids: np.ndarray | pa.Array | pa.ChunkedArray | Iterable[bytes],
                              what: str) -> None:
