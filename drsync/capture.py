@@ -43,7 +43,7 @@ from drsync.repository.manifest import (
     printable,
     sort_by_path,
 )
-from drsync.repository.manifest_check import escaping_links
+from drsync.repository.manifest_check import escaping_links, validate
 from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
 from drsync.repository.spool import Spool
@@ -237,7 +237,6 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     # peak (its scan and the chunk index held) came while the first 16 MiB were still in memory.
     out = ManifestWriter(memory_bytes=_SPOOL_BYTES)
     n = workers or min(4, (os.cpu_count() or 2) + 1)
-    row0 = 0
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="drsync-capture") as pool:
         for w in scan.windows(_WINDOW):
             same, reuse = matcher.match(w)
@@ -245,20 +244,17 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
             if on_total:
                 to_read += int(_np(w.column("size"))[is_file & (reuse < 0)].sum())
                 on_total(to_read)
-            hardlink = links.window(w, is_file, row0)
-            out.write(_window(view, writer, w, row0, pv, same, reuse, hardlink, state, warnings, pool,
+            out.write(_window(view, writer, w, pv, same, reuse, links, state, warnings, pool,
                               reread_attempts, progress, content, algorithms))
-            row0 += w.num_rows
     stored = out.finish()
     escaping = scan.escaping()
     if escaping:
         stored = _without_paths(stored, escaping)
     stale = skipped = 0
     lost = [*scan.unreadable, *state.lost]
-    if lost or scan.unlisted or links.broken(state.gone):
+    if lost or scan.unlisted:
         stored, stale, skipped = _merge_stale(stored, pv.table() if pv else None, lost, scan.unlisted,
-                                                      links,
-                                                      state.gone, warnings)
+                                              links.by_inode(), warnings)
     return CaptureResult(stored=stored, files=state.files,
                          bytes=state.bytes, read_bytes=0 if content == HDFS_CHECKSUM else state.read_bytes,
                          reused_files=state.reused, warnings=warnings, stale=stale, skipped=skipped,
@@ -445,78 +441,62 @@ class _Totals:
     read_bytes: int = 0
     reused: int = 0
     lost: list[str] = field(default_factory=list)      # exist but could not be read: kept stale
-    gone: set[int] = field(default_factory=set)        # scan rows left out (vanished or unreadable)
 
 
 class _LinkGroups:
-    """Hard-link groups of the scan (files with more than one link, by device and inode), gathered as
-    the path-sorted windows go by: every member but the first in path order names the first
-    (``hardlink``). Holds only the multiply-linked files."""
+    """Hard-link groups of the capture (files with more than one link, by device and inode), gathered
+    as the path-sorted windows go by, over the rows kept (read or reused, not vanished or unreadable):
+    the first kept member in path order leads, and a later member names it (``hardlink``) only when
+    it holds what the leader holds (size, content, mode, owner). A member that does not (the file
+    was rewritten between the reads of two of its names) stands alone with what was read of it, and
+    a warning says so: a manifest never links a row to other bytes than its own, which a restore
+    would refuse. Holds only the multiply-linked files' leaders."""
 
     def __init__(self) -> None:
-        self.by: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> scan rows of its members
-        self.paths: dict[int, bytes] = {}
-        self.inode: dict[int, int] = {}
+        self.leaders: dict[tuple[int, int], tuple[bytes, tuple[object, ...]]] = {}  # (dev, inode) -> (path, key)
 
-    @property
-    def groups(self) -> list[list[int]]:
-        return list(self.by.values())
-
-    def window(self, w: pa.Table, is_file: np.ndarray, row0: int) -> list[bytes | None] | None:
-        """The ``hardlink`` values of the window ``w`` (scan rows ``row0...``), None when none is linked."""
-        multi = np.flatnonzero(is_file & (_np(w.column("nlink")) > 1))
+    def window(self, w: pa.Table, kept: np.ndarray, sizes: np.ndarray, out: pa.Table,
+               warnings: WarningLog) -> list[bytes | None] | None:
+        """The ``hardlink`` values of the scan window ``w`` (``kept``: its files kept, ``out``: its manifest
+        rows before the others are left out, ``sizes``: their sizes as read), None when none is linked."""
+        multi = np.flatnonzero(kept & (_np(w.column("nlink")) > 1))
         if not len(multi):
             return None
-        sub = w.take(pa.array(multi, pa.int64()))
-        out: list[bytes | None] = [None] * w.num_rows
-        for k, path, dev, ino in zip(multi.tolist(), sub.column("path").to_pylist(), sub.column("dev").to_pylist(),
-                                     sub.column("inode").to_pylist(), strict=True):
-            members = self.by.setdefault((dev, ino), [])
-            if members:
-                out[k] = self.paths[members[0]]
-            row = row0 + k
-            members.append(row)  # rows ascend: path order
-            self.paths[row] = path
-            self.inode[row] = ino
-        return out
+        at = pa.array(multi, pa.int64())
+        sub, mine = w.take(at), out.take(at)
+        result: list[bytes | None] = [None] * w.num_rows
+        for k, path, dev, ino, content, mode, uid, gid in zip(
+                multi.tolist(), sub.column("path").to_pylist(), sub.column("dev").to_pylist(),
+                sub.column("inode").to_pylist(), mine.column("content").to_pylist(), mine.column("mode").to_pylist(),
+                mine.column("uid").to_pylist(), mine.column("gid").to_pylist(), strict=True):
+            key = (int(sizes[k]), content, mode, uid, gid)
+            lead = self.leaders.setdefault((dev, ino), (path, key))
+            if lead[0] == path:
+                continue
+            if lead[1] == key:
+                result[k] = lead[0]
+            else:
+                warnings.append(f"{printable(os.fsdecode(path))}: hard link to {printable(os.fsdecode(lead[0]))}, "
+                                f"but the two were read with different contents (rewritten while read); "
+                                f"captured as a file of its own")
+        return result
 
-    def broken(self, gone: set[int]) -> bool:
-        """Whether a group lost a member (its links must be worked out again over what was kept)."""
-        return bool(gone) and any(r in self.paths for r in gone)
-
-    def kept_leaders(self, gone: set[int]) -> dict[bytes, bytes | None]:
-        """Path -> its ``hardlink`` value over the kept members only, for every linked path."""
-        out: dict[bytes, bytes | None] = {}
-        for members in self.groups:
-            kept = [r for r in members if r not in gone]
-            for r in kept:
-                out[self.paths[r]] = self.paths[kept[0]] if r != kept[0] else None
-        return out
-
-    def leader_of_inode(self, gone: set[int]) -> dict[int, bytes]:
-        """Inode -> first kept path of its group (stale rows of those inodes join the group)."""
-        out: dict[int, bytes] = {}
-        for members in self.groups:
-            kept = [r for r in members if r not in gone]
-            if kept:
-                out[self.inode[kept[0]]] = self.paths[kept[0]]
-        return out
+    def by_inode(self) -> dict[int, tuple[bytes, tuple[object, ...]]]:
+        """Inode -> (leader path, its key) of every group (stale rows of those inodes may join one)."""
+        return {ino: lead for (_, ino), lead in self.leaders.items()}
 
 
 _CARRIED = ("content", "chunks", "chunk_sizes", "xattrs")
 
 
-def _binary(values: list[bytes | None] | None, count: int) -> pa.Array:
-    return pa.array(values, pa.binary()) if values is not None else pa.nulls(count, pa.binary())
-
-
-def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, row0: int, p: _Parent | None,
-            same: np.ndarray, reuse: np.ndarray, hardlink: list[bytes | None] | None, totals: _Totals,
+def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | None,
+            same: np.ndarray, reuse: np.ndarray, links: _LinkGroups, totals: _Totals,
             warnings: WarningLog, pool: ThreadPoolExecutor, reread_attempts: int, progress: ProgressFn | None,
             content: str, algorithms: set[str]) -> pa.Table:
-    """Manifest rows of the scan window ``w`` (scan rows ``row0...``, their parent rows ``same`` and
-    ``reuse``, their ``hardlink`` values): files not reused are read (in ``pool``), the rest take the
-    parent's carried columns; rows that vanished or could not be read are left out."""
+    """Manifest rows of the scan window ``w`` (their parent rows ``same`` and
+    ``reuse``): files not reused are read (in ``pool``), the rest take the parent's carried columns,
+    hard links are named over what was kept (``links``); rows that vanished or could not be read are
+    left out."""
     count = w.num_rows
     types = w.column("type").to_pylist()
     rows = reuse
@@ -599,14 +579,16 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, row0: int, p: _P
                                          "ctime_ns", "inode", "target")},
         "content": carried.column("content"), "chunks": carried.column("chunks"),
         "chunk_sizes": carried.column("chunk_sizes"), "xattrs": carried.column("xattrs"),
-        "hardlink": _binary(hardlink, count),
+        "hardlink": pa.nulls(count, pa.binary()),
         "sparse": pa.array(is_file & (blocks * 512 < sizes), pa.bool_()),
         "stale": pa.array(np.zeros(count, bool), pa.bool_()),
     }).select(SCHEMA.names).cast(SCHEMA)
+    keep = np.ones(count, bool)
+    keep[gone] = False
+    hardlink = links.window(w, keep & is_file, sizes, out, warnings)
+    if hardlink is not None:
+        out = out.set_column(out.schema.get_field_index("hardlink"), "hardlink", pa.array(hardlink, pa.binary()))
     if gone:
-        keep = np.ones(count, bool)
-        keep[gone] = False
-        totals.gone.update(row0 + k for k in gone)
         out = out.filter(pa.array(keep, pa.bool_()))
         is_file, sizes, rows = is_file[keep], sizes[keep], rows[keep]
     totals.files += int(is_file.sum())
@@ -648,23 +630,19 @@ def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarra
 
 
 def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: list[str],
-                 links: _LinkGroups, gone: set[int], warnings: WarningLog) -> tuple[Spool, int, int]:
+                 groups: dict[int, tuple[bytes, tuple[object, ...]]],
+                 warnings: WarningLog) -> tuple[Spool, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
     (unreadable entries and all below them, all below directories that could not be listed) marked
-    stale, unless this capture has them; hard links worked out over what was kept; links that the
-    merged rows make escape the root left out. Returns (the manifest, stale rows, skipped paths)."""
+    stale, unless this capture has them; their hard links worked out against this capture's
+    ``groups`` (:func:`_stale_links`); links that the merged rows make escape the root left out.
+    The result is validated as a restore will (IntegrityError rather than a snapshot no restore
+    takes). Returns (the manifest, stale rows, skipped paths)."""
     with stored:
         table = Manifest.from_bytes(stored, "the captured manifest").table
-    if links.broken(gone):
-        fixed = links.kept_leaders(gone)
-        cur = table.column("path").to_pylist()
-        hl = table.column("hardlink").to_pylist()
-        table = table.set_column(table.schema.get_field_index("hardlink"), "hardlink",
-                                 pa.array([fixed.get(x, h) if x in fixed else h for x, h in zip(cur, hl, strict=True)],
-                                          pa.binary()))
     stale_rows: list[int] = []
     skipped = 0
-    if p is not None and (lost or unlisted):
+    if p is not None:
         ppaths = p.column("path").to_pylist()  # bytes, sorted: subtrees are ranges
         have = set(table.column("path").to_pylist())
         row = {x: i for i, x in enumerate(ppaths)}
@@ -685,15 +663,17 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
             1 for d in unlisted if not any(x.startswith(os.fsencode(d) + b"/" if d else b"") for x in ppaths))
     else:
         skipped = len(lost) + len(unlisted)
-    if stale_rows and p is not None:
-        old = p.take(pa.array(stale_rows, pa.int64()))
-        old = old.set_column(old.schema.get_field_index("stale"), "stale",
-                             pa.array([True] * old.num_rows, pa.bool_()))
-        old = old.set_column(old.schema.get_field_index("hardlink"), "hardlink",
-                             pa.array(_stale_links(old, links.leader_of_inode(gone)), pa.binary()))
-        table = sort_by_path(pa.concat_tables([table, old]))
-        table = _without_escaping_links(table, warnings)
-    return Manifest(table.combine_chunks()).to_spool(), len(stale_rows), skipped
+    if not stale_rows or p is None:
+        return stored, 0, skipped
+    old = p.take(pa.array(stale_rows, pa.int64()))
+    old = old.set_column(old.schema.get_field_index("stale"), "stale", pa.array([True] * old.num_rows, pa.bool_()))
+    old = old.set_column(old.schema.get_field_index("hardlink"), "hardlink",
+                         pa.array(_stale_links(old, groups, warnings), pa.binary()))
+    table = sort_by_path(pa.concat_tables([table, old]))
+    table = _without_escaping_links(table, warnings)
+    merged = Manifest(table.combine_chunks())
+    validate(merged, "the captured manifest with its stale rows")
+    return merged.to_spool(), len(stale_rows), skipped
 
 
 def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:
@@ -713,18 +693,34 @@ def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:
         table = table.filter(pa.array([x not in bad for x in paths], pa.bool_()))
 
 
-def _stale_links(old: pa.Table, leader_of_inode: dict[int, bytes]) -> list[bytes | None]:
-    """Hard links of kept (stale) rows: a stale file whose inode is a multiply-linked file's of this
-    capture joins that file's group (whose first path is read today, so the group has today's
-    content); one whose last leader is stale too keeps that link; any other stands alone."""
-    stale_paths = set(old.column("path").to_pylist())
+def _stale_links(old: pa.Table, groups: dict[int, tuple[bytes, tuple[object, ...]]],
+                 warnings: WarningLog) -> list[bytes | None]:
+    """Hard links of kept (stale) rows, in path order. A stale file joins this capture's group of its
+    inode only if it holds what that group's leader (read today) holds: the same inode number with
+    other bytes is a file rewritten since, or a number reused by another file, and a link to it
+    would restore other bytes under this name. Otherwise it keeps its parent's group among the stale
+    rows (the first stale member of that group leads, a member holding other bytes stands alone);
+    a stale file whose parent group lies wholly in today's rows stands alone."""
     out: list[bytes | None] = []
-    for link, ino, typ in zip(old.column("hardlink").to_pylist(), old.column("inode").to_pylist(),
-                              old.column("type").to_pylist(), strict=True):
+    stale_lead: dict[bytes, tuple[bytes, tuple[object, ...]]] = {}  # parent's group leader -> stale leader
+    for path, link, ino, typ, size, content, mode, uid, gid in zip(
+            *(old.column(c).to_pylist() for c in ("path", "hardlink", "inode", "type", "size", "content", "mode",
+                                                   "uid", "gid")), strict=True):
         if typ != FILE:
             out.append(None)
-        elif ino in leader_of_inode:
-            out.append(leader_of_inode[ino])
+            continue
+        key = (size, content, mode, uid, gid)
+        today = groups.get(ino)
+        if today is not None and today[1] == key:
+            out.append(today[0])
+            continue
+        lead = stale_lead.setdefault(link or path, (path, key))
+        if lead[0] == path:
+            out.append(None)
+        elif lead[1] == key:
+            out.append(lead[0])
         else:
-            out.append(link if link in stale_paths else None)
+            warnings.append(f"{printable(os.fsdecode(path))}: kept stale as a file of its own, not as a hard link "
+                            f"to {printable(os.fsdecode(lead[0]))}, which holds other bytes")
+            out.append(None)
     return out

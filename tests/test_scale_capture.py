@@ -107,9 +107,9 @@ def test_a_local_tree_is_walked_as_the_windows_are_taken(root, repo, monkeypatch
     seen: list[tuple[int, int]] = []
     window = cap._window
 
-    def recording(view, writer, w, row0, *args):  # type: ignore[no-untyped-def]
-        seen.append((row0 + w.num_rows, sealed[0]))
-        return window(view, writer, w, row0, *args)
+    def recording(view, writer, w, *args):  # type: ignore[no-untyped-def]
+        seen.append(((seen[-1][0] if seen else 0) + w.num_rows, sealed[0]))
+        return window(view, writer, w, *args)
 
     monkeypatch.setattr(cap, "_window", recording)
     r = _capture(repo, root)

@@ -60,6 +60,7 @@ def test_located_names_a_chunk_no_index_holds_after_giving_the_others() -> None:
         for rows in fresh.located(IdSet.of([*list(data)[:5], gone])):
             got += [cid for cid, _ in rows.iter_rows()]
     assert sorted(got) == sorted(list(data)[:5])
+    assert fresh._index is None  # every index file was read: loading them all to look again finds no more
 
 
 def test_a_standby_may_answer_out_of_order_and_twice() -> None:

@@ -361,8 +361,8 @@ class Replication:
         info = engine.create_snapshot(self.repo, req)
         # The chunk index the capture loaded to find chunks stored already (61 bytes a chunk) is let go: the
         # shipment's negotiation does not need it, and held beside it, it made the primary's first sync of
-        # 1,000,000 files the largest peak of all. An upload that sends chunks loads it again (about a second
-        # at 1,000,000 chunks).
+        # 1,000,000 files the largest peak of all. The upload reads where its chunks are from the index
+        # files (Repository.located); the next capture loads the index again (about a second at 1,000,000).
         self.repo.reload_index()
         self.metrics.last_snapshot.set(info.captured_at)
         self.metrics.snapshot_stale_paths.set(info.stale_paths)

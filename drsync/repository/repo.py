@@ -601,6 +601,11 @@ class Repository:
                     yield part.take(np.lexsort((part.offset, part.pack)))
             except ObjectMissing:
                 pass  # a GC replaced an index file while we listed: the rest from the loaded index, exact
+            else:
+                if not seen.all():  # every index file was read: loading them all would find no more
+                    cid = id_at(wanted.ids, int(np.flatnonzero(~seen)[0]))
+                    raise IntegrityError(f"chunk {cid.hex()[:16]} is not in the repository")
+                return
         rest = np.flatnonzero(~seen)
         for lo in range(0, len(rest), batch):
             ids = wanted.ids[rest[lo:lo + batch]]
