@@ -150,6 +150,8 @@ def test_a_hard_link_in_an_unlistable_directory_restores(open_tmp: Path, locked_
     os.chmod(locked.parent, 0o700)
     code, err = run_as_nobody("snapshot", "create", "--repo", repo, "--source", src, "--name", "two")
     assert code == 0, err
+    shown = run_drsync("snapshot", "show", "two", "--repo", repo)
+    assert "stale_paths  1 (could not be read" in shown.out, shown.out
     out = base / "out"
     r = run_drsync("snapshot", "restore", "two", "--repo", repo, "--target", out)
     assert r.code == 0, r.err

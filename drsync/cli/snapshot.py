@@ -137,6 +137,11 @@ def snapshot_show(inv: Invocation, snapshot_id: str, files: bool) -> None:
             if k == "seq" and not v:
                 v = None  # taken before drsync numbered snapshots
             click.echo(f"{k:12} {human_size(v) if k in ('bytes', 'new_bytes') else ('-' if v in (None, '') else v)}")
+        if info.stale_paths:
+            click.echo(f"{'stale_paths':12} {info.stale_paths} (could not be read: kept at their last captured "
+                       f"version)")
+        if info.skipped_paths:
+            click.echo(f"{'skipped_paths':12} {info.skipped_paths} (could not be captured at all)")
         for w in info.warnings:
             click.echo(f"warning      {printable(w)}")
         if manifest is not None:
