@@ -254,7 +254,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     lost = [*scan.unreadable, *state.lost]
     if lost or scan.unlisted:
         stored, stale, skipped = _merge_stale(stored, pv.table() if pv else None, lost, scan.unlisted,
-                                              links.by_inode(), warnings)
+                                              {**scan.devices, **state.devices}, links.leaders, warnings)
     return CaptureResult(stored=stored, files=state.files,
                          bytes=state.bytes, read_bytes=0 if content == HDFS_CHECKSUM else state.read_bytes,
                          reused_files=state.reused, warnings=warnings, stale=stale, skipped=skipped,
@@ -441,6 +441,11 @@ class _Totals:
     read_bytes: int = 0
     reused: int = 0
     lost: list[str] = field(default_factory=list)      # exist but could not be read: kept stale
+    devices: dict[str, int] = field(default_factory=dict)  # the device of each of those
+
+
+# A hard-link group's first path and what it holds (size, content, mode, owner).
+_Lead = tuple[bytes, tuple[object, ...]]
 
 
 class _LinkGroups:
@@ -453,7 +458,7 @@ class _LinkGroups:
     would refuse. Holds only the multiply-linked files' leaders."""
 
     def __init__(self) -> None:
-        self.leaders: dict[tuple[int, int], tuple[bytes, tuple[object, ...]]] = {}  # (dev, inode) -> (path, key)
+        self.leaders: dict[tuple[int, int], _Lead] = {}  # (device, inode) -> its group's first kept path
 
     def window(self, w: pa.Table, kept: np.ndarray, sizes: np.ndarray, out: pa.Table,
                warnings: WarningLog) -> list[bytes | None] | None:
@@ -480,10 +485,6 @@ class _LinkGroups:
                                 f"but the two were read with different contents (rewritten while read); "
                                 f"captured as a file of its own")
         return result
-
-    def by_inode(self) -> dict[int, tuple[bytes, tuple[object, ...]]]:
-        """Inode -> (leader path, its key) of every group (stale rows of those inodes may join one)."""
-        return {ino: lead for (_, ino), lead in self.leaders.items()}
 
 
 _CARRIED = ("content", "chunks", "chunk_sizes", "xattrs")
@@ -525,6 +526,7 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
                 if isinstance(got, str):
                     if got != "vanished":
                         totals.lost.append(paths[k])
+                        totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
                         warnings.append(f"{printable(paths[k])}: {got}; its last captured version is kept")
                     gone.append(k)
                     continue
@@ -630,12 +632,13 @@ def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarra
 
 
 def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: list[str],
-                 groups: dict[int, tuple[bytes, tuple[object, ...]]],
+                 devices: dict[str, int], groups: dict[tuple[int, int], _Lead],
                  warnings: WarningLog) -> tuple[Spool, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
     (unreadable entries and all below them, all below directories that could not be listed) marked
     stale, unless this capture has them; their hard links worked out against this capture's
-    ``groups`` (:func:`_stale_links`); links that the merged rows make escape the root left out.
+    ``groups`` on the device of the path they are kept for (``devices``, :func:`_stale_links`);
+    links that the merged rows make escape the root left out.
     The result is validated as a restore will (IntegrityError rather than a snapshot no restore
     takes). Returns (the manifest, stale rows, skipped paths)."""
     with stored:
@@ -646,17 +649,17 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
         ppaths = p.column("path").to_pylist()  # bytes, sorted: subtrees are ranges
         have = set(table.column("path").to_pylist())
         row = {x: i for i, x in enumerate(ppaths)}
-        keep: set[int] = set()
+        keep: dict[int, int | None] = {}  # parent row -> the device of the path it is kept for
         for rel in lost:
             i = row.get(os.fsencode(rel))
             if i is not None and ppaths[i] not in have:
-                keep.add(i)
+                keep.setdefault(i, devices.get(rel))
         for rel in (*lost, *unlisted):
             prefix = os.fsencode(rel) + b"/" if rel else b""
             i = bisect.bisect_left(ppaths, prefix)
             while i < len(ppaths) and ppaths[i].startswith(prefix):
                 if ppaths[i] not in have:
-                    keep.add(i)
+                    keep.setdefault(i, devices.get(rel))
                 i += 1
         stale_rows = sorted(keep)
         skipped = sum(1 for x in lost if os.fsencode(x) not in row) + sum(
@@ -664,11 +667,11 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     else:
         skipped = len(lost) + len(unlisted)
     if not stale_rows or p is None:
-        return stored, 0, skipped
+        return Manifest(table).to_spool(), 0, skipped  # the spool was read: the same rows in a new one
     old = p.take(pa.array(stale_rows, pa.int64()))
     old = old.set_column(old.schema.get_field_index("stale"), "stale", pa.array([True] * old.num_rows, pa.bool_()))
     old = old.set_column(old.schema.get_field_index("hardlink"), "hardlink",
-                         pa.array(_stale_links(old, groups, warnings), pa.binary()))
+                         pa.array(_stale_links(old, [keep[i] for i in stale_rows], groups, warnings), pa.binary()))
     table = sort_by_path(pa.concat_tables([table, old]))
     table = _without_escaping_links(table, warnings)
     merged = Manifest(table.combine_chunks())
@@ -693,24 +696,25 @@ def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:
         table = table.filter(pa.array([x not in bad for x in paths], pa.bool_()))
 
 
-def _stale_links(old: pa.Table, groups: dict[int, tuple[bytes, tuple[object, ...]]],
+def _stale_links(old: pa.Table, devices: list[int | None], groups: dict[tuple[int, int], _Lead],
                  warnings: WarningLog) -> list[bytes | None]:
-    """Hard links of kept (stale) rows, in path order. A stale file joins this capture's group of its
-    inode only if it holds what that group's leader (read today) holds: the same inode number with
-    other bytes is a file rewritten since, or a number reused by another file, and a link to it
-    would restore other bytes under this name. Otherwise it keeps its parent's group among the stale
-    rows (the first stale member of that group leads, a member holding other bytes stands alone);
-    a stale file whose parent group lies wholly in today's rows stands alone."""
+    """Hard links of kept (stale) rows, in path order (``devices``: each row's device where known).
+    A stale file joins this capture's group of its device and inode only if it holds what that
+    group's leader (read today) holds: the same inode number with other bytes is a file rewritten
+    since, or a number reused by another file, and a link to it would restore other bytes under this
+    name; an inode number on another device is another file. Otherwise it keeps its parent's group
+    among the stale rows (the first stale member of that group leads, a member holding other bytes
+    stands alone)."""
     out: list[bytes | None] = []
     stale_lead: dict[bytes, tuple[bytes, tuple[object, ...]]] = {}  # parent's group leader -> stale leader
-    for path, link, ino, typ, size, content, mode, uid, gid in zip(
-            *(old.column(c).to_pylist() for c in ("path", "hardlink", "inode", "type", "size", "content", "mode",
-                                                   "uid", "gid")), strict=True):
+    for dev, path, link, ino, typ, size, content, mode, uid, gid in zip(
+            devices, *(old.column(c).to_pylist() for c in ("path", "hardlink", "inode", "type", "size", "content",
+                                                            "mode", "uid", "gid")), strict=True):
         if typ != FILE:
             out.append(None)
             continue
         key = (size, content, mode, uid, gid)
-        today = groups.get(ino)
+        today = groups.get((dev, ino)) if dev is not None else None
         if today is not None and today[1] == key:
             out.append(today[0])
             continue

@@ -14,6 +14,7 @@ import errno
 import os
 import secrets
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from drsync.errors import OperationFailed
 
@@ -120,6 +121,21 @@ def describe_os_error(e: OSError, action: str) -> OperationFailed:
 
 # Paths longer than this are opened one component at a time (PATH_MAX is 4096 bytes on Linux).
 LONG_PATH = 3072
+
+
+@contextmanager
+def beneath(root: str, rel: str) -> Iterator[str]:
+    """A path to ``root/rel`` that no symlink on the way can lead elsewhere: its parent directory is
+    opened one component at a time from ``root`` (never following a link) and named through
+    ``/proc/self/fd``. For calls that do not follow a link at the end themselves (``O_NOFOLLOW``,
+    ``follow_symlinks=False``), of any type of entry; valid inside the ``with``. OSError (ELOOP,
+    ENOTDIR) when a component on the way is a link or not a directory."""
+    head, _, name = rel.rstrip("/").rpartition("/")
+    fd = open_beneath(root, head, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
 
 
 def open_beneath(root: str, rel: str, flags: int = os.O_RDONLY) -> int:

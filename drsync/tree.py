@@ -65,6 +65,9 @@ class TreeScan:
     # examined: never deletions (the capture keeps their last captured version, marked stale).
     unlisted: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    # The device of each of those paths (a directory's own, an entry's directory's) where known: a stale
+    # row joins a hard-link group of today's only on its own device (inode numbers repeat across them).
+    devices: dict[str, int] = field(default_factory=dict)
     batches: list[pa.RecordBatch] = field(default_factory=list)
     sorted: bool = False  # entries were appended in path order (bytes), as the manifest sorts them
     rows: list[tuple] = field(default_factory=list)  # type: ignore[type-arg]  # whole rows, in COLUMNS order
@@ -268,8 +271,15 @@ def _walk(scan: TreeScan, exclude: frozenset[str]) -> Iterator[None]:
     lister = _Lister(scan.root, scan, exclude)
     add = scan.rows.append
     count = 0
-    # An item of a listing is (key, row) for an entry or (key, None, rel, abspath) for a directory's contents.
-    for row in in_path_order(lister.items(b"", os.fsencode(scan.root)), lambda item: lister.items(item[2], item[3])):
+    # An item of a listing is (key, row) for an entry or (key, None, rel, abspath, (dev, inode)) for a directory's
+    # contents.
+    try:
+        top = os.stat(scan.root)
+        examined = (top.st_dev, top.st_ino)
+    except OSError:
+        examined = None
+    for row in in_path_order(lister.items(b"", os.fsencode(scan.root), examined),
+                             lambda item: lister.items(item[2], item[3], item[4])):
         add(row)
         count += 1
         if count >= _BATCH_ROWS:
@@ -309,26 +319,42 @@ class _Lister:
         self.exclude = frozenset(os.fsencode(p) for p in exclude)
         self.reserved = frozenset(os.fsencode(n) for n in RESERVED_NAMES)
 
-    def items(self, rel_dir: bytes, abs_dir: bytes) -> list[tuple]:  # type: ignore[type-arg]
+    def items(self, rel_dir: bytes, abs_dir: bytes, examined: tuple[int, int] | None = None) -> list[tuple]:
+        """The sorted listing of ``rel_dir``: through a descriptor of the directory its parent's listing
+        ``examined`` (device, inode), never of what its path leads to now: one swapped for a symlink
+        (to a place outside the root) since is kept at its last captured content, never listed."""
         scan = self.scan
         warn = scan.warnings.append
-        fsdecode = os.fsdecode
-        fd = None
+        fsdecode, fsencode = os.fsdecode, os.fsencode
+
+        def unlisted(problem: str, dev: int | None) -> list[tuple]:  # type: ignore[type-arg]
+            rel = fsdecode(rel_dir)
+            scan.unlisted.append(rel)
+            if dev is not None:
+                scan.devices[rel] = dev
+            warn(f"{printable(rel) or '.'}: {problem}; its last captured content is kept")
+            return []
+
         try:
             if len(abs_dir) > fsutil.LONG_PATH:
                 fd = fsutil.open_beneath(self.root, fsdecode(rel_dir), os.O_RDONLY | os.O_DIRECTORY)
-                it = os.scandir(fd)
-            else:
-                it = os.scandir(abs_dir)
-        except (FileNotFoundError, NotADirectoryError):
-            return []  # removed or replaced while we walked: simply not in this scan
+            else:  # the root itself may be named through a link (a data root at /data -> /mnt/disk1/data)
+                fd = os.open(abs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if rel_dir else 0))
+        except FileNotFoundError:
+            return []  # removed while we walked: simply not in this scan
         except OSError as e:
-            if fd is not None:
+            swapped = e.errno in (errno.ELOOP, errno.ENOTDIR)
+            return unlisted("replaced by a link or a file while it was walked" if swapped
+                            else f"cannot be listed ({e.strerror or e})", examined[0] if examined else None)
+        try:
+            st_dir = os.fstat(fd)
+            if examined is not None and (st_dir.st_dev, st_dir.st_ino) != examined:
                 os.close(fd)
-            scan.unlisted.append(fsdecode(rel_dir))
-            warn(f"{printable(fsdecode(rel_dir)) or '.'}: cannot be listed ({e.strerror or e}); its last captured "
-                 f"content is kept")
-            return []
+                return unlisted("replaced while it was walked", examined[0])
+            it = os.scandir(fd)
+        except OSError as e:
+            os.close(fd)
+            return unlisted(f"cannot be listed ({e.strerror or e})", examined[0] if examined else None)
         out: list[tuple] = []  # type: ignore[type-arg]
         prefix = rel_dir + b"/" if rel_dir else b""
         reserved, exclude = self.reserved, self.exclude
@@ -336,15 +362,13 @@ class _Lister:
         try:
             with it:
                 for e in it:
-                    name = e.name
-                    if fd is not None:
-                        name = os.fsencode(name)  # scandir of a descriptor gives str names
+                    name = fsencode(e.name)  # scandir of a descriptor gives str names
                     if name in reserved:
                         if rel_dir:
                             warn(f"{printable(fsdecode(prefix + name))}: the name is reserved for drsync's staging "
                                  f"area; not captured")
                         continue
-                    full = e.path if fd is None else abs_dir + b"/" + name
+                    full = abs_dir + b"/" + name
                     rel = prefix + name
                     if exclude and rel in exclude:
                         continue
@@ -354,6 +378,7 @@ class _Lister:
                         continue
                     except OSError as err:
                         scan.unreadable.append(fsdecode(rel))
+                        scan.devices[fsdecode(rel)] = st_dir.st_dev
                         warn(f"{printable(fsdecode(rel))}: cannot be examined ({err.strerror or err}); its last "
                              f"captured version is kept")
                         continue
@@ -363,11 +388,11 @@ class _Lister:
                         typ, size = FILE, s.st_size
                     elif S_ISDIR(m):
                         typ, size = DIR, 0
-                        out.append((name + b"/", None, rel, full))
+                        out.append((name + b"/", None, rel, full, (s.st_dev, s.st_ino)))
                     elif S_ISLNK(m):
                         typ, size = SYMLINK, 0
                         try:
-                            target = os.readlink(name, dir_fd=fd) if fd is not None else os.readlink(full)
+                            target = os.readlink(name, dir_fd=fd)
                         except FileNotFoundError:
                             continue
                         if not symlink_stays_inside(fsdecode(rel), fsdecode(target)):
@@ -380,8 +405,7 @@ class _Lister:
                     out.append((name, (rel, typ, m & 0o7777, s.st_uid, s.st_gid, size, s.st_mtime_ns, s.st_ctime_ns,
                                        s.st_ino, target, s.st_nlink, s.st_dev, s.st_blocks)))
         finally:
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
         out.sort(reverse=True)  # keys are unique: a name never holds "/"
         return out
 

@@ -48,8 +48,9 @@ def _stale(rows: list[tuple[str, str | None, int, str, int, bytes | None, int]])
 
 def test_a_stale_row_joins_todays_group_only_when_it_holds_the_leaders_bytes() -> None:
     x, y = b"x" * 32, b"y" * 32
-    today = {5: (b"b5", (3, x, 0o644, 0, 0)), 6: (b"b6", (3, x, 0o644, 0, 0)), 8: (b"b8", (3, x, 0o644, 0, 0)),
-             9: (b"z", (3, x, 0o644, 0, 0))}
+    today = {(1, 5): (b"b5", (3, x, 0o644, 0, 0)), (1, 6): (b"b6", (3, x, 0o644, 0, 0)),
+             (1, 8): (b"b8", (3, x, 0o644, 0, 0)), (1, 9): (b"z", (3, x, 0o644, 0, 0)),
+             (2, 10): (b"other-disk", (3, x, 0o644, 0, 0))}
     old = _stale([
         ("a5", None, 5, FILE, 3, x, 0o644),      # unchanged since: joins today's group
         ("a6", None, 6, FILE, 3, y, 0o644),      # rewritten since (or the number reused): stands alone
@@ -60,10 +61,12 @@ def test_a_stale_row_joins_todays_group_only_when_it_holds_the_leaders_bytes() -
         ("d", None, 5, DIR, 0, None, 0o755),     # a directory is never a link
         ("m1", "z", 9, FILE, 5, y, 0o644),       # today's leader z was rewritten: the stale members
         ("m2", "z", 9, FILE, 5, y, 0o644),       # ... of its old group keep each other
+        ("n10", None, 10, FILE, 3, x, 0o644),    # the same inode number and bytes on another device
+        ("u5", None, 5, FILE, 3, x, 0o644),      # its device unknown: never joins
     ])
     warnings = WarningLog()
-    links = cap._stale_links(old, today, warnings)
-    assert links == [b"b5", None, None, b"a7", None, None, None, None, b"m1"]
+    links = cap._stale_links(old, [1] * 10 + [None], today, warnings)
+    assert links == [b"b5", None, None, b"a7", None, None, None, None, b"m1", None, None]
     assert any("a7x" in w and "other bytes" in w for w in warnings)
 
 

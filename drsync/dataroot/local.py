@@ -102,23 +102,20 @@ class LocalFrozenRoot:
         return scan_tree(self.root, exclude)
 
     def xattrs(self, rel: str) -> tuple[bytes | None, str | None]:
-        path = os.path.join(self.root, rel)
-        if len(path) <= fsutil.LONG_PATH:
-            return read_xattrs(path)
+        """``rel``'s extended attributes, through its parent directory opened beneath the root (a
+        directory on the way swapped for a link since the scan is never followed out of it)."""
         try:
-            fd = fsutil.open_beneath(self.root, rel, os.O_RDONLY | os.O_NONBLOCK)
+            with fsutil.beneath(self.root, rel) as path:
+                return read_xattrs(path)
         except OSError as e:
             return None, f"extended attributes cannot be read ({e.strerror or e})"
-        try:
-            return read_xattrs(fd)
-        finally:
-            os.close(fd)
 
     def open_file(self, rel: str) -> LocalOpenFile:
-        path = os.path.join(self.root, rel)
-        if len(path) > fsutil.LONG_PATH:
-            return LocalOpenFile(path, fsutil.open_beneath(self.root, rel, os.O_RDONLY | os.O_NONBLOCK))
-        return LocalOpenFile(path)
+        """``rel`` opened one component at a time from the root, never through a link: a directory on the
+        way swapped for a link since the scan (to a file outside the root) fails the open (ELOOP or
+        ENOTDIR), and the path keeps its last captured version."""
+        return LocalOpenFile(os.path.join(self.root, rel),
+                             fsutil.open_beneath(self.root, rel, os.O_RDONLY | os.O_NONBLOCK))
 
 
 class LocalDataRoot:

@@ -607,13 +607,15 @@ class Repository:
                     raise IntegrityError(f"chunk {cid.hex()[:16]} is not in the repository")
                 return
         rest = np.flatnonzero(~seen)
+        absent: bytes | None = None
         for lo in range(0, len(rest), batch):
             ids = wanted.ids[rest[lo:lo + batch]]
             found, rows = self.index.locate_many(ids)
-            if not found.all():
-                cid = id_at(ids, int(np.flatnonzero(~found)[0]))
-                raise IntegrityError(f"chunk {cid.hex()[:16]} is not in the repository")
+            if not found.all():  # rows holds the found ones: they are yielded, the absent named after all
+                absent = absent or id_at(ids, int(np.flatnonzero(~found)[0]))
             yield rows.take(np.lexsort((rows.offset, rows.pack)))
+        if absent is not None:
+            raise IntegrityError(f"chunk {absent.hex()[:16]} is not in the repository")
 
     def check_chunks_present(self, chunk_ids: np.ndarray | pa.Array | pa.ChunkedArray | Iterable[bytes],
                              what: str) -> None:
