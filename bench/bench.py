@@ -464,8 +464,11 @@ def bench_failover(work: Path, trials: int, session_timeout_s: float, drill_mib:
         # Manual: kill -9 the primary, `drsync promote --force` on the standby; the clock stops when
         # the command returns, which it does once the new primary's own record says "primary".
         (work / "manual").mkdir()
+        # The bench has no production writers to stop: a demote_command that succeeds lets an ex-primary
+        # rejoin as a standby by itself (without one it waits for an operator's `drsync rejoin`).
+        demote = 'demote_command = "true"'
         g = Group(work / "manual", zk.hosts, "bench-manual", ["east", "west"],
-                  session_timeout=f"{session_timeout_s}s")
+                  session_timeout=f"{session_timeout_s}s", extra=demote)
         walls, inside = [], []
         try:
             for name in g.names:
@@ -495,7 +498,7 @@ def bench_failover(work: Path, trials: int, session_timeout_s: float, drill_mib:
         # Automatic: kill -9 the primary; the clock stops when ZooKeeper names the standby primary.
         (work / "auto").mkdir()
         g = Group(work / "auto", zk.hosts, "bench-auto", ["east", "west"], session_timeout=f"{session_timeout_s}s",
-                  failover="automatic", extra='failover_cooldown = "0s"')
+                  failover="automatic", extra=f'failover_cooldown = "0s"\n{demote}')
         times = []
         try:
             for name in g.names:
