@@ -498,7 +498,7 @@ def bench_failover(work: Path, trials: int, session_timeout_s: float, drill_mib:
         # Automatic: kill -9 the primary; the clock stops when ZooKeeper names the standby primary.
         (work / "auto").mkdir()
         g = Group(work / "auto", zk.hosts, "bench-auto", ["east", "west"], session_timeout=f"{session_timeout_s}s",
-                  failover="automatic", extra=f'failover_cooldown = "0s"\n{demote}')
+                  failover="automatic", extra=f'failover_cooldown = "0s"\nfence_command = "true"\n{demote}')
         times = []
         try:
             for name in g.names:
@@ -871,6 +871,8 @@ def main() -> None:
                     help="where the scale part builds its tree and keeps it between runs (default: in --work)")
     ap.add_argument("--trials", type=int, default=5, help="failover trials (medians are reported)")
     ap.add_argument("--session-timeout", type=float, default=4.0, help="ZooKeeper session timeout for failover")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep --work afterwards (agents' logs and state, to read why a part failed)")
     args = ap.parse_args()
     sync_files, noop_files = 20_000, args.small_files
     if args.quick:
@@ -908,7 +910,8 @@ def main() -> None:
 
             bench_wan(args.work, args.big_mib, args.big_mib, rep)
     finally:
-        shutil.rmtree(args.work, ignore_errors=True)
+        if not args.keep_work:
+            shutil.rmtree(args.work, ignore_errors=True)
     rep.print()
     if args.json:
         args.json.write_text(json.dumps(rep.results, indent=2))

@@ -92,7 +92,12 @@ class Group:
                 [sys.executable, "-m", "drsync", "agent", "--config", str(self.cfg[name])], stdout=log, stderr=log,
                 env=env)
         if wait:
-            wait_for(lambda: name in self.coord.agents(), f"agent {name} to register in ZooKeeper")
+            proc = self.procs[name]
+            wait_for(lambda: name in self.coord.agents() or proc.poll() is not None,
+                     f"agent {name} to register in ZooKeeper")
+            if proc.poll() is not None:
+                tail = self.log(name).strip().splitlines()[-3:]
+                raise AssertionError(f"agent {name} exited with {proc.returncode}: " + " / ".join(tail))
 
     def start_all(self, primary: str, env: dict[str, dict[str, str]] | None = None) -> None:
         """Start every agent (``env``: the environment of some by name) and make ``primary`` the primary."""

@@ -300,6 +300,34 @@ def test_switchover_to_an_unknown_agent_changes_nothing(make_group) -> None:  # 
     assert g.primary() == ("east", 1) and g.coord.read_switchover() is None
 
 
+def test_a_restarted_ex_primary_never_reads_as_a_caught_up_standby(make_group) -> None:  # type: ignore[no-untyped-def]
+    """Killed and replaced, the old primary restarts: until it has rejoined (demote_command confirmed, its
+    root kept) its record says ex-primary, never standby with the snapshot it applied before it was
+    primary; a promotion that trusted such a record was refused ("never applied a snapshot")."""
+    gate = "$DRSYNC_DATA/../demote"
+    g = make_group(["east", "west"], extra=(f'demote_command = "touch {gate}-started-$DRSYNC_AGENT; '
+                                            f'while [ ! -e {gate}-go ]; do sleep 0.05; done"'))
+    bootstrap(g)
+    before = g.record("west")["applied_snapshot"]
+    g.kill("east")
+    r = g.promote("west", "--force")
+    assert r.code == 0, r.err
+    g.start("east", wait=False)
+    pid = g.procs["east"].pid
+    wait_for(lambda: (g.tmp / "demote-started-east").exists(), "east's demote_command to start")
+    record = wait_for(lambda: (rec := g.record("east")).get("pid") == pid and rec, "east's record of this start")
+    assert record["role"] == "ex-primary", record
+    (g.tmp / "demote-go").touch()
+    g.wait_role("east", "standby")
+    record = wait_for(lambda: (rec := g.record("east")).get("applied_snapshot") and rec, "east to apply")
+    assert record["applied_position"][0] == 2 and record["applied_snapshot"] != before, record
+    wait_for(lambda: g.in_sync("west", "east"), "east to follow west")
+    # The bench's trial: west killed in turn, east promoted by hand at its caught-up record.
+    g.kill("west")
+    r = g.promote("east", "--force")
+    assert r.code == 0, r.err
+
+
 def test_automatic_failover_across_repeated_trials(make_group) -> None:  # type: ignore[no-untyped-def]
     """Kill -9 whoever is primary, again and again: the standby takes over by itself, the old one
     rejoins; never two primaries at one epoch, never an epoch going backwards."""

@@ -224,7 +224,12 @@ class RoleSupervisor:
     def role_word(self) -> str:
         if self.acting == "primary":
             return "paused" if self.paused else "primary"
-        return "ex-primary" if self.holding_ex_primary else "standby"
+        # A former primary is "ex-primary" until it has rejoined (its root kept, last_role "standby"), not
+        # only while something holds it: at its start and while its demote_command runs it has applied
+        # nothing of this epoch, and its record must not read as a caught-up standby meanwhile.
+        if self.holding_ex_primary or self.store.current.last_role == "primary":
+            return "ex-primary"
+        return "standby"
 
     def lag_s(self) -> float | None:
         return self.receiver.lag_s() if self.receiver is not None else None
