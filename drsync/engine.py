@@ -14,9 +14,9 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from drsync.apply import ApplyResult, ForeignTarget, apply_manifest
 from drsync.capture import CHUNKS, HDFS_CHECKSUM, capture
 from drsync.config import Config, KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
@@ -35,6 +35,9 @@ from drsync.repository.repo import GcReport, Repository, VerifyReport
 from drsync.repository.snapshots import SnapshotInfo, new_snapshot_id
 from drsync.retention import plan_retention
 from drsync.storage import open_storage
+
+if TYPE_CHECKING:  # the apply machinery (numpy and all) is imported by a restore only
+    from drsync.apply import ApplyResult, ForeignTarget
 
 log = logging.getLogger("drsync.engine")
 
@@ -234,6 +237,8 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
                                         f"production no longer keeps snapshot {info.id}'s bytes: restore it with "
                                         f"--config of a standby that applied it (its data root keeps it as HDFS "
                                         f"snapshot drsync-snap-{info.id}), or restore a newer snapshot"))
+        from drsync.apply import apply_manifest
+
         result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
                                 progress=progress, on_total=on_total, protect=(repo.storage.url, *protect),
                                 dry_run=dry_run, foreign=foreign, external=external, keep_repositories=True)

@@ -105,8 +105,9 @@ def test_runbook_commands_are_real() -> None:
         args = list(argv)
         while isinstance(group, click.Group) and args and not args[0].startswith("-"):
             name = args.pop(0)
-            assert name in group.commands, f"drsync {' '.join([*path, name])}: no such command"
-            group = group.commands[name]
+            sub = group.get_command(click.Context(group), name)
+            assert sub is not None, f"drsync {' '.join([*path, name])}: no such command"
+            group = sub
             path.append(name)
         assert not isinstance(group, click.Group), f"drsync {' '.join(path)} needs a subcommand"
         known = {opt for p in group.params for opt in getattr(p, "opts", [])}

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import blake3
+import click
 import pyarrow as pa
 import pytest
 
 from drsync.repository import format as fmt
 from drsync.repository.manifest import Manifest
 from drsync.storage.local import LocalStorage
-from tests.conftest import age_tree, tree_state
+from tests.conftest import age_tree, make_tree, tree_state
 from tests.sites import make_site, same_tree
 
 
@@ -378,3 +382,30 @@ def test_checksum_restore_finds_changes_hidden_behind_size_and_mtime(drsync, tmp
                      snap, "--repo", repo, "--target", dst.url("out"), "--checksum",
                      "--json").json()
     assert checked["written_files"] == 1 and same_tree(src, "data", dst, "out")
+
+
+def test_a_snapshot_create_loads_only_what_it_runs(tmp_path: Path) -> None:
+    """The root group loads a command's module when it runs: a snapshot create (every few minutes on a
+    busy root, where its start-up counts against the 1 s target) imports neither the agent, the group's
+    commands nor the apply machinery; every listed command still loads, under its own name."""
+    make_tree(tmp_path / "src", files=5)
+    repo, src = str(tmp_path / "repo"), str(tmp_path / "src")
+    code = "\n".join([
+        "import json, sys",
+        "from drsync.cli import main",
+        f"assert main(['init', '--repo', {repo!r}, '--cluster-id', 'c1', '--release', '1']) == 0",
+        f"assert main(['snapshot', 'create', '--repo', {repo!r}, '--source', {src!r}]) == 0",
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('drsync', 'grpc', 'kazoo')))))"])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    loaded = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "drsync.capture" in loaded and "drsync.cli.snapshot" in loaded
+    heavy = [m for m in loaded if m.startswith(("drsync.agent", "drsync.apply", "drsync.cli.agent",
+                                                "drsync.cli.group", "drsync.cli.backup", "grpc", "kazoo"))]
+    assert heavy == [], heavy
+    from drsync.cli import COMMANDS, cli
+
+    ctx = click.Context(cli)
+    assert cli.list_commands(ctx) == sorted(COMMANDS)
+    assert all((c := cli.get_command(ctx, name)) is not None and c.name == name for name in COMMANDS)
+    assert cli.get_command(ctx, "no-such-command") is None

@@ -19,15 +19,43 @@ stderr and exit with the code DESIGN.md fixes; ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from drsync import __version__
-from drsync.cli import agent, backup, group, repo, snapshot
 from drsync.cli.common import EXIT_TABLE
 from drsync.cli.entry import main, run
 
+# Each command's module, imported when the command runs (or --help lists them all): a snapshot create
+# does not pay for the agent's, the group's and the restores' imports (grpc, kazoo, the apply machinery).
+COMMANDS = {
+    "init": ("repo", "init_cmd"), "snapshot": ("snapshot", "snapshot_grp"), "backup": ("backup", "backup_grp"),
+    "repo": ("repo", "repo_grp"), "status": ("group", "status_cmd"), "history": ("group", "history_cmd"),
+    "promote": ("group", "promote_cmd"), "rejoin": ("group", "rejoin_cmd"),
+    "replace-identity": ("group", "replace_identity_cmd"), "switchover": ("group", "switchover_cmd"),
+    "drill": ("agent", "drill_grp"), "config": ("agent", "config_grp"), "apply": ("agent", "apply_cmd"),
+    "agent": ("agent", "agent_cmd"),
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog="\n".join([
+
+class LazyGroup(click.Group):
+    """The root group: its commands are :data:`COMMANDS`, each loaded from its module on first use
+    (click's documented pattern for lazily loaded subcommands)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *super().list_commands(ctx)})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, attr = COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(f"drsync.cli.{module}"), attr)
+        assert isinstance(command, click.Command) and command.name == cmd_name, (module, attr)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog="\n".join([
     "\b", "Every command's full help: drsync COMMAND --help, all of them in docs/cli.md",
     "(and man pages: make man, then man docs/man/drsync-COMMAND.1); the runbook is",
     "docs/operations.md. Each command's help ends with what its exit codes mean.",
@@ -41,9 +69,4 @@ def cli() -> None:
     line on stderr (--debug adds the traceback)."""
 
 
-for _command in (repo.init_cmd, snapshot.snapshot_grp, backup.backup_grp, repo.repo_grp, group.status_cmd,
-                 group.history_cmd, group.promote_cmd, group.rejoin_cmd, group.replace_identity_cmd,
-                 group.switchover_cmd, agent.drill_grp, agent.config_grp, agent.apply_cmd, agent.agent_cmd):
-    cli.add_command(_command)
-
-__all__ = ["cli", "main", "run"]
+__all__ = ["COMMANDS", "cli", "main", "run"]

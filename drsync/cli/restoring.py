@@ -5,16 +5,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from drsync import engine
-from drsync.apply import ApplyResult, ForeignTarget
 from drsync.cli.common import Exit, Invocation, emit
 from drsync.errors import EXIT_REFUSED
 from drsync.repository.manifest import printable
 from drsync.units import human_size
+
+if TYPE_CHECKING:  # the apply machinery is imported by a restore only (a snapshot create starts faster)
+    from drsync.apply import ApplyResult, ForeignTarget
 
 
 def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bool) -> ForeignTarget | None:
@@ -22,6 +24,8 @@ def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bo
     overwriting what is there needs --overwrite and removing what the snapshot lacks --delete-extra."""
     if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
         return None
+    from drsync.apply import ForeignTarget
+
     return ForeignTarget(overwrite=overwrite, delete_extra=delete_extra)
 
 
