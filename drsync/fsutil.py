@@ -114,6 +114,14 @@ def describe_os_error(e: OSError, action: str) -> OperationFailed:
         hint = "; check the permissions of that path"
     elif e.errno == errno.EROFS:
         hint = "; the filesystem is read-only"
+    elif e.errno == errno.ENOTDIR:
+        hint = "; a part of that path is a file where a directory is needed: check the path, or choose another"
+    elif e.errno == errno.EISDIR:
+        hint = "; that path is a directory where a file is needed: check the path, or choose another"
+    elif e.errno == errno.ELOOP:
+        hint = "; a part of that path is a symlink, which drsync does not follow there: name the real path"
+    elif e.errno == errno.ENAMETOOLONG:
+        hint = "; a name in that path is too long for its filesystem"
     where = f" {e.filename}" if e.filename else ""
     return OperationFailed(f"{action} failed:{where}: {e.strerror or e}{hint}")
 

@@ -20,6 +20,11 @@ def human_size(n: float) -> str:
     return f"{n} B"
 
 
+def count(n: int, noun: str) -> str:
+    """A count with its noun, singular for one: ``1 file``, ``0 files``, ``12 chunks``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def iso_time(ts: float) -> str:
     """A Unix time as ISO 8601 in UTC with milliseconds: ``2026-12-01T09:01:23.353Z``."""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

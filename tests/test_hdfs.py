@@ -243,6 +243,22 @@ def test_permission_denied_is_one_clear_line_and_changes_nothing(webhdfs, tmp_pa
     assert refused, "the namenode itself refused drsync"
 
 
+def test_a_target_below_a_file_is_one_line_and_changes_nothing(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    local = LocalSite(tmp_path)
+    local.make_tree("data")
+    repo = str(tmp_path / "repo")
+    assert run_drsync("init", "--repo", repo, "--cluster-id", "e", "--release", "1").code == 0
+    snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()["id"]
+    site = HdfsSite(webhdfs, webhdfs.test_dir)
+    site.write("below-file", "plain.txt", b"a file, not a directory")
+    before = site.state("below-file")
+    for below in ("below-file/plain.txt/sub", "below-file/plain.txt/sub/deeper"):
+        r = run_drsync("snapshot", "restore", snap, "--repo", repo, "--target", site.url(below))
+        assert r.code == 2 and r.err.count("\n") == 1, r.err
+        assert f"{site.path('below-file/plain.txt')} is not a directory; name a target below a directory" in r.err
+    assert site.state("below-file") == before
+
+
 def test_space_quota_exceeded_mid_write_leaves_nothing_half_written(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A space quota (dfsadmin -setSpaceQuota): HDFS charges a file being written a whole block
     (1 MiB here) times the replication (1) for each block it opens."""

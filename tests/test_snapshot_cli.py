@@ -225,6 +225,13 @@ def test_bad_input_errors(drsync, tmp_path: Path, repo_url: str, tree: Path) -> 
     f.write_text("x")
     r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", snap["id"], "--repo", repo_url, "--target", f)
     assert r.code == 2 and "is not a directory" in r.err and f.read_text() == "x"
+    # Target below a file (or a link to one): exit 2, one line naming the file, nothing made.
+    (tmp_path / "link-to-file").symlink_to(f)
+    for below in (f / "sub", f / "sub" / "deeper", tmp_path / "link-to-file" / "sub"):
+        r = drsync("snapshot", "restore", snap["id"], "--repo", repo_url, "--target", below)
+        assert r.code == 2 and f"cannot be made: {below.parent if below.name == 'sub' else below.parent.parent} " \
+            f"is not a directory" in r.err and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+        assert f.read_text() == "x"
     # Unknown config key and wrong type: exit 2, one line naming the key.
     cfg = write_config(tmp_path, extra="[snapshots]\nintervall = '1h'\n")
     r = drsync("snapshot", "list", "--config", cfg)
@@ -409,3 +416,23 @@ def test_a_snapshot_create_loads_only_what_it_runs(tmp_path: Path) -> None:
     assert cli.list_commands(ctx) == sorted(COMMANDS)
     assert all((c := cli.get_command(ctx, name)) is not None and c.name == name for name in COMMANDS)
     assert cli.get_command(ctx, "no-such-command") is None
+
+
+def test_counts_read_as_english_and_os_errors_carry_a_hint(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """One file is "1 file"; an OS error a command cannot foresee names what to check."""
+    import errno
+
+    from drsync.fsutil import describe_os_error
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "only.txt").write_text("x")
+    assert drsync("init", "--repo", tmp_path / "repo", "--cluster-id", "c1", "--release", "1").code == 0
+    r = drsync("snapshot", "create", "--repo", tmp_path / "repo", "--source", tmp_path / "one")
+    assert r.code == 0 and ": 1 file, " in r.out, r.out
+    r = drsync("repo", "verify", "--repo", tmp_path / "repo")
+    assert r.code == 0 and "1 pack, 1 chunk, 1 snapshot verified" in r.out, r.out
+    for code, words in ((errno.ENOTDIR, "is a file where a directory is needed"),
+                        (errno.EISDIR, "is a directory where a file is needed"),
+                        (errno.ELOOP, "is a symlink"), (errno.ENOSPC, "free some space")):
+        line = str(describe_os_error(OSError(code, os.strerror(code), "/x/y"), "the restore"))
+        assert line.startswith(f"the restore failed: /x/y: {os.strerror(code)}; ") and words in line, line

@@ -19,7 +19,7 @@ import pytest
 from drsync.agent.primary import _id_set, ship_snapshot
 from drsync.agent.standby import StandbyReceiver
 from drsync.agent.state import StateStore
-from drsync.errors import IntegrityError
+from drsync.errors import IntegrityError, RefusedError
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, id_list
 from drsync.repository.repo import Repository
@@ -97,3 +97,38 @@ def test_an_upload_sends_every_chunk_without_loading_the_index(tmp_path: Path) -
         for i in range(0, 150, 7):
             (data / f"f{i:03}").write_bytes(rnd.randbytes(rnd.randrange(1, 4000)) + bytes([step]))
     assert np.all(standby.index.contains_many(primary.index.rows().ids))
+
+
+class _AskingForMore(LocalLink):
+    """A standby that answers its first negotiation batch with one id it was never asked about."""
+
+    def __init__(self, rx: StandbyReceiver, extra: bytes) -> None:
+        super().__init__(rx)
+        self.extra = extra
+
+    def missing(self, epoch, batches):  # type: ignore[no-untyped-def]
+        for i, reply in enumerate(super().missing(epoch, batches)):
+            yield [*reply, self.extra] if i == 0 else reply
+
+
+def test_a_standby_asking_for_chunks_never_offered_is_blamed_not_the_repository(tmp_path: Path) -> None:
+    """Chunks a standby asks for that the primary never offered: the shipment fails naming the standby
+    (RefusedError), never as damage of the primary's repository; a chunk it was offered and the primary's
+    repository lost (its index files gone) is still damage (IntegrityError)."""
+    primary = new_repo(tmp_path / "primary")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(20):
+        (data / f"f{i:02}").write_bytes(random.Random(i).randbytes(900))
+    standby = new_repo(tmp_path / "standby")
+    (tmp_path / "root").mkdir()
+    rx = StandbyReceiver(standby, str(tmp_path / "root"), StateStore(str(tmp_path / "state")), agent="sb")
+    info = snap(primary, data)
+    with pytest.raises(RefusedError, match=r"standby in-process asked for 1 chunk\(s\) it was never offered \(first "
+                                           r"eeeeeeeeeeeeeeee\)"):
+        ship_snapshot(primary, info, _AskingForMore(rx, b"\xee" * 32), epoch=1, sender="east-1")
+    for f in (tmp_path / "primary" / "index").iterdir():
+        f.unlink()
+    primary.reload_index()
+    with pytest.raises(IntegrityError, match="is not in the repository"):
+        ship_snapshot(primary, info, LocalLink(rx), epoch=1, sender="east-1")

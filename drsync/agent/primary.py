@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync.errors import DrsyncError
+from drsync.errors import DrsyncError, IntegrityError, RefusedError
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, gather, id_key, ids_array, locate, pieces_key, sort_unique, to_arrow
 from drsync.repository.manifest import Manifest, ManifestFile, column_groups
@@ -265,6 +266,29 @@ def _id_set(replies: list[pa.Array]) -> IdSet:
     return IdSet.of(ids)
 
 
+def _located_asked(repo: Repository, missing: IdSet, standby: str, asked: Callable[[], Ask]) -> Iterator[Any]:
+    """``repo.located(missing)``; when a chunk the standby says it lacks is not in the repository, first
+    tell whether it was asked about at all (``asked`` plans the negotiation again, on this error path
+    only): an id never asked about is the standby's fault (it does not follow the protocol, or another
+    version's), not damage of this repository. IntegrityError for damage, RefusedError for the standby."""
+    try:
+        yield from repo.located(missing)
+    except IntegrityError:
+        plan = asked()
+        ids = gather(plan.pieces, plan.order)
+        if len(ids):
+            _, found = locate(ids, id_key(ids), missing.ids)
+            unasked = missing.ids[~found]
+        else:
+            unasked = missing.ids
+        if len(unasked):
+            raise RefusedError(
+                f"standby {standby} asked for {len(unasked)} chunk(s) it was never offered (first "
+                f"{unasked[0].tobytes().hex()[:16]}): it does not follow drsync's negotiation (another version, or "
+                f"not a drsync agent); nothing more is shipped to it; check what answers at that address") from None
+        raise
+
+
 def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int, sender: str,
                   sender_seq: int | None = None, bandwidth_bps: float | Callable[[], float | None] = 0.0,
                   applied: Manifest | ManifestFile | None = None,
@@ -347,7 +371,9 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
         size = raw = 0
         # Located from the index files as they are read (the capture let the index go, see Shipper.capture):
         # the missing ids and a flag each, never the whole index beside them; read in pack order.
-        for rows in repo.located(missing):
+        for rows in _located_asked(repo, missing, link.target,
+                                   lambda: negotiation_plan(ManifestFile(manifest, f"manifest of snapshot {info.id}"),
+                                                            applied)[1]):
             for cid, loc in rows.iter_rows():
                 if size == 0:
                     check(False)

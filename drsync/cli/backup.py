@@ -23,7 +23,7 @@ from drsync.cli.restoring import finish_restore, foreign_target, restore_options
 from drsync.config import KeepPolicy
 from drsync.errors import EXIT_INTEGRITY, UsageError
 from drsync.repository.snapshots import iso
-from drsync.units import human_size
+from drsync.units import count, human_size
 
 
 @click.group("backup")
@@ -63,7 +63,7 @@ def backup_create(inv: Invocation, snapshot_id: str, dest: str | None, mode: str
                                     light_exclude=cfg.light_exclude if cfg else (), progress=advance,
                                     on_total=total)
     emit(inv, info.to_json(), lambda: click.echo(
-        f"backup {info.path} created ({info.mode}): {info.files} files, {human_size(info.bytes)}, "
+        f"backup {info.path} created ({info.mode}): {count(info.files, 'file')}, {human_size(info.bytes)}, "
         f"{human_size(info.stored_bytes)} stored"))
 
 
@@ -114,7 +114,7 @@ def backup_verify(inv: Invocation, backup_dir: str) -> None:
         return
     if report.ok:
         r = report.repository
-        click.echo(f"backup {backup_dir} is intact ({r.chunks if r else 0} chunks verified)")
+        click.echo(f"backup {backup_dir} is intact ({count(r.chunks if r else 0, 'chunk')} verified)")
         return
     repo_report = report.repository
     problems = list(repo_report.problems) if repo_report else []

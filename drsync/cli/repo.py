@@ -12,7 +12,7 @@ from drsync.config import parse_duration
 from drsync.errors import EXIT_INTEGRITY, UsageError
 from drsync.protection import human_duration
 from drsync.repository.lock import remove_locks
-from drsync.units import human_size
+from drsync.units import count, human_size
 
 
 @click.command("init", epilog=exits(
@@ -73,8 +73,8 @@ def repo_verify(inv: Invocation) -> None:
             raise Exit(EXIT_INTEGRITY, f"repository {repo.storage.url} is damaged")
         return
     if report.ok:
-        click.echo(f"repository {repo.storage.url} is intact: {report.packs} packs, {report.chunks} chunks, "
-                   f"{report.snapshots} snapshots verified")
+        click.echo(f"repository {repo.storage.url} is intact: {count(report.packs, 'pack')}, "
+                   f"{count(report.chunks, 'chunk')}, {count(report.snapshots, 'snapshot')} verified")
         return
     problems = list(report.problems) + [f"chunk {c[:16]}: {r}" for c, r in report.damaged_chunks.items()]
     report_damage(problems, report.damaged_files, f"repository {repo.storage.url} is damaged")

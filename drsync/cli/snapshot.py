@@ -17,7 +17,7 @@ from drsync.errors import ConfigError, IntegrityError, RefusedError, UsageError
 from drsync.repository.manifest import printable
 from drsync.repository.manifest_diff import diff as diff_manifests
 from drsync.repository.snapshots import iso
-from drsync.units import human_size
+from drsync.units import count, human_size
 
 
 @click.group("snapshot")
@@ -73,7 +73,7 @@ def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str,
            "stale_paths": info.stale_paths, "skipped_paths": info.skipped_paths}
 
     def human() -> None:
-        click.echo(f"snapshot {info.id} taken: {info.files} files, {human_size(info.bytes)}, "
+        click.echo(f"snapshot {info.id} taken: {count(info.files, 'file')}, {human_size(info.bytes)}, "
                    f"{human_size(info.new_bytes)} new, in {info.duration_s:.2f}s")
         for w in info.warnings:
             click.echo(f"  warning: {w}")

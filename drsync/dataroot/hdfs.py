@@ -582,6 +582,12 @@ class HdfsDataRoot:
         if s is not None and s["type"] != "DIRECTORY":
             raise UsageError(f"target {self.url} exists and is not a directory; name a directory")
         if s is None:
+            above = posixpath.dirname(self.root.rstrip("/"))
+            while above not in ("", "/") and (up := self.fs.status(above)) is None:
+                above = posixpath.dirname(above)
+            if above not in ("", "/") and up is not None and up["type"] != "DIRECTORY":
+                raise UsageError(f"target {self.url} cannot be made: {above} is not a directory; name a target "
+                                 f"below a directory")
             self.fs.mkdirs(self.root)
             return True
         return False

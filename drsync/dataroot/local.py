@@ -169,6 +169,12 @@ class LocalDataRoot:
     def prepare_target(self) -> bool:
         if os.path.lexists(self.root) and not os.path.isdir(self.root):
             raise UsageError(f"target {self.root} exists and is not a directory; name a directory")
+        above = os.path.dirname(self.root.rstrip("/"))
+        while above not in ("", "/") and not os.path.lexists(above):
+            above = os.path.dirname(above)
+        if above and not os.path.isdir(above):
+            raise UsageError(f"target {self.root} cannot be made: {above} is not a directory; name a target "
+                             f"below a directory")
         created = not os.path.exists(self.root)
         os.makedirs(self.root, exist_ok=True)
         return created
