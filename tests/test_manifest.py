@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import random
 
+import pyarrow as pa
 import pytest
 
 from drsync.errors import IntegrityError
 from drsync.pathglob import compile_globs
 from drsync.repository.manifest import EMPTY_CONTENT, Manifest, content_digest
-from drsync.repository.manifest_check import symlink_stays_inside, validate
+from drsync.repository.manifest_check import (
+    NAME_MAX,
+    RESERVED_NAME,
+    suspect_paths,
+    symlink_stays_inside,
+    unsafe_path_reason,
+    validate,
+)
 from drsync.repository.manifest_diff import diff
 
 CID = b"\x01" * 32
@@ -52,6 +60,26 @@ def test_valid_manifest_passes() -> None:
 def test_hostile_manifests_are_refused(rows: list[dict], message: str) -> None:
     with pytest.raises(IntegrityError, match=message):
         validate(build(rows))
+
+
+def test_every_path_the_rule_refuses_is_judged_by_it() -> None:
+    """validate judges in Python only the paths :func:`suspect_paths` names: every path the rule refuses
+    must be among them (soundness), over hostile pieces put together at random and plain names."""
+    rnd = random.Random(17)
+    pieces = ["a", "b", ".", "..", "", "/", "//", ".hidden", "x.", "a.b", RESERVED_NAME, RESERVED_NAME + "x",
+              "\x00", "n" * NAME_MAX, "n" * (NAME_MAX + 1), "\u00e9" * 128, "\udcff", "\\", " ", "-"]
+    paths = {"".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 6))) for _ in range(20000)}
+    paths |= {"/".join(rnd.choice(pieces) for _ in range(rnd.randrange(1, 5))) for _ in range(20000)}
+    paths |= {"a/.", "./a", "a/./b", "a/..", "../a", "a//b", "a/", "/a", ".", "..", RESERVED_NAME,
+              f"a/{RESERVED_NAME}", f"{RESERVED_NAME}/a", "a/" + "n" * (NAME_MAX + 1), "a\x00b"}
+    ordered = sorted(paths)
+    column = pa.array([p.encode("utf-8", "surrogateescape") for p in ordered], pa.binary())
+    refused = [unsafe_path_reason(p) is not None for p in ordered]
+    assert sum(refused) > 1000 and sum(not r for r in refused) > 1000  # both kinds are well represented
+    missed = [p for p, r, s in zip(ordered, refused, suspect_paths(column), strict=True) if r and not s]
+    assert missed == []
+    assert suspect_paths(pa.array([b"a/b", b"data/part-0001.parquet", b"x" * NAME_MAX], pa.binary())) == \
+        [False, False, False]
 
 
 def test_symlink_containment() -> None:

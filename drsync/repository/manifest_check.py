@@ -55,6 +55,20 @@ def unsafe_path_reason(path: str) -> str | None:
     return None
 
 
+def suspect_paths(paths: pa.Array | pa.ChunkedArray) -> list[bool]:
+    """Which paths (binary or string, no nulls) :func:`unsafe_path_reason` must judge: every path it could
+    refuse is among them. The rest are safe by construction: not empty, at most NAME_MAX bytes in all
+    (so in each name), no NUL, no ``/`` at either end or twice in a row (no empty component), and no
+    component that starts with ``.`` (so none is ``.``, ``..`` or the reserved name). Byte tests over the
+    column, so that a manifest of plain names is not judged a name at a time in Python."""
+    n = pc.binary_length(paths)
+    suspect = pc.or_(pc.equal(n, 0), pc.greater(n, NAME_MAX))
+    for test, pattern in ((pc.starts_with, "/"), (pc.starts_with, "."), (pc.ends_with, "/"),
+                          (pc.match_substring, "//"), (pc.match_substring, "/."), (pc.match_substring, "\x00")):
+        suspect = pc.or_(suspect, test(paths, pattern))
+    return suspect.to_pylist()
+
+
 def symlink_stays_inside(path: str, target: str) -> bool:
     """True when a link at ``path`` pointing to ``target`` resolves inside the root (lexically).
 
@@ -129,6 +143,7 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
     for t in _slices(column_groups(manifest, cols)):
         check_values(t, what)  # nulls first: every check below reads values
         paths = _pycolumn(t, "path")
+        suspect = suspect_paths(t.column("path"))
         types = t.column("type").to_pylist()
         sizes = t.column("size").to_pylist()
         targets = _pycolumn(t, "target")
@@ -138,7 +153,7 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
         size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
         sums = _list_sums(t.column("chunk_sizes"))
         for i, path in enumerate(paths):
-            reason = "missing path" if path is None else unsafe_path_reason(path)
+            reason = "missing path" if path is None else unsafe_path_reason(path) if suspect[i] else None
             if reason:
                 raise IntegrityError(f"{what}: unsafe path {printable(path) if path else path!r} ({reason}); "
                                      f"refusing it")
