@@ -13,6 +13,7 @@ from drsync.agent.roles import (
     fencing_ahead,
     format_span,
     promotion_refusal,
+    superseded_reason,
 )
 from drsync.coordination import Epoch, GroupView, PrimaryClaim, SessionState
 
@@ -210,3 +211,23 @@ def test_a_standby_waits_for_a_better_placed_one_that_is_fencing() -> None:
     d = decide_role("north", view(), acting_primary=False, policy=AUTO, primary_absent_s=1e6, lag_s=1.0, rank=1,
                     epoch_age_s=1e6, fencing_ahead="west")
     assert d.action == "standby" and "standby west" in d.reason and "fencing" in d.reason, d
+
+
+def test_a_former_primary_replaced_since_is_never_a_candidate() -> None:
+    """A former primary a later epoch replaced, not rejoined since: its root holds none of the later
+    primary's changes, whatever the lag of the snapshot it applied before it was primary says."""
+    why = superseded_reason(last_role="primary", primary_epoch=2, epoch=3)
+    assert why == "was primary at epoch 2, epoch 3 replaced it, and it has not rejoined since"
+    d = decide_role("west", view(epoch=3), acting_primary=False, policy=AUTO, primary_absent_s=60, lag_s=1.0,
+                    rank=0, epoch_age_s=3600, superseded=why)
+    assert d.action == "standby" and why in d.reason and "not eligible" in d.reason
+    assert decide_role("west", view(epoch=3), acting_primary=False, policy=AUTO, primary_absent_s=60, lag_s=1.0,
+                       rank=0, epoch_age_s=3600).action == "promote-self"
+    # Not superseded: rejoined (last role standby), never primary, or primary at the current epoch (its claim).
+    assert superseded_reason(last_role="standby", primary_epoch=2, epoch=3) == ""
+    assert superseded_reason(last_role="", primary_epoch=0, epoch=3) == ""
+    assert superseded_reason(last_role="primary", primary_epoch=3, epoch=3) == ""
+    # The epoch that names it is still its own to claim back.
+    assert decide_role("east", view(epoch=3, by="east"), acting_primary=False, policy=AUTO, primary_absent_s=60,
+                       lag_s=None, rank=0, epoch_age_s=3600,
+                       superseded=superseded_reason(last_role="primary", primary_epoch=3, epoch=3)).action == "claim"

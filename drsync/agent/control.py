@@ -27,7 +27,7 @@ from drsync.agent.hold import HoldFile
 from drsync.agent.locks import StateDirLock
 from drsync.agent.pointintime import RecoveryPoint, choose_point, newer_than, recovery_points
 from drsync.agent.requests import submit
-from drsync.agent.roles import applied_position, format_span, promotion_refusal
+from drsync.agent.roles import applied_position, format_span, promotion_refusal, superseded_reason
 from drsync.agent.state import AgentState, StateStore, state_dir_of
 from drsync.agent.supervisor import has_data
 from drsync.config import Config
@@ -158,6 +158,16 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
             "first promotion: no lag" if first else "--accept-data-loss" if accept_data_loss and lag is None else
             f"{'received lag' if received else 'lag'} {format_span(lag or 0.0)}, within max_lag_on_failover "
             f"{format_span(cfg.coordination.max_lag_on_failover)}{kept}")))
+    superseded = superseded_reason(last_role=state.last_role, primary_epoch=state.primary_epoch,
+                                   epoch=view.epoch.epoch)
+    if superseded and not point.explicit:  # a recovery point replaces the root: that one is judged above
+        checks.append(PromotionCheck("ex-primary", accept_data_loss, (
+            f"{me} {superseded}: --accept-data-loss promotes its root as it is, without what later primaries "
+            f"changed (epoch {state.primary_epoch + 1} on)" if accept_data_loss else
+            f"{me} {superseded}: its root holds nothing later primaries changed (epoch {state.primary_epoch + 1} "
+            f"on; the lag above is of what it applied before it was primary); promoting it would lose that; let "
+            f"it rejoin and apply first (demote_command, or drsync rejoin), or rerun with --accept-data-loss if it "
+            f"is all there is")))
     if not first and not point.explicit:
         checks.append(_position_check(cfg, coord, state, accept_data_loss))
     running, proof = _agent_alive(cfg, coord, state_dir)

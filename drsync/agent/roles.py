@@ -50,7 +50,7 @@ class RoleDecision:
 def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: FailoverPolicy,
                 primary_absent_s: float, lag_s: float | None, rank: int, epoch_age_s: float,
                 agent_id: str = "", claimant_live: bool = False, fencing_ahead: str = "",
-                held: bool = False) -> RoleDecision:
+                held: bool = False, superseded: str = "") -> RoleDecision:
     """What this agent should do now. ``agent_id`` is its persistent identity: an epoch that records
     another id names another agent of the same name, never this one. ``primary_absent_s`` is how
     long the primary node has been seen missing; ``lag_s`` this agent's lag (None before it applied
@@ -62,7 +62,10 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
     ``fencing_ahead`` names a live standby further ahead that is running its fence command to take over
     (see :func:`fencing_ahead`): this one waits for it whatever its rank delay says. ``held``: applies
     are held on this standby (an operator's hold or a guard's), so a take-over would serve its root as
-    applied; the refusal then names the choices that fit a hold."""
+    applied; the refusal then names the choices that fit a hold. ``superseded``: why this agent is a former
+    primary that a later epoch replaced and that has not rejoined as a standby since ("" when it is not):
+    its root is its own production as it left it, none of the later primary's changes, and what it applied
+    before it was primary says nothing of them; it is never a candidate."""
     if view.session is SessionState.SUSPENDED:
         if acting_primary:
             return RoleDecision("pause", "ZooKeeper connection suspended: no shipping and no role actions "
@@ -107,6 +110,11 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
     if fencing_ahead:
         return RoleDecision("standby", f"primary gone; standby {fencing_ahead}, further ahead, is fencing the old "
                                        f"primary to take over: waiting for it")
+    if superseded:
+        return RoleDecision("standby", f"primary gone, but this agent {superseded}: its root holds none of the "
+                                       f"later primary's changes, so it is not eligible (it becomes a candidate "
+                                       f"once it has rejoined and applied; promote it by hand with "
+                                       f"--accept-data-loss if it is all there is)")
     if lag_s is None:
         return RoleDecision("standby", "primary gone, but this agent has applied nothing: not eligible")
     if lag_s > policy.max_lag_s and held:
@@ -127,6 +135,14 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
         return RoleDecision("standby", f"primary gone for {primary_absent_s:.1f}s of {wait:.1f}s grace")
     return RoleDecision("promote-self", f"primary gone for {primary_absent_s:.1f}s, lag {lag_s:.1f}s within "
                                         f"{policy.max_lag_s:.0f}s")
+
+
+def superseded_reason(*, last_role: str, primary_epoch: int, epoch: int) -> str:
+    """Why an agent is a former primary that epoch ``epoch`` replaced and that has not rejoined as a standby
+    since (``last_role`` is still "primary"), or "" when it is not. Pure."""
+    if last_role == "primary" and 0 < primary_epoch < epoch:
+        return f"was primary at epoch {primary_epoch}, epoch {epoch} replaced it, and it has not rejoined since"
+    return ""
 
 
 def promotion_refusal(*, lag_s: float | None, applied_captured_at: float, max_lag_s: float,

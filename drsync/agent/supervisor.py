@@ -33,6 +33,7 @@ from drsync.agent.roles import (
     claimant_live,
     decide_role,
     fencing_ahead,
+    superseded_reason,
 )
 from drsync.agent.standby import StandbyReceiver
 from drsync.agent.state import StateStore
@@ -465,7 +466,10 @@ class RoleSupervisor:
                                rank=candidate_rank(self.name, agents or {}), epoch_age_s=self._epoch_age_s(view),
                                claimant_live=claimant_live(self.name, view.epoch, agents or {}),
                                fencing_ahead=ahead,
-                               held=self.receiver is not None and self.receiver.committer.hold.active)
+                               held=self.receiver is not None and self.receiver.committer.hold.active,
+                               superseded=superseded_reason(last_role=self.store.current.last_role,
+                                                            primary_epoch=self.store.current.primary_epoch,
+                                                            epoch=view.epoch.epoch))
         if decision != self.last_decision:
             # Routine confirmations at INFO; anything that keeps the group from working (no session,
             # a refusal, stepping down) at WARNING, so that an operator's filters see it. A routine re-claim
@@ -855,7 +859,9 @@ class RoleSupervisor:
                 "last_refusal": self.receiver.last_refusal if self.receiver is not None and self.acting == "standby"
                 else None, "takeover": self._takeover})
             self._registered, self._registered_at = key, now
-        if self.acting == "standby" and st.applied_snapshot and st.applied_snapshot != self._state_written:
+        # The group's applied state comes from a standby only: an ex-primary's applied snapshot is the one it
+        # applied before it was primary, which says nothing of what the group holds now.
+        if role == "standby" and st.applied_snapshot and st.applied_snapshot != self._state_written:
             self.coord.write_state({"snapshot": st.applied_snapshot, "captured_at": st.applied_captured_at,
                                     "applied_at": st.applied_at, "epoch": st.epoch, "agent": self.name})
             self._state_written = st.applied_snapshot
