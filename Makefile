@@ -50,7 +50,7 @@ lint: $(STAMP)
 # Two workers (one per core), whole modules each: every worker starts its own ZooKeeper and HDFS
 # mini cluster once; tests keep apart by group name, test directory and free ports.
 test: $(STAMP) system-deps hadoop lint
-	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile --durations=25 tests
 
 docs: $(STAMP)
 	PYTHONPATH=. $(PY) scripts/gen_cli_docs.py

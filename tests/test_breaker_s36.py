@@ -22,6 +22,7 @@ import urllib.request
 from typing import Any
 
 from tests.group import Group, wait_for
+from tests.test_failover import bootstrap as failover_bootstrap
 
 # --- helpers ---------------------------------------------------------------------------------------------
 
@@ -52,14 +53,11 @@ class RecordWatcher:
 
 
 def bootstrap(g: Group, primary: str = "east") -> None:
-    for name in g.names:
-        g.start(name)
-    r = g.promote(primary)
-    assert r.code == 0, r.err
+    """test_failover's bootstrap, then until every standby's record reads standby."""
+    failover_bootstrap(g, primary)
     for name in g.names:
         if name != primary:
-            wait_for(lambda n=name: g.in_sync(primary, n) and g.record(n).get("applied_snapshot")
-                     and g.record(n).get("role") == "standby", f"{name} to apply production")
+            wait_for(lambda n=name: g.record(n).get("role") == "standby", f"{name} to read standby")
 
 
 def standby_records_with(records: list[dict[str, Any]], stale: set[str]) -> list[dict[str, Any]]:

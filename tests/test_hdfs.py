@@ -223,12 +223,16 @@ def test_listing_pages_through_large_directories(webhdfs) -> None:  # type: igno
 # --- the error model -------------------------------------------------------------------------
 
 
-def test_permission_denied_is_one_clear_line_and_changes_nothing(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    local = LocalSite(tmp_path)
-    local.make_tree("data")
+def _local_snapshot(tmp_path: Path) -> tuple[str, str]:
+    """A repository at ``tmp_path/repo`` holding one snapshot of a local tree: (repository, snapshot id)."""
+    LocalSite(tmp_path).make_tree("data")
     repo = str(tmp_path / "repo")
     assert run_drsync("init", "--repo", repo, "--cluster-id", "e", "--release", "1").code == 0
-    snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()["id"]
+    return repo, run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()["id"]
+
+
+def test_permission_denied_is_one_clear_line_and_changes_nothing(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    repo, snap = _local_snapshot(tmp_path)
     site = HdfsSite(webhdfs, webhdfs.test_dir)
     site.write("locked", "keep.txt", b"theirs")
     webhdfs.chmod(site.path("locked"), 0o555, owner="hdfs")
@@ -244,11 +248,7 @@ def test_permission_denied_is_one_clear_line_and_changes_nothing(webhdfs, tmp_pa
 
 
 def test_a_target_below_a_file_is_one_line_and_changes_nothing(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    local = LocalSite(tmp_path)
-    local.make_tree("data")
-    repo = str(tmp_path / "repo")
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "e", "--release", "1").code == 0
-    snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()["id"]
+    repo, snap = _local_snapshot(tmp_path)
     site = HdfsSite(webhdfs, webhdfs.test_dir)
     site.write("below-file", "plain.txt", b"a file, not a directory")
     before = site.state("below-file")
