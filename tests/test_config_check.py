@@ -188,8 +188,10 @@ def test_an_advertise_address_that_cannot_work_is_flagged_and_a_live_agent_is_ne
         table = run_drsync("config", "check", "--config", cfg).out
         assert any(ln.startswith("advertise address") and " WARN " in ln for ln in table.splitlines()), table
         g.start("east")
-        warned = [ln for ln in g.log("east").splitlines() if " WARNING " in ln and wrong in ln]
-        assert warned and "loopback" in warned[0], g.log("east")
+        # The agent registers first and examines its advertise address after: wait for its line.
+        warned = wait_for(lambda: [ln for ln in g.log("east").splitlines() if " WARNING " in ln and wrong in ln],
+                          "east to warn about its advertise address")
+        assert "loopback" in warned[0], g.log("east")
         wait_for(lambda: g.record("east").get("advertise_answers") is False, "east to find its advertise dead")
         doc = g.status("east")
         east = next(a for a in doc["agents"] if a["name"] == "east")
