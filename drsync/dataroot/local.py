@@ -769,9 +769,6 @@ def _target_listing(fs: Beneath, rel_dir: str, domain_tops: set[str], me: int,
     except FileNotFoundError:
         return []
     prefix = f"{rel_dir}/" if rel_dir else ""
-    # Extended attributes are read by a short path through this listing's descriptor (never through the
-    # root's path again: no component swapped since can lead elsewhere, and no PATH_MAX limit).
-    through = f"/proc/self/fd/{dfd}/"
     out: list[tuple] = []  # type: ignore[type-arg]
     for name in names:
         if name == STAGING and rel_dir in domain_tops:
@@ -797,8 +794,13 @@ def _target_listing(fs: Beneath, rel_dir: str, domain_tops: set[str], me: int,
             typ, target = SYMLINK, os.readlink(name, dir_fd=dfd)
         else:
             typ = OTHER
-        # one llistxattr for the many entries that have none
-        xattrs = read_xattrs(through + name)[0] if typ in (FILE, DIR) else None
+        full = os.path.join(fs.root, rel)
+        if typ not in (FILE, DIR):
+            xattrs = None
+        elif len(full) <= fsutil.LONG_PATH:
+            xattrs = read_xattrs(full)[0]  # one llistxattr for the many entries that have none
+        else:
+            xattrs = _xattrs_at(dfd, name)
         out.append((key, LocalEntry(rel, typ, m & 0o7777, s.st_uid, s.st_gid, s.st_size if typ == FILE else 0,
                                     s.st_mtime_ns, target, s.st_ino, xattrs, s.st_nlink)))
     out.sort(key=lambda item: item[0], reverse=True)  # keys are unique: a name never holds "/"
@@ -821,6 +823,17 @@ def _is_repository(path: str) -> bool:
     finally:
         os.close(fd)
     return isinstance(doc, dict) and doc.get("kind") == fmt.REPOSITORY_KIND
+
+
+def _xattrs_at(dfd: int, name: str) -> bytes | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None  # unreadable to us: compared as having none
+    try:
+        return read_xattrs(fd)[0]
+    finally:
+        os.close(fd)
 
 
 def _open_listable(fs: Beneath, rel: str, me: int, opened: list[tuple[str, int]]) -> int:
