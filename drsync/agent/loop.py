@@ -136,7 +136,7 @@ class Agent:
         self.metrics_server = (serve(self.metrics.registry, cfg.agent.metrics, pages)
                                if cfg.agent.metrics and serve_network else None)
         self.server = start_server(
-            ReplicationServicer(self.receiver, agent=self.name, role=self.shown_role,
+            ReplicationServicer(self.receiver, agent=self.name, role=self.supervisor.shown_role,
                                 cluster_id=cfg.cluster.id, release=cfg.cluster.release,
                                 allowed_peers=cfg.tls.allowed_peers, epoch=lambda: self.store.current.epoch),
             cfg.agent.listen, tls=self.tls, allow_insecure_remote=cfg.agent.allow_insecure_remote,
@@ -151,12 +151,6 @@ class Agent:
     @property
     def paused(self) -> bool:
         return self.supervisor.paused
-
-    def shown_role(self) -> str:
-        """The role a Hello reports and shipments are judged by: "ex-primary" for a former primary that has
-        not rejoined (it accepts no shipment, and its applied snapshot predates its time as primary), else
-        the role it acts in."""
-        return "ex-primary" if self.supervisor.role_word() == "ex-primary" else self.acting
 
     @property
     def fatal(self) -> DrsyncError | None:

@@ -438,8 +438,7 @@ class AgentStatus:
                   {"steps": [{"name": s.get("name"), "passed": s.get("passed"), "detail": s.get("detail")}
                              for s in r.get("steps", [])]} for r in self.drill_reports(10)]
         return {"group": self.cfg.coordination.group, "agent": self.name,
-                "role": ("ex-primary" if self.supervisor.role_word() == "ex-primary" else
-                         self.supervisor.acting + (" (paused)" if self.supervisor.paused else "")), "epoch": epoch,
+                "role": self.supervisor.shown_role() + (" (paused)" if self.supervisor.paused else ""), "epoch": epoch,
                 "primary": primary, "zookeeper": zk, "agents": agents, "lag_s": self.lag(seen),
                 "lag_history": self.activity.lag_history(), "lag_window_s": LAG_WINDOW_S,
                 "snapshots": [{"id": s.id, "kind": s.kind, "captured_at": s.captured_at, "files": s.files,

@@ -232,6 +232,12 @@ class RoleSupervisor:
             return "ex-primary"
         return "standby"
 
+    def shown_role(self) -> str:
+        """The role a Hello reports (and shipments are judged by) and the status page shows: "ex-primary" for
+        a former primary that has not rejoined (it accepts no shipment, and its applied snapshot predates its
+        time as primary), else the role it acts in ("primary" when paused too)."""
+        return "ex-primary" if self.role_word() == "ex-primary" else self.acting
+
     def lag_s(self) -> float | None:
         return self.receiver.lag_s() if self.receiver is not None else None
 
@@ -459,6 +465,8 @@ class RoleSupervisor:
         step): a standby decision that follows from it is logged at INFO, not as a second warning."""
         absent = time.monotonic() - self._primary_absent_since if self._primary_absent_since else 0.0
         ahead = self._fencing_ahead(view, agents or {})
+        st = self.store.current
+        superseded = superseded_reason(last_role=st.last_role, primary_epoch=st.primary_epoch, epoch=view.epoch.epoch)
         decision = decide_role(self.name, view, agent_id=self.store.current.agent_id,
                                acting_primary=self.acting == "primary", policy=self.policy,
                                primary_absent_s=absent,
@@ -467,19 +475,15 @@ class RoleSupervisor:
                                claimant_live=claimant_live(self.name, view.epoch, agents or {}),
                                fencing_ahead=ahead,
                                held=self.receiver is not None and self.receiver.committer.hold.active,
-                               superseded=superseded_reason(last_role=self.store.current.last_role,
-                                                            primary_epoch=self.store.current.primary_epoch,
-                                                            epoch=view.epoch.epoch))
+                               superseded=superseded)
         if decision != self.last_decision:
             # Routine confirmations at INFO; anything that keeps the group from working (no session,
             # a refusal, stepping down) at WARNING, so that an operator's filters see it. A routine re-claim
             # (the epoch names this agent, which held the claim at that epoch before a restart) is INFO.
-            st = self.store.current
             routine = (decision.action in ("standby", "act-primary") and view.session is SessionState.CONNECTED) or (
                 decision.action == "claim" and st.last_role == "primary" and st.primary_epoch == view.epoch.epoch)
             # An ex-primary whose writers are not confirmed stopped is not a standby yet: say so.
-            ex = (decision.action == "standby" and self.acting == "standby" and st.last_role == "primary"
-                  and not st.demoted and view.epoch.epoch > (st.primary_epoch or 0) > 0
+            ex = (decision.action == "standby" and self.acting == "standby" and bool(superseded) and not st.demoted
                   and not (self.switchover_final and self.switchover_hooked) and not rejoin_approved(self.state_dir))
             level = logging.INFO if (routine or (reported and decision.action == "standby")) and not ex \
                 else logging.WARNING
