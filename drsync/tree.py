@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync import fsutil
+from drsync import fsutil, native_walk
 from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64, encode_xattrs, printable, split_ns
 from drsync.repository.manifest_check import RESERVED_NAME, escaping_links, symlink_stays_inside
 from drsync.repository.snapshots import WarningLog
@@ -248,7 +248,7 @@ class LocalEntry:
     nlink: int = 1
 
 
-def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
+def scan_tree(root: str, exclude: frozenset[str] = frozenset(), *, native: bool | None = None) -> TreeScan:
     """Every entry below ``root`` but the relative paths in ``exclude`` (and what lies below them);
     special files and links leaving the root become warnings.
 
@@ -259,9 +259,13 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset()) -> TreeScan:
     ``PATH_MAX`` are listed through descriptors opened one component at a time.
 
     The walk is lazy: it runs as :meth:`TreeScan.windows` takes its entries (a capture holds about one
-    window of the scan), or whole at the first call that needs every entry (:meth:`TreeScan.table`)."""
+    window of the scan), or whole at the first call that needs every entry (:meth:`TreeScan.table`).
+    Directories are listed by :mod:`drsync.native_walk` (C) where it is built (``native`` None), or
+    in Python (``native`` False; the same rows and warnings, slower)."""
     scan = TreeScan(os.path.abspath(root), sorted=True)
-    scan.source = _walk(scan, exclude)
+    if native is None:
+        native = native_walk.available()
+    scan.source = native_walk.walk(scan, exclude, _BATCH_ROWS, SCAN_SCHEMA) if native else _walk(scan, exclude)
     return scan
 
 
@@ -394,6 +398,12 @@ class _Lister:
                         try:
                             target = os.readlink(name, dir_fd=fd)
                         except FileNotFoundError:
+                            continue
+                        except OSError as err:
+                            scan.unreadable.append(fsdecode(rel))
+                            scan.devices[fsdecode(rel)] = st_dir.st_dev
+                            warn(f"{printable(fsdecode(rel))}: cannot be examined ({err.strerror or err}); its "
+                                 f"last captured version is kept")
                             continue
                         if not symlink_stays_inside(fsdecode(rel), fsdecode(target)):
                             warn(f"{printable(fsdecode(rel))}: symlink to {printable(fsdecode(target))} leaves the "

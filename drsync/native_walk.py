@@ -1,0 +1,317 @@
+"""The capture's walk of a local tree through :mod:`drsync._listdir` (C): columns without a Python object per entry.
+
+:func:`drsync.tree.scan_tree` walks a data root on every snapshot. Its pure-Python
+listing costs several microseconds an entry beyond the system calls (a DirEntry,
+an lstat result, a tuple, and the sealing of those into Arrow). Here each
+directory is listed by ``drsync._listdir.list_dir``: the entries are examined
+(``fstatat`` without following links, ``readlinkat``) relative to a descriptor
+this module opened, sorted by name bytes, and returned as buffers that become
+Arrow columns directly. Python work is per directory, not per entry.
+
+The walk is the same as the pure-Python one in every observable way (the same
+rows in the same order, the same warnings, unreadable and unlisted paths; a test
+compares both on hostile trees): each directory is opened with ``O_NOFOLLOW``
+(through :func:`drsync.fsutil.open_beneath` past :data:`drsync.fsutil.LONG_PATH`)
+and its (device, inode) checked against what its parent's listing saw, so a
+directory swapped for a symlink meanwhile is never listed. When the extension is
+not built (no C compiler where drsync was installed), :func:`available` is False
+and the pure-Python listing is used.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from drsync import fsutil
+from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64, printable
+from drsync.repository.manifest_check import RESERVED_NAME, symlink_stays_inside
+from drsync.repository.snapshots import WarningLog
+
+if TYPE_CHECKING:
+    from drsync.tree import TreeScan
+
+try:
+    from drsync import _listdir
+except ImportError:  # not built: drsync.tree lists in Python
+    _listdir = None
+
+# One record of _listdir's meta buffer (struct rec in drsync/_listdir.c): native byte order, no padding.
+RECORD = np.dtype([
+    ("ino", "u8"), ("nlink", "u8"), ("dev", "u8"), ("size", "i8"), ("mtime_s", "i8"), ("ctime_s", "i8"),
+    ("blocks", "i8"), ("mtime_nsec", "u4"), ("ctime_nsec", "u4"), ("mode", "u4"), ("uid", "u4"), ("gid", "u4"),
+    ("kind", "u4"),
+])
+_TYPES = pa.array([FILE, DIR, SYMLINK], pa.string())  # by the record's kind
+_CTIME_S = 9_223_372_035  # seconds whose nanoseconds surely fit int64
+
+
+def available() -> bool:
+    """True when the C listing is built and matches this module's record layout."""
+    return _listdir is not None and RECORD.itemsize == _listdir.RECORD_SIZE
+
+
+@dataclass
+class _Listing:
+    """One directory's entries (sorted by name bytes) and where each subdirectory's contents go."""
+
+    paths: pa.Array  # binary: relative paths
+    meta: np.ndarray  # RECORD
+    targets: dict[int, bytes]  # row -> symlink target
+    dirs: list[tuple[int, int]]  # (row, position): its contents follow the first `position` rows
+    abs_dir: bytes
+    cursor: int = 0
+    next_dir: int = 0
+
+
+@dataclass
+class _Pending:
+    """Rows taken from listings, sealed into one Arrow batch of SCAN_SCHEMA at a time."""
+
+    paths: list[pa.Array] = field(default_factory=list)
+    meta: list[np.ndarray] = field(default_factory=list)
+    targets: list[tuple[int, bytes]] = field(default_factory=list)  # (row of the batch, target)
+    rows: int = 0
+
+    def take(self, listing: _Listing, stop: int) -> None:
+        lo = listing.cursor
+        if stop <= lo:
+            return
+        for r, t in listing.targets.items():
+            if lo <= r < stop:
+                self.targets.append((self.rows + r - lo, t))
+        self.paths.append(listing.paths.slice(lo, stop - lo))
+        self.meta.append(listing.meta[lo:stop])
+        self.rows += stop - lo
+        listing.cursor = stop
+
+    def seal(self, schema: pa.Schema) -> pa.RecordBatch:
+        meta = np.concatenate(self.meta) if len(self.meta) != 1 else self.meta[0]
+        paths = pa.concat_arrays(self.paths) if len(self.paths) != 1 else self.paths[0]
+        n = self.rows
+        if self.targets:
+            values: list[bytes | None] = [None] * n
+            for r, t in self.targets:
+                values[r] = t
+            target = pa.array(values, pa.binary())
+        else:
+            target = pa.nulls(n, pa.binary())
+        cs = meta["ctime_s"]
+        if n and (cs.min() < -_CTIME_S or cs.max() > _CTIME_S):  # beyond 1677..2262: clamped as the manifest does
+            ctime = pa.array(clamp_int64([s * 1_000_000_000 + ns for s, ns in
+                                          zip(cs.tolist(), meta["ctime_nsec"].tolist(), strict=True)]), pa.int64())
+        else:
+            ctime = pa.array(cs * 1_000_000_000 + meta["ctime_nsec"].astype(np.int64))
+        columns = {
+            "path": paths, "type": _TYPES.take(pa.array(np.ascontiguousarray(meta["kind"]))),
+            "mode": pa.array(meta["mode"] & 0o7777), "uid": pa.array(np.ascontiguousarray(meta["uid"])),
+            "gid": pa.array(np.ascontiguousarray(meta["gid"])), "size": pa.array(np.ascontiguousarray(meta["size"])),
+            "mtime_s": pa.array(np.ascontiguousarray(meta["mtime_s"])),
+            "mtime_nsec": pa.array(np.ascontiguousarray(meta["mtime_nsec"])), "ctime_ns": ctime,
+            "inode": pa.array(np.ascontiguousarray(meta["ino"])), "target": target,
+            "nlink": pa.array(np.ascontiguousarray(meta["nlink"])), "dev": pa.array(np.ascontiguousarray(meta["dev"])),
+            "blocks": pa.array(np.ascontiguousarray(meta["blocks"])),
+        }
+        self.paths, self.meta, self.targets, self.rows = [], [], [], 0
+        return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+@dataclass
+class _Notes:
+    """What a stretch of the walk could not capture, gathered apart from the scan (the walk runs in its own
+    thread) and added to it, in walk order, with the batch it came with (:meth:`apply`)."""
+
+    warnings: WarningLog = field(default_factory=WarningLog)
+    unlisted: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    devices: dict[str, int] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, scan: TreeScan) -> None:
+        scan.warnings.merge(self.warnings)
+        scan.unlisted += self.unlisted
+        scan.unreadable += self.unreadable
+        scan.devices.update(self.devices)
+        scan.links.update(self.links)
+
+
+class _NativeLister:
+    """Lists one directory of a scan through the C listing, with the pure-Python lister's rules."""
+
+    def __init__(self, root: str, exclude: frozenset[str]) -> None:
+        self.root = root
+        self.notes = _Notes()
+        self.reserved = (os.fsencode(RESERVED_NAME),)
+        by_dir: dict[bytes, list[bytes]] = {}
+        for p in exclude:
+            head, _, name = os.fsencode(p).rpartition(b"/")
+            by_dir.setdefault(head, []).append(name)
+        self.excluded = {d: tuple(names) for d, names in by_dir.items()}
+
+    def listing(self, rel_dir: bytes, abs_dir: bytes, examined: tuple[int, int] | None) -> _Listing | None:
+        """``rel_dir``'s listing, or None (removed meanwhile, or unlisted: warned and recorded)."""
+        scan = self.notes
+        warn = scan.warnings.append
+        fsdecode = os.fsdecode
+
+        def unlisted(problem: str, dev: int | None) -> None:
+            rel = fsdecode(rel_dir)
+            scan.unlisted.append(rel)
+            if dev is not None:
+                scan.devices[rel] = dev
+            warn(f"{printable(rel) or '.'}: {problem}; its last captured content is kept")
+
+        try:
+            if len(abs_dir) > fsutil.LONG_PATH:
+                fd = fsutil.open_beneath(self.root, fsdecode(rel_dir), os.O_RDONLY | os.O_DIRECTORY)
+            else:  # the root itself may be named through a link (a data root at /data -> /mnt/disk1/data)
+                fd = os.open(abs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if rel_dir else 0))
+        except FileNotFoundError:
+            return None  # removed while we walked: simply not in this scan
+        except OSError as e:
+            swapped = e.errno in (errno.ELOOP, errno.ENOTDIR)
+            unlisted("replaced by a link or a file while it was walked" if swapped
+                     else f"cannot be listed ({e.strerror or e})", examined[0] if examined else None)
+            return None
+        prefix = rel_dir + b"/" if rel_dir else b""
+        try:
+            st_dir = os.fstat(fd)
+            if examined is not None and (st_dir.st_dev, st_dir.st_ino) != examined:
+                unlisted("replaced while it was walked", examined[0])
+                return None
+            assert _listdir is not None
+            count, offsets, data, meta, dirs, links, problems, specials, reserved = _listdir.list_dir(
+                fd, prefix, self.reserved, self.excluded.get(rel_dir, ()))
+        except OverflowError:
+            unlisted("holds more path bytes than one listing can (2 GiB)", st_dir.st_dev)
+            return None
+        except OSError as e:
+            unlisted(f"cannot be listed ({e.strerror or e})", examined[0] if examined else None)
+            return None
+        finally:
+            os.close(fd)
+        for name in reserved:
+            if rel_dir:
+                warn(f"{printable(fsdecode(prefix + name))}: the name is reserved for drsync's staging area; "
+                     f"not captured")
+        for name, err in problems:
+            rel = fsdecode(prefix + name)
+            scan.unreadable.append(rel)
+            scan.devices[rel] = st_dir.st_dev
+            warn(f"{printable(rel)}: cannot be examined ({os.strerror(err)}); its last captured version is kept")
+        for name in specials:
+            warn(f"{printable(fsdecode(prefix + name))}: special file (fifo, socket or device) not captured")
+        paths = pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+        rec = np.frombuffer(meta, RECORD)
+        targets: dict[int, bytes] = {}
+        if links:
+            keep = None
+            for row, target in links:
+                rel = fsdecode(paths[row].as_py())
+                if symlink_stays_inside(rel, fsdecode(target)):
+                    targets[row] = target
+                    scan.links[rel] = fsdecode(target)
+                    continue
+                warn(f"{printable(rel)}: symlink to {printable(fsdecode(target))} leaves the data root; not captured")
+                if keep is None:
+                    keep = np.ones(count, dtype=bool)
+                keep[row] = False
+            if keep is not None:
+                paths, rec, targets, dirs = _without(keep, paths, rec, targets, dirs)
+        return _Listing(paths, rec, targets, dirs, abs_dir)
+
+
+def _without(keep: np.ndarray, paths: pa.Array, rec: np.ndarray, targets: dict[int, bytes],
+             dirs: list[tuple[int, int]]) -> tuple[pa.Array, np.ndarray, dict[int, bytes], list[tuple[int, int]]]:
+    """A listing less the rows ``keep`` leaves out, its row numbers and contents positions renumbered."""
+    before = np.concatenate([[0], np.cumsum(keep)])  # kept rows before each position
+    return (paths.filter(pa.array(keep)), rec[keep], {int(before[r]): t for r, t in targets.items()},
+            [(int(before[r]), int(before[p])) for r, p in dirs])
+
+
+def walk(scan: TreeScan, exclude: frozenset[str], batch_rows: int, schema: pa.Schema) -> Iterator[None]:
+    """The lazy walk of :func:`drsync.tree.scan_tree` through the C listing: appends Arrow batches of
+    ``schema`` to ``scan.batches`` in the manifest's order (path bytes, a directory's contents placed by
+    ``name + "/"``), stepping each time it added one of about ``batch_rows`` rows (and once at the end).
+
+    The walk runs in a thread of its own, two batches ahead at most: the listing's system calls run
+    without the GIL, beside the capture's work on the batches already taken. Only the caller's thread
+    touches ``scan``; closing this generator stops the walk at its next batch."""
+    ahead: queue.Queue[tuple[pa.RecordBatch | None, _Notes] | BaseException] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in _batches(scan.root, exclude, batch_rows, schema):
+                ahead.put(item)
+                if stop.is_set():
+                    return
+        except BaseException as e:  # handed to the caller's thread, raised there
+            ahead.put(e)
+
+    threading.Thread(target=produce, name="drsync-walk", daemon=True).start()
+    try:
+        while True:
+            item = ahead.get()
+            if isinstance(item, BaseException):
+                raise item
+            batch, notes = item
+            notes.apply(scan)
+            if batch is None:
+                break
+            scan.batches.append(batch)
+            yield
+        yield
+    finally:
+        stop.set()
+        while True:  # unblock a walk waiting to hand over a batch: it sees `stop` after its put
+            try:
+                ahead.get_nowait()
+            except queue.Empty:
+                break
+
+
+def _batches(root: str, exclude: frozenset[str], batch_rows: int,
+             schema: pa.Schema) -> Iterator[tuple[pa.RecordBatch | None, _Notes]]:
+    """The walk itself: (batch, what could not be captured since the last batch), and (None, the rest) at
+    the end."""
+    lister = _NativeLister(root, exclude)
+    try:
+        top = os.stat(root)
+        examined: tuple[int, int] | None = (top.st_dev, top.st_ino)
+    except OSError:
+        examined = None
+    pending = _Pending()
+    first = lister.listing(b"", os.fsencode(root), examined)
+    frames = [first] if first is not None else []
+    while frames:
+        f = frames[-1]
+        more = f.next_dir < len(f.dirs)
+        upto = f.dirs[f.next_dir][1] if more else len(f.paths)  # the rows before the next directory's contents
+        if f.cursor < upto:
+            pending.take(f, min(upto, f.cursor + batch_rows - pending.rows))
+        elif more:
+            row = f.dirs[f.next_dir][0]
+            f.next_dir += 1
+            rel = f.paths[row].as_py()
+            child = lister.listing(rel, f.abs_dir + b"/" + rel.rpartition(b"/")[2],
+                                   (int(f.meta["dev"][row]), int(f.meta["ino"][row])))
+            if child is not None:
+                frames.append(child)
+        else:
+            frames.pop()
+        if pending.rows >= batch_rows:
+            notes, lister.notes = lister.notes, _Notes()
+            yield pending.seal(schema), notes
+    if pending.rows:
+        notes, lister.notes = lister.notes, _Notes()
+        yield pending.seal(schema), notes
+    yield None, lister.notes

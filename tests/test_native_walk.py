@@ -1,0 +1,219 @@
+"""The C listing (drsync._listdir through drsync.native_walk) scans exactly as the pure-Python one does.
+
+Every capture of a local tree goes through the C listing where it is built; the Python
+listing is what runs where it is not. Both must give the same rows in the same order (the
+manifest's: path bytes, a directory's contents under ``name + "/"``), the same warnings and
+the same unreadable and unlisted paths, on hostile trees: names that are not UTF-8 or hold
+newlines, the orderings where ``a-b`` and ``a.b`` fall between ``a`` and ``a/x``, links in
+and out of the root, special files, drsync's reserved name, excluded paths, paths longer
+than PATH_MAX, times outside int64 nanoseconds, entries that cannot be examined and a
+directory swapped for a link to elsewhere in the middle of the walk.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+
+from drsync import native_walk, tree
+from drsync.tree import scan_tree
+
+NS = 1_000_000_000
+
+
+def scanned(root: Path | str, *, native: bool, exclude: frozenset[str] = frozenset()) -> tuple:
+    """Everything a scan reports: its table and what it could not capture."""
+    scan = scan_tree(str(root), exclude, native=native)
+    table = scan.table()
+    return (table, scan.warnings.lines(), scan.unreadable, scan.unlisted, scan.devices, dict(scan.links))
+
+
+def assert_alike(root: Path | str, exclude: frozenset[str] = frozenset()) -> pa.Table:
+    py = scanned(root, native=False, exclude=exclude)
+    c = scanned(root, native=True, exclude=exclude)
+    assert c[0].schema == py[0].schema
+    assert c[0].column("path").to_pylist() == py[0].column("path").to_pylist()
+    for name in py[0].column_names:
+        assert c[0].column(name).to_pylist() == py[0].column(name).to_pylist(), name
+    assert sorted(c[1]) == sorted(py[1])  # the same warnings (each listing's in its own order)
+    assert sorted(c[2]) == sorted(py[2]) and c[3:] == py[3:]
+    paths = c[0].column("path").to_pylist()
+    assert paths == sorted(paths)  # the manifest's order
+    return c[0]
+
+
+def test_the_c_listing_is_built() -> None:
+    """make test builds it (pip install -e): a failed build would silently fall back to Python."""
+    assert native_walk.available()
+
+
+def test_a_hostile_tree_scans_alike(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    rb = os.fsencode(root)
+    for name in [b"a", b"a-b", b"a.b", b"a0", b"A", b"\xff\xfe", b"new\nline", "é".encode(), b"\x01", b"z" * 255]:
+        (Path(os.fsdecode(rb + b"/" + name))).write_bytes(name)
+    os.mkdir(rb + b"/a-c")
+    os.mkdir(rb + b"/a.d")
+    os.mkdir(rb + b"/dir")
+    os.mkdir(rb + b"/dir/a")
+    os.mkdir(rb + b"/dir/a-")
+    os.mkdir(rb + b"/dir/a-/x")
+    os.mkdir(rb + b"/dir/\xff")
+    for d in (b"dir/a", b"dir/a-", b"dir/a-/x", b"dir/\xff", b"a-c"):
+        for f in (b"f", b"f-", b"f.", b"g"):
+            (Path(os.fsdecode(rb + b"/" + d + b"/" + f))).write_bytes(d + f)
+    os.mkdir(rb + b"/empty")
+    (root / "dir" / "inside").symlink_to("a/f")
+    (root / "dir" / "dangling").symlink_to("nowhere")
+    (root / "dir" / "up-and-out").symlink_to("../../outside")
+    (root / "abs").symlink_to("/etc/passwd")
+    (root / "loop").symlink_to("loop")
+    os.link(root / "a", root / "dir" / "hardlink-of-a")
+    os.mkfifo(root / "dir" / "fifo")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(root / "sock"))
+    (root / ".drsync-staging").mkdir()
+    (root / "dir" / ".drsync-staging").write_bytes(b"reserved at any depth")
+    os.mkdir(rb + b"/excluded-dir")
+    (root / "excluded-dir" / "f").write_bytes(b"x")
+    (root / "dir" / "excluded-file").write_bytes(b"x")
+    old = root / "dir" / "old"
+    old.write_bytes(b"1900")
+    os.utime(old, ns=(0, -2_208_988_800 * NS + 5))
+    late = root / "dir" / "late"
+    late.write_bytes(b"2400")
+    os.utime(late, ns=(0, 13_569_465_600 * NS + 123_456_789))
+    sparse = root / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 30)
+    os.chmod(root / "a0", 0o4751)
+    t = assert_alike(root, exclude=frozenset({"excluded-dir", "dir/excluded-file"}))
+    paths = set(t.column("path").to_pylist())
+    assert b"dir/inside" in paths and b"dir/up-and-out" not in paths and b"abs" not in paths
+    assert not any(b"excluded" in p or b".drsync-staging" in p or b"fifo" in p for p in paths)
+
+
+def test_paths_longer_than_path_max_scan_alike(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(24):  # 24 x 201 bytes: past PATH_MAX (4096)
+            os.mkdir("d" * 200, dir_fd=fd)
+            nxt = os.open("d" * 200, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        for name in ("f", "g-", "sub"):
+            os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    t = assert_alike(root)
+    assert max(len(p) for p in t.column("path").to_pylist()) > 4096
+
+
+@pytest.mark.parametrize("swap", ["link", "dir"])
+def test_a_directory_swapped_during_the_walk_is_never_listed(tmp_path: Path, swap: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walk lists ``a`` (1,000 files) and yields; meanwhile ``b`` becomes a link to a directory outside
+    the root, or another directory. ``b`` must not be listed: it is unlisted (kept at its last capture).
+    Batches of 100 rows: the C listing's walk runs at most 3 batches ahead of the window taken, so it has
+    not reached ``b`` when the first window is taken."""
+    monkeypatch.setattr(tree, "_BATCH_ROWS", 100)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not in the data root")
+    for native in (False, True):
+        root = tmp_path / f"data-{native}"
+        (root / "a").mkdir(parents=True)
+        for i in range(1000):
+            (root / "a" / f"{i:04d}").touch()
+        (root / "b").mkdir()
+        (root / "b" / "f").write_bytes(b"b")
+        scan = scan_tree(str(root), native=native)
+        windows = scan.windows(100)
+        first = next(windows)
+        assert first.num_rows == 100
+        os.rename(root / "b", root / "b-gone")
+        if swap == "link":
+            (root / "b").symlink_to(outside)
+        else:  # another directory in its place: its (device, inode) is not the one the listing saw
+            (root / "b").mkdir()
+            (root / "b" / "planted").write_bytes(b"not what was listed")
+        rest = list(windows)
+        paths = [p for w in (first, *rest) for p in w.column("path").to_pylist()]
+        assert len(paths) == 1002 and not any(p.startswith(b"b/") for p in paths), native
+        assert all(w.num_rows <= 100 for w in rest)
+        assert scan.unlisted == ["b"], native
+        assert any("b: replaced" in w for w in scan.warnings.lines()), scan.warnings.lines()
+
+
+def test_entries_that_cannot_be_examined_are_reported_alike(open_tmp: Path) -> None:
+    """As nobody, a directory of mode 0o444 can be listed but its entries not examined."""
+    from tests.users import NOBODY, give_to_nobody
+
+    root = open_tmp / "data"
+    (root / "d" / "sub").mkdir(parents=True)
+    (root / "d" / "f").write_bytes(b"f")
+    (root / "d" / "sub" / "g").write_bytes(b"g")
+    (root / "plain").write_bytes(b"p")
+    give_to_nobody(root)
+    os.chmod(root / "d", 0o444)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            py = scanned(root, native=False)
+            c = scanned(root, native=True)
+            alike = c[0].equals(py[0]) and sorted(c[1]) == sorted(py[1]) and c[3:] == py[3:]
+            ok = 0 if alike and sorted(c[2]) == sorted(py[2]) == ["d/f", "d/sub"] else 2
+        finally:
+            os.write(w, bytes([ok]))
+            os._exit(0)
+    os.close(w)
+    code = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert code == b"\x00", "the C and Python listings differ on entries that cannot be examined"
+
+
+_NAMES = hs.binary(min_size=1, max_size=6).filter(lambda b: b"/" not in b and b"\x00" not in b
+                                                   and b not in (b".", b".."))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=hs.lists(hs.tuples(hs.lists(_NAMES, min_size=1, max_size=4), hs.sampled_from(["file", "dir", "link"])),
+                     max_size=30))
+def test_any_tree_scans_alike(tmp_path_factory: pytest.TempPathFactory, tree: list) -> None:
+    root = tmp_path_factory.mktemp("any")
+    rb = os.fsencode(root)
+    for parts, kind in tree:
+        parent = rb
+        for p in parts[:-1]:
+            parent = parent + b"/" + p
+            if not os.path.isdir(parent):
+                if os.path.lexists(parent):
+                    break
+                os.mkdir(parent)
+        else:
+            path = parent + b"/" + parts[-1]
+            if os.path.lexists(path):
+                continue
+            if kind == "file":
+                with open(path, "wb") as f:
+                    f.write(path)
+            elif kind == "dir":
+                os.mkdir(path)
+            else:
+                os.symlink(parts[0], path)
+    assert_alike(root)
