@@ -10,7 +10,7 @@
  * by name bytes as buffers that become Arrow columns without a Python object
  * per entry. The system calls run without the GIL.
  *
- * list_dir(fd, prefix, reserved, excluded) -> tuple:
+ * list_dir(fd, prefix, reserved, excluded, xattr_dir=None) -> tuple:
  *   count      int: entries returned (files, directories, symlinks)
  *   offsets    bytes: count + 1 int32 offsets into data
  *   data       bytes: each entry's relative path (prefix + name), concatenated
@@ -23,7 +23,10 @@
  *   reserved   list of name bytes: entries whose names are in `reserved` (not returned)
  *
  * Entries removed while listed (ENOENT) are left out. `excluded` names are left
- * out without being examined. Raises OSError when the directory cannot be read,
+ * out without being examined. With `xattr_dir` (the directory's absolute path,
+ * bytes), each file's and directory's record says whether it has extended
+ * attributes (llistxattr of xattr_dir/name: an apply compares them; most have
+ * none, and a listing costs one call without the GIL). Raises OSError when the directory cannot be read,
  * OverflowError when the paths exceed 2 GiB (the caller lists it another way).
  */
 #define PY_SSIZE_T_CLEAN
@@ -37,12 +40,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 struct rec {
     uint64_t ino, nlink, dev;
     int64_t size, mtime_s, ctime_s, blocks;
     uint32_t mtime_nsec, ctime_nsec, mode, uid, gid, kind;
+    uint32_t xattrs; /* with xattr_dir: 0 none, 1 some, 2 not known (read them another way) */
+    uint32_t reserved_;
 };
 
 enum { K_FILE = 0, K_DIR = 1, K_LINK = 2, K_SPECIAL = 3, K_PROBLEM = 4, K_RESERVED = 5, K_GONE = 6 };
@@ -229,13 +236,54 @@ static void examine(int fd, struct ent *e) {
     }
 }
 
+#ifndef SYS_listxattrat
+#if defined(__x86_64__) || defined(__aarch64__)
+#define SYS_listxattrat 465 /* Linux 6.13 */
+#endif
+#endif
+static int listxattrat_missing; /* ENOSYS seen once: the kernel is older */
+
+/* Whether name (in the directory fd, or xattr_dir/name by path on kernels before 6.13) has extended
+ * attributes: 0 none (or not supported), 1 some, 2 not known. */
+static uint32_t has_xattrs(int fd, const char *dir, size_t dir_len, const char *name, size_t len) {
+#ifdef SYS_listxattrat
+    if (!listxattrat_missing) {
+        long got = syscall(SYS_listxattrat, fd, name, AT_SYMLINK_NOFOLLOW, NULL, (size_t)0);
+        if (got > 0)
+            return 1;
+        if (got == 0 || errno == ENOTSUP || errno == ENOENT)
+            return 0;
+        if (errno != ENOSYS)
+            return 2;
+        listxattrat_missing = 1;
+    }
+#else
+    (void)fd;
+#endif
+    char path[PATH_MAX];
+    if (dir_len + 1 + len + 1 > sizeof(path))
+        return 2;
+    memcpy(path, dir, dir_len);
+    path[dir_len] = '/';
+    memcpy(path + dir_len + 1, name, len + 1);
+    ssize_t got = llistxattr(path, NULL, 0);
+    if (got > 0)
+        return 1;
+    if (got == 0 || errno == ENOTSUP || errno == ENOENT)
+        return 0;
+    return 2;
+}
+
 static PyObject *list_dir(PyObject *self, PyObject *args) {
     (void)self;
     int fd;
     const char *prefix;
     Py_ssize_t prefix_len;
     PyObject *reserved_seq, *excluded_seq;
-    if (!PyArg_ParseTuple(args, "iy#OO", &fd, &prefix, &prefix_len, &reserved_seq, &excluded_seq))
+    const char *xattr_dir = NULL;
+    Py_ssize_t xattr_dir_len = 0;
+    if (!PyArg_ParseTuple(args, "iy#OO|z#", &fd, &prefix, &prefix_len, &reserved_seq, &excluded_seq, &xattr_dir,
+                          &xattr_dir_len))
         return NULL;
     struct names reserved, excluded;
     if (load_names(reserved_seq, &reserved) < 0)
@@ -296,6 +344,8 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
                 e->r.kind = K_RESERVED;
             else
                 examine(fd, e);
+            if (xattr_dir && (e->r.kind == K_FILE || e->r.kind == K_DIR))
+                e->r.xattrs = has_xattrs(fd, xattr_dir, (size_t)xattr_dir_len, nm, len);
         }
         closedir(d);
     }
@@ -430,7 +480,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"list_dir", list_dir, METH_VARARGS,
-     "list_dir(fd, prefix, reserved, excluded) -> (count, offsets, data, meta, dirs, links, problems, "
+     "list_dir(fd, prefix, reserved, excluded, xattr_dir=None) -> (count, offsets, data, meta, dirs, links, problems, "
      "specials, reserved): one directory's entries examined and sorted by name bytes."},
     {NULL, NULL, 0, NULL},
 };

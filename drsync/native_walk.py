@@ -48,7 +48,7 @@ except ImportError:  # not built: drsync.tree lists in Python
 RECORD = np.dtype([
     ("ino", "u8"), ("nlink", "u8"), ("dev", "u8"), ("size", "i8"), ("mtime_s", "i8"), ("ctime_s", "i8"),
     ("blocks", "i8"), ("mtime_nsec", "u4"), ("ctime_nsec", "u4"), ("mode", "u4"), ("uid", "u4"), ("gid", "u4"),
-    ("kind", "u4"),
+    ("kind", "u4"), ("xattrs", "u4"), ("reserved", "u4"),
 ])
 _TYPES = pa.array([FILE, DIR, SYMLINK], pa.string())  # by the record's kind
 _CTIME_S = 9_223_372_035  # seconds whose nanoseconds surely fit int64
@@ -315,3 +315,48 @@ def _batches(root: str, exclude: frozenset[str], batch_rows: int,
         notes, lister.notes = lister.notes, _Notes()
         yield pending.seal(schema), notes
     yield None, lister.notes
+
+
+def target_entries(dfd: int, rel_dir: str, excluded: tuple[bytes, ...],
+                   xattr_dir: bytes | None) -> tuple[list[tuple], list[bytes], list[tuple[bytes, int]]]:  # type: ignore[type-arg]
+    """One directory of an apply's target walk (:func:`drsync.dataroot.local.walk_target`) through the C
+    listing: ``(items, specials, problems)``. ``items`` are in walk order, descending (as
+    :func:`drsync.tree.in_path_order` pops them): ``(key, LocalEntry)`` for an entry, ``(key, None, rel)``
+    for a directory's contents. Extended attributes are read (``read_xattrs`` of ``xattr_dir/name``) only
+    for the entries the listing found holding some, or could not tell. ``specials`` (fifos, sockets,
+    devices) and ``problems`` (name, errno: entries that could not be examined) are the caller's to
+    handle. Raises OSError when the directory cannot be read."""
+    from drsync.tree import LocalEntry, read_xattrs
+
+    assert _listdir is not None
+    prefix = os.fsencode(rel_dir) + b"/" if rel_dir else b""
+    count, offsets, data, meta, dirs, links, problems, specials, _ = _listdir.list_dir(
+        dfd, prefix, (), excluded, xattr_dir)
+    rels = pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)]).to_pylist()
+    rec = np.frombuffer(meta, RECORD)
+    kinds = rec["kind"].tolist()
+    types = [(FILE, DIR, SYMLINK)[k] for k in kinds]
+    sizes = np.where(rec["kind"] == 0, rec["size"], 0).tolist()
+    mtimes = (rec["mtime_s"] * 1_000_000_000 + rec["mtime_nsec"].astype(np.int64)).tolist() \
+        if count and rec["mtime_s"].min() >= -_CTIME_S and rec["mtime_s"].max() <= _CTIME_S else \
+        [s * 1_000_000_000 + ns for s, ns in zip(rec["mtime_s"].tolist(), rec["mtime_nsec"].tolist(), strict=True)]
+    targets: list[bytes | None] = [None] * count
+    for row, target in links:
+        targets[row] = target
+    xattrs: list[bytes | None] = [None] * count
+    for row in np.flatnonzero(rec["xattrs"]).tolist() if xattr_dir is not None else ():
+        xattrs[row] = read_xattrs(os.fsdecode(xattr_dir + b"/" + rels[row].rpartition(b"/")[2]))[0]
+    decode = os.fsdecode
+    entries = [LocalEntry(decode(r), t, m & 0o7777, u, g, sz, mt, None if tg is None else decode(tg), ino, xa, nl)
+               for r, t, m, u, g, sz, mt, tg, ino, xa, nl in zip(
+                   rels, types, rec["mode"].tolist(), rec["uid"].tolist(), rec["gid"].tolist(), sizes, mtimes,
+                   targets, rec["ino"].tolist(), xattrs, rec["nlink"].tolist(), strict=True)]
+    items: list[tuple] = []  # type: ignore[type-arg]
+    at = 0
+    for row, pos in dirs:  # a directory's contents come after the first `pos` entries
+        items.extend(zip(rels[at:pos], entries[at:pos], strict=True))
+        at = pos
+        items.append((rels[row] + b"/", None, entries[row].path))
+    items.extend(zip(rels[at:], entries[at:], strict=True))
+    items.reverse()
+    return items, specials, problems

@@ -12,6 +12,7 @@ directory swapped for a link to elsewhere in the middle of the walk.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -217,3 +218,55 @@ def test_any_tree_scans_alike(tmp_path_factory: pytest.TempPathFactory, tree: li
             else:
                 os.symlink(parts[0], path)
     assert_alike(root)
+
+
+def _target_walk(root: Path, *, native: bool, monkeypatch: pytest.MonkeyPatch) -> list:
+    from drsync.dataroot.local import walk_target
+
+    with monkeypatch.context() as m:
+        m.setattr(native_walk, "available", lambda: native)
+        return [dataclasses.astuple(e) for e in walk_target(str(root), {""})]
+
+
+def test_an_apply_target_walks_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An apply's walk of its target (every entry, special files as "other", extended attributes read
+    where there are some, drsync's staging area at the top left out) is the same through either listing."""
+    root = tmp_path / "target"
+    root.mkdir()
+    rb = os.fsencode(root)
+    for name in (b"a", b"a-b", b"a.b", b"\xff\xfe", b"new\nline"):
+        with open(rb + b"/" + name, "wb") as f:
+            f.write(name)
+    os.mkdir(rb + b"/a-c")
+    os.mkdir(rb + b"/d")
+    (root / "d" / "f").write_bytes(b"f")
+    os.setxattr(root / "d" / "f", "user.color", b"blue")
+    os.setxattr(root / "d", "user.dir", b"yes")
+    os.setxattr(root / "a", "user.empty", b"")
+    (root / "d" / "link").symlink_to("../outside")
+    os.mkfifo(root / "d" / "fifo")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(root / "sock"))
+    (root / ".drsync-staging").mkdir()
+    (root / ".drsync-staging" / "partial").write_bytes(b"staged")
+    (root / "d" / ".drsync-staging").write_bytes(b"not the top: an entry like any other")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(17):  # 17 x 201 bytes: past LONG_PATH and PATH_MAX, extended attributes read by descriptor
+            os.mkdir("e" * 200, dir_fd=fd)
+            nxt = os.open("e" * 200, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        os.close(os.open("deep", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+        os.setxattr(f"/proc/self/fd/{fd}", "user.deep", b"1")
+    finally:
+        os.close(fd)
+    c = _target_walk(root, native=True, monkeypatch=monkeypatch)
+    py = _target_walk(root, native=False, monkeypatch=monkeypatch)
+    assert c == py
+    by_path = {e[0]: e for e in c}
+    assert by_path["d/f"][9] and by_path["d"][9] and by_path["a"][9]  # xattrs found
+    assert by_path["d/fifo"][1] == "other" and by_path["sock"][1] == "other"
+    assert not any(p.startswith(".drsync-staging") for p in by_path) and "d/.drsync-staging" in by_path
+    deep = [e for p, e in by_path.items() if p.endswith("/deep")]
+    assert deep and deep[0][9] is None and any(e[9] for p, e in by_path.items() if len(p) > 3000)
