@@ -11,23 +11,25 @@
  * per entry. The system calls run without the GIL.
  *
  * list_dir(fd, prefix, reserved, excluded, xattr_dir=None) -> tuple:
- *   count      int: entries returned (files, directories, symlinks)
- *   offsets    bytes: count + 1 int32 offsets into data
- *   data       bytes: each entry's relative path (prefix + name), concatenated
- *   meta       bytes: count records of struct rec (RECORD_FIELDS in drsync.native_walk)
- *   dirs       list of (row, position), by the key name + "/": a directory's contents
- *              come after the first `position` entries of this listing
- *   links      list of (row, target bytes)
- *   problems   list of (name bytes, errno): entries that exist but could not be examined
- *   specials   list of name bytes: fifos, sockets, devices (not returned as rows)
- *   reserved   list of name bytes: entries whose names are in `reserved` (not returned)
+ *   count      int: entries returned as rows (files, directories, symlinks)
+ *   offsets    bytes: count + 1 int64 offsets into data
+ *   lens       bytes: count uint32 lengths of the paths in data
+ *   data       bytes: each row's relative path (prefix + name), concatenated
+ *   meta       bytes: count records of struct rec (RECORD in drsync.native_walk)
+ *   dirs       list of (row, position, name, dev, ino), by the key name + "/": a directory's
+ *              contents come after the first `position` rows of this listing
+ *   events     list, in readdir's order (the Python listing's), of (kind, name, value):
+ *              K_LINK (row, target) for each symlink row; K_PROBLEM errno for an entry that
+ *              exists but could not be examined; K_SPECIAL None for a fifo, socket or device,
+ *              K_RESERVED None for a name in `reserved` (neither is a row)
  *
  * Entries removed while listed (ENOENT) are left out. `excluded` names are left
- * out without being examined. With `xattr_dir` (the directory's absolute path,
- * bytes), each file's and directory's record says whether it has extended
- * attributes (llistxattr of xattr_dir/name: an apply compares them; most have
- * none, and a listing costs one call without the GIL). Raises OSError when the directory cannot be read,
- * OverflowError when the paths exceed 2 GiB (the caller lists it another way).
+ * out without being examined (a reserved name is reported even when excluded). With
+ * `xattr_dir` (the directory's absolute path, bytes), each file's and directory's
+ * record says whether it has extended attributes (listxattrat, or llistxattr of
+ * xattr_dir/name before Linux 6.13: an apply compares them; most have none, and
+ * asking costs one call without the GIL). Raises OSError when the directory
+ * cannot be read.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -57,6 +59,7 @@ enum { K_FILE = 0, K_DIR = 1, K_LINK = 2, K_SPECIAL = 3, K_PROBLEM = 4, K_RESERV
 struct ent {
     char *name;
     size_t len;
+    Py_ssize_t seq; /* its place in readdir's order: events are reported in it */
     int err;
     struct rec r;
     char *target;
@@ -64,6 +67,7 @@ struct ent {
 };
 
 struct names {
+    PyObject *fast; /* owns the items the pointers below point into */
     char **name;
     size_t *len;
     Py_ssize_t n;
@@ -137,40 +141,43 @@ static Py_ssize_t contents_position(struct ent **rows, Py_ssize_t n, const char 
     return lo;
 }
 
+static void free_names(struct names *s) {
+    PyMem_Free(s->name);
+    PyMem_Free(s->len);
+    Py_XDECREF(s->fast);
+    s->name = NULL;
+    s->len = NULL;
+    s->fast = NULL;
+    s->n = 0;
+}
+
 static int load_names(PyObject *seq, struct names *out) {
     out->n = 0;
     out->name = NULL;
     out->len = NULL;
-    PyObject *fast = PySequence_Fast(seq, "a sequence of bytes is expected");
-    if (!fast)
+    out->fast = PySequence_Fast(seq, "a sequence of bytes is expected");
+    if (!out->fast)
         return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(out->fast);
     out->name = PyMem_Calloc(n ? n : 1, sizeof(char *));
     out->len = PyMem_Calloc(n ? n : 1, sizeof(size_t));
     if (!out->name || !out->len) {
-        Py_DECREF(fast);
+        free_names(out);
         PyErr_NoMemory();
         return -1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
         char *buf;
         Py_ssize_t blen;
-        if (PyBytes_AsStringAndSize(item, &buf, &blen) < 0) {
-            Py_DECREF(fast);
+        if (PyBytes_AsStringAndSize(PySequence_Fast_GET_ITEM(out->fast, i), &buf, &blen) < 0) {
+            free_names(out);
             return -1;
         }
-        out->name[i] = buf; /* borrowed: the caller's tuple keeps it alive for the call */
+        out->name[i] = buf; /* alive while out->fast is */
         out->len[i] = (size_t)blen;
     }
     out->n = n;
-    Py_DECREF(fast);
     return 0;
-}
-
-static void free_names(struct names *s) {
-    PyMem_Free(s->name);
-    PyMem_Free(s->len);
 }
 
 static void free_ents(struct ent *ents, Py_ssize_t n) {
@@ -274,6 +281,8 @@ static uint32_t has_xattrs(int fd, const char *dir, size_t dir_len, const char *
     return 2;
 }
 
+static PyObject *build(struct ent *ents, Py_ssize_t n, const char *prefix, size_t prefix_len);
+
 static PyObject *list_dir(PyObject *self, PyObject *args) {
     (void)self;
     int fd;
@@ -318,7 +327,8 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
             if (nm[0] == '.' && (nm[1] == 0 || (nm[1] == '.' && nm[2] == 0)))
                 continue;
             size_t len = strlen(nm);
-            if (in_names(&excluded, nm, len))
+            int is_reserved = in_names(&reserved, nm, len); /* before exclusions, as the Python listing */
+            if (!is_reserved && in_names(&excluded, nm, len))
                 continue;
             if (n == cap) {
                 Py_ssize_t ncap = cap ? cap * 2 : 256;
@@ -339,8 +349,9 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
             }
             memcpy(e->name, nm, len + 1);
             e->len = len;
+            e->seq = n;
             n++;
-            if (in_names(&reserved, nm, len))
+            if (is_reserved)
                 e->r.kind = K_RESERVED;
             else
                 examine(fd, e);
@@ -365,75 +376,86 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
 
-    PyObject *problems = PyList_New(0), *specials = PyList_New(0), *reserved_hit = PyList_New(0);
-    PyObject *links = PyList_New(0), *dirs = PyList_New(0);
+    PyObject *result = build(ents, n, prefix, (size_t)prefix_len);
+    free_ents(ents, n);
+    return result;
+}
+
+static int cmp_seq(const void *x, const void *y) {
+    const struct ent *a = *(struct ent *const *)x, *b = *(struct ent *const *)y;
+    return (a->seq > b->seq) - (a->seq < b->seq);
+}
+
+static int append_new(PyObject *list, PyObject *item) {
+    if (!item)
+        return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+/* The listing's tuple from its sorted entries (see the top of this file). */
+static PyObject *build(struct ent *ents, Py_ssize_t n, const char *prefix, size_t prefix_len) {
+    PyObject *result = NULL, *offsets = NULL, *lens = NULL, *data = NULL, *meta = NULL;
+    PyObject *dirs = PyList_New(0), *events = PyList_New(0);
     struct ent **rows = malloc(sizeof(struct ent *) * (size_t)(n ? n : 1));
-    PyObject *result = NULL, *offsets = NULL, *data = NULL, *meta = NULL;
+    struct ent **evs = malloc(sizeof(struct ent *) * (size_t)(n ? n : 1));
+    Py_ssize_t *row_of = malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1));
     struct dirpos *dp = NULL;
-    if (!problems || !specials || !reserved_hit || !links || !dirs || !rows) {
-        if (!rows)
+    if (!dirs || !events || !rows || !evs || !row_of) {
+        if (!rows || !evs || !row_of)
             PyErr_NoMemory();
         goto done;
     }
-    Py_ssize_t count = 0, ndirs = 0;
+    Py_ssize_t count = 0, ndirs = 0, nevs = 0;
     size_t total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         struct ent *e = &ents[i];
-        PyObject *nm = NULL, *item = NULL;
+        row_of[i] = -1;
         switch (e->r.kind) {
         case K_GONE:
             continue;
         case K_PROBLEM:
-            nm = PyBytes_FromStringAndSize(e->name, (Py_ssize_t)e->len);
-            item = nm ? Py_BuildValue("(Ni)", nm, e->err) : NULL;
-            if (!item || PyList_Append(problems, item) < 0) {
-                Py_XDECREF(item);
-                goto done;
-            }
-            Py_DECREF(item);
-            continue;
         case K_SPECIAL:
         case K_RESERVED:
-            nm = PyBytes_FromStringAndSize(e->name, (Py_ssize_t)e->len);
-            if (!nm || PyList_Append(e->r.kind == K_SPECIAL ? specials : reserved_hit, nm) < 0) {
-                Py_XDECREF(nm);
-                goto done;
-            }
-            Py_DECREF(nm);
+            evs[nevs++] = e;
             continue;
+        case K_LINK:
+            evs[nevs++] = e;
+            break;
+        case K_DIR:
+            ndirs++;
+            break;
         default:
             break;
         }
-        if (e->r.kind == K_DIR)
-            ndirs++;
+        row_of[i] = count;
         rows[count++] = e;
-        total += (size_t)prefix_len + e->len;
+        total += prefix_len + e->len;
     }
-    if (total > (size_t)INT32_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "the listing's paths exceed 2 GiB");
-        goto done;
-    }
-    offsets = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((size_t)(count + 1) * sizeof(int32_t)));
+    offsets = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((size_t)(count + 1) * sizeof(int64_t)));
+    lens = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((size_t)count * sizeof(uint32_t)));
     data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
     meta = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((size_t)count * sizeof(struct rec)));
-    if (!offsets || !data || !meta)
+    dp = malloc(sizeof(struct dirpos) * (size_t)(ndirs ? ndirs : 1));
+    if (!offsets || !lens || !data || !meta || !dp) {
+        if (!dp)
+            PyErr_NoMemory();
         goto done;
-    int32_t *off = (int32_t *)PyBytes_AS_STRING(offsets);
+    }
+    int64_t *off = (int64_t *)PyBytes_AS_STRING(offsets);
+    uint32_t *len_out = (uint32_t *)PyBytes_AS_STRING(lens);
     char *out = PyBytes_AS_STRING(data);
     struct rec *recs = (struct rec *)PyBytes_AS_STRING(meta);
     size_t at = 0;
-    dp = malloc(sizeof(struct dirpos) * (size_t)(ndirs ? ndirs : 1));
-    if (!dp) {
-        PyErr_NoMemory();
-        goto done;
-    }
     Py_ssize_t di = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
         struct ent *e = rows[i];
-        off[i] = (int32_t)at;
-        memcpy(out + at, prefix, (size_t)prefix_len);
+        off[i] = (int64_t)at;
+        len_out[i] = (uint32_t)(prefix_len + e->len);
+        memcpy(out + at, prefix, prefix_len);
         memcpy(out + at + prefix_len, e->name, e->len);
-        at += (size_t)prefix_len + e->len;
+        at += prefix_len + e->len;
         recs[i] = e->r;
         if (e->r.kind == K_DIR) {
             dp[di].row = i;
@@ -441,40 +463,49 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
             dp[di].len = e->len;
             dp[di].pos = contents_position(rows, count, e->name, e->len);
             di++;
-        } else if (e->r.kind == K_LINK) {
-            PyObject *item = Py_BuildValue("(ny#)", i, e->target, (Py_ssize_t)e->target_len);
-            if (!item || PyList_Append(links, item) < 0) {
-                Py_XDECREF(item);
-                goto done;
-            }
-            Py_DECREF(item);
         }
     }
-    off[count] = (int32_t)at;
+    off[count] = (int64_t)at;
     if (ndirs > 1)
         qsort(dp, (size_t)ndirs, sizeof(struct dirpos), cmp_dirpos);
     for (Py_ssize_t i = 0; i < ndirs; i++) {
-        PyObject *item = Py_BuildValue("(nn)", dp[i].row, dp[i].pos);
-        if (!item || PyList_Append(dirs, item) < 0) {
-            Py_XDECREF(item);
+        const struct rec *r = &recs[dp[i].row];
+        if (append_new(dirs, Py_BuildValue("(nny#KK)", dp[i].row, dp[i].pos, dp[i].name, (Py_ssize_t)dp[i].len,
+                                           (unsigned long long)r->dev, (unsigned long long)r->ino)) < 0)
             goto done;
-        }
-        Py_DECREF(item);
     }
-    result = Py_BuildValue("(nOOOOOOOO)", count, offsets, data, meta, dirs, links, problems, specials,
-                           reserved_hit);
+    if (nevs > 1)
+        qsort(evs, (size_t)nevs, sizeof(struct ent *), cmp_seq);
+    for (Py_ssize_t i = 0; i < nevs; i++) {
+        struct ent *e = evs[i];
+        PyObject *item;
+        switch (e->r.kind) {
+        case K_LINK:
+            item = Py_BuildValue("(iy#(ny#))", K_LINK, e->name, (Py_ssize_t)e->len, row_of[e - ents], e->target,
+                                 (Py_ssize_t)e->target_len);
+            break;
+        case K_PROBLEM:
+            item = Py_BuildValue("(iy#i)", K_PROBLEM, e->name, (Py_ssize_t)e->len, e->err);
+            break;
+        default: /* K_SPECIAL, K_RESERVED */
+            item = Py_BuildValue("(iy#O)", (int)e->r.kind, e->name, (Py_ssize_t)e->len, Py_None);
+            break;
+        }
+        if (append_new(events, item) < 0)
+            goto done;
+    }
+    result = Py_BuildValue("(nOOOOOO)", count, offsets, lens, data, meta, dirs, events);
 done:
     free(dp);
     free(rows);
-    free_ents(ents, n);
+    free(evs);
+    free(row_of);
     Py_XDECREF(offsets);
+    Py_XDECREF(lens);
     Py_XDECREF(data);
     Py_XDECREF(meta);
-    Py_XDECREF(problems);
-    Py_XDECREF(specials);
-    Py_XDECREF(reserved_hit);
-    Py_XDECREF(links);
     Py_XDECREF(dirs);
+    Py_XDECREF(events);
     return result;
 }
 
@@ -494,7 +525,10 @@ PyMODINIT_FUNC PyInit__listdir(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
-    if (PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(struct rec)) < 0) {
+    if (PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(struct rec)) < 0 ||
+        PyModule_AddIntConstant(m, "K_LINK", K_LINK) < 0 || PyModule_AddIntConstant(m, "K_PROBLEM", K_PROBLEM) < 0 ||
+        PyModule_AddIntConstant(m, "K_SPECIAL", K_SPECIAL) < 0 ||
+        PyModule_AddIntConstant(m, "K_RESERVED", K_RESERVED) < 0) {
         Py_DECREF(m);
         return NULL;
     }

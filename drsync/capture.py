@@ -255,6 +255,9 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
             encoding = encoder.submit(out.write, rows)
         if encoding is not None:
             encoding.result()
+    if scan.root_problem is not None and pv is None:  # nothing earlier to keep: an empty tree would be a lie
+        raise OperationFailed(f"data root {scan.root}: {scan.root_problem}; nothing was captured (no earlier "
+                              f"snapshot of it to keep): check that it is mounted and that drsync can read it")
     stored = out.finish()
     escaping = scan.escaping()
     if escaping:

@@ -51,6 +51,8 @@ RECORD = np.dtype([
     ("kind", "u4"), ("xattrs", "u4"), ("reserved", "u4"),
 ])
 _TYPES = pa.array([FILE, DIR, SYMLINK], pa.string())  # by the record's kind
+_RECORD_SIZE = RECORD.itemsize
+_K_LINK, _K_PROBLEM, _K_SPECIAL = (_listdir.K_LINK, _listdir.K_PROBLEM, _listdir.K_SPECIAL) if _listdir else (2, 4, 3)
 _CTIME_S = 9_223_372_035  # seconds whose nanoseconds surely fit int64
 
 
@@ -59,44 +61,78 @@ def available() -> bool:
     return _listdir is not None and RECORD.itemsize == _listdir.RECORD_SIZE
 
 
-@dataclass
 class _Listing:
-    """One directory's entries (sorted by name bytes) and where each subdirectory's contents go."""
+    """One directory's entries (rows sorted by name bytes), as the C listing's buffers, and where each
+    subdirectory's contents go. Rows are taken in order (``cursor``); links that leave the root are
+    ``dropped`` rows, skipped as they are taken."""
 
-    paths: pa.Array  # binary: relative paths
-    meta: np.ndarray  # RECORD
-    targets: dict[int, bytes]  # row -> symlink target
-    dirs: list[tuple[int, int]]  # (row, position): its contents follow the first `position` rows
-    abs_dir: bytes
-    cursor: int = 0
-    next_dir: int = 0
+    __slots__ = ("abs_dir", "count", "cursor", "data", "dirs", "drop_at", "dropped", "lens", "link_at", "links",
+                 "meta", "next_dir", "offsets")
+
+    def __init__(self, abs_dir: bytes, count: int, offsets: bytes, lens: bytes, data: bytes, meta: bytes,
+                 dirs: list[tuple[int, int, bytes, int, int]], links: list[tuple[int, bytes]],
+                 dropped: list[int]) -> None:
+        self.abs_dir = abs_dir
+        self.count = count
+        self.offsets = memoryview(offsets).cast("q")
+        self.lens = memoryview(lens)
+        self.data = memoryview(data)
+        self.meta = memoryview(meta)
+        self.dirs = dirs  # (row, position, name, dev, ino): its contents follow the first `position` rows
+        self.links = links  # (row, target), ascending: taken as the cursor passes them
+        self.dropped = dropped  # rows left out, ascending
+        self.cursor = 0
+        self.next_dir = 0
+        self.link_at = 0  # links and dropped rows before these indices were passed
+        self.drop_at = 0
 
 
-@dataclass
 class _Pending:
-    """Rows taken from listings, sealed into one Arrow batch of SCAN_SCHEMA at a time."""
+    """Rows taken from listings, sealed into one Arrow batch of SCAN_SCHEMA at a time: the buffers' pieces are
+    joined once a batch (no NumPy or Arrow call per directory, which a tree of small directories pays for)."""
 
-    paths: list[pa.Array] = field(default_factory=list)
-    meta: list[np.ndarray] = field(default_factory=list)
-    targets: list[tuple[int, bytes]] = field(default_factory=list)  # (row of the batch, target)
-    rows: int = 0
+    def __init__(self) -> None:
+        self.data: list[memoryview] = []
+        self.lens: list[memoryview] = []
+        self.meta: list[memoryview] = []
+        self.targets: list[tuple[int, bytes]] = []  # (row of the batch, target)
+        self.rows = 0
 
     def take(self, listing: _Listing, stop: int) -> None:
+        """The listing's rows from its cursor up to ``stop`` (less its dropped rows)."""
         lo = listing.cursor
-        if stop <= lo:
-            return
-        for r, t in listing.targets.items():
-            if lo <= r < stop:
-                self.targets.append((self.rows + r - lo, t))
-        self.paths.append(listing.paths.slice(lo, stop - lo))
-        self.meta.append(listing.meta[lo:stop])
-        self.rows += stop - lo
-        listing.cursor = stop
+        dropped, links = listing.dropped, listing.links
+        while lo < stop:
+            if listing.drop_at < len(dropped) and dropped[listing.drop_at] == lo:
+                listing.drop_at += 1
+                lo += 1
+                continue
+            hi = min(stop, dropped[listing.drop_at]) if listing.drop_at < len(dropped) else stop
+            while listing.link_at < len(links) and links[listing.link_at][0] < hi:
+                row, target = links[listing.link_at]
+                listing.link_at += 1
+                self.targets.append((self.rows + row - lo, target))
+            o = listing.offsets
+            self.data.append(listing.data[o[lo]:o[hi]])
+            self.lens.append(listing.lens[lo * 4:hi * 4])
+            self.meta.append(listing.meta[lo * _RECORD_SIZE:hi * _RECORD_SIZE])
+            self.rows += hi - lo
+            lo = hi
+        listing.cursor = max(listing.cursor, stop)
 
     def seal(self, schema: pa.Schema) -> pa.RecordBatch:
-        meta = np.concatenate(self.meta) if len(self.meta) != 1 else self.meta[0]
-        paths = pa.concat_arrays(self.paths) if len(self.paths) != 1 else self.paths[0]
         n = self.rows
+        meta = np.frombuffer(b"".join(self.meta), RECORD)
+        lens = np.frombuffer(b"".join(self.lens), np.uint32)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        data = b"".join(self.data)
+        if len(data) <= 0x7FFFFFFF:
+            paths = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets.astype(np.int32)),
+                                                           pa.py_buffer(data)])
+        else:  # deep paths in a full batch: Arrow's binary column holds 2 GiB; the large one is cast
+            paths = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+            paths = paths.cast(pa.binary())  # raises ArrowInvalid, as the Python listing's batch would
         if self.targets:
             values: list[bytes | None] = [None] * n
             for r, t in self.targets:
@@ -110,17 +146,17 @@ class _Pending:
                                           zip(cs.tolist(), meta["ctime_nsec"].tolist(), strict=True)]), pa.int64())
         else:
             ctime = pa.array(cs * 1_000_000_000 + meta["ctime_nsec"].astype(np.int64))
+
+        def col(name: str) -> pa.Array:
+            return pa.array(np.ascontiguousarray(meta[name]))
+
         columns = {
-            "path": paths, "type": _TYPES.take(pa.array(np.ascontiguousarray(meta["kind"]))),
-            "mode": pa.array(meta["mode"] & 0o7777), "uid": pa.array(np.ascontiguousarray(meta["uid"])),
-            "gid": pa.array(np.ascontiguousarray(meta["gid"])), "size": pa.array(np.ascontiguousarray(meta["size"])),
-            "mtime_s": pa.array(np.ascontiguousarray(meta["mtime_s"])),
-            "mtime_nsec": pa.array(np.ascontiguousarray(meta["mtime_nsec"])), "ctime_ns": ctime,
-            "inode": pa.array(np.ascontiguousarray(meta["ino"])), "target": target,
-            "nlink": pa.array(np.ascontiguousarray(meta["nlink"])), "dev": pa.array(np.ascontiguousarray(meta["dev"])),
-            "blocks": pa.array(np.ascontiguousarray(meta["blocks"])),
+            "path": paths, "type": _TYPES.take(col("kind")), "mode": pa.array(meta["mode"] & 0o7777),
+            "uid": col("uid"), "gid": col("gid"), "size": col("size"), "mtime_s": col("mtime_s"),
+            "mtime_nsec": col("mtime_nsec"), "ctime_ns": ctime, "inode": col("ino"), "target": target,
+            "nlink": col("nlink"), "dev": col("dev"), "blocks": col("blocks"),
         }
-        self.paths, self.meta, self.targets, self.rows = [], [], [], 0
+        self.data, self.lens, self.meta, self.targets, self.rows = [], [], [], [], 0
         return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
@@ -134,9 +170,12 @@ class _Notes:
     unreadable: list[str] = field(default_factory=list)
     devices: dict[str, int] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)
+    root_problem: str | None = None
 
     def apply(self, scan: TreeScan) -> None:
         scan.warnings.merge(self.warnings)
+        if self.root_problem is not None:
+            scan.root_problem = self.root_problem
         scan.unlisted += self.unlisted
         scan.unreadable += self.unreadable
         scan.devices.update(self.devices)
@@ -167,6 +206,8 @@ class _NativeLister:
             scan.unlisted.append(rel)
             if dev is not None:
                 scan.devices[rel] = dev
+            if not rel_dir:
+                scan.root_problem = problem
             warn(f"{printable(rel) or '.'}: {problem}; its last captured content is kept")
 
         try:
@@ -175,6 +216,8 @@ class _NativeLister:
             else:  # the root itself may be named through a link (a data root at /data -> /mnt/disk1/data)
                 fd = os.open(abs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if rel_dir else 0))
         except FileNotFoundError:
+            if not rel_dir:  # the root itself: never an empty tree
+                unlisted("vanished while it was walked", None)
             return None  # removed while we walked: simply not in this scan
         except OSError as e:
             swapped = e.errno in (errno.ELOOP, errno.ENOTDIR)
@@ -188,53 +231,40 @@ class _NativeLister:
                 unlisted("replaced while it was walked", examined[0])
                 return None
             assert _listdir is not None
-            count, offsets, data, meta, dirs, links, problems, specials, reserved = _listdir.list_dir(
+            count, offsets, lens, data, meta, dirs, events = _listdir.list_dir(
                 fd, prefix, self.reserved, self.excluded.get(rel_dir, ()))
-        except OverflowError:
-            unlisted("holds more path bytes than one listing can (2 GiB)", st_dir.st_dev)
-            return None
         except OSError as e:
             unlisted(f"cannot be listed ({e.strerror or e})", examined[0] if examined else None)
             return None
         finally:
             os.close(fd)
-        for name in reserved:
-            if rel_dir:
+        links: list[tuple[int, bytes]] = []
+        dropped: list[int] = []
+        for kind, name, value in events:  # in readdir's order, as the Python listing warns
+            if kind == _K_LINK:
+                row, target = value
+                rel = fsdecode(prefix + name)
+                if symlink_stays_inside(rel, fsdecode(target)):
+                    links.append(value)
+                    scan.links[rel] = fsdecode(target)
+                else:
+                    warn(f"{printable(rel)}: symlink to {printable(fsdecode(target))} leaves the data root; "
+                         f"not captured")
+                    dropped.append(row)
+            elif kind == _K_PROBLEM:
+                rel = fsdecode(prefix + name)
+                scan.unreadable.append(rel)
+                scan.devices[rel] = st_dir.st_dev
+                warn(f"{printable(rel)}: cannot be examined ({os.strerror(value)}); its last captured version "
+                     f"is kept")
+            elif kind == _K_SPECIAL:
+                warn(f"{printable(fsdecode(prefix + name))}: special file (fifo, socket or device) not captured")
+            elif rel_dir:  # reserved
                 warn(f"{printable(fsdecode(prefix + name))}: the name is reserved for drsync's staging area; "
                      f"not captured")
-        for name, err in problems:
-            rel = fsdecode(prefix + name)
-            scan.unreadable.append(rel)
-            scan.devices[rel] = st_dir.st_dev
-            warn(f"{printable(rel)}: cannot be examined ({os.strerror(err)}); its last captured version is kept")
-        for name in specials:
-            warn(f"{printable(fsdecode(prefix + name))}: special file (fifo, socket or device) not captured")
-        paths = pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-        rec = np.frombuffer(meta, RECORD)
-        targets: dict[int, bytes] = {}
-        if links:
-            keep = None
-            for row, target in links:
-                rel = fsdecode(paths[row].as_py())
-                if symlink_stays_inside(rel, fsdecode(target)):
-                    targets[row] = target
-                    scan.links[rel] = fsdecode(target)
-                    continue
-                warn(f"{printable(rel)}: symlink to {printable(fsdecode(target))} leaves the data root; not captured")
-                if keep is None:
-                    keep = np.ones(count, dtype=bool)
-                keep[row] = False
-            if keep is not None:
-                paths, rec, targets, dirs = _without(keep, paths, rec, targets, dirs)
-        return _Listing(paths, rec, targets, dirs, abs_dir)
-
-
-def _without(keep: np.ndarray, paths: pa.Array, rec: np.ndarray, targets: dict[int, bytes],
-             dirs: list[tuple[int, int]]) -> tuple[pa.Array, np.ndarray, dict[int, bytes], list[tuple[int, int]]]:
-    """A listing less the rows ``keep`` leaves out, its row numbers and contents positions renumbered."""
-    before = np.concatenate([[0], np.cumsum(keep)])  # kept rows before each position
-    return (paths.filter(pa.array(keep)), rec[keep], {int(before[r]): t for r, t in targets.items()},
-            [(int(before[r]), int(before[p])) for r, p in dirs])
+        links.sort()
+        dropped.sort()
+        return _Listing(abs_dir, count, offsets, lens, data, meta, dirs, links, dropped)
 
 
 def walk(scan: TreeScan, exclude: frozenset[str], batch_rows: int, schema: pa.Schema) -> Iterator[None]:
@@ -248,9 +278,13 @@ def walk(scan: TreeScan, exclude: frozenset[str], batch_rows: int, schema: pa.Sc
     ahead: queue.Queue[tuple[pa.RecordBatch | None, _Notes] | BaseException] = queue.Queue(maxsize=2)
     stop = threading.Event()
 
+    # The thread holds the walk, never the scan: a scan dropped unfinished (a failed capture) is collected, and
+    # this generator's close stops the thread.
+    batches = _batches(scan.root, exclude, batch_rows, schema)
+
     def produce() -> None:
         try:
-            for item in _batches(scan.root, exclude, batch_rows, schema):
+            for item in batches:
                 ahead.put(item)
                 if stop.is_set():
                     return
@@ -295,15 +329,14 @@ def _batches(root: str, exclude: frozenset[str], batch_rows: int,
     while frames:
         f = frames[-1]
         more = f.next_dir < len(f.dirs)
-        upto = f.dirs[f.next_dir][1] if more else len(f.paths)  # the rows before the next directory's contents
+        upto = f.dirs[f.next_dir][1] if more else f.count  # the rows before the next directory's contents
         if f.cursor < upto:
             pending.take(f, min(upto, f.cursor + batch_rows - pending.rows))
         elif more:
-            row = f.dirs[f.next_dir][0]
+            row, _, name, dev, ino = f.dirs[f.next_dir]
             f.next_dir += 1
-            rel = f.paths[row].as_py()
-            child = lister.listing(rel, f.abs_dir + b"/" + rel.rpartition(b"/")[2],
-                                   (int(f.meta["dev"][row]), int(f.meta["ino"][row])))
+            rel = f.data[f.offsets[row]:f.offsets[row + 1]].tobytes()
+            child = lister.listing(rel, f.abs_dir + b"/" + name, (dev, ino))
             if child is not None:
                 frames.append(child)
         else:
@@ -330,9 +363,12 @@ def target_entries(dfd: int, rel_dir: str, excluded: tuple[bytes, ...],
 
     assert _listdir is not None
     prefix = os.fsencode(rel_dir) + b"/" if rel_dir else b""
-    count, offsets, data, meta, dirs, links, problems, specials, _ = _listdir.list_dir(
-        dfd, prefix, (), excluded, xattr_dir)
-    rels = pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)]).to_pylist()
+    count, offsets, _, data, meta, dirs, events = _listdir.list_dir(dfd, prefix, (), excluded, xattr_dir)
+    rels = pa.Array.from_buffers(pa.large_binary(), count,
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(data)]).to_pylist()
+    links = [value for kind, _, value in events if kind == _K_LINK]
+    problems = [(name, value) for kind, name, value in events if kind == _K_PROBLEM]
+    specials = [name for kind, name, _ in events if kind == _K_SPECIAL]
     rec = np.frombuffer(meta, RECORD)
     kinds = rec["kind"].tolist()
     types = [(FILE, DIR, SYMLINK)[k] for k in kinds]
@@ -353,7 +389,7 @@ def target_entries(dfd: int, rel_dir: str, excluded: tuple[bytes, ...],
                    targets, rec["ino"].tolist(), xattrs, rec["nlink"].tolist(), strict=True)]
     items: list[tuple] = []  # type: ignore[type-arg]
     at = 0
-    for row, pos in dirs:  # a directory's contents come after the first `pos` entries
+    for row, pos, *_ in dirs:  # a directory's contents come after the first `pos` entries
         items.extend(zip(rels[at:pos], entries[at:pos], strict=True))
         at = pos
         items.append((rels[row] + b"/", None, entries[row].path))

@@ -68,6 +68,8 @@ class TreeScan:
     # The device of each of those paths (a directory's own, an entry's directory's) where known: a stale
     # row joins a hard-link group of today's only on its own device (inode numbers repeat across them).
     devices: dict[str, int] = field(default_factory=dict)
+    # Why the root itself could not be listed (it is then among ``unlisted`` as ""), or None.
+    root_problem: str | None = None
     batches: list[pa.RecordBatch] = field(default_factory=list)
     sorted: bool = False  # entries were appended in path order (bytes), as the manifest sorts them
     rows: list[tuple] = field(default_factory=list)  # type: ignore[type-arg]  # whole rows, in COLUMNS order
@@ -336,6 +338,8 @@ class _Lister:
             scan.unlisted.append(rel)
             if dev is not None:
                 scan.devices[rel] = dev
+            if not rel_dir:
+                scan.root_problem = problem
             warn(f"{printable(rel) or '.'}: {problem}; its last captured content is kept")
             return []
 
@@ -345,6 +349,8 @@ class _Lister:
             else:  # the root itself may be named through a link (a data root at /data -> /mnt/disk1/data)
                 fd = os.open(abs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if rel_dir else 0))
         except FileNotFoundError:
+            if not rel_dir:  # the root itself: never an empty tree
+                return unlisted("vanished while it was walked", None)
             return []  # removed while we walked: simply not in this scan
         except OSError as e:
             swapped = e.errno in (errno.ELOOP, errno.ENOTDIR)
