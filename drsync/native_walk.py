@@ -56,6 +56,12 @@ _K_LINK, _K_PROBLEM, _K_SPECIAL = (_listdir.K_LINK, _listdir.K_PROBLEM, _listdir
 _CTIME_S = 9_223_372_035  # seconds whose nanoseconds surely fit int64
 
 
+def _arrow(values: np.ndarray) -> pa.Array:
+    """A contiguous NumPy array of numbers as an Arrow array over the same memory (``pa.array`` would
+    import numpy.ma on its first call: 15 ms of every snapshot's start)."""
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
 def available() -> bool:
     """True when the C listing is built and matches this module's record layout."""
     return _listdir is not None and RECORD.itemsize == _listdir.RECORD_SIZE
@@ -145,13 +151,13 @@ class _Pending:
             ctime = pa.array(clamp_int64([s * 1_000_000_000 + ns for s, ns in
                                           zip(cs.tolist(), meta["ctime_nsec"].tolist(), strict=True)]), pa.int64())
         else:
-            ctime = pa.array(cs * 1_000_000_000 + meta["ctime_nsec"].astype(np.int64))
+            ctime = _arrow(cs * 1_000_000_000 + meta["ctime_nsec"].astype(np.int64))
 
         def col(name: str) -> pa.Array:
-            return pa.array(np.ascontiguousarray(meta[name]))
+            return _arrow(np.ascontiguousarray(meta[name]))
 
         columns = {
-            "path": paths, "type": _TYPES.take(col("kind")), "mode": pa.array(meta["mode"] & 0o7777),
+            "path": paths, "type": _TYPES.take(col("kind")), "mode": _arrow(meta["mode"] & 0o7777),
             "uid": col("uid"), "gid": col("gid"), "size": col("size"), "mtime_s": col("mtime_s"),
             "mtime_nsec": col("mtime_nsec"), "ctime_ns": ctime, "inode": col("ino"), "target": target,
             "nlink": col("nlink"), "dev": col("dev"), "blocks": col("blocks"),
