@@ -163,11 +163,23 @@ def test_a_directory_swapped_for_a_link_outside_the_root_is_never_listed_through
             os.symlink(str(outside), src / "d")
         return items(self, rel_dir, abs_dir, *rest)
 
+    from drsync import native_walk
+
+    listing = native_walk._NativeLister.listing
+
+    def swapping_c(self, rel_dir, abs_dir, *rest):  # type: ignore[no-untyped-def]  # the C listing's walk
+        if rel_dir == b"d" and not (src / "d.old").exists():
+            os.rename(src / "d", src / "d.old")
+            os.symlink(str(outside), src / "d")
+        return listing(self, rel_dir, abs_dir, *rest)
+
     monkeypatch.setattr(tree_mod._Lister, "items", swapping)
+    monkeypatch.setattr(native_walk._NativeLister, "listing", swapping_c)
     repo = _init(tmp_path / "repo")
     info = engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
     paths = {e.path for e in repo.load_manifest(info).entries()}
     assert "d/shadow" not in paths, f"the walk listed {outside} through the swapped-in link: {sorted(paths)}"
+    assert (src / "d.old").exists()  # the swap happened (a first snapshot has no earlier d to keep)
 
 
 # --- promise 3: streaming capture equals whole capture ----------------------------------------------------
@@ -251,8 +263,20 @@ def _failing(monkeypatch: pytest.MonkeyPatch, src: Path, unreadable: set[str], u
             return []
         return items(self, rel_dir, abs_dir, *rest)
 
+    from drsync import native_walk
+
+    native_listing = native_walk._NativeLister.listing
+
+    def listing_c(self, rel_dir, abs_dir, *rest):  # type: ignore[no-untyped-def]  # the C listing's walk
+        if rel_dir in locked:
+            self.notes.unlisted.append(os.fsdecode(rel_dir))
+            self.notes.warnings.append(f"{os.fsdecode(rel_dir)}: cannot be listed (Permission denied)")
+            return None
+        return native_listing(self, rel_dir, abs_dir, *rest)
+
     monkeypatch.setattr(cap, "_read_one", reading)
     monkeypatch.setattr(tree_mod._Lister, "items", listing)
+    monkeypatch.setattr(native_walk._NativeLister, "listing", listing_c)
 
 
 def test_streaming_capture_equals_whole_capture_with_links_stale_rows_and_exclusions(
