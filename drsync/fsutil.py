@@ -161,3 +161,33 @@ def open_beneath(root: str, rel: str, flags: int = os.O_RDONLY) -> int:
         return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def open_walked_dir(root: str, rel_dir: bytes, abs_dir: bytes,
+                    examined: tuple[int, int] | None) -> tuple[int, os.stat_result] | str | None:
+    """Open a directory a tree walk is about to list (``rel_dir`` below ``root``, at ``abs_dir``): never
+    through a symlink (O_NOFOLLOW below the root, which may itself be named through one; component by
+    component past :data:`LONG_PATH`), and only if it is still the directory its parent's listing
+    ``examined`` (device, inode). Returns the descriptor and its stat (the caller closes it), None when it
+    was removed meanwhile (simply not in the walk), or why it cannot be listed (the walk keeps its last
+    captured content): replaced by a link, a file or another directory, vanished (the root), or the error."""
+    try:
+        if len(abs_dir) > LONG_PATH:
+            fd = open_beneath(root, os.fsdecode(rel_dir), os.O_RDONLY | os.O_DIRECTORY)
+        else:
+            fd = os.open(abs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if rel_dir else 0))
+    except FileNotFoundError:
+        return None if rel_dir else "vanished while it was walked"  # the root itself: never an empty tree
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            return "replaced by a link or a file while it was walked"
+        return f"cannot be listed ({e.strerror or e})"
+    try:
+        st_dir = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        return f"cannot be listed ({e.strerror or e})"
+    if examined is not None and (st_dir.st_dev, st_dir.st_ino) != examined:
+        os.close(fd)
+        return "replaced while it was walked"
+    return fd, st_dir

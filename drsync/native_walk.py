@@ -20,7 +20,6 @@ and the pure-Python listing is used.
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import threading
@@ -60,6 +59,18 @@ def _arrow(values: np.ndarray) -> pa.Array:
     """A contiguous NumPy array of numbers as an Arrow array over the same memory (``pa.array`` would
     import numpy.ma on its first call: 15 ms of every snapshot's start)."""
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def note_unlisted(notes: _Notes | TreeScan, rel_dir: bytes, problem: str, dev: int | None) -> None:
+    """Record a directory a walk could not list (kept at its last captured content, never a deletion):
+    in ``unlisted``, its device where known, the root's ``problem``, and a warning."""
+    rel = os.fsdecode(rel_dir)
+    notes.unlisted.append(rel)
+    if dev is not None:
+        notes.devices[rel] = dev
+    if not rel_dir:
+        notes.root_problem = problem
+    notes.warnings.append(f"{printable(rel) or '.'}: {problem}; its last captured content is kept")
 
 
 def available() -> bool:
@@ -208,34 +219,17 @@ class _NativeLister:
         fsdecode = os.fsdecode
 
         def unlisted(problem: str, dev: int | None) -> None:
-            rel = fsdecode(rel_dir)
-            scan.unlisted.append(rel)
-            if dev is not None:
-                scan.devices[rel] = dev
-            if not rel_dir:
-                scan.root_problem = problem
-            warn(f"{printable(rel) or '.'}: {problem}; its last captured content is kept")
+            note_unlisted(scan, rel_dir, problem, dev)
 
-        try:
-            if len(abs_dir) > fsutil.LONG_PATH:
-                fd = fsutil.open_beneath(self.root, fsdecode(rel_dir), os.O_RDONLY | os.O_DIRECTORY)
-            else:  # the root itself may be named through a link (a data root at /data -> /mnt/disk1/data)
-                fd = os.open(abs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if rel_dir else 0))
-        except FileNotFoundError:
-            if not rel_dir:  # the root itself: never an empty tree
-                unlisted("vanished while it was walked", None)
+        opened = fsutil.open_walked_dir(self.root, rel_dir, abs_dir, examined)
+        if opened is None:
             return None  # removed while we walked: simply not in this scan
-        except OSError as e:
-            swapped = e.errno in (errno.ELOOP, errno.ENOTDIR)
-            unlisted("replaced by a link or a file while it was walked" if swapped
-                     else f"cannot be listed ({e.strerror or e})", examined[0] if examined else None)
+        if isinstance(opened, str):
+            unlisted(opened, examined[0] if examined else None)
             return None
+        fd, st_dir = opened
         prefix = rel_dir + b"/" if rel_dir else b""
         try:
-            st_dir = os.fstat(fd)
-            if examined is not None and (st_dir.st_dev, st_dir.st_ino) != examined:
-                unlisted("replaced while it was walked", examined[0])
-                return None
             assert _listdir is not None
             count, offsets, lens, data, meta, dirs, events = _listdir.list_dir(
                 fd, prefix, self.reserved, self.excluded.get(rel_dir, ()))

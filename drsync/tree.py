@@ -334,37 +334,26 @@ class _Lister:
         fsdecode, fsencode = os.fsdecode, os.fsencode
 
         def unlisted(problem: str, dev: int | None) -> list[tuple]:  # type: ignore[type-arg]
-            rel = fsdecode(rel_dir)
-            scan.unlisted.append(rel)
-            if dev is not None:
-                scan.devices[rel] = dev
-            if not rel_dir:
-                scan.root_problem = problem
-            warn(f"{printable(rel) or '.'}: {problem}; its last captured content is kept")
+            native_walk.note_unlisted(scan, rel_dir, problem, dev)
             return []
 
-        try:
-            if len(abs_dir) > fsutil.LONG_PATH:
-                fd = fsutil.open_beneath(self.root, fsdecode(rel_dir), os.O_RDONLY | os.O_DIRECTORY)
-            else:  # the root itself may be named through a link (a data root at /data -> /mnt/disk1/data)
-                fd = os.open(abs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if rel_dir else 0))
-        except FileNotFoundError:
-            if not rel_dir:  # the root itself: never an empty tree
-                return unlisted("vanished while it was walked", None)
+        opened = fsutil.open_walked_dir(self.root, rel_dir, abs_dir, examined)
+        if opened is None:
             return []  # removed while we walked: simply not in this scan
-        except OSError as e:
-            swapped = e.errno in (errno.ELOOP, errno.ENOTDIR)
-            return unlisted("replaced by a link or a file while it was walked" if swapped
-                            else f"cannot be listed ({e.strerror or e})", examined[0] if examined else None)
+        if isinstance(opened, str):
+            return unlisted(opened, examined[0] if examined else None)
+        fd, st_dir = opened
         try:
-            st_dir = os.fstat(fd)
-            if examined is not None and (st_dir.st_dev, st_dir.st_ino) != examined:
-                os.close(fd)
-                return unlisted("replaced while it was walked", examined[0])
             it = os.scandir(fd)
         except OSError as e:
             os.close(fd)
             return unlisted(f"cannot be listed ({e.strerror or e})", examined[0] if examined else None)
+        def unexaminable(rel: bytes, err: OSError) -> None:
+            scan.unreadable.append(fsdecode(rel))
+            scan.devices[fsdecode(rel)] = st_dir.st_dev
+            warn(f"{printable(fsdecode(rel))}: cannot be examined ({err.strerror or err}); its last captured "
+                 f"version is kept")
+
         out: list[tuple] = []  # type: ignore[type-arg]
         prefix = rel_dir + b"/" if rel_dir else b""
         reserved, exclude = self.reserved, self.exclude
@@ -387,10 +376,7 @@ class _Lister:
                     except FileNotFoundError:
                         continue
                     except OSError as err:
-                        scan.unreadable.append(fsdecode(rel))
-                        scan.devices[fsdecode(rel)] = st_dir.st_dev
-                        warn(f"{printable(fsdecode(rel))}: cannot be examined ({err.strerror or err}); its last "
-                             f"captured version is kept")
+                        unexaminable(rel, err)
                         continue
                     m = s.st_mode
                     target = None
@@ -406,10 +392,7 @@ class _Lister:
                         except FileNotFoundError:
                             continue
                         except OSError as err:
-                            scan.unreadable.append(fsdecode(rel))
-                            scan.devices[fsdecode(rel)] = st_dir.st_dev
-                            warn(f"{printable(fsdecode(rel))}: cannot be examined ({err.strerror or err}); its "
-                                 f"last captured version is kept")
+                            unexaminable(rel, err)
                             continue
                         if not symlink_stays_inside(fsdecode(rel), fsdecode(target)):
                             warn(f"{printable(fsdecode(rel))}: symlink to {printable(fsdecode(target))} leaves the "
