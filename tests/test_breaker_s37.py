@@ -35,9 +35,9 @@ def walk_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "drsync-walk"]
 
 
-def new_walk_threads(before: set[threading.Thread], timeout: float = 2.0) -> list[threading.Thread]:
+def new_walk_threads(before: set[threading.Thread], timeout: float = 60.0) -> list[threading.Thread]:
     """The walk threads started since ``before`` still alive once garbage is collected and they were given
-    ``timeout`` (in all) to end."""
+    ``timeout`` (in all, generous for a busy machine: a thread that ends returns at once) to end."""
     gc.collect()
     deadline = time.monotonic() + timeout
     for t in walk_threads():
