@@ -3,9 +3,21 @@
 drsync holds large, short-lived Arrow buffers and NumPy arrays (a manifest row group, a scan
 batch). Arrow's own pool (mimalloc) and glibc's heap keep freed memory for reuse, which at a
 million files adds 50 to 170 MiB of resident memory that nothing uses (measured with
-``bench --only scale``). So drsync uses the system allocator for Arrow and asks glibc to map
-allocations of 128 KiB and more on their own, returning them to the kernel when freed. An
-operator's own ``ARROW_DEFAULT_MEMORY_POOL`` or ``MALLOC_MMAP_THRESHOLD_`` is left as it is.
+``bench --only scale``). So drsync uses the system allocator for Arrow and asks glibc:
+
+* to map allocations of :data:`MMAP_THRESHOLD` and more on their own, returning them to the kernel
+  when freed. The threshold sits above the largest stored chunk: chunk data is read, hashed,
+  serialized and written in buffers of up to that size, thousands a second, and a mapped buffer is
+  mapped, faulted in page by page, zeroed and unmapped each time. At glibc's 128 KiB, a 1 GiB
+  agent-to-agent sync took 20 s instead of 14 s, and upb built and serialized upload messages at
+  0.24 GB/s instead of 1.5 GB/s (measured on 2 cores);
+* for at most :data:`ARENA_MAX` heaps. Each thread that allocates otherwise gets a heap of its own
+  (up to 8 per core), and each keeps what its thread freed: with chunk buffers in the heaps, a
+  100,000-file first snapshot peaked 6 MiB higher with the default, and the same as at 128 KiB with
+  two (the interpreter lock lets one thread allocate at a time anyway).
+
+An operator's own choice is left as it is: ``ARROW_DEFAULT_MEMORY_POOL``, ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_ARENA_MAX``, or ``glibc.malloc.mmap_threshold`` / ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``.
 """
 
 from __future__ import annotations
@@ -13,17 +25,21 @@ from __future__ import annotations
 import ctypes
 import os
 
-MMAP_THRESHOLD = 128 * 1024  # bytes
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD = 1152 * 1024  # bytes: above fmt.STORED_MAX (1 MiB + 4 KiB + 64), the largest stored chunk
+ARENA_MAX = 2
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
+_M_ARENA_MAX = -8
 
 
 def tune() -> None:
     """Set the allocators up; call before pyarrow is imported. Does nothing where they cannot be set."""
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
     try:  # the C library the interpreter links (ctypes.util.find_library runs ldconfig: 15 ms a start)
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc
         return
+    tunables = os.environ.get("GLIBC_TUNABLES", "")  # e.g. glibc.malloc.arena_max=8:glibc.malloc.mmap_threshold=...
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "glibc.malloc.mmap_threshold" not in tunables:
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    if "MALLOC_ARENA_MAX" not in os.environ and "glibc.malloc.arena_max" not in tunables:
+        mallopt(_M_ARENA_MAX, ARENA_MAX)

@@ -19,3 +19,65 @@ def test_arrow_uses_the_system_allocator_unless_the_operator_chose_one() -> None
     base = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
     assert _backend(base) == "system"
     assert _backend({**base, "ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}) == "mimalloc"
+
+
+MAPPED = """
+import ctypes, drsync
+from drsync.repository import format as fmt
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def mapped_with(size):
+    before = libc.mallinfo2().hblkhd
+    buf = bytearray(size)
+    during = libc.mallinfo2().hblkhd
+    del buf
+    after = libc.mallinfo2().hblkhd
+    return during - before, during - after
+
+print(*mapped_with(fmt.STORED_MAX), *mapped_with(64 << 20))
+"""
+
+
+def test_chunk_buffers_come_from_the_heap_and_large_buffers_go_back_to_the_kernel() -> None:
+    """A chunk-sized buffer is not mapped on its own (mapping, faulting in and unmapping each of the
+    thousands a second costs 30 % of a full sync); a large one is, and is unmapped when freed."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-c", MAPPED], env=env, capture_output=True, text=True, check=True)
+    chunk_mapped, chunk_unmapped, large_mapped, large_unmapped = map(int, out.stdout.split())
+    assert (chunk_mapped, chunk_unmapped) == (0, 0)
+    assert large_mapped >= 64 << 20 and large_unmapped >= 64 << 20
+
+
+ARENAS = """
+import ctypes, threading, drsync
+
+def work():
+    for _ in range(200):
+        bytearray(300_000)
+
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" section per heap, on stderr
+"""
+
+
+def test_threads_share_at_most_two_heaps_unless_the_operator_chose() -> None:
+    """Every heap keeps what its threads freed: a thread each (glibc's default, up to 8 a core) is
+    resident memory nothing uses."""
+    base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")}
+
+    def arenas(env: dict[str, str]) -> int:
+        out = subprocess.run([sys.executable, "-c", ARENAS], env=env, capture_output=True, text=True, check=True)
+        return sum(line.startswith("Arena ") for line in out.stderr.splitlines())
+
+    assert 1 <= arenas(base) <= 2
+    assert arenas({**base, "MALLOC_ARENA_MAX": "8"}) > 2

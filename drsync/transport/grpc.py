@@ -8,16 +8,18 @@ reverse, so the agent layer only ever sees drsync errors.
 
 from __future__ import annotations
 
+import collections
 import errno
 import ipaddress
 import itertools
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,6 +49,8 @@ COMMIT_MAX_PARTS = 65_536
 # Entries of one message: a chunk id or a chunk costs at least 34 bytes on the wire, so no message
 # within MAX_MESSAGE_BYTES holds more; the explicit check refuses before a list is made of them.
 MESSAGE_MAX_ENTRIES = MAX_MESSAGE_BYTES // 32
+# Upload messages the primary serializes ahead of the one gRPC is sending (each up to about 2 MiB).
+UPLOAD_AHEAD = 2
 # Names a request carries (sender agent, sender instance), in characters: they end up in the state
 # file, logs and ZooKeeper. Agent names are short; instance ids are 32 hex digits.
 NAME_MAX_CHARS = 256
@@ -230,8 +234,13 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         def batches() -> Iterator[list[ReceivedChunk]]:
             for r in itertools.chain([first], request_iterator):
                 self._same_caller(context, caller, r.sender, r.epoch)
-                _check_chunks(context, r.chunks)
-                yield [ReceivedChunk(c.id, c.encoding, c.raw_length, c.data) for c in r.chunks]
+                if len(r.chunks) > MESSAGE_MAX_ENTRIES:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"an Upload message carries "
+                                  f"{len(r.chunks)} chunks; at most {MESSAGE_MAX_ENTRIES} are accepted")
+                # Each field read copies a chunk's bytes out of the message: read once.
+                batch = [ReceivedChunk(c.id, c.encoding, c.raw_length, c.data) for c in r.chunks]
+                _check_chunks(context, batch)
+                yield batch
 
         try:
             rx.admit(caller)
@@ -312,12 +321,9 @@ def _check_ids(context: grpc.ServicerContext, ids: Sequence[bytes]) -> None:
                                                             f"chunk ids are {fmt.ID_LEN} bytes (BLAKE3-256)")
 
 
-def _check_chunks(context: grpc.ServicerContext, batch: Sequence[pb.Chunk]) -> None:
-    """Refuse an Upload message with more than ``MESSAGE_MAX_ENTRIES`` chunks, or a chunk whose id,
-    encoding or sizes no drsync writes (:func:`drsync.repository.chunks.check_sizes`), before any is kept."""
-    if len(batch) > MESSAGE_MAX_ENTRIES:
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"an Upload message carries {len(batch)} chunks; at "
-                                                          f"most {MESSAGE_MAX_ENTRIES} are accepted")
+def _check_chunks(context: grpc.ServicerContext, batch: Sequence[ReceivedChunk]) -> None:
+    """Refuse an Upload message with a chunk whose id, encoding or sizes no drsync writes
+    (:func:`drsync.repository.chunks.check_sizes`), before any is kept."""
     for c in batch:
         try:
             chunks.check_sizes(c.encoding, len(c.data), c.raw_length, c.id, "uploaded chunk")
@@ -407,6 +413,84 @@ def _translate(e: grpc.RpcError, target: str) -> DrsyncError:
     return OperationFailed(f"standby {target}: {code.name if code else 'error'}: {details}")
 
 
+def encode_chunk_batch(head: pb.ChunkBatch, chunks: Sequence[ReceivedChunk]) -> bytes:
+    """One Upload message, serialized: ``head`` (a ChunkBatch without chunks) and ``chunks``, as one
+    ``ChunkBatch`` on the wire.
+
+    Concatenated messages parse as one, their repeated fields appended (protobuf's encoding guide,
+    "Last One Wins": concatenating two encoded messages merges them), so the message is the head's bytes followed by
+    one single-chunk ChunkBatch per chunk, each serialized on its own. That copies each chunk's bytes
+    twice; building the whole message and serializing it copied them three times, and upb serializes a
+    message of a few MiB at a third of the speed (about 0.4 GB/s against 1.3 GB/s, measured)."""
+    parts = [head.SerializeToString()]
+    for c in chunks:
+        one = pb.ChunkBatch()
+        one.chunks.add(id=c.id, encoding=c.encoding, raw_length=c.raw_length, data=c.data)
+        parts.append(one.SerializeToString())
+    return b"".join(parts)
+
+
+class _Ahead(Generic[T]):
+    """``messages``, produced on a thread of their own at most ``depth`` ahead of the one that takes
+    them: the primary reads and serializes the next Upload message while gRPC sends this one (the two
+    took turns before: 1 GiB's upload spent 1.4 s serializing and 2.4 s sending, measured). An error
+    raised while producing is raised by the next ``next`` once the messages before it are taken.
+    :meth:`close` stops the producer."""
+
+    def __init__(self, messages: Iterator[T], depth: int) -> None:
+        self._depth = depth
+        self._cond = threading.Condition()
+        self._items: collections.deque[T] = collections.deque()
+        self._done = self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._produce, args=(messages,), name="drsync-upload-ahead",
+                                        daemon=True)
+        self._thread.start()
+
+    def _produce(self, messages: Iterator[T]) -> None:
+        error: BaseException | None = None
+        try:
+            for m in messages:
+                with self._cond:
+                    while len(self._items) >= self._depth and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    self._items.append(m)
+                    self._cond.notify_all()
+        except BaseException as e:  # handed to the consumer, raised there
+            error = e
+        finally:
+            with self._cond:
+                self._done, self._error = True, error
+                self._cond.notify_all()
+
+    def __iter__(self) -> _Ahead[T]:
+        return self
+
+    def __next__(self) -> T:
+        with self._cond:
+            while not self._items and not self._done and not self._closed:
+                self._cond.wait()
+            if self._items:
+                m = self._items.popleft()
+                self._cond.notify_all()
+                return m
+            if self._error is not None:
+                raise self._error
+            raise StopIteration
+
+    def close(self, wait: bool = True) -> None:
+        """Stop producing; with ``wait``, until the producer has ended (it may be inside the
+        iterator's step, e.g. a bandwidth wait: without, it ends after that step)."""
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._cond.notify_all()
+        if wait:
+            self._thread.join()
+
+
 def _keeping(failed: list[DrsyncError], messages: Iterator[T]) -> Iterator[T]:
     """Pass messages through, keeping a drsync error raised while producing them (grpc would only
     report "Exception iterating requests"), so the caller sees the real reason."""
@@ -414,6 +498,9 @@ def _keeping(failed: list[DrsyncError], messages: Iterator[T]) -> Iterator[T]:
         yield from messages
     except DrsyncError as e:
         failed.append(e)
+        raise
+    except OSError as e:  # reading what is sent (a pack on a failing disk): named, not "Exception iterating"
+        failed.append(OperationFailed(f"reading what to send failed: {e}"))
         raise
 
 
@@ -445,6 +532,9 @@ class GrpcStandbyLink:
         else:
             self.channel = grpc.insecure_channel(target, options=channel_options())
         self.stub = pb_grpc.ReplicationStub(self.channel)
+        # Upload's messages go out already serialized (encode_chunk_batch): no serializer here.
+        self._upload = self.channel.stream_unary("/drsync.v1.Replication/Upload", request_serializer=None,
+                                                 response_deserializer=pb.UploadReply.FromString)
 
     def close(self) -> None:
         self.channel.close()
@@ -477,14 +567,20 @@ class GrpcStandbyLink:
             raise (failed[0] if failed else _translate(e, self.target)) from None
 
     def upload(self, epoch: int, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]:
-        msgs = (pb.ChunkBatch(epoch=epoch, sender=self.sender, sent_at=self._now(), sender_instance=INSTANCE,
-                              chunks=[pb.Chunk(id=c.id, encoding=c.encoding, raw_length=c.raw_length, data=c.data)
-                                      for c in b]) for b in batches)
+        msgs = _Ahead((encode_chunk_batch(pb.ChunkBatch(epoch=epoch, sender=self.sender, sent_at=self._now(),
+                                                        sender_instance=INSTANCE), b) for b in batches),
+                      UPLOAD_AHEAD)
         failed: list[DrsyncError] = []
         try:
-            r = self.stub.Upload(_keeping(failed, msgs), timeout=self.timeout_s)
-        except grpc.RpcError as e:
-            raise (failed[0] if failed else _translate(e, self.target)) from None
+            r = self._upload(_keeping(failed, msgs), timeout=self.timeout_s)
+        except BaseException as e:
+            # At once: the producer may be waiting (a bandwidth limit's pause, a slow read); it ends
+            # at its next step, sending nothing more.
+            msgs.close(wait=False)
+            if isinstance(e, grpc.RpcError):
+                raise (failed[0] if failed else _translate(e, self.target)) from None
+            raise
+        msgs.close()
         return r.received, r.stored, r.stored_bytes
 
     def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
