@@ -448,6 +448,40 @@ def test_interrupted_upload_resumes_with_what_is_missing(pair: Pair) -> None:
         link.close()
 
 
+def test_once_collects_garbage_at_most_every_gc_interval_and_remembers_it(pair: Pair) -> None:
+    """`drsync agent --once` expires snapshots every time, but collects garbage at most every
+    GC_EVERY_S, remembered in the agent's state: a cron job running it every minute does not mark the
+    whole repository each time, and a restart does not reset the interval."""
+    from drsync.agent.maintenance import GC_EVERY_S
+
+    pair.primary_cfg.write_text(pair.primary_cfg.read_text() + "[snapshots]\nkeep = { last = 1 }\n")
+    pair.start("standby")
+    state = pair.tmp / "primary-repo" / "agent" / "state.json"
+    packs_dir = pair.tmp / "primary-repo" / "packs"
+    churn = pair.prod / "catalog" / "churn.bin"
+
+    def once() -> set[str]:
+        churn.write_bytes(os.urandom(3 << 20))  # each cycle's snapshot holds chunks no other one has
+        r = run_drsync("agent", "--config", pair.primary_cfg, "--once", "--json")
+        assert r.code == 0, r.err
+        return {p.name for p in packs_dir.rglob("*") if p.is_file()}
+
+    once()
+    after_second = once()  # the first snapshot expires: the first collection runs
+    collected_at = json.loads(state.read_text())["last_gc_at"]
+    assert collected_at > 0
+    after_third = once()  # the second expires, but the collection is not due: its chunks stay
+    assert after_third >= after_second
+    assert json.loads(state.read_text())["last_gc_at"] == collected_at
+    # An interval later (the record set back), the next run collects what the expired snapshots held.
+    doc = json.loads(state.read_text())
+    state.write_text(json.dumps({**doc, "last_gc_at": collected_at - GC_EVERY_S - 1}))
+    after_fourth = once()
+    assert not after_third <= after_fourth, "the collection due again removed nothing"
+    assert json.loads(state.read_text())["last_gc_at"] > collected_at - GC_EVERY_S
+    assert pair.in_sync()
+
+
 def test_cycle_snapshots_follow_the_retention_policy_on_both_sides(pair: Pair) -> None:
     for cfg in (pair.primary_cfg, pair.standby_cfg):
         cfg.write_text(cfg.read_text() + "[snapshots]\nkeep = { last = 2 }\n")

@@ -120,7 +120,7 @@ class Agent:
         # When the primary captures: replication.mode (interval, or continuous: on change of the data root).
         self.schedule = CaptureSchedule(cfg, data_root=self.data_root, exclude=(self.store.dir, cfg.cluster.repository),
                                         metrics=self.metrics, wake=self.wake.set)
-        self.maintenance = MaintenanceWorker(cfg, self.repo, self.metrics, state_dir=self.state_dir,
+        self.maintenance = MaintenanceWorker(cfg, self.repo, self.metrics, store=self.store,
                                              duties=self._duties,
                                              open_coord=(lambda: open_coordinator(cfg)) if self.auto else None)
         self.status = AgentStatus(cfg, repo=self.repo, store=self.store, supervisor=self.supervisor,

@@ -10,7 +10,8 @@ promotion. Work is chosen per pass from the agent's role *now*:
   applied and what is in flight); never while a standby holds applies back (the good
   snapshots must outlive the hold); never a snapshot stored less than ``[snapshots] protect``
   ago (drsync.protection); it gives up at once when the repository is in use;
-* garbage collection with retention, at most every :data:`GC_EVERY_S`;
+* garbage collection with retention, at most every :data:`GC_EVERY_S` (remembered in the agent's state,
+  so a restart or each `drsync agent --once` does not collect again);
 * on a primary, a backup every ``backups.interval`` (then pruning to ``backups.keep``);
 * on a standby with something applied, a drill every ``drills.interval``.
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 from drsync import backup, engine
 from drsync.agent.drill import drills_dir, load_reports, run_drill
+from drsync.agent.state import StateStore
 from drsync.config import Config
 from drsync.coordination import Coordinator
 from drsync.dataroot import open_data_root
@@ -58,19 +60,19 @@ class Duties:
 
 
 class MaintenanceWorker:
-    def __init__(self, cfg: Config, repo: Repository, metrics: AgentMetrics, *, state_dir: str,
+    def __init__(self, cfg: Config, repo: Repository, metrics: AgentMetrics, *, store: StateStore,
                  duties: Callable[[], Duties], open_coord: Callable[[], Coordinator] | None) -> None:
         self.cfg = cfg
         self.name = cfg.agent.name
         self.repo = repo
         self.metrics = metrics
-        self.state_dir = state_dir
+        self.store = store
+        self.state_dir = store.dir
         self.duties = duties
         self.open_coord = open_coord
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_gc = 0.0  # monotonic; 0: collect at the first retention that deletes something
         self._last_backup = 0.0  # Unix time of the newest good backup
         self._born = time.time()
         self._drills_mtime = -1
@@ -80,7 +82,7 @@ class MaintenanceWorker:
         self.refresh_drill_metrics()
         # [snapshots] protect: break-glass deletions are recorded in the state directory (one-shot commands
         # too); the counter reads the record, and each pass logs the ones it has not logged yet.
-        self._break_glass = BreakGlassCount(state_dir)
+        self._break_glass = BreakGlassCount(self.state_dir)
         metrics.track_break_glass(self._break_glass)
         self._break_glass_seen = self._break_glass()
         self._protected_seen = 0
@@ -126,7 +128,9 @@ class MaintenanceWorker:
         if d.held:
             log.debug("retention skipped: applies are held")  # the good snapshots stay until it is lifted
             return
-        collect = time.monotonic() - self._last_gc >= GC_EVERY_S or not self._last_gc
+        last = self.store.current.last_gc_at  # 0: never collected, collect at the first expiry
+        since = time.time() - last
+        collect = not 0 <= since < GC_EVERY_S  # a clock set back does not put collection off
         self.busy = "retention"
         try:
             res = engine.expire_snapshots(self.repo, self.cfg.snapshots.keep, collect=collect, protect=d.protect,
@@ -137,9 +141,18 @@ class MaintenanceWorker:
             return
         finally:
             self.busy = ""
-        self._locked_out = res.gc is None and collect and bool(res.deleted)
-        if res.gc is not None:
-            self._last_gc = time.monotonic()
+        collected = res.gc is not None
+        if collect and last and not collected and not res.deleted:
+            # Due, with nothing expiring now: what passes since the last collection expired (and uploads
+            # never committed) is collected all the same, also when no snapshot expires again (captures stopped).
+            try:
+                engine.gc_repository(self.repo, lock_wait_s=0)
+                collected = True
+            except DrsyncError as e:
+                log.info("agent %s: garbage collection postponed: %s", self.name, e)
+        self._locked_out = collect and not collected
+        if collected:
+            self.store.update(last_gc_at=time.time())
         if res.deleted:
             # Replication cycles' own snapshots expiring is routine (every cycle, in continuous mode): DEBUG.
             routine = all(s.kind == "cycle" for s in res.deleted)

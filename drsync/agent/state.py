@@ -68,6 +68,9 @@ class AgentState:
     # The mass-change window: (applied snapshot, when applied on this machine's clock), a handful, oldest
     # first; a shipment is also judged against the one applied at least replication.mass_change_window ago.
     change_checkpoints: tuple[tuple[str, float], ...] = ()
+    # When maintenance last collected this agent's repository (this machine's clock): the GC cadence
+    # (drsync.agent.maintenance.GC_EVERY_S) holds across restarts and `drsync agent --once` runs.
+    last_gc_at: float = 0.0
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> AgentState:
@@ -81,6 +84,9 @@ class AgentState:
             read_at = time.time()
             fields["pending"] = tuple((str(p[0]), float(p[1]), tuple(int(x) for x in p[2] or ()),
                                        float(p[3]) if len(p) > 3 else read_at) for p in fields["pending"] or ())
+        if "last_gc_at" in fields:  # anything but a number (a hand edit): never collected, so collect now
+            v = fields["last_gc_at"]
+            fields["last_gc_at"] = float(v) if isinstance(v, (int, float)) else 0.0
         if "change_checkpoints" in fields:
             fields["change_checkpoints"] = tuple((str(c[0]), float(c[1])) for c in fields["change_checkpoints"] or ())
         return cls(**fields)
