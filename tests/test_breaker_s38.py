@@ -29,7 +29,6 @@ from drsync.agent.state import AgentState, StateStore
 from drsync.config import config_from_dict
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed
 from drsync.metrics import AgentMetrics, new_registry
-from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.repo import Repository
 from drsync.storage import open_storage
@@ -40,21 +39,9 @@ from drsync.transport.grpc import GrpcStandbyLink, encode_chunk_batch
 from drsync.transport.pb import drsync_pb2 as pb
 from tests.test_allocators import ARENAS, MAPPED
 from tests.test_peer_limits import Standby
+from tests.test_upload_ahead import producers, real_chunks
 
 MiB = 1024 * 1024
-
-
-def producers() -> list[threading.Thread]:
-    """The upload producers still running once each was given up to 60 s to end (a producer whose
-    upload failed ends after its current step; one that ends returns at once)."""
-    for t in [t for t in threading.enumerate() if t.name == "drsync-upload-ahead"]:
-        t.join(60)
-    return [t for t in threading.enumerate() if t.name == "drsync-upload-ahead"]
-
-
-def _real(n: int, size: int = 200_000) -> list[ReceivedChunk]:
-    blobs = [os.urandom(size) for _ in range(n)]
-    return [ReceivedChunk(chunks.chunk_id(b), 0, len(b), b) for b in blobs]
 
 
 def _kept(repo: Repository, cid: bytes) -> bool:
@@ -144,7 +131,7 @@ def _malformed(case: str, good: ReceivedChunk) -> tuple[list[bytes], grpc.Status
 def test_s38_standby_refuses_malformed_encoded_uploads_before_keeping_them(tmp_path: Path, case: str) -> None:
     standby = Standby(tmp_path)
     try:
-        good = _real(1, 5000)[0]
+        good = real_chunks(1, 5000)[0]
         messages, code = _malformed(case, good)
         out = _raw_upload(standby, messages)
         assert isinstance(out, grpc.RpcError), f"{case}: accepted ({out})"
@@ -159,7 +146,7 @@ def test_s38_a_chunk_not_matching_its_id_is_refused_and_not_kept(tmp_path: Path)
     harmless; the promise's "before keeping any of it" holds per size check, not for the hash check.)"""
     standby = Standby(tmp_path)
     try:
-        good = _real(1, 5000)[0]
+        good = real_chunks(1, 5000)[0]
         liar = ReceivedChunk(b"\1" * 32, 0, good.raw_length, good.data)
         out = _raw_upload(standby, [encode_chunk_batch(pb.ChunkBatch(epoch=1, sender="primary"), [good, liar])])
         assert isinstance(out, grpc.RpcError) and out.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -179,7 +166,7 @@ def standby(tmp_path: Path) -> Iterator[Standby]:
 
 
 def test_s38_an_integrity_error_while_producing_reaches_the_caller(standby: Standby) -> None:
-    sent = _real(3)
+    sent = real_chunks(3)
 
     def damaged() -> Iterator[list[ReceivedChunk]]:
         yield sent[:2]
@@ -195,7 +182,7 @@ def test_s38_an_integrity_error_while_producing_reaches_the_caller(standby: Stan
 
 
 def test_s38_an_os_error_while_producing_is_named(standby: Standby) -> None:
-    sent = _real(3)
+    sent = real_chunks(3)
 
     def eio() -> Iterator[list[ReceivedChunk]]:
         yield sent[:2]
@@ -213,7 +200,7 @@ def test_s38_an_os_error_while_producing_is_named(standby: Standby) -> None:
 def test_s38_a_refusal_is_not_held_up_by_a_producer_that_waits(standby: Standby) -> None:
     upload_returned = threading.Event()
     waited_out: list[bool] = []
-    good = _real(2)
+    good = real_chunks(2)
     liar = ReceivedChunk(b"\1" * 32, 0, good[0].raw_length, good[0].data)
 
     def paced() -> Iterator[list[ReceivedChunk]]:
@@ -236,7 +223,7 @@ def test_s38_a_refusal_is_not_held_up_by_a_producer_that_waits(standby: Standby)
 
 
 def test_s38_a_standby_that_dies_mid_stream_leaves_no_producer(standby: Standby) -> None:
-    sent = _real(4)
+    sent = real_chunks(4)
 
     def forever() -> Iterator[list[ReceivedChunk]]:
         yield sent[:2]
@@ -255,7 +242,7 @@ def test_s38_a_standby_that_dies_mid_stream_leaves_no_producer(standby: Standby)
 
 def test_s38_a_call_cancelled_by_its_deadline_leaves_no_producer(standby: Standby) -> None:
     """An upload that never ends (its messages keep coming) is cancelled by the link's deadline."""
-    sent = _real(2)
+    sent = real_chunks(2)
     link = GrpcStandbyLink(standby.addr, sender="primary", timeout_s=1)
     try:
         with pytest.raises(DrsyncError, match="(?i)deadline.exceeded"):
@@ -266,7 +253,7 @@ def test_s38_a_call_cancelled_by_its_deadline_leaves_no_producer(standby: Standb
 
 
 def test_s38_every_chunk_arrives_once_and_in_order_over_many_messages(standby: Standby) -> None:
-    sent = _real(40, 50_000)
+    sent = real_chunks(40, 50_000)
     link = GrpcStandbyLink(standby.addr, sender="Zürich-東京")
     try:
         assert link.upload(1, iter([[c] for c in sent])) == (40, 40, 40 * 50_000)

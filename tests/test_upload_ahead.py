@@ -19,6 +19,10 @@ from tests.test_peer_limits import Standby
 
 
 def producers() -> list[threading.Thread]:
+    """The upload producers still running once each was given up to 60 s to end (a producer whose
+    upload failed ends after its current step; one that ends returns at once)."""
+    for t in [t for t in threading.enumerate() if t.name == "drsync-upload-ahead"]:
+        t.join(60)
     return [t for t in threading.enumerate() if t.name == "drsync-upload-ahead"]
 
 
@@ -67,8 +71,9 @@ def test_closing_while_the_producer_waits_ends_it() -> None:
         next(ahead)
 
 
-def _chunks(n: int) -> list[ReceivedChunk]:
-    blobs = [os.urandom(300_000) for _ in range(n)]
+def real_chunks(n: int, size: int = 300_000) -> list[ReceivedChunk]:
+    """``n`` chunks of ``size`` random bytes, each with its true id."""
+    blobs = [os.urandom(size) for _ in range(n)]
     return [ReceivedChunk(chunks.chunk_id(b), 0, len(b), b) for b in blobs]
 
 
@@ -76,7 +81,7 @@ def test_a_refusal_raised_mid_upload_reaches_the_caller(tmp_path: Path) -> None:
     """A primary deposed during its upload (its guard raises) sees that refusal, not gRPC's
     "Exception iterating requests", and its producer thread ends with the upload."""
     standby = Standby(tmp_path)
-    sent = _chunks(6)
+    sent = real_chunks(6)
 
     def deposed_after_two() -> Iterator[list[ReceivedChunk]]:
         yield sent[:2]
@@ -95,7 +100,7 @@ def test_a_refusal_raised_mid_upload_reaches_the_caller(tmp_path: Path) -> None:
 
 def test_a_whole_upload_arrives_byte_for_byte(tmp_path: Path) -> None:
     standby = Standby(tmp_path)
-    sent = _chunks(12)
+    sent = real_chunks(12)
     link = GrpcStandbyLink(standby.addr, sender="primary")
     try:
         received, stored, stored_bytes = link.upload(1, iter([sent[i:i + 5] for i in range(0, 12, 5)]))
