@@ -205,6 +205,8 @@ def test_the_ex_primary_names_the_epoch_it_held_once(make_group) -> None:  # typ
     bootstrap(g)
     assert g.promote("west", "--force").code == 0  # epoch 2; east's session is alive
     g.wait_role("east", "ex-primary")
+    # The role is reported as soon as east steps down; the line saying why it keeps its root follows.
+    wait_for(lambda: "was primary at epoch" in g.log("east"), "east to say which epoch it held")
     lines = g.log("east").splitlines()
     held = [ln for ln in lines if "was primary at epoch" in ln]
     assert held and all("was primary at epoch 1 " in ln for ln in held), held
