@@ -16,6 +16,11 @@ million files adds 50 to 170 MiB of resident memory that nothing uses (measured 
   100,000-file first snapshot peaked 6 MiB higher with the default, and the same as at 128 KiB with
   two (the interpreter lock lets one thread allocate at a time anyway).
 
+Chunk-sized blocks in the heaps come at a price at scale: what one phase frees (a window of a
+scan, a plan's lists) stays resident inside a heap while the next phase peaks. :func:`give_back`
+returns it between phases; with it, a 100,000-file restore peaked at 145 MiB instead of 154 (at
+128 KiB: 142).
+
 An operator's own choice is left as it is: ``ARROW_DEFAULT_MEMORY_POOL``, ``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_ARENA_MAX``, or ``glibc.malloc.mmap_threshold`` / ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``.
 """
@@ -43,3 +48,22 @@ def tune() -> None:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     if "MALLOC_ARENA_MAX" not in os.environ and "glibc.malloc.arena_max" not in tunables:
         mallopt(_M_ARENA_MAX, ARENA_MAX)
+
+
+def _malloc_trim() -> object:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def give_back() -> None:
+    """Return the free pages of glibc's heaps to the kernel (``malloc_trim(0)``: a few milliseconds).
+
+    Called between the phases of work at scale (planning, a window of staged files): what one phase
+    freed inside a heap is not resident while the next one peaks. Does nothing where glibc is not."""
+    if _TRIM is not None:
+        _TRIM(0)  # type: ignore[operator]

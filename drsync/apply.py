@@ -37,7 +37,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow.compute as pc
 
-from drsync import fsutil
+from drsync import allocators, fsutil
 from drsync.apply_chunks import PartReaders, check_rows
 from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
@@ -509,6 +509,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         on_total(plan.write_bytes)
 
     staged: dict[str, str] = {}
+    allocators.give_back()  # what planning freed (at a million files, scans and merges) is not kept resident
     try:
         root.reset_staging(plan)
 
@@ -541,6 +542,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             for items in parts.split(numbered) if parts is not None else [numbered]:
                 batches = _batches(items)
                 while part := list(itertools.islice(batches, window)):
+                    allocators.give_back()
                     if parts is not None:
                         parts.cover(part[0][0][0], part[-1][-1][0])  # positions ascend through the batches
                     list(pool.map(stage, part))
@@ -569,6 +571,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     if plan.protected_skipped:
         result.warnings.append(f"{len(plan.protected_skipped)} path(s) of the snapshot left alone because drsync's "
                                f"own files are there (e.g. {plan.protected_skipped[0]})")
+    allocators.give_back()
     root.commit(plan, staged)
     result.warnings.extend(root.warnings)
     _close(root, log_, on_committed)
@@ -678,14 +681,9 @@ def _full(manifest: Manifest, items: list[tuple[int, Entry]]) -> list[tuple[int,
     rows = [e.row for _, e in items if e.row >= 0]
     if not rows:
         return items
-    full = iter(manifest.entries_at(rows))
-    out = []
-    for n, e in items:
-        if e.row >= 0:
-            f = next(full)
-            e = e.filled(f.chunks, f.chunk_sizes, f.content)
-        out.append((n, e))
-    return out
+    heavy = manifest.columns_at(rows, ["chunks", "chunk_sizes", "content"])
+    full = zip(*(heavy.column(c).to_pylist() for c in ("chunks", "chunk_sizes", "content")), strict=True)
+    return [(n, e.filled(*next(full)) if e.row >= 0 else e) for n, e in items]
 
 
 def _with_chunks(manifest: Manifest, same: Callable[[Entry, LocalEntry], bool]) -> Callable[[Entry, LocalEntry], bool]:

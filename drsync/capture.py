@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from drsync import allocators
 from drsync.dataroot import DataRoot, FileVersion, FrozenRoot, open_data_root
 from drsync.errors import OperationFailed, UsageError
 from drsync.repository import chunks
@@ -243,6 +244,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="drsync-manifest") as encoder:
         encoding: Future[None] | None = None
         for w in scan.windows(_WINDOW):
+            allocators.give_back()  # what the last window freed inside glibc's heaps
             same, reuse = matcher.match(w)
             is_file = _np(pc.equal(w.column("type"), FILE))
             if on_total:

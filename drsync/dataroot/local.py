@@ -308,8 +308,9 @@ class LocalDataRoot:
                                           f"as the owner of the data root or as root; nothing was changed")
 
     def reset_staging(self, plan: ApplyPlan) -> None:
-        used = {""} | {self._domain(p) for p in itertools.chain(
+        used = {""} | ({self._domain(p) for p in itertools.chain(
             plan.remove, (e.path for e in itertools.chain(plan.write, plan.link, plan.hardlink)))}
+            if self._mounts else set())  # no mount point below the root: one domain, no walk of the lists
         with Beneath(self.root) as fs:
             # Making a staging area moves its directory's mtime: the times they had are recorded
             # durably first, and an apply that ends before its commit (failed, or killed and
