@@ -565,6 +565,16 @@ class Repository:
             at.raw_length[to], at.encoding[to] = rows.raw_length[hit], rows.encoding[hit]
         return seen, dataclasses.replace(at, packs=tuple(packs))
 
+    def _packs_holding_unloaded(self, wanted: IdSet) -> tuple[np.ndarray, tuple[str, ...]]:
+        """Which of ``wanted``'s ids the index files hold, and the packs holding them: ``(seen, packs)``,
+        ``seen`` (N,) bool. As :meth:`_locate_unloaded` without the locations: 1 byte an id beside the set
+        (not 22), which at 1,000,000 chunks kept a standby's commit check under its memory target."""
+        seen = np.zeros(len(wanted), bool)
+        packs: dict[str, None] = {}
+        for rows, hit, _ in self._first_rows_of(wanted, seen):
+            packs.update(dict.fromkeys(rows.packs[k] for k in np.unique(rows.pack[hit]).tolist()))
+        return seen, tuple(packs)
+
     def _first_rows_of(self, wanted: IdSet, seen: np.ndarray) -> Iterator[tuple[IndexRows, np.ndarray, np.ndarray]]:
         """The index files' rows, a batch at a time, read by ranges and checked (IntegrityError when one is
         damaged; ObjectMissing when a GC replaced one while we listed): for each batch holding ids of
@@ -639,12 +649,12 @@ class Repository:
             wanted = IdSet.of_pieces([ids_array(p) for p in pieces])
             del chunk_ids, pieces  # the set holds them (sorted, each once): the given ids may be a copy to free
             try:
-                seen, rows = self._locate_unloaded(wanted)
+                seen, held = self._packs_holding_unloaded(wanted)
             except ObjectMissing:  # a GC replaced an index file while we listed: the loaded index is exact
                 missing, numbers, names = self._check_loaded([wanted.ids])
             else:
                 missing = [wanted.ids[~seen]] if not seen.all() else []
-                numbers, names = set(np.unique(rows.pack[seen]).tolist()), rows.packs
+                numbers, names = set(range(len(held))), held
         if missing:
             gone_ids = unique_sorted(np.concatenate(missing))
             raise IntegrityError(
