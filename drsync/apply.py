@@ -464,18 +464,22 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     plan.unchanged += unchanged
     if rest is not None and len(rest.new_rows):
         plan.write = WriteList(list(plan.write), manifest, rest.new_rows)
-    # The chunks the apply writes are located a part at a time at scale (a first sync): drsync.apply_chunks.
-    parts = None if structure_only else PartReaders(manifest, source, what, plan.write, whole=whole)
-    if parts is not None and not fresh:
-        # Every chunk of what the apply writes is present before anything on the target changes (an
-        # interrupted apply completed above wrote its own staged files); a restore onto a target that
-        # holds the snapshot already reads, and so needs, none.
-        try:
+    try:
+        # What the root cannot do is refused, and what it does otherwise is planned (a hard link across
+        # two filesystems mounted in the target becomes a copy to write), before the chunks are located
+        # and before a dry run counts: both see the writes the commit makes.
+        root.check_plan(plan)
+        # The chunks the apply writes are located a part at a time at scale (a first sync): drsync.apply_chunks.
+        parts = None if structure_only else PartReaders(manifest, source, what, plan.write, whole=whole)
+        if parts is not None and not fresh:
+            # Every chunk of what the apply writes is present before anything on the target changes (an
+            # interrupted apply completed above wrote its own staged files); a restore onto a target that
+            # holds the snapshot already reads, and so needs, none.
             parts.check()
-        except BaseException:
-            if created_target:
-                root.remove_root()
-            raise
+    except BaseException:
+        if created_target:
+            root.remove_root()
+        raise
     refused = foreign.refusal(plan, {e.path for e in entries}, what, root.url) if foreign is not None else None
     if keep_repositories and not refused:
         refused = _repository_refusal(root, plan, protected, what)
@@ -501,7 +505,6 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                                 f"restore (or any restore onto this target) to complete it, then --dry-run again")
         return dry
     assert log_ is not None
-    root.check_plan(plan)
     skipped_links = []
     if plan.link and not root.supports_symlinks:
         skipped_links, plan.link = plan.link, []

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from drsync import faults, fsutil
+from drsync import allocators, faults, fsutil
 from drsync.agent.hold import HoldFile
 from drsync.agent.roles import format_span
 from drsync.agent.state import StateStore
@@ -154,6 +154,7 @@ class Committer:
         # The chunk index the shipment's negotiation loaded (61 bytes a chunk) is let go before the manifest
         # is decoded beside it: the check below locates what it needs from the index files.
         self.repo.reload_index()
+        allocators.give_back()  # and what receiving the shipment freed inside glibc's heaps
         # Lean: the chunk lists and digests stay in the spool's file until a row asks for them (about 70 MiB
         # of a 1,000,000-file table); the spool is kept open until the apply is over.
         with spool:
