@@ -201,8 +201,11 @@ def test_the_unloaded_check_answers_as_the_loaded_one(monkeypatch: pytest.Monkey
     """Random inputs (repeats, several Arrow chunks, empty pieces, absent ids, ids sharing 8 bytes) over a
     repository of several small write sessions whose chunk index is kept in many runs: the same answer
     with and without the index loaded, and the index stays unloaded."""
+    import drsync.repository.repo as repo_mod
+
     monkeypatch.setattr(ChunkIndex, "_MERGE_MIN", 2)
     monkeypatch.setattr(ChunkIndex, "_MAX_RUNS", 2)
+    monkeypatch.setattr(repo_mod, "CHECK_PART_IDS", 3)  # the unloaded check takes its ids a part at a time
     storage, repo, data = sessions_repo(31, 3, 12, (1, 200))
     made = list(data)
     rnd = random.Random(31)

@@ -393,6 +393,7 @@ def test_the_presence_check_works_a_slice_at_a_time(monkeypatch: pytest.MonkeyPa
     import drsync.repository.repo as repo_mod
 
     monkeypatch.setattr(repo_mod, "_CHECK_SLICE", 3)
+    monkeypatch.setattr(repo_mod, "CHECK_PART_IDS", 4)
     storage, repo, data = sessions_repo(3, 3, 5, 100)  # three packs
     made = list(data)
     last_pack = repo.index.get(made[-1]).pack_id  # type: ignore[union-attr]
@@ -478,3 +479,20 @@ def test_an_index_made_from_sorted_rows_answers_without_a_filter() -> None:
     new = bytes(range(32))
     index.add(new, ChunkLocation("p1", 0, 1, 1, 0))
     assert new in index and all(cid in index for cid in ids[:100]) and others[0] not in index
+
+
+def test_a_commit_check_takes_its_ids_in_parts_end_to_end_without_copies() -> None:
+    """The unloaded commit check sorts and looks up ``CHECK_PART_IDS`` ids at a time: the parts hold every id
+    once, in order, none larger than the size, and are views of the given arrays."""
+    from drsync.repository.repo import _id_parts
+
+    rnd = random.Random(7)
+    for _ in range(200):
+        arrays = [np.arange(rnd.randrange(0, 9)) + 100 * k for k in range(rnd.randrange(0, 5))]
+        size = rnd.randrange(1, 6)
+        parts = list(_id_parts(arrays, size))
+        flat = [int(x) for part in parts for a in part for x in a]
+        assert flat == [int(x) for a in arrays for x in a]
+        assert all(0 < sum(len(a) for a in part) <= size for part in parts)
+        assert all(sum(len(a) for a in part) == size for part in parts[:-1])
+        assert all(a.base is not None for part in parts for a in part)

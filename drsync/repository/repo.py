@@ -646,15 +646,25 @@ class Repository:
         else:
             # Not loaded (a standby lets it go after each commit): located from the index files, only these
             # ids kept (61 bytes an id), never the whole index and its merges.
-            wanted = IdSet.of_pieces([ids_array(p) for p in pieces])
-            del chunk_ids, pieces  # the set holds them (sorted, each once): the given ids may be a copy to free
-            try:
-                seen, held = self._packs_holding_unloaded(wanted)
-            except ObjectMissing:  # a GC replaced an index file while we listed: the loaded index is exact
-                missing, numbers, names = self._check_loaded([wanted.ids])
-            else:
-                missing = [wanted.ids[~seen]] if not seen.all() else []
-                numbers, names = set(range(len(held))), held
+            # A part of CHECK_PART_IDS ids at a time (the index files read once a part): at 1,000,000 chunks
+            # the whole set, sorted from the manifest's column, peaked a standby's commit at 315 MiB.
+            arrays = [ids_array(p) for p in pieces]
+            del chunk_ids, pieces
+            missing, held = [], {}
+            for part in _id_parts(arrays, CHECK_PART_IDS):
+                wanted = IdSet.of_pieces(part)
+                del part
+                try:
+                    seen, packs = self._packs_holding_unloaded(wanted)
+                except ObjectMissing:  # a GC replaced an index file while we listed: the loaded index is exact
+                    gone, numbers, names = self._check_loaded([wanted.ids])
+                    missing += gone
+                    held.update(dict.fromkeys(names[n] for n in numbers))
+                    continue
+                if not seen.all():
+                    missing.append(wanted.ids[~seen])
+                held.update(dict.fromkeys(packs))
+            numbers, names = set(range(len(held))), tuple(held)
         if missing:
             gone_ids = unique_sorted(np.concatenate(missing))
             raise IntegrityError(
@@ -1101,6 +1111,27 @@ class ChunkReader:
 
     def has_chunk(self, chunk_id: bytes) -> bool:
         return chunk_id in self.index
+
+
+CHECK_PART_IDS = 262_144  # chunk ids a commit check sorts and looks up at a time (about 10 MiB of them)
+
+
+def _id_parts(arrays: list[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    """``arrays`` (1-d id arrays) taken end to end in parts of at most ``size`` ids (views, no copy)."""
+    part: list[np.ndarray] = []
+    n = 0
+    for a in arrays:
+        start = 0
+        while start < len(a):
+            take = a[start:start + size - n]
+            part.append(take)
+            n += len(take)
+            start += len(take)
+            if n == size:
+                yield part
+                part, n = [], 0
+    if part:
+        yield part
 
 
 def _damaged_manifest(info: SnapshotInfo) -> str:
