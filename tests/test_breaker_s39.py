@@ -321,6 +321,17 @@ def assert_same(src: Path, dst: Path, **kw: Any) -> None:
 # --- fresh, no-change, delta and dry-run restores of a hostile tree -------------------------
 
 
+def two_snapshots(tmp_path: Path, src: Path) -> tuple[str, str, Any, str, Any]:
+    """A repository with snapshot ``one`` of ``src``, then ``two`` after :func:`mutate`: (repo, s1, its tree's
+    metadata, s2, its tree's metadata)."""
+    repo = init(tmp_path / "repo")
+    s1 = snap(repo, src, "one")
+    m1 = tree_meta(src)
+    mutate(src)
+    s2 = snap(repo, src, "two")
+    return repo, s1, m1, s2, tree_meta(src)
+
+
 def test_a_hostile_tree_restores_exactly_fresh_and_again_unchanged(tmp_path: Path) -> None:
     src = tmp_path / "src"
     hostile_tree(src)
@@ -409,12 +420,7 @@ def mutate(root: Path) -> None:
 def test_type_changes_apply_both_ways_and_delta_restores_equal_fresh_ones(tmp_path: Path) -> None:
     src = tmp_path / "src"
     hostile_tree(src)
-    repo = init(tmp_path / "repo")
-    s1 = snap(repo, src, "one")
-    m1 = tree_meta(src)
-    mutate(src)
-    s2 = snap(repo, src, "two")
-    m2 = tree_meta(src)
+    repo, s1, m1, s2, m2 = two_snapshots(tmp_path, src)
     assert diff_trees(m1, m2)
 
     fresh2 = tmp_path / "fresh2"
@@ -476,12 +482,7 @@ def test_a_restore_onto_a_target_with_mount_points_below_it_is_exact_and_stages_
     hostile_tree(src)
     _wr(src / "sizes" / "in-mount-a", b"linked on the mount" * 100)
     os.link(src / "sizes" / "in-mount-a", src / "sizes" / "in-mount-b")
-    repo = init(tmp_path / "repo")
-    s1 = snap(repo, src, "one")
-    m1 = tree_meta(src)
-    mutate(src)
-    s2 = snap(repo, src, "two")
-    m2 = tree_meta(src)
+    repo, s1, m1, s2, m2 = two_snapshots(tmp_path, src)
 
     out = tmp_path / "out"
     for p in points:
@@ -554,12 +555,7 @@ def test_a_killed_apply_of_hostile_type_changes_recovers_to_exactly_one_snapshot
     import json
     src = tmp_path / "src"
     hostile_tree(src)
-    repo = init(tmp_path / "repo")
-    s1 = snap(repo, src, "one")
-    m1 = tree_meta(src)
-    mutate(src)
-    s2 = snap(repo, src, "two")
-    m2 = tree_meta(src)
+    repo, s1, m1, s2, m2 = two_snapshots(tmp_path, src)
     state = tmp_path / "state"
     state.mkdir()
     journal = str(state / "apply.journal")
@@ -635,12 +631,7 @@ def test_a_dry_run_onto_another_snapshots_tree_lists_every_path_whose_type_bytes
     import json
     src = tmp_path / "src"
     hostile_tree(src)
-    repo = init(tmp_path / "repo")
-    s1 = snap(repo, src, "one")
-    m1 = tree_meta(src)
-    mutate(src)
-    s2 = snap(repo, src, "two")
-    m2 = tree_meta(src)
+    repo, s1, m1, s2, m2 = two_snapshots(tmp_path, src)
     out = tmp_path / "out"
     ok(restore(repo, s1, out))
     dry = json.loads(ok(restore(repo, s2, out, "--overwrite", "--delete-extra", "--dry-run", "--json")).out)
