@@ -468,7 +468,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # What the root cannot do is refused, and what it does otherwise is planned (a hard link across
         # two filesystems mounted in the target becomes a copy to write), before the chunks are located
         # and before a dry run counts: both see the writes the commit makes.
-        root.check_plan(plan)
+        if not (dry_run and root.missing()):  # a dry run onto a target not made yet: nothing there to check
+            root.check_plan(plan)
         # The chunks the apply writes are located a part at a time at scale (a first sync): drsync.apply_chunks.
         parts = None if structure_only else PartReaders(manifest, source, what, plan.write, whole=whole)
         if parts is not None and not fresh:
