@@ -30,6 +30,14 @@
  * xattr_dir/name before Linux 6.13: an apply compares them; most have none, and
  * asking costs one call without the GIL). Raises OSError when the directory
  * cannot be read.
+ *
+ * open_beneath(root, rel, flags) -> fd: root/rel opened with openat2(RESOLVE_BENEATH |
+ * RESOLVE_NO_SYMLINKS) from root, one system call for the whole path where
+ * drsync.fsutil.open_beneath opens each component: no symlink is followed on the
+ * way or at the end (ELOOP), nothing above root is reached. O_NOFOLLOW and
+ * O_CLOEXEC are added to flags. OSError as open(2) gives it; ENOSYS (or EPERM
+ * from a seccomp filter) when the kernel has no openat2 (the caller then opens
+ * component by component).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,6 +46,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/openat2.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -509,7 +518,38 @@ done:
     return result;
 }
 
+static PyObject *open_beneath(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *root, *rel;
+    int flags;
+    if (!PyArg_ParseTuple(args, "yyi", &root, &rel, &flags))
+        return NULL;
+    int fd = -1, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int rfd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (rfd < 0) {
+        err = errno;
+    } else {
+        struct open_how how;
+        memset(&how, 0, sizeof how);
+        how.flags = (uint64_t)(unsigned)(flags | O_NOFOLLOW | O_CLOEXEC);
+        how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS;
+        fd = (int)syscall(SYS_openat2, rfd, rel, &how, sizeof how);
+        if (fd < 0)
+            err = errno;
+        close(rfd);
+    }
+    Py_END_ALLOW_THREADS
+    if (fd < 0) {
+        errno = err;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, rel);
+    }
+    return PyLong_FromLong(fd);
+}
+
 static PyMethodDef methods[] = {
+    {"open_beneath", open_beneath, METH_VARARGS,
+     "open_beneath(root, rel, flags) -> fd: root/rel opened with openat2, no symlink followed, nothing above root."},
     {"list_dir", list_dir, METH_VARARGS,
      "list_dir(fd, prefix, reserved, excluded, xattr_dir=None) -> (count, offsets, data, meta, dirs, links, problems, "
      "specials, reserved): one directory's entries examined and sorted by name bytes."},

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 
 from drsync import allocators, fsutil
 from drsync.apply_chunks import PartReaders, check_rows
-from drsync.dataroot import STAGING, UNKNOWN_ID, DataRoot, open_data_root
+from drsync.dataroot import SMALL_FILE_BYTES, STAGING, UNKNOWN_ID, DataRoot, open_data_root, small_files_pool
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.pathglob import compile_globs
 from drsync.repository.manifest import (
@@ -64,6 +64,9 @@ __all__ = ["STAGING", "ApplyPlan", "ApplyResult", "ChunkSource", "ExternalStager
 
 
 class ChunkSource(Protocol):
+    """Where an apply reads chunks. A source may also have ``read_chunks(ids) -> list[bytes]`` (``read_chunk``
+    of each, in order, with fewer calls: a repository's), which small files are read with."""
+
     def read_chunk(self, chunk_id: bytes) -> bytes: ...
 
     def has_chunk(self, chunk_id: bytes) -> bool: ...
@@ -520,11 +523,16 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         def stage(batch: list[tuple[int, Entry]]) -> None:
             if cancel is not None and cancel():
                 raise OperationFailed(f"{what}: apply stopped before anything was committed (cancelled)")
-            for n, e in _full(manifest, batch):
+            full = _full(manifest, batch)
+            # A batch lies in one part of the write list (batches are made a part at a time): one reader.
+            first = parts.reader(batch[0][0]) if parts is not None else source
+            for n, e, data in _prefetched(full, first) if _small(batch) else (
+                    (n, e, None) for n, e in full):
                 reader = parts.reader(n) if parts is not None else source
                 for attempt in range(STAGE_ATTEMPTS):
                     try:
-                        name = root.write_staged(n, e, _chunk_data(e, reader, what, progress))
+                        name = root.write_staged(n, e, _chunk_data(e, reader, what, progress) if data is None
+                                                 else _counted(data, progress))
                         if name != root.staged_name(n, e):
                             staged[e.path] = name
                         break
@@ -539,7 +547,9 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             staged.update(external.stage(root, _full(manifest, [(n, e) for n, e in enumerate(plan.write)
                                                                 if e.external]), progress))
         numbered = ((n, e) for n, e in enumerate(plan.write) if external is None or not e.external)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool, \
+                small_files_pool(root.small_file_threads, workers, "drsync-apply-small") as small:
+            small = small or pool
             # A window of batches at a time: the pool never holds the whole list.
             window = workers * 8
             # A part of the write list at a time (its chunks located, the other parts' not held).
@@ -547,9 +557,12 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                 batches = _batches(items)
                 while part := list(itertools.islice(batches, window)):
                     allocators.give_back()
-                    if parts is not None:
-                        parts.cover(part[0][0][0], part[-1][-1][0])  # positions ascend through the batches
-                    list(pool.map(stage, part))
+                    if parts is not None:  # positions ascend in each batch, small files' and others' apart
+                        parts.cover(min(b[0][0] for b in part), max(b[-1][0] for b in part))
+                    # Batches of small files go to the root's small-file threads (one on a local filesystem,
+                    # whose creations in the staging directory serialise), the others to the pool, at once.
+                    few = [b for b in part if _small(b)]
+                    list(itertools.chain(pool.map(stage, [b for b in part if not _small(b)]), small.map(stage, few)))
         if cancel is not None and cancel():
             raise OperationFailed(f"{what}: apply stopped before anything was committed (cancelled)")
         root.flush()
@@ -722,6 +735,45 @@ def _chunk_data(e: Entry, source: ChunkSource, what: str,
         yield data
 
 
+PREFETCH_BYTES = 4 << 20  # small files' bytes whose chunks are read at once (ChunkSource.read_chunks)
+
+
+def _prefetched(items: list[tuple[int, Entry]], source: ChunkSource
+                ) -> Iterator[tuple[int, Entry, list[bytes] | None]]:
+    """``(position, entry, its chunks' bytes)`` for small files' ``items``: the chunks of up to
+    :data:`PREFETCH_BYTES` of files read with one :meth:`ChunkSource.read_chunks` (most lie end to end in
+    one pack). When a group has a missing or damaged chunk (or the source reads one chunk at a time) its
+    files get None: they are read one by one (:func:`_chunk_data`), so that the error names the file."""
+    many: Callable[[list[bytes]], list[bytes]] | None = getattr(source, "read_chunks", None)
+    if many is None:
+        yield from ((n, e, None) for n, e in items)
+        return
+    group: list[tuple[int, Entry]] = []
+    acc = 0
+    for item in [*items, None]:
+        if item is not None and (not group or acc + item[1].size <= PREFETCH_BYTES):
+            group.append(item)
+            acc += item[1].size
+            continue
+        try:
+            data: list[bytes] | None = many([c for _, e in group for c in e.chunks])
+        except IntegrityError:
+            data = None
+        at = 0
+        for n, e in group:
+            yield n, e, None if data is None else data[at:at + len(e.chunks)]
+            at += len(e.chunks)
+        if item is not None:
+            group, acc = [item], item[1].size
+
+
+def _counted(data: list[bytes], progress: Callable[[int], None] | None) -> Iterator[bytes]:
+    for piece in data:
+        if progress:
+            progress(len(piece))
+        yield piece
+
+
 _ENTRY_FIELDS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target")
 
 
@@ -786,16 +838,24 @@ def recover_apply(target: str | DataRoot, journal: str | None = None) -> bool:
     return False
 
 
+def _small(batch: list[tuple[int, Entry]]) -> bool:
+    """Whether every file of ``batch`` is below :data:`SMALL_FILE_BYTES` (staged by the root's small-file threads)."""
+    return all(e.size < SMALL_FILE_BYTES for _, e in batch)
+
+
 def _batches(items: Iterable[tuple[int, Entry]], max_files: int = 256,
              max_bytes: int = 32 * 1024 * 1024) -> Iterator[list[tuple[int, Entry]]]:
-    """Group small files so that each pool task carries enough work to pay for itself (lazily)."""
-    batch: list[tuple[int, Entry]] = []
-    acc = 0
+    """Group files so that each pool task carries enough work to pay for itself (lazily): files below
+    :data:`SMALL_FILE_BYTES` and larger ones in batches of their own, each batch in the items' order."""
+    open_: dict[bool, tuple[list[tuple[int, Entry]], int]] = {}
     for item in items:
+        small = item[1].size < SMALL_FILE_BYTES
+        batch, acc = open_.get(small, ([], 0))
         if batch and (len(batch) >= max_files or acc >= max_bytes):
-            yield batch
+            # The other kind's batch goes too: a batch never spans more of the list than a full one would.
+            yield from (b for b, _ in sorted(open_.values(), key=lambda b: b[0][0][0]))
+            open_.clear()
             batch, acc = [], 0
         batch.append(item)
-        acc += item[1].size
-    if batch:
-        yield batch
+        open_[small] = (batch, acc + item[1].size)
+    yield from (b for b, _ in sorted(open_.values(), key=lambda b: b[0][0][0]))

@@ -4,7 +4,8 @@ Files whose (size, mtime, ctime, inode) match the parent snapshot reuse its
 chunk list without being read, unless they were "racy" (modified within two
 seconds of the parent's capture, when a same-tick rewrite could hide). Other
 files are read, cut, hashed and stored by a small pool of threads (the
-compiled cores release the GIL). On a live tree a file that changes while it
+compiled cores release the GIL); files below ``SMALL_FILE_BYTES`` by as many
+threads as the root says (one on a local filesystem). On a live tree a file that changes while it
 is read is read again, a bounded number of times, then reported in
 ``warnings``; from a frozen view (an HDFS snapshot) nothing can change.
 
@@ -17,6 +18,7 @@ kept as the source a standby's DistCp copies the bytes from.
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync import allocators
-from drsync.dataroot import DataRoot, FileVersion, FrozenRoot, open_data_root
+from drsync.dataroot import SMALL_FILE_BYTES, DataRoot, FileVersion, FrozenRoot, open_data_root, small_files_pool
 from drsync.errors import OperationFailed, UsageError
 from drsync.repository import chunks
 from drsync.repository.manifest import (
@@ -240,8 +242,10 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     n = workers or min(4, (os.cpu_count() or 2) + 1)
     # A window's manifest rows are encoded into Parquet on a thread of their own while the next window is
     # matched (one window in flight): both release the GIL for most of their work.
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="drsync-capture") as pool, \
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="drsync-capture") as big, \
+            small_files_pool(view.small_file_threads, n, "drsync-capture-small") as small, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="drsync-manifest") as encoder:
+        pool = _Readers(big, small or big)
         encoding: Future[None] | None = None
         for w in scan.windows(_WINDOW):
             allocators.give_back()  # what the last window freed inside glibc's heaps
@@ -273,6 +277,15 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                          bytes=state.bytes, read_bytes=0 if content == HDFS_CHECKSUM else state.read_bytes,
                          reused_files=state.reused, warnings=warnings, stale=stale, skipped=skipped,
                          checksum_algorithms=algorithms)
+
+
+@dataclass(frozen=True)
+class _Readers:
+    """The capture's reading threads: ``big`` for files of at least ``SMALL_FILE_BYTES``, ``small`` (as many
+    threads as the root's ``small_file_threads``, or ``big`` itself) for the rest."""
+
+    big: ThreadPoolExecutor
+    small: ThreadPoolExecutor
 
 
 _WINDOW = 65536  # scan rows read and assembled at a time (one manifest row group)
@@ -508,7 +521,7 @@ _CARRIED = ("content", "chunks", "chunk_sizes", "xattrs")
 
 def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | None,
             same: np.ndarray, reuse: np.ndarray, links: _LinkGroups, totals: _Totals,
-            warnings: WarningLog, pool: ThreadPoolExecutor, reread_attempts: int, progress: ProgressFn | None,
+            warnings: WarningLog, pool: _Readers, reread_attempts: int, progress: ProgressFn | None,
             content: str, algorithms: set[str]) -> pa.Table:
     """Manifest rows of the scan window ``w`` (their parent rows ``same`` and
     ``reuse``): files not reused are read (in ``pool``), the rest take the parent's carried columns,
@@ -523,21 +536,30 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
     read: dict[int, _ReadFile] = {}
     gone: list[int] = []
     if to_read:
-        batches: list[list[int]] = [[]]
-        acc = 0
-        for k in sorted(to_read, key=lambda k: sizes[k], reverse=True):
-            if len(batches[-1]) >= _BATCH_FILES or acc >= _BATCH_BYTES:
-                batches.append([])
-                acc = 0
-            batches[-1].append(k)
-            acc += int(sizes[k])
+        # Large files largest first (the pool's threads finish together); small files in path order, which
+        # their chunks then have in the packs: an apply reads a run of them with one call (read_chunks).
+        small = [k for k in to_read if sizes[k] < SMALL_FILE_BYTES]
+        large = sorted((k for k in to_read if sizes[k] >= SMALL_FILE_BYTES), key=lambda k: sizes[k], reverse=True)
+        batches: list[list[int]] = []
+        for kind in (large, small):
+            batches.append([])
+            acc = 0
+            for k in kind:
+                if len(batches[-1]) >= _BATCH_FILES or acc >= _BATCH_BYTES:
+                    batches.append([])
+                    acc = 0
+                batches[-1].append(k)
+                acc += int(sizes[k])
 
         def run(batch: list[int]) -> list[tuple[int, _ReadFile | str]]:
             if content == HDFS_CHECKSUM:
                 return [(k, _checksum_one(view, paths[k], algorithms, progress)) for k in batch]
             return [(k, _read_one(view, paths[k], writer, reread_attempts, progress)) for k in batch]
 
-        for results in pool.map(run, batches):
+        # Small files are read by the root's small-file threads, beside the large files' pool.
+        batches = [b for b in batches if b]
+        cut = next((i for i, b in enumerate(batches) if sizes[b[0]] < SMALL_FILE_BYTES), len(batches))
+        for results in itertools.chain(pool.big.map(run, batches[:cut]), pool.small.map(run, batches[cut:])):
             for k, got in results:
                 if isinstance(got, str):
                     if got != "vanished":

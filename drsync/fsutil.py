@@ -143,6 +143,11 @@ def describe_os_error(e: OSError, action: str) -> OperationFailed:
 # Paths longer than this are opened one component at a time (PATH_MAX is 4096 bytes on Linux).
 LONG_PATH = 3072
 
+try:
+    from drsync._listdir import open_beneath as _openat2
+except ImportError:  # the C listing was not built: open_beneath goes one component at a time
+    _openat2 = None
+
 
 @contextmanager
 def beneath(root: str, rel: str) -> Iterator[str]:
@@ -160,8 +165,19 @@ def beneath(root: str, rel: str) -> Iterator[str]:
 
 
 def open_beneath(root: str, rel: str, flags: int = os.O_RDONLY) -> int:
-    """Open ``root/rel`` one component at a time from ``root``, never following a symlink on the
-    way or at the end: works for paths longer than PATH_MAX. The caller closes the descriptor."""
+    """Open ``root/rel`` from ``root``, never following a symlink on the way or at the end (ELOOP or
+    ENOTDIR), nothing above ``root`` reached: one openat2 call (drsync._listdir) where the kernel has it,
+    else one component at a time (also for paths longer than :data:`LONG_PATH`). The caller closes the
+    descriptor."""
+    global _openat2
+    if _openat2 is not None and rel.strip("/") and len(rel) <= LONG_PATH:
+        try:
+            return int(_openat2(os.fsencode(root), os.fsencode(rel.lstrip("/")), flags))
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EPERM):
+                raise
+            if e.errno == errno.ENOSYS:
+                _openat2 = None  # no openat2 in this kernel: never asked again
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         parts = [p for p in rel.split("/") if p]

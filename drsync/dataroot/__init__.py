@@ -13,7 +13,8 @@ filesystem re-reading files that change), the precision of modification times
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol
 
 from drsync.repository import chunks
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 # (uid_t)-1: the owner is not known (HDFS keeps user names, not ids); chown(2) leaves such an id alone.
 UNKNOWN_ID = 0xFFFFFFFF
 STAGING = ".drsync-staging"
+# Files below this size cost their per-file work (open, create, attributes, the Python around them) more than
+# their bytes: a root says how many threads should read or write them at once (``small_file_threads``).
+SMALL_FILE_BYTES = 256 * 1024
 
 
 class FileVersion(NamedTuple):
@@ -73,6 +77,8 @@ class DataRoot(Protocol):
     supports_xattrs: bool
     # What an apply could not carry onto this root (attributes it does not keep): reported, not fatal.
     warnings: list[str]
+    #: Threads that stage files below :data:`SMALL_FILE_BYTES` at once; None: as many as stage larger files.
+    small_file_threads: int | None
 
     # --- capture ---
     def check_capturable(self) -> None:
@@ -170,6 +176,8 @@ class FrozenRoot(Protocol):
 
     consistent: bool  # True when nothing can change under the capture (an HDFS snapshot)
     notes: list[str]
+    #: Threads that read files below :data:`SMALL_FILE_BYTES` at once; None: as many as read larger files.
+    small_file_threads: int | None
 
     def scan(self, exclude: frozenset[str]) -> TreeScan:
         ...
@@ -187,6 +195,14 @@ def stream_matches(f: BinaryIO, e: Entry) -> bool:
     """Whether a file's bytes, cut and hashed as a capture would, are the manifest entry's content."""
     ids = [chunks.chunk_id(data) for data in chunks.cut_stream(f)]
     return content_digest(ids) == content_digest(e.chunks)
+
+
+def small_files_pool(threads: int | None, workers: int, name: str) -> AbstractContextManager[ThreadPoolExecutor | None]:
+    """The threads that read or stage a root's small files (its ``small_file_threads``, at most
+    ``workers``): a pool of their own named ``name``, or None when they share the other files' pool."""
+    if threads is None or threads >= workers:
+        return nullcontext()
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
 
 def is_remote_url(url: str) -> bool:

@@ -185,6 +185,8 @@ class _Reuse:
 
 
 class HdfsFrozenRoot:
+    small_file_threads = None  # each read is round trips to the namenode and a datanode: threads overlap them
+
     def __init__(self, fs: HdfsFs, path: str, live_root: str, *, consistent: bool,
                  reuse: _Reuse | None = None, snapshot: str | None = None, frozen_ms: int | None = None,
                  parent: Manifest | None = None) -> None:
@@ -400,6 +402,7 @@ class HdfsDataRoot:
     supports_xattrs = False
     supports_distcp = True  # captures can keep their snapshot for DistCp (replication.engine = "distcp")
     lists_from_parent = True  # a capture lists only what the snapshot diff names; the rest is the parent's
+    small_file_threads = None  # each file staged is round trips to the namenode and a datanode: threads overlap them
 
     def __init__(self, url: str, *, fs: HdfsFs | None = None) -> None:
         self.warnings: list[str] = []

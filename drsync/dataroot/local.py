@@ -97,6 +97,11 @@ class LocalFrozenRoot:
     """The live tree: a local filesystem has no snapshot drsync can take, so capture re-reads what changes."""
 
     consistent = False
+    # One thread reads small files: measured on 20,000 files of 256 B to 4 KiB, three threads took 3.6 to 4.1 s
+    # against one thread's 2.6 s (warm cache), 5.1 to 5.5 s against 4.4 to 4.8 s (cold): the per-file work
+    # holds the GIL, and the threads' opens contend in the kernel (twice the system time). Large files are
+    # read by several (their hashing and reads release the GIL): 1 GiB cold in 3.3 s against one thread's 4.5 s.
+    small_file_threads = 1
 
     def __init__(self, root: str) -> None:
         self.root = root
@@ -127,6 +132,10 @@ class LocalDataRoot:
     supports_symlinks = True
     mode_bits = 0o7777
     supports_xattrs = True
+    # One thread stages small files: they are all created in one staging directory, whose lock serialises
+    # the creations (threads spin on it in the kernel), and the per-file work holds the GIL. A 20,000-file
+    # restore took 3.8 to 4.1 s with one staging thread against 4.8 to 5.2 s with four.
+    small_file_threads = 1
 
     def __init__(self, path: str) -> None:
         self.root = os.path.abspath(path)

@@ -96,7 +96,7 @@ def check_sizes(encoding: int, stored_length: int, raw_length: int, chunk_id: by
         raise IntegrityError(f"{name} is stored raw in {stored_length} bytes but claims {raw_length} raw bytes")
 
 
-def decode(encoding: int, stored: bytes, raw_length: int, expected_id: bytes) -> bytes:
+def decode(encoding: int, stored: bytes | memoryview, raw_length: int, expected_id: bytes) -> bytes | memoryview:
     """Turn stored bytes back into the chunk and check it against its id.
 
     Every size is checked (:func:`check_sizes`) before decompressing, and zstd never allocates more

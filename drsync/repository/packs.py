@@ -564,10 +564,12 @@ class ChunkIndex:
         with self._lock:
             return chunk_id in self._recent or self._find_locked(chunk_id) is not None
 
-    def add(self, chunk_id: bytes, loc: ChunkLocation) -> None:
-        """Add one chunk (kept as it is if the id is already indexed)."""
+    def add(self, chunk_id: bytes, loc: ChunkLocation, *, unindexed: bool = False) -> None:
+        """Add one chunk (kept as it is if the id is already indexed). ``unindexed``: the caller has just
+        found the id not indexed, and nothing else adds to this index (a chunk writer's own, under its lock):
+        not looked up again."""
         with self._lock:
-            if chunk_id in self._recent or self._find_locked(chunk_id) is not None:
+            if not unindexed and (chunk_id in self._recent or self._find_locked(chunk_id) is not None):
                 return
             if len(chunk_id) != fmt.ID_LEN:
                 raise ValueError(f"a chunk id is {fmt.ID_LEN} bytes, not {len(chunk_id)}")

@@ -36,6 +36,10 @@ class _CachedFd:
             self.fd = -1
 
 
+_SMALL_WRITE = 64 * 1024  # writes below this are gathered ...
+_WRITE_BUFFER = 1 << 20  # ... and written out once this many bytes are gathered (one call, not one a chunk)
+
+
 class LocalBlobWriter:
     def __init__(self, storage: LocalStorage, name: str) -> None:
         self._storage = storage
@@ -45,22 +49,34 @@ class LocalBlobWriter:
         self._tmp = fsutil.temp_name(self._final)
         self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._size = 0
+        self._buf = bytearray()  # small writes (a pack's small chunks), written out a MiB at a time
 
     @property
     def size(self) -> int:
+        """Bytes written so far (those still in the buffer included)."""
         return self._size
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None, "writer already closed"
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-            self._size += n
+        if len(data) < _SMALL_WRITE:
+            self._buf += data
+            self._size += len(data)
+            if len(self._buf) >= _WRITE_BUFFER:
+                self._drain()
+            return
+        self._drain()
+        fsutil.write_all(self._fd, data)
+        self._size += len(data)
+
+    def _drain(self) -> None:
+        assert self._fd is not None
+        buf, self._buf = self._buf, bytearray()
+        fsutil.write_all(self._fd, buf)
 
     def commit(self, *, durable: bool = True) -> None:
         assert self._fd is not None, "writer already closed"
         try:
+            self._drain()
             if durable:
                 os.fsync(self._fd)
         finally:
@@ -72,6 +88,7 @@ class LocalBlobWriter:
             fsutil.fsync_dir(os.path.dirname(self._final))
 
     def abort(self) -> None:
+        self._buf = bytearray()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
