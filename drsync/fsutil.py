@@ -140,7 +140,7 @@ def describe_os_error(e: OSError, action: str) -> OperationFailed:
 
 
 
-# Paths longer than this are opened one component at a time (PATH_MAX is 4096 bytes on Linux).
+# Paths longer than this many bytes are opened one component at a time (PATH_MAX is 4096 bytes on Linux).
 LONG_PATH = 3072
 
 try:
@@ -170,11 +170,13 @@ def open_beneath(root: str, rel: str, flags: int = os.O_RDONLY) -> int:
     else one component at a time (also for paths longer than :data:`LONG_PATH`). The caller closes the
     descriptor."""
     global _openat2
-    if _openat2 is not None and rel.strip("/") and len(rel) <= LONG_PATH:
+    name = os.fsencode(rel.lstrip("/"))
+    # PATH_MAX counts bytes, not characters: a path of accented or CJK names has two or three a character.
+    if _openat2 is not None and name.strip(b"/") and len(os.fsencode(root)) + len(name) < LONG_PATH:
         try:
-            return int(_openat2(os.fsencode(root), os.fsencode(rel.lstrip("/")), flags))
+            return int(_openat2(os.fsencode(root), name, flags))
         except OSError as e:
-            if e.errno not in (errno.ENOSYS, errno.EPERM):
+            if e.errno not in (errno.ENOSYS, errno.EPERM, errno.ENAMETOOLONG):
                 raise
             if e.errno == errno.ENOSYS:
                 _openat2 = None  # no openat2 in this kernel: never asked again

@@ -24,11 +24,12 @@ from drsync import engine, fsutil
 from drsync.apply import apply_manifest
 from drsync.dataroot import SMALL_FILE_BYTES
 from drsync.dataroot.local import LocalDataRoot, LocalFrozenRoot
-from drsync.errors import IntegrityError
+from drsync.errors import IntegrityError, OperationFailed
+from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository import repo as repo_mod
 from drsync.repository.repo import Repository
-from drsync.storage.local import LocalStorage
+from drsync.storage.local import LocalBlobWriter, LocalStorage
 from tests.conftest import run_drsync
 from tests.test_capture_any_tree import exact_state, odd_tree
 from tests.test_lean_manifest import _snapshot
@@ -262,3 +263,101 @@ def test_open_beneath_never_follows_a_link_nor_leaves_the_root(tmp_path: Path, m
         assert os.read(fd, 10) == b"deep"
     finally:
         os.close(fd)
+
+
+def test_a_delta_restore_sees_the_xattrs_of_a_file_whose_multibyte_path_passes_path_max(tmp_path: Path) -> None:
+    """The target's listing reads attributes by path only below PATH_MAX, counted in bytes: a path of 1,500
+    characters and 4,400 bytes is read through its directory, and an attribute the snapshot lacks goes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "top.txt").write_bytes(b"top\n")
+    names = [f"{i % 10}" + "漢" * 80 for i in range(18)]
+
+    def at_leaf(root: Path) -> int:
+        """The deepest directory below ``root``, opened a component at a time (made when missing)."""
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        for name in names:
+            if not os.path.lexists(f"/proc/self/fd/{fd}/{name}"):
+                os.mkdir(name, dir_fd=fd)
+            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return fd
+
+    fd = at_leaf(src)
+    with open(os.open("leaf.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+        f.write(b"deep\n")
+    os.close(fd)
+    rel = "/".join([*names, "leaf.txt"])
+    assert len(os.fsencode(str(tmp_path / "out" / rel))) > 4096 > 3072 > len(str(tmp_path / "out" / rel))
+    repo, _, whole = _repo(tmp_path, src)
+    out = tmp_path / "out"
+    apply_manifest(whole, Repository.open(LocalStorage(str(repo))), str(out))
+    assert exact_state(out) == exact_state(src)
+    fd = at_leaf(out)
+    try:
+        os.setxattr(f"/proc/self/fd/{fd}/leaf.txt", "user.extra", b"not in the snapshot")
+    finally:
+        os.close(fd)
+    assert exact_state(out) != exact_state(src)
+    apply_manifest(whole, Repository.open(LocalStorage(str(repo))), str(out))
+    assert exact_state(out) == exact_state(src)
+
+
+class _FillingWriter(LocalBlobWriter):
+    """A local blob writer on a disk that fills up after ``room`` more bytes of packs (half of the write that
+    crosses it lands, as a short write would): the fault a full disk gives at an arbitrary byte."""
+
+    room = 0
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._name.startswith(fmt.PACKS_DIR):
+            if len(data) > _FillingWriter.room:
+                part = bytes(memoryview(data)[:len(data) // 2])
+                try:
+                    os.write(self._fd, part)  # type: ignore[arg-type]
+                finally:
+                    self._failed = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise self._failed
+            _FillingWriter.room -= len(data)
+        super()._write(data)
+
+
+class _FillingStorage(LocalStorage):
+    def writer(self, name: str) -> LocalBlobWriter:
+        return _FillingWriter(self, name)
+
+
+def test_a_pack_that_cannot_be_written_is_never_indexed_and_the_writer_takes_nothing_more(tmp_path: Path) -> None:
+    """Packs written whole before the disk filled are indexed by the flush (an upload keeps what arrived);
+    the pack that failed is not, nothing more is added, and the flush says so (OperationFailed, not an
+    OSError a capture could take for one file's)."""
+    root = tmp_path / "repo"
+    Repository.init(LocalStorage(str(root), create=True), cluster_id="c", release="1")
+    repo = Repository.open(_FillingStorage(str(root)))
+    rnd = random.Random(3)
+    _FillingWriter.room = 5 * 64 * 1024 + 12_345
+    added: list[bytes] = []
+    originals: dict[bytes, bytes] = {}
+    with repo.write_session() as s:
+        w = s.chunk_writer(pack_target=64 * 1024)
+        with pytest.raises(OperationFailed) as err:
+            for _ in range(10_000):
+                data = rnd.randbytes(rnd.randrange(1, 9000))
+                cid = chunks.chunk_id(data)
+                w.add(cid, data)
+                added.append(cid)
+                originals[cid] = data
+        assert not isinstance(err.value, OSError) and "No space left" in str(err.value)
+        with pytest.raises(OperationFailed):
+            w.add(chunks.chunk_id(b"later"), b"later")
+        with pytest.raises(OperationFailed):
+            w.flush()
+    fresh = Repository.open(LocalStorage(str(root)))
+    indexed = [c for c in added if fresh.has_chunk(c)]
+    assert 0 < len(indexed) < len(added)
+    assert indexed == added[:len(indexed)]  # the packs written whole: a prefix of what was added
+    assert all(bytes(fresh.read_chunk(c)) == originals[c] for c in indexed)
+    assert not fresh.has_chunk(chunks.chunk_id(b"later"))
+    v = run_drsync("repo", "verify", "--repo", root)
+    assert v.code == 0, v.err

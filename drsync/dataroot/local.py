@@ -815,7 +815,7 @@ def _target_listing(fs: Beneath, rel_dir: str, domain_tops: set[str], me: int,
         full = os.path.join(fs.root, rel)
         if typ not in (FILE, DIR):
             xattrs = None
-        elif len(full) <= fsutil.LONG_PATH:
+        elif len(os.fsencode(full)) <= fsutil.LONG_PATH:
             xattrs = read_xattrs(full)[0]  # one llistxattr for the many entries that have none
         else:
             xattrs = _xattrs_at(dfd, name)
@@ -832,7 +832,7 @@ def _target_listing_native(fs: Beneath, dfd: int, rel_dir: str,
     from drsync.apply import OTHER
 
     full_dir = os.path.join(fs.root, rel_dir) if rel_dir else fs.root
-    long = len(full_dir) + 256 > fsutil.LONG_PATH  # some entry's path may pass LONG_PATH
+    long = len(os.fsencode(full_dir)) + 256 > fsutil.LONG_PATH  # some entry's path (in bytes) may pass it
     staging = (os.fsencode(STAGING),) if rel_dir in domain_tops else ()
     items, specials, problems = native_walk.target_entries(dfd, rel_dir, staging,
                                                            None if long else os.fsencode(full_dir))
@@ -847,7 +847,7 @@ def _target_listing_native(fs: Beneath, dfd: int, rel_dir: str,
             e = item[1]
             if e is not None and e.type in (FILE, DIR):
                 full = os.path.join(fs.root, e.path)
-                e.xattrs = (read_xattrs(full)[0] if len(full) <= fsutil.LONG_PATH
+                e.xattrs = (read_xattrs(full)[0] if len(os.fsencode(full)) <= fsutil.LONG_PATH
                             else _xattrs_at(dfd, e.path.rpartition("/")[2]))
     if specials:
         prefix = f"{rel_dir}/" if rel_dir else ""

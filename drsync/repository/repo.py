@@ -8,6 +8,7 @@ before a crash and never referenced is removed by garbage collection.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync import faults
-from drsync.errors import IntegrityError, NotFound, UsageError
+from drsync.errors import IntegrityError, NotFound, OperationFailed, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, id_at, id_key, ids_array, locate, sort_unique, unique_sorted
@@ -115,6 +116,11 @@ class ChunkWriter:
         self._syncs: list[Future[None]] = []
         self.new_bytes = 0
         self.new_stored_bytes = 0
+        # Set when a pack could not be written: the chunks indexed into it are not where the index says.
+        # Nothing more is added (every later add raises this); a flush indexes the packs written whole
+        # before it (an upload keeps what arrived), then raises it.
+        self._broken: OperationFailed | None = None
+        self._broken_packs: set[str] = set()
 
     @property
     def _index(self) -> ChunkIndex:
@@ -154,12 +160,16 @@ class ChunkWriter:
         Raises LockedError when the writer has to take its own lock and cannot.
         """
         with self._lock:
+            self._check_whole()
             self._ensure_locked()
             if chunk_id in self._new or (not self._export and chunk_id in self._index):
                 return False
             if self._pack is None:
                 self._pack = PackWriter(self.repo.storage)
-            entry = self._pack.add(chunk_id, encoding, stored, raw_length)
+            try:
+                entry = self._pack.add(chunk_id, encoding, stored, raw_length)
+            except OSError as e:
+                raise self._break(e) from None
             self._new.add(chunk_id, ChunkLocation(self._pack.pack_id, entry.offset, entry.stored_length,
                                                   entry.raw_length, entry.encoding), unindexed=True)
             self.new_bytes += raw_length
@@ -168,9 +178,30 @@ class ChunkWriter:
                 self._finish_pack()
             return True
 
+    def _check_whole(self) -> None:
+        if self._broken is not None:
+            raise self._broken
+
+    def _break(self, e: OSError) -> OperationFailed:
+        """Under ``self._lock``: the open pack could not be written (a full disk, an I/O error). Its chunks
+        are indexed at offsets its file does not hold: it is dropped, and the writer takes nothing more.
+        Returns the error (OperationFailed, never an OSError: a capture must not take it for one file's)."""
+        pack, self._pack = self._pack, None
+        if pack is not None:
+            self._broken_packs.add(pack.pack_id)
+            with contextlib.suppress(OSError):
+                pack.abort()
+        self._broken = OperationFailed(
+            f"repository {self.repo.storage.url}: a pack could not be written ({e.strerror or e}); nothing of "
+            f"this write is committed (free space or fix the disk, then run it again)")
+        return self._broken
+
     def _finish_pack(self) -> None:
         assert self._pack is not None
-        self._pack.finish(durable=False)
+        try:
+            self._pack.finish(durable=False)
+        except OSError as e:
+            raise self._break(e) from None
         if self._syncer is None:
             self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drsync-packsync")
         self._syncs.append(self._syncer.submit(self.repo.storage.sync, [self._pack.name]))
@@ -192,7 +223,9 @@ class ChunkWriter:
         Returns the new index rows (columns); the caller writes them into an index file (still under
         the session's lock: :meth:`flush` does both).
         """
-        return IndexRows.concat(self._seal_runs())
+        runs = self._seal_runs()
+        self._check_whole()
+        return IndexRows.concat(runs)
 
     def _seal_runs(self) -> list[IndexRows]:
         """:meth:`seal`, the rows as the session's index holds them (a few sorted runs: no merged copy)."""
@@ -202,13 +235,19 @@ class ChunkWriter:
             self._wait_syncs()
             runs = self._new.runs()
             self._new = ChunkIndex()
+            if self._broken_packs:  # rows into a pack that was not written whole are never indexed
+                runs = [r.take(~np.isin(np.asarray(r.packs, dtype=object)[r.pack], list(self._broken_packs)))
+                        if len(r) else r for r in runs]
             return runs
 
     def flush(self) -> None:
-        """Make every chunk added so far durable and visible in the index; drops the writer's own lock."""
+        """Make every chunk added so far durable and visible in the index; drops the writer's own lock.
+        Raises OperationFailed after a pack could not be written (the chunks in packs written whole are
+        indexed first)."""
         try:
             runs = [r for r in self._seal_runs() if len(r)]
             if not runs:
+                self._check_whole()
                 return
             name = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
             write_index(self.repo.storage, name, runs)
@@ -219,6 +258,7 @@ class ChunkWriter:
             else:
                 for rows in runs:
                     self._given_index.add_rows(rows)
+            self._check_whole()
         finally:
             with self._lock:
                 if self._pack is None and not len(self._new):

@@ -50,6 +50,7 @@ class LocalBlobWriter:
         self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._size = 0
         self._buf = bytearray()  # small writes (a pack's small chunks), written out a MiB at a time
+        self._failed: OSError | None = None  # a write that failed: the file no longer holds what was written
 
     @property
     def size(self) -> int:
@@ -58,6 +59,7 @@ class LocalBlobWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None, "writer already closed"
+        self._check_whole()
         if len(data) < _SMALL_WRITE:
             self._buf += data
             self._size += len(data)
@@ -65,17 +67,29 @@ class LocalBlobWriter:
                 self._drain()
             return
         self._drain()
-        fsutil.write_all(self._fd, data)
+        self._write(data)
         self._size += len(data)
 
     def _drain(self) -> None:
-        assert self._fd is not None
         buf, self._buf = self._buf, bytearray()
-        fsutil.write_all(self._fd, buf)
+        self._write(buf)
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fd is not None
+        try:
+            fsutil.write_all(self._fd, data)
+        except OSError as e:
+            self._failed = e  # part of it may be written: every later write and the commit fail
+            raise
+
+    def _check_whole(self) -> None:
+        if self._failed is not None:
+            raise OSError(self._failed.errno, f"an earlier write to {self._name} failed ({self._failed.strerror})")
 
     def commit(self, *, durable: bool = True) -> None:
         assert self._fd is not None, "writer already closed"
         try:
+            self._check_whole()
             self._drain()
             if durable:
                 os.fsync(self._fd)
