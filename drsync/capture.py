@@ -565,7 +565,9 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
                     if got != "vanished":
                         totals.lost.append(paths[k])
                         totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
-                        warnings.append(f"{printable(paths[k])}: {got}; its last captured version is kept")
+                        kept = ("its last captured version is kept" if same[k] >= 0 else
+                                "not captured (no earlier snapshot has it)")
+                        warnings.append(f"{printable(paths[k])}: {got}; {kept}")
                     gone.append(k)
                     continue
                 if got.problem:

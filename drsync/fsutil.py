@@ -135,8 +135,8 @@ def describe_os_error(e: OSError, action: str) -> OperationFailed:
         hint = "; a part of that path is a symlink, which drsync does not follow there: name the real path"
     elif e.errno == errno.ENAMETOOLONG:
         hint = "; a name in that path is too long for its filesystem"
-    where = f" {e.filename}" if e.filename else ""
-    return OperationFailed(f"{action} failed:{where}: {e.strerror or e}{hint}")
+    where = f" {e.filename}:" if e.filename else ""
+    return OperationFailed(f"{action} failed:{where} {e.strerror or e}{hint}")
 
 
 

@@ -361,3 +361,28 @@ def test_a_pack_that_cannot_be_written_is_never_indexed_and_the_writer_takes_not
     assert not fresh.has_chunk(chunks.chunk_id(b"later"))
     v = run_drsync("repo", "verify", "--repo", root)
     assert v.code == 0, v.err
+
+
+def test_a_file_that_cannot_be_read_is_reported_as_kept_only_when_an_earlier_snapshot_has_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "old.txt").write_bytes(b"captured before\n")
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo"), create=True), cluster_id="c", release="1")
+    engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
+    (src / "old.txt").write_bytes(b"changed, and now unreadable\n")
+    (src / "new.txt").write_bytes(b"never captured\n")
+    opened = LocalFrozenRoot.open_file
+
+    def open_file(self: LocalFrozenRoot, rel: str):  # type: ignore[no-untyped-def]
+        if rel in ("old.txt", "new.txt"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), rel)
+        return opened(self, rel)
+
+    monkeypatch.setattr(LocalFrozenRoot, "open_file", open_file)
+    info = engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
+    said = {w.split(":")[0]: w for w in info.warnings}
+    assert "its last captured version is kept" in said["old.txt"], said
+    assert "not captured (no earlier snapshot has it)" in said["new.txt"], said
+    paths = {e.path for e in repo.load_manifest(info).entries()}
+    assert "old.txt" in paths and "new.txt" not in paths

@@ -436,3 +436,5 @@ def test_counts_read_as_english_and_os_errors_carry_a_hint(drsync, tmp_path: Pat
                         (errno.ELOOP, "is a symlink"), (errno.ENOSPC, "free some space")):
         line = str(describe_os_error(OSError(code, os.strerror(code), "/x/y"), "the restore"))
         assert line.startswith(f"the restore failed: /x/y: {os.strerror(code)}; ") and words in line, line
+    line = str(describe_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "the operation"))
+    assert line.startswith(f"the operation failed: {os.strerror(errno.ENOSPC)}; "), line  # no file: no "::"
