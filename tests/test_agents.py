@@ -16,6 +16,7 @@ import pytest
 from drsync.errors import RefusedError
 from drsync.transport.grpc import GrpcStandbyLink
 from tests.conftest import SLOW, run_drsync, tree_state
+from tests.fsmake import tmpfs
 from tests.group import wait_for as group_wait_for
 from tests.sites import LocalSite, Site, make_site, same_tree
 from tests.zk import free_port
@@ -376,15 +377,8 @@ def test_kill_9_standby_in_each_phase(pair: Pair, phase: str) -> None:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB filesystem (tmpfs) for the standby's data root."""
-    mnt = tmp_path / "small-disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "small-disk", "24m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_standby_disk_full_mid_apply_keeps_last_good_snapshot(pair: Pair, small_disk: Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_drsync
+from tests.fsmake import open_deep
 
 ROOT = Path(__file__).resolve().parent.parent
 AM_ROOT = os.geteuid() == 0
@@ -99,16 +100,8 @@ def deep_dir(top: Path, depth: int) -> bytes:
     """A directory ``depth`` levels of 200-byte names below ``top`` (beyond PATH_MAX), made through
     descriptors; returns its path relative to ``top`` (bytes)."""
     name = b"d" * 200
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    fd = open_deep(top, [name] * depth)
     try:
-        for _ in range(depth):
-            try:
-                os.mkdir(name, dir_fd=fd)
-            except FileExistsError:
-                pass
-            nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
         for leaf, data in ((b"leaf.bin", b"deep!" * 999), (b"\xff-deep-\n", b"")):
             wfd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640, dir_fd=fd)
             os.write(wfd, data)

@@ -31,6 +31,7 @@ from drsync.repository import format as fmt
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
 from tests.conftest import Result, run_drsync
+from tests.fsmake import open_deep, tmpfs
 from tests.test_breaker_s39 import (
     AM_ROOT,
     _wr,
@@ -181,16 +182,8 @@ def no_staging(target: Path) -> list[str]:
 
 
 def _mb_deep(top: Path, depth: int, comp: str) -> str:
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    fd = open_deep(top, [comp] * depth)
     try:
-        for _ in range(depth):
-            try:
-                os.mkdir(comp, dir_fd=fd)
-            except FileExistsError:
-                pass
-            nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
         w = os.open("leaf.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640, dir_fd=fd)
         os.write(w, b"a leaf deep below multibyte names\n")
         os.close(w)
@@ -238,11 +231,7 @@ def test_a_capture_reads_a_file_whose_multibyte_path_passes_path_max(tmp_path: P
     rel_dir = _mb_deep(src, 16, comp).rsplit("/", 1)[0]
     name = "\u00e9" * 125
     assert len(os.fsencode(rel_dir + "/" + name)) > 4096 and len(rel_dir + "/" + name) < fsutil.LONG_PATH
-    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    for part in rel_dir.split("/"):
-        nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = nfd
+    fd = open_deep(src, rel_dir.split("/"))
     w = os.open(name, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd)
     os.write(w, b"long name, long path")
     os.close(w)
@@ -554,15 +543,8 @@ def test_a_capture_killed_at_many_moments_leaves_a_verified_repository_whose_sna
 def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
     if not AM_ROOT:
         pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr!r}")
-    try:
+    with tmpfs(tmp_path / "mnt", "8m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(mnt: Path, leave: int) -> Path:

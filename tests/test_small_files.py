@@ -31,6 +31,7 @@ from drsync.repository import repo as repo_mod
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalBlobWriter, LocalStorage
 from tests.conftest import run_drsync
+from tests.fsmake import open_deep
 from tests.test_capture_any_tree import exact_state, odd_tree
 from tests.test_lean_manifest import _snapshot
 
@@ -247,14 +248,8 @@ def test_open_beneath_never_follows_a_link_nor_leaves_the_root(tmp_path: Path, m
     finally:
         os.close(fd)
     # Past LONG_PATH (and past PATH_MAX): one component at a time, either way.
-    deep, rel = os.open(str(root), os.O_RDONLY | os.O_DIRECTORY), []
-    for i in range(20):
-        name = f"{i:02}-" + "x" * 250
-        os.mkdir(name, dir_fd=deep)
-        nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=deep)
-        os.close(deep)
-        deep = nxt
-        rel.append(name)
+    rel = [f"{i:02}-" + "x" * 250 for i in range(20)]
+    deep = open_deep(root, rel)
     with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=deep), "wb") as f:
         f.write(b"deep")
     os.close(deep)
@@ -273,18 +268,7 @@ def test_a_delta_restore_sees_the_xattrs_of_a_file_whose_multibyte_path_passes_p
     (src / "top.txt").write_bytes(b"top\n")
     names = [f"{i % 10}" + "漢" * 80 for i in range(18)]
 
-    def at_leaf(root: Path) -> int:
-        """The deepest directory below ``root``, opened a component at a time (made when missing)."""
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        for name in names:
-            if not os.path.lexists(f"/proc/self/fd/{fd}/{name}"):
-                os.mkdir(name, dir_fd=fd)
-            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        return fd
-
-    fd = at_leaf(src)
+    fd = open_deep(src, names)
     with open(os.open("leaf.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
         f.write(b"deep\n")
     os.close(fd)
@@ -294,7 +278,7 @@ def test_a_delta_restore_sees_the_xattrs_of_a_file_whose_multibyte_path_passes_p
     out = tmp_path / "out"
     apply_manifest(whole, Repository.open(LocalStorage(str(repo))), str(out))
     assert exact_state(out) == exact_state(src)
-    fd = at_leaf(out)
+    fd = open_deep(out, names)
     try:
         os.setxattr(f"/proc/self/fd/{fd}/leaf.txt", "user.extra", b"not in the snapshot")
     finally:
