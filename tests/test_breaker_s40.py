@@ -205,6 +205,17 @@ def test_open_beneath_opens_a_multibyte_path_longer_than_path_max_in_bytes(tmp_p
         os.close(fd)
 
 
+def _captured_whole_and_restored(tmp_path: Path, src: Path, files: int) -> None:
+    """A snapshot of ``src`` holds its ``files`` files with no warning, and restores to the same tree."""
+    repo = init(tmp_path / "repo")
+    doc = snap(repo, src)
+    assert doc["warnings"] == [], doc["warnings"]
+    assert doc["files"] == files
+    target = tmp_path / "t"
+    ok(restore(repo, "latest", target))
+    assert_same(src, target)
+
+
 def test_a_capture_keeps_a_directory_whose_multibyte_path_passes_path_max(tmp_path: Path) -> None:
     """A newcomer's tree with French/CJK names nested deep: the snapshot must hold the file and restore it
     (the README: 'paths deeper than PATH_MAX')."""
@@ -213,13 +224,7 @@ def test_a_capture_keeps_a_directory_whose_multibyte_path_passes_path_max(tmp_pa
     (src / "top.txt").write_bytes(b"top")
     _mb_deep(src, 18, "\u00e9" * 120)
     _mb_deep(src, 6, "\u6f22" * 80)  # CJK: 240 bytes a component, a short path: fine either way
-    repo = init(tmp_path / "repo")
-    doc = snap(repo, src)
-    assert doc["warnings"] == [], doc["warnings"]
-    assert doc["files"] == 3
-    target = tmp_path / "t"
-    ok(restore(repo, "latest", target))
-    assert_same(src, target)
+    _captured_whole_and_restored(tmp_path, src, files=3)
 
 
 def test_a_capture_reads_a_file_whose_multibyte_path_passes_path_max(tmp_path: Path) -> None:
@@ -237,13 +242,7 @@ def test_a_capture_reads_a_file_whose_multibyte_path_passes_path_max(tmp_path: P
     os.close(w)
     os.setxattr(f"/proc/self/fd/{fd}/{name}", b"user.k", b"v")
     os.close(fd)
-    repo = init(tmp_path / "repo")
-    doc = snap(repo, src)
-    assert doc["warnings"] == [], doc["warnings"]
-    assert doc["files"] == 2
-    target = tmp_path / "t"
-    ok(restore(repo, "latest", target))
-    assert_same(src, target)
+    _captured_whole_and_restored(tmp_path, src, files=2)
 
 
 def test_open_beneath_answers_the_same_with_and_without_openat2(tmp_path: Path,
