@@ -6,11 +6,15 @@ million files adds 50 to 170 MiB of resident memory that nothing uses (measured 
 ``bench --only scale``). So drsync uses the system allocator for Arrow and asks glibc:
 
 * to map allocations of :data:`MMAP_THRESHOLD` and more on their own, returning them to the kernel
-  when freed. The threshold sits above the largest stored chunk: chunk data is read, hashed,
-  serialized and written in buffers of up to that size, thousands a second, and a mapped buffer is
-  mapped, faulted in page by page, zeroed and unmapped each time. At glibc's 128 KiB, a 1 GiB
-  agent-to-agent sync took 20 s instead of 14 s, and upb built and serialized upload messages at
-  0.24 GB/s instead of 1.5 GB/s (measured on 2 cores);
+  when freed. The threshold sits above the largest buffer drsync makes by the thousand: a stored
+  chunk (up to 1 MiB), and a gRPC message of chunks (up to 8 MiB, ``transport.grpc.MAX_MESSAGE_BYTES``).
+  A mapped buffer is mapped, faulted in page by page, zeroed and unmapped each time: at glibc's
+  128 KiB, a 1 GiB agent-to-agent sync took 20 s instead of 14 s;
+* to keep up to :data:`TRIM_THRESHOLD` of free memory at the top of a heap. Setting the mapping
+  threshold leaves glibc's trim threshold at 128 KiB, so freeing one chunk-sized buffer at the top of
+  the heap gave its pages back and the next buffer faulted them in again: serializing 1 GiB of
+  upload messages took 2.5 to 3.1 s, with 16 MiB kept 0.26 to 0.43 s, and a 1 GiB sync's transfer
+  to the standby took 4.6 to 5.2 s against 2.4 to 3.5 s (measured on 2 cores, ``bench`` trees);
 * for at most :data:`ARENA_MAX` heaps. Each thread that allocates otherwise gets a heap of its own
   (up to 8 per core), and each keeps what its thread freed: with chunk buffers in the heaps, a
   100,000-file first snapshot peaked 6 MiB higher with the default, and the same as at 128 KiB with
@@ -22,7 +26,8 @@ returns it between phases; with it, a 100,000-file restore peaked at 145 MiB ins
 128 KiB: 142).
 
 An operator's own choice is left as it is: ``ARROW_DEFAULT_MEMORY_POOL``, ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_ARENA_MAX``, or ``glibc.malloc.mmap_threshold`` / ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``.
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_ARENA_MAX``, or ``glibc.malloc.mmap_threshold`` /
+``glibc.malloc.trim_threshold`` / ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ from __future__ import annotations
 import ctypes
 import os
 
-MMAP_THRESHOLD = 1152 * 1024  # bytes: above fmt.STORED_MAX (1 MiB + 4 KiB + 64), the largest stored chunk
+MMAP_THRESHOLD = 9 * 1024 * 1024  # bytes: above the largest gRPC message (8 MiB) and stored chunk (1 MiB + 4 KiB + 64)
+TRIM_THRESHOLD = 16 * 1024 * 1024  # bytes of free memory a heap keeps at its top
 ARENA_MAX = 2
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
@@ -46,6 +53,8 @@ def tune() -> None:
     tunables = os.environ.get("GLIBC_TUNABLES", "")  # e.g. glibc.malloc.arena_max=8:glibc.malloc.mmap_threshold=...
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "glibc.malloc.mmap_threshold" not in tunables:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ and "glibc.malloc.trim_threshold" not in tunables:
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     if "MALLOC_ARENA_MAX" not in os.environ and "glibc.malloc.arena_max" not in tunables:
         mallopt(_M_ARENA_MAX, ARENA_MAX)
 
