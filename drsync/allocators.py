@@ -7,14 +7,16 @@ million files adds 50 to 170 MiB of resident memory that nothing uses (measured 
 
 * to map allocations of :data:`MMAP_THRESHOLD` and more on their own, returning them to the kernel
   when freed. The threshold sits above the largest buffer drsync makes by the thousand: a stored
-  chunk (up to 1 MiB), and a gRPC message of chunks (up to 8 MiB, ``transport.grpc.MAX_MESSAGE_BYTES``).
-  A mapped buffer is mapped, faulted in page by page, zeroed and unmapped each time: at glibc's
-  128 KiB, a 1 GiB agent-to-agent sync took 20 s instead of 14 s;
+  chunk (up to 1 MiB + 4 KiB + 64), and an upload message of chunks (at most about 1 MiB,
+  ``agent.primary.UPLOAD_MESSAGE_BYTES``). A mapped buffer is mapped, faulted in page by page, zeroed
+  and unmapped each time: at glibc's 128 KiB, a 1 GiB agent-to-agent sync took 20 s instead of 14 s.
+  It stays low enough that Arrow's and NumPy's larger buffers are mapped: at 9 MiB, ``repo gc`` at
+  1,000,000 files peaked at 319 MiB instead of 281 (its freed buffers stayed inside the heap);
 * to keep up to :data:`TRIM_THRESHOLD` of free memory at the top of a heap. Setting the mapping
   threshold leaves glibc's trim threshold at 128 KiB, so freeing one chunk-sized buffer at the top of
   the heap gave its pages back and the next buffer faulted them in again: serializing 1 GiB of
-  upload messages took 2.5 to 3.1 s, with 16 MiB kept 0.26 to 0.43 s, and a 1 GiB sync's transfer
-  to the standby took 4.6 to 5.2 s against 2.4 to 3.5 s (measured on 2 cores, ``bench`` trees);
+  upload messages took 2.5 to 3.1 s instead of 0.2 to 0.4 s, and a 1 GiB sync's transfer to the
+  standby took 4.6 to 5.2 s instead of 2.4 to 3.5 s (measured on 2 cores, ``bench`` trees);
 * for at most :data:`ARENA_MAX` heaps. Each thread that allocates otherwise gets a heap of its own
   (up to 8 per core), and each keeps what its thread freed: with chunk buffers in the heaps, a
   100,000-file first snapshot peaked 6 MiB higher with the default, and the same as at 128 KiB with
@@ -27,15 +29,18 @@ returns it between phases; with it, a 100,000-file restore peaked at 145 MiB ins
 
 An operator's own choice is left as it is: ``ARROW_DEFAULT_MEMORY_POOL``, ``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_ARENA_MAX``, or ``glibc.malloc.mmap_threshold`` /
-``glibc.malloc.trim_threshold`` / ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``.
+``glibc.malloc.trim_threshold`` / ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``, when its value
+is a number (decimal, or hexadecimal with ``0x``). An empty or unreadable value is no choice: glibc
+takes it for 0 (map every buffer, keep nothing free), Arrow an empty pool name for its default.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 
-MMAP_THRESHOLD = 9 * 1024 * 1024  # bytes: above the largest gRPC message (8 MiB) and stored chunk (1 MiB + 4 KiB + 64)
+MMAP_THRESHOLD = 1152 * 1024  # bytes: above fmt.STORED_MAX (1 MiB + 4 KiB + 64) and an upload message
 TRIM_THRESHOLD = 16 * 1024 * 1024  # bytes of free memory a heap keeps at its top
 ARENA_MAX = 2
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
@@ -43,19 +48,29 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
+_NUMBER = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]+")
+
+
+def _chosen(variable: str, tunable: str, tunables: dict[str, str]) -> bool:
+    """Whether the operator set this glibc setting to a number, by its variable or in GLIBC_TUNABLES."""
+    return any(_NUMBER.fullmatch(v.strip()) for v in (os.environ.get(variable, ""), tunables.get(tunable, "")))
+
+
 def tune() -> None:
     """Set the allocators up; call before pyarrow is imported. Does nothing where they cannot be set."""
-    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "").strip():
+        os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
     try:  # the C library the interpreter links (ctypes.util.find_library runs ldconfig: 15 ms a start)
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc
         return
-    tunables = os.environ.get("GLIBC_TUNABLES", "")  # e.g. glibc.malloc.arena_max=8:glibc.malloc.mmap_threshold=...
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "glibc.malloc.mmap_threshold" not in tunables:
+    # e.g. glibc.malloc.arena_max=8:glibc.malloc.mmap_threshold=...
+    tunables = dict(t.partition("=")[::2] for t in os.environ.get("GLIBC_TUNABLES", "").split(":"))
+    if not _chosen("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold", tunables):
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ and "glibc.malloc.trim_threshold" not in tunables:
+    if not _chosen("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold", tunables):
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    if "MALLOC_ARENA_MAX" not in os.environ and "glibc.malloc.arena_max" not in tunables:
+    if not _chosen("MALLOC_ARENA_MAX", "glibc.malloc.arena_max", tunables):
         mallopt(_M_ARENA_MAX, ARENA_MAX)
 
 

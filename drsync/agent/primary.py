@@ -33,7 +33,7 @@ from drsync.units import human_size
 
 # Negotiation batches: 8,192 ids are 256 KiB of ids per message.
 NEGOTIATE_BATCH = 8192
-# Upload messages carry about this many stored bytes. Measured on loopback with
+# Upload messages carry up to this many stored bytes (or one larger chunk). Measured on loopback with
 # bench/messages.py (2026-11-24, 2 cores): 256 KiB 0.67 GB/s, 512 KiB 0.87,
 # 1 MiB 1.06, 2 MiB 0.93, 4 MiB 0.95. The transport's limit is set to 8 MiB.
 UPLOAD_MESSAGE_BYTES = 1024 * 1024
@@ -375,6 +375,14 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
                                    lambda: negotiation_plan(ManifestFile(manifest, f"manifest of snapshot {info.id}"),
                                                             applied)[1]):
             for cid, loc in rows.iter_rows():
+                # A message never grows past UPLOAD_MESSAGE_BYTES but by one chunk alone: its buffers stay
+                # under the allocator's mapping threshold (drsync.allocators), reused, not faulted in anew.
+                if batch and (size + loc.stored_length > UPLOAD_MESSAGE_BYTES or len(batch) >= UPLOAD_MESSAGE_CHUNKS):
+                    yield batch
+                    sent.chunks, sent.stored_bytes, sent.raw_bytes = (sent.chunks + len(batch),
+                                                                      sent.stored_bytes + size, sent.raw_bytes + raw)
+                    pacer.sent_message(size)  # bandwidth limit: wait until the rate allows the next message
+                    batch, size, raw = [], 0, 0
                 if size == 0:
                     check(False)
                     if not pacer.may_send():  # off: end the stream here, the standby keeps what it received
@@ -384,12 +392,6 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
                 batch.append(ReceivedChunk(cid, loc.encoding, loc.raw_length, stored))
                 size += len(stored)
                 raw += loc.raw_length
-                if size >= UPLOAD_MESSAGE_BYTES or len(batch) >= UPLOAD_MESSAGE_CHUNKS:
-                    yield batch
-                    sent.chunks, sent.stored_bytes, sent.raw_bytes = (sent.chunks + len(batch),
-                                                                      sent.stored_bytes + size, sent.raw_bytes + raw)
-                    pacer.sent_message(size)  # bandwidth limit: wait until the rate allows the next message
-                    batch, size, raw = [], 0, 0
         if batch:
             yield batch
             sent.chunks, sent.stored_bytes, sent.raw_bytes = (sent.chunks + len(batch), sent.stored_bytes + size,
