@@ -21,9 +21,10 @@ def test_arrow_uses_the_system_allocator_unless_the_operator_chose_one() -> None
     assert _backend({**base, "ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}) == "mimalloc"
 
 
-MAPPED = """
+# A probe's start: drsync imported (its allocator settings made), and glibc's mallinfo2 (``hblkhd``: bytes mapped
+# on their own).
+MALLINFO = """
 import ctypes, drsync
-from drsync.repository import format as fmt
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -31,6 +32,10 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
+"""
+
+MAPPED = MALLINFO + """
+from drsync.repository import format as fmt
 
 def mapped_with(size):
     before = libc.mallinfo2().hblkhd

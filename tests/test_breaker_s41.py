@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_tree, run_drsync, tree_state
+from tests.test_allocators import ARENAS, MALLINFO, REFAULTS
 
 ALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES",
               "ARROW_DEFAULT_MEMORY_POOL", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
@@ -35,16 +36,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 # Whether a buffer of each size is mapped on its own, asked twice: glibc's own dynamic threshold rises after the
 # first mapped buffer is freed, so "mapped both times" means a fixed threshold below the size.
-MAPPED_TWICE = """
-import ctypes, json, sys
-import drsync
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
+MAPPED_TWICE = MALLINFO + """
+import json
 
 def mapped(size):
     before = libc.mallinfo2().hblkhd
@@ -61,19 +54,6 @@ def mapped(env: dict[str, str]) -> dict[int, list[bool]]:
     out = subprocess.run([sys.executable, "-c", MAPPED_TWICE], env=env, capture_output=True, text=True, check=True,
                          cwd="/tmp")
     return {int(k): v for k, v in json.loads(out.stdout).items()}
-
-
-REFAULTS = """
-import resource, sys, drsync
-size = int(sys.argv[1])
-buf = b"\\1" * size
-del buf
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(50):
-    buf = b"\\1" * size
-    del buf
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
 
 
 def refaults(size: int, env: dict[str, str]) -> int:
@@ -114,20 +94,6 @@ def test_an_operators_trim_threshold_is_kept_in_either_spelling(env: dict[str, s
     pages = (1 << 20) // 4096
     assert refaults(1 << 20, clean_env()) < 50 * pages // 10
     assert refaults(1 << 20, clean_env(**env)) >= 50 * pages // 2
-
-
-ARENAS = """
-import ctypes, threading, drsync
-ready = threading.Barrier(8)
-def work():
-    for _ in range(200):
-        bytearray(300_000)
-    ready.wait()
-ts = [threading.Thread(target=work) for _ in range(8)]
-for t in ts: t.start()
-for t in ts: t.join()
-ctypes.CDLL(None).malloc_stats()
-"""
 
 
 def test_an_operators_arena_max_in_glibc_tunables_is_kept() -> None:
