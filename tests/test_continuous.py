@@ -214,6 +214,28 @@ def test_notification_comes_back_after_a_fallback_without_a_restart(tmp_path: Pa
         s.set_active(False)
 
 
+def test_each_watcher_knows_its_own_inotify_descriptor(tmp_path: Path) -> None:
+    """Two watchers in one process (two groups of one agent): each tells its descriptor apart, whatever
+    watchdog release opens it when (6: at start, 7: when the tree is scheduled), and checks its own
+    directories against its own watches. Without it, coverage falls back to all of the process's
+    watches, where another watcher's watch on the same directory would hide a missing one."""
+    from drsync.agent.watcher import _inotify_fds
+
+    (tmp_path / "one" / "a").mkdir(parents=True)
+    (tmp_path / "two" / "b").mkdir(parents=True)
+    first, second = RootWatcher(str(tmp_path / "one")), RootWatcher(str(tmp_path / "two"))
+    first.start()
+    second.start()
+    try:
+        fds = _inotify_fds()
+        assert first._fd in fds and second._fd in fds and first._fd != second._fd
+        assert first.coverage_problem() is None and second.coverage_problem() is None
+        assert (tmp_path / "two" / "b").stat().st_ino not in (first._watched() or set())
+    finally:
+        first.stop()
+        second.stop()
+
+
 def test_an_unwatchable_root_is_a_watch_error(tmp_path: Path) -> None:
     with pytest.raises(WatchError, match="cannot watch data root .*missing"):
         RootWatcher(str(tmp_path / "missing")).start()

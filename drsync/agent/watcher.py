@@ -55,6 +55,7 @@ RECHECK_AFTER_S = 0.5
 MAX_NEW_DIRS = 10_000
 _WATCH_LINE = re.compile(r"^inotify wd:\S+ ino:([0-9a-fA-F]+)", re.MULTILINE)
 _OVERFLOW = "Inotify queue overflowed"
+_UNWATCHED = "Unable to watch"
 
 
 def sysctl(name: str) -> str:
@@ -78,13 +79,17 @@ def overflow_advice() -> str:
 
 class _Overflows(logging.Filter):
     """watchdog reports a queue overflow only in its log (it then re-adds its watches itself): this filter
-    passes it on to every live watcher, which reports it in its own words instead."""
+    passes it on to every live watcher, which reports it in its own words instead. Its warning for each
+    directory it could not watch is dropped: :meth:`RootWatcher.coverage_problem` finds them all, and the
+    agent warns once, with what to do."""
 
     def __init__(self) -> None:
         super().__init__()
         self.watchers: weakref.WeakSet[RootWatcher] = weakref.WeakSet()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(_UNWATCHED):
+            return False  # one warning per directory (watchdog 7): coverage_problem reports them as one
         if not str(record.msg).startswith(_OVERFLOW):
             return True
         for w in list(self.watchers):
@@ -160,13 +165,13 @@ class RootWatcher:
         if not stat.S_ISDIR(st.st_mode):
             raise WatchError(f"cannot watch data root {self.root}: not a directory")
         self._root_id = (st.st_dev, st.st_ino)
+        # The observer's inotify descriptor is told apart as the one it opened: watchdog 6 opens it when the
+        # observer starts, watchdog 7 when the tree is scheduled (one per observer in both).
         before = _inotify_fds()
         try:
             observer = Observer()
         except OSError as e:
             raise WatchError(self._os_error(e)) from None
-        fds = _inotify_fds() - before
-        self._fd = fds.pop() if len(fds) == 1 else None
         _overflows.watchers.add(self)
         try:
             observer.schedule(_Handler(self), self.root, recursive=True, event_filter=_CHANGES)
@@ -178,6 +183,8 @@ class RootWatcher:
             except Exception:  # never started: nothing to stop
                 pass
             raise WatchError(self._os_error(e)) from None
+        fds = _inotify_fds() - before
+        self._fd = fds.pop() if len(fds) == 1 else None
         self._observer = observer
 
     def _os_error(self, e: OSError) -> str:
@@ -276,8 +283,9 @@ class RootWatcher:
     def coverage_problem(self, tops: list[str] | None = None) -> str | None:
         """Whether every directory of the tree (drsync's own left out; or of the subtrees ``tops``) holds a
         watch of this watcher: a walk of the directories, compared with the watches the kernel lists for
-        this process's inotify descriptor. None when all are watched, or when the descriptor cannot be read."""
-        if self._observer is None or self._fd is None:
+        this process's inotify descriptor (every inotify descriptor of the process when this watcher's could
+        not be told apart). None when all are watched, or when the kernel's list cannot be read."""
+        if self._observer is None:
             return None
         missing = self._unwatched(tops)
         if not missing:
@@ -299,11 +307,19 @@ class RootWatcher:
                 f"watched (first: {first}), most likely the inotify watch limit: {watch_limit_advice()}")
 
     def _watched(self) -> set[int] | None:
+        """The inodes the kernel lists as watched for this watcher's descriptor (or for all of the process's
+        inotify descriptors), None when /proc cannot be read."""
+        fds = [self._fd] if self._fd is not None else sorted(_inotify_fds())
+        if not fds:
+            return None
+        watched: set[int] = set()
         try:
-            with open(f"/proc/self/fdinfo/{self._fd}") as f:
-                return {int(m.group(1), 16) for m in _WATCH_LINE.finditer(f.read())}
+            for fd in fds:
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    watched.update(int(m.group(1), 16) for m in _WATCH_LINE.finditer(f.read()))
         except OSError:
             return None
+        return watched
 
     def _unwatched(self, tops: list[str] | None = None) -> list[tuple[str, int]]:
         watched = self._watched()
