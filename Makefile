@@ -23,14 +23,15 @@ help:
 	@echo "make docs    - regenerate docs/cli.md from every command's --help"
 	@echo "make man     - man pages from the same text in docs/man (man docs/man/drsync-status.1)"
 
+# Python packages at the versions of constraints.txt (what the suite last passed with).
 # The install builds drsync's C listing (drsync/_listdir.c): it needs a C compiler and Python's headers.
-$(STAMP): pyproject.toml drsync/_listdir.c
+$(STAMP): pyproject.toml constraints.txt drsync/_listdir.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	@command -v gcc >/dev/null && test -f "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" \
 		|| { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq gcc python3-dev; }
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	@$(PY) -c 'from drsync import native_walk; assert native_walk.available(), "drsync/_listdir.c was not built"'
 	@touch $(STAMP)
 
