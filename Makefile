@@ -12,7 +12,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # HDFS mini cluster (tests/hadoop: Hadoop 3.5 from Maven Central) that every HDFS test runs against.
 DEB_PACKAGES := rsync restic zookeeper prometheus prometheus-alertmanager chromium faketime maven tesseract-ocr tesseract-ocr-eng
 
-.PHONY: help venv system-deps hadoop test lint demo bench reliability proto clean man docs
+.PHONY: help venv bytecode system-deps hadoop test lint demo bench reliability proto clean man docs
 
 help:
 	@echo "make demo    - set up and run the snapshot/backup demo on generated data"
@@ -37,6 +37,12 @@ $(STAMP): pyproject.toml constraints.txt drsync/_listdir.c
 
 venv: $(STAMP)
 
+# drsync's bytecode, as an installed wheel has it: under PYTHONDONTWRITEBYTECODE an editable install
+# would compile every module it imports in every process: 0.2 s of the start of each command, agent and
+# test process (import drsync.cli.entry: 0.62 s median without, 0.43 s with, on 2 busy cores).
+bytecode: $(STAMP)
+	@$(PY) -m compileall -q -j 0 drsync tests bench scripts
+
 system-deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -54,7 +60,7 @@ lint: $(STAMP)
 
 # Two workers (one per core), whole modules each: every worker starts its own ZooKeeper and HDFS
 # mini cluster once; tests keep apart by group name, test directory and free ports.
-test: $(STAMP) system-deps hadoop lint
+test: $(STAMP) system-deps hadoop lint bytecode
 	$(PY) -m pytest -q -rs -n 2 --dist loadfile --durations=25 tests
 
 docs: $(STAMP)
@@ -63,13 +69,13 @@ docs: $(STAMP)
 man: $(STAMP)
 	PYTHONPATH=. $(PY) scripts/gen_man.py
 
-demo: $(STAMP)
+demo: $(STAMP) bytecode
 	bash scripts/demo.sh
 
-bench: $(STAMP) system-deps hadoop
+bench: $(STAMP) system-deps hadoop bytecode
 	$(PY) bench/bench.py
 
-reliability: $(STAMP) system-deps hadoop
+reliability: $(STAMP) system-deps hadoop bytecode
 	DRSYNC_RELIABILITY=full DRSYNC_CRASH_TRIALS=40 DRSYNC_FAILOVER_TRIALS=15 $(PY) -m pytest -q \
 		tests/test_reliability.py tests/test_crash.py tests/test_lock.py tests/test_failover.py \
 		tests/test_apply_crash.py tests/test_long_apply.py tests/test_breaker_cont_bw.py \
