@@ -23,7 +23,7 @@ from drsync.agent.watcher import RootWatcher, WatchError
 from drsync.config import config_from_dict
 from drsync.errors import ConfigError
 from tests.conftest import run_drsync
-from tests.group import wait_for
+from tests.group import SLOW, wait_for
 from tests.test_agents import Pair
 
 # --- the cadence: pure ------------------------------------------------------------------------------
@@ -146,6 +146,24 @@ def test_the_watcher_sees_changes_anywhere_in_the_tree_and_wakes_once_per_batch(
     assert w.take() == first and w.take() is None
     (root / "data" / "moved.txt").unlink()
     wait_for(lambda: w.first_change is not None, "a deletion to be notified", 10)
+
+
+def test_a_change_of_metadata_alone_is_a_change(watched) -> None:  # type: ignore[no-untyped-def]
+    """chmod, chown, utime and an extended attribute change what a capture records, and nothing else
+    happens to the file: each alone must wake the agent (watchdog 7 reports them as Attrib events)."""
+    root, w, _ = watched
+    f, d = root / "data" / "deep" / "old.txt", root / "data" / "deep"
+    uid = 1 if os.geteuid() == 0 else os.getuid()
+    steps = [("chmod of a file", f, lambda: os.chmod(f, 0o600)),
+             ("chmod of a directory", d, lambda: os.chmod(d, 0o700)),
+             ("utime of a file", f, lambda: os.utime(f, (1, 1))),
+             ("chown of a file", f, lambda: os.chown(f, uid, uid)),
+             ("an extended attribute", f, lambda: os.setxattr(f, "user.drsync-test", b"1"))]
+    for what, path, change in steps:
+        wait_for(lambda: w.take() is None, f"quiet before {what}", 10)  # what came before belongs to no step
+        change()
+        wait_for(lambda: w.first_change is not None, f"{what} to be notified", 10)
+        assert w.first_path == str(path), what
 
 
 def test_new_directories_are_watched_and_a_burst_inside_them_is_seen(watched) -> None:  # type: ignore[no-untyped-def]
@@ -286,6 +304,39 @@ def test_the_watch_limit_is_found_at_start_and_for_directories_made_later(tmp_pa
     finally:
         p.kill()
         p.wait()
+
+
+def _mountprobe(base: Path, case: str) -> dict[str, object]:
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-U", "-r", "-m", "true"]).returncode != 0:
+        pytest.skip("no user and mount namespaces here (unshare -U -r -m): tmpfs cannot be mounted in a test")
+    limit = "echo 5 > /proc/sys/user/max_inotify_watches && " if case == "limit" else ""
+    done = subprocess.run(["unshare", "-U", "-r", "-m", "sh", "-c",
+                           f"{limit}exec {sys.executable} -m tests.mountprobe {base} {case}"],
+                          capture_output=True, text=True, timeout=60 * SLOW,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_an_unwatched_directory_is_found_on_a_tree_spanning_filesystems(tmp_path: Path) -> None:
+    """Inode numbers repeat across filesystems: a directory past the watch limit on a second filesystem,
+    with the inode number of a watched directory on the first, is still found (by device and inode)."""
+    out = _mountprobe(tmp_path, "limit")
+    assert out["coverage_at_start"] is None and out["problem_at_start"] is None
+    assert out["same_inode_number"], "the case needs an inode number shared across the two filesystems"
+    for key in ("new_dirs", "coverage"):
+        assert "1 directory of data root" in str(out[key]) and "(first: m/new)" in str(out[key]), (key, out)
+
+
+@pytest.mark.parametrize("case", ["mount-later", "umount-later"])
+def test_a_mount_or_unmount_inside_the_root_ends_notification(tmp_path: Path, case: str) -> None:
+    """inotify sees nothing of a filesystem mounted over a watched directory, nor of the directories an
+    unmount uncovers: the watcher says so at once (problem(), no walk), naming where."""
+    out = _mountprobe(tmp_path, case)
+    assert out["coverage_at_start"] is None and out["problem_at_start"] is None
+    assert "mounted or unmounted inside data root" in str(out["problem"]) and "(at m)" in str(out["problem"]), out
+    if case == "mount-later":  # the mounted filesystem's root is not watched (the unmount's: maybe not found)
+        assert "are not watched" in str(out["coverage"]) or "is not watched" in str(out["coverage"]), out
 
 
 def test_a_queue_overflow_is_reported(tmp_path: Path) -> None:

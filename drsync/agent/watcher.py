@@ -10,8 +10,11 @@ be trusted (:meth:`RootWatcher.problem`):
 
 * the kernel's event queue overflowed (events were lost): ``fs.inotify.max_queued_events``;
 * a directory could not be watched (watchdog skips those silently; the usual cause is the
-  ``fs.inotify.max_user_watches`` limit): found by comparing the directories of the tree with the
-  watches this process holds (``/proc/self/fdinfo``), :meth:`RootWatcher.coverage_problem`;
+  ``fs.inotify.max_user_watches`` limit): found by comparing the directories of the tree, by device
+  and inode, with the watches this process holds (``/proc/self/fdinfo``),
+  :meth:`RootWatcher.coverage_problem`;
+* a filesystem was mounted or unmounted inside the tree (:mod:`drsync.agent.mounts`): inotify sees
+  nothing of it, and the directories it brings have no watch;
 * the root itself was deleted, moved, replaced or unmounted: its (device, inode) changed, or the
   watch on it ended.
 """
@@ -29,10 +32,12 @@ import weakref
 from collections.abc import Callable, Iterable
 
 from watchdog.events import (
+    DirAttribEvent,
     DirCreatedEvent,
     DirDeletedEvent,
     DirModifiedEvent,
     DirMovedEvent,
+    FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -43,17 +48,22 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from drsync.agent.mounts import MountWatch
+
 log = logging.getLogger("drsync.agent")
 
-# What changes content or metadata; reads (opened, closed without writing) are never asked for.
-_CHANGES = [FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent, FileDeletedEvent,
-            DirDeletedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent]
+# What changes content or metadata (watchdog 7 reports chmod, chown, utime and xattrs as Attrib events);
+# reads (opened, closed without writing) are never asked for.
+_CHANGES = [FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent, FileAttribEvent,
+            DirAttribEvent, FileDeletedEvent, DirDeletedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent]
 # Directories found unwatched are looked at again after this long: one created meanwhile may just not
 # have its watch yet.
 RECHECK_AFTER_S = 0.5
 # More directories created between two captures than this: the next capture checks the whole tree.
 MAX_NEW_DIRS = 10_000
-_WATCH_LINE = re.compile(r"^inotify wd:\S+ ino:([0-9a-fA-F]+)", re.MULTILINE)
+# A watch in /proc/PID/fdinfo: the inode and the kernel's device number of the watched directory.
+_WATCH_LINE = re.compile(r"^inotify wd:\S+ ino:([0-9a-fA-F]+) sdev:([0-9a-fA-F]+)", re.MULTILINE)
+_STARTING = threading.Lock()  # one watcher opens its descriptor at a time: each tells its own apart
 _OVERFLOW = "Inotify queue overflowed"
 _UNWATCHED = "Unable to watch"
 
@@ -148,6 +158,7 @@ class RootWatcher:
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._fd: int | None = None  # this watcher's inotify descriptor, when it could be told apart
         self._root_id: tuple[int, int] | None = None
+        self._mounts: MountWatch | None = None
         self._problem: str | None = None
         # Directories created or moved in since the last look (bounded; None: too many, look at everything).
         self._new_dirs: set[str] | None = set()
@@ -165,25 +176,30 @@ class RootWatcher:
         if not stat.S_ISDIR(st.st_mode):
             raise WatchError(f"cannot watch data root {self.root}: not a directory")
         self._root_id = (st.st_dev, st.st_ino)
-        # The observer's inotify descriptor is told apart as the one it opened: watchdog 6 opens it when the
-        # observer starts, watchdog 7 when the tree is scheduled (one per observer in both).
-        before = _inotify_fds()
-        try:
-            observer = Observer()
-        except OSError as e:
-            raise WatchError(self._os_error(e)) from None
-        _overflows.watchers.add(self)
-        try:
-            observer.schedule(_Handler(self), self.root, recursive=True, event_filter=_CHANGES)
-            observer.start()
-        except OSError as e:
-            _overflows.watchers.discard(self)
+        # Mounts inside the tree from now on are seen (before the watches are set up: none is missed).
+        self._mounts = MountWatch(self.root)
+        # The observer's inotify descriptor is told apart as the one it opened: watchdog 7.1.0 opens it when
+        # the observer is made, 7.1.1 when the tree is scheduled (one per observer in both).
+        with _STARTING:
+            before = _inotify_fds()
             try:
-                observer.stop()
-            except Exception:  # never started: nothing to stop
-                pass
-            raise WatchError(self._os_error(e)) from None
-        fds = _inotify_fds() - before
+                observer = Observer()
+            except OSError as e:
+                self._mounts.close()
+                raise WatchError(self._os_error(e)) from None
+            _overflows.watchers.add(self)
+            try:
+                observer.schedule(_Handler(self), self.root, recursive=True, event_filter=_CHANGES)
+                observer.start()
+            except OSError as e:
+                _overflows.watchers.discard(self)
+                self._mounts.close()
+                try:
+                    observer.stop()
+                except Exception:  # never started: nothing to stop
+                    pass
+                raise WatchError(self._os_error(e)) from None
+            fds = _inotify_fds() - before
         self._fd = fds.pop() if len(fds) == 1 else None
         self._observer = observer
 
@@ -198,6 +214,8 @@ class RootWatcher:
     def stop(self) -> None:
         observer, self._observer = self._observer, None
         _overflows.watchers.discard(self)
+        if self._mounts is not None:
+            self._mounts.close()
         if observer is not None:
             observer.stop()
             if observer.is_alive():
@@ -267,6 +285,12 @@ class RootWatcher:
                     f"{self.root} (a symlink was changed)")
         if not observer.is_alive() or not observer.emitters or not all(e.is_alive() for e in observer.emitters):
             return f"the watch on data root {self.root} ended (the root was deleted, moved or unmounted)"
+        moved = self._mounts.changed() if self._mounts is not None else []
+        if moved:  # directories under a new mount have no watch; under an unmounted one, maybe none
+            self._problem = (f"a filesystem was mounted or unmounted inside data root {self.root} while it was "
+                             f"watched (at {os.path.relpath(moved[0], self.root)}): its directories are watched "
+                             f"when notification is set up again")
+            return self._problem
         return None
 
     def new_dirs_problem(self) -> str | None:
@@ -298,42 +322,48 @@ class RootWatcher:
                 st = os.lstat(path)
             except OSError:
                 continue
-            if stat.S_ISDIR(st.st_mode) and st.st_ino == ino and watched is not None and ino not in watched:
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode) and key == ino and watched is not None and key not in watched:
                 still.append(path)
         if not still:
             return None
         first = os.path.relpath(still[0], self.root)
-        return (f"{len(still)} director{'y' if len(still) == 1 else 'ies'} of data root {self.root} could not be "
-                f"watched (first: {first}), most likely the inotify watch limit: {watch_limit_advice()}")
+        n = len(still)
+        return (f"{n} director{'y' if n == 1 else 'ies'} of data root {self.root} {'is' if n == 1 else 'are'} not "
+                f"watched (first: {first}): the inotify watch limit was reached ({watch_limit_advice()}), or a "
+                f"directory was moved out of the tree and back (watched again when notification is set up again)")
 
-    def _watched(self) -> set[int] | None:
-        """The inodes the kernel lists as watched for this watcher's descriptor (or for all of the process's
-        inotify descriptors), None when /proc cannot be read."""
+    def _watched(self) -> set[tuple[int, int]] | None:
+        """The directories the kernel lists as watched for this watcher's descriptor (or for all of the
+        process's inotify descriptors) as (st_dev, st_ino): inode numbers repeat across filesystems, and a
+        tree may span several. None when /proc cannot be read."""
         fds = [self._fd] if self._fd is not None else sorted(_inotify_fds())
         if not fds:
             return None
-        watched: set[int] = set()
+        watched: set[tuple[int, int]] = set()
         try:
             for fd in fds:
                 with open(f"/proc/self/fdinfo/{fd}") as f:
-                    watched.update(int(m.group(1), 16) for m in _WATCH_LINE.finditer(f.read()))
+                    for m in _WATCH_LINE.finditer(f.read()):
+                        sdev = int(m.group(2), 16)  # the kernel's dev_t: major << 20 | minor
+                        watched.add((os.makedev(sdev >> 20, sdev & 0xFFFFF), int(m.group(1), 16)))
         except OSError:
             return None
         return watched
 
-    def _unwatched(self, tops: list[str] | None = None) -> list[tuple[str, int]]:
+    def _unwatched(self, tops: list[str] | None = None) -> list[tuple[str, tuple[int, int]]]:
         watched = self._watched()
         if watched is None:
             return []
-        out: list[tuple[str, int]] = []
+        out: list[tuple[str, tuple[int, int]]] = []
         stack = [self.root] if tops is None else list(tops)
         for top in stack if tops is not None else ():
             try:
                 st = os.lstat(top)
             except OSError:
                 continue
-            if st.st_ino not in watched:
-                out.append((top, st.st_ino))
+            if (st.st_dev, st.st_ino) not in watched:
+                out.append((top, (st.st_dev, st.st_ino)))
         while stack:
             top = stack.pop()
             try:
@@ -345,10 +375,11 @@ class RootWatcher:
                 try:
                     if not e.is_dir(follow_symlinks=False) or self._excluded(e.path):
                         continue
-                    ino = e.inode()
+                    st = e.stat(follow_symlinks=False)  # one lstat per directory: its device too
                 except OSError:
                     continue
-                if ino not in watched:
-                    out.append((e.path, ino))
+                key = (st.st_dev, st.st_ino)
+                if key not in watched:
+                    out.append((e.path, key))
                 stack.append(e.path)
         return out
