@@ -36,7 +36,7 @@ def under(points: set[str], root: str) -> set[str]:
 
 class MountWatch:
     """The mount points inside ``root`` as they were when made; :meth:`changed` says which differ now.
-    Where the table cannot be read or polled, :attr:`available` is False and nothing is reported."""
+    Where the table cannot be read or polled, nothing is reported."""
 
     def __init__(self, root: str) -> None:
         self.root = root
@@ -50,10 +50,6 @@ class MountWatch:
             self.points = self._read()
         except OSError:
             self.close()
-
-    @property
-    def available(self) -> bool:
-        return self._poll is not None
 
     def _read(self) -> set[str]:
         assert self._f is not None
