@@ -119,7 +119,7 @@ def test_a_name_in_decomposed_unicode_replicates_by_distcp(tmp_path: Path, webhd
         pair.start("primary")
         wait_for(lambda: "decomposed Unicode" in _log(tmp_path, "primary"), "the advice to set distcp_url",
                  timeout=120)
-        assert "gone" not in _log(tmp_path, "primary") and not pair.in_sync()
+        assert "snapshot to copy from" not in _log(tmp_path, "primary") and not pair.in_sync()
         pair.stop_all()
         rpc = str(hdfs_cluster.info["hdfs"])  # hdfs://drsync-ns, resolved by the cluster's client config
         for cfg, root in ((pair.primary_cfg, pair.prod_site.path("prod-data")),

@@ -23,11 +23,31 @@ def test_shared_locks_coexist_exclusive_excludes() -> None:
     s = MemoryStorage()
     with RepositoryLock(s, exclusive=False), RepositoryLock(s, exclusive=False):
         assert len(read_locks(s)) == 2
-        with pytest.raises(LockedError, match="locked: shared lock by pid"):
+        with pytest.raises(LockedError, match="shared lock by pid"):
             RepositoryLock(s, exclusive=True).acquire()
     with RepositoryLock(s, exclusive=True), pytest.raises(LockedError, match="exclusive lock by pid"):
         RepositoryLock(s, exclusive=False).acquire()
     assert read_locks(s) == []
+
+
+def test_a_conflict_with_this_process_itself_does_not_advise_unlock() -> None:
+    """An agent's retention meets the shared lock of its own shipment: the message said 'if that
+    process is gone run drsync repo unlock' about the very process printing it. It now says the
+    lock is this process's own; another live process's lock still gets the unlock advice."""
+    s = MemoryStorage()
+    with RepositoryLock(s, exclusive=False), pytest.raises(LockedError) as own:
+        RepositoryLock(s, exclusive=True).acquire()
+    assert "locked by another operation of this process" in str(own.value)
+    assert "repo unlock" not in str(own.value)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _foreign_lock(s, host=socket.gethostname(), pid=other.pid, refreshed=time.time())
+        with pytest.raises(LockedError) as foreign:
+            RepositoryLock(s, exclusive=False).acquire()
+        assert "is locked" in str(foreign.value) and "drsync repo unlock" in str(foreign.value)
+    finally:
+        other.kill()
+        other.wait()
 
 
 def _foreign_lock(s: MemoryStorage, *, host: str, pid: int, refreshed: float) -> None:

@@ -64,6 +64,11 @@ class LockInfo:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.created))
         return f"{kind} lock by pid {self.pid} on {self.host} ({self.command}) since {since} UTC"
 
+    def is_this_process(self) -> bool:
+        """True when the lock is held by the calling process itself (another of its operations)."""
+        return (self.host == socket.gethostname() and self.pid == os.getpid()
+                and self.start == _process_start(self.pid))
+
     def is_stale(self, now: float) -> bool:
         if now - self.refreshed > STALE_AFTER:
             return True
@@ -95,6 +100,15 @@ def read_locks(storage: Storage, *, oversized_ok: bool = False) -> list[LockInfo
             # it blocks, and 'drsync repo unlock' removes it.
             out.append(LockInfo(obj.name, "?", 0, True, "unreadable lock file", obj.mtime, obj.mtime, None))
     return out
+
+
+def _conflict_message(url: str, conflict: LockInfo) -> str:
+    if conflict.is_this_process():
+        # Never advise 'repo unlock' for a lock this very process holds: it is alive and will let go.
+        return (f"repository {url} is locked by another operation of this process: {conflict.describe()}; "
+                f"it is released when that operation finishes")
+    return (f"repository {url} is locked: {conflict.describe()}; wait for it to finish, or if that "
+            f"process is gone run 'drsync repo unlock'")
 
 
 class RepositoryLock:
@@ -136,9 +150,7 @@ class RepositoryLock:
             if conflict is None:
                 break
             if time.monotonic() >= deadline:
-                raise LockedError(
-                    f"repository {self.storage.url} is locked: {conflict.describe()}; wait for it to "
-                    f"finish, or if that process is gone run 'drsync repo unlock'")
+                raise LockedError(_conflict_message(self.storage.url, conflict))
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))  # backoff between attempts
             delay = min(delay * 2, 1.0)
         self._thread = threading.Thread(target=self._refresh_loop, name="drsync-lock-refresh", daemon=True)
