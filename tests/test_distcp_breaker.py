@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import unicodedata
 from pathlib import Path
 
@@ -299,10 +300,15 @@ def test_kill_9_of_the_standby_during_distcp_leaves_no_copy_running(tmp_path: Pa
         pair.start("primary")
         wait_for(lambda: started.exists() and started.read_text().strip() != "", "the standby's DistCp to start")
         orphan = int(started.read_text())
+        killed = pair.procs["standby"].pid
+        listings = sorted(Path(tempfile.gettempdir()).glob(f"drsync-distcp-{killed}-*.lst"))
+        assert listings, "the standby's DistCp listing file is not named after its agent"
         pair.kill("standby")  # SIGKILL, in the middle of the copy
         pair.start("standby")
         wait_for(pair.in_sync, "the restarted standby to apply a snapshot", timeout=120)
         assert not _alive(orphan), "the killed agent's DistCp is still running after the restarted standby applied"
+        # The killed agent could not remove its listing file (production's file names): the next stage did.
+        assert not any(p.exists() for p in listings), listings
     finally:
         gate.unlink(missing_ok=True)
         if orphan and _alive(orphan):

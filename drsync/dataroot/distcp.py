@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 import secrets
 import shlex
 import shutil
@@ -58,6 +59,30 @@ LISTING_CLASS = "drsync.distcp.ListedCopyListing"
 LISTING_KEY = "drsync.distcp.listing"
 _CHECK_WORKERS = 8
 _OUTPUT_TAIL = 40  # lines of DistCp's output kept for an error message
+# A listing file is named after the agent that wrote it: one left by a killed agent is removed later.
+_LISTING = re.compile(r"drsync-distcp-(\d+)-[^/]*\.lst")
+
+
+def remove_orphaned_listings(directory: str | None = None) -> list[str]:
+    """Remove the DistCp listing files (``drsync-distcp-<pid>-*.lst``) in ``directory`` (default:
+    the temporary directory) whose process is gone: a SIGKILLed agent cannot remove its own, and
+    each names files of production. Returns the paths removed."""
+    where = directory or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return removed
+    for name in names:
+        m = _LISTING.fullmatch(name)
+        if m is None or os.path.exists(f"/proc/{m[1]}"):
+            continue
+        try:
+            os.unlink(os.path.join(where, name))
+            removed.append(os.path.join(where, name))
+        except OSError:
+            continue  # another agent removed it first, or it is not ours to remove
+    return removed
 
 
 class Cancelled(OperationFailed):
@@ -169,8 +194,9 @@ class DistCpStager:
                                       f"agents to the cluster's RPC URI (hdfs://nameservice/path); nothing was "
                                       f"committed")
         started = time.monotonic()
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", prefix="drsync-distcp-", suffix=".lst",
-                                         delete=False) as f:
+        remove_orphaned_listings()
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", prefix=f"drsync-distcp-{os.getpid()}-",
+                                         suffix=".lst", delete=False) as f:
             for n, e in items:
                 f.write(f"{quote(e.path, safe='')}\t{n}\n")
             listing = f.name

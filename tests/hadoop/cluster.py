@@ -234,14 +234,16 @@ def start(dir: str | os.PathLike[str], *, ha: bool = False, datanodes: int = 1, 
     existing = _read(d)
     if existing is not None and existing.alive():
         raise HadoopClusterError(f"a mini cluster already runs from {d} (pid {existing.pid}): stop it first")
-    for leftover in ("cluster.json", "hdfs", "conf", "tmp"):
+    for leftover in ("cluster.json", "hdfs", "conf", "tmp", "jvm-tmp"):
         p = d / leftover
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
     cp = build()
-    args = [_java(), f"-Xmx{heap}", "-Djava.net.preferIPv4Stack=true", "-cp", ":".join(cp), MAIN, "--dir", str(d),
+    (d / "jvm-tmp").mkdir()  # the JVM's temporary files (Jetty's web app directories) go with the cluster
+    args = [_java(), f"-Xmx{heap}", "-Djava.net.preferIPv4Stack=true", f"-Djava.io.tmpdir={d / 'jvm-tmp'}",
+            "-cp", ":".join(cp), MAIN, "--dir", str(d),
             "--datanodes", str(datanodes), "--block-size", str(block_size), "--ls-limit", str(ls_limit)]
     if ha:
         args.append("--ha")
