@@ -20,7 +20,7 @@ import pytest
 from bench.bench import DISTCP_COPIED
 from drsync.apply import apply_manifest
 from drsync.capture import HDFS_CHECKSUM, capture
-from drsync.dataroot.distcp import Cancelled, DistCpSettings, DistCpStager, remove_orphaned_listings
+from drsync.dataroot.distcp import Cancelled, DistCpSettings, DistCpStager, listing_prefix, remove_orphaned_listings
 from drsync.dataroot.hdfs import HISTORY_PREFIX, HdfsDataRoot
 from drsync.errors import IntegrityError, OperationFailed, UsageError
 from drsync.repository.manifest import Manifest, hdfs_checksum_digest
@@ -87,16 +87,20 @@ def _capture(root: HdfsDataRoot, repo: Repository, parent: Manifest | None = Non
 
 def test_listing_files_of_gone_agents_are_removed_and_no_others(tmp_path: Path) -> None:
     """A SIGKILLed agent leaves its DistCp listing (production's file names) in the temporary
-    directory; the next stage removes those whose agent is gone, never a live agent's or a file
-    drsync did not name."""
+    directory; the next stage removes those of this host whose agent is gone, never a live agent's,
+    another host's (its pid means nothing here) or a file drsync did not name."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    names = [f"drsync-distcp-{dead.pid}-x1y2.lst", f"drsync-distcp-{os.getpid()}-a7b8.lst",
-             "drsync-distcp-k3m4.lst", f"other-{dead.pid}-x.lst", f"drsync-distcp-{dead.pid}-x.txt"]
+    mine = listing_prefix()
+    assert mine.endswith(f"-{os.getpid()}-")
+    gone = mine.replace(f"-{os.getpid()}-", f"-{dead.pid}-")
+    names = [f"{gone}x1y2.lst", f"{mine}a7b8.lst", f"drsync-distcp-other.host-{dead.pid}-c5d6.lst",
+             "drsync-distcp-k3m4.lst", f"other-{dead.pid}-x.lst", f"{gone}x.txt"]
     for n in names:
         (tmp_path / n).write_text("catalog%2Ff\t1\n")
+    (tmp_path / f"{gone}dir.lst").mkdir()  # not a file: left, no error
     assert remove_orphaned_listings(str(tmp_path)) == [str(tmp_path / names[0])]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1:], f"{gone}dir.lst"])
 
 
 def test_a_capture_for_distcp_reads_no_file_and_keeps_its_snapshot(sites, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

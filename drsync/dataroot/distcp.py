@@ -34,6 +34,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -59,20 +60,43 @@ LISTING_CLASS = "drsync.distcp.ListedCopyListing"
 LISTING_KEY = "drsync.distcp.listing"
 _CHECK_WORKERS = 8
 _OUTPUT_TAIL = 40  # lines of DistCp's output kept for an error message
-# A listing file is named after the agent that wrote it: one left by a killed agent is removed later.
-_LISTING = re.compile(r"drsync-distcp-(\d+)-[^/]*\.lst")
+# A listing file is named after the host and process that wrote it: one left by a killed agent is
+# removed later, by an agent of the same host (a process of another host or pid namespace sharing the
+# directory cannot be told alive or dead from here, so its files are left alone).
+_LISTING = re.compile(r"drsync-distcp-(.+)-(\d+)-[^/]*\.lst")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "_"
+
+
+def listing_prefix() -> str:
+    """The name prefix of this process's DistCp listing files: ``drsync-distcp-<host>-<pid>-``."""
+    return f"drsync-distcp-{_host()}-{os.getpid()}-"
 
 
 def remove_orphaned_listings(directory: str | None = None) -> list[str]:
-    """Remove the DistCp listing files (``drsync-distcp-<pid>-*.lst``) in ``directory`` (default:
-    the temporary directory) whose process is gone: a SIGKILLed agent cannot remove its own, and
-    each names files of production. Returns the paths removed."""
+    """Remove the DistCp listing files of this host in ``directory`` (default: the temporary
+    directory) whose process is gone: a SIGKILLed agent cannot remove its own, and each names files
+    of production. Files of other hosts, of live processes and not named by drsync are left.
+    Returns the paths removed."""
     where = directory or tempfile.gettempdir()
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(where)
     except OSError:
         return removed
+    host = _host()
+    for name in names:
+        m = _LISTING.fullmatch(name)
+        if m is None or m[1] != host or os.path.exists(f"/proc/{m[2]}"):
+            continue
+        try:
+            os.unlink(os.path.join(where, name))
+            removed.append(os.path.join(where, name))
+        except OSError:
+            continue  # another agent removed it first, or it is not ours to remove
+    return removed
     for name in names:
         m = _LISTING.fullmatch(name)
         if m is None or os.path.exists(f"/proc/{m[1]}"):
@@ -195,7 +219,7 @@ class DistCpStager:
                                       f"committed")
         started = time.monotonic()
         remove_orphaned_listings()
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", prefix=f"drsync-distcp-{os.getpid()}-",
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", prefix=listing_prefix(),
                                          suffix=".lst", delete=False) as f:
             for n, e in items:
                 f.write(f"{quote(e.path, safe='')}\t{n}\n")
