@@ -301,7 +301,7 @@ def test_kill_9_of_the_standby_during_distcp_leaves_no_copy_running(tmp_path: Pa
         wait_for(lambda: started.exists() and started.read_text().strip() != "", "the standby's DistCp to start")
         orphan = int(started.read_text())
         killed = pair.procs["standby"].pid
-        listings = sorted(Path(tempfile.gettempdir()).glob(f"drsync-distcp-*-{killed}-*.lst"))
+        listings = sorted(Path(tempfile.gettempdir()).glob(f"drsync-distcp-*-*-{killed}-*-*.lst"))
         assert listings, "the standby's DistCp listing file is not named after its agent"
         pair.kill("standby")  # SIGKILL, in the middle of the copy
         pair.start("standby")

@@ -7,7 +7,9 @@ Hadoop's DistCp in a JVM of its own (the MapReduce local runner), as ``hadoop di
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from drsync.capture import HDFS_CHECKSUM, capture
 from drsync.dataroot.distcp import Cancelled, DistCpSettings, DistCpStager, listing_prefix, remove_orphaned_listings
 from drsync.dataroot.hdfs import HISTORY_PREFIX, HdfsDataRoot
 from drsync.errors import IntegrityError, OperationFailed, UsageError
+from drsync.liveness import ProcessRef
 from drsync.repository.manifest import Manifest, hdfs_checksum_digest
 from drsync.repository.repo import Repository
 from drsync.storage import open_storage
@@ -87,18 +90,21 @@ def _capture(root: HdfsDataRoot, repo: Repository, parent: Manifest | None = Non
 
 def test_listing_files_of_gone_agents_are_removed_and_no_others(tmp_path: Path) -> None:
     """A SIGKILLed agent leaves its DistCp listing (production's file names) in the temporary
-    directory; the next stage removes those of this host whose agent is gone, never a live agent's,
-    another host's (its pid means nothing here) or a file drsync did not name."""
+    directory; the next stage removes those of this host and pid namespace whose writer is gone,
+    never a live agent's, another host's (its pid means nothing here) or a file drsync did not name."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    mine = listing_prefix()
-    assert mine.endswith(f"-{os.getpid()}-")
-    gone = mine.replace(f"-{os.getpid()}-", f"-{dead.pid}-")
-    names = [f"{gone}x1y2.lst", f"{mine}a7b8.lst", f"drsync-distcp-other.host-{dead.pid}-c5d6.lst",
+    me = ProcessRef.current()
+    gone = listing_prefix(dataclasses.replace(me, pid=dead.pid))
+    assert listing_prefix().startswith("drsync-distcp-") and f"-{os.getpid()}-" in listing_prefix()
+    names = [f"{gone}x1y2.lst", f"{listing_prefix()}a7b8.lst",
+             f"{listing_prefix(dataclasses.replace(me, host='other.host', pid=dead.pid))}c5d6.lst",
              "drsync-distcp-k3m4.lst", f"other-{dead.pid}-x.lst", f"{gone}x.txt"]
     for n in names:
         (tmp_path / n).write_text("catalog%2Ff\t1\n")
     (tmp_path / f"{gone}dir.lst").mkdir()  # not a file: left, no error
+    for host in ("prod-nn-1.example.com", "a b%c/d", "ü-host", ""):  # the name goes into a URI for DistCp
+        assert re.fullmatch(r"drsync-distcp-[A-Za-z0-9._-]+-", listing_prefix(dataclasses.replace(me, host=host)))
     assert remove_orphaned_listings(str(tmp_path)) == [str(tmp_path / names[0])]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1:], f"{gone}dir.lst"])
 

@@ -14,7 +14,8 @@ import traceback
 import click
 
 from drsync.cli.common import STATE, Exit
-from drsync.errors import EXIT_FAILED, EXIT_USAGE, DrsyncError
+from drsync.errors import EXIT_FAILED, EXIT_USAGE, DrsyncError, UsageError
+from drsync.repository.lock import environment_problem
 from drsync.repository.manifest import one_line
 
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
+        problem = environment_problem()
+        if problem:
+            raise UsageError(problem)
         cli.main(args=args, prog_name="drsync", standalone_mode=False)
         return 0
     except Exit as e:

@@ -110,7 +110,9 @@ def repo_gc(inv: Invocation, dry_run: bool) -> None:
 def repo_unlock(inv: Invocation, all_locks: bool) -> None:
     """Remove stale locks (of processes that are gone).
 
-    A lock is stale when the process that took it (host and pid) is gone; --all removes live ones too
+    A lock is stale when the process that took it is gone, which only a process on the same host and in
+    the same pid namespace can tell (a container with its own pid namespace cannot judge the host's
+    locks), or when it has not been refreshed for 30 minutes. --all removes live and unreadable ones too
     (only when you know no drsync process uses the repository)."""
     repo = inv.open_repo()
     removed = remove_locks(repo.storage, all_locks=all_locks)

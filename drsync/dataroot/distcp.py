@@ -26,6 +26,8 @@ it is killed, and the apply ends before its journal, leaving the root as it was.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import posixpath
@@ -47,6 +49,7 @@ from urllib.parse import quote
 
 from drsync.dataroot import STAGING, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, UsageError
+from drsync.liveness import ProcessRef
 from drsync.repository.manifest import Entry, hdfs_checksum_digest, printable
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.units import human_size
@@ -60,52 +63,53 @@ LISTING_CLASS = "drsync.distcp.ListedCopyListing"
 LISTING_KEY = "drsync.distcp.listing"
 _CHECK_WORKERS = 8
 _OUTPUT_TAIL = 40  # lines of DistCp's output kept for an error message
-# A listing file is named after the host and process that wrote it: one left by a killed agent is
-# removed later, by an agent of the same host (a process of another host or pid namespace sharing the
-# directory cannot be told alive or dead from here, so its files are left alone).
-_LISTING = re.compile(r"drsync-distcp-(.+)-(\d+)-[^/]*\.lst")
+# A listing file names the process that wrote it (host, pid namespace, pid, start time), so that one
+# left by a killed agent is removed later by an agent that can tell its writer is gone: of the same
+# host and pid namespace (drsync.liveness). The host is written as its letters, digits and dots and a
+# hash of the whole name: no '-' (the fields split one way only), no '%' (the name goes into a URI
+# for DistCp), and two hosts never share it.
+_LISTING = re.compile(r"drsync-distcp-([A-Za-z0-9._]+)-(\d+|x)-([1-9]\d*)-(\d+|x)-[A-Za-z0-9_]+\.lst", re.ASCII)
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "_"
+def _host_token(host: str) -> str:
+    readable = re.sub(r"[^A-Za-z0-9.]", "_", host, flags=re.ASCII)[:64]
+    return f"{readable}.{hashlib.blake2s(host.encode(errors='surrogateescape'), digest_size=5).hexdigest()}"
 
 
-def listing_prefix() -> str:
-    """The name prefix of this process's DistCp listing files: ``drsync-distcp-<host>-<pid>-``."""
-    return f"drsync-distcp-{_host()}-{os.getpid()}-"
+def listing_prefix(writer: ProcessRef | None = None) -> str:
+    """The name prefix of the DistCp listing files of ``writer`` (default: this process):
+    ``drsync-distcp-<host>.<hash>-<pid namespace>-<pid>-<start>-`` (``x`` for what is unknown)."""
+    w = writer or ProcessRef.current()
+    return f"drsync-distcp-{_host_token(w.host)}-{w.pidns or 'x'}-{w.pid}-{w.start or 'x'}-"
 
 
 def remove_orphaned_listings(directory: str | None = None) -> list[str]:
-    """Remove the DistCp listing files of this host in ``directory`` (default: the temporary
-    directory) whose process is gone: a SIGKILLed agent cannot remove its own, and each names files
-    of production. Files of other hosts, of live processes and not named by drsync are left.
-    Returns the paths removed."""
+    """Remove the DistCp listing files in ``directory`` (default: the temporary directory) whose
+    writer is gone, as judged from this host and pid namespace: a SIGKILLed agent cannot remove its
+    own, and each names files of production. Left alone: live writers' files (and those whose pid a
+    later process has taken are not live), other hosts' and pid namespaces', anything drsync does not
+    name so, and directories. A symlink so named is removed, never its target. Returns the paths removed."""
     where = directory or tempfile.gettempdir()
     removed: list[str] = []
     try:
         names = os.listdir(where)
     except OSError:
         return removed
-    host = _host()
     for name in names:
         m = _LISTING.fullmatch(name)
-        if m is None or m[1] != host or os.path.exists(f"/proc/{m[2]}"):
+        if m is None:
             continue
-        try:
-            os.unlink(os.path.join(where, name))
-            removed.append(os.path.join(where, name))
-        except OSError:
-            continue  # another agent removed it first, or it is not ours to remove
-    return removed
-    for name in names:
-        m = _LISTING.fullmatch(name)
-        if m is None or os.path.exists(f"/proc/{m[1]}"):
+        here = socket.gethostname()
+        host = here if m[1] == _host_token(here) else f"another host ({m[1]})"
+        writer = ProcessRef(host, int(m[3]), None if m[4] == "x" else m[4], None if m[2] == "x" else m[2])
+        if not writer.judgeable() or writer.alive():
             continue
+        path = os.path.join(where, name)
         try:
-            os.unlink(os.path.join(where, name))
-            removed.append(os.path.join(where, name))
+            os.unlink(path)
+            removed.append(path)
         except OSError:
-            continue  # another agent removed it first, or it is not ours to remove
+            continue  # another agent removed it first, a directory, or not ours to remove
     return removed
 
 
@@ -218,12 +222,7 @@ class DistCpStager:
                                       f"agents to the cluster's RPC URI (hdfs://nameservice/path); nothing was "
                                       f"committed")
         started = time.monotonic()
-        remove_orphaned_listings()
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", prefix=listing_prefix(),
-                                         suffix=".lst", delete=False) as f:
-            for n, e in items:
-                f.write(f"{quote(e.path, safe='')}\t{n}\n")
-            listing = f.name
+        listing = self._write_listing(items)
         try:
             self._run(listing, target, getattr(getattr(root, "location", None), "user", None))
         finally:
@@ -235,6 +234,23 @@ class DistCpStager:
                  self.what, len(items), human_size(sum(e.size for _, e in items)), self.source,
                  time.monotonic() - started)
         return staged
+
+    def _write_listing(self, items: list[tuple[int, Entry]]) -> str:
+        """The listing file DistCp reads (its path); none is left behind when it cannot be written."""
+        remove_orphaned_listings()
+        f = tempfile.NamedTemporaryFile("w", encoding="utf-8", prefix=listing_prefix(), suffix=".lst",  # noqa: SIM115
+                                        delete=False)
+        try:
+            with f:
+                for n, e in items:
+                    f.write(f"{quote(e.path, safe='')}\t{n}\n")
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(f.name)
+            raise OperationFailed(f"{self.what}: cannot write DistCp's listing file in {os.path.dirname(f.name)}: "
+                                  f"{err.strerror or err}; free space there (or point TMPDIR elsewhere); nothing "
+                                  f"was committed") from None
+        return f.name
 
     def _run(self, listing: str, target: str, user: str | None) -> None:
         s = self.settings

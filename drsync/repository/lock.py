@@ -2,17 +2,24 @@
 
 Shared locks (snapshot create, restore, verify) may coexist; an exclusive lock
 (delete, garbage collection) excludes everyone. A lock is stale when its
-process is gone (same host) or it has not been refreshed for ``STALE_AFTER``;
-stale locks are removed by the next locker, so a crash never wedges a
-repository. Holders refresh their lock in the background.
+process is gone (judged only from the same host and pid namespace:
+:mod:`drsync.liveness`), when it is this very process's and none of its
+operations holds it (a release that could not delete the file), or when it
+has not been refreshed for ``STALE_AFTER``; stale locks are removed by the next
+locker, so a crash never wedges a repository. Holders refresh their lock in the
+background.
+
+``DRSYNC_LOCK_WAIT`` (seconds, 0 or more; default 30) is how long a command
+waits for a conflicting lock; a value that is not such a number is refused
+(:func:`environment_problem`, checked by the CLI before any command runs).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
-import socket
 import sys
 import threading
 import time
@@ -20,32 +27,52 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from drsync.errors import IntegrityError, LockedError
+from drsync.liveness import ProcessRef
 from drsync.repository import format as fmt
 from drsync.storage import ObjectMissing, Storage, read_bounded
 
 STALE_AFTER = 30 * 60.0
 REFRESH_EVERY = 5 * 60.0
-# How long a command waits for a conflicting lock before giving up (DRSYNC_LOCK_WAIT seconds).
-DEFAULT_WAIT_S = float(os.environ.get("DRSYNC_LOCK_WAIT", "30"))
+_DEFAULT_WAIT = 30.0
+_LATEST = 1e11  # seconds since 1970 (year 5138): a lock time past it is not a time
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (guards against pid reuse), None if gone."""
+def _wait_from_environment() -> tuple[float, str | None]:
+    raw = os.environ.get("DRSYNC_LOCK_WAIT")
+    if raw is None:
+        return _DEFAULT_WAIT, None
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    except OSError:
-        return "?"
-    return stat.rsplit(")", 1)[-1].split()[19]
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        return _DEFAULT_WAIT, (f"DRSYNC_LOCK_WAIT={raw!r} is not a number of seconds (0 or more) to wait for a "
+                               f"repository lock: set it to one, e.g. 30, or unset it")
+    return value, None
 
 
-def _pid_alive(pid: int, start: str | None) -> bool:
-    now = _process_start(pid)
-    if now is None:
-        return False
-    return start is None or now == "?" or now == start
+# How long a command waits for a conflicting lock before giving up (DRSYNC_LOCK_WAIT seconds).
+DEFAULT_WAIT_S, _ENV_PROBLEM = _wait_from_environment()
+
+
+def environment_problem() -> str | None:
+    """What is wrong with ``DRSYNC_LOCK_WAIT`` (one line for the operator), None when nothing."""
+    return _ENV_PROBLEM
+
+
+# The lock files this process holds now (their names): a lock file of this process that is not
+# among them is left over from a release that could not delete it, and is stale.
+_HELD: set[str] = set()
+_HELD_LOCK = threading.Lock()
+
+
+def _seconds(value: object, fallback: float | None) -> float | None:
+    """A Unix time from a lock document; ``fallback`` when it is none (NaN, out of range, a string)."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return fallback
+    return v if math.isfinite(v) and 0 <= v <= _LATEST else fallback
 
 
 @dataclass(frozen=True)
@@ -55,24 +82,39 @@ class LockInfo:
     pid: int
     exclusive: bool
     command: str
-    created: float
+    created: float | None
     refreshed: float
     start: str | None
+    pidns: str | None = None
+    readable: bool = True
+
+    @property
+    def holder(self) -> ProcessRef:
+        return ProcessRef(self.host, self.pid, self.start, self.pidns)
 
     def describe(self) -> str:
+        if not self.readable:
+            return f"{self.command} {self.name}"
         kind = "exclusive" if self.exclusive else "shared"
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.created))
-        return f"{kind} lock by pid {self.pid} on {self.host} ({self.command}) since {since} UTC"
+        since = ("an unknown time" if self.created is None else
+                 time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.created)))
+        return f"{kind} lock by pid {self.pid} on {self.host} ({self.command}) since {since}"
 
-    def is_this_process(self) -> bool:
-        """True when the lock is held by the calling process itself (another of its operations)."""
-        return (self.host == socket.gethostname() and self.pid == os.getpid()
-                and self.start == _process_start(self.pid))
+    def held_here(self) -> bool:
+        """True when an operation of this very process holds the lock now."""
+        with _HELD_LOCK:
+            if self.name not in _HELD:
+                return False
+        return self.holder.is_current()
 
     def is_stale(self, now: float) -> bool:
         if now - self.refreshed > STALE_AFTER:
             return True
-        return self.host == socket.gethostname() and not _pid_alive(self.pid, self.start)
+        if not self.readable:
+            return False
+        if self.holder.is_current():
+            return not self.held_here()
+        return not self.holder.alive()
 
 
 def read_locks(storage: Storage, *, oversized_ok: bool = False) -> list[LockInfo]:
@@ -82,7 +124,8 @@ def read_locks(storage: Storage, *, oversized_ok: bool = False) -> list[LockInfo
     for obj in storage.list(fmt.LOCKS_DIR):
         try:
             if obj.size > fmt.SMALL_DOC_MAX_BYTES and oversized_ok:
-                out.append(LockInfo(obj.name, "?", 0, True, "oversized lock file", obj.mtime, obj.mtime, None))
+                out.append(LockInfo(obj.name, "?", 0, True, "oversized lock file", obj.mtime, obj.mtime, None,
+                                    readable=False))
                 continue
             if obj.size > fmt.SMALL_DOC_MAX_BYTES:
                 raise IntegrityError(f"lock file {storage.url}/{obj.name} is {obj.size} bytes, larger than a lock "
@@ -90,20 +133,28 @@ def read_locks(storage: Storage, *, oversized_ok: bool = False) -> list[LockInfo
                                      f"if no drsync runs on this repository, remove it with 'drsync repo unlock "
                                      f"--all'")
             doc = json.loads(read_bounded(storage, obj.name, fmt.SMALL_DOC_MAX_BYTES, f"lock file {obj.name}"))
-            out.append(LockInfo(obj.name, doc["host"], int(doc["pid"]), bool(doc["exclusive"]),
-                                doc.get("command", "?"), float(doc["created"]), float(doc["refreshed"]),
-                                doc.get("start")))
+            pid, host = int(doc["pid"]), doc["host"]
+            if not isinstance(host, str) or pid < 0:
+                raise ValueError("not a host and pid")
+            start, pidns = doc.get("start"), doc.get("pidns")
+            out.append(LockInfo(obj.name, host, pid, bool(doc["exclusive"]), str(doc.get("command", "?")),
+                                _seconds(doc.get("created"), None), _seconds(doc.get("refreshed"), obj.mtime) or 0.0,
+                                start if isinstance(start, str) else None, pidns if isinstance(pidns, str) else None))
         except ObjectMissing:
             continue
-        except (ValueError, KeyError, TypeError):
-            # An unreadable lock file is treated as a fresh foreign lock would be:
-            # it blocks, and 'drsync repo unlock' removes it.
-            out.append(LockInfo(obj.name, "?", 0, True, "unreadable lock file", obj.mtime, obj.mtime, None))
+        except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
+            # An unreadable lock file blocks as a fresh foreign lock would, for STALE_AFTER after
+            # it was written; 'drsync repo unlock --all' removes it at once.
+            out.append(LockInfo(obj.name, "?", 0, True, "unreadable lock file", obj.mtime, obj.mtime, None,
+                                readable=False))
     return out
 
 
 def _conflict_message(url: str, conflict: LockInfo) -> str:
-    if conflict.is_this_process():
+    if not conflict.readable:
+        return (f"repository {url} is locked: {conflict.describe()}; if no drsync process uses this "
+                f"repository, remove it with 'drsync repo unlock --all'")
+    if conflict.held_here():
         # Never advise 'repo unlock' for a lock this very process holds: it is alive and will let go.
         return (f"repository {url} is locked by another operation of this process: {conflict.describe()}; "
                 f"it is released when that operation finishes")
@@ -135,9 +186,9 @@ class RepositoryLock:
         self._created = 0.0
 
     def _doc(self) -> bytes:
-        pid = os.getpid()
+        me = ProcessRef.current()
         return json.dumps({
-            "host": socket.gethostname(), "pid": pid, "start": _process_start(pid),
+            "host": me.host, "pid": me.pid, "start": me.start, "pidns": me.pidns,
             "exclusive": self.exclusive, "command": " ".join(os.path.basename(a) for a in sys.argv[:3]),
             "created": self._created, "refreshed": time.time(),
         }).encode()
@@ -170,13 +221,20 @@ class RepositoryLock:
             if lock.is_stale(now):
                 self.storage.delete(lock.name)
         self._created = time.time()
-        self.storage.write(self.name, self._doc(), durable=True, exclusive=True)
+        with _HELD_LOCK:  # before the file exists: a thread of this process must never find it stale
+            _HELD.add(self.name)
+        try:
+            self.storage.write(self.name, self._doc(), durable=True, exclusive=True)
+        except BaseException:
+            self._forget()
+            raise
         try:
             for lock in read_locks(self.storage):
                 if lock.name == self.name or lock.is_stale(time.time()):
                     continue
                 if self.exclusive or lock.exclusive:
                     self.storage.delete(self.name)
+                    self._forget()
                     return lock
         except BaseException:
             # Never leave this lock file behind when the check itself failed: it would name a live
@@ -184,10 +242,16 @@ class RepositoryLock:
             try:
                 self.storage.delete(self.name)
             except Exception as e:
+                self._forget()  # left over: stale for this process, and for others once it exits
                 raise LockedError(f"repository {self.storage.url}: could not take a lock, and the lock file "
                                   f"{self.name} could not be removed ({e}); run 'drsync repo unlock'") from e
+            self._forget()
             raise
         return None
+
+    def _forget(self) -> None:
+        with _HELD_LOCK:
+            _HELD.discard(self.name)
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(REFRESH_EVERY):
@@ -203,7 +267,10 @@ class RepositoryLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.storage.delete(self.name)
+        try:
+            self.storage.delete(self.name)
+        finally:
+            self._forget()  # a file the delete left is stale from now on (no operation holds it)
 
     def __enter__(self) -> RepositoryLock:
         return self.acquire()

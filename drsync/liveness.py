@@ -1,0 +1,76 @@
+"""Whether a process that left its mark in a shared place (a repository lock, a temporary file) is alive.
+
+A mark names its writer as a :class:`ProcessRef`: host name, pid namespace, pid and the kernel's
+start time of that pid. Liveness can be judged only from the same host and pid namespace: a pid of
+another machine, or of a container with its own pid namespace on the same host (Docker
+``--network host``, a Kubernetes ``hostNetwork`` pod: same host name), means nothing here, so such
+a mark is never taken for dead (:meth:`ProcessRef.judgeable`). The start time guards against a pid
+the kernel has given to another process since. Source: ``/proc/<pid>/stat`` (field 22, starttime),
+``/proc/self/ns/pid`` (namespaces(7)).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot, as text); None when no such
+    process is visible here; ``"?"`` when it exists but cannot be read."""
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return "?"
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def pid_namespace() -> str | None:
+    """This process's pid namespace (the inode of ``/proc/self/ns/pid``), None where unknown."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    """One process as another may find it: ``pidns`` and ``start`` are None in marks written
+    before they were recorded (then the host alone decides whether liveness can be judged)."""
+
+    host: str
+    pid: int
+    start: str | None = None
+    pidns: str | None = None
+
+    @classmethod
+    def current(cls) -> ProcessRef:
+        pid = os.getpid()
+        return cls(socket.gethostname(), pid, process_start(pid), pid_namespace())
+
+    def judgeable(self) -> bool:
+        """True when this process could see the referenced one: same host and pid namespace."""
+        if self.host != socket.gethostname():
+            return False
+        here = pid_namespace()
+        return self.pidns is None or here is None or self.pidns == here
+
+    def alive(self) -> bool:
+        """False only when judgeable and gone (or its pid now belongs to a later process)."""
+        if not self.judgeable():
+            return True
+        now = process_start(self.pid)
+        if now is None:
+            return False
+        return self.start is None or now == "?" or now == self.start
+
+    def is_current(self) -> bool:
+        """True when this is the calling process itself."""
+        return (self.pid == os.getpid() and self.judgeable()
+                and self.start is not None and self.start == process_start(self.pid))
