@@ -16,10 +16,11 @@ import socket
 from dataclasses import dataclass
 
 
-def process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot, as text); None when no such
-    process is visible here; ``"?"`` when it exists but cannot be read."""
-    if pid <= 0:
+def process_start(pid: int | str) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot, as text; ``"self"``: this
+    process, whatever /proc is mounted); None when no such process is visible here; ``"?"`` when
+    it exists but cannot be read."""
+    if pid != "self" and int(pid) <= 0:
         return None
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -29,6 +30,15 @@ def process_start(pid: int) -> str | None:
     except OSError:
         return "?"
     return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def proc_is_ours() -> bool:
+    """True when /proc shows this pid namespace (``/proc/self`` is our own pid): a process in a pid
+    namespace of its own that still sees the host's /proc cannot look other processes up by pid."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
 
 
 def pid_namespace() -> str | None:
@@ -51,12 +61,11 @@ class ProcessRef:
 
     @classmethod
     def current(cls) -> ProcessRef:
-        pid = os.getpid()
-        return cls(socket.gethostname(), pid, process_start(pid), pid_namespace())
+        return cls(socket.gethostname(), os.getpid(), process_start("self"), pid_namespace())
 
     def judgeable(self) -> bool:
         """True when this process could see the referenced one: same host and pid namespace."""
-        if self.host != socket.gethostname():
+        if self.host != socket.gethostname() or not proc_is_ours():
             return False
         here = pid_namespace()
         return self.pidns is None or here is None or self.pidns == here
@@ -72,5 +81,7 @@ class ProcessRef:
 
     def is_current(self) -> bool:
         """True when this is the calling process itself."""
-        return (self.pid == os.getpid() and self.judgeable()
-                and self.start is not None and self.start == process_start(self.pid))
+        if self.pid != os.getpid() or self.host != socket.gethostname() or self.start is None:
+            return False
+        here = pid_namespace()
+        return (self.pidns is None or here is None or self.pidns == here) and self.start == process_start("self")

@@ -70,7 +70,12 @@ def test_fresh_foreign_lock_blocks_old_one_does_not() -> None:
     _foreign_lock(s, host="elsewhere", pid=1, refreshed=time.time())
     with pytest.raises(LockedError, match=r"on elsewhere.*drsync repo unlock"):
         RepositoryLock(s, exclusive=False).acquire()
-    _foreign_lock(s, host="elsewhere", pid=1, refreshed=time.time() - STALE_AFTER - 60)
+    old = time.time() - STALE_AFTER - 60
+    _foreign_lock(s, host="elsewhere", pid=1, refreshed=old)
+    with pytest.raises(LockedError, match="on elsewhere"):  # its file was written just now: not stale
+        RepositoryLock(s, exclusive=False).acquire()
+    name = f"{fmt.LOCKS_DIR}other.json"
+    s._blobs[name] = (s._blobs[name][0], old)  # the file too is untouched for 31 minutes
     with RepositoryLock(s, exclusive=False):
         pass
 

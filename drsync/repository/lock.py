@@ -87,6 +87,7 @@ class LockInfo:
     start: str | None
     pidns: str | None = None
     readable: bool = True
+    mtime: float = 0.0  # when the file was last written, by the storage's clock
 
     @property
     def holder(self) -> ProcessRef:
@@ -108,7 +109,10 @@ class LockInfo:
         return self.holder.is_current()
 
     def is_stale(self, now: float) -> bool:
-        if now - self.refreshed > STALE_AFTER:
+        # Not written for STALE_AFTER: by the storage's clock, and by the writer's own when it is not
+        # ahead of this one (a clock ahead would keep a crashed host's lock for as long).
+        last = max(self.mtime, self.refreshed) if self.refreshed <= now + 60 else self.mtime
+        if now - last > STALE_AFTER:
             return True
         if not self.readable:
             return False
@@ -125,7 +129,7 @@ def read_locks(storage: Storage, *, oversized_ok: bool = False) -> list[LockInfo
         try:
             if obj.size > fmt.SMALL_DOC_MAX_BYTES and oversized_ok:
                 out.append(LockInfo(obj.name, "?", 0, True, "oversized lock file", obj.mtime, obj.mtime, None,
-                                    readable=False))
+                                    readable=False, mtime=obj.mtime))
                 continue
             if obj.size > fmt.SMALL_DOC_MAX_BYTES:
                 raise IntegrityError(f"lock file {storage.url}/{obj.name} is {obj.size} bytes, larger than a lock "
@@ -133,28 +137,31 @@ def read_locks(storage: Storage, *, oversized_ok: bool = False) -> list[LockInfo
                                      f"if no drsync runs on this repository, remove it with 'drsync repo unlock "
                                      f"--all'")
             doc = json.loads(read_bounded(storage, obj.name, fmt.SMALL_DOC_MAX_BYTES, f"lock file {obj.name}"))
-            pid, host = int(doc["pid"]), doc["host"]
-            if not isinstance(host, str) or pid < 0:
-                raise ValueError("not a host and pid")
-            start, pidns = doc.get("start"), doc.get("pidns")
+            pid, host, pidns = doc["pid"], doc["host"], doc.get("pidns")
+            if (type(pid) is not int or pid < 0 or not isinstance(host, str)
+                    or not (pidns is None or isinstance(pidns, str) or type(pidns) is int)):
+                raise ValueError("not a host, pid and pid namespace")  # never written by drsync: damaged
+            start = doc.get("start")
             out.append(LockInfo(obj.name, host, pid, bool(doc["exclusive"]), str(doc.get("command", "?")),
                                 _seconds(doc.get("created"), None), _seconds(doc.get("refreshed"), obj.mtime) or 0.0,
-                                start if isinstance(start, str) else None, pidns if isinstance(pidns, str) else None))
+                                start if isinstance(start, str) else None, None if pidns is None else str(pidns),
+                                mtime=obj.mtime))
         except ObjectMissing:
             continue
         except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
             # An unreadable lock file blocks as a fresh foreign lock would, for STALE_AFTER after
             # it was written; 'drsync repo unlock --all' removes it at once.
             out.append(LockInfo(obj.name, "?", 0, True, "unreadable lock file", obj.mtime, obj.mtime, None,
-                                readable=False))
+                                readable=False, mtime=obj.mtime))
     return out
 
 
-def _conflict_message(url: str, conflict: LockInfo) -> str:
+def _conflict_message(url: str, conflict: LockInfo, own: bool) -> str:
+    """``own``: the conflict was, when found, a lock an operation of this process held."""
     if not conflict.readable:
         return (f"repository {url} is locked: {conflict.describe()}; if no drsync process uses this "
                 f"repository, remove it with 'drsync repo unlock --all'")
-    if conflict.held_here():
+    if own:
         # Never advise 'repo unlock' for a lock this very process holds: it is alive and will let go.
         return (f"repository {url} is locked by another operation of this process: {conflict.describe()}; "
                 f"it is released when that operation finishes")
@@ -184,6 +191,8 @@ class RepositoryLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._created = 0.0
+        self._owner = 0  # the pid that took it: a forked child holds nothing
+        self._io = threading.Lock()  # a refresh write and the release never overlap
 
     def _doc(self) -> bytes:
         me = ProcessRef.current()
@@ -196,14 +205,18 @@ class RepositoryLock:
     def acquire(self) -> RepositoryLock:
         deadline = time.monotonic() + self.wait_s
         delay = 0.05
+        if not math.isfinite(self.wait_s) or self.wait_s < 0:
+            raise ValueError(f"lock wait {self.wait_s!r} is not a number of seconds")
         while True:
-            conflict = self._try_once()
-            if conflict is None:
+            found = self._try_once()
+            if found is None:
                 break
             if time.monotonic() >= deadline:
-                raise LockedError(_conflict_message(self.storage.url, conflict))
+                raise LockedError(_conflict_message(self.storage.url, *found))
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))  # backoff between attempts
             delay = min(delay * 2, 1.0)
+        self._stop.clear()
+        self._owner = os.getpid()
         self._thread = threading.Thread(target=self._refresh_loop, name="drsync-lock-refresh", daemon=True)
         self._thread.start()
         self.held = True
@@ -215,11 +228,16 @@ class RepositoryLock:
                 raise
         return self
 
-    def _try_once(self) -> LockInfo | None:
+    def _try_once(self) -> tuple[LockInfo, bool] | None:
+        """One attempt: None when taken, else the conflicting lock and whether, when found, an
+        operation of this process held it."""
         now = time.time()
         for lock in read_locks(self.storage):
             if lock.is_stale(now):
                 self.storage.delete(lock.name)
+        # A new name for every attempt: another thread that listed an earlier attempt's file and
+        # judges it stale later deletes that name, never this attempt's file.
+        self.name = f"{fmt.LOCKS_DIR}{secrets.token_hex(16)}.json"
         self._created = time.time()
         with _HELD_LOCK:  # before the file exists: a thread of this process must never find it stale
             _HELD.add(self.name)
@@ -233,9 +251,10 @@ class RepositoryLock:
                 if lock.name == self.name or lock.is_stale(time.time()):
                     continue
                 if self.exclusive or lock.exclusive:
+                    own = lock.held_here()
                     self.storage.delete(self.name)
                     self._forget()
-                    return lock
+                    return lock, own
         except BaseException:
             # Never leave this lock file behind when the check itself failed: it would name a live
             # process and block every other locker until this one exits.
@@ -256,15 +275,23 @@ class RepositoryLock:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(REFRESH_EVERY):
             try:
-                self.storage.write(self.name, self._doc(), durable=True)
+                with self._io:
+                    if self._stop.is_set():
+                        return  # released meanwhile: writing now would bring the file back
+                    self.storage.write(self.name, self._doc(), durable=True)
             except Exception:  # a failed refresh is retried; staleness takes 30 minutes
                 continue
 
     def release(self) -> None:
+        if self.held and self._owner != os.getpid():
+            self.held = False  # a forked child: the lock is its parent's, to keep and to release
+            return
         if self.held and self._on_release is not None:
             self._on_release(self)
         self.held = False
         self._stop.set()
+        with self._io:  # a refresh write under way ends first; none starts after
+            pass
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
