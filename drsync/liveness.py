@@ -63,12 +63,13 @@ class ProcessRef:
     def current(cls) -> ProcessRef:
         return cls(socket.gethostname(), os.getpid(), process_start("self"), pid_namespace())
 
-    def judgeable(self) -> bool:
-        """True when this process could see the referenced one: same host and pid namespace."""
-        if self.host != socket.gethostname() or not proc_is_ours():
-            return False
+    def _same_pidns(self) -> bool:
         here = pid_namespace()
         return self.pidns is None or here is None or self.pidns == here
+
+    def judgeable(self) -> bool:
+        """True when this process could see the referenced one: same host and pid namespace."""
+        return self.host == socket.gethostname() and proc_is_ours() and self._same_pidns()
 
     def alive(self) -> bool:
         """False only when judgeable and gone (or its pid now belongs to a later process)."""
@@ -81,7 +82,5 @@ class ProcessRef:
 
     def is_current(self) -> bool:
         """True when this is the calling process itself."""
-        if self.pid != os.getpid() or self.host != socket.gethostname() or self.start is None:
-            return False
-        here = pid_namespace()
-        return (self.pidns is None or here is None or self.pidns == here) and self.start == process_start("self")
+        return (self.pid == os.getpid() and self.host == socket.gethostname() and self.start is not None
+                and self._same_pidns() and self.start == process_start("self"))

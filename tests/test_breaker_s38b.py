@@ -31,6 +31,7 @@ from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
 from drsync.storage.memory import MemoryStorage
 from tests.conftest import run_drsync
+from tests.test_agents import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NEEDS_UNSHARE = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)")
@@ -170,7 +171,7 @@ def test_s38b_a_lock_of_this_process_between_two_attempts_is_not_deleted_under_i
 
     ta = threading.Thread(target=run, args=(a,))
     ta.start()
-    time.sleep(0.01)
+    wait_for(lambda: any(lk.name != x.name for lk in read_locks(s)), "A's first attempt to write its lock file")
     tb = threading.Thread(target=run, args=(b,))
     s.b_thread = tb
     tb.start()
@@ -186,9 +187,12 @@ def test_s38b_a_lock_of_this_process_between_two_attempts_is_not_deleted_under_i
 
 
 class _SlowRefresh(MemoryStorage):
+    refreshing = threading.Event()
+
     def write(self, name: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> None:
         if name.startswith(fmt.LOCKS_DIR) and not exclusive:
-            time.sleep(6)  # a refresh meets a storage hiccup longer than release's 5 s join
+            self.refreshing.set()
+            time.sleep(6)  # the injected fault: a storage hiccup longer than release's 5 s join
         super().write(name, data, durable=durable, exclusive=exclusive)
 
 
@@ -200,9 +204,10 @@ def test_s38b_a_refresh_that_lands_after_release_does_not_bring_the_lock_back(mo
     monkeypatch.setattr(lockmod, "REFRESH_EVERY", 0.1)
     s = _SlowRefresh()
     lk = RepositoryLock(s, exclusive=True).acquire()
-    time.sleep(0.3)  # a refresh has started
+    assert s.refreshing.wait(30), "no refresh started"
     lk.release()
-    time.sleep(2)
+    assert lk._thread is not None
+    lk._thread.join(30)  # the refresh under way has landed (or was not written)
     assert [x.name for x in read_locks(s)] == [], "a released lock's file is back"
 
 

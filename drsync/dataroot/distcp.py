@@ -95,12 +95,13 @@ def remove_orphaned_listings(directory: str | None = None) -> list[str]:
         names = os.listdir(where)
     except OSError:
         return removed
+    here = socket.gethostname()
+    token = _host_token(here)
     for name in names:
         m = _LISTING.fullmatch(name)
         if m is None:
             continue
-        here = socket.gethostname()
-        host = here if m[1] == _host_token(here) else f"another host ({m[1]})"
+        host = here if m[1] == token else f"another host ({m[1]})"
         writer = ProcessRef(host, int(m[3]), None if m[4] == "x" else m[4], None if m[2] == "x" else m[2])
         if not writer.judgeable() or writer.alive():
             continue

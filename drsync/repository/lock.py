@@ -203,10 +203,10 @@ class RepositoryLock:
         }).encode()
 
     def acquire(self) -> RepositoryLock:
-        deadline = time.monotonic() + self.wait_s
-        delay = 0.05
         if not math.isfinite(self.wait_s) or self.wait_s < 0:
             raise ValueError(f"lock wait {self.wait_s!r} is not a number of seconds")
+        deadline = time.monotonic() + self.wait_s
+        delay = 0.05
         while True:
             found = self._try_once()
             if found is None:
@@ -261,10 +261,10 @@ class RepositoryLock:
             try:
                 self.storage.delete(self.name)
             except Exception as e:
-                self._forget()  # left over: stale for this process, and for others once it exits
                 raise LockedError(f"repository {self.storage.url}: could not take a lock, and the lock file "
                                   f"{self.name} could not be removed ({e}); run 'drsync repo unlock'") from e
-            self._forget()
+            finally:
+                self._forget()  # a file left over is stale for this process, and for others once it exits
             raise
         return None
 
