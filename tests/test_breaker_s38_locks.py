@@ -89,7 +89,7 @@ def test_s38_a_lock_with_an_odd_time_still_names_its_holder(tmp_path: Path, crea
     assert "pid 4242 on db-7" in r.err and r.err.count("\n") == 1
 
 
-@pytest.mark.parametrize("value", ["abc", "", "30s"])
+@pytest.mark.parametrize("value", ["abc", "", "30s", "1_0", " 5 ", "1e3", "-1", "\u0665", "9" * 400])
 def test_s38_a_bad_lock_wait_is_a_one_line_usage_error(value: str) -> None:
     """Fault: DRSYNC_LOCK_WAIT that is not a number is parsed at import time: every command (even
     --version) dies with a Python traceback and exit 1."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import sys
 import threading
@@ -34,6 +35,7 @@ from drsync.storage import ObjectMissing, Storage, read_bounded
 STALE_AFTER = 30 * 60.0
 REFRESH_EVERY = 5 * 60.0
 _DEFAULT_WAIT = 30.0
+_SECONDS_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _LATEST = 1e11  # seconds since 1970 (year 5138): a lock time past it is not a time
 
 
@@ -41,11 +43,9 @@ def _wait_from_environment() -> tuple[float, str | None]:
     raw = os.environ.get("DRSYNC_LOCK_WAIT")
     if raw is None:
         return _DEFAULT_WAIT, None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
+    # Plain decimal seconds only: Python's float() would also take '1_0', ' 5 ', '1e3' or Unicode digits.
+    value = float(raw) if _SECONDS_RE.fullmatch(raw) else math.nan
+    if not math.isfinite(value):
         return _DEFAULT_WAIT, (f"DRSYNC_LOCK_WAIT={raw!r} is not a number of seconds (0 or more) to wait for a "
                                f"repository lock: set it to one, e.g. 30, or unset it")
     return value, None
