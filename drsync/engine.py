@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from drsync import faults
 from drsync.capture import CHUNKS, HDFS_CHECKSUM, capture
 from drsync.config import Config, KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
@@ -170,7 +171,9 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
                               if req.distcp is not None and result.content_snapshot else ""),
             content_checksum=",".join(sorted(result.checksum_algorithms)))
         # Not re-checked chunk by chunk: whatever this capture reuses is named by the parent, which
-        # cannot be deleted (nor its chunks collected) while the session's shared lock is held.
+        # cannot be deleted (nor its chunks collected) while the session's shared lock is held; the
+        # commit checks that the lock is still held (lost: another process removed it as stale).
+        faults.pause("snapshot-commit")  # tests: captured and flushed, the shared lock held, not committed
         with result.stored:
             info = session.commit(info, result.stored, require_chunks=False)
     for w in result.warnings.lines():

@@ -15,7 +15,8 @@ snapshot's manifest), ``gc`` (garbage collection's sweep, with the repository's 
 ``relay-commit`` (a standby relaying a snapshot to a standby that follows it, before the commit),
 ``claim`` (an agent the epoch names, before it takes the primary node: a promotion it never acts on),
 ``hdfs-commit`` (an apply onto HDFS with its journal written, before the commit moves anything),
-``keep-history`` (a DistCp-engine standby's apply committed and recorded, before its history snapshot).
+``keep-history`` (a DistCp-engine standby's apply committed and recorded, before its history snapshot),
+``snapshot-commit`` (a snapshot captured and its chunks flushed under the shared lock, before its commit).
 """
 
 from __future__ import annotations

@@ -201,3 +201,71 @@ def test_host_locks_follow_the_directory_across_lock_dirs_and_remove_their_files
     assert len(list(two.glob("drsync-*.lock"))) == 1
     again.release()
     assert not list(two.glob("drsync-*.lock"))
+
+
+def _wait_for(cond, what: str, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_a_holder_whose_lock_was_removed_does_not_commit_over_a_gc(tmp_path: Path) -> None:
+    """Fault: a snapshot create paused past STALE_AFTER (SIGSTOP, a frozen VM, a clock ahead) has its
+    shared lock removed as stale; a GC then takes the exclusive lock and sweeps the packs the paused
+    capture wrote but no snapshot named. Resumed, the capture committed a snapshot whose chunks were
+    gone (it does not re-check them: its lock was to keep them). It now finds its lock gone and
+    refuses: one line, exit 1, nothing committed; the repository verifies clean."""
+    src, repo, gates = tmp_path / "src", tmp_path / "repo", tmp_path / "gates"
+    make_tree(src)
+    gates.mkdir()
+    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    (gates / "snapshot-commit").write_text("")
+    env = {**__import__("os").environ, "DRSYNC_FAULT_PAUSE": str(gates)}
+    paused = subprocess.Popen([sys.executable, "-m", "drsync", "snapshot", "create", "--repo", str(repo),
+                               "--source", str(src)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        _wait_for(lambda: (gates / "snapshot-commit.reached").exists() or paused.poll() is not None,
+                  "the capture to reach its commit")
+        assert paused.poll() is None, paused.communicate()
+        # What another locker does with a lock it judges stale (here: the operator's --all).
+        assert run_drsync("repo", "unlock", "--all", "--repo", repo).code == 0
+        gc = run_drsync("repo", "gc", "--repo", repo, env={"DRSYNC_LOCK_WAIT": "0"})
+        assert gc.code == 0, gc.err
+        (gates / "snapshot-commit").unlink()
+        out, err = paused.communicate(timeout=120)
+    finally:
+        if paused.poll() is None:
+            paused.kill()
+    assert paused.returncode == 1, (out, err)
+    assert "lock of this operation was removed by another process" in err and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    listed = run_drsync("snapshot", "list", "--repo", repo, "--json")
+    assert listed.code == 0 and json.loads(listed.out) == [], listed.out
+    verify = run_drsync("repo", "verify", "--repo", repo)
+    assert verify.code == 0, verify.out + verify.err
+
+
+def test_a_refresh_never_writes_back_a_lock_another_process_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault: the holder's refresh rewrote its lock file after another process had removed it as
+    stale, so two conflicting holders each saw a valid lock. The refresh now marks the lock lost,
+    writes nothing, and verify() refuses."""
+    import drsync.repository.lock as lock_mod
+
+    monkeypatch.setattr(lock_mod, "REFRESH_EVERY", 0.01)
+    s = MemoryStorage()
+    lock = RepositoryLock(s, exclusive=False).acquire()
+    try:
+        lock.verify()  # held: nothing to say
+        s.delete(lock.name)
+        _wait_for(lambda: lock.lost, "the refresh to notice")
+        assert not s.exists(lock.name)
+        with RepositoryLock(s, exclusive=True):  # the other process's lock: taken, not contested
+            assert [x.exclusive for x in read_locks(s)] == [True]
+        with pytest.raises(LockedError, match="removed by another process"):
+            lock.verify()
+    finally:
+        lock.release()
+    assert read_locks(s) == []

@@ -7,7 +7,10 @@ process is gone (judged only from the same host and pid namespace:
 operations holds it (a release that could not delete the file), or when it
 has not been refreshed for ``STALE_AFTER``; stale locks are removed by the next
 locker, so a crash never wedges a repository. Holders refresh their lock in the
-background.
+background; a holder whose lock file another process removed (it was paused for
+longer than ``STALE_AFTER``, or the clocks disagree) never writes it back: the
+lock is *lost*, and :meth:`RepositoryLock.verify` (called before a snapshot is
+committed) refuses to go on.
 
 ``DRSYNC_LOCK_WAIT`` (seconds, 0 or more; default 30) is how long a command
 waits for a conflicting lock; a value that is not such a number is refused
@@ -17,6 +20,7 @@ waits for a conflicting lock; a value that is not such a number is refused
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -31,6 +35,8 @@ from drsync.errors import IntegrityError, LockedError
 from drsync.liveness import ProcessRef
 from drsync.repository import format as fmt
 from drsync.storage import ObjectMissing, Storage, read_bounded
+
+log = logging.getLogger(__name__)
 
 STALE_AFTER = 30 * 60.0
 REFRESH_EVERY = 5 * 60.0
@@ -187,6 +193,7 @@ class RepositoryLock:
         self._on_acquire = on_acquire
         self._on_release = on_release
         self.held = False
+        self.lost = False  # another process removed this lock's file while it was held
         self.name = f"{fmt.LOCKS_DIR}{secrets.token_hex(16)}.json"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -216,6 +223,7 @@ class RepositoryLock:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))  # backoff between attempts
             delay = min(delay * 2, 1.0)
         self._stop.clear()
+        self.lost = False
         self._owner = os.getpid()
         self._thread = threading.Thread(target=self._refresh_loop, name="drsync-lock-refresh", daemon=True)
         self._thread.start()
@@ -278,9 +286,30 @@ class RepositoryLock:
                 with self._io:
                     if self._stop.is_set():
                         return  # released meanwhile: writing now would bring the file back
+                    if not self.storage.exists(self.name):
+                        # Another locker judged it stale and may hold a conflicting lock now:
+                        # writing it back would make two holders. This operation is told at
+                        # its next verify() and stops there.
+                        self.lost = True
+                        log.error("repository %s: this process's %s lock %s was removed by another process "
+                                  "(not refreshed for %d minutes: a paused process or a clock ahead); the "
+                                  "operation holding it stops before it commits; run it again",
+                                  self.storage.url, "exclusive" if self.exclusive else "shared", self.name,
+                                  STALE_AFTER // 60)
+                        return
                     self.storage.write(self.name, self._doc(), durable=True)
             except Exception:  # a failed refresh is retried; staleness takes 30 minutes
                 continue
+
+    def verify(self) -> None:
+        """Check that this lock is still this operation's, before a commit: LockedError when its file
+        is gone (another process removed it as stale and may hold a conflicting lock now; run the
+        operation again). One ``exists`` on the storage."""
+        if self.held and (self.lost or not self.storage.exists(self.name)):
+            self.lost = True
+            raise LockedError(f"repository {self.storage.url}: the lock of this operation was removed by another "
+                              f"process while it was held (not refreshed for {STALE_AFTER // 60:.0f} minutes: this "
+                              f"process was paused, or a clock is ahead); nothing was committed: run it again")
 
     def release(self) -> None:
         if self.held and self._owner != os.getpid():

@@ -951,6 +951,8 @@ class Repository:
                     manifest = Manifest.from_bytes(spool, f"manifest of snapshot {info.id}")
                 self.check_chunks_present(manifest.chunk_id_column(), f"snapshot {info.id}")
             self._store_manifest(info, manifest_bytes)
+            if lock is not None:
+                lock.verify()  # a lock another process removed as stale: a GC may have swept meanwhile
             with _COMMIT_LOCK:
                 seq = 1 + max((s.seq for s in self.list_snapshots()), default=0)
                 info = dataclasses.replace(info, seq=seq)
