@@ -15,6 +15,9 @@ import os
 import socket
 from dataclasses import dataclass
 
+# The inode of the host's initial pid namespace: PROC_PID_INIT_INO (0xEFFFFFFC), include/linux/proc_ns.h.
+INIT_PIDNS = "4026531836"
+
 
 def process_start(pid: int | str) -> str | None:
     """The kernel's start time of ``pid`` (clock ticks since boot, as text; ``"self"``: this
@@ -52,7 +55,7 @@ def pid_namespace() -> str | None:
 @dataclass(frozen=True)
 class ProcessRef:
     """One process as another may find it: ``pidns`` and ``start`` are None in marks written
-    before they were recorded (then the host alone decides whether liveness can be judged)."""
+    before they were recorded (then only a reader on that host in its initial pid namespace judges)."""
 
     host: str
     pid: int
@@ -65,7 +68,11 @@ class ProcessRef:
 
     def _same_pidns(self) -> bool:
         here = pid_namespace()
-        return self.pidns is None or here is None or self.pidns == here
+        if self.pidns is None:
+            # An older mark: its writer's namespace is unknown. Only the host's initial namespace,
+            # where such writers ran unless containerised, judges it; a container never does.
+            return here is None or here == INIT_PIDNS
+        return here is None or self.pidns == here
 
     def judgeable(self) -> bool:
         """True when this process could see the referenced one: same host and pid namespace."""

@@ -23,7 +23,7 @@ import pytest
 from drsync import engine
 from drsync.config import KeepPolicy
 from drsync.errors import LockedError
-from drsync.liveness import pid_namespace, process_start
+from drsync.liveness import INIT_PIDNS, pid_namespace, process_start
 from drsync.repository import format as fmt
 from drsync.repository import lock as lockmod
 from drsync.repository.lock import STALE_AFTER, RepositoryLock, read_locks, remove_locks
@@ -404,8 +404,30 @@ def test_s38b_old_format_locks_are_judged_by_host_and_pid() -> None:
         s.write(f"{fmt.LOCKS_DIR}live-start-int.json", _doc(pid=live.pid, start=12))
         s.write(f"{fmt.LOCKS_DIR}other.json", _doc(host="elsewhere", pid=dead))
         removed = sorted(lk.name for lk in remove_locks(s))
-        assert removed == [f"{fmt.LOCKS_DIR}dead.json"]
+        # Judged only from the host's initial pid namespace (a test run inside a container keeps all).
+        assert removed == ([f"{fmt.LOCKS_DIR}dead.json"] if pid_namespace() == INIT_PIDNS else [])
         assert process_start(live.pid) is not None
+    finally:
+        live.kill()
+        live.wait()
+
+
+@NEEDS_UNSHARE
+def test_an_old_format_lock_is_never_removed_from_a_container(tmp_path: Path) -> None:
+    """Fault: a lock without "pidns" (an older drsync, written on the host) of a live process was
+    judged from a container with its own pid namespace and the host's name, where that pid is not
+    visible: 'drsync repo unlock' (and any locker) removed it. Such a lock is judged only from the
+    host's initial pid namespace now."""
+    repo = tmp_path / "repo"
+    Repository.init(LocalStorage(str(repo)), cluster_id="c", release="1")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        LocalStorage(str(repo)).write(f"{fmt.LOCKS_DIR}old.json", _doc(pid=live.pid))
+        r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "drsync", "repo",
+                            "unlock", "--repo", str(repo)], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert [lk.pid for lk in read_locks(LocalStorage(str(repo)))] == [live.pid], r.stdout + r.stderr
     finally:
         live.kill()
         live.wait()
