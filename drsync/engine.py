@@ -59,8 +59,9 @@ def data_root_url(url: str) -> str:
     return open_data_root(url).url
 
 
-def open_repository(url: str) -> Repository:
-    return Repository.open(open_storage(url))
+def open_repository(url: str, *, retry_s: float | None = None) -> Repository:
+    """``retry_s``: for a repository on HDFS, seconds a request is retried (None: the client's default)."""
+    return Repository.open(open_storage(url, retry_s=retry_s))
 
 
 def init_repository(url: str, *, cluster_id: str, release: str) -> Repository:

@@ -89,8 +89,8 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
     layout = layout_problem(cfg)
     if layout:
         checks.append(Check("data root and repository", False, layout, "config"))
-    checks += _check_cluster(cfg)
-    checks += _check_engine(cfg)
+    checks += _check_cluster(cfg, timeout_s)
+    checks += _check_engine(cfg, timeout_s)
     checks += _check_cadence(cfg)
     try:
         state_dir: str | None = state_dir_of(cfg)
@@ -101,7 +101,7 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
     # The running agent is this config's only when it listens where this config says (another config with
     # this state directory, e.g. a copy with other ports, is not running: its ports say nothing of it).
     running = holder is not None and holder[1] in ("", cfg.agent.listen)
-    checks += _check_nesting(cfg, state_dir)
+    checks += _check_nesting(cfg, state_dir, timeout_s)
     checks += _check_agent(cfg, running, state_dir, holder)
     checks += _check_advertise(cfg, running and not any(c.name == "state directory" and not c.ok for c in checks),
                                timeout_s)
@@ -109,16 +109,16 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
     return checks
 
 
-def _check_cluster(cfg: Config) -> list[Check]:
+def _check_cluster(cfg: Config, timeout_s: float) -> list[Check]:
     out = []
     try:
-        root = open_data_root(cfg.cluster.data)
+        root = open_data_root(cfg.cluster.data, retry_s=timeout_s)
         root.check_capturable()
         out.append(Check("data root", True, f"{root.url} is a directory"))
     except DrsyncError as e:
         out.append(Check("data root", False, str(e)))
     try:
-        repo = engine.open_repository(cfg.cluster.repository)
+        repo = engine.open_repository(cfg.cluster.repository, retry_s=timeout_s)
         c = repo.config
         same = (c.cluster_id, c.release) == (cfg.cluster.id, cfg.cluster.release)
         out.append(Check("repository", same, f"{cfg.cluster.repository}: cluster {c.cluster_id!r} release "
@@ -129,7 +129,7 @@ def _check_cluster(cfg: Config) -> list[Check]:
     return out
 
 
-def _check_engine(cfg: Config) -> list[Check]:
+def _check_engine(cfg: Config, timeout_s: float) -> list[Check]:
     """replication.engine = "distcp": an HDFS data root that can be snapshotted, DistCp and its jar here."""
     if cfg.replication.engine != "distcp":
         return [Check("replication engine", True, "agent: drsync reads, ships and writes every byte", "config")]
@@ -141,7 +141,7 @@ def _check_engine(cfg: Config) -> list[Check]:
     out = [Check("replication engine", not settings.problems(), "; ".join(settings.problems()) or
                  f"distcp: {' '.join(settings.command)} with {settings.jar}")]
     try:
-        root = open_data_root(cfg.cluster.data)
+        root = open_data_root(cfg.cluster.data, retry_s=timeout_s)
         status = root.fs.status(root.root)  # type: ignore[attr-defined]
         ok = bool(status and status.get("snapshotEnabled"))
         out.append(Check("snapshottable data root", ok, f"{root.url} can be snapshotted" if ok else
@@ -198,11 +198,11 @@ def _sysctl(path: str) -> str:
         return "?"
 
 
-def _check_nesting(cfg: Config, state_dir: str | None) -> list[Check]:
+def _check_nesting(cfg: Config, state_dir: str | None, timeout_s: float) -> list[Check]:
     """Say what of drsync's own lies inside the data root: snapshots skip it and applies leave it alone,
     but the snapshot may not hold a file where it lives (a standby then refuses to apply)."""
     try:
-        root = open_data_root(cfg.cluster.data)
+        root = open_data_root(cfg.cluster.data, retry_s=timeout_s)
         nested = [(what, p, rel) for what, p in (("repository", cfg.cluster.repository), ("state directory",
                                                                                           state_dir or ""))
                   if p and (rel := root.relative_inside(p))]

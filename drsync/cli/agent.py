@@ -226,7 +226,7 @@ def config_grp() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="Seconds to wait for ZooKeeper and each peer agent.")
+              help="Seconds to wait for ZooKeeper, each peer agent, and an HDFS data root or repository.")
 def config_check(config_path: str, as_json: bool, debug: bool, timeout_s: float) -> None:
     """Validate a config, its data root and repository, ZooKeeper and the peer agents; list every problem.
 

@@ -209,8 +209,11 @@ def is_remote_url(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def open_data_root(url: str) -> DataRoot:
-    """The data root a config or a command line names: a path, ``file://PATH`` or an HDFS URL."""
+def open_data_root(url: str, *, retry_s: float | None = None) -> DataRoot:
+    """The data root a config or a command line names: a path, ``file://PATH`` or an HDFS URL.
+
+    ``retry_s``: for HDFS, how long (seconds) a request is retried and may take, instead of the
+    client's defaults (``config check --timeout``)."""
     from drsync.errors import UsageError
 
     if url.startswith("file://"):
@@ -220,7 +223,7 @@ def open_data_root(url: str) -> DataRoot:
         if scheme in HDFS_SCHEMES:
             from drsync.dataroot.hdfs import HdfsDataRoot
 
-            return HdfsDataRoot(url)
+            return HdfsDataRoot(url, retry_s=retry_s)
         raise UsageError(f"{url}: unknown data root scheme {scheme!r}; use a path or hdfs://namenode:9870/PATH")
     from drsync.dataroot.local import LocalDataRoot
 

@@ -42,7 +42,7 @@ from drsync.errors import RefusedError, UsageError
 from drsync.repository import chunks
 from drsync.repository.manifest import DIR, FILE, SYMLINK, printable
 from drsync.repository.manifest_check import symlink_stays_inside
-from drsync.storage.hdfs import HdfsError, HdfsFs, HdfsPermissionDenied, parse_hdfs_url
+from drsync.storage.hdfs import HdfsError, HdfsFs, HdfsPermissionDenied, bounded, parse_hdfs_url
 from drsync.tree import RESERVED_NAMES, LocalEntry, TreeScan
 
 if TYPE_CHECKING:
@@ -404,10 +404,10 @@ class HdfsDataRoot:
     lists_from_parent = True  # a capture lists only what the snapshot diff names; the rest is the parent's
     small_file_threads = None  # each file staged is round trips to the namenode and a datanode: threads overlap them
 
-    def __init__(self, url: str, *, fs: HdfsFs | None = None) -> None:
+    def __init__(self, url: str, *, fs: HdfsFs | None = None, retry_s: float | None = None) -> None:
         self.warnings: list[str] = []
         self.location = parse_hdfs_url(url)
-        self.fs = fs or HdfsFs(self.location)
+        self.fs = fs or HdfsFs(self.location, **bounded(retry_s))
         self.root = self.location.path
         self.url = self.location.url
 

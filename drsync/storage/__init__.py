@@ -142,9 +142,9 @@ def check_name(name: str) -> str:
 HDFS_SCHEMES = {"hdfs": "http", "webhdfs": "http", "swebhdfs": "https"}
 
 
-def open_storage(url: str, *, create: bool = False) -> Storage:
+def open_storage(url: str, *, create: bool = False, retry_s: float | None = None) -> Storage:
     """Open the storage a URL names: a plain path, ``file://PATH``, ``hdfs://NN:PORT[,NN2:PORT]/PATH`` or
-    ``memory://NAME``."""
+    ``memory://NAME``. ``retry_s``: for HDFS, how long (seconds) a request is retried and may take."""
     from drsync.storage.local import LocalStorage
     from drsync.storage.memory import MemoryStorage
 
@@ -157,7 +157,7 @@ def open_storage(url: str, *, create: bool = False) -> Storage:
         if scheme in HDFS_SCHEMES:
             from drsync.storage.hdfs import HdfsStorage
 
-            return HdfsStorage(url, create=create)
+            return HdfsStorage(url, create=create, retry_s=retry_s)
         raise UsageError(f"{url}: unknown storage scheme {scheme!r}; use a path, file://PATH or "
                          f"hdfs://namenode:9870/PATH")
     return LocalStorage(url, create=create)

@@ -290,6 +290,12 @@ def _namenode_order(name: str) -> bytes:
     return bytes((b + 128) & 0xFF for b in name.encode("utf-8", "surrogateescape"))
 
 
+def bounded(retry_s: float | None) -> dict[str, float]:
+    """:class:`HdfsFs` options for a caller that waits at most ``retry_s`` seconds (None: the defaults):
+    retried for as long, and no single request longer (at least 1 s)."""
+    return {} if retry_s is None else {"retry_s": retry_s, "timeout_s": max(1.0, retry_s)}
+
+
 class HdfsFs:
     """A WebHDFS client for one HDFS, with drsync's errors and bounded retries."""
 
@@ -689,9 +695,10 @@ def _temp_name(final: str) -> str:
 class HdfsStorage:
     """Blobs are files below an HDFS directory; temp files start with ``.tmp-`` and are never listed."""
 
-    def __init__(self, location: HdfsLocation | str, *, create: bool = False, fs: HdfsFs | None = None) -> None:
+    def __init__(self, location: HdfsLocation | str, *, create: bool = False, fs: HdfsFs | None = None,
+                 retry_s: float | None = None) -> None:
         self.location = parse_hdfs_url(location) if isinstance(location, str) else location
-        self.fs = fs or HdfsFs(self.location)
+        self.fs = fs or HdfsFs(self.location, **bounded(retry_s))
         self.root = self.location.path
         self.url = self.location.url
         st = self.fs.status(self.root)
