@@ -376,7 +376,10 @@ def test_an_older_pending_snapshot_coming_due_does_not_lift_a_hold(tmp_path: Pat
     shipment that passes the guards lifts a hold."""
     p = make_pair(tmp_path, '[replication]\napply_delay = "30s"\n')
     try:
-        bootstrap(p)  # the first snapshot is applied at once; the later ones of bootstrap wait 30 s
+        p.start("standby")
+        p.start("primary")
+        wait_for(p.in_sync, "the first snapshot to be applied (at once: nothing to delay it behind)")
+        (p.prod / "catalog" / "extra.txt").write_text("a small change")  # stored, then waits 30 s
         state_file = p.tmp / "standby-repo" / "agent" / "state.json"
         wait_for(lambda: json.loads(state_file.read_text()).get("pending"), "a shipment to wait for apply_delay")
         pending = json.loads(state_file.read_text())["pending"][-1][0]

@@ -205,8 +205,13 @@ public final class MiniCluster {
     private void writeDescription(int controlPort) throws IOException {
         Path confDir = dir.resolve("conf");
         Files.createDirectories(confDir);
+        // Clients (DistCp jobs in the MapReduce local runner) poll their job every 50 ms, not every
+        // 1 s (progress) and 5 s (completion): a job of a second waited up to a second more to end.
+        Configuration written = new Configuration(clientConf);
+        written.setInt("mapreduce.client.progressmonitor.pollinterval", 50);
+        written.setInt("mapreduce.client.completion.pollinterval", 50);
         try (OutputStream o = Files.newOutputStream(confDir.resolve("core-site.xml"))) {
-            clientConf.writeXml(o);
+            written.writeXml(o);
         }
         Files.copy(confDir.resolve("core-site.xml"), confDir.resolve("hdfs-site.xml"),
             StandardCopyOption.REPLACE_EXISTING);
