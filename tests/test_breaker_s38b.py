@@ -189,11 +189,11 @@ def test_s38b_a_lock_of_this_process_between_two_attempts_is_not_deleted_under_i
 class _SlowRefresh(MemoryStorage):
     refreshing = threading.Event()
 
-    def write(self, name: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> None:
-        if name.startswith(fmt.LOCKS_DIR) and not exclusive:
+    def touch(self, name: str) -> None:  # a lock's refresh
+        if name.startswith(fmt.LOCKS_DIR):
             self.refreshing.set()
             time.sleep(6)  # the injected fault: a storage hiccup longer than release's 5 s join
-        super().write(name, data, durable=durable, exclusive=exclusive)
+        super().touch(name)
 
 
 def test_s38b_a_refresh_that_lands_after_release_does_not_bring_the_lock_back(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -83,6 +83,9 @@ class CrashingStorage:
     def exists(self, name: str) -> bool:
         return self.inner.exists(name)
 
+    def touch(self, name: str) -> None:  # a lock's refresh: its time only, no data (never a crash point)
+        self.inner.touch(name)
+
     def list(self, prefix: str = "") -> list[StoredObject]:
         return self.inner.list(prefix)
 

@@ -91,6 +91,38 @@ def test_delete(storage: Storage) -> None:
         storage.read("d/e")
 
 
+def test_touch_moves_the_time_and_never_creates(storage: Storage) -> None:
+    """A lock's refresh: the object's time moves on, its bytes stay; a missing object is ObjectMissing
+    and stays missing (a lock another process removed is never brought back)."""
+    storage.write("locks/t.json", b"held")
+    before = next(o for o in storage.list("locks/") if o.name == "locks/t.json").mtime
+    storage.touch("locks/t.json")
+    after = next(o for o in storage.list("locks/") if o.name == "locks/t.json").mtime
+    assert after >= before and storage.read("locks/t.json") == b"held"
+    storage.delete("locks/t.json")
+    with pytest.raises(ObjectMissing):
+        storage.touch("locks/t.json")
+    assert not storage.exists("locks/t.json") and storage.list("locks/") == []
+
+
+def test_local_listing_leaves_out_what_no_read_could_address(tmp_path: Path) -> None:
+    """A name check_name refuses (a backslash) and a pipe, socket or device are no objects: not listed
+    (a pipe opened for reading blocked every locker), and a read of a pipe is refused, never blocks."""
+    store = LocalStorage(tmp_path / "store", create=True)
+    store.write("locks/good.json", b"{}")
+    (tmp_path / "store" / "locks" / "a\\b.json").write_bytes(b"{}")
+    os.mkfifo(tmp_path / "store" / "locks" / "pipe.json")
+    os.symlink("pipe.json", tmp_path / "store" / "locks" / "link.json")
+    assert [o.name for o in store.list("locks/")] == ["locks/good.json", "locks/link.json"]
+    from drsync.errors import IntegrityError
+
+    for name in ("locks/pipe.json", "locks/link.json"):
+        with pytest.raises(IntegrityError, match="a pipe, socket or device"):
+            store.read(name)
+        with pytest.raises(IntegrityError, match="a pipe, socket or device"):
+            store.read_range(name, 0, 10)
+
+
 @pytest.mark.parametrize("bad", ["", "/abs", "a/../b", "..", "a//b", "./a", "a\\b"])
 def test_names_that_escape_are_refused(storage: Storage, bad: str) -> None:
     with pytest.raises(ValueError):

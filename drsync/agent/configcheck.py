@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from drsync import engine
 from drsync.agent.locks import StateDirLock
@@ -33,7 +35,7 @@ from drsync.config import (
 )
 from drsync.coordination import Coordinator, identity_problem, open_coordinator
 from drsync.dataroot import open_data_root
-from drsync.errors import ConfigError, DrsyncError
+from drsync.errors import ConfigError, DrsyncError, OperationFailed
 from drsync.transport.grpc import GrpcStandbyLink
 
 
@@ -109,17 +111,47 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
     return checks
 
 
+T = TypeVar("T")
+
+
+def _bounded(what: str, timeout_s: float, fn: Callable[[], T]) -> T:
+    """``fn()``, given at most ``2 * timeout_s + 1`` seconds in all: an endpoint that answers a byte at a
+    time passes every per-read timeout. OperationFailed past it (the call is left to a daemon thread,
+    which ends with the command); ``fn``'s own exception otherwise."""
+    limit = 2 * timeout_s + 1
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    worker = threading.Thread(target=call, name=f"config-check-{what}", daemon=True)
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        raise OperationFailed(f"{what}: no whole answer within {limit:.0f}s (--timeout {timeout_s:g}); check that "
+                              f"it answers, or give config check a longer --timeout")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
 def _check_cluster(cfg: Config, timeout_s: float) -> list[Check]:
     out = []
     try:
-        root = open_data_root(cfg.cluster.data, retry_s=timeout_s)
-        root.check_capturable()
-        out.append(Check("data root", True, f"{root.url} is a directory"))
+        def capturable() -> str:
+            root = open_data_root(cfg.cluster.data, retry_s=timeout_s)
+            root.check_capturable()
+            return root.url
+
+        out.append(Check("data root", True, f"{_bounded('data root', timeout_s, capturable)} is a directory"))
     except DrsyncError as e:
         out.append(Check("data root", False, str(e)))
     try:
-        repo = engine.open_repository(cfg.cluster.repository, retry_s=timeout_s)
-        c = repo.config
+        c = _bounded("repository", timeout_s,
+                     lambda: engine.open_repository(cfg.cluster.repository, retry_s=timeout_s).config)
         same = (c.cluster_id, c.release) == (cfg.cluster.id, cfg.cluster.release)
         out.append(Check("repository", same, f"{cfg.cluster.repository}: cluster {c.cluster_id!r} release "
                          f"{c.release!r}" + ("" if same else f", but the config says cluster {cfg.cluster.id!r} "
@@ -142,7 +174,7 @@ def _check_engine(cfg: Config, timeout_s: float) -> list[Check]:
                  f"distcp: {' '.join(settings.command)} with {settings.jar}")]
     try:
         root = open_data_root(cfg.cluster.data, retry_s=timeout_s)
-        status = root.fs.status(root.root)  # type: ignore[attr-defined]
+        status = _bounded("data root", timeout_s, lambda: root.fs.status(root.root))  # type: ignore[attr-defined]
         ok = bool(status and status.get("snapshotEnabled"))
         out.append(Check("snapshottable data root", ok, f"{root.url} can be snapshotted" if ok else
                          f"{root.url} cannot be snapshotted, and the DistCp engine copies from snapshots (primary) "
@@ -201,11 +233,14 @@ def _sysctl(path: str) -> str:
 def _check_nesting(cfg: Config, state_dir: str | None, timeout_s: float) -> list[Check]:
     """Say what of drsync's own lies inside the data root: snapshots skip it and applies leave it alone,
     but the snapshot may not hold a file where it lives (a standby then refuses to apply)."""
-    try:
+    def inside() -> list[tuple[str, str, str]]:
         root = open_data_root(cfg.cluster.data, retry_s=timeout_s)
-        nested = [(what, p, rel) for what, p in (("repository", cfg.cluster.repository), ("state directory",
-                                                                                          state_dir or ""))
-                  if p and (rel := root.relative_inside(p))]
+        return [(what, p, rel) for what, p in (("repository", cfg.cluster.repository), ("state directory",
+                                                                                       state_dir or ""))
+                if p and (rel := root.relative_inside(p))]
+
+    try:
+        nested = _bounded("data root", timeout_s, inside)
     except DrsyncError as e:
         return [Check("nesting", False, str(e), "config")]
     if not nested:

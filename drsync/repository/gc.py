@@ -125,8 +125,10 @@ def mark(repo: Repository, repack_threshold: float, dry_run: bool, lock: Reposit
     return plan
 
 
-def sweep(repo: Repository, plan: GcPlan) -> None:
-    """Under the exclusive lock: re-check what changed since the mark, then replace and delete."""
+def sweep(repo: Repository, plan: GcPlan, lock: RepositoryLock) -> None:
+    """Under the exclusive ``lock``: re-check what changed since the mark, then replace and delete.
+    LockedError, nothing deleted, when the lock was lost (removed by another process) before the
+    deletions: a writer may have packs not indexed yet."""
     snaps = repo.list_snapshots()
     fresh = IdSet.empty()
     for s in snaps:
@@ -166,6 +168,9 @@ def sweep(repo: Repository, plan: GcPlan) -> None:
     dead_manifests = [o.name for o in repo.storage.list(fmt.MANIFESTS_DIR) if o.name not in live_manifests]
     if not dead_packs and not dead_manifests and len(files_now) <= 1:
         return
+    # The listings above are whole only if no writer could run since the lock was taken: its file is
+    # still there now (a removed lock file never comes back), or nothing is deleted.
+    lock.verify()
     new_index = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
     write_index(repo.storage, new_index, new_rows)
     del new_rows

@@ -286,30 +286,39 @@ class RepositoryLock:
                 with self._io:
                     if self._stop.is_set():
                         return  # released meanwhile: writing now would bring the file back
-                    if not self.storage.exists(self.name):
-                        # Another locker judged it stale and may hold a conflicting lock now:
-                        # writing it back would make two holders. This operation is told at
-                        # its next verify() and stops there.
-                        self.lost = True
-                        log.error("repository %s: this process's %s lock %s was removed by another process "
-                                  "(not refreshed for %d minutes: a paused process or a clock ahead); the "
-                                  "operation holding it stops before it commits; run it again",
-                                  self.storage.url, "exclusive" if self.exclusive else "shared", self.name,
-                                  STALE_AFTER // 60)
-                        return
-                    self.storage.write(self.name, self._doc(), durable=True)
-            except Exception:  # a failed refresh is retried; staleness takes 30 minutes
+                    # The file's time is its refresh (readers take the later of it and "refreshed"):
+                    # touched, never rewritten, so a file another locker removed is never brought back.
+                    self.storage.touch(self.name)
+            except ObjectMissing:
+                # Another locker judged it stale (or 'repo unlock --all') and may hold a conflicting
+                # lock now. This operation is told at its next verify() and stops there.
+                self.lost = True
+                log.error("repository %s: this process's %s lock %s was removed by another process "
+                          "(not refreshed for %d minutes: a paused process or a clock ahead); the "
+                          "operation holding it stops before it commits; run it again",
+                          self.storage.url, "exclusive" if self.exclusive else "shared", self.name,
+                          STALE_AFTER // 60)
+                return
+            except Exception:  # a failed refresh (an I/O error) is retried; staleness takes 30 minutes
                 continue
 
     def verify(self) -> None:
-        """Check that this lock is still this operation's, before a commit: LockedError when its file
-        is gone (another process removed it as stale and may hold a conflicting lock now; run the
-        operation again). One ``exists`` on the storage."""
-        if self.held and (self.lost or not self.storage.exists(self.name)):
-            self.lost = True
+        """Check that this lock is still this operation's, before a commit or a deletion: LockedError when
+        its file is gone (another process removed it as stale and may hold a conflicting lock now; run
+        the operation again). Refreshes it (one ``touch``); an I/O error of the storage is raised as is."""
+        if not self.held:
+            return
+        if not self.lost:
+            with self._io:
+                try:
+                    self.storage.touch(self.name)
+                except ObjectMissing:
+                    self.lost = True
+        if self.lost:
             raise LockedError(f"repository {self.storage.url}: the lock of this operation was removed by another "
                               f"process while it was held (not refreshed for {STALE_AFTER // 60:.0f} minutes: this "
-                              f"process was paused, or a clock is ahead); nothing was committed: run it again")
+                              f"process was paused, or a clock is ahead); it stopped there, committing or deleting "
+                              f"nothing more: run it again")
 
     def release(self) -> None:
         if self.held and self._owner != os.getpid():

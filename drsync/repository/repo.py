@@ -1009,10 +1009,10 @@ class Repository:
         log.info("garbage collection of %s: marked (%d live chunks, %d dead, %d packs to repack); "
                  "sweeping under the exclusive lock", self.storage.url, plan.report.live_chunks,
                  plan.report.dead_chunks, len(plan.repacked))
-        with self.lock(exclusive=True, wait_s=wait_s):
+        with self.lock(exclusive=True, wait_s=wait_s) as exclusive:
             faults.pause("gc")
             try:
-                sweep(self, plan)
+                sweep(self, plan, exclusive)
             finally:
                 self.reload_index()
         return plan.report

@@ -66,7 +66,16 @@ class Storage(Protocol):
 
     def exists(self, name: str) -> bool: ...
 
-    def list(self, prefix: str = "") -> list[StoredObject]: ...
+    def touch(self, name: str) -> None:
+        """Set the object's modification time to now, never creating it: ObjectMissing when it is gone
+        (a lock's refresh, which must not bring back a lock another process removed)."""
+        ...
+
+    def list(self, prefix: str = "") -> list[StoredObject]:
+        """The objects whose name starts with ``prefix``, sorted by name. Only what the storage can hold
+        as an object: a name :func:`check_name` refuses, or (on a file system) a pipe, socket or device,
+        is not listed."""
+        ...
 
     def sync(self, names: Iterable[str]) -> None: ...
 
@@ -127,6 +136,15 @@ class RangeReader(OffsetReader):
     def __init__(self, storage: Storage, name: str, size: int) -> None:
         super().__init__(size, lambda offset, length: storage.read_range(name, offset, length))
         self.storage, self.name = storage, name
+
+
+def valid_name(name: str) -> bool:
+    """True when :func:`check_name` accepts ``name``: a listing skips what no read could address."""
+    try:
+        check_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def check_name(name: str) -> str:

@@ -44,7 +44,7 @@ import requests
 import urllib3
 
 from drsync.errors import OperationFailed, UsageError
-from drsync.storage import HDFS_SCHEMES, ObjectExists, ObjectMissing, StoredObject, check_name
+from drsync.storage import HDFS_SCHEMES, ObjectExists, ObjectMissing, StoredObject, check_name, valid_name
 
 log = logging.getLogger("drsync.hdfs")
 
@@ -813,6 +813,14 @@ class HdfsStorage:
     def exists(self, name: str) -> bool:
         return self.fs.status(self._path(name)) is not None
 
+    def touch(self, name: str) -> None:
+        try:
+            self.fs.set_times(self._path(name), time.time_ns())  # SETTIMES: the namenode never creates
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                raise ObjectMissing(f"{self.url}: {name} is missing") from None
+            raise
+
     def list(self, prefix: str = "") -> list[StoredObject]:
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = posixpath.join(self.root, folder) if folder else self.root
@@ -831,6 +839,8 @@ class HdfsStorage:
                 if name.startswith(".tmp-"):
                     continue
                 rel = f"{rel_dir}/{name}" if rel_dir else name
+                if not valid_name(rel):
+                    continue  # no read could address it: not an object of this storage
                 if s["type"] == "DIRECTORY":
                     stack.append((rel, posixpath.join(d, name)))
                 elif rel.startswith(prefix):

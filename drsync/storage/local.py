@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from drsync import fsutil
 from drsync.errors import IntegrityError, UsageError
-from drsync.storage import ObjectExists, ObjectMissing, StoredObject, check_name
+from drsync.storage import ObjectExists, ObjectMissing, StoredObject, check_name, valid_name
 
 _FD_CACHE_SIZE = 64
 # Read descriptors are cached only for packs: named by their content, never rewritten (a pack deleted
@@ -129,16 +129,27 @@ class LocalStorage:
         return os.path.join(self.root, *check_name(name).split("/"))
 
     def read(self, name: str) -> bytes:
+        fd = self._open(name)
+        with open(fd, "rb", closefd=True) as f:
+            return f.read()
+
+    def _open(self, name: str) -> int:
+        """A read descriptor of ``name``, a regular file: ObjectMissing when it is gone, IntegrityError for
+        a directory, pipe, socket or device (non-blocking open: a pipe without a writer never blocks)."""
         try:
-            with open(self._path(name), "rb") as f:
-                return f.read()
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ObjectMissing(f"{self.root}: {name} is missing") from None
         except IsADirectoryError:
-            raise self._not_a_file(name) from None
+            raise self._not_a_file(name, "a directory") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise self._not_a_file(name, "a directory" if stat.S_ISDIR(mode) else "a pipe, socket or device")
+        return fd
 
-    def _not_a_file(self, name: str) -> IntegrityError:
-        return IntegrityError(f"{self.root}: {name} is a directory, not a file: the repository is damaged; run "
+    def _not_a_file(self, name: str, what: str = "a directory") -> IntegrityError:
+        return IntegrityError(f"{self.root}: {name} is {what}, not a file: the repository is damaged; run "
                               f"'drsync repo verify' and restore it from a backup or the standby")
 
     def _checkout(self, name: str) -> _CachedFd:
@@ -150,14 +161,7 @@ class LocalStorage:
             if held is not None:
                 self._fds.move_to_end(name)
             else:
-                try:
-                    fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    raise ObjectMissing(f"{self.root}: {name} is missing") from None
-                if stat.S_ISDIR(os.fstat(fd).st_mode):
-                    os.close(fd)
-                    raise self._not_a_file(name)
-                held = _CachedFd(fd)
+                held = _CachedFd(self._open(name))
                 self._fds[name] = held
                 while len(self._fds) > _FD_CACHE_SIZE:
                     _, old = self._fds.popitem(last=False)
@@ -175,14 +179,9 @@ class LocalStorage:
         if not name.startswith(_CACHED_PREFIX):
             # Documents (locks, config, snapshot documents) are replaced in place by renames, here or in
             # another process: each read opens the name afresh, never an old inode's descriptor.
-            try:
-                fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise ObjectMissing(f"{self.root}: {name} is missing") from None
+            fd = self._open(name)
             try:
                 return os.pread(fd, length, offset)
-            except IsADirectoryError:
-                raise self._not_a_file(name) from None
             finally:
                 os.close(fd)
         held = self._checkout(name)  # a pack: a short read means it is truncated (the caller says so)
@@ -217,6 +216,12 @@ class LocalStorage:
     def exists(self, name: str) -> bool:
         return os.path.exists(self._path(name))
 
+    def touch(self, name: str) -> None:
+        try:
+            os.utime(self._path(name))  # an unlinked name fails: never created
+        except FileNotFoundError:
+            raise ObjectMissing(f"{self.root}: {name} is missing") from None
+
     def list(self, prefix: str = "") -> list[StoredObject]:
         """Blobs whose name starts with ``prefix`` (a folder, e.g. ``"packs/"``)."""
         base = self.root
@@ -240,11 +245,13 @@ class LocalStorage:
                         stack.append(e.path)
                         continue
                     rel = os.path.relpath(e.path, base).replace(os.sep, "/")
-                    if rel.startswith(prefix):
+                    if rel.startswith(prefix) and valid_name(rel):
                         try:
                             st = e.stat(follow_symlinks=False)
                         except FileNotFoundError:
                             continue  # deleted while listed (another process's lock, a GC): not there
+                        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                            continue  # a pipe, socket or device: no object (opening a pipe would block)
                         out.append(StoredObject(rel, st.st_size, st.st_mtime))
         out.sort(key=lambda o: o.name)
         return out

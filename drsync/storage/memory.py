@@ -89,6 +89,15 @@ class MemoryStorage:
         with self._lock:
             return name in self._blobs
 
+    def touch(self, name: str) -> None:
+        with self._lock:
+            if name not in self._blobs:
+                raise ObjectMissing(f"{self.url}: {name} is missing")
+            data = self._blobs[name][0]
+            self._blobs[name] = (data, time.time())
+            if name in self._durable:
+                self._durable[name] = self._blobs[name]
+
     def list(self, prefix: str = "") -> list[StoredObject]:
         with self._lock:
             return sorted(
