@@ -106,14 +106,16 @@ def test_touch_moves_the_time_and_never_creates(storage: Storage) -> None:
 
 
 def test_local_listing_leaves_out_what_no_read_could_address(tmp_path: Path) -> None:
-    """A name check_name refuses (a backslash) and a pipe, socket or device are no objects: not listed
-    (a pipe opened for reading blocked every locker), and a read of a pipe is refused, never blocks."""
+    """A name check_name refuses (a backslash) and a pipe, socket or device (or a link to one) are no
+    objects: not listed (a pipe opened for reading blocked every locker), and a read of a pipe is
+    refused, never blocks."""
     store = LocalStorage(tmp_path / "store", create=True)
     store.write("locks/good.json", b"{}")
     (tmp_path / "store" / "locks" / "a\\b.json").write_bytes(b"{}")
     os.mkfifo(tmp_path / "store" / "locks" / "pipe.json")
     os.symlink("pipe.json", tmp_path / "store" / "locks" / "link.json")
-    assert [o.name for o in store.list("locks/")] == ["locks/good.json", "locks/link.json"]
+    os.symlink("good.json", tmp_path / "store" / "locks" / "same.json")  # a link to a file: that file
+    assert [o.name for o in store.list("locks/")] == ["locks/good.json", "locks/same.json"]
     from drsync.errors import IntegrityError
 
     for name in ("locks/pipe.json", "locks/link.json"):

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from drsync import faults
-from drsync.errors import OperationFailed
+from drsync.errors import IntegrityError, OperationFailed
 from drsync.repository import chunks
 from drsync.repository import format as fmt
-from drsync.repository.ids import IdSet, id_list
+from drsync.repository.ids import IdSet, id_list, ids_array, locate
 from drsync.repository.lock import RepositoryLock
 from drsync.repository.packs import ChunkIndex, IndexRows, read_index_file, write_index
 from drsync.repository.repo import ChunkWriter, GcReport, Repository
@@ -75,7 +75,18 @@ def mark(repo: Repository, repack_threshold: float, dry_run: bool, lock: Reposit
 
     # Per pack (P of them, by number into rows.packs): rows, live rows, stored bytes, dead stored bytes.
     npacks = len(rows.packs)
-    live = referenced.contains_many(rows.ids)
+    at, live = locate(referenced.ids, referenced.key, ids_array(rows.ids))
+    # Every chunk a snapshot names must have an index row, or its pack would look unindexed (an orphan)
+    # and be deleted: an index file lost, unreadable, or not listed (a pipe, a name no read addresses).
+    located = np.zeros(len(referenced), bool)
+    located[at[live]] = True
+    del at
+    if not located.all():
+        raise IntegrityError(f"garbage collection of {repo.storage.url}: {int((~located).sum())} chunk(s) that "
+                             f"snapshots reference are in no index file (one is missing, damaged or not a "
+                             f"regular file); nothing was deleted: run 'drsync repo verify' and repair the "
+                             f"repository from a backup or the standby")
+    del located
     n_rows = np.bincount(rows.pack, minlength=npacks)
     n_live = np.bincount(rows.pack[live], minlength=npacks)
     total_bytes = np.bincount(rows.pack, weights=rows.stored_length, minlength=npacks)

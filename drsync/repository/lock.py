@@ -132,16 +132,16 @@ def read_locks(storage: Storage, *, oversized_ok: bool = False) -> list[LockInfo
     ``oversized_ok`` (``repo unlock --all``), where it is listed as an unreadable lock."""
     out = []
     for obj in storage.list(fmt.LOCKS_DIR):
+        if obj.size > fmt.SMALL_DOC_MAX_BYTES and oversized_ok:
+            out.append(LockInfo(obj.name, "?", 0, True, "oversized lock file", obj.mtime, obj.mtime, None,
+                                readable=False, mtime=obj.mtime))
+            continue
+        if obj.size > fmt.SMALL_DOC_MAX_BYTES:
+            raise IntegrityError(f"lock file {storage.url}/{obj.name} is {obj.size} bytes, larger than a lock "
+                                 f"can be ({fmt.SMALL_DOC_MAX_BYTES}; docs/FORMAT.md, Limits): it is damaged; "
+                                 f"if no drsync runs on this repository, remove it with 'drsync repo unlock "
+                                 f"--all'")
         try:
-            if obj.size > fmt.SMALL_DOC_MAX_BYTES and oversized_ok:
-                out.append(LockInfo(obj.name, "?", 0, True, "oversized lock file", obj.mtime, obj.mtime, None,
-                                    readable=False, mtime=obj.mtime))
-                continue
-            if obj.size > fmt.SMALL_DOC_MAX_BYTES:
-                raise IntegrityError(f"lock file {storage.url}/{obj.name} is {obj.size} bytes, larger than a lock "
-                                     f"can be ({fmt.SMALL_DOC_MAX_BYTES}; docs/FORMAT.md, Limits): it is damaged; "
-                                     f"if no drsync runs on this repository, remove it with 'drsync repo unlock "
-                                     f"--all'")
             doc = json.loads(read_bounded(storage, obj.name, fmt.SMALL_DOC_MAX_BYTES, f"lock file {obj.name}"))
             pid, host, pidns = doc["pid"], doc["host"], doc.get("pidns")
             if (type(pid) is not int or pid < 0 or not isinstance(host, str)
@@ -154,7 +154,7 @@ def read_locks(storage: Storage, *, oversized_ok: bool = False) -> list[LockInfo
                                 mtime=obj.mtime))
         except ObjectMissing:
             continue
-        except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
+        except (ValueError, KeyError, TypeError, OverflowError, AttributeError, IntegrityError):
             # An unreadable lock file blocks as a fresh foreign lock would, for STALE_AFTER after
             # it was written; 'drsync repo unlock --all' removes it at once.
             out.append(LockInfo(obj.name, "?", 0, True, "unreadable lock file", obj.mtime, obj.mtime, None,

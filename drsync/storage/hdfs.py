@@ -25,6 +25,7 @@ Kerberos extension when ``requests-kerberos`` is installed.
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import os
 import posixpath
@@ -244,7 +245,19 @@ class _Session(requests.Session):
     Unicode's composed form (seen on Hadoop 3.5), so a file whose name is in decomposed form would be
     read or written under its composed twin's name."""
 
+    server_date: tuple[float, float] | None = None  # (the Date of the last answer, monotonic time then)
+
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        res = self._request(method, url, *args, **kwargs)
+        date = res.headers.get("Date")
+        if date:
+            try:
+                self.server_date = (email.utils.parsedate_to_datetime(date).timestamp(), time.monotonic())
+            except (TypeError, ValueError, IndexError, OverflowError):
+                pass  # no usable Date: the last one stays
+        return res
+
+    def _request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         params = kwargs.get("params")
         op = params.get("op") if isinstance(params, dict) else None
         if op in _OP_FIX:
@@ -391,11 +404,28 @@ class HdfsFs:
     # --- metadata ---
 
     def status(self, path: str) -> dict[str, Any] | None:
-        """GETFILESTATUS, or None when the path does not exist."""
+        """GETFILESTATUS, or None when the path does not exist (FileNotFoundException, only: the client's
+        non-strict mode also said None for a permission error or a namenode's I/O error, and a path
+        that cannot be read is never taken for gone)."""
         def go() -> dict[str, Any] | None:
-            s = self.client.status(path, strict=False)
-            return None if s is None else _checked_status(s)
+            try:
+                s = self.client.status(path, strict=True)
+            except hdfs.util.HdfsError as e:
+                exc = getattr(e, "exception", None)
+                # A path below a file cannot exist: the namenode's permission checker says so with an
+                # AccessControlException "... (is not a directory)" (FSPermissionChecker, Hadoop 3).
+                if exc == "FileNotFoundException" or (exc == "AccessControlException"
+                                                      and "(is not a directory)" in str(e)):
+                    return None
+                raise
+            return _checked_status(s)
         return self._call("stat", path, go)
+
+    def server_time(self) -> float | None:
+        """The namenode's clock (Unix seconds, to the second) from its last answer's Date header, advanced
+        by this host's monotonic clock since; None before any answer carried one."""
+        seen = self.client._session.server_date
+        return None if seen is None else seen[0] + (time.monotonic() - seen[1])
 
     def list_dir(self, path: str) -> Iterator[dict[str, Any]]:
         """The children's FileStatus objects, paged with LISTSTATUS_BATCH (plain LISTSTATUS where unsupported)."""
@@ -814,8 +844,17 @@ class HdfsStorage:
         return self.fs.status(self._path(name)) is not None
 
     def touch(self, name: str) -> None:
+        path = self._path(name)
+        # The namenode's time, not this host's: readers judge a lock by the file's time, and a writer's
+        # clock behind theirs would make its live lock look stale (rewriting the file, as before, took
+        # the namenode's time too). The status also asks the namenode now, for its Date.
+        st = self.fs.status(path)
+        if st is None:
+            raise ObjectMissing(f"{self.url}: {name} is missing")
+        now = self.fs.server_time()  # to the second: never before the time the file has (milliseconds)
+        ms = max(int((time.time() if now is None else now) * 1000), int(st["modificationTime"]))
         try:
-            self.fs.set_times(self._path(name), time.time_ns())  # SETTIMES: the namenode never creates
+            self.fs.set_times(path, ms * 1_000_000)  # never creates
         except HdfsError as e:
             if e.exception == "FileNotFoundException":
                 raise ObjectMissing(f"{self.url}: {name} is missing") from None

@@ -247,11 +247,15 @@ class LocalStorage:
                     rel = os.path.relpath(e.path, base).replace(os.sep, "/")
                     if rel.startswith(prefix) and valid_name(rel):
                         try:
+                            st = e.stat(follow_symlinks=True)  # a link's object is what it points at
+                        except (FileNotFoundError, NotADirectoryError):
+                            continue  # deleted while listed (another process's lock, a GC), or dangling
+                        except OSError:
+                            st = None  # a link loop, a target that cannot be examined: a read says so
+                        if st is not None and not stat.S_ISREG(st.st_mode):
+                            continue  # a pipe, socket, device or directory (a link to one): no object
+                        if st is None:
                             st = e.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue  # deleted while listed (another process's lock, a GC): not there
-                        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                            continue  # a pipe, socket or device: no object (opening a pipe would block)
                         out.append(StoredObject(rel, st.st_size, st.st_mtime))
         out.sort(key=lambda o: o.name)
         return out
