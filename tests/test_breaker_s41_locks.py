@@ -17,17 +17,11 @@ import pytest
 from drsync.repository import lock as lock_mod
 from drsync.repository.lock import RepositoryLock
 from drsync.storage.local import LocalStorage
+from tests.badnamenode import BadNamenode
 from tests.conftest import make_tree, run_drsync
+from tests.group import wait_for
 
 PY = sys.executable
-
-
-def _wait_for(cond, what: str, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _init(repo: Path) -> None:
@@ -72,11 +66,11 @@ def test_s41_gc_sweep_whose_exclusive_lock_was_removed_deletes_a_live_captures_p
     gc = _popen("repo", "gc", "--repo", repo, env={"DRSYNC_FAULT_PAUSE": str(gates)})
     snap = None
     try:
-        _wait_for(lambda: (gates / "gc.reached").exists() or gc.poll() is not None, "the GC to reach its sweep")
+        wait_for(lambda: (gates / "gc.reached").exists() or gc.poll() is not None, "the GC to reach its sweep")
         assert gc.poll() is None, gc.communicate()
         assert run_drsync("repo", "unlock", "--all", "--repo", repo).code == 0
         snap = _popen("snapshot", "create", "--config", cfg)
-        _wait_for(lambda: (gates / "hook.reached").exists() or snap.poll() is not None, "the capture's post_hook")
+        wait_for(lambda: (gates / "hook.reached").exists() or snap.poll() is not None, "the capture's post_hook")
         assert snap.poll() is None, snap.communicate()
         (gates / "gc").unlink()
         gc_out, gc_err = gc.communicate(timeout=300)
@@ -113,13 +107,13 @@ def test_s41_transient_error_on_the_locks_dir_marks_a_live_lock_lost(tmp_path: P
                prefix=nocaps, code=code, err_path=err_path)
     locks = repo / "locks"
     try:
-        _wait_for(lambda: (gates / "snapshot-commit.reached").exists() or p.poll() is not None, "the commit point")
+        wait_for(lambda: (gates / "snapshot-commit.reached").exists() or p.poll() is not None, "the commit point")
         assert p.poll() is None, (p.communicate(), err_path.read_text())
         held = os.listdir(locks)
         assert len(held) == 1
         locks.chmod(0o000)
         try:
-            _wait_for(lambda: "was removed by another process" in err_path.read_text() or p.poll() is not None,
+            wait_for(lambda: "was removed by another process" in err_path.read_text() or p.poll() is not None,
                       "a refresh to run while the directory is unreadable", timeout=30)
         except AssertionError:
             pass  # never judged lost: the expected behaviour
@@ -163,8 +157,8 @@ def test_s41_refresh_writes_back_a_lock_removed_between_its_check_and_its_write(
     path = Path(s._path(lock.name))
     try:
         s.armed = True
-        _wait_for(removed.is_set, "the removal")
-        _wait_for(lambda: path.exists() or lock.lost, "the next refresh")
+        wait_for(removed.is_set, "the removal")
+        wait_for(lambda: path.exists() or lock.lost, "the next refresh")
         assert not path.exists(), f"the removed lock file was written back; lost={lock.lost}"
         assert lock.lost
     finally:
@@ -219,54 +213,6 @@ def test_s41_unlock_all_hangs_on_a_fifo_in_the_locks_directory(tmp_path: Path) -
 # --- 4. config check --timeout against HDFS --------------------------------------------------------
 
 
-class _BadNamenode:
-    """A real listening socket playing a namenode: 'blackhole' reads the request and never answers;
-    'trickle' answers 200 with a chunked JSON body that never ends, one byte every 0.2 s."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
-
-    def _serve(self, c: socket.socket) -> None:
-        try:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                d = c.recv(65536)
-                if not d:
-                    return
-                data += d
-            if self.mode == "trickle":
-                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-                c.sendall(b"1\r\n{\r\n")
-                while not self.stop.wait(0.2):
-                    c.sendall(b"1\r\n \r\n")
-            else:
-                self.stop.wait()
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-        for c in self.conns:
-            c.close()
-
-
 def _hdfs_config(tmp_path: Path, port: int) -> Path:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "webhdfs://127.0.0.1:{port}/data"\n'
@@ -279,7 +225,7 @@ def test_s41_config_check_hangs_on_a_namenode_that_trickles_its_answer(tmp_path:
     socket timeout, so --timeout never ends the request. 'config check --timeout 1' with 13 checks should be
     over in seconds; it runs for as long as the namenode keeps trickling (forever here; 249 s for a 270-byte
     answer at 2 bytes/s). Expected: bounded by --timeout for the data root and repository checks too."""
-    nn = _BadNamenode("trickle")
+    nn = BadNamenode("trickle")
     try:
         try:
             r = run_drsync("config", "check", "--config", _hdfs_config(tmp_path, nn.port), "--timeout", "1",
@@ -292,7 +238,7 @@ def test_s41_config_check_hangs_on_a_namenode_that_trickles_its_answer(tmp_path:
 
 
 def test_s41_holds_config_check_bounded_by_timeout_for_a_black_holed_namenode(tmp_path: Path) -> None:
-    nn = _BadNamenode("blackhole")
+    nn = BadNamenode("blackhole")
     try:
         r = run_drsync("config", "check", "--config", _hdfs_config(tmp_path, nn.port), "--timeout", "1",
                        "--json", timeout=120)
@@ -341,7 +287,7 @@ def test_s41_holds_capture_refuses_to_commit_after_unlock_all(tmp_path: Path) ->
     (gates / "snapshot-commit").write_text("")
     p = _popen("snapshot", "create", "--repo", repo, "--source", src, env={"DRSYNC_FAULT_PAUSE": str(gates)})
     try:
-        _wait_for(lambda: (gates / "snapshot-commit.reached").exists() or p.poll() is not None, "the commit point")
+        wait_for(lambda: (gates / "snapshot-commit.reached").exists() or p.poll() is not None, "the commit point")
         assert p.poll() is None, p.communicate()
         assert run_drsync("repo", "unlock", "--all", "--repo", repo).code == 0
         (gates / "snapshot-commit").unlink()
@@ -364,7 +310,7 @@ def test_s41_holds_repeated_acquire_release_of_one_lock_object(tmp_path: Path,
     for _ in range(5):
         lock.acquire()
         name = lock.name
-        _wait_for(lambda n=name: json.loads(Path(s._path(n)).read_text())["refreshed"] > lock._created, "a refresh")
+        wait_for(lambda n=name: json.loads(Path(s._path(n)).read_text())["refreshed"] > lock._created, "a refresh")
         lock.verify()
         assert not lock.lost
         lock.release()

@@ -17,6 +17,7 @@ from drsync.repository.lock import STALE_AFTER, RepositoryLock, read_locks, remo
 from drsync.storage.local import LocalStorage
 from drsync.storage.memory import MemoryStorage
 from tests.conftest import make_tree, run_drsync
+from tests.group import wait_for
 
 
 def test_shared_locks_coexist_exclusive_excludes() -> None:
@@ -203,14 +204,6 @@ def test_host_locks_follow_the_directory_across_lock_dirs_and_remove_their_files
     assert not list(two.glob("drsync-*.lock"))
 
 
-def _wait_for(cond, what: str, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_a_holder_whose_lock_was_removed_does_not_commit_over_a_gc(tmp_path: Path) -> None:
     """Fault: a snapshot create paused past STALE_AFTER (SIGSTOP, a frozen VM, a clock ahead) has its
     shared lock removed as stale; a GC then takes the exclusive lock and sweeps the packs the paused
@@ -227,7 +220,7 @@ def test_a_holder_whose_lock_was_removed_does_not_commit_over_a_gc(tmp_path: Pat
                                "--source", str(src)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     try:
-        _wait_for(lambda: (gates / "snapshot-commit.reached").exists() or paused.poll() is not None,
+        wait_for(lambda: (gates / "snapshot-commit.reached").exists() or paused.poll() is not None,
                   "the capture to reach its commit")
         assert paused.poll() is None, paused.communicate()
         # What another locker does with a lock it judges stale (here: the operator's --all).
@@ -260,7 +253,7 @@ def test_a_refresh_never_writes_back_a_lock_another_process_removed(monkeypatch:
     try:
         lock.verify()  # held: nothing to say
         s.delete(lock.name)
-        _wait_for(lambda: lock.lost, "the refresh to notice")
+        wait_for(lambda: lock.lost, "the refresh to notice")
         assert not s.exists(lock.name)
         with RepositoryLock(s, exclusive=True):  # the other process's lock: taken, not contested
             assert [x.exclusive for x in read_locks(s)] == [True]
