@@ -272,3 +272,69 @@ def test_validate_finds_a_fault_in_any_slice(monkeypatch: pytest.MonkeyPatch, at
         with pytest.raises(IntegrityError, match=message):
             validate(m)
     validate(build([r for i, r in enumerate(rows) if i not in (at, at + 1)]))  # the rest is sound
+
+
+def _raw_manifest(rows: list[dict]) -> Manifest:
+    """A manifest of ``rows`` in the order given (:func:`build` sorts them as drsync writes them)."""
+    sorted_rows = build(rows).table
+    order = {p: i for i, p in enumerate(sorted_rows.column("path").to_pylist())}
+    return Manifest(sorted_rows.take(pa.array([order[r["path"].encode()] for r in rows], pa.int64())))
+
+
+@pytest.fixture
+def small_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """validate judges three rows at a time, so that faults fall on both sides of a slice's edge."""
+    import drsync.repository.manifest_check as check
+
+    monkeypatch.setattr(check, "_SLICE_ROWS", 3)
+
+
+@pytest.mark.usefixtures("small_slices")
+@pytest.mark.parametrize("rows, message", [
+    # Two faults: the one in the earlier row is named, whichever check finds it and in whichever slice.
+    ([{"path": "a", "type": "dir"}, {"path": "a/1"}, {"path": "a/2"}, {"path": "a/3", "size": 9, "chunk_sizes": [4]},
+      {"path": "a/4"}, {"path": "a/5", "type": "symlink", "target": "../../x"}],
+     "a/3: chunks add up to 4 bytes, size says 9"),
+    ([{"path": "a", "type": "dir"}, {"path": "a/1"}, {"path": "a/2", "type": "symlink", "target": "/etc"},
+      {"path": "a/3", "size": 9, "chunk_sizes": [4]}],
+     "symlink a/2 -> /etc points outside"),
+    ([{"path": "a", "type": "dir"}, {"path": "a/1"}, {"path": "a/2"}, {"path": "a/3", "mode": 0o10000},
+      {"path": "a/4", "type": "fifo"}],
+     "a/3: mode 4096 is not a permission mode"),
+    ([{"path": "a", "type": "dir"}, {"path": "a/1"}, {"path": "a/2"}, {"path": "a/3", "type": "dir",
+                                                                        "hardlink": "a/1"}],
+     "a/3: a dir cannot be a hard link"),
+])
+def test_the_first_fault_in_row_order_is_named(rows: list[dict], message: str) -> None:
+    with pytest.raises(IntegrityError, match=message):
+        validate(build(rows))
+
+
+@pytest.mark.usefixtures("small_slices")
+@pytest.mark.parametrize("at", [1, 2, 3, 4, 5])
+def test_a_duplicate_is_found_at_any_row_of_a_slice(at: int) -> None:
+    paths = ["a", "b", "c", "d", "e", "f"]
+    rows = [{"path": p} for p in paths[:at]] + [{"path": paths[at - 1]}] + [{"path": p} for p in paths[at:]]
+    with pytest.raises(IntegrityError, match=f"{paths[at - 1]} appears twice"):
+        validate(_raw_manifest(rows))
+
+
+@pytest.mark.usefixtures("small_slices")
+def test_out_of_order_rows_are_checked_for_duplicates_the_slow_way() -> None:
+    rows = [{"path": p} for p in ("c", "d", "a", "e", "f", "b", "g", "d")]
+    with pytest.raises(IntegrityError, match="d appears twice"):
+        validate(_raw_manifest(rows))
+    validate(_raw_manifest([{"path": p} for p in ("c", "d", "a", "e", "f", "b", "g")]))  # unordered, unique
+
+
+@pytest.mark.usefixtures("small_slices")
+def test_a_missing_parent_is_named_with_the_first_path_under_it() -> None:
+    rows = [{"path": "a", "type": "dir"}, {"path": "a/1"}, {"path": "b/x"}, {"path": "b/y"}, {"path": "c/z"}]
+    with pytest.raises(IntegrityError, match="b/x has no parent directory entry 'b'"):
+        validate(build(rows))
+    # Parents found in every slice, by runs (a/1, a/2 ... then a/b/1 back to a/3): all present, so no fault.
+    validate(build([{"path": "a", "type": "dir"}, {"path": "a/1"}, {"path": "a/2"}, {"path": "a/b", "type": "dir"},
+                    {"path": "a/b/1"}, {"path": "a/c"}, {"path": "a\udcff", "type": "dir"},
+                    {"path": "a\udcff/x"}]))
+    with pytest.raises(IntegrityError, match=r"a\\xff/x has no parent directory entry"):
+        validate(build([{"path": "a", "type": "dir"}, {"path": "a/1"}, {"path": "a\udcff/x"}]))

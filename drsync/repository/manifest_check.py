@@ -132,7 +132,9 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
 
     A row group at a time: beyond one group it holds the directories, the parents named, the symlinks
     and the hard links (never every path), and it checks uniqueness by path order (a manifest out of
-    order, which drsync never writes, is checked with a set of its paths instead)."""
+    order, which drsync never writes, is checked with a set of its paths instead). Column operations
+    (:func:`_screen`) pick the rows a per-row check could refuse; only those are judged one at a time in
+    Python, in row order, so the first fault named is the one a row-by-row pass would name."""
     dirs: set[str] = set()
     parent_of: dict[str, str] = {}  # each parent named -> the first path naming it
     links: dict[str, str] = {}
@@ -142,55 +144,63 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
             "mtime_nsec"]  # the last four for check_values alone
     for t in _slices(column_groups(manifest, cols)):
         check_values(t, what)  # nulls first: every check below reads values
-        paths = _pycolumn(t, "path")
-        suspect = suspect_paths(t.column("path"))
-        types = t.column("type").to_pylist()
-        sizes = t.column("size").to_pylist()
-        targets = _pycolumn(t, "target")
-        hardlinks = _pycolumn(t, "hardlink")
-        modes = t.column("mode").to_pylist()
-        chunk_counts = pc.list_value_length(t.column("chunks")).to_pylist()
-        size_counts = pc.list_value_length(t.column("chunk_sizes")).to_pylist()
-        sums = _list_sums(t.column("chunk_sizes"))
-        for i, path in enumerate(paths):
-            reason = "missing path" if path is None else unsafe_path_reason(path) if suspect[i] else None
-            if reason:
-                raise IntegrityError(f"{what}: unsafe path {printable(path) if path else path!r} ({reason}); "
-                                     f"refusing it")
-            key = path.encode("utf-8", "surrogateescape")
-            if ordered and last is not None and key <= last:
-                if key == last:
-                    raise IntegrityError(f"{what}: {printable(path)} appears twice")
-                ordered = False
-            last = key
-            typ = types[i]
-            if typ not in TYPES:
-                raise IntegrityError(f"{what}: {printable(path)}: unknown entry type {typ!r}")
-            if modes[i] is None or modes[i] > 0o7777:
-                raise IntegrityError(f"{what}: {printable(path)}: mode {modes[i]!r} is not a permission mode")
-            if typ == DIR:
-                dirs.add(path)
-            elif typ == SYMLINK:
-                if len((targets[i] or "").encode("utf-8", "surrogateescape")) > TARGET_MAX:
-                    raise IntegrityError(f"{what}: symlink {printable(path)}: target longer than {TARGET_MAX} bytes")
-                if not symlink_stays_inside(path, targets[i] or ""):
-                    raise IntegrityError(f"{what}: symlink {printable(path)} -> {printable(targets[i] or '')} "
-                                         f"points outside the data root")
-                links[path] = targets[i]
-            if (chunk_counts[i] or 0) != (size_counts[i] or 0) and not (
-                    typ == FILE and not chunk_counts[i] and size_counts[i] == 1 and sums[i] == sizes[i]
-                    and sizes[i] > 0):
-                raise IntegrityError(f"{what}: {printable(path)}: chunk list and chunk sizes differ in length")
-            if typ == FILE and sums[i] != sizes[i]:
-                raise IntegrityError(f"{what}: {printable(path)}: chunks add up to {sums[i]} bytes, size says "
-                                     f"{sizes[i]}")
-            if hardlinks[i] is not None:
-                if typ != FILE:
-                    raise IntegrityError(f"{what}: {printable(path)}: a {typ} cannot be a hard link")
-                linked[path] = hardlinks[i]
-            parent = posixpath.dirname(path)
-            if parent:
-                parent_of.setdefault(parent, path)
+        if not t.num_rows:
+            continue
+        need, sums = _screen(t)
+        keys = t.column("path")
+        first_key = _raw(keys[0])
+        ooo = -1  # the first row out of path order (while the manifest is still in order)
+        if ordered:
+            if last is not None and first_key <= last:
+                ooo = 0
+            elif t.num_rows > 1:
+                later = np.flatnonzero(_numpy_bool(pc.less_equal(keys[1:], keys[:-1])))
+                ooo = int(later[0]) + 1 if len(later) else -1
+            if ooo >= 0:
+                need[ooo] = True
+        rows = np.flatnonzero(need)
+        if len(rows):
+            picked = t.select(["path", "type", "mode", "size", "target", "hardlink"]).take(pa.array(rows))
+            paths = _pycolumn(picked, "path")
+            types, modes, sizes = (picked.column(n).to_pylist() for n in ("type", "mode", "size"))
+            targets, hardlinks = _pycolumn(picked, "target"), _pycolumn(picked, "hardlink")
+            counts = {n: pc.list_value_length(t.column(n).take(pa.array(rows))).to_pylist()
+                      for n in ("chunks", "chunk_sizes")}
+            for k, row in enumerate(rows.tolist()):
+                path, typ = paths[k], types[k]
+                if _suspect(path):
+                    raise IntegrityError(f"{what}: unsafe path {printable(path)!r} ({unsafe_path_reason(path)}); "
+                                         f"refusing it")
+                if row == ooo:
+                    if _raw(keys[row]) == (last if row == 0 else _raw(keys[row - 1])):
+                        raise IntegrityError(f"{what}: {printable(path)} appears twice")
+                    ordered = False
+                if typ not in TYPES:
+                    raise IntegrityError(f"{what}: {printable(path)}: unknown entry type {typ!r}")
+                if modes[k] is None or modes[k] > 0o7777:
+                    raise IntegrityError(f"{what}: {printable(path)}: mode {modes[k]!r} is not a permission mode")
+                if typ == SYMLINK:
+                    if len((targets[k] or "").encode("utf-8", "surrogateescape")) > TARGET_MAX:
+                        raise IntegrityError(f"{what}: symlink {printable(path)}: target longer than {TARGET_MAX} "
+                                             f"bytes")
+                    if not symlink_stays_inside(path, targets[k] or ""):
+                        raise IntegrityError(f"{what}: symlink {printable(path)} -> {printable(targets[k] or '')} "
+                                             f"points outside the data root")
+                    links[path] = targets[k]
+                chunks, pieces, total = counts["chunks"][k] or 0, counts["chunk_sizes"][k] or 0, int(sums[row])
+                if chunks != pieces and not (typ == FILE and not chunks and pieces == 1 and total == sizes[k]
+                                             and sizes[k] > 0):
+                    raise IntegrityError(f"{what}: {printable(path)}: chunk list and chunk sizes differ in length")
+                if typ == FILE and total != sizes[k]:
+                    raise IntegrityError(f"{what}: {printable(path)}: chunks add up to {total} bytes, size says "
+                                         f"{sizes[k]}")
+                if hardlinks[k] is not None:
+                    if typ != FILE:
+                        raise IntegrityError(f"{what}: {printable(path)}: a {typ} cannot be a hard link")
+                    linked[path] = hardlinks[k]
+        last = _raw(keys[-1])
+        dirs.update(_pycolumn(pa.table({"path": pc.filter(keys, pc.equal(t.column("type"), DIR))}), "path"))
+        _note_parents(keys, parent_of)
     if not ordered:  # uniqueness the slow way (only for a manifest drsync did not write)
         seen: set[str] = set()
         for t in column_groups(manifest, ["path"]):
@@ -230,6 +240,59 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
                              f"root through other links of the snapshot; refusing it")
 
 
+def _screen(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """``(need, sums)`` for a slice of a manifest: ``need`` (bool, one a row) marks every row a per-row check
+    of :func:`validate` could refuse (a suspect path, a type other than file or directory, a mode beyond
+    0o7777, chunk lists that do not match or do not add up to the size, a hard link, a symlink); the rest
+    pass them all. ``sums``: each row's chunk sizes added up (int64). Column operations only."""
+    types = t.column("type")
+    is_file = _numpy_bool(pc.equal(types, FILE))
+    plain = is_file | _numpy_bool(pc.equal(types, DIR))
+    sizes = t.column("size").to_numpy()
+    sums = _list_sums(t.column("chunk_sizes"))
+    chunks = pc.list_value_length(t.column("chunks")).fill_null(0).to_numpy()
+    pieces = pc.list_value_length(t.column("chunk_sizes")).fill_null(0).to_numpy()
+    whole = is_file & (chunks == 0) & (pieces == 1) & (sums == sizes) & (sizes > 0)  # one unchunked piece
+    need = ~plain | (t.column("mode").to_numpy() > 0o7777) | ((chunks != pieces) & ~whole)
+    need |= is_file & (sums != sizes)
+    need |= _numpy_bool(pc.is_valid(t.column("hardlink")))
+    need |= np.asarray(suspect_paths(t.column("path")), dtype=bool)
+    return need, sums
+
+
+def _note_parents(paths: pa.ChunkedArray, parent_of: dict[str, str]) -> None:
+    """Record in ``parent_of`` each parent directory ``paths`` name (not yet there) with the first path naming
+    it. Parents are split off in C; only the rows whose parent differs from the row before are decoded
+    (a sorted manifest names each directory's parent in runs)."""
+    split = pc.split_pattern(paths, "/", max_splits=1, reverse=True)
+    has = _numpy_bool(pc.equal(pc.list_value_length(split), 2))
+    parents = pc.list_element(split, 0)
+    starts = has.copy()
+    if len(parents) > 1:
+        starts[1:] &= _numpy_bool(pc.not_equal(parents[1:], parents[:-1])) | ~has[:-1]
+    rows = pa.array(np.flatnonzero(starts))
+    if not len(rows):
+        return
+    named = _pycolumn(pa.table({"path": parents.take(rows)}), "path")
+    children = _pycolumn(pa.table({"path": paths.take(rows)}), "path")
+    for parent, child in zip(named, children, strict=True):
+        parent_of.setdefault(parent, child)
+
+
+def _numpy_bool(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(a.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _raw(v: pa.Scalar) -> bytes:
+    """A path value's bytes (the order :func:`validate` checks), for a binary or a string column."""
+    got = v.as_py()
+    return got if isinstance(got, bytes) else got.encode("utf-8", "surrogateescape")
+
+
+def _suspect(path: str) -> bool:
+    return unsafe_path_reason(path) is not None
+
+
 # Rows decoded to Python values at a time: a quarter of a row group (its values as objects cost
 # about 400 bytes a row, 25 MiB for a whole group at the peak of every apply).
 _SLICE_ROWS = 16384
@@ -241,13 +304,13 @@ def _slices(pieces: Iterator[pa.Table]) -> Iterator[pa.Table]:
             yield t.slice(lo, _SLICE_ROWS)
 
 
-def _list_sums(col: pa.ChunkedArray) -> list[int]:
-    """The sum of each list of ``col`` (0 for an empty or null one), for sliced arrays too."""
-    out: list[int] = []
+def _list_sums(col: pa.ChunkedArray) -> np.ndarray:
+    """The sum of each list of ``col`` (0 for an empty or null one; int64), for sliced arrays too."""
+    out: list[np.ndarray] = []
     for chunk in col.chunks:
         off = chunk.offsets.to_numpy().astype(np.int64)  # into chunk.values, which a slice does not cut
         values = chunk.values.slice(int(off[0]), int(off[-1] - off[0])).cast(pa.int64())
         cums = np.concatenate(([0], np.cumsum(values.to_numpy(zero_copy_only=False), dtype=np.int64)))
         off -= off[0]
-        out.extend((cums[off[1:]] - cums[off[:-1]]).tolist())
-    return out
+        out.append(cums[off[1:]] - cums[off[:-1]])
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
