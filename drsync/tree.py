@@ -8,12 +8,15 @@ itself is not an entry; links are never followed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import queue
 import stat as st
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -314,6 +317,56 @@ def in_path_order(top: list[tuple], listing: Callable[[tuple], list[tuple]]) -> 
             frames.append(listing(item))
             continue
         yield item[1]
+
+
+T = TypeVar("T")
+_END = object()
+
+
+def read_ahead(items: Iterator[T], *, batch: int = 2048, depth: int = 4, name: str = "drsync-ahead") -> Iterator[T]:
+    """``items`` in their order, produced by a thread of their own at most ``depth`` batches of ``batch``
+    ahead: a walk's system calls (which run without the GIL) overlap the caller's work on what it took.
+    An exception of ``items`` is raised in the caller's thread. Closing this generator stops the thread
+    at its next batch and waits for it, ``items`` closed (its ``finally`` run) in that thread: what the
+    walk opened up is set back before the caller goes on."""
+    ahead: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            got: list[T] = []
+            for item in items:
+                got.append(item)
+                if len(got) >= batch:
+                    ahead.put(got)
+                    got = []
+                    if stop.is_set():
+                        return
+            ahead.put(got)
+            ahead.put(_END)
+        except BaseException as e:  # handed to the caller's thread, raised there
+            ahead.put(e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = ahead.get()
+            if got is _END:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield from got
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting to hand over a batch: it sees `stop` after its put
+            with contextlib.suppress(queue.Empty):
+                ahead.get(timeout=0.1)
+        thread.join()
 
 
 class _Lister:

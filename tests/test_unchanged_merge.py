@@ -258,3 +258,39 @@ def test_a_write_lists_bytes_add_up_its_rows_sizes_across_column_chunks() -> Non
         head = list(manifest.entries_at(np.array(rows[:2], np.int64), light=True))
         listed = WriteList(head, manifest, rows)
         assert listed.total_size() == sum(sizes[int(r)] for r in rows) + sum(e.size for e in head)
+
+
+def test_read_ahead_keeps_order_raises_in_the_caller_and_closes_the_walk_before_returning() -> None:
+    from drsync.tree import read_ahead
+
+    assert list(read_ahead(iter(range(10)), batch=3, depth=1)) == list(range(10))
+    assert list(read_ahead(iter(()), batch=3)) == []
+
+    def failing() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise OSError("the disk went away")
+
+    got: list[int] = []
+    with pytest.raises(OSError, match="the disk went away"):
+        for x in read_ahead(failing(), batch=1):
+            got.append(x)
+    assert got == [1, 2]  # what came before the failure reached the caller first
+
+    closed_in: list[str] = []
+
+    def endless() -> Iterator[int]:
+        import threading
+
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:  # as walk_target sets back the directories it opened up
+            closed_in.append(threading.current_thread().name)
+
+    it = read_ahead(endless(), batch=4, depth=2, name="ahead-under-test")
+    assert [next(it) for _ in range(9)] == list(range(9))
+    it.close()
+    assert closed_in == ["ahead-under-test"]  # closed, in the walking thread, before close() returned
