@@ -28,6 +28,7 @@ from drsync.config import KeepPolicy
 from drsync.errors import IntegrityError, NotFound, UsageError
 from drsync.pathglob import compile_globs
 from drsync.repository import chunks
+from drsync.repository import format as fmt
 from drsync.repository.ids import ID_DTYPE, id_list
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import (
@@ -44,7 +45,7 @@ from drsync.repository.spool import Spool
 from drsync.retention import RetentionDecision, plan_retention
 from drsync.storage.local import LocalStorage
 
-BACKUP_META = "backup.json"
+BACKUP_META = fmt.BACKUP_META
 CHECKSUMS = "CHECKSUMS.b3"
 BACKUP_FORMAT = 1
 MODES = ("full", "light", "dataless")

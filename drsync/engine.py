@@ -126,6 +126,7 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
     skewed one to play a machine whose clock is wrong. Nothing orders snapshots by that time:
     the parent is the newest snapshot by sequence, and so is the new one once committed.
     """
+    repo.refuse_if_read_only()
     data_root = open_data_root(req.data_root)
     data_root.check_capturable()
     root = data_root.url
@@ -274,6 +275,7 @@ def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True, p
     A snapshot stored less than ``protect_window_s`` seconds ago is protected (:mod:`drsync.protection`):
     RefusedError naming it, and nothing deleted; unless ``break_glass_dir`` (the agent's state directory)
     is given: then each protected one is recorded there and logged at WARNING before it is deleted."""
+    repo.refuse_if_read_only()
     wait_s = LOCK_WAIT_S if lock_wait_s is None else lock_wait_s
     with repo.lock(exclusive=True, wait_s=wait_s):
         infos = [repo.find_snapshot(r) for r in refs]
@@ -329,6 +331,8 @@ def expire_snapshots(repo: Repository, keep: KeepPolicy, *, now: float | None = 
     leaves garbage collection for later; ``lock_wait_s=0`` gives up at once when the repository is in use
     (retention can wait): LockedError before anything is deleted; when only the garbage collection that
     follows cannot have its lock, the snapshots stay deleted, ``gc`` is None and a warning is logged."""
+    if not dry_run:
+        repo.refuse_if_read_only()
     now = time.time() if now is None else now
     wait_s = LOCK_WAIT_S if lock_wait_s is None else lock_wait_s
     with repo.lock(exclusive=not dry_run, wait_s=wait_s):

@@ -239,3 +239,28 @@ def test_backup_list_and_prune_errors_name_only_what_exists() -> None:
         r = run_drsync("backup", cmd)
         assert r.code == 2 and f"drsync backup {cmd} DIR" in r.err and "--dest" not in r.err, r.err
         assert len(r.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", ["full", "dataless"])
+def test_no_command_changes_a_backup_opened_as_a_repository(drsync, tmp_path: Path, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """A backup directory is a repository beside backup.json, so every --repo command opens it. `repo gc`
+    on a dataless one said it was damaged and to repair it; `snapshot create --repo BACKUP` added a snapshot
+    to it and its next verify found it damaged. Every command that would write is refused (exit 2, one line,
+    nothing changed); reading, verifying and restoring still work."""
+    cfg, snap = setup(drsync, tmp_path)
+    path = Path(create(drsync, cfg, snap, mode)["path"])
+    before = {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    in_it = drsync("snapshot", "list", "--repo", path, "--json").json()
+    only = (in_it if isinstance(in_it, list) else in_it["snapshots"])[0]["id"]
+    for args in (["repo", "gc"], ["repo", "gc", "--dry-run"], ["snapshot", "create", "--source", tmp_path / "data"],
+                 ["snapshot", "delete", only], ["snapshot", "expire"]):
+        r = drsync(*args, "--repo", path)
+        assert r.code == 2, (args, r.code, r.err)
+        assert "is a backup (it holds backup.json)" in r.err and "nothing was changed" in r.err, (args, r.err)
+        assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, (args, r.err)
+    after = {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    assert after == before
+    v = drsync("backup", "verify", path, "--json")
+    assert v.code == 0 and v.json()["ok"] is True, v.out + v.err
+    assert drsync("snapshot", "show", only, "--repo", path).code == 0
+    assert drsync("repo", "unlock", "--repo", path).code == 0  # locks/ stays writable: readers take locks

@@ -537,3 +537,34 @@ def test_config_check_counts_the_directories_to_watch_and_the_snapshots_protect_
     assert "fs.inotify.max_user_watches" in mode["detail"]
     count = checks["snapshot count"]
     assert count["warn"] and "604,800 snapshots kept" in count["detail"]
+
+
+def test_config_check_bounds_the_directory_count_of_a_root_that_stops_answering(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mount below the data root that stops answering (a stand-in: a real hung NFS mount is beyond a
+    test) holds the count's walk: config check reports what it counted within its --timeout bound and
+    goes on to its other checks."""
+    from drsync.agent import configcheck
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    released = threading.Event()
+    real_walk = os.walk
+
+    def hanging_walk(top: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        for item in real_walk(top):
+            yield item
+            released.wait()  # the next directory's listing never answers
+
+    monkeypatch.setattr(configcheck.os, "walk", hanging_walk)
+    p = tmp_path / "c.toml"
+    p.write_text(f'[cluster]\nid = "a"\nrelease = "1"\ndata = "{data}"\nrepository = "{tmp_path / "repo"}"\n'
+                 '[replication]\nmode = "continuous"\ninterval = "1h"\n')
+    try:
+        checks = {c.name: c for c in configcheck.check_config(p, timeout_s=0.1)}
+    finally:
+        released.set()
+    mode = checks["replication mode"]
+    assert mode.ok and mode.warn
+    assert "at least 2 directories (counted for 1s, the --timeout bound" in mode.detail
+    assert {"nesting", "listen address", "zookeeper"} <= set(checks)  # the checks after it still ran

@@ -263,3 +263,23 @@ def test_open_storage_urls(tmp_path: Path) -> None:
     f.write_text("x")
     with pytest.raises(UsageError, match="is a file"):
         open_storage(str(f))
+
+
+def test_a_read_only_storage_refuses_every_write_but_a_lock() -> None:
+    from drsync.errors import UsageError
+    from drsync.storage import ReadOnlyStorage
+
+    inner = MemoryStorage()
+    inner.write("config.json", b"{}")
+    ro = ReadOnlyStorage(inner, "a backup: nothing was changed")
+    assert isinstance(ro, Storage) and ro.read("config.json") == b"{}" and ro.exists("config.json")
+    assert [o.name for o in ro.list()] == ["config.json"]
+    for attempt in (lambda: ro.write("packs/x", b"1"), lambda: ro.writer("index/y"), lambda: ro.delete("config.json"),
+                    lambda: ro.touch("config.json")):
+        with pytest.raises(UsageError, match="nothing was changed"):
+            attempt()
+    assert [o.name for o in inner.list()] == ["config.json"] and inner.read("config.json") == b"{}"
+    ro.write("locks/reader.json", b"{}")  # readers take locks
+    ro.touch("locks/reader.json")
+    ro.delete("locks/reader.json")
+    assert not inner.exists("locks/reader.json")

@@ -93,7 +93,7 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
         checks.append(Check("data root and repository", False, layout, "config"))
     checks += _check_cluster(cfg, timeout_s)
     checks += _check_engine(cfg, timeout_s)
-    checks += _check_cadence(cfg)
+    checks += _check_cadence(cfg, timeout_s)
     try:
         state_dir: str | None = state_dir_of(cfg)
     except DrsyncError as e:
@@ -185,9 +185,10 @@ def _check_engine(cfg: Config, timeout_s: float) -> list[Check]:
     return out
 
 
-def _check_cadence(cfg: Config) -> list[Check]:
+def _check_cadence(cfg: Config, timeout_s: float) -> list[Check]:
     """replication.mode: continuous on HDFS polls (a capture every min_interval); on a local root it needs an
-    inotify watch per directory, within fs.inotify.max_user_watches."""
+    inotify watch per directory, within fs.inotify.max_user_watches (the directories counted for at most
+    ``2 * timeout_s + 1`` seconds, as every check that touches the data root)."""
     from drsync.agent.continuous import is_local
     from drsync.agent.status import replication_mode
 
@@ -207,19 +208,38 @@ def _check_cadence(cfg: Config) -> list[Check]:
                             f"poll is a snapshot-diff capture (a new snapshot, kept as [snapshots] keep says); raise "
                             f"replication.min_interval if the namenode is busy", "config", warn=True)]
     root = cfg.cluster.data.removeprefix("file://")
-    dirs = 0
-    for _, subdirs, _ in os.walk(root):
-        dirs += len(subdirs)
-    dirs += 1
+    dirs, finished = _count_dirs(root, 2 * timeout_s + 1)
     limit_text = _sysctl("fs/inotify/max_user_watches")
     limit = int(limit_text) if limit_text.isdigit() else None
     short = limit is not None and dirs > limit // 2
-    what = f"{dirs} director{'y' if dirs == 1 else 'ies'}"
+    what = f"{dirs} director{'y' if dirs == 1 else 'ies'}" if finished else (
+        f"at least {dirs} directories (counted for {2 * timeout_s + 1:.0f}s, the --timeout bound: a root this "
+        f"large takes the agent as long to watch, and a mount that does not answer holds it)")
     return [*out, Check("replication mode", True, f"{summary}; the data root has {what} "
                   f"to watch, fs.inotify.max_user_watches = {limit_text}" +
                   (" (shared by every process of the user): raise it, e.g. sysctl -w fs.inotify.max_user_watches="
                    f"{max(1048576, dirs * 4)}, or the agent falls back to a capture every {r.min_interval:g}s"
-                   if short else ""), "config", warn=short)]
+                   if short else ""), "config", warn=short or not finished)]
+
+
+def _count_dirs(root: str, limit_s: float) -> tuple[int, bool]:
+    """``(directories, finished)``: the directories of ``root``, itself included, counted for at most
+    ``limit_s`` seconds, and whether the count finished (a mount that does not answer leaves it to a daemon
+    thread, which ends with the command)."""
+    counted = [1]
+    done, stop = threading.Event(), threading.Event()
+
+    def walk() -> None:
+        for _, subdirs, _ in os.walk(root):
+            counted[0] += len(subdirs)
+            if stop.is_set():
+                return
+        done.set()
+
+    threading.Thread(target=walk, name="config-check-watches", daemon=True).start()
+    finished = done.wait(limit_s)
+    stop.set()
+    return counted[0], finished
 
 
 def _sysctl(path: str) -> str:

@@ -10,6 +10,9 @@ import re
 
 FORMAT_VERSION = 2
 REPOSITORY_KIND = "drsync-repository"
+# A backup directory (drsync backup create) is a repository with this file beside config.json; drsync
+# never changes a repository that has one (its files are checked against CHECKSUMS.b3).
+BACKUP_META = "backup.json"
 
 # FastCDC 2020, normalized chunking level 1, sizes avg/4 .. avg*4. The average
 # was chosen by measurement (bench/chunking.py, 2026-11-24): throughput is flat

@@ -45,7 +45,7 @@ from drsync.repository.packs import (
 )
 from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.repository.spool import Spool
-from drsync.storage import ObjectMissing, RangeReader, Storage, StoredObject, read_bounded
+from drsync.storage import ObjectMissing, RangeReader, ReadOnlyStorage, Storage, StoredObject, read_bounded
 
 log = logging.getLogger("drsync.repository")
 
@@ -420,7 +420,22 @@ class Repository:
 
         config = RepoConfig(id=doc["id"], cluster_id=doc["cluster_id"], release=doc["release"],
                             created_at=parse_iso(doc["created_at"]), version=version)
+        if storage.exists(fmt.BACKUP_META):  # a backup directory: read, verified and restored, never changed
+            storage = ReadOnlyStorage(storage, f"{storage.url} is a backup (it holds {fmt.BACKUP_META}), which "
+                                               f"drsync keeps exactly as written (checked against its checksum "
+                                               f"file): nothing was changed; restore it with 'drsync backup "
+                                               f"restore', and take snapshots or collect garbage in a repository")
         return cls(storage, config)
+
+    @property
+    def read_only(self) -> str | None:
+        """Why this repository is never written (a backup directory), or None."""
+        return self.storage.refusal if isinstance(self.storage, ReadOnlyStorage) else None
+
+    def refuse_if_read_only(self) -> None:
+        """UsageError before a write starts (the storage refuses each write as well)."""
+        if self.read_only:
+            raise UsageError(self.read_only)
 
     def lock(self, *, exclusive: bool, wait_s: float = 0.0) -> RepositoryLock:
         """A repository lock (not yet taken: ``with repo.lock(...)`` or ``.acquire()``).
@@ -468,6 +483,7 @@ class Repository:
         Raises LockedError (one line, naming the holder) after ``wait_s`` seconds of an exclusive
         lock (0 = at once).
         """
+        self.refuse_if_read_only()
         return WriteSession(self, self.lock(exclusive=False, wait_s=wait_s).acquire())
 
     # --- chunks ----------------------------------------------------------------
@@ -1002,6 +1018,7 @@ class Repository:
         """
         from drsync.repository.gc import mark, sweep
 
+        self.refuse_if_read_only()
         with self.lock(exclusive=False, wait_s=wait_s) as shared:
             plan = mark(self, repack_threshold, dry_run, shared)
         if dry_run or not plan.sweep_needed:

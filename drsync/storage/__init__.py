@@ -82,6 +82,56 @@ class Storage(Protocol):
     def close(self) -> None: ...
 
 
+class ReadOnlyStorage:
+    """A storage whose objects are kept as they are (a backup directory: :data:`drsync.repository.format.
+    BACKUP_META`): reads pass through; a write, writer, delete or touch raises UsageError(``refusal``) before
+    it reaches the storage, except under ``locks/`` (readers take locks). A decorator, as restic wraps its
+    backends: one place refuses every write, whatever command or code path asks for it."""
+
+    def __init__(self, inner: Storage, refusal: str) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.refusal = refusal
+
+    def _writable(self, name: str) -> None:
+        if not name.startswith("locks/"):
+            raise UsageError(self.refusal)
+
+    def read(self, name: str) -> bytes:
+        return self.inner.read(name)
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        return self.inner.read_range(name, offset, length)
+
+    def write(self, name: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> None:
+        self._writable(name)
+        self.inner.write(name, data, durable=durable, exclusive=exclusive)
+
+    def writer(self, name: str) -> BlobWriter:
+        self._writable(name)
+        return self.inner.writer(name)
+
+    def delete(self, name: str) -> None:
+        self._writable(name)
+        self.inner.delete(name)
+
+    def exists(self, name: str) -> bool:
+        return self.inner.exists(name)
+
+    def touch(self, name: str) -> None:
+        self._writable(name)
+        self.inner.touch(name)
+
+    def list(self, prefix: str = "") -> list[StoredObject]:
+        return self.inner.list(prefix)
+
+    def sync(self, names: Iterable[str]) -> None:
+        self.inner.sync(names)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def read_bounded(storage: Storage, name: str, limit: int, what: str) -> bytes:
     """The whole of a small object, reading at most ``limit`` + 1 bytes of it: IntegrityError (naming
     ``what`` and the limit) when it is larger, so a damaged or hostile one is never read whole.
