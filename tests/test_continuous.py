@@ -259,7 +259,7 @@ def test_an_unwatchable_root_is_a_watch_error(tmp_path: Path) -> None:
         RootWatcher(str(tmp_path / "missing")).start()
 
 
-def _probe(root: Path, *, watch_limit: int | None = None) -> subprocess.Popen[str]:
+def _probe(root: Path, *, watch_limit: int | None = None, also: Path | None = None) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "tests.watchprobe", str(root)]
     if watch_limit is not None:
         if not shutil.which("unshare") or subprocess.run(["unshare", "-U", "-r", "true"]).returncode != 0:
@@ -267,7 +267,8 @@ def _probe(root: Path, *, watch_limit: int | None = None) -> subprocess.Popen[st
         cmd = ["unshare", "-U", "-r", "sh", "-c",
                f"echo {watch_limit} > /proc/sys/user/max_inotify_watches && exec {' '.join(cmd)}"]
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                                 "DRSYNC_PROBE_ALSO": str(also or "")})
 
 
 def _ask(p: subprocess.Popen[str]) -> dict[str, object]:
@@ -340,13 +341,16 @@ def test_a_mount_or_unmount_inside_the_root_ends_notification(tmp_path: Path, ca
 
 
 def test_a_queue_overflow_is_reported(tmp_path: Path) -> None:
-    """The watcher's process is stopped while more events than the kernel queues happen."""
+    """The watcher's process is stopped while more events than the kernel queues happen. Only that watcher's
+    queue overflowed: another watcher in the same process (a second agent's root) keeps its notification
+    (one overflow made every watcher of the process fall back to scanning)."""
     root = tmp_path / "root"
     root.mkdir()
+    (tmp_path / "quiet").mkdir()
     limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
     if limit > 200_000:
         pytest.skip(f"fs.inotify.max_queued_events is {limit}: too many files to overflow it in a test")
-    p = _probe(root)
+    p = _probe(root, also=tmp_path / "quiet")
     try:
         assert p.stdout is not None
         assert json.loads(p.stdout.readline())["started"]
@@ -357,8 +361,10 @@ def test_a_queue_overflow_is_reported(tmp_path: Path) -> None:
         finally:
             os.kill(p.pid, signal.SIGCONT)
         wait_for(lambda: _ask(p)["problem"], "the overflow to be reported", 30)
-        problem = str(_ask(p)["problem"])
+        answer = _ask(p)
+        problem = str(answer["problem"])
         assert "overflowed" in problem and "fs.inotify.max_queued_events" in problem
+        assert answer["also_problem"] is None, answer
     finally:
         p.kill()
         p.wait()

@@ -89,7 +89,9 @@ def overflow_advice() -> str:
 
 class _Overflows(logging.Filter):
     """watchdog reports a queue overflow only in its log (it then re-adds its watches itself): this filter
-    passes it on to every live watcher, which reports it in its own words instead. Its warning for each
+    passes it on to the watcher whose queue overflowed (each has an inotify instance and queue of its own),
+    told by the thread that made the record (one its observer started), which reports it in its own words
+    instead; a record from a thread no watcher started reaches every live watcher. Its warning for each
     directory it could not watch is dropped: :meth:`RootWatcher.coverage_problem` finds them all, and the
     agent warns once, with what to do."""
 
@@ -102,7 +104,8 @@ class _Overflows(logging.Filter):
             return False  # one warning per directory (watchdog 7): coverage_problem reports them as one
         if not str(record.msg).startswith(_OVERFLOW):
             return True
-        for w in list(self.watchers):
+        live = list(self.watchers)
+        for w in [w for w in live if record.thread in w._threads] or live:
             w._overflowed()
         return False
 
@@ -160,6 +163,7 @@ class RootWatcher:
         self._root_id: tuple[int, int] | None = None
         self._mounts: MountWatch | None = None
         self._problem: str | None = None
+        self._threads: set[int | None] = set()  # the threads its observer started (reader, emitter, observer)
         # Directories created or moved in since the last look (bounded; None: too many, look at everything).
         self._new_dirs: set[str] | None = set()
 
@@ -182,6 +186,7 @@ class RootWatcher:
         # the observer is made, 7.1.1 when the tree is scheduled (one per observer in both).
         with _STARTING:
             before = _inotify_fds()
+            threads_before = {t.ident for t in threading.enumerate()}
             try:
                 observer = Observer()
             except OSError as e:
@@ -200,6 +205,7 @@ class RootWatcher:
                     pass
                 raise WatchError(self._os_error(e)) from None
             fds = _inotify_fds() - before
+            self._threads = {t.ident for t in threading.enumerate()} - threads_before  # its observer's
         self._fd = fds.pop() if len(fds) == 1 else None
         self._observer = observer
 
