@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from drsync import faults
+from drsync import allocators, faults
 from drsync.errors import IntegrityError, OperationFailed
 from drsync.repository import chunks
 from drsync.repository import format as fmt
@@ -60,6 +60,7 @@ def mark(repo: Repository, repack_threshold: float, dry_run: bool, lock: Reposit
     referenced = IdSet.empty()
     for s in snaps:
         referenced = referenced.union(repo.load_manifest_chunks(s))
+        allocators.give_back()  # the manifest's columns, freed inside glibc's heaps, are not kept resident
     faults.pause("gc-mark")  # tests: a mark over millions of chunks, the shared lock held (writers go on)
     live_manifests = {fmt.manifest_name(s.id) for s in snaps}
     report.removed_snapshots_orphans = sum(1 for o in repo.storage.list(fmt.MANIFESTS_DIR)
@@ -71,6 +72,7 @@ def mark(repo: Repository, repack_threshold: float, dry_run: bool, lock: Reposit
         index_files.add(obj.name)
     rows = index.rows()
     del index
+    allocators.give_back()
     pack_sizes = {o.name: o.size for o in repo.storage.list(fmt.PACKS_DIR)}
 
     # Per pack (P of them, by number into rows.packs): rows, live rows, stored bytes, dead stored bytes.
