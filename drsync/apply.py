@@ -343,7 +343,7 @@ def _planned(excluded: Callable[[str], bool], protected: frozenset[str],
 
 
 def _to_plan(manifest: Manifest, root: DataRoot, *, dry_run: bool, merge: bool, drop_alike: bool, resolution: int,
-             planned: Callable[[str], bool]) -> tuple[list[Entry], dict[str, LocalEntry], int, Residual | None]:
+             planned: Callable[[str], bool] | None) -> tuple[list[Entry], dict[str, LocalEntry], int, Residual | None]:
     """The manifest's entries and the target's for :func:`plan_apply`, and how many plain files are
     already alike and left out of both, and the merge's residue when there was one (its new plain files
     are planned as rows: :func:`drsync.unchanged.split_unchanged`; a local root is merged in path order,
@@ -456,7 +456,9 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     changed = content_changed(base, manifest) if base is not None else frozenset()
     entries, existing, unchanged, rest = _to_plan(manifest, root, dry_run=dry_run, merge=not structure_only,
                                                   drop_alike=not checksum, resolution=resolution,
-                                                  planned=_planned(excluded, protected, changed))
+                                                  planned=_planned(excluded, protected, changed)
+                                                  if any(g.strip().lstrip("/") for g in exclude) or protected or changed
+                                                  else None)
     entries = _within_mode_bits(entries, root)
     plan = plan_apply(entries, existing, excluded=excluded,
                       same_content=_with_chunks(manifest, root.same_content) if checksum else None,

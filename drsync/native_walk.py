@@ -36,7 +36,7 @@ from drsync.repository.manifest_check import RESERVED_NAME, symlink_stays_inside
 from drsync.repository.snapshots import WarningLog
 
 if TYPE_CHECKING:
-    from drsync.tree import TreeScan
+    from drsync.tree import EntryColumns, TreeScan
 
 try:
     from drsync import _listdir
@@ -396,3 +396,37 @@ def target_entries(dfd: int, rel_dir: str, excluded: tuple[bytes, ...],
     items.extend(zip(rels[at:], entries[at:], strict=True))
     items.reverse()
     return items, specials, problems
+
+
+def target_columns(dfd: int, rel_dir: str, excluded: tuple[bytes, ...],
+                   xattr_dir: bytes) -> tuple[EntryColumns, list[tuple[int, str]], list[bytes],
+                                              list[tuple[bytes, int]]]:
+    """One directory of an apply's target walk as columns (:class:`drsync.tree.EntryColumns`, ascending by
+    name), with no Python object per entry: ``(columns, subdirs, specials, problems)``. ``subdirs``: ``(pos,
+    rel)`` for each directory, whose contents come after the first ``pos`` rows. ``specials`` and
+    ``problems`` as :func:`target_entries` gives them (the caller lists a directory holding specials the
+    other way). Raises OSError when the directory cannot be read."""
+    from drsync.tree import EntryColumns, read_xattrs
+
+    assert _listdir is not None
+    prefix = os.fsencode(rel_dir) + b"/" if rel_dir else b""
+    count, offsets, _, data, meta, dirs, events = _listdir.list_dir(dfd, prefix, (), excluded, xattr_dir)
+    paths = pa.Array.from_buffers(pa.large_binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    problems = [(name, value) for kind, name, value in events if kind == _K_PROBLEM]
+    specials = [name for kind, name, _ in events if kind == _K_SPECIAL]
+    rec = np.frombuffer(meta, RECORD)
+    targets: list[bytes | None] = [None] * count
+    for kind, _, value in events:
+        if kind == _K_LINK:
+            targets[value[0]] = value[1]
+    xattrs: list[bytes | None] = [None] * count
+    for row in np.flatnonzero(rec["xattrs"]).tolist():
+        name = paths[row].as_py().rpartition(b"/")[2]
+        xattrs[row] = read_xattrs(os.fsdecode(xattr_dir + b"/" + name))[0]
+    kind = rec["kind"].astype(np.int8)
+    columns = EntryColumns(paths, kind, (rec["mode"] & 0o7777).astype(np.int64), rec["uid"].astype(np.int64),
+                           rec["gid"].astype(np.int64), np.where(kind == 0, rec["size"], 0),
+                           rec["mtime_s"].copy(), rec["mtime_nsec"].astype(np.int64), rec["ino"].copy(),
+                           rec["nlink"].astype(np.int64), targets, xattrs)
+    subdirs = [(pos, os.fsdecode(paths[row].as_py())) for row, pos, *_ in dirs]
+    return columns, subdirs, specials, problems

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -251,6 +252,90 @@ class LocalEntry:
     ino: int = 0
     xattrs: bytes | None = None
     nlink: int = 1
+
+
+# An entry's type in :class:`EntryColumns` (``kind``): these codes, in this order. "other" is a fifo, socket
+# or device (:data:`drsync.apply.OTHER`).
+KINDS = (FILE, DIR, SYMLINK, "other")
+K_FILE = 0
+
+
+@dataclass
+class EntryColumns:
+    """Entries of a local tree as columns, one row an entry, in the manifest's order (path bytes): what an
+    apply's first pass compares against a manifest without a Python object per entry. ``paths``: relative
+    paths (Arrow binary or large_binary); ``kind``: codes of :data:`KINDS`; ``mode`` (permission bits),
+    ``uid``, ``gid``, ``size`` (bytes, 0 but for files), ``mtime_s`` and ``mtime_nsec``, ``ino``, ``nlink``:
+    NumPy arrays; ``targets`` and ``xattrs``: lists (bytes or None)."""
+
+    paths: pa.Array
+    kind: np.ndarray
+    mode: np.ndarray
+    uid: np.ndarray
+    gid: np.ndarray
+    size: np.ndarray
+    mtime_s: np.ndarray
+    mtime_nsec: np.ndarray
+    ino: np.ndarray
+    nlink: np.ndarray
+    targets: list[bytes | None]
+    xattrs: list[bytes | None]
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def entry(self, i: int) -> LocalEntry:
+        """Row ``i`` as a :class:`LocalEntry` (what the planner compares)."""
+        target = self.targets[i]
+        return LocalEntry(os.fsdecode(self.paths[i].as_py()), KINDS[int(self.kind[i])], int(self.mode[i]),
+                          int(self.uid[i]), int(self.gid[i]), int(self.size[i]),
+                          int(self.mtime_s[i]) * 1_000_000_000 + int(self.mtime_nsec[i]),
+                          None if target is None else os.fsdecode(target), int(self.ino[i]), self.xattrs[i],
+                          int(self.nlink[i]))
+
+    def slice(self, lo: int, hi: int) -> EntryColumns:
+        return EntryColumns(self.paths[lo:hi], self.kind[lo:hi], self.mode[lo:hi], self.uid[lo:hi], self.gid[lo:hi],
+                            self.size[lo:hi], self.mtime_s[lo:hi], self.mtime_nsec[lo:hi], self.ino[lo:hi],
+                            self.nlink[lo:hi], self.targets[lo:hi], self.xattrs[lo:hi])
+
+    @staticmethod
+    def concat(parts: list[EntryColumns]) -> EntryColumns:
+        if len(parts) == 1:
+            return parts[0]
+        paths = pa.concat_arrays([p.paths.cast(pa.large_binary()) for p in parts])
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts])
+
+        return EntryColumns(paths, cat("kind"), cat("mode"), cat("uid"), cat("gid"), cat("size"), cat("mtime_s"),
+                            cat("mtime_nsec"), cat("ino"), cat("nlink"), [t for p in parts for t in p.targets],
+                            [x for p in parts for x in p.xattrs])
+
+    @staticmethod
+    def of_entries(entries: list[LocalEntry]) -> EntryColumns:
+        """Columns of ``entries`` (any listing: the Python one, special files). Times are kept exactly (the
+        seconds of any time a file system holds fit int64)."""
+        def num(values: list[int], dtype: str) -> np.ndarray:
+            return np.array(values, dtype=dtype) if values else np.zeros(0, dtype)
+
+        secs = clamp_int64([e.mtime_ns // 1_000_000_000 for e in entries])
+        return EntryColumns(
+            pa.array([os.fsencode(e.path) for e in entries], pa.large_binary()),
+            num([KINDS.index(e.type) for e in entries], "i1"), num([e.mode for e in entries], "i8"),
+            num([e.uid for e in entries], "i8"), num([e.gid for e in entries], "i8"),
+            num([e.size for e in entries], "i8"), num(secs, "i8"),
+            num([e.mtime_ns % 1_000_000_000 for e in entries], "i8"), num([e.ino for e in entries], "u8"),
+            num([e.nlink for e in entries], "i8"),
+            [None if e.target is None else os.fsencode(e.target) for e in entries], [e.xattrs for e in entries])
+
+
+# Seconds whose nanoseconds fit int64 with room: beyond them a time is compared entry by entry, not in columns.
+MTIME_S_LIMIT = 9_000_000_000
+
+
+def mtime_in_range(secs: np.ndarray) -> np.ndarray:
+    """Which seconds (int64) are within :data:`MTIME_S_LIMIT` either way."""
+    return (secs > -MTIME_S_LIMIT) & (secs < MTIME_S_LIMIT)
 
 
 def scan_tree(root: str, exclude: frozenset[str] = frozenset(), *, native: bool | None = None) -> TreeScan:

@@ -3,8 +3,10 @@
 An apply at scale compares a million manifest rows with a million target
 entries, and most are plain files that already match. Holding both sides as
 Python objects costs about a kilobyte a file; instead the manifest (sorted by
-path bytes) and the target's walk (:func:`drsync.dataroot.local.walk_target`,
-in the same order) are merged one row at a time. A plain file that matches in
+path bytes) and the target's walk as columns
+(:func:`drsync.dataroot.local.walk_target_columns`, in the same order) are
+merged a window of rows at a time, with column operations (a no-change restore
+of 100,000 files makes no Python object for any of them). A plain file that matches in
 every way the planner compares (type, size, time at the common precision,
 mode, owner and extended attributes where compared, one link) is counted and
 dropped; everything else (directories, links, hard-link groups, differing or
@@ -19,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,7 +31,7 @@ import pyarrow.compute as pc
 
 from drsync.dataroot import UNKNOWN_ID
 from drsync.repository.manifest import FILE, Manifest, external_mask
-from drsync.tree import LocalEntry
+from drsync.tree import K_FILE, EntryColumns, LocalEntry, mtime_in_range
 
 if TYPE_CHECKING:
     from drsync.repository.manifest import Entry
@@ -55,83 +56,248 @@ class Residual:
     new_parents: set[str] = dataclasses.field(default_factory=set)
 
 
-def split_unchanged(manifest: Manifest, walk: Iterable[LocalEntry], *, resolution_ns: int = 1,
+def split_unchanged(manifest: Manifest, walk: Iterable[EntryColumns], *, resolution_ns: int = 1,
                     compare_owner: bool = False, compare_xattrs: bool = False, mode_bits: int = 0o7777,
-                    planned: Callable[[str], bool] = lambda p: False, drop_alike: bool = True) -> Residual | None:
-    """Merge ``manifest`` with ``walk`` (the target's entries in path-bytes order) and drop the plain files
-    both hold alike. ``planned(path)``: the path must go to the planner whatever it compares like
-    (excluded, protected, known to have changed content). Memory: one record batch of the manifest and
-    what is kept. ``drop_alike`` False (``--checksum``: alike files are read to be sure) keeps the files
-    both hold for the planner and only splits off the new ones. Returns None when either side is out of
-    path order (a hostile manifest): the caller plans the whole of both instead."""
+                    planned: Callable[[str], bool] | None = None, drop_alike: bool = True) -> Residual | None:
+    """Merge ``manifest`` with ``walk`` (the target's entries as runs of columns in path-bytes order:
+    :func:`drsync.dataroot.local.walk_target_columns`) and drop the plain files both hold alike.
+    ``planned(path)``: the path must go to the planner whatever it compares like (excluded, protected,
+    known to have changed content); None when no path must. Memory: one record batch of each side and what
+    is kept. ``drop_alike`` False (``--checksum``: alike files are read to be sure) keeps the files both
+    hold for the planner and only splits off the new ones. Returns None when either side is out of path
+    order (a hostile manifest): the caller plans the whole of both instead.
+
+    Column operations throughout: both sides are cut into windows that end at the same path (the lower
+    of the two batches' last paths), and each window's paths are matched by a hash lookup, which in
+    sorted, duplicate-free windows pairs exactly the rows a row-by-row merge would."""
     t = manifest.table
     if t.schema.field("path").type != pa.binary():
         return None
-    res = max(1, resolution_ns)
-    extra = 0o7777 & ~mode_bits
-    leaders = set(pc.unique(t.column("hardlink").drop_null()).to_pylist()) if t.num_rows else set()
-    rows = array("q")  # 8 bytes a row, not a Python int each
-    new_rows = array("q")
-    new_parents: set[bytes] = set()
-    existing: dict[str, LocalEntry] = {}
-    unchanged = 0
-    it = iter(walk)
-    have = next(it, None)
-    have_key = _key(have)
-    last_key = b""
-    last_path = None
+    merge = _Merge(t, resolution_ns, compare_owner, compare_xattrs, mode_bits, planned, drop_alike)
+    target = _Target(walk)
+    try:
+        return _merge(t, merge, target)
+    except _OutOfOrder:
+        return None
+
+
+def _merge(t: pa.Table, merge: _Merge, target: _Target) -> Residual | None:
+    last_key: bytes | None = None
     start = 0
     for batch in t.to_batches(max_chunksize=_BATCH):
-        bt = pa.Table.from_batches([batch])
-        c = {n: bt.column(n).to_pylist() for n in ("path", "type", "size", "mtime_s", "mtime_nsec", "mode", "uid",
-                                                     "gid", "xattrs", "hardlink")}
-        ext = external_mask(bt).tolist()
-        for i, p in enumerate(c["path"]):
-            row = start + i
-            if last_path is not None and p <= last_path:
-                return None
-            last_path = p
-            while have is not None and have_key < p:
-                existing[have.path] = have
-                have = next(it, None)
-                last_key, have_key = have_key, _key(have)
-                if have is not None and have_key <= last_key:
-                    return None
-            if have is None or have_key != p:
-                if (c["type"][i] == FILE and c["hardlink"][i] is None and not ext[i] and p not in leaders
-                        and not c["mode"][i] & extra and not planned(os.fsdecode(p))):
-                    new_rows.append(row)
-                    new_parents.add(p.rpartition(b"/")[0])
-                else:
-                    rows.append(row)
-                continue
-            h = have
-            have = next(it, None)
-            last_key, have_key = have_key, _key(have)
-            if have is not None and have_key <= last_key:
-                return None
-            mode, uid = c["mode"][i], c["uid"][i]
-            if (drop_alike and c["type"][i] == FILE and h.type == FILE and c["hardlink"][i] is None and not ext[i]
-                    and h.nlink == 1 and h.size == c["size"][i] and p not in leaders and not mode & extra
-                    and h.mode == mode
-                    and h.mtime_ns // res == (c["mtime_s"][i] * 1_000_000_000 + c["mtime_nsec"][i]) // res
-                    and (not compare_owner or uid == UNKNOWN_ID or (h.uid, h.gid) == (uid, c["gid"][i]))
-                    and (not compare_xattrs or h.xattrs == c["xattrs"][i])
-                    and not planned(h.path)):
-                unchanged += 1
-                continue
-            existing[h.path] = h
-            rows.append(row)
+        paths = batch.column(batch.schema.get_field_index("path"))
+        if not len(paths):
+            continue
+        if not _ascending(paths, last_key):
+            raise _OutOfOrder
+        last_key = paths[-1].as_py()
+        side = merge.side(batch, start)
+        mi = 0
+        while mi < len(paths):
+            tb = target.current()
+            if tb is None:  # the target has nothing more: the rest of the manifest is new to it
+                merge.window(side, mi, len(paths), None, 0, 0)
+                break
+            bound = min(last_key, target.last_key)
+            upto = mi + _count_at_most(paths[mi:], bound)
+            tupto = target.at + _count_at_most(tb.paths[target.at:], bound)
+            merge.window(side, mi, upto, tb, target.at, tupto)
+            mi = upto
+            target.at = tupto
         start += batch.num_rows
-    while have is not None:
-        existing[have.path] = have
-        have = next(it, None)
-        last_key, have_key = have_key, _key(have)
-        if have is not None and have_key <= last_key:
+    while True:  # paths only the target has, past the manifest's last
+        tb = target.current()
+        if tb is None:
+            break
+        merge.keep_target(tb, np.arange(target.at, len(tb)))
+        target.at = len(tb)
+    return merge.residual()
+
+
+class _OutOfOrder(Exception):
+    """A side of the merge is not in path order: the caller plans the whole of both."""
+
+
+class _Target:
+    """The walk's runs gathered into batches of at least :data:`_BATCH` rows; ``at``: the first row of the
+    current batch not yet merged."""
+
+    def __init__(self, walk: Iterable[EntryColumns]) -> None:
+        self.runs = iter(walk)
+        self.batch: EntryColumns | None = None
+        self.at = 0
+        self.last_key: bytes = b""
+        self.previous: bytes | None = None
+        self.done = False
+
+    def current(self) -> EntryColumns | None:
+        if self.batch is not None and self.at < len(self.batch):
+            return self.batch
+        self.batch, self.at = None, 0
+        parts: list[EntryColumns] = []
+        rows = 0
+        while not self.done and rows < _BATCH:
+            run = next(self.runs, None)
+            if run is None:
+                self.done = True
+            elif len(run):
+                parts.append(run)
+                rows += len(run)
+        if not parts:
             return None
-    new_parents.discard(b"")
-    return Residual(np.frombuffer(rows, dtype=np.int64).copy(), existing, unchanged,
-                    np.frombuffer(new_rows, dtype=np.int64).copy(), {os.fsdecode(d) for d in new_parents})
+        batch = EntryColumns.concat(parts)
+        if not _ascending(batch.paths, self.previous):
+            raise _OutOfOrder
+        self.batch = batch
+        self.previous = self.last_key = batch.paths[-1].as_py()
+        return batch
+
+
+def _ascending(paths: pa.Array, before: bytes | None) -> bool:
+    """Whether ``paths`` rise strictly, from above ``before``."""
+    if before is not None and paths[0].as_py() <= before:
+        return False
+    return len(paths) < 2 or not pc.any(pc.less_equal(paths[1:], paths[:-1])).as_py()
+
+
+def _count_at_most(paths: pa.Array, bound: bytes) -> int:
+    """How many of ``paths`` (ascending) are at most ``bound``."""
+    return int(pc.sum(pc.less_equal(paths, pa.scalar(bound, paths.type))).as_py() or 0)
+
+
+@dataclass
+class _Side:
+    """One manifest batch as NumPy columns for :class:`_Merge` (``start``: its first row in the manifest)."""
+
+    start: int
+    paths: pa.Array
+    plain: np.ndarray       # a file without a hard link, not external, not a hard link group's first file,
+    #                         and holding no mode bits the target cannot keep: what can be written or left as is
+    size: np.ndarray
+    mode: np.ndarray
+    mtime: np.ndarray       # nanoseconds at the comparison's resolution (valid where ``timed``)
+    timed: np.ndarray
+    uid: np.ndarray
+    gid: np.ndarray
+    xattrs: pa.Array
+
+
+class _Merge:
+    def __init__(self, t: pa.Table, resolution_ns: int, compare_owner: bool, compare_xattrs: bool, mode_bits: int,
+                 planned: Callable[[str], bool] | None, drop_alike: bool) -> None:
+        self.res = max(1, resolution_ns)
+        self.extra = 0o7777 & ~mode_bits
+        self.compare_owner, self.compare_xattrs = compare_owner, compare_xattrs
+        self.planned, self.drop_alike = planned, drop_alike
+        self.leaders = (pc.unique(t.column("hardlink").drop_null()) if t.num_rows else pa.array([], pa.binary())
+                        ).cast(pa.large_binary())
+        self.rows: list[np.ndarray] = []
+        self.new_rows: list[np.ndarray] = []
+        self.new_parents: set[bytes] = set()
+        self.existing: dict[str, LocalEntry] = {}
+        self.unchanged = 0
+
+    def side(self, batch: pa.RecordBatch, start: int) -> _Side:
+        bt = pa.Table.from_batches([batch])
+
+        def col(name: str) -> np.ndarray:
+            return bt.column(name).to_numpy()
+
+        paths = bt.column("path").combine_chunks().cast(pa.large_binary())  # as the walk's
+        mode = col("mode").astype(np.int64)
+        plain = (_bools(pc.equal(bt.column("type"), FILE)) & _bools(pc.is_null(bt.column("hardlink")))
+                 & ~external_mask(bt) & ~_bools(pc.is_in(paths, value_set=self.leaders)) & (mode & self.extra == 0))
+        secs = col("mtime_s")
+        timed = mtime_in_range(secs)
+        mtime = (np.where(timed, secs, 0) * 1_000_000_000 + col("mtime_nsec").astype(np.int64)) // self.res
+        return _Side(start, paths, plain, col("size"), mode, mtime, timed, col("uid").astype(np.int64),
+                     col("gid").astype(np.int64), bt.column("xattrs").combine_chunks())
+
+    def window(self, m: _Side, lo: int, hi: int, tb: EntryColumns | None, tlo: int, thi: int) -> None:
+        """Manifest rows ``lo:hi`` of ``m`` against target rows ``tlo:thi`` of ``tb``: both hold every path of
+        their side up to the same one, so equal paths are in both."""
+        n = hi - lo
+        if tb is None or thi == tlo:
+            at = np.full(n, -1, np.int64)
+        else:
+            at = pc.index_in(m.paths[lo:hi], value_set=tb.paths[tlo:thi]).fill_null(-1).to_numpy()
+        matched = at >= 0
+        rows = np.arange(lo, hi)
+        # Paths only the manifest has: plain files are written with nothing else to decide.
+        new = ~matched & m.plain[lo:hi]
+        if self.planned is not None:
+            new[new] = ~self._planned(m.paths, rows[new])
+        self.new_rows.append(m.start + rows[new])
+        if new.any():
+            self._note_parents(m.paths.take(pa.array(rows[new])))
+        keep = ~matched & ~new
+        # Paths both hold: a plain file alike in every way compared is left alone.
+        kept_targets = np.zeros(0, np.int64)
+        if matched.any():
+            mr = rows[matched]
+            tr = at[matched] + tlo
+            assert tb is not None
+            alike = self._alike(m, mr, tb, tr)
+            if self.planned is not None:
+                alike[alike] = ~self._planned(m.paths, mr[alike])
+            self.unchanged += int(alike.sum())
+            keep[np.flatnonzero(matched)[~alike]] = True
+            kept_targets = tr[~alike]
+        self.rows.append(m.start + rows[keep])
+        # Target rows kept for the planner: those that differ, and paths only the target has, in path order.
+        if tb is not None and thi > tlo:
+            only = np.ones(thi - tlo, bool)
+            only[at[matched]] = False
+            self.keep_target(tb, np.sort(np.concatenate([kept_targets, np.flatnonzero(only) + tlo])))
+
+    def _alike(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray) -> np.ndarray:
+        if not self.drop_alike:
+            return np.zeros(len(mr), bool)
+        alike = (m.plain[mr] & (tb.kind[tr] == K_FILE) & (tb.nlink[tr] == 1) & (tb.size[tr] == m.size[mr])
+                 & (tb.mode[tr] == m.mode[mr]) & m.timed[mr] & mtime_in_range(tb.mtime_s[tr]))
+        if not alike.any():
+            return alike
+        secs = np.where(alike, tb.mtime_s[tr], 0)
+        alike &= (secs * 1_000_000_000 + tb.mtime_nsec[tr]) // self.res == m.mtime[mr]
+        if self.compare_owner:
+            uid = m.uid[mr]
+            alike &= (uid == UNKNOWN_ID) | ((tb.uid[tr] == uid) & (tb.gid[tr] == m.gid[mr]))
+        if self.compare_xattrs and alike.any():
+            mine = m.xattrs.take(pa.array(mr))
+            theirs = pa.array([tb.xattrs[i] for i in tr.tolist()], pa.binary())
+            both_none = _bools(pc.and_(pc.is_null(mine), pc.is_null(theirs)))
+            alike &= both_none | _bools(pc.equal(mine, theirs))
+        return alike
+
+    def _planned(self, paths: pa.Array, rows: np.ndarray) -> np.ndarray:
+        """Which of ``rows`` the planner must see whatever they compare like (``planned``, path by path)."""
+        assert self.planned is not None
+        if not len(rows):
+            return np.zeros(0, bool)
+        names = paths.take(pa.array(rows)).to_pylist()
+        return np.fromiter((self.planned(os.fsdecode(p)) for p in names), bool, len(names))
+
+    def _note_parents(self, paths: pa.Array) -> None:
+        split = pc.split_pattern(paths, "/", max_splits=1, reverse=True)
+        has = pc.equal(pc.list_value_length(split), 2)
+        self.new_parents.update(pc.unique(pc.filter(pc.list_element(split, 0), has)).to_pylist())
+
+    def keep_target(self, tb: EntryColumns, rows: np.ndarray) -> None:
+        for i in rows.tolist():
+            e = tb.entry(i)
+            self.existing[e.path] = e
+
+    def residual(self) -> Residual:
+        def joined(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+        self.new_parents.discard(b"")
+        return Residual(joined(self.rows), self.existing, self.unchanged, joined(self.new_rows),
+                        {os.fsdecode(d) for d in self.new_parents})
+
+
+def _bools(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(a.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 class WriteList:
@@ -188,5 +354,3 @@ class WriteList:
         return total
 
 
-def _key(e: LocalEntry | None) -> bytes:
-    return b"" if e is None else os.fsencode(e.path)

@@ -221,11 +221,15 @@ def test_any_tree_scans_alike(tmp_path_factory: pytest.TempPathFactory, tree: li
 
 
 def _target_walk(root: Path, *, native: bool, monkeypatch: pytest.MonkeyPatch) -> list:
-    from drsync.dataroot.local import walk_target
+    """The target walk's entries; its columns (what an apply's merge reads) must hold the same, in order."""
+    from drsync.dataroot.local import walk_target, walk_target_columns
 
     with monkeypatch.context() as m:
         m.setattr(native_walk, "available", lambda: native)
-        return [dataclasses.astuple(e) for e in walk_target(str(root), {""})]
+        walked = [dataclasses.astuple(e) for e in walk_target(str(root), {""})]
+        runs = list(walk_target_columns(str(root), {""}))
+    assert [dataclasses.astuple(r.entry(i)) for r in runs for i in range(len(r))] == walked
+    return walked
 
 
 def test_an_apply_target_walks_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

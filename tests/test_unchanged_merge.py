@@ -6,6 +6,7 @@ decided with both sides whole, on trees made to catch a merge out of step (names
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tracemalloc
 from collections.abc import Iterator
@@ -15,15 +16,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from drsync import engine
+from drsync import engine, native_walk
 from drsync.apply import _planned, _with_chunks, comparison_resolution, plan_apply
-from drsync.dataroot.local import LocalDataRoot, scan_target, walk_target
+from drsync.dataroot.local import LocalDataRoot, scan_target, walk_target, walk_target_columns
 from drsync.pathglob import compile_globs
 from drsync.repository.manifest import Manifest
 from drsync.repository.manifest_diff import content_changed
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
-from drsync.tree import LocalEntry
+from drsync.tree import EntryColumns, LocalEntry
 from drsync.unchanged import WriteList, split_unchanged
 from tests.conftest import run_drsync
 
@@ -129,6 +130,12 @@ def test_the_walk_comes_in_manifest_order_and_holds_what_the_scan_holds(snapshot
     _, _, src = snapshot
     _damage(src)
     walked = list(walk_target(str(src), {""}))
+    # The columns the merge reads hold the same entries in the same order, whichever listing made them.
+    for native in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(native_walk, "available", lambda native=native: native)
+            runs = list(walk_target_columns(str(src), {""}))
+        assert [r.entry(i) for r in runs for i in range(len(r))] == walked, native
     keys = [os.fsencode(e.path) for e in walked]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert {e.path: e for e in walked} == scan_target(str(src), {""})
@@ -170,7 +177,7 @@ def test_a_manifest_out_of_path_order_is_planned_whole(snapshot: tuple, tmp_path
     m = repo.load_manifest(snap)
     n = len(m)
     shuffled = Manifest(pa.concat_tables([m.table.slice(n // 2), m.table.slice(0, n // 2)]))
-    assert split_unchanged(shuffled, walk_target(str(src), {""})) is None
+    assert split_unchanged(shuffled, walk_target_columns(str(src), {""})) is None
     # The whole apply still works on it (planned whole) and leaves an equal tree.
     target = tmp_path / "t"
     shutil.copytree(src, target, symlinks=True)
@@ -183,7 +190,7 @@ def test_a_manifest_out_of_path_order_is_planned_whole(snapshot: tuple, tmp_path
     assert os.stat(target / "lead").st_ino == os.stat(target / "a" / "member").st_ino
 
 
-def _synthetic(n: int) -> tuple[Manifest, Iterator[LocalEntry]]:
+def _synthetic(n: int) -> tuple[Manifest, Iterator[EntryColumns]]:
     paths = sorted(f"d{i // 1000:04}/f{i % 1000:04}" for i in range(n))
     mt = [T0 * 10**9 + i for i in range(n)]
     m = Manifest.from_columns({"path": paths, "type": ["file"] * n, "mode": [0o644] * n, "uid": [0] * n,
@@ -191,9 +198,10 @@ def _synthetic(n: int) -> tuple[Manifest, Iterator[LocalEntry]]:
                                "ctime_ns": [1] * n, "inode": list(range(n)), "content": [None] * n,
                                "chunks": [[] for _ in range(n)], "chunk_sizes": [[] for _ in range(n)]})
 
-    def walk() -> Iterator[LocalEntry]:
-        for i, p in enumerate(paths):
-            yield LocalEntry(p, "file", 0o644, 0, 0, 100, mt[i], None, i + 1, None, 1)
+    def walk() -> Iterator[EntryColumns]:  # one run a directory, as the walk of a real tree gives them
+        for d in range(0, n, 1000):
+            yield EntryColumns.of_entries([LocalEntry(paths[i], "file", 0o644, 0, 0, 100, mt[i], None, i + 1, None, 1)
+                                           for i in range(d, min(n, d + 1000))])
     return m, walk()
 
 
@@ -294,3 +302,80 @@ def test_read_ahead_keeps_order_raises_in_the_caller_and_closes_the_walk_before_
     assert [next(it) for _ in range(9)] == list(range(9))
     it.close()
     assert closed_in == ["ahead-under-test"]  # closed, in the walking thread, before close() returned
+
+
+def _random_tree(rnd: random.Random, root: bytes, depth: int = 0) -> None:
+    for _ in range(rnd.randrange(0, 7)):
+        p = root + b"/" + rnd.choice([b"a", b"a-b", b"a.b", b"a0", b"b", b"\xff", b"z", b"x.y"])
+        if os.path.lexists(p):
+            continue
+        k = rnd.random()
+        if k < 0.55:
+            with open(p, "wb") as f:
+                f.write(rnd.randbytes(rnd.choice([0, 1, 5, 100])))
+            os.chmod(p, rnd.choice([0o644, 0o600, 0o755, 0o4755]))
+        elif k < 0.8 and depth < 4:
+            os.mkdir(p)
+            _random_tree(rnd, p, depth + 1)
+        else:
+            os.symlink(rnd.choice([b"a", b"b/c", b"a.b"]), p)
+
+
+def _random_damage(rnd: random.Random, root: bytes) -> None:
+    """Differences of every kind at random places: times (one past 2262, whose nanoseconds pass int64),
+    modes, owners, sizes, extended attributes, deletions, type changes, special files, new names, links."""
+    entries = [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files]
+    for p in rnd.sample(entries, min(len(entries), rnd.randrange(0, 7))):
+        if not os.path.lexists(p):
+            continue
+        plain = os.path.isfile(p) and not os.path.islink(p)
+        is_dir = os.path.isdir(p) and not os.path.islink(p)
+        k = rnd.randrange(9)
+        if k == 0 and plain:
+            os.utime(p, ns=(1, rnd.choice([1, 10**9, 253402300800 * 10**9])), follow_symlinks=False)
+        elif k == 1 and plain:
+            os.chmod(p, rnd.choice([0o600, 0o700, 0o2755]))
+        elif k == 2 and not os.path.islink(p):
+            os.chown(p, rnd.choice([0, 1, 1000]), rnd.choice([0, 1000]))
+        elif k == 3 and plain:
+            st = os.stat(p)
+            with open(p, "ab") as f:
+                f.write(b"x")
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        elif k in (4, 5):
+            shutil.rmtree(p) if is_dir else os.unlink(p)
+            if k == 5:
+                os.mkfifo(p) if rnd.random() < 0.5 else os.mkdir(p)
+        elif k == 6 and is_dir:
+            with open(p + b"/new", "wb") as f:
+                f.write(b"new")
+        elif k == 7 and plain:
+            os.setxattr(p, b"user.k", rnd.randbytes(3), follow_symlinks=False)
+        elif k == 8 and plain and not os.path.lexists(p + b".n"):
+            os.link(p, p + b".n")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_merged_plan_is_the_whole_plan_on_random_trees(tmp_path: Path, seed: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge cuts both sides into windows ending at the same path and matches each window's paths by
+    hash: with windows of a few rows (every edge case at a window's end), on random trees with random
+    damage, the plan from its residue is the plan from both sides whole, by either listing."""
+    import drsync.unchanged
+
+    monkeypatch.setattr(drsync.unchanged, "_BATCH", 3)
+    rnd = random.Random(seed)
+    for trial in range(5):
+        src = os.fsencode(tmp_path / f"src{trial}")
+        os.mkdir(src)
+        _random_tree(rnd, src)
+        repo = Repository.init(LocalStorage(str(tmp_path / f"repo{trial}")), cluster_id="c", release="1")
+        manifest = repo.load_manifest(engine.create_snapshot(repo, engine.SnapshotRequest(os.fsdecode(src))))
+        _random_damage(rnd, src)
+        root = LocalDataRoot(os.fsdecode(src))
+        for native in (True, False):
+            monkeypatch.setattr(native_walk, "available", lambda native=native: native)
+            whole, merged = _plans(manifest, root)
+            assert whole == merged, (seed, trial, native)
+            whole, merged = _plans(manifest, root, checksum=True)
+            assert whole == merged, (seed, trial, native, "checksum")

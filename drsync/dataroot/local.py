@@ -28,7 +28,7 @@ from drsync.errors import OperationFailed, RefusedError, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.manifest import DIR, FILE, SYMLINK, decode_xattrs, printable
-from drsync.tree import LocalEntry, TreeScan, in_path_order, read_ahead, read_xattrs, scan_tree
+from drsync.tree import EntryColumns, LocalEntry, TreeScan, in_path_order, read_ahead, read_xattrs, scan_tree
 
 if TYPE_CHECKING:
     from drsync.apply import ApplyPlan
@@ -234,10 +234,11 @@ class LocalDataRoot:
                     found.append(os.path.relpath(dirpath, self.root))
         return found
 
-    def walk_existing(self) -> Iterator[LocalEntry]:
-        """:meth:`existing` one entry at a time in the manifest's order (:func:`walk_target`), walked by a
-        thread of its own a few thousand entries ahead (:func:`drsync.tree.read_ahead`)."""
-        return read_ahead(walk_target(self.root, {"", *self.mount_points()}), name="drsync-target-walk")
+    def walk_existing(self) -> Iterator[EntryColumns]:
+        """:meth:`existing` as columns in the manifest's order (:func:`walk_target_columns`), walked by a
+        thread of its own a few runs ahead (:func:`drsync.tree.read_ahead`)."""
+        return read_ahead(walk_target_columns(self.root, {"", *self.mount_points()}), batch=1, depth=8,
+                          name="drsync-target-walk")
 
     def same_content(self, e: Entry, have: LocalEntry) -> bool:
         try:
@@ -763,16 +764,75 @@ def walk_target(root: str, domain_tops: set[str]) -> Iterator[LocalEntry]:
             yield from in_path_order(_target_listing(fs, "", domain_tops, me, opened),
                                      lambda item: _target_listing(fs, item[2], domain_tops, me, opened))
         finally:
-            for rel, mode in reversed(opened):
-                with contextlib.suppress(OSError):
-                    if rel:
-                        fs.chmod(rel, mode)
-                    else:
-                        os.fchmod(fs.root_fd, mode)
-            if opened:
-                record = _read_record(fs)
-                record["modes"] = {}
-                _write_record(fs, record)
+            _set_back(fs, opened)
+
+
+def _set_back(fs: Beneath, opened: list[tuple[str, int]]) -> None:
+    """Give the directories a target walk opened up their modes back, last opened first."""
+    for rel, mode in reversed(opened):
+        with contextlib.suppress(OSError):
+            if rel:
+                fs.chmod(rel, mode)
+            else:
+                os.fchmod(fs.root_fd, mode)
+    if opened:
+        record = _read_record(fs)
+        record["modes"] = {}
+        _write_record(fs, record)
+
+
+def walk_target_columns(root: str, domain_tops: set[str]) -> Iterator[EntryColumns]:
+    """:func:`walk_target` as runs of columns (:class:`drsync.tree.EntryColumns`): the same entries in the
+    same order, each run a stretch of one directory's listing that no other directory's entries come
+    between. A directory is listed through the C listing without a Python object per entry; one holding
+    special files, or whose paths may pass PATH_MAX, the way :func:`walk_target` lists it. Same errors, and
+    the same setting back of the directories it opened up when it ends or is closed."""
+    opened: list[tuple[str, int]] = []
+    with Beneath(root) as fs:
+        try:
+            me = os.geteuid()
+            frames = [(_target_columns(fs, "", domain_tops, me, opened), 0)]
+            while frames:
+                (columns, subdirs), at = frames.pop()
+                if subdirs:
+                    (pos, rel), rest = subdirs[0], subdirs[1:]
+                    if pos > at:
+                        yield columns.slice(at, pos)
+                    frames.append(((columns, rest), pos))
+                    frames.append((_target_columns(fs, rel, domain_tops, me, opened), 0))
+                elif at < len(columns):
+                    yield columns.slice(at, len(columns))
+        finally:
+            _set_back(fs, opened)
+
+
+def _target_columns(fs: Beneath, rel_dir: str, domain_tops: set[str], me: int,
+                    opened: list[tuple[str, int]]) -> tuple[EntryColumns, list[tuple[int, str]]]:
+    """One directory of :func:`walk_target_columns`: its columns and ``(pos, rel)`` of each subdirectory."""
+    if native_walk.available():
+        try:
+            dfd = _open_listable(fs, rel_dir, me, opened)
+        except FileNotFoundError:
+            return EntryColumns.of_entries([]), []
+        full_dir = os.path.join(fs.root, rel_dir) if rel_dir else fs.root
+        if len(os.fsencode(full_dir)) + 256 <= fsutil.LONG_PATH:
+            staging = (os.fsencode(STAGING),) if rel_dir in domain_tops else ()
+            try:
+                columns, subdirs, specials, problems = native_walk.target_columns(dfd, rel_dir, staging,
+                                                                                  os.fsencode(full_dir))
+            except FileNotFoundError:
+                return EntryColumns.of_entries([]), []
+            _raise_problems(full_dir, problems)
+            if not specials:
+                return columns, subdirs
+    entries: list[LocalEntry] = []
+    subdirs = []
+    for item in reversed(_target_listing(fs, rel_dir, domain_tops, me, opened)):  # ascending
+        if item[1] is None:
+            subdirs.append((len(entries), item[2]))
+        else:
+            entries.append(item[1])
+    return EntryColumns.of_entries(entries), subdirs
 
 
 def _target_listing(fs: Beneath, rel_dir: str, domain_tops: set[str], me: int,
@@ -837,12 +897,7 @@ def _target_listing_native(fs: Beneath, dfd: int, rel_dir: str,
     staging = (os.fsencode(STAGING),) if rel_dir in domain_tops else ()
     items, specials, problems = native_walk.target_entries(dfd, rel_dir, staging,
                                                            None if long else os.fsencode(full_dir))
-    for name, err in problems:
-        if err in (errno.EACCES, errno.EPERM):
-            raise OperationFailed(f"target directory {full_dir}: its entries cannot be examined (permission "
-                                  f"denied); run drsync as the owner of the data root or as root; nothing was "
-                                  f"changed")
-        raise OSError(err, os.strerror(err), os.path.join(full_dir, os.fsdecode(name)))
+    _raise_problems(full_dir, problems)
     if long:  # extended attributes read entry by entry, as the Python listing does
         for item in items:
             e = item[1]
@@ -862,6 +917,16 @@ def _target_listing_native(fs: Beneath, dfd: int, rel_dir: str,
                                                        s.st_mtime_ns, None, s.st_ino, None, s.st_nlink)))
         items.sort(key=lambda item: item[0], reverse=True)
     return items
+
+
+def _raise_problems(full_dir: str, problems: list[tuple[bytes, int]]) -> None:
+    """An entry of a target directory that could not be examined stops the walk (nothing changed yet)."""
+    for name, err in problems:
+        if err in (errno.EACCES, errno.EPERM):
+            raise OperationFailed(f"target directory {full_dir}: its entries cannot be examined (permission "
+                                  f"denied); run drsync as the owner of the data root or as root; nothing was "
+                                  f"changed")
+        raise OSError(err, os.strerror(err), os.path.join(full_dir, os.fsdecode(name)))
 
 
 REPO_CONFIG = fmt.CONFIG_NAME
