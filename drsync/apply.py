@@ -777,6 +777,7 @@ def _counted(data: list[bytes], progress: Callable[[int], None] | None) -> Itera
 
 
 _ENTRY_FIELDS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "target")
+_JOURNAL_COLUMNS = (*_ENTRY_FIELDS, "xattrs", "hardlink", "sparse")  # an entry's journal row, as manifest columns
 
 
 def _plan_json(plan: ApplyPlan, staged: dict[str, str], batch: int = 4096) -> Iterator[bytes]:
@@ -790,12 +791,25 @@ def _plan_json(plan: ApplyPlan, staged: dict[str, str], batch: int = 4096) -> It
         ("remove", plan.remove, False), ("mkdir", plan.mkdir, True), ("write", plan.write, True),
         ("link", plan.link, True), ("fix_meta", plan.fix_meta, True), ("dirs", plan.dirs, True),
         ("unlock", plan.unlock, False), ("hardlink", plan.hardlink, True)]
+    def parts(items: list[Entry] | list[str], entries: bool) -> Iterator[list[object]]:
+        if isinstance(items, WriteList):  # its manifest rows journaled from their columns, no entry each
+            yield from parts(items.head, True)
+            for i in range(0, len(items.rows), batch):
+                c = items.manifest.values_at(items.rows[i:i + batch], _JOURNAL_COLUMNS)
+                yield [[*row[:-3], None if row[-3] is None else row[-3].hex(), row[-2], bool(row[-1])]
+                       for row in zip(*(c[n] for n in _JOURNAL_COLUMNS), strict=True)]
+            return
+        for i in range(0, len(items), batch):
+            yield [ent(e) for e in items[i:i + batch]] if entries else items[i:i + batch]  # type: ignore[misc, union-attr]
+
     yield b'{"phase": "commit"'
     for key, items, entries in lists:
         yield f', "{key}": ['.encode()
-        for i in range(0, len(items), batch):
-            part = [ent(e) for e in items[i:i + batch]] if entries else items[i:i + batch]  # type: ignore[union-attr]
-            yield (b", " if i else b"") + json.dumps(part)[1:-1].encode()
+        first = True
+        for part in parts(items, entries):
+            if part:
+                yield (b"" if first else b", ") + json.dumps(part)[1:-1].encode()
+                first = False
         yield b"]"
     yield b', "staged": {'
     names = list(staged)

@@ -379,3 +379,34 @@ def test_the_merged_plan_is_the_whole_plan_on_random_trees(tmp_path: Path, seed:
             assert whole == merged, (seed, trial, native)
             whole, merged = _plans(manifest, root, checksum=True)
             assert whole == merged, (seed, trial, native, "checksum")
+
+
+def test_a_write_list_is_journaled_as_its_entries_would_be(tmp_path: Path) -> None:
+    """The commit journal takes a write list's manifest rows from their columns, without an entry each:
+    byte for byte what the same entries give, with every kind of value a row can hold (undecodable names,
+    extended attributes, hard links, a sparse file, a time past 2262)."""
+    from drsync.apply import _plan_json
+
+    src = tmp_path / "src"
+    _odd_tree(src)
+    os.setxattr(src / "a-b", b"user.note", b"\x00\xff", follow_symlinks=False)
+    with open(src / "sparse", "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(4 << 20)
+        f.write(b"data")
+    os.utime(src / "a0", ns=(1, 253402300800 * 10**9 + 7))
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    m = repo.load_manifest(engine.create_snapshot(repo, engine.SnapshotRequest(str(src))))
+    files = [e for e in m.entries(light=True) if e.type == "file"]
+    assert any(e.xattrs for e in files) and any(e.hardlink for e in files) and any(e.sparse for e in files)
+    written = WriteList(list(files[:2]), m, np.asarray([e.row for e in files[2:]], dtype=np.int64))
+    staged = {e.path: f"s{n}" for n, e in enumerate(files)}
+
+    def journal(write: object, batch: int) -> bytes:
+        from drsync.apply import ApplyPlan
+
+        return b"".join(_plan_json(ApplyPlan(write=write, remove=["x"]), staged, batch=batch))  # type: ignore[arg-type]
+
+    for batch in (1, 3, 4096):
+        assert journal(written, batch) == journal(list(written), batch)
+    assert journal(WriteList([], m, np.zeros(0, np.int64)), 2) == journal([], 2)
