@@ -65,6 +65,7 @@ class Agent:
         self.role = cfg.agent.role
         self.auto = self.role == "auto"
         self.repo = Repository.open(open_storage(cfg.cluster.repository))
+        self.repo.refuse_if_read_only()  # an agent writes its repository (snapshots, shipments, retention)
         self.data_root = engine.data_root_url(cfg.cluster.data)
         self.state_dir = state_dir_of(cfg)
         self.dir_lock = StateDirLock(self.state_dir, cfg.agent.listen) if serve_network else None

@@ -23,6 +23,8 @@ from typing import Any
 from drsync import engine, fsutil
 from drsync.agent import clock
 from drsync.config import Config
+from drsync.errors import UsageError
+from drsync.repository import format as fmt
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,18 @@ class AgentState:
 
 
 def state_dir_of(cfg: Config) -> str:
-    """The agent's state directory: ``agent.state_dir``, else ``<repository>/agent``."""
-    return cfg.agent.state_dir or os.path.join(engine.local_path(cfg.cluster.repository, "repository"), "agent")
+    """The agent's state directory: ``agent.state_dir``, else ``<repository>/agent``. UsageError when that
+    would be inside a backup directory, which drsync never changes (:data:`drsync.repository.format.
+    BACKUP_META`)."""
+    if cfg.agent.state_dir:
+        return cfg.agent.state_dir
+    repo = engine.local_path(cfg.cluster.repository, "repository")
+    if os.path.lexists(os.path.join(repo, fmt.BACKUP_META)):
+        raise UsageError(f"repository {cfg.cluster.repository} is a backup (it holds {fmt.BACKUP_META}), which drsync "
+                         f"keeps exactly as written: an agent, its drills and status keep their state beside a "
+                         f"repository they write; point [cluster] repository at one (drsync init --config), or "
+                         f"restore the backup with 'drsync backup restore'; nothing was changed")
+    return os.path.join(repo, "agent")
 
 
 class StateStore:

@@ -208,6 +208,8 @@ def check_values(t: pa.Table, what: str) -> None:
 def _pycolumn(t: pa.Table, name: str) -> list:  # type: ignore[type-arg]
     if name in ("path", "target", "hardlink"):
         raw = t.column(name).to_pylist()
+        if not pa.types.is_binary(t.column(name).type) and not pa.types.is_large_binary(t.column(name).type):
+            return raw  # a text column (a table made in memory): already str
         if name == "path" and raw:  # never null: one join, one decode, one split in C
             parts = b"\0".join(raw).decode("utf-8", "surrogateescape").split("\0")
             if len(parts) == len(raw):

@@ -140,6 +140,8 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
     links: dict[str, str] = {}
     linked: dict[str, str] = {}  # hard-linked path -> the first file of its group
     ordered, last = True, None
+    seen: set[bytes] = set()  # once out of order: every path so far, each row checked against it in turn
+    done = 0  # rows of the slices before this one
     cols = ["path", "type", "mode", "size", "target", "hardlink", "chunks", "chunk_sizes", "uid", "gid", "mtime_s",
             "mtime_nsec"]  # the last four for check_values alone
     for t in _slices(column_groups(manifest, cols)):
@@ -157,7 +159,9 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
                 later = np.flatnonzero(_numpy_bool(pc.less_equal(keys[1:], keys[:-1])))
                 ooo = int(later[0]) + 1 if len(later) else -1
             if ooo >= 0:
-                need[ooo] = True
+                need[ooo:] = True
+        else:
+            need[:] = True
         rows = np.flatnonzero(need)
         if len(rows):
             picked = t.select(["path", "type", "mode", "size", "target", "hardlink"]).take(pa.array(rows))
@@ -174,7 +178,13 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
                 if row == ooo:
                     if _raw(keys[row]) == (last if row == 0 else _raw(keys[row - 1])):
                         raise IntegrityError(f"{what}: {printable(path)} appears twice")
-                    ordered = False
+                    ordered = False  # from here on uniqueness by a set (only a manifest drsync did not write)
+                    seen = _keys_before(manifest, done) | {_raw(k) for k in keys[:row]}
+                if not ordered:
+                    key = path.encode("utf-8", "surrogateescape")
+                    if key in seen:
+                        raise IntegrityError(f"{what}: {printable(path)} appears twice")
+                    seen.add(key)
                 if typ not in TYPES:
                     raise IntegrityError(f"{what}: {printable(path)}: unknown entry type {typ!r}")
                 if modes[k] is None or modes[k] > 0o7777:
@@ -199,15 +209,10 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
                         raise IntegrityError(f"{what}: {printable(path)}: a {typ} cannot be a hard link")
                     linked[path] = hardlinks[k]
         last = _raw(keys[-1])
+        done += t.num_rows
         dirs.update(_pycolumn(pa.table({"path": pc.filter(keys, pc.equal(t.column("type"), DIR))}), "path"))
         _note_parents(keys, parent_of)
-    if not ordered:  # uniqueness the slow way (only for a manifest drsync did not write)
-        seen: set[str] = set()
-        for t in column_groups(manifest, ["path"]):
-            for path in _pycolumn(t, "path"):
-                if path in seen:
-                    raise IntegrityError(f"{what}: {printable(path)} appears twice")
-                seen.add(path)
+    del seen
     for parent, child in parent_of.items():
         if parent not in dirs:
             raise IntegrityError(f"{what}: {printable(child)} has no parent directory entry {printable(parent)!r}")
@@ -287,6 +292,17 @@ def _raw(v: pa.Scalar) -> bytes:
     """A path value's bytes (the order :func:`validate` checks), for a binary or a string column."""
     got = v.as_py()
     return got if isinstance(got, bytes) else got.encode("utf-8", "surrogateescape")
+
+
+def _keys_before(manifest: Manifest | ManifestFile, n: int) -> set[bytes]:
+    """The paths (bytes) of the manifest's first ``n`` rows."""
+    out: set[bytes] = set()
+    for t in column_groups(manifest, ["path"]):
+        if n <= 0:
+            break
+        out.update(_raw(v) for v in t.column("path")[:n])
+        n -= t.num_rows
+    return out
 
 
 def _suspect(path: str) -> bool:
