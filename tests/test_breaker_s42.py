@@ -20,6 +20,7 @@ from drsync.errors import IntegrityError
 from drsync.repository.manifest import Manifest
 from drsync.repository.manifest_check import validate
 from tests.conftest import run_drsync
+from tests.fsmake import open_deep
 from tests.group import free_port, wait_for
 from tests.test_manifest import _raw_manifest, build
 
@@ -215,16 +216,7 @@ def test_a_path_longer_than_path_max_is_restored_in_place(tmp_path: Path) -> Non
     names = [b"d%02d" % i + b"x" * 200 for i in range(25)]  # 5,000+ bytes deep
 
     def leaf_dir(root: Path) -> int:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        for n in names:
-            try:
-                os.mkdir(n, dir_fd=fd)
-            except FileExistsError:
-                pass
-            nfd = os.open(n, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        return fd
+        return open_deep(root, names)
 
     fd = leaf_dir(src)
     w = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
