@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="drsync-printable")
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A lock that cannot be refreshed may be removed as stale before a long command ends: said on stderr.
+    logging.getLogger("drsync.repository.lock").setLevel(logging.WARNING)
     STATE.clear()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args

@@ -281,6 +281,7 @@ class RepositoryLock:
             _HELD.discard(self.name)
 
     def _refresh_loop(self) -> None:
+        failing = False  # warned of the failures since the last refresh that worked
         while not self._stop.wait(REFRESH_EVERY):
             try:
                 with self._io:
@@ -289,6 +290,10 @@ class RepositoryLock:
                     # The file's time is its refresh (readers take the later of it and "refreshed"):
                     # touched, never rewritten, so a file another locker removed is never brought back.
                     self.storage.touch(self.name)
+                if failing:
+                    log.warning("repository %s: this process's lock %s is refreshed again", self.storage.url,
+                                self.name)
+                    failing = False
             except ObjectMissing:
                 # Another locker judged it stale (or 'repo unlock --all') and may hold a conflicting
                 # lock now. This operation is told at its next verify() and stops there.
@@ -299,8 +304,13 @@ class RepositoryLock:
                           self.storage.url, "exclusive" if self.exclusive else "shared", self.name,
                           STALE_AFTER // 60)
                 return
-            except Exception:  # a failed refresh (an I/O error) is retried; staleness takes 30 minutes
-                continue
+            except Exception as e:  # a failed refresh (an I/O error) is retried; staleness takes 30 minutes
+                if not failing:
+                    log.warning("repository %s: could not refresh this process's lock %s (%s); retrying every "
+                                "%gs (a lock not refreshed for %d minutes may be removed as stale)",
+                                self.storage.url, self.name, str(e) or type(e).__name__, REFRESH_EVERY,
+                                STALE_AFTER // 60)
+                    failing = True
 
     def verify(self) -> None:
         """Check that this lock is still this operation's, before a commit or a deletion: LockedError when
