@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync.dataroot import UNKNOWN_ID
-from drsync.repository.manifest import FILE, Manifest, external_mask
+from drsync.repository.manifest import FILE, Manifest, bool_mask, external_mask, path_parents
 from drsync.tree import K_FILE, EntryColumns, LocalEntry, mtime_in_range
 
 if TYPE_CHECKING:
@@ -205,8 +205,8 @@ class _Merge:
 
         paths = bt.column("path").combine_chunks().cast(pa.large_binary())  # as the walk's
         mode = col("mode").astype(np.int64)
-        plain = (_bools(pc.equal(bt.column("type"), FILE)) & _bools(pc.is_null(bt.column("hardlink")))
-                 & ~external_mask(bt) & ~_bools(pc.is_in(paths, value_set=self.leaders)) & (mode & self.extra == 0))
+        plain = (bool_mask(pc.equal(bt.column("type"), FILE)) & bool_mask(pc.is_null(bt.column("hardlink")))
+                 & ~external_mask(bt) & ~bool_mask(pc.is_in(paths, value_set=self.leaders)) & (mode & self.extra == 0))
         secs = col("mtime_s")
         timed = mtime_in_range(secs)
         mtime = (np.where(timed, secs, 0) * 1_000_000_000 + col("mtime_nsec").astype(np.int64)) // self.res
@@ -265,8 +265,8 @@ class _Merge:
         if self.compare_xattrs and alike.any():
             mine = m.xattrs.take(pa.array(mr))
             theirs = pa.array([tb.xattrs[i] for i in tr.tolist()], pa.binary())
-            both_none = _bools(pc.and_(pc.is_null(mine), pc.is_null(theirs)))
-            alike &= both_none | _bools(pc.equal(mine, theirs))
+            both_none = bool_mask(pc.and_(pc.is_null(mine), pc.is_null(theirs)))
+            alike &= both_none | bool_mask(pc.equal(mine, theirs))
         return alike
 
     def _planned(self, paths: pa.Array, rows: np.ndarray) -> np.ndarray:
@@ -278,9 +278,8 @@ class _Merge:
         return np.fromiter((self.planned(os.fsdecode(p)) for p in names), bool, len(names))
 
     def _note_parents(self, paths: pa.Array) -> None:
-        split = pc.split_pattern(paths, "/", max_splits=1, reverse=True)
-        has = pc.equal(pc.list_value_length(split), 2)
-        self.new_parents.update(pc.unique(pc.filter(pc.list_element(split, 0), has)).to_pylist())
+        parents, has = path_parents(paths)
+        self.new_parents.update(pc.unique(parents.filter(pa.array(has))).to_pylist())
 
     def keep_target(self, tb: EntryColumns, rows: np.ndarray) -> None:
         for i in rows.tolist():
@@ -294,10 +293,6 @@ class _Merge:
         self.new_parents.discard(b"")
         return Residual(joined(self.rows), self.existing, self.unchanged, joined(self.new_rows),
                         {os.fsdecode(d) for d in self.new_parents})
-
-
-def _bools(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return np.asarray(a.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 class WriteList:

@@ -289,27 +289,26 @@ def test_s41b_config_check_calls_a_data_root_on_a_failing_namenode_missing(tmp_p
     config check says "data root hdfs://.../data does not exist" (status(strict=False) turns every error
     answer into None), sending the operator to create a directory that exists. The repository check on the
     same namenode reports the IOException rightly. Expected: the data root row names the namenode's error."""
-    nn = BadNamenode("ioerror")
-    try:
-        r = run_drsync("config", "check", "--config", _config(tmp_path, f"webhdfs://127.0.0.1:{nn.port}/data",
-                                                             f"hdfs://127.0.0.1:{nn.port}/repo"),
-                       "--timeout", "1", timeout=120)
-    finally:
-        nn.close()
+    r = _check_against(tmp_path, "ioerror")
     rows = _check_rows(r.out)
     assert r.code == 1 and " FAIL " in rows.get("data root", ""), r.out
     assert "does not exist" not in rows["data root"] and "IOException" in rows["data root"], rows["data root"]
 
 
-@pytest.mark.parametrize("mode", ["redirect", "garbage", "endless"])
-def test_s41b_holds_config_check_odd_namenodes_bounded_one_line_each(tmp_path: Path, mode: str) -> None:
+def _check_against(tmp_path: Path, mode: str):  # type: ignore[no-untyped-def]
+    """``config check --timeout 1`` with data root and repository on a namenode answering in ``mode``."""
     nn = BadNamenode(mode)
     try:
-        r = run_drsync("config", "check", "--config", _config(tmp_path, f"webhdfs://127.0.0.1:{nn.port}/data",
-                                                             f"hdfs://127.0.0.1:{nn.port}/repo"),
-                       "--timeout", "1", timeout=120)
+        return run_drsync("config", "check", "--config", _config(tmp_path, f"webhdfs://127.0.0.1:{nn.port}/data",
+                                                                f"hdfs://127.0.0.1:{nn.port}/repo"),
+                          "--timeout", "1", timeout=120)
     finally:
         nn.close()
+
+
+@pytest.mark.parametrize("mode", ["redirect", "garbage", "endless"])
+def test_s41b_holds_config_check_odd_namenodes_bounded_one_line_each(tmp_path: Path, mode: str) -> None:
+    r = _check_against(tmp_path, mode)
     assert r.code == 1 and "Traceback" not in r.err and r.err.count("\n") == 1, r.err
     rows = _check_rows(r.out)
     assert set(rows) == {"data root", "repository"} and all(" FAIL " in v for v in rows.values()), r.out

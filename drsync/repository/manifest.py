@@ -253,6 +253,18 @@ def _entries_of(t: pa.Table, start: int, light: bool, rows: list[int] | None = N
                     bool(c["stale"][i]), None, row=rows[i], light_external=external[i])
 
 
+def bool_mask(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A boolean Arrow column as a NumPy mask, a null as False."""
+    return np.asarray(a.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def path_parents(paths: pa.Array | pa.ChunkedArray) -> tuple[pa.Array | pa.ChunkedArray, np.ndarray]:
+    """``(parents, named)``: each path's parent directory (split off in C at its last ``/``; the path itself
+    where it has none) and the mask of the paths that have one (bool)."""
+    split = pc.split_pattern(paths, "/", max_splits=1, reverse=True)
+    return pc.list_element(split, 0), bool_mask(pc.equal(pc.list_value_length(split), 2))
+
+
 def external_mask(t: pa.Table) -> np.ndarray:
     """``(N,)`` bool: which rows of manifest table ``t`` are external (:func:`is_external`), vectorised;
     the few candidates (rows captured for DistCp) are confirmed one by one."""

@@ -24,8 +24,10 @@ from drsync.repository.manifest import (
     Manifest,
     ManifestFile,
     _pycolumn,
+    bool_mask,
     check_values,
     column_groups,
+    path_parents,
     printable,
 )
 
@@ -156,7 +158,7 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
             if last is not None and first_key <= last:
                 ooo = 0
             elif t.num_rows > 1:
-                later = np.flatnonzero(_numpy_bool(pc.less_equal(keys[1:], keys[:-1])))
+                later = np.flatnonzero(bool_mask(pc.less_equal(keys[1:], keys[:-1])))
                 ooo = int(later[0]) + 1 if len(later) else -1
             if ooo >= 0:
                 need[ooo:] = True
@@ -251,8 +253,8 @@ def _screen(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     0o7777, chunk lists that do not match or do not add up to the size, a hard link, a symlink); the rest
     pass them all. ``sums``: each row's chunk sizes added up (int64). Column operations only."""
     types = t.column("type")
-    is_file = _numpy_bool(pc.equal(types, FILE))
-    plain = is_file | _numpy_bool(pc.equal(types, DIR))
+    is_file = bool_mask(pc.equal(types, FILE))
+    plain = is_file | bool_mask(pc.equal(types, DIR))
     sizes = t.column("size").to_numpy()
     sums = _list_sums(t.column("chunk_sizes"))
     chunks = pc.list_value_length(t.column("chunks")).fill_null(0).to_numpy()
@@ -260,7 +262,7 @@ def _screen(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     whole = is_file & (chunks == 0) & (pieces == 1) & (sums == sizes) & (sizes > 0)  # one unchunked piece
     need = ~plain | (t.column("mode").to_numpy() > 0o7777) | ((chunks != pieces) & ~whole)
     need |= is_file & (sums != sizes)
-    need |= _numpy_bool(pc.is_valid(t.column("hardlink")))
+    need |= bool_mask(pc.is_valid(t.column("hardlink")))
     need |= np.asarray(suspect_paths(t.column("path")), dtype=bool)
     return need, sums
 
@@ -269,12 +271,10 @@ def _note_parents(paths: pa.ChunkedArray, parent_of: dict[str, str]) -> None:
     """Record in ``parent_of`` each parent directory ``paths`` name (not yet there) with the first path naming
     it. Parents are split off in C; only the rows whose parent differs from the row before are decoded
     (a sorted manifest names each directory's parent in runs)."""
-    split = pc.split_pattern(paths, "/", max_splits=1, reverse=True)
-    has = _numpy_bool(pc.equal(pc.list_value_length(split), 2))
-    parents = pc.list_element(split, 0)
+    parents, has = path_parents(paths)
     starts = has.copy()
     if len(parents) > 1:
-        starts[1:] &= _numpy_bool(pc.not_equal(parents[1:], parents[:-1])) | ~has[:-1]
+        starts[1:] &= bool_mask(pc.not_equal(parents[1:], parents[:-1])) | ~has[:-1]
     rows = pa.array(np.flatnonzero(starts))
     if not len(rows):
         return
@@ -282,10 +282,6 @@ def _note_parents(paths: pa.ChunkedArray, parent_of: dict[str, str]) -> None:
     children = _pycolumn(pa.table({"path": paths.take(rows)}), "path")
     for parent, child in zip(named, children, strict=True):
         parent_of.setdefault(parent, child)
-
-
-def _numpy_bool(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return np.asarray(a.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _raw(v: pa.Scalar) -> bytes:
