@@ -27,8 +27,15 @@ scan, a plan's lists) stays resident inside a heap while the next phase peaks. :
 returns it between phases; with it, a 100,000-file restore peaked at 145 MiB instead of 154 (at
 128 KiB: 142).
 
-An operator's own choice is left as it is: ``ARROW_DEFAULT_MEMORY_POOL``, ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_ARENA_MAX``, or ``glibc.malloc.mmap_threshold`` /
+NumPy's linear-algebra library (OpenBLAS in NumPy's wheels) starts a thread per core when NumPy is
+imported, each with a buffer of its own, and they spin a while: drsync does no linear algebra, so it
+asks for one thread (``OPENBLAS_NUM_THREADS=1``). Every drsync process imports NumPy with Arrow; on 2
+cores this took a command's start from 0.25 to 0.14 s of CPU time (``import pyarrow.compute``, the
+same 0.14 s of wall time; ``make test`` starts about 4,300 Python processes). On a host of 64 cores
+it would be 64 threads.
+
+An operator's own choice is left as it is: ``OPENBLAS_NUM_THREADS``, ``ARROW_DEFAULT_MEMORY_POOL``,
+``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_ARENA_MAX``, or ``glibc.malloc.mmap_threshold`` /
 ``glibc.malloc.trim_threshold`` / ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``, when its value
 is a number (decimal, or hexadecimal with ``0x``). An empty or unreadable value is no choice: glibc
 takes it for 0 (map every buffer, keep nothing free), Arrow an empty pool name for its default.
@@ -57,9 +64,12 @@ def _chosen(variable: str, tunable: str, tunables: dict[str, str]) -> bool:
 
 
 def tune() -> None:
-    """Set the allocators up; call before pyarrow is imported. Does nothing where they cannot be set."""
+    """Set the allocators (and NumPy's BLAS threads) up; call before pyarrow or numpy is imported. Does
+    nothing where they cannot be set."""
     if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "").strip():
         os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
+    if not os.environ.get("OPENBLAS_NUM_THREADS", "").strip():  # read when NumPy loads OpenBLAS
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
     try:  # the C library the interpreter links (ctypes.util.find_library runs ldconfig: 15 ms a start)
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc

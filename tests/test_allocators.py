@@ -155,3 +155,21 @@ def test_what_a_phase_freed_inside_the_heap_goes_back_to_the_kernel() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
     out = subprocess.run([sys.executable, "-c", GIVE_BACK], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout) >= 90 << 20, out.stdout
+
+
+THREADS = "import os, drsync, numpy; print(len(os.listdir('/proc/self/task')))"
+
+
+def _threads_after_numpy(env: dict[str, str]) -> int:
+    out = subprocess.run([sys.executable, "-c", THREADS], env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+def test_numpy_starts_no_blas_threads_unless_the_operator_asks_for_them() -> None:
+    """OpenBLAS (NumPy's wheels) starts a spinning thread per core as NumPy loads; drsync does no linear
+    algebra and asks for none: the process has only its main thread. An operator's own setting stands
+    (on one core OpenBLAS starts no thread whatever it is asked, so that half needs two)."""
+    base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    assert _threads_after_numpy(base) == 1
+    if (os.cpu_count() or 1) >= 2:
+        assert _threads_after_numpy({**base, "OPENBLAS_NUM_THREADS": "2"}) == 2
