@@ -39,6 +39,10 @@ An operator's own choice is left as it is: ``OPENBLAS_NUM_THREADS``, ``ARROW_DEF
 ``glibc.malloc.trim_threshold`` / ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``, when its value
 is a number (decimal, or hexadecimal with ``0x``). An empty or unreadable value is no choice: glibc
 takes it for 0 (map every buffer, keep nothing free), Arrow an empty pool name for its default.
+
+The variables drsync sets are its own process's: a command it runs for the operator (a hook, a
+fencing or switchover command, DistCp) gets the environment drsync was started with
+(:func:`environ_for_children`).
 """
 
 from __future__ import annotations
@@ -63,13 +67,33 @@ def _chosen(variable: str, tunable: str, tunables: dict[str, str]) -> bool:
     return any(_NUMBER.fullmatch(v.strip()) for v in (os.environ.get(variable, ""), tunables.get(tunable, "")))
 
 
+# What tune() put in os.environ: each variable and the value the operator's environment had (None: unset).
+_SET_BY_DRSYNC: dict[str, str | None] = {}
+
+
+def _set_unless_chosen(variable: str, value: str) -> None:
+    if not os.environ.get(variable, "").strip():
+        _SET_BY_DRSYNC[variable] = os.environ.get(variable)
+        os.environ[variable] = value
+
+
+def environ_for_children(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a command drsync runs: its own, with the variables :func:`tune` set put back
+    as the operator's environment had them, then ``extra`` on top."""
+    env = dict(os.environ)
+    for variable, original in _SET_BY_DRSYNC.items():
+        if env.get(variable) is not None and original is None:
+            del env[variable]
+        elif original is not None:
+            env[variable] = original
+    return {**env, **(extra or {})}
+
+
 def tune() -> None:
     """Set the allocators (and NumPy's BLAS threads) up; call before pyarrow or numpy is imported. Does
     nothing where they cannot be set."""
-    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "").strip():
-        os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
-    if not os.environ.get("OPENBLAS_NUM_THREADS", "").strip():  # read when NumPy loads OpenBLAS
-        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    _set_unless_chosen("ARROW_DEFAULT_MEMORY_POOL", "system")
+    _set_unless_chosen("OPENBLAS_NUM_THREADS", "1")  # read when NumPy loads OpenBLAS
     try:  # the C library the interpreter links (ctypes.util.find_library runs ldconfig: 15 ms a start)
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc

@@ -7,7 +7,6 @@ pieces (capture, apply, repository) into one operation with one result.
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
 import shlex
 import subprocess
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from drsync import faults
+from drsync import allocators, faults
 from drsync.capture import CHUNKS, HDFS_CHECKSUM, capture
 from drsync.config import Config, KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
@@ -77,7 +76,7 @@ class Hooks:
 
 def run_hook(kind: str, command: str, env: dict[str, str], timeout_s: float) -> None:
     try:
-        proc = subprocess.run(command, shell=True, env={**os.environ, **env}, timeout=timeout_s,
+        proc = subprocess.run(command, shell=True, env=allocators.environ_for_children(env), timeout=timeout_s,
                               capture_output=True, text=True)
     except subprocess.TimeoutExpired:
         raise OperationFailed(f"{kind} hook {shlex.quote(command)} did not finish within "

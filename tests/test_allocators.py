@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 PROBE = "import drsync, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
 
@@ -173,3 +174,30 @@ def test_numpy_starts_no_blas_threads_unless_the_operator_asks_for_them() -> Non
     assert _threads_after_numpy(base) == 1
     if (os.cpu_count() or 1) >= 2:
         assert _threads_after_numpy({**base, "OPENBLAS_NUM_THREADS": "2"}) == 2
+
+
+def test_a_hook_gets_the_environment_drsync_was_started_with(tmp_path: Path) -> None:
+    """What drsync sets for itself (Arrow's pool, NumPy's BLAS threads) is not passed on: a snapshot hook
+    (the same function runs the switchover hook; fencing and DistCp share ``environ_for_children``)
+    sees the operator's environment, with the operator's own values where the operator chose them."""
+    (tmp_path / "data").mkdir()
+    seen = tmp_path / "hook-env"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[cluster]\nid="c"\nrelease="1"\ndata="data"\nrepository="repo"\n'
+                   f'[snapshots]\npre_hook = "env > {seen}"\n')
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "ARROW_DEFAULT_MEMORY_POOL")}
+
+    def hook_env(env: dict[str, str]) -> dict[str, str]:
+        for args in (["init"], ["snapshot", "create"]):
+            if args == ["init"] and (tmp_path / "repo").exists():
+                continue
+            proc = subprocess.run([sys.executable, "-m", "drsync", *args, "--config", str(cfg)], env=env,
+                                  capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
+        return dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+
+    unset = hook_env(base)
+    assert "OPENBLAS_NUM_THREADS" not in unset and "ARROW_DEFAULT_MEMORY_POOL" not in unset
+    assert "DRSYNC_DATA" in unset  # the hook ran with its own variables too
+    chosen = hook_env({**base, "OPENBLAS_NUM_THREADS": "3", "ARROW_DEFAULT_MEMORY_POOL": "jemalloc"})
+    assert (chosen["OPENBLAS_NUM_THREADS"], chosen["ARROW_DEFAULT_MEMORY_POOL"]) == ("3", "jemalloc")

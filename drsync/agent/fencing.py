@@ -30,7 +30,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from drsync import fsutil
+from drsync import allocators, fsutil
 
 log = logging.getLogger("drsync.agent.fencing")
 
@@ -68,7 +68,8 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float) 
     started = time.monotonic()
     try:
         proc = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**os.environ, **env}, start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=allocators.environ_for_children(env),
+                                start_new_session=True)
     except OSError as e:
         result = CommandResult(what, command, False, None, f"{e.strerror or e}", 0.0)
         log.error("%s", result.summary())

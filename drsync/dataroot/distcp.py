@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from drsync import allocators
 from drsync.dataroot import STAGING, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, UsageError
 from drsync.liveness import ProcessRef
@@ -262,7 +263,7 @@ class DistCpStager:
         mode = "MD5MD5CRC" if "webhdfs://" in (self.source + target) else "COMPOSITE_CRC"
         args = [*s.command, f"-D{LISTING_KEY}=file://{listing}", f"-Ddistcp.copy.listing.class={LISTING_CLASS}",
                 f"-Ddfs.checksum.combine.mode={mode}", "-pbc", self.source, target]
-        env = dict(os.environ)
+        env = allocators.environ_for_children()
         env["HADOOP_CLASSPATH"] = ":".join(p for p in (s.jar, env.get("HADOOP_CLASSPATH", "")) if p)
         if user:  # simple authentication: DistCp acts as the user the data root's URL names
             env.setdefault("HADOOP_USER_NAME", user)
