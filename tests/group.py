@@ -23,16 +23,16 @@ from tests.zk import free_port
 def wait_for(cond: Callable[[], Any], what: str, timeout: float = 60, step: float = 0.05) -> Any:
     """Poll ``cond`` until it is true; ``timeout`` is what an idle machine needs at most (times SLOW).
 
-    Between two polls it waits ``step``, or as long as the last poll took if that was longer: a costly
-    condition (a tree compared over WebHDFS, a command run) then takes at most half of a core from the
-    system it waits for, and answers at most one poll's time late."""
+    Between two polls it waits ``step``, or as long as the last poll took if that was longer (at most a
+    second): a costly condition (a tree compared over WebHDFS, a command run) then takes at most about
+    half of a core from the system it waits for, and answers at most a second late."""
     timeout *= SLOW
     deadline = time.monotonic() + timeout
     while (start := time.monotonic()) < deadline:
         v = cond()
         if v:
             return v
-        time.sleep(max(step, time.monotonic() - start))
+        time.sleep(min(max(step, time.monotonic() - start), max(step, 1.0)))
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
