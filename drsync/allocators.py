@@ -67,24 +67,49 @@ def _chosen(variable: str, tunable: str, tunables: dict[str, str]) -> bool:
     return any(_NUMBER.fullmatch(v.strip()) for v in (os.environ.get(variable, ""), tunables.get(tunable, "")))
 
 
-# What tune() put in os.environ: each variable and the value the operator's environment had (None: unset).
+# What drsync put in os.environ for itself: each variable and the value the operator's environment had
+# (None: unset).
 _SET_BY_DRSYNC: dict[str, str | None] = {}
+# What the interpreter itself may write into os.environ as it starts: PEP 538's locale coercion sets
+# LC_CTYPE (to C.UTF-8) when the operator's locale is C or none at all.
+_SET_BY_PYTHON = ("LC_CTYPE",)
 
 
-def _set_unless_chosen(variable: str, value: str) -> None:
-    if not os.environ.get(variable, "").strip():
-        _SET_BY_DRSYNC[variable] = os.environ.get(variable)
+def set_for_this_process(variable: str, value: str, *, blank_is_unset: bool = True) -> None:
+    """Set an environment variable that a library reads as it loads, unless the operator set it (to a
+    non-blank value; with ``blank_is_unset=False``, to anything). Commands drsync runs do not get it
+    (:func:`environ_for_children`)."""
+    current = os.environ.get(variable)
+    if current is None or (blank_is_unset and not current.strip()):
+        _SET_BY_DRSYNC.setdefault(variable, current)
         os.environ[variable] = value
 
 
+def _startup_environ() -> dict[str, str] | None:
+    """The environment this process was started with (Linux keeps it in /proc/self/environ, whatever the
+    process set since); None where it cannot be read."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return {os.fsdecode(k): os.fsdecode(v) for k, _, v in pairs}
+
+
 def environ_for_children(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a command drsync runs: its own, with the variables :func:`tune` set put back
-    as the operator's environment had them, then ``extra`` on top."""
+    """The environment for a command drsync runs (a hook, fencing, DistCp): drsync's own, with what
+    drsync and the interpreter set for this process put back as the operator's environment had it, and
+    ``extra`` on top."""
     env = dict(os.environ)
-    for variable, original in _SET_BY_DRSYNC.items():
-        if env.get(variable) is not None and original is None:
-            del env[variable]
-        elif original is not None:
+    originals: dict[str, str | None] = dict(_SET_BY_DRSYNC)
+    startup = _startup_environ() if any(v in env for v in _SET_BY_PYTHON) else None
+    if startup is not None:
+        originals.update({v: startup.get(v) for v in _SET_BY_PYTHON})
+    for variable, original in originals.items():
+        if original is None:
+            env.pop(variable, None)
+        else:
             env[variable] = original
     return {**env, **(extra or {})}
 
@@ -92,8 +117,8 @@ def environ_for_children(extra: dict[str, str] | None = None) -> dict[str, str]:
 def tune() -> None:
     """Set the allocators (and NumPy's BLAS threads) up; call before pyarrow or numpy is imported. Does
     nothing where they cannot be set."""
-    _set_unless_chosen("ARROW_DEFAULT_MEMORY_POOL", "system")
-    _set_unless_chosen("OPENBLAS_NUM_THREADS", "1")  # read when NumPy loads OpenBLAS
+    set_for_this_process("ARROW_DEFAULT_MEMORY_POOL", "system")
+    set_for_this_process("OPENBLAS_NUM_THREADS", "1")  # read when NumPy loads OpenBLAS
     try:  # the C library the interpreter links (ctypes.util.find_library runs ldconfig: 15 ms a start)
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc

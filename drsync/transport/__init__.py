@@ -7,10 +7,11 @@ both over gRPC. Only that module imports grpc.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from drsync import allocators
 
 if TYPE_CHECKING:
     from drsync.repository.spool import Spool
@@ -18,8 +19,8 @@ if TYPE_CHECKING:
 # gRPC's C core writes its own lines to stderr ("E1201 ... add_port.cc:83] Failed to add port"): they
 # bypass drsync's log (and break --log-format json), and every failure they describe reaches the operator
 # as drsync's own one-line error. Set before grpc is imported (drsync.transport.grpc); an operator's own
-# GRPC_VERBOSITY (e.g. ERROR, to debug) wins.
-os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+# GRPC_VERBOSITY (e.g. ERROR, to debug) wins, and commands the agent runs do not get drsync's.
+allocators.set_for_this_process("GRPC_VERBOSITY", "NONE", blank_is_unset=False)
 
 
 @dataclass(frozen=True)
