@@ -62,7 +62,8 @@ lint: $(STAMP)
 # cluster once; tests keep apart by group name, test directory and free ports. Much of the suite waits
 # (agents' cycles, ZooKeeper sessions, DistCp's JVMs), so a third worker fills idle time: on 2 cores
 # the suite took 32 min with two workers, 25 with three and 23 with four, and at four the cores were
-# busy (process accounting: about 80 % of its CPU time is Python, drsync's processes and the workers).
+# busy (process accounting: about 80 % of its CPU time is Python, drsync's processes and the workers);
+# with less CPU per process (drsync.allocators: one OpenBLAS thread), 23.4 min with three.
 test: $(STAMP) system-deps hadoop lint bytecode
 	$(PY) -m pytest -q -rs -n 3 --dist loadfile --durations=25 tests
 

@@ -187,14 +187,16 @@ def test_a_hook_gets_the_environment_drsync_was_started_with(tmp_path: Path) -> 
                    f'[snapshots]\npre_hook = "env > {seen}"\n')
     base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "ARROW_DEFAULT_MEMORY_POOL")}
 
+    def drsync(env: dict[str, str], *args: str) -> None:  # not run_drsync: it adds this process's environment
+        proc = subprocess.run([sys.executable, "-m", "drsync", *args, "--config", str(cfg)], env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
     def hook_env(env: dict[str, str]) -> dict[str, str]:
-        for args in (["init"], ["snapshot", "create"]):
-            if args == ["init"] and (tmp_path / "repo").exists():
-                continue
-            proc = subprocess.run([sys.executable, "-m", "drsync", *args, "--config", str(cfg)], env=env,
-                                  capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stderr
+        drsync(env, "snapshot", "create")
         return dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+
+    drsync(base, "init")
 
     unset = hook_env(base)
     assert "OPENBLAS_NUM_THREADS" not in unset and "ARROW_DEFAULT_MEMORY_POOL" not in unset
