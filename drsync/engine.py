@@ -300,6 +300,9 @@ class ExpireResult:
     protected: list[SnapshotInfo] = field(default_factory=list)
     # Protected ones deleted all the same (break glass); also in ``deleted``.
     break_glass: list[SnapshotInfo] = field(default_factory=list)
+    # Why the garbage collection after the deletions did not run (the repository was in use), or "".
+    # The caller logs it: a command at WARNING, the agent (which retries on its own) at INFO.
+    gc_postponed: str = ""
 
 
 def plan_expiry(snaps: list[SnapshotInfo], keep: KeepPolicy, now: float) -> list[SnapshotInfo]:
@@ -329,7 +332,7 @@ def expire_snapshots(repo: Repository, keep: KeepPolicy, *, now: float | None = 
     directory) is given: then they are recorded there, logged at WARNING and deleted. ``collect=False``
     leaves garbage collection for later; ``lock_wait_s=0`` gives up at once when the repository is in use
     (retention can wait): LockedError before anything is deleted; when only the garbage collection that
-    follows cannot have its lock, the snapshots stay deleted, ``gc`` is None and a warning is logged."""
+    follows cannot have its lock, the snapshots stay deleted, ``gc`` is None and ``gc_postponed`` says why."""
     if not dry_run:
         repo.refuse_if_read_only()
     now = time.time() if now is None else now
@@ -350,13 +353,13 @@ def expire_snapshots(repo: Repository, keep: KeepPolicy, *, now: float | None = 
                                "drsync snapshot expire --break-glass")
         for s in doomed:
             repo.delete_snapshot(s)
-    report = None
+    report, postponed = None, ""
     if doomed and collect:
         try:
             report = repo.gc(wait_s=wait_s)
         except LockedError as e:  # the snapshots are gone; their chunks go at the next GC
-            log.warning("expired %d snapshot(s); garbage collection postponed: %s", len(doomed), e)
-    return ExpireResult(doomed, [s for s in snaps if s not in doomed], report, spared, broken)
+            postponed = str(e)
+    return ExpireResult(doomed, [s for s in snaps if s not in doomed], report, spared, broken, postponed)
 
 
 def gc_repository(repo: Repository, *, dry_run: bool = False, lock_wait_s: float | None = None) -> GcReport:

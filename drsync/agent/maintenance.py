@@ -142,6 +142,9 @@ class MaintenanceWorker:
         finally:
             self.busy = ""
         collected = res.gc is not None
+        if res.gc_postponed:  # routine: the agent's own capture or shipment holds the lock; retried soon
+            log.info("agent %s: expired %d snapshot(s); garbage collection postponed: %s", self.name,
+                     len(res.deleted), res.gc_postponed)
         if collect and last and not collected and not res.deleted:
             # Due, with nothing expiring now: what passes since the last collection expired (and uploads
             # never committed) is collected all the same, also when no snapshot expires again (captures stopped).

@@ -266,7 +266,10 @@ def snapshot_expire(inv: Invocation, dry_run: bool, break_glass: bool) -> None:
                                   **protection_args(inv, break_glass))
     doc = {"deleted": [s.id for s in res.deleted], "kept": [s.id for s in res.kept], "dry_run": dry_run,
            "protected": [s.id for s in res.protected], "break_glass": [s.id for s in res.break_glass],
-           "gc": res.gc.as_dict() if res.gc else None}
+           "gc": res.gc.as_dict() if res.gc else None, "gc_postponed": res.gc_postponed or None}
+    if res.gc_postponed:  # the snapshots are deleted; their chunks stay until a garbage collection runs
+        click.echo(f"warning: garbage collection postponed: {res.gc_postponed}; the deleted snapshots' data "
+                   f"is freed by the next 'drsync repo gc'", err=True)
     verb = "would delete" if dry_run else "deleted"
     protected = (f"; {len(res.protected)} of them protected by [snapshots] protect (--break-glass deletes them): "
                  f"{', '.join(s.id for s in res.protected)}" if res.protected else "")
