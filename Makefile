@@ -84,7 +84,10 @@ reliability: $(STAMP) system-deps hadoop bytecode
 		tests/test_reliability.py tests/test_crash.py tests/test_lock.py tests/test_failover.py \
 		tests/test_apply_crash.py tests/test_long_apply.py tests/test_breaker_cont_bw.py \
 		tests/test_breaker_fanout.py tests/test_distcp_breaker.py
-	DRSYNC_CRASH_TRIALS=40 $(PY) -m pytest -q tests/test_agents.py -k kill_9
+	DRSYNC_RELIABILITY=full DRSYNC_CRASH_TRIALS=40 $(PY) -m pytest -q tests/test_agents.py -k kill_9
+	# Every combination of the parameter grids make test samples (tests.reliability.combinations).
+	DRSYNC_RELIABILITY=full $(PY) -m pytest -q -n 2 tests/test_breaker_memory_paths.py tests/test_breaker_s41_locks.py \
+		tests/test_breaker_s32.py tests/test_breaker_spool_merge.py tests/test_guard_merge.py
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

@@ -63,8 +63,15 @@ def open_repository(url: str, *, retry_s: float | None = None) -> Repository:
     return Repository.open(open_storage(url, retry_s=retry_s))
 
 
-def init_repository(url: str, *, cluster_id: str, release: str) -> Repository:
-    return Repository.init(open_storage(url, create=True), cluster_id=cluster_id, release=release)
+def init_repository(url: str, *, cluster_id: str, release: str, protect_s: float = 0.0,
+                    state_dir: str = "") -> Repository:
+    """Create the repository at ``url`` (``drsync init``); with ``protect_s`` > 0 (seconds) record that
+    ``[snapshots] protect`` window in it (:func:`record_protection`; ``state_dir``: the keeping agent's).
+    UsageError when a repository is already there; OperationFailed when the storage cannot be written."""
+    repo = Repository.init(open_storage(url, create=True), cluster_id=cluster_id, release=release)
+    if protect_s > 0:
+        record_protection(repo, protect_s, by="drsync init", state_dir=state_dir)
+    return repo
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 from drsync.coordination import SessionState
 from drsync.coordination.zookeeper import ZooKeeperCoordinator
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import SLOW, Result, make_tree, run_drsync, tree_state
+from tests.conftest import SLOW, Result, init_repo, make_tree, run_drsync, tree_state
 from tests.zk import free_port
 
 
@@ -65,7 +65,7 @@ class Group:
                 f'[coordination]\nzookeeper = "{hosts}"\ngroup = "{group}"\nsession_timeout = "{session_timeout}"\n'
                 f'failover = "{failover}"\nfailover_grace = "1s"\n{extra}\n'
                 f'[replication]\ninterval = "{interval}"\n{replication}\n')
-            assert run_drsync("init", "--config", p).code == 0
+            init_repo(p)
             self.cfg[name] = p
         self.coord = ZooKeeperCoordinator(hosts, group, session_timeout_s=10.0, username=auth[0], password=auth[1])
         self.coord.start()

@@ -3,12 +3,17 @@
 ``DRSYNC_RELIABILITY=full`` (make reliability) runs every scenario with many
 trials; the default short level runs a few of each inside make test.
 ``DRSYNC_SEED`` replays a run: every scenario draws its faults from it.
+:func:`combinations` does the same for a test's parameter grid: every value of every axis in
+make test, every combination of them in make reliability.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 LEVEL = os.environ.get("DRSYNC_RELIABILITY", "short")
 SEED = int(os.environ.get("DRSYNC_SEED", "20261124"))
@@ -18,6 +23,15 @@ _TRIALS = {
     "full": {"kill": 50, "bitflip": 40, "diskfull": 5, "network": 20, "fuzz": 400, "fencing": 12,
              "rogue": 120, "deletion": 15, "skew": 6},
 }
+
+
+def combinations(*axes: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Parameter sets over ``axes``: at the full level every combination (``itertools.product``);
+    otherwise a diagonal that still takes every value of every axis at least once (as many sets as
+    the longest axis has values), for grids whose every cell costs seconds in make test."""
+    if LEVEL == "full":
+        return list(itertools.product(*axes))
+    return [tuple(axis[i % len(axis)] for axis in axes) for i in range(max(map(len, axes)))]
 
 
 def trials(scenario: str) -> int:

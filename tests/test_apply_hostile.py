@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, age_tree, run_drsync, tree_state
+from tests.conftest import ROOT, age_tree, init_repo_at, run_drsync, tree_state
 from tests.users import NOBODY, run_as_nobody
 
 STAGING = ".drsync-staging"
@@ -332,7 +332,7 @@ def test_names_that_are_not_utf8_are_not_an_internal_error(tmp_path: Path) -> No
     with open(os.fsencode(src) + b"/bad\xffname", "wb") as f:
         f.write(b"latin-1 name\n")
     repo = str(tmp_path / "repo")
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     r = run_drsync("snapshot", "create", "--repo", repo, "--source", src, "--json")
     assert "internal error" not in r.err and "Traceback" not in r.err, r.err
     assert r.code == 0 or one_line_error(r.err), r.err
@@ -633,7 +633,7 @@ def test_a_repository_inside_the_target_survives_restore_of_a_snapshot_with_a_di
     data = tmp_path / "data"
     data.mkdir()
     repo = str(data / ".drsync")
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     r = run_drsync("snapshot", "create", "--repo", repo, "--source", src, "--json")
     assert r.code == 0, r.err
     code, err = restore(repo, r.json()["id"], data)

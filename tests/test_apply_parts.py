@@ -23,7 +23,7 @@ from drsync.repository import format as fmt
 from drsync.repository.packs import index_bytes, read_index_file
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
-from tests.conftest import run_drsync
+from tests.conftest import init_repo_at
 from tests.test_capture_any_tree import exact_state, odd_tree
 from tests.test_lean_manifest import _snapshot
 
@@ -78,7 +78,7 @@ def test_applies_in_parts_leave_the_same_tree(tmp_path: Path, monkeypatch: pytes
     src = tmp_path / "src"
     _tree(src, 1)
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     rp, whole, lean = _snapshot(repo, src)
     monkeypatch.setattr(apply_chunks, "PART_CHUNKS", 4)
     spy = _Spy(monkeypatch)
@@ -120,7 +120,7 @@ def test_a_chunk_missing_from_the_last_part_is_refused_before_the_target_changes
     src = tmp_path / "src"
     _tree(src, 2)
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     _, whole, lean = _snapshot(repo, src)
     last = whole.entries_at([max(i for i, e in enumerate(whole.entries()) if e.chunks)])[0]
     _drop_from_index(repo, last.chunks[-1])

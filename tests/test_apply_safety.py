@@ -22,7 +22,7 @@ from drsync.errors import IntegrityError
 from drsync.repository.manifest import Manifest
 from drsync.repository.manifest_check import escaping_links, validate
 from drsync.tree import LocalEntry, scan_tree
-from tests.conftest import SLOW, age_tree, run_drsync, tree_state
+from tests.conftest import SLOW, age_tree, init_repo_at, run_drsync, tree_state
 from tests.users import NOBODY, pair_configs, run_as_nobody, serves, start_agent
 
 
@@ -34,7 +34,7 @@ def full_state(path: Path) -> dict[str, tuple]:
 
 def snapshot_of(tmp_path: Path, src: Path, name: str = "repo") -> tuple[str, str]:
     repo = str(tmp_path / name)
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     r = run_drsync("snapshot", "create", "--repo", repo, "--source", src, "--json")
     assert r.code == 0, r.err
     return repo, r.json()["id"]
@@ -321,7 +321,7 @@ def test_a_repository_inside_the_target_survives_restore(tmp_path: Path) -> None
     (data / "tables").mkdir(parents=True)
     (data / "tables" / "t1").write_bytes(b"one\n")
     repo = str(data / ".drsync")
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     r = run_drsync("snapshot", "create", "--repo", repo, "--source", data, "--json")
     assert r.code == 0, r.err
     snap = r.json()["id"]

@@ -22,7 +22,7 @@ import pytest
 
 from drsync.agent.primary import UPLOAD_MESSAGE_BYTES
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import SLOW, make_tree, run_drsync, tree_state
+from tests.conftest import SLOW, init_repo, make_tree, run_drsync, tree_state
 from tests.group import wait_for
 from tests.zk import free_port
 
@@ -52,7 +52,7 @@ class Agents:
                      f'[agent]\nname = "{name}"\nrole = "{role}"\nlisten = "{self.addr[name]}"\n'
                      f'metrics = "{self.metrics[name]}"\n{extra}')
         if not (self.tmp / f"{name}-repo").exists():
-            assert run_drsync("init", "--config", p).code == 0
+            init_repo(p)
         return p
 
     def start(self, name: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import SLOW, make_tree, run_drsync, tree_state
+from tests.conftest import SLOW, init_repo, make_tree, run_drsync, tree_state
 from tests.group import wait_for
 from tests.test_continuous import metric
 from tests.zk import free_port
@@ -46,7 +46,7 @@ class FanOut:
                      f'repository = "{self.tmp / (n + "-repo")}"\n'
                      f'[agent]\nname = "{n}"\nrole = "{role}"\nlisten = "{self.addr[n]}"\n'
                      f'metrics = "{self.metrics[n]}"\n{extra}')
-        assert run_drsync("init", "--config", p).code == 0
+        init_repo(p)
         self.cfg[n] = p
 
     def start(self, n: str) -> None:

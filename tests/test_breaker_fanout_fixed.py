@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import make_tree, run_drsync, tree_state
+from tests.conftest import init_repo, make_tree, tree_state
 from tests.group import wait_for
 from tests.zk import free_port
 
@@ -28,7 +28,7 @@ def _start(tmp: Path, cfgs: dict[str, tuple[str, list[str]]], env: dict[str, dic
                        f'repository = "{tmp / (name + "-repo")}"\n[agent]\nname = "{name}"\n'
                        f'role = "{role}"\nlisten = "{addr[name]}"\nmetrics = ""\n[replication]\ninterval = "1s"\n'
                        + (f'standbys = [{standbys}]\n' if targets else ""))
-        assert run_drsync("init", "--config", cfg).code == 0
+        init_repo(cfg)
     for name in cfgs:
         with open(tmp / f"{name}.log", "ab") as log:
             cmd = [sys.executable, "-m", "drsync", "agent", "--config", str(tmp / f"{name}.toml")]

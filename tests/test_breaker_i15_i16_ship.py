@@ -21,7 +21,7 @@ from drsync.agent.primary import ManifestFile, chunk_table
 from drsync.repository.format import manifest_name
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
-from tests.conftest import run_drsync
+from tests.conftest import init_repo, run_drsync
 from tests.test_agents import Pair, wait_for
 
 
@@ -37,7 +37,7 @@ def test_the_chunk_list_of_a_snapshot_of_empty_files_is_empty(tmp_path: Path) ->
     _empty_tree(data)
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[cluster]\nid = "x"\nrelease = "1"\ndata = "{data}"\nrepository = "{tmp_path / "repo"}"\n')
-    assert run_drsync("init", "--config", cfg).code == 0
+    init_repo(cfg)
     assert run_drsync("snapshot", "create", "--config", cfg).code == 0
     repo = Repository.open(LocalStorage(tmp_path / "repo"))
     (info,) = repo.list_snapshots()

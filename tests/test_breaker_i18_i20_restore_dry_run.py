@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_drsync, tree_state
+from tests.conftest import init_repo_at, run_drsync, tree_state
 
 
 @pytest.mark.parametrize("kind", ["file", "symlink"])
@@ -19,7 +19,7 @@ def test_dry_run_lists_a_replaced_path_as_overwritten_like_the_refusal(tmp_path:
     data, repo, target = tmp_path / "data", tmp_path / "repo", tmp_path / "target"
     (data / "a").mkdir(parents=True)
     (data / "a" / "f1").write_text("hi\n")
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c1", "--release", "1").code == 0
+    init_repo_at(repo, "c1", "1")
     assert run_drsync("snapshot", "create", "--repo", repo, "--source", data).code == 0
     target.mkdir()
     if kind == "file":

@@ -39,6 +39,7 @@ from drsync.storage import ObjectMissing, Storage
 from drsync.storage.local import LocalStorage
 from drsync.storage.memory import MemoryStorage
 from tests.conftest import age_tree, make_tree, run_drsync, tree_state
+from tests.reliability import combinations
 
 CID, REL = "c", "1"
 
@@ -672,8 +673,7 @@ def _n_rows(group: int) -> int:
     return N_ROWS if group >= 7 else 12
 
 
-@pytest.mark.parametrize("kinds", ["MM", "MF", "FM", "FF"])
-@pytest.mark.parametrize("group", [8, 7, 50, 49, 1])
+@pytest.mark.parametrize(("group", "kinds"), combinations([8, 7, 50, 49, 1], ["FF", "MF", "FM", "MM"]))
 def test_same_tree_says_false_for_every_difference(monkeypatch: pytest.MonkeyPatch, kinds: str, group: int) -> None:
     monkeypatch.setattr(manifest_mod, "ROW_GROUP", group)
     base = _rows(_n_rows(group))

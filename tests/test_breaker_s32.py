@@ -36,7 +36,8 @@ from drsync.repository.manifest_check import validate
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.storage.local import LocalStorage
-from tests.conftest import run_drsync, tree_state
+from tests.conftest import init_repo_at, run_drsync, tree_state
+from tests.reliability import combinations
 from tests.test_capture_any_tree import exact_state, odd_tree
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def _two_snapshots(base: Path) -> tuple[Path, Path, str, str]:
     for i in range(8):
         (src / f"f{i}").write_bytes(b"a" * (10 + i))
     repo = base / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     r = run_drsync("snapshot", "create", "--repo", repo, "--source", src, "--json")
     assert r.code == 0, r.err
     first = r.json()["id"]
@@ -88,8 +89,8 @@ def _two_snapshots(base: Path) -> tuple[Path, Path, str, str]:
 # --- 1. hostile manifests ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("column", ["path", "uid", "gid", "mtime_s", "mtime_nsec"])
-@pytest.mark.parametrize("lean", [False, True])
+@pytest.mark.parametrize(("column", "lean"),
+                         combinations(["path", "uid", "gid", "mtime_s", "mtime_nsec"], [False, True]))
 def test_a_manifest_with_a_null_value_is_refused_as_damaged(tmp_path: Path, column: str, lean: bool) -> None:
     """Promise 1: a hostile manifest (a null where a value must be) is refused with an IntegrityError by a
     restore from a whole or a lean manifest, not a raw TypeError, and the target is not touched.
@@ -486,7 +487,7 @@ def test_a_refused_restore_names_odd_paths_as_the_dry_run_does(tmp_path: Path) -
     (data / os.fsdecode(b"bad\xffname")).write_bytes(b"1")
     (data / "back\\slash").write_bytes(b"2")
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     assert run_drsync("snapshot", "create", "--repo", repo, "--source", data).code == 0
     tgt = tmp_path / "tgt"
     assert run_drsync("snapshot", "restore", "latest", "--repo", repo, "--target", tgt).code == 0
@@ -509,7 +510,7 @@ def test_a_backup_restore_refuses_a_hostile_manifest_with_an_integrity_error(tmp
     for i in range(5):
         (data / f"f{i}").write_bytes(b"b" * (i + 1))
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     assert run_drsync("snapshot", "create", "--repo", repo, "--source", data).code == 0
     assert run_drsync("backup", "create", "--repo", repo, "--snapshot", "latest", "--dest", tmp_path / "b").code == 0
     (b,) = (tmp_path / "b").iterdir()

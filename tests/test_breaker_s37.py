@@ -24,7 +24,7 @@ from drsync.errors import OperationFailed
 from drsync.repository.repo import Repository
 from drsync.storage.memory import MemoryStorage
 from drsync.tree import scan_tree
-from tests.conftest import run_drsync
+from tests.conftest import init_repo_at, run_drsync
 
 NS = 1_000_000_000
 PY = sys.executable
@@ -375,7 +375,7 @@ def test_a_snapshot_restores_byte_for_byte_and_an_unchanged_one_reads_nothing(tm
         for f in files:
             os.utime(os.path.join(dirpath, f), ns=(past, past), follow_symlinks=False)
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     first = run_drsync("snapshot", "create", "--repo", repo, "--source", data, "--json")
     assert first.code == 0, first.err
     second = run_drsync("snapshot", "create", "--repo", repo, "--source", data, "--json")
@@ -395,7 +395,7 @@ def test_a_snapshot_restores_byte_for_byte_and_an_unchanged_one_reads_nothing(tm
 def test_a_missing_root_or_a_file_is_one_line(tmp_path: Path) -> None:
     """Held: exit 2 and one line, no traceback."""
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     (tmp_path / "file").write_bytes(b"x")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     for src in (tmp_path / "nowhere", tmp_path / "file", tmp_path / "dangling"):
@@ -412,7 +412,7 @@ def test_a_root_that_cannot_be_read_is_an_error_not_an_empty_snapshot(open_tmp: 
     from tests.users import give_to_nobody, preload_everything, run_as_nobody
 
     repo = open_tmp / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     give_to_nobody(repo)
     data = open_tmp / "data"
     data.mkdir()

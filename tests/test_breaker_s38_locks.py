@@ -20,7 +20,7 @@ from drsync.repository import format as fmt
 from drsync.repository.lock import RepositoryLock, read_locks, remove_locks
 from drsync.storage.local import LocalStorage
 from drsync.storage.memory import MemoryStorage
-from tests.conftest import make_tree, run_drsync
+from tests.conftest import init_repo_at, make_tree, run_drsync
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ _HOLD = (
 def _repo(tmp_path: Path) -> Path:
     data, repo = tmp_path / "data", tmp_path / "repo"
     make_tree(data, files=2, big=0)
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     assert run_drsync("snapshot", "create", "--repo", repo, "--source", data).code == 0
     return repo
 

@@ -20,6 +20,7 @@ from drsync.storage.local import LocalStorage
 from tests.badnamenode import BadNamenode
 from tests.conftest import make_tree, run_drsync
 from tests.group import wait_for
+from tests.reliability import combinations
 
 PY = sys.executable
 
@@ -267,10 +268,10 @@ def test_s41_holds_config_check_unreachable_namenode_one_line_per_check(tmp_path
 # --- 3. DRSYNC_LOCK_WAIT ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["1_0", " 5 ", "1e3", "-1", "nan", "inf", "\uff15", "\u0663", "0x10", "+5", "5.",
-                                   "", "5\n", "9" * 400])
-@pytest.mark.parametrize("command", [("repo", "unlock", "--repo", "/nonexistent"), ("snapshot", "list"),
-                                     ("config", "check", "--config", "/nonexistent.toml"), ("status",)])
+@pytest.mark.parametrize(("value", "command"), combinations(
+    ["1_0", " 5 ", "1e3", "-1", "nan", "inf", "\uff15", "\u0663", "0x10", "+5", "5.", "", "5\n", "9" * 400],
+    [("repo", "unlock", "--repo", "/nonexistent"), ("snapshot", "list"), ("config", "check", "--config",
+                                                                          "/nonexistent.toml"), ("status",)]))
 def test_s41_holds_lock_wait_refuses_what_is_not_plain_decimal(value: str, command: tuple[str, ...]) -> None:
     r = run_drsync(*command, env={"DRSYNC_LOCK_WAIT": value})
     assert r.code == 2 and "DRSYNC_LOCK_WAIT" in r.err and r.err.count("\n") == 1, (r.code, r.err)

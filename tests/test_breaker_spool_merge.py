@@ -39,6 +39,7 @@ from drsync.storage.local import LocalStorage
 from drsync.storage.memory import MemoryStorage
 from drsync.transport import Caller
 from drsync.transport import grpc as transport
+from tests.reliability import combinations
 from tests.test_capture_any_tree import v1_bytes
 from tests.test_guard_merge import _ref_changed, _ref_content_changed, _ref_removed
 from tests.test_mass_change import Spec, manifest
@@ -132,7 +133,7 @@ def _check_all(a: Manifest | ManifestFile, b: Manifest | ManifestFile, old: dict
     assert bool(diff(a, b, stop_at_first=True).paths()) == bool(_ref_diff(old, new))
 
 
-@pytest.mark.parametrize(("seed", "group"), [(s, g) for s in range(4) for g in (1, 2, 5)])
+@pytest.mark.parametrize(("seed", "group"), combinations(range(4), (1, 2, 5)))
 def test_merge_over_odd_byte_paths_and_nested_replacements_matches_reference(
         monkeypatch: pytest.MonkeyPatch, seed: int, group: int) -> None:
     monkeypatch.setattr(manifest_mod, "ROW_GROUP", group)

@@ -8,13 +8,13 @@ import json
 import os
 from pathlib import Path
 
-from tests.conftest import run_drsync
+from tests.conftest import init_repo, init_repo_at, run_drsync
 
 
 def _repo_two_snapshots(tmp_path: Path) -> Path:
     src, repo = tmp_path / "src", tmp_path / "repo"
     src.mkdir()
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     shared = os.urandom(200_000)
     (src / "a").write_bytes(shared)
     (src / "b").write_bytes(os.urandom(1000))
@@ -93,7 +93,7 @@ def test_light_backup_excluding_first_hard_link_member_restores(tmp_path: Path) 
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{src}"\nrepository = "{repo}"\n'
                    f'[backups]\nlight_exclude = ["bulk/**"]\n')
-    assert run_drsync("init", "--config", cfg).code == 0
+    init_repo(cfg)
     data = os.urandom(100_000)
     (src / "bulk" / "x").write_bytes(data)
     os.link(src / "bulk" / "x", src / "keep" / "x")
@@ -152,7 +152,7 @@ def test_snapshot_diff_text_lines_are_distinct_for_distinct_paths(tmp_path: Path
     added paths must give two different lines. Actual: '+ lit\\xff' twice, '+ nl\\nM' twice."""
     src, repo = tmp_path / "src", tmp_path / "repo"
     src.mkdir()
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     (src / "keep").write_bytes(b"k")
     assert run_drsync("snapshot", "create", "--repo", repo, "--source", src, "--name", "s1").code == 0
     root = os.fsencode(src)
@@ -174,7 +174,7 @@ def _light_backup(tmp_path: Path, globs: str, build) -> tuple[Path, str]:  # typ
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{src}"\nrepository = "{repo}"\n'
                    f'[backups]\nlight_exclude = {globs}\n')
-    assert run_drsync("init", "--config", cfg).code == 0
+    init_repo(cfg)
     build(src)
     assert run_drsync("snapshot", "create", "--config", cfg, "--name", "s1").code == 0
     r = run_drsync("backup", "create", "--config", cfg, "--snapshot", "s1", "--dest", tmp_path / "bk",
@@ -214,7 +214,7 @@ def test_repo_verify_catches_index_that_disagrees_with_packs(tmp_path: Path) -> 
 
     src, repo = tmp_path / "src", tmp_path / "repo"
     src.mkdir()
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     (src / "a").write_bytes(os.urandom(5000))
     (src / "b").write_bytes(os.urandom(5000))
     assert run_drsync("snapshot", "create", "--repo", repo, "--source", src, "--name", "s1").code == 0
@@ -246,7 +246,7 @@ def test_backup_verify_catches_index_that_disagrees_with_packs(tmp_path: Path) -
     repo = tmp_path / "repo"
     src = tmp_path / "src"
     src.mkdir()
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     (src / "a").write_bytes(os.urandom(5000))
     (src / "b").write_bytes(os.urandom(5000))
     assert run_drsync("snapshot", "create", "--repo", repo, "--source", src, "--name", "s1").code == 0

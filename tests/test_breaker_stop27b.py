@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_drsync
+from tests.conftest import init_repo_at, run_drsync
 
 
 def _repo(tmp_path: Path) -> Path:
     src, repo = tmp_path / "src", tmp_path / "repo"
     src.mkdir()
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     (src / "a").write_bytes(os.urandom(200_000))
     (src / "b").write_bytes(os.urandom(1000))
     assert run_drsync("snapshot", "create", "--repo", repo, "--source", src, "--name", "s1").code == 0
@@ -100,7 +100,7 @@ def test_backup_verify_json_report_for_zero_length_backup_json(tmp_path: Path) -
 def _two_snapshots_with(tmp_path: Path, names: list[bytes]) -> Path:
     src, repo = tmp_path / "src", tmp_path / "repo"
     src.mkdir()
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     (src / "keep").write_bytes(b"k")
     assert run_drsync("snapshot", "create", "--repo", repo, "--source", src, "--name", "s1").code == 0
     for n in names:
@@ -243,7 +243,7 @@ def test_verify_text_names_distinct_paths_distinctly(tmp_path: Path, kind: str) 
     names = [b"a\xff", b"a\\xff", b"n\nx", b"n\\nx", b"t\tx"]
     src, repo = tmp_path / "src", tmp_path / "repo"
     src.mkdir()
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     for n in names:
         with open(os.path.join(os.fsencode(src), n), "wb") as f:
             f.write(os.urandom(3000))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SLOW, run_drsync
+from tests.conftest import SLOW, init_repo, run_drsync
 from tests.group import wait_for
 from tests.zk import free_port
 
@@ -50,7 +50,7 @@ def write_config(tmp: Path, *, zookeeper: str = "", advertise: str = "", role: s
     cfg = tmp / "zed.toml"
     cfg.write_text(text)
     if not repo.exists():
-        assert run_drsync("init", "--config", cfg).code == 0
+        init_repo(cfg)
     return cfg
 
 

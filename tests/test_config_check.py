@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import run_drsync
+from tests.conftest import init_repo, run_drsync
 from tests.group import Group, wait_for
 from tests.zk import free_port
 
@@ -78,7 +78,7 @@ def test_automatic_failover_without_a_fence_is_refused_by_check_and_at_start(tmp
     (tmp_path / "data").mkdir()
     cfg = tmp_path / "auto.toml"
     cfg.write_text(base)
-    assert run_drsync("init", "--config", cfg).code == 0
+    init_repo(cfg)
     r = run_drsync("config", "check", "--config", cfg, "--json", "--timeout", "0.5")  # no ZooKeeper runs there
     checks = {c["name"]: c for c in json.loads(r.out)["checks"]}
     assert r.code == 2 and not checks["fencing"]["ok"] and "fence_command" in checks["fencing"]["detail"]
@@ -216,7 +216,7 @@ def test_a_bandwidth_target_naming_no_standby_is_a_warning(tmp_path: Path) -> No
                    f'repository = "{tmp_path / "repo"}"\n[agent]\nname = "east"\nrole = "primary"\n'
                    f'listen = "127.0.0.1:{free_port()}"\nmetrics = ""\n[replication]\nstandbys = ["{standby}"]\n'
                    f'[replication.targets."127.0.0.1:1"]\nbandwidth_limit = "1MiB/s"\n')
-    assert run_drsync("init", "--config", cfg).code == 0
+    init_repo(cfg)
     checks = {c["name"]: c for c in json.loads(run_drsync("config", "check", "--config", cfg, "--json").out)["checks"]}
     t = checks["standby targets"]
     assert t["ok"] and t["warn"] and "'127.0.0.1:1' name no standby in replication.standbys" in t["detail"], t
@@ -254,7 +254,7 @@ def test_an_advertise_address_of_another_host_is_a_warning_while_the_agent_is_st
             f'[agent]\nname = "east"\nrole = "primary"\nlisten = "{listen}"\nmetrics = ""\n')
     cfg = tmp_path / "p.toml"
     cfg.write_text(base)
-    assert run_drsync("init", "--config", cfg).code == 0
+    init_repo(cfg)
     elsewhere = "192.0.2.7:7420"  # TEST-NET-1: no interface of this host has it
     cfg.write_text(base.replace("[agent]\n", f'[agent]\nadvertise = "{elsewhere}"\n'))
     r = run_drsync("config", "check", "--config", cfg, "--json")

@@ -24,7 +24,7 @@ from drsync.repository.lock import remove_locks
 from drsync.repository.repo import Repository
 from drsync.storage import StoredObject
 from drsync.storage.memory import MemoryStorage
-from tests.conftest import age_tree, make_tree, run_drsync
+from tests.conftest import age_tree, init_repo_at, make_tree, run_drsync
 
 TRIALS = int(os.environ.get("DRSYNC_CRASH_TRIALS", "3"))
 
@@ -186,7 +186,7 @@ def test_kill_9_during_snapshot_create_and_delete(tmp_path: Path) -> None:
     data = tmp_path / "data"
     make_tree(data, files=50, big=12)
     repo = str(tmp_path / "repo")
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     first = run_drsync("snapshot", "create", "--repo", repo, "--source", data, "--json")
     assert first.code == 0, first.err
     keep_id = first.json()["id"]

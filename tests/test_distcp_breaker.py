@@ -29,7 +29,7 @@ from drsync.repository.manifest import Manifest
 from drsync.repository.repo import Repository
 from drsync.storage import open_storage
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import run_drsync
+from tests.conftest import init_repo, run_drsync
 from tests.group import Group, scrape
 from tests.hadoop import cluster as hc
 from tests.sites import HdfsSite, make_site, same_tree
@@ -186,7 +186,7 @@ def test_config_check_reports_a_distcp_command_whose_path_does_not_exist(tmp_pat
                    f'[agent]\nname = "standby"\nrole = "standby"\nlisten = "127.0.0.1:0"\nmetrics = "127.0.0.1:0"\n'
                    f'[replication]\nengine = "distcp"\ndistcp_command = "{tmp_path}/no-hadoop/bin/hadoop distcp"\n'
                    f'distcp_jar = "{hc.DISTCP_JAR}"\n')
-    assert run_drsync("init", "--config", cfg).code == 0
+    init_repo(cfg)
     r = run_drsync("config", "check", "--config", cfg, "--json")
     assert r.code != 0 and "no-hadoop" in r.out, r.out
 

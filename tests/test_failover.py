@@ -21,7 +21,7 @@ from drsync.coordination import SessionState
 from drsync.coordination.zookeeper import ZooKeeperCoordinator
 from drsync.errors import RefusedError, UsageError
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import SLOW, make_tree, run_drsync, tree_state
+from tests.conftest import SLOW, init_repo, make_tree, run_drsync, tree_state
 from tests.group import Group, PrimaryWatcher, scrape, wait_for
 from tests.zk import ZkCluster, free_port
 
@@ -462,7 +462,7 @@ def test_agent_started_before_zookeeper_joins_when_it_comes_up(tmp_path: Path, g
         cfg.write_text(f'[cluster]\nid = "a"\nrelease = "1"\ndata = "{data}"\nrepository = "{tmp_path / "repo"}"\n'
                        f'[agent]\nname = "east"\nlisten = "127.0.0.1:{free_port()}"\n'
                        f'metrics = ""\n[coordination]\nzookeeper = "{zk.hosts}"\ngroup = "{group}"\n')
-        assert run_drsync("init", "--config", cfg).code == 0
+        init_repo(cfg)
         log = tmp_path / "east.log"
         with open(log, "ab") as f:
             proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg)], stdout=f, stderr=f)

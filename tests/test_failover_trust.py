@@ -21,7 +21,7 @@ import pytest
 
 from drsync.errors import DrsyncError, RefusedError
 from drsync.transport.grpc import GrpcStandbyLink
-from tests.conftest import ROOT, SLOW, run_drsync, tree_state
+from tests.conftest import ROOT, SLOW, init_repo_at, run_drsync, tree_state
 from tests.group import Group, PrimaryWatcher, pid_alive, scrape, wait_for
 from tests.test_agents import Pair
 from tests.test_failover import bootstrap
@@ -308,7 +308,7 @@ def rogue_snapshot(tmp: Path) -> tuple[bytes, bytes]:
     root.mkdir()
     (root / "ROGUE-WAS-HERE").write_bytes(b"")
     repo = tmp / "rogue-repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "analytics", "--release", "6.2.1").code == 0
+    init_repo_at(repo, "analytics", "6.2.1")
     r = run_drsync("snapshot", "create", "--repo", repo, "--source", root, "--json")
     assert r.code == 0, r.err
     sid = r.json()["id"]

@@ -9,7 +9,7 @@ import re
 import signal
 from typing import Any
 
-from tests.conftest import tree_state
+from tests.conftest import init_repo, tree_state
 from tests.group import Group, PrimaryWatcher, scrape, wait_for
 
 
@@ -117,7 +117,7 @@ def test_fixed_roles_a_standby_listing_standbys_relays_what_it_applied(tmp_path:
     import subprocess
     import sys
 
-    from tests.conftest import make_tree, run_drsync
+    from tests.conftest import make_tree
     from tests.zk import free_port
 
     addr = {n: f"127.0.0.1:{free_port()}" for n in ("prod", "near", "far")}
@@ -134,7 +134,7 @@ def test_fixed_roles_a_standby_listing_standbys_relays_what_it_applied(tmp_path:
                            f'repository = "{tmp_path / (name + "-repo")}"\n[agent]\nname = "{name}"\n'
                            f'role = "{role}"\nlisten = "{addr[name]}"\nmetrics = ""\n[replication]\ninterval = "1s"\n'
                            + (f'standbys = ["{addr[nxt[name]]}"]\n' if name in nxt else ""))
-            assert run_drsync("init", "--config", cfg).code == 0
+            init_repo(cfg)
             with open(tmp_path / f"{name}.log", "ab") as log:
                 procs.append(subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg)],
                                               stdout=log, stderr=log))

@@ -18,6 +18,7 @@ import drsync.repository.manifest as manifest_mod
 from drsync.guard import changed_files, deletion_guard, removed_files
 from drsync.repository.manifest import Manifest, ManifestFile
 from drsync.repository.manifest_diff import chunks_beyond, content_changed, diff
+from tests.reliability import combinations
 from tests.test_mass_change import Spec, manifest
 
 
@@ -83,7 +84,7 @@ def _ref_content_changed(a: dict[str, Spec], b: dict[str, Spec]) -> frozenset[st
                      (_kind(a.get(p, "dir")) not in ("file", "external") or a[p] != s))
 
 
-CASES = [(seed, group) for seed in range(6) for group in (1, 3, 7, 65536)]
+CASES = combinations(range(6), (1, 3, 7, 65536))
 
 
 @pytest.mark.parametrize(("seed", "group"), CASES)

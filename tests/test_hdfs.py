@@ -29,7 +29,7 @@ from drsync.repository.manifest import FILE, Manifest
 from drsync.repository.repo import Repository
 from drsync.storage.hdfs import HdfsFs, HdfsPermissionDenied, HdfsUnavailable, parse_hdfs_url
 from drsync.storage.memory import MemoryStorage
-from tests.conftest import SLOW, run_drsync
+from tests.conftest import SLOW, init_repo, init_repo_at, run_drsync
 from tests.group import wait_for
 from tests.sites import HdfsSite, LocalSite, make_site, same_tree
 
@@ -227,7 +227,7 @@ def _local_snapshot(tmp_path: Path) -> tuple[str, str]:
     """A repository at ``tmp_path/repo`` holding one snapshot of a local tree: (repository, snapshot id)."""
     LocalSite(tmp_path).make_tree("data")
     repo = str(tmp_path / "repo")
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "e", "--release", "1").code == 0
+    init_repo_at(repo, "e", "1")
     return repo, run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()["id"]
 
 
@@ -265,7 +265,7 @@ def test_space_quota_exceeded_mid_write_leaves_nothing_half_written(webhdfs, tmp
     local = LocalSite(tmp_path)
     local.make_tree("data")  # two 3 MiB files among small ones
     repo = str(tmp_path / "repo")
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "e", "--release", "1").code == 0
+    init_repo_at(repo, "e", "1")
     snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()["id"]
     site = HdfsSite(webhdfs, webhdfs.test_dir)
     site.write("standby", "old.txt", b"the last good state")
@@ -277,7 +277,7 @@ def test_space_quota_exceeded_mid_write_leaves_nothing_half_written(webhdfs, tmp
     assert _hadoop(webhdfs, site.path("standby")) == before  # nothing half written, not even the staging area
     # The same through the repository: a pack that does not fit is never published.
     hrepo = site.url("repo")
-    assert run_drsync("init", "--repo", hrepo, "--cluster-id", "e", "--release", "1").code == 0
+    init_repo_at(hrepo, "e", "1")
     webhdfs.set_quota(site.path("repo"), 1 * MiB)
     r = run_drsync("snapshot", "create", "--repo", hrepo, "--source", tmp_path / "data")
     assert r.code == 1 and "HDFS quota exceeded" in r.err
@@ -297,7 +297,7 @@ def test_name_quota_exceeded_is_reported_and_changes_nothing(webhdfs, tmp_path: 
     for i in range(12):
         local.write("data", f"d/f{i:02}", b"x" * i)
     repo = str(tmp_path / "repo")
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "e", "--release", "1").code == 0
+    init_repo_at(repo, "e", "1")
     snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json").json()["id"]
     site = HdfsSite(webhdfs, webhdfs.test_dir)
     site.write("standby", "old.txt", b"the last good state")
@@ -930,7 +930,7 @@ def test_agent_status_json_on_hdfs(webhdfs, tmp_path: Path) -> None:  # type: ig
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[cluster]\nid = "e"\nrelease = "1"\ndata = "{site.url("data")}"\n'
                    f'repository = "{site.url("repo")}"\n[agent]\nrole = "primary"\n')
-    assert run_drsync("init", "--config", cfg).code == 0
+    init_repo(cfg)
     r = run_drsync("agent", "--config", cfg, "--once")
     assert r.code == 2 and "set agent.state_dir to a local directory" in r.err
     check = run_drsync("config", "check", "--config", cfg, "--json")
@@ -991,7 +991,7 @@ def test_a_small_change_applied_onto_hdfs_touches_only_its_directory(webhdfs, tm
         local.write("data", f"d{d:02}/f", b"x" * d)
     local.age("data")
     repo = str(tmp_path / "repo")
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "e", "--release", "1").code == 0
+    init_repo_at(repo, "e", "1")
     site = HdfsSite(webhdfs, webhdfs.test_dir)
 
     def restore_counting() -> list[tuple[str, str]]:

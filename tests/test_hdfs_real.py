@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from tests.conftest import make_tree, run_drsync, tree_state
+from tests.conftest import init_repo_at, make_tree, run_drsync, tree_state
 from tests.sites import HdfsSite
 
 
@@ -29,7 +29,7 @@ def test_a_restore_onto_hdfs_is_what_hadoop_reads(webhdfs, tmp_path: Path) -> No
         (data / rel).chmod(mode)
     os.utime(data / "open", ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
     repo = str(tmp_path / "repo")
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "e", "--release", "1").code == 0
+    init_repo_at(repo, "e", "1")
     snap = run_drsync("snapshot", "create", "--repo", repo, "--source", data, "--json").json()["id"]
     site = HdfsSite(webhdfs, webhdfs.test_dir)
     r = run_drsync("snapshot", "restore", snap, "--repo", repo, "--target", site.url("restored"))

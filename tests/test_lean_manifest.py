@@ -27,7 +27,7 @@ from drsync.errors import IntegrityError
 from drsync.repository.manifest import LEAN_LEFT_OUT, Manifest, ManifestFile, column_groups
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
-from tests.conftest import run_drsync
+from tests.conftest import init_repo_at, run_drsync
 from tests.test_capture_any_tree import exact_state, odd_tree
 
 
@@ -131,7 +131,7 @@ def test_an_apply_from_a_lean_manifest_leaves_the_same_tree(tmp_path: Path) -> N
         (src / "many").mkdir(exist_ok=True)
         (src / "many" / f"f{i:02}").write_bytes(bytes([i]) * (i * 997))
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     rp, whole, lean = _snapshot(repo, src)
     assert lean.source is not None
     want = exact_state(src)
@@ -169,7 +169,7 @@ def test_a_restore_of_a_missing_chunk_names_its_file_from_a_lean_manifest(tmp_pa
     for i in range(30):
         (src / f"f{i:02}").write_bytes(bytes([i]) * 5000)
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     rp, _, lean = _snapshot(repo, src)
     for pack in (repo / "packs").rglob("*"):
         if pack.is_file():

@@ -16,7 +16,7 @@ from drsync.repository import format as fmt
 from drsync.repository.lock import STALE_AFTER, RepositoryLock, read_locks, remove_locks
 from drsync.storage.local import LocalStorage
 from drsync.storage.memory import MemoryStorage
-from tests.conftest import make_tree, run_drsync
+from tests.conftest import init_repo_at, make_tree, run_drsync
 from tests.group import wait_for
 
 
@@ -103,7 +103,7 @@ def test_concurrent_cli_writers_are_serialised(tmp_path: Path) -> None:
     data = tmp_path / "data"
     make_tree(data, files=3, big=1)
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     assert run_drsync("snapshot", "create", "--repo", repo, "--source", data).code == 0
     storage = LocalStorage(repo)
     # A foreign host's fresh exclusive lock: drsync must not wait forever nor break it.
@@ -213,7 +213,7 @@ def test_a_holder_whose_lock_was_removed_does_not_commit_over_a_gc(tmp_path: Pat
     src, repo, gates = tmp_path / "src", tmp_path / "repo", tmp_path / "gates"
     make_tree(src)
     gates.mkdir()
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     (gates / "snapshot-commit").write_text("")
     env = {**__import__("os").environ, "DRSYNC_FAULT_PAUSE": str(gates)}
     paused = subprocess.Popen([sys.executable, "-m", "drsync", "snapshot", "create", "--repo", str(repo),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SLOW, make_tree, run_drsync, tree_state
+from tests.conftest import SLOW, init_repo, make_tree, run_drsync, tree_state
 from tests.group import Group, PrimaryWatcher, wait_for
 from tests.zk import free_port
 
@@ -48,7 +48,7 @@ def copy_config(g: Group, name: str, tmp: Path, *, keep: tuple[str, ...] = ()) -
     p = tmp / "copy.toml"
     p.write_text(text)
     if "repository" not in keep and not (tmp / "copy-repo").exists():
-        assert run_drsync("init", "--config", p).code == 0
+        init_repo(p)
     return p
 
 
@@ -345,7 +345,7 @@ def test_a_standby_of_another_release_refuses_at_hello_says_so_and_stores_nothin
         import shutil
 
         shutil.rmtree(tmp_path / "west-repo")
-        assert run_drsync("init", "--config", west_cfg).code == 0
+        init_repo(west_cfg)
         g.start("east")
         g.start("west")
         assert g.promote("east").code == 0

@@ -43,7 +43,7 @@ from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.storage.local import LocalStorage
 from drsync.transport import Caller, ReceivedChunk
-from tests.conftest import make_tree, run_drsync, tree_state
+from tests.conftest import init_repo, init_repo_at, make_tree, run_drsync, tree_state
 from tests.group import Group, scrape, wait_for
 from tests.zk import free_port
 
@@ -68,7 +68,7 @@ def write_config(tmp: Path, *, protect: str = "1h", keep: str = "{ last = 1 }", 
                  f'[agent]\nstate_dir = "{tmp / "state"}"\n{extra}'
                  f'[snapshots]\nkeep = {keep}\nprotect = "{protect}"\n')
     if not (repo / "config.json").exists():
-        assert run_drsync("init", "--config", p).code == 0
+        init_repo(p)
     return p
 
 
@@ -368,11 +368,22 @@ def test_init_records_a_window_given_on_the_command_line(tmp_path: Path) -> None
                           "1").code and not (tmp_path / "plain" / REPO_DOC).exists()
 
 
+def test_init_with_a_config_records_its_protect_window(tmp_path: Path) -> None:
+    """``drsync init --config`` as an operator runs it (write_config's helper does the same in-process)."""
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path / "data"}"\n'
+                   f'repository = "{tmp_path / "repo"}"\n[agent]\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'[snapshots]\nprotect = "3h"\n')
+    r = run_drsync("init", "--config", cfg, "--json")
+    assert r.code == 0 and r.json()["protect_s"] == 3 * HOUR, r.err
+    assert json.loads((tmp_path / "repo" / REPO_DOC).read_text())["window_s"] == 3 * HOUR
+
+
 def test_the_agent_records_its_window_in_the_repository_at_start(tmp_path: Path) -> None:
     """A repository created without a window (``init --repo``) kept by an agent whose config says protect =
     2h: at its start the agent records the window, and ``--repo`` commands keep it from then on."""
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     (tmp_path / "data").mkdir()
     s = cycle_snapshot(tmp_path, "a")
     assert run_drsync("snapshot", "delete", s.id, "--repo", repo).code == 0  # nothing protects it yet

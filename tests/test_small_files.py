@@ -30,7 +30,7 @@ from drsync.repository import format as fmt
 from drsync.repository import repo as repo_mod
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalBlobWriter, LocalStorage
-from tests.conftest import run_drsync
+from tests.conftest import init_repo_at, run_drsync
 from tests.fsmake import open_deep
 from tests.test_capture_any_tree import exact_state, odd_tree
 from tests.test_lean_manifest import _snapshot
@@ -61,7 +61,7 @@ def _mixed_tree(root: Path, seed: int, small: int = 400) -> None:
 
 def _repo(tmp_path: Path, src: Path) -> tuple[Path, Repository, object]:
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     rp, whole, _ = _snapshot(repo, src)
     return repo, rp, whole
 

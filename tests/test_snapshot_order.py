@@ -35,7 +35,7 @@ from drsync.repository.snapshots import SnapshotInfo
 from drsync.retention import plan_retention
 from drsync.storage.local import LocalStorage
 from drsync.transport import Caller, CommitOutcome, ReceivedChunk, StandbyHello
-from tests.conftest import Result, run_drsync
+from tests.conftest import Result, init_repo_at, run_drsync
 
 DAY = 86400.0
 
@@ -335,7 +335,7 @@ def drsync_with_clock(offset: str, *args: str | os.PathLike[str]) -> Result:
 
 def test_cli_latest_list_and_restore_after_the_clock_stepped_back(tmp_path: Path) -> None:
     repo, data = tmp_path / "repo", tmp_path / "data"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "east", "--release", "6.2.1").code == 0
+    init_repo_at(repo, "east", "6.2.1")
     write_data(data, 1)
     r = drsync_with_clock("+1d", "snapshot", "create", "--repo", repo, "--source", data, "--json")
     assert r.code == 0, r.err

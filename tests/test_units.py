@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from drsync.units import human_size, with_iso_times
-from tests.conftest import make_tree, run_drsync
+from tests.conftest import init_repo, init_repo_at, make_tree, run_drsync
 
 
 def test_unix_times_become_iso_with_zone_and_keep_a_unix_twin() -> None:
@@ -36,7 +36,7 @@ def test_sizes_in_binary_units() -> None:
 def test_backup_list_json_has_iso_times_and_unix_twins(tmp_path: Path) -> None:
     make_tree(tmp_path / "data", files=3, big=0)
     repo = tmp_path / "repo"
-    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    init_repo_at(repo, "c", "1")
     snap = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp_path / "data", "--json")
     assert snap.code == 0, snap.err
     assert run_drsync("backup", "create", "--snapshot", json.loads(snap.out)["id"], "--repo", repo, "--dest",
@@ -56,7 +56,7 @@ def test_the_json_a_failing_command_prints_has_iso_times_too(tmp_path: Path) -> 
     cfg = tmp_path / "standby.toml"
     cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path / "data"}"\n'
                    f'repository = "{tmp_path / "repo"}"\n[agent]\nrole = "standby"\n')
-    assert run_drsync("init", "--config", cfg).code == 0
+    init_repo(cfg)
     r = run_drsync("apply", "--confirm", "nothing-held", "--json", "--wait", "1", "--config", cfg)
     assert r.code == 4 and len(r.err.strip().splitlines()) == 1, (r.code, r.err)
     doc = json.loads(r.out)

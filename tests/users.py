@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import run_drsync
+from tests.conftest import init_repo
 from tests.zk import free_port
 
 NOBODY = 65534
@@ -76,7 +76,7 @@ def pair_configs(base: Path, prod: Path, standby: Path, *, nested: bool = False,
                      f'[agent]\nname = "{name}"\nrole = "{role}"\n{state}'
                      f'listen = "127.0.0.1:{port if role == "standby" else free_port()}"\n'
                      f'metrics = "{metrics or f"127.0.0.1:{free_port()}"}"\n{extra}')
-        assert run_drsync("init", "--config", p).code == 0
+        init_repo(p)
         return p
 
     scfg = config("standby", standby, "standby", "", "")

@@ -37,9 +37,8 @@ def init_cmd(inv: Invocation, cluster_id: str | None, release: str | None, prote
         raise UsageError("init needs --cluster-id and --release (or --config with [cluster] id and release)")
     window = (parse_duration(protect, "--protect") if protect is not None else
               inv.config.snapshots.protect if inv.config else 0.0)
-    repo = engine.init_repository(inv.repo_url(), cluster_id=cluster_id, release=release)
-    if window > 0:
-        engine.record_protection(repo, window, by="drsync init", state_dir=state_dir_for(inv))
+    repo = engine.init_repository(inv.repo_url(), cluster_id=cluster_id, release=release, protect_s=window,
+                                  state_dir=state_dir_for(inv) if window > 0 else "")
     doc = {"repository": repo.storage.url, "id": repo.config.id, "cluster_id": cluster_id, "release": release,
            "protect_s": window}
     emit(inv, doc, lambda: click.echo(f"created repository {repo.storage.url} for cluster {cluster_id} "
