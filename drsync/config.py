@@ -8,6 +8,7 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -25,19 +26,33 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 6048
 
 
 def parse_duration(value: str | int | float, what: str = "duration") -> float:
-    """Seconds from ``"90s"``, ``"5m"``, ``"1.5h"``, ``"7d"`` or a bare number of seconds."""
+    """Seconds from ``"90s"``, ``"5m"``, ``"1.5h"``, ``"7d"`` or a bare number of seconds.
+
+    ConfigError (exit 2) for anything else: negative, not finite (``inf``, ``nan``, a TOML ``1e400``, a
+    string of hundreds of digits) or over :data:`MAX_DURATION_S`, which no schedule, TTL or window needs
+    and which would overflow the clocks and JSON documents it ends up in."""
     if isinstance(value, bool):
         raise ConfigError(f"{what}: expected a duration like '5m', got {value!r}")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ConfigError(f"{what}: a duration cannot be negative ({value})")
-        return float(value)
-    if not isinstance(value, str):
+        seconds = float(value) if not isinstance(value, int) or abs(value) < 1e300 else math.inf
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ConfigError(f"{what}: {value!r} is not a duration; write e.g. '30s', '5m', '1h' or '7d'")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
         raise ConfigError(f"{what}: expected a duration like '5m', got {type(value).__name__}")
-    m = _DURATION_RE.match(value)
-    if not m:
-        raise ConfigError(f"{what}: {value!r} is not a duration; write e.g. '30s', '5m', '1h' or '7d'")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds < 0:
+        raise ConfigError(f"{what}: a duration cannot be negative ({value})")
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_S:
+        shown = value if len(str(value)) <= 40 else f"{str(value)[:20]}... ({len(str(value))} characters)"
+        raise ConfigError(f"{what}: {shown!r} is not a usable duration (at most 1000 years); write e.g. "
+                          f"'30s', '5m', '1h' or '7d'")
+    return seconds
+
+
+# The longest duration drsync takes (1000 years, in seconds).
+MAX_DURATION_S = 1000 * 365.25 * 86400.0
 
 
 # --- field converters: each takes (value, dotted key) and returns the typed value.

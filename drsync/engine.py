@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from drsync import allocators, faults
 from drsync.capture import CHUNKS, HDFS_CHECKSUM, capture
-from drsync.config import Config, KeepPolicy
+from drsync.config import MAX_DURATION_S, Config, KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
 from drsync.dataroot.distcp import DistCpSettings, DistCpStager, content_source, root_url
 from drsync.errors import LockedError, OperationFailed, RefusedError, UsageError
@@ -67,7 +67,10 @@ def init_repository(url: str, *, cluster_id: str, release: str, protect_s: float
                     state_dir: str = "") -> Repository:
     """Create the repository at ``url`` (``drsync init``); with ``protect_s`` > 0 (seconds) record that
     ``[snapshots] protect`` window in it (:func:`record_protection`; ``state_dir``: the keeping agent's).
-    UsageError when a repository is already there; OperationFailed when the storage cannot be written."""
+    UsageError when a repository is already there or the window is not 0 to 1000 years (nothing is created);
+    OperationFailed when the storage cannot be written."""
+    if not 0 <= protect_s <= MAX_DURATION_S:  # also NaN
+        raise UsageError(f"a protect window of {protect_s!r} seconds cannot be recorded: give 0 to 1000 years")
     repo = Repository.init(open_storage(url, create=True), cluster_id=cluster_id, release=release)
     if protect_s > 0:
         record_protection(repo, protect_s, by="drsync init", state_dir=state_dir)
@@ -273,10 +276,12 @@ def record_protection(repo: Repository, window_s: float, *, by: str, state_dir: 
 
 def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True, protect_window_s: float = 0.0,
                      break_glass_dir: str | None = None, lock_wait_s: float | None = None,
-                     clock: Callable[[], float] = time.time) -> tuple[list[SnapshotInfo], GcReport | None]:
+                     clock: Callable[[], float] = time.time) -> DeleteResult:
     """Delete snapshots (briefly under the exclusive lock), then collect garbage (``prune``; see
-    :meth:`Repository.gc`). LockedError when a lock cannot be had within ``lock_wait_s`` (default
-    ``LOCK_WAIT_S``; 0 = give up at once, as the agent's loop thread does: it never waits for a lock).
+    :meth:`Repository.gc`). LockedError when the deletion's lock cannot be had within ``lock_wait_s``
+    (default ``LOCK_WAIT_S``; 0 = give up at once, as the agent's loop thread does: it never waits for a
+    lock), and nothing is deleted; when only the collection's cannot, the snapshots stay deleted and
+    ``gc_postponed`` in the result says why (as :func:`expire_snapshots` does).
 
     A snapshot stored less than ``protect_window_s`` seconds ago is protected (:mod:`drsync.protection`):
     RefusedError naming it, and nothing deleted; unless ``break_glass_dir`` (the agent's state directory)
@@ -294,8 +299,20 @@ def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True, p
             record_break_glass(break_glass_dir, protected, protection, now, "drsync snapshot delete --break-glass")
         for info in infos:
             repo.delete_snapshot(info)
-    report = repo.gc(wait_s=wait_s) if prune else None
-    return infos, report
+    report, postponed = None, ""
+    if prune:
+        try:
+            report = repo.gc(wait_s=wait_s)
+        except LockedError as e:  # the snapshots are gone; their chunks go at the next GC
+            postponed = str(e)
+    return DeleteResult(infos, report, postponed)
+
+
+@dataclass
+class DeleteResult:
+    deleted: list[SnapshotInfo]
+    gc: GcReport | None
+    gc_postponed: str = ""  # as in ExpireResult
 
 
 @dataclass

@@ -39,6 +39,7 @@ from typing import Any
 
 from drsync import fsutil
 from drsync.errors import IntegrityError, RefusedError
+from drsync.repository.format import PROTECT_NAME
 from drsync.repository.snapshots import SnapshotInfo, parse_iso
 from drsync.storage import ObjectMissing, Storage
 from drsync.units import iso_time, with_iso_times
@@ -92,7 +93,7 @@ class Protection:
 
 # --- the window the repository carries (docs/FORMAT.md, "protect.json") -------------------------------------
 
-REPO_DOC = "protect.json"
+REPO_DOC = PROTECT_NAME
 REPO_DOC_KIND = "drsync-protection"
 REPO_DOC_FORMAT = 1
 REPO_DOC_MAX_BYTES = 64 * 1024

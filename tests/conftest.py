@@ -56,13 +56,15 @@ def init_repo(config: str | os.PathLike[str]) -> None:
     The command has tests of its own (test_snapshot_cli, test_protect, ...); a test whose subject is an
     agent pair need not pay for a process per repository (about 0.2 s of CPU, its imports)."""
     from drsync import engine
-    from drsync.agent.state import state_dir_of
+    from drsync.cli.common import Invocation
+    from drsync.cli.guards import state_dir_for
     from drsync.config import load_config
 
     cfg = load_config(str(config))
     window = cfg.snapshots.protect
     engine.init_repository(cfg.cluster.repository, cluster_id=cfg.cluster.id, release=cfg.cluster.release,
-                           protect_s=window, state_dir=state_dir_of(cfg) if window > 0 else "")
+                           protect_s=window,
+                           state_dir=state_dir_for(Invocation(cfg, None, False, False)) if window > 0 else "")
 
 
 def make_tree(root: Path, *, seed: int = 1, files: int = 30, big: int = 2) -> None:

@@ -129,7 +129,8 @@ def test_delete_and_gc_keep_other_snapshots_whole(repo: Repository, storage: Sto
     (data / "catalog" / "new.txt").write_text("new")
     s2 = engine.create_snapshot(repo, engine.SnapshotRequest(str(data)))
     before = sum(o.size for o in storage.list(fmt.PACKS_DIR))
-    deleted, report = engine.delete_snapshots(repo, [s1.id])
+    res = engine.delete_snapshots(repo, [s1.id])
+    deleted, report = res.deleted, res.gc
     assert [d.id for d in deleted] == [s1.id]
     assert report is not None and report.freed_bytes > 0
     after = sum(o.size for o in storage.list(fmt.PACKS_DIR))

@@ -34,7 +34,7 @@ from drsync.agent.state import StateStore
 from drsync.config import Config
 from drsync.coordination import Coordinator
 from drsync.dataroot import open_data_root
-from drsync.errors import DrsyncError
+from drsync.errors import DrsyncError, LockedError
 from drsync.metrics import AgentMetrics
 from drsync.protection import BreakGlassCount, read_break_glass
 from drsync.repository.repo import Repository
@@ -77,6 +77,8 @@ class MaintenanceWorker:
         self._born = time.time()
         self._drills_mtime = -1
         self._locked_out = False  # the last retention found the repository in use
+        self._gc_owed = False  # an expiry's collection was postponed: collect at the next pass even if not due
+        self._retention_error = ""  # the last retention failure logged at WARNING
         self.busy = ""  # what the worker is doing now, for the status page ("" = idle)
         self._init_backup_metric()
         self.refresh_drill_metrics()
@@ -124,6 +126,12 @@ class MaintenanceWorker:
 
     # --- retention and GC ----------------------------------------------------------------
 
+    def _retention_failed(self, e: DrsyncError) -> None:
+        """WARNING the first time (and when the reason changes), DEBUG while the same reason repeats."""
+        level = logging.DEBUG if str(e) == self._retention_error else logging.WARNING
+        self._retention_error = str(e)
+        log.log(level, "agent %s: retention failed (tried again at the next pass): %s", self.name, e)
+
     def retention(self, d: Duties) -> None:
         if d.held:
             log.debug("retention skipped: applies are held")  # the good snapshots stay until it is lifted
@@ -135,24 +143,37 @@ class MaintenanceWorker:
         try:
             res = engine.expire_snapshots(self.repo, self.cfg.snapshots.keep, collect=collect, protect=d.protect,
                                           lock_wait_s=0, protect_window_s=self.cfg.snapshots.protect)
-        except DrsyncError as e:
+        except LockedError as e:  # routine: the agent's own capture or shipment holds the lock; retried soon
             self._locked_out = True
             log.info("agent %s: retention skipped this time: %s", self.name, e)
+            return
+        except DrsyncError as e:  # a refusal (a damaged protect.json, a lost index): the operator must act
+            self._locked_out = False
+            self._retention_failed(e)
             return
         finally:
             self.busy = ""
         collected = res.gc is not None
-        if res.gc_postponed:  # routine: the agent's own capture or shipment holds the lock; retried soon
+        if res.gc_postponed:
+            self._gc_owed = True
             log.info("agent %s: expired %d snapshot(s); garbage collection postponed: %s", self.name,
                      len(res.deleted), res.gc_postponed)
-        if collect and last and not collected and not res.deleted:
+        if collect and (last or self._gc_owed) and not collected and not res.deleted:
             # Due, with nothing expiring now: what passes since the last collection expired (and uploads
-            # never committed) is collected all the same, also when no snapshot expires again (captures stopped).
+            # never committed) is collected all the same, also when no snapshot expires again (captures stopped);
+            # so is what an earlier pass expired when its collection was postponed (_gc_owed), also the first.
             try:
                 engine.gc_repository(self.repo, lock_wait_s=0)
                 collected = True
-            except DrsyncError as e:
+            except LockedError as e:
                 log.info("agent %s: garbage collection postponed: %s", self.name, e)
+            except DrsyncError as e:
+                self._retention_failed(e)
+                self._locked_out = False
+                return
+        self._retention_error = ""
+        if collected:
+            self._gc_owed = False
         self._locked_out = collect and not collected
         if collected:
             self.store.update(last_gc_at=time.time())

@@ -183,8 +183,9 @@ def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
 
 
 @snapshot_grp.command("delete", epilog=exits(
-             "0 deleted",
-             "1 the repository is locked or cannot be written",
+             "0 deleted (a garbage collection the repository's lock postponed is a warning: "
+                 "'drsync repo gc' frees the data later)",
+             "1 the repository is locked (nothing deleted) or cannot be written",
              "2 no such snapshot, or a usage error",
              "3 the repository is damaged",
              "4 refused, nothing deleted: a snapshot is protected, or a standby holds applies back"))
@@ -199,9 +200,12 @@ def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bo
     records, also with --repo) is refused (exit 4, nothing deleted) unless --break-glass is given.
     """
     refuse_while_held(inv, "delete snapshots")
-    infos, report = engine.delete_snapshots(inv.open_repo(), list(snapshot_ids), prune=not no_prune,
-                                            **protection_args(inv, break_glass))
-    doc = {"deleted": [i.id for i in infos], "gc": report.as_dict() if report else None}
+    res = engine.delete_snapshots(inv.open_repo(), list(snapshot_ids), prune=not no_prune,
+                                  **protection_args(inv, break_glass))
+    infos, report = res.deleted, res.gc
+    doc = {"deleted": [i.id for i in infos], "gc": report.as_dict() if report else None,
+           "gc_postponed": res.gc_postponed or None}
+    warn_gc_postponed(res.gc_postponed)
 
     def human() -> None:
         click.echo(f"deleted {', '.join(i.id for i in infos)}")
@@ -210,6 +214,13 @@ def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bo
                        f"{report.repacked_packs} repacked)")
 
     emit(inv, doc, human)
+
+
+def warn_gc_postponed(why: str) -> None:
+    """The deletions stand; their chunks stay until a garbage collection runs (one line on stderr)."""
+    if why:
+        click.echo(f"warning: garbage collection postponed: {why}; the deleted snapshots' data is freed by the "
+                   f"next 'drsync repo gc'", err=True)
 
 
 @snapshot_grp.command("restore", epilog=exits(
@@ -246,8 +257,9 @@ def snapshot_restore(inv: Invocation, snapshot_id: str, target: str | None, chec
 
 
 @snapshot_grp.command("expire", epilog=exits(
-             "0 expired (or, --dry-run, listed)",
-             "1 the repository is locked or cannot be written",
+             "0 expired (or, --dry-run, listed; a garbage collection the repository's lock postponed is a "
+                 "warning: 'drsync repo gc' frees the data later)",
+             "1 the repository is locked (nothing deleted) or cannot be written",
              "2 usage or configuration error (an option, the config, a name that does not exist)",
              "3 the repository is damaged",
              "4 refused: a standby holds applies back"))
@@ -267,9 +279,7 @@ def snapshot_expire(inv: Invocation, dry_run: bool, break_glass: bool) -> None:
     doc = {"deleted": [s.id for s in res.deleted], "kept": [s.id for s in res.kept], "dry_run": dry_run,
            "protected": [s.id for s in res.protected], "break_glass": [s.id for s in res.break_glass],
            "gc": res.gc.as_dict() if res.gc else None, "gc_postponed": res.gc_postponed or None}
-    if res.gc_postponed:  # the snapshots are deleted; their chunks stay until a garbage collection runs
-        click.echo(f"warning: garbage collection postponed: {res.gc_postponed}; the deleted snapshots' data "
-                   f"is freed by the next 'drsync repo gc'", err=True)
+    warn_gc_postponed(res.gc_postponed)
     verb = "would delete" if dry_run else "deleted"
     protected = (f"; {len(res.protected)} of them protected by [snapshots] protect (--break-glass deletes them): "
                  f"{', '.join(s.id for s in res.protected)}" if res.protected else "")

@@ -78,6 +78,7 @@ MANIFESTS_DIR = "manifests/"
 INDEX_DIR = "index/"
 PACKS_DIR = "packs/"
 LOCKS_DIR = "locks/"
+PROTECT_NAME = "protect.json"  # the [snapshots] protect window the repository carries (drsync.protection)
 
 
 def pack_name(pack_id: str) -> str:

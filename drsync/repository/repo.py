@@ -45,7 +45,15 @@ from drsync.repository.packs import (
 )
 from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.repository.spool import Spool
-from drsync.storage import ObjectMissing, RangeReader, ReadOnlyStorage, Storage, StoredObject, read_bounded
+from drsync.storage import (
+    ObjectExists,
+    ObjectMissing,
+    RangeReader,
+    ReadOnlyStorage,
+    Storage,
+    StoredObject,
+    read_bounded,
+)
 
 log = logging.getLogger("drsync.repository")
 
@@ -386,11 +394,23 @@ class Repository:
 
     @classmethod
     def init(cls, storage: Storage, *, cluster_id: str, release: str) -> Repository:
+        """Create a repository on ``storage``: UsageError when one is there, also one that lost its
+        ``config.json`` (its snapshots, index or protect window are still there: a new identity over them
+        would drop its protection), or when another init creates one at the same moment."""
+        already = f"{storage.url} is already a drsync repository"
         if storage.exists(fmt.CONFIG_NAME):
-            raise UsageError(f"{storage.url} is already a drsync repository")
+            raise UsageError(already)
+        left = next((d for d in (fmt.SNAPSHOTS_DIR, fmt.INDEX_DIR, fmt.MANIFESTS_DIR) if storage.list(d)), None)
+        if left is not None or storage.exists(fmt.PROTECT_NAME):
+            raise UsageError(f"{storage.url} holds a drsync repository's data ({left or fmt.PROTECT_NAME}) but no "
+                             f"{fmt.CONFIG_NAME}: it is a damaged repository, not an empty place; restore "
+                             f"{fmt.CONFIG_NAME} from a copy, or create the repository somewhere else")
         config = RepoConfig(id=secrets.token_hex(16), cluster_id=cluster_id, release=release,
                             created_at=time.time())
-        storage.write(fmt.CONFIG_NAME, config.to_bytes(), durable=True, exclusive=True)
+        try:
+            storage.write(fmt.CONFIG_NAME, config.to_bytes(), durable=True, exclusive=True)
+        except ObjectExists:  # another init won the race
+            raise UsageError(already) from None
         return cls(storage, config)
 
     @classmethod
