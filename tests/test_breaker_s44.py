@@ -70,6 +70,23 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def _collect_under_a_held_lock(proc: subprocess.Popen[str], pause: Path, repo: Repository) -> tuple[int, str, str]:
+    """Once ``proc`` waits at ``gc-mark``, take the repository's shared lock (this process: another
+    operation's), let the collection go on to its sweep, and finish ``proc`` (code, stdout, stderr)."""
+    try:
+        _wait_reached(pause, "gc-mark", proc)
+        held = repo.lock(exclusive=False, wait_s=0).acquire()
+        try:
+            (pause / "gc-mark").unlink()
+            return _finish(proc)
+        finally:
+            held.release()
+    finally:
+        (pause / "gc-mark").unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _not_fault_trial(err: str) -> list[str]:
     """stderr without the pause points' own lines (drsync.faults: the trial's, not the command's)."""
     return [ln for ln in err.splitlines() if "fault trial:" not in ln]
@@ -172,18 +189,7 @@ def test_s44_expire_with_repo_postponed_human_output(tmp_path: Path) -> None:
     pause = _gate(tmp_path, "pause", "gc-mark")
     proc = _spawn("snapshot", "expire", "--repo", url, env={"DRSYNC_FAULT_PAUSE": str(pause),
                                                             "DRSYNC_LOCK_WAIT": "0"})
-    try:
-        _wait_reached(pause, "gc-mark", proc)
-        held = repo.lock(exclusive=False, wait_s=0).acquire()
-        try:
-            (pause / "gc-mark").unlink()
-            code, out, err = _finish(proc)
-        finally:
-            held.release()
-    finally:
-        (pause / "gc-mark").unlink(missing_ok=True)
-        if proc.poll() is None:
-            proc.kill()
+    code, out, err = _collect_under_a_held_lock(proc, pause, repo)
     assert code == 0, err
     assert gone.id in out and "deleted 1 snapshot" in out, out
     lines = _not_fault_trial(err)
@@ -198,18 +204,7 @@ def test_s44_expire_with_a_lock_wait_postpones_after_waiting(tmp_path: Path) -> 
     pause = _gate(tmp_path, "pause", "gc-mark")
     proc = _spawn("snapshot", "expire", "--config", cfg, "--json",
                   env={"DRSYNC_FAULT_PAUSE": str(pause), "DRSYNC_LOCK_WAIT": "0.3"})
-    try:
-        _wait_reached(pause, "gc-mark", proc)
-        held = repo.lock(exclusive=False, wait_s=0).acquire()
-        try:
-            (pause / "gc-mark").unlink()
-            code, out, err = _finish(proc)
-        finally:
-            held.release()
-    finally:
-        (pause / "gc-mark").unlink(missing_ok=True)
-        if proc.poll() is None:
-            proc.kill()
+    code, out, err = _collect_under_a_held_lock(proc, pause, repo)
     assert code == 0, err
     doc = _strict_json(out)
     assert isinstance(doc, dict) and doc["gc"] is None and doc["gc_postponed"], doc
@@ -285,18 +280,7 @@ def test_s44_snapshot_delete_whose_collection_is_postponed_reports_as_expire_doe
     pause = _gate(tmp_path, "pause", "gc-mark")
     proc = _spawn("snapshot", "delete", victim, "--repo", repo.storage.url, "--json",
                   env={"DRSYNC_FAULT_PAUSE": str(pause), "DRSYNC_LOCK_WAIT": "0"})
-    try:
-        _wait_reached(pause, "gc-mark", proc)
-        held = repo.lock(exclusive=False, wait_s=0).acquire()
-        try:
-            (pause / "gc-mark").unlink()
-            code, out, err = _finish(proc)
-        finally:
-            held.release()
-    finally:
-        (pause / "gc-mark").unlink(missing_ok=True)
-        if proc.poll() is None:
-            proc.kill()
+    code, out, err = _collect_under_a_held_lock(proc, pause, repo)
     assert victim not in {s.id for s in repo.list_snapshots()}  # deleted, whatever the exit code says
     assert code == 0, (code, out, err)
     assert sum(ln.startswith(PREFIX) for ln in err.splitlines()) == 1, err
@@ -329,18 +313,7 @@ def test_s44_agent_process_logs_its_postponed_collection_at_info(tmp_path: Path)
     cfg, repo = _cluster(tmp_path, role='role = "primary"\n')
     pause = _gate(tmp_path, "pause", "gc-mark")
     proc = _agent_once(cfg, pause)
-    try:
-        _wait_reached(pause, "gc-mark", proc)
-        held = repo.lock(exclusive=False, wait_s=0).acquire()
-        try:
-            (pause / "gc-mark").unlink()
-            code, _out, err = _finish(proc)
-        finally:
-            held.release()
-    finally:
-        (pause / "gc-mark").unlink(missing_ok=True)
-        if proc.poll() is None:
-            proc.kill()
+    code, _out, err = _collect_under_a_held_lock(proc, pause, repo)
     assert code == 0, err
     recs = _json_records(err)
     postponed = [r for r in recs if "postponed" in r.get("message", "")]
