@@ -90,8 +90,9 @@ def repo_verify(inv: Invocation) -> None:
 def repo_gc(inv: Invocation, dry_run: bool) -> None:
     """Delete chunks that no snapshot references.
 
-    Takes the repository's exclusive lock, so no snapshot, upload or commit writes meanwhile; refused
-    while a standby of this repository holds applies back (its older snapshots may be the good copy)."""
+    Marks what is live under the repository's shared lock (snapshots and uploads go on meanwhile), then
+    sweeps under its exclusive lock (briefly: nothing writes then); refused while a standby of this
+    repository holds applies back (its older snapshots may be the good copy)."""
     if not dry_run:
         refuse_while_held(inv, "collect garbage")
     report = engine.gc_repository(inv.open_repo(), dry_run=dry_run)
