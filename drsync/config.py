@@ -25,6 +25,10 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
 
 
+# The longest duration drsync takes (1000 years, in seconds).
+MAX_DURATION_S = 1000 * 365.25 * 86400.0
+
+
 def parse_duration(value: str | int | float, what: str = "duration") -> float:
     """Seconds from ``"90s"``, ``"5m"``, ``"1.5h"``, ``"7d"`` or a bare number of seconds.
 
@@ -34,7 +38,10 @@ def parse_duration(value: str | int | float, what: str = "duration") -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{what}: expected a duration like '5m', got {value!r}")
     if isinstance(value, int | float):
-        seconds = float(value) if not isinstance(value, int) or abs(value) < 1e300 else math.inf
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float (TOML's integers are unbounded here)
+            seconds = math.inf
     elif isinstance(value, str):
         m = _DURATION_RE.match(value)
         if not m:
@@ -49,10 +56,6 @@ def parse_duration(value: str | int | float, what: str = "duration") -> float:
         raise ConfigError(f"{what}: {shown!r} is not a usable duration (at most 1000 years); write e.g. "
                           f"'30s', '5m', '1h' or '7d'")
     return seconds
-
-
-# The longest duration drsync takes (1000 years, in seconds).
-MAX_DURATION_S = 1000 * 365.25 * 86400.0
 
 
 # --- field converters: each takes (value, dotted key) and returns the typed value.

@@ -299,13 +299,17 @@ def delete_snapshots(repo: Repository, refs: list[str], *, prune: bool = True, p
             record_break_glass(break_glass_dir, protected, protection, now, "drsync snapshot delete --break-glass")
         for info in infos:
             repo.delete_snapshot(info)
-    report, postponed = None, ""
-    if prune:
-        try:
-            report = repo.gc(wait_s=wait_s)
-        except LockedError as e:  # the snapshots are gone; their chunks go at the next GC
-            postponed = str(e)
+    report, postponed = _collect_after_deleting(repo, wait_s) if prune else (None, "")
     return DeleteResult(infos, report, postponed)
+
+
+def _collect_after_deleting(repo: Repository, wait_s: float) -> tuple[GcReport | None, str]:
+    """The garbage collection that follows deletions: its report, or (None, why) when its lock could not be
+    had (the snapshots stay deleted; their chunks go at the next collection)."""
+    try:
+        return repo.gc(wait_s=wait_s), ""
+    except LockedError as e:
+        return None, str(e)
 
 
 @dataclass
@@ -377,12 +381,7 @@ def expire_snapshots(repo: Repository, keep: KeepPolicy, *, now: float | None = 
                                "drsync snapshot expire --break-glass")
         for s in doomed:
             repo.delete_snapshot(s)
-    report, postponed = None, ""
-    if doomed and collect:
-        try:
-            report = repo.gc(wait_s=wait_s)
-        except LockedError as e:  # the snapshots are gone; their chunks go at the next GC
-            postponed = str(e)
+    report, postponed = _collect_after_deleting(repo, wait_s) if doomed and collect else (None, "")
     return ExpireResult(doomed, [s for s in snaps if s not in doomed], report, spared, broken, postponed)
 
 

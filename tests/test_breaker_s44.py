@@ -33,58 +33,17 @@ from drsync.storage import open_storage
 from tests.conftest import ROOT, run_drsync
 from tests.group import wait_for
 from tests.test_breaker_s38 import Maint
+from tests.test_gc_postponed import collect_under_a_held_lock as _collect_under_a_held_lock
+from tests.test_gc_postponed import finish as _finish
+from tests.test_gc_postponed import gate as _gate
+from tests.test_gc_postponed import spawn as _spawn
+from tests.test_gc_postponed import wait_reached as _wait_reached
 
 PREFIX = "warning: garbage collection postponed:"
 HOUR = 3600.0
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-
-
-def _spawn(*args: str | os.PathLike[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "drsync", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-
-
-def _gate(tmp: Path, name: str, point: str) -> Path:
-    pause = tmp / name
-    pause.mkdir()
-    (pause / point).touch()
-    return pause
-
-
-def _wait_reached(pause: Path, point: str, proc: subprocess.Popen[str]) -> None:
-    wait_for(lambda: (pause / f"{point}.reached").exists() or proc.poll() is not None, f"pause point {point}", 60)
-    if proc.poll() is not None:
-        out, err = proc.communicate()
-        raise AssertionError(f"exited {proc.returncode} before {point}: {out} {err}")
-
-
-def _finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return proc.returncode, out, err
-
-
-def _collect_under_a_held_lock(proc: subprocess.Popen[str], pause: Path, repo: Repository) -> tuple[int, str, str]:
-    """Once ``proc`` waits at ``gc-mark``, take the repository's shared lock (this process: another
-    operation's), let the collection go on to its sweep, and finish ``proc`` (code, stdout, stderr)."""
-    try:
-        _wait_reached(pause, "gc-mark", proc)
-        held = repo.lock(exclusive=False, wait_s=0).acquire()
-        try:
-            (pause / "gc-mark").unlink()
-            return _finish(proc)
-        finally:
-            held.release()
-    finally:
-        (pause / "gc-mark").unlink(missing_ok=True)
-        if proc.poll() is None:
-            proc.kill()
 
 
 def _not_fault_trial(err: str) -> list[str]:

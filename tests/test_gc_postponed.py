@@ -34,11 +34,50 @@ def _two_snapshots(data: Path, repo: Repository) -> None:
     engine.create_snapshot(repo, engine.SnapshotRequest(str(data), kind="cycle"))
 
 
-def _gate(tmp: Path) -> Path:
-    pause = tmp / "pause"
+def spawn(*args: str | os.PathLike[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "drsync", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def gate(tmp: Path, name: str, point: str) -> Path:
+    pause = tmp / name
     pause.mkdir()
-    (pause / "gc-mark").touch()
+    (pause / point).touch()
     return pause
+
+
+def wait_reached(pause: Path, point: str, proc: subprocess.Popen[str]) -> None:
+    wait_for(lambda: (pause / f"{point}.reached").exists() or proc.poll() is not None, f"pause point {point}", 60)
+    if proc.poll() is not None:
+        out, err = proc.communicate()
+        raise AssertionError(f"exited {proc.returncode} before {point}: {out} {err}")
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
+
+
+def collect_under_a_held_lock(proc: subprocess.Popen[str], pause: Path, repo: Repository) -> tuple[int, str, str]:
+    """Once ``proc`` waits at ``gc-mark``, take the repository's shared lock (this process: another
+    operation's), let the collection go on to its sweep, and finish ``proc`` (code, stdout, stderr)."""
+    try:
+        wait_reached(pause, "gc-mark", proc)
+        held = repo.lock(exclusive=False, wait_s=0).acquire()
+        try:
+            (pause / "gc-mark").unlink()
+            return finish(proc)
+        finally:
+            held.release()
+    finally:
+        (pause / "gc-mark").unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_expire_reports_a_postponed_collection_and_the_command_warns(tmp_path: Path) -> None:
@@ -48,23 +87,11 @@ def test_expire_reports_a_postponed_collection_and_the_command_warns(tmp_path: P
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{data}"\nrepository = "{url}"\n'
                    f'[agent]\nname = "a"\n[snapshots]\nkeep = {{ last = 1 }}\n')
-    pause = _gate(tmp_path)
-    env = {"DRSYNC_FAULT_PAUSE": str(pause), "DRSYNC_LOCK_WAIT": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "drsync", "snapshot", "expire", "--config", str(cfg), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-    try:
-        wait_for(lambda: (pause / "gc-mark.reached").exists() or proc.poll() is not None, "the collection's mark", 60)
-        assert proc.poll() is None, proc.communicate()
-        held = repo.lock(exclusive=False, wait_s=0).acquire()  # another process's capture, say
-        try:
-            (pause / "gc-mark").unlink()
-            out, err = proc.communicate(timeout=120)
-        finally:
-            held.release()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    pause = gate(tmp_path, "pause", "gc-mark")
+    proc = spawn("snapshot", "expire", "--config", cfg, "--json",
+                 env={"DRSYNC_FAULT_PAUSE": str(pause), "DRSYNC_LOCK_WAIT": "0"})
+    code, out, err = collect_under_a_held_lock(proc, pause, repo)  # another process's capture, say
+    assert code == 0, err
     doc = json.loads(out)
     assert len(doc["deleted"]) == 1 and doc["gc"] is None
     assert "is locked" in doc["gc_postponed"]
@@ -77,7 +104,7 @@ def test_the_agent_logs_a_postponed_collection_at_info(tmp_path: Path, monkeypat
     m = Maint(tmp_path)
     m.snap()
     m.snap()
-    monkeypatch.setenv("DRSYNC_FAULT_PAUSE", str(_gate(tmp_path)))
+    monkeypatch.setenv("DRSYNC_FAULT_PAUSE", str(gate(tmp_path, "pause", "gc-mark")))
     worker = m.open()
     caplog.set_level(logging.DEBUG, logger="drsync")
     t = threading.Thread(target=worker.run_pass)

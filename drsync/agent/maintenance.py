@@ -128,6 +128,7 @@ class MaintenanceWorker:
 
     def _retention_failed(self, e: DrsyncError) -> None:
         """WARNING the first time (and when the reason changes), DEBUG while the same reason repeats."""
+        self._locked_out = False  # not a lock: the normal pace, not the lock retry's
         level = logging.DEBUG if str(e) == self._retention_error else logging.WARNING
         self._retention_error = str(e)
         log.log(level, "agent %s: retention failed (tried again at the next pass): %s", self.name, e)
@@ -148,7 +149,6 @@ class MaintenanceWorker:
             log.info("agent %s: retention skipped this time: %s", self.name, e)
             return
         except DrsyncError as e:  # a refusal (a damaged protect.json, a lost index): the operator must act
-            self._locked_out = False
             self._retention_failed(e)
             return
         finally:
@@ -169,13 +169,11 @@ class MaintenanceWorker:
                 log.info("agent %s: garbage collection postponed: %s", self.name, e)
             except DrsyncError as e:
                 self._retention_failed(e)
-                self._locked_out = False
                 return
         self._retention_error = ""
-        if collected:
-            self._gc_owed = False
         self._locked_out = collect and not collected
         if collected:
+            self._gc_owed = False
             self.store.update(last_gc_at=time.time())
         if res.deleted:
             # Replication cycles' own snapshots expiring is routine (every cycle, in continuous mode): DEBUG.
