@@ -52,10 +52,10 @@ from drsync.repository.manifest import (
     column_groups,
     decode_name,
     external_mask,
-    printable,
 )
 from drsync.repository.manifest_check import validate
 from drsync.repository.manifest_diff import content_changed
+from drsync.text import printable
 from drsync.tree import LocalEntry
 from drsync.unchanged import Residual, WriteList, split_unchanged
 

@@ -26,7 +26,8 @@ from drsync import allocators
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, id_list
-from drsync.repository.manifest import Entry, Manifest, column_groups, printable
+from drsync.repository.manifest import Entry, Manifest, column_groups
+from drsync.text import printable
 from drsync.unchanged import WriteList
 
 if TYPE_CHECKING:

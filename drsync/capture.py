@@ -43,13 +43,13 @@ from drsync.repository.manifest import (
     ManifestWriter,
     content_digest,
     hdfs_checksum_digest,
-    printable,
     sort_by_path,
 )
 from drsync.repository.manifest_check import escaping_links, validate
 from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
 from drsync.repository.spool import Spool
+from drsync.text import printable
 
 # Reading tasks are batched so that tiny files do not pay one executor round trip each.
 _BATCH_FILES = 256

@@ -16,6 +16,8 @@ from datetime import datetime
 
 from pythonjsonlogger.json import JsonFormatter
 
+from drsync.text import OneLineFormatter
+
 FORMATS = ("text", "json")
 
 
@@ -23,7 +25,7 @@ def _iso(record: logging.LogRecord) -> str:
     return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
 
 
-class _Text(logging.Formatter):
+class _Text(OneLineFormatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return _iso(record)
 

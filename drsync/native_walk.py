@@ -31,9 +31,10 @@ import numpy as np
 import pyarrow as pa
 
 from drsync import fsutil
-from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64, printable
+from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64
 from drsync.repository.manifest_check import RESERVED_NAME, symlink_stays_inside
 from drsync.repository.snapshots import WarningLog
+from drsync.text import printable
 
 if TYPE_CHECKING:
     from drsync.tree import EntryColumns, TreeScan

@@ -23,9 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync import fsutil, native_walk
-from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64, encode_xattrs, printable, split_ns
+from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64, encode_xattrs, split_ns
 from drsync.repository.manifest_check import RESERVED_NAME, escaping_links, symlink_stays_inside
 from drsync.repository.snapshots import WarningLog
+from drsync.text import printable
 
 # Names that belong to drsync itself (the staging area of an apply), at any depth.
 RESERVED_NAMES = frozenset({RESERVED_NAME})

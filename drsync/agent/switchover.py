@@ -15,7 +15,7 @@ from drsync.agent.shipper import CycleDecision, Replication
 from drsync.agent.supervisor import RoleSupervisor
 from drsync.coordination import EpochConflict, GroupView
 from drsync.errors import DrsyncError, OperationFailed
-from drsync.repository.manifest import printable
+from drsync.text import printable
 
 log = logging.getLogger("drsync.agent")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from drsync.cli.common import STATE, Exit, Invocation, config_only, echo_json, emit, exits, need_config, table
+from drsync.cli.common import STATE, Exit, Invocation, config_only, echo_json, emit, exits, need_config, say, table
 from drsync.config import Config
 from drsync.errors import EXIT_FAILED, EXIT_USAGE, DrsyncError, UsageError
 from drsync.logsetup import FORMATS
@@ -71,7 +71,7 @@ def agent_cmd(inv: Invocation, once: bool, log_format: str, log_level: str) -> N
         emit(inv, {"ok": decision.ok, "snapshot": decision.snapshot, "shipped": decision.shipped,
                    "paused": decision.paused,
                    "results": decision.results, "duration_s": decision.duration_s},
-             lambda: click.echo(str(decision)))
+             lambda: say(str(decision)))
         if not decision.ok:
             raise Exit(EXIT_FAILED, "the replication cycle did not reach every standby; see above")
         return
@@ -128,7 +128,7 @@ def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wa
             if inv.json:
                 echo_json(doc)
             raise Exit(reply.exit_code, reply.message)
-        emit(inv, doc, lambda: click.echo(reply.message))
+        emit(inv, doc, lambda: say(reply.message))
         return
     state_dir = state_dir_of(cfg)
     h = HoldFile(state_dir).load()
@@ -136,17 +136,17 @@ def apply_cmd(inv: Invocation, confirm: str | None, hold: bool, resume: bool, wa
     doc = {"agent": cfg.agent.name, "applied_snapshot": applied or None, **h.as_dict()}
 
     def human() -> None:
-        click.echo(f"standby {cfg.agent.name}: applied snapshot {applied or '(none)'}")
+        say(f"standby {cfg.agent.name}: applied snapshot {applied or '(none)'}")
         if h.operator_since:
-            click.echo(f"applies held since {iso(h.operator_since)} (drsync apply --hold); "
+            say(f"applies held since {iso(h.operator_since)} (drsync apply --hold); "
                        f"'drsync apply --resume' lifts it")
         if h.snapshot:
-            click.echo(f"held by the {'mass-change' if h.changed and not h.removed else 'deletion'} guard since "
+            say(f"held by the {'mass-change' if h.changed and not h.removed else 'deletion'} guard since "
                        f"{iso(h.held_at)}: {h.message}")
         if h.flagged:
-            click.echo(f"MASS CHANGE (applied, not acknowledged): {h.flagged_message}")
+            say(f"MASS CHANGE (applied, not acknowledged): {h.flagged_message}")
         if h.active and h.latest:
-            click.echo(f"{h.refused} shipment(s) stored and refused while held; newest {h.latest}")
+            say(f"{h.refused} shipment(s) stored and refused while held; newest {h.latest}")
         if not h.active:
             click.echo("nothing is held: shipments are applied as they arrive")
 
@@ -198,12 +198,12 @@ def drill_run(inv: Invocation, full: bool, point: str | None, before: str | None
     doc = report.as_dict()
 
     def human() -> None:
-        click.echo(f"drill {report.number} on {'the earlier ' if report.point_in_time else ''}snapshot "
+        say(f"drill {report.number} on {'the earlier ' if report.point_in_time else ''}snapshot "
                    f"{report.snapshot or '-'}: "
                    f"{'passed' if report.passed else 'FAILED'}")
         for s in report.steps:
-            click.echo(f"  {'ok  ' if s.passed else 'FAIL'} {s.name:10} {s.duration_s:8.2f}s  {s.detail}")
-        click.echo(f"  RPO {report.rpo_s if report.rpo_s is not None else '-'} s, "
+            say(f"  {'ok  ' if s.passed else 'FAIL'} {s.name:10} {s.duration_s:8.2f}s  {s.detail}")
+        say(f"  RPO {report.rpo_s if report.rpo_s is not None else '-'} s, "
                    f"RTO {report.rto_s if report.rto_s is not None else '-'} s ({report.rto_basis or 'not estimated'})")
 
     emit(inv, doc, human)

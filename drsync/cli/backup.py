@@ -16,6 +16,7 @@ from drsync.cli.common import (
     progress,
     repo_or_config,
     report_damage,
+    say,
     table,
 )
 from drsync.cli.guards import own_paths
@@ -62,7 +63,7 @@ def backup_create(inv: Invocation, snapshot_id: str, dest: str | None, mode: str
         info = backup.create_backup(inv.open_repo(), snapshot_id, _backup_dest(inv, dest), mode=mode,
                                     light_exclude=cfg.light_exclude if cfg else (), progress=advance,
                                     on_total=total)
-    emit(inv, info.to_json(), lambda: click.echo(
+    emit(inv, info.to_json(), lambda: say(
         f"backup {info.path} created ({info.mode}): {count(info.files, 'file')}, {human_size(info.bytes)}, "
         f"{human_size(info.stored_bytes)} stored"))
 
@@ -114,7 +115,7 @@ def backup_verify(inv: Invocation, backup_dir: str) -> None:
         return
     if report.ok:
         r = report.repository
-        click.echo(f"backup {backup_dir} is intact ({count(r.chunks if r else 0, 'chunk')} verified)")
+        say(f"backup {backup_dir} is intact ({count(r.chunks if r else 0, 'chunk')} verified)")
         return
     repo_report = report.repository
     problems = list(repo_report.problems) if repo_report else []
@@ -142,7 +143,7 @@ def backup_list(inv: Invocation, dest: str | None) -> None:
                [[b.id, b.snapshot.get("id", "?"), b.mode, iso(b.created_at) or "", str(b.files), human_size(b.bytes),
                  human_size(b.stored_bytes)] for b in backups])
         if leftovers:
-            click.echo(f"{len(leftovers)} incomplete leftover(s), removed by 'drsync backup prune': "
+            say(f"{len(leftovers)} incomplete leftover(s), removed by 'drsync backup prune': "
                        f"{', '.join(leftovers)}")
 
     emit(inv, doc, human)
@@ -176,8 +177,8 @@ def backup_prune(inv: Invocation, dest: str | None, keep_last: int, keep_hourly:
 
     def human() -> None:
         for d in decisions:
-            click.echo(f"{'keep  ' if d.keep else 'remove'} {d.id} {' '.join(d.reasons)}")
+            say(f"{'keep  ' if d.keep else 'remove'} {d.id} {' '.join(d.reasons)}")
         n = sum(1 for d in decisions if not d.keep)
-        click.echo(f"{'would remove' if dry_run else 'removed'} {n} backup(s), kept {len(decisions) - n}")
+        say(f"{'would remove' if dry_run else 'removed'} {n} backup(s), kept {len(decisions) - n}")
 
     emit(inv, doc, human)

@@ -18,7 +18,7 @@ import click
 from drsync import engine
 from drsync.config import Config, SnapshotsConfig, load_config
 from drsync.errors import EXIT_INTEGRITY, UsageError
-from drsync.repository.manifest import printable
+from drsync.text import one_line, printable
 from drsync.units import with_iso_times
 
 
@@ -100,6 +100,12 @@ def echo_json(doc: Any) -> None:
     click.echo(json.dumps(with_iso_times(doc), indent=2, sort_keys=True, default=str))
 
 
+def say(text: str, *, err: bool = False) -> None:
+    """One line of a command's human output (stdout, or stderr with ``err``): a path, an error's text or
+    a command line inside it can neither split the line nor forge another (:func:`one_line`)."""
+    click.echo(one_line(text), err=err)
+
+
 def table(headers: list[str], rows: list[list[str]]) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -109,7 +115,8 @@ def table(headers: list[str], rows: list[list[str]]) -> None:
     for h in headers:
         t.add_column(h, overflow="fold")
     for r in rows:
-        t.add_row(*(escape(c) for c in r))  # cells are data, never rich markup ("[cluster]" must show)
+        # cells are data: never rich markup ("[cluster]" must show), never more than one line
+        t.add_row(*(escape(one_line(c)) for c in r))
     console = Console(width=200 if not sys.stdout.isatty() else None, highlight=False)
     with console.capture() as captured:
         console.print(t)
@@ -146,10 +153,10 @@ def need_config(inv: Invocation, what: str) -> Config:
 
 def report_damage(problems: list[str], damaged_files: list[dict[str, str]], what: str) -> None:
     for p in problems:
-        click.echo(f"  {p}", err=True)
+        say(f"  {p}", err=True)
     for d in damaged_files:
         where = f"snapshot {d['snapshot']}: " if "snapshot" in d else ""
-        click.echo(f"  {where}{printable(d.get('path') or d.get('file') or '')}: {d['reason']}", err=True)
+        say(f"  {where}{printable(d.get('path') or d.get('file') or '')}: {d['reason']}", err=True)
     raise Exit(EXIT_INTEGRITY, f"{what}: {len(damaged_files) + len(problems)} problem(s) found; see above")
 
 

@@ -16,7 +16,7 @@ import click
 from drsync.cli.common import STATE, Exit
 from drsync.errors import EXIT_FAILED, EXIT_USAGE, DrsyncError, UsageError
 from drsync.repository.lock import environment_problem
-from drsync.repository.manifest import one_line
+from drsync.text import OneLineFormatter, one_line
 
 
 def _printable_errors(err: UnicodeError) -> tuple[str, int]:
@@ -34,7 +34,9 @@ codecs.register_error("drsync-printable", _printable_errors)
 
 def _error(message: str, prefix: str = "error") -> None:
     """The one line that ends a failed command: on stderr, or (agent --log-format json) as a JSON log
-    record, so that a log shipper's stream stays JSON lines."""
+    record, so that a log shipper's stream stays JSON lines. Whatever the message holds (a path, a
+    command, an exception's text), it stays one line (:func:`one_line`)."""
+    message = one_line(message)
     if STATE.get("json_log"):
         logging.getLogger("drsync").error("%s", message)
     else:
@@ -47,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="drsync-printable")
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.ERROR, handlers=[handler])
     # A lock that cannot be refreshed may be removed as stale before a long command ends: said on stderr.
     logging.getLogger("drsync.repository.lock").setLevel(logging.WARNING)
     STATE.clear()
@@ -62,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exit as e:
         if str(e):  # "" when the error was already logged (agent --log-format json)
-            _error(one_line(str(e)))
+            _error(str(e))
         return e.code
     except DrsyncError as e:
         if debug:
             traceback.print_exc()
-        _error(one_line(str(e)))
+        _error(str(e))
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("drsync: interrupted", err=True)
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         from drsync.fsutil import describe_os_error
 
-        _error(one_line(str(describe_os_error(e, "the operation"))))
+        _error(str(describe_os_error(e, "the operation")))
         return EXIT_FAILED
     except Exception as e:  # a bug: say so plainly, and how to get the details
         if debug:

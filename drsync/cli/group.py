@@ -9,7 +9,7 @@ import time
 
 import click
 
-from drsync.cli.common import Invocation, config_only, emit, exits, need_config, table
+from drsync.cli.common import Invocation, config_only, emit, exits, need_config, say, table
 from drsync.errors import DrsyncError, UsageError
 from drsync.repository.snapshots import iso
 from drsync.units import human_size
@@ -34,7 +34,7 @@ def status_cmd(inv: Invocation, points: bool) -> None:
         raise UsageError("drsync status needs --config FILE (the agent's configuration)")
     if points:
         pts = local_points(inv.config)
-        emit(inv, pts, lambda: (click.echo(pts["summary"]), table(
+        emit(inv, pts, lambda: (say(pts["summary"]), table(
             ["SNAPSHOT", "CAPTURED", "STORED", "KIND", "STATE", "FILES", "SIZE"],
             [[p["id"], iso(p["captured_at"]), iso(p["stored_at"]) if p.get("stored_at") else "-", p["kind"],
               p["state"], str(p["files"]), human_size(p["bytes"])]
@@ -51,41 +51,41 @@ def status_cmd(inv: Invocation, points: bool) -> None:
         doc["recovery_points"] = None  # this host has no readable repository of the agent
 
     def human() -> None:
-        click.echo(headline(doc))
+        say(headline(doc))
         table(["AGENT", "STATE", "ROLE", "ADDRESS", "LAST SEEN", "LAG", "APPLIED SNAPSHOT"], agent_rows(doc))
         for a in doc["agents"]:
             if a.get("state") == "down":
-                click.echo(f"agent {a['name'] or a['address']} is down: {a.get('down_reason')}")
+                say(f"agent {a['name'] or a['address']} is down: {a.get('down_reason')}")
         for line in refusal_lines(doc):
-            click.echo(line)
+            say(line)
         m = doc.get("maintenance")
         if m:
-            click.echo(f"MAINTENANCE: agent {m['agent']} (primary of epoch {m.get('epoch')}) stopped on purpose "
+            say(f"MAINTENANCE: agent {m['agent']} (primary of epoch {m.get('epoch')}) stopped on purpose "
                        f"since {m['since']} ({m.get('reason')}): no automatic promotion until it is back")
         waiting = [a for a in doc["agents"] if a.get("role") == "ex-primary"]
         for a in waiting:
-            click.echo(f"agent {a['name']} is an ex-primary waiting to rejoin: demote_command has not succeeded; "
+            say(f"agent {a['name']} is an ex-primary waiting to rejoin: demote_command has not succeeded; "
                        f"once its production writers are stopped, run drsync rejoin with its config")
         for a in doc["agents"]:
             h = a.get("apply_hold")
             if h and h.get("held"):
                 why = [x for x in (h.get("message"), "applies held by an operator: drsync apply --resume"
                                    if h.get("operator_hold") else None) if x]
-                click.echo(f"APPLY HELD on {a['name']}: {'; '.join(why) or 'applies are held'}")
+                say(f"APPLY HELD on {a['name']}: {'; '.join(why) or 'applies are held'}")
             if h and h.get("flagged"):
-                click.echo(f"MASS CHANGE on {a['name']}: {h.get('flagged_message')}")
+                say(f"MASS CHANGE on {a['name']}: {h.get('flagged_message')}")
         if doc.get("switchover"):
             sw = doc["switchover"]
-            click.echo(f"switchover to {sw.get('to')}: {sw.get('status')}")
+            say(f"switchover to {sw.get('to')}: {sw.get('status')}")
         if doc.get("replication"):
-            click.echo(f"replication mode (this config): {doc['replication']['summary']}")
+            say(f"replication mode (this config): {doc['replication']['summary']}")
         last = doc["last_snapshot"]
-        click.echo(f"last snapshot here: {last['id']} at {last['captured_at']}" if last else "no snapshot here yet")
+        say(f"last snapshot here: {last['id']} at {last['captured_at']}" if last else "no snapshot here yet")
         if doc.get("recovery_points"):
-            click.echo(doc["recovery_points"]["summary"] + " (drsync status --points lists them)")
+            say(doc["recovery_points"]["summary"] + " (drsync status --points lists them)")
         d = doc.get("last_drill")
         if d:
-            click.echo(f"last drill: #{d.get('number')} by {d.get('agent')} at {iso(d.get('started_at') or 0)}: "
+            say(f"last drill: #{d.get('number')} by {d.get('agent')} at {iso(d.get('started_at') or 0)}: "
                        f"{'passed' if d.get('passed') else 'FAILED'}, RPO {d.get('rpo_s')} s, RTO {d.get('rto_s')} s")
         else:
             click.echo("no drill yet (drsync drill run on a standby)")
@@ -158,9 +158,9 @@ def promote_cmd(inv: Invocation, force: bool, accept_data_loss: bool, no_fence: 
                   no_fence=no_fence, promote_empty_root=promote_empty_root, dry_run=dry_run, point=point)
 
     def human() -> None:
-        click.echo(doc["message"])
+        say(doc["message"])
         for c in doc.get("checks", []):
-            click.echo(f"  {'ok  ' if c['ok'] else 'FAIL'}  {c['name']:<12} {c['detail']}")
+            say(f"  {'ok  ' if c['ok'] else 'FAIL'}  {c['name']:<12} {c['detail']}")
 
     emit(inv, doc, human)
     if dry_run and doc.get("exit_code"):
@@ -191,7 +191,7 @@ def switchover_cmd(inv: Invocation, to: str | None, timeout_s: float | None, can
         emit(inv, doc, lambda: click.echo("switchover request withdrawn" if doc["cancelled"] else
                                           "no switchover was pending"))
         return
-    emit(inv, doc, lambda: click.echo(f"switched over from {doc['from']} to {doc['to']} at epoch {doc['epoch']} "
+    emit(inv, doc, lambda: say(f"switched over from {doc['from']} to {doc['to']} at epoch {doc['epoch']} "
                                       f"(final snapshot {doc['final_snapshot']}, {doc['took_s']:.1f}s)"))
 
 
@@ -211,7 +211,7 @@ def rejoin_cmd(inv: Invocation, wait_s: float) -> None:
     from drsync.agent.control import rejoin
 
     doc = rejoin(need_config(inv, "rejoin"), wait_s=wait_s)
-    emit(inv, doc, lambda: click.echo(doc["message"]))
+    emit(inv, doc, lambda: say(doc["message"]))
 
 
 @click.command("replace-identity", epilog=exits(
@@ -234,4 +234,4 @@ def replace_identity_cmd(inv: Invocation) -> None:
 
     logging.getLogger("drsync.identity").setLevel(logging.WARNING)  # on stderr, with who and what
     doc = replace_identity(need_config(inv, "replace-identity"))
-    emit(inv, doc, lambda: click.echo(doc["message"]))
+    emit(inv, doc, lambda: say(doc["message"]))

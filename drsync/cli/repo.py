@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from drsync import engine
-from drsync.cli.common import Exit, Invocation, echo_json, emit, exits, progress, repo_or_config, report_damage
+from drsync.cli.common import Exit, Invocation, echo_json, emit, exits, progress, repo_or_config, report_damage, say
 from drsync.cli.guards import refuse_while_held, state_dir_for
 from drsync.config import parse_duration
 from drsync.errors import EXIT_INTEGRITY, UsageError
@@ -41,7 +41,7 @@ def init_cmd(inv: Invocation, cluster_id: str | None, release: str | None, prote
                                   state_dir=state_dir_for(inv) if window > 0 else "")
     doc = {"repository": repo.storage.url, "id": repo.config.id, "cluster_id": cluster_id, "release": release,
            "protect_s": window}
-    emit(inv, doc, lambda: click.echo(f"created repository {repo.storage.url} for cluster {cluster_id} "
+    emit(inv, doc, lambda: say(f"created repository {repo.storage.url} for cluster {cluster_id} "
                                       f"(release {release})" + (f"; snapshots are protected for "
                                                                  f"{human_duration(window)} after they are stored"
                                                                  if window > 0 else "")))
@@ -72,7 +72,7 @@ def repo_verify(inv: Invocation) -> None:
             raise Exit(EXIT_INTEGRITY, f"repository {repo.storage.url} is damaged")
         return
     if report.ok:
-        click.echo(f"repository {repo.storage.url} is intact: {count(report.packs, 'pack')}, "
+        say(f"repository {repo.storage.url} is intact: {count(report.packs, 'pack')}, "
                    f"{count(report.chunks, 'chunk')}, {count(report.snapshots, 'snapshot')} verified")
         return
     problems = list(report.problems) + [f"chunk {c[:16]}: {r}" for c, r in report.damaged_chunks.items()]
@@ -116,5 +116,9 @@ def repo_unlock(inv: Invocation, all_locks: bool) -> None:
     (only when you know no drsync process uses the repository)."""
     repo = inv.open_repo()
     removed = remove_locks(repo.storage, all_locks=all_locks)
-    emit(inv, {"removed": [lk.describe() for lk in removed]},
-         lambda: click.echo(f"removed {len(removed)} lock(s)" + "".join(f"\n  {lk.describe()}" for lk in removed)))
+    def human() -> None:
+        say(f"removed {len(removed)} lock(s)")
+        for lk in removed:
+            say(f"  {lk.describe()}")
+
+    emit(inv, {"removed": [lk.describe() for lk in removed]}, human)

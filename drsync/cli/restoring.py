@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from drsync import engine
-from drsync.cli.common import Exit, Invocation, emit
+from drsync.cli.common import Exit, Invocation, emit, say
 from drsync.errors import EXIT_REFUSED
-from drsync.repository.manifest import printable
+from drsync.text import printable
 from drsync.units import count, human_size
 
 if TYPE_CHECKING:  # the apply machinery is imported by a restore only (a snapshot create starts faster)
@@ -53,7 +53,7 @@ def restore_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., A
 def report_restore(what: str, dest: str, result: ApplyResult) -> None:
     if result.planned is not None:
         replaced = set(result.planned.get("overwrite", []))
-        click.echo(f"dry run: restoring {what} to {dest} would write {count(result.written_files, 'file')} "
+        say(f"dry run: restoring {what} to {dest} would write {count(result.written_files, 'file')} "
                    f"({human_size(result.written_bytes)}; {len(replaced)} path(s) overwritten), leave "
                    f"{result.unchanged_files} unchanged and remove {result.removed}"
                    + ("; the restore itself would be refused (exit 4)" if result.refused else "")
@@ -65,14 +65,14 @@ def report_restore(what: str, dest: str, result: ApplyResult) -> None:
                   ("link", [p for p in result.planned.get("link", []) if p not in replaced])]
         for kind, paths in listed:
             for p in paths[:20]:
-                click.echo(f"  {kind:7} {printable(p)}")
+                say(f"  {kind:7} {printable(p)}")
             if len(paths) > 20:
-                click.echo(f"  {kind:7} ... and {len(paths) - 20} more (--json lists all)")
+                say(f"  {kind:7} ... and {len(paths) - 20} more (--json lists all)")
         return
-    click.echo(f"restored {what} to {dest}: {count(result.written_files, 'file')} written "
+    say(f"restored {what} to {dest}: {count(result.written_files, 'file')} written "
                f"({human_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed")
     for w in result.warnings:
-        click.echo(f"  note: {w}")
+        say(f"  note: {w}")
 
 
 def finish_restore(inv: Invocation, kind: str, ident: str, dest: str, dry_run: bool, result: ApplyResult) -> None:

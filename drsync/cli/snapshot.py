@@ -9,14 +9,14 @@ from typing import Any
 import click
 
 from drsync import engine
-from drsync.cli.common import Invocation, emit, exits, progress, repo_or_config, table
+from drsync.cli.common import Invocation, emit, exits, progress, repo_or_config, say, table
 from drsync.cli.guards import BREAK_GLASS_HELP, own_paths, protection_args, refuse_while_held
 from drsync.cli.restoring import finish_restore, foreign_target, restore_options
 from drsync.config import parse_duration
 from drsync.errors import ConfigError, IntegrityError, RefusedError, UsageError
-from drsync.repository.manifest import printable
 from drsync.repository.manifest_diff import diff as diff_manifests
 from drsync.repository.snapshots import iso
+from drsync.text import printable
 from drsync.units import count, human_size
 
 
@@ -73,10 +73,10 @@ def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str,
            "stale_paths": info.stale_paths, "skipped_paths": info.skipped_paths}
 
     def human() -> None:
-        click.echo(f"snapshot {info.id} taken: {count(info.files, 'file')}, {human_size(info.bytes)}, "
+        say(f"snapshot {info.id} taken: {count(info.files, 'file')}, {human_size(info.bytes)}, "
                    f"{human_size(info.new_bytes)} new, in {info.duration_s:.2f}s")
         for w in info.warnings:
-            click.echo(f"  warning: {w}")
+            say(f"  warning: {w}")
 
     emit(inv, doc, human)
 
@@ -99,7 +99,7 @@ def snapshot_list(inv: Invocation) -> None:
     try:
         protection = engine.protection_of(repo, inv.snapshots.protect)
     except (IntegrityError, RefusedError) as e:  # deletions stop (they read it again); the listing goes on
-        click.echo(f"warning: {e}", err=True)
+        say(f"warning: {e}", err=True)
         window = inv.snapshots.protect
         protection = engine.Protection(window, repo.snapshot_stored_times()) if window > 0 else None
     until = {s.id: protection.until(s, now) if protection and protection.is_protected(s, now) else None
@@ -136,14 +136,14 @@ def snapshot_show(inv: Invocation, snapshot_id: str, files: bool) -> None:
             v = doc.get(k)
             if k == "seq" and not v:
                 v = None  # taken before drsync numbered snapshots
-            click.echo(f"{k:12} {human_size(v) if k in ('bytes', 'new_bytes') else ('-' if v in (None, '') else v)}")
+            say(f"{k:12} {human_size(v) if k in ('bytes', 'new_bytes') else ('-' if v in (None, '') else v)}")
         if info.stale_paths:
-            click.echo(f"{'stale_paths':12} {info.stale_paths} (could not be read: kept at their last captured "
+            say(f"{'stale_paths':12} {info.stale_paths} (could not be read: kept at their last captured "
                        f"version)")
         if info.skipped_paths:
-            click.echo(f"{'skipped_paths':12} {info.skipped_paths} (could not be captured at all)")
+            say(f"{'skipped_paths':12} {info.skipped_paths} (could not be captured at all)")
         for w in info.warnings:
-            click.echo(f"warning      {printable(w)}")
+            say(f"warning      {printable(w)}")
         if manifest is not None:
             def shown(e: dict[str, Any]) -> str:
                 link = f" -> {printable(e['target'])}" if e["target"] else ""
@@ -176,8 +176,8 @@ def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
     def human() -> None:
         for mark, paths in (("+", d.added), ("-", d.removed), ("M", d.changed)):
             for p in paths:
-                click.echo(f"{mark} {printable(p)}")
-        click.echo(f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed")
+                say(f"{mark} {printable(p)}")
+        say(f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed")
 
     emit(inv, doc, human)
 
@@ -208,9 +208,9 @@ def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bo
     warn_gc_postponed(res.gc_postponed)
 
     def human() -> None:
-        click.echo(f"deleted {', '.join(i.id for i in infos)}")
+        say(f"deleted {', '.join(i.id for i in infos)}")
         if report:
-            click.echo(f"freed {human_size(report.freed_bytes)} ({report.deleted_packs} packs deleted, "
+            say(f"freed {human_size(report.freed_bytes)} ({report.deleted_packs} packs deleted, "
                        f"{report.repacked_packs} repacked)")
 
     emit(inv, doc, human)
@@ -219,8 +219,8 @@ def snapshot_delete(inv: Invocation, snapshot_ids: tuple[str, ...], no_prune: bo
 def warn_gc_postponed(why: str) -> None:
     """The deletions stand; their chunks stay until a garbage collection runs (one line on stderr)."""
     if why:
-        click.echo(f"warning: garbage collection postponed: {why}; the deleted snapshots' data is freed by the "
-                   f"next 'drsync repo gc'", err=True)
+        say(f"warning: garbage collection postponed: {why}; the deleted snapshots' data is freed by the "
+            f"next 'drsync repo gc'", err=True)
 
 
 @snapshot_grp.command("restore", epilog=exits(

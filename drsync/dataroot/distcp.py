@@ -51,8 +51,9 @@ from drsync import allocators
 from drsync.dataroot import STAGING, open_data_root
 from drsync.errors import IntegrityError, OperationFailed, UsageError
 from drsync.liveness import ProcessRef
-from drsync.repository.manifest import Entry, hdfs_checksum_digest, printable
+from drsync.repository.manifest import Entry, hdfs_checksum_digest
 from drsync.repository.snapshots import SnapshotInfo
+from drsync.text import printable
 from drsync.units import human_size
 
 log = logging.getLogger("drsync.distcp")

@@ -40,9 +40,10 @@ from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.dataroot.distcp import HISTORY_PREFIX
 from drsync.errors import RefusedError, UsageError
 from drsync.repository import chunks
-from drsync.repository.manifest import DIR, FILE, SYMLINK, printable
+from drsync.repository.manifest import DIR, FILE, SYMLINK
 from drsync.repository.manifest_check import symlink_stays_inside
 from drsync.storage.hdfs import HdfsError, HdfsFs, HdfsPermissionDenied, bounded, parse_hdfs_url
+from drsync.text import printable
 from drsync.tree import RESERVED_NAMES, LocalEntry, TreeScan
 
 if TYPE_CHECKING:

@@ -27,7 +27,8 @@ from drsync.dataroot.beneath import Beneath
 from drsync.errors import OperationFailed, RefusedError, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
-from drsync.repository.manifest import DIR, FILE, SYMLINK, decode_xattrs, printable
+from drsync.repository.manifest import DIR, FILE, SYMLINK, decode_xattrs
+from drsync.text import printable
 from drsync.tree import EntryColumns, LocalEntry, TreeScan, in_path_order, read_ahead, read_xattrs, scan_tree
 
 if TYPE_CHECKING:

@@ -80,29 +80,6 @@ def decode_name(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", "surrogateescape")
 
 
-# Characters a terminal would not show as themselves: C0 controls and DEL as \\xNN (\\n, \\t, \\r), C1
-# controls and invisible or reordering format characters (zero-width, bidirectional overrides, the
-# byte-order mark, line and paragraph separators) as \\uNNNN, never as an undecodable byte's \\xNN.
-_CONTROLS = ({c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x09: "\\t", 0x0D: "\\r"}
-             | {c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), 0xAD, 0x061C, 0x180E, *range(0x200B, 0x2010),
-                                           *range(0x2028, 0x202F), *range(0x2060, 0x2070), 0xFEFF)})
-
-
-def printable(name: str) -> str:
-    """A path for a terminal or a log line, on one line and unambiguous: undecodable bytes shown as
-    ``\\xNN``, control characters (newlines, escape sequences) as ``\\n``, ``\\xNN``, and a backslash of
-    the name itself doubled (so a name holding the text ``\\xff`` never prints like byte 0xff)."""
-    return name.replace("\\", "\\\\").encode("utf-8", "surrogateescape").decode(
-        "utf-8", "backslashreplace").translate(_CONTROLS)
-
-
-def one_line(text: str) -> str:
-    """A message for a terminal or a log line on one line: control characters and undecodable bytes
-    escaped as :func:`printable` escapes them, backslashes left as they are (names in it were made
-    :func:`printable` already; escaping again would double their backslashes)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").translate(_CONTROLS)
-
-
 def split_ns(values: list[int]) -> tuple[list[int] | pa.Array, list[int] | pa.Array]:
     """Nanosecond times as (seconds, nanoseconds) columns; floor division keeps times before 1970 exact.
     Times that fit int64 (1677..2262, nearly all) are split by Arrow kernels, the rest in Python."""

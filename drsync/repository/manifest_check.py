@@ -28,8 +28,8 @@ from drsync.repository.manifest import (
     check_values,
     column_groups,
     path_parents,
-    printable,
 )
+from drsync.text import printable
 
 # The name drsync stages an apply under, at the top of a target and of every filesystem mounted
 # inside it. It is reserved at any depth: capture skips it (and says so), and a manifest naming it is
