@@ -40,10 +40,11 @@ from drsync.repository.manifest import (
     manifest_counts,
 )
 from drsync.repository.repo import Repository, VerifyReport
-from drsync.repository.snapshots import SnapshotInfo, iso, parse_iso
+from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.repository.spool import Spool
 from drsync.retention import RetentionDecision, plan_retention
 from drsync.storage.local import LocalStorage
+from drsync.units import parse_iso
 
 BACKUP_META = fmt.BACKUP_META
 CHECKSUMS = "CHECKSUMS.b3"
@@ -72,6 +73,9 @@ class BackupInfo:
 
 
 def _read_meta(path: str) -> BackupInfo:
+    """The backup.json of the backup directory ``path``. NotFound: no such directory; UsageError: not a
+    complete backup, or a newer format; IntegrityError: damaged (not JSON, a field missing or of the
+    wrong type, a time no date can show)."""
     meta = os.path.join(path, BACKUP_META)
     if not os.path.isdir(path):
         raise NotFound(f"backup {path} does not exist")
@@ -82,15 +86,38 @@ def _read_meta(path: str) -> BackupInfo:
         raise UsageError(f"{path} is not a complete drsync backup (no {BACKUP_META})") from None
     except ValueError as e:
         raise IntegrityError(f"{meta} is damaged: {e}") from None
-    if int(doc.get("format", 0)) > BACKUP_FORMAT:
-        raise UsageError(f"backup {path} has format {doc['format']}, newer than this drsync understands; "
-                         f"upgrade drsync")
     try:
+        if not isinstance(doc, dict):
+            raise TypeError(f"a JSON {type(doc).__name__}, not an object")
+        version = doc.get("format", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise TypeError(f"format {version!r} is not a number")
+        if version > BACKUP_FORMAT:
+            raise UsageError(f"backup {path} has format {version}, newer than this drsync understands; "
+                             f"upgrade drsync")
         doc["created_at"] = parse_iso(doc["created_at"])
         doc["path"] = os.path.abspath(path)
-        return BackupInfo(**doc)
+        info = BackupInfo(**doc)
+        _check_types(info)
+        return info
     except (KeyError, TypeError, ValueError) as e:
         raise IntegrityError(f"{meta} is damaged: {e}") from None
+
+
+def _check_types(info: BackupInfo) -> None:
+    """TypeError or ValueError naming the first field of a backup.json that a backup never holds."""
+    if not isinstance(info.id, str):
+        raise TypeError(f"id {info.id!r} is not a string")
+    if info.mode not in MODES:
+        raise ValueError(f"mode {info.mode!r} is not one of {', '.join(MODES)}")
+    for name in ("files", "bytes", "stored_bytes"):
+        v = getattr(info, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise TypeError(f"{name} {v!r} is not a count")
+    if not isinstance(info.snapshot, dict):
+        raise TypeError("snapshot is not an object")
+    if not isinstance(info.excluded, list) or not all(isinstance(x, str) for x in info.excluded):
+        raise TypeError("excluded is not a list of globs")
 
 
 def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
@@ -296,11 +323,23 @@ def restore_backup(path: str, target: str, *, checksum: bool = False,
     return meta, result
 
 
-def list_backups(dest: str) -> tuple[list[BackupInfo], list[str]]:
-    """Complete backups (oldest first) and the names of incomplete leftovers."""
+@dataclass
+class BackupListing:
+    """What a backup directory holds: ``backups`` complete and readable, oldest first; ``incomplete``
+    the names of leftovers of a create or prune that did not finish; ``damaged`` one
+    ``{"file": "<name>/backup.json", "reason": ...}`` per backup whose backup.json cannot be read."""
+
+    backups: list[BackupInfo]
+    incomplete: list[str]
+    damaged: list[dict[str, str]]
+
+
+def list_backups(dest: str) -> BackupListing:
+    """The backups in ``dest``. A damaged backup.json is listed in ``damaged``, never an error: one bad
+    backup must not hide the others, nor stop an agent's backups. NotFound: ``dest`` does not exist."""
     if not os.path.isdir(dest):
         raise NotFound(f"backup directory {dest} does not exist")
-    done, partial = [], []
+    done, partial, damaged = [], [], []
     for name in sorted(os.listdir(dest)):
         p = os.path.join(dest, name)
         if not os.path.isdir(p):
@@ -308,25 +347,40 @@ def list_backups(dest: str) -> tuple[list[BackupInfo], list[str]]:
         if name.startswith((".partial-", ".deleting-")):
             partial.append(name)
         elif os.path.exists(os.path.join(p, BACKUP_META)):
-            done.append(_read_meta(p))
+            try:
+                done.append(_read_meta(p))
+            except (IntegrityError, UsageError) as e:  # damaged, or written by a newer drsync: left alone
+                damaged.append({"file": f"{name}/{BACKUP_META}", "reason": str(e)})
     done.sort(key=lambda b: (b.created_at, b.id))
-    return done, partial
+    return BackupListing(done, partial, damaged)
 
 
-def prune_backups(dest: str, policy: KeepPolicy, *, dry_run: bool = False) -> list[RetentionDecision]:
+@dataclass
+class PruneResult:
+    """What a prune decided for each readable backup, and the backups it could not read (kept)."""
+
+    decisions: list[RetentionDecision]
+    damaged: list[dict[str, str]]
+
+
+def prune_backups(dest: str, policy: KeepPolicy, *, dry_run: bool = False) -> PruneResult:
+    """Remove the backups ``policy`` does not keep, and incomplete leftovers. Decisions name backups by
+    their directory (what is removed; a copied or renamed backup keeps the id in its backup.json). A
+    backup whose backup.json cannot be read is never removed (nothing says how old it is): it is in
+    ``damaged``."""
     if policy.is_empty():
         raise UsageError("give at least one --keep-* option; pruning with no policy would delete everything")
-    backups, leftovers = list_backups(dest)
-    decisions = plan_retention([(b.id, b.created_at) for b in backups], policy)
+    listing = list_backups(dest)
+    decisions = plan_retention([(os.path.basename(b.path), b.created_at) for b in listing.backups], policy)
     if dry_run:
-        return decisions
+        return PruneResult(decisions, listing.damaged)
     for d in decisions:
         if not d.keep:
             _remove_dir(dest, d.id)
-    for name in leftovers:
+    for name in listing.incomplete:
         shutil.rmtree(os.path.join(dest, name), ignore_errors=True)
     fsutil.fsync_dir(dest)
-    return decisions
+    return PruneResult(decisions, listing.damaged)
 
 
 def _remove_dir(dest: str, name: str) -> None:
@@ -337,5 +391,5 @@ def _remove_dir(dest: str, name: str) -> None:
     shutil.rmtree(doomed)
 
 
-__all__ = ["FILE", "BackupInfo", "create_backup", "list_backups", "prune_backups", "restore_backup",
-           "verify_backup"]
+__all__ = ["FILE", "BackupInfo", "BackupListing", "PruneResult", "create_backup", "list_backups", "prune_backups",
+           "restore_backup", "verify_backup"]

@@ -13,10 +13,11 @@ import logging
 import re
 import sys
 from datetime import datetime
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-from drsync.text import OneLineFormatter
+from drsync.text import OneLineFormatter, without_traceback
 
 FORMATS = ("text", "json")
 
@@ -31,8 +32,15 @@ class _Text(OneLineFormatter):
 
 
 class _Json(JsonFormatter):
+    def __init__(self, *args: Any, tracebacks: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tracebacks = tracebacks
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return _iso(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record if self.tracebacks else without_traceback(record))
 
 
 # How a message names a snapshot: "snapshot <16 hex digits>" (drsync's snapshot ids).
@@ -58,8 +66,11 @@ class _Context(logging.Filter):
         return True
 
 
-def configure(*, group: str, agent: str, fmt: str = "text", level: int = logging.INFO) -> None:
-    """Send every log record to stderr in ``fmt`` ("text" or "json"), at ``level`` and above."""
+def configure(*, group: str, agent: str, fmt: str = "text", level: int = logging.INFO,
+              tracebacks: bool = False) -> None:
+    """Send every log record to stderr in ``fmt`` ("text" or "json"), at ``level`` and above. An
+    exception logged with a record is its type and text at the end of the line; ``tracebacks``
+    (``--debug``, or level DEBUG) adds the traceback."""
     root = logging.getLogger()
     root.setLevel(level)
     for h in list(root.handlers):
@@ -68,9 +79,11 @@ def configure(*, group: str, agent: str, fmt: str = "text", level: int = logging
     handler.addFilter(_Context(group, agent))
     if fmt == "json":
         handler.setFormatter(_Json("%(asctime)s %(levelname)s %(name)s %(group)s %(agent)s %(message)s",
-                                   rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}))
+                                   rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                                   tracebacks=tracebacks))
     else:
-        handler.setFormatter(_Text("%(asctime)s %(levelname)s group=%(group)s agent=%(agent)s %(name)s: %(message)s"))
+        handler.setFormatter(_Text("%(asctime)s %(levelname)s group=%(group)s agent=%(agent)s %(name)s: %(message)s",
+                                   tracebacks=tracebacks))
     root.addHandler(handler)
     # Libraries speak through drsync's own lines: their warnings are not printed on their own.
     logging.captureWarnings(True)

@@ -40,9 +40,9 @@ from typing import Any
 from drsync import fsutil
 from drsync.errors import IntegrityError, RefusedError
 from drsync.repository.format import PROTECT_NAME
-from drsync.repository.snapshots import SnapshotInfo, parse_iso
+from drsync.repository.snapshots import SnapshotInfo
 from drsync.storage import ObjectMissing, Storage
-from drsync.units import iso_time, with_iso_times
+from drsync.units import iso_time, parse_iso, with_iso_times
 
 log = logging.getLogger("drsync.protection")
 # Break-glass deletions: a logger of their own, which the command line shows on stderr (its refusals it

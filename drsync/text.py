@@ -50,10 +50,29 @@ def one_line(text: str) -> str:
     return text.encode("utf-8", "drsync-surrogates").decode("utf-8", "backslashreplace").translate(_CONTROLS)
 
 
+def without_traceback(record: logging.LogRecord) -> logging.LogRecord:
+    """``record`` as a copy whose exception (``log.exception``) is said at the end of its message, as
+    ``(TypeName: text; --debug shows the traceback)``, instead of as a traceback."""
+    if not record.exc_info or record.exc_info[1] is None:
+        return record
+    e = record.exc_info[1]
+    return logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "args": (),
+                                  "msg": f"{record.getMessage()} ({type(e).__name__}: {e}; --debug shows "
+                                         f"the traceback)"})
+
+
 class OneLineFormatter(logging.Formatter):
     """A log formatter whose record is one line (:func:`one_line`): a path, command or name with a
-    newline in it, in the message or in a field such as the group, stays inside its own record. A
-    traceback (``exc_info``, with ``--debug``) keeps its lines."""
+    newline in it, in the message or in a field such as the group, stays inside its own record. An
+    exception's traceback follows only with ``tracebacks`` (``--debug``); otherwise its type and text
+    end the line (:func:`without_traceback`)."""
+
+    def __init__(self, fmt: str, *, tracebacks: bool = False) -> None:
+        super().__init__(fmt)
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record if self.tracebacks else without_traceback(record))
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return one_line(super().formatMessage(record))

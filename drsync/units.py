@@ -26,8 +26,27 @@ def count(n: int, noun: str) -> str:
 
 
 def iso_time(ts: float) -> str:
-    """A Unix time as ISO 8601 in UTC with milliseconds: ``2026-12-01T09:01:23.353Z``."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """A Unix time as ISO 8601 in UTC with milliseconds: ``2026-12-01T09:01:23.353Z``. A time no date
+    can show (beyond years 1 to 9999, or not a number) is shown as the number itself, never an error."""
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        return repr(ts)
+
+
+def parse_iso(value: str) -> float:
+    """An ISO 8601 time (``2026-12-01T09:01:23.353Z``, any zone; none: this host's) as Unix seconds.
+
+    Raises ValueError for anything else, and for a time outside years 1 to 9999 once taken to UTC
+    (``0001-01-01T00:00:00+01:00``), which no date could show again."""
+    if not isinstance(value, str):
+        raise ValueError(f"time {value!r} is not an ISO 8601 string")
+    ts = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    try:
+        datetime.fromtimestamp(ts, UTC)
+    except (ValueError, OverflowError, OSError):
+        raise ValueError(f"time {value!r} is out of range (years 1 to 9999 in UTC)") from None
+    return ts
 
 
 def with_iso_times(doc: Any) -> Any:
@@ -59,7 +78,7 @@ def with_iso_times(doc: Any) -> Any:
 
 def _parse_iso(value: str) -> float | None:
     try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        zoned = datetime.fromisoformat(value.replace("Z", "+00:00")).tzinfo is not None
+        return parse_iso(value) if zoned else None
     except ValueError:
         return None
-    return when.timestamp() if when.tzinfo is not None else None

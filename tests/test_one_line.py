@@ -48,25 +48,29 @@ def test_names_keep_their_bytes_readable_and_unambiguous() -> None:
     assert one_line(one_line("x\ny\u2029z")) == one_line("x\ny\u2029z")  # escaping twice changes nothing
 
 
-def test_a_text_log_record_stays_one_line_and_a_traceback_keeps_its_lines() -> None:
+@pytest.mark.parametrize("tracebacks", [False, True])
+def test_a_text_log_record_stays_one_line_and_a_traceback_only_with_debug(tracebacks: bool) -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(OneLineFormatter("%(levelname)s %(message)s"))
+    handler.setFormatter(OneLineFormatter("%(levelname)s %(message)s", tracebacks=tracebacks))
     log = logging.getLogger("drsync.test-one-line")
     log.addHandler(handler)
     log.propagate = False
     try:
         log.warning("cannot read %s", f"/data/x\n{FORGED}\u2028more")
         try:
-            raise ValueError("boom")
+            raise ValueError("boom\nFORGED")
         except ValueError:
-            log.error("failed on %s", "a\rb", exc_info=True)
+            log.exception("failed on %s", "a\rb")
     finally:
         log.removeHandler(handler)
     first, *rest = stream.getvalue().splitlines()
     assert first == f"WARNING cannot read /data/x\\n{FORGED}\\u2028more"
-    assert rest[0] == "ERROR failed on a\\rb"
-    assert rest[1].startswith("Traceback") and rest[-1] == "ValueError: boom"
+    if tracebacks:  # --debug: the traceback follows its record
+        assert rest[0] == "ERROR failed on a\\rb"
+        assert rest[1].startswith("Traceback") and rest[-2:] == ["ValueError: boom", "FORGED"]
+    else:
+        assert rest == ["ERROR failed on a\\rb (ValueError: boom\\nFORGED; --debug shows the traceback)"]
 
 
 def test_the_agents_text_log_escapes_and_its_json_log_stays_json(capsys: pytest.CaptureFixture[str]) -> None:

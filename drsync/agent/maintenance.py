@@ -38,6 +38,7 @@ from drsync.errors import DrsyncError, LockedError
 from drsync.metrics import AgentMetrics
 from drsync.protection import BreakGlassCount, read_break_glass
 from drsync.repository.repo import Repository
+from drsync.units import iso_time as iso
 
 log = logging.getLogger("drsync.agent")
 
@@ -79,6 +80,7 @@ class MaintenanceWorker:
         self._locked_out = False  # the last retention found the repository in use
         self._gc_owed = False  # an expiry's collection was postponed: collect at the next pass even if not due
         self._retention_error = ""  # the last retention failure logged at WARNING
+        self._damaged_backups_warned: set[tuple[str, str]] = set()  # (file, reason) said at WARNING
         self.busy = ""  # what the worker is doing now, for the status page ("" = idle)
         self._init_backup_metric()
         self.refresh_drill_metrics()
@@ -220,12 +222,30 @@ class MaintenanceWorker:
         if not dest or not os.path.isdir(dest):
             return
         try:
-            done, _ = backup.list_backups(dest)
-        except DrsyncError:
+            listing = backup.list_backups(dest)
+        except (DrsyncError, OSError):
             return
-        if done:
-            self._last_backup = done[-1].created_at
-            self.metrics.backup_last_success.set(done[-1].created_at)
+        self._warn_damaged_backups(listing.damaged)
+        if listing.backups:
+            newest = listing.backups[-1]
+            now = time.time()
+            if newest.created_at > now:  # a clock that was ahead, or a copied-in backup: its age is unknown
+                log.warning("agent %s: backup %s in %s says it was created in the future (%s); a new backup "
+                            "is taken now", self.name, newest.id, dest, iso(newest.created_at))
+                return
+            self._last_backup = newest.created_at
+            self.metrics.backup_last_success.set(newest.created_at)
+
+    def _warn_damaged_backups(self, damaged: list[dict[str, str]]) -> None:
+        """A backup whose backup.json cannot be read is kept and left alone; said at WARNING once per
+        backup and reason (not at every pass)."""
+        for d in damaged:
+            key = (d["file"], d["reason"])
+            if key not in self._damaged_backups_warned:
+                self._damaged_backups_warned.add(key)
+                log.warning("agent %s: backup %s is damaged and kept as it is (prune never removes it): %s; "
+                            "check it with 'drsync backup verify', then remove or repair it", self.name,
+                            d["file"].rsplit("/", 1)[0], d["reason"])
 
     def backup_if_due(self) -> None:
         """[backups]: pull the newest snapshot out as a portable backup every interval, then prune."""
@@ -240,13 +260,14 @@ class MaintenanceWorker:
             os.makedirs(b.destination, exist_ok=True)
             info = backup.create_backup(self.repo, snaps[-1].id, b.destination, mode=b.mode,
                                         light_exclude=b.light_exclude)
-            backup.prune_backups(b.destination, b.keep)
+            pruned = backup.prune_backups(b.destination, b.keep)
         except (DrsyncError, OSError) as e:
             self._last_backup = time.time() - b.interval + min(b.interval, BACKUP_RETRY_S)
             log.error("agent %s: backup of snapshot %s failed: %s", self.name, snaps[-1].id, e)
             return
         finally:
             self.busy = ""
+        self._warn_damaged_backups(pruned.damaged)
         self._last_backup = info.created_at
         self.metrics.backup_last_success.set(info.created_at)
         log.info("agent %s: backup %s (%s) of snapshot %s written to %s", self.name, info.id, b.mode, snaps[-1].id,

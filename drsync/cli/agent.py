@@ -47,7 +47,8 @@ def agent_cmd(inv: Invocation, once: bool, log_format: str, log_level: str) -> N
     level = getattr(logging, log_level.upper())
     if once and log_level == "info":
         level = logging.WARNING
-    configure_logging(group=c.coordination.group, agent=c.agent.name, fmt=log_format, level=level)
+    configure_logging(group=c.coordination.group, agent=c.agent.name, fmt=log_format, level=level,
+                      tracebacks=inv.debug or level <= logging.DEBUG)
     STATE["json_log"] = log_format == "json"  # from here on, the error that ends the command is a record
     if inv.json and not once:
         raise UsageError("--json reports the one cycle of --once; a running agent writes JSON logs with "

@@ -127,32 +127,42 @@ def backup_verify(inv: Invocation, backup_dir: str) -> None:
 @backup_grp.command("list", epilog=exits(
              "0 listed (also when there is none)",
              "1 the directory cannot be read",
-             "2 no DEST (nor [backups] destination), or a usage error"))
+             "2 no DEST (nor [backups] destination), or a usage error",
+             "3 a backup's backup.json is damaged (named on stderr; the others are listed)"))
 @config_only
 @click.argument("dest", required=False)
 def backup_list(inv: Invocation, dest: str | None) -> None:
     """List the backups in a backup directory.
 
     Reads each backup's backup.json (nothing else); directories left by a backup create that did not
-    finish are listed as incomplete."""
-    backups, leftovers = backup.list_backups(_backup_dest(inv, dest, "drsync backup list DIR"))
-    doc = {"backups": [b.to_json() for b in backups], "incomplete": leftovers}
+    finish are listed as incomplete, and a backup whose backup.json cannot be read as damaged."""
+    listing = backup.list_backups(_backup_dest(inv, dest, "drsync backup list DIR"))
+    backups, leftovers = listing.backups, listing.incomplete
+    doc = {"backups": [b.to_json() for b in backups], "incomplete": leftovers, "damaged": listing.damaged}
 
     def human() -> None:
         table(["BACKUP", "SNAPSHOT", "MODE", "CREATED", "FILES", "SIZE", "STORED"],
-               [[b.id, b.snapshot.get("id", "?"), b.mode, iso(b.created_at) or "", str(b.files), human_size(b.bytes),
-                 human_size(b.stored_bytes)] for b in backups])
+               [[b.id, str(b.snapshot.get("id", "?")), b.mode, iso(b.created_at) or "", str(b.files),
+                 human_size(b.bytes), human_size(b.stored_bytes)] for b in backups])
         if leftovers:
             say(f"{len(leftovers)} incomplete leftover(s), removed by 'drsync backup prune': "
-                       f"{', '.join(leftovers)}")
+                f"{', '.join(leftovers)}")
 
     emit(inv, doc, human)
+    _report_damaged(listing.damaged)
+
+
+def _report_damaged(damaged: list[dict[str, str]]) -> None:
+    """Exit 3 naming each backup whose backup.json cannot be read (after the command's own report)."""
+    if damaged:
+        report_damage([], damaged, "damaged backups were left alone (check each with 'drsync backup verify DIR')")
 
 
 @backup_grp.command("prune", epilog=exits(
              "0 pruned (or, --dry-run, listed)",
              "1 a backup cannot be removed",
-             "2 no DEST (nor [backups] destination), or a usage error"))
+             "2 no DEST (nor [backups] destination), or a usage error",
+             "3 a backup's backup.json is damaged: it is kept, the others are pruned"))
 @config_only
 @click.argument("dest", required=False)
 @click.option("--keep-last", type=click.IntRange(0), default=0)
@@ -171,7 +181,8 @@ def backup_prune(inv: Invocation, dest: str | None, keep_last: int, keep_hourly:
     policy = KeepPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
     if policy.is_empty() and inv.config:
         policy = inv.config.backups.keep
-    decisions = backup.prune_backups(_backup_dest(inv, dest, "drsync backup prune DIR"), policy, dry_run=dry_run)
+    pruned = backup.prune_backups(_backup_dest(inv, dest, "drsync backup prune DIR"), policy, dry_run=dry_run)
+    decisions = pruned.decisions
     doc = {"dry_run": dry_run, "keep": [{"id": d.id, "reasons": d.reasons} for d in decisions if d.keep],
            "remove": [d.id for d in decisions if not d.keep]}
 
@@ -181,4 +192,6 @@ def backup_prune(inv: Invocation, dest: str | None, keep_last: int, keep_hourly:
         n = sum(1 for d in decisions if not d.keep)
         say(f"{'would remove' if dry_run else 'removed'} {n} backup(s), kept {len(decisions) - n}")
 
+    doc["damaged"] = pruned.damaged
     emit(inv, doc, human)
+    _report_damaged(pruned.damaged)

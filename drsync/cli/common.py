@@ -107,17 +107,19 @@ def say(text: str, *, err: bool = False) -> None:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> None:
+    """Columns aligned, one line per row however long a cell is (a terminal wraps it; nothing folds or
+    crops it), each cell shown as written: never read as rich markup or emoji codes (``[cluster]``,
+    ``:warning:``), control characters escaped (:func:`one_line`)."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(box=None, pad_edge=False, header_style="bold")
     for h in headers:
-        t.add_column(h, overflow="fold")
+        t.add_column(h, no_wrap=True, overflow="ignore")
     for r in rows:
-        # cells are data: never rich markup ("[cluster]" must show), never more than one line
-        t.add_row(*(escape(one_line(c)) for c in r))
-    console = Console(width=200 if not sys.stdout.isatty() else None, highlight=False)
+        t.add_row(*(Text(one_line(c)) for c in r))
+    console = Console(width=1 << 20, highlight=False, emoji=False, markup=False)
     with console.capture() as captured:
         console.print(t)
     # rich pads every row to the table's width: no trailing spaces in what scripts and diffs read.

@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="drsync-printable")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.ERROR, handlers=[handler])
     # A lock that cannot be refreshed may be removed as stale before a long command ends: said on stderr.
     logging.getLogger("drsync.repository.lock").setLevel(logging.WARNING)
     STATE.clear()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", tracebacks=debug))
+    logging.basicConfig(level=logging.ERROR, handlers=[handler])
     try:
         problem = environment_problem()
         if problem:

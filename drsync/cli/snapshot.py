@@ -143,7 +143,7 @@ def snapshot_show(inv: Invocation, snapshot_id: str, files: bool) -> None:
         if info.skipped_paths:
             say(f"{'skipped_paths':12} {info.skipped_paths} (could not be captured at all)")
         for w in info.warnings:
-            say(f"warning      {printable(w)}")
+            say(f"warning      {w}")  # warnings name their paths printable already
         if manifest is not None:
             def shown(e: dict[str, Any]) -> str:
                 link = f" -> {printable(e['target'])}" if e["target"] else ""

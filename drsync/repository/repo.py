@@ -54,6 +54,7 @@ from drsync.storage import (
     StoredObject,
     read_bounded,
 )
+from drsync.units import parse_iso
 
 log = logging.getLogger("drsync.repository")
 
@@ -436,8 +437,6 @@ class Repository:
                 (fmt.CHUNK_AVG, fmt.CHUNK_MIN, fmt.CHUNK_MAX):
             raise UsageError(f"repository {storage.url} uses chunker parameters {chunker} that this "
                              f"drsync does not support")
-        from drsync.repository.snapshots import parse_iso
-
         config = RepoConfig(id=doc["id"], cluster_id=doc["cluster_id"], release=doc["release"],
                             created_at=parse_iso(doc["created_at"]), version=version)
         if storage.exists(fmt.BACKUP_META):  # a backup directory: read, verified and restored, never changed

@@ -7,20 +7,15 @@ import json
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from typing import Any
 
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
-from drsync.units import iso_time
+from drsync.units import iso_time, parse_iso
 
 
 def iso(ts: float | None) -> str | None:
     return None if ts is None else iso_time(ts)
-
-
-def parse_iso(value: str) -> float:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 def new_snapshot_id() -> str:
