@@ -74,6 +74,20 @@ def _nonempty_str(v: Any, key: str) -> str:
     return s
 
 
+def _address(v: Any, key: str) -> str:
+    """A ``host:port`` to listen on or advertise ("" where the key allows none): a port past 65535 is
+    refused here, not by the agent's listener after it started."""
+    s = _str(v, key)
+    port = s.rpartition(":")[2]
+    if ":" in s and port.isdigit() and int(port) > 65535:
+        raise ConfigError(f"{key}: port {port} in {s!r} is not a TCP port (0 to 65535)")
+    return s
+
+
+def _listen(v: Any, key: str) -> str:
+    return _address(_nonempty_str(v, key), key)
+
+
 def _int(v: Any, key: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(f"{key}: expected an integer, got {type(v).__name__} {v!r}")
@@ -162,9 +176,9 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     name: str = field(default_factory=socket.gethostname, metadata=_conv(_nonempty_str))
-    listen: str = field(default="127.0.0.1:7420", metadata=_conv(_nonempty_str))
-    advertise: str = field(default="", metadata=_conv(_str))
-    metrics: str = field(default="127.0.0.1:9420", metadata=_conv(_str))
+    listen: str = field(default="127.0.0.1:7420", metadata=_conv(_listen))
+    advertise: str = field(default="", metadata=_conv(_address))
+    metrics: str = field(default="127.0.0.1:9420", metadata=_conv(_address))
     role: str = field(default="auto", metadata=_conv(_choice("auto", "primary", "standby")))
     state_dir: str = field(default="", metadata=_conv(_str))
     allow_insecure_remote: bool = field(default=False, metadata=_conv(_bool))

@@ -17,6 +17,7 @@ Failing on the code this was written against (each docstring says what it proves
 7. Found while fixing 4: ``backup prune`` removed backups by the id in their backup.json, so beside a
    copied backup (same id, older date) ``--keep-last 1`` removed the newest backup; and a backup dated in
    the future stopped the agent's scheduled backups until that date.
+8. ``[agent] listen``, ``advertise`` and ``metrics`` took a port past 65535.
 
 What held (regression guards): lock conflicts and ``repo unlock --json`` with newlines and lone surrogates
 in the holder's host and command; ``repo verify`` and ``backup verify`` damage reports naming files with
@@ -322,6 +323,17 @@ def test_a_backup_dated_in_the_future_does_not_stop_the_agents_backups(tmp_path:
     assert r.code == 0, r
     assert any(" WARNING " in x and "in the future" in x for x in r.err.splitlines()), r.err
     assert len([d for d in bdir.parent.iterdir() if not d.name.startswith(".")]) == 2
+
+
+@pytest.mark.parametrize("key", ["listen", "advertise", "metrics"])
+def test_a_port_past_65535_is_a_configuration_error(tmp_path: Path, key: str) -> None:
+    """`listen = "127.0.0.1:99999"` started an agent that said "gRPC on 127.0.0.1:99999". Now the config
+    is refused: exit 2, one line naming the key."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path}"\nrepository = "{tmp_path}/r"\n\n'
+                   f'[agent]\n{key} = "127.0.0.1:99999"\n')
+    r = run_drsync("init", "--config", cfg)
+    assert r.code == 2 and _one_error_line(r) and f"agent.{key}: port 99999" in r.err, r
 
 
 # --- what held -------------------------------------------------------------------------------------------

@@ -113,10 +113,11 @@ def history_cmd(inv: Invocation, limit: int) -> None:
 
 @click.command("promote", epilog=exits(
              "0 its agent acts as primary (--dry-run: the promotion would go ahead)",
-             "1 its agent is not running or did not take over within --wait; fence_command failed",
+             "1 its agent is not running or did not take over within --wait",
              "2 a usage or configuration error (e.g. snapshots wait for apply_delay and no choice was given)",
              "4 refused for safety: a live primary without --force, lag or position without "
-                 "--accept-data-loss, an empty data root without --promote-empty-root"))
+                 "--accept-data-loss, an empty data root without --promote-empty-root, fence_command failed "
+                 "or the group changed while it ran"))
 @config_only
 @click.option("--force", is_flag=True, help="Promote although a primary's session is alive (it is stepped down) "
               "or its agent is stopped for maintenance.")
