@@ -88,6 +88,25 @@ def _listen(v: Any, key: str) -> str:
     return _address(_nonempty_str(v, key), key)
 
 
+# Characters ZooKeeper refuses in a node name (its PathUtils.validatePath), controls included.
+_NOT_IN_NODE = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff]")
+
+
+def _node_name(v: Any, key: str) -> str:
+    """A group or agent name: one ZooKeeper node (``/drsync/<group>``, ``agents/<name>``). A ``/`` would
+    nest it inside another group's or agent's nodes, ``.`` and ``..`` are not node names, and ZooKeeper
+    refuses control characters and some ranges outright."""
+    s = _nonempty_str(v, key)
+    bad = _NOT_IN_NODE.search(s)
+    if "/" in s or s in (".", "..") or bad or len(s) > 255:
+        why = ("'/' would nest it in another node" if "/" in s else f"{s!r} is not a node name"
+               if s in (".", "..") else f"character U+{ord(bad.group()):04X} is not allowed" if bad
+               else "it is longer than 255 characters")
+        raise ConfigError(f"{key}: {s!r} cannot name a ZooKeeper node ({why}); use letters, digits, '.', '-' "
+                          f"and '_'")
+    return s
+
+
 def _int(v: Any, key: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(f"{key}: expected an integer, got {type(v).__name__} {v!r}")
@@ -175,7 +194,7 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    name: str = field(default_factory=socket.gethostname, metadata=_conv(_nonempty_str))
+    name: str = field(default_factory=socket.gethostname, metadata=_conv(_node_name))
     listen: str = field(default="127.0.0.1:7420", metadata=_conv(_listen))
     advertise: str = field(default="", metadata=_conv(_address))
     metrics: str = field(default="127.0.0.1:9420", metadata=_conv(_address))
@@ -187,7 +206,7 @@ class AgentConfig:
 @dataclass(frozen=True)
 class CoordinationConfig:
     zookeeper: str = field(default="127.0.0.1:2181", metadata=_conv(_nonempty_str))
-    group: str = field(default="default", metadata=_conv(_nonempty_str))
+    group: str = field(default="default", metadata=_conv(_node_name))
     session_timeout: float = field(default=10.0, metadata=_conv(_duration))
     failover: str = field(default="manual", metadata=_conv(_choice("manual", "automatic")))
     max_lag_on_failover: float = field(default=900.0, metadata=_conv(_duration))

@@ -18,6 +18,7 @@ Failing on the code this was written against (each docstring says what it proves
    copied backup (same id, older date) ``--keep-last 1`` removed the newest backup; and a backup dated in
    the future stopped the agent's scheduled backups until that date.
 8. ``[agent] listen``, ``advertise`` and ``metrics`` took a port past 65535.
+9. A group or agent name with a ``/`` nested its ZooKeeper node inside another group's or agent's.
 
 What held (regression guards): lock conflicts and ``repo unlock --json`` with newlines and lone surrogates
 in the holder's host and command; ``repo verify`` and ``backup verify`` damage reports naming files with
@@ -336,6 +337,22 @@ def test_a_port_past_65535_is_a_configuration_error(tmp_path: Path, key: str) ->
     assert r.code == 2 and _one_error_line(r) and f"agent.{key}: port 99999" in r.err, r
 
 
+@pytest.mark.parametrize("key,value", [("coordination.group", "prod/agents"), ("coordination.group", ".."),
+                                       ("coordination.group", "a\\nb"), ("agent.name", "a/b"),
+                                       ("agent.name", "x\\u0000y"), ("agent.name", "\\ue000")])
+def test_a_group_or_agent_name_that_is_not_one_zookeeper_node_is_refused(tmp_path: Path, key: str,
+                                                                         value: str) -> None:
+    """A group is the node /drsync/<group> and an agent the node agents/<name>. 'prod/agents' nested a
+    group inside group prod's agents folder (prod's agents would list its epoch and primary nodes as
+    agents); '..' and control characters are not node names at all. Now: exit 2, one line."""
+    section, name = key.split(".")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path}"\nrepository = "{tmp_path}/r"\n\n'
+                   f'[{section}]\n{name} = "{value}"\n')
+    r = run_drsync("init", "--config", cfg)
+    assert r.code == 2 and _one_error_line(r) and f"{key}: " in r.err and "ZooKeeper node" in r.err, r
+
+
 # --- what held -------------------------------------------------------------------------------------------
 
 
@@ -416,7 +433,8 @@ def test_held_toml_escapes_in_config_values(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[cluster]\nid = "cl\\nFORGED\\u2028"\nrelease = "1\\u001b[2J"\n'
                    f'data = "{tmp_path}/d\\nX"\nrepository = "{tmp_path}/r\\u0085Y"\n\n'
-                   f'[agent]\nname = "ag\\nent\\u202e"\nrole = "primary"\n\n[coordination]\ngroup = "gr\\noup"\n')
+                   f'[agent]\nname = "ag\\u2028ent\\u202e"\nrole = "primary"\n\n'
+                   f'[coordination]\ngroup = "gr\\u2029oup"\n')
     for args, lines in ((["init"], 1), (["snapshot", "create"], 2), (["snapshot", "list"], 2),
                         (["status", "--points"], 3)):
         r = run_drsync(*args, "--config", cfg)
@@ -431,14 +449,15 @@ def test_held_agent_once_text_log_with_hostile_names(tmp_path: Path) -> None:
     data = _hostile_root(tmp_path / "data")
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{data}"\nrepository = "{tmp_path}/r"\n\n'
-                   f'[agent]\nname = "ag\\nent\\u202e"\nrole = "primary"\n\n[coordination]\ngroup = "gr\\noup"\n\n'
+                   f'[agent]\nname = "ag\\u2028ent\\u202e"\nrole = "primary"\n\n'
+                   f'[coordination]\ngroup = "gr\\u2029oup"\n\n'
                    f'[replication]\nstandbys = ["127.0.0.1:{free_port()}"]\n')
     init_repo(cfg)
     r = run_drsync("agent", "--config", cfg, "--once")
     assert r.code == 1 and len(_lines(r.out)) == 1, r
     err = _lines(r.err)
     assert all(RECORD.match(x) for x in err[:-1]) and err[-1].startswith("drsync: error: "), r.err
-    assert any("ff\\n2026-12-01" in x for x in err) and "group=gr\\noup agent=ag\\nent\\u202e" in err[0], r.err
+    assert any("ff\\n2026-12-01" in x for x in err) and "group=gr\\u2029oup agent=ag\\u2028ent\\u202e" in err[0], r.err
 
 
 def test_held_undecodable_names_in_show_diff_and_json(tmp_path: Path) -> None:
