@@ -37,7 +37,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow.compute as pc
 
-from drsync import allocators, fsutil
+from drsync import allocators, documents, fsutil
 from drsync.apply_chunks import PartReaders, check_rows
 from drsync.dataroot import SMALL_FILE_BYTES, STAGING, UNKNOWN_ID, DataRoot, open_data_root, small_files_pool
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
@@ -667,7 +667,7 @@ def _finish_interrupted(root: DataRoot, log_: Journal) -> bool:
     if raw is None:
         return False
     try:
-        doc = json.loads(raw)
+        doc = documents.loads(raw)
     except ValueError:
         # Written atomically, so a damaged journal is not ours to guess at.
         raise IntegrityError(f"apply journal of {root.url} is damaged; restore the target from a snapshot "

@@ -9,10 +9,12 @@ complete and synced, so an interrupted creation never looks like a backup.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Any
 import blake3
 import numpy as np
 
-from drsync import faults, fsutil
+from drsync import documents, faults, fsutil
 from drsync.apply import ApplyResult, ForeignTarget, apply_manifest
 from drsync.config import KeepPolicy
 from drsync.errors import IntegrityError, NotFound, UsageError
@@ -72,21 +74,34 @@ class BackupInfo:
         return doc
 
 
+# A backup.json holds the snapshot's document (at most SNAPSHOT_DOC_MAX_BYTES) and a few fields.
+BACKUP_META_MAX_BYTES = fmt.SNAPSHOT_DOC_MAX_BYTES + fmt.SMALL_DOC_MAX_BYTES
+
+
 def _read_meta(path: str) -> BackupInfo:
     """The backup.json of the backup directory ``path``. NotFound: no such directory; UsageError: not a
-    complete backup, or a newer format; IntegrityError: damaged (not JSON, a field missing or of the
-    wrong type, a time no date can show)."""
+    complete backup, or a newer format; IntegrityError: damaged (not a regular file of at most
+    ``BACKUP_META_MAX_BYTES``, not strict JSON, a field missing or of the wrong type, a time no date can
+    show). It is never opened unless it is a regular file (a fifo would block the reader for good)."""
     meta = os.path.join(path, BACKUP_META)
     if not os.path.isdir(path):
         raise NotFound(f"backup {path} does not exist")
     try:
-        with open(meta, "rb") as f:
-            doc = json.load(f)
+        st = os.lstat(meta)
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"{meta} is damaged: it is not a regular file")
+        if st.st_size > BACKUP_META_MAX_BYTES:
+            raise IntegrityError(f"{meta} is damaged: it is {st.st_size} bytes, a backup.json is at most "
+                                 f"{BACKUP_META_MAX_BYTES}; it was not read")
+        fd = os.open(meta, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(BACKUP_META_MAX_BYTES + 1)
     except FileNotFoundError:
         raise UsageError(f"{path} is not a complete drsync backup (no {BACKUP_META})") from None
-    except ValueError as e:
-        raise IntegrityError(f"{meta} is damaged: {e}") from None
+    if len(raw) > BACKUP_META_MAX_BYTES:
+        raise IntegrityError(f"{meta} is damaged: it grew past {BACKUP_META_MAX_BYTES} bytes while read")
     try:
+        doc = documents.loads(raw)
         if not isinstance(doc, dict):
             raise TypeError(f"a JSON {type(doc).__name__}, not an object")
         version = doc.get("format", 0)
@@ -95,6 +110,12 @@ def _read_meta(path: str) -> BackupInfo:
         if version > BACKUP_FORMAT:
             raise UsageError(f"backup {path} has format {version}, newer than this drsync understands; "
                              f"upgrade drsync")
+        unknown = sorted(set(doc) - {f.name for f in dataclasses.fields(BackupInfo)} - {"path"})
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r} (a backup.json of format {version} has none)")
+        missing = [k for k in ("id", "mode", "created_at", "snapshot") if k not in doc]
+        if missing:
+            raise ValueError(f"field {missing[0]!r} is missing")
         doc["created_at"] = parse_iso(doc["created_at"])
         doc["path"] = os.path.abspath(path)
         info = BackupInfo(**doc)
@@ -112,7 +133,7 @@ def _check_types(info: BackupInfo) -> None:
         raise ValueError(f"mode {info.mode!r} is not one of {', '.join(MODES)}")
     for name in ("files", "bytes", "stored_bytes"):
         v = getattr(info, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 63:
             raise TypeError(f"{name} {v!r} is not a count")
     if not isinstance(info.snapshot, dict):
         raise TypeError("snapshot is not an object")
@@ -141,8 +162,11 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
         if os.path.exists(final):
             raise UsageError(f"backup {final} exists already")
         partial = os.path.join(dest, f".partial-{backup_id}-{secrets.token_hex(4)}")
-        faults.pause("backup")
+        os.mkdir(partial)
+        held = os.open(partial, os.O_RDONLY | os.O_DIRECTORY)
         try:
+            fcntl.flock(held, fcntl.LOCK_EX)  # a prune meanwhile leaves this directory alone
+            faults.pause("backup")
             binfo = _build(repo, info, prepared, partial, backup_id, mode, created, progress, on_total)
             fsutil.syncfs(partial)
             os.rename(partial, final)
@@ -150,6 +174,8 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
+        finally:
+            os.close(held)
     binfo.path = os.path.abspath(final)
     return binfo
 
@@ -334,25 +360,61 @@ class BackupListing:
     damaged: list[dict[str, str]]
 
 
+# A backup dated later than this past now is not ordered by its date (a clock that was ahead).
+FUTURE_SKEW_S = 300.0
+
+
 def list_backups(dest: str) -> BackupListing:
-    """The backups in ``dest``. A damaged backup.json is listed in ``damaged``, never an error: one bad
-    backup must not hide the others, nor stop an agent's backups. NotFound: ``dest`` does not exist."""
+    """The backups in ``dest``, oldest first (equal times: a directory named by its backup's id, the
+    original, after a copy). Listed in ``damaged``, never an error and never pruned: a backup.json that
+    cannot be read, a directory without the rest of a backup (``CHECKSUMS.b3``, ``config.json``), a
+    symbolic link (its backup lies elsewhere), and a backup dated more than ``FUTURE_SKEW_S`` ahead (its
+    age is unknown: ordered by that date it would outlive every real backup). One bad backup must not
+    hide the others, nor stop an agent's backups. NotFound: ``dest`` is not a directory."""
     if not os.path.isdir(dest):
-        raise NotFound(f"backup directory {dest} does not exist")
+        what = "is not a directory" if os.path.exists(dest) else "does not exist"
+        raise NotFound(f"backup directory {dest} {what}")
     done, partial, damaged = [], [], []
+    now = time.time()
     for name in sorted(os.listdir(dest)):
         p = os.path.join(dest, name)
-        if not os.path.isdir(p):
-            continue
         if name.startswith((".partial-", ".deleting-")):
-            partial.append(name)
-        elif os.path.exists(os.path.join(p, BACKUP_META)):
-            try:
-                done.append(_read_meta(p))
-            except (IntegrityError, UsageError) as e:  # damaged, or written by a newer drsync: left alone
-                damaged.append({"file": f"{name}/{BACKUP_META}", "reason": str(e)})
-    done.sort(key=lambda b: (b.created_at, b.id))
+            if os.path.isdir(p) and not os.path.islink(p):
+                partial.append(name)
+            continue
+        if not os.path.lexists(os.path.join(p, BACKUP_META)):
+            continue  # not a backup (a file, or a directory of something else)
+        try:
+            if os.path.islink(p):
+                raise IntegrityError(f"{p} is a symbolic link: its backup lies elsewhere, and prune leaves it alone")
+            info = _read_meta(p)
+            for part in (CHECKSUMS, "config.json"):
+                if not os.path.isfile(os.path.join(p, part)):
+                    raise IntegrityError(f"{p} has a {BACKUP_META} but no {part}: not a complete backup")
+            if info.created_at > now + FUTURE_SKEW_S:
+                raise IntegrityError(f"{p} says it was created in the future ({iso(info.created_at)}), by a clock "
+                                     f"that was ahead or a copy from elsewhere: its age is unknown")
+            done.append(info)
+        except (IntegrityError, UsageError) as e:  # damaged, or written by a newer drsync: left alone
+            damaged.append({"file": f"{name}/{BACKUP_META}", "reason": str(e)})
+    done.sort(key=lambda b: (b.created_at, os.path.basename(b.path) == b.id, os.path.basename(b.path)))
     return BackupListing(done, partial, damaged)
+
+
+def _being_written(path: str) -> bool:
+    """Whether a ``.partial-`` directory belongs to a backup being created now (its creator holds a
+    lock on the directory; a crashed creator holds none)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the lock taken here
+    return False
 
 
 @dataclass
@@ -371,14 +433,16 @@ def prune_backups(dest: str, policy: KeepPolicy, *, dry_run: bool = False) -> Pr
     if policy.is_empty():
         raise UsageError("give at least one --keep-* option; pruning with no policy would delete everything")
     listing = list_backups(dest)
-    decisions = plan_retention([(os.path.basename(b.path), b.created_at) for b in listing.backups], policy)
+    decisions = plan_retention([(os.path.basename(b.path), b.created_at) for b in listing.backups], policy,
+                               in_order=True)  # list_backups' order: an original after its copy
     if dry_run:
         return PruneResult(decisions, listing.damaged)
     for d in decisions:
         if not d.keep:
             _remove_dir(dest, d.id)
     for name in listing.incomplete:
-        shutil.rmtree(os.path.join(dest, name), ignore_errors=True)
+        if not _being_written(os.path.join(dest, name)):
+            shutil.rmtree(os.path.join(dest, name), ignore_errors=True)
     fsutil.fsync_dir(dest)
     return PruneResult(decisions, listing.damaged)
 

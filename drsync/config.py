@@ -74,13 +74,17 @@ def _nonempty_str(v: Any, key: str) -> str:
     return s
 
 
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.%\w]*\]|[^\s:\[\]]*):([0-9]{1,5})", re.ASCII)  # no host: local
+
+
 def _address(v: Any, key: str) -> str:
-    """A ``host:port`` to listen on or advertise ("" where the key allows none): a port past 65535 is
-    refused here, not by the agent's listener after it started."""
+    """A ``host:port`` to listen on or advertise (``[::1]:7420`` for IPv6; "" where the key allows
+    none): the port in ASCII digits from 0 to 65535, nothing around it. Refused here, not by the
+    listener after the agent started (which read ``"70000 "`` as port 4464)."""
     s = _str(v, key)
-    port = s.rpartition(":")[2]
-    if ":" in s and port.isdigit() and int(port) > 65535:
-        raise ConfigError(f"{key}: port {port} in {s!r} is not a TCP port (0 to 65535)")
+    m = _HOST_PORT.fullmatch(s)
+    if s and (m is None or int(m.group(2)) > 65535):
+        raise ConfigError(f"{key}: {s!r} is not host:port with a TCP port from 0 to 65535 (e.g. 127.0.0.1:7420)")
     return s
 
 
@@ -88,8 +92,9 @@ def _listen(v: Any, key: str) -> str:
     return _address(_nonempty_str(v, key), key)
 
 
-# Characters ZooKeeper refuses in a node name (its PathUtils.validatePath), controls included.
-_NOT_IN_NODE = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff]")
+# Characters ZooKeeper refuses in a node name (its PathUtils.validatePath), controls included; it checks
+# UTF-16 code units, so every character past U+FFFF (a surrogate pair there) is refused too.
+_NOT_IN_NODE = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff\U00010000-\U0010ffff]")
 
 
 def _node_name(v: Any, key: str) -> str:
@@ -178,6 +183,13 @@ def _keep(v: Any, key: str) -> KeepPolicy:
             raise ConfigError(f"{key}.{k}: unknown key; allowed: {', '.join(sorted(allowed))}")
         values[k] = _int(x, f"{key}.{k}")
     return KeepPolicy(**values)
+
+
+def _backup_keep(v: Any, key: str) -> KeepPolicy:
+    policy = _keep(v, key)
+    if policy.is_empty():
+        raise ConfigError(f"{key}: keeps no backup; give at least one count, e.g. {{ last = 3, daily = 7 }}")
+    return policy
 
 
 def _conv(fn: Callable[[Any, str], Any]) -> dict[str, Any]:
@@ -342,7 +354,7 @@ class BackupsConfig:
     light_exclude: tuple[str, ...] = field(default=(), metadata=_conv(_str_list))
     destination: str = field(default="", metadata=_conv(_str))
     keep: KeepPolicy = field(default_factory=lambda: KeepPolicy(last=3, daily=7, weekly=4, monthly=6),
-                             metadata=_conv(_keep))
+                             metadata=_conv(_backup_keep))
 
 
 def _fraction(v: Any, key: str, of: str = "chunks to check") -> float:

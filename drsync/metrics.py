@@ -10,6 +10,7 @@ freezing at its last value.
 from __future__ import annotations
 
 import errno
+import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -209,6 +210,14 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that resets its connection (a scrape timeout, a health check): not the agent's error,
+        # and never a traceback on stderr (socketserver prints one by default).
+        logging.getLogger("drsync.metrics").debug("metrics: a request from %s failed", client_address,
+                                                  exc_info=True)
+
+
 def serve(registry: CollectorRegistry, address: str,
           pages: Mapping[str, Callable[[], tuple[str, bytes]]] | None = None) -> ThreadingHTTPServer:
     """Serve /metrics (and ``pages``: path -> (content type, body)) on ``host:port``.
@@ -218,7 +227,7 @@ def serve(registry: CollectorRegistry, address: str,
     host, _, port = address.rpartition(":")
     handler = type("Handler", (_Handler,), {"registry": registry, "pages": dict(pages or {})})
     try:
-        server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), handler)
+        server = _Server((host or "127.0.0.1", int(port)), handler)
     except OSError as e:
         why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e)).lower()
         raise UsageError(f"cannot serve metrics on {address}: {why}; set agent.metrics to a free host:port") from None

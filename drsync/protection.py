@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from drsync import fsutil
+from drsync import documents, fsutil
 from drsync.errors import IntegrityError, RefusedError
 from drsync.repository.format import PROTECT_NAME
 from drsync.repository.snapshots import SnapshotInfo
@@ -130,7 +130,7 @@ def read_window(storage: Storage) -> RecordedWindow | None:
     if len(data) > REPO_DOC_MAX_BYTES:
         raise IntegrityError(f"{where} is {len(data)} bytes, over {REPO_DOC_MAX_BYTES}; {fix}")
     try:
-        doc = json.loads(data)
+        doc = documents.loads(data)
         if not isinstance(doc, dict) or doc.get("kind") != REPO_DOC_KIND:
             raise ValueError(f"kind is not {REPO_DOC_KIND!r}")
         fmt = doc.get("format")
@@ -258,7 +258,7 @@ def read_break_glass(state_dir: str) -> list[dict[str, Any]]:
     out = []
     for line in lines:
         try:
-            out.append(json.loads(line))
+            out.append(documents.loads(line))
         except ValueError:
             continue
     return out

@@ -199,7 +199,7 @@ def test_a_damaged_backup_json_is_named_not_an_internal_error(tmp_path: Path, da
     assert bdir.is_dir()  # a prune never removes what it cannot read
 
 
-def _primary_beside(tmp_path: Path, backups: Path, agent: str = "", extra: str = "") -> Path:
+def primary_beside(tmp_path: Path, backups: Path, agent: str = "", extra: str = "") -> Path:
     """The config of a primary (one-file data root, its own repository) whose [backups] destination is
     ``backups``; ``agent`` and ``extra`` add lines to [agent] and to [backups]."""
     data = tmp_path / "pdata"
@@ -218,7 +218,7 @@ def test_a_primary_agent_starts_beside_a_damaged_backup(tmp_path: Path) -> None:
     has no attribute 'get''), so one bad directory among the backups stops replication."""
     bdir = _backup(tmp_path)
     _rewrite_meta(bdir, lambda doc: [])
-    cfg = _primary_beside(tmp_path, bdir.parent)
+    cfg = primary_beside(tmp_path, bdir.parent)
     r = run_drsync("agent", "--config", cfg, "--once")
     assert r.code == 0 and "internal error" not in r.err, r
     warned = [x for x in r.err.splitlines() if " WARNING " in x and bdir.name in x]
@@ -228,16 +228,9 @@ def test_a_primary_agent_starts_beside_a_damaged_backup(tmp_path: Path) -> None:
 # --- 5. a traceback in the agent's text log --------------------------------------------------------------
 
 
-def test_the_agents_text_log_has_no_traceback_when_a_backup_is_damaged(tmp_path: Path) -> None:
-    """A primary agent with [backups] every 1s whose destination holds one backup with a created_at
-    datetime cannot hold in UTC ("0001-01-01T00:00:00+01:00"): the agent starts, writes a backup, and its
-    prune fails. Every line of its text log must be a record (time, level, ...): today it writes
-    'ERROR ... maintenance pass failed' followed by a 15-line Python traceback (without --debug), on
-    every pass, and never prunes again."""
-    bdir = _backup(tmp_path)
-    _rewrite_meta(bdir, DAMAGED_META["created_at before year 1 in UTC"])
-    cfg = _primary_beside(tmp_path, bdir.parent, agent=f'listen = "127.0.0.1:{free_port()}"\n'
-                          f'metrics = "127.0.0.1:{free_port()}"\n', extra='interval = "1s"\n')
+def start_agent(cfg: Path) -> tuple[subprocess.Popen[str], queue.Queue[str | None], threading.Thread]:
+    """``drsync agent --config cfg`` as a process, and its stderr line by line on a queue (None: closed),
+    read by the returned thread."""
     proc = subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str | None] = queue.Queue()
@@ -250,6 +243,20 @@ def test_the_agents_text_log_has_no_traceback_when_a_backup_is_damaged(tmp_path:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    return proc, lines, reader
+
+
+def test_the_agents_text_log_has_no_traceback_when_a_backup_is_damaged(tmp_path: Path) -> None:
+    """A primary agent with [backups] every 1s whose destination holds one backup with a created_at
+    datetime cannot hold in UTC ("0001-01-01T00:00:00+01:00"): the agent starts, writes a backup, and its
+    prune fails. Every line of its text log must be a record (time, level, ...): today it writes
+    'ERROR ... maintenance pass failed' followed by a 15-line Python traceback (without --debug), on
+    every pass, and never prunes again."""
+    bdir = _backup(tmp_path)
+    _rewrite_meta(bdir, DAMAGED_META["created_at before year 1 in UTC"])
+    cfg = primary_beside(tmp_path, bdir.parent, agent=f'listen = "127.0.0.1:{free_port()}"\n'
+                          f'metrics = "127.0.0.1:{free_port()}"\n', extra='interval = "1s"\n')
+    proc, lines, reader = start_agent(cfg)
     seen: list[str] = []
     try:
         while True:  # until the first backup attempt is reported, however it ends
@@ -319,7 +326,7 @@ def test_a_backup_dated_in_the_future_does_not_stop_the_agents_backups(tmp_path:
     the last backup and waited until 2100 for the next one. Now it warns and backs up at once."""
     bdir = _backup(tmp_path)
     _rewrite_meta(bdir, lambda d: {**d, "created_at": "2100-01-01T00:00:00Z"})
-    cfg = _primary_beside(tmp_path, bdir.parent, extra='interval = "1h"\n')
+    cfg = primary_beside(tmp_path, bdir.parent, extra='interval = "1h"\n')
     r = run_drsync("agent", "--config", cfg, "--once")
     assert r.code == 0, r
     assert any(" WARNING " in x and "in the future" in x for x in r.err.splitlines()), r.err
@@ -334,7 +341,7 @@ def test_a_port_past_65535_is_a_configuration_error(tmp_path: Path, key: str) ->
     cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{tmp_path}"\nrepository = "{tmp_path}/r"\n\n'
                    f'[agent]\n{key} = "127.0.0.1:99999"\n')
     r = run_drsync("init", "--config", cfg)
-    assert r.code == 2 and _one_error_line(r) and f"agent.{key}: port 99999" in r.err, r
+    assert r.code == 2 and _one_error_line(r) and f"agent.{key}: '127.0.0.1:99999' is not host:port" in r.err, r
 
 
 @pytest.mark.parametrize("key,value", [("coordination.group", "prod/agents"), ("coordination.group", ".."),

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from drsync import allocators, faults, fsutil
+from drsync import allocators, documents, faults, fsutil
 from drsync.agent.hold import HoldFile
 from drsync.agent.roles import format_span
 from drsync.agent.state import StateStore
@@ -90,7 +90,7 @@ class Committer:
         doc = None
         if os.path.exists(self._pending):
             with open(self._pending, "rb") as f:
-                doc = json.loads(f.read())
+                doc = documents.loads(f.read(), allow_nan=True)
         finished = recover_apply(self.data_root, self.store.journal)
         if finished and doc is not None:
             self._record_applied(doc["snapshot"], doc["captured_at"], doc.get("position") or [])

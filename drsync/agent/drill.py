@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from drsync import engine, fsutil
+from drsync import documents, engine, fsutil
 from drsync.agent.clock import lag_s as clock_lag_s
 from drsync.agent.state import StateStore
 from drsync.apply import apply_manifest, comparison_resolution, plan_apply
@@ -324,7 +324,7 @@ def load_reports(state_dir: str, limit: int = 0) -> list[dict[str, Any]]:
     for n in names[-limit:] if limit else names:
         try:
             with open(os.path.join(d, n), "rb") as f:
-                out.append(json.loads(f.read()))
+                out.append(documents.loads(f.read(), allow_nan=True))
         except (OSError, ValueError):
             continue
     return out

@@ -30,7 +30,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from drsync import allocators, fsutil
+from drsync import allocators, documents, fsutil
 
 log = logging.getLogger("drsync.agent.fencing")
 
@@ -126,7 +126,7 @@ def rejoin_approved(state_dir: str) -> dict[str, object] | None:
     """The operator's approval, when one is recorded."""
     try:
         with open(os.path.join(state_dir, REJOIN_FILE), "rb") as f:
-            doc = json.loads(f.read() or b"{}")
+            doc = documents.loads(f.read() or b"{}", allow_nan=True)
     except (FileNotFoundError, ValueError):
         return None
     return doc if isinstance(doc, dict) else {}

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from drsync import fsutil
+from drsync import documents, fsutil
 
 
 @dataclass
@@ -78,7 +78,7 @@ class HoldFile:
     def load(self) -> ApplyHold:
         try:
             with open(self.path, "rb") as f:
-                doc = json.loads(f.read())
+                doc = documents.loads(f.read(), allow_nan=True)
         except FileNotFoundError:
             return ApplyHold()
         known = set(ApplyHold.__dataclass_fields__)

@@ -38,7 +38,6 @@ from drsync.errors import DrsyncError, LockedError
 from drsync.metrics import AgentMetrics
 from drsync.protection import BreakGlassCount, read_break_glass
 from drsync.repository.repo import Repository
-from drsync.units import iso_time as iso
 
 log = logging.getLogger("drsync.agent")
 
@@ -226,15 +225,9 @@ class MaintenanceWorker:
         except (DrsyncError, OSError):
             return
         self._warn_damaged_backups(listing.damaged)
-        if listing.backups:
-            newest = listing.backups[-1]
-            now = time.time()
-            if newest.created_at > now:  # a clock that was ahead, or a copied-in backup: its age is unknown
-                log.warning("agent %s: backup %s in %s says it was created in the future (%s); a new backup "
-                            "is taken now", self.name, newest.id, dest, iso(newest.created_at))
-                return
-            self._last_backup = newest.created_at
-            self.metrics.backup_last_success.set(newest.created_at)
+        if listing.backups:  # one dated in the future is among the damaged: it does not delay the next
+            self._last_backup = listing.backups[-1].created_at
+            self.metrics.backup_last_success.set(self._last_backup)
 
     def _warn_damaged_backups(self, damaged: list[dict[str, str]]) -> None:
         """A backup whose backup.json cannot be read is kept and left alone; said at WARNING once per

@@ -21,13 +21,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 
 from drsync.agent.state import AgentState
 from drsync.config import parse_duration
 from drsync.errors import UsageError
 from drsync.repository.snapshots import SnapshotInfo
-from drsync.units import iso_time
+from drsync.units import iso_time, parse_iso
 
 
 @dataclass(frozen=True)
@@ -83,11 +82,10 @@ def parse_before(text: str, now: float) -> float:
         except Exception:
             pass
     try:
-        when = datetime.fromisoformat(t.replace("Z", "+00:00"))
+        return parse_iso(t)  # naive: local time
     except ValueError:
-        raise UsageError(f"--before {text!r} is not a time: give ISO 8601 (2026-12-01T09:00:00Z), Unix seconds, "
-                         f"or a span ago (90m, 2h, 1d)") from None
-    return when.timestamp()  # naive: local time
+        raise UsageError(f"--before {text!r} is not a time: give ISO 8601 (2026-12-01T09:00:00Z) within years 1 "
+                         f"to 9999, Unix seconds, or a span ago (90m, 2h, 1d)") from None
 
 
 def choose_point(points: list[RecoveryPoint], *, to_snapshot: str | None = None,

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from drsync import fsutil
+from drsync import documents, fsutil
 from drsync.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, DrsyncError, OperationFailed, UsageError
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def wait_reply(state_dir: str, request_id: str, *, wait_s: float, what: str = "t
     while True:
         try:
             with open(reply_path, "rb") as f:
-                doc = json.loads(f.read())
+                doc = documents.loads(f.read(), allow_nan=True)
         except FileNotFoundError:
             if time.monotonic() >= deadline:
                 break
@@ -256,7 +256,7 @@ def serve_pending(state_dir: str, agent: Agent) -> int:
             continue  # withdrawn by a command that gave up
         try:
             with open(taken, "rb") as f:
-                doc = json.loads(f.read())
+                doc = documents.loads(f.read(), allow_nan=True)
             name, args = str(doc["action"]), dict(doc.get("args") or {})
         except (OSError, ValueError, KeyError, TypeError) as e:
             reply = Reply(request_id, "", False, EXIT_USAGE, f"malformed request {n}: {e}", agent=agent.name,

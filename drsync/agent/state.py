@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from drsync import engine, fsutil
+from drsync import documents, engine, fsutil
 from drsync.agent import clock
 from drsync.config import Config
 from drsync.errors import UsageError
@@ -143,7 +143,7 @@ class StateStore:
         """Read the record from disk (a missing file is a fresh agent)."""
         try:
             with open(self.path, "rb") as f:
-                return AgentState.from_doc(json.loads(f.read()))
+                return AgentState.from_doc(documents.loads(f.read(), allow_nan=True))
         except FileNotFoundError:
             return AgentState()
 

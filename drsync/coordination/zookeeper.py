@@ -35,6 +35,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL, Id, Permissions, make_digest_acl
 
+from drsync import documents
 from drsync.coordination import (
     HISTORY_KEEP,
     MEMBER_FIELDS,
@@ -148,7 +149,7 @@ def chroot_commands(chroot: str) -> str:
 
 def _load(data: bytes | None) -> dict[str, Any]:
     try:
-        doc = json.loads(data or b"{}")
+        doc = documents.loads(data or b"{}", allow_nan=True)
     except ValueError:
         return {}
     return doc if isinstance(doc, dict) else {}

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync import faults, fsutil
+from drsync import documents, faults, fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.dataroot.distcp import HISTORY_PREFIX
 from drsync.errors import RefusedError, UsageError
@@ -816,13 +816,12 @@ class HdfsJournal:
             raise
 
     def load(self) -> bytes | None:
-        import json
 
         for _, name in reversed(self._names()):
             with self.fs.open(posixpath.join(self.dir, name)) as raw:
                 data = raw.read()
             try:
-                json.loads(data)
+                documents.loads(data, allow_nan=True)
             except ValueError:
                 continue  # cut short while written: the one before is current
             return data

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from drsync import fsutil, native_walk
+from drsync import documents, fsutil, native_walk
 from drsync.dataroot import STAGING, FileVersion, stream_matches
 from drsync.dataroot.beneath import Beneath
 from drsync.errors import OperationFailed, RefusedError, UsageError
@@ -584,7 +584,7 @@ def _read_record(fs: Beneath) -> dict[str, dict[str, int]]:
         if not st.S_ISREG(os.fstat(fd).st_mode):
             return {}
         with os.fdopen(os.dup(fd), "rb") as f:
-            doc = json.loads(f.read())
+            doc = documents.loads(f.read(), allow_nan=True)
     except ValueError:
         return {}  # written atomically; anything else is not ours
     finally:
@@ -940,7 +940,7 @@ def _is_repository(path: str) -> bool:
     except OSError:
         return False
     try:
-        doc = json.loads(os.read(fd, 65536) or b"null")
+        doc = documents.loads(os.read(fd, 65536) or b"null", allow_nan=True)
     except (OSError, ValueError):
         return False
     finally:

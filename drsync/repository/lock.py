@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from drsync import documents
 from drsync.errors import IntegrityError, LockedError
 from drsync.liveness import ProcessRef
 from drsync.repository import format as fmt
@@ -142,7 +143,7 @@ def read_locks(storage: Storage, *, oversized_ok: bool = False) -> list[LockInfo
                                  f"if no drsync runs on this repository, remove it with 'drsync repo unlock "
                                  f"--all'")
         try:
-            doc = json.loads(read_bounded(storage, obj.name, fmt.SMALL_DOC_MAX_BYTES, f"lock file {obj.name}"))
+            doc = documents.loads(read_bounded(storage, obj.name, fmt.SMALL_DOC_MAX_BYTES, f"lock file {obj.name}"))
             pid, host, pidns = doc["pid"], doc["host"], doc.get("pidns")
             if (type(pid) is not int or pid < 0 or not isinstance(host, str)
                     or not (pidns is None or isinstance(pidns, str) or type(pidns) is int)):

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync import faults
+from drsync import documents, faults
 from drsync.errors import IntegrityError, NotFound, OperationFailed, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
@@ -422,7 +422,7 @@ class Repository:
             raise NotFound(f"no drsync repository at {storage.url}; create one with "
                            f"'drsync init' (or check the path)") from None
         try:
-            doc = json.loads(raw)
+            doc = documents.loads(raw)
             kind, version = doc["kind"], int(doc["version"])
         except (ValueError, KeyError, TypeError):
             raise IntegrityError(f"{storage.url}/{fmt.CONFIG_NAME} is damaged; it is not a repository "

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from drsync import documents
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
 from drsync.units import iso_time, parse_iso
@@ -143,7 +144,7 @@ class SnapshotInfo:
             raise IntegrityError(f"{what} is {len(data)} bytes; a snapshot document is at most "
                                  f"{fmt.SNAPSHOT_DOC_MAX_BYTES} bytes (docs/FORMAT.md, Limits); it was not read")
         try:
-            doc = json.loads(data)
+            doc = documents.loads(data)
             version = int(doc.get("format", 0))
             if version > fmt.FORMAT_VERSION:
                 raise IntegrityError(f"{what} uses format {version}, newer than this drsync understands "
