@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from drsync import backup, engine
@@ -141,9 +143,10 @@ def backup_list(inv: Invocation, dest: str | None) -> None:
     doc = {"backups": [b.to_json() for b in backups], "incomplete": leftovers, "damaged": listing.damaged}
 
     def human() -> None:
+        # BACKUP is the directory (what prune names and removes; a copy keeps its backup.json's id)
         table(["BACKUP", "SNAPSHOT", "MODE", "CREATED", "FILES", "SIZE", "STORED"],
-               [[b.id, str(b.snapshot.get("id", "?")), b.mode, iso(b.created_at) or "", str(b.files),
-                 human_size(b.bytes), human_size(b.stored_bytes)] for b in backups])
+               [[os.path.basename(b.path), str(b.snapshot.get("id", "?")), b.mode, iso(b.created_at) or "",
+                 str(b.files), human_size(b.bytes), human_size(b.stored_bytes)] for b in backups])
         if leftovers:
             say(f"{len(leftovers)} incomplete leftover(s), removed by 'drsync backup prune': "
                 f"{', '.join(leftovers)}")

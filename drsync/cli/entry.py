@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: say so plainly, and how to get the details
         if debug:
             traceback.print_exc()
-        _error(f"{type(e).__name__}: {e}; rerun with --debug for details", prefix="internal error")
+        _error(f"{type(e).__name__}: {e}" + ("" if debug else "; rerun with --debug for details"),
+               prefix="internal error")
         return EXIT_FAILED
 
 
