@@ -419,10 +419,13 @@ def _being_written(path: str) -> bool:
 
 @dataclass
 class PruneResult:
-    """What a prune decided for each readable backup, and the backups it could not read (kept)."""
+    """What a prune decided for each readable backup, the backups it could not read (kept), and those
+    it decided to remove but could not (``{"backup": directory, "reason": ...}``; the others were
+    removed all the same)."""
 
     decisions: list[RetentionDecision]
     damaged: list[dict[str, str]]
+    failed: list[dict[str, str]] = field(default_factory=list)
 
 
 def prune_backups(dest: str, policy: KeepPolicy, *, dry_run: bool = False) -> PruneResult:
@@ -437,14 +440,19 @@ def prune_backups(dest: str, policy: KeepPolicy, *, dry_run: bool = False) -> Pr
                                in_order=True)  # list_backups' order: an original after its copy
     if dry_run:
         return PruneResult(decisions, listing.damaged)
+    failed = []
     for d in decisions:
         if not d.keep:
-            _remove_dir(dest, d.id)
+            try:
+                _remove_dir(dest, d.id)
+            except OSError as e:  # one backup that cannot go does not keep the others
+                where = f" ({os.path.relpath(e.filename, dest)})" if isinstance(e.filename, str) else ""
+                failed.append({"backup": d.id, "reason": f"{e.strerror or e}{where}"})
     for name in listing.incomplete:
         if not _being_written(os.path.join(dest, name)):
             shutil.rmtree(os.path.join(dest, name), ignore_errors=True)
     fsutil.fsync_dir(dest)
-    return PruneResult(decisions, listing.damaged)
+    return PruneResult(decisions, listing.damaged, failed)
 
 
 def _remove_dir(dest: str, name: str) -> None:

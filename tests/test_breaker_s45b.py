@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, Result, init_repo_at, run_drsync
-from tests.test_breaker_s45 import primary_beside, start_agent
+from tests.test_breaker_s45 import _one_error_line, primary_beside, start_agent
 from tests.zk import free_port
 
 # The start of every record of the agent's text log (logsetup: ISO 8601 time with its zone).
@@ -526,3 +526,22 @@ def test_held_snapshot_times_no_date_can_show_are_damage(tmp_path: Path) -> None
         for args in (["snapshot", "list"], ["snapshot", "show", doc_path.stem], ["repo", "verify"]):
             r = run_drsync(*args, "--repo", repo)
             assert r.code == 3 and "internal error" not in r.err and doc_path.name in r.err, (t, args, r)
+
+
+def test_a_backup_that_cannot_be_removed_does_not_keep_the_others(tmp_path: Path) -> None:
+    """old-2024 holds a file that cannot be unlinked (immutable, `chattr +i`). Prune stopped at it (exit 1,
+    naming only a .parquet file) and old-2023, due for removal too, stayed. Now the others go, and the one
+    that could not is named by its directory: exit 1."""
+    newest, old24, old23 = _three(tmp_path)
+    stuck = next(p for p in old24.rglob("*") if p.is_file())
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem has no immutable attribute (chattr +i)")
+    try:
+        r = run_drsync("backup", "prune", newest.parent, "--keep-last", "1", "--json")
+    finally:  # prune renamed the backup to '.deleting-old-2024' before it failed to remove it
+        moved = newest.parent / ".deleting-old-2024" / stuck.relative_to(old24)
+        subprocess.run(["chattr", "-i", str(moved if moved.exists() else stuck)], check=True)
+    assert r.code == 1 and _one_error_line(r) and "1 backup(s) could not be removed" in r.err, r
+    assert "old-2024" in r.err, r
+    assert json.loads(r.out)["failed"][0]["backup"] == "old-2024", r.out
+    assert newest.is_dir() and not old23.exists()

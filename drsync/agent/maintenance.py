@@ -261,6 +261,9 @@ class MaintenanceWorker:
         finally:
             self.busy = ""
         self._warn_damaged_backups(pruned.damaged)
+        for f in pruned.failed:
+            log.warning("agent %s: backup %s in %s could not be removed by the prune: %s", self.name, f["backup"],
+                        b.destination, f["reason"])
         self._last_backup = info.created_at
         self.metrics.backup_last_success.set(info.created_at)
         log.info("agent %s: backup %s (%s) of snapshot %s written to %s", self.name, info.id, b.mode, snaps[-1].id,

@@ -24,8 +24,9 @@ from drsync.cli.common import (
 from drsync.cli.guards import own_paths
 from drsync.cli.restoring import finish_restore, foreign_target, restore_options
 from drsync.config import KeepPolicy
-from drsync.errors import EXIT_INTEGRITY, UsageError
+from drsync.errors import EXIT_FAILED, EXIT_INTEGRITY, UsageError
 from drsync.repository.snapshots import iso
+from drsync.text import printable
 from drsync.units import count, human_size
 
 
@@ -163,7 +164,7 @@ def _report_damaged(damaged: list[dict[str, str]]) -> None:
 
 @backup_grp.command("prune", epilog=exits(
              "0 pruned (or, --dry-run, listed)",
-             "1 a backup cannot be removed",
+             "1 a backup could not be removed (named; the others were pruned)",
              "2 no DEST (nor [backups] destination), or a usage error",
              "3 a backup's backup.json is damaged: it is kept, the others are pruned"))
 @config_only
@@ -196,5 +197,10 @@ def backup_prune(inv: Invocation, dest: str | None, keep_last: int, keep_hourly:
         say(f"{'would remove' if dry_run else 'removed'} {n} backup(s), kept {len(decisions) - n}")
 
     doc["damaged"] = pruned.damaged
+    doc["failed"] = pruned.failed
     emit(inv, doc, human)
+    if pruned.failed:
+        raise Exit(EXIT_FAILED, f"{len(pruned.failed)} backup(s) could not be removed (the others were): "
+                                + "; ".join(f"{printable(f['backup'])}: {f['reason']}" for f in pruned.failed)
+                                + "; fix that and prune again")
     _report_damaged(pruned.damaged)
