@@ -441,16 +441,25 @@ def prune_backups(dest: str, policy: KeepPolicy, *, dry_run: bool = False) -> Pr
     if dry_run:
         return PruneResult(decisions, listing.damaged)
     failed = []
+
+    def removal_failed(name: str, e: OSError) -> None:  # one that cannot go does not keep the others
+        where = f" ({os.path.relpath(e.filename, dest)})" if isinstance(e.filename, str) else ""
+        failed.append({"backup": name, "reason": f"{e.strerror or e}{where}"})
+
     for d in decisions:
         if not d.keep:
             try:
                 _remove_dir(dest, d.id)
-            except OSError as e:  # one backup that cannot go does not keep the others
-                where = f" ({os.path.relpath(e.filename, dest)})" if isinstance(e.filename, str) else ""
-                failed.append({"backup": d.id, "reason": f"{e.strerror or e}{where}"})
-    for name in listing.incomplete:
+            except OSError as e:
+                removal_failed(d.id, e)
+    for name in listing.incomplete:  # an earlier prune's or creation's leftovers: named when they stay
         if not _being_written(os.path.join(dest, name)):
-            shutil.rmtree(os.path.join(dest, name), ignore_errors=True)
+            try:
+                shutil.rmtree(os.path.join(dest, name))
+            except FileNotFoundError:
+                pass  # another prune removed it meanwhile
+            except OSError as e:
+                removal_failed(name, e)
     fsutil.fsync_dir(dest)
     return PruneResult(decisions, listing.damaged, failed)
 

@@ -545,3 +545,25 @@ def test_a_backup_that_cannot_be_removed_does_not_keep_the_others(tmp_path: Path
     assert "old-2024" in r.err, r
     assert json.loads(r.out)["failed"][0]["backup"] == "old-2024", r.out
     assert newest.is_dir() and not old23.exists()
+
+
+def test_a_leftover_that_cannot_be_removed_is_named_at_every_prune(tmp_path: Path) -> None:
+    """The backup the last prune could not remove stays as '.deleting-old-2024'. A later prune retried it
+    silently (exit 0, nothing said), so nobody learned that space was never freed. Now every prune names
+    it (exit 1, JSON 'failed') until it goes, and then says nothing."""
+    newest, old24, _ = _three(tmp_path)
+    stuck = next(p for p in old24.rglob("*") if p.is_file())
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem has no immutable attribute (chattr +i)")
+    moved = newest.parent / ".deleting-old-2024" / stuck.relative_to(old24)
+    try:
+        assert run_drsync("backup", "prune", newest.parent, "--keep-last", "1").code == 1
+        assert moved.exists()
+        r = run_drsync("backup", "prune", newest.parent, "--keep-last", "1", "--json")
+        assert r.code == 1 and _one_error_line(r) and ".deleting-old-2024" in r.err, r
+        assert [f["backup"] for f in json.loads(r.out)["failed"]] == [".deleting-old-2024"], r.out
+    finally:
+        subprocess.run(["chattr", "-i", str(moved if moved.exists() else stuck)], check=True)
+    r = run_drsync("backup", "prune", newest.parent, "--keep-last", "1", "--json")
+    assert r.code == 0 and json.loads(r.out)["failed"] == [], r
+    assert not (newest.parent / ".deleting-old-2024").exists() and newest.is_dir()

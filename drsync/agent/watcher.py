@@ -28,7 +28,6 @@ import re
 import stat
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 
 from watchdog.events import (
@@ -37,6 +36,7 @@ from watchdog.events import (
     DirDeletedEvent,
     DirModifiedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -55,7 +55,8 @@ log = logging.getLogger("drsync.agent")
 # What changes content or metadata (watchdog 7 reports chmod, chown, utime and xattrs as Attrib events);
 # reads (opened, closed without writing) are never asked for.
 _CHANGES = [FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent, FileAttribEvent,
-            DirAttribEvent, FileDeletedEvent, DirDeletedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent]
+            DirAttribEvent, FileDeletedEvent, DirDeletedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent,
+            EventsLostEvent]
 # Directories found unwatched are looked at again after this long: one created meanwhile may just not
 # have its watch yet.
 RECHECK_AFTER_S = 0.5
@@ -87,33 +88,19 @@ def overflow_advice() -> str:
             f"fs.inotify.max_queued_events=1048576, and in /etc/sysctl.d/ to keep it) and restart the agent")
 
 
-class _Overflows(logging.Filter):
-    """watchdog reports a queue overflow only in its log (it then re-adds its watches itself): this filter
-    passes it on to the watcher whose queue overflowed (each has an inotify instance and queue of its own),
-    told by the thread that made the record (one its observer started), which reports it in its own words
-    instead; a record from a thread no watcher started reaches every live watcher. Its warning for each
-    directory it could not watch is dropped: :meth:`RootWatcher.coverage_problem` finds them all, and the
-    agent warns once, with what to do."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.watchers: weakref.WeakSet[RootWatcher] = weakref.WeakSet()
+class _QuietOverflows(logging.Filter):
+    """watchdog logs a queue overflow and, per directory it could not watch, a warning of its own. The
+    watcher whose queue overflowed hears of it from its own observer (an ``EventsLostEvent`` for its watch,
+    each observer having an inotify instance and queue of its own) and the agent reports it in its own
+    words, with what to do; :meth:`RootWatcher.coverage_problem` finds every unwatched directory and the
+    agent warns once. Both records are dropped here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith(_UNWATCHED):
-            return False  # one warning per directory (watchdog 7): coverage_problem reports them as one
-        if not str(record.msg).startswith(_OVERFLOW):
-            return True
-        live = list(self.watchers)
-        for w in [w for w in live if record.thread in w._threads] or live:
-            w._overflowed()
-        return False
+        return not str(record.msg).startswith((_OVERFLOW, _UNWATCHED))
 
 
-_overflows = _Overflows()
 for _name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
-    logging.getLogger(_name).addFilter(_overflows)
-    logging.getLogger(_name).setLevel(logging.WARNING)  # the overflow record is made whatever the agent's level
+    logging.getLogger(_name).addFilter(_QuietOverflows())
 
 
 class WatchError(Exception):
@@ -140,7 +127,10 @@ class _Handler(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        self.watcher._event(event)
+        if isinstance(event, EventsLostEvent):  # the kernel dropped events of this watcher's queue
+            self.watcher._overflowed()
+        else:
+            self.watcher._event(event)
 
 
 class RootWatcher:
@@ -163,7 +153,6 @@ class RootWatcher:
         self._root_id: tuple[int, int] | None = None
         self._mounts: MountWatch | None = None
         self._problem: str | None = None
-        self._threads: set[int | None] = set()  # the threads its observer started (reader, emitter, observer)
         # Directories created or moved in since the last look (bounded; None: too many, look at everything).
         self._new_dirs: set[str] | None = set()
 
@@ -186,18 +175,15 @@ class RootWatcher:
         # the observer is made, 7.1.1 when the tree is scheduled (one per observer in both).
         with _STARTING:
             before = _inotify_fds()
-            threads_before = {t.ident for t in threading.enumerate()}
             try:
                 observer = Observer()
             except OSError as e:
                 self._mounts.close()
                 raise WatchError(self._os_error(e)) from None
-            _overflows.watchers.add(self)
             try:
                 observer.schedule(_Handler(self), self.root, recursive=True, event_filter=_CHANGES)
                 observer.start()
             except OSError as e:
-                _overflows.watchers.discard(self)
                 self._mounts.close()
                 try:
                     observer.stop()
@@ -205,7 +191,6 @@ class RootWatcher:
                     pass
                 raise WatchError(self._os_error(e)) from None
             fds = _inotify_fds() - before
-            self._threads = {t.ident for t in threading.enumerate()} - threads_before  # its observer's
         self._fd = fds.pop() if len(fds) == 1 else None
         self._observer = observer
 
@@ -219,7 +204,6 @@ class RootWatcher:
 
     def stop(self) -> None:
         observer, self._observer = self._observer, None
-        _overflows.watchers.discard(self)
         if self._mounts is not None:
             self._mounts.close()
         if observer is not None:
