@@ -481,7 +481,8 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
                 coord.agents().get(old, {}).get("address") or "")
             result = run_command("fence_command", cfg.coordination.fence_command, fence_env(
                 group=cfg.coordination.group, agent=me, fenced_agent=old, fenced_address=address,
-                epoch=view.epoch.epoch, data=engine.data_root_url(cfg.cluster.data)), cfg.coordination.fence_timeout)
+                epoch=view.epoch.epoch, data=engine.data_root_url(cfg.cluster.data)), cfg.coordination.fence_timeout,
+                reported=True)
             if not result.ok:
                 raise RefusedError(f"not promoted: {result.summary()}; {old}'s production writers may still run; "
                                    f"fix the fence, or stop them by hand and rerun with --no-fence")

@@ -62,9 +62,11 @@ class CommandResult:
         return f"{self.what} {how}" + (f": {last}" if last else "")
 
 
-def run_command(what: str, command: str, env: dict[str, str], timeout_s: float) -> CommandResult:
+def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, *,
+                reported: bool = False) -> CommandResult:
     """Run ``command`` with ``/bin/sh -c``; never raises. Logs the outcome and output (WARNING or
-    above when it failed)."""
+    above when it failed; at DEBUG when ``reported``: the caller's own error line says it failed, with
+    :meth:`CommandResult.summary`, and one failure makes one line)."""
     started = time.monotonic()
     try:
         proc = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -72,7 +74,7 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float) 
                                 start_new_session=True)
     except OSError as e:
         result = CommandResult(what, command, False, None, f"{e.strerror or e}", 0.0)
-        log.error("%s", result.summary())
+        log.log(logging.DEBUG if reported else logging.ERROR, "%s", result.summary())
         return result
     timed_out = False
     try:
@@ -91,7 +93,8 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float) 
         log.warning("%s succeeded in %.1fs%s", what, result.duration_s, f"; output: {text.strip()}" if text.strip()
                     else "")
     else:
-        log.error("%s%s", result.summary(), f"; output: {text.strip()}" if text.strip() else "")
+        log.log(logging.DEBUG if reported else logging.ERROR, "%s%s", result.summary(),
+                f"; output: {text.strip()}" if text.strip() else "")
     return result
 
 
