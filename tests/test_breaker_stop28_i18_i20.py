@@ -46,7 +46,8 @@ def write_config(tmp: Path, *, zookeeper: str = "", advertise: str = "", role: s
     if advertise:
         text += f'advertise = "{advertise}"\n'
     if zookeeper:
-        text += f'[coordination]\nzookeeper = "{zookeeper}"\ngroup = "g"\n'
+        # The shortest session drsync allows: each attempt against a silent address waits 5 s, not 10.
+        text += f'[coordination]\nzookeeper = "{zookeeper}"\ngroup = "g"\nsession_timeout = "2s"\n'
     cfg = tmp / "zed.toml"
     cfg.write_text(text)
     if not repo.exists():
