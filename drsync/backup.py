@@ -16,7 +16,8 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -162,10 +163,11 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
         if os.path.exists(final):
             raise UsageError(f"backup {final} exists already")
         partial = os.path.join(dest, f".partial-{backup_id}-{secrets.token_hex(4)}")
-        os.mkdir(partial)
-        held = os.open(partial, os.O_RDONLY | os.O_DIRECTORY)
-        try:
+        with _dest_lock(dest, fcntl.LOCK_SH):  # no prune looks at leftovers before this one is locked
+            os.mkdir(partial)
+            held = os.open(partial, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(held, fcntl.LOCK_EX)  # a prune meanwhile leaves this directory alone
+        try:
             faults.pause("backup")
             binfo = _build(repo, info, prepared, partial, backup_id, mode, created, progress, on_total)
             fsutil.syncfs(partial)
@@ -379,7 +381,10 @@ def list_backups(dest: str) -> BackupListing:
     for name in sorted(os.listdir(dest)):
         p = os.path.join(dest, name)
         if name.startswith((".partial-", ".deleting-")):
-            if os.path.isdir(p) and not os.path.islink(p):
+            if os.path.islink(p):
+                damaged.append({"file": name, "reason": f"{p} is a symbolic link named like a leftover of an "
+                                                        f"interrupted backup or prune: prune leaves it alone"})
+            elif os.path.isdir(p):
                 partial.append(name)
             continue
         if not os.path.lexists(os.path.join(p, BACKUP_META)):
@@ -401,6 +406,19 @@ def list_backups(dest: str) -> BackupListing:
     return BackupListing(done, partial, damaged)
 
 
+@contextmanager
+def _dest_lock(dest: str, how: int) -> Iterator[None]:
+    """A lock on the backup directory itself, held for a moment: shared while a creator makes and locks
+    its ``.partial-`` directory, exclusive while a prune decides which leftovers are abandoned (between
+    the two steps of a creator, its directory would look abandoned)."""
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, how)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
 def _being_written(path: str) -> bool:
     """Whether a ``.partial-`` directory belongs to a backup being created now (its creator holds a
     lock on the directory; a crashed creator holds none)."""
@@ -419,57 +437,101 @@ def _being_written(path: str) -> bool:
 
 @dataclass
 class PruneResult:
-    """What a prune decided for each readable backup, the backups it could not read (kept), and those
-    it decided to remove but could not (``{"backup": directory, "reason": ...}``; the others were
-    removed all the same)."""
+    """What a prune decided for each readable backup, the backups it could not read (kept), those it
+    decided to remove but could not (``{"backup": directory, "reason": ...}``; the others were removed
+    all the same), and the leftovers of interrupted creations and removals it removed (or, on a dry run,
+    would remove)."""
 
     decisions: list[RetentionDecision]
     damaged: list[dict[str, str]]
     failed: list[dict[str, str]] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+
+    @property
+    def removed(self) -> list[str]:
+        """The backups removed (decided and not failed)."""
+        failed = {f["backup"] for f in self.failed}
+        return [d.id for d in self.decisions if not d.keep and d.id not in failed]
 
 
 def prune_backups(dest: str, policy: KeepPolicy, *, dry_run: bool = False) -> PruneResult:
     """Remove the backups ``policy`` does not keep, and incomplete leftovers. Decisions name backups by
     their directory (what is removed; a copied or renamed backup keeps the id in its backup.json). A
     backup whose backup.json cannot be read is never removed (nothing says how old it is): it is in
-    ``damaged``."""
+    ``damaged``. What another prune removed meanwhile counts as removed."""
     if policy.is_empty():
         raise UsageError("give at least one --keep-* option; pruning with no policy would delete everything")
     listing = list_backups(dest)
     decisions = plan_retention([(os.path.basename(b.path), b.created_at) for b in listing.backups], policy,
                                in_order=True)  # list_backups' order: an original after its copy
     if dry_run:
-        return PruneResult(decisions, listing.damaged)
-    failed = []
-
-    def removal_failed(name: str, e: OSError) -> None:  # one that cannot go does not keep the others
-        where = f" ({os.path.relpath(e.filename, dest)})" if isinstance(e.filename, str) else ""
-        failed.append({"backup": name, "reason": f"{e.strerror or e}{where}"})
-
+        abandoned = [n for n in listing.incomplete if not _being_written(os.path.join(dest, n))]
+        return PruneResult(decisions, listing.damaged, leftovers=abandoned)
+    failed: list[dict[str, str]] = []
     for d in decisions:
         if not d.keep:
-            try:
-                _remove_dir(dest, d.id)
-            except OSError as e:
-                removal_failed(d.id, e)
+            problem = _remove_dir(dest, d.id)
+            if problem:
+                failed.append({"backup": d.id, "reason": problem})
+    leftovers = []
     for name in listing.incomplete:  # an earlier prune's or creation's leftovers: named when they stay
-        if not _being_written(os.path.join(dest, name)):
-            try:
-                shutil.rmtree(os.path.join(dest, name))
-            except FileNotFoundError:
-                pass  # another prune removed it meanwhile
-            except OSError as e:
-                removal_failed(name, e)
+        path = os.path.join(dest, name)
+        with _dest_lock(dest, fcntl.LOCK_EX):
+            if _being_written(path) or not os.path.isdir(path):
+                continue
+        problem = _rmtree(dest, path)
+        if problem:
+            failed.append({"backup": name, "reason": problem})
+        else:
+            leftovers.append(name)
     fsutil.fsync_dir(dest)
-    return PruneResult(decisions, listing.damaged, failed)
+    return PruneResult(decisions, listing.damaged, failed, leftovers)
 
 
-def _remove_dir(dest: str, name: str) -> None:
+# The longest name a directory entry may have (ext4, XFS, btrfs: 255 bytes).
+NAME_MAX = 255
+
+
+def _doomed_name(name: str) -> str:
+    """``.deleting-NAME``, or, where that would be longer than a name may be, ``.deleting-`` with as much
+    of NAME as fits and a hash of all of it (a backup renamed to a long name must still be removable)."""
+    doomed = f".deleting-{name}"
+    if len(os.fsencode(doomed)) <= NAME_MAX:
+        return doomed
+    digest = blake3.blake3(os.fsencode(name)).hexdigest()[:16]
+    head = os.fsencode(name)[:NAME_MAX - len(".deleting-") - len(digest) - 1]
+    return f".deleting-{head.decode('utf-8', 'ignore')}-{digest}"
+
+
+def _remove_dir(dest: str, name: str) -> str:
+    """Remove backup ``name``: "" when it is gone (another prune may have removed it), else why not."""
     # Rename first: a prune cut short leaves a '.deleting-' directory, never a half backup.
-    doomed = os.path.join(dest, f".deleting-{name}")
-    os.rename(os.path.join(dest, name), doomed)
+    doomed = os.path.join(dest, _doomed_name(name))
+    try:
+        os.rename(os.path.join(dest, name), doomed)
+    except FileNotFoundError:
+        return ""  # removed meanwhile (another prune)
+    except OSError as e:
+        return f"{e.strerror or e} (renaming it to {os.path.basename(doomed)})"
     fsutil.fsync_dir(dest)
-    shutil.rmtree(doomed)
+    return _rmtree(dest, doomed)
+
+
+def _rmtree(dest: str, path: str) -> str:
+    """Remove the tree at ``path``, as much of it as can go: "" when all of it went (or was gone), else
+    the first failure, naming its file relative to ``dest``."""
+    problems: list[str] = []
+
+    def failed(_fn: object, where: str, exc: tuple[type[BaseException], BaseException, object]) -> None:
+        e = exc[1]
+        if isinstance(e, FileNotFoundError):
+            return  # removed meanwhile (another prune removing the same leftover)
+        if not problems:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            problems.append(f"{reason} ({os.path.relpath(where, dest)})")
+
+    shutil.rmtree(path, onerror=failed)
+    return problems[0] if problems else ""
 
 
 __all__ = ["FILE", "BackupInfo", "BackupListing", "PruneResult", "create_backup", "list_backups", "prune_backups",

@@ -219,7 +219,7 @@ class AgentConfig:
 class CoordinationConfig:
     zookeeper: str = field(default="127.0.0.1:2181", metadata=_conv(_nonempty_str))
     group: str = field(default="default", metadata=_conv(_node_name))
-    session_timeout: float = field(default=10.0, metadata=_conv(_duration))
+    session_timeout: float = field(default=10.0, metadata=_conv(_positive_duration))
     failover: str = field(default="manual", metadata=_conv(_choice("manual", "automatic")))
     max_lag_on_failover: float = field(default=900.0, metadata=_conv(_duration))
     username: str = field(default="", metadata=_conv(_str))
@@ -230,7 +230,7 @@ class CoordinationConfig:
     failover_cooldown: float = field(default=300.0, metadata=_conv(_duration))
     # Run on the primary before a switchover's final snapshot (e.g. put production read-only).
     switchover_hook: str = field(default="", metadata=_conv(_str))
-    switchover_timeout: float = field(default=600.0, metadata=_conv(_duration))
+    switchover_timeout: float = field(default=600.0, metadata=_conv(_positive_duration))
     # A switchover repeats its final capture until one finds no change, at most this many times.
     switchover_quiesce_attempts: int = field(default=5, metadata=_conv(_int))
     # Fencing (safety rule 7). fence_command runs on a standby before it promotes itself (and before
@@ -238,9 +238,9 @@ class CoordinationConfig:
     # choice to promote without fencing. demote_command runs on a primary's agent as soon as it can no
     # longer prove its claim (session lost, suspended past the session timeout, or fenced).
     fence_command: str = field(default="", metadata=_conv(_str))
-    fence_timeout: float = field(default=60.0, metadata=_conv(_duration))
+    fence_timeout: float = field(default=60.0, metadata=_conv(_positive_duration))
     demote_command: str = field(default="", metadata=_conv(_str))
-    demote_timeout: float = field(default=60.0, metadata=_conv(_duration))
+    demote_timeout: float = field(default=60.0, metadata=_conv(_positive_duration))
 
     @property
     def fencing(self) -> bool:
@@ -340,7 +340,7 @@ class SnapshotsConfig:
                              metadata=_conv(_keep))
     pre_hook: str = field(default="", metadata=_conv(_str))
     post_hook: str = field(default="", metadata=_conv(_str))
-    hook_timeout: float = field(default=300.0, metadata=_conv(_duration))
+    hook_timeout: float = field(default=300.0, metadata=_conv(_positive_duration))
     reread_attempts: int = field(default=3, metadata=_conv(_int))
     # No snapshot stored in this repository less than this long ago (seconds; 0 = off) is deleted by
     # expiry, retention or `drsync snapshot delete` without --break-glass (drsync.protection).

@@ -488,7 +488,8 @@ def test_held_damaged_backups_are_named_kept_and_the_rest_pruned(tmp_path: Path)
 
 def test_held_prune_never_follows_a_leftover_symlink_out_of_dir(tmp_path: Path) -> None:
     """'.partial-x' and '.deleting-y' are symlinks to a directory outside DIR, and a backup holds a
-    symlink 'packs' to it: prune removes the old backup and leaves everything outside DIR as it was."""
+    symlink 'packs' to it: prune removes the old backup and leaves everything outside DIR as it was. The
+    two links are named as damage (exit 3), as a backup that is a link is (breaker s46: they were silent)."""
     newest, old24, _ = _three(tmp_path)
     outside = tmp_path / "precious"
     outside.mkdir()
@@ -498,8 +499,9 @@ def test_held_prune_never_follows_a_leftover_symlink_out_of_dir(tmp_path: Path) 
     shutil.rmtree(old24 / "packs")
     (old24 / "packs").symlink_to(outside)
     r = run_drsync("backup", "prune", newest.parent, "--keep-last", "1")
-    assert r.code == 0, r
+    assert r.code == 3 and ".partial-x" in r.err + r.out and ".deleting-y" in r.err + r.out, r
     assert (outside / "f").read_text() == "keep" and not old24.exists()
+    assert (newest.parent / ".partial-x").is_symlink() and (newest.parent / ".deleting-y").is_symlink()
 
 
 def test_held_a_renamed_backup_verifies_and_restores(tmp_path: Path) -> None:

@@ -27,8 +27,10 @@ import logging
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
+from typing import IO
 
 from drsync import allocators, documents, fsutil
 
@@ -38,6 +40,13 @@ log = logging.getLogger("drsync.agent.fencing")
 OUTPUT_KEEP = 4000
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name} (signal {number})"
+    except ValueError:
+        return f"signal {number}"
+
+
 @dataclass(frozen=True)
 class CommandResult:
     """How one fencing or demotion command ended."""
@@ -45,7 +54,7 @@ class CommandResult:
     what: str  # "fence_command" | "demote_command"
     command: str
     ok: bool
-    exit_code: int | None  # None when it timed out or could not start
+    exit_code: int | None  # None when it timed out or could not start; -N: killed by signal N
     output: str  # stdout and stderr, interleaved, at most OUTPUT_KEEP characters (the tail)
     duration_s: float
     timed_out: bool = False
@@ -56,6 +65,8 @@ class CommandResult:
             how = f"did not finish within {self.duration_s:.0f}s (killed)"
         elif self.exit_code is None:
             how = "could not be started"
+        elif self.exit_code < 0:
+            how = f"was killed by {_signal_name(-self.exit_code)}"
         else:
             how = f"exited with {self.exit_code}"
         last = next((ln.strip() for ln in reversed(self.output.splitlines()) if ln.strip()), "")
@@ -64,29 +75,33 @@ class CommandResult:
 
 def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, *,
                 reported: bool = False) -> CommandResult:
-    """Run ``command`` with ``/bin/sh -c``; never raises. Logs the outcome and output (WARNING or
-    above when it failed; at DEBUG when ``reported``: the caller's own error line says it failed, with
+    """Run ``command`` with ``/bin/sh -c``; never raises (but an interrupt, after the command's process
+    group is killed: a fence must not go on once drsync gave up). It ends when the shell ends or
+    ``timeout_s`` passed (then its whole process group is killed): a process it left behind holding its
+    output (``ssh`` with ControlPersist, a daemon it started) does not keep the caller waiting, because
+    the output goes to a file, not a pipe. Logs the outcome and output (WARNING or above when it failed;
+    at DEBUG when ``reported``: the caller's own error line says it failed, with
     :meth:`CommandResult.summary`, and one failure makes one line)."""
     started = time.monotonic()
-    try:
-        proc = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=allocators.environ_for_children(env),
-                                start_new_session=True)
-    except OSError as e:
-        result = CommandResult(what, command, False, None, f"{e.strerror or e}", 0.0)
-        log.log(logging.DEBUG if reported else logging.ERROR, "%s", result.summary())
-        return result
-    timed_out = False
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+    with tempfile.TemporaryFile() as out:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        out, _ = proc.communicate()
-    text = out.decode(errors="replace")[-OUTPUT_KEEP:]
+            proc = subprocess.Popen(["/bin/sh", "-c", command], stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=allocators.environ_for_children(env),
+                                    start_new_session=True)
+        except OSError as e:
+            result = CommandResult(what, command, False, None, f"{e.strerror or e}", 0.0)
+            log.log(logging.DEBUG if reported else logging.ERROR, "%s", result.summary())
+            return result
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+        except BaseException:  # interrupted: nothing of the command runs on
+            _kill_group(proc)
+            raise
+        text = _tail(out)
     code = None if timed_out else proc.returncode
     result = CommandResult(what, command, code == 0, code, text, round(time.monotonic() - started, 3), timed_out)
     if result.ok:
@@ -96,6 +111,21 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, 
         log.log(logging.DEBUG if reported else logging.ERROR, "%s%s", result.summary(),
                 f"; output: {text.strip()}" if text.strip() else "")
     return result
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _tail(out: IO[bytes]) -> str:
+    """The last ``OUTPUT_KEEP`` characters of what the command wrote to ``out``."""
+    size = out.seek(0, os.SEEK_END)
+    out.seek(max(0, size - 4 * OUTPUT_KEEP))
+    return out.read().decode(errors="replace")[-OUTPUT_KEEP:]
 
 
 def fence_env(*, group: str, agent: str, fenced_agent: str, fenced_address: str, epoch: int,

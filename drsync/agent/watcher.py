@@ -103,6 +103,44 @@ for _name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
     logging.getLogger(_name).addFilter(_QuietOverflows())
 
 
+def _reader_pipe(observer: Observer) -> tuple[int, int] | None:  # type: ignore[valid-type]
+    """The identity (device, inode) of the wake-up pipe of an observer's inotify reader, or None."""
+    reader = getattr(observer, "_inotify_fd", None)
+    try:
+        st = os.fstat(reader._kill_r)  # type: ignore[union-attr]
+    except (AttributeError, OSError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _stop_reader(observer: Observer, pipe: tuple[int, int] | None) -> None:  # type: ignore[valid-type]
+    """Stop an observer's inotify reader and make sure its descriptors are closed. watchdog 7.1.1 opens
+    the inotify instance, and starts its reader, when the first tree is scheduled; stopped before its
+    first read (a tree that could not be scheduled, a watcher stopped soon after it started), the reader
+    ends without closing it. Each failed start (the agent retries every few minutes) held an instance of
+    the user's ``fs.inotify.max_user_instances`` (128, shared by the user's processes) for good. The
+    reader closes its instance and its wake-up pipe together: ``pipe`` (:func:`_reader_pipe`, taken
+    while the reader was known to run) still open once the reader ended means that nothing closed them;
+    a descriptor number reused since is another inode."""
+    reader = getattr(observer, "_inotify_fd", None)
+    if reader is None or pipe is None:
+        return
+    try:
+        reader.stop()
+    except Exception:  # already stopped
+        pass
+    if reader.is_alive():
+        reader.join(5.0)
+    if reader.is_alive():
+        return
+    try:
+        st = os.fstat(reader._kill_r)
+    except OSError:
+        return  # closed
+    if (st.st_dev, st.st_ino) == pipe:
+        reader._close_resources()
+
+
 class WatchError(Exception):
     """The root cannot be watched; the message says why and what to do."""
 
@@ -151,6 +189,7 @@ class RootWatcher:
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._fd: int | None = None  # this watcher's inotify descriptor, when it could be told apart
         self._root_id: tuple[int, int] | None = None
+        self._pipe: tuple[int, int] | None = None  # its observer's reader's wake-up pipe (_stop_reader)
         self._mounts: MountWatch | None = None
         self._problem: str | None = None
         # Directories created or moved in since the last look (bounded; None: too many, look at everything).
@@ -184,14 +223,17 @@ class RootWatcher:
                 observer.schedule(_Handler(self), self.root, recursive=True, event_filter=_CHANGES)
                 observer.start()
             except OSError as e:
+                pipe = _reader_pipe(observer)
                 self._mounts.close()
                 try:
                     observer.stop()
                 except Exception:  # never started: nothing to stop
                     pass
+                _stop_reader(observer, pipe)
                 raise WatchError(self._os_error(e)) from None
             fds = _inotify_fds() - before
         self._fd = fds.pop() if len(fds) == 1 else None
+        self._pipe = _reader_pipe(observer)
         self._observer = observer
 
     def _os_error(self, e: OSError) -> str:
@@ -210,6 +252,7 @@ class RootWatcher:
             observer.stop()
             if observer.is_alive():
                 observer.join(5.0)
+            _stop_reader(observer, self._pipe)
 
     @property
     def running(self) -> bool:

@@ -187,20 +187,27 @@ def backup_prune(inv: Invocation, dest: str | None, keep_last: int, keep_hourly:
         policy = inv.config.backups.keep
     pruned = backup.prune_backups(_backup_dest(inv, dest, "drsync backup prune DIR"), policy, dry_run=dry_run)
     decisions = pruned.decisions
+    failed = {f["backup"]: f["reason"] for f in pruned.failed}
     doc = {"dry_run": dry_run, "keep": [{"id": d.id, "reasons": d.reasons} for d in decisions if d.keep],
-           "remove": [d.id for d in decisions if not d.keep]}
+           "remove": [d.id for d in decisions if not d.keep and d.id not in failed],
+           "leftovers": pruned.leftovers, "damaged": pruned.damaged, "failed": pruned.failed}
 
     def human() -> None:
         for d in decisions:
-            say(f"{'keep  ' if d.keep else 'remove'} {d.id} {' '.join(d.reasons)}")
-        n = sum(1 for d in decisions if not d.keep)
-        say(f"{'would remove' if dry_run else 'removed'} {n} backup(s), kept {len(decisions) - n}")
+            verb = "keep  " if d.keep else "FAILED" if d.id in failed else "remove"
+            say(f"{verb} {d.id} {' '.join(d.reasons)}")
+        for name in pruned.leftovers:
+            say(f"remove {name} (left over by an interrupted backup or prune)")
+        n = len(doc["remove"])
+        kept = sum(1 for d in decisions if d.keep)
+        say(f"{'would remove' if dry_run else 'removed'} {n} backup(s) and {len(pruned.leftovers)} leftover(s), "
+            f"kept {kept}" + (f"; {len(failed)} could not be removed" if failed else ""))
 
-    doc["damaged"] = pruned.damaged
-    doc["failed"] = pruned.failed
     emit(inv, doc, human)
     if pruned.failed:
+        damaged = (f"; {len(pruned.damaged)} damaged backup(s) left alone: "
+                   + ", ".join(printable(d["file"]) for d in pruned.damaged)) if pruned.damaged else ""
         raise Exit(EXIT_FAILED, f"{len(pruned.failed)} backup(s) could not be removed (the others were): "
                                 + "; ".join(f"{printable(f['backup'])}: {f['reason']}" for f in pruned.failed)
-                                + "; fix that and prune again")
+                                + damaged + "; fix that and prune again")
     _report_damaged(pruned.damaged)
