@@ -849,3 +849,33 @@ def test_a_distcp_standby_killed_before_its_history_snapshot_takes_it_on_restart
     finally:
         gate.unlink(missing_ok=True)
         pair.stop_all()
+
+
+def test_a_distcp_command_with_distcp_options_replicates(tmp_path: Path, webhdfs, hdfs_cluster) -> None:  # type: ignore[no-untyped-def]
+    """deploy/hdfs/README.md's own example, ``distcp_command = "hadoop distcp -m 40"``: drsync appended its
+    ``-D`` options after ``-m 40``; Hadoop's GenericOptionsParser stops at the first option it does not know,
+    so DistCp took them for sources ("-Ddfs.checksum.combine.mode=COMPOSITE_CRC doesn't exist") and every
+    shipment failed. They now go before DistCp's own options, and the pair replicates."""
+    lines = _engine_lines(hdfs_cluster, f"{HADOOP_CLUSTER} distcp {hdfs_cluster.dir} -m 2")
+    pair = _hdfs_pair(tmp_path, webhdfs)
+    _configure(pair, lines, lines)
+    try:
+        pair.start("standby")
+        pair.start("primary")
+        wait_for(pair.in_sync, "the standby to match production by DistCp with -m 2", timeout=120)
+        assert "doesn't exist" not in _log(tmp_path, "standby")
+    finally:
+        pair.stop_all()
+
+
+def test_generic_options_go_where_distcp_reads_them() -> None:
+    from drsync.dataroot.distcp import with_generic_options
+
+    g = ["-Da=1"]
+    assert with_generic_options(["hadoop", "distcp"], g) == ["hadoop", "distcp", "-Da=1"]
+    assert with_generic_options(["hadoop", "distcp", "-m", "40"], g) == ["hadoop", "distcp", "-Da=1", "-m", "40"]
+    assert with_generic_options(["hadoop", "--config", "/etc/h", "distcp", "-update"], g) == [
+        "hadoop", "--config", "/etc/h", "distcp", "-Da=1", "-update"]
+    assert with_generic_options(["hadoop-cluster", "distcp", "/tmp/c"], g) == ["hadoop-cluster", "distcp", "/tmp/c",
+                                                                                "-Da=1"]
+    assert with_generic_options(["my-distcp", "-m", "4"], g) == ["my-distcp", "-Da=1", "-m", "4"]

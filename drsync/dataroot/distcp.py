@@ -116,6 +116,18 @@ def remove_orphaned_listings(directory: str | None = None) -> list[str]:
     return removed
 
 
+
+def with_generic_options(command: list[str], generic: list[str]) -> list[str]:
+    """``command`` (``replication.distcp_command``, split) with Hadoop generic options (``-Dkey=value``)
+    where DistCp reads them: before the first option of DistCp's own that follows the word ``distcp``
+    (or, without that word, the first option at all), else at the end. Hadoop's GenericOptionsParser
+    stops at the first option it does not know: after ``hadoop distcp -m 40`` they were taken for
+    source paths ("-Ddfs.checksum.combine.mode=... doesn't exist") and every DistCp copy failed."""
+    words = [w.lower() for w in command]
+    start = len(words) - words[::-1].index("distcp") if "distcp" in words else 0
+    at = next((i for i in range(start, len(command)) if command[i].startswith("-")), len(command))
+    return [*command[:at], *generic, *command[at:]]
+
 class Cancelled(OperationFailed):
     """The copy was stopped on purpose (a promotion); the root is unchanged."""
 
@@ -262,8 +274,9 @@ class DistCpStager:
         # matches the other side's only in that form: -pb keeps the block size and -pc the checksum type and
         # bytes per checksum (without -pc the copy gets the DistCp client's dfs.bytes-per-checksum).
         mode = "MD5MD5CRC" if "webhdfs://" in (self.source + target) else "COMPOSITE_CRC"
-        args = [*s.command, f"-D{LISTING_KEY}=file://{listing}", f"-Ddistcp.copy.listing.class={LISTING_CLASS}",
-                f"-Ddfs.checksum.combine.mode={mode}", "-pbc", self.source, target]
+        generic = [f"-D{LISTING_KEY}=file://{listing}", f"-Ddistcp.copy.listing.class={LISTING_CLASS}",
+                   f"-Ddfs.checksum.combine.mode={mode}"]
+        args = [*with_generic_options(s.command, generic), "-pbc", self.source, target]
         env = allocators.environ_for_children()
         env["HADOOP_CLASSPATH"] = ":".join(p for p in (s.jar, env.get("HADOOP_CLASSPATH", "")) if p)
         if user:  # simple authentication: DistCp acts as the user the data root's URL names
