@@ -642,22 +642,3 @@ def test_newcomer_errors_are_one_line_with_the_right_exit_code(tmp_path: Path, z
     finally:
         g.stop_all()
 
-
-def test_a_failed_fence_in_a_manual_promotion_is_one_line(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
-    """`drsync promote` over an earlier primary whose fence_command fails: exit 4, nothing promoted, and one
-    line naming the fence and its last output (it printed the fence's own ERROR log record as well)."""
-    g = Group(tmp_path, zk_server.hosts, group, ["east", "west"],
-              extra='fence_command = "echo checking the old primary; echo the fence refuses >&2; exit 3"')
-    try:
-        for name in g.names:
-            g.start(name)
-        assert g.promote("east").code == 0
-        wait_for(lambda: g.in_sync("east", "west"), "west to follow production")
-        g.kill("east")
-        wait_for(lambda: g.primary() is None, "east's ZooKeeper session to expire")
-        r = run_drsync("promote", "--config", g.cfg["west"])
-        assert r.code == 4 and one_clean_line(r.err), (r.code, r.err)
-        assert "fence_command exited with 3: the fence refuses" in r.err and "--no-fence" in r.err, r.err
-        assert g.coord.view().epoch.epoch == 1, "a failed fence must promote nothing"
-    finally:
-        g.stop_all()
