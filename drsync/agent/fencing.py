@@ -83,15 +83,18 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, 
     at DEBUG when ``reported``: the caller's own error line says it failed, with
     :meth:`CommandResult.summary`, and one failure makes one line)."""
     started = time.monotonic()
-    with tempfile.TemporaryFile() as out:
+    try:
+        out = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the with below)
+    except OSError as e:  # no writable temporary directory: the command is not run blind
+        return _not_started(what, command, f"{e.strerror or e} (its output's file in {tempfile.gettempdir()})",
+                            reported)
+    with out:
         try:
             proc = subprocess.Popen(["/bin/sh", "-c", command], stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=allocators.environ_for_children(env),
                                     start_new_session=True)
         except OSError as e:
-            result = CommandResult(what, command, False, None, f"{e.strerror or e}", 0.0)
-            log.log(logging.DEBUG if reported else logging.ERROR, "%s", result.summary())
-            return result
+            return _not_started(what, command, f"{e.strerror or e}", reported)
         timed_out = False
         try:
             proc.wait(timeout=timeout_s)
@@ -110,6 +113,12 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, 
     else:
         log.log(logging.DEBUG if reported else logging.ERROR, "%s%s", result.summary(),
                 f"; output: {text.strip()}" if text.strip() else "")
+    return result
+
+
+def _not_started(what: str, command: str, reason: str, reported: bool) -> CommandResult:
+    result = CommandResult(what, command, False, None, reason, 0.0)
+    log.log(logging.DEBUG if reported else logging.ERROR, "%s", result.summary())
     return result
 
 
