@@ -189,7 +189,7 @@ def backup_prune(inv: Invocation, dest: str | None, keep_last: int, keep_hourly:
     decisions = pruned.decisions
     failed = {f["backup"]: f["reason"] for f in pruned.failed}
     doc = {"dry_run": dry_run, "keep": [{"id": d.id, "reasons": d.reasons} for d in decisions if d.keep],
-           "remove": [d.id for d in decisions if not d.keep and d.id not in failed],
+           "remove": pruned.removed,
            "leftovers": pruned.leftovers, "damaged": pruned.damaged, "failed": pruned.failed}
 
     def human() -> None:
