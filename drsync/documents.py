@@ -10,6 +10,8 @@ expects, for arrays or objects nested some thousand levels deep. :func:`loads` t
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -25,3 +27,32 @@ def loads(data: bytes | str, *, allow_nan: bool = False) -> Any:
         return json.loads(data) if allow_nan else json.loads(data, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("values nested too deeply to read") from None
+
+
+def typed(doc: Any, spec: Mapping[str, type], what: str) -> dict[str, Any]:
+    """``doc`` as a dict whose keys named in ``spec`` hold, where present, a value of their type: ``int``
+    an integer (never a bool), ``float`` a finite number (an integer is taken as one), ``str``, ``bool``,
+    ``list``, ``dict``. Other keys pass unchecked. Raises ValueError naming ``what`` and the first key
+    that does not fit (a document written by hand, or damaged)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} is {_shown(doc)}, not a JSON object")
+    for key, kind in spec.items():
+        if key not in doc:
+            continue
+        v = doc[key]
+        if kind is float:
+            fits = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        elif kind is int:
+            fits = isinstance(v, int) and not isinstance(v, bool)
+        else:
+            fits = isinstance(v, kind)
+        if not fits:
+            name = {float: "a finite number", int: "an integer", str: "a string", bool: "true or false",
+                    list: "a list", dict: "an object"}.get(kind, kind.__name__)
+            raise ValueError(f"{what}: {key} is {_shown(v)}, not {name}")
+    return doc
+
+
+def _shown(v: Any) -> str:
+    text = json.dumps(v, allow_nan=True) if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__
+    return text if len(text) <= 40 else text[:37] + "..."

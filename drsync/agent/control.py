@@ -27,7 +27,13 @@ from drsync.agent.hold import HoldFile
 from drsync.agent.locks import StateDirLock
 from drsync.agent.pointintime import RecoveryPoint, choose_point, newer_than, recovery_points
 from drsync.agent.requests import submit
-from drsync.agent.roles import applied_position, format_span, promotion_refusal, superseded_reason
+from drsync.agent.roles import (
+    applied_position,
+    epoch_behind,
+    format_span,
+    promotion_refusal,
+    superseded_reason,
+)
 from drsync.agent.state import AgentState, StateStore, state_dir_of
 from drsync.agent.supervisor import has_data
 from drsync.config import Config
@@ -127,6 +133,8 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
             f"first (drsync snapshot restore or backup restore), then promote")))
     state_dir = state_dir_of(cfg)
     state = StateStore(state_dir).load()
+    if view.epoch.epoch < state.epoch:  # never overridden: the next epoch could be one another primary held
+        checks.insert(0, PromotionCheck("epoch", False, f"{me}: {epoch_behind(view.epoch.epoch, state.epoch)}"))
     target, point_check = _point_check(cfg, state, point)
     if point.explicit and view.epoch.promoted_by == me:
         target, point_check = None, PromotionCheck("point", False, (

@@ -50,7 +50,7 @@ class RoleDecision:
 def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: FailoverPolicy,
                 primary_absent_s: float, lag_s: float | None, rank: int, epoch_age_s: float,
                 agent_id: str = "", claimant_live: bool = False, fencing_ahead: str = "",
-                held: bool = False, superseded: str = "") -> RoleDecision:
+                held: bool = False, superseded: str = "", floor: int = 0) -> RoleDecision:
     """What this agent should do now. ``agent_id`` is its persistent identity: an epoch that records
     another id names another agent of the same name, never this one. ``primary_absent_s`` is how
     long the primary node has been seen missing; ``lag_s`` this agent's lag (None before it applied
@@ -65,7 +65,10 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
     applied; the refusal then names the choices that fit a hold. ``superseded``: why this agent is a former
     primary that a later epoch replaced and that has not rejoined as a standby since ("" when it is not):
     its root is its own production as it left it, none of the later primary's changes, and what it applied
-    before it was primary says nothing of them; it is never a candidate."""
+    before it was primary says nothing of them; it is never a candidate. ``floor``: the highest epoch this
+    agent has seen (its state): a group epoch below it means ZooKeeper lost data or was rewritten, and this
+    agent then takes no role action at all (a claim or promotion there could repeat an epoch another
+    primary held: safety rule 1)."""
     if view.session is SessionState.SUSPENDED:
         if acting_primary:
             return RoleDecision("pause", "ZooKeeper connection suspended: no shipping and no role actions "
@@ -76,6 +79,11 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
             return RoleDecision("step-down", "ZooKeeper session lost: the primary claim is gone")
         return RoleDecision("standby", "no ZooKeeper session")
     epoch, primary = view.epoch, view.primary
+    if epoch.epoch < floor:
+        what = epoch_behind(epoch.epoch, floor)
+        if acting_primary or (primary is not None and primary.mine):
+            return RoleDecision("step-down", what)
+        return RoleDecision("standby", what)
     impostor = epoch.epoch > 0 and epoch.promoted_by == me and not epoch.names(me, agent_id)
     if impostor:
         what = (f"epoch {epoch.epoch} names agent {me} with agent id {epoch.agent_id}, not this agent (agent id "
@@ -135,6 +143,14 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
         return RoleDecision("standby", f"primary gone for {primary_absent_s:.1f}s of {wait:.1f}s grace")
     return RoleDecision("promote-self", f"primary gone for {primary_absent_s:.1f}s, lag {lag_s:.1f}s within "
                                         f"{policy.max_lag_s:.0f}s")
+
+
+def epoch_behind(epoch: int, floor: int) -> str:
+    """Why nothing may change roles while the group's epoch in ZooKeeper (``epoch``) is below the highest
+    one this agent has seen (``floor``). Pure."""
+    return (f"ZooKeeper's epoch {epoch} is below epoch {floor}, which this agent has already seen: ZooKeeper lost "
+            f"data, or was restored or edited; no promotion, claim or switchover until the epoch node is repaired "
+            f"(docs/operations.md, 'A damaged or lost epoch')")
 
 
 def superseded_reason(*, last_role: str, primary_epoch: int, epoch: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import threading
 import time
@@ -23,7 +24,7 @@ from typing import Any
 from drsync import documents, engine, fsutil
 from drsync.agent import clock
 from drsync.config import Config
-from drsync.errors import UsageError
+from drsync.errors import IntegrityError, UsageError
 from drsync.repository import format as fmt
 
 
@@ -75,22 +76,30 @@ class AgentState:
     last_gc_at: float = 0.0
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> AgentState:
+    def from_doc(cls, doc: Any) -> AgentState:
+        """The record of a state.json document. ValueError naming the field when a value is not of its
+        field's type (a hand edit, a damaged file): a NaN epoch, say, would compare as neither below nor
+        above any sender's and so fence nothing."""
+        documents.typed(doc, _FIELD_TYPES, "state.json")
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in doc.items() if k in known}
-        if "applied_position" in fields:
-            fields["applied_position"] = tuple(int(x) for x in fields["applied_position"] or ())
-        if "pending" in fields:
+        read_at = time.time()
+        readers: dict[str, Callable[[Any], Any]] = {
+            "applied_position": _ints,
             # An entry written before the stored time was recorded counts as stored when it is read: its
             # delay starts again (later, never sooner).
-            read_at = time.time()
-            fields["pending"] = tuple((str(p[0]), float(p[1]), tuple(int(x) for x in p[2] or ()),
-                                       float(p[3]) if len(p) > 3 else read_at) for p in fields["pending"] or ())
+            "pending": lambda v: tuple((_text(p[0]), _finite(p[1]), _ints(p[2]), _finite(p[3]) if len(p) > 3
+                                        else read_at) for p in v),
+            "change_checkpoints": lambda v: tuple((_text(c[0]), _finite(c[1])) for c in v)}
+        for name, read in readers.items():
+            if name in fields:
+                try:
+                    fields[name] = read(fields[name])
+                except (TypeError, ValueError, IndexError, KeyError) as e:
+                    raise ValueError(f"state.json: {name} is not what drsync writes ({e})") from None
         if "last_gc_at" in fields:  # anything but a number (a hand edit): never collected, so collect now
             v = fields["last_gc_at"]
-            fields["last_gc_at"] = float(v) if isinstance(v, (int, float)) else 0.0
-        if "change_checkpoints" in fields:
-            fields["change_checkpoints"] = tuple((str(c[0]), float(c[1])) for c in fields["change_checkpoints"] or ())
+            fields["last_gc_at"] = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
         return cls(**fields)
 
     def lag_s(self, now: float | None = None) -> float | None:
@@ -126,6 +135,33 @@ def state_dir_of(cfg: Config) -> str:
     return os.path.join(repo, "agent")
 
 
+# The type of each field of state.json (documents.typed); last_gc_at is read leniently (from_doc).
+_FIELD_TYPES: dict[str, type] = {
+    "epoch": int, "applied_snapshot": str, "applied_captured_at": float, "applied_at": float, "last_role": str,
+    "primary_epoch": int, "applied_position": list, "clock_offset_s": float, "clock_source": str,
+    "epoch_seen": int, "epoch_seen_at": float, "demoted": bool, "agent_id": str, "agent_name": str,
+    "guard_baseline": str, "received_snapshot": str, "received_captured_at": float, "pending": list,
+    "change_checkpoints": list}
+
+
+def _ints(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise ValueError(f"{v!r} is not a list of integers")
+    return tuple(v)
+
+
+def _finite(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{v!r} is not a finite number")
+    return float(v)
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{v!r} is not a string")
+    return v
+
+
 class StateStore:
     """The durable :class:`AgentState` of one state directory; every change goes through one lock."""
 
@@ -143,9 +179,19 @@ class StateStore:
         """Read the record from disk (a missing file is a fresh agent)."""
         try:
             with open(self.path, "rb") as f:
-                return AgentState.from_doc(documents.loads(f.read(), allow_nan=True))
+                data = f.read()
         except FileNotFoundError:
             return AgentState()
+        try:
+            doc = documents.loads(data, allow_nan=True)
+        except ValueError:
+            raise IntegrityError(f"agent state file {self.path} is damaged (it is not JSON); restore it from a "
+                                 f"copy, then start the agent again") from None
+        try:
+            return AgentState.from_doc(doc)
+        except ValueError as e:
+            raise IntegrityError(f"agent state file {self.path} is damaged ({e}); fix that value by hand or "
+                                 f"restore the file from a copy, then start the agent again") from None
 
     @property
     def current(self) -> AgentState:

@@ -360,6 +360,7 @@ class RoleSupervisor:
             if self.heartbeat is not None:
                 self.heartbeat.start()
         seen = self.seen
+        floor = self.store.current.epoch  # read before the view: an epoch seen after it cannot be above it
         try:
             view = coord.view()
         except CoordinationUnavailable:
@@ -390,7 +391,7 @@ class RoleSupervisor:
         self.seen = GroupSeen.of(view, agents, feeding, lost)  # the pass's one view, published whole
         if set(feeding) - set(seen.feeding):
             self.cycle_now.set()  # a standby (re)joined: ship to it now, not one interval later
-        decision = self._decide(view, agents=agents)
+        decision = self._decide(view, agents=agents, floor=floor)
         if self.acting == "primary" and view.switchover and not self.paused:
             self.on_switchover(view)
         try:
@@ -460,7 +461,7 @@ class RoleSupervisor:
         return max(0.0, now - st.epoch_seen_at) if st.epoch_seen == view.epoch.epoch else 0.0
 
     def _decide(self, view: GroupView, *, agents: dict[str, dict[str, Any]] | None = None,
-                note: str = "", reported: bool = False) -> RoleDecision:
+                note: str = "", reported: bool = False, floor: int = 0) -> RoleDecision:
         """``reported``: why the group cannot be read was just logged at WARNING (one line per backoff
         step): a standby decision that follows from it is logged at INFO, not as a second warning."""
         absent = time.monotonic() - self._primary_absent_since if self._primary_absent_since else 0.0
@@ -475,7 +476,7 @@ class RoleSupervisor:
                                claimant_live=claimant_live(self.name, view.epoch, agents or {}),
                                fencing_ahead=ahead,
                                held=self.receiver is not None and self.receiver.committer.hold.active,
-                               superseded=superseded)
+                               superseded=superseded, floor=floor)
         if decision != self.last_decision:
             # Routine confirmations at INFO; anything that keeps the group from working (no session,
             # a refusal, stepping down) at WARNING, so that an operator's filters see it. A routine re-claim

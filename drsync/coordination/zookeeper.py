@@ -50,7 +50,7 @@ from drsync.coordination import (
     SessionState,
     identity_problem,
 )
-from drsync.errors import OperationFailed, RefusedError, UsageError
+from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 
 log = logging.getLogger("drsync.coordination")
 
@@ -153,6 +153,29 @@ def _load(data: bytes | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+# The fields of the two nodes every role decision reads, and their types (documents.typed).
+_EPOCH_FIELDS: dict[str, type] = {"epoch": int, "promoted_by": str, "at": float, "reason": str, "agent_id": str}
+_PRIMARY_FIELDS: dict[str, type] = {"agent": str, "address": str, "epoch": int, "since": float}
+
+
+def _role_doc(data: bytes | None, path: str, fields: dict[str, type], required: str, group: str) -> dict[str, Any]:
+    """The epoch or primary node's document, strictly: never a default for a node that exists but holds
+    something else (an epoch read as 0 would let a promotion repeat an epoch another primary held).
+    IntegrityError, one line naming the node and the repair, when it is not what drsync writes."""
+    try:
+        doc = documents.typed(documents.loads(data or b""), fields, f"ZooKeeper node {path}")
+        if required not in doc:
+            raise ValueError(f"ZooKeeper node {path} has no {required}")
+        if "epoch" in doc and doc["epoch"] < 0:
+            raise ValueError(f"ZooKeeper node {path}: epoch is {doc['epoch']}, below 0")
+    except ValueError as e:
+        why = str(e) if str(e).startswith("ZooKeeper node") else \
+            f"ZooKeeper node {path} does not hold a JSON document ({bytes(data or b'')[:40]!r})"
+        raise IntegrityError(f"{why}: no promotion, claim or switchover in group {group} until it is repaired "
+                             f"(docs/operations.md, 'A damaged or lost epoch')") from None
+    return doc
 
 
 def _dump(doc: dict[str, Any]) -> bytes:
@@ -283,9 +306,10 @@ class ZooKeeperCoordinator:
             data, stat = self._w(self.zk.get_async(f"{self.base}/epoch"))
         except NoNodeError:
             return Epoch()
-        d = _load(data)
-        return Epoch(int(d.get("epoch", 0)), str(d.get("promoted_by", "")), float(d.get("at", 0.0)),
-                     str(d.get("reason", "")), stat.version, str(d.get("agent_id") or ""))
+        path = f"{self.base}/epoch"
+        d = _role_doc(data, path, _EPOCH_FIELDS, "epoch", self.group)
+        return Epoch(d["epoch"], d.get("promoted_by", ""), float(d.get("at", 0.0)), d.get("reason", ""),
+                     stat.version, d.get("agent_id") or "")
 
     @_zk_errors
     def read_primary(self) -> PrimaryClaim | None:
@@ -293,9 +317,9 @@ class ZooKeeperCoordinator:
             data, stat = self._w(self.zk.get_async(f"{self.base}/primary"))
         except NoNodeError:
             return None
-        d = _load(data)
-        return PrimaryClaim(str(d.get("agent", "")), str(d.get("address", "")), int(d.get("epoch", 0)),
-                            float(d.get("since", 0.0)), self._mine(stat))
+        d = _role_doc(data, f"{self.base}/primary", _PRIMARY_FIELDS, "agent", self.group)
+        return PrimaryClaim(d["agent"], d.get("address", ""), d.get("epoch", 0), float(d.get("since", 0.0)),
+                            self._mine(stat))
 
     @_zk_errors
     def view(self) -> GroupView:
@@ -355,14 +379,14 @@ class ZooKeeperCoordinator:
         except NoNodeError:
             pass
         else:
-            held = _load(data)
+            held = _role_doc(data, path, _PRIMARY_FIELDS, "agent", self.group)
             if self._mine(stat) and held.get("agent") == agent and held.get("epoch") == epoch.epoch:
                 if self.read_epoch().version != epoch.version:
                     raise EpochConflict(f"taking the primary node: the epoch of group {self.group} changed "
                                         f"meanwhile (a promotion happened); nothing was changed")
                 return PrimaryClaim(agent, str(held.get("address", "")), epoch.epoch,
                                     float(held.get("since", 0.0)), True)
-            stale = int(held.get("epoch", 0)) < epoch.epoch or held.get("agent") == agent
+            stale = held.get("epoch", 0) < epoch.epoch or held.get("agent") == agent
             if not stale:
                 raise PrimaryTaken(f"agent {held.get('agent')} holds the primary node at epoch {held.get('epoch')}")
             # A claim of an older epoch (a fenced primary), or of this agent's previous session.
@@ -444,7 +468,12 @@ class ZooKeeperCoordinator:
 
     @_zk_errors
     def read_maintenance(self) -> dict[str, Any] | None:
-        return self._get(f"{self.base}/maintenance")
+        """The maintenance marker, or None when there is none. A marker that exists counts whatever it
+        holds (an operator's ``zkCli.sh create`` leaves it empty): never an empty, falsy dict."""
+        marker = self._get(f"{self.base}/maintenance")
+        if marker is None:
+            return None
+        return marker or {"reason": "maintenance marker without drsync's record (made by hand?)"}
 
     # --- records ----------------------------------------------------------------------
 
