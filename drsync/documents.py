@@ -56,3 +56,13 @@ def typed(doc: Any, spec: Mapping[str, type], what: str) -> dict[str, Any]:
 def _shown(v: Any) -> str:
     text = json.dumps(v, allow_nan=True) if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def typed_loads(data: bytes | str, spec: Mapping[str, type], what: str) -> dict[str, Any]:
+    """:func:`loads` (``NaN`` and ``Infinity`` read, then refused where ``spec`` names a number) and
+    :func:`typed`, for a document drsync wrote itself. ValueError "``what`` is not JSON" or :func:`typed`'s."""
+    try:
+        doc = loads(data, allow_nan=True)
+    except ValueError:
+        raise ValueError(f"{what} is not JSON") from None
+    return typed(doc, spec, what)

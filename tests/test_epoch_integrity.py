@@ -143,7 +143,7 @@ def test_agent_state_round_trips_and_refuses_mistyped_fields(tmp_path: Path) -> 
             StateStore(str(store_dir))
         assert str(store_dir / "state.json") in str(e.value) and next(iter(doc)) in str(e.value)
     (store_dir / "state.json").write_text("{not json")
-    with pytest.raises(IntegrityError, match="it is not JSON"):
+    with pytest.raises(IntegrityError, match="state.json is not JSON"):
         StateStore(str(store_dir))
     # last_gc_at stays lenient: anything but a finite number means "never collected" (collect now).
     assert AgentState.from_doc({"last_gc_at": math.nan}).last_gc_at == 0.0
@@ -190,3 +190,55 @@ def test_a_damaged_or_backward_epoch_node_stops_promotions_and_repairs(make_grou
     zk.set(node, good)
     g.wait_role("east", "primary")
     assert g.primary() == ("east", 1)
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"{half", "apply-hold.json is not JSON"), (b"[]", "apply-hold.json is list, not a JSON object"),
+    (b'{"operator_since": "yes"}', 'operator_since is "yes", not a finite number'),
+    (b'{"snapshot": 7}', "snapshot is 7, not a string"),
+    (b'{"snapshot": "s", "position": [1, "2"]}', "position is not a list of integers"),
+])
+def test_a_damaged_apply_hold_file_is_never_read_as_lifted(tmp_path: Path, content: bytes, why: str) -> None:
+    """A hold is what keeps a deletion from reaching the standby's root (safety rule 8): a damaged hold file
+    is an integrity error naming it, never an empty hold (nor a string "false" read as true)."""
+    from drsync.agent.hold import ApplyHold, HoldFile
+
+    f = HoldFile(str(tmp_path))
+    f.save(ApplyHold(snapshot="s", captured_at=NOW, position=[2, 5], files=10, removed=9))
+    assert f.load() == ApplyHold(snapshot="s", captured_at=NOW, position=[2, 5], files=10, removed=9)
+    (tmp_path / HoldFile.NAME).write_bytes(content)
+    with pytest.raises(IntegrityError) as e:
+        f.load()
+    assert why in str(e.value) and str(tmp_path / HoldFile.NAME) in str(e.value) and "\n" not in str(e.value)
+
+
+def _standby_config(tmp_path: Path) -> Path:
+    from tests.conftest import init_repo
+    from tests.zk import free_port
+
+    (tmp_path / "data").mkdir()
+    cfg = tmp_path / "standby.toml"
+    cfg.write_text(f'[cluster]\nid = "c1"\nrelease = "1"\ndata = "{tmp_path / "data"}"\n'
+                   f'repository = "{tmp_path / "repo"}"\n[agent]\nname = "s1"\nrole = "standby"\n'
+                   f'listen = "127.0.0.1:{free_port()}"\nmetrics = ""\n')
+    init_repo(cfg)
+    (tmp_path / "repo" / "agent").mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+@pytest.mark.parametrize("name,content,why", [
+    ("applying.json", b"{half", "applying.json is not JSON"),
+    ("applying.json", b'{"snapshot": "abc", "captured_at": NaN}', "captured_at is NaN, not a finite number"),
+    ("applying.json", b'{"captured_at": 1}', "does not name a snapshot"),
+    ("state.json", b'{"epoch": "7"}', 'epoch is "7", not an integer'),
+    ("apply-hold.json", b'{"operator_since": "yes"}', 'operator_since is "yes"'),
+])
+def test_an_agent_with_a_damaged_state_directory_does_not_start(tmp_path: Path, name: str, content: bytes,
+                                                                why: str) -> None:
+    from tests.conftest import run_drsync
+
+    cfg = _standby_config(tmp_path)
+    (tmp_path / "repo" / "agent" / name).write_bytes(content)
+    r = run_drsync("agent", "--config", cfg, timeout=120)
+    assert r.code == 3, (r.code, r.err)
+    assert r.err.strip().count("\n") == 0 and why in r.err and name in r.err and "Traceback" not in r.err, r.err

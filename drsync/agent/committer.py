@@ -90,7 +90,17 @@ class Committer:
         doc = None
         if os.path.exists(self._pending):
             with open(self._pending, "rb") as f:
-                doc = documents.loads(f.read(), allow_nan=True)
+                data = f.read()
+            try:
+                doc = documents.typed_loads(data, {"snapshot": str, "captured_at": float, "position": list},
+                                            "applying.json")
+                if not isinstance(doc.get("snapshot"), str) or "captured_at" not in doc:
+                    raise ValueError("applying.json does not name a snapshot and its capture time")
+            except ValueError as e:
+                raise IntegrityError(f"the record of an interrupted apply, {self._pending}, is damaged ({e}); "
+                                     f"the agent does not start until it is fixed by hand: it names the "
+                                     f"snapshot being applied, as {{\"snapshot\": ID, \"captured_at\": UNIX "
+                                     f"SECONDS, \"position\": [EPOCH, SEQ]}}") from None
         finished = recover_apply(self.data_root, self.store.journal)
         if finished and doc is not None:
             self._record_applied(doc["snapshot"], doc["captured_at"], doc.get("position") or [])

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from drsync import documents, fsutil
+from drsync.errors import IntegrityError
 
 
 @dataclass
@@ -66,6 +67,12 @@ class ApplyHold:
                                 "mass_change": self.mass_change}
 
 
+# The type of each field of apply-hold.json (documents.typed).
+_FIELD_TYPES: dict[str, type] = {
+    name: {"str": str, "float": float, "int": int}.get(str(f.type), list)
+    for name, f in ApplyHold.__dataclass_fields__.items()}
+
+
 class HoldFile:
     """The durable :class:`ApplyHold` of a state directory; no file while nothing is held or flagged."""
 
@@ -76,13 +83,23 @@ class HoldFile:
         self.path = os.path.join(state_dir, self.NAME)
 
     def load(self) -> ApplyHold:
+        """The hold on record. IntegrityError (one line naming the file) when the file holds something else than
+        drsync writes: a hold is never read as lifted, nor a field as another type (a string "false" is true)."""
         try:
             with open(self.path, "rb") as f:
-                doc = documents.loads(f.read(), allow_nan=True)
+                data = f.read()
         except FileNotFoundError:
             return ApplyHold()
-        known = set(ApplyHold.__dataclass_fields__)
-        return ApplyHold(**{k: v for k, v in doc.items() if k in known})
+        try:
+            doc = documents.typed_loads(data, _FIELD_TYPES, self.NAME)
+            hold = ApplyHold(**{k: v for k, v in doc.items() if k in _FIELD_TYPES})
+            for name in ("position", "latest_position"):
+                if not all(isinstance(x, int) and not isinstance(x, bool) for x in getattr(hold, name)):
+                    raise ValueError(f"{self.NAME}: {name} is not a list of integers")
+        except ValueError as e:
+            raise IntegrityError(f"apply hold file {self.path} is damaged ({e}); nothing is applied until it is "
+                                 f"fixed by hand or restored from a copy") from None
+        return hold
 
     def save(self, hold: ApplyHold) -> None:
         if hold.active or hold.flagged:

@@ -183,12 +183,7 @@ class StateStore:
         except FileNotFoundError:
             return AgentState()
         try:
-            doc = documents.loads(data, allow_nan=True)
-        except ValueError:
-            raise IntegrityError(f"agent state file {self.path} is damaged (it is not JSON); restore it from a "
-                                 f"copy, then start the agent again") from None
-        try:
-            return AgentState.from_doc(doc)
+            return AgentState.from_doc(documents.typed_loads(data, _FIELD_TYPES, self.NAME))
         except ValueError as e:
             raise IntegrityError(f"agent state file {self.path} is damaged ({e}); fix that value by hand or "
                                  f"restore the file from a copy, then start the agent again") from None

@@ -589,7 +589,16 @@ def _read_record(fs: Beneath) -> dict[str, dict[str, int]]:
         return {}  # written atomically; anything else is not ours
     finally:
         os.close(fd)
-    return {k: {str(p): int(v) for p, v in doc.get(k, {}).items()} for k in ("modes", "mtimes")}
+    try:
+        return {k: {str(p): _exact_int(v) for p, v in doc.get(k, {}).items()} for k in ("modes", "mtimes")}
+    except (AttributeError, TypeError, ValueError):
+        return {}  # not what drsync writes: not ours either
+
+
+def _exact_int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{v!r} is not an integer")
+    return v
 
 
 def _write_record(fs: Beneath, doc: dict[str, dict[str, int]]) -> None:
