@@ -7,6 +7,7 @@ PID. Readiness is ZooKeeper's own ``ruok``/``srvr`` four-letter words.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import shutil
@@ -37,10 +38,29 @@ def _ephemeral_low() -> int:
 _PORTS_LOW, _PORTS_HIGH = 10_000, max(10_001, min(_ephemeral_low(), 61_000))
 _port_rng = random.Random(os.getpid() ^ time.time_ns())
 _ports_given: set[int] = set()
+# A port handed out is also reserved for as long as this process lives, machine-wide: a one-byte record lock
+# at offset ``port`` of one shared file. Another test process (an xdist worker, a second test run, a helper's
+# script) then never hands out a port this one gave to an agent that is down for a moment (killed and
+# restarted on its ports), which a bind test alone cannot see. The kernel drops the locks when the process
+# ends; the file itself stays (empty).
+_RESERVATIONS = os.path.join(tempfile.gettempdir(), "drsync-test-ports.lock")
+_reservations_fd: int | None = None
+
+
+def _reserve(port: int) -> bool:
+    global _reservations_fd
+    if _reservations_fd is None:
+        _reservations_fd = os.open(_RESERVATIONS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.lockf(_reservations_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port)
+    except OSError:  # another live process reserved it
+        return False
+    return True
 
 
 def free_port() -> int:
-    """A loopback TCP port nothing listens on or uses now, outside the ephemeral range."""
+    """A loopback TCP port nothing listens on or uses now, outside the ephemeral range, reserved for this
+    process (no other test process hands it out while this one lives)."""
     for _ in range(10_000):
         port = _port_rng.randrange(_PORTS_LOW, _PORTS_HIGH)
         if port in _ports_given:
@@ -50,6 +70,8 @@ def free_port() -> int:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        if not _reserve(port):
+            continue
         _ports_given.add(port)
         return port
     raise RuntimeError(f"no free loopback port between {_PORTS_LOW} and {_PORTS_HIGH}")
