@@ -67,6 +67,13 @@ def _str(v: Any, key: str) -> str:
     return v
 
 
+def _secret(v: Any, key: str) -> str:
+    """A secret (safety rule 6: never in logs): a wrong type is named, never its value."""
+    if not isinstance(v, str):
+        raise ConfigError(f"{key}: expected a string (in quotes), got a {type(v).__name__}; its value is not shown")
+    return v
+
+
 def _nonempty_str(v: Any, key: str) -> str:
     s = _str(v, key)
     if not s.strip():
@@ -223,7 +230,7 @@ class CoordinationConfig:
     failover: str = field(default="manual", metadata=_conv(_choice("manual", "automatic")))
     max_lag_on_failover: float = field(default=900.0, metadata=_conv(_duration))
     username: str = field(default="", metadata=_conv(_str))
-    password: str = field(default="", metadata=_conv(_str))
+    password: str = field(default="", metadata=_conv(_secret))
     # Automatic failover waits this long after the primary node vanished (it vanishes one
     # session timeout after the primary died), and never repeats within the cooldown.
     failover_grace: float = field(default=1.0, metadata=_conv(_duration))

@@ -118,7 +118,7 @@ def table(headers: list[str], rows: list[list[str]]) -> None:
     for h in headers:
         t.add_column(h, no_wrap=True, overflow="ignore")
     for r in rows:
-        t.add_row(*(Text(one_line(c)) for c in r))
+        t.add_row(*(Text(one_line(c if isinstance(c, str) else str(c))) for c in r))  # any value: never a crash
     console = Console(width=1 << 20, highlight=False, emoji=False, markup=False)
     with console.capture() as captured:
         console.print(t)

@@ -11,7 +11,7 @@ import click
 
 from drsync import engine
 from drsync.cli.common import Exit, Invocation, emit, say
-from drsync.errors import EXIT_REFUSED
+from drsync.errors import EXIT_REFUSED, RefusedError
 from drsync.text import printable
 from drsync.units import count, human_size
 
@@ -21,8 +21,20 @@ if TYPE_CHECKING:  # the apply machinery is imported by a restore only (a snapsh
 
 def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bool) -> ForeignTarget | None:
     """A restore onto the cluster's own data root may change whatever is there; onto any other target,
-    overwriting what is there needs --overwrite and removing what the snapshot lacks --delete-extra."""
+    overwriting what is there needs --overwrite and removing what the snapshot lacks --delete-extra.
+
+    RefusedError (exit 4, nothing changed) onto the cluster's own data root while this config's agent runs:
+    a standby's agent applies to that root and records what it holds (a restore under it would leave the
+    root behind what the agent reports, and a promotion would take that root), a primary's captures from it."""
     if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
+        from drsync.agent.locks import StateDirLock
+        from drsync.agent.state import state_dir_of
+
+        if StateDirLock.held(state_dir_of(inv.config)):
+            raise RefusedError(f"agent {inv.config.agent.name} is running on data root {dest} (it applies shipments "
+                               f"to it, or captures it); a restore there now would leave the root other than what "
+                               f"the agent reports: stop the agent first (on production, its writers too), or "
+                               f"restore elsewhere with --target")
         return None
     from drsync.apply import ForeignTarget
 

@@ -178,6 +178,29 @@ def _role_doc(data: bytes | None, path: str, fields: dict[str, type], required: 
     return doc
 
 
+# The fields of an agent's registration (agents/<name>) and their types; null stands for "not known".
+_REGISTRATION_FIELDS: dict[str, type] = {
+    "role": str, "address": str, "cluster_id": str, "release": str, "epoch": int, "applied_snapshot": str,
+    "applied_captured_at": float, "applied_position": list, "clock_offset_s": float, "lag_s": float,
+    "heartbeat": float, "pid": int, "agent_id": str, "apply_hold": dict, "host": str, "refresh_s": float,
+    "advertise_answers": bool, "upstream": str, "last_refusal": dict, "takeover": dict}
+
+
+def _registration(doc: dict[str, Any], path: str) -> dict[str, Any]:
+    """An agent's registration with every field of the wrong type dropped (another drsync version, a script):
+    readers see it as not known, never as a value of another type; ``damaged`` says which were dropped."""
+    dropped = []
+    for key, kind in _REGISTRATION_FIELDS.items():
+        if doc.get(key) is None:
+            continue
+        try:
+            documents.typed({key: doc[key]}, {key: kind}, path)
+        except ValueError as e:
+            dropped.append(str(e))
+            doc = {k: v for k, v in doc.items() if k != key}
+    return {**doc, "damaged": "; ".join(dropped)} if dropped else doc
+
+
 def _dump(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
@@ -575,6 +598,8 @@ class ZooKeeperCoordinator:
         out: dict[str, Member] = {}
         for name in sorted(names):
             record, rstat = self._get_stat(f"{self.base}/agents/{name}")
+            if record is not None:
+                record = _registration(record, f"{self.base}/agents/{name}")
             member, mstat = self._get_stat(f"{self.base}/members/{name}")
             stat = mstat or rstat
             out[name] = Member(name, record, member or {}, float(stat.last_modified) if stat is not None else 0.0)
@@ -599,7 +624,7 @@ class ZooKeeperCoordinator:
                 data, _ = self._w(self.zk.get_async(f"{self.base}/agents/{name}"))
             except NoNodeError:
                 continue
-            out[name] = _load(data)
+            out[name] = _registration(_load(data), f"{self.base}/agents/{name}")
         return out
 
     def _put(self, path: str, doc: dict[str, Any]) -> None:
