@@ -153,6 +153,11 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
                          "it leaves out)")
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise UsageError(f"backup destination {dest} is a file; name a directory")
+    inside = repository_around(dest)
+    if inside:
+        raise UsageError(f"backup destination {dest} lies inside the drsync repository {inside}, whose garbage "
+                         f"collection and listings would take the backup for its own files; name a directory "
+                         f"outside it")
     with repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S):
         info = repo.find_snapshot(ref)
         prepared = _prepare(repo, info, mode, light_exclude)
@@ -180,6 +185,20 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
             os.close(held)
     binfo.path = os.path.abspath(final)
     return binfo
+
+
+def repository_around(path: str) -> str:
+    """The drsync repository ``path`` (a local directory, existing or not) is, or lies inside, or ""."""
+    from drsync.dataroot.local import is_repository
+
+    p = os.path.realpath(path)
+    while True:
+        if is_repository(p):
+            return p
+        parent = os.path.dirname(p)
+        if parent == p:
+            return ""
+        p = parent
 
 
 @dataclass

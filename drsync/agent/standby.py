@@ -149,8 +149,9 @@ class StandbyReceiver:
             if due:
                 self._refusal_logged = (sender + "\0" + reason, time.monotonic())
         if due:
-            log.warning("agent %s refused a shipment: %s (from %s%s)", self.agent, reason,
-                        sender or "an unnamed sender", f"; refused {count} times so far" if count > 1 else "")
+            verb = "refused" if isinstance(error, RefusedError) else "could not take"
+            log.warning("agent %s %s a shipment: %s (from %s%s)", self.agent, verb, reason,
+                        sender or "an unnamed sender", f"; {count} times so far" if count > 1 else "")
 
     def _clock_sample(self, caller: Caller) -> None:
         """One sample of the primary's clock; the estimate is kept in the state (saved when it moved)."""

@@ -225,13 +225,13 @@ class LocalDataRoot:
         """Which of ``dirs`` (relative) are drsync repositories, and which directories at any depth of
         ``subtrees`` are: each is a directory whose ``config.json`` says ``kind: drsync-repository``.
         Links are never followed."""
-        found = [d for d in dirs if _is_repository(os.path.join(self.root, d) if d else self.root)]
+        found = [d for d in dirs if is_repository(os.path.join(self.root, d) if d else self.root)]
         for top in subtrees:
             full = os.path.join(self.root, top)
             if not os.path.isdir(full) or os.path.islink(full):
                 continue
             for dirpath, _dirnames, filenames in os.walk(full):
-                if REPO_CONFIG in filenames and _is_repository(dirpath):
+                if REPO_CONFIG in filenames and is_repository(dirpath):
                     found.append(os.path.relpath(dirpath, self.root))
         return found
 
@@ -942,7 +942,7 @@ def _raise_problems(full_dir: str, problems: list[tuple[bytes, int]]) -> None:
 REPO_CONFIG = fmt.CONFIG_NAME
 
 
-def _is_repository(path: str) -> bool:
+def is_repository(path: str) -> bool:
     """Whether directory ``path`` holds a drsync repository (its config.json says so; read at most 64 KiB)."""
     try:
         fd = os.open(os.path.join(path, REPO_CONFIG), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)

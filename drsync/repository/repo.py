@@ -881,9 +881,13 @@ class Repository:
         if exact:
             return exact[0]
         named = [s for s in snaps if s.name == ref]
+        prefixed = [s for s in snaps if s.id.startswith(ref)] if len(ref) >= 4 else []
+        others = [s for s in prefixed if s.name != ref]
+        if named and others:  # a name that is also the start of other ids: which one was meant cannot be told
+            raise UsageError(f"snapshot {ref!r} is ambiguous: it is the name of {named[-1].id} and the start of "
+                             f"{', '.join(s.id for s in others)}; give the full id")
         if named:
             return named[-1]
-        prefixed = [s for s in snaps if s.id.startswith(ref)] if len(ref) >= 4 else []
         if len(prefixed) == 1:
             return prefixed[0]
         if len(prefixed) > 1:

@@ -199,8 +199,10 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                              applied_position=list(st.applied_position) if st else [])
 
     def _fail(self, context: grpc.ServicerContext, sender: str, e: Exception) -> None:
-        """Abort the call; a refusal is also the standby's to report (logged, shown in its status)."""
-        if isinstance(e, RefusedError) and self.receiver is not None:
+        """Abort the call; a refusal, or a shipment this standby could not take (an apply that failed: an
+        immutable file, a full disk), is also the standby's to report (logged, shown in its status): its
+        operator is the one to act."""
+        if isinstance(e, DrsyncError) and self.receiver is not None:
             self.receiver.note_refusal(sender, e)
         _abort(context, e)
 
