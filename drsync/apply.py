@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync import allocators, documents, fsutil
@@ -98,6 +99,9 @@ class ApplyPlan:
     fix_meta: list[Entry] = field(default_factory=list)
     hardlink: list[Entry] = field(default_factory=list)
     unchanged: int = 0
+    # Files (non-directories) of the target the plan removes, those inside removed directories included, and
+    # not written back in another form: what the target really loses (the root's own deletion guard).
+    removes_files: list[str] = field(default_factory=list)
     dirs: list[Entry] = field(default_factory=list)
     # Directories whose metadata the commit must set: new ones, ones whose mode or mtime differ,
     # and parents of anything written, removed, linked or made (their mtime moves). None: all of them.
@@ -136,6 +140,32 @@ class ApplyResult:
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+def _known_to(base: Manifest | ManifestFile | None, paths: list[str]) -> int:
+    """How many of ``paths`` the manifest ``base`` holds (0 without one); one row group at a time."""
+    if base is None or not paths:
+        return 0
+    wanted = pa.array([os.fsencode(p) for p in paths], pa.binary())
+    found = np.zeros(len(paths), dtype=bool)
+    groups = [base.table] if isinstance(base, Manifest) else (base.group(i, ["path"]) for i in range(base.num_groups))
+    for t in groups:
+        found |= pc.is_in(wanted, value_set=t.column("path").combine_chunks()).to_numpy(zero_copy_only=False)
+    return int(found.sum())
+
+
+class RootRemovalHeld(RefusedError):
+    """An apply would remove more of the files its target holds now than ``max_remove_fraction`` allows
+    that the snapshot the root is known to hold does not have (counted on the target itself: a wrong volume
+    mounted at a standby's root, files written there by something else). Raised after planning, before
+    anything changed."""
+
+    def __init__(self, removed: int, files: int, limit: float, what: str, url: str) -> None:
+        self.removed, self.files, self.limit = removed, files, limit
+        super().__init__(f"{what} would remove {removed:,} of the {files:,} files {url} holds now "
+                         f"({removed / files:.1%}, over replication.max_delete_fraction {limit:g}) that are not in "
+                         f"the snapshot it is known to hold: another volume mounted there, or files written by "
+                         f"something other than drsync?")
 
 
 @dataclass(frozen=True)
@@ -230,6 +260,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
         if want is None or want.type != have.type:
             plan.remove.append(path)
     removed = set(plan.remove)
+    plan.removes_files = [p for p in removed if p not in wanted and existing[p].type != DIR]
     leaders = {e.hardlink for e in wanted.values() if e.hardlink is not None}
     # How many paths of the target share each multiply-linked inode: more links than that live
     # outside the target, and such a file is replaced, never changed in place.
@@ -393,7 +424,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    protect: tuple[str, ...] = (), dry_run: bool = False,
                    foreign: ForeignTarget | None = None, external: ExternalStager | None = None,
                    cancel: Callable[[], bool] | None = None, base: Manifest | ManifestFile | None = None,
-                   keep_repositories: bool = False) -> ApplyResult:
+                   keep_repositories: bool = False, max_remove_fraction: float | None = None) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
 
     ``dry_run``: plan only and report it in ``ApplyResult.planned`` (and in ``ApplyResult.refused`` why
@@ -411,6 +442,9 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     ``base``: the manifest the target is known to hold (a standby's applied snapshot): a file whose
     content differs from it is written even when its size and time match (``checksum`` instead reads
     every file whose size and time match, for a target nobody vouches for).
+    ``max_remove_fraction`` (a standby's apply: replication.max_delete_fraction): :class:`RootRemovalHeld`
+    when the plan would remove more than that share of the files the target holds, counting only files
+    ``base`` does not have (those it has are the deletion guard's, which allows for renames).
     ``keep_repositories`` (restores): a drsync repository found in the target where the plan would write
     into it or remove it (not one named in ``protect``, which is left alone) refuses the apply
     (RefusedError, nothing changed): a restore never destroys a repository, even one it does not know.
@@ -486,6 +520,15 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         if created_target:
             root.remove_root()
         raise
+    if max_remove_fraction is not None and not dry_run:
+        # Removing files the root is known to hold (``base``) is judged by the deletion guard before the
+        # apply, renames allowed for; what else the root holds is judged here, on the root itself.
+        root_files = unchanged + sum(1 for h in existing.values() if h.type != DIR)
+        if len(plan.removes_files) > max_remove_fraction * root_files:
+            strays = len(plan.removes_files) - _known_to(base, plan.removes_files)
+            if strays > max_remove_fraction * root_files:
+                raise RootRemovalHeld(strays, root_files, max_remove_fraction, what, root.url)
+    plan.removes_files = []
     refused = foreign.refusal(plan, {e.path for e in entries}, what, root.url) if foreign is not None else None
     if keep_repositories and not refused:
         refused = _repository_refusal(root, plan, protected, what)

@@ -268,13 +268,15 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     escaping = scan.escaping()
     if escaping:
         stored = _without_paths(stored, escaping)
-    stale = skipped = 0
+    stale = skipped = stale_files = stale_bytes = 0
     lost = [*scan.unreadable, *state.lost]
     if lost or scan.unlisted:
-        stored, stale, skipped = _merge_stale(stored, pv.table() if pv else None, lost, scan.unlisted,
-                                              {**scan.devices, **state.devices}, links.leaders, warnings)
-    return CaptureResult(stored=stored, files=state.files,
-                         bytes=state.bytes, read_bytes=0 if content == HDFS_CHECKSUM else state.read_bytes,
+        stored, stale, skipped, stale_files, stale_bytes = _merge_stale(
+            stored, pv.table() if pv else None, lost, scan.unlisted, {**scan.devices, **state.devices},
+            links.leaders, warnings)
+    # The snapshot's files and bytes are what it holds: the stale files kept at their last version count too.
+    return CaptureResult(stored=stored, files=state.files + stale_files, bytes=state.bytes + stale_bytes,
+                         read_bytes=0 if content == HDFS_CHECKSUM else state.read_bytes,
                          reused_files=state.reused, warnings=warnings, stale=stale, skipped=skipped,
                          checksum_algorithms=algorithms)
 
@@ -673,14 +675,14 @@ def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarra
 
 def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: list[str],
                  devices: dict[str, int], groups: dict[tuple[int, int], _Lead],
-                 warnings: WarningLog) -> tuple[Spool, int, int]:
+                 warnings: WarningLog) -> tuple[Spool, int, int, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
     (unreadable entries and all below them, all below directories that could not be listed) marked
     stale, unless this capture has them; their hard links worked out against this capture's
     ``groups`` on the device of the path they are kept for (``devices``, :func:`_stale_links`);
     links that the merged rows make escape the root left out.
     The result is validated as a restore will (IntegrityError rather than a snapshot no restore
-    takes). Returns (the manifest, stale rows, skipped paths)."""
+    takes). Returns (the manifest, stale rows, skipped paths, stale files, their bytes)."""
     with stored:
         table = Manifest.from_bytes(stored, "the captured manifest").table
     stale_rows: list[int] = []
@@ -707,8 +709,10 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     else:
         skipped = len(lost) + len(unlisted)
     if not stale_rows or p is None:
-        return Manifest(table).to_spool(), 0, skipped  # the spool was read: the same rows in a new one
+        return Manifest(table).to_spool(), 0, skipped, 0, 0  # the spool was read: the same rows in a new one
     old = p.take(pa.array(stale_rows, pa.int64()))
+    kept_files = old.filter(pc.equal(old.column("type"), FILE))
+    stale_files, stale_bytes = kept_files.num_rows, int(pc.sum(kept_files.column("size")).as_py() or 0)
     old = old.set_column(old.schema.get_field_index("stale"), "stale", pa.array([True] * old.num_rows, pa.bool_()))
     old = old.set_column(old.schema.get_field_index("hardlink"), "hardlink",
                          pa.array(_stale_links(old, [keep[i] for i in stale_rows], groups, warnings), pa.binary()))
@@ -716,7 +720,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     table = _without_escaping_links(table, warnings)
     merged = Manifest(table.combine_chunks())
     validate(merged, "the captured manifest with its stale rows")
-    return merged.to_spool(), len(stale_rows), skipped
+    return merged.to_spool(), len(stale_rows), skipped, stale_files, stale_bytes
 
 
 def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:

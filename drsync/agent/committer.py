@@ -23,7 +23,7 @@ from drsync import allocators, documents, faults, fsutil
 from drsync.agent.hold import HoldFile
 from drsync.agent.roles import format_span
 from drsync.agent.state import StateStore
-from drsync.apply import ApplyResult, apply_manifest, recover_apply
+from drsync.apply import ApplyResult, RootRemovalHeld, apply_manifest, recover_apply
 from drsync.dataroot import open_data_root
 from drsync.dataroot.distcp import Cancelled, DistCpSettings, DistCpStager, content_source
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
@@ -261,7 +261,11 @@ class Committer:
         change = self._judge(info, base, manifest, position)
         if change is not None:  # replication.on_mass_change = "alert": applied, flagged until acknowledged
             self._flag(info, change, good=change.since or self.store.current.applied_snapshot)
-        result = self._apply(info, manifest, position, base=base)
+        try:
+            result = self._apply(info, manifest, position, base=base, root_guard=True)
+        except RootRemovalHeld as e:  # the root holds files drsync never applied there: held like a deletion
+            raise RefusedError(self._hold_by_guard(info, Hold(e.files, e.removed, e.files - e.removed, e.limit),
+                                                   position, on_root=str(e))) from None
         log.info("applied snapshot %s (%d files written, %d removed) in %.2fs", info.id,
                  result.written_files, result.removed, time.monotonic() - started)
         self._release_guard_for(info, f"snapshot {info.id} was applied: it removes few enough of the files "
@@ -399,9 +403,11 @@ class Committer:
         return change
 
     def _hold_by_guard(self, info: SnapshotInfo, hold: Hold | None, position: list[int],
-                       held_change: MassChange | None = None) -> str:
+                       held_change: MassChange | None = None, on_root: str = "") -> str:
         """Hold ``info`` for the deletion guard (``hold``) and/or the mass-change guard (``held_change``):
-        the hold stays on the first held snapshot. Returns the refusal (logged as a warning)."""
+        the hold stays on the first held snapshot. Returns the refusal (logged as a warning). ``on_root``:
+        the files counted are on the root itself, not in the applied snapshot (:class:`RootRemovalHeld`'s
+        words, which then say what would be removed)."""
         st, h = self.store.current, self.hold
         if not h.snapshot:  # the hold stays on the first held snapshot (the one an operator inspects)
             h.snapshot, h.captured_at, h.applied, h.held_at = (info.id, info.captured_at,
@@ -409,7 +415,8 @@ class Committer:
                                                                time.time())
             h.files, h.removed = (hold.files, hold.removed) if hold else (held_change.files if held_change else 0, 0)
             h.changed, h.position = (held_change.changed if held_change else 0), list(position)
-        figures = " and ".join(x.describe() for x in (held_change, hold) if x is not None)
+        figures = on_root.removeprefix(f"snapshot {info.id} ") if on_root else \
+            " and ".join(x.describe() for x in (held_change, hold) if x is not None)
         what = (f"snapshot {info.id} {figures}: held, not applied" if h.snapshot == info.id else
                 f"snapshot {info.id} {figures}: stored, not applied (snapshot {h.snapshot} is held "
                 f"since {iso(h.held_at)})")
@@ -446,7 +453,8 @@ class Committer:
         if change is not None:
             return change
         # A sweep spread over many shipments: also against the snapshot applied a window ago.
-        since = change_baseline(st.change_checkpoints, time.time(), self.mass_change_window_s)
+        since = change_baseline(self._live_checkpoints(st.change_checkpoints), time.time(),
+                                self.mass_change_window_s)
         if not since or since == st.applied_snapshot:
             return None
         # Read a row group at a time and not kept: a standby of a million files would otherwise hold a
@@ -704,7 +712,8 @@ class Committer:
 
     def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int], *,
                base: Manifest | ManifestFile | None,
-               when_gone: str = "the primary's next shipment copies from its newer capture") -> ApplyResult:
+               when_gone: str = "the primary's next shipment copies from its newer capture",
+               root_guard: bool = False) -> ApplyResult:
         """Apply through the journal. ``base``: what the root is known to hold (:meth:`_known_root`): files
         whose content differs from it are written whatever their sizes and times say. ``base`` None (nothing
         vouches for the root, e.g. a promotion at a recovery point): every file whose size and time match is
@@ -727,7 +736,8 @@ class Committer:
                 manifest, self.repo, self.data_root, what=what, journal=self.store.journal,
                 on_committed=lambda: self._record_applied(info.id, info.captured_at, position),
                 protect=(self.repo.storage.url, self.store.dir), external=external,
-                checksum=base is None, base=base)
+                checksum=base is None, base=base,
+                max_remove_fraction=self.max_delete_fraction if root_guard else None)
         except BaseException as e:
             self._in_flight = None
             self._after_failed_apply()
@@ -778,11 +788,24 @@ class Committer:
         """An operator accepted what ``snapshot_id`` holds: the mass-change window counts from it."""
         self.store.update(change_checkpoints=((snapshot_id, time.time()),) if self.mass_change_window_s > 0 else ())
 
+    def _live_checkpoints(self, checkpoints: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+        """The mass-change window's checkpoints whose snapshot this repository still holds. One expired while
+        this agent was primary (its retention does not keep them) is dropped: the window then counts from
+        the snapshots applied since, never "judged without" a baseline for a whole window."""
+        if not checkpoints:
+            return checkpoints
+        try:
+            held = {s.id for s in self.repo.list_snapshots()}
+        except DrsyncError:
+            return checkpoints
+        return tuple(c for c in checkpoints if c[0] in held)
+
     def _record_applied(self, snapshot_id: str, captured_at: float, position: list[int]) -> None:
         # One record: the applied snapshot, its capture time and position change together.
         now = time.time()
+        live = self._live_checkpoints(self.store.current.change_checkpoints)
         self.store.transform(lambda st: dataclasses.replace(
             st, applied_snapshot=snapshot_id, applied_captured_at=captured_at, applied_position=tuple(position),
-            applied_at=now, change_checkpoints=next_checkpoints(st.change_checkpoints, snapshot_id, now,
-                                                                self.mass_change_window_s)))
+            applied_at=now, change_checkpoints=next_checkpoints(
+                tuple(c for c in st.change_checkpoints if c in live), snapshot_id, now, self.mass_change_window_s)))
         self.on_applied()

@@ -104,6 +104,19 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
     # this state directory, e.g. a copy with other ports, is not running: its ports say nothing of it).
     running = holder is not None and holder[1] in ("", cfg.agent.listen)
     checks += _check_nesting(cfg, state_dir, timeout_s)
+    dest = cfg.backups.destination
+    if dest and "://" not in dest:
+        from drsync.backup import repository_around
+
+        repository = repository_around(dest) or (
+            cfg.cluster.repository if os.path.realpath(dest).startswith(
+                os.path.realpath(cfg.cluster.repository).rstrip("/") + "/") or
+            os.path.realpath(dest) == os.path.realpath(cfg.cluster.repository) else "")
+        if repository:
+            checks.append(Check("backups", False, f"[backups] destination {dest} lies inside the repository "
+                                f"{repository}: backup create refuses it (the repository's garbage collection "
+                                f"would take a backup there for its own files); name a directory outside it",
+                                "config"))
     checks += _check_agent(cfg, running, state_dir, holder)
     checks += _check_advertise(cfg, running and not any(c.name == "state directory" and not c.ok for c in checks),
                                timeout_s)
