@@ -54,7 +54,7 @@ from drsync.repository.manifest import (
     decode_name,
     external_mask,
 )
-from drsync.repository.manifest_check import validate
+from drsync.repository.manifest_check import escaping_links, validate
 from drsync.repository.manifest_diff import content_changed
 from drsync.text import printable
 from drsync.tree import LocalEntry
@@ -217,7 +217,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                structure_only: bool = False, compare_owner: bool = False,
                mtime_resolution_ns: int = 1, protected: frozenset[str] = frozenset(),
                compare_xattrs: bool = False, content_changed: frozenset[str] = frozenset(),
-               also_touched: Iterable[str] = ()) -> ApplyPlan:
+               also_touched: Iterable[str] = (), keep_uncarried: bool = False) -> ApplyPlan:
     """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some.
 
     ``compare_owner``: the target can set owners, so a differing owner is fixed.
@@ -229,6 +229,9 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     :func:`drsync.repository.manifest_diff.content_changed`): written even when size and time match.
     ``also_touched``: directories the commit changes for files planned elsewhere (new files of a
     :class:`~drsync.unchanged.WriteList`): finished, and opened up when needed, as if planned here.
+    ``keep_uncarried`` (a standby's apply): what no snapshot carries (fifos, sockets, devices, links leading
+    outside the root) is left in place where the snapshot has nothing: removed, it could never be restored
+    (an ex-primary rejoining keeps its ``shared -> /srv/shared``), and captures do not see it anyway.
     Raises :class:`UsageError` when the snapshot has a file or link where a protected path's parent is.
     """
     res = max(1, mtime_resolution_ns)
@@ -251,10 +254,17 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                              f"target ({sorted(protected)[0]}); move the repository and state directory out of "
                              f"the data root")
         wanted[e.path] = e
+    uncarried: set[str] = set()
+    if keep_uncarried:
+        uncarried = {p for p, h in existing.items() if h.type == OTHER}
+        links = {p: h.target for p, h in existing.items() if h.type == SYMLINK and h.target is not None}
+        uncarried.update(escaping_links(links) if links else ())
     for path, have in existing.items():
         if excluded(path) or (structure_only and have.type == FILE) or is_protected(path):
             continue
         want = wanted.get(path)
+        if want is None and path in uncarried:
+            continue
         if path in holders and have.type == DIR:
             continue  # holds drsync's own files: kept whatever the snapshot says
         if want is None or want.type != have.type:
@@ -424,7 +434,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    protect: tuple[str, ...] = (), dry_run: bool = False,
                    foreign: ForeignTarget | None = None, external: ExternalStager | None = None,
                    cancel: Callable[[], bool] | None = None, base: Manifest | ManifestFile | None = None,
-                   keep_repositories: bool = False, max_remove_fraction: float | None = None) -> ApplyResult:
+                   keep_repositories: bool = False, max_remove_fraction: float | None = None,
+                   keep_uncarried: bool = False) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
 
     ``dry_run``: plan only and report it in ``ApplyResult.planned`` (and in ``ApplyResult.refused`` why
@@ -445,6 +456,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     ``max_remove_fraction`` (a standby's apply: replication.max_delete_fraction): :class:`RootRemovalHeld`
     when the plan would remove more than that share of the files the target holds, counting only files
     ``base`` does not have (those it has are the deletion guard's, which allows for renames).
+    ``keep_uncarried`` (a standby's apply): see :func:`plan_apply`.
     ``keep_repositories`` (restores): a drsync repository found in the target where the plan would write
     into it or remove it (not one named in ``protect``, which is left alone) refuses the apply
     (RefusedError, nothing changed): a restore never destroys a repository, even one it does not know.
@@ -499,7 +511,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                       structure_only=structure_only,
                       compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
                       compare_xattrs=root.supports_xattrs, content_changed=changed,
-                      also_touched=rest.new_parents if rest is not None else ())
+                      also_touched=rest.new_parents if rest is not None else (), keep_uncarried=keep_uncarried)
     plan.unchanged += unchanged
     if rest is not None and len(rest.new_rows):
         plan.write = WriteList(list(plan.write), manifest, rest.new_rows)

@@ -98,3 +98,22 @@ def test_config_check_flags_a_backup_destination_inside_the_repository(tmp_path:
     checks = {c["name"]: c for c in r.json()["checks"]} if r.out.strip().startswith("{") else {}
     assert "backups" in checks and not checks["backups"]["ok"], (r.out, r.err)
     assert "lies inside the repository" in checks["backups"]["detail"]
+
+
+def test_a_standby_apply_leaves_what_no_snapshot_carries_where_the_snapshot_has_nothing() -> None:
+    """Fifos, sockets, devices and links leading outside the root are never captured: removed from a
+    standby's root (an ex-primary rejoining), they could never be restored. Where the snapshot has something
+    at that path, it replaces them as before; restores (keep_uncarried False) remove them as documented."""
+    from drsync.apply import OTHER, plan_apply
+    from drsync.repository.manifest import Entry
+    from drsync.tree import LocalEntry
+
+    def have(path: str, kind: str, target: str | None = None) -> LocalEntry:
+        return LocalEntry(path, kind, 0o644, 0, 0, 0, 0, target)
+
+    existing = {"pipe": have("pipe", OTHER), "shared": have("shared", "symlink", "/srv/shared"),
+                "up": have("up", "symlink", "../.."), "inside": have("inside", "symlink", "f"),
+                "f": have("f", "file"), "taken": have("taken", OTHER)}
+    wanted = [Entry("taken", "file", 0o644, 0, 0, 1, 0, None, [b"\0" * 32], [1])]
+    assert sorted(plan_apply(wanted, existing, keep_uncarried=True).remove) == ["f", "inside", "taken"]
+    assert sorted(plan_apply(wanted, existing).remove) == ["f", "inside", "pipe", "shared", "taken", "up"]

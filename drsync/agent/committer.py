@@ -737,7 +737,7 @@ class Committer:
                 on_committed=lambda: self._record_applied(info.id, info.captured_at, position),
                 protect=(self.repo.storage.url, self.store.dir), external=external,
                 checksum=base is None, base=base,
-                max_remove_fraction=self.max_delete_fraction if root_guard else None)
+                max_remove_fraction=self.max_delete_fraction if root_guard else None, keep_uncarried=True)
         except BaseException as e:
             self._in_flight = None
             self._after_failed_apply()
