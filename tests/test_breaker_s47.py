@@ -407,3 +407,24 @@ def test_a_backup_destination_inside_the_repository_is_refused(tmp_path: Path, i
         f"{listed.code} ({listed.err.strip()}), repo gc exit {gc.code}")
     assert verify.code == 0, (f"backup create --dest {repo / inside} exited 0, then repo gc ({gc.out.strip()}) "
                               f"destroyed the backup: {verify.err.strip()}")
+
+
+# --- 11. --repo and --config naming two repositories --------------------------------------------------------------
+
+
+def test_repo_and_a_config_of_another_repository_are_never_mixed(tmp_path: Path) -> None:
+    """Breaker s47's note: with DRSYNC_CONFIG set (or --config given), `snapshot create --repo X` captured the
+    config's data root into X under X's cluster id: data crossed the cluster-id check. Now both naming two
+    repositories is a usage error (exit 2, nothing written); naming the same one is fine."""
+    data, repo, other = tmp_path / "data", tmp_path / "repo", tmp_path / "other"
+    data.mkdir()
+    (data / "f").write_text("production of cluster a\n")
+    assert run_drsync("init", "--repo", repo, "--cluster-id", "a", "--release", "1").code == 0
+    assert run_drsync("init", "--repo", other, "--cluster-id", "b", "--release", "1").code == 0
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[cluster]\nid = "a"\nrelease = "1"\ndata = "{data}"\nrepository = "{repo}"\n')
+    r = run_drsync("snapshot", "create", "--repo", other, env={"DRSYNC_CONFIG": str(cfg)})
+    assert r.code == 2 and "name two repositories" in r.err and len(r.err.strip().splitlines()) == 1, r
+    assert run_drsync("snapshot", "list", "--repo", other, "--json").json() == [], "something was written"
+    r = run_drsync("snapshot", "create", "--repo", f"{repo}/", "--config", cfg, "--json")
+    assert r.code == 0, r.err

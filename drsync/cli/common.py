@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -51,6 +52,12 @@ class Invocation:
         return self.config.snapshots if self.config else SnapshotsConfig()
 
 
+def _same_place(url: str) -> str:
+    """A repository URL compared as a place: a plain path or file:// resolved, anything else as written."""
+    path = url.removeprefix("file://") if url.startswith("file://") or "://" not in url else ""
+    return os.path.realpath(path) if path else url.rstrip("/")
+
+
 def _options(with_repo: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """--config, --json, --debug (and --repo where a command can work without an agent's config),
     turned into an Invocation."""
@@ -61,6 +68,11 @@ def _options(with_repo: bool) -> Callable[[Callable[..., Any]], Callable[..., An
                     **kw: Any) -> Any:
             STATE["debug"] = debug or STATE.get("debug", False)
             cfg = load_config(config_path) if config_path else None
+            if repo and cfg is not None and _same_place(repo) != _same_place(cfg.cluster.repository):
+                # The config's data root and cluster id are not that repository's: never mixed.
+                raise UsageError(f"--repo {repo} and --config {config_path} (its repository "
+                                 f"{cfg.cluster.repository}) name two repositories: give one of them (DRSYNC_CONFIG "
+                                 f"counts as --config: unset it to use --repo alone)")
             return fn(Invocation(cfg, repo, as_json, debug), **kw)
 
         options = [click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="DRSYNC_CONFIG",
