@@ -428,3 +428,25 @@ def test_repo_and_a_config_of_another_repository_are_never_mixed(tmp_path: Path)
     assert run_drsync("snapshot", "list", "--repo", other, "--json").json() == [], "something was written"
     r = run_drsync("snapshot", "create", "--repo", f"{repo}/", "--config", cfg, "--json")
     assert r.code == 0, r.err
+
+
+# --- 12. a drill's scratch directory inside the data root ----------------------------------------------------------
+
+
+def test_a_drill_scratch_inside_the_data_root_is_a_configuration_error(tmp_path: Path) -> None:
+    """Breaker s47's note: drills.scratch inside the data root was accepted; a drill's trial restore (the whole
+    snapshot) then lands in production's tree, or in a standby root its apply rewrites."""
+    data = tmp_path / "data"
+    data.mkdir()
+    base = f'[cluster]\nid = "x"\nrelease = "1"\ndata = "{data}"\nrepository = "{tmp_path / "repo"}"\n' \
+           f'[agent]\nlisten = "127.0.0.1:1"\nmetrics = ""\n'
+    bad, good = tmp_path / "bad.toml", tmp_path / "good.toml"
+    bad.write_text(base + f'[drills]\nscratch = "{data / "scratch"}"\n')
+    good.write_text(base + f'[drills]\nscratch = "{tmp_path / "scratch"}"\n')
+    assert run_drsync("init", "--config", good).code == 0
+    r = run_drsync("config", "check", "--config", bad, "--json")
+    assert any(not c["ok"] and "drills.scratch" in c["detail"] for c in r.json()["checks"]), r.out
+    r = run_drsync("agent", "--config", bad, timeout=60)
+    assert r.code == 2 and "drills.scratch" in r.err and len(r.err.strip().splitlines()) == 1, r
+    r = run_drsync("config", "check", "--config", good, "--json")
+    assert not any("drills.scratch" in c["detail"] for c in r.json()["checks"]), r.out
