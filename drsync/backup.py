@@ -319,8 +319,15 @@ def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -
     listed: dict[str, str] = {}
     try:
         with open(os.path.join(path, CHECKSUMS), encoding="utf-8") as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 digest, _, rel = line.rstrip("\n").partition("  ")
+                parts = rel.split("/")
+                if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not rel or \
+                        rel.startswith("/") or ".." in parts or "" in parts:
+                    # A blank or damaged line, or a path leading out of the backup: never read as a file name.
+                    report.damaged_backup_files.append({"file": CHECKSUMS, "reason": f"line {number} is not "
+                                                        f"'<BLAKE3 hex>  <path inside the backup>'"})
+                    continue
                 listed[rel] = digest
     except FileNotFoundError:
         report.damaged_backup_files.append({"file": CHECKSUMS, "reason": "missing"})

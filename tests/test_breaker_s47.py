@@ -450,3 +450,29 @@ def test_a_drill_scratch_inside_the_data_root_is_a_configuration_error(tmp_path:
     assert r.code == 2 and "drills.scratch" in r.err and len(r.err.strip().splitlines()) == 1, r
     r = run_drsync("config", "check", "--config", good, "--json")
     assert not any("drills.scratch" in c["detail"] for c in r.json()["checks"]), r.out
+
+
+# --- 13. a damaged checksum file line ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line", ["", "zz  backup.json", "0" * 64 + "  ../../etc/hostname",
+                                  "0" * 64 + "  /etc/hostname", "0" * 64])
+def test_a_damaged_line_of_the_checksum_file_is_named_as_such(tmp_path: Path, line: str) -> None:
+    """Breaker s47's note: a blank line of CHECKSUMS.b3 was reported as a missing file named ''; a line naming a
+    path outside the backup as a missing file of that name. Each is damage of the checksum file, by line."""
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    data.mkdir()
+    (data / "f").write_text("x\n")
+    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    assert run_drsync("snapshot", "create", "--repo", repo, "--source", data, "--name", "s").code == 0
+    r = run_drsync("backup", "create", "--repo", repo, "--snapshot", "s", "--dest", tmp_path / "bk", "--json")
+    assert r.code == 0, r.err
+    sums = Path(r.json()["path"]) / "CHECKSUMS.b3"
+    lines = sums.read_text().splitlines()
+    sums.write_text("\n".join([*lines[:1], line, *lines[1:]]) + "\n")
+    r = run_drsync("backup", "verify", r.json()["path"], "--json")
+    assert r.code == 3, r
+    damaged = r.json()["damaged_backup_files"] if "damaged_backup_files" in r.json() else r.json()
+    reason = "line 2 is not '<BLAKE3 hex>  <path inside the backup>'"
+    assert {"file": "CHECKSUMS.b3", "reason": reason} in damaged, r.out
+    assert not any(d["file"] in ("", "../../etc/hostname", "/etc/hostname") for d in damaged), r.out
