@@ -134,19 +134,20 @@ def test_agent_state_round_trips_and_refuses_mistyped_fields(tmp_path: Path) -> 
     bad = [{"epoch": math.nan}, {"epoch": "7"}, {"epoch": True}, {"epoch": 1.0}, {"applied_captured_at": math.inf},
            {"clock_offset_s": math.nan}, {"applied_position": [1, "2"]}, {"pending": 5}, {"pending": [["s", 1.0]]},
            {"pending": [["s", math.nan, [1, 2]]]}, {"change_checkpoints": [[1, 2]]}, {"demoted": "yes"},
-           {"agent_id": 7}]
+           {"agent_id": 7}, {"epoch": -1}, {"applied_snapshot": "s"}]
     for doc in bad:
         with pytest.raises(ValueError):
             AgentState.from_doc(doc)
         (store_dir / "state.json").write_text(json.dumps(doc))
         with pytest.raises(IntegrityError) as e:
             StateStore(str(store_dir))
-        assert str(store_dir / "state.json") in str(e.value) and next(iter(doc)) in str(e.value)
+        assert str(store_dir / "state.json") in str(e.value) and ("epoch" in str(e.value) or next(iter(doc)) in
+                                                                   str(e.value))
     (store_dir / "state.json").write_text("{not json")
     with pytest.raises(IntegrityError, match="state.json is not JSON"):
         StateStore(str(store_dir))
     # last_gc_at stays lenient: anything but a finite number means "never collected" (collect now).
-    assert AgentState.from_doc({"last_gc_at": math.nan}).last_gc_at == 0.0
+    assert AgentState.from_doc({"epoch": 0, "last_gc_at": math.nan}).last_gc_at == 0.0
 
 
 def test_a_damaged_state_file_stops_the_agent_with_one_line(make_group) -> None:  # type: ignore[no-untyped-def]

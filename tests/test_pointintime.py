@@ -354,7 +354,7 @@ def test_the_delay_runs_from_when_the_standby_stored_a_snapshot_and_from_its_cap
     # Stored long ago (an hour and more waiting): due now if captured long ago too.
     assert delayed_until(now - 3 * HOUR, now - 2 * HOUR, HOUR, 0.0) == now - HOUR
     # Pending entries written before the stored time was kept read as stored when read: later, never sooner.
-    st = AgentState.from_doc({"pending": [["a" * 16, now - 2 * HOUR, [1, 5]]]})
+    st = AgentState.from_doc({"epoch": 0, "pending": [["a" * 16, now - 2 * HOUR, [1, 5]]]})
     assert st.pending[0][:3] == ("a" * 16, now - 2 * HOUR, (1, 5)) and st.pending[0][3] >= time.time() - 60
 
 

@@ -133,8 +133,16 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
             f"first (drsync snapshot restore or backup restore), then promote")))
     state_dir = state_dir_of(cfg)
     state = StateStore(state_dir).load()
-    if view.epoch.epoch < state.epoch:  # never overridden: the next epoch could be one another primary held
-        checks.insert(0, PromotionCheck("epoch", False, f"{me}: {epoch_behind(view.epoch.epoch, state.epoch)}"))
+    # Never overridden: the next epoch could be one another primary held. Other live agents' word counts too
+    # (this one may never have seen the epoch they saw: added after ZooKeeper lost the group).
+    try:
+        others = [(n, r["epoch"]) for n, r in coord.agents().items() if n != me and isinstance(r.get("epoch"), int)]
+    except DrsyncError:
+        others = []
+    who, seen = max([(me, state.epoch), *others], key=lambda x: x[1])
+    if view.epoch.epoch < seen:
+        checks.insert(0, PromotionCheck("epoch", False, epoch_behind(view.epoch.epoch, seen,
+                                                                      "this agent" if who == me else f"agent {who}")))
     target, point_check = _point_check(cfg, state, point)
     if point.explicit and view.epoch.promoted_by == me:
         target, point_check = None, PromotionCheck("point", False, (

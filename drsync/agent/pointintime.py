@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from drsync.agent.state import AgentState
 from drsync.config import parse_duration
 from drsync.errors import UsageError
-from drsync.repository.snapshots import SnapshotInfo
+from drsync.repository.snapshots import AmbiguousRef, SnapshotInfo, pick_by_ref
 from drsync.units import iso_time, parse_iso
 
 
@@ -100,16 +100,14 @@ def choose_point(points: list[RecoveryPoint], *, to_snapshot: str | None = None,
     (:func:`recovery_points`)."""
     if to_snapshot:
         # The rules of ``drsync snapshot show``: an id, a name (newest of it), ``latest``, a prefix of 4+.
-        by_seq = sorted(points, key=lambda p: p.seq)
-        exact = [p for p in points if p.id == to_snapshot]
-        named = [p for p in by_seq if p.name and p.name == to_snapshot]
-        newest = by_seq[-1:] if to_snapshot == "latest" else []
-        prefixed = [p for p in points if len(to_snapshot) >= 4 and p.id.startswith(to_snapshot)]
-        found = exact or named[-1:] or newest or (prefixed if len(prefixed) == 1 else [])
-        if not found:
-            why = "is ambiguous" if len(prefixed) > 1 else "is not a snapshot this standby holds"
-            raise UsageError(f"--to-snapshot {to_snapshot}: {why}; {_nearest(points)}")
-        return found[0]
+        try:
+            found = pick_by_ref(to_snapshot, sorted(points, key=lambda p: p.seq), id_of=lambda p: p.id,
+                                name_of=lambda p: p.name or "")
+        except AmbiguousRef as e:
+            raise UsageError(f"--to-snapshot {to_snapshot}: {e}; {_nearest(points)}") from None
+        if found is None:
+            raise UsageError(f"--to-snapshot {to_snapshot}: is not a snapshot this standby holds; {_nearest(points)}")
+        return found
     if before is None:
         raise UsageError("name the point: --to-snapshot ID or --before TIME")
     earlier = [p for p in points if p.stored_at and p.stored_at <= before]

@@ -50,7 +50,8 @@ class RoleDecision:
 def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: FailoverPolicy,
                 primary_absent_s: float, lag_s: float | None, rank: int, epoch_age_s: float,
                 agent_id: str = "", claimant_live: bool = False, fencing_ahead: str = "",
-                held: bool = False, superseded: str = "", floor: int = 0) -> RoleDecision:
+                held: bool = False, superseded: str = "", floor: int = 0,
+                others_floor: tuple[str, int] = ("", 0)) -> RoleDecision:
     """What this agent should do now. ``agent_id`` is its persistent identity: an epoch that records
     another id names another agent of the same name, never this one. ``primary_absent_s`` is how
     long the primary node has been seen missing; ``lag_s`` this agent's lag (None before it applied
@@ -68,7 +69,10 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
     before it was primary says nothing of them; it is never a candidate. ``floor``: the highest epoch this
     agent has seen (its state): a group epoch below it means ZooKeeper lost data or was rewritten, and this
     agent then takes no role action at all (a claim or promotion there could repeat an epoch another
-    primary held: safety rule 1)."""
+    primary held: safety rule 1). ``others_floor``: the live agent whose registration reports the highest
+    epoch it has seen, and that epoch: above the group's, this agent neither claims nor promotes itself (it
+    may never have seen that epoch itself: added after ZooKeeper lost the group); an acting primary is not
+    stepped down for another agent's word."""
     if view.session is SessionState.SUSPENDED:
         if acting_primary:
             return RoleDecision("pause", "ZooKeeper connection suspended: no shipping and no role actions "
@@ -91,9 +95,13 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
         if acting_primary or (primary is not None and primary.mine):
             return RoleDecision("step-down", what)
         return RoleDecision("standby", what)
+    who, seen = others_floor
+    behind = epoch_behind(epoch.epoch, seen, f"agent {who}") if seen > epoch.epoch else ""
     if epoch.names(me, agent_id):
         if primary is not None and primary.agent == me and primary.epoch == epoch.epoch and primary.mine:
             return RoleDecision("act-primary", f"holding the primary node at epoch {epoch.epoch}")
+        if behind:
+            return RoleDecision("standby", behind)
         if primary is None or primary.epoch < epoch.epoch or primary.agent == me:
             return RoleDecision("claim", f"epoch {epoch.epoch} names this agent")
         return RoleDecision("standby", f"agent {primary.agent} holds the primary node at epoch {primary.epoch}, "
@@ -141,14 +149,16 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
     wait = policy.grace_s + rank * RANK_DELAY_S
     if primary_absent_s < wait:
         return RoleDecision("standby", f"primary gone for {primary_absent_s:.1f}s of {wait:.1f}s grace")
+    if behind:
+        return RoleDecision("standby", behind)
     return RoleDecision("promote-self", f"primary gone for {primary_absent_s:.1f}s, lag {lag_s:.1f}s within "
                                         f"{policy.max_lag_s:.0f}s")
 
 
-def epoch_behind(epoch: int, floor: int) -> str:
+def epoch_behind(epoch: int, floor: int, who: str = "this agent") -> str:
     """Why nothing may change roles while the group's epoch in ZooKeeper (``epoch``) is below the highest
-    one this agent has seen (``floor``). Pure."""
-    return (f"ZooKeeper's epoch {epoch} is below epoch {floor}, which this agent has already seen: ZooKeeper lost "
+    one ``who`` has seen (``floor``). Pure."""
+    return (f"ZooKeeper's epoch {epoch} is below epoch {floor}, which {who} has already seen: ZooKeeper lost "
             f"data, or was restored or edited; no promotion, claim or switchover until the epoch node is repaired "
             f"(docs/operations.md, 'A damaged or lost epoch')")
 

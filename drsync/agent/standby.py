@@ -25,6 +25,7 @@ from drsync.agent.state import AgentState, StateStore
 from drsync.apply import ApplyResult
 from drsync.dataroot.distcp import DistCpSettings
 from drsync.errors import DrsyncError, FencedError, RefusedError
+from drsync.fsutil import describe_os_error
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.repository.spool import Spool
@@ -245,6 +246,9 @@ class StandbyReceiver:
                 done = self.committer.commit(snapshot_doc, manifest_bytes, [caller.epoch, sender_seq])
                 self.last_refusal = None  # shipments go through again
                 return done
+        except OSError as e:  # its state directory or repository cannot be written: an error it reports itself
+            raise describe_os_error(e, f"recording the shipment on standby {self.agent} (state directory "
+                                       f"{self.store.dir})") from None
         finally:
             self.intake.end(caller)
             self.after_commit()

@@ -81,6 +81,11 @@ class AgentState:
         field's type (a hand edit, a damaged file): a NaN epoch, say, would compare as neither below nor
         above any sender's and so fence nothing."""
         documents.typed(doc, _FIELD_TYPES, "state.json")
+        if "epoch" not in doc:  # drsync always writes it: without it the fencing floor is unknown, not 0
+            raise ValueError("state.json has no epoch")
+        for name in ("epoch", "primary_epoch", "epoch_seen"):
+            if doc.get(name, 0) < 0:
+                raise ValueError(f"state.json: {name} is {doc[name]}, below 0")
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in doc.items() if k in known}
         read_at = time.time()

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,19 +27,33 @@ def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bo
     RefusedError (exit 4, nothing changed) onto the cluster's own data root while this config's agent runs:
     a standby's agent applies to that root and records what it holds (a restore under it would leave the
     root behind what the agent reports, and a promotion would take that root), a primary's captures from it."""
-    if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
+    if inv.config is not None and _same_root(dest, inv.config.cluster.data):
         from drsync.agent.locks import StateDirLock
         from drsync.agent.state import state_dir_of
 
         if StateDirLock.held(state_dir_of(inv.config)):
-            raise RefusedError(f"agent {inv.config.agent.name} is running on data root {dest} (it applies shipments "
-                               f"to it, or captures it); a restore there now would leave the root other than what "
-                               f"the agent reports: stop the agent first (on production, its writers too), or "
-                               f"restore elsewhere with --target")
+            raise RefusedError(f"agent {inv.config.agent.name} is running on data root {inv.config.cluster.data} "
+                               f"(it applies shipments to it, or captures it), and {dest} is that root; a restore "
+                               f"there now would leave the root other than what the agent reports: stop the agent "
+                               f"first (on production, its writers too), or restore elsewhere with --target")
+    if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
         return None
     from drsync.apply import ForeignTarget
 
     return ForeignTarget(overwrite=overwrite, delete_extra=delete_extra)
+
+
+def _same_root(a: str, b: str) -> bool:
+    """Whether two data root URLs are one directory: local ones by device and inode (a symlink, a bind mount
+    or another spelling of the same directory), others as written."""
+    a, b = engine.data_root_url(a), engine.data_root_url(b)
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def restore_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

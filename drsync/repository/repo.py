@@ -43,7 +43,7 @@ from drsync.repository.packs import (
     read_pack_table,
     write_index,
 )
-from drsync.repository.snapshots import SnapshotInfo, iso
+from drsync.repository.snapshots import AmbiguousRef, SnapshotInfo, iso, pick_by_ref
 from drsync.repository.spool import Spool
 from drsync.storage import (
     ObjectExists,
@@ -875,23 +875,12 @@ class Repository:
         snaps = self.list_snapshots()
         if not snaps:
             raise NotFound(f"repository {self.storage.url} has no snapshots yet")
-        if ref == "latest":
-            return snaps[-1]
-        exact = [s for s in snaps if s.id == ref]
-        if exact:
-            return exact[0]
-        named = [s for s in snaps if s.name == ref]
-        prefixed = [s for s in snaps if s.id.startswith(ref)] if len(ref) >= 4 else []
-        others = [s for s in prefixed if s.name != ref]
-        if named and others:  # a name that is also the start of other ids: which one was meant cannot be told
-            raise UsageError(f"snapshot {ref!r} is ambiguous: it is the name of {named[-1].id} and the start of "
-                             f"{', '.join(s.id for s in others)}; give the full id")
-        if named:
-            return named[-1]
-        if len(prefixed) == 1:
-            return prefixed[0]
-        if len(prefixed) > 1:
-            raise UsageError(f"snapshot {ref!r} is ambiguous: it matches {', '.join(s.id for s in prefixed)}")
+        try:
+            found = pick_by_ref(ref, snaps, id_of=lambda s: s.id, name_of=lambda s: s.name)
+        except AmbiguousRef as e:
+            raise UsageError(str(e)) from None
+        if found is not None:
+            return found
         raise NotFound(f"no snapshot {ref!r} in {self.storage.url}; 'drsync snapshot list' shows them")
 
     def load_manifest(self, info: SnapshotInfo, *, lean: bool = False) -> Manifest:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,6 +13,34 @@ from drsync import documents
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
 from drsync.units import iso_time, parse_iso
+
+
+class AmbiguousRef(ValueError):
+    """A snapshot reference that fits more than one snapshot (the callers turn it into a UsageError)."""
+
+
+def pick_by_ref(ref: str, items: list[Any], *, id_of: Callable[[Any], str],
+                name_of: Callable[[Any], str]) -> Any | None:
+    """The one of ``items`` (oldest first) that ``ref`` names, by the rules every command shares: a full
+    id; ``latest`` (the last item); a name (the newest of that name); or an id prefix of 4+ characters that
+    fits one id. None when nothing fits. :class:`AmbiguousRef` (naming the candidates) when a prefix fits
+    several ids, or when ``ref`` is a name and also the start of other snapshots' ids. Pure."""
+    exact = [x for x in items if id_of(x) == ref]
+    if exact:
+        return exact[0]
+    if ref == "latest":
+        return items[-1] if items else None
+    named = [x for x in items if name_of(x) == ref]
+    prefixed = [x for x in items if len(ref) >= 4 and id_of(x).startswith(ref)]
+    others = [x for x in prefixed if name_of(x) != ref]
+    if named and others:  # which one was meant cannot be told
+        raise AmbiguousRef(f"snapshot {ref!r} is ambiguous: it is the name of {id_of(named[-1])} and the start of "
+                           f"{', '.join(id_of(x) for x in others)}; give the full id")
+    if named:
+        return named[-1]
+    if len(prefixed) > 1:
+        raise AmbiguousRef(f"snapshot {ref!r} is ambiguous: it matches {', '.join(id_of(x) for x in prefixed)}")
+    return prefixed[0] if prefixed else None
 
 
 def iso(ts: float | None) -> str | None:
