@@ -122,7 +122,8 @@ def test_typed_names_the_key_and_what_it_should_be() -> None:
 
 
 def test_agent_state_round_trips_and_refuses_mistyped_fields(tmp_path: Path) -> None:
-    full = AgentState(epoch=4, applied_snapshot="s1", applied_captured_at=NOW, applied_at=NOW + 1, last_role="primary",
+    full = AgentState(epoch=4, epoch_holder="east", applied_snapshot="s1", applied_captured_at=NOW,
+                      applied_at=NOW + 1, last_role="primary",
                       primary_epoch=3, applied_position=(3, 17), clock_offset_s=-0.25, clock_source="east",
                       epoch_seen=4, epoch_seen_at=NOW, demoted=True, agent_id="a" * 32, agent_name="west",
                       guard_baseline="b", received_snapshot="s2", received_captured_at=NOW + 2,

@@ -216,11 +216,12 @@ class HostLock:
 class StateDirLock:
     """One agent per state directory: a second one would share its epoch and its apply journal."""
 
-    def __init__(self, state_dir: str, listen: str = "") -> None:
+    def __init__(self, state_dir: str, listen: str = "", data_root: str = "") -> None:
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, "agent.pid")
-        # The holder's pid and agent.listen: config check tells the running agent of a config from another.
-        self.fd = _exclusive_lock(self.path, 0o644, f"{os.getpid()}\n{listen}\n", lambda held: (
+        # The holder's pid and agent.listen: config check tells the running agent of a config from another;
+        # and its data root: a restore given only --repo tells the running agent's root from another.
+        self.fd = _exclusive_lock(self.path, 0o644, f"{os.getpid()}\n{listen}\n{data_root}\n", lambda held: (
             f"another drsync agent (pid {held[0]}) is running with state directory {state_dir}; stop it first"))
 
     @staticmethod
@@ -235,6 +236,19 @@ class StateDirLock:
         except OSError:
             return "?", ""
         return (lines[0].strip() or "?"), (lines[1].strip() if len(lines) > 1 else "")
+
+    @staticmethod
+    def data_root(state_dir: str) -> str:
+        """The data root of the running agent holding this state directory ("" when none runs, or an agent of
+        an older drsync does)."""
+        if not StateDirLock.held(state_dir):
+            return ""
+        try:
+            with open(os.path.join(state_dir, "agent.pid"), encoding="utf-8", errors="replace") as f:
+                lines = f.read(8192).split("\n")
+        except OSError:
+            return ""
+        return lines[2].strip() if len(lines) > 2 else ""
 
     @staticmethod
     def held(state_dir: str) -> bool:

@@ -68,7 +68,7 @@ class Agent:
         self.repo.refuse_if_read_only()  # an agent writes its repository (snapshots, shipments, retention)
         self.data_root = engine.data_root_url(cfg.cluster.data)
         self.state_dir = state_dir_of(cfg)
-        self.dir_lock = StateDirLock(self.state_dir, cfg.agent.listen) if serve_network else None
+        self.dir_lock = StateDirLock(self.state_dir, cfg.agent.listen, cfg.cluster.data) if serve_network else None
         self.host_locks = HostLock.take_all([("data root", self.data_root), ("repository", cfg.cluster.repository)],
                                             self.state_dir) if serve_network else []
         self.store = StateStore(self.state_dir)

@@ -108,9 +108,17 @@ class StandbyReceiver:
 
     # --- fencing ------------------------------------------------------------------
 
-    def observe_epoch(self, epoch: int) -> None:
-        """Raise the fencing floor to an epoch seen elsewhere (ZooKeeper), durably."""
-        self.store.transform(lambda s: dataclasses.replace(s, epoch=epoch) if epoch > s.epoch else s)
+    def observe_epoch(self, epoch: int, holder: str = "") -> None:
+        """Raise the fencing floor to an epoch seen elsewhere (ZooKeeper), durably, with the agent named at it
+        (``holder``; recorded the first time it is known)."""
+        def raised(s: AgentState) -> AgentState:
+            if epoch > s.epoch:
+                return dataclasses.replace(s, epoch=epoch, epoch_holder=holder)
+            if epoch == s.epoch and holder and not s.epoch_holder:
+                return dataclasses.replace(s, epoch_holder=holder)
+            return s
+
+        self.store.transform(raised)
 
     def greet(self, caller: Caller) -> None:
         """A Hello: no fencing (it only reads), but a sample of the caller's clock when it is the primary
@@ -194,7 +202,13 @@ class StandbyReceiver:
                 who = caller.sender or "the sender"
                 raise RefusedError(f"cannot read the group's epoch from ZooKeeper to confirm {who} may ship ({e}); "
                                    f"refused until it can be read") from None
-            self.observe_epoch(epoch)
+            held_by = self.state.epoch_holder if self.state.epoch == epoch else ""
+            if held_by and named and named != held_by:
+                raise FencedError(f"ZooKeeper names {named} at epoch {epoch}, but this standby saw {held_by} hold "
+                                  f"epoch {epoch}: two primaries at one epoch (ZooKeeper lost or rewrote the group?); "
+                                  f"refused until the epoch node is repaired (docs/operations.md, 'A damaged or lost "
+                                  f"epoch')")
+            self.observe_epoch(epoch, named)
             relayed = bool(self.upstream) and caller.sender == self.upstream
             if caller.epoch != epoch or (caller.sender != named and not relayed):
                 who = caller.sender or "an unnamed sender"
@@ -210,7 +224,7 @@ class StandbyReceiver:
                                      f"{epoch})" if self.upstream else "") + " may ship")
         self._check_floor(caller)
         if self.group_epoch is None and self.trust_request_epochs and caller.epoch > self.state.epoch:
-            self.observe_epoch(caller.epoch)  # fixed roles, caller proven by tls.allowed_peers
+            self.observe_epoch(caller.epoch, caller.sender)  # fixed roles, caller proven by tls.allowed_peers
         self.last_contact = caller
         self._clock_sample(caller)
 

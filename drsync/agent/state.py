@@ -33,6 +33,9 @@ class AgentState:
     """One agent's durable record (``state_dir/state.json``); times are Unix seconds."""
 
     epoch: int = 0  # the fencing floor: the highest group epoch this agent has seen
+    # The agent ZooKeeper named at that epoch when this agent saw it: another agent named at the same epoch
+    # later (ZooKeeper lost or rewrote the group) would be a second primary at one epoch, and is refused.
+    epoch_holder: str = ""
     applied_snapshot: str = ""
     applied_captured_at: float = 0.0  # on the primary's clock
     applied_at: float = 0.0  # on this machine's clock
@@ -142,7 +145,8 @@ def state_dir_of(cfg: Config) -> str:
 
 # The type of each field of state.json (documents.typed); last_gc_at is read leniently (from_doc).
 _FIELD_TYPES: dict[str, type] = {
-    "epoch": int, "applied_snapshot": str, "applied_captured_at": float, "applied_at": float, "last_role": str,
+    "epoch": int, "epoch_holder": str, "applied_snapshot": str, "applied_captured_at": float, "applied_at": float,
+    "last_role": str,
     "primary_epoch": int, "applied_position": list, "clock_offset_s": float, "clock_source": str,
     "epoch_seen": int, "epoch_seen_at": float, "demoted": bool, "agent_id": str, "agent_name": str,
     "guard_baseline": str, "received_snapshot": str, "received_captured_at": float, "pending": list,

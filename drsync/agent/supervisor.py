@@ -378,7 +378,7 @@ class RoleSupervisor:
             self._last_primary = {"agent": view.primary.agent, "address": view.primary.address,
                                   "epoch": view.primary.epoch}
         if self.acting == "standby" and self.receiver is not None:
-            self.receiver.observe_epoch(view.epoch.epoch)
+            self.receiver.observe_epoch(view.epoch.epoch, view.epoch.promoted_by)
         try:
             agents = coord.agents()
         except DrsyncError:
@@ -555,7 +555,7 @@ class RoleSupervisor:
             log.warning("agent %s applied the snapshots it had received before taking over", self.name)
         with rx.commit_lock:  # an apply in flight finishes first: a promotion sees a whole snapshot
             rx.refusal = f"agent {self.name} is taking over as primary at epoch {epoch.epoch}; it accepts no shipments"
-            rx.observe_epoch(epoch.epoch)
+            rx.observe_epoch(epoch.epoch, epoch.promoted_by)
             if rx.broken:
                 log.error("agent %s cannot become primary: %s", self.name, rx.broken)
                 return

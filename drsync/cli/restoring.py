@@ -36,6 +36,15 @@ def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bo
                                f"(it applies shipments to it, or captures it), and {dest} is that root; a restore "
                                f"there now would leave the root other than what the agent reports: stop the agent "
                                f"first (on production, its writers too), or restore elsewhere with --target")
+    if inv.config is None and inv.repo and "://" not in inv.repo:
+        # Only --repo: the agent of that repository (its default state directory) names its data root.
+        from drsync.agent.locks import StateDirLock
+
+        running = StateDirLock.data_root(os.path.join(inv.repo, "agent"))
+        if running and _same_root(dest, running):
+            raise RefusedError(f"the agent of repository {inv.repo} is running on data root {running}, and {dest} is "
+                               f"that root; a restore there now would leave the root other than what the agent "
+                               f"reports: stop the agent first, or restore elsewhere")
     if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
         return None
     from drsync.apply import ForeignTarget
