@@ -476,3 +476,23 @@ def test_a_damaged_line_of_the_checksum_file_is_named_as_such(tmp_path: Path, li
     reason = "line 2 is not '<BLAKE3 hex>  <path inside the backup>'"
     assert {"file": "CHECKSUMS.b3", "reason": reason} in damaged, r.out
     assert not any(d["file"] in ("", "../../etc/hostname", "/etc/hostname") for d in damaged), r.out
+
+
+# --- 14. a backup destination given as a URL ---------------------------------------------------------------------
+
+
+def test_a_backup_destination_url_is_a_local_directory_or_refused(tmp_path: Path) -> None:
+    """Breaker s47b's note: `backup create --dest file:///abs/path` wrote the backup under a directory named
+    `file:` in the current directory. file:// names the local directory; another scheme is refused (exit 2)."""
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    data.mkdir()
+    (data / "f").write_text("x\n")
+    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    assert run_drsync("snapshot", "create", "--repo", repo, "--source", data, "--name", "s").code == 0
+    r = run_drsync("backup", "create", "--repo", repo, "--snapshot", "s", "--dest", f"file://{tmp_path / 'bk'}",
+                   "--json", cwd=tmp_path)
+    assert r.code == 0, r.err
+    assert Path(r.json()["path"]).parent == tmp_path / "bk" and not (tmp_path / "file:").exists()
+    r = run_drsync("backup", "create", "--repo", repo, "--snapshot", "s", "--dest", "hdfs://nn:9870/bk", cwd=tmp_path)
+    assert r.code == 2 and "local directory" in r.err and len(r.err.strip().splitlines()) == 1, r
+    assert not (tmp_path / "hdfs:").exists()

@@ -104,7 +104,7 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
     # this state directory, e.g. a copy with other ports, is not running: its ports say nothing of it).
     running = holder is not None and holder[1] in ("", cfg.agent.listen)
     checks += _check_nesting(cfg, state_dir, timeout_s)
-    dest = cfg.backups.destination
+    dest = cfg.backups.destination.removeprefix("file://")
     if dest and "://" not in dest:
         from drsync.backup import repository_around
 

@@ -36,12 +36,17 @@ def backup_grp() -> None:
 
 
 def _backup_dest(inv: Invocation, dest: str | None, how: str = "--dest DIR") -> str:
-    """The backup directory: given on the command line (``how`` says how, for the error), or the config's."""
-    if dest:
-        return dest
-    if inv.config and inv.config.backups.destination:
-        return inv.config.backups.destination
-    raise UsageError(f"name the backup directory: {how}, or --config FILE with [backups] destination")
+    """The backup directory: given on the command line (``how`` says how, for the error), or the config's; a
+    local directory (a path or ``file://``; UsageError for another scheme: never a directory named ``file:``)."""
+    dest = dest or (inv.config.backups.destination if inv.config else "")
+    if not dest:
+        raise UsageError(f"name the backup directory: {how}, or --config FILE with [backups] destination")
+    if dest.startswith("file://"):
+        return dest.removeprefix("file://")
+    if "://" in dest:
+        raise UsageError(f"backup directory {dest}: backups are written to a local directory (a path or file://); "
+                         f"copy the backup elsewhere afterwards")
+    return dest
 
 
 @backup_grp.command("create", epilog=exits(
