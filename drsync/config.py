@@ -526,14 +526,15 @@ def layout_problem(cfg: Config) -> str | None:
         return (f"cluster.data and cluster.repository name the same directory ({data}): the repository needs a "
                 f"directory of its own (outside the data root, or a subdirectory of it, which captures leave out)")
     scratch = cfg.drills.scratch
-    if scratch and "://" not in data and _within(scratch, data) and not any(
-            _within(scratch, own) for own in (repo, cfg.agent.state_dir) if own and "://" not in own):
+    if scratch and "://" not in data and path_within(scratch, data) and not any(
+            path_within(scratch, own) for own in (repo, cfg.agent.state_dir) if own and "://" not in own):
         return (f"drills.scratch ({scratch}) lies inside the data root {data}: a drill's trial restore there would "
                 f"be captured as production's data (or removed by a standby's apply); name a directory outside it")
     return None
 
 
-def _within(path: str, parent: str) -> bool:
+def path_within(path: str, parent: str) -> bool:
+    """Whether local ``path`` is ``parent`` or lies inside it (both resolved)."""
     p, q = os.path.realpath(path), os.path.realpath(parent)
     return p == q or p.startswith(q.rstrip("/") + "/")
 

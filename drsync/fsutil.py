@@ -222,3 +222,20 @@ def open_walked_dir(root: str, rel_dir: bytes, abs_dir: bytes,
         os.close(fd)
         return "replaced while it was walked"
     return fd, st_dir
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two locations (plain paths, ``file://`` or other URLs) name one directory: local ones by
+    device and inode (a symlink, a bind mount or another spelling of it; by resolved path when either does
+    not exist), others as written."""
+    def local(u: str) -> str | None:
+        return u.removeprefix("file://") if u.startswith("file://") or "://" not in u else None
+
+    la, lb = local(a), local(b)
+    if la is None or lb is None:
+        return a.rstrip("/") == b.rstrip("/")
+    try:
+        sa, sb = os.stat(la), os.stat(lb)
+    except OSError:
+        return os.path.realpath(la) == os.path.realpath(lb)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

@@ -33,6 +33,18 @@ def _group(zk_server, tmp: Path, names: list[str] | None = None, **kw) -> Group:
     return Group(tmp, zk_server.hosts, f"g-{uuid.uuid4().hex[:12]}", names or ["east", "west"], **kw)
 
 
+def _wipe(g: Group) -> bool:
+    """Delete /drsync/<group> whole, as a lost ZooKeeper would; False when an agent wrote a node into it while
+    it was deleted (kazoo's recursive delete is not atomic), to be tried again."""
+    from kazoo.exceptions import NotEmptyError
+
+    try:
+        g.connected().zk.delete(f"/drsync/{g.group}", recursive=True)
+    except NotEmptyError:
+        return False
+    return True
+
+
 def _bootstrap(g: Group, names: tuple[str, ...] = ("east", "west")) -> str:
     for name in names:
         g.start(name)
@@ -94,7 +106,7 @@ def test_a_wiped_group_is_not_promoted_at_an_epoch_another_primary_held(zk_serve
     try:
         _bootstrap(g)
         assert g.primary() == ("east", 1)
-        g.connected().zk.delete(f"/drsync/{g.group}", recursive=True)
+        wait_for(lambda: _wipe(g), "the group's nodes to be wiped (agents write into it meanwhile)")
         wait_for(lambda: "stepped down as primary" in g.log("east"), "east to step down")
         if when == "after-status":
             r = g.drsync("west", "promote", "--json")

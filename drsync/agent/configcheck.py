@@ -30,6 +30,7 @@ from drsync.config import (
     engine_problem,
     fencing_problem,
     layout_problem,
+    path_within,
     read_config_document,
     topology_problem,
 )
@@ -109,9 +110,7 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
         from drsync.backup import repository_around
 
         repository = repository_around(dest) or (
-            cfg.cluster.repository if os.path.realpath(dest).startswith(
-                os.path.realpath(cfg.cluster.repository).rstrip("/") + "/") or
-            os.path.realpath(dest) == os.path.realpath(cfg.cluster.repository) else "")
+            cfg.cluster.repository if path_within(dest, cfg.cluster.repository) else "")
         if repository:
             checks.append(Check("backups", False, f"[backups] destination {dest} lies inside the repository "
                                 f"{repository}: backup create refuses it (the repository's garbage collection "

@@ -31,6 +31,7 @@ from drsync.agent.roles import (
     applied_position,
     epoch_behind,
     format_span,
+    highest_reported_epoch,
     promotion_refusal,
     superseded_reason,
 )
@@ -136,10 +137,10 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
     # Never overridden: the next epoch could be one another primary held. Other live agents' word counts too
     # (this one may never have seen the epoch they saw: added after ZooKeeper lost the group).
     try:
-        others = [(n, r["epoch"]) for n, r in coord.agents().items() if n != me and isinstance(r.get("epoch"), int)]
+        other = highest_reported_epoch(me, coord.agents())
     except DrsyncError:
-        others = []
-    who, seen = max([(me, state.epoch), *others], key=lambda x: x[1])
+        other = ("", 0)
+    who, seen = max([(me, state.epoch), other], key=lambda x: x[1])
     if view.epoch.epoch < seen:
         checks.insert(0, PromotionCheck("epoch", False, epoch_behind(view.epoch.epoch, seen,
                                                                       "this agent" if who == me else f"agent {who}")))

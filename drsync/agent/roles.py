@@ -155,6 +155,13 @@ def decide_role(me: str, view: GroupView, *, acting_primary: bool, policy: Failo
                                         f"{policy.max_lag_s:.0f}s")
 
 
+def highest_reported_epoch(me: str, agents: dict[str, dict[str, object]]) -> tuple[str, int]:
+    """The live agent other than ``me`` whose registration reports the highest epoch it has seen, and that
+    epoch; ("", 0) when none reports one. Pure."""
+    reported = [(n, r["epoch"]) for n, r in agents.items() if n != me and type(r.get("epoch")) is int]
+    return max(reported, key=lambda x: x[1], default=("", 0))
+
+
 def epoch_behind(epoch: int, floor: int, who: str = "this agent") -> str:
     """Why nothing may change roles while the group's epoch in ZooKeeper (``epoch``) is below the highest
     one ``who`` has seen (``floor``). Pure."""

@@ -192,7 +192,7 @@ class StateStore:
         except FileNotFoundError:
             return AgentState()
         try:
-            return AgentState.from_doc(documents.typed_loads(data, _FIELD_TYPES, self.NAME))
+            return AgentState.from_doc(documents.typed_loads(data, {}, self.NAME))  # from_doc checks the fields
         except ValueError as e:
             raise IntegrityError(f"agent state file {self.path} is damaged ({e}); fix that value by hand or "
                                  f"restore the file from a copy, then start the agent again") from None

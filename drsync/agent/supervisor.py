@@ -33,6 +33,7 @@ from drsync.agent.roles import (
     claimant_live,
     decide_role,
     fencing_ahead,
+    highest_reported_epoch,
     superseded_reason,
 )
 from drsync.agent.standby import StandbyReceiver
@@ -464,8 +465,6 @@ class RoleSupervisor:
                 note: str = "", reported: bool = False, floor: int = 0) -> RoleDecision:
         """``reported``: why the group cannot be read was just logged at WARNING (one line per backoff
         step): a standby decision that follows from it is logged at INFO, not as a second warning."""
-        others = [(n, r["epoch"]) for n, r in (agents or {}).items()
-                  if n != self.name and isinstance(r.get("epoch"), int)]
         absent = time.monotonic() - self._primary_absent_since if self._primary_absent_since else 0.0
         ahead = self._fencing_ahead(view, agents or {})
         st = self.store.current
@@ -479,7 +478,7 @@ class RoleSupervisor:
                                fencing_ahead=ahead,
                                held=self.receiver is not None and self.receiver.committer.hold.active,
                                superseded=superseded, floor=floor,
-                               others_floor=max(others, key=lambda x: x[1], default=("", 0)))
+                               others_floor=highest_reported_epoch(self.name, agents or {}))
         if decision != self.last_decision:
             # Routine confirmations at INFO; anything that keeps the group from working (no session,
             # a refusal, stepping down) at WARNING, so that an operator's filters see it. A routine re-claim

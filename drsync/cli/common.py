@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ import click
 from drsync import engine
 from drsync.config import Config, SnapshotsConfig, load_config
 from drsync.errors import EXIT_INTEGRITY, UsageError
+from drsync.fsutil import same_place
 from drsync.text import one_line, printable
 from drsync.units import with_iso_times
 
@@ -52,12 +52,6 @@ class Invocation:
         return self.config.snapshots if self.config else SnapshotsConfig()
 
 
-def _same_place(url: str) -> str:
-    """A repository URL compared as a place: a plain path or file:// resolved, anything else as written."""
-    path = url.removeprefix("file://") if url.startswith("file://") or "://" not in url else ""
-    return os.path.realpath(path) if path else url.rstrip("/")
-
-
 def _options(with_repo: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """--config, --json, --debug (and --repo where a command can work without an agent's config),
     turned into an Invocation."""
@@ -68,7 +62,7 @@ def _options(with_repo: bool) -> Callable[[Callable[..., Any]], Callable[..., An
                     **kw: Any) -> Any:
             STATE["debug"] = debug or STATE.get("debug", False)
             cfg = load_config(config_path) if config_path else None
-            if repo and cfg is not None and _same_place(repo) != _same_place(cfg.cluster.repository):
+            if repo and cfg is not None and not same_place(repo, cfg.cluster.repository):
                 # The config's data root and cluster id are not that repository's: never mixed.
                 raise UsageError(f"--repo {repo} and --config {config_path} (its repository "
                                  f"{cfg.cluster.repository}) name two repositories: give one of them (DRSYNC_CONFIG "

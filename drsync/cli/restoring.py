@@ -13,6 +13,7 @@ import click
 from drsync import engine
 from drsync.cli.common import Exit, Invocation, emit, say
 from drsync.errors import EXIT_REFUSED, RefusedError
+from drsync.fsutil import same_place
 from drsync.text import printable
 from drsync.units import count, human_size
 
@@ -27,24 +28,12 @@ def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bo
     RefusedError (exit 4, nothing changed) onto the cluster's own data root while this config's agent runs:
     a standby's agent applies to that root and records what it holds (a restore under it would leave the
     root behind what the agent reports, and a promotion would take that root), a primary's captures from it."""
-    if inv.config is not None and _same_root(dest, inv.config.cluster.data):
-        from drsync.agent.locks import StateDirLock
-        from drsync.agent.state import state_dir_of
-
-        if StateDirLock.held(state_dir_of(inv.config)):
-            raise RefusedError(f"agent {inv.config.agent.name} is running on data root {inv.config.cluster.data} "
-                               f"(it applies shipments to it, or captures it), and {dest} is that root; a restore "
-                               f"there now would leave the root other than what the agent reports: stop the agent "
-                               f"first (on production, its writers too), or restore elsewhere with --target")
-    if inv.config is None and inv.repo and "://" not in inv.repo:
-        # Only --repo: the agent of that repository (its default state directory) names its data root.
-        from drsync.agent.locks import StateDirLock
-
-        running = StateDirLock.data_root(os.path.join(inv.repo, "agent"))
-        if running and _same_root(dest, running):
-            raise RefusedError(f"the agent of repository {inv.repo} is running on data root {running}, and {dest} is "
-                               f"that root; a restore there now would leave the root other than what the agent "
-                               f"reports: stop the agent first, or restore elsewhere")
+    running = _running_root(inv)
+    if running and same_place(engine.data_root_url(dest), engine.data_root_url(running[1])):
+        raise RefusedError(f"{running[0]} is running on data root {running[1]} (it applies shipments to it, or "
+                           f"captures it), and {dest} is that root; a restore there now would leave the root other "
+                           f"than what the agent reports: stop the agent first (on production, its writers too), "
+                           f"or restore elsewhere with --target")
     if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
         return None
     from drsync.apply import ForeignTarget
@@ -52,17 +41,20 @@ def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bo
     return ForeignTarget(overwrite=overwrite, delete_extra=delete_extra)
 
 
-def _same_root(a: str, b: str) -> bool:
-    """Whether two data root URLs are one directory: local ones by device and inode (a symlink, a bind mount
-    or another spelling of the same directory), others as written."""
-    a, b = engine.data_root_url(a), engine.data_root_url(b)
-    if "://" in a or "://" in b:
-        return a.rstrip("/") == b.rstrip("/")
-    try:
-        sa, sb = os.stat(a), os.stat(b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+def _running_root(inv: Invocation) -> tuple[str, str] | None:
+    """(who, data root) of the running agent of this config, or with only --repo of that repository (its
+    default state directory; the agent records its data root there); None when none runs."""
+    from drsync.agent.locks import StateDirLock
+    from drsync.agent.state import state_dir_of
+
+    if inv.config is not None:
+        if not StateDirLock.held(state_dir_of(inv.config)):
+            return None
+        return f"agent {inv.config.agent.name}", inv.config.cluster.data
+    if inv.repo and "://" not in inv.repo:
+        root = StateDirLock.data_root(os.path.join(inv.repo, "agent"))
+        return (f"the agent of repository {inv.repo}", root) if root else None
+    return None
 
 
 def restore_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
