@@ -20,7 +20,8 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync import allocators
+from drsync import allocators, volumes
 from drsync.dataroot import SMALL_FILE_BYTES, DataRoot, FileVersion, FrozenRoot, open_data_root, small_files_pool
 from drsync.errors import OperationFailed, UsageError
 from drsync.repository import chunks
@@ -82,6 +83,8 @@ class CaptureResult:
     # content=HDFS_CHECKSUM: the HDFS snapshot kept for DistCp, and the checksum algorithm(s) seen.
     content_snapshot: str | None = None
     checksum_algorithms: set[str] = field(default_factory=set)
+    # Filesystems mounted inside the root -> files on each, as the snapshot records them (drsync.volumes).
+    volumes: dict[str, int] = field(default_factory=dict)
     _parsed: Manifest | None = field(default=None, repr=False)
 
     @property
@@ -162,7 +165,7 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
             exclude: frozenset[str] = frozenset(), workers: int | None = None,
             progress: ProgressFn | None = None, on_total: Callable[[int], None] | None = None,
             captured_at: float | None = None, allow_empty: bool = False, content: str = CHUNKS,
-            pinned: frozenset[str] = frozenset()) -> CaptureResult:
+            pinned: frozenset[str] = frozenset(), parent_volumes: Mapping[str, int] | None = None) -> CaptureResult:
     """Capture ``root``. New chunks go to ``writer``; the caller flushes and commits.
 
     ``captured_at`` and ``parent_captured_at`` name the frozen views (HDFS
@@ -170,7 +173,10 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
     can ask the namenode what changed since. A path that exists but cannot be
     read keeps its version from ``parent``, marked stale (a read error is never
     a deletion). Raises OperationFailed when the root is empty but ``parent``
-    was not (an unmounted volume looks like this), unless ``allow_empty``.
+    was not (an unmounted volume looks like this), unless ``allow_empty``. Filesystems mounted inside
+    the root are judged against ``parent_volumes`` (the parent snapshot's ``volumes``) by
+    :mod:`drsync.volumes`: one unmounted, or empty where the parent had files, keeps its last captured
+    version, unless ``allow_empty``; ``result.volumes`` is what the new snapshot records.
 
     ``content=HDFS_CHECKSUM``: files are checksummed by the datanodes instead of read, and the HDFS
     snapshot is kept (``result.content_snapshot``) for DistCp; ``pinned`` names older ones a
@@ -192,10 +198,13 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
                                   pinned=pinned)
     else:
         frozen = data_root.frozen(tag, parent_tag, listed_parent)  # type: ignore[arg-type]
+    watch = _volume_watch(data_root, parent, parent_volumes or {}, exclude, allow_empty)
     with frozen as view:
         result = _capture_view(view, writer, parent=parent, parent_captured_at=parent_captured_at,
-                               reread_attempts=0 if view.consistent else reread_attempts, exclude=exclude,
-                               workers=workers, progress=progress, on_total=on_total, content=content)
+                               reread_attempts=0 if view.consistent else reread_attempts,
+                               exclude=exclude | watch.gone if watch else exclude,
+                               workers=workers, progress=progress, on_total=on_total, content=content,
+                               watch=watch)
         result.content_snapshot = getattr(view, "snapshot", None) if content == HDFS_CHECKSUM else None
         notes = WarningLog(view.notes)  # the view's notes first
         notes.merge(result.warnings)
@@ -208,6 +217,68 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
     return result
 
 
+@dataclass
+class _VolumeWatch:
+    """The filesystems mounted inside a local root, as a capture watches them (:mod:`drsync.volumes`):
+    ``devices`` mount point -> its device; ``gone`` recorded volumes left out of the walk."""
+
+    recorded: Mapping[str, int]
+    devices: dict[str, int]
+    gone: frozenset[str]
+    parent: Manifest | ManifestFile | None
+    allow_empty: bool
+
+    def verdict(self, files_by_device: Mapping[int, int]) -> volumes.VolumeVerdict:
+        files_on = {m: files_by_device.get(d, 0) for m, d in self.devices.items()}
+        if self.allow_empty or self.parent is None:
+            return volumes.VolumeVerdict(record=files_on)
+        return volumes.judge(self.recorded, files_on, self.gone, self._parent_files_below)
+
+    def _parent_files_below(self, rel: str) -> int:
+        """Files of the parent snapshot below ``rel`` (the rare path: an empty volume it did not record)."""
+        assert self.parent is not None
+        table = _Parent(self.parent).table()
+        prefix = os.fsencode(rel) + b"/"
+        paths = table.column("path").to_pylist()
+        lo, hi = bisect.bisect_left(paths, prefix), bisect.bisect_left(paths, prefix[:-1] + b"0")
+        return int(pc.sum(pc.equal(table.column("type").slice(lo, hi - lo), FILE)).as_py() or 0)
+
+
+def _volume_watch(data_root: DataRoot, parent: Manifest | ManifestFile | None, recorded: Mapping[str, int],
+                  exclude: frozenset[str], allow_empty: bool) -> _VolumeWatch | None:
+    """What the capture of a local root with filesystems mounted inside it, or recorded by the parent
+    snapshot, watches; None for any other root."""
+    mount_points = getattr(data_root, "mount_points", None)
+    if mount_points is None:
+        return None
+    root = data_root.url
+
+    def excluded(rel: str) -> bool:
+        return any(rel == x or rel.startswith(x + "/") for x in exclude)
+
+    devices: dict[str, int] = {}
+    for m in mount_points():
+        if excluded(m):
+            continue
+        try:
+            st = os.lstat(os.path.join(root, m))
+        except OSError:
+            continue
+        devices[m] = st.st_dev
+    if not devices and not recorded:
+        return None
+
+    def is_dir(rel: str) -> bool:
+        try:
+            return stat.S_ISDIR(os.lstat(os.path.join(root, rel)).st_mode)
+        except OSError:
+            return False
+
+    gone = frozenset() if allow_empty or parent is None else frozenset(
+        m for m in volumes.left_out(recorded, devices, is_dir) if not excluded(m))
+    return _VolumeWatch(recorded, devices, gone, parent, allow_empty)
+
+
 def _tag(at: float | None) -> str:
     return str(int((at or 0) * 1000))
 
@@ -215,7 +286,8 @@ def _tag(at: float | None) -> str:
 def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | None,
                   parent_captured_at: float | None, reread_attempts: int, exclude: frozenset[str],
                   workers: int | None, progress: ProgressFn | None,
-                  on_total: Callable[[int], None] | None, content: str = CHUNKS) -> CaptureResult:
+                  on_total: Callable[[int], None] | None, content: str = CHUNKS,
+                  watch: _VolumeWatch | None = None) -> CaptureResult:
     """The capture of one frozen view, in windows of :data:`_WINDOW` path-sorted scan rows.
 
     A local tree is walked as the windows are taken (:meth:`TreeScan.windows`), so memory holds one
@@ -226,9 +298,11 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     so far (a total that grows as the walk goes). What needs every row is done at the end, on the
     stored manifest, a path the rare case pays for: links that escape the root through other links
     are left out (:func:`_without_paths`), paths that could not be read are merged in from the parent
-    (:func:`_merge_stale`).
+    (:func:`_merge_stale`), with the files of the volumes ``watch`` keeps (counted by device as the
+    windows pass).
     """
     scan = view.scan(exclude)
+    files_by_device: dict[int, int] = {}
     warnings = scan.warnings
     pv = _Parent(parent) if parent is not None and len(parent) else None
     matcher = _Matcher(pv, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
@@ -251,6 +325,9 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
             allocators.give_back()  # what the last window freed inside glibc's heaps
             same, reuse = matcher.match(w)
             is_file = _np(pc.equal(w.column("type"), FILE))
+            if watch is not None and watch.devices:
+                for vc in pc.value_counts(w.column("dev").filter(pa.array(is_file))).to_pylist():
+                    files_by_device[vc["values"]] = files_by_device.get(vc["values"], 0) + vc["counts"]
             if on_total:
                 to_read += int(_np(w.column("size"))[is_file & (reuse < 0)].sum())
                 on_total(to_read)
@@ -270,6 +347,13 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
         stored = _without_paths(stored, escaping)
     stale = skipped = stale_files = stale_bytes = 0
     lost = [*scan.unreadable, *state.lost]
+    recorded: dict[str, int] = {}
+    if watch is not None:
+        verdict = watch.verdict(files_by_device)
+        recorded = verdict.record
+        for m, why in verdict.keep.items():
+            warnings.append(why)
+            lost.append(m)
     if lost or scan.unlisted:
         stored, stale, skipped, stale_files, stale_bytes = _merge_stale(
             stored, pv.table() if pv else None, lost, scan.unlisted, {**scan.devices, **state.devices},
@@ -278,7 +362,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     return CaptureResult(stored=stored, files=state.files + stale_files, bytes=state.bytes + stale_bytes,
                          read_bytes=0 if content == HDFS_CHECKSUM else state.read_bytes,
                          reused_files=state.reused, warnings=warnings, stale=stale, skipped=skipped,
-                         checksum_algorithms=algorithms)
+                         checksum_algorithms=algorithms, volumes=recorded)
 
 
 @dataclass(frozen=True)

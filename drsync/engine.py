@@ -108,7 +108,8 @@ class SnapshotRequest:
     reread_attempts: int = 3
     # Local paths of drsync's own inside the data root (the agent's state directory): left out.
     exclude_paths: tuple[str, ...] = ()
-    # Capture an empty root although the parent snapshot was not empty (else refused: unmounted?).
+    # Capture an empty root although the parent snapshot was not empty (else refused: unmounted?), and
+    # the filesystems mounted inside it as they are (else one unmounted or emptied keeps its last version).
     allow_empty: bool = False
     # replication.engine = "distcp": files are checksummed, not read, and the capture's HDFS snapshot
     # is kept for a standby's DistCp (drsync.dataroot.distcp); pinned: older ones still copied from.
@@ -159,7 +160,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
                                  reread_attempts=req.reread_attempts, exclude=exclude,
                                  progress=progress, on_total=on_total, captured_at=captured_at,
                                  allow_empty=req.allow_empty,
-                                 content=HDFS_CHECKSUM if req.distcp is not None else CHUNKS, pinned=req.pinned)
+                                 content=HDFS_CHECKSUM if req.distcp is not None else CHUNKS, pinned=req.pinned,
+                                 parent_volumes=parent.volumes if parent else None)
             finally:
                 if req.hooks.post:
                     try:
@@ -180,7 +182,7 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
             warnings=result.warnings.lines(), stale_paths=result.stale, skipped_paths=result.skipped,
             content_snapshot=(f"{root_url(req.distcp, data_root)}/.snapshot/{result.content_snapshot}"
                               if req.distcp is not None and result.content_snapshot else ""),
-            content_checksum=",".join(sorted(result.checksum_algorithms)))
+            content_checksum=",".join(sorted(result.checksum_algorithms)), volumes=result.volumes)
         # Not re-checked chunk by chunk: whatever this capture reuses is named by the parent, which
         # cannot be deleted (nor its chunks collected) while the session's shared lock is held; the
         # commit checks that the lock is still held (lost: another process removed it as stale).

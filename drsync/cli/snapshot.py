@@ -44,8 +44,8 @@ def _snap_row(s: Any, now: float, protected_until: float | None) -> list[str]:
 @click.option("--reason", default="", help="Why it was taken (kept with the snapshot).")
 @click.option("--ttl", default=None, metavar="DURATION", help="Delete after this long, e.g. 7d.")
 @click.option("--allow-empty", is_flag=True,
-              help="Capture an empty data root although the last snapshot was not (it deletes everything "
-                   "on standbys).")
+              help="Capture an empty data root although the last snapshot was not, and filesystems mounted "
+                   "inside it as they are, unmounted or empty (their files become deletions on standbys).")
 def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str, ttl: str | None,
                     allow_empty: bool) -> None:
     """Capture the data root.
@@ -53,7 +53,9 @@ def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str,
     Runs [snapshots] pre_hook and post_hook around the capture; files whose size, mtime, ctime and inode
     are unchanged are not read again; files that change while read are re-read, then reported as warnings.
     A data root that is empty where the last snapshot was not is refused unless --allow-empty (an
-    unmounted volume looks like this)."""
+    unmounted volume looks like this). A filesystem mounted inside the data root that is unmounted, or
+    holds no files where the last snapshot had some, keeps its last captured version (a warning) unless
+    --allow-empty."""
     try:
         ttl_s = parse_duration(ttl, "--ttl") if ttl is not None else None
     except ConfigError as e:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from drsync import documents
+from drsync import documents, volumes
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
 from drsync.units import iso_time, parse_iso
@@ -132,6 +132,9 @@ class SnapshotInfo:
     # manifest's external rows, and the checksum algorithm their content digests come from.
     content_snapshot: str = ""
     content_checksum: str = ""
+    # Filesystems mounted inside the data root at capture -> the files on each (drsync.volumes); the
+    # next capture keeps a volume's files when it is unmounted or empty. Written only when not empty.
+    volumes: dict[str, int] = field(default_factory=dict)
 
     @property
     def order_key(self) -> tuple[int, float, str]:
@@ -161,6 +164,8 @@ class SnapshotInfo:
         doc = self.to_json()
         if not self.seq:
             del doc["seq"]
+        if not self.volumes:
+            del doc["volumes"]
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -221,3 +226,7 @@ class SnapshotInfo:
             raise bad("warnings")
         if not fmt.is_valid_snapshot_id(self.id):  # it becomes a file name: never a path
             raise bad("id")
+        if not isinstance(self.volumes, dict) or not all(
+                volumes.valid_mount_point(k) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in self.volumes.items()):
+            raise bad("volumes")

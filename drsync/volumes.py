@@ -1,0 +1,80 @@
+"""Filesystems mounted inside a data root, judged between two captures (safety rule 8).
+
+A volume mounted below the data root (``/srv/data/disk1`` under ``/srv/data``) can be unmounted, or
+replaced by an empty one (a failed fsck, a fresh volume, the wrong device), while production keeps
+running. A capture that took what it saw at face value would make the volume's files deletions on
+every standby, and a small volume stays under ``replication.max_delete_fraction``. So each snapshot
+records the volumes it saw and how many files each held (``volumes`` in the snapshot document,
+docs/FORMAT.md), and the next capture keeps a volume's files at their last captured version (stale)
+when the volume
+
+* was mounted at the last snapshot, held files, and is not mounted now (its mount point still a
+  directory), or
+* is mounted but holds no files, where the last snapshot had files below its mount point.
+
+Everything else in the tree is captured as usual. ``drsync snapshot create --allow-empty`` captures the
+volumes as they are. Pure functions; the capture (:mod:`drsync.capture`) does the I/O.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from drsync.text import printable
+
+
+@dataclass(frozen=True)
+class VolumeVerdict:
+    """What a capture does about the volumes inside its root.
+
+    ``keep``: mount point (relative path) -> why its files keep their last captured version (one line
+    for the snapshot's warnings). ``record``: mount point -> files on it, for the new snapshot document
+    (a kept volume records what it held before, so the next capture judges it the same way)."""
+
+    keep: dict[str, str] = field(default_factory=dict)
+    record: dict[str, int] = field(default_factory=dict)
+
+
+def left_out(recorded: Mapping[str, int], mounted: Iterable[str], is_dir: Callable[[str], bool]) -> set[str]:
+    """Before the walk: the volumes recorded with files that are not mounted now, whose mount point is
+    still a directory. The walk leaves them out (files written into the bare mount point are not a
+    volume's contents); :func:`judge` keeps their last version. A mount point that is gone altogether
+    was removed on purpose and is captured as removed (the deletion guard still weighs it)."""
+    now = set(mounted)
+    return {m for m, files in recorded.items() if files > 0 and m not in now and is_dir(m)}
+
+
+def judge(recorded: Mapping[str, int], files_on: Mapping[str, int], gone: Iterable[str],
+          parent_files_below: Callable[[str], int]) -> VolumeVerdict:
+    """After the walk. ``recorded``: the parent snapshot's volumes (mount point -> files); ``files_on``:
+    each volume mounted now -> the files this capture found on it; ``gone``: :func:`left_out`'s answer;
+    ``parent_files_below``: how many files the parent snapshot holds below a path (asked only for an
+    empty volume the parent snapshot did not record, e.g. the first capture after an upgrade)."""
+    keep: dict[str, str] = {}
+    record: dict[str, int] = {}
+    for m in sorted(gone):
+        keep[m] = (f"{printable(m)}: a filesystem holding {recorded[m]} file(s) was mounted here at the last "
+                   f"snapshot and is not now; they keep their last captured version (stale) and nothing of it "
+                   f"is deleted on a standby. Mount it again, or run 'drsync snapshot create --allow-empty' if "
+                   f"it was removed on purpose")
+        record[m] = recorded[m]
+    for m, files in sorted(files_on.items()):
+        before = recorded[m] if m in recorded else parent_files_below(m)
+        if files == 0 and before > 0:
+            keep[m] = (f"{printable(m)}: the filesystem mounted here holds no files, but the last snapshot had "
+                       f"{before} below it (the wrong or an empty volume?); they keep their last captured "
+                       f"version (stale) and nothing of it is deleted on a standby. Mount the right volume, or "
+                       f"run 'drsync snapshot create --allow-empty' if it is empty on purpose")
+            record[m] = before
+        else:
+            record[m] = files
+    return VolumeVerdict(keep=keep, record=record)
+
+
+def valid_mount_point(rel: object) -> bool:
+    """Whether ``rel`` may be a recorded mount point: a normalised relative path inside the root (a
+    document from a peer or a damaged disk may say anything)."""
+    return (isinstance(rel, str) and rel != "" and not rel.startswith("/") and "\x00" not in rel
+            and posixpath.normpath(rel) == rel and rel != ".." and not rel.startswith("../"))
