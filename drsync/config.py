@@ -20,6 +20,7 @@ from typing import Any
 
 from drsync.bandwidth import Schedule, parse_rate, parse_schedule
 from drsync.errors import ConfigError
+from drsync.fsutil import lies_within
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
@@ -534,9 +535,8 @@ def layout_problem(cfg: Config) -> str | None:
 
 
 def path_within(path: str, parent: str) -> bool:
-    """Whether local ``path`` is ``parent`` or lies inside it (both resolved)."""
-    p, q = os.path.realpath(path), os.path.realpath(parent)
-    return p == q or p.startswith(q.rstrip("/") + "/")
+    """Whether local ``path`` is ``parent`` or lies inside it (:func:`drsync.fsutil.lies_within`)."""
+    return lies_within(path, parent)
 
 
 def engine_problem(cfg: Config) -> str | None:

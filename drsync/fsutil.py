@@ -11,9 +11,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import posixpath
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 from drsync.errors import OperationFailed
 
@@ -239,3 +241,39 @@ def same_place(a: str, b: str) -> bool:
     except OSError:
         return os.path.realpath(la) == os.path.realpath(lb)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def lies_within(path: str, top: str) -> bool:
+    """Whether location ``path`` is ``top`` or lies below it. Local ones (plain paths, ``file://``) are
+    compared by device and inode of ``path`` and each existing directory above it, after resolving
+    symlinks, so another spelling, a symlink or a bind mount of ``top`` counts; ``path`` need not exist.
+    Others (``hdfs://...``) by their normalised paths on the same authority."""
+    def local(u: str) -> str | None:
+        return u.removeprefix("file://") if u.startswith("file://") or "://" not in u else None
+
+    lp, lt = local(path), local(top)
+    if lp is None or lt is None:
+        if lp is not None or lt is not None:
+            return False
+        a, b = urlsplit(path), urlsplit(top)
+        pa_, pb = posixpath.normpath(a.path or "/"), posixpath.normpath(b.path or "/")
+        return a.netloc == b.netloc and (pa_ == pb or pa_.startswith(pb.rstrip("/") + "/"))
+    real, real_top = os.path.realpath(lp), os.path.realpath(lt)
+    if real == real_top or real.startswith(real_top.rstrip("/") + "/"):
+        return True
+    try:
+        st_top = os.stat(real_top)
+    except OSError:
+        return False
+    p = real
+    while True:
+        try:
+            st = os.stat(p)
+            if (st.st_dev, st.st_ino) == (st_top.st_dev, st_top.st_ino):
+                return True
+        except OSError:
+            pass
+        up = os.path.dirname(p)
+        if up == p:
+            return False
+        p = up

@@ -13,7 +13,7 @@ import click
 from drsync import engine
 from drsync.cli.common import Exit, Invocation, emit, say
 from drsync.errors import EXIT_REFUSED, RefusedError
-from drsync.fsutil import same_place
+from drsync.fsutil import lies_within, same_place
 from drsync.text import printable
 from drsync.units import count, human_size
 
@@ -25,15 +25,20 @@ def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bo
     """A restore onto the cluster's own data root may change whatever is there; onto any other target,
     overwriting what is there needs --overwrite and removing what the snapshot lacks --delete-extra.
 
-    RefusedError (exit 4, nothing changed) onto the cluster's own data root while this config's agent runs:
+    RefusedError (exit 4, nothing changed) onto the cluster's own data root while this config's agent runs,
+    or into a directory inside it, or one holding it:
     a standby's agent applies to that root and records what it holds (a restore under it would leave the
     root behind what the agent reports, and a promotion would take that root), a primary's captures from it."""
     running = _running_root(inv)
-    if running and same_place(engine.data_root_url(dest), engine.data_root_url(running[1])):
-        raise RefusedError(f"{running[0]} is running on data root {running[1]} (it applies shipments to it, or "
-                           f"captures it), and {dest} is that root; a restore there now would leave the root other "
-                           f"than what the agent reports: stop the agent first (on production, its writers too), "
-                           f"or restore elsewhere with --target")
+    if running:
+        target, root = engine.data_root_url(dest), engine.data_root_url(running[1])
+        where = ("is that root" if same_place(target, root) else "lies inside that root"
+                 if lies_within(target, root) else "holds that root" if lies_within(root, target) else "")
+        if where:
+            raise RefusedError(f"{running[0]} is running on data root {running[1]} (it applies shipments to it, "
+                               f"or captures it), and {dest} {where}; a restore there now would leave the root "
+                               f"other than what the agent reports: stop the agent first (on production, its "
+                               f"writers too), or restore outside it with --target")
     if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
         return None
     from drsync.apply import ForeignTarget

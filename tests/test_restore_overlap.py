@@ -1,0 +1,64 @@
+"""A restore never writes into a running agent's data root, whichever way the target overlaps it: the root
+itself (tests/test_breaker_s47.py), a directory inside it (new or existing, spelled through a symlink or a
+bind mount), or a directory holding it. A standby's agent applies to its whole root and reports what it holds;
+a restore into part of it leaves the root other than what the agent reports, and a promotion takes that root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+from drsync.fsutil import lies_within
+from tests.conftest import run_drsync, tree_state
+from tests.group import Group
+
+
+def test_lies_within_by_path_link_and_bind_mount(tmp_path: Path) -> None:
+    top = tmp_path / "root"
+    (top / "sub").mkdir(parents=True)
+    os.symlink(top / "sub", tmp_path / "link")
+    assert lies_within(str(top / "sub" / "not-yet" / "deeper"), str(top))
+    assert lies_within(str(tmp_path / "link" / "x"), str(top))
+    assert lies_within(f"file://{top}/sub", str(top))
+    assert not lies_within(str(tmp_path / "root-sibling"), str(top))
+    assert not lies_within(str(tmp_path), str(top)) and lies_within(str(top), str(tmp_path))
+    assert lies_within("hdfs://nn:9870/data/x?user=a", "hdfs://nn:9870/data")
+    assert not lies_within("hdfs://nn:9870/database", "hdfs://nn:9870/data")
+    assert not lies_within("hdfs://other:9870/data/x", "hdfs://nn:9870/data")
+    assert not lies_within("hdfs://nn:9870/data", "/data")
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    if subprocess.run(["mount", "--bind", str(top), str(alias)], capture_output=True).returncode == 0:
+        try:
+            assert lies_within(str(alias / "sub" / "new"), str(top)), "a bind mount of the root was not seen"
+        finally:
+            subprocess.run(["umount", "-l", str(alias)], check=False)
+
+
+def test_a_restore_overlapping_a_running_standbys_root_is_refused(zk_server, tmp_path: Path) -> None:
+    g = Group(tmp_path, zk_server.hosts, f"g-{uuid.uuid4().hex[:12]}", ["east", "west"])
+    try:
+        for name in g.names:
+            g.start(name)
+        assert g.promote("east").code == 0
+        snap = g.wait_synced("east", "west", "west to apply production")
+        west = g.data["west"]
+        os.symlink(west / "catalog", tmp_path / "catalog-link")
+        before = tree_state(west)
+        targets = {west / "catalog": "lies inside that root", west / "new-dir": "lies inside that root",
+                   tmp_path / "catalog-link" / "x": "lies inside that root", tmp_path: "holds that root"}
+        for target, where in targets.items():
+            for extra in ((), ("--overwrite", "--delete-extra")):
+                r = g.drsync("west", "snapshot", "restore", snap, "--target", str(target), *extra)
+                assert r.code == 4 and where in r.err and len(r.err.strip().splitlines()) == 1, (target, r)
+            r = run_drsync("snapshot", "restore", snap, "--repo", tmp_path / "west-repo", "--target", target)
+            assert r.code == 4 and where in r.err, ("--repo only", target, r)
+        assert tree_state(west) == before, "a refused restore changed the standby's root"
+        assert not (west / "new-dir").exists()
+        # Outside the root it goes ahead.
+        r = g.drsync("west", "snapshot", "restore", snap, "--target", str(tmp_path / "check"))
+        assert r.code == 0, r.err
+    finally:
+        g.stop_all()
