@@ -494,6 +494,10 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
         reason = "first promotion" if first else ("forced" if primary is not None else "manual")
         fenced = None
         if ctx["fence"]:
+            holder = coord.take_fencing(me, view.epoch.epoch)  # held until this command's session ends
+            if holder:
+                raise RefusedError(f"not promoted: agent {holder} is fencing {old} to take over (automatic "
+                                   f"failover); wait for it and run drsync status, or rerun once it is done")
             address = primary.address if primary is not None else str(
                 coord.agents().get(old, {}).get("address") or "")
             result = run_command("fence_command", cfg.coordination.fence_command, fence_env(

@@ -177,6 +177,7 @@ class RoleSupervisor:
         self._demote_retry_at = 0.0
         self._demote_backoff = RETRY_FIRST_S
         self._fence_retry_at = 0.0
+        self._fencing_holder = ""  # another agent holding the group's fencing node, as last seen
         self._fence_backoff = RETRY_FIRST_S
         # This agent's automatic takeover as its record tells the others ({"state": "fencing" or
         # "fence-failed", "epoch": N}; None when it is not taking over), and since when (own monotonic
@@ -595,33 +596,66 @@ class RoleSupervisor:
             return
         c = self.cfg.coordination
         if c.fencing:
-            old = self._last_primary if self._last_primary.get("agent") == epoch.promoted_by else {}
-            address = str(old.get("address") or self.agents.get(epoch.promoted_by, {}).get("address") or "")
-            log.warning("agent %s: primary %s gone: running fence_command before promoting itself", self.name,
-                        epoch.promoted_by)
-            self._set_takeover("fencing", epoch.epoch)  # standbys further behind wait for this one
-            result = run_command("fence_command", c.fence_command, fence_env(
-                group=c.group, agent=self.name, fenced_agent=epoch.promoted_by, fenced_address=address,
-                epoch=epoch.epoch, data=self.data_root), c.fence_timeout)
-            if not result.ok:
-                self._set_takeover("fence-failed", epoch.epoch)
-                self._fence_retry_at = time.monotonic() + self._fence_backoff
-                log.error("agent %s: automatic failover refused: %s; production's writers may still run, so this "
-                          "agent does not promote itself (next try in %.0fs); fix the fence, or fence production "
-                          "by hand and run drsync promote", self.name, result.summary(), self._fence_backoff)
-                self._fence_backoff = min(self._fence_backoff * 2, RETRY_MAX_S)
-                return
-            self._fence_backoff = RETRY_FIRST_S
-            try:  # the fence took time: promote only if the group is still as it was
-                view = self.coord.view()
+            try:  # one agent of the group fences at a time (the lock first, then the fence, as ZKFC does)
+                holder = self.coord.take_fencing(self.name, epoch.epoch)
             except CoordinationUnavailable as e:
                 log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
-                self._set_takeover(None)
                 return
-            if view.primary is not None or view.epoch.version != epoch.version or view.maintenance:
-                log.warning("agent %s: automatic failover abandoned: the group changed while fencing", self.name)
-                self._set_takeover(None)
+            if holder:
+                if self._fencing_holder != holder:
+                    log.warning("agent %s: primary %s gone: agent %s is fencing it to take over; this agent waits",
+                                self.name, epoch.promoted_by, holder)
+                self._fencing_holder = holder
                 return
+            self._fencing_holder = ""
+            try:
+                self._fence_and_promote(epoch)
+            finally:
+                try:
+                    self.coord.release_fencing()
+                except DrsyncError as e:
+                    log.debug("agent %s: could not release the fencing node: %s", self.name, e)
+        else:
+            self._promote(epoch)
+
+    def _fence_and_promote(self, epoch: Epoch) -> None:
+        """Run fence_command against the primary of ``epoch`` (this agent holds the fencing node), then
+        promote if the group is still as it was."""
+        assert self.coord is not None
+        c = self.cfg.coordination
+        old = self._last_primary if self._last_primary.get("agent") == epoch.promoted_by else {}
+        address = str(old.get("address") or self.agents.get(epoch.promoted_by, {}).get("address") or "")
+        log.warning("agent %s: primary %s gone: running fence_command before promoting itself", self.name,
+                    epoch.promoted_by)
+        self._set_takeover("fencing", epoch.epoch)  # standbys further behind wait for this one
+        result = run_command("fence_command", c.fence_command, fence_env(
+            group=c.group, agent=self.name, fenced_agent=epoch.promoted_by, fenced_address=address,
+            epoch=epoch.epoch, data=self.data_root), c.fence_timeout)
+        if not result.ok:
+            self._set_takeover("fence-failed", epoch.epoch)
+            self._fence_retry_at = time.monotonic() + self._fence_backoff
+            log.error("agent %s: automatic failover refused: %s; production's writers may still run, so this "
+                      "agent does not promote itself (next try in %.0fs); fix the fence, or fence production "
+                      "by hand and run drsync promote", self.name, result.summary(), self._fence_backoff)
+            self._fence_backoff = min(self._fence_backoff * 2, RETRY_MAX_S)
+            return
+        self._fence_backoff = RETRY_FIRST_S
+        try:  # the fence took time: promote only if the group is still as it was
+            view = self.coord.view()
+        except CoordinationUnavailable as e:
+            log.warning("agent %s: automatic failover did not happen: %s", self.name, e)
+            self._set_takeover(None)
+            return
+        if view.primary is not None or view.epoch.version != epoch.version or view.maintenance:
+            log.warning("agent %s: automatic failover abandoned: the group changed while fencing", self.name)
+            self._set_takeover(None)
+            return
+        self._promote(epoch)
+
+    def _promote(self, epoch: Epoch) -> None:
+        """Automatic failover's compare-and-set of the epoch (after the fence, when there is one)."""
+        assert self.coord is not None
+        c = self.cfg.coordination
         reason = "automatic failover" + (" after fence_command succeeded" if c.fencing else " (fence_command = none)")
         lag = self.lag_s()
         try:

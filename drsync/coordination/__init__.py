@@ -241,6 +241,16 @@ class Coordinator(Protocol):
         ``expected`` is the epoch as read when the claim was taken (its version): if anything promoted
         since, or this session no longer holds ``primary``, nothing changes (EpochConflict)."""
 
+    def take_fencing(self, agent: str, epoch: int) -> str:
+        """Take the ephemeral ``fencing`` node (``agent``, ``epoch``, ``since``) before running fence_command
+        to promote over the primary of ``epoch``, so that one agent of the group fences at a time (Hadoop
+        ZKFC's order: the lock first, then the fence). Returns "" when this session holds it (now or
+        already), else the name of the agent that does. It ends with the holder's session, or
+        :meth:`release_fencing`; one left for an earlier epoch is removed."""
+
+    def release_fencing(self) -> None:
+        """Delete the ``fencing`` node if this session holds it."""
+
     def set_maintenance(self, doc: dict[str, Any]) -> None:
         """Create or replace the ``maintenance`` marker (``agent``, ``since``, ``reason``)."""
 

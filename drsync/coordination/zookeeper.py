@@ -472,6 +472,44 @@ class ZooKeeperCoordinator:
         return Epoch(new.epoch, new.promoted_by, new.at, new.reason, expected.version + 1, to_agent_id)
 
     @_zk_errors
+    def take_fencing(self, agent: str, epoch: int) -> str:
+        path = f"{self.base}/fencing"
+        doc = _dump({"agent": agent, "epoch": epoch, "since": time.time()})
+        for _ in range(3):  # a holder that leaves between our create and read: try again
+            try:
+                self._w(self.zk.create_async(path, doc, ephemeral=True))
+                return ""
+            except NodeExistsError:
+                pass
+            try:
+                data, stat = self._w(self.zk.get_async(path))
+            except NoNodeError:
+                continue
+            if self._mine(stat):
+                self._w(self.zk.set_async(path, doc, stat.version))
+                return ""
+            held = _load(data)
+            if isinstance(held.get("epoch"), int) and held["epoch"] < epoch:  # left by an earlier failover
+                try:
+                    self._w(self.zk.delete_async(path, version=stat.version))
+                except (NoNodeError, BadVersionError):
+                    pass
+                continue
+            who = held.get("agent")
+            return who if isinstance(who, str) and who else "an agent (a fencing node without drsync's record)"
+        return "an agent (the fencing node keeps changing)"
+
+    @_zk_errors
+    def release_fencing(self) -> None:
+        path = f"{self.base}/fencing"
+        try:
+            _, stat = self._w(self.zk.get_async(path))
+            if self._mine(stat):
+                self._w(self.zk.delete_async(path, version=stat.version))
+        except (NoNodeError, BadVersionError):
+            pass
+
+    @_zk_errors
     def set_maintenance(self, doc: dict[str, Any]) -> None:
         self._put(f"{self.base}/maintenance", doc)
 

@@ -1,0 +1,59 @@
+"""One agent of a group fences at a time (Hadoop ZKFC's order: the lock first, then the fence). Before its
+fence_command runs, an agent or `drsync promote` takes the group's ephemeral ``fencing`` node; another that
+finds it held does not fence: a standby waits (and says so), `drsync promote` is refused (exit 4). The node
+ends with its holder's session; one left for an earlier epoch is taken over. Real ZooKeeper, real agents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drsync.coordination.zookeeper import ZooKeeperCoordinator
+from tests.group import wait_for
+from tests.test_failover import bootstrap
+
+
+def _session(hosts: str, group: str) -> ZooKeeperCoordinator:
+    c = ZooKeeperCoordinator(hosts, group, session_timeout_s=10.0)
+    c.start()
+    return c
+
+
+def test_the_fencing_node_is_held_by_one_session_at_a_time(zk_server, group: str) -> None:
+    a, b = _session(zk_server.hosts, group), _session(zk_server.hosts, group)
+    try:
+        assert a.take_fencing("east-2", 4) == ""
+        assert a.take_fencing("east-2", 4) == "", "the holder takes it again"
+        assert b.take_fencing("east-3", 4) == "east-2"
+        b.release_fencing()  # not b's: nothing happens
+        assert b.take_fencing("east-3", 4) == "east-2"
+        a.release_fencing()
+        assert b.take_fencing("east-3", 4) == ""
+        assert a.take_fencing("east-2", 5) == "", "a node left for an earlier epoch is taken over"
+        assert b.take_fencing("east-3", 5) == "east-2"
+    finally:
+        a.close()
+    try:
+        assert b.take_fencing("east-3", 5) == "", "the node did not end with its holder's session"
+    finally:
+        b.close()
+
+
+def test_a_standby_does_not_fence_while_another_holds_the_fencing_node(make_group, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    attempts = tmp_path / "fence-attempts"
+    g = make_group(["east", "west"], session_timeout="2s", failover="automatic",
+                   extra=f'failover_cooldown = "0s"\nfence_command = "echo $DRSYNC_AGENT >> {attempts}"\n')
+    bootstrap(g)
+    other = _session(g.hosts, g.group)
+    try:
+        assert other.take_fencing("east-2", 1) == ""  # another standby of the group is fencing east
+        r = g.drsync("west", "promote", "--force")
+        assert r.code == 4 and "agent east-2 is fencing east" in r.err, r
+        g.kill("east")
+        wait_for(lambda: "agent east-2 is fencing it to take over; this agent waits" in g.log("west"),
+                 "west to see the fencing node held and wait", timeout=45)
+        assert not attempts.exists(), "west ran fence_command while another agent held the fencing node"
+        assert g.primary() is None
+    finally:
+        other.close()  # the other standby's session ends: west may fence now
+    wait_for(lambda: g.primary() is not None and g.primary()[0] == "west", "west to fence and promote", timeout=45)
+    assert attempts.read_text().split() == ["west"]
