@@ -188,6 +188,10 @@ def test_a_damaged_or_backward_epoch_node_stops_promotions_and_repairs(make_grou
     assert json.loads(zk.get(node)[0])["epoch"] == 0
     # east cannot prove its claim at an epoch ZooKeeper no longer has: it steps down, and says why.
     wait_for(lambda: "step-down (ZooKeeper's epoch 0 is below epoch 1" in g.log("east"), "east to step down")
+    # Switchover does not send the operator to promote, which is refused too.
+    wait_for(lambda: g.primary() is None, "east's primary node to go")
+    r = g.drsync("west", "switchover")
+    assert r.code == 4 and "ZooKeeper's epoch 0 is below epoch 1" in r.err and "use drsync promote" not in r.err, r
     # Repaired (the node as drsync wrote it), east takes its claim back.
     zk.set(node, good)
     g.wait_role("east", "primary")

@@ -575,6 +575,9 @@ def switchover(cfg: Config, *, to: str | None = None, timeout_s: float | None = 
         agents = coord.agents()
         primary = view.primary
         if primary is None:
+            who, seen = highest_reported_epoch("", agents)
+            if view.epoch.epoch < seen:  # promote is refused too: do not send the operator there
+                raise RefusedError(epoch_behind(view.epoch.epoch, seen, f"agent {who}"))
             raise RefusedError(f"group {cfg.coordination.group} has no primary to hand over from; use drsync "
                                f"promote")
         if to is None:
