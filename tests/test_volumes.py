@@ -129,14 +129,20 @@ def _paths(repo: Repository, info: SnapshotInfo) -> dict[str, bool]:
 VOLUME = {f"f{i}": f"volume {i}\n" for i in range(5)}
 
 
-def test_an_unmounted_volume_keeps_its_files_until_it_comes_back(tmp_path: Path, mounts: Mounts) -> None:
+def _unmounted_after_a_snapshot(tmp_path: Path, mounts: Mounts) -> tuple[Path, Repository, SnapshotInfo]:
+    """A root of 40 files with VOLUME mounted at vol, one snapshot of it, then vol unmounted."""
     root = tmp_path / "root"
     _tree(root, {f"top/t{i}": f"{i}\n" for i in range(40)})
     mounts.mount(root / "vol", VOLUME)
     repo = _repo(tmp_path)
     first = _snap(repo, root)
-    assert first.volumes == {"vol": 5} and first.files == 45
     mounts.umount(root / "vol")
+    return root, repo, first
+
+
+def test_an_unmounted_volume_keeps_its_files_until_it_comes_back(tmp_path: Path, mounts: Mounts) -> None:
+    root, repo, first = _unmounted_after_a_snapshot(tmp_path, mounts)
+    assert first.volumes == {"vol": 5} and first.files == 45
     (root / "vol" / "written-while-unmounted").write_text("on the root's filesystem\n")
     for _ in range(2):  # and again: the record is carried, so it stays kept
         kept = _snap(repo, root)
@@ -187,12 +193,7 @@ def test_an_empty_volume_mounted_over_a_populated_directory_the_parent_did_not_r
 
 
 def test_allow_empty_takes_the_tree_as_it_is_and_the_warning_ends(tmp_path: Path, mounts: Mounts) -> None:
-    root = tmp_path / "root"
-    _tree(root, {f"top/t{i}": f"{i}\n" for i in range(40)})
-    mounts.mount(root / "vol", VOLUME)
-    repo = _repo(tmp_path)
-    _snap(repo, root)
-    mounts.umount(root / "vol")
+    root, repo, _ = _unmounted_after_a_snapshot(tmp_path, mounts)
     r = run_drsync("snapshot", "create", "--repo", tmp_path / "repo", "--source", root, "--json")
     assert r.code == 0 and "vol: a filesystem holding 5 file(s)" in r.out, r.err
     r = run_drsync("snapshot", "create", "--repo", tmp_path / "repo", "--source", root)
@@ -206,12 +207,7 @@ def test_allow_empty_takes_the_tree_as_it_is_and_the_warning_ends(tmp_path: Path
 
 def test_a_removed_mount_point_is_a_removal(tmp_path: Path, mounts: Mounts) -> None:
     """Unmounted and its directory removed: an operator retired it. The deletion guard still weighs it."""
-    root = tmp_path / "root"
-    _tree(root, {f"top/t{i}": f"{i}\n" for i in range(40)})
-    mounts.mount(root / "vol", VOLUME)
-    repo = _repo(tmp_path)
-    _snap(repo, root)
-    mounts.umount(root / "vol")
+    root, repo, _ = _unmounted_after_a_snapshot(tmp_path, mounts)
     (root / "vol").rmdir()
     after = _snap(repo, root)
     assert after.files == 40 and not any(p.startswith("vol") for p in _paths(repo, after))
