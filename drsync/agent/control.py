@@ -94,6 +94,11 @@ class PromotionCheck:
     refusal: type[Exception] = RefusedError  # what the promotion raises when this check fails
 
 
+def _fencing_words(holder: str, old: str) -> str:
+    return (f"agent {holder} is fencing {old} to take over (automatic failover); wait for it and run drsync "
+            f"status, or rerun once it is done")
+
+
 def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force: bool, accept_data_loss: bool,
                       no_fence: bool, promote_empty_root: bool, point: PointChoice
                       ) -> tuple[list[PromotionCheck], dict[str, Any]]:
@@ -195,7 +200,9 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
         OperationFailed))
     old = primary.agent if primary is not None else view.epoch.promoted_by
     fence = not first and bool(old) and old != me and cfg.coordination.fencing and not no_fence
-    checks.append(PromotionCheck("fence", True, (
+    holder = coord.fencing_holder(view.epoch.epoch) if fence else ""
+    checks.append(PromotionCheck("fence", not holder, (
+        _fencing_words(holder, old) if holder else
         f"fence_command runs first against {old} and must exit 0" if fence else
         "skipped (--no-fence)" if no_fence else "no earlier primary to fence" if first or not old or old == me
         else _no_fence_words(cfg))))
@@ -496,8 +503,7 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
         if ctx["fence"]:
             holder = coord.take_fencing(me, view.epoch.epoch)  # held until this command's session ends
             if holder:
-                raise RefusedError(f"not promoted: agent {holder} is fencing {old} to take over (automatic "
-                                   f"failover); wait for it and run drsync status, or rerun once it is done")
+                raise RefusedError(f"not promoted: {_fencing_words(holder, old)}")
             address = primary.address if primary is not None else str(
                 coord.agents().get(old, {}).get("address") or "")
             result = run_command("fence_command", cfg.coordination.fence_command, fence_env(

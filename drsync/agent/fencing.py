@@ -95,6 +95,7 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, 
                                     start_new_session=True)
         except OSError as e:
             return _not_started(what, command, f"{e.strerror or e}", reported)
+        watchdog = _watchdog(proc.pid)
         timed_out = False
         try:
             proc.wait(timeout=timeout_s)
@@ -104,6 +105,8 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, 
         except BaseException:  # interrupted: nothing of the command runs on
             _kill_group(proc)
             raise
+        finally:
+            _stop_watchdog(watchdog)
         text = _tail(out)
     code = None if timed_out else proc.returncode
     result = CommandResult(what, command, code == 0, code, text, round(time.monotonic() - started, 3), timed_out)
@@ -120,6 +123,42 @@ def _not_started(what: str, command: str, reason: str, reported: bool) -> Comman
     result = CommandResult(what, command, False, None, reason, 0.0)
     log.log(logging.DEBUG if reported else logging.ERROR, "%s", result.summary())
     return result
+
+
+# Kills process group $1 when its stdin (a pipe whose writing end only this process holds) reaches its end:
+# this process died (kill -9 included) while the command ran. Stopped with SIGKILL once the command is over.
+_WATCHDOG = 'read -r _; kill -9 "-$1" 2>/dev/null'
+
+
+def _watchdog(pgid: int) -> tuple[subprocess.Popen[bytes], int] | None:
+    """A shell that kills the command's process group if this process dies first, so that a fence never
+    outlives the agent (and its ZooKeeper fencing node) that ran it; None when it cannot be started (the
+    command still runs, as before)."""
+    try:
+        rfd, wfd = os.pipe()
+    except OSError:
+        return None
+    try:
+        os.set_inheritable(wfd, False)
+        dog = subprocess.Popen(["/bin/sh", "-c", _WATCHDOG, "drsync-watchdog", str(pgid)], stdin=rfd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        os.close(wfd)
+        return None
+    finally:
+        os.close(rfd)
+    return dog, wfd
+
+
+def _stop_watchdog(watchdog: tuple[subprocess.Popen[bytes], int] | None) -> None:
+    if watchdog is None:
+        return
+    dog, wfd = watchdog
+    try:
+        dog.kill()
+        dog.wait()
+    finally:
+        os.close(wfd)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

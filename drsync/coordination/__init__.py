@@ -246,7 +246,12 @@ class Coordinator(Protocol):
         to promote over the primary of ``epoch``, so that one agent of the group fences at a time (Hadoop
         ZKFC's order: the lock first, then the fence). Returns "" when this session holds it (now or
         already), else the name of the agent that does. It ends with the holder's session, or
-        :meth:`release_fencing`; one left for an earlier epoch is removed."""
+        :meth:`release_fencing`. One no session owns (made by hand), one without drsync's record, or one
+        left for an earlier epoch is removed (logged at WARNING)."""
+
+    def fencing_holder(self, epoch: int) -> str:
+        """The agent whose fencing node (:meth:`take_fencing`) another promotion at ``epoch`` must wait for, or
+        "" (none, this session's, or one :meth:`take_fencing` would take over). Reads only."""
 
     def release_fencing(self) -> None:
         """Delete the ``fencing`` node if this session holds it."""

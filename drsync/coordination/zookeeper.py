@@ -155,6 +155,21 @@ def _load(data: bytes | None) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
+def _fencing_holder(data: bytes | None, stat: Any, epoch: int) -> tuple[str, str]:
+    """Whether a ``fencing`` node held by another session is a fencing agent to wait for, as (its agent, "");
+    or ("", why not): a node no session owns (made by hand: it would never end), one without drsync's record,
+    or one left for an earlier epoch. One for a later epoch is waited for (this reader's view is stale)."""
+    if not getattr(stat, "ephemeralOwner", 0):
+        return "", "not held by any session: made by hand?"
+    doc = _load(data)
+    agent, held = doc.get("agent"), doc.get("epoch")
+    if not isinstance(agent, str) or not agent or type(held) is not int:
+        return "", "without drsync's record"
+    if held < epoch:
+        return "", f"left for epoch {held}"
+    return agent, ""
+
+
 # The fields of the two nodes every role decision reads, and their types (documents.typed).
 _EPOCH_FIELDS: dict[str, type] = {"epoch": int, "promoted_by": str, "at": float, "reason": str, "agent_id": str}
 _PRIMARY_FIELDS: dict[str, type] = {"agent": str, "address": str, "epoch": int, "since": float}
@@ -488,16 +503,24 @@ class ZooKeeperCoordinator:
             if self._mine(stat):
                 self._w(self.zk.set_async(path, doc, stat.version))
                 return ""
-            held = _load(data)
-            if isinstance(held.get("epoch"), int) and held["epoch"] < epoch:  # left by an earlier failover
-                try:
-                    self._w(self.zk.delete_async(path, version=stat.version))
-                except (NoNodeError, BadVersionError):
-                    pass
-                continue
-            who = held.get("agent")
-            return who if isinstance(who, str) and who else "an agent (a fencing node without drsync's record)"
-        return "an agent (the fencing node keeps changing)"
+            holder, why = _fencing_holder(data, stat, epoch)
+            if holder:
+                return holder
+            log.warning("group %s: removing the fencing node %s (%s) to fence at epoch %d", self.group, path, why,
+                        epoch)
+            try:
+                self._w(self.zk.delete_async(path, version=stat.version))
+            except (NoNodeError, BadVersionError):
+                pass
+        return "(unknown: the fencing node keeps changing)"
+
+    @_zk_errors
+    def fencing_holder(self, epoch: int) -> str:
+        try:
+            data, stat = self._w(self.zk.get_async(f"{self.base}/fencing"))
+        except NoNodeError:
+            return ""
+        return "" if self._mine(stat) else _fencing_holder(data, stat, epoch)[0]
 
     @_zk_errors
     def release_fencing(self) -> None:
