@@ -220,28 +220,25 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
 @dataclass
 class _VolumeWatch:
     """The filesystems mounted inside a local root, as a capture watches them (:mod:`drsync.volumes`):
-    ``devices`` mount point -> its device; ``gone`` recorded volumes left out of the walk."""
+    ``mounted`` now (relative mount points), ``gone`` recorded volumes left out of the walk."""
 
     recorded: Mapping[str, int]
-    devices: dict[str, int]
+    mounted: list[str]
     gone: frozenset[str]
     parent: Manifest | ManifestFile | None
     allow_empty: bool
 
-    def verdict(self, files_by_device: Mapping[int, int]) -> volumes.VolumeVerdict:
-        files_on = {m: files_by_device.get(d, 0) for m, d in self.devices.items()}
+    def verdict(self, files_below: Mapping[str, int]) -> volumes.VolumeVerdict:
         if self.allow_empty or self.parent is None:
-            return volumes.VolumeVerdict(record=files_on)
-        return volumes.judge(self.recorded, files_on, self.gone, self._parent_files_below)
+            return volumes.VolumeVerdict(record=dict(files_below))
+        return volumes.judge(self.recorded, files_below, self.gone, self._parent_files_below)
 
     def _parent_files_below(self, rel: str) -> int:
         """Files of the parent snapshot below ``rel`` (the rare path: an empty volume it did not record)."""
         assert self.parent is not None
         table = _Parent(self.parent).table()
-        prefix = os.fsencode(rel) + b"/"
-        paths = table.column("path").to_pylist()
-        lo, hi = bisect.bisect_left(paths, prefix), bisect.bisect_left(paths, prefix[:-1] + b"0")
-        return int(pc.sum(pc.equal(table.column("type").slice(lo, hi - lo), FILE)).as_py() or 0)
+        return volumes.files_below(table.column("path").combine_chunks(),
+                                   _np(pc.equal(table.column("type"), FILE)), [rel])[rel]
 
 
 def _volume_watch(data_root: DataRoot, parent: Manifest | ManifestFile | None, recorded: Mapping[str, int],
@@ -256,16 +253,8 @@ def _volume_watch(data_root: DataRoot, parent: Manifest | ManifestFile | None, r
     def excluded(rel: str) -> bool:
         return any(rel == x or rel.startswith(x + "/") for x in exclude)
 
-    devices: dict[str, int] = {}
-    for m in mount_points():
-        if excluded(m):
-            continue
-        try:
-            st = os.lstat(os.path.join(root, m))
-        except OSError:
-            continue
-        devices[m] = st.st_dev
-    if not devices and not recorded:
+    mounted = sorted(m for m in mount_points() if not excluded(m))
+    if not mounted and not recorded:
         return None
 
     def is_dir(rel: str) -> bool:
@@ -275,8 +264,8 @@ def _volume_watch(data_root: DataRoot, parent: Manifest | ManifestFile | None, r
             return False
 
     gone = frozenset() if allow_empty or parent is None else frozenset(
-        m for m in volumes.left_out(recorded, devices, is_dir) if not excluded(m))
-    return _VolumeWatch(recorded, devices, gone, parent, allow_empty)
+        m for m in volumes.left_out(recorded, mounted, is_dir) if not excluded(m))
+    return _VolumeWatch(recorded, mounted, gone, parent, allow_empty)
 
 
 def _tag(at: float | None) -> str:
@@ -298,11 +287,11 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     so far (a total that grows as the walk goes). What needs every row is done at the end, on the
     stored manifest, a path the rare case pays for: links that escape the root through other links
     are left out (:func:`_without_paths`), paths that could not be read are merged in from the parent
-    (:func:`_merge_stale`), with the files of the volumes ``watch`` keeps (counted by device as the
-    windows pass).
+    (:func:`_merge_stale`), with the files of the volumes ``watch`` keeps (files below each mount point
+    counted as the windows pass).
     """
     scan = view.scan(exclude)
-    files_by_device: dict[int, int] = {}
+    below: dict[str, int] = dict.fromkeys(watch.mounted, 0) if watch is not None else {}
     warnings = scan.warnings
     pv = _Parent(parent) if parent is not None and len(parent) else None
     matcher = _Matcher(pv, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
@@ -325,9 +314,10 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
             allocators.give_back()  # what the last window freed inside glibc's heaps
             same, reuse = matcher.match(w)
             is_file = _np(pc.equal(w.column("type"), FILE))
-            if watch is not None and watch.devices:
-                for vc in pc.value_counts(w.column("dev").filter(pa.array(is_file))).to_pylist():
-                    files_by_device[vc["values"]] = files_by_device.get(vc["values"], 0) + vc["counts"]
+            if below:
+                for m, n in volumes.files_below(w.column("path").combine_chunks() if isinstance(
+                        w.column("path"), pa.ChunkedArray) else w.column("path"), is_file, below).items():
+                    below[m] += n
             if on_total:
                 to_read += int(_np(w.column("size"))[is_file & (reuse < 0)].sum())
                 on_total(to_read)
@@ -348,8 +338,9 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     stale = skipped = stale_files = stale_bytes = 0
     lost = [*scan.unreadable, *state.lost]
     recorded: dict[str, int] = {}
+    verdict = volumes.VolumeVerdict()
     if watch is not None:
-        verdict = watch.verdict(files_by_device)
+        verdict = watch.verdict(below)
         recorded = verdict.record
         for m, why in verdict.keep.items():
             warnings.append(why)
@@ -358,6 +349,10 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
         stored, stale, skipped, stale_files, stale_bytes = _merge_stale(
             stored, pv.table() if pv else None, lost, scan.unlisted, {**scan.devices, **state.devices},
             links.leaders, warnings)
+    if watch is not None and verdict.keep:  # what the snapshot holds below each volume, kept files included
+        table = Manifest.from_bytes(stored, "the captured manifest").table
+        recorded = volumes.files_below(table.column("path").combine_chunks(),
+                                       _np(pc.equal(table.column("type"), FILE)), recorded)
     # The snapshot's files and bytes are what it holds: the stale files kept at their last version count too.
     return CaptureResult(stored=stored, files=state.files + stale_files, bytes=state.bytes + stale_bytes,
                          read_bytes=0 if content == HDFS_CHECKSUM else state.read_bytes,

@@ -12,15 +12,22 @@ when the volume
   directory), or
 * is mounted but holds no files, where the last snapshot had files below its mount point.
 
+A volume's files are those below its mount point, nested volumes' included, counted by path (a bind mount
+of a directory of the root's own filesystem is a volume too).
+
 Everything else in the tree is captured as usual. ``drsync snapshot create --allow-empty`` captures the
 volumes as they are. Pure functions; the capture (:mod:`drsync.capture`) does the I/O.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
 
 from drsync.text import printable
 
@@ -38,29 +45,34 @@ class VolumeVerdict:
 
 
 def left_out(recorded: Mapping[str, int], mounted: Iterable[str], is_dir: Callable[[str], bool]) -> set[str]:
-    """Before the walk: the volumes recorded with files that are not mounted now, whose mount point is
-    still a directory. The walk leaves them out (files written into the bare mount point are not a
+    """Before the walk: the volumes recorded with files below them that are not mounted now, whose mount
+    point is still a directory. The walk leaves them out (files written into the bare mount point are not a
     volume's contents); :func:`judge` keeps their last version. A mount point that is gone altogether
-    was removed on purpose and is captured as removed (the deletion guard still weighs it)."""
+    was removed on purpose and is captured as removed (the deletion guard still weighs it); one below a
+    volume that is left out goes with it."""
     now = set(mounted)
-    return {m for m, files in recorded.items() if files > 0 and m not in now and is_dir(m)}
+    out = {m for m, files in recorded.items() if files > 0 and m not in now and is_dir(m)}
+    return {m for m in out if not any(_below(m, o) for o in out)}
 
 
-def judge(recorded: Mapping[str, int], files_on: Mapping[str, int], gone: Iterable[str],
+def judge(recorded: Mapping[str, int], files_below: Mapping[str, int], gone: Iterable[str],
           parent_files_below: Callable[[str], int]) -> VolumeVerdict:
-    """After the walk. ``recorded``: the parent snapshot's volumes (mount point -> files); ``files_on``:
-    each volume mounted now -> the files this capture found on it; ``gone``: :func:`left_out`'s answer;
-    ``parent_files_below``: how many files the parent snapshot holds below a path (asked only for an
-    empty volume the parent snapshot did not record, e.g. the first capture after an upgrade)."""
+    """After the walk. ``recorded``: the parent snapshot's volumes (mount point -> files below it, nested
+    volumes' included); ``files_below``: each volume mounted now -> the files this capture found below its
+    mount point; ``gone``: :func:`left_out`'s answer; ``parent_files_below``: how many files the parent
+    snapshot holds below a path (asked only for an empty volume the parent snapshot did not record, e.g.
+    the first capture after an upgrade). A kept volume's record, and those of volumes recorded below it,
+    are carried as they were."""
     keep: dict[str, str] = {}
-    record: dict[str, int] = {}
     for m in sorted(gone):
         keep[m] = (f"{printable(m)}: a filesystem holding {recorded[m]} file(s) was mounted here at the last "
                    f"snapshot and is not now; they keep their last captured version (stale) and nothing of it "
                    f"is deleted on a standby. Mount it again, or run 'drsync snapshot create --allow-empty' if "
                    f"it was removed on purpose")
-        record[m] = recorded[m]
-    for m, files in sorted(files_on.items()):
+    record: dict[str, int] = {}
+    for m, files in sorted(files_below.items()):
+        if any(_below(m, k) for k in keep):
+            continue
         before = recorded[m] if m in recorded else parent_files_below(m)
         if files == 0 and before > 0:
             keep[m] = (f"{printable(m)}: the filesystem mounted here holds no files, but the last snapshot had "
@@ -70,11 +82,48 @@ def judge(recorded: Mapping[str, int], files_on: Mapping[str, int], gone: Iterab
             record[m] = before
         else:
             record[m] = files
+    for m, files in recorded.items():
+        if any(m == k or _below(m, k) for k in keep):
+            record[m] = files
     return VolumeVerdict(keep=keep, record=record)
+
+
+def files_below(paths: pa.Array, is_file: np.ndarray, mount_points: Iterable[str]) -> dict[str, int]:
+    """How many of ``paths`` (manifest paths as bytes, sorted by their bytes, so a subtree is one range)
+    lie below each mount point and are files (``is_file``, aligned with ``paths``)."""
+    counts = np.concatenate([np.zeros(1, np.int64), np.cumsum(is_file, dtype=np.int64)])
+    out = {}
+    for m in mount_points:
+        prefix = os.fsencode(m) + b"/"
+        lo, hi = _bisect(paths, prefix), _bisect(paths, prefix[:-1] + b"0")  # "/" + 1 == "0"
+        out[m] = int(counts[hi] - counts[lo])
+    return out
+
+
+def _bisect(paths: pa.Array, key: bytes) -> int:
+    """The first index of sorted ``paths`` not below ``key`` (a few scalar reads, no list of the column)."""
+    lo, hi = 0, len(paths)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if paths[mid].as_py() < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _below(path: str, top: str) -> bool:
+    return path.startswith(top + "/")
 
 
 def valid_mount_point(rel: object) -> bool:
     """Whether ``rel`` may be a recorded mount point: a normalised relative path inside the root (a
     document from a peer or a damaged disk may say anything)."""
-    return (isinstance(rel, str) and rel != "" and not rel.startswith("/") and "\x00" not in rel
-            and posixpath.normpath(rel) == rel and rel != ".." and not rel.startswith("../"))
+    if not (isinstance(rel, str) and rel not in ("", ".", "..") and not rel.startswith(("/", "../"))
+            and "\x00" not in rel and posixpath.normpath(rel) == rel):
+        return False
+    try:
+        os.fsencode(rel)  # a lone surrogate no file name can hold
+    except UnicodeEncodeError:
+        return False
+    return True
