@@ -22,6 +22,7 @@ from drsync.config import MAX_DURATION_S, Config, KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
 from drsync.dataroot.distcp import DistCpSettings, DistCpStager, content_source, root_url
 from drsync.errors import LockedError, OperationFailed, RefusedError, UsageError
+from drsync.fsutil import local_location
 from drsync.protection import (
     Protection,
     check_deletable,
@@ -46,11 +47,10 @@ LOCK_WAIT_S = DEFAULT_WAIT_S
 
 def local_path(url: str, what: str) -> str:
     """A local directory from a path or file:// URL, for what must be local (the agent's state)."""
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    if "://" in url:
+    local = local_location(url)
+    if local is None:
         raise UsageError(f"{what} {url} is not a local path; set agent.state_dir to a local directory")
-    return url
+    return local
 
 
 def data_root_url(url: str) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
-from drsync.errors import OperationFailed
+from drsync.errors import OperationFailed, UsageError
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library this interpreter runs on
 _syncfs = getattr(_libc, "syncfs", None)
@@ -226,14 +226,47 @@ def open_walked_dir(root: str, rel_dir: bytes, abs_dir: bytes,
     return fd, st_dir
 
 
+def local_location(url: str) -> str | None:
+    """The local path a location names, or None when it names another storage (``hdfs://``, ``memory://``):
+    a plain path as it is; a file URL (RFC 8089) as its path, so ``file:///p``, ``file:/p`` and
+    ``file://localhost/p`` all name ``/p``. UsageError for a file URL naming another host or no absolute
+    path (never a directory named ``file:`` or after a host)."""
+    if not url.startswith("file:"):
+        return None if "://" in url else url
+    rest = url[len("file:"):]
+    if rest.startswith("//"):
+        host, slash, path = rest[2:].partition("/")
+        if not slash:
+            raise UsageError(f"{url}: a file URL names an absolute path (file:///PATH); give a plain path instead")
+        if host not in ("", "localhost"):
+            raise UsageError(f"{url}: a file URL names a path on this machine (file:///PATH); {host!r} would be "
+                             f"another host")
+        path = "/" + path
+    else:
+        path = rest
+    if not path.startswith("/"):
+        raise UsageError(f"{url}: a file URL names an absolute path (file:///PATH); give a plain path instead")
+    return path
+
+
+def is_local_location(url: str) -> bool:
+    """Whether ``url`` names a local path (a plain path or a file URL), not another storage."""
+    return url.startswith("file:") or "://" not in url
+
+
+def local_or_none(url: str) -> str | None:
+    """:func:`local_location`, with None for a file URL it refuses (for comparisons, not for opening)."""
+    try:
+        return local_location(url)
+    except UsageError:
+        return None
+
+
 def same_place(a: str, b: str) -> bool:
     """Whether two locations (plain paths, ``file://`` or other URLs) name one directory: local ones by
     device and inode (a symlink, a bind mount or another spelling of it; by resolved path when either does
     not exist), others as written."""
-    def local(u: str) -> str | None:
-        return u.removeprefix("file://") if u.startswith("file://") or "://" not in u else None
-
-    la, lb = local(a), local(b)
+    la, lb = local_or_none(a), local_or_none(b)
     if la is None or lb is None:
         return a.rstrip("/") == b.rstrip("/")
     try:
@@ -248,10 +281,7 @@ def lies_within(path: str, top: str) -> bool:
     compared by device and inode of ``path`` and each existing directory above it, after resolving
     symlinks, so another spelling, a symlink or a bind mount of ``top`` counts; ``path`` need not exist.
     Others (``hdfs://...``) by their normalised paths on the same authority."""
-    def local(u: str) -> str | None:
-        return u.removeprefix("file://") if u.startswith("file://") or "://" not in u else None
-
-    lp, lt = local(path), local(top)
+    lp, lt = local_or_none(path), local_or_none(top)
     if lp is None or lt is None:
         if lp is not None or lt is not None:
             return False

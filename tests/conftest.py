@@ -320,3 +320,14 @@ def make_group(tmp_path: Path, zk_server, group: str):  # type: ignore[no-untype
     yield make
     for g in made:
         g.stop_all()
+
+
+@pytest.fixture
+def mounts():  # type: ignore[no-untyped-def]
+    """Mount tmpfs and bind mounts (:class:`tests.mounts.Mounts`); every one left is unmounted after the test."""
+    from tests.mounts import Mounts
+
+    m = Mounts()
+    yield m
+    for p in reversed(m.points):
+        subprocess.run(["umount", "-l", str(p)], check=False)

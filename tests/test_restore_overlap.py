@@ -10,7 +10,10 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from drsync.fsutil import lies_within
+import pytest
+
+from drsync.errors import UsageError
+from drsync.fsutil import lies_within, local_location
 from tests.conftest import run_drsync, tree_state
 from tests.group import Group
 
@@ -62,3 +65,16 @@ def test_a_restore_overlapping_a_running_standbys_root_is_refused(zk_server, tmp
         assert r.code == 0, r.err
     finally:
         g.stop_all()
+
+
+@pytest.mark.parametrize("url,path", [("/a/b", "/a/b"), ("rel/x", "rel/x"), ("file:///a/b", "/a/b"),
+                                      ("file:/a/b", "/a/b"), ("file://localhost/a/b", "/a/b"),
+                                      ("hdfs://nn:9870/a", None), ("memory://x", None)])
+def test_one_reading_of_local_locations(url: str, path: str | None) -> None:
+    assert local_location(url) == path
+
+
+@pytest.mark.parametrize("url", ["file://otherhost/a", "file:relative", "file://"])
+def test_a_file_url_naming_no_local_absolute_path_is_refused(url: str) -> None:
+    with pytest.raises(UsageError, match="file URL"):
+        local_location(url)

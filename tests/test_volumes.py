@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from drsync.repository.snapshots import SnapshotInfo
 from drsync.storage.local import LocalStorage
 from tests.conftest import init_repo_at, run_drsync, tree_state
 from tests.group import Group, wait_for
+from tests.mounts import Mounts
 
 # --- the pure judgement ------------------------------------------------------------------------------------
 
@@ -74,36 +73,6 @@ def test_a_document_without_volumes_has_no_key_and_one_with_them_round_trips() -
 # --- real mounts -------------------------------------------------------------------------------------------
 
 
-class Mounts:
-    """tmpfs filesystems mounted by a test, all unmounted at its end."""
-
-    def __init__(self) -> None:
-        self.points: list[Path] = []
-
-    def mount(self, where: Path, files: dict[str, str] | None = None) -> None:
-        where.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "drsync-test", str(where)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-        self.points.append(where)
-        for rel, text in (files or {}).items():
-            (where / rel).parent.mkdir(parents=True, exist_ok=True)
-            (where / rel).write_text(text)
-
-    def umount(self, where: Path) -> None:
-        subprocess.run(["umount", str(where)], check=True)
-        self.points.remove(where)
-
-
-@pytest.fixture
-def mounts() -> Iterator[Mounts]:
-    m = Mounts()
-    yield m
-    for p in reversed(m.points):
-        subprocess.run(["umount", "-l", str(p)], check=False)
-
-
 def _tree(root: Path, files: dict[str, str]) -> None:
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +102,7 @@ def _unmounted_after_a_snapshot(tmp_path: Path, mounts: Mounts) -> tuple[Path, R
     """A root of 40 files with VOLUME mounted at vol, one snapshot of it, then vol unmounted."""
     root = tmp_path / "root"
     _tree(root, {f"top/t{i}": f"{i}\n" for i in range(40)})
-    mounts.mount(root / "vol", VOLUME)
+    mounts.tmpfs(root / "vol", VOLUME)
     repo = _repo(tmp_path)
     first = _snap(repo, root)
     mounts.umount(root / "vol")
@@ -157,7 +126,7 @@ def test_an_unmounted_volume_keeps_its_files_until_it_comes_back(tmp_path: Path,
     assert {p.name: p.read_text() for p in (out / "vol").iterdir()} == VOLUME
     # The volume is mounted again (with a change): captured as usual, nothing stale.
     (root / "vol" / "written-while-unmounted").unlink()
-    mounts.mount(root / "vol", {**VOLUME, "f5": "new\n"})
+    mounts.tmpfs(root / "vol", {**VOLUME, "f5": "new\n"})
     back = _snap(repo, root)
     assert back.volumes == {"vol": 6} and not back.warnings and not any(_paths(repo, back).values())
 
@@ -165,11 +134,11 @@ def test_an_unmounted_volume_keeps_its_files_until_it_comes_back(tmp_path: Path,
 def test_an_empty_or_wrong_volume_mounted_in_its_place_keeps_the_files(tmp_path: Path, mounts: Mounts) -> None:
     root = tmp_path / "root"
     _tree(root, {f"top/t{i}": f"{i}\n" for i in range(40)})
-    mounts.mount(root / "data" / "disk1", VOLUME)
+    mounts.tmpfs(root / "data" / "disk1", VOLUME)
     repo = _repo(tmp_path)
     _snap(repo, root)
     mounts.umount(root / "data" / "disk1")
-    mounts.mount(root / "data" / "disk1")  # a fresh filesystem: an empty lost+found, no files
+    mounts.tmpfs(root / "data" / "disk1")  # a fresh filesystem: an empty lost+found, no files
     (root / "data" / "disk1" / "lost+found").mkdir()
     kept = _snap(repo, root)
     files = _paths(repo, kept)
@@ -187,7 +156,7 @@ def test_an_empty_volume_mounted_over_a_populated_directory_the_parent_did_not_r
     repo = _repo(tmp_path)
     first = _snap(repo, root)
     assert first.volumes == {}
-    mounts.mount(root / "vol")  # hides the five files
+    mounts.tmpfs(root / "vol")  # hides the five files
     kept = _snap(repo, root)
     assert all(_paths(repo, kept)[f"vol/{n}"] for n in VOLUME) and kept.volumes == {"vol": 5}
 
@@ -217,7 +186,7 @@ def test_a_volume_under_a_left_out_path_is_not_judged(tmp_path: Path, mounts: Mo
     """A repository kept inside the data root on a volume of its own is drsync's, not the cluster's."""
     root = tmp_path / "root"
     _tree(root, {f"top/t{i}": f"{i}\n" for i in range(10)})
-    mounts.mount(root / "own" / "repo")
+    mounts.tmpfs(root / "own" / "repo")
     init_repo_at(root / "own" / "repo", "c", "1")
     repo = Repository.open(LocalStorage(str(root / "own" / "repo")))
     info = _snap(repo, root)
@@ -232,7 +201,7 @@ def test_a_standby_keeps_a_volume_production_unmounted(zk_server, tmp_path: Path
     run; the standby keeps the files and applies what else changed; remounted, the two roots are equal again."""
     g = Group(tmp_path, zk_server.hosts, f"g-{uuid.uuid4().hex[:12]}", ["east", "west"])
     vol = g.data["east"] / "vol"
-    mounts.mount(vol, {"a": "1\n", "b": "2\n", "c": "3\n"})
+    mounts.tmpfs(vol, {"a": "1\n", "b": "2\n", "c": "3\n"})
     try:
         for name in g.names:
             g.start(name)
@@ -244,7 +213,7 @@ def test_a_standby_keeps_a_volume_production_unmounted(zk_server, tmp_path: Path
         wait_for(lambda: (west / "marker").exists(), "west to apply the snapshot taken with the volume unmounted")
         assert sorted(os.listdir(west / "vol")) == ["a", "b", "c"], "the standby deleted the unmounted volume's files"
         wait_for(lambda: "vol: a filesystem holding 3 file(s)" in g.log("east"), "the primary to log the volume")
-        mounts.mount(vol, {"a": "1\n", "b": "2\n", "c": "changed\n"})
+        mounts.tmpfs(vol, {"a": "1\n", "b": "2\n", "c": "changed\n"})
         wait_for(lambda: (west / "vol" / "c").read_text() == "changed\n", "west to apply the remounted volume")
         assert tree_state(west) == tree_state(g.data["east"])
     finally:

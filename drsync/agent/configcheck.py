@@ -37,6 +37,7 @@ from drsync.config import (
 from drsync.coordination import Coordinator, identity_problem, open_coordinator
 from drsync.dataroot import open_data_root
 from drsync.errors import ConfigError, DrsyncError, OperationFailed
+from drsync.fsutil import local_or_none
 from drsync.transport.grpc import GrpcStandbyLink
 
 
@@ -105,8 +106,8 @@ def check_config(path: str | Path, *, timeout_s: float = 5.0) -> list[Check]:
     # this state directory, e.g. a copy with other ports, is not running: its ports say nothing of it).
     running = holder is not None and holder[1] in ("", cfg.agent.listen)
     checks += _check_nesting(cfg, state_dir, timeout_s)
-    dest = cfg.backups.destination.removeprefix("file://")
-    if dest and "://" not in dest:
+    dest = local_or_none(cfg.backups.destination) if cfg.backups.destination else None
+    if dest:
         from drsync.backup import repository_around
 
         repository = repository_around(dest) or (
@@ -219,7 +220,7 @@ def _check_cadence(cfg: Config, timeout_s: float) -> list[Check]:
         return [*out, Check("replication mode", True, f"{summary}: HDFS has no change notification, so each "
                             f"poll is a snapshot-diff capture (a new snapshot, kept as [snapshots] keep says); raise "
                             f"replication.min_interval if the namenode is busy", "config", warn=True)]
-    root = cfg.cluster.data.removeprefix("file://")
+    root = local_or_none(cfg.cluster.data) or cfg.cluster.data
     dirs, finished = _count_dirs(root, 2 * timeout_s + 1)
     limit_text = _sysctl("fs/inotify/max_user_watches")
     limit = int(limit_text) if limit_text.isdigit() else None

@@ -22,6 +22,7 @@ from typing import Any
 
 from drsync.agent.cadence import CHANGE, HEARTBEAT, INTERVAL, POLL, Cadence, Next, next_capture
 from drsync.config import Config
+from drsync.fsutil import is_local_location, local_or_none
 from drsync.metrics import AgentMetrics
 
 log = logging.getLogger("drsync.agent")
@@ -36,7 +37,7 @@ WATCH_RETRY_S = 300.0
 
 def is_local(data: str) -> bool:
     """Whether a data root is a local directory (a path or file:// URL), where changes can be watched."""
-    return "://" not in data or data.startswith("file://")
+    return is_local_location(data)
 
 
 class CaptureSchedule:
@@ -44,7 +45,7 @@ class CaptureSchedule:
                  wake: Callable[[], None], name: str = "", clock: Callable[[], float] = time.monotonic) -> None:
         self.cadence = Cadence.of(cfg)
         self.data_root = data_root
-        self.exclude = tuple(p.removeprefix("file://") for p in exclude if p.startswith("file://") or "://" not in p)
+        self.exclude = tuple(p for p in map(local_or_none, exclude) if p)
         self.metrics = metrics
         self.wake = wake
         self.name = name or cfg.agent.name

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable
 
 from drsync.errors import OperationFailed
+from drsync.fsutil import local_or_none
 
 
 def _host_lock_dir() -> str:
@@ -112,9 +113,80 @@ class DirectoryLock:
         self.fd = fd
 
     def release(self) -> None:
+        if self.announced:
+            try:
+                os.unlink(self.announced)
+            except OSError:
+                pass
+            self.announced = ""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# Every agent running on this host points to its state directory from one of these (the first it can
+# write), so that a restore, whatever config it was given (or none), knows the data roots of all of them.
+_REGISTRY_SYSTEM = "/run/drsync/agents"
+_REGISTRY_USER_PREFIX = "drsync-agents-"
+
+
+def _registries() -> list[str]:
+    return [_REGISTRY_SYSTEM, os.path.join(tempfile.gettempdir(), f"{_REGISTRY_USER_PREFIX}{os.getuid()}")]
+
+
+def _announce(state_dir: str) -> str:
+    """Point to ``state_dir`` from this host's registry of running agents; the entry's path, or "" when no
+    registry can be written (restores then know this agent's root only through its own config)."""
+    real = os.path.realpath(state_dir)
+    name = hashlib.sha256(os.fsencode(real)).hexdigest()[:24]
+    for d in _registries():
+        try:
+            os.makedirs(d, mode=0o755 if d == _REGISTRY_SYSTEM else 0o700, exist_ok=True)
+            st = os.lstat(d)
+            if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.getuid():
+                continue  # somebody else's (or a planted link): not written through
+            tmp = os.path.join(d, f".{name}.{os.getpid()}")
+            with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(real + "\n")
+            os.replace(tmp, os.path.join(d, name))
+            return os.path.join(d, name)
+        except OSError:
+            continue
+    return ""
+
+
+def running_agents() -> list[tuple[str, str]]:
+    """(state directory, data root) of every agent running on this host that announced itself (a stale
+    entry, whose agent is gone, is skipped and removed when this user may)."""
+    dirs = [_REGISTRY_SYSTEM]
+    tmp = tempfile.gettempdir()
+    try:
+        dirs += [os.path.join(tmp, n) for n in os.listdir(tmp) if n.startswith(_REGISTRY_USER_PREFIX)]
+    except OSError:
+        pass
+    out: list[tuple[str, str]] = []
+    for d in dirs:
+        try:
+            names = [n for n in os.listdir(d) if not n.startswith(".")]
+        except OSError:
+            continue
+        for n in names:
+            entry = os.path.join(d, n)
+            try:
+                with open(entry, encoding="utf-8", errors="surrogateescape") as f:
+                    state_dir = f.read(8192).strip("\n")
+                root = StateDirLock.data_root(state_dir) if state_dir.startswith("/") else ""
+            except OSError:
+                continue
+            if root:
+                out.append((state_dir, root))
+                continue
+            try:
+                if not StateDirLock.held(state_dir):
+                    os.unlink(entry)
+            except OSError:
+                pass
+    return out
 
 
 class HostLock:
@@ -139,8 +211,9 @@ class HostLock:
         self.dir_lock: DirectoryLock | None = None
         try:
             self._refuse_nested(lock_dir, what, key, state_dir)
-            if "://" not in location or location.startswith("file://"):
-                self.dir_lock = DirectoryLock(what, location.removeprefix("file://"))
+            local = local_or_none(location)
+            if local is not None:
+                self.dir_lock = DirectoryLock(what, local)
         except BaseException:
             self.release()
             raise
@@ -223,6 +296,7 @@ class StateDirLock:
         # and its data root: a restore given only --repo tells the running agent's root from another.
         self.fd = _exclusive_lock(self.path, 0o644, f"{os.getpid()}\n{listen}\n{data_root}\n", lambda held: (
             f"another drsync agent (pid {held[0]}) is running with state directory {state_dir}; stop it first"))
+        self.announced = _announce(state_dir) if data_root else ""
 
     @staticmethod
     def holder(state_dir: str) -> tuple[str, str] | None:

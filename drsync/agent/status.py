@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from drsync import fsutil
 from drsync.agent import statuspage
 from drsync.agent.activity import LAG_WINDOW_S, Activity
 from drsync.agent.clock import lag_s
@@ -58,7 +59,7 @@ def replication_mode(cfg: Config) -> dict[str, Any]:
     doc: dict[str, Any] = {"mode": r.mode, "interval_s": r.interval}
     if r.mode != "continuous":
         return doc | {"summary": f"interval: a capture every {r.interval:g}s"}
-    local = "://" not in cfg.cluster.data or cfg.cluster.data.startswith("file://")
+    local = fsutil.is_local_location(cfg.cluster.data)
     doc |= {"min_interval_s": r.min_interval, "settle_s": r.settle}
     return doc | {"summary": (f"continuous: a capture {r.settle:g}s after a change of the data root, at most every "
                               f"{r.min_interval:g}s, at least every {r.interval:g}s" if local else

@@ -25,6 +25,7 @@ from drsync.cli.guards import own_paths
 from drsync.cli.restoring import finish_restore, foreign_target, restore_options
 from drsync.config import KeepPolicy
 from drsync.errors import EXIT_FAILED, EXIT_INTEGRITY, UsageError
+from drsync.fsutil import local_location
 from drsync.repository.snapshots import iso
 from drsync.text import printable
 from drsync.units import count, human_size
@@ -41,12 +42,11 @@ def _backup_dest(inv: Invocation, dest: str | None, how: str = "--dest DIR") -> 
     dest = dest or (inv.config.backups.destination if inv.config else "")
     if not dest:
         raise UsageError(f"name the backup directory: {how}, or --config FILE with [backups] destination")
-    if dest.startswith("file://"):
-        return dest.removeprefix("file://")
-    if "://" in dest:
+    local = local_location(dest)
+    if local is None:
         raise UsageError(f"backup directory {dest}: backups are written to a local directory (a path or file://); "
                          f"copy the backup elsewhere afterwards")
-    return dest
+    return local
 
 
 @backup_grp.command("create", epilog=exits(

@@ -13,7 +13,7 @@ import click
 from drsync import engine
 from drsync.cli.common import Exit, Invocation, emit, say
 from drsync.errors import EXIT_REFUSED, RefusedError
-from drsync.fsutil import lies_within, same_place
+from drsync.fsutil import lies_within, local_or_none, same_place
 from drsync.text import printable
 from drsync.units import count, human_size
 
@@ -25,18 +25,18 @@ def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bo
     """A restore onto the cluster's own data root may change whatever is there; onto any other target,
     overwriting what is there needs --overwrite and removing what the snapshot lacks --delete-extra.
 
-    RefusedError (exit 4, nothing changed) onto the cluster's own data root while this config's agent runs,
-    or into a directory inside it, or one holding it:
+    RefusedError (exit 4, nothing changed) onto the data root of a running agent (this config's, the
+    --repo's, or any other on this host), into a directory inside it, or one holding it:
     a standby's agent applies to that root and records what it holds (a restore under it would leave the
     root behind what the agent reports, and a promotion would take that root), a primary's captures from it."""
-    running = _running_root(inv)
-    if running:
-        target, root = engine.data_root_url(dest), engine.data_root_url(running[1])
+    target = engine.data_root_url(dest)
+    for who, root_given in _running_roots(inv):
+        root = engine.data_root_url(root_given)
         where = ("is that root" if same_place(target, root) else "lies inside that root"
                  if lies_within(target, root) else "holds that root" if lies_within(root, target) else "")
         if where:
-            raise RefusedError(f"{running[0]} is running on data root {running[1]} (it applies shipments to it, "
-                               f"or captures it), and {dest} {where}; a restore there now would leave the root "
+            raise RefusedError(f"{who} is running on data root {root_given} (it applies shipments to it, or "
+                               f"captures it), and {dest} {where}; a restore there now would leave the root "
                                f"other than what the agent reports: stop the agent first (on production, its "
                                f"writers too), or restore outside it with --target")
     if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
@@ -46,20 +46,23 @@ def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bo
     return ForeignTarget(overwrite=overwrite, delete_extra=delete_extra)
 
 
-def _running_root(inv: Invocation) -> tuple[str, str] | None:
-    """(who, data root) of the running agent of this config, or with only --repo of that repository (its
-    default state directory; the agent records its data root there); None when none runs."""
-    from drsync.agent.locks import StateDirLock
+def _running_roots(inv: Invocation) -> list[tuple[str, str]]:
+    """(who, data root) of every running agent a restore must stay out of: this config's, the one of the
+    repository given with --repo (its default state directory), and every other agent running on this host
+    (:func:`drsync.agent.locks.running_agents`)."""
+    from drsync.agent.locks import StateDirLock, running_agents
     from drsync.agent.state import state_dir_of
 
-    if inv.config is not None:
-        if not StateDirLock.held(state_dir_of(inv.config)):
-            return None
-        return f"agent {inv.config.agent.name}", inv.config.cluster.data
-    if inv.repo and "://" not in inv.repo:
-        root = StateDirLock.data_root(os.path.join(inv.repo, "agent"))
-        return (f"the agent of repository {inv.repo}", root) if root else None
-    return None
+    out: list[tuple[str, str]] = []
+    if inv.config is not None and StateDirLock.held(state_dir_of(inv.config)):
+        out.append((f"agent {inv.config.agent.name}", inv.config.cluster.data))
+    repo = local_or_none(inv.repo) if inv.repo else None
+    if repo:
+        root = StateDirLock.data_root(os.path.join(repo, "agent"))
+        if root:
+            out.append((f"the agent of repository {inv.repo}", root))
+    out += [(f"the agent with state directory {printable(sd)}", root) for sd, root in running_agents()]
+    return out
 
 
 def restore_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol
 
+from drsync.fsutil import local_location
 from drsync.repository import chunks
 from drsync.repository.manifest import content_digest
 from drsync.storage import HDFS_SCHEMES
@@ -206,7 +207,7 @@ def small_files_pool(threads: int | None, workers: int, name: str) -> AbstractCo
 
 
 def is_remote_url(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
+    return "://" in url and not url.startswith("file:")
 
 
 def open_data_root(url: str, *, retry_s: float | None = None) -> DataRoot:
@@ -216,9 +217,8 @@ def open_data_root(url: str, *, retry_s: float | None = None) -> DataRoot:
     client's defaults (``config check --timeout``)."""
     from drsync.errors import UsageError
 
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    if "://" in url:
+    local = local_location(url)
+    if local is None:
         scheme = url.split("://", 1)[0]
         if scheme in HDFS_SCHEMES:
             from drsync.dataroot.hdfs import HdfsDataRoot
@@ -227,4 +227,4 @@ def open_data_root(url: str, *, retry_s: float | None = None) -> DataRoot:
         raise UsageError(f"{url}: unknown data root scheme {scheme!r}; use a path or hdfs://namenode:9870/PATH")
     from drsync.dataroot.local import LocalDataRoot
 
-    return LocalDataRoot(url)
+    return LocalDataRoot(local)

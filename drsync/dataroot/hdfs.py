@@ -601,7 +601,7 @@ class HdfsDataRoot:
         return s is None or s["type"] != "DIRECTORY"
 
     def relative_inside(self, path: str) -> str | None:
-        if "://" not in path or path.startswith("file://"):
+        if fsutil.is_local_location(path):
             return None
         try:
             other = parse_hdfs_url(path).path
@@ -613,7 +613,7 @@ class HdfsDataRoot:
         return other[len(top) + 1:].strip("/") if other.startswith(top + "/") else None
 
     def lies_within(self, path: str) -> bool:
-        if "://" not in path or path.startswith("file://"):
+        if fsutil.is_local_location(path):
             return False
         try:
             other = parse_hdfs_url(path).path.rstrip("/")

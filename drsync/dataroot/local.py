@@ -197,9 +197,10 @@ class LocalDataRoot:
         return not os.path.isdir(self.root)
 
     def relative_inside(self, path: str) -> str | None:
-        if "://" in path and not path.startswith("file://"):
+        local = fsutil.local_or_none(path)
+        if local is None:
             return None
-        real = os.path.realpath(path.removeprefix("file://"))
+        real = os.path.realpath(local)
         top = os.path.realpath(self.root)
         if real == top:
             raise UsageError(f"{path} is the target itself; drsync's own files cannot be the data root")
@@ -208,9 +209,10 @@ class LocalDataRoot:
         return real[len(top.rstrip("/")) + 1:]
 
     def lies_within(self, path: str) -> bool:
-        if "://" in path and not path.startswith("file://"):
+        local = fsutil.local_or_none(path)
+        if local is None:
             return False
-        other = os.path.realpath(path.removeprefix("file://")).rstrip("/")
+        other = os.path.realpath(local).rstrip("/")
         top = os.path.realpath(self.root)
         return top == other or top.startswith(other + "/")
 

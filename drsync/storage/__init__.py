@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from drsync.errors import OperationFailed, UsageError
+from drsync.fsutil import local_location
 
 
 class ObjectMissing(OperationFailed):
@@ -218,9 +219,8 @@ def open_storage(url: str, *, create: bool = False, retry_s: float | None = None
 
     if url.startswith("memory://"):
         return MemoryStorage.named(url[len("memory://"):])
-    if url.startswith("file://"):
-        return LocalStorage(url[len("file://"):], create=create)
-    if "://" in url:
+    local = local_location(url)
+    if local is None:
         scheme = url.split("://", 1)[0]
         if scheme in HDFS_SCHEMES:
             from drsync.storage.hdfs import HdfsStorage
@@ -228,4 +228,4 @@ def open_storage(url: str, *, create: bool = False, retry_s: float | None = None
             return HdfsStorage(url, create=create, retry_s=retry_s)
         raise UsageError(f"{url}: unknown storage scheme {scheme!r}; use a path, file://PATH or "
                          f"hdfs://namenode:9870/PATH")
-    return LocalStorage(url, create=create)
+    return LocalStorage(local, create=create)
