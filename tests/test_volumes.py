@@ -165,6 +165,7 @@ def test_allow_empty_takes_the_tree_as_it_is_and_the_warning_ends(tmp_path: Path
     root, repo, _ = _unmounted_after_a_snapshot(tmp_path, mounts)
     r = run_drsync("snapshot", "create", "--repo", tmp_path / "repo", "--source", root, "--json")
     assert r.code == 0 and "vol: a filesystem holding 5 file(s)" in r.out, r.err
+    assert r.json()["volumes"] == {"vol": 5}
     r = run_drsync("snapshot", "create", "--repo", tmp_path / "repo", "--source", root)
     assert r.code == 0 and "warning: vol: a filesystem holding 5 file(s)" in r.out, (r.out, r.err)
     r = run_drsync("snapshot", "create", "--repo", tmp_path / "repo", "--source", root, "--allow-empty", "--json")

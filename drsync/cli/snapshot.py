@@ -72,7 +72,7 @@ def snapshot_create(inv: Invocation, source: str | None, name: str, reason: str,
            "new_bytes": info.new_bytes, "read_bytes": info.read_bytes, "reused_files": info.reused_files,
            "duration_s": info.duration_s, "seq": info.seq, "captured_at": iso(info.captured_at),
            "reason": info.reason, "ttl_s": info.ttl_s, "parent": info.parent, "warnings": info.warnings,
-           "stale_paths": info.stale_paths, "skipped_paths": info.skipped_paths}
+           "stale_paths": info.stale_paths, "skipped_paths": info.skipped_paths, "volumes": info.volumes}
 
     def human() -> None:
         say(f"snapshot {info.id} taken: {count(info.files, 'file')}, {human_size(info.bytes)}, "
