@@ -95,7 +95,7 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, 
                                     start_new_session=True)
         except OSError as e:
             return _not_started(what, command, f"{e.strerror or e}", reported)
-        watchdog = _watchdog(proc.pid)
+        watchdog = _watchdog(proc.pid, timeout_s)
         timed_out = False
         try:
             proc.wait(timeout=timeout_s)
@@ -125,22 +125,25 @@ def _not_started(what: str, command: str, reason: str, reported: bool) -> Comman
     return result
 
 
-# Kills process group $1 when its stdin (a pipe whose writing end only this process holds) reaches its end:
-# this process died (kill -9 included) while the command ran. Stopped with SIGKILL once the command is over.
-_WATCHDOG = 'read -r _; kill -9 "-$1" 2>/dev/null'
+# Kills process group $1 when its stdin (a pipe whose writing end only this process holds) reaches its end
+# (this process died, kill -9 included, while the command ran) or $2 seconds after it started (this process
+# is frozen and cannot kill it at its timeout). Stopped, with its timer, by killing its own process group
+# once the command is over.
+_WATCHDOG = '(sleep "$2"; kill -9 "-$1") 2>/dev/null & read -r _; kill -9 "-$1" 2>/dev/null'
 
 
-def _watchdog(pgid: int) -> tuple[subprocess.Popen[bytes], int] | None:
-    """A shell that kills the command's process group if this process dies first, so that a fence never
-    outlives the agent (and its ZooKeeper fencing node) that ran it; None when it cannot be started (the
-    command still runs, as before)."""
+def _watchdog(pgid: int, timeout_s: float) -> tuple[subprocess.Popen[bytes], int] | None:
+    """A shell that kills the command's process group if this process dies first, or has not killed it a
+    little after ``timeout_s`` (frozen), so that a fence never outlives the agent (and its ZooKeeper
+    fencing node) that ran it; None when it cannot be started (the command still runs, as before)."""
     try:
         rfd, wfd = os.pipe()
     except OSError:
         return None
     try:
         os.set_inheritable(wfd, False)
-        dog = subprocess.Popen(["/bin/sh", "-c", _WATCHDOG, "drsync-watchdog", str(pgid)], stdin=rfd,
+        dog = subprocess.Popen(["/bin/sh", "-c", _WATCHDOG, "drsync-watchdog", str(pgid),
+                                str(int(timeout_s) + 5)], stdin=rfd,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     except OSError:
         os.close(wfd)
@@ -155,7 +158,10 @@ def _stop_watchdog(watchdog: tuple[subprocess.Popen[bytes], int] | None) -> None
         return
     dog, wfd = watchdog
     try:
-        dog.kill()
+        try:
+            os.killpg(dog.pid, signal.SIGKILL)  # the shell and its timer
+        except ProcessLookupError:
+            pass
         dog.wait()
     finally:
         os.close(wfd)
