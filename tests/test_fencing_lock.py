@@ -5,6 +5,9 @@ ends with its holder's session; one left for an earlier epoch is taken over. Rea
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from drsync.coordination.zookeeper import ZooKeeperCoordinator
@@ -57,3 +60,37 @@ def test_a_standby_does_not_fence_while_another_holds_the_fencing_node(make_grou
         other.close()  # the other standby's session ends: west may fence now
     wait_for(lambda: g.primary() is not None and g.primary()[0] == "west", "west to fence and promote", timeout=45)
     assert attempts.read_text().split() == ["west"]
+
+
+def _fence_in_a_child(tmp_path: Path, timeout_s: float) -> tuple[subprocess.Popen[bytes], int]:
+    """A process running run_command("fence_command", ...) that never ends by itself; (it, the fence's pid)."""
+    pid_file = tmp_path / "fence.pid"
+    code = ("import sys; from drsync.agent.fencing import run_command; "
+            f"run_command('fence_command', 'echo $$ > {pid_file}; sleep 300', {{}}, {timeout_s})")
+    child = subprocess.Popen([sys.executable, "-c", code])
+    pid = wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), "the fence to start")
+    return child, int(pid)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def test_a_fence_dies_with_the_process_that_runs_it(tmp_path: Path) -> None:
+    child, fence = _fence_in_a_child(tmp_path, 300)
+    child.kill()
+    child.wait()
+    wait_for(lambda: _gone(fence), "the fence to be killed with the process that ran it")
+
+
+def test_a_fence_of_a_frozen_process_is_killed_after_its_timeout(tmp_path: Path) -> None:
+    child, fence = _fence_in_a_child(tmp_path, 1)
+    child.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: _gone(fence), "the fence to be killed although its runner is frozen", timeout=30)
+    finally:
+        child.send_signal(signal.SIGCONT)
+        child.wait()
