@@ -220,18 +220,20 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
 @dataclass
 class _VolumeWatch:
     """The filesystems mounted inside a local root, as a capture watches them (:mod:`drsync.volumes`):
-    ``mounted`` now (relative mount points), ``gone`` recorded volumes left out of the walk."""
+    ``mounted`` now (relative mount points), ``gone`` recorded volumes left out of the walk, ``retired``
+    recorded ones whose mount point is gone."""
 
     recorded: Mapping[str, int]
     mounted: list[str]
     gone: frozenset[str]
+    retired: frozenset[str]
     parent: Manifest | ManifestFile | None
     allow_empty: bool
 
     def verdict(self, files_below: Mapping[str, int]) -> volumes.VolumeVerdict:
         if self.allow_empty or self.parent is None:
             return volumes.VolumeVerdict(record=dict(files_below))
-        return volumes.judge(self.recorded, files_below, self.gone, self._parent_files_below)
+        return volumes.judge(self.recorded, files_below, self.gone, self._parent_files_below, self.retired)
 
     def _parent_files_below(self, rel: str) -> int:
         """Files of the parent snapshot below ``rel`` (the rare path: an empty volume it did not record)."""
@@ -265,7 +267,8 @@ def _volume_watch(data_root: DataRoot, parent: Manifest | ManifestFile | None, r
 
     gone = frozenset() if allow_empty or parent is None else frozenset(
         m for m in volumes.left_out(recorded, mounted, is_dir) if not excluded(m))
-    return _VolumeWatch(recorded, mounted, gone, parent, allow_empty)
+    return _VolumeWatch(recorded, mounted, gone, frozenset(volumes.removed(recorded, mounted, is_dir)), parent,
+                        allow_empty)
 
 
 def _tag(at: float | None) -> str:

@@ -15,7 +15,7 @@ import posixpath
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from drsync.errors import OperationFailed, UsageError
 
@@ -228,22 +228,19 @@ def open_walked_dir(root: str, rel_dir: bytes, abs_dir: bytes,
 
 def local_location(url: str) -> str | None:
     """The local path a location names, or None when it names another storage (``hdfs://``, ``memory://``):
-    a plain path as it is; a file URL (RFC 8089) as its path, so ``file:///p``, ``file:/p`` and
-    ``file://localhost/p`` all name ``/p``. UsageError for a file URL naming another host or no absolute
-    path (never a directory named ``file:`` or after a host)."""
-    if not url.startswith("file:"):
+    a plain path as it is; a file URL (RFC 8089, scheme and host in any case, %-escapes decoded) as its
+    path, so ``file:///p``, ``file:/p`` and ``file://localhost/p`` all name ``/p``. UsageError for a file
+    URL naming another host, no absolute path, or a query or fragment (never a directory named ``file:``,
+    after a host, or holding ``?``)."""
+    if url[:5].lower() != "file:":
         return None if "://" in url else url
-    rest = url[len("file:"):]
-    if rest.startswith("//"):
-        host, slash, path = rest[2:].partition("/")
-        if not slash:
-            raise UsageError(f"{url}: a file URL names an absolute path (file:///PATH); give a plain path instead")
-        if host not in ("", "localhost"):
-            raise UsageError(f"{url}: a file URL names a path on this machine (file:///PATH); {host!r} would be "
-                             f"another host")
-        path = "/" + path
-    else:
-        path = rest
+    parts = urlsplit(url)
+    if parts.netloc.lower() not in ("", "localhost"):
+        raise UsageError(f"{url}: a file URL names a path on this machine (file:///PATH); {parts.netloc!r} would "
+                         f"be another host")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise UsageError(f"{url}: a file URL with a query or fragment ('?', '#'); give a plain path instead")
+    path = unquote(parts.path, errors="surrogateescape")
     if not path.startswith("/"):
         raise UsageError(f"{url}: a file URL names an absolute path (file:///PATH); give a plain path instead")
     return path

@@ -55,14 +55,24 @@ def left_out(recorded: Mapping[str, int], mounted: Iterable[str], is_dir: Callab
     return {m for m in out if not any(_below(m, o) for o in out)}
 
 
+def removed(recorded: Mapping[str, int], mounted: Iterable[str], is_dir: Callable[[str], bool]) -> set[str]:
+    """Recorded volumes whose mount point is gone altogether (not mounted, not a directory): retired on
+    purpose; their files do not count for the volume they were mounted in."""
+    now = set(mounted)
+    return {m for m in recorded if m not in now and not is_dir(m)}
+
+
 def judge(recorded: Mapping[str, int], files_below: Mapping[str, int], gone: Iterable[str],
-          parent_files_below: Callable[[str], int]) -> VolumeVerdict:
+          parent_files_below: Callable[[str], int], retired: Iterable[str] = ()) -> VolumeVerdict:
     """After the walk. ``recorded``: the parent snapshot's volumes (mount point -> files below it, nested
     volumes' included); ``files_below``: each volume mounted now -> the files this capture found below its
     mount point; ``gone``: :func:`left_out`'s answer; ``parent_files_below``: how many files the parent
     snapshot holds below a path (asked only for an empty volume the parent snapshot did not record, e.g.
-    the first capture after an upgrade). A kept volume's record, and those of volumes recorded below it,
+    the first capture after an upgrade); ``retired``: :func:`removed`'s answer, whose files a volume that
+    held them is not missing. A kept volume's record, and those of volumes recorded below it,
     are carried as they were."""
+    retired = set(retired)
+    outer_retired = {r for r in retired if not any(_below(r, o) for o in retired)}
     keep: dict[str, str] = {}
     for m in sorted(gone):
         keep[m] = (f"{printable(m)}: a filesystem holding {recorded[m]} file(s) was mounted here at the last "
@@ -73,7 +83,8 @@ def judge(recorded: Mapping[str, int], files_below: Mapping[str, int], gone: Ite
     for m, files in sorted(files_below.items()):
         if any(_below(m, k) for k in keep):
             continue
-        before = recorded[m] if m in recorded else parent_files_below(m)
+        before = recorded[m] - sum(recorded[r] for r in outer_retired if _below(r, m)) if m in recorded \
+            else parent_files_below(m)
         if files == 0 and before > 0:
             keep[m] = (f"{printable(m)}: the filesystem mounted here holds no files, but the last snapshot had "
                        f"{before} below it (the wrong or an empty volume?); they keep their last captured "

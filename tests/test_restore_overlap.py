@@ -69,12 +69,15 @@ def test_a_restore_overlapping_a_running_standbys_root_is_refused(zk_server, tmp
 
 @pytest.mark.parametrize("url,path", [("/a/b", "/a/b"), ("rel/x", "rel/x"), ("file:///a/b", "/a/b"),
                                       ("file:/a/b", "/a/b"), ("file://localhost/a/b", "/a/b"),
+                                      ("FILE:///a/b", "/a/b"), ("file://LocalHost/a/b", "/a/b"),
+                                      ("file:///a/my%20dir", "/a/my dir"), ("file:///a/%ff", "/a/\udcff"),
                                       ("hdfs://nn:9870/a", None), ("memory://x", None)])
 def test_one_reading_of_local_locations(url: str, path: str | None) -> None:
     assert local_location(url) == path
 
 
-@pytest.mark.parametrize("url", ["file://otherhost/a", "file:relative", "file://"])
+@pytest.mark.parametrize("url", ["file://otherhost/a", "file:relative", "file://", "file:///a?b", "file:///a#b",
+                                 "file://localhost"])
 def test_a_file_url_naming_no_local_absolute_path_is_refused(url: str) -> None:
     with pytest.raises(UsageError, match="file URL"):
         local_location(url)

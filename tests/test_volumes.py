@@ -219,3 +219,9 @@ def test_a_standby_keeps_a_volume_production_unmounted(zk_server, tmp_path: Path
         assert tree_state(west) == tree_state(g.data["east"])
     finally:
         g.stop_all()
+
+
+def test_a_retired_nested_volume_does_not_make_its_outer_volume_look_empty() -> None:
+    v = volumes.judge({"vol": 4, "vol/inner": 4}, {"vol": 0}, set(), lambda rel: 0, retired={"vol/inner"})
+    assert v.keep == {} and v.record == {"vol": 0}
+    assert volumes.removed({"vol": 4, "vol/inner": 4}, ["vol"], lambda rel: rel == "vol") == {"vol/inner"}

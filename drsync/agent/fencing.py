@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -125,25 +126,76 @@ def _not_started(what: str, command: str, reason: str, reported: bool) -> Comman
     return result
 
 
-# Kills process group $1 when its stdin (a pipe whose writing end only this process holds) reaches its end
-# (this process died, kill -9 included, while the command ran) or $2 seconds after it started (this process
-# is frozen and cannot kill it at its timeout). Stopped, with its timer, by killing its own process group
-# once the command is over.
-_WATCHDOG = '(sleep "$2"; kill -9 "-$1") 2>/dev/null & read -r _; kill -9 "-$1" 2>/dev/null'
+# The watchdog (python -I -S): waits until its stdin (a pipe whose writing end only the agent holds) reaches
+# its end (the agent died, kill -9 included), the agent is stopped (SIGSTOP, a debugger: its ZooKeeper
+# session and fencing node end while it cannot act), or argv[2] seconds passed (the agent cannot kill the
+# command at its timeout); then stops and kills every process descending from the command (found by
+# their parents in /proc, so one that made a session of its own is found too) and the command's process
+# group. The agent kills the watchdog's own process group once the command is over.
+_WATCHDOG = """
+import os, select, signal, sys, time
+top, limit, agent = int(sys.argv[1]), float(sys.argv[2]), os.getppid()
+def stopped():
+    try:
+        with open("/proc/%d/stat" % agent, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+end = time.monotonic() + limit
+while time.monotonic() < end and not select.select([0], [], [], 0.5)[0] and not stopped():
+    pass
+def children():
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/" + d + "/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            out.setdefault(ppid, []).append(int(d))
+    return out
+seen = set()
+for _ in range(5):
+    kids, todo, found = children(), [top], []
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            found.append(p)
+        todo += [c for c in kids.get(p, ()) if c not in seen]
+    for p in found:
+        try:
+            os.kill(p, signal.SIGSTOP)
+        except OSError:
+            pass
+    if not found:
+        break
+for p in seen:
+    try:
+        os.kill(p, signal.SIGKILL)
+    except OSError:
+        pass
+try:
+    os.killpg(top, signal.SIGKILL)
+except OSError:
+    pass
+"""
 
 
 def _watchdog(pgid: int, timeout_s: float) -> tuple[subprocess.Popen[bytes], int] | None:
-    """A shell that kills the command's process group if this process dies first, or has not killed it a
-    little after ``timeout_s`` (frozen), so that a fence never outlives the agent (and its ZooKeeper
-    fencing node) that ran it; None when it cannot be started (the command still runs, as before)."""
+    """A process that kills the command and everything it started if this process dies first, or has not
+    killed it a little after ``timeout_s`` (frozen), so that a fence never outlives the agent (and its
+    ZooKeeper fencing node) that ran it; None when it cannot be started (the command still runs, as
+    before). A process the command detached entirely (double fork) is beyond it."""
     try:
         rfd, wfd = os.pipe()
     except OSError:
         return None
     try:
         os.set_inheritable(wfd, False)
-        dog = subprocess.Popen(["/bin/sh", "-c", _WATCHDOG, "drsync-watchdog", str(pgid),
-                                str(int(timeout_s) + 5)], stdin=rfd,
+        dog = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(pgid), str(timeout_s + 5)],
+                               stdin=rfd,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     except OSError:
         os.close(wfd)

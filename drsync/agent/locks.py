@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 
@@ -124,71 +125,6 @@ class DirectoryLock:
             self.fd = -1
 
 
-# Every agent running on this host points to its state directory from one of these (the first it can
-# write), so that a restore, whatever config it was given (or none), knows the data roots of all of them.
-_REGISTRY_SYSTEM = "/run/drsync/agents"
-_REGISTRY_USER_PREFIX = "drsync-agents-"
-
-
-def _registries() -> list[str]:
-    return [_REGISTRY_SYSTEM, os.path.join(tempfile.gettempdir(), f"{_REGISTRY_USER_PREFIX}{os.getuid()}")]
-
-
-def _announce(state_dir: str) -> str:
-    """Point to ``state_dir`` from this host's registry of running agents; the entry's path, or "" when no
-    registry can be written (restores then know this agent's root only through its own config)."""
-    real = os.path.realpath(state_dir)
-    name = hashlib.sha256(os.fsencode(real)).hexdigest()[:24]
-    for d in _registries():
-        try:
-            os.makedirs(d, mode=0o755 if d == _REGISTRY_SYSTEM else 0o700, exist_ok=True)
-            st = os.lstat(d)
-            if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.getuid():
-                continue  # somebody else's (or a planted link): not written through
-            tmp = os.path.join(d, f".{name}.{os.getpid()}")
-            with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
-                f.write(real + "\n")
-            os.replace(tmp, os.path.join(d, name))
-            return os.path.join(d, name)
-        except OSError:
-            continue
-    return ""
-
-
-def running_agents() -> list[tuple[str, str]]:
-    """(state directory, data root) of every agent running on this host that announced itself (a stale
-    entry, whose agent is gone, is skipped and removed when this user may)."""
-    dirs = [_REGISTRY_SYSTEM]
-    tmp = tempfile.gettempdir()
-    try:
-        dirs += [os.path.join(tmp, n) for n in os.listdir(tmp) if n.startswith(_REGISTRY_USER_PREFIX)]
-    except OSError:
-        pass
-    out: list[tuple[str, str]] = []
-    for d in dirs:
-        try:
-            names = [n for n in os.listdir(d) if not n.startswith(".")]
-        except OSError:
-            continue
-        for n in names:
-            entry = os.path.join(d, n)
-            try:
-                with open(entry, encoding="utf-8", errors="surrogateescape") as f:
-                    state_dir = f.read(8192).strip("\n")
-                root = StateDirLock.data_root(state_dir) if state_dir.startswith("/") else ""
-            except OSError:
-                continue
-            if root:
-                out.append((state_dir, root))
-                continue
-            try:
-                if not StateDirLock.held(state_dir):
-                    os.unlink(entry)
-            except OSError:
-                pass
-    return out
-
-
 class HostLock:
     """One running agent per data root and per repository on this host (a lock file named after the
     resolved location in /run/lock; nothing is written into production's data root). A location
@@ -296,50 +232,61 @@ class StateDirLock:
         # and its data root: a restore given only --repo tells the running agent's root from another.
         self.fd = _exclusive_lock(self.path, 0o644, f"{os.getpid()}\n{listen}\n{data_root}\n", lambda held: (
             f"another drsync agent (pid {held[0]}) is running with state directory {state_dir}; stop it first"))
-        self.announced = _announce(state_dir) if data_root else ""
+        from drsync.agent import registry  # it reads these locks
+
+        self.announced = registry.announce(state_dir) if data_root else ""
 
     @staticmethod
     def holder(state_dir: str) -> tuple[str, str] | None:
         """(pid, agent.listen) of the running agent holding this state directory; None when none does
         (the listen address is "" for an agent of an older drsync)."""
-        if not StateDirLock.held(state_dir):
+        lines = StateDirLock.record(state_dir)
+        if lines is None:
             return None
-        try:
-            with open(os.path.join(state_dir, "agent.pid"), encoding="utf-8", errors="replace") as f:
-                lines = f.read(4096).split("\n")
-        except OSError:
-            return "?", ""
-        return (lines[0].strip() or "?"), (lines[1].strip() if len(lines) > 1 else "")
+        return (lines[0].strip() or "?") if lines else "?", (lines[1].strip() if len(lines) > 1 else "")
 
     @staticmethod
     def data_root(state_dir: str) -> str:
         """The data root of the running agent holding this state directory ("" when none runs, or an agent of
         an older drsync does)."""
-        if not StateDirLock.held(state_dir):
-            return ""
-        try:
-            with open(os.path.join(state_dir, "agent.pid"), encoding="utf-8", errors="replace") as f:
-                lines = f.read(8192).split("\n")
-        except OSError:
-            return ""
-        return lines[2].strip() if len(lines) > 2 else ""
+        lines = StateDirLock.record(state_dir)
+        return lines[2].strip() if lines is not None and len(lines) > 2 else ""
 
     @staticmethod
     def held(state_dir: str) -> bool:
         """Whether a running agent holds this state directory (for the command line)."""
-        path = os.path.join(state_dir, "agent.pid")
-        if not os.path.exists(path):
-            return False
-        fd = os.open(path, os.O_RDONLY)
+        return StateDirLock.record(state_dir) is not None
+
+    @staticmethod
+    def record(state_dir: str) -> list[str] | None:
+        """The lines of ``agent.pid`` (pid, agent.listen, data root) while a running agent holds it; None when
+        none does. Only a regular file counts, opened without following a link or waiting (a fifo or
+        device planted there never hangs the caller); [] when it cannot be read."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
+            fd = os.open(os.path.join(state_dir, "agent.pid"), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None  # nobody holds it
+            except BlockingIOError:
+                pass
+            try:
+                return os.read(fd, 8192).decode("utf-8", "replace").split("\n")
+            except OSError:
+                return []
         finally:
             os.close(fd)
-        return False
 
     def release(self) -> None:
+        if self.announced:
+            from drsync.agent import registry
+
+            registry.retract(self.announced)
+            self.announced = ""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

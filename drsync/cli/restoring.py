@@ -49,8 +49,9 @@ def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bo
 def _running_roots(inv: Invocation) -> list[tuple[str, str]]:
     """(who, data root) of every running agent a restore must stay out of: this config's, the one of the
     repository given with --repo (its default state directory), and every other agent running on this host
-    (:func:`drsync.agent.locks.running_agents`)."""
-    from drsync.agent.locks import StateDirLock, running_agents
+    (:func:`drsync.agent.registry.running_agents`)."""
+    from drsync.agent.locks import StateDirLock
+    from drsync.agent.registry import running_agents
     from drsync.agent.state import state_dir_of
 
     out: list[tuple[str, str]] = []
