@@ -114,12 +114,6 @@ class DirectoryLock:
         self.fd = fd
 
     def release(self) -> None:
-        if self.announced:
-            try:
-                os.unlink(self.announced)
-            except OSError:
-                pass
-            self.announced = ""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
