@@ -67,6 +67,20 @@ def init_repo(config: str | os.PathLike[str]) -> None:
                            state_dir=state_dir_for(Invocation(cfg, None, False, False)) if window > 0 else "")
 
 
+def write_files(root: Path, files: dict[str, str]) -> None:
+    """Write each relative path of ``files`` below ``root`` with its text (directories made as needed)."""
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def snapshot_json(repo: Path, root: Path, *extra: str) -> dict:  # type: ignore[type-arg]
+    """``drsync snapshot create --repo REPO --source ROOT --json`` (exit 0 asserted): its document."""
+    r = run_drsync("snapshot", "create", "--repo", repo, "--source", root, "--json", *extra)
+    assert r.code == 0, r.err
+    return r.json()  # type: ignore[no-any-return]
+
+
 def make_tree(root: Path, *, seed: int = 1, files: int = 30, big: int = 2) -> None:
     """A small data tree with what restores must get right: modes, empty dirs, links, big files."""
     rnd = random.Random(seed)

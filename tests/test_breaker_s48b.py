@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SLOW, init_repo_at, run_drsync, tree_state
+from tests.conftest import SLOW, init_repo_at, run_drsync, snapshot_json, tree_state, write_files
 from tests.group import wait_for
 from tests.mounts import Mounts
 from tests.test_failover import bootstrap
@@ -26,19 +26,7 @@ from tests.test_failover import bootstrap
 # --- helpers ------------------------------------------------------------------------------------------------
 
 
-def _tree(root: Path, files: dict[str, str]) -> None:
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-
-
 TOP = {f"top/t{i}": f"{i}\n" for i in range(20)}
-
-
-def _create(repo: Path, root: Path, *extra: str) -> dict:
-    r = run_drsync("snapshot", "create", "--repo", repo, "--source", root, "--json", *extra)
-    assert r.code == 0, r.err
-    return r.json()
 
 
 def _alive(pid: int) -> bool:
@@ -78,21 +66,35 @@ def test_a_removed_nested_mount_point_is_a_removal_not_an_empty_outer_volume(tmp
     point directory that was removed is taken as removed on purpose"): vol/inner's files are removals (weighed
     by the deletion guard), vol/inner is no longer recorded, and no warning blames vol."""
     root, repo = tmp_path / "root", tmp_path / "repo"
-    _tree(root, TOP)
+    write_files(root, TOP)
     init_repo_at(repo, "c", "1")
     mounts.tmpfs(root / "vol")
     mounts.tmpfs(root / "vol" / "inner", {f"g{i}": f"i{i}\n" for i in range(4)})
-    first = _create(repo, root)
+    first = snapshot_json(repo, root)
     assert first["files"] == 24 and first["volumes"] == {"vol": 4, "vol/inner": 4}, first
     mounts.umount(root / "vol" / "inner")
     (root / "vol" / "inner").rmdir()
-    after = _create(repo, root)
+    after = snapshot_json(repo, root)
     assert (after["files"], after["volumes"], after["warnings"]) == (20, {"vol": 0}, []), (
         f"the removed mount point vol/inner: files {after['files']}, volumes {after['volumes']}, "
         f"warnings {after['warnings']}")
 
 
 # --- 3. one agent fences at a time; a fence never outlives its agent ----------------------------------------
+
+
+def _able_starts_a_slow_fence(make_group, tmp_path: Path, fence_command: str):  # type: ignore[no-untyped-def]
+    """east primary, able and zulu standbys (automatic failover, fence_timeout 120 s): east is killed and able,
+    first by name, starts its fence (``fence_command``). Returns (group, fence log)."""
+    log = tmp_path / "fenced"
+    fence = f'fence_command = "{fence_command}"\nfence_timeout = "120s"\nfailover_cooldown = "0s"\n'
+    g = make_group(["east", "able", "zulu"], session_timeout="2s", failover="automatic", extra=fence)
+    bootstrap(g)
+    g.kill("east")
+    first = wait_for(lambda: log.exists() and log.read_text().split()[:2], "a standby to start fencing",
+                     timeout=30 / SLOW)
+    assert first == ["able", "start"], first
+    return g, log
 
 
 def test_a_fence_command_in_a_session_of_its_own_outlives_its_killed_agent(make_group, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -111,15 +113,8 @@ def test_a_fence_command_in_a_session_of_its_own_outlives_its_killed_agent(make_
     work.write_text(f'#!/bin/sh\necho $$ > {pids}/$DRSYNC_AGENT-work\necho $DRSYNC_AGENT start >> {log}\n'
                     f'if [ $DRSYNC_AGENT = able ]; then sleep 40; fi\necho $DRSYNC_AGENT done >> {log}\n')
     work.chmod(0o755)
-    fence = (f'fence_command = "setsid -w {work}"\n'
-             'fence_timeout = "120s"\nfailover_cooldown = "0s"\n')
-    g = make_group(["east", "able", "zulu"], session_timeout="2s", failover="automatic", extra=fence)
-    bootstrap(g)
     try:
-        g.kill("east")
-        first = wait_for(lambda: log.exists() and log.read_text().split()[:2], "a standby to start fencing",
-                         timeout=30 / SLOW)
-        assert first == ["able", "start"], first
+        g, log = _able_starts_a_slow_fence(make_group, tmp_path, f"setsid -w {work}")
         g.kill("able")
         wait_for(lambda: (p := g.primary()) is not None and p[0] == "zulu", "zulu to promote", timeout=40 / SLOW)
         orphan = int((pids / "able-work").read_text())
@@ -139,19 +134,15 @@ def test_a_stopped_fencing_agents_fence_runs_beside_the_next_standbys(make_group
     4a: "One agent fences at a time"): while able's fence command runs, no other fence starts -- the command is
     tied to the session that holds the node (killed when the holder can no longer hold the node, e.g. by a
     watchdog that is not itself stopped), or zulu does not fence before able's command is gone."""
-    log, pids = tmp_path / "fenced", tmp_path / "pids"
+    pids = tmp_path / "pids"
     pids.mkdir()
-    fence = (f'fence_command = "echo $$ > {pids}/$DRSYNC_AGENT; echo $DRSYNC_AGENT start >> {log}; '
-             f'if [ $DRSYNC_AGENT = able ]; then sleep 40; fi; echo $DRSYNC_AGENT done >> {log}"\n'
-             'fence_timeout = "120s"\nfailover_cooldown = "0s"\n')
-    g = make_group(["east", "able", "zulu"], session_timeout="2s", failover="automatic", extra=fence)
-    bootstrap(g)
-    able = g.procs["able"]
+    log = tmp_path / "fenced"
+    able = None
     try:
-        g.kill("east")
-        first = wait_for(lambda: log.exists() and log.read_text().split()[:2], "a standby to start fencing",
-                         timeout=30 / SLOW)
-        assert first == ["able", "start"], first
+        g, log = _able_starts_a_slow_fence(
+            make_group, tmp_path, f"echo $$ > {pids}/$DRSYNC_AGENT; echo $DRSYNC_AGENT start >> {log}; "
+                                  f"if [ $DRSYNC_AGENT = able ]; then sleep 40; fi; echo $DRSYNC_AGENT done >> {log}")
+        able = g.procs["able"]
         able.send_signal(signal.SIGSTOP)
         fence_pid = int((pids / "able").read_text())
         wait_for(lambda: "zulu start" in log.read_text() or not _alive(fence_pid),
@@ -160,7 +151,8 @@ def test_a_stopped_fencing_agents_fence_runs_beside_the_next_standbys(make_group
         assert not both, (f"zulu started its fence while able's fence command (pid {fence_pid}) still runs (able's "
                           f"agent stopped): {log.read_text().split()}")
     finally:
-        able.send_signal(signal.SIGCONT)
+        if able is not None:
+            able.send_signal(signal.SIGCONT)
         _kill_pids(pids)
 
 
@@ -181,9 +173,9 @@ _AS_NOBODY = (
 def _source_repo(base: Path) -> Path:
     """A repository of its own (not any agent's) with one snapshot of a small tree."""
     src, repo = base / "src", base / "srcrepo"
-    _tree(src, {"a": "a\n", "d/b": "b\n"})
+    write_files(src, {"a": "a\n", "d/b": "b\n"})
     init_repo_at(repo, "c", "1")
-    _create(repo, src)
+    snapshot_json(repo, src)
     return repo
 
 
@@ -262,7 +254,7 @@ def test_a_restore_with_another_tmpdir_writes_into_a_running_non_root_agents_roo
 
     base = open_tmp
     data, repo = base / "nb-data", base / "nb-repo"
-    _tree(data, {"f": "x\n"})
+    write_files(data, {"f": "x\n"})
     cfg = base / "nb.toml"
     cfg.write_text(f'[cluster]\nid = "c"\nrelease = "1"\ndata = "{data}"\nrepository = "{repo}"\n'
                    f'[agent]\nname = "nb"\nrole = "standby"\nlisten = "127.0.0.1:{free_port()}"\n'

@@ -21,7 +21,7 @@ from drsync.errors import IntegrityError
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.storage.local import LocalStorage
-from tests.conftest import init_repo_at, run_drsync, tree_state
+from tests.conftest import init_repo_at, run_drsync, tree_state, write_files
 from tests.group import Group, wait_for
 from tests.mounts import Mounts
 
@@ -73,12 +73,6 @@ def test_a_document_without_volumes_has_no_key_and_one_with_them_round_trips() -
 # --- real mounts -------------------------------------------------------------------------------------------
 
 
-def _tree(root: Path, files: dict[str, str]) -> None:
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-
-
 def _repo(tmp_path: Path) -> Repository:
     init_repo_at(tmp_path / "repo", "c", "1")
     return Repository.open(LocalStorage(str(tmp_path / "repo")))
@@ -101,7 +95,7 @@ VOLUME = {f"f{i}": f"volume {i}\n" for i in range(5)}
 def _unmounted_after_a_snapshot(tmp_path: Path, mounts: Mounts) -> tuple[Path, Repository, SnapshotInfo]:
     """A root of 40 files with VOLUME mounted at vol, one snapshot of it, then vol unmounted."""
     root = tmp_path / "root"
-    _tree(root, {f"top/t{i}": f"{i}\n" for i in range(40)})
+    write_files(root, {f"top/t{i}": f"{i}\n" for i in range(40)})
     mounts.tmpfs(root / "vol", VOLUME)
     repo = _repo(tmp_path)
     first = _snap(repo, root)
@@ -133,7 +127,7 @@ def test_an_unmounted_volume_keeps_its_files_until_it_comes_back(tmp_path: Path,
 
 def test_an_empty_or_wrong_volume_mounted_in_its_place_keeps_the_files(tmp_path: Path, mounts: Mounts) -> None:
     root = tmp_path / "root"
-    _tree(root, {f"top/t{i}": f"{i}\n" for i in range(40)})
+    write_files(root, {f"top/t{i}": f"{i}\n" for i in range(40)})
     mounts.tmpfs(root / "data" / "disk1", VOLUME)
     repo = _repo(tmp_path)
     _snap(repo, root)
@@ -152,7 +146,7 @@ def test_an_empty_volume_mounted_over_a_populated_directory_the_parent_did_not_r
     """The first capture after an upgrade (or a volume mounted over files that were on the root's filesystem):
     the parent snapshot records no volume there, so its files below the mount point are counted."""
     root = tmp_path / "root"
-    _tree(root, {**{f"top/t{i}": f"{i}\n" for i in range(40)}, **{f"vol/{k}": v for k, v in VOLUME.items()}})
+    write_files(root, {**{f"top/t{i}": f"{i}\n" for i in range(40)}, **{f"vol/{k}": v for k, v in VOLUME.items()}})
     repo = _repo(tmp_path)
     first = _snap(repo, root)
     assert first.volumes == {}
@@ -186,7 +180,7 @@ def test_a_removed_mount_point_is_a_removal(tmp_path: Path, mounts: Mounts) -> N
 def test_a_volume_under_a_left_out_path_is_not_judged(tmp_path: Path, mounts: Mounts) -> None:
     """A repository kept inside the data root on a volume of its own is drsync's, not the cluster's."""
     root = tmp_path / "root"
-    _tree(root, {f"top/t{i}": f"{i}\n" for i in range(10)})
+    write_files(root, {f"top/t{i}": f"{i}\n" for i in range(10)})
     mounts.tmpfs(root / "own" / "repo")
     init_repo_at(root / "own" / "repo", "c", "1")
     repo = Repository.open(LocalStorage(str(root / "own" / "repo")))
