@@ -218,11 +218,19 @@ def _stress(storage: object, threads: int, seconds: float) -> tuple[list[str], l
     errors: list[str] = []
     counts = [0, 0]
     stop = time.monotonic() + seconds
+    # On a busy machine the shared holders may keep every exclusive attempt out for the whole run: past
+    # ``seconds`` the workers go on, trying only the kind not taken yet, until both were (a condition, with a
+    # deadline far off), so the test never depends on how busy the machine is.
+    deadline = stop + 120
+
+    def missing() -> int | None:
+        return None if counts[0] and counts[1] else (0 if not counts[0] else 1)
 
     def worker(i: int) -> None:
         rnd = random.Random(i)
-        while time.monotonic() < stop:
-            ex = rnd.random() < 0.3
+        while time.monotonic() < stop or (missing() is not None and time.monotonic() < deadline):
+            want = missing() if time.monotonic() >= stop else None
+            ex = bool(want) if want is not None else rnd.random() < 0.3
             lk = RepositoryLock(storage, exclusive=ex, wait_s=rnd.choice([0, 0.05, 0.3]))  # type: ignore[arg-type]
             try:
                 lk.acquire()
