@@ -21,7 +21,7 @@ import bisect
 import itertools
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -238,9 +238,7 @@ class _VolumeWatch:
     def _parent_files_below(self, rel: str) -> int:
         """Files of the parent snapshot below ``rel`` (the rare path: an empty volume it did not record)."""
         assert self.parent is not None
-        table = _Parent(self.parent).table()
-        return volumes.files_below(table.column("path").combine_chunks(),
-                                   _np(pc.equal(table.column("type"), FILE)), [rel])[rel]
+        return _files_below(_Parent(self.parent).table(), [rel])[rel]
 
 
 def _volume_watch(data_root: DataRoot, parent: Manifest | ManifestFile | None, recorded: Mapping[str, int],
@@ -318,8 +316,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
             same, reuse = matcher.match(w)
             is_file = _np(pc.equal(w.column("type"), FILE))
             if below:
-                for m, n in volumes.files_below(w.column("path").combine_chunks() if isinstance(
-                        w.column("path"), pa.ChunkedArray) else w.column("path"), is_file, below).items():
+                for m, n in _files_below(w, below, is_file).items():
                     below[m] += n
             if on_total:
                 to_read += int(_np(w.column("size"))[is_file & (reuse < 0)].sum())
@@ -353,9 +350,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
             stored, pv.table() if pv else None, lost, scan.unlisted, {**scan.devices, **state.devices},
             links.leaders, warnings)
     if watch is not None and verdict.keep:  # what the snapshot holds below each volume, kept files included
-        table = Manifest.from_bytes(stored, "the captured manifest").table
-        recorded = volumes.files_below(table.column("path").combine_chunks(),
-                                       _np(pc.equal(table.column("type"), FILE)), recorded)
+        recorded = _files_below(Manifest.from_bytes(stored, "the captured manifest").table, recorded)
     # The snapshot's files and bytes are what it holds: the stale files kept at their last version count too.
     return CaptureResult(stored=stored, files=state.files + stale_files, bytes=state.bytes + stale_bytes,
                          read_bytes=0 if content == HDFS_CHECKSUM else state.read_bytes,
@@ -399,7 +394,22 @@ def _without_paths(stored: Spool, paths: set[bytes]) -> Spool:
 _MATCHED = ["path", "type", "size", "mtime_s", "mtime_nsec", "ctime_ns", "inode", "chunks", "chunk_sizes"]
 
 
-def _bisect(paths: pa.ChunkedArray, key: bytes, *, right: bool) -> int:
+def _files_below(rows: pa.Table | pa.RecordBatch, mount_points: Iterable[str],
+                 is_file: np.ndarray | None = None) -> dict[str, int]:
+    """How many of ``rows`` (path-sorted manifest or scan rows, so a subtree is one range) are files below
+    each mount point; ``is_file``: their type column compared with FILE already."""
+    paths = rows.column("path")
+    counts = np.concatenate([np.zeros(1, np.int64), np.cumsum(
+        _np(pc.equal(rows.column("type"), FILE)) if is_file is None else is_file, dtype=np.int64)])
+    out = {}
+    for m in mount_points:
+        prefix = os.fsencode(m) + b"/"
+        lo, hi = _bisect(paths, prefix, right=False), _bisect(paths, prefix[:-1] + b"0", right=False)  # "/"+1
+        out[m] = int(counts[hi] - counts[lo])
+    return out
+
+
+def _bisect(paths: pa.ChunkedArray | pa.Array, key: bytes, *, right: bool) -> int:
     """Where ``key`` goes in the sorted ``paths`` (bisect_left, or bisect_right)."""
     lo, hi = 0, len(paths)
     while lo < hi:

@@ -232,7 +232,7 @@ def local_location(url: str) -> str | None:
     path, so ``file:///p``, ``file:/p`` and ``file://localhost/p`` all name ``/p``. UsageError for a file
     URL naming another host, no absolute path, or a query or fragment (never a directory named ``file:``,
     after a host, or holding ``?``)."""
-    if url[:5].lower() != "file:":
+    if not _is_file_url(url):
         return None if "://" in url else url
     parts = urlsplit(url)
     if parts.netloc.lower() not in ("", "localhost"):
@@ -247,8 +247,13 @@ def local_location(url: str) -> str | None:
 
 
 def is_local_location(url: str) -> bool:
-    """Whether ``url`` names a local path (a plain path or a file URL), not another storage."""
-    return url.startswith("file:") or "://" not in url
+    """Whether ``url`` names a local path (a plain path or a file URL, as :func:`local_location` reads
+    them), not another storage."""
+    return _is_file_url(url) or "://" not in url
+
+
+def _is_file_url(url: str) -> bool:
+    return url[:5].lower() == "file:"
 
 
 def local_or_none(url: str) -> str | None:

@@ -26,9 +26,6 @@ import posixpath
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
-import pyarrow as pa
-
 from drsync.text import printable
 
 
@@ -97,30 +94,6 @@ def judge(recorded: Mapping[str, int], files_below: Mapping[str, int], gone: Ite
         if any(m == k or _below(m, k) for k in keep):
             record[m] = files
     return VolumeVerdict(keep=keep, record=record)
-
-
-def files_below(paths: pa.Array, is_file: np.ndarray, mount_points: Iterable[str]) -> dict[str, int]:
-    """How many of ``paths`` (manifest paths as bytes, sorted by their bytes, so a subtree is one range)
-    lie below each mount point and are files (``is_file``, aligned with ``paths``)."""
-    counts = np.concatenate([np.zeros(1, np.int64), np.cumsum(is_file, dtype=np.int64)])
-    out = {}
-    for m in mount_points:
-        prefix = os.fsencode(m) + b"/"
-        lo, hi = _bisect(paths, prefix), _bisect(paths, prefix[:-1] + b"0")  # "/" + 1 == "0"
-        out[m] = int(counts[hi] - counts[lo])
-    return out
-
-
-def _bisect(paths: pa.Array, key: bytes) -> int:
-    """The first index of sorted ``paths`` not below ``key`` (a few scalar reads, no list of the column)."""
-    lo, hi = 0, len(paths)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if paths[mid].as_py() < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 def _below(path: str, top: str) -> bool:

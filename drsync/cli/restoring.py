@@ -39,7 +39,7 @@ def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bo
                                f"captures it), and {dest} {where}; a restore there now would leave the root "
                                f"other than what the agent reports: stop the agent first (on production, its "
                                f"writers too), or restore outside it with --target")
-    if inv.config is not None and engine.data_root_url(dest) == engine.data_root_url(inv.config.cluster.data):
+    if inv.config is not None and target == engine.data_root_url(inv.config.cluster.data):
         return None
     from drsync.apply import ForeignTarget
 

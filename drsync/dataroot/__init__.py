@@ -206,10 +206,6 @@ def small_files_pool(threads: int | None, workers: int, name: str) -> AbstractCo
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
 
-def is_remote_url(url: str) -> bool:
-    return "://" in url and not url.startswith("file:")
-
-
 def open_data_root(url: str, *, retry_s: float | None = None) -> DataRoot:
     """The data root a config or a command line names: a path, ``file://PATH`` or an HDFS URL.
 
