@@ -15,9 +15,11 @@ standby namenode becomes active:
   own database when it loses the leader key. Its success is also what lets an
   ex-primary rejoin as a standby without ``drsync rejoin``.
 
-Both run through ``/bin/sh -c`` in their own process group (a timeout kills
-the whole group, so a hung ``ssh`` cannot outlive it) with ``DRSYNC_*``
-variables describing the situation; their output is logged.
+Both run through ``/bin/sh -c`` under a runner that is the subreaper of
+everything they start: a timeout, an interrupt or the agent's death kills every
+process they started (a hung ``ssh``, work detached with ``setsid`` or a double
+fork), so a fence never outlives its agent. They get ``DRSYNC_*`` variables
+describing the situation; their output is logged.
 """
 
 from __future__ import annotations
@@ -76,40 +78,47 @@ class CommandResult:
 
 def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, *,
                 reported: bool = False) -> CommandResult:
-    """Run ``command`` with ``/bin/sh -c``; never raises (but an interrupt, after the command's process
-    group is killed: a fence must not go on once drsync gave up). It ends when the shell ends or
-    ``timeout_s`` passed (then its whole process group is killed): a process it left behind holding its
-    output (``ssh`` with ControlPersist, a daemon it started) does not keep the caller waiting, because
-    the output goes to a file, not a pipe. Logs the outcome and output (WARNING or above when it failed;
-    at DEBUG when ``reported``: the caller's own error line says it failed, with
-    :meth:`CommandResult.summary`, and one failure makes one line)."""
+    """Run ``command`` with ``/bin/sh -c``; never raises (but an interrupt, after the command and everything
+    it started are killed: a fence must not go on once drsync gave up). It ends when the shell ends or
+    ``timeout_s`` passed (then every process the command started is killed): a process a successful command
+    left behind holding its output (``ssh`` with ControlPersist, a daemon it started) does not keep the
+    caller waiting, because the output goes to a file, not a pipe; what a failed one left is killed. Logs
+    the outcome and output (WARNING or above when it failed; at DEBUG when ``reported``: the caller's own
+    error line says it failed, with :meth:`CommandResult.summary`, and one failure makes one line).
+
+    The shell runs under a runner (see ``_RUNNER``) that is its children's subreaper, so that a fence dies
+    with the agent running it however it detached its work (``setsid``, a double fork)."""
     started = time.monotonic()
     try:
         out = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the with below)
+        environment = tempfile.TemporaryFile()  # noqa: SIM115
     except OSError as e:  # no writable temporary directory: the command is not run blind
         return _not_started(what, command, f"{e.strerror or e} (its output's file in {tempfile.gettempdir()})",
                             reported)
-    with out:
+    with out, environment:
+        environment.write(b"".join(os.fsencode(k) + b"=" + os.fsencode(v) + b"\0"
+                                   for k, v in allocators.environ_for_children(env).items()))
+        environment.seek(0)
         try:
-            proc = subprocess.Popen(["/bin/sh", "-c", command], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=allocators.environ_for_children(env),
-                                    start_new_session=True)
+            runner = _Runner.start(command, out, environment, timeout_s)
         except OSError as e:
             return _not_started(what, command, f"{e.strerror or e}", reported)
-        watchdog = _watchdog(proc.pid, timeout_s)
         timed_out = False
         try:
-            proc.wait(timeout=timeout_s)
+            runner.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc)
+            runner.kill()
         except BaseException:  # interrupted: nothing of the command runs on
-            _kill_group(proc)
+            runner.kill()
             raise
         finally:
-            _stop_watchdog(watchdog)
+            runner.close()
         text = _tail(out)
-    code = None if timed_out else proc.returncode
+        how = runner.status()
+    if how.startswith("nostart "):
+        return _not_started(what, command, how[len("nostart "):], reported)
+    code = None if timed_out or how == "" else int(how.split()[1]) * (-1 if how.startswith("signal") else 1)
     result = CommandResult(what, command, code == 0, code, text, round(time.monotonic() - started, 3), timed_out)
     if result.ok:
         log.warning("%s succeeded in %.1fs%s", what, result.duration_s, f"; output: {text.strip()}" if text.strip()
@@ -126,26 +135,62 @@ def _not_started(what: str, command: str, reason: str, reported: bool) -> Comman
     return result
 
 
-# The watchdog (python -I -S): waits until its stdin (a pipe whose writing end only the agent holds) reaches
-# its end (the agent died, kill -9 included), the agent is stopped (SIGSTOP, a debugger: its ZooKeeper
-# session and fencing node end while it cannot act), or argv[2] seconds passed (the agent cannot kill the
-# command at its timeout); then stops and kills every process descending from the command (found by
-# their parents in /proc, so one that made a session of its own is found too) and the command's process
-# group. The agent kills the watchdog's own process group once the command is over.
-_WATCHDOG = """
-import os, select, signal, sys, time
-top, limit, agent = int(sys.argv[1]), float(sys.argv[2]), os.getppid()
+# The runner (python -I -S; argv: limit in seconds, status fd, environment fd, command). It makes itself the
+# subreaper of what it starts (prctl PR_SET_CHILD_SUBREAPER), so every process the command starts stays its
+# descendant, even one that made a session of its own or was double-forked, and starts /bin/sh -c COMMAND
+# with exactly the environment the agent wrote (NUL-separated, read from the environment fd: the
+# interpreter's own locale coercion never reaches the command) and /dev/null as its input. Its stdout and
+# stderr (the output file) are the command's. It writes how the shell ended to the status fd ("exit N",
+# "signal N", or "nostart REASON") and exits once the shell has ended; when the shell failed, it first kills
+# what the command left running (a failed fence releases the fencing node: nothing of it may run on beside
+# the next standby's; a successful one's ssh master connection may stay). It kills every process descending
+# from it (stopping them first, so none forks away meanwhile) and exits without a status when its stdin (a
+# pipe whose writing end only the agent holds) reaches its end (the agent died, kill -9 included), the agent
+# is stopped (SIGSTOP, a debugger: its ZooKeeper session and fencing node end while it cannot act), it is
+# sent SIGTERM (the agent's timeout or interrupt), or the limit passed (the agent could not end it).
+_RUNNER = """
+import ctypes, os, select, signal, sys, time
+limit, status_fd, env_fd, command = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+agent, me = os.getppid(), os.getpid()
+os.set_inheritable(status_fd, False)
+with os.fdopen(env_fd, "rb") as f:
+    env = dict(e.split(b"=", 1) for e in f.read().split(b"\\0") if b"=" in e)
+try:
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
+except Exception:
+    pass
+wake_r, wake_w = os.pipe()
+for fd in (wake_r, wake_w):
+    os.set_blocking(fd, False)
+signal.set_wakeup_fd(wake_w)
+term = []
+signal.signal(signal.SIGTERM, lambda *a: term.append(1))
+signal.signal(signal.SIGCHLD, lambda *a: None)
+try:
+    shell = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", command], env, setsid=True,
+                           file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)])
+except OSError as e:
+    os.write(status_fd, ("nostart " + (e.strerror or str(e))).encode())
+    sys.exit(0)
 def stopped():
     try:
         with open("/proc/%d/stat" % agent, "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
     except (OSError, IndexError):
         return False
-end = time.monotonic() + limit
-while time.monotonic() < end and not select.select([0], [], [], 0.5)[0] and not stopped():
-    pass
-def children():
-    out = {}
+def reap():
+    ended = None
+    while True:
+        try:
+            pid, st = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return ended
+        if pid == 0:
+            return ended
+        if pid == shell:
+            ended = st
+def descendants():
+    kids = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
@@ -153,78 +198,112 @@ def children():
                     ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            out.setdefault(ppid, []).append(int(d))
-    return out
-seen = set()
-for _ in range(5):
-    kids, todo, found = children(), [top], []
+            kids.setdefault(ppid, []).append(int(d))
+    found, todo = [], list(kids.get(me, ()))
     while todo:
         p = todo.pop()
-        if p not in seen:
+        found.append(p)
+        todo += kids.get(p, ())
+    return found
+def kill_all():
+    seen = set()
+    for _ in range(100):
+        new = [p for p in descendants() if p not in seen]
+        if not new:
+            break
+        for p in new:
             seen.add(p)
-            found.append(p)
-        todo += [c for c in kids.get(p, ()) if c not in seen]
-    for p in found:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except OSError:
+                pass
+    for p in seen:
         try:
-            os.kill(p, signal.SIGSTOP)
+            os.kill(p, signal.SIGKILL)
         except OSError:
             pass
-    if not found:
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        reap()
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                time.sleep(0.01)
+        except ChildProcessError:
+            break
+end = time.monotonic() + limit
+while True:
+    st = reap()
+    if st is not None:
+        code = os.waitstatus_to_exitcode(st)
+        if code != 0:
+            kill_all()
+        os.write(status_fd, (("signal %d" % -code) if code < 0 else ("exit %d" % code)).encode())
         break
-for p in seen:
-    try:
-        os.kill(p, signal.SIGKILL)
-    except OSError:
-        pass
-try:
-    os.killpg(top, signal.SIGKILL)
-except OSError:
-    pass
+    if term or stopped() or time.monotonic() >= end:
+        kill_all()
+        break
+    ready = select.select([0, wake_r], [], [], 0.5)[0]
+    if 0 in ready:
+        kill_all()
+        break
+    if wake_r in ready:
+        try:
+            os.read(wake_r, 4096)
+        except BlockingIOError:
+            pass
 """
 
 
-def _watchdog(pgid: int, timeout_s: float) -> tuple[subprocess.Popen[bytes], int] | None:
-    """A process that kills the command and everything it started if this process dies first, or has not
-    killed it a little after ``timeout_s`` (frozen), so that a fence never outlives the agent (and its
-    ZooKeeper fencing node) that ran it; None when it cannot be started (the command still runs, as
-    before). A process the command detached entirely (double fork) is beyond it."""
-    try:
-        rfd, wfd = os.pipe()
-    except OSError:
-        return None
-    try:
-        os.set_inheritable(wfd, False)
-        dog = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(pgid), str(timeout_s + 5)],
-                               stdin=rfd,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    except OSError:
-        os.close(wfd)
-        return None
-    finally:
-        os.close(rfd)
-    return dog, wfd
+@dataclass
+class _Runner:
+    """The runner process of one command, and the agent's ends of its pipes."""
 
+    proc: subprocess.Popen[bytes]
+    alive_w: int  # the agent holds it open while it lives; the runner kills everything at its end
+    status_r: int
 
-def _stop_watchdog(watchdog: tuple[subprocess.Popen[bytes], int] | None) -> None:
-    if watchdog is None:
-        return
-    dog, wfd = watchdog
-    try:
+    @classmethod
+    def start(cls, command: str, out: IO[bytes], environment: IO[bytes], timeout_s: float) -> _Runner:
+        """Start the runner (raises OSError when it cannot be started)."""
+        alive_r, alive_w = os.pipe()
+        status_r, status_w = os.pipe()
+        for fd in (alive_w, status_r):
+            os.set_inheritable(fd, False)
         try:
-            os.killpg(dog.pid, signal.SIGKILL)  # the shell and its timer
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _RUNNER, str(timeout_s + 5), str(status_w),
+                 str(environment.fileno()), command],
+                stdin=alive_r, stdout=out, stderr=subprocess.STDOUT, pass_fds=(status_w, environment.fileno()),
+                env={}, start_new_session=True)
+        except BaseException:
+            os.close(alive_w)
+            os.close(status_r)
+            raise
+        finally:
+            os.close(alive_r)
+            os.close(status_w)
+        return cls(proc, alive_w, status_r)
+
+    def kill(self) -> None:
+        """End the command and every process it started (the runner does it; SIGKILL if it cannot)."""
+        try:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
         except ProcessLookupError:
             pass
-        dog.wait()
-    finally:
-        os.close(wfd)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
+    def close(self) -> None:
+        os.close(self.alive_w)
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    def status(self) -> str:
+        """How the shell ended ("exit N", "signal N", "nostart REASON"), or "" when it was killed."""
+        try:
+            return os.read(self.status_r, 4096).decode(errors="replace")
+        finally:
+            os.close(self.status_r)
 
 
 def _tail(out: IO[bytes]) -> str:
