@@ -81,3 +81,22 @@ def test_one_reading_of_local_locations(url: str, path: str | None) -> None:
 def test_a_file_url_naming_no_local_absolute_path_is_refused(url: str) -> None:
     with pytest.raises(UsageError, match="file URL"):
         local_location(url)
+
+
+def test_a_restore_into_a_bind_mount_of_the_repository_is_refused(tmp_path: Path, mounts) -> None:  # type: ignore[no-untyped-def]
+    """The repository (and an agent's state directory) is drsync's own: a restore target inside it is refused
+    (exit 2, nothing written) however it is spelled, a bind mount of it included, not only by its path."""
+    repo, src = tmp_path / "repo", tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("x")
+    assert run_drsync("init", "--repo", repo, "--cluster-id", "c", "--release", "1").code == 0
+    assert run_drsync("snapshot", "create", "--repo", repo, "--source", src).code == 0
+    def content() -> dict:  # type: ignore[type-arg]
+        return {k: v for k, v in tree_state(repo).items() if k != "locks"}  # the restore's read lock comes and goes
+
+    before = content()
+    mounts.bind(repo, tmp_path / "alias")
+    for target in (tmp_path / "alias" / "restored", tmp_path / "alias"):
+        r = run_drsync("snapshot", "restore", "latest", "--repo", repo, "--target", target)
+        assert r.code == 2 and "lies inside drsync's own" in r.err, (target, r)
+        assert content() == before, f"a restore into {target} changed the repository"

@@ -209,12 +209,8 @@ class LocalDataRoot:
         return real[len(top.rstrip("/")) + 1:]
 
     def lies_within(self, path: str) -> bool:
-        local = fsutil.local_or_none(path)
-        if local is None:
-            return False
-        other = os.path.realpath(local).rstrip("/")
-        top = os.path.realpath(self.root)
-        return top == other or top.startswith(other + "/")
+        # by device and inode up the root's path: a bind mount or other spelling of ``path`` counts
+        return fsutil.is_local_location(path) and fsutil.lies_within(self.root, path)
 
     def mount_points(self) -> list[str]:
         """Filesystems mounted inside the root, as relative paths (deepest first)."""
