@@ -262,3 +262,33 @@ def test_a_refresh_never_writes_back_a_lock_another_process_removed(monkeypatch:
     finally:
         lock.release()
     assert read_locks(s) == []
+
+
+def test_a_root_nested_in_another_agents_root_through_a_bind_mount_is_refused(tmp_path: Path, monkeypatch,  # type: ignore[no-untyped-def]
+                                                                             mounts) -> None:
+    """Two agents never serve nested locations: a standby root inside production's, spelled through a bind
+    mount of production's root, would have its apply write over part of production. It is refused the same
+    as the plain path (both ways round), and a sibling that only shares a prefix is not."""
+    from drsync.agent.locks import HostLock
+    from drsync.errors import OperationFailed
+
+    monkeypatch.setenv("DRSYNC_LOCK_DIR", str(tmp_path))
+    prod = tmp_path / "prod"
+    (prod / "part").mkdir(parents=True)
+    mounts.bind(prod, tmp_path / "alias")
+    first = HostLock("data root", str(prod), str(tmp_path / "state-one"))
+    try:
+        for inner in (tmp_path / "alias" / "part", tmp_path / "alias" / "part" / "not-yet"):
+            with pytest.raises(OperationFailed) as refused:
+                HostLock("data root", str(inner), str(tmp_path / "state-two"))
+            assert "lies inside data root" in str(refused.value), refused.value
+        HostLock("data root", str(tmp_path / "prod-sibling"), str(tmp_path / "state-two")).release()
+    finally:
+        first.release()
+    inner_lock = HostLock("data root", str(prod / "part"), str(tmp_path / "state-one"))
+    try:
+        with pytest.raises(OperationFailed) as refused:
+            HostLock("data root", str(tmp_path / "alias"), str(tmp_path / "state-two"))
+        assert "lies around data root" in str(refused.value), refused.value
+    finally:
+        inner_lock.release()

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 
 from drsync.errors import OperationFailed
-from drsync.fsutil import local_or_none
+from drsync.fsutil import lies_within, local_or_none
 
 
 def _host_lock_dir() -> str:
@@ -57,21 +57,6 @@ def _exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[s
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode(), 0)
     return fd
-
-
-def _nested(a: str, b: str) -> bool:
-    """Whether one location lies inside the other (or they are the same): paths by whole components,
-    URLs by scheme, authority and path."""
-    if ("://" in a) != ("://" in b):
-        return False
-    if "://" in a:
-        (sa, ra), (sb, rb) = a.split("://", 1), b.split("://", 1)
-        if sa != sb or ra.split("/", 1)[0].split("?")[0] != rb.split("/", 1)[0].split("?")[0]:
-            return False
-        a = "/" + ra.split("/", 1)[1].split("?")[0] if "/" in ra else "/"
-        b = "/" + rb.split("/", 1)[1].split("?")[0] if "/" in rb else "/"
-    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
-    return a.startswith(b) or b.startswith(a)
 
 
 def _flock_holder(st: os.stat_result) -> str:
@@ -192,8 +177,10 @@ class HostLock:
             if len(lines) < 4 or not lines[3] or os.path.realpath(lines[1]) == os.path.realpath(state_dir):
                 continue  # an older agent's lock (no location), or this agent's own other lock
             other_what, other = lines[2], lines[3]
-            if _nested(key, other):
-                where = "inside" if (key.rstrip("/") + "/").startswith(other.rstrip("/") + "/") else "around"
+            # by device and inode up each local path: a bind mount or symlink of the other counts
+            inside = lies_within(key, other)
+            if inside or lies_within(other, key):
+                where = "inside" if inside else "around"
                 raise OperationFailed(
                     f"{what} {key} lies {where} {other_what} {other}, which another drsync agent (pid {lines[0]}, "
                     f"state directory {lines[1]}) serves: two agents must never share a data root or repository, "
