@@ -24,9 +24,20 @@ def loads(data: bytes | str, *, allow_nan: bool = False) -> Any:
     is not JSON, for values nested too deeply to read, and (unless ``allow_nan``, for documents an older
     drsync may have written with them) for ``NaN``, ``Infinity`` and ``-Infinity``."""
     try:
-        return json.loads(data) if allow_nan else json.loads(data, parse_constant=_no_constant)
+        if allow_nan:
+            return json.loads(data, parse_int=_integer)
+        return json.loads(data, parse_int=_integer, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("values nested too deeply to read") from None
+
+
+def _integer(text: str) -> int:
+    if len(text.lstrip("-")) > _INT_DIGITS:  # Python's own error here would advise sys.set_int_max_str_digits
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits (more than {_INT_DIGITS})")
+    return int(text)
+
+
+_INT_DIGITS = 4300  # what int() reads by default
 
 
 def typed(doc: Any, spec: Mapping[str, type], what: str) -> dict[str, Any]:

@@ -219,3 +219,13 @@ def test_a_retired_nested_volume_does_not_make_its_outer_volume_look_empty() -> 
     v = volumes.judge({"vol": 4, "vol/inner": 4}, {"vol": 0}, set(), lambda rel: 0, retired={"vol/inner"})
     assert v.keep == {} and v.record == {"vol": 0}
     assert volumes.removed({"vol": 4, "vol/inner": 4}, ["vol"], lambda rel: rel == "vol") == {"vol/inner"}
+
+
+def test_a_count_too_long_to_read_is_damage_in_drsyncs_words() -> None:
+    """An integer of more digits than Python reads (a damaged or hostile document) is damage of the
+    document, said in drsync's words (Python's own error advises sys.set_int_max_str_digits)."""
+    info = SnapshotInfo(id="0123456789abcdef", captured_at=1.0, cluster_id="c", release="1", manifest_hash="x")
+    text = info.to_bytes().decode().rstrip().rstrip("}") + ', "volumes": {"disk1": ' + "9" * 5000 + "}}"
+    with pytest.raises(IntegrityError) as damaged:
+        SnapshotInfo.from_bytes(text.encode(), "snapshot 0123456789abcdef")
+    assert "5000 digits" in str(damaged.value) and "sys." not in str(damaged.value), damaged.value
