@@ -100,3 +100,19 @@ def test_a_restore_into_a_bind_mount_of_the_repository_is_refused(tmp_path: Path
         r = run_drsync("snapshot", "restore", "latest", "--repo", repo, "--target", target)
         assert r.code == 2 and "lies inside drsync's own" in r.err, (target, r)
         assert content() == before, f"a restore into {target} changed the repository"
+
+
+def test_the_host_registry_of_a_service_user_counts_as_that_users(tmp_path: Path) -> None:
+    """/run/drsync/agents made by a non-root service (systemd's RuntimeDirectory=drsync, as deploy/systemd has
+    it: its /tmp is private) is read, with that user's trust rules; root's is trusted whole; a link is not read."""
+    from drsync.agent.registry import system_registry
+
+    mine, theirs = tmp_path / "root-owned", tmp_path / "service-owned"
+    mine.mkdir()
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    (tmp_path / "link").symlink_to(theirs)
+    assert system_registry(str(mine)) == (str(mine), None if os.getuid() == 0 else os.getuid())
+    assert system_registry(str(theirs)) == (str(theirs), 65534)
+    assert system_registry(str(tmp_path / "link")) is None
+    assert system_registry(str(tmp_path / "absent")) is None

@@ -1,16 +1,18 @@
 """The agents running on this host, for commands that must stay out of their data roots (restores).
 
 Each agent, once it holds its state directory (:class:`drsync.agent.locks.StateDirLock`), leaves one small
-file naming that directory in a registry: ``/run/drsync/agents`` when it may write there (root), else
-``/tmp/drsync-agents-<uid>``, a directory of its own user (fixed paths, never ``$TMPDIR``: a restore run
-with another environment must find it). The entry is removed when the agent stops; an agent that dies
+file naming that directory in a registry: ``/run/drsync/agents`` when it may write there (root, or the user
+whose service owns ``/run/drsync``: systemd's ``RuntimeDirectory=drsync``), else ``/tmp/drsync-agents-<uid>``,
+a directory of its own user (fixed paths, never ``$TMPDIR``: a restore run with another environment must
+find it; a service with ``PrivateTmp`` needs the first). The entry is removed when the agent stops; an agent that dies
 leaves it, and the next agent of the same user to start prunes the entries whose agent is gone.
 
 Readers trust nothing they find: a registry directory is read only when it is a real directory (not a
-link) owned by root or by the uid in its name; an entry only when it is a small regular file, opened without
-following links or waiting; the agent only while its ``agent.pid`` is flocked; and in a user's registry,
-only a state directory and data root that user owns (so a user can point restores away from their own
-agent's root, and from nothing else). Readers never change or remove anything.
+link) owned by root or by the uid in its name (``/run/drsync/agents`` of another owner is that user's); an
+entry only when it is a small regular file, opened without following links or waiting; the agent only while
+its ``agent.pid`` is flocked; and in a user's registry, only a state directory and data root that user owns
+(so a user can point restores away from their own agent's root, and from nothing else). Readers never change
+or remove anything.
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ def running_agents() -> list[tuple[str, str]]:
 def _registries() -> list[tuple[str, int | None]]:
     """(directory, the uid whose claims it holds, None for the system one) of every registry to read."""
     found: list[tuple[str, int | None]] = []
-    if _owner(SYSTEM) == 0:
-        found.append((SYSTEM, None))
+    system = system_registry(SYSTEM)
+    if system is not None:
+        found.append(system)
     top, prefix = os.path.split(USER_PREFIX)
     try:
         names = os.listdir(top)
@@ -89,6 +92,17 @@ def _registries() -> list[tuple[str, int | None]]:
             if _owner(d) == int(uid_text):
                 found.append((d, int(uid_text)))
     return found
+
+
+def system_registry(path: str) -> tuple[str, int | None] | None:
+    """(``path``, the uid whose claims it holds: None when root owns it) for the host's registry, which
+    root's agents make, or a service's own ``RuntimeDirectory`` (``/run/drsync`` of the user drsync, as
+    deploy/systemd's unit makes it: its private /tmp is seen by nobody else); None when it is no real
+    directory."""
+    owner = _owner(path)
+    if owner is None:
+        return None
+    return path, None if owner == 0 else owner
 
 
 def _entries(d: str) -> list[str]:
