@@ -183,7 +183,7 @@ def hdfs_cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
 
     d = tmp_path_factory.mktemp("hdfs")
     try:
-        c = hc.start(d, ha=True, datanodes=1, block_size=1 << 20, ls_limit=25)
+        c = hc.start(d, ha=True, datanodes=1, block_size=1 << 20, ls_limit=25, lean=True)
     except hc.HadoopClusterError as e:
         pytest.fail(f"no real HDFS for the HDFS tests: {e}")
     from drsync.storage.hdfs import HdfsFs, parse_hdfs_url

@@ -393,7 +393,7 @@ def spare_ha(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     """An HA pair of this module's own, for namenode stops and restarts the session's cluster must not see."""
     from tests.hadoop import cluster as hc
 
-    c = hc.start(tmp_path_factory.mktemp("spare-ha"), ha=True)
+    c = hc.start(tmp_path_factory.mktemp("spare-ha"), ha=True, lean=True)
     su = f"hdfs://{','.join(c.webhdfs)}/?user={c.info['superuser']}"
     from drsync.storage.hdfs import HdfsFs, parse_hdfs_url
 

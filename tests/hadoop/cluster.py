@@ -223,8 +223,11 @@ def _java() -> str:
 
 
 def start(dir: str | os.PathLike[str], *, ha: bool = False, datanodes: int = 1, block_size: int = 1 << 20,
-          ls_limit: int = 1000, heap: str = "2g", timeout: float = 300) -> HadoopCluster:
-    """Start a cluster in the background and wait until it answers (``timeout`` seconds at most)."""
+          ls_limit: int = 1000, heap: str = "2g", timeout: float = 300, lean: bool = False) -> HadoopCluster:
+    """Start a cluster in the background and wait until it answers (``timeout`` seconds at most). ``lean``
+    (tests): the serial collector and the C1 compiler only, as the suite's ZooKeeper and DistCp JVMs have
+    them: half the JVM's CPU over the HDFS tests (56 s to 28 s), where the data moved is small; benchmarks
+    keep the JVM's defaults."""
     d = Path(dir).resolve()
     if datanodes < 0:
         raise HadoopClusterError(f"--datanodes {datanodes}: give 0 or more datanodes")
@@ -243,9 +246,10 @@ def start(dir: str | os.PathLike[str], *, ha: bool = False, datanodes: int = 1, 
             p.unlink()
     cp = build()
     (d / "jvm-tmp").mkdir()  # the JVM's temporary files (Jetty's web app directories) go with the cluster
-    args = [_java(), f"-Xmx{heap}", "-Djava.net.preferIPv4Stack=true", f"-Djava.io.tmpdir={d / 'jvm-tmp'}",
-            "-cp", ":".join(cp), MAIN, "--dir", str(d),
-            "--datanodes", str(datanodes), "--block-size", str(block_size), "--ls-limit", str(ls_limit)]
+    args = [_java(), f"-Xmx{heap}", *(["-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"] if lean else []),
+            "-Djava.net.preferIPv4Stack=true", f"-Djava.io.tmpdir={d / 'jvm-tmp'}", "-cp", ":".join(cp), MAIN,
+            "--dir", str(d), "--datanodes", str(datanodes), "--block-size", str(block_size),
+            "--ls-limit", str(ls_limit)]
     if ha:
         args.append("--ha")
     with open(d / "cluster.log", "wb") as log:
