@@ -153,3 +153,25 @@ def test_what_a_failed_fence_left_running_is_killed_and_a_successful_ones_may_st
     finally:
         for pid in pids.values():
             _kill(pid)
+
+
+def test_a_fence_whose_runner_is_killed_by_somebody_else_is_a_failure_that_says_so(tmp_path: Path) -> None:
+    """The runner killed -9 from outside (an OOM killer, an operator's kill): the fence is not taken as done,
+    and the line says the command may still run (it is no longer anybody's child to kill)."""
+    import threading
+
+    from drsync.agent.fencing import run_command
+
+    pid_file, result = tmp_path / "fence.pid", []
+    worker = threading.Thread(target=lambda: result.append(run_command(
+        "fence_command", f"echo $$ > {pid_file}; exec sleep 300", {}, 300)))
+    worker.start()
+    fence = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), "the fence to start"))
+    try:
+        runner = int(Path(f"/proc/{fence}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        os.kill(runner, signal.SIGKILL)
+        worker.join(timeout=120)
+        assert result and not result[0].ok, result
+        assert "lost its runner (killed by SIGKILL" in result[0].summary() and "may still run" in result[0].summary()
+    finally:
+        _kill(fence)

@@ -61,11 +61,14 @@ class CommandResult:
     output: str  # stdout and stderr, interleaved, at most OUTPUT_KEEP characters (the tail)
     duration_s: float
     timed_out: bool = False
+    runner_lost: str = ""  # how its runner ended, when something else killed it before the command ended
 
     def summary(self) -> str:
         """One line: how it ended and the last line of its output."""
         if self.timed_out:
             how = f"did not finish within {self.duration_s:.0f}s (killed)"
+        elif self.runner_lost:
+            how = f"lost its runner ({self.runner_lost}) and may still run"
         elif self.exit_code is None:
             how = "could not be started"
         elif self.exit_code < 0:
@@ -96,12 +99,13 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, 
         return _not_started(what, command, f"{e.strerror or e} (its output's file in {tempfile.gettempdir()})",
                             reported)
     with out, environment:
-        environment.write(b"".join(os.fsencode(k) + b"=" + os.fsencode(v) + b"\0"
-                                   for k, v in allocators.environ_for_children(env).items()))
-        environment.seek(0)
         try:
+            environment.write(b"".join(os.fsencode(k) + b"=" + os.fsencode(v) + b"\0"
+                                       for k, v in allocators.environ_for_children(env).items()))
+            environment.flush()
+            environment.seek(0)
             runner = _Runner.start(command, out, environment, timeout_s)
-        except OSError as e:
+        except OSError as e:  # a full temporary directory, no interpreter to run the runner
             return _not_started(what, command, f"{e.strerror or e}", reported)
         timed_out = False
         try:
@@ -119,7 +123,9 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, 
     if how.startswith("nostart "):
         return _not_started(what, command, how[len("nostart "):], reported)
     code = None if timed_out or how == "" else int(how.split()[1]) * (-1 if how.startswith("signal") else 1)
-    result = CommandResult(what, command, code == 0, code, text, round(time.monotonic() - started, 3), timed_out)
+    lost = "" if how or timed_out else _exit_text(runner.proc.returncode)  # somebody else killed the runner
+    result = CommandResult(what, command, code == 0, code, text, round(time.monotonic() - started, 3), timed_out,
+                           lost)
     if result.ok:
         log.warning("%s succeeded in %.1fs%s", what, result.duration_s, f"; output: {text.strip()}" if text.strip()
                     else "")
@@ -127,6 +133,10 @@ def run_command(what: str, command: str, env: dict[str, str], timeout_s: float, 
         log.log(logging.DEBUG if reported else logging.ERROR, "%s%s", result.summary(),
                 f"; output: {text.strip()}" if text.strip() else "")
     return result
+
+
+def _exit_text(code: int | None) -> str:
+    return f"killed by {_signal_name(-code)}" if code is not None and code < 0 else f"exit {code}"
 
 
 def _not_started(what: str, command: str, reason: str, reported: bool) -> CommandResult:
