@@ -65,6 +65,8 @@ def parse_duration(value: str | int | float, what: str = "duration") -> float:
 def _str(v: Any, key: str) -> str:
     if not isinstance(v, str):
         raise ConfigError(f"{key}: expected a string, got {type(v).__name__} {v!r}")
+    if "\x00" in v:  # TOML's \u0000: no path, command or name can hold it
+        raise ConfigError(f"{key}: holds a NUL character (\\u0000), which no path, command or name can hold")
     return v
 
 
@@ -153,7 +155,7 @@ def _rate(v: Any, key: str) -> float:
 def _str_list(v: Any, key: str) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ConfigError(f"{key}: expected a list of strings, got {v!r}")
-    return tuple(v)
+    return tuple(_str(x, key) for x in v)
 
 
 def _choice(*choices: str) -> Callable[[Any, str], str]:

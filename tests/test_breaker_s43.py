@@ -210,7 +210,7 @@ def _agent_children(tmp_path: Path, env: dict[bytes, bytes], mode: str) -> dict[
 
 
 FENCE_VARS = {b"DRSYNC_GROUP", b"DRSYNC_AGENT", b"DRSYNC_FENCE_AGENT", b"DRSYNC_FENCE_ADDRESS", b"DRSYNC_EPOCH",
-              b"DRSYNC_DATA", b"DRSYNC_REASON", b"DRSYNC_SWITCHOVER_TO"}
+              b"DRSYNC_DATA", b"DRSYNC_REASON", b"DRSYNC_SWITCHOVER_TO", b"DRSYNC_FENCE_RUN"}
 
 
 def test_fence_demote_switchover_in_a_plain_drsync_process(tmp_path: Path) -> None:

@@ -155,9 +155,11 @@ def test_what_a_failed_fence_left_running_is_killed_and_a_successful_ones_may_st
             _kill(pid)
 
 
-def test_a_fence_whose_runner_is_killed_by_somebody_else_is_a_failure_that_says_so(tmp_path: Path) -> None:
+def test_a_fence_whose_runner_is_killed_by_somebody_else_is_a_failure_and_is_killed_by_its_mark(
+        tmp_path: Path) -> None:
     """The runner killed -9 from outside (an OOM killer, an operator's kill): the fence is not taken as done,
-    and the line says the command may still run (it is no longer anybody's child to kill)."""
+    the line says so, and the fence's processes (no longer anybody's descendants) are found by the mark in
+    their environment and killed before run_command returns."""
     import threading
 
     from drsync.agent.fencing import run_command
@@ -172,6 +174,8 @@ def test_a_fence_whose_runner_is_killed_by_somebody_else_is_a_failure_that_says_
         os.kill(runner, signal.SIGKILL)
         worker.join(timeout=120)
         assert result and not result[0].ok, result
-        assert "lost its runner (killed by SIGKILL" in result[0].summary() and "may still run" in result[0].summary()
+        assert "lost its runner (killed by SIGKILL" in result[0].summary(), result[0].summary()
+        assert "1 process(es) still carrying its mark were killed" in result[0].summary(), result[0].summary()
+        assert _gone(fence), "the fence still runs after its runner was lost"
     finally:
         _kill(fence)

@@ -21,7 +21,7 @@ from typing import Any
 
 from drsync import engine
 from drsync.agent import clock
-from drsync.agent.fencing import approve_rejoin, fence_env, run_command
+from drsync.agent.fencing import approve_rejoin, fence_env, fencing_lost, run_command
 from drsync.agent.history import operator
 from drsync.agent.hold import HoldFile
 from drsync.agent.locks import StateDirLock
@@ -509,7 +509,7 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
             result = run_command("fence_command", cfg.coordination.fence_command, fence_env(
                 group=cfg.coordination.group, agent=me, fenced_agent=old, fenced_address=address,
                 epoch=view.epoch.epoch, data=engine.data_root_url(cfg.cluster.data)), cfg.coordination.fence_timeout,
-                reported=True)
+                reported=True, abort=fencing_lost(coord))
             if not result.ok:
                 raise RefusedError(f"not promoted: {result.summary()}; {old}'s production writers may still run; "
                                    f"fix the fence, or stop them by hand and rerun with --no-fence")

@@ -23,7 +23,14 @@ from types import MappingProxyType
 from typing import Any
 
 from drsync import engine, faults
-from drsync.agent.fencing import clear_rejoin_approval, demote_env, fence_env, rejoin_approved, run_command
+from drsync.agent.fencing import (
+    clear_rejoin_approval,
+    demote_env,
+    fence_env,
+    fencing_lost,
+    rejoin_approved,
+    run_command,
+)
 from drsync.agent.presence import ANSWERS, REFRESH_S, Heartbeat, probe
 from drsync.agent.roles import (
     RANK_DELAY_S,
@@ -630,7 +637,7 @@ class RoleSupervisor:
         self._set_takeover("fencing", epoch.epoch)  # standbys further behind wait for this one
         result = run_command("fence_command", c.fence_command, fence_env(
             group=c.group, agent=self.name, fenced_agent=epoch.promoted_by, fenced_address=address,
-            epoch=epoch.epoch, data=self.data_root), c.fence_timeout)
+            epoch=epoch.epoch, data=self.data_root), c.fence_timeout, abort=fencing_lost(self.coord))
         if not result.ok:
             self._set_takeover("fence-failed", epoch.epoch)
             self._fence_retry_at = time.monotonic() + self._fence_backoff
