@@ -384,7 +384,8 @@ def _planned(excluded: Callable[[str], bool], protected: frozenset[str],
 
 
 def _to_plan(manifest: Manifest, root: DataRoot, *, dry_run: bool, merge: bool, drop_alike: bool, resolution: int,
-             planned: Callable[[str], bool] | None) -> tuple[list[Entry], dict[str, LocalEntry], int, Residual | None]:
+             planned: Callable[[str], bool] | None, identity: bool = False,
+             ) -> tuple[list[Entry], dict[str, LocalEntry], int, Residual | None]:
     """The manifest's entries and the target's for :func:`plan_apply`, and how many plain files are
     already alike and left out of both, and the merge's residue when there was one (its new plain files
     are planned as rows: :func:`drsync.unchanged.split_unchanged`; a local root is merged in path order,
@@ -396,7 +397,7 @@ def _to_plan(manifest: Manifest, root: DataRoot, *, dry_run: bool, merge: bool, 
         try:
             rest = split_unchanged(manifest, walking, resolution_ns=resolution, compare_owner=root.owners_settable(),
                                    compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits, planned=planned,
-                                   drop_alike=drop_alike)
+                                   drop_alike=drop_alike, identity=identity)
         finally:
             close = getattr(walking, "close", None)
             if close is not None:
@@ -478,6 +479,14 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     # A target that does not exist yet gets every file: its chunks are checked before it (and any missing
     # parent of it) is made. Otherwise after planning, only what the apply writes.
     fresh = root.missing()
+    # drsync stages under a reserved name, emptying it first: what else is there goes only as the restore's
+    # other extras do (--delete-extra), never unasked.
+    stray = None if fresh else root.foreign_staging()
+    if stray is not None and not (foreign is not None and foreign.delete_extra):
+        how = (f"rerun with {foreign.flags[1]} to remove it, or move it out of the target" if foreign is not None
+               else "move it out of the root and run again")
+        raise RefusedError(f"{what}: {printable(stray)} holds what drsync did not put there, and drsync stages its "
+                           f"apply under that name (emptying it first); {how}; nothing was changed")
     whole: ChunkSource | None = None  # a reader of every chunk, when they are few enough to be located at once
     if fresh and not structure_only:
         whole = check_rows(manifest, source, what,
@@ -500,14 +509,22 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     resolution = comparison_resolution(manifest, root)
     excluded = compile_globs(exclude)
     changed = content_changed(base, manifest) if base is not None else frozenset()
+    # Rolling the cluster's own data root back (no other target, no snapshot it is known to hold): a file is
+    # taken as unchanged only as the version the capture saw (its inode and status-change time too), as the
+    # capture itself reuses a file unread; one whose size and time match but not those (rewritten in place
+    # and its time put back, as ransomware does) has its content checked, as --checksum would.
+    identity = foreign is None and base is None and not checksum
     entries, existing, unchanged, rest = _to_plan(manifest, root, dry_run=dry_run, merge=not structure_only,
                                                   drop_alike=not checksum, resolution=resolution,
                                                   planned=_planned(excluded, protected, changed)
                                                   if any(g.strip().lstrip("/") for g in exclude) or protected or changed
-                                                  else None)
+                                                  else None, identity=identity)
+    suspects = rest.suspects if rest is not None else set()
     entries = _within_mode_bits(entries, root)
+    check = _with_chunks(manifest, root.same_content) if checksum or suspects else None
     plan = plan_apply(entries, existing, excluded=excluded,
-                      same_content=_with_chunks(manifest, root.same_content) if checksum else None,
+                      same_content=(check if checksum or check is None else
+                                    lambda e, have: e.path not in suspects or check(e, have)),
                       structure_only=structure_only,
                       compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
                       compare_xattrs=root.supports_xattrs, content_changed=changed,
@@ -553,10 +570,11 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # refusal counts it: listed under overwrite, not remove.
         wanted = {e.path for e in entries}
         replaced_types = [p for p in plan.remove if p in wanted]
+        strays = [root.relative_inside(stray) or STAGING] if stray is not None else []
         dry = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
-                          unchanged_files=plan.unchanged, removed=len(plan.remove) - len(replaced_types),
+                          unchanged_files=plan.unchanged, removed=len(plan.remove) - len(replaced_types) + len(strays),
                           planned={"write": [e.path for e in plan.write],
-                                   "remove": [p for p in plan.remove if p not in wanted],
+                                   "remove": [p for p in plan.remove if p not in wanted] + strays,
                                    "mkdir": [e.path for e in plan.mkdir], "link": [e.path for e in plan.link],
                                    "hardlink": [e.path for e in plan.hardlink],
                                    "overwrite": sorted({*plan.replaces, *replaced_types})}, refused=refused)

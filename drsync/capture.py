@@ -21,7 +21,7 @@ import bisect
 import itertools
 import os
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -209,6 +209,9 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
         notes = WarningLog(view.notes)  # the view's notes first
         notes.merge(result.warnings)
         result.warnings = notes
+    stray = data_root.foreign_staging(top_only=True)  # below the top, the walk says so itself
+    if stray is not None:
+        result.warnings.append(f"{printable(stray)}: the name is reserved for drsync's staging area; not captured")
     if (not allow_empty and parent is not None and not result.files and parent.file_count()
             and not result.manifest.file_count()):
         raise OperationFailed(f"data root {data_root.url} holds no files, but the last snapshot held "
@@ -345,10 +348,10 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
         for m, why in verdict.keep.items():
             warnings.append(why)
             lost.append(m)
-    if lost or scan.unlisted:
+    if lost or scan.unlisted or scan.vanished:
         stored, stale, skipped, stale_files, stale_bytes = _merge_stale(
             stored, pv.table() if pv else None, lost, scan.unlisted, {**scan.devices, **state.devices},
-            links.leaders, warnings)
+            links.leaders, warnings, scan.vanished)
     if watch is not None and verdict.keep:  # what the snapshot holds below each volume, kept files included
         recorded = _files_below(Manifest.from_bytes(stored, "the captured manifest").table, recorded)
     # The snapshot's files and bytes are what it holds: the stale files kept at their last version count too.
@@ -656,12 +659,17 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
         for results in itertools.chain(pool.big.map(run, batches[:cut]), pool.small.map(run, batches[cut:])):
             for k, got in results:
                 if isinstance(got, str):
-                    if got != "vanished":
+                    # Gone between the listing and the read: renamed (its new name may be in a directory
+                    # listed earlier) or removed. What the parent snapshot has of it is kept for this one,
+                    # so a rename during the walk is never a deletion on the standby; the next capture says.
+                    if got != "vanished" or same[k] >= 0:
                         totals.lost.append(paths[k])
                         totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
                         kept = ("its last captured version is kept" if same[k] >= 0 else
                                 "not captured (no earlier snapshot has it)")
-                        warnings.append(f"{printable(paths[k])}: {got}; {kept}")
+                        why = "vanished while the snapshot was taken (renamed or removed)" if got == "vanished" \
+                            else got
+                        warnings.append(f"{printable(paths[k])}: {why}; {kept}")
                     gone.append(k)
                     continue
                 if got.problem:
@@ -767,10 +775,11 @@ def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarra
 
 def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: list[str],
                  devices: dict[str, int], groups: dict[tuple[int, int], _Lead],
-                 warnings: WarningLog) -> tuple[Spool, int, int, int, int]:
+                 warnings: WarningLog, vanished: Sequence[str] = ()) -> tuple[Spool, int, int, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
-    (unreadable entries and all below them, all below directories that could not be listed) marked
-    stale, unless this capture has them; their hard links worked out against this capture's
+    (unreadable entries and all below them, all below directories that could not be listed, or that
+    vanished between their parent's listing and their own: renamed meanwhile) marked stale, unless this
+    capture has them; their hard links worked out against this capture's
     ``groups`` on the device of the path they are kept for (``devices``, :func:`_stale_links`);
     links that the merged rows make escape the root left out.
     The result is validated as a restore will (IntegrityError rather than a snapshot no restore
@@ -788,7 +797,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
             i = row.get(os.fsencode(rel))
             if i is not None and ppaths[i] not in have:
                 keep.setdefault(i, devices.get(rel))
-        for rel in (*lost, *unlisted):
+        for rel in (*lost, *unlisted, *vanished):
             prefix = os.fsencode(rel) + b"/" if rel else b""
             i = bisect.bisect_left(ppaths, prefix)
             while i < len(ppaths) and ppaths[i].startswith(prefix):
@@ -796,10 +805,18 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                     keep.setdefault(i, devices.get(rel))
                 i += 1
         stale_rows = sorted(keep)
-        skipped = sum(1 for x in lost if os.fsencode(x) not in row) + sum(
-            1 for d in unlisted if not any(x.startswith(os.fsencode(d) + b"/" if d else b"") for x in ppaths))
+        new_dirs = [d for d in unlisted if not _any_below(ppaths, d)]
+        skipped = sum(1 for x in lost if os.fsencode(x) not in row) + len(new_dirs)
+        for d in vanished:
+            if _any_below(ppaths, d):
+                warnings.append(f"{printable(d)}: vanished while the snapshot was taken (renamed or removed); "
+                                f"what the last snapshot holds below it is kept, stale")
     else:
+        new_dirs = unlisted
         skipped = len(lost) + len(unlisted)
+    for d in new_dirs:
+        warnings.append(f"{printable(d) or '.'}: not listed, and no earlier snapshot has anything below it: nothing "
+                        f"below it is captured")
     if not stale_rows or p is None:
         return Manifest(table).to_spool(), 0, skipped, 0, 0  # the spool was read: the same rows in a new one
     old = p.take(pa.array(stale_rows, pa.int64()))
@@ -813,6 +830,13 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     merged = Manifest(table.combine_chunks())
     validate(merged, "the captured manifest with its stale rows")
     return merged.to_spool(), len(stale_rows), skipped, stale_files, stale_bytes
+
+
+def _any_below(ppaths: list[bytes], rel: str) -> bool:
+    """Whether the sorted paths ``ppaths`` have one below directory ``rel`` ("": the root)."""
+    prefix = os.fsencode(rel) + b"/" if rel else b""
+    i = bisect.bisect_left(ppaths, prefix)
+    return i < len(ppaths) and ppaths[i].startswith(prefix)
 
 
 def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:

@@ -71,7 +71,12 @@ def note_unlisted(notes: _Notes | TreeScan, rel_dir: bytes, problem: str, dev: i
         notes.devices[rel] = dev
     if not rel_dir:
         notes.root_problem = problem
-    notes.warnings.append(f"{printable(rel) or '.'}: {problem}; its last captured content is kept")
+    notes.warnings.append(f"{printable(rel) or '.'}: {problem}; {UNLISTED_KEPT}")
+
+
+# What a capture does with a directory it could not list (an earlier snapshot's content below it, marked stale);
+# capture._merge_stale adds a line when no earlier snapshot has anything there.
+UNLISTED_KEPT = "what the last snapshot holds below it is kept, stale"
 
 
 def available() -> bool:
@@ -185,6 +190,7 @@ class _Notes:
 
     warnings: WarningLog = field(default_factory=WarningLog)
     unlisted: list[str] = field(default_factory=list)
+    vanished: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     devices: dict[str, int] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)
@@ -195,6 +201,7 @@ class _Notes:
         if self.root_problem is not None:
             scan.root_problem = self.root_problem
         scan.unlisted += self.unlisted
+        scan.vanished += self.vanished
         scan.unreadable += self.unreadable
         scan.devices.update(self.devices)
         scan.links.update(self.links)
@@ -223,8 +230,10 @@ class _NativeLister:
             note_unlisted(scan, rel_dir, problem, dev)
 
         opened = fsutil.open_walked_dir(self.root, rel_dir, abs_dir, examined)
-        if opened is None:
-            return None  # removed while we walked: simply not in this scan
+        if opened is None:  # removed or renamed since its parent was listed: what it held is kept, stale
+            if rel_dir:
+                scan.vanished.append(fsdecode(rel_dir))
+            return None
         if isinstance(opened, str):
             unlisted(opened, examined[0] if examined else None)
             return None
@@ -425,9 +434,13 @@ def target_columns(dfd: int, rel_dir: str, excluded: tuple[bytes, ...],
         name = paths[row].as_py().rpartition(b"/")[2]
         xattrs[row] = read_xattrs(os.fsdecode(xattr_dir + b"/" + name))[0]
     kind = rec["kind"].astype(np.int8)
+    cs = rec["ctime_s"]
+    ctime = (cs * 1_000_000_000 + rec["ctime_nsec"].astype(np.int64)) if not count or (
+        cs.min() >= -_CTIME_S and cs.max() <= _CTIME_S) else np.array(clamp_int64(
+            [s * 1_000_000_000 + ns for s, ns in zip(cs.tolist(), rec["ctime_nsec"].tolist(), strict=True)]), np.int64)
     columns = EntryColumns(paths, kind, (rec["mode"] & 0o7777).astype(np.int64), rec["uid"].astype(np.int64),
                            rec["gid"].astype(np.int64), np.where(kind == 0, rec["size"], 0),
                            rec["mtime_s"].copy(), rec["mtime_nsec"].astype(np.int64), rec["ino"].copy(),
-                           rec["nlink"].astype(np.int64), targets, xattrs)
+                           rec["nlink"].astype(np.int64), targets, xattrs, ctime)
     subdirs = [(pos, os.fsdecode(paths[row].as_py())) for row, pos, *_ in dirs]
     return columns, subdirs, specials, problems

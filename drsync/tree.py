@@ -69,6 +69,9 @@ class TreeScan:
     # Directories that exist but could not be listed, and entries that exist but could not be
     # examined: never deletions (the capture keeps their last captured version, marked stale).
     unlisted: list[str] = field(default_factory=list)
+    # Directories removed or renamed between their parent's listing and their own (kept stale, never a
+    # deletion: a rename during the walk would otherwise lose the subtree from this snapshot).
+    vanished: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     # The device of each of those paths (a directory's own, an entry's directory's) where known: a stale
     # row joins a hard-link group of today's only on its own device (inode numbers repeat across them).
@@ -281,6 +284,7 @@ class EntryColumns:
     nlink: np.ndarray
     targets: list[bytes | None]
     xattrs: list[bytes | None]
+    ctime_ns: np.ndarray | None = None  # int64 status-change times, as a manifest keeps them; None: not listed
 
     def __len__(self) -> int:
         return len(self.kind)
@@ -297,7 +301,8 @@ class EntryColumns:
     def slice(self, lo: int, hi: int) -> EntryColumns:
         return EntryColumns(self.paths[lo:hi], self.kind[lo:hi], self.mode[lo:hi], self.uid[lo:hi], self.gid[lo:hi],
                             self.size[lo:hi], self.mtime_s[lo:hi], self.mtime_nsec[lo:hi], self.ino[lo:hi],
-                            self.nlink[lo:hi], self.targets[lo:hi], self.xattrs[lo:hi])
+                            self.nlink[lo:hi], self.targets[lo:hi], self.xattrs[lo:hi],
+                            None if self.ctime_ns is None else self.ctime_ns[lo:hi])
 
     @staticmethod
     def concat(parts: list[EntryColumns]) -> EntryColumns:
@@ -308,9 +313,11 @@ class EntryColumns:
         def cat(name: str) -> np.ndarray:
             return np.concatenate([getattr(p, name) for p in parts])
 
+        # a part listed without status-change times makes them unknown for the batch (compared as differing)
+        ctimes = [p.ctime_ns if p.ctime_ns is not None else np.full(len(p), -1, np.int64) for p in parts]
         return EntryColumns(paths, cat("kind"), cat("mode"), cat("uid"), cat("gid"), cat("size"), cat("mtime_s"),
                             cat("mtime_nsec"), cat("ino"), cat("nlink"), [t for p in parts for t in p.targets],
-                            [x for p in parts for x in p.xattrs])
+                            [x for p in parts for x in p.xattrs], np.concatenate(ctimes))
 
     @staticmethod
     def of_entries(entries: list[LocalEntry]) -> EntryColumns:
@@ -477,8 +484,10 @@ class _Lister:
             return []
 
         opened = fsutil.open_walked_dir(self.root, rel_dir, abs_dir, examined)
-        if opened is None:
-            return []  # removed while we walked: simply not in this scan
+        if opened is None:  # removed or renamed since its parent was listed: what it held is kept, stale
+            if rel_dir:
+                scan.vanished.append(fsdecode(rel_dir))
+            return []
         if isinstance(opened, str):
             return unlisted(opened, examined[0] if examined else None)
         fd, st_dir = opened

@@ -54,18 +54,25 @@ class Residual:
     # touches them).
     new_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     new_parents: set[str] = dataclasses.field(default_factory=set)
+    # With ``identity``: files alike in size and time whose inode or status-change time is not the one the
+    # capture saw (changed since, however their time looks): their content is to be checked.
+    suspects: set[str] = dataclasses.field(default_factory=set)
 
 
 def split_unchanged(manifest: Manifest, walk: Iterable[EntryColumns], *, resolution_ns: int = 1,
                     compare_owner: bool = False, compare_xattrs: bool = False, mode_bits: int = 0o7777,
-                    planned: Callable[[str], bool] | None = None, drop_alike: bool = True) -> Residual | None:
+                    planned: Callable[[str], bool] | None = None, drop_alike: bool = True,
+                    identity: bool = False) -> Residual | None:
     """Merge ``manifest`` with ``walk`` (the target's entries as runs of columns in path-bytes order:
     :func:`drsync.dataroot.local.walk_target_columns`) and drop the plain files both hold alike.
     ``planned(path)``: the path must go to the planner whatever it compares like (excluded, protected,
     known to have changed content); None when no path must. Memory: one record batch of each side and what
     is kept. ``drop_alike`` False (``--checksum``: alike files are read to be sure) keeps the files both
-    hold for the planner and only splits off the new ones. Returns None when either side is out of path
-    order (a hostile manifest): the caller plans the whole of both instead.
+    hold for the planner and only splits off the new ones. ``identity`` (the target is the tree the manifest
+    was captured from): a file is alike only as the very version the capture saw, its inode and
+    status-change time too (a rewrite in place that put its time back differs); those alike but for that
+    are kept for the planner and named in ``Residual.suspects``. Returns None when either side is out of
+    path order (a hostile manifest): the caller plans the whole of both instead.
 
     Column operations throughout: both sides are cut into windows that end at the same path (the lower
     of the two batches' last paths), and each window's paths are matched by a hash lookup, which in
@@ -73,7 +80,8 @@ def split_unchanged(manifest: Manifest, walk: Iterable[EntryColumns], *, resolut
     t = manifest.table
     if t.schema.field("path").type != pa.binary():
         return None
-    merge = _Merge(t, resolution_ns, compare_owner, compare_xattrs, mode_bits, planned, drop_alike)
+    merge = _Merge(t, resolution_ns, compare_owner, compare_xattrs, mode_bits, planned, drop_alike,
+                   manifest if identity else None)
     target = _Target(walk)
     try:
         return _merge(t, merge, target)
@@ -180,12 +188,16 @@ class _Side:
     uid: np.ndarray
     gid: np.ndarray
     xattrs: pa.Array
+    inode: np.ndarray | None = None  # with identity: the capture's inode and status-change time of each row
+    ctime: np.ndarray | None = None
 
 
 class _Merge:
     def __init__(self, t: pa.Table, resolution_ns: int, compare_owner: bool, compare_xattrs: bool, mode_bits: int,
-                 planned: Callable[[str], bool] | None, drop_alike: bool) -> None:
+                 planned: Callable[[str], bool] | None, drop_alike: bool, identity: Manifest | None) -> None:
         self.res = max(1, resolution_ns)
+        self.identity = identity
+        self.suspects: set[str] = set()
         self.extra = 0o7777 & ~mode_bits
         self.compare_owner, self.compare_xattrs = compare_owner, compare_xattrs
         self.planned, self.drop_alike = planned, drop_alike
@@ -210,8 +222,13 @@ class _Merge:
         secs = col("mtime_s")
         timed = mtime_in_range(secs)
         mtime = (np.where(timed, secs, 0) * 1_000_000_000 + col("mtime_nsec").astype(np.int64)) // self.res
+        inode = ctime = None
+        if self.identity is not None:  # a lean manifest reads them from its file, a batch at a time
+            ids = bt if "inode" in bt.column_names else self.identity.columns_at(
+                np.arange(start, start + bt.num_rows), ["inode", "ctime_ns"])
+            inode, ctime = ids.column("inode").to_numpy(), ids.column("ctime_ns").to_numpy()
         return _Side(start, paths, plain, col("size"), mode, mtime, timed, col("uid").astype(np.int64),
-                     col("gid").astype(np.int64), bt.column("xattrs").combine_chunks())
+                     col("gid").astype(np.int64), bt.column("xattrs").combine_chunks(), inode, ctime)
 
     def window(self, m: _Side, lo: int, hi: int, tb: EntryColumns | None, tlo: int, thi: int) -> None:
         """Manifest rows ``lo:hi`` of ``m`` against target rows ``tlo:thi`` of ``tb``: both hold every path of
@@ -267,6 +284,13 @@ class _Merge:
             theirs = pa.array([tb.xattrs[i] for i in tr.tolist()], pa.binary())
             both_none = bool_mask(pc.and_(pc.is_null(mine), pc.is_null(theirs)))
             alike &= both_none | bool_mask(pc.equal(mine, theirs))
+        if m.inode is not None and m.ctime is not None and alike.any():
+            same = tb.ino[tr] == m.inode[mr]
+            same &= tb.ctime_ns[tr] == m.ctime[mr] if tb.ctime_ns is not None else False
+            suspect = alike & ~same
+            if suspect.any():
+                self.suspects.update(os.fsdecode(p) for p in m.paths.take(pa.array(mr[suspect])).to_pylist())
+                alike &= same
         return alike
 
     def _planned(self, paths: pa.Array, rows: np.ndarray) -> np.ndarray:
@@ -292,7 +316,7 @@ class _Merge:
 
         self.new_parents.discard(b"")
         return Residual(joined(self.rows), self.existing, self.unchanged, joined(self.new_rows),
-                        {os.fsdecode(d) for d in self.new_parents})
+                        {os.fsdecode(d) for d in self.new_parents}, self.suspects)
 
 
 class WriteList:

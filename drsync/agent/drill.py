@@ -15,7 +15,7 @@ Reports are JSON: returned to the caller, kept under the agent's state dir
 
 from __future__ import annotations
 
-import filecmp
+import contextlib
 import json
 import os
 import random
@@ -32,6 +32,7 @@ from drsync.apply import apply_manifest, comparison_resolution, plan_apply
 from drsync.config import Config
 from drsync.coordination import Coordinator
 from drsync.dataroot import DataRoot, open_data_root
+from drsync.dataroot.beneath import Beneath
 from drsync.dataroot.local import LocalDataRoot
 from drsync.errors import DrsyncError, IntegrityError, UsageError
 from drsync.repository.ids import id_at
@@ -173,21 +174,48 @@ def _compare_trees(expected: str, actual: str, manifest: Manifest, own: tuple[st
     if diffs:
         return diffs
     local = isinstance(root, LocalDataRoot)
-    for e in manifest.entries():
-        if e.type != FILE:
-            continue
-        # A local root is compared byte for byte with the trial restore; an HDFS root is re-hashed
-        # against the manifest the restore was verified against.
-        if e.external:  # copied by DistCp: its HDFS checksum is what the manifest holds
-            same = _checksum_matches(root, e)
-        else:
-            same = (filecmp.cmp(os.path.join(expected, e.path), os.path.join(root.root, e.path), shallow=False)
-                    if local else root.same_content(e, scan[e.path]))
-        if not same:
-            diffs.append(f"{e.path}: content differs")
-            if len(diffs) >= 5:
-                break
+    with contextlib.ExitStack() as opened:
+        # Both trees are read below their tops by descriptor (Beneath): a path longer than PATH_MAX is
+        # compared like any other.
+        trial, data = (opened.enter_context(Beneath(expected)), opened.enter_context(Beneath(root.root))) if local \
+            else (None, None)
+        for e in manifest.entries():
+            if e.type != FILE:
+                continue
+            # A local root is compared byte for byte with the trial restore; an HDFS root is re-hashed
+            # against the manifest the restore was verified against.
+            if e.external:  # copied by DistCp: its HDFS checksum is what the manifest holds
+                same = _checksum_matches(root, e)
+            elif trial is not None and data is not None:
+                same = _same_bytes(trial, data, e.path)
+            else:
+                same = root.same_content(e, scan[e.path])
+            if not same:
+                diffs.append(f"{e.path}: content differs")
+                if len(diffs) >= 5:
+                    break
     return diffs
+
+
+def _same_bytes(a: Beneath, b: Beneath, rel: str) -> bool:
+    """Whether file ``rel`` holds the same bytes below ``a`` and ``b`` (never through a link)."""
+    fa = a.open_read(rel)
+    try:
+        fb = b.open_read(rel)
+        try:
+            if os.fstat(fa).st_size != os.fstat(fb).st_size:
+                return False
+            with open(fa, "rb", closefd=False) as x, open(fb, "rb", closefd=False) as y:
+                while True:  # a buffered read gives the whole block unless at the end
+                    block = x.read(1 << 20)
+                    if block != y.read(1 << 20):
+                        return False
+                    if not block:
+                        return True
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
 
 
 def _checksum_matches(root: object, e: Entry) -> bool:

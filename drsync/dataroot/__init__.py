@@ -133,6 +133,14 @@ class DataRoot(Protocol):
         """Where an apply without a journal of its own keeps it: in the root's staging area."""
         ...
 
+    def foreign_staging(self, top_only: bool = False) -> str | None:
+        """A staging area's place (``.drsync-staging`` at the top of the root, or unless ``top_only`` of a
+        filesystem mounted in it) holding what drsync did not put there: a file or link of that name, or a
+        directory with content but none of drsync's marks (an apply's record or journal). None when there
+        is none. An apply refuses such a root before it changes anything (emptying the area would delete
+        it), and a capture says it leaves it out."""
+        ...
+
     def reset_staging(self, plan: ApplyPlan) -> None:
         """Empty staging areas for the plan (one per filesystem it writes to)."""
         ...

@@ -39,6 +39,7 @@ from drsync import documents, faults, fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.dataroot.distcp import HISTORY_PREFIX
 from drsync.errors import RefusedError, UsageError
+from drsync.native_walk import UNLISTED_KEPT
 from drsync.repository import chunks
 from drsync.repository.manifest import DIR, FILE, SYMLINK
 from drsync.repository.manifest_check import symlink_stays_inside
@@ -300,8 +301,7 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
             children = list(fs.list_dir(posixpath.join(top, rel_dir) if rel_dir else top))
         except HdfsPermissionDenied:
             scan.unlisted.append(rel_dir)
-            scan.warnings.append(f"{rel_dir or '.'}: cannot be listed (permission denied); its last captured "
-                                 f"content is kept")
+            scan.warnings.append(f"{rel_dir or '.'}: cannot be listed (permission denied); {UNLISTED_KEPT}")
             continue
         except HdfsError as e:
             if e.exception == "FileNotFoundException":
@@ -665,8 +665,24 @@ class HdfsDataRoot:
     def _staging(self) -> str:
         return self._p(STAGING)
 
+    def foreign_staging(self, top_only: bool = False) -> str | None:
+        try:
+            kind = self.fs.status(self._staging)
+            if kind is None:
+                return None
+            is_dir = kind.get("type") == "DIRECTORY"
+            names = [c["pathSuffix"] for c in self.fs.list_dir(self._staging)] if is_dir else None
+        except HdfsError:
+            names = None
+        if names is not None and (not names or any(n == STAGING_MARK or n.startswith(HdfsJournal.PREFIX)
+                                                   for n in names)):
+            return None
+        return f"{self.url.rstrip('/')}/{STAGING}"
+
     def reset_staging(self, plan: ApplyPlan) -> None:
         delete_tree(self.fs, self._staging)
+        self.fs.mkdirs(self._staging, 0o700)
+        self.fs.write(posixpath.join(self._staging, STAGING_MARK), b"", overwrite=True)  # first: see foreign_staging
         self.fs.mkdirs(posixpath.join(self._staging, "trash"), 0o700)
 
     def staged_name(self, n: int, e: Entry) -> str:
@@ -790,6 +806,11 @@ def _by_depth(entries: list[Entry], *, deepest_first: bool) -> list[list[Entry]]
     for e in entries:
         groups.setdefault(e.path.count("/"), []).append(e)
     return [groups[d] for d in sorted(groups, reverse=deepest_first)]
+
+
+# An empty file drsync writes first into every staging area it makes on HDFS (where a journal comes later): what
+# it finds there is its own, never an operator's directory of that name.
+STAGING_MARK = "drsync.staging"
 
 
 class HdfsJournal:

@@ -317,6 +317,25 @@ class LocalDataRoot:
                     raise OperationFailed(f"{full}: permission denied (owned by uid {s.st_uid}; {why}); run drsync "
                                           f"as the owner of the data root or as root; nothing was changed")
 
+    def foreign_staging(self, top_only: bool = False) -> str | None:
+        try:
+            if self.missing():
+                return None
+            return self._foreign_staging(top_only)
+        except OSError:  # a root that cannot be read: what reads it next says so
+            return None
+
+    def _foreign_staging(self, top_only: bool) -> str | None:
+        with Beneath(self.root) as fs:
+            top = _staging_kind(fs, STAGING, (RECORD_NAME, JOURNAL_NAME))
+            if top == "foreign":
+                return os.path.join(self.root, STAGING)
+            for d in () if top_only else self.mount_points():  # made after the root's record, removed before it
+                rel = self._staging_of(d)
+                if _staging_kind(fs, rel, ()) == "foreign" and top != "marked":
+                    return os.path.join(self.root, rel)
+        return None
+
     def reset_staging(self, plan: ApplyPlan) -> None:
         used = {""} | ({self._domain(p) for p in itertools.chain(
             plan.remove, (e.path for e in itertools.chain(plan.write, plan.link, plan.hardlink)))}
@@ -603,6 +622,30 @@ def _write_record(fs: Beneath, doc: dict[str, dict[str, int]]) -> None:
     """Durably, atomically, into the root's staging area (made a real directory if it is not one)."""
     _real_dir(fs, STAGING)
     fs.write_atomic(f"{STAGING}/{RECORD_NAME}", json.dumps(doc).encode())
+
+
+def _staging_kind(fs: Beneath, rel: str, marks: tuple[str, ...]) -> str:
+    """What is at staging area ``rel``: "absent", "empty" (a directory), "marked" (a directory holding one
+    of ``marks``), or "foreign" (anything else: a file, a link, content without a mark, or unreadable)."""
+    try:
+        s = fs.lstat(rel)
+        if s is None:
+            return "absent"
+        if not st.S_ISDIR(s.st_mode):
+            return "foreign"
+        with os.scandir(fs.dir_fd(rel)) as it:
+            names = {x.name for x in it}
+    except OSError:
+        return "foreign"
+    if not names:
+        return "empty"
+    # a mark, or the new one Beneath.write_atomic was writing beside it (NAME.<12 hex digits>) when killed
+    marked = any(n in marks or (n[:-13] in marks and n[-13] == "." and _is_hex(n[-12:])) for n in names)
+    return "marked" if marked else "foreign"
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 def _real_dir(fs: Beneath, rel: str) -> bool:
