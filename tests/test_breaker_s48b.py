@@ -21,20 +21,13 @@ import pytest
 from tests.conftest import SLOW, init_repo_at, run_drsync, snapshot_json, tree_state, write_files
 from tests.group import wait_for
 from tests.mounts import Mounts
+from tests.procs import alive
 from tests.test_failover import bootstrap
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
 
 TOP = {f"top/t{i}": f"{i}\n" for i in range(20)}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "zombie" not in f.read()
-    except FileNotFoundError:
-        return False
 
 
 def _kill_pids(pids: Path) -> None:
@@ -118,7 +111,7 @@ def test_a_fence_command_in_a_session_of_its_own_outlives_its_killed_agent(make_
         g.kill("able")
         wait_for(lambda: (p := g.primary()) is not None and p[0] == "zulu", "zulu to promote", timeout=40 / SLOW)
         orphan = int((pids / "able-work").read_text())
-        assert not _alive(orphan), (f"able's fence (pid {orphan}, in a session of its own) still runs after its "
+        assert not alive(orphan), (f"able's fence (pid {orphan}, in a session of its own) still runs after its "
                                     f"agent was killed -9 and zulu fenced and promoted: {log.read_text().split()}")
     finally:
         _kill_pids(pids)
@@ -145,9 +138,9 @@ def test_a_stopped_fencing_agents_fence_runs_beside_the_next_standbys(make_group
         able = g.procs["able"]
         able.send_signal(signal.SIGSTOP)
         fence_pid = int((pids / "able").read_text())
-        wait_for(lambda: "zulu start" in log.read_text() or not _alive(fence_pid),
+        wait_for(lambda: "zulu start" in log.read_text() or not alive(fence_pid),
                  "zulu to start fencing, or able's fence to end", timeout=40 / SLOW)
-        both = "zulu start" in log.read_text() and _alive(fence_pid)
+        both = "zulu start" in log.read_text() and alive(fence_pid)
         assert not both, (f"zulu started its fence while able's fence command (pid {fence_pid}) still runs (able's "
                           f"agent stopped): {log.read_text().split()}")
     finally:

@@ -16,17 +16,10 @@ from pathlib import Path
 from tests.conftest import SLOW
 from tests.faultproxy import FaultProxy
 from tests.group import wait_for
+from tests.procs import alive
 from tests.test_failover import bootstrap
 
 # --- helpers ------------------------------------------------------------------------------------------------
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "zombie" not in f.read()
-    except FileNotFoundError:
-        return False
 
 
 def _pids(d: Path) -> dict[str, int]:
@@ -96,7 +89,7 @@ def test_a_fence_whose_runner_is_stopped_is_killed_past_its_timeout_with_all_it_
         result = json.loads(out.splitlines()[-1])
         pids = _pids(d)
         assert set(pids) == {"shell", "detached", "fg"}, (pids, err[-500:])
-        running = {n: p for n, p in pids.items() if _alive(p)}
+        running = {n: p for n, p in pids.items() if alive(p)}
         assert not result["ok"]
         assert not running, (f"run_command returned ({result['summary']!r}) but the fence still runs: {running} "
                              "(its runner was stopped)")
@@ -124,7 +117,7 @@ def test_a_failed_fence_whose_runner_was_killed_leaves_nothing_running(tmp_path:
         result = json.loads(out.splitlines()[-1])
         assert not result["ok"], result
         pids = _started(d, ("shell", "detached", "fg"))
-        running = {n: p for n, p in pids.items() if _alive(p)}
+        running = {n: p for n, p in pids.items() if alive(p)}
         assert not running, f"run_command returned a failure ({result['summary']!r}) while the fence runs: {running}"
     finally:
         agent.kill()
@@ -152,7 +145,7 @@ def test_a_fence_past_its_timeout_while_the_agent_could_not_act_says_did_not_fin
     agent = _agent(code)
     try:
         shell = _started(d, ("shell",))["shell"]
-        wait_for(lambda: not _alive(shell), "the runner to kill the fence at its own deadline", timeout=60)
+        wait_for(lambda: not alive(shell), "the runner to kill the fence at its own deadline", timeout=60)
         out, _err = agent.communicate(timeout=120 * SLOW)
         result = json.loads(out.splitlines()[-1])
         assert not result["ok"]
@@ -177,7 +170,7 @@ def test_a_fence_killed_because_its_agent_was_stopped_is_not_said_to_still_run(t
     try:
         pids = _started(d, ("shell", "detached"))
         agent.send_signal(signal.SIGSTOP)
-        wait_for(lambda: not any(_alive(p) for p in pids.values()), "the fence to be killed (agent stopped)")
+        wait_for(lambda: not any(alive(p) for p in pids.values()), "the fence to be killed (agent stopped)")
         agent.send_signal(signal.SIGCONT)
         out, _err = agent.communicate(timeout=120 * SLOW)
         result = json.loads(out.splitlines()[-1])
@@ -240,9 +233,9 @@ def test_a_fencer_cut_off_from_zookeeper_keeps_fencing_while_the_next_standby_fe
         assert first == ["able", "start"], first
         fence_pid = int((pids / "able").read_text())
         proxy.set("drop")
-        wait_for(lambda: "zulu start" in log.read_text() or not _alive(fence_pid),
+        wait_for(lambda: "zulu start" in log.read_text() or not alive(fence_pid),
                  "zulu to start fencing, or able's fence to end", timeout=60)
-        both = "zulu start" in log.read_text() and _alive(fence_pid)
+        both = "zulu start" in log.read_text() and alive(fence_pid)
         assert not both, (f"zulu started its fence while able's fence command (pid {fence_pid}) still runs (able "
                           f"cut off from ZooKeeper): {log.read_text().split()}")
     finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from drsync.coordination.zookeeper import ZooKeeperCoordinator
 from tests.group import wait_for
+from tests.procs import alive
 from tests.test_failover import bootstrap
 
 
@@ -77,25 +78,18 @@ def _fence_in_a_child(tmp_path: Path, timeout_s: float, detach: bool = False) ->
     return child, int(pid)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-
-
 def test_a_fence_dies_with_the_process_that_runs_it(tmp_path: Path) -> None:
     child, fence = _fence_in_a_child(tmp_path, 300)
     child.kill()
     child.wait()
-    wait_for(lambda: _gone(fence), "the fence to be killed with the process that ran it")
+    wait_for(lambda: not alive(fence), "the fence to be killed with the process that ran it")
 
 
 def test_a_fence_of_a_frozen_process_is_killed_after_its_timeout(tmp_path: Path) -> None:
     child, fence = _fence_in_a_child(tmp_path, 1)
     child.send_signal(signal.SIGSTOP)
     try:
-        wait_for(lambda: _gone(fence), "the fence to be killed although its runner is frozen", timeout=30)
+        wait_for(lambda: not alive(fence), "the fence to be killed although its runner is frozen", timeout=30)
     finally:
         child.send_signal(signal.SIGCONT)
         child.wait()
@@ -109,7 +103,7 @@ def test_a_double_forked_fence_dies_with_the_process_that_runs_it(tmp_path: Path
     try:
         child.kill()
         child.wait()
-        wait_for(lambda: _gone(work), "the double-forked fence to be killed with the process that ran it")
+        wait_for(lambda: not alive(work), "the double-forked fence to be killed with the process that ran it")
     finally:
         _kill(work)
 
@@ -119,7 +113,7 @@ def test_a_double_forked_fence_is_killed_at_its_timeout(tmp_path: Path) -> None:
     child, work = _fence_in_a_child(tmp_path, 2, detach=True)
     try:
         assert child.wait(timeout=120) == 0
-        wait_for(lambda: _gone(work), "the double-forked fence to be killed at the fence's timeout")
+        wait_for(lambda: not alive(work), "the double-forked fence to be killed at the fence's timeout")
     finally:
         child.kill()
         _kill(work)
@@ -148,8 +142,8 @@ def test_what_a_failed_fence_left_running_is_killed_and_a_successful_ones_may_st
         assert r.ok == (outcome == "ok"), r
         pids[outcome] = int(pid_file.read_text())
     try:
-        assert _gone(pids["failed"]), "a process the failed fence started still runs after run_command returned"
-        assert not _gone(pids["ok"]), "the successful fence's leftover was killed"
+        assert not alive(pids["failed"]), "a process the failed fence started still runs after run_command returned"
+        assert alive(pids["ok"]), "the successful fence's leftover was killed"
     finally:
         for pid in pids.values():
             _kill(pid)
@@ -176,6 +170,6 @@ def test_a_fence_whose_runner_is_killed_by_somebody_else_is_a_failure_and_is_kil
         assert result and not result[0].ok, result
         assert "lost its runner (killed by SIGKILL" in result[0].summary(), result[0].summary()
         assert "1 process(es) still carrying its mark were killed" in result[0].summary(), result[0].summary()
-        assert _gone(fence), "the fence still runs after its runner was lost"
+        assert not alive(fence), "the fence still runs after its runner was lost"
     finally:
         _kill(fence)
