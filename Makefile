@@ -9,8 +9,9 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # prometheus brings promtool for the alert rules' unit tests, and with prometheus-alertmanager evaluates
 # and delivers them for real (tests/test_prometheus_alerts.py); chromium loads the status page in tests;
 # faketime runs the CLI with its clock a day off (tests/test_snapshot_order.py); maven builds the real
-# HDFS mini cluster (tests/hadoop: Hadoop 3.5 from Maven Central) that every HDFS test runs against.
-DEB_PACKAGES := rsync restic zookeeper prometheus prometheus-alertmanager chromium faketime maven tesseract-ocr tesseract-ocr-eng
+# HDFS mini cluster (tests/hadoop: Hadoop 3.5 from Maven Central) that every HDFS test runs against; strace
+# kills a restore at a chosen system call (tests/test_breaker_s49c.py).
+DEB_PACKAGES := rsync restic zookeeper prometheus prometheus-alertmanager chromium faketime maven tesseract-ocr tesseract-ocr-eng strace
 
 .PHONY: help venv bytecode system-deps hadoop test lint demo bench reliability proto clean man docs
 

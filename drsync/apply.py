@@ -496,7 +496,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         created_target, log_ = False, None
         # An interrupted apply is completed by the real run before it plans: this plan is against the
         # target as it is now, so it says so.
-        pending = not root.missing() and _journal_for(root, journal).load() is not None
+        pending = not root.missing() and _interrupted(root, _journal_for(root, journal)) is not None
     else:
         created_target = root.prepare_target()
         log_ = _journal_for(root, journal)
@@ -735,19 +735,30 @@ def _close(root: DataRoot, log_: Journal, on_committed: Callable[[], None] | Non
     root.drop_staging()  # the in-root journal's directory, now empty
 
 
-def _finish_interrupted(root: DataRoot, log_: Journal) -> bool:
+def _interrupted(root: DataRoot, log_: Journal) -> tuple[bool, ApplyPlan, dict[str, str]] | None:
+    """The journal of an apply cut short: (done, its plan, its staged files), or None when there is none.
+    IntegrityError when it cannot be read as one (written atomically: a damaged one is not ours to guess at)."""
     raw = log_.load()
     if raw is None:
-        return False
+        return None
     try:
         doc = documents.loads(raw)
-    except ValueError:
-        # Written atomically, so a damaged journal is not ours to guess at.
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+        done = doc.get("phase", "commit") == "done"
+        plan, staged = (ApplyPlan(), {}) if done else _plan_from_json(doc)
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise IntegrityError(f"apply journal of {root.url} is damaged; restore the target from a snapshot "
                              f"into an empty directory") from None
-    done = doc.get("phase", "commit") == "done"
+    return done, plan, staged
+
+
+def _finish_interrupted(root: DataRoot, log_: Journal) -> bool:
+    found = _interrupted(root, log_)
+    if found is None:
+        return False
+    done, plan, staged = found
     if not done:
-        plan, staged = _plan_from_json(doc)
         root.commit(plan, staged)
     _close(root, log_, None, done=done)
     return True

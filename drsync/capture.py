@@ -42,6 +42,7 @@ from drsync.repository.manifest import (
     Manifest,
     ManifestFile,
     ManifestWriter,
+    bool_mask,
     content_digest,
     hdfs_checksum_digest,
     sort_by_path,
@@ -775,12 +776,14 @@ def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarra
 
 def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: list[str],
                  devices: dict[str, int], groups: dict[tuple[int, int], _Lead],
-                 warnings: WarningLog, vanished: Sequence[str] = ()) -> tuple[Spool, int, int, int, int]:
+                 warnings: WarningLog, vanished: Sequence[tuple[str, int]] = (),
+                 ) -> tuple[Spool, int, int, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
     (unreadable entries and all below them, all below directories that could not be listed, or that
-    vanished between their parent's listing and their own: renamed meanwhile) marked stale, unless this
-    capture has them; their hard links worked out against this capture's
-    ``groups`` on the device of the path they are kept for (``devices``, :func:`_stale_links`);
+    vanished between their parent's listing and their own: renamed meanwhile, so below the parent's
+    directory of the same inode too, whatever its name) marked stale, unless this capture has them; their
+    hard links worked out against this capture's ``groups`` on the device of the path they are kept for
+    (``devices``, :func:`_stale_links`);
     links that the merged rows make escape the root left out.
     The result is validated as a restore will (IntegrityError rather than a snapshot no restore
     takes). Returns (the manifest, stale rows, skipped paths, stale files, their bytes)."""
@@ -797,7 +800,15 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
             i = row.get(os.fsencode(rel))
             if i is not None and ppaths[i] not in have:
                 keep.setdefault(i, devices.get(rel))
-        for rel in (*lost, *unlisted, *vanished):
+        # A directory that vanished was renamed, perhaps back to the name the parent has it under (and this
+        # walk listed its parent before): the parent's directory of that inode is kept too, itself included.
+        moved: list[str] = []
+        for d, ino in vanished:
+            for i in _directories_of_inode(p, ino):
+                if ppaths[i] not in have:
+                    keep.setdefault(i, devices.get(d))
+                    moved.append(os.fsdecode(ppaths[i]))
+        for rel in (*lost, *unlisted, *(d for d, _ in vanished), *moved):
             prefix = os.fsencode(rel) + b"/" if rel else b""
             i = bisect.bisect_left(ppaths, prefix)
             while i < len(ppaths) and ppaths[i].startswith(prefix):
@@ -807,10 +818,12 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
         stale_rows = sorted(keep)
         new_dirs = [d for d in unlisted if not _any_below(ppaths, d)]
         skipped = sum(1 for x in lost if os.fsencode(x) not in row) + len(new_dirs)
-        for d in vanished:
-            if _any_below(ppaths, d):
+        for d, ino in vanished:
+            also = [os.fsdecode(ppaths[i]) for i in _directories_of_inode(p, ino) if os.fsdecode(ppaths[i]) != d]
+            if _any_below(ppaths, d) or also:
+                as_ = f" (as {printable(also[0])})" if also else ""
                 warnings.append(f"{printable(d)}: vanished while the snapshot was taken (renamed or removed); "
-                                f"what the last snapshot holds below it is kept, stale")
+                                f"what the last snapshot holds below it{as_} is kept, stale")
     else:
         new_dirs = unlisted
         skipped = len(lost) + len(unlisted)
@@ -830,6 +843,14 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     merged = Manifest(table.combine_chunks())
     validate(merged, "the captured manifest with its stale rows")
     return merged.to_spool(), len(stale_rows), skipped, stale_files, stale_bytes
+
+
+def _directories_of_inode(p: pa.Table, ino: int) -> list[int]:
+    """Rows of the directories of table ``p`` whose inode is ``ino`` (none for 0: not known)."""
+    if not ino:
+        return []
+    hit = pc.and_(pc.equal(p.column("type"), DIR), pc.equal(p.column("inode"), pa.scalar(ino, pa.uint64())))
+    return np.flatnonzero(bool_mask(hit)).tolist()
 
 
 def _any_below(ppaths: list[bytes], rel: str) -> bool:

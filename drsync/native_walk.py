@@ -190,7 +190,7 @@ class _Notes:
 
     warnings: WarningLog = field(default_factory=WarningLog)
     unlisted: list[str] = field(default_factory=list)
-    vanished: list[str] = field(default_factory=list)
+    vanished: list[tuple[str, int]] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     devices: dict[str, int] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)
@@ -232,7 +232,7 @@ class _NativeLister:
         opened = fsutil.open_walked_dir(self.root, rel_dir, abs_dir, examined)
         if opened is None:  # removed or renamed since its parent was listed: what it held is kept, stale
             if rel_dir:
-                scan.vanished.append(fsdecode(rel_dir))
+                scan.vanished.append((fsdecode(rel_dir), examined[1] if examined else 0))
             return None
         if isinstance(opened, str):
             unlisted(opened, examined[0] if examined else None)

@@ -71,7 +71,7 @@ class TreeScan:
     unlisted: list[str] = field(default_factory=list)
     # Directories removed or renamed between their parent's listing and their own (kept stale, never a
     # deletion: a rename during the walk would otherwise lose the subtree from this snapshot).
-    vanished: list[str] = field(default_factory=list)
+    vanished: list[tuple[str, int]] = field(default_factory=list)  # (path, its inode; 0: not known)
     unreadable: list[str] = field(default_factory=list)
     # The device of each of those paths (a directory's own, an entry's directory's) where known: a stale
     # row joins a hard-link group of today's only on its own device (inode numbers repeat across them).
@@ -486,7 +486,7 @@ class _Lister:
         opened = fsutil.open_walked_dir(self.root, rel_dir, abs_dir, examined)
         if opened is None:  # removed or renamed since its parent was listed: what it held is kept, stale
             if rel_dir:
-                scan.vanished.append(fsdecode(rel_dir))
+                scan.vanished.append((fsdecode(rel_dir), examined[1] if examined else 0))
             return []
         if isinstance(opened, str):
             return unlisted(opened, examined[0] if examined else None)

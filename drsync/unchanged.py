@@ -188,8 +188,9 @@ class _Side:
     uid: np.ndarray
     gid: np.ndarray
     xattrs: pa.Array
-    inode: np.ndarray | None = None  # with identity: the capture's inode and status-change time of each row
-    ctime: np.ndarray | None = None
+    inode: np.ndarray | None = None  # with identity: the capture's inode and status-change time of each row,
+    ctime: np.ndarray | None = None  # and which rows are files with bytes in the repository
+    files: np.ndarray | None = None
 
 
 class _Merge:
@@ -222,13 +223,14 @@ class _Merge:
         secs = col("mtime_s")
         timed = mtime_in_range(secs)
         mtime = (np.where(timed, secs, 0) * 1_000_000_000 + col("mtime_nsec").astype(np.int64)) // self.res
-        inode = ctime = None
+        inode = ctime = files = None
         if self.identity is not None:  # a lean manifest reads them from its file, a batch at a time
             ids = bt if "inode" in bt.column_names else self.identity.columns_at(
                 np.arange(start, start + bt.num_rows), ["inode", "ctime_ns"])
             inode, ctime = ids.column("inode").to_numpy(), ids.column("ctime_ns").to_numpy()
+            files = bool_mask(pc.equal(bt.column("type"), FILE)) & ~external_mask(bt)
         return _Side(start, paths, plain, col("size"), mode, mtime, timed, col("uid").astype(np.int64),
-                     col("gid").astype(np.int64), bt.column("xattrs").combine_chunks(), inode, ctime)
+                     col("gid").astype(np.int64), bt.column("xattrs").combine_chunks(), inode, ctime, files)
 
     def window(self, m: _Side, lo: int, hi: int, tb: EntryColumns | None, tlo: int, thi: int) -> None:
         """Manifest rows ``lo:hi`` of ``m`` against target rows ``tlo:thi`` of ``tb``: both hold every path of
@@ -270,6 +272,7 @@ class _Merge:
     def _alike(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray) -> np.ndarray:
         if not self.drop_alike:
             return np.zeros(len(mr), bool)
+        suspect = self._suspects(m, mr, tb, tr) if m.files is not None else None
         alike = (m.plain[mr] & (tb.kind[tr] == K_FILE) & (tb.nlink[tr] == 1) & (tb.size[tr] == m.size[mr])
                  & (tb.mode[tr] == m.mode[mr]) & m.timed[mr] & mtime_in_range(tb.mtime_s[tr]))
         if not alike.any():
@@ -284,14 +287,27 @@ class _Merge:
             theirs = pa.array([tb.xattrs[i] for i in tr.tolist()], pa.binary())
             both_none = bool_mask(pc.and_(pc.is_null(mine), pc.is_null(theirs)))
             alike &= both_none | bool_mask(pc.equal(mine, theirs))
-        if m.inode is not None and m.ctime is not None and alike.any():
-            same = tb.ino[tr] == m.inode[mr]
-            same &= tb.ctime_ns[tr] == m.ctime[mr] if tb.ctime_ns is not None else False
-            suspect = alike & ~same
-            if suspect.any():
-                self.suspects.update(os.fsdecode(p) for p in m.paths.take(pa.array(mr[suspect])).to_pylist())
-                alike &= same
+        if suspect is not None:
+            alike &= ~suspect
         return alike
+
+    def _suspects(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray) -> np.ndarray:
+        """With identity: the files whose size and time match (the quick check would pass them, whatever
+        their mode, owner, attributes or links) but whose inode or status-change time is not the one the
+        capture saw (noted in ``suspects``; the mask of them returned)."""
+        assert m.files is not None and m.inode is not None and m.ctime is not None
+        quick = (m.files[mr] & (tb.kind[tr] == K_FILE) & (tb.size[tr] == m.size[mr]) & m.timed[mr]
+                 & mtime_in_range(tb.mtime_s[tr]))
+        if not quick.any():
+            return quick
+        secs = np.where(quick, tb.mtime_s[tr], 0)
+        quick &= (secs * 1_000_000_000 + tb.mtime_nsec[tr]) // self.res == m.mtime[mr]
+        same = tb.ino[tr] == m.inode[mr]
+        same &= tb.ctime_ns[tr] == m.ctime[mr] if tb.ctime_ns is not None else False
+        suspect = quick & ~same
+        if suspect.any():
+            self.suspects.update(os.fsdecode(p) for p in m.paths.take(pa.array(mr[suspect])).to_pylist())
+        return suspect
 
     def _planned(self, paths: pa.Array, rows: np.ndarray) -> np.ndarray:
         """Which of ``rows`` the planner must see whatever they compare like (``planned``, path by path)."""

@@ -671,12 +671,15 @@ class HdfsDataRoot:
             if kind is None:
                 return None
             is_dir = kind.get("type") == "DIRECTORY"
-            names = [c["pathSuffix"] for c in self.fs.list_dir(self._staging)] if is_dir else None
+            children = list(self.fs.list_dir(self._staging)) if is_dir else None
         except HdfsError:
-            names = None
-        if names is not None and (not names or any(n == STAGING_MARK or n.startswith(HdfsJournal.PREFIX)
-                                                   for n in names)):
-            return None
+            children = None
+        if children is not None:
+            # drsync's: empty, or its mark (or a journal) as a file, and otherwise only what an apply stages
+            marks = [c for c in children if c["pathSuffix"] == STAGING_MARK or _journal_name(c["pathSuffix"])]
+            if not children or (marks and all(c.get("type") == "FILE" for c in marks) and all(
+                    _staged_name(c["pathSuffix"]) for c in children if c not in marks)):
+                return None
         return f"{self.url.rstrip('/')}/{STAGING}"
 
     def reset_staging(self, plan: ApplyPlan) -> None:
@@ -715,7 +718,12 @@ class HdfsDataRoot:
         """Nothing to do: a closed HDFS file is on its datanodes, and namenode edits are logged."""
 
     def drop_staging(self) -> None:
-        """The staging area goes, except a journal still in it (the caller removes that, then calls again)."""
+        """The staging area goes, except a journal still in it (the caller removes that, then calls again).
+        One that is not drsync's is left as it is (the apply refuses it)."""
+        stray = self.foreign_staging()
+        if stray is not None:
+            log.warning("%s holds what drsync did not put there; left as it is", stray)
+            return
         try:
             children = list(self.fs.list_dir(self._staging))
         except HdfsError as e:
@@ -806,6 +814,16 @@ def _by_depth(entries: list[Entry], *, deepest_first: bool) -> list[list[Entry]]
     for e in entries:
         groups.setdefault(e.path.count("/"), []).append(e)
     return [groups[d] for d in sorted(groups, reverse=deepest_first)]
+
+
+def _journal_name(name: str) -> bool:
+    return name.startswith(HdfsJournal.PREFIX) and name[len(HdfsJournal.PREFIX):].isdecimal()
+
+
+def _staged_name(name: str) -> bool:
+    """A name an apply gives what it stages on HDFS: ``N`` (a file), ``trash``, ``distcp-<hex>`` (a copy)."""
+    return name == "trash" or (name.isdecimal() and name.isascii()) or (
+        name.startswith("distcp-") and all(c in "0123456789abcdef" for c in name[7:]))
 
 
 # An empty file drsync writes first into every staging area it makes on HDFS (where a journal comes later): what

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,8 @@ from drsync.repository import format as fmt
 from drsync.repository.manifest import DIR, FILE, SYMLINK, decode_xattrs
 from drsync.text import printable
 from drsync.tree import EntryColumns, LocalEntry, TreeScan, in_path_order, read_ahead, read_xattrs, scan_tree
+
+log = logging.getLogger("drsync.dataroot.local")
 
 if TYPE_CHECKING:
     from drsync.apply import ApplyPlan
@@ -327,12 +330,15 @@ class LocalDataRoot:
 
     def _foreign_staging(self, top_only: bool) -> str | None:
         with Beneath(self.root) as fs:
+            # The root's holds the apply's record (written first) or journal; without one, staged files are
+            # nobody's. A mounted filesystem's holds only staged files, made after the root's record.
             top = _staging_kind(fs, STAGING, (RECORD_NAME, JOURNAL_NAME))
-            if top == "foreign":
+            if top in ("foreign", "drsync's"):
                 return os.path.join(self.root, STAGING)
-            for d in () if top_only else self.mount_points():  # made after the root's record, removed before it
+            for d in () if top_only else self.mount_points():
                 rel = self._staging_of(d)
-                if _staging_kind(fs, rel, ()) == "foreign" and top != "marked":
+                kind = _staging_kind(fs, rel, ())
+                if kind == "foreign" or (kind == "drsync's" and top != "marked"):
                     return os.path.join(self.root, rel)
         return None
 
@@ -407,6 +413,10 @@ class LocalDataRoot:
             os.close(fd)
         self._staging_fds = {}
         if self.missing():
+            return
+        stray = self.foreign_staging()
+        if stray is not None:  # not drsync's: recovery and clean-up leave it as it is (the apply refuses it)
+            log.warning("%s holds what drsync did not put there; left as it is", stray)
             return
         with Beneath(self.root) as fs:
             mtimes = _read_record(fs).get("mtimes", {})
@@ -626,7 +636,8 @@ def _write_record(fs: Beneath, doc: dict[str, dict[str, int]]) -> None:
 
 def _staging_kind(fs: Beneath, rel: str, marks: tuple[str, ...]) -> str:
     """What is at staging area ``rel``: "absent", "empty" (a directory), "marked" (a directory holding one
-    of ``marks``), or "foreign" (anything else: a file, a link, content without a mark, or unreadable)."""
+    of ``marks`` as a regular file, and otherwise only names an apply gives its files), "drsync's" (only such
+    names, no mark), or "foreign" (anything else: a file, a link, another name, or unreadable)."""
     try:
         s = fs.lstat(rel)
         if s is None:
@@ -634,18 +645,31 @@ def _staging_kind(fs: Beneath, rel: str, marks: tuple[str, ...]) -> str:
         if not st.S_ISDIR(s.st_mode):
             return "foreign"
         with os.scandir(fs.dir_fd(rel)) as it:
-            names = {x.name for x in it}
+            entries = [(x.name, x.is_file(follow_symlinks=False)) for x in it]
     except OSError:
         return "foreign"
-    if not names:
+    if not entries:
         return "empty"
-    # a mark, or the new one Beneath.write_atomic was writing beside it (NAME.<12 hex digits>) when killed
-    marked = any(n in marks or (n[:-13] in marks and n[-13] == "." and _is_hex(n[-12:])) for n in names)
-    return "marked" if marked else "foreign"
+    marked = False
+    for name, regular in entries:
+        # a mark, or the new one Beneath.write_atomic was writing beside it (NAME.<12 hex digits>) when killed
+        if name in marks or (name[:-13] in marks and name[-13:-12] == "." and _is_hex(name[-12:])):
+            if not regular:
+                return "foreign"
+            marked = True
+        elif not _staged_name(name):
+            return "foreign"
+    return "marked" if marked else "drsync's"
+
+
+def _staged_name(name: str) -> bool:
+    """A name an apply gives what it stages: ``N``, ``HN``, ``LN`` (a file, hard link, link) and ``trash``."""
+    return name == "trash" or (name[:1] in "HL" and name[1:].isdecimal() and name[1:].isascii()) or (
+        name.isdecimal() and name.isascii())
 
 
 def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
+    return len(text) == 12 and all(c in "0123456789abcdef" for c in text)
 
 
 def _real_dir(fs: Beneath, rel: str) -> bool:
