@@ -436,7 +436,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    foreign: ForeignTarget | None = None, external: ExternalStager | None = None,
                    cancel: Callable[[], bool] | None = None, base: Manifest | ManifestFile | None = None,
                    keep_repositories: bool = False, max_remove_fraction: float | None = None,
-                   keep_uncarried: bool = False) -> ApplyResult:
+                   keep_uncarried: bool = False, captured_root: bool = False) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
 
     ``dry_run``: plan only and report it in ``ApplyResult.planned`` (and in ``ApplyResult.refused`` why
@@ -458,6 +458,9 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     when the plan would remove more than that share of the files the target holds, counting only files
     ``base`` does not have (those it has are the deletion guard's, which allows for renames).
     ``keep_uncarried`` (a standby's apply): see :func:`plan_apply`.
+    ``captured_root``: the target is the tree ``manifest`` was captured from (rolling a cluster's own data
+    root back): a file whose size and time match is taken as unchanged only as the very version captured
+    (its inode and status-change time too); the others are checked by content.
     ``keep_repositories`` (restores): a drsync repository found in the target where the plan would write
     into it or remove it (not one named in ``protect``, which is left alone) refuses the apply
     (RefusedError, nothing changed): a restore never destroys a repository, even one it does not know.
@@ -513,7 +516,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     # taken as unchanged only as the version the capture saw (its inode and status-change time too), as the
     # capture itself reuses a file unread; one whose size and time match but not those (rewritten in place
     # and its time put back, as ransomware does) has its content checked, as --checksum would.
-    identity = foreign is None and base is None and not checksum
+    identity = captured_root and base is None and not checksum
     entries, existing, unchanged, rest = _to_plan(manifest, root, dry_run=dry_run, merge=not structure_only,
                                                   drop_alike=not checksum, resolution=resolution,
                                                   planned=_planned(excluded, protected, changed)

@@ -370,7 +370,8 @@ def restore_backup(path: str, target: str, *, checksum: bool = False,
     result = apply_manifest(manifest, repo, target, what=f"backup {meta.id}", checksum=checksum,
                             exclude=tuple(meta.excluded), structure_only=meta.mode == "dataless",
                             progress=progress, on_total=on_total, protect=(path, *protect), dry_run=dry_run,
-                            foreign=foreign, keep_repositories=True)
+                            foreign=foreign, keep_repositories=True,
+                            captured_root=foreign is None)  # the cluster's own data root (CLI)
     if meta.mode == "dataless":
         result.warnings.append("dataless backup: directories and links restored, file contents are not "
                                "in this backup")

@@ -257,7 +257,8 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
 
         result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
                                 progress=progress, on_total=on_total, protect=(repo.storage.url, *protect),
-                                dry_run=dry_run, foreign=foreign, external=external, keep_repositories=True)
+                                dry_run=dry_run, foreign=foreign, external=external, keep_repositories=True,
+                                captured_root=foreign is None)  # the cluster's own data root (CLI)
     return info, result
 
 
