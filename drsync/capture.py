@@ -349,10 +349,10 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
         for m, why in verdict.keep.items():
             warnings.append(why)
             lost.append(m)
-    if lost or scan.unlisted or scan.vanished:
+    if lost or scan.unlisted or scan.vanished or state.vanished:
         stored, stale, skipped, stale_files, stale_bytes = _merge_stale(
             stored, pv.table() if pv else None, lost, scan.unlisted, {**scan.devices, **state.devices},
-            links.leaders, warnings, scan.vanished)
+            links.leaders, warnings, scan.vanished, state.vanished)
     if watch is not None and verdict.keep:  # what the snapshot holds below each volume, kept files included
         recorded = _files_below(Manifest.from_bytes(stored, "the captured manifest").table, recorded)
     # The snapshot's files and bytes are what it holds: the stale files kept at their last version count too.
@@ -569,6 +569,9 @@ class _Totals:
     reused: int = 0
     lost: list[str] = field(default_factory=list)      # exist but could not be read: kept stale
     devices: dict[str, int] = field(default_factory=dict)  # the device of each of those
+    # New names that vanished before their read, with their inode: renamed, perhaps back to a name the
+    # parent has (the parent's file of that inode is kept, stale)
+    vanished: list[tuple[str, int]] = field(default_factory=list)
 
 
 # A hard-link group's first path and what it holds (size, content, mode, owner).
@@ -663,7 +666,10 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
                     # Gone between the listing and the read: renamed (its new name may be in a directory
                     # listed earlier) or removed. What the parent snapshot has of it is kept for this one,
                     # so a rename during the walk is never a deletion on the standby; the next capture says.
-                    if got != "vanished" or same[k] >= 0:
+                    if got == "vanished" and same[k] < 0:
+                        totals.vanished.append((paths[k], int(_np(w.column("inode"))[k])))
+                        totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
+                    else:
                         totals.lost.append(paths[k])
                         totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
                         kept = ("its last captured version is kept" if same[k] >= 0 else
@@ -777,7 +783,7 @@ def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarra
 def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: list[str],
                  devices: dict[str, int], groups: dict[tuple[int, int], _Lead],
                  warnings: WarningLog, vanished: Sequence[tuple[str, int]] = (),
-                 ) -> tuple[Spool, int, int, int, int]:
+                 vanished_files: Sequence[tuple[str, int]] = ()) -> tuple[Spool, int, int, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
     (unreadable entries and all below them, all below directories that could not be listed, or that
     vanished between their parent's listing and their own: renamed meanwhile, so below the parent's
@@ -803,8 +809,14 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
         # A directory that vanished was renamed, perhaps back to the name the parent has it under (and this
         # walk listed its parent before): the parent's directory of that inode is kept too, itself included.
         moved: list[str] = []
+        for f, ino in vanished_files:  # a file of a new name gone before its read: renamed back, perhaps
+            for i in _rows_of_inode(p, ino, FILE):
+                if ppaths[i] not in have:
+                    keep.setdefault(i, devices.get(f))
+                    warnings.append(f"{printable(f)}: vanished while the snapshot was taken (renamed or removed); "
+                                    f"its last captured version (as {printable(os.fsdecode(ppaths[i]))}) is kept")
         for d, ino in vanished:
-            for i in _directories_of_inode(p, ino):
+            for i in _rows_of_inode(p, ino, DIR):
                 if ppaths[i] not in have:
                     keep.setdefault(i, devices.get(d))
                     moved.append(os.fsdecode(ppaths[i]))
@@ -819,7 +831,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
         new_dirs = [d for d in unlisted if not _any_below(ppaths, d)]
         skipped = sum(1 for x in lost if os.fsencode(x) not in row) + len(new_dirs)
         for d, ino in vanished:
-            also = [os.fsdecode(ppaths[i]) for i in _directories_of_inode(p, ino) if os.fsdecode(ppaths[i]) != d]
+            also = [os.fsdecode(ppaths[i]) for i in _rows_of_inode(p, ino, DIR) if os.fsdecode(ppaths[i]) != d]
             if _any_below(ppaths, d) or also:
                 as_ = f" (as {printable(also[0])})" if also else ""
                 warnings.append(f"{printable(d)}: vanished while the snapshot was taken (renamed or removed); "
@@ -845,11 +857,11 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     return merged.to_spool(), len(stale_rows), skipped, stale_files, stale_bytes
 
 
-def _directories_of_inode(p: pa.Table, ino: int) -> list[int]:
-    """Rows of the directories of table ``p`` whose inode is ``ino`` (none for 0: not known)."""
+def _rows_of_inode(p: pa.Table, ino: int, kind: str) -> list[int]:
+    """Rows of table ``p`` of type ``kind`` whose inode is ``ino`` (none for 0: not known)."""
     if not ino:
         return []
-    hit = pc.and_(pc.equal(p.column("type"), DIR), pc.equal(p.column("inode"), pa.scalar(ino, pa.uint64())))
+    hit = pc.and_(pc.equal(p.column("type"), kind), pc.equal(p.column("inode"), pa.scalar(ino, pa.uint64())))
     return np.flatnonzero(bool_mask(hit)).tolist()
 
 

@@ -39,8 +39,8 @@ def foreign_target(inv: Invocation, dest: str, overwrite: bool, delete_extra: bo
                                f"captures it), and {dest} {where}; a restore there now would leave the root "
                                f"other than what the agent reports: stop the agent first (on production, its "
                                f"writers too), or restore outside it with --target")
-    if inv.config is not None and target == engine.data_root_url(inv.config.cluster.data):
-        return None
+    if inv.config is not None and same_place(target, engine.data_root_url(inv.config.cluster.data)):
+        return None  # the cluster's own root, however spelled (a symlink or bind mount of it too)
     from drsync.apply import ForeignTarget
 
     return ForeignTarget(overwrite=overwrite, delete_extra=delete_extra)

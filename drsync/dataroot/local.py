@@ -645,27 +645,62 @@ def _staging_kind(fs: Beneath, rel: str, marks: tuple[str, ...]) -> str:
         if not st.S_ISDIR(s.st_mode):
             return "foreign"
         with os.scandir(fs.dir_fd(rel)) as it:
-            entries = [(x.name, x.is_file(follow_symlinks=False)) for x in it]
+            entries = [(x.name, _kind_of(x)) for x in it]
+        if not entries:
+            return "empty"
+        marked = False
+        for name, kind in entries:
+            if name in marks:  # written atomically: a JSON object, or it is not drsync's
+                if kind != "file" or not _json_object(fs, f"{rel}/{name}"):
+                    return "foreign"
+                marked = True
+            # the new one Beneath.write_atomic was writing beside a mark (NAME.<12 hex digits>) when killed:
+            # the record is written first, so one killed then leaves this alone
+            elif name[:-13] in marks and name[-13:-12] == "." and _is_hex(name[-12:]):
+                if kind != "file":
+                    return "foreign"
+                marked = True
+            elif _staged_kind(name) != kind:
+                return "foreign"
     except OSError:
         return "foreign"
-    if not entries:
-        return "empty"
-    marked = False
-    for name, regular in entries:
-        # a mark, or the new one Beneath.write_atomic was writing beside it (NAME.<12 hex digits>) when killed
-        if name in marks or (name[:-13] in marks and name[-13:-12] == "." and _is_hex(name[-12:])):
-            if not regular:
-                return "foreign"
-            marked = True
-        elif not _staged_name(name):
-            return "foreign"
     return "marked" if marked else "drsync's"
 
 
-def _staged_name(name: str) -> bool:
-    """A name an apply gives what it stages: ``N``, ``HN``, ``LN`` (a file, hard link, link) and ``trash``."""
-    return name == "trash" or (name[:1] in "HL" and name[1:].isdecimal() and name[1:].isascii()) or (
-        name.isdecimal() and name.isascii())
+def _kind_of(entry: os.DirEntry[str]) -> str:
+    if entry.is_symlink():
+        return "link"
+    return "dir" if entry.is_dir(follow_symlinks=False) else "file" if entry.is_file(follow_symlinks=False) \
+        else "other"
+
+
+def _json_object(fs: Beneath, rel: str) -> bool:
+    """Whether ``rel`` holds a JSON object, as drsync's record and journal do (one of more than 1 MiB, a
+    large apply's journal, by its first character: reading it is the journal's own check)."""
+    fd = fs.open_read(rel)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read((1 << 20) + 1)
+    finally:
+        os.close(fd)
+    if len(data) > 1 << 20:
+        return data.lstrip()[:1] == b"{"
+    try:
+        return isinstance(documents.loads(data, allow_nan=True), dict)
+    except ValueError:
+        return False
+
+
+def _staged_kind(name: str) -> str:
+    """What an apply stages under ``name``: ``N`` and ``HN`` a file (a new hard link's too), ``LN`` a link,
+    ``trash`` a directory; "" for a name it never uses."""
+    def number(text: str) -> bool:
+        return text.isdecimal() and text.isascii()
+    if name == "trash":
+        return "dir"
+    if number(name) or (name[:1] == "H" and number(name[1:])):
+        return "file"
+    return "link" if name[:1] == "L" and number(name[1:]) else ""
 
 
 def _is_hex(text: str) -> bool:
