@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, ch
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 
 
-def _source_repo(base: Path, files: dict[str, str] | None = None) -> tuple[Path, Path]:
+def source_repo(base: Path, files: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """A tree ``base/src`` (``files``, or a few of its own) captured as snapshot s1 of a repository of its own,
+    ``base/repo``: (tree, repository)."""
     src = base / "src"
     write_files(src, files or {"a/f1": "one\n", "b/f2": "two\n", "vol/v1": "vee\n"})
     age_tree(src)
@@ -53,7 +56,7 @@ def test_a_mark_name_that_is_no_record_does_not_make_the_users_staging_drsyncs(t
     record drsync writes (a directory, a link, a fifo) is still the user's: refused with exit 4, also with
     --dry-run, and nothing changed. Observed: dry run exit 0; the restore deletes the user's file (exit 0, or
     exit 1 'restore.json: Is a directory' after deleting it)."""
-    _src, repo = _source_repo(tmp_path)
+    _src, repo = source_repo(tmp_path)
     target = tmp_path / "target"
     (target / ".drsync-staging").mkdir(parents=True)
     (target / ".drsync-staging" / "user.db").write_text("precious\n")
@@ -68,7 +71,7 @@ def test_a_mark_name_that_is_no_record_does_not_make_the_users_staging_drsyncs(t
 
 def test_a_backup_restore_does_not_delete_a_users_staging_with_a_restore_json_directory(tmp_path: Path) -> None:
     """Same through `backup restore`. Observed: exit 1 'restore.json: Is a directory', user.db already gone."""
-    _src, repo = _source_repo(tmp_path)
+    _src, repo = source_repo(tmp_path)
     r = run_drsync("backup", "create", "--repo", repo, "--snapshot", "s1", "--dest", tmp_path / "bk")
     assert r.code == 0, r.err
     backup = next((tmp_path / "bk").iterdir())
@@ -83,7 +86,7 @@ def test_a_backup_restore_does_not_delete_a_users_staging_with_a_restore_json_di
 def test_an_empty_json_journal_in_a_users_staging_is_one_clear_line_not_an_internal_error(tmp_path: Path) -> None:
     """`.drsync-staging/journal.json` holding `{}`: bad input gets one clear line and changes nothing.
     Observed: 'drsync: internal error: KeyError: 'write'' (exit 1), and the dry run said exit 0."""
-    _src, repo = _source_repo(tmp_path)
+    _src, repo = source_repo(tmp_path)
     target = tmp_path / "target"
     write_files(target, {".drsync-staging/journal.json": "{}\n", ".drsync-staging/user.db": "precious\n"})
     dry = run_drsync("snapshot", "restore", "s1", "--repo", repo, "--target", target, "--dry-run", timeout=60)
@@ -101,7 +104,7 @@ def test_drsyncs_leftover_at_the_top_does_not_hide_a_foreign_staging_in_a_mounte
     `.drsync-staging` with data at the top of a filesystem mounted inside the target. The next restore takes
     up drsync's leftover, but must still refuse the mount's (exit 4, dry run too) without --delete-extra.
     Observed: dry run exit 0 and the restore silently deletes vol/.drsync-staging/user.db."""
-    _src, repo = _source_repo(tmp_path)
+    _src, repo = source_repo(tmp_path)
     target = tmp_path / "target"
     (target / "vol").mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(target / "vol")], check=True)
@@ -190,6 +193,30 @@ def test_a_standby_refusing_a_foreign_staging_leaves_it_and_recovers_once_it_is_
 
 # --- promise 2: rolling the own data root back takes a file as unchanged only as the captured version ------
 
+
+def captured_then_tampered(base: Path, prepare: Callable[[Path], None] | None = None,
+                           ) -> tuple[Path, Path, dict]:  # type: ignore[type-arg]
+    """A root ``base/data`` (``prepare`` may add to it) captured as snapshot s1 of config ``base/c.toml``, then
+    its file ``victim`` rewritten in place with its size and times put back (ransomware's way): (root, config,
+    the root's state as captured)."""
+    src = base / "data"
+    write_files(src, {"victim": "victim data " * 50, "other": "other\n"})
+    if prepare is not None:
+        prepare(src)
+    age_tree(src)
+    init_repo_at(base / "repo", "east", "6.2.1")
+    cfg = base / "c.toml"
+    cfg.write_text(f'[cluster]\nid="east"\nrelease="6.2.1"\ndata="{src}"\nrepository="{base / "repo"}"\n')
+    r = run_drsync("snapshot", "create", "--config", cfg, "--name", "s1")
+    assert r.code == 0, r.err
+    want = tree_state(src)
+    s = os.lstat(src / "victim")
+    with open(src / "victim", "r+b") as f:
+        f.write(b"ENCRYPTED")
+    os.utime(src / "victim", ns=(s.st_atime_ns, s.st_mtime_ns))
+    return src, cfg, want
+
+
 @pytest.mark.parametrize("also", ["chmod", "chown", "xattr", "hardlink"])
 def test_rollback_rewrites_a_file_tampered_in_place_whose_metadata_also_changed(tmp_path: Path, also: str) -> None:
     """`snapshot restore s1 --config C` (C's data is the captured root): a file rewritten in place with its size
@@ -198,23 +225,14 @@ def test_rollback_rewrites_a_file_tampered_in_place_whose_metadata_also_changed(
     'N unchanged'); only --checksum restores it."""
     if also == "chown" and os.geteuid() != 0:
         pytest.skip("needs root")
-    src = tmp_path / "data"
-    write_files(src, {"victim": "victim data " * 50, "other": "other\n"})
-    if also == "hardlink":
-        os.link(src / "victim", src / "victim-link")
-    if also == "xattr":
-        os.setxattr(src / "victim", "user.k", b"v1")
-    age_tree(src)
-    init_repo_at(tmp_path / "repo", "east", "6.2.1")
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[cluster]\nid="east"\nrelease="6.2.1"\ndata="{src}"\nrepository="{tmp_path / "repo"}"\n')
-    r = run_drsync("snapshot", "create", "--config", cfg, "--name", "s1")
-    assert r.code == 0, r.err
-    want = tree_state(src)
-    s = os.lstat(src / "victim")
-    with open(src / "victim", "r+b") as f:
-        f.write(b"ENCRYPTED")
-    os.utime(src / "victim", ns=(s.st_atime_ns, s.st_mtime_ns))
+
+    def prepare(src: Path) -> None:
+        if also == "hardlink":
+            os.link(src / "victim", src / "victim-link")
+        if also == "xattr":
+            os.setxattr(src / "victim", "user.k", b"v1")
+
+    src, cfg, want = captured_then_tampered(tmp_path, prepare)
     if also == "chmod":
         os.chmod(src / "victim", 0o600)
     elif also == "chown":

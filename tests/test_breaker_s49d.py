@@ -9,18 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import age_tree, init_repo_at, run_drsync, tree_state, write_files
-
-
-def _src_repo(base: Path) -> tuple[Path, Path]:
-    src = base / "src"
-    write_files(src, {"a/f1": "one\n", "b/f2": "two\n"})
-    age_tree(src)
-    repo = base / "repo"
-    init_repo_at(repo, "east", "6.2.1")
-    r = run_drsync("snapshot", "create", "--repo", repo, "--source", src, "--name", "s1")
-    assert r.code == 0, r.err
-    return src, repo
+from tests.conftest import init_repo_at, run_drsync, tree_state, write_files
+from tests.test_breaker_s49c import captured_then_tampered, source_repo
 
 
 @pytest.mark.parametrize("record", ["", "a note, not JSON\n", "[1, 2]"])
@@ -30,7 +20,7 @@ def test_a_restore_json_that_is_no_record_does_not_make_a_users_staging_drsyncs(
     """`.drsync-staging/{restore.json (empty or not drsync's JSON), trash/user.db}`: drsync writes its record
     atomically (its own reader says anything else 'is not ours'), yet the area counts as drsync's: dry run exit 0,
     the restore deletes user.db. Expected: exit 4, one line, nothing changed."""
-    _src, repo = _src_repo(tmp_path)
+    _src, repo = source_repo(tmp_path, {"a/f1": "one\n", "b/f2": "two\n"})
     target = tmp_path / "target"
     stg = target / ".drsync-staging"
     (stg / holder).mkdir(parents=True)
@@ -42,23 +32,6 @@ def test_a_restore_json_that_is_no_record_does_not_make_a_users_staging_drsyncs(
     assert d.code == 4 and r.code == 4, (d.code, r.code)
 
 
-def _own_root(base: Path) -> tuple[Path, Path, dict]:  # type: ignore[type-arg]
-    src = base / "data"
-    write_files(src, {"victim": "victim data " * 50, "other": "other\n"})
-    age_tree(src)
-    init_repo_at(base / "repo", "east", "6.2.1")
-    cfg = base / "c.toml"
-    cfg.write_text(f'[cluster]\nid="east"\nrelease="6.2.1"\ndata="{src}"\nrepository="{base / "repo"}"\n')
-    r = run_drsync("snapshot", "create", "--config", cfg, "--name", "s1")
-    assert r.code == 0, r.err
-    want = tree_state(src)
-    s = os.lstat(src / "victim")
-    with open(src / "victim", "r+b") as f:
-        f.write(b"ENCRYPTED")
-    os.utime(src / "victim", ns=(s.st_atime_ns, s.st_mtime_ns))
-    return src, cfg, want
-
-
 @pytest.mark.parametrize("how", ["symlink", "bind"])
 def test_rollback_through_a_symlink_or_bind_mount_of_the_own_root_rewrites_the_tampered_file(tmp_path: Path,
                                                                                            how: str) -> None:
@@ -68,7 +41,7 @@ def test_rollback_through_a_symlink_or_bind_mount_of_the_own_root_rewrites_the_t
     running-agent check beside it uses same_place."""
     if how == "bind" and os.geteuid() != 0:
         pytest.skip("needs root")
-    src, cfg, want = _own_root(tmp_path)
+    src, cfg, want = captured_then_tampered(tmp_path)
     x = tmp_path / "x"
     if how == "symlink":
         os.symlink(src, x)
