@@ -524,10 +524,11 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                                                   else None, identity=identity)
     suspects = rest.suspects if rest is not None else set()
     entries = _within_mode_bits(entries, root)
-    check = _with_chunks(manifest, root.same_content) if checksum or suspects else None
-    plan = plan_apply(entries, existing, excluded=excluded,
-                      same_content=(check if checksum or check is None else
-                                    lambda e, have: e.path not in suspects or check(e, have)),
+    same_content = _with_chunks(manifest, root.same_content) if checksum or suspects else None
+    if same_content is not None and not checksum:  # only the suspects are read
+        by_content = same_content
+        same_content = lambda e, have: e.path not in suspects or by_content(e, have)  # noqa: E731
+    plan = plan_apply(entries, existing, excluded=excluded, same_content=same_content,
                       structure_only=structure_only,
                       compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
                       compare_xattrs=root.supports_xattrs, content_changed=changed,

@@ -808,15 +808,17 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                 keep.setdefault(i, devices.get(rel))
         # A directory that vanished was renamed, perhaps back to the name the parent has it under (and this
         # walk listed its parent before): the parent's directory of that inode is kept too, itself included.
+        files_of = _rows_by_inode(p, {ino for _, ino in vanished_files}, FILE)
+        dirs_of = _rows_by_inode(p, {ino for _, ino in vanished}, DIR)
         moved: list[str] = []
         for f, ino in vanished_files:  # a file of a new name gone before its read: renamed back, perhaps
-            for i in _rows_of_inode(p, ino, FILE):
+            for i in files_of.get(ino, ()):
                 if ppaths[i] not in have:
                     keep.setdefault(i, devices.get(f))
                     warnings.append(f"{printable(f)}: vanished while the snapshot was taken (renamed or removed); "
                                     f"its last captured version (as {printable(os.fsdecode(ppaths[i]))}) is kept")
         for d, ino in vanished:
-            for i in _rows_of_inode(p, ino, DIR):
+            for i in dirs_of.get(ino, ()):
                 if ppaths[i] not in have:
                     keep.setdefault(i, devices.get(d))
                     moved.append(os.fsdecode(ppaths[i]))
@@ -831,7 +833,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
         new_dirs = [d for d in unlisted if not _any_below(ppaths, d)]
         skipped = sum(1 for x in lost if os.fsencode(x) not in row) + len(new_dirs)
         for d, ino in vanished:
-            also = [os.fsdecode(ppaths[i]) for i in _rows_of_inode(p, ino, DIR) if os.fsdecode(ppaths[i]) != d]
+            also = [os.fsdecode(ppaths[i]) for i in dirs_of.get(ino, ()) if os.fsdecode(ppaths[i]) != d]
             if _any_below(ppaths, d) or also:
                 as_ = f" (as {printable(also[0])})" if also else ""
                 warnings.append(f"{printable(d)}: vanished while the snapshot was taken (renamed or removed); "
@@ -857,12 +859,18 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     return merged.to_spool(), len(stale_rows), skipped, stale_files, stale_bytes
 
 
-def _rows_of_inode(p: pa.Table, ino: int, kind: str) -> list[int]:
-    """Rows of table ``p`` of type ``kind`` whose inode is ``ino`` (none for 0: not known)."""
-    if not ino:
-        return []
-    hit = pc.and_(pc.equal(p.column("type"), kind), pc.equal(p.column("inode"), pa.scalar(ino, pa.uint64())))
-    return np.flatnonzero(bool_mask(hit)).tolist()
+def _rows_by_inode(p: pa.Table, inodes: set[int], kind: str) -> dict[int, list[int]]:
+    """Rows of table ``p`` of type ``kind`` by their inode, for the ``inodes`` asked (0, not known, never)."""
+    inodes.discard(0)
+    if not inodes:
+        return {}
+    hit = pc.and_(pc.equal(p.column("type"), kind),
+                  pc.is_in(p.column("inode"), value_set=pa.array(sorted(inodes), pa.uint64())))
+    rows = np.flatnonzero(bool_mask(hit))
+    out: dict[int, list[int]] = {}
+    for i, ino in zip(rows.tolist(), p.column("inode").take(pa.array(rows)).to_pylist(), strict=True):
+        out.setdefault(ino, []).append(i)
+    return out
 
 
 def _any_below(ppaths: list[bytes], rel: str) -> bool:

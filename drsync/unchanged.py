@@ -218,19 +218,20 @@ class _Merge:
 
         paths = bt.column("path").combine_chunks().cast(pa.large_binary())  # as the walk's
         mode = col("mode").astype(np.int64)
-        plain = (bool_mask(pc.equal(bt.column("type"), FILE)) & bool_mask(pc.is_null(bt.column("hardlink")))
-                 & ~external_mask(bt) & ~bool_mask(pc.is_in(paths, value_set=self.leaders)) & (mode & self.extra == 0))
+        files = bool_mask(pc.equal(bt.column("type"), FILE)) & ~external_mask(bt)  # bytes in the repository
+        plain = (files & bool_mask(pc.is_null(bt.column("hardlink")))
+                 & ~bool_mask(pc.is_in(paths, value_set=self.leaders)) & (mode & self.extra == 0))
         secs = col("mtime_s")
         timed = mtime_in_range(secs)
         mtime = (np.where(timed, secs, 0) * 1_000_000_000 + col("mtime_nsec").astype(np.int64)) // self.res
-        inode = ctime = files = None
+        inode = ctime = None
         if self.identity is not None:  # a lean manifest reads them from its file, a batch at a time
             ids = bt if "inode" in bt.column_names else self.identity.columns_at(
                 np.arange(start, start + bt.num_rows), ["inode", "ctime_ns"])
             inode, ctime = ids.column("inode").to_numpy(), ids.column("ctime_ns").to_numpy()
-            files = bool_mask(pc.equal(bt.column("type"), FILE)) & ~external_mask(bt)
         return _Side(start, paths, plain, col("size"), mode, mtime, timed, col("uid").astype(np.int64),
-                     col("gid").astype(np.int64), bt.column("xattrs").combine_chunks(), inode, ctime, files)
+                     col("gid").astype(np.int64), bt.column("xattrs").combine_chunks(), inode, ctime,
+                     files if inode is not None else None)
 
     def window(self, m: _Side, lo: int, hi: int, tb: EntryColumns | None, tlo: int, thi: int) -> None:
         """Manifest rows ``lo:hi`` of ``m`` against target rows ``tlo:thi`` of ``tb``: both hold every path of

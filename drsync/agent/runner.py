@@ -31,6 +31,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -261,8 +262,6 @@ class Runner:
 def _environment_file(command: str, env: dict[str, str]) -> IO[bytes]:
     """An unlinked temporary file holding the command, then each ``NAME=VALUE``, NUL-terminated (raises
     OSError: no writable temporary directory or a full one; ValueError: a NUL byte in them)."""
-    import tempfile
-
     items = [os.fsencode(command), *(os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items())]
     if any(b"\0" in i for i in items):
         raise ValueError("the command or its environment holds a NUL byte")
