@@ -56,12 +56,12 @@ from drsync.repository.manifest import (
 )
 from drsync.repository.manifest_check import escaping_links, validate
 from drsync.repository.manifest_diff import content_changed
-from drsync.text import printable
+from drsync.text import one_line, printable
 from drsync.tree import LocalEntry
 from drsync.unchanged import Residual, WriteList, split_unchanged
 
-__all__ = ["STAGING", "ApplyPlan", "ApplyResult", "ChunkSource", "ExternalStager", "apply_manifest", "plan_apply",
-           "recover_apply"]
+__all__ = ["STAGING", "ApplyPlan", "ApplyResult", "ChunkSource", "ExternalStager", "abandon_apply", "apply_manifest",
+           "plan_apply", "recover_apply"]
 
 
 class ChunkSource(Protocol):
@@ -436,7 +436,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    foreign: ForeignTarget | None = None, external: ExternalStager | None = None,
                    cancel: Callable[[], bool] | None = None, base: Manifest | ManifestFile | None = None,
                    keep_repositories: bool = False, max_remove_fraction: float | None = None,
-                   keep_uncarried: bool = False, captured_root: bool = False) -> ApplyResult:
+                   keep_uncarried: bool = False, captured_root: bool = False, replan: bool = False) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
 
     ``dry_run``: plan only and report it in ``ApplyResult.planned`` (and in ``ApplyResult.refused`` why
@@ -461,6 +461,9 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     ``captured_root``: the target is the tree ``manifest`` was captured from (rolling a cluster's own data
     root back): a file whose size and time match is taken as unchanged only as the very version captured
     (its inode and status-change time too); the others are checked by content.
+    ``replan`` (restores): an earlier apply onto the target cut short whose journal no replay completes (the
+    target was changed by hand since) is dropped, with a warning, and this apply plans against the target
+    as it is; otherwise that is an error (a standby's record of what its root holds must not go stale).
     ``keep_repositories`` (restores): a drsync repository found in the target where the plan would write
     into it or remove it (not one named in ``protect``, which is left alone) refuses the apply
     (RefusedError, nothing changed): a restore never destroys a repository, even one it does not know.
@@ -505,7 +508,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         log_ = _journal_for(root, journal)
         # An earlier apply onto this target that was cut short is completed (or undone) first.
         root.settle()
-        _finish_interrupted(root, log_)
+        abandoned = _finish_interrupted(root, log_, replan=replan)
     protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
     # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
     # milliseconds, and so does anything applied to HDFS.
@@ -661,6 +664,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     result = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
                          unchanged_files=plan.unchanged,
                          removed=sum(1 for p in plan.remove if p not in wanted_types))
+    if abandoned:
+        result.warnings.append(abandoned)
     if skipped_links:
         result.warnings.append(f"{len(skipped_links)} symlink(s) not made: {root.url} cannot hold symlinks "
                                f"(e.g. {skipped_links[0].path})")
@@ -757,15 +762,30 @@ def _interrupted(root: DataRoot, log_: Journal) -> tuple[bool, ApplyPlan, dict[s
     return done, plan, staged
 
 
-def _finish_interrupted(root: DataRoot, log_: Journal) -> bool:
+def _finish_interrupted(root: DataRoot, log_: Journal, *, replan: bool = False) -> str:
+    """Complete the apply whose journal ``log_`` holds, if any. Returns "" (nothing to do, or completed), or,
+    with ``replan``, why it was dropped instead: its commit met a target changed since the crash (a
+    directory it writes into removed by hand, the trash it marks its steps with emptied), which no replay
+    completes; the caller then plans against the target as it is (a restore's plan covers every path, so
+    the result is whole all the same). Without ``replan`` that error is raised."""
     found = _interrupted(root, log_)
     if found is None:
-        return False
+        return ""
     done, plan, staged = found
     if not done:
-        root.commit(plan, staged)
+        try:
+            root.commit(plan, staged)
+        except (OperationFailed, OSError) as e:
+            if not replan:
+                raise
+            why = (f"the apply cut short on {root.url} could not be completed ({one_line(str(e))}): the target was "
+                   f"changed since; it was dropped, and this apply planned against the target as it is")
+            log.warning("%s", why)
+            log_.remove()
+            root.drop_staging()
+            return why
     _close(root, log_, None, done=done)
-    return True
+    return ""
 
 
 def _rows_not_excluded(manifest: Manifest, excluded: Callable[[str], bool] | None) -> np.ndarray:
@@ -936,10 +956,23 @@ def recover_apply(target: str | DataRoot, journal: str | None = None) -> bool:
     if root.missing():
         return False
     root.settle()
-    if _finish_interrupted(root, _journal_for(root, journal)):
+    log_ = _journal_for(root, journal)
+    if _interrupted(root, log_) is not None:
+        _finish_interrupted(root, log_)
         return True
     root.drop_staging()
     return False
+
+
+def abandon_apply(target: str | DataRoot, journal: str | None = None) -> None:
+    """Drop an interrupted apply's journal and staging area without completing it: the caller applies a
+    whole snapshot next, with every file compared (the root is left part old, part new until then)."""
+    root = open_data_root(target) if isinstance(target, str) else target
+    if root.missing():
+        return
+    root.settle()
+    _journal_for(root, journal).remove()
+    root.drop_staging()
 
 
 def _small(batch: list[tuple[int, Entry]]) -> bool:

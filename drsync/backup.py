@@ -367,7 +367,7 @@ def restore_backup(path: str, target: str, *, checksum: bool = False,
     if len(snaps) != 1:
         raise IntegrityError(f"backup {path} should hold one snapshot, it holds {len(snaps)}")
     manifest = repo.load_manifest(snaps[0], lean=True)
-    result = apply_manifest(manifest, repo, target, what=f"backup {meta.id}", checksum=checksum,
+    result = apply_manifest(manifest, repo, target, what=f"backup {meta.id}", checksum=checksum, replan=True,
                             exclude=tuple(meta.excluded), structure_only=meta.mode == "dataless",
                             progress=progress, on_total=on_total, protect=(path, *protect), dry_run=dry_run,
                             foreign=foreign, keep_repositories=True,

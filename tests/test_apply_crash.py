@@ -996,3 +996,95 @@ def test_kill_9_standby_agent_at_steps_of_its_apply(tmp_path: Path) -> None:
         bad.assert_none("after a kill -9 of a standby agent")
     finally:
         pair.stop_all()
+
+
+# --- a target changed by hand after the kill (breaker s50) -------------------------------------------------
+
+
+def _change_by_hand(target: Path, change: str) -> None:
+    """What an operator does to a target an apply was cut short on: empty the trash drsync marks its
+    steps with, or remove a directory (every directory the snapshots share, deepest first: one the
+    commit writes into among them)."""
+    if change == "trash":
+        remove_tree(target / STAGING / "trash")
+        return
+    dirs = sorted((p for p in target.rglob("*") if p.is_dir() and not p.is_symlink() and STAGING not in p.parts),
+                  key=lambda p: -len(p.parts))
+    if dirs:
+        remove_tree(dirs[0])
+
+
+@pytest.mark.parametrize("change", ["trash", "dir"])
+def test_a_restore_cut_short_then_changed_by_hand_ends_at_the_snapshot_asked(driver: Driver, local_case: Case,
+                                                                            change: str) -> None:
+    """Breaker s50: a restore killed in its commit, then the target changed by hand (its trash emptied, a
+    directory removed). Found: the journal's replay failed on the missing path, so every later restore onto
+    the target failed ("No such file or directory"), whatever snapshot, while --dry-run said it would go
+    ahead. Now the replay that cannot be completed is dropped with a warning and the restore plans against
+    the target as it is: it ends at the snapshot asked, whole, with no staging left."""
+    case = local_case
+    old, new = expected_local(case.old_spec), expected_local(case.new_spec)
+    work = case.open_dir / f"by-hand-{change}"
+    work.mkdir()
+    full = work / "full"
+    copy_tree(case.base, full)
+    counts = count_steps(driver, apply_job(case.repo, case.new_id, str(full), None, 0, work))
+    remove_tree(full)
+    s, c = counts["stage"], counts["commit"]
+    for n in sorted({s + 2, s + c // 2, s + c - 1}):
+        target = work / f"t{n}"
+        copy_tree(case.base, target)
+        step = killed(driver, apply_job(case.repo, case.new_id, str(target), None, n, work))
+        _change_by_hand(target, change)
+        for sid, want in ((case.new_id, new), (case.old_id, old)):
+            r = run_drsync("snapshot", "restore", "--overwrite", "--delete-extra", sid, "--repo", case.repo,
+                           "--target", target)
+            assert r.code == 0, f"killed before {step}, {change} changed by hand: {r.err}"
+            assert local_state(target) == want, f"killed before {step}, {change}: not the snapshot restored"
+            assert staging_left(target) == []
+        remove_tree(target)
+
+
+def test_a_standby_whose_cut_short_apply_no_replay_completes_applies_the_snapshot_again(
+        driver: Driver, local_case: Case) -> None:
+    """Breaker s50, the standby's side: its apply killed in the commit, then its root changed by hand (the
+    trash emptied), so the journal's replay fails. Its recovery (agent start) must not leave the root part
+    old, part new, nor fail for ever: it records that the root is not vouched for, drops the journal and
+    applies the snapshot again with every file compared; a crash in between comes back to it. Real
+    kill -9 through the crash driver; the recovery runs in a Committer here."""
+    from drsync.agent.committer import Committer
+    from drsync.agent.state import StateStore
+
+    case = local_case
+    new = expected_local(case.new_spec)
+    work = case.open_dir / "standby-by-hand"
+    work.mkdir()
+    store = StateStore(str(work / "state"))
+    full = work / "full"
+    copy_tree(case.base, full)
+    counts = count_steps(driver, apply_job(case.repo, case.new_id, str(full), store.journal, 0, work))
+    remove_tree(full)
+    s, c = counts["stage"], counts["commit"]
+    target = work / "root"
+    copy_tree(case.base, target)
+    step = killed(driver, apply_job(case.repo, case.new_id, str(target), store.journal, s + c // 2, work))
+    assert os.path.exists(store.journal), step
+    _change_by_hand(target, "trash")
+    with pytest.raises(OSError):  # what the replay alone meets
+        recover_apply(str(target), store.journal)
+    repo = engine.open_repository(case.repo)
+    info = repo.find_snapshot(case.new_id)
+    pending = Path(store.dir) / "applying.json"
+    pending.write_text(json.dumps({"snapshot": info.id, "captured_at": info.captured_at, "position": [1, 2]}))
+    committer = Committer(repo, str(target), store, agent="standby")
+    assert committer.recover() is True
+    assert local_state(target) == new, f"killed before {step}: the standby's root is not the snapshot it applied"
+    assert store.current.applied_snapshot == info.id
+    assert not pending.exists() and not os.path.exists(store.journal)
+    assert staging_left(target) == []
+    # A crash after the record said "apply again" (and before that apply) is the same recovery again.
+    pending.write_text(json.dumps({"snapshot": info.id, "captured_at": info.captured_at, "position": [1, 2],
+                                   "reapply": True}))
+    (target / "stray-from-the-crash").write_text("a mix\n")
+    assert Committer(repo, str(target), store, agent="standby").recover() is True
+    assert local_state(target) == new

@@ -23,7 +23,7 @@ from drsync import allocators, documents, faults, fsutil
 from drsync.agent.hold import HoldFile
 from drsync.agent.roles import format_span
 from drsync.agent.state import StateStore
-from drsync.apply import ApplyResult, RootRemovalHeld, apply_manifest, recover_apply
+from drsync.apply import ApplyResult, RootRemovalHeld, abandon_apply, apply_manifest, recover_apply
 from drsync.dataroot import open_data_root
 from drsync.dataroot.distcp import Cancelled, DistCpSettings, DistCpStager, content_source
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
@@ -101,7 +101,17 @@ class Committer:
                                      f"the agent does not start until it is fixed by hand: it names the "
                                      f"snapshot being applied, as {{\"snapshot\": ID, \"captured_at\": UNIX "
                                      f"SECONDS, \"position\": [EPOCH, SEQ]}}") from None
-        finished = recover_apply(self.data_root, self.store.journal)
+        if doc is not None and doc.get("reapply"):
+            return self._reapply(doc)
+        try:
+            finished = recover_apply(self.data_root, self.store.journal)
+        except (OperationFailed, OSError) as e:
+            if doc is None:
+                raise
+            log.warning("standby %s: the apply of snapshot %s cut short cannot be completed (%s): the data root was "
+                        "changed since; the snapshot is applied again, every file compared", self.agent,
+                        doc["snapshot"], e)
+            return self._reapply(doc)
         if finished and doc is not None:
             self._record_applied(doc["snapshot"], doc["captured_at"], doc.get("position") or [])
         # Without a journal the apply either never changed the root or was recorded already. Recorded, the
@@ -111,6 +121,28 @@ class Committer:
         if doc is not None:
             os.unlink(self._pending)
         return finished
+
+    def _reapply(self, doc: dict[str, Any]) -> bool:
+        """Apply the snapshot ``doc`` (the pending record) again onto a root nothing vouches for: an apply cut
+        short whose journal no replay completes left it part old, part new. The record says so first (a
+        crash from here on comes back here), then the journal goes and the snapshot is applied with every
+        file compared by content. Raises what the apply raises; the record stays until it succeeds."""
+        fsutil.atomic_write(self._pending, json.dumps({**doc, "reapply": True}).encode())
+        abandon_apply(self.data_root, self.store.journal)
+        info = self.repo.find_snapshot(doc["snapshot"])
+        manifest = self.repo.load_manifest(info, lean=True)
+        external = (DistCpStager(self.distcp, content_source(info, self.data_root, self.distcp),
+                                 what=f"snapshot {info.id}", algorithm=info.content_checksum)
+                    if self.distcp is not None and manifest.external_count() else None)
+        position = list(doc.get("position") or [])
+        apply_manifest(manifest, self.repo, self.data_root, what=f"snapshot {info.id}", journal=self.store.journal,
+                       on_committed=lambda: self._record_applied(info.id, doc["captured_at"], position),
+                       protect=(self.repo.storage.url, self.store.dir), external=external, checksum=True,
+                       keep_uncarried=True)
+        self._keep_history(info.id)
+        os.unlink(self._pending)
+        log.warning("standby %s: snapshot %s applied again; the data root holds it whole", self.agent, info.id)
+        return True
 
     def _after_failed_apply(self) -> None:
         """An apply failed while this agent keeps running: never leave a half-applied root behind.

@@ -279,7 +279,7 @@ def restore_step(repo: Repository, manifest: Manifest, snapshot: str, *, scratch
                          f"point drills.scratch at a larger disk", figures)
     target = os.path.join(scratch_dir, f"drill-{os.getpid()}-{int(time.time())}")
     try:
-        apply_manifest(manifest, repo, target, what=f"drill restore of snapshot {snapshot}")
+        apply_manifest(manifest, repo, target, what=f"drill restore of snapshot {snapshot}", replan=True)
         mismatch = _compare_trees(target, target, manifest)  # the restore against the manifest
         if mismatch:
             return DrillStep("restore", False, round(time.monotonic() - started, 3),
