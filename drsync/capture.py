@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
+import socket
 import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -86,6 +87,8 @@ class CaptureResult:
     checksum_algorithms: set[str] = field(default_factory=set)
     # Filesystems mounted inside the root -> files on each, as the snapshot records them (drsync.volumes).
     volumes: dict[str, int] = field(default_factory=dict)
+    # The filesystem a local root lies on, off the host's root filesystem (drsync.volumes.root_volume_gone).
+    root_volume: dict[str, str] = field(default_factory=dict)
     _parsed: Manifest | None = field(default=None, repr=False)
 
     @property
@@ -166,7 +169,8 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
             exclude: frozenset[str] = frozenset(), workers: int | None = None,
             progress: ProgressFn | None = None, on_total: Callable[[int], None] | None = None,
             captured_at: float | None = None, allow_empty: bool = False, content: str = CHUNKS,
-            pinned: frozenset[str] = frozenset(), parent_volumes: Mapping[str, int] | None = None) -> CaptureResult:
+            pinned: frozenset[str] = frozenset(), parent_volumes: Mapping[str, int] | None = None,
+            parent_root_volume: Mapping[str, str] | None = None) -> CaptureResult:
     """Capture ``root``. New chunks go to ``writer``; the caller flushes and commits.
 
     ``captured_at`` and ``parent_captured_at`` name the frozen views (HDFS
@@ -177,7 +181,9 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
     was not (an unmounted volume looks like this), unless ``allow_empty``. Filesystems mounted inside
     the root are judged against ``parent_volumes`` (the parent snapshot's ``volumes``) by
     :mod:`drsync.volumes`: one unmounted, or empty where the parent had files, keeps its last captured
-    version, unless ``allow_empty``; ``result.volumes`` is what the new snapshot records.
+    version, unless ``allow_empty``; ``result.volumes`` is what the new snapshot records. A local root whose
+    filesystem (``parent_root_volume``, the parent snapshot's ``root_volume``) is unmounted now is refused
+    (OperationFailed, unless ``allow_empty``): it shows what lies under the mount point.
 
     ``content=HDFS_CHECKSUM``: files are checksummed by the datanodes instead of read, and the HDFS
     snapshot is kept (``result.content_snapshot``) for DistCp; ``pinned`` names older ones a
@@ -199,6 +205,7 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
                                   pinned=pinned)
     else:
         frozen = data_root.frozen(tag, parent_tag, listed_parent)  # type: ignore[arg-type]
+    root_volume = _root_volume(data_root, parent_root_volume or {}, allow_empty)
     watch = _volume_watch(data_root, parent, parent_volumes or {}, exclude, allow_empty)
     with frozen as view:
         result = _capture_view(view, writer, parent=parent, parent_captured_at=parent_captured_at,
@@ -207,6 +214,7 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
                                workers=workers, progress=progress, on_total=on_total, content=content,
                                watch=watch)
         result.content_snapshot = getattr(view, "snapshot", None) if content == HDFS_CHECKSUM else None
+        result.root_volume = root_volume
         notes = WarningLog(view.notes)  # the view's notes first
         notes.merge(result.warnings)
         result.warnings = notes
@@ -219,6 +227,22 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
                               f"{parent.file_count()}: is its volume mounted? Nothing was captured; if it is empty "
                               f"on purpose, run 'drsync snapshot create --allow-empty'")
     return result
+
+
+def _root_volume(data_root: DataRoot, recorded: Mapping[str, str], allow_empty: bool) -> dict[str, str]:
+    """What the new snapshot records of the filesystem a local root lies on ({} on the host's root
+    filesystem, or for other roots); OperationFailed when the parent's is unmounted now (safety rule 8:
+    :func:`drsync.volumes.root_volume_gone`), unless ``allow_empty``."""
+    where = getattr(data_root, "root_volume", None)
+    now = where() if where is not None else None
+    if now is None:
+        return {}
+    holding, mounted = now
+    host = socket.gethostname()
+    gone = None if allow_empty else volumes.root_volume_gone(recorded, host, holding, mounted)
+    if gone is not None:
+        raise OperationFailed(f"data root {data_root.url}: {gone}")
+    return {} if holding == "/" else {"host": host, "mount_point": holding}
 
 
 @dataclass
@@ -349,10 +373,10 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
         for m, why in verdict.keep.items():
             warnings.append(why)
             lost.append(m)
-    if lost or scan.unlisted or scan.vanished or state.vanished:
+    if lost or scan.unlisted or scan.vanished or state.vanished or state.unread:
         stored, stale, skipped, stale_files, stale_bytes = _merge_stale(
             stored, pv.table() if pv else None, lost, scan.unlisted, {**scan.devices, **state.devices},
-            links.leaders, warnings, scan.vanished, state.vanished)
+            links.leaders, warnings, scan.vanished, state.vanished, state.unread)
     if watch is not None and verdict.keep:  # what the snapshot holds below each volume, kept files included
         recorded = _files_below(Manifest.from_bytes(stored, "the captured manifest").table, recorded)
     # The snapshot's files and bytes are what it holds: the stale files kept at their last version count too.
@@ -572,6 +596,9 @@ class _Totals:
     # New names that vanished before their read, with their inode: renamed, perhaps back to a name the
     # parent has (the parent's file of that inode is kept, stale)
     vanished: list[tuple[str, int]] = field(default_factory=list)
+    # New names that exist but could not be read, with their inode and why: renamed from a name the parent
+    # has, perhaps (the parent's file of that inode is kept, stale: a read error is never a deletion)
+    unread: list[tuple[str, int, str]] = field(default_factory=list)
 
 
 # A hard-link group's first path and what it holds (size, content, mode, owner).
@@ -668,6 +695,9 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
                     # so a rename during the walk is never a deletion on the standby; the next capture says.
                     if got == "vanished" and same[k] < 0:
                         totals.vanished.append((paths[k], int(_np(w.column("inode"))[k])))
+                        totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
+                    elif same[k] < 0:  # said by _merge_stale, which looks for its inode in the parent
+                        totals.unread.append((paths[k], int(_np(w.column("inode"))[k]), got))
                         totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
                     else:
                         totals.lost.append(paths[k])
@@ -783,11 +813,16 @@ def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarra
 def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: list[str],
                  devices: dict[str, int], groups: dict[tuple[int, int], _Lead],
                  warnings: WarningLog, vanished: Sequence[tuple[str, int]] = (),
-                 vanished_files: Sequence[tuple[str, int]] = ()) -> tuple[Spool, int, int, int, int]:
+                 vanished_files: Sequence[tuple[str, int]] = (),
+                 unread_files: Sequence[tuple[str, int, str]] = ()) -> tuple[Spool, int, int, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
     (unreadable entries and all below them, all below directories that could not be listed, or that
     vanished between their parent's listing and their own: renamed meanwhile, so below the parent's
-    directory of the same inode too, whatever its name) marked stale, unless this capture has them; their
+    directory of the same inode too, whatever its name; a file of a new name that could not be read or
+    vanished: the parent's file of its inode, whatever its name) marked stale, unless this capture has them.
+    A directory that cannot be listed and is new or changed since the parent (its time moved) may hold
+    what went missing elsewhere (``mv b z/b; chmod 000 z``): then every path of the parent this capture
+    lacks is kept. Kept rows whose directory this capture has as something else are left out. Their
     hard links worked out against this capture's ``groups`` on the device of the path they are kept for
     (``devices``, :func:`_stale_links`);
     links that the merged rows make escape the root left out.
@@ -797,6 +832,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
         table = Manifest.from_bytes(stored, "the captured manifest").table
     stale_rows: list[int] = []
     skipped = 0
+    held: list[str] = []
     if p is not None:
         ppaths = p.column("path").to_pylist()  # bytes, sorted: subtrees are ranges
         have = set(table.column("path").to_pylist())
@@ -808,7 +844,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                 keep.setdefault(i, devices.get(rel))
         # A directory that vanished was renamed, perhaps back to the name the parent has it under (and this
         # walk listed its parent before): the parent's directory of that inode is kept too, itself included.
-        files_of = _rows_by_inode(p, {ino for _, ino in vanished_files}, FILE)
+        files_of = _rows_by_inode(p, {ino for _, ino in vanished_files} | {ino for _, ino, _ in unread_files}, FILE)
         dirs_of = _rows_by_inode(p, {ino for _, ino in vanished}, DIR)
         moved: list[str] = []
         for f, ino in vanished_files:  # a file of a new name gone before its read: renamed back, perhaps
@@ -817,6 +853,24 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                     keep.setdefault(i, devices.get(f))
                     warnings.append(f"{printable(f)}: vanished while the snapshot was taken (renamed or removed); "
                                     f"its last captured version (as {printable(os.fsdecode(ppaths[i]))}) is kept")
+        for f, ino, why in unread_files:  # a new name that cannot be read: renamed from one the parent has?
+            olds = [i for i in files_of.get(ino, ()) if ppaths[i] not in have]
+            for i in olds:
+                keep.setdefault(i, devices.get(f))
+            warnings.append(f"{printable(f)}: {why}; " + (
+                f"the last captured version of its file (as {printable(os.fsdecode(ppaths[olds[0]]))}) is kept, "
+                f"stale" if olds else "not captured (no earlier snapshot has it)"))
+            skipped += 0 if olds else 1
+        held = _changed_unlisted(table, p, row, unlisted)
+        if held:
+            missing = [i for i, x in enumerate(ppaths) if x not in have and i not in keep]
+            for i in missing:
+                keep[i] = None
+            if missing:
+                warnings.append(f"{printable(held[0]) or '.'}: cannot be listed, and it is new or changed since the "
+                                f"last snapshot: what went missing elsewhere may have moved into it, so "
+                                f"{len(missing)} path(s) the last snapshot has and this one lacks keep their last "
+                                f"captured version (stale); nothing is removed on a standby until it can be listed")
         for d, ino in vanished:
             for i in dirs_of.get(ino, ()):
                 if ppaths[i] not in have:
@@ -829,9 +883,11 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                 if ppaths[i] not in have:
                     keep.setdefault(i, devices.get(rel))
                 i += 1
-        stale_rows = sorted(keep)
+        now_dirs = {x for x, d in zip(table.column("path").to_pylist(), bool_mask(pc.equal(table.column("type"), DIR)),
+                                      strict=True) if d}
+        stale_rows = _placeable(now_dirs, ppaths, bool_mask(pc.equal(p.column("type"), DIR)), sorted(keep))
         new_dirs = [d for d in unlisted if not _any_below(ppaths, d)]
-        skipped = sum(1 for x in lost if os.fsencode(x) not in row) + len(new_dirs)
+        skipped += sum(1 for x in lost if os.fsencode(x) not in row) + len(new_dirs)
         for d, ino in vanished:
             also = [os.fsdecode(ppaths[i]) for i in dirs_of.get(ino, ()) if os.fsdecode(ppaths[i]) != d]
             if _any_below(ppaths, d) or also:
@@ -840,8 +896,12 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                                 f"what the last snapshot holds below it{as_} is kept, stale")
     else:
         new_dirs = unlisted
-        skipped = len(lost) + len(unlisted)
+        skipped = len(lost) + len(unlisted) + len(unread_files)
+        for f, _, why in unread_files:
+            warnings.append(f"{printable(f)}: {why}; not captured (no earlier snapshot has it)")
     for d in new_dirs:
+        if d in held:
+            continue  # said above: what the parent had elsewhere is kept
         warnings.append(f"{printable(d) or '.'}: not listed, and no earlier snapshot has anything below it: nothing "
                         f"below it is captured")
     if not stale_rows or p is None:
@@ -857,6 +917,42 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     merged = Manifest(table.combine_chunks())
     validate(merged, "the captured manifest with its stale rows")
     return merged.to_spool(), len(stale_rows), skipped, stale_files, stale_bytes
+
+
+def _changed_unlisted(table: pa.Table, p: pa.Table, row: dict[bytes, int], unlisted: list[str]) -> list[str]:
+    """The directories of ``unlisted`` (could not be listed) that are new since the parent ``p`` (``row``: its
+    rows by path), or whose modification time moved since: entries were added or removed in them."""
+    if not unlisted:
+        return []
+    paths = table.column("path")
+    out = []
+    for d in unlisted:
+        if not d:
+            continue  # the root: a capture that cannot list it keeps the parent's tree already
+        at = pc.index(paths, pa.scalar(os.fsencode(d), paths.type)).as_py()
+        i = row.get(os.fsencode(d))
+        if at < 0:
+            continue
+        if i is None or p.column("type")[i].as_py() != DIR or any(
+                p.column(c)[i].as_py() != table.column(c)[at].as_py() for c in ("mtime_s", "mtime_nsec")):
+            out.append(d)
+    return out
+
+
+def _placeable(dirs: set[bytes], ppaths: list[bytes], pdir: np.ndarray, rows: list[int]) -> list[int]:
+    """The parent's ``rows`` (ascending; none of them in this capture) that can be merged into it: each
+    one's directory is one of this capture's ``dirs`` or a kept directory (``pdir``: which parent rows are
+    directories), the root's entries always. A row below a path this capture has as a file or a link (a
+    type change) is left out: a manifest never holds a path below a file."""
+    out = []
+    for i in rows:  # path order: a kept directory comes before what is kept below it
+        parent = ppaths[i].rpartition(b"/")[0]
+        if parent and parent not in dirs:
+            continue
+        out.append(i)
+        if pdir[i]:
+            dirs.add(ppaths[i])
+    return out
 
 
 def _rows_by_inode(p: pa.Table, inodes: set[int], kind: str) -> dict[int, list[int]]:

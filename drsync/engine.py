@@ -161,7 +161,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
                                  progress=progress, on_total=on_total, captured_at=captured_at,
                                  allow_empty=req.allow_empty,
                                  content=HDFS_CHECKSUM if req.distcp is not None else CHUNKS, pinned=req.pinned,
-                                 parent_volumes=parent.volumes if parent else None)
+                                 parent_volumes=parent.volumes if parent else None,
+                                 parent_root_volume=parent.root_volume if parent else None)
             finally:
                 if req.hooks.post:
                     try:
@@ -182,7 +183,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
             warnings=result.warnings.lines(), stale_paths=result.stale, skipped_paths=result.skipped,
             content_snapshot=(f"{root_url(req.distcp, data_root)}/.snapshot/{result.content_snapshot}"
                               if req.distcp is not None and result.content_snapshot else ""),
-            content_checksum=",".join(sorted(result.checksum_algorithms)), volumes=result.volumes)
+            content_checksum=",".join(sorted(result.checksum_algorithms)), volumes=result.volumes,
+            root_volume=result.root_volume)
         # Not re-checked chunk by chunk: whatever this capture reuses is named by the parent, which
         # cannot be deleted (nor its chunks collected) while the session's shared lock is held; the
         # commit checks that the lock is still held (lost: another process removed it as stale).
@@ -255,7 +257,7 @@ def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str
                                         f"snapshot drsync-snap-{info.id}), or restore a newer snapshot"))
         from drsync.apply import apply_manifest
 
-        result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum,
+        result = apply_manifest(manifest, repo, target, what=f"snapshot {info.id}", checksum=checksum, replan=True,
                                 progress=progress, on_total=on_total, protect=(repo.storage.url, *protect),
                                 dry_run=dry_run, foreign=foreign, external=external, keep_repositories=True,
                                 captured_root=foreign is None)  # the cluster's own data root (CLI)

@@ -96,6 +96,32 @@ def judge(recorded: Mapping[str, int], files_below: Mapping[str, int], gone: Ite
     return VolumeVerdict(keep=keep, record=record)
 
 
+def root_volume_gone(recorded: Mapping[str, str], host: str, holding: str, mounted: frozenset[str]) -> str | None:
+    """Whether the filesystem the data root lay on at the last snapshot is unmounted now: what the root
+    shows then is the directory under the mount point (an older copy, a stub, nothing), never production.
+    ``recorded``: the last snapshot's ``root_volume``; ``host``: this host's name; ``holding``: the mount
+    point the root lies on now; ``mounted``: every mount point now. Judged only on the host that recorded
+    it (another host's mounts say nothing about this one's: a standby promoted, a moved agent). A filesystem
+    mounted deeper than before (a new volume at the root, the old one still mounted) is a choice, not
+    judged. Returns the one-line reason to refuse the capture, or None."""
+    was = recorded.get("mount_point") if recorded else None
+    if not was or recorded.get("host") != host or was == holding or was in mounted:
+        return None
+    return (f"the filesystem mounted at {printable(was)} held the data root at the last snapshot and is not mounted "
+            f"now: the root shows the directory under its mount point, not production's data; nothing was captured. "
+            f"Mount it again, or run 'drsync snapshot create --allow-empty' if it was retired on purpose")
+
+
+def valid_root_volume(doc: object) -> bool:
+    """Whether ``doc`` may be a snapshot's ``root_volume``: {} or a host name and an absolute, normalised
+    mount point (a document from a peer or a damaged disk may say anything)."""
+    if doc == {}:
+        return True
+    return (isinstance(doc, dict) and set(doc) == {"host", "mount_point"}
+            and all(isinstance(v, str) and v and "\x00" not in v for v in doc.values())
+            and doc["mount_point"].startswith("/") and posixpath.normpath(doc["mount_point"]) == doc["mount_point"])
+
+
 def _below(path: str, top: str) -> bool:
     return path.startswith(top + "/")
 

@@ -138,11 +138,7 @@ class Beneath:
     def chmod(self, rel: str, mode: int) -> None:
         """Set the mode of a file or directory; a symlink (whose mode Linux ignores) is left alone."""
         pfd, name = self._at(rel)
-        s = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        if st.S_ISLNK(s.st_mode):
-            return
-        # The last component was just seen not to be a symlink; fchmodat cannot refuse to follow one.
-        os.chmod(name, mode, dir_fd=pfd)
+        chmod_at(pfd, name, mode)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
         pfd, name = self._at(rel)
@@ -199,11 +195,41 @@ def _plain(name: str, rel: str) -> None:
         raise EscapeRefused(errno.EINVAL, "not a plain name below the target; drsync does not go there", rel)
 
 
+def chmod_at(pfd: int, name: str, mode: int) -> None:
+    """Set the mode of the entry ``name`` of directory ``pfd`` itself. fchmodat(2) follows a final symlink
+    and cannot be told not to (before Linux 6.6), so a name swapped for a link between a check and the
+    call would change a file anywhere: the entry is opened as it is (``O_PATH | O_NOFOLLOW``) and changed
+    through that descriptor (``/proc/self/fd``, which names the inode opened, never a path). A symlink
+    (whose mode Linux ignores) is left alone. Without /proc, a file or directory is opened for reading
+    (never through a link) and changed with fchmod; other types raise the OSError."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    try:
+        s = os.fstat(fd)
+        if st.S_ISLNK(s.st_mode):
+            return
+        try:
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+            return
+        except FileNotFoundError:
+            if not (st.S_ISREG(s.st_mode) or st.S_ISDIR(s.st_mode)):
+                raise
+        rfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            r = os.fstat(rfd)
+            if (r.st_dev, r.st_ino) != (s.st_dev, s.st_ino):
+                raise OSError(errno.EAGAIN, "changed while its mode was set", name)
+            os.fchmod(rfd, mode)
+        finally:
+            os.close(rfd)
+    finally:
+        os.close(fd)
+
+
 def _open_dir_forcing(pfd: int, name: str) -> int:
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=pfd)
     except PermissionError:
-        os.chmod(name, 0o700, dir_fd=pfd)
+        chmod_at(pfd, name, 0o700)
         return os.open(name, _DIR_FLAGS, dir_fd=pfd)
 
 

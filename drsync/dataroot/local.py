@@ -219,6 +219,17 @@ class LocalDataRoot:
         """Filesystems mounted inside the root, as relative paths (deepest first)."""
         return _mounts_below(os.path.realpath(self.root))
 
+    def root_volume(self) -> tuple[str, frozenset[str]] | None:
+        """The mount point of the filesystem the root lies on (the deepest one at or above its real path),
+        and every mount point of this host (absolute paths); None when /proc/self/mountinfo cannot be read."""
+        points = _all_mounts()
+        if points is None:
+            return None
+        real = os.path.realpath(self.root)
+        holding = max((m for m in points if m == "/" or real == m or real.startswith(m.rstrip("/") + "/")),
+                      key=len, default="/")
+        return holding, frozenset(points)
+
     def existing(self) -> dict[str, LocalEntry]:
         return scan_target(self.root, {"", *self.mount_points()})
 
@@ -838,14 +849,19 @@ def _data_runs(piece: bytes | memoryview) -> Iterator[memoryview]:
         yield view[start:]
 
 
+def _all_mounts() -> list[str] | None:
+    """Every mount point of this process's mount namespace (/proc/self/mountinfo); None when unreadable."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return [_unescape_mountinfo(line.split()[4]) for line in f if len(line.split()) > 4]
+    except OSError:
+        return None
+
+
 def _mounts_below(real_root: str) -> list[str]:
     """Mount points strictly inside ``real_root`` (from /proc/self/mountinfo), deepest first."""
     prefix = real_root.rstrip("/") + "/"
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            points = [_unescape_mountinfo(line.split()[4]) for line in f if len(line.split()) > 4]
-    except OSError:
-        return []
+    points = _all_mounts() or []
     rel = {p[len(prefix):] for p in points if p.startswith(prefix)}
     return sorted(rel, key=lambda p: (-p.count("/"), p))
 

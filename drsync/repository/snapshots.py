@@ -135,6 +135,9 @@ class SnapshotInfo:
     # Filesystems mounted inside the data root at capture -> the files on each (drsync.volumes); the
     # next capture keeps a volume's files when it is unmounted or empty. Written only when not empty.
     volumes: dict[str, int] = field(default_factory=dict)
+    # The filesystem a local data root lay on, off the host's root filesystem: {"host": H, "mount_point": M}
+    # (drsync.volumes.root_volume_gone). Written only when set.
+    root_volume: dict[str, str] = field(default_factory=dict)
 
     @property
     def order_key(self) -> tuple[int, float, str]:
@@ -166,6 +169,8 @@ class SnapshotInfo:
             del doc["seq"]
         if not self.volumes:
             del doc["volumes"]
+        if not self.root_volume:
+            del doc["root_volume"]
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -230,3 +235,5 @@ class SnapshotInfo:
                 volumes.valid_mount_point(k) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
                 for k, v in self.volumes.items()):
             raise bad("volumes")
+        if not volumes.valid_root_volume(self.root_volume):
+            raise bad("root_volume")
