@@ -502,13 +502,19 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         created_target, log_ = False, None
         # An interrupted apply is completed by the real run before it plans: this plan is against the
         # target as it is now, so it says so.
-        pending = not root.missing() and _interrupted(root, _journal_for(root, journal)) is not None
+        # A staging area drsync did not make holds no apply of drsync's (only its own journal does).
+        pending = not root.missing() and (journal is not None or stray is None) and \
+            _interrupted(root, _journal_for(root, journal)) is not None
     else:
         created_target = root.prepare_target()
         log_ = _journal_for(root, journal)
-        # An earlier apply onto this target that was cut short is completed (or undone) first.
-        root.settle()
-        abandoned = _finish_interrupted(root, log_, replan=replan)
+        # An earlier apply onto this target that was cut short is completed (or undone) first; a staging area
+        # drsync did not make (removed below, as --delete-extra asked) holds none: its records are not read.
+        abandoned = ""
+        if journal is not None or stray is None:
+            if stray is None:
+                root.settle()
+            abandoned = _finish_interrupted(root, log_, replan=replan)
     protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
     # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
     # milliseconds, and so does anything applied to HDFS.

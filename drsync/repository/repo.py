@@ -403,6 +403,8 @@ class Repository:
             raise UsageError(already)
         left = next((d for d in (fmt.SNAPSHOTS_DIR, fmt.INDEX_DIR, fmt.MANIFESTS_DIR) if storage.list(d)), None)
         if left is not None or storage.exists(fmt.PROTECT_NAME):
+            if storage.exists(fmt.CONFIG_NAME):  # made meanwhile by an init racing this one (config.json first)
+                raise UsageError(already)
             raise UsageError(f"{storage.url} holds a drsync repository's data ({left or fmt.PROTECT_NAME}) but no "
                              f"{fmt.CONFIG_NAME}: it is a damaged repository, not an empty place; restore "
                              f"{fmt.CONFIG_NAME} from a copy, or create the repository somewhere else")
