@@ -18,7 +18,7 @@ from drsync.repository.snapshots import iso
 
 
 @click.command("agent", epilog=exits(
-             "0 stopped (SIGTERM or SIGINT); --once: the cycle reached every standby",
+             "0 stopped (SIGTERM, SIGINT, SIGHUP, SIGQUIT); --once: the cycle reached every standby",
              "1 --once: the cycle failed; a lock another agent holds, or a fatal error while running",
              "2 the config (roles, fencing, topology), a port in use, or a usage error",
              "3 its repository is damaged",
