@@ -669,7 +669,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     wanted_types = {e.path for e in entries}
     result = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
                          unchanged_files=plan.unchanged,
-                         removed=sum(1 for p in plan.remove if p not in wanted_types))
+                         removed=sum(1 for p in plan.remove if p not in wanted_types) + (stray is not None))
     if abandoned:
         result.warnings.append(abandoned)
     if skipped_links:

@@ -287,8 +287,9 @@ def _files(root: str) -> list[str]:
 
 
 def _hash_file(path: str) -> str:
+    """The BLAKE3 hex digest of a backup's file; NotRegular for a pipe, socket, device or link there."""
     h = blake3.blake3()
-    with open(path, "rb") as f:
+    with open(fsutil.open_regular(path), "rb") as f:
         while block := f.read(4 * 1024 * 1024):
             h.update(block)
     return h.hexdigest()
@@ -318,7 +319,7 @@ def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -
         report.damaged_backup_files.append({"file": BACKUP_META, "reason": f"unreadable ({e})"})
     listed: dict[str, str] = {}
     try:
-        with open(os.path.join(path, CHECKSUMS), encoding="utf-8") as f:
+        with open(fsutil.open_regular(os.path.join(path, CHECKSUMS)), encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 digest, _, rel = line.rstrip("\n").partition("  ")
                 parts = rel.split("/")
@@ -331,14 +332,23 @@ def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -
                 listed[rel] = digest
     except FileNotFoundError:
         report.damaged_backup_files.append({"file": CHECKSUMS, "reason": "missing"})
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, OSError):
         report.damaged_backup_files.append({"file": CHECKSUMS, "reason": "unreadable"})
     present = set(_files(path))
     for rel, digest in sorted(listed.items()):
         if rel not in present:
             report.damaged_backup_files.append({"file": rel, "reason": "missing"})
-        elif _hash_file(os.path.join(path, rel)) != digest:
-            report.damaged_backup_files.append({"file": rel, "reason": "checksum mismatch"})
+        else:
+            try:
+                same = _hash_file(os.path.join(path, rel)) == digest
+            except fsutil.NotRegular:
+                report.damaged_backup_files.append({"file": rel, "reason": "not a regular file (never opened)"})
+                continue
+            except OSError as e:
+                report.damaged_backup_files.append({"file": rel, "reason": f"unreadable ({e.strerror or e})"})
+                continue
+            if not same:
+                report.damaged_backup_files.append({"file": rel, "reason": "checksum mismatch"})
     for rel in sorted(present - set(listed)):
         report.damaged_backup_files.append({"file": rel, "reason": "not listed in the checksum file"})
     try:

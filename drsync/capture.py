@@ -598,7 +598,7 @@ class _Totals:
     vanished: list[tuple[str, int]] = field(default_factory=list)
     # New names that exist but could not be read, with their inode and why: renamed from a name the parent
     # has, perhaps (the parent's file of that inode is kept, stale: a read error is never a deletion)
-    unread: list[tuple[str, int, str]] = field(default_factory=list)
+    unread: list[tuple[str, int, str, int, int]] = field(default_factory=list)  # and size, mtime (ns)
 
 
 # A hard-link group's first path and what it holds (size, content, mode, owner).
@@ -697,7 +697,9 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
                         totals.vanished.append((paths[k], int(_np(w.column("inode"))[k])))
                         totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
                     elif same[k] < 0:  # said by _merge_stale, which looks for its inode in the parent
-                        totals.unread.append((paths[k], int(_np(w.column("inode"))[k]), got))
+                        totals.unread.append((paths[k], int(_np(w.column("inode"))[k]), got, int(sizes[k]),
+                                              int(_np(w.column("mtime_s"))[k]) * 1_000_000_000
+                                              + int(_np(w.column("mtime_nsec"))[k])))
                         totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
                     else:
                         totals.lost.append(paths[k])
@@ -814,12 +816,14 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                  devices: dict[str, int], groups: dict[tuple[int, int], _Lead],
                  warnings: WarningLog, vanished: Sequence[tuple[str, int]] = (),
                  vanished_files: Sequence[tuple[str, int]] = (),
-                 unread_files: Sequence[tuple[str, int, str]] = ()) -> tuple[Spool, int, int, int, int]:
+                 unread_files: Sequence[tuple[str, int, str, int, int]] = ()) -> tuple[Spool, int, int, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
     (unreadable entries and all below them, all below directories that could not be listed, or that
     vanished between their parent's listing and their own: renamed meanwhile, so below the parent's
-    directory of the same inode too, whatever its name; a file of a new name that could not be read or
-    vanished: the parent's file of its inode, whatever its name) marked stale, unless this capture has them.
+    directory of the same inode too, whatever its name; a file of a new name that vanished: the parent's
+    file of its inode, whatever its name) marked stale, unless this capture has them. A file or directory
+    of a new name that cannot be read, and that the parent has under another name (the same inode, size and
+    modification time: renamed, then made unreadable), keeps the parent's version under its new name.
     A directory that cannot be listed and is new or changed since the parent (its time moved) may hold
     what went missing elsewhere (``mv b z/b; chmod 000 z``): then every path of the parent this capture
     lacks is kept. Kept rows whose directory this capture has as something else are left out. Their
@@ -844,8 +848,11 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                 keep.setdefault(i, devices.get(rel))
         # A directory that vanished was renamed, perhaps back to the name the parent has it under (and this
         # walk listed its parent before): the parent's directory of that inode is kept too, itself included.
-        files_of = _rows_by_inode(p, {ino for _, ino in vanished_files} | {ino for _, ino, _ in unread_files}, FILE)
-        dirs_of = _rows_by_inode(p, {ino for _, ino in vanished}, DIR)
+        unlisted_ids = _identities(table, unlisted)
+        files_of = _rows_by_inode(p, {ino for _, ino in vanished_files} | {u[1] for u in unread_files}, FILE)
+        dirs_of = _rows_by_inode(p, {ino for _, ino in vanished} | {ino for ino, _ in unlisted_ids.values()}, DIR)
+        pmtime = p.column("mtime_s").to_numpy(zero_copy_only=False) * 1_000_000_000 + \
+            p.column("mtime_nsec").to_numpy(zero_copy_only=False).astype(np.int64)
         moved: list[str] = []
         for f, ino in vanished_files:  # a file of a new name gone before its read: renamed back, perhaps
             for i in files_of.get(ino, ()):
@@ -853,14 +860,35 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                     keep.setdefault(i, devices.get(f))
                     warnings.append(f"{printable(f)}: vanished while the snapshot was taken (renamed or removed); "
                                     f"its last captured version (as {printable(os.fsdecode(ppaths[i]))}) is kept")
-        for f, ino, why in unread_files:  # a new name that cannot be read: renamed from one the parent has?
-            olds = [i for i in files_of.get(ino, ()) if ppaths[i] not in have]
-            for i in olds:
-                keep.setdefault(i, devices.get(f))
+        repath: dict[int, bytes] = {}  # parent row -> the new name it is kept under (renamed, then unreadable)
+        psize = p.column("size")
+        for f, ino, why, size, mtime in unread_files:  # a new name that cannot be read: renamed from another?
+            key = os.fsencode(f)
+            old = next((i for i in files_of.get(ino, ()) if ppaths[i] != key and int(pmtime[i]) == mtime
+                        and psize[i].as_py() == size and i not in repath), None)
+            if old is not None:
+                keep[old] = devices.get(f)
+                repath[old] = key
             warnings.append(f"{printable(f)}: {why}; " + (
-                f"the last captured version of its file (as {printable(os.fsdecode(ppaths[olds[0]]))}) is kept, "
-                f"stale" if olds else "not captured (no earlier snapshot has it)"))
-            skipped += 0 if olds else 1
+                f"its last captured version (as {printable(os.fsdecode(ppaths[old]))}) is kept, stale"
+                if old is not None else "not captured (no earlier snapshot has it)"))
+            skipped += 0 if old is not None else 1
+        for d, (ino, mtime) in unlisted_ids.items():  # a directory renamed, then made unlistable
+            key = os.fsencode(d)
+            if key in row:
+                continue  # the parent has it under this name: what it holds below is kept already
+            old = next((i for i in dirs_of.get(ino, ()) if ppaths[i] != key and int(pmtime[i]) == mtime), None)
+            if old is None:
+                continue
+            prefix = ppaths[old] + b"/"
+            i = bisect.bisect_left(ppaths, prefix)
+            while i < len(ppaths) and ppaths[i].startswith(prefix):
+                if i not in repath:
+                    keep[i] = devices.get(d)
+                    repath[i] = key + ppaths[i][len(prefix) - 1:]
+                i += 1
+            warnings.append(f"{printable(d)}: cannot be listed; what the last snapshot holds below it (as "
+                            f"{printable(os.fsdecode(ppaths[old]))}) is kept, stale")
         held = _changed_unlisted(table, p, row, unlisted)
         if held:
             missing = [i for i, x in enumerate(ppaths) if x not in have and i not in keep]
@@ -885,7 +913,8 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                 i += 1
         now_dirs = {x for x, d in zip(table.column("path").to_pylist(), bool_mask(pc.equal(table.column("type"), DIR)),
                                       strict=True) if d}
-        stale_rows = _placeable(now_dirs, ppaths, bool_mask(pc.equal(p.column("type"), DIR)), sorted(keep))
+        stale_rows = _placeable(now_dirs, ppaths, bool_mask(pc.equal(p.column("type"), DIR)),
+                                sorted(keep, key=lambda i: repath.get(i, ppaths[i])), repath)
         new_dirs = [d for d in unlisted if not _any_below(ppaths, d)]
         skipped += sum(1 for x in lost if os.fsencode(x) not in row) + len(new_dirs)
         for d, ino in vanished:
@@ -897,7 +926,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     else:
         new_dirs = unlisted
         skipped = len(lost) + len(unlisted) + len(unread_files)
-        for f, _, why in unread_files:
+        for f, _, why, _, _ in unread_files:
             warnings.append(f"{printable(f)}: {why}; not captured (no earlier snapshot has it)")
     for d in new_dirs:
         if d in held:
@@ -907,6 +936,9 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     if not stale_rows or p is None:
         return Manifest(table).to_spool(), 0, skipped, 0, 0  # the spool was read: the same rows in a new one
     old = p.take(pa.array(stale_rows, pa.int64()))
+    if repath:
+        old = old.set_column(old.schema.get_field_index("path"), "path",
+                             pa.array([repath.get(i, ppaths[i]) for i in stale_rows], old.schema.field("path").type))
     kept_files = old.filter(pc.equal(old.column("type"), FILE))
     stale_files, stale_bytes = kept_files.num_rows, int(pc.sum(kept_files.column("size")).as_py() or 0)
     old = old.set_column(old.schema.get_field_index("stale"), "stale", pa.array([True] * old.num_rows, pa.bool_()))
@@ -917,6 +949,19 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     merged = Manifest(table.combine_chunks())
     validate(merged, "the captured manifest with its stale rows")
     return merged.to_spool(), len(stale_rows), skipped, stale_files, stale_bytes
+
+
+def _identities(table: pa.Table, unlisted: list[str]) -> dict[str, tuple[int, int]]:
+    """Each directory of ``unlisted`` this capture has a row for (all but the root): its inode and
+    modification time (ns)."""
+    out: dict[str, tuple[int, int]] = {}
+    paths = table.column("path")
+    for d in unlisted:
+        at = pc.index(paths, pa.scalar(os.fsencode(d), paths.type)).as_py() if d else -1
+        if at >= 0:
+            out[d] = (int(table.column("inode")[at].as_py() or 0),
+                      table.column("mtime_s")[at].as_py() * 1_000_000_000 + table.column("mtime_nsec")[at].as_py())
+    return out
 
 
 def _changed_unlisted(table: pa.Table, p: pa.Table, row: dict[bytes, int], unlisted: list[str]) -> list[str]:
@@ -939,20 +984,23 @@ def _changed_unlisted(table: pa.Table, p: pa.Table, row: dict[bytes, int], unlis
     return out
 
 
-def _placeable(dirs: set[bytes], ppaths: list[bytes], pdir: np.ndarray, rows: list[int]) -> list[int]:
-    """The parent's ``rows`` (ascending; none of them in this capture) that can be merged into it: each
-    one's directory is one of this capture's ``dirs`` or a kept directory (``pdir``: which parent rows are
-    directories), the root's entries always. A row below a path this capture has as a file or a link (a
-    type change) is left out: a manifest never holds a path below a file."""
+def _placeable(dirs: set[bytes], ppaths: list[bytes], pdir: np.ndarray, rows: list[int],
+               repath: Mapping[int, bytes]) -> list[int]:
+    """The parent's ``rows`` (in the order of the paths they are kept under, ``repath`` or their own; none
+    of them in this capture) that can be merged into it: each one's directory is one of this capture's
+    ``dirs`` or a kept directory (``pdir``: which parent rows are directories), the root's entries always.
+    A row below a path this capture has as a file or a link (a type change) is left out: a manifest never
+    holds a path below a file. Returns them ascending by parent row."""
     out = []
     for i in rows:  # path order: a kept directory comes before what is kept below it
-        parent = ppaths[i].rpartition(b"/")[0]
+        path = repath.get(i, ppaths[i])
+        parent = path.rpartition(b"/")[0]
         if parent and parent not in dirs:
             continue
         out.append(i)
         if pdir[i]:
-            dirs.add(ppaths[i])
-    return out
+            dirs.add(path)
+    return sorted(out)
 
 
 def _rows_by_inode(p: pa.Table, inodes: set[int], kind: str) -> dict[int, list[int]]:

@@ -13,6 +13,7 @@ import errno
 import os
 import posixpath
 import secrets
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from urllib.parse import unquote, urlsplit
@@ -149,6 +150,34 @@ try:
     from drsync._listdir import open_beneath as _openat2
 except ImportError:  # the C listing was not built: open_beneath goes one component at a time
     _openat2 = None
+
+
+class NotRegular(OSError):
+    """What :func:`open_regular` found is a directory, pipe, socket or device (or a link)."""
+
+
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """A read descriptor of ``path`` if it is a regular file, never through a final symlink; the caller
+    closes it. A pipe, socket, device or directory is never opened (a fifo blocks its reader for good, a
+    device's open can act: arm a watchdog, rewind a tape): it is looked at with ``O_PATH`` and refused
+    (:class:`NotRegular`); the file is then opened through that descriptor (``/proc/self/fd``), or without
+    /proc by name and checked to be the same inode. FileNotFoundError and other OSErrors as ``open``."""
+    at = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        s = os.fstat(at)
+        if not stat.S_ISREG(s.st_mode):
+            raise NotRegular(errno.EINVAL, "not a regular file", os.fspath(path))
+        try:
+            return os.open(f"/proc/self/fd/{at}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:  # no /proc
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            r = os.fstat(fd)
+            if (r.st_dev, r.st_ino) != (s.st_dev, s.st_ino):
+                os.close(fd)
+                raise NotRegular(errno.EAGAIN, "replaced while it was opened", os.fspath(path)) from None
+            return fd
+    finally:
+        os.close(at)
 
 
 @contextmanager

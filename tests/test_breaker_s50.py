@@ -130,9 +130,11 @@ def _manifest_paths(repo: str, ref: str) -> dict[str, bool]:
 def test_a_directory_or_file_renamed_then_unreadable_keeps_its_last_version(open_tmp: Path) -> None:
     """Found: ``mv b b2; chmod 000 b2`` and ``mv a/f00 a/g00; chmod 000 a/g00`` on production (an agent that
     cannot read them): the capture said "b2: ... nothing below it is captured" and "a/g00: not captured",
-    and the standby deleted b/ and a/f00, files production still holds. Now the last snapshot's file of the
-    unreadable name's inode is kept (stale), and a directory that cannot be listed and is new keeps every
-    path the capture lacks; so does ``mv c z/c; chmod 000 z``."""
+    and the standby deleted b/ and a/f00, files production still holds. Now what the last snapshot has of
+    the same inode, size and time is kept under the new name (stale), and a directory that cannot be listed
+    and is new keeps every path the capture lacks (``mv c z/c; chmod 000 z``). Breaker s50d: with the old
+    name reused (``mkdir b``) the file was lost again, and an inode a deleted file left, reused by a new
+    unreadable file, kept the deleted one for ever."""
     src, repo = open_tmp / "src", str(open_tmp / "repo")
     write_files(src, {**{f"b/f{i}": f"b{i}\n" for i in range(5)}, "a/f00": "a0\n", "a/keep": "k\n",
                       "c/x": "c\n", "x/y": "becomes a file\n", "gone.txt": "deleted on purpose\n"})
@@ -152,8 +154,11 @@ def test_a_directory_or_file_renamed_then_unreadable_keeps_its_last_version(open
     code, err = run_as_nobody("snapshot", "create", "--repo", repo, "--source", src, "--name", "two")
     assert code == 0, err
     two = _manifest_paths(repo, "two")
-    for p in [*(f"b/f{i}" for i in range(5)), "a/f00", "c/x"]:
+    # under their new names where the last snapshot has them by inode (and size and time); c, moved into
+    # the unlistable z, under its old name (nothing says where it went)
+    for p in [*(f"b2/f{i}" for i in range(5)), "a/g00", "c/x"]:
         assert two.get(p) is True, (p, sorted(two))
+    assert "b/f0" not in two and "a/f00" not in two
     assert two["x"] is False and "x/y" not in two
     assert "a/keep" in two and "b2" in two and "z" in two
     # readable again: the next capture settles it (the old names go, the new ones hold the files)
@@ -249,3 +254,109 @@ def test_a_restore_never_opens_a_device_node_named_like_a_repository_config(tmp_
     opened = [ln for ln in trace.read_text().splitlines() if "extra/config.json" in ln and "O_PATH" not in ln]
     assert opened == [], opened
     assert not (target / "extra").exists()
+
+
+@needs_root
+def test_a_renamed_unreadable_file_whose_old_name_is_reused_keeps_its_data(open_tmp: Path) -> None:
+    """Breaker s50d: ``mv b b2; chmod 000 b2; mkdir b``: the file was kept under b, which is a directory now,
+    so it was left out and the standby deleted its only copy. It is kept under b2, its name now."""
+    src, repo = open_tmp / "src", str(open_tmp / "repo")
+    write_files(src, {"b": "precious\n", "other": "o\n"})
+    give_to_nobody(open_tmp)
+    assert run_as_nobody("init", "--repo", repo, "--cluster-id", "c", "--release", "1")[0] == 0
+    assert run_as_nobody("snapshot", "create", "--repo", repo, "--source", src, "--name", "one")[0] == 0
+    os.rename(src / "b", src / "b2")
+    os.chmod(src / "b2", 0)
+    (src / "b").mkdir()
+    os.chown(src / "b", 65534, 65534)
+    code, err = run_as_nobody("snapshot", "create", "--repo", repo, "--source", src, "--name", "two")
+    assert code == 0, err
+    two = _manifest_paths(repo, "two")
+    assert two["b2"] is True and two["b"] is False
+
+
+@needs_root
+def test_an_inode_reused_by_a_new_unreadable_file_does_not_keep_a_deleted_file(open_tmp: Path) -> None:
+    """Breaker s50d: a file deleted on purpose, its inode number reused at once (ext4 does) by a new file the
+    agent cannot read: the deleted file was kept, stale, in every later snapshot. A rename keeps size and
+    time; a new file of the same inode that differs in them is not the old one."""
+    src, repo = open_tmp / "src", str(open_tmp / "repo")
+    write_files(src, {"old.txt": "deleted on purpose\n", "keep": "k\n"})
+    give_to_nobody(open_tmp)
+    assert run_as_nobody("init", "--repo", repo, "--cluster-id", "c", "--release", "1")[0] == 0
+    assert run_as_nobody("snapshot", "create", "--repo", repo, "--source", src, "--name", "one")[0] == 0
+    ino = (src / "old.txt").stat().st_ino
+    os.unlink(src / "old.txt")
+    for i in range(50):  # a new file, as root, 0600: the agent (nobody) cannot read it
+        f = src / f"new{i}.bin"
+        f.write_bytes(b"other bytes, another size" * (i + 1))
+        f.chmod(0o600)
+        if f.stat().st_ino == ino:
+            break
+    code, err = run_as_nobody("snapshot", "create", "--repo", repo, "--source", src, "--name", "two")
+    assert code == 0, err
+    assert "old.txt" not in _manifest_paths(repo, "two")
+
+
+def test_a_snapshot_document_that_is_no_file_is_damage_and_gc_keeps_its_chunks(tmp_path: Path) -> None:
+    """Breaker s50d: ``snapshots/ID.json`` replaced by a fifo (or a directory, a device, a dangling link) was
+    skipped: verify said "intact, 0 snapshots", and gc freed the snapshot's chunks and manifest, so putting
+    the document back found them gone. It is damage now (exit 3), and gc refuses."""
+    from tests.conftest import run_drsync
+
+    repo, _ = _repo_with(tmp_path)
+    docs = tmp_path / "repo" / "snapshots"
+    (doc,) = list(docs.iterdir())
+    saved = tmp_path / "saved.json"
+    doc.rename(saved)
+    for kind in ("fifo", "dir", "dangling"):
+        {"fifo": lambda: os.mkfifo(doc), "dir": doc.mkdir,
+         "dangling": lambda: doc.symlink_to(tmp_path / "nowhere")}[kind]()
+        assert run_drsync("repo", "verify", "--repo", repo).code == 3, kind
+        r = run_drsync("repo", "gc", "--repo", repo)
+        assert r.code == 3 and "not a file" in r.err, (kind, r)
+        doc.rmdir() if kind == "dir" else doc.unlink()
+    saved.rename(doc)
+    assert run_drsync("repo", "verify", "--repo", repo).code == 0
+
+
+@pytest.mark.parametrize("name", ["backup.json", "config.json", "CHECKSUMS.b3"])
+def test_backup_verify_never_opens_a_fifo_or_device_in_the_backup(tmp_path: Path, name: str) -> None:
+    """Breaker s50d: ``backup verify`` opened a backup's files by name: a fifo there blocked it for good, a
+    /dev/zero-like device was read without end. Only regular files are opened; the rest is damage (exit 3)."""
+    from tests.conftest import run_drsync
+
+    repo, snap = _repo_with(tmp_path)
+    assert run_drsync("backup", "create", "--snapshot", snap, "--repo", repo, "--dest", tmp_path / "b").code == 0
+    (backup,) = list((tmp_path / "b").iterdir())
+    (backup / name).unlink()
+    os.mkfifo(backup / name)
+    r = run_drsync("backup", "verify", backup)
+    assert r.code == 3 and name in r.out + r.err, r
+
+
+def test_signals_are_taken_from_the_first_moment_of_drsync_agent(tmp_path: Path) -> None:
+    """Breaker s50d: SIGUSR1, SIGUSR2 or SIGALRM in the agent's first few hundred milliseconds (imports,
+    before its handlers) killed it: no marker, nothing logged. Importing the command line of ``drsync agent``
+    takes them at once: the others ignored, a stop remembered and carried out once the agent runs."""
+    import sys
+
+    code = ("import os, signal, sys, threading\n"
+            "sys.argv = [os.path.join(sys.argv[1], 'drsync'), 'agent']\n"
+            "import drsync.cli\n"
+            "from drsync.cli import signals\n"
+            "assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN\n"
+            "os.kill(os.getpid(), signal.SIGUSR2); os.kill(os.getpid(), signal.SIGHUP)\n"
+            "class Agent: stop = threading.Event()\n"
+            "signals.handle(Agent, 'east')\n"
+            "assert Agent.stop.is_set()\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert "received SIGHUP while it started: stopping" in r.stderr
+    # any other program importing drsync keeps its own signals
+    other = subprocess.run([sys.executable, "-c", "import signal, sys; sys.argv = ['pytest', 'agent']; "
+                            "import drsync.cli; print(signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL)"],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert other.stdout.strip() == "True", other

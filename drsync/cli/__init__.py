@@ -19,13 +19,17 @@ stderr and exit with the code DESIGN.md fixes; ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
-import importlib
+from drsync.cli import signals
 
-import click
+signals.early()  # `drsync agent`: before the imports below (hundreds of milliseconds), no signal kills it
 
-from drsync import __version__
-from drsync.cli.common import EXIT_TABLE
-from drsync.cli.entry import main, run
+import importlib  # noqa: E402
+
+import click  # noqa: E402
+
+from drsync import __version__  # noqa: E402
+from drsync.cli.common import EXIT_TABLE  # noqa: E402
+from drsync.cli.entry import main, run  # noqa: E402
 
 # Each command's module, imported when the command runs (or --help lists them all): a snapshot create
 # does not pay for the agent's, the group's and the restores' imports (grpc, kazoo, the apply machinery).

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from drsync.cli import signals
 from drsync.cli.common import STATE, Exit, Invocation, config_only, echo_json, emit, exits, need_config, say, table
 from drsync.config import Config
 from drsync.errors import EXIT_FAILED, EXIT_USAGE, DrsyncError, UsageError
@@ -74,44 +75,10 @@ def agent_cmd(inv: Invocation, once: bool, log_format: str, log_level: str) -> N
         if not decision.ok:
             raise Exit(EXIT_FAILED, "the replication cycle did not reach every standby; see above")
         return
-    _handle_signals(agent, c.agent.name)
+    signals.handle(agent, c.agent.name)
     agent.run()
     if agent.fatal is not None:
         raise agent.fatal
-
-
-def _handle_signals(agent: Any, name: str) -> None:
-    """No signal ends a running agent the way a crash does (safety rule 7: an agent's stop is not its
-    cluster's outage). Those a stop is asked with (SIGTERM, SIGINT; SIGHUP from a closed terminal,
-    SIGQUIT, SIGPWR, SIGXCPU) stop it as SIGTERM does: the maintenance marker is written, and no standby
-    fails over. Those whose default would end it and that nobody sends to stop it (SIGUSR1, SIGUSR2,
-    SIGALRM, the real-time signals, ...) are logged and ignored; a write past RLIMIT_FSIZE fails (EFBIG)
-    instead of killing it. Only SIGKILL, and faults, end it without the marker."""
-    import signal
-
-    log = logging.getLogger("drsync.agent")
-
-    def stop(signum: int, _frame: object) -> None:
-        if signum not in (signal.SIGTERM, signal.SIGINT):
-            log.warning("agent %s received %s: stopping as for SIGTERM", name, signal.Signals(signum).name)
-        agent.stop.set()
-
-    def ignore(signum: int, _frame: object) -> None:
-        try:
-            what = signal.Signals(signum).name
-        except ValueError:  # a real-time signal past SIGRTMIN
-            what = f"SIGRTMIN+{signum - signal.SIGRTMIN}"
-        log.warning("agent %s received %s and ignores it: stop it with SIGTERM (systemctl stop)", name, what)
-
-    stopping = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGPWR", "SIGXCPU")
-    ignored = ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGSTKFLT")
-    for n in stopping:
-        if hasattr(signal, n):
-            signal.signal(getattr(signal, n), stop)
-    for signum in [getattr(signal, n) for n in ignored if hasattr(signal, n)] + list(
-            range(signal.SIGRTMIN, signal.SIGRTMAX + 1)):
-        signal.signal(signum, ignore)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 def _open_agent_here(cfg: Config) -> Any:

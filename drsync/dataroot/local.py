@@ -1063,24 +1063,9 @@ def is_repository(path: str) -> bool:
     Only a regular file is read: a device node or fifo of that name is never opened (opening some has
     effects: a watchdog armed, a tape rewound)."""
     try:
-        at = os.open(os.path.join(path, REPO_CONFIG), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = fsutil.open_regular(os.path.join(path, REPO_CONFIG))
     except OSError:
         return False
-    try:
-        s = os.fstat(at)
-        if not st.S_ISREG(s.st_mode):
-            return False
-        try:
-            fd = os.open(f"/proc/self/fd/{at}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:  # no /proc: by name, and only the file checked above
-            fd = os.open(os.path.join(path, REPO_CONFIG), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-            if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (s.st_ino, s.st_dev):
-                os.close(fd)
-                return False
-    except OSError:
-        return False
-    finally:
-        os.close(at)
     try:
         doc = documents.loads(os.read(fd, 65536) or b"null", allow_nan=True)
     except (OSError, ValueError):

@@ -834,6 +834,15 @@ class Repository:
         ``stop_at_damage`` raises the first one's IntegrityError instead."""
         out: list[SnapshotInfo] = []
         damage: list[str] = []
+        not_files = getattr(self.storage, "not_files", None)
+        for name in not_files(fmt.SNAPSHOTS_DIR) if not_files is not None else []:
+            if name.endswith(".json"):
+                problem = (f"snapshot document {name} is a pipe, socket, device, directory or dangling link, not a "
+                           f"file: the repository is damaged (the snapshot's chunks are kept); restore the "
+                           f"document from a copy, or remove it to give the snapshot up")
+                if stop_at_damage:
+                    raise IntegrityError(problem)
+                damage.append(problem)
         for obj in self.storage.list(fmt.SNAPSHOTS_DIR):
             try:
                 info = self._snapshot_doc(obj)

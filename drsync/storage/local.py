@@ -260,6 +260,29 @@ class LocalStorage:
         out.sort(key=lambda o: o.name)
         return out
 
+    def not_files(self, folder: str) -> list[str]:
+        """Names in ``folder`` (e.g. ``"snapshots/"``, not its subfolders) that :meth:`list` leaves out
+        because they are no regular file: a pipe, socket, device, directory or dangling link where an object
+        of that name would be. A repository reads them as damage (a snapshot document that is a fifo is
+        still a snapshot: garbage collection must not take its chunks)."""
+        start = os.path.join(self.root, *folder.strip("/").split("/"))
+        out = []
+        try:
+            with os.scandir(start) as it:
+                for e in it:
+                    rel = f"{folder.rstrip('/')}/{e.name}"
+                    if e.name.startswith(".tmp-") or not valid_name(rel):
+                        continue
+                    try:
+                        regular = stat.S_ISREG(e.stat(follow_symlinks=True).st_mode)
+                    except OSError:
+                        regular = False
+                    if not regular:
+                        out.append(rel)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(out)
+
     def sync(self, names: Iterable[str]) -> None:
         dirs = set()
         for name in names:
