@@ -514,7 +514,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         if journal is not None or stray is None:
             if stray is None:
                 root.settle()
-            abandoned = _finish_interrupted(root, log_, replan=replan)
+            abandoned = _finish_interrupted(root, log_, replan=replan) or ""
     protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
     # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
     # milliseconds, and so does anything applied to HDFS.
@@ -768,15 +768,15 @@ def _interrupted(root: DataRoot, log_: Journal) -> tuple[bool, ApplyPlan, dict[s
     return done, plan, staged
 
 
-def _finish_interrupted(root: DataRoot, log_: Journal, *, replan: bool = False) -> str:
-    """Complete the apply whose journal ``log_`` holds, if any. Returns "" (nothing to do, or completed), or,
+def _finish_interrupted(root: DataRoot, log_: Journal, *, replan: bool = False) -> str | None:
+    """Complete the apply whose journal ``log_`` holds, if any. Returns None (no journal), "" (completed), or,
     with ``replan``, why it was dropped instead: its commit met a target changed since the crash (a
     directory it writes into removed by hand, the trash it marks its steps with emptied), which no replay
     completes; the caller then plans against the target as it is (a restore's plan covers every path, so
     the result is whole all the same). Without ``replan`` that error is raised."""
     found = _interrupted(root, log_)
     if found is None:
-        return ""
+        return None
     done, plan, staged = found
     if not done:
         try:
@@ -787,8 +787,7 @@ def _finish_interrupted(root: DataRoot, log_: Journal, *, replan: bool = False) 
             why = (f"the apply cut short on {root.url} could not be completed ({one_line(str(e))}): the target was "
                    f"changed since; it was dropped, and this apply planned against the target as it is")
             log.warning("%s", why)
-            log_.remove()
-            root.drop_staging()
+            _drop(root, log_)
             return why
     _close(root, log_, None, done=done)
     return ""
@@ -962,9 +961,7 @@ def recover_apply(target: str | DataRoot, journal: str | None = None) -> bool:
     if root.missing():
         return False
     root.settle()
-    log_ = _journal_for(root, journal)
-    if _interrupted(root, log_) is not None:
-        _finish_interrupted(root, log_)
+    if _finish_interrupted(root, _journal_for(root, journal)) is not None:
         return True
     root.drop_staging()
     return False
@@ -977,7 +974,12 @@ def abandon_apply(target: str | DataRoot, journal: str | None = None) -> None:
     if root.missing():
         return
     root.settle()
-    _journal_for(root, journal).remove()
+    _drop(root, _journal_for(root, journal))
+
+
+def _drop(root: DataRoot, log_: Journal) -> None:
+    """An apply's journal and staging area gone, the apply not completed."""
+    log_.remove()
     root.drop_staging()
 
 

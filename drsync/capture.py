@@ -693,22 +693,19 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
                     # Gone between the listing and the read: renamed (its new name may be in a directory
                     # listed earlier) or removed. What the parent snapshot has of it is kept for this one,
                     # so a rename during the walk is never a deletion on the standby; the next capture says.
+                    totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
+                    inode = int(_np(w.column("inode"))[k])
                     if got == "vanished" and same[k] < 0:
-                        totals.vanished.append((paths[k], int(_np(w.column("inode"))[k])))
-                        totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
+                        totals.vanished.append((paths[k], inode))
                     elif same[k] < 0:  # said by _merge_stale, which looks for its inode in the parent
-                        totals.unread.append((paths[k], int(_np(w.column("inode"))[k]), got, int(sizes[k]),
+                        totals.unread.append((paths[k], inode, got, int(sizes[k]),
                                               int(_np(w.column("mtime_s"))[k]) * 1_000_000_000
                                               + int(_np(w.column("mtime_nsec"))[k])))
-                        totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
                     else:
                         totals.lost.append(paths[k])
-                        totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
-                        kept = ("its last captured version is kept" if same[k] >= 0 else
-                                "not captured (no earlier snapshot has it)")
                         why = "vanished while the snapshot was taken (renamed or removed)" if got == "vanished" \
                             else got
-                        warnings.append(f"{printable(paths[k])}: {why}; {kept}")
+                        warnings.append(f"{printable(paths[k])}: {why}; its last captured version is kept")
                     gone.append(k)
                     continue
                 if got.problem:
@@ -853,6 +850,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
         dirs_of = _rows_by_inode(p, {ino for _, ino in vanished} | {ino for ino, _ in unlisted_ids.values()}, DIR)
         pmtime = p.column("mtime_s").to_numpy(zero_copy_only=False) * 1_000_000_000 + \
             p.column("mtime_nsec").to_numpy(zero_copy_only=False).astype(np.int64)
+        pdir = bool_mask(pc.equal(p.column("type"), DIR))
         moved: list[str] = []
         for f, ino in vanished_files:  # a file of a new name gone before its read: renamed back, perhaps
             for i in files_of.get(ino, ()):
@@ -889,7 +887,9 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                 i += 1
             warnings.append(f"{printable(d)}: cannot be listed; what the last snapshot holds below it (as "
                             f"{printable(os.fsdecode(ppaths[old]))}) is kept, stale")
-        held = _changed_unlisted(table, p, row, unlisted)
+        # new since the parent, or its time moved (entries added or removed in it)
+        held = [d for d, (_, mtime) in unlisted_ids.items()
+                if (i := row.get(os.fsencode(d))) is None or not pdir[i] or int(pmtime[i]) != mtime]
         if held:
             missing = [i for i, x in enumerate(ppaths) if x not in have and i not in keep]
             for i in missing:
@@ -913,8 +913,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                 i += 1
         now_dirs = {x for x, d in zip(table.column("path").to_pylist(), bool_mask(pc.equal(table.column("type"), DIR)),
                                       strict=True) if d}
-        stale_rows = _placeable(now_dirs, ppaths, bool_mask(pc.equal(p.column("type"), DIR)),
-                                sorted(keep, key=lambda i: repath.get(i, ppaths[i])), repath)
+        stale_rows = _placeable(now_dirs, ppaths, pdir, sorted(keep, key=lambda i: repath.get(i, ppaths[i])), repath)
         new_dirs = [d for d in unlisted if not _any_below(ppaths, d)]
         skipped += sum(1 for x in lost if os.fsencode(x) not in row) + len(new_dirs)
         for d, ino in vanished:
@@ -961,26 +960,6 @@ def _identities(table: pa.Table, unlisted: list[str]) -> dict[str, tuple[int, in
         if at >= 0:
             out[d] = (int(table.column("inode")[at].as_py() or 0),
                       table.column("mtime_s")[at].as_py() * 1_000_000_000 + table.column("mtime_nsec")[at].as_py())
-    return out
-
-
-def _changed_unlisted(table: pa.Table, p: pa.Table, row: dict[bytes, int], unlisted: list[str]) -> list[str]:
-    """The directories of ``unlisted`` (could not be listed) that are new since the parent ``p`` (``row``: its
-    rows by path), or whose modification time moved since: entries were added or removed in them."""
-    if not unlisted:
-        return []
-    paths = table.column("path")
-    out = []
-    for d in unlisted:
-        if not d:
-            continue  # the root: a capture that cannot list it keeps the parent's tree already
-        at = pc.index(paths, pa.scalar(os.fsencode(d), paths.type)).as_py()
-        i = row.get(os.fsencode(d))
-        if at < 0:
-            continue
-        if i is None or p.column("type")[i].as_py() != DIR or any(
-                p.column(c)[i].as_py() != table.column(c)[at].as_py() for c in ("mtime_s", "mtime_nsec")):
-            out.append(d)
     return out
 
 

@@ -439,6 +439,16 @@ def count_steps(driver: Driver, job: dict[str, Any]) -> dict[str, Any]:
         return json.load(fh)
 
 
+def new_snapshot_steps(driver: Driver, case: Case, work: Path, journal: str | None) -> dict[str, Any]:
+    """The steps of applying the case's new snapshot onto a copy of its base (run once, not killed: the
+    counts a killed run is placed by), the copy removed afterwards."""
+    full = work / "full"
+    copy_tree(case.base, full)
+    counts = count_steps(driver, apply_job(case.repo, case.new_id, str(full), journal, 0, work))
+    remove_tree(full)
+    return counts
+
+
 def killed(driver: Driver, job: dict[str, Any]) -> str:
     """Run ``job``, check that it died by SIGKILL, and say at which step."""
     note = Path(job["note_file"])
@@ -574,10 +584,7 @@ def test_kill_9_during_recovery_at_every_step_then_recover_again(driver: Driver,
     old, new = expected_local(case.old_spec), expected_local(case.new_spec)
     work = case.open_dir / "second-level"
     work.mkdir()
-    full = work / "full"
-    copy_tree(case.base, full)
-    counts = count_steps(driver, apply_job(case.repo, case.new_id, str(full), str(work / "full.journal"), 0, work))
-    remove_tree(full)
+    counts = new_snapshot_steps(driver, case, work, str(work / "full.journal"))
     bad, trials = Violations(), 0
     for n in second_level_points(counts):
         crashed, journal = work / f"crashed-{n}", work / f"crashed-{n}.journal"
@@ -619,10 +626,7 @@ def test_interrupted_restore_is_completed_by_the_next_real_restore(driver: Drive
     old, new = expected_local(case.old_spec), expected_local(case.new_spec)
     work = case.open_dir / "real-restore"
     work.mkdir()
-    full = work / "full"
-    copy_tree(case.base, full)
-    counts = count_steps(driver, apply_job(case.repo, case.new_id, str(full), None, 0, work))
-    remove_tree(full)
+    counts = new_snapshot_steps(driver, case, work, None)
     s, c = counts["stage"], counts["commit"]
     points = range(s + 1, counts["total"] + 1) if FULL else sorted({s + c // 2, s + c + 1})
     for n in points:
@@ -1026,10 +1030,7 @@ def test_a_restore_cut_short_then_changed_by_hand_ends_at_the_snapshot_asked(dri
     old, new = expected_local(case.old_spec), expected_local(case.new_spec)
     work = case.open_dir / f"by-hand-{change}"
     work.mkdir()
-    full = work / "full"
-    copy_tree(case.base, full)
-    counts = count_steps(driver, apply_job(case.repo, case.new_id, str(full), None, 0, work))
-    remove_tree(full)
+    counts = new_snapshot_steps(driver, case, work, None)
     s, c = counts["stage"], counts["commit"]
     for n in sorted({s + 2, s + c // 2, s + c - 1}):
         target = work / f"t{n}"
@@ -1060,10 +1061,7 @@ def test_a_standby_whose_cut_short_apply_no_replay_completes_applies_the_snapsho
     work = case.open_dir / "standby-by-hand"
     work.mkdir()
     store = StateStore(str(work / "state"))
-    full = work / "full"
-    copy_tree(case.base, full)
-    counts = count_steps(driver, apply_job(case.repo, case.new_id, str(full), store.journal, 0, work))
-    remove_tree(full)
+    counts = new_snapshot_steps(driver, case, work, store.journal)
     s, c = counts["stage"], counts["commit"]
     target = work / "root"
     copy_tree(case.base, target)

@@ -127,20 +127,11 @@ class Committer:
         short whose journal no replay completes left it part old, part new. The record says so first (a
         crash from here on comes back here), then the journal goes and the snapshot is applied with every
         file compared by content. Raises what the apply raises; the record stays until it succeeds."""
-        fsutil.atomic_write(self._pending, json.dumps({**doc, "reapply": True}).encode())
-        abandon_apply(self.data_root, self.store.journal)
         info = self.repo.find_snapshot(doc["snapshot"])
-        manifest = self.repo.load_manifest(info, lean=True)
-        external = (DistCpStager(self.distcp, content_source(info, self.data_root, self.distcp),
-                                 what=f"snapshot {info.id}", algorithm=info.content_checksum)
-                    if self.distcp is not None and manifest.external_count() else None)
         position = list(doc.get("position") or [])
-        apply_manifest(manifest, self.repo, self.data_root, what=f"snapshot {info.id}", journal=self.store.journal,
-                       on_committed=lambda: self._record_applied(info.id, doc["captured_at"], position),
-                       protect=(self.repo.storage.url, self.store.dir), external=external, checksum=True,
-                       keep_uncarried=True)
-        self._keep_history(info.id)
-        os.unlink(self._pending)
+        self._write_pending(info, position, reapply=True)
+        abandon_apply(self.data_root, self.store.journal)
+        self._apply(info, self.repo.load_manifest(info, lean=True), position, base=None, reapply=True)
         log.warning("standby %s: snapshot %s applied again; the data root holds it whole", self.agent, info.id)
         return True
 
@@ -745,11 +736,12 @@ class Committer:
     def _apply(self, info: SnapshotInfo, manifest: Manifest, position: list[int], *,
                base: Manifest | ManifestFile | None,
                when_gone: str = "the primary's next shipment copies from its newer capture",
-               root_guard: bool = False) -> ApplyResult:
+               root_guard: bool = False, reapply: bool = False) -> ApplyResult:
         """Apply through the journal. ``base``: what the root is known to hold (:meth:`_known_root`): files
         whose content differs from it are written whatever their sizes and times say. ``base`` None (nothing
         vouches for the root, e.g. a promotion at a recovery point): every file whose size and time match is
-        read and compared."""
+        read and compared. ``reapply`` (:meth:`_reapply`): the pending record says so, and a failure is raised
+        as it is (the record makes the next recovery try again)."""
         what = f"snapshot {info.id}"
         # DistCp copies from this root's own history snapshot of it where there is one (a promotion to an
         # earlier snapshot: production's capture snapshot of it is long gone), else from production's.
@@ -758,7 +750,7 @@ class Committer:
                                  what=what, algorithm=info.content_checksum, when_gone=when_gone)
                     if self.distcp is not None and manifest.external_count() else None)
         self._in_flight = token
-        self._write_pending(info, position)
+        self._write_pending(info, position, reapply=reapply)
         # The whole chunk index (61 bytes a chunk, loaded by the intake and the commit's check) is not
         # kept through the apply: the apply locates just the chunks it writes (Repository.reader_for), and
         # the next shipment loads the index again. At 1,000,000 chunks, 60 MiB less at the standby's peak.
@@ -772,7 +764,8 @@ class Committer:
                 max_remove_fraction=self.max_delete_fraction if root_guard else None, keep_uncarried=True)
         except BaseException as e:
             self._in_flight = None
-            self._after_failed_apply()
+            if not reapply:
+                self._after_failed_apply()
             if isinstance(e, OSError):
                 raise describe_os_error(e, f"applying snapshot {info.id} on the standby") from None
             raise
@@ -784,10 +777,13 @@ class Committer:
         os.unlink(self._pending)
         return result
 
-    def _write_pending(self, info: SnapshotInfo, position: list[int]) -> None:
-        """What recover() finishes after a crash: the snapshot being applied (its record and history snapshot)."""
-        fsutil.atomic_write(self._pending, json.dumps({"snapshot": info.id, "captured_at": info.captured_at,
-                                                       "position": position}).encode())
+    def _write_pending(self, info: SnapshotInfo, position: list[int], *, reapply: bool = False) -> None:
+        """What recover() finishes after a crash: the snapshot being applied (its record and history snapshot);
+        ``reapply``: the root is not vouched for, the snapshot is applied again whole (:meth:`_reapply`)."""
+        doc: dict[str, Any] = {"snapshot": info.id, "captured_at": info.captured_at, "position": position}
+        if reapply:
+            doc["reapply"] = True
+        fsutil.atomic_write(self._pending, json.dumps(doc).encode())
 
     def _check_history_root(self, info: SnapshotInfo) -> None:
         """engine "distcp": a root that cannot be snapshotted would run without the history restores

@@ -274,7 +274,7 @@ class LocalStorage:
                     if e.name.startswith(".tmp-") or not valid_name(rel):
                         continue
                     try:
-                        regular = stat.S_ISREG(e.stat(follow_symlinks=True).st_mode)
+                        regular = e.is_file(follow_symlinks=True)  # the directory entry's type: no stat
                     except OSError:
                         regular = False
                     if not regular:
