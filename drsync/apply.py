@@ -96,7 +96,7 @@ class ApplyPlan:
     remove: list[str] = field(default_factory=list)
     mkdir: list[Entry] = field(default_factory=list)
     link: list[Entry] = field(default_factory=list)
-    fix_meta: list[Entry] = field(default_factory=list)
+    fix_meta: list[Entry] | WriteList = field(default_factory=list)  # files whose mode, owner or xattrs only differ
     hardlink: list[Entry] = field(default_factory=list)
     unchanged: int = 0
     # Files (non-directories) of the target the plan removes, those inside removed directories included, and
@@ -542,9 +542,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                       compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
                       compare_xattrs=root.supports_xattrs, content_changed=changed,
                       also_touched=rest.new_parents if rest is not None else (), keep_uncarried=keep_uncarried)
-    plan.unchanged += unchanged
-    if rest is not None and len(rest.new_rows):
-        plan.write = WriteList(list(plan.write), manifest, rest.new_rows)
+    if rest is not None:
+        rest.fold(plan, manifest)
     try:
         # What the root cannot do is refused, and what it does otherwise is planned (a hard link across
         # two filesystems mounted in the target becomes a copy to write), before the chunks are located
@@ -900,11 +899,11 @@ def _plan_json(plan: ApplyPlan, staged: dict[str, str], batch: int = 4096) -> It
         return [*(getattr(e, f) for f in _ENTRY_FIELDS), e.xattrs.hex() if e.xattrs is not None else None,
                 e.hardlink, e.sparse]
 
-    lists: list[tuple[str, list[Entry] | list[str], bool]] = [
+    lists: list[tuple[str, list[Entry] | WriteList | list[str], bool]] = [
         ("remove", plan.remove, False), ("mkdir", plan.mkdir, True), ("write", plan.write, True),
         ("link", plan.link, True), ("fix_meta", plan.fix_meta, True), ("dirs", plan.dirs, True),
         ("unlock", plan.unlock, False), ("hardlink", plan.hardlink, True)]
-    def parts(items: list[Entry] | list[str], entries: bool) -> Iterator[list[object]]:
+    def parts(items: list[Entry] | WriteList | list[str], entries: bool) -> Iterator[list[object]]:
         if isinstance(items, WriteList):  # its manifest rows journaled from their columns, no entry each
             yield from parts(items.head, True)
             for i in range(0, len(items.rows), batch):

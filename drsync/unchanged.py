@@ -9,11 +9,13 @@ merged a window of rows at a time, with column operations (a no-change restore
 of 100,000 files makes no Python object for any of them). A plain file that matches in
 every way the planner compares (type, size, time at the common precision,
 mode, owner and extended attributes where compared, one link) is counted and
-dropped; everything else (directories, links, hard-link groups, differing or
+dropped; one that matches in all but mode, owner or extended attributes is
+counted too and kept as a manifest row whose metadata the commit sets
+(``Residual.meta_rows``); everything else (directories, links, hard-link groups, differing or
 missing files, paths only the target has) is kept for
 :func:`drsync.apply.plan_apply`, which decides them exactly as it would have
 with both sides whole. The counted files are what the planner would have left
-alone without a single action, so the plan is the same.
+alone, or whose metadata alone it would have fixed, so the plan is the same.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from drsync.repository.manifest import FILE, Manifest, bool_mask, external_mask,
 from drsync.tree import K_FILE, EntryColumns, LocalEntry, mtime_in_range
 
 if TYPE_CHECKING:
+    from drsync.apply import ApplyPlan
     from drsync.repository.manifest import Entry
 
 __all__ = ["Residual", "WriteList", "split_unchanged"]
@@ -57,6 +60,20 @@ class Residual:
     # With ``identity``: files alike in size and time whose inode or status-change time is not the one the
     # capture saw (changed since, however their time looks): their content is to be checked.
     suspects: set[str] = dataclasses.field(default_factory=set)
+    # Plain files both hold alike in content (type, size, time, one link) but not in mode, owner or extended
+    # attributes (int64 rows, ascending; counted in ``unchanged``): the commit sets their metadata only
+    # (``ApplyPlan.fix_meta``), so they never reach the planner either (``chmod -R`` undone on a million files).
+    meta_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def fold(self, plan: ApplyPlan, manifest: Manifest) -> None:
+        """Add what the merge settled to ``plan`` (the planner's plan of ``rows`` and ``existing``): the
+        unchanged count, the new files to write and the files whose metadata alone is set, as manifest rows
+        (:class:`WriteList`)."""
+        plan.unchanged += self.unchanged
+        if len(self.new_rows):
+            plan.write = WriteList(list(plan.write), manifest, self.new_rows)
+        if len(self.meta_rows):
+            plan.fix_meta = WriteList(list(plan.fix_meta), manifest, self.meta_rows)
 
 
 def split_unchanged(manifest: Manifest, walk: Iterable[EntryColumns], *, resolution_ns: int = 1,
@@ -206,6 +223,7 @@ class _Merge:
                         ).cast(pa.large_binary())
         self.rows: list[np.ndarray] = []
         self.new_rows: list[np.ndarray] = []
+        self.meta_rows: list[np.ndarray] = []
         self.new_parents: set[bytes] = set()
         self.existing: dict[str, LocalEntry] = {}
         self.unchanged = 0
@@ -257,12 +275,16 @@ class _Merge:
             mr = rows[matched]
             tr = at[matched] + tlo
             assert tb is not None
-            alike = self._alike(m, mr, tb, tr)
-            if self.planned is not None:
-                alike[alike] = ~self._planned(m.paths, mr[alike])
-            self.unchanged += int(alike.sum())
-            keep[np.flatnonzero(matched)[~alike]] = True
-            kept_targets = tr[~alike]
+            alike, meta = self._alike(m, mr, tb, tr)
+            settled = alike | meta  # no decision left for the planner
+            if self.planned is not None and settled.any():
+                settled[settled] = ~self._planned(m.paths, mr[settled])
+                alike &= settled
+                meta &= settled
+            self.unchanged += int(settled.sum())
+            self.meta_rows.append(m.start + mr[meta])
+            keep[np.flatnonzero(matched)[~settled]] = True
+            kept_targets = tr[~settled]
         self.rows.append(m.start + rows[keep])
         # Target rows kept for the planner: those that differ, and paths only the target has, in path order.
         if tb is not None and thi > tlo:
@@ -270,16 +292,22 @@ class _Merge:
             only[at[matched]] = False
             self.keep_target(tb, np.sort(np.concatenate([kept_targets, np.flatnonzero(only) + tlo])))
 
-    def _alike(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray) -> np.ndarray:
+    def _alike(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Masks over the pairs ``mr``/``tr``: (plain files alike in every way compared, plain files alike in
+        content (type, size, time, one link; not suspect) whose mode, owner or extended attributes differ)."""
+        none = np.zeros(len(mr), bool)
         if not self.drop_alike:
-            return np.zeros(len(mr), bool)
+            return none, none
         suspect = self._suspects(m, mr, tb, tr) if m.files is not None else None
-        alike = (m.plain[mr] & (tb.kind[tr] == K_FILE) & (tb.nlink[tr] == 1) & (tb.size[tr] == m.size[mr])
-                 & (tb.mode[tr] == m.mode[mr]) & m.timed[mr] & mtime_in_range(tb.mtime_s[tr]))
-        if not alike.any():
-            return alike
-        secs = np.where(alike, tb.mtime_s[tr], 0)
-        alike &= (secs * 1_000_000_000 + tb.mtime_nsec[tr]) // self.res == m.mtime[mr]
+        same = (m.plain[mr] & (tb.kind[tr] == K_FILE) & (tb.nlink[tr] == 1) & (tb.size[tr] == m.size[mr])
+                & m.timed[mr] & mtime_in_range(tb.mtime_s[tr]))
+        if not same.any():
+            return same, none
+        secs = np.where(same, tb.mtime_s[tr], 0)
+        same &= (secs * 1_000_000_000 + tb.mtime_nsec[tr]) // self.res == m.mtime[mr]
+        if suspect is not None:
+            same &= ~suspect
+        alike = same & (tb.mode[tr] == m.mode[mr])
         if self.compare_owner:
             uid = m.uid[mr]
             alike &= (uid == UNKNOWN_ID) | ((tb.uid[tr] == uid) & (tb.gid[tr] == m.gid[mr]))
@@ -288,9 +316,7 @@ class _Merge:
             theirs = pa.array([tb.xattrs[i] for i in tr.tolist()], pa.binary())
             both_none = bool_mask(pc.and_(pc.is_null(mine), pc.is_null(theirs)))
             alike &= both_none | bool_mask(pc.equal(mine, theirs))
-        if suspect is not None:
-            alike &= ~suspect
-        return alike
+        return alike, same & ~alike
 
     def _suspects(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray) -> np.ndarray:
         """With identity: the files whose size and time match (the quick check would pass them, whatever
@@ -333,7 +359,7 @@ class _Merge:
 
         self.new_parents.discard(b"")
         return Residual(joined(self.rows), self.existing, self.unchanged, joined(self.new_rows),
-                        {os.fsdecode(d) for d in self.new_parents}, self.suspects)
+                        {os.fsdecode(d) for d in self.new_parents}, self.suspects, joined(self.meta_rows))
 
 
 class WriteList:

@@ -101,8 +101,7 @@ def _plans(manifest: Manifest, root: LocalDataRoot, **kw: object) -> tuple[dict,
     assert rest is not None
     merged = plan_apply(manifest.entries_at(rest.rows, light=True), rest.existing,  # type: ignore[arg-type]
                         also_touched=rest.new_parents, **common)
-    merged.unchanged += rest.unchanged
-    merged.write = WriteList(list(merged.write), manifest, rest.new_rows)
+    rest.fold(merged, manifest)
     return _shape(whole), _shape(merged)
 
 

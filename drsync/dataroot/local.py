@@ -298,11 +298,15 @@ class LocalDataRoot:
                 raise UsageError(f"a filesystem is mounted at {os.path.join(self.root, hit)}, where the snapshot "
                                  f"has no directory (it would replace {p}); unmount it or restore elsewhere; "
                                  f"nothing was changed")
-        # What exists and will change: new paths need only their directory to be writable.
-        changed = [*plan.remove, *plan.replaces, *(e.path for e in plan.fix_meta)]
+        # What exists and will change: new paths need only their directory to be writable. Walked, never
+        # listed: a plan that fixes the modes of a million files holds them as manifest rows.
+        def changed() -> Iterator[tuple[str, bool]]:  # (path, the commit sets its metadata)
+            yield from ((p, False) for p in itertools.chain(plan.remove, plan.replaces))
+            yield from ((e.path, True) for e in plan.fix_meta)
+
         dirs = sorted({"", *(plan.touched_dirs or ())})
         with Beneath(self.root) as fs:
-            for rel in [*dirs, *changed]:
+            for rel, _ in itertools.chain(((d, False) for d in dirs), changed()):
                 if _frozen(fs, rel):
                     raise OperationFailed(f"{os.path.join(self.root, rel)} is immutable or append-only (chattr); "
                                           f"clear the flag (chattr -i -a) or restore elsewhere; nothing was changed")
@@ -310,8 +314,7 @@ class LocalDataRoot:
                 return
             me = os.geteuid()
             finish = {e.path for e in plan.dirs_to_finish()}
-            meta = {e.path for e in plan.fix_meta}
-            for rel in [*dirs, *changed]:
+            for rel, meta in itertools.chain(((d, False) for d in dirs), changed()):
                 try:
                     s = fs.lstat(rel)
                     parent = fs.lstat(rel.rpartition("/")[0]) if rel else None
@@ -323,7 +326,7 @@ class LocalDataRoot:
                 why = None
                 if st.S_ISDIR(s.st_mode) and rel in dirs and not os.access(full, os.W_OK | os.X_OK):
                     why = "cannot be written"
-                elif rel in finish or rel in meta:
+                elif rel in finish or meta:
                     why = "its mode and times can only be set by its owner"
                 elif parent is not None and parent.st_mode & st.S_ISVTX and parent.st_uid != me:
                     why = "it lies in a sticky directory of another user"
