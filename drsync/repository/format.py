@@ -30,6 +30,10 @@ ID_LEN = 32
 
 # Pack files gather chunks so that a million chunks are not a million files.
 PACK_TARGET_SIZE = 32 * 1024 * 1024
+# ... or this many chunks, whichever comes first: a pack of small files' chunks has an entry table of at most
+# 2.6 MiB, so what reads one table at a time (verify, gc, an index rebuild) holds a bounded amount at a million
+# chunks. A writer's choice, not part of the format: a reader takes packs of any count.
+PACK_MAX_CHUNKS = 65_536
 PACK_MAGIC = b"DRSPACK1"
 PACK_TRAILER_MAGIC = b"DRSPEND1"
 

@@ -183,7 +183,7 @@ class ChunkWriter:
                                                   entry.raw_length, entry.encoding), unindexed=True)
             self.new_bytes += raw_length
             self.new_stored_bytes += len(stored)
-            if self._pack.size >= self._pack_target:
+            if self._pack.size >= self._pack_target or self._pack.count >= fmt.PACK_MAX_CHUNKS:
                 self._finish_pack()
             return True
 
@@ -1132,23 +1132,26 @@ class Repository:
         # Read the pack in large sequential pieces rather than chunk by chunk.
         window = b""
         window_start = 0
-        raw_ids = table.ids.tobytes()
         n = fmt.ID_LEN
-        for i, (enc, offset, stored_length, raw_length) in enumerate(zip(
-                table.encoding.tolist(), table.offset.tolist(), table.stored_length.tolist(),
-                table.raw_length.tolist(), strict=True)):
-            cid = raw_ids[i * n:(i + 1) * n]
-            if offset + stored_length > window_start + len(window):
-                window_start = offset
-                window = self.storage.read_range(name, offset, max(stored_length, 16 * 1024 * 1024))
-            start = offset - window_start
-            stored = window[start:start + stored_length]
-            try:
-                if len(stored) != stored_length:
-                    raise IntegrityError(f"chunk {cid.hex()[:16]} is truncated")
-                chunks.decode(enc, stored, raw_length, cid)
-            except IntegrityError as err:
-                bad[cid] = f"{err} (pack {pack_id})"
+        step = fmt.PACK_MAX_CHUNKS  # Python values for a slice of the table at a time (a pack of any count)
+        for lo in range(0, len(table), step):
+            sl = slice(lo, lo + step)
+            raw_ids = table.ids[sl].tobytes()
+            for i, (enc, offset, stored_length, raw_length) in enumerate(zip(
+                    table.encoding[sl].tolist(), table.offset[sl].tolist(), table.stored_length[sl].tolist(),
+                    table.raw_length[sl].tolist(), strict=True)):
+                cid = raw_ids[i * n:(i + 1) * n]
+                if offset + stored_length > window_start + len(window):
+                    window_start = offset
+                    window = self.storage.read_range(name, offset, max(stored_length, 16 * 1024 * 1024))
+                start = offset - window_start
+                stored = window[start:start + stored_length]
+                try:
+                    if len(stored) != stored_length:
+                        raise IntegrityError(f"chunk {cid.hex()[:16]} is truncated")
+                    chunks.decode(enc, stored, raw_length, cid)
+                except IntegrityError as err:
+                    bad[cid] = f"{err} (pack {pack_id})"
         return bad
 
 

@@ -1,0 +1,134 @@
+"""Issue 17, memory at a million files (session 51): what an apply, a capture and ``repo verify`` hold
+grows with what changed, not with the tree.
+
+- A restore that only sets modes, owners or extended attributes back (``chmod -R`` undone) keeps those
+  files as manifest rows (``Residual.meta_rows``), never as planner objects, and the result is exact.
+- drsync closes a pack at :data:`~drsync.repository.format.PACK_MAX_CHUNKS` chunks, so a tree of small
+  files is many packs with small entry tables; ``repo verify`` reads a pack of any count a slice of its
+  table at a time and still names a damaged chunk past the first slice.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from drsync import engine
+from drsync.apply import ApplyResult, ForeignTarget
+from drsync.dataroot.local import LocalDataRoot
+from drsync.repository import format as fmt
+from drsync.repository.packs import read_pack_table
+from drsync.repository.repo import Repository
+from drsync.storage.local import LocalStorage
+from drsync.unchanged import split_unchanged
+
+N = 1200
+
+
+def _tree(root: Path, n: int = N) -> None:
+    for i in range(n):
+        d = root / f"d{i // 100:02}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i:04}").write_bytes(b"small file %d\n" % i)
+
+
+@pytest.fixture
+def snap(tmp_path: Path) -> tuple[Repository, str]:
+    _tree(tmp_path / "src")
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    info = engine.create_snapshot(repo, engine.SnapshotRequest(str(tmp_path / "src")))
+    return repo, info.id
+
+
+def _restore(repo: Repository, ref: str, target: Path, **kw: object) -> ApplyResult:
+    return engine.restore_snapshot(repo, ref, str(target), cluster_id="c", release="1", **kw)[1]  # type: ignore[arg-type]
+
+
+def _modes(root: Path) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            s = os.lstat(os.path.join(dirpath, f))
+            out[os.path.relpath(os.path.join(dirpath, f), root)] = (stat.S_IMODE(s.st_mode), s.st_uid, s.st_gid)
+    return out
+
+
+def test_a_restore_that_only_sets_modes_back_keeps_them_as_rows_and_is_exact(snap: tuple, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    repo, ref = snap
+    target = tmp_path / "t"
+    _restore(repo, ref, target)
+    want = _modes(target)
+    assert len(want) == N
+    changed = sorted(want)[::2]
+    for rel in changed:
+        os.chmod(target / rel, 0o600)
+        if os.geteuid() == 0:
+            os.chown(target / rel, 1234, 4321)
+    manifest = repo.load_manifest(repo.find_snapshot(ref), lean=True)
+    root = LocalDataRoot(str(target))
+    rest = split_unchanged(manifest, root.walk_existing(), compare_owner=root.owners_settable(),
+                           compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits)
+    assert rest is not None
+    # The changed files are settled by the merge as rows to fix; none reaches the planner as an object.
+    assert len(rest.meta_rows) == len(changed) and rest.unchanged == N
+    planned_files = [e.path for e in manifest.entries_at(rest.rows, light=True) if e.type == "file"]
+    assert planned_files == [] and not any(h.type == "file" for h in rest.existing.values())
+    result = _restore(repo, ref, target, foreign=ForeignTarget(overwrite=True))
+    assert result.written_files == 0 and result.unchanged_files == N
+    assert _modes(target) == want
+
+
+def test_a_mode_change_with_content_change_is_written_not_only_fixed(snap: tuple, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    repo, ref = snap
+    target = tmp_path / "t"
+    _restore(repo, ref, target)
+    want = _modes(target)
+    victim = target / "d03" / "f0300"
+    before = victim.read_bytes()
+    st_ = victim.stat()
+    victim.write_bytes(b"X" * len(before))  # same size, time put back: only content and mode differ
+    os.utime(victim, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    os.chmod(victim, 0o600)
+    result = engine.restore_snapshot(repo, ref, str(target), cluster_id="c", release="1", checksum=True,
+                                     foreign=ForeignTarget(overwrite=True))[1]
+    assert result.written_files == 1 and victim.read_bytes() == before and _modes(target) == want
+
+
+def test_small_chunks_fill_many_packs_of_bounded_tables_and_verify(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fmt, "PACK_MAX_CHUNKS", 100)
+    _tree(tmp_path / "src")
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    info = engine.create_snapshot(repo, engine.SnapshotRequest(str(tmp_path / "src")))
+    packs = list(repo.storage.list(fmt.PACKS_DIR))
+    counts = [len(read_pack_table(repo.storage, o.name.rsplit("/", 1)[1][:-5], o.size)) for o in packs]
+    assert len(packs) >= N // 100 and max(counts) <= 100 and sum(counts) == N
+    report = repo.verify()
+    assert not report.problems and not report.damaged_chunks and report.chunks == N
+    _restore(repo, info.id, tmp_path / "t")
+    assert sorted(p.read_bytes() for p in (tmp_path / "t").rglob("f*")) == sorted(
+        p.read_bytes() for p in (tmp_path / "src").rglob("f*"))
+
+
+def test_verify_reads_a_big_pack_by_slices_and_names_damage_past_the_first(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    _tree(tmp_path / "src")
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    info = engine.create_snapshot(repo, engine.SnapshotRequest(str(tmp_path / "src")))
+    [obj] = list(repo.storage.list(fmt.PACKS_DIR))  # one pack of N chunks (written before a cap of 64)
+    pack_id = obj.name.rsplit("/", 1)[1][:-5]
+    table = read_pack_table(repo.storage, pack_id, obj.size)
+    k = len(table) - 3  # in the last slice of 64
+    path = os.path.join(str(tmp_path / "repo"), obj.name)
+    with open(path, "r+b") as f:
+        f.seek(int(table.offset[k]) + int(table.stored_length[k]) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+    monkeypatch.setattr(fmt, "PACK_MAX_CHUNKS", 64)
+    report = repo.verify()
+    assert list(report.damaged_chunks) == [table.ids[k].tobytes().hex()] and report.chunks == N
+    assert [d["snapshot"] for d in report.damaged_files] == [info.id]
