@@ -261,7 +261,7 @@ class LocalEntry:
 # An entry's type in :class:`EntryColumns` (``kind``): these codes, in this order. "other" is a fifo, socket
 # or device (:data:`drsync.apply.OTHER`).
 KINDS = (FILE, DIR, SYMLINK, "other")
-K_FILE = 0
+K_FILE, K_DIR = 0, 1
 
 
 @dataclass

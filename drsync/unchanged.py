@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync.dataroot import UNKNOWN_ID
-from drsync.repository.manifest import FILE, Manifest, bool_mask, external_mask, path_parents
-from drsync.tree import K_FILE, EntryColumns, LocalEntry, mtime_in_range
+from drsync.repository.manifest import DIR, FILE, Manifest, bool_mask, external_mask, path_parents
+from drsync.tree import K_DIR, K_FILE, EntryColumns, LocalEntry, mtime_in_range
 
 if TYPE_CHECKING:
     from drsync.apply import ApplyPlan
@@ -64,16 +64,52 @@ class Residual:
     # attributes (int64 rows, ascending; counted in ``unchanged``): the commit sets their metadata only
     # (``ApplyPlan.fix_meta``), so they never reach the planner either (``chmod -R`` undone on a million files).
     meta_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Directories both hold alike in every way compared (int64 rows, ascending): kept from the planner;
+    # :meth:`fold` finishes (and first opens up) those the commit changes something in.
+    dir_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def fold(self, plan: ApplyPlan, manifest: Manifest) -> None:
         """Add what the merge settled to ``plan`` (the planner's plan of ``rows`` and ``existing``): the
         unchanged count, the new files to write and the files whose metadata alone is set, as manifest rows
-        (:class:`WriteList`)."""
+        (:class:`WriteList`), and the settled directories the commit passes through or changes something in:
+        opened up first when their owner lacks rwx (``unlock``) and finished, deepest first (``dirs``), as
+        :func:`drsync.apply.plan_apply` does with the directories it sees."""
         plan.unchanged += self.unchanged
         if len(self.new_rows):
             plan.write = WriteList(list(plan.write), manifest, self.new_rows)
         if len(self.meta_rows):
             plan.fix_meta = WriteList(list(plan.fix_meta), manifest, self.meta_rows)
+        touched = plan.touched_dirs
+        if not len(self.dir_rows) or not touched:
+            return
+        reach = set(touched)
+        for p in touched:
+            parts = p.split("/")
+            reach.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        hits = _rows_named(manifest, self.dir_rows, reach)
+        if not len(hits):
+            return
+        dirs = manifest.entries_at(hits, light=True)
+        unlock = [e.path for e in dirs if (e.mode & 0o700) != 0o700]  # alike: the target's mode is the manifest's
+        if unlock:
+            plan.unlock = sorted({*plan.unlock, *unlock})
+            touched.update(unlock)
+        finish = [e for e in dirs if e.path in touched]
+        if finish:
+            plan.dirs = sorted([*plan.dirs, *finish], key=lambda e: e.path.count("/"), reverse=True)
+
+
+def _rows_named(manifest: Manifest, rows: np.ndarray, paths: set[str]) -> np.ndarray:
+    """Those of ``rows`` (ascending) whose path is one of ``paths``, by a column lookup a batch at a time."""
+    if not paths:
+        return np.zeros(0, np.int64)
+    wanted = pa.array(sorted(os.fsencode(p) for p in paths), pa.binary())
+    out = []
+    for i in range(0, len(rows), _BATCH):
+        part = rows[i:i + _BATCH]
+        names = manifest.columns_at(part, ["path"]).column("path")
+        out.append(part[bool_mask(pc.is_in(names, value_set=wanted.cast(names.type)))])
+    return np.concatenate(out)
 
 
 def split_unchanged(manifest: Manifest, walk: Iterable[EntryColumns], *, resolution_ns: int = 1,
@@ -196,6 +232,7 @@ class _Side:
 
     start: int
     paths: pa.Array
+    dirs: np.ndarray        # a directory holding no mode bits the target cannot keep
     plain: np.ndarray       # a file without a hard link, not external, not a hard link group's first file,
     #                         and holding no mode bits the target cannot keep: what can be written or left as is
     size: np.ndarray
@@ -224,6 +261,7 @@ class _Merge:
         self.rows: list[np.ndarray] = []
         self.new_rows: list[np.ndarray] = []
         self.meta_rows: list[np.ndarray] = []
+        self.dir_rows: list[np.ndarray] = []
         self.new_parents: set[bytes] = set()
         self.existing: dict[str, LocalEntry] = {}
         self.unchanged = 0
@@ -247,7 +285,8 @@ class _Merge:
             ids = bt if "inode" in bt.column_names else self.identity.columns_at(
                 np.arange(start, start + bt.num_rows), ["inode", "ctime_ns"])
             inode, ctime = ids.column("inode").to_numpy(), ids.column("ctime_ns").to_numpy()
-        return _Side(start, paths, plain, col("size"), mode, mtime, timed, col("uid").astype(np.int64),
+        dirs = bool_mask(pc.equal(bt.column("type"), DIR)) & (mode & self.extra == 0)
+        return _Side(start, paths, dirs, plain, col("size"), mode, mtime, timed, col("uid").astype(np.int64),
                      col("gid").astype(np.int64), bt.column("xattrs").combine_chunks(), inode, ctime,
                      files if inode is not None else None)
 
@@ -276,13 +315,16 @@ class _Merge:
             tr = at[matched] + tlo
             assert tb is not None
             alike, meta = self._alike(m, mr, tb, tr)
-            settled = alike | meta  # no decision left for the planner
+            dirs = self._dirs_alike(m, mr, tb, tr) if self.drop_alike else np.zeros(len(mr), bool)
+            settled = alike | meta | dirs  # no decision left for the planner
             if self.planned is not None and settled.any():
                 settled[settled] = ~self._planned(m.paths, mr[settled])
                 alike &= settled
                 meta &= settled
-            self.unchanged += int(settled.sum())
+                dirs &= settled
+            self.unchanged += int((alike | meta).sum())
             self.meta_rows.append(m.start + mr[meta])
+            self.dir_rows.append(m.start + mr[dirs])
             keep[np.flatnonzero(matched)[~settled]] = True
             kept_targets = tr[~settled]
         self.rows.append(m.start + rows[keep])
@@ -307,7 +349,12 @@ class _Merge:
         same &= (secs * 1_000_000_000 + tb.mtime_nsec[tr]) // self.res == m.mtime[mr]
         if suspect is not None:
             same &= ~suspect
-        alike = same & (tb.mode[tr] == m.mode[mr])
+        alike = self._meta_alike(m, mr, tb, tr, same)
+        return alike, same & ~alike
+
+    def _meta_alike(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``mask`` narrowed to the pairs alike in mode, and in owner and extended attributes where compared."""
+        alike = mask & (tb.mode[tr] == m.mode[mr])
         if self.compare_owner:
             uid = m.uid[mr]
             alike &= (uid == UNKNOWN_ID) | ((tb.uid[tr] == uid) & (tb.gid[tr] == m.gid[mr]))
@@ -316,7 +363,18 @@ class _Merge:
             theirs = pa.array([tb.xattrs[i] for i in tr.tolist()], pa.binary())
             both_none = bool_mask(pc.and_(pc.is_null(mine), pc.is_null(theirs)))
             alike &= both_none | bool_mask(pc.equal(mine, theirs))
-        return alike, same & ~alike
+        return alike
+
+    def _dirs_alike(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray) -> np.ndarray:
+        """Directories both hold alike in every way the planner compares (mode, time at the common precision,
+        owner and extended attributes where compared): nothing to do unless the commit changes what is in
+        them, which :meth:`Residual.fold` finds out."""
+        same = m.dirs[mr] & (tb.kind[tr] == K_DIR) & m.timed[mr] & mtime_in_range(tb.mtime_s[tr])
+        if not same.any():
+            return same
+        secs = np.where(same, tb.mtime_s[tr], 0)
+        same &= (secs * 1_000_000_000 + tb.mtime_nsec[tr]) // self.res == m.mtime[mr]
+        return self._meta_alike(m, mr, tb, tr, same)
 
     def _suspects(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray) -> np.ndarray:
         """With identity: the files whose size and time match (the quick check would pass them, whatever
@@ -359,7 +417,8 @@ class _Merge:
 
         self.new_parents.discard(b"")
         return Residual(joined(self.rows), self.existing, self.unchanged, joined(self.new_rows),
-                        {os.fsdecode(d) for d in self.new_parents}, self.suspects, joined(self.meta_rows))
+                        {os.fsdecode(d) for d in self.new_parents}, self.suspects, joined(self.meta_rows),
+                        joined(self.dir_rows))
 
 
 class WriteList:

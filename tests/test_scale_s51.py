@@ -132,3 +132,49 @@ def test_verify_reads_a_big_pack_by_slices_and_names_damage_past_the_first(tmp_p
     report = repo.verify()
     assert list(report.damaged_chunks) == [table.ids[k].tobytes().hex()] and report.chunks == N
     assert [d["snapshot"] for d in report.damaged_files] == [info.id]
+
+
+def _dir_tree(root: Path) -> None:
+    for a in range(20):
+        for b in range(10):
+            (root / f"p{a:02}" / f"q{b}").mkdir(parents=True)
+    (root / "p03" / "q4" / "file").write_bytes(b"inside a read-only directory\n")
+    (root / "p03" / "q5" / "file").write_bytes(b"another\n")
+    for d in ("p03/q4", "p03"):
+        os.chmod(root / d, 0o555)
+
+
+def test_directories_alike_stay_rows_and_one_the_commit_changes_is_opened_and_finished(tmp_path: Path) -> None:
+    from tests.test_unchanged_merge import _plans
+
+    _dir_tree(tmp_path / "src")
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    ref = engine.create_snapshot(repo, engine.SnapshotRequest(str(tmp_path / "src"))).id
+    target = tmp_path / "t"
+    _restore(repo, ref, target)
+    manifest = repo.load_manifest(repo.find_snapshot(ref), lean=True)
+    root = LocalDataRoot(str(target))
+    rest = split_unchanged(manifest, root.walk_existing(), compare_owner=root.owners_settable(),
+                           compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits)
+    assert rest is not None and len(rest.dir_rows) == 220 and not len(rest.rows) and not rest.existing
+    # A file removed from the read-only p03/q4, its directory's mode and time put back: every directory is
+    # alike, yet the commit writes into p03/q4 (opened up first) and finishes it and its parent's time.
+    d, f = target / "p03" / "q4", target / "p03" / "q4" / "file"
+    times = [os.lstat(p).st_mtime_ns for p in (target / "p03", d)]
+    os.chmod(d, 0o755)
+    f.unlink()
+    os.chmod(d, 0o555)
+    os.utime(d, ns=(times[1], times[1]))
+    whole, merged = _plans(manifest, root)
+    assert whole == merged and merged["unlock"] == ["p03", "p03/q4"] and merged["write"] == ["p03/q4/file"]
+    assert "p03/q4" in merged["finish"]  # type: ignore[operator]
+    _restore(repo, ref, target, foreign=ForeignTarget(overwrite=True))
+    assert f.read_bytes() == b"inside a read-only directory\n"
+    assert stat.S_IMODE(os.lstat(d).st_mode) == 0o555 and os.lstat(d).st_mtime_ns == times[1]
+    assert os.lstat(target / "p03").st_mtime_ns == times[0]
+    # A directory whose time alone differs is no longer alike: the planner finishes it.
+    os.utime(target / "p07", ns=(1, 1))
+    whole, merged = _plans(manifest, root)
+    assert whole == merged and merged["finish"] == ["p07"]
+    _restore(repo, ref, target, foreign=ForeignTarget(overwrite=True))
+    assert os.lstat(target / "p07").st_mtime_ns == os.lstat(tmp_path / "src" / "p07").st_mtime_ns
