@@ -543,7 +543,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                       compare_xattrs=root.supports_xattrs, content_changed=changed,
                       also_touched=rest.new_parents if rest is not None else (), keep_uncarried=keep_uncarried)
     if rest is not None:
-        rest.fold(plan, manifest)
+        rest.fold(plan, manifest, later=getattr(root, "mount_points", list)())
     try:
         # What the root cannot do is refused, and what it does otherwise is planned (a hard link across
         # two filesystems mounted in the target becomes a copy to write), before the chunks are located

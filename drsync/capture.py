@@ -602,7 +602,8 @@ class _Totals:
 
 
 # A hard-link group's first path and what it holds (size, content, mode, owner).
-_Lead = tuple[bytes, tuple[object, ...]]
+# A hard-link group's first kept path, what it holds (size, content, mode, owner) and how many names are to come.
+_Lead = tuple[bytes, tuple[object, ...], int]
 
 
 class _LinkGroups:
@@ -612,16 +613,19 @@ class _LinkGroups:
     it holds what the leader holds (size, content, mode, owner). A member that does not (the file
     was rewritten between the reads of two of its names) stands alone with what was read of it, and
     a warning says so: a manifest never links a row to other bytes than its own, which a restore
-    would refuse. Holds only the multiply-linked files' leaders."""
+    would refuse. Holds the leaders of the groups still open: a group is let go once as many of its names
+    have gone by as its files have links (all inside the tree), so a tree of a million hard-linked pairs
+    holds only the pairs whose second name is still to come."""
 
     def __init__(self) -> None:
-        self.leaders: dict[tuple[int, int], _Lead] = {}  # (device, inode) -> its group's first kept path
+        self.leaders: dict[tuple[int, int], _Lead] = {}  # (device, inode) -> its open group
 
     def window(self, w: pa.Table, kept: np.ndarray, sizes: np.ndarray, out: pa.Table,
                warnings: WarningLog) -> list[bytes | None] | None:
         """The ``hardlink`` values of the scan window ``w`` (``kept``: its files kept, ``out``: its manifest
         rows before the others are left out, ``sizes``: their sizes as read), None when none is linked."""
-        multi = np.flatnonzero(kept & (_np(w.column("nlink")) > 1))
+        nlink = _np(w.column("nlink"))
+        multi = np.flatnonzero(kept & (nlink > 1))
         if not len(multi):
             return None
         at = pa.array(multi, pa.int64())
@@ -632,8 +636,9 @@ class _LinkGroups:
                 sub.column("inode").to_pylist(), mine.column("content").to_pylist(), mine.column("mode").to_pylist(),
                 mine.column("uid").to_pylist(), mine.column("gid").to_pylist(), strict=True):
             key = (int(sizes[k]), content, mode, uid, gid)
-            lead = self.leaders.setdefault((dev, ino), (path, key))
-            if lead[0] == path:
+            lead = self.leaders.get((dev, ino))
+            if lead is None:
+                self.leaders[(dev, ino)] = (path, key, int(nlink[k]) - 1)
                 continue
             if lead[1] == key:
                 result[k] = lead[0]
@@ -641,6 +646,12 @@ class _LinkGroups:
                 warnings.append(f"{printable(os.fsdecode(path))}: hard link to {printable(os.fsdecode(lead[0]))}, "
                                 f"but the two were read with different contents (rewritten while read); "
                                 f"captured as a file of its own")
+            # A link made while the walk goes by is a name more; one removed, a name less (as this one says).
+            left = min(lead[2], int(nlink[k])) - 1
+            if left > 0:
+                self.leaders[(dev, ino)] = (lead[0], lead[1], left)
+            else:
+                del self.leaders[(dev, ino)]
         return result
 
 

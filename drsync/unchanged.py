@@ -68,33 +68,37 @@ class Residual:
     # :meth:`fold` finishes (and first opens up) those the commit changes something in.
     dir_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
-    def fold(self, plan: ApplyPlan, manifest: Manifest) -> None:
+    def fold(self, plan: ApplyPlan, manifest: Manifest, later: Iterable[str] = ()) -> None:
         """Add what the merge settled to ``plan`` (the planner's plan of ``rows`` and ``existing``): the
         unchanged count, the new files to write and the files whose metadata alone is set, as manifest rows
         (:class:`WriteList`), and the settled directories the commit passes through or changes something in:
         opened up first when their owner lacks rwx (``unlock``) and finished, deepest first (``dirs``), as
-        :func:`drsync.apply.plan_apply` does with the directories it sees."""
+        :func:`drsync.apply.plan_apply` does with the directories it sees. ``later``: directories the root
+        may yet add to ``touched_dirs`` (mount points, whose staging areas move their times): listed in
+        ``dirs`` too, so that the commit finishes them if it does."""
         plan.unchanged += self.unchanged
         if len(self.new_rows):
             plan.write = WriteList(list(plan.write), manifest, self.new_rows)
         if len(self.meta_rows):
             plan.fix_meta = WriteList(list(plan.fix_meta), manifest, self.meta_rows)
         touched = plan.touched_dirs
-        if not len(self.dir_rows) or not touched:
+        later = set(later)
+        if not len(self.dir_rows) or touched is None or not (touched or later):
             return
         reach = set(touched)
         for p in touched:
             parts = p.split("/")
             reach.update("/".join(parts[:i]) for i in range(1, len(parts)))
-        hits = _rows_named(manifest, self.dir_rows, reach)
+        hits = _rows_named(manifest, self.dir_rows, reach | later)
         if not len(hits):
             return
         dirs = manifest.entries_at(hits, light=True)
-        unlock = [e.path for e in dirs if (e.mode & 0o700) != 0o700]  # alike: the target's mode is the manifest's
+        # Alike: the target's mode is the manifest's.
+        unlock = [e.path for e in dirs if e.path in reach and (e.mode & 0o700) != 0o700]
         if unlock:
             plan.unlock = sorted({*plan.unlock, *unlock})
             touched.update(unlock)
-        finish = [e for e in dirs if e.path in touched]
+        finish = [e for e in dirs if e.path in touched or e.path in later]
         if finish:
             plan.dirs = sorted([*plan.dirs, *finish], key=lambda e: e.path.count("/"), reverse=True)
 
