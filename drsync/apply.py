@@ -58,7 +58,7 @@ from drsync.repository.manifest_check import escaping_links, validate
 from drsync.repository.manifest_diff import content_changed
 from drsync.text import one_line, printable
 from drsync.tree import LocalEntry
-from drsync.unchanged import Residual, WriteList, split_unchanged
+from drsync.unchanged import MadeDirs, Residual, WriteList, split_unchanged
 
 __all__ = ["STAGING", "ApplyPlan", "ApplyResult", "ChunkSource", "ExternalStager", "abandon_apply", "apply_manifest",
            "plan_apply", "recover_apply"]
@@ -94,7 +94,7 @@ class ApplyPlan:
 
     write: list[Entry] | WriteList = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
-    mkdir: list[Entry] = field(default_factory=list)
+    mkdir: list[Entry] | Iterable[Entry] = field(default_factory=list)  # parents first; a merge's: its MadeDirs too
     link: list[Entry] = field(default_factory=list)
     fix_meta: list[Entry] | WriteList = field(default_factory=list)  # files whose mode, owner or xattrs only differ
     hardlink: list[Entry] = field(default_factory=list)
@@ -112,12 +112,14 @@ class ApplyPlan:
     protected_skipped: list[str] = field(default_factory=list)
     # Paths of ``write``, ``hardlink`` and ``link`` that exist in the target (replaced, not created).
     replaces: list[str] = field(default_factory=list)
+    # Directories the merge found only in the manifest (drsync.unchanged): in ``mkdir``, and finished.
+    made: MadeDirs | None = None
 
-    def dirs_to_finish(self) -> list[Entry]:
-        """``dirs`` (deepest first) limited to the touched ones."""
-        if self.touched_dirs is None:
-            return self.dirs
-        return [e for e in self.dirs if e.path in self.touched_dirs]
+    def dirs_to_finish(self, *, made: bool = True) -> list[Entry] | Iterable[Entry]:
+        """``dirs`` (deepest first) limited to the touched ones, and (``made``) the merge's new directories,
+        all deepest first."""
+        head = self.dirs if self.touched_dirs is None else [e for e in self.dirs if e.path in self.touched_dirs]
+        return self.made.deepest_first_with(head) if made and self.made is not None else head
 
     @property
     def write_bytes(self) -> int:
@@ -899,11 +901,13 @@ def _plan_json(plan: ApplyPlan, staged: dict[str, str], batch: int = 4096) -> It
         return [*(getattr(e, f) for f in _ENTRY_FIELDS), e.xattrs.hex() if e.xattrs is not None else None,
                 e.hardlink, e.sparse]
 
-    lists: list[tuple[str, list[Entry] | WriteList | list[str], bool]] = [
+    # The directories to finish, not every directory planned: a replay finishes the same ones.
+    lists: list[tuple[str, Iterable[Entry] | Iterable[str], bool]] = [
         ("remove", plan.remove, False), ("mkdir", plan.mkdir, True), ("write", plan.write, True),
-        ("link", plan.link, True), ("fix_meta", plan.fix_meta, True), ("dirs", plan.dirs, True),
+        ("link", plan.link, True), ("fix_meta", plan.fix_meta, True), ("dirs", plan.dirs_to_finish(), True),
         ("unlock", plan.unlock, False), ("hardlink", plan.hardlink, True)]
-    def parts(items: list[Entry] | WriteList | list[str], entries: bool) -> Iterator[list[object]]:
+
+    def parts(items: Iterable[Entry] | Iterable[str], entries: bool) -> Iterator[list[object]]:
         if isinstance(items, WriteList):  # its manifest rows journaled from their columns, no entry each
             yield from parts(items.head, True)
             for i in range(0, len(items.rows), batch):
@@ -911,8 +915,9 @@ def _plan_json(plan: ApplyPlan, staged: dict[str, str], batch: int = 4096) -> It
                 yield [[*row[:-3], None if row[-3] is None else row[-3].hex(), row[-2], bool(row[-1])]
                        for row in zip(*(c[n] for n in _JOURNAL_COLUMNS), strict=True)]
             return
-        for i in range(0, len(items), batch):
-            yield [ent(e) for e in items[i:i + batch]] if entries else items[i:i + batch]  # type: ignore[misc, union-attr]
+        walk = iter(items)
+        while part := list(itertools.islice(walk, batch)):
+            yield [ent(e) for e in part] if entries else part  # type: ignore[arg-type]
 
     yield b'{"phase": "commit"'
     for key, items, entries in lists:
@@ -940,12 +945,15 @@ def _plan_from_json(doc: dict) -> tuple[ApplyPlan, dict[str, str]]:  # type: ign
         return Entry(*base, chunks=[], chunk_sizes=[], xattrs=bytes.fromhex(xattrs) if xattrs else None,
                      hardlink=hardlink, sparse=bool(sparse))
 
-    plan = ApplyPlan(write=[ent(r) for r in doc["write"]], remove=list(doc["remove"]),
-                     mkdir=[ent(r) for r in doc["mkdir"]], link=[ent(r) for r in doc["link"]],
-                     fix_meta=[ent(r) for r in doc["fix_meta"]], dirs=[ent(r) for r in doc["dirs"]],
+    # Parents before children, deepest first: as the commit made them (a journal of rows merged in order).
+    mkdir = sorted((ent(r) for r in doc["mkdir"]), key=lambda e: os.fsencode(e.path))
+    plan = ApplyPlan(write=[ent(r) for r in doc["write"]], remove=list(doc["remove"]), mkdir=mkdir,
+                     link=[ent(r) for r in doc["link"]], fix_meta=[ent(r) for r in doc["fix_meta"]],
+                     dirs=sorted((ent(r) for r in doc["dirs"]), key=lambda e: e.path.count("/"), reverse=True),
                      unlock=list(doc.get("unlock", [])), hardlink=[ent(r) for r in doc.get("hardlink", [])])
     touched = doc.get("touched_dirs")  # journals of earlier versions have none: finish every directory
-    plan.touched_dirs = set(touched) if touched is not None else None
+    # A directory made is finished (the merge's new directories are journaled in ``dirs``, not ``touched_dirs``).
+    plan.touched_dirs = {*touched, *(e.path for e in mkdir)} if touched is not None else None
     return plan, dict(doc["staged"])
 
 

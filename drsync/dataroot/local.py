@@ -313,7 +313,7 @@ class LocalDataRoot:
             if os.geteuid() == 0:
                 return
             me = os.geteuid()
-            finish = {e.path for e in plan.dirs_to_finish()}
+            finish = {e.path for e in plan.dirs_to_finish(made=False)}  # made ones are not there yet
             for rel, meta in itertools.chain(((d, False) for d in dirs), changed()):
                 try:
                     s = fs.lstat(rel)
