@@ -144,8 +144,7 @@ def split_unchanged(manifest: Manifest, walk: Iterable[EntryColumns], *, resolut
     t = manifest.table
     if t.schema.field("path").type != pa.binary():
         return None
-    merge = _Merge(t, resolution_ns, compare_owner, compare_xattrs, mode_bits, planned, drop_alike,
-                   manifest if identity else None)
+    merge = _Merge(manifest, resolution_ns, compare_owner, compare_xattrs, mode_bits, planned, drop_alike, identity)
     target = _Target(walk)
     try:
         return _merge(t, merge, target)
@@ -259,10 +258,11 @@ class _Side:
 
 
 class _Merge:
-    def __init__(self, t: pa.Table, resolution_ns: int, compare_owner: bool, compare_xattrs: bool, mode_bits: int,
-                 planned: Callable[[str], bool] | None, drop_alike: bool, identity: Manifest | None) -> None:
+    def __init__(self, manifest: Manifest, resolution_ns: int, compare_owner: bool, compare_xattrs: bool,
+                 mode_bits: int, planned: Callable[[str], bool] | None, drop_alike: bool, identity: bool) -> None:
+        t = manifest.table
         self.res = max(1, resolution_ns)
-        self.identity = identity
+        self.manifest, self.identity = manifest, identity
         self.suspects: set[str] = set()
         self.extra = 0o7777 & ~mode_bits
         self.compare_owner, self.compare_xattrs = compare_owner, compare_xattrs
@@ -293,13 +293,16 @@ class _Merge:
         timed = mtime_in_range(secs)
         mtime = (np.where(timed, secs, 0) * 1_000_000_000 + col("mtime_nsec").astype(np.int64)) // self.res
         inode = ctime = None
-        if self.identity is not None:  # a lean manifest reads them from its file, a batch at a time
-            ids = bt if "inode" in bt.column_names else self.identity.columns_at(
-                np.arange(start, start + bt.num_rows), ["inode", "ctime_ns"])
+        rows = np.arange(start, start + bt.num_rows)
+        if self.identity:  # a lean manifest reads them from its file, a batch at a time
+            ids = bt if "inode" in bt.column_names else self.manifest.columns_at(rows, ["inode", "ctime_ns"])
             inode, ctime = ids.column("inode").to_numpy(), ids.column("ctime_ns").to_numpy()
+        # Compared only where the target keeps them (a lean manifest reads them from its file).
+        xattrs = ((bt if "xattrs" in bt.column_names else self.manifest.columns_at(rows, ["xattrs"])).column("xattrs")
+                  .combine_chunks() if self.compare_xattrs else pa.nulls(bt.num_rows, pa.binary()))
         dirs = bool_mask(pc.equal(bt.column("type"), DIR)) & (mode & self.extra == 0)
         return _Side(start, paths, dirs, plain, col("size"), mode, mtime, timed, col("uid").astype(np.int64),
-                     col("gid").astype(np.int64), bt.column("xattrs").combine_chunks(), inode, ctime,
+                     col("gid").astype(np.int64), xattrs, inode, ctime,
                      files if inode is not None else None)
 
     def window(self, m: _Side, lo: int, hi: int, tb: EntryColumns | None, tlo: int, thi: int) -> None:

@@ -16,6 +16,7 @@ import shutil
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from drsync import engine
@@ -245,3 +246,32 @@ def test_made_directories_and_the_planners_are_made_parents_first_and_journaled_
     again, _ = _plan_from_json(json.loads(b"".join(_plan_json(plan, {}, batch=2))))
     assert [e.path for e in again.mkdir] == ["a", "a/b", "a/b/c", "x", "x/y"]
     assert [e.path for e in again.dirs_to_finish()] == finish
+
+
+def test_a_lean_manifest_reads_extended_attributes_from_its_file_and_a_restore_sets_them(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _tree(src, 300)
+    for k, p in enumerate(sorted(src.rglob("f*"))):
+        os.setxattr(p, "user.k", b"value %d " % k * 20)
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    ref = engine.create_snapshot(repo, engine.SnapshotRequest(str(src))).id
+    info = repo.find_snapshot(ref)
+    whole, lean = repo.load_manifest(info), repo.load_manifest(info, lean=True)
+    assert "xattrs" not in lean.table.column_names and "xattrs" in whole.table.column_names
+    assert list(lean.entries(light=True)) == list(whole.entries(light=True))
+    rows = [250, 3, 77]
+    assert lean.entries_at(rows) == whole.entries_at(rows)
+    assert lean.values_at(np.array(sorted(rows)), ("path", "xattrs")) == whole.values_at(np.array(sorted(rows)),
+                                                                                       ("path", "xattrs"))
+    target = tmp_path / "t"
+    _restore(repo, ref, target)
+    victim = target / "d01" / "f0150"
+    assert os.getxattr(victim, "user.k") == b"value 150 " * 20
+    os.setxattr(victim, "user.k", b"changed")
+    os.setxattr(victim, "user.extra", b"added")
+    root = LocalDataRoot(str(target))
+    rest = split_unchanged(lean, root.walk_existing(), compare_owner=root.owners_settable(),
+                           compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits)
+    assert rest is not None and len(rest.meta_rows) == 1
+    _restore(repo, ref, target, foreign=ForeignTarget(overwrite=True))
+    assert os.getxattr(victim, "user.k") == b"value 150 " * 20 and os.listxattr(victim) == ["user.k"]

@@ -285,8 +285,10 @@ _DEFAULTS = {"xattrs": None, "hardlink": None, "sparse": False, "stale": False}
 
 
 # What a lean manifest (:meth:`Manifest.lean`) leaves in its file: the chunk lists and content digests (about
-# 73 MiB of a 1,000,000-file table's 161), and the change-detection columns an apply never reads.
-LEAN_LEFT_OUT = ("chunks", "chunk_sizes", "content", "ctime_ns", "inode")
+# 73 MiB of a 1,000,000-file table's 161), the change-detection columns an apply never reads, and the
+# extended attributes (ACLs and user attributes on every file: 300 bytes a file and more), read back a row
+# group at a time with the rows that ask for them.
+LEAN_LEFT_OUT = ("chunks", "chunk_sizes", "content", "ctime_ns", "inode", "xattrs")
 LEAN_EXTERNAL = "external"  # the lean table's own column: :func:`external_mask`, worked out on load
 _HEAVY = ("chunks", "chunk_sizes", "content")
 
@@ -425,6 +427,12 @@ class Manifest:
             t = t.take(pa.array(np.argsort(order, kind="stable")))
         return t
 
+    def _with_xattrs(self, t: pa.Table, rows: np.ndarray) -> pa.Table:
+        """``t`` (manifest ``rows``) with its ``xattrs`` column, read from a lean manifest's file."""
+        if "xattrs" in t.column_names:
+            return t
+        return t.append_column("xattrs", self.columns_at(rows, ["xattrs"]).column("xattrs"))
+
     def _batches(self) -> tuple[list[pa.RecordBatch], np.ndarray]:
         split = self._split
         if split is None:  # one assignment: threads staging at once see both parts or neither
@@ -443,7 +451,8 @@ class Manifest:
         planning at scale; :meth:`entries_at` gives the full entries of chosen rows later."""
         start = 0
         for batch in self.table.to_batches():
-            part = _entries_of(pa.Table.from_batches([batch]), start, light or self.source is not None)
+            t = self._with_xattrs(pa.Table.from_batches([batch]), np.arange(start, start + batch.num_rows))
+            part = _entries_of(t, start, light or self.source is not None)
             if self.source is not None and not light:
                 yield from self._filled(list(part))
             else:
@@ -470,7 +479,8 @@ class Manifest:
         out: list[Entry | None] = [None] * len(rows)
         for b in np.unique(which).tolist():
             sel = np.flatnonzero(which == b)
-            picked = pa.Table.from_batches([batches[b].take(pa.array(wanted[sel] - starts[b]))])
+            picked = self._with_xattrs(pa.Table.from_batches([batches[b].take(pa.array(wanted[sel] - starts[b]))]),
+                                       wanted[sel])
             for k, e in zip(sel.tolist(), _entries_of(picked, 0, light, wanted[sel].tolist()), strict=True):
                 out[k] = e
         return out  # type: ignore[return-value]
@@ -484,7 +494,10 @@ class Manifest:
         which = np.searchsorted(starts, wanted, side="right") - 1
         out: dict[str, list] = {n: [] for n in names}  # type: ignore[type-arg]
         for b in np.unique(which).tolist():
-            picked = pa.Table.from_batches([batches[b].take(pa.array(wanted[which == b] - starts[b]))])
+            rows_b = wanted[which == b]
+            picked = pa.Table.from_batches([batches[b].take(pa.array(rows_b - starts[b]))])
+            if "xattrs" in names:
+                picked = self._with_xattrs(picked, rows_b)
             for n in names:
                 out[n].extend(_pycolumn(picked, n))
         return out
