@@ -934,8 +934,17 @@ def _plan_json(plan: ApplyPlan, staged: dict[str, str], batch: int = 4096) -> It
         part = {k: staged[k] for k in names[i:i + batch]}
         yield (b", " if i else b"") + json.dumps(part)[1:-1].encode()
     yield b'}, "touched_dirs": '
-    yield json.dumps(sorted(plan.touched_dirs) if plan.touched_dirs is not None else None).encode()
-    yield b"}"
+    if plan.touched_dirs is None:
+        yield b"null}"
+        return
+    # Every directory the commit finishes, the merge's new ones too: any version's replay finishes them.
+    yield json.dumps(sorted(plan.touched_dirs))[:-1].encode()
+    made = (e.path for e in plan.made.deepest_first_with([])) if plan.made is not None else iter(())
+    first = not plan.touched_dirs
+    while part := list(itertools.islice(made, batch)):
+        yield (b"" if first else b", ") + json.dumps(part)[1:-1].encode()
+        first = False
+    yield b"]}"
 
 
 def _plan_from_json(doc: dict) -> tuple[ApplyPlan, dict[str, str]]:  # type: ignore[type-arg]
