@@ -604,8 +604,9 @@ class _Totals:
 
 
 # A hard-link group's first path and what it holds (size, content, mode, owner).
-# A hard-link group's first kept path, what it holds (size, content, mode, owner) and how many names are to come.
-_Lead = tuple[bytes, tuple[object, ...], int]
+# A hard-link group's first kept path, what it holds (size, content, mode, owner), how many of its names went by
+# and the most links any of them was seen with.
+_Lead = tuple[bytes, tuple[object, ...], int, int]
 
 
 class _LinkGroups:
@@ -640,7 +641,7 @@ class _LinkGroups:
             key = (int(sizes[k]), content, mode, uid, gid)
             lead = self.leaders.get((dev, ino))
             if lead is None:
-                self.leaders[(dev, ino)] = (path, key, int(nlink[k]) - 1)
+                self.leaders[(dev, ino)] = (path, key, 1, int(nlink[k]))
                 continue
             if lead[1] == key:
                 result[k] = lead[0]
@@ -648,10 +649,11 @@ class _LinkGroups:
                 warnings.append(f"{printable(os.fsdecode(path))}: hard link to {printable(os.fsdecode(lead[0]))}, "
                                 f"but the two were read with different contents (rewritten while read); "
                                 f"captured as a file of its own")
-            # A link made while the walk goes by is a name more; one removed, a name less (as this one says).
-            left = min(lead[2], int(nlink[k])) - 1
-            if left > 0:
-                self.leaders[(dev, ino)] = (lead[0], lead[1], left)
+            # Let go once as many names went by as the most links any of them was seen with: a link made while
+            # the walk goes by is a name more to wait for; one removed leaves the group open (memory only).
+            seen, most = lead[2] + 1, max(lead[3], int(nlink[k]))
+            if seen < most:
+                self.leaders[(dev, ino)] = (lead[0], lead[1], seen, most)
             else:
                 del self.leaders[(dev, ino)]
         return result

@@ -277,3 +277,40 @@ def test_a_lean_manifest_reads_extended_attributes_from_its_file_and_a_restore_s
     assert rest is not None and len(rest.meta_rows) == 1
     _restore(repo, ref, target, foreign=ForeignTarget(overwrite=True))
     assert os.getxattr(victim, "user.k") == b"value 150 " * 20 and os.listxattr(victim) == ["user.k"]
+
+
+def test_a_link_made_while_the_capture_walks_keeps_the_stable_names_linked(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Breaker s51: ``d00/a`` and ``d39/c`` are one file before and after; ``d35/new`` is linked to it while
+    the walk is at ``d10``. The group waits for as many names as the most links any was seen with, so the
+    three restore as one file (an early cut let ``d39/c`` go as a file of its own)."""
+    from drsync import native_walk
+    from drsync.tree import _Lister
+
+    src = tmp_path / "src"
+    for d in range(40):
+        (src / f"d{d:02}").mkdir(parents=True)
+        for i in range(30):
+            (src / f"d{d:02}" / f"f{i:02}").write_bytes(b"%d %d\n" % (d, i))
+    (src / "d00" / "a").write_bytes(b"linked\n")
+    os.link(src / "d00" / "a", src / "d39" / "c")
+    done = []
+
+    def hooked(original):  # type: ignore[no-untyped-def]
+        def listing(self, rel_dir, *args, **kw):  # type: ignore[no-untyped-def]
+            if rel_dir == b"d10" and not done:
+                os.link(src / "d00" / "a", src / "d35" / "new")
+                done.append(1)
+            return original(self, rel_dir, *args, **kw)
+        return listing
+
+    monkeypatch.setattr(native_walk._NativeLister, "listing", hooked(native_walk._NativeLister.listing))
+    monkeypatch.setattr(_Lister, "items", hooked(_Lister.items))
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    ref = engine.create_snapshot(repo, engine.SnapshotRequest(str(src))).id
+    assert done
+    links = {e.path: e.hardlink for e in repo.load_manifest(repo.find_snapshot(ref)).entries() if e.hardlink}
+    assert links == {"d35/new": "d00/a", "d39/c": "d00/a"}
+    _restore(repo, ref, tmp_path / "t")
+    ino = {os.lstat(tmp_path / "t" / p).st_ino for p in ("d00/a", "d35/new", "d39/c")}
+    assert len(ino) == 1
