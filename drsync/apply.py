@@ -114,6 +114,8 @@ class ApplyPlan:
     replaces: list[str] = field(default_factory=list)
     # Directories the merge found only in the manifest (drsync.unchanged): in ``mkdir``, and finished.
     made: MadeDirs | None = None
+    # Directories of files whose metadata is set or that hard links are made to: searched, not changed.
+    passed_dirs: set[str] = field(default_factory=set)
 
     def dirs_to_finish(self, *, made: bool = True) -> list[Entry] | Iterable[Entry]:
         """``dirs`` (deepest first) limited to the touched ones, and (``made``) the merge's new directories,
@@ -219,7 +221,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                structure_only: bool = False, compare_owner: bool = False,
                mtime_resolution_ns: int = 1, protected: frozenset[str] = frozenset(),
                compare_xattrs: bool = False, content_changed: frozenset[str] = frozenset(),
-               also_touched: Iterable[str] = (), keep_uncarried: bool = False) -> ApplyPlan:
+               also_touched: Iterable[str] = (), also_passed: Iterable[str] = (),
+               keep_uncarried: bool = False) -> ApplyPlan:
     """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some.
 
     ``compare_owner``: the target can set owners, so a differing owner is fixed.
@@ -231,6 +234,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     :func:`drsync.repository.manifest_diff.content_changed`): written even when size and time match.
     ``also_touched``: directories the commit changes for files planned elsewhere (new files of a
     :class:`~drsync.unchanged.WriteList`): finished, and opened up when needed, as if planned here.
+    ``also_passed``: directories of files whose metadata the commit sets, planned elsewhere: opened up
+    when their owner may not search them.
     ``keep_uncarried`` (a standby's apply): what no snapshot carries (fifos, sockets, devices, links leading
     outside the root) is left in place where the snapshot has nothing: removed, it could never be restored
     (an ex-primary rejoining keeps its ``shared -> /srv/shared``), and captures do not see it anyway.
@@ -336,8 +341,13 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     touched.discard("")
     # A directory we change, or pass through to reach one, but may not write into or search is opened
     # up for the commit and finished after it.
-    reach = set(touched)
-    for p in touched:
+    # So is one passed through to set a file's metadata, or to link to a group's first file.
+    passed = {*also_passed, *(e.path.rpartition("/")[0] for e in plan.fix_meta),
+              *((e.hardlink or "").rpartition("/")[0] for e in plan.hardlink)}
+    passed.discard("")
+    plan.passed_dirs = passed
+    reach = touched | passed
+    for p in touched | passed:
         reach.update(_ancestors(p))
     plan.unlock = sorted(p for p in reach if (h := existing.get(p)) is not None and h.type == DIR
                          and p not in removed and (h.mode & 0o700) != 0o700)
@@ -543,7 +553,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                       structure_only=structure_only,
                       compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
                       compare_xattrs=root.supports_xattrs, content_changed=changed,
-                      also_touched=rest.new_parents if rest is not None else (), keep_uncarried=keep_uncarried)
+                      also_touched=rest.new_parents if rest is not None else (),
+                      also_passed=rest.meta_parents if rest is not None else (), keep_uncarried=keep_uncarried)
     if rest is not None:
         rest.fold(plan, manifest, later=getattr(root, "mount_points", list)())
     try:

@@ -71,6 +71,8 @@ class Residual:
     # Directories only the manifest has (int64 rows, ascending): made and finished by the commit as rows
     # (:class:`MadeDirs`), never as planner objects (a restore of a million directories into an empty target).
     made_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # The directories of ``meta_rows``: passed through to set their metadata (opened up when not searchable).
+    meta_parents: set[str] = dataclasses.field(default_factory=set)
 
     def fold(self, plan: ApplyPlan, manifest: Manifest, later: Iterable[str] = ()) -> None:
         """Add what the merge settled to ``plan`` (the planner's plan of ``rows`` and ``existing``): the
@@ -90,10 +92,11 @@ class Residual:
             plan.mkdir = plan.made.in_path_order(plan.mkdir)
         touched = plan.touched_dirs
         later = set(later)
-        if not len(self.dir_rows) or touched is None or not (touched or later):
+        passed = plan.passed_dirs | self.meta_parents  # passed through to set metadata or link
+        if not len(self.dir_rows) or touched is None or not (touched or later or passed):
             return
-        reach = set(touched)
-        for p in touched:
+        reach = touched | passed
+        for p in touched | passed:
             parts = p.split("/")
             reach.update("/".join(parts[:i]) for i in range(1, len(parts)))
         hits = _rows_named(manifest, self.dir_rows, reach | later)
@@ -275,6 +278,7 @@ class _Merge:
         self.dir_rows: list[np.ndarray] = []
         self.made_rows: list[np.ndarray] = []
         self.new_parents: set[bytes] = set()
+        self.meta_parents: set[bytes] = set()
         self.existing: dict[str, LocalEntry] = {}
         self.unchanged = 0
 
@@ -344,6 +348,8 @@ class _Merge:
                 dirs &= settled
             self.unchanged += int((alike | meta).sum())
             self.meta_rows.append(m.start + mr[meta])
+            if meta.any():
+                self._note_parents(m.paths.take(pa.array(mr[meta])), self.meta_parents)
             self.dir_rows.append(m.start + mr[dirs])
             keep[np.flatnonzero(matched)[~settled]] = True
             kept_targets = tr[~settled]
@@ -422,9 +428,9 @@ class _Merge:
         names = paths.take(pa.array(rows)).to_pylist()
         return np.fromiter((self.planned(os.fsdecode(p)) for p in names), bool, len(names))
 
-    def _note_parents(self, paths: pa.Array) -> None:
+    def _note_parents(self, paths: pa.Array, into: set[bytes] | None = None) -> None:
         parents, has = path_parents(paths)
-        self.new_parents.update(pc.unique(parents.filter(pa.array(has))).to_pylist())
+        (self.new_parents if into is None else into).update(pc.unique(parents.filter(pa.array(has))).to_pylist())
 
     def keep_target(self, tb: EntryColumns, rows: np.ndarray) -> None:
         for i in rows.tolist():
@@ -438,7 +444,8 @@ class _Merge:
         self.new_parents.discard(b"")
         return Residual(joined(self.rows), self.existing, self.unchanged, joined(self.new_rows),
                         {os.fsdecode(d) for d in self.new_parents}, self.suspects, joined(self.meta_rows),
-                        joined(self.dir_rows), joined(self.made_rows))
+                        joined(self.dir_rows), joined(self.made_rows), meta_parents={
+                            os.fsdecode(d) for d in self.meta_parents if d})
 
 
 class WriteList:

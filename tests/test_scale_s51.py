@@ -314,3 +314,44 @@ def test_a_link_made_while_the_capture_walks_keeps_the_stable_names_linked(tmp_p
     _restore(repo, ref, tmp_path / "t")
     ino = {os.lstat(tmp_path / "t" / p).st_ino for p in ("d00/a", "d35/new", "d39/c")}
     assert len(ino) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as nobody")
+@pytest.mark.parametrize("change", ["mode", "hardlink"])
+def test_an_owner_restores_metadata_and_links_below_a_directory_it_may_not_search(open_tmp: Path,
+                                                                                  change: str) -> None:
+    """Breaker s51: as the tree's owner (not root), a file's mode or a missing hard-link name below a
+    0000 directory. The commit passes through that directory without changing it: it is opened up first
+    and set back after (the rerun failed the same way for good before)."""
+    from tests.users import give_to_nobody, preload_everything, run_as_nobody
+
+    preload_everything()
+    src, repo, target = open_tmp / "src", open_tmp / "repo", open_tmp / "t"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "f").write_bytes(b"in a directory no one may search\n")
+    os.link(src / "a" / "b" / "f", src / "g")
+    give_to_nobody(open_tmp)
+    os.chmod(src / "a" / "b", 0)
+    os.chmod(src / "a", 0o500)
+    assert run_as_nobody("init", "--repo", repo, "--cluster-id", "c", "--release", "1")[0] == 0
+    engine.create_snapshot(Repository.open(LocalStorage(str(repo))), engine.SnapshotRequest(str(src), name="one"))
+    give_to_nobody(repo)  # captured by root (only root reads below a/b), restored by the owner
+    assert run_as_nobody("snapshot", "restore", "one", "--repo", repo, "--target", target)[0] == 0
+    want = _modes_deep(target)
+    os.chmod(target / "a" / "b" / "f", 0o600) if change == "mode" else os.unlink(target / "g")
+    for _ in range(2):
+        code, err = run_as_nobody("snapshot", "restore", "one", "--repo", repo, "--target", target, "--debug",
+                                  "--overwrite")
+        assert code == 0, err
+        assert _modes_deep(target) == want and not (target / ".drsync-staging").exists()
+    assert os.lstat(target / "g").st_ino == os.lstat(target / "a" / "b" / "f").st_ino
+
+
+def _modes_deep(root: Path) -> dict[str, tuple[int, int]]:
+    """Mode and mtime of every path below ``root`` (read as root, whatever the modes)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for x in [*dirs, *files]:
+            s = os.lstat(os.path.join(dirpath, x))
+            out[os.path.relpath(os.path.join(dirpath, x), root)] = (s.st_mode, s.st_mtime_ns)
+    return out

@@ -100,7 +100,7 @@ def _plans(manifest: Manifest, root: LocalDataRoot, **kw: object) -> tuple[dict,
                            planned=_planned(excluded, protected, changed), drop_alike=not checksum)
     assert rest is not None
     merged = plan_apply(manifest.entries_at(rest.rows, light=True), rest.existing,  # type: ignore[arg-type]
-                        also_touched=rest.new_parents, **common)
+                        also_touched=rest.new_parents, also_passed=rest.meta_parents, **common)
     rest.fold(merged, manifest)
     return _shape(whole), _shape(merged)
 
