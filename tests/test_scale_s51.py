@@ -355,3 +355,36 @@ def _modes_deep(root: Path) -> dict[str, tuple[int, int]]:
             s = os.lstat(os.path.join(dirpath, x))
             out[os.path.relpath(os.path.join(dirpath, x), root)] = (s.st_mode, s.st_mtime_ns)
     return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount and to act as nobody")
+def test_an_owner_restores_onto_a_mount_point_the_snapshot_has_read_only(open_tmp: Path) -> None:
+    """Breaker s51: the staging area of a filesystem mounted in the target lies in its top directory, which
+    the snapshot has 0555: the owner's restore opens it up to make and remove that area, and sets it back
+    (it failed at the removal, then at every later restore, leaving staging areas in the target)."""
+    import subprocess
+
+    from tests.users import give_to_nobody, preload_everything, run_as_nobody
+
+    preload_everything()
+    src, repo, target = open_tmp / "src", open_tmp / "repo", open_tmp / "t"
+    (src / "m").mkdir(parents=True)
+    (src / "m" / "f").write_bytes(b"on the mounted filesystem\n")
+    (target / "m").mkdir(parents=True)
+    give_to_nobody(open_tmp)
+    os.chmod(src / "m", 0o555)
+    assert run_as_nobody("init", "--repo", repo, "--cluster-id", "c", "--release", "1")[0] == 0
+    assert run_as_nobody("snapshot", "create", "--repo", repo, "--source", src, "--name", "one")[0] == 0
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,uid=65534,gid=65534", "tmpfs", str(target / "m")],
+                   check=True)
+    try:
+        for _ in range(2):
+            code, err = run_as_nobody("snapshot", "restore", "one", "--repo", repo, "--target", target,
+                                      "--overwrite")
+            assert code == 0, err
+            assert (target / "m" / "f").read_bytes() == b"on the mounted filesystem\n"
+            assert stat.S_IMODE(os.lstat(target / "m").st_mode) == 0o555
+            assert os.lstat(target / "m").st_mtime_ns == os.lstat(src / "m").st_mtime_ns
+            assert not (target / "m" / ".drsync-staging").exists() and not (target / ".drsync-staging").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(target / "m")], check=False)

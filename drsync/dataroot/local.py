@@ -371,8 +371,9 @@ class LocalDataRoot:
             for d in sorted(used):
                 rel = self._staging_of(d)
                 if d:
-                    fs.remove_tree(rel)
-                    fs.mkdir(rel, 0o700)
+                    with _writable(fs, d):
+                        fs.remove_tree(rel)
+                        fs.mkdir(rel, 0o700)
                 else:
                     _empty_keeping(fs, rel, {RECORD_NAME})
                 fs.mkdir(f"{rel}/trash", 0o700)
@@ -438,7 +439,8 @@ class LocalDataRoot:
                 rel = self._staging_of(d)
                 if fs.lstat(rel) is not None:
                     fs.forget(rel)
-                    fs.remove_tree(rel)
+                    with _writable(fs, d):
+                        fs.remove_tree(rel)
                 if d in mtimes and fs.lstat(d) is not None:
                     with contextlib.suppress(OSError):  # a read-only mount: nothing there moved either
                         fs.utime(d, mtimes[d])
@@ -798,6 +800,30 @@ class RootJournal:
             except (FileNotFoundError, NotADirectoryError):
                 return
             os.fsync(fs.dir_fd(STAGING))
+
+
+@contextmanager
+def _writable(fs: Beneath, rel: str) -> Iterator[None]:
+    """``rel`` (a mount point in the target: its staging area is made and removed in it) opened up while
+    inside, when this user owns it but may not write it (the snapshot has it read-only); its mode set back
+    after, or after a kill by the next apply's :meth:`LocalDataRoot.settle` (the record holds it)."""
+    s = fs.lstat(rel)
+    me = os.geteuid()
+    if s is None or me == 0 or s.st_uid != me or (s.st_mode & 0o300) == 0o300:
+        yield
+        return
+    mode = st.S_IMODE(s.st_mode)
+    record = _read_record(fs)
+    record.setdefault("modes", {}).setdefault(rel, mode)
+    _write_record(fs, record)
+    fs.chmod(rel, mode | 0o700)
+    try:
+        yield
+    finally:
+        fs.chmod(rel, mode)
+        record = _read_record(fs)
+        record.get("modes", {}).pop(rel, None)
+        _write_record(fs, record)
 
 
 def _move_aside(fs: Beneath, path: str, trash: str) -> None:
