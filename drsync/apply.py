@@ -556,7 +556,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                       also_touched=rest.new_parents if rest is not None else (),
                       also_passed=rest.meta_parents if rest is not None else (), keep_uncarried=keep_uncarried)
     if rest is not None:
-        rest.fold(plan, manifest, later=getattr(root, "mount_points", list)())
+        rest.fold(plan, manifest, later=getattr(root, "mount_points", tuple))
     try:
         # What the root cannot do is refused, and what it does otherwise is planned (a hard link across
         # two filesystems mounted in the target becomes a copy to write), before the chunks are located
@@ -965,15 +965,14 @@ def _plan_from_json(doc: dict) -> tuple[ApplyPlan, dict[str, str]]:  # type: ign
         return Entry(*base, chunks=[], chunk_sizes=[], xattrs=bytes.fromhex(xattrs) if xattrs else None,
                      hardlink=hardlink, sparse=bool(sparse))
 
-    # Parents before children, deepest first: as the commit made them (a journal of rows merged in order).
-    mkdir = sorted((ent(r) for r in doc["mkdir"]), key=lambda e: os.fsencode(e.path))
-    plan = ApplyPlan(write=[ent(r) for r in doc["write"]], remove=list(doc["remove"]), mkdir=mkdir,
-                     link=[ent(r) for r in doc["link"]], fix_meta=[ent(r) for r in doc["fix_meta"]],
-                     dirs=sorted((ent(r) for r in doc["dirs"]), key=lambda e: e.path.count("/"), reverse=True),
+    # Journaled in the commit's order (parents first to make, deepest first to finish), with every directory it
+    # finishes named in ``touched_dirs``.
+    plan = ApplyPlan(write=[ent(r) for r in doc["write"]], remove=list(doc["remove"]),
+                     mkdir=[ent(r) for r in doc["mkdir"]], link=[ent(r) for r in doc["link"]],
+                     fix_meta=[ent(r) for r in doc["fix_meta"]], dirs=[ent(r) for r in doc["dirs"]],
                      unlock=list(doc.get("unlock", [])), hardlink=[ent(r) for r in doc.get("hardlink", [])])
     touched = doc.get("touched_dirs")  # journals of earlier versions have none: finish every directory
-    # A directory made is finished (the merge's new directories are journaled in ``dirs``, not ``touched_dirs``).
-    plan.touched_dirs = {*touched, *(e.path for e in mkdir)} if touched is not None else None
+    plan.touched_dirs = set(touched) if touched is not None else None
     return plan, dict(doc["staged"])
 
 

@@ -603,7 +603,6 @@ class _Totals:
     unread: list[tuple[str, int, str, int, int]] = field(default_factory=list)  # and size, mtime (ns)
 
 
-# A hard-link group's first path and what it holds (size, content, mode, owner).
 # A hard-link group's first kept path, what it holds (size, content, mode, owner), how many of its names went by
 # and the most links any of them was seen with.
 _Lead = tuple[bytes, tuple[object, ...], int, int]
@@ -617,8 +616,8 @@ class _LinkGroups:
     was rewritten between the reads of two of its names) stands alone with what was read of it, and
     a warning says so: a manifest never links a row to other bytes than its own, which a restore
     would refuse. Holds the leaders of the groups still open: a group is let go once as many of its names
-    have gone by as its files have links (all inside the tree), so a tree of a million hard-linked pairs
-    holds only the pairs whose second name is still to come."""
+    have gone by as the most links any of them was seen with (all inside the tree), so a tree of a million
+    hard-linked pairs holds only the pairs whose second name is still to come."""
 
     def __init__(self) -> None:
         self.leaders: dict[tuple[int, int], _Lead] = {}  # (device, inode) -> its open group

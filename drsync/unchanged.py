@@ -74,14 +74,14 @@ class Residual:
     # The directories of ``meta_rows``: passed through to set their metadata (opened up when not searchable).
     meta_parents: set[str] = dataclasses.field(default_factory=set)
 
-    def fold(self, plan: ApplyPlan, manifest: Manifest, later: Iterable[str] = ()) -> None:
+    def fold(self, plan: ApplyPlan, manifest: Manifest, later: Callable[[], Iterable[str]] = tuple) -> None:
         """Add what the merge settled to ``plan`` (the planner's plan of ``rows`` and ``existing``): the
         unchanged count, the new files to write and the files whose metadata alone is set, as manifest rows
         (:class:`WriteList`), and the settled directories the commit passes through or changes something in:
         opened up first when their owner lacks rwx (``unlock``) and finished, deepest first (``dirs``), as
-        :func:`drsync.apply.plan_apply` does with the directories it sees. ``later``: directories the root
-        may yet add to ``touched_dirs`` (mount points, whose staging areas move their times): listed in
-        ``dirs`` too, so that the commit finishes them if it does."""
+        :func:`drsync.apply.plan_apply` does with the directories it sees. ``later``: the directories the
+        root may yet add to ``touched_dirs`` (mount points, whose staging areas move their times), asked only
+        when directories were settled: listed in ``dirs`` too, so that the commit finishes them if it does."""
         plan.unchanged += self.unchanged
         if len(self.new_rows):
             plan.write = WriteList(list(plan.write), manifest, self.new_rows)
@@ -91,15 +91,17 @@ class Residual:
             plan.made = MadeDirs(manifest, self.made_rows)
             plan.mkdir = plan.made.in_path_order(plan.mkdir)
         touched = plan.touched_dirs
-        later = set(later)
+        if not len(self.dir_rows) or touched is None:
+            return
+        later_dirs = set(later())
         passed = plan.passed_dirs | self.meta_parents  # passed through to set metadata or link
-        if not len(self.dir_rows) or touched is None or not (touched or later or passed):
+        if not (touched or later_dirs or passed):
             return
         reach = touched | passed
         for p in touched | passed:
             parts = p.split("/")
             reach.update("/".join(parts[:i]) for i in range(1, len(parts)))
-        hits = _rows_named(manifest, self.dir_rows, reach | later)
+        hits = _rows_named(manifest, self.dir_rows, reach | later_dirs)
         if not len(hits):
             return
         dirs = manifest.entries_at(hits, light=True)
@@ -108,7 +110,7 @@ class Residual:
         if unlock:
             plan.unlock = sorted({*plan.unlock, *unlock})
             touched.update(unlock)
-        finish = [e for e in dirs if e.path in touched or e.path in later]
+        finish = [e for e in dirs if e.path in touched or e.path in later_dirs]
         if finish:
             plan.dirs = sorted([*plan.dirs, *finish], key=lambda e: e.path.count("/"), reverse=True)
 
@@ -339,7 +341,7 @@ class _Merge:
             tr = at[matched] + tlo
             assert tb is not None
             alike, meta = self._alike(m, mr, tb, tr)
-            dirs = self._dirs_alike(m, mr, tb, tr) if self.drop_alike else np.zeros(len(mr), bool)
+            dirs = self._dirs_alike(m, mr, tb, tr)
             settled = alike | meta | dirs  # no decision left for the planner
             if self.planned is not None and settled.any():
                 settled[settled] = ~self._planned(m.paths, mr[settled])
@@ -367,12 +369,8 @@ class _Merge:
         if not self.drop_alike:
             return none, none
         suspect = self._suspects(m, mr, tb, tr) if m.files is not None else None
-        same = (m.plain[mr] & (tb.kind[tr] == K_FILE) & (tb.nlink[tr] == 1) & (tb.size[tr] == m.size[mr])
-                & m.timed[mr] & mtime_in_range(tb.mtime_s[tr]))
-        if not same.any():
-            return same, none
-        secs = np.where(same, tb.mtime_s[tr], 0)
-        same &= (secs * 1_000_000_000 + tb.mtime_nsec[tr]) // self.res == m.mtime[mr]
+        same = self._same_time(m, mr, tb, tr, m.plain[mr] & (tb.kind[tr] == K_FILE) & (tb.nlink[tr] == 1)
+                               & (tb.size[tr] == m.size[mr]))
         if suspect is not None:
             same &= ~suspect
         alike = self._meta_alike(m, mr, tb, tr, same)
@@ -395,24 +393,26 @@ class _Merge:
         """Directories both hold alike in every way the planner compares (mode, time at the common precision,
         owner and extended attributes where compared): nothing to do unless the commit changes what is in
         them, which :meth:`Residual.fold` finds out."""
-        same = m.dirs[mr] & (tb.kind[tr] == K_DIR) & m.timed[mr] & mtime_in_range(tb.mtime_s[tr])
-        if not same.any():
-            return same
-        secs = np.where(same, tb.mtime_s[tr], 0)
-        same &= (secs * 1_000_000_000 + tb.mtime_nsec[tr]) // self.res == m.mtime[mr]
-        return self._meta_alike(m, mr, tb, tr, same)
+        if not self.drop_alike:
+            return np.zeros(len(mr), bool)
+        return self._meta_alike(m, mr, tb, tr, self._same_time(m, mr, tb, tr, m.dirs[mr] & (tb.kind[tr] == K_DIR)))
+
+    def _same_time(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``mask`` narrowed to the pairs whose modification times are equal at the comparison's resolution."""
+        mask = mask & m.timed[mr] & mtime_in_range(tb.mtime_s[tr])
+        if mask.any():
+            secs = np.where(mask, tb.mtime_s[tr], 0)
+            mask &= (secs * 1_000_000_000 + tb.mtime_nsec[tr]) // self.res == m.mtime[mr]
+        return mask
 
     def _suspects(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray) -> np.ndarray:
         """With identity: the files whose size and time match (the quick check would pass them, whatever
         their mode, owner, attributes or links) but whose inode or status-change time is not the one the
         capture saw (noted in ``suspects``; the mask of them returned)."""
         assert m.files is not None and m.inode is not None and m.ctime is not None
-        quick = (m.files[mr] & (tb.kind[tr] == K_FILE) & (tb.size[tr] == m.size[mr]) & m.timed[mr]
-                 & mtime_in_range(tb.mtime_s[tr]))
+        quick = self._same_time(m, mr, tb, tr, m.files[mr] & (tb.kind[tr] == K_FILE) & (tb.size[tr] == m.size[mr]))
         if not quick.any():
             return quick
-        secs = np.where(quick, tb.mtime_s[tr], 0)
-        quick &= (secs * 1_000_000_000 + tb.mtime_nsec[tr]) // self.res == m.mtime[mr]
         same = tb.ino[tr] == m.inode[mr]
         same &= tb.ctime_ns[tr] == m.ctime[mr] if tb.ctime_ns is not None else False
         suspect = quick & ~same
@@ -464,8 +464,7 @@ class WriteList:
 
     def __iter__(self) -> Iterator[Entry]:
         yield from self.head
-        for i in range(0, len(self.rows), _BATCH):
-            yield from self.manifest.entries_at(self.rows[i:i + _BATCH], light=True)
+        yield from _decoded(self.manifest, self.rows)
 
     def __getitem__(self, k: int | slice) -> Entry | list[Entry]:
         if isinstance(k, int):
@@ -502,6 +501,10 @@ class WriteList:
         return total
 
 
+def _decoded(manifest: Manifest, rows: np.ndarray) -> Iterator[Entry]:
+    """Light entries of manifest ``rows``, in their order, decoded :data:`_BATCH` at a time."""
+    for i in range(0, len(rows), _BATCH):
+        yield from manifest.entries_at(rows[i:i + _BATCH], light=True)
 
 
 def _path_key(e: Entry) -> bytes:
@@ -546,7 +549,4 @@ class _Merged:
         return len(self.head) + len(self.rows)
 
     def __iter__(self) -> Iterator[Entry]:
-        def decoded() -> Iterator[Entry]:
-            for i in range(0, len(self.rows), _BATCH):
-                yield from self.manifest.entries_at(self.rows[i:i + _BATCH], light=True)
-        return heapq.merge(self.head, decoded(), key=self.key)  # type: ignore[type-var]
+        return heapq.merge(self.head, _decoded(self.manifest, self.rows), key=self.key)  # type: ignore[type-var]
