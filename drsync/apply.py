@@ -22,6 +22,7 @@ written nor removed (light backups leave bulk data alone).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -38,10 +39,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync import allocators, documents, fsutil
+from drsync import allocators, documents, faults, fsutil
 from drsync.apply_chunks import PartReaders, check_rows
 from drsync.dataroot import SMALL_FILE_BYTES, STAGING, UNKNOWN_ID, DataRoot, open_data_root, small_files_pool
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
+from drsync.flocks import ApplyBusy, ApplyLock
 from drsync.pathglob import compile_globs
 from drsync.repository.manifest import (
     DIR,
@@ -448,7 +450,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    foreign: ForeignTarget | None = None, external: ExternalStager | None = None,
                    cancel: Callable[[], bool] | None = None, base: Manifest | ManifestFile | None = None,
                    keep_repositories: bool = False, max_remove_fraction: float | None = None,
-                   keep_uncarried: bool = False, captured_root: bool = False, replan: bool = False) -> ApplyResult:
+                   keep_uncarried: bool = False, captured_root: bool = False, replan: bool = False,
+                   root_held: bool = False) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
 
     ``dry_run``: plan only and report it in ``ApplyResult.planned`` (and in ``ApplyResult.refused`` why
@@ -479,222 +482,258 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     ``keep_repositories`` (restores): a drsync repository found in the target where the plan would write
     into it or remove it (not one named in ``protect``, which is left alone) refuses the apply
     (RefusedError, nothing changed): a restore never destroys a repository, even one it does not know.
+    One apply at a time onto a target, or anything inside or around it (:class:`drsync.flocks.ApplyLock`,
+    taken before the target is looked at and held until the apply is over): another one refuses this one
+    (ApplyBusy, exit 1, nothing changed), and a dry run says so in its warnings. ``root_held``: the caller
+    holds the target's directory flock for its lifetime (an agent's own data root): only the lock file is taken.
     Raises IntegrityError (missing or damaged chunks, bad manifest), UsageError (a target that
     cannot hold the snapshot: mount points in the way, protected paths), OperationFailed (I/O).
     """
     validate(manifest, what)
     root = open_data_root(target) if isinstance(target, str) else target
-    # Every chunk must be present before anything on the target changes.
-    outside = np.flatnonzero(external_mask(manifest.table))
-    if len(outside) and external is None and not structure_only:
-        first = os.fsdecode(manifest.table.column("path")[int(outside[0])].as_py())
-        raise IntegrityError(f"{what}: {len(outside)} file(s) (e.g. {printable(first)}) were captured for "
-                             f"DistCp (replication.engine = \"distcp\"): their bytes are in an HDFS snapshot, not "
-                             f"in the repository; nothing was changed")
-    for p in protect:
-        if root.lies_within(p):
-            raise UsageError(f"target {root.url} lies inside drsync's own {p}; restore to a directory outside it")
-    # A target that does not exist yet gets every file: its chunks are checked before it (and any missing
-    # parent of it) is made. Otherwise after planning, only what the apply writes.
-    fresh = root.missing()
-    # drsync stages under a reserved name, emptying it first: what else is there goes only as the restore's
-    # other extras do (--delete-extra), never unasked.
-    stray = None if fresh else root.foreign_staging()
-    if stray is not None and not (foreign is not None and foreign.delete_extra):
-        how = (f"rerun with {foreign.flags[1]} to remove it, or move it out of the target" if foreign is not None
-               else "move it out of the root and run again")
-        raise RefusedError(f"{what}: {printable(stray)} holds what drsync did not put there, and drsync stages its "
-                           f"apply under that name (emptying it first); {how}; nothing was changed")
-    whole: ChunkSource | None = None  # a reader of every chunk, when they are few enough to be located at once
-    if fresh and not structure_only:
-        whole = check_rows(manifest, source, what,
-                           _rows_not_excluded(manifest, compile_globs(exclude) if exclude else None))
-    pending = False
-    if dry_run:
-        created_target, log_ = False, None
-        # An interrupted apply is completed by the real run before it plans: this plan is against the
-        # target as it is now, so it says so.
-        # A staging area drsync did not make holds no apply of drsync's (only its own journal does).
-        pending = not root.missing() and (journal is not None or stray is None) and \
-            _interrupted(root, _journal_for(root, journal)) is not None
-    else:
-        created_target = root.prepare_target()
-        log_ = _journal_for(root, journal)
-        # An earlier apply onto this target that was cut short is completed (or undone) first; a staging area
-        # drsync did not make (removed below, as --delete-extra asked) holds none: its records are not read.
-        abandoned = ""
-        if journal is not None or stray is None:
-            if stray is None:
-                root.settle()
-            abandoned = _finish_interrupted(root, log_, replan=replan) or ""
-    protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
-    # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
-    # milliseconds, and so does anything applied to HDFS.
-    resolution = comparison_resolution(manifest, root)
-    excluded = compile_globs(exclude)
-    changed = content_changed(base, manifest) if base is not None else frozenset()
-    # Rolling the cluster's own data root back (no other target, no snapshot it is known to hold): a file is
-    # taken as unchanged only as the version the capture saw (its inode and status-change time too), as the
-    # capture itself reuses a file unread; one whose size and time match but not those (rewritten in place
-    # and its time put back, as ransomware does) has its content checked, as --checksum would.
-    identity = captured_root and base is None and not checksum
-    entries, existing, unchanged, rest = _to_plan(manifest, root, dry_run=dry_run, merge=not structure_only,
-                                                  drop_alike=not checksum, resolution=resolution,
-                                                  planned=_planned(excluded, protected, changed)
-                                                  if any(g.strip().lstrip("/") for g in exclude) or protected or changed
-                                                  else None, identity=identity)
-    suspects = rest.suspects if rest is not None else set()
-    entries = _within_mode_bits(entries, root)
-    same_content = _with_chunks(manifest, root.same_content) if checksum or suspects else None
-    if same_content is not None and not checksum:  # only the suspects are read
-        by_content = same_content
-        same_content = lambda e, have: e.path not in suspects or by_content(e, have)  # noqa: E731
-    plan = plan_apply(entries, existing, excluded=excluded, same_content=same_content,
-                      structure_only=structure_only,
-                      compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
-                      compare_xattrs=root.supports_xattrs, content_changed=changed,
-                      also_touched=rest.new_parents if rest is not None else (),
-                      also_passed=rest.meta_parents if rest is not None else (), keep_uncarried=keep_uncarried)
-    if rest is not None:
-        rest.fold(plan, manifest, later=getattr(root, "mount_points", tuple))
-    try:
-        # What the root cannot do is refused, and what it does otherwise is planned (a hard link across
-        # two filesystems mounted in the target becomes a copy to write), before the chunks are located
-        # and before a dry run counts: both see the writes the commit makes.
-        if not (dry_run and root.missing()):  # a dry run onto a target not made yet: nothing there to check
-            root.check_plan(plan)
-        # The chunks the apply writes are located a part at a time at scale (a first sync): drsync.apply_chunks.
-        parts = None if structure_only else PartReaders(manifest, source, what, plan.write, whole=whole)
-        if parts is not None and not fresh:
-            # Every chunk of what the apply writes is present before anything on the target changes (an
-            # interrupted apply completed above wrote its own staged files); a restore onto a target that
-            # holds the snapshot already reads, and so needs, none.
-            parts.check()
-    except BaseException:
-        if created_target:
-            root.remove_root()
-        raise
-    if max_remove_fraction is not None and not dry_run:
-        # Removing files the root is known to hold (``base``) is judged by the deletion guard before the
-        # apply, renames allowed for; what else the root holds is judged here, on the root itself.
-        root_files = unchanged + sum(1 for h in existing.values() if h.type != DIR)
-        if len(plan.removes_files) > max_remove_fraction * root_files:
-            strays = len(plan.removes_files) - _known_to(base, plan.removes_files)
-            if strays > max_remove_fraction * root_files:
-                raise RootRemovalHeld(strays, root_files, max_remove_fraction, what, root.url)
-    plan.removes_files = []
-    refused = foreign.refusal(plan, {e.path for e in entries}, what, root.url) if foreign is not None else None
-    if keep_repositories and not refused:
-        refused = _repository_refusal(root, plan, protected, what)
-    if refused and not dry_run:
-        if created_target:
-            root.remove_root()
-        raise RefusedError(refused)
-    if dry_run:
-        # A path the snapshot has in another form (a file where it holds a directory) is replaced, as the
-        # refusal counts it: listed under overwrite, not remove.
-        wanted = {e.path for e in entries}
-        replaced_types = [p for p in plan.remove if p in wanted]
-        strays = [root.relative_inside(stray) or STAGING] if stray is not None else []
-        dry = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
-                          unchanged_files=plan.unchanged, removed=len(plan.remove) - len(replaced_types) + len(strays),
-                          planned={"write": [e.path for e in plan.write],
-                                   "remove": [p for p in plan.remove if p not in wanted] + strays,
-                                   "mkdir": [e.path for e in plan.mkdir], "link": [e.path for e in plan.link],
-                                   "hardlink": [e.path for e in plan.hardlink],
-                                   "overwrite": sorted({*plan.replaces, *replaced_types})}, refused=refused)
-        if pending:
-            dry.warnings.append(f"{root.url} holds an interrupted apply: the real run completes it first and then "
-                                f"plans again, so what it writes and removes can differ from this list; run the "
-                                f"restore (or any restore onto this target) to complete it, then --dry-run again")
-        return dry
-    assert log_ is not None
-    skipped_links = []
-    if plan.link and not root.supports_symlinks:
-        skipped_links, plan.link = plan.link, []
-    if on_total:
-        on_total(plan.write_bytes)
+    with _applying(root, what, dry_run=dry_run, root_held=root_held) as (lock, busy):
+        # Every chunk must be present before anything on the target changes.
+        outside = np.flatnonzero(external_mask(manifest.table))
+        if len(outside) and external is None and not structure_only:
+            first = os.fsdecode(manifest.table.column("path")[int(outside[0])].as_py())
+            raise IntegrityError(f"{what}: {len(outside)} file(s) (e.g. {printable(first)}) were captured for "
+                                 f"DistCp (replication.engine = \"distcp\"): their bytes are in an HDFS snapshot, not "
+                                 f"in the repository; nothing was changed")
+        for p in protect:
+            if root.lies_within(p):
+                raise UsageError(f"target {root.url} lies inside drsync's own {p}; restore to a directory outside it")
+        # A target that does not exist yet gets every file: its chunks are checked before it (and any missing
+        # parent of it) is made. Otherwise after planning, only what the apply writes.
+        fresh = root.missing()
+        # drsync stages under a reserved name, emptying it first: what else is there goes only as the restore's
+        # other extras do (--delete-extra), never unasked.
+        stray = None if fresh else root.foreign_staging()
+        if stray is not None and not (foreign is not None and foreign.delete_extra):
+            how = (f"rerun with {foreign.flags[1]} to remove it, or move it out of the target" if foreign is not None
+                   else "move it out of the root and run again")
+            raise RefusedError(f"{what}: {printable(stray)} holds what drsync did not put there, and drsync stages its "
+                               f"apply under that name (emptying it first); {how}; nothing was changed")
+        whole: ChunkSource | None = None  # a reader of every chunk, when they are few enough to be located at once
+        if fresh and not structure_only:
+            whole = check_rows(manifest, source, what,
+                               _rows_not_excluded(manifest, compile_globs(exclude) if exclude else None))
+        pending = False
+        if dry_run:
+            created_target, log_ = False, None
+            # An interrupted apply is completed by the real run before it plans: this plan is against the
+            # target as it is now, so it says so.
+            # A staging area drsync did not make holds no apply of drsync's (only its own journal does).
+            pending = not root.missing() and (journal is not None or stray is None) and \
+                _interrupted(root, _journal_for(root, journal)) is not None
+        else:
+            created_target = root.prepare_target()
+            if lock is not None:  # the target made just now is flocked too (the lock file held it till now)
+                lock.hold_directory()
+            log_ = _journal_for(root, journal)
+            # An earlier apply onto this target that was cut short is completed (or undone) first; a staging area
+            # drsync did not make (removed below, as --delete-extra asked) holds none: its records are not read.
+            abandoned = ""
+            if journal is not None or stray is None:
+                if stray is None:
+                    root.settle()
+                abandoned = _finish_interrupted(root, log_, replan=replan) or ""
+        protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
+        # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
+        # milliseconds, and so does anything applied to HDFS.
+        resolution = comparison_resolution(manifest, root)
+        excluded = compile_globs(exclude)
+        changed = content_changed(base, manifest) if base is not None else frozenset()
+        # Rolling the cluster's own data root back (no other target, no snapshot it is known to hold): a file is
+        # taken as unchanged only as the version the capture saw (its inode and status-change time too), as the
+        # capture itself reuses a file unread; one whose size and time match but not those (rewritten in place
+        # and its time put back, as ransomware does) has its content checked, as --checksum would.
+        identity = captured_root and base is None and not checksum
+        narrowed = any(g.strip().lstrip("/") for g in exclude) or protected or changed
+        entries, existing, unchanged, rest = _to_plan(manifest, root, dry_run=dry_run, merge=not structure_only,
+                                                      drop_alike=not checksum, resolution=resolution,
+                                                      planned=_planned(excluded, protected, changed) if narrowed
+                                                      else None, identity=identity)
+        suspects = rest.suspects if rest is not None else set()
+        entries = _within_mode_bits(entries, root)
+        same_content = _with_chunks(manifest, root.same_content) if checksum or suspects else None
+        if same_content is not None and not checksum:  # only the suspects are read
+            by_content = same_content
+            same_content = lambda e, have: e.path not in suspects or by_content(e, have)  # noqa: E731
+        plan = plan_apply(entries, existing, excluded=excluded, same_content=same_content,
+                          structure_only=structure_only,
+                          compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
+                          compare_xattrs=root.supports_xattrs, content_changed=changed,
+                          also_touched=rest.new_parents if rest is not None else (),
+                          also_passed=rest.meta_parents if rest is not None else (), keep_uncarried=keep_uncarried)
+        if rest is not None:
+            rest.fold(plan, manifest, later=getattr(root, "mount_points", tuple))
+        try:
+            # What the root cannot do is refused, and what it does otherwise is planned (a hard link across
+            # two filesystems mounted in the target becomes a copy to write), before the chunks are located
+            # and before a dry run counts: both see the writes the commit makes.
+            if not (dry_run and root.missing()):  # a dry run onto a target not made yet: nothing there to check
+                root.check_plan(plan)
+            # The chunks the apply writes are located a part at a time at scale (a first sync): drsync.apply_chunks.
+            parts = None if structure_only else PartReaders(manifest, source, what, plan.write, whole=whole)
+            if parts is not None and not fresh:
+                # Every chunk of what the apply writes is present before anything on the target changes (an
+                # interrupted apply completed above wrote its own staged files); a restore onto a target that
+                # holds the snapshot already reads, and so needs, none.
+                parts.check()
+        except BaseException:
+            if created_target:
+                root.remove_root()
+            raise
+        if max_remove_fraction is not None and not dry_run:
+            # Removing files the root is known to hold (``base``) is judged by the deletion guard before the
+            # apply, renames allowed for; what else the root holds is judged here, on the root itself.
+            root_files = unchanged + sum(1 for h in existing.values() if h.type != DIR)
+            if len(plan.removes_files) > max_remove_fraction * root_files:
+                strays = len(plan.removes_files) - _known_to(base, plan.removes_files)
+                if strays > max_remove_fraction * root_files:
+                    raise RootRemovalHeld(strays, root_files, max_remove_fraction, what, root.url)
+        plan.removes_files = []
+        refused = foreign.refusal(plan, {e.path for e in entries}, what, root.url) if foreign is not None else None
+        if keep_repositories and not refused:
+            refused = _repository_refusal(root, plan, protected, what)
+        if refused and not dry_run:
+            if created_target:
+                root.remove_root()
+            raise RefusedError(refused)
+        if dry_run:
+            # A path the snapshot has in another form (a file where it holds a directory) is replaced, as the
+            # refusal counts it: listed under overwrite, not remove.
+            wanted = {e.path for e in entries}
+            replaced_types = [p for p in plan.remove if p in wanted]
+            strays = [root.relative_inside(stray) or STAGING] if stray is not None else []
+            dry = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
+                              unchanged_files=plan.unchanged,
+                              removed=len(plan.remove) - len(replaced_types) + len(strays),
+                              planned={"write": [e.path for e in plan.write],
+                                       "remove": [p for p in plan.remove if p not in wanted] + strays,
+                                       "mkdir": [e.path for e in plan.mkdir], "link": [e.path for e in plan.link],
+                                       "hardlink": [e.path for e in plan.hardlink],
+                                       "overwrite": sorted({*plan.replaces, *replaced_types})}, refused=refused)
+            if busy:
+                dry.warnings.append(f"{busy}: this plan reads the target while it changes, and the real run is "
+                                    f"refused until that apply is over")
+            if pending:
+                dry.warnings.append(f"{root.url} holds an interrupted apply: the real run completes it first and then "
+                                    f"plans again, so what it writes and removes can differ from this list; run the "
+                                    f"restore (or any restore onto this target) to complete it, then --dry-run again")
+            return dry
+        assert log_ is not None
+        skipped_links = []
+        if plan.link and not root.supports_symlinks:
+            skipped_links, plan.link = plan.link, []
+        if on_total:
+            on_total(plan.write_bytes)
 
-    staged: dict[str, str] = {}
-    allocators.give_back()  # what planning freed (at a million files, scans and merges) is not kept resident
-    try:
-        root.reset_staging(plan)
+        staged: dict[str, str] = {}
+        allocators.give_back()  # what planning freed (at a million files, scans and merges) is not kept resident
+        try:
+            root.reset_staging(plan)
 
-        def stage(batch: list[tuple[int, Entry]]) -> None:
+            def stage(batch: list[tuple[int, Entry]]) -> None:
+                if cancel is not None and cancel():
+                    raise OperationFailed(f"{what}: apply stopped before anything was committed (cancelled)")
+                full = _full(manifest, batch)
+                # A batch lies in one part of the write list (batches are made a part at a time): one reader.
+                first = parts.reader(batch[0][0]) if parts is not None else source
+                for n, e, data in _prefetched(full, first) if _small(batch) else (
+                        (n, e, None) for n, e in full):
+                    reader = parts.reader(n) if parts is not None else source
+                    for attempt in range(STAGE_ATTEMPTS):
+                        try:
+                            name = root.write_staged(n, e, _chunk_data(e, reader, what, progress) if data is None
+                                                     else _counted(data, progress))
+                            if name != root.staged_name(n, e):
+                                staged[e.path] = name
+                            break
+                        except OperationFailed as err:
+                            # A streamed body cannot be sent again by the storage (safe mode entered, a
+                            # namenode failover while a big file streams): stage the file again from the start.
+                            if not getattr(err, "retryable", False) or attempt + 1 == STAGE_ATTEMPTS:
+                                raise
+                            log.warning("staging %s failed (%s); writing it again", e.path, err)
+
+            if external is not None:
+                staged.update(external.stage(root, _full(manifest, [(n, e) for n, e in enumerate(plan.write)
+                                                                    if e.external]), progress))
+            numbered = ((n, e) for n, e in enumerate(plan.write) if external is None or not e.external)
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool, \
+                    small_files_pool(root.small_file_threads, workers, "drsync-apply-small") as small:
+                small = small or pool
+                # A window of batches at a time: the pool never holds the whole list.
+                window = workers * 8
+                # A part of the write list at a time (its chunks located, the other parts' not held).
+                for items in parts.split(numbered) if parts is not None else [numbered]:
+                    batches = _batches(items)
+                    while part := list(itertools.islice(batches, window)):
+                        allocators.give_back()
+                        if parts is not None:  # positions ascend in each batch, small files' and others' apart
+                            parts.cover(min(b[0][0] for b in part), max(b[-1][0] for b in part))
+                        # Batches of small files go to the root's small-file threads (one on a local filesystem,
+                        # whose creations in the staging directory serialise), the others to the pool, at once.
+                        few = [b for b in part if _small(b)]
+                        many = [b for b in part if not _small(b)]
+                        list(itertools.chain(pool.map(stage, many), small.map(stage, few)))
             if cancel is not None and cancel():
                 raise OperationFailed(f"{what}: apply stopped before anything was committed (cancelled)")
-            full = _full(manifest, batch)
-            # A batch lies in one part of the write list (batches are made a part at a time): one reader.
-            first = parts.reader(batch[0][0]) if parts is not None else source
-            for n, e, data in _prefetched(full, first) if _small(batch) else (
-                    (n, e, None) for n, e in full):
-                reader = parts.reader(n) if parts is not None else source
-                for attempt in range(STAGE_ATTEMPTS):
-                    try:
-                        name = root.write_staged(n, e, _chunk_data(e, reader, what, progress) if data is None
-                                                 else _counted(data, progress))
-                        if name != root.staged_name(n, e):
-                            staged[e.path] = name
-                        break
-                    except OperationFailed as err:
-                        # A streamed body cannot be sent again by the storage (safe mode entered, a
-                        # namenode failover while a big file streams): stage the file again from the start.
-                        if not getattr(err, "retryable", False) or attempt + 1 == STAGE_ATTEMPTS:
-                            raise
-                        log.warning("staging %s failed (%s); writing it again", e.path, err)
+            root.flush()
+            _fault_apply_delay()
+            faults.pause("apply-staged")  # tests: staged and flushed, the apply lock held, no journal yet
+            # From here on the apply only moves forward: a restart replays the journal.
+            log_.save(_plan_json(plan, staged))
+        except BaseException:
+            # Nothing was committed: leave the target as it was (including not existing at all).
+            root.drop_staging()
+            if created_target:
+                root.remove_root()
+            raise
 
-        if external is not None:
-            staged.update(external.stage(root, _full(manifest, [(n, e) for n, e in enumerate(plan.write)
-                                                                if e.external]), progress))
-        numbered = ((n, e) for n, e in enumerate(plan.write) if external is None or not e.external)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drsync-apply") as pool, \
-                small_files_pool(root.small_file_threads, workers, "drsync-apply-small") as small:
-            small = small or pool
-            # A window of batches at a time: the pool never holds the whole list.
-            window = workers * 8
-            # A part of the write list at a time (its chunks located, the other parts' not held).
-            for items in parts.split(numbered) if parts is not None else [numbered]:
-                batches = _batches(items)
-                while part := list(itertools.islice(batches, window)):
-                    allocators.give_back()
-                    if parts is not None:  # positions ascend in each batch, small files' and others' apart
-                        parts.cover(min(b[0][0] for b in part), max(b[-1][0] for b in part))
-                    # Batches of small files go to the root's small-file threads (one on a local filesystem,
-                    # whose creations in the staging directory serialise), the others to the pool, at once.
-                    few = [b for b in part if _small(b)]
-                    list(itertools.chain(pool.map(stage, [b for b in part if not _small(b)]), small.map(stage, few)))
-        if cancel is not None and cancel():
-            raise OperationFailed(f"{what}: apply stopped before anything was committed (cancelled)")
-        root.flush()
-        _fault_apply_delay()
-        # From here on the apply only moves forward: a restart replays the journal.
-        log_.save(_plan_json(plan, staged))
-    except BaseException:
-        # Nothing was committed: leave the target as it was (including not existing at all).
-        root.drop_staging()
-        if created_target:
-            root.remove_root()
-        raise
+        # Removed: paths the snapshot does not have (a path it has in another type is replaced, and counted
+        # where it is written), as the dry run and the refusal count them.
+        wanted_types = {e.path for e in entries}
+        result = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
+                             unchanged_files=plan.unchanged,
+                             removed=sum(1 for p in plan.remove if p not in wanted_types) + (stray is not None))
+        if abandoned:
+            result.warnings.append(abandoned)
+        if skipped_links:
+            result.warnings.append(f"{len(skipped_links)} symlink(s) not made: {root.url} cannot hold symlinks "
+                                   f"(e.g. {skipped_links[0].path})")
+        if plan.protected_skipped:
+            result.warnings.append(f"{len(plan.protected_skipped)} path(s) of the snapshot left alone because drsync's "
+                                   f"own files are there (e.g. {plan.protected_skipped[0]})")
+        allocators.give_back()
+        root.commit(plan, staged)
+        result.warnings.extend(root.warnings)
+        _close(root, log_, on_committed)
+        return result
 
-    # Removed: paths the snapshot does not have (a path it has in another type is replaced, and counted
-    # where it is written), as the dry run and the refusal count them.
-    wanted_types = {e.path for e in entries}
-    result = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
-                         unchanged_files=plan.unchanged,
-                         removed=sum(1 for p in plan.remove if p not in wanted_types) + (stray is not None))
-    if abandoned:
-        result.warnings.append(abandoned)
-    if skipped_links:
-        result.warnings.append(f"{len(skipped_links)} symlink(s) not made: {root.url} cannot hold symlinks "
-                               f"(e.g. {skipped_links[0].path})")
-    if plan.protected_skipped:
-        result.warnings.append(f"{len(plan.protected_skipped)} path(s) of the snapshot left alone because drsync's "
-                               f"own files are there (e.g. {plan.protected_skipped[0]})")
-    allocators.give_back()
-    root.commit(plan, staged)
-    result.warnings.extend(root.warnings)
-    _close(root, log_, on_committed)
-    return result
+
+@contextlib.contextmanager
+def _applying(root: DataRoot, what: str, *, dry_run: bool, root_held: bool
+              ) -> Iterator[tuple[ApplyLock | None, str | None]]:
+    """The apply lock on ``root`` for the apply's duration: (lock, None). A dry run takes and gives it back at
+    once: (None, None) when it was free, (None, why not) when another apply holds it."""
+    try:
+        lock = ApplyLock(root.url, what, directory=not root_held)
+    except ApplyBusy as e:
+        if not dry_run:
+            log.warning("%s", e)
+            raise
+        yield None, e.holder
+        return
+    if dry_run:
+        lock.release()
+        yield None, None
+        return
+    try:
+        yield lock, None
+    finally:
+        lock.release()
 
 
 FAULT_APPLY_DELAY_ENV = "DRSYNC_FAULT_APPLY_DELAY_S"

@@ -16,7 +16,8 @@ snapshot's manifest), ``gc`` (garbage collection's sweep, with the repository's 
 ``claim`` (an agent the epoch names, before it takes the primary node: a promotion it never acts on),
 ``hdfs-commit`` (an apply onto HDFS with its journal written, before the commit moves anything),
 ``keep-history`` (a DistCp-engine standby's apply committed and recorded, before its history snapshot),
-``snapshot-commit`` (a snapshot captured and its chunks flushed under the shared lock, before its commit).
+``snapshot-commit`` (a snapshot captured and its chunks flushed under the shared lock, before its commit),
+``apply-staged`` (an apply's files staged and flushed, its apply lock held, before its journal and commit).
 """
 
 from __future__ import annotations

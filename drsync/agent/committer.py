@@ -761,7 +761,8 @@ class Committer:
                 on_committed=lambda: self._record_applied(info.id, info.captured_at, position),
                 protect=(self.repo.storage.url, self.store.dir), external=external,
                 checksum=base is None, base=base,
-                max_remove_fraction=self.max_delete_fraction if root_guard else None, keep_uncarried=True)
+                max_remove_fraction=self.max_delete_fraction if root_guard else None, keep_uncarried=True,
+                root_held=True)  # the agent flocks its data root for its lifetime (drsync.agent.locks)
         except BaseException as e:
             self._in_flight = None
             if not reapply:

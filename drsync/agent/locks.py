@@ -7,7 +7,8 @@ lock directory is removed when its agent releases it.
 The host lock directory is not always shared (a systemd unit's PrivateTmp, a container, another
 DRSYNC_LOCK_DIR), so an agent also flocks the local data root and repository directories themselves: the
 lock follows the directory's inode across bind mounts and mount namespaces, and nothing is written there.
-No other drsync code flocks those directories: commands run beside the agent are not affected.
+Other drsync commands flock such a directory only to apply onto it (drsync.flocks.ApplyLock), which a
+restore refuses onto a running agent's root anyway; the others run beside the agent.
 """
 
 from __future__ import annotations
@@ -16,66 +17,15 @@ import fcntl
 import hashlib
 import os
 import stat
-import tempfile
-from collections.abc import Callable
 
 from drsync.errors import OperationFailed
+from drsync.flocks import ApplyLock, exclusive_lock, flock_holder, host_lock_dir, release_lock_file
 from drsync.fsutil import lies_within, local_or_none
-
-
-def _host_lock_dir() -> str:
-    for d in (os.environ.get("DRSYNC_LOCK_DIR", ""), "/run/lock", tempfile.gettempdir()):
-        if d and os.path.isdir(d) and os.access(d, os.W_OK):
-            return d
-    return tempfile.gettempdir()
-
-
-def _exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[str]], str]) -> int:
-    """Open ``path`` and take its flock without waiting, then write ``holder`` into it; the descriptor
-    keeps the lock. OperationFailed with ``refusal(lines the current holder wrote)`` when it is held.
-    The file may be unlinked by a holder releasing it (:meth:`HostLock.release`): the lock counts only
-    when ``path`` still names the locked file once it is held, else it is taken again on the new file."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")
-            os.close(fd)
-            raise OperationFailed(refusal([*(line.strip() or "?" for line in lines), "?", "?"])) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        held = os.fstat(fd)
-        try:
-            named = os.stat(path)
-        except FileNotFoundError:
-            named = None
-        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
-            break
-        os.close(fd)  # unlinked (or replaced) by its holder's release between our open and our flock
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, holder.encode(), 0)
-    return fd
-
-
-def _flock_holder(st: os.stat_result) -> str:
-    """The pid holding a flock on the file ``st`` describes, from /proc/locks ("" when not found)."""
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == inode:
-                    return parts[4]
-    except OSError:
-        pass
-    return ""
 
 
 class DirectoryLock:
     """A flock on a local directory itself (its inode: bind mounts and private lock directories see the
-    same lock); nothing is written into it. None of drsync's commands flock it, so they run beside the agent."""
+    same lock); nothing is written into it. Only an apply onto it flocks it too (drsync.flocks.ApplyLock)."""
 
     def __init__(self, what: str, path: str) -> None:
         self.fd = -1
@@ -87,11 +37,12 @@ class DirectoryLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = _flock_holder(os.fstat(fd))
+            pid = flock_holder(os.fstat(fd))
             os.close(fd)
             raise OperationFailed(
-                f"another drsync agent{f' (pid {pid})' if pid else ''} already serves {what} {self.path} (it holds "
-                f"the lock on the directory itself, seen through any mount or lock directory): two agents must "
+                f"another drsync agent{f' (pid {pid})' if pid else ''} already serves {what} {self.path}, or a restore "
+                f"is writing to it (it holds the lock on the directory itself, seen through any mount or lock "
+                f"directory): two agents must "
                 f"never share a data root or repository; stop it, or point this config at its own") from None
         except BaseException:
             os.close(fd)
@@ -112,10 +63,11 @@ class HostLock:
 
     def __init__(self, what: str, location: str, state_dir: str) -> None:
         key = location if "://" in location else os.path.realpath(location)
-        lock_dir = _host_lock_dir()
-        self.path = os.path.join(lock_dir, f"drsync-{hashlib.sha256(key.encode()).hexdigest()[:20]}.lock")
+        lock_dir = host_lock_dir()
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20]  # any path's bytes
+        self.path = os.path.join(lock_dir, f"drsync-{digest}.lock")
         try:
-            self.fd = _exclusive_lock(self.path, 0o666, f"{os.getpid()}\n{state_dir}\n{what}\n{key}\n",
+            self.fd = exclusive_lock(self.path, 0o666, f"{os.getpid()}\n{state_dir}\n{what}\n{key}\n",
                                       lambda held: (
                 f"another drsync agent (pid {held[0]}, state directory {held[1]}) already serves {what} {key}: two "
                 f"agents must never share a data root or repository; stop it, or point this config at its own"))
@@ -150,7 +102,8 @@ class HostLock:
     def _refuse_nested(self, lock_dir: str, what: str, key: str, state_dir: str) -> None:
         for name in sorted(os.listdir(lock_dir)):
             path = os.path.join(lock_dir, name)
-            if not (name.startswith("drsync-") and name.endswith(".lock")) or path == self.path:
+            if not (name.startswith("drsync-") and name.endswith(".lock")) or path == self.path \
+                    or name.startswith(ApplyLock.PREFIX):  # an apply's: its own apply lock refuses overlaps
                 continue
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -171,7 +124,7 @@ class HostLock:
                     continue
                 except BlockingIOError:
                     pass
-                lines = os.pread(fd, 8192, 0).decode(errors="replace").split("\n")
+                lines = os.pread(fd, 8192, 0).decode("utf-8", "surrogateescape").split("\n")
             finally:
                 os.close(fd)
             if len(lines) < 4 or not lines[3] or os.path.realpath(lines[1]) == os.path.realpath(state_dir):
@@ -193,13 +146,7 @@ class HostLock:
             self.dir_lock.release()
             self.dir_lock = None
         if self.fd >= 0:
-            try:
-                held, named = os.fstat(self.fd), os.stat(self.path)
-                if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
-                    os.unlink(self.path)
-            except OSError:
-                pass  # gone already, or a lock directory this user cannot write: the flock still ends below
-            os.close(self.fd)
+            release_lock_file(self.fd, self.path)
             self.fd = -1
 
 
@@ -211,7 +158,7 @@ class StateDirLock:
         self.path = os.path.join(state_dir, "agent.pid")
         # The holder's pid and agent.listen: config check tells the running agent of a config from another;
         # and its data root: a restore given only --repo tells the running agent's root from another.
-        self.fd = _exclusive_lock(self.path, 0o644, f"{os.getpid()}\n{listen}\n{data_root}\n", lambda held: (
+        self.fd = exclusive_lock(self.path, 0o644, f"{os.getpid()}\n{listen}\n{data_root}\n", lambda held: (
             f"another drsync agent (pid {held[0]}) is running with state directory {state_dir}; stop it first"))
         from drsync.agent import registry  # it reads these locks
 

@@ -78,7 +78,7 @@ def backup_create(inv: Invocation, snapshot_id: str, dest: str | None, mode: str
 
 @backup_grp.command("restore", epilog=exits(
              "0 restored (or, --dry-run, the restore would go ahead)",
-             "1 the backup or target cannot be read or written",
+             "1 the backup or target cannot be read or written, or another restore is writing to the target",
              "2 usage or configuration error (an option, the config, a name that does not exist)",
              "3 the backup is damaged",
              "4 refused: a foreign target without --overwrite or --delete-extra"))

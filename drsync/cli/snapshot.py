@@ -227,7 +227,7 @@ def warn_gc_postponed(why: str) -> None:
 
 @snapshot_grp.command("restore", epilog=exits(
              "0 restored (or, --dry-run, the restore would go ahead)",
-             "1 the target or repository cannot be read or written",
+             "1 the target or repository cannot be read or written, or another restore is writing to the target",
              "2 no such snapshot, or a usage error",
              "3 a chunk or manifest is damaged (nothing damaged is written)",
              "4 refused: another cluster id or release, or a foreign target without --overwrite or "
