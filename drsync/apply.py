@@ -99,7 +99,7 @@ class ApplyPlan:
     mkdir: list[Entry] | Iterable[Entry] = field(default_factory=list)  # parents first; a merge's: its MadeDirs too
     link: list[Entry] = field(default_factory=list)
     fix_meta: list[Entry] | WriteList = field(default_factory=list)  # files whose mode, owner or xattrs only differ
-    hardlink: list[Entry] = field(default_factory=list)
+    hardlink: list[Entry] | WriteList = field(default_factory=list)  # a merge's: new groups as rows too
     unchanged: int = 0
     # Files (non-directories) of the target the plan removes, those inside removed directories included, and
     # not written back in another form: what the target really loses (the root's own deletion guard).

@@ -73,6 +73,9 @@ class Residual:
     made_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     # The directories of ``meta_rows``: passed through to set their metadata (opened up when not searchable).
     meta_parents: set[str] = dataclasses.field(default_factory=set)
+    # Files of hard-link groups only the manifest has, but for each group's first file (in ``new_rows``):
+    # linked to that first file by the commit (int64 rows, ascending; ``ApplyPlan.hardlink`` as a WriteList).
+    link_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def fold(self, plan: ApplyPlan, manifest: Manifest, later: Callable[[], Iterable[str]] = tuple) -> None:
         """Add what the merge settled to ``plan`` (the planner's plan of ``rows`` and ``existing``): the
@@ -87,6 +90,8 @@ class Residual:
             plan.write = WriteList(list(plan.write), manifest, self.new_rows)
         if len(self.meta_rows):
             plan.fix_meta = WriteList(list(plan.fix_meta), manifest, self.meta_rows)
+        if len(self.link_rows):
+            plan.hardlink = WriteList(list(plan.hardlink), manifest, self.link_rows)
         if len(self.made_rows):
             plan.made = MadeDirs(manifest, self.made_rows)
             plan.mkdir = plan.made.in_path_order(plan.mkdir)
@@ -257,6 +262,9 @@ class _Side:
     uid: np.ndarray
     gid: np.ndarray
     xattrs: pa.Array
+    group: np.ndarray       # a file of a hard-link group (bytes in the repository, mode bits the target keeps):
+    #                         its group's number (int64, into ``_Merge.leaders``); -1 for any other row
+    leader: np.ndarray      # the group's first file (the path its other files name)
     inode: np.ndarray | None = None  # with identity: the capture's inode and status-change time of each row,
     ctime: np.ndarray | None = None  # and which rows are files with bytes in the repository
     files: np.ndarray | None = None
@@ -274,6 +282,18 @@ class _Merge:
         self.planned, self.drop_alike = planned, drop_alike
         self.leaders = (pc.unique(t.column("hardlink").drop_null()) if t.num_rows else pa.array([], pa.binary())
                         ).cast(pa.large_binary())
+        # Files per hard-link group (its first file and those naming it): a group is settled only whole.
+        followers = (pc.index_in(t.column("hardlink").drop_null().cast(pa.large_binary()), value_set=self.leaders)
+                     .fill_null(-1).to_numpy() if t.num_rows else np.zeros(0, np.int64))
+        self.group_size = np.bincount(followers[followers >= 0], minlength=len(self.leaders)) + 1
+        # Members of hard-link groups, decided once every member was seen (groups span windows):
+        # those only the manifest has (rows, groups, which lead) and those both hold as multiply-linked
+        # files (rows, groups, which lead, the target's inode and link count, whether alike as a member,
+        # whether the first file differs in metadata only; and the target's entries, for the planner).
+        self.links_new: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.links_held: list[tuple[np.ndarray, ...]] = []
+        self.links_held_target: list[EntryColumns] = []
+        self.link_rows = np.zeros(0, np.int64)
         self.rows: list[np.ndarray] = []
         self.new_rows: list[np.ndarray] = []
         self.meta_rows: list[np.ndarray] = []
@@ -293,8 +313,14 @@ class _Merge:
         paths = bt.column("path").combine_chunks().cast(pa.large_binary())  # as the walk's
         mode = col("mode").astype(np.int64)
         files = bool_mask(pc.equal(bt.column("type"), FILE)) & ~external_mask(bt)  # bytes in the repository
-        plain = (files & bool_mask(pc.is_null(bt.column("hardlink")))
-                 & ~bool_mask(pc.is_in(paths, value_set=self.leaders)) & (mode & self.extra == 0))
+        unlinked = bool_mask(pc.is_null(bt.column("hardlink")))
+        keeps_mode = mode & self.extra == 0
+        lead_of = pc.index_in(paths, value_set=self.leaders).fill_null(-1).to_numpy()
+        plain = files & unlinked & (lead_of < 0) & keeps_mode
+        named = pc.index_in(bt.column("hardlink").combine_chunks().cast(pa.large_binary()),
+                            value_set=self.leaders).fill_null(-1).to_numpy()
+        leader = files & unlinked & (lead_of >= 0) & keeps_mode
+        group = np.where(leader, lead_of, np.where(files & keeps_mode, named, -1)).astype(np.int64)
         secs = col("mtime_s")
         timed = mtime_in_range(secs)
         mtime = (np.where(timed, secs, 0) * 1_000_000_000 + col("mtime_nsec").astype(np.int64)) // self.res
@@ -308,7 +334,7 @@ class _Merge:
                   .combine_chunks() if self.compare_xattrs else pa.nulls(bt.num_rows, pa.binary()))
         dirs = bool_mask(pc.equal(bt.column("type"), DIR)) & (mode & self.extra == 0)
         return _Side(start, paths, dirs, plain, col("size"), mode, mtime, timed, col("uid").astype(np.int64),
-                     col("gid").astype(np.int64), xattrs, inode, ctime,
+                     col("gid").astype(np.int64), xattrs, group, leader, inode, ctime,
                      files if inode is not None else None)
 
     def window(self, m: _Side, lo: int, hi: int, tb: EntryColumns | None, tlo: int, thi: int) -> None:
@@ -333,14 +359,21 @@ class _Merge:
         self.made_rows.append(m.start + rows[made])
         if new.any() or made.any():
             self._note_parents(m.paths.take(pa.array(rows[new | made])))
-        keep = ~matched & ~new & ~made
+        # Files of hard-link groups only the manifest has: settled once their whole group is seen.
+        new_link = ~matched & (m.group[lo:hi] >= 0)
+        if self.planned is not None and new_link.any():
+            new_link[new_link] = ~self._planned(m.paths, rows[new_link])
+        if new_link.any():
+            nr = rows[new_link]
+            self.links_new.append((m.start + nr, m.group[nr], m.leader[nr]))
+        keep = ~matched & ~new & ~made & ~new_link
         # Paths both hold: a plain file alike in every way compared is left alone.
         kept_targets = np.zeros(0, np.int64)
         if matched.any():
             mr = rows[matched]
             tr = at[matched] + tlo
             assert tb is not None
-            alike, meta = self._alike(m, mr, tb, tr)
+            alike, meta, suspect = self._alike(m, mr, tb, tr)
             dirs = self._dirs_alike(m, mr, tb, tr)
             settled = alike | meta | dirs  # no decision left for the planner
             if self.planned is not None and settled.any():
@@ -348,6 +381,7 @@ class _Merge:
                 alike &= settled
                 meta &= settled
                 dirs &= settled
+            settled |= self._held_links(m, mr, tb, tr, suspect)
             self.unchanged += int((alike | meta).sum())
             self.meta_rows.append(m.start + mr[meta])
             if meta.any():
@@ -362,19 +396,44 @@ class _Merge:
             only[at[matched]] = False
             self.keep_target(tb, np.sort(np.concatenate([kept_targets, np.flatnonzero(only) + tlo])))
 
-    def _alike(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _alike(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Masks over the pairs ``mr``/``tr``: (plain files alike in every way compared, plain files alike in
-        content (type, size, time, one link; not suspect) whose mode, owner or extended attributes differ)."""
+        content (type, size, time, one link; not suspect) whose mode, owner or extended attributes differ,
+        and with identity the files suspect (:meth:`_suspects`; None without))."""
         none = np.zeros(len(mr), bool)
         if not self.drop_alike:
-            return none, none
+            return none, none, None
         suspect = self._suspects(m, mr, tb, tr) if m.files is not None else None
-        same = self._same_time(m, mr, tb, tr, m.plain[mr] & (tb.kind[tr] == K_FILE) & (tb.nlink[tr] == 1)
-                               & (tb.size[tr] == m.size[mr]))
-        if suspect is not None:
-            same &= ~suspect
+        same = self._content_alike(m, mr, tb, tr, m.plain[mr] & (tb.nlink[tr] == 1), suspect)
         alike = self._meta_alike(m, mr, tb, tr, same)
-        return alike, same & ~alike
+        return alike, same & ~alike, suspect
+
+    def _content_alike(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray, mask: np.ndarray,
+                       suspect: np.ndarray | None) -> np.ndarray:
+        """``mask`` narrowed to the pairs the target holds as files of the same size and time (and, with
+        identity, not ``suspect``)."""
+        same = self._same_time(m, mr, tb, tr, mask & (tb.kind[tr] == K_FILE) & (tb.size[tr] == m.size[mr]))
+        return same & ~suspect if suspect is not None else same
+
+    def _held_links(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray,
+                    suspect: np.ndarray | None) -> np.ndarray:
+        """Files of hard-link groups the target holds as multiply-linked files, set aside (the mask of them)
+        until their whole group is seen (:meth:`_settle_links`)."""
+        held = (m.group[mr] >= 0) & (tb.kind[tr] == K_FILE) & (tb.nlink[tr] > 1)
+        if not self.drop_alike or not held.any():
+            return np.zeros(len(mr), bool)
+        if self.planned is not None:
+            held[held] = ~self._planned(m.paths, mr[held])
+        lead = m.leader[mr] & held
+        content = self._content_alike(m, mr, tb, tr, lead, suspect)
+        fix = content & ~self._meta_alike(m, mr, tb, tr, content)
+        fine = np.where(lead, content, True)
+        hr, tr_ = mr[held], tr[held]
+        self.links_held.append((m.start + hr, m.group[hr], m.leader[hr], tb.ino[tr_].astype(np.int64),
+                                tb.nlink[tr_].astype(np.int64), fine[held], fix[held]))
+        self.links_held_target.append(tb.take(tr_))
+        return held
 
     def _meta_alike(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """``mask`` narrowed to the pairs alike in mode, and in owner and extended attributes where compared."""
@@ -437,15 +496,64 @@ class _Merge:
             e = tb.entry(i)
             self.existing[e.path] = e
 
+    def _settle_links(self) -> None:
+        """Decide the hard-link groups set aside, each as a whole, as :func:`drsync.apply.plan_apply` would.
+
+        A group only the manifest has (every file new to the target, none planned) is written: its first file
+        as a new file (``new_rows``), the others linked to it (``link_rows``). A group the target holds as one
+        inode linked exactly as many times as the group has files, its first file alike in content, is left
+        alone (its metadata set when only that differs: ``meta_rows``). Any other group goes to the planner
+        whole, with the target's entries of its files."""
+        size, n = self.group_size, len(self.leaders)
+
+        def cat(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(parts)
+
+        if self.links_new:
+            rows, group, lead = (cat([p[i] for p in self.links_new]) for i in range(3))
+            whole = ((np.bincount(group, minlength=n) == size) & (np.bincount(group[lead], minlength=n) == 1))[group]
+            self.new_rows.append(rows[whole & lead])
+            self.link_rows = rows[whole & ~lead]
+            self.rows.append(rows[~whole])
+            for i in range(0, int(whole.sum()), _BATCH):
+                part = rows[whole][i:i + _BATCH]
+                self._note_parents(self.manifest.columns_at(part, ["path"]).column("path").combine_chunks())
+            self.links_new = []
+        if self.links_held:
+            rows, group, lead, ino, nlink, fine, fix = (cat([p[i] for p in self.links_held]) for i in range(7))
+            target = EntryColumns.concat(self.links_held_target)
+            lead_ino = np.full(n, -1, np.int64)
+            lead_ino[group[lead]] = ino[lead]
+            bad = (ino != lead_ino[group]) | (nlink != size[group]) | ~fine
+            whole = ((np.bincount(group, minlength=n) == size) & (np.bincount(group[lead], minlength=n) == 1)
+                     & (np.bincount(group[bad], minlength=n) == 0))[group]
+            self.unchanged += int(whole.sum())
+            fixes = rows[whole & fix]
+            if len(fixes):
+                self.meta_rows.append(fixes)
+                self._note_parents(self.manifest.columns_at(fixes, ["path"]).column("path").combine_chunks(),
+                                   self.meta_parents)
+            self.rows.append(rows[~whole])
+            self.keep_target(target, np.flatnonzero(~whole))
+            self.links_held, self.links_held_target = [], []
+
     def residual(self) -> Residual:
         def joined(parts: list[np.ndarray]) -> np.ndarray:
             return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
+        def ascending(parts: list[np.ndarray]) -> np.ndarray:
+            return np.sort(joined(parts), kind="stable")
+
+        linked = bool(self.links_new or self.links_held)
+        self._settle_links()
+        if linked:  # the groups' rows, decided last, go in path order with the others
+            self.rows, self.new_rows, self.meta_rows = ([ascending(x)] for x in (self.rows, self.new_rows,
+                                                                                  self.meta_rows))
         self.new_parents.discard(b"")
         return Residual(joined(self.rows), self.existing, self.unchanged, joined(self.new_rows),
                         {os.fsdecode(d) for d in self.new_parents}, self.suspects, joined(self.meta_rows),
                         joined(self.dir_rows), joined(self.made_rows), meta_parents={
-                            os.fsdecode(d) for d in self.meta_parents if d})
+                            os.fsdecode(d) for d in self.meta_parents if d}, link_rows=self.link_rows)
 
 
 class WriteList:
