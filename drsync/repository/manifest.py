@@ -707,7 +707,8 @@ class ManifestFile:
 
 class _GroupCache:
     """Columns of a lean manifest's file at chosen rows: the row groups those rows are in are read whole
-    (Parquet reads no less) and the last :data:`_CACHED_GROUPS` kept, so an apply staging files in manifest
+    (Parquet reads no less) and the last :data:`_CACHED_GROUPS` kept (two, when they hold more than
+    :data:`_CACHED_BYTES`), so an apply staging files in manifest
     order, a few threads at once, reads each group about once. Thread-safe."""
 
     def __init__(self, source: ManifestFile) -> None:
@@ -721,7 +722,10 @@ class _GroupCache:
             if t is None:
                 t = self.source.group(g, list(columns))
             self._recent[(g, columns)] = t  # most recent last
-            while len(self._recent) > _CACHED_GROUPS:
+            # At most _CACHED_GROUPS, and past the two most recent (threads at a group's end) no more bytes
+            # than _CACHED_BYTES: a group of wide attributes or chunk lists can be tens of MiB.
+            while len(self._recent) > _CACHED_GROUPS or (
+                    len(self._recent) > 2 and sum(v.nbytes for v in self._recent.values()) > _CACHED_BYTES):
                 del self._recent[next(iter(self._recent))]
             return t
 
@@ -747,6 +751,7 @@ class _GroupCache:
 
 
 _CACHED_GROUPS = 4
+_CACHED_BYTES = 16 << 20
 
 
 ROW_GROUP = 65536  # manifest rows per Parquet row group
