@@ -304,14 +304,6 @@ class EntryColumns:
                             self.nlink[lo:hi], self.targets[lo:hi], self.xattrs[lo:hi],
                             None if self.ctime_ns is None else self.ctime_ns[lo:hi])
 
-    def take(self, rows: np.ndarray) -> EntryColumns:
-        """The entries at ``rows`` (int positions), in that order."""
-        idx = rows.tolist()
-        return EntryColumns(self.paths.take(pa.array(rows, pa.int64())), self.kind[rows], self.mode[rows],
-                            self.uid[rows], self.gid[rows], self.size[rows], self.mtime_s[rows], self.mtime_nsec[rows],
-                            self.ino[rows], self.nlink[rows], [self.targets[i] for i in idx],
-                            [self.xattrs[i] for i in idx], None if self.ctime_ns is None else self.ctime_ns[rows])
-
     @staticmethod
     def concat(parts: list[EntryColumns]) -> EntryColumns:
         if len(parts) == 1:

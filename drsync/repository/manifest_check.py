@@ -140,7 +140,7 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
     dirs: set[str] = set()
     parent_of: dict[str, str] = {}  # each parent named -> the first path naming it
     links: dict[str, str] = {}
-    linked: dict[str, str] = {}  # hard-linked path -> the first file of its group
+    leads: list[pa.Array] = []  # the first files hard links name (each slice's, unique), as bytes
     ordered, last = True, None
     seen: set[bytes] = set()  # once out of order: every path so far, each row checked against it in turn
     done = 0  # rows of the slices before this one
@@ -206,10 +206,11 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
                 if typ == FILE and total != sizes[k]:
                     raise IntegrityError(f"{what}: {printable(path)}: chunks add up to {total} bytes, size says "
                                          f"{sizes[k]}")
-                if hardlinks[k] is not None:
-                    if typ != FILE:
-                        raise IntegrityError(f"{what}: {printable(path)}: a {typ} cannot be a hard link")
-                    linked[path] = hardlinks[k]
+                if hardlinks[k] is not None and typ != FILE:
+                    raise IntegrityError(f"{what}: {printable(path)}: a {typ} cannot be a hard link")
+        named = t.column("hardlink").drop_null()
+        if len(named):
+            leads.append(pc.unique(named.cast(pa.large_binary()).combine_chunks()))
         last = _raw(keys[-1])
         done += t.num_rows
         dirs.update(_pycolumn(pa.table({"path": pc.filter(keys, pc.equal(t.column("type"), DIR))}), "path"))
@@ -218,33 +219,89 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
     for parent, child in parent_of.items():
         if parent not in dirs:
             raise IntegrityError(f"{what}: {printable(child)} has no parent directory entry {printable(parent)!r}")
-    if linked:
-        # The first file of each group: a file of this snapshot (not a directory or link), without a
-        # link of its own, not the path itself, and of the member's size and content
-        # (a member row says what the file holds; a link to another content would restore other bytes).
-        leads = set(linked.values())
-        kinds: dict[str, str] = {}
-        held: dict[str, tuple[int, bytes | None]] = {}
-        for t in _slices(column_groups(manifest, ["path", "type", "size", "content"])):
-            for path, typ, size, digest in zip(_pycolumn(t, "path"), t.column("type").to_pylist(),
-                                               t.column("size").to_pylist(), t.column("content").to_pylist(),
-                                               strict=True):
-                if path in leads:
-                    kinds[path] = typ
-                if path in leads or path in linked:
-                    held[path] = (size, digest)
-        for path, lead in linked.items():
-            if lead == path or kinds.get(lead) != FILE or lead in linked:
-                raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, which is not "
-                                     f"another file of the snapshot without a link of its own")
-            if held.get(lead) != held.get(path):
-                raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, whose size or "
-                                     f"content differs from this row's; refusing it")
+    if leads:
+        _check_hard_links(manifest, pc.unique(pa.concat_arrays(leads)), what)
     escaping = escaping_links(links)
     if escaping:
         p = escaping[0]
         raise IntegrityError(f"{what}: symlink {printable(p)} -> {printable(links[p])} leads outside the data "
                              f"root through other links of the snapshot; refusing it")
+
+
+def _check_hard_links(manifest: Manifest | ManifestFile, leads: pa.Array, what: str) -> None:
+    """Each hard link names the first file of its group: a file of this snapshot (not a directory or link),
+    without a link of its own, not the linking path itself, and of the linking row's size and content (a
+    row says what the file holds; a link to another content would restore other bytes). ``leads``: every
+    path named (unique, bytes). IntegrityError naming the first linking row that fails, in row order.
+
+    Columns throughout, a slice at a time: per first file its kind, size and content; per linking row
+    its row, first file, size and content (about 50 bytes a link, never a Python object per path)."""
+    n = len(leads)
+    lead_ok = np.zeros(n, bool)  # found, a file, without a link of its own
+    lead_size = np.full(n, -1, np.int64)
+    lead_at: list[np.ndarray] = []
+    lead_content: list[pa.Array] = []
+    rows: list[np.ndarray] = []
+    named: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
+    contents: list[pa.Array] = []
+    itself: list[np.ndarray] = []
+    done = 0
+    for t in _slices(column_groups(manifest, ["path", "type", "size", "content", "hardlink"])):
+        paths = t.column("path").cast(pa.large_binary()).combine_chunks()
+        link = t.column("hardlink").cast(pa.large_binary()).combine_chunks()
+        size = t.column("size").to_numpy()
+        content = t.column("content").combine_chunks()
+        at = pc.index_in(paths, value_set=leads).fill_null(-1).to_numpy()
+        found = np.flatnonzero(at >= 0)
+        if len(found):
+            i = at[found]
+            lead_ok[i] = (bool_mask(pc.equal(t.column("type"), FILE)) & bool_mask(pc.is_null(link)))[found]
+            lead_size[i] = size[found]
+            lead_at.append(i)
+            lead_content.append(content.take(pa.array(found)))
+        linking = np.flatnonzero(bool_mask(pc.is_valid(link)))
+        if len(linking):
+            sel = pa.array(linking)
+            rows.append(done + linking)
+            named.append(pc.index_in(link.take(sel), value_set=leads).fill_null(-1).to_numpy())
+            sizes.append(size[linking])
+            contents.append(content.take(sel))
+            itself.append(bool_mask(pc.equal(link.take(sel), paths.take(sel))))
+        done += t.num_rows
+    if not rows:
+        return
+    which, row = np.concatenate(named), np.concatenate(rows)
+    held = np.concatenate(lead_at) if lead_at else np.zeros(0, np.int64)
+    by_lead = (pa.concat_arrays(lead_content).take(pa.array(np.argsort(held, kind="stable")))
+               if len(held) else pa.nulls(0, pa.binary()))
+    found_at = np.full(n, -1, np.int64)
+    found_at[np.sort(held)] = np.arange(len(held))
+    bad_lead = np.concatenate(itself) | (which < 0) | ~lead_ok[which] | (found_at[which] < 0)
+    theirs = by_lead.take(pa.array(np.where(found_at[which] >= 0, found_at[which], 0))) if len(held) \
+        else pa.nulls(len(which), pa.binary())
+    mine = pa.concat_arrays(contents)
+    same_content = bool_mask(pc.and_(pc.is_null(mine), pc.is_null(theirs))) | bool_mask(pc.equal(mine, theirs))
+    bad = bad_lead | (np.concatenate(sizes) != lead_size[which]) | ~same_content
+    if not bad.any():
+        return
+    k = int(np.flatnonzero(bad)[0])
+    path, lead = _row_values(manifest, int(row[k]), ("path", "hardlink"))
+    if bad_lead[k]:
+        raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, which is not "
+                             f"another file of the snapshot without a link of its own")
+    raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, whose size or "
+                         f"content differs from this row's; refusing it")
+
+
+def _row_values(manifest: Manifest | ManifestFile, row: int, names: tuple[str, ...]) -> list[str]:
+    """The text values (as :func:`_pycolumn` gives them) of columns ``names`` at one row."""
+    for t in column_groups(manifest, list(names)):
+        if row < t.num_rows:
+            one = t.slice(row, 1)
+            return [_pycolumn(one, n)[0] for n in names]
+        row -= t.num_rows
+    raise IndexError(row)
 
 
 def _screen(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
