@@ -97,7 +97,7 @@ class ApplyPlan:
     write: list[Entry] | WriteList = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
     mkdir: list[Entry] | Iterable[Entry] = field(default_factory=list)  # parents first; a merge's: its MadeDirs too
-    link: list[Entry] = field(default_factory=list)
+    link: list[Entry] | WriteList = field(default_factory=list)  # a merge's: new symlinks as rows too
     fix_meta: list[Entry] | WriteList = field(default_factory=list)  # files whose mode, owner or xattrs only differ
     hardlink: list[Entry] | WriteList = field(default_factory=list)  # a merge's: new groups as rows too
     unchanged: int = 0
@@ -224,7 +224,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                mtime_resolution_ns: int = 1, protected: frozenset[str] = frozenset(),
                compare_xattrs: bool = False, content_changed: frozenset[str] = frozenset(),
                also_touched: Iterable[str] = (), also_passed: Iterable[str] = (),
-               keep_uncarried: bool = False) -> ApplyPlan:
+               keep_uncarried: bool = False, also_links: Callable[[], dict[str, str]] | None = None) -> ApplyPlan:
     """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some.
 
     ``compare_owner``: the target can set owners, so a differing owner is fixed.
@@ -241,6 +241,9 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     ``keep_uncarried`` (a standby's apply): what no snapshot carries (fifos, sockets, devices, links leading
     outside the root) is left in place where the snapshot has nothing: removed, it could never be restored
     (an ex-primary rejoining keeps its ``shared -> /srv/shared``), and captures do not see it anyway.
+    ``also_links``: the symlinks the target holds alike with the snapshot, left out of ``existing`` (a merge's:
+    :meth:`drsync.unchanged.Residual.alike_links`), asked for only when a link of ``existing`` climbs with
+    ``..`` and may be resolved through them.
     Raises :class:`UsageError` when the snapshot has a file or link where a protected path's parent is.
     """
     res = max(1, mtime_resolution_ns)
@@ -267,6 +270,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     if keep_uncarried:
         uncarried = {p for p, h in existing.items() if h.type == OTHER}
         links = {p: h.target for p, h in existing.items() if h.type == SYMLINK and h.target is not None}
+        if also_links is not None and any(".." in t.split("/") for t in links.values()):
+            links = {**also_links(), **links}
         uncarried.update(escaping_links(links) if links else ())
     for path, have in existing.items():
         if excluded(path) or (structure_only and have.type == FILE) or is_protected(path):
@@ -564,7 +569,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                           compare_owner=root.owners_settable(), mtime_resolution_ns=resolution, protected=protected,
                           compare_xattrs=root.supports_xattrs, content_changed=changed,
                           also_touched=rest.new_parents if rest is not None else (),
-                          also_passed=rest.meta_parents if rest is not None else (), keep_uncarried=keep_uncarried)
+                          also_passed=rest.meta_parents if rest is not None else (), keep_uncarried=keep_uncarried,
+                          also_links=(lambda: rest.alike_links(manifest)) if rest is not None else None)
         if rest is not None:
             rest.fold(plan, manifest, later=getattr(root, "mount_points", tuple))
         try:

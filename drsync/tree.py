@@ -261,7 +261,7 @@ class LocalEntry:
 # An entry's type in :class:`EntryColumns` (``kind``): these codes, in this order. "other" is a fifo, socket
 # or device (:data:`drsync.apply.OTHER`).
 KINDS = (FILE, DIR, SYMLINK, "other")
-K_FILE, K_DIR = 0, 1
+K_FILE, K_DIR, K_LINK = 0, 1, 2
 
 
 @dataclass

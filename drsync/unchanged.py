@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync.dataroot import UNKNOWN_ID
-from drsync.repository.manifest import DIR, FILE, Manifest, bool_mask, external_mask, path_parents
-from drsync.tree import K_DIR, K_FILE, EntryColumns, LocalEntry, mtime_in_range
+from drsync.repository.manifest import DIR, FILE, SYMLINK, Manifest, bool_mask, external_mask, path_parents
+from drsync.tree import K_DIR, K_FILE, K_LINK, EntryColumns, LocalEntry, mtime_in_range
 
 if TYPE_CHECKING:
     from drsync.apply import ApplyPlan
@@ -76,6 +76,16 @@ class Residual:
     # Files of hard-link groups only the manifest has, but for each group's first file (in ``new_rows``):
     # linked to that first file by the commit (int64 rows, ascending; ``ApplyPlan.hardlink`` as a WriteList).
     link_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Symlinks only the manifest has (int64 rows, ascending): made by the commit (``ApplyPlan.link``, a WriteList).
+    symlink_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Symlinks both hold alike (int64 rows, ascending): nothing to do; :meth:`alike_links` names them for the
+    # planner when it must resolve the target's own links through them.
+    alike_link_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def alike_links(self, manifest: Manifest) -> dict[str, str]:
+        """{path: target} of the symlinks both hold alike (what the target holds there too)."""
+        got = manifest.values_at(self.alike_link_rows, ("path", "target"))
+        return dict(zip(got["path"], got["target"], strict=True))
 
     def fold(self, plan: ApplyPlan, manifest: Manifest, later: Callable[[], Iterable[str]] = tuple) -> None:
         """Add what the merge settled to ``plan`` (the planner's plan of ``rows`` and ``existing``): the
@@ -92,6 +102,8 @@ class Residual:
             plan.fix_meta = WriteList(list(plan.fix_meta), manifest, self.meta_rows)
         if len(self.link_rows):
             plan.hardlink = WriteList(list(plan.hardlink), manifest, self.link_rows)
+        if len(self.symlink_rows):
+            plan.link = WriteList(list(plan.link), manifest, self.symlink_rows)
         if len(self.made_rows):
             plan.made = MadeDirs(manifest, self.made_rows)
             plan.mkdir = plan.made.in_path_order(plan.mkdir)
@@ -262,6 +274,8 @@ class _Side:
     uid: np.ndarray
     gid: np.ndarray
     xattrs: pa.Array
+    links: np.ndarray       # a symlink
+    targets: pa.Array       # the symlinks' targets (bytes; null for other rows)
     group: np.ndarray       # a file of a hard-link group (bytes in the repository, mode bits the target keeps):
     #                         its group's number (int64, into ``_Merge.leaders``); -1 for any other row
     leader: np.ndarray      # the group's first file (the path its other files name)
@@ -301,6 +315,8 @@ class _Merge:
         self.meta_rows: list[np.ndarray] = []
         self.dir_rows: list[np.ndarray] = []
         self.made_rows: list[np.ndarray] = []
+        self.symlink_rows: list[np.ndarray] = []
+        self.alike_link_rows: list[np.ndarray] = []
         self.new_parents: set[bytes] = set()
         self.meta_parents: set[bytes] = set()
         self.existing: dict[str, LocalEntry] = {}
@@ -335,8 +351,10 @@ class _Merge:
         xattrs = ((bt if "xattrs" in bt.column_names else self.manifest.columns_at(rows, ["xattrs"])).column("xattrs")
                   .combine_chunks() if self.compare_xattrs else pa.nulls(bt.num_rows, pa.binary()))
         dirs = bool_mask(pc.equal(bt.column("type"), DIR)) & (mode & self.extra == 0)
+        links = bool_mask(pc.equal(bt.column("type"), SYMLINK))
+        targets = bt.column("target").combine_chunks().cast(pa.large_binary())
         return _Side(start, paths, dirs, plain, col("size"), mode, mtime, timed, col("uid").astype(np.int64),
-                     col("gid").astype(np.int64), xattrs, group, leader, inode, ctime,
+                     col("gid").astype(np.int64), xattrs, links, targets, group, leader, inode, ctime,
                      files if inode is not None else None)
 
     def window(self, m: _Side, lo: int, hi: int, tb: EntryColumns | None, tlo: int, thi: int) -> None:
@@ -359,8 +377,13 @@ class _Merge:
         if self.planned is not None and made.any():
             made[made] = ~self._planned(m.paths, rows[made])
         self.made_rows.append(m.start + rows[made])
-        if new.any() or made.any():
-            self._note_parents(m.paths.take(pa.array(rows[new | made])))
+        # Symlinks only the manifest has: made, with nothing else to decide.
+        made_link = ~matched & m.links[lo:hi]
+        if self.planned is not None and made_link.any():
+            made_link[made_link] = ~self._planned(m.paths, rows[made_link])
+        self.symlink_rows.append(m.start + rows[made_link])
+        if new.any() or made.any() or made_link.any():
+            self._note_parents(m.paths.take(pa.array(rows[new | made | made_link])))
         # Files of hard-link groups only the manifest has: settled once their whole group is seen.
         new_link = ~matched & (m.group[lo:hi] >= 0)
         if self.planned is not None and new_link.any():
@@ -368,7 +391,7 @@ class _Merge:
         if new_link.any():
             nr = rows[new_link]
             self.links_new.append((m.start + nr, m.group[nr], m.leader[nr]))
-        keep = ~matched & ~new & ~made & ~new_link
+        keep = ~matched & ~new & ~made & ~made_link & ~new_link
         # Paths both hold: a plain file alike in every way compared is left alone.
         kept_targets = np.zeros(0, np.int64)
         if matched.any():
@@ -377,12 +400,15 @@ class _Merge:
             assert tb is not None
             alike, meta, suspect = self._alike(m, mr, tb, tr)
             dirs = self._dirs_alike(m, mr, tb, tr)
-            settled = alike | meta | dirs  # no decision left for the planner
+            links = self._links_alike(m, mr, tb, tr)
+            settled = alike | meta | dirs | links  # no decision left for the planner
             if self.planned is not None and settled.any():
                 settled[settled] = ~self._planned(m.paths, mr[settled])
                 alike &= settled
                 meta &= settled
                 dirs &= settled
+                links &= settled
+            self.alike_link_rows.append(m.start + mr[links])
             settled |= self._held_links(m, mr, tb, tr, suspect)
             self.unchanged += int((alike | meta).sum())
             self.meta_rows.append(m.start + mr[meta])
@@ -462,6 +488,20 @@ class _Merge:
         if not self.drop_alike:
             return np.zeros(len(mr), bool)
         return self._meta_alike(m, mr, tb, tr, self._same_time(m, mr, tb, tr, m.dirs[mr] & (tb.kind[tr] == K_DIR)))
+
+    def _links_alike(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray) -> np.ndarray:
+        """Symlinks both hold alike as the planner compares them (target, time at the common precision, owner
+        where compared; a link's mode and attributes are not): nothing to do."""
+        alike = m.links[mr] & (tb.kind[tr] == K_LINK)
+        if not alike.any():
+            return alike
+        theirs = pa.array([tb.targets[i] for i in tr[alike].tolist()], pa.large_binary())
+        alike[alike] = bool_mask(pc.equal(m.targets.take(pa.array(mr[alike])), theirs).fill_null(False))
+        alike = self._same_time(m, mr, tb, tr, alike)
+        if self.compare_owner:
+            uid = m.uid[mr]
+            alike &= (uid == UNKNOWN_ID) | ((tb.uid[tr] == uid) & (tb.gid[tr] == m.gid[mr]))
+        return alike
 
     def _same_time(self, m: _Side, mr: np.ndarray, tb: EntryColumns, tr: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """``mask`` narrowed to the pairs whose modification times are equal at the comparison's resolution."""
@@ -570,7 +610,8 @@ class _Merge:
         return Residual(joined(self.rows), self.existing, self.unchanged, joined(self.new_rows),
                         {os.fsdecode(d) for d in self.new_parents}, self.suspects, joined(self.meta_rows),
                         joined(self.dir_rows), joined(self.made_rows), meta_parents={
-                            os.fsdecode(d) for d in self.meta_parents if d}, link_rows=self.link_rows)
+                            os.fsdecode(d) for d in self.meta_parents if d}, link_rows=self.link_rows,
+                        symlink_rows=joined(self.symlink_rows), alike_link_rows=joined(self.alike_link_rows))
 
 
 class WriteList:

@@ -1,0 +1,143 @@
+"""Symlinks in the apply's first pass (:mod:`drsync.unchanged`): a link the target holds alike (target, time,
+owner) is settled by the merge, one only the snapshot has is made from its manifest row (a restore of a
+million links makes no object per link); the plan is the one from both sides whole, a standby's too (links
+of its own that climb through the settled ones are resolved with them)."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drsync import engine
+from drsync.apply import apply_manifest, comparison_resolution, plan_apply
+from drsync.dataroot.local import LocalDataRoot
+from drsync.repository.manifest import Manifest
+from drsync.repository.repo import Repository
+from drsync.storage.local import LocalStorage
+from drsync.tree import EntryColumns, LocalEntry
+from drsync.unchanged import split_unchanged
+from tests.test_unchanged_merge import _plans, _shape
+
+MiB = 1 << 20
+T0 = 1_600_000_000
+
+
+def _links_tree(root: Path) -> None:
+    """Links of every kind a manifest keeps: relative, dangling, to a directory, climbing with "..",
+    undecodable bytes, a long target, one to itself; in directories on both sides of a window's edge."""
+    (root / "p" / "q").mkdir(parents=True)
+    (root / "p" / "q" / "f").write_bytes(b"f")
+    for d in ("a", "a-b", "z"):
+        (root / d).mkdir()
+        os.symlink("../p/q/f", root / d / "up")
+        os.symlink("missing", root / d / "dangling")
+        os.symlink(b"\xff\xfe-name", os.fsencode(root / d) + b"/odd")
+        os.symlink("./" * 900 + "up", root / d / "long")
+    os.symlink("../p/q/r/s", root / "a" / "deeper")  # resolves two levels deeper than it lies
+    os.symlink("..", root / "a" / "top")  # the root itself
+    os.symlink("self", root / "self")
+    for d, _, names in os.walk(root):
+        for n in names:
+            os.utime(os.path.join(d, n), ns=(T0 * 10**9, T0 * 10**9), follow_symlinks=False)
+
+
+@pytest.fixture
+def snap(tmp_path: Path) -> tuple[Repository, Manifest, Path]:
+    src = tmp_path / "src"
+    _links_tree(src)
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    return repo, repo.load_manifest(engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))), src
+
+
+def test_alike_links_are_settled_and_new_ones_are_rows(snap: tuple, tmp_path: Path,  # type: ignore[type-arg]
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import drsync.unchanged
+
+    monkeypatch.setattr(drsync.unchanged, "_BATCH", 3)
+    repo, manifest, src = snap
+    links = sum(1 for e in manifest.entries(light=True) if e.type == "symlink")
+    root = LocalDataRoot(str(src))
+    rest = split_unchanged(manifest, root.walk_existing(), compare_owner=True)
+    assert rest is not None and len(rest.alike_link_rows) == links and not rest.existing
+    assert _plans(manifest, root)[0] == _plans(manifest, root)[1]
+    target = tmp_path / "t"
+    target.mkdir()
+    empty = LocalDataRoot(str(target))
+    rest = split_unchanged(manifest, empty.walk_existing())
+    assert rest is not None and len(rest.symlink_rows) == links
+    whole, merged = _plans(manifest, empty)
+    assert whole == merged and len(whole["link"]) == links  # type: ignore[arg-type]
+    # really made, then left alone; a link changed in each way is made again
+    res = apply_manifest(manifest, repo, str(target))
+    assert res.written_files == 1
+    made = {os.path.relpath(os.path.join(d, n), target): os.readlink(os.path.join(d, n))
+            for d, dirs, files in os.walk(target) for n in dirs + files if os.path.islink(os.path.join(d, n))}
+    assert made == {os.path.relpath(os.path.join(d, n), src): os.readlink(os.path.join(d, n))
+                    for d, dirs, files in os.walk(src) for n in dirs + files if os.path.islink(os.path.join(d, n))}
+    os.unlink(target / "a" / "up")
+    os.symlink("elsewhere", target / "a" / "up")  # another target
+    os.utime(target / "z" / "dangling", ns=(T0 * 10**9 + 10**9,) * 2, follow_symlinks=False)  # another time
+    os.lchown(target / "a-b" / "odd", 1, 1)  # another owner
+    os.unlink(target / "self")
+    os.mkdir(target / "self")  # another type
+    whole, merged = _plans(manifest, empty)
+    assert whole == merged
+    assert sorted(whole["link"]) == ["a-b/odd", "a/up", "self", "z/dangling"]  # type: ignore[arg-type]
+    apply_manifest(manifest, repo, str(target))
+    assert os.readlink(target / "a" / "up") == "../p/q/f" and os.lstat(target / "a-b" / "odd").st_uid == 0
+    assert os.lstat(target / "z" / "dangling").st_mtime_ns == T0 * 10**9 and os.path.islink(target / "self")
+
+
+def test_a_standbys_own_link_climbing_through_a_settled_one_is_judged_with_it(snap: tuple) -> None:  # type: ignore[type-arg]
+    """keep_uncarried: the standby keeps links of its own that lead outside the root. Through the settled links
+    a/deeper (-> ../p/q/r/s) and a/top (-> ..), ``inside -> a/deeper/../../../x`` stays inside and
+    ``outside -> a/top/../x`` leads outside; judged without them (by their names alone) it is the other way
+    round. The whole plan removes the first and keeps the second; so does the merged one."""
+    _, manifest, src = snap
+    os.symlink("a/deeper/../../../x", src / "inside")
+    os.symlink("a/top/../x", src / "outside")
+    root = LocalDataRoot(str(src))
+    res = comparison_resolution(manifest, root)
+    whole = plan_apply(list(manifest.entries(light=True)), root.existing(), mtime_resolution_ns=res,
+                       keep_uncarried=True, compare_owner=True)
+    rest = split_unchanged(manifest, root.walk_existing(), resolution_ns=res, compare_owner=True)
+    assert rest is not None and "a/deeper" not in rest.existing and "a/top" not in rest.existing
+    merged = plan_apply(manifest.entries_at(rest.rows, light=True), rest.existing, mtime_resolution_ns=res,
+                        keep_uncarried=True, compare_owner=True, also_touched=rest.new_parents,
+                        also_links=lambda: rest.alike_links(manifest))
+    rest.fold(merged, manifest)
+    assert _shape(whole) == _shape(merged) and "inside" in whole.remove and "outside" not in whole.remove
+
+
+def _links(n: int) -> tuple[Manifest, Iterator[EntryColumns]]:
+    paths = sorted(f"d{i // 1000:04}/l{i % 1000:04}" for i in range(n))
+    mt = T0 * 10**9
+    m = Manifest.from_columns({"path": paths, "type": ["symlink"] * n, "mode": [0o777] * n, "uid": [0] * n,
+                               "gid": [0] * n, "size": [0] * n, "mtime_ns": [mt] * n,
+                               "target": [f"../x/{p[-5:]}" for p in paths], "ctime_ns": [1] * n,
+                               "inode": [0] * n, "content": [None] * n, "chunks": [[] for _ in range(n)],
+                               "chunk_sizes": [[] for _ in range(n)]})
+
+    def walk() -> Iterator[EntryColumns]:
+        for d in range(0, n, 1000):
+            yield EntryColumns.of_entries([LocalEntry(paths[i], "symlink", 0o777, 0, 0, 0, mt, f"../x/{paths[i][-5:]}",
+                                                      i + 1, None, 1) for i in range(d, min(n, d + 1000))])
+    return m, walk()
+
+
+def test_merging_200000_links_holds_rows_not_objects() -> None:
+    for held in (True, False):
+        m, walk = _links(200_000)
+        tracemalloc.start()
+        try:
+            rest = split_unchanged(m, walk if held else iter(()))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert rest is not None and len(rest.rows) == 0 and not rest.existing
+        assert len(rest.alike_link_rows if held else rest.symlink_rows) == 200_000
+        assert peak < 60 * MiB, f"merge peak {peak / MiB:.1f} MiB for 200,000 links (held: {held})"
