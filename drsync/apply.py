@@ -722,20 +722,16 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
 @contextlib.contextmanager
 def _applying(root: DataRoot, what: str, *, dry_run: bool, root_held: bool
               ) -> Iterator[tuple[ApplyLock | None, str | None]]:
-    """The apply lock on ``root`` for the apply's duration: (lock, None). A dry run takes and gives it back at
-    once: (None, None) when it was free, (None, why not) when another apply holds it."""
+    """The apply lock on ``root`` for the apply's duration: (lock, None). A dry run takes none: (None, None)
+    when the real run would find it free, (None, why not) when another apply holds it."""
+    if dry_run:
+        yield None, ApplyLock.probe(root.url)
+        return
     try:
         lock = ApplyLock(root.url, what, directory=not root_held)
     except ApplyBusy as e:
-        if not dry_run:
-            log.warning("%s", e)
-            raise
-        yield None, e.holder
-        return
-    if dry_run:
-        lock.release()
-        yield None, None
-        return
+        log.warning("%s", e)
+        raise
     try:
         yield lock, None
     finally:

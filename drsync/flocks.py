@@ -8,9 +8,11 @@ in the host lock directory (``$DRSYNC_LOCK_DIR``, else ``/run/lock``, else the t
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 
@@ -27,18 +29,37 @@ def host_lock_dir() -> str:
     return tempfile.gettempdir()
 
 
-def exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[str]], str]) -> int:
+def exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[str]], str], *,
+                   own: bool = False) -> int:
     """Open ``path`` and take its flock without waiting, then write ``holder`` into it; the descriptor
     keeps the lock. LockedError with ``refusal(lines the current holder wrote)`` when it is held.
     The file may be unlinked by a holder releasing it (:func:`release_lock_file`): the lock counts only
-    when ``path`` still names the locked file once it is held, else it is taken again on the new file."""
+    when ``path`` still names the locked file once it is held, else it is taken again on the new file.
+
+    In a lock directory every user can write, a name can be planted: a symlink is never followed (root would
+    write into what it names), and anything but a regular file (``own``: one this user owns) is refused with
+    OperationFailed naming it, as is a lock that cannot be written (a full lock directory)."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
         try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENXIO):
+                raise
+            raise OperationFailed(f"the host lock {path} is not a regular file (a link or a device someone put "
+                                  f"there); remove it, or set DRSYNC_LOCK_DIR to a directory of your own") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (own and st.st_uid != os.geteuid()):
+                raise OperationFailed(
+                    f"the host lock {path} is not a regular file of this user's (uid {st.st_uid} made it); "
+                    f"remove it, or set DRSYNC_LOCK_DIR to a directory of your own")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")
+            pid = flock_holder(os.fstat(fd))
             os.close(fd)
+            if pid and (not lines or not lines[0].strip()):
+                lines = [pid]  # taken a moment ago, its holder's lines not written yet
             raise LockedError(refusal([*(line.strip() or "?" for line in lines), "?", "?"])) from None
         except BaseException:
             os.close(fd)
@@ -46,9 +67,32 @@ def exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[st
         if _names(path, fd):
             break
         os.close(fd)  # unlinked (or replaced) by its holder's release between our open and our flock
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, holder.encode("utf-8", "surrogateescape"), 0)  # a path's bytes as they are
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode("utf-8", "surrogateescape"), 0)  # a path's bytes as they are
+    except OSError as e:
+        release_lock_file(fd, path)
+        raise OperationFailed(f"cannot write the host lock {path} ({e.strerror}); free space in "
+                              f"{os.path.dirname(path)}, or set DRSYNC_LOCK_DIR to another directory") from None
     return fd
+
+
+def line(text: str) -> str:
+    """``text`` as one line of a lock file (a backslash and a newline escaped): :func:`unline` undoes it."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def unline(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            out.append("\n" if text[i + 1] == "n" else text[i + 1])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def _names(path: str, fd: int) -> bool:
@@ -72,37 +116,82 @@ def release_lock_file(fd: int, path: str) -> None:
     os.close(fd)
 
 
-def flock_holder(st: os.stat_result) -> str:
-    """The pid holding a flock on the file ``st`` describes, from /proc/locks ("" when not found)."""
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+def flock_holders(exclusive: bool = False) -> dict[tuple[int, int, int], str]:
+    """Every flock on this host (``exclusive``: the exclusive ones): (major, minor, inode) -> the pid holding
+    it, from /proc/locks (read without taking any lock: looking never gets in the way of another's flock)."""
+    out: dict[tuple[int, int, int], str] = {}
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == inode:
-                    return parts[4]
+            for row in f:
+                parts = row.split()
+                if len(parts) > 5 and parts[1] == "FLOCK" and (not exclusive or parts[3] == "WRITE"):
+                    dev = parts[5].split(":")
+                    if len(dev) == 3:
+                        try:
+                            out.setdefault((int(dev[0], 16), int(dev[1], 16), int(dev[2])), parts[4])
+                        except ValueError:
+                            continue
     except OSError:
         pass
-    return ""
+    return out
 
 
-def held_lines(path: str) -> list[str] | None:
-    """The lines a held lock file's holder wrote; None when nobody holds it (or it cannot be opened)."""
+def flock_holder(st: os.stat_result, holders: dict[tuple[int, int, int], str] | None = None) -> str:
+    """The pid holding a flock on the file ``st`` describes ("" when none is found)."""
+    return (flock_holders() if holders is None else holders).get(
+        (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), "")
+
+
+def _uid_of(pid: str) -> int | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        return os.stat(f"/proc/{pid}").st_uid
+    except (OSError, ValueError):
         return None
+
+
+def _counts(pid: str) -> bool:
+    """Whether a flock held by ``pid`` stands in this process's way: not when it is this process's own (an
+    agent's drill restoring beside its data root), nor another user's (other than root's), which anybody who
+    can read a directory could take to stop every apply."""
+    if not pid or pid == str(os.getpid()):
+        return not pid
+    uid = _uid_of(pid)
+    return uid is None or uid in (0, os.geteuid())
+
+
+def flock_directory(path: str, how: int, counts: Callable[[str], bool] = _counts) -> tuple[int | None, str]:
+    """A flock ``how`` (LOCK_EX or LOCK_SH) on directory ``path``, without waiting: (its descriptor, "");
+    (None, "") when it cannot be opened (not there, not a directory, not readable) or only a holder that does
+    not ``count`` has it; (None, the holder's pid) when one that counts does."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return None
-        except BlockingIOError:
-            pass
-        return os.pread(fd, 8192, 0).decode("utf-8", "surrogateescape").split("\n")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
-        return None
-    finally:
+        return None, ""
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+        return fd, ""
+    except BlockingIOError:
+        pid = flock_holder(os.fstat(fd))
         os.close(fd)
+        return None, (pid or "?") if counts(pid) else ""
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def flock_above(path: str, counts: Callable[[str], bool] = _counts) -> tuple[list[int], tuple[str, str] | None]:
+    """Shared flocks on every existing directory above local ``path``, up to /: (their descriptors, None), or
+    (those taken, (the directory, the pid) of the first held exclusively by a holder that counts)."""
+    fds: list[int] = []
+    parent = os.path.dirname(path)
+    while parent != path:
+        fd, pid = flock_directory(parent, fcntl.LOCK_SH, counts)
+        if pid:
+            return fds, (parent, pid)
+        if fd is not None:
+            fds.append(fd)
+        path, parent = parent, os.path.dirname(parent)
+    return fds, None
 
 
 class ApplyBusy(LockedError):
@@ -119,20 +208,25 @@ class ApplyLock:
     Two applies onto one target would empty each other's staging area and leave a target that matches
     neither snapshot (safety rule 2). An apply (restore, backup restore, drill, a standby's) takes:
 
-    - a lock file in the host lock directory, named by this user and the target's location and
-      holding ``pid``, ``what`` (e.g. "snapshot 20261206T...") and the location; a held one of another
-      apply whose location lies inside or around this one (compared by device and inode, so a bind mount or
-      symlink of it counts; HDFS URLs by path on one authority) refuses this one too;
-    - on a local target, a flock on the target directory itself (``directory=True``, once it exists: see
-      :meth:`hold_directory`), seen through any mount or lock directory; a running agent holds the same
-      flock on its data root, so an apply onto it from outside the agent is refused too.
+    - a lock file in the host lock directory, named by this user and the target's location and holding
+      ``pid``, ``what`` (e.g. "snapshot 20261206T...") and the location (:func:`line` escapes them); a
+      held one of this user's or root's whose location lies inside or around this one (compared by device
+      and inode, so a bind mount or symlink of it counts; HDFS URLs by path on one authority) refuses this
+      one too;
+    - on a local target (``directory=True``), flocks on the directories themselves, seen through any mount
+      or lock directory: exclusive on the target (once it exists: :meth:`hold_directory`), shared on each
+      directory above it. An apply inside or around another one's target meets its exclusive flock; so
+      does one onto a running agent's data root, or inside it (the agent holds the same flocks:
+      :class:`drsync.agent.locks.DirectoryLock`), and an agent started on a target being applied to.
 
     Refusals are :class:`ApplyBusy` (a LockedError: exit 1, nothing changed): the other apply is named, the
-    operator waits for it or stops it. Two applies of one user onto one location contend on one file;
-    overlapping ones each look for the other after taking their own, so at least one is refused (both, when
-    they start together).
-    Not covered: applies from other hosts onto one HDFS path, and hosts or containers that do not share the
-    lock directory (local targets there are still covered by the directory's flock, when the same one).
+    operator waits for it or stops it. Looking at others' locks takes none (/proc/locks says who holds
+    what), so a look never refuses another apply. Two applies of one user onto one location contend on one
+    file; overlapping ones each look for the other after taking their own, so at least one is refused (both,
+    when they start together). Flocks and lock files of this process (an agent's drill beside its own root)
+    and of other users but root (anyone who can read a directory can flock it) are not in the way.
+    Not covered: applies from other hosts onto one HDFS path, and a target reached through a bind mount of a
+    directory below another apply's target, in a lock directory that apply does not share.
     """
 
     PREFIX = "drsync-apply-"
@@ -141,70 +235,133 @@ class ApplyLock:
         local = local_or_none(location)
         self.location = os.path.realpath(local) if local is not None else location
         self.what = what
+        self.directory = directory and local is not None
         self.fd = -1
-        self.dir_fd = -1
+        self.dir_fds: list[int] = []
+        self.held_target = False
         lock_dir = host_lock_dir()
         key = hashlib.sha256(self.location.encode("utf-8", "surrogateescape")).hexdigest()[:20]
-        self.path = os.path.join(lock_dir, f"{self.PREFIX}{os.getuid()}-{key}.lock")
+        self.path = os.path.join(lock_dir, f"{self.PREFIX}{os.geteuid()}-{key}.lock")
         shown = printable(self.location)
         try:
-            self.fd = exclusive_lock(self.path, 0o644, f"{os.getpid()}\n{what}\n{self.location}\n", lambda held: (
-                f"another drsync apply ({held[1]}, pid {held[0]}) is writing to {shown}"))
+            self.fd = exclusive_lock(self.path, 0o644, f"{os.getpid()}\n{line(what)}\n{line(self.location)}\n",
+                                     lambda held: f"another drsync apply ({held[1]}, pid {held[0]}) is writing to "
+                                                  f"{shown}", own=True)
         except LockedError as e:
             raise ApplyBusy(what, str(e)) from None
         except PermissionError as e:
             raise OperationFailed(f"{what}: cannot open the host lock {self.path} for {shown} ({e.strerror}); set "
                                   f"DRSYNC_LOCK_DIR to a writable directory; nothing was changed") from None
         try:
-            self._refuse_overlapping(lock_dir)
-            if directory and local is not None:
+            busy = self.overlapping(self.location, lock_dir, mine=self.path)
+            if busy:
+                raise ApplyBusy(what, busy)
+            if self.directory:
+                self._lock_above()
                 self.hold_directory()
         except BaseException:
             self.release()
             raise
 
-    def _refuse_overlapping(self, lock_dir: str) -> None:
-        for name in sorted(os.listdir(lock_dir)):
+    @classmethod
+    def overlapping(cls, location: str, lock_dir: str | None = None, mine: str = "") -> str | None:
+        """Why another apply's held lock file is in the way of ``location`` (its words), or None. Takes no lock."""
+        lock_dir = lock_dir or host_lock_dir()
+        holders = flock_holders()
+        try:
+            names = sorted(os.listdir(lock_dir))
+        except OSError:
+            return None
+        for name in names:
             path = os.path.join(lock_dir, name)
-            if not (name.startswith(self.PREFIX) and name.endswith(".lock")) or path == self.path:
+            if not (name.startswith(cls.PREFIX) and name.endswith(".lock")) or path == mine:
                 continue
-            lines = held_lines(path)
-            if lines is None or len(lines) < 3 or not lines[2]:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
                 continue
-            other = lines[2]
-            inside = lies_within(self.location, other)
-            if inside or lies_within(other, self.location):
-                raise ApplyBusy(self.what, (
-                    f"{printable(self.location)} {'lies inside' if inside else 'holds'} {printable(other)}, which "
-                    f"another drsync apply ({lines[1]}, pid {lines[0]}) is writing to"))
+            try:
+                st = os.fstat(fd)
+                pid = flock_holder(st, holders)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or not pid \
+                        or pid == str(os.getpid()):
+                    continue  # not a lock, someone else's (anyone can write one), not held, or this process's
+                lines = os.pread(fd, 8192, 0).decode("utf-8", "surrogateescape").split("\n")
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if len(lines) < 3 or not lines[2]:
+                continue
+            other = unline(lines[2])
+            inside = lies_within(location, other)
+            if inside or lies_within(other, location):
+                who = f"another drsync apply ({printable(unline(lines[1]))}, pid {pid})"
+                if inside and lies_within(other, location):
+                    return f"{who} is writing to {printable(other)}"
+                return (f"{printable(location)} {'lies inside' if inside else 'holds'} {printable(other)}, which "
+                        f"{who} is writing to")
+        return None
+
+    @classmethod
+    def probe(cls, location: str) -> str | None:
+        """Why an apply onto ``location`` would be refused now (another apply's words), or None: what a dry run
+        says. Takes no lock, so a look never refuses a real apply starting at that moment."""
+        local = local_or_none(location)
+        location = os.path.realpath(local) if local is not None else location
+        busy = cls.overlapping(location)
+        if busy or local is None:
+            return busy
+        anyone, exclusive = flock_holders(), flock_holders(exclusive=True)
+        path = location
+        while True:
+            try:
+                st = os.stat(path)
+            except OSError:
+                st = None
+            if st is not None:
+                key = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+                pid = (anyone if path == location else exclusive).get(key, "")
+                if pid and _counts(pid):
+                    around = "" if path == location else " (a directory above the target)"
+                    return (f"another drsync process (pid {pid}) holds {printable(path)}{around} (a running agent, "
+                            f"or an apply onto it, inside it or around it)")
+            up = os.path.dirname(path)
+            if up == path:
+                return None
+            path = up
+
+    def _busy(self, path: str, pid: str) -> ApplyBusy:
+        around = "" if path == self.location else " (a directory above the target)"
+        return ApplyBusy(self.what, (
+            f"another drsync process{f' (pid {pid})' if pid != '?' else ''} holds {printable(path)}{around} (a "
+            f"running agent serving it or a directory in it as its data root, or an apply onto it, inside it or "
+            f"around it)"))
+
+    def _lock_above(self) -> None:
+        """Shared flocks on every existing directory above the target, up to /."""
+        fds, blocked = flock_above(self.location)
+        self.dir_fds += fds
+        if blocked is not None:
+            raise self._busy(*blocked)
 
     def hold_directory(self) -> None:
-        """Flock the local target directory itself, when it exists and is not held yet (an apply that makes its
-        target calls this again once it has). LockedError when another process holds it."""
-        local = local_or_none(self.location)
-        if self.dir_fd >= 0 or local is None:
+        """The exclusive flock on the local target directory itself, when it exists and is not held yet (an
+        apply that makes its target calls this again once it has). ApplyBusy when a process holds it."""
+        if not self.directory or self.held_target:
             return
-        try:
-            fd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return  # not there yet, or not a directory: the apply says what is wrong with it
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = flock_holder(os.fstat(fd))
-            os.close(fd)
-            raise ApplyBusy(self.what, (
-                f"another drsync process{f' (pid {pid})' if pid else ''} holds {printable(local)} (a running agent "
-                f"serving it as its data root, or an apply onto it through another path or lock directory)")) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        self.dir_fd = fd
+        fd, pid = flock_directory(self.location, fcntl.LOCK_EX)
+        if pid:
+            raise self._busy(self.location, pid)
+        if fd is not None:
+            self.dir_fds.append(fd)
+            self.held_target = True
 
     def release(self) -> None:
-        if self.dir_fd >= 0:
-            os.close(self.dir_fd)
-            self.dir_fd = -1
+        for fd in self.dir_fds:
+            os.close(fd)
+        self.dir_fds = []
+        self.held_target = False
         if self.fd >= 0:
             release_lock_file(self.fd, self.path)
             self.fd = -1

@@ -10,6 +10,7 @@ leaving a target that matched neither snapshot (breaker s51).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from drsync.errors import OperationFailed
-from drsync.flocks import ApplyBusy, ApplyLock
+from drsync.flocks import ApplyBusy, ApplyLock, unline
 from tests.conftest import init_repo_at, make_tree, run_drsync, snapshot_json, tree_state, write_files
 from tests.group import wait_for
 
@@ -190,7 +191,7 @@ def test_an_agent_is_not_started_on_a_root_a_restore_is_writing_to(tmp_path: Pat
     target = tmp_path / "target"
     held = Held(tmp_path, "snapshot", "restore", first, "--repo", repo, "--target", target)
     try:
-        with pytest.raises(OperationFailed, match=f"pid {held.proc.pid}.*or a restore is writing to it"):
+        with pytest.raises(OperationFailed, match=f"another drsync apply .*pid {held.proc.pid}.* is writing to"):
             HostLock("data root", str(target), str(tmp_path / "state"))
         code, err = held.finish()
         assert code == 0, err
@@ -205,8 +206,9 @@ def test_an_agent_is_not_started_on_a_root_a_restore_is_writing_to(tmp_path: Pat
 
 
 def test_the_apply_lock_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """ApplyLock itself: one holder per location, overlaps refused both ways, a released lock leaves no file,
-    and an agent's own apply (directory=False) beside its directory lock."""
+    """ApplyLock itself: one holder per location, overlaps refused both ways, a released lock leaves no file;
+    this process's own flocks are not in its way (an agent's drill restoring into its state directory inside
+    its data root), and an agent's own apply (directory=False) takes no directory flock beside its own."""
     from drsync.agent.locks import DirectoryLock
 
     locks = tmp_path / "locks"
@@ -214,33 +216,197 @@ def test_the_apply_lock_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DRSYNC_LOCK_DIR", str(locks))
     a = tmp_path / "a"
     a.mkdir()
-    with ApplyLock(str(a), "snapshot one") as held:
-        assert held.dir_fd >= 0
-        for other in (a, a / "x" / "y", tmp_path):
-            with pytest.raises(ApplyBusy, match="snapshot one"):
-                ApplyLock(str(other), "snapshot two")
-        with ApplyLock(str(tmp_path / "b"), "snapshot three"):
-            pass
+    with ApplyLock(str(a), "snapshot one") as held:  # (other processes' overlaps: the tests above)
+        assert held.held_target and os.listdir(locks)
+        with pytest.raises(ApplyBusy, match="snapshot one"):
+            ApplyLock(str(a), "snapshot two")  # one location, one lock file, whoever holds it
     assert os.listdir(locks) == []
     root = DirectoryLock("data root", str(a))
     try:
-        with pytest.raises(ApplyBusy, match=f"pid {os.getpid()}"):
-            ApplyLock(str(a), "a restore")
-        with ApplyLock(str(a), "the agent's apply", directory=False):
+        (a / "state").mkdir()
+        with ApplyLock(str(a / "state" / "drill"), "a drill"):
             pass
+        with ApplyLock(str(a), "the agent's apply", directory=False) as own:
+            own.hold_directory()  # what an apply that made its target does: nothing, the agent holds it
+            assert not own.dir_fds
     finally:
         root.release()
-    # names no UTF-8 decoder accepts lock like any other
-    odd = tmp_path / os.fsdecode(b"odd-\xff-name")
-    odd.mkdir()
-    with ApplyLock(str(odd), "snapshot four"), pytest.raises(ApplyBusy):
-        ApplyLock(str(odd / "in"), "snapshot five")
-    shutil.rmtree(odd)
-    # HDFS targets: by path on one authority (one host's applies; the lock file alone)
+    # names no UTF-8 decoder accepts, or with a newline, are written and read back whole
+    for name in (b"odd-\xff-name", b"odd\nx"):
+        odd = tmp_path / os.fsdecode(name)
+        odd.mkdir()
+        with ApplyLock(str(odd), "snapshot four") as held:
+            shown = Path(held.path).read_bytes().split(b"\n")[2]
+            assert unline(shown.decode("utf-8", "surrogateescape")) == str(odd)
+        shutil.rmtree(odd)
+    # HDFS targets: by path on one authority (the lock file alone, no directory flock)
     with ApplyLock("hdfs://nn1:9870/warehouse/t?user=etl", "snapshot six") as held:
-        assert held.dir_fd == -1
-        for other in ("hdfs://nn1:9870/warehouse/t/part", "hdfs://nn1:9870/warehouse"):
-            with pytest.raises(ApplyBusy, match="snapshot six"):
-                ApplyLock(other, "snapshot seven")
-        with ApplyLock("hdfs://nn2:9870/warehouse/t", "snapshot eight"):
-            pass
+        assert not held.dir_fds
+
+
+
+# --- breaker s52: its cases ----------------------------------------------------------------------------
+
+
+def test_an_agents_own_apply_onto_its_existing_root_is_not_refused_by_its_own_lock(
+        tmp_path: Path, two: tuple[Path, str, str]) -> None:
+    """The agent flocks its data root for its lifetime; its applies (root_held) onto that root, existing
+    before the agent started (every restart), took the directory's flock again and refused themselves."""
+    from drsync.agent.locks import HostLock
+    from drsync.apply import apply_manifest
+    from drsync.repository.repo import Repository
+    from drsync.storage.local import LocalStorage
+
+    repo_path, first, second = two
+    root = tmp_path / "standby-root"
+    root.mkdir()
+    repo = Repository.open(LocalStorage(str(repo_path)))
+    lock = HostLock("data root", str(root), str(tmp_path / "state"))
+    try:
+        for snap in (first, second):
+            manifest = repo.load_manifest(repo.find_snapshot(snap))
+            apply_manifest(manifest, repo, str(root), journal=str(tmp_path / "journal"), root_held=True)
+        assert tree_state(root) == _expected(tmp_path, repo_path, second)
+    finally:
+        lock.release()
+
+
+def _as_nobody(code: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_a_link_planted_at_the_lock_name_is_refused_and_what_it_names_is_untouched(
+        tmp_path: Path, two: tuple[Path, str, str]) -> None:
+    import hashlib
+
+    repo, first, _ = two
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o1777)
+    locks.chmod(0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    target = tmp_path / "target"
+    name = f"drsync-apply-0-{hashlib.sha256(str(target).encode()).hexdigest()[:20]}.lock"
+    os.symlink(victim, locks / name)
+    r = _restore(repo, first, target, env={"DRSYNC_LOCK_DIR": str(locks)})
+    assert r.code == 1 and "is not a regular file" in r.err and str(locks / name) in r.err, r.err
+    assert victim.read_text() == "precious\n" and not target.exists()
+    os.unlink(locks / name)
+    os.mkfifo(locks / name)  # a fifo there neither hangs the restore nor is written
+    r = _restore(repo, first, target, env={"DRSYNC_LOCK_DIR": str(locks)})
+    assert r.code == 1 and "is not a regular file" in r.err, r.err
+
+
+def test_another_users_forged_lock_does_not_stop_roots_restores(tmp_path: Path, open_tmp: Path,
+                                                                two: tuple[Path, str, str]) -> None:
+    """Any user can write a lock file claiming "/" and flock it; only this user's and root's lock files and
+    flocks are in the way (another user's flock on a directory it can read is not either)."""
+    repo, first, _ = two
+    locks = open_tmp / "locks"
+    locks.mkdir()
+    locks.chmod(0o1777)
+    target = open_tmp / "target"
+    target.mkdir()
+    target.chmod(0o755)
+    forged = locks / "drsync-apply-65534-x.lock"
+    holder = _as_nobody(
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(forged)!r}, os.O_RDWR | os.O_CREAT, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, b'1\\nsnapshot 0000000000000000\\n/\\n')\n"
+        f"d = os.open({str(target)!r}, os.O_RDONLY)\n"
+        "fcntl.flock(d, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n")
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        r = _restore(repo, first, target, env={"DRSYNC_LOCK_DIR": str(locks)})
+        assert r.code == 0, r.err
+    finally:
+        holder.communicate(input="")
+    assert tree_state(target) == _expected(tmp_path, repo, first)
+
+
+@pytest.mark.parametrize("where", ["parent", "inside"])
+def test_an_agent_is_not_started_inside_or_around_a_restore(tmp_path: Path, two: tuple[Path, str, str],
+                                                           where: str) -> None:
+    from drsync.agent.locks import HostLock
+
+    repo, first, _ = two
+    data = tmp_path / "outer" / "data"
+    data.mkdir(parents=True)
+    restored = data.parent if where == "parent" else data / "common"
+    lockdir = tmp_path / "private-locks"  # the agent's lock directory is another: the directory flocks decide
+    lockdir.mkdir()
+    held = Held(tmp_path, "snapshot", "restore", first, "--repo", repo, "--target", restored, "--overwrite",
+                "--delete-extra", env={"DRSYNC_LOCK_DIR": str(lockdir)})
+    try:
+        with pytest.raises(OperationFailed, match=f"pid {held.proc.pid}"):
+            HostLock("data root", str(data), str(tmp_path / "state"))
+        code, err = held.finish()
+        assert code == 0, err
+    finally:
+        held.kill()
+
+
+@pytest.mark.parametrize("second", ["inside", "parent"])
+def test_overlapping_restores_with_other_lock_directories_are_refused(tmp_path: Path, two: tuple[Path, str, str],
+                                                                      second: str) -> None:
+    repo, first, other = two
+    t = tmp_path / "t"
+    assert _restore(repo, first, t).code == 0
+    l1, l2 = tmp_path / "l1", tmp_path / "l2"
+    l1.mkdir()
+    l2.mkdir()
+    a_target, b_target = (t, t / "newsub") if second == "inside" else (t / "common", t)
+    held = Held(tmp_path, "snapshot", "restore", first, "--repo", repo, "--target", a_target, "--overwrite",
+                "--delete-extra", env={"DRSYNC_LOCK_DIR": str(l1)})
+    try:
+        r = _restore(repo, other, b_target, env={"DRSYNC_LOCK_DIR": str(l2)})
+        assert r.code == 1 and f"pid {held.proc.pid}" in r.err and "nothing was changed" in r.err, r.err
+        code, err = held.finish()
+        assert code == 0, err
+    finally:
+        held.kill()
+    assert not (t / "newsub").exists()
+
+
+def test_a_full_lock_directory_is_named_and_leaves_no_lock_held(tmp_path: Path, mounts,  # type: ignore[no-untyped-def]
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    locks = tmp_path / "locks"
+    mounts.tmpfs(locks)
+    monkeypatch.setenv("DRSYNC_LOCK_DIR", str(locks))
+    filler = locks / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * (1 << 20))
+    target = tmp_path / "target"
+    with pytest.raises(OperationFailed, match=f"cannot write the host lock {locks}/drsync-apply-.*free space"):
+        ApplyLock(str(target), "snapshot one")
+    filler.unlink()
+    with ApplyLock(str(target), "snapshot one"):  # not refused by a lock this process kept
+        pass
+
+
+def test_a_text_dry_run_says_another_apply_is_writing(tmp_path: Path, two: tuple[Path, str, str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    repo, first, second = two
+    target = tmp_path / "target"
+    held = Held(tmp_path, "snapshot", "restore", second, "--repo", repo, "--target", target)
+    try:
+        r = _restore(repo, first, target, "--dry-run")
+        assert r.code == 0 and "note: another drsync apply" in r.out and str(held.proc.pid) in r.out, r.out
+        # a look takes no lock: it never stands in the way of a real restore starting at that moment
+        import fcntl
+
+        def no_flock(*a: object) -> None:
+            raise AssertionError("a dry run took a flock")
+
+        monkeypatch.setattr(fcntl, "flock", no_flock)
+        assert ApplyLock.probe(str(target)) is not None and ApplyLock.probe(str(tmp_path / "elsewhere")) is None
+        monkeypatch.undo()
+        code, err = held.finish()
+        assert code == 0, err
+    finally:
+        held.kill()

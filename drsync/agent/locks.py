@@ -19,40 +19,61 @@ import os
 import stat
 
 from drsync.errors import OperationFailed
-from drsync.flocks import ApplyLock, exclusive_lock, flock_holder, host_lock_dir, release_lock_file
+from drsync.flocks import (
+    ApplyLock,
+    exclusive_lock,
+    flock_above,
+    flock_directory,
+    host_lock_dir,
+    line,
+    release_lock_file,
+    unline,
+)
 from drsync.fsutil import lies_within, local_or_none
+from drsync.text import printable
 
 
 class DirectoryLock:
     """A flock on a local directory itself (its inode: bind mounts and private lock directories see the
-    same lock); nothing is written into it. Only an apply onto it flocks it too (drsync.flocks.ApplyLock)."""
+    same lock), exclusive, and shared ones on each directory above it; nothing is written into them. An
+    apply (drsync.flocks.ApplyLock) takes the same flocks on its target, so an agent is not started on a
+    directory a restore is writing to, inside it or around it, nor a restore made onto or inside a
+    running agent's directory."""
 
     def __init__(self, what: str, path: str) -> None:
-        self.fd = -1
+        self.fds: list[int] = []
         self.path = os.path.realpath(path)
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        if not os.path.isdir(self.path):
             return  # not created yet (a standby's root before its first apply): the host lock file still holds
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = flock_holder(os.fstat(fd))
-            os.close(fd)
+        def anyone(pid: str) -> bool:
+            return True
+
+        def others(pid: str) -> bool:  # this agent's repository inside its own data root is not in the way
+            return pid != str(os.getpid())
+
+        fds, blocked = flock_above(self.path, others)
+        self.fds = fds
+        fd, pid = (None, "") if blocked else flock_directory(self.path, fcntl.LOCK_EX, anyone)
+        if blocked or pid:
+            self.release()
+            where, pid = blocked or (self.path, pid)
+            shown = "" if pid == "?" else f" (pid {pid})"
+            if where != self.path:
+                raise OperationFailed(
+                    f"another drsync process{shown} holds {where}, a directory above {what} {self.path} (a restore "
+                    f"writing to it, or an agent serving it): stop it, or point this config elsewhere") from None
             raise OperationFailed(
-                f"another drsync agent{f' (pid {pid})' if pid else ''} already serves {what} {self.path}, or a restore "
-                f"is writing to it (it holds the lock on the directory itself, seen through any mount or lock "
-                f"directory): two agents must "
-                f"never share a data root or repository; stop it, or point this config at its own") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
+                f"another drsync agent{shown} already serves {what} {self.path}, or a restore is writing to it or "
+                f"inside it (it holds the lock on the directory itself, seen through any mount or lock directory): "
+                f"two agents must never share a data root or repository; stop it, or point this config at its own"
+            ) from None
+        if fd is not None:
+            self.fds.append(fd)
 
     def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
 
 class HostLock:
@@ -67,7 +88,7 @@ class HostLock:
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20]  # any path's bytes
         self.path = os.path.join(lock_dir, f"drsync-{digest}.lock")
         try:
-            self.fd = exclusive_lock(self.path, 0o666, f"{os.getpid()}\n{state_dir}\n{what}\n{key}\n",
+            self.fd = exclusive_lock(self.path, 0o666, f"{os.getpid()}\n{line(state_dir)}\n{what}\n{line(key)}\n",
                                       lambda held: (
                 f"another drsync agent (pid {held[0]}, state directory {held[1]}) already serves {what} {key}: two "
                 f"agents must never share a data root or repository; stop it, or point this config at its own"))
@@ -105,8 +126,8 @@ class HostLock:
             if not (name.startswith("drsync-") and name.endswith(".lock")) or path == self.path \
                     or name.startswith(ApplyLock.PREFIX):  # an apply's: its own apply lock refuses overlaps
                 continue
-            try:
-                fd = os.open(path, os.O_RDONLY)
+            try:  # a link or a fifo someone put there is neither followed nor waited on
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
                 continue
             try:
@@ -127,9 +148,9 @@ class HostLock:
                 lines = os.pread(fd, 8192, 0).decode("utf-8", "surrogateescape").split("\n")
             finally:
                 os.close(fd)
-            if len(lines) < 4 or not lines[3] or os.path.realpath(lines[1]) == os.path.realpath(state_dir):
+            if len(lines) < 4 or not lines[3] or os.path.realpath(unline(lines[1])) == os.path.realpath(state_dir):
                 continue  # an older agent's lock (no location), or this agent's own other lock
-            other_what, other = lines[2], lines[3]
+            other_what, other = lines[2], unline(lines[3])
             # by device and inode up each local path: a bind mount or symlink of the other counts
             inside = lies_within(key, other)
             if inside or lies_within(other, key):
@@ -138,6 +159,10 @@ class HostLock:
                     f"{what} {key} lies {where} {other_what} {other}, which another drsync agent (pid {lines[0]}, "
                     f"state directory {lines[1]}) serves: two agents must never share a data root or repository, "
                     f"nor one inside the other; point this config at a location of its own")
+        busy = ApplyLock.overlapping(key, lock_dir)
+        if busy:
+            raise OperationFailed(f"{what} {printable(key)}: {busy}; wait for it to finish (or stop it), then start "
+                                  f"the agent")
 
     def release(self) -> None:
         """Unlink the lock file while the flock is still held (whoever opened it meanwhile finds that the
@@ -158,7 +183,7 @@ class StateDirLock:
         self.path = os.path.join(state_dir, "agent.pid")
         # The holder's pid and agent.listen: config check tells the running agent of a config from another;
         # and its data root: a restore given only --repo tells the running agent's root from another.
-        self.fd = exclusive_lock(self.path, 0o644, f"{os.getpid()}\n{listen}\n{data_root}\n", lambda held: (
+        self.fd = exclusive_lock(self.path, 0o644, f"{os.getpid()}\n{line(listen)}\n{line(data_root)}\n", lambda held: (
             f"another drsync agent (pid {held[0]}) is running with state directory {state_dir}; stop it first"))
         from drsync.agent import registry  # it reads these locks
 
@@ -178,7 +203,7 @@ class StateDirLock:
         """The data root of the running agent holding this state directory ("" when none runs, or an agent of
         an older drsync does)."""
         lines = StateDirLock.record(state_dir)
-        return lines[2].strip() if lines is not None and len(lines) > 2 else ""
+        return unline(lines[2].strip()) if lines is not None and len(lines) > 2 else ""
 
     @staticmethod
     def held(state_dir: str) -> bool:

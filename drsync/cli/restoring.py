@@ -105,6 +105,8 @@ def report_restore(what: str, dest: str, result: ApplyResult) -> None:
                 say(f"  {kind:7} {printable(p)}")
             if len(paths) > 20:
                 say(f"  {kind:7} ... and {len(paths) - 20} more (--json lists all)")
+        for w in result.warnings:
+            say(f"  note: {w}")
         return
     say(f"restored {what} to {dest}: {count(result.written_files, 'file')} written "
                f"({human_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed")
