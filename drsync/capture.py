@@ -48,7 +48,7 @@ from drsync.repository.manifest import (
     hdfs_checksum_digest,
     sort_by_path,
 )
-from drsync.repository.manifest_check import escaping_links, validate
+from drsync.repository.manifest_check import escaping_links, may_escape, validate
 from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
 from drsync.repository.spool import Spool
@@ -1020,6 +1020,8 @@ def _any_below(ppaths: list[bytes], rel: str) -> bool:
 def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:
     """Leave out links that, with the kept (stale) rows merged in, resolve outside the root: what a
     capture writes always passes the manifest rule its restore applies."""
+    if not may_escape(table.filter(pc.equal(table.column("type"), SYMLINK)).column("target")):
+        return table  # no link climbs: none leaves the root through others (manifest_check.escaping_links)
     while True:
         m = Manifest(table)
         types = table.column("type").to_pylist()

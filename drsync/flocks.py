@@ -120,15 +120,15 @@ def flock_holders(exclusive: bool = False) -> dict[tuple[int, int, int], str]:
     """Every flock on this host (``exclusive``: the exclusive ones): (major, minor, inode) -> the pid holding
     it, from /proc/locks (read without taking any lock: looking never gets in the way of another's flock)."""
     out: dict[tuple[int, int, int], str] = {}
-    try:
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+    try:  # bytes: no codec is looked up (a process that dropped to another user may not reach the encodings)
+        with open("/proc/locks", "rb") as f:
             for row in f:
                 parts = row.split()
-                if len(parts) > 5 and parts[1] == "FLOCK" and (not exclusive or parts[3] == "WRITE"):
-                    dev = parts[5].split(":")
+                if len(parts) > 5 and parts[1] == b"FLOCK" and (not exclusive or parts[3] == b"WRITE"):
+                    dev = parts[5].split(b":")
                     if len(dev) == 3:
                         try:
-                            out.setdefault((int(dev[0], 16), int(dev[1], 16), int(dev[2])), parts[4])
+                            out.setdefault((int(dev[0], 16), int(dev[1], 16), int(dev[2])), parts[4].decode())
                         except ValueError:
                             continue
     except OSError:

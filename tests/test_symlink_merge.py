@@ -141,3 +141,25 @@ def test_merging_200000_links_holds_rows_not_objects() -> None:
         assert rest is not None and len(rest.rows) == 0 and not rest.existing
         assert len(rest.alike_link_rows if held else rest.symlink_rows) == 200_000
         assert peak < 60 * MiB, f"merge peak {peak / MiB:.1f} MiB for 200,000 links (held: {held})"
+
+
+def test_links_that_never_climb_are_judged_without_resolving_them() -> None:
+    """escaping_links answers at once when no target climbs and none is empty or absolute (what a capture or a
+    restore of a tree of ordinary links pays: nothing per link); on random sets of links it answers as the
+    full resolution does (forced by one more link that climbs but goes nowhere else)."""
+    import random
+
+    import pyarrow as pa
+
+    from drsync.repository.manifest_check import escaping_links, may_escape
+
+    rnd = random.Random(5)
+    names = ["a", "b", "a/c", "d", "d/e", "f"]
+    for _ in range(400):
+        links = {n: rnd.choice(["a", "b/x", "d/e/y", "c", "/etc", "", "a/c", "f/g", "d"])
+                 for n in rnd.sample(names, rnd.randrange(1, len(names)))}
+        forced = escaping_links({**links, "zz/q": "../zz"})
+        assert escaping_links(links) == [p for p in forced if p != "zz/q"], links
+        assert may_escape(pa.array(list(links.values()), pa.string())) == any(
+            not t or t.startswith("/") or ".." in t.split("/") for t in links.values())
+    assert escaping_links({"a": "/etc", "b": "a/passwd", "c": "d"}) == ["a", "b"]

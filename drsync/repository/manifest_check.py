@@ -85,6 +85,15 @@ def symlink_stays_inside(path: str, target: str) -> bool:
 _LOOP = ("\x00loop",)  # a link that resolves through itself: the kernel says ELOOP, nothing is reached
 
 
+def may_escape(targets: pa.Array | pa.ChunkedArray) -> bool:
+    """Whether any of ``targets`` (a symlink target column; nulls ignored) has a ``..`` component, or is empty,
+    absolute or holds a NUL: without one no set of links leaves the root (:func:`escaping_links`)."""
+    if not len(targets):
+        return False
+    odd = pc.or_kleene(pc.match_substring_regex(targets, r"(^|/)\.\.(/|$)|^/|^$|\x00"), pc.is_null(targets))
+    return bool(pc.any(odd).as_py())
+
+
 def escaping_links(links: dict[str, str]) -> list[str]:
     """The links (path -> target) that resolve outside the root when followed as the kernel would.
 
@@ -93,6 +102,10 @@ def escaping_links(links: dict[str, str]) -> list[str]:
     makes ``a -> d/b/..`` leave the root although it looks inside. Each link is resolved once
     (memoised), so hostile chains cost linear time; loops resolve to nothing and do not escape.
     """
+    if not any(not t or t.startswith("/") or "\x00" in t or ".." in t.split("/") for t in links.values()):
+        # No target climbs, none is empty, absolute or holds a NUL: following one only ever descends, through
+        # links that descend too, so none leaves the root (and nothing need be resolved or remembered).
+        return []
     memo: dict[str, tuple[str, ...] | None] = {}
 
     def resolve(p: str) -> tuple[str, ...] | None:
@@ -139,7 +152,7 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
     Python, in row order, so the first fault named is the one a row-by-row pass would name."""
     dirs: set[str] = set()
     parent_of: dict[str, str] = {}  # each parent named -> the first path naming it
-    links: dict[str, str] = {}
+    links: list[pa.Table] = []  # every symlink's path and target (as read): resolved together only when one climbs
     leads: list[pa.Array] = []  # the first files hard links name (each slice's, unique), as bytes
     ordered, last = True, None
     seen: set[bytes] = set()  # once out of order: every path so far, each row checked against it in turn
@@ -198,7 +211,6 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
                     if not symlink_stays_inside(path, targets[k] or ""):
                         raise IntegrityError(f"{what}: symlink {printable(path)} -> {printable(targets[k] or '')} "
                                              f"points outside the data root")
-                    links[path] = targets[k]
                 chunks, pieces, total = counts["chunks"][k] or 0, counts["chunk_sizes"][k] or 0, int(sums[row])
                 if chunks != pieces and not (typ == FILE and not chunks and pieces == 1 and total == sizes[k]
                                              and sizes[k] > 0):
@@ -208,6 +220,9 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
                                          f"{sizes[k]}")
                 if hardlinks[k] is not None and typ != FILE:
                     raise IntegrityError(f"{what}: {printable(path)}: a {typ} cannot be a hard link")
+        symlinks = t.filter(pc.equal(t.column("type"), SYMLINK)).select(["path", "target"])
+        if symlinks.num_rows:
+            links.append(symlinks)
         named = t.column("hardlink").drop_null()
         if len(named):
             leads.append(pc.unique(named.cast(pa.large_binary()).combine_chunks()))
@@ -221,11 +236,14 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
             raise IntegrityError(f"{what}: {printable(child)} has no parent directory entry {printable(parent)!r}")
     if leads:
         _check_hard_links(manifest, pc.unique(pa.concat_arrays(leads)), what)
-    escaping = escaping_links(links)
-    if escaping:
-        p = escaping[0]
-        raise IntegrityError(f"{what}: symlink {printable(p)} -> {printable(links[p])} leads outside the data "
-                             f"root through other links of the snapshot; refusing it")
+    every = pa.concat_tables(links) if links else None
+    if every is not None and may_escape(every.column("target")):
+        targets = dict(zip(_pycolumn(every, "path"), _pycolumn(every, "target"), strict=True))
+        escaping = escaping_links(targets)
+        if escaping:
+            p = escaping[0]
+            raise IntegrityError(f"{what}: symlink {printable(p)} -> {printable(targets[p])} leads outside the "
+                                 f"data root through other links of the snapshot; refusing it")
 
 
 def _check_hard_links(manifest: Manifest | ManifestFile, leads: pa.Array, what: str) -> None:
