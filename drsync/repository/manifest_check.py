@@ -296,10 +296,15 @@ def _check_hard_links(manifest: Manifest | ManifestFile, leads: pa.Array, what: 
     found_at = np.full(n, -1, np.int64)
     found_at[np.sort(held)] = np.arange(len(held))
     bad_lead = np.concatenate(itself) | (which < 0) | ~lead_ok[which] | (found_at[which] < 0)
-    theirs = by_lead.take(pa.array(np.where(found_at[which] >= 0, found_at[which], 0))) if len(held) \
-        else pa.nulls(len(which), pa.binary())
     mine = pa.concat_arrays(contents)
-    same_content = bool_mask(pc.and_(pc.is_null(mine), pc.is_null(theirs))) | bool_mask(pc.equal(mine, theirs))
+    at = np.where(found_at[which] >= 0, found_at[which], 0)
+    same_content = np.zeros(len(which), bool)
+    for lo in range(0, len(which), _SLICE_ROWS):  # a slice of links at a time: no copy of every lead's content
+        hi = min(lo + _SLICE_ROWS, len(which))
+        theirs = by_lead.take(pa.array(at[lo:hi])) if len(held) else pa.nulls(hi - lo, pa.binary())
+        part = mine.slice(lo, hi - lo)
+        same_content[lo:hi] = (bool_mask(pc.and_(pc.is_null(part), pc.is_null(theirs)))
+                               | bool_mask(pc.equal(part, theirs)))
     bad = bad_lead | (np.concatenate(sizes) != lead_size[which]) | ~same_content
     if not bad.any():
         return
@@ -325,7 +330,7 @@ def _row_values(manifest: Manifest | ManifestFile, row: int, names: tuple[str, .
 def _screen(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """``(need, sums)`` for a slice of a manifest: ``need`` (bool, one a row) marks every row a per-row check
     of :func:`validate` could refuse (a suspect path, a type other than file or directory, a mode beyond
-    0o7777, chunk lists that do not match or do not add up to the size, a hard link, a symlink); the rest
+    0o7777, chunk lists that do not match or do not add up to the size, a hard link of a non-file, a symlink); the rest
     pass them all. ``sums``: each row's chunk sizes added up (int64). Column operations only."""
     types = t.column("type")
     is_file = bool_mask(pc.equal(types, FILE))
@@ -337,7 +342,7 @@ def _screen(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     whole = is_file & (chunks == 0) & (pieces == 1) & (sums == sizes) & (sizes > 0)  # one unchunked piece
     need = ~plain | (t.column("mode").to_numpy() > 0o7777) | ((chunks != pieces) & ~whole)
     need |= is_file & (sums != sizes)
-    need |= bool_mask(pc.is_valid(t.column("hardlink")))
+    need |= bool_mask(pc.is_valid(t.column("hardlink"))) & ~is_file  # file links: _check_hard_links, in columns
     need |= np.asarray(suspect_paths(t.column("path")), dtype=bool)
     return need, sums
 
