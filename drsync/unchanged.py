@@ -43,6 +43,13 @@ if TYPE_CHECKING:
 __all__ = ["MadeDirs", "Residual", "WriteList", "split_unchanged"]
 
 _BATCH = 16384  # manifest rows decoded to Python values at a time
+# What the merge keeps of each file of a hard-link group both sides hold, until its group is decided, and
+# in what type (about 70 bytes a file): its row, group and whether it leads; the target's inode and link
+# count; whether it is alike as a member and whether the first file differs in metadata only; and the
+# target's mode, owner, size and time, for the planner when the group is not settled.
+_HELD: dict[str, type] = {"rows": np.int64, "group": np.int32, "lead": np.bool_, "ino": np.int64, "nlink": np.int32,
+                          "fine": np.bool_, "fix": np.bool_, "mode": np.int32, "uid": np.int64, "gid": np.int64,
+                          "size": np.int64, "secs": np.int64, "nsec": np.int32}
 
 
 @dataclass
@@ -307,7 +314,7 @@ class _Merge:
         # what the planner needs of the target's file when its group is not settled: mode, owner, size,
         # time; the extended attributes of the few that have them by row). About 70 bytes a linked file.
         self.links_new: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.links_held: list[tuple[np.ndarray, ...]] = []
+        self.links_held: dict[str, list[np.ndarray]] = {n: [] for n in _HELD}
         self.links_held_xattrs: dict[int, bytes] = {}
         self.link_rows = np.zeros(0, np.int64)
         self.rows: list[np.ndarray] = []
@@ -458,11 +465,10 @@ class _Merge:
         fix = content & ~self._meta_alike(m, mr, tb, tr, content)
         fine = np.where(lead, content, True)
         hr, tr_ = mr[held], tr[held]
-        self.links_held.append((m.start + hr, m.group[hr].astype(np.int32), m.leader[hr],
-                                tb.ino[tr_].astype(np.int64), tb.nlink[tr_].astype(np.int64), fine[held], fix[held],
-                                tb.mode[tr_].astype(np.int32), tb.uid[tr_].astype(np.int64),
-                                tb.gid[tr_].astype(np.int64), tb.size[tr_].astype(np.int64),
-                                tb.mtime_s[tr_].astype(np.int64), tb.mtime_nsec[tr_].astype(np.int32)))
+        for name, values in zip(_HELD, (m.start + hr, m.group[hr].astype(np.int32), m.leader[hr], tb.ino[tr_],
+                                        tb.nlink[tr_], fine[held], fix[held], tb.mode[tr_], tb.uid[tr_], tb.gid[tr_],
+                                        tb.size[tr_], tb.mtime_s[tr_], tb.mtime_nsec[tr_]), strict=True):
+            self.links_held[name].append(values.astype(_HELD[name]))
         for row, i in zip((m.start + hr).tolist(), tr_.tolist(), strict=True):
             if tb.xattrs[i] is not None:
                 self.links_held_xattrs[row] = tb.xattrs[i]
@@ -566,8 +572,12 @@ class _Merge:
                 part = rows[whole][i:i + _BATCH]
                 self._note_parents(self.manifest.columns_at(part, ["path"]).column("path").combine_chunks())
             self.links_new = []
-        if self.links_held:
-            rows, group, lead, ino, nlink, fine, fix = (cat([p[i] for p in self.links_held]) for i in range(7))
+        if self.links_held["rows"]:
+            def column(name: str) -> np.ndarray:  # joined, and its parts let go at once
+                parts, self.links_held[name] = self.links_held[name], []
+                return np.concatenate(parts)
+
+            rows, group, lead, ino, nlink, fine, fix = (column(n) for n in list(_HELD)[:7])
             group = group.astype(np.int64)
             lead_ino = np.full(n, -1, np.int64)
             lead_ino[group[lead]] = ino[lead]
@@ -583,8 +593,7 @@ class _Merge:
             self.rows.append(rows[~whole])
             planned = np.flatnonzero(~whole)
             if len(planned):
-                mode, uid, gid, size_, secs, nsec = (cat([p[i] for p in self.links_held])[planned]
-                                                     for i in range(7, 13))
+                mode, uid, gid, size_, secs, nsec = (column(n)[planned] for n in list(_HELD)[7:])
                 paths = self.manifest.columns_at(rows[planned], ["path"]).column("path").to_pylist()
                 for k, i in enumerate(planned.tolist()):
                     path = os.fsdecode(paths[k])
@@ -592,7 +601,7 @@ class _Merge:
                         path, FILE, int(mode[k]), int(uid[k]), int(gid[k]), int(size_[k]),
                         int(secs[k]) * 1_000_000_000 + int(nsec[k]), None, int(ino[i]),
                         self.links_held_xattrs.get(int(rows[i])), int(nlink[i]))
-            self.links_held, self.links_held_xattrs = [], {}
+            self.links_held, self.links_held_xattrs = {n: [] for n in _HELD}, {}
 
     def residual(self) -> Residual:
         def joined(parts: list[np.ndarray]) -> np.ndarray:
@@ -601,7 +610,7 @@ class _Merge:
         def ascending(parts: list[np.ndarray]) -> np.ndarray:
             return np.sort(joined(parts), kind="stable")
 
-        linked = bool(self.links_new or self.links_held)
+        linked = bool(self.links_new or self.links_held["rows"])
         self._settle_links()
         if linked:  # the groups' rows, decided last, go in path order with the others
             self.rows, self.new_rows, self.meta_rows = ([ascending(x)] for x in (self.rows, self.new_rows,
