@@ -456,7 +456,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                    cancel: Callable[[], bool] | None = None, base: Manifest | ManifestFile | None = None,
                    keep_repositories: bool = False, max_remove_fraction: float | None = None,
                    keep_uncarried: bool = False, captured_root: bool = False, replan: bool = False,
-                   root_held: bool = False) -> ApplyResult:
+                   root_held: bool = False, locked: bool = True) -> ApplyResult:
     """Make ``target`` equal ``manifest``: whole and verified, or unchanged with an error.
 
     ``dry_run``: plan only and report it in ``ApplyResult.planned`` (and in ``ApplyResult.refused`` why
@@ -491,12 +491,14 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     taken before the target is looked at and held until the apply is over): another one refuses this one
     (ApplyBusy, exit 1, nothing changed), and a dry run says so in its warnings. ``root_held``: the caller
     holds the target's directory flock for its lifetime (an agent's own data root): only the lock file is taken.
+    ``locked`` False: no apply lock at all, for a fresh directory of the caller's own that nothing else names (a
+    drill's trial restore in its scratch space, which may lie in an agent's repository or data root).
     Raises IntegrityError (missing or damaged chunks, bad manifest), UsageError (a target that
     cannot hold the snapshot: mount points in the way, protected paths), OperationFailed (I/O).
     """
     validate(manifest, what)
     root = open_data_root(target) if isinstance(target, str) else target
-    with _applying(root, what, dry_run=dry_run, root_held=root_held) as (lock, busy):
+    with _applying(root, what, dry_run=dry_run, root_held=root_held, locked=locked) as (lock, busy):
         # Every chunk must be present before anything on the target changes.
         outside = np.flatnonzero(external_mask(manifest.table))
         if len(outside) and external is None and not structure_only:
@@ -720,12 +722,12 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
 
 
 @contextlib.contextmanager
-def _applying(root: DataRoot, what: str, *, dry_run: bool, root_held: bool
+def _applying(root: DataRoot, what: str, *, dry_run: bool, root_held: bool, locked: bool = True
               ) -> Iterator[tuple[ApplyLock | None, str | None]]:
     """The apply lock on ``root`` for the apply's duration: (lock, None). A dry run takes none: (None, None)
     when the real run would find it free, (None, why not) when another apply holds it."""
-    if dry_run:
-        yield None, ApplyLock.probe(root.url)
+    if dry_run or not locked:
+        yield None, ApplyLock.probe(root.url) if dry_run and locked else None
         return
     try:
         lock = ApplyLock(root.url, what, directory=not root_held)

@@ -279,7 +279,10 @@ def restore_step(repo: Repository, manifest: Manifest, snapshot: str, *, scratch
                          f"point drills.scratch at a larger disk", figures)
     target = os.path.join(scratch_dir, f"drill-{os.getpid()}-{int(time.time())}")
     try:
-        apply_manifest(manifest, repo, target, what=f"drill restore of snapshot {snapshot}", replan=True)
+        # A fresh directory of this drill's own (its pid and time), often in the agent's state directory inside
+        # its repository or data root, which the agent flocks: no apply lock (drsync.flocks.ApplyLock).
+        apply_manifest(manifest, repo, target, what=f"drill restore of snapshot {snapshot}", replan=True,
+                       locked=False)
         mismatch = _compare_trees(target, target, manifest)  # the restore against the manifest
         if mismatch:
             return DrillStep("restore", False, round(time.monotonic() - started, 3),
