@@ -291,10 +291,9 @@ def _check_hard_links(manifest: Manifest | ManifestFile, leads: pa.Array, what: 
         return
     which, row = np.concatenate(named), np.concatenate(rows)
     held = np.concatenate(lead_at) if lead_at else np.zeros(0, np.int64)
-    by_lead = (pa.concat_arrays(lead_content).take(pa.array(np.argsort(held, kind="stable")))
-               if len(held) else pa.nulls(0, pa.binary()))
-    found_at = np.full(n, -1, np.int64)
-    found_at[np.sort(held)] = np.arange(len(held))
+    by_lead = pa.concat_arrays(lead_content) if lead_at else pa.nulls(0, pa.binary())  # in the order found
+    found_at = np.full(n, -1, np.int64)  # each first file's place in by_lead
+    found_at[held] = np.arange(len(held))
     bad_lead = np.concatenate(itself) | (which < 0) | ~lead_ok[which] | (found_at[which] < 0)
     mine = pa.concat_arrays(contents)
     at = np.where(found_at[which] >= 0, found_at[which], 0)
