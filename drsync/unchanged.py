@@ -48,7 +48,7 @@ _BATCH = 16384  # manifest rows decoded to Python values at a time
 # count; whether it is alike as a member and whether the first file differs in metadata only; and the
 # target's mode, owner, size and time, for the planner when the group is not settled.
 _HELD: dict[str, type] = {"rows": np.int64, "group": np.int32, "lead": np.bool_, "ino": np.int64, "nlink": np.int32,
-                          "fine": np.bool_, "fix": np.bool_, "mode": np.int32, "uid": np.int64, "gid": np.int64,
+                          "fine": np.bool_, "fix": np.bool_, "mode": np.int32, "uid": np.uint32, "gid": np.uint32,
                           "size": np.int64, "secs": np.int64, "nsec": np.int32}
 
 
@@ -578,10 +578,11 @@ class _Merge:
                 return np.concatenate(parts)
 
             rows, group, lead, ino, nlink, fine, fix = (column(n) for n in list(_HELD)[:7])
-            group = group.astype(np.int64)
             lead_ino = np.full(n, -1, np.int64)
             lead_ino[group[lead]] = ino[lead]
-            bad = (ino != lead_ino[group]) | (nlink != size[group]) | ~fine
+            bad = ino != lead_ino[group]  # one temporary column at a time
+            bad |= nlink != size[group]
+            bad |= ~fine
             whole = ((np.bincount(group, minlength=n) == size) & (np.bincount(group[lead], minlength=n) == 1)
                      & (np.bincount(group[bad], minlength=n) == 0))[group]
             self.unchanged += int(whole.sum())
