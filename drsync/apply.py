@@ -289,6 +289,15 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     # How many paths of the target share each multiply-linked inode: more links than that live
     # outside the target, and such a file is replaced, never changed in place.
     inside_links = Counter(h.ino for h in existing.values() if h.type == FILE and h.nlink > 1)
+    # And which snapshot groups (by first file; "" for a name in none) the names of each such inode are in:
+    # a group's first file whose inode another group's name, or a name in no group, shares too is written anew,
+    # as its other names are linked to it (two groups of equal bytes linked into one inode stay apart).
+    sharing: dict[int, set[str]] = {}
+    for p, h in existing.items():
+        if h.type == FILE and h.nlink > 1:
+            w = wanted.get(p)
+            lead = "" if w is None or w.type != FILE else (w.hardlink or (p if p in leaders else ""))
+            sharing.setdefault(h.ino, set()).add(lead)
     rewritten: set[str] = set()
     relinked_meta: set[str] = set()  # links already pointing right whose time or owner the commit fixes
 
@@ -321,7 +330,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
         else:
             # A file that shares its inode with paths the snapshot does not link it to is written anew.
             stray_link = have is not None and have.nlink > 1 and (
-                path not in leaders or have.nlink > inside_links[have.ino])
+                path not in leaders or have.nlink > inside_links[have.ino] or sharing.get(have.ino) != {path})
             if (have is not None and not stray_link and have.size == e.size and path not in content_changed
                     and have.mtime_ns // res == e.mtime_ns // res and (same_content is None or same_content(e, have))):
                 plan.unchanged += 1

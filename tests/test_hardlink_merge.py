@@ -250,3 +250,74 @@ def test_groups_linked_across_each_other_are_planned_not_settled(tmp_path: Path)
     apply_manifest(manifest, repo, str(target))
     assert os.stat(target / "a1").st_ino == os.stat(target / "a2").st_ino != os.stat(target / "b1").st_ino
     assert (target / "a2").read_bytes() == b"a" * 10 and (target / "b2").read_bytes() == b"b" * 10
+
+
+# --- breaker s52b: its cases ---------------------------------------------------------------------------
+
+
+def _snap_of(tmp_path: Path, src: Path) -> tuple[Repository, Manifest]:
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    return repo, repo.load_manifest(engine.create_snapshot(repo, engine.SnapshotRequest(str(src))))
+
+
+def test_two_groups_of_equal_bytes_linked_into_one_inode_are_parted(tmp_path: Path) -> None:
+    """Groups {a/1, a/2} and {b/1, b/2} hold the same bytes and time; in the target b/1 was linked to a/1's
+    inode. The planner took b/1 as its group's unchanged first file (no link leads outside the target) and
+    linked b/2 to it: all four names one inode. A first file whose inode a name of another group shares is
+    written anew."""
+    src, target = tmp_path / "src", tmp_path / "target"
+    for g in "ab":
+        (src / g).mkdir(parents=True)
+        (src / g / "1").write_bytes(b"same\n")
+        os.link(src / g / "1", src / g / "2")
+        os.utime(src / g / "1", ns=(T0 * 10**9, T0 * 10**9))
+    repo, manifest = _snap_of(tmp_path, src)
+    apply_manifest(manifest, repo, str(target))
+    (target / "b" / "1").unlink()
+    os.link(target / "a" / "1", target / "b" / "1")
+    whole, merged = _plans(manifest, LocalDataRoot(str(target)))
+    assert whole == merged
+    apply_manifest(manifest, repo, str(target))
+    ino = {p: os.stat(target / p).st_ino for p in ("a/1", "a/2", "b/1", "b/2")}
+    assert ino["a/1"] == ino["a/2"] != ino["b/1"] == ino["b/2"]
+    assert os.stat(target / "a" / "1").st_nlink == os.stat(target / "b" / "1").st_nlink == 2
+
+
+def test_a_symlink_sharing_its_inode_with_a_name_outside_is_made_anew(tmp_path: Path) -> None:
+    """``ln`` of a symlink links the link itself: setting the target's link time and owner in place changed
+    the name outside the target too. A link with more than one name is made anew; the outside one keeps
+    its time and owner."""
+    src, target, outside = tmp_path / "src", tmp_path / "target", tmp_path / "outside"
+    src.mkdir()
+    outside.mkdir()
+    (src / "f").write_bytes(b"x")
+    os.symlink("f", src / "s")
+    os.utime(src / "s", ns=(T0 * 10**9, T0 * 10**9), follow_symlinks=False)
+    repo, manifest = _snap_of(tmp_path, src)
+    apply_manifest(manifest, repo, str(target))
+    os.link(target / "s", outside / "o", follow_symlinks=False)
+    os.utime(outside / "o", ns=(T0 * 10**9 + 7 * 10**9,) * 2, follow_symlinks=False)
+    os.lchown(outside / "o", 4242, 4242)
+    before = os.lstat(outside / "o")
+    apply_manifest(manifest, repo, str(target))
+    after = os.lstat(outside / "o")
+    assert (after.st_mtime_ns, after.st_uid, after.st_gid) == (before.st_mtime_ns, 4242, 4242)
+    s = os.lstat(target / "s")
+    assert s.st_mtime_ns == T0 * 10**9 and s.st_uid == 0 and s.st_ino != after.st_ino
+
+
+def test_two_symlinks_made_one_inode_are_parted(tmp_path: Path) -> None:
+    """s1 and s2 point alike but at other times in the snapshot; in the target s2 was made a second name of
+    s1's inode. Each restore set one name's time in place and so broke the other's."""
+    src, target = tmp_path / "src", tmp_path / "target"
+    src.mkdir()
+    for name, t in (("s1", T0), ("s2", T0 + 99)):
+        os.symlink("nowhere", src / name)
+        os.utime(src / name, ns=(t * 10**9, t * 10**9), follow_symlinks=False)
+    repo, manifest = _snap_of(tmp_path, src)
+    apply_manifest(manifest, repo, str(target))
+    (target / "s2").unlink()
+    os.link(target / "s1", target / "s2", follow_symlinks=False)
+    apply_manifest(manifest, repo, str(target))
+    s1, s2 = os.lstat(target / "s1"), os.lstat(target / "s2")
+    assert (s1.st_mtime_ns, s2.st_mtime_ns) == (T0 * 10**9, (T0 + 99) * 10**9) and s1.st_ino != s2.st_ino

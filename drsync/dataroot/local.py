@@ -550,7 +550,9 @@ class LocalDataRoot:
             for k, e in enumerate(plan.link):
                 at[0] = e.path
                 s = fs.lstat(e.path)
-                if s is None or not st.S_ISLNK(s.st_mode) or fs.readlink(e.path) != e.target:
+                # A link that shares its inode with another name (``ln`` of a symlink, inside the target or out)
+                # is made anew: setting its time or owner in place would change that other name too.
+                if s is None or not st.S_ISLNK(s.st_mode) or s.st_nlink > 1 or fs.readlink(e.path) != e.target:
                     tmp = f"{self._staging_of(self._domain(e.path))}/L{k}"
                     fs.remove_tree(tmp)
                     fs.symlink(e.target or "", tmp)
