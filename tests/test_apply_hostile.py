@@ -728,3 +728,30 @@ def test_mount_points_regression(tmp_path: Path, mounted: Path) -> None:
     code, err = restore(repo, snap3, target)
     assert code == 2 and "mounted" in err and one_line_error(err), err
     assert full_state(target) == before
+
+
+def test_a_directory_of_another_user_in_place_of_a_file_is_refused_before_anything_changes(open_tmp: Path) -> None:
+    """breaker s52b: as the target's owner (not root), a restore where root made a directory of its own where
+    the snapshot has a file wrote its journal, then failed to move that directory away (rename(2) to another
+    directory needs write permission on the directory itself): exit 1 with the target half done and the
+    journal left. Refused up front now, naming the directory; nothing changed."""
+    src = open_tmp / "src"
+    (src / "b").mkdir(parents=True)
+    (src / "b" / "g").write_bytes(b"2\n")
+    (src / "a").mkdir()
+    (src / "a" / "f").write_bytes(b"1\n")
+    age_tree(src)
+    repo, snap = snapshot_of(open_tmp, src)
+    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", repo], check=True)
+    target = open_tmp / "target"
+    shutil.copytree(src, target)
+    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", target], check=True)
+    (target / "b" / "g").unlink()
+    (target / "b" / "g").mkdir()  # root's, 0755
+    (target / "a" / "f").write_bytes(b"changed\n")
+    os.chown(target / "a" / "f", NOBODY, NOBODY)
+    before = tree_state(target)
+    code, err = run_as_nobody("snapshot", "restore", "--overwrite", "--delete-extra", snap, "--repo", repo,
+                              "--target", target)
+    assert code == 1 and f"{target}/b/g: permission denied" in err and "nothing was changed" in err, err
+    assert tree_state(target) == before and staging_left(target) == []

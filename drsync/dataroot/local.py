@@ -328,6 +328,8 @@ class LocalDataRoot:
                     why = "cannot be written"
                 elif rel in finish or meta:
                     why = "its mode and times can only be set by its owner"
+                elif st.S_ISDIR(s.st_mode) and rel not in dirs and not os.access(full, os.W_OK):
+                    why = "a directory is moved away only by a user who may write it"  # rename(2) to the trash
                 elif parent is not None and parent.st_mode & st.S_ISVTX and parent.st_uid != me:
                     why = "it lies in a sticky directory of another user"
                 if why:
