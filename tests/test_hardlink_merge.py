@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from drsync.repository.manifest import Manifest
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
 from drsync.tree import EntryColumns, LocalEntry
-from drsync.unchanged import split_unchanged
-from tests.test_unchanged_merge import _plans
+from drsync.unchanged import Residual, split_unchanged
+from tests.test_unchanged_merge import _plans, merged_with_peak
 
 MiB = 1 << 20
 T0 = 1_600_000_000
@@ -212,13 +211,8 @@ def test_merging_200000_hard_linked_files_holds_rows_not_objects() -> None:
     before: an entry and a target entry each)."""
     for held in (True, False):
         m, walk = _pairs(200_000)
-        tracemalloc.start()
-        try:
-            rest = split_unchanged(m, walk if held else iter(()))
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        assert rest is not None and len(rest.rows) == 0 and not rest.existing
+        rest, peak = merged_with_peak(m, walk if held else iter(()))
+        assert isinstance(rest, Residual) and len(rest.rows) == 0 and not rest.existing
         if held:
             assert rest.unchanged == 200_000
         else:

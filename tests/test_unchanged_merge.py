@@ -25,7 +25,7 @@ from drsync.repository.manifest_diff import content_changed
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
 from drsync.tree import EntryColumns, LocalEntry
-from drsync.unchanged import WriteList, split_unchanged
+from drsync.unchanged import Residual, WriteList, split_unchanged
 from tests.conftest import run_drsync
 
 MiB = 1 << 20
@@ -218,30 +218,31 @@ def test_the_write_list_walks_slices_and_sums_like_a_list(snapshot: tuple) -> No
     assert len(w) == len(files) + 1 and w[3].path == files[0].path
 
 
-def test_merging_200000_unchanged_files_holds_none_of_them() -> None:
-    """Memory stays flat in the number of unchanged files: the merge holds one record batch of the
-    manifest and what it keeps (nothing here), never an object per file (about 1 KiB a file before)."""
-    m, walk = _synthetic(200_000)
+def merged_with_peak(m: Manifest, walk: Iterator[EntryColumns]) -> tuple[Residual | None, int]:
+    """:func:`split_unchanged` of ``m`` and ``walk``, and the peak of Python allocations during it (bytes)."""
     tracemalloc.start()
     try:
         rest = split_unchanged(m, walk)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert rest is not None and rest.unchanged == 200_000 and len(rest.rows) == 0 and not rest.existing
+    return rest, peak
+
+
+def test_merging_200000_unchanged_files_holds_none_of_them() -> None:
+    """Memory stays flat in the number of unchanged files: the merge holds one record batch of the
+    manifest and what it keeps (nothing here), never an object per file (about 1 KiB a file before)."""
+    m, walk = _synthetic(200_000)
+    rest, peak = merged_with_peak(m, walk)
+    assert isinstance(rest, Residual) and rest.unchanged == 200_000 and len(rest.rows) == 0 and not rest.existing
     assert peak < 40 * MiB, f"merge peak {peak / MiB:.1f} MiB for 200,000 unchanged files"
 
 
 def test_merging_200000_new_files_holds_rows_not_objects() -> None:
     """Into an empty target every file is new: kept as 8-byte rows (and their parents), not entries."""
     m, _ = _synthetic(200_000)
-    tracemalloc.start()
-    try:
-        rest = split_unchanged(m, iter(()))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert rest is not None and len(rest.new_rows) == 200_000 and len(rest.rows) == 0 and rest.unchanged == 0
+    rest, peak = merged_with_peak(m, iter(()))
+    assert isinstance(rest, Residual) and len(rest.new_rows) == 200_000 and len(rest.rows) == 0 and rest.unchanged == 0
     assert rest.new_parents == {f"d{i:04}" for i in range(200)}
     assert peak < 40 * MiB, f"merge peak {peak / MiB:.1f} MiB for 200,000 new files"
 
