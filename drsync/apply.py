@@ -345,7 +345,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
         have = existing.get(path)
         lead = existing.get(e.hardlink)
         if (have is not None and path not in removed and lead is not None and e.hardlink not in rewritten
-                and have.type == FILE and have.ino and have.ino == lead.ino):
+                and have.type == FILE and have.ino and have.ino == lead.ino
+                and have.nlink > 1 and lead.nlink > 1):  # one inode number on two filesystems is two files
             plan.unchanged += 1
         else:
             plan.hardlink.append(e)

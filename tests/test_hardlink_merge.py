@@ -315,3 +315,20 @@ def test_two_symlinks_made_one_inode_are_parted(tmp_path: Path) -> None:
     apply_manifest(manifest, repo, str(target))
     s1, s2 = os.lstat(target / "s1"), os.lstat(target / "s2")
     assert (s1.st_mtime_ns, s2.st_mtime_ns) == (T0 * 10**9, (T0 + 99) * 10**9) and s1.st_ino != s2.st_ino
+
+
+def test_one_inode_number_on_two_filesystems_is_not_a_link() -> None:
+    """breaker s52b: a group spanning two filesystems mounted in the target is restored as copies; tmpfs
+    numbers inodes per filesystem, so the copy can carry its first file's number. Taken as linked, a damaged
+    copy was never written again (even with --checksum). Names of one inode have more than one link."""
+    from drsync.apply import plan_apply
+    from drsync.repository.manifest import Entry
+
+    lead = Entry("m0/f", "file", 0o644, 0, 0, 5, T0 * 10**9, None, [], [])
+    member = Entry("m1/f", "file", 0o644, 0, 0, 5, T0 * 10**9, None, [], [], hardlink="m0/f")
+    have = {"m0/f": LocalEntry("m0/f", "file", 0o644, 0, 0, 5, T0 * 10**9, None, 7, None, 1),
+            "m1/f": LocalEntry("m1/f", "file", 0o644, 0, 0, 5, T0 * 10**9 + 1, None, 7, None, 1)}
+    plan = plan_apply([lead, member], have)
+    assert [e.path for e in plan.hardlink] == ["m1/f"] and plan.unchanged == 1
+    linked = {p: LocalEntry(p, "file", 0o644, 0, 0, 5, T0 * 10**9, None, 7, None, 2) for p in have}
+    assert plan_apply([lead, member], linked).unchanged == 2
