@@ -116,30 +116,37 @@ def release_lock_file(fd: int, path: str) -> None:
     os.close(fd)
 
 
-def flock_holders(exclusive: bool = False) -> dict[tuple[int, int, int], str]:
-    """Every flock on this host (``exclusive``: the exclusive ones): (major, minor, inode) -> the pid holding
-    it, from /proc/locks (read without taking any lock: looking never gets in the way of another's flock)."""
-    out: dict[tuple[int, int, int], str] = {}
+Holders = dict[tuple[int, int, int], tuple[str, bool]]
+
+
+def flock_holders() -> Holders:
+    """Every flock on this host: (major, minor, inode) -> (the pid holding it, whether exclusively), from
+    /proc/locks (read without taking any lock: looking never gets in the way of another's flock)."""
+    out: Holders = {}
     try:  # bytes: no codec is looked up (a process that dropped to another user may not reach the encodings)
         with open("/proc/locks", "rb") as f:
             for row in f:
                 parts = row.split()
-                if len(parts) > 5 and parts[1] == b"FLOCK" and (not exclusive or parts[3] == b"WRITE"):
+                if len(parts) > 5 and parts[1] == b"FLOCK":
                     dev = parts[5].split(b":")
                     if len(dev) == 3:
                         try:
-                            out.setdefault((int(dev[0], 16), int(dev[1], 16), int(dev[2])), parts[4].decode())
+                            key = (int(dev[0], 16), int(dev[1], 16), int(dev[2]))
                         except ValueError:
                             continue
+                        out.setdefault(key, (parts[4].decode(), parts[3] == b"WRITE"))
     except OSError:
         pass
     return out
 
 
-def flock_holder(st: os.stat_result, holders: dict[tuple[int, int, int], str] | None = None) -> str:
+def flock_holder(st: os.stat_result, holders: Holders | None = None) -> str:
     """The pid holding a flock on the file ``st`` describes ("" when none is found)."""
-    return (flock_holders() if holders is None else holders).get(
-        (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), "")
+    return _held(st, flock_holders() if holders is None else holders)[0]
+
+
+def _held(st: os.stat_result, holders: Holders) -> tuple[str, bool]:
+    return holders.get((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), ("", False))
 
 
 def _uid_of(pid: str) -> int | None:
@@ -192,6 +199,14 @@ def flock_above(path: str, counts: Callable[[str], bool] = _counts) -> tuple[lis
             fds.append(fd)
         path, parent = parent, os.path.dirname(parent)
     return fds, None
+
+
+def _holds(path: str, target: str, pid: str) -> str:
+    """The words for another process (``pid``, "?" unknown) holding a flock on ``path``, at or above ``target``."""
+    around = "" if path == target else " (a directory above the target)"
+    return (f"another drsync process{f' (pid {pid})' if pid != '?' else ''} holds {printable(path)}{around} (a "
+            f"running agent serving it or a directory in it as its data root, or an apply onto it, inside it or "
+            f"around it)")
 
 
 class ApplyBusy(LockedError):
@@ -264,10 +279,11 @@ class ApplyLock:
             raise
 
     @classmethod
-    def overlapping(cls, location: str, lock_dir: str | None = None, mine: str = "") -> str | None:
+    def overlapping(cls, location: str, lock_dir: str | None = None, mine: str = "",
+                    holders: Holders | None = None) -> str | None:
         """Why another apply's held lock file is in the way of ``location`` (its words), or None. Takes no lock."""
         lock_dir = lock_dir or host_lock_dir()
-        holders = flock_holders()
+        holders = flock_holders() if holders is None else holders
         try:
             names = sorted(os.listdir(lock_dir))
         except OSError:
@@ -294,10 +310,10 @@ class ApplyLock:
             if len(lines) < 3 or not lines[2]:
                 continue
             other = unline(lines[2])
-            inside = lies_within(location, other)
-            if inside or lies_within(other, location):
+            inside, around = lies_within(location, other), lies_within(other, location)
+            if inside or around:
                 who = f"another drsync apply ({printable(unline(lines[1]))}, pid {pid})"
-                if inside and lies_within(other, location):
+                if inside and around:
                     return f"{who} is writing to {printable(other)}"
                 return (f"{printable(location)} {'lies inside' if inside else 'holds'} {printable(other)}, which "
                         f"{who} is writing to")
@@ -309,34 +325,26 @@ class ApplyLock:
         says. Takes no lock, so a look never refuses a real apply starting at that moment."""
         local = local_or_none(location)
         location = os.path.realpath(local) if local is not None else location
-        busy = cls.overlapping(location)
+        holders = flock_holders()
+        busy = cls.overlapping(location, holders=holders)
         if busy or local is None:
             return busy
-        anyone, exclusive = flock_holders(), flock_holders(exclusive=True)
         path = location
         while True:
             try:
-                st = os.stat(path)
+                pid, exclusive = _held(os.stat(path), holders)
             except OSError:
-                st = None
-            if st is not None:
-                key = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-                pid = (anyone if path == location else exclusive).get(key, "")
-                if pid and _counts(pid):
-                    around = "" if path == location else " (a directory above the target)"
-                    return (f"another drsync process (pid {pid}) holds {printable(path)}{around} (a running agent, "
-                            f"or an apply onto it, inside it or around it)")
+                pid, exclusive = "", False
+            # the target held any way (an apply inside it holds it shared), a directory above it exclusively
+            if pid and (exclusive or path == location) and _counts(pid):
+                return _holds(path, location, pid)
             up = os.path.dirname(path)
             if up == path:
                 return None
             path = up
 
     def _busy(self, path: str, pid: str) -> ApplyBusy:
-        around = "" if path == self.location else " (a directory above the target)"
-        return ApplyBusy(self.what, (
-            f"another drsync process{f' (pid {pid})' if pid != '?' else ''} holds {printable(path)}{around} (a "
-            f"running agent serving it or a directory in it as its data root, or an apply onto it, inside it or "
-            f"around it)"))
+        return ApplyBusy(self.what, _holds(path, self.location, pid))
 
     def _lock_above(self) -> None:
         """Shared flocks on every existing directory above the target, up to /."""

@@ -410,3 +410,27 @@ def test_a_text_dry_run_says_another_apply_is_writing(tmp_path: Path, two: tuple
         assert code == 0, err
     finally:
         held.kill()
+
+
+def test_a_dry_run_reads_the_directory_flocks_it_would_meet(tmp_path: Path) -> None:
+    """ApplyLock.probe from /proc/locks alone: another process's exclusive flock on the target or on a directory
+    above it is named; a shared one above (an apply beside this target) is not."""
+    top = tmp_path / "top"
+    (top / "sub").mkdir(parents=True)
+    code = ("import fcntl, os, sys\n"
+            f"fd = os.open({str(top)!r}, os.O_RDONLY)\n"
+            "fcntl.flock(fd, getattr(fcntl, sys.argv[1]))\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n")
+    for how, below, at in (("LOCK_EX", True, True), ("LOCK_SH", False, True)):
+        holder = subprocess.Popen([sys.executable, "-c", code, how], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            inside, onto = ApplyLock.probe(str(top / "sub")), ApplyLock.probe(str(top))
+            assert (inside is not None) == below and (onto is not None) == at, (how, inside, onto)
+            assert onto is not None and f"pid {holder.pid}" in onto
+            if inside is not None:
+                assert "(a directory above the target)" in inside
+        finally:
+            holder.communicate(input="")
