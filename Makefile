@@ -66,7 +66,7 @@ lint: $(STAMP)
 # busy (process accounting: about 80 % of its CPU time is Python, drsync's processes and the workers);
 # with less CPU per process (drsync.allocators: one OpenBLAS thread), 23.4 min with three.
 test: $(STAMP) system-deps hadoop lint bytecode
-	$(PY) -m pytest -q -rs -n 3 --dist loadfile --durations=25 tests
+	$(PY) -m pytest -q -rfEs -n 3 --dist loadfile --durations=25 tests
 
 docs: $(STAMP)
 	PYTHONPATH=. $(PY) scripts/gen_cli_docs.py
