@@ -566,6 +566,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # and its time put back, as ransomware does) has its content checked, as --checksum would.
         identity = captured_root and base is None and not checksum
         narrowed = any(g.strip().lstrip("/") for g in exclude) or protected or changed
+        allocators.give_back()  # what validation and the chunk check freed, before the merge holds its windows
         entries, existing, unchanged, rest = _to_plan(manifest, root, dry_run=dry_run, merge=not structure_only,
                                                       drop_alike=not checksum, resolution=resolution,
                                                       planned=_planned(excluded, protected, changed) if narrowed

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["MadeDirs", "Residual", "WriteList", "split_unchanged"]
 
 _BATCH = 16384  # manifest rows decoded to Python values at a time
+_SETTLE_ROWS = 1 << 16  # hard-link group members set aside before the groups all seen are decided
 # What the merge keeps of each file of a hard-link group both sides hold, until its group is decided, and
 # in what type (about 70 bytes a file): its row, group and whether it leads; the target's inode and link
 # count; whether it is alike as a member and whether the first file differs in metadata only; and the
@@ -316,7 +317,13 @@ class _Merge:
         self.links_new: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.links_held: dict[str, list[np.ndarray]] = {n: [] for n in _HELD}
         self.links_held_xattrs: dict[int, bytes] = {}
-        self.link_rows = np.zeros(0, np.int64)
+        # Members of each group seen so far: a group is decided once all its files were seen, so only groups
+        # still open (spanning windows not yet merged) are held (:meth:`_settle_links`).
+        self.members_seen = np.zeros(len(self.leaders), np.int32)
+        self.links_pending = 0  # rows set aside in links_new and links_held
+        self.settle_at = _SETTLE_ROWS
+        self.links_settled = False  # some group was decided: its rows go in path order with the others
+        self.link_rows: list[np.ndarray] = []
         self.rows: list[np.ndarray] = []
         self.new_rows: list[np.ndarray] = []
         self.meta_rows: list[np.ndarray] = []
@@ -392,12 +399,15 @@ class _Merge:
         if new.any() or made.any() or made_link.any():
             self._note_parents(m.paths.take(pa.array(rows[new | made | made_link])))
         # Files of hard-link groups only the manifest has: settled once their whole group is seen.
+        members = m.group[lo:hi]
+        np.add.at(self.members_seen, members[members >= 0], 1)
         new_link = ~matched & (m.group[lo:hi] >= 0)
         if self.planned is not None and new_link.any():
             new_link[new_link] = ~self._planned(m.paths, rows[new_link])
         if new_link.any():
             nr = rows[new_link]
             self.links_new.append((m.start + nr, m.group[nr], m.leader[nr]))
+            self.links_pending += len(nr)
         keep = ~matched & ~new & ~made & ~made_link & ~new_link
         # Paths both hold: a plain file alike in every way compared is left alone.
         kept_targets = np.zeros(0, np.int64)
@@ -425,6 +435,8 @@ class _Merge:
             keep[np.flatnonzero(matched)[~settled]] = True
             kept_targets = tr[~settled]
         self.rows.append(m.start + rows[keep])
+        if self.links_pending >= self.settle_at:
+            self._settle_links(final=False)
         # Target rows kept for the planner: those that differ, and paths only the target has, in path order.
         if tb is not None and thi > tlo:
             only = np.ones(thi - tlo, bool)
@@ -469,6 +481,7 @@ class _Merge:
                                         tb.nlink[tr_], fine[held], fix[held], tb.mode[tr_], tb.uid[tr_], tb.gid[tr_],
                                         tb.size[tr_], tb.mtime_s[tr_], tb.mtime_nsec[tr_]), strict=True):
             self.links_held[name].append(values.astype(_HELD[name]))
+        self.links_pending += len(hr)
         for row, i in zip((m.start + hr).tolist(), tr_.tolist(), strict=True):
             if tb.xattrs[i] is not None:
                 self.links_held_xattrs[row] = tb.xattrs[i]
@@ -549,33 +562,44 @@ class _Merge:
             e = tb.entry(i)
             self.existing[e.path] = e
 
-    def _settle_links(self) -> None:
-        """Decide the hard-link groups set aside, each as a whole, as :func:`drsync.apply.plan_apply` would.
+    def _settle_links(self, *, final: bool = True) -> None:
+        """Decide the hard-link groups set aside whose files were all seen (``final``: every group), each as a
+        whole, as :func:`drsync.apply.plan_apply` would; the others stay set aside.
 
         A group only the manifest has (every file new to the target, none planned) is written: its first file
         as a new file (``new_rows``), the others linked to it (``link_rows``). A group the target holds as one
         inode linked exactly as many times as the group has files, its first file alike in content, is left
         alone (its metadata set when only that differs: ``meta_rows``). Any other group goes to the planner
-        whole, with the target's entries of its files."""
+        whole, with the target's entries of its files. Called whenever :data:`_SETTLE_ROWS` rows (or twice
+        what the last call left) are set aside: groups within a window or a few cost nothing held."""
         size, n = self.group_size, len(self.leaders)
-
-        def cat(parts: list[np.ndarray]) -> np.ndarray:
-            return np.concatenate(parts)
-
+        done = np.ones(n, bool) if final else self.members_seen >= size
+        left = 0
         if self.links_new:
-            rows, group, lead = (cat([p[i] for p in self.links_new]) for i in range(3))
+            rows, group, lead = (np.concatenate([p[i] for p in self.links_new]) for i in range(3))
+            now = done[group]
+            self.links_new = [(rows[~now], group[~now], lead[~now])] if not now.all() else []
+            left += int((~now).sum())
+            rows, group, lead = rows[now], group[now], lead[now]
             whole = ((np.bincount(group, minlength=n) == size) & (np.bincount(group[lead], minlength=n) == 1))[group]
             self.new_rows.append(rows[whole & lead])
-            self.link_rows = rows[whole & ~lead]
+            self.link_rows.append(rows[whole & ~lead])
             self.rows.append(rows[~whole])
             for i in range(0, int(whole.sum()), _BATCH):
                 part = rows[whole][i:i + _BATCH]
                 self._note_parents(self.manifest.columns_at(part, ["path"]).column("path").combine_chunks())
-            self.links_new = []
+            self.links_settled = True
         if self.links_held["rows"]:
-            def column(name: str) -> np.ndarray:  # joined, and its parts let go at once
+            now = done[np.concatenate(self.links_held["group"])]
+            later = ~now
+            left += int(later.sum())
+
+            def column(name: str) -> np.ndarray:  # joined, its parts let go at once, what stays set aside kept
                 parts, self.links_held[name] = self.links_held[name], []
-                return np.concatenate(parts)
+                joined = np.concatenate(parts)
+                if later.any():
+                    self.links_held[name] = [joined[later]]
+                return joined[now]
 
             rows, group, lead, ino, nlink, fine, fix = (column(n) for n in list(_HELD)[:7])
             lead_ino = np.full(n, -1, np.int64)
@@ -593,16 +617,21 @@ class _Merge:
                                    self.meta_parents)
             self.rows.append(rows[~whole])
             planned = np.flatnonzero(~whole)
+            rest = [column(n) for n in list(_HELD)[7:]]
             if len(planned):
-                mode, uid, gid, size_, secs, nsec = (column(n)[planned] for n in list(_HELD)[7:])
+                mode, uid, gid, size_, secs, nsec = (c[planned] for c in rest)
                 paths = self.manifest.columns_at(rows[planned], ["path"]).column("path").to_pylist()
                 for k, i in enumerate(planned.tolist()):
                     path = os.fsdecode(paths[k])
                     self.existing[path] = LocalEntry(
                         path, FILE, int(mode[k]), int(uid[k]), int(gid[k]), int(size_[k]),
                         int(secs[k]) * 1_000_000_000 + int(nsec[k]), None, int(ino[i]),
-                        self.links_held_xattrs.get(int(rows[i])), int(nlink[i]))
-            self.links_held, self.links_held_xattrs = {n: [] for n in _HELD}, {}
+                        self.links_held_xattrs.pop(int(rows[i]), None), int(nlink[i]))
+            for row in rows[whole].tolist() if self.links_held_xattrs else ():
+                self.links_held_xattrs.pop(row, None)
+            self.links_settled = True
+        self.links_pending = left
+        self.settle_at = max(_SETTLE_ROWS, 2 * left)
 
     def residual(self) -> Residual:
         def joined(parts: list[np.ndarray]) -> np.ndarray:
@@ -611,16 +640,15 @@ class _Merge:
         def ascending(parts: list[np.ndarray]) -> np.ndarray:
             return np.sort(joined(parts), kind="stable")
 
-        linked = bool(self.links_new or self.links_held["rows"])
         self._settle_links()
-        if linked:  # the groups' rows, decided last, go in path order with the others
+        if self.links_settled:  # the groups' rows, decided as they closed, go in path order with the others
             self.rows, self.new_rows, self.meta_rows = ([ascending(x)] for x in (self.rows, self.new_rows,
                                                                                   self.meta_rows))
         self.new_parents.discard(b"")
         return Residual(joined(self.rows), self.existing, self.unchanged, joined(self.new_rows),
                         {os.fsdecode(d) for d in self.new_parents}, self.suspects, joined(self.meta_rows),
                         joined(self.dir_rows), joined(self.made_rows), meta_parents={
-                            os.fsdecode(d) for d in self.meta_parents if d}, link_rows=self.link_rows,
+                            os.fsdecode(d) for d in self.meta_parents if d}, link_rows=ascending(self.link_rows),
                         symlink_rows=joined(self.symlink_rows), alike_link_rows=joined(self.alike_link_rows))
 
 

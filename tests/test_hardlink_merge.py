@@ -117,6 +117,8 @@ def test_the_merged_plan_is_the_whole_plan_with_hard_link_groups(tmp_path: Path,
     import drsync.unchanged
 
     monkeypatch.setattr(drsync.unchanged, "_BATCH", 3)
+    # groups decided as soon as all their files were seen, a few rows at a time, or all at the end
+    monkeypatch.setattr(drsync.unchanged, "_SETTLE_ROWS", (1, 4, 1 << 20)[seed % 3])
     rnd = random.Random(seed)
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -219,6 +221,28 @@ def test_merging_200000_hard_linked_files_holds_rows_not_objects() -> None:
             assert len(rest.new_rows) == len(rest.link_rows) == 100_000
             assert rest.new_parents == {f"d{i:04}" for i in range(200)}
         assert peak < 60 * MiB, f"merge peak {peak / MiB:.1f} MiB for 200,000 linked files (held: {held})"
+
+
+def test_groups_are_decided_as_soon_as_all_their_files_were_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """200,000 files in pairs within one directory each: no more than a settling step's rows (and the window
+    being merged) are ever set aside, held or new, and the outcome is the one decided at the end."""
+    import drsync.unchanged as u
+
+    most: list[int] = []
+    settle = u._Merge._settle_links
+
+    def watched(self: u._Merge, *, final: bool = True) -> None:
+        most.append(self.links_pending)
+        settle(self, final=final)
+
+    monkeypatch.setattr(u._Merge, "_settle_links", watched)
+    for held in (True, False):
+        most.clear()
+        m, walk = _pairs(200_000)
+        rest = split_unchanged(m, walk if held else iter(()))
+        assert rest is not None and len(rest.rows) == 0 and not rest.existing
+        assert (rest.unchanged if held else len(rest.new_rows) + len(rest.link_rows)) == 200_000
+        assert len(most) > 2 and max(most) < u._SETTLE_ROWS + 20_000, (held, most)
 
 
 def test_groups_linked_across_each_other_are_planned_not_settled(tmp_path: Path) -> None:

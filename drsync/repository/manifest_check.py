@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from drsync import allocators
 from drsync.errors import IntegrityError
 from drsync.repository.manifest import (
     DIR,
@@ -235,7 +236,10 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
         if parent not in dirs:
             raise IntegrityError(f"{what}: {printable(child)} has no parent directory entry {printable(parent)!r}")
     if leads:
-        _check_hard_links(manifest, pc.unique(pa.concat_arrays(leads)), what)
+        first_files = pc.unique(pa.chunked_array(leads))  # no joined copy of them
+        leads.clear()
+        allocators.give_back()  # what the row checks freed, before the link check holds its columns
+        _check_hard_links(manifest, first_files, what)
     every = pa.concat_tables(links) if links else None
     if every is not None and may_escape(every.column("target")):
         targets = dict(zip(_pycolumn(every, "path"), _pycolumn(every, "target"), strict=True))
@@ -252,68 +256,111 @@ def _check_hard_links(manifest: Manifest | ManifestFile, leads: pa.Array, what: 
     row says what the file holds; a link to another content would restore other bytes). ``leads``: every
     path named (unique, bytes). IntegrityError naming the first linking row that fails, in row order.
 
-    Columns throughout, a slice at a time: per first file its kind, size and content; per linking row
-    its row, first file, size and content (about 50 bytes a link, never a Python object per path)."""
+    One pass over the manifest, in columns, a slice at a time. Per first file it keeps its kind, size and
+    content digest (about 45 bytes a group, in NumPy arrays indexed like ``leads``); a link row whose first
+    file came before it (always, in a manifest drsync writes: the first file is the group's first path) is
+    judged in its slice and kept no longer; one whose first file comes later is set aside (its row, first
+    file, size and content) and judged at the end. Both lookups hash the slice's side, never ``leads``."""
     n = len(leads)
+    width = _ID_LEN
+    seen = np.zeros(n, bool)  # the first file's row was read
     lead_ok = np.zeros(n, bool)  # found, a file, without a link of its own
     lead_size = np.full(n, -1, np.int64)
-    lead_at: list[np.ndarray] = []
-    lead_content: list[pa.Array] = []
-    rows: list[np.ndarray] = []
-    named: list[np.ndarray] = []
-    sizes: list[np.ndarray] = []
-    contents: list[pa.Array] = []
-    itself: list[np.ndarray] = []
+    lead_null = np.ones(n, bool)  # no content digest
+    lead_content = np.zeros((n, width), np.uint8)
+    later: dict[str, list[np.ndarray]] = {k: [] for k in ("row", "lead", "size", "null", "content", "itself")}
+    first_bad: tuple[int, bool] | None = None  # (row, whether the first file is wrong) of the earliest failure
     done = 0
-    for t in _slices(column_groups(manifest, ["path", "type", "size", "content", "hardlink"])):
-        paths = t.column("path").cast(pa.large_binary()).combine_chunks()
-        link = t.column("hardlink").cast(pa.large_binary()).combine_chunks()
+    for t in _slices(column_groups(manifest, ["path", "type", "size", "content", "hardlink"]), 4 * _SLICE_ROWS):
+        paths = t.column("path").combine_chunks()
+        link = t.column("hardlink").combine_chunks()
         size = t.column("size").to_numpy()
-        content = t.column("content").combine_chunks()
-        at = pc.index_in(paths, value_set=leads).fill_null(-1).to_numpy()
-        found = np.flatnonzero(at >= 0)
-        if len(found):
-            i = at[found]
-            lead_ok[i] = (bool_mask(pc.equal(t.column("type"), FILE)) & bool_mask(pc.is_null(link)))[found]
-            lead_size[i] = size[found]
-            lead_at.append(i)
-            lead_content.append(content.take(pa.array(found)))
+        null, content = _digests(t.column("content").combine_chunks(), width)
+        at = _positions(leads, paths)  # per lead: its row in this slice, or -1
+        here = np.flatnonzero(at >= 0)
+        if len(here):
+            r = at[here]
+            seen[here] = True
+            lead_ok[here] = (bool_mask(pc.equal(t.column("type"), FILE)) & bool_mask(pc.is_null(link)))[r]
+            lead_size[here], lead_null[here], lead_content[here] = size[r], null[r], content[r]
         linking = np.flatnonzero(bool_mask(pc.is_valid(link)))
         if len(linking):
             sel = pa.array(linking)
-            rows.append(done + linking)
-            named.append(pc.index_in(link.take(sel), value_set=leads).fill_null(-1).to_numpy())
-            sizes.append(size[linking])
-            contents.append(content.take(sel))
-            itself.append(bool_mask(pc.equal(link.take(sel), paths.take(sel))))
+            names = link.take(sel)
+            which = _lookup(leads, names)  # per linking row: its first file's index in leads, or -1
+            itself = bool_mask(pc.equal(names, paths.take(sel)))
+            ready = (which >= 0) & seen[np.maximum(which, 0)]
+            for part, keep in ((ready, False), (~ready, True)):
+                rows, w = linking[part], which[part]
+                if keep:  # its first file is further on (or nowhere): judged at the end
+                    for k, v in zip(later, (done + rows, w, size[rows], null[rows], content[rows], itself[part]),
+                                    strict=True):
+                        later[k].append(v)
+                    continue
+                bad = _judged(w, size[rows], null[rows], content[rows], itself[part],
+                              lead_ok, lead_size, lead_null, lead_content)
+                if bad is not None and (first_bad is None or done + int(rows[bad[0]]) < first_bad[0]):
+                    first_bad = (done + int(rows[bad[0]]), bad[1])
         done += t.num_rows
-    if not rows:
+    if later["row"]:
+        rows, w = np.concatenate(later["row"]), np.concatenate(later["lead"])
+        bad = _judged(w, np.concatenate(later["size"]), np.concatenate(later["null"]),
+                      np.concatenate(later["content"]), np.concatenate(later["itself"]),
+                      lead_ok & seen, lead_size, lead_null, lead_content)
+        if bad is not None and (first_bad is None or int(rows[bad[0]]) < first_bad[0]):
+            first_bad = (int(rows[bad[0]]), bad[1])
+    if first_bad is None:
         return
-    which, row = np.concatenate(named), np.concatenate(rows)
-    held = np.concatenate(lead_at) if lead_at else np.zeros(0, np.int64)
-    by_lead = pa.concat_arrays(lead_content) if lead_at else pa.nulls(0, pa.binary())  # in the order found
-    found_at = np.full(n, -1, np.int64)  # each first file's place in by_lead
-    found_at[held] = np.arange(len(held))
-    bad_lead = np.concatenate(itself) | (which < 0) | ~lead_ok[which] | (found_at[which] < 0)
-    mine = pa.concat_arrays(contents)
-    at = np.where(found_at[which] >= 0, found_at[which], 0)
-    same_content = np.zeros(len(which), bool)
-    for lo in range(0, len(which), _SLICE_ROWS):  # a slice of links at a time: no copy of every lead's content
-        hi = min(lo + _SLICE_ROWS, len(which))
-        theirs = by_lead.take(pa.array(at[lo:hi])) if len(held) else pa.nulls(hi - lo, pa.binary())
-        part = mine.slice(lo, hi - lo)
-        same_content[lo:hi] = (bool_mask(pc.and_(pc.is_null(part), pc.is_null(theirs)))
-                               | bool_mask(pc.equal(part, theirs)))
-    bad = bad_lead | (np.concatenate(sizes) != lead_size[which]) | ~same_content
-    if not bad.any():
-        return
-    k = int(np.flatnonzero(bad)[0])
-    path, lead = _row_values(manifest, int(row[k]), ("path", "hardlink"))
-    if bad_lead[k]:
+    path, lead = _row_values(manifest, first_bad[0], ("path", "hardlink"))
+    if first_bad[1]:
         raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, which is not "
                              f"another file of the snapshot without a link of its own")
     raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, whose size or "
                          f"content differs from this row's; refusing it")
+
+
+_ID_LEN = 32  # bytes of a content digest (the manifest's fixed_size_binary column)
+
+
+def _digests(col: pa.FixedSizeBinaryArray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A content column as ``(null, digests)``: a bool per row, and a ``(rows, width)`` uint8 array (zeros
+    where null), viewing the column's buffer when it has one."""
+    null = bool_mask(pc.is_null(col))
+    data = col.buffers()[1]
+    if data is None or col.type.byte_width != width:
+        return null, np.zeros((len(col), width), np.uint8)
+    raw = np.frombuffer(data, np.uint8)[col.offset * width:(col.offset + len(col)) * width]
+    return null, raw.reshape(len(col), width)
+
+
+def _positions(leads: pa.Array, paths: pa.Array) -> np.ndarray:
+    """Per lead, its index in ``paths`` (a slice's paths, unique), or -1: the hash is the slice's."""
+    return pc.index_in(leads, value_set=paths.cast(leads.type)).fill_null(-1).to_numpy()
+
+
+def _lookup(leads: pa.Array, names: pa.Array) -> np.ndarray:
+    """Per name, its index in ``leads`` (unique), or -1, hashing the names' own distinct values."""
+    distinct = pc.unique(names.cast(leads.type))
+    found = _positions(leads, distinct)  # per lead: index in distinct
+    index = np.full(len(distinct), -1, np.int64)
+    hit = np.flatnonzero(found >= 0)
+    index[found[hit]] = hit
+    return index[pc.index_in(names.cast(leads.type), value_set=distinct).to_numpy()]
+
+
+def _judged(which: np.ndarray, size: np.ndarray, null: np.ndarray, content: np.ndarray, itself: np.ndarray,
+            lead_ok: np.ndarray, lead_size: np.ndarray, lead_null: np.ndarray, lead_content: np.ndarray
+            ) -> tuple[int, bool] | None:
+    """The first failing link row (its index here, and whether its first file is the fault) or None:
+    rows naming first files ``which`` (-1: none), with their sizes, digests and self-naming flags."""
+    at = np.maximum(which, 0)
+    bad_lead = itself | (which < 0) | ~lead_ok[at]
+    same = (null & lead_null[at]) | (~null & ~lead_null[at] & (content == lead_content[at]).all(axis=1))
+    bad = bad_lead | (size != lead_size[at]) | ~same
+    if not bad.any():
+        return None
+    k = int(np.flatnonzero(bad)[0])
+    return k, bool(bad_lead[k])
 
 
 def _row_values(manifest: Manifest | ManifestFile, row: int, names: tuple[str, ...]) -> list[str]:
@@ -389,10 +436,11 @@ def _suspect(path: str) -> bool:
 _SLICE_ROWS = 16384
 
 
-def _slices(pieces: Iterator[pa.Table]) -> Iterator[pa.Table]:
+def _slices(pieces: Iterator[pa.Table], rows: int | None = None) -> Iterator[pa.Table]:
+    step = rows or _SLICE_ROWS
     for t in pieces:
-        for lo in range(0, t.num_rows, _SLICE_ROWS):
-            yield t.slice(lo, _SLICE_ROWS)
+        for lo in range(0, t.num_rows, step):
+            yield t.slice(lo, step)
 
 
 def _list_sums(col: pa.ChunkedArray) -> np.ndarray:
