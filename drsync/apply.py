@@ -507,6 +507,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     cannot hold the snapshot: mount points in the way, protected paths), OperationFailed (I/O).
     """
     validate(manifest, what)
+    allocators.give_back()  # what validation freed inside glibc's heaps, before the chunk check and planning
     root = open_data_root(target) if isinstance(target, str) else target
     with _applying(root, what, dry_run=dry_run, root_held=root_held, locked=locked) as (lock, busy):
         # Every chunk must be present before anything on the target changes.
@@ -566,7 +567,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # and its time put back, as ransomware does) has its content checked, as --checksum would.
         identity = captured_root and base is None and not checksum
         narrowed = any(g.strip().lstrip("/") for g in exclude) or protected or changed
-        allocators.give_back()  # what validation and the chunk check freed, before the merge holds its windows
+        allocators.give_back()  # what the chunk check freed, before the merge holds its windows
         entries, existing, unchanged, rest = _to_plan(manifest, root, dry_run=dry_run, merge=not structure_only,
                                                       drop_alike=not checksum, resolution=resolution,
                                                       planned=_planned(excluded, protected, changed) if narrowed

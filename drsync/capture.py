@@ -44,6 +44,7 @@ from drsync.repository.manifest import (
     ManifestFile,
     ManifestWriter,
     bool_mask,
+    column_groups,
     content_digest,
     hdfs_checksum_digest,
     sort_by_path,
@@ -53,6 +54,7 @@ from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
 from drsync.repository.spool import Spool
 from drsync.text import printable
+from drsync.tree import escaping_in
 
 # Reading tasks are batched so that tiny files do not pay one executor round trip each.
 _BATCH_FILES = 256
@@ -360,7 +362,14 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
         raise OperationFailed(f"data root {scan.root}: {scan.root_problem}; nothing was captured (no earlier "
                               f"snapshot of it to keep): check that it is mounted and that drsync can read it")
     stored = out.finish()
-    escaping = scan.escaping()
+    # A scan sorted whole left out its escaping links before its windows; one walked window by window, some
+    # target of which climbs, has them told now: every link captured, read back from the manifest, resolved
+    # together.
+    escaping: set[bytes] = set()
+    if scan.climbs:
+        captured = ManifestFile(stored, "the captured manifest")
+        escaping = escaping_in(column_groups(captured, ["path", "type", "target"]), scan.warnings)
+        scan.climbs = False
     if escaping:
         stored = _without_paths(stored, escaping)
     stale = skipped = stale_files = stale_bytes = 0

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from drsync import fsutil
 from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64
-from drsync.repository.manifest_check import RESERVED_NAME, symlink_stays_inside
+from drsync.repository.manifest_check import RESERVED_NAME, climbing_target, symlink_stays_inside
 from drsync.repository.snapshots import WarningLog
 from drsync.text import printable
 
@@ -193,7 +193,7 @@ class _Notes:
     vanished: list[tuple[str, int]] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     devices: dict[str, int] = field(default_factory=dict)
-    links: dict[str, str] = field(default_factory=dict)
+    climbs: bool = False  # some link's target climbs (TreeScan.climbs)
     root_problem: str | None = None
 
     def apply(self, scan: TreeScan) -> None:
@@ -204,7 +204,7 @@ class _Notes:
         scan.vanished += self.vanished
         scan.unreadable += self.unreadable
         scan.devices.update(self.devices)
-        scan.links.update(self.links)
+        scan.climbs = scan.climbs or self.climbs
 
 
 class _NativeLister:
@@ -256,7 +256,8 @@ class _NativeLister:
                 rel = fsdecode(prefix + name)
                 if symlink_stays_inside(rel, fsdecode(target)):
                     links.append(value)
-                    scan.links[rel] = fsdecode(target)
+                    if not scan.climbs:
+                        scan.climbs = climbing_target(fsdecode(target))
                 else:
                     warn(f"{printable(rel)}: symlink to {printable(fsdecode(target))} leaves the data root; "
                          f"not captured")

@@ -14,7 +14,7 @@ import os
 import queue
 import stat as st
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from drsync import fsutil, native_walk
 from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64, encode_xattrs, split_ns
-from drsync.repository.manifest_check import RESERVED_NAME, escaping_links, symlink_stays_inside
+from drsync.repository.manifest_check import RESERVED_NAME, escaping_links, may_escape, symlink_stays_inside
 from drsync.repository.snapshots import WarningLog
 from drsync.text import printable
 
@@ -83,9 +83,11 @@ class TreeScan:
     rows: list[tuple] = field(default_factory=list)  # type: ignore[type-arg]  # whole rows, in COLUMNS order
     # A lazy scan's walk (a local tree): each step seals at least one more batch. None once walked.
     source: Iterator[None] | None = None
-    # Every symlink sealed so far, path -> target (str, as os.fsdecode): the links that escape the root
-    # through other links can only be told once all are known (:meth:`escaping`).
-    links: dict[str, str] = field(default_factory=dict)
+    # Some symlink sealed so far has a target that climbs ('..'), is empty or holds a NUL: only then can links
+    # lead outside the root through each other, and they are resolved together once all are known
+    # (:meth:`escaping`; a lazy scan's from what was captured of it, :func:`escaping_in`). Nothing is held
+    # per link: a tree of a million ordinary links costs nothing here.
+    climbs: bool = False
 
     COLUMNS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "inode", "target",
                "nlink", "dev", "blocks")
@@ -132,11 +134,8 @@ class TreeScan:
             [pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array) else cols[f.name]
              for f in SCAN_SCHEMA], schema=SCAN_SCHEMA)
         self.batches.append(batch)
-        is_link = pc.equal(batch.column("type"), SYMLINK)
-        if pc.any(is_link).as_py():
-            lb = batch.filter(is_link)
-            self.links.update((os.fsdecode(x), os.fsdecode(g or b"")) for x, g in
-                              zip(lb.column("path").to_pylist(), lb.column("target").to_pylist(), strict=True))
+        if not self.climbs:
+            self.climbs = may_escape(batch.column("target").filter(pc.equal(batch.column("type"), SYMLINK)))
 
     def table(self) -> pa.Table:
         """Every entry as one table of :data:`SCAN_SCHEMA` (walks what a lazy scan has not walked yet,
@@ -200,15 +199,14 @@ class TreeScan:
         return pa.table([columns.pop(name) for name in schema.names], schema=schema)
 
     def escaping(self) -> set[bytes]:
-        """After :meth:`windows` of a lazy scan: the paths (bytes) of the links among them that reach
-        outside the root through other links, each warned about; they must not be captured. Empty when
-        the scan already left them out (:meth:`table`)."""
-        links, self.links = self.links, {}
-        bad = sorted(escaping_links(links)) if links else []
-        for x in bad:
-            self.warnings.append(f"{printable(x)}: symlink to {printable(links[x])} leads outside the data "
-                                 f"root through other links; not captured")
-        return {os.fsencode(x) for x in bad}
+        """The paths (bytes) of the sealed batches' links that reach outside the root through other links,
+        each warned about; they must not be captured. Empty when no target climbs, and once asked (a lazy
+        scan's batches are let go as its windows are taken: its capture asks :func:`escaping_in` of what it
+        wrote, when :attr:`climbs`)."""
+        if not self.climbs:
+            return set()
+        self.climbs = False
+        return escaping_in([pa.Table.from_batches(self.batches, schema=SCAN_SCHEMA)], self.warnings)
 
     def entries(self) -> dict[str, LocalEntry]:
         """Every entry by path (str), as an apply compares them: for HDFS targets and small trees."""
@@ -239,6 +237,22 @@ class TreeScan:
         drop = pa.array(sorted(bad), pa.binary())
         keep = pc.invert(pc.and_(pc.equal(t.column("type"), SYMLINK), pc.is_in(t.column("path"), value_set=drop)))
         self.batches = t.filter(keep).combine_chunks().to_batches()
+
+
+def escaping_in(tables: Iterable[pa.Table], warnings: WarningLog | None = None) -> set[bytes]:
+    """The paths (bytes) of the symlinks among ``tables`` (a scan's or a manifest's rows: path, type,
+    target) that reach outside the root through the others, each warned about in ``warnings`` as not
+    captured. Builds a dict of every link: asked only when some target climbs."""
+    links: dict[str, str] = {}
+    for t in tables:
+        lt = t.filter(pc.equal(t.column("type"), SYMLINK))
+        links.update((os.fsdecode(x), os.fsdecode(g or b"")) for x, g in
+                     zip(lt.column("path").to_pylist(), lt.column("target").to_pylist(), strict=True))
+    bad = sorted(escaping_links(links)) if links else []
+    for x in bad if warnings is not None else ():
+        warnings.append(f"{printable(x)}: symlink to {printable(links[x])} leads outside the data root through "
+                        f"other links; not captured")
+    return {os.fsencode(x) for x in bad}
 
 
 @dataclass(slots=True)

@@ -49,7 +49,7 @@ def new_walk_threads(before: set[threading.Thread], timeout: float = 60.0) -> li
 def scanned(root: Path | str, *, native: bool, exclude: frozenset[str] = frozenset()) -> tuple:
     scan = scan_tree(str(root), exclude, native=native)
     table = scan.table()
-    return table, scan.warnings.lines(), scan.unreadable, scan.unlisted, scan.devices, dict(scan.links)
+    return table, scan.warnings.lines(), scan.unreadable, scan.unlisted, scan.devices
 
 
 def assert_alike(root: Path | str, exclude: frozenset[str] = frozenset()) -> None:

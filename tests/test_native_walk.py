@@ -32,7 +32,7 @@ def scanned(root: Path | str, *, native: bool, exclude: frozenset[str] = frozens
     """Everything a scan reports: its table and what it could not capture."""
     scan = scan_tree(str(root), exclude, native=native)
     table = scan.table()
-    return (table, scan.warnings.lines(), scan.unreadable, scan.unlisted, scan.devices, dict(scan.links))
+    return (table, scan.warnings.lines(), scan.unreadable, scan.unlisted, scan.devices)
 
 
 def assert_alike(root: Path | str, exclude: frozenset[str] = frozenset()) -> pa.Table:

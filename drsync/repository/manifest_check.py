@@ -95,6 +95,12 @@ def may_escape(targets: pa.Array | pa.ChunkedArray) -> bool:
     return bool(pc.any(odd).as_py())
 
 
+def climbing_target(target: str) -> bool:
+    """Whether a symlink target (text, as ``os.fsdecode`` gives it) has a ``..`` component, or is empty, absolute
+    or holds a NUL: only a set of links holding one can lead outside the root (:func:`escaping_links`)."""
+    return not target or target.startswith("/") or "\x00" in target or ".." in target.split("/")
+
+
 def escaping_links(links: dict[str, str]) -> list[str]:
     """The links (path -> target) that resolve outside the root when followed as the kernel would.
 
@@ -103,7 +109,7 @@ def escaping_links(links: dict[str, str]) -> list[str]:
     makes ``a -> d/b/..`` leave the root although it looks inside. Each link is resolved once
     (memoised), so hostile chains cost linear time; loops resolve to nothing and do not escape.
     """
-    if not any(not t or t.startswith("/") or "\x00" in t or ".." in t.split("/") for t in links.values()):
+    if not any(climbing_target(t) for t in links.values()):
         # No target climbs, none is empty, absolute or holds a NUL: following one only ever descends, through
         # links that descend too, so none leaves the root (and nothing need be resolved or remembered).
         return []
@@ -153,7 +159,7 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
     Python, in row order, so the first fault named is the one a row-by-row pass would name."""
     dirs: set[str] = set()
     parent_of: dict[str, str] = {}  # each parent named -> the first path naming it
-    links: list[pa.Table] = []  # every symlink's path and target (as read): resolved together only when one climbs
+    climbs = False  # some symlink target has a '..' (or is empty or absolute): links are then resolved together
     leads: list[pa.Array] = []  # the first files hard links name (each slice's, unique), as bytes
     ordered, last = True, None
     seen: set[bytes] = set()  # once out of order: every path so far, each row checked against it in turn
@@ -221,9 +227,8 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
                                          f"{sizes[k]}")
                 if hardlinks[k] is not None and typ != FILE:
                     raise IntegrityError(f"{what}: {printable(path)}: a {typ} cannot be a hard link")
-        symlinks = t.filter(pc.equal(t.column("type"), SYMLINK)).select(["path", "target"])
-        if symlinks.num_rows:
-            links.append(symlinks)
+        if not climbs:
+            climbs = may_escape(t.column("target").filter(pc.equal(t.column("type"), SYMLINK)))
         named = t.column("hardlink").drop_null()
         if len(named):
             leads.append(pc.unique(named.cast(pa.large_binary()).combine_chunks()))
@@ -240,8 +245,9 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
         leads.clear()
         allocators.give_back()  # what the row checks freed, before the link check holds its columns
         _check_hard_links(manifest, first_files, what)
-    every = pa.concat_tables(links) if links else None
-    if every is not None and may_escape(every.column("target")):
+    if climbs:  # only then is every link read again, and resolved through the others
+        every = pa.concat_tables([t.filter(pc.equal(t.column("type"), SYMLINK)).select(["path", "target"])
+                                  for t in column_groups(manifest, ["path", "type", "target"])])
         targets = dict(zip(_pycolumn(every, "path"), _pycolumn(every, "target"), strict=True))
         escaping = escaping_links(targets)
         if escaping:
