@@ -189,6 +189,13 @@ def test_diff_merges_row_groups_of_stored_manifests_like_a_whole_join(seed: int,
     assert diff(ma, mb).as_dict() == want
     assert diff(fb, fa).as_dict() == {"added": want["removed"], "removed": want["added"], "changed": want["changed"]}
     assert diff(fa, mf.ManifestFile(mf.Manifest.empty().to_bytes())).removed == sorted(a, key=str.encode)
+    # the same paths on both sides (row groups alike: compared row by row, without a join), some rows changed
+    c = {p: dict(r) for p, r in a.items()}
+    for p in rng.sample(sorted(k for k in c if c[k].get("type") != "dir"), 40):
+        c[p] = {**c[p], "size": 99} if rng.random() < 0.5 else {**c[p], "chunks": [b"\x09" * 32]}
+    fc = mf.ManifestFile(build(sorted(c.values(), key=lambda r: r["path"].encode())).to_bytes())
+    assert diff(fa, fc).as_dict() == _oracle(a, c) and len(_oracle(a, c)["changed"]) == 40
+    assert diff(fa, fa).as_dict() == {"added": [], "removed": [], "changed": []}
 
 
 def test_diff_of_a_manifest_out_of_path_order_compares_it_whole() -> None:
@@ -201,6 +208,9 @@ def test_diff_of_a_manifest_out_of_path_order_compares_it_whole() -> None:
     other = build([{"path": "a"}, {"path": "c", "mode": 0o600}, {"path": "d"}])
     assert diff(shuffled, other).as_dict() == {"added": ["d"], "removed": ["b"], "changed": ["c"]}
     assert diff(other, shuffled).as_dict() == {"added": ["b"], "removed": ["d"], "changed": ["c"]}
+    changed = build([{"path": "a", "mode": 0o600}, {"path": "b"}, {"path": "c", "size": 7}])
+    both = Manifest(changed.table.take(pa.array([2, 0, 1])))  # the same paths, in the same wrong order
+    assert diff(shuffled, both).as_dict() == {"added": [], "removed": [], "changed": ["a", "c"]}
 
 
 def test_chunks_in_order_names_each_chunk_once_in_manifest_order_across_row_groups(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -126,9 +126,22 @@ def _sorted_pieces(m: Manifest | ManifestFile, columns: list[str]) -> Iterator[p
         yield t
 
 
+def _differs(x: pa.ChunkedArray, y: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Row by row, whether two columns differ, null equal to null (a file's symlink target, a dir's content)."""
+    return pc.or_(pc.fill_null(pc.not_equal(x, y), False), pc.xor(pc.is_null(x), pc.is_null(y)))
+
+
 def _diff_tables(a: pa.Table, b: pa.Table) -> tuple[list[str], list[str], list[str]]:
     """Added, removed and changed paths (each sorted) between two tables of ``path`` and the compared
-    columns: a join on ``path``."""
+    columns: compared row by row when both hold the same paths (the common case: a row group of an unchanged
+    tree, with no copy of either side), else a join on ``path``."""
+    if a.num_rows == b.num_rows and (not a.num_rows or pc.all(pc.equal(a.column("path"), b.column("path"))).as_py()):
+        differs = None
+        for c in _COMPARED:
+            ne = _differs(a.column(c), b.column(c))
+            differs = ne if differs is None else pc.or_(differs, ne)
+        changed = pc.filter(a.column("path"), differs) if differs is not None else a.column("path")
+        return [], [], [decode_name(p) for p in sorted(changed.to_pylist())]  # type: ignore[misc]
     joined = a.join(b, keys="path", join_type="full outer", left_suffix="_a", right_suffix="_b",
                     coalesce_keys=True)
     path = joined.column("path")
@@ -136,9 +149,7 @@ def _diff_tables(a: pa.Table, b: pa.Table) -> tuple[list[str], list[str], list[s
     in_b = pc.is_valid(joined.column("type_b"))
     differs = None
     for c in _COMPARED:
-        x, y = joined.column(f"{c}_a"), joined.column(f"{c}_b")
-        # Treat null == null as equal (symlink target of files, content of dirs).
-        ne = pc.or_(pc.fill_null(pc.not_equal(x, y), False), pc.xor(pc.is_null(x), pc.is_null(y)))
+        ne = _differs(joined.column(f"{c}_a"), joined.column(f"{c}_b"))
         differs = ne if differs is None else pc.or_(differs, ne)
     both = pc.and_(in_a, in_b)
 
