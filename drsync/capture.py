@@ -551,7 +551,7 @@ class _Matcher:
 
 class _Parent:
     """The parent manifest by row groups: a stored :class:`ManifestFile`, or an in-memory
-    :class:`Manifest` cut into slices. Holds the carried columns of at most two groups."""
+    :class:`Manifest` cut into slices. Holds the carried columns of one group at a time."""
 
     def __init__(self, parent: Manifest | ManifestFile) -> None:
         self._file = parent if isinstance(parent, ManifestFile) else None
@@ -578,8 +578,9 @@ class _Parent:
         # of every snapshot's start).
         for g in groups[np.flatnonzero(np.diff(groups, prepend=-1))].tolist():
             if g not in self._cache:
-                if len(self._cache) >= 2:
-                    self._cache.pop(min(self._cache))
+                # Rows ascend from window to window: a group passed is not asked for again. One held at a
+                # time (its extended attributes are most of it: about 30 MiB a group of a tree with ACLs).
+                self._cache.clear()
                 self._cache[g] = self.group(g, columns)
             local = rows[groups == g] - self.starts[g]
             parts.append(self._cache[g].take(pa.array(local, pa.int64())))
