@@ -976,8 +976,9 @@ def _plan_json(plan: ApplyPlan, staged: dict[str, str], batch: int = 4096) -> It
     def parts(items: Iterable[Entry] | Iterable[str], entries: bool) -> Iterator[list[object]]:
         if isinstance(items, WriteList):  # its manifest rows journaled from their columns, no entry each
             yield from parts(items.head, True)
+            xattrs = items.manifest.in_order("xattrs")  # streamed from a lean manifest's file as the rows pass
             for i in range(0, len(items.rows), batch):
-                c = items.manifest.values_at(items.rows[i:i + batch], _JOURNAL_COLUMNS)
+                c = items.manifest.values_at(items.rows[i:i + batch], _JOURNAL_COLUMNS, xattrs)
                 yield [[*row[:-3], None if row[-3] is None else row[-3].hex(), row[-2], bool(row[-1])]
                        for row in zip(*(c[n] for n in _JOURNAL_COLUMNS), strict=True)]
             return

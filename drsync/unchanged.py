@@ -302,6 +302,7 @@ class _Merge:
         self.extra = 0o7777 & ~mode_bits
         self.compare_owner, self.compare_xattrs = compare_owner, compare_xattrs
         self.planned, self.drop_alike = planned, drop_alike
+        self.xattrs_at = manifest.in_order("xattrs")  # a lean manifest's, streamed from its file as batches pass
         self.leaders = (pc.unique(t.column("hardlink").drop_null()) if t.num_rows else pa.array([], pa.binary())
                         ).cast(pa.large_binary())
         # Files per hard-link group (its first file and those naming it): a group is settled only whole.
@@ -362,8 +363,9 @@ class _Merge:
             ids = bt if "inode" in bt.column_names else self.manifest.columns_at(rows, ["inode", "ctime_ns"])
             inode, ctime = ids.column("inode").to_numpy(), ids.column("ctime_ns").to_numpy()
         # Compared only where the target keeps them (a lean manifest reads them from its file).
-        xattrs = ((bt if "xattrs" in bt.column_names else self.manifest.columns_at(rows, ["xattrs"])).column("xattrs")
-                  .combine_chunks() if self.compare_xattrs else pa.nulls(bt.num_rows, pa.binary()))
+        xattrs = (pa.nulls(bt.num_rows, pa.binary()) if not self.compare_xattrs
+                  else bt.column("xattrs").combine_chunks() if "xattrs" in bt.column_names
+                  else self.xattrs_at(rows))
         dirs = bool_mask(pc.equal(bt.column("type"), DIR)) & (mode & self.extra == 0)
         links = bool_mask(pc.equal(bt.column("type"), SYMLINK))
         targets = bt.column("target").combine_chunks().cast(pa.large_binary())
@@ -707,8 +709,9 @@ class WriteList:
 
 def _decoded(manifest: Manifest, rows: np.ndarray) -> Iterator[Entry]:
     """Light entries of manifest ``rows``, in their order, decoded :data:`_BATCH` at a time."""
+    xattrs = manifest.in_order("xattrs")  # streamed from a lean manifest's file as the rows pass
     for i in range(0, len(rows), _BATCH):
-        yield from manifest.entries_at(rows[i:i + _BATCH], light=True)
+        yield from manifest.entries_at(rows[i:i + _BATCH], light=True, xattrs=xattrs)
 
 
 def _path_key(e: Entry) -> bytes:

@@ -429,10 +429,29 @@ class Manifest:
             t = t.take(pa.array(np.argsort(order, kind="stable")))
         return t
 
-    def _with_xattrs(self, t: pa.Table, rows: np.ndarray) -> pa.Table:
-        """``t`` (manifest ``rows``) with its ``xattrs`` column, read from a lean manifest's file."""
+    def in_order(self, name: str) -> Callable[[np.ndarray], pa.Array]:
+        """A reader of column ``name`` at ascending rows, each call's after the last one's (a merge over the
+        manifest, a walk of a write list): a lean manifest's left-out column is streamed from its file a batch
+        at a time, with no row group held (one of extended attributes can be 30 MiB). Rows asked out of that
+        order are read as :meth:`columns_at` reads them."""
+        stream = _Ordered(self.source, name) if self.source is not None and name in LEAN_LEFT_OUT else None
+
+        def read(rows: np.ndarray) -> pa.Array:
+            got = stream.take(rows) if stream is not None else None
+            if got is None:
+                got = self.columns_at(rows, [name]).column(name).combine_chunks()
+            return got
+
+        return read
+
+    def _with_xattrs(self, t: pa.Table, rows: np.ndarray,
+                     xattrs: Callable[[np.ndarray], pa.Array] | None = None) -> pa.Table:
+        """``t`` (manifest ``rows``) with its ``xattrs`` column, read from a lean manifest's file (by ``xattrs``,
+        an :meth:`in_order` reader, when given)."""
         if "xattrs" in t.column_names:
             return t
+        if xattrs is not None:
+            return t.append_column("xattrs", xattrs(rows))
         return t.append_column("xattrs", self.columns_at(rows, ["xattrs"]).column("xattrs"))
 
     def _batches(self) -> tuple[list[pa.RecordBatch], np.ndarray]:
@@ -467,10 +486,11 @@ class Manifest:
         cols = [heavy.column(n).to_pylist() for n in _HEAVY]
         return [e.filled(c, s, d) for e, c, s, d in zip(light, *cols, strict=True)]
 
-    def entries_at(self, rows: list[int] | np.ndarray, *, light: bool = False) -> list[Entry]:
+    def entries_at(self, rows: list[int] | np.ndarray, *, light: bool = False,
+                   xattrs: Callable[[np.ndarray], pa.Array] | None = None) -> list[Entry]:
         """The full entries of manifest rows ``rows`` (in that order; ``light``: as :meth:`entries` gives
         them). Costs what the rows cost: each is taken from its own record batch (a take on the whole
-        chunked table would join every batch first)."""
+        chunked table would join every batch first). ``xattrs``: an :meth:`in_order` reader of them."""
         if not len(rows):
             return []
         if self.source is not None and not light:
@@ -482,15 +502,17 @@ class Manifest:
         for b in np.unique(which).tolist():
             sel = np.flatnonzero(which == b)
             picked = self._with_xattrs(pa.Table.from_batches([batches[b].take(pa.array(wanted[sel] - starts[b]))]),
-                                       wanted[sel])
+                                       wanted[sel], xattrs if (np.diff(wanted) >= 0).all() else None)
             for k, e in zip(sel.tolist(), _entries_of(picked, 0, light, wanted[sel].tolist()), strict=True):
                 out[k] = e
         return out  # type: ignore[return-value]
 
-    def values_at(self, rows: np.ndarray, names: tuple[str, ...]) -> dict[str, list]:  # type: ignore[type-arg]
+    def values_at(self, rows: np.ndarray, names: tuple[str, ...],  # type: ignore[type-arg]
+                  xattrs: Callable[[np.ndarray], pa.Array] | None = None) -> dict[str, list]:
         """The Python values of columns ``names`` (as light entries hold them: paths, targets and hard links
         as text, ``mtime_ns`` worked out) for manifest rows ``rows`` (ascending), without an entry object
-        per row: a million rows are journaled at the cost of their values."""
+        per row: a million rows are journaled at the cost of their values. ``xattrs``: an :meth:`in_order`
+        reader of them."""
         batches, starts = self._batches()
         wanted = np.asarray(rows, dtype=np.int64)
         which = np.searchsorted(starts, wanted, side="right") - 1
@@ -499,7 +521,7 @@ class Manifest:
             rows_b = wanted[which == b]
             picked = pa.Table.from_batches([batches[b].take(pa.array(rows_b - starts[b]))])
             if "xattrs" in names:
-                picked = self._with_xattrs(picked, rows_b)
+                picked = self._with_xattrs(picked, rows_b, xattrs)
             for n in names:
                 out[n].extend(_pycolumn(picked, n))
         return out
@@ -697,6 +719,22 @@ class ManifestFile:
             raise IntegrityError(f"{self.what} is damaged: {e}") from None
         return t
 
+    def column_batches(self, name: str, rows: int) -> Iterator[pa.Array]:
+        """Column ``name`` from the first row to the last, at most ``rows`` at a time, checked as :meth:`group`
+        checks a group; streamed (a page at a time), never a row group whole."""
+        if self._v1:
+            for g in range(self.num_groups):
+                t = self.group(g, [name]).column(name).combine_chunks()
+                for lo in range(0, len(t), rows):
+                    yield t.slice(lo, rows)
+            return
+        try:
+            for b in self._pf.iter_batches(batch_size=rows, columns=[name], use_threads=False):
+                b.validate(full=True)
+                yield b.column(0)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise IntegrityError(f"{self.what} is damaged: {e}") from None
+
     def read(self) -> Manifest:
         """The whole manifest as a table."""
         return Manifest(pa.concat_tables([self.group(i) for i in range(self.num_groups)])
@@ -707,10 +745,44 @@ class ManifestFile:
                    for i in range(self.num_groups))
 
 
+class _Ordered:
+    """One column of a manifest file streamed in row order (:meth:`Manifest.in_order`): the batch read last is
+    held, and rows before it are no longer to be had."""
+
+    def __init__(self, source: ManifestFile, name: str) -> None:
+        self._batches = source.column_batches(name, _ORDERED_ROWS)
+        self._held: pa.Array | None = None
+        self._base = 0  # the row of self._held[0] (of the next batch, when none is held)
+
+    def take(self, rows: np.ndarray) -> pa.Array | None:
+        """The values at ``rows`` (ascending), or None when they are not (or begin before the batch held)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows) or rows[0] < self._base or (np.diff(rows) < 0).any():
+            return None
+        parts: list[pa.Array] = []
+        i = 0
+        while i < len(rows):
+            if self._held is None:
+                self._held = next(self._batches, None)
+                if self._held is None:
+                    raise IndexError(f"row {int(rows[i])} out of range")
+            end = self._base + len(self._held)
+            j = i + int(np.searchsorted(rows[i:], end))  # the rows in the batch held
+            if j > i:
+                parts.append(self._held.take(pa.array(rows[i:j] - self._base)))
+                i = j
+            if i < len(rows):
+                self._base, self._held = end, None
+        return pa.concat_arrays(parts) if len(parts) != 1 else parts[0]
+
+
+_ORDERED_ROWS = 8192
+
+
 class _GroupCache:
     """Columns of a lean manifest's file at chosen rows: the row groups those rows are in are read whole
-    (Parquet reads no less) and the last :data:`_CACHED_GROUPS` kept (two, when they hold more than
-    :data:`_CACHED_BYTES`), so an apply staging files in manifest
+    (Parquet reads no less) and the last :data:`_CACHED_GROUPS` kept (fewer, down to the last one, when they hold
+    more than :data:`_CACHED_BYTES`), so an apply staging files in manifest
     order, a few threads at once, reads each group about once. Thread-safe."""
 
     def __init__(self, source: ManifestFile) -> None:
@@ -724,10 +796,10 @@ class _GroupCache:
             if t is None:
                 t = self.source.group(g, list(columns))
             self._recent[(g, columns)] = t  # most recent last
-            # At most _CACHED_GROUPS, and past the two most recent (threads at a group's end) no more bytes
-            # than _CACHED_BYTES: a group of wide attributes or chunk lists can be tens of MiB.
+            # At most _CACHED_GROUPS, and past the most recent one no more bytes than _CACHED_BYTES: a group of
+            # wide attributes or chunk lists can be 30 MiB (threads at a group's end then read one twice).
             while len(self._recent) > _CACHED_GROUPS or (
-                    len(self._recent) > 2 and sum(v.nbytes for v in self._recent.values()) > _CACHED_BYTES):
+                    len(self._recent) > 1 and sum(v.nbytes for v in self._recent.values()) > _CACHED_BYTES):
                 del self._recent[next(iter(self._recent))]
             return t
 
