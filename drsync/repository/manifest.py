@@ -317,13 +317,17 @@ class Manifest:
         limit, total = decoded_limit(), 0
         for g in range(source.num_groups):
             # Every column is read and checked, as a whole load checks it (damage in a column left out is
-            # refused now, not by the next whole load); only the lean ones are kept.
-            t = source.group(g)
-            total += t.nbytes
-            if total > limit:  # as Manifest.from_bytes: a footer may understate what its groups decode into
-                raise ManifestTooLarge(f"{source.what} decodes into more than {limit} bytes, the most drsync "
-                                       f"decodes (docs/FORMAT.md, Limits); it was not read")
-            check_values(t, source.what)
+            # refused now, not by the next whole load); only the lean ones are kept. The extended attributes
+            # (30 MiB a group with ACLs on every file) are read apart, and let go before the rest is.
+            for part in ([["xattrs"], [n for n in SCHEMA.names if n != "xattrs"]] if not source.is_v1 else [None]):
+                t = source.group(g, part)
+                total += t.nbytes
+                if total > limit:  # as Manifest.from_bytes: a footer may understate what its groups decode into
+                    raise ManifestTooLarge(f"{source.what} decodes into more than {limit} bytes, the most drsync "
+                                           f"decodes (docs/FORMAT.md, Limits); it was not read")
+                check_values(t, source.what)
+                if part == ["xattrs"]:
+                    del t  # checked: not held while the rest is read
             ext = external_mask(t)
             parts.append(t.select(keep).append_column(LEAN_EXTERNAL, pa.array(ext, pa.bool_())))
         if not parts:
@@ -693,6 +697,7 @@ class ManifestFile:
         except (pa.ArrowInvalid, OSError) as e:
             raise IntegrityError(f"{what} is damaged or truncated: {e}") from None
         self._v1 = layout_is_v1(schema, what)
+        self.is_v1 = self._v1  # the layout before 2026-12 (read whole a group at a time)
         check_decoded_size(self._pf, what)
         md = self._pf.metadata
         self.num_groups = md.num_row_groups
