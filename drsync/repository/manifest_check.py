@@ -83,6 +83,7 @@ def symlink_stays_inside(path: str, target: str) -> bool:
     return joined != ".." and not joined.startswith("../") and not joined.startswith("/")
 
 
+_UNSET = object()  # no value yet (a frame's walk goes on)
 _LOOP = ("\x00loop",)  # a link that resolves through itself: the kernel says ELOOP, nothing is reached
 
 
@@ -113,38 +114,67 @@ def escaping_links(links: dict[str, str]) -> list[str]:
         # No target climbs, none is empty, absolute or holds a NUL: following one only ever descends, through
         # links that descend too, so none leaves the root (and nothing need be resolved or remembered).
         return []
-    memo: dict[str, tuple[str, ...] | None] = {}
+    memo: dict[str, tuple[str, ...] | None] = {}  # a link -> where it leads (None: outside; _LOOP: a loop)
+    for first in links:
+        if first not in memo:
+            _resolve(first, links, memo)
+    return sorted(p for p in links if memo[p] is None)
 
-    def resolve(p: str) -> tuple[str, ...] | None:
-        if p in memo:
-            return memo[p]
-        memo[p] = _LOOP  # in progress: reaching it again is a loop
-        r = walk(tuple(p.split("/")[:-1]), links[p])
-        memo[p] = r
-        return r
 
-    def walk(start: tuple[str, ...], target: str) -> tuple[str, ...] | None:
-        if not target or target.startswith("/") or "\x00" in target:
-            return None
-        cur = list(start)
-        for comp in target.split("/"):
+def _resolve(first: str, links: dict[str, str], memo: dict[str, tuple[str, ...] | None]) -> None:
+    """Resolve link ``first`` into ``memo``, and every link its resolution passes through: with a stack of
+    its own, not Python's (a chain of 100,000 links is resolved, not a RecursionError), and no closures (what
+    one call held is freed when it returns, not when the cycle collector runs)."""
+    stack: list[tuple[str, list[str], list[str], list[int]]] = []  # link, where its walk is, its target, next
+    pending: str | None = first
+    done: tuple[str, ...] | object | None = _UNSET  # what the frame just finished resolved to
+    while pending is not None or stack:
+        if pending is not None:  # start resolving a link
+            target = links[pending]
+            memo[pending] = _LOOP  # in progress: reaching it again is a loop
+            if not target or target.startswith("/") or "\x00" in target:
+                memo[pending], done = None, None
+            else:
+                stack.append((pending, pending.split("/")[:-1], target.split("/"), [0]))
+            pending = None
+            continue
+        p, cur, comps, at = stack[-1]
+        if done is not _UNSET:  # a link this walk passed through was resolved to ``done``
+            r, done = done, _UNSET
+            if r is None or r == _LOOP:
+                memo[p], done = r, r  # type: ignore[assignment]
+                stack.pop()
+                continue
+            cur[:] = r  # type: ignore[arg-type]
+        result: tuple[str, ...] | object | None = _UNSET
+        while at[0] < len(comps):
+            comp = comps[at[0]]
+            at[0] += 1
             if comp in ("", "."):
                 continue
             if comp == "..":
                 if not cur:
-                    return None
+                    result = None
+                    break
                 cur.pop()
                 continue
             cur.append(comp)
             key = "/".join(cur)
             if key in links:
-                r = resolve(key)
+                if key not in memo:
+                    pending = key  # resolved first; this walk goes on from where it leads
+                    break
+                r = memo[key]
                 if r is None or r == _LOOP:
-                    return r
-                cur = list(r)
-        return tuple(cur)
-
-    return sorted(p for p in links if resolve(p) is None)
+                    result = r
+                    break
+                cur[:] = r
+        if pending is not None:
+            continue
+        if result is _UNSET:
+            result = tuple(cur)
+        memo[p], done = result, result  # type: ignore[assignment]
+        stack.pop()
 
 
 def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
