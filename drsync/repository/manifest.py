@@ -696,8 +696,7 @@ class ManifestFile:
             schema = self._pf.schema_arrow
         except (pa.ArrowInvalid, OSError) as e:
             raise IntegrityError(f"{what} is damaged or truncated: {e}") from None
-        self._v1 = layout_is_v1(schema, what)
-        self.is_v1 = self._v1  # the layout before 2026-12 (read whole a group at a time)
+        self.is_v1 = layout_is_v1(schema, what)  # the layout before 2026-12 (read whole a group at a time)
         check_decoded_size(self._pf, what)
         md = self._pf.metadata
         self.num_groups = md.num_row_groups
@@ -712,7 +711,7 @@ class ManifestFile:
     def group(self, i: int, columns: list[str] | None = None) -> pa.Table:
         """Row group ``i`` (rows ``starts[i]`` to ``starts[i + 1]``), only ``columns`` if given."""
         try:
-            if self._v1:
+            if self.is_v1:
                 t = self._pf.read_row_group(i)
                 check_values(t, self.what)  # the upgrade reads the values
                 t = _upgrade_v1(t)
@@ -732,7 +731,7 @@ class ManifestFile:
     def pieces(self, columns: list[str], rows: int) -> Iterator[pa.Table]:
         """``columns`` from the first row to the last, at most ``rows`` at a time, checked as :meth:`group`
         checks a group; streamed (a page at a time), never a row group whole (a version-1 manifest's are)."""
-        if self._v1:
+        if self.is_v1:
             for g in range(self.num_groups):
                 t = self.group(g, columns)
                 for lo in range(0, t.num_rows, rows):

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from drsync import allocators
 from drsync.errors import IntegrityError
+from drsync.repository import format as fmt
 from drsync.repository.manifest import (
     DIR,
     FILE,
@@ -298,7 +299,7 @@ def _check_hard_links(manifest: Manifest | ManifestFile, leads: pa.Array, what: 
     judged in its slice and kept no longer; one whose first file comes later is set aside (its row, first
     file, size and content) and judged at the end. Both lookups hash the slice's side, never ``leads``."""
     n = len(leads)
-    width = _ID_LEN
+    width = fmt.ID_LEN
     seen = np.zeros(n, bool)  # the first file's row was read
     lead_ok = np.zeros(n, bool)  # found, a file, without a link of its own
     lead_size = np.full(n, -1, np.int64)
@@ -326,17 +327,15 @@ def _check_hard_links(manifest: Manifest | ManifestFile, leads: pa.Array, what: 
             which = _lookup(leads, names)  # per linking row: its first file's index in leads, or -1
             itself = bool_mask(pc.equal(names, paths.take(sel)))
             ready = (which >= 0) & seen[np.maximum(which, 0)]
-            for part, keep in ((ready, False), (~ready, True)):
-                rows, w = linking[part], which[part]
-                if keep:  # its first file is further on (or nowhere): judged at the end
-                    for k, v in zip(later, (done + rows, w, size[rows], null[rows], content[rows], itself[part]),
-                                    strict=True):
-                        later[k].append(v)
-                    continue
-                bad = _judged(w, size[rows], null[rows], content[rows], itself[part],
-                              lead_ok, lead_size, lead_null, lead_content)
-                if bad is not None and (first_bad is None or done + int(rows[bad[0]]) < first_bad[0]):
-                    first_bad = (done + int(rows[bad[0]]), bad[1])
+            rows = linking[ready]
+            bad = _judged(which[ready], size[rows], null[rows], content[rows], itself[ready],
+                          lead_ok, lead_size, lead_null, lead_content)
+            if bad is not None and (first_bad is None or done + int(rows[bad[0]]) < first_bad[0]):
+                first_bad = (done + int(rows[bad[0]]), bad[1])
+            rows = linking[~ready]  # their first file is further on (or nowhere): judged at the end
+            for k, v in zip(later, (done + rows, which[~ready], size[rows], null[rows], content[rows],
+                                    itself[~ready]), strict=True):
+                later[k].append(v)
         done += t.num_rows
     if later["row"]:
         rows, w = np.concatenate(later["row"]), np.concatenate(later["lead"])
@@ -353,9 +352,6 @@ def _check_hard_links(manifest: Manifest | ManifestFile, leads: pa.Array, what: 
                              f"another file of the snapshot without a link of its own")
     raise IntegrityError(f"{what}: {printable(path)}: hard link to {printable(lead)}, whose size or "
                          f"content differs from this row's; refusing it")
-
-
-_ID_LEN = 32  # bytes of a content digest (the manifest's fixed_size_binary column)
 
 
 def _digests(col: pa.FixedSizeBinaryArray, width: int) -> tuple[np.ndarray, np.ndarray]:
