@@ -45,6 +45,7 @@ from drsync.dataroot import SMALL_FILE_BYTES, STAGING, UNKNOWN_ID, DataRoot, ope
 from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.flocks import ApplyBusy, ApplyLock
 from drsync.pathglob import compile_globs
+from drsync.repository.link_walk import escaping_links
 from drsync.repository.manifest import (
     DIR,
     FILE,
@@ -56,7 +57,7 @@ from drsync.repository.manifest import (
     decode_name,
     external_mask,
 )
-from drsync.repository.manifest_check import escaping_links, validate
+from drsync.repository.manifest_check import validate
 from drsync.repository.manifest_diff import content_changed
 from drsync.text import one_line, printable
 from drsync.tree import LocalEntry

@@ -34,6 +34,7 @@ from drsync import allocators, volumes
 from drsync.dataroot import SMALL_FILE_BYTES, DataRoot, FileVersion, FrozenRoot, open_data_root, small_files_pool
 from drsync.errors import OperationFailed, UsageError
 from drsync.repository import chunks
+from drsync.repository.link_walk import may_escape
 from drsync.repository.manifest import (
     DIR,
     EMPTY_CONTENT,
@@ -49,7 +50,7 @@ from drsync.repository.manifest import (
     hdfs_checksum_digest,
     sort_by_path,
 )
-from drsync.repository.manifest_check import escaping_links, may_escape, validate
+from drsync.repository.manifest_check import validate
 from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
 from drsync.repository.spool import Spool
@@ -368,7 +369,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     escaping: set[bytes] = set()
     if scan.climbs:
         captured = ManifestFile(stored, "the captured manifest")
-        escaping = escaping_in(column_groups(captured, ["path", "type", "target"]), scan.warnings)
+        escaping = escaping_in(lambda: column_groups(captured, ["path", "type", "target"]), scan.warnings)
         scan.climbs = False
     if escaping:
         stored = _without_paths(stored, escaping)
@@ -1031,19 +1032,14 @@ def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:
     """Leave out links that, with the kept (stale) rows merged in, resolve outside the root: what a
     capture writes always passes the manifest rule its restore applies."""
     if not may_escape(table.filter(pc.equal(table.column("type"), SYMLINK)).column("target")):
-        return table  # no link climbs: none leaves the root through others (manifest_check.escaping_links)
+        return table  # no link climbs: none leaves the root through others (link_walk.escaping_in)
     while True:
-        m = Manifest(table)
-        types = table.column("type").to_pylist()
-        paths, targets = m.pycolumn("path"), m.pycolumn("target")
-        links = {x: g for x, g, ty in zip(paths, targets, types, strict=True) if ty == SYMLINK}
-        bad = set(escaping_links(links)) if links else set()
+        bad = escaping_in(lambda links=table.select(["path", "type", "target"]): [links], warnings)
         if not bad:
             return table
-        for x in sorted(bad):
-            warnings.append(f"{printable(x)}: symlink to {printable(links[x] or '')} leads outside the data root "
-                            f"through other links; not captured")
-        table = table.filter(pa.array([x not in bad for x in paths], pa.bool_()))
+        gone = pa.array(sorted(bad), pa.binary())
+        table = table.filter(pc.invert(pc.and_(pc.equal(table.column("type"), SYMLINK),
+                                               pc.is_in(table.column("path").cast(pa.binary()), value_set=gone))))
 
 
 def _stale_links(old: pa.Table, devices: list[int | None], groups: dict[tuple[int, int], _Lead],

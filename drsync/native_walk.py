@@ -31,8 +31,9 @@ import numpy as np
 import pyarrow as pa
 
 from drsync import fsutil
+from drsync.repository.link_walk import climbing_target
 from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64
-from drsync.repository.manifest_check import RESERVED_NAME, climbing_target, symlink_stays_inside
+from drsync.repository.manifest_check import RESERVED_NAME, symlink_stays_inside
 from drsync.repository.snapshots import WarningLog
 from drsync.text import printable
 

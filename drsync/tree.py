@@ -14,7 +14,7 @@ import os
 import queue
 import stat as st
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,8 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync import fsutil, native_walk
+from drsync.repository import link_walk
+from drsync.repository.link_walk import Rows, may_escape
 from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64, encode_xattrs, split_ns
-from drsync.repository.manifest_check import RESERVED_NAME, escaping_links, may_escape, symlink_stays_inside
+from drsync.repository.manifest_check import RESERVED_NAME, symlink_stays_inside
 from drsync.repository.snapshots import WarningLog
 from drsync.text import printable
 
@@ -206,7 +208,7 @@ class TreeScan:
         if not self.climbs:
             return set()
         self.climbs = False
-        return escaping_in([pa.Table.from_batches(self.batches, schema=SCAN_SCHEMA)], self.warnings)
+        return escaping_in(lambda: [pa.Table.from_batches(self.batches, schema=SCAN_SCHEMA)], self.warnings)
 
     def entries(self) -> dict[str, LocalEntry]:
         """Every entry by path (str), as an apply compares them: for HDFS targets and small trees."""
@@ -239,20 +241,15 @@ class TreeScan:
         self.batches = t.filter(keep).combine_chunks().to_batches()
 
 
-def escaping_in(tables: Iterable[pa.Table], warnings: WarningLog | None = None) -> set[bytes]:
-    """The paths (bytes) of the symlinks among ``tables`` (a scan's or a manifest's rows: path, type,
-    target) that reach outside the root through the others, each warned about in ``warnings`` as not
-    captured. Builds a dict of every link: asked only when some target climbs."""
-    links: dict[str, str] = {}
-    for t in tables:
-        lt = t.filter(pc.equal(t.column("type"), SYMLINK))
-        links.update((os.fsdecode(x), os.fsdecode(g or b"")) for x, g in
-                     zip(lt.column("path").to_pylist(), lt.column("target").to_pylist(), strict=True))
-    bad = sorted(escaping_links(links)) if links else []
-    for x in bad if warnings is not None else ():
-        warnings.append(f"{printable(x)}: symlink to {printable(links[x])} leads outside the data root through "
-                        f"other links; not captured")
-    return {os.fsencode(x) for x in bad}
+def escaping_in(rows: Rows, warnings: WarningLog | None = None) -> set[bytes]:
+    """The paths (bytes) of the symlinks among ``rows`` (a scan's or a manifest's tables: path, type,
+    target; read again as links are followed, :func:`drsync.repository.link_walk.escaping_in`) that reach
+    outside the root through the others, each warned about in ``warnings`` as not captured."""
+    bad = link_walk.escaping_in(rows)
+    for x, target in bad if warnings is not None else ():
+        warnings.append(f"{printable(os.fsdecode(x))}: symlink to {printable(os.fsdecode(target))} leads outside "
+                        f"the data root through other links; not captured")
+    return {x for x, _ in bad}
 
 
 @dataclass(slots=True)

@@ -19,8 +19,9 @@ import pytest
 
 from drsync.apply import OTHER, plan_apply
 from drsync.errors import IntegrityError
+from drsync.repository.link_walk import escaping_links
 from drsync.repository.manifest import Manifest
-from drsync.repository.manifest_check import escaping_links, validate
+from drsync.repository.manifest_check import validate
 from drsync.tree import LocalEntry, scan_tree
 from tests.conftest import SLOW, age_tree, init_repo_at, run_drsync, tree_state
 from tests.users import NOBODY, pair_configs, run_as_nobody, serves, start_agent

@@ -1,4 +1,4 @@
-"""Links resolved through each other (drsync.repository.manifest_check.escaping_links) with a stack of their
+"""Links resolved through each other (drsync.repository.link_walk) with a stack of their
 own: the same answers as the recursive resolution on random link sets, chains of any length (a chain of 600
 links and one climbing link gave a RecursionError: no snapshot of the tree could be taken or restored), and
 what a call held is freed when it returns (its closures referred to each other, so every link it resolved
@@ -7,17 +7,21 @@ stayed in memory until a full collection, which a process rarely runs). Cases fr
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import random
 import tracemalloc
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from drsync import engine
 from drsync.errors import IntegrityError
+from drsync.repository import link_walk
+from drsync.repository.link_walk import escaping_in, escaping_links
 from drsync.repository.manifest import Manifest
-from drsync.repository.manifest_check import escaping_links, validate
+from drsync.repository.manifest_check import validate
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
 
@@ -124,3 +128,73 @@ def test_what_a_resolution_held_is_freed_when_it_returns() -> None:
         tracemalloc.stop()
         gc.enable()
     assert held < 1 << 20, f"{held / (1 << 20):.1f} MiB still held after the call"
+
+
+def _rows(links: dict[str, str], rnd: random.Random, files: int = 0) -> link_walk.Rows:
+    """``links`` as a tree's rows (binary, sorted, with some files among them), cut into tables at random."""
+    rows = sorted([(p.encode(), "symlink", t.encode()) for p, t in links.items()]
+                  + [(f"f{i}".encode(), "file", None) for i in range(files)])
+    cuts = sorted({0, len(rows), *(rnd.randrange(len(rows) + 1) for _ in range(3))})
+    tables = [pa.table({"path": pa.array([r[0] for r in rows[a:b]], pa.binary()),
+                        "type": pa.array([r[1] for r in rows[a:b]], pa.string()),
+                        "target": pa.array([r[2] for r in rows[a:b]], pa.binary())})
+              for a, b in itertools.pairwise(cuts)]
+    return lambda: iter(tables)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_links_read_from_rows_escape_as_the_recursion_says(seed: int) -> None:
+    """escaping_in reads the targets a climbing link's walk needs from the rows again (a pass per step), or holds
+    every link in columns once one escapes: the same answers as the recursive resolution, ``every=False`` one of
+    them at least when there are any, and only escaping ones."""
+    rnd = random.Random(seed)
+    names = ["a", "b", "c", "a/x", "a/y", "b/z", "c/d/e", "a/x/w", "up", "d", "c/d"]
+    parts = ["..", ".", "", "a", "b", "x", "y", "z", "c", "d", "e", "w", "up"]
+    for _ in range(300):
+        links = {p: "/".join(rnd.choice(parts) for _ in range(rnd.randint(0, 4)))
+                 for p in rnd.sample(names, rnd.randint(1, len(names)))}
+        want = _reference(links)
+        rows = _rows(links, rnd, files=rnd.randint(0, 3))
+        got = escaping_in(rows)
+        assert [p.decode() for p, _ in got] == want, links
+        assert all(t.decode() == links[p.decode()] for p, t in got)
+        some = [p.decode() for p, _ in escaping_in(rows, every=False)]
+        assert bool(some) == bool(want) and set(some) <= set(want), links
+
+
+def test_a_chain_longer_than_the_passes_is_judged_with_every_link_held() -> None:
+    """A climbing link at the head of a chain longer than link_walk._ROUNDS: its walk needs a pass per link, so
+    after the passes allowed every link is held in columns, and the answer is still the whole truth."""
+    rnd = random.Random(7)
+    n = link_walk._ROUNDS * 3
+    links = {f"l{i:03d}": f"l{i + 1:03d}" for i in range(n)}
+    links["d/up"] = "../l000"
+    assert escaping_in(_rows(links, rnd)) == []
+    links[f"l{n:03d}"] = "d/.."  # the chain's end leaves the root: the whole chain does
+    links["d"] = "."
+    got = [p.decode() for p, _ in escaping_in(_rows(links, rnd))]
+    assert got == _reference(links) and len(got) == n + 2  # the chain (n + 1 links) and d/up
+    assert escaping_in(_rows(links, rnd), every=False)
+
+
+def test_one_climbing_link_among_200000_holds_no_object_per_link() -> None:
+    """Validation of a tree of 200,000 links with one ``..`` link anywhere: the links are not held as Python objects
+    (a dict of every link was about 60 MiB here, and at 1,000,000 links took `repo verify` from 204 to 549 MiB),
+    only a hash per link and what the climbing link's walk passes through."""
+    n = 200_000
+    links = {f"d{i // 1000:03d}/l{i % 1000:03d}": f"sub/x{i}" for i in range(n)}
+    links["d100/up"] = "../d101/l005"  # climbs, and stays inside through another link
+    links["d101/l005"] = "../d102/l007"
+    manifest = _links_manifest(links, dirs=tuple(f"d{i:03d}" for i in range(200)))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        validate(manifest)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 << 20, f"validation traced {peak / (1 << 20):.1f} MiB"
+    links["d102/l007"] = "../zz/top/.."  # inside by its text, outside through zz/top
+    links["zz/top"] = ".."
+    with pytest.raises(IntegrityError, match="d100/up -> ../d101/l005 leads outside the data root through other"):
+        validate(_links_manifest(links, dirs=(*(f"d{i:03d}" for i in range(200)), "zz")))

@@ -145,7 +145,7 @@ def test_links_that_never_climb_are_judged_without_resolving_them() -> None:
 
     import pyarrow as pa
 
-    from drsync.repository.manifest_check import escaping_links, may_escape
+    from drsync.repository.link_walk import escaping_links, may_escape
 
     rnd = random.Random(5)
     names = ["a", "b", "a/c", "d", "d/e", "f"]

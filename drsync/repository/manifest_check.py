@@ -8,6 +8,7 @@ the root or is inconsistent. Pure, like :mod:`drsync.repository.manifest`, which
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ import pyarrow.compute as pc
 from drsync import allocators
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
+from drsync.repository.link_walk import escaping_in, may_escape
 from drsync.repository.manifest import (
     DIR,
     FILE,
@@ -82,100 +84,6 @@ def symlink_stays_inside(path: str, target: str) -> bool:
         return False
     joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
     return joined != ".." and not joined.startswith("../") and not joined.startswith("/")
-
-
-_UNSET = object()  # no value yet (a frame's walk goes on)
-_LOOP = ("\x00loop",)  # a link that resolves through itself: the kernel says ELOOP, nothing is reached
-
-
-def may_escape(targets: pa.Array | pa.ChunkedArray) -> bool:
-    """Whether any of ``targets`` (a symlink target column; nulls ignored) has a ``..`` component, or is empty,
-    absolute or holds a NUL: without one no set of links leaves the root (:func:`escaping_links`)."""
-    if not len(targets):
-        return False
-    odd = pc.or_kleene(pc.match_substring_regex(targets, r"(^|/)\.\.(/|$)|^/|^$|\x00"), pc.is_null(targets))
-    return bool(pc.any(odd).as_py())
-
-
-def climbing_target(target: str) -> bool:
-    """Whether a symlink target (text, as ``os.fsdecode`` gives it) has a ``..`` component, or is empty, absolute
-    or holds a NUL: only a set of links holding one can lead outside the root (:func:`escaping_links`)."""
-    return not target or target.startswith("/") or "\x00" in target or ".." in target.split("/")
-
-
-def escaping_links(links: dict[str, str]) -> list[str]:
-    """The links (path -> target) that resolve outside the root when followed as the kernel would.
-
-    Each component of a target is resolved against the tree the links describe: a component that
-    is itself a link is replaced by where that link leads before ``..`` applies, so ``d/b -> ..``
-    makes ``a -> d/b/..`` leave the root although it looks inside. Each link is resolved once
-    (memoised), so hostile chains cost linear time; loops resolve to nothing and do not escape.
-    """
-    if not any(climbing_target(t) for t in links.values()):
-        # No target climbs, none is empty, absolute or holds a NUL: following one only ever descends, through
-        # links that descend too, so none leaves the root (and nothing need be resolved or remembered).
-        return []
-    memo: dict[str, tuple[str, ...] | None] = {}  # a link -> where it leads (None: outside; _LOOP: a loop)
-    for first in links:
-        if first not in memo:
-            _resolve(first, links, memo)
-    return sorted(p for p in links if memo[p] is None)
-
-
-def _resolve(first: str, links: dict[str, str], memo: dict[str, tuple[str, ...] | None]) -> None:
-    """Resolve link ``first`` into ``memo``, and every link its resolution passes through: with a stack of
-    its own, not Python's (a chain of 100,000 links is resolved, not a RecursionError), and no closures (what
-    one call held is freed when it returns, not when the cycle collector runs)."""
-    stack: list[tuple[str, list[str], list[str], list[int]]] = []  # link, where its walk is, its target, next
-    pending: str | None = first
-    done: tuple[str, ...] | object | None = _UNSET  # what the frame just finished resolved to
-    while pending is not None or stack:
-        if pending is not None:  # start resolving a link
-            target = links[pending]
-            memo[pending] = _LOOP  # in progress: reaching it again is a loop
-            if not target or target.startswith("/") or "\x00" in target:
-                memo[pending], done = None, None
-            else:
-                stack.append((pending, pending.split("/")[:-1], target.split("/"), [0]))
-            pending = None
-            continue
-        p, cur, comps, at = stack[-1]
-        if done is not _UNSET:  # a link this walk passed through was resolved to ``done``
-            r, done = done, _UNSET
-            if r is None or r == _LOOP:
-                memo[p], done = r, r  # type: ignore[assignment]
-                stack.pop()
-                continue
-            cur[:] = r  # type: ignore[arg-type]
-        result: tuple[str, ...] | object | None = _UNSET
-        while at[0] < len(comps):
-            comp = comps[at[0]]
-            at[0] += 1
-            if comp in ("", "."):
-                continue
-            if comp == "..":
-                if not cur:
-                    result = None
-                    break
-                cur.pop()
-                continue
-            cur.append(comp)
-            key = "/".join(cur)
-            if key in links:
-                if key not in memo:
-                    pending = key  # resolved first; this walk goes on from where it leads
-                    break
-                r = memo[key]
-                if r is None or r == _LOOP:
-                    result = r
-                    break
-                cur[:] = r
-        if pending is not None:
-            continue
-        if result is _UNSET:
-            result = tuple(cur)
-        memo[p], done = result, result  # type: ignore[assignment]
-        stack.pop()
 
 
 def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
@@ -276,15 +184,13 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
         leads.clear()
         allocators.give_back()  # what the row checks freed, before the link check holds its columns
         _check_hard_links(manifest, first_files, what)
-    if climbs:  # only then is every link read again, and resolved through the others
-        every = pa.concat_tables([t.filter(pc.equal(t.column("type"), SYMLINK)).select(["path", "target"])
-                                  for t in column_groups(manifest, ["path", "type", "target"])])
-        targets = dict(zip(_pycolumn(every, "path"), _pycolumn(every, "target"), strict=True))
-        escaping = escaping_links(targets)
+    if climbs:  # only then is every link read again (in columns), and resolved through the others
+        escaping = escaping_in(lambda: column_groups(manifest, ["path", "type", "target"]), every=False)
         if escaping:
-            p = escaping[0]
-            raise IntegrityError(f"{what}: symlink {printable(p)} -> {printable(targets[p])} leads outside the "
-                                 f"data root through other links of the snapshot; refusing it")
+            p, target = escaping[0]
+            raise IntegrityError(f"{what}: symlink {printable(os.fsdecode(p))} -> "
+                                 f"{printable(os.fsdecode(target))} leads outside the data root through "
+                                 f"other links of the snapshot; refusing it")
 
 
 def _check_hard_links(manifest: Manifest | ManifestFile, leads: pa.Array, what: str) -> None:
