@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from drsync import allocators, volumes
 from drsync.dataroot import SMALL_FILE_BYTES, DataRoot, FileVersion, FrozenRoot, open_data_root, small_files_pool
 from drsync.errors import OperationFailed, UsageError
+from drsync.hardlink_groups import LinkGroups, holds
 from drsync.repository import chunks
 from drsync.repository.link_walk import may_escape
 from drsync.repository.manifest import (
@@ -327,7 +328,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     warnings = scan.warnings
     pv = _Parent(parent) if parent is not None and len(parent) else None
     matcher = _Matcher(pv, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
-    links = _LinkGroups()
+    links = LinkGroups()
     algorithms: set[str] = set()
     state = _Totals()
     to_read = 0
@@ -386,7 +387,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     if lost or scan.unlisted or scan.vanished or state.vanished or state.unread:
         stored, stale, skipped, stale_files, stale_bytes = _merge_stale(
             stored, pv.table() if pv else None, lost, scan.unlisted, {**scan.devices, **state.devices},
-            links.leaders, warnings, scan.vanished, state.vanished, state.unread)
+            links, warnings, scan.vanished, state.vanished, state.unread)
     if watch is not None and verdict.keep:  # what the snapshot holds below each volume, kept files included
         recorded = _files_below(Manifest.from_bytes(stored, "the captured manifest").table, recorded)
     # The snapshot's files and bytes are what it holds: the stale files kept at their last version count too.
@@ -614,66 +615,32 @@ class _Totals:
     unread: list[tuple[str, int, str, int, int]] = field(default_factory=list)  # and size, mtime (ns)
 
 
-# A hard-link group's first kept path, what it holds (size, content, mode, owner), how many of its names went by
-# and the most links any of them was seen with.
-_Lead = tuple[bytes, tuple[object, ...], int, int]
-
-
-class _LinkGroups:
-    """Hard-link groups of the capture (files with more than one link, by device and inode), gathered
-    as the path-sorted windows go by, over the rows kept (read or reused, not vanished or unreadable):
-    the first kept member in path order leads, and a later member names it (``hardlink``) only when
-    it holds what the leader holds (size, content, mode, owner). A member that does not (the file
-    was rewritten between the reads of two of its names) stands alone with what was read of it, and
-    a warning says so: a manifest never links a row to other bytes than its own, which a restore
-    would refuse. Holds the leaders of the groups still open: a group is let go once as many of its names
-    have gone by as the most links any of them was seen with (all inside the tree), so a tree of a million
-    hard-linked pairs holds only the pairs whose second name is still to come."""
-
-    def __init__(self) -> None:
-        self.leaders: dict[tuple[int, int], _Lead] = {}  # (device, inode) -> its open group
-
-    def window(self, w: pa.Table, kept: np.ndarray, sizes: np.ndarray, out: pa.Table,
-               warnings: WarningLog) -> list[bytes | None] | None:
-        """The ``hardlink`` values of the scan window ``w`` (``kept``: its files kept, ``out``: its manifest
-        rows before the others are left out, ``sizes``: their sizes as read), None when none is linked."""
-        nlink = _np(w.column("nlink"))
-        multi = np.flatnonzero(kept & (nlink > 1))
-        if not len(multi):
-            return None
-        at = pa.array(multi, pa.int64())
-        sub, mine = w.take(at), out.take(at)
-        result: list[bytes | None] = [None] * w.num_rows
-        for k, path, dev, ino, content, mode, uid, gid in zip(
-                multi.tolist(), sub.column("path").to_pylist(), sub.column("dev").to_pylist(),
-                sub.column("inode").to_pylist(), mine.column("content").to_pylist(), mine.column("mode").to_pylist(),
-                mine.column("uid").to_pylist(), mine.column("gid").to_pylist(), strict=True):
-            key = (int(sizes[k]), content, mode, uid, gid)
-            lead = self.leaders.get((dev, ino))
-            if lead is None:
-                self.leaders[(dev, ino)] = (path, key, 1, int(nlink[k]))
-                continue
-            if lead[1] == key:
-                result[k] = lead[0]
-            else:
-                warnings.append(f"{printable(os.fsdecode(path))}: hard link to {printable(os.fsdecode(lead[0]))}, "
-                                f"but the two were read with different contents (rewritten while read); "
-                                f"captured as a file of its own")
-            # Let go once as many names went by as the most links any of them was seen with: a link made while
-            # the walk goes by is a name more to wait for; one removed leaves the group open (memory only).
-            seen, most = lead[2] + 1, max(lead[3], int(nlink[k]))
-            if seen < most:
-                self.leaders[(dev, ino)] = (lead[0], lead[1], seen, most)
-            else:
-                del self.leaders[(dev, ino)]
-        return result
+def _hard_links(links: LinkGroups, w: pa.Table, kept: np.ndarray, sizes: np.ndarray, out: pa.Table,
+                warnings: WarningLog) -> list[bytes | None] | None:
+    """The ``hardlink`` values of the scan window ``w`` (``kept``: its files kept, ``out``: its manifest rows
+    before the others are left out, ``sizes``: their sizes as read), None when none is linked: its kept files
+    with more than one link, over ``links`` (:mod:`drsync.hardlink_groups`)."""
+    nlink = _np(w.column("nlink"))
+    multi = np.flatnonzero(kept & (nlink > 1))
+    if not len(multi):
+        return None
+    at = pa.array(multi, pa.int64())
+    sub, mine = w.take(at), out.take(at)
+    held = [holds(int(size), content, mode, uid, gid) for size, content, mode, uid, gid in zip(
+        sizes[multi].tolist(), *(mine.column(c).to_pylist() for c in ("content", "mode", "uid", "gid")), strict=True)]
+    named = links.window(sub.column("path").to_pylist(), _np(sub.column("dev")), _np(sub.column("inode")),
+                         nlink[multi], held, warnings)
+    result: list[bytes | None] = [None] * w.num_rows
+    for k, lead in zip(multi.tolist(), named, strict=True):
+        result[k] = lead
+    return result
 
 
 _CARRIED = ("content", "chunks", "chunk_sizes", "xattrs")
 
 
 def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | None,
-            same: np.ndarray, reuse: np.ndarray, links: _LinkGroups, totals: _Totals,
+            same: np.ndarray, reuse: np.ndarray, links: LinkGroups, totals: _Totals,
             warnings: WarningLog, pool: _Readers, reread_attempts: int, progress: ProgressFn | None,
             content: str, algorithms: set[str]) -> pa.Table:
     """Manifest rows of the scan window ``w`` (their parent rows ``same`` and
@@ -790,7 +757,7 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
     }).select(SCHEMA.names).cast(SCHEMA)
     keep = np.ones(count, bool)
     keep[gone] = False
-    hardlink = links.window(w, keep & is_file, sizes, out, warnings)
+    hardlink = _hard_links(links, w, keep & is_file, sizes, out, warnings)
     if hardlink is not None:
         out = out.set_column(out.schema.get_field_index("hardlink"), "hardlink", pa.array(hardlink, pa.binary()))
     if gone:
@@ -835,7 +802,7 @@ def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarra
 
 
 def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: list[str],
-                 devices: dict[str, int], groups: dict[tuple[int, int], _Lead],
+                 devices: dict[str, int], groups: LinkGroups,
                  warnings: WarningLog, vanished: Sequence[tuple[str, int]] = (),
                  vanished_files: Sequence[tuple[str, int]] = (),
                  unread_files: Sequence[tuple[str, int, str, int, int]] = ()) -> tuple[Spool, int, int, int, int]:
@@ -1042,7 +1009,7 @@ def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:
                                                pc.is_in(table.column("path").cast(pa.binary()), value_set=gone))))
 
 
-def _stale_links(old: pa.Table, devices: list[int | None], groups: dict[tuple[int, int], _Lead],
+def _stale_links(old: pa.Table, devices: list[int | None], groups: LinkGroups,
                  warnings: WarningLog) -> list[bytes | None]:
     """Hard links of kept (stale) rows, in path order (``devices``: each row's device where known).
     A stale file joins this capture's group of its device and inode only if it holds what that
@@ -1060,9 +1027,9 @@ def _stale_links(old: pa.Table, devices: list[int | None], groups: dict[tuple[in
             out.append(None)
             continue
         key = (size, content, mode, uid, gid)
-        today = groups.get((dev, ino)) if dev is not None else None
-        if today is not None and today[1] == key:
-            out.append(today[0])
+        today = groups.leader(dev, ino, holds(size, content, mode, uid, gid)) if dev is not None else None
+        if today is not None:
+            out.append(today)
             continue
         lead = stale_lead.setdefault(link or path, (path, key))
         if lead[0] == path:

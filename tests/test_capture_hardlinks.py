@@ -8,7 +8,7 @@ rows, and every restore and standby apply of that snapshot then refused:
 - two names of one inode read at different moments of a live tree, the file rewritten between.
 
 The whole kind is closed at the two places that name leaders: the window's groups
-(``capture._LinkGroups``) and the stale rows' (``capture._stale_links``) link a row only to a
+(``hardlink_groups.LinkGroups``) and the stale rows' (``capture._stale_links``) link a row only to a
 leader holding its size, content, mode and owner; and a capture with stale rows is validated as a
 restore validates before it is stored.
 """
@@ -18,10 +18,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from drsync import capture as cap
+from drsync.hardlink_groups import LinkGroups, holds
 from drsync.repository.manifest import DIR, FILE
 from drsync.repository.manifest_check import validate
 from drsync.repository.repo import Repository
@@ -48,9 +50,10 @@ def _stale(rows: list[tuple[str, str | None, int, str, int, bytes | None, int]])
 
 def test_a_stale_row_joins_todays_group_only_when_it_holds_the_leaders_bytes() -> None:
     x, y = b"x" * 32, b"y" * 32
-    today = {(1, 5): (b"b5", (3, x, 0o644, 0, 0)), (1, 6): (b"b6", (3, x, 0o644, 0, 0)),
-             (1, 8): (b"b8", (3, x, 0o644, 0, 0)), (1, 9): (b"z", (3, x, 0o644, 0, 0)),
-             (2, 10): (b"other-disk", (3, x, 0o644, 0, 0))}
+    today = LinkGroups()  # today's groups, each with a name still to come (the stale one)
+    assert today.window([b"b5", b"b6", b"b8", b"other-disk", b"z"], np.array([1, 1, 1, 2, 1], np.uint64),
+                        np.array([5, 6, 8, 10, 9], np.uint64), np.array([2] * 5), [holds(3, x, 0o644, 0, 0)] * 5,
+                        WarningLog()) == [None] * 5
     old = _stale([
         ("a5", None, 5, FILE, 3, x, 0o644),      # unchanged since: joins today's group
         ("a6", None, 6, FILE, 3, y, 0o644),      # rewritten since (or the number reused): stands alone
