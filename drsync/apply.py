@@ -507,7 +507,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
     Raises IntegrityError (missing or damaged chunks, bad manifest), UsageError (a target that
     cannot hold the snapshot: mount points in the way, protected paths), OperationFailed (I/O).
     """
-    validate(manifest, what)
+    if not manifest.validated:  # a lean manifest was validated as a file before its load (Repository.load_manifest)
+        validate(manifest, what)
     allocators.give_back()  # what validation freed inside glibc's heaps, before the chunk check and planning
     root = open_data_root(target) if isinstance(target, str) else target
     with _applying(root, what, dry_run=dry_run, root_held=root_held, locked=locked) as (lock, busy):

@@ -33,7 +33,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync.dataroot import UNKNOWN_ID
-from drsync.repository.manifest import DIR, FILE, SYMLINK, Manifest, bool_mask, external_mask, path_parents
+from drsync.repository.manifest import (
+    DIR,
+    FILE,
+    SYMLINK,
+    Manifest,
+    bool_mask,
+    external_mask,
+    index_in_unique,
+    path_parents,
+)
 from drsync.tree import K_DIR, K_FILE, K_LINK, EntryColumns, LocalEntry, mtime_in_range
 
 if TYPE_CHECKING:
@@ -303,12 +312,14 @@ class _Merge:
         self.compare_owner, self.compare_xattrs = compare_owner, compare_xattrs
         self.planned, self.drop_alike = planned, drop_alike
         self.xattrs_at = manifest.in_order("xattrs")  # a lean manifest's, streamed from its file as batches pass
-        self.leaders = (pc.unique(t.column("hardlink").drop_null()) if t.num_rows else pa.array([], pa.binary())
+        # The first file of each hard-link group, and how many files it has (it and those naming it): a group
+        # is settled only whole. One hash of the names, not one for the leaders and another to count them.
+        named = pc.value_counts(t.column("hardlink").drop_null()) if t.num_rows else None
+        self.leaders = (named.field("values") if named is not None else pa.array([], pa.binary())
                         ).cast(pa.large_binary())
-        # Files per hard-link group (its first file and those naming it): a group is settled only whole.
-        followers = (pc.index_in(t.column("hardlink").drop_null().cast(pa.large_binary()), value_set=self.leaders)
-                     .fill_null(-1).to_numpy() if t.num_rows else np.zeros(0, np.int64))
-        self.group_size = np.bincount(followers[followers >= 0], minlength=len(self.leaders)) + 1
+        self.group_size = (named.field("counts").to_numpy().astype(np.int64) if named is not None
+                           else np.zeros(0, np.int64)) + 1
+        del named
         # Members of hard-link groups, decided once every member was seen (groups span windows, a whole tree
         # apart in a backup tree linked across its days): those only the manifest has (rows, groups, which
         # lead) and those both hold as multiply-linked files (rows, groups, which lead, the target's inode
@@ -348,10 +359,9 @@ class _Merge:
         files = bool_mask(pc.equal(bt.column("type"), FILE)) & ~external_mask(bt)  # bytes in the repository
         unlinked = bool_mask(pc.is_null(bt.column("hardlink")))
         keeps_mode = mode & self.extra == 0
-        lead_of = pc.index_in(paths, value_set=self.leaders).fill_null(-1).to_numpy()
+        lead_of = index_in_unique(paths, self.leaders)
         plain = files & unlinked & (lead_of < 0) & keeps_mode
-        named = pc.index_in(bt.column("hardlink").combine_chunks().cast(pa.large_binary()),
-                            value_set=self.leaders).fill_null(-1).to_numpy()
+        named = index_in_unique(bt.column("hardlink").combine_chunks().cast(pa.large_binary()), self.leaders)
         leader = files & unlinked & (lead_of >= 0) & keeps_mode
         group = np.where(leader, lead_of, np.where(files & keeps_mode, named, -1)).astype(np.int64)
         secs = col("mtime_s")

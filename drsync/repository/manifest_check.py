@@ -31,6 +31,7 @@ from drsync.repository.manifest import (
     bool_mask,
     check_values,
     column_groups,
+    index_in_unique,
     path_parents,
 )
 from drsync.text import printable
@@ -230,7 +231,7 @@ def _check_hard_links(manifest: Manifest | ManifestFile, leads: pa.Array, what: 
         if len(linking):
             sel = pa.array(linking)
             names = link.take(sel)
-            which = _lookup(leads, names)  # per linking row: its first file's index in leads, or -1
+            which = index_in_unique(names.cast(leads.type), leads)  # per linking row: its first file's, or -1
             itself = bool_mask(pc.equal(names, paths.take(sel)))
             ready = (which >= 0) & seen[np.maximum(which, 0)]
             rows = linking[ready]
@@ -274,16 +275,6 @@ def _digests(col: pa.FixedSizeBinaryArray, width: int) -> tuple[np.ndarray, np.n
 def _positions(leads: pa.Array, paths: pa.Array) -> np.ndarray:
     """Per lead, its index in ``paths`` (a slice's paths, unique), or -1: the hash is the slice's."""
     return pc.index_in(leads, value_set=paths.cast(leads.type)).fill_null(-1).to_numpy()
-
-
-def _lookup(leads: pa.Array, names: pa.Array) -> np.ndarray:
-    """Per name, its index in ``leads`` (unique), or -1, hashing the names' own distinct values."""
-    distinct = pc.unique(names.cast(leads.type))
-    found = _positions(leads, distinct)  # per lead: index in distinct
-    index = np.full(len(distinct), -1, np.int64)
-    hit = np.flatnonzero(found >= 0)
-    index[found[hit]] = hit
-    return index[pc.index_in(names.cast(leads.type), value_set=distinct).to_numpy()]
 
 
 def _judged(which: np.ndarray, size: np.ndarray, null: np.ndarray, content: np.ndarray, itself: np.ndarray,
