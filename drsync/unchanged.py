@@ -605,13 +605,15 @@ class _Merge:
             now = done[np.concatenate(self.links_held["group"])]
             later = ~now
             left += int(later.sum())
+            some_later, all_now = bool(later.any()), bool(now.all())
 
             def column(name: str) -> np.ndarray:  # joined, its parts let go at once, what stays set aside kept
                 parts, self.links_held[name] = self.links_held[name], []
                 joined = np.concatenate(parts)
-                if later.any():
+                del parts  # (at a million held members, each column's copies were the settling's peak)
+                if some_later:
                     self.links_held[name] = [joined[later]]
-                return joined[now]
+                return joined if all_now else joined[now]
 
             rows, group, lead, ino, nlink, fine, fix = (column(n) for n in list(_HELD)[:7])
             lead_ino = np.full(n, -1, np.int64)
@@ -629,9 +631,9 @@ class _Merge:
                                    self.meta_parents)
             self.rows.append(rows[~whole])
             planned = np.flatnonzero(~whole)
-            rest = [column(n) for n in list(_HELD)[7:]]
+            rest = [column(n)[planned] for n in list(_HELD)[7:]]  # a column at a time, only the rows planned
             if len(planned):
-                mode, uid, gid, size_, secs, nsec = (c[planned] for c in rest)
+                mode, uid, gid, size_, secs, nsec = rest
                 paths = self.manifest.columns_at(rows[planned], ["path"]).column("path").to_pylist()
                 for k, i in enumerate(planned.tolist()):
                     path = os.fsdecode(paths[k])
