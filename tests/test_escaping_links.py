@@ -198,3 +198,27 @@ def test_one_climbing_link_among_200000_holds_no_object_per_link() -> None:
     links["zz/top"] = ".."
     with pytest.raises(IntegrityError, match="d100/up -> ../d101/l005 leads outside the data root through other"):
         validate(_links_manifest(links, dirs=(*(f"d{i:03d}" for i in range(200)), "zz")))
+
+
+def test_a_chain_of_climbing_links_ending_at_a_plain_link_is_walked_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Breaker s54: c/l0 -> ../c/l1 -> ... -> ../c/end, and c/end -> file. Every link of the chain climbs, its end
+    does not, so every walk stopped at the end, whose target was not held yet, and the next link's walk went the
+    whole chain again: quadratic (4,000 links took 26 s per create, verify or restore; 100,000 would take hours).
+    A walk that stops now marks the links it passed as waiting, and the next walk that reaches one stops there."""
+    walkers: list[link_walk._Walker] = []
+
+    class Counted(link_walk._Walker):
+        def __init__(self, target_of) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(target_of)
+            walkers.append(self)
+
+    monkeypatch.setattr(link_walk, "_Walker", Counted)
+    n = 3000
+    links = {f"c/l{i:05d}": f"../c/l{i + 1:05d}" for i in range(n)}
+    links[f"c/l{n:05d}"] = "end"
+    links["c/end"] = "file"
+    assert escaping_in(_rows(links, random.Random(1))) == []
+    steps = sum(w.steps for w in walkers)
+    assert steps < 20 * n, f"{steps} components walked for a chain of {n} links"
+    links["c/end"] = "../.."  # the end now leaves the root: so does the whole chain
+    assert len(escaping_in(_rows(links, random.Random(1)))) == n + 2

@@ -27,7 +27,8 @@ _CLIMBS = r"(^|/)\.\.(/|$)|^/|^$|\x00"  # a target that can start an escape (see
 _STEP = 1 << 16  # links hashed at a time (bounds the Python objects made at once)
 _JUDGE = 1 << 14  # links judged at a time once some link escapes (each step of their walks is hashed)
 _ROUNDS = 8  # passes over the rows for targets the climbing links' walks need, before all are held
-_BUSY, _OUT, _LOOP, _IN = 1, 2, 3, 4  # a walked link's state: being resolved, then where it led
+_BUSY, _OUT, _LOOP, _IN, _BLOCKED = 1, 2, 3, 4, 5  # a walked link's state: being resolved, where it led, or
+# waiting for a target not held yet (its walk stopped there: the next walk that reaches it stops at once)
 _UNSET = object()  # a frame's walk goes on (no outcome yet)
 _LOOPS = object()  # an outcome: the link resolves through itself (the kernel says ELOOP; nothing is reached)
 _SYMLINK = "symlink"
@@ -73,6 +74,13 @@ def escaping_in(rows: Rows, every: bool = True) -> list[tuple[bytes, bytes]]:
     read again for those (one pass per step of the longest such chain, at most :data:`_ROUNDS`, then every
     link is held in columns). When some link escapes and ``every`` is asked, every link is held in columns
     (:class:`_LinkColumns`) and each whose walk meets another link is walked."""
+    lazily = _escaping_lazily(rows, every)
+    return lazily if lazily is not None else _escaping_held(rows, every)
+
+
+def _escaping_lazily(rows: Rows, every: bool) -> list[tuple[bytes, bytes]] | None:
+    """:func:`escaping_in` from the climbing links and the links their walks pass through, or None when every
+    link must be held: some link escapes and ``every`` is asked, or a chain needs more passes than allowed."""
     hashes: list[np.ndarray] = []
     known: dict[bytes, bytes] = {}  # link -> target: the climbing ones, then those their walks pass through
     for paths, targets in _links(rows):
@@ -112,13 +120,12 @@ def escaping_in(rows: Rows, every: bool = True) -> list[tuple[bytes, bytes]]:
         found = _targets_of(rows, wanted)
         known.update(found)
         absent.update(wanted.difference(found))
+        walker.unblock()
         todo = [p for p in todo if p not in walker.state]
     else:
-        return _escaping_held(rows, every)  # a chain longer than the passes allowed: every link held
+        return None  # a chain longer than the passes allowed
     out = sorted(p for p, s in walker.state.items() if s == _OUT)
-    if not out or not every:
-        return [(p, known[p]) for p in out]
-    return _escaping_held(rows, every)
+    return None if out and every else [(p, known[p]) for p in out]
 
 
 class _Unknown(Exception):
@@ -138,11 +145,22 @@ class _Walker:
         self.target_of = target_of
         self.state: dict[bytes, int] = {}
         self.dest: dict[bytes, tuple[bytes, ...]] = {}
+        self.blocked: dict[bytes, bytes] = {}  # a link whose walk stopped -> the link whose target it waits for
+        self.steps = 0  # components walked (each walk's cost: a chain is walked once, not once per link on it)
+
+    def unblock(self) -> None:
+        """Forget the walks that stopped (the targets they waited for are held now): they are walked again."""
+        for p in self.blocked:
+            del self.state[p]
+        self.blocked.clear()
 
     def resolve(self, first: bytes) -> None:  # (or str throughout, for escaping_links)
         """Resolve link ``first`` unless walked already, and every link its walk passes through. On
         :class:`_Unknown` the links being walked are forgotten (those finished are kept) and it propagates."""
-        if first in self.state:
+        s = self.state.get(first)
+        if s == _BLOCKED:
+            raise _Unknown(self.blocked[first])
+        if s is not None:
             return
         state, dest, target_of = self.state, self.dest, self.target_of
         sep, dot, up, nul = (b"/", b".", b"..", b"\x00") if isinstance(first, bytes) else ("/", ".", "..", "\x00")
@@ -173,6 +191,7 @@ class _Walker:
                 while at[0] < len(comps):
                     comp = comps[at[0]]
                     at[0] += 1
+                    self.steps += 1
                     if not comp or comp == dot:
                         continue
                     if comp == up:
@@ -184,6 +203,8 @@ class _Walker:
                     cur.append(comp)
                     key = sep.join(cur)  # type: ignore[arg-type]
                     s = state.get(key)
+                    if s == _BLOCKED:
+                        raise _Unknown(self.blocked[key])
                     if s is None or (s == _IN and key not in dest):
                         if s is None and target_of(key) is None:  # type: ignore[arg-type]
                             continue  # no link there
@@ -206,11 +227,11 @@ class _Walker:
                     if stack:  # passed through by the walk below it: where it leads is asked again
                         dest[p] = result  # type: ignore[assignment]
                 done = result
-        except _Unknown:
-            for p, *_ in stack:
-                del state[p]
-            if pending is not None:
-                state.pop(pending, None)
+        except _Unknown as u:
+            for p, *_ in stack:  # each waits for the same target: a walk that reaches one stops there
+                state[p], self.blocked[p] = _BLOCKED, u.path
+            if pending is not None and state.get(pending) == _BUSY:
+                del state[pending]
             raise
 
 
