@@ -42,6 +42,7 @@ from drsync.repository.manifest import (
     chunks_in_order,
     manifest_counts,
 )
+from drsync.repository.manifest_check import validate
 from drsync.repository.repo import Repository, VerifyReport
 from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.repository.spool import Spool
@@ -218,6 +219,8 @@ def _prepare(repo: Repository, info: SnapshotInfo, mode: str, light_exclude: tup
     UsageError for a snapshot whose bytes are not all in the repository (captured for DistCp)."""
     stored = repo.manifest_spool(info)
     manifest: Manifest | ManifestFile = ManifestFile(stored, f"manifest of snapshot {info.id}")
+    # A backup no restore would accept is refused now, not found out when it is needed (IntegrityError).
+    validate(manifest, f"manifest of snapshot {info.id}")
     counts = manifest_counts(manifest)
     outside = counts.external
     if outside and mode != "dataless":

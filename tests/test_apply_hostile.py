@@ -783,3 +783,17 @@ def test_a_lean_load_validates_the_file_and_an_apply_of_an_unvalidated_manifest_
     with pytest.raises(IntegrityError, match="leads outside the data root through other links"):
         apply_manifest(unchecked, repo, str(target), what="crafted")
     assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["escape-through-links", "duplicate", "no-parent"])
+def test_a_backup_of_a_manifest_no_restore_would_accept_is_refused(tmp_path: Path, case: str) -> None:
+    """Breaker s54b: `backup create` copied a manifest that fails validation and exited 0, a backup that no
+    restore would ever accept. It is refused now (exit 3, one line), and no backup is left."""
+    src = simple_source(tmp_path)
+    repo, snap = snapshot_of(tmp_path, src)
+    craft_manifest(repo, snap, HOSTILE_ROWS[case])
+    dest = tmp_path / "backups"
+    r = run_drsync("backup", "create", "--repo", repo, "--snapshot", snap, "--dest", dest, "--mode", "full")
+    assert r.code == 3, r.err
+    assert one_line_error(r.err), r.err
+    assert not dest.exists() or not [p for p in dest.iterdir() if not p.name.startswith(".")]
