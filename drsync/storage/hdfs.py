@@ -340,6 +340,8 @@ class HdfsFs:
         # Which namenode the client asks first, and until when it is known to be the active one.
         self._namenode_lock = threading.Lock()
         self._active_until = 0.0
+        self._moves = 0  # how often the namenode asked first was changed (_next_namenode)
+        self._trusted = ""  # the namenode asked first when it last answered as active (_ensure_active)
 
     def _next_namenode(self, failed: str) -> None:
         """Ask another namenode first from now on, unless another thread already moved on from ``failed``."""
@@ -348,6 +350,7 @@ class HdfsFs:
             if len(urls) > 1 and urls[0] == failed:
                 urls.rotate(-1)
             self._active_until = 0.0
+            self._moves += 1
 
     def _ensure_active(self, path: str) -> None:
         """Make sure the first namenode is the active one, out of safe mode, before a CREATE.
@@ -357,13 +360,19 @@ class HdfsFs:
         began to send the body (seen on Hadoop 3.5). A metadata call, which a standby refuses at
         once, moves the client to the active namenode first; it is repeated at most every few seconds.
         """
-        if time.monotonic() < self._active_until:
-            return
+        if time.monotonic() < self._active_until and self.client._urls[0] == self._trusted:
+            return  # (the client moves on by itself too: a failed call to the active one moves it to the next)
         # MKDIRS of the parent (CREATE makes it anyway): a write, so a standby refuses it at once and a
         # namenode in safe mode too, and both are retried here, before any byte is sent.
         parent = posixpath.dirname(path.rstrip("/")) or "/"
+        moves = self._moves
         self._call("create the directory of", parent, lambda: self.client.makedirs(parent))
-        self._active_until = time.monotonic() + _ACTIVE_TRUST_S
+        with self._namenode_lock:
+            # Trusted only if no other thread moved the namenode asked first meanwhile (a datanode's refusal
+            # after a standby's redirect, say): the call above may have been answered by the one moved from.
+            if self._moves == moves:
+                self._active_until = time.monotonic() + _ACTIVE_TRUST_S
+                self._trusted = self.client._urls[0]
 
     # Every call goes through here: translate errors, retry what retrying can fix.
     def _call(self, action: str, path: str, fn: Callable[[], T], *, retry: bool = True) -> T:
@@ -609,9 +618,19 @@ class StreamingWrite:
         self.size = 0
         perm = f"{permission:o}" if permission is not None else None
         fs._ensure_active(path)
-        self._location: str = fs._call("create", path, lambda: fs.client._create(
-            path, overwrite=overwrite, permission=perm).headers["location"])
-        self._namenode = fs.client._urls[0]  # the namenode that redirected
+        # The namenode asked, as read before the call: read after it, another thread may have moved the client
+        # on meanwhile, and a refusal of this write would then move it away from the active namenode.
+        for _ in range(3):
+            self._namenode = fs.client._urls[0]
+            self._location: str = fs._call("create", path, lambda: fs.client._create(
+                path, overwrite=overwrite, permission=perm).headers["location"])
+            if fs.client._urls[0] == self._namenode:
+                break
+            # The client moved on during the call (another thread's call failed on it): the redirect may be a
+            # standby's, which the datanode would refuse once the body is under way. Nothing is written before
+            # the body, so the namenode is checked again and the CREATE asked again.
+            fs._active_until = 0.0
+            fs._ensure_active(path)
         self._queue: queue.Queue[bytes | None] = queue.Queue(_WRITE_QUEUE)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._upload, name="drsync-hdfs-write", daemon=True)
