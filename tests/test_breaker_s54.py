@@ -12,20 +12,9 @@ from pathlib import Path
 import pytest
 
 from drsync.errors import IntegrityError
-from drsync.repository.manifest import Manifest
 from drsync.repository.manifest_check import validate
 from tests.conftest import run_drsync
-
-
-def _links_manifest(links: dict[str, str], dirs: tuple[str, ...] = ()) -> Manifest:
-    rows = sorted([(p, "dir", None) for p in dirs] + [(p, "symlink", t) for p, t in links.items()],
-                  key=lambda r: r[0].encode("utf-8", "surrogateescape"))
-    n = len(rows)
-    return Manifest.from_columns({
-        "path": [r[0] for r in rows], "type": [r[1] for r in rows], "target": [r[2] for r in rows],
-        "mode": [0o755 if r[1] == "dir" else 0o777 for r in rows], "uid": [0] * n, "gid": [0] * n,
-        "size": [0] * n, "mtime_ns": [1] * n, "ctime_ns": [1] * n, "inode": [1] * n,
-        "content": [None] * n, "chunks": [[]] * n, "chunk_sizes": [[]] * n, "hardlink": [None] * n})
+from tests.test_escaping_links import _links_manifest
 
 
 @pytest.mark.parametrize("links", [

@@ -77,7 +77,8 @@ def test_the_stack_resolves_as_the_recursion_did(seed: int) -> None:
 
 def _links_manifest(links: dict[str, str], files: tuple[str, ...] = (), dirs: tuple[str, ...] = ()) -> Manifest:
     rows = sorted([(p, "dir", None) for p in dirs] + [(p, "file", None) for p in files]
-                  + [(p, "symlink", t) for p, t in links.items()], key=lambda r: r[0].encode())
+                  + [(p, "symlink", t) for p, t in links.items()],
+                  key=lambda r: r[0].encode("utf-8", "surrogateescape"))
     n = len(rows)
     return Manifest.from_columns({
         "path": [r[0] for r in rows], "type": [r[1] for r in rows], "target": [r[2] for r in rows],
