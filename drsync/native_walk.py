@@ -33,7 +33,7 @@ import pyarrow as pa
 from drsync import fsutil
 from drsync.repository.link_walk import climbing_target
 from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64
-from drsync.repository.manifest_check import RESERVED_NAME, symlink_stays_inside
+from drsync.repository.manifest_check import RESERVED_NAME, symlink_leaves_root
 from drsync.repository.snapshots import WarningLog
 from drsync.text import printable
 
@@ -255,7 +255,7 @@ class _NativeLister:
             if kind == _K_LINK:
                 row, target = value
                 rel = fsdecode(prefix + name)
-                if symlink_stays_inside(rel, fsdecode(target)):
+                if not symlink_leaves_root(rel, fsdecode(target)):
                     links.append(value)
                     if not scan.climbs:
                         scan.climbs = climbing_target(fsdecode(target))

@@ -26,7 +26,7 @@ from drsync import fsutil, native_walk
 from drsync.repository import link_walk
 from drsync.repository.link_walk import Rows, may_escape
 from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64, encode_xattrs, split_ns
-from drsync.repository.manifest_check import RESERVED_NAME, symlink_stays_inside
+from drsync.repository.manifest_check import RESERVED_NAME, symlink_leaves_root, symlink_stays_inside
 from drsync.repository.snapshots import WarningLog
 from drsync.text import printable
 
@@ -247,8 +247,10 @@ def escaping_in(rows: Rows, warnings: WarningLog | None = None) -> set[bytes]:
     outside the root through the others, each warned about in ``warnings`` as not captured."""
     bad = link_walk.escaping_in(rows)
     for x, target in bad if warnings is not None else ():
-        warnings.append(f"{printable(os.fsdecode(x))}: symlink to {printable(os.fsdecode(target))} leads outside "
-                        f"the data root through other links; not captured")
+        path, to = os.fsdecode(x), os.fsdecode(target)
+        how = "leaves the data root" if not symlink_stays_inside(path, to) else \
+            "leads outside the data root through other links"
+        warnings.append(f"{printable(path)}: symlink to {printable(to)} {how}; not captured")
     return {x for x, _ in bad}
 
 
@@ -553,7 +555,7 @@ class _Lister:
                         except OSError as err:
                             unexaminable(rel, err)
                             continue
-                        if not symlink_stays_inside(fsdecode(rel), fsdecode(target)):
+                        if symlink_leaves_root(fsdecode(rel), fsdecode(target)):
                             warn(f"{printable(fsdecode(rel))}: symlink to {printable(fsdecode(target))} leaves the "
                                  f"data root; not captured")
                             continue

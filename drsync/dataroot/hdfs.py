@@ -42,7 +42,7 @@ from drsync.errors import RefusedError, UsageError
 from drsync.native_walk import UNLISTED_KEPT
 from drsync.repository import chunks
 from drsync.repository.manifest import DIR, FILE, SYMLINK
-from drsync.repository.manifest_check import symlink_stays_inside
+from drsync.repository.manifest_check import symlink_leaves_root
 from drsync.storage.hdfs import HdfsError, HdfsFs, HdfsPermissionDenied, bounded, parse_hdfs_url
 from drsync.text import printable
 from drsync.tree import RESERVED_NAMES, LocalEntry, TreeScan
@@ -326,7 +326,7 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
             target = None
             if typ == SYMLINK:
                 target = s.get("symlink") or ""
-                if not symlink_stays_inside(rel, target):
+                if symlink_leaves_root(rel, target):
                     scan.warnings.append(f"{rel}: symlink to {target} leaves the data root; not captured")
                     continue
             v = _version(s)

@@ -1,8 +1,8 @@
 """Manifest validation: the rules a manifest must meet before anything restores or applies it.
 
 Owns the path rules shared by every side (:func:`unsafe_path_reason`, the reserved staging name and
-the length limits), the symlink checks (:func:`symlink_stays_inside` lexically, :func:`escaping_links`
-through a whole set of links) and :func:`validate`, which refuses a manifest that could write outside
+the length limits), the symlink rules a link at a time (:func:`symlink_leaves_root`; the rest are judged
+together by :mod:`drsync.repository.link_walk`) and :func:`validate`, which refuses a manifest that could write outside
 the root or is inconsistent. Pure, like :mod:`drsync.repository.manifest`, which it builds on.
 """
 
@@ -77,14 +77,37 @@ def suspect_paths(paths: pa.Array | pa.ChunkedArray) -> list[bool]:
 
 
 def symlink_stays_inside(path: str, target: str) -> bool:
-    """True when a link at ``path`` pointing to ``target`` resolves inside the root (lexically).
+    """True when a link at ``path`` pointing to ``target`` resolves inside the root *by its text alone*.
 
-    Lexical only: a chain through other links can still leave the root; :func:`escaping_links`
-    resolves a whole set of links through each other."""
+    Neither way is the answer for a link among others: a chain through other links can leave the root
+    (``a -> d/b/..`` with ``d/b -> ..``), and a ``..`` after another link climbs from where that link
+    leads (``y -> x/../..`` with ``x -> d/e`` is the root itself). What is refused or dropped is decided by
+    :func:`symlink_leaves_root` a link at a time and :mod:`drsync.repository.link_walk` over the whole set;
+    this only words a refusal (a link whose text leaves the root "leaves" it, else it leads out "through
+    other links")."""
     if not target or target.startswith("/") or "\x00" in target:
         return False
     joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
     return joined != ".." and not joined.startswith("../") and not joined.startswith("/")
+
+
+def symlink_leaves_root(path: str, target: str) -> bool:
+    """True when a link at ``path`` pointing to ``target`` leaves the root whatever the other links are:
+    its target is empty, absolute or holds a NUL, or its leading ``..`` components climb above the root from
+    the link's directory (whose components are directories). A ``..`` after a name is not judged here: the
+    name may be a link (``y -> x/../..`` with ``x -> d/e`` is the root itself); :mod:`drsync.repository.link_walk`
+    resolves such links with the others."""
+    if not target or target.startswith("/") or "\x00" in target:
+        return True
+    depth = path.count("/")  # the link's directory, in components below the root
+    for comp in target.split("/"):
+        if comp == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif comp not in ("", "."):
+            return False
+    return False
 
 
 def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
@@ -155,7 +178,7 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
                     if len((targets[k] or "").encode("utf-8", "surrogateescape")) > TARGET_MAX:
                         raise IntegrityError(f"{what}: symlink {printable(path)}: target longer than {TARGET_MAX} "
                                              f"bytes")
-                    if not symlink_stays_inside(path, targets[k] or ""):
+                    if symlink_leaves_root(path, targets[k] or ""):
                         raise IntegrityError(f"{what}: symlink {printable(path)} -> {printable(targets[k] or '')} "
                                              f"points outside the data root")
                 chunks, pieces, total = counts["chunks"][k] or 0, counts["chunk_sizes"][k] or 0, int(sums[row])
@@ -188,10 +211,12 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
     if climbs:  # only then is every link read again (in columns), and resolved through the others
         escaping = escaping_in(lambda: column_groups(manifest, ["path", "type", "target"]), every=False)
         if escaping:
-            p, target = escaping[0]
-            raise IntegrityError(f"{what}: symlink {printable(os.fsdecode(p))} -> "
-                                 f"{printable(os.fsdecode(target))} leads outside the data root through "
-                                 f"other links of the snapshot; refusing it")
+            path, target = (os.fsdecode(x) for x in escaping[0])
+            if not symlink_stays_inside(path, target):
+                raise IntegrityError(f"{what}: symlink {printable(path)} -> {printable(target)} points outside the "
+                                     f"data root")
+            raise IntegrityError(f"{what}: symlink {printable(path)} -> {printable(target)} leads outside the data "
+                                 f"root through other links of the snapshot; refusing it")
 
 
 def _check_hard_links(manifest: Manifest | ManifestFile, leads: pa.Array, what: str) -> None:
