@@ -1,0 +1,131 @@
+"""Which symlinks a capture keeps and a manifest may hold, judged against the kernel itself.
+
+A link is dropped (capture) or refused (validation) when following it leaves the data root; a link's text
+alone decides only when it leaves whatever the other links are (:func:`symlink_leaves_root`: empty,
+absolute, a NUL, or leading ``..`` above the root). A ``..`` after a name climbs from where that name
+leads, so ``y -> x/../..`` with ``x -> d/e`` is the root itself and is kept. The oracle is ``openat2``
+with ``RESOLVE_BENEATH`` on the real trees, source and restored: EXDEV means the walk would leave the root."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from drsync import engine, native_walk
+from drsync.errors import IntegrityError
+from drsync.repository.manifest_check import symlink_leaves_root, validate
+from drsync.repository.repo import Repository
+from drsync.storage.local import LocalStorage
+from tests.test_escaping_links import _links_manifest
+
+_SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
+_RESOLVE_BENEATH = 0x08
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _kernel(root: Path, rel: str) -> int:
+    """0 when the kernel resolves ``root/rel`` beneath ``root`` (following links), else the errno (EXDEV:
+    it would leave the root; ELOOP, ENOENT, ENOTDIR: it reaches nothing)."""
+    dirfd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        how = _OpenHow(os.O_PATH, 0, _RESOLVE_BENEATH)
+        fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how))
+        if fd < 0:
+            return ctypes.get_errno()
+        os.close(fd)
+        return 0
+    finally:
+        os.close(dirfd)
+
+
+def _have_openat2(tmp: Path) -> bool:
+    return _kernel(tmp, ".") != errno.ENOSYS
+
+
+@pytest.mark.parametrize(("path", "target", "leaves"), [
+    ("a", "", True), ("a", "/etc", True), ("a", "x\x00y", True),
+    ("a", "..", True), ("a", "./..", True), ("a", ".//../x", True), ("d/a", "../..", True),
+    ("d/e/a", "../../../x", True),
+    ("a", "x/../..", False),  # x may be a link to a deeper directory: judged by the walk
+    ("d/a", "..", False), ("d/e/a", "../../x", False), ("a", "x", False), ("a", ".", False),
+    ("a", "d/../../..", False),
+])
+def test_symlink_leaves_root_only_when_no_other_link_can_change_it(path: str, target: str, leaves: bool) -> None:
+    assert symlink_leaves_root(path, target) is leaves
+
+
+def test_a_climb_back_through_a_deeper_link_is_accepted_and_one_past_the_root_refused() -> None:
+    validate(_links_manifest({"x": "d/e", "y": "x/../.."}, dirs=("d", "d/e")))
+    with pytest.raises(IntegrityError, match=r"y -> x/\.\./\.\./\.\. (points|leads) outside the data root"):
+        validate(_links_manifest({"x": "d/e", "y": "x/../../.."}, dirs=("d", "d/e")))
+    with pytest.raises(IntegrityError, match=r"y -> \.\./x points outside the data root"):
+        validate(_links_manifest({"x": "d/e", "y": "../x"}, dirs=("d", "d/e")))
+
+
+_DIRS = ("d", "d/e", "d/e/f", "g")
+_WORDS = ("..", "..", "..", ".", "", "d", "e", "f", "g", "nx")
+
+
+def _random_tree(src: Path, rnd: random.Random) -> dict[str, str]:
+    for d in _DIRS:
+        (src / d).mkdir(parents=True, exist_ok=True)
+    (src / "d" / "file").write_bytes(b"x")
+    links: dict[str, str] = {}
+    names = [f"l{i}" for i in range(8)]
+    for name in names:
+        where = rnd.choice(("", "d", "d/e", "g"))
+        path = f"{where}/{name}" if where else name
+        if rnd.random() < 0.4:  # another link, then climbs: from where that link leads, not from its name
+            comps = [rnd.choice(names), *[".."] * rnd.randint(1, 4), *rnd.sample(_WORDS, rnd.randint(0, 2))]
+        elif rnd.random() < 0.3:  # a deeper directory, to climb back out of
+            comps = [rnd.choice(("d/e/f", "d/e", "../d/e", "g/../d/e/f"))]
+        else:
+            comps = [rnd.choice((*_WORDS, *names)) for _ in range(rnd.randint(1, 5))]
+        target = "/".join(comps)
+        if target:
+            links[path] = target
+    # links may name each other by any of their places: a name in a target is tried as a link too
+    for path, target in links.items():
+        os.symlink(target, src / path)
+    return links
+
+
+def _captured_links(repo: Repository, src: Path) -> tuple[dict[str, str], engine.SnapshotInfo]:
+    info = engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
+    manifest = repo.load_manifest(info)
+    return {e.path: e.target for e in manifest.entries() if e.type == "symlink"}, info
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-listing", "python-listing"])
+@pytest.mark.parametrize("seed", range(150))
+def test_a_capture_keeps_every_link_the_kernel_resolves_inside_and_restores_none_that_leaves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, native: bool) -> None:
+    if not _have_openat2(tmp_path):
+        pytest.skip("the kernel has no openat2 (the oracle)")
+    if native and not native_walk.available():
+        pytest.skip("drsync._listdir was not built")
+    monkeypatch.setattr(native_walk, "available", lambda: native)
+    rnd = random.Random(seed)
+    src = tmp_path / "src"
+    links = _random_tree(src, rnd)
+    answers = {p: _kernel(src, p) for p in links}
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    kept, info = _captured_links(repo, src)
+    for path, answer in answers.items():
+        if answer == 0:
+            assert kept.get(path) == links[path], f"{path} -> {links[path]} resolves inside; dropped"
+    tgt = tmp_path / "tgt"
+    engine.restore_snapshot(repo, info.id, str(tgt), cluster_id="c", release="1")
+    for path, target in kept.items():
+        # (a link kept though the kernel says it leaves the source passes through a link dropped: it dangles)
+        assert os.readlink(tgt / path) == target
+        assert _kernel(tgt, path) == answers[path] if answers[path] == 0 else _kernel(tgt, path) != errno.EXDEV
