@@ -370,7 +370,8 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     escaping: set[bytes] = set()
     if scan.climbs:
         captured = ManifestFile(stored, "the captured manifest")
-        escaping = escaping_in(lambda: column_groups(captured, ["path", "type", "target"]), scan.warnings)
+        escaping = escaping_in(lambda: column_groups(captured, ["path", "type", "target"]), scan.warnings,
+                               scan.outside_hashes())
         scan.climbs = False
     if escaping:
         stored = _without_paths(stored, escaping)
@@ -387,7 +388,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     if lost or scan.unlisted or scan.vanished or state.vanished or state.unread:
         stored, stale, skipped, stale_files, stale_bytes = _merge_stale(
             stored, pv.table() if pv else None, lost, scan.unlisted, {**scan.devices, **state.devices},
-            links, warnings, scan.vanished, state.vanished, state.unread)
+            links, warnings, scan.vanished, state.vanished, state.unread, scan.outside_hashes())
     if watch is not None and verdict.keep:  # what the snapshot holds below each volume, kept files included
         recorded = _files_below(Manifest.from_bytes(stored, "the captured manifest").table, recorded)
     # The snapshot's files and bytes are what it holds: the stale files kept at their last version count too.
@@ -805,7 +806,8 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                  devices: dict[str, int], groups: LinkGroups,
                  warnings: WarningLog, vanished: Sequence[tuple[str, int]] = (),
                  vanished_files: Sequence[tuple[str, int]] = (),
-                 unread_files: Sequence[tuple[str, int, str, int, int]] = ()) -> tuple[Spool, int, int, int, int]:
+                 unread_files: Sequence[tuple[str, int, str, int, int]] = (),
+                 outside: np.ndarray | None = None) -> tuple[Spool, int, int, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
     (unreadable entries and all below them, all below directories that could not be listed, or that
     vanished between their parent's listing and their own: renamed meanwhile, so below the parent's
@@ -936,7 +938,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     old = old.set_column(old.schema.get_field_index("hardlink"), "hardlink",
                          pa.array(_stale_links(old, [keep[i] for i in stale_rows], groups, warnings), pa.binary()))
     table = sort_by_path(pa.concat_tables([table, old]))
-    table = _without_escaping_links(table, warnings)
+    table = _without_escaping_links(table, warnings, outside)
     merged = Manifest(table.combine_chunks())
     validate(merged, "the captured manifest with its stale rows")
     return merged.to_spool(), len(stale_rows), skipped, stale_files, stale_bytes
@@ -995,13 +997,13 @@ def _any_below(ppaths: list[bytes], rel: str) -> bool:
     return i < len(ppaths) and ppaths[i].startswith(prefix)
 
 
-def _without_escaping_links(table: pa.Table, warnings: WarningLog) -> pa.Table:
+def _without_escaping_links(table: pa.Table, warnings: WarningLog, outside: np.ndarray | None = None) -> pa.Table:
     """Leave out links that, with the kept (stale) rows merged in, resolve outside the root: what a
     capture writes always passes the manifest rule its restore applies."""
-    if not may_escape(table.filter(pc.equal(table.column("type"), SYMLINK)).column("target")):
+    if outside is None and not may_escape(table.filter(pc.equal(table.column("type"), SYMLINK)).column("target")):
         return table  # no link climbs: none leaves the root through others (link_walk.escaping_in)
     while True:
-        bad = escaping_in(lambda links=table.select(["path", "type", "target"]): [links], warnings)
+        bad = escaping_in(lambda links=table.select(["path", "type", "target"]): [links], warnings, outside)
         if not bad:
             return table
         gone = pa.array(sorted(bad), pa.binary())

@@ -195,6 +195,7 @@ class _Notes:
     unreadable: list[str] = field(default_factory=list)
     devices: dict[str, int] = field(default_factory=dict)
     climbs: bool = False  # some link's target climbs (TreeScan.climbs)
+    outside: list[bytes] = field(default_factory=list)  # links left out by their text (TreeScan.left_out)
     root_problem: str | None = None
 
     def apply(self, scan: TreeScan) -> None:
@@ -206,6 +207,8 @@ class _Notes:
         scan.unreadable += self.unreadable
         scan.devices.update(self.devices)
         scan.climbs = scan.climbs or self.climbs
+        for rel in self.outside:
+            scan.left_out(rel)
 
 
 class _NativeLister:
@@ -262,6 +265,7 @@ class _NativeLister:
                 else:
                     warn(f"{printable(rel)}: symlink to {printable(fsdecode(target))} leaves the data root; "
                          f"not captured")
+                    scan.outside.append(prefix + name)
                     dropped.append(row)
             elif kind == _K_PROBLEM:
                 rel = fsdecode(prefix + name)

@@ -14,6 +14,7 @@ import os
 import queue
 import stat as st
 import threading
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -90,6 +91,9 @@ class TreeScan:
     # (:meth:`escaping`; a lazy scan's from what was captured of it, :func:`escaping_in`). Nothing is held
     # per link: a tree of a million ordinary links costs nothing here.
     climbs: bool = False
+    # The hash() of the path of each link left out because its text leaves the root (8 bytes a link): a kept
+    # link that passes through one (``b -> a``, ``a -> /etc``) leaves too, and is told by the same walk.
+    outside: array = field(default_factory=lambda: array("q"))
 
     COLUMNS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "inode", "target",
                "nlink", "dev", "blocks")
@@ -208,7 +212,17 @@ class TreeScan:
         if not self.climbs:
             return set()
         self.climbs = False
-        return escaping_in(lambda: [pa.Table.from_batches(self.batches, schema=SCAN_SCHEMA)], self.warnings)
+        return escaping_in(lambda: [pa.Table.from_batches(self.batches, schema=SCAN_SCHEMA)], self.warnings,
+                           self.outside_hashes())
+
+    def outside_hashes(self) -> np.ndarray | None:
+        """:attr:`outside`, sorted, for :func:`escaping_in` (None: no link was left out by its text)."""
+        return np.sort(np.frombuffer(self.outside, np.int64)) if len(self.outside) else None
+
+    def left_out(self, rel: bytes) -> None:
+        """Note a link at ``rel`` left out because its text leaves the root (:attr:`outside`)."""
+        self.outside.append(hash(rel))
+        self.climbs = True
 
     def entries(self) -> dict[str, LocalEntry]:
         """Every entry by path (str), as an apply compares them: for HDFS targets and small trees."""
@@ -241,11 +255,11 @@ class TreeScan:
         self.batches = t.filter(keep).combine_chunks().to_batches()
 
 
-def escaping_in(rows: Rows, warnings: WarningLog | None = None) -> set[bytes]:
+def escaping_in(rows: Rows, warnings: WarningLog | None = None, outside: np.ndarray | None = None) -> set[bytes]:
     """The paths (bytes) of the symlinks among ``rows`` (a scan's or a manifest's tables: path, type,
     target; read again as links are followed, :func:`drsync.repository.link_walk.escaping_in`) that reach
     outside the root through the others, each warned about in ``warnings`` as not captured."""
-    bad = link_walk.escaping_in(rows)
+    bad = link_walk.escaping_in(rows, outside=outside)
     for x, target in bad if warnings is not None else ():
         path, to = os.fsdecode(x), os.fsdecode(target)
         how = "leaves the data root" if not symlink_stays_inside(path, to) else \
@@ -558,6 +572,7 @@ class _Lister:
                         if symlink_leaves_root(fsdecode(rel), fsdecode(target)):
                             warn(f"{printable(fsdecode(rel))}: symlink to {printable(fsdecode(target))} leaves the "
                                  f"data root; not captured")
+                            scan.left_out(rel)
                             continue
                     else:
                         warn(f"{printable(fsdecode(rel))}: special file (fifo, socket or device) not captured")

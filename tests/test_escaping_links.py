@@ -223,3 +223,26 @@ def test_a_chain_of_climbing_links_ending_at_a_plain_link_is_walked_once(monkeyp
     assert steps < 20 * n, f"{steps} components walked for a chain of {n} links"
     links["c/end"] = "../.."  # the end now leaves the root: so does the whole chain
     assert len(escaping_in(_rows(links, random.Random(1)))) == n + 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_links_through_links_left_out_escape_as_the_recursion_says(seed: int) -> None:
+    """``outside``: links a capture left out by their text (absolute, empty, or climbing above the root at
+    once) are not among the rows, only their path hashes; a walk reaching one leaves. The answers are the
+    recursion's over every link, less the left-out ones."""
+    import numpy as np
+
+    rnd = random.Random(seed)
+    names = ["a", "b", "c", "a/x", "a/y", "b/z", "c/d/e", "a/x/w", "up", "d", "c/d"]
+    parts = ["..", ".", "", "a", "b", "x", "y", "z", "c", "d", "e", "w", "up"]
+    for _ in range(300):
+        links = {p: "/".join(rnd.choice(parts) for _ in range(rnd.randint(1, 4)))
+                 for p in rnd.sample(names, rnd.randint(1, len(names)))}
+        gone = set(rnd.sample(sorted(links), rnd.randint(1, len(links))))
+        for p in gone:
+            links[p] = rnd.choice(("/etc", "../" * (p.count("/") + 1) + "x"))
+        want = [p for p in _reference(links) if p not in gone]
+        kept = {p: t for p, t in links.items() if p not in gone}
+        outside = np.sort(np.array([hash(p.encode()) for p in gone], np.int64))
+        got = escaping_in(_rows(kept, rnd, files=rnd.randint(0, 3)), outside=outside)
+        assert [p.decode() for p, _ in got] == want, (links, gone)

@@ -123,9 +123,32 @@ def test_a_capture_keeps_every_link_the_kernel_resolves_inside_and_restores_none
     for path, answer in answers.items():
         if answer == 0:
             assert kept.get(path) == links[path], f"{path} -> {links[path]} resolves inside; dropped"
+        elif answer == errno.EXDEV:  # directly, through kept links, or through a link dropped by its text
+            assert path not in kept, f"{path} -> {links[path]} leaves the root; captured"
     tgt = tmp_path / "tgt"
     engine.restore_snapshot(repo, info.id, str(tgt), cluster_id="c", release="1")
     for path, target in kept.items():
-        # (a link kept though the kernel says it leaves the source passes through a link dropped: it dangles)
         assert os.readlink(tgt / path) == target
         assert _kernel(tgt, path) == answers[path] if answers[path] == 0 else _kernel(tgt, path) != errno.EXDEV
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-listing", "python-listing"])
+def test_links_through_a_link_dropped_by_its_text_are_dropped_and_warned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """Breaker s55: ``a -> /etc`` is dropped by its text; ``b -> a`` and ``f -> a/..`` lead outside through it
+    (the kernel: EXDEV) and were kept, with no warning. ``c -> b`` leads through both; ``ok -> d`` stays."""
+    if native and not native_walk.available():
+        pytest.skip("drsync._listdir was not built")
+    monkeypatch.setattr(native_walk, "available", lambda: native)
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for name, target in (("a", "/etc"), ("b", "a"), ("f", "a/.."), ("c", "b/passwd"), ("ok", "d"),
+                         ("d/up", "../b")):
+        os.symlink(target, src / name)
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    kept, info = _captured_links(repo, src)
+    assert kept == {"ok": "d"}
+    text = "\n".join(info.warnings)
+    for name in ("b", "f", "c", "d/up"):
+        assert f"{name}: symlink to" in text and "leads outside the data root through other links" in text
+    assert text.count("a: symlink to /etc leaves the data root") == 1

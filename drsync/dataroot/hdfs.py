@@ -328,6 +328,7 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
                 target = s.get("symlink") or ""
                 if symlink_leaves_root(rel, target):
                     scan.warnings.append(f"{rel}: symlink to {target} leaves the data root; not captured")
+                    scan.left_out(os.fsencode(rel))
                     continue
             v = _version(s)
             scan.path.append(rel)

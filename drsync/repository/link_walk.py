@@ -65,22 +65,51 @@ def escaping_links(links: dict[str, str]) -> list[str]:
     return sorted(p for p, s in walker.state.items() if s == _OUT)
 
 
-def escaping_in(rows: Rows, every: bool = True) -> list[tuple[bytes, bytes]]:
+def escaping_in(rows: Rows, every: bool = True, outside: np.ndarray | None = None) -> list[tuple[bytes, bytes]]:
     """The links among ``rows`` (columns path, type, target; text or binary; a null target counts as empty)
     that resolve outside the root, as (path, target) bytes sorted by path. ``every=False``: some of them,
-    at least one when any does (enough to refuse a manifest).
+    at least one when any does (enough to refuse a manifest). ``outside``: the sorted ``hash()`` (int64) of
+    the paths of links that are not among ``rows`` and leave the root (a capture's links dropped by their
+    text): a walk that reaches one of them leaves too (``b -> a`` with ``a -> /etc`` dropped).
 
     Holds an 8-byte hash per link, the climbing links and the links their walks pass through; ``rows`` is
     read again for those (one pass per step of the longest such chain, at most :data:`_ROUNDS`, then every
     link is held in columns). When some link escapes and ``every`` is asked, every link is held in columns
     (:class:`_LinkColumns`) and each whose walk meets another link is walked."""
-    lazily = _escaping_lazily(rows, every)
-    return lazily if lazily is not None else _escaping_held(rows, every)
+    out_of = _Outside(outside)
+    lazily = _escaping_lazily(rows, every, out_of)
+    return lazily if lazily is not None else _escaping_held(rows, every, out_of)
 
 
-def _escaping_lazily(rows: Rows, every: bool) -> list[tuple[bytes, bytes]] | None:
+class _Outside:
+    """Paths of links left out of the rows that leave the root, by hash (:func:`escaping_in`'s ``outside``):
+    a walk asking for one gets an absolute target (it leaves), and the paths so answered (``reached``) are
+    never among the links named."""
+
+    def __init__(self, hashes: np.ndarray | None) -> None:
+        self.hashes = hashes if hashes is not None else np.zeros(0, np.int64)
+        self.reached: set[bytes] = set()
+
+    def __bool__(self) -> bool:
+        return bool(len(self.hashes))
+
+    def has(self, hashes: np.ndarray) -> np.ndarray:
+        if not len(self.hashes):
+            return np.zeros(len(hashes), bool)
+        at = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+        return self.hashes[at] == hashes
+
+    def target_of(self, path: bytes, h: int | None = None) -> bytes | None:
+        if not len(self.hashes) or not self.has(np.array([hash(path) if h is None else h], np.int64))[0]:
+            return None
+        self.reached.add(path)
+        return b"/"
+
+
+def _escaping_lazily(rows: Rows, every: bool, outside: _Outside) -> list[tuple[bytes, bytes]] | None:
     """:func:`escaping_in` from the climbing links and the links their walks pass through, or None when every
-    link must be held: some link escapes and ``every`` is asked, or a chain needs more passes than allowed."""
+    link must be held: some link escapes and ``every`` is asked, or a chain needs more passes than allowed.
+    With ``outside`` links, the links whose steps name one of them or another link are walked too."""
     hashes: list[np.ndarray] = []
     known: dict[bytes, bytes] = {}  # link -> target: the climbing ones, then those their walks pass through
     for paths, targets in _links(rows):
@@ -89,21 +118,28 @@ def _escaping_lazily(rows: Rows, every: bool) -> list[tuple[bytes, bytes]] | Non
             hashes.append(np.fromiter(map(hash, part.to_pylist()), dtype=np.int64, count=len(part)))
         mask = _climbing_mask(targets)
         known.update(zip(paths.filter(mask).to_pylist(), targets.filter(mask).to_pylist(), strict=True))
+    if not known and not outside:
+        return []
+    members = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.int64)
+    del hashes
+    if outside:  # a link that does not climb leaves through one of them, maybe through other links first
+        for paths, targets in _links(rows):
+            for start in range(0, len(paths), _JUDGE):
+                ps, ts = paths.slice(start, _JUDGE).to_pylist(), targets.slice(start, _JUDGE).to_pylist()
+                for k in _meeting(ps, ts, lambda h: outside.has(h) | _in_sorted(members, h)):
+                    known[ps[k]] = ts[k]
     if not known:
         return []
-    members = np.sort(np.concatenate(hashes))
-    del hashes
     climbing = list(known)
     absent: set[bytes] = set()  # paths whose hash is a link's, and which are not links
 
     def target_of(path: bytes) -> bytes | None:
         target = known.get(path)
-        if target is not None or path in absent:
+        if target is not None:
             return target
         h = hash(path)
-        at = int(np.searchsorted(members, h))
-        if at == len(members) or members[at] != h:
-            return None
+        if path in absent or not _in_sorted(members, np.array([h], np.int64))[0]:
+            return outside.target_of(path, h)
         raise _Unknown(path)
 
     walker = _Walker(target_of)
@@ -124,8 +160,36 @@ def _escaping_lazily(rows: Rows, every: bool) -> list[tuple[bytes, bytes]] | Non
         todo = [p for p in todo if p not in walker.state]
     else:
         return None  # a chain longer than the passes allowed
-    out = sorted(p for p, s in walker.state.items() if s == _OUT)
+    out = sorted(p for p, s in walker.state.items() if s == _OUT and p not in outside.reached)
     return None if out and every else [(p, known[p]) for p in out]
+
+
+def _in_sorted(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    if not len(sorted_hashes):
+        return np.zeros(len(hashes), bool)
+    at = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
+    return sorted_hashes[at] == hashes
+
+
+def _meeting(paths: list[bytes], targets: list[bytes], named: Callable[[np.ndarray], np.ndarray]) -> list[int]:
+    """The indices of the links among ``paths`` (targets ``targets``) that do not climb and one of whose
+    steps (its directory joined with each component of its target in turn) ``named`` says may be a link
+    (a bool mask over step hashes). A link none of whose steps is a link leads where its text says."""
+    steps: list[int] = []
+    owner: list[int] = []
+    for k, (path, target) in enumerate(zip(paths, targets, strict=True)):
+        if climbing_target(target):
+            continue
+        cur = path.rpartition(b"/")[0]
+        for comp in target.split(b"/"):
+            if comp and comp != b".":
+                cur = cur + b"/" + comp if cur else comp
+                steps.append(hash(cur))
+                owner.append(k)
+    if not steps:
+        return []
+    hit = named(np.asarray(steps, dtype=np.int64))
+    return np.unique(np.asarray(owner, dtype=np.int64)[hit]).tolist()
 
 
 class _Unknown(Exception):
@@ -254,19 +318,24 @@ def _targets_of(rows: Rows, wanted: set[bytes]) -> dict[bytes, bytes]:
     return found
 
 
-def _escaping_held(rows: Rows, every: bool) -> list[tuple[bytes, bytes]]:
+def _escaping_held(rows: Rows, every: bool, outside: _Outside) -> list[tuple[bytes, bytes]]:
     """:func:`escaping_in` with every link held in columns: each climbing link is walked, and (``every``)
     each other one whose walk meets another link; one whose every step (its directory and each component
     of its target, which only descends) names no link leads where its text says, inside the root."""
     links = _LinkColumns(rows)
-    walker = _Walker(links.target_of)
+
+    def target_of(path: bytes) -> bytes | None:
+        target = links.target_of(path)
+        return target if target is not None else outside.target_of(path)
+
+    walker = _Walker(target_of)
     for p in links.climbing():
         walker.resolve(p)
-    if every and any(s == _OUT for s in walker.state.values()):
+    if every and (outside or any(s == _OUT for s in walker.state.values())):
         for paths, targets in links.steps():
-            for p in links.meeting_links(paths, targets):
-                walker.resolve(p)
-    out = sorted(p for p, s in walker.state.items() if s == _OUT)
+            for k in _meeting(paths, targets, lambda h: outside.has(h) | _in_sorted(links.hashes, h)):
+                walker.resolve(paths[k])
+    out = sorted(p for p, s in walker.state.items() if s == _OUT and p not in outside.reached)
     return [(p, links.target_of(p) or b"") for p in out]
 
 
@@ -295,6 +364,11 @@ class _LinkColumns:
         self._order = np.argsort(every, kind="stable")
         self._sorted = every[self._order]
 
+    @property
+    def hashes(self) -> np.ndarray:
+        """Every link's path hash, sorted."""
+        return self._sorted
+
     def climbing(self) -> list[bytes]:
         return [p for chunk in self._climbing for p in chunk.to_pylist()]
 
@@ -303,27 +377,6 @@ class _LinkColumns:
         for paths, targets in zip(self._paths, self._targets, strict=True):
             for start in range(0, len(paths), _JUDGE):
                 yield paths.slice(start, _JUDGE).to_pylist(), targets.slice(start, _JUDGE).to_pylist()
-
-    def meeting_links(self, paths: list[bytes], targets: list[bytes]) -> list[bytes]:
-        """The links among ``paths`` (targets ``targets``) that do not climb and whose walk may meet another
-        link: a step (a hash of it) names one."""
-        steps: list[int] = []
-        owner: list[int] = []
-        for k, (path, target) in enumerate(zip(paths, targets, strict=True)):
-            if climbing_target(target):
-                continue
-            cur = path.rpartition(b"/")[0]
-            for comp in target.split(b"/"):
-                if comp and comp != b".":
-                    cur = cur + b"/" + comp if cur else comp
-                    steps.append(hash(cur))
-                    owner.append(k)
-        if not steps or not len(self._sorted):
-            return []
-        hs = np.asarray(steps, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self._sorted, hs), len(self._sorted) - 1)
-        meets = np.unique(np.asarray(owner, dtype=np.int64)[self._sorted[at] == hs])
-        return [paths[k] for k in meets.tolist()]
 
     def target_of(self, path: bytes) -> bytes | None:
         h = hash(path)
