@@ -143,17 +143,22 @@ def _rows(links: dict[str, str], rnd: random.Random, files: int = 0) -> link_wal
     return lambda: iter(tables)
 
 
+def _random_links(rnd: random.Random, shortest: int) -> dict[str, str]:
+    """Links at some of a few nested names, each a target of ``shortest`` to 4 components naming them."""
+    names = ["a", "b", "c", "a/x", "a/y", "b/z", "c/d/e", "a/x/w", "up", "d", "c/d"]
+    parts = ["..", ".", "", "a", "b", "x", "y", "z", "c", "d", "e", "w", "up"]
+    return {p: "/".join(rnd.choice(parts) for _ in range(rnd.randint(shortest, 4)))
+            for p in rnd.sample(names, rnd.randint(1, len(names)))}
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_links_read_from_rows_escape_as_the_recursion_says(seed: int) -> None:
     """escaping_in reads the targets a climbing link's walk needs from the rows again (a pass per step), or holds
     every link in columns once one escapes: the same answers as the recursive resolution, ``every=False`` one of
     them at least when there are any, and only escaping ones."""
     rnd = random.Random(seed)
-    names = ["a", "b", "c", "a/x", "a/y", "b/z", "c/d/e", "a/x/w", "up", "d", "c/d"]
-    parts = ["..", ".", "", "a", "b", "x", "y", "z", "c", "d", "e", "w", "up"]
     for _ in range(300):
-        links = {p: "/".join(rnd.choice(parts) for _ in range(rnd.randint(0, 4)))
-                 for p in rnd.sample(names, rnd.randint(1, len(names)))}
+        links = _random_links(rnd, 0)
         want = _reference(links)
         rows = _rows(links, rnd, files=rnd.randint(0, 3))
         got = escaping_in(rows)
@@ -233,11 +238,8 @@ def test_links_through_links_left_out_escape_as_the_recursion_says(seed: int) ->
     import numpy as np
 
     rnd = random.Random(seed)
-    names = ["a", "b", "c", "a/x", "a/y", "b/z", "c/d/e", "a/x/w", "up", "d", "c/d"]
-    parts = ["..", ".", "", "a", "b", "x", "y", "z", "c", "d", "e", "w", "up"]
     for _ in range(300):
-        links = {p: "/".join(rnd.choice(parts) for _ in range(rnd.randint(1, 4)))
-                 for p in rnd.sample(names, rnd.randint(1, len(names)))}
+        links = _random_links(rnd, 1)
         gone = set(rnd.sample(sorted(links), rnd.randint(1, len(links))))
         for p in gone:
             links[p] = rnd.choice(("/etc", "../" * (p.count("/") + 1) + "x"))
