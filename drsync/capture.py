@@ -223,8 +223,9 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
         notes.merge(result.warnings)
         result.warnings = notes
     stray = data_root.foreign_staging(top_only=True)  # below the top, the walk says so itself
-    if stray is not None:
-        result.warnings.append(f"{printable(stray)}: the name is reserved for drsync's staging area; not captured")
+    if stray is not None:  # named as the walk names paths: relative to the root (it is at the top)
+        result.warnings.append(f"{printable(stray.rstrip('/').rpartition('/')[2])}: the name is reserved for "
+                               f"drsync's staging area; not captured")
     if (not allow_empty and parent is not None and not result.files and parent.file_count()
             and not result.manifest.file_count()):
         raise OperationFailed(f"data root {data_root.url} holds no files, but the last snapshot held "
