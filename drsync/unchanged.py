@@ -40,6 +40,7 @@ from drsync.repository.manifest import (
     SYMLINK,
     Manifest,
     bool_mask,
+    column_groups,
     external_mask,
     path_parents,
 )
@@ -314,7 +315,9 @@ class _Merge:
         self.xattrs_at = manifest.in_order("xattrs")  # a lean manifest's, streamed from its file as batches pass
         # The hard-link groups, by their first file's row, and how many files each has (it and those naming
         # it): a group is settled only whole.
-        self.leaders = LinkLeaders(t.column("path"), t.column("hardlink"))
+        self.leaders = LinkLeaders(t.column("path"),
+                                   (g.column("hardlink") for g in column_groups(manifest, ["hardlink"])))
+        self.hardlinks_at = manifest.in_order("hardlink")  # a lean manifest's, streamed from its file
         self.group_size = self.leaders.size
         # Members of hard-link groups, decided once every member was seen (groups span windows, a whole tree
         # apart in a backup tree linked across its days): those only the manifest has (rows, groups, which
@@ -353,11 +356,12 @@ class _Merge:
         paths = bt.column("path").combine_chunks().cast(pa.large_binary())  # as the walk's
         mode = col("mode").astype(np.int64)
         files = bool_mask(pc.equal(bt.column("type"), FILE)) & ~external_mask(bt)  # bytes in the repository
-        unlinked = bool_mask(pc.is_null(bt.column("hardlink")))
+        hardlinks = self.hardlinks_at(np.arange(start, start + bt.num_rows))
+        unlinked = bool_mask(pc.is_null(hardlinks))
         keeps_mode = mode & self.extra == 0
         lead_of = self.leaders.group_of_rows(np.arange(start, start + bt.num_rows))
         plain = files & unlinked & (lead_of < 0) & keeps_mode
-        named = self.leaders.group_of_names(bt.column("hardlink"))
+        named = self.leaders.group_of_names(hardlinks)
         leader = files & unlinked & (lead_of >= 0) & keeps_mode
         group = np.where(leader, lead_of, np.where(files & keeps_mode, named, -1)).astype(np.int64)
         secs = col("mtime_s")

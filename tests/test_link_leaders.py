@@ -53,7 +53,7 @@ def test_groups_are_the_dicts_whatever_the_hashes(monkeypatch: pytest.MonkeyPatc
     paths, hard, links = _columns(rnd, rnd.randint(1, 400), rnd.randint(1, 6))
     names = [p for c in paths.chunks for p in c.to_pylist()]
     size, member = _reference(names, links)
-    got = LinkLeaders(paths, hard)
+    got = LinkLeaders(paths, hard.chunks)
     assert got.rows.tolist() == sorted(size) and got.size.tolist() == [size[r] for r in sorted(size)]
     group_of_leader = {r: g for g, r in enumerate(got.rows.tolist())}
     rows = np.arange(len(names))
@@ -68,7 +68,7 @@ def test_groups_are_the_dicts_whatever_the_hashes(monkeypatch: pytest.MonkeyPatc
 
 def test_no_hard_links_build_nothing() -> None:
     paths = pa.chunked_array([pa.array([b"a", b"b"], pa.binary())])
-    got = LinkLeaders(paths, pa.chunked_array([pa.nulls(2, pa.binary())]))
+    got = LinkLeaders(paths, [pa.nulls(2, pa.binary())])
     assert len(got) == 0 and got.group_of_rows(np.arange(2)).tolist() == [-1, -1]
     assert got.group_of_names(pa.array([b"a", None], pa.binary())).tolist() == [-1, -1]
 
@@ -82,8 +82,37 @@ def test_100000_groups_of_long_names_hold_a_few_bytes_a_row() -> None:
             for i in range(n)]
     names = sorted(day0 + [b"daily.1" + p[7:] for p in day0])
     links = [None if p.startswith(b"daily.0") else b"daily.0" + p[7:] for p in names]
-    got = LinkLeaders(pa.chunked_array([pa.array(names, pa.binary())]), pa.chunked_array([pa.array(links)]))
+    got = LinkLeaders(pa.chunked_array([pa.array(names, pa.binary())]), [pa.array(links)])
     assert len(got) == n and set(got.size.tolist()) == {2}
     held = got.rows.nbytes + got.size.nbytes + got._sorted.nbytes + got._order.nbytes
     assert held <= 32 * n
     assert (got.group_of_names(pa.array(links[-5:], pa.binary())) >= 0).all()
+
+
+def test_a_lean_manifest_leaves_the_hard_links_in_its_file_and_still_gives_them(tmp_path) -> None:
+    """The names hard links give (36 MiB in a lean table of two hard-linked days of 500,000 files) are read
+    from the manifest's file with the rows that ask: entries, entries at rows and values at rows give what
+    the whole manifest gives."""
+    import os
+
+    from drsync import engine
+    from drsync.repository.repo import Repository
+    from drsync.storage.local import LocalStorage
+
+    src = tmp_path / "src"
+    (src / "daily.0").mkdir(parents=True)
+    (src / "daily.1").mkdir()
+    for i in range(50):
+        (src / "daily.0" / f"f{i:02}").write_bytes(b"x" * i)
+        os.link(src / "daily.0" / f"f{i:02}", src / "daily.1" / f"f{i:02}")
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    info = engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
+    whole, lean = repo.load_manifest(info), repo.load_manifest(info, lean=True)
+    assert "hardlink" in whole.table.column_names and "hardlink" not in lean.table.column_names
+    want = [(e.path, e.hardlink) for e in whole.entries()]
+    assert sum(h is not None for _, h in want) == 50
+    assert [(e.path, e.hardlink) for e in lean.entries(light=True)] == want
+    assert [(e.path, e.hardlink) for e in lean.entries()] == want
+    rows = np.arange(0, len(want), 3)
+    assert [(e.path, e.hardlink) for e in lean.entries_at(rows, light=True)] == [want[r] for r in rows.tolist()]
+    assert lean.values_at(rows, ("path", "hardlink"))["hardlink"] == [want[r][1] for r in rows.tolist()]

@@ -13,6 +13,8 @@ Pure: built from a manifest's columns, used by :mod:`drsync.unchanged`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,24 +47,32 @@ def _take(column: pa.ChunkedArray, starts: np.ndarray, rows: np.ndarray) -> pa.A
 
 
 class LinkLeaders:
-    """The hard-link groups of a manifest's ``paths`` and ``hardlinks`` columns (path-sorted, unique paths;
-    a hard link names a path of the same columns, as validation requires). Groups are numbered 0..n-1 in
-    their leaders' row order; ``size[g]`` counts group ``g``'s files, its leader included (int64)."""
+    """The hard-link groups of a manifest's ``paths`` column and its ``hardlinks`` column, read a piece at a
+    time (path-sorted, unique paths; a hard link names a path of the same column, as validation requires).
+    Groups are numbered 0..n-1 in their leaders' row order; ``size[g]`` counts group ``g``'s files, its
+    leader included (int64)."""
 
-    def __init__(self, paths: pa.ChunkedArray, hardlinks: pa.ChunkedArray) -> None:
+    def __init__(self, paths: pa.ChunkedArray, hardlinks: Iterable[pa.Array | pa.ChunkedArray]) -> None:
         self._paths = paths.cast(pa.binary())
         self._starts = np.cumsum([0, *(len(c) for c in self._paths.chunks)])[:-1].astype(np.int64)
         self.rows = np.zeros(0, np.int64)  # each group's leader row, ascending
         self.size = np.zeros(0, np.int64)
         self._sorted = np.zeros(0, np.int64)  # the hashes of the paths looked up, ascending: every path's
         self._order = np.zeros(0, np.int64)  # while the leaders are found, then the leaders'; and their rows
-        if hardlinks.null_count == len(hardlinks):
+        hashes: np.ndarray | None = None
+        named: list[np.ndarray] = []
+        for piece in hardlinks:
+            names = piece.drop_null()
+            if not len(names):
+                continue
+            if hashes is None:  # the first hard link: every path is indexed, to find the leaders' rows
+                hashes = np.concatenate([_hashes(c) for c in self._paths.chunks])
+                self._order = np.argsort(hashes, kind="stable").astype(np.int32 if len(hashes) < 2**31 else np.int64)
+                self._sorted = hashes[self._order]
+            named.append(self.rows_of(names))
+        if hashes is None:
             return
-        hashes = np.concatenate([_hashes(c) for c in self._paths.chunks]) if len(paths) else np.zeros(0, np.int64)
-        self._order = np.argsort(hashes, kind="stable").astype(np.int32 if len(hashes) < 2**31 else np.int64)
-        self._sorted = hashes[self._order]
-        named = [self.rows_of(c.filter(pc.is_valid(c))) for c in hardlinks.cast(pa.binary()).chunks]
-        leaders = np.concatenate(named) if named else np.zeros(0, np.int64)
+        leaders = np.concatenate(named)
         del named
         self.rows, counts = np.unique(leaders[leaders >= 0], return_counts=True)
         self.size = counts.astype(np.int64) + 1

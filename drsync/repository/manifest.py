@@ -287,9 +287,12 @@ _DEFAULTS = {"xattrs": None, "hardlink": None, "sparse": False, "stale": False}
 
 # What a lean manifest (:meth:`Manifest.lean`) leaves in its file: the chunk lists and content digests (about
 # 73 MiB of a 1,000,000-file table's 161), the change-detection columns an apply never reads, and the
-# extended attributes (ACLs and user attributes on every file: 300 bytes a file and more), read back a row
-# group at a time with the rows that ask for them.
-LEAN_LEFT_OUT = ("chunks", "chunk_sizes", "content", "ctime_ns", "inode", "xattrs")
+# extended attributes (ACLs and user attributes on every file: 300 bytes a file and more), and the hard links'
+# names (a backup tree of two hard-linked days of 500,000 files of 63-byte paths: 36 MiB; an apply numbers
+# the groups by their first file's row, drsync.repository.link_leaders), read back a row group at a time
+# with the rows that ask for them.
+LEAN_LEFT_OUT = ("chunks", "chunk_sizes", "content", "ctime_ns", "inode", "xattrs", "hardlink")
+_LIGHT_LEFT_OUT = ("xattrs", "hardlink")  # what light entries hold of the columns a lean manifest leaves out
 LEAN_EXTERNAL = "external"  # the lean table's own column: :func:`external_mask`, worked out on load
 _HEAVY = ("chunks", "chunk_sizes", "content")
 
@@ -468,13 +471,19 @@ class Manifest:
 
     def _with_xattrs(self, t: pa.Table, rows: np.ndarray,
                      xattrs: Callable[[np.ndarray], pa.Array] | None = None) -> pa.Table:
-        """``t`` (manifest ``rows``) with its ``xattrs`` column, read from a lean manifest's file (by ``xattrs``,
-        an :meth:`in_order` reader, when given)."""
-        if "xattrs" in t.column_names:
+        """``t`` (manifest ``rows``) with its ``xattrs`` and ``hardlink`` columns, read from a lean manifest's file
+        (the extended attributes by ``xattrs``, an :meth:`in_order` reader, when given)."""
+        missing = [n for n in _LIGHT_LEFT_OUT if n not in t.column_names]
+        if not missing:
             return t
-        if xattrs is not None:
-            return t.append_column("xattrs", xattrs(rows))
-        return t.append_column("xattrs", self.columns_at(rows, ["xattrs"]).column("xattrs"))
+        if "xattrs" in missing and xattrs is not None:
+            t = t.append_column("xattrs", xattrs(rows))
+            missing.remove("xattrs")
+        if missing:
+            read = self.columns_at(rows, missing)
+            for n in missing:
+                t = t.append_column(n, read.column(n))
+        return t
 
     def _batches(self) -> tuple[list[pa.RecordBatch], np.ndarray]:
         split = self._split
@@ -542,7 +551,7 @@ class Manifest:
         for b in np.unique(which).tolist():
             rows_b = wanted[which == b]
             picked = pa.Table.from_batches([batches[b].take(pa.array(rows_b - starts[b]))])
-            if "xattrs" in names:
+            if any(n in _LIGHT_LEFT_OUT for n in names):
                 picked = self._with_xattrs(picked, rows_b, xattrs)
             for n in names:
                 out[n].extend(_pycolumn(picked, n))
