@@ -47,8 +47,8 @@ def _reference(names: list[bytes], links: list[bytes | None]) -> tuple[dict[int,
 @pytest.mark.parametrize("seed", range(60))
 def test_groups_are_the_dicts_whatever_the_hashes(monkeypatch: pytest.MonkeyPatch, seed: int, collide: bool) -> None:
     if collide:
-        real = link_leaders._hashes
-        monkeypatch.setattr(link_leaders, "_hashes", lambda values: real(values) % 4)
+        real = link_leaders.hashes_of
+        monkeypatch.setattr(link_leaders, "hashes_of", lambda values: real(values) % 4)
     rnd = random.Random(seed)
     paths, hard, links = _columns(rnd, rnd.randint(1, 400), rnd.randint(1, 6))
     names = [p for c in paths.chunks for p in c.to_pylist()]

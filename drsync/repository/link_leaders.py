@@ -22,13 +22,21 @@ import pyarrow.compute as pc
 _STEP = 1 << 16  # names hashed at a time (bounds the Python objects made at once)
 
 
-def _hashes(values: pa.Array) -> np.ndarray:
-    """Python's hash of each value (binary, no nulls), as int64."""
+def hashes_of(values: pa.Array) -> np.ndarray:
+    """Python's hash of each value (binary, no nulls), as int64, a step of values at a time."""
     out = np.empty(len(values), np.int64)
     for start in range(0, len(values), _STEP):
         part = values.slice(start, _STEP).to_pylist()
         out[start:start + len(part)] = np.fromiter(map(hash, part), np.int64, count=len(part))
     return out
+
+
+def in_sorted(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """Whether each of ``hashes`` is among ``sorted_hashes`` (ascending int64): a bool mask."""
+    if not len(sorted_hashes):
+        return np.zeros(len(hashes), bool)
+    at = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
+    return sorted_hashes[at] == hashes
 
 
 def _take(column: pa.ChunkedArray, starts: np.ndarray, rows: np.ndarray) -> pa.Array:
@@ -66,7 +74,7 @@ class LinkLeaders:
             if not len(names):
                 continue
             if hashes is None:  # the first hard link: every path is indexed, to find the leaders' rows
-                hashes = np.concatenate([_hashes(c) for c in self._paths.chunks])
+                hashes = np.concatenate([hashes_of(c) for c in self._paths.chunks])
                 self._order = np.argsort(hashes, kind="stable").astype(np.int32 if len(hashes) < 2**31 else np.int64)
                 self._sorted = hashes[self._order]
             named.append(self.rows_of(names))
@@ -95,7 +103,7 @@ class LinkLeaders:
         if not len(valid) or not len(self._sorted):
             return out
         asked = names.take(pa.array(valid)) if len(valid) < len(names) else names
-        h = _hashes(asked)
+        h = hashes_of(asked)
         at = np.minimum(np.searchsorted(self._sorted, h), len(self._sorted) - 1)
         maybe = self._sorted[at] == h
         row = np.where(maybe, self._order[at], 0).astype(np.int64)

@@ -21,10 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from drsync.repository.link_leaders import hashes_of, in_sorted
+
 Rows = Callable[[], Iterable[pa.Table]]  # a tree's rows (columns path, type, target), read again at each call
 
 _CLIMBS = r"(^|/)\.\.(/|$)|^/|^$|\x00"  # a target that can start an escape (see climbing_target)
-_STEP = 1 << 16  # links hashed at a time (bounds the Python objects made at once)
 _JUDGE = 1 << 14  # links judged at a time once some link escapes (each step of their walks is hashed)
 _ROUNDS = 8  # passes over the rows for targets the climbing links' walks need, before all are held
 _BUSY, _OUT, _LOOP, _IN, _BLOCKED = 1, 2, 3, 4, 5  # a walked link's state: being resolved, where it led, or
@@ -94,10 +95,7 @@ class _Outside:
         return bool(len(self.hashes))
 
     def has(self, hashes: np.ndarray) -> np.ndarray:
-        if not len(self.hashes):
-            return np.zeros(len(hashes), bool)
-        at = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
-        return self.hashes[at] == hashes
+        return in_sorted(self.hashes, hashes)
 
     def target_of(self, path: bytes, h: int | None = None) -> bytes | None:
         if not len(self.hashes) or not self.has(np.array([hash(path) if h is None else h], np.int64))[0]:
@@ -113,9 +111,7 @@ def _escaping_lazily(rows: Rows, every: bool, outside: _Outside) -> list[tuple[b
     hashes: list[np.ndarray] = []
     known: dict[bytes, bytes] = {}  # link -> target: the climbing ones, then those their walks pass through
     for paths, targets in _links(rows):
-        for start in range(0, len(paths), _STEP):
-            part = paths.slice(start, _STEP)
-            hashes.append(np.fromiter(map(hash, part.to_pylist()), dtype=np.int64, count=len(part)))
+        hashes.append(hashes_of(paths))
         mask = _climbing_mask(targets)
         known.update(zip(paths.filter(mask).to_pylist(), targets.filter(mask).to_pylist(), strict=True))
     if not known and not outside:
@@ -126,7 +122,7 @@ def _escaping_lazily(rows: Rows, every: bool, outside: _Outside) -> list[tuple[b
         for paths, targets in _links(rows):
             for start in range(0, len(paths), _JUDGE):
                 ps, ts = paths.slice(start, _JUDGE).to_pylist(), targets.slice(start, _JUDGE).to_pylist()
-                for k in _meeting(ps, ts, lambda h: outside.has(h) | _in_sorted(members, h)):
+                for k in _meeting(ps, ts, lambda h: outside.has(h) | in_sorted(members, h)):
                     known[ps[k]] = ts[k]
     if not known:
         return []
@@ -138,7 +134,7 @@ def _escaping_lazily(rows: Rows, every: bool, outside: _Outside) -> list[tuple[b
         if target is not None:
             return target
         h = hash(path)
-        if path in absent or not _in_sorted(members, np.array([h], np.int64))[0]:
+        if path in absent or not in_sorted(members, np.array([h], np.int64))[0]:
             return outside.target_of(path, h)
         raise _Unknown(path)
 
@@ -162,13 +158,6 @@ def _escaping_lazily(rows: Rows, every: bool, outside: _Outside) -> list[tuple[b
         return None  # a chain longer than the passes allowed
     out = sorted(p for p, s in walker.state.items() if s == _OUT and p not in outside.reached)
     return None if out and every else [(p, known[p]) for p in out]
-
-
-def _in_sorted(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-    if not len(sorted_hashes):
-        return np.zeros(len(hashes), bool)
-    at = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
-    return sorted_hashes[at] == hashes
 
 
 def _meeting(paths: list[bytes], targets: list[bytes], named: Callable[[np.ndarray], np.ndarray]) -> list[int]:
@@ -333,7 +322,7 @@ def _escaping_held(rows: Rows, every: bool, outside: _Outside) -> list[tuple[byt
         walker.resolve(p)
     if every and (outside or any(s == _OUT for s in walker.state.values())):
         for paths, targets in links.steps():
-            for k in _meeting(paths, targets, lambda h: outside.has(h) | _in_sorted(links.hashes, h)):
+            for k in _meeting(paths, targets, lambda h: outside.has(h) | in_sorted(links.hashes, h)):
                 walker.resolve(paths[k])
     out = sorted(p for p, s in walker.state.items() if s == _OUT and p not in outside.reached)
     return [(p, links.target_of(p) or b"") for p in out]
@@ -351,9 +340,7 @@ class _LinkColumns:
         hashes: list[np.ndarray] = []
         count = 0
         for paths, targets in _links(rows):
-            for start in range(0, len(paths), _STEP):
-                part = paths.slice(start, _STEP)
-                hashes.append(np.fromiter(map(hash, part.to_pylist()), dtype=np.int64, count=len(part)))
+            hashes.append(hashes_of(paths))
             self._climbing.append(paths.filter(_climbing_mask(targets)))
             self._paths.append(paths)
             self._targets.append(targets)

@@ -469,7 +469,7 @@ class Manifest:
 
         return read
 
-    def _with_xattrs(self, t: pa.Table, rows: np.ndarray,
+    def _with_left_out(self, t: pa.Table, rows: np.ndarray,
                      xattrs: Callable[[np.ndarray], pa.Array] | None = None) -> pa.Table:
         """``t`` (manifest ``rows``) with its ``xattrs`` and ``hardlink`` columns, read from a lean manifest's file
         (the extended attributes by ``xattrs``, an :meth:`in_order` reader, when given)."""
@@ -503,7 +503,7 @@ class Manifest:
         planning at scale; :meth:`entries_at` gives the full entries of chosen rows later."""
         start = 0
         for batch in self.table.to_batches():
-            t = self._with_xattrs(pa.Table.from_batches([batch]), np.arange(start, start + batch.num_rows))
+            t = self._with_left_out(pa.Table.from_batches([batch]), np.arange(start, start + batch.num_rows))
             part = _entries_of(t, start, light or self.source is not None)
             if self.source is not None and not light:
                 yield from self._filled(list(part))
@@ -532,7 +532,7 @@ class Manifest:
         out: list[Entry | None] = [None] * len(rows)
         for b in np.unique(which).tolist():
             sel = np.flatnonzero(which == b)
-            picked = self._with_xattrs(pa.Table.from_batches([batches[b].take(pa.array(wanted[sel] - starts[b]))]),
+            picked = self._with_left_out(pa.Table.from_batches([batches[b].take(pa.array(wanted[sel] - starts[b]))]),
                                        wanted[sel], xattrs if (np.diff(wanted) >= 0).all() else None)
             for k, e in zip(sel.tolist(), _entries_of(picked, 0, light, wanted[sel].tolist()), strict=True):
                 out[k] = e
@@ -552,7 +552,7 @@ class Manifest:
             rows_b = wanted[which == b]
             picked = pa.Table.from_batches([batches[b].take(pa.array(rows_b - starts[b]))])
             if any(n in _LIGHT_LEFT_OUT for n in names):
-                picked = self._with_xattrs(picked, rows_b, xattrs)
+                picked = self._with_left_out(picked, rows_b, xattrs)
             for n in names:
                 out[n].extend(_pycolumn(picked, n))
         return out
