@@ -35,7 +35,7 @@ from drsync.dataroot import SMALL_FILE_BYTES, DataRoot, FileVersion, FrozenRoot,
 from drsync.errors import OperationFailed, UsageError
 from drsync.hardlink_groups import LinkGroups, holds
 from drsync.repository import chunks
-from drsync.repository.link_walk import may_escape
+from drsync.repository.link_walk import LeftOut, may_escape
 from drsync.repository.manifest import (
     DIR,
     EMPTY_CONTENT,
@@ -369,11 +369,11 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     # target of which climbs, has them told now: every link captured, read back from the manifest, resolved
     # together.
     escaping: set[bytes] = set()
-    if scan.climbs:
+    if scan.links_to_judge:
         captured = ManifestFile(stored, "the captured manifest")
         escaping = escaping_in(lambda: column_groups(captured, ["path", "type", "target"]), scan.warnings,
-                               scan.outside_hashes())
-        scan.climbs = False
+                               scan.left_out_links())
+        scan.climbs = scan.linked = False
     if escaping:
         stored = _without_paths(stored, escaping)
     stale = skipped = stale_files = stale_bytes = 0
@@ -389,7 +389,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     if lost or scan.unlisted or scan.vanished or state.vanished or state.unread:
         stored, stale, skipped, stale_files, stale_bytes = _merge_stale(
             stored, pv.table() if pv else None, lost, scan.unlisted, {**scan.devices, **state.devices},
-            links, warnings, scan.vanished, state.vanished, state.unread, scan.outside_hashes())
+            links, warnings, scan.vanished, state.vanished, state.unread, scan.left_out_links())
     if watch is not None and verdict.keep:  # what the snapshot holds below each volume, kept files included
         recorded = _files_below(Manifest.from_bytes(stored, "the captured manifest").table, recorded)
     # The snapshot's files and bytes are what it holds: the stale files kept at their last version count too.
@@ -808,7 +808,7 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                  warnings: WarningLog, vanished: Sequence[tuple[str, int]] = (),
                  vanished_files: Sequence[tuple[str, int]] = (),
                  unread_files: Sequence[tuple[str, int, str, int, int]] = (),
-                 outside: np.ndarray | None = None) -> tuple[Spool, int, int, int, int]:
+                 outside: LeftOut | None = None) -> tuple[Spool, int, int, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
     (unreadable entries and all below them, all below directories that could not be listed, or that
     vanished between their parent's listing and their own: renamed meanwhile, so below the parent's
@@ -998,7 +998,7 @@ def _any_below(ppaths: list[bytes], rel: str) -> bool:
     return i < len(ppaths) and ppaths[i].startswith(prefix)
 
 
-def _without_escaping_links(table: pa.Table, warnings: WarningLog, outside: np.ndarray | None = None) -> pa.Table:
+def _without_escaping_links(table: pa.Table, warnings: WarningLog, outside: LeftOut | None = None) -> pa.Table:
     """Leave out links that, with the kept (stale) rows merged in, resolve outside the root: what a
     capture writes always passes the manifest rule its restore applies."""
     if outside is None and not may_escape(table.filter(pc.equal(table.column("type"), SYMLINK)).column("target")):

@@ -225,6 +225,29 @@ def open_beneath(root: str, rel: str, flags: int = os.O_RDONLY) -> int:
         os.close(fd)
 
 
+def link_beneath(root: str, rel: bytes) -> bytes | None:
+    """The target of the symlink at ``root/rel`` (bytes), None when nothing or no link is there; its
+    parent reached as :func:`open_beneath` does. When it cannot be told (a component on the way is a link
+    now, a permission error), ``b"/"``: taken as a link leaving the root (the cautious answer)."""
+    head, _, name = os.fsdecode(rel).rpartition("/")
+    try:
+        fd = open_beneath(root, head, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return b"/"
+    try:
+        if not stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+            return None
+        return os.fsencode(os.readlink(name, dir_fd=fd))
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return b"/"
+    finally:
+        os.close(fd)
+
+
 def open_walked_dir(root: str, rel_dir: bytes, abs_dir: bytes,
                     examined: tuple[int, int] | None) -> tuple[int, os.stat_result] | str | None:
     """Open a directory a tree walk is about to list (``rel_dir`` below ``root``, at ``abs_dir``): never

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import os
 import queue
+import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,7 +54,8 @@ RECORD = np.dtype([
 ])
 _TYPES = pa.array([FILE, DIR, SYMLINK], pa.string())  # by the record's kind
 _RECORD_SIZE = RECORD.itemsize
-_K_LINK, _K_PROBLEM, _K_SPECIAL = (_listdir.K_LINK, _listdir.K_PROBLEM, _listdir.K_SPECIAL) if _listdir else (2, 4, 3)
+_K_LINK, _K_PROBLEM, _K_SPECIAL, _K_RESERVED = (
+    (_listdir.K_LINK, _listdir.K_PROBLEM, _listdir.K_SPECIAL, _listdir.K_RESERVED) if _listdir else (2, 4, 3, 5))
 _CTIME_S = 9_223_372_035  # seconds whose nanoseconds surely fit int64
 
 
@@ -73,6 +75,19 @@ def note_unlisted(notes: _Notes | TreeScan, rel_dir: bytes, problem: str, dev: i
     if not rel_dir:
         notes.root_problem = problem
     notes.warnings.append(f"{printable(rel) or '.'}: {problem}; {UNLISTED_KEPT}")
+
+
+def note_passed_over(notes: _Notes | TreeScan, fd: int, prefix: bytes, names: Iterable[bytes]) -> None:
+    """Record the ``names`` a listing of the directory at ``fd`` (``prefix``: its path and a slash) passed
+    over (excluded, reserved) that are directories or links: links there or below are read when a walk
+    over the captured links reaches them (:attr:`TreeScan.unwalked`). A name gone meanwhile is skipped."""
+    for name in names:
+        try:
+            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+        except OSError:
+            continue
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            notes.passed_over(prefix + name)
 
 
 # What a capture does with a directory it could not list (an earlier snapshot's content below it, marked stale);
@@ -195,7 +210,9 @@ class _Notes:
     unreadable: list[str] = field(default_factory=list)
     devices: dict[str, int] = field(default_factory=dict)
     climbs: bool = False  # some link's target climbs (TreeScan.climbs)
+    linked: bool = False  # some link was kept (TreeScan.linked)
     outside: list[bytes] = field(default_factory=list)  # links left out by their text (TreeScan.left_out)
+    unwalked: list[bytes] = field(default_factory=list)  # names passed over (TreeScan.passed_over)
     root_problem: str | None = None
 
     def apply(self, scan: TreeScan) -> None:
@@ -207,8 +224,14 @@ class _Notes:
         scan.unreadable += self.unreadable
         scan.devices.update(self.devices)
         scan.climbs = scan.climbs or self.climbs
+        scan.linked = scan.linked or self.linked
         for rel in self.outside:
             scan.left_out(rel)
+        for rel in self.unwalked:
+            scan.passed_over(rel)
+
+    def passed_over(self, rel: bytes) -> None:
+        self.unwalked.append(rel)
 
 
 class _NativeLister:
@@ -245,8 +268,9 @@ class _NativeLister:
         prefix = rel_dir + b"/" if rel_dir else b""
         try:
             assert _listdir is not None
-            count, offsets, lens, data, meta, dirs, events = _listdir.list_dir(
-                fd, prefix, self.reserved, self.excluded.get(rel_dir, ()))
+            excluded = self.excluded.get(rel_dir, ())
+            count, offsets, lens, data, meta, dirs, events = _listdir.list_dir(fd, prefix, self.reserved, excluded)
+            note_passed_over(scan, fd, prefix, [*excluded, *(n for k, n, _ in events if k == _K_RESERVED)])
         except OSError as e:
             unlisted(f"cannot be listed ({e.strerror or e})", examined[0] if examined else None)
             return None
@@ -260,6 +284,7 @@ class _NativeLister:
                 rel = fsdecode(prefix + name)
                 if not symlink_leaves_root(rel, fsdecode(target)):
                     links.append(value)
+                    scan.linked = True
                     if not scan.climbs:
                         scan.climbs = climbing_target(fsdecode(target))
                 else:

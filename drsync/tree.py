@@ -94,6 +94,13 @@ class TreeScan:
     # The hash() of the path of each link left out because its text leaves the root (8 bytes a link): a kept
     # link that passes through one (``b -> a``, ``a -> /etc``) leaves too, and is told by the same walk.
     outside: array = field(default_factory=lambda: array("q"))
+    # The hash() of each path the listing passed over (an excluded path, the reserved staging name) that is a
+    # directory or a link: a link there or below is read from the tree (``read_link``) when a walk reaches it
+    # (``b -> excluded/l``, ``excluded/l -> /etc``). Few: one per such name met.
+    unwalked: array = field(default_factory=lambda: array("q"))
+    # A link's target at a path relative to the root (None: no link there), read now; for ``unwalked``.
+    read_link: Callable[[bytes], bytes | None] | None = None
+    linked: bool = False  # some symlink was kept (sealed): only then can a walk reach an unwalked place
 
     COLUMNS = ("path", "type", "mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "inode", "target",
                "nlink", "dev", "blocks")
@@ -141,7 +148,9 @@ class TreeScan:
              for f in SCAN_SCHEMA], schema=SCAN_SCHEMA)
         self.batches.append(batch)
         if not self.climbs:
-            self.climbs = may_escape(batch.column("target").filter(pc.equal(batch.column("type"), SYMLINK)))
+            targets = batch.column("target").filter(pc.equal(batch.column("type"), SYMLINK))
+            self.linked = self.linked or len(targets) > 0
+            self.climbs = may_escape(targets)
 
     def table(self) -> pa.Table:
         """Every entry as one table of :data:`SCAN_SCHEMA` (walks what a lazy scan has not walked yet,
@@ -209,20 +218,35 @@ class TreeScan:
         each warned about; they must not be captured. Empty when no target climbs, and once asked (a lazy
         scan's batches are let go as its windows are taken: its capture asks :func:`escaping_in` of what it
         wrote, when :attr:`climbs`)."""
-        if not self.climbs:
+        if not self.links_to_judge:
             return set()
-        self.climbs = False
+        self.climbs = self.linked = False
         return escaping_in(lambda: [pa.Table.from_batches(self.batches, schema=SCAN_SCHEMA)], self.warnings,
-                           self.outside_hashes())
+                           self.left_out_links())
 
-    def outside_hashes(self) -> np.ndarray | None:
-        """:attr:`outside`, sorted, for :func:`escaping_in` (None: no link was left out by its text)."""
-        return np.sort(np.frombuffer(self.outside, np.int64)) if len(self.outside) else None
+    def left_out_links(self) -> link_walk.LeftOut | None:
+        """What a walk over the captured links may reach that is not among them (:attr:`outside`,
+        :attr:`unwalked`), for :func:`escaping_in`; None when nothing was left out."""
+        if not len(self.outside) and not len(self.unwalked):
+            return None
+        return link_walk.LeftOut(np.sort(np.frombuffer(self.outside, np.int64)),
+                                 np.sort(np.frombuffer(self.unwalked, np.int64)), self.read_link)
 
     def left_out(self, rel: bytes) -> None:
         """Note a link at ``rel`` left out because its text leaves the root (:attr:`outside`)."""
         self.outside.append(hash(rel))
         self.climbs = True
+
+    def passed_over(self, rel: bytes) -> None:
+        """Note a directory or link at ``rel`` the listing did not enter (:attr:`unwalked`)."""
+        self.unwalked.append(hash(rel))
+
+    @property
+    def links_to_judge(self) -> bool:
+        """Whether the captured links must be walked through each other (:func:`escaping_in`): some target
+        climbs or a link was left out by its text (:attr:`climbs`), or links were kept beside places the
+        listing passed over."""
+        return self.climbs or (self.linked and len(self.unwalked) > 0)
 
     def entries(self) -> dict[str, LocalEntry]:
         """Every entry by path (str), as an apply compares them: for HDFS targets and small trees."""
@@ -255,7 +279,8 @@ class TreeScan:
         self.batches = t.filter(keep).combine_chunks().to_batches()
 
 
-def escaping_in(rows: Rows, warnings: WarningLog | None = None, outside: np.ndarray | None = None) -> set[bytes]:
+def escaping_in(rows: Rows, warnings: WarningLog | None = None,
+                outside: link_walk.LeftOut | None = None) -> set[bytes]:
     """The paths (bytes) of the symlinks among ``rows`` (a scan's or a manifest's tables: path, type,
     target; read again as links are followed, :func:`drsync.repository.link_walk.escaping_in`) that reach
     outside the root through the others, each warned about in ``warnings`` as not captured."""
@@ -388,6 +413,7 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset(), *, native: bool 
     Directories are listed by :mod:`drsync.native_walk` (C) where it is built (``native`` None), or
     in Python (``native`` False; the same rows and warnings, slower)."""
     scan = TreeScan(os.path.abspath(root), sorted=True)
+    scan.read_link = lambda rel: fsutil.link_beneath(scan.root, rel)
     if native is None:
         native = native_walk.available()
     scan.source = native_walk.walk(scan, exclude, _BATCH_ROWS, SCAN_SCHEMA) if native else _walk(scan, exclude)
@@ -541,10 +567,12 @@ class _Lister:
                         if rel_dir:
                             warn(f"{printable(fsdecode(prefix + name))}: the name is reserved for drsync's staging "
                                  f"area; not captured")
+                        native_walk.note_passed_over(scan, fd, prefix, (name,))
                         continue
                     full = abs_dir + b"/" + name
                     rel = prefix + name
                     if exclude and rel in exclude:
+                        native_walk.note_passed_over(scan, fd, prefix, (name,))
                         continue
                     try:
                         s = e.stat(follow_symlinks=False)

@@ -246,5 +246,37 @@ def test_links_through_links_left_out_escape_as_the_recursion_says(seed: int) ->
         want = [p for p in _reference(links) if p not in gone]
         kept = {p: t for p, t in links.items() if p not in gone}
         outside = np.sort(np.array([hash(p.encode()) for p in gone], np.int64))
-        got = escaping_in(_rows(kept, rnd, files=rnd.randint(0, 3)), outside=outside)
+        got = escaping_in(_rows(kept, rnd, files=rnd.randint(0, 3)), outside=link_walk.LeftOut(outside))
         assert [p.decode() for p, _ in got] == want, (links, gone)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_links_through_unwalked_paths_escape_as_the_recursion_says_on_the_tree_and_in_the_rows(seed: int) -> None:
+    """``outside.unwalked``: a place the listing passed over (an excluded path, the reserved staging name), its
+    links read when a walk reaches them. A listed link is named when the recursion over every link, hidden
+    ones included, says it leaves (the tree), or the recursion over the listed links it keeps says so (the
+    rows alone, as a restore validates them)."""
+    import numpy as np
+
+    rnd = random.Random(seed)
+    met = 0
+    for _ in range(300):
+        links = _random_links(rnd, 1)
+        top = rnd.choice(("a", "c", "a/x", "b", "c/d"))
+        hidden = {p: t for p, t in links.items() if p == top or p.startswith(top + "/")}
+        listed = {p: t for p, t in links.items() if p not in hidden}
+        reads: list[bytes] = []
+
+        def read(rel: bytes, hidden: dict[str, str] = hidden, reads: list[bytes] = reads) -> bytes | None:
+            reads.append(rel)
+            t = hidden.get(rel.decode())
+            return None if t is None else t.encode()
+
+        on_tree = [p for p in _reference(links) if p in listed]
+        alone = _reference({p: t for p, t in listed.items() if p not in on_tree})
+        outside = link_walk.LeftOut(None, np.array([hash(top.encode())], np.int64), read)
+        got = escaping_in(_rows(listed, rnd, files=rnd.randint(0, 3)), outside=outside)
+        assert [p.decode() for p, _ in got] == sorted({*on_tree, *alone}), (links, top)
+        assert all(r == top.encode() or r.startswith(top.encode() + b"/") for r in reads)
+        met += outside.met_unwalked
+    assert met >= 10  # hidden links were reached (about 20 times in 300)

@@ -12,16 +12,20 @@ import ctypes
 import errno
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
 from drsync import engine, native_walk
+from drsync.dataroot import hdfs
 from drsync.errors import IntegrityError
 from drsync.repository.manifest_check import symlink_leaves_root, validate
 from drsync.repository.repo import Repository
+from drsync.storage.hdfs import HdfsError
 from drsync.storage.local import LocalStorage
 from tests.test_escaping_links import _links_manifest
+from tests.webhdfs import Inode
 
 _SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
 _RESOLVE_BENEATH = 0x08
@@ -167,16 +171,138 @@ def test_a_stray_staging_directory_at_the_top_is_warned_by_its_name_in_the_root(
     assert not any(str(tmp_path) in w for w in info.warnings)
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: links inside paths a capture does not list (the reserved "
-                                       "staging name, excluded paths) are not known to the walk")
 def test_a_link_through_a_link_inside_the_reserved_staging_name_is_dropped(tmp_path: Path) -> None:
     """Breaker s55b: ``b -> .drsync-staging/l`` with ``.drsync-staging/l -> /etc`` leaves the root (the kernel:
-    EXDEV), but the staging name is never listed, so the walk takes ``l`` for a directory and keeps ``b``."""
+    EXDEV). The staging name is never listed; the walk reads ``l`` from the tree when it reaches it."""
     src = tmp_path / "src"
     (src / ".drsync-staging").mkdir(parents=True)
     os.symlink("/etc", src / ".drsync-staging" / "l")
     os.symlink(".drsync-staging/l", src / "b")
     assert _kernel(src, "b") == errno.EXDEV
     repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
-    kept, _ = _captured_links(repo, src)
+    kept, info = _captured_links(repo, src)
     assert "b" not in kept
+    assert "b: symlink to .drsync-staging/l leads outside the data root through other links; not captured" \
+        in info.warnings
+    assert not any(w.startswith(".drsync-staging/l:") for w in info.warnings)  # never listed, never named
+
+
+_HIDDEN = (".drsync-staging", "d/.drsync-staging", "x", "d/e/y")  # never listed: reserved name, excluded
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-listing", "python-listing"])
+@pytest.mark.parametrize("seed", range(60))
+def test_links_through_paths_a_capture_does_not_list_are_judged_as_the_kernel_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, native: bool) -> None:
+    """Links inside excluded paths and reserved staging names (which a capture never lists) are read when a
+    walk from a listed link reaches them: a listed link that leaves through one is dropped, one that stays
+    inside is kept. Hidden places hold links of every kind (absolute, climbing, to each other, to listed
+    links), and may themselves be links."""
+    if not _have_openat2(tmp_path):
+        pytest.skip("the kernel has no openat2 (the oracle)")
+    if native and not native_walk.available():
+        pytest.skip("drsync._listdir was not built")
+    monkeypatch.setattr(native_walk, "available", lambda: native)
+    rnd = random.Random(seed)
+    src = tmp_path / "src"
+    links = _random_tree(src, rnd)
+    hidden: list[str] = []
+    for h in _HIDDEN:
+        if h.endswith(".drsync-staging") and rnd.random() < 0.3:  # the hidden place is itself a link
+            os.symlink(rnd.choice(("/etc", "..", "d/e", "../..", ".drsync-staging", "g")), src / h)
+            hidden.append(h)
+            continue
+        (src / h / "sub").mkdir(parents=True)
+        for i in range(3):
+            where = rnd.choice((h, f"{h}/sub"))
+            os.symlink(rnd.choice(("/etc", "..", "../..", "../../..", "sub", "l0", "../l1", "../g", ".",
+                                   "../../d/e", f"../{rnd.choice(list(links) or ['g'])}")), src / where / f"h{i}")
+            hidden.append(f"{where}/h{i}")
+    for i in range(6):  # listed links that pass through the hidden places
+        where = rnd.choice(("", "d", "g"))
+        path = f"{where}/t{i}" if where else f"t{i}"
+        up = "../" * where.count("/") + ("../" if where else "")
+        target = up + rnd.choice(hidden) + rnd.choice(("", "/passwd", "/..", "/../..", "/sub"))
+        os.symlink(target, src / path)
+        links[path] = target
+    answers = {p: _kernel(src, p) for p in links}
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    info = engine.create_snapshot(repo, engine.SnapshotRequest(
+        str(src), exclude_paths=(str(src / "x"), str(src / "d/e/y"))))
+    manifest = repo.load_manifest(info)
+    kept = {e.path: e.target for e in manifest.entries() if e.type == "symlink"}
+    assert not [p for p in kept if any(p == h or p.startswith(h + "/") for h in _HIDDEN)]
+    for h in _HIDDEN:  # a link that resolves inside without the hidden places never walked through them
+        if (src / h).is_symlink():
+            (src / h).unlink()
+        elif (src / h).exists():
+            shutil.rmtree(src / h)
+    for path, answer in answers.items():
+        if answer == 0 and _kernel(src, path) == 0:
+            assert kept.get(path) == links[path], f"{path} -> {links[path]} resolves inside; dropped"
+        elif answer == errno.EXDEV:
+            assert path not in kept, f"{path} -> {links[path]} leaves the root; captured"
+    tgt = tmp_path / "tgt"  # the restore validates the manifest: a kept link leaves in the rows alone nowhere
+    engine.restore_snapshot(repo, info.id, str(tgt), cluster_id="c", release="1")
+    for path in kept:
+        assert _kernel(tgt, path) != errno.EXDEV
+
+
+def test_a_link_inside_only_through_a_hidden_link_is_dropped_as_a_restore_would_refuse_it(tmp_path: Path) -> None:
+    """``t -> .drsync-staging/../..`` with ``.drsync-staging -> d/e`` resolves to the root on the tree, but the
+    snapshot holds no ``.drsync-staging``: in its rows alone ``t`` climbs above the root, and a restore would
+    refuse the snapshot. It is dropped and warned; ``u -> .drsync-staging/..`` stays (inside either way)."""
+    src = tmp_path / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    os.symlink("d/e", src / ".drsync-staging")
+    os.symlink(".drsync-staging/../..", src / "t")
+    os.symlink(".drsync-staging/..", src / "u")
+    assert _kernel(src, "t") == 0
+    repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
+    kept, info = _captured_links(repo, src)
+    assert kept == {"u": ".drsync-staging/.."}
+    assert "t: symlink to .drsync-staging/../.. leaves the data root; not captured" in info.warnings
+    engine.restore_snapshot(repo, info.id, str(tmp_path / "tgt"), cluster_id="c", release="1")
+
+
+class _Namespace:
+    """An in-memory HDFS namespace answering ``list_dir`` as WebHDFS LISTSTATUS does. A stand-in: HDFS
+    holds symlinks only where a cluster enables them, and the test cluster refuses to make them."""
+
+    def __init__(self) -> None:
+        self.root = Inode("DIRECTORY", 1, "drsync", "drsync", 0o755, 1000, 1000)
+
+    def _node(self, path: str) -> Inode:
+        node = self.root
+        for part in [p for p in path.split("/") if p]:
+            if part not in node.children:
+                raise HdfsError(f"{path}: not found", "FileNotFoundException")
+            node = node.children[part]
+        return node
+
+    def add(self, path: str, symlink: str | None = None) -> None:
+        head, _, name = path.rpartition("/")
+        self._node(head).children[name] = Inode("SYMLINK" if symlink is not None else "DIRECTORY",
+                                                len(path), "drsync", "drsync", 0o755, 1000, 1000, symlink=symlink)
+
+    def list_dir(self, path: str) -> list[dict[str, object]]:
+        return [c.status(n) for n, c in sorted(self._node(path).children.items())]
+
+
+def test_an_hdfs_walk_reads_links_inside_excluded_and_reserved_paths() -> None:
+    """The HDFS listing passes over excluded paths and the reserved staging name as the local ones do, and
+    reads a link there from its parent's listing when a walk reaches it."""
+    ns = _Namespace()
+    for d in ("/data", "/data/d", "/data/d/e", "/data/.drsync-staging", "/data/x"):
+        ns.add(d)
+    ns.add("/data/.drsync-staging/l", "/etc")
+    ns.add("/data/x/up", "../..")
+    ns.add("/data/x/in", "../d/e")
+    for name, target in (("b", ".drsync-staging/l"), ("c", "x/up/y"), ("ok", "x/in/.."), ("plain", "d/e")):
+        ns.add(f"/data/{name}", target)
+    scan = hdfs.walk(ns, "/data", exclude=frozenset({"x"}))  # type: ignore[arg-type]
+    kept = {p: t for p, typ, t in zip(scan.values("path"), scan.values("type"), scan.values("target"),
+                                      strict=True) if typ == "symlink"}
+    assert kept == {"ok": "x/in/..", "plain": "d/e"}
+    assert "b: symlink to .drsync-staging/l leads outside the data root through other links; not captured" \
+        in scan.warnings

@@ -281,6 +281,20 @@ def _whole_blocks(status: dict[str, Any]) -> bool:
     return block > 0 and int(status["length"]) % block == 0
 
 
+def _link_target(fs: HdfsFs, top: str, rel: str) -> bytes | None:
+    """The target of the symlink at ``rel`` below ``top`` (None: nothing, or no link there), from its
+    parent's listing (a file status resolves links). Cautious ``b"/"`` (leaves the root) when it cannot be
+    listed."""
+    head, _, name = rel.rpartition("/")
+    try:
+        for s in fs.list_dir(posixpath.join(top, head) if head else top):
+            if s["pathSuffix"] == name:
+                return os.fsencode(s.get("symlink") or "/") if s["type"] == "SYMLINK" else None
+    except HdfsError as e:
+        return None if e.exception == "FileNotFoundException" else b"/"
+    return None
+
+
 def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_root: str | None = None,
          reuse: _Reuse | None = None, counter: HdfsFrozenRoot | None = None, frozen_ms: int | None = None,
          parent: Manifest | None = None) -> TreeScan:
@@ -292,6 +306,7 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
     Such a directory gets the time ``parent`` (the previous capture) has for it when the snapshot lists
     the same children it had then, else ``frozen_ms``: never a time from after the snapshot."""
     scan = TreeScan(top)
+    scan.read_link = lambda rel: _link_target(fs, top, os.fsdecode(rel))
     stack = [""]
     leaked: dict[str, int] = {}          # directory -> its row, where the listed mtime is after the snapshot
     listed_names: dict[str, set[str]] = {}
@@ -313,11 +328,11 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
         for s in children:
             name = s["pathSuffix"]
             rel = f"{rel_dir}/{name}" if rel_dir else name
-            if name in RESERVED_NAMES:
-                if rel_dir:
+            if name in RESERVED_NAMES or (exclude and rel in exclude):
+                if rel_dir and name in RESERVED_NAMES:
                     scan.warnings.append(f"{rel}: the name is reserved for drsync's staging area; not captured")
-                continue
-            if exclude and rel in exclude:
+                if s["type"] in ("DIRECTORY", "SYMLINK"):  # a link there or below is read when a walk reaches it
+                    scan.passed_over(os.fsencode(rel))
                 continue
             typ = _TYPES.get(s["type"])
             if typ is None:

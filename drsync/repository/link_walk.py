@@ -66,45 +66,95 @@ def escaping_links(links: dict[str, str]) -> list[str]:
     return sorted(p for p, s in walker.state.items() if s == _OUT)
 
 
-def escaping_in(rows: Rows, every: bool = True, outside: np.ndarray | None = None) -> list[tuple[bytes, bytes]]:
+def escaping_in(rows: Rows, every: bool = True, outside: LeftOut | None = None) -> list[tuple[bytes, bytes]]:
     """The links among ``rows`` (columns path, type, target; text or binary; a null target counts as empty)
     that resolve outside the root, as (path, target) bytes sorted by path. ``every=False``: some of them,
-    at least one when any does (enough to refuse a manifest). ``outside``: the sorted ``hash()`` (int64) of
-    the paths of links that are not among ``rows`` and leave the root (a capture's links dropped by their
-    text): a walk that reaches one of them leaves too (``b -> a`` with ``a -> /etc`` dropped).
+    at least one when any does (enough to refuse a manifest). ``outside``: what a walk may reach that is not
+    among ``rows`` (:class:`LeftOut`: links dropped by their text, paths the listing passed over).
 
     Holds an 8-byte hash per link, the climbing links and the links their walks pass through; ``rows`` is
     read again for those (one pass per step of the longest such chain, at most :data:`_ROUNDS`, then every
     link is held in columns). When some link escapes and ``every`` is asked, every link is held in columns
-    (:class:`_LinkColumns`) and each whose walk meets another link is walked."""
-    out_of = _Outside(outside)
+    (:class:`_LinkColumns`) and each whose walk meets another link is walked.
+
+    When a walk met a link of ``outside``'s unwalked paths, the links are judged again without them (they
+    are not among the rows, as a restore of the rows will not have them): ``t -> hidden/../..`` with
+    ``hidden -> d/e`` stays inside on the tree, and leaves in the rows alone. Both answers are named."""
+    out_of = outside if outside is not None else LeftOut()
     lazily = _escaping_lazily(rows, every, out_of)
-    return lazily if lazily is not None else _escaping_held(rows, every, out_of)
+    bad = lazily if lazily is not None else _escaping_held(rows, every, out_of)
+    if not out_of.met_unwalked or (bad and not every):
+        return bad
+    gone = pa.array(sorted(p for p, _ in bad), pa.binary())
+    alone = LeftOut(out_of.dropped)
+    again = _escaping_lazily(_without_links(rows, gone), every, alone)
+    if again is None:
+        again = _escaping_held(_without_links(rows, gone), every, alone)
+    return sorted(bad + again)
 
 
-class _Outside:
-    """Paths of links left out of the rows that leave the root, by hash (:func:`escaping_in`'s ``outside``):
-    a walk asking for one gets an absolute target (it leaves), and the paths so answered (``reached``) are
-    never among the links named."""
+def _without_links(rows: Rows, gone: pa.Array) -> Rows:
+    """``rows`` less the links at the paths ``gone`` (binary)."""
+    def read() -> Iterable[pa.Table]:
+        for t in rows():
+            hit = pc.and_(pc.equal(t.column("type"), _SYMLINK),
+                          pc.is_in(t.column("path").cast(pa.binary()), value_set=gone))
+            yield t.filter(pc.invert(hit))
+    return read
 
-    def __init__(self, hashes: np.ndarray | None) -> None:
-        self.hashes = hashes if hashes is not None else np.zeros(0, np.int64)
+
+class LeftOut:
+    """What a walk may reach that is not among a tree's rows (:func:`escaping_in`'s ``outside``).
+
+    ``dropped``: the sorted ``hash()`` (int64) of the paths of links left out because they leave the root (a
+    capture's links dropped by their text): a walk that reaches one leaves too (``b -> a``, ``a -> /etc``).
+    ``unwalked``: the sorted hashes of paths the listing passed over (excluded paths, drsync's reserved
+    staging name) that are directories or links: a walk at or below one asks ``read`` (a path relative to
+    the root -> its link target, None when no link is there) what is there, as the kernel would find it.
+    Without ``read`` they are taken for directories. The paths so answered (``reached``) are never among
+    the links :func:`escaping_in` names. One instance serves one tree's judgement (what was read is kept)."""
+
+    def __init__(self, dropped: np.ndarray | None = None, unwalked: np.ndarray | None = None,
+                 read: Callable[[bytes], bytes | None] | None = None) -> None:
+        empty = np.zeros(0, np.int64)
+        self.dropped = dropped if dropped is not None else empty
+        self.unwalked = unwalked if unwalked is not None and read is not None else empty
+        self.read = read
         self.reached: set[bytes] = set()
+        self.met_unwalked = False  # a walk found a link at or below an unwalked path
+        self._read: dict[bytes, bytes | None] = {}
 
     def __bool__(self) -> bool:
-        return bool(len(self.hashes))
+        return bool(len(self.dropped) or len(self.unwalked))
 
     def has(self, hashes: np.ndarray) -> np.ndarray:
-        return in_sorted(self.hashes, hashes)
+        """Which of ``hashes`` (int64 path hashes) may name a link not among the rows."""
+        return in_sorted(self.dropped, hashes) | in_sorted(self.unwalked, hashes)
 
     def target_of(self, path: bytes, h: int | None = None) -> bytes | None:
-        if not len(self.hashes) or not self.has(np.array([hash(path) if h is None else h], np.int64))[0]:
+        """The target of a link not among the rows at ``path`` (b"/" for a dropped one), or None."""
+        if not self:
             return None
-        self.reached.add(path)
-        return b"/"
+        if len(self.dropped) and in_sorted(self.dropped, np.array([hash(path) if h is None else h], np.int64))[0]:
+            self.reached.add(path)
+            return b"/"
+        if not len(self.unwalked) or not self._below_unwalked(path):
+            return None
+        if path not in self._read:
+            self._read[path] = self.read(path)  # type: ignore[misc]
+        target = self._read[path]
+        if target is not None:
+            self.reached.add(path)
+            self.met_unwalked = True
+        return target
+
+    def _below_unwalked(self, path: bytes) -> bool:
+        ends = [i for i, c in enumerate(path) if c == 0x2F]
+        prefixes = [hash(path[:i]) for i in ends] + [hash(path)]
+        return bool(in_sorted(self.unwalked, np.array(prefixes, np.int64)).any())
 
 
-def _escaping_lazily(rows: Rows, every: bool, outside: _Outside) -> list[tuple[bytes, bytes]] | None:
+def _escaping_lazily(rows: Rows, every: bool, outside: LeftOut) -> list[tuple[bytes, bytes]] | None:
     """:func:`escaping_in` from the climbing links and the links their walks pass through, or None when every
     link must be held: some link escapes and ``every`` is asked, or a chain needs more passes than allowed.
     With ``outside`` links, the links whose steps name one of them or another link are walked too."""
@@ -307,7 +357,7 @@ def _targets_of(rows: Rows, wanted: set[bytes]) -> dict[bytes, bytes]:
     return found
 
 
-def _escaping_held(rows: Rows, every: bool, outside: _Outside) -> list[tuple[bytes, bytes]]:
+def _escaping_held(rows: Rows, every: bool, outside: LeftOut) -> list[tuple[bytes, bytes]]:
     """:func:`escaping_in` with every link held in columns: each climbing link is walked, and (``every``)
     each other one whose walk meets another link; one whose every step (its directory and each component
     of its target, which only descends) names no link leads where its text says, inside the root."""
