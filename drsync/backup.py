@@ -119,7 +119,7 @@ def _read_meta(path: str) -> BackupInfo:
         if missing:
             raise ValueError(f"field {missing[0]!r} is missing")
         doc["created_at"] = parse_iso(doc["created_at"])
-        doc["path"] = os.path.abspath(path)
+        doc["path"] = fsutil.absolute(path)
         info = BackupInfo(**doc)
         _check_types(info)
         return info
@@ -184,7 +184,7 @@ def create_backup(repo: Repository, ref: str, dest: str, *, mode: str = "full",
             raise
         finally:
             os.close(held)
-    binfo.path = os.path.abspath(final)
+    binfo.path = fsutil.absolute(final)
     return binfo
 
 
@@ -314,7 +314,7 @@ class BackupVerifyReport:
 
 
 def verify_backup(path: str, *, progress: Callable[[int], None] | None = None) -> BackupVerifyReport:
-    report = BackupVerifyReport(os.path.abspath(path))
+    report = BackupVerifyReport(fsutil.absolute(path))
     try:
         meta: BackupInfo | None = _read_meta(path)
     except IntegrityError as e:  # a damaged backup.json is damage like any other file's, in the report

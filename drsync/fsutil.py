@@ -278,6 +278,20 @@ def open_walked_dir(root: str, rel_dir: bytes, abs_dir: bytes,
     return fd, st_dir
 
 
+def absolute(path: str | os.PathLike[str]) -> str:
+    """``path`` made absolute as the kernel reads it: a ``..`` climbs from where the link before it leads
+    (``/srv/lnk/../x`` with ``lnk -> /a/b`` is ``/a/x``; ``os.path.abspath`` would say ``/srv/x``, another
+    directory). The part up to the last ``..`` is resolved (:func:`os.path.realpath`), the rest kept as
+    written (less ``.`` and repeated slashes), so a final symlink is still named, not followed."""
+    p = os.path.join(os.getcwd(), os.fspath(path))
+    comps = p.split("/")
+    if ".." not in comps:
+        return os.path.abspath(p)
+    last = len(comps) - 1 - comps[::-1].index("..")
+    head = os.path.realpath("/".join(comps[:last + 1]) or "/")
+    return os.path.abspath(os.path.join(head, *[c for c in comps[last + 1:] if c]))
+
+
 def local_location(url: str) -> str | None:
     """The local path a location names, or None when it names another storage (``hdfs://``, ``memory://``):
     a plain path as it is; a file URL (RFC 8089, scheme and host in any case, %-escapes decoded) as its

@@ -167,7 +167,7 @@ def record_window(storage: Storage, window_s: float, *, by: str, state_dir: str 
         before, damaged = None, True
     if before is None and window_s <= 0 and not damaged:
         return None  # never on: nothing to record
-    state_dir = os.path.abspath(state_dir) if state_dir else ""
+    state_dir = fsutil.absolute(state_dir) if state_dir else ""
     host = socket.gethostname() if state_dir else ""
     if before is not None and (before.window_s, before.state_dir, before.host) == (window_s, state_dir, host):
         return before

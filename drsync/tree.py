@@ -412,7 +412,7 @@ def scan_tree(root: str, exclude: frozenset[str] = frozenset(), *, native: bool 
     window of the scan), or whole at the first call that needs every entry (:meth:`TreeScan.table`).
     Directories are listed by :mod:`drsync.native_walk` (C) where it is built (``native`` None), or
     in Python (``native`` False; the same rows and warnings, slower)."""
-    scan = TreeScan(os.path.abspath(root), sorted=True)
+    scan = TreeScan(fsutil.absolute(root), sorted=True)
     scan.read_link = lambda rel: fsutil.link_beneath(scan.root, rel)
     if native is None:
         native = native_walk.available()

@@ -142,7 +142,7 @@ class LocalDataRoot:
     small_file_threads = 1
 
     def __init__(self, path: str) -> None:
-        self.root = os.path.abspath(path)
+        self.root = fsutil.absolute(path)
         self.url = self.root
         self.warnings: list[str] = []
         self._mount_list: list[str] | None = None

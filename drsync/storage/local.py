@@ -116,7 +116,7 @@ class LocalStorage:
     """Blobs are files below ``root``; temp files start with ``.tmp-`` and are never listed."""
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = False) -> None:
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = fsutil.absolute(root)
         self.url = self.root
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise UsageError(f"{self.root} is a file, not a directory")
