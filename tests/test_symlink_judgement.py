@@ -103,6 +103,20 @@ def _random_tree(src: Path, rnd: random.Random) -> dict[str, str]:
     return links
 
 
+def _random_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int,
+                   native: bool) -> tuple[random.Random, Path, dict[str, str]]:
+    """A random link tree at ``tmp_path/src`` (:func:`_random_tree`), captured with the C listing or the
+    Python one; skipped without the oracle or the C listing."""
+    if not _have_openat2(tmp_path):
+        pytest.skip("the kernel has no openat2 (the oracle)")
+    if native and not native_walk.available():
+        pytest.skip("drsync._listdir was not built")
+    monkeypatch.setattr(native_walk, "available", lambda: native)
+    rnd = random.Random(seed)
+    src = tmp_path / "src"
+    return rnd, src, _random_tree(src, rnd)
+
+
 def _captured_links(repo: Repository, src: Path) -> tuple[dict[str, str], engine.SnapshotInfo]:
     info = engine.create_snapshot(repo, engine.SnapshotRequest(str(src)))
     manifest = repo.load_manifest(info)
@@ -113,14 +127,7 @@ def _captured_links(repo: Repository, src: Path) -> tuple[dict[str, str], engine
 @pytest.mark.parametrize("seed", range(150))
 def test_a_capture_keeps_every_link_the_kernel_resolves_inside_and_restores_none_that_leaves(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, native: bool) -> None:
-    if not _have_openat2(tmp_path):
-        pytest.skip("the kernel has no openat2 (the oracle)")
-    if native and not native_walk.available():
-        pytest.skip("drsync._listdir was not built")
-    monkeypatch.setattr(native_walk, "available", lambda: native)
-    rnd = random.Random(seed)
-    src = tmp_path / "src"
-    links = _random_tree(src, rnd)
+    _, src, links = _random_source(tmp_path, monkeypatch, seed, native)
     answers = {p: _kernel(src, p) for p in links}
     repo = Repository.init(LocalStorage(str(tmp_path / "repo")), cluster_id="c", release="1")
     kept, info = _captured_links(repo, src)
@@ -198,14 +205,7 @@ def test_links_through_paths_a_capture_does_not_list_are_judged_as_the_kernel_do
     walk from a listed link reaches them: a listed link that leaves through one is dropped, one that stays
     inside is kept. Hidden places hold links of every kind (absolute, climbing, to each other, to listed
     links), and may themselves be links."""
-    if not _have_openat2(tmp_path):
-        pytest.skip("the kernel has no openat2 (the oracle)")
-    if native and not native_walk.available():
-        pytest.skip("drsync._listdir was not built")
-    monkeypatch.setattr(native_walk, "available", lambda: native)
-    rnd = random.Random(seed)
-    src = tmp_path / "src"
-    links = _random_tree(src, rnd)
+    rnd, src, links = _random_source(tmp_path, monkeypatch, seed, native)
     hidden: list[str] = []
     for h in _HIDDEN:
         if h.endswith(".drsync-staging") and rnd.random() < 0.3:  # the hidden place is itself a link
