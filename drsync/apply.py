@@ -139,6 +139,10 @@ class ApplyResult:
     written_bytes: int = 0
     unchanged_files: int = 0
     removed: int = 0
+    # Directories, symlinks and hard links made (a restore into an empty target is mostly these besides files).
+    made_dirs: int = 0
+    made_symlinks: int = 0
+    made_hardlinks: int = 0
     warnings: list[str] = field(default_factory=list)
     # Only for a dry run: what would be written, removed, made and linked (paths), nothing changed.
     planned: dict[str, list[str]] | None = None
@@ -147,6 +151,11 @@ class ApplyResult:
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+def _made(plan: ApplyPlan) -> dict[str, int]:
+    """:class:`ApplyResult`'s counts of what ``plan`` makes besides files."""
+    return {"made_dirs": len(plan.mkdir), "made_symlinks": len(plan.link), "made_hardlinks": len(plan.hardlink)}
 
 
 def _known_to(base: Manifest | ManifestFile | None, paths: list[str]) -> int:
@@ -629,7 +638,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             replaced_types = [p for p in plan.remove if p in wanted]
             strays = [root.relative_inside(stray) or STAGING] if stray is not None else []
             dry = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
-                              unchanged_files=plan.unchanged,
+                              unchanged_files=plan.unchanged, **_made(plan),
                               removed=len(plan.remove) - len(replaced_types) + len(strays),
                               planned={"write": [e.path for e in plan.write],
                                        "remove": [p for p in plan.remove if p not in wanted] + strays,
@@ -718,7 +727,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # where it is written), as the dry run and the refusal count them.
         wanted_types = {e.path for e in entries}
         result = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
-                             unchanged_files=plan.unchanged,
+                             unchanged_files=plan.unchanged, **_made(plan),
                              removed=sum(1 for p in plan.remove if p not in wanted_types) + (stray is not None))
         if abandoned:
             result.warnings.append(abandoned)

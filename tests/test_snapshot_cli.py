@@ -438,3 +438,22 @@ def test_counts_read_as_english_and_os_errors_carry_a_hint(drsync, tmp_path: Pat
         assert line.startswith(f"the restore failed: /x/y: {os.strerror(code)}; ") and words in line, line
     line = str(describe_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "the operation"))
     assert line.startswith(f"the operation failed: {os.strerror(errno.ENOSPC)}; "), line  # no file: no "::"
+
+
+def test_the_restore_summary_counts_what_it_made_besides_files(drsync, repo_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A restore of a backup tree is mostly hard links and directories: the summary counts them (it counted
+    only the files written, so half a million hard links restored read as nothing)."""
+    src = tmp_path / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    (src / "d" / "f").write_text("x")
+    for i in range(3):
+        os.link(src / "d" / "f", src / f"h{i}")
+    os.symlink("d/f", src / "s")
+    assert drsync("snapshot", "create", "--repo", repo_url, "--source", str(src), "--name", "s").code == 0
+    r = drsync("snapshot", "restore", "s", "--repo", repo_url, "--target", str(tmp_path / "t"))
+    assert r.code == 0, r.err
+    assert "1 file written (1 B), 2 directories, 1 symlink, 3 hard links made, 0 unchanged, 0 removed" in r.out
+    r = drsync("snapshot", "restore", "s", "--repo", repo_url, "--target", str(tmp_path / "t2"), "--json")
+    assert (r.json()["made_dirs"], r.json()["made_symlinks"], r.json()["made_hardlinks"]) == (2, 1, 3)
+    r = drsync("snapshot", "restore", "s", "--repo", repo_url, "--target", str(tmp_path / "t"))
+    assert r.code == 0 and " made" not in r.out

@@ -108,8 +108,12 @@ def report_restore(what: str, dest: str, result: ApplyResult) -> None:
         for w in result.warnings:
             say(f"  note: {w}")
         return
+    made = [f"{n} {word if n == 1 else words}" for n, word, words in (
+        (result.made_dirs, "directory", "directories"), (result.made_symlinks, "symlink", "symlinks"),
+        (result.made_hardlinks, "hard link", "hard links")) if n]
     say(f"restored {what} to {dest}: {count(result.written_files, 'file')} written "
-               f"({human_size(result.written_bytes)}), {result.unchanged_files} unchanged, {result.removed} removed")
+        f"({human_size(result.written_bytes)}){', ' + ', '.join(made) + ' made' if made else ''}, "
+        f"{result.unchanged_files} unchanged, {result.removed} removed")
     for w in result.warnings:
         say(f"  note: {w}")
 
