@@ -35,6 +35,7 @@ from drsync.dataroot import SMALL_FILE_BYTES, DataRoot, FileVersion, FrozenRoot,
 from drsync.errors import OperationFailed, UsageError
 from drsync.hardlink_groups import LinkGroups, holds
 from drsync.repository import chunks
+from drsync.repository.link_leaders import in_sorted
 from drsync.repository.link_walk import LeftOut, may_escape
 from drsync.repository.manifest import (
     DIR,
@@ -56,7 +57,7 @@ from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
 from drsync.repository.spool import Spool
 from drsync.text import printable
-from drsync.tree import escaping_in
+from drsync.tree import TreeScan, escaping_in
 
 # Reading tasks are batched so that tiny files do not pay one executor round trip each.
 _BATCH_FILES = 256
@@ -389,7 +390,8 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     if lost or scan.unlisted or scan.vanished or state.vanished or state.unread:
         stored, stale, skipped, stale_files, stale_bytes = _merge_stale(
             stored, pv.table() if pv else None, lost, scan.unlisted, {**scan.devices, **state.devices},
-            links, warnings, scan.vanished, state.vanished, state.unread, scan.left_out_links())
+            links, warnings, scan.vanished, state.vanished, state.unread, scan.left_out_links(),
+            _left_on_purpose(escaping, scan, exclude - watch.gone if watch is not None else exclude))
     if watch is not None and verdict.keep:  # what the snapshot holds below each volume, kept files included
         recorded = _files_below(Manifest.from_bytes(stored, "the captured manifest").table, recorded)
     # The snapshot's files and bytes are what it holds: the stale files kept at their last version count too.
@@ -808,7 +810,8 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                  warnings: WarningLog, vanished: Sequence[tuple[str, int]] = (),
                  vanished_files: Sequence[tuple[str, int]] = (),
                  unread_files: Sequence[tuple[str, int, str, int, int]] = (),
-                 outside: LeftOut | None = None) -> tuple[Spool, int, int, int, int]:
+                 outside: LeftOut | None = None,
+                 on_purpose: Callable[[bytes], bool] | None = None) -> tuple[Spool, int, int, int, int]:
     """The rare path: merge in the parent's rows of paths that exist but could not be read
     (unreadable entries and all below them, all below directories that could not be listed, or that
     vanished between their parent's listing and their own: renamed meanwhile, so below the parent's
@@ -821,7 +824,8 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
     lacks is kept. Kept rows whose directory this capture has as something else are left out. Their
     hard links worked out against this capture's ``groups`` on the device of the path they are kept for
     (``devices``, :func:`_stale_links`);
-    links that the merged rows make escape the root left out.
+    links that the merged rows make escape the root left out. ``on_purpose``: paths this capture left out by
+    rule (an excluded place, a link leading outside), never kept from the parent.
     The result is validated as a restore will (IntegrityError rather than a snapshot no restore
     takes). Returns (the manifest, stale rows, skipped paths, stale files, their bytes)."""
     with stored:
@@ -908,6 +912,9 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
                 i += 1
         now_dirs = {x for x, d in zip(table.column("path").to_pylist(), bool_mask(pc.equal(table.column("type"), DIR)),
                                       strict=True) if d}
+        if on_purpose is not None:  # what this capture left out by rule (not for a read error) stays out
+            for i in [i for i in keep if on_purpose(repath.get(i, ppaths[i]))]:
+                del keep[i]
         stale_rows = _placeable(now_dirs, ppaths, pdir, sorted(keep, key=lambda i: repath.get(i, ppaths[i])), repath)
         new_dirs = [d for d in unlisted if not _any_below(ppaths, d)]
         skipped += sum(1 for x in lost if os.fsencode(x) not in row) + len(new_dirs)
@@ -996,6 +1003,18 @@ def _any_below(ppaths: list[bytes], rel: str) -> bool:
     prefix = os.fsencode(rel) + b"/" if rel else b""
     i = bisect.bisect_left(ppaths, prefix)
     return i < len(ppaths) and ppaths[i].startswith(prefix)
+
+
+def _left_on_purpose(escaping: set[bytes], scan: TreeScan, exclude: frozenset[str]) -> Callable[[bytes], bool]:
+    """Whether a path (bytes) was left out of this capture by rule: a link leading outside the root (by its
+    text or through others), or an excluded path or one below it."""
+    dropped = np.sort(np.frombuffer(scan.outside, np.int64))
+    excluded = [os.fsencode(x) for x in exclude]
+
+    def left(path: bytes) -> bool:
+        return path in escaping or any(path == x or path.startswith(x + b"/") for x in excluded) or bool(
+            len(dropped) and in_sorted(dropped, np.array([hash(path)], np.int64))[0])
+    return left
 
 
 def _without_escaping_links(table: pa.Table, warnings: WarningLog, outside: LeftOut | None = None) -> pa.Table:

@@ -226,24 +226,21 @@ def open_beneath(root: str, rel: str, flags: int = os.O_RDONLY) -> int:
 
 
 def link_beneath(root: str, rel: bytes) -> bytes | None:
-    """The target of the symlink at ``root/rel`` (bytes), None when nothing or no link is there; its
-    parent reached as :func:`open_beneath` does. When it cannot be told (a component on the way is a link
-    now, a permission error), ``b"/"``: taken as a link leaving the root (the cautious answer)."""
+    """The target of the symlink at ``root/rel`` (bytes), None when nothing or no link is there, or when
+    it cannot be read (a permission error: what cannot be read is taken as it was listed, never as a
+    reason to leave something out); its parent reached as :func:`open_beneath` does. ``b"/"`` (a link
+    leaving the root, the cautious answer) when a directory on the way became a link meanwhile."""
     head, _, name = os.fsdecode(rel).rpartition("/")
     try:
         fd = open_beneath(root, head, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return b"/"
+    except OSError as e:
+        return b"/" if e.errno == errno.ELOOP else None
     try:
         if not stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
             return None
         return os.fsencode(os.readlink(name, dir_fd=fd))
-    except FileNotFoundError:
-        return None
     except OSError:
-        return b"/"
+        return None
     finally:
         os.close(fd)
 

@@ -79,15 +79,51 @@ def note_unlisted(notes: _Notes | TreeScan, rel_dir: bytes, problem: str, dev: i
 
 def note_passed_over(notes: _Notes | TreeScan, fd: int, prefix: bytes, names: Iterable[bytes]) -> None:
     """Record the ``names`` a listing of the directory at ``fd`` (``prefix``: its path and a slash) passed
-    over (excluded, reserved) that are directories or links: links there or below are read when a walk
-    over the captured links reaches them (:attr:`TreeScan.unwalked`). A name gone meanwhile is skipped."""
+    over (excluded, reserved) that are links or hold one (:func:`holds_link`): a walk over the captured
+    links that reaches them reads what is there (:attr:`TreeScan.unwalked`). A name gone meanwhile, a file
+    and a directory without links (a repository, a state directory) are not: nothing there changes a walk."""
     for name in names:
         try:
             mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
         except OSError:
             continue
-        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+        if stat.S_ISLNK(mode) or (stat.S_ISDIR(mode) and holds_link(fd, name)):
             notes.passed_over(prefix + name)
+
+
+_PASSED_OVER_ENTRIES = 100_000  # entries of a passed-over directory looked at for links before assuming one
+
+
+def holds_link(dfd: int, name: bytes, budget: int = _PASSED_OVER_ENTRIES) -> bool:
+    """Whether directory ``name`` (in the directory at ``dfd``) holds a symlink at any depth, told by the
+    entries' types as listed (no stat where the filesystem gives them). True, cautiously, when a directory of
+    it cannot be opened or listed, or past ``budget`` entries."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        top = os.open(name, flags, dir_fd=dfd)
+    except OSError:
+        return True
+    try:
+        todo: list[bytes] = [b"."]
+        while todo:
+            rel = todo.pop()
+            try:
+                fd = os.open(rel, flags, dir_fd=top)
+                try:
+                    with os.scandir(fd) as it:
+                        for e in it:
+                            budget -= 1
+                            if budget < 0 or e.is_symlink():
+                                return True
+                            if e.is_dir(follow_symlinks=False):
+                                todo.append(rel + b"/" + os.fsencode(e.name))
+                finally:
+                    os.close(fd)
+            except OSError:
+                return True
+        return False
+    finally:
+        os.close(top)
 
 
 # What a capture does with a directory it could not list (an earlier snapshot's content below it, marked stale);
