@@ -520,7 +520,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         validate(manifest, what)
     allocators.give_back()  # what validation freed inside glibc's heaps, before the chunk check and planning
     root = open_data_root(target) if isinstance(target, str) else target
-    with _applying(root, what, dry_run=dry_run, root_held=root_held, locked=locked) as (lock, busy):
+    with _applying(root, what, dry_run=dry_run, root_held=root_held, locked=locked) as (lock, busy), \
+            contextlib.ExitStack() as claimed:
         # Every chunk must be present before anything on the target changes.
         outside = np.flatnonzero(external_mask(manifest.table))
         if len(outside) and external is None and not structure_only:
@@ -558,6 +559,10 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             created_target = root.prepare_target()
             if lock is not None:  # the target made just now is flocked too (the lock file held it till now)
                 lock.hold_directory()
+                # An HDFS root is held against applies from other hosts too (drsync.dataroot.hdfs_lease), before
+                # an interrupted apply's journal is looked at: it may be another host's, in flight. A root made
+                # just now stays when that refuses this apply: the other apply may have made it too.
+                claimed.enter_context(root.claim(what))
             log_ = _journal_for(root, journal)
             # An earlier apply onto this target that was cut short is completed (or undone) first; a staging area
             # drsync did not make (removed below, as --delete-extra asked) holds none: its records are not read.
@@ -750,7 +755,7 @@ def _applying(root: DataRoot, what: str, *, dry_run: bool, root_held: bool, lock
     """The apply lock on ``root`` for the apply's duration: (lock, None). A dry run takes none: (None, None)
     when the real run would find it free, (None, why not) when another apply holds it."""
     if dry_run or not locked:
-        yield None, ApplyLock.probe(root.url) if dry_run and locked else None
+        yield None, (ApplyLock.probe(root.url) or root.claimant()) if dry_run and locked else None
         return
     try:
         lock = ApplyLock(root.url, what, directory=not root_held)

@@ -240,8 +240,9 @@ class ApplyLock:
     file; overlapping ones each look for the other after taking their own, so at least one is refused (both,
     when they start together). Flocks and lock files of this process (an agent's drill beside its own root)
     and of other users but root (anyone who can read a directory can flock it) are not in the way.
-    Not covered: applies from other hosts onto one HDFS path, and a target reached through a bind mount of a
-    directory below another apply's target, in a lock directory that apply does not share.
+    Applies from other hosts onto one HDFS root meet the root's lease (:mod:`drsync.dataroot.hdfs_lease`).
+    Not covered: a target reached through a bind mount of a directory below another apply's target, in a
+    lock directory that apply does not share.
     """
 
     PREFIX = "drsync-apply-"

@@ -129,6 +129,16 @@ class DataRoot(Protocol):
         OperationFailed naming the path): mount points in the way, directories this user cannot write."""
         ...
 
+    def claim(self, what: str) -> AbstractContextManager[None]:
+        """Hold the root for one apply (``what`` names it) against applies from other hosts, as long as the
+        ``with`` lasts (an HDFS root: :mod:`drsync.dataroot.hdfs_lease`; a local root: nothing, its flocks
+        do). ApplyBusy (nothing changed) when another holds it."""
+        ...
+
+    def claimant(self) -> str | None:
+        """Who holds the root for an apply now, in words (:meth:`claim`), or None: what a dry run says."""
+        ...
+
     def journal(self) -> Journal:
         """Where an apply without a journal of its own keeps it: in the root's staging area."""
         ...

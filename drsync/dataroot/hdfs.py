@@ -29,7 +29,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from drsync import documents, faults, fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.dataroot.distcp import HISTORY_PREFIX
+from drsync.dataroot.hdfs_lease import LEASE_NAME, RootLease
 from drsync.errors import RefusedError, UsageError
 from drsync.native_walk import UNLISTED_KEPT
 from drsync.repository import chunks
@@ -681,6 +682,13 @@ class HdfsDataRoot:
             self.warnings.append(f"extended attributes of {with_xattrs} path(s) not set: drsync does not carry "
                                  f"them onto HDFS")
 
+    def claim(self, what: str) -> AbstractContextManager[None]:
+        """The root's lease for one apply, against applies from any host (:mod:`drsync.dataroot.hdfs_lease`)."""
+        return RootLease(self.fs, self._staging, self.url).hold(what)
+
+    def claimant(self) -> str | None:
+        return RootLease(self.fs, self._staging, self.url).holder()
+
     def journal(self) -> HdfsJournal:
         return HdfsJournal(self.fs, self._staging)
 
@@ -699,14 +707,18 @@ class HdfsDataRoot:
             children = None
         if children is not None:
             # drsync's: empty, or its mark (or a journal) as a file, and otherwise only what an apply stages
-            marks = [c for c in children if c["pathSuffix"] == STAGING_MARK or _journal_name(c["pathSuffix"])]
+            marks = [c for c in children
+                     if c["pathSuffix"] in (STAGING_MARK, LEASE_NAME) or _journal_name(c["pathSuffix"])]
             if not children or (marks and all(c.get("type") == "FILE" for c in marks) and all(
                     _staged_name(c["pathSuffix"]) for c in children if c not in marks)):
                 return None
         return f"{self.url.rstrip('/')}/{STAGING}"
 
     def reset_staging(self, plan: ApplyPlan) -> None:
-        delete_tree(self.fs, self._staging)
+        """An empty staging area but for the apply's lease (:meth:`claim`), with its mark and trash."""
+        for name in self._staging_names():
+            if name != LEASE_NAME:
+                delete_tree(self.fs, posixpath.join(self._staging, name))
         self.fs.mkdirs(self._staging, 0o700)
         self.fs.write(posixpath.join(self._staging, STAGING_MARK), b"", overwrite=True)  # first: see foreign_staging
         self.fs.mkdirs(posixpath.join(self._staging, "trash"), 0o700)
@@ -747,19 +759,23 @@ class HdfsDataRoot:
         if stray is not None:
             log.warning("%s holds what drsync did not put there; left as it is", stray)
             return
-        try:
-            children = list(self.fs.list_dir(self._staging))
-        except HdfsError as e:
-            if e.exception == "FileNotFoundException":
-                return
-            raise
-        names = [c["pathSuffix"] for c in children]
+        names = self._staging_names()
         journals = [n for n in names if n.startswith(HdfsJournal.PREFIX)]
-        if not journals:
+        if not journals and LEASE_NAME not in names:
             delete_tree(self.fs, self._staging)
             return
+        # A lease goes with the apply that holds it (its claim), which then removes the emptied directory.
         _side_by_side(lambda n: delete_tree(self.fs, posixpath.join(self._staging, n)),
-                      [n for n in names if n not in journals])
+                      [n for n in names if n not in journals and n != LEASE_NAME])
+
+    def _staging_names(self) -> list[str]:
+        """The names in the staging area (none when it does not exist)."""
+        try:
+            return [c["pathSuffix"] for c in self.fs.list_dir(self._staging)]
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                return []
+            raise
 
     def remove_root(self) -> None:
         delete_tree(self.fs, self.root)

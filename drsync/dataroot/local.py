@@ -19,7 +19,7 @@ import re
 import shutil
 import stat as st
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 from drsync import documents, fsutil, native_walk
@@ -264,6 +264,13 @@ class LocalDataRoot:
 
     def owners_settable(self) -> bool:
         return os.geteuid() == 0
+
+    def claim(self, what: str) -> AbstractContextManager[None]:
+        """Nothing more: the apply lock's flocks hold a local root (one host reaches it)."""
+        return nullcontext()
+
+    def claimant(self) -> str | None:
+        return None
 
     def journal(self) -> RootJournal:
         return RootJournal(self.root)
