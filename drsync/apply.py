@@ -1053,16 +1053,18 @@ def recover_apply(target: str | DataRoot, journal: str | None = None) -> bool:
 
     With a journal in the commit phase the staged files were complete and durable: the commit is
     replayed (every step of it may run again any number of times). Without one the apply never
-    started changing the target: the staging area is dropped.
+    started changing the target: the staging area is dropped. The root is claimed meanwhile (an HDFS root's
+    lease): ApplyBusy when another host's apply holds it (its journal is its own, in flight).
     """
     root = open_data_root(target) if isinstance(target, str) else target
     if root.missing():
         return False
-    root.settle()
-    if _finish_interrupted(root, _journal_for(root, journal)) is not None:
-        return True
-    root.drop_staging()
-    return False
+    with root.claim("the recovery of an interrupted apply"):  # ApplyBusy: another host's apply is in flight
+        root.settle()
+        if _finish_interrupted(root, _journal_for(root, journal)) is not None:
+            return True
+        root.drop_staging()
+        return False
 
 
 def abandon_apply(target: str | DataRoot, journal: str | None = None) -> None:
@@ -1071,8 +1073,9 @@ def abandon_apply(target: str | DataRoot, journal: str | None = None) -> None:
     root = open_data_root(target) if isinstance(target, str) else target
     if root.missing():
         return
-    root.settle()
-    _drop(root, _journal_for(root, journal))
+    with root.claim("dropping an interrupted apply"):
+        root.settle()
+        _drop(root, _journal_for(root, journal))
 
 
 def _drop(root: DataRoot, log_: Journal) -> None:

@@ -27,6 +27,7 @@ from drsync.apply import ApplyResult, RootRemovalHeld, abandon_apply, apply_mani
 from drsync.dataroot import open_data_root
 from drsync.dataroot.distcp import Cancelled, DistCpSettings, DistCpStager, content_source
 from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
+from drsync.flocks import ApplyBusy
 from drsync.fsutil import describe_os_error
 from drsync.guard import Hold, MassChange, change_baseline, change_guard, deletion_guard, next_checkpoints
 from drsync.protection import as_stored_by_standby
@@ -105,6 +106,8 @@ class Committer:
             return self._reapply(doc)
         try:
             finished = recover_apply(self.data_root, self.store.journal)
+        except ApplyBusy:
+            raise  # another host applies to this root now: nothing here to complete or redo
         except (OperationFailed, OSError) as e:
             if doc is None:
                 raise
