@@ -890,7 +890,8 @@ def _merge_stale(stored: Spool, p: pa.Table | None, lost: list[str], unlisted: l
         held = [d for d, (_, mtime) in unlisted_ids.items()
                 if (i := row.get(os.fsencode(d))) is None or not pdir[i] or int(pmtime[i]) != mtime]
         if held:
-            missing = [i for i, x in enumerate(ppaths) if x not in have and i not in keep]
+            missing = [i for i, x in enumerate(ppaths)
+                       if x not in have and i not in keep and not (on_purpose is not None and on_purpose(x))]
             for i in missing:
                 keep[i] = None
             if missing:
@@ -1007,13 +1008,16 @@ def _any_below(ppaths: list[bytes], rel: str) -> bool:
 
 def _left_on_purpose(escaping: set[bytes], scan: TreeScan, exclude: frozenset[str]) -> Callable[[bytes], bool]:
     """Whether a path (bytes) was left out of this capture by rule: a link leading outside the root (by its
-    text or through others), or an excluded path or one below it."""
-    dropped = np.sort(np.frombuffer(scan.outside, np.int64))
+    text or through others), a special file, or an excluded path; or lies below one of them."""
+    dropped = np.sort(np.concatenate([np.frombuffer(scan.outside, np.int64), np.frombuffer(scan.specials, np.int64)]))
     excluded = [os.fsencode(x) for x in exclude]
 
-    def left(path: bytes) -> bool:
-        return path in escaping or any(path == x or path.startswith(x + b"/") for x in excluded) or bool(
-            len(dropped) and in_sorted(dropped, np.array([hash(path)], np.int64))[0])
+    def left(path: bytes) -> bool:  # the path, or a directory above it (what stood there is left out)
+        if any(path == x or path.startswith(x + b"/") for x in excluded):
+            return True
+        at = [path[:i] for i, c in enumerate(path) if c == 0x2F] + [path]
+        return any(p in escaping for p in at) or bool(
+            len(dropped) and in_sorted(dropped, np.array([hash(p) for p in at], np.int64)).any())
     return left
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from drsync.bandwidth import Schedule, parse_rate, parse_schedule
-from drsync.errors import ConfigError
-from drsync.fsutil import lies_within
+from drsync.errors import ConfigError, UsageError
+from drsync.fsutil import lies_within, local_location
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
@@ -564,14 +564,26 @@ def _resolve(value: str, base_dir: Path) -> str:
     return str((base_dir / value).resolve())
 
 
+def _resolve_local(value: str, base_dir: Path) -> str:
+    """A setting that names a local file or directory only (the state directory, TLS files, the DistCp jar):
+    a ``file://`` URL is its path (not a relative directory named ``file:``), then as :func:`_resolve`."""
+    if value and value[:5].lower() == "file:":
+        try:
+            value = local_location(value) or value
+        except UsageError as e:
+            raise ConfigError(str(e)) from None
+    return _resolve(value, base_dir)
+
+
 def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
     cluster = dataclasses.replace(cfg.cluster, data=_resolve(cfg.cluster.data, base_dir),
                                   repository=_resolve(cfg.cluster.repository, base_dir))
     backups = dataclasses.replace(cfg.backups, destination=_resolve(cfg.backups.destination, base_dir))
-    tls = dataclasses.replace(cfg.tls, ca=_resolve(cfg.tls.ca, base_dir),
-                              cert=_resolve(cfg.tls.cert, base_dir), key=_resolve(cfg.tls.key, base_dir))
-    agent = dataclasses.replace(cfg.agent, state_dir=_resolve(cfg.agent.state_dir, base_dir))
-    replication = dataclasses.replace(cfg.replication, distcp_jar=_resolve(cfg.replication.distcp_jar, base_dir))
+    tls = dataclasses.replace(cfg.tls, ca=_resolve_local(cfg.tls.ca, base_dir),
+                              cert=_resolve_local(cfg.tls.cert, base_dir), key=_resolve_local(cfg.tls.key, base_dir))
+    agent = dataclasses.replace(cfg.agent, state_dir=_resolve_local(cfg.agent.state_dir, base_dir))
+    replication = dataclasses.replace(cfg.replication,
+                                      distcp_jar=_resolve_local(cfg.replication.distcp_jar, base_dir))
     return dataclasses.replace(cfg, cluster=cluster, backups=backups, tls=tls, agent=agent, replication=replication)
 
 

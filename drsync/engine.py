@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from drsync import allocators, faults
+from drsync import allocators, faults, fsutil
 from drsync.capture import CHUNKS, HDFS_CHECKSUM, capture
 from drsync.config import MAX_DURATION_S, Config, KeepPolicy
 from drsync.dataroot import DataRoot, open_data_root
@@ -202,10 +202,18 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
 
 
 def _parent_of(repo: Repository, root: str) -> SnapshotInfo | None:
-    """The newest snapshot (by sequence) of this data root and cluster: what the capture compares with."""
-    candidates = [s for s in repo.list_snapshots() if s.source == root
-                  and s.cluster_id == repo.config.cluster_id]
-    return candidates[-1] if candidates else None
+    """The newest snapshot (by sequence) of this data root and cluster: what the capture compares with. A
+    local root is the same directory under another spelling too (a symlink to it, a bind mount: compared by
+    device and inode), so that its guards (an emptied or unmounted root, unreadable paths kept) hold."""
+    snaps = [s for s in repo.list_snapshots() if s.cluster_id == repo.config.cluster_id]
+    same: dict[str, bool] = {root: True}
+    local = fsutil.is_local_location(root)
+    for s in reversed(snaps):
+        if s.source not in same:
+            same[s.source] = local and fsutil.is_local_location(s.source) and fsutil.same_place(s.source, root)
+        if same[s.source]:
+            return s
+    return None
 
 
 def check_same_cluster(info: SnapshotInfo, cluster_id: str, release: str) -> None:

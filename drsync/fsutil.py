@@ -279,14 +279,24 @@ def absolute(path: str | os.PathLike[str]) -> str:
     """``path`` made absolute as the kernel reads it: a ``..`` climbs from where the link before it leads
     (``/srv/lnk/../x`` with ``lnk -> /a/b`` is ``/a/x``; ``os.path.abspath`` would say ``/srv/x``, another
     directory). The part up to the last ``..`` is resolved (:func:`os.path.realpath`), the rest kept as
-    written (less ``.`` and repeated slashes), so a final symlink is still named, not followed."""
-    p = os.path.join(os.getcwd(), os.fspath(path))
+    written (less ``.`` and repeated slashes), so a final symlink is still named, not followed.
+    UsageError when the kernel cannot go up from that part (a file, a missing name, a link loop before the
+    ``..``): the path names nothing."""
+    p = os.fspath(path)
+    if not p.startswith("/"):
+        p = os.path.join(os.getcwd(), p)
     comps = p.split("/")
     if ".." not in comps:
-        return os.path.abspath(p)
+        return "/" + os.path.abspath(p).lstrip("/")  # POSIX keeps a leading "//"; the kernel reads it as "/"
     last = len(comps) - 1 - comps[::-1].index("..")
-    head = os.path.realpath("/".join(comps[:last + 1]) or "/")
-    return os.path.abspath(os.path.join(head, *[c for c in comps[last + 1:] if c]))
+    head = "/".join(comps[:last + 1]) or "/"
+    try:
+        os.stat(head)  # where the kernel goes up from: every name before the ".." must be a directory
+    except OSError as e:
+        raise UsageError(f"{p}: the '..' in it climbs from {'/'.join(comps[:last]) or '/'}, which is not a "
+                         f"directory the system can enter ({e.strerror}); name an existing path") from None
+    resolved = os.path.realpath(head)
+    return "/" + os.path.abspath(os.path.join(resolved, *[c for c in comps[last + 1:] if c])).lstrip("/")
 
 
 def local_location(url: str) -> str | None:

@@ -91,7 +91,7 @@ def note_passed_over(notes: _Notes | TreeScan, fd: int, prefix: bytes, names: It
             notes.passed_over(prefix + name)
 
 
-_PASSED_OVER_ENTRIES = 100_000  # entries of a passed-over directory looked at for links before assuming one
+_PASSED_OVER_ENTRIES = 1_000_000  # entries of a passed-over directory looked at for links before assuming one
 
 
 def holds_link(dfd: int, name: bytes, budget: int = _PASSED_OVER_ENTRIES) -> bool:
@@ -249,6 +249,7 @@ class _Notes:
     linked: bool = False  # some link was kept (TreeScan.linked)
     outside: list[bytes] = field(default_factory=list)  # links left out by their text (TreeScan.left_out)
     unwalked: list[bytes] = field(default_factory=list)  # names passed over (TreeScan.passed_over)
+    specials: list[bytes] = field(default_factory=list)  # special files (TreeScan.specials)
     root_problem: str | None = None
 
     def apply(self, scan: TreeScan) -> None:
@@ -265,6 +266,7 @@ class _Notes:
             scan.left_out(rel)
         for rel in self.unwalked:
             scan.passed_over(rel)
+        scan.specials.extend(hash(rel) for rel in self.specials)
 
     def passed_over(self, rel: bytes) -> None:
         self.unwalked.append(rel)
@@ -336,6 +338,7 @@ class _NativeLister:
                      f"is kept")
             elif kind == _K_SPECIAL:
                 warn(f"{printable(fsdecode(prefix + name))}: special file (fifo, socket or device) not captured")
+                scan.specials.append(prefix + name)
             elif rel_dir:  # reserved
                 warn(f"{printable(fsdecode(prefix + name))}: the name is reserved for drsync's staging area; "
                      f"not captured")

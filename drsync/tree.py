@@ -98,6 +98,8 @@ class TreeScan:
     # directory or a link: a link there or below is read from the tree (``read_link``) when a walk reaches it
     # (``b -> excluded/l``, ``excluded/l -> /etc``). Few: one per such name met.
     unwalked: array = field(default_factory=lambda: array("q"))
+    # The hash() of each special file's path (fifo, socket, device): never captured, never kept from a parent.
+    specials: array = field(default_factory=lambda: array("q"))
     # A link's target at a path relative to the root (None: no link there), read now; for ``unwalked``.
     read_link: Callable[[bytes], bytes | None] | None = None
     linked: bool = False  # some symlink was kept (sealed): only then can a walk reach an unwalked place
@@ -604,6 +606,7 @@ class _Lister:
                             continue
                     else:
                         warn(f"{printable(fsdecode(rel))}: special file (fifo, socket or device) not captured")
+                        scan.specials.append(hash(rel))
                         continue
                     out.append((name, (rel, typ, m & 0o7777, s.st_uid, s.st_gid, size, s.st_mtime_ns, s.st_ctime_ns,
                                        s.st_ino, target, s.st_nlink, s.st_dev, s.st_blocks)))

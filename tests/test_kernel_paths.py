@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from drsync.errors import UsageError
 from drsync.fsutil import absolute
 from tests.conftest import Result
 
@@ -31,11 +32,22 @@ def test_absolute_climbs_from_where_a_link_leads(place: Path, monkeypatch: pytes
     assert absolute(f"{place}/srv/lnk/../x/./y//z") == f"{place}/a/x/y/z"
     assert absolute(f"{place}/srv/lnk/../../srv/lnk") == f"{place}/srv/lnk"  # a final link is named, not followed
     assert absolute(f"{place}/srv/./lnk") == f"{place}/srv/lnk"
-    assert absolute(f"{place}/srv/nothere/../x") == f"{place}/srv/x"  # nothing to follow: as the text says
+    assert absolute(f"//{place}/srv/lnk") == f"{place}/srv/lnk"  # a leading "//" is "/" to the kernel
+    (place / "srv" / "file").write_text("x")
+    os.symlink("loop", place / "srv" / "loop")
+    for bad in ("nothere", "file", "loop"):  # the kernel cannot go up from these: the path names nothing
+        with pytest.raises(UsageError, match=r"climbs from .* which is not a directory"):
+            absolute(f"{place}/srv/{bad}/../x")
     monkeypatch.chdir(place / "srv")
     assert absolute("lnk/../x") == f"{place}/a/x"
     assert absolute("x") == f"{place}/srv/x"
     assert absolute(Path("lnk/..")) == f"{place}/a"
+    gone = place / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()  # an operator's shell in a removed directory: absolute paths still work
+    assert absolute(f"{place}/srv/lnk/../x") == f"{place}/a/x"
+    assert absolute(f"{place}/srv/x") == f"{place}/srv/x"
 
 
 def test_every_local_path_names_what_the_kernel_names(place: Path, drsync: Callable[..., Result]) -> None:

@@ -87,11 +87,20 @@ def restore_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., A
     return decorate
 
 
+def _made(result: ApplyResult) -> str:
+    """``, 2 directories, 1 symlink made`` for what an apply makes besides files (empty: nothing)."""
+    made = [f"{n} {word if n == 1 else words}" for n, word, words in (
+        (result.made_dirs, "directory", "directories"), (result.made_symlinks, "symlink", "symlinks"),
+        (result.made_hardlinks, "hard link", "hard links")) if n]
+    return f", {', '.join(made)} made" if made else ""
+
+
 def report_restore(what: str, dest: str, result: ApplyResult) -> None:
     if result.planned is not None:
         replaced = set(result.planned.get("overwrite", []))
         say(f"dry run: restoring {what} to {dest} would write {count(result.written_files, 'file')} "
-                   f"({human_size(result.written_bytes)}; {len(replaced)} path(s) overwritten), leave "
+                   f"({human_size(result.written_bytes)}; {len(replaced)} path(s) overwritten)"
+                   f"{_made(result).replace(' made', ' to make')}, leave "
                    f"{result.unchanged_files} unchanged and remove {result.removed}"
                    + ("; the restore itself would be refused (exit 4)" if result.refused else "")
                    + "; nothing was changed")
@@ -99,21 +108,19 @@ def report_restore(what: str, dest: str, result: ApplyResult) -> None:
                   ("replace", sorted(replaced)),
                   ("write", [p for p in result.planned.get("write", []) if p not in replaced]),
                   ("mkdir", result.planned.get("mkdir", [])),
-                  ("link", [p for p in result.planned.get("link", []) if p not in replaced])]
+                  ("link", [p for p in result.planned.get("link", []) if p not in replaced]),
+                  ("hardlink", [p for p in result.planned.get("hardlink", []) if p not in replaced])]
         for kind, paths in listed:
             for p in paths[:20]:
-                say(f"  {kind:7} {printable(p)}")
+                say(f"  {kind:8} {printable(p)}")
             if len(paths) > 20:
-                say(f"  {kind:7} ... and {len(paths) - 20} more (--json lists all)")
+                say(f"  {kind:8} ... and {len(paths) - 20} more (--json lists all)")
         for w in result.warnings:
             say(f"  note: {w}")
         return
-    made = [f"{n} {word if n == 1 else words}" for n, word, words in (
-        (result.made_dirs, "directory", "directories"), (result.made_symlinks, "symlink", "symlinks"),
-        (result.made_hardlinks, "hard link", "hard links")) if n]
     say(f"restored {what} to {dest}: {count(result.written_files, 'file')} written "
-        f"({human_size(result.written_bytes)}){', ' + ', '.join(made) + ' made' if made else ''}, "
-        f"{result.unchanged_files} unchanged, {result.removed} removed")
+        f"({human_size(result.written_bytes)}){_made(result)}, {result.unchanged_files} unchanged, "
+        f"{result.removed} removed")
     for w in result.warnings:
         say(f"  note: {w}")
 

@@ -338,6 +338,7 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
             typ = _TYPES.get(s["type"])
             if typ is None:
                 scan.warnings.append(f"{rel}: unknown HDFS type {s['type']}; not captured")
+                scan.specials.append(hash(os.fsencode(rel)))
                 continue
             target = None
             if typ == SYMLINK:

@@ -205,10 +205,17 @@ class LocalDataRoot:
             return None
         real = os.path.realpath(local)
         top = os.path.realpath(self.root)
+        if real != top and not real.startswith(top.rstrip("/") + "/"):
+            # Another spelling through a bind mount (of the root, or of the path): compared as places in
+            # their filesystem (device and path within it, from /proc/self/mountinfo).
+            here, there = _in_filesystem(real), _in_filesystem(top)
+            if here is None or there is None or here[0] != there[0]:
+                return None
+            real, top = here[1], there[1]
+            if real != top and not real.startswith(top.rstrip("/") + "/"):
+                return None
         if real == top:
             raise UsageError(f"{path} is the target itself; drsync's own files cannot be the data root")
-        if not real.startswith(top.rstrip("/") + "/"):
-            return None
         return real[len(top.rstrip("/")) + 1:]
 
     def lies_within(self, path: str) -> bool:
@@ -896,6 +903,30 @@ def _all_mounts() -> list[str] | None:
             return [_unescape_mountinfo(line.split()[4]) for line in f if len(line.split()) > 4]
     except OSError:
         return None
+
+
+def _in_filesystem(real: str) -> tuple[str, str] | None:
+    """Where the real path ``real`` lies: its filesystem's device (``major:minor``) and its path from that
+    filesystem's root, through the mount that holds it (a bind mount's root below the filesystem's own
+    is added: ``/mnt/b`` binding ``/srv/data`` gives ``/srv/data/...``); None when mountinfo is unreadable."""
+    best: tuple[str, str, str] | None = None  # mount point, device, root
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 5:
+                    continue
+                point = _unescape_mountinfo(fields[4])
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and (best is None or len(point) >= len(best[0])):  # the deepest; the last mounted there
+                    best = (point, fields[2], _unescape_mountinfo(fields[3]))
+    except OSError:
+        return None
+    if best is None:
+        return None
+    point, device, root = best
+    rest = real[len(point.rstrip("/")):]
+    return device, (root.rstrip("/") + rest) or "/"
 
 
 def _mounts_below(real_root: str) -> list[str]:
