@@ -36,6 +36,7 @@ from drsync.repository.repo import GcReport, Repository, VerifyReport
 from drsync.repository.snapshots import SnapshotInfo, new_snapshot_id
 from drsync.retention import plan_retention
 from drsync.storage import open_storage
+from drsync.text import printable
 
 if TYPE_CHECKING:  # the apply machinery (numpy and all) is imported by a restore only
     from drsync.apply import ApplyResult, ForeignTarget
@@ -230,10 +231,15 @@ def check_same_cluster(info: SnapshotInfo, cluster_id: str, release: str) -> Non
 
 
 def _inside(root: DataRoot, path: str) -> str | None:
+    """Where drsync's own ``path`` (the repository, a state directory) lies inside the data root, relative,
+    to be left out of the capture; None when outside it. UsageError when it is the data root itself: a
+    capture would take the repository (or state) as the cluster's data, and change it as it reads."""
     try:
         return root.relative_inside(path)
     except UsageError:
-        return None  # the data root itself: nothing to leave out of it
+        raise UsageError(f"{printable(path)} is the data root itself: drsync's repository or state cannot be the "
+                         f"data it captures; keep it outside the data root (or in a directory of its own "
+                         f"inside it); nothing was captured") from None
 
 
 def restore_snapshot(repo: Repository, ref: str, target: str, *, cluster_id: str, release: str,

@@ -457,3 +457,15 @@ def test_the_restore_summary_counts_what_it_made_besides_files(drsync, repo_url:
     assert (r.json()["made_dirs"], r.json()["made_symlinks"], r.json()["made_hardlinks"]) == (2, 1, 3)
     r = drsync("snapshot", "restore", "s", "--repo", repo_url, "--target", str(tmp_path / "t"))
     assert r.code == 0 and " made" not in r.out
+
+
+def test_a_capture_of_the_repository_itself_is_refused(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Breaker s56b: ``--repo X --source X`` (or another spelling of X) captured the repository into itself, its
+    packs read while they were written. Refused: exit 2, one line, nothing captured."""
+    repo = tmp_path / "r"
+    assert drsync("init", "--repo", str(repo), "--cluster-id", "c", "--release", "1").code == 0
+    os.symlink(repo, tmp_path / "alias")
+    for source in (repo, tmp_path / "alias", f"{tmp_path}/alias/."):
+        r = drsync("snapshot", "create", "--repo", str(repo), "--source", str(source))
+        assert r.code == 2 and "is the data root itself" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert drsync("snapshot", "list", "--repo", str(repo), "--json").json() == []
