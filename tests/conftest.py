@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,3 +347,19 @@ def mounts():  # type: ignore[no-untyped-def]
     yield m
     for p in reversed(m.points):
         subprocess.run(["umount", "-l", str(p)], check=False)
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A directory every user can reach (pytest's tmp_path is private to root), removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to capture as another user")
+    base = Path(tempfile.mkdtemp(prefix="drsync-open-"))
+    os.chmod(base, 0o755)
+    try:
+        yield base
+    finally:
+        for dp, dns, _ in os.walk(base):
+            for n in dns:
+                os.chmod(os.path.join(dp, n), 0o755)
+        shutil.rmtree(base, ignore_errors=True)

@@ -440,15 +440,20 @@ def test_counts_read_as_english_and_os_errors_carry_a_hint(drsync, tmp_path: Pat
     assert line.startswith(f"the operation failed: {os.strerror(errno.ENOSPC)}; "), line  # no file: no "::"
 
 
-def test_the_restore_summary_counts_what_it_made_besides_files(drsync, repo_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A restore of a backup tree is mostly hard links and directories: the summary counts them (it counted
-    only the files written, so half a million hard links restored read as nothing)."""
-    src = tmp_path / "src"
+def made_tree(src: Path) -> Path:
+    """A tree of 1 file, 2 directories, 1 symlink and 3 hard links to the file (what a restore makes)."""
     (src / "d" / "e").mkdir(parents=True)
     (src / "d" / "f").write_text("x")
     for i in range(3):
         os.link(src / "d" / "f", src / f"h{i}")
     os.symlink("d/f", src / "s")
+    return src
+
+
+def test_the_restore_summary_counts_what_it_made_besides_files(drsync, repo_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A restore of a backup tree is mostly hard links and directories: the summary counts them (it counted
+    only the files written, so half a million hard links restored read as nothing)."""
+    src = made_tree(tmp_path / "src")
     assert drsync("snapshot", "create", "--repo", repo_url, "--source", str(src), "--name", "s").code == 0
     r = drsync("snapshot", "restore", "s", "--repo", repo_url, "--target", str(tmp_path / "t"))
     assert r.code == 0, r.err
