@@ -719,8 +719,12 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             root.flush()
             _fault_apply_delay()
             faults.pause("apply-staged")  # tests: staged and flushed, the apply lock held, no journal yet
+            # Still this apply's root (an HDFS root's lease not taken over while it was held up)?
+            root.verify_claim(what)
             # From here on the apply only moves forward: a restart replays the journal.
             log_.save(_plan_json(plan, staged))
+        except ApplyBusy:
+            raise  # another apply holds the root now: its staging area, its target, nothing of ours to undo
         except BaseException:
             # Nothing was committed: leave the target as it was (including not existing at all).
             root.drop_staging()

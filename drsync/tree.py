@@ -98,6 +98,8 @@ class TreeScan:
     # directory or a link: a link there or below is read from the tree (``read_link``) when a walk reaches it
     # (``b -> excluded/l``, ``excluded/l -> /etc``). Few: one per such name met.
     unwalked: array = field(default_factory=lambda: array("q"))
+    # Staging areas of drsync's below the top (an HDFS walk): an apply around another one's target checks them.
+    nested_staging: list[str] = field(default_factory=list)
     # The hash() of each special file's path (fifo, socket, device): never captured, never kept from a parent.
     specials: array = field(default_factory=lambda: array("q"))
     # A link's target at a path relative to the root (None: no link there), read now; for ``unwalked``.

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from drsync.dataroot.hdfs_lease import LEASE_NAME, STALE_S
+from drsync.dataroot.hdfs_lease import STALE_S, _identity, _start_of, is_lease
+from drsync.storage.hdfs import HdfsError
 from tests.conftest import init_repo_at, make_tree, run_drsync, tree_state
 from tests.sites import HdfsSite
 
@@ -44,12 +45,20 @@ def _snapshot(tmp_path: Path) -> tuple[str, str, Path]:
     return repo, snap, data
 
 
-def _lease(webhdfs, path: str) -> dict[str, object] | None:  # type: ignore[no-untyped-def]
-    """The lease's document once written whole (a CREATE makes the file before its bytes), or None."""
+def _leases(webhdfs, staging: str) -> dict[str, dict[str, object]]:  # type: ignore[no-untyped-def]
+    """Every lease in a staging area whose document is written whole (a CREATE makes the file before its
+    bytes), by path."""
+    out = {}
     try:
-        return json.loads(webhdfs.fs.read(path)) if webhdfs.fs.status(path) is not None else None
-    except ValueError:
-        return None
+        names = [s["pathSuffix"] for s in webhdfs.fs.list_dir(staging) if is_lease(s["pathSuffix"])]
+    except HdfsError:
+        return {}
+    for n in names:
+        try:
+            out[f"{staging}/{n}"] = json.loads(webhdfs.fs.read(f"{staging}/{n}"))
+        except (ValueError, HdfsError):
+            continue
+    return out
 
 
 def _wait_for(what: str, cond, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
@@ -69,7 +78,7 @@ def test_an_apply_from_another_host_is_refused_until_the_lease_is_gone_or_stale(
         pytest.skip("needs root and unshare -u, to run a drsync of another host name")
     repo, snap, data = _snapshot(tmp_path)
     site = HdfsSite(webhdfs, webhdfs.test_dir)
-    target, lease = site.url("restored"), site.path(f"restored/.drsync-staging/{LEASE_NAME}")
+    target, staging = site.url("restored"), site.path("restored/.drsync-staging")
     (tmp_path / "other-host-locks").mkdir()  # another host has a host lock directory of its own
     env = {**os.environ, "DRSYNC_FAULT_APPLY_DELAY_S": "600",  # A waits after staging, until it is killed
            "DRSYNC_LOCK_DIR": str(tmp_path / "other-host-locks")}
@@ -77,16 +86,16 @@ def test_an_apply_from_another_host_is_refused_until_the_lease_is_gone_or_stale(
                           "-m", "drsync", "snapshot", "restore", snap, "--repo", repo, "--target", target],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        _wait_for("A's lease", lambda: _lease(webhdfs, lease) is not None, a)
-        held = _lease(webhdfs, lease)
-        assert held is not None
-        assert (held["host"], held["pid"]) == (_OTHER, a.pid)
+        _wait_for("A's lease", lambda: bool(_leases(webhdfs, staging)), a)
+        held = _leases(webhdfs, staging)
+        [(lease, doc)] = held.items()
+        assert (doc["host"], doc["pid"]) == (_OTHER, a.pid)
         r = run_drsync("snapshot", "restore", snap, "--repo", repo, "--target", target)
         assert r.code == 1, (r.code, r.out, r.err)
         assert f"pid {a.pid} on host {_OTHER}" in r.err and "nothing was changed" in r.err
         assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
         # B changed nothing: A's lease is A's, and nothing but A's staging area is in the target yet
-        assert _lease(webhdfs, lease) == held
+        assert _leases(webhdfs, staging) == held
         assert [p for p in webhdfs.tree(site.path("restored")) if not p.startswith(".drsync-staging")] == []
         r = run_drsync("snapshot", "restore", snap, "--repo", repo, "--target", target, "--dry-run")
         assert f"on host {_OTHER}" in r.out + r.err
@@ -104,20 +113,25 @@ def test_an_apply_from_another_host_is_refused_until_the_lease_is_gone_or_stale(
 
 
 def test_a_lease_left_by_a_process_of_this_host_that_is_gone_is_taken_over(webhdfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A lease of this host whose process no longer runs (killed, the host rebooted) is taken over at once;
-    one of a running process of this host is not. The lease goes when the apply ends, with the staging
+    """A lease of a process of this host (same name, boot and pid namespace) that no longer runs (killed) is
+    taken over at once; one of a running process is not, nor one naming this host's name from another boot
+    (a same-named machine: it waits out the age). The lease goes when the apply ends, with the staging
     directory."""
     repo, snap, _ = _snapshot(tmp_path)
     site = HdfsSite(webhdfs, webhdfs.test_dir)
-    target, lease = site.url("restored"), site.path(f"restored/.drsync-staging/{LEASE_NAME}")
+    target, staging = site.url("restored"), site.path("restored/.drsync-staging")
     sleeper = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    doc = {**_identity(), "pid": sleeper.pid, "start": _start_of(sleeper.pid), "what": "a test"}
     try:
-        webhdfs.fs.write(lease, json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "what": "a test",
-                                            "token": "t"}).encode())
+        webhdfs.fs.write(f"{staging}/lease.sleeper", json.dumps(doc).encode())
+        webhdfs.fs.write(f"{staging}/lease.twin", json.dumps({**doc, "boot": "another-boot", "pid": 1}).encode())
         r = run_drsync("snapshot", "restore", snap, "--repo", repo, "--target", target)
-        assert r.code == 1 and f"pid {sleeper.pid} on host {socket.gethostname()}" in r.err, (r.code, r.err)
+        assert r.code == 1 and f"on host {socket.gethostname()}" in r.err, (r.code, r.err)
     finally:
         sleeper.communicate(b"")
     r = run_drsync("snapshot", "restore", snap, "--repo", repo, "--target", target)
+    assert r.code == 1 and "pid 1 on host" in r.err, (r.code, r.err)  # the twin: not this boot, still fresh
+    webhdfs.fs.delete(f"{staging}/lease.twin")
+    r = run_drsync("snapshot", "restore", snap, "--repo", repo, "--target", target)
     assert r.code == 0, r.err
-    assert webhdfs.fs.status(site.path("restored/.drsync-staging")) is None
+    assert webhdfs.fs.status(staging) is None

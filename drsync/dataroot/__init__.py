@@ -139,6 +139,11 @@ class DataRoot(Protocol):
         """Who holds the root for an apply now, in words (:meth:`claim`), or None: what a dry run says."""
         ...
 
+    def verify_claim(self, what: str) -> None:
+        """ApplyBusy when the claim was taken over meanwhile (this apply was held up past its lease): called
+        before the apply starts changing the root."""
+        ...
+
     def journal(self) -> Journal:
         """Where an apply without a journal of its own keeps it: in the root's staging area."""
         ...

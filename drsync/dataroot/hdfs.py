@@ -29,7 +29,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
@@ -38,8 +38,9 @@ import pyarrow.compute as pc
 from drsync import documents, faults, fsutil
 from drsync.dataroot import STAGING, UNKNOWN_ID, FileVersion, stream_matches
 from drsync.dataroot.distcp import HISTORY_PREFIX
-from drsync.dataroot.hdfs_lease import LEASE_NAME, RootLease
+from drsync.dataroot.hdfs_lease import RootLease, is_lease
 from drsync.errors import RefusedError, UsageError
+from drsync.flocks import ApplyBusy
 from drsync.native_walk import UNLISTED_KEPT
 from drsync.repository import chunks
 from drsync.repository.manifest import DIR, FILE, SYMLINK
@@ -332,6 +333,7 @@ def walk(fs: HdfsFs, top: str, *, exclude: frozenset[str] = frozenset(), live_ro
             if name in RESERVED_NAMES or (exclude and rel in exclude):
                 if rel_dir and name in RESERVED_NAMES:
                     scan.warnings.append(f"{rel}: the name is reserved for drsync's staging area; not captured")
+                    scan.nested_staging.append(rel)
                 if s["type"] in ("DIRECTORY", "SYMLINK"):  # a link there or below is read when a walk reaches it
                     scan.passed_over(os.fsencode(rel))
                 continue
@@ -436,6 +438,8 @@ class HdfsDataRoot:
         self.fs = fs or HdfsFs(self.location, **bounded(retry_s))
         self.root = self.location.path
         self.url = self.location.url
+        self._lease: RootLease | None = None
+        self._nested_staging: list[str] = []  # staging areas inside the root (:meth:`existing`)
 
     def _p(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
@@ -648,7 +652,9 @@ class HdfsDataRoot:
         return top == other or top.startswith(other + "/")
 
     def existing(self) -> dict[str, LocalEntry]:
-        return walk(self.fs, self.root).entries()
+        scan = walk(self.fs, self.root)
+        self._nested_staging = scan.nested_staging  # checked for other applies' leases (check_plan)
+        return scan.entries()
 
     def same_content(self, e: Entry, have: LocalEntry) -> bool:
         try:
@@ -665,6 +671,11 @@ class HdfsDataRoot:
         DFSUtil.isValidName), before anything changes; HDFS has no mount points or symlinks to go
         through. What HDFS does not keep is reported: hard links are written as copies, extended
         attributes are not set."""
+        for rel in self._nested_staging:  # another host's apply onto a directory inside this target
+            holder = RootLease(self.fs, self._p(rel), self.url).holder()
+            if holder is not None:
+                raise ApplyBusy("this apply", f"{holder} is writing to {printable(self._p(posixpath.dirname(rel)))}"
+                                f", inside {printable(self.url)}")
         at_top = self.root == "/"
         refused = [e.path for e in (*plan.write, *plan.mkdir, *plan.hardlink) if not _hdfs_holds(e.path, at_top)]
         if refused:
@@ -683,9 +694,28 @@ class HdfsDataRoot:
             self.warnings.append(f"extended attributes of {with_xattrs} path(s) not set: drsync does not carry "
                                  f"them onto HDFS")
 
-    def claim(self, what: str) -> AbstractContextManager[None]:
+    @contextmanager
+    def claim(self, what: str) -> Iterator[None]:
         """The root's lease for one apply, against applies from any host (:mod:`drsync.dataroot.hdfs_lease`)."""
-        return RootLease(self.fs, self._staging, self.url).hold(what)
+        above = self.root.rstrip("/")
+        while above not in ("", "/"):  # another host's apply onto a directory holding this one
+            above = posixpath.dirname(above)
+            holder = RootLease(self.fs, posixpath.join(above, STAGING), self.url).holder()
+            if holder is not None:
+                busy = ApplyBusy(what, f"{holder} is writing to {printable(above)}, which holds {printable(self.url)}")
+                log.warning("%s", busy)
+                raise busy
+        with RootLease(self.fs, self._staging, self.url).hold(what) as lease:
+            self._lease = lease
+            try:
+                yield
+            finally:
+                self._lease = None
+
+    def verify_claim(self, what: str) -> None:
+        """ApplyBusy when another host's apply took the root over from this one's lease (it was held up)."""
+        if self._lease is not None:
+            self._lease.verify(what)
 
     def claimant(self) -> str | None:
         return RootLease(self.fs, self._staging, self.url).holder()
@@ -709,7 +739,7 @@ class HdfsDataRoot:
         if children is not None:
             # drsync's: empty, or its mark (or a journal) as a file, and otherwise only what an apply stages
             marks = [c for c in children
-                     if c["pathSuffix"] in (STAGING_MARK, LEASE_NAME) or _journal_name(c["pathSuffix"])]
+                     if c["pathSuffix"] == STAGING_MARK or is_lease(c["pathSuffix"]) or _journal_name(c["pathSuffix"])]
             if not children or (marks and all(c.get("type") == "FILE" for c in marks) and all(
                     _staged_name(c["pathSuffix"]) for c in children if c not in marks)):
                 return None
@@ -718,7 +748,7 @@ class HdfsDataRoot:
     def reset_staging(self, plan: ApplyPlan) -> None:
         """An empty staging area but for the apply's lease (:meth:`claim`), with its mark and trash."""
         for name in self._staging_names():
-            if name != LEASE_NAME:
+            if not is_lease(name):
                 delete_tree(self.fs, posixpath.join(self._staging, name))
         self.fs.mkdirs(self._staging, 0o700)
         self.fs.write(posixpath.join(self._staging, STAGING_MARK), b"", overwrite=True)  # first: see foreign_staging
@@ -762,12 +792,12 @@ class HdfsDataRoot:
             return
         names = self._staging_names()
         journals = [n for n in names if n.startswith(HdfsJournal.PREFIX)]
-        if not journals and LEASE_NAME not in names:
+        if not journals and not any(is_lease(n) for n in names):
             delete_tree(self.fs, self._staging)
             return
         # A lease goes with the apply that holds it (its claim), which then removes the emptied directory.
         _side_by_side(lambda n: delete_tree(self.fs, posixpath.join(self._staging, n)),
-                      [n for n in names if n not in journals and n != LEASE_NAME])
+                      [n for n in names if n not in journals and not is_lease(n)])
 
     def _staging_names(self) -> list[str]:
         """The names in the staging area (none when it does not exist)."""

@@ -279,6 +279,9 @@ class LocalDataRoot:
     def claimant(self) -> str | None:
         return None
 
+    def verify_claim(self, what: str) -> None:
+        """Nothing to check: a local root's flocks are held by the kernel for as long as the apply runs."""
+
     def journal(self) -> RootJournal:
         return RootJournal(self.root)
 
