@@ -112,9 +112,9 @@ def report_restore(what: str, dest: str, result: ApplyResult) -> None:
                   ("hardlink", [p for p in result.planned.get("hardlink", []) if p not in replaced])]
         for kind, paths in listed:
             for p in paths[:20]:
-                say(f"  {kind:8} {printable(p)}")
+                say(f"  {kind:7} {printable(p)}")
             if len(paths) > 20:
-                say(f"  {kind:8} ... and {len(paths) - 20} more (--json lists all)")
+                say(f"  {kind:7} ... and {len(paths) - 20} more (--json lists all)")
         for w in result.warnings:
             say(f"  note: {w}")
         return
