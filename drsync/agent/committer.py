@@ -146,6 +146,8 @@ class Committer:
         """
         try:
             self.recover()
+        except ApplyBusy as e:  # another host's apply holds the root now: the next apply completes ours first
+            log.warning("standby %s: %s; the next apply completes what this one left", self.agent, e)
         except Exception as e:
             self.broken = (f"an apply failed half-way and could not be completed ({e}); fix the cause, then "
                            f"restart the agent, which completes it first")
@@ -768,7 +770,7 @@ class Committer:
                 root_held=True)  # the agent flocks its data root for its lifetime (drsync.agent.locks)
         except BaseException as e:
             self._in_flight = None
-            if not reapply:
+            if not reapply and not isinstance(e, ApplyBusy):  # refused: another host's apply; nothing changed
                 self._after_failed_apply()
             if isinstance(e, OSError):
                 raise describe_os_error(e, f"applying snapshot {info.id} on the standby") from None

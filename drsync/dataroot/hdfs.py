@@ -697,15 +697,16 @@ class HdfsDataRoot:
     @contextmanager
     def claim(self, what: str) -> Iterator[None]:
         """The root's lease for one apply, against applies from any host (:mod:`drsync.dataroot.hdfs_lease`)."""
-        above = self.root.rstrip("/")
-        while above not in ("", "/"):  # another host's apply onto a directory holding this one
-            above = posixpath.dirname(above)
-            holder = RootLease(self.fs, posixpath.join(above, STAGING), self.url).holder()
-            if holder is not None:
-                busy = ApplyBusy(what, f"{holder} is writing to {printable(above)}, which holds {printable(self.url)}")
-                log.warning("%s", busy)
-                raise busy
         with RootLease(self.fs, self._staging, self.url).hold(what) as lease:
+            above = self.root.rstrip("/")  # ours written first, then another host's apply onto a directory
+            while above not in ("", "/"):  # holding this one looked for (it looks inside: check_plan)
+                above = posixpath.dirname(above)
+                holder = RootLease(self.fs, posixpath.join(above, STAGING), self.url).holder()
+                if holder is not None:
+                    busy = ApplyBusy(what, f"{holder} is writing to {printable(above)}, which holds "
+                                           f"{printable(self.url)}")
+                    log.warning("%s", busy)
+                    raise busy
             self._lease = lease
             try:
                 yield
@@ -759,7 +760,11 @@ class HdfsDataRoot:
         return f"{STAGING}/{n}"
 
     def write_staged(self, n: int, e: Entry, data: Iterable[bytes]) -> str:
-        """Returns the staged file's path relative to the root (a journal stays valid wherever the root is)."""
+        """Returns the staged file's path relative to the root (a journal stays valid wherever the root is).
+        ApplyBusy, nothing written, when this apply's lease was taken over (it was held up): the staging area
+        is the new holder's."""
+        if self._lease is not None:
+            self._lease.verify_held("this apply")
         path = posixpath.join(self._staging, str(n))
         w = self.fs.writer(path, overwrite=True)
         try:
@@ -785,7 +790,11 @@ class HdfsDataRoot:
 
     def drop_staging(self) -> None:
         """The staging area goes, except a journal still in it (the caller removes that, then calls again).
-        One that is not drsync's is left as it is (the apply refuses it)."""
+        One that is not drsync's is left as it is (the apply refuses it), and so is one whose lease this
+        apply lost (another apply's now)."""
+        if self._lease is not None and self._lease.lost_now():
+            log.warning("%s: this apply's lease was taken over; the staging area is left to its new holder", self.url)
+            return
         stray = self.foreign_staging()
         if stray is not None:
             log.warning("%s holds what drsync did not put there; left as it is", stray)
@@ -809,6 +818,17 @@ class HdfsDataRoot:
             raise
 
     def remove_root(self) -> None:
+        """The target this apply made goes, unless something other than drsync's staging area is in it now:
+        another host may have made it too, and restored into it (MKDIRS says nothing of who made a directory)."""
+        try:
+            others = [c["pathSuffix"] for c in self.fs.list_dir(self.root) if c["pathSuffix"] != STAGING]
+        except HdfsError as e:
+            if e.exception == "FileNotFoundException":
+                return
+            raise
+        if others:
+            log.warning("%s: left in place: it holds %d path(s) this apply did not write", self.url, len(others))
+            return
         delete_tree(self.fs, self.root)
 
     def settle(self) -> None:

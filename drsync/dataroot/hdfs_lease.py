@@ -192,6 +192,19 @@ class RootLease:
             out.append((name, doc, age, not _gone(doc, age, posixpath.join(self.staging, name))))
         return out
 
+    def lost_now(self) -> bool:
+        """Whether this lease was taken over (removed as stale by another apply): one look at it."""
+        if self.lost is None and self.path and self.fs.status(self.path) is None:
+            self.lost = "another drsync apply"
+        return self.lost is not None
+
+    def verify_held(self, what: str) -> None:
+        """ApplyBusy when :meth:`lost_now`: a cheap check before each staged file."""
+        if self.lost_now():
+            busy = ApplyBusy(what, f"{self.lost} took {printable(self.url)} over while this apply was held up")
+            log.warning("%s", busy)
+            raise busy
+
     def _taken_over(self) -> str | None:
         """Who took the root over from this lease (another live lease, or ours removed as stale), or None."""
         live = next((holder_words(doc, age) for _, doc, age, live in self._others() if live), None)
