@@ -33,6 +33,7 @@ from tests.test_breaker_s56c import (
     _kill,
     _lease_of,
     _popen_other,
+    _snapshots,
     _state,
     _tree,
     _wait,
@@ -94,16 +95,17 @@ def test_an_apply_inside_a_root_whose_apply_starts_meanwhile_is_refused_or_refus
 # --- a holder taken over in the middle of its staging ----------------------------------------------------------
 
 
-def _two_snapshots(tmp: Path) -> tuple[str, str, str]:
-    repo = str(tmp / "repo")
-    init_repo_at(repo, "e", "1")
-    ids = []
-    for tag in ("S1", "S2"):
-        _tree(tmp / tag, tag)
-        r = run_drsync("snapshot", "create", "--repo", repo, "--source", tmp / tag, "--json")
-        assert r.code == 0, r.err
-        ids.append(r.json()["id"])
-    return repo, ids[0], ids[1]
+def _root_and_s2(webhdfs, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Snapshots S1 and S2, an empty HDFS root ``r``: (repo URL, S1's id, the site, r's URL, r's staging path,
+    the repository, S2's info)."""
+    from drsync.repository.repo import Repository
+    from drsync.storage import open_storage
+
+    repo_url, s1, s2 = _snapshots(tmp_path)
+    site = HdfsSite(webhdfs, webhdfs.test_dir)
+    webhdfs.fs.mkdirs(site.path("r"))
+    repo = Repository.open(open_storage(repo_url))
+    return repo_url, s1, site, site.url("r"), site.path("r/.drsync-staging"), repo, repo.find_snapshot(s2)
 
 
 def _taken_over_mid_staging(webhdfs, tmp_path: Path, monkeypatch, *, a_cancels: bool):  # type: ignore[no-untyped-def]
@@ -111,17 +113,10 @@ def _taken_over_mid_staging(webhdfs, tmp_path: Path, monkeypatch, *, a_cancels: 
     check, standing for a paused VM) past STALE_S (its lease aged by hand); host B restores S1 there, takes
     the stale lease over, stages and is paused before its journal. A then resumes: it stages on (or is
     cancelled). B then resumes and commits. Returns (A's outcome, B's exit code and stderr)."""
-    from drsync.repository.repo import Repository
-    from drsync.storage import open_storage
 
     monkeypatch.delenv("DRSYNC_FAULT_PAUSE", raising=False)
     monkeypatch.setattr(hdfs_lease, "RENEW_S", 1000.0)  # A's renewer stays out of the way (the VM is paused)
-    repo_url, s1, s2 = _two_snapshots(tmp_path)
-    site = HdfsSite(webhdfs, webhdfs.test_dir)
-    target, staging = site.url("r"), site.path("r/.drsync-staging")
-    webhdfs.fs.mkdirs(site.path("r"))
-    repo = Repository.open(open_storage(repo_url))
-    info = repo.find_snapshot(s2)
+    repo_url, s1, _, target, staging, repo, info = _root_and_s2(webhdfs, tmp_path)
     manifest = repo.load_manifest(info)
     held_up, resume = threading.Event(), threading.Event()
     calls = [0]
@@ -245,16 +240,9 @@ def test_an_apply_whose_lease_was_removed_by_hand_leaves_no_staging_area(webhdfs
     (ApplyBusy), as it should. Its staged files stay in .drsync-staging (the breaker asked for their removal;
     decided against: an apply that lost its lease cannot tell whether another apply stages there now, so it
     leaves the staging area to whoever holds the root next). The next apply empties it and leaves nothing."""
-    from drsync.repository.repo import Repository
-    from drsync.storage import open_storage
 
     monkeypatch.delenv("DRSYNC_FAULT_PAUSE", raising=False)
-    repo_url, _, s2 = _two_snapshots(tmp_path)
-    site = HdfsSite(webhdfs, webhdfs.test_dir)
-    target, staging = site.url("r"), site.path("r/.drsync-staging")
-    webhdfs.fs.mkdirs(site.path("r"))
-    repo = Repository.open(open_storage(repo_url))
-    info = repo.find_snapshot(s2)
+    _, _, site, target, staging, repo, info = _root_and_s2(webhdfs, tmp_path)
     calls = [0]
 
     def cancel() -> bool:
