@@ -36,7 +36,7 @@ from drsync.errors import OperationFailed, UsageError
 from drsync.hardlink_groups import LinkGroups, holds
 from drsync.repository import chunks
 from drsync.repository.link_leaders import in_sorted
-from drsync.repository.link_walk import LeftOut, may_escape
+from drsync.repository.link_walk import LeftOut, may_escape, path_and_above
 from drsync.repository.manifest import (
     DIR,
     EMPTY_CONTENT,
@@ -1015,7 +1015,7 @@ def _left_on_purpose(escaping: set[bytes], scan: TreeScan, exclude: frozenset[st
     def left(path: bytes) -> bool:  # the path, or a directory above it (what stood there is left out)
         if any(path == x or path.startswith(x + b"/") for x in excluded):
             return True
-        at = [path[:i] for i, c in enumerate(path) if c == 0x2F] + [path]
+        at = path_and_above(path)
         return any(p in escaping for p in at) or bool(
             len(dropped) and in_sorted(dropped, np.array([hash(p) for p in at], np.int64)).any())
     return left

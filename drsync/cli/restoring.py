@@ -87,12 +87,12 @@ def restore_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., A
     return decorate
 
 
-def _made(result: ApplyResult) -> str:
+def _made(result: ApplyResult, verb: str = "made") -> str:
     """``, 2 directories, 1 symlink made`` for what an apply makes besides files (empty: nothing)."""
     made = [f"{n} {word if n == 1 else words}" for n, word, words in (
         (result.made_dirs, "directory", "directories"), (result.made_symlinks, "symlink", "symlinks"),
         (result.made_hardlinks, "hard link", "hard links")) if n]
-    return f", {', '.join(made)} made" if made else ""
+    return f", {', '.join(made)} {verb}" if made else ""
 
 
 def report_restore(what: str, dest: str, result: ApplyResult) -> None:
@@ -100,7 +100,7 @@ def report_restore(what: str, dest: str, result: ApplyResult) -> None:
         replaced = set(result.planned.get("overwrite", []))
         say(f"dry run: restoring {what} to {dest} would write {count(result.written_files, 'file')} "
                    f"({human_size(result.written_bytes)}; {len(replaced)} path(s) overwritten)"
-                   f"{_made(result).replace(' made', ' to make')}, leave "
+                   f"{_made(result, 'to make')}, leave "
                    f"{result.unchanged_files} unchanged and remove {result.removed}"
                    + ("; the restore itself would be refused (exit 4)" if result.refused else "")
                    + "; nothing was changed")

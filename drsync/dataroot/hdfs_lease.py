@@ -124,10 +124,7 @@ class RootLease:
         before the apply starts changing the root."""
         if self.lost is None:
             self.lost = self._taken_over()
-        if self.lost is not None:
-            busy = ApplyBusy(what, f"{self.lost} took {printable(self.url)} over while this apply was held up")
-            log.warning("%s", busy)
-            raise busy
+        self._refuse_if_lost(what)
 
     # --- the steps --------------------------------------------------------------------
 
@@ -200,7 +197,11 @@ class RootLease:
 
     def verify_held(self, what: str) -> None:
         """ApplyBusy when :meth:`lost_now`: a cheap check before each staged file."""
-        if self.lost_now():
+        self.lost_now()
+        self._refuse_if_lost(what)
+
+    def _refuse_if_lost(self, what: str) -> None:
+        if self.lost is not None:
             busy = ApplyBusy(what, f"{self.lost} took {printable(self.url)} over while this apply was held up")
             log.warning("%s", busy)
             raise busy
@@ -249,13 +250,11 @@ class RootLease:
                 self._delete_own()
             if not list(self.fs.list_dir(self.staging)):
                 self.fs.delete(self.staging)
-        except HdfsError as e:
-            if e.exception != "FileNotFoundException":  # the root itself removed (a refused restore's new one)
+        except (HdfsError, OSError) as e:
+            # FileNotFoundException: the root itself removed (a refused restore's new one)
+            if getattr(e, "exception", None) != "FileNotFoundException":
                 log.warning("%s: cannot give back the apply's lease (%s); the next apply takes it over once it "
                             "is stale", self.url, e)
-        except OSError as e:
-            log.warning("%s: cannot give back the apply's lease (%s); the next apply takes it over once it is "
-                        "stale", self.url, e)
 
 
 def _gone(doc: dict[str, Any], age: float | None, path: str) -> bool:

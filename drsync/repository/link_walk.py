@@ -149,9 +149,12 @@ class LeftOut:
         return target
 
     def _below_unwalked(self, path: bytes) -> bool:
-        ends = [i for i, c in enumerate(path) if c == 0x2F]
-        prefixes = [hash(path[:i]) for i in ends] + [hash(path)]
-        return bool(in_sorted(self.unwalked, np.array(prefixes, np.int64)).any())
+        return bool(in_sorted(self.unwalked, np.array([hash(p) for p in path_and_above(path)], np.int64)).any())
+
+
+def path_and_above(path: bytes) -> list[bytes]:
+    """``path`` and every directory above it (``a``, ``a/b``, ``a/b/c`` for ``a/b/c``), shortest first."""
+    return [path[:i] for i, c in enumerate(path) if c == 0x2F] + [path]
 
 
 def _escaping_lazily(rows: Rows, every: bool, outside: LeftOut) -> list[tuple[bytes, bytes]] | None:
