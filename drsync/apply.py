@@ -441,6 +441,7 @@ def _to_plan(manifest: Manifest, root: DataRoot, *, dry_run: bool, merge: bool, 
             close = getattr(walking, "close", None)
             if close is not None:
                 close()  # a walk left early (a manifest out of order) sets back what it opened up now
+        allocators.give_back()  # what the merge's windows freed, before the plan is built on its residue
         if rest is not None:
             return manifest.entries_at(rest.rows, light=True), rest.existing, rest.unchanged, rest
     # Planned on light entries (no chunk lists); the files to write get their chunk lists a staging
@@ -721,6 +722,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             faults.pause("apply-staged")  # tests: staged and flushed, the apply lock held, no journal yet
             # Still this apply's root (an HDFS root's lease not taken over while it was held up)?
             root.verify_claim(what)
+            allocators.give_back()  # what staging freed, before the journal reads the plan's columns again
             # From here on the apply only moves forward: a restart replays the journal.
             log_.save(_plan_json(plan, staged))
         except ApplyBusy:

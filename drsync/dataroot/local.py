@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
-from drsync import documents, fsutil, native_walk
+from drsync import allocators, documents, fsutil, native_walk
 from drsync.dataroot import STAGING, FileVersion, stream_matches
 from drsync.dataroot.beneath import Beneath
 from drsync.errors import OperationFailed, RefusedError, UsageError
@@ -553,6 +553,7 @@ class LocalDataRoot:
                                               f"completed; restore the target from a snapshot")
                     continue  # moved already by the interrupted run this one completes
                 fs.rename(src, e.path, directory=False)
+            allocators.give_back()  # the written files' entries, before the hard links' (their names read too)
             for k, e in enumerate(plan.hardlink):
                 at[0] = e.path
                 lead = e.hardlink or ""

@@ -861,7 +861,7 @@ class _GroupCache:
 
 
 _CACHED_GROUPS = 4
-_CACHED_BYTES = 16 << 20
+_CACHED_BYTES = 8 << 20
 
 
 ROW_GROUP = 65536  # manifest rows per Parquet row group
