@@ -3,7 +3,9 @@
 One tree of ``files`` small files (default 1,000,000, one chunk each) is built once and reused by
 every step; steps that write a copy of it remove the copy before the next one, so the disk holds
 at most the tree, two repositories, one backup and one copy (about 5 times the tree's size).
-Each step runs as its own process and reports its wall time and peak RSS (``wait4``; a running
+A second tree, a backup server's rotation of two days hard-linked to each other (``files`` entries,
+``files / 2`` inodes, 63-byte paths), is captured and restored the same way, into an empty directory and
+onto itself. Each step runs as its own process and reports its wall time and peak RSS (``wait4``; a running
 agent's from its ``VmHWM``) against DESIGN.md's targets: 300 MiB for every operation, an
 unchanged snapshot in 5 s, a no-change cycle in half of ``rsync -a``'s no-op to its daemon.
 """
@@ -15,6 +17,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import DRSYNC, AgentPair, Report, RsyncDaemon, Run, drop_caches, run, vm_hwm_mib
@@ -135,6 +138,47 @@ def bench_scale(work: Path, tree: Path, files: int, rep: Report) -> None:
         daemon.stop()
         shutil.rmtree(work / "s-pair", ignore_errors=True)
         shutil.rmtree(work / "rsyncd", ignore_errors=True)
+    bench_hardlinked(work, files, add)
+
+
+def build_rotation(root: Path, files: int) -> None:
+    """A backup rotation: ``daily.0`` holds ``files // 2`` small files, ``daily.1`` the same names hard-linked
+    to them (``daily.0/home/user042/projects/data-0421/report_042137_final.csv``: 63 bytes)."""
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"scale: generating a rotation of two hard-linked days of {files // 2} files in {root} ...")
+    for i in range(files // 2):
+        d0 = root / "daily.0" / "home" / f"user{i // 5000:03}" / "projects" / f"data-{i // 100:04}"
+        d1 = root / "daily.1" / d0.relative_to(root / "daily.0")
+        if i % 100 == 0:
+            d0.mkdir(parents=True)
+            d1.mkdir(parents=True)
+        name = f"report_{i:06}_final.csv"
+        (d0 / name).write_text(f"id,{i}\n")
+        os.link(d0 / name, d1 / name)
+    past = time.time() - 60
+    os.utime(root, (past, past))
+
+
+def bench_hardlinked(work: Path, files: int, add: Callable[..., None]) -> None:
+    """Capture and restore of a hard-linked backup rotation (:func:`build_rotation`): its names are read
+    back from the manifest's file by the apply, a peak of its own."""
+    tree, repo, out = work / "s-rotation", work / "s-rotation-repo", work / "s-rotation-out"
+    try:
+        build_rotation(tree, files)
+        os.sync()
+        run([*DRSYNC, "init", "--repo", str(repo), "--cluster-id", "bench", "--release", "1"])
+        made = run([*DRSYNC, "snapshot", "create", "--repo", str(repo), "--source", str(tree), "--json"])
+        add("hard-linked rotation: snapshot", made)
+        sid = json.loads(made.out)["id"]
+        drop_caches()
+        add("hard-linked rotation: restore to a new directory",
+            run([*DRSYNC, "snapshot", "restore", sid, "--repo", str(repo), "--target", str(out)]))
+        add("hard-linked rotation: no-change restore",
+            run([*DRSYNC, "snapshot", "restore", "--overwrite", "--delete-extra", sid, "--repo", str(repo),
+                 "--target", str(out)]))
+    finally:
+        for p in (tree, repo, out):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def rep_standby(when: str, pair: AgentPair, files: int, rep: Report) -> None:
