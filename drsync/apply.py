@@ -199,17 +199,22 @@ class ForeignTarget:
         """Why applying ``plan`` onto this target is refused (None: it is not). ``wanted``: the snapshot's paths."""
         replaced = [] if self.overwrite else sorted({*plan.replaces, *(p for p in plan.remove if p in wanted)})
         extra = [] if self.delete_extra else sorted(p for p in plan.remove if p not in wanted)
-        if not replaced and not extra:
+        # Files it holds alike but for their mode, owner or extended attributes: set back only with overwrite
+        # (what is there is kept as it is); counted, and the first few named (a plan may hold a million as rows).
+        refit = 0 if self.overwrite else len(plan.fix_meta)
+        if not replaced and not extra and not refit:
             return None
 
-        def shown(paths: list[str]) -> str:
-            return ", ".join(printable(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3
-                                                                 else "")
+        def shown(paths: list[str], total: int | None = None) -> str:
+            more = (len(paths) if total is None else total) - 3
+            return ", ".join(printable(p) for p in paths[:3]) + (f" and {more} more" if more > 0 else "")
 
         parts = ([f"{len(replaced)} existing path(s) it would overwrite ({shown(replaced)})"] if replaced else []) + (
+            [f"{refit} existing file(s) whose mode, owner or extended attributes it would set back "
+             f"({shown([e.path for e in itertools.islice(plan.fix_meta, 3)], refit)})"] if refit else []) + (
             [f"{len(extra)} path(s) the snapshot does not have, which it would remove ({shown(extra)})"]
             if extra else [])
-        needed = [f for f, need in zip(self.flags, (replaced, extra), strict=True) if need]
+        needed = [f for f, need in zip(self.flags, (replaced or refit, extra), strict=True) if need]
         return (f"{what}: {url} is not this cluster's data root and holds {' and '.join(parts)}: nothing was "
                 f"changed; rerun with {' '.join(needed)} to replace what is there (--dry-run lists it), or "
                 f"restore into an empty directory")

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import stat as st
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
@@ -554,6 +554,7 @@ class LocalDataRoot:
                     continue  # moved already by the interrupted run this one completes
                 fs.rename(src, e.path, directory=False)
             allocators.give_back()  # the written files' entries, before the hard links' (their names read too)
+            copied: list[tuple[str, str]] = []  # (path, why) of names written as copies of their group's file
             for k, e in enumerate(plan.hardlink):
                 at[0] = e.path
                 lead = e.hardlink or ""
@@ -565,8 +566,21 @@ class LocalDataRoot:
                     continue  # linked already
                 tmp = f"{self._staging_of(self._domain(e.path))}/H{k}"
                 fs.remove_tree(tmp)
-                fs.link(lead, tmp)
+                try:
+                    fs.link(lead, tmp)
+                except OSError as err:
+                    # The group has more names than this filesystem lets one file have (EMLINK: ext4 allows
+                    # 65,000), or it makes no hard links at all: the name gets a file of its own with the same
+                    # bytes. A replay finds it unlinked and copies it again: the same end.
+                    if err.errno not in _NO_MORE_LINKS:
+                        raise
+                    _copy_of(fs, lead, tmp, e, self._set_xattrs)
+                    copied.append((e.path, err.strerror or str(err)))
                 fs.rename(tmp, e.path, directory=False)
+            if copied:
+                self.warnings.append(f"{len(copied)} name(s) of hard-linked files written as copies, not links: "
+                                     f"{printable(copied[0][0])}: {copied[0][1]} (the target's filesystem allows fewer "
+                                     f"names a file than the snapshot's group has, or no hard links)")
             for k, e in enumerate(plan.link):
                 at[0] = e.path
                 s = fs.lstat(e.path)
@@ -1189,3 +1203,34 @@ def _open_listable(fs: Beneath, rel: str, me: int, opened: list[tuple[str, int]]
         return fs.dir_fd(rel)
     os.fchmod(fs.root_fd, st.S_IMODE(s.st_mode) | 0o500)
     return fs.root_fd
+
+
+# link(2)'s answers that no further name can be linked to that file here: too many links, or hard links not
+# supported by the filesystem (EPERM on vfat; also fs.protected_hardlinks refusing a file this user cannot write).
+_NO_MORE_LINKS = frozenset({errno.EMLINK, errno.EPERM, errno.EOPNOTSUPP})
+
+
+def _copy_of(fs: Beneath, lead: str, tmp: str, e: Entry, set_xattrs: Callable[[int, Entry], None]) -> None:
+    """Write ``tmp`` as a copy of the file ``lead`` (both relative to ``fs``'s root, neither followed if a
+    link) with entry ``e``'s owner, extended attributes, mode and time, durably (fsynced). Raises OSError."""
+    src = fs.open_read(lead)
+    try:
+        fd = fs.create(tmp)
+        try:
+            size = os.fstat(src).st_size
+            done = 0
+            while done < size:
+                n = os.copy_file_range(src, fd, size - done, done, done)
+                if n == 0:
+                    break  # the file shrank: it is the group's file as committed, so this does not happen
+                done += n
+            if os.geteuid() == 0:
+                os.fchown(fd, e.uid, e.gid)
+            set_xattrs(fd, e)
+            os.fchmod(fd, e.mode)
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(src)
