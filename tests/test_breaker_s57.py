@@ -44,6 +44,15 @@ def crowded_group() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _captured(drsync, src: Path, base: Path) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """A repository at ``base/repo`` holding a snapshot of ``src``: (repository, snapshot id)."""
+    repo = str(base / "repo")
+    init_repo_at(repo, "c", "1")
+    r = drsync("snapshot", "create", "--repo", repo, "--source", src, "--json")
+    assert r.code == 0, r.err
+    return repo, r.json()["id"]
+
+
 def test_a_group_with_more_names_than_the_target_allows_is_restored_with_copies_and_again(
         drsync, crowded_group: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Was: the commit failed on EMLINK halfway through the links, and every run again failed the same way
@@ -53,11 +62,7 @@ def test_a_group_with_more_names_than_the_target_allows_is_restored_with_copies_
     out.mkdir()
     if os.pathconf(out, "PC_LINK_MAX") > NAMES:
         pytest.skip(f"{tmp_path}'s filesystem lets one file have {NAMES} names: nothing to fall back from")
-    repo = str(tmp_path / "repo")
-    init_repo_at(repo, "c", "1")
-    r = drsync("snapshot", "create", "--repo", repo, "--source", crowded_group, "--json")
-    assert r.code == 0, r.err
-    sid = r.json()["id"]
+    repo, sid = _captured(drsync, crowded_group, tmp_path)
     out.rmdir()
     r = drsync("snapshot", "restore", sid, "--repo", repo, "--target", out)
     assert r.code == 0, r.err
@@ -89,11 +94,7 @@ def test_a_kept_target_s_modes_are_not_set_back_without_overwrite(drsync, tmp_pa
     (src / "a" / "f").write_text("same bytes\n")
     os.link(src / "a" / "f", src / "g")
     (src / "a" / "f").chmod(0o644)
-    repo = str(tmp_path / "repo")
-    init_repo_at(repo, "c", "1")
-    r = drsync("snapshot", "create", "--repo", repo, "--source", src, "--json")
-    assert r.code == 0, r.err
-    sid = r.json()["id"]
+    repo, sid = _captured(drsync, src, tmp_path)
     out = tmp_path / "out"
     assert drsync("snapshot", "restore", sid, "--repo", repo, "--target", out).code == 0
     (out / "a" / "f").chmod(0o4777)
