@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import init_repo_at
 
 NAMES = 65_100  # more names than ext4 lets one file have (65,000)
+HOLE = 1 << 20
+BODY = b"\0" * HOLE + b"one file, many names\n"
 
 
 @pytest.fixture
@@ -28,7 +30,9 @@ def crowded_group() -> Iterator[Path]:
     base = shm / f"drsync-test-{uuid.uuid4().hex[:8]}"
     src = base / "many"
     (src / "z").mkdir(parents=True)
-    (src / "z" / "lead").write_bytes(b"one file, many names\n")
+    fd = os.open(src / "z" / "lead", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.pwrite(fd, BODY[HOLE:], HOLE)  # sparse: a 1 MiB hole, then the bytes
+    os.close(fd)
     try:
         for i in range(NAMES):
             d = src / f"d{i // 1000:03}"
@@ -57,7 +61,7 @@ def test_a_group_with_more_names_than_the_target_allows_is_restored_with_copies_
         drsync, crowded_group: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Was: the commit failed on EMLINK halfway through the links, and every run again failed the same way
     (the journal replayed into the same wall). Now the names past the limit are files of their own with the
-    group's bytes and metadata, the run says so, and a second run completes too."""
+    group's bytes, holes and metadata, the run says so, and a second run completes too."""
     out = tmp_path / "out"
     out.mkdir()
     if os.pathconf(out, "PC_LINK_MAX") > NAMES:
@@ -70,7 +74,7 @@ def test_a_group_with_more_names_than_the_target_allows_is_restored_with_copies_
     assert not (out / ".drsync-staging").exists()
     names = [out / f"d{i // 1000:03}" / f"n{i}" for i in range(NAMES)] + [out / "z" / "lead"]
     inodes = [p.stat() for p in names]
-    assert all(p.read_bytes() == b"one file, many names\n" for p in names[-200:])
+    assert all(p.read_bytes() == BODY for p in names[-20:])
     lead = inodes[0]  # the group's first name in path order (d000/n0) is its file
     linked = sum(1 for s in inodes if s.st_ino == lead.st_ino)
     assert linked == lead.st_nlink and linked >= 60_000  # as many names as the filesystem took
@@ -78,6 +82,7 @@ def test_a_group_with_more_names_than_the_target_allows_is_restored_with_copies_
     assert len(copies) == NAMES + 1 - linked
     assert all(stat.S_IMODE(s.st_mode) == stat.S_IMODE(lead.st_mode) and s.st_mtime_ns == lead.st_mtime_ns
                for s in copies)
+    assert all(s.st_blocks * 512 < HOLE for s in copies), "a copy filled the file's hole"
     # The copies are not links of the group: a second restore onto the same target relinks what it can.
     r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", sid, "--repo", repo, "--target", out)
     assert r.code == 0, r.err

@@ -1218,12 +1218,14 @@ def _copy_of(fs: Beneath, lead: str, tmp: str, e: Entry, set_xattrs: Callable[[i
         fd = fs.create(tmp)
         try:
             size = os.fstat(src).st_size
-            done = 0
-            while done < size:
-                n = os.copy_file_range(src, fd, size - done, done, done)
-                if n == 0:
-                    break  # the file shrank: it is the group's file as committed, so this does not happen
-                done += n
+            for start, end in _data_ranges(src, size) if e.sparse else ((0, size),):
+                done = start
+                while done < end:  # the holes between ranges stay holes (copy_file_range would fill them)
+                    n = os.copy_file_range(src, fd, end - done, done, done)
+                    if n == 0:
+                        break  # the file shrank: it is the group's file as committed, so this does not happen
+                    done += n
+            os.ftruncate(fd, size)  # a hole at the end
             if os.geteuid() == 0:
                 os.fchown(fd, e.uid, e.gid)
             set_xattrs(fd, e)
@@ -1234,3 +1236,20 @@ def _copy_of(fs: Beneath, lead: str, tmp: str, e: Entry, set_xattrs: Callable[[i
             os.close(fd)
     finally:
         os.close(src)
+
+
+def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The (start, end) byte ranges of ``fd`` that hold data, by ``SEEK_DATA``/``SEEK_HOLE``; the whole file
+    where the filesystem cannot say."""
+    at = 0
+    while at < size:
+        try:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:
+                return  # only a hole from here to the end
+            yield at, size  # no SEEK_DATA here: all of it
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        at = end
