@@ -382,3 +382,20 @@ def lies_within(path: str, top: str) -> bool:
         if up == p:
             return False
         p = up
+
+
+def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The (start, end) byte ranges of the first ``size`` bytes of ``fd`` that hold data, by ``SEEK_DATA`` and
+    ``SEEK_HOLE`` (lseek(2)); the whole of them where the filesystem cannot say."""
+    at = 0
+    while at < size:
+        try:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:
+                return  # only a hole from here to the end
+            yield at, size  # no SEEK_DATA here: all of it
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        at = end

@@ -9,7 +9,6 @@ manifest lean, takes chunk columns from many row groups."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from drsync import fsutil
 from tests.conftest import run_drsync
 from tests.fsmake import open_deep
 
@@ -232,19 +232,7 @@ NOT_CARRIED = {b"links/outside-abs", b"links/outside-rel"}
 
 def _hole_map(fd: int, size: int) -> list[tuple[int, int]]:
     """Data extents by SEEK_DATA/SEEK_HOLE, rounded to 4 KiB."""
-    out = []
-    at = 0
-    while at < size:
-        try:
-            d = os.lseek(fd, at, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            raise
-        h = os.lseek(fd, d, os.SEEK_HOLE)
-        out.append((d // 4096, (h + 4095) // 4096))
-        at = h
-    return out
+    return [(d // 4096, (h + 4095) // 4096) for d, h in fsutil.data_ranges(fd, size)]
 
 
 def tree_meta(root: Path, *, holes: bool = True) -> dict[bytes, tuple]:

@@ -1218,7 +1218,7 @@ def _copy_of(fs: Beneath, lead: str, tmp: str, e: Entry, set_xattrs: Callable[[i
         fd = fs.create(tmp)
         try:
             size = os.fstat(src).st_size
-            for start, end in _data_ranges(src, size) if e.sparse else ((0, size),):
+            for start, end in fsutil.data_ranges(src, size) if e.sparse else ((0, size),):
                 done = start
                 while done < end:  # the holes between ranges stay holes (copy_file_range would fill them)
                     n = os.copy_file_range(src, fd, end - done, done, done)
@@ -1236,20 +1236,3 @@ def _copy_of(fs: Beneath, lead: str, tmp: str, e: Entry, set_xattrs: Callable[[i
             os.close(fd)
     finally:
         os.close(src)
-
-
-def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """The (start, end) byte ranges of ``fd`` that hold data, by ``SEEK_DATA``/``SEEK_HOLE``; the whole file
-    where the filesystem cannot say."""
-    at = 0
-    while at < size:
-        try:
-            start = os.lseek(fd, at, os.SEEK_DATA)
-        except OSError as err:
-            if err.errno == errno.ENXIO:
-                return  # only a hole from here to the end
-            yield at, size  # no SEEK_DATA here: all of it
-            return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        yield start, end
-        at = end
