@@ -423,14 +423,18 @@ class LocalDataRoot:
                 os.ftruncate(fd, e.size)
             if e.size >= WRITEBACK_MIN:
                 fsutil.start_writeback(fd)  # the disk writes it while the next file is staged; flush() waits
-            if os.geteuid() == 0:
-                os.fchown(fd, e.uid, e.gid)
-            self._set_xattrs(fd, e)
-            os.fchmod(fd, e.mode)  # after the ACL: the mode's group bits are the ACL mask
-            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            self._set_file_meta(fd, e)
         finally:
             os.close(fd)
         return f"{self._staging_of(domain)}/{n}"
+
+    def _set_file_meta(self, fd: int, e: Entry) -> None:
+        """Give the open file ``fd`` entry ``e``'s owner (as root), extended attributes, mode and time."""
+        if os.geteuid() == 0:
+            os.fchown(fd, e.uid, e.gid)
+        self._set_xattrs(fd, e)
+        os.fchmod(fd, e.mode)  # after the ACL: the mode's group bits are the ACL mask
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
     def flush(self) -> None:
         """One syncfs per filesystem the apply touches (the root's and each mount point's)."""
@@ -574,7 +578,7 @@ class LocalDataRoot:
                     # bytes. A replay finds it unlinked and copies it again: the same end.
                     if err.errno not in _NO_MORE_LINKS:
                         raise
-                    _copy_of(fs, lead, tmp, e, self._set_xattrs)
+                    _copy_of(fs, lead, tmp, e, self._set_file_meta)
                     copied.append((e.path, err.strerror or str(err)))
                 fs.rename(tmp, e.path, directory=False)
             if copied:
@@ -1210,9 +1214,9 @@ def _open_listable(fs: Beneath, rel: str, me: int, opened: list[tuple[str, int]]
 _NO_MORE_LINKS = frozenset({errno.EMLINK, errno.EPERM, errno.EOPNOTSUPP})
 
 
-def _copy_of(fs: Beneath, lead: str, tmp: str, e: Entry, set_xattrs: Callable[[int, Entry], None]) -> None:
+def _copy_of(fs: Beneath, lead: str, tmp: str, e: Entry, set_meta: Callable[[int, Entry], None]) -> None:
     """Write ``tmp`` as a copy of the file ``lead`` (both relative to ``fs``'s root, neither followed if a
-    link) with entry ``e``'s owner, extended attributes, mode and time, durably (fsynced). Raises OSError."""
+    link) with entry ``e``'s metadata (``set_meta``), durably (fsynced). Raises OSError."""
     src = fs.open_read(lead)
     try:
         fd = fs.create(tmp)
@@ -1226,11 +1230,7 @@ def _copy_of(fs: Beneath, lead: str, tmp: str, e: Entry, set_xattrs: Callable[[i
                         break  # the file shrank: it is the group's file as committed, so this does not happen
                     done += n
             os.ftruncate(fd, size)  # a hole at the end
-            if os.geteuid() == 0:
-                os.fchown(fd, e.uid, e.gid)
-            set_xattrs(fd, e)
-            os.fchmod(fd, e.mode)
-            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            set_meta(fd, e)
             os.fsync(fd)
         finally:
             os.close(fd)
