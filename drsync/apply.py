@@ -119,6 +119,9 @@ class ApplyPlan:
     made: MadeDirs | None = None
     # Directories of files whose metadata is set or that hard links are made to: searched, not changed.
     passed_dirs: set[str] = field(default_factory=set)
+    # Existing directories whose mode, owner or extended attributes, and symlinks (pointing right) whose time
+    # or owner, the commit sets back: with ``fix_meta``, what a kept target's refusal counts.
+    refit: list[str] = field(default_factory=list)
 
     def dirs_to_finish(self, *, made: bool = True) -> list[Entry] | Iterable[Entry]:
         """``dirs`` (deepest first) limited to the touched ones, and (``made``) the merge's new directories,
@@ -195,13 +198,15 @@ class ForeignTarget:
     delete_extra: bool = False
     flags: tuple[str, str] = ("--overwrite", "--delete-extra")
 
-    def refusal(self, plan: ApplyPlan, wanted: set[str], what: str, url: str) -> str | None:
-        """Why applying ``plan`` onto this target is refused (None: it is not). ``wanted``: the snapshot's paths."""
+    def refusal(self, plan: ApplyPlan, wanted: set[str], what: str, url: str,
+                done: str = "nothing was changed") -> str | None:
+        """Why applying ``plan`` onto this target is refused (None: it is not). ``wanted``: the snapshot's paths;
+        ``done``: what the apply did before it planned (an interrupted apply completed)."""
         replaced = [] if self.overwrite else sorted({*plan.replaces, *(p for p in plan.remove if p in wanted)})
         extra = [] if self.delete_extra else sorted(p for p in plan.remove if p not in wanted)
         # Files it holds alike but for their mode, owner or extended attributes: set back only with overwrite
         # (what is there is kept as it is); counted, and the first few named (a plan may hold a million as rows).
-        refit = 0 if self.overwrite else len(plan.fix_meta)
+        refit = 0 if self.overwrite else len(plan.fix_meta) + len(plan.refit)
         if not replaced and not extra and not refit:
             return None
 
@@ -210,13 +215,14 @@ class ForeignTarget:
             return ", ".join(printable(p) for p in paths[:3]) + (f" and {more} more" if more > 0 else "")
 
         parts = ([f"{len(replaced)} existing path(s) it would overwrite ({shown(replaced)})"] if replaced else []) + (
-            [f"{refit} existing file(s) whose mode, owner or extended attributes it would set back "
-             f"({shown([e.path for e in itertools.islice(plan.fix_meta, 3)], refit)})"] if refit else []) + (
+            [f"{refit} existing path(s) whose mode, owner, time or extended attributes it would set back "
+             f"({shown(sorted(plan.refit)[:3] + [e.path for e in itertools.islice(plan.fix_meta, 3)], refit)})"]
+            if refit else []) + (
             [f"{len(extra)} path(s) the snapshot does not have, which it would remove ({shown(extra)})"]
             if extra else [])
         needed = [f for f, need in zip(self.flags, (replaced or refit, extra), strict=True) if need]
-        return (f"{what}: {url} is not this cluster's data root and holds {' and '.join(parts)}: nothing was "
-                f"changed; rerun with {' '.join(needed)} to replace what is there (--dry-run lists it), or "
+        return (f"{what}: {url} is not this cluster's data root and holds {' and '.join(parts)}: {done}; "
+                f"rerun with {' '.join(needed)} to replace what is there (--dry-run lists it), or "
                 f"restore into an empty directory")
 
 
@@ -239,7 +245,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                mtime_resolution_ns: int = 1, protected: frozenset[str] = frozenset(),
                compare_xattrs: bool = False, content_changed: frozenset[str] = frozenset(),
                also_touched: Iterable[str] = (), also_passed: Iterable[str] = (),
-               keep_uncarried: bool = False, also_links: Callable[[], dict[str, str]] | None = None) -> ApplyPlan:
+               keep_uncarried: bool = False, also_links: Callable[[], dict[str, str]] | None = None,
+               link_max: Callable[[str], int] | None = None, keep_dir_times: bool = False) -> ApplyPlan:
     """What to do to turn ``existing`` into ``entries``. Pure; no I/O unless ``same_content`` does some.
 
     ``compare_owner``: the target can set owners, so a differing owner is fixed.
@@ -259,6 +266,13 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     ``also_links``: the symlinks the target holds alike with the snapshot, left out of ``existing`` (a merge's:
     :meth:`drsync.unchanged.Residual.alike_links`), asked for only when a link of ``existing`` climbs with
     ``..`` and may be resolved through them.
+    ``link_max``: how many names one file may have on the target's filesystem holding a path (1: no hard links;
+    the root's :meth:`~drsync.dataroot.DataRoot.link_max`): a name of a hard-link group that the target holds as
+    a file of its own, alike, while the group's first file has as many names as it may, is the copy an earlier
+    commit wrote because no link could be made (:meth:`drsync.dataroot.local.LocalDataRoot.commit`): left as
+    it is, not linked (and failing) again.
+    ``keep_dir_times``: a kept target (a restore without ``--overwrite``): an existing directory that differs
+    only in its time, and that the commit changes nothing in, keeps it.
     Raises :class:`UsageError` when the snapshot has a file or link where a protected path's parent is.
     """
     res = max(1, mtime_resolution_ns)
@@ -331,8 +345,10 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             if have is None:
                 plan.mkdir.append(e)
                 touched.add(path)
-            elif (have.mode != e.mode or have.mtime_ns // res != e.mtime_ns // res or xattrs_differ
-                  or owner_differs(e, have)):
+            elif have.mode != e.mode or xattrs_differ or owner_differs(e, have):
+                touched.add(path)
+                plan.refit.append(path)
+            elif have.mtime_ns // res != e.mtime_ns // res and not keep_dir_times:
                 touched.add(path)
         elif e.type == SYMLINK:
             if have is None or os.fsdecode(have.target or "") != e.target:
@@ -340,6 +356,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             elif have.mtime_ns // res != e.mtime_ns // res or owner_differs(e, have):
                 plan.link.append(e)  # the commit keeps a link that points right and sets its time and owner
                 relinked_meta.add(path)
+                plan.refit.append(path)
         elif e.hardlink is not None and e.hardlink in wanted:
             continue  # decided below, once its group's first file is
         else:
@@ -354,15 +371,25 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             else:
                 plan.write.append(e)
                 rewritten.add(path)
+    def copied(path: str, e: Entry, have: LocalEntry, lead: LocalEntry) -> bool:
+        """Whether the member ``path`` is a copy of its group's first file, written where no link could be."""
+        return (link_max is not None and have.nlink == 1 and lead.type == FILE and have.size == e.size
+                and path not in content_changed and have.mtime_ns // res == e.mtime_ns // res
+                and lead.nlink >= link_max(e.hardlink or "") and (same_content is None or same_content(e, have)))
+
     for path, e in wanted.items():
         if e.type != FILE or e.hardlink is None or e.hardlink not in wanted:
             continue
         have = existing.get(path)
         lead = existing.get(e.hardlink)
-        if (have is not None and path not in removed and lead is not None and e.hardlink not in rewritten
-                and have.type == FILE and have.ino and have.ino == lead.ino
-                and have.nlink > 1 and lead.nlink > 1):  # one inode number on two filesystems is two files
+        if have is None or path in removed or lead is None or e.hardlink in rewritten or have.type != FILE:
+            plan.hardlink.append(e)
+        elif have.ino and have.ino == lead.ino and have.nlink > 1 and lead.nlink > 1:
+            plan.unchanged += 1  # (one inode number on two filesystems is two files: both have other names)
+        elif copied(path, e, have, lead):
             plan.unchanged += 1
+            if have.mode != e.mode or owner_differs(e, have) or (compare_xattrs and have.xattrs != e.xattrs):
+                plan.fix_meta.append(e)
         else:
             plan.hardlink.append(e)
     plan.replaces = [e.path for e in (*plan.write, *plan.hardlink, *plan.link)
@@ -392,7 +419,8 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     return plan
 
 
-def _repository_refusal(root: DataRoot, plan: ApplyPlan, protected: frozenset[str], what: str) -> str | None:
+def _repository_refusal(root: DataRoot, plan: ApplyPlan, protected: frozenset[str], what: str,
+                        done: str = "nothing was changed") -> str | None:
     """Why the plan is refused for a drsync repository in the target (not a protected one) that it would
     write into or remove; None when it touches none. Looks only where the plan changes something: the
     directories it touches (and their ancestors) and the subtrees it removes."""
@@ -412,7 +440,7 @@ def _repository_refusal(root: DataRoot, plan: ApplyPlan, protected: frozenset[st
         return None
     return (f"{what}: {root.url} holds a drsync repository at {printable(found[0])}, which this restore would "
             f"write into or remove; a restore never changes a repository: move it out of the target or restore "
-            f"elsewhere; nothing was changed")
+            f"elsewhere; {done}")
 
 
 def _planned(excluded: Callable[[str], bool], protected: frozenset[str],
@@ -554,6 +582,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             whole = check_rows(manifest, source, what,
                                _rows_not_excluded(manifest, compile_globs(exclude) if exclude else None))
         pending = False
+        abandoned: str | None = None  # an interrupted apply: None, none found; "": completed; else why dropped
         if dry_run:
             created_target, log_ = False, None
             # An interrupted apply is completed by the real run before it plans: this plan is against the
@@ -572,11 +601,10 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             log_ = _journal_for(root, journal)
             # An earlier apply onto this target that was cut short is completed (or undone) first; a staging area
             # drsync did not make (removed below, as --delete-extra asked) holds none: its records are not read.
-            abandoned = ""
             if journal is not None or stray is None:
                 if stray is None:
                     root.settle()
-                abandoned = _finish_interrupted(root, log_, replan=replan) or ""
+                abandoned = _finish_interrupted(root, log_, replan=replan)
         protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
         # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
         # milliseconds, and so does anything applied to HDFS.
@@ -606,7 +634,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                           compare_xattrs=root.supports_xattrs, content_changed=changed,
                           also_touched=rest.new_parents if rest is not None else (),
                           also_passed=rest.meta_parents if rest is not None else (), keep_uncarried=keep_uncarried,
-                          also_links=(lambda: rest.alike_links(manifest)) if rest is not None else None)
+                          also_links=(lambda: rest.alike_links(manifest)) if rest is not None else None,
+                          link_max=root.link_max, keep_dir_times=foreign is not None and not foreign.overwrite)
         if rest is not None:
             rest.fold(plan, manifest, later=getattr(root, "mount_points", tuple))
         try:
@@ -635,9 +664,13 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                 if strays > max_remove_fraction * root_files:
                     raise RootRemovalHeld(strays, root_files, max_remove_fraction, what, root.url)
         plan.removes_files = []
-        refused = foreign.refusal(plan, {e.path for e in entries}, what, root.url) if foreign is not None else None
+        # A refusal after an interrupted apply was completed says so: that did change the target.
+        done = "nothing was changed" if abandoned is None else (
+            "nothing was changed but for completing the apply cut short before" if not abandoned
+            else "nothing was changed but for dropping the apply cut short before")
+        refused = foreign.refusal(plan, {e.path for e in entries}, what, root.url, done) if foreign else None
         if keep_repositories and not refused:
-            refused = _repository_refusal(root, plan, protected, what)
+            refused = _repository_refusal(root, plan, protected, what, done)
         if refused and not dry_run:
             if created_target:
                 root.remove_root()
@@ -754,7 +787,11 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             result.warnings.append(f"{len(plan.protected_skipped)} path(s) of the snapshot left alone because drsync's "
                                    f"own files are there (e.g. {plan.protected_skipped[0]})")
         allocators.give_back()
+        faults.pause("apply-commit")  # tests: the journal written, nothing committed yet
         root.commit(plan, staged)
+        copies = getattr(root, "link_copies", 0)  # names written as files of their own: files, not links
+        result.made_hardlinks -= copies
+        result.written_files += copies
         result.warnings.extend(root.warnings)
         _close(root, log_, on_committed)
         return result

@@ -17,7 +17,8 @@ snapshot's manifest), ``gc`` (garbage collection's sweep, with the repository's 
 ``hdfs-commit`` (an apply onto HDFS with its journal written, before the commit moves anything),
 ``keep-history`` (a DistCp-engine standby's apply committed and recorded, before its history snapshot),
 ``snapshot-commit`` (a snapshot captured and its chunks flushed under the shared lock, before its commit),
-``apply-staged`` (an apply's files staged and flushed, its apply lock held, before its journal and commit).
+``apply-staged`` (an apply's files staged and flushed, its apply lock held, before its journal and commit),
+``apply-commit`` (an apply's journal written, before its commit changes the target).
 """
 
 from __future__ import annotations

@@ -68,9 +68,10 @@ def test_a_group_with_more_names_than_the_target_allows_is_restored_with_copies_
         pytest.skip(f"{tmp_path}'s filesystem lets one file have {NAMES} names: nothing to fall back from")
     repo, sid = _captured(drsync, crowded_group, tmp_path)
     out.rmdir()
-    r = drsync("snapshot", "restore", sid, "--repo", repo, "--target", out)
+    r = drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, "--json")
     assert r.code == 0, r.err
     assert "written as copies" in r.out + r.err and "Too many links" in r.out + r.err
+    made = r.json()
     assert not (out / ".drsync-staging").exists()
     names = [out / f"d{i // 1000:03}" / f"n{i}" for i in range(NAMES)] + [out / "z" / "lead"]
     inodes = [p.stat() for p in names]
@@ -83,6 +84,17 @@ def test_a_group_with_more_names_than_the_target_allows_is_restored_with_copies_
     assert all(stat.S_IMODE(s.st_mode) == stat.S_IMODE(lead.st_mode) and s.st_mtime_ns == lead.st_mtime_ns
                for s in copies)
     assert all(s.st_blocks * 512 < HOLE for s in copies), "a copy filled the file's hole"
+    # Counted as what they are (breaker s57b): the copies are files written, not links made.
+    assert (made["made_hardlinks"], made["written_files"]) == (linked - 1, 1 + len(copies)), made
+    # The same restore again finds the target whole (breaker s57b: it planned the copies as links still to make,
+    # and without --overwrite refused them as names it "would overwrite"): nothing to do, in a dry run too.
+    dry = drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    assert dry.json()["planned"]["hardlink"] == [] and dry.json()["written_files"] == 0
+    again = drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, "--json")
+    assert again.code == 0, again.err
+    assert (again.json()["written_files"], again.json()["made_hardlinks"]) == (0, 0), again.json()
+    assert [p.stat().st_ino for p in names] == [s.st_ino for s in inodes]
     # The copies are not links of the group: a second restore onto the same target relinks what it can.
     r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", sid, "--repo", repo, "--target", out)
     assert r.code == 0, r.err
@@ -106,7 +118,7 @@ def test_a_kept_target_s_modes_are_not_set_back_without_overwrite(drsync, tmp_pa
     for extra in (("--dry-run",), ()):
         r = drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, *extra)
         assert r.code == 4, (extra, r.out, r.err)
-        assert "mode, owner or extended attributes" in r.err and "--overwrite" in r.err, r.err
+        assert "mode, owner, time or extended attributes" in r.err and "--overwrite" in r.err, r.err
         assert "a/f" in r.err or "g" in r.err
         assert stat.S_IMODE((out / "a" / "f").stat().st_mode) == 0o4777
     r = drsync("snapshot", "restore", "--overwrite", sid, "--repo", repo, "--target", out)

@@ -124,6 +124,11 @@ class DataRoot(Protocol):
     def owners_settable(self) -> bool:
         ...
 
+    def link_max(self, rel: str) -> int:
+        """How many names one file may have on the filesystem holding ``rel`` (a path relative to the root):
+        1 where it has no hard links, 0 when unknown."""
+        ...
+
     def check_plan(self, plan: ApplyPlan) -> None:
         """Refuse, before anything changes, a plan the commit could not carry out (UsageError or
         OperationFailed naming the path): mount points in the way, directories this user cannot write."""

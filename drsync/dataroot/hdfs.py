@@ -666,6 +666,10 @@ class HdfsDataRoot:
     def owners_settable(self) -> bool:
         return False
 
+    def link_max(self, rel: str) -> int:
+        """1: HDFS has no hard links (a group's other names are written as copies: :meth:`check_plan`)."""
+        return 1
+
     def check_plan(self, plan: ApplyPlan) -> None:
         """Refuse names a namenode refuses (``:`` anywhere, ``.snapshot``, ``.reserved`` at the top:
         DFSUtil.isValidName), before anything changes; HDFS has no mount points or symlinks to go

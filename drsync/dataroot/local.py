@@ -147,6 +147,8 @@ class LocalDataRoot:
         self.warnings: list[str] = []
         self._mount_list: list[str] | None = None
         self._staging_fds: dict[str, int] = {}
+        self._link_max: dict[str, int] = {}  # PC_LINK_MAX by directory (relative)
+        self.link_copies = 0  # names of hard-link groups the last commit wrote as copies (no link could be made)
 
     @property
     def _mounts(self) -> list[str]:
@@ -271,6 +273,18 @@ class LocalDataRoot:
 
     def owners_settable(self) -> bool:
         return os.geteuid() == 0
+
+    def link_max(self, rel: str) -> int:
+        """``fpathconf(PC_LINK_MAX)`` of the directory holding ``rel``, not followed (0 when it cannot be
+        opened): 65,000 on ext4, 1 on vfat; glibc answers 127 for a filesystem it does not know."""
+        parent = rel.rpartition("/")[0]
+        if parent not in self._link_max:
+            try:
+                with Beneath(self.root) as fs:
+                    self._link_max[parent] = os.fpathconf(fs.dir_fd(parent), "PC_LINK_MAX")
+            except OSError:
+                self._link_max[parent] = 0
+        return self._link_max[parent]
 
     def claim(self, what: str) -> AbstractContextManager[None]:
         """Nothing more: the apply lock's flocks hold a local root (one host reaches it)."""
@@ -581,6 +595,7 @@ class LocalDataRoot:
                     _copy_of(fs, lead, tmp, e, self._set_file_meta)
                     copied.append((e.path, err.strerror or str(err)))
                 fs.rename(tmp, e.path, directory=False)
+            self.link_copies = len(copied)
             if copied:
                 self.warnings.append(f"{len(copied)} name(s) of hard-linked files written as copies, not links: "
                                      f"{printable(copied[0][0])}: {copied[0][1]} (the target's filesystem allows fewer "

@@ -1,0 +1,132 @@
+"""Breaker s57b: what a restore onto a kept target (not the cluster's data root, no ``--overwrite``) sets back
+besides files, a refusal after a replay that says "nothing was changed", and hard-link groups a target holds
+as copies (HDFS has no hard links) planned as links to make again at every apply.
+
+Each test asserts the promised behaviour and fails where it does not hold."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, init_repo_at, snapshot_json, write_files
+from tests.group import wait_for
+from tests.sites import make_site
+
+OLD_NS = 1_500_000_000_123_456_789
+
+
+def _tree(src: Path) -> None:
+    write_files(src, {"a/f": "same bytes\n", "a/b/g": "more\n", "top": "top\n"})
+    os.symlink("a/f", src / "l")
+    (src / "a").chmod(0o755)
+    for p in (src / "a" / "b", src / "a", src / "l"):
+        os.utime(p, ns=(OLD_NS, OLD_NS), follow_symlinks=False)
+
+
+def _restore(drsync, repo: Path, sid: str, out: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, *extra)
+
+
+@pytest.fixture
+def restored(drsync, tmp_path: Path) -> tuple[Path, str, Path]:  # type: ignore[no-untyped-def]
+    """A snapshot restored into a new directory: (repository, snapshot id, target)."""
+    src, repo, out = tmp_path / "src", tmp_path / "repo", tmp_path / "out"
+    _tree(src)
+    init_repo_at(repo, "east", "1")
+    sid = snapshot_json(repo, src)["id"]
+    assert _restore(drsync, repo, sid, out).code == 0
+    return repo, sid, out
+
+
+def test_a_kept_target_s_directory_mode_and_symlink_time_are_not_set_back(drsync, restored) -> None:  # type: ignore[no-untyped-def]
+    """Was: without --overwrite the restore set an existing directory's mode and a symlink's time back, where
+    it refused the same for a file. Now both are refused (exit 4, in a dry run too), named, nothing changed;
+    --overwrite sets them back."""
+    repo, sid, out = restored
+    (out / "a").chmod(0o700)
+    os.utime(out / "l", ns=(OLD_NS + 10**9, OLD_NS + 10**9), follow_symlinks=False)
+    for extra in (("--dry-run",), ()):
+        r = _restore(drsync, repo, sid, out, *extra)
+        assert r.code == 4, (extra, r.out, r.err)
+        assert "2 existing path(s) whose mode, owner, time or extended attributes" in r.err, r.err
+        assert "a, l" in r.err and "--overwrite" in r.err and "nothing was changed" in r.err, r.err
+        assert stat.S_IMODE((out / "a").stat().st_mode) == 0o700
+        assert os.lstat(out / "l").st_mtime_ns == OLD_NS + 10**9
+    assert _restore(drsync, repo, sid, out, "--overwrite").code == 0
+    assert stat.S_IMODE((out / "a").stat().st_mode) == 0o755
+    assert os.lstat(out / "l").st_mtime_ns == OLD_NS
+
+
+def test_a_kept_target_s_directory_time_stays_unless_the_restore_writes_into_it(drsync, restored) -> None:  # type: ignore[no-untyped-def]
+    """A directory that differs only in its time is neither refused nor set back without --overwrite; one the
+    restore writes into gets the snapshot's time (its own writes moved it); --overwrite sets every one back."""
+    repo, sid, out = restored
+    later = OLD_NS + 7 * 10**9
+    os.utime(out / "a" / "b", ns=(later, later))
+    (out / "a" / "f").unlink()
+    r = _restore(drsync, repo, sid, out, "--json")
+    assert r.code == 0, r.err
+    assert r.json()["written_files"] == 1
+    assert (out / "a" / "f").read_text() == "same bytes\n"
+    assert (out / "a" / "b").stat().st_mtime_ns == later, "a kept directory's time was set back"
+    assert (out / "a").stat().st_mtime_ns == OLD_NS, "the directory written into keeps the snapshot's time"
+    assert _restore(drsync, repo, sid, out, "--overwrite").code == 0
+    assert (out / "a" / "b").stat().st_mtime_ns == OLD_NS
+
+
+def test_a_refusal_after_completing_an_interrupted_restore_says_it_changed_the_target(
+        drsync, restored, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Was: a restore that first completed an apply killed during its commit, then refused, said "nothing was
+    changed". Now it says what it did; the completed apply's file is there."""
+    repo, _, out = restored
+    src = tmp_path / "src"
+    write_files(src, {"a/b/new": "written by the second snapshot\n"})
+    second = snapshot_json(repo, src)["id"]
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    (gates / "apply-commit").write_text("")
+    proc = subprocess.Popen([sys.executable, "-m", "drsync", "snapshot", "restore", second, "--repo", str(repo),
+                             "--target", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "DRSYNC_FAULT_PAUSE": str(gates)})
+    try:
+        wait_for(lambda: (gates / "apply-commit.reached").exists() or proc.poll() is not None,
+                 "the restore to write its journal")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "a" / "b" / "new").exists()
+    (out / "top").chmod(0o600)  # the kept target changed by hand: a mode the snapshot does not have
+    r = _restore(drsync, repo, second, out)
+    assert r.code == 4, (r.out, r.err)
+    assert "nothing was changed but for completing the apply cut short before" in r.err, r.err
+    assert (out / "a" / "b" / "new").read_text() == "written by the second snapshot\n"
+    assert stat.S_IMODE((out / "top").stat().st_mode) == 0o600
+
+
+def test_hard_links_restored_onto_hdfs_as_copies_are_not_written_again(drsync, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                      webhdfs) -> None:
+    """HDFS has no hard links: a group's names are written as copies. Was: every later apply planned them as
+    links still to make, wrote them again (a standby on HDFS, every cycle), and a restore onto the result
+    without --overwrite was refused as overwriting them. Now a copy alike in size and time is done."""
+    src = tmp_path / "src"
+    write_files(src, {"d/lead": "one file, three names\n", "plain": "x\n"})
+    os.link(src / "d" / "lead", src / "d" / "second")
+    os.link(src / "d" / "lead", src / "third")
+    repo = tmp_path / "repo"
+    init_repo_at(repo, "east", "1")
+    sid = snapshot_json(repo, src)["id"]
+    dst = make_site("hdfs", tmp_path / "dst", webhdfs)
+    first = drsync("snapshot", "restore", sid, "--repo", repo, "--target", dst.url("out"), "--json")
+    assert first.code == 0, first.err
+    assert first.json()["written_files"] == 4 and "written as copies" in first.out + first.err
+    again = drsync("snapshot", "restore", sid, "--repo", repo, "--target", dst.url("out"), "--json")
+    assert again.code == 0, again.err
+    assert again.json()["written_files"] == 0 and again.json()["unchanged_files"] == 4, again.json()
