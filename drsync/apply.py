@@ -266,11 +266,11 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     ``also_links``: the symlinks the target holds alike with the snapshot, left out of ``existing`` (a merge's:
     :meth:`drsync.unchanged.Residual.alike_links`), asked for only when a link of ``existing`` climbs with
     ``..`` and may be resolved through them.
-    ``link_max``: how many names one file may have on the target's filesystem holding a path (1: no hard links;
-    the root's :meth:`~drsync.dataroot.DataRoot.link_max`): a name of a hard-link group that the target holds as
-    a file of its own, alike, while the group's first file has as many names as it may, is the copy an earlier
-    commit wrote because no link could be made (:meth:`drsync.dataroot.local.LocalDataRoot.commit`): left as
-    it is, not linked (and failing) again.
+    ``link_max(first file, name)``: how many names the group's first file may have for the name to be one of
+    them (the root's :meth:`~drsync.dataroot.DataRoot.link_max`; 1: no hard links, 0: another filesystem): a
+    name of a hard-link group that the target holds as a file of its own, alike, while the first file has as
+    many names as it may, is the copy an earlier commit wrote because no link could be made: left as it is,
+    not linked (and failing, or copied) again.
     ``keep_dir_times``: a kept target (a restore without ``--overwrite``): an existing directory that differs
     only in its time, and that the commit changes nothing in, keeps it.
     Raises :class:`UsageError` when the snapshot has a file or link where a protected path's parent is.
@@ -375,7 +375,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
         """Whether the member ``path`` is a copy of its group's first file, written where no link could be."""
         return (link_max is not None and have.nlink == 1 and lead.type == FILE and have.size == e.size
                 and path not in content_changed and have.mtime_ns // res == e.mtime_ns // res
-                and lead.nlink >= link_max(e.hardlink or "") and (same_content is None or same_content(e, have)))
+                and lead.nlink >= link_max(e.hardlink or "", path) and (same_content is None or same_content(e, have)))
 
     for path, e in wanted.items():
         if e.type != FILE or e.hardlink is None or e.hardlink not in wanted:

@@ -34,6 +34,7 @@ from drsync import allocators, volumes
 from drsync.dataroot import SMALL_FILE_BYTES, DataRoot, FileVersion, FrozenRoot, open_data_root, small_files_pool
 from drsync.errors import OperationFailed, UsageError
 from drsync.hardlink_groups import LinkGroups, holds
+from drsync.read_once import SharedInodes, Version
 from drsync.repository import chunks
 from drsync.repository.link_leaders import in_sorted
 from drsync.repository.link_walk import LeftOut, may_escape, path_and_above
@@ -617,6 +618,8 @@ class _Totals:
     # New names that exist but could not be read, with their inode and why: renamed from a name the parent
     # has, perhaps (the parent's file of that inode is kept, stale: a read error is never a deletion)
     unread: list[tuple[str, int, str, int, int]] = field(default_factory=list)  # and size, mtime (ns)
+    # Large files of several names read in an earlier window, for their names still to come (drsync.read_once).
+    shared: SharedInodes[_ReadFile] = field(default_factory=SharedInodes)
 
 
 def _hard_links(links: LinkGroups, w: pa.Table, kept: np.ndarray, sizes: np.ndarray, out: pa.Table,
@@ -643,6 +646,88 @@ def _hard_links(links: LinkGroups, w: pa.Table, kept: np.ndarray, sizes: np.ndar
 _CARRIED = ("content", "chunks", "chunk_sizes", "xattrs")
 
 
+class _Stats:
+    """Window ``w``'s identity columns as arrays, read once: what :mod:`drsync.read_once` compares."""
+
+    def __init__(self, w: pa.Table) -> None:
+        self.dev, self.inode, self.nlink = (_np(w.column(c)) for c in ("dev", "inode", "nlink"))
+        self.size, self.ctime = _np(w.column("size")), _np(w.column("ctime_ns"))
+        self.mtime = _np(w.column("mtime_s")).astype(np.int64) * 1_000_000_000 + _np(w.column("mtime_nsec"))
+
+    def key(self, k: int) -> tuple[int, int]:
+        return int(self.dev[k]), int(self.inode[k])
+
+    def version(self, k: int) -> Version:
+        """The version the scan saw of row ``k`` (:data:`drsync.read_once.Version`)."""
+        return int(self.size[k]), int(self.mtime[k]), int(self.ctime[k]), int(self.inode[k])
+
+
+def _read_version(r: _ReadFile) -> Version:
+    v = r.version
+    return (v.size, v.mtime_ns, v.ctime_ns, v.inode)
+
+
+def _one_read_per_inode(w: _Stats, to_read: list[int], shared: SharedInodes[_ReadFile], read: dict[int, _ReadFile],
+                        borrowed: set[int], progress: ProgressFn | None) -> tuple[list[int], dict[int, int]]:
+    """Of the window's files ``to_read``, those to read: a name of a file of several links that an earlier
+    window read at the version the scan saw takes that read at once (into ``read`` and ``borrowed``), and of
+    the names of one inode in this window only the first is read. Returns (to read, {other name: first})."""
+    rows = np.asarray(to_read, np.int64)
+    multi = rows[w.nlink[rows] > 1]
+    if not len(multi):
+        return to_read, {}
+    # Only names that share their inode with another of the window, or large enough to have been held, are
+    # looked at one by one (a rotation's million names of small files, each once a window, pass as arrays).
+    # (By inode number alone: one on two devices is looked at too, and told apart by its key.)
+    _, inverse, counts = np.unique(w.inode[multi], return_inverse=True, return_counts=True)
+    looked = (counts[inverse] > 1) | ((w.size[multi] >= shared.keep_bytes) & (len(shared) > 0))
+    first: dict[tuple[int, int], int] = {}
+    later: dict[int, int] = {}
+    for k in multi[looked].tolist():
+        key = w.key(k)
+        held = shared.take(key, w.version(k)) if len(shared) else None
+        if held is not None:
+            read[k] = held
+            borrowed.add(k)
+            if progress:
+                progress(held.version.size)
+        elif key in first:
+            later[k] = first[key]
+        else:
+            first[key] = k
+    if not later and not borrowed:
+        return to_read, {}
+    return [k for k in to_read if k not in later and k not in borrowed], later
+
+
+def _borrow(w: _Stats, k: int, got: _ReadFile | None, read: dict[int, _ReadFile], borrowed: set[int],
+            progress: ProgressFn | None) -> bool:
+    """Give name ``k`` the read ``got`` of another name of its inode, if the scan saw ``k`` at the version read
+    and the read had no problem; False: ``k`` is to be read itself."""
+    if got is None or got.problem or _read_version(got) != w.version(k):
+        return False
+    read[k] = got
+    borrowed.add(k)
+    if progress:
+        progress(got.version.size)
+    return True
+
+
+def _hold_shared(w: _Stats, later: dict[int, int], read: dict[int, _ReadFile], borrowed: set[int],
+                 shared: SharedInodes[_ReadFile]) -> None:
+    """Hold each file of several links read in this window (first names of ``later`` and the others alike)
+    for its names still to come in later windows: its links less the names this window gave it to."""
+    given: dict[int, int] = {}
+    for k, first in later.items():
+        if k in borrowed and read.get(k) is read.get(first):
+            given[first] = given.get(first, 0) + 1
+    for k in np.flatnonzero((w.nlink > 1) & (w.size >= shared.keep_bytes)).tolist():
+        got = read.get(k)
+        if got is None or k in borrowed or got.problem:
+            continue
+        shared.keep(w.key(k), _read_version(got), got, int(w.nlink[k]) - 1 - given.get(k, 0))
+
+
 def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | None,
             same: np.ndarray, reuse: np.ndarray, links: LinkGroups, totals: _Totals,
             warnings: WarningLog, pool: _Readers, reread_attempts: int, progress: ProgressFn | None,
@@ -659,6 +744,10 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
     paths: list[str] = [] if not to_read else [os.fsdecode(x) for x in w.column("path").to_pylist()]
     read: dict[int, _ReadFile] = {}
     gone: list[int] = []
+    # Names of a file of several links whose read another name's stands for (drsync.read_once): not read.
+    borrowed: set[int] = set()
+    stats = _Stats(w) if to_read else None
+    to_read, later = _one_read_per_inode(stats, to_read, totals.shared, read, borrowed, progress) if stats else ([], {})
     if to_read:
         # Large files largest first (the pool's threads finish together); small files in path order, which
         # their chunks then have in the packs: an apply reads a run of them with one call (read_chunks).
@@ -680,35 +769,45 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
                 return [(k, _checksum_one(view, paths[k], algorithms, progress)) for k in batch]
             return [(k, _read_one(view, paths[k], writer, reread_attempts, progress)) for k in batch]
 
+        def take(k: int, got: _ReadFile | str) -> None:
+            if isinstance(got, str):
+                # Gone between the listing and the read: renamed (its new name may be in a directory
+                # listed earlier) or removed. What the parent snapshot has of it is kept for this one,
+                # so a rename during the walk is never a deletion on the standby; the next capture says.
+                totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
+                inode = int(_np(w.column("inode"))[k])
+                if got == "vanished" and same[k] < 0:
+                    totals.vanished.append((paths[k], inode))
+                elif same[k] < 0:  # said by _merge_stale, which looks for its inode in the parent
+                    totals.unread.append((paths[k], inode, got, int(sizes[k]),
+                                          int(_np(w.column("mtime_s"))[k]) * 1_000_000_000
+                                          + int(_np(w.column("mtime_nsec"))[k])))
+                else:
+                    totals.lost.append(paths[k])
+                    why = "vanished while the snapshot was taken (renamed or removed)" if got == "vanished" \
+                        else got
+                    warnings.append(f"{printable(paths[k])}: {why}; its last captured version is kept")
+                gone.append(k)
+                return
+            if got.problem:
+                warnings.append(f"{printable(paths[k])}: {got.problem}")
+            if got.xattr_problem:
+                warnings.append(f"{printable(paths[k])}: {got.xattr_problem}")
+            read[k] = got
+
         # Small files are read by the root's small-file threads, beside the large files' pool.
         batches = [b for b in batches if b]
         cut = next((i for i, b in enumerate(batches) if sizes[b[0]] < SMALL_FILE_BYTES), len(batches))
         for results in itertools.chain(pool.big.map(run, batches[:cut]), pool.small.map(run, batches[cut:])):
             for k, got in results:
-                if isinstance(got, str):
-                    # Gone between the listing and the read: renamed (its new name may be in a directory
-                    # listed earlier) or removed. What the parent snapshot has of it is kept for this one,
-                    # so a rename during the walk is never a deletion on the standby; the next capture says.
-                    totals.devices[paths[k]] = int(_np(w.column("dev"))[k])
-                    inode = int(_np(w.column("inode"))[k])
-                    if got == "vanished" and same[k] < 0:
-                        totals.vanished.append((paths[k], inode))
-                    elif same[k] < 0:  # said by _merge_stale, which looks for its inode in the parent
-                        totals.unread.append((paths[k], inode, got, int(sizes[k]),
-                                              int(_np(w.column("mtime_s"))[k]) * 1_000_000_000
-                                              + int(_np(w.column("mtime_nsec"))[k])))
-                    else:
-                        totals.lost.append(paths[k])
-                        why = "vanished while the snapshot was taken (renamed or removed)" if got == "vanished" \
-                            else got
-                        warnings.append(f"{printable(paths[k])}: {why}; its last captured version is kept")
-                    gone.append(k)
-                    continue
-                if got.problem:
-                    warnings.append(f"{printable(paths[k])}: {got.problem}")
-                if got.xattr_problem:
-                    warnings.append(f"{printable(paths[k])}: {got.xattr_problem}")
-                read[k] = got
+                take(k, got)
+        # The other names of an inode read in this window take its read, when the scan saw them at the version
+        # read (else they are read themselves); a large file's read is held for its names in later windows.
+        assert stats is not None
+        again = [k for k, first in later.items() if not _borrow(stats, k, read.get(first), read, borrowed, progress)]
+        for k, got in run(again) if again else ():
+            take(k, got)
+        _hold_shared(stats, later, read, borrowed, totals.shared)
     xattrs = _attributes(view, w, types, rows, same, p, warnings)
 
     # Stat columns from the scan; a file read anew is described as it was read.
@@ -769,7 +868,7 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
         is_file, sizes, rows = is_file[keep], sizes[keep], rows[keep]
     totals.files += int(is_file.sum())
     totals.bytes += int(sizes[is_file].sum())
-    totals.read_bytes += sum(r.version.size for r in read.values())
+    totals.read_bytes += sum(r.version.size for k, r in read.items() if k not in borrowed)
     totals.reused += int((is_file & (rows >= 0)).sum())
     return out
 

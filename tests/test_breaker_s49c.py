@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -104,11 +105,13 @@ def test_drsyncs_leftover_at_the_top_does_not_hide_a_foreign_staging_in_a_mounte
     `.drsync-staging` with data at the top of a filesystem mounted inside the target. The next restore takes
     up drsync's leftover, but must still refuse the mount's (exit 4, dry run too) without --delete-extra.
     Observed: dry run exit 0 and the restore silently deletes vol/.drsync-staging/user.db."""
-    _src, repo = source_repo(tmp_path)
+    src, repo = source_repo(tmp_path)
     target = tmp_path / "target"
     (target / "vol").mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(target / "vol")], check=True)
     try:
+        # The mount's root directory as the snapshot has it (another mode would be refused without --overwrite).
+        os.chmod(target / "vol", stat.S_IMODE((src / "vol").stat().st_mode))
         # drsync's own leftover: the restore killed at its first rename (the apply record being written)
         p = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=renameat,renameat2,rename",
                             "-e", "inject=renameat,renameat2,rename:signal=SIGKILL:when=1",

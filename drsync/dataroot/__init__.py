@@ -124,9 +124,9 @@ class DataRoot(Protocol):
     def owners_settable(self) -> bool:
         ...
 
-    def link_max(self, rel: str) -> int:
-        """How many names one file may have on the filesystem holding ``rel`` (a path relative to the root):
-        1 where it has no hard links, 0 when unknown."""
+    def link_max(self, lead: str, name: str) -> int:
+        """How many names the file at ``lead`` may have for ``name`` to be made one of them (paths relative to
+        the root): 1 where there are no hard links, 0 when ``name`` cannot be one (another filesystem)."""
         ...
 
     def check_plan(self, plan: ApplyPlan) -> None:

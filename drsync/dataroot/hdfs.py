@@ -666,7 +666,7 @@ class HdfsDataRoot:
     def owners_settable(self) -> bool:
         return False
 
-    def link_max(self, rel: str) -> int:
+    def link_max(self, lead: str, name: str) -> int:
         """1: HDFS has no hard links (a group's other names are written as copies: :meth:`check_plan`)."""
         return 1
 

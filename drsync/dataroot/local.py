@@ -274,10 +274,14 @@ class LocalDataRoot:
     def owners_settable(self) -> bool:
         return os.geteuid() == 0
 
-    def link_max(self, rel: str) -> int:
-        """``fpathconf(PC_LINK_MAX)`` of the directory holding ``rel``, not followed (0 when it cannot be
-        opened): 65,000 on ext4, 1 on vfat; glibc answers 127 for a filesystem it does not know."""
-        parent = rel.rpartition("/")[0]
+    def link_max(self, lead: str, name: str) -> int:
+        """How many names the file at ``lead`` may have for ``name`` to be made one of them: 0 when a filesystem
+        mounted in the root parts them, else ``fpathconf(PC_LINK_MAX)`` of ``lead``'s directory, not followed
+        (0 when it cannot be opened): 65,000 on ext4, 1 on vfat; glibc answers 127 for a filesystem it does
+        not know."""
+        if self._domain(lead) != self._domain(name):
+            return 0
+        parent = lead.rpartition("/")[0]
         if parent not in self._link_max:
             try:
                 with Beneath(self.root) as fs:
