@@ -84,13 +84,9 @@ def _bytes_of(repo: Repository, row) -> bytes:  # type: ignore[no-untyped-def]
     return b"".join(repo.read_chunk(c) for c in row.chunks)
 
 
-def test_a_file_rewritten_between_the_reads_of_two_of_its_names_is_captured_as_read(tmp_path: Path,
-                                                                                   monkeypatch) -> None:
-    """Two names of one inode in two scan windows (a small file: not held from one window for the next, see
-    drsync.read_once); after the first is read (on a live tree, in any order of the pool's threads) the file
-    is rewritten. Each row says what was read under its name, the later one is not linked to the other bytes,
-    a warning says so, and the manifest passes a restore's validation."""
-    monkeypatch.setattr(cap, "_WINDOW", 1)
+def _rewritten_after_first_read(tmp_path: Path, monkeypatch):  # type: ignore[no-untyped-def]
+    """Two names ``a`` and ``b`` of one inode, the file rewritten (longer, the same inode) right after the
+    capture's first read: (repository, capture result, the names read in order)."""
     root = tmp_path / "root"
     root.mkdir()
     (root / "a").write_bytes(b"first version\n")
@@ -109,6 +105,17 @@ def test_a_file_rewritten_between_the_reads_of_two_of_its_names_is_captured_as_r
     repo = Repository.init(open_storage(str(tmp_path / "repo"), create=True), cluster_id="t", release="1")
     r = _capture(repo, root)
     validate(r.manifest, "the captured manifest")
+    return repo, r, done
+
+
+def test_a_file_rewritten_between_the_reads_of_two_of_its_names_is_captured_as_read(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """Two names of one inode in two scan windows (a small file: not held from one window for the next, see
+    drsync.read_once); after the first is read (on a live tree, in any order of the pool's threads) the file
+    is rewritten. Each row says what was read under its name, the later one is not linked to the other bytes,
+    a warning says so, and the manifest passes a restore's validation."""
+    monkeypatch.setattr(cap, "_WINDOW", 1)
+    repo, r, done = _rewritten_after_first_read(tmp_path, monkeypatch)
     rows = {e.path: e for e in r.manifest.entries()}
     first, second = done
     assert _bytes_of(repo, rows[first]) == b"first version\n"
@@ -121,23 +128,7 @@ def test_names_of_one_inode_in_one_window_are_read_once_and_link(tmp_path: Path,
     """Two names of one inode in one scan window: the first name's read stands for the second, seen by the scan
     at the version read, even when the file is rewritten after that read: both rows hold the version read, as
     one group (a capture of a live tree holds each file as it was when read)."""
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "a").write_bytes(b"first version\n")
-    os.link(root / "a", root / "b")
-    read_one = cap._read_one
-    done: list[str] = []
-
-    def rewriting(view, rel, writer, attempts, progress):  # type: ignore[no-untyped-def]
-        got = read_one(view, rel, writer, attempts, progress)
-        done.append(rel)
-        (root / "a").write_bytes(b"the second version, longer\n")
-        return got
-
-    monkeypatch.setattr(cap, "_read_one", rewriting)
-    repo = Repository.init(open_storage(str(tmp_path / "repo"), create=True), cluster_id="t", release="1")
-    r = _capture(repo, root)
-    validate(r.manifest, "the captured manifest")
+    repo, r, done = _rewritten_after_first_read(tmp_path, monkeypatch)
     rows = {e.path: e for e in r.manifest.entries()}
     assert done == ["a"]
     assert _bytes_of(repo, rows["a"]) == _bytes_of(repo, rows["b"]) == b"first version\n"
