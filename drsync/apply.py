@@ -122,6 +122,7 @@ class ApplyPlan:
     # Existing directories whose mode, owner or extended attributes, and symlinks (pointing right) whose time
     # or owner, the commit sets back: with ``fix_meta``, what a kept target's refusal counts.
     refit: list[str] = field(default_factory=list)
+    refit_links: int = 0  # of which symlinks (in ``link`` too, but not made)
 
     def dirs_to_finish(self, *, made: bool = True) -> list[Entry] | Iterable[Entry]:
         """``dirs`` (deepest first) limited to the touched ones, and (``made``) the merge's new directories,
@@ -158,7 +159,8 @@ class ApplyResult:
 
 def _made(plan: ApplyPlan) -> dict[str, int]:
     """:class:`ApplyResult`'s counts of what ``plan`` makes besides files."""
-    return {"made_dirs": len(plan.mkdir), "made_symlinks": len(plan.link), "made_hardlinks": len(plan.hardlink)}
+    return {"made_dirs": len(plan.mkdir), "made_symlinks": len(plan.link) - plan.refit_links,
+            "made_hardlinks": len(plan.hardlink)}
 
 
 def _known_to(base: Manifest | ManifestFile | None, paths: list[str]) -> int:
@@ -357,6 +359,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                 plan.link.append(e)  # the commit keeps a link that points right and sets its time and owner
                 relinked_meta.add(path)
                 plan.refit.append(path)
+                plan.refit_links += 1
         elif e.hardlink is not None and e.hardlink in wanted:
             continue  # decided below, once its group's first file is
         else:
@@ -681,12 +684,16 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             wanted = {e.path for e in entries}
             replaced_types = [p for p in plan.remove if p in wanted]
             strays = [root.relative_inside(stray) or STAGING] if stray is not None else []
+            # Symlinks that point right and get their time or owner only are listed with the metadata fixes.
+            refit = set(plan.refit)
+            links = [e.path for e in plan.link if e.path not in refit]
             dry = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
                               unchanged_files=plan.unchanged, **_made(plan),
                               removed=len(plan.remove) - len(replaced_types) + len(strays),
                               planned={"write": [e.path for e in plan.write],
                                        "remove": [p for p in plan.remove if p not in wanted] + strays,
-                                       "mkdir": [e.path for e in plan.mkdir], "link": [e.path for e in plan.link],
+                                       "metadata": sorted([*refit, *(e.path for e in plan.fix_meta)]),
+                                       "mkdir": [e.path for e in plan.mkdir], "link": links,
                                        "hardlink": [e.path for e in plan.hardlink],
                                        "overwrite": sorted({*plan.replaces, *replaced_types})}, refused=refused)
             if busy:

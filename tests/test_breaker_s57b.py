@@ -59,7 +59,15 @@ def test_a_kept_target_s_directory_mode_and_symlink_time_are_not_set_back(drsync
         assert "a, l" in r.err and "--overwrite" in r.err and "nothing was changed" in r.err, r.err
         assert stat.S_IMODE((out / "a").stat().st_mode) == 0o700
         assert os.lstat(out / "l").st_mtime_ns == OLD_NS + 10**9
-    assert _restore(drsync, repo, sid, out, "--overwrite").code == 0
+    # The dry run lists them as metadata to set, not as a symlink to make (breaker s57b: "1 symlink to make").
+    dry = _restore(drsync, repo, sid, out, "--overwrite", "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    assert dry.json()["planned"]["metadata"] == ["a", "l"] and dry.json()["planned"]["link"] == []
+    assert dry.json()["made_symlinks"] == 0 and dry.json()["written_files"] == 0
+    text = _restore(drsync, repo, sid, out, "--overwrite", "--dry-run").out
+    assert "  meta    a\n" in text and "(set the mode, owner or time of 2)" in text, text
+    done = _restore(drsync, repo, sid, out, "--overwrite", "--json")
+    assert done.code == 0 and done.json()["made_symlinks"] == 0, done.err
     assert stat.S_IMODE((out / "a").stat().st_mode) == 0o755
     assert os.lstat(out / "l").st_mtime_ns == OLD_NS
 

@@ -98,16 +98,20 @@ def _made(result: ApplyResult, verb: str = "made") -> str:
 def report_restore(what: str, dest: str, result: ApplyResult) -> None:
     if result.planned is not None:
         replaced = set(result.planned.get("overwrite", []))
+        fixed = result.planned.get("metadata", [])
         say(f"dry run: restoring {what} to {dest} would write {count(result.written_files, 'file')} "
                    f"({human_size(result.written_bytes)}; {len(replaced)} path(s) overwritten)"
                    f"{_made(result, 'to make')}, leave "
-                   f"{result.unchanged_files} unchanged and remove {result.removed}"
+                   f"{result.unchanged_files} unchanged"
+                   + (f" (set the mode, owner or time of {len(fixed)})" if fixed else "")
+                   + f" and remove {result.removed}"
                    + ("; the restore itself would be refused (exit 4)" if result.refused else "")
                    + "; nothing was changed")
         listed = [("remove", result.planned.get("remove", [])),
                   ("replace", sorted(replaced)),
                   ("write", [p for p in result.planned.get("write", []) if p not in replaced]),
                   ("mkdir", result.planned.get("mkdir", [])),
+                  ("meta", fixed),
                   ("link", [p for p in result.planned.get("link", []) if p not in replaced]),
                   ("hardlink", [p for p in result.planned.get("hardlink", []) if p not in replaced])]
         for kind, paths in listed:
