@@ -374,27 +374,16 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             else:
                 plan.write.append(e)
                 rewritten.add(path)
-    def copied(path: str, e: Entry, have: LocalEntry, lead: LocalEntry) -> bool:
-        """Whether the member ``path`` is a copy of its group's first file, written where no link could be."""
-        return (link_max is not None and have.nlink == 1 and lead.type == FILE and have.size == e.size
-                and path not in content_changed and have.mtime_ns // res == e.mtime_ns // res
-                and lead.nlink >= link_max(e.hardlink or "", path) and (same_content is None or same_content(e, have)))
+    def copied(e: Entry, have: LocalEntry, lead: LocalEntry) -> bool:
+        """Whether the name ``have`` of a group is held alike as a file of its own (the copy a commit wrote
+        where no link could be made), its group's first file ``lead`` being there."""
+        return (have.nlink == 1 and lead.type == FILE and have.size == e.size and e.path not in content_changed
+                and have.mtime_ns // res == e.mtime_ns // res and (same_content is None or same_content(e, have)))
 
-    for path, e in wanted.items():
-        if e.type != FILE or e.hardlink is None or e.hardlink not in wanted:
-            continue
-        have = existing.get(path)
-        lead = existing.get(e.hardlink)
-        if have is None or path in removed or lead is None or e.hardlink in rewritten or have.type != FILE:
-            plan.hardlink.append(e)
-        elif have.ino and have.ino == lead.ino and have.nlink > 1 and lead.nlink > 1:
-            plan.unchanged += 1  # (one inode number on two filesystems is two files: both have other names)
-        elif copied(path, e, have, lead):
-            plan.unchanged += 1
-            if have.mode != e.mode or owner_differs(e, have) or (compare_xattrs and have.xattrs != e.xattrs):
-                plan.fix_meta.append(e)
-        else:
-            plan.hardlink.append(e)
+    def meta_differs(e: Entry, have: LocalEntry) -> bool:
+        return have.mode != e.mode or owner_differs(e, have) or (compare_xattrs and have.xattrs != e.xattrs)
+
+    _plan_members(plan, wanted, existing, removed, rewritten, copied, meta_differs, link_max)
     plan.replaces = [e.path for e in (*plan.write, *plan.hardlink, *plan.link)
                      if e.path in existing and e.path not in removed and e.path not in relinked_meta]
     touched.update(p.rpartition("/")[0] for p in plan.remove)
@@ -420,6 +409,49 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     plan.mkdir.sort(key=lambda e: e.path)
     plan.dirs.sort(key=lambda e: e.path.count("/"), reverse=True)
     return plan
+
+
+def _plan_members(plan: ApplyPlan, wanted: dict[str, Entry], existing: dict[str, LocalEntry], removed: set[str],
+                  rewritten: set[str], copied: Callable[[Entry, LocalEntry, LocalEntry], bool],
+                  meta_differs: Callable[[Entry, LocalEntry], bool],
+                  link_max: Callable[[str, str], int] | None) -> None:
+    """Decide the names of hard-link groups but their first files (``plan.hardlink``, ``unchanged``, ``fix_meta``).
+
+    A name linked to its first file already is unchanged. One the target holds as a copy of it (``copied``:
+    what a commit writes where no link can be made) stays a copy when no link can be made now either: the
+    first file on another filesystem (``link_max`` 0), or as many names as it may have (``link_max``), links
+    planned for the group's other names counted first; where there is room, as many copies as fit are linked
+    (in the manifest's order) and the others kept. Every other name is linked."""
+    copies: list[tuple[Entry, LocalEntry]] = []
+    needs: Counter[str] = Counter()  # links planned to each first file
+    for path, e in wanted.items():
+        if e.type != FILE or e.hardlink is None or e.hardlink not in wanted:
+            continue
+        have = existing.get(path)
+        lead = existing.get(e.hardlink)
+        if have is None or path in removed or lead is None or e.hardlink in rewritten or have.type != FILE:
+            pass
+        elif have.ino and have.ino == lead.ino and have.nlink > 1 and lead.nlink > 1:
+            plan.unchanged += 1  # (one inode number on two filesystems is two files: both have other names)
+            continue
+        elif link_max is not None and copied(e, have, lead):
+            copies.append((e, have))
+            continue
+        plan.hardlink.append(e)
+        needs[e.hardlink] += 1
+    room: dict[str, int] = {}
+    for e, have in copies:  # in the manifest's order
+        lead_path = e.hardlink or ""
+        most = link_max(lead_path, e.path) if link_max is not None else 0
+        if most and lead_path not in room:
+            room[lead_path] = most - existing[lead_path].nlink - needs[lead_path]
+        if most and room[lead_path] > 0:
+            room[lead_path] -= 1
+            plan.hardlink.append(e)
+        else:
+            plan.unchanged += 1
+            if meta_differs(e, have):
+                plan.fix_meta.append(e)
 
 
 def _repository_refusal(root: DataRoot, plan: ApplyPlan, protected: frozenset[str], what: str,
@@ -787,6 +819,9 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                              removed=sum(1 for p in plan.remove if p not in wanted_types) + (stray is not None))
         if abandoned:
             result.warnings.append(abandoned)
+        elif abandoned == "":  # what this run changed besides its own plan: said, as a refusal says it
+            result.warnings.append(f"{root.url} held an apply cut short before ({what} or another): it was "
+                                   f"completed first")
         if skipped_links:
             result.warnings.append(f"{len(skipped_links)} symlink(s) not made: {root.url} cannot hold symlinks "
                                    f"(e.g. {skipped_links[0].path})")
@@ -799,6 +834,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         copies = getattr(root, "link_copies", 0)  # names written as files of their own: files, not links
         result.made_hardlinks -= copies
         result.written_files += copies
+        result.written_bytes += getattr(root, "link_copy_bytes", 0)
         result.warnings.extend(root.warnings)
         _close(root, log_, on_committed)
         return result

@@ -702,9 +702,12 @@ def _one_read_per_inode(w: _Stats, to_read: list[int], shared: SharedInodes[_Rea
 
 def _borrow(w: _Stats, k: int, got: _ReadFile | None, read: dict[int, _ReadFile], borrowed: set[int],
             progress: ProgressFn | None) -> bool:
-    """Give name ``k`` the read ``got`` of another name of its inode, if the scan saw ``k`` at the version read
-    and the read had no problem; False: ``k`` is to be read itself."""
-    if got is None or got.problem or _read_version(got) != w.version(k):
+    """Give name ``k`` the read ``got`` of another name of the inode the scan saw ``k`` name, if that read was of
+    that inode; False: ``k`` is to be read itself. A read of a file that changed since the scan, or while read
+    (its problem said once), stands for every name of it in the window all the same: each would be read
+    again, changing again (breaker s58: a 64 MiB file of 200 names written to was read 200 times), and the
+    names stay one group, as read."""
+    if got is None or got.version.inode != int(w.inode[k]):
         return False
     read[k] = got
     borrowed.add(k)
@@ -723,7 +726,7 @@ def _hold_shared(w: _Stats, later: dict[int, int], read: dict[int, _ReadFile], b
             given[first] = given.get(first, 0) + 1
     for k in np.flatnonzero((w.nlink > 1) & (w.size >= shared.keep_bytes)).tolist():
         got = read.get(k)
-        if got is None or k in borrowed or got.problem:
+        if got is None or k in borrowed:
             continue
         shared.keep(w.key(k), _read_version(got), got, int(w.nlink[k]) - 1 - given.get(k, 0))
 

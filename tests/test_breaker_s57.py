@@ -86,6 +86,7 @@ def test_a_group_with_more_names_than_the_target_allows_is_restored_with_copies_
     assert all(s.st_blocks * 512 < HOLE for s in copies), "a copy filled the file's hole"
     # Counted as what they are (breaker s57b): the copies are files written, not links made.
     assert (made["made_hardlinks"], made["written_files"]) == (linked - 1, 1 + len(copies)), made
+    assert made["written_bytes"] == len(BODY) * (1 + len(copies)), made  # breaker s58: the copies' bytes were not
     # The same restore again finds the target whole (breaker s57b: it planned the copies as links still to make,
     # and without --overwrite refused them as names it "would overwrite"): nothing to do, in a dry run too.
     dry = drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, "--dry-run", "--json")
@@ -94,6 +95,15 @@ def test_a_group_with_more_names_than_the_target_allows_is_restored_with_copies_
     again = drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, "--json")
     assert again.code == 0, again.err
     assert (again.json()["written_files"], again.json()["made_hardlinks"]) == (0, 0), again.json()
+    assert [p.stat().st_ino for p in names] == [s.st_ino for s in inodes]
+    # Names of the group's file removed (breaker s58: every copy was then planned as a link to make, refused
+    # without --overwrite and written again as a copy with it): they are linked again, the copies stay.
+    gone = [p for p, s in zip(names, inodes, strict=True) if s.st_ino == lead.st_ino][-100:]
+    for p in gone:
+        p.unlink()
+    back = drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, "--json")
+    assert back.code == 0, back.err
+    assert (back.json()["made_hardlinks"], back.json()["written_files"]) == (100, 0), back.json()
     assert [p.stat().st_ino for p in names] == [s.st_ino for s in inodes]
     # The copies are not links of the group: a second restore onto the same target relinks what it can.
     r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", sid, "--repo", repo, "--target", out)

@@ -89,18 +89,11 @@ def test_a_kept_target_s_directory_time_stays_unless_the_restore_writes_into_it(
     assert (out / "a" / "b").stat().st_mtime_ns == OLD_NS
 
 
-def test_a_refusal_after_completing_an_interrupted_restore_says_it_changed_the_target(
-        drsync, restored, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Was: a restore that first completed an apply killed during its commit, then refused, said "nothing was
-    changed". Now it says what it did; the completed apply's file is there."""
-    repo, _, out = restored
-    src = tmp_path / "src"
-    write_files(src, {"a/b/new": "written by the second snapshot\n"})
-    second = snapshot_json(repo, src)["id"]
-    gates = tmp_path / "gates"
+def _killed_at_commit(repo: Path, sid: str, out: Path, gates: Path) -> None:
+    """A restore of ``sid`` onto ``out`` killed (SIGKILL) once its journal is written, before its commit."""
     gates.mkdir()
     (gates / "apply-commit").write_text("")
-    proc = subprocess.Popen([sys.executable, "-m", "drsync", "snapshot", "restore", second, "--repo", str(repo),
+    proc = subprocess.Popen([sys.executable, "-m", "drsync", "snapshot", "restore", sid, "--repo", str(repo),
                              "--target", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "DRSYNC_FAULT_PAUSE": str(gates)})
     try:
@@ -110,13 +103,31 @@ def test_a_refusal_after_completing_an_interrupted_restore_says_it_changed_the_t
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["then-refused", "then-done"])
+def test_a_restore_that_completes_an_interrupted_one_says_so(drsync, restored, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                            refused: bool) -> None:
+    """Was: a restore that first completed an apply killed during its commit, then refused, said "nothing was
+    changed"; one that then succeeded said nothing of it (breaker s58). Now both say what they did; the
+    completed apply's file is there."""
+    repo, _, out = restored
+    src = tmp_path / "src"
+    write_files(src, {"a/b/new": "written by the second snapshot\n"})
+    second = snapshot_json(repo, src)["id"]
+    _killed_at_commit(repo, second, out, tmp_path / "gates")
     assert not (out / "a" / "b" / "new").exists()
-    (out / "top").chmod(0o600)  # the kept target changed by hand: a mode the snapshot does not have
+    if refused:
+        (out / "top").chmod(0o600)  # the kept target changed by hand: a mode the snapshot does not have
     r = _restore(drsync, repo, second, out)
-    assert r.code == 4, (r.out, r.err)
-    assert "nothing was changed but for completing the apply cut short before" in r.err, r.err
     assert (out / "a" / "b" / "new").read_text() == "written by the second snapshot\n"
-    assert stat.S_IMODE((out / "top").stat().st_mode) == 0o600
+    if refused:
+        assert r.code == 4, (r.out, r.err)
+        assert "nothing was changed but for completing the apply cut short before" in r.err, r.err
+        assert stat.S_IMODE((out / "top").stat().st_mode) == 0o600
+    else:
+        assert r.code == 0, r.err
+        assert "held an apply cut short before" in r.out and "completed first" in r.out, r.out
 
 
 def test_hard_links_restored_onto_hdfs_as_copies_are_not_written_again(drsync, tmp_path: Path,  # type: ignore[no-untyped-def]

@@ -149,6 +149,7 @@ class LocalDataRoot:
         self._staging_fds: dict[str, int] = {}
         self._link_max: dict[str, int] = {}  # PC_LINK_MAX by directory (relative)
         self.link_copies = 0  # names of hard-link groups the last commit wrote as copies (no link could be made)
+        self.link_copy_bytes = 0  # and their bytes
 
     @property
     def _mounts(self) -> list[str]:
@@ -576,7 +577,7 @@ class LocalDataRoot:
                     continue  # moved already by the interrupted run this one completes
                 fs.rename(src, e.path, directory=False)
             allocators.give_back()  # the written files' entries, before the hard links' (their names read too)
-            copied: list[tuple[str, str]] = []  # (path, why) of names written as copies of their group's file
+            copied: list[tuple[str, str, int]] = []  # (path, why, size): names written as copies of the group file
             for k, e in enumerate(plan.hardlink):
                 at[0] = e.path
                 lead = e.hardlink or ""
@@ -597,9 +598,10 @@ class LocalDataRoot:
                     if err.errno not in _NO_MORE_LINKS:
                         raise
                     _copy_of(fs, lead, tmp, e, self._set_file_meta)
-                    copied.append((e.path, err.strerror or str(err)))
+                    copied.append((e.path, err.strerror or str(err), e.size))
                 fs.rename(tmp, e.path, directory=False)
             self.link_copies = len(copied)
+            self.link_copy_bytes = sum(size for _, _, size in copied)
             if copied:
                 self.warnings.append(f"{len(copied)} name(s) of hard-linked files written as copies, not links: "
                                      f"{printable(copied[0][0])}: {copied[0][1]} (the target's filesystem allows fewer "
