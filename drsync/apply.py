@@ -331,6 +331,19 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             sharing.setdefault(h.ino, set()).add(lead)
     rewritten: set[str] = set()
     relinked_meta: set[str] = set()  # links already pointing right whose time or owner the commit fixes
+    anchored: dict[str, LocalEntry] = {}  # groups' first names gone, linked to the file another name holds
+    members: dict[str, list[str]] = {}
+
+    def holds_alike(e: Entry, h: LocalEntry) -> bool:  # whether the target's file ``h`` holds ``e``'s bytes
+        return (h.size == e.size and h.path not in content_changed and e.path not in content_changed
+                and h.mtime_ns // res == e.mtime_ns // res and (same_content is None or same_content(e, h)))
+
+    def members_of() -> dict[str, list[str]]:  # the other names of each group, by its first name (made once)
+        if not members:
+            for p, w in wanted.items():
+                if w.hardlink is not None:
+                    members.setdefault(w.hardlink, []).append(p)
+        return members
 
     def owner_differs(e: Entry, have: LocalEntry) -> bool:
         return compare_owner and e.uid != UNKNOWN_ID and (have.uid, have.gid) != (e.uid, e.gid)
@@ -371,9 +384,18 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                 plan.unchanged += 1
                 if have.mode != e.mode or owner_differs(e, have) or xattrs_differ:
                     plan.fix_meta.append(e)
+            elif have is None and path in leaders and (anchor := _anchor(
+                    e, members_of(), existing, removed, inside_links, sharing, holds_alike)):
+                # The group's first name is gone, its other names hold the file: the name is linked to them again
+                # (breaker s58b: the file was written anew and every other name relinked, "overwritten").
+                anchored[path] = have = existing[anchor]
+                plan.hardlink.append(dataclasses.replace(e, hardlink=anchor))
+                if have.mode != e.mode or owner_differs(e, have) or (compare_xattrs and have.xattrs != e.xattrs):
+                    plan.fix_meta.append(e)
             else:
                 plan.write.append(e)
                 rewritten.add(path)
+
     def copied(e: Entry, have: LocalEntry, lead: LocalEntry) -> bool:
         """Whether the name ``have`` of a group is held alike as a file of its own (the copy a commit wrote
         where no link could be made), its group's first file ``lead`` being there."""
@@ -383,7 +405,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     def meta_differs(e: Entry, have: LocalEntry) -> bool:
         return have.mode != e.mode or owner_differs(e, have) or (compare_xattrs and have.xattrs != e.xattrs)
 
-    _plan_members(plan, wanted, existing, removed, rewritten, copied, meta_differs, link_max)
+    _plan_members(plan, wanted, existing, anchored, removed, rewritten, copied, meta_differs, link_max)
     plan.replaces = [e.path for e in (*plan.write, *plan.hardlink, *plan.link)
                      if e.path in existing and e.path not in removed and e.path not in relinked_meta]
     touched.update(p.rpartition("/")[0] for p in plan.remove)
@@ -411,8 +433,27 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     return plan
 
 
-def _plan_members(plan: ApplyPlan, wanted: dict[str, Entry], existing: dict[str, LocalEntry], removed: set[str],
-                  rewritten: set[str], copied: Callable[[Entry, LocalEntry, LocalEntry], bool],
+def _anchor(e: Entry, members: dict[str, list[str]], existing: dict[str, LocalEntry], removed: set[str],
+            inside_links: Counter[int], sharing: dict[int, set[str]],
+            alike: Callable[[Entry, LocalEntry], bool]) -> str | None:
+    """The other name of ``e``'s group (``e`` its first file, gone from the target) whose file the name ``e`` can
+    be linked to again: a file alike (``alike``), linked to no name outside the target or of another group;
+    of several, the one of most names. None: there is none, and the file is written."""
+    best: LocalEntry | None = None
+    for m in members.get(e.path, ()):
+        h = existing.get(m)
+        if h is None or m in removed or h.type != FILE or not alike(e, h):
+            continue
+        if h.nlink > 1 and (h.nlink > inside_links[h.ino] or sharing.get(h.ino) != {e.path}):
+            continue
+        if best is None or h.nlink > best.nlink:
+            best = h
+    return best.path if best is not None else None
+
+
+def _plan_members(plan: ApplyPlan, wanted: dict[str, Entry], existing: dict[str, LocalEntry],
+                  anchored: dict[str, LocalEntry], removed: set[str], rewritten: set[str],
+                  copied: Callable[[Entry, LocalEntry, LocalEntry], bool],
                   meta_differs: Callable[[Entry, LocalEntry], bool],
                   link_max: Callable[[str, str], int] | None) -> None:
     """Decide the names of hard-link groups but their first files (``plan.hardlink``, ``unchanged``, ``fix_meta``).
@@ -421,30 +462,31 @@ def _plan_members(plan: ApplyPlan, wanted: dict[str, Entry], existing: dict[str,
     what a commit writes where no link can be made) stays a copy when no link can be made now either: the
     first file on another filesystem (``link_max`` 0), or as many names as it may have (``link_max``), links
     planned for the group's other names counted first; where there is room, as many copies as fit are linked
-    (in the manifest's order) and the others kept. Every other name is linked."""
-    copies: list[tuple[Entry, LocalEntry]] = []
-    needs: Counter[str] = Counter()  # links planned to each first file
+    (in the manifest's order) and the others kept. Every other name is linked. ``anchored``: the groups whose
+    first name, gone, is linked to the file another name holds (that file, by first name): a link planned too."""
+    copies: list[tuple[Entry, LocalEntry, LocalEntry]] = []
+    needs: Counter[str] = Counter(list(anchored))  # links planned to each first file
     for path, e in wanted.items():
         if e.type != FILE or e.hardlink is None or e.hardlink not in wanted:
             continue
         have = existing.get(path)
-        lead = existing.get(e.hardlink)
+        lead = existing.get(e.hardlink) or anchored.get(e.hardlink)
         if have is None or path in removed or lead is None or e.hardlink in rewritten or have.type != FILE:
             pass
-        elif have.ino and have.ino == lead.ino and have.nlink > 1 and lead.nlink > 1:
+        elif have is lead or (have.ino and have.ino == lead.ino and have.nlink > 1 and lead.nlink > 1):
             plan.unchanged += 1  # (one inode number on two filesystems is two files: both have other names)
             continue
         elif link_max is not None and copied(e, have, lead):
-            copies.append((e, have))
+            copies.append((e, have, lead))
             continue
         plan.hardlink.append(e)
         needs[e.hardlink] += 1
     room: dict[str, int] = {}
-    for e, have in copies:  # in the manifest's order
+    for e, have, lead in copies:  # in the manifest's order
         lead_path = e.hardlink or ""
         most = link_max(lead_path, e.path) if link_max is not None else 0
         if most and lead_path not in room:
-            room[lead_path] = most - existing[lead_path].nlink - needs[lead_path]
+            room[lead_path] = most - lead.nlink - needs[lead_path]
         if most and room[lead_path] > 0:
             room[lead_path] -= 1
             plan.hardlink.append(e)

@@ -105,6 +105,13 @@ def test_a_group_with_more_names_than_the_target_allows_is_restored_with_copies_
     assert back.code == 0, back.err
     assert (back.json()["made_hardlinks"], back.json()["written_files"]) == (100, 0), back.json()
     assert [p.stat().st_ino for p in names] == [s.st_ino for s in inodes]
+    # The group's first name removed (breaker s58b: the file was written anew, every other name "overwritten",
+    # refused without --overwrite): linked back to the file its other names hold.
+    names[0].unlink()
+    back = drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, "--json")
+    assert back.code == 0, back.err
+    assert (back.json()["made_hardlinks"], back.json()["written_files"]) == (1, 0), back.json()
+    assert [p.stat().st_ino for p in names] == [s.st_ino for s in inodes]
     # The copies are not links of the group: a second restore onto the same target relinks what it can.
     r = drsync("snapshot", "restore", "--overwrite", "--delete-extra", sid, "--repo", repo, "--target", out)
     assert r.code == 0, r.err

@@ -149,3 +149,29 @@ def test_hard_links_restored_onto_hdfs_as_copies_are_not_written_again(drsync, t
     again = drsync("snapshot", "restore", sid, "--repo", repo, "--target", dst.url("out"), "--json")
     assert again.code == 0, again.err
     assert again.json()["written_files"] == 0 and again.json()["unchanged_files"] == 4, again.json()
+
+
+@pytest.mark.parametrize("names", [3, 2], ids=["three-names", "two-names"])
+def test_a_group_s_first_name_removed_from_a_kept_target_is_linked_back(drsync, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                        names: int) -> None:
+    """Breaker s58b: with a hard-link group's first name (in byte order) gone from a kept target, the restore
+    planned the file anew and every other name relinked to it: refused as overwriting them (exit 4), and with
+    --overwrite rewrote them all. Now the name is linked back to the file the others hold: exit 0, one link
+    made, nothing written; with two names, the one left (no other link) is the file."""
+    src, repo, out = tmp_path / "src", tmp_path / "repo", tmp_path / "out"
+    write_files(src, {"a": "one file, several names\n"})
+    for n in range(1, names):
+        os.link(src / "a", src / f"n{n}")
+    init_repo_at(repo, "east", "1")
+    sid = snapshot_json(repo, src)["id"]
+    assert _restore(drsync, repo, sid, out).code == 0
+    kept = (out / "n1").stat().st_ino
+    (out / "a").unlink()
+    dry = _restore(drsync, repo, sid, out, "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    assert dry.json()["planned"]["hardlink"] == ["a"] and dry.json()["planned"]["overwrite"] == []
+    r = _restore(drsync, repo, sid, out, "--json")
+    assert r.code == 0, r.err
+    assert (r.json()["made_hardlinks"], r.json()["written_files"]) == (1, 0), r.json()
+    assert {(out / p).stat().st_ino for p in ["a", *(f"n{n}" for n in range(1, names))]} == {kept}
+    assert (out / "a").read_text() == "one file, several names\n"
