@@ -123,6 +123,8 @@ class ApplyPlan:
     # or owner, the commit sets back: with ``fix_meta``, what a kept target's refusal counts.
     refit: list[str] = field(default_factory=list)
     refit_links: int = 0  # of which symlinks (in ``link`` too, but not made)
+    # Paths the snapshot lacks inside directories ``remove`` takes away to put a file or link there (top-most).
+    retyped_contents: list[str] = field(default_factory=list)
 
     def dirs_to_finish(self, *, made: bool = True) -> list[Entry] | Iterable[Entry]:
         """``dirs`` (deepest first) limited to the touched ones, and (``made``) the merge's new directories,
@@ -205,7 +207,8 @@ class ForeignTarget:
         """Why applying ``plan`` onto this target is refused (None: it is not). ``wanted``: the snapshot's paths;
         ``done``: what the apply did before it planned (an interrupted apply completed)."""
         replaced = [] if self.overwrite else sorted({*plan.replaces, *(p for p in plan.remove if p in wanted)})
-        extra = [] if self.delete_extra else sorted(p for p in plan.remove if p not in wanted)
+        extra = [] if self.delete_extra else sorted(
+            [*(p for p in plan.remove if p not in wanted), *plan.retyped_contents])
         # Files it holds alike but for their mode, owner or extended attributes: set back only with overwrite
         # (what is there is kept as it is); counted, and the first few named (a plan may hold a million as rows).
         refit = 0 if self.overwrite else len(plan.fix_meta) + len(plan.refit)
@@ -350,6 +353,12 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
 
     # Removing a directory removes what is inside it: list only the top-most paths.
     plan.remove = [p for p in plan.remove if not any(a in removed for a in _ancestors(p))]
+    # What a directory the snapshot has a file or link at holds goes with it: paths the snapshot lacks, listed
+    # (top-most) and counted as removed, which a kept target allows only as it allows removing any.
+    retyped = {p for p in plan.remove if p in wanted and existing[p].type == DIR}
+    if retyped:
+        plan.retyped_contents = sorted(q for q in removed if q not in wanted and all(
+            a in wanted for a in _ancestors(q) if a in removed) and any(a in retyped for a in _ancestors(q)))
     for path, e in wanted.items():
         have = existing.get(path)
         if have is not None and path in removed:
@@ -391,7 +400,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
                 anchored[path] = have = existing[anchor]
                 plan.hardlink.append(dataclasses.replace(e, hardlink=anchor))
                 if have.mode != e.mode or owner_differs(e, have) or (compare_xattrs and have.xattrs != e.xattrs):
-                    plan.fix_meta.append(e)
+                    plan.fix_meta.append(wanted[anchor])  # the name that holds the file now: what is set back
             else:
                 plan.write.append(e)
                 rewritten.add(path)
@@ -470,7 +479,7 @@ def _plan_members(plan: ApplyPlan, wanted: dict[str, Entry], existing: dict[str,
         if e.type != FILE or e.hardlink is None or e.hardlink not in wanted:
             continue
         have = existing.get(path)
-        lead = existing.get(e.hardlink) or anchored.get(e.hardlink)
+        lead = anchored.get(e.hardlink) or (None if e.hardlink in removed else existing.get(e.hardlink))
         if have is None or path in removed or lead is None or e.hardlink in rewritten or have.type != FILE:
             pass
         elif have is lead or (have.ino and have.ino == lead.ino and have.nlink > 1 and lead.nlink > 1):
@@ -763,9 +772,11 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             links = [e.path for e in plan.link if e.path not in refit]
             dry = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
                               unchanged_files=plan.unchanged, **_made(plan),
-                              removed=len(plan.remove) - len(replaced_types) + len(strays),
+                              removed=len(plan.remove) - len(replaced_types) + len(strays)
+                              + len(plan.retyped_contents),
                               planned={"write": [e.path for e in plan.write],
-                                       "remove": [p for p in plan.remove if p not in wanted] + strays,
+                                       "remove": [p for p in plan.remove if p not in wanted] + strays
+                                       + plan.retyped_contents,
                                        "metadata": sorted([*refit, *(e.path for e in plan.fix_meta)]),
                                        "mkdir": [e.path for e in plan.mkdir], "link": links,
                                        "hardlink": [e.path for e in plan.hardlink],
@@ -858,7 +869,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         wanted_types = {e.path for e in entries}
         result = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
                              unchanged_files=plan.unchanged, **_made(plan),
-                             removed=sum(1 for p in plan.remove if p not in wanted_types) + (stray is not None))
+                             removed=sum(1 for p in plan.remove if p not in wanted_types) + (stray is not None)
+                             + len(plan.retyped_contents))
         if abandoned:
             result.warnings.append(abandoned)
         elif abandoned == "":  # what this run changed besides its own plan: said, as a refusal says it

@@ -175,3 +175,54 @@ def test_a_group_s_first_name_removed_from_a_kept_target_is_linked_back(drsync, 
     assert (r.json()["made_hardlinks"], r.json()["written_files"]) == (1, 0), r.json()
     assert {(out / p).stat().st_ino for p in ["a", *(f"n{n}" for n in range(1, names))]} == {kept}
     assert (out / "a").read_text() == "one file, several names\n"
+
+
+def test_what_a_directory_standing_at_a_snapshot_file_holds_is_an_extra(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Breaker s58c: a directory where the snapshot has a file (``p``) or a group's first name (``a``) was
+    replaced with --overwrite alone, and what it held went with it, unlisted (remove: [], removed: 0). What it
+    holds is what the snapshot lacks: refused without --delete-extra (dry run too), listed and counted with it.
+    The group's other names stay as they are, the refusal names only the replaced path."""
+    src, repo, out = tmp_path / "src", tmp_path / "repo", tmp_path / "out"
+    write_files(src, {"a": "grouped\n", "p": "plain\n"})
+    for n in ("b", "c"):
+        os.link(src / "a", src / n)
+    init_repo_at(repo, "east", "1")
+    sid = snapshot_json(repo, src)["id"]
+    assert _restore(drsync, repo, sid, out).code == 0
+    for name in ("a", "p"):
+        (out / name).unlink()
+        write_files(out / name, {"inner": "precious\n"})
+    for extra in (("--dry-run",), ()):
+        r = _restore(drsync, repo, sid, out, "--overwrite", *extra)
+        assert r.code == 4, (extra, r.out, r.err)
+        assert "2 path(s) the snapshot does not have, which it would remove (a/inner, p/inner)" in r.err, r.err
+        assert "--delete-extra" in r.err and (out / "p" / "inner").read_text() == "precious\n"
+    r = _restore(drsync, repo, sid, out, "--dry-run", "--json")
+    assert "holds 2 existing path(s) it would overwrite (a, p)" in r.json()["refused"], r.json()
+    dry = _restore(drsync, repo, sid, out, "--overwrite", "--delete-extra", "--dry-run", "--json").json()
+    assert sorted(dry["planned"]["remove"]) == ["a/inner", "p/inner"] and dry["removed"] == 2, dry
+    done = _restore(drsync, repo, sid, out, "--overwrite", "--delete-extra", "--json")
+    assert done.code == 0, done.err
+    got = done.json()
+    assert (got["removed"], got["made_hardlinks"], got["written_files"], got["unchanged_files"]) == (2, 1, 1, 2), got
+    assert {(out / n).stat().st_ino for n in "abc"} == {(out / "b").stat().st_ino}
+    assert (out / "p").read_text() == "plain\n"
+
+
+def test_metadata_set_back_through_a_relinked_first_name_is_named_where_it_is(drsync, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Breaker s58c: with a group's first name gone and its other names chmod'ed, the refusal named the gone
+    name. Now it names the name that holds the file; --overwrite links the first name back and sets the mode."""
+    src, repo, out = tmp_path / "src", tmp_path / "repo", tmp_path / "out"
+    write_files(src, {"a": "grouped\n"})
+    (src / "a").chmod(0o644)
+    os.link(src / "a", src / "b")
+    init_repo_at(repo, "east", "1")
+    sid = snapshot_json(repo, src)["id"]
+    assert _restore(drsync, repo, sid, out).code == 0
+    (out / "a").unlink()
+    (out / "b").chmod(0o600)
+    r = _restore(drsync, repo, sid, out)
+    assert r.code == 4 and "would set back (b)" in r.err, r.err
+    assert _restore(drsync, repo, sid, out, "--overwrite").code == 0
+    assert (out / "a").stat().st_ino == (out / "b").stat().st_ino
+    assert stat.S_IMODE((out / "a").stat().st_mode) == 0o644
