@@ -337,9 +337,12 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     anchored: dict[str, LocalEntry] = {}  # groups' first names gone, linked to the file another name holds
     members: dict[str, list[str]] = {}
 
-    def holds_alike(e: Entry, h: LocalEntry) -> bool:  # whether the target's file ``h`` holds ``e``'s bytes
-        return (h.size == e.size and h.path not in content_changed and e.path not in content_changed
-                and h.mtime_ns // res == e.mtime_ns // res and (same_content is None or same_content(e, h)))
+    def holds_alike(e: Entry, h: LocalEntry) -> bool:  # whether the target's file ``h`` at ``e.path`` holds its bytes
+        return (h.size == e.size and e.path not in content_changed and h.mtime_ns // res == e.mtime_ns // res
+                and (same_content is None or same_content(e, h)))
+
+    def meta_differs(e: Entry, have: LocalEntry) -> bool:
+        return have.mode != e.mode or owner_differs(e, have) or (compare_xattrs and have.xattrs != e.xattrs)
 
     def members_of() -> dict[str, list[str]]:  # the other names of each group, by its first name (made once)
         if not members:
@@ -388,18 +391,18 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
             # A file that shares its inode with paths the snapshot does not link it to is written anew.
             stray_link = have is not None and have.nlink > 1 and (
                 path not in leaders or have.nlink > inside_links[have.ino] or sharing.get(have.ino) != {path})
-            if (have is not None and not stray_link and have.size == e.size and path not in content_changed
-                    and have.mtime_ns // res == e.mtime_ns // res and (same_content is None or same_content(e, have))):
+            if have is not None and not stray_link and holds_alike(e, have):
                 plan.unchanged += 1
-                if have.mode != e.mode or owner_differs(e, have) or xattrs_differ:
+                if meta_differs(e, have):
                     plan.fix_meta.append(e)
             elif have is None and path in leaders and (anchor := _anchor(
-                    e, members_of(), existing, removed, inside_links, sharing, holds_alike)):
+                    e, members_of(), existing, removed, inside_links, sharing,
+                    lambda m, h: holds_alike(wanted[m], h))):
                 # The group's first name is gone, its other names hold the file: the name is linked to them again
                 # (breaker s58b: the file was written anew and every other name relinked, "overwritten").
                 anchored[path] = have = existing[anchor]
                 plan.hardlink.append(dataclasses.replace(e, hardlink=anchor))
-                if have.mode != e.mode or owner_differs(e, have) or (compare_xattrs and have.xattrs != e.xattrs):
+                if meta_differs(e, have):
                     plan.fix_meta.append(wanted[anchor])  # the name that holds the file now: what is set back
             else:
                 plan.write.append(e)
@@ -408,11 +411,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     def copied(e: Entry, have: LocalEntry, lead: LocalEntry) -> bool:
         """Whether the name ``have`` of a group is held alike as a file of its own (the copy a commit wrote
         where no link could be made), its group's first file ``lead`` being there."""
-        return (have.nlink == 1 and lead.type == FILE and have.size == e.size and e.path not in content_changed
-                and have.mtime_ns // res == e.mtime_ns // res and (same_content is None or same_content(e, have)))
-
-    def meta_differs(e: Entry, have: LocalEntry) -> bool:
-        return have.mode != e.mode or owner_differs(e, have) or (compare_xattrs and have.xattrs != e.xattrs)
+        return have.nlink == 1 and lead.type == FILE and holds_alike(e, have)
 
     _plan_members(plan, wanted, existing, anchored, removed, rewritten, copied, meta_differs, link_max)
     plan.replaces = [e.path for e in (*plan.write, *plan.hardlink, *plan.link)
@@ -444,14 +443,15 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
 
 def _anchor(e: Entry, members: dict[str, list[str]], existing: dict[str, LocalEntry], removed: set[str],
             inside_links: Counter[int], sharing: dict[int, set[str]],
-            alike: Callable[[Entry, LocalEntry], bool]) -> str | None:
+            alike: Callable[[str, LocalEntry], bool]) -> str | None:
     """The other name of ``e``'s group (``e`` its first file, gone from the target) whose file the name ``e`` can
-    be linked to again: a file alike (``alike``), linked to no name outside the target or of another group;
-    of several, the one of most names. None: there is none, and the file is written."""
+    be linked to again: a file alike to the snapshot's at that name (``alike(name, file)``: its content checked
+    where the apply checks that name's), linked to no name outside the target or of another group; of several,
+    the one of most names. None: there is none, and the file is written."""
     best: LocalEntry | None = None
     for m in members.get(e.path, ()):
         h = existing.get(m)
-        if h is None or m in removed or h.type != FILE or not alike(e, h):
+        if h is None or m in removed or h.type != FILE or not alike(m, h):
             continue
         if h.nlink > 1 and (h.nlink > inside_links[h.ino] or sharing.get(h.ino) != {e.path}):
             continue

@@ -226,3 +226,25 @@ def test_metadata_set_back_through_a_relinked_first_name_is_named_where_it_is(dr
     assert _restore(drsync, repo, sid, out, "--overwrite").code == 0
     assert (out / "a").stat().st_ino == (out / "b").stat().st_ino
     assert stat.S_IMODE((out / "a").stat().st_mode) == 0o644
+
+
+def test_a_first_name_is_not_linked_back_to_a_file_rewritten_in_place(tmp_path: Path) -> None:
+    """Rolling the cluster's own data root back (its files taken as unchanged only as the version captured): a
+    group's first name gone and another name rewritten in place, size and time put back (as ransomware does).
+    The first name must not be linked back to that file: its content is checked, the file written anew, and
+    every name holds the snapshot's bytes again."""
+    from drsync import engine
+
+    root, repo = tmp_path / "root", tmp_path / "repo"
+    write_files(root, {"d/a": "the captured bytes\n", "keep": "x\n"})
+    for n in ("d/b", "d/c"):
+        os.link(root / "d" / "a", root / n)
+    init_repo_at(repo, "east", "1")
+    sid = snapshot_json(repo, root)["id"]
+    before = os.stat(root / "d" / "b")
+    (root / "d" / "a").unlink()
+    (root / "d" / "b").write_text("THE CAPTURED BYTES\n")  # the same inode, both names left
+    os.utime(root / "d" / "b", ns=(before.st_atime_ns, before.st_mtime_ns))
+    engine.restore_snapshot(engine.open_repository(str(repo)), sid, str(root), cluster_id="east", release="1")
+    assert {(root / "d" / n).read_text() for n in "abc"} == {"the captured bytes\n"}
+    assert len({(root / "d" / n).stat().st_ino for n in "abc"}) == 1
