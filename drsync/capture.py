@@ -804,8 +804,8 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
         for results in itertools.chain(pool.big.map(run, batches[:cut]), pool.small.map(run, batches[cut:])):
             for k, got in results:
                 take(k, got)
-        # The other names of an inode read in this window take its read, when the scan saw them at the version
-        # read (else they are read themselves); a large file's read is held for its names in later windows.
+        # The other names of an inode read in this window take its read, when it was of the inode the scan saw
+        # them name (else they are read themselves); a large file's read is held for its names in later windows.
         assert stats is not None
         again = [k for k, first in later.items() if not _borrow(stats, k, read.get(first), read, borrowed, progress)]
         for k, got in run(again) if again else ():
