@@ -358,10 +358,10 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     plan.remove = [p for p in plan.remove if not any(a in removed for a in _ancestors(p))]
     # What a directory the snapshot has a file or link at holds goes with it: paths the snapshot lacks, listed
     # (top-most) and counted as removed, which a kept target allows only as it allows removing any.
-    retyped = {p for p in plan.remove if p in wanted and existing[p].type == DIR}
-    if retyped:
-        plan.retyped_contents = sorted(q for q in removed if q not in wanted and all(
-            a in wanted for a in _ancestors(q) if a in removed) and any(a in retyped for a in _ancestors(q)))
+    # Such a path's removed ancestors are all the snapshot's (the top-most of them is the retyped directory).
+    if any(p in wanted and existing[p].type == DIR for p in plan.remove):
+        plan.retyped_contents = sorted(q for q in removed if q not in wanted and (
+            ups := [a for a in _ancestors(q) if a in removed]) and all(a in wanted for a in ups))
     for path, e in wanted.items():
         have = existing.get(path)
         if have is not None and path in removed:

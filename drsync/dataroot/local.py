@@ -147,7 +147,7 @@ class LocalDataRoot:
         self.warnings: list[str] = []
         self._mount_list: list[str] | None = None
         self._staging_fds: dict[str, int] = {}
-        self._link_max: dict[str, int] = {}  # PC_LINK_MAX by directory (relative)
+        self._link_max: dict[str, int] = {}  # PC_LINK_MAX by domain (the mount point holding a path; "" the root's)
         self.link_copies = 0  # names of hard-link groups the last commit wrote as copies (no link could be made)
         self.link_copy_bytes = 0  # and their bytes
 
@@ -277,19 +277,19 @@ class LocalDataRoot:
 
     def link_max(self, lead: str, name: str) -> int:
         """How many names the file at ``lead`` may have for ``name`` to be made one of them: 0 when a filesystem
-        mounted in the root parts them, else ``fpathconf(PC_LINK_MAX)`` of ``lead``'s directory, not followed
-        (0 when it cannot be opened): 65,000 on ext4, 1 on vfat; glibc answers 127 for a filesystem it does
-        not know."""
-        if self._domain(lead) != self._domain(name):
+        mounted in the root parts them, else ``fpathconf(PC_LINK_MAX)`` of the filesystem holding ``lead`` (at
+        its mount point's directory, not followed; 0 when it cannot be opened): 65,000 on ext4, 1 on vfat;
+        glibc answers 127 for a filesystem it does not know."""
+        domain = self._domain(lead)
+        if domain != self._domain(name):
             return 0
-        parent = lead.rpartition("/")[0]
-        if parent not in self._link_max:
+        if domain not in self._link_max:  # one filesystem a domain (the root's, or one mounted in it)
             try:
                 with Beneath(self.root) as fs:
-                    self._link_max[parent] = os.fpathconf(fs.dir_fd(parent), "PC_LINK_MAX")
+                    self._link_max[domain] = os.fpathconf(fs.dir_fd(domain), "PC_LINK_MAX")
             except OSError:
-                self._link_max[parent] = 0
-        return self._link_max[parent]
+                self._link_max[domain] = 0
+        return self._link_max[domain]
 
     def claim(self, what: str) -> AbstractContextManager[None]:
         """Nothing more: the apply lock's flocks hold a local root (one host reaches it)."""
