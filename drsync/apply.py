@@ -59,6 +59,7 @@ from drsync.repository.manifest import (
 )
 from drsync.repository.manifest_check import validate
 from drsync.repository.manifest_diff import content_changed
+from drsync.repository.manifest_root import root_of
 from drsync.text import one_line, printable
 from drsync.tree import LocalEntry
 from drsync.unchanged import MadeDirs, Residual, WriteList, split_unchanged
@@ -125,6 +126,8 @@ class ApplyPlan:
     refit_links: int = 0  # of which symlinks (in ``link`` too, but not made)
     # Paths the snapshot lacks inside directories ``remove`` takes away to put a file or link there (top-most).
     retyped_contents: list[str] = field(default_factory=list)
+    # Whether the commit writes, removes or makes a name in the root directory itself (its time moves).
+    root_touched: bool = True
 
     def dirs_to_finish(self, *, made: bool = True) -> list[Entry] | Iterable[Entry]:
         """``dirs`` (deepest first) limited to the touched ones, and (``made``) the merge's new directories,
@@ -229,6 +232,30 @@ class ForeignTarget:
         return (f"{what}: {url} is not this cluster's data root and holds {' and '.join(parts)}: {done}; "
                 f"rerun with {' '.join(needed)} to replace what is there (--dry-run lists it), or "
                 f"restore into an empty directory")
+
+
+def plan_root(want: Entry | None, have: Entry | None, *, keep: bool, touched: bool, compare_owner: bool,
+              compare_xattrs: bool, mode_bits: int) -> tuple[Entry | None, bool]:
+    """What an apply gives the target's root directory once it is done, and whether that sets back its mode,
+    owner or extended attributes. Pure.
+
+    ``want``: the snapshot's root (its manifest's ``drsync.root``; None: a snapshot that has none). ``have``:
+    the target's root before the apply (None: made by it). ``keep``: a kept target (a restore without
+    ``--overwrite`` onto a directory that holds something): its root keeps its mode, owner and extended
+    attributes (a difference is for the caller to refuse), and its time unless the commit writes into it
+    (``touched``), when it gets the snapshot's, as any directory written into does. Otherwise the root gets
+    the snapshot's metadata. Where the snapshot has none, a root the commit wrote nothing into gets its own
+    time back (the staging area made in it moved that); one written into keeps the time the commit left.
+    Returns (the entry to give the root, or None for nothing; whether mode, owner or attributes differ)."""
+    if want is None:
+        return (have if have is not None and not touched else None), False
+    want = dataclasses.replace(want, mode=want.mode & mode_bits)
+    differs = have is not None and (have.mode != want.mode or (compare_owner and want.uid != UNKNOWN_ID and (
+        have.uid, have.gid) != (want.uid, want.gid)) or (compare_xattrs and (have.xattrs or None) != (
+            want.xattrs or None)))
+    if keep and have is not None:
+        return (dataclasses.replace(have, mtime_ns=want.mtime_ns) if touched else have), differs
+    return want, differs
 
 
 def _within_mode_bits(entries: list[Entry], root: DataRoot) -> list[Entry]:
@@ -419,6 +446,7 @@ def plan_apply(entries: list[Entry], existing: dict[str, LocalEntry], *,
     touched.update(p.rpartition("/")[0] for p in plan.remove)
     touched.update(e.path.rpartition("/")[0] for e in (*plan.write, *plan.link, *plan.mkdir, *plan.hardlink))
     touched.update(also_touched)
+    plan.root_touched = "" in touched
     touched.discard("")
     # A directory we change, or pass through to reach one, but may not write into or search is opened
     # up for the commit and finished after it.
@@ -655,6 +683,10 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # A target that does not exist yet gets every file: its chunks are checked before it (and any missing
         # parent of it) is made. Otherwise after planning, only what the apply writes.
         fresh = root.missing()
+        # A kept target's own root keeps its mode, owner and attributes; an empty directory is a new one.
+        keep_top = foreign is not None and not foreign.overwrite and not fresh and root.has_data()
+        had_top = None if fresh else root.root_entry()  # before the apply opens it up or moves its time
+        top_set = False
         # drsync stages under a reserved name, emptying it first: what else is there goes only as the restore's
         # other extras do (--delete-extra), never unasked.
         stray = None if fresh else root.foreign_staging()
@@ -678,6 +710,11 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                 _interrupted(root, _journal_for(root, journal)) is not None
         else:
             created_target = root.prepare_target()
+            # A root this user owns but may not write (restored read-only) is opened up for the apply; its mode
+            # is set back when it ends without giving the root its metadata (refused, failed, none to give).
+            reopened = root.open_root()
+            if reopened is not None:
+                claimed.callback(lambda: None if top_set else reopened())
             if lock is not None:  # the target made just now is flocked too (the lock file held it till now)
                 lock.hold_directory()
                 # An HDFS root is held against applies from other hosts too (drsync.dataroot.hdfs_lease), before
@@ -724,6 +761,12 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                           link_max=root.link_max, keep_dir_times=foreign is not None and not foreign.overwrite)
         if rest is not None:
             rest.fold(plan, manifest, later=getattr(root, "mount_points", tuple))
+        # The root directory's own metadata, set last (docs/FORMAT.md, drsync.root).
+        top, top_differs = plan_root(root_of(manifest, what), had_top, keep=keep_top,
+                                     touched=plan.root_touched, compare_owner=root.owners_settable(),
+                                     compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits)
+        if top_differs and keep_top:
+            plan.refit.append(".")  # counted and named in the refusal as the others
         try:
             # What the root cannot do is refused, and what it does otherwise is planned (a hard link across
             # two filesystems mounted in the target becomes a copy to write), before the chunks are located
@@ -768,7 +811,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             replaced_types = [p for p in plan.remove if p in wanted]
             strays = [root.relative_inside(stray) or STAGING] if stray is not None else []
             # Symlinks that point right and get their time or owner only are listed with the metadata fixes.
-            refit = set(plan.refit)
+            refit = set(plan.refit) | ({"."} if top_differs else set())
             links = [e.path for e in plan.link if e.path not in refit]
             dry = ApplyResult(written_files=len(plan.write), written_bytes=plan.write_bytes,
                               unchanged_files=plan.unchanged, **_made(plan),
@@ -891,7 +934,25 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         result.written_bytes += getattr(root, "link_copy_bytes", 0)
         result.warnings.extend(root.warnings)
         _close(root, log_, on_committed)
+        if top is not None:
+            top_set = _finish_root(root, top, result)
         return result
+
+
+def _finish_root(root: DataRoot, top: Entry, result: ApplyResult) -> bool:
+    """Give the target's root directory ``top``'s metadata, after the commit and its clean-up (which moved its
+    time): what cannot be set is a warning, the apply being done. An apply cut short before this leaves it to
+    the next apply onto the target, which plans it again."""
+    before = len(root.warnings)
+    try:
+        root.set_root(top)
+    except (OSError, OperationFailed) as e:
+        result.warnings.append(f"{root.url}: its own mode, owner or time not set "
+                               f"({one_line(getattr(e, 'strerror', None) or str(e))})")
+        return False
+    finally:
+        result.warnings.extend(root.warnings[before:])
+    return True
 
 
 @contextlib.contextmanager

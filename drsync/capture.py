@@ -44,6 +44,7 @@ from drsync.repository.manifest import (
     FILE,
     SCHEMA,
     SYMLINK,
+    Entry,
     Manifest,
     ManifestFile,
     ManifestWriter,
@@ -54,6 +55,7 @@ from drsync.repository.manifest import (
     sort_by_path,
 )
 from drsync.repository.manifest_check import validate
+from drsync.repository.manifest_root import with_root
 from drsync.repository.repo import ChunkWriter
 from drsync.repository.snapshots import WarningLog
 from drsync.repository.spool import Spool
@@ -212,13 +214,14 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
     else:
         frozen = data_root.frozen(tag, parent_tag, listed_parent)  # type: ignore[arg-type]
     root_volume = _root_volume(data_root, parent_root_volume or {}, allow_empty)
+    top = data_root.root_entry()  # the root's own mode, owner, time: the manifest's key-value metadata
     watch = _volume_watch(data_root, parent, parent_volumes or {}, exclude, allow_empty)
     with frozen as view:
         result = _capture_view(view, writer, parent=parent, parent_captured_at=parent_captured_at,
                                reread_attempts=0 if view.consistent else reread_attempts,
                                exclude=exclude | watch.gone if watch else exclude,
                                workers=workers, progress=progress, on_total=on_total, content=content,
-                               watch=watch)
+                               watch=watch, top=top)
         result.content_snapshot = getattr(view, "snapshot", None) if content == HDFS_CHECKSUM else None
         result.root_volume = root_volume
         notes = WarningLog(view.notes)  # the view's notes first
@@ -312,7 +315,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                   parent_captured_at: float | None, reread_attempts: int, exclude: frozenset[str],
                   workers: int | None, progress: ProgressFn | None,
                   on_total: Callable[[int], None] | None, content: str = CHUNKS,
-                  watch: _VolumeWatch | None = None) -> CaptureResult:
+                  watch: _VolumeWatch | None = None, top: Entry | None = None) -> CaptureResult:
     """The capture of one frozen view, in windows of :data:`_WINDOW` path-sorted scan rows.
 
     A local tree is walked as the windows are taken (:meth:`TreeScan.windows`), so memory holds one
@@ -324,7 +327,8 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     stored manifest, a path the rare case pays for: links that escape the root through other links
     are left out (:func:`_without_paths`), paths that could not be read are merged in from the parent
     (:func:`_merge_stale`), with the files of the volumes ``watch`` keeps (files below each mount point
-    counted as the windows pass).
+    counted as the windows pass). ``top``: the root directory's own metadata, which the manifest carries
+    (:mod:`drsync.repository.manifest_root`).
     """
     scan = view.scan(exclude)
     below: dict[str, int] = dict.fromkeys(watch.mounted, 0) if watch is not None else {}
@@ -337,7 +341,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     to_read = 0
     # The manifest goes to its spool's temporary file past 2 MiB, not 16: at 1,000,000 files the capture's
     # peak (its scan and the chunk index held) came while the first 16 MiB were still in memory.
-    out = ManifestWriter(memory_bytes=_SPOOL_BYTES)
+    out = ManifestWriter(with_root(SCHEMA, top), memory_bytes=_SPOOL_BYTES)
     n = workers or min(4, (os.cpu_count() or 2) + 1)
     # A window's manifest rows are encoded into Parquet on a thread of their own while the next window is
     # matched (one window in flight): both release the GIL for most of their work.
@@ -428,9 +432,9 @@ def _without_paths(stored: Spool, paths: set[bytes]) -> Spool:
     """The stored manifest less the rows of ``paths`` (links found to escape the root once all were
     known), rewritten a row group at a time."""
     drop = pa.array(sorted(paths), pa.binary())
-    out = ManifestWriter(memory_bytes=_SPOOL_BYTES)
     with stored:
         source = ManifestFile(stored, "the captured manifest")
+        out = ManifestWriter(source.schema, memory_bytes=_SPOOL_BYTES)  # the root's metadata with it
         for g in range(source.num_groups):
             t = source.group(g)
             out.write(t.filter(pc.invert(pc.is_in(t.column("path"), value_set=drop))))

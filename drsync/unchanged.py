@@ -570,8 +570,12 @@ class _Merge:
         return np.fromiter((self.planned(os.fsdecode(p)) for p in names), bool, len(names))
 
     def _note_parents(self, paths: pa.Array, into: set[bytes] | None = None) -> None:
+        """Add the parents of ``paths`` to ``into`` (default ``new_parents``): b"" for a path at the top."""
         parents, has = path_parents(paths)
-        (self.new_parents if into is None else into).update(pc.unique(parents.filter(pa.array(has))).to_pylist())
+        noted = self.new_parents if into is None else into
+        noted.update(pc.unique(parents.filter(pa.array(has))).to_pylist())
+        if not has.all():
+            noted.add(b"")  # the root itself (the planner tells its own directory apart)
 
     def keep_target(self, tb: EntryColumns, rows: np.ndarray) -> None:
         for i in rows.tolist():
@@ -666,7 +670,6 @@ class _Merge:
         if self.links_settled:  # the groups' rows, decided as they closed, go in path order with the others
             self.rows, self.new_rows, self.meta_rows = ([ascending(x)] for x in (self.rows, self.new_rows,
                                                                                   self.meta_rows))
-        self.new_parents.discard(b"")
         return Residual(joined(self.rows), self.existing, self.unchanged, joined(self.new_rows),
                         {os.fsdecode(d) for d in self.new_parents}, self.suspects, joined(self.meta_rows),
                         joined(self.dir_rows), joined(self.made_rows), meta_parents={

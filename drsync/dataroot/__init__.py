@@ -12,7 +12,7 @@ filesystem re-reading files that change), the precision of modification times
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol
@@ -122,6 +122,20 @@ class DataRoot(Protocol):
         ...
 
     def owners_settable(self) -> bool:
+        ...
+
+    def root_entry(self) -> Entry | None:
+        """The root directory's own metadata as an entry of path "" and type ``dir`` (mode, owner, mtime in
+        nanoseconds, extended attributes where the root keeps them); None when the root is missing."""
+        ...
+
+    def open_root(self) -> Callable[[], None] | None:
+        """Open the root up for an apply when this user owns it but may not write or search it; returns what
+        sets its mode back (None: nothing changed)."""
+        ...
+
+    def set_root(self, e: Entry) -> None:
+        """Give the root directory ``e``'s metadata (what :meth:`root_entry` reads; owners only as root)."""
         ...
 
     def link_max(self, lead: str, name: str) -> int:

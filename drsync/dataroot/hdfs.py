@@ -43,7 +43,7 @@ from drsync.errors import RefusedError, UsageError
 from drsync.flocks import ApplyBusy
 from drsync.native_walk import UNLISTED_KEPT
 from drsync.repository import chunks
-from drsync.repository.manifest import DIR, FILE, SYMLINK
+from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry
 from drsync.repository.manifest_check import symlink_leaves_root
 from drsync.storage.hdfs import HdfsError, HdfsFs, HdfsPermissionDenied, bounded, parse_hdfs_url
 from drsync.text import printable
@@ -51,7 +51,7 @@ from drsync.tree import RESERVED_NAMES, LocalEntry, TreeScan
 
 if TYPE_CHECKING:
     from drsync.apply import ApplyPlan
-    from drsync.repository.manifest import Entry, Manifest
+    from drsync.repository.manifest import Manifest
 
 log = logging.getLogger("drsync.hdfs")
 T = TypeVar("T")
@@ -439,6 +439,7 @@ class HdfsDataRoot:
         self.root = self.location.path
         self.url = self.location.url
         self._lease: RootLease | None = None
+        self._root_after: Entry | None = None  # the root's metadata, set once the apply's claim is let go
         self._nested_staging: list[str] = []  # staging areas inside the root (:meth:`existing`)
 
     def _p(self, rel: str) -> str:
@@ -666,6 +667,36 @@ class HdfsDataRoot:
     def owners_settable(self) -> bool:
         return False
 
+    def root_entry(self) -> Entry | None:
+        """The root directory's own permission and time (path ""; owners are names, never compared); None
+        when it is not a directory (missing)."""
+        s = self.fs.status(self.root)
+        if s is None or s["type"] != "DIRECTORY":
+            return None
+        return Entry("", DIR, int(s["permission"], 8), UNKNOWN_ID, UNKNOWN_ID, 0,
+                     int(s["modificationTime"]) * 1_000_000, None, [], [])
+
+    def open_root(self) -> Callable[[], None] | None:
+        """Open the root up (owner rwx) for an apply when this URL's user owns it but may not write or search
+        it; returns what sets its permission back, or None when nothing was changed."""
+        s = self.fs.status(self.root)
+        if s is None or s["type"] != "DIRECTORY":
+            return None
+        mode = int(s["permission"], 8)
+        if (mode & 0o700) == 0o700 or not self.fs.location.user or s.get("owner") != self.fs.location.user:
+            return None
+        self.fs.set_permission(self.root, mode | 0o700)
+        return lambda: self.fs.set_permission(self.root, mode)
+
+    def set_root(self, e: Entry) -> None:
+        """Give the root directory ``e``'s time and permission (times first, as :meth:`finish_staged`); during
+        an apply's :meth:`claim`, when the claim is let go (which moves the root's time)."""
+        if self._lease is not None:
+            self._root_after = e
+            return
+        self.fs.set_times(self.root, e.mtime_ns)
+        self.fs.set_permission(self.root, e.mode & self.mode_bits)
+
     def link_max(self, lead: str, name: str) -> int:
         """1: HDFS has no hard links (a group's other names are written as copies: :meth:`check_plan`)."""
         return 1
@@ -716,6 +747,14 @@ class HdfsDataRoot:
                 yield
             finally:
                 self._lease = None
+        # The root's own metadata once the lease is let go (its place in the staging area, gone now, moved the
+        # root's time): what set_root was given while it was held.
+        top, self._root_after = self._root_after, None
+        if top is not None:
+            try:
+                self.set_root(top)
+            except (HdfsError, OSError) as e:  # the apply is done: said, not failed
+                log.warning("%s: its own permission or time not set (%s)", self.url, e)
 
     def verify_claim(self, what: str) -> None:
         """ApplyBusy when another host's apply took the root over from this one's lease (it was held up)."""

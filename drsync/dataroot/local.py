@@ -28,7 +28,7 @@ from drsync.dataroot.beneath import Beneath
 from drsync.errors import OperationFailed, RefusedError, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
-from drsync.repository.manifest import DIR, FILE, SYMLINK, decode_xattrs
+from drsync.repository.manifest import DIR, FILE, SYMLINK, Entry, decode_xattrs
 from drsync.text import printable
 from drsync.tree import EntryColumns, LocalEntry, TreeScan, in_path_order, read_ahead, read_xattrs, scan_tree
 
@@ -36,7 +36,7 @@ log = logging.getLogger("drsync.dataroot.local")
 
 if TYPE_CHECKING:
     from drsync.apply import ApplyPlan
-    from drsync.repository.manifest import Entry, Manifest
+    from drsync.repository.manifest import Manifest
 
 # Files up to this size are read with one call and cut in memory.
 _SMALL_FILE = 8 * 1024 * 1024
@@ -274,6 +274,49 @@ class LocalDataRoot:
 
     def owners_settable(self) -> bool:
         return os.geteuid() == 0
+
+    def root_entry(self) -> Entry | None:
+        """The root directory's own mode, owner, time and extended attributes (path ""); None when it is not a
+        directory (missing). A root given as a symlink to a directory is that directory."""
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            s = os.fstat(fd)
+            return Entry("", DIR, st.S_IMODE(s.st_mode), s.st_uid, s.st_gid, 0, s.st_mtime_ns, None, [], [],
+                         read_xattrs(fd)[0])
+        finally:
+            os.close(fd)
+
+    def open_root(self) -> Callable[[], None] | None:
+        """Open the root up (owner rwx) for an apply when this user owns it but may not write or search it (a
+        read-only root restored as such); returns what sets its mode back, or None when nothing was changed."""
+        if os.geteuid() == 0:
+            return None
+        s = os.stat(self.root)
+        if s.st_uid != os.geteuid() or (s.st_mode & 0o700) == 0o700:
+            return None
+        mode = st.S_IMODE(s.st_mode)
+        os.chmod(self.root, mode | 0o700)
+
+        def close() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(self.root, mode)
+        return close
+
+    def set_root(self, e: Entry) -> None:
+        """Give the root directory ``e``'s owner (as root), extended attributes, mode and time. OSError."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if os.geteuid() == 0:
+                os.fchown(fd, e.uid, e.gid)
+            self._set_xattrs(fd, e)
+            os.fchmod(fd, e.mode)  # after the ACL: the mode's group bits are the ACL mask
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def link_max(self, lead: str, name: str) -> int:
         """How many names the file at ``lead`` may have for ``name`` to be made one of them: 0 when a filesystem

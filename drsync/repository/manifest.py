@@ -724,6 +724,7 @@ class ManifestFile:
         except (pa.ArrowInvalid, OSError) as e:
             raise IntegrityError(f"{what} is damaged or truncated: {e}") from None
         self.is_v1 = layout_is_v1(schema, what)  # the layout before 2026-12 (read whole a group at a time)
+        self.schema = schema  # with its key-value metadata (the root's: drsync.repository.manifest_root)
         check_decoded_size(self._pf, what)
         md = self._pf.metadata
         self.num_groups = md.num_row_groups

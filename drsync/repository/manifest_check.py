@@ -34,6 +34,7 @@ from drsync.repository.manifest import (
     index_in_unique,
     path_parents,
 )
+from drsync.repository.manifest_root import root_of
 from drsync.text import printable
 
 # The name drsync stages an apply under, at the top of a target and of every filesystem mounted
@@ -120,6 +121,7 @@ def validate(manifest: Manifest | ManifestFile, what: str = "manifest") -> None:
     order, which drsync never writes, is checked with a set of its paths instead). Column operations
     (:func:`_screen`) pick the rows a per-row check could refuse; only those are judged one at a time in
     Python, in row order, so the first fault named is the one a row-by-row pass would name."""
+    root_of(manifest, what)  # the root's own metadata, if it carries any, has its shape
     dirs: set[str] = set()
     parent_of: dict[str, str] = {}  # each parent named -> the first path naming it
     climbs = False  # some symlink target has a '..' (or is empty or absolute): links are then resolved together
