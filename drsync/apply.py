@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from drsync import allocators, documents, faults, fsutil
 from drsync.apply_chunks import PartReaders, check_rows
 from drsync.dataroot import SMALL_FILE_BYTES, STAGING, UNKNOWN_ID, DataRoot, open_data_root, small_files_pool
-from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
+from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.flocks import ApplyBusy, ApplyLock
 from drsync.pathglob import compile_globs
 from drsync.repository.link_walk import escaping_links
@@ -128,6 +128,8 @@ class ApplyPlan:
     retyped_contents: list[str] = field(default_factory=list)
     # Whether the commit writes, removes or makes a name in the root directory itself (its time moves).
     root_touched: bool = True
+    # What the root directory itself gets once the commit and its clean-up are done (:func:`plan_root`), or None.
+    root: Entry | None = None
 
     def dirs_to_finish(self, *, made: bool = True) -> list[Entry] | Iterable[Entry]:
         """``dirs`` (deepest first) limited to the touched ones, and (``made``) the merge's new directories,
@@ -683,10 +685,10 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # A target that does not exist yet gets every file: its chunks are checked before it (and any missing
         # parent of it) is made. Otherwise after planning, only what the apply writes.
         fresh = root.missing()
-        # A kept target's own root keeps its mode, owner and attributes; an empty directory is a new one.
-        keep_top = foreign is not None and not foreign.overwrite and not fresh and root.has_data()
-        had_top = None if fresh else root.root_entry()  # before the apply opens it up or moves its time
-        top_set = False
+        # The root's mode before this apply opened it up (a read-only root of this user's), and whether the
+        # apply gave the root its metadata: when it ends otherwise, that mode is set back.
+        opening: dict[str, int | bool | None] = {"mode": None, "set": False}
+        first_top = None if fresh else root.root_entry()  # its metadata and time before this apply moves them
         # drsync stages under a reserved name, emptying it first: what else is there goes only as the restore's
         # other extras do (--delete-extra), never unasked.
         stray = None if fresh else root.foreign_staging()
@@ -712,9 +714,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             created_target = root.prepare_target()
             # A root this user owns but may not write (restored read-only) is opened up for the apply; its mode
             # is set back when it ends without giving the root its metadata (refused, failed, none to give).
-            reopened = root.open_root()
-            if reopened is not None:
-                claimed.callback(lambda: None if top_set else reopened())
+            opening["mode"] = root.open_root()
+            claimed.callback(lambda: _close_up(root, opening))
             if lock is not None:  # the target made just now is flocked too (the lock file held it till now)
                 lock.hold_directory()
                 # An HDFS root is held against applies from other hosts too (drsync.dataroot.hdfs_lease), before
@@ -728,6 +729,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                 if stray is None:
                     root.settle()
                 abandoned = _finish_interrupted(root, log_, replan=replan)
+                if abandoned == "" and (mode := root.open_root()) is not None:  # the completion set it read-only
+                    opening["mode"] = mode
         protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
         # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
         # milliseconds, and so does anything applied to HDFS.
@@ -761,12 +764,19 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                           link_max=root.link_max, keep_dir_times=foreign is not None and not foreign.overwrite)
         if rest is not None:
             rest.fold(plan, manifest, later=getattr(root, "mount_points", tuple))
-        # The root directory's own metadata, set last (docs/FORMAT.md, drsync.root).
+        # The root directory's own metadata, set last (docs/FORMAT.md, drsync.root), against the root as the
+        # user left it (an interrupted apply completed: as that left it), not as this apply opened it up. A kept
+        # target's own root keeps its mode, owner and attributes; an empty directory is a new one.
+        had_top = first_top if abandoned != "" else root.root_entry()
+        if had_top is not None and abandoned == "" and opening["mode"] is not None:
+            had_top = dataclasses.replace(had_top, mode=int(opening["mode"]))
+        keep_top = foreign is not None and not foreign.overwrite and not fresh and _holds_data(root)
         top, top_differs = plan_root(root_of(manifest, what), had_top, keep=keep_top,
                                      touched=plan.root_touched, compare_owner=root.owners_settable(),
                                      compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits)
         if top_differs and keep_top:
             plan.refit.append(".")  # counted and named in the refusal as the others
+        plan.root = top  # journaled: a replay gives it too
         try:
             # What the root cannot do is refused, and what it does otherwise is planned (a hard link across
             # two filesystems mounted in the target becomes a copy to write), before the chunks are located
@@ -933,26 +943,45 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         result.written_files += copies
         result.written_bytes += getattr(root, "link_copy_bytes", 0)
         result.warnings.extend(root.warnings)
-        _close(root, log_, on_committed)
-        if top is not None:
-            top_set = _finish_root(root, top, result)
+        notes = _close(root, log_, on_committed, top=plan.root)
+        result.warnings.extend(notes)
+        opening["set"] = plan.root is not None and not notes
         return result
 
 
-def _finish_root(root: DataRoot, top: Entry, result: ApplyResult) -> bool:
-    """Give the target's root directory ``top``'s metadata, after the commit and its clean-up (which moved its
-    time): what cannot be set is a warning, the apply being done. An apply cut short before this leaves it to
-    the next apply onto the target, which plans it again."""
+def _holds_data(root: DataRoot) -> bool:
+    """Whether the root holds anything but drsync's own files; one this user cannot list is taken to."""
+    try:
+        if root.has_data():
+            return True
+    except (OSError, DrsyncError):
+        return True
+    local = fsutil.local_or_none(root.url)
+    return local is not None and os.path.isdir(local) and not os.access(local, os.R_OK | os.X_OK)
+
+
+def _set_root(root: DataRoot, top: Entry, *, writable: bool = False) -> list[str]:
+    """Give the target's root directory ``top``'s metadata (``writable``: with owner rwx, so that what is left
+    of the clean-up can still go); what cannot be set is a warning, the commit being done. Returns the warnings."""
     before = len(root.warnings)
     try:
-        root.set_root(top)
+        root.set_root(dataclasses.replace(top, mode=top.mode | 0o700) if writable else top)
     except (OSError, OperationFailed) as e:
-        result.warnings.append(f"{root.url}: its own mode, owner or time not set "
-                               f"({one_line(getattr(e, 'strerror', None) or str(e))})")
-        return False
-    finally:
-        result.warnings.extend(root.warnings[before:])
-    return True
+        return [*root.warnings[before:], f"{root.url}: its own mode, owner or time not set "
+                                         f"({one_line(getattr(e, 'strerror', None) or str(e))})"]
+    notes = root.warnings[before:]
+    del root.warnings[before:]
+    return notes
+
+
+def _close_up(root: DataRoot, opening: dict[str, int | bool | None]) -> None:
+    """At the end of an apply that opened up its root and did not give it its metadata: the mode it had."""
+    if opening["mode"] is None or opening["set"]:
+        return
+    with contextlib.suppress(OSError, DrsyncError):
+        have = root.root_entry()
+        if have is not None:
+            root.set_root(dataclasses.replace(have, mode=int(opening["mode"])))
 
 
 @contextlib.contextmanager
@@ -1025,18 +1054,24 @@ def _journal_for(root: DataRoot, journal: str | None) -> Journal:
     return FileJournal(journal) if journal else root.journal()
 
 
-def _close(root: DataRoot, log_: Journal, on_committed: Callable[[], None] | None, *, done: bool = False) -> None:
-    """After the commit: durable, sealed, marked done, reported, then the staging area and journal go.
+def _close(root: DataRoot, log_: Journal, on_committed: Callable[[], None] | None, *, done: bool = False,
+           top: Entry | None = None) -> list[str]:
+    """After the commit: durable, sealed, marked done, reported, then the staging area and journal go, and the
+    root directory gets ``top``'s metadata (before the journal goes, so that a replay gives it too; and again
+    after, as removing an in-root journal's directory moved its time). Returns what could not be set.
     ``done``: the journal says so already (a replay): the seal it recorded must not be taken again."""
     if not done:
         root.flush()
         root.seal()
-        log_.save(json.dumps({"phase": "done"}).encode())
+        log_.save(json.dumps({"phase": "done", "root": _entry_json(top) if top is not None else None}).encode())
     if on_committed:
         on_committed()  # before the journal goes: a crash here replays the close, then this again
     root.drop_staging()
+    if top is not None:
+        _set_root(root, top, writable=True)
     log_.remove()
     root.drop_staging()  # the in-root journal's directory, now empty
+    return _set_root(root, top) if top is not None else []
 
 
 def _interrupted(root: DataRoot, log_: Journal) -> tuple[bool, ApplyPlan, dict[str, str]] | None:
@@ -1051,6 +1086,8 @@ def _interrupted(root: DataRoot, log_: Journal) -> tuple[bool, ApplyPlan, dict[s
             raise ValueError("not an object")
         done = doc.get("phase", "commit") == "done"
         plan, staged = (ApplyPlan(), {}) if done else _plan_from_json(doc)
+        if doc.get("root") is not None:  # journals of earlier versions have none
+            plan.root = _entry_from_json(doc["root"])
     except (ValueError, KeyError, TypeError, AttributeError):
         raise IntegrityError(f"apply journal of {root.url} is damaged; restore the target from a snapshot "
                              f"into an empty directory") from None
@@ -1078,7 +1115,7 @@ def _finish_interrupted(root: DataRoot, log_: Journal, *, replan: bool = False) 
             log.warning("%s", why)
             _drop(root, log_)
             return why
-    _close(root, log_, None, done=done)
+    _close(root, log_, None, done=done, top=plan.root)
     return ""
 
 
@@ -1185,9 +1222,7 @@ _JOURNAL_COLUMNS = (*_ENTRY_FIELDS, "xattrs", "hardlink", "sparse")  # an entry'
 def _plan_json(plan: ApplyPlan, staged: dict[str, str], batch: int = 4096) -> Iterator[bytes]:
     """The commit journal, ``{"phase": "commit", "remove": [...], ...}``, as JSON text in pieces of at
     most ``batch`` items: a million-file plan is written without a second copy of it in memory."""
-    def ent(e: Entry) -> list[object]:
-        return [*(getattr(e, f) for f in _ENTRY_FIELDS), e.xattrs.hex() if e.xattrs is not None else None,
-                e.hardlink, e.sparse]
+    ent = _entry_json
 
     # The directories to finish, not every directory planned: a replay finishes the same ones.
     lists: list[tuple[str, Iterable[Entry] | Iterable[str], bool]] = [
@@ -1208,7 +1243,7 @@ def _plan_json(plan: ApplyPlan, staged: dict[str, str], batch: int = 4096) -> It
         while part := list(itertools.islice(walk, batch)):
             yield [ent(e) for e in part] if entries else part  # type: ignore[arg-type]
 
-    yield b'{"phase": "commit"'
+    yield b'{"phase": "commit", "root": ' + json.dumps(_entry_json(plan.root) if plan.root else None).encode()
     for key, items, entries in lists:
         yield f', "{key}": ['.encode()
         first = True
@@ -1236,12 +1271,21 @@ def _plan_json(plan: ApplyPlan, staged: dict[str, str], batch: int = 4096) -> It
     yield b"]}"
 
 
+def _entry_json(e: Entry) -> list[object]:
+    """A journal's row of ``e``: its :data:`_ENTRY_FIELDS`, extended attributes (hex), hard link, sparseness."""
+    return [*(getattr(e, f) for f in _ENTRY_FIELDS), e.xattrs.hex() if e.xattrs is not None else None,
+            e.hardlink, e.sparse]
+
+
+def _entry_from_json(row: list) -> Entry:  # type: ignore[type-arg]
+    base = row[:len(_ENTRY_FIELDS)]
+    xattrs, hardlink, sparse = [*row[len(_ENTRY_FIELDS):], None, None, False][:3]
+    return Entry(*base, chunks=[], chunk_sizes=[], xattrs=bytes.fromhex(xattrs) if xattrs else None,
+                 hardlink=hardlink, sparse=bool(sparse))
+
+
 def _plan_from_json(doc: dict) -> tuple[ApplyPlan, dict[str, str]]:  # type: ignore[type-arg]
-    def ent(row: list) -> Entry:  # type: ignore[type-arg]
-        base = row[:len(_ENTRY_FIELDS)]
-        xattrs, hardlink, sparse = [*row[len(_ENTRY_FIELDS):], None, None, False][:3]
-        return Entry(*base, chunks=[], chunk_sizes=[], xattrs=bytes.fromhex(xattrs) if xattrs else None,
-                     hardlink=hardlink, sparse=bool(sparse))
+    ent = _entry_from_json
 
     # Journaled in the commit's order (parents first to make, deepest first to finish), with every directory it
     # finishes named in ``touched_dirs``.

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ from drsync.repository.manifest_check import validate
 from drsync.repository.manifest_root import ROOT_KEY, encode, parse, root_of, with_root
 from drsync.repository.repo import Repository
 from drsync.storage.local import LocalStorage
-from tests.conftest import init_repo_at, snapshot_json, tree_state, write_files
+from tests.conftest import ROOT, init_repo_at, run_drsync, snapshot_json, tree_state, write_files
 from tests.sites import make_site
 from tests.users import NOBODY, run_as_nobody
 
@@ -87,6 +89,10 @@ def test_root_metadata_round_trips_and_every_malformed_value_is_damage() -> None
                        ("mtime_nsec", 1_000_000_000), ("mtime_s", 1 << 63), ("mtime_s", 1.5), ("xattrs", ""),
                        ("xattrs", "zz"), ("xattrs", "00"), ("xattrs", 5)):
         bad.append(json.dumps({**good, key: value}).encode())
+    # Only what encode writes: lowercase hex without spaces, each key once (breaker s59).
+    bad.append(json.dumps({**good, "xattrs": good["xattrs"].upper()}).encode())
+    bad.append(json.dumps({**good, "xattrs": " " + good["xattrs"]}).encode())
+    bad.append(encode(e)[:-1] + b', "mode": 420}')
     for raw in bad:
         with pytest.raises(IntegrityError, match="root metadata"):
             parse({ROOT_KEY: raw}, "m")
@@ -279,3 +285,89 @@ def test_a_read_only_root_restored_as_such_takes_later_restores_as_another_user(
     code, err = restore(first)  # h is an extra: refused, and the root left as it was
     assert code == 4 and "--delete-extra" in err, err
     assert sorted(os.listdir(out)) == ["d", "f", "h"] and out.stat().st_mode & 0o7777 == 0o555
+
+
+def test_a_standby_applies_a_change_of_production_s_root_alone(tmp_path: Path) -> None:
+    """Breaker s59 F1: a shipment whose rows are the applied snapshot's was taken as "nothing to apply", so a
+    chmod, attribute or time of production's root alone never reached the standby (nor a promotion)."""
+    from drsync import engine
+    from tests.test_commit_vouched import _ship, make_standby
+
+    src, primary, repo, root, c, _ = make_standby(tmp_path, files=3)
+    assert root.stat().st_mode & 0o7777 == src.stat().st_mode & 0o7777
+    src.chmod(0o2705)
+    os.setxattr(src, "user.k", b"v")
+    os.utime(src, ns=(OLD_NS, OLD_NS))
+    second = engine.create_snapshot(primary, engine.SnapshotRequest(str(src), kind="cycle"))
+    _ship(primary, second, repo, c)
+    assert c.store.current.applied_snapshot == second.id
+    assert (root.stat().st_mode & 0o7777, root.stat().st_mtime_ns, os.getxattr(root, "user.k")) == (
+        0o2705, OLD_NS, b"v")
+    # The same tree and root again: nothing to apply, and the root stays.
+    third = engine.create_snapshot(primary, engine.SnapshotRequest(str(src), kind="cycle"))
+    _ship(primary, third, repo, c)
+    assert (root.stat().st_mode & 0o7777, root.stat().st_mtime_ns) == (0o2705, OLD_NS)
+
+
+@pytest.mark.parametrize("where", ["commit", "root"])
+def test_a_restore_killed_before_the_root_is_set_is_completed_by_the_next(snap, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                          where: str) -> None:
+    """Breaker s59 F2: a restore into an empty directory killed during its commit, or after it but before the
+    root got its metadata, left a target the next restore took as kept: refused (exit 4, naming ".") without
+    --overwrite. The root's metadata is journaled with the commit: the next restore's completion gives it."""
+    repo, sid, _ = snap
+    out = tmp_path / "k"
+    out.mkdir(mode=0o700)
+    code = f"""
+import os, signal, sys
+sys.argv = ["drsync", "snapshot", "restore", {sid!r}, "--repo", {str(repo)!r}, "--target", {str(out)!r}]
+from drsync.cli import main
+import drsync.dataroot.local as local
+calls = [0]
+if {where!r} == "commit":
+    real = os.rename
+    def rename(a, b, *k, **kw):
+        if os.path.basename(str(b)) in ("a", "b"):  # a file of the snapshot put in place: the commit
+            calls[0] += 1
+            if calls[0] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(a, b, *k, **kw)
+    os.rename = rename
+else:
+    def set_root(self, e):
+        os.kill(os.getpid(), signal.SIGKILL)
+    local.LocalDataRoot.set_root = set_root
+sys.exit(main(sys.argv[1:]))
+"""
+    killed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    r = run_drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, "--json")
+    assert r.code == 0, r.err
+    assert _root(out) == (0o750, OLD_NS, b"storage")
+    assert sorted(os.listdir(out)) == ["a", "d"]
+
+
+def test_a_root_this_user_cannot_list_is_a_kept_target(open_tmp: Path) -> None:
+    """Breaker s59 F3: as a user other than root, a target of this user's with mode 000 that holds files was
+    taken as empty (its listing failed), so a restore without --overwrite gave it the snapshot's mode and time.
+    Now it is refused as a kept target whose root differs, naming ".", and left as it was."""
+    base = open_tmp
+    src, repo, out = base / "src", base / "repo", base / "out"
+    write_files(src, {"a": "x\n"})
+    src.chmod(0o555)
+    init_repo_at(repo, "east", "1")
+    sid = snapshot_json(repo, src)["id"]
+    subprocess.run(["chmod", "-R", "a+rwX", str(repo)], check=True)
+    write_files(out, {"a": "x\n"})
+    os.utime(out / "a", ns=((src / "a").stat().st_mtime_ns,) * 2)
+    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(out)], check=True)
+    out.chmod(0)
+    # A dry run changes nothing, so it cannot list it: one line naming it.
+    code, err = run_as_nobody("snapshot", "restore", sid, "--repo", repo, "--target", out, "--dry-run")
+    assert code == 1 and str(out) in err and "ermission" in err and len(err.strip().splitlines()) == 1, err
+    code, err = run_as_nobody("snapshot", "restore", sid, "--repo", repo, "--target", out)
+    assert code == 4 and "(.)" in err and "--overwrite" in err, err
+    assert out.stat().st_mode & 0o7777 == 0
+    code, err = run_as_nobody("snapshot", "restore", sid, "--repo", repo, "--target", out, "--overwrite")
+    assert code == 0, err
+    assert out.stat().st_mode & 0o7777 == 0o555

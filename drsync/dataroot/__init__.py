@@ -12,7 +12,7 @@ filesystem re-reading files that change), the precision of modification times
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol
@@ -129,9 +129,9 @@ class DataRoot(Protocol):
         nanoseconds, extended attributes where the root keeps them); None when the root is missing."""
         ...
 
-    def open_root(self) -> Callable[[], None] | None:
-        """Open the root up for an apply when this user owns it but may not write or search it; returns what
-        sets its mode back (None: nothing changed)."""
+    def open_root(self) -> int | None:
+        """Open the root up (owner rwx) for an apply when this user owns it but may not write or search it;
+        returns the mode it had (None: nothing changed), which the apply gives it back (:meth:`set_root`)."""
         ...
 
     def set_root(self, e: Entry) -> None:

@@ -676,9 +676,9 @@ class HdfsDataRoot:
         return Entry("", DIR, int(s["permission"], 8), UNKNOWN_ID, UNKNOWN_ID, 0,
                      int(s["modificationTime"]) * 1_000_000, None, [], [])
 
-    def open_root(self) -> Callable[[], None] | None:
+    def open_root(self) -> int | None:
         """Open the root up (owner rwx) for an apply when this URL's user owns it but may not write or search
-        it; returns what sets its permission back, or None when nothing was changed."""
+        it; returns the permission it had, or None when nothing was changed."""
         s = self.fs.status(self.root)
         if s is None or s["type"] != "DIRECTORY":
             return None
@@ -686,7 +686,7 @@ class HdfsDataRoot:
         if (mode & 0o700) == 0o700 or not self.fs.location.user or s.get("owner") != self.fs.location.user:
             return None
         self.fs.set_permission(self.root, mode | 0o700)
-        return lambda: self.fs.set_permission(self.root, mode)
+        return mode
 
     def set_root(self, e: Entry) -> None:
         """Give the root directory ``e``'s time and permission (times first, as :meth:`finish_staged`); during

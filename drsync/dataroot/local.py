@@ -10,6 +10,7 @@ fsync per file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import json
@@ -277,33 +278,27 @@ class LocalDataRoot:
 
     def root_entry(self) -> Entry | None:
         """The root directory's own mode, owner, time and extended attributes (path ""); None when it is not a
-        directory (missing). A root given as a symlink to a directory is that directory."""
+        directory (missing). A root given as a symlink to a directory is that directory. One this user may not
+        read has its mode, owner and time (its attributes taken as none)."""
         try:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            s = os.stat(self.root)
         except OSError:
             return None
-        try:
-            s = os.fstat(fd)
-            return Entry("", DIR, st.S_IMODE(s.st_mode), s.st_uid, s.st_gid, 0, s.st_mtime_ns, None, [], [],
-                         read_xattrs(fd)[0])
-        finally:
-            os.close(fd)
+        if not st.S_ISDIR(s.st_mode):
+            return None
+        return Entry("", DIR, st.S_IMODE(s.st_mode), s.st_uid, s.st_gid, 0, s.st_mtime_ns, None, [], [],
+                     read_xattrs(self.root)[0])
 
-    def open_root(self) -> Callable[[], None] | None:
+    def open_root(self) -> int | None:
         """Open the root up (owner rwx) for an apply when this user owns it but may not write or search it (a
-        read-only root restored as such); returns what sets its mode back, or None when nothing was changed."""
+        read-only root restored as such); returns the mode it had, or None when nothing was changed."""
         if os.geteuid() == 0:
             return None
         s = os.stat(self.root)
         if s.st_uid != os.geteuid() or (s.st_mode & 0o700) == 0o700:
             return None
-        mode = st.S_IMODE(s.st_mode)
-        os.chmod(self.root, mode | 0o700)
-
-        def close() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(self.root, mode)
-        return close
+        os.chmod(self.root, st.S_IMODE(s.st_mode) | 0o700)
+        return st.S_IMODE(s.st_mode)
 
     def set_root(self, e: Entry) -> None:
         """Give the root directory ``e``'s owner (as root), extended attributes, mode and time. OSError."""
@@ -311,7 +306,7 @@ class LocalDataRoot:
         try:
             if os.geteuid() == 0:
                 os.fchown(fd, e.uid, e.gid)
-            self._set_xattrs(fd, e)
+            self._set_xattrs(fd, dataclasses.replace(e, path="."))  # named "." in what it reports
             os.fchmod(fd, e.mode)  # after the ACL: the mode's group bits are the ACL mask
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
             os.fsync(fd)

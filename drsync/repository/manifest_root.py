@@ -14,6 +14,7 @@ damaged (IntegrityError).
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 ROOT_KEY = b"drsync.root"
 _U32 = 1 << 32
 _I64 = 1 << 63
+_HEX = re.compile(r"(?:[0-9a-f]{2})+")
 
 
 def encode(e: Entry) -> bytes:
@@ -54,10 +56,18 @@ def parse(meta: dict[bytes, bytes] | None, what: str) -> Entry | None:
     def bad(why: str) -> IntegrityError:
         return IntegrityError(f"{what} is damaged: its root metadata ({ROOT_KEY.decode()}) {why}")
 
+    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        if len({k for k, _ in pairs}) != len(pairs):
+            raise ValueError("a key twice")
+        return dict(pairs)
+
+    def no_constant(name: str) -> object:
+        raise ValueError(f"{name} is not a JSON number")
+
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise bad("is not JSON") from None
+        doc = json.loads(raw, object_pairs_hook=unique, parse_constant=no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise bad("is not JSON, or names a key twice") from None
     keys = {"mode", "uid", "gid", "mtime_s", "mtime_nsec", "xattrs"}
     if not isinstance(doc, dict) or set(doc) != keys:
         raise bad(f"does not have exactly the keys {', '.join(sorted(keys))}")
@@ -68,12 +78,9 @@ def parse(meta: dict[bytes, bytes] | None, what: str) -> Entry | None:
             raise bad(f"has {name} {v!r}, not an integer in [{lo}, {hi})")
     blob: bytes | None = None
     if doc["xattrs"] is not None:
-        try:
-            blob = bytes.fromhex(doc["xattrs"]) if isinstance(doc["xattrs"], str) else None
-        except ValueError:
-            blob = None
-        if not blob:
-            raise bad("has extended attributes that are not a non-empty hex string")
+        if not isinstance(doc["xattrs"], str) or not _HEX.fullmatch(doc["xattrs"]):
+            raise bad("has extended attributes that are not a non-empty lowercase hex string")
+        blob = bytes.fromhex(doc["xattrs"])
         try:
             decode_xattrs(blob)
         except IntegrityError as e:
