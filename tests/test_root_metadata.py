@@ -371,3 +371,15 @@ def test_a_root_this_user_cannot_list_is_a_kept_target(open_tmp: Path) -> None:
     code, err = run_as_nobody("snapshot", "restore", sid, "--repo", repo, "--target", out, "--overwrite")
     assert code == 0, err
     assert out.stat().st_mode & 0o7777 == 0o555
+
+
+def test_snapshot_diff_shows_a_change_of_the_root_itself(drsync, snap) -> None:  # type: ignore[no-untyped-def]
+    repo, first, src = snap
+    src.chmod(0o700)
+    second = snapshot_json(repo, src)["id"]
+    r = drsync("snapshot", "diff", first, second, "--repo", repo, "--json")
+    assert r.code == 0 and r.json()["changed"] == ["."] and not r.json()["added"], r.out
+    text = drsync("snapshot", "diff", first, second, "--repo", repo)
+    assert "M ." in text.out and "1 changed" in text.out
+    same = drsync("snapshot", "diff", second, second, "--repo", repo, "--json")
+    assert same.json()["changed"] == []

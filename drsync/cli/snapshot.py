@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from drsync.cli.restoring import finish_restore, foreign_target, restore_options
 from drsync.config import parse_duration
 from drsync.errors import ConfigError, IntegrityError, RefusedError, UsageError
 from drsync.repository.manifest_diff import diff as diff_manifests
+from drsync.repository.manifest_root import root_of
 from drsync.repository.snapshots import iso
 from drsync.text import printable
 from drsync.units import count, human_size
@@ -169,10 +171,15 @@ def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
     """Paths added, removed and changed from snapshot A to snapshot B.
 
     Compares the two manifests only (no file is read): a path is changed when its type, mode, size, mtime,
-    link target or chunks differ."""
+    link target or chunks differ; the data root itself ("."), when both record its mode, mtime or extended
+    attributes and they differ."""
     repo = inv.open_repo()
     sa, sb = repo.find_snapshot(a), repo.find_snapshot(b)
-    d = diff_manifests(repo.open_manifest(sa), repo.open_manifest(sb))
+    ma, mb = repo.open_manifest(sa), repo.open_manifest(sb)
+    d = diff_manifests(ma, mb)
+    ra, rb = root_of(ma), root_of(mb)
+    if ra is not None and rb is not None and (ra.mode, ra.mtime_ns, ra.xattrs) != (rb.mode, rb.mtime_ns, rb.xattrs):
+        d = dataclasses.replace(d, changed=[".", *d.changed])
     doc = {"from": sa.id, "to": sb.id, **d.as_dict()}
 
     def human() -> None:
