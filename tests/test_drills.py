@@ -203,3 +203,8 @@ def test_the_root_comparison_names_a_link_with_another_time_as_metadata_not_miss
     (root / "gone").unlink()
     diffs = _structure_diffs(open_data_root(str(root)), manifest, ())[0]
     assert "same has other metadata" in diffs and "other differs" in diffs and "gone is missing" in diffs, diffs
+    # The root itself: its mode set by hand since the snapshot (its time is drsync's to move: not compared).
+    os.utime(root, ns=(0, 10**18))
+    assert not any(d.startswith(". ") for d in _structure_diffs(open_data_root(str(root)), manifest, ())[0])
+    root.chmod(0o700)
+    assert ". (the data root itself) has other metadata" in _structure_diffs(open_data_root(str(root)), manifest, ())[0]

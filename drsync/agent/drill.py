@@ -28,7 +28,7 @@ from typing import Any
 from drsync import documents, engine, fsutil
 from drsync.agent.clock import lag_s as clock_lag_s
 from drsync.agent.state import StateStore
-from drsync.apply import apply_manifest, comparison_resolution, plan_apply
+from drsync.apply import apply_manifest, comparison_resolution, plan_apply, plan_root
 from drsync.config import Config
 from drsync.coordination import Coordinator
 from drsync.dataroot import DataRoot, open_data_root
@@ -37,6 +37,7 @@ from drsync.dataroot.local import LocalDataRoot
 from drsync.errors import DrsyncError, IntegrityError, UsageError
 from drsync.repository.ids import id_at
 from drsync.repository.manifest import FILE, SYMLINK, Entry, Manifest, hdfs_checksum_digest
+from drsync.repository.manifest_root import root_of
 from drsync.repository.repo import Repository
 from drsync.tree import LocalEntry
 from drsync.units import human_size
@@ -163,6 +164,12 @@ def _structure_diffs(root: DataRoot, manifest: Manifest, own: tuple[str, ...]) -
                 and os.fsdecode(scan[e.path].target or "") == e.target]
     diffs += [f"{e.path} differs" for e in links if e.path in scan and e not in relinked][:5]
     diffs += [f"{e.path} has other metadata" for e in [*plan.fix_meta, *relinked][:5]]
+    # The root's own mode, owner and attributes (its time moves with what drsync itself keeps there).
+    want, have = root_of(manifest), root.root_entry()
+    if want is not None and have is not None and plan_root(
+            want, have, keep=True, touched=False, compare_owner=root.owners_settable(),
+            compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits)[1]:
+        diffs.append(". (the data root itself) has other metadata")
     return diffs, scan
 
 
