@@ -383,3 +383,48 @@ def test_snapshot_diff_shows_a_change_of_the_root_itself(drsync, snap) -> None: 
     assert "M ." in text.out and "1 changed" in text.out
     same = drsync("snapshot", "diff", second, second, "--repo", repo, "--json")
     assert same.json()["changed"] == []
+
+
+def test_a_read_only_root_opened_up_by_a_restore_killed_while_staging_is_its_own_again(open_tmp: Path) -> None:
+    """Breaker s59 F4: as a user other than root, a restore onto a read-only root of its own killed before its
+    commit (while staging) left the root opened up (0755): the next restore took 0755 for the root's own mode and
+    refused it as differing from the snapshot's (naming "."). The mode it had is recorded while it is open."""
+    base = open_tmp
+    src, repo, out = base / "src", base / "repo", base / "out"
+    write_files(src, {"f": "a\n"})
+    src.chmod(0o555)
+    init_repo_at(repo, "east", "1")
+    first = snapshot_json(repo, src)["id"]
+    src.chmod(0o755)
+    write_files(src, {"g": "new\n"})
+    src.chmod(0o555)
+    second = snapshot_json(repo, src)["id"]
+    subprocess.run(["chmod", "-R", "a+rwX", str(repo)], check=True)
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    assert run_as_nobody("snapshot", "restore", first, "--repo", repo, "--target", out)[0] == 0
+    assert out.stat().st_mode & 0o7777 == 0o555
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: killed once it has staged, before its journal
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            import drsync.apply
+
+            drsync.apply._fault_apply_delay = lambda: os.kill(os.getpid(), signal.SIGKILL)
+            from drsync.cli import main
+
+            main(["snapshot", "restore", second, "--repo", str(repo), "--target", str(out)])
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+    assert out.stat().st_mode & 0o7777 == 0o755  # left opened up
+    code, err = run_as_nobody("snapshot", "restore", second, "--repo", repo, "--target", out)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["f", "g"] and out.stat().st_mode & 0o7777 == 0o555
+    # Refused onto it now (g is an extra), and the root as it was, no staging area left behind.
+    code, err = run_as_nobody("snapshot", "restore", first, "--repo", repo, "--target", out)
+    assert code == 4, err
+    assert sorted(os.listdir(out)) == ["f", "g"] and out.stat().st_mode & 0o7777 == 0o555

@@ -148,6 +148,7 @@ class LocalDataRoot:
         self.warnings: list[str] = []
         self._mount_list: list[str] | None = None
         self._staging_fds: dict[str, int] = {}
+        self._root_opened = False  # open_root recorded the root's own mode (an apply by its owner, not root)
         self._link_max: dict[str, int] = {}  # PC_LINK_MAX by domain (the mount point holding a path; "" the root's)
         self.link_copies = 0  # names of hard-link groups the last commit wrote as copies (no link could be made)
         self.link_copy_bytes = 0  # and their bytes
@@ -286,22 +287,48 @@ class LocalDataRoot:
             return None
         if not st.S_ISDIR(s.st_mode):
             return None
-        return Entry("", DIR, st.S_IMODE(s.st_mode), s.st_uid, s.st_gid, 0, s.st_mtime_ns, None, [], [],
-                     read_xattrs(self.root)[0])
+        mode = st.S_IMODE(s.st_mode)
+        if (mode & 0o700) == 0o700 and s.st_uid == os.geteuid() != 0:  # opened up by an apply cut short?
+            with contextlib.suppress(OSError), Beneath(self.root) as fs:
+                mode = _read_record(fs).get("modes", {}).get("", mode)
+        return Entry("", DIR, mode, s.st_uid, s.st_gid, 0, s.st_mtime_ns, None, [], [], read_xattrs(self.root)[0])
 
     def open_root(self) -> int | None:
         """Open the root up (owner rwx) for an apply when this user owns it but may not write or search it (a
-        read-only root restored as such); returns the mode it had, or None when nothing was changed."""
+        read-only root restored as such); returns the mode it had, or None when nothing was changed. That mode
+        is recorded (the staging area's record) until the apply gives the root its own: an apply killed
+        meanwhile leaves the root open, and the next one takes the recorded mode as the root's
+        (:meth:`root_entry`)."""
         if os.geteuid() == 0:
             return None
         s = os.stat(self.root)
-        if s.st_uid != os.geteuid() or (s.st_mode & 0o700) == 0o700:
+        mode = st.S_IMODE(s.st_mode)
+        if s.st_uid != os.geteuid():
             return None
-        os.chmod(self.root, st.S_IMODE(s.st_mode) | 0o700)
-        return st.S_IMODE(s.st_mode)
+        if (mode & 0o700) != 0o700:
+            os.chmod(self.root, mode | 0o700)
+        with Beneath(self.root) as fs:
+            record = _read_record(fs)
+            recorded = record.get("modes", {}).get("")
+            if recorded is None and (mode & 0o700) != 0o700:
+                record.setdefault("modes", {})[""] = recorded = mode
+                _write_record(fs, record)
+        self._root_opened = recorded is not None
+        return recorded
 
     def set_root(self, e: Entry) -> None:
         """Give the root directory ``e``'s owner (as root), extended attributes, mode and time. OSError."""
+        if self._root_opened:  # the mode recorded when the apply opened the root up is the root's no more
+            self._root_opened = False
+            with Beneath(self.root) as fs:
+                record = _read_record(fs)
+                if record.get("modes", {}).pop("", None) is not None:
+                    if any(record.values()) or _staging_kind(fs, STAGING, (RECORD_NAME,)) != "marked" or len(
+                            os.listdir(fs.dir_fd(STAGING))) > 1:
+                        _write_record(fs, record)
+                    else:  # nothing else staged there (a refused apply): the staging area goes
+                        fs.forget(STAGING)
+                        fs.remove_tree(STAGING)
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             if os.geteuid() == 0:
@@ -555,6 +582,7 @@ class LocalDataRoot:
             record = _read_record(fs)
             if not record.get("modes"):
                 return
+            opened = record["modes"].pop("", None) if self._root_opened else None  # this apply's: kept
             for rel, mode in record["modes"].items():
                 s = fs.lstat(rel) if rel else os.fstat(fs.root_fd)
                 if s is not None and st.S_ISDIR(s.st_mode):
@@ -562,7 +590,7 @@ class LocalDataRoot:
                         fs.chmod(rel, mode)
                     else:
                         os.fchmod(fs.root_fd, mode)
-            record["modes"] = {}
+            record["modes"] = {"": opened} if opened is not None else {}
             _write_record(fs, record)
 
     def remove_root(self) -> None:
