@@ -687,8 +687,10 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         fresh = root.missing()
         # The root's mode before this apply opened it up (a read-only root of this user's), and whether the
         # apply gave the root its metadata: when it ends otherwise, that mode is set back.
-        opening: dict[str, int | bool | None] = {"mode": None, "set": False}
-        first_top = None if fresh else root.root_entry()  # its metadata and time before this apply moves them
+        # ``entry``: the root's metadata and time before this apply moved them (an interrupted apply completed
+        # first: as that left them), given back when the apply ends otherwise.
+        had_top = None if fresh else root.root_entry()
+        opening: dict[str, int | bool | Entry | None] = {"mode": None, "set": False, "entry": had_top}
         # drsync stages under a reserved name, emptying it first: what else is there goes only as the restore's
         # other extras do (--delete-extra), never unasked.
         stray = None if fresh else root.foreign_staging()
@@ -708,8 +710,11 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             # An interrupted apply is completed by the real run before it plans: this plan is against the
             # target as it is now, so it says so.
             # A staging area drsync did not make holds no apply of drsync's (only its own journal does).
-            pending = not root.missing() and (journal is not None or stray is None) and \
-                _interrupted(root, _journal_for(root, journal)) is not None
+            found = None if root.missing() or not (journal is not None or stray is None) else _interrupted(
+                root, _journal_for(root, journal))
+            pending = found is not None
+            if found is not None and found[1].root is not None:  # what its completion gives the root
+                had_top = found[1].root
         else:
             created_target = root.prepare_target()
             # A root this user owns but may not write (restored read-only) is opened up for the apply; its mode
@@ -728,9 +733,14 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             if journal is not None or stray is None:
                 if stray is None:
                     root.settle()
-                abandoned = _finish_interrupted(root, log_, replan=replan)
-                if abandoned == "" and (mode := root.open_root()) is not None:  # the completion set it read-only
-                    opening["mode"] = mode
+                abandoned = _finish_interrupted(root, log_, replan=replan, in_root=journal is None)
+                if abandoned == "":  # the root as the completion left it (opened up again if it set it read-only)
+                    if (mode := root.open_root()) is not None:
+                        opening["mode"] = mode
+                    had_top = root.root_entry()
+                    if had_top is not None and opening["mode"] is not None:
+                        had_top = dataclasses.replace(had_top, mode=int(opening["mode"]))
+                    opening["entry"] = had_top
         protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
         # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
         # milliseconds, and so does anything applied to HDFS.
@@ -767,9 +777,6 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # The root directory's own metadata, set last (docs/FORMAT.md, drsync.root), against the root as the
         # user left it (an interrupted apply completed: as that left it), not as this apply opened it up. A kept
         # target's own root keeps its mode, owner and attributes; an empty directory is a new one.
-        had_top = first_top if abandoned != "" else root.root_entry()
-        if had_top is not None and abandoned == "" and opening["mode"] is not None:
-            had_top = dataclasses.replace(had_top, mode=int(opening["mode"]))
         keep_top = foreign is not None and not foreign.overwrite and not fresh and _holds_data(root)
         top, top_differs = plan_root(root_of(manifest, what), had_top, keep=keep_top,
                                      touched=plan.root_touched, compare_owner=root.owners_settable(),
@@ -943,7 +950,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         result.written_files += copies
         result.written_bytes += getattr(root, "link_copy_bytes", 0)
         result.warnings.extend(root.warnings)
-        notes = _close(root, log_, on_committed, top=plan.root)
+        notes = _close(root, log_, on_committed, top=plan.root, in_root=journal is None)
         result.warnings.extend(notes)
         opening["set"] = plan.root is not None and not notes
         return result
@@ -974,14 +981,14 @@ def _set_root(root: DataRoot, top: Entry, *, writable: bool = False) -> list[str
     return notes
 
 
-def _close_up(root: DataRoot, opening: dict[str, int | bool | None]) -> None:
-    """At the end of an apply that opened up its root and did not give it its metadata: the mode it had."""
-    if opening["mode"] is None or opening["set"]:
+def _close_up(root: DataRoot, opening: dict[str, int | bool | Entry | None]) -> None:
+    """At the end of an apply that opened up its root and did not give it its metadata: the mode and time it had
+    (its staging area, made and removed meanwhile, moved the time)."""
+    had = opening["entry"]
+    if opening["mode"] is None or opening["set"] or not isinstance(had, Entry):
         return
     with contextlib.suppress(OSError, DrsyncError):
-        have = root.root_entry()
-        if have is not None:
-            root.set_root(dataclasses.replace(have, mode=int(opening["mode"])))
+        root.set_root(dataclasses.replace(had, mode=int(opening["mode"])))  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -1055,11 +1062,13 @@ def _journal_for(root: DataRoot, journal: str | None) -> Journal:
 
 
 def _close(root: DataRoot, log_: Journal, on_committed: Callable[[], None] | None, *, done: bool = False,
-           top: Entry | None = None) -> list[str]:
-    """After the commit: durable, sealed, marked done, reported, then the staging area and journal go, and the
-    root directory gets ``top``'s metadata (before the journal goes, so that a replay gives it too; and again
-    after, as removing an in-root journal's directory moved its time). Returns what could not be set.
-    ``done``: the journal says so already (a replay): the seal it recorded must not be taken again."""
+           top: Entry | None = None, in_root: bool = True) -> list[str]:
+    """After the commit: durable, sealed, marked done, reported, then the staging area goes, the root directory
+    gets ``top``'s metadata, and the journal goes: a crash before that replays the close, root included. A
+    journal in the root's staging area (``in_root``) moves the root's time as it goes (and, for a user other
+    than root, needs a root it may write): the time, and a mode without owner write, are given again after
+    it. Returns what could not be set. ``done``: the journal says so already (a replay): the seal it recorded
+    must not be taken again."""
     if not done:
         root.flush()
         root.seal()
@@ -1067,11 +1076,14 @@ def _close(root: DataRoot, log_: Journal, on_committed: Callable[[], None] | Non
     if on_committed:
         on_committed()  # before the journal goes: a crash here replays the close, then this again
     root.drop_staging()
+    notes = []
     if top is not None:
-        _set_root(root, top, writable=True)
+        notes = _set_root(root, top, writable=in_root and os.geteuid() != 0 and (top.mode & 0o300) != 0o300)
     log_.remove()
     root.drop_staging()  # the in-root journal's directory, now empty
-    return _set_root(root, top) if top is not None else []
+    if in_root and top is not None:
+        notes = _set_root(root, top)
+    return notes
 
 
 def _interrupted(root: DataRoot, log_: Journal) -> tuple[bool, ApplyPlan, dict[str, str]] | None:
@@ -1094,7 +1106,7 @@ def _interrupted(root: DataRoot, log_: Journal) -> tuple[bool, ApplyPlan, dict[s
     return done, plan, staged
 
 
-def _finish_interrupted(root: DataRoot, log_: Journal, *, replan: bool = False) -> str | None:
+def _finish_interrupted(root: DataRoot, log_: Journal, *, replan: bool = False, in_root: bool = True) -> str | None:
     """Complete the apply whose journal ``log_`` holds, if any. Returns None (no journal), "" (completed), or,
     with ``replan``, why it was dropped instead: its commit met a target changed since the crash (a
     directory it writes into removed by hand, the trash it marks its steps with emptied), which no replay
@@ -1115,7 +1127,7 @@ def _finish_interrupted(root: DataRoot, log_: Journal, *, replan: bool = False) 
             log.warning("%s", why)
             _drop(root, log_)
             return why
-    _close(root, log_, None, done=done, top=plan.root)
+    _close(root, log_, None, done=done, top=plan.root, in_root=in_root)
     return ""
 
 
@@ -1311,7 +1323,7 @@ def recover_apply(target: str | DataRoot, journal: str | None = None) -> bool:
         return False
     with root.claim("the recovery of an interrupted apply"):  # ApplyBusy: another host's apply is in flight
         root.settle()
-        if _finish_interrupted(root, _journal_for(root, journal)) is not None:
+        if _finish_interrupted(root, _journal_for(root, journal), in_root=journal is None) is not None:
             return True
         root.drop_staging()
         return False

@@ -282,9 +282,11 @@ def test_a_read_only_root_restored_as_such_takes_later_restores_as_another_user(
     assert restore(first)[0] == 0
     assert restore(second)[0] == 0
     assert sorted(os.listdir(out)) == ["d", "f", "h"] and out.stat().st_mode & 0o7777 == 0o555
-    code, err = restore(first)  # h is an extra: refused, and the root left as it was
+    os.utime(out, ns=(OLD_NS, OLD_NS))
+    code, err = restore(first)  # h is an extra: refused, and the root left as it was, its time too
     assert code == 4 and "--delete-extra" in err, err
     assert sorted(os.listdir(out)) == ["d", "f", "h"] and out.stat().st_mode & 0o7777 == 0o555
+    assert out.stat().st_mtime_ns == OLD_NS
 
 
 def test_a_standby_applies_a_change_of_production_s_root_alone(tmp_path: Path) -> None:
@@ -341,6 +343,11 @@ sys.exit(main(sys.argv[1:]))
 """
     killed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # The dry run takes the root as the completion will leave it (breaker s59b F3: refused naming "."); what the
+    # commit cut short left below it is listed as it is now (docs/operations.md), with a warning that says so.
+    dry = run_drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, "--json", "--dry-run")
+    assert "." not in dry.json()["planned"]["metadata"] and "(.)" not in (dry.json()["refused"] or ""), dry.out
+    assert any("interrupted apply" in w for w in dry.json()["warnings"]), dry.json()["warnings"]
     r = run_drsync("snapshot", "restore", sid, "--repo", repo, "--target", out, "--json")
     assert r.code == 0, r.err
     assert _root(out) == (0o750, OLD_NS, b"storage")
@@ -428,3 +435,43 @@ def test_a_read_only_root_opened_up_by_a_restore_killed_while_staging_is_its_own
     code, err = run_as_nobody("snapshot", "restore", first, "--repo", repo, "--target", out)
     assert code == 4, err
     assert sorted(os.listdir(out)) == ["f", "g"] and out.stat().st_mode & 0o7777 == 0o555
+
+
+@pytest.mark.parametrize("call", [1, 2], ids=["before-journal-goes", "after-journal-goes"])
+def test_a_standby_killed_while_closing_its_apply_ends_with_production_s_root(tmp_path: Path, call: int) -> None:
+    """Breaker s59b F1: the root was given its metadata only after the standby's journal was removed: a kill in
+    between left the root as the commit left it, and the next shipment of the same tree was "nothing to apply"
+    (its drsync.root equal), so it drifted. Now the root is set before the journal goes (a replay gives it)."""
+    from drsync import engine
+    from drsync.agent.committer import Committer
+    from drsync.agent.state import StateStore
+    from tests.test_commit_vouched import _ship, make_standby
+
+    src, primary, repo, root, c, _ = make_standby(tmp_path, files=3)
+    src.chmod(0o555)
+    os.utime(src, ns=(OLD_NS, OLD_NS))
+    second = engine.create_snapshot(primary, engine.SnapshotRequest(str(src), kind="cycle"))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: killed at the n-th drop of the staging area while closing
+        try:
+            import drsync.dataroot.local as local
+
+            real, seen = local.LocalDataRoot.drop_staging, [0]
+
+            def drop(self):  # type: ignore[no-untyped-def]
+                seen[0] += 1
+                if seen[0] == call:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(self)
+
+            local.LocalDataRoot.drop_staging = drop  # type: ignore[method-assign]
+            _ship(primary, second, repo, c)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+    again = Committer(repo, str(root), StateStore(str(tmp_path / "state")), agent="standby",
+                      max_delete_fraction=1.0, max_change_fraction=1.0)
+    again.recover()
+    _ship(primary, second, repo, again)
+    assert (root.stat().st_mode & 0o7777, root.stat().st_mtime_ns) == (0o555, OLD_NS)

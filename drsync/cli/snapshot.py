@@ -177,7 +177,7 @@ def snapshot_diff(inv: Invocation, a: str, b: str) -> None:
     sa, sb = repo.find_snapshot(a), repo.find_snapshot(b)
     ma, mb = repo.open_manifest(sa), repo.open_manifest(sb)
     d = diff_manifests(ma, mb)
-    ra, rb = root_of(ma), root_of(mb)
+    ra, rb = root_of(ma, f"manifest of snapshot {sa.id}"), root_of(mb, f"manifest of snapshot {sb.id}")
     if ra is not None and rb is not None and (ra.mode, ra.mtime_ns, ra.xattrs) != (rb.mode, rb.mtime_ns, rb.xattrs):
         d = dataclasses.replace(d, changed=[".", *d.changed])
     doc = {"from": sa.id, "to": sb.id, **d.as_dict()}

@@ -65,6 +65,8 @@ def parse(meta: dict[bytes, bytes] | None, what: str) -> Entry | None:
         raise ValueError(f"{name} is not a JSON number")
 
     try:
+        if raw[:1] != b"{" or raw[-1:] != b"}":  # what encode writes: no byte order mark, no white space around
+            raise ValueError("not an object alone")
         doc = json.loads(raw, object_pairs_hook=unique, parse_constant=no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise bad("is not JSON, or names a key twice") from None
