@@ -110,6 +110,8 @@ def make_tree(root: Path, *, seed: int = 1, files: int = 30, big: int = 2) -> No
 def tree_state(root: Path) -> dict[str, tuple]:
     """Everything a restore must reproduce: type, mode, mtime, content or link target; the root's own mode
     (key ".": its time moves with what is written into it after a capture)."""
+    if not root.is_dir():
+        return {}
     out: dict[str, tuple] = {".": ("root", root.stat().st_mode & 0o7777)}
     for dirpath, dirs, files in os.walk(root):
         dirs.sort()

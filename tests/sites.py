@@ -90,7 +90,9 @@ class LocalSite:
         if not root.exists():
             return out
         for rel, v in tree_state(root).items():
-            if v[0] == "link":
+            if v[0] == "root":  # the root's own mode, as HDFS keeps it (no setuid or setgid)
+                out[rel] = ("root", v[1] & 0o1777)
+            elif v[0] == "link":
                 out[rel] = ("link", v[1])
             elif v[0] == "dir":
                 out[rel] = ("dir", v[1], v[2] // 1_000_000)
@@ -178,7 +180,7 @@ class HdfsSite:
         if fs.status(root) is None:
             return {}
         scan = walk(fs, root)
-        out: State = {}
+        out: State = {".": ("root", int(fs.status(root)["permission"], 8))}
         types, modes, mtimes = scan.values("type"), scan.values("mode"), scan.values("mtime_ns")
         for k, rel in enumerate(scan.values("path")):
             if rel.startswith(".drsync"):

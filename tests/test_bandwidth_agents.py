@@ -138,7 +138,7 @@ def test_an_off_target_gets_nothing_while_the_other_syncs_then_a_low_rate_paces(
     assert by_target(m, "drsync_bandwidth_paused") == {fast: 0.0, slow: 1.0}
     assert by_target(m, "drsync_bandwidth_limit_bytes_per_second") == {fast: 0.0, slow: -1.0}
     assert scrape_one(m, "drsync_ship_failures_total") == 0.0
-    assert agents.applied("slow") == "" and tree_state(agents.data("slow")) == {}
+    assert agents.applied("slow") == "" and set(tree_state(agents.data("slow"))) <= {"."}
     assert run_drsync("snapshot", "list", "--config", slow_cfg, "--json").json() == []
     log = agents.log("primary")
     said = f"shipping to {slow} paused by replication.bandwidth_schedule until {end:%H:%M}"

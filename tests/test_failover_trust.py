@@ -398,7 +398,7 @@ def test_tls_allowed_peers_refuses_other_names_of_the_same_ca(tmp_path: Path) ->
                     link.commit(1, "primary", doc, iter([manifest]))
             finally:
                 link.close()
-        assert tree_state(pair.standby_data) == {}, "a refused certificate changed the standby's root"
+        assert set(tree_state(pair.standby_data)) <= {"."}, "a refused certificate changed the standby's root"
         assert good.hello("primary", 0).epoch < 2**62
         good.close()
         pair.start("primary")
