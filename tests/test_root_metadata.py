@@ -255,23 +255,29 @@ def test_a_standby_root_gets_production_s_root(tmp_path: Path) -> None:
     assert not (standby / "stale").exists()
 
 
-def test_a_read_only_root_restored_as_such_takes_later_restores_as_another_user(open_tmp: Path) -> None:
-    """A snapshot of a root of mode 0555 restored by a user other than root: the root ends 0555, and the next
-    restores (which make and remove their staging area in it) open it up and set it back, when they succeed
-    and when they are refused."""
-    base = open_tmp
+def _read_only_pair(base: Path, first_files: dict[str, str], added: dict[str, str]) -> tuple[Path, str, str, Path]:
+    """Two snapshots of a root of mode 0555 (the second with ``added``), a repository every user may use, and an
+    empty directory of uid 65534 to restore into: (repository, first id, second id, target)."""
     src, repo, out = base / "src", base / "repo", base / "out"
-    write_files(src, {"f": "a\n", "d/g": "b\n"})
+    write_files(src, first_files)
     src.chmod(0o555)
     init_repo_at(repo, "east", "1")
     first = snapshot_json(repo, src)["id"]
     src.chmod(0o755)
-    write_files(src, {"h": "new\n"})
+    write_files(src, added)
     src.chmod(0o555)
     second = snapshot_json(repo, src)["id"]
     subprocess.run(["chmod", "-R", "a+rwX", str(repo)], check=True)
     out.mkdir()
     os.chown(out, NOBODY, NOBODY)  # an empty directory of the user's: restored into as a new one
+    return repo, first, second, out
+
+
+def test_a_read_only_root_restored_as_such_takes_later_restores_as_another_user(open_tmp: Path) -> None:
+    """A snapshot of a root of mode 0555 restored by a user other than root: the root ends 0555, and the next
+    restores (which make and remove their staging area in it) open it up and set it back, when they succeed
+    and when they are refused."""
+    repo, first, second, out = _read_only_pair(open_tmp, {"f": "a\n", "d/g": "b\n"}, {"h": "new\n"})
 
     def restore(sid: str) -> tuple[int, str]:
         return run_as_nobody("snapshot", "restore", sid, "--repo", repo, "--target", out)
@@ -396,19 +402,7 @@ def test_a_read_only_root_opened_up_by_a_restore_killed_while_staging_is_its_own
     """Breaker s59 F4: as a user other than root, a restore onto a read-only root of its own killed before its
     commit (while staging) left the root opened up (0755): the next restore took 0755 for the root's own mode and
     refused it as differing from the snapshot's (naming "."). The mode it had is recorded while it is open."""
-    base = open_tmp
-    src, repo, out = base / "src", base / "repo", base / "out"
-    write_files(src, {"f": "a\n"})
-    src.chmod(0o555)
-    init_repo_at(repo, "east", "1")
-    first = snapshot_json(repo, src)["id"]
-    src.chmod(0o755)
-    write_files(src, {"g": "new\n"})
-    src.chmod(0o555)
-    second = snapshot_json(repo, src)["id"]
-    subprocess.run(["chmod", "-R", "a+rwX", str(repo)], check=True)
-    out.mkdir()
-    os.chown(out, NOBODY, NOBODY)
+    repo, first, second, out = _read_only_pair(open_tmp, {"f": "a\n"}, {"g": "new\n"})
     assert run_as_nobody("snapshot", "restore", first, "--repo", repo, "--target", out)[0] == 0
     assert out.stat().st_mode & 0o7777 == 0o555
     pid = os.fork()
