@@ -734,10 +734,11 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                 if stray is None:
                     root.settle()
                 abandoned = _finish_interrupted(root, log_, replan=replan, in_root=journal is None)
-                if abandoned == "":  # the root as the completion left it (opened up again if it set it read-only)
+                if abandoned == "":  # the root as the completion left it (opened up again if it set it read-only,
+                    # which records its mode in the staging area made anew: read first, the time that moves too)
+                    had_top = root.root_entry()
                     if (mode := root.open_root()) is not None:
                         opening["mode"] = mode
-                    had_top = root.root_entry()
                     if had_top is not None and opening["mode"] is not None:
                         had_top = dataclasses.replace(had_top, mode=int(opening["mode"]))
                     opening["entry"] = had_top

@@ -469,3 +469,37 @@ def test_a_standby_killed_while_closing_its_apply_ends_with_production_s_root(tm
     again.recover()
     _ship(primary, second, repo, again)
     assert (root.stat().st_mode & 0o7777, root.stat().st_mtime_ns) == (0o555, OLD_NS)
+
+
+def test_a_read_only_root_s_interrupted_restore_is_completed_with_the_root_s_own_time(open_tmp: Path) -> None:
+    """Breaker s59c F2: as a user other than root, a restore onto a read-only root of its own killed during its
+    commit was completed by the next one with the root's time moved (opening the root up again after the
+    completion recorded its mode in a staging area made anew, and that time was taken as the root's)."""
+    repo, first, second, out = _read_only_pair(open_tmp, {"f": "a\n"}, {"g": "new\n"})
+    want = (open_tmp / "src").stat().st_mtime_ns
+    assert run_as_nobody("snapshot", "restore", first, "--repo", repo, "--target", out)[0] == 0
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: killed as its commit puts g in place
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            real = os.rename
+
+            def rename(a, b, *k, **kw):  # type: ignore[no-untyped-def]
+                if os.path.basename(str(b)) == "g":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(a, b, *k, **kw)
+
+            os.rename = rename
+            from drsync.cli import main
+
+            main(["snapshot", "restore", second, "--repo", str(repo), "--target", str(out)])
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+    code, err = run_as_nobody("snapshot", "restore", second, "--repo", repo, "--target", out)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["f", "g"]
+    assert (out.stat().st_mode & 0o7777, out.stat().st_mtime_ns) == (0o555, want)
