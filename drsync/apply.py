@@ -41,8 +41,9 @@ import pyarrow.compute as pc
 
 from drsync import allocators, documents, faults, fsutil
 from drsync.apply_chunks import PartReaders, check_rows
+from drsync.apply_root import RootOpening, close_up, holds_data, plan_root, set_root
 from drsync.dataroot import SMALL_FILE_BYTES, STAGING, UNKNOWN_ID, DataRoot, open_data_root, small_files_pool
-from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError, UsageError
+from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.flocks import ApplyBusy, ApplyLock
 from drsync.pathglob import compile_globs
 from drsync.repository.link_walk import escaping_links
@@ -234,30 +235,6 @@ class ForeignTarget:
         return (f"{what}: {url} is not this cluster's data root and holds {' and '.join(parts)}: {done}; "
                 f"rerun with {' '.join(needed)} to replace what is there (--dry-run lists it), or "
                 f"restore into an empty directory")
-
-
-def plan_root(want: Entry | None, have: Entry | None, *, keep: bool, touched: bool, compare_owner: bool,
-              compare_xattrs: bool, mode_bits: int) -> tuple[Entry | None, bool]:
-    """What an apply gives the target's root directory once it is done, and whether that sets back its mode,
-    owner or extended attributes. Pure.
-
-    ``want``: the snapshot's root (its manifest's ``drsync.root``; None: a snapshot that has none). ``have``:
-    the target's root before the apply (None: made by it). ``keep``: a kept target (a restore without
-    ``--overwrite`` onto a directory that holds something): its root keeps its mode, owner and extended
-    attributes (a difference is for the caller to refuse), and its time unless the commit writes into it
-    (``touched``), when it gets the snapshot's, as any directory written into does. Otherwise the root gets
-    the snapshot's metadata. Where the snapshot has none, a root the commit wrote nothing into gets its own
-    time back (the staging area made in it moved that); one written into keeps the time the commit left.
-    Returns (the entry to give the root, or None for nothing; whether mode, owner or attributes differ)."""
-    if want is None:
-        return (have if have is not None and not touched else None), False
-    want = dataclasses.replace(want, mode=want.mode & mode_bits)
-    differs = have is not None and (have.mode != want.mode or (compare_owner and want.uid != UNKNOWN_ID and (
-        have.uid, have.gid) != (want.uid, want.gid)) or (compare_xattrs and (have.xattrs or None) != (
-            want.xattrs or None)))
-    if keep and have is not None:
-        return (dataclasses.replace(have, mtime_ns=want.mtime_ns) if touched else have), differs
-    return want, differs
 
 
 def _within_mode_bits(entries: list[Entry], root: DataRoot) -> list[Entry]:
@@ -685,12 +662,10 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # A target that does not exist yet gets every file: its chunks are checked before it (and any missing
         # parent of it) is made. Otherwise after planning, only what the apply writes.
         fresh = root.missing()
-        # The root's mode before this apply opened it up (a read-only root of this user's), and whether the
-        # apply gave the root its metadata: when it ends otherwise, that mode is set back.
-        # ``entry``: the root's metadata and time before this apply moved them (an interrupted apply completed
-        # first: as that left them), given back when the apply ends otherwise.
+        # The root's own metadata before this apply moves it: what a kept target keeps, and what an apply that
+        # opened the root up gives back when it ends without giving the root its metadata (RootOpening).
         had_top = None if fresh else root.root_entry()
-        opening: dict[str, int | bool | Entry | None] = {"mode": None, "set": False, "entry": had_top}
+        opening = RootOpening(had_top)
         # drsync stages under a reserved name, emptying it first: what else is there goes only as the restore's
         # other extras do (--delete-extra), never unasked.
         stray = None if fresh else root.foreign_staging()
@@ -719,8 +694,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
             created_target = root.prepare_target()
             # A root this user owns but may not write (restored read-only) is opened up for the apply; its mode
             # is set back when it ends without giving the root its metadata (refused, failed, none to give).
-            opening["mode"] = root.open_root()
-            claimed.callback(lambda: _close_up(root, opening))
+            opening.mode = root.open_root()
+            claimed.callback(lambda: close_up(root, opening))
             if lock is not None:  # the target made just now is flocked too (the lock file held it till now)
                 lock.hold_directory()
                 # An HDFS root is held against applies from other hosts too (drsync.dataroot.hdfs_lease), before
@@ -738,10 +713,10 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
                     # which records its mode in the staging area made anew: read first, the time that moves too)
                     had_top = root.root_entry()
                     if (mode := root.open_root()) is not None:
-                        opening["mode"] = mode
-                    if had_top is not None and opening["mode"] is not None:
-                        had_top = dataclasses.replace(had_top, mode=int(opening["mode"]))
-                    opening["entry"] = had_top
+                        opening.mode = mode
+                    if had_top is not None and opening.mode is not None:
+                        had_top = dataclasses.replace(had_top, mode=opening.mode)
+                    opening.entry = had_top
         protected = frozenset(r for r in (root.relative_inside(p) for p in protect) if r)
         # Times compare at the precision both sides keep: a manifest captured on HDFS has whole
         # milliseconds, and so does anything applied to HDFS.
@@ -778,7 +753,7 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         # The root directory's own metadata, set last (docs/FORMAT.md, drsync.root), against the root as the
         # user left it (an interrupted apply completed: as that left it), not as this apply opened it up. A kept
         # target's own root keeps its mode, owner and attributes; an empty directory is a new one.
-        keep_top = foreign is not None and not foreign.overwrite and not fresh and _holds_data(root)
+        keep_top = foreign is not None and not foreign.overwrite and not fresh and holds_data(root)
         top, top_differs = plan_root(root_of(manifest, what), had_top, keep=keep_top,
                                      touched=plan.root_touched, compare_owner=root.owners_settable(),
                                      compare_xattrs=root.supports_xattrs, mode_bits=root.mode_bits)
@@ -953,43 +928,8 @@ def apply_manifest(manifest: Manifest, source: ChunkSource, target: str | DataRo
         result.warnings.extend(root.warnings)
         notes = _close(root, log_, on_committed, top=plan.root, in_root=journal is None)
         result.warnings.extend(notes)
-        opening["set"] = plan.root is not None and not notes
+        opening.done = plan.root is not None and not notes
         return result
-
-
-def _holds_data(root: DataRoot) -> bool:
-    """Whether the root holds anything but drsync's own files; one this user cannot list is taken to."""
-    try:
-        if root.has_data():
-            return True
-    except (OSError, DrsyncError):
-        return True
-    local = fsutil.local_or_none(root.url)
-    return local is not None and os.path.isdir(local) and not os.access(local, os.R_OK | os.X_OK)
-
-
-def _set_root(root: DataRoot, top: Entry, *, writable: bool = False) -> list[str]:
-    """Give the target's root directory ``top``'s metadata (``writable``: with owner rwx, so that what is left
-    of the clean-up can still go); what cannot be set is a warning, the commit being done. Returns the warnings."""
-    before = len(root.warnings)
-    try:
-        root.set_root(dataclasses.replace(top, mode=top.mode | 0o700) if writable else top)
-    except (OSError, OperationFailed) as e:
-        return [*root.warnings[before:], f"{root.url}: its own mode, owner or time not set "
-                                         f"({one_line(getattr(e, 'strerror', None) or str(e))})"]
-    notes = root.warnings[before:]
-    del root.warnings[before:]
-    return notes
-
-
-def _close_up(root: DataRoot, opening: dict[str, int | bool | Entry | None]) -> None:
-    """At the end of an apply that opened up its root and did not give it its metadata: the mode and time it had
-    (its staging area, made and removed meanwhile, moved the time)."""
-    had = opening["entry"]
-    if opening["mode"] is None or opening["set"] or not isinstance(had, Entry):
-        return
-    with contextlib.suppress(OSError, DrsyncError):
-        root.set_root(dataclasses.replace(had, mode=int(opening["mode"])))  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -1079,11 +1019,11 @@ def _close(root: DataRoot, log_: Journal, on_committed: Callable[[], None] | Non
     root.drop_staging()
     notes = []
     if top is not None:
-        notes = _set_root(root, top, writable=in_root and os.geteuid() != 0 and (top.mode & 0o300) != 0o300)
+        notes = set_root(root, top, writable=in_root and os.geteuid() != 0 and (top.mode & 0o300) != 0o300)
     log_.remove()
     root.drop_staging()  # the in-root journal's directory, now empty
     if in_root and top is not None:
-        notes = _set_root(root, top)
+        notes = set_root(root, top)
     return notes
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from drsync.apply import apply_manifest, plan_root
+from drsync.apply import apply_manifest
+from drsync.apply_root import plan_root
 from drsync.dataroot import UNKNOWN_ID
 from drsync.errors import IntegrityError
 from drsync.repository.manifest import (

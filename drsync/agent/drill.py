@@ -28,7 +28,8 @@ from typing import Any
 from drsync import documents, engine, fsutil
 from drsync.agent.clock import lag_s as clock_lag_s
 from drsync.agent.state import StateStore
-from drsync.apply import apply_manifest, comparison_resolution, plan_apply, plan_root
+from drsync.apply import apply_manifest, comparison_resolution, plan_apply
+from drsync.apply_root import plan_root
 from drsync.config import Config
 from drsync.coordination import Coordinator
 from drsync.dataroot import DataRoot, open_data_root
