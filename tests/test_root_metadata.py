@@ -316,6 +316,13 @@ def test_a_standby_applies_a_change_of_production_s_root_alone(tmp_path: Path) -
     third = engine.create_snapshot(primary, engine.SnapshotRequest(str(src), kind="cycle"))
     _ship(primary, third, repo, c)
     assert (root.stat().st_mode & 0o7777, root.stat().st_mtime_ns) == (0o2705, OLD_NS)
+    # Production's root time alone (what drsync's own HDFS snapshot of it does at every cycle): no apply either.
+    os.utime(src, ns=(OLD_NS + 10**9,) * 2)
+    fourth = engine.create_snapshot(primary, engine.SnapshotRequest(str(src), kind="cycle"))
+    (root / "by-hand").write_text("an apply would remove this\n")
+    _ship(primary, fourth, repo, c)
+    assert c.store.current.applied_snapshot == fourth.id
+    assert (root / "by-hand").exists() and root.stat().st_mode & 0o7777 == 0o2705
 
 
 @pytest.mark.parametrize("where", ["commit", "root"])

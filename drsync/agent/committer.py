@@ -34,7 +34,7 @@ from drsync.protection import as_stored_by_standby
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest, ManifestFile
 from drsync.repository.manifest_diff import chunks_beyond, same_tree
-from drsync.repository.manifest_root import root_of
+from drsync.repository.manifest_root import root_of, same_but_time
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.repository.spool import Spool
@@ -563,7 +563,9 @@ class Committer:
     def _holds_already(self, info: SnapshotInfo, manifest: Manifest) -> bool:
         """Whether the applied snapshot has ``manifest``'s tree already: the same manifest (its hash), or
         one that differs in no path (compared a row group at a time: no second whole manifest held) nor in
-        the root directory's own metadata (``drsync.root``: production's root chmod-ed alone is applied)."""
+        the root directory's own mode, owner or attributes (``drsync.root``: production's root chmod-ed alone is
+        applied; its time alone is not, as drsync's own HDFS snapshots of production's root move it at every
+        cycle)."""
         applied = self.store.current.applied_snapshot
         if not applied:
             return False
@@ -572,7 +574,7 @@ class Committer:
             if had.manifest_hash == info.manifest_hash:
                 return True
             opened = self.repo.open_manifest(had)
-            return root_of(opened) == root_of(manifest) and same_tree(opened, manifest)
+            return same_but_time(root_of(opened), root_of(manifest)) and same_tree(opened, manifest)
         except DrsyncError:
             return False
 

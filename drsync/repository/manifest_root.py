@@ -98,3 +98,12 @@ def root_of(manifest: Manifest | ManifestFile, what: str = "manifest") -> Entry 
         manifest = source
     schema = manifest.schema if hasattr(manifest, "schema") else manifest.table.schema  # type: ignore[union-attr]
     return parse(schema.metadata, what)
+
+
+def same_but_time(a: Entry | None, b: Entry | None) -> bool:
+    """Whether two roots' metadata are alike in all but their time (mode, owner, attributes; None: none
+    recorded). A root's time moves with what drsync itself does there (an HDFS snapshot taken of it, a staging
+    area made and removed), so it alone is no change worth an apply."""
+    if a is None or b is None:
+        return a is b
+    return (a.mode, a.uid, a.gid, a.xattrs or None) == (b.mode, b.uid, b.gid, b.xattrs or None)
