@@ -331,11 +331,7 @@ class LocalDataRoot:
                         fs.remove_tree(STAGING)
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            if os.geteuid() == 0:
-                os.fchown(fd, e.uid, e.gid)
-            self._set_xattrs(fd, dataclasses.replace(e, path="."))  # named "." in what it reports
-            os.fchmod(fd, e.mode)  # after the ACL: the mode's group bits are the ACL mask
-            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            self._set_file_meta(fd, dataclasses.replace(e, path="."))  # named "." in what it reports
             os.fsync(fd)
         finally:
             os.close(fd)
