@@ -21,7 +21,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from drsync.errors import IntegrityError
 from drsync.repository import chunks
+from drsync.repository import format as fmt
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.repo import Repository, WriteSession
 from drsync.transport import Caller, ReceivedChunk
@@ -139,10 +141,16 @@ class ChunkIntake:
             for batch in batches:
                 for c in batch:
                     received += 1
-                    chunks.decode(c.encoding, c.data, c.raw_length, c.id)  # IntegrityError if it lies
-                    if writer.add_stored(c.id, c.encoding, c.data, c.raw_length):
+                    if c.encoding == fmt.ENC_DELTA:
+                        if writer.has(c.id):
+                            continue
+                        enc, data = chunks.encode(self._undelta(c))
+                    else:
+                        chunks.decode(c.encoding, c.data, c.raw_length, c.id)  # IntegrityError if it lies
+                        enc, data = c.encoding, c.data
+                    if writer.add_stored(c.id, enc, data, c.raw_length):
                         stored += 1
-                        stored_bytes += len(c.data)
+                        stored_bytes += len(data)
                 with self._lock:
                     s.last_used = time.monotonic()
         finally:
@@ -153,3 +161,14 @@ class ChunkIntake:
             log.info("received %d chunks, stored %d (%s) in %.2fs", received, stored, human_size(stored_bytes),
                      time.monotonic() - started)
         return received, stored, stored_bytes
+
+    def _undelta(self, c: ReceivedChunk) -> bytes:
+        """The chunk a delta holds, decoded against its base (a chunk this repository holds: the primary asked
+        about it in Negotiate), checked against its id. IntegrityError."""
+        try:
+            base = self.repo.read_chunk(c.base)
+        except IntegrityError as e:
+            raise IntegrityError(f"chunk {c.id.hex()[:16]} came as a delta against chunk {c.base.hex()[:16]}, which "
+                                 f"this standby cannot read ({e}); the primary sends whole chunks at its next try; "
+                                 f"run `drsync repo verify` on this standby") from None
+        return chunks.delta_decode(c.data, base, c.raw_length, c.id)

@@ -21,11 +21,11 @@ from datetime import datetime
 from typing import Any
 
 from drsync import engine
-from drsync.agent.primary import ShippingPaused, ship_snapshot
+from drsync.agent.primary import ShippingPaused, ship_snapshot, wants_deltas
 from drsync.agent.throttle import TargetBandwidth, local_now
 from drsync.bandwidth import Schedule
 from drsync.config import Config
-from drsync.errors import DrsyncError, FencedError, RefusedError
+from drsync.errors import DrsyncError, FencedError, IntegrityError, RefusedError
 from drsync.metrics import AgentMetrics
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest
@@ -115,6 +115,7 @@ class Shipper:
         self.superseded = ""  # an offered snapshot the standby already holds a newer one than
         self.backoff_s = BACKOFF_FIRST_S
         self.retry_at = 0.0  # monotonic
+        self.whole_chunks = False  # the next shipment sends no deltas (one that did was rejected)
         self._ship_lock = threading.Lock()  # one shipment at a time to this target
         self._cv = threading.Condition()
         self._stop = False
@@ -203,6 +204,7 @@ class Shipper:
             return ShipOutcome(self.target, info.id, False, f"not shipped: {self.bandwidth.pause_words()}",
                                paused=True)
         link = self._link(self.target)
+        delta = False
         try:
             # A relay ships at the epoch that produced the snapshot: a cascaded standby refuses it once
             # ZooKeeper's epoch has moved past it (the producer was fenced).
@@ -231,10 +233,12 @@ class Shipper:
                 applied = self._manifest_if_known(hello.applied_snapshot)
             # A reader of this repository while it reads (not while the standby applies): GC never
             # removes a pack this shipment is reading.
+            delta = wants_deltas(hello, self.bandwidth.rate(), self.whole_chunks)
             res = ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender, sender_seq=seq,
                                 bandwidth_bps=self.bandwidth.rate, applied=applied,
                                 guard=self._guard if origin is None else self._relay_guard,
-                                reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S))
+                                reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S), delta=delta)
+            self.whole_chunks = False
             done = res.applied
             self.received, self.apply_delay_s = info.id, done.apply_delay_s
             # Delayed (replication.apply_delay): stored and verified there, its root follows later.
@@ -248,6 +252,7 @@ class Shipper:
                                f"({res.missing_chunks}/{res.chunks} chunks sent, {human_size(res.shipped_bytes)} in "
                                f"{res.duration_s:.2f}s)",
                                {"chunks": res.chunks, "missing_chunks": res.missing_chunks,
+                                "delta_chunks": res.delta_chunks,
                                 "changed": done.written_files + done.removed,
                                 "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
                                 "deduplicated_bytes": res.deduplicated_bytes})
@@ -263,6 +268,9 @@ class Shipper:
                 f"refused: {said}"
             return ShipOutcome(self.target, info.id, False, summary, fenced=isinstance(e, FencedError))
         except DrsyncError as e:
+            # The standby rejected data it was sent as deltas (a base it cannot read: damage there): the
+            # next try sends whole chunks, so that replication goes on and its commit check names the damage.
+            self.whole_chunks = self.whole_chunks or (delta and isinstance(e, IntegrityError))
             return ShipOutcome(self.target, info.id, False, f"failed: {e}")
         finally:
             link.close()

@@ -120,3 +120,51 @@ def decode(encoding: int, stored: bytes | memoryview, raw_length: int, expected_
     if len(data) != raw_length or chunk_id(data) != expected_id:
         raise IntegrityError(f"chunk {expected_id.hex()[:16]} does not match its hash")
     return data
+
+
+def _raw_dict(base: bytes | memoryview) -> zstandard.ZstdCompressionDict:
+    return zstandard.ZstdCompressionDict(bytes(base), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
+def delta_encode(data: bytes | memoryview, base: bytes | memoryview) -> bytes:
+    """``data`` as a zstd frame compressed with ``base`` (another chunk) as a raw-content dictionary, its
+    size in the frame header: what a primary sends for a chunk whose standby holds ``base`` (encoding
+    :data:`format.ENC_DELTA`, on the wire only). Pure."""
+    return zstandard.ZstdCompressor(level=fmt.DELTA_LEVEL, dict_data=_raw_dict(base),
+                                    write_content_size=True).compress(data)
+
+
+def check_delta_sizes(delta_length: int, raw_length: int, chunk_id: bytes, base: bytes | None = None) -> None:
+    """Refuse a delta chunk's description that no drsync sends (ids of 32 bytes, the ``base`` id too when
+    given, ``raw_length`` at most ``CHUNK_MAX``, the frame at most ``STORED_MAX``), before anything is read
+    for it. IntegrityError."""
+    if len(chunk_id) != fmt.ID_LEN or (base is not None and len(base) != fmt.ID_LEN):
+        raise IntegrityError(f"an uploaded delta chunk has an id of {len(chunk_id)} bytes and a base of "
+                             f"{len(base or chunk_id)}; chunk ids are {fmt.ID_LEN} bytes (BLAKE3-256)")
+    if not 0 <= raw_length <= fmt.CHUNK_MAX or not 0 <= delta_length <= fmt.STORED_MAX:
+        raise IntegrityError(f"uploaded chunk {chunk_id.hex()[:16]} (a delta) claims {raw_length} raw bytes in "
+                             f"{delta_length}; a chunk is at most {fmt.CHUNK_MAX} bytes and a delta at most "
+                             f"{fmt.STORED_MAX}")
+
+
+def delta_decode(delta: bytes | memoryview, base: bytes | memoryview, raw_length: int,
+                 expected_id: bytes) -> bytes:
+    """The chunk a :func:`delta_encode` frame holds, checked against its id. The frame must declare
+    ``raw_length`` (at most ``CHUNK_MAX``), be at most ``STORED_MAX`` bytes and ask for a window of at most
+    ``DELTA_WINDOW_MAX``, so a hostile frame costs at most a few MiB. Raises IntegrityError."""
+    name = f"chunk {expected_id.hex()[:16]} (sent as a delta)"
+    check_delta_sizes(len(delta), raw_length, expected_id)
+    try:
+        params = zstandard.get_frame_parameters(delta)
+        if params.content_size != raw_length:
+            raise IntegrityError(f"{name} is a zstd frame that does not declare its {raw_length} raw bytes")
+        if params.window_size > fmt.DELTA_WINDOW_MAX:
+            raise IntegrityError(f"{name} asks for a {params.window_size}-byte window; at most "
+                                 f"{fmt.DELTA_WINDOW_MAX} is accepted")
+        data = zstandard.ZstdDecompressor(dict_data=_raw_dict(base), max_window_size=fmt.DELTA_WINDOW_MAX
+                                          ).decompress(delta, max_output_size=max(1, raw_length))
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"{name} does not decompress against its base: {e}") from None
+    if len(data) != raw_length or chunk_id(data) != expected_id:
+        raise IntegrityError(f"{name} does not match its hash")
+    return data

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync.repository import format as fmt
-from drsync.repository.ids import ids_array
+from drsync.repository.ids import ID_DTYPE, IdSet, ids_array
 from drsync.repository.manifest import (
     FILE,
     SCHEMA,
@@ -237,3 +237,70 @@ def diff(old: Manifest | ManifestFile, new: Manifest | ManifestFile, *, stop_at_
                          stop=(lambda r: any(r)) if stop_at_first else None)
     return ManifestDiff([p for r in parts for p in r[0]], [p for r in parts for p in r[1]],
                         [p for r in parts for p in r[2]])
+
+
+# The most (chunk, base) pairs one shipment plans deltas for: 65,536 pairs hold 4 MiB of ids; a shipment
+# that replaces more chunks than that is a bulk rewrite, whose other chunks go whole.
+DELTA_PAIRS_MAX = 65_536
+
+
+def delta_bases(base: Manifest | ManifestFile, new: Manifest | ManifestFile, wanted: IdSet,
+                limit: int = DELTA_PAIRS_MAX) -> tuple[np.ndarray, np.ndarray]:
+    """For chunks of ``new`` in ``wanted`` (what a shipment sends), the chunk of ``base`` each may be sent as
+    a delta against: the chunk that held the same offset of the same path in ``base`` (a file rewritten in
+    place keeps its chunk boundaries outside what changed, so that chunk holds most of the new one's
+    bytes). Returns ``(chunks, bases)``, two ``(K,)`` :data:`ID_DTYPE` arrays of at most ``limit`` pairs in
+    path order, each chunk once, never a chunk against itself. Pure: a merge (:func:`fold_aligned`) that
+    keeps only the rows whose chunk lists differ and name a wanted chunk."""
+    if not len(wanted) or limit <= 0:
+        return np.empty(0, ID_DTYPE), np.empty(0, ID_DTYPE)
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+    count = 0
+
+    def step(a: pa.Table, b: pa.Table) -> None:
+        nonlocal count
+        if count >= limit or not b.num_rows or not a.num_rows:
+            return
+        at = pc.fill_null(pc.index_in(b.column("path"), value_set=a.column("path").combine_chunks()), -1)
+        pos = np.asarray(at.to_numpy(zero_copy_only=False), np.int64)
+        present = np.flatnonzero(pos >= 0)
+        if not len(present):
+            return
+        lists = b.column("chunks").combine_chunks().take(pa.array(present))
+        lengths = np.asarray(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False), np.int64)
+        hit = wanted.contains_many(ids_array(pc.list_flatten(lists)))
+        # Only the rows naming a wanted chunk are looked at one by one: the files this shipment changes.
+        for row in present[np.unique(np.repeat(np.arange(len(present)), lengths)[hit])]:
+            new_ids = b.column("chunks")[int(row)].values
+            old_ids = a.column("chunks")[int(pos[row])].values
+            if new_ids is None or old_ids is None or not len(new_ids) or not len(old_ids):
+                continue
+            mine, theirs = ids_array(new_ids), ids_array(old_ids)
+            if len(mine) == len(theirs) and bool((mine == theirs).all()):
+                continue
+            pick = wanted.contains_many(mine)
+            if not pick.any():
+                continue
+            sizes = np.asarray(b.column("chunk_sizes")[int(row)].values.to_numpy(), np.int64)
+            old_sizes = np.asarray(a.column("chunk_sizes")[int(pos[row])].values.to_numpy(), np.int64)
+            if len(sizes) != len(mine) or len(old_sizes) != len(theirs):
+                continue  # a row whose lists disagree (DistCp's, or damage): no delta
+            starts = np.cumsum(sizes) - sizes
+            k = np.searchsorted(np.cumsum(old_sizes), starts, side="right")
+            pick &= k < len(theirs)
+            idx = np.flatnonzero(pick)
+            pair_new, pair_old = mine[idx], theirs[k[idx]]
+            keep = pair_new != pair_old
+            found.append((pair_new[keep][: limit - count], pair_old[keep][: limit - count]))
+            count += len(found[-1][0])
+            if count >= limit:
+                return
+
+    fold_aligned(base, new, ["path", "chunks", "chunk_sizes"], step)
+    if not found:
+        return np.empty(0, ID_DTYPE), np.empty(0, ID_DTYPE)
+    chunks = np.concatenate([f[0] for f in found])
+    bases = np.concatenate([f[1] for f in found])
+    _, first = np.unique(chunks, return_index=True)  # a chunk named twice (a copied file) keeps its first base
+    first.sort()
+    return chunks[first], bases[first]

@@ -25,10 +25,15 @@ allocators.set_for_this_process("GRPC_VERBOSITY", "NONE", blank_is_unset=False)
 
 @dataclass(frozen=True)
 class ReceivedChunk:
+    """One chunk of an Upload: ``data`` stored as ``encoding`` (0 raw, 1 zstd), or with ``encoding``
+    :data:`format.ENC_DELTA` a zstd frame whose dictionary is the chunk ``base`` (32-byte id) the standby
+    holds."""
+
     id: bytes
     encoding: int
     raw_length: int
     data: bytes
+    base: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class StandbyHello:
     apply_delay_s: float = 0.0
     received_snapshot: str = ""
     applied_position: tuple[int, ...] = ()  # (epoch, seq) of the producing primary; () when unknown
+    delta_chunks: bool = False  # it takes chunks sent as deltas against chunks it holds (older agents: False)
 
 
 @dataclass(frozen=True)

@@ -196,7 +196,8 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                              held_snapshot=held, received_at=received, replied_at=time.time(),
                              apply_delay_s=self.receiver.apply_delay_s if self.receiver is not None else 0.0,
                              received_snapshot=st.received_snapshot if st else "",
-                             applied_position=list(st.applied_position) if st else [])
+                             applied_position=list(st.applied_position) if st else [],
+                             delta_chunks=self.receiver is not None)
 
     def _fail(self, context: grpc.ServicerContext, sender: str, e: Exception) -> None:
         """Abort the call; a refusal, or a shipment this standby could not take (an apply that failed: an
@@ -240,7 +241,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"an Upload message carries "
                                   f"{len(r.chunks)} chunks; at most {MESSAGE_MAX_ENTRIES} are accepted")
                 # Each field read copies a chunk's bytes out of the message: read once.
-                batch = [ReceivedChunk(c.id, c.encoding, c.raw_length, c.data) for c in r.chunks]
+                batch = [ReceivedChunk(c.id, c.encoding, c.raw_length, c.data, c.base) for c in r.chunks]
                 _check_chunks(context, batch)
                 yield batch
 
@@ -328,7 +329,10 @@ def _check_chunks(context: grpc.ServicerContext, batch: Sequence[ReceivedChunk])
     (:func:`drsync.repository.chunks.check_sizes`), before any is kept."""
     for c in batch:
         try:
-            chunks.check_sizes(c.encoding, len(c.data), c.raw_length, c.id, "uploaded chunk")
+            if c.encoding == fmt.ENC_DELTA:
+                chunks.check_delta_sizes(len(c.data), c.raw_length, c.id, c.base)
+            else:
+                chunks.check_sizes(c.encoding, len(c.data), c.raw_length, c.id, "uploaded chunk")
         except IntegrityError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e}; nothing more of this upload was stored")
 
@@ -427,7 +431,7 @@ def encode_chunk_batch(head: pb.ChunkBatch, chunks: Sequence[ReceivedChunk]) -> 
     parts = [head.SerializeToString()]
     for c in chunks:
         one = pb.ChunkBatch()
-        one.chunks.add(id=c.id, encoding=c.encoding, raw_length=c.raw_length, data=c.data)
+        one.chunks.add(id=c.id, encoding=c.encoding, raw_length=c.raw_length, data=c.data, base=c.base)
         parts.append(one.SerializeToString())
     return b"".join(parts)
 
@@ -556,7 +560,8 @@ class GrpcStandbyLink:
             rtt = max(0.0, (back - sent) - (r.replied_at - r.received_at))
         return StandbyHello(r.agent, r.role, r.cluster_id, r.release, r.epoch, r.applied_snapshot,
                             r.applied_captured_at, r.applied_at, offset, rtt, r.lag_s if r.lag_known else None,
-                            r.held_snapshot, r.apply_delay_s, r.received_snapshot, tuple(r.applied_position))
+                            r.held_snapshot, r.apply_delay_s, r.received_snapshot, tuple(r.applied_position),
+                            r.delta_chunks)
 
     def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
         failed: list[DrsyncError] = []
