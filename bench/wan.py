@@ -317,13 +317,15 @@ def bench_wan(work: Path, big_mib: int, export_mib: int, rep: Report, tune: bool
 def wan_rows(rep: Report, what: str, r: Run, figures: dict, wire: tuple[int, int], peer: Run,
              peer_wire: tuple[int, int], floor: float, standby_peak: float) -> None:
     ours, theirs = sum(wire), sum(peer_wire)
-    rep.add(what, r.seconds, peer.seconds, None, r.peak_mib,
+    rep.add(what, r.seconds, peer.seconds, 1.0, r.peak_mib,
             f"(shipment {figures['duration_s']:.2f}s, cycle {figures['cycle_s']:.2f}s; the link alone needs "
             f"{ours / floor:.1f}s for drsync's bytes, {theirs / floor:.1f}s for rsync's; standby peak "
             f"{standby_peak:.0f} MiB, rsync {peer.peak_mib:.0f} MiB)")
-    rep.add(f"{what}: wire", ours / (1 << 20), theirs / (1 << 20), None, 0.0,
+    rep.add(f"{what}: wire", ours / (1 << 20), theirs / (1 << 20), 1.0, 0.0,
             f"(drsync up {mib(wire[0])} / down {mib(wire[1])}, rsync up {mib(peer_wire[0])} / down "
-            f"{mib(peer_wire[1])}; drsync's shipment {mib(figures['shipped_bytes'])} stored bytes)", unit="MiB")
+            f"{mib(peer_wire[1])}; drsync's shipment {mib(figures['shipped_bytes'])} stored bytes, "
+            f"{figures.get('delta_chunks', 0)} of {figures.get('missing_chunks', 0)} chunks sent as deltas)",
+            unit="MiB")
 
 
 def transport_mbit_s(t: dict | None, mib_: int = 64) -> float:

@@ -104,15 +104,20 @@ def _manifest(files: dict[str, list[tuple[str, int]]]) -> Manifest:
         "chunk_sizes": sizes})
 
 
-def _pairs(old: Manifest, new: Manifest, wanted: list[str], limit: int | None = None) -> dict[str, str]:
+def _pairs(old: Manifest, new: Manifest, wanted: list[str], limit: int | None = None
+           ) -> dict[str, tuple[list[str], int]]:
     names = {_cid(t): t for t in ["a0", "a1", "a2", "a3", "b0", "b1", "c0", "d0", "x", "y", "z", "n0", "n1", "n2",
                                   "n3", "m0", "m1", "w0", "e0"]}
     args = (old, new, IdSet.of([_cid(t) for t in wanted]))
-    got, bases = delta_bases(*args) if limit is None else delta_bases(*args, limit=limit)
-    return {names[c]: names[b] for c, b in zip(id_list(got), id_list(bases), strict=True)}
+    plan = delta_bases(*args) if limit is None else delta_bases(*args, limit=limit)
+    out = {}
+    for i, cid in enumerate(id_list(plan.chunks)):
+        bases, skip = plan.of(i)
+        out[names[cid]] = ([names[b] for b in bases], skip)
+    return out
 
 
-def test_each_wanted_chunk_gets_the_old_chunk_at_its_offset() -> None:
+def test_each_wanted_chunk_goes_against_the_old_bytes_at_its_offsets() -> None:
     old = _manifest({
         "a": [("a0", 100), ("a1", 100), ("a2", 100), ("a3", 100)],
         "b": [("b0", 100), ("b1", 100)],
@@ -129,19 +134,21 @@ def test_each_wanted_chunk_gets_the_old_chunk_at_its_offset() -> None:
         "e": [("n3", 100)],  # new
         "d": [("m0", 100)],  # d changed but m0 is not wanted (the standby has it): no pair
     })
-    assert _pairs(old, new, ["x", "y", "z", "n0", "n1", "n2", "n3"]) == {"x": "a1", "y": "a1", "n0": "c0", "n1": "c0"}
+    assert _pairs(old, new, ["x", "y", "z", "n0", "n1", "n2", "n3"]) == {
+        "x": (["a1"], 0), "y": (["a1"], 50), "n0": (["c0"], 0), "n1": (["c0"], 60)}
     assert _pairs(old, new, []) == {}
     assert len(_pairs(old, new, ["x", "y", "n0", "n1"], limit=2)) == 2
 
 
-def test_a_chunk_named_twice_keeps_one_base_and_never_itself() -> None:
+def test_a_chunk_named_twice_is_planned_once_and_spans_the_old_chunks_it_overlaps() -> None:
     old = _manifest({"p": [("a0", 10), ("a1", 10)], "q": [("b0", 10)]})
     new = _manifest({"p": [("a0", 10), ("w0", 10)], "q": [("w0", 10)], "r": [("a1", 10)]})
-    assert _pairs(old, new, ["w0", "a1"]) == {"w0": "a1"}
-    # A chunk against itself (the same id at the same offset) is never planned.
-    old = _manifest({"p": [("e0", 10), ("a1", 10)]})
-    new = _manifest({"p": [("a0", 10), ("e0", 5), ("a1", 5)]})
-    assert _pairs(old, new, ["a0", "e0", "a1"]) == {"a0": "e0", "e0": "a1"}  # a1 at 15 lies in a1: none
+    assert _pairs(old, new, ["w0", "a1"]) == {"w0": (["a1"], 0)}
+    # A chunk whose offsets cross an old boundary goes against both old chunks, less what lies before it.
+    old = _manifest({"p": [("e0", 10), ("a1", 10), ("a2", 10)]})
+    new = _manifest({"p": [("a0", 5), ("m0", 10), ("w0", 15)]})
+    assert _pairs(old, new, ["a0", "m0", "w0"]) == {
+        "a0": (["e0"], 0), "m0": (["e0", "a1"], 5), "w0": (["a1", "a2"], 5)}
 
 
 def test_deltas_only_where_the_link_is_far_or_limited() -> None:
@@ -191,7 +198,7 @@ def _ship(p: Pair, repo: Repository, info: SnapshotInfo, applied: SnapshotInfo |
                             applied=None if applied is None else repo.open_manifest(applied), delta=delta)
     finally:
         link.link.close()
-    assert res.applied.snapshot == info.id and res.delta_chunks == sum(c.base != b"" for c in link.sent)
+    assert res.applied.snapshot == info.id and res.delta_chunks == sum(bool(c.bases) for c in link.sent)
     return link
 
 
@@ -210,7 +217,7 @@ def test_a_rewrite_in_place_goes_as_deltas_and_the_standby_matches(pair: Pair) -
     pair.start("standby")
     repo = Repository.open(open_storage(pair.prod_site.url("primary-repo")))
     first = _snapshot(pair, repo)
-    assert not any(c.base for c in _ship(pair, repo, first).sent)  # a first sync has nothing to go against
+    assert not any(c.bases for c in _ship(pair, repo, first).sent)  # a first sync has nothing to go against
     assert pair.in_sync()
 
     for i in range(3):
@@ -220,7 +227,7 @@ def test_a_rewrite_in_place_goes_as_deltas_and_the_standby_matches(pair: Pair) -
     second = _snapshot(pair, repo)
     link = _ship(pair, repo, second, applied=first)
     deltas = [c for c in link.sent if c.encoding == fmt.ENC_DELTA]
-    assert len(deltas) >= 4 and all(len(c.base) == 32 for c in deltas)
+    assert len(deltas) >= 4 and all(c.bases and all(len(b) == 32 for b in c.bases) for c in deltas)
     sent = sum(len(c.data) for c in link.sent)
     whole = sum(c.raw_length for c in link.sent)
     # 63 KB changed in place and 600 KB new, against whole chunks of about 2 MiB.
@@ -233,7 +240,7 @@ def test_a_rewrite_in_place_goes_as_deltas_and_the_standby_matches(pair: Pair) -
     _rewrite_in_place(big / "part-0.bin", 2_000_000, 20_000)
     third = _snapshot(pair, repo)
     link = _ship(pair, repo, third, applied=second, delta=False)
-    assert link.sent and not any(c.base for c in link.sent)
+    assert link.sent and not any(c.bases for c in link.sent)
     assert pair.in_sync()
 
 
@@ -260,15 +267,24 @@ def test_a_hostile_sender_cannot_store_what_its_delta_does_not_hold(pair: Pair) 
     base = standby.read_chunk(held)
     new = _edited(base, 0, 100)
     good = chunks.delta_encode(new, base)
+    held_twice = [held] * 17
     lies = {
         "an id its bytes do not have": pb.Chunk(id=chunks.chunk_id(b"other"), encoding=2, raw_length=len(new),
-                                                data=good, base=held),
+                                                data=good, bases=[held]),
         "a base the standby does not hold": pb.Chunk(id=chunks.chunk_id(new), encoding=2, raw_length=len(new),
                                                      data=chunks.delta_encode(new, b"nothing"),
-                                                     base=chunks.chunk_id(b"nothing")),
+                                                     bases=[chunks.chunk_id(b"nothing")]),
         "no base": pb.Chunk(id=chunks.chunk_id(new), encoding=2, raw_length=len(new), data=good),
+        "too many bases": pb.Chunk(id=chunks.chunk_id(new), encoding=2, raw_length=len(new), data=good,
+                                   bases=held_twice),
+        "a short base id": pb.Chunk(id=chunks.chunk_id(new), encoding=2, raw_length=len(new), data=good,
+                                    bases=[held[:31]]),
+        "a skip past every base": pb.Chunk(id=chunks.chunk_id(new), encoding=2, raw_length=len(new), data=good,
+                                           bases=[held], base_skip=fmt.CHUNK_MAX),
+        "another base's bytes": pb.Chunk(id=chunks.chunk_id(new), encoding=2, raw_length=len(new), data=good,
+                                         bases=[held, held], base_skip=len(base) // 2),
         "an unknown encoding": pb.Chunk(id=chunks.chunk_id(new), encoding=3, raw_length=len(new), data=good,
-                                        base=held),
+                                        bases=[held]),
     }
     for what, chunk in lies.items():
         err = _upload(pair.standby_addr, chunk)
@@ -280,7 +296,7 @@ def test_a_hostile_sender_cannot_store_what_its_delta_does_not_hold(pair: Pair) 
         chunks.chunk_id(new), chunks.chunk_id(b"other")]
     # The honest delta of the same chunk is stored, as its plain bytes.
     assert _upload(pair.standby_addr, pb.Chunk(id=chunks.chunk_id(new), encoding=2, raw_length=len(new), data=good,
-                                               base=held)) is None
+                                               bases=[held])) is None
     standby = Repository.open(open_storage(pair.standby_site.url("standby-repo")))
     assert standby.read_chunk(chunks.chunk_id(new)) == new
 
@@ -315,4 +331,4 @@ def test_a_damaged_base_on_the_standby_does_not_stop_replication(pair: Pair) -> 
     pair.start("primary")
     wait_for(pair.in_sync, "the standby to follow with whole chunks after the rejected delta")
     log = (pair.tmp / "primary.log").read_text()
-    assert "sent as a delta" in log or "delta against chunk" in log, log[-3000:]
+    assert "came as a delta against chunks this standby cannot read" in log, log[-3000:]

@@ -163,12 +163,13 @@ class ChunkIntake:
         return received, stored, stored_bytes
 
     def _undelta(self, c: ReceivedChunk) -> bytes:
-        """The chunk a delta holds, decoded against its base (a chunk this repository holds: the primary asked
-        about it in Negotiate), checked against its id. IntegrityError."""
+        """The chunk a delta holds, decoded against its bases (chunks this repository holds: the primary asked
+        about them in Negotiate), checked against its id. IntegrityError."""
         try:
-            base = self.repo.read_chunk(c.base)
+            bases = [self.repo.read_chunk(b) for b in c.bases]
         except IntegrityError as e:
-            raise IntegrityError(f"chunk {c.id.hex()[:16]} came as a delta against chunk {c.base.hex()[:16]}, which "
-                                 f"this standby cannot read ({e}); the primary sends whole chunks at its next try; "
-                                 f"run `drsync repo verify` on this standby") from None
-        return chunks.delta_decode(c.data, base, c.raw_length, c.id)
+            raise IntegrityError(f"chunk {c.id.hex()[:16]} came as a delta against chunks this standby cannot "
+                                 f"read ({e}); the primary sends whole chunks at its next try; run `drsync repo "
+                                 f"verify` on this standby") from None
+        return chunks.delta_decode(c.data, chunks.delta_dictionary(bases, c.base_skip, c.raw_length), c.raw_length,
+                                   c.id)

@@ -25,7 +25,7 @@ from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, gather, id_key, id_list, ids_array, locate, pieces_key, sort_unique, to_arrow
 from drsync.repository.manifest import Manifest, ManifestFile, column_groups
-from drsync.repository.manifest_diff import chunks_beyond, delta_bases
+from drsync.repository.manifest_diff import DeltaBases, chunks_beyond, delta_bases
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.repository.spool import Spool
@@ -91,55 +91,62 @@ def wants_deltas(hello: StandbyHello, rate_bps: float | None, retrying: bool) ->
 
 
 class Deltas:
-    """Which chunks of an upload go as deltas, and against what: ``bases`` maps a chunk id to the id of a
-    chunk the standby holds (of the snapshot it applied, and said so in Negotiate), read from this
+    """Which chunks of an upload go as deltas, and against what: ``plan`` (:class:`DeltaBases`) names, per
+    chunk, chunks the standby holds (of the snapshot it applied, and said so in Negotiate), read from this
     repository with ``reader``. :meth:`encode` decides chunk by chunk."""
 
-    def __init__(self, bases: dict[bytes, bytes], reader: Any) -> None:
-        self.bases, self.reader = bases, reader
+    def __init__(self, plan: DeltaBases, reader: Any) -> None:
+        self.plan, self.reader = plan, reader
+        self.at = {cid: i for i, cid in enumerate(id_list(plan.chunks))}
         self.tries = self.worth = 0
 
     @classmethod
     def none(cls) -> Deltas:
-        return cls({}, None)
+        return cls(DeltaBases.empty(), None)
+
+    def __bool__(self) -> bool:
+        return bool(self.at)
 
     def encode(self, cid: bytes, encoding: int, raw_length: int, stored: bytes) -> ReceivedChunk | None:
-        """``cid`` as a delta against its base when that is worth it (at most :data:`DELTA_WORTH` of
-        ``stored``), else None (it goes as it is stored)."""
-        base_id = self.bases.get(cid)
-        if base_id is None or (self.tries >= DELTA_PROBE and self.worth * 4 < self.tries):
+        """``cid`` as a delta when that is worth it (at most :data:`DELTA_WORTH` of ``stored``), else None
+        (it goes as it is stored)."""
+        i = self.at.get(cid)
+        if i is None or (self.tries >= DELTA_PROBE and self.worth * 4 < self.tries):
             return None
         self.tries += 1
+        bases, skip = self.plan.of(i)
         try:
-            base = self.reader.read_chunk(base_id)
+            against = chunks.delta_dictionary([self.reader.read_chunk(b) for b in bases], skip, raw_length)
         except DrsyncError:
             return None  # damaged or gone here: the chunk goes whole
-        delta = chunks.delta_encode(chunks.decode(encoding, stored, raw_length, cid), base)
+        delta = chunks.delta_encode(chunks.decode(encoding, stored, raw_length, cid), against)
         if len(delta) > DELTA_WORTH * len(stored):
             return None
         self.worth += 1
-        return ReceivedChunk(cid, fmt.ENC_DELTA, raw_length, delta, base_id)
+        return ReceivedChunk(cid, fmt.ENC_DELTA, raw_length, delta, tuple(bases), skip)
 
 
 def plan_deltas(repo: Repository, link: StandbyLink, epoch: int, applied: Manifest | ManifestFile,
                 new: Manifest | ManifestFile, missing: IdSet) -> Deltas:
-    """The :class:`Deltas` of an upload of ``missing``: bases from :func:`manifest_diff.delta_bases` that the
-    standby says it holds (asked in one more Negotiate stream) and that this repository can read."""
-    wanted, bases = delta_bases(applied, new, missing)
-    if not len(wanted):
+    """The :class:`Deltas` of an upload of ``missing``: :func:`manifest_diff.delta_bases` less the chunks
+    with a base the standby lacks (asked in one more Negotiate stream) or this repository cannot locate."""
+    plan = delta_bases(applied, new, missing)
+    if not len(plan):
         return Deltas.none()
-    asked = IdSet.of(bases)
+    asked = IdSet.of(plan.bases)
     lacks: list[bytes] = []
     for reply in link.missing(epoch, batched(id_list(asked.ids), NEGOTIATE_BATCH)):
         lacks += reply
     if lacks:  # lost there (its commit check will say so): those chunks go whole
-        keep = ~IdSet.of(lacks).contains_many(bases)
-        wanted, bases = wanted[keep], bases[keep]
-        asked = IdSet.of(bases)
+        lacking = IdSet.of(lacks).contains_many(plan.bases)
+        bad = np.zeros(len(plan), bool)
+        bad[np.repeat(np.arange(len(plan)), np.diff(plan.starts))[lacking]] = True
+        plan = plan.keep(~bad)
+        asked = IdSet.of(plan.bases)
     reader = repo.reader_for(asked) if len(asked) else None
     if reader is None:
         return Deltas.none()
-    return Deltas(dict(zip(id_list(wanted), id_list(bases), strict=True)), reader)
+    return Deltas(plan, reader)
 
 
 def batched(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
@@ -474,7 +481,7 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
                         paused = True
                         return
                 _, stored = repo.read_at(cid, loc)
-                chunk = deltas.encode(cid, loc.encoding, loc.raw_length, stored) if deltas.bases else None
+                chunk = deltas.encode(cid, loc.encoding, loc.raw_length, stored) if deltas else None
                 if chunk is None:
                     chunk = ReceivedChunk(cid, loc.encoding, loc.raw_length, stored)
                 else:

@@ -134,17 +134,30 @@ def delta_encode(data: bytes | memoryview, base: bytes | memoryview) -> bytes:
                                     write_content_size=True).compress(data)
 
 
-def check_delta_sizes(delta_length: int, raw_length: int, chunk_id: bytes, base: bytes | None = None) -> None:
-    """Refuse a delta chunk's description that no drsync sends (ids of 32 bytes, the ``base`` id too when
-    given, ``raw_length`` at most ``CHUNK_MAX``, the frame at most ``STORED_MAX``), before anything is read
-    for it. IntegrityError."""
-    if len(chunk_id) != fmt.ID_LEN or (base is not None and len(base) != fmt.ID_LEN):
-        raise IntegrityError(f"an uploaded delta chunk has an id of {len(chunk_id)} bytes and a base of "
-                             f"{len(base or chunk_id)}; chunk ids are {fmt.ID_LEN} bytes (BLAKE3-256)")
+def check_delta_sizes(delta_length: int, raw_length: int, chunk_id: bytes, bases: tuple[bytes, ...] | None = None,
+                      skip: int = 0) -> None:
+    """Refuse a delta chunk's description that no drsync sends (ids of 32 bytes, 1 to ``DELTA_BASES_MAX`` base
+    ids when ``bases`` is given, a skip under ``CHUNK_MAX``, ``raw_length`` at most ``CHUNK_MAX``, the frame
+    at most ``STORED_MAX``), before anything is read for it. IntegrityError."""
+    name = f"uploaded chunk {chunk_id.hex()[:16]} (a delta)"
+    if len(chunk_id) != fmt.ID_LEN:
+        raise IntegrityError(f"an uploaded delta chunk has an id of {len(chunk_id)} bytes; chunk ids are "
+                             f"{fmt.ID_LEN} bytes (BLAKE3-256)")
+    if bases is not None and (not 1 <= len(bases) <= fmt.DELTA_BASES_MAX
+                              or any(len(b) != fmt.ID_LEN for b in bases) or not 0 <= skip < fmt.CHUNK_MAX):
+        raise IntegrityError(f"{name} names {len(bases)} base chunks (ids of {sorted({len(b) for b in bases})} "
+                             f"bytes) and skips {skip} bytes of them; a delta names 1 to {fmt.DELTA_BASES_MAX} "
+                             f"chunk ids of {fmt.ID_LEN} bytes and skips less than {fmt.CHUNK_MAX}")
     if not 0 <= raw_length <= fmt.CHUNK_MAX or not 0 <= delta_length <= fmt.STORED_MAX:
-        raise IntegrityError(f"uploaded chunk {chunk_id.hex()[:16]} (a delta) claims {raw_length} raw bytes in "
-                             f"{delta_length}; a chunk is at most {fmt.CHUNK_MAX} bytes and a delta at most "
-                             f"{fmt.STORED_MAX}")
+        raise IntegrityError(f"{name} claims {raw_length} raw bytes in {delta_length}; a chunk is at most "
+                             f"{fmt.CHUNK_MAX} bytes and a delta at most {fmt.STORED_MAX}")
+
+
+def delta_dictionary(bases: list[bytes | memoryview], skip: int, length: int) -> bytes:
+    """What a delta is taken against: ``bases`` joined, less their first ``skip`` bytes, cut to ``length``
+    (the bytes a path held at a new chunk's offsets, so that a delta's matches lie one chunk length back,
+    within zstd's window). Pure."""
+    return b"".join(bases)[skip:skip + length]
 
 
 def delta_decode(delta: bytes | memoryview, base: bytes | memoryview, raw_length: int,

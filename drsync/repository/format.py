@@ -49,8 +49,11 @@ ENC_DELTA = 2
 # Level 3: level 1's tables find the base's bytes in small chunks only (a 1 MiB chunk with 10 KB changed:
 # 1,048,610 bytes at level 1 against 11,085 at 3, measured); about 6 ms a 1 MiB chunk on one core.
 DELTA_LEVEL = 3
-# The largest zstd window a delta frame may ask its decoder for (bytes): a base and a chunk, at most 2 MiB.
-DELTA_WINDOW_MAX = 4 * 1024 * 1024
+# The largest zstd window a delta frame may ask its decoder for (bytes): its chunk's length, at most 1 MiB.
+DELTA_WINDOW_MAX = 2 * 1024 * 1024
+# The most chunks whose bytes one delta is taken against (old chunks are at least CHUNK_MIN long, and only
+# those overlapping one chunk's offsets are named).
+DELTA_BASES_MAX = 16
 # A chunk whose first 16 KiB do not shrink below this ratio is stored raw:
 # compressing incompressible data costs CPU and saves nothing.
 COMPRESS_SAMPLE = 16 * 1024

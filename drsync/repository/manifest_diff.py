@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync.repository import format as fmt
-from drsync.repository.ids import ID_DTYPE, IdSet, ids_array
+from drsync.repository.ids import ID_DTYPE, IdSet, id_list, ids_array
 from drsync.repository.manifest import (
     FILE,
     SCHEMA,
@@ -239,22 +239,55 @@ def diff(old: Manifest | ManifestFile, new: Manifest | ManifestFile, *, stop_at_
                         [p for r in parts for p in r[2]])
 
 
-# The most (chunk, base) pairs one shipment plans deltas for: 65,536 pairs hold 4 MiB of ids; a shipment
-# that replaces more chunks than that is a bulk rewrite, whose other chunks go whole.
+# The most chunks one shipment plans deltas for: 65,536 hold a few MiB of ids; a shipment that replaces more
+# chunks than that is a bulk rewrite, whose other chunks go whole.
 DELTA_PAIRS_MAX = 65_536
 
 
+@dataclass(frozen=True)
+class DeltaBases:
+    """Per planned chunk, what a delta of it is taken against: the bytes its path held at its offsets in the
+    base snapshot, as ``bases[starts[i]:starts[i + 1]]`` (the chunks of the old file overlapping those
+    offsets, in file order, at most ``format.DELTA_BASES_MAX``) joined, less their first ``skip[i]`` bytes,
+    cut to the chunk's length. ``chunks`` (K,) and ``bases`` (M,) are :data:`ID_DTYPE` arrays, ``starts``
+    (K+1,) and ``skip`` (K,) integers."""
+
+    chunks: np.ndarray
+    bases: np.ndarray
+    starts: np.ndarray
+    skip: np.ndarray
+
+    @classmethod
+    def empty(cls) -> DeltaBases:
+        return cls(np.empty(0, ID_DTYPE), np.empty(0, ID_DTYPE), np.zeros(1, np.int64), np.empty(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def of(self, i: int) -> tuple[list[bytes], int]:
+        """Chunk ``i``'s base ids and skip."""
+        return id_list(self.bases[self.starts[i]:self.starts[i + 1]]), int(self.skip[i])
+
+    def keep(self, mask: np.ndarray) -> DeltaBases:
+        """Only the chunks where ``mask`` (K,) is True."""
+        counts = np.diff(self.starts)
+        take = np.repeat(mask, counts)
+        return DeltaBases(self.chunks[mask], self.bases[take], np.concatenate([[0], np.cumsum(counts[mask])]),
+                          self.skip[mask])
+
+
 def delta_bases(base: Manifest | ManifestFile, new: Manifest | ManifestFile, wanted: IdSet,
-                limit: int = DELTA_PAIRS_MAX) -> tuple[np.ndarray, np.ndarray]:
-    """For chunks of ``new`` in ``wanted`` (what a shipment sends), the chunk of ``base`` each may be sent as
-    a delta against: the chunk that held the same offset of the same path in ``base`` (a file rewritten in
-    place keeps its chunk boundaries outside what changed, so that chunk holds most of the new one's
-    bytes). Returns ``(chunks, bases)``, two ``(K,)`` :data:`ID_DTYPE` arrays of at most ``limit`` pairs in
-    path order, each chunk once, never a chunk against itself. Pure: a merge (:func:`fold_aligned`) that
-    keeps only the rows whose chunk lists differ and name a wanted chunk."""
+                limit: int = DELTA_PAIRS_MAX) -> DeltaBases:
+    """For chunks of ``new`` in ``wanted`` (what a shipment sends), what each may be sent as a delta against:
+    the bytes the same path held at the same offsets in ``base`` (:class:`DeltaBases`). A file rewritten in
+    place keeps its bytes outside what changed at their offsets, so those old bytes hold most of a new
+    chunk's, whatever chunk boundaries the change moved; a delta reaches back exactly one chunk length
+    (zstd's window for a chunk), where these lie. At most ``limit`` chunks, in path order, each once (the
+    first path naming it). Pure: a merge (:func:`fold_aligned`) that looks one by one only at the rows
+    naming a wanted chunk."""
     if not len(wanted) or limit <= 0:
-        return np.empty(0, ID_DTYPE), np.empty(0, ID_DTYPE)
-    found: list[tuple[np.ndarray, np.ndarray]] = []
+        return DeltaBases.empty()
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # chunks, counts, bases, skips
     count = 0
 
     def step(a: pa.Table, b: pa.Table) -> None:
@@ -271,36 +304,41 @@ def delta_bases(base: Manifest | ManifestFile, new: Manifest | ManifestFile, wan
         hit = wanted.contains_many(ids_array(pc.list_flatten(lists)))
         # Only the rows naming a wanted chunk are looked at one by one: the files this shipment changes.
         for row in present[np.unique(np.repeat(np.arange(len(present)), lengths)[hit])]:
-            new_ids = b.column("chunks")[int(row)].values
-            old_ids = a.column("chunks")[int(pos[row])].values
+            if count >= limit:
+                return
+            new_ids, old_ids = b.column("chunks")[int(row)].values, a.column("chunks")[int(pos[row])].values
             if new_ids is None or old_ids is None or not len(new_ids) or not len(old_ids):
                 continue
             mine, theirs = ids_array(new_ids), ids_array(old_ids)
-            if len(mine) == len(theirs) and bool((mine == theirs).all()):
-                continue
-            pick = wanted.contains_many(mine)
-            if not pick.any():
-                continue
             sizes = np.asarray(b.column("chunk_sizes")[int(row)].values.to_numpy(), np.int64)
             old_sizes = np.asarray(a.column("chunk_sizes")[int(pos[row])].values.to_numpy(), np.int64)
             if len(sizes) != len(mine) or len(old_sizes) != len(theirs):
                 continue  # a row whose lists disagree (DistCp's, or damage): no delta
-            starts = np.cumsum(sizes) - sizes
-            k = np.searchsorted(np.cumsum(old_sizes), starts, side="right")
-            pick &= k < len(theirs)
-            idx = np.flatnonzero(pick)
-            pair_new, pair_old = mine[idx], theirs[k[idx]]
-            keep = pair_new != pair_old
-            found.append((pair_new[keep][: limit - count], pair_old[keep][: limit - count]))
-            count += len(found[-1][0])
-            if count >= limit:
-                return
+            ends = np.cumsum(sizes)
+            starts = ends - sizes
+            old_ends = np.cumsum(old_sizes)
+            first = np.searchsorted(old_ends, starts, side="right")  # the old chunk holding the chunk's start
+            last = np.searchsorted(old_ends - old_sizes, ends, side="left")  # past the last old chunk overlapping
+            last = np.minimum(last, first + fmt.DELTA_BASES_MAX)
+            pick = np.flatnonzero(wanted.contains_many(mine) & (first < len(theirs)) & (sizes > 0))
+            pick = pick[: limit - count]
+            if not len(pick):
+                continue
+            counts = last[pick] - first[pick]
+            at_old = np.concatenate([np.arange(f, t) for f, t in zip(first[pick], last[pick], strict=True)])
+            skips = starts[pick] - (old_ends - old_sizes)[first[pick]]
+            found.append((mine[pick], counts, theirs[at_old], skips))
+            count += len(pick)
 
     fold_aligned(base, new, ["path", "chunks", "chunk_sizes"], step)
     if not found:
-        return np.empty(0, ID_DTYPE), np.empty(0, ID_DTYPE)
+        return DeltaBases.empty()
     chunks = np.concatenate([f[0] for f in found])
-    bases = np.concatenate([f[1] for f in found])
-    _, first = np.unique(chunks, return_index=True)  # a chunk named twice (a copied file) keeps its first base
-    first.sort()
-    return chunks[first], bases[first]
+    counts = np.concatenate([f[1] for f in found])
+    bases = np.concatenate([f[2] for f in found])
+    skips = np.concatenate([f[3] for f in found])
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    _, first_at = np.unique(chunks, return_index=True)  # a chunk named twice (a copied file) keeps its first
+    keep = np.zeros(len(chunks), bool)
+    keep[first_at] = True
+    return DeltaBases(chunks, bases, offsets, skips).keep(keep)

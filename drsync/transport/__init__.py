@@ -26,14 +26,16 @@ allocators.set_for_this_process("GRPC_VERBOSITY", "NONE", blank_is_unset=False)
 @dataclass(frozen=True)
 class ReceivedChunk:
     """One chunk of an Upload: ``data`` stored as ``encoding`` (0 raw, 1 zstd), or with ``encoding``
-    :data:`format.ENC_DELTA` a zstd frame whose dictionary is the chunk ``base`` (32-byte id) the standby
-    holds."""
+    :data:`format.ENC_DELTA` a zstd frame whose dictionary is the chunks ``bases`` (32-byte ids) the standby
+    holds, joined, less their first ``base_skip`` bytes, cut to ``raw_length``
+    (:func:`drsync.repository.chunks.delta_dictionary`)."""
 
     id: bytes
     encoding: int
     raw_length: int
     data: bytes
-    base: bytes = b""
+    bases: tuple[bytes, ...] = ()
+    base_skip: int = 0
 
 
 @dataclass(frozen=True)

@@ -241,7 +241,8 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"an Upload message carries "
                                   f"{len(r.chunks)} chunks; at most {MESSAGE_MAX_ENTRIES} are accepted")
                 # Each field read copies a chunk's bytes out of the message: read once.
-                batch = [ReceivedChunk(c.id, c.encoding, c.raw_length, c.data, c.base) for c in r.chunks]
+                batch = [ReceivedChunk(c.id, c.encoding, c.raw_length, c.data, tuple(c.bases), c.base_skip)
+                         for c in r.chunks]
                 _check_chunks(context, batch)
                 yield batch
 
@@ -330,7 +331,7 @@ def _check_chunks(context: grpc.ServicerContext, batch: Sequence[ReceivedChunk])
     for c in batch:
         try:
             if c.encoding == fmt.ENC_DELTA:
-                chunks.check_delta_sizes(len(c.data), c.raw_length, c.id, c.base)
+                chunks.check_delta_sizes(len(c.data), c.raw_length, c.id, c.bases, c.base_skip)
             else:
                 chunks.check_sizes(c.encoding, len(c.data), c.raw_length, c.id, "uploaded chunk")
         except IntegrityError as e:
@@ -431,7 +432,8 @@ def encode_chunk_batch(head: pb.ChunkBatch, chunks: Sequence[ReceivedChunk]) -> 
     parts = [head.SerializeToString()]
     for c in chunks:
         one = pb.ChunkBatch()
-        one.chunks.add(id=c.id, encoding=c.encoding, raw_length=c.raw_length, data=c.data, base=c.base)
+        one.chunks.add(id=c.id, encoding=c.encoding, raw_length=c.raw_length, data=c.data, bases=c.bases,
+                       base_skip=c.base_skip)
         parts.append(one.SerializeToString())
     return b"".join(parts)
 
