@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from drsync.errors import IntegrityError
+from drsync.errors import DrsyncError, IntegrityError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.lock import DEFAULT_WAIT_S
@@ -167,9 +167,9 @@ class ChunkIntake:
         about them in Negotiate), checked against its id. IntegrityError."""
         try:
             bases = [self.repo.read_chunk(b) for b in c.bases]
-        except IntegrityError as e:
+        except DrsyncError as e:  # damaged (IntegrityError) or unreadable (an HDFS or disk error)
             raise IntegrityError(f"chunk {c.id.hex()[:16]} came as a delta against chunks this standby cannot "
-                                 f"read ({e}); the primary sends whole chunks at its next try; run `drsync repo "
-                                 f"verify` on this standby") from None
+                                 f"read ({e}); the primary sends it whole instead; run `drsync repo verify` on "
+                                 f"this standby") from None
         return chunks.delta_decode(c.data, chunks.delta_dictionary(bases, c.base_skip, c.raw_length), c.raw_length,
                                    c.id)

@@ -82,12 +82,12 @@ DELTA_PROBE = 16
 DELTA_RTT_S = 0.01
 
 
-def wants_deltas(hello: StandbyHello, rate_bps: float | None, retrying: bool) -> bool:
+def wants_deltas(hello: StandbyHello, rate_bps: float | None, rejected: bool) -> bool:
     """Whether a shipment sends changed chunks as deltas (:class:`Deltas`): the standby takes them, and its
     link is far (a round trip of :data:`DELTA_RTT_S` or more) or limited (a bandwidth limit in force); never
-    on the retry of a failed shipment, which sends whole chunks, so that a base the standby cannot read
-    (damage there) never stops replication. Pure."""
-    return hello.delta_chunks and not retrying and (hello.round_trip_s >= DELTA_RTT_S or bool(rate_bps))
+    once ``rejected`` (the standby refused a delta: a base it cannot read, damage there), so that such damage
+    never stops replication. Pure."""
+    return hello.delta_chunks and not rejected and (hello.round_trip_s >= DELTA_RTT_S or bool(rate_bps))
 
 
 class Deltas:

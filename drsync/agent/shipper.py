@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from drsync import engine
-from drsync.agent.primary import ShippingPaused, ship_snapshot, wants_deltas
+from drsync.agent.primary import ShippingPaused, ShipResult, ship_snapshot, wants_deltas
 from drsync.agent.throttle import TargetBandwidth, local_now
 from drsync.bandwidth import Schedule
 from drsync.config import Config
@@ -115,7 +115,7 @@ class Shipper:
         self.superseded = ""  # an offered snapshot the standby already holds a newer one than
         self.backoff_s = BACKOFF_FIRST_S
         self.retry_at = 0.0  # monotonic
-        self.whole_chunks = False  # the next shipment sends no deltas (one that did was rejected)
+        self.whole_chunks = False  # this standby rejected a delta: whole chunks only, for the rest of this process
         self._ship_lock = threading.Lock()  # one shipment at a time to this target
         self._cv = threading.Condition()
         self._stop = False
@@ -204,7 +204,6 @@ class Shipper:
             return ShipOutcome(self.target, info.id, False, f"not shipped: {self.bandwidth.pause_words()}",
                                paused=True)
         link = self._link(self.target)
-        delta = False
         try:
             # A relay ships at the epoch that produced the snapshot: a cascaded standby refuses it once
             # ZooKeeper's epoch has moved past it (the producer was fenced).
@@ -233,12 +232,24 @@ class Shipper:
                 applied = self._manifest_if_known(hello.applied_snapshot)
             # A reader of this repository while it reads (not while the standby applies): GC never
             # removes a pack this shipment is reading.
-            delta = wants_deltas(hello, self.bandwidth.rate(), self.whole_chunks)
-            res = ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender, sender_seq=seq,
-                                bandwidth_bps=self.bandwidth.rate, applied=applied,
-                                guard=self._guard if origin is None else self._relay_guard,
-                                reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S), delta=delta)
-            self.whole_chunks = False
+            def ship(delta: bool) -> ShipResult:
+                return ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender, sender_seq=seq,
+                                     bandwidth_bps=self.bandwidth.rate, applied=applied,
+                                     guard=self._guard if origin is None else self._relay_guard,
+                                     reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S),
+                                     delta=delta)
+
+            if wants_deltas(hello, self.bandwidth.rate(), self.whole_chunks):
+                try:
+                    res = ship(True)
+                except IntegrityError as e:
+                    # The standby could not use a delta (its copy of a base is damaged or unreadable): at once,
+                    # and for the rest of this process, whole chunks; what it stored stays and is not sent again.
+                    self.whole_chunks = True
+                    log.warning("%s; sending whole chunks to %s from now on (snapshot %s)", e, self.target, info.id)
+                    res = ship(False)
+            else:
+                res = ship(False)
             done = res.applied
             self.received, self.apply_delay_s = info.id, done.apply_delay_s
             # Delayed (replication.apply_delay): stored and verified there, its root follows later.
@@ -268,9 +279,6 @@ class Shipper:
                 f"refused: {said}"
             return ShipOutcome(self.target, info.id, False, summary, fenced=isinstance(e, FencedError))
         except DrsyncError as e:
-            # The standby rejected data it was sent as deltas (a base it cannot read: damage there): the
-            # next try sends whole chunks, so that replication goes on and its commit check names the damage.
-            self.whole_chunks = self.whole_chunks or (delta and isinstance(e, IntegrityError))
             return ShipOutcome(self.target, info.id, False, f"failed: {e}")
         finally:
             link.close()
