@@ -43,6 +43,14 @@ class IntegrityError(DrsyncError):
     exit_code = EXIT_INTEGRITY
 
 
+class DeltaRejected(IntegrityError):
+    """A standby could not use a chunk sent as a delta (it cannot read a base: damage or an I/O error there,
+    or the decoded chunk does not match its id). Nothing of that chunk was stored; the sender sends whole
+    chunks instead. ``sent`` is set by the sender to what its upload had sent before (figures)."""
+
+    sent: object = None
+
+
 class RefusedError(DrsyncError):
     """Refused for safety: wrong cluster or release, fenced, too much lag."""
 

@@ -286,10 +286,14 @@ def test_a_hostile_sender_cannot_store_what_its_delta_does_not_hold(pair: Pair) 
         "an unknown encoding": pb.Chunk(id=chunks.chunk_id(new), encoding=3, raw_length=len(new), data=good,
                                         bases=[held]),
     }
+    # A malformed delta is refused on arrival (INVALID_ARGUMENT); one the standby cannot use (no such base,
+    # or bytes that decode to another chunk) is refused as unusable (DATA_LOSS: the primary then sends it whole).
+    unusable = {"an id its bytes do not have", "a base the standby does not hold", "another base's bytes"}
     for what, chunk in lies.items():
         err = _upload(pair.standby_addr, chunk)
         assert err is not None, what
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, err)
+        assert err.code() == (grpc.StatusCode.DATA_LOSS if what in unusable else grpc.StatusCode.INVALID_ARGUMENT), (
+            what, err)
     standby = Repository.open(open_storage(pair.standby_site.url("standby-repo")))
     assert standby.missing_chunks([chunks.chunk_id(new), chunks.chunk_id(b"other")]) == [
         chunks.chunk_id(new), chunks.chunk_id(b"other")]

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from drsync.errors import DrsyncError, IntegrityError
+from drsync.errors import DeltaRejected, DrsyncError, IntegrityError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.lock import DEFAULT_WAIT_S
@@ -168,8 +168,11 @@ class ChunkIntake:
         try:
             bases = [self.repo.read_chunk(b) for b in c.bases]
         except DrsyncError as e:  # damaged (IntegrityError) or unreadable (an HDFS or disk error)
-            raise IntegrityError(f"chunk {c.id.hex()[:16]} came as a delta against chunks this standby cannot "
-                                 f"read ({e}); the primary sends it whole instead; run `drsync repo verify` on "
-                                 f"this standby") from None
-        return chunks.delta_decode(c.data, chunks.delta_dictionary(bases, c.base_skip, c.raw_length), c.raw_length,
-                                   c.id)
+            raise DeltaRejected(f"chunk {c.id.hex()[:16]} came as a delta against chunks this standby cannot "
+                                f"read ({e}); the primary sends it whole instead; run `drsync repo verify` on "
+                                f"this standby") from None
+        try:
+            return chunks.delta_decode(c.data, chunks.delta_dictionary(bases, c.base_skip, c.raw_length),
+                                       c.raw_length, c.id)
+        except IntegrityError as e:
+            raise DeltaRejected(f"{e}; nothing of it was stored; the primary sends it whole instead") from None

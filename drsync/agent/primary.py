@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync.errors import DrsyncError, IntegrityError, RefusedError
+from drsync.errors import DeltaRejected, DrsyncError, IntegrityError, RefusedError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, gather, id_key, id_list, ids_array, locate, pieces_key, sort_unique, to_arrow
@@ -495,7 +495,11 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
                                                               sent.raw_bytes + raw)
 
     if len(missing) and pacer.may_send():
-        link.upload(epoch, chunk_batches())
+        try:
+            link.upload(epoch, chunk_batches())
+        except DeltaRejected as e:
+            e.sent = sent  # what went before the refusal (and stays there): the retry's figures add it
+            raise
     elif len(missing):
         paused = True
     if paused:

@@ -11,6 +11,7 @@ switchover's final shipments): capture once, ship to the given targets, wait.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,11 +22,11 @@ from datetime import datetime
 from typing import Any
 
 from drsync import engine
-from drsync.agent.primary import ShippingPaused, ShipResult, ship_snapshot, wants_deltas
+from drsync.agent.primary import ShippingPaused, ShipResult, Upload, ship_snapshot, wants_deltas
 from drsync.agent.throttle import TargetBandwidth, local_now
 from drsync.bandwidth import Schedule
 from drsync.config import Config
-from drsync.errors import DrsyncError, FencedError, IntegrityError, RefusedError
+from drsync.errors import DeltaRejected, DrsyncError, FencedError, RefusedError
 from drsync.metrics import AgentMetrics
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest
@@ -78,6 +79,17 @@ class Position:
 
     snapshot: str = ""
     captured_at: float = 0.0
+
+
+def with_first_try(res: ShipResult, first: object) -> ShipResult:
+    """``res`` (a shipment's whole-chunk retry) with what its first try's upload sent before the standby
+    rejected a delta (an :class:`Upload`, or None when unknown) added: both crossed the link. Pure."""
+    if not isinstance(first, Upload):
+        return res
+    return dataclasses.replace(res, missing_chunks=res.missing_chunks + first.chunks,
+                               shipped_bytes=res.shipped_bytes + first.stored_bytes,
+                               delta_chunks=res.delta_chunks + first.deltas,
+                               deduplicated_bytes=max(0, res.deduplicated_bytes - first.raw_bytes))
 
 
 class Shipper:
@@ -242,12 +254,12 @@ class Shipper:
             if wants_deltas(hello, self.bandwidth.rate(), self.whole_chunks):
                 try:
                     res = ship(True)
-                except IntegrityError as e:
+                except DeltaRejected as e:
                     # The standby could not use a delta (its copy of a base is damaged or unreadable): at once,
                     # and for the rest of this process, whole chunks; what it stored stays and is not sent again.
                     self.whole_chunks = True
                     log.warning("%s; sending whole chunks to %s from now on (snapshot %s)", e, self.target, info.id)
-                    res = ship(False)
+                    res = with_first_try(ship(False), e.sent)
             else:
                 res = ship(False)
             done = res.applied
