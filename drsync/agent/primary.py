@@ -312,8 +312,8 @@ def negotiation_plan(new: Manifest | ManifestFile,
     (:func:`manifest_diff.chunks_beyond`, a merge of the two), less those ``applied`` names anywhere
     (a moved or copied file), found by reading ``applied``'s chunk column a row group at a time. Memory
     follows the changed rows, not the snapshot's size. Without a known applied snapshot, ask about all of
-    them. (If the standby lost chunks anyway, its commit check refuses and the next attempt negotiates
-    everything.)
+    them. (If the standby lost chunks anyway, a pack gone or damaged, its commit check refuses every
+    shipment naming them, saying so and naming ``drsync repo verify``: nothing here sends them again.)
     """
     if applied is None:
         ids, sizes, order = _distinct(new)
