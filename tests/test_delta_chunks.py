@@ -335,3 +335,18 @@ def test_a_damaged_base_on_the_standby_does_not_stop_replication(pair: Pair) -> 
     wait_for(pair.in_sync, "the standby to follow with whole chunks after the rejected delta")
     log = (pair.tmp / "primary.log").read_text()
     assert "came as a delta against chunks this standby cannot read" in log, log[-3000:]
+
+
+def test_a_whole_chunk_retry_reports_both_tries() -> None:
+    """What a shipment reports after a standby rejected a delta: the retry's figures plus what the first try
+    sent before the refusal (both crossed the link); nothing added when the first try's figures are unknown."""
+    from drsync.agent.primary import ShipResult, Upload
+    from drsync.agent.shipper import with_first_try
+    from drsync.transport import CommitOutcome
+
+    retry = ShipResult("s", chunks=40, missing_chunks=1, shipped_bytes=300_000, deduplicated_bytes=9_000_000,
+                       duration_s=0.2, applied=CommitOutcome("s", 1, 0, 0.0), delta_chunks=0)
+    both = with_first_try(retry, Upload(chunks=2, stored_bytes=6_000, raw_bytes=600_000, deltas=2))
+    assert (both.missing_chunks, both.shipped_bytes, both.delta_chunks, both.deduplicated_bytes) == (
+        3, 306_000, 2, 8_400_000)
+    assert with_first_try(retry, None) == retry
