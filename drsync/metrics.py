@@ -76,6 +76,8 @@ class AgentMetrics:
         self.shipped_bytes = counter("shipped_bytes", "Stored bytes sent to standbys")
         self.deduplicated_bytes = counter("deduplicated_bytes",
                                           "Bytes of shipped snapshots the standby already had")
+        self.delta_chunks = counter("delta_chunks", "Chunks sent to standbys as deltas against chunks they hold "
+                                                    "(a far or limited link)")
         self.ship_failures = counter("ship_failures", "Shipments that failed or were refused")
         self.backup_last_success = gauge("backup_last_success_timestamp_seconds", "Time of the last good backup")
         self.drill_last_success = gauge("drill_last_success_timestamp_seconds", "Time of the last passed drill")

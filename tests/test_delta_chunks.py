@@ -37,7 +37,7 @@ from drsync.transport.grpc import GrpcStandbyLink, encode_chunk_batch
 from drsync.transport.pb import drsync_pb2 as pb
 from drsync.transport.pb import drsync_pb2_grpc as pb_grpc
 from tests.conftest import run_drsync
-from tests.test_agents import Pair, pair, wait_for  # noqa: F401 - pair is a fixture
+from tests.test_agents import Pair, pair, scrape, wait_for  # noqa: F401 - pair is a fixture
 
 # --- the codec -----------------------------------------------------------------------------------
 
@@ -335,6 +335,8 @@ def test_a_damaged_base_on_the_standby_does_not_stop_replication(pair: Pair) -> 
     wait_for(pair.in_sync, "the standby to follow with whole chunks after the rejected delta")
     log = (pair.tmp / "primary.log").read_text()
     assert "came as a delta against chunks this standby cannot read" in log, log[-3000:]
+    # The rejected delta crossed the link too: the primary's counter has it.
+    assert scrape(pair.metrics["primary"])["drsync_delta_chunks_total"] >= 1
 
 
 def test_a_whole_chunk_retry_reports_both_tries() -> None:

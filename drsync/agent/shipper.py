@@ -270,6 +270,7 @@ class Shipper:
             self.metrics.ship_duration.observe(res.duration_s)
             self.metrics.shipped_bytes.inc(res.shipped_bytes)
             self.metrics.deduplicated_bytes.inc(res.deduplicated_bytes)
+            self.metrics.delta_chunks.inc(res.delta_chunks)
             return ShipOutcome(self.target, info.id, True,
                                f"{'stored, applied later (apply_delay)' if done.deferred else 'applied'} "
                                f"({res.missing_chunks}/{res.chunks} chunks sent, {human_size(res.shipped_bytes)} in "
