@@ -48,7 +48,6 @@ def plan_root(want: Entry | None, have: Entry | None, *, keep: bool, touched: bo
     return want, differs
 
 
-
 def holds_data(root: DataRoot) -> bool:
     """Whether the root holds anything but drsync's own files; one this user cannot list is taken to."""
     try:

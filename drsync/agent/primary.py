@@ -442,7 +442,8 @@ def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLin
 def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: StandbyLink, manifest: Spool, *,
                                  epoch: int, pacer: Pacer, applied: Manifest | ManifestFile | None,
                                  check: Callable[[bool], None], delta: bool = False) -> tuple[ChunkCount, Upload]:
-    count, ask = negotiation_plan(ManifestFile(manifest, f"manifest of snapshot {info.id}"), applied)
+    new = ManifestFile(manifest, f"manifest of snapshot {info.id}")  # read a row group at a time, as needed
+    count, ask = negotiation_plan(new, applied)
     replies: list[pa.Array] = []
     if len(ask):
         for reply in link.missing(epoch, ask.batches(NEGOTIATE_BATCH)):
@@ -452,8 +453,7 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
     del replies
     deltas = Deltas.none()
     if delta and applied is not None and len(missing):
-        deltas = plan_deltas(repo, link, epoch, applied, ManifestFile(manifest, f"manifest of snapshot {info.id}"),
-                             missing)
+        deltas = plan_deltas(repo, link, epoch, applied, new, missing)
     sent = Upload()
     paused = False
 
@@ -464,8 +464,7 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
         # Located from the index files as they are read (the capture let the index go, see Shipper.capture):
         # the missing ids and a flag each, never the whole index beside them; read in pack order.
         for rows in _located_asked(repo, missing, link.target,
-                                   lambda: negotiation_plan(ManifestFile(manifest, f"manifest of snapshot {info.id}"),
-                                                            applied)[1]):
+                                   lambda: negotiation_plan(new, applied)[1]):
             for cid, loc in rows.iter_rows():
                 # A message never grows past UPLOAD_MESSAGE_BYTES but by one chunk alone: its buffers stay
                 # under the allocator's mapping threshold (drsync.allocators), reused, not faulted in anew.

@@ -127,9 +127,9 @@ def _raw_dict(base: bytes | memoryview) -> zstandard.ZstdCompressionDict:
 
 
 def delta_encode(data: bytes | memoryview, base: bytes | memoryview) -> bytes:
-    """``data`` as a zstd frame compressed with ``base`` (another chunk) as a raw-content dictionary, its
-    size in the frame header: what a primary sends for a chunk whose standby holds ``base`` (encoding
-    :data:`format.ENC_DELTA`, on the wire only). Pure."""
+    """``data`` as a zstd frame compressed with ``base`` (:func:`delta_dictionary`: bytes the standby holds) as
+    a raw-content dictionary, its size in the frame header: what a primary sends for a chunk as a delta
+    (encoding :data:`format.ENC_DELTA`, on the wire only). Pure."""
     return zstandard.ZstdCompressor(level=fmt.DELTA_LEVEL, dict_data=_raw_dict(base),
                                     write_content_size=True).compress(data)
 

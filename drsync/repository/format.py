@@ -43,8 +43,9 @@ ENC_ZSTD = 1
 ENCODINGS = frozenset({ENC_RAW, ENC_ZSTD})
 ZSTD_LEVEL = 3
 # On the wire only (the agent protocol), never in a repository: a chunk sent as a zstd frame compressed with
-# another chunk, its ``base``, as a raw-content dictionary. The standby holds the base, decodes the chunk and
-# stores it raw or zstd as a capture would (drsync.repository.chunks.delta_encode / delta_decode).
+# the bytes its path held at its offsets (chunks the standby holds, its ``bases``, joined and cut) as a
+# raw-content dictionary. The standby decodes it and stores it raw or zstd as a capture would
+# (drsync.repository.chunks.delta_dictionary, delta_encode, delta_decode).
 ENC_DELTA = 2
 # Level 3: level 1's tables find the base's bytes in small chunks only (a 1 MiB chunk with 10 KB changed:
 # 1,048,610 bytes at level 1 against 11,085 at 3, measured); about 6 ms a 1 MiB chunk on one core.
