@@ -36,6 +36,7 @@ from drsync.errors import OperationFailed, UsageError
 from drsync.hardlink_groups import LinkGroups, holds
 from drsync.read_once import SharedInodes, Version
 from drsync.repository import chunks
+from drsync.repository.ids import IdSet
 from drsync.repository.link_leaders import in_sorted
 from drsync.repository.link_walk import LeftOut, may_escape, path_and_above
 from drsync.repository.manifest import (
@@ -178,8 +179,11 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
             progress: ProgressFn | None = None, on_total: Callable[[int], None] | None = None,
             captured_at: float | None = None, allow_empty: bool = False, content: str = CHUNKS,
             pinned: frozenset[str] = frozenset(), parent_volumes: Mapping[str, int] | None = None,
-            parent_root_volume: Mapping[str, str] | None = None) -> CaptureResult:
+            parent_root_volume: Mapping[str, str] | None = None, lost: IdSet | None = None) -> CaptureResult:
     """Capture ``root``. New chunks go to ``writer``; the caller flushes and commits.
+
+    ``lost``: chunk ids the repository no longer holds (a repair forgot them, :mod:`drsync.repository.repair`):
+    a file whose parent row names one is read again even when it did not change.
 
     ``captured_at`` and ``parent_captured_at`` name the frozen views (HDFS
     snapshots) of this capture and of the parent's, so that the next capture
@@ -217,7 +221,7 @@ def capture(root: str | DataRoot, writer: ChunkWriter, *, parent: Manifest | Man
     top = data_root.root_entry()  # the root's own mode, owner, time: the manifest's key-value metadata
     watch = _volume_watch(data_root, parent, parent_volumes or {}, exclude, allow_empty)
     with frozen as view:
-        result = _capture_view(view, writer, parent=parent, parent_captured_at=parent_captured_at,
+        result = _capture_view(view, writer, parent=parent, parent_captured_at=parent_captured_at, lost=lost,
                                reread_attempts=0 if view.consistent else reread_attempts,
                                exclude=exclude | watch.gone if watch else exclude,
                                workers=workers, progress=progress, on_total=on_total, content=content,
@@ -315,7 +319,8 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                   parent_captured_at: float | None, reread_attempts: int, exclude: frozenset[str],
                   workers: int | None, progress: ProgressFn | None,
                   on_total: Callable[[int], None] | None, content: str = CHUNKS,
-                  watch: _VolumeWatch | None = None, top: Entry | None = None) -> CaptureResult:
+                  watch: _VolumeWatch | None = None, top: Entry | None = None,
+                  lost: IdSet | None = None) -> CaptureResult:
     """The capture of one frozen view, in windows of :data:`_WINDOW` path-sorted scan rows.
 
     A local tree is walked as the windows are taken (:meth:`TreeScan.windows`), so memory holds one
@@ -334,7 +339,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
     below: dict[str, int] = dict.fromkeys(watch.mounted, 0) if watch is not None else {}
     warnings = scan.warnings
     pv = _Parent(parent) if parent is not None and len(parent) else None
-    matcher = _Matcher(pv, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM)
+    matcher = _Matcher(pv, parent_captured_at or 0.0, external_ok=content == HDFS_CHECKSUM, lost=lost)
     links = LinkGroups()
     algorithms: set[str] = set()
     state = _Totals()
@@ -476,8 +481,10 @@ class _Matcher:
     """The parent's rows for path-sorted scan windows taken in order: the parent is read a row group at
     a time, in step with the windows, holding the groups of about one window's range of paths."""
 
-    def __init__(self, parent: _Parent | None, parent_captured_at: float, *, external_ok: bool) -> None:
+    def __init__(self, parent: _Parent | None, parent_captured_at: float, *, external_ok: bool,
+                 lost: IdSet | None = None) -> None:
         self.parent = parent
+        self.lost = lost if lost is not None and len(lost) else None
         self.racy_s, self.racy_ns = divmod(int(parent_captured_at * 1e9) - _RACY_NS, 1_000_000_000)
         self.external_ok = external_ok
         self.next = 0  # the first parent group a later window can need
@@ -556,8 +563,20 @@ class _Matcher:
         # A capture that stores chunks cannot reuse a row whose bytes only an HDFS snapshot held, and a
         # capture for DistCp checksums files the parent has as chunks (a snapshot is all one kind).
         ok &= ~(((n_chunks != n_sizes) != self.external_ok) & (theirs("size") > 0))
+        if self.lost is not None:  # a row naming a chunk the repository lost: the file is read again
+            ok &= ~self._names_lost(pg)[at]
         ok |= has & _np(pc.equal(t_type, DIR)) & _np(pc.equal(p_type, DIR))[at] & same_ctime
         return np.where(has, loc + start, -1), np.where(ok, loc + start, -1)
+
+    def _names_lost(self, pg: pa.Table) -> np.ndarray:
+        """(rows of ``pg``,) bool: the row's chunk list names a chunk of :attr:`lost`."""
+        assert self.lost is not None
+        lists = pg.column("chunks").combine_chunks()
+        out = np.zeros(pg.num_rows, bool)
+        flat = pc.list_flatten(lists)
+        if len(flat):
+            out[_np(pc.list_parent_indices(lists))[self.lost.contains_many(flat)]] = True
+        return out
 
 
 class _Parent:

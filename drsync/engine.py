@@ -31,6 +31,7 @@ from drsync.protection import (
     record_window,
     split_protected,
 )
+from drsync.repository import repair
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.repo import GcReport, Repository, VerifyReport
 from drsync.repository.snapshots import SnapshotInfo, new_snapshot_id
@@ -148,6 +149,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
     with repo.write_session(wait_s=LOCK_WAIT_S) as session:
         parent = _parent_of(repo, root)
         parent_manifest = repo.open_manifest(parent) if parent else None
+        repaired = bool(repair.repaired_snapshots(repo))
+        lost = repair.lost_of(repo, parent_manifest) if repaired and parent_manifest is not None else None
         if req.hooks.pre:
             run_hook("pre-snapshot", req.hooks.pre, hook_env, req.hooks.timeout_s)
         started = time.monotonic()
@@ -163,7 +166,7 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
                                  allow_empty=req.allow_empty,
                                  content=HDFS_CHECKSUM if req.distcp is not None else CHUNKS, pinned=req.pinned,
                                  parent_volumes=parent.volumes if parent else None,
-                                 parent_root_volume=parent.root_volume if parent else None)
+                                 parent_root_volume=parent.root_volume if parent else None, lost=lost)
             finally:
                 if req.hooks.post:
                     try:
@@ -192,6 +195,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
         faults.pause("snapshot-commit")  # tests: captured and flushed, the shared lock held, not committed
         with result.stored:
             info = session.commit(info, result.stored, require_chunks=False)
+            if repaired:
+                repair.settle(repo, info, result.stored)
     for w in result.warnings.lines():
         log.warning("snapshot %s: %s", info.id, w)
     if result.stale or result.skipped:
@@ -415,3 +420,18 @@ def gc_repository(repo: Repository, *, dry_run: bool = False, lock_wait_s: float
 def verify_repository(repo: Repository, *, progress: Callable[[int], None] | None = None) -> VerifyReport:
     with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
         return repo.verify(on_progress=progress)
+
+
+def repair_repository(repo: Repository, *, dry_run: bool = False,
+                      progress: Callable[[int], None] | None = None) -> tuple[VerifyReport, repair.RepairReport]:
+    """Verify (every chunk re-read and re-hashed, under the shared lock: shipments and captures go on),
+    then make the index forget what the repository lost, under the exclusive lock (briefly): lost packs and
+    damaged chunks (:func:`drsync.repository.repair.forget`; a standby's primary then sends them again).
+    Damage found stays damage, so the verify's findings hold under the later lock; the lost packs are
+    listed again there. ``dry_run``: report only. Returns the verify report (before) and the repair's.
+    IntegrityError when every pack is gone or an index file cannot be read (nothing changed)."""
+    repo.refuse_if_read_only()
+    with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
+        report = repo.verify(on_progress=progress)
+    with repo.lock(exclusive=True, wait_s=LOCK_WAIT_S) as lock:
+        return report, repair.forget(repo, lock, damaged=report.damaged_at, dry_run=dry_run)

@@ -51,6 +51,16 @@ class DeltaRejected(IntegrityError):
     sent: object = None
 
 
+class ChunksLost(IntegrityError):
+    """A snapshot names chunks the repository does not hold, or holds in packs that are gone (a commit's
+    check on a standby: its repository lost them, e.g. a pack deleted or lost with a disk, an index file
+    gone). Nothing was committed. A standby forgets what it lost (:mod:`drsync.repository.repair`) and the
+    sender negotiates every chunk of the snapshot again and sends what is missing. ``sent`` as
+    :class:`DeltaRejected`'s."""
+
+    sent: object = None
+
+
 class RefusedError(DrsyncError):
     """Refused for safety: wrong cluster or release, fenced, too much lag."""
 

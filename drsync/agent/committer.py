@@ -31,6 +31,7 @@ from drsync.flocks import ApplyBusy
 from drsync.fsutil import describe_os_error
 from drsync.guard import Hold, MassChange, change_baseline, change_guard, deletion_guard, next_checkpoints
 from drsync.protection import as_stored_by_standby
+from drsync.repository import repair
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest, ManifestFile
 from drsync.repository.manifest_diff import chunks_beyond, same_tree
@@ -210,10 +211,17 @@ class Committer:
             # baseline) are checked, so a no-change cycle at 1,000,000 files loads no index. Unless a pack
             # the index names is gone (damage, not GC): then every chunk is checked, as before. A manifest
             # with the root's own hash (nothing changed) needs no merge to say so.
+            # After a repair forgot chunks (repaired.json), stored snapshots no longer vouch for theirs: every
+            # chunk is checked until a commit passes that (ChunksLost otherwise: the primary sends them again).
             same = self._known_root_hash() == info.manifest_hash
             root = None if same else self._known_root()
-            if self.repo.lost_packs() or (root is None and not same):
+            repaired = bool(repair.repaired_snapshots(self.repo))
+            if repaired or self.repo.lost_packs() or (root is None and not same):
                 self.repo.check_chunks_present(manifest.chunk_id_column(), f"snapshot {info.id}")
+                if repaired:
+                    repair.clear_repaired(self.repo)
+                    log.warning("standby %s holds every chunk of snapshot %s again (after a repair of its "
+                                "repository)", self.agent, info.id)
             elif root is not None:
                 self.repo.check_chunks_present(chunks_beyond(root, manifest), f"snapshot {info.id}")
             self.repo.reload_index()  # not kept through the guards and the apply: see _apply

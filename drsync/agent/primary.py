@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync.errors import DeltaRejected, DrsyncError, IntegrityError, RefusedError
+from drsync.errors import ChunksLost, DeltaRejected, DrsyncError, IntegrityError, RefusedError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, gather, id_key, id_list, ids_array, locate, pieces_key, sort_unique, to_arrow
@@ -312,8 +312,8 @@ def negotiation_plan(new: Manifest | ManifestFile,
     (:func:`manifest_diff.chunks_beyond`, a merge of the two), less those ``applied`` names anywhere
     (a moved or copied file), found by reading ``applied``'s chunk column a row group at a time. Memory
     follows the changed rows, not the snapshot's size. Without a known applied snapshot, ask about all of
-    them. (If the standby lost chunks anyway, a pack gone or damaged, its commit check refuses every
-    shipment naming them, saying so and naming ``drsync repo verify``: nothing here sends them again.)
+    them. (If the standby lost chunks anyway, a pack gone or an index file lost, its commit check refuses
+    with :class:`ChunksLost` and forgets what it lost; the shipper then asks again with ``applied`` None.)
     """
     if applied is None:
         ids, sizes, order = _distinct(new)
@@ -403,8 +403,12 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
         manifest, count, sent = _negotiate_and_upload(repo, info, link, epoch=epoch, pacer=pacer, applied=applied,
                                                       check=check, delta=delta)
     with manifest:
-        return _commit(info, link, manifest, count, sent, epoch=epoch, sender=sender, pacer=pacer,
-                       check=check, sender_seq=info.seq if sender_seq is None else sender_seq, start=start)
+        try:
+            return _commit(info, link, manifest, count, sent, epoch=epoch, sender=sender, pacer=pacer,
+                           check=check, sender_seq=info.seq if sender_seq is None else sender_seq, start=start)
+        except ChunksLost as e:
+            e.sent = sent  # what this try uploaded (and stays there): the retry's figures add it
+            raise
 
 
 def _commit(info: SnapshotInfo, link: StandbyLink, manifest: Spool, count: ChunkCount, sent: Upload, *,

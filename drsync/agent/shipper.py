@@ -26,7 +26,7 @@ from drsync.agent.primary import ShippingPaused, ShipResult, Upload, ship_snapsh
 from drsync.agent.throttle import TargetBandwidth, local_now
 from drsync.bandwidth import Schedule
 from drsync.config import Config
-from drsync.errors import DeltaRejected, DrsyncError, FencedError, RefusedError
+from drsync.errors import ChunksLost, DeltaRejected, DrsyncError, FencedError, RefusedError
 from drsync.metrics import AgentMetrics
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest
@@ -244,24 +244,33 @@ class Shipper:
                 applied = self._manifest_if_known(hello.applied_snapshot)
             # A reader of this repository while it reads (not while the standby applies): GC never
             # removes a pack this shipment is reading.
-            def ship(delta: bool) -> ShipResult:
+            def ship(delta: bool, base: Manifest | None) -> ShipResult:
                 return ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender, sender_seq=seq,
-                                     bandwidth_bps=self.bandwidth.rate, applied=applied,
+                                     bandwidth_bps=self.bandwidth.rate, applied=base,
                                      guard=self._guard if origin is None else self._relay_guard,
                                      reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S),
                                      delta=delta)
 
-            if wants_deltas(hello, self.bandwidth.rate(), self.whole_chunks):
+            def attempt(base: Manifest | None) -> ShipResult:
+                if base is None or not wants_deltas(hello, self.bandwidth.rate(), self.whole_chunks):
+                    return ship(False, base)
                 try:
-                    res = ship(True)
+                    return ship(True, base)
                 except DeltaRejected as e:
                     # The standby could not use a delta (its copy of a base is damaged or unreadable): at once,
                     # and for the rest of this process, whole chunks; what it stored stays and is not sent again.
                     self.whole_chunks = True
                     log.warning("%s; sending whole chunks to %s from now on (snapshot %s)", e, self.target, info.id)
-                    res = with_first_try(ship(False), e.sent)
-            else:
-                res = ship(False)
+                    return with_first_try(ship(False, base), e.sent)
+
+            try:
+                res = attempt(applied)
+            except ChunksLost as e:
+                # The standby lost chunks it held (a pack gone, an index file lost) and forgot them: ask it
+                # about every chunk of the snapshot, not only those its applied one lacks, and send them.
+                log.warning("%s; asking %s about every chunk of snapshot %s and sending what it lacks", e,
+                            self.target, info.id)
+                res = with_first_try(attempt(None), e.sent)
             done = res.applied
             self.received, self.apply_delay_s = info.id, done.apply_delay_s
             # Delayed (replication.apply_delay): stored and verified there, its root follows later.

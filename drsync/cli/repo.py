@@ -49,7 +49,7 @@ def init_cmd(inv: Invocation, cluster_id: str | None, release: str | None, prote
 
 @click.group("repo")
 def repo_grp() -> None:
-    """Repository maintenance: verify, gc, unlock."""
+    """Repository maintenance: verify, repair, gc, unlock."""
 
 
 @repo_grp.command("verify", epilog=exits(
@@ -77,6 +77,44 @@ def repo_verify(inv: Invocation) -> None:
         return
     problems = list(report.problems) + [f"chunk {c[:16]}: {r}" for c, r in report.damaged_chunks.items()]
     report_damage(problems, report.damaged_files, f"repository {repo.storage.url} is damaged")
+
+
+@repo_grp.command("repair", epilog=exits(
+             "0 nothing was lost, or the index forgot what was (each snapshot it leaves incomplete listed)",
+             "1 the lock is held or the storage fails",
+             "2 usage or configuration error (an option, the config, a name that does not exist)",
+             "3 refused: every pack is gone (is the storage mounted?) or an index file cannot be read; "
+                 "nothing was changed"))
+@repo_or_config
+@click.option("--dry-run", is_flag=True, help="Verify and report what would be forgotten; change nothing.")
+def repo_repair(inv: Invocation, dry_run: bool) -> None:
+    """Make the index forget chunks the repository lost, so they can come back.
+
+    Verifies every chunk (as repo verify), then, briefly under the exclusive lock, indexes again the packs
+    no index file names and drops the index's rows of packs that are gone and of chunks that are damaged;
+    nothing else is deleted. On a standby the primary's next
+    shipment sends again what its snapshots still need (a running standby forgets lost packs by itself);
+    on a primary a capture writes again what its files still hold, and the snapshots listed stay incomplete
+    until restored from the standby or a backup."""
+    repo = inv.open_repo()
+    with progress("verify") as (advance, _total):
+        verified, report = engine.repair_repository(repo, dry_run=dry_run, progress=advance)
+    doc = {"repository": repo.storage.url, **report.as_dict(), "problems": list(verified.problems)}
+
+    def table() -> None:
+        verb = "would forget" if dry_run else "forgot"
+        if not report.changed:
+            say(f"repository {repo.storage.url}: nothing lost, nothing to forget"
+                + ("" if verified.ok else f" ({count(len(verified.problems), 'other problem')}: run "
+                                          f"'drsync repo verify')"))
+            return
+        say(f"repository {repo.storage.url}: {verb} {count(report.forgotten_chunks, 'chunk')} "
+            f"({count(len(report.lost_packs), 'lost pack')}, {count(report.damaged_chunks, 'damaged chunk')})")
+        for snap in report.incomplete:
+            say(f"  snapshot {snap} names chunks no longer held: a standby gets them again from its primary; "
+                f"elsewhere restore it from the standby or a backup, or delete it")
+
+    emit(inv, doc, table)
 
 
 @repo_grp.command("gc", epilog=exits(

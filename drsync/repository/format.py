@@ -96,6 +96,7 @@ INDEX_DIR = "index/"
 PACKS_DIR = "packs/"
 LOCKS_DIR = "locks/"
 PROTECT_NAME = "protect.json"  # the [snapshots] protect window the repository carries (drsync.protection)
+REPAIRED_NAME = "repaired.json"  # snapshots a repair left naming chunks it forgot (drsync.repository.repair)
 
 
 def pack_name(pack_id: str) -> str:

@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync import documents, faults
-from drsync.errors import IntegrityError, NotFound, OperationFailed, UsageError
+from drsync.errors import ChunksLost, IntegrityError, NotFound, OperationFailed, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
-from drsync.repository.ids import IdSet, id_at, id_key, ids_array, locate, sort_unique, unique_sorted
+from drsync.repository.ids import IdSet, id_at, id_key, id_list, ids_array, locate, sort_unique, unique_sorted
 from drsync.repository.lock import DEFAULT_WAIT_S, RepositoryLock
 from drsync.repository.manifest import Manifest, ManifestFile, column_groups
 from drsync.repository.manifest_check import validate
@@ -359,6 +359,8 @@ class VerifyReport:
     damaged_chunks: dict[str, str] = field(default_factory=dict)  # chunk hex -> reason
     damaged_files: list[dict[str, str]] = field(default_factory=list)  # {snapshot, path, reason}
     problems: list[str] = field(default_factory=list)
+    # pack id -> the ids of the chunks found damaged in it, or that it lacks (for drsync.repository.repair)
+    damaged_at: dict[str, set[bytes]] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -744,7 +746,7 @@ class Repository:
             numbers, names = set(range(len(held))), tuple(held)
         if missing:
             gone_ids = unique_sorted(np.concatenate(missing))
-            raise IntegrityError(
+            raise ChunksLost(
                 f"{what} names {len(gone_ids)} chunk(s) this repository does not hold (first "
                 f"{id_at(gone_ids, 0).hex()[:16]}); nothing was committed: the sender must send them again")
         packs = {fmt.pack_name(names[n]) for n in numbers}
@@ -752,9 +754,10 @@ class Repository:
             present = {o.name for o in self.storage.list(fmt.PACKS_DIR)}
             gone = packs - present
             if gone:
-                raise IntegrityError(
+                raise ChunksLost(
                     f"{what} names chunks in pack(s) that are gone ({len(gone)}, first {sorted(gone)[0]}); "
-                    f"nothing was committed: run 'drsync repo verify' on {self.storage.url}")
+                    f"nothing was committed (a standby forgets them and the sender sends them again; "
+                    f"elsewhere run 'drsync repo repair' on {self.storage.url})")
 
     def lost_packs(self) -> set[str]:
         """Packs the index names that ``packs/`` does not hold (damage: a pack deleted by hand or lost with
@@ -1089,6 +1092,7 @@ class Repository:
             name = fmt.pack_name(pack_id)
             report.packs += 1
             table: PackTable | None = None
+            here: dict[bytes, str] = {}
             if name not in present:
                 report.problems.append(f"pack {pack_id} is missing")
             else:
@@ -1097,13 +1101,18 @@ class Repository:
                 except IntegrityError as e:
                     report.problems.append(str(e))
                 if table is not None:
-                    bad.update(self._verify_pack(pack_id, table))
+                    # A damaged copy the index does not place here (a repair forgot it) is garbage, not damage.
+                    indexed = set(id_list(rows.ids))
+                    here.update((c, r) for c, r in self._verify_pack(pack_id, table).items() if c in indexed)
                     report.chunks += len(table)
                 if on_progress:
                     on_progress(present[name])
             # Chunks the index places in this pack that it does not list (it is missing or damaged), or
             # places where the pack does not have them: a read through the index would get other bytes.
-            bad.update(index_disagreements(pack_id, rows, table))
+            here.update(index_disagreements(pack_id, rows, table))
+            if here:
+                report.damaged_at[pack_id] = set(here)
+            bad.update(here)
         report.damaged_chunks = {cid.hex(): reason for cid, reason in bad.items()}
         bad_ids = IdSet.of(list(bad)) if bad else None
         snapshots, damaged_docs = self._snapshots_and_damage(stop_at_damage=False)

@@ -24,7 +24,15 @@ from typing import Generic, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from drsync.errors import DeltaRejected, DrsyncError, IntegrityError, OperationFailed, RefusedError, UsageError
+from drsync.errors import (
+    ChunksLost,
+    DeltaRejected,
+    DrsyncError,
+    IntegrityError,
+    OperationFailed,
+    RefusedError,
+    UsageError,
+)
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.manifest import ManifestTooLarge
@@ -116,6 +124,8 @@ def _abort(context: grpc.ServicerContext, e: Exception) -> None:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
     if isinstance(e, DeltaRejected):  # its own status: the sender retries with whole chunks, and only then
         context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+    if isinstance(e, ChunksLost):  # its own status: the sender negotiates every chunk again and resends
+        context.abort(grpc.StatusCode.NOT_FOUND, str(e))
     if isinstance(e, IntegrityError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, DrsyncError):
@@ -417,6 +427,8 @@ def _translate(e: grpc.RpcError, target: str) -> DrsyncError:
         return IntegrityError(f"standby {target} rejected the data: {details}")
     if code == grpc.StatusCode.DATA_LOSS:
         return DeltaRejected(f"standby {target} could not use a delta: {details}")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ChunksLost(f"standby {target} lacks chunks: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return OperationFailed(f"standby {target} refused a request over its limits: {details}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -1,0 +1,237 @@
+"""Repair of a repository that lost data: its index stops naming what it no longer holds.
+
+A pack deleted by hand or lost with a disk, or a chunk whose stored bytes rotted, stays named by the
+index: a standby's negotiation would say it holds those chunks, nothing would send them again, and every
+commit naming one would be refused for ever. :func:`forget` drops those index rows under the exclusive
+lock: one new index file, durable before the old ones are deleted (a crash in between leaves both, and
+the next repair finds the same rows again). Nothing else is deleted: a damaged pack's other chunks stay
+where they are, and a lost pack that comes back is garbage for the next GC (its chunks were sent again).
+
+It also indexes again the packs no index file names (an index file lost or deleted: its packs look
+like garbage), every chunk of them checked against its id first.
+
+Then the repository says it lacks what it lost. When snapshots name a forgotten chunk it writes
+``repaired.json`` (docs/FORMAT.md): while that is there, a standby checks every chunk of each commit, not
+only those of the files that changed (its stored snapshots no longer vouch for theirs), so the primary
+sends back whatever the snapshot it ships needs (:class:`drsync.errors.ChunksLost`); the first commit
+that passes the whole check removes it. On a primary a capture writes them again when a file still holds
+them, and the snapshots naming the others stay incomplete (``RepairReport.incomplete``) until restored
+from the standby or a backup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.compute as pc
+
+from drsync.errors import ChunksLost, IntegrityError
+from drsync.repository import chunks
+from drsync.repository import format as fmt
+from drsync.repository.ids import IdSet, ids_array
+from drsync.repository.lock import RepositoryLock
+from drsync.repository.manifest import Manifest, ManifestFile, column_groups
+from drsync.repository.packs import IndexRows, read_index_file, read_pack_table, write_index
+from drsync.repository.repo import Repository
+from drsync.repository.snapshots import SnapshotInfo
+from drsync.repository.spool import Spool
+
+log = logging.getLogger("drsync.repository")
+
+
+@dataclass
+class RepairReport:
+    """What :func:`forget` found and dropped.
+
+    ``lost_packs``: pack ids the index named that ``packs/`` does not hold; ``damaged_chunks``: chunks
+    dropped from packs that exist (bytes that do not match their id, or rows the pack does not list);
+    ``forgotten_chunks``: distinct chunk ids the repository no longer holds at all (a copy in another
+    pack keeps a chunk held); ``forgotten_rows``: index rows dropped; ``incomplete``: ids of snapshots
+    naming a forgotten chunk (their files with those chunks cannot be restored from here until the chunks
+    come back); ``reindexed_packs``/``reindexed_chunks``: packs no index file named, indexed again (their
+    chunks that check); ``dry_run``: nothing was changed."""
+
+    lost_packs: list[str] = field(default_factory=list)
+    reindexed_packs: list[str] = field(default_factory=list)
+    reindexed_chunks: int = 0
+    damaged_chunks: int = 0
+    forgotten_chunks: int = 0
+    forgotten_rows: int = 0
+    incomplete: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.forgotten_rows or self.reindexed_chunks)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"lost_packs": self.lost_packs, "reindexed_packs": self.reindexed_packs,
+                "reindexed_chunks": self.reindexed_chunks, "damaged_chunks": self.damaged_chunks,
+                "forgotten_chunks": self.forgotten_chunks, "forgotten_rows": self.forgotten_rows,
+                "incomplete_snapshots": self.incomplete, "dry_run": self.dry_run}
+
+
+def rows_to_keep(rows: IndexRows, lost: set[str], damaged: Mapping[str, set[bytes]]) -> np.ndarray:
+    """(N,) bool over ``rows``: False for a row in a pack of ``lost`` (pack ids), or naming a chunk that
+    ``damaged`` (pack id -> chunk ids) lists for its pack; a copy of the same chunk in another pack is
+    kept. Pure."""
+    keep = np.ones(len(rows), bool)
+    for number, pack in enumerate(rows.packs):
+        in_pack = rows.pack == number
+        if pack in lost:
+            keep &= ~in_pack
+        elif damaged.get(pack):
+            bad = ids_array(sorted(damaged[pack]))
+            keep &= ~(in_pack & np.isin(rows.ids, bad))
+    return keep
+
+
+def orphan_rows(repo: Repository, present: dict[str, int], named: set[str]) -> tuple[IndexRows, list[str]]:
+    """Index rows for the packs of ``present`` (pack name -> size) that no index row names (``named``: pack
+    ids): each pack's own table, each chunk read and checked against its id (a damaged one is left out).
+    Returns the rows and the ids of the packs they come from; a pack whose table cannot be read is skipped
+    (it stays garbage). Caller holds the exclusive lock: no writer has packs in progress."""
+    parts: list[IndexRows] = []
+    found: list[str] = []
+    for name, size in sorted(present.items()):
+        pack_id = name.rsplit("/", 1)[-1].removesuffix(".pack")
+        if pack_id in named or fmt.pack_name(pack_id) != name:
+            continue
+        try:
+            table = read_pack_table(repo.storage, pack_id, size)
+        except IntegrityError as e:
+            log.warning("repository %s: pack %s is in no index file and cannot be read (%s); left as garbage",
+                        repo.storage.url, pack_id, e)
+            continue
+        good = np.ones(len(table), bool)
+        for i in range(len(table)):
+            stored = repo.storage.read_range(name, int(table.offset[i]), int(table.stored_length[i]))
+            try:
+                chunks.decode(int(table.encoding[i]), stored, int(table.raw_length[i]), bytes(table.ids[i]))
+            except IntegrityError:
+                good[i] = False
+        if good.any():
+            n = int(good.sum())
+            parts.append(IndexRows(table.ids[good], np.zeros(n, np.uint32), table.offset[good],
+                                   table.stored_length[good], table.raw_length[good], table.encoding[good],
+                                   (pack_id,)))
+            found.append(pack_id)
+    return IndexRows.concat(parts), found
+
+
+def forget(repo: Repository, lock: RepositoryLock, *, damaged: Mapping[str, set[bytes]] | None = None,
+           dry_run: bool = False) -> RepairReport:
+    """Index again the packs no index file names (:func:`orphan_rows`), and drop the index rows of lost
+    packs and of ``damaged`` chunks (pack id -> chunk ids, e.g. :meth:`Repository.verify`'s
+    ``damaged_at``). ``lock``: the repository's exclusive lock, held. When snapshots name a chunk no
+    longer held, writes ``repaired.json`` (see the module's docstring).
+
+    IntegrityError, nothing changed, when every pack the index names is gone: that is an unmounted or
+    wrong ``packs/`` far more often than a disk that lost everything, and forgetting would make the
+    repository take its whole history for absent (safety rule 8's reading of a read error). An index file
+    that cannot be read is an IntegrityError too (its rows cannot be kept or dropped knowingly)."""
+    report = RepairReport(dry_run=dry_run)
+    names = [o.name for o in repo.storage.list(fmt.INDEX_DIR)]
+    rows = IndexRows.concat([read_index_file(repo.storage.read(n), n) for n in names])
+    named = rows.pack_names()
+    present = {o.name: o.size for o in repo.storage.list(fmt.PACKS_DIR)}
+    lost = {p for p in named if fmt.pack_name(p) not in present}
+    if named and lost == named:
+        raise IntegrityError(f"every pack the index of {repo.storage.url} names ({len(named)}) is gone from "
+                             f"{fmt.PACKS_DIR}: is its storage mounted? nothing was forgotten; restore the "
+                             f"repository from a backup or the standby, or init a new one")
+    orphans, report.reindexed_packs = orphan_rows(repo, present, named)
+    report.reindexed_chunks = len(orphans)
+    keep = rows_to_keep(rows, lost, damaged or {})
+    report.lost_packs = sorted(lost)
+    report.forgotten_rows = int((~keep).sum())
+    if not report.changed:
+        return report
+    lost_numbers = [i for i, p in enumerate(rows.packs) if p in lost]
+    report.damaged_chunks = int((~keep & ~np.isin(rows.pack, lost_numbers)).sum())
+    kept = IndexRows.concat([rows.take(keep), orphans])
+    gone = IdSet.of(rows.ids[~keep]).difference(IdSet.of(kept.ids))
+    report.forgotten_chunks = len(gone)
+    del rows, orphans
+    if len(gone):
+        for info in repo.list_snapshots():
+            if repo.load_manifest_chunks(info).contains_many(gone.ids).any():
+                report.incomplete.append(info.id)
+    if dry_run:
+        return report
+    lock.verify()  # the listings above are whole only while this lock is ours
+    new_index = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
+    write_index(repo.storage, new_index, kept)
+    if report.incomplete:  # before the old index goes: a crash in between leaves rows to forget again
+        mark_repaired(repo, report)
+    for name in names:
+        repo.storage.delete(name)
+    repo.reload_index()
+    log.warning("repository %s: indexed %d chunk(s) of %d pack(s) no index named; forgot %d chunk(s) it no "
+                "longer holds (%d lost pack(s), %d damaged chunk(s)); %d snapshot(s) name those",
+                repo.storage.url, report.reindexed_chunks, len(report.reindexed_packs), report.forgotten_chunks,
+                len(lost), report.damaged_chunks, len(report.incomplete))
+    return report
+
+
+def mark_repaired(repo: Repository, report: RepairReport) -> None:
+    """Write ``repaired.json`` (durable): ``{"at": unix seconds, "snapshots": [ids], "forgotten_chunks": n}``,
+    the snapshots ``report`` left incomplete added to those an earlier repair listed."""
+    earlier = repaired_snapshots(repo)
+    doc = {"at": time.time(), "snapshots": sorted(set(earlier) | set(report.incomplete)),
+           "forgotten_chunks": report.forgotten_chunks}
+    repo.storage.write(fmt.REPAIRED_NAME, json.dumps(doc, sort_keys=True).encode())
+
+
+def repaired_snapshots(repo: Repository) -> list[str]:
+    """The snapshots ``repaired.json`` lists, [] when there is none. A file that is not what a repair writes
+    (damage) lists nothing it could name: ``["?"]``, so that a standby still checks every chunk."""
+    try:
+        if not repo.storage.exists(fmt.REPAIRED_NAME):
+            return []
+        data = repo.storage.read(fmt.REPAIRED_NAME)
+        if len(data) > fmt.SMALL_DOC_MAX_BYTES:
+            return ["?"]
+        doc = json.loads(data)
+        snaps = doc.get("snapshots") if isinstance(doc, dict) else None
+        if isinstance(snaps, list) and all(isinstance(x, str) for x in snaps):
+            return snaps or ["?"]
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return ["?"]
+
+
+def clear_repaired(repo: Repository) -> None:
+    """Remove ``repaired.json``: a commit checked every chunk of its snapshot and found them all held."""
+    repo.storage.delete(fmt.REPAIRED_NAME)
+
+
+def lost_of(repo: Repository, parent: Manifest | ManifestFile) -> IdSet:
+    """The chunks ``parent`` names that the repository does not hold (after a repair forgot them): a
+    capture reads the files naming them again. Loads the index (the rare path: ``repaired.json`` is there)."""
+    pieces = [ids_array(pc.list_flatten(t.column("chunks"))) for t in column_groups(parent, ["chunks"])]
+    ids = IdSet.of(np.concatenate(pieces)) if pieces else IdSet.empty()
+    if not len(ids):
+        return ids
+    held = repo.index.contains_many(ids.ids)
+    return IdSet(ids.ids[~held], ids.key[~held])
+
+
+def settle(repo: Repository, info: SnapshotInfo, manifest: Spool) -> None:
+    """After a capture read again what a repair forgot: remove ``repaired.json`` when the new snapshot's
+    every chunk is held (its manifest's bytes, ``manifest``); else leave it and say which (a file that could
+    not be read keeps its last version, and its chunks stay lost)."""
+    table = Manifest.from_bytes(manifest, f"manifest of snapshot {info.id}")
+    try:
+        repo.check_chunks_present(table.chunk_id_column(), f"snapshot {info.id}")
+    except ChunksLost as e:
+        log.warning("repository %s: %s; restore those files from the standby or a backup", repo.storage.url, e)
+        return
+    clear_repaired(repo)
+    log.warning("repository %s holds every chunk of snapshot %s again (after a repair)", repo.storage.url, info.id)
