@@ -209,21 +209,18 @@ def _standby_repo(p: Pair) -> Path:
     return Path(p.standby_site.url("standby-repo"))
 
 
-def _standby_pack_of(p: Pair, data: bytes) -> Path:
-    standby = Repository.open(open_storage(str(_standby_repo(p))))
-    loc = standby.index.get(chunks.chunk_id(data))
-    assert loc is not None
-    return _standby_repo(p) / fmt.pack_name(loc.pack_id)
-
-
+@pytest.mark.parametrize("pair", ["local", "to-hdfs"], indirect=True)
 def test_a_standby_that_lost_a_pack_of_an_unchanged_file_gets_it_back(pair: Pair) -> None:  # noqa: F811
     pair.start("standby")
     assert _once(pair.primary_cfg)["code"] == 0 and pair.in_sync()
     lonely = pair.prod / "catalog" / "lonely.bin"  # its own shipment: its own pack on the standby
     lonely.write_bytes(random.Random(7).randbytes(70_000))
     assert _once(pair.primary_cfg)["code"] == 0 and pair.in_sync()
-    pack = _standby_pack_of(pair, lonely.read_bytes())
-    pack.unlink()  # lost on the standby (a bad disk, a wrong clean-up)
+    standby = Repository.open(open_storage(pair.standby_site.url("standby-repo")))
+    loc = standby.index.get(chunks.chunk_id(lonely.read_bytes()))
+    assert loc is not None
+    standby.storage.delete(fmt.pack_name(loc.pack_id))  # lost on the standby (a bad disk, a wrong clean-up)
+    assert not standby.storage.exists(fmt.pack_name(loc.pack_id))
     (pair.prod / "catalog" / "f003.txt").write_bytes(b"a change elsewhere")
     doc = _once(pair.primary_cfg)
     assert doc["code"] == 0, doc
@@ -233,7 +230,7 @@ def test_a_standby_that_lost_a_pack_of_an_unchanged_file_gets_it_back(pair: Pair
     assert pair.in_sync()
     verify = run_drsync("repo", "verify", "--config", pair.standby_cfg)
     assert verify.code == 0, verify.out + verify.err
-    assert not (_standby_repo(pair) / fmt.REPAIRED_NAME).exists()
+    assert not standby.storage.exists(fmt.REPAIRED_NAME)
     # The next cycles are ordinary again: nothing more is sent for the file.
     (pair.prod / "catalog" / "f004.txt").write_bytes(b"and another")
     fig = _figures(_once(pair.primary_cfg))

@@ -47,6 +47,9 @@ class StandbyReceiver:
                  max_delete_fraction: float = 0.5, distcp: DistCpSettings | None = None,
                  apply_delay_s: float = 0.0, max_change_fraction: float = 0.5,
                  on_mass_change: str = "hold", mass_change_window_s: float = 0.0) -> None:
+        # Arrow's join engine (the apply's diff of two manifests) loads on first use: here, at the agent's
+        # start, not inside the first shipment's apply (20-25 ms, more with cold caches).
+        import pyarrow.acero  # noqa: F401
         self.repo = repo
         self.store = store
         self.agent = agent
