@@ -281,3 +281,31 @@ def test_repair_of_a_rotted_chunk_on_a_standby_brings_it_back_at_the_next_cycle(
     assert _figures(doc)["missing_chunks"] >= 2
     assert not (_standby_repo(pair) / fmt.REPAIRED_NAME).exists()
     assert run_drsync("repo", "verify", "--config", pair.standby_cfg).code == 0
+
+
+def test_a_lost_pack_only_older_snapshots_name_is_forgotten_not_checked_at_every_commit(pair: Pair) -> None:  # noqa: F811
+    """A pack lost on the standby that the shipped snapshot does not need (its file was deleted on
+    production): the commit passes, and the standby forgets the pack, so later commits take their usual
+    path (before, every commit checked every chunk while the index named a pack that is gone)."""
+    pair.start("standby")
+    assert _once(pair.primary_cfg)["code"] == 0
+    gone = pair.prod / "catalog" / "gone.bin"
+    gone.write_bytes(random.Random(11).randbytes(70_000))
+    assert _once(pair.primary_cfg)["code"] == 0 and pair.in_sync()
+    standby = Repository.open(open_storage(pair.standby_site.url("standby-repo")))
+    loc = standby.index.get(chunks.chunk_id(gone.read_bytes()))
+    assert loc is not None
+    gone.unlink()
+    assert _once(pair.primary_cfg)["code"] == 0 and pair.in_sync()
+    standby.storage.delete(fmt.pack_name(loc.pack_id))
+    assert standby.lost_packs() == {loc.pack_id}
+    (pair.prod / "catalog" / "f003.txt").write_bytes(b"a change")
+    doc = _once(pair.primary_cfg)
+    assert doc["code"] == 0 and pair.in_sync(), doc
+    assert standby.lost_packs() == set()
+    (pair.prod / "catalog" / "f004.txt").write_bytes(b"another change")
+    assert _once(pair.primary_cfg)["code"] == 0 and pair.in_sync()
+    assert not standby.storage.exists(fmt.REPAIRED_NAME)  # the next commit checked every chunk and passed
+    # The deleted file's chunk is not held any more (nobody sends it back: production no longer has it).
+    cid = chunks.chunk_id(random.Random(11).randbytes(70_000))
+    assert Repository.open(open_storage(pair.standby_site.url("standby-repo"))).missing_chunks([cid]) == [cid]

@@ -76,6 +76,7 @@ class Committer:
         # Held for a whole commit (store + apply): a promotion takes it to wait for an apply in flight.
         self.lock = threading.Lock()
         self.broken = ""  # set when an apply failed half-way and could not be completed
+        self.lost_packs_seen = False  # the last commit found packs the index names gone (the standby forgets them)
         # The deletion guard (safety rule 8) and the operator's hold; changed under self.lock only.
         self.hold_file = HoldFile(store.dir)
         self.hold = self.hold_file.load()
@@ -216,7 +217,8 @@ class Committer:
             same = self._known_root_hash() == info.manifest_hash
             root = None if same else self._known_root()
             repaired = bool(repair.repaired_snapshots(self.repo))
-            if repaired or self.repo.lost_packs() or (root is None and not same):
+            self.lost_packs_seen = bool(self.repo.lost_packs())  # the standby forgets them after this commit
+            if repaired or self.lost_packs_seen or (root is None and not same):
                 self.repo.check_chunks_present(manifest.chunk_id_column(), f"snapshot {info.id}")
                 if repaired:
                     repair.clear_repaired(self.repo)

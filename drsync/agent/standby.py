@@ -259,7 +259,7 @@ class StandbyReceiver:
         """Admit (again, fresh, under the lock a promotion takes), store and apply; the shipment's intake
         session ends with it. The repository's shared lock is taken (or held by the session) before the
         commit lock: a commit waiting for a garbage collection's sweep never holds up a promotion."""
-        lost = False
+        lost = self.committer.lost_packs_seen = False
         try:
             with self.intake.session(caller), self.committer.lock:
                 self.committer.check_usable()
@@ -275,16 +275,17 @@ class StandbyReceiver:
                                        f"{self.store.dir})") from None
         finally:
             self.intake.end(caller)
-            if lost:
+            if lost or self.committer.lost_packs_seen:  # else every commit would check every chunk
                 self.forget_lost_chunks()
             self.after_commit()
 
     def forget_lost_chunks(self) -> None:
-        """After a commit refused for chunks this standby lost (:class:`ChunksLost`): its index stops naming
-        packs that are gone, so the sender's next negotiation, asking about every chunk, learns it lacks
-        them and sends them again. Under the exclusive lock, waited for briefly (its own session has just
-        ended; another sender's keeps it): when it cannot be had, or the repair is refused (every pack gone:
-        an unmounted storage, say), a WARNING or ERROR says so and the next refused commit tries again."""
+        """After a commit refused for chunks this standby lost (:class:`ChunksLost`), or one that found packs
+        gone (named only by older snapshots, say): its index stops naming packs that are gone, so the
+        sender's next negotiation, asking about every chunk, learns it lacks them and sends them again.
+        Under the exclusive lock, waited for briefly (its own session has just ended; another sender's keeps
+        it): when it cannot be had, or the repair is refused (every pack gone: an unmounted storage, say), an
+        ERROR says so and the next commit tries again."""
         try:
             with self.repo.lock(exclusive=True, wait_s=FORGET_WAIT_S) as lock:
                 report = repair.forget(self.repo, lock)
