@@ -142,8 +142,8 @@ def verify_step(repo: Repository, manifest: Manifest, snapshot: str, *, full: bo
     figures = {"chunks": len(ids), "checked": len(chosen), "checked_bytes": checked_bytes, "damaged": len(bad)}
     if bad:
         return DrillStep("verify", False, round(time.monotonic() - started, 3),
-                         f"{len(bad)} damaged chunk(s) in snapshot {snapshot}; first: {bad[0]}; run drsync repo "
-                         f"verify and re-ship from the primary", figures)
+                         f"{len(bad)} damaged chunk(s) in snapshot {snapshot}; first: {bad[0]}; run 'drsync repo "
+                         f"repair' on this standby: its primary then sends them again", figures)
     what = "all" if full else f"a {fraction:.0%} sample:"
     return DrillStep("verify", True, round(time.monotonic() - started, 3),
                      f"{what} {len(chosen)} of {len(ids)} chunks intact", figures)

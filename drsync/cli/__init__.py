@@ -8,7 +8,7 @@ stderr and exit with the code DESIGN.md fixes; ``--debug`` adds the traceback.
   (JSON, tables, progress) and the exit an error ends with
 - :mod:`drsync.cli.guards`: what keeps a repository's snapshots (protect window, apply holds)
 - :mod:`drsync.cli.restoring`: the restore options and report shared by snapshot and backup restore
-- :mod:`drsync.cli.repo`: ``init`` and ``repo verify|gc|unlock``
+- :mod:`drsync.cli.repo`: ``init`` and ``repo verify|repair|gc|unlock``
 - :mod:`drsync.cli.snapshot`: ``snapshot create|list|show|diff|delete|restore|expire``
 - :mod:`drsync.cli.backup`: ``backup create|restore|verify|list|prune``
 - :mod:`drsync.cli.agent`: ``agent``, ``apply``, ``drill run``, ``config check`` (one agent's side)

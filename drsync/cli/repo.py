@@ -1,4 +1,4 @@
-"""``drsync init`` and ``drsync repo verify|gc|unlock``: a repository as a whole.
+"""``drsync init`` and ``drsync repo verify|repair|gc|unlock``: a repository as a whole.
 """
 
 from __future__ import annotations
