@@ -43,7 +43,7 @@ from drsync import allocators, documents, faults, fsutil
 from drsync.apply_chunks import PartReaders, check_rows
 from drsync.apply_root import RootOpening, close_up, holds_data, plan_root, set_root
 from drsync.dataroot import SMALL_FILE_BYTES, STAGING, UNKNOWN_ID, DataRoot, open_data_root, small_files_pool
-from drsync.errors import IntegrityError, OperationFailed, RefusedError, UsageError
+from drsync.errors import ChunkDamaged, IntegrityError, OperationFailed, RefusedError, UsageError
 from drsync.flocks import ApplyBusy, ApplyLock
 from drsync.pathglob import compile_globs
 from drsync.repository.link_walk import escaping_links
@@ -1122,6 +1122,8 @@ def _chunk_data(e: Entry, source: ChunkSource, what: str,
     for cid in e.chunks:
         try:
             data = source.read_chunk(cid)
+        except ChunkDamaged as err:  # its type kept: a standby forgets that chunk and its primary resends it
+            raise ChunkDamaged(f"{what}: {e.path}: {err}; nothing was changed", err.chunk_id, err.pack_id) from None
         except IntegrityError as err:
             raise IntegrityError(f"{what}: {e.path}: {err}; nothing was changed") from None
         if progress:

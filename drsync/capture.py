@@ -366,7 +366,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                 to_read += int(_np(w.column("size"))[is_file & (reuse < 0)].sum())
                 on_total(to_read)
             rows = _window(view, writer, w, pv, same, reuse, links, state, warnings, pool,
-                           reread_attempts, progress, content, algorithms)
+                           reread_attempts, progress, content, algorithms, lost)
             if encoding is not None:
                 encoding.result()
             encoding = encoder.submit(out.write, rows)
@@ -754,10 +754,21 @@ def _hold_shared(w: _Stats, later: dict[int, int], read: dict[int, _ReadFile], b
         shared.keep(w.key(k), _read_version(got), got, int(w.nlink[k]) - 1 - given.get(k, 0))
 
 
+def _names_lost(p: _Parent, row: int, lost: IdSet | None) -> bool:
+    """Whether the parent's ``row`` names a chunk of ``lost`` (the rare path: an unreadable file after a
+    repair; its group read anew, not through the parent's one-group cache of other columns)."""
+    if lost is None or not len(lost):
+        return False
+    g = int(np.searchsorted(np.asarray(p.starts), row, side="right") - 1)
+    lists = p.group(g, ["chunks"]).column("chunks").combine_chunks()
+    flat = pc.list_flatten(lists.slice(row - p.starts[g], 1))
+    return bool(len(flat)) and bool(lost.contains_many(flat).any())
+
+
 def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | None,
             same: np.ndarray, reuse: np.ndarray, links: LinkGroups, totals: _Totals,
             warnings: WarningLog, pool: _Readers, reread_attempts: int, progress: ProgressFn | None,
-            content: str, algorithms: set[str]) -> pa.Table:
+            content: str, algorithms: set[str], lost: IdSet | None = None) -> pa.Table:
     """Manifest rows of the scan window ``w`` (their parent rows ``same`` and
     ``reuse``): files not reused are read (in ``pool``), the rest take the parent's carried columns,
     hard links are named over what was kept (``links``); rows that vanished or could not be read are
@@ -812,7 +823,11 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
                     totals.lost.append(paths[k])
                     why = "vanished while the snapshot was taken (renamed or removed)" if got == "vanished" \
                         else got
-                    warnings.append(f"{printable(paths[k])}: {why}; its last captured version is kept")
+                    kept = ("its last captured version is kept" if p is None or not _names_lost(p, int(same[k]), lost)
+                            else "its content is lost from this repository (a repair forgot its chunks) and "
+                                 "this snapshot names what it cannot restore: restore the file from the standby "
+                                 "or a backup, or make it readable for the next snapshot")
+                    warnings.append(f"{printable(paths[k])}: {why}; {kept}")
                 gone.append(k)
                 return
             if got.problem:

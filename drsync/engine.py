@@ -419,7 +419,11 @@ def gc_repository(repo: Repository, *, dry_run: bool = False, lock_wait_s: float
 
 def verify_repository(repo: Repository, *, progress: Callable[[int], None] | None = None) -> VerifyReport:
     with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
-        return repo.verify(on_progress=progress)
+        report = repo.verify(on_progress=progress)
+        problem = repair.repaired_problem(repo)
+        if problem:
+            report.problems.append(problem)
+        return report
 
 
 def repair_repository(repo: Repository, *, dry_run: bool = False,
@@ -433,5 +437,8 @@ def repair_repository(repo: Repository, *, dry_run: bool = False,
     repo.refuse_if_read_only()
     with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
         report = repo.verify(on_progress=progress)
+        problem = repair.repaired_problem(repo)
+        if problem:
+            report.problems.append(problem)
     with repo.lock(exclusive=True, wait_s=LOCK_WAIT_S) as lock:
         return report, repair.forget(repo, lock, damaged=report.damaged_at, dry_run=dry_run)

@@ -51,6 +51,16 @@ class DeltaRejected(IntegrityError):
     sent: object = None
 
 
+class ChunkDamaged(IntegrityError):
+    """A chunk the index places in a pack could not be read from it whole and intact: the pack is missing or
+    short there, or its bytes do not match the chunk's id. ``chunk_id`` (32 bytes) and ``pack_id`` name the
+    index row to forget (:mod:`drsync.repository.repair`)."""
+
+    def __init__(self, message: str, chunk_id: bytes, pack_id: str) -> None:
+        super().__init__(message)
+        self.chunk_id, self.pack_id = chunk_id, pack_id
+
+
 class ChunksLost(IntegrityError):
     """A snapshot names chunks the repository does not hold, or holds in packs that are gone (a commit's
     check on a standby: its repository lost them, e.g. a pack deleted or lost with a disk, an index file

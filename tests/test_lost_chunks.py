@@ -309,3 +309,33 @@ def test_a_lost_pack_only_older_snapshots_name_is_forgotten_not_checked_at_every
     # The deleted file's chunk is not held any more (nobody sends it back: production no longer has it).
     cid = chunks.chunk_id(random.Random(11).randbytes(70_000))
     assert Repository.open(open_storage(pair.standby_site.url("standby-repo"))).missing_chunks([cid]) == [cid]
+
+
+def test_a_delayed_standby_whose_apply_meets_a_damaged_chunk_gets_it_back(pair: Pair) -> None:  # noqa: F811
+    """``replication.apply_delay``: the apply that reads a damaged chunk of the standby's own repository runs
+    later, in the agent's loop, not in a commit the primary waits for. It forgets the damaged chunks of that
+    pack, so the next shipment's commit checks every chunk, the primary sends them, and a later delayed
+    apply brings the root to production's state."""
+    with open(pair.standby_cfg, "a") as f:
+        f.write('[replication]\napply_delay = "1s"\n')
+    pair.start("standby")
+    assert _once(pair.primary_cfg)["code"] == 0
+    wait_for(pair.in_sync, "the first delayed apply")
+    standby = Repository.open(open_storage(pair.standby_site.url("standby-repo")))
+    row = next(e for e in standby.load_manifest(standby.list_snapshots()[-1]).entries()
+               if e.path == "tables/orders/part-0.bin")
+    loc = standby.index.get(row.chunks[0])
+    pack = _standby_repo(pair) / fmt.pack_name(loc.pack_id)
+    pack.chmod(0o644)
+    os.truncate(pack, loc.offset + loc.stored_length // 2)
+    with open(pair.prod / "tables" / "orders" / "part-0.bin", "r+b") as f:  # the rest of the file is reused
+        f.seek(1_500_000)
+        f.write(random.Random(3).randbytes(3000))
+    assert _once(pair.primary_cfg)["code"] == 0  # stored, applied later
+    log = pair.tmp / "standby.log"
+    wait_for(lambda: "could not be applied" in log.read_text(errors="replace"), "the delayed apply to fail")
+    wait_for(lambda: standby.storage.exists(fmt.REPAIRED_NAME), "the standby to forget the damaged chunks")
+    (pair.prod / "catalog" / "f003.txt").write_bytes(b"a change elsewhere")
+    doc = _once(pair.primary_cfg)
+    assert doc["code"] == 0 and "every chunk" in doc["err"], doc
+    wait_for(pair.in_sync, "the next delayed apply")

@@ -26,7 +26,7 @@ from drsync.agent.state import StateStore
 from drsync.apply import ApplyResult, RootRemovalHeld, abandon_apply, apply_manifest, recover_apply
 from drsync.dataroot import open_data_root
 from drsync.dataroot.distcp import Cancelled, DistCpSettings, DistCpStager, content_source
-from drsync.errors import DrsyncError, IntegrityError, OperationFailed, RefusedError
+from drsync.errors import ChunkDamaged, DrsyncError, IntegrityError, OperationFailed, RefusedError
 from drsync.flocks import ApplyBusy
 from drsync.fsutil import describe_os_error
 from drsync.guard import Hold, MassChange, change_baseline, change_guard, deletion_guard, next_checkpoints
@@ -41,6 +41,9 @@ from drsync.repository.snapshots import SnapshotInfo, iso
 from drsync.repository.spool import Spool
 
 log = logging.getLogger("drsync.agent.standby")
+
+# Seconds a standby waits for its repository's exclusive lock to forget chunks it lost (after a refused commit).
+FORGET_WAIT_S = 10.0
 
 
 def delayed_until(captured_at: float, stored_at: float, delay_s: float, clock_offset_s: float) -> float:
@@ -168,6 +171,28 @@ class Committer:
         if self.broken:
             raise OperationFailed(f"standby {self.agent} needs recovery: {self.broken}")
 
+    def forget_lost(self, damaged: dict[str, set[bytes]] | None = None) -> None:
+        """After a commit refused for chunks this standby lost (:class:`ChunksLost`), or one that found packs
+        gone (named only by older snapshots, say): its index stops naming packs that are gone, so the
+        sender's next negotiation, asking about every chunk, learns it lacks them and sends them again.
+        Under the exclusive lock, waited for briefly (its own session has just ended; another sender's keeps
+        it): when it cannot be had, or the repair is refused (every pack gone: an unmounted storage, say), an
+        ERROR says so and the next commit tries again. ``damaged``: pack id -> ids of chunks found damaged
+        there (an apply's read), forgotten too."""
+        try:
+            with self.repo.lock(exclusive=True, wait_s=FORGET_WAIT_S) as lock:
+                if damaged:  # the other chunks of that pack too (a truncated pack: all of them at once)
+                    damaged = repair.damaged_in(self.repo, set(damaged)) or damaged
+                report = repair.forget(self.repo, lock, damaged=damaged)
+        except DrsyncError as e:
+            log.error("standby %s could not forget the chunks its repository lost: %s", self.agent, e)
+            return
+        if report.changed:
+            log.warning("standby %s lost %d pack(s) and %d damaged chunk(s) of its repository (%s): it forgot "
+                        "%d chunk(s), and the primary sends those a snapshot still needs again; run 'drsync repo "
+                        "verify' to check the rest", self.agent, len(report.lost_packs), report.damaged_chunks,
+                        ", ".join(report.lost_packs[:3]) or "no pack lost", report.forgotten_chunks)
+
     # --- a shipment's commit ---------------------------------------------------------
 
     def commit(self, snapshot_doc: bytes, manifest_bytes: bytes | Spool,
@@ -220,8 +245,7 @@ class Committer:
             self.lost_packs_seen = bool(self.repo.lost_packs())  # the standby forgets them after this commit
             if repaired or self.lost_packs_seen or (root is None and not same):
                 self.repo.check_chunks_present(manifest.chunk_id_column(), f"snapshot {info.id}")
-                if repaired:
-                    repair.clear_repaired(self.repo)
+                if repaired and repair.clear_repaired(self.repo):
                     log.warning("standby %s holds every chunk of snapshot %s again (after a repair of its "
                                 "repository)", self.agent, info.id)
             elif root is not None:
@@ -356,6 +380,14 @@ class Committer:
         if not st.pending or not (everything or any(self._is_due(p[1], p[3]) for p in st.pending)) or \
                 self.hold.operator_since:
             return ""
+        damaged: dict[str, set[bytes]] = {}
+        try:
+            return self._apply_due(everything, damaged)
+        finally:
+            if damaged:
+                self.forget_lost(damaged)
+
+    def _apply_due(self, everything: bool, damaged: dict[str, set[bytes]]) -> str:
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S), self.lock:
             st = self.store.current
             due = [i for i, p in enumerate(st.pending) if everything or self._is_due(p[1], p[3])]
@@ -374,6 +406,8 @@ class Committer:
                 return ""
             except DrsyncError as e:
                 log.error("pending snapshot %s could not be applied (%s); the next due one is tried", snapshot, e)
+                if isinstance(e, ChunkDamaged):  # forgotten (below): the next commit checks all, the primary resends
+                    damaged[e.pack_id] = {e.chunk_id}
             # The pending list is in arrival order, which is the primary's order (a later capture time says
             # nothing: a re-created primary numbers anew, a wrong clock goes back): what arrived before the
             # one taken is behind the root now.

@@ -24,9 +24,8 @@ from drsync.agent.intake import ChunkIntake
 from drsync.agent.state import AgentState, StateStore
 from drsync.apply import ApplyResult
 from drsync.dataroot.distcp import DistCpSettings
-from drsync.errors import ChunksLost, DrsyncError, FencedError, RefusedError
+from drsync.errors import ChunkDamaged, ChunksLost, DrsyncError, FencedError, RefusedError
 from drsync.fsutil import describe_os_error
-from drsync.repository import repair
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.repository.spool import Spool
@@ -36,8 +35,6 @@ log = logging.getLogger("drsync.agent.standby")
 
 # The same refusal (same sender, same reason) is logged again at most this often (seconds), with a count.
 REFUSAL_LOG_EVERY_S = 300.0
-# Seconds a standby waits for its repository's exclusive lock to forget chunks it lost (after the refused commit).
-FORGET_WAIT_S = 10.0
 
 
 class StandbyReceiver:
@@ -260,6 +257,7 @@ class StandbyReceiver:
         session ends with it. The repository's shared lock is taken (or held by the session) before the
         commit lock: a commit waiting for a garbage collection's sweep never holds up a promotion."""
         lost = self.committer.lost_packs_seen = False
+        damaged: dict[str, set[bytes]] = {}
         try:
             with self.intake.session(caller), self.committer.lock:
                 self.committer.check_usable()
@@ -270,33 +268,18 @@ class StandbyReceiver:
         except ChunksLost:
             lost = True
             raise
+        except ChunkDamaged as e:  # the apply read a chunk of its own repository that is damaged
+            damaged = {e.pack_id: {e.chunk_id}}
+            raise ChunksLost(f"{e}: this standby's copy of that chunk is damaged; it forgets it, and the primary "
+                             f"sends it again") from None
         except OSError as e:  # its state directory or repository cannot be written: an error it reports itself
             raise describe_os_error(e, f"recording the shipment on standby {self.agent} (state directory "
                                        f"{self.store.dir})") from None
         finally:
             self.intake.end(caller)
-            if lost or self.committer.lost_packs_seen:  # else every commit would check every chunk
-                self.forget_lost_chunks()
+            if lost or damaged or self.committer.lost_packs_seen:  # else every commit would check every chunk
+                self.committer.forget_lost(damaged)
             self.after_commit()
-
-    def forget_lost_chunks(self) -> None:
-        """After a commit refused for chunks this standby lost (:class:`ChunksLost`), or one that found packs
-        gone (named only by older snapshots, say): its index stops naming packs that are gone, so the
-        sender's next negotiation, asking about every chunk, learns it lacks them and sends them again.
-        Under the exclusive lock, waited for briefly (its own session has just ended; another sender's keeps
-        it): when it cannot be had, or the repair is refused (every pack gone: an unmounted storage, say), an
-        ERROR says so and the next commit tries again."""
-        try:
-            with self.repo.lock(exclusive=True, wait_s=FORGET_WAIT_S) as lock:
-                report = repair.forget(self.repo, lock)
-        except DrsyncError as e:
-            log.error("standby %s could not forget the chunks its repository lost: %s", self.agent, e)
-            return
-        if report.changed:
-            log.warning("standby %s lost %d pack(s) of its repository (%s): it forgot their %d chunk(s), and the "
-                        "primary sends those a snapshot still needs again; run 'drsync repo verify' to check the "
-                        "rest", self.agent, len(report.lost_packs), ", ".join(report.lost_packs[:3]),
-                        report.forgotten_chunks)
 
     # --- operator requests (drsync apply) --------------------------------------------------------
 

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="drsync-printable")
     # A lock that cannot be refreshed may be removed as stale before a long command ends: said on stderr.
     logging.getLogger("drsync.repository.lock").setLevel(logging.WARNING)
+    # What a repair left (a capture that could not bring back a forgotten chunk, a repaired.json it could not
+    # remove): said on stderr too.
+    logging.getLogger("drsync.repository.repair").setLevel(logging.WARNING)
     STATE.clear()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args

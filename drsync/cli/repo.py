@@ -103,13 +103,17 @@ def repo_repair(inv: Invocation, dry_run: bool) -> None:
 
     def table() -> None:
         verb = "would forget" if dry_run else "forgot"
-        if not report.changed:
-            say(f"repository {repo.storage.url}: nothing lost, nothing to forget"
-                + ("" if verified.ok else f" ({count(len(verified.problems), 'other problem')}: run "
-                                          f"'drsync repo verify')"))
-            return
-        say(f"repository {repo.storage.url}: {verb} {count(report.forgotten_chunks, 'chunk')} "
-            f"({count(len(report.lost_packs), 'lost pack')}, {count(report.damaged_chunks, 'damaged chunk')})")
+        if report.changed:
+            say(f"repository {repo.storage.url}: {verb} {count(report.forgotten_chunks, 'chunk')} "
+                f"({count(len(report.lost_packs), 'lost pack')}, {count(report.damaged_chunks, 'damaged chunk')})"
+                + (f"; {'would index' if dry_run else 'indexed'} {count(report.reindexed_chunks, 'chunk')} of "
+                   f"{count(len(report.reindexed_packs), 'pack')} no index file named" if report.reindexed_chunks
+                   else ""))
+        elif not report.incomplete:
+            say(f"repository {repo.storage.url}: nothing lost, nothing to forget")
+        for problem in verified.problems:
+            if not problem.startswith("pack ") or not problem.endswith(" is missing"):
+                say(f"  also: {problem}")
         for snap in report.incomplete:
             say(f"  snapshot {snap} names chunks no longer held: a standby gets them again from its primary; "
                 f"elsewhere restore it from the standby or a backup, or delete it")

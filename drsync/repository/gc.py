@@ -84,10 +84,14 @@ def mark(repo: Repository, repack_threshold: float, dry_run: bool, lock: Reposit
     located[at[live]] = True
     del at
     if not located.all():
+        unlocated = referenced.ids[~located]
+        naming = [s.id for s in snaps if bool(repo.load_manifest_chunks(s).contains_many(unlocated).any())]
         raise IntegrityError(f"garbage collection of {repo.storage.url}: {int((~located).sum())} chunk(s) that "
-                             f"snapshots reference are in no index file (one is missing, damaged or not a "
-                             f"regular file); nothing was deleted: run 'drsync repo verify' and repair the "
-                             f"repository from a backup or the standby")
+                             f"snapshot(s) {', '.join(naming[:3])}{' ...' if len(naming) > 3 else ''} reference "
+                             f"are in no index file (one lost, damaged or not a regular file, or the chunks were "
+                             f"lost); nothing was deleted: run 'drsync repo repair' (it indexes the packs again "
+                             f"where they are), then restore or delete (drsync snapshot delete) the snapshots it "
+                             f"still lists")
     del located
     n_rows = np.bincount(rows.pack, minlength=npacks)
     n_live = np.bincount(rows.pack[live], minlength=npacks)

@@ -10,13 +10,14 @@ where they are, and a lost pack that comes back is garbage for the next GC (its 
 It also indexes again the packs no index file names (an index file lost or deleted: its packs look
 like garbage), every chunk of them checked against its id first.
 
-Then the repository says it lacks what it lost. When snapshots name a forgotten chunk it writes
-``repaired.json`` (docs/FORMAT.md): while that is there, a standby checks every chunk of each commit, not
-only those of the files that changed (its stored snapshots no longer vouch for theirs), so the primary
-sends back whatever the snapshot it ships needs (:class:`drsync.errors.ChunksLost`); the first commit
-that passes the whole check removes it. On a primary a capture writes them again when a file still holds
-them, and the snapshots naming the others stay incomplete (``RepairReport.incomplete``) until restored
-from the standby or a backup.
+Then the repository says it lacks what it lost. When snapshots name a chunk it does not hold
+(forgotten now or earlier, or lost with its pack and index file together) it writes ``repaired.json``
+(docs/FORMAT.md): while that is there, a standby checks every chunk of each commit, not only those of
+the files that changed (its stored snapshots no longer vouch for theirs), so the primary sends back
+whatever the snapshot it ships needs (:class:`drsync.errors.ChunksLost`); the first commit that passes
+the whole check removes it. On a primary a capture writes them again when a file still holds them, and
+the snapshots naming the others stay incomplete (``RepairReport.incomplete``) until restored from the
+standby or a backup.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.compute as pc
 
-from drsync.errors import ChunksLost, IntegrityError
+from drsync.errors import ChunksLost, DrsyncError, IntegrityError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
-from drsync.repository.ids import IdSet, ids_array
+from drsync.repository.ids import IdSet, id_list, ids_array
 from drsync.repository.lock import RepositoryLock
 from drsync.repository.manifest import Manifest, ManifestFile, column_groups
 from drsync.repository.packs import IndexRows, read_index_file, read_pack_table, write_index
@@ -42,7 +43,7 @@ from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.repository.spool import Spool
 
-log = logging.getLogger("drsync.repository")
+log = logging.getLogger("drsync.repository.repair")
 
 
 @dataclass
@@ -53,9 +54,9 @@ class RepairReport:
     dropped from packs that exist (bytes that do not match their id, or rows the pack does not list);
     ``forgotten_chunks``: distinct chunk ids the repository no longer holds at all (a copy in another
     pack keeps a chunk held); ``forgotten_rows``: index rows dropped; ``incomplete``: ids of snapshots
-    naming a forgotten chunk (their files with those chunks cannot be restored from here until the chunks
-    come back); ``reindexed_packs``/``reindexed_chunks``: packs no index file named, indexed again (their
-    chunks that check); ``dry_run``: nothing was changed."""
+    naming a chunk not held after the repair (their files with those chunks cannot be restored from here
+    until the chunks come back); ``reindexed_packs``/``reindexed_chunks``: packs no index file named,
+    indexed again (their chunks that check); ``dry_run``: nothing was changed."""
 
     lost_packs: list[str] = field(default_factory=list)
     reindexed_packs: list[str] = field(default_factory=list)
@@ -125,6 +126,36 @@ def orphan_rows(repo: Repository, present: dict[str, int], named: set[str]) -> t
     return IndexRows.concat(parts), found
 
 
+def damaged_in(repo: Repository, packs: set[str]) -> dict[str, set[bytes]]:
+    """Pack id -> the chunks the index places in it whose bytes there are short or do not match their id,
+    for ``packs`` (pack ids; one damaged chunk found by an apply: its pack's other chunks are checked too,
+    so that a truncated pack is forgotten in one go, not a chunk a shipment). Each pack is read once."""
+    out: dict[str, set[bytes]] = {}
+    rows = IndexRows.concat([read_index_file(repo.storage.read(o.name), o.name)
+                             for o in repo.storage.list(fmt.INDEX_DIR)])
+    for number, pack in enumerate(rows.packs):
+        if pack not in packs:
+            continue
+        mine = rows.take(np.flatnonzero(rows.pack == number))
+        try:
+            data = repo.storage.read(fmt.pack_name(pack))
+        except DrsyncError:
+            out[pack] = set(id_list(mine.ids))  # gone or unreadable: every chunk of it
+            continue
+        bad: set[bytes] = set()
+        for cid, off, size, raw, enc in zip(id_list(mine.ids), mine.offset.tolist(), mine.stored_length.tolist(),
+                                            mine.raw_length.tolist(), mine.encoding.tolist(), strict=True):
+            try:
+                if off + size > len(data):
+                    raise IntegrityError("short")
+                chunks.decode(enc, memoryview(data)[off:off + size], raw, cid)
+            except IntegrityError:
+                bad.add(cid)
+        if bad:
+            out[pack] = bad
+    return out
+
+
 def forget(repo: Repository, lock: RepositoryLock, *, damaged: Mapping[str, set[bytes]] | None = None,
            dry_run: bool = False) -> RepairReport:
     """Index again the packs no index file names (:func:`orphan_rows`), and drop the index rows of lost
@@ -151,65 +182,93 @@ def forget(repo: Repository, lock: RepositoryLock, *, damaged: Mapping[str, set[
     keep = rows_to_keep(rows, lost, damaged or {})
     report.lost_packs = sorted(lost)
     report.forgotten_rows = int((~keep).sum())
-    if not report.changed:
-        return report
     lost_numbers = [i for i, p in enumerate(rows.packs) if p in lost]
     report.damaged_chunks = int((~keep & ~np.isin(rows.pack, lost_numbers)).sum())
-    kept = IndexRows.concat([rows.take(keep), orphans])
-    gone = IdSet.of(rows.ids[~keep]).difference(IdSet.of(kept.ids))
+    kept = IndexRows.concat([rows.take(keep), orphans]) if report.changed else rows
+    held = IdSet.of(kept.ids)
+    gone = IdSet.of(rows.ids[~keep]).difference(held)
     report.forgotten_chunks = len(gone)
-    del rows, orphans
-    if len(gone):
-        for info in repo.list_snapshots():
-            if repo.load_manifest_chunks(info).contains_many(gone.ids).any():
-                report.incomplete.append(info.id)
+    del rows, orphans, gone
+    # Every snapshot naming a chunk not held now: forgotten now or by an earlier repair, or lost with its
+    # pack and its index file together (then nothing but the manifests names it any more).
+    for info in repo.list_snapshots():
+        if not bool(held.contains_many(repo.load_manifest_chunks(info).ids).all()):
+            report.incomplete.append(info.id)
+    del held
     if dry_run:
         return report
-    lock.verify()  # the listings above are whole only while this lock is ours
-    new_index = f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet"
-    write_index(repo.storage, new_index, kept)
+    if report.changed:
+        lock.verify()  # the listings above are whole only while this lock is ours
+        write_index(repo.storage, f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet", kept)
     if report.incomplete:  # before the old index goes: a crash in between leaves rows to forget again
         mark_repaired(repo, report)
-    for name in names:
-        repo.storage.delete(name)
-    repo.reload_index()
-    log.warning("repository %s: indexed %d chunk(s) of %d pack(s) no index named; forgot %d chunk(s) it no "
-                "longer holds (%d lost pack(s), %d damaged chunk(s)); %d snapshot(s) name those",
-                repo.storage.url, report.reindexed_chunks, len(report.reindexed_packs), report.forgotten_chunks,
-                len(lost), report.damaged_chunks, len(report.incomplete))
+    if report.changed:
+        for name in names:
+            repo.storage.delete(name)
+        repo.reload_index()
+        log.info("repository %s: indexed %d chunk(s) of %d pack(s) no index named; forgot %d chunk(s) it no "
+                 "longer holds (%d lost pack(s), %d damaged chunk(s)); %d snapshot(s) name chunks it lacks",
+                 repo.storage.url, report.reindexed_chunks, len(report.reindexed_packs),
+                 report.forgotten_chunks, len(lost), report.damaged_chunks, len(report.incomplete))
     return report
 
 
 def mark_repaired(repo: Repository, report: RepairReport) -> None:
     """Write ``repaired.json`` (durable): ``{"at": unix seconds, "snapshots": [ids], "forgotten_chunks": n}``,
-    the snapshots ``report`` left incomplete added to those an earlier repair listed."""
-    earlier = repaired_snapshots(repo)
-    doc = {"at": time.time(), "snapshots": sorted(set(earlier) | set(report.incomplete)),
-           "forgotten_chunks": report.forgotten_chunks}
+    the snapshots ``report`` found naming chunks the repository does not hold."""
+    doc = {"at": time.time(), "snapshots": sorted(report.incomplete), "forgotten_chunks": report.forgotten_chunks}
     repo.storage.write(fmt.REPAIRED_NAME, json.dumps(doc, sort_keys=True).encode())
 
 
 def repaired_snapshots(repo: Repository) -> list[str]:
-    """The snapshots ``repaired.json`` lists, [] when there is none. A file that is not what a repair writes
-    (damage) lists nothing it could name: ``["?"]``, so that a standby still checks every chunk."""
+    """The snapshots ``repaired.json`` lists, [] when there is none. One that is not what a repair writes
+    (damage, a directory, a document listing none) counts as listing ``["?"]``: every chunk is still
+    checked (:func:`repaired_problem` says what is wrong with it)."""
     try:
         if not repo.storage.exists(fmt.REPAIRED_NAME):
             return []
+    except (DrsyncError, OSError):
+        return ["?"]
+    return _listed(repo)[0] or ["?"]
+
+
+def repaired_problem(repo: Repository) -> str:
+    """What is wrong with ``repaired.json`` ("" when it is absent or what a repair writes), for verify."""
+    try:
+        if not repo.storage.exists(fmt.REPAIRED_NAME):
+            return ""
+    except (DrsyncError, OSError) as e:
+        return f"{fmt.REPAIRED_NAME} cannot be checked ({e})"
+    return _listed(repo)[1]
+
+
+def _listed(repo: Repository) -> tuple[list[str], str]:
+    """(the snapshots ``repaired.json`` lists, "" or what is wrong with it)."""
+    bad = (f"{fmt.REPAIRED_NAME} of {repo.storage.url} is not what 'drsync repo repair' writes; every chunk of "
+           f"each commit and capture is checked until it is gone: remove it (a repair writes it again if needed)")
+    try:
         data = repo.storage.read(fmt.REPAIRED_NAME)
         if len(data) > fmt.SMALL_DOC_MAX_BYTES:
-            return ["?"]
+            return [], bad
         doc = json.loads(data)
-        snaps = doc.get("snapshots") if isinstance(doc, dict) else None
-        if isinstance(snaps, list) and all(isinstance(x, str) for x in snaps):
-            return snaps or ["?"]
-    except (ValueError, UnicodeDecodeError):
-        pass
-    return ["?"]
+    except (DrsyncError, OSError, ValueError, UnicodeDecodeError) as e:
+        return [], f"{bad} ({e})"
+    snaps = doc.get("snapshots") if isinstance(doc, dict) else None
+    if isinstance(snaps, list) and snaps and all(isinstance(x, str) for x in snaps):
+        return snaps, ""
+    return [], bad
 
 
-def clear_repaired(repo: Repository) -> None:
-    """Remove ``repaired.json``: a commit checked every chunk of its snapshot and found them all held."""
-    repo.storage.delete(fmt.REPAIRED_NAME)
+def clear_repaired(repo: Repository) -> bool:
+    """Remove ``repaired.json``: a commit or capture checked every chunk of its snapshot and found them all
+    held. One that cannot be removed (a directory, say) is left with a WARNING saying so (False)."""
+    try:
+        repo.storage.delete(fmt.REPAIRED_NAME)
+        return True
+    except (DrsyncError, OSError) as e:
+        log.warning("repository %s: could not remove %s (%s): remove it; until then every commit and capture "
+                    "checks every chunk", repo.storage.url, fmt.REPAIRED_NAME, e)
+        return False
 
 
 def lost_of(repo: Repository, parent: Manifest | ManifestFile) -> IdSet:
@@ -233,5 +292,5 @@ def settle(repo: Repository, info: SnapshotInfo, manifest: Spool) -> None:
     except ChunksLost as e:
         log.warning("repository %s: %s; restore those files from the standby or a backup", repo.storage.url, e)
         return
-    clear_repaired(repo)
-    log.warning("repository %s holds every chunk of snapshot %s again (after a repair)", repo.storage.url, info.id)
+    if clear_repaired(repo):
+        log.info("repository %s holds every chunk of snapshot %s again (after a repair)", repo.storage.url, info.id)

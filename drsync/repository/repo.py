@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from drsync import documents, faults
-from drsync.errors import ChunksLost, IntegrityError, NotFound, OperationFailed, UsageError
+from drsync.errors import ChunkDamaged, ChunksLost, IntegrityError, NotFound, OperationFailed, UsageError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, id_at, id_key, id_list, ids_array, locate, sort_unique, unique_sorted
@@ -810,15 +810,16 @@ class Repository:
         try:
             stored = self.storage.read_range(fmt.pack_name(loc.pack_id), loc.offset, loc.stored_length)
         except ObjectMissing:
-            raise IntegrityError(f"chunk {chunk_id.hex()[:16]}: pack {loc.pack_id} is missing") from None
+            raise ChunkDamaged(f"chunk {chunk_id.hex()[:16]}: pack {loc.pack_id} is missing", chunk_id,
+                               loc.pack_id) from None
         if len(stored) != loc.stored_length:
-            raise IntegrityError(f"chunk {chunk_id.hex()[:16]}: pack {loc.pack_id} is truncated")
+            raise ChunkDamaged(f"chunk {chunk_id.hex()[:16]}: pack {loc.pack_id} is truncated", chunk_id, loc.pack_id)
         return loc, stored
 
     def read_chunk(self, chunk_id: bytes) -> bytes:
-        """The chunk's bytes, checked against its id (IntegrityError if damaged)."""
+        """The chunk's bytes, checked against its id (IntegrityError if not indexed, ChunkDamaged if damaged)."""
         loc, stored = self.read_stored(chunk_id)
-        return chunks.decode(loc.encoding, stored, loc.raw_length, chunk_id)
+        return decode_located(loc, stored, chunk_id)
 
     def read_chunks(self, chunk_ids: list[bytes]) -> list[bytes]:
         """:meth:`read_chunk` of each of ``chunk_ids``, in order, with fewer calls (:func:`read_located`)."""
@@ -1209,9 +1210,9 @@ class ChunkReader:
         self.repo, self.index = repo, index
 
     def read_chunk(self, chunk_id: bytes) -> bytes:
-        """The chunk's bytes, checked against its id (IntegrityError if damaged or not located here)."""
+        """The chunk's bytes, checked against its id (IntegrityError if not located here, ChunkDamaged if damaged)."""
         loc, stored = self.repo.read_at(chunk_id, self.index.get(chunk_id))
-        return chunks.decode(loc.encoding, stored, loc.raw_length, chunk_id)
+        return decode_located(loc, stored, chunk_id)
 
     def read_chunks(self, chunk_ids: list[bytes]) -> list[bytes]:
         """:meth:`read_chunk` of each of ``chunk_ids``, in order, with fewer calls (:func:`read_located`)."""
@@ -1222,6 +1223,15 @@ class ChunkReader:
 
 
 RUN_BYTES = 4 << 20  # the most stored bytes read_located reads with one call
+
+
+def decode_located(loc: ChunkLocation, stored: bytes | memoryview, chunk_id: bytes) -> bytes | memoryview:
+    """:func:`chunks.decode` of a chunk read at ``loc``: ChunkDamaged (naming the pack) when it does not
+    decode to bytes matching ``chunk_id``."""
+    try:
+        return chunks.decode(loc.encoding, stored, loc.raw_length, chunk_id)
+    except IntegrityError as e:
+        raise ChunkDamaged(f"{e} (pack {loc.pack_id})", chunk_id, loc.pack_id) from None
 
 
 def read_located(repo: Repository, index: ChunkIndex, chunk_ids: list[bytes]) -> list[bytes]:
@@ -1247,13 +1257,18 @@ def read_located(repo: Repository, index: ChunkIndex, chunk_ids: list[bytes]) ->
         try:
             buf = repo.storage.read_range(fmt.pack_name(pack_id), off[i], end - off[i])
         except ObjectMissing:
-            raise IntegrityError(f"chunk {chunk_ids[i].hex()[:16]}: pack {pack_id} is missing") from None
+            raise ChunkDamaged(f"chunk {chunk_ids[i].hex()[:16]}: pack {pack_id} is missing", chunk_ids[i],
+                               pack_id) from None
         view = memoryview(buf)
         for k in range(i, j):
             at = off[k] - off[i]
             if at + size[k] > len(buf):
-                raise IntegrityError(f"chunk {chunk_ids[k].hex()[:16]}: pack {pack_id} is truncated")
-            data = chunks.decode(enc[k], view[at:at + size[k]], raw[k], chunk_ids[k])
+                raise ChunkDamaged(f"chunk {chunk_ids[k].hex()[:16]}: pack {pack_id} is truncated", chunk_ids[k],
+                                   pack_id)
+            try:
+                data = chunks.decode(enc[k], view[at:at + size[k]], raw[k], chunk_ids[k])
+            except IntegrityError as e:
+                raise ChunkDamaged(f"{e} (pack {pack_id})", chunk_ids[k], pack_id) from None
             out.append(data if isinstance(data, bytes) else bytes(data))  # a raw chunk: not a view of the run
         i = j
     return out
