@@ -339,3 +339,27 @@ def test_a_delayed_standby_whose_apply_meets_a_damaged_chunk_gets_it_back(pair: 
     doc = _once(pair.primary_cfg)
     assert doc["code"] == 0 and "every chunk" in doc["err"], doc
     wait_for(pair.in_sync, "the next delayed apply")
+
+
+def test_a_primary_whose_own_pack_is_damaged_says_repo_repair_and_that_mends_it(pair: Pair) -> None:  # noqa: F811
+    """The primary reads a chunk it must send from its own repository and finds it damaged (a truncated
+    pack): the shipment fails naming ``drsync repo repair``; after it, the next cycle's capture reads those
+    files again and the standby follows."""
+    pair.start("standby")
+    assert _once(pair.primary_cfg)["code"] == 0 and pair.in_sync()
+    fresh = pair.prod / "catalog" / "fresh.bin"
+    fresh.write_bytes(random.Random(5).randbytes(90_000))
+    os.utime(fresh, (1_600_000_000, 1_600_000_000))  # not racy: the next capture trusts its row
+    prod = Repository.open(open_storage(pair.prod_site.url("primary-repo")))
+    # Captured but not yet shipped: a snapshot taken by hand, then its pack cut short.
+    assert run_drsync("snapshot", "create", "--config", pair.primary_cfg).code == 0
+    prod.reload_index()
+    loc = prod.index.get(chunks.chunk_id(fresh.read_bytes()))
+    pack = Path(pair.prod_site.url("primary-repo")) / fmt.pack_name(loc.pack_id)
+    pack.chmod(0o644)
+    os.truncate(pack, loc.offset + loc.stored_length // 2)
+    doc = _once(pair.primary_cfg)
+    assert doc["code"] != 0 and "drsync repo repair" in doc["err"] and "Traceback" not in doc["err"], doc
+    assert run_drsync("repo", "repair", "--config", pair.primary_cfg).code == 0
+    doc = _once(pair.primary_cfg)
+    assert doc["code"] == 0 and pair.in_sync(), doc

@@ -26,7 +26,7 @@ from drsync.agent.primary import ShippingPaused, ShipResult, Upload, ship_snapsh
 from drsync.agent.throttle import TargetBandwidth, local_now
 from drsync.bandwidth import Schedule
 from drsync.config import Config
-from drsync.errors import ChunksLost, DeltaRejected, DrsyncError, FencedError, RefusedError
+from drsync.errors import ChunkDamaged, ChunksLost, DeltaRejected, DrsyncError, FencedError, RefusedError
 from drsync.metrics import AgentMetrics
 from drsync.repository.lock import DEFAULT_WAIT_S
 from drsync.repository.manifest import Manifest
@@ -300,6 +300,10 @@ class Shipper:
             summary = f"refused by standby {self.target}: {said[len(by):]}" if said.startswith(by) else \
                 f"refused: {said}"
             return ShipOutcome(self.target, info.id, False, summary, fenced=isinstance(e, FencedError))
+        except ChunkDamaged as e:  # read from this primary's own repository
+            return ShipOutcome(self.target, info.id, False,
+                               f"failed: this primary's repository is damaged: {e}; run 'drsync repo repair' on "
+                               f"{self.repo.storage.url} (the next snapshot then reads the files again)")
         except DrsyncError as e:
             return ShipOutcome(self.target, info.id, False, f"failed: {e}")
         finally:
