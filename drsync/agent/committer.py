@@ -179,6 +179,8 @@ class Committer:
         it): when it cannot be had, or the repair is refused (every pack gone: an unmounted storage, say), an
         ERROR says so and the next commit tries again. ``damaged``: pack id -> ids of chunks found damaged
         there (an apply's read), forgotten too."""
+        self.repo.reload_index()  # the loaded index (61 bytes a chunk) is not kept beside the repair's rows
+        allocators.give_back()
         try:
             with self.repo.lock(exclusive=True, wait_s=FORGET_WAIT_S) as lock:
                 if damaged:  # the other chunks of that pack too (a truncated pack: all of them at once)
@@ -442,6 +444,7 @@ class Committer:
             if info.cluster_id != self.repo.config.cluster_id:
                 raise RefusedError(f"snapshot {info.id} is of cluster {info.cluster_id!r}, not "
                                    f"{self.repo.config.cluster_id!r}: it cannot become this standby's data")
+            held_before = self.hold.operator_since
             if not self.hold.operator_since:
                 self.hold.operator_since = time.time()
             self.hold_file.save(self.hold)
@@ -451,11 +454,20 @@ class Committer:
             # read and compared file by file (it may have been changed by hand, or by a forged shipment).
             position = next((list(p[2]) for p in st.pending if p[0] == info.id), list(st.applied_position)
                             if st.applied_snapshot == info.id else [])
-            result = self._apply(info, self.repo.load_manifest(info, lean=True), position, base=None, when_gone=(
-                f"standby {self.agent} never applied snapshot {info.id}, so it has no HDFS snapshot "
-                f"drsync-snap-{info.id} of it and production no longer keeps its bytes: promote to a snapshot it "
-                f"applied (its data root lists them as HDFS snapshots drsync-snap-<id>), or without --to-snapshot and "
-                f"--before to keep the root as it is"))
+            try:
+                result = self._apply(info, self.repo.load_manifest(info, lean=True), position, base=None,
+                                     when_gone=(
+                    f"standby {self.agent} never applied snapshot {info.id}, so it has no HDFS snapshot "
+                    f"drsync-snap-{info.id} of it and production no longer keeps its bytes: promote to a snapshot "
+                    f"it applied (its data root lists them as HDFS snapshots drsync-snap-<id>), or without "
+                    f"--to-snapshot and --before to keep the root as it is"))
+            except (IntegrityError, RefusedError):
+                # Damage found or refused while staging, before the root changed: no hold is left behind (an
+                # I/O failure mid-commit keeps it: the root may hold the point now).
+                if not held_before and not self.broken:
+                    self.hold.operator_since = held_before
+                    self.hold_file.save(self.hold)
+                raise
             self.store.update(pending=())
             log.warning("snapshot %s applied %s (%d files written, %d removed) in %.2fs; applies held until the "
                         "promotion", info.id, why, result.written_files, result.removed, time.monotonic() - started)

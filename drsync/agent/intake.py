@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from drsync.errors import DeltaRejected, DrsyncError, IntegrityError
+from drsync.errors import ChunkDamaged, DeltaRejected, DrsyncError, IntegrityError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.lock import DEFAULT_WAIT_S
@@ -52,6 +52,8 @@ class ChunkIntake:
         self.idle_s = idle_s
         self._sessions: dict[SessionKey, _Session] = {}
         self._lock = threading.Lock()
+        # Pack id -> chunks a delta's base read found damaged: the commit's end forgets them (take_damaged).
+        self.damaged: dict[str, set[bytes]] = {}
 
     @staticmethod
     def key(caller: Caller) -> SessionKey:
@@ -123,6 +125,12 @@ class ChunkIntake:
         for s in sessions:
             s.write.close()
 
+    def take_damaged(self) -> dict[str, set[bytes]]:
+        """The damaged bases found so far (pack id -> chunk ids), forgotten here."""
+        with self._lock:
+            out, self.damaged = self.damaged, {}
+        return out
+
     def missing(self, caller: Caller, ids: list[bytes]) -> list[bytes]:
         s = self._enter(caller)
         try:
@@ -168,9 +176,12 @@ class ChunkIntake:
         try:
             bases = [self.repo.read_chunk(b) for b in c.bases]
         except DrsyncError as e:  # damaged (IntegrityError) or unreadable (an HDFS or disk error)
+            if isinstance(e, ChunkDamaged):  # forgotten when the shipment ends: the primary sends it again
+                with self._lock:
+                    self.damaged.setdefault(e.pack_id, set()).add(e.chunk_id)
             raise DeltaRejected(f"chunk {c.id.hex()[:16]} came as a delta against chunks this standby cannot "
-                                f"read ({e}); the primary sends it whole instead; run `drsync repo verify` on "
-                                f"this standby") from None
+                                f"read ({e}); the primary sends it whole instead, and a damaged one again after "
+                                f"this shipment") from None
         try:
             return chunks.delta_decode(c.data, chunks.delta_dictionary(bases, c.base_skip, c.raw_length),
                                        c.raw_length, c.id)

@@ -277,6 +277,8 @@ class StandbyReceiver:
                                        f"{self.store.dir})") from None
         finally:
             self.intake.end(caller)
+            for pack, ids in self.intake.take_damaged().items():  # damaged delta bases of this shipment
+                damaged.setdefault(pack, set()).update(ids)
             if lost or damaged or self.committer.lost_packs_seen:  # else every commit would check every chunk
                 self.committer.forget_lost(damaged)
             self.after_commit()

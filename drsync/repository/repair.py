@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.compute as pc
 
+from drsync import allocators
 from drsync.errors import ChunksLost, DrsyncError, IntegrityError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
@@ -126,17 +127,25 @@ def orphan_rows(repo: Repository, present: dict[str, int], named: set[str]) -> t
     return IndexRows.concat(parts), found
 
 
+def _index_parts(repo: Repository) -> tuple[list[str], list[IndexRows]]:
+    """Every index file's name and rows, one part a file (never joined: at 1,000,000 chunks the rows are
+    61 MiB, a joined copy as much again)."""
+    names = [o.name for o in repo.storage.list(fmt.INDEX_DIR)]
+    return names, [read_index_file(repo.storage.read(n), n) for n in names]
+
+
 def damaged_in(repo: Repository, packs: set[str]) -> dict[str, set[bytes]]:
     """Pack id -> the chunks the index places in it whose bytes there are short or do not match their id,
     for ``packs`` (pack ids; one damaged chunk found by an apply: its pack's other chunks are checked too,
     so that a truncated pack is forgotten in one go, not a chunk a shipment). Each pack is read once."""
     out: dict[str, set[bytes]] = {}
-    rows = IndexRows.concat([read_index_file(repo.storage.read(o.name), o.name)
-                             for o in repo.storage.list(fmt.INDEX_DIR)])
-    for number, pack in enumerate(rows.packs):
-        if pack not in packs:
-            continue
-        mine = rows.take(np.flatnonzero(rows.pack == number))
+    rows: dict[str, list[IndexRows]] = {}
+    for _, part in zip(*_index_parts(repo), strict=True):
+        for number, pack in enumerate(part.packs):
+            if pack in packs:
+                rows.setdefault(pack, []).append(part.take(np.flatnonzero(part.pack == number)))
+    for pack, pieces in rows.items():
+        mine = IndexRows.concat(pieces)
         try:
             data = repo.storage.read(fmt.pack_name(pack))
         except DrsyncError:
@@ -160,46 +169,61 @@ def forget(repo: Repository, lock: RepositoryLock, *, damaged: Mapping[str, set[
            dry_run: bool = False) -> RepairReport:
     """Index again the packs no index file names (:func:`orphan_rows`), and drop the index rows of lost
     packs and of ``damaged`` chunks (pack id -> chunk ids, e.g. :meth:`Repository.verify`'s
-    ``damaged_at``). ``lock``: the repository's exclusive lock, held. When snapshots name a chunk no
-    longer held, writes ``repaired.json`` (see the module's docstring).
+    ``damaged_at``). ``lock``: the repository's exclusive lock, held. When snapshots name a chunk not held,
+    writes ``repaired.json`` (see the module's docstring).
 
-    IntegrityError, nothing changed, when every pack the index names is gone: that is an unmounted or
-    wrong ``packs/`` far more often than a disk that lost everything, and forgetting would make the
-    repository take its whole history for absent (safety rule 8's reading of a read error). An index file
-    that cannot be read is an IntegrityError too (its rows cannot be kept or dropped knowingly)."""
+    IntegrityError, nothing changed (safety rule 8's reading of a read error: an unmounted disk is not a
+    loss to forget), when every pack the index names is gone, or a pack counted lost is still there but is
+    no file (a directory), or the directory ``packs/<2 hex>`` it lies in is gone or no directory (a disk
+    mounted there is missing). An index file that cannot be read is an IntegrityError too (its rows cannot
+    be kept or dropped knowingly). Memory: the index rows (61 bytes a chunk) and the sorted ids kept (40),
+    one file's parts at a time, never joined; then one snapshot's chunk ids at a time."""
     report = RepairReport(dry_run=dry_run)
-    names = [o.name for o in repo.storage.list(fmt.INDEX_DIR)]
-    rows = IndexRows.concat([read_index_file(repo.storage.read(n), n) for n in names])
-    named = rows.pack_names()
+    names, parts = _index_parts(repo)
+    named: set[str] = set()
+    for part in parts:
+        named |= part.pack_names()
     present = {o.name: o.size for o in repo.storage.list(fmt.PACKS_DIR)}
     lost = {p for p in named if fmt.pack_name(p) not in present}
     if named and lost == named:
         raise IntegrityError(f"every pack the index of {repo.storage.url} names ({len(named)}) is gone from "
                              f"{fmt.PACKS_DIR}: is its storage mounted? nothing was forgotten; restore the "
                              f"repository from a backup or the standby, or init a new one")
+    _refuse_unsure(repo, lost)
     orphans, report.reindexed_packs = orphan_rows(repo, present, named)
     report.reindexed_chunks = len(orphans)
-    keep = rows_to_keep(rows, lost, damaged or {})
     report.lost_packs = sorted(lost)
-    report.forgotten_rows = int((~keep).sum())
-    lost_numbers = [i for i, p in enumerate(rows.packs) if p in lost]
-    report.damaged_chunks = int((~keep & ~np.isin(rows.pack, lost_numbers)).sum())
-    kept = IndexRows.concat([rows.take(keep), orphans]) if report.changed else rows
-    held = IdSet.of(kept.ids)
-    gone = IdSet.of(rows.ids[~keep]).difference(held)
-    report.forgotten_chunks = len(gone)
-    del rows, orphans, gone
+    kept: list[IndexRows] = []
+    dropped: list[np.ndarray] = []
+    for i, part in enumerate(parts):
+        keep = rows_to_keep(part, lost, damaged or {})
+        if not keep.all():
+            lost_numbers = [n for n, p in enumerate(part.packs) if p in lost]
+            report.damaged_chunks += int((~keep & ~np.isin(part.pack, lost_numbers)).sum())
+            report.forgotten_rows += int((~keep).sum())
+            dropped.append(part.ids[~keep])
+            part = part.take(keep)
+        kept.append(part)
+        parts[i] = IndexRows.empty()  # each file's rows held once
+    del parts
+    kept.append(orphans)
+    held = IdSet.of_pieces([k.ids for k in kept])
+    report.forgotten_chunks = len(IdSet.of_pieces(dropped).difference(held)) if dropped else 0
+    del dropped
+    if report.changed and not dry_run:
+        lock.verify()  # the listings above are whole only while this lock is ours
+        write_index(repo.storage, f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet", kept)
+    del kept, orphans
+    allocators.give_back()
     # Every snapshot naming a chunk not held now: forgotten now or by an earlier repair, or lost with its
     # pack and its index file together (then nothing but the manifests names it any more).
     for info in repo.list_snapshots():
         if not bool(held.contains_many(repo.load_manifest_chunks(info).ids).all()):
             report.incomplete.append(info.id)
+        allocators.give_back()
     del held
     if dry_run:
         return report
-    if report.changed:
-        lock.verify()  # the listings above are whole only while this lock is ours
-        write_index(repo.storage, f"{fmt.INDEX_DIR}{secrets.token_hex(16)}.parquet", kept)
     if report.incomplete:  # before the old index goes: a crash in between leaves rows to forget again
         mark_repaired(repo, report)
     if report.changed:
@@ -211,6 +235,23 @@ def forget(repo: Repository, lock: RepositoryLock, *, damaged: Mapping[str, set[
                  repo.storage.url, report.reindexed_chunks, len(report.reindexed_packs),
                  report.forgotten_chunks, len(lost), report.damaged_chunks, len(report.incomplete))
     return report
+
+
+def _refuse_unsure(repo: Repository, lost: set[str]) -> None:
+    """IntegrityError when a pack counted lost is there but no file, or its ``packs/<2 hex>`` directory is
+    gone or no directory: a read error (a disk not mounted there), not a loss to forget."""
+    is_dir = getattr(repo.storage, "is_dir", None)  # local and HDFS storages; an in-memory one has no folders
+    for d in sorted({p[:2] for p in lost}) if is_dir is not None else []:
+        where = f"{fmt.PACKS_DIR}{d}"
+        if not is_dir(where):
+            raise IntegrityError(f"{repo.storage.url}/{where} is gone or no directory while the index names packs in "
+                                 f"it: is a disk not mounted there? nothing was forgotten; if its packs are truly "
+                                 f"lost, create it as an empty directory and run 'drsync repo repair' again")
+    for p in sorted(lost):
+        if repo.storage.exists(fmt.pack_name(p)):
+            raise IntegrityError(f"{repo.storage.url}/{fmt.pack_name(p)} is there but no file (a directory, a "
+                                 f"dangling link?); nothing was forgotten: put the pack back, or remove that entry "
+                                 f"and run 'drsync repo repair' again")
 
 
 def mark_repaired(repo: Repository, report: RepairReport) -> None:

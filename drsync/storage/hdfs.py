@@ -862,6 +862,11 @@ class HdfsStorage:
     def exists(self, name: str) -> bool:
         return self.fs.status(self._path(name)) is not None
 
+    def is_dir(self, name: str) -> bool:
+        """Whether ``name`` is a directory (GETFILESTATUS)."""
+        st = self.fs.status(self._path(name))
+        return st is not None and st.get("type") == "DIRECTORY"
+
     def touch(self, name: str) -> None:
         path = self._path(name)
         # The namenode's time, not this host's: readers judge a lock by the file's time, and a writer's

@@ -216,6 +216,10 @@ class LocalStorage:
     def exists(self, name: str) -> bool:
         return os.path.exists(self._path(name))
 
+    def is_dir(self, name: str) -> bool:
+        """Whether ``name`` is a directory (a symlink to one counts; a dangling one does not)."""
+        return os.path.isdir(self._path(name))
+
     def touch(self, name: str) -> None:
         try:
             os.utime(self._path(name))  # an unlinked name fails: never created
