@@ -571,12 +571,16 @@ class _Matcher:
     def _names_lost(self, pg: pa.Table) -> np.ndarray:
         """(rows of ``pg``,) bool: the row's chunk list names a chunk of :attr:`lost`."""
         assert self.lost is not None
-        lists = pg.column("chunks").combine_chunks()
-        out = np.zeros(pg.num_rows, bool)
-        flat = pc.list_flatten(lists)
-        if len(flat):
-            out[_np(pc.list_parent_indices(lists))[self.lost.contains_many(flat)]] = True
-        return out
+        return _naming(pg.column("chunks").combine_chunks(), self.lost)
+
+
+def _naming(lists: pa.ListArray, lost: IdSet) -> np.ndarray:
+    """(len(lists),) bool: the chunk list names a chunk of ``lost``."""
+    out = np.zeros(len(lists), bool)
+    flat = pc.list_flatten(lists)
+    if len(flat):
+        out[_np(pc.list_parent_indices(lists))[lost.contains_many(flat)]] = True
+    return out
 
 
 class _Parent:
@@ -761,8 +765,7 @@ def _names_lost(p: _Parent, row: int, lost: IdSet | None) -> bool:
         return False
     g = int(np.searchsorted(np.asarray(p.starts), row, side="right") - 1)
     lists = p.group(g, ["chunks"]).column("chunks").combine_chunks()
-    flat = pc.list_flatten(lists.slice(row - p.starts[g], 1))
-    return bool(len(flat)) and bool(lost.contains_many(flat).any())
+    return bool(_naming(lists.slice(row - p.starts[g], 1), lost)[0])
 
 
 def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | None,

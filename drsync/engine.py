@@ -435,10 +435,6 @@ def repair_repository(repo: Repository, *, dry_run: bool = False,
     listed again there. ``dry_run``: report only. Returns the verify report (before) and the repair's.
     IntegrityError when every pack is gone or an index file cannot be read (nothing changed)."""
     repo.refuse_if_read_only()
-    with repo.lock(exclusive=False, wait_s=LOCK_WAIT_S):
-        report = repo.verify(on_progress=progress)
-        problem = repair.repaired_problem(repo)
-        if problem:
-            report.problems.append(problem)
+    report = verify_repository(repo, progress=progress)
     with repo.lock(exclusive=True, wait_s=LOCK_WAIT_S) as lock:
         return report, repair.forget(repo, lock, damaged=report.damaged_at, dry_run=dry_run)

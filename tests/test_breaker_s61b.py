@@ -12,7 +12,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -144,14 +143,14 @@ def test_s61b_a_failed_promote_to_a_damaged_point_leaves_no_hold(tmp_path: Path,
     g, first = _group_with_damaged_old_point(tmp_path, zk_server, group)
     try:
         before = tree_state(g.data["west"])
-        time.sleep(5)  # east's session expires
+        wait_for(lambda: g.primary() is None, "east's ZooKeeper session to expire")
         pr = g.drsync("west", "promote", "--to-snapshot", first, "--force", "--accept-data-loss", "--no-fence")
         assert pr.code == 1 and "nothing was changed" in pr.err, pr
         assert tree_state(g.data["west"]) == before
         g.start("east")
         assert g.promote("east", "--force").code == 0
         (g.data["east"] / "catalog" / "after.txt").write_text("after the failed promotion")
-        wait_for(lambda: g.in_sync("east", "west"), "west to apply the next shipment", timeout=6)
+        wait_for(lambda: g.in_sync("east", "west"), "west to apply the next shipment")
     finally:
         g.stop_all()
 
@@ -166,7 +165,7 @@ def test_s61b_promote_dry_run_to_a_damaged_point_says_it_would_fail(tmp_path: Pa
     as the promotion would."""
     g, first = _group_with_damaged_old_point(tmp_path, zk_server, group)
     try:
-        time.sleep(5)
+        wait_for(lambda: g.primary() is None, "east's ZooKeeper session to expire")
         dry = g.drsync("west", "promote", "--to-snapshot", first, "--force", "--accept-data-loss", "--no-fence",
                        "--dry-run")
         real = g.drsync("west", "promote", "--to-snapshot", first, "--force", "--accept-data-loss", "--no-fence")

@@ -111,13 +111,8 @@ def orphan_rows(repo: Repository, present: dict[str, int], named: set[str]) -> t
             log.warning("repository %s: pack %s is in no index file and cannot be read (%s); left as garbage",
                         repo.storage.url, pack_id, e)
             continue
-        good = np.ones(len(table), bool)
-        for i in range(len(table)):
-            stored = repo.storage.read_range(name, int(table.offset[i]), int(table.stored_length[i]))
-            try:
-                chunks.decode(int(table.encoding[i]), stored, int(table.raw_length[i]), bytes(table.ids[i]))
-            except IntegrityError:
-                good[i] = False
+        good = _intact(repo.storage.read(name), table.ids, table.offset, table.stored_length, table.raw_length,
+                       table.encoding)
         if good.any():
             n = int(good.sum())
             parts.append(IndexRows(table.ids[good], np.zeros(n, np.uint32), table.offset[good],
@@ -151,18 +146,27 @@ def damaged_in(repo: Repository, packs: set[str]) -> dict[str, set[bytes]]:
         except DrsyncError:
             out[pack] = set(id_list(mine.ids))  # gone or unreadable: every chunk of it
             continue
-        bad: set[bytes] = set()
-        for cid, off, size, raw, enc in zip(id_list(mine.ids), mine.offset.tolist(), mine.stored_length.tolist(),
-                                            mine.raw_length.tolist(), mine.encoding.tolist(), strict=True):
-            try:
-                if off + size > len(data):
-                    raise IntegrityError("short")
-                chunks.decode(enc, memoryview(data)[off:off + size], raw, cid)
-            except IntegrityError:
-                bad.add(cid)
-        if bad:
-            out[pack] = bad
+        bad = ~_intact(data, mine.ids, mine.offset, mine.stored_length, mine.raw_length, mine.encoding)
+        if bad.any():
+            out[pack] = set(id_list(mine.ids[bad]))
     return out
+
+
+def _intact(data: bytes, ids: np.ndarray, offset: np.ndarray, stored_length: np.ndarray, raw_length: np.ndarray,
+            encoding: np.ndarray) -> np.ndarray:
+    """(N,) bool: chunk i lies whole in the pack's bytes ``data`` at ``offset[i]`` and decodes to bytes
+    matching ``ids[i]`` (columns as :class:`IndexRows` and :class:`PackTable` hold them)."""
+    view = memoryview(data)
+    good = np.zeros(len(ids), bool)
+    for i, (cid, off, size, raw, enc) in enumerate(zip(id_list(ids), offset.tolist(), stored_length.tolist(),
+                                                       raw_length.tolist(), encoding.tolist(), strict=True)):
+        if off + size <= len(data):
+            try:
+                chunks.decode(enc, view[off:off + size], raw, cid)
+                good[i] = True
+            except IntegrityError:
+                pass
+    return good
 
 
 def forget(repo: Repository, lock: RepositoryLock, *, damaged: Mapping[str, set[bytes]] | None = None,
