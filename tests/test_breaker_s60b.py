@@ -125,6 +125,8 @@ def test_s60b_a_relay_sends_deltas_to_its_far_standby_and_far_follows(tmp_path: 
         for n in ("far", "near", "prod"):
             c.start(n)
         wait_for(lambda: c.same("far"), "far to receive production's tree through near", timeout=120)
+        # A shipment is logged once the standby's reply is back, which may be a moment after its root matches.
+        wait_for(lambda: c.shipped("near", "far") and c.shipped("prod", "near"), "the first sync logged")
         before, before_prod = len(c.shipped("near", "far")), len(c.shipped("prod", "near"))
         _rewrite_in_place(tmp_path / "prod-data" / "tables" / "orders" / "part-1.bin", 1_500_000, 3000)
         wait_for(lambda: c.same("near") and c.same("far"), "the rewrite to reach far", timeout=120)
@@ -233,15 +235,25 @@ def test_s60b_a_refusal_that_is_no_delta_rejection_does_not_turn_deltas_off(pair
     wait_for(lambda: pair.in_sync() and not standby.storage.exists(fmt.REPAIRED_NAME)
              and Repository.open(open_storage(pair.standby_site.url("standby-repo"))).missing_chunks([cid]) == [],
              "the standby to follow and hold the lost chunk again")
+    pat = re.compile(r": applied \((\d+)/\d+ chunks sent, ([\d.]+ \w+) in")
+
+    def sent_after_refusal() -> list[tuple[str, str]]:
+        text = log.read_text(errors="replace")
+        return [m for m in pat.findall(text[text.index("names chunks in pack(s) that are gone"):]) if m[0] != "0"]
+
+    # The primary logs a shipment after the standby applied it: the roots may match before that line is there.
+    wait_for(sent_after_refusal, "the refused shipment, sent again, logged")
     text = log.read_text(errors="replace")
     assert "sending whole chunks" not in text, [line for line in text.splitlines() if "whole chunks" in line]
-    # The next small rewrite still goes as a delta (a few KiB, not a chunk of random bytes).
+    # The next small rewrite still goes as a delta (a few KiB, not a chunk of random bytes). Its own line, not
+    # the one before (lonely.bin sent again whole with the first rewrite's delta: 2 chunks, ~71 KiB).
+    before = len(sent_after_refusal())
     _rewrite_in_place(big, 2_500_000, 3000, seed=2)
     wait_for(pair.in_sync, "the next rewrite")
-    pat = re.compile(r": applied \((\d+)/\d+ chunks sent, ([\d.]+ \w+) in")
-    wait_for(lambda: [m for m in pat.findall(log.read_text(errors="replace")) if m[0] != "0"], "shipments logged")
-    last = [m for m in pat.findall(log.read_text(errors="replace")) if m[0] != "0"][-1]
-    assert _small(last[1]), last
+    wait_for(lambda: len(sent_after_refusal()) > before, "the rewrite's shipment logged")
+    text = log.read_text(errors="replace")
+    last = sent_after_refusal()[before]
+    assert _small(last[1]), (last, [line for line in text.splitlines() if "WARNING" in line or "applied (" in line])
 
 
 @pytest.mark.parametrize("damaged", ["tables/orders/part-0.bin", "tables/orders/part-1.bin"])
