@@ -155,10 +155,8 @@ def test_s61b_a_failed_promote_to_a_damaged_point_leaves_no_hold(tmp_path: Path,
         g.stop_all()
 
 
-@pytest.mark.xfail(strict=True, reason="left (s61): a dry run checks that the point's chunks are held, not their "
-                                        "bytes; the real apply reads and checks them (drill run --to-snapshot too)")
 def test_s61b_promote_dry_run_to_a_damaged_point_says_it_would_fail(tmp_path: Path, zk_server, group: str) -> None:  # type: ignore[no-untyped-def]
-    """F4 (low). ``promote --dry-run`` promises "run every check … exit code as the promotion would end".
+    """F4 (low, fixed in s62). ``promote --dry-run`` promises "run every check … exit code as the promotion would end".
     For ``--to-snapshot`` at a point whose chunk is rotted in the standby's repository it says "ok point
     applies snapshot …" and exits 0; the promotion itself then exits 1 (the apply reads the damaged
     chunk). Expected: the dry run checks the point's chunks (as ``drill run --to-snapshot`` does) and exits
@@ -166,8 +164,11 @@ def test_s61b_promote_dry_run_to_a_damaged_point_says_it_would_fail(tmp_path: Pa
     g, first = _group_with_damaged_old_point(tmp_path, zk_server, group)
     try:
         wait_for(lambda: g.primary() is None, "east's ZooKeeper session to expire")
+        before = tree_state(g.data["west"])
         dry = g.drsync("west", "promote", "--to-snapshot", first, "--force", "--accept-data-loss", "--no-fence",
                        "--dry-run")
+        assert "drsync repo repair" in dry.out + dry.err, (dry.out, dry.err)
+        assert tree_state(g.data["west"]) == before
         real = g.drsync("west", "promote", "--to-snapshot", first, "--force", "--accept-data-loss", "--no-fence")
         assert dry.code == real.code, (dry.out, real.err)
     finally:

@@ -39,7 +39,10 @@ from drsync.agent.state import AgentState, StateStore, state_dir_of
 from drsync.agent.supervisor import has_data
 from drsync.config import Config
 from drsync.coordination import Coordinator, GroupView, open_coordinator
-from drsync.errors import DrsyncError, OperationFailed, RefusedError, UsageError
+from drsync.errors import ChunkDamaged, DrsyncError, OperationFailed, RefusedError, UsageError
+from drsync.repository.ids import IdSet, id_at
+from drsync.repository.manifest import Manifest
+from drsync.repository.manifest_diff import chunks_beyond
 from drsync.repository.repo import Repository
 from drsync.units import iso_time
 
@@ -100,9 +103,10 @@ def _fencing_words(holder: str, old: str) -> str:
 
 
 def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force: bool, accept_data_loss: bool,
-                      no_fence: bool, promote_empty_root: bool, point: PointChoice
+                      no_fence: bool, promote_empty_root: bool, point: PointChoice, dry_run: bool = False
                       ) -> tuple[list[PromotionCheck], dict[str, Any]]:
-    """Every check of a promotion, in order, and what the promotion would use (lag, state, fence target)."""
+    """Every check of a promotion, in order, and what the promotion would use (lag, state, fence target);
+    ``dry_run``: also the checks the real promotion leaves to its apply (a point's bytes)."""
     me, group = cfg.agent.name, cfg.coordination.group
     primary, maintenance = view.primary, view.maintenance
     first = view.epoch.epoch == 0
@@ -149,7 +153,7 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
     if view.epoch.epoch < seen:
         checks.insert(0, PromotionCheck("epoch", False, epoch_behind(view.epoch.epoch, seen,
                                                                       "this agent" if who == me else f"agent {who}")))
-    target, point_check = _point_check(cfg, state, point)
+    target, point_check = _point_check(cfg, state, point, read_bytes=dry_run)
     if point.explicit and view.epoch.promoted_by == me:
         target, point_check = None, PromotionCheck("point", False, (
             f"{me} is this group's primary (epoch {view.epoch.epoch} names it): a promotion at a recovery point "
@@ -248,9 +252,10 @@ class PointChoice:
         return self.to_snapshot is not None or self.before is not None
 
 
-def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[RecoveryPoint | None,
-                                                                              PromotionCheck | None]:
-    """The recovery point the promotion applies first (None: the root as it is), and its check."""
+def _point_check(cfg: Config, state: AgentState, point: PointChoice, *, read_bytes: bool
+                 ) -> tuple[RecoveryPoint | None, PromotionCheck | None]:
+    """The recovery point the promotion applies first (None: the root as it is), and its check (``read_bytes``:
+    a dry run's, which reads the bytes the apply would read: :func:`_unusable`)."""
     if point.explicit and (point.apply_received or point.delayed_state):
         return None, PromotionCheck("point", False, "--to-snapshot/--before name the point themselves; leave out "
                                                     "--apply-received and --delayed-state", UsageError)
@@ -275,7 +280,7 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
             chosen = choose_point(points, to_snapshot=point.to_snapshot, before=point.before)
         except UsageError as e:
             return None, PromotionCheck("point", False, str(e), UsageError)
-        problem = _unusable(repo, chosen)
+        problem = _unusable(repo, chosen, state.applied_snapshot, read_bytes=read_bytes)
         if problem:
             return None, PromotionCheck("point", False, problem, OperationFailed)
         newer = newer_than(points, chosen)
@@ -289,7 +294,7 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
             f"at the applied snapshot {state.applied_snapshot} (--delayed-state); {len(pending)} received "
             f"snapshot(s) stay in the repository unapplied"))
     if point.apply_received and newest is not None:
-        problem = _unusable(repo, newest)
+        problem = _unusable(repo, newest, state.applied_snapshot, read_bytes=read_bytes)
         if problem:
             return None, PromotionCheck("point", False, problem, OperationFailed)
         return newest, PromotionCheck("point", True, (
@@ -323,15 +328,36 @@ def _stored_words(point: RecoveryPoint) -> str:
     return iso_time(point.stored_at) if point.stored_at else "just now"
 
 
-def _unusable(repo: Repository, point: RecoveryPoint) -> str:
-    """Why ``point`` cannot be applied (its manifest unreadable, chunks missing: a dry run says so too),
-    or "". The chunks' bytes are checked by the apply itself (drsync drill run --to-snapshot reads them)."""
+def _unusable(repo: Repository, point: RecoveryPoint, applied: str, *, read_bytes: bool) -> str:
+    """Why ``point`` cannot be applied onto a root holding snapshot ``applied`` ("" when unknown), or "":
+    its manifest unreadable, chunks missing. The real promotion leaves the chunks' bytes to the apply, which
+    reads them; ``read_bytes`` (a dry run) reads and checks now every chunk that apply would read (those of
+    the files that differ from ``applied``: :func:`chunks_beyond`), so that the dry run ends as the
+    promotion would. Reads from this repository only; errors are returned as words, never raised."""
     try:
         manifest = repo.load_manifest(repo.find_snapshot(point.id), lean=True)
         repo.check_chunks_present(manifest.chunk_id_column(), f"snapshot {point.id}")
+        if read_bytes:
+            _read_what_the_apply_reads(repo, manifest, applied)
     except DrsyncError as e:
-        return f"snapshot {point.id} cannot be applied: {e}; choose another point (drsync status --points)"
+        repair = "; run 'drsync repo repair' on this standby (its primary then sends them again)" \
+            if isinstance(e, ChunkDamaged) else ""
+        return f"snapshot {point.id} cannot be applied: {e}{repair}; or choose another point (drsync status --points)"
     return ""
+
+
+def _read_what_the_apply_reads(repo: Repository, manifest: Manifest, applied: str) -> None:
+    """Read and check each chunk an apply of ``manifest`` onto a root holding ``applied`` reads (every chunk
+    when ``applied`` is "" or unreadable): ChunkDamaged (IntegrityError) at the first one damaged."""
+    base = None
+    if applied:
+        try:
+            base = repo.load_manifest(repo.find_snapshot(applied), lean=True)
+        except DrsyncError:
+            base = None  # the apply then compares the root by content: every chunk may be read
+    wanted = IdSet.of(chunks_beyond(base, manifest) if base is not None else manifest.chunk_id_column())
+    for i in range(len(wanted)):
+        repo.read_chunk(id_at(wanted.ids, i))
 
 
 def _points(cfg: Config, state_dir: str) -> list[RecoveryPoint]:
@@ -480,7 +506,8 @@ def promote(cfg: Config, *, force: bool = False, accept_data_loss: bool = False,
             return {"agent": me, "epoch": view.epoch.epoch, "promoted": False, "previous_primary": me,
                     "message": f"{me} is already the primary at epoch {view.epoch.epoch}"}
         checks, ctx = _promotion_checks(cfg, coord, view, force=force, accept_data_loss=accept_data_loss,
-                                        no_fence=no_fence, promote_empty_root=promote_empty_root, point=point)
+                                        no_fence=no_fence, promote_empty_root=promote_empty_root, point=point,
+                                        dry_run=dry_run)
         target: RecoveryPoint | None = ctx["target"]
         # A usage error (the command itself is wrong) is said before any refusal: fixing the refusal first
         # would only lead to it.
