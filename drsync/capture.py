@@ -541,8 +541,17 @@ class _Matcher:
         return same, reuse
 
     def _match_group(self, ts: pa.Table, pg: pa.Table, start: int) -> tuple[np.ndarray, np.ndarray]:
+        # Only the parent's rows within this slice's range of paths can match: a window is a few thousand
+        # rows and a group 65,536, so hashing the whole group for each window cost most of a no-change cycle.
         ppath = pg.column("path").combine_chunks()
-        loc = _np(pc.fill_null(pc.index_in(ts.column("path"), value_set=ppath), -1)).astype(np.int64)
+        tpath = ts.column("path")
+        lo = _bisect(ppath, tpath[0].as_py(), right=False)
+        ppath = ppath.slice(lo, _bisect(ppath, tpath[-1].as_py(), right=True) - lo)
+        if len(tpath) == len(ppath) and pc.all(pc.equal(tpath, ppath)).as_py():
+            loc = np.arange(lo, lo + len(ppath), dtype=np.int64)  # the parent's names exactly: no hash table
+        else:
+            loc = _np(pc.fill_null(pc.index_in(tpath, value_set=ppath), -1)).astype(np.int64)
+            loc = np.where(loc >= 0, loc + lo, -1)
         has = loc >= 0
         at = np.where(has, loc, 0)
 
