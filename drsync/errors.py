@@ -71,6 +71,12 @@ class ChunksLost(IntegrityError):
     sent: object = None
 
 
+class ManifestNotHeld(IntegrityError):
+    """A commit named the manifest of a snapshot instead of sending it, and the standby cannot read that
+    snapshot's manifest (gone, damaged) or it is not the one the shipped document names. Nothing was
+    committed; the sender sends the manifest's bytes."""
+
+
 class RefusedError(DrsyncError):
     """Refused for safety: wrong cluster or release, fenced, too much lag."""
 

@@ -26,6 +26,7 @@ class FaultProxy:
         self.mode = "pass"
         self.delay_s = 0.0
         self.faults = 0
+        self.forwarded = 0  # bytes passed on toward the target (what its clients sent)
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._stop = False
@@ -64,10 +65,10 @@ class FaultProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._conns += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, toward: bool = False) -> None:
         try:
             while True:
                 data = src.recv(65536)
@@ -78,6 +79,9 @@ class FaultProxy:
                 if self.mode == "delay":
                     time.sleep(self.delay_s)
                 dst.sendall(data)
+                if toward:
+                    with self._lock:
+                        self.forwarded += len(data)
         except OSError:
             pass
         finally:

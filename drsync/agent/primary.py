@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from drsync.errors import ChunksLost, DeltaRejected, DrsyncError, IntegrityError, RefusedError
+from drsync.errors import ChunksLost, DeltaRejected, DrsyncError, IntegrityError, ManifestNotHeld, RefusedError
 from drsync.repository import chunks
 from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, gather, id_key, id_list, ids_array, locate, pieces_key, sort_unique, to_arrow
@@ -43,6 +44,8 @@ UPLOAD_MESSAGE_BYTES = 1024 * 1024
 UPLOAD_MESSAGE_CHUNKS = 16_384
 # Manifest pieces in a commit stream.
 COMMIT_PIECE_BYTES = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -302,8 +305,8 @@ class Ask:
         return [cid for batch in self.batches() for cid in batch]
 
 
-def negotiation_plan(new: Manifest | ManifestFile,
-                     applied: Manifest | ManifestFile | None) -> tuple[ChunkCount, Ask]:
+def negotiation_plan(new: Manifest | ManifestFile, applied: Manifest | ManifestFile | None, *,
+                     same: bool = False) -> tuple[ChunkCount, Ask]:
     """What to ship ``new`` with: its :class:`ChunkCount`, and which of its chunk ids to ask the standby
     about (sorted, each once). Pure.
 
@@ -314,7 +317,11 @@ def negotiation_plan(new: Manifest | ManifestFile,
     follows the changed rows, not the snapshot's size. Without a known applied snapshot, ask about all of
     them. (If the standby lost chunks anyway, a pack gone or an index file lost, its commit check refuses
     with :class:`ChunksLost` and forgets what it lost; the shipper then asks again with ``applied`` None.)
+    ``same``: ``applied`` has ``new``'s manifest byte for byte (by its hash: an unchanged capture), so there
+    is nothing to ask about and the two are not compared.
     """
+    if same and applied is not None:
+        return count_chunks(new), Ask.of(IdSet.empty().ids)
     if applied is None:
         ids, sizes, order = _distinct(new)
         count = ChunkCount(len(order), int(gather(sizes, order).sum(dtype=np.uint64)) if len(order) else 0)
@@ -379,7 +386,7 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
                   applied: Manifest | ManifestFile | None = None,
                   guard: Callable[[bool], None] | None = None,
                   reading: Callable[[], AbstractContextManager[object]] | None = None,
-                  delta: bool = False) -> ShipResult:
+                  delta: bool = False, manifest_of: str = "") -> ShipResult:
     """Negotiate, upload the missing chunks, commit. Raises on any refusal; safe to retry.
 
     ``applied`` is the manifest the standby says it has applied, when the
@@ -395,17 +402,29 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     next message and :class:`ShippingPaused` is raised (what was sent stays on the standby).
     ``delta``: send a changed chunk as a delta against the chunk it replaces (:class:`Deltas`) when the
     standby holds that one; only for a standby whose Hello says it takes them (``delta_chunks``).
+    ``manifest_of``: a snapshot the standby holds whose manifest is ``info``'s byte for byte (an unchanged
+    capture): the commit names it instead of sending the bytes; when the standby cannot read it there
+    (ManifestNotHeld) the commit is sent again with the bytes. Only for a standby whose Hello says it takes
+    that (``manifest_by_reference``).
     """
     check = guard or (lambda final: None)
     start = time.monotonic()
     pacer = Pacer(_bandwidth_of(bandwidth_bps))
     with (reading or contextlib.nullcontext)():
         manifest, count, sent = _negotiate_and_upload(repo, info, link, epoch=epoch, pacer=pacer, applied=applied,
-                                                      check=check, delta=delta)
+                                                      check=check, delta=delta, same=bool(manifest_of))
     with manifest:
+        seq = info.seq if sender_seq is None else sender_seq
         try:
-            return _commit(info, link, manifest, count, sent, epoch=epoch, sender=sender, pacer=pacer,
-                           check=check, sender_seq=info.seq if sender_seq is None else sender_seq, start=start)
+            try:
+                return _commit(info, link, manifest, count, sent, epoch=epoch, sender=sender, pacer=pacer,
+                               check=check, sender_seq=seq, start=start, manifest_of=manifest_of)
+            except ManifestNotHeld as e:
+                if not manifest_of:
+                    raise
+                log.warning("%s; sending the manifest of snapshot %s", e, info.id)
+                return _commit(info, link, manifest, count, sent, epoch=epoch, sender=sender, pacer=pacer,
+                               check=check, sender_seq=seq, start=start)
         except ChunksLost as e:
             e.sent = sent  # what this try uploaded (and stays there): the retry's figures add it
             raise
@@ -413,10 +432,10 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
 
 def _commit(info: SnapshotInfo, link: StandbyLink, manifest: Spool, count: ChunkCount, sent: Upload, *,
             epoch: int, sender: str, pacer: Pacer, check: Callable[[bool], None], sender_seq: int,
-            start: float) -> ShipResult:
+            start: float, manifest_of: str = "") -> ShipResult:
     """The commit of a shipment whose chunks are on the standby: the manifest in pieces of
-    :data:`COMMIT_PIECE_BYTES`, read from its spool as they are sent."""
-    pieces = manifest.pieces(COMMIT_PIECE_BYTES)
+    :data:`COMMIT_PIECE_BYTES`, read from its spool as they are sent, or none (``manifest_of``: named)."""
+    pieces = iter(()) if manifest_of else manifest.pieces(COMMIT_PIECE_BYTES)
     if not pacer.may_send():
         raise ShippingPaused(f"shipping snapshot {info.id} paused before its commit "
                              f"({human_size(sent.stored_bytes)} of chunks sent stay on the standby)")
@@ -424,20 +443,22 @@ def _commit(info: SnapshotInfo, link: StandbyLink, manifest: Spool, count: Chunk
     # A seq is a position in one repository: the standby numbers what it receives itself. The
     # document goes without it, as before snapshots were numbered, so a standby that runs the
     # previous version during a rolling upgrade still reads it.
-    outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces, sender_seq=sender_seq)
+    outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces, sender_seq=sender_seq,
+                          manifest_of=manifest_of)
     return ShipResult(info.id, count.chunks, sent.chunks, sent.stored_bytes, max(0, count.raw_bytes - sent.raw_bytes),
                       round(time.monotonic() - start, 3), outcome, sent.deltas)
 
 
 def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int,
                           pacer: Pacer, applied: Manifest | ManifestFile | None,
-                          check: Callable[[bool], None], delta: bool = False) -> tuple[Spool, ChunkCount, Upload]:
+                          check: Callable[[bool], None], delta: bool = False,
+                          same: bool = False) -> tuple[Spool, ChunkCount, Upload]:
     """Returns (the manifest as read and hashed, its :class:`ChunkCount`, what the upload sent). A large
     manifest waits in a temporary file (its spool), not in memory, until the commit."""
     manifest = repo.manifest_spool(info)
     try:
         return (manifest, *_negotiate_and_upload_chunks(repo, info, link, manifest, epoch=epoch, pacer=pacer,
-                                                        applied=applied, check=check, delta=delta))
+                                                        applied=applied, check=check, delta=delta, same=same))
     except BaseException:
         manifest.close()
         raise
@@ -445,9 +466,10 @@ def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLin
 
 def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: StandbyLink, manifest: Spool, *,
                                  epoch: int, pacer: Pacer, applied: Manifest | ManifestFile | None,
-                                 check: Callable[[bool], None], delta: bool = False) -> tuple[ChunkCount, Upload]:
+                                 check: Callable[[bool], None], delta: bool = False,
+                                 same: bool = False) -> tuple[ChunkCount, Upload]:
     new = ManifestFile(manifest, f"manifest of snapshot {info.id}")  # read a row group at a time, as needed
-    count, ask = negotiation_plan(new, applied)
+    count, ask = negotiation_plan(new, applied, same=same)
     replies: list[pa.Array] = []
     if len(ask):
         for reply in link.missing(epoch, ask.batches(NEGOTIATE_BATCH)):

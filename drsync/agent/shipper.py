@@ -242,6 +242,10 @@ class Shipper:
                     return ShipOutcome(self.target, info.id, True, f"not shipped: {self.target} already applied "
                                        f"a newer snapshot {hello.applied_snapshot}")
                 applied = self._manifest_if_known(hello.applied_snapshot)
+            # An unchanged capture (the tree the standby applied): its manifest is named, not sent again (a
+            # manifest is about 73 bytes a file: 70 MiB a cycle at 1,000,000 files on a WAN link).
+            same_as = hello.applied_snapshot if hello.manifest_by_reference and self._same_manifest(
+                hello.applied_snapshot, info) else ""
             # A reader of this repository while it reads (not while the standby applies): GC never
             # removes a pack this shipment is reading.
             def ship(delta: bool, base: Manifest | None) -> ShipResult:
@@ -249,7 +253,7 @@ class Shipper:
                                      bandwidth_bps=self.bandwidth.rate, applied=base,
                                      guard=self._guard if origin is None else self._relay_guard,
                                      reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S),
-                                     delta=delta)
+                                     delta=delta, manifest_of=same_as)
 
             def attempt(base: Manifest | None) -> ShipResult:
                 if base is None or not wants_deltas(hello, self.bandwidth.rate(), self.whole_chunks):
@@ -308,6 +312,13 @@ class Shipper:
             return ShipOutcome(self.target, info.id, False, f"failed: {e}")
         finally:
             link.close()
+
+    def _same_manifest(self, snapshot_id: str, info: SnapshotInfo) -> bool:
+        """Whether snapshot ``snapshot_id`` of this repository has ``info``'s manifest (by its hash)."""
+        try:
+            return bool(snapshot_id) and self.repo.find_snapshot(snapshot_id).manifest_hash == info.manifest_hash
+        except DrsyncError:
+            return False
 
     def _manifest_if_known(self, snapshot_id: str) -> Manifest | None:
         try:

@@ -24,7 +24,7 @@ from drsync.agent.intake import ChunkIntake
 from drsync.agent.state import AgentState, StateStore
 from drsync.apply import ApplyResult
 from drsync.dataroot.distcp import DistCpSettings
-from drsync.errors import ChunkDamaged, ChunksLost, DrsyncError, FencedError, RefusedError
+from drsync.errors import ChunkDamaged, ChunksLost, DrsyncError, FencedError, ManifestNotHeld, RefusedError
 from drsync.fsutil import describe_os_error
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
@@ -250,6 +250,24 @@ class StandbyReceiver:
                 yield batch
 
         return self.intake.receive(caller, fenced(batches))
+
+    def held_manifest(self, snapshot_id: str, snapshot_doc: bytes) -> Spool:
+        """The manifest of snapshot ``snapshot_id`` in this repository, checked against its hash, for a commit
+        of ``snapshot_doc`` that names it instead of sending its bytes (an unchanged capture: the same tree as
+        the snapshot applied here). ManifestNotHeld when that snapshot or its manifest is gone or damaged
+        here, or the document names another manifest: the sender then sends the bytes. IntegrityError for a
+        document that does not parse."""
+        wanted = SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document").manifest_hash
+        try:
+            held = self.repo.find_snapshot(snapshot_id)
+            if held.manifest_hash != wanted:
+                raise ManifestNotHeld(f"snapshot {snapshot_id}'s manifest here is not the one the shipped snapshot "
+                                      f"names")
+            return self.repo.manifest_spool(held)
+        except ManifestNotHeld:
+            raise
+        except DrsyncError as e:
+            raise ManifestNotHeld(f"the manifest of snapshot {snapshot_id} cannot be read here: {e}") from e
 
     def commit(self, caller: Caller, snapshot_doc: bytes, manifest_bytes: bytes | Spool,
                sender_seq: int = 0) -> tuple[SnapshotInfo, ApplyResult]:

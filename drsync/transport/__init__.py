@@ -81,6 +81,8 @@ class StandbyHello:
     received_snapshot: str = ""
     applied_position: tuple[int, ...] = ()  # (epoch, seq) of the producing primary; () when unknown
     delta_chunks: bool = False  # it takes chunks sent as deltas against chunks it holds (older agents: False)
+    # It takes a commit that names the manifest of a snapshot it holds instead of its bytes (older agents: False).
+    manifest_by_reference: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,10 @@ class StandbyLink(Protocol):
     def upload(self, epoch: int, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]: ...
 
     def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
-               sender_seq: int = 0) -> CommitOutcome: ...
+               sender_seq: int = 0, manifest_of: str = "") -> CommitOutcome:
+        """Store and apply ``snapshot_doc``; its manifest is ``pieces`` or, when ``manifest_of`` names a snapshot
+        the standby said it applied and ``pieces`` is empty, that snapshot's (ManifestNotHeld when the standby
+        cannot read it: send the bytes)."""
 
 
 class Receiver(Protocol):
@@ -154,3 +159,8 @@ class Receiver(Protocol):
 
     def commit(self, caller: Caller, snapshot_doc: bytes, manifest_bytes: bytes | Spool,
                sender_seq: int = 0) -> tuple[Any, Any]: ...
+
+    def held_manifest(self, snapshot_id: str, snapshot_doc: bytes) -> Spool:
+        """The manifest of snapshot ``snapshot_id`` held here, checked, for a commit of ``snapshot_doc`` that
+        names it instead of sending it; ManifestNotHeld when it is not held or is not that document's."""
+        ...

@@ -29,6 +29,7 @@ from drsync.errors import (
     DeltaRejected,
     DrsyncError,
     IntegrityError,
+    ManifestNotHeld,
     OperationFailed,
     RefusedError,
     UsageError,
@@ -130,6 +131,8 @@ def _abort(context: grpc.ServicerContext, e: Exception) -> None:
         context.abort(grpc.StatusCode.DATA_LOSS, str(e))
     if isinstance(e, ChunksLost):  # its own status: the sender negotiates every chunk again and resends
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    if isinstance(e, ManifestNotHeld):  # its own status: the sender sends the manifest's bytes
+        context.abort(grpc.StatusCode.ABORTED, str(e))
     if isinstance(e, IntegrityError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, DrsyncError):
@@ -213,7 +216,8 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                              apply_delay_s=self.receiver.apply_delay_s if self.receiver is not None else 0.0,
                              received_snapshot=st.received_snapshot if st else "",
                              applied_position=list(st.applied_position) if st else [],
-                             delta_chunks=self.receiver is not None)
+                             delta_chunks=self.receiver is not None,
+                             manifest_by_reference=self.receiver is not None)
 
     def _fail(self, context: grpc.ServicerContext, sender: str, e: Exception) -> None:
         """Abort the call; a refusal, or a shipment this standby could not take (an apply that failed: an
@@ -272,7 +276,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
     def Commit(self, request_iterator: Iterator[pb.CommitPart], context: grpc.ServicerContext) -> pb.CommitReply:
         rx = self._receiver(context)
         caller: Caller | None = None
-        doc, seq, parts, total = b"", 0, 0, 0
+        doc, seq, parts, total, named = b"", 0, 0, 0, ""
         # The manifest is gathered in a spool as its pieces arrive, hashed as they come: in memory while
         # small, in an unnamed temporary file past 16 MiB, so that the commit never holds a large manifest's
         # bytes beside the table decoded from them (74 MiB at 1,000,000 files, for as long as the apply ran).
@@ -280,7 +284,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         for part in request_iterator:
             if caller is None:
                 caller = self._caller(context, part.sender, part.epoch, part.sent_at, part.sender_instance)
-                doc, seq = part.snapshot, part.sender_seq
+                doc, seq, named = part.snapshot, part.sender_seq, part.manifest_of
                 if len(doc) > fmt.SNAPSHOT_DOC_MAX_BYTES:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"the snapshot document is {len(doc)} bytes; a snapshot document is at most "
@@ -294,6 +298,9 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
             piece = part.manifest
             if not piece:
                 continue
+            if named:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a commit that names its manifest (manifest_of) "
+                                                                "carries no manifest pieces")
             # Checked before the piece is kept: a peer never makes this agent hold more than the limit.
             if total + len(piece) > fmt.MANIFEST_MAX_BYTES:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -310,6 +317,9 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty commit")
         assert caller is not None
         try:
+            if named:  # the manifest of a snapshot held here, read (and checked) from this repository
+                manifest.close()
+                manifest = rx.held_manifest(named, doc)
             info, result = rx.commit(caller, doc, manifest, int(seq))  # admits under its commit lock
         except DrsyncError as e:
             self._fail(context, caller.sender, e)
@@ -433,6 +443,8 @@ def _translate(e: grpc.RpcError, target: str) -> DrsyncError:
         return DeltaRejected(f"standby {target} could not use a delta: {details}")
     if code == grpc.StatusCode.NOT_FOUND:
         return ChunksLost(f"standby {target} lacks chunks: {details}")
+    if code == grpc.StatusCode.ABORTED:
+        return ManifestNotHeld(f"standby {target} could not take the manifest by reference: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return OperationFailed(f"standby {target} refused a request over its limits: {details}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -585,7 +597,7 @@ class GrpcStandbyLink:
         return StandbyHello(r.agent, r.role, r.cluster_id, r.release, r.epoch, r.applied_snapshot,
                             r.applied_captured_at, r.applied_at, offset, rtt, r.lag_s if r.lag_known else None,
                             r.held_snapshot, r.apply_delay_s, r.received_snapshot, tuple(r.applied_position),
-                            r.delta_chunks)
+                            r.delta_chunks, r.manifest_by_reference)
 
     def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
         failed: list[DrsyncError] = []
@@ -615,7 +627,7 @@ class GrpcStandbyLink:
         return r.received, r.stored, r.stored_bytes
 
     def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
-               sender_seq: int = 0) -> CommitOutcome:
+               sender_seq: int = 0, manifest_of: str = "") -> CommitOutcome:
         def parts() -> Iterator[pb.CommitPart]:
             first = True
             total = 0
@@ -630,6 +642,9 @@ class GrpcStandbyLink:
                     first = False
                 else:
                     yield pb.CommitPart(epoch=epoch, manifest=piece)
+            if first:  # no piece: the manifest goes by reference (``manifest_of``), the head alone
+                yield pb.CommitPart(epoch=epoch, sender=sender, snapshot=snapshot_doc, sent_at=self._now(),
+                                    sender_seq=sender_seq, sender_instance=INSTANCE, manifest_of=manifest_of)
 
         failed: list[DrsyncError] = []
         try:

@@ -1,0 +1,153 @@
+"""An unchanged capture's commit names the manifest the standby applied instead of sending it again.
+
+A manifest is about 73 bytes a file: every no-change cycle of a 1,000,000-file tree sent 70 MiB over the
+standby's link. The primary now names the snapshot whose manifest it is (CommitPart.manifest_of), when the
+standby's Hello says it applied one with the same hash and takes commits by reference; the standby reads
+its own copy, checked, and commits as before. When it cannot (its copy is gone or damaged) it answers
+ABORTED and the primary sends the bytes at once. Real agents over gRPC, through a byte-counting proxy.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import grpc
+import pytest
+
+from drsync.repository import format as fmt
+from drsync.repository.repo import Repository
+from drsync.storage import open_storage
+from drsync.transport.pb import drsync_pb2 as pb
+from drsync.transport.pb import drsync_pb2_grpc as pb_grpc
+from tests.conftest import run_drsync
+from tests.faultproxy import FaultProxy
+from tests.test_agents import Pair, pair, wait_for  # noqa: F401 - pair is a fixture
+
+
+def _many_files(root: Path, n: int) -> None:
+    rnd = random.Random(3)
+    for d in range(n // 100 + 1):
+        sub = root / "logs" / f"d{d:03}"
+        sub.mkdir(parents=True, exist_ok=True)
+        for i in range(min(100, n - d * 100)):
+            (sub / f"f{i:03}.log").write_bytes(rnd.randbytes(rnd.randrange(10, 400)))
+
+
+def _through_proxy(p: Pair) -> FaultProxy:
+    proxy = FaultProxy(p.standby_addr)
+    text = p.primary_cfg.read_text()
+    p.primary_cfg.write_text(text.replace(f'standbys = ["{p.standby_addr}"]', f'standbys = ["{proxy.address}"]'))
+    return proxy
+
+
+def _once(p: Pair) -> dict:
+    r = run_drsync("agent", "--config", p.primary_cfg, "--once", "--json")
+    assert r.code == 0, (r.out, r.err)
+    return r.json()
+
+
+def _standby_repo(p: Pair) -> Repository:
+    return Repository.open(open_storage(p.standby_site.url("standby-repo")))
+
+
+def _manifest_size(p: Pair) -> int:
+    repo = Repository.open(open_storage(p.prod_site.url("primary-repo")))
+    newest = repo.list_snapshots()[-1]
+    return len(repo.manifest_bytes(newest))
+
+
+def _applied(p: Pair) -> str:
+    r = run_drsync("status", "--config", p.standby_cfg, "--points", "--json")
+    assert r.code == 0, r.err
+    return next(x["id"] for x in r.json()["points"] if x["state"] == "applied")
+
+
+@pytest.mark.parametrize("pair", ["local", "to-hdfs"], indirect=True)
+def test_an_unchanged_cycle_names_the_manifest_and_the_standby_applies_it(pair: Pair) -> None:  # noqa: F811
+    n = 3000 if pair.standby_site.kind == "local" else 600
+    _many_files(pair.prod, n)
+    proxy = _through_proxy(pair)
+    try:
+        pair.start("standby")
+        _once(pair)
+        assert pair.in_sync()
+        size = _manifest_size(pair)
+        # A change sends the manifest: the counter sees at least its bytes.
+        (pair.prod / "catalog" / "f001.txt").write_text("changed")
+        before = proxy.forwarded
+        _once(pair)
+        changed = proxy.forwarded - before
+        assert changed >= size, (changed, size)
+        # Nothing changed: a new snapshot, the same manifest, named and not sent.
+        before = proxy.forwarded
+        doc = _once(pair)
+        unchanged = proxy.forwarded - before
+        assert unchanged < size // 4, (unchanged, size)
+        newest = Repository.open(open_storage(pair.prod_site.url("primary-repo"))).list_snapshots()[-1]
+        assert doc["results"], doc
+        wait_for(lambda: _applied(pair) == newest.id, "the standby to apply the unchanged snapshot")
+        standby = _standby_repo(pair)
+        held = standby.find_snapshot(newest.id)
+        assert held.manifest_hash == newest.manifest_hash
+        assert standby.storage.exists(fmt.manifest_name(newest.id))
+        assert pair.in_sync()
+    finally:
+        pair.stop_all()
+        proxy.close()
+    assert run_drsync("repo", "verify", "--config", pair.standby_cfg).code == 0
+
+
+def test_a_standby_whose_copy_is_damaged_is_sent_the_bytes(pair: Pair) -> None:  # noqa: F811
+    """The manifest the commit names is damaged in the standby's repository (a rotted disk): the standby
+    answers ABORTED (a WARNING there), the primary sends the bytes at once (a WARNING), and the snapshot is
+    committed whole; the new snapshot's manifest on the standby is intact."""
+    _many_files(pair.prod, 500)
+    pair.start("standby")
+    _once(pair)
+    applied = _applied(pair)
+    path = Path(pair.standby_site.url("standby-repo")) / fmt.manifest_name(applied)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    r = run_drsync("agent", "--config", pair.primary_cfg, "--once", "--json")
+    assert r.code == 0, (r.out, r.err)
+    assert "sending the manifest of snapshot" in r.err, r.err
+    newest = Repository.open(open_storage(pair.prod_site.url("primary-repo"))).list_snapshots()[-1]
+    wait_for(lambda: _applied(pair) == newest.id, "the standby to apply the snapshot sent with its bytes")
+    standby = _standby_repo(pair)
+    spool = standby.manifest_spool(standby.find_snapshot(newest.id))  # checked against its hash
+    spool.close()
+    pair.stop_all()
+    log = (pair.tmp / "standby.log").read_text(errors="replace")
+    assert "cannot be read here" in log, log[-2000:]
+
+
+def test_a_named_manifest_that_is_not_the_documents_is_refused_and_nothing_is_committed(pair: Pair) -> None:  # noqa: F811
+    """A rogue or confused sender names a held snapshot whose manifest is not the one its document names, or
+    names one and sends pieces too: nothing is committed (ABORTED, INVALID_ARGUMENT)."""
+    pair.start("standby")
+    _once(pair)
+    applied = _applied(pair)
+    prod = Repository.open(open_storage(pair.prod_site.url("primary-repo")))
+    (pair.prod / "catalog" / "other.txt").write_text("another tree")
+    r = run_drsync("snapshot", "create", "--config", pair.primary_cfg, "--json")
+    assert r.code == 0, r.err
+    other = prod.list_snapshots()[-1]
+    assert other.manifest_hash != prod.find_snapshot(applied).manifest_hash
+    doc = prod.find_snapshot(other.id).to_bytes()
+    channel = grpc.insecure_channel(pair.standby_addr)
+    stub = pb_grpc.ReplicationStub(channel)
+    try:
+        epoch = int(stub.Hello(pb.HelloRequest(sender="primary", epoch=0)).epoch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Commit(iter([pb.CommitPart(epoch=epoch, sender="primary", snapshot=doc, manifest_of=applied)]))
+        assert e.value.code() == grpc.StatusCode.ABORTED, e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Commit(iter([pb.CommitPart(epoch=epoch, sender="primary", snapshot=doc, manifest_of=applied),
+                              pb.CommitPart(epoch=epoch, manifest=b"PAR1")]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    finally:
+        channel.close()
+    assert _applied(pair) == applied
+    assert not _standby_repo(pair).storage.exists(fmt.snapshot_name(other.id))
