@@ -54,7 +54,8 @@ class GcBeforeCommit:
         return r
 
     def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
-               sender_seq: int = 0, manifest_of: str = "") -> CommitOutcome:
+               sender_seq: int = 0, manifest_of: str = "",
+               patch_of: str = "") -> CommitOutcome:
         for args in self.gc:
             r = run_drsync(*args, env={"DRSYNC_LOCK_WAIT": "1"})
             self.results.append((r.code, r.out + r.err))

@@ -369,7 +369,7 @@ def test_a_commit_from_a_closed_file_spool_stores_nothing(tmp_path: Path, monkey
     standby2, rx2, root2 = _receiver(other)
 
     class ClosingLink(SpoolingLink):
-        def commit(self, epoch, sender, snapshot_doc, pieces, sender_seq=0, manifest_of=""):  # type: ignore[no-untyped-def]
+        def commit(self, epoch, sender, snapshot_doc, pieces, sender_seq=0, manifest_of="", patch_of=""):  # type: ignore[no-untyped-def]
             spool = Spool(self.limit)
             for p in pieces:
                 spool.write(p)

@@ -112,7 +112,7 @@ def test_a_standby_whose_copy_is_damaged_is_sent_the_bytes(pair: Pair) -> None: 
     path.write_bytes(bytes(data))
     r = run_drsync("agent", "--config", pair.primary_cfg, "--once", "--json")
     assert r.code == 0, (r.out, r.err)
-    assert "sending the manifest of snapshot" in r.err, r.err
+    assert "was sent whole" in r.err and "cannot be read here" in r.err, r.err
     newest = Repository.open(open_storage(pair.prod_site.url("primary-repo"))).list_snapshots()[-1]
     wait_for(lambda: _applied(pair) == newest.id, "the standby to apply the snapshot sent with its bytes")
     standby = _standby_repo(pair)
@@ -147,7 +147,84 @@ def test_a_named_manifest_that_is_not_the_documents_is_refused_and_nothing_is_co
             stub.Commit(iter([pb.CommitPart(epoch=epoch, sender="primary", snapshot=doc, manifest_of=applied),
                               pb.CommitPart(epoch=epoch, manifest=b"PAR1")]))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        # A patch taken against another manifest than the one named: the rebuilt one has another hash.
+        from drsync.repository.manifest import ManifestFile
+        from drsync.repository.manifest_patch import make_patch
+        wrong, _ = make_patch(ManifestFile(prod.manifest_spool(other)), ManifestFile(prod.manifest_spool(other)))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Commit(iter([pb.CommitPart(epoch=epoch, sender="primary", snapshot=doc, patch_of=applied,
+                                            manifest=wrong.getvalue())]))
+        assert e.value.code() == grpc.StatusCode.ABORTED and "not the one" in e.value.details(), e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Commit(iter([pb.CommitPart(epoch=epoch, sender="primary", snapshot=doc, patch_of=applied,
+                                            manifest=b"PAR1 garbage PAR1")]))
+        assert e.value.code() == grpc.StatusCode.ABORTED, e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Commit(iter([pb.CommitPart(epoch=epoch, sender="primary", snapshot=doc, patch_of=applied,
+                                            manifest_of=applied)]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
     finally:
         channel.close()
     assert _applied(pair) == applied
     assert not _standby_repo(pair).storage.exists(fmt.snapshot_name(other.id))
+
+
+def test_a_change_over_a_limited_link_sends_a_patch_of_the_manifest(pair: Pair) -> None:  # noqa: F811
+    """With a bandwidth limit in force (a far link's rule, as for deltas), a cycle that changed 3 of 3,000
+    files sends a patch of the manifest the standby applied, not the manifest: the standby rebuilds it byte
+    for byte (its hash), applies it, and verifies. Without a limit (loopback), the manifest goes whole."""
+    _many_files(pair.prod, 3000)
+    proxy = _through_proxy(pair)
+    try:
+        pair.start("standby")
+        first = next(iter(_once(pair)["results"].values()))
+        assert first["manifest_sent"] == "bytes", first  # nothing applied there yet
+        size = _manifest_size(pair)
+        for i in range(3):
+            (pair.prod / "logs" / f"d00{i}" / "f007.log").write_bytes(b"rewritten %d" % i)
+        near = next(iter(_once(pair)["results"].values()))
+        assert near["manifest_sent"] == "bytes" and near["manifest_bytes"] >= size // 2, near
+        with open(pair.primary_cfg, "a") as f:
+            f.write('bandwidth_limit = "1GiB/s"\n')
+        for i in range(3):
+            (pair.prod / "logs" / f"d01{i}" / "f009.log").unlink()
+        (pair.prod / "logs" / "d020" / "added.log").write_bytes(b"added")
+        before = proxy.forwarded
+        far = next(iter(_once(pair)["results"].values()))
+        assert far["manifest_sent"] == "patch", far
+        size = _manifest_size(pair)
+        assert far["manifest_bytes"] * 10 < size, (far, size)
+        assert proxy.forwarded - before < size // 2, (proxy.forwarded - before, size)
+        newest = Repository.open(open_storage(pair.prod_site.url("primary-repo"))).list_snapshots()[-1]
+        wait_for(lambda: _applied(pair) == newest.id, "the standby to apply the patched snapshot")
+        assert _standby_repo(pair).find_snapshot(newest.id).manifest_hash == newest.manifest_hash
+        assert pair.in_sync()
+    finally:
+        pair.stop_all()
+        proxy.close()
+    assert run_drsync("repo", "verify", "--config", pair.standby_cfg).code == 0
+
+
+def test_a_patch_the_standby_cannot_rebuild_from_goes_whole(pair: Pair) -> None:  # noqa: F811
+    """The standby's copy of the manifest a patch is taken against is damaged: it answers ABORTED, the primary
+    sends the manifest whole at once (a WARNING: and whole to that standby for the rest of its process), and
+    the snapshot is committed and applied."""
+    _many_files(pair.prod, 500)
+    with open(pair.primary_cfg, "a") as f:
+        f.write('bandwidth_limit = "1GiB/s"\n')
+    pair.start("standby")
+    _once(pair)
+    applied = _applied(pair)
+    path = Path(pair.standby_site.url("standby-repo")) / fmt.manifest_name(applied)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    (pair.prod / "logs" / "d001" / "f001.log").write_bytes(b"changed")
+    r = run_drsync("agent", "--config", pair.primary_cfg, "--once", "--json")
+    assert r.code == 0, (r.out, r.err)
+    res = next(iter(r.json()["results"].values()))
+    assert res["manifest_sent"] == "bytes", res
+    assert "could not be rebuilt" in r.err and "from now on" in r.err, r.err
+    newest = Repository.open(open_storage(pair.prod_site.url("primary-repo"))).list_snapshots()[-1]
+    wait_for(lambda: _applied(pair) == newest.id, "the standby to apply the snapshot sent whole")
+    assert pair.in_sync()

@@ -266,7 +266,8 @@ class LocalLink:
         return self.rx.receive(caller, batches)
 
     def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
-               sender_seq: int = 0, manifest_of: str = "") -> CommitOutcome:
+               sender_seq: int = 0, manifest_of: str = "",
+               patch_of: str = "") -> CommitOutcome:
         self.docs.append(snapshot_doc)
         info, result = self.rx.commit(Caller(sender, epoch), snapshot_doc, b"".join(pieces), sender_seq)
         return CommitOutcome(info.id, result.written_files, result.removed, self.rx.state.applied_at)

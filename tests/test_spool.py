@@ -86,7 +86,8 @@ class SpoolingLink(LocalLink):
         self.spooled_to_file: list[bool] = []
 
     def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
-               sender_seq: int = 0, manifest_of: str = "") -> CommitOutcome:
+               sender_seq: int = 0, manifest_of: str = "",
+               patch_of: str = "") -> CommitOutcome:
         with Spool(self.limit) as spool:
             for i, piece in enumerate(pieces):
                 spool.write(piece if not (self.damage and i == 0) else b"\0" + piece[1:])

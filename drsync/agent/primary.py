@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -27,6 +26,7 @@ from drsync.repository import format as fmt
 from drsync.repository.ids import IdSet, gather, id_key, id_list, ids_array, locate, pieces_key, sort_unique, to_arrow
 from drsync.repository.manifest import Manifest, ManifestFile, column_groups
 from drsync.repository.manifest_diff import DeltaBases, chunks_beyond, delta_bases
+from drsync.repository.manifest_patch import make_patch
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.repository.spool import Spool
@@ -45,8 +45,6 @@ UPLOAD_MESSAGE_CHUNKS = 16_384
 # Manifest pieces in a commit stream.
 COMMIT_PIECE_BYTES = 1024 * 1024
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class ShipResult:
@@ -58,6 +56,9 @@ class ShipResult:
     duration_s: float
     applied: CommitOutcome
     delta_chunks: int = 0  # of missing_chunks, sent as deltas against chunks the standby holds
+    manifest_bytes: int = 0  # of the manifest, or of its patch, in the commit (0: named)
+    manifest_sent: str = "bytes"  # "bytes", "patch" (drsync.repository.manifest_patch) or "reference" (named)
+    manifest_refused: str = ""  # why the standby refused a named or patched manifest (then sent as bytes)
 
 
 @dataclass
@@ -91,6 +92,14 @@ def wants_deltas(hello: StandbyHello, rate_bps: float | None, rejected: bool) ->
     once ``rejected`` (the standby refused a delta: a base it cannot read, damage there), so that such damage
     never stops replication. Pure."""
     return hello.delta_chunks and not rejected and (hello.round_trip_s >= DELTA_RTT_S or bool(rate_bps))
+
+
+def wants_patches(hello: StandbyHello, rate_bps: float | None, refused: bool) -> bool:
+    """Whether a commit may send a patch of the standby's applied manifest instead of the manifest: it takes
+    them, its link is far or limited (as for :func:`wants_deltas`: on a near one, rebuilding the manifest
+    costs the standby more than receiving it), and it never refused one (``refused``: it rebuilt another
+    manifest, e.g. its Parquet writer differs). Pure."""
+    return hello.manifest_patches and not refused and (hello.round_trip_s >= DELTA_RTT_S or bool(rate_bps))
 
 
 class Deltas:
@@ -386,7 +395,7 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
                   applied: Manifest | ManifestFile | None = None,
                   guard: Callable[[bool], None] | None = None,
                   reading: Callable[[], AbstractContextManager[object]] | None = None,
-                  delta: bool = False, manifest_of: str = "") -> ShipResult:
+                  delta: bool = False, manifest_of: str = "", patch_of: str = "") -> ShipResult:
     """Negotiate, upload the missing chunks, commit. Raises on any refusal; safe to retry.
 
     ``applied`` is the manifest the standby says it has applied, when the
@@ -406,6 +415,10 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     capture): the commit names it instead of sending the bytes; when the standby cannot read it there
     (ManifestNotHeld) the commit is sent again with the bytes. Only for a standby whose Hello says it takes
     that (``manifest_by_reference``).
+    ``patch_of``: the standby's applied snapshot, whose manifest ``applied`` is: the commit sends a patch of it
+    (:mod:`drsync.repository.manifest_patch`) instead of the manifest when that is at most half its size;
+    when the standby cannot rebuild the manifest from it, the bytes go at once. Only for a standby whose Hello
+    says ``manifest_patches``. Either way ``ShipResult.manifest_refused`` says why the standby refused.
     """
     check = guard or (lambda final: None)
     start = time.monotonic()
@@ -413,29 +426,73 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     with (reading or contextlib.nullcontext)():
         manifest, count, sent = _negotiate_and_upload(repo, info, link, epoch=epoch, pacer=pacer, applied=applied,
                                                       check=check, delta=delta, same=bool(manifest_of))
-    with manifest:
+    with manifest, _manifest_form(manifest, applied, manifest_of, patch_of) as form:
         seq = info.seq if sender_seq is None else sender_seq
         try:
             try:
-                return _commit(info, link, manifest, count, sent, epoch=epoch, sender=sender, pacer=pacer,
-                               check=check, sender_seq=seq, start=start, manifest_of=manifest_of)
-            except ManifestNotHeld as e:
-                if not manifest_of:
-                    raise
-                log.warning("%s; sending the manifest of snapshot %s", e, info.id)
-                return _commit(info, link, manifest, count, sent, epoch=epoch, sender=sender, pacer=pacer,
+                return _commit(info, link, form, count, sent, epoch=epoch, sender=sender, pacer=pacer,
                                check=check, sender_seq=seq, start=start)
+            except ManifestNotHeld as e:
+                if form.whole is form.sent:
+                    raise
+                res = _commit(info, link, _ManifestForm(manifest), count, sent, epoch=epoch, sender=sender,
+                              pacer=pacer, check=check, sender_seq=seq, start=start)
+                return dataclasses.replace(res, manifest_bytes=res.manifest_bytes + form.size,
+                                           manifest_refused=str(e))
         except ChunksLost as e:
             e.sent = sent  # what this try uploaded (and stays there): the retry's figures add it
             raise
 
 
-def _commit(info: SnapshotInfo, link: StandbyLink, manifest: Spool, count: ChunkCount, sent: Upload, *,
+@dataclass
+class _ManifestForm:
+    """How a commit carries the manifest ``whole``: its bytes (``sent`` is ``whole``), a patch of the manifest
+    of snapshot ``patch_of`` (``sent``), or none when it names snapshot ``manifest_of``."""
+
+    whole: Spool
+    sent: Spool | None = None
+    manifest_of: str = ""
+    patch_of: str = ""
+
+    def __post_init__(self) -> None:
+        if self.sent is None and not self.manifest_of:
+            self.sent = self.whole
+
+    @property
+    def size(self) -> int:
+        return self.sent.size if self.sent is not None else 0
+
+    def __enter__(self) -> _ManifestForm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sent is not None and self.sent is not self.whole:
+            self.sent.close()
+
+
+def _manifest_form(manifest: Spool, applied: Manifest | ManifestFile | None, manifest_of: str,
+                   patch_of: str) -> _ManifestForm:
+    """The manifest named (``manifest_of``), patched against ``applied`` (``patch_of``, when the patch is at
+    most half its size), or whole."""
+    if manifest_of:
+        return _ManifestForm(manifest, None, manifest_of=manifest_of)
+    if patch_of and applied is not None:
+        try:
+            patch, _ = make_patch(applied, ManifestFile(manifest, "manifest"))
+        except DrsyncError:  # the applied snapshot's manifest is damaged here: the bytes go
+            return _ManifestForm(manifest)
+        if patch.size * 2 <= manifest.size:
+            return _ManifestForm(manifest, patch, patch_of=patch_of)
+        patch.close()
+    return _ManifestForm(manifest)
+
+
+def _commit(info: SnapshotInfo, link: StandbyLink, form: _ManifestForm, count: ChunkCount, sent: Upload, *,
             epoch: int, sender: str, pacer: Pacer, check: Callable[[bool], None], sender_seq: int,
-            start: float, manifest_of: str = "") -> ShipResult:
-    """The commit of a shipment whose chunks are on the standby: the manifest in pieces of
-    :data:`COMMIT_PIECE_BYTES`, read from its spool as they are sent, or none (``manifest_of``: named)."""
-    pieces = iter(()) if manifest_of else manifest.pieces(COMMIT_PIECE_BYTES)
+            start: float) -> ShipResult:
+    """The commit of a shipment whose chunks are on the standby: the manifest (or its patch) in pieces of
+    :data:`COMMIT_PIECE_BYTES`, read from its spool as they are sent, or none (named: ``form.manifest_of``)."""
+    pieces = form.sent.pieces(COMMIT_PIECE_BYTES) if form.sent is not None else iter(())
     if not pacer.may_send():
         raise ShippingPaused(f"shipping snapshot {info.id} paused before its commit "
                              f"({human_size(sent.stored_bytes)} of chunks sent stay on the standby)")
@@ -444,9 +501,10 @@ def _commit(info: SnapshotInfo, link: StandbyLink, manifest: Spool, count: Chunk
     # document goes without it, as before snapshots were numbered, so a standby that runs the
     # previous version during a rolling upgrade still reads it.
     outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces, sender_seq=sender_seq,
-                          manifest_of=manifest_of)
+                          manifest_of=form.manifest_of, patch_of=form.patch_of)
     return ShipResult(info.id, count.chunks, sent.chunks, sent.stored_bytes, max(0, count.raw_bytes - sent.raw_bytes),
-                      round(time.monotonic() - start, 3), outcome, sent.deltas)
+                      round(time.monotonic() - start, 3), outcome, sent.deltas, form.size,
+                      "reference" if form.manifest_of else "patch" if form.patch_of else "bytes")
 
 
 def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int,

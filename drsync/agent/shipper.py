@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from drsync import engine
-from drsync.agent.primary import ShippingPaused, ShipResult, Upload, ship_snapshot, wants_deltas
+from drsync.agent.primary import ShippingPaused, ShipResult, Upload, ship_snapshot, wants_deltas, wants_patches
 from drsync.agent.throttle import TargetBandwidth, local_now
 from drsync.bandwidth import Schedule
 from drsync.config import Config
@@ -128,6 +128,7 @@ class Shipper:
         self.backoff_s = BACKOFF_FIRST_S
         self.retry_at = 0.0  # monotonic
         self.whole_chunks = False  # this standby rejected a delta: whole chunks only, for the rest of this process
+        self.whole_manifests = False  # this standby refused a manifest patch: manifests whole, for this process
         self._ship_lock = threading.Lock()  # one shipment at a time to this target
         self._cv = threading.Condition()
         self._stop = False
@@ -246,6 +247,9 @@ class Shipper:
             # manifest is about 73 bytes a file: 70 MiB a cycle at 1,000,000 files on a WAN link).
             same_as = hello.applied_snapshot if hello.manifest_by_reference and self._same_manifest(
                 hello.applied_snapshot, info) else ""
+            # A changed one over a far or limited link: a patch of the manifest the standby applied.
+            patch_of = hello.applied_snapshot if applied is not None and wants_patches(
+                hello, self.bandwidth.rate(), self.whole_manifests) else ""
             # A reader of this repository while it reads (not while the standby applies): GC never
             # removes a pack this shipment is reading.
             def ship(delta: bool, base: Manifest | None) -> ShipResult:
@@ -253,7 +257,8 @@ class Shipper:
                                      bandwidth_bps=self.bandwidth.rate, applied=base,
                                      guard=self._guard if origin is None else self._relay_guard,
                                      reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S),
-                                     delta=delta, manifest_of=same_as)
+                                     delta=delta, manifest_of=same_as,
+                                     patch_of=patch_of if base is not None else "")
 
             def attempt(base: Manifest | None) -> ShipResult:
                 if base is None or not wants_deltas(hello, self.bandwidth.rate(), self.whole_chunks):
@@ -275,6 +280,11 @@ class Shipper:
                 log.warning("%s; asking %s about every chunk of snapshot %s and sending what it lacks", e,
                             self.target, info.id)
                 res = with_first_try(attempt(None), e.sent)
+            if res.manifest_refused:
+                # A damaged copy there (named), or a manifest rebuilt otherwise (patched): the bytes went.
+                self.whole_manifests = self.whole_manifests or patch_of != ""
+                log.warning("%s; the manifest of snapshot %s was sent whole%s", res.manifest_refused, info.id,
+                            f" (and is to {self.target} from now on)" if patch_of else "")
             done = res.applied
             self.received, self.apply_delay_s = info.id, done.apply_delay_s
             # Delayed (replication.apply_delay): stored and verified there, its root follows later.
@@ -290,6 +300,7 @@ class Shipper:
                                f"{res.duration_s:.2f}s)",
                                {"chunks": res.chunks, "missing_chunks": res.missing_chunks,
                                 "delta_chunks": res.delta_chunks,
+                                "manifest_bytes": res.manifest_bytes, "manifest_sent": res.manifest_sent,
                                 "changed": done.written_files + done.removed,
                                 "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
                                 "deduplicated_bytes": res.deduplicated_bytes})

@@ -26,6 +26,8 @@ from drsync.apply import ApplyResult
 from drsync.dataroot.distcp import DistCpSettings
 from drsync.errors import ChunkDamaged, ChunksLost, DrsyncError, FencedError, ManifestNotHeld, RefusedError
 from drsync.fsutil import describe_os_error
+from drsync.repository.manifest import ManifestFile
+from drsync.repository.manifest_patch import apply_patch
 from drsync.repository.repo import Repository
 from drsync.repository.snapshots import SnapshotInfo
 from drsync.repository.spool import Spool
@@ -268,6 +270,25 @@ class StandbyReceiver:
             raise
         except DrsyncError as e:
             raise ManifestNotHeld(f"the manifest of snapshot {snapshot_id} cannot be read here: {e}") from e
+
+    def patched_manifest(self, snapshot_id: str, snapshot_doc: bytes, patch: Spool) -> Spool:
+        """The manifest ``patch`` (:mod:`drsync.repository.manifest_patch`, from the sender) makes of snapshot
+        ``snapshot_id``'s in this repository, as a spool hashed as written: it must be the manifest
+        ``snapshot_doc`` names, byte for byte. ManifestNotHeld when the base is gone or damaged here, the patch
+        does not read, or the rebuilt manifest has another hash (e.g. the sender's Parquet writer is of
+        another version): the sender then sends the bytes. IntegrityError for a document that does not parse."""
+        wanted = SnapshotInfo.from_bytes(snapshot_doc, "shipped snapshot document").manifest_hash
+        try:
+            with self.repo.manifest_spool(self.repo.find_snapshot(snapshot_id)) as base:
+                out = apply_patch(ManifestFile(base, f"manifest of snapshot {snapshot_id}"),
+                                  ManifestFile(patch, "manifest patch"))
+        except DrsyncError as e:
+            raise ManifestNotHeld(f"the manifest could not be rebuilt from snapshot {snapshot_id}'s here: {e}") from e
+        if out.hexdigest() != wanted:
+            out.close()
+            raise ManifestNotHeld(f"the manifest rebuilt from snapshot {snapshot_id}'s and the patch is not the one "
+                                  f"the shipped snapshot names (the sender writes manifests otherwise)")
+        return out
 
     def commit(self, caller: Caller, snapshot_doc: bytes, manifest_bytes: bytes | Spool,
                sender_seq: int = 0) -> tuple[SnapshotInfo, ApplyResult]:

@@ -83,6 +83,8 @@ class StandbyHello:
     delta_chunks: bool = False  # it takes chunks sent as deltas against chunks it holds (older agents: False)
     # It takes a commit that names the manifest of a snapshot it holds instead of its bytes (older agents: False).
     manifest_by_reference: bool = False
+    # It takes a commit whose pieces patch the manifest of a snapshot it holds (older agents: False).
+    manifest_patches: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,10 +114,11 @@ class StandbyLink(Protocol):
     def upload(self, epoch: int, batches: Iterator[list[ReceivedChunk]]) -> tuple[int, int, int]: ...
 
     def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
-               sender_seq: int = 0, manifest_of: str = "") -> CommitOutcome:
+               sender_seq: int = 0, manifest_of: str = "", patch_of: str = "") -> CommitOutcome:
         """Store and apply ``snapshot_doc``; its manifest is ``pieces`` or, when ``manifest_of`` names a snapshot
-        the standby said it applied and ``pieces`` is empty, that snapshot's (ManifestNotHeld when the standby
-        cannot read it: send the bytes)."""
+        the standby said it applied and ``pieces`` is empty, that snapshot's; with ``patch_of``, ``pieces`` are a
+        patch (:mod:`drsync.repository.manifest_patch`) of that snapshot's manifest. ManifestNotHeld when the
+        standby cannot read or rebuild it: send the bytes."""
 
 
 class Receiver(Protocol):
@@ -163,4 +166,9 @@ class Receiver(Protocol):
     def held_manifest(self, snapshot_id: str, snapshot_doc: bytes) -> Spool:
         """The manifest of snapshot ``snapshot_id`` held here, checked, for a commit of ``snapshot_doc`` that
         names it instead of sending it; ManifestNotHeld when it is not held or is not that document's."""
+        ...
+
+    def patched_manifest(self, snapshot_id: str, snapshot_doc: bytes, patch: Spool) -> Spool:
+        """The manifest ``patch`` makes of snapshot ``snapshot_id``'s (held here), checked against the hash
+        ``snapshot_doc`` names; ManifestNotHeld when that cannot be done or the hash differs."""
         ...

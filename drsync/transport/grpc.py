@@ -217,7 +217,8 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
                              received_snapshot=st.received_snapshot if st else "",
                              applied_position=list(st.applied_position) if st else [],
                              delta_chunks=self.receiver is not None,
-                             manifest_by_reference=self.receiver is not None)
+                             manifest_by_reference=self.receiver is not None,
+                             manifest_patches=self.receiver is not None)
 
     def _fail(self, context: grpc.ServicerContext, sender: str, e: Exception) -> None:
         """Abort the call; a refusal, or a shipment this standby could not take (an apply that failed: an
@@ -276,7 +277,7 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
     def Commit(self, request_iterator: Iterator[pb.CommitPart], context: grpc.ServicerContext) -> pb.CommitReply:
         rx = self._receiver(context)
         caller: Caller | None = None
-        doc, seq, parts, total, named = b"", 0, 0, 0, ""
+        doc, seq, parts, total, named, patched = b"", 0, 0, 0, "", ""
         # The manifest is gathered in a spool as its pieces arrive, hashed as they come: in memory while
         # small, in an unnamed temporary file past 16 MiB, so that the commit never holds a large manifest's
         # bytes beside the table decoded from them (74 MiB at 1,000,000 files, for as long as the apply ran).
@@ -284,7 +285,10 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
         for part in request_iterator:
             if caller is None:
                 caller = self._caller(context, part.sender, part.epoch, part.sent_at, part.sender_instance)
-                doc, seq, named = part.snapshot, part.sender_seq, part.manifest_of
+                doc, seq, named, patched = part.snapshot, part.sender_seq, part.manifest_of, part.patch_of
+                if named and patched:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a commit names its manifest (manifest_of) or "
+                                                                    "sends a patch of one (patch_of), not both")
                 if len(doc) > fmt.SNAPSHOT_DOC_MAX_BYTES:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"the snapshot document is {len(doc)} bytes; a snapshot document is at most "
@@ -320,6 +324,9 @@ class ReplicationServicer(pb_grpc.ReplicationServicer):
             if named:  # the manifest of a snapshot held here, read (and checked) from this repository
                 manifest.close()
                 manifest = rx.held_manifest(named, doc)
+            elif patched:  # a patch of one held here: the manifest rebuilt, and checked by its hash
+                with manifest:
+                    manifest = rx.patched_manifest(patched, doc, manifest)
             info, result = rx.commit(caller, doc, manifest, int(seq))  # admits under its commit lock
         except DrsyncError as e:
             self._fail(context, caller.sender, e)
@@ -597,7 +604,7 @@ class GrpcStandbyLink:
         return StandbyHello(r.agent, r.role, r.cluster_id, r.release, r.epoch, r.applied_snapshot,
                             r.applied_captured_at, r.applied_at, offset, rtt, r.lag_s if r.lag_known else None,
                             r.held_snapshot, r.apply_delay_s, r.received_snapshot, tuple(r.applied_position),
-                            r.delta_chunks, r.manifest_by_reference)
+                            r.delta_chunks, r.manifest_by_reference, r.manifest_patches)
 
     def missing(self, epoch: int, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
         failed: list[DrsyncError] = []
@@ -627,7 +634,7 @@ class GrpcStandbyLink:
         return r.received, r.stored, r.stored_bytes
 
     def commit(self, epoch: int, sender: str, snapshot_doc: bytes, pieces: Iterator[bytes],
-               sender_seq: int = 0, manifest_of: str = "") -> CommitOutcome:
+               sender_seq: int = 0, manifest_of: str = "", patch_of: str = "") -> CommitOutcome:
         def parts() -> Iterator[pb.CommitPart]:
             first = True
             total = 0
@@ -638,7 +645,8 @@ class GrpcStandbyLink:
                                           f"the most a standby accepts (docs/FORMAT.md, Limits); it cannot be shipped")
                 if first:
                     yield pb.CommitPart(epoch=epoch, sender=sender, snapshot=snapshot_doc, manifest=piece,
-                                        sent_at=self._now(), sender_seq=sender_seq, sender_instance=INSTANCE)
+                                        sent_at=self._now(), sender_seq=sender_seq, sender_instance=INSTANCE,
+                                        patch_of=patch_of)
                     first = False
                 else:
                     yield pb.CommitPart(epoch=epoch, manifest=piece)
