@@ -913,7 +913,7 @@ def main() -> None:
         if args.only in (None, "wan"):
             from wan import bench_wan
 
-            bench_wan(args.work, args.big_mib, args.big_mib, rep)
+            bench_wan(args.work, args.big_mib, args.big_mib, rep, small_files=2000 if args.quick else 50_000)
     finally:
         if not args.keep_work:
             shutil.rmtree(args.work, ignore_errors=True)

@@ -8,7 +8,10 @@ says which one ran): full sync and 1 % incremental sync of
 - the incompressible tree (``gen_big``: 1 GiB in 256 files; --quick 64 MiB), and
 - an analytics export (:func:`gen_export`: CSV events and JSON-lines sessions with timestamps, ids,
   categories and floats, 1 GiB; --quick 64 MiB), whose 1 % change re-exports one file and appends to
-  the newest partitions.
+  the newest partitions, and
+- 50,000 small files (``gen_small``), whose 1 % change rewrites 500 of them, removes 10 and adds 10, and
+  a no-change cycle after it: where the file list (rsync's) and the manifest (drsync's: a patch of the
+  standby's over a far link, and only its name when nothing changed) are most of what crosses the link.
 
 Each sync reports its wall time and the bytes that crossed the link (payload, both directions, counted
 by the proxy). Then the gRPC tuning for the link's bandwidth-delay product (100 Mbit/s x 50 ms = 625 KB):
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -44,6 +48,7 @@ from bench import (
     drop_caches,
     free_port,
     gen_big,
+    gen_small,
     run,
     vm_hwm_mib,
 )
@@ -266,20 +271,41 @@ def rsync_through(link: WanLink, src: Path, dest: str) -> tuple[Run, tuple[int, 
     return r, (after[0] - before[0], after[1] - before[1])
 
 
-def bench_wan(work: Path, big_mib: int, export_mib: int, rep: Report, tune: bool = True) -> None:
+def change_small(root: Path) -> int:
+    """Rewrite 1 % of the small files (``gen_small``'s), remove a few and add a few. Returns bytes written."""
+    files = sorted(root.rglob("*.dat"))
+    rnd = random.Random(17)
+    written = 0
+    for f in rnd.sample(files, k=max(1, len(files) // 100)):
+        data = rnd.randbytes(rnd.randrange(256, 4096))
+        f.write_bytes(data)
+        written += len(data)
+    for f in rnd.sample(files, k=10):
+        f.unlink(missing_ok=True)
+    for i in range(10):
+        (root / "d0000" / f"new-{i}.dat").write_bytes(rnd.randbytes(1000))
+        written += 1000
+    return written
+
+
+def bench_wan(work: Path, big_mib: int, export_mib: int, rep: Report, tune: bool = True,
+              small_files: int = 50_000) -> None:
     probe = WanLink(("127.0.0.1", 9))
     method = probe.describe()
     probe.close()
     print(f"wan: link = {method}")
-    big, export = work / "w-big", work / "w-export"
-    print(f"wan: generating {big_mib} MiB in 256 files and a {export_mib} MiB analytics export ...")
+    big, export, small = work / "w-big", work / "w-export", work / "w-small"
+    print(f"wan: generating {big_mib} MiB in 256 files, {small_files} small files and a {export_mib} MiB "
+          f"analytics export ...")
     gen_big(big, big_mib)
+    gen_small(small, small_files)
     t = time.perf_counter()
     gen_export(export, export_mib)
     export_bytes = sum(p.stat().st_size for p in export.rglob("*") if p.is_file())
     print(f"wan: export of {mib(export_bytes)} in {time.perf_counter() - t:.1f}s")
     age(big)
     age(export)
+    age(small)
     os.sync()
     daemon = RsyncDaemon(work)
     rlink = WanLink(("127.0.0.1", daemon.port))
@@ -287,7 +313,8 @@ def bench_wan(work: Path, big_mib: int, export_mib: int, rep: Report, tune: bool
     floor = 1e8 / 8  # the link's payload rate, bytes/s
     sets: list[tuple[str, Path, Callable[[Path], int]]] = [
         (f"incompressible {big_mib} MiB", big, change_one_percent),
-        (f"export {export_bytes / (1 << 20):.0f} MiB", export, change_export)]
+        (f"export {export_bytes / (1 << 20):.0f} MiB", export, change_export),
+        (f"small files {small_files}", small, change_small)]
     try:
         for i, (label, tree, change) in enumerate(sets):
             ws = WanStandby(work, f"wan-{i}", tree)
@@ -301,6 +328,11 @@ def bench_wan(work: Path, big_mib: int, export_mib: int, rep: Report, tune: bool
                 inc, figures, wire = ws.cycle()
                 wan_rows(rep, f"wan: {label.split()[0]}, 1 % incremental ({mib(changed)})", inc, figures, wire,
                          peer, peer_wire, floor, ws.standby_peak_mib())
+                if tree is small:  # where the file list is most of what crosses the link
+                    peer, peer_wire = rsync_through(rlink, tree, f"wan-{i}")
+                    noop, figures, wire = ws.cycle()
+                    wan_rows(rep, f"wan: {label.split()[0]}, no-change cycle", noop, figures, wire, peer, peer_wire,
+                             floor, ws.standby_peak_mib())
             finally:
                 ws.stop()
                 shutil.rmtree(work / f"wan-{i}", ignore_errors=True)
@@ -312,6 +344,7 @@ def bench_wan(work: Path, big_mib: int, export_mib: int, rep: Report, tune: bool
         daemon.stop()
         shutil.rmtree(big, ignore_errors=True)
         shutil.rmtree(export, ignore_errors=True)
+        shutil.rmtree(small, ignore_errors=True)
 
 
 def wan_rows(rep: Report, what: str, r: Run, figures: dict, wire: tuple[int, int], peer: Run,
@@ -324,7 +357,8 @@ def wan_rows(rep: Report, what: str, r: Run, figures: dict, wire: tuple[int, int
     rep.add(f"{what}: wire", ours / (1 << 20), theirs / (1 << 20), 1.0, 0.0,
             f"(drsync up {mib(wire[0])} / down {mib(wire[1])}, rsync up {mib(peer_wire[0])} / down "
             f"{mib(peer_wire[1])}; drsync's shipment {mib(figures['shipped_bytes'])} stored bytes, "
-            f"{figures.get('delta_chunks', 0)} of {figures.get('missing_chunks', 0)} chunks sent as deltas)",
+            f"{figures.get('delta_chunks', 0)} of {figures.get('missing_chunks', 0)} chunks sent as deltas; "
+            f"manifest {figures.get('manifest_sent', '?')} {mib(figures.get('manifest_bytes', 0))})",
             unit="MiB")
 
 
