@@ -891,7 +891,8 @@ class ManifestWriter:
         self._pending.append(table)
         self._rows += table.num_rows
         if self._rows >= ROW_GROUP:
-            t = pa.concat_tables(self._pending)
+            # One chunk a column: where the writer closes a page must not depend on how the rows were split.
+            t = pa.concat_tables(self._pending).combine_chunks()
             whole = (t.num_rows // ROW_GROUP) * ROW_GROUP
             self._w.write_table(t.slice(0, whole), row_group_size=ROW_GROUP)
             rest = t.slice(whole)
@@ -899,7 +900,7 @@ class ManifestWriter:
 
     def finish(self) -> Spool:
         if self._pending:
-            self._w.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP)
+            self._w.write_table(pa.concat_tables(self._pending).combine_chunks(), row_group_size=ROW_GROUP)
         self._w.close()
         return self._buf
 
