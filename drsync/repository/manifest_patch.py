@@ -84,7 +84,7 @@ def _patch_step(a: pa.Table, b: pa.Table) -> pa.Table:
     if pc.any(gone).as_py():
         parts.append(_tombstones(pc.filter(a.column("path"), gone), b.schema))
     if not parts:
-        return b.slice(0, 0)
+        return b.schema.empty_table()  # not a slice of ``b``: that would hold its buffers until the patch is done
     return sort_by_path(pa.concat_tables([p.replace_schema_metadata(None) for p in parts]))
 
 
