@@ -106,7 +106,7 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
                       no_fence: bool, promote_empty_root: bool, point: PointChoice, dry_run: bool = False
                       ) -> tuple[list[PromotionCheck], dict[str, Any]]:
     """Every check of a promotion, in order, and what the promotion would use (lag, state, fence target);
-    ``dry_run``: also the checks the real promotion leaves to its apply (a point's bytes)."""
+    ``dry_run``: also, last, the check the real promotion leaves to its apply (a point's bytes)."""
     me, group = cfg.agent.name, cfg.coordination.group
     primary, maintenance = view.primary, view.maintenance
     first = view.epoch.epoch == 0
@@ -153,7 +153,7 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
     if view.epoch.epoch < seen:
         checks.insert(0, PromotionCheck("epoch", False, epoch_behind(view.epoch.epoch, seen,
                                                                       "this agent" if who == me else f"agent {who}")))
-    target, point_check = _point_check(cfg, state, point, read_bytes=dry_run)
+    target, point_check = _point_check(cfg, state, point)
     if point.explicit and view.epoch.promoted_by == me:
         target, point_check = None, PromotionCheck("point", False, (
             f"{me} is this group's primary (epoch {view.epoch.epoch} names it): a promotion at a recovery point "
@@ -210,6 +210,11 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
         f"fence_command runs first against {old} and must exit 0" if fence else
         "skipped (--no-fence)" if no_fence else "no earlier primary to fence" if first or not old or old == me
         else _no_fence_words(cfg))))
+    if dry_run and target is not None:  # last, as the real promotion reads them: when every check above passed
+        problem = _unusable(engine.open_repository(cfg.cluster.repository), target, state.applied_snapshot,
+                            read_bytes=True)
+        checks.append(PromotionCheck("point bytes", not problem, problem or (
+            f"every chunk the apply of snapshot {target.id} reads is intact"), OperationFailed))
     return checks, {"first": first, "lag": lag, "state": state, "old": old, "fence": fence, "running": running,
                     "data_root": data_root, "target": target}
 
@@ -252,10 +257,9 @@ class PointChoice:
         return self.to_snapshot is not None or self.before is not None
 
 
-def _point_check(cfg: Config, state: AgentState, point: PointChoice, *, read_bytes: bool
-                 ) -> tuple[RecoveryPoint | None, PromotionCheck | None]:
-    """The recovery point the promotion applies first (None: the root as it is), and its check (``read_bytes``:
-    a dry run's, which reads the bytes the apply would read: :func:`_unusable`)."""
+def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[RecoveryPoint | None,
+                                                                              PromotionCheck | None]:
+    """The recovery point the promotion applies first (None: the root as it is), and its check."""
     if point.explicit and (point.apply_received or point.delayed_state):
         return None, PromotionCheck("point", False, "--to-snapshot/--before name the point themselves; leave out "
                                                     "--apply-received and --delayed-state", UsageError)
@@ -280,7 +284,7 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice, *, read_byt
             chosen = choose_point(points, to_snapshot=point.to_snapshot, before=point.before)
         except UsageError as e:
             return None, PromotionCheck("point", False, str(e), UsageError)
-        problem = _unusable(repo, chosen, state.applied_snapshot, read_bytes=read_bytes)
+        problem = _unusable(repo, chosen, state.applied_snapshot, read_bytes=False)
         if problem:
             return None, PromotionCheck("point", False, problem, OperationFailed)
         newer = newer_than(points, chosen)
@@ -294,7 +298,7 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice, *, read_byt
             f"at the applied snapshot {state.applied_snapshot} (--delayed-state); {len(pending)} received "
             f"snapshot(s) stay in the repository unapplied"))
     if point.apply_received and newest is not None:
-        problem = _unusable(repo, newest, state.applied_snapshot, read_bytes=read_bytes)
+        problem = _unusable(repo, newest, state.applied_snapshot, read_bytes=False)
         if problem:
             return None, PromotionCheck("point", False, problem, OperationFailed)
         return newest, PromotionCheck("point", True, (

@@ -58,6 +58,7 @@ class ShipResult:
     delta_chunks: int = 0  # of missing_chunks, sent as deltas against chunks the standby holds
     manifest_bytes: int = 0  # of the manifest, or of its patch, in the commit (0: named)
     manifest_sent: str = "bytes"  # "bytes", "patch" (drsync.repository.manifest_patch) or "reference" (named)
+    manifest_tried: str = "bytes"  # what the first commit carried (as manifest_sent)
     manifest_refused: str = ""  # why the standby refused a named or patched manifest (then sent as bytes)
 
 
@@ -438,7 +439,7 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
                 res = _commit(info, link, _ManifestForm(manifest), count, sent, epoch=epoch, sender=sender,
                               pacer=pacer, check=check, sender_seq=seq, start=start)
                 return dataclasses.replace(res, manifest_bytes=res.manifest_bytes + form.size,
-                                           manifest_refused=str(e))
+                                           manifest_refused=str(e), manifest_tried=form.kind)
         except ChunksLost as e:
             e.sent = sent  # what this try uploaded (and stays there): the retry's figures add it
             raise
@@ -461,6 +462,11 @@ class _ManifestForm:
     @property
     def size(self) -> int:
         return self.sent.size if self.sent is not None else 0
+
+    @property
+    def kind(self) -> str:
+        """What the commit carries: "reference", "patch" or "bytes" (:attr:`ShipResult.manifest_sent`)."""
+        return "reference" if self.manifest_of else "patch" if self.patch_of else "bytes"
 
     def __enter__(self) -> _ManifestForm:
         return self
@@ -503,8 +509,7 @@ def _commit(info: SnapshotInfo, link: StandbyLink, form: _ManifestForm, count: C
     outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces, sender_seq=sender_seq,
                           manifest_of=form.manifest_of, patch_of=form.patch_of)
     return ShipResult(info.id, count.chunks, sent.chunks, sent.stored_bytes, max(0, count.raw_bytes - sent.raw_bytes),
-                      round(time.monotonic() - start, 3), outcome, sent.deltas, form.size,
-                      "reference" if form.manifest_of else "patch" if form.patch_of else "bytes")
+                      round(time.monotonic() - start, 3), outcome, sent.deltas, form.size, form.kind, form.kind)
 
 
 def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int,

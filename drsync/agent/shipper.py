@@ -282,9 +282,10 @@ class Shipper:
                 res = with_first_try(attempt(None), e.sent)
             if res.manifest_refused:
                 # A damaged copy there (named), or a manifest rebuilt otherwise (patched): the bytes went.
-                self.whole_manifests = self.whole_manifests or patch_of != ""
+                patched = res.manifest_tried == "patch"
+                self.whole_manifests = self.whole_manifests or patched
                 log.warning("%s; the manifest of snapshot %s was sent whole%s", res.manifest_refused, info.id,
-                            f" (and is to {self.target} from now on)" if patch_of else "")
+                            f" (and is to {self.target} from now on)" if patched else "")
             done = res.applied
             self.received, self.apply_delay_s = info.id, done.apply_delay_s
             # Delayed (replication.apply_delay): stored and verified there, its root follows later.

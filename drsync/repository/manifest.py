@@ -878,6 +878,12 @@ class ManifestWriter:
 
     def __init__(self, schema: pa.Schema = SCHEMA, *, memory_bytes: int | None = None) -> None:
         self._buf = Spool(memory_bytes)
+        # Always SCHEMA's own fields (with ``schema``'s metadata: the root's): a schema read back from Parquet
+        # names a list's item "element", which changes the bytes (the Arrow schema in the footer), and a
+        # manifest rebuilt from a patch (drsync.repository.manifest_patch) must be the same bytes.
+        if schema.names == SCHEMA.names:
+            schema = SCHEMA.with_metadata({**(SCHEMA.metadata or {}), **(schema.metadata or {})})
+        self._schema = schema
         # Dictionary pages only for columns of few distinct values: for paths, ids, sizes and times they
         # cost a third of a no-change cycle's manifest write and made the file larger, not smaller.
         self._w = pq.ParquetWriter(self._buf, schema, compression="zstd",
@@ -891,16 +897,24 @@ class ManifestWriter:
         self._pending.append(table)
         self._rows += table.num_rows
         if self._rows >= ROW_GROUP:
-            # One chunk a column: where the writer closes a page must not depend on how the rows were split.
-            t = pa.concat_tables(self._pending).combine_chunks()
+            t = pa.concat_tables(self._pending)
             whole = (t.num_rows // ROW_GROUP) * ROW_GROUP
-            self._w.write_table(t.slice(0, whole), row_group_size=ROW_GROUP)
+            for lo in range(0, whole, ROW_GROUP):
+                self._group(t.slice(lo, ROW_GROUP))
             rest = t.slice(whole)
             self._pending, self._rows = ([rest] if rest.num_rows else []), rest.num_rows
 
+    def _group(self, t: pa.Table) -> None:
+        """One row group, from one chunk a column (a copy of this group only): where the writer closes a page
+        must not depend on how the rows came split."""
+        t = t.combine_chunks()
+        if not t.schema.equals(self._schema):
+            t = t.cast(self._schema)
+        self._w.write_table(t, row_group_size=ROW_GROUP)
+
     def finish(self) -> Spool:
         if self._pending:
-            self._w.write_table(pa.concat_tables(self._pending).combine_chunks(), row_group_size=ROW_GROUP)
+            self._group(pa.concat_tables(self._pending))
         self._w.close()
         return self._buf
 

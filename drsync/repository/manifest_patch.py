@@ -28,11 +28,16 @@ _COLUMNS = list(SCHEMA.names)
 
 
 def _schema_of(m: Manifest | ManifestFile) -> pa.Schema:
-    """:data:`SCHEMA` with ``m``'s metadata (the root's): what its writer was given. Read back from Parquet,
-    a list's item field is named "element", which would change the bytes written."""
+    """``m``'s schema, with its metadata (the root's); :class:`ManifestWriter` writes it as :data:`SCHEMA`."""
     source = m.source if isinstance(m, Manifest) and m.source is not None else m
-    schema = source.schema if isinstance(source, ManifestFile) else source.table.schema  # type: ignore[union-attr]
-    return SCHEMA.with_metadata(schema.metadata)
+    return source.schema if isinstance(source, ManifestFile) else source.table.schema  # type: ignore[union-attr]
+
+
+def _canon(t: pa.Table) -> pa.Table:
+    """``t`` with :data:`SCHEMA`'s fields, no metadata (read back from Parquet a list's item is "element", and
+    an upgraded version-1 piece has SCHEMA's): pieces of either kind concatenate."""
+    t = t.replace_schema_metadata(None)
+    return t if t.schema.equals(SCHEMA, check_metadata=False) else t.cast(SCHEMA.remove_metadata())
 
 
 def _alike(x: pa.ChunkedArray | pa.Array, y: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -85,19 +90,18 @@ def _patch_step(a: pa.Table, b: pa.Table) -> pa.Table:
         parts.append(_tombstones(pc.filter(a.column("path"), gone), b.schema))
     if not parts:
         return b.schema.empty_table()  # not a slice of ``b``: that would hold its buffers until the patch is done
-    return sort_by_path(pa.concat_tables([p.replace_schema_metadata(None) for p in parts]))
+    return sort_by_path(pa.concat_tables([_canon(p) for p in parts]))
 
 
 def make_patch(base: Manifest | ManifestFile, new: Manifest | ManifestFile, *,
                memory_bytes: int | None = None) -> tuple[Spool, int]:
     """(The patch that turns ``base`` into ``new``, its row count): a :class:`Spool` of Parquet bytes (past
     ``memory_bytes`` in a temporary file). IntegrityError when a manifest is damaged."""
-    schema = _schema_of(new)
-    out = ManifestWriter(schema, memory_bytes=memory_bytes)
+    out = ManifestWriter(_schema_of(new), memory_bytes=memory_bytes)
     rows = 0
     try:
         for piece in fold_aligned(base, new, _COLUMNS, _patch_step):
-            out.write(piece.cast(schema))
+            out.write(piece)
             rows += piece.num_rows
         return out.finish(), rows
     except BaseException:
@@ -114,18 +118,17 @@ def _merge_step(a: pa.Table, p: pa.Table) -> pa.Table:
         return kept
     if not kept.num_rows:
         return live
-    return sort_by_path(pa.concat_tables([kept.replace_schema_metadata(None), live.replace_schema_metadata(None)]))
+    return sort_by_path(pa.concat_tables([_canon(kept), _canon(live)]))
 
 
 def apply_patch(base: Manifest | ManifestFile, patch: ManifestFile, *, memory_bytes: int | None = None) -> Spool:
     """The manifest ``patch`` (:func:`make_patch`) makes of ``base``, serialized with the patch's schema (the
     new manifest's, its metadata the root's): a :class:`Spool`, hashed as written, for the caller to check
     against the hash it expects. IntegrityError when either is damaged or out of path order."""
-    schema = _schema_of(patch)
-    out = ManifestWriter(schema, memory_bytes=memory_bytes)
+    out = ManifestWriter(_schema_of(patch), memory_bytes=memory_bytes)
     try:
         for a, p in aligned(base, patch, _COLUMNS):  # written as merged: never the whole manifest held
-            out.write(_merge_step(a, p).cast(schema))
+            out.write(_merge_step(a, p))
         return out.finish()
     except _Unsorted:
         out.finish().close()
