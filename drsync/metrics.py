@@ -78,6 +78,8 @@ class AgentMetrics:
                                           "Bytes of shipped snapshots the standby already had")
         self.delta_chunks = counter("delta_chunks", "Chunks sent to standbys as deltas against chunks they hold "
                                                     "(a far or limited link)")
+        self.manifest_bytes = counter("manifest_bytes", "Bytes of manifests, or of manifest patches, sent to "
+                                                        "standbys in commits (none for a manifest named)")
         self.ship_failures = counter("ship_failures", "Shipments that failed or were refused")
         self.backup_last_success = gauge("backup_last_success_timestamp_seconds", "Time of the last good backup")
         self.drill_last_success = gauge("drill_last_success_timestamp_seconds", "Time of the last passed drill")

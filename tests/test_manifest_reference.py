@@ -25,7 +25,7 @@ from drsync.transport.pb import drsync_pb2 as pb
 from drsync.transport.pb import drsync_pb2_grpc as pb_grpc
 from tests.conftest import run_drsync
 from tests.faultproxy import FaultProxy
-from tests.test_agents import Pair, pair, wait_for  # noqa: F401 - pair is a fixture
+from tests.test_agents import Pair, pair, scrape, wait_for  # noqa: F401 - pair is a fixture
 
 
 def _many_files(root: Path, n: int) -> None:
@@ -244,3 +244,18 @@ def test_patches_go_only_over_a_far_or_limited_link() -> None:
     assert wants_patches(hello(0.001), 1e9, False)  # a limit in force
     assert not wants_patches(hello(0.05), 1e9, True)  # it refused one: whole from then on
     assert not wants_patches(hello(0.05, patches=False), 1e9, False)  # an older standby
+
+
+def test_the_primary_counts_the_manifest_bytes_it_sends(pair: Pair) -> None:  # noqa: F811
+    """``drsync_manifest_bytes_total`` on a running primary: the first sync's manifest went whole, so it is at
+    least that manifest's size; unchanged cycles after it name the manifest and add nothing."""
+    pair.start("standby")
+    pair.start("primary")
+    wait_for(pair.in_sync, "the first sync")
+    size = _manifest_size(pair)
+    wait_for(lambda: scrape(pair.metrics["primary"]).get("drsync_manifest_bytes_total", 0) >= size,
+             "the first sync's manifest counted")
+    counted = scrape(pair.metrics["primary"])["drsync_manifest_bytes_total"]
+    first = Repository.open(open_storage(pair.prod_site.url("primary-repo"))).list_snapshots()[-1]
+    wait_for(lambda: _applied(pair) != first.id, "an unchanged capture to be shipped and applied")
+    assert scrape(pair.metrics["primary"])["drsync_manifest_bytes_total"] == counted

@@ -295,6 +295,7 @@ class Shipper:
             self.metrics.shipped_bytes.inc(res.shipped_bytes)
             self.metrics.deduplicated_bytes.inc(res.deduplicated_bytes)
             self.metrics.delta_chunks.inc(res.delta_chunks)
+            self.metrics.manifest_bytes.inc(res.manifest_bytes)
             return ShipOutcome(self.target, info.id, True,
                                f"{'stored, applied later (apply_delay)' if done.deferred else 'applied'} "
                                f"({res.missing_chunks}/{res.chunks} chunks sent, {human_size(res.shipped_bytes)} in "
