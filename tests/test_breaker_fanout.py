@@ -342,7 +342,7 @@ def test_automatic_failover_with_the_best_standby_frozen_then_thawed(make_group:
     try:
         g.procs["west"].send_signal(signal.SIGSTOP)
         g.kill("east", signal.SIGKILL)
-        wait_for(lambda: g.primary() is not None and g.primary()[0] != "east", "an automatic failover", 120)
+        wait_for(lambda: (p := g.primary()) is not None and p[0] != "east", "an automatic failover", 120)
         new = g.primary()
         assert new is not None and new[0] in ("north", "far"), new
         g.procs["west"].send_signal(signal.SIGCONT)

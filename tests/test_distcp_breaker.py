@@ -564,7 +564,7 @@ def test_a_promotion_stops_a_distcp_copy_in_flight(tmp_path: Path, webhdfs, hdfs
         wait_for(lambda: g.primary() is None, "east's primary node to go")
         r = g.promote("west", "--accept-data-loss")
         assert r.code == 0, r.err
-        assert g.primary() is not None and g.primary()[0] == "west"  # type: ignore[index]
+        assert (p := g.primary()) is not None and p[0] == "west", p
         assert gate.exists(), "the promotion waited for the copy"
         assert not _alive(copier), "the DistCp copy in flight was not stopped"
         gate.unlink()
@@ -615,7 +615,7 @@ def test_an_earlier_snapshot_restores_and_promotes_from_the_standbys_own_history
         mark = len(g.log("west"))
         r = g.promote("west", "--to-snapshot", good, "--accept-data-loss")
         assert r.code == 0, r.err
-        assert g.primary() is not None and g.primary()[0] == "west"  # type: ignore[index]
+        assert (p := g.primary()) is not None and p[0] == "west", p
         assert site.state("west-data") == good_state
         copies = [ln for ln in g.log("west")[mark:].splitlines() if "running DistCp from" in ln]
         assert copies and all(history in ln for ln in copies), copies

@@ -99,7 +99,7 @@ def test_failover_picks_the_most_current_standby_and_the_other_refollows(make_gr
     watcher = PrimaryWatcher(g.hosts, g.group)
     try:
         g.kill("east", signal.SIGKILL)
-        wait_for(lambda: g.primary() is not None and g.primary() != ("east", 1), "an automatic failover")
+        wait_for(lambda: (p := g.primary()) is not None and p != ("east", 1), "an automatic failover")
         assert g.primary() == ("west", 2), "\n".join(
             f"{n}: {line}" for n in ("west", "north") for line in g.log(n).splitlines()
             if any(w in line for w in ("PRIMARY", "session", "failover", "epoch", "promot")))

@@ -60,7 +60,7 @@ def test_a_standby_does_not_fence_while_another_holds_the_fencing_node(make_grou
         assert g.primary() is None
     finally:
         other.close()  # the other standby's session ends: west may fence now
-    wait_for(lambda: g.primary() is not None and g.primary()[0] == "west", "west to fence and promote", timeout=45)
+    wait_for(lambda: (p := g.primary()) is not None and p[0] == "west", "west to fence and promote", timeout=45)
     assert attempts.read_text().split() == ["west"]
 
 
