@@ -386,28 +386,11 @@ def test_s62_dry_run_at_a_damaged_point_exits_as_a_promotion_refused_for_lag(mak
 
 _TO_SPOOL_SCRIPT = r'''
 import sys
-import numpy as np, pyarrow as pa
-from drsync.repository.manifest import SCHEMA, Manifest
+import pyarrow as pa
+from drsync.repository.manifest import Manifest
+from tests.test_manifest_patch import _synthetic_table
 
-n = int(sys.argv[1])
-rng = np.random.default_rng(1)
-parts = []
-for lo in range(0, n, 50_000):  # a table of several chunks a column, as one read back or filtered is
-    k = min(n, lo + 50_000) - lo
-    ids = lambda: pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), k, [None, pa.py_buffer(rng.bytes(32 * k))])
-    offsets = pa.array(np.arange(k + 1, dtype=np.int32))
-    parts.append(pa.table({
-        "path": pa.array([b"d%04d/f%07d" % (i // 1000, i) for i in range(lo, lo + k)], pa.binary()),
-        "type": pa.array(["file"] * k), "mode": pa.array(np.full(k, 0o644, np.uint32)),
-        "uid": pa.array(np.zeros(k, np.uint32)), "gid": pa.array(np.zeros(k, np.uint32)),
-        "size": pa.array(np.full(k, 100)), "mtime_s": pa.array(np.full(k, 1_700_000_000)),
-        "mtime_nsec": pa.array(np.zeros(k, np.uint32)), "ctime_ns": pa.array(np.zeros(k, np.int64)),
-        "inode": pa.array(np.arange(lo, lo + k, dtype=np.uint64)), "target": pa.nulls(k, pa.binary()),
-        "content": ids(), "chunks": pa.ListArray.from_arrays(offsets, ids()),
-        "chunk_sizes": pa.ListArray.from_arrays(offsets, pa.array(np.full(k, 100, np.uint32))),
-        "xattrs": pa.nulls(k, pa.binary()), "hardlink": pa.nulls(k, pa.binary()),
-        "sparse": pa.array(np.zeros(k, bool)), "stale": pa.array(np.zeros(k, bool))}, schema=SCHEMA))
-m = Manifest(pa.concat_tables(parts))
+m = Manifest(_synthetic_table(int(sys.argv[1])))  # a table of several chunks a column, as one read back is
 pool = pa.system_memory_pool()  # not used before: its peak is the write's alone
 pa.set_memory_pool(pool)
 m.to_spool().close()

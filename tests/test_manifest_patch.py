@@ -136,11 +136,11 @@ def test_hostile_patches_are_refused_or_rebuild_another_manifest(tmp_path: Path)
     assert rows == 0 and apply_patch(base, ManifestFile(empty)).hexdigest() == want
 
 
-def _synthetic(n: int, changed: bool) -> Spool:
-    """A manifest of ``n`` one-chunk files (random ids), written by ManifestWriter in pieces of 50,000 rows;
+def _synthetic_table(n: int, changed: bool = False) -> pa.Table:
+    """A manifest table of ``n`` one-chunk files (random ids), in chunks of 50,000 rows a column;
     ``changed``: 1 % of the rows with another modification time."""
     rng = np.random.default_rng(1)
-    w = ManifestWriter(SCHEMA)
+    parts = []
     for lo in range(0, n, 50_000):
         k = min(n, lo + 50_000) - lo
 
@@ -151,7 +151,7 @@ def _synthetic(n: int, changed: bool) -> Spool:
         mtime = np.full(k, 1_700_000_000)
         if changed:
             mtime[:k // 100] += 5
-        w.write(pa.table({
+        parts.append(pa.table({
             "path": pa.array([b"d%04d/f%07d" % (i // 1000, i) for i in range(lo, lo + k)], pa.binary()),
             "type": pa.array(["file"] * k), "mode": pa.array(np.full(k, 0o644, np.uint32)),
             "uid": pa.array(np.zeros(k, np.uint32)), "gid": pa.array(np.zeros(k, np.uint32)),
@@ -162,6 +162,14 @@ def _synthetic(n: int, changed: bool) -> Spool:
             "chunk_sizes": pa.ListArray.from_arrays(offsets, pa.array(np.full(k, 100, np.uint32))),
             "xattrs": pa.nulls(k, pa.binary()), "hardlink": pa.nulls(k, pa.binary()),
             "sparse": pa.array(np.zeros(k, bool)), "stale": pa.array(np.zeros(k, bool))}, schema=SCHEMA))
+    return pa.concat_tables(parts)
+
+
+def _synthetic(n: int, changed: bool) -> Spool:
+    """:func:`_synthetic_table` written by ManifestWriter, in its pieces."""
+    w = ManifestWriter(SCHEMA)
+    for piece in _synthetic_table(n, changed).to_batches():
+        w.write(pa.Table.from_batches([piece]))
     return w.finish()
 
 
