@@ -23,6 +23,7 @@ from drsync.transport.grpc import GrpcStandbyLink
 from tests.conftest import run_drsync, tree_state
 from tests.test_agents import Pair, pair, wait_for  # noqa: F401 - pair is a fixture
 from tests.test_manifest_reference import _many_files
+from tests.test_reliability import hello as _hello
 from tests.zk import free_port
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -47,14 +48,6 @@ def _prod_repo(p: Pair) -> Repository:
 
 def _standby_repo(p: Pair) -> Repository:
     return Repository.open(open_storage(p.standby_site.url("standby-repo")))
-
-
-def _hello(addr: str):  # type: ignore[no-untyped-def]
-    link = GrpcStandbyLink(addr)
-    try:
-        return link.hello("test", 0)
-    finally:
-        link.close()
 
 
 def _limit(cfg: Path, rate: str = "1GiB/s") -> None:

@@ -211,8 +211,8 @@ def _promotion_checks(cfg: Config, coord: Coordinator, view: GroupView, *, force
         "skipped (--no-fence)" if no_fence else "no earlier primary to fence" if first or not old or old == me
         else _no_fence_words(cfg))))
     if dry_run and target is not None:  # last, as the real promotion reads them: when every check above passed
-        problem = _unusable(engine.open_repository(cfg.cluster.repository), target, state.applied_snapshot,
-                            read_bytes=True)
+        problem = _unusable(engine.open_repository(cfg.cluster.repository), target,
+                            read_against=state.applied_snapshot)
         checks.append(PromotionCheck("point bytes", not problem, problem or (
             f"every chunk the apply of snapshot {target.id} reads is intact"), OperationFailed))
     return checks, {"first": first, "lag": lag, "state": state, "old": old, "fence": fence, "running": running,
@@ -284,7 +284,7 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
             chosen = choose_point(points, to_snapshot=point.to_snapshot, before=point.before)
         except UsageError as e:
             return None, PromotionCheck("point", False, str(e), UsageError)
-        problem = _unusable(repo, chosen, state.applied_snapshot, read_bytes=False)
+        problem = _unusable(repo, chosen)
         if problem:
             return None, PromotionCheck("point", False, problem, OperationFailed)
         newer = newer_than(points, chosen)
@@ -298,7 +298,7 @@ def _point_check(cfg: Config, state: AgentState, point: PointChoice) -> tuple[Re
             f"at the applied snapshot {state.applied_snapshot} (--delayed-state); {len(pending)} received "
             f"snapshot(s) stay in the repository unapplied"))
     if point.apply_received and newest is not None:
-        problem = _unusable(repo, newest, state.applied_snapshot, read_bytes=False)
+        problem = _unusable(repo, newest)
         if problem:
             return None, PromotionCheck("point", False, problem, OperationFailed)
         return newest, PromotionCheck("point", True, (
@@ -332,17 +332,17 @@ def _stored_words(point: RecoveryPoint) -> str:
     return iso_time(point.stored_at) if point.stored_at else "just now"
 
 
-def _unusable(repo: Repository, point: RecoveryPoint, applied: str, *, read_bytes: bool) -> str:
-    """Why ``point`` cannot be applied onto a root holding snapshot ``applied`` ("" when unknown), or "":
-    its manifest unreadable, chunks missing. The real promotion leaves the chunks' bytes to the apply, which
-    reads them; ``read_bytes`` (a dry run) reads and checks now every chunk that apply would read (those of
-    the files that differ from ``applied``: :func:`chunks_beyond`), so that the dry run ends as the
-    promotion would. Reads from this repository only; errors are returned as words, never raised."""
+def _unusable(repo: Repository, point: RecoveryPoint, *, read_against: str | None = None) -> str:
+    """Why ``point`` cannot be applied, or "": its manifest unreadable, chunks missing. The real promotion
+    leaves the chunks' bytes to the apply, which reads them; ``read_against`` (a dry run: the snapshot the
+    root holds, "" when unknown) reads and checks now every chunk that apply would read (those of the files
+    that differ from it: :func:`chunks_beyond`), so that the dry run ends as the promotion would. Reads from
+    this repository only; errors are returned as words, never raised."""
     try:
         manifest = repo.load_manifest(repo.find_snapshot(point.id), lean=True)
         repo.check_chunks_present(manifest.chunk_id_column(), f"snapshot {point.id}")
-        if read_bytes:
-            _read_what_the_apply_reads(repo, manifest, applied)
+        if read_against is not None:
+            _read_what_the_apply_reads(repo, manifest, read_against)
     except DrsyncError as e:
         repair = "; run 'drsync repo repair' on this standby (its primary then sends them again)" \
             if isinstance(e, ChunkDamaged) else ""
