@@ -253,9 +253,14 @@ def test_the_primary_counts_the_manifest_bytes_it_sends(pair: Pair) -> None:  # 
     pair.start("primary")
     wait_for(pair.in_sync, "the first sync")
     size = _manifest_size(pair)
-    wait_for(lambda: scrape(pair.metrics["primary"]).get("drsync_manifest_bytes_total", 0) >= size,
-             "the first sync's manifest counted")
-    counted = scrape(pair.metrics["primary"])["drsync_manifest_bytes_total"]
+    # A shipment's duration is counted after its other figures: once it is, its manifest bytes are in too.
+    wait_for(lambda: scrape(pair.metrics["primary"]).get("drsync_ship_duration_seconds_count", 0) >= 1,
+             "the primary to count the first sync")
+    before = scrape(pair.metrics["primary"])
+    assert before["drsync_manifest_bytes_total"] >= size
+    counted, shipments = before["drsync_manifest_bytes_total"], before["drsync_ship_duration_seconds_count"]
     first = Repository.open(open_storage(pair.prod_site.url("primary-repo"))).list_snapshots()[-1]
     wait_for(lambda: _applied(pair) != first.id, "an unchanged capture to be shipped and applied")
+    wait_for(lambda: scrape(pair.metrics["primary"])["drsync_ship_duration_seconds_count"] > shipments,
+             "the primary to count that shipment")
     assert scrape(pair.metrics["primary"])["drsync_manifest_bytes_total"] == counted

@@ -291,11 +291,11 @@ class Shipper:
             # Delayed (replication.apply_delay): stored and verified there, its root follows later.
             self.position = (Position(done.applied_snapshot, done.applied_captured_at) if done.deferred
                              else Position(info.id, info.captured_at))
-            self.metrics.ship_duration.observe(res.duration_s)
             self.metrics.shipped_bytes.inc(res.shipped_bytes)
             self.metrics.deduplicated_bytes.inc(res.deduplicated_bytes)
             self.metrics.delta_chunks.inc(res.delta_chunks)
             self.metrics.manifest_bytes.inc(res.manifest_bytes)
+            self.metrics.ship_duration.observe(res.duration_s)  # last: a shipment counted has all its figures in
             return ShipOutcome(self.target, info.id, True,
                                f"{'stored, applied later (apply_delay)' if done.deferred else 'applied'} "
                                f"({res.missing_chunks}/{res.chunks} chunks sent, {human_size(res.shipped_bytes)} in "
