@@ -543,15 +543,20 @@ class _Matcher:
     def _match_group(self, ts: pa.Table, pg: pa.Table, start: int) -> tuple[np.ndarray, np.ndarray]:
         # Only the parent's rows within this slice's range of paths can match: a window is a few thousand
         # rows and a group 65,536, so hashing the whole group for each window cost most of a no-change cycle.
+        # The group's columns are taken over that range only (``pg`` from here on), rows counted from ``lo``.
         ppath = pg.column("path").combine_chunks()
         tpath = ts.column("path")
         lo = _bisect(ppath, tpath[0].as_py(), right=False)
-        ppath = ppath.slice(lo, _bisect(ppath, tpath[-1].as_py(), right=True) - lo)
+        pg = pg.slice(lo, _bisect(ppath, tpath[-1].as_py(), right=True) - lo)
+        ppath = ppath.slice(lo, pg.num_rows)
+        start += lo
+        if not pg.num_rows:  # none of the parent's names in this range
+            none = np.full(ts.num_rows, -1, np.int64)
+            return none, none.copy()
         if len(tpath) == len(ppath) and pc.all(pc.equal(tpath, ppath)).as_py():
-            loc = np.arange(lo, lo + len(ppath), dtype=np.int64)  # the parent's names exactly: no hash table
+            loc = np.arange(len(ppath), dtype=np.int64)  # the parent's names exactly: no hash table
         else:
             loc = _np(pc.fill_null(pc.index_in(tpath, value_set=ppath), -1)).astype(np.int64)
-            loc = np.where(loc >= 0, loc + lo, -1)
         has = loc >= 0
         at = np.where(has, loc, 0)
 
@@ -626,7 +631,10 @@ class _Parent:
                 self._cache.clear()
                 self._cache[g] = self.group(g, columns)
             local = rows[groups == g] - self.starts[g]
-            parts.append(self._cache[g].take(pa.array(local, pa.int64())))
+            if len(local) and local[-1] - local[0] == len(local) - 1:  # a run of rows (ascending, distinct)
+                parts.append(self._cache[g].slice(int(local[0]), len(local)))  # as they are: no copy
+            else:
+                parts.append(self._cache[g].take(pa.array(local, pa.int64())))
         return pa.concat_tables(parts)
 
     def type_of(self, row: int) -> str:
@@ -786,10 +794,10 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
     hard links are named over what was kept (``links``); rows that vanished or could not be read are
     left out."""
     count = w.num_rows
-    types = w.column("type").to_pylist()
     rows = reuse
     sizes = _np(w.column("size"))
-    to_read = [k for k in np.flatnonzero(rows < 0).tolist() if types[k] == FILE]
+    is_file = _np(pc.equal(w.column("type"), FILE)) if count else np.zeros(0, bool)
+    to_read = np.flatnonzero((rows < 0) & is_file).tolist()
     paths: list[str] = [] if not to_read else [os.fsdecode(x) for x in w.column("path").to_pylist()]
     read: dict[int, _ReadFile] = {}
     gone: list[int] = []
@@ -861,7 +869,7 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
         for k, got in run(again) if again else ():
             take(k, got)
         _hold_shared(stats, later, read, borrowed, totals.shared)
-    xattrs = _attributes(view, w, types, rows, same, p, warnings)
+    xattrs = _attributes(view, w, is_file, rows, same, p, warnings)
 
     # Stat columns from the scan; a file read anew is described as it was read.
     cols = {name: w.column(name) for name in ("path", "type", "mode", "uid", "gid", "size", "mtime_s",
@@ -900,7 +908,6 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
         order[reused] = np.arange(len(reused))
         order[fresh_rows] = len(reused) + np.arange(len(fresh_rows))
         carried = pa.concat_tables([base, fresh]).take(pa.array(order, pa.int64()))
-    is_file = np.array([ty == FILE for ty in types], bool) if count else np.zeros(0, bool)
     blocks = _np(w.column("blocks"))
     out = pa.table({
         **{name: cols[name] for name in ("path", "type", "mode", "uid", "gid", "size", "mtime_s", "mtime_nsec",
@@ -926,20 +933,21 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
     return out
 
 
-def _attributes(view: FrozenRoot, w: pa.Table, types: list[str], rows: np.ndarray, same: np.ndarray,
+def _attributes(view: FrozenRoot, w: pa.Table, is_file: np.ndarray, rows: np.ndarray, same: np.ndarray,
                 p: _Parent | None, warnings: WarningLog) -> dict[int, bytes | None]:
     """Extended attributes of directories and links not reused (files read anew brought theirs, in
     the reading threads): a directory whose ctime moved is read (changing an attribute moves the
     ctime); one whose attributes cannot be read keeps the parent's (``rows`` is set to reuse them).
     Symlinks carry none (Linux refuses user attributes on links). Window row -> blob."""
     out: dict[int, bytes | None] = {}
-    todo = [k for k, ty in enumerate(types) if ty != FILE and rows[k] < 0]
-    if not todo:
+    todo = np.flatnonzero(~is_file & (rows < 0))
+    if not len(todo):
         return out
-    paths = w.column("path").to_pylist()
-    for k in todo:
-        rel = os.fsdecode(paths[k])
-        if types[k] == SYMLINK:
+    at = pa.array(todo, pa.int64())
+    paths, types = w.column("path").take(at).to_pylist(), w.column("type").take(at).to_pylist()
+    for k, path, ty in zip(todo.tolist(), paths, types, strict=True):
+        rel = os.fsdecode(path)
+        if ty == SYMLINK:
             blob, _ = view.xattrs(rel)
             if blob:
                 warnings.append(f"{printable(rel)}: extended attributes of a symlink are not carried")

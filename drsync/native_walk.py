@@ -23,10 +23,12 @@ from __future__ import annotations
 import os
 import queue
 import stat
+import struct
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -141,8 +143,8 @@ class _Listing:
     subdirectory's contents go. Rows are taken in order (``cursor``); links that leave the root are
     ``dropped`` rows, skipped as they are taken."""
 
-    __slots__ = ("abs_dir", "count", "cursor", "data", "dirs", "drop_at", "dropped", "lens", "link_at", "links",
-                 "meta", "next_dir", "offsets")
+    __slots__ = ("abs_dir", "ahead_at", "count", "cursor", "data", "dirs", "drop_at", "dropped", "lens", "link_at",
+                 "links", "meta", "next_dir", "offsets")
 
     def __init__(self, abs_dir: bytes, count: int, offsets: bytes, lens: bytes, data: bytes, meta: bytes,
                  dirs: list[tuple[int, int, bytes, int, int]], links: list[tuple[int, bytes]],
@@ -158,6 +160,7 @@ class _Listing:
         self.dropped = dropped  # rows left out, ascending
         self.cursor = 0
         self.next_dir = 0
+        self.ahead_at = 0  # its directories before this one were considered for reading ahead (_Prefetch)
         self.link_at = 0  # links and dropped rows before these indices were passed
         self.drop_at = 0
 
@@ -272,6 +275,77 @@ class _Notes:
         self.unwalked.append(rel)
 
 
+class _Read(NamedTuple):
+    """A directory opened and listed (:meth:`_NativeLister.read`): ``opened`` as
+    :func:`drsync.fsutil.open_walked_dir` returns it; ``listed``: ``_listdir.list_dir``'s result, or the
+    OSError it raised (None when nothing was opened). The descriptor in ``opened`` is open."""
+
+    opened: tuple[int, os.stat_result] | str | None
+    listed: tuple[Any, ...] | OSError | None = None
+
+
+def _discard(read: _Read) -> None:
+    if isinstance(read.opened, tuple):
+        os.close(read.opened[0])
+
+
+PREFETCH_THREADS = 2  # directories listed at once ahead of the walk (the listing runs without the GIL)
+PREFETCH_AHEAD = 4  # listings read ahead and not yet taken, at most (each holds its directory's buffers)
+# Only directories whose blocks hold this many bytes are read ahead: on ext4 from about 400 entries of short
+# names (a 4 KiB directory block holds about 100) to about 25,000. (tmpfs gives directories no blocks.)
+PREFETCH_DIR_BYTES = (16 << 10, 1 << 20)
+_BLOCKS = struct.Struct("=q")
+_BLOCKS_AT = RECORD.fields["blocks"][1]  # the byte offset of ``blocks`` (512-byte units) in a record
+
+
+class _Prefetch:
+    """Lists the directories a walk will come to next on threads of their own, while it works on the one
+    before: a tree of many directories is listed by :data:`PREFETCH_THREADS` at once (at 100,000 files in
+    100 directories, 0.16 s listed one at a time, 0.09 s two at a time). Only the system calls
+    (:meth:`_NativeLister.read`) run ahead; what the walk makes of a listing (its notes and warnings, in
+    walk order) is made when the walk takes it. A directory is taken as it was when it was read ahead, as a
+    walk that is not atomic may see it anyway; its (device, inode) is checked against its parent's listing
+    as before."""
+
+    def __init__(self, lister: _NativeLister) -> None:
+        self.lister = lister
+        self.pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="drsync-list")
+        self.ahead: dict[bytes, Future[_Read]] = {}
+
+    def plan(self, frames: list[_Listing]) -> None:
+        """Read ahead, up to the bound, the directories the walk comes to next: those of its innermost frame
+        not taken yet, then its parent's, and so on out."""
+        for frame in reversed(frames):
+            frame.ahead_at = max(frame.ahead_at, frame.next_dir)
+            while frame.ahead_at < len(frame.dirs):
+                if len(self.ahead) >= PREFETCH_AHEAD:
+                    return
+                row, _, name, dev, ino = frame.dirs[frame.ahead_at]
+                frame.ahead_at += 1
+                # By its size as its parent's listing saw it (blocks allocated): a small directory lists faster
+                # than a thread takes it over, and a large one is listed when the walk comes to it, not beside
+                # the one it works on (what is read ahead is a few mid-sized listings' buffers at most).
+                size = _BLOCKS.unpack_from(frame.meta, row * _RECORD_SIZE + _BLOCKS_AT)[0] * 512
+                if PREFETCH_DIR_BYTES[0] <= size <= PREFETCH_DIR_BYTES[1]:
+                    rel = _rel_of(frame, row)
+                    self.ahead[rel] = self.pool.submit(self.lister.read, rel, frame.abs_dir + b"/" + name,
+                                                       (dev, ino))
+
+    def take(self, rel: bytes) -> _Read | None:
+        future = self.ahead.pop(rel, None)
+        return future.result() if future is not None else None
+
+    def close(self) -> None:
+        """Stop: what was read ahead and not taken is let go (its descriptors closed)."""
+        for future in self.ahead.values():
+            future.cancel()
+        self.pool.shutdown(wait=True)
+        for future in self.ahead.values():
+            if not future.cancelled() and future.exception() is None:
+                _discard(future.result())
+        self.ahead.clear()
+
+
 class _NativeLister:
     """Lists one directory of a scan through the C listing, with the pure-Python lister's rules."""
 
@@ -285,8 +359,23 @@ class _NativeLister:
             by_dir.setdefault(head, []).append(name)
         self.excluded = {d: tuple(names) for d, names in by_dir.items()}
 
-    def listing(self, rel_dir: bytes, abs_dir: bytes, examined: tuple[int, int] | None) -> _Listing | None:
-        """``rel_dir``'s listing, or None (removed meanwhile, or unlisted: warned and recorded)."""
+    def read(self, rel_dir: bytes, abs_dir: bytes, examined: tuple[int, int] | None) -> _Read:
+        """The system-call part of :meth:`listing`, without notes or warnings: safe on any thread (a prefetch,
+        :class:`_Prefetch`). Its descriptor stays open until :meth:`listing` takes it (or :func:`_discard`)."""
+        opened = fsutil.open_walked_dir(self.root, rel_dir, abs_dir, examined)
+        if opened is None or isinstance(opened, str):
+            return _Read(opened)
+        prefix = rel_dir + b"/" if rel_dir else b""
+        try:
+            assert _listdir is not None
+            return _Read(opened, _listdir.list_dir(opened[0], prefix, self.reserved, self.excluded.get(rel_dir, ())))
+        except OSError as e:
+            return _Read(opened, e)
+
+    def listing(self, rel_dir: bytes, abs_dir: bytes, examined: tuple[int, int] | None,
+                read: _Read | None = None) -> _Listing | None:
+        """``rel_dir``'s listing, or None (removed meanwhile, or unlisted: warned and recorded); ``read``: its
+        system calls made already (:meth:`read`, ahead of the walk), else made now."""
         scan = self.notes
         warn = scan.warnings.append
         fsdecode = os.fsdecode
@@ -294,7 +383,7 @@ class _NativeLister:
         def unlisted(problem: str, dev: int | None) -> None:
             note_unlisted(scan, rel_dir, problem, dev)
 
-        opened = fsutil.open_walked_dir(self.root, rel_dir, abs_dir, examined)
+        opened, listed = read if read is not None else self.read(rel_dir, abs_dir, examined)
         if opened is None:  # removed or renamed since its parent was listed: what it held is kept, stale
             if rel_dir:
                 scan.vanished.append((fsdecode(rel_dir), examined[1] if examined else 0))
@@ -305,13 +394,13 @@ class _NativeLister:
         fd, st_dir = opened
         prefix = rel_dir + b"/" if rel_dir else b""
         try:
-            assert _listdir is not None
+            if isinstance(listed, OSError):
+                unlisted(f"cannot be listed ({listed.strerror or listed})", examined[0] if examined else None)
+                return None
+            assert listed is not None
+            count, offsets, lens, data, meta, dirs, events = listed
             excluded = self.excluded.get(rel_dir, ())
-            count, offsets, lens, data, meta, dirs, events = _listdir.list_dir(fd, prefix, self.reserved, excluded)
             note_passed_over(scan, fd, prefix, [*excluded, *(n for k, n, _ in events if k == _K_RESERVED)])
-        except OSError as e:
-            unlisted(f"cannot be listed ({e.strerror or e})", examined[0] if examined else None)
-            return None
         finally:
             os.close(fd)
         links: list[tuple[int, bytes]] = []
@@ -370,6 +459,8 @@ def walk(scan: TreeScan, exclude: frozenset[str], batch_rows: int, schema: pa.Sc
                     return
         except BaseException as e:  # handed to the caller's thread, raised there
             ahead.put(e)
+        finally:
+            batches.close()  # a walk stopped early lets go of what it read ahead (_Prefetch.close)
 
     threading.Thread(target=produce, name="drsync-walk", daemon=True).start()
     try:
@@ -404,30 +495,41 @@ def _batches(root: str, exclude: frozenset[str], batch_rows: int,
     except OSError:
         examined = None
     pending = _Pending()
-    first = lister.listing(b"", os.fsencode(root), examined)
-    frames = [first] if first is not None else []
-    while frames:
-        f = frames[-1]
-        more = f.next_dir < len(f.dirs)
-        upto = f.dirs[f.next_dir][1] if more else f.count  # the rows before the next directory's contents
-        if f.cursor < upto:
-            pending.take(f, min(upto, f.cursor + batch_rows - pending.rows))
-        elif more:
-            row, _, name, dev, ino = f.dirs[f.next_dir]
-            f.next_dir += 1
-            rel = f.data[f.offsets[row]:f.offsets[row + 1]].tobytes()
-            child = lister.listing(rel, f.abs_dir + b"/" + name, (dev, ino))
-            if child is not None:
-                frames.append(child)
-        else:
-            frames.pop()
-        if pending.rows >= batch_rows:
+    prefetch = _Prefetch(lister)
+    try:
+        first = lister.listing(b"", os.fsencode(root), examined)
+        frames = [first] if first is not None else []
+        prefetch.plan(frames)
+        while frames:
+            f = frames[-1]
+            more = f.next_dir < len(f.dirs)
+            upto = f.dirs[f.next_dir][1] if more else f.count  # the rows before the next directory's contents
+            if f.cursor < upto:
+                pending.take(f, min(upto, f.cursor + batch_rows - pending.rows))
+            elif more:
+                row, _, name, dev, ino = f.dirs[f.next_dir]
+                f.next_dir += 1
+                rel = _rel_of(f, row)
+                child = lister.listing(rel, f.abs_dir + b"/" + name, (dev, ino), prefetch.take(rel))
+                if child is not None:
+                    frames.append(child)
+                prefetch.plan(frames)
+            else:
+                frames.pop()
+            if pending.rows >= batch_rows:
+                notes, lister.notes = lister.notes, _Notes()
+                yield pending.seal(schema), notes
+        if pending.rows:
             notes, lister.notes = lister.notes, _Notes()
             yield pending.seal(schema), notes
-    if pending.rows:
-        notes, lister.notes = lister.notes, _Notes()
-        yield pending.seal(schema), notes
-    yield None, lister.notes
+        yield None, lister.notes
+    finally:
+        prefetch.close()
+
+
+def _rel_of(frame: _Listing, row: int) -> bytes:
+    """The relative path of ``frame``'s row ``row``."""
+    return frame.data[frame.offsets[row]:frame.offsets[row + 1]].tobytes()
 
 
 def target_entries(dfd: int, rel_dir: str, excluded: tuple[bytes, ...],

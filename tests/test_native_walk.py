@@ -28,6 +28,14 @@ from drsync.tree import scan_tree
 NS = 1_000_000_000
 
 
+@pytest.fixture(autouse=True, params=["in-turn", "ahead"])
+def reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: directories listed in turn, and every directory read ahead of the walk on the
+    prefetch threads (native_walk._Prefetch), whatever its size (by default only mid-sized ones are)."""
+    monkeypatch.setattr(native_walk, "PREFETCH_DIR_BYTES", (0, 1 << 62) if request.param == "ahead" else (1, 0))
+    return str(request.param)
+
+
 def scanned(root: Path | str, *, native: bool, exclude: frozenset[str] = frozenset()) -> tuple:
     """Everything a scan reports: its table and what it could not capture."""
     scan = scan_tree(str(root), exclude, native=native)
@@ -120,12 +128,13 @@ def test_paths_longer_than_path_max_scan_alike(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("swap", ["link", "dir"])
-def test_a_directory_swapped_during_the_walk_is_never_listed(tmp_path: Path, swap: str,
+def test_a_directory_swapped_during_the_walk_is_never_listed(tmp_path: Path, swap: str, reading: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The walk lists ``a`` (1,000 files) and yields; meanwhile ``b`` becomes a link to a directory outside
     the root, or another directory. ``b`` must not be listed: it is unlisted (kept at its last capture).
     Batches of 100 rows: the C listing's walk runs at most 3 batches ahead of the window taken, so it has
-    not reached ``b`` when the first window is taken."""
+    not reached ``b`` when the first window is taken. Read ahead (the C listing's prefetch), ``b`` was listed
+    before the swap, as it was then: its own file, never what took its place."""
     monkeypatch.setattr(tree, "_BATCH_ROWS", 100)
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -149,8 +158,12 @@ def test_a_directory_swapped_during_the_walk_is_never_listed(tmp_path: Path, swa
             (root / "b" / "planted").write_bytes(b"not what was listed")
         rest = list(windows)
         paths = [p for w in (first, *rest) for p in w.column("path").to_pylist()]
-        assert len(paths) == 1002 and not any(p.startswith(b"b/") for p in paths), native
         assert all(w.num_rows <= 100 for w in rest)
+        assert not any(p in (b"b/planted", b"b/secret") for p in paths), native
+        if native and reading == "ahead":  # b was read with a, before the swap
+            assert len(paths) == 1003 and b"b/f" in paths and scan.unlisted == [], scan.unlisted
+            continue
+        assert len(paths) == 1002 and not any(p.startswith(b"b/") for p in paths), native
         assert scan.unlisted == ["b"], native
         assert any("b: replaced" in w for w in scan.warnings.lines()), scan.warnings.lines()
 
@@ -274,3 +287,64 @@ def test_an_apply_target_walks_alike(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not any(p.startswith(".drsync-staging") for p in by_path) and "d/.drsync-staging" in by_path
     deep = [e for p, e in by_path.items() if p.endswith("/deep")]
     assert deep and deep[0][9] is None and any(e[9] for p, e in by_path.items() if len(p) > 3000)
+
+
+def test_mid_sized_directories_are_read_ahead_and_scan_alike(tmp_path: Path, reading: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the default sizes (not the fixture's): a tree of directories of 600 files (a few directory blocks
+    each), nested two deep, is listed by the prefetch threads and scans as the Python listing does."""
+    monkeypatch.undo()
+    root = tmp_path / "data"
+    for d in range(6):
+        for sub in ("", "/inner"):
+            p = root / f"d{d}{sub}"
+            p.mkdir(parents=True)
+            for i in range(600):
+                (p / f"file-with-a-longer-name-{i:04d}").write_bytes(b"%d" % i)
+    blocks = os.stat(root / "d0").st_blocks * 512
+    taken: list[bool] = []
+    real = native_walk._Prefetch.take
+
+    def take(self: native_walk._Prefetch, rel: bytes) -> native_walk._Read | None:
+        got = real(self, rel)
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(native_walk._Prefetch, "take", take)
+    assert_alike(root)
+    lo, hi = native_walk.PREFETCH_DIR_BYTES
+    if lo <= blocks <= hi:  # a filesystem that gives directories blocks (tmpfs gives none)
+        assert any(taken), taken
+
+
+def test_a_walk_left_early_closes_what_it_read_ahead(tmp_path: Path, reading: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture that stops taking the scan (a failure, a window too large) leaves no descriptor open: the
+    directories read ahead and not taken are closed with the walk (which is batches of 10 rows: it has
+    40 directories to go when it is left)."""
+    import gc
+    import threading
+
+    monkeypatch.setattr(tree, "_BATCH_ROWS", 10)
+    root = tmp_path / "data"
+    for d in range(40):
+        (root / f"d{d:02}").mkdir(parents=True)
+        for i in range(30):
+            (root / f"d{d:02}" / f"f{i}").touch()
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.collect()  # scans other tests left unfinished
+    before, threads = open_fds(), set(threading.enumerate())
+    scan = scan_tree(str(root), native=True)
+    windows = scan.windows(10)
+    next(windows)
+    started = set(threading.enumerate()) - threads
+    assert any(t.name.startswith("drsync-list") for t in started) == (reading == "ahead")
+    del windows, scan  # dropped unfinished, as a failed capture drops it: the walk is closed when collected
+    gc.collect()
+    for t in started:  # the walk's thread ends as it sees the stop, the prefetch threads with it
+        t.join(timeout=30)
+        assert not t.is_alive(), t.name
+    assert open_fds() == before
