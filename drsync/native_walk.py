@@ -25,10 +25,10 @@ import queue
 import stat
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,8 @@ from drsync.repository.manifest import DIR, FILE, SYMLINK, clamp_int64
 from drsync.repository.manifest_check import RESERVED_NAME, symlink_leaves_root
 from drsync.repository.snapshots import WarningLog
 from drsync.text import printable
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from drsync.tree import EntryColumns, TreeScan
@@ -160,7 +162,7 @@ class _Listing:
         self.dropped = dropped  # rows left out, ascending
         self.cursor = 0
         self.next_dir = 0
-        self.ahead_at = 0  # its directories before this one were considered for reading ahead (_Prefetch)
+        self.ahead_at = 0  # its directories before this one were considered for reading ahead (_plan)
         self.link_at = 0  # links and dropped rows before these indices were passed
         self.drop_at = 0
 
@@ -298,52 +300,64 @@ _BLOCKS = struct.Struct("=q")
 _BLOCKS_AT = RECORD.fields["blocks"][1]  # the byte offset of ``blocks`` (512-byte units) in a record
 
 
-class _Prefetch:
-    """Lists the directories a walk will come to next on threads of their own, while it works on the one
-    before: a tree of many directories is listed by :data:`PREFETCH_THREADS` at once (at 100,000 files in
-    100 directories, 0.16 s listed one at a time, 0.09 s two at a time). Only the system calls
-    (:meth:`_NativeLister.read`) run ahead; what the walk makes of a listing (its notes and warnings, in
-    walk order) is made when the walk takes it. A directory is taken as it was when it was read ahead, as a
-    walk that is not atomic may see it anyway; its (device, inode) is checked against its parent's listing
-    as before."""
+def worth_reading_ahead(dir_bytes: int) -> bool:
+    """Whether a directory whose blocks hold ``dir_bytes`` is listed ahead of a walk (:class:`ReadAhead`): a
+    small one lists faster than a thread takes it over, and a large one is listed when the walk comes to it,
+    not beside the one it works on (what is read ahead is a few mid-sized listings' buffers at most)."""
+    return PREFETCH_DIR_BYTES[0] <= dir_bytes <= PREFETCH_DIR_BYTES[1]
 
-    def __init__(self, lister: _NativeLister) -> None:
-        self.lister = lister
+
+class ReadAhead(Generic[T]):
+    """Lists the directories a walk comes to next on threads of their own, while it works on the one before:
+    a tree of many directories is listed by :data:`PREFETCH_THREADS` at once (at 100,000 files in 100
+    directories, 0.16 s listed one at a time, 0.09 s two at a time). Only system calls and pure work run
+    ahead (the walk's ``read``); what the walk makes of a listing (its notes, warnings and errors, in walk
+    order) is made when it takes it. A directory is taken as it was when it was read ahead, as a walk that
+    is not atomic may see it anyway. At most :data:`PREFETCH_AHEAD` listings are held; ``discard`` lets go of
+    one read and never taken (its descriptor) when the walk ends early."""
+
+    def __init__(self, discard: Callable[[T], None] | None = None) -> None:
         self.pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="drsync-list")
-        self.ahead: dict[bytes, Future[_Read]] = {}
+        self.ahead: dict[Any, Future[T]] = {}
+        self.discard = discard
 
-    def plan(self, frames: list[_Listing]) -> None:
-        """Read ahead, up to the bound, the directories the walk comes to next: those of its innermost frame
-        not taken yet, then its parent's, and so on out."""
-        for frame in reversed(frames):
-            frame.ahead_at = max(frame.ahead_at, frame.next_dir)
-            while frame.ahead_at < len(frame.dirs):
-                if len(self.ahead) >= PREFETCH_AHEAD:
-                    return
-                row, _, name, dev, ino = frame.dirs[frame.ahead_at]
-                frame.ahead_at += 1
-                # By its size as its parent's listing saw it (blocks allocated): a small directory lists faster
-                # than a thread takes it over, and a large one is listed when the walk comes to it, not beside
-                # the one it works on (what is read ahead is a few mid-sized listings' buffers at most).
-                size = _BLOCKS.unpack_from(frame.meta, row * _RECORD_SIZE + _BLOCKS_AT)[0] * 512
-                if PREFETCH_DIR_BYTES[0] <= size <= PREFETCH_DIR_BYTES[1]:
-                    rel = _rel_of(frame, row)
-                    self.ahead[rel] = self.pool.submit(self.lister.read, rel, frame.abs_dir + b"/" + name,
-                                                       (dev, ino))
+    @property
+    def full(self) -> bool:
+        return len(self.ahead) >= PREFETCH_AHEAD
 
-    def take(self, rel: bytes) -> _Read | None:
-        future = self.ahead.pop(rel, None)
+    def submit(self, key: Any, read: Callable[..., T], *args: Any) -> None:
+        if key not in self.ahead:
+            self.ahead[key] = self.pool.submit(read, *args)
+
+    def take(self, key: Any) -> T | None:
+        """What was read ahead for ``key`` (its exception raised here), or None: not read ahead."""
+        future = self.ahead.pop(key, None)
         return future.result() if future is not None else None
 
     def close(self) -> None:
-        """Stop: what was read ahead and not taken is let go (its descriptors closed)."""
+        """Stop: what was read ahead and not taken is let go."""
         for future in self.ahead.values():
             future.cancel()
         self.pool.shutdown(wait=True)
         for future in self.ahead.values():
-            if not future.cancelled() and future.exception() is None:
-                _discard(future.result())
+            if not future.cancelled() and future.exception() is None and self.discard is not None:
+                self.discard(future.result())
         self.ahead.clear()
+
+
+def _plan(ahead: ReadAhead[_Read], lister: _NativeLister, frames: list[_Listing]) -> None:
+    """Read ahead, up to the bound, the directories the capture's walk comes to next: those of its innermost
+    frame not taken yet, then its parent's, and so on out."""
+    for frame in reversed(frames):
+        frame.ahead_at = max(frame.ahead_at, frame.next_dir)
+        while frame.ahead_at < len(frame.dirs):
+            if ahead.full:
+                return
+            row, _, name, dev, ino = frame.dirs[frame.ahead_at]
+            frame.ahead_at += 1
+            if worth_reading_ahead(_BLOCKS.unpack_from(frame.meta, row * _RECORD_SIZE + _BLOCKS_AT)[0] * 512):
+                rel = _rel_of(frame, row)
+                ahead.submit(rel, lister.read, rel, frame.abs_dir + b"/" + name, (dev, ino))
 
 
 class _NativeLister:
@@ -361,7 +375,7 @@ class _NativeLister:
 
     def read(self, rel_dir: bytes, abs_dir: bytes, examined: tuple[int, int] | None) -> _Read:
         """The system-call part of :meth:`listing`, without notes or warnings: safe on any thread (a prefetch,
-        :class:`_Prefetch`). Its descriptor stays open until :meth:`listing` takes it (or :func:`_discard`)."""
+        :class:`ReadAhead`). Its descriptor stays open until :meth:`listing` takes it (or :func:`_discard`)."""
         opened = fsutil.open_walked_dir(self.root, rel_dir, abs_dir, examined)
         if opened is None or isinstance(opened, str):
             return _Read(opened)
@@ -460,7 +474,7 @@ def walk(scan: TreeScan, exclude: frozenset[str], batch_rows: int, schema: pa.Sc
         except BaseException as e:  # handed to the caller's thread, raised there
             ahead.put(e)
         finally:
-            batches.close()  # a walk stopped early lets go of what it read ahead (_Prefetch.close)
+            batches.close()  # a walk stopped early lets go of what it read ahead (ReadAhead.close)
 
     threading.Thread(target=produce, name="drsync-walk", daemon=True).start()
     try:
@@ -495,11 +509,11 @@ def _batches(root: str, exclude: frozenset[str], batch_rows: int,
     except OSError:
         examined = None
     pending = _Pending()
-    prefetch = _Prefetch(lister)
+    prefetch: ReadAhead[_Read] = ReadAhead(_discard)
     try:
         first = lister.listing(b"", os.fsencode(root), examined)
         frames = [first] if first is not None else []
-        prefetch.plan(frames)
+        _plan(prefetch, lister, frames)
         while frames:
             f = frames[-1]
             more = f.next_dir < len(f.dirs)
@@ -513,7 +527,7 @@ def _batches(root: str, exclude: frozenset[str], batch_rows: int,
                 child = lister.listing(rel, f.abs_dir + b"/" + name, (dev, ino), prefetch.take(rel))
                 if child is not None:
                     frames.append(child)
-                prefetch.plan(frames)
+                _plan(prefetch, lister, frames)
             else:
                 frames.pop()
             if pending.rows >= batch_rows:
@@ -581,11 +595,12 @@ def target_entries(dfd: int, rel_dir: str, excluded: tuple[bytes, ...],
 
 
 def target_columns(dfd: int, rel_dir: str, excluded: tuple[bytes, ...],
-                   xattr_dir: bytes) -> tuple[EntryColumns, list[tuple[int, str]], list[bytes],
+                   xattr_dir: bytes) -> tuple[EntryColumns, list[tuple[int, str, int]], list[bytes],
                                               list[tuple[bytes, int]]]:
     """One directory of an apply's target walk as columns (:class:`drsync.tree.EntryColumns`, ascending by
     name), with no Python object per entry: ``(columns, subdirs, specials, problems)``. ``subdirs``: ``(pos,
-    rel)`` for each directory, whose contents come after the first ``pos`` rows. ``specials`` and
+    rel, dir_bytes)`` for each directory, whose contents come after the first ``pos`` rows (``dir_bytes``:
+    what its blocks hold). ``specials`` and
     ``problems`` as :func:`target_entries` gives them (the caller lists a directory holding specials the
     other way). Raises OSError when the directory cannot be read."""
     from drsync.tree import EntryColumns, read_xattrs
@@ -614,5 +629,6 @@ def target_columns(dfd: int, rel_dir: str, excluded: tuple[bytes, ...],
                            rec["gid"].astype(np.int64), np.where(kind == 0, rec["size"], 0),
                            rec["mtime_s"].copy(), rec["mtime_nsec"].astype(np.int64), rec["ino"].copy(),
                            rec["nlink"].astype(np.int64), targets, xattrs, ctime)
-    subdirs = [(pos, os.fsdecode(paths[row].as_py())) for row, pos, *_ in dirs]
+    blocks = rec["blocks"]
+    subdirs = [(pos, os.fsdecode(paths[row].as_py()), int(blocks[row]) * 512) for row, pos, *_ in dirs]
     return columns, subdirs, specials, problems

@@ -31,7 +31,7 @@ NS = 1_000_000_000
 @pytest.fixture(autouse=True, params=["in-turn", "ahead"])
 def reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test twice: directories listed in turn, and every directory read ahead of the walk on the
-    prefetch threads (native_walk._Prefetch), whatever its size (by default only mid-sized ones are)."""
+    prefetch threads (native_walk.ReadAhead), whatever its size (by default only mid-sized ones are)."""
     monkeypatch.setattr(native_walk, "PREFETCH_DIR_BYTES", (0, 1 << 62) if request.param == "ahead" else (1, 0))
     return str(request.param)
 
@@ -303,14 +303,14 @@ def test_mid_sized_directories_are_read_ahead_and_scan_alike(tmp_path: Path, rea
                 (p / f"file-with-a-longer-name-{i:04d}").write_bytes(b"%d" % i)
     blocks = os.stat(root / "d0").st_blocks * 512
     taken: list[bool] = []
-    real = native_walk._Prefetch.take
+    real = native_walk.ReadAhead.take
 
-    def take(self: native_walk._Prefetch, rel: bytes) -> native_walk._Read | None:
+    def take(self: native_walk.ReadAhead, rel: bytes) -> native_walk._Read | None:
         got = real(self, rel)
         taken.append(got is not None)
         return got
 
-    monkeypatch.setattr(native_walk._Prefetch, "take", take)
+    monkeypatch.setattr(native_walk.ReadAhead, "take", take)
     assert_alike(root)
     lo, hi = native_walk.PREFETCH_DIR_BYTES
     if lo <= blocks <= hi:  # a filesystem that gives directories blocks (tmpfs gives none)

@@ -1090,6 +1090,7 @@ def walk_target_columns(root: str, domain_tops: set[str]) -> Iterator[EntryColum
     special files, or whose paths may pass PATH_MAX, the way :func:`walk_target` lists it. Same errors, and
     the same setting back of the directories it opened up when it ends or is closed."""
     opened: list[tuple[str, int]] = []
+    ahead: native_walk.ReadAhead[_Listed | None] = native_walk.ReadAhead()
     with Beneath(root) as fs:
         try:
             me = os.geteuid()
@@ -1097,20 +1098,66 @@ def walk_target_columns(root: str, domain_tops: set[str]) -> Iterator[EntryColum
             while frames:
                 (columns, subdirs), at = frames.pop()
                 if subdirs:
-                    (pos, rel), rest = subdirs[0], subdirs[1:]
+                    (pos, rel, _), rest = subdirs[0], subdirs[1:]
                     if pos > at:
                         yield columns.slice(at, pos)
                     frames.append(((columns, rest), pos))
-                    frames.append((_target_columns(fs, rel, domain_tops, me, opened), 0))
+                    listed = ahead.take(rel) if native_walk.available() else None
+                    frames.append((listed or _target_columns(fs, rel, domain_tops, me, opened), 0))
+                    if native_walk.available():
+                        _plan_target(ahead, frames, fs.root, domain_tops, me)
                 elif at < len(columns):
                     yield columns.slice(at, len(columns))
         finally:
+            ahead.close()
             _set_back(fs, opened)
 
 
+_Listed = tuple[EntryColumns, list[tuple[int, str, int]]]  # a directory's columns and its subdirectories
+
+
+def _plan_target(ahead: native_walk.ReadAhead[_Listed | None], frames: list[tuple[_Listed, int]], root: str,
+                 domain_tops: set[str], me: int) -> None:
+    """Read ahead, up to the bound, the next directories of the target walk's innermost frames (a few of
+    each: a frame of many small directories is not looked through again and again)."""
+    for (_, subdirs), _ in reversed(frames):
+        for _, rel, dir_bytes in subdirs[:4 * native_walk.PREFETCH_AHEAD]:
+            if ahead.full:
+                return
+            if native_walk.worth_reading_ahead(dir_bytes):
+                ahead.submit(rel, _read_target, root, rel, domain_tops, me)
+
+
+def _read_target(root: str, rel_dir: str, domain_tops: set[str], me: int) -> _Listed | None:
+    """One directory of the target walk listed ahead of it, on another thread: with its own descriptor (opened
+    beneath the root, never through a symlink), and nothing noted, opened up or raised. None: anything out of
+    the plain case (a directory to open up, special files, problems, a long path, an error), which the walk
+    then lists itself (:func:`_target_columns`), as it lists any directory it did not read ahead."""
+    full_dir = os.path.join(root, rel_dir)
+    if len(os.fsencode(full_dir)) + 256 > fsutil.LONG_PATH:
+        return None
+    try:
+        fd = fsutil.open_beneath(root, rel_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        s = os.fstat(fd)
+        if not (s.st_uid != me or me == 0 or (s.st_mode & 0o500) == 0o500):
+            return None  # this user's, not readable: opened up by the walk (and set back)
+        staging = (os.fsencode(STAGING),) if rel_dir in domain_tops else ()
+        columns, subdirs, specials, problems = native_walk.target_columns(fd, rel_dir, staging,
+                                                                          os.fsencode(full_dir))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None if specials or problems else (columns, subdirs)
+
+
 def _target_columns(fs: Beneath, rel_dir: str, domain_tops: set[str], me: int,
-                    opened: list[tuple[str, int]]) -> tuple[EntryColumns, list[tuple[int, str]]]:
-    """One directory of :func:`walk_target_columns`: its columns and ``(pos, rel)`` of each subdirectory."""
+                    opened: list[tuple[str, int]]) -> _Listed:
+    """One directory of :func:`walk_target_columns`: its columns and ``(pos, rel, dir_bytes)`` of each
+    subdirectory (``dir_bytes`` 0 where not known)."""
     if native_walk.available():
         try:
             dfd = _open_listable(fs, rel_dir, me, opened)
@@ -1131,7 +1178,7 @@ def _target_columns(fs: Beneath, rel_dir: str, domain_tops: set[str], me: int,
     subdirs = []
     for item in reversed(_target_listing(fs, rel_dir, domain_tops, me, opened)):  # ascending
         if item[1] is None:
-            subdirs.append((len(entries), item[2]))
+            subdirs.append((len(entries), item[2], 0))
         else:
             entries.append(item[1])
     return EntryColumns.of_entries(entries), subdirs
