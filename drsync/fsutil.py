@@ -248,20 +248,21 @@ def link_beneath(root: str, rel: bytes) -> bytes | None:
 def open_walked_dir(root: str, rel_dir: bytes, abs_dir: bytes,
                     examined: tuple[int, int] | None) -> tuple[int, os.stat_result] | str | None:
     """Open a directory a tree walk is about to list (``rel_dir`` below ``root``, at ``abs_dir``): never
-    through a symlink (O_NOFOLLOW below the root, which may itself be named through one; component by
-    component past :data:`LONG_PATH`), and only if it is still the directory its parent's listing
-    ``examined`` (device, inode). Returns the descriptor and its stat (the caller closes it), None when it
-    was removed meanwhile (simply not in the walk), or why it cannot be listed (the walk keeps its last
-    captured content): replaced by a link, a file or another directory, vanished (the root), or the error."""
+    through a symlink anywhere below the root, which may itself be named through one (:func:`open_beneath`:
+    an ancestor swapped for a link to where the real directory was moved would otherwise lead out of the
+    root to that very directory), and only if it is still the directory its parent's listing ``examined``
+    (device, inode). Returns the descriptor and its stat (the caller closes it), None when it was removed
+    meanwhile (simply not in the walk), or why it cannot be listed (the walk keeps its last captured
+    content): replaced by a link, a file or another directory, vanished (the root), or the error."""
     try:
-        if len(abs_dir) > LONG_PATH:
+        if rel_dir:
             fd = open_beneath(root, os.fsdecode(rel_dir), os.O_RDONLY | os.O_DIRECTORY)
         else:
-            fd = os.open(abs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if rel_dir else 0))
+            fd = os.open(abs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None if rel_dir else "vanished while it was walked"  # the root itself: never an empty tree
     except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
             return "replaced by a link or a file while it was walked"
         return f"cannot be listed ({e.strerror or e})"
     try:

@@ -83,16 +83,25 @@ def note_unlisted(notes: _Notes | TreeScan, rel_dir: bytes, problem: str, dev: i
 
 def note_passed_over(notes: _Notes | TreeScan, fd: int, prefix: bytes, names: Iterable[bytes]) -> None:
     """Record the ``names`` a listing of the directory at ``fd`` (``prefix``: its path and a slash) passed
-    over (excluded, reserved) that are links or hold one (:func:`holds_link`): a walk over the captured
-    links that reaches them reads what is there (:attr:`TreeScan.unwalked`). A name gone meanwhile, a file
-    and a directory without links (a repository, a state directory) are not: nothing there changes a walk."""
+    over (excluded, reserved) that are links or hold one (:func:`links_among`): a walk over the captured
+    links that reaches them reads what is there (:attr:`TreeScan.unwalked`)."""
+    for name in links_among(fd, names):
+        notes.passed_over(prefix + name)
+
+
+def links_among(fd: int, names: Iterable[bytes]) -> tuple[bytes, ...]:
+    """Those of ``names`` (in the directory at ``fd``) that are links or hold one (:func:`holds_link`). A name
+    gone meanwhile, a file and a directory without links (a repository, a state directory) are not: nothing
+    there changes a walk."""
+    out = []
     for name in names:
         try:
             mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
         except OSError:
             continue
         if stat.S_ISLNK(mode) or (stat.S_ISDIR(mode) and holds_link(fd, name)):
-            notes.passed_over(prefix + name)
+            out.append(name)
+    return tuple(out)
 
 
 _PASSED_OVER_ENTRIES = 1_000_000  # entries of a passed-over directory looked at for links before assuming one
@@ -278,17 +287,14 @@ class _Notes:
 
 
 class _Read(NamedTuple):
-    """A directory opened and listed (:meth:`_NativeLister.read`): ``opened`` as
-    :func:`drsync.fsutil.open_walked_dir` returns it; ``listed``: ``_listdir.list_dir``'s result, or the
-    OSError it raised (None when nothing was opened). The descriptor in ``opened`` is open."""
+    """A directory opened, listed and closed (:meth:`_NativeLister.read`): ``opened`` its stat, or what
+    :func:`drsync.fsutil.open_walked_dir` said instead (None: removed meanwhile; a str: why it cannot be
+    listed); ``listed``: ``_listdir.list_dir``'s result, or the OSError it raised; ``passed``: the names it
+    passed over that are links or hold one (:func:`links_among`)."""
 
-    opened: tuple[int, os.stat_result] | str | None
+    opened: os.stat_result | str | None
     listed: tuple[Any, ...] | OSError | None = None
-
-
-def _discard(read: _Read) -> None:
-    if isinstance(read.opened, tuple):
-        os.close(read.opened[0])
+    passed: tuple[bytes, ...] = ()
 
 
 PREFETCH_THREADS = 2  # directories listed at once ahead of the walk (the listing runs without the GIL)
@@ -313,13 +319,12 @@ class ReadAhead(Generic[T]):
     directories, 0.16 s listed one at a time, 0.09 s two at a time). Only system calls and pure work run
     ahead (the walk's ``read``); what the walk makes of a listing (its notes, warnings and errors, in walk
     order) is made when it takes it. A directory is taken as it was when it was read ahead, as a walk that
-    is not atomic may see it anyway. At most :data:`PREFETCH_AHEAD` listings are held; ``discard`` lets go of
-    one read and never taken (its descriptor) when the walk ends early."""
+    is not atomic may see it anyway. At most :data:`PREFETCH_AHEAD` listings are held, and no descriptor (a
+    read closes what it opened); one that failed is read again by the walk in turn."""
 
-    def __init__(self, discard: Callable[[T], None] | None = None) -> None:
+    def __init__(self) -> None:
         self.pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="drsync-list")
         self.ahead: dict[Any, Future[T]] = {}
-        self.discard = discard
 
     @property
     def full(self) -> bool:
@@ -339,9 +344,6 @@ class ReadAhead(Generic[T]):
         for future in self.ahead.values():
             future.cancel()
         self.pool.shutdown(wait=True)
-        for future in self.ahead.values():
-            if not future.cancelled() and future.exception() is None and self.discard is not None:
-                self.discard(future.result())
         self.ahead.clear()
 
 
@@ -375,16 +377,23 @@ class _NativeLister:
 
     def read(self, rel_dir: bytes, abs_dir: bytes, examined: tuple[int, int] | None) -> _Read:
         """The system-call part of :meth:`listing`, without notes or warnings: safe on any thread (a prefetch,
-        :class:`ReadAhead`). Its descriptor stays open until :meth:`listing` takes it (or :func:`_discard`)."""
+        :class:`ReadAhead`). The directory's descriptor is closed before it returns: what is read ahead holds
+        none."""
         opened = fsutil.open_walked_dir(self.root, rel_dir, abs_dir, examined)
         if opened is None or isinstance(opened, str):
             return _Read(opened)
+        fd, st_dir = opened
         prefix = rel_dir + b"/" if rel_dir else b""
         try:
             assert _listdir is not None
-            return _Read(opened, _listdir.list_dir(opened[0], prefix, self.reserved, self.excluded.get(rel_dir, ())))
+            excluded = self.excluded.get(rel_dir, ())
+            listed = _listdir.list_dir(fd, prefix, self.reserved, excluded)
+            reserved = (n for k, n, _ in listed[6] if k == _K_RESERVED)
+            return _Read(st_dir, listed, links_among(fd, [*excluded, *reserved]))
         except OSError as e:
-            return _Read(opened, e)
+            return _Read(st_dir, e)
+        finally:
+            os.close(fd)
 
     def listing(self, rel_dir: bytes, abs_dir: bytes, examined: tuple[int, int] | None,
                 read: _Read | None = None) -> _Listing | None:
@@ -397,26 +406,26 @@ class _NativeLister:
         def unlisted(problem: str, dev: int | None) -> None:
             note_unlisted(scan, rel_dir, problem, dev)
 
-        opened, listed = read if read is not None else self.read(rel_dir, abs_dir, examined)
-        if opened is None:  # removed or renamed since its parent was listed: what it held is kept, stale
+        # A directory read ahead that could not be listed then (out of descriptors, say) is listed now, as the
+        # walk in turn lists it: only the walk's own attempt can leave it unlisted.
+        if read is None or not isinstance(read.listed, tuple):
+            read = self.read(rel_dir, abs_dir, examined)
+        st_dir, listed, passed = read
+        if st_dir is None:  # removed or renamed since its parent was listed: what it held is kept, stale
             if rel_dir:
                 scan.vanished.append((fsdecode(rel_dir), examined[1] if examined else 0))
             return None
-        if isinstance(opened, str):
-            unlisted(opened, examined[0] if examined else None)
+        if isinstance(st_dir, str):
+            unlisted(st_dir, examined[0] if examined else None)
             return None
-        fd, st_dir = opened
+        if isinstance(listed, OSError):
+            unlisted(f"cannot be listed ({listed.strerror or listed})", examined[0] if examined else None)
+            return None
+        assert listed is not None
         prefix = rel_dir + b"/" if rel_dir else b""
-        try:
-            if isinstance(listed, OSError):
-                unlisted(f"cannot be listed ({listed.strerror or listed})", examined[0] if examined else None)
-                return None
-            assert listed is not None
-            count, offsets, lens, data, meta, dirs, events = listed
-            excluded = self.excluded.get(rel_dir, ())
-            note_passed_over(scan, fd, prefix, [*excluded, *(n for k, n, _ in events if k == _K_RESERVED)])
-        finally:
-            os.close(fd)
+        count, offsets, lens, data, meta, dirs, events = listed
+        for name in passed:
+            scan.passed_over(prefix + name)
         links: list[tuple[int, bytes]] = []
         dropped: list[int] = []
         for kind, name, value in events:  # in readdir's order, as the Python listing warns
@@ -509,7 +518,7 @@ def _batches(root: str, exclude: frozenset[str], batch_rows: int,
     except OSError:
         examined = None
     pending = _Pending()
-    prefetch: ReadAhead[_Read] = ReadAhead(_discard)
+    prefetch: ReadAhead[_Read] = ReadAhead()
     try:
         first = lister.listing(b"", os.fsencode(root), examined)
         frames = [first] if first is not None else []
