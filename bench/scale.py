@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import DRSYNC, AgentPair, Report, RsyncDaemon, Run, drop_caches, run, vm_hwm_mib
+from bench import DRSYNC, AgentPair, Report, RsyncDaemon, Run, drop_caches, run, run_warm, vm_hwm_mib
 
 MEMORY_TARGET_MIB = 300
 UNCHANGED_TARGET_S = 5.0
@@ -129,7 +129,7 @@ def bench_scale(work: Path, tree: Path, files: int, rep: Report) -> None:
         inc, figures = pair.cycle()
         add(f"agents: cycle after rewriting 1 % ({changed} files)", inc, peer, None,
             f"(in the agent {figures['cycle_s']:.2f}s)")
-        peer = run(["rsync", "-a", f"{tree}/", f"rsync://127.0.0.1:{daemon.port}/bench/scale/"])
+        peer = run_warm(["rsync", "-a", f"{tree}/", f"rsync://127.0.0.1:{daemon.port}/bench/scale/"])
         noop = run([*DRSYNC, "agent", "--config", str(pair.primary), "--once", "--json"])
         add("agents: no-change cycle (warm)", noop, peer, 0.5)
         rep_standby("all cycles", pair, files, rep)
