@@ -26,7 +26,7 @@ import stat
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
@@ -339,6 +339,12 @@ class ReadAhead(Generic[T]):
         future = self.ahead.pop(key, None)
         return future.result() if future is not None else None
 
+    def settle(self) -> None:
+        """Wait for the reads under way: each holds a descriptor until it ends. A directory whose read ahead
+        failed is read again by the walk after this, with no more descriptors held than a walk in turn holds
+        (else, short of descriptors, it could fail again for want of the ones read-ahead held meanwhile)."""
+        wait(list(self.ahead.values()))
+
     def close(self) -> None:
         """Stop: what was read ahead and not taken is let go."""
         for future in self.ahead.values():
@@ -533,7 +539,10 @@ def _batches(root: str, exclude: frozenset[str], batch_rows: int,
                 row, _, name, dev, ino = f.dirs[f.next_dir]
                 f.next_dir += 1
                 rel = _rel_of(f, row)
-                child = lister.listing(rel, f.abs_dir + b"/" + name, (dev, ino), prefetch.take(rel))
+                read = prefetch.take(rel)
+                if read is not None and not isinstance(read.listed, tuple):
+                    prefetch.settle()  # read again in turn (listing), with no descriptor held by read-ahead
+                child = lister.listing(rel, f.abs_dir + b"/" + name, (dev, ino), read)
                 if child is not None:
                     frames.append(child)
                 _plan(prefetch, lister, frames)

@@ -1102,7 +1102,10 @@ def walk_target_columns(root: str, domain_tops: set[str]) -> Iterator[EntryColum
                     if pos > at:
                         yield columns.slice(at, pos)
                     frames.append(((columns, rest), pos))
-                    listed = ahead.take(rel) if native_walk.available() else None
+                    read_ahead_too = rel in ahead.ahead
+                    listed = ahead.take(rel)
+                    if listed is None and read_ahead_too:
+                        ahead.settle()  # listed in turn with no descriptor held by read-ahead (ReadAhead.settle)
                     frames.append((listed or _target_columns(fs, rel, domain_tops, me, opened), 0))
                     if native_walk.available():
                         _plan_target(ahead, frames, fs.root, domain_tops, me)
