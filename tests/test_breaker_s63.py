@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import pickle
 import resource
 import socket
 import stat
@@ -21,7 +20,7 @@ from drsync.repository import manifest as manifest_mod
 from drsync.repository.repo import Repository
 from drsync.storage.memory import MemoryStorage
 from drsync.tree import scan_tree
-from tests.users import NOBODY, preload_everything
+from tests.users import NOBODY, call_as_nobody
 
 pytestmark = pytest.mark.skipif(not native_walk.available(), reason="the C listing is not built")
 
@@ -36,7 +35,8 @@ def ahead(monkeypatch: pytest.MonkeyPatch, sizes: tuple[int, int] = ALL) -> None
 def scanned(root: Path | str, *, native: bool, exclude: frozenset[str] = frozenset()) -> tuple:
     scan = scan_tree(str(root), exclude, native=native)
     table = scan.table()
-    return (table.to_pylist(), scan.warnings.lines(), sorted(scan.unreadable), scan.unlisted, scan.devices)
+    return (table.to_pylist(), scan.warnings.lines(), sorted(scan.unreadable), sorted(scan.unlisted),
+            scan.devices, sorted(scan.vanished))
 
 
 def assert_alike(root: Path | str, exclude: frozenset[str] = frozenset()) -> list:
@@ -301,9 +301,9 @@ def test_at_most_four_listings_held_and_large_directories_never_read_ahead(tmp_p
     assert max(fds) <= native_walk.PREFETCH_AHEAD + native_walk.PREFETCH_THREADS + 6
 
 
-def test_a_failed_capture_leaves_no_descriptor_or_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A capture failing at its third window (the walk well ahead, listings read ahead and not taken): once
-    the failure is handled, no directory descriptor and no walk or prefetch thread is left."""
+def _failing_at_third_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Repository, list]:
+    """A tree of 40 directories read ahead, windows of 50 rows, and a capture that fails at its third window:
+    (root, repository, the windows' calls)."""
     ahead(monkeypatch)
     monkeypatch.setattr(tree, "_BATCH_ROWS", 50)
     monkeypatch.setattr(capture, "_WINDOW", 50)
@@ -321,6 +321,13 @@ def test_a_failed_capture_leaves_no_descriptor_or_thread(tmp_path: Path, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(capture, "_window", failing)
+    return root, repo, calls
+
+
+def test_a_failed_capture_leaves_no_descriptor_or_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture failing at its third window (the walk well ahead, listings read ahead and not taken): once
+    the failure is handled, no directory descriptor and no walk or prefetch thread is left."""
+    root, repo, calls = _failing_at_third_window(tmp_path, monkeypatch)
     gc.collect()
     threads = set(threading.enumerate())
     with pytest.raises(RuntimeError, match="injected"):
@@ -339,23 +346,7 @@ def test_a_failed_capture_whose_error_is_kept_leaves_no_descriptor(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The same failure, its exception (and traceback) kept a while (an agent's last error, a log
     record): the directories read ahead must not stay open for as long as the error is held."""
-    ahead(monkeypatch)
-    monkeypatch.setattr(tree, "_BATCH_ROWS", 50)
-    monkeypatch.setattr(capture, "_WINDOW", 50)
-    root = tmp_path / "data"
-    for d in range(40):
-        mid_sized(root / f"d{d:02}", 40)
-    repo = Repository.init(MemoryStorage(), cluster_id="c", release="1")
-    real = capture._window
-    calls = []
-
-    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(capture, "_window", failing)
+    root, repo, _ = _failing_at_third_window(tmp_path, monkeypatch)
     kept: list[BaseException] = []
     try:
         engine.create_snapshot(repo, engine.SnapshotRequest(str(root)))
@@ -530,48 +521,6 @@ def test_target_walk_read_ahead_never_lists_a_directory_swapped_for_a_link(tmp_p
         assert "d3/secret" not in paths
 
 
-def _in_child_as_nobody(fn):  # type: ignore[no-untyped-def]
-    preload_everything()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            try:
-                out = ("ok", fn())
-            except BaseException as e:
-                out = ("err", repr(e))
-            with os.fdopen(w, "wb") as f:
-                f.write(pickle.dumps(out))
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    kind, value = pickle.loads(data)
-    assert kind == "ok", value
-    return value
-
-
-@pytest.fixture
-def open_tmp():  # type: ignore[no-untyped-def]
-    """A directory every user can reach (pytest's base temporary directory is root's alone)."""
-    import shutil
-    import tempfile
-
-    d = Path(tempfile.mkdtemp(prefix="breaker-s63-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    yield d
-    for p in d.rglob("*"):
-        if p.is_dir() and not p.is_symlink():
-            os.chmod(p, 0o755)
-    shutil.rmtree(d)
 
 
 def test_target_walk_as_owner_opens_up_unreadable_directories_and_sets_them_back(
@@ -597,8 +546,8 @@ def test_target_walk_as_owner_opens_up_unreadable_directories_and_sets_them_back
             return _target_entries(root, {""})
         return run
 
-    base = _in_child_as_nobody(walk(NONE))
-    got = _in_child_as_nobody(walk(ALL))
+    base = call_as_nobody(walk(NONE))
+    got = call_as_nobody(walk(ALL))
     assert base[0] == base[1]
     assert got[0] == got[1] == base[0]
     after = {str(p): stat.S_IMODE(os.lstat(p).st_mode) for p in root.rglob("*")
@@ -631,8 +580,8 @@ def test_capture_as_non_root_of_unreadable_directories_scans_alike(open_tmp: Pat
             return scanned(root, native=native)
         return run
 
-    py = _in_child_as_nobody(scan(False, NONE))
-    c = _in_child_as_nobody(scan(True, ALL))
+    py = call_as_nobody(scan(False, NONE))
+    c = call_as_nobody(scan(True, ALL))
     assert sorted(py[3]) == ["d2", "d3/deep"]
     assert c == py
 

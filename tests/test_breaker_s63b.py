@@ -6,13 +6,9 @@ from __future__ import annotations
 import gc
 import json
 import os
-import pickle
-import resource
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -22,7 +18,8 @@ from drsync import engine, fsutil, native_walk
 from drsync.repository.repo import Repository
 from drsync.storage.memory import MemoryStorage
 from drsync.tree import scan_tree
-from tests.users import NOBODY, preload_everything
+from tests.test_breaker_s63 import _with_spare_descriptors, assert_alike, open_fds, scanned
+from tests.users import NOBODY, call_as_nobody
 
 pytestmark = pytest.mark.skipif(not native_walk.available(), reason="the C listing is not built")
 
@@ -33,25 +30,6 @@ DRSYNC = str(Path(sys.executable).with_name("drsync"))
 
 def ahead(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
     monkeypatch.setattr(native_walk, "PREFETCH_DIR_BYTES", ALL if on else NONE)
-
-
-def scanned(root: Path | str, *, native: bool, exclude: frozenset[str] = frozenset()) -> tuple:
-    scan = scan_tree(str(root), exclude, native=native)
-    table = scan.table()
-    return (table.to_pylist(), scan.warnings.lines(), sorted(scan.unreadable), sorted(scan.unlisted),
-            scan.devices, sorted(scan.vanished))
-
-
-def assert_alike(root: Path | str, exclude: frozenset[str] = frozenset()) -> list:
-    py = scanned(root, native=False, exclude=exclude)
-    c = scanned(root, native=True, exclude=exclude)
-    assert [r["path"] for r in c[0]] == [r["path"] for r in py[0]]
-    assert c == py
-    return c[0]
-
-
-def open_fds() -> set[int]:
-    return {int(x) for x in os.listdir("/proc/self/fd")}
 
 
 def paths_of(rows: list) -> list[bytes]:
@@ -264,48 +242,6 @@ def test_a_directory_moved_or_swapped_inside_the_root_mid_walk_is_never_dropped(
 # A directory (or an ancestor) made unlistable mid-walk, as a non-root user
 
 
-@pytest.fixture
-def open_tmp():  # type: ignore[no-untyped-def]
-    d = Path(tempfile.mkdtemp(prefix="breaker-s63b-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    yield d
-    for p in d.rglob("*"):
-        if p.is_dir() and not p.is_symlink():
-            os.chmod(p, 0o755)
-    shutil.rmtree(d)
-
-
-def _in_child_as_nobody(fn):  # type: ignore[no-untyped-def]
-    preload_everything()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            try:
-                out = ("ok", fn())
-            except BaseException as e:
-                import traceback
-                out = ("err", repr(e) + traceback.format_exc())
-            with os.fdopen(w, "wb") as f:
-                f.write(pickle.dumps(out))
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    kind, value = pickle.loads(data)
-    assert kind == "ok", value
-    return value
-
-
 @pytest.mark.parametrize("which", ["itself", "ancestor", "itself-0444"])
 @pytest.mark.parametrize("read_ahead", [True, False])
 def test_made_unlistable_mid_walk_as_nobody_keeps_its_content_stale(open_tmp: Path, which: str,
@@ -345,7 +281,7 @@ def test_made_unlistable_mid_walk_as_nobody_keeps_its_content_stale(open_tmp: Pa
         return before, after, info.stale_paths, list(info.warnings)
 
     try:
-        before, after, stale, warnings = _in_child_as_nobody(run)
+        before, after, stale, warnings = call_as_nobody(run)
     finally:
         for d in ("b/c", "b/c/d"):
             os.chmod(root / d, 0o755)
@@ -396,28 +332,6 @@ def test_links_through_passed_over_places_are_left_out_whatever_the_read_path(tm
 
 # --------------------------------------------------------------------------------------------------
 # Few descriptors: the walk's own read, made while the prefetch threads hold descriptors
-
-
-def _with_spare_descriptors(spare: int, fn):  # type: ignore[no-untyped-def]
-    gc.collect()
-    limit = max(open_fds()) + 1 + 64
-    fill = []
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        while True:
-            fd = os.open("/dev/null", os.O_RDONLY)
-            if fd >= limit - spare:
-                os.close(fd)
-                break
-            fill.append(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-        try:
-            return fn()
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    finally:
-        for fd in fill:
-            os.close(fd)
 
 
 def test_retry_in_turn_while_prefetch_holds_a_descriptor_lists_like_python(tmp_path: Path,

@@ -60,6 +60,15 @@ def _shipments(p: Pair) -> float:
         return -1
 
 
+def _first_sync(p: Pair) -> None:
+    """2,000 files, a limit in force (patches), both agents started and the first sync done."""
+    _many_files(p.prod, 2000)
+    _limited(p)
+    p.start("standby")
+    p.start("primary")
+    wait_for(p.in_sync, "the first sync")
+
+
 def _verified(p: Pair) -> None:
     r = run_drsync("repo", "verify", "--config", p.standby_cfg)
     assert r.code == 0, (r.out, r.err)
@@ -71,11 +80,7 @@ def test_a_busy_root_in_continuous_mode_ships_patches_and_the_standby_follows(tm
     shipment, and the standby ends equal to production with a repository that verifies."""
     p = continuous_pair(tmp_path)
     try:
-        _many_files(p.prod, 2000)
-        _limited(p)
-        p.start("standby")
-        p.start("primary")
-        wait_for(p.in_sync, "the first sync")
+        _first_sync(p)
         wait_for(lambda: scrape(p.metrics["primary"]).get("drsync_ship_duration_seconds_count", 0) >= 1,
                  "the primary to count the first sync")
         first = scrape(p.metrics["primary"])
@@ -104,11 +109,7 @@ def test_a_primary_killed_while_it_ships_patches_restarts_and_the_standby_follow
     checked by ``make reliability``'s kill trials.)"""
     p = continuous_pair(tmp_path)
     try:
-        _many_files(p.prod, 2000)
-        _limited(p)
-        p.start("standby")
-        p.start("primary")
-        wait_for(p.in_sync, "the first sync")
+        _first_sync(p)
         for trial in range(4):
             stop = threading.Event()
             writer = threading.Thread(target=_writes, args=(p.prod, 10 + trial, 10_000, stop))

@@ -11,10 +11,14 @@ import os
 import pkgutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from tests.conftest import init_repo
 from tests.zk import free_port
+
+T = TypeVar("T")
 
 NOBODY = 65534
 
@@ -55,6 +59,43 @@ def run_as_nobody(*args: str | os.PathLike[str]) -> tuple[int, str]:
         err = f.read().decode(errors="replace")
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), err
+
+
+def call_as_nobody(fn: Callable[[], T]) -> T:
+    """``fn()`` in a forked child running as nobody (no groups); its result (or the repr and traceback of what
+    it raised, failing the calling test) comes back pickled. Modules are loaded first: nobody may not read
+    the venv's files."""
+    import pickle
+    import traceback
+
+    preload_everything()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                out = ("ok", fn())
+            except BaseException as e:
+                out = ("err", repr(e) + traceback.format_exc())
+            with os.fdopen(w, "wb") as f:
+                f.write(pickle.dumps(out))
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    assert data, "the child running as nobody died before it answered"
+    kind, value = pickle.loads(data)
+    assert kind == "ok", value
+    return value
 
 
 def give_to_nobody(*paths: Path) -> None:
