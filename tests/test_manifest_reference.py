@@ -99,12 +99,15 @@ def test_an_unchanged_cycle_names_the_manifest_and_the_standby_applies_it(pair: 
         _once(pair)
         assert pair.in_sync()
         size = _manifest_size(pair)
-        # A change sends the manifest: the counter sees at least its bytes.
+        # A change sends the manifest: the counter sees at least its bytes. Whole over loopback, unless this
+        # busy host made the loopback look far (a 10 ms round trip): then a patch of it.
         (pair.prod / "catalog" / "f001.txt").write_text("changed")
         before = proxy.forwarded
-        _once(pair)
+        res = next(iter(_once(pair)["results"].values()))
         changed = proxy.forwarded - before
-        assert changed >= size, (changed, size)
+        assert changed >= res["manifest_bytes"], (changed, res)
+        assert res["manifest_sent"] == "patch" or (
+            res["manifest_sent"] == "bytes" and res["manifest_bytes"] == _manifest_size(pair)), (res, size)
         # Nothing changed: a new snapshot, the same manifest, named and not sent.
         before = proxy.forwarded
         doc = _once(pair)
