@@ -355,6 +355,7 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="drsync-manifest") as encoder:
         pool = _Readers(big, small or big)
         encoding: Future[None] | None = None
+        unchanged = _Unchanged.of(parent, pv, out.schema)
         for w in scan.windows(_WINDOW):
             allocators.give_back()  # what the last window freed inside glibc's heaps
             same, reuse = matcher.match(w)
@@ -367,15 +368,29 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                 on_total(to_read)
             rows = _window(view, writer, w, pv, same, reuse, links, state, warnings, pool,
                            reread_attempts, progress, content, algorithms, lost)
+            if unchanged is not None and unchanged.extends(rows):
+                continue  # the parent's rows so far: their encoding waits (the parent's bytes, if all are)
             if encoding is not None:
                 encoding.result()
-            encoding = encoder.submit(out.write, rows)
+            if unchanged is not None:  # the first row that is not the parent's: the rows before it are written
+                encoding = encoder.submit(unchanged.write_then, out, rows)
+                unchanged = None
+            else:
+                encoding = encoder.submit(out.write, rows)
         if encoding is not None:
             encoding.result()
     if scan.root_problem is not None and pv is None:  # nothing earlier to keep: an empty tree would be a lie
         raise OperationFailed(f"data root {scan.root}: {scan.root_problem}; nothing was captured (no earlier "
                               f"snapshot of it to keep): check that it is mounted and that drsync can read it")
-    stored = out.finish()
+    if unchanged is not None and unchanged.whole():
+        # Every row the parent's, in order, under the same root metadata: the bytes the writer would make
+        # (one serializer: the same rows make the same bytes), copied instead of encoded again.
+        out.abandon()
+        stored = unchanged.copy(_SPOOL_BYTES)
+    else:
+        if unchanged is not None:
+            unchanged.write_then(out, None)
+        stored = out.finish()
     # A scan sorted whole left out its escaping links before its windows; one walked window by window, some
     # target of which climbs, has them told now: every link captured, read back from the manifest, resolved
     # together.
@@ -447,6 +462,10 @@ def _without_paths(stored: Spool, paths: set[bytes]) -> Spool:
 
 
 _MATCHED = ["path", "type", "size", "mtime_s", "mtime_nsec", "ctime_ns", "inode", "chunks", "chunk_sizes"]
+_CARRIED = ("content", "chunks", "chunk_sizes", "xattrs")
+# The parent's columns held a group at a time: all of them (matching compares some, a reused row carries
+# some, and a window is compared whole with the parent's rows: _Unchanged).
+_HELD = tuple(SCHEMA.names)
 
 
 def _files_below(rows: pa.Table | pa.RecordBatch, mount_points: Iterable[str],
@@ -488,17 +507,18 @@ class _Matcher:
         self.racy_s, self.racy_ns = divmod(int(parent_captured_at * 1e9) - _RACY_NS, 1_000_000_000)
         self.external_ok = external_ok
         self.next = 0  # the first parent group a later window can need
-        self.groups: dict[int, tuple[pa.Table, bytes, bytes]] = {}  # group -> (columns, first path, last path)
+        self.bounds: dict[int, tuple[bytes, bytes]] = {}  # group -> (first path, last path)
 
     def _group(self, g: int) -> tuple[pa.Table, bytes, bytes] | None:
-        if g not in self.groups:
-            assert self.parent is not None
-            pg = self.parent.group(g, _MATCHED)
-            if not pg.num_rows:
-                return None
+        """Parent group ``g`` (:meth:`_Parent.held`) with its first and last paths; None when empty."""
+        assert self.parent is not None
+        pg = self.parent.held(g)
+        if not pg.num_rows:
+            return None
+        if g not in self.bounds:
             paths = pg.column("path")
-            self.groups[g] = (pg, paths[0].as_py(), paths[-1].as_py())
-        return self.groups[g]
+            self.bounds[g] = (paths[0].as_py(), paths[-1].as_py())
+        return (pg, *self.bounds[g])
 
     def match(self, t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """For each row of the window ``t``, the parent row with the same path (``same``, -1: none) and the
@@ -521,8 +541,9 @@ class _Matcher:
             got = self._group(self.next)
             if got is not None and got[2] >= first:
                 break
-            self.groups.pop(self.next, None)
+            self.bounds.pop(self.next, None)
             self.next += 1
+        p.done_before(self.next)
         g = self.next
         while g < p.num_groups:
             got = self._group(g)
@@ -597,9 +618,67 @@ def _naming(lists: pa.ListArray, lost: IdSet) -> np.ndarray:
     return out
 
 
+class _Unchanged:
+    """Whether the windows so far made exactly the parent manifest's first rows (all columns), in order:
+    their encoding is put off, so that a capture that changed nothing stores the parent's manifest bytes
+    as they are (:meth:`copy`) instead of encoding every row again. The first window that differs has the
+    rows before it written from the parent (:meth:`write_then`), and the capture goes on as usual."""
+
+    def __init__(self, file: ManifestFile, parent: _Parent) -> None:
+        self.file, self.parent = file, parent
+        self.rows = 0  # the parent's rows matched so far: 0 .. rows - 1
+
+    @classmethod
+    def of(cls, parent: Manifest | ManifestFile | None, pv: _Parent | None, schema: pa.Schema) -> _Unchanged | None:
+        """None unless ``parent`` is a stored manifest of this layout whose schema and root metadata are
+        those the capture writes (``schema``): only then are its bytes the ones the writer would make."""
+        if not isinstance(parent, ManifestFile) or pv is None or parent.is_v1:
+            return None
+        # The columns' types (a list's item is named "element" once read back: not compared), then the
+        # key-value metadata (the format, the root's own metadata).
+        if not parent.schema.equals(schema) or parent.schema.metadata != schema.metadata:
+            return None
+        return cls(parent, pv)
+
+    def extends(self, rows: pa.Table) -> bool:
+        """Whether ``rows`` (a window's manifest rows) are the parent's next rows; if so, counted."""
+        n = rows.num_rows
+        theirs = self.parent.held_rows(self.rows, n)
+        if theirs is None or not _same_rows(rows, theirs):
+            return False
+        self.rows += n
+        return True
+
+    def whole(self) -> bool:
+        """Whether the rows matched are all of the parent's."""
+        return self.rows == len(self.file)
+
+    def copy(self, memory_bytes: int) -> Spool:
+        return self.file.copy(memory_bytes)
+
+    def write_then(self, out: ManifestWriter, rows: pa.Table | None) -> None:
+        """Write the parent's rows matched so far to ``out`` (a row group at a time), then ``rows``."""
+        for g in range(self.file.num_groups):
+            lo, hi = self.file.starts[g], min(self.file.starts[g + 1], self.rows)
+            if lo >= hi:
+                break
+            out.write(self.file.group(g).slice(0, hi - lo))
+        if rows is not None:
+            out.write(rows)
+
+
+def _same_rows(mine: pa.Table, theirs: pa.Table) -> bool:
+    """Whether two tables of :data:`SCHEMA` hold the same rows (values and nulls, column by column)."""
+    if mine.num_rows != theirs.num_rows:
+        return False
+    return all(mine.column(name).equals(theirs.column(name)) for name in SCHEMA.names)
+
+
 class _Parent:
     """The parent manifest by row groups: a stored :class:`ManifestFile`, or an in-memory
-    :class:`Manifest` cut into slices. Holds the carried columns of one group at a time."""
+    :class:`Manifest` cut into slices. Its groups are read once, with the columns the matching and the
+    carried rows both need (:data:`_HELD`), and held while the windows need them: the matcher lets go of
+    each once the windows have passed it (:meth:`done_before`), so one or two are held at a time."""
 
     def __init__(self, parent: Manifest | ManifestFile) -> None:
         self._file = parent if isinstance(parent, ManifestFile) else None
@@ -610,7 +689,7 @@ class _Parent:
             n = len(parent)
             self.starts = [*range(0, n, _WINDOW), n]
         self.num_groups = len(self.starts) - 1
-        self._cache: dict[int, pa.Table] = {}
+        self._held: dict[int, pa.Table] = {}
 
     def group(self, g: int, columns: list[str]) -> pa.Table:
         if self._file is not None:
@@ -618,23 +697,49 @@ class _Parent:
         assert self._table is not None
         return self._table.select(columns).slice(self.starts[g], self.starts[g + 1] - self.starts[g])
 
+    def held(self, g: int) -> pa.Table:
+        """Group ``g`` with the :data:`_HELD` columns, read at its first call and held until
+        :meth:`done_before` passes it."""
+        t = self._held.get(g)
+        if t is None:
+            t = self._held[g] = self.group(g, list(_HELD))
+        return t
+
+    def held_rows(self, lo: int, n: int) -> pa.Table | None:
+        """The parent's rows ``lo`` to ``lo + n`` (all of :data:`_HELD`'s columns) from the groups held, None
+        when one of them is not held (or the rows run past the parent's end)."""
+        if n == 0 or lo + n > self.starts[-1]:
+            return None if n else SCHEMA.empty_table()
+        parts = []
+        g = int(np.searchsorted(np.asarray(self.starts), lo, side="right") - 1)
+        while lo < self.starts[-1] and n:
+            t = self._held.get(g)
+            if t is None:
+                return None
+            at = lo - self.starts[g]
+            take = min(n, t.num_rows - at)
+            parts.append(t.slice(at, take))
+            lo, n, g = lo + take, n - take, g + 1
+        return pa.concat_tables(parts)
+
+    def done_before(self, g: int) -> None:
+        """Let go of the groups before ``g``: no later window needs them."""
+        for k in [k for k in self._held if k < g]:
+            del self._held[k]
+
     def rows(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
-        """The parent's ``rows`` (ascending global row numbers), ``columns`` only."""
+        """The parent's ``rows`` (ascending global row numbers), ``columns`` (of :data:`_HELD`) only."""
         groups = np.searchsorted(np.asarray(self.starts), rows, side="right") - 1
         parts = []
         # ``groups`` ascends: its distinct values without np.unique (whose first call imports numpy.ma, 20 ms
         # of every snapshot's start).
         for g in groups[np.flatnonzero(np.diff(groups, prepend=-1))].tolist():
-            if g not in self._cache:
-                # Rows ascend from window to window: a group passed is not asked for again. One held at a
-                # time (its extended attributes are most of it: about 30 MiB a group of a tree with ACLs).
-                self._cache.clear()
-                self._cache[g] = self.group(g, columns)
+            t = self.held(g).select(columns)
             local = rows[groups == g] - self.starts[g]
             if len(local) and local[-1] - local[0] == len(local) - 1:  # a run of rows (ascending, distinct)
-                parts.append(self._cache[g].slice(int(local[0]), len(local)))  # as they are: no copy
+                parts.append(t.slice(int(local[0]), len(local)))  # as they are: no copy
             else:
-                parts.append(self._cache[g].take(pa.array(local, pa.int64())))
+                parts.append(t.take(pa.array(local, pa.int64())))
         return pa.concat_tables(parts)
 
     def type_of(self, row: int) -> str:
@@ -685,9 +790,6 @@ def _hard_links(links: LinkGroups, w: pa.Table, kept: np.ndarray, sizes: np.ndar
     for k, lead in zip(multi.tolist(), named, strict=True):
         result[k] = lead
     return result
-
-
-_CARRIED = ("content", "chunks", "chunk_sizes", "xattrs")
 
 
 class _Stats:
@@ -901,6 +1003,8 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
     })
     if len(fresh_rows) == count or p is None:
         carried = fresh
+    elif not len(fresh_rows):  # every row reused: the parent's rows in the window's order
+        carried = p.rows(rows, list(_CARRIED))
     else:
         reused = np.flatnonzero(rows >= 0)
         base = p.rows(rows[reused], list(_CARRIED))

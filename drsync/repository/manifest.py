@@ -717,6 +717,7 @@ class ManifestFile:
         if (len(data) if size is None else size) > fmt.MANIFEST_MAX_BYTES:  # type: ignore[arg-type]
             Manifest.from_bytes(data, what, size)  # raises the size error
         self.what = what
+        self._data, self.size = data, len(data) if size is None else size  # type: ignore[arg-type]
         try:
             source = data if isinstance(data, pa.NativeFile) else pa.BufferReader(data)
             self._pf = pq.ParquetFile(source, pre_buffer=False)
@@ -735,6 +736,19 @@ class ManifestFile:
 
     def __len__(self) -> int:
         return self.num_rows
+
+    def copy(self, memory_bytes: int | None = None) -> Spool:
+        """The manifest's bytes as they are, in a new :class:`~drsync.repository.spool.Spool` (in memory up
+        to ``memory_bytes``, past that in its temporary file), read in pieces of 1 MiB."""
+        out = Spool(memory_bytes)
+        piece = 1 << 20
+        for lo in range(0, self.size, piece):
+            n = min(piece, self.size - lo)
+            if isinstance(self._data, pa.NativeFile):
+                out.write(self._data.read_at(n, lo))
+            else:
+                out.write(memoryview(self._data)[lo:lo + n])
+        return out
 
     def group(self, i: int, columns: list[str] | None = None) -> pa.Table:
         """Row group ``i`` (rows ``starts[i]`` to ``starts[i + 1]``), only ``columns`` if given."""
@@ -891,6 +905,11 @@ class ManifestWriter:
         self._pending: list[pa.Table] = []
         self._rows = 0
 
+    @property
+    def schema(self) -> pa.Schema:
+        """The schema written, with its key-value metadata."""
+        return self._schema
+
     def write(self, table: pa.Table) -> None:
         if not table.num_rows:
             return
@@ -910,6 +929,12 @@ class ManifestWriter:
         if not t.schema.equals(self._schema):
             t = t.cast(self._schema)
         self._w.write_table(t, row_group_size=ROW_GROUP)
+
+    def abandon(self) -> None:
+        """Close the writer and let go of what it wrote (its spool's temporary file, if any)."""
+        self._pending = []
+        self._w.close()
+        self._buf.close()
 
     def finish(self) -> Spool:
         if self._pending:
