@@ -379,6 +379,8 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
                 encoding = encoder.submit(out.write, rows)
         if encoding is not None:
             encoding.result()
+    if pv is not None:
+        pv.done_before(pv.num_groups)  # the windows are done: what follows reads the parent anew, if at all
     if scan.root_problem is not None and pv is None:  # nothing earlier to keep: an empty tree would be a lie
         raise OperationFailed(f"data root {scan.root}: {scan.root_problem}; nothing was captured (no earlier "
                               f"snapshot of it to keep): check that it is mounted and that drsync can read it")
@@ -507,18 +509,16 @@ class _Matcher:
         self.racy_s, self.racy_ns = divmod(int(parent_captured_at * 1e9) - _RACY_NS, 1_000_000_000)
         self.external_ok = external_ok
         self.next = 0  # the first parent group a later window can need
-        self.bounds: dict[int, tuple[bytes, bytes]] = {}  # group -> (first path, last path)
+        self.bounds: dict[int, tuple[bytes, bytes] | None] = {}  # group -> (first path, last path)
 
-    def _group(self, g: int) -> tuple[pa.Table, bytes, bytes] | None:
-        """Parent group ``g`` (:meth:`_Parent.held`) with its first and last paths; None when empty."""
+    def _bounds(self, g: int) -> tuple[bytes, bytes] | None:
+        """Parent group ``g``'s first and last paths (None when it is empty), from the group held or else its
+        ``path`` column alone: a group looked at only to learn that it lies past a window is not held."""
         assert self.parent is not None
-        pg = self.parent.held(g)
-        if not pg.num_rows:
-            return None
         if g not in self.bounds:
-            paths = pg.column("path")
-            self.bounds[g] = (paths[0].as_py(), paths[-1].as_py())
-        return (pg, *self.bounds[g])
+            paths = self.parent.paths(g)
+            self.bounds[g] = (paths[0].as_py(), paths[-1].as_py()) if len(paths) else None
+        return self.bounds[g]
 
     def match(self, t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """For each row of the window ``t``, the parent row with the same path (``same``, -1: none) and the
@@ -538,21 +538,22 @@ class _Matcher:
         tpath = t.column("path")
         first, last = tpath[0].as_py(), tpath[-1].as_py()
         while self.next < p.num_groups:  # groups wholly before this window are done with
-            got = self._group(self.next)
-            if got is not None and got[2] >= first:
+            bounds = self._bounds(self.next)
+            if bounds is not None and bounds[1] >= first:
                 break
             self.bounds.pop(self.next, None)
             self.next += 1
         p.done_before(self.next)
         g = self.next
         while g < p.num_groups:
-            got = self._group(g)
+            bounds = self._bounds(g)
             g += 1
-            if got is None:
+            if bounds is None:
                 continue
-            pg, lo_path, hi_path = got
+            lo_path, hi_path = bounds
             if lo_path > last:
                 break
+            pg = p.held(g - 1)
             a = _bisect(tpath, lo_path, right=False)
             b = _bisect(tpath, hi_path, right=True)
             if a < b:
@@ -631,12 +632,17 @@ class _Unchanged:
     @classmethod
     def of(cls, parent: Manifest | ManifestFile | None, pv: _Parent | None, schema: pa.Schema) -> _Unchanged | None:
         """None unless ``parent`` is a stored manifest of this layout whose schema and root metadata are
-        those the capture writes (``schema``): only then are its bytes the ones the writer would make."""
+        those the capture writes (``schema``), written as this process's writer writes (the same Parquet
+        library, row groups, compression and dictionary pages): only then are its bytes the ones the writer
+        would make of the same rows. (A parent written otherwise, by an older drsync or another pyarrow, is
+        encoded anew: a patch of it rebuilt on a standby by that standby's writer would not match.)"""
         if not isinstance(parent, ManifestFile) or pv is None or parent.is_v1:
             return None
         # The columns' types (a list's item is named "element" once read back: not compared), then the
         # key-value metadata (the format, the root's own metadata).
         if not parent.schema.equals(schema) or parent.schema.metadata != schema.metadata:
+            return None
+        if not parent.written_as(ManifestWriter.fingerprint()):
             return None
         return cls(parent, pv)
 
@@ -657,12 +663,14 @@ class _Unchanged:
         return self.file.copy(memory_bytes)
 
     def write_then(self, out: ManifestWriter, rows: pa.Table | None) -> None:
-        """Write the parent's rows matched so far to ``out`` (a row group at a time), then ``rows``."""
-        for g in range(self.file.num_groups):
-            lo, hi = self.file.starts[g], min(self.file.starts[g + 1], self.rows)
+        """Write the parent's rows matched so far to ``out`` (a row group at a time), then ``rows``. Runs on
+        the encoder's thread, beside the windows' reads: through a reader of its own."""
+        file = self.file.reopen() if self.rows else self.file
+        for g in range(file.num_groups):
+            lo, hi = file.starts[g], min(file.starts[g + 1], self.rows)
             if lo >= hi:
                 break
-            out.write(self.file.group(g).slice(0, hi - lo))
+            out.write(file.group(g).slice(0, hi - lo))
         if rows is not None:
             out.write(rows)
 
@@ -696,6 +704,11 @@ class _Parent:
             return self._file.group(g, columns)
         assert self._table is not None
         return self._table.select(columns).slice(self.starts[g], self.starts[g + 1] - self.starts[g])
+
+    def paths(self, g: int) -> pa.ChunkedArray:
+        """Group ``g``'s ``path`` column: from the group when it is held, else read alone."""
+        t = self._held.get(g)
+        return (t if t is not None else self.group(g, ["path"])).column("path")
 
     def held(self, g: int) -> pa.Table:
         """Group ``g`` with the :data:`_HELD` columns, read at its first call and held until

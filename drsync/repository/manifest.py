@@ -737,6 +737,25 @@ class ManifestFile:
     def __len__(self) -> int:
         return self.num_rows
 
+    def reopen(self) -> ManifestFile:
+        """Another reader of the same bytes (its own Parquet reader: for another thread)."""
+        return ManifestFile(self._data, self.what, self.size)
+
+    def written_as(self, fingerprint: WriterFingerprint) -> bool:
+        """Whether this file was written as ``fingerprint`` says (:meth:`ManifestWriter.fingerprint`): by the
+        same Parquet library, in row groups of :data:`ROW_GROUP` rows (the last fewer), each column compressed
+        and dictionary-paged alike."""
+        md = self._pf.metadata
+        if md.created_by != fingerprint.created_by:
+            return False
+        for g in range(self.num_groups):
+            rg = md.row_group(g)
+            if rg.num_rows != ROW_GROUP and g != self.num_groups - 1:
+                return False
+            if tuple(_column_form(rg.column(i)) for i in range(rg.num_columns)) != fingerprint.columns:
+                return False
+        return True
+
     def copy(self, memory_bytes: int | None = None) -> Spool:
         """The manifest's bytes as they are, in a new :class:`~drsync.repository.spool.Spool` (in memory up
         to ``memory_bytes``, past that in its temporary file), read in pieces of 1 MiB."""
@@ -880,6 +899,22 @@ _CACHED_BYTES = 8 << 20
 
 
 ROW_GROUP = 65536  # manifest rows per Parquet row group
+
+
+@dataclass(frozen=True)
+class WriterFingerprint:
+    """What a manifest's Parquet footer says of how :class:`ManifestWriter` wrote it: the library
+    (``created_by``), and per leaf column its compression and whether it has dictionary pages."""
+
+    created_by: str
+    columns: tuple[tuple[str, str, bool], ...]
+
+
+def _column_form(c: pq.ColumnChunkMetaData) -> tuple[str, str, bool]:
+    return c.path_in_schema, c.compression, any("DICTIONARY" in e for e in c.encodings)
+
+
+_FINGERPRINT: list[WriterFingerprint] = []
 _FEW_VALUES = ("type", "mode", "uid", "gid", "target", "xattrs", "sparse", "stale")  # dictionary-encoded columns
 
 
@@ -909,6 +944,23 @@ class ManifestWriter:
     def schema(self) -> pa.Schema:
         """The schema written, with its key-value metadata."""
         return self._schema
+
+    @staticmethod
+    def fingerprint() -> WriterFingerprint:
+        """How this process's writer writes (:class:`WriterFingerprint`), learned once from a manifest of one
+        row it writes."""
+        if not _FINGERPRINT:
+            w = ManifestWriter()
+            w.write(table_from_columns({
+                "path": ["x"], "type": [FILE], "mode": [0o644], "uid": [0], "gid": [0], "size": [1],
+                "mtime_s": [0], "mtime_nsec": [0], "ctime_ns": [0], "inode": [1], "target": [None],
+                "content": [EMPTY_CONTENT], "chunks": [[bytes(fmt.ID_LEN)]], "chunk_sizes": [[1]],
+                "xattrs": [b"\0\1\0\0\0\1ab"], "hardlink": [None]}))
+            md = pq.ParquetFile(pa.BufferReader(w.finish().getvalue())).metadata
+            rg = md.row_group(0)
+            _FINGERPRINT.append(WriterFingerprint(md.created_by, tuple(_column_form(rg.column(i))
+                                                                       for i in range(rg.num_columns))))
+        return _FINGERPRINT[0]
 
     def write(self, table: pa.Table) -> None:
         if not table.num_rows:
