@@ -237,6 +237,33 @@ def test_a_standby_that_lost_a_pack_of_an_unchanged_file_gets_it_back(pair: Pair
     assert fig["missing_chunks"] <= 1, fig
 
 
+def test_a_standby_that_lost_a_pack_gets_it_back_in_an_unchanged_cycle(pair: Pair) -> None:  # noqa: F811
+    """An unchanged capture names the standby's manifest and asks about no chunk (the applied manifest is not
+    even read); when the standby lost a pack meanwhile, its commit refuses, and the retry asks about every chunk
+    and sends the lost ones, the manifest still named."""
+    pair.start("standby")
+    assert _once(pair.primary_cfg)["code"] == 0 and pair.in_sync()
+    lonely = pair.prod / "catalog" / "lonely.bin"  # its own shipment: its own pack on the standby (not the only one)
+    lonely.write_bytes(random.Random(8).randbytes(70_000))
+    assert _once(pair.primary_cfg)["code"] == 0 and pair.in_sync()
+    unchanged = _figures(_once(pair.primary_cfg))
+    assert unchanged["manifest_sent"] == "reference" and unchanged["missing_chunks"] == 0, unchanged
+    standby = Repository.open(open_storage(pair.standby_site.url("standby-repo")))
+    loc = standby.index.get(chunks.chunk_id(lonely.read_bytes()))
+    assert loc is not None
+    standby.storage.delete(fmt.pack_name(loc.pack_id))
+    doc = _once(pair.primary_cfg)
+    assert doc["code"] == 0, doc["err"]
+    assert "asking" in doc["err"] and "every chunk" in doc["err"], doc["err"]
+    fig = _figures(doc)
+    assert fig["manifest_sent"] == "reference" and fig["missing_chunks"] >= 1, fig
+    assert pair.in_sync()
+    verify = run_drsync("repo", "verify", "--config", pair.standby_cfg)
+    assert verify.code == 0, verify.out + verify.err
+    fig = _figures(_once(pair.primary_cfg))
+    assert fig["manifest_sent"] == "reference" and fig["missing_chunks"] == 0, fig
+
+
 def test_a_running_standby_that_lost_an_index_file_is_repaired_and_followed(pair: Pair) -> None:  # noqa: F811
     """An index file lost on the standby: commits did not notice (they trust stored snapshots), so the
     repository stayed incomplete. After ``drsync repo repair`` (run while the standby agent runs) the

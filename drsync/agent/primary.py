@@ -332,10 +332,10 @@ def negotiation_plan(new: Manifest | ManifestFile, applied: Manifest | ManifestF
     follows the changed rows, not the snapshot's size. Without a known applied snapshot, ask about all of
     them. (If the standby lost chunks anyway, a pack gone or an index file lost, its commit check refuses
     with :class:`ChunksLost` and forgets what it lost; the shipper then asks again with ``applied`` None.)
-    ``same``: ``applied`` has ``new``'s manifest byte for byte (by its hash: an unchanged capture), so there
-    is nothing to ask about and the two are not compared.
+    ``same``: the standby holds a snapshot with ``new``'s manifest byte for byte (by its hash: an unchanged
+    capture), so there is nothing to ask about (``applied`` is not needed).
     """
-    if same and applied is not None:
+    if same:
         return count_chunks(new), Ask.of(IdSet.empty().ids)
     if applied is None:
         ids, sizes, order = _distinct(new)
@@ -401,7 +401,8 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
                   applied: Manifest | ManifestFile | None = None,
                   guard: Callable[[bool], None] | None = None,
                   reading: Callable[[], AbstractContextManager[object]] | None = None,
-                  delta: bool = False, manifest_of: str = "", patch_of: str = "") -> ShipResult:
+                  delta: bool = False, manifest_of: str = "", patch_of: str = "",
+                  ask_all: bool = False) -> ShipResult:
     """Negotiate, upload the missing chunks, commit. Raises on any refusal; safe to retry.
 
     ``applied`` is the manifest the standby says it has applied, when the
@@ -425,13 +426,16 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
     (:mod:`drsync.repository.manifest_patch`) instead of the manifest when that is at most half its size;
     when the standby cannot rebuild the manifest from it, the bytes go at once. Only for a standby whose Hello
     says ``manifest_patches``. Either way ``ShipResult.manifest_refused`` says why the standby refused.
+    ``ask_all``: ask the standby about every chunk of the snapshot (it lost chunks: :class:`ChunksLost`), even
+    with ``manifest_of``; without it, a shipment with ``manifest_of`` asks about none.
     """
     check = guard or (lambda final: None)
     start = time.monotonic()
     pacer = Pacer(_bandwidth_of(bandwidth_bps))
     with (reading or contextlib.nullcontext)():
         manifest, count, sent = _negotiate_and_upload(repo, info, link, epoch=epoch, pacer=pacer, applied=applied,
-                                                      check=check, delta=delta, same=bool(manifest_of))
+                                                      check=check, delta=delta,
+                                                      same=bool(manifest_of) and not ask_all)
     with manifest, _manifest_form(manifest, applied, manifest_of, patch_of) as form:
         seq = info.seq if sender_seq is None else sender_seq
         try:

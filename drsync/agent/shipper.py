@@ -231,6 +231,11 @@ class Shipper:
                                    f"and cluster.release of production (or its own group), or upgrade both "
                                    f"together")
             self.held = hello.held_snapshot  # its source stays on production until an operator decides
+            # An unchanged capture (the tree the standby applied): its manifest is named, not sent again (a
+            # manifest is about 73 bytes a file: 70 MiB a cycle at 1,000,000 files on a WAN link), and nothing
+            # is asked about: the applied manifest is not even read.
+            same_as = hello.applied_snapshot if hello.manifest_by_reference and self._same_manifest(
+                hello.applied_snapshot, info) else ""
             applied = None
             self.apply_delay_s, self.received = hello.apply_delay_s, hello.received_snapshot
             if hello.applied_snapshot:
@@ -242,35 +247,31 @@ class Shipper:
                     self.superseded = info.id
                     return ShipOutcome(self.target, info.id, True, f"not shipped: {self.target} already applied "
                                        f"a newer snapshot {hello.applied_snapshot}")
-                applied = self._manifest_if_known(hello.applied_snapshot)
-            # An unchanged capture (the tree the standby applied): its manifest is named, not sent again (a
-            # manifest is about 73 bytes a file: 70 MiB a cycle at 1,000,000 files on a WAN link).
-            same_as = hello.applied_snapshot if hello.manifest_by_reference and self._same_manifest(
-                hello.applied_snapshot, info) else ""
+                applied = None if same_as else self._manifest_if_known(hello.applied_snapshot)
             # A changed one over a far or limited link: a patch of the manifest the standby applied.
             patch_of = hello.applied_snapshot if applied is not None and wants_patches(
                 hello, self.bandwidth.rate(), self.whole_manifests) else ""
             # A reader of this repository while it reads (not while the standby applies): GC never
             # removes a pack this shipment is reading.
-            def ship(delta: bool, base: Manifest | None) -> ShipResult:
+            def ship(delta: bool, base: Manifest | None, ask_all: bool) -> ShipResult:
                 return ship_snapshot(self.repo, info, link, epoch=epoch, sender=self.sender, sender_seq=seq,
                                      bandwidth_bps=self.bandwidth.rate, applied=base,
                                      guard=self._guard if origin is None else self._relay_guard,
                                      reading=lambda: self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S),
-                                     delta=delta, manifest_of=same_as,
+                                     delta=delta, manifest_of=same_as, ask_all=ask_all,
                                      patch_of=patch_of if base is not None else "")
 
-            def attempt(base: Manifest | None) -> ShipResult:
+            def attempt(base: Manifest | None, ask_all: bool = False) -> ShipResult:
                 if base is None or not wants_deltas(hello, self.bandwidth.rate(), self.whole_chunks):
-                    return ship(False, base)
+                    return ship(False, base, ask_all)
                 try:
-                    return ship(True, base)
+                    return ship(True, base, ask_all)
                 except DeltaRejected as e:
                     # The standby could not use a delta (its copy of a base is damaged or unreadable): at once,
                     # and for the rest of this process, whole chunks; what it stored stays and is not sent again.
                     self.whole_chunks = True
                     log.warning("%s; sending whole chunks to %s from now on (snapshot %s)", e, self.target, info.id)
-                    return with_first_try(ship(False, base), e.sent)
+                    return with_first_try(ship(False, base, ask_all), e.sent)
 
             try:
                 res = attempt(applied)
@@ -279,7 +280,7 @@ class Shipper:
                 # about every chunk of the snapshot, not only those its applied one lacks, and send them.
                 log.warning("%s; asking %s about every chunk of snapshot %s and sending what it lacks", e,
                             self.target, info.id)
-                res = with_first_try(attempt(None), e.sent)
+                res = with_first_try(attempt(None, ask_all=True), e.sent)
             if res.manifest_refused:
                 # A damaged copy there (named), or a manifest rebuilt otherwise (patched): the bytes went.
                 patched = res.manifest_tried == "patch"
