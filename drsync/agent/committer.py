@@ -223,13 +223,13 @@ class Committer:
         # is decoded beside it: the check below locates what it needs from the index files.
         self.repo.reload_index()
         allocators.give_back()  # and what receiving the shipment freed inside glibc's heaps
-        # Lean: the chunk lists and digests stay in the spool's file until a row asks for them (about 70 MiB
-        # of a 1,000,000-file table); the spool is kept open until the apply is over.
+        # Lean when decoded: the chunk lists and digests stay in the spool's file until a row asks for them
+        # (about 70 MiB of a 1,000,000-file table); the spool is kept open until the apply is over.
         with spool:
-            manifest = Manifest.lean(ManifestFile(spool, f"manifest of snapshot {info.id}"))
-            return self._store_and_take(info, spool, manifest, started, position)
+            return self._store_and_take(info, spool, ManifestFile(spool, f"manifest of snapshot {info.id}"),
+                                        started, position)
 
-    def _store_and_take(self, info: SnapshotInfo, spool: Spool, manifest: Manifest, started: float,
+    def _store_and_take(self, info: SnapshotInfo, spool: Spool, file: ManifestFile, started: float,
                         position: list[int]) -> tuple[SnapshotInfo, ApplyResult]:
         with self.repo.lock(exclusive=False, wait_s=DEFAULT_WAIT_S) as lock:
             # Under the shared lock no GC sweeps between this check and the apply: every chunk is
@@ -245,12 +245,17 @@ class Committer:
             root = None if same else self._known_root()
             repaired = bool(repair.repaired_snapshots(self.repo))
             self.lost_packs_seen = bool(self.repo.lost_packs())  # the standby forgets them after this commit
+            # The manifest of what the root holds already (by its hash, the common no-change cycle) is not
+            # decoded: its file is read by the row groups it needs, if at all (a file count).
+            manifest: Manifest | ManifestFile = file
             if repaired or self.lost_packs_seen or (root is None and not same):
+                manifest = Manifest.lean(file)
                 self.repo.check_chunks_present(manifest.chunk_id_column(), f"snapshot {info.id}")
                 if repaired and repair.clear_repaired(self.repo):
                     log.warning("standby %s holds every chunk of snapshot %s again (after a repair of its "
                                 "repository)", self.agent, info.id)
             elif root is not None:
+                manifest = Manifest.lean(file)
                 self.repo.check_chunks_present(chunks_beyond(root, manifest), f"snapshot {info.id}")
             self.repo.reload_index()  # not kept through the guards and the apply: see _apply
             known = {s.id: s for s in self.repo.list_snapshots()}
@@ -262,8 +267,7 @@ class Committer:
                            f"reuses snapshot ids is broken or hostile: check {self.agent}'s primary)")
                 log.error("%s", message)
                 raise RefusedError(message)
-            info = known[info.id] if info.id in known else self.repo.commit_snapshot(
-                info, spool, manifest=manifest, lock=lock)
+            info = known[info.id] if info.id in known else self.repo.commit_snapshot(info, spool, lock=lock)
             stored_at = time.time()  # apply_delay counts from here, on this machine's clock
             self._record_received(info)
             # RefusedError while held: stored, not applied
@@ -287,7 +291,7 @@ class Committer:
                 f"snapshot {newest[2]} ({newest[0][0]}/{newest[0][1]}) this standby already holds: it arrived "
                 f"late (a relay or a retry behind a newer shipment); not stored, not applied")
 
-    def take(self, info: SnapshotInfo, manifest: Manifest, started: float, position: list[int], *,
+    def take(self, info: SnapshotInfo, manifest: Manifest | ManifestFile, started: float, position: list[int], *,
              due: bool = False, stored_at: float | None = None) -> ApplyResult:
         """Apply a stored snapshot unless a hold keeps it back (then RefusedError, logged as a warning).
 
@@ -307,7 +311,7 @@ class Committer:
         stored_at = time.time() if stored_at is None else stored_at
         if not due and self.apply_delay_s > 0 and self.store.current.applied_snapshot and \
                 not self._is_due(info.captured_at, stored_at):
-            return self._defer(info, manifest, position, stored_at)
+            return self._defer(info, _lean(manifest), position, stored_at)
         if self._holds_already(info, manifest):
             # Nothing changed since the applied snapshot: the root already holds it. With history (engine
             # "distcp") recorded and kept under the pending record, as an apply is: recover() takes a history
@@ -321,6 +325,7 @@ class Committer:
             log.debug("snapshot %s has the content of the applied one; nothing to apply", info.id)
             self._release_guard_for(info, f"snapshot {info.id} has the content of the applied snapshot again")
             return ApplyResult(unchanged_files=manifest.file_count())
+        manifest = _lean(manifest)
         applied = self._applied_manifest()
         base = applied if applied is not None else self._baseline_manifest()
         change = self._judge(info, base, manifest, position)
@@ -906,3 +911,8 @@ class Committer:
             applied_at=now, change_checkpoints=next_checkpoints(
                 tuple(c for c in st.change_checkpoints if c in live), snapshot_id, now, self.mass_change_window_s)))
         self.on_applied()
+
+
+def _lean(manifest: Manifest | ManifestFile) -> Manifest:
+    """``manifest`` decoded (lean, :meth:`Manifest.lean`) unless it is already."""
+    return manifest if isinstance(manifest, Manifest) else Manifest.lean(manifest)
