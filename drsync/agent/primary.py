@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -293,6 +294,33 @@ def chunk_sizes(manifest: Manifest | ManifestFile) -> dict[bytes, int]:
     return dict(zip(t.column("chunk").to_pylist(), t.column("size").to_pylist(), strict=True))
 
 
+class Counting:
+    """:func:`count_chunks` of a manifest on a thread of its own, begun at once: for a shipment that asks
+    about no chunk (its manifest named), whose count is a figure only, made while the standby commits.
+    :meth:`result` waits for it (and raises what it raised); the manifest's spool stays open until then."""
+
+    def __init__(self, manifest: Manifest | ManifestFile) -> None:
+        self._done = threading.Event()
+        self._count: ChunkCount | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(manifest,), name="drsync-count", daemon=True).start()
+
+    def _run(self, manifest: Manifest | ManifestFile) -> None:
+        try:
+            self._count = count_chunks(manifest)
+        except BaseException as e:  # raised again by result()
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self) -> ChunkCount:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._count is not None
+        return self._count
+
+
 @dataclass
 class Ask:
     """The chunk ids a shipment asks the standby about, sorted, each once (U ids): ``order`` (U,) indices
@@ -502,7 +530,7 @@ def _manifest_form(manifest: Spool, applied: Manifest | ManifestFile | None, man
     return _ManifestForm(manifest)
 
 
-def _commit(info: SnapshotInfo, link: StandbyLink, form: _ManifestForm, count: ChunkCount, sent: Upload, *,
+def _commit(info: SnapshotInfo, link: StandbyLink, form: _ManifestForm, count: ChunkCount | Counting, sent: Upload, *,
             epoch: int, sender: str, pacer: Pacer, check: Callable[[bool], None], sender_seq: int,
             start: float) -> ShipResult:
     """The commit of a shipment whose chunks are on the standby: the manifest (or its patch) in pieces of
@@ -517,6 +545,8 @@ def _commit(info: SnapshotInfo, link: StandbyLink, form: _ManifestForm, count: C
     # previous version during a rolling upgrade still reads it.
     outcome = link.commit(epoch, sender, dataclasses.replace(info, seq=0).to_bytes(), pieces, sender_seq=sender_seq,
                           manifest_of=form.manifest_of, patch_of=form.patch_of)
+    if isinstance(count, Counting):
+        count = count.result()
     return ShipResult(info.id, count.chunks, sent.chunks, sent.stored_bytes, max(0, count.raw_bytes - sent.raw_bytes),
                       round(time.monotonic() - start, 3), outcome, sent.deltas, form.size, form.kind, form.kind)
 
@@ -539,9 +569,13 @@ def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLin
 def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: StandbyLink, manifest: Spool, *,
                                  epoch: int, pacer: Pacer, applied: Manifest | ManifestFile | None,
                                  check: Callable[[bool], None], delta: bool = False,
-                                 same: bool = False) -> tuple[ChunkCount, Upload]:
+                                 same: bool = False) -> tuple[ChunkCount | Counting, Upload]:
     new = ManifestFile(manifest, f"manifest of snapshot {info.id}")  # read a row group at a time, as needed
-    count, ask = negotiation_plan(new, applied, same=same)
+    count: ChunkCount | Counting
+    if same:  # nothing to ask about; the count (the figures' alone) is made while the standby commits
+        count, ask = Counting(new), Ask.of(IdSet.empty().ids)
+    else:
+        count, ask = negotiation_plan(new, applied)
     replies: list[pa.Array] = []
     if len(ask):
         for reply in link.missing(epoch, ask.batches(NEGOTIATE_BATCH)):

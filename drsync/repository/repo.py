@@ -1012,8 +1012,12 @@ class Repository:
                 own.release()
 
     def _store_manifest(self, info: SnapshotInfo, manifest: bytes | Spool) -> None:
-        """Write the manifest, durable; a spool in a temporary file is streamed, never read whole."""
+        """Write the manifest, durable; a spool in a temporary file is streamed, never read whole. One with the
+        bytes of a manifest stored here already (by the snapshots' hashes: an unchanged capture, a shipment
+        naming the applied snapshot's) is linked to it where the storage links (a local one), not written."""
         name = fmt.manifest_name(info.id)
+        if self._link_manifest(info, manifest, name):
+            return
         if not isinstance(manifest, Spool) or manifest.in_memory:
             self.storage.write(name, manifest if isinstance(manifest, bytes) else manifest.getvalue(), durable=True)
             return
@@ -1025,6 +1029,21 @@ class Repository:
         except BaseException:
             out.abort()
             raise
+
+    def _link_manifest(self, info: SnapshotInfo, manifest: bytes | Spool, name: str) -> bool:
+        """Whether the manifest of ``info`` was stored as a link to the newest snapshot's with its hash (a
+        storage without ``link``, or none such: False, nothing done). The bytes hashed were read from that
+        snapshot's file moments ago (its capture's parent, the manifest a shipment names), so the file is the
+        one with that hash; its size is checked too."""
+        link = getattr(self.storage, "link", None)
+        if link is None:
+            return False
+        size = manifest.size if isinstance(manifest, Spool) else len(manifest)
+        same = [s for s in self.list_snapshots() if s.manifest_hash == info.manifest_hash and s.id != info.id]
+        if not same:
+            return False
+        newest = max(same, key=lambda s: s.seq)
+        return bool(link(fmt.manifest_name(newest.id), name, size=size))
 
     def delete_snapshot(self, info: SnapshotInfo) -> None:
         """Remove the document first (the snapshot is gone), then its manifest. Chunks go at GC."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -39,6 +40,7 @@ class Spool:
         self._read = False  # a file spool read from (source, pieces): written no more, as an in-memory one
         self._hasher = blake3.blake3()
         self._closed = False
+        self._readers: list[weakref.ref[pa.NativeFile]] = []  # of the file, from source(): closed with it
         self.size = 0  # bytes written
 
     @classmethod
@@ -103,6 +105,13 @@ class Spool:
             return self._bytes()
         self._file.flush()  # ValueError once closed
         self._read = True
+        try:  # a descriptor of the reader's own on the (unnamed) file: read by Arrow itself, no Python per read;
+            # closed with the spool (a reader of a closed spool fails, as below)
+            reader = pa.OSFile(f"/proc/self/fd/{self._file.fileno()}", mode="r")
+            self._readers.append(weakref.ref(reader))
+            return reader
+        except OSError:  # no /proc
+            pass
         file = self._file  # kept by the reader: the file lives as long as a reader does, and a closed one
         # fails (fileno raises) rather than reading whatever file reused its descriptor number
         return pa.PythonFile(OffsetReader(self.size, lambda at, n: os.pread(file.fileno(), n, at)), mode="r")
@@ -128,6 +137,11 @@ class Spool:
         of the bytes held in memory (a caller may still hold them)."""
         if self._file is not None:
             self._file.close()
+            for ref in self._readers:
+                reader = ref()
+                if reader is not None:
+                    reader.close()
+            self._readers = []
         else:
             self._buf, self._data, self._closed = None, None, True
 

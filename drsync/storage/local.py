@@ -206,6 +206,31 @@ class LocalStorage:
     def writer(self, name: str) -> LocalBlobWriter:
         return LocalBlobWriter(self, name)
 
+    def link(self, src: str, dst: str, *, size: int) -> bool:
+        """Give the stored object ``src`` the name ``dst`` too (a hard link: its bytes are stored once), in
+        place of whatever ``dst`` held, durable. False, nothing done, when ``src`` is not a file of ``size``
+        bytes or the filesystem cannot link it (the caller writes the bytes instead). An optional capability
+        of a storage: :meth:`drsync.repository.repo.Repository.commit_snapshot` uses it for a manifest with
+        the bytes of one stored already."""
+        s, d = self._path(src), self._path(dst)
+        try:
+            st = os.stat(s, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                return False
+            os.makedirs(os.path.dirname(d), exist_ok=True)
+            tmp = fsutil.temp_name(d)
+            os.link(s, tmp, follow_symlinks=False)
+        except OSError:  # gone, a filesystem without hard links, the link count at its limit
+            return False
+        try:
+            os.rename(tmp, d)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        self._forget(dst)
+        fsutil.fsync_dir(os.path.dirname(d))
+        return True
+
     def delete(self, name: str) -> None:
         self._forget(name)
         try:
