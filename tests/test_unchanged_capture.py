@@ -8,6 +8,7 @@ that a 2,000-entry tree spans many of each and windows straddle groups."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from drsync import capture, engine, tree
+from drsync.errors import IntegrityError
+from drsync.repository import format as fmt
 from drsync.repository import manifest as manifest_mod
 from drsync.repository.manifest import ManifestFile, ManifestWriter
 from drsync.repository.repo import Repository
@@ -192,3 +195,90 @@ def test_a_capture_written_manifest_is_taken_as_the_writers_own(tmp_path: Path, 
     again = engine.create_snapshot(repo, engine.SnapshotRequest(str(root)))
     assert again.manifest_hash == first.manifest_hash
     assert sum(encoded) == 0, "an unchanged capture encoded rows"
+
+
+def _local_repo(tmp_path: Path) -> tuple[Repository, Path]:
+    from drsync.storage.local import LocalStorage
+
+    path = tmp_path / "repo"
+    return Repository.init(LocalStorage(str(path), create=True), cluster_id="c", release="1"), path
+
+
+def test_an_unchanged_snapshots_manifest_is_linked_to_its_parents_on_local_storage(tmp_path: Path) -> None:
+    """Stored once (a hard link), and each name outlives the other: the parent deleted and collected, the
+    unchanged snapshot still verifies and restores."""
+    root = tmp_path / "data"
+    build(root)
+    repo, path = _local_repo(tmp_path)
+    first = engine.create_snapshot(repo, engine.SnapshotRequest(str(root)))
+    again = engine.create_snapshot(repo, engine.SnapshotRequest(str(root)))
+    a, b = (path / fmt.manifest_name(s.id) for s in (first, again))
+    assert a.stat().st_ino == b.stat().st_ino and b.stat().st_nlink == 2
+    repo.delete_snapshot(first)
+    repo.gc()
+    assert not a.exists() and b.stat().st_nlink == 1
+    assert repo.manifest_bytes(again)  # its hash checks
+    out = tmp_path / "out"
+    engine.restore_snapshot(repo, again.id, str(out), cluster_id="c", release="1")
+    assert (out / "d7" / "f0249").read_bytes() == (root / "d7" / "f0249").read_bytes()
+
+
+def test_a_parent_manifest_of_another_size_is_not_linked(tmp_path: Path) -> None:
+    """A stored manifest whose file is not what its hash says (here: grown after its capture read it) is not
+    linked: the bytes the capture hashed are written, and the new snapshot verifies."""
+    root = tmp_path / "data"
+    build(root)
+    repo, path = _local_repo(tmp_path)
+    first = engine.create_snapshot(repo, engine.SnapshotRequest(str(root)))
+    parent = repo.open_manifest(first)
+    stored = path / fmt.manifest_name(first.id)
+    with open(stored, "ab") as f:  # damage after the read: same hash in the document, another size
+        f.write(b"garbage")
+    with repo.write_session() as session:
+        writer = session.chunk_writer()
+        result = capture.capture(str(root), writer, parent=parent, parent_captured_at=first.captured_at)
+        writer.flush()
+        info = dataclasses.replace(first, id="0123456789abcdef", manifest_hash=result.stored.hexdigest())
+        with result.stored:
+            info = session.commit(info, result.stored, require_chunks=False)
+    new = path / fmt.manifest_name(info.id)
+    assert new.stat().st_nlink == 1 and new.stat().st_ino != stored.stat().st_ino
+    assert repo.manifest_bytes(info)  # its hash checks
+    with pytest.raises(IntegrityError):
+        repo.manifest_bytes(first)
+
+
+def test_a_leftover_manifest_at_the_new_name_is_replaced_by_the_link(tmp_path: Path) -> None:
+    """A commit that crashed after writing part of its manifest left that file: the link replaces it."""
+    root = tmp_path / "data"
+    build(root)
+    repo, path = _local_repo(tmp_path)
+    first = engine.create_snapshot(repo, engine.SnapshotRequest(str(root)))
+    with repo.write_session() as session:
+        writer = session.chunk_writer()
+        result = capture.capture(str(root), writer, parent=repo.open_manifest(first),
+                                 parent_captured_at=first.captured_at)
+        writer.flush()
+        info = dataclasses.replace(first, id="fedcba9876543210", manifest_hash=result.stored.hexdigest())
+        (path / fmt.manifest_name(info.id)).write_bytes(b"half a manifest")
+        with result.stored:
+            info = session.commit(info, result.stored, require_chunks=False)
+    assert (path / fmt.manifest_name(info.id)).stat().st_ino == (path / fmt.manifest_name(first.id)).stat().st_ino
+    assert repo.manifest_bytes(info) == repo.manifest_bytes(first)
+
+
+def test_counting_beside_a_commit_gives_count_chunks_and_raises_its_error(tmp_path: Path) -> None:
+    from drsync.agent.primary import Counting, count_chunks
+
+    root = tmp_path / "data"
+    build(root)
+    repo = Repository.init(MemoryStorage(), cluster_id="c", release="1")
+    info = engine.create_snapshot(repo, engine.SnapshotRequest(str(root)))
+    mf = repo.open_manifest(info)
+    assert Counting(mf).result() == count_chunks(mf)
+    spool = Spool(memory_bytes=100)  # in its file
+    spool.write(repo.manifest_bytes(info))
+    unread = ManifestFile(spool)
+    spool.close()  # its reader closed with it: the count fails on its thread, and result() says so
+    with pytest.raises((IntegrityError, ValueError, OSError)):
+        Counting(unread).result()

@@ -1032,9 +1032,10 @@ class Repository:
 
     def _link_manifest(self, info: SnapshotInfo, manifest: bytes | Spool, name: str) -> bool:
         """Whether the manifest of ``info`` was stored as a link to the newest snapshot's with its hash (a
-        storage without ``link``, or none such: False, nothing done). The bytes hashed were read from that
-        snapshot's file moments ago (its capture's parent, the manifest a shipment names), so the file is the
-        one with that hash; its size is checked too."""
+        storage without ``link``, or none such: False, nothing done). That snapshot's file is read and hashed
+        first: a damaged copy (e.g. the one a shipment named and the standby could not use, whose bytes then
+        came whole) is never linked; the bytes are written instead. Reading a manifest costs less than
+        writing it durably (at 1,000,000 files, 70 MiB from the page cache against a write and its fsync)."""
         link = getattr(self.storage, "link", None)
         if link is None:
             return False
@@ -1042,8 +1043,18 @@ class Repository:
         same = [s for s in self.list_snapshots() if s.manifest_hash == info.manifest_hash and s.id != info.id]
         if not same:
             return False
-        newest = max(same, key=lambda s: s.seq)
-        return bool(link(fmt.manifest_name(newest.id), name, size=size))
+        source = fmt.manifest_name(max(same, key=lambda s: s.seq).id)
+        hasher = blake3.blake3()
+        step = RANGED_MANIFEST_BYTES // 4
+        try:
+            for lo in range(0, size, step):
+                piece = self.storage.read_range(source, lo, min(step, size - lo))
+                if len(piece) != min(step, size - lo):
+                    return False
+                hasher.update(piece)
+        except (ObjectMissing, IntegrityError, OSError):
+            return False
+        return hasher.hexdigest() == info.manifest_hash and bool(link(source, name, size=size))
 
     def delete_snapshot(self, info: SnapshotInfo) -> None:
         """Remove the document first (the snapshot is gone), then its manifest. Chunks go at GC."""
