@@ -313,6 +313,10 @@ class Counting:
         finally:
             self._done.set()
 
+    def wait(self) -> None:
+        """Until the count is done (or failed: :meth:`result` says so)."""
+        self._done.wait()
+
     def result(self) -> ChunkCount:
         self._done.wait()
         if self._error is not None:
@@ -464,22 +468,27 @@ def ship_snapshot(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, ep
         manifest, count, sent = _negotiate_and_upload(repo, info, link, epoch=epoch, pacer=pacer, applied=applied,
                                                       check=check, delta=delta,
                                                       same=bool(manifest_of) and not ask_all)
-    with manifest, _manifest_form(manifest, applied, manifest_of, patch_of) as form:
-        seq = info.seq if sender_seq is None else sender_seq
+    with manifest:
         try:
-            try:
-                return _commit(info, link, form, count, sent, epoch=epoch, sender=sender, pacer=pacer,
-                               check=check, sender_seq=seq, start=start)
-            except ManifestNotHeld as e:
-                if form.whole is form.sent:
+            with _manifest_form(manifest, applied, manifest_of, patch_of) as form:
+                seq = info.seq if sender_seq is None else sender_seq
+                try:
+                    try:
+                        return _commit(info, link, form, count, sent, epoch=epoch, sender=sender, pacer=pacer,
+                                       check=check, sender_seq=seq, start=start)
+                    except ManifestNotHeld as e:
+                        if form.whole is form.sent:
+                            raise
+                        res = _commit(info, link, _ManifestForm(manifest), count, sent, epoch=epoch, sender=sender,
+                                      pacer=pacer, check=check, sender_seq=seq, start=start)
+                        return dataclasses.replace(res, manifest_bytes=res.manifest_bytes + form.size,
+                                                   manifest_refused=str(e), manifest_tried=form.kind)
+                except ChunksLost as e:
+                    e.sent = sent  # what this try uploaded (and stays there): the retry's figures add it
                     raise
-                res = _commit(info, link, _ManifestForm(manifest), count, sent, epoch=epoch, sender=sender,
-                              pacer=pacer, check=check, sender_seq=seq, start=start)
-                return dataclasses.replace(res, manifest_bytes=res.manifest_bytes + form.size,
-                                           manifest_refused=str(e), manifest_tried=form.kind)
-        except ChunksLost as e:
-            e.sent = sent  # what this try uploaded (and stays there): the retry's figures add it
-            raise
+        finally:
+            if isinstance(count, Counting):  # done reading before the spool closes, whatever happened
+                count.wait()
 
 
 @dataclass
@@ -571,9 +580,9 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
                                  check: Callable[[bool], None], delta: bool = False,
                                  same: bool = False) -> tuple[ChunkCount | Counting, Upload]:
     new = ManifestFile(manifest, f"manifest of snapshot {info.id}")  # read a row group at a time, as needed
-    count: ChunkCount | Counting
-    if same:  # nothing to ask about; the count (the figures' alone) is made while the standby commits
-        count, ask = Counting(new), Ask.of(IdSet.empty().ids)
+    count: ChunkCount | None = None
+    if same:  # nothing to ask about; the count (the figures' alone) is made while the standby commits (below)
+        ask = Ask.of(IdSet.empty().ids)
     else:
         count, ask = negotiation_plan(new, applied)
     replies: list[pa.Array] = []
@@ -637,4 +646,5 @@ def _negotiate_and_upload_chunks(repo: Repository, info: SnapshotInfo, link: Sta
         raise ShippingPaused(f"shipping snapshot {info.id} paused after {sent.chunks}/{len(missing)} chunks "
                              f"({human_size(sent.stored_bytes)}); the chunks sent stay on the standby and the next "
                              f"shipment sends only the rest")
-    return count, sent
+    # Begun last: nothing here raises after it, and ship_snapshot waits for it before the spool closes.
+    return (Counting(new) if count is None else count), sent
