@@ -108,6 +108,7 @@ class Spool:
         try:  # a descriptor of the reader's own on the (unnamed) file: read by Arrow itself, no Python per read;
             # closed with the spool (a reader of a closed spool fails, as below)
             reader = pa.OSFile(f"/proc/self/fd/{self._file.fileno()}", mode="r")
+            self._readers = [r for r in self._readers if r() is not None]  # those dropped are let go
             self._readers.append(weakref.ref(reader))
             return reader
         except OSError:  # no /proc
