@@ -88,7 +88,11 @@ def craft_manifest(repo: str, snap: str, rows: list[dict]) -> None:  # type: ign
         for n in names:
             cols[n].append(full[n])
     data = Manifest.from_columns(cols).to_bytes()
-    Path(repo, "manifests", f"{snap}.parquet").write_bytes(data)
+    # A new file in its place (as a writer would put it there): a snapshot with the same manifest bytes shares the
+    # old file on a local repository (a hard link), and keeps it.
+    path = Path(repo, "manifests", f"{snap}.parquet")
+    path.with_suffix(".crafted").write_bytes(data)
+    os.replace(path.with_suffix(".crafted"), path)
     doc_path = Path(repo, "snapshots", f"{snap}.json")
     doc = json.loads(doc_path.read_bytes())
     doc["manifest_hash"] = blake3.blake3(data).hexdigest()
