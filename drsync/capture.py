@@ -725,7 +725,7 @@ class _Parent:
             return None if n else SCHEMA.empty_table()
         parts = []
         g = int(np.searchsorted(np.asarray(self.starts), lo, side="right") - 1)
-        while lo < self.starts[-1] and n:
+        while n:  # lo + n is within the parent (above)
             t = self._held.get(g)
             if t is None:
                 return None

@@ -17,6 +17,7 @@ from drsync.repository.repo import Repository
 from drsync.storage import open_storage
 from tests.conftest import run_drsync, tree_state
 from tests.test_agents import Pair, pair, wait_for  # noqa: F401 - pair is a fixture
+from tests.test_breaker_s62 import _rot_chunk
 
 
 def _once(p: Pair) -> dict:
@@ -63,6 +64,14 @@ def _root_is_applied(p: Pair, label: str) -> None:
     p.assert_root_is_applied_snapshot(label)
 
 
+def _restarted_root_is_applied(p: Pair, label: str) -> None:
+    """After a restart of the standby alone: its root is its applied snapshot, and its repository verifies."""
+    p.stop_all()
+    p.start("standby")
+    _root_is_applied(p, label)
+    _verify(p)
+
+
 def _synced(p: Pair) -> str:
     """A first cycle plus one change, applied: returns the applied id."""
     p.start("standby")
@@ -99,10 +108,7 @@ def test_unchanged_cycles_on_a_delayed_standby_are_queued_then_applied(pair: Pai
     assert _state(pair)["applied_snapshot"] == first  # deferred, not applied at once
     wait_for(lambda: _state(pair)["applied_snapshot"] == second, "the unchanged snapshot to be applied when due")
     assert pair.in_sync()
-    pair.stop_all()
-    pair.start("standby")
-    _root_is_applied(pair, "delayed")
-    _verify(pair)
+    _restarted_root_is_applied(pair, "delayed")
 
 
 def test_an_operator_hold_stores_unchanged_snapshots_and_resume_keeps_the_root(pair: Pair) -> None:  # noqa: F811
@@ -124,10 +130,7 @@ def test_an_operator_hold_stores_unchanged_snapshots_and_resume_keeps_the_root(p
     assert fig["manifest_sent"] == "reference", fig
     wait_for(lambda: _state(pair)["applied_snapshot"] == _newest(pair), "the next unchanged one applied")
     assert pair.in_sync()
-    pair.stop_all()
-    pair.start("standby")
-    _root_is_applied(pair, "resumed")
-    _verify(pair)
+    _restarted_root_is_applied(pair, "resumed")
 
 
 def test_a_lost_pack_while_held_is_sent_again_and_nothing_applied(pair: Pair) -> None:  # noqa: F811
@@ -150,23 +153,13 @@ def test_a_lost_pack_while_held_is_sent_again_and_nothing_applied(pair: Pair) ->
     assert run_drsync("apply", "--resume", "--config", pair.standby_cfg).code == 0
     _unchanged(pair)
     wait_for(lambda: _state(pair)["applied_snapshot"] == _newest(pair), "applies to resume")
-    pair.stop_all()
-    pair.start("standby")
-    _root_is_applied(pair, "lost-held")
-    _verify(pair)
+    _restarted_root_is_applied(pair, "lost-held")
 
 
 def test_a_damaged_chunk_repaired_then_an_unchanged_cycle_sends_it_again(pair: Pair) -> None:  # noqa: F811
     _synced(pair)
     lonely = pair.prod / "catalog" / "own-pack.bin"
-    repo_dir = _standby_dir(pair)
-    loc = Repository.open(open_storage(str(repo_dir))).index.get(chunks.chunk_id(lonely.read_bytes()))
-    assert loc is not None
-    pack = repo_dir / fmt.pack_name(loc.pack_id)
-    pack.chmod(0o644)
-    with open(pack, "r+b") as f:
-        f.seek(loc.offset + loc.stored_length // 2)
-        f.write(b"\x00\xff" * 8)
+    _rot_chunk(_standby_dir(pair), chunks.chunk_id(lonely.read_bytes()))
     r = run_drsync("repo", "repair", "--config", pair.standby_cfg)
     assert r.code == 0, r.out + r.err
     doc = _once(pair)
@@ -174,10 +167,7 @@ def test_a_damaged_chunk_repaired_then_an_unchanged_cycle_sends_it_again(pair: P
     fig = _fig(doc)
     assert fig["manifest_sent"] == "reference" and fig["missing_chunks"] >= 1, fig
     wait_for(lambda: _state(pair)["applied_snapshot"] == _newest(pair), "the unchanged snapshot applied")
-    pair.stop_all()
-    pair.start("standby")
-    _root_is_applied(pair, "rot")
-    _verify(pair)
+    _restarted_root_is_applied(pair, "rot")
 
 
 def test_a_deleted_copy_of_the_named_manifest_gets_the_bytes(pair: Pair) -> None:  # noqa: F811
@@ -227,10 +217,7 @@ def test_a_reinitialised_standby_repository_gets_everything_again(pair: Pair) ->
     assert pair.in_sync()
     fig = _fig(_unchanged(pair))
     assert fig["manifest_sent"] == "reference" and fig["missing_chunks"] == 0, fig
-    pair.stop_all()
-    pair.start("standby")
-    _root_is_applied(pair, "reinit")
-    _verify(pair)
+    _restarted_root_is_applied(pair, "reinit")
 
 
 def test_a_lost_index_file_then_repair_then_unchanged_cycle(pair: Pair) -> None:  # noqa: F811
@@ -245,10 +232,7 @@ def test_a_lost_index_file_then_repair_then_unchanged_cycle(pair: Pair) -> None:
     fig = _fig(doc)
     assert fig["manifest_sent"] == "reference", fig  # repair re-indexed the packs: nothing to send again
     wait_for(lambda: _state(pair)["applied_snapshot"] == _newest(pair), "the unchanged snapshot applied")
-    pair.stop_all()
-    pair.start("standby")
-    _root_is_applied(pair, "index")
-    _verify(pair)
+    _restarted_root_is_applied(pair, "index")
 
 
 # --- crashes and retention -------------------------------------------------------------------------
@@ -280,10 +264,7 @@ def test_retention_on_the_primary_expiring_the_applied_snapshot(pair: Pair) -> N
         wait_for(lambda: _state(pair)["applied_snapshot"] == _newest(pair), "the unchanged snapshot applied")
         assert _fig(doc)["manifest_sent"] in ("reference", "bytes"), doc
     assert pair.in_sync()
-    pair.stop_all()
-    pair.start("standby")
-    _root_is_applied(pair, "retention")
-    _verify(pair)
+    _restarted_root_is_applied(pair, "retention")
 
 
 def test_standby_retention_keeps_last_one_with_unchanged_cycles(pair: Pair) -> None:  # noqa: F811
@@ -299,7 +280,4 @@ def test_standby_retention_keeps_last_one_with_unchanged_cycles(pair: Pair) -> N
     doc = _unchanged(pair)
     assert _fig(doc)["manifest_sent"] == "reference", doc
     wait_for(lambda: _state(pair)["applied_snapshot"] == _newest(pair), "applied after a GC")
-    pair.stop_all()
-    pair.start("standby")
-    _root_is_applied(pair, "standby-retention")
-    _verify(pair)
+    _restarted_root_is_applied(pair, "standby-retention")

@@ -352,8 +352,7 @@ class Ask:
         return [cid for batch in self.batches() for cid in batch]
 
 
-def negotiation_plan(new: Manifest | ManifestFile, applied: Manifest | ManifestFile | None, *,
-                     same: bool = False) -> tuple[ChunkCount, Ask]:
+def negotiation_plan(new: Manifest | ManifestFile, applied: Manifest | ManifestFile | None) -> tuple[ChunkCount, Ask]:
     """What to ship ``new`` with: its :class:`ChunkCount`, and which of its chunk ids to ask the standby
     about (sorted, each once). Pure.
 
@@ -364,11 +363,9 @@ def negotiation_plan(new: Manifest | ManifestFile, applied: Manifest | ManifestF
     follows the changed rows, not the snapshot's size. Without a known applied snapshot, ask about all of
     them. (If the standby lost chunks anyway, a pack gone or an index file lost, its commit check refuses
     with :class:`ChunksLost` and forgets what it lost; the shipper then asks again with ``applied`` None.)
-    ``same``: the standby holds a snapshot with ``new``'s manifest byte for byte (by its hash: an unchanged
-    capture), so there is nothing to ask about (``applied`` is not needed).
+    A shipment whose manifest the standby holds already asks about nothing and does not plan
+    (:func:`ship_snapshot`'s ``manifest_of``).
     """
-    if same:
-        return count_chunks(new), Ask.of(IdSet.empty().ids)
     if applied is None:
         ids, sizes, order = _distinct(new)
         count = ChunkCount(len(order), int(gather(sizes, order).sum(dtype=np.uint64)) if len(order) else 0)
@@ -563,7 +560,7 @@ def _commit(info: SnapshotInfo, link: StandbyLink, form: _ManifestForm, count: C
 def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLink, *, epoch: int,
                           pacer: Pacer, applied: Manifest | ManifestFile | None,
                           check: Callable[[bool], None], delta: bool = False,
-                          same: bool = False) -> tuple[Spool, ChunkCount, Upload]:
+                          same: bool = False) -> tuple[Spool, ChunkCount | Counting, Upload]:
     """Returns (the manifest as read and hashed, its :class:`ChunkCount`, what the upload sent). A large
     manifest waits in a temporary file (its spool), not in memory, until the commit."""
     manifest = repo.manifest_spool(info)
