@@ -55,6 +55,9 @@ def exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[st
                     f"remove it, or set DRSYNC_LOCK_DIR to a directory of your own")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not _names(path, fd):  # unlinked while held: by a release, or a look clearing a leftover
+                os.close(fd)
+                continue
             lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")
             pid = flock_holder(os.fstat(fd))
             os.close(fd)
@@ -147,6 +150,25 @@ def flock_holder(st: os.stat_result, holders: Holders | None = None) -> str:
 
 def _held(st: os.stat_result, holders: Holders) -> tuple[str, bool]:
     return holders.get((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), ("", False))
+
+
+def _clear_leftover(path: str, st: os.stat_result) -> None:
+    """Remove the lock file ``path`` (``st``: what a look found there, held by no process) if no process
+    holds it still: its flock taken without waiting, and unlinked only while the name is still that file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        held = os.fstat(fd)
+        if (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _names(path, fd):
+                os.unlink(path)
+    except OSError:
+        pass  # held after all (taken since the look), or gone: left as it is
+    finally:
+        os.close(fd)
 
 
 def _uid_of(pid: str) -> int | None:
@@ -269,7 +291,7 @@ class ApplyLock:
             raise OperationFailed(f"{what}: cannot open the host lock {self.path} for {shown} ({e.strerror}); set "
                                   f"DRSYNC_LOCK_DIR to a writable directory; nothing was changed") from None
         try:
-            busy = self.overlapping(self.location, lock_dir, mine=self.path)
+            busy = self.overlapping(self.location, lock_dir, mine=self.path, clear_leftovers=True)
             if busy:
                 raise ApplyBusy(what, busy)
             if self.directory:
@@ -281,28 +303,47 @@ class ApplyLock:
 
     @classmethod
     def overlapping(cls, location: str, lock_dir: str | None = None, mine: str = "",
-                    holders: Holders | None = None) -> str | None:
-        """Why another apply's held lock file is in the way of ``location`` (its words), or None. Takes no lock."""
+                    holders: Holders | None = None, *, clear_leftovers: bool = False) -> str | None:
+        """Why another apply's held lock file is in the way of ``location`` (its words), or None. Takes no lock
+        but, with ``clear_leftovers`` (an apply that holds its own), those of leftover lock files of this user.
+
+        A lock file no process holds (left by an apply that was killed) is passed over by its inode alone,
+        without opening it; with ``clear_leftovers`` it is removed, as its holder's release would have (its
+        flock taken, the name checked to still be that file, unlinked while held): leftovers do not pile up,
+        and with them the cost of every apply's look. An apply opening that file at that moment finds it
+        unlinked and takes its lock on a new one (:func:`exclusive_lock`)."""
         lock_dir = lock_dir or host_lock_dir()
         holders = flock_holders() if holders is None else holders
         try:
             names = sorted(os.listdir(lock_dir))
         except OSError:
             return None
+        me = os.geteuid()
         for name in names:
             path = os.path.join(lock_dir, name)
             if not (name.startswith(cls.PREFIX) and name.endswith(".lock")) or path == mine:
                 continue
             try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, me):
+                continue  # not a lock, or someone else's (anyone can write one)
+            pid = flock_holder(st, holders)
+            if not pid:
+                if clear_leftovers and st.st_uid == me:
+                    _clear_leftover(path, st)
+                continue
+            if pid == str(os.getpid()):
+                continue  # this process's own
+            try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
                 continue
             try:
-                st = os.fstat(fd)
-                pid = flock_holder(st, holders)
-                if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or not pid \
-                        or pid == str(os.getpid()):
-                    continue  # not a lock, someone else's (anyone can write one), not held, or this process's
+                held = os.fstat(fd)
+                if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
+                    continue  # released and made anew since the look: its new holder looks for this apply
                 lines = os.pread(fd, 8192, 0).decode("utf-8", "surrogateescape").split("\n")
             except OSError:
                 continue

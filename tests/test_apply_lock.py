@@ -434,3 +434,81 @@ def test_a_dry_run_reads_the_directory_flocks_it_would_meet(tmp_path: Path) -> N
                 assert "(a directory above the target)" in inside
         finally:
             holder.communicate(input="")
+
+
+# --- leftover lock files (s65): an apply killed while it held its lock leaves the file behind ----------------
+
+def test_leftover_lock_files_of_killed_applies_are_cleared_by_the_next_apply_and_held_ones_still_refuse(
+        tmp_path: Path, two: tuple[Path, str, str]) -> None:
+    """A restore killed with SIGKILL leaves its lock file (unheld); every later apply looked through all of
+    them, so on a host where applies were killed over months each look cost more (4,000 leftovers: 70 ms of
+    a 200 ms standby commit). The next apply that takes its own lock removes them; a dry run only looks; a
+    lock still held keeps its file and still refuses an overlapping restore; another user's file stays."""
+    repo, first, second = two
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    env = {"DRSYNC_LOCK_DIR": str(locks)}
+    left: list[str] = []
+    for name in ("t1", "t2"):
+        held = Held(tmp_path, "snapshot", "restore", first, "--repo", repo, "--target", tmp_path / name, env=env)
+        mine = set(os.listdir(locks)) - set(left)
+        held.kill()
+        assert len(mine) == 1 and set(os.listdir(locks)) == mine, "the second restore cleared the first's leftover"
+        left = sorted(mine)
+    # another user's leftover (anyone can write one in a shared lock directory): not this user's to remove
+    theirs = locks / f"{ApplyLock.PREFIX}4242-0123456789abcdef0123.lock"
+    theirs.write_text(f"1\nforged\n{tmp_path / 'x'}\n")
+    os.chown(theirs, 4242, 4242)
+    # a dry run looks and leaves them
+    r = _restore(repo, first, tmp_path / "t3", "--dry-run", env=env)
+    assert r.code == 0, r.err
+    assert sorted(os.listdir(locks)) == sorted([*left, theirs.name])
+    # a restore taking its lock elsewhere clears this user's leftover, and holds its own file
+    running = Held(tmp_path, "snapshot", "restore", second, "--repo", repo, "--target", tmp_path / "busy", env=env)
+    try:
+        running_lock = set(os.listdir(locks)) - {theirs.name}
+        assert len(running_lock) == 1 and not running_lock & set(left)
+        r = _restore(repo, first, tmp_path / "t2", env=env)  # where a killed restore left its lock: goes ahead
+        assert r.code == 0, r.err
+        assert tree_state(tmp_path / "t2") == _expected(tmp_path, repo, first)
+        assert set(os.listdir(locks)) == {*running_lock, theirs.name}  # the held lock's file kept
+        r = _restore(repo, first, tmp_path / "busy" / "inside", env=env)
+        assert r.code != 0 and f"pid {running.proc.pid}" in r.err, r.err
+        code, err = running.finish()
+        assert code == 0, err
+    finally:
+        running.kill()
+    assert os.listdir(locks) == [theirs.name]
+
+
+def test_an_apply_whose_lock_file_is_cleared_while_it_opens_it_takes_its_lock_on_a_new_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race with a look clearing a leftover: the file an apply opened is flocked and unlinked by the look
+    before the apply's own flock. The apply, refused on that file, sees it unlinked and takes its lock on a
+    new file, instead of being refused by a lock nobody holds any more. The interleaving is made by a wrapper
+    around flock (the real race is microseconds wide); the flocks and the unlink are real."""
+    import fcntl
+
+    from drsync import flocks
+
+    path = str(tmp_path / "drsync-apply-x.lock")
+    Path(path).write_text("1\nkilled restore\n/t\n")
+    real = fcntl.flock
+    clearer: list[int] = []
+
+    def racing(fd: int, how: int) -> None:
+        if not clearer:  # the look clears the leftover between the apply's open and its flock
+            clearer.append(os.open(path, os.O_RDONLY))
+            real(clearer[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+        real(fd, how)
+
+    monkeypatch.setattr(flocks.fcntl, "flock", racing)
+    fd = flocks.exclusive_lock(path, 0o644, "2\nthis apply\n/t\n", lambda held: f"held by {held[0]}")
+    try:
+        assert os.fstat(fd).st_ino == os.stat(path).st_ino  # the lock is on the file the name now holds
+        assert Path(path).read_text() == "2\nthis apply\n/t\n"
+    finally:
+        os.close(clearer[0])
+        flocks.release_lock_file(fd, path)
+    assert not os.path.exists(path)
