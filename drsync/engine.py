@@ -117,6 +117,8 @@ class SnapshotRequest:
     # is kept for a standby's DistCp (drsync.dataroot.distcp); pinned: older ones still copied from.
     distcp: DistCpSettings | None = None
     pinned: frozenset[str] = frozenset()
+    # Told of each new chunk as the capture stores it (ChunkWriter.tee): an agent's early upload.
+    on_chunk: Callable[[bytes, int, bytes | memoryview, int], None] | None = None
 
 
 def distcp_settings(cfg: Config) -> DistCpSettings | None:
@@ -156,6 +158,7 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
         started = time.monotonic()
         captured_at = clock()
         writer = session.chunk_writer()
+        writer.tee = req.on_chunk
         post_error: OperationFailed | None = None
         try:
             try:

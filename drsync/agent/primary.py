@@ -93,10 +93,10 @@ def wants_deltas(hello: StandbyHello, rate_bps: float | None, rejected: bool) ->
     link is far (a round trip of :data:`DELTA_RTT_S` or more) or limited (a bandwidth limit in force); never
     once ``rejected`` (the standby refused a delta: a base it cannot read, damage there), so that such damage
     never stops replication. Pure."""
-    return hello.delta_chunks and not rejected and _far_or_limited(hello, rate_bps)
+    return hello.delta_chunks and not rejected and far_or_limited(hello, rate_bps)
 
 
-def _far_or_limited(hello: StandbyHello, rate_bps: float | None) -> bool:
+def far_or_limited(hello: StandbyHello, rate_bps: float | None) -> bool:
     """The standby's link is far (a round trip of :data:`DELTA_RTT_S` or more) or limited (a limit in force)."""
     return hello.round_trip_s >= DELTA_RTT_S or bool(rate_bps)
 
@@ -106,7 +106,7 @@ def wants_patches(hello: StandbyHello, rate_bps: float | None, refused: bool) ->
     them, its link is far or limited (as for :func:`wants_deltas`: on a near one, rebuilding the manifest
     costs the standby more than receiving it), and it never refused one (``refused``: it rebuilt another
     manifest, e.g. its Parquet writer differs). Pure."""
-    return hello.manifest_patches and not refused and _far_or_limited(hello, rate_bps)
+    return hello.manifest_patches and not refused and far_or_limited(hello, rate_bps)
 
 
 class Deltas:

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from drsync import engine
+from drsync.agent.early import EarlyUpload, fan_out
 from drsync.agent.primary import ShippingPaused, ShipResult, Upload, ship_snapshot, wants_deltas, wants_patches
 from drsync.agent.throttle import TargetBandwidth, local_now
 from drsync.bandwidth import Schedule
@@ -129,7 +130,9 @@ class Shipper:
         self.retry_at = 0.0  # monotonic
         self.whole_chunks = False  # this standby rejected a delta: whole chunks only, for the rest of this process
         self.whole_manifests = False  # this standby refused a manifest patch: manifests whole, for this process
-        self._ship_lock = threading.Lock()  # one shipment at a time to this target
+        # (snapshot id, what its capture's early upload sent here): added to that snapshot's shipment figures.
+        self.early_sent: tuple[str, Upload] | None = None
+        self.ship_lock = threading.Lock()  # one shipment at a time to this target
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -190,7 +193,7 @@ class Shipper:
     def ship(self, info: SnapshotInfo, origin: tuple[int, int] | None = None) -> ShipOutcome:
         """Ship ``info`` now (on the caller's thread), record the outcome and the position. ``origin``:
         see :meth:`offer`."""
-        with self._ship_lock:
+        with self.ship_lock:
             self.in_flight, self.in_flight_info = info.id, info
             try:
                 outcome = self._ship(info, origin)
@@ -281,6 +284,10 @@ class Shipper:
                 log.warning("%s; asking %s about every chunk of snapshot %s and sending what it lacks", e,
                             self.target, info.id)
                 res = with_first_try(attempt(None, ask_all=True), e.sent)
+            early = self.early_sent
+            if early is not None and early[0] == info.id:  # sent while the capture ran (drsync.agent.early)
+                self.early_sent = None
+                res = with_first_try(res, early[1])
             if res.manifest_refused:
                 # A damaged copy there (named), or a manifest rebuilt otherwise (patched): the bytes went.
                 patched = res.manifest_tried == "patch"
@@ -306,6 +313,7 @@ class Shipper:
                                 "manifest_bytes": res.manifest_bytes, "manifest_sent": res.manifest_sent,
                                 "changed": done.written_files + done.removed,
                                 "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
+                                "early_chunks": early[1].chunks if early is not None and early[0] == info.id else 0,
                                 "deduplicated_bytes": res.deduplicated_bytes})
         except ShippingPaused as e:
             return ShipOutcome(self.target, info.id, False, f"{e} ({self.bandwidth.pause_words()})", paused=True)
@@ -369,6 +377,7 @@ class Replication:
         self.last_positions: dict[str, Position] = {}
         self._lock = threading.Lock()
         self.background = False  # shippers run their own threads (the agent's loop); else only synchronous
+        self.early_upload = True  # send a capture's new chunks to idle near standbys as it runs (drsync.agent.early)
 
     def _shipper(self, target: str) -> Shipper:
         with self._lock:
@@ -418,14 +427,24 @@ class Replication:
         """Per target: the rate in force and whether (and until when) its shipping is paused."""
         return {t: s.bandwidth.as_dict() for t, s in list(self.shippers.items())}
 
-    def capture(self) -> SnapshotInfo:
-        """One cycle snapshot of the data root (hooks, re-reads, exclusions from the config)."""
+    def capture(self, targets: list[str] | None = None) -> SnapshotInfo:
+        """One cycle snapshot of the data root (hooks, re-reads, exclusions from the config). Its new chunks go
+        early to those of ``targets`` (default: the current ones) that take them (:meth:`_early_uploads`)."""
         snaps = self.cfg.snapshots
+        early = self._early_uploads(self.targets() if targets is None else targets)
         req = engine.SnapshotRequest(self.cfg.cluster.data, kind="cycle", reason="replication cycle",
                                      hooks=engine.Hooks(snaps.pre_hook, snaps.post_hook, snaps.hook_timeout),
                                      reread_attempts=snaps.reread_attempts, exclude_paths=self.exclude_paths,
-                                     distcp=engine.distcp_settings(self.cfg), pinned=self.pinned_hdfs_snapshots())
-        info = engine.create_snapshot(self.repo, req)
+                                     distcp=engine.distcp_settings(self.cfg), pinned=self.pinned_hdfs_snapshots(),
+                                     on_chunk=fan_out(list(early.values())))
+        try:
+            info = engine.create_snapshot(self.repo, req)
+        finally:
+            sent = {t: u.finish() for t, u in early.items()}  # each shipper's lock released
+        for t, up in sent.items():
+            s = self.shippers.get(t)
+            if up is not None and s is not None:
+                s.early_sent = (info.id, up)
         # The chunk index the capture loaded to find chunks stored already (61 bytes a chunk) is let go: the
         # shipment's negotiation does not need it, and held beside it, it made the primary's first sync of
         # 1,000,000 files the largest peak of all. The upload reads where its chunks are from the index
@@ -437,6 +456,25 @@ class Replication:
         self.metrics.snapshot_duration.observe(info.duration_s)
         return info
 
+    def _early_uploads(self, targets: list[str]) -> dict[str, EarlyUpload]:
+        """An early upload for each of ``targets`` whose shipper is idle (its lock is taken here and held until
+        the upload's ``finish``), not waiting out a backoff, and with no bandwidth limit or pause in force; the
+        upload itself checks the standby's Hello (:class:`drsync.agent.early.EarlyUpload`). None with the
+        HDFS-checksum engine (replication.engine = "distcp": a capture stores no chunks)."""
+        out: dict[str, EarlyUpload] = {}
+        if not self.early_upload or self.cfg.replication.engine == "distcp":
+            return out
+        own = (self.repo.config.cluster_id, self.repo.config.release)
+        for t in targets:
+            s = self._shipper(t)
+            if s.bandwidth.paused() or s.bandwidth.rate() or time.monotonic() < s.retry_at:
+                continue
+            if not s.ship_lock.acquire(blocking=False):
+                continue  # shipping an older snapshot now: this capture's chunks go with its own shipment
+            out[t] = EarlyUpload(t, lambda t=t: self._link(t), epoch=self._epoch(), sender=self.sender, cluster=own,
+                                 guard=self._guard, rate=s.bandwidth.rate, release=s.ship_lock.release)
+        return out
+
     def offer(self, info: SnapshotInfo, origin: tuple[int, int] | None = None) -> None:
         for s in list(self.shippers.values()):
             s.offer(info, origin)
@@ -445,9 +483,9 @@ class Replication:
         """Capture, then ship to every target in parallel and wait (synchronous)."""
         started = time.monotonic()
         self._guard(False)
-        info = self.capture()
-        decision = CycleDecision("shipped" if targets else "snapshot only (no standby registered)", info.id)
         shippers = [self._shipper(t) for t in targets]
+        info = self.capture(targets)
+        decision = CycleDecision("shipped" if targets else "snapshot only (no standby registered)", info.id)
         for s in shippers:
             s.offer(info)
         if shippers:

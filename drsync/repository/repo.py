@@ -125,6 +125,10 @@ class ChunkWriter:
         self._syncs: list[Future[None]] = []
         self.new_bytes = 0
         self.new_stored_bytes = 0
+        # Told of each chunk this writer stores, once it is in its pack (not yet durable): (id, encoding,
+        # stored bytes, raw length). Called on the adding thread, outside the writer's lock: it must not
+        # block, and must copy a view it keeps (the caller may reuse its buffer): drsync.agent.early.
+        self.tee: Callable[[bytes, int, bytes | memoryview, int], None] | None = None
         # Set when a pack could not be written: the chunks indexed into it are not where the index says.
         # Nothing more is added (every later add raises this); a flush indexes the packs written whole
         # before it (an upload keeps what arrived), then raises it.
@@ -185,7 +189,10 @@ class ChunkWriter:
             self.new_stored_bytes += len(stored)
             if self._pack.size >= self._pack_target or self._pack.count >= fmt.PACK_MAX_CHUNKS:
                 self._finish_pack()
-            return True
+        tee = self.tee
+        if tee is not None:
+            tee(chunk_id, encoding, stored, raw_length)
+        return True
 
     def _check_whole(self) -> None:
         if self._broken is not None:
