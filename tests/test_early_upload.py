@@ -50,7 +50,9 @@ class MemoryStandby:
         self.uploads += 1
         received = stored = stored_bytes = 0
         for batch in batches:
-            self.gate.wait()
+            while not self.gate.wait(0.05):  # held; a closed link cancels the stream, as a channel's close does
+                if self.closed:
+                    raise OperationFailed("the stream was cancelled")
             if self.fail_after is not None and self.messages >= self.fail_after:
                 raise OperationFailed("standby went away")
             self.messages += 1
@@ -173,6 +175,16 @@ def test_a_stream_that_fails_ends_the_early_upload_quietly() -> None:
     assert link.messages == 1 and released == [1] and "went away" in u.off
     u.offer(*chunk(-1))
     assert len(link.stored) <= 2
+
+
+def test_a_standby_that_stops_answering_does_not_hold_up_the_cycle_past_the_finish_wait() -> None:
+    link = MemoryStandby()
+    link.gate.clear()  # it took the Hello, then never takes a message again
+    u, released = early(link, finish_wait_s=0.2)
+    for _ in range(3):
+        u.offer(*chunk(-1))
+    assert u.finish() is None  # returns: the stream cancelled after the wait
+    assert link.closed and released == [1] and "did not take the stream's end" in u.off and link.stored == {}
 
 
 def test_fan_out_offers_each_chunk_to_every_upload() -> None:

@@ -44,6 +44,10 @@ EARLY_BUDGET_BYTES = 64 * 1024 * 1024
 # 256 files 2.65 s -> 2.46 s in the agent with early upload; of 20,000 files of 256 B to 4 KiB 4.27 s ->
 # 4.66 s with it (so: not for them).
 EARLY_MIN_RAW_BYTES = 128 * 1024
+# Once the capture is done, the stream has this long (seconds) to end and the standby to make what it stored
+# durable; past it the stream is cancelled (a standby that stopped answering never holds up the cycle: the
+# shipment then meets it as it would have).
+FINISH_WAIT_S = 30.0
 # A message goes out once it holds this much, or as soon as the queue is empty and it holds a quarter of it.
 _LOW_WATER = UPLOAD_MESSAGE_BYTES // 4
 
@@ -58,16 +62,18 @@ class EarlyUpload:
     ``link()`` makes the link (closed by :meth:`finish`); ``epoch`` and ``sender`` are the shipment's;
     ``cluster`` is (cluster id, release) of this repository; ``guard(False)`` raises when this agent may no
     longer act as primary; ``rate()`` is the target's bandwidth limit in force (bytes/s, None or 0: none);
-    ``release()`` is called once the early upload is over (the shipper's lock)."""
+    ``release()`` is called once the early upload is over (the shipper's lock); ``finish_wait_s``: see
+    :data:`FINISH_WAIT_S`."""
 
     def __init__(self, target: str, link: Callable[[], StandbyLink], *, epoch: int, sender: str,
                  cluster: tuple[str, str], guard: Callable[[bool], None], rate: Callable[[], float | None],
-                 release: Callable[[], None] = lambda: None, budget_bytes: int = EARLY_BUDGET_BYTES) -> None:
+                 release: Callable[[], None] = lambda: None, budget_bytes: int = EARLY_BUDGET_BYTES,
+                 finish_wait_s: float = FINISH_WAIT_S) -> None:
         self.target = target
         self._make_link = link
         self.epoch, self.sender, self.cluster = epoch, sender, cluster
         self._guard, self._rate, self._release = guard, rate, release
-        self.budget_bytes = budget_bytes
+        self.budget_bytes, self.finish_wait_s = budget_bytes, finish_wait_s
         self._queue: queue.SimpleQueue[tuple[bytes, int, bytes, int] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0  # stored bytes waiting
@@ -112,7 +118,13 @@ class EarlyUpload:
             try:
                 if thread is not None:
                     self._queue.put(_END)
-                    thread.join()
+                    thread.join(self.finish_wait_s)
+                    if thread.is_alive():  # a standby that stopped answering: cancel the stream
+                        self._stop(f"standby {self.target} did not take the stream's end within "
+                                   f"{self.finish_wait_s:.0f}s")
+                        if self._link is not None:
+                            self._link.close()
+                        thread.join()
                 while not self._queue.empty():  # what an upload that went off left queued
                     self._queue.get_nowait()
                 self._queue.put(_END)  # for a stream's reader still waiting after its upload failed: it ends
