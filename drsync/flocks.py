@@ -14,11 +14,16 @@ import hashlib
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 
 from drsync.errors import LockedError, OperationFailed
 from drsync.fsutil import lies_within, local_or_none
 from drsync.text import printable
+
+# How long (seconds) an apply finding its lock file flocked waits for it to be a leftover being cleared
+# (:func:`_flock_soon`) before it is refused: a clearer holds it for two system calls.
+CLEARING_GRACE_S = 0.25
 
 
 def host_lock_dir() -> str:
@@ -53,11 +58,13 @@ def exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[st
                 raise OperationFailed(
                     f"the host lock {path} is not a regular file of this user's (uid {st.st_uid} made it); "
                     f"remove it, or set DRSYNC_LOCK_DIR to a directory of your own")
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not _names(path, fd):  # unlinked while held: by a release, or a look clearing a leftover
+            held = _flock_soon(fd, path)
+            if not held and not _names(path, fd):  # unlinked while held: by a release, or a look clearing it
                 os.close(fd)
                 continue
+            if not held:
+                raise BlockingIOError
+        except BlockingIOError:
             lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")
             pid = flock_holder(os.fstat(fd))
             os.close(fd)
@@ -78,6 +85,22 @@ def exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[st
         raise OperationFailed(f"cannot write the host lock {path} ({e.strerror}); free space in "
                               f"{os.path.dirname(path)}, or set DRSYNC_LOCK_DIR to another directory") from None
     return fd
+
+
+def _flock_soon(fd: int, path: str, grace_s: float = CLEARING_GRACE_S) -> bool:
+    """Take ``fd``'s exclusive flock without waiting, or within ``grace_s`` seconds while ``path`` still names
+    that file: a look clearing a leftover lock file (:func:`_clear_leftover`) holds its flock for an instant
+    before it unlinks it, and an apply must not be refused for that (breaker s65: 32 refusals in 7,700 tries
+    under a steady stream of leftovers). A lock really held is refused after the grace."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline or not _names(path, fd):
+                return False
+            time.sleep(0.002)  # the clearer's unlink is a system call away
 
 
 def line(text: str) -> str:

@@ -431,13 +431,13 @@ class Replication:
         """One cycle snapshot of the data root (hooks, re-reads, exclusions from the config). Its new chunks go
         early to those of ``targets`` (default: the current ones) that take them (:meth:`_early_uploads`)."""
         snaps = self.cfg.snapshots
-        early = self._early_uploads(self.targets() if targets is None else targets)
         req = engine.SnapshotRequest(self.cfg.cluster.data, kind="cycle", reason="replication cycle",
                                      hooks=engine.Hooks(snaps.pre_hook, snaps.post_hook, snaps.hook_timeout),
                                      reread_attempts=snaps.reread_attempts, exclude_paths=self.exclude_paths,
-                                     distcp=engine.distcp_settings(self.cfg), pinned=self.pinned_hdfs_snapshots(),
-                                     on_chunk=fan_out(list(early.values())))
-        try:
+                                     distcp=engine.distcp_settings(self.cfg), pinned=self.pinned_hdfs_snapshots())
+        early = self._early_uploads(self.targets() if targets is None else targets)
+        try:  # from here on, whatever raises: each early upload ends and its shipper's lock is released
+            req.on_chunk = fan_out(list(early.values()))
             info = engine.create_snapshot(self.repo, req)
         finally:
             sent = {t: u.finish() for t, u in early.items()}  # each shipper's lock released
@@ -465,14 +465,14 @@ class Replication:
         if not self.early_upload or self.cfg.replication.engine == "distcp":
             return out
         own = (self.repo.config.cluster_id, self.repo.config.release)
-        for t in targets:
-            s = self._shipper(t)
-            if s.bandwidth.paused() or s.bandwidth.rate() or time.monotonic() < s.retry_at:
-                continue
-            if not s.ship_lock.acquire(blocking=False):
-                continue  # shipping an older snapshot now: this capture's chunks go with its own shipment
-            out[t] = EarlyUpload(t, lambda t=t: self._link(t), epoch=self._epoch(), sender=self.sender, cluster=own,
-                                 guard=self._guard, rate=s.bandwidth.rate, release=s.ship_lock.release)
+        epoch = self._epoch()
+        wanted = [s for s in (self._shipper(t) for t in targets)
+                  if not (s.bandwidth.paused() or s.bandwidth.rate() or time.monotonic() < s.retry_at)]
+        for s in wanted:  # nothing between taking a shipper's lock and handing it to its upload raises
+            if s.ship_lock.acquire(blocking=False):  # else shipping an older snapshot now: this one goes after
+                out[s.target] = EarlyUpload(s.target, lambda t=s.target: self._link(t), epoch=epoch,
+                                            sender=self.sender, cluster=own, guard=self._guard,
+                                            rate=s.bandwidth.rate, release=s.ship_lock.release)
         return out
 
     def offer(self, info: SnapshotInfo, origin: tuple[int, int] | None = None) -> None:
