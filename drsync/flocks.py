@@ -175,19 +175,33 @@ def _held(st: os.stat_result, holders: Holders) -> tuple[str, bool]:
     return holders.get((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), ("", False))
 
 
-def _clear_leftover(path: str, st: os.stat_result) -> None:
-    """Remove the lock file ``path`` (``st``: what a look found there, held by no process) if no process
-    holds it still: its flock taken without waiting, and unlinked only while the name is still that file."""
+def _open_same(path: str, st: os.stat_result) -> int | None:
+    """A read-only descriptor of ``path`` if it still names the file ``st`` describes (never through a link),
+    else None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return
+        return None
     try:
         held = os.fstat(fd)
-        if (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino):
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if _names(path, fd):
-                os.unlink(path)
+    except OSError:
+        held = None
+    if held is None or (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _clear_leftover(path: str, st: os.stat_result) -> None:
+    """Remove the lock file ``path`` (``st``: what a look found there, held by no process) if no process
+    holds it still: its flock taken without waiting, and unlinked only while the name is still that file."""
+    fd = _open_same(path, st)
+    if fd is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _names(path, fd):
+            os.unlink(path)
     except OSError:
         pass  # held after all (taken since the look), or gone: left as it is
     finally:
@@ -359,14 +373,10 @@ class ApplyLock:
                 continue
             if pid == str(os.getpid()):
                 continue  # this process's own
+            fd = _open_same(path, st)
+            if fd is None:
+                continue  # gone, or released and made anew since the look: its new holder looks for this apply
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                held = os.fstat(fd)
-                if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
-                    continue  # released and made anew since the look: its new holder looks for this apply
                 lines = os.pread(fd, 8192, 0).decode("utf-8", "surrogateescape").split("\n")
             except OSError:
                 continue

@@ -81,13 +81,20 @@ def _kill(agents: Agents, name: str) -> None:  # noqa: F811
 
 # --- early upload: a standby killed while the early stream is open -----------------------------------------------
 
-def test_standby_killed_and_restarted_during_the_capture_loses_nothing_and_figures_stay_near_the_truth(
-        agents: Agents, tmp_path: Path) -> None:  # noqa: F811
+def _killed_with_early_chunks_there(agents: Agents, tmp_path: Path) -> tuple[Path, subprocess.Popen[str], Path]:  # noqa: F811
+    """A cycle held at its commit once part of its early stream is stored at the standby, which is then
+    SIGKILLed: (primary config, the cycle's process, its pause gate)."""
     cfg = _pair(agents)
     proc, gate = _paused_at_commit(tmp_path, cfg)
     # The early stream had the whole capture to send 18 MiB: some of it is at the standby now.
     wait_for(lambda: _stored_bytes(tmp_path / "standby-repo") >= 3 * MiB, "early chunks at the standby")
     _kill(agents, "standby")
+    return cfg, proc, gate
+
+
+def test_standby_killed_and_restarted_during_the_capture_loses_nothing_and_figures_stay_near_the_truth(
+        agents: Agents, tmp_path: Path) -> None:  # noqa: F811
+    _, proc, gate = _killed_with_early_chunks_there(agents, tmp_path)
     agents.start("standby")
     gate.unlink()
     out, err = proc.communicate(timeout=120 * SLOW)
@@ -103,10 +110,7 @@ def test_standby_killed_and_restarted_during_the_capture_loses_nothing_and_figur
 
 def test_standby_sigkilled_mid_stream_then_back_the_next_cycle_still_ships_everything(
         agents: Agents, tmp_path: Path) -> None:  # noqa: F811
-    cfg = _pair(agents)
-    proc, gate = _paused_at_commit(tmp_path, cfg)
-    wait_for(lambda: _stored_bytes(tmp_path / "standby-repo") >= 3 * MiB, "early chunks at the standby")
-    _kill(agents, "standby")
+    cfg, proc, gate = _killed_with_early_chunks_there(agents, tmp_path)
     gate.unlink()
     proc.communicate(timeout=180 * SLOW)
     assert proc.returncode != 0  # the shipment found no standby
@@ -137,14 +141,20 @@ def test_primary_killed_mid_capture_leaves_the_standby_unapplied_verifiable_and_
     _verify(agents, "primary")
 
 
-def test_a_failing_post_snapshot_hook_applies_nothing_and_the_next_cycle_ships(
-        agents: Agents, tmp_path: Path) -> None:  # noqa: F811
-    flag = tmp_path / "hook-fails"
+def _failing_hook(tmp: Path, kind: str) -> tuple[Path, str]:
+    """A ``kind`` ("pre" or "post") snapshot hook that fails while its flag file exists: (flag, config text)."""
+    flag = tmp / "hook-fails"
     flag.write_text("")
-    hook = tmp_path / "post.sh"
+    hook = tmp / f"{kind}.sh"
     hook.write_text(f"#!/bin/sh\ntest -e {flag} && exit 3\nexit 0\n")
     hook.chmod(0o755)
-    cfg = _pair(agents, extra=f'[snapshots]\npost_hook = "{hook}"\n')
+    return flag, f'[snapshots]\n{kind}_hook = "{hook}"\n'
+
+
+def test_a_failing_post_snapshot_hook_applies_nothing_and_the_next_cycle_ships(
+        agents: Agents, tmp_path: Path) -> None:  # noqa: F811
+    flag, extra = _failing_hook(tmp_path, "post")
+    cfg = _pair(agents, extra=extra)
     r = run_drsync("agent", "--config", cfg, "--once", "--json")
     assert r.code != 0, r.out
     assert agents.applied("standby") == ""
@@ -157,12 +167,8 @@ def test_a_failing_post_snapshot_hook_applies_nothing_and_the_next_cycle_ships(
 
 def test_a_failing_pre_snapshot_hook_sends_nothing_and_releases_the_shipper(
         agents: Agents, tmp_path: Path) -> None:  # noqa: F811
-    flag = tmp_path / "hook-fails"
-    flag.write_text("")
-    hook = tmp_path / "pre.sh"
-    hook.write_text(f"#!/bin/sh\ntest -e {flag} && exit 3\nexit 0\n")
-    hook.chmod(0o755)
-    cfg = _pair(agents, extra=f'[snapshots]\npre_hook = "{hook}"\n')
+    flag, extra = _failing_hook(tmp_path, "pre")
+    cfg = _pair(agents, extra=extra)
     r = run_drsync("agent", "--config", cfg, "--once", "--json")
     assert r.code != 0, r.out
     assert _packs(tmp_path / "standby-repo") == []
