@@ -62,6 +62,7 @@ from drsync.repository.snapshots import WarningLog
 from drsync.repository.spool import Spool
 from drsync.text import printable
 from drsync.tree import TreeScan, escaping_in
+from drsync.warming import Warming
 
 # Reading tasks are batched so that tiny files do not pay one executor round trip each.
 _BATCH_FILES = 256
@@ -971,12 +972,28 @@ def _window(view: FrozenRoot, writer: ChunkWriter, w: pa.Table, p: _Parent | Non
                 warnings.append(f"{printable(paths[k])}: {got.xattr_problem}")
             read[k] = got
 
-        # Small files are read by the root's small-file threads, beside the large files' pool.
+        # Small files are read by the root's small-file threads, beside the large files' pool; with one such
+        # thread (a local root), the next batches are warmed ahead of it (drsync.warming).
         batches = [b for b in batches if b]
         cut = next((i for i, b in enumerate(batches) if sizes[b[0]] < SMALL_FILE_BYTES), len(batches))
-        for results in itertools.chain(pool.big.map(run, batches[:cut]), pool.small.map(run, batches[cut:])):
-            for k, got in results:
-                take(k, got)
+        small = batches[cut:]
+        warming = Warming(view.warm, [[paths[k] for k in b] for b in small]) \
+            if len(small) > 1 and view.small_file_threads == 1 else None
+
+        def run_small(batch: list[int]) -> list[tuple[int, _ReadFile | str]]:
+            try:
+                return run(batch)
+            finally:
+                if warming is not None:
+                    warming.read_one()
+
+        try:
+            for results in itertools.chain(pool.big.map(run, batches[:cut]), pool.small.map(run_small, small)):
+                for k, got in results:
+                    take(k, got)
+        finally:
+            if warming is not None:
+                warming.close()
         # The other names of an inode read in this window take its read, when it was of the inode the scan saw
         # them name (else they are read themselves); a large file's read is held for its names in later windows.
         assert stats is not None

@@ -1,0 +1,62 @@
+"""Warming: the next batches of a capture's small files asked of the disk while the current one is read.
+
+A local root's small files are read by one thread (:attr:`drsync.dataroot.local.LocalFrozenRoot.small_file_threads`:
+their per-file work holds the GIL, and more readers only contend). On a cold cache that thread waits for the
+disk at every file: an inode, then a data block, one at a time. A warming thread runs a bounded number of
+batches ahead and only asks the kernel to start those reads (the root's ``warm``: open beneath the root,
+``posix_fadvise(WILLNEED)``, close), so the reader finds them in the page cache or on their way. Measured
+on 20,000 files of 256 B to 4 KiB, cold (2 cores, one virtio disk, 256-file batches): 1.5 to 2.0 s read
+one after another, 0.67 to 0.74 s with two batches warmed ahead; four or eight ahead were no better.
+
+Best effort: nothing it does is needed for a correct capture, it reads no content and raises nothing, and it
+stays at most :data:`WARM_AHEAD` batches (512 small files, at most 2 x 32 MiB) ahead of the reader, so it never
+fills the page cache with what the reader is far from.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+# Batches warmed ahead of the one being read.
+WARM_AHEAD = 2
+
+
+class Warming:
+    """Warms ``batches[1:]`` (the first is being read already) with ``warm``, keeping at most ``ahead``
+    batches ahead of the reader, who calls :meth:`read_one` as each batch is done. :meth:`close` stops it
+    (and waits); use as a context manager."""
+
+    def __init__(self, warm: Callable[[list[str]], None], batches: Sequence[list[str]], *,
+                 ahead: int = WARM_AHEAD) -> None:
+        self._warm = warm
+        self._batches = batches
+        self._room = threading.Semaphore(ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="drsync-warm", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for rels in self._batches[1:]:
+            self._room.acquire()
+            if self._stop.is_set():
+                return
+            try:
+                self._warm(rels)
+            except Exception:  # never the capture's failure: the reader reads what it finds
+                return
+
+    def read_one(self) -> None:
+        """The reader finished a batch: room for one more ahead."""
+        self._room.release()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._room.release()
+        self._thread.join()
+
+    def __enter__(self) -> Warming:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,100 @@
+"""Warming (drsync.warming): a capture's next small-file batches asked of the disk ahead of the one reader,
+never more than WARM_AHEAD batches ahead, never raising, never reading content or leaving the root."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from drsync.dataroot.local import LocalFrozenRoot
+from drsync.warming import WARM_AHEAD, Warming
+from tests.group import wait_for
+
+
+def test_batches_after_the_first_are_warmed_in_order_never_more_than_the_bound_ahead_of_the_reader() -> None:
+    batches = [[f"b{i}/f{j}" for j in range(3)] for i in range(12)]
+    reads = 0
+    lock = threading.Lock()
+    warmed: list[tuple[int, int]] = []  # (batch index, batches read when it was warmed)
+
+    def warm(rels: list[str]) -> None:
+        with lock:
+            warmed.append((batches.index(rels), reads))
+
+    with Warming(warm, batches) as w:
+        for _ in batches:
+            wait_for(lambda r=reads: len(warmed) >= min(r + WARM_AHEAD, len(batches) - 1), "the warmer to get ahead")
+            with lock:
+                reads += 1
+            w.read_one()
+    assert [i for i, _ in warmed] == list(range(1, 12))  # the first is being read: never warmed
+    assert all(i - done <= WARM_AHEAD for i, done in warmed), warmed
+
+
+def test_closing_stops_a_warmer_that_waits_for_the_reader_and_a_failing_warm_never_raises() -> None:
+    calls: list[list[str]] = []
+    w = Warming(calls.append, [["a"], ["b"], ["c"], ["d"], ["e"]])
+    wait_for(lambda: len(calls) == WARM_AHEAD, "the warmer to fill its room")
+    w.close()  # it waits for room that never comes: close ends it
+    assert calls == [["b"], ["c"]]
+
+    def broken(rels: list[str]) -> None:
+        raise OSError("the disk said no")
+
+    with Warming(broken, [["a"], ["b"], ["c"]]) as w2:
+        w2.read_one()
+
+
+def test_a_local_roots_warm_opens_nothing_it_should_not_and_never_hangs(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "file").write_bytes(os.urandom(8192))
+    os.mkfifo(root / "d" / "fifo")  # no writer: a blocking open would hang the warmer
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.mkfifo(outside / "pipe")
+    os.symlink(outside, root / "link")  # a directory on the way swapped for a link out of the root
+    os.symlink(outside / "pipe", root / "d" / "to-pipe")
+    before = set(os.listdir("/proc/self/fd"))
+    LocalFrozenRoot(str(root)).warm(["d/file", "d/fifo", "link/pipe", "d/to-pipe", "d/missing", "../outside/pipe"])
+    assert set(os.listdir("/proc/self/fd")) <= before  # every descriptor closed
+    with open(root / "d" / "file", "rb") as f:
+        assert len(f.read()) == 8192  # and the file untouched
+
+
+def test_a_capture_warms_its_small_files_ahead_and_captures_exactly_what_it_would_without(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from drsync import capture
+    from drsync.repository.repo import Repository
+    from drsync.storage.memory import MemoryStorage
+
+    monkeypatch.setattr(capture, "_BATCH_FILES", 16)  # many batches in each window
+    root = tmp_path / "data"
+    for d in range(4):
+        (root / f"d{d}").mkdir(parents=True)
+        for i in range(100):
+            (root / f"d{d}" / f"f{i:03}").write_bytes(f"{d}/{i} ".encode() * (1 + i % 9))
+    warmed: list[str] = []
+    real = LocalFrozenRoot.warm
+
+    def counting(self: LocalFrozenRoot, rels: list[str]) -> None:
+        warmed.extend(rels)
+        real(self, rels)
+
+    def manifest(warm: bool) -> bytes:
+        with monkeypatch.context() as m:
+            m.setattr(LocalFrozenRoot, "warm", counting if warm else (lambda self, rels: None))
+            repo = Repository.init(MemoryStorage(), cluster_id="c", release="1")
+            with repo.write_session() as session:
+                writer = session.chunk_writer()
+                result = capture.capture(str(root), writer, captured_at=1.9e9)
+                writer.flush()
+                with result.stored:
+                    return result.stored.getvalue()
+
+    assert manifest(True) == manifest(False)
+    files = {f"d{d}/f{i:03}" for d in range(4) for i in range(100)}
+    assert set(warmed) <= files and len(warmed) >= len(files) - 16 and len(warmed) == len(set(warmed))
