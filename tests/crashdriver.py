@@ -178,6 +178,20 @@ def install(counter: Counter, *, count_recovery: bool = True) -> None:
         Committer.recover = uncounted  # type: ignore[method-assign]
 
 
+def _private_lock_dir(near: str | None) -> None:
+    """A host lock directory of this process's own (DRSYNC_LOCK_DIR), beside ``near`` (a file of the test's
+    work directory) when given: an apply takes its lock there and clears leftovers of killed applies there
+    (drsync.flocks), so another trial's or another test's leftover never adds an unlink to the steps counted
+    (the kills are placed by the count of an uninterrupted run). Made before the hooks count anything."""
+    import tempfile
+
+    base = os.path.dirname(near) if near else tempfile.gettempdir()
+    path = os.path.join(base, f"drsync-crash-locks-{os.getpid()}")
+    os.makedirs(path, exist_ok=True)
+    os.chmod(path, 0o1777)  # a job run as another user takes its lock there too
+    os.environ["DRSYNC_LOCK_DIR"] = path
+
+
 def run_job(job: dict[str, Any]) -> None:
     import drsync.apply as apply_mod
     from drsync.repository.repo import Repository
@@ -187,6 +201,7 @@ def run_job(job: dict[str, Any]) -> None:
         import drsync.dataroot.hdfs as hdfs_root
 
         hdfs_root._COMMIT_WORKERS = int(job["hdfs_workers"])
+    _private_lock_dir(job.get("note_file") or job.get("count_file"))
     install(Counter(int(job.get("kill_at", 0)), job.get("count_file"), job.get("note_file")))
     if job.get("uid") is not None:
         # The apply as another user, whose target it is. Imports are done: that user may not be
@@ -270,6 +285,7 @@ def agent(argv: list[str]) -> None:
     p.add_argument("drsync_args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     args = a.drsync_args[1:] if a.drsync_args[:1] == ["--"] else a.drsync_args
+    _private_lock_dir(a.note_file or a.count_file)
     install(Counter(a.kill_at, a.count_file, a.note_file), count_recovery=a.count_recovery)
     from drsync.cli import run
 
