@@ -20,9 +20,10 @@ def test_batches_after_the_first_are_warmed_in_order_never_more_than_the_bound_a
     lock = threading.Lock()
     warmed: list[tuple[int, int]] = []  # (batch index, batches read when it was warmed)
 
-    def warm(rels: list[str]) -> None:
+    def warm(rels: list[str]) -> int:
         with lock:
             warmed.append((batches.index(rels), reads))
+        return len(rels)  # none of them cached
 
     with Warming(warm, batches) as w:
         for _ in batches:
@@ -36,12 +37,17 @@ def test_batches_after_the_first_are_warmed_in_order_never_more_than_the_bound_a
 
 def test_closing_stops_a_warmer_that_waits_for_the_reader_and_a_failing_warm_never_raises() -> None:
     calls: list[list[str]] = []
-    w = Warming(calls.append, [["a"], ["b"], ["c"], ["d"], ["e"]])
+
+    def warm(rels: list[str]) -> int:
+        calls.append(rels)
+        return len(rels)
+
+    w = Warming(warm, [["a"], ["b"], ["c"], ["d"], ["e"]])
     wait_for(lambda: len(calls) == WARM_AHEAD, "the warmer to fill its room")
     w.close()  # it waits for room that never comes: close ends it
     assert calls == [["b"], ["c"]]
 
-    def broken(rels: list[str]) -> None:
+    def broken(rels: list[str]) -> int:
         raise OSError("the disk said no")
 
     with Warming(broken, [["a"], ["b"], ["c"]]) as w2:
@@ -77,16 +83,17 @@ def test_a_capture_warms_its_small_files_ahead_and_captures_exactly_what_it_woul
         (root / f"d{d}").mkdir(parents=True)
         for i in range(100):
             (root / f"d{d}" / f"f{i:03}").write_bytes(f"{d}/{i} ".encode() * (1 + i % 9))
+    evict(root)
     warmed: list[str] = []
     real = LocalFrozenRoot.warm
 
-    def counting(self: LocalFrozenRoot, rels: list[str]) -> None:
+    def counting(self: LocalFrozenRoot, rels: list[str]) -> int:
         warmed.extend(rels)
-        real(self, rels)
+        return real(self, rels)
 
     def manifest(warm: bool) -> bytes:
         with monkeypatch.context() as m:
-            m.setattr(LocalFrozenRoot, "warm", counting if warm else (lambda self, rels: None))
+            m.setattr(LocalFrozenRoot, "warm", counting if warm else (lambda self, rels: 0))
             repo = Repository.init(MemoryStorage(), cluster_id="c", release="1")
             with repo.write_session() as session:
                 writer = session.chunk_writer()
@@ -95,6 +102,36 @@ def test_a_capture_warms_its_small_files_ahead_and_captures_exactly_what_it_woul
                 with result.stored:
                     return result.stored.getvalue()
 
-    assert manifest(True) == manifest(False)
+    with_warming = manifest(True)
     files = {f"d{d}/f{i:03}" for d in range(4) for i in range(100)}
     assert set(warmed) <= files and len(warmed) >= len(files) - 16 and len(warmed) == len(set(warmed))
+    # read once, the files are in the page cache: one batch of each window is looked at, then warming stops
+    warmed.clear()
+    assert manifest(True) == with_warming and len(warmed) <= 16
+    evict(root)
+    assert manifest(False) == with_warming  # without warming: the same bytes
+
+
+def evict(root: Path) -> None:
+    """Every file below ``root`` written back and dropped from the page cache (clean pages go at once)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def test_a_mostly_cached_batch_ends_the_warming_of_its_window() -> None:
+    calls: list[list[str]] = []
+
+    def warm(rels: list[str]) -> int:
+        calls.append(rels)
+        return 0  # every one of them in the page cache already
+
+    with Warming(warm, [[f"f{i}"] * 8 for i in range(10)]) as w:
+        for _ in range(10):
+            w.read_one()
+    assert len(calls) == 1

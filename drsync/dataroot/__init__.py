@@ -229,9 +229,10 @@ class FrozenRoot(Protocol):
         """Open for reading; FileNotFoundError when it vanished, OSError when it cannot be read."""
         ...
 
-    def warm(self, rels: list[str]) -> None:
-        """Ask the storage to start reading these files, about to be read (:mod:`drsync.warming`); best
-        effort: reads no content, raises nothing, may do nothing."""
+    def warm(self, rels: list[str]) -> int:
+        """Ask the storage to start reading these files, about to be read (:mod:`drsync.warming`), and return
+        how many it asked for (those not cached already); best effort: reads no content, raises nothing, may
+        do nothing."""
         ...
 
     def xattrs(self, rel: str) -> tuple[bytes | None, str | None]:

@@ -239,8 +239,9 @@ class HdfsFrozenRoot:
                 self.fs.open(path, length=int(before["length"]) if self.consistent else None) as raw:
             yield HdfsOpenFile(self.fs, path, before, raw, self.consistent)
 
-    def warm(self, rels: list[str]) -> None:
-        """Nothing: each read is round trips to the namenode and a datanode, overlapped by threads instead."""
+    def warm(self, rels: list[str]) -> int:
+        """Nothing (0): each read is round trips to the namenode and a datanode, overlapped by threads instead."""
+        return 0
 
     def checksum_file(self, rel: str) -> tuple[FileVersion, str, bytes]:
         """A file's version and HDFS checksum ``(algorithm, bytes)``, without reading its data here

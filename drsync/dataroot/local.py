@@ -131,21 +131,35 @@ class LocalFrozenRoot:
         return LocalOpenFile(os.path.join(self.root, rel),
                              fsutil.open_beneath(self.root, rel, os.O_RDONLY | os.O_NONBLOCK))
 
-    def warm(self, rels: list[str]) -> None:
+    def warm(self, rels: list[str]) -> int:
         """Each of ``rels`` opened as :meth:`open_file` opens it (never through a link), and if it is a regular
-        file, its bytes asked of the disk (``posix_fadvise(WILLNEED)``), closed unread; errors ignored."""
+        file whose first byte is not in the page cache (a read with ``RWF_NOWAIT`` would block), its bytes
+        asked of the disk (``posix_fadvise(WILLNEED)``); closed unread. Returns how many were asked for.
+        Errors ignored."""
+        asked = 0
+        probe = bytearray(1)
         for rel in rels:
             try:
                 fd = fsutil.open_beneath(self.root, rel, os.O_RDONLY | os.O_NONBLOCK)
             except OSError:
                 continue
             try:
-                if st.S_ISREG(os.fstat(fd).st_mode):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                if not st.S_ISREG(os.fstat(fd).st_mode):
+                    continue
+                try:
+                    os.preadv(fd, [probe], 0, os.RWF_NOWAIT)
+                    continue  # in the page cache already (or empty)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    pass  # no RWF_NOWAIT for this filesystem: asked for, as if not cached
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                asked += 1
             except OSError:
                 pass
             finally:
                 os.close(fd)
+        return asked
 
 
 class LocalDataRoot:
