@@ -102,13 +102,11 @@ class EarlyUpload:
                 self.dropped += 1
                 return
             self._queued += n
-            start = self._thread is None
-            if start:
-                self._thread = threading.Thread(target=self._run, name=f"drsync-early-{self.target}", daemon=True)
         self._queue.put((chunk_id, encoding, stored if isinstance(stored, bytes) else bytes(stored), raw_length))
-        if start:
-            assert self._thread is not None
-            self._thread.start()
+        with self._lock:  # started once, and before finish can look for it
+            if self._thread is None and not self._finished:
+                self._thread = threading.Thread(target=self._run, name=f"drsync-early-{self.target}", daemon=True)
+                self._thread.start()
 
     def finish(self) -> Upload | None:
         """End the stream and wait for it (the standby has made what it stored durable when this returns);
