@@ -21,6 +21,7 @@ from pathlib import Path
 from tests.conftest import SLOW, make_tree, run_drsync, tree_state
 from tests.group import wait_for
 from tests.test_bandwidth_agents import Agents, agents  # noqa: F401  (the fixture)
+from tests.test_breaker_s65 import _once, _packs, _paused_at_commit, _stored_bytes, _verify
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,37 +33,6 @@ def _once_proc(cfg: Path, pause: Path | None = None) -> subprocess.Popen[str]:
         env["DRSYNC_FAULT_PAUSE"] = str(pause)
     return subprocess.Popen([sys.executable, "-m", "drsync", "agent", "--config", str(cfg), "--once", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-
-
-def _paused_at_commit(tmp: Path, cfg: Path) -> tuple[subprocess.Popen[str], Path]:
-    pause = tmp / "pause"
-    pause.mkdir(exist_ok=True)
-    gate = pause / "snapshot-commit"
-    gate.write_text("")
-    proc = _once_proc(cfg, pause)
-    wait_for(lambda: (pause / "snapshot-commit.reached").exists() or proc.poll() is not None,
-             "the capture to reach its commit")
-    assert proc.poll() is None, proc.communicate()
-    return proc, gate
-
-
-def _packs(repo: Path) -> list[Path]:
-    return [p for p in repo.rglob("*") if p.is_file() and "pack" in str(p.parent)]
-
-
-def _stored_bytes(repo: Path) -> int:
-    return sum(p.stat().st_size for p in _packs(repo))
-
-
-def _verify(agents: Agents, name: str) -> None:  # noqa: F811
-    r = run_drsync("repo", "verify", "--config", agents.cfg[name])
-    assert r.code == 0, r.out + r.err
-
-
-def _once(cfg: Path) -> dict[str, dict[str, float]]:
-    r = run_drsync("agent", "--config", cfg, "--once", "--json")
-    assert r.code == 0, r.out + r.err
-    return r.json()["results"]
 
 
 def _same(agents: Agents, name: str) -> bool:  # noqa: F811

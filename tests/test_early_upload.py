@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from drsync.agent.early import EARLY_MIN_RAW_BYTES, EarlyUpload, fan_out
-from drsync.agent.primary import DELTA_RTT_S
+from drsync.agent.early import EARLY_MIN_RAW_BYTES, EARLY_NEAR_RTT_S, EarlyUpload, fan_out
 from drsync.errors import FencedError, OperationFailed
 from drsync.repository import chunks
 from drsync.transport import ReceivedChunk, StandbyHello
@@ -141,7 +140,7 @@ def test_offers_never_block_past_the_budget_a_chunk_is_dropped_for_the_shipment(
 def test_a_standby_it_should_not_reach_gets_nothing(why: str) -> None:
     link = MemoryStandby(cluster=("billing", "6.2.1") if why == "another cluster" else
                          ("analytics", "7.0") if why == "another release" else CLUSTER,
-                         round_trip_s=DELTA_RTT_S if why == "far" else 0.0)
+                         round_trip_s=EARLY_NEAR_RTT_S if why == "far" else 0.0)
     u, released = early(link, rate=(lambda: 1e6) if why == "limited" else (lambda: None))
     for _ in range(4):
         u.offer(*chunk(-1))

@@ -12,9 +12,10 @@ Best effort, by design: it never holds up nor fails a capture. A chunk is droppe
 upload quietly (logged at DEBUG); whatever did not get there, the shipment sends.
 
 Only where it cannot cost more than it saves: a standby of this cluster and release (its Hello checked
-before anything is sent), near and with no bandwidth limit in force (a far or limited link gets deltas and
-manifest patches from the shipment instead of whole chunks early), and whose shipper is idle (the early
-upload holds that shipper's lock for the capture's time, so it never runs beside a shipment).
+before anything is sent), near (:data:`EARLY_NEAR_RTT_S`) and with no bandwidth limit in force (a far or
+limited link gets deltas and manifest patches from the shipment instead of whole chunks early), and whose
+shipper is idle (the early upload holds that shipper's lock for the capture's time, so it never runs beside
+a shipment).
 
 Safety: chunks only. Each is checked against its id by the standby, and is named by no snapshot until a
 commit names it; the standby keeps it under the shipment's session (:mod:`drsync.agent.intake`: the
@@ -30,7 +31,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 
-from drsync.agent.primary import UPLOAD_MESSAGE_BYTES, UPLOAD_MESSAGE_CHUNKS, Upload, far_or_limited
+from drsync.agent.primary import UPLOAD_MESSAGE_BYTES, UPLOAD_MESSAGE_CHUNKS, Upload
 from drsync.errors import DrsyncError
 from drsync.transport import ReceivedChunk, StandbyLink
 
@@ -46,6 +47,11 @@ EARLY_BUDGET_BYTES = 16 * 1024 * 1024
 # 256 files 2.65 s -> 2.46 s in the agent with early upload; of 20,000 files of 256 B to 4 KiB 4.27 s ->
 # 4.66 s with it (so: not for them).
 EARLY_MIN_RAW_BYTES = 128 * 1024
+# A standby whose Hello round trip (the least of three) is this long or longer (seconds) gets nothing early: over
+# a WAN link the shipment sends a chunk rewritten in place as a delta, and an early upload would send it whole.
+# Looser than the deltas' 10 ms (drsync.agent.primary.DELTA_RTT_S): a loopback or LAN standby on a busy host
+# measured 10 ms and more at times (breaker s65b, under a CI run), and then got nothing early.
+EARLY_NEAR_RTT_S = 0.05
 # Once the capture is done, the stream has this long (seconds) to end and the standby to make what it stored
 # durable; past it the stream is cancelled (a standby that stopped answering never holds up the cycle: the
 # shipment then meets it as it would have).
@@ -144,8 +150,9 @@ class EarlyUpload:
             hello = self._link.hello(self.sender, self.epoch)
             if hello.cluster_id and (hello.cluster_id, hello.release) != self.cluster:
                 self._stop(f"standby {self.target} keeps another cluster or release")
-            elif far_or_limited(hello, self._rate()):
-                self._stop(f"standby {self.target} is far or its bandwidth is limited")
+            elif hello.round_trip_s >= EARLY_NEAR_RTT_S or self._rate():
+                self._stop(f"standby {self.target} is far (a round trip of {hello.round_trip_s * 1000:.0f} ms) or "
+                           f"its bandwidth is limited")
             if self._off:
                 log.debug("early upload to %s: not sent (%s)", self.target, self._off)
                 return
