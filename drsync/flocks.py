@@ -58,11 +58,10 @@ def exclusive_lock(path: str, mode: int, holder: str, refusal: Callable[[list[st
                 raise OperationFailed(
                     f"the host lock {path} is not a regular file of this user's (uid {st.st_uid} made it); "
                     f"remove it, or set DRSYNC_LOCK_DIR to a directory of your own")
-            held = _flock_soon(fd, path)
-            if not held and not _names(path, fd):  # unlinked while held: by a release, or a look clearing it
-                os.close(fd)
-                continue
-            if not held:
+            if not _flock_soon(fd, path):
+                if not _names(path, fd):  # unlinked while held: by a release, or a look clearing it
+                    os.close(fd)
+                    continue
                 raise BlockingIOError
         except BlockingIOError:
             lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")

@@ -284,10 +284,10 @@ class Shipper:
                 log.warning("%s; asking %s about every chunk of snapshot %s and sending what it lacks", e,
                             self.target, info.id)
                 res = with_first_try(attempt(None, ask_all=True), e.sent)
-            early = self.early_sent
-            if early is not None and early[0] == info.id:  # sent while the capture ran (drsync.agent.early)
-                self.early_sent = None
-                res = with_first_try(res, early[1])
+            early_chunks = 0
+            if self.early_sent is not None and self.early_sent[0] == info.id:  # sent while the capture ran
+                early_chunks = self.early_sent[1].chunks
+                res, self.early_sent = with_first_try(res, self.early_sent[1]), None
             if res.manifest_refused:
                 # A damaged copy there (named), or a manifest rebuilt otherwise (patched): the bytes went.
                 patched = res.manifest_tried == "patch"
@@ -313,7 +313,7 @@ class Shipper:
                                 "manifest_bytes": res.manifest_bytes, "manifest_sent": res.manifest_sent,
                                 "changed": done.written_files + done.removed,
                                 "shipped_bytes": res.shipped_bytes, "duration_s": res.duration_s,
-                                "early_chunks": early[1].chunks if early is not None and early[0] == info.id else 0,
+                                "early_chunks": early_chunks,
                                 "deduplicated_bytes": res.deduplicated_bytes})
         except ShippingPaused as e:
             return ShipOutcome(self.target, info.id, False, f"{e} ({self.bandwidth.pause_words()})", paused=True)
@@ -377,7 +377,6 @@ class Replication:
         self.last_positions: dict[str, Position] = {}
         self._lock = threading.Lock()
         self.background = False  # shippers run their own threads (the agent's loop); else only synchronous
-        self.early_upload = True  # send a capture's new chunks to idle near standbys as it runs (drsync.agent.early)
 
     def _shipper(self, target: str) -> Shipper:
         with self._lock:
@@ -462,7 +461,7 @@ class Replication:
         upload itself checks the standby's Hello (:class:`drsync.agent.early.EarlyUpload`). None with the
         HDFS-checksum engine (replication.engine = "distcp": a capture stores no chunks)."""
         out: dict[str, EarlyUpload] = {}
-        if not self.early_upload or self.cfg.replication.engine == "distcp":
+        if self.cfg.replication.engine == "distcp":
             return out
         own = (self.repo.config.cluster_id, self.repo.config.release)
         epoch = self._epoch()
