@@ -10,9 +10,9 @@ for the real CLI); only sequence numbers decide what is newest.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -325,12 +325,17 @@ def contents_of(repo: Repository, info: SnapshotInfo, where: Path) -> dict[str, 
 
 
 def drsync_with_clock(offset: str, *args: str | os.PathLike[str]) -> Result:
-    """Run the CLI under libfaketime: every clock the process reads is ``offset`` off."""
-    faketime = shutil.which("faketime")
-    if faketime is None:
-        pytest.fail("faketime is not installed: run the tests with make test, which installs it")
-    proc = subprocess.run([faketime, "-f", offset, sys.executable, "-m", "drsync", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    """Run the CLI under libfaketime: every clock the process reads is ``offset`` off.
+
+    The library is preloaded directly, not through the ``faketime`` wrapper: the wrapper names a POSIX
+    semaphore after its own pid and leaves it in /dev/shm when it is killed, and a later wrapper that
+    gets the same pid (pid_max 32768 on the CI machine) then fails with "sem_open: File exists"."""
+    libs = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not libs:
+        pytest.fail("libfaketime is not installed: run the tests with make test, which installs it")
+    env = {**os.environ, "LD_PRELOAD": libs[0], "FAKETIME": offset}
+    proc = subprocess.run([sys.executable, "-m", "drsync", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=env)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
