@@ -31,23 +31,41 @@ CACHED_SHARE = 8
 class Warming:
     """Warms ``batches[1:]`` (the first is being read already) with ``warm`` (which returns how many of a batch
     it asked of the disk), keeping at most ``ahead`` batches ahead of the reader, who calls :meth:`read_one`
-    as each batch is done; stops after a batch that was mostly cached (:data:`CACHED_SHARE`). :meth:`close`
+    as each batch is done; stops after a batch that was mostly cached (:data:`CACHED_SHARE`). A batch the
+    reader has reached (a busy machine let it overtake the warmer) is passed over: warming it is too late, and
+    its pages, cached by the reader itself, would end the warming of the batches still ahead. :meth:`close`
     stops it (and waits); use as a context manager."""
 
     def __init__(self, warm: Callable[[list[str]], int], batches: Sequence[list[str]], *,
                  ahead: int = WARM_AHEAD) -> None:
         self._warm = warm
         self._batches = batches
-        self._room = threading.Semaphore(ahead)
-        self._stop = threading.Event()
+        self._ahead = ahead
+        self._read = 0  # batches the reader finished: it reads batch self._read now
+        self._stop = False
+        self._moved = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="drsync-warm", daemon=True)
         self._thread.start()
 
+    def _next(self, after: int) -> int | None:
+        """The index of the next batch to warm after batch ``after``, once it is at most ``ahead`` batches
+        ahead of the reader; None when closed or when every batch is read or being read."""
+        with self._moved:
+            while True:
+                if self._stop:
+                    return None
+                want = max(after + 1, self._read + 1)  # the reader's own batch and those behind it: too late
+                if want >= len(self._batches):
+                    return None
+                if want <= self._read + self._ahead:
+                    return want
+                self._moved.wait()
+
     def _run(self) -> None:
-        for rels in self._batches[1:]:
-            self._room.acquire()
-            if self._stop.is_set():
-                return
+        at = 0
+        while (i := self._next(at)) is not None:
+            at = i
+            rels = self._batches[i]
             try:
                 if self._warm(rels) * CACHED_SHARE < len(rels):
                     return  # these were in the page cache already: so, likely, the rest (not worth its cost)
@@ -56,11 +74,14 @@ class Warming:
 
     def read_one(self) -> None:
         """The reader finished a batch: room for one more ahead."""
-        self._room.release()
+        with self._moved:
+            self._read += 1
+            self._moved.notify()
 
     def close(self) -> None:
-        self._stop.set()
-        self._room.release()
+        with self._moved:
+            self._stop = True
+            self._moved.notify()
         self._thread.join()
 
     def __enter__(self) -> Warming:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from drsync.dataroot.local import LocalFrozenRoot
-from drsync.warming import WARM_AHEAD, Warming
+from drsync.warming import CACHED_SHARE, WARM_AHEAD, Warming
 from tests.group import wait_for
 
 
@@ -85,15 +85,30 @@ def test_a_capture_warms_its_small_files_ahead_and_captures_exactly_what_it_woul
             (root / f"d{d}" / f"f{i:03}").write_bytes(f"{d}/{i} ".encode() * (1 + i % 9))
     evict(root)
     warmed: list[str] = []
+    asked: list[int] = []
     real = LocalFrozenRoot.warm
+    real_read_one = Warming.read_one
+    reads = 0
 
     def counting(self: LocalFrozenRoot, rels: list[str]) -> int:
+        n = real(self, rels)
         warmed.extend(rels)
-        return real(self, rels)
+        asked.append(n)
+        return n
 
-    def manifest(warm: bool) -> bytes:
+    def paced(self: Warming) -> None:
+        """The reader starts its next batch once the warmer is done with it, as on a fast disk and an idle
+        machine (else a busy machine lets the reader overtake the warmer, which then passes batches over)."""
+        nonlocal reads
+        reads += 1
+        wait_for(lambda: len(warmed) >= min(reads * 16, len(files) - 16), "the warmer to warm the next batch")
+        real_read_one(self)
+
+    def manifest(warm: bool, pace: bool = False) -> bytes:
         with monkeypatch.context() as m:
             m.setattr(LocalFrozenRoot, "warm", counting if warm else (lambda self, rels: 0))
+            if pace:
+                m.setattr(Warming, "read_one", paced)
             repo = Repository.init(MemoryStorage(), cluster_id="c", release="1")
             with repo.write_session() as session:
                 writer = session.chunk_writer()
@@ -102,12 +117,15 @@ def test_a_capture_warms_its_small_files_ahead_and_captures_exactly_what_it_woul
                 with result.stored:
                     return result.stored.getvalue()
 
-    with_warming = manifest(True)
     files = {f"d{d}/f{i:03}" for d in range(4) for i in range(100)}
-    assert set(warmed) <= files and len(warmed) >= len(files) - 16 and len(warmed) == len(set(warmed))
-    # read once, the files are in the page cache: one batch of each window is looked at, then warming stops
+    with_warming = manifest(True, pace=True)
+    # every batch but the first (being read) warmed once, and the disk asked for most of their files
+    assert set(warmed) <= files and len(warmed) == len(files) - 16 and len(warmed) == len(set(warmed))
+    assert sum(asked) * CACHED_SHARE >= len(warmed), asked
+    # read once, the files are in the page cache: at most one batch is looked at, then warming stops
     warmed.clear()
-    assert manifest(True) == with_warming and len(warmed) <= 16
+    asked.clear()
+    assert manifest(True) == with_warming and len(warmed) <= 16 and sum(asked) == 0, asked
     evict(root)
     assert manifest(False) == with_warming  # without warming: the same bytes
 
@@ -135,3 +153,32 @@ def test_a_mostly_cached_batch_ends_the_warming_of_its_window() -> None:
         for _ in range(10):
             w.read_one()
     assert len(calls) == 1
+
+
+def test_batches_the_reader_has_reached_are_passed_over() -> None:
+    """A busy machine lets the reader overtake the warmer: the warmer goes on from the batch after the
+    reader's own, never warming one being read or read (too late, and their cached pages would end the
+    warming of those still ahead)."""
+    calls: list[int] = []
+    first = threading.Event()
+    batches = [[f"f{i}"] for i in range(10)]
+
+    def warm(rels: list[str]) -> int:
+        calls.append(batches.index(rels))
+        if len(calls) == 1:
+            first.wait(timeout=60)  # the warmer stalls on batch 1 while the reader reads batches 0 to 2
+        return len(rels)
+
+    with Warming(warm, batches) as w:
+        wait_for(lambda: calls == [1], "the warmer to begin batch 1")
+        for _ in range(3):
+            w.read_one()  # the reader now reads batch 3
+        first.set()
+        wait_for(lambda: len(calls) == 3, "the warmer to fill its room again")
+        assert calls == [1, 4, 5]  # 2 and 3 passed over; 5 is WARM_AHEAD past the reader's batch 3
+        for want in (6, 7, 8, 9):
+            w.read_one()
+            wait_for(lambda want=want: calls[-1] == want, f"the warmer to warm batch {want}")
+        for _ in range(3):
+            w.read_one()
+    assert calls == [1, 4, 5, 6, 7, 8, 9]
