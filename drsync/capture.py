@@ -357,10 +357,16 @@ def _capture_view(view: FrozenRoot, writer: ChunkWriter, *, parent: Manifest | N
         pool = _Readers(big, small or big)
         encoding: Future[None] | None = None
         unchanged = _Unchanged.of(parent, pv, out.schema)
+        read_some = False
         for w in scan.windows(_WINDOW):
-            allocators.give_back()  # what the last window freed inside glibc's heaps
+            if read_some:  # what the last window's reads freed inside glibc's heaps (see below)
+                allocators.give_back()
             same, reuse = matcher.match(w)
             is_file = _np(pc.equal(w.column("type"), FILE))
+            # A window whose files are all unchanged reads none: what it frees is what the next one takes
+            # again, and trimming it cost 3 ms a window in page faults (0.2 s of a no-change cycle at
+            # 1,000,000 files).
+            read_some = bool((is_file & (reuse < 0)).any())
             if below:
                 for m, n in _files_below(w, below, is_file).items():
                     below[m] += n

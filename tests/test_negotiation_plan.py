@@ -200,3 +200,21 @@ def test_a_first_sync_of_200000_files_asks_without_a_sorted_copy_of_every_id() -
         tracemalloc.stop()
     assert asked == len(ask) == count.chunks == len({bytes(r) for r in ids})
     assert peak / n < 40, f"{peak / n:.0f} bytes a chunk"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sort_unique_without_a_stable_sort_gives_each_id_once_in_order(seed: int) -> None:
+    """``stable=False`` (the count's faster sort) keeps some occurrence of each id, each id once, in byte
+    order, with repeats and ids sharing their first 8 bytes (the sort key) among them."""
+    from drsync.repository.ids import ID_DTYPE, gather, pieces_key, sort_unique
+
+    rnd = random.Random(seed)
+    pool = _pool()
+    raw = [rnd.choice(pool) for _ in range(rnd.randrange(2, 400))]
+    ids = np.frombuffer(b"".join(raw), ID_DTYPE)
+    cut = rnd.randrange(1, len(raw))
+    pieces = [ids[:cut].copy(), ids[cut:].copy()]
+    for order in (sort_unique(ids, stable=False),
+                  sort_unique(None, pieces_key(pieces), take=lambda at: gather(pieces, at), stable=False)):
+        got = [ids[i:i + 1].tobytes() for i in order]
+        assert got == sorted(set(raw))

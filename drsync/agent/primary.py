@@ -265,17 +265,20 @@ def _chunk_pieces(manifest: Manifest | ManifestFile) -> tuple[list[np.ndarray], 
     return ids, sizes
 
 
-def _distinct(manifest: Manifest | ManifestFile) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+def _distinct(manifest: Manifest | ManifestFile, *,
+              stable: bool = True) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """:func:`_chunk_pieces` and the (U,) indices into them, taken end to end, of each distinct id once, in id
     order (:func:`sort_unique` over the pieces: 8 bytes of key and 8 of index a chunk beside the pieces' 36,
-    never a joined or sorted copy of every id)."""
+    never a joined or sorted copy of every id); ``stable=False``: any occurrence of a repeated id, not the
+    first."""
     ids, sizes = _chunk_pieces(manifest)
-    return ids, sizes, sort_unique(None, pieces_key(ids), take=lambda at: gather(ids, at))
+    return ids, sizes, sort_unique(None, pieces_key(ids), take=lambda at: gather(ids, at), stable=stable)
 
 
 def count_chunks(manifest: Manifest | ManifestFile) -> ChunkCount:
-    """How many distinct chunks the manifest names and their raw bytes, read a row group at a time."""
-    _, sizes, order = _distinct(manifest)
+    """How many distinct chunks the manifest names and their raw bytes, read a row group at a time. (Any
+    occurrence of a repeated id serves: its raw size is the same.)"""
+    _, sizes, order = _distinct(manifest, stable=False)
     return ChunkCount(len(order), int(gather(sizes, order).sum(dtype=np.uint64)) if len(order) else 0)
 
 
