@@ -208,3 +208,62 @@ def test_a_closed_spool_lets_go_of_its_bytes_and_refuses_use() -> None:
             use()
     with pytest.raises(ValueError, match="closed"):
         s.write(b"more")
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_large_manifest_in_a_local_repository_is_read_in_place_and_keeps_the_bytes_it_hashed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past RANGED_MANIFEST_BYTES a local repository's manifest is hashed through a descriptor of the stored
+    file and read back through it: no temporary copy is made; the name replaced meanwhile (stored objects are
+    replaced by renames) leaves the spool's bytes those it hashed; closing it closes every descriptor."""
+    import tempfile
+
+    monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 512)
+    repo = new_repo(tmp_path / "repo")
+    _tree(tmp_path / "data", 0)
+    info = snap(repo, tmp_path / "data")
+    name = fmt.manifest_name(info.id)
+    stored = repo.storage.read(name)
+    before = _fds()
+
+    def no_copy(*a: object, **k: object) -> None:
+        raise AssertionError("the manifest was copied into a temporary file")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_copy)
+    spool = repo.manifest_spool(info)
+    assert not spool.in_memory and spool.size == len(stored) and spool.hexdigest() == info.manifest_hash
+    repo.storage.write(name, b"replaced by a rename" * 100)  # another inode under the name
+    assert b"".join(spool.pieces(100)) == stored
+    assert Manifest.from_bytes(stored, "m").file_count() == ManifestFile(spool, "m").file_count()
+    spool.close()
+    assert _fds() <= before
+    with pytest.raises(IntegrityError, match="damaged"):  # the replaced bytes are read anew, and refused
+        repo.manifest_spool(info)
+    assert _fds() <= before
+
+
+@pytest.mark.parametrize("harm", ["truncated", "grown past the limit", "missing", "a directory"])
+def test_a_large_local_manifest_that_is_harmed_is_refused_and_no_descriptor_is_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, harm: str) -> None:
+    monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 512)
+    repo = new_repo(tmp_path / "repo")
+    _tree(tmp_path / "data", 0)
+    info = snap(repo, tmp_path / "data")
+    path = tmp_path / "repo" / fmt.manifest_name(info.id)
+    raw = path.read_bytes()
+    if harm == "truncated":
+        path.write_bytes(raw[:-100])
+    elif harm == "grown past the limit":
+        monkeypatch.setattr(fmt, "MANIFEST_MAX_BYTES", len(raw) // 2)  # read no further than the limit: refused
+    elif harm == "missing":
+        path.unlink()
+    else:
+        path.unlink()
+        path.mkdir()
+    before = _fds()
+    with pytest.raises(IntegrityError, match="damaged|missing|not a file"):
+        repo.manifest_spool(info)
+    assert _fds() <= before

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -932,11 +933,31 @@ class Repository:
     def manifest_spool(self, info: SnapshotInfo) -> Spool:
         """The snapshot's manifest checked against its hash (IntegrityError otherwise), as a
         :class:`~drsync.repository.spool.Spool`: its bytes, or past :data:`RANGED_MANIFEST_BYTES` an
-        unnamed local temporary file it was copied into by ranges while hashed. What is decoded or sent
-        from it is exactly what was hashed (never a second read of the stored object), and the temporary
-        file's pages are the page cache's, not this process's memory."""
+        unnamed local temporary file it was copied into by ranges while hashed, or (a storage that opens its
+        objects: a local repository) the stored file itself, read through the descriptor it was hashed
+        through. What is decoded or sent from it is exactly what was hashed (stored objects are replaced by
+        renames, never rewritten in place), and the files' pages are the page cache's, not this process's
+        memory."""
         name = fmt.manifest_name(info.id)
         missing = f"snapshot {info.id}: its manifest is missing"
+        opener = getattr(self.storage, "open_object", None)  # a local repository: read in place, not copied
+        if opener is not None:
+            try:
+                fd = opener(name)
+            except ObjectMissing:
+                raise IntegrityError(missing) from None
+            try:
+                large = os.fstat(fd).st_size > RANGED_MANIFEST_BYTES
+            except BaseException:
+                os.close(fd)
+                raise
+            if large:
+                spool = Spool.of_descriptor(fd, fmt.MANIFEST_MAX_BYTES)
+                if spool.hexdigest() != info.manifest_hash:
+                    spool.close()
+                    raise IntegrityError(_damaged_manifest(info))
+                return spool
+            os.close(fd)
         try:
             head = self.storage.read_range(name, 0, RANGED_MANIFEST_BYTES + 1)
         except ObjectMissing:

@@ -206,6 +206,14 @@ class LocalStorage:
     def writer(self, name: str) -> LocalBlobWriter:
         return LocalBlobWriter(self, name)
 
+    def open_object(self, name: str) -> int:
+        """A read descriptor of the stored object ``name`` (a regular file), the caller's to close:
+        ObjectMissing when it is gone, IntegrityError when it is not a file. An optional capability of a
+        storage: :meth:`drsync.repository.repo.Repository.manifest_spool` reads a large manifest through it
+        instead of copying it. Objects are replaced by renames, never rewritten in place, so the descriptor
+        reads the bytes it was opened on, whatever later happens to the name."""
+        return self._open(name)
+
     def link(self, src: str, dst: str, *, size: int) -> bool:
         """Give the stored object ``src`` the name ``dst`` too (a hard link: its bytes are stored once), in
         place of whatever ``dst`` held, durable. False, nothing done, when ``src`` is not a file of ``size``
