@@ -23,6 +23,7 @@ from drsync.agent.state import StateStore
 from drsync.errors import IntegrityError
 from drsync.repository import format as fmt
 from drsync.repository.manifest import Manifest, ManifestFile, ManifestWriter
+from drsync.repository.snapshots import SnapshotInfo
 from drsync.repository.spool import Spool
 from drsync.transport import Caller, CommitOutcome
 from tests.test_snapshot_order import LocalLink, contents, new_repo, snap
@@ -267,3 +268,59 @@ def test_a_large_local_manifest_that_is_harmed_is_refused_and_no_descriptor_is_l
     with pytest.raises(IntegrityError, match="damaged|missing|not a file"):
         repo.manifest_spool(info)
     assert _fds() <= before
+
+
+def test_an_unchanged_capture_links_its_manifest_without_copying_or_hashing_it_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unchanged capture's manifest is its parent's bytes: a duplicate of the parent's stored file (no
+    temporary copy), linked to it without reading it again (it was hashed through that very file)."""
+    import tempfile
+
+    monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 512)
+    repo = new_repo(tmp_path / "repo")
+    _tree(tmp_path / "data", 0)
+    first = snap(repo, tmp_path / "data")
+    reads: list[str] = []
+    real = repo.storage.read_range
+
+    def counted(name: str, offset: int, length: int) -> bytes:
+        reads.append(name)
+        return real(name, offset, length)
+
+    def no_copy(*a: object, **k: object) -> None:
+        raise AssertionError("a manifest was copied into a temporary file")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_copy)
+    monkeypatch.setattr(repo.storage, "read_range", counted)
+    second = snap(repo, tmp_path / "data")
+    assert second.manifest_hash == first.manifest_hash
+    one, two = (tmp_path / "repo" / fmt.manifest_name(s.id) for s in (first, second))
+    assert os.stat(one).st_ino == os.stat(two).st_ino  # linked
+    assert fmt.manifest_name(first.id) not in reads  # read once, through its descriptor, not again by ranges
+    assert repo.manifest_spool(second).hexdigest() == second.manifest_hash
+
+
+def test_a_link_to_another_file_of_the_same_hash_is_made_only_after_hashing_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spool of snapshot A's stored manifest committed for B, where the newest snapshot of that hash is C,
+    whose file is another (not linked) and damaged: C is hashed before any link, found damaged, and B's
+    bytes are written from the spool; with C intact, B is linked to C."""
+    monkeypatch.setattr(repo_mod, "RANGED_MANIFEST_BYTES", 512)
+    for damaged in (True, False):
+        repo = new_repo(tmp_path / f"repo-{damaged}")
+        _tree(tmp_path / "data", 0)
+        a = snap(repo, tmp_path / "data")
+        c = snap(repo, tmp_path / "data")
+        path_a, path_c = (tmp_path / f"repo-{damaged}" / fmt.manifest_name(s.id) for s in (a, c))
+        raw = bytearray(path_a.read_bytes())
+        if damaged:
+            raw[700] ^= 1
+        path_c.unlink()
+        path_c.write_bytes(bytes(raw))  # C's own file, not a link to A's
+        b = SnapshotInfo(id="0123456789abcdef", captured_at=a.captured_at + 10, cluster_id=a.cluster_id,
+                         release=a.release, manifest_hash=a.manifest_hash, files=a.files)
+        with repo.manifest_spool(a) as spool:
+            repo.commit_snapshot(b, spool)
+        path_b = tmp_path / f"repo-{damaged}" / fmt.manifest_name(b.id)
+        assert path_b.read_bytes() == path_a.read_bytes()
+        assert (os.stat(path_b).st_ino == os.stat(path_c).st_ino) is not damaged

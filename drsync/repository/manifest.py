@@ -712,6 +712,7 @@ class ManifestFile:
         """``data``: the manifest's bytes, a seekable file of ``size`` bytes (read by ranges, group by
         group: then not even the bytes are held), or a spool (its temporary file, if any, kept open by
         this reader)."""
+        self._spool = data if isinstance(data, Spool) else None  # copy() duplicates a file spool's file
         if isinstance(data, Spool):
             data, size = data.source(), data.size
         if (len(data) if size is None else size) > fmt.MANIFEST_MAX_BYTES:  # type: ignore[arg-type]
@@ -758,7 +759,11 @@ class ManifestFile:
 
     def copy(self, memory_bytes: int | None = None) -> Spool:
         """The manifest's bytes as they are, in a new :class:`~drsync.repository.spool.Spool` (in memory up
-        to ``memory_bytes``, past that in its temporary file), read in pieces of 1 MiB."""
+        to ``memory_bytes``, past that in its temporary file), read in pieces of 1 MiB; read from a file
+        spool, a :meth:`~drsync.repository.spool.Spool.duplicate` of it (its file, not a copy)."""
+        same = self._spool.duplicate() if self._spool is not None else None
+        if same is not None:
+            return same
         out = Spool(memory_bytes)
         piece = 1 << 20
         for lo in range(0, self.size, piece):

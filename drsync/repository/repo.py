@@ -1072,6 +1072,9 @@ class Repository:
         if not same:
             return False
         source = fmt.manifest_name(max(same, key=lambda s: s.seq).id)
+        if isinstance(manifest, Spool) and manifest.hexdigest() == info.manifest_hash and \
+                self._is_stored_file(manifest, source):  # hashed through that very file a moment ago
+            return bool(link(source, name, size=size))
         hasher = blake3.blake3()
         step = RANGED_MANIFEST_BYTES // 4
         try:
@@ -1083,6 +1086,23 @@ class Repository:
         except (ObjectMissing, IntegrityError, OSError):
             return False
         return hasher.hexdigest() == info.manifest_hash and bool(link(source, name, size=size))
+
+    def _is_stored_file(self, manifest: bytes | Spool, name: str) -> bool:
+        """Whether ``manifest`` is a spool of the stored object ``name`` itself (:meth:`manifest_spool` of a
+        local repository), whose hash it checked as it read it: the same file (device and inode)."""
+        opener = getattr(self.storage, "open_object", None)
+        mine = manifest.file_identity() if isinstance(manifest, Spool) else None
+        if opener is None or mine is None:
+            return False
+        try:
+            fd = opener(name)
+        except (ObjectMissing, IntegrityError, OSError):
+            return False
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return (st.st_dev, st.st_ino) == mine
 
     def delete_snapshot(self, info: SnapshotInfo) -> None:
         """Remove the document first (the snapshot is gone), then its manifest. Chunks go at GC."""

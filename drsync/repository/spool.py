@@ -71,6 +71,27 @@ class Spool:
             raise
         return s
 
+    def duplicate(self) -> Spool | None:
+        """Another spool of a file spool's bytes, hashed alike, through a descriptor of its own on the same file
+        (no copy; closing either leaves the other), or None for an in-memory one. The file is written no more."""
+        if self._file is None:
+            return None
+        self._file.flush()  # ValueError once closed
+        self._read = True
+        s = Spool()
+        s._buf, s._read, s.size = None, True, self.size
+        s._hasher = self._hasher.copy()
+        s._file = open(os.dup(self._file.fileno()), "rb")  # noqa: SIM115 (closed by close())
+        return s
+
+    def file_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of a file spool's file, None for an in-memory one: a spool of a stored file
+        (:meth:`of_descriptor`, or a :meth:`duplicate` of one) has the stored file's."""
+        if self._file is None or self._file.closed:
+            return None
+        st = os.fstat(self._file.fileno())
+        return st.st_dev, st.st_ino
+
     def write(self, piece: bytes | bytearray | memoryview) -> None:
         if self._data is not None or self._read or self._closed:
             raise ValueError("a spool is written before it is read or closed")
