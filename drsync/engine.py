@@ -150,7 +150,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
     hook_env = {"DRSYNC_DATA": root, "DRSYNC_SNAPSHOT_NAME": req.name, "DRSYNC_REPOSITORY": repo.storage.url}
     with repo.write_session(wait_s=LOCK_WAIT_S) as session:
         parent = _parent_of(repo, root)
-        parent_manifest = repo.open_manifest(parent) if parent else None
+        # Read in place (not copied), and checked unchanged once the capture is done with it (below).
+        parent_manifest = repo.open_manifest(parent, in_place=True) if parent else None
         repaired = bool(repair.repaired_snapshots(repo))
         lost = repair.lost_of(repo, parent_manifest) if repaired and parent_manifest is not None else None
         if req.hooks.pre:
@@ -177,6 +178,8 @@ def create_snapshot(repo: Repository, req: SnapshotRequest, *,
                     except OperationFailed as e:
                         post_error = e
             writer.flush()
+            if parent_manifest is not None:  # its rows decided what was reused: as hashed, or refused
+                parent_manifest.check_unchanged()
         except BaseException:
             writer.abort()
             raise

@@ -234,7 +234,7 @@ def test_a_large_manifest_in_a_local_repository_is_read_in_place_and_keeps_the_b
         raise AssertionError("the manifest was copied into a temporary file")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", no_copy)
-    spool = repo.manifest_spool(info)
+    spool = repo.manifest_spool(info, in_place=True)
     assert not spool.in_memory and spool.size == len(stored) and spool.hexdigest() == info.manifest_hash
     repo.storage.write(name, b"replaced by a rename" * 100)  # another inode under the name
     assert b"".join(spool.pieces(100)) == stored
@@ -242,7 +242,7 @@ def test_a_large_manifest_in_a_local_repository_is_read_in_place_and_keeps_the_b
     spool.close()
     assert _fds() <= before
     with pytest.raises(IntegrityError, match="damaged"):  # the replaced bytes are read anew, and refused
-        repo.manifest_spool(info)
+        repo.manifest_spool(info, in_place=True)
     assert _fds() <= before
 
 
@@ -265,8 +265,9 @@ def test_a_large_local_manifest_that_is_harmed_is_refused_and_no_descriptor_is_l
         path.unlink()
         path.mkdir()
     before = _fds()
-    with pytest.raises(IntegrityError, match="damaged|missing|not a file"):
-        repo.manifest_spool(info)
+    for in_place in (True, False):
+        with pytest.raises(IntegrityError, match="damaged|missing|not a file"):
+            repo.manifest_spool(info, in_place=in_place)
     assert _fds() <= before
 
 
@@ -297,7 +298,7 @@ def test_an_unchanged_capture_links_its_manifest_without_copying_or_hashing_it_a
     one, two = (tmp_path / "repo" / fmt.manifest_name(s.id) for s in (first, second))
     assert os.stat(one).st_ino == os.stat(two).st_ino  # linked
     assert fmt.manifest_name(first.id) not in reads  # read once, through its descriptor, not again by ranges
-    assert repo.manifest_spool(second).hexdigest() == second.manifest_hash
+    assert repo.manifest_spool(second, in_place=True).hexdigest() == second.manifest_hash
 
 
 def test_a_link_to_another_file_of_the_same_hash_is_made_only_after_hashing_it(

@@ -566,7 +566,7 @@ def _negotiate_and_upload(repo: Repository, info: SnapshotInfo, link: StandbyLin
                           same: bool = False) -> tuple[Spool, ChunkCount | Counting, Upload]:
     """Returns (the manifest as read and hashed, its :class:`ChunkCount`, what the upload sent). A large
     manifest waits in a temporary file (its spool), not in memory, until the commit."""
-    manifest = repo.manifest_spool(info)
+    manifest = repo.manifest_spool(info, in_place=True)  # what is sent is hashed again by the standby
     try:
         return (manifest, *_negotiate_and_upload_chunks(repo, info, link, manifest, epoch=epoch, pacer=pacer,
                                                         applied=applied, check=check, delta=delta, same=same))

@@ -265,7 +265,9 @@ class StandbyReceiver:
             if held.manifest_hash != wanted:
                 raise ManifestNotHeld(f"snapshot {snapshot_id}'s manifest here is not the one the shipped snapshot "
                                       f"names")
-            return self.repo.manifest_spool(held)
+            # In place: the commit checks it unchanged as it stores it (Repository._link_manifest), and a
+            # root that holds it already (the common case) reads nothing more of it.
+            return self.repo.manifest_spool(held, in_place=True)
         except ManifestNotHeld:
             raise
         except DrsyncError as e:

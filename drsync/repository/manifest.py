@@ -757,6 +757,12 @@ class ManifestFile:
                 return False
         return True
 
+    def check_unchanged(self) -> None:
+        """IntegrityError when this reader's spool is of a stored file (read in place) that another program
+        wrote into since it was hashed: see :meth:`drsync.repository.spool.Spool.check_unchanged`."""
+        if self._spool is not None:
+            self._spool.check_unchanged(self.what)
+
     def copy(self, memory_bytes: int | None = None) -> Spool:
         """The manifest's bytes as they are, in a new :class:`~drsync.repository.spool.Spool` (in memory up
         to ``memory_bytes``, past that in its temporary file), read in pieces of 1 MiB; read from a file

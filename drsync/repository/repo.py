@@ -923,24 +923,29 @@ class Repository:
         with self.manifest_spool(info) as spool:
             return Manifest.from_bytes(spool, f"manifest of snapshot {info.id}")
 
-    def open_manifest(self, info: SnapshotInfo) -> ManifestFile:
+    def open_manifest(self, info: SnapshotInfo, *, in_place: bool = False) -> ManifestFile:
         """The snapshot's manifest, read one row group at a time (:class:`ManifestFile`): checked
         against the snapshot's hash like :meth:`load_manifest`, without building the whole table (and,
-        past :data:`RANGED_MANIFEST_BYTES`, without holding its bytes)."""
-        spool = self.manifest_spool(info)  # the reader keeps its temporary file, if any
+        past :data:`RANGED_MANIFEST_BYTES`, without holding its bytes). ``in_place``: see
+        :meth:`manifest_spool`."""
+        spool = self.manifest_spool(info, in_place=in_place)  # the reader keeps its file, if any
         return ManifestFile(spool, f"manifest of snapshot {info.id}")
 
-    def manifest_spool(self, info: SnapshotInfo) -> Spool:
+    def manifest_spool(self, info: SnapshotInfo, *, in_place: bool = False) -> Spool:
         """The snapshot's manifest checked against its hash (IntegrityError otherwise), as a
         :class:`~drsync.repository.spool.Spool`: its bytes, or past :data:`RANGED_MANIFEST_BYTES` an
-        unnamed local temporary file it was copied into by ranges while hashed, or (a storage that opens its
-        objects: a local repository) the stored file itself, read through the descriptor it was hashed
-        through. What is decoded or sent from it is exactly what was hashed (stored objects are replaced by
-        renames, never rewritten in place), and the files' pages are the page cache's, not this process's
-        memory."""
+        unnamed local temporary file it was copied into by ranges while hashed. What is decoded or sent
+        from it is exactly what was hashed (never a second read of the stored object), and the temporary
+        file's pages are the page cache's, not this process's memory.
+
+        ``in_place``: past that size, from a storage that opens its objects (a local repository), the stored
+        file itself, hashed and then read through one descriptor (:meth:`Spool.of_descriptor`), not copied.
+        For a reader that is done soon and then calls ``check_unchanged`` on the spool (or on its
+        :class:`ManifestFile`) before it trusts what it read, or whose bytes are hashed again where they go
+        (a shipment's): another program writing into the file meanwhile would otherwise go unseen."""
         name = fmt.manifest_name(info.id)
         missing = f"snapshot {info.id}: its manifest is missing"
-        opener = getattr(self.storage, "open_object", None)  # a local repository: read in place, not copied
+        opener = getattr(self.storage, "open_object", None) if in_place else None
         if opener is not None:
             try:
                 fd = opener(name)
@@ -1073,7 +1078,8 @@ class Repository:
             return False
         source = fmt.manifest_name(max(same, key=lambda s: s.seq).id)
         if isinstance(manifest, Spool) and manifest.hexdigest() == info.manifest_hash and \
-                self._is_stored_file(manifest, source):  # hashed through that very file a moment ago
+                self._is_stored_file(manifest, source):  # hashed through that very file, and still as hashed
+            manifest.check_unchanged(f"the manifest of snapshot {info.id} ({source})")
             return bool(link(source, name, size=size))
         hasher = blake3.blake3()
         step = RANGED_MANIFEST_BYTES // 4

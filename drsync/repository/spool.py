@@ -23,6 +23,7 @@ from typing import BinaryIO
 import blake3
 import pyarrow as pa
 
+from drsync.errors import IntegrityError
 from drsync.storage import OffsetReader
 
 # Bytes a spool keeps in memory; a larger one moves to a temporary file ($TMPDIR) as it grows.
@@ -44,6 +45,7 @@ class Spool:
         self._closed = False
         self._readers: list[weakref.ref[pa.NativeFile]] = []  # of the file, from source(): closed with it
         self.size = 0  # bytes written
+        self._stamp: tuple[int, int, int] | None = None  # of a stored file's spool: see check_unchanged
 
     @classmethod
     def of(cls, data: bytes) -> Spool:
@@ -55,14 +57,21 @@ class Spool:
 
     @classmethod
     def of_descriptor(cls, fd: int, limit: int, piece: int = 4 << 20) -> Spool:
-        """A spool over a stored file that is never rewritten in place (``fd``, read-only; the spool's from
-        now on, closed with it): hashed by reading it once, at most ``limit + 1`` bytes (a larger file is
-        refused by its size where it is decoded), then read back through that same file, not copied. At
-        1,000,000 files this spares a standby's commit and a primary's shipment a 70 MiB copy each."""
-        s = cls()
-        s._buf, s._read = None, True
-        s._file = open(fd, "rb", closefd=True)  # noqa: SIM115 (closed by close())
+        """A spool over a stored file that drsync never rewrites in place (``fd``, read-only; the spool's from
+        now on, closed with it, whatever raises): hashed by reading it once, at most ``limit + 1`` bytes (a
+        larger file is refused by its size where it is decoded), then read back through that same file, not
+        copied. At 1,000,000 files this spares a no-change cycle a 70 MiB copy on each side. Another program
+        writing into the file in place meanwhile is found by :meth:`check_unchanged`, which a reader calls
+        when it is done, before it trusts what it read."""
         try:
+            s = cls()
+            s._buf, s._read = None, True
+            s._file = open(fd, "rb", closefd=True)  # noqa: SIM115 (closed by close())
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            s._stamp = _stamp(os.fstat(fd))  # before the bytes: a write while they are read changes it
             while s.size <= limit and (got := os.pread(fd, min(piece, limit + 1 - s.size), s.size)):
                 s._hasher.update(got)
                 s.size += len(got)
@@ -70,6 +79,28 @@ class Spool:
             s.close()
             raise
         return s
+
+    def check_unchanged(self, what: str) -> None:
+        """For a spool over a stored file (:meth:`of_descriptor`, or a :meth:`duplicate` of one): that the file
+        still holds the bytes hashed. Its size, modification and change times are compared (an fstat);
+        when they moved (a hard link made or removed moves the change time too) the file is hashed again.
+        IntegrityError when its bytes changed: it was written in place, by something other than drsync,
+        while drsync read it. Nothing to check for other spools (their bytes are their own)."""
+        if self._stamp is None or self._file is None:
+            return
+        fd = self._file.fileno()  # ValueError once closed
+        now = _stamp(os.fstat(fd))
+        if now == self._stamp:
+            return
+        hasher, size = blake3.blake3(), 0
+        while size <= self.size and (got := os.pread(fd, min(4 << 20, self.size + 1 - size), size)):
+            hasher.update(got)
+            size += len(got)
+        if size != self.size or hasher.hexdigest() != self._hasher.hexdigest():
+            raise IntegrityError(f"{what} was written in place while drsync read it (by another program: drsync "
+                                 f"replaces files, it never rewrites them); what was read from it is not trusted. "
+                                 f"Find what writes into the repository, then run 'drsync repo verify'")
+        self._stamp = now
 
     def duplicate(self) -> Spool | None:
         """Another spool of a file spool's bytes, hashed alike, through a descriptor of its own on the same file
@@ -80,7 +111,7 @@ class Spool:
         self._read = True
         s = Spool()
         s._buf, s._read, s.size = None, True, self.size
-        s._hasher = self._hasher.copy()
+        s._hasher, s._stamp = self._hasher.copy(), self._stamp
         s._file = open(os.dup(self._file.fileno()), "rb")  # noqa: SIM115 (closed by close())
         return s
 
@@ -192,3 +223,7 @@ class Spool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns

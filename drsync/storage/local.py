@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -142,6 +143,11 @@ class LocalStorage:
             raise ObjectMissing(f"{self.root}: {name} is missing") from None
         except IsADirectoryError:
             raise self._not_a_file(name, "a directory") from None
+        except OSError as e:  # a socket (ENXIO) or a loop of symbolic links (ELOOP) in its place: damage
+            if e.errno in (errno.ENXIO, errno.ELOOP):
+                raise self._not_a_file(name, "a socket" if e.errno == errno.ENXIO else
+                                       "a loop of symbolic links") from None
+            raise
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
