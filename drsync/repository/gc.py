@@ -12,6 +12,7 @@ are counted with ``np.bincount`` over pack numbers.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ from drsync.repository.ids import IdSet, id_list, ids_array, locate
 from drsync.repository.lock import RepositoryLock
 from drsync.repository.packs import ChunkIndex, IndexRows, read_index_file, write_index
 from drsync.repository.repo import ChunkWriter, GcReport, Repository
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +53,17 @@ class GcPlan:
     copied: IdSet = field(default_factory=IdSet.empty)
     copies: IndexRows = field(default_factory=IndexRows.empty)
     copies_index: str = ""
+
+
+def _unfinished(repo: Repository) -> list[str]:
+    """Temporary files of the repository's folders (a storage that names them): under the exclusive lock,
+    those of writes that never finished (a process killed between writing and renaming), since no write is
+    under way then and a writer whose lock was taken from it fails at its rename. Never listed as objects, they
+    would otherwise keep their bytes (a pack, a manifest's inode) for good."""
+    temporary = getattr(repo.storage, "temporary_files", None)
+    if temporary is None:
+        return []
+    return [t for d in (fmt.PACKS_DIR, fmt.INDEX_DIR, fmt.MANIFESTS_DIR, fmt.SNAPSHOTS_DIR) for t in temporary(d)]
 
 
 def mark(repo: Repository, repack_threshold: float, dry_run: bool, lock: RepositoryLock) -> GcPlan:
@@ -114,6 +128,8 @@ def mark(repo: Repository, repack_threshold: float, dry_run: bool, lock: Reposit
     report.freed_bytes += sum(pack_sizes[n] for n in unindexed)
     plan = GcPlan(report=report, snapshot_ids={s.id for s in snaps}, referenced=referenced,
                   index_files=index_files, rows=rows, live=live, doomed=doomed, repacked=repacked)
+    # (Temporary files left by writes that never finished go with the next sweep, _unfinished: never one of their
+    # own, which would wait for the exclusive lock behind every standby's open session.)
     plan.sweep_needed = bool(doomed.any() or unindexed or report.removed_snapshots_orphans or len(index_files) > 1)
     to_repack = rows.take(np.flatnonzero(live & repack[rows.pack]))
     if dry_run or not plan.sweep_needed or not len(to_repack):
@@ -183,7 +199,8 @@ def sweep(repo: Repository, plan: GcPlan, lock: RepositoryLock) -> None:
     plan.report.freed_bytes = sum(o.size for o in dead)
     live_manifests = {fmt.manifest_name(s.id) for s in snaps}
     dead_manifests = [o.name for o in repo.storage.list(fmt.MANIFESTS_DIR) if o.name not in live_manifests]
-    if not dead_packs and not dead_manifests and len(files_now) <= 1:
+    unfinished = _unfinished(repo)
+    if not dead_packs and not dead_manifests and not unfinished and len(files_now) <= 1:
         return
     # The listings above are whole only if no writer could run since the lock was taken: its file is
     # still there now (a removed lock file never comes back), or nothing is deleted.
@@ -197,3 +214,8 @@ def sweep(repo: Repository, plan: GcPlan, lock: RepositoryLock) -> None:
         repo.storage.delete(name)
     for name in dead_manifests:
         repo.storage.delete(name)
+    for name in unfinished:
+        repo.storage.remove_temporary(name)
+    if unfinished:
+        log.info("garbage collection of %s removed %d temporary file(s) of writes that never finished",
+                 repo.storage.url, len(unfinished))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -302,6 +303,26 @@ class LocalStorage:
                         out.append(StoredObject(rel, st.st_size, st.st_mtime))
         out.sort(key=lambda o: o.name)
         return out
+
+    def temporary_files(self, folder: str) -> list[str]:
+        """The temporary files (``.tmp-*``, never listed as objects) directly in ``folder`` (e.g. ``"packs/"``):
+        those of writes under way, or of writes a killed process never finished. An optional capability of a
+        storage: garbage collection removes them under the exclusive lock (:meth:`remove_temporary`)."""
+        start = os.path.join(self.root, *folder.strip("/").split("/"))
+        try:
+            with os.scandir(start) as it:
+                return sorted(f"{folder.rstrip('/')}/{e.name}" for e in it
+                              if e.name.startswith(".tmp-") and e.is_file(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def remove_temporary(self, name: str) -> None:
+        """Remove a temporary file :meth:`temporary_files` named (gone already: nothing to do)."""
+        folder, _, base = name.rpartition("/")
+        if not base.startswith(".tmp-") or folder.startswith("/") or ".." in folder.split("/"):
+            raise ValueError(f"not a temporary file of this storage: {name!r}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.root, *folder.split("/"), base))
 
     def not_files(self, folder: str) -> list[str]:
         """Names in ``folder`` (e.g. ``"snapshots/"``, not its subfolders) that :meth:`list` leaves out
