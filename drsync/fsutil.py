@@ -8,6 +8,7 @@ files (one flush instead of one per file).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -108,7 +109,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes], *,
             os.close(fd)
         if exclusive:
             os.link(tmp, p)
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):  # written: a GC that took its lock may have swept tmp
+                os.unlink(tmp)
         else:
             os.rename(tmp, p)
     except BaseException:

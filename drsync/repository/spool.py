@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -46,6 +47,7 @@ class Spool:
         self._readers: list[weakref.ref[pa.NativeFile]] = []  # of the file, from source(): closed with it
         self.size = 0  # bytes written
         self._stamp: tuple[int, int, int] | None = None  # of a stored file's spool: see check_unchanged
+        self._stored = False  # a spool of a stored file (of_descriptor, or a duplicate of one)
 
     @classmethod
     def of(cls, data: bytes) -> Spool:
@@ -65,13 +67,13 @@ class Spool:
         when it is done, before it trusts what it read."""
         try:
             s = cls()
-            s._buf, s._read = None, True
+            s._buf, s._read, s._stored = None, True, True
             s._file = open(fd, "rb", closefd=True)  # noqa: SIM115 (closed by close())
         except BaseException:
             os.close(fd)
             raise
         try:
-            s._stamp = _stamp(os.fstat(fd))  # before the bytes: a write while they are read changes it
+            s._stamp = _stamp(os.fstat(fd), time.time_ns())  # before the bytes: a write while read moves it
             while s.size <= limit and (got := os.pread(fd, min(piece, limit + 1 - s.size), s.size)):
                 s._hasher.update(got)
                 s.size += len(got)
@@ -85,12 +87,17 @@ class Spool:
         still holds the bytes hashed. Its size, modification and change times are compared (an fstat);
         when they moved (a hard link made or removed moves the change time too) the file is hashed again.
         IntegrityError when its bytes changed: it was written in place, by something other than drsync,
-        while drsync read it. Nothing to check for other spools (their bytes are their own)."""
-        if self._stamp is None or self._file is None:
+        while drsync read it. Nothing to check for other spools (their bytes are their own). A stamp taken
+        within 2 s of the file's last change is not trusted (filesystems that keep whole seconds): such a file
+        is always hashed again. Not seen: a write undone before the check (the rows decoded meanwhile are not
+        hashed again); only a program that can write the repository does that, and it could as well write a
+        whole snapshot of its own (a manifest's hash is a checksum, not a signature)."""
+        if not self._stored or self._file is None:
             return
         fd = self._file.fileno()  # ValueError once closed
-        now = _stamp(os.fstat(fd))
-        if now == self._stamp:
+        at = time.time_ns()
+        st = os.fstat(fd)
+        if self._stamp is not None and _stamp(st, None) == self._stamp:
             return
         hasher, size = blake3.blake3(), 0
         while size <= self.size and (got := os.pread(fd, min(4 << 20, self.size + 1 - size), size)):
@@ -100,7 +107,7 @@ class Spool:
             raise IntegrityError(f"{what} was written in place while drsync read it (by another program: drsync "
                                  f"replaces files, it never rewrites them); what was read from it is not trusted. "
                                  f"Find what writes into the repository, then run 'drsync repo verify'")
-        self._stamp = now
+        self._stamp = _stamp(st, at)
 
     def duplicate(self) -> Spool | None:
         """Another spool of a file spool's bytes, hashed alike, through a descriptor of its own on the same file
@@ -111,7 +118,7 @@ class Spool:
         self._read = True
         s = Spool()
         s._buf, s._read, s.size = None, True, self.size
-        s._hasher, s._stamp = self._hasher.copy(), self._stamp
+        s._hasher, s._stamp, s._stored = self._hasher.copy(), self._stamp, self._stored
         s._file = open(os.dup(self._file.fileno()), "rb")  # noqa: SIM115 (closed by close())
         return s
 
@@ -225,5 +232,14 @@ class Spool:
         self.close()
 
 
-def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+# A file changed this recently when stamped may change again within its filesystem's time granularity (1 s on
+# ext3 and some network filesystems, 2 s on FAT) without its times moving: its stamp is not trusted.
+_RACY_NS = 2_000_000_000
+
+
+def _stamp(st: os.stat_result, stamped_at_ns: int | None) -> tuple[int, int, int] | None:
+    """(size, mtime, ctime) of a stored file, or None when they cannot vouch for it (``stamped_at_ns``: when
+    it is taken, the wall clock; a change time that recent is "racy", as git calls it)."""
+    if stamped_at_ns is not None and max(st.st_ctime_ns, st.st_mtime_ns) >= stamped_at_ns - _RACY_NS:
+        return None
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns

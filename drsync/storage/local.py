@@ -305,23 +305,34 @@ class LocalStorage:
         return out
 
     def temporary_files(self, folder: str) -> list[str]:
-        """The temporary files (``.tmp-*``, never listed as objects) directly in ``folder`` (e.g. ``"packs/"``):
-        those of writes under way, or of writes a killed process never finished. An optional capability of a
-        storage: garbage collection removes them under the exclusive lock (:meth:`remove_temporary`)."""
-        start = os.path.join(self.root, *folder.strip("/").split("/"))
-        try:
-            with os.scandir(start) as it:
-                return sorted(f"{folder.rstrip('/')}/{e.name}" for e in it
-                              if e.name.startswith(".tmp-") and e.is_file(follow_symlinks=False))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        """The temporary files (``.tmp-*`` regular files, never listed as objects) in ``folder`` (e.g.
+        ``"packs/"``) and its subfolders (a pack's is written beside its final name, ``packs/<xx>/``): those of
+        writes under way, or of writes a killed process never finished. Links and directories are never
+        followed or named. An optional capability of a storage: garbage collection removes them under the
+        exclusive lock (:meth:`remove_temporary`)."""
+        out: list[str] = []
+        stack = [folder.strip("/")]
+        while stack:
+            rel = stack.pop()
+            try:
+                with os.scandir(os.path.join(self.root, *rel.split("/"))) as it:
+                    for e in it:
+                        if e.is_dir(follow_symlinks=False):
+                            if not e.name.startswith(".tmp-"):
+                                stack.append(f"{rel}/{e.name}")
+                        elif e.name.startswith(".tmp-") and e.is_file(follow_symlinks=False):
+                            out.append(f"{rel}/{e.name}")
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return sorted(out)
 
     def remove_temporary(self, name: str) -> None:
-        """Remove a temporary file :meth:`temporary_files` named (gone already: nothing to do)."""
+        """Remove a temporary file :meth:`temporary_files` named; one gone or replaced by a directory since is
+        left as it is."""
         folder, _, base = name.rpartition("/")
         if not base.startswith(".tmp-") or folder.startswith("/") or ".." in folder.split("/"):
             raise ValueError(f"not a temporary file of this storage: {name!r}")
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
             os.unlink(os.path.join(self.root, *folder.split("/"), base))
 
     def not_files(self, folder: str) -> list[str]:
