@@ -200,7 +200,13 @@ def sweep(repo: Repository, plan: GcPlan, lock: RepositoryLock) -> None:
     live_manifests = {fmt.manifest_name(s.id) for s in snaps}
     dead_manifests = [o.name for o in repo.storage.list(fmt.MANIFESTS_DIR) if o.name not in live_manifests]
     unfinished = _unfinished(repo)
-    if not dead_packs and not dead_manifests and not unfinished and len(files_now) <= 1:
+    if unfinished:  # under a lock still held (see below), or nothing is removed
+        lock.verify()
+        for name in unfinished:
+            repo.storage.remove_temporary(name)
+        log.info("garbage collection of %s removed %d temporary file(s) of writes that never finished",
+                 repo.storage.url, len(unfinished))
+    if not dead_packs and not dead_manifests and len(files_now) <= 1:
         return
     # The listings above are whole only if no writer could run since the lock was taken: its file is
     # still there now (a removed lock file never comes back), or nothing is deleted.
@@ -214,8 +220,3 @@ def sweep(repo: Repository, plan: GcPlan, lock: RepositoryLock) -> None:
         repo.storage.delete(name)
     for name in dead_manifests:
         repo.storage.delete(name)
-    for name in unfinished:
-        repo.storage.remove_temporary(name)
-    if unfinished:
-        log.info("garbage collection of %s removed %d temporary file(s) of writes that never finished",
-                 repo.storage.url, len(unfinished))

@@ -74,9 +74,7 @@ class Spool:
             raise
         try:
             s._stamp = _stamp(os.fstat(fd), time.time_ns())  # before the bytes: a write while read moves it
-            while s.size <= limit and (got := os.pread(fd, min(piece, limit + 1 - s.size), s.size)):
-                s._hasher.update(got)
-                s.size += len(got)
+            s._hasher, s.size = _hash_through(fd, limit, piece)
         except BaseException:
             s.close()
             raise
@@ -99,10 +97,7 @@ class Spool:
         st = os.fstat(fd)
         if self._stamp is not None and _stamp(st, None) == self._stamp:
             return
-        hasher, size = blake3.blake3(), 0
-        while size <= self.size and (got := os.pread(fd, min(4 << 20, self.size + 1 - size), size)):
-            hasher.update(got)
-            size += len(got)
+        hasher, size = _hash_through(fd, self.size)
         if size != self.size or hasher.hexdigest() != self._hasher.hexdigest():
             raise IntegrityError(f"{what} was written in place while drsync read it (by another program: drsync "
                                  f"replaces files, it never rewrites them); what was read from it is not trusted. "
@@ -230,6 +225,16 @@ class Spool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _hash_through(fd: int, limit: int, piece: int = 4 << 20) -> tuple[blake3.blake3, int]:
+    """BLAKE3 of the file ``fd`` from its start, read at most ``limit + 1`` bytes (pieces of ``piece`` bytes),
+    and how many bytes it read."""
+    hasher, size = blake3.blake3(), 0
+    while size <= limit and (got := os.pread(fd, min(piece, limit + 1 - size), size)):
+        hasher.update(got)
+        size += len(got)
+    return hasher, size
 
 
 # A file changed this recently when stamped may change again within its filesystem's time granularity (1 s on
